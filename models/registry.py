@@ -1,0 +1,107 @@
+"""The model registry: one numbered folder per training run, written atomically.
+
+    <registry>/<version>/
+        manifest.json           version, created_at, data fingerprint, config, metrics, features
+        query_tower/            Keras SavedModel of the candidate generator's query tower
+        query_tower.json        {"version": N}
+        item_index.faiss/.json  ANN index over the item embeddings of the same run
+        ranker/                 Keras SavedModel of the DCN ranker
+        user_features.parquet   encoded user features + raw id (the online store is built from it)
+        item_features.parquet   encoded item features + raw id
+        user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
+        popularity.parquet      the fallback ranking (raw item id, score)
+
+Versions are integers because Triton's model versions are. A version folder appears only once
+complete (built under a temporary name, then renamed), so a reader never sees half a run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ModelVersion:
+    path: Path
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.path / MANIFEST).read_text())
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+
+def list_versions(registry: str | Path) -> list[int]:
+    root = Path(registry)
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).exists())
+
+
+def latest(registry: str | Path) -> ModelVersion:
+    versions = list_versions(registry)
+    if not versions:
+        raise FileNotFoundError(f"no model version in registry {registry}")
+    return ModelVersion(Path(registry) / str(versions[-1]))
+
+
+def get(registry: str | Path, version: int | None = None) -> ModelVersion:
+    if version is None:
+        return latest(registry)
+    path = Path(registry) / str(int(version))
+    if not (path / MANIFEST).exists():
+        raise FileNotFoundError(f"model version {version} not found in {registry}")
+    return ModelVersion(path)
+
+
+def fingerprint(*paths: str | Path) -> str:
+    """SHA-256 over the bytes of every file under ``paths`` (sorted), to tie a model to its data."""
+    digest = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for f in files:
+            if f.is_file():
+                digest.update(f.relative_to(root.parent).as_posix().encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class VersionWriter:
+    """Context manager that reserves the next version and publishes it atomically on success."""
+
+    def __init__(self, registry: str | Path):
+        self.registry = Path(registry)
+        self.registry.mkdir(parents=True, exist_ok=True)
+        existing = list_versions(self.registry)
+        self.version = (existing[-1] + 1) if existing else 1
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".v{self.version}-", dir=self.registry))
+
+    def __enter__(self) -> "VersionWriter":
+        return self
+
+    def write_manifest(self, **fields) -> None:
+        manifest = {"version": self.version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        manifest.update(fields)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if not (self.tmp / MANIFEST).exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise RuntimeError("a model version must have a manifest before it is published")
+        final = self.registry / str(self.version)
+        os.rename(self.tmp, final)  # atomic on one filesystem; fails if the version exists
+        self.path = final

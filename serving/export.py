@@ -1,0 +1,106 @@
+"""Export one registry version as a Triton model repository, atomically.
+
+The stage definitions (``config.pbtxt`` and a thin ``model.py``) come from ``triton_repo/``; the
+export puts each stage's artifacts from the registry version into ``<stage>/<version>/`` and builds
+the online feature store. The repository is assembled in a temporary folder beside the target and
+renamed into place only when complete, so a server never sees a partial export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from models.registry import MANIFEST, ModelVersion
+from serving.online_store import build_online_store
+
+TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
+ENSEMBLE = "funnel"
+STAGE_ARTIFACTS = {
+    "feature_lookup": [],  # the online store is built, not copied
+    "query_tower": ["query_tower", "query_tower.json"],
+    "retrieval": ["item_index.faiss", "item_index.json"],
+    "filtering": [],
+    "ranker": ["ranker", "item_features.parquet"],
+    "ordering": ["item_features.parquet", "popularity.parquet"],
+}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def export_repository(
+    model: ModelVersion,
+    out_repo: str | Path,
+    replace: bool = False,
+    source: str | Path = TRITON_REPO_SOURCE,
+) -> Path:
+    """Write the funnel for ``model`` to ``out_repo``; return its path.
+
+    ``replace=False`` refuses to overwrite an existing repository; ``replace=True`` swaps the new
+    one in with two renames, so the old one stays whole until the new one is.
+    """
+    out_repo, source = Path(out_repo).resolve(), Path(source)
+    if out_repo.exists() and not replace:
+        raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
+    manifest = model.manifest
+    version = str(manifest["version"])
+    out_repo.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
+    try:
+        for stage, artifacts in STAGE_ARTIFACTS.items():
+            version_dir = staging / stage / version
+            version_dir.mkdir(parents=True)
+            shutil.copy2(source / stage / "config.pbtxt", staging / stage / "config.pbtxt")
+            shutil.copy2(source / stage / "1" / "model.py", version_dir / "model.py")
+            shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
+            for name in artifacts:
+                _copy(model.path / name, version_dir / name)
+        build_online_store(
+            staging / "feature_lookup" / version / "online_store.sqlite",
+            pd.read_parquet(model.path / "user_features.parquet"),
+            manifest["features"]["user_categorical"],
+            manifest["features"]["user_continuous"],
+            pd.read_parquet(model.path / "user_history.parquet"),
+            pd.read_parquet(model.path / "item_features.parquet"),
+        )
+        (staging / ENSEMBLE / version).mkdir(parents=True)
+        shutil.copy2(source / ENSEMBLE / "config.pbtxt", staging / ENSEMBLE / "config.pbtxt")
+        _check_complete(staging, version)
+        (staging / "export.json").write_text(
+            json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        )
+        if out_repo.exists():
+            old = out_repo.with_name(f".{out_repo.name}-old-{os.getpid()}")
+            os.rename(out_repo, old)
+            os.rename(staging, out_repo)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out_repo)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_repo
+
+
+def _check_complete(repo: Path, version: str) -> None:
+    """Every stage has its config, its model.py, the run's manifest and its artifacts."""
+    for stage, artifacts in STAGE_ARTIFACTS.items():
+        for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [f"{version}/{a}" for a in artifacts]:
+            if not (repo / stage / rel).exists():
+                raise RuntimeError(f"incomplete export: {stage}/{rel} is missing")
+    if not (repo / ENSEMBLE / "config.pbtxt").exists():
+        raise RuntimeError("incomplete export: the ensemble config is missing")
+
+
+def exported_version(repo: str | Path) -> int:
+    return int(json.loads((Path(repo) / "export.json").read_text())["version"])

@@ -1,0 +1,78 @@
+"""The online feature store: a SQLite file the feature-lookup stage reads per request.
+
+Two tables, both keyed by the raw user id a client sends:
+
+    user_features(user_id_raw PRIMARY KEY, <encoded user feature columns...>)
+    user_history(user_id_raw, item_id)       encoded ids of items the user has already seen
+
+SQLite because it is a real, durable, concurrent-reader store that needs no server; the stage opens
+it read-only, so serving can never change it.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def build_online_store(
+    path: str | Path,
+    user_features: pd.DataFrame,
+    categorical: list[str],
+    continuous: list[str],
+    history: pd.DataFrame,
+    item_features: pd.DataFrame,
+) -> None:
+    """Write the store. ``history`` has raw ids; they are mapped to encoded item ids here."""
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+    con = sqlite3.connect(path)
+    try:
+        cols = ["user_id_raw", *categorical, *continuous]
+        frame = user_features[cols]
+        col_defs = ", ".join(
+            [f'"{c}" INTEGER' for c in ["user_id_raw", *categorical]] + [f'"{c}" REAL' for c in continuous]
+        )
+        con.execute(f"CREATE TABLE user_features ({col_defs}, PRIMARY KEY (user_id_raw))")
+        con.executemany(
+            f"INSERT INTO user_features VALUES ({', '.join('?' * len(cols))})",
+            frame.astype(object).itertuples(index=False, name=None),
+        )
+        to_encoded = dict(zip(item_features["item_id_raw"], item_features["item_id"]))
+        hist = history[history["item_id_raw"].isin(to_encoded.keys())]
+        rows = zip(hist["user_id_raw"].astype(int), hist["item_id_raw"].map(to_encoded).astype(int))
+        con.execute("CREATE TABLE user_history (user_id_raw INTEGER, item_id INTEGER)")
+        con.executemany("INSERT INTO user_history VALUES (?, ?)", rows)
+        con.execute("CREATE INDEX user_history_user ON user_history (user_id_raw)")
+        con.commit()
+    finally:
+        con.close()
+
+
+class OnlineStore:
+    """Read-only access to the store; one instance per serving process."""
+
+    def __init__(self, path: str | Path, categorical: list[str], continuous: list[str]):
+        uri = f"file:{Path(path).resolve()}?mode=ro"
+        self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self.categorical, self.continuous = list(categorical), list(continuous)
+        cols = ", ".join(f'"{c}"' for c in [*self.categorical, *self.continuous])
+        self._features_sql = f"SELECT {cols} FROM user_features WHERE user_id_raw = ?"
+
+    def user_features(self, user_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Encoded categorical and continuous features, or ``None`` for an unknown user."""
+        row = self._con.execute(self._features_sql, (int(user_id),)).fetchone()
+        if row is None:
+            return None
+        n = len(self.categorical)
+        return np.array(row[:n], dtype=np.int64), np.array(row[n:], dtype=np.float32)
+
+    def history(self, user_id: int) -> np.ndarray:
+        rows = self._con.execute("SELECT item_id FROM user_history WHERE user_id_raw = ?", (int(user_id),))
+        return np.array([r[0] for r in rows.fetchall()], dtype=np.int64)
+
+    def close(self) -> None:
+        self._con.close()

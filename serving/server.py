@@ -1,0 +1,211 @@
+"""Start and stop the real tritonserver that ships inside the ``nvidia-pytriton`` wheel.
+
+What it takes to run that binary on our own model repository (see ENVIRONMENT-NOTES):
+
+* a backend folder holding the Python backend plus the ``triton_python_backend_stub`` built for this
+  interpreter's version (the wheel keeps one stub per Python version);
+* ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and this interpreter's own ``LIBDIR``, so the
+  stub loads the right libpython;
+* this environment's ``bin`` first on ``PATH``, because the stub runs the first ``python3`` it finds
+  and must see this environment's packages (TensorFlow, Merlin, faiss, this project).
+
+``TritonServer`` does all of that, picks free ports, waits until the server is ready and on ``stop``
+terminates the whole process group, so no server or stub process outlives it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server exited or did not become ready; the message carries the end of its log."""
+
+
+def pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent
+
+
+def tritonserver_binary() -> Path:
+    path = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not path.exists():
+        raise FileNotFoundError(f"tritonserver not found at {path}; is nvidia-pytriton installed?")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_backend_dir(target: Path) -> Path:
+    """Copy the Python backend and this interpreter's stub into ``target/python``."""
+    root = pytriton_root() / "tritonserver"
+    python_dir = target / "python"
+    shutil.copytree(root / "backends" / "python", python_dir, dirs_exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise FileNotFoundError(f"no Python backend stub for Python {version} in {stub.parent.parent}")
+    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    return target
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = pytriton_root().parent / "nvidia_pytriton.libs"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(libs), libdir, env.get("LD_LIBRARY_PATH", "")] if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class TritonServer:
+    """A tritonserver process serving ``model_repository`` on free local ports.
+
+    Use as a context manager::
+
+        with TritonServer("build/triton_repo") as server:
+            client = FunnelClient(server.grpc_url)
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 180.0,
+        log_verbose: int = 0,
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        if not self.model_repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.startup_timeout = startup_timeout
+        self.log_verbose = log_verbose
+        self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        backends = prepare_backend_dir(self._workdir / "backends")
+        cache = self._workdir / "cache"
+        cache.mkdir(exist_ok=True)
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={cache}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    def start(self) -> "TritonServer":
+        cmd = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            cwd=self._workdir,
+            start_new_session=True,  # its own process group: stop() reaches every stub
+        )
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + self.startup_timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        finally:
+            client.close()
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc = self.process
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+                except ProcessLookupError:
+                    pass
+            # Whatever is left of the group (stubs that ignored the shutdown) goes too.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+            self.process = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        # Keep the log (small, useful after a failure); drop the copied backend and the cache.
+        for sub in ("backends", "cache"):
+            shutil.rmtree(self._workdir / sub, ignore_errors=True)

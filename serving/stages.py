@@ -1,0 +1,254 @@
+"""The funnel's stages as plain Python classes: Triton's thin ``model.py`` files wrap them.
+
+Each stage is built from its artifact folder (a Triton model version folder holding the stage's
+artifacts and the run's ``manifest.json``) and maps a dict of numpy arrays to a dict of numpy
+arrays. Tensor names match ``triton_repo/<stage>/config.pbtxt``. Tests use these classes directly,
+without a server.
+
+    feature_lookup  user_id            -> user_categorical, user_continuous, user_known, seen_items
+    query_tower     user features      -> query_embedding
+    retrieval       query_embedding    -> candidate_ids (encoded), retrieval_scores
+    filtering       candidates, seen   -> filtered_ids
+    ranker          user features, ids -> ranker_scores in [0, 1]
+    ordering        scores, k, known   -> item_ids (raw), scores, model_version, served_by, stage_counts
+
+Unknown users still flow through the candidate stages (with out-of-vocabulary features, cheap) and
+``ordering`` answers them from the popularity fallback; an ensemble cannot branch, and this keeps
+one code path for every request.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MANIFEST = "manifest.json"
+OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
+
+
+class RequestError(ValueError):
+    """The request is malformed; the message names the problem and is returned to the client."""
+
+
+def load_manifest(artifacts: str | Path) -> dict:
+    return json.loads((Path(artifacts) / MANIFEST).read_text())
+
+
+def scalar(inputs: dict, name: str, dtype) -> int:
+    """The single value of input ``name``, with a clear error for empty or multi-valued tensors."""
+    if name not in inputs or inputs[name] is None:
+        raise RequestError(f"missing input '{name}'")
+    value = np.asarray(inputs[name])
+    if value.size != 1:
+        raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
+    return dtype(value.reshape(-1)[0])
+
+
+class Stage:
+    name = "stage"
+
+    def __init__(self, artifacts: str | Path):
+        self.artifacts = Path(artifacts)
+        self.manifest = load_manifest(self.artifacts)
+        self.version = int(self.manifest["version"])
+        self.features = self.manifest["features"]
+        self.serving = self.manifest["config"]["serving"]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _import_tf():
+    import tensorflow as tf
+    import merlin.models.tf  # noqa: F401  (registers Merlin layers before loading a Merlin SavedModel)
+
+    return tf
+
+
+class FeatureLookup(Stage):
+    """Reads the user's encoded features and history from the online store."""
+
+    name = "feature_lookup"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        from serving.online_store import OnlineStore
+
+        self.store = OnlineStore(
+            self.artifacts / "online_store.sqlite",
+            self.features["user_categorical"],
+            self.features["user_continuous"],
+        )
+
+    def run(self, inputs):
+        user_id = scalar(inputs, "user_id", int)
+        found = self.store.user_features(user_id)
+        if found is None:
+            cat = np.full(len(self.features["user_categorical"]), OOV_INDEX, dtype=np.int64)
+            cont = np.zeros(len(self.features["user_continuous"]), dtype=np.float32)
+            seen = np.zeros(0, dtype=np.int64)
+        else:
+            cat, cont = found
+            seen = self.store.history(user_id)
+        return {
+            "user_categorical": cat,
+            "user_continuous": cont,
+            "user_known": np.array([found is not None]),
+            "seen_items": seen,
+        }
+
+
+class QueryTower(Stage):
+    """Embeds the user with the candidate generator's query tower."""
+
+    name = "query_tower"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        from models.item_index import check_versions
+
+        tower_version = json.loads((self.artifacts / "query_tower.json").read_text())["version"]
+        check_versions(manifest=self.version, query_tower=tower_version)
+        tf = _import_tf()
+        self._tf = tf
+        self.model = tf.keras.models.load_model(str(self.artifacts / "query_tower"))
+
+    def run(self, inputs):
+        tf = self._tf
+        batch = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], rows=1, tf=tf)
+        embedding = self.model(batch, training=False)
+        return {"query_embedding": np.asarray(embedding, dtype=np.float32).reshape(-1)}
+
+
+def user_batch(features: dict, categorical: np.ndarray, continuous: np.ndarray, rows: int, tf) -> dict:
+    """A Merlin model input dict holding one user's features repeated ``rows`` times."""
+    categorical = np.asarray(categorical, dtype=np.int64).reshape(-1)
+    continuous = np.asarray(continuous, dtype=np.float32).reshape(-1)
+    names_cat, names_cont = features["user_categorical"], features["user_continuous"]
+    if len(categorical) != len(names_cat) or len(continuous) != len(names_cont):
+        raise RequestError(
+            f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
+            f"got {len(categorical)} and {len(continuous)}"
+        )
+    batch = {n: tf.constant(np.full((rows, 1), v, dtype=np.int64)) for n, v in zip(names_cat, categorical)}
+    batch.update({n: tf.constant(np.full((rows, 1), v, dtype=np.float32)) for n, v in zip(names_cont, continuous)})
+    return batch
+
+
+class Retrieval(Stage):
+    """Approximate nearest neighbours of the query embedding in the item index."""
+
+    name = "retrieval"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        from models import item_index
+
+        self._search = item_index.search
+        self.index, self.index_meta = item_index.load_index(self.artifacts, expected_version=self.version)
+        self.k = int(self.serving["retrieval_k"])
+
+    def run(self, inputs):
+        query = np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1)
+        if query.shape[0] != self.index_meta["dim"]:
+            raise RequestError(f"query_embedding has {query.shape[0]} dims, index has {self.index_meta['dim']}")
+        ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
+        return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
+
+
+class Filtering(Stage):
+    """Drops candidates the user has already seen."""
+
+    name = "filtering"
+
+    def run(self, inputs):
+        candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
+        seen = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
+        keep = ~np.isin(candidates, seen)
+        return {"filtered_ids": candidates[keep]}
+
+
+class Ranker(Stage):
+    """Scores each remaining candidate with the DCN ranker (a probability in [0, 1])."""
+
+    name = "ranker"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        tf = _import_tf()
+        self._tf = tf
+        self.model = tf.keras.models.load_model(str(self.artifacts / "ranker"))
+        items = pd.read_parquet(self.artifacts / "item_features.parquet")
+        size = int(items["item_id"].max()) + 1
+        self.item_columns = {}
+        for name in self.features["item_categorical"]:
+            table = np.full(size, OOV_INDEX, dtype=np.int64)
+            table[items["item_id"].values] = items[name].values
+            self.item_columns[name] = table
+        for name in self.features["item_continuous"]:
+            table = np.zeros(size, dtype=np.float32)
+            table[items["item_id"].values] = items[name].values
+            self.item_columns[name] = table
+
+    def run(self, inputs):
+        tf = self._tf
+        ids = np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return {"ranker_scores": np.zeros(0, dtype=np.float32)}
+        if ids.min() < 0 or ids.max() >= len(next(iter(self.item_columns.values()))):
+            raise RequestError("filtered_ids holds an item id outside the catalog")
+        batch = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
+        for name, table in self.item_columns.items():
+            batch[name] = tf.constant(table[ids].reshape(-1, 1))
+        out = self.model(batch, training=False)
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return {"ranker_scores": np.asarray(out, dtype=np.float32).reshape(-1)}
+
+
+class Ordering(Stage):
+    """Sorts by ranker score, keeps the top k, maps encoded ids back to raw ids.
+
+    Users the models never saw get the recency-weighted popularity fallback.
+    """
+
+    name = "ordering"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        items = pd.read_parquet(self.artifacts / "item_features.parquet")
+        self.raw_ids = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
+        self.raw_ids[items["item_id"].values] = items["item_id_raw"].values
+        self.catalog_size = int(len(items))
+        self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
+        self.max_k = int(self.serving["max_k"])
+
+    def run(self, inputs):
+        from models.fallback import top_popular
+
+        k = scalar(inputs, "k", int)
+        if not 1 <= k <= self.max_k:
+            raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
+        known = bool(np.asarray(inputs["user_known"]).reshape(-1)[0])
+        candidates = np.asarray(inputs["candidate_ids"]).reshape(-1)
+        filtered = np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1)
+        scores = np.asarray(inputs["ranker_scores"], dtype=np.float32).reshape(-1)
+        if known:
+            order = np.argsort(-scores, kind="stable")[:k]
+            item_ids, out_scores, served_by = self.raw_ids[filtered[order]], scores[order], "model"
+        else:
+            item_ids, out_scores = top_popular(self.popularity, k)
+            served_by = "fallback"
+        counts = [self.catalog_size, len(candidates), len(filtered), len(item_ids)]
+        return {
+            "item_ids": np.asarray(item_ids, dtype=np.int64),
+            "scores": np.clip(np.asarray(out_scores, dtype=np.float32), 0.0, 1.0),
+            "model_version": np.array([str(self.version).encode()], dtype=np.object_),
+            "served_by": np.array([served_by.encode()], dtype=np.object_),
+            "stage_counts": np.array(counts, dtype=np.int64),
+        }
+
+
+STAGES = {cls.name: cls for cls in (FeatureLookup, QueryTower, Retrieval, Filtering, Ranker, Ordering)}

@@ -1,0 +1,25 @@
+"""Join user and item attributes onto the event log, on GPU (cudf) or CPU (pandas) alike.
+
+NVTabular's ``JoinExternal`` does a partition-wise left join against a small table, which is what
+attribute tables are. The joined log is what the feature workflow reads, so the feature workflow's
+user and item sub-workflows can later be applied to the user and item tables on their own.
+"""
+from __future__ import annotations
+
+import nvtabular as nvt
+from merlin.io import Dataset
+
+from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS
+
+JOINED_ITEM_COLUMNS = [c for c in ITEM_COLUMNS if c != "title"]
+
+
+def join_attributes(events: Dataset, users: Dataset, items: Dataset) -> Dataset:
+    """Return ``events`` with the user and item attribute columns added (left joins)."""
+    joined = (
+        EVENT_COLUMNS
+        >> nvt.ops.JoinExternal(users, on="user_id", columns_ext=USER_COLUMNS, how="left")
+        >> nvt.ops.JoinExternal(items, on="item_id", columns_ext=JOINED_ITEM_COLUMNS, how="left")
+    )
+    workflow = nvt.Workflow(joined)
+    return workflow.fit_transform(events)

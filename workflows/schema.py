@@ -1,0 +1,27 @@
+"""The raw schema every data source is mapped to before the workflows run.
+
+events: one row per impression
+    user_id (int64), item_id (int64), timestamp (int64, unix seconds), click (0/1),
+    watch_seconds (int64, 0 when not clicked), like (0/1), share (0/1)
+users: one row per user
+    user_id (int64), age_band (str), gender (str), location (str)
+items: one row per item
+    item_id (int64), category (str), duration_seconds (int64), title (str)
+"""
+from __future__ import annotations
+
+EVENT_COLUMNS = ["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"]
+USER_COLUMNS = ["user_id", "age_band", "gender", "location"]
+ITEM_COLUMNS = ["item_id", "category", "duration_seconds", "title"]
+
+USER_CATEGORICAL = ["age_band", "gender", "location"]
+ITEM_CATEGORICAL = ["category"]
+ITEM_CONTINUOUS = ["duration_seconds"]
+SIGNALS = ["click", "watch_seconds", "like", "share"]
+
+
+def check_columns(df, required: list[str], table: str) -> None:
+    """Fail with a message naming the missing columns, instead of a KeyError deep in a workflow."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{table} table is missing column(s) {missing}; raw schema needs {required}")
