@@ -13,6 +13,7 @@ from merlin.io import Dataset
 from merlin.schema import Schema, Tags
 
 from configs import RankerConfig
+from models import merlin_patches  # noqa: F401  (DCN save/load fix, see the module)
 
 
 def ranker_schema(schema: Schema, target: str) -> Schema:

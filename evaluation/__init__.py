@@ -1,0 +1,1 @@
+"""Offline evaluation of the funnel's stages."""

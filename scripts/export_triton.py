@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Export a model-registry version as a Triton model repository (the funnel ensemble), atomically."""
+from configs.runtime import quiet_known_warnings
+
+quiet_known_warnings()  # before TensorFlow is imported
+
+import argparse
+
+from models import registry
+from serving.export import export_repository
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
+    parser.add_argument("--version", type=int, help="registry version (default: the latest)")
+    parser.add_argument("--out", default="build/triton_repo", help="model repository to write")
+    parser.add_argument("--replace", action="store_true", help="swap out an existing repository")
+    args = parser.parse_args()
+    model = registry.get(args.registry, args.version)
+    repo = export_repository(model, args.out, replace=args.replace)
+    print(f"exported version {model.version} to {repo}")
+
+
+if __name__ == "__main__":
+    main()

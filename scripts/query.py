@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Ask the served funnel for a user's recommendations over gRPC."""
+import argparse
+import json
+import sys
+
+from serving.client import FunnelClient
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--user-id", type=int, required=True)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
+    parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    args = parser.parse_args()
+    try:
+        with FunnelClient(args.url) as client:
+            recs = client.recommend(args.user_id, args.k)
+    except Exception as err:  # tritonclient raises InferenceServerException with the server's message
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if args.json:
+        print(json.dumps(recs.to_dict()))
+        return
+    print(f"user {recs.user_id}: served by {recs.served_by}, model version {recs.model_version}")
+    print("stages: " + " -> ".join(f"{name} {n}" for name, n in recs.stage_counts.items()))
+    for rank, (item, score) in enumerate(zip(recs.item_ids, recs.scores), 1):
+        print(f"  {rank:2d}. item {item:>8d}  score {score:.4f}")
+
+
+if __name__ == "__main__":
+    main()

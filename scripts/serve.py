@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Start the real tritonserver (bundled in nvidia-pytriton) on a model repository; Ctrl-C stops it.
+
+Finds the binary, prepares the Python-backend stub for this interpreter, sets the library path,
+waits until every model is ready, then prints the gRPC, HTTP and metrics addresses.
+"""
+import argparse
+import signal
+import threading
+
+from serving.server import TritonServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-repository", default="build/triton_repo")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log", help="server log file (default: a temporary file)")
+    args = parser.parse_args()
+    server = TritonServer(
+        args.model_repository, args.grpc_port, args.http_port, args.metrics_port, log_path=args.log
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with server:
+        print(f"tritonserver ready: grpc {server.grpc_url}  http 127.0.0.1:{server.http_port}  "
+              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"tritonserver exited:\n{server.log_tail()}")
+                break
+    print("tritonserver stopped")
+
+
+if __name__ == "__main__":
+    main()

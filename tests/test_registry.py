@@ -1,0 +1,38 @@
+import pytest
+
+from models import registry
+
+
+def test_versions_increase_and_publish_only_when_complete(tmp_path):
+    with registry.VersionWriter(tmp_path) as out:
+        (out.tmp / "weights").write_text("a")
+        out.write_manifest(note="first")
+    assert registry.list_versions(tmp_path) == [1]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with registry.VersionWriter(tmp_path) as out:
+            (out.tmp / "weights").write_text("b")
+            raise RuntimeError("boom")
+    # The failed run left nothing behind, not even its temporary folder.
+    assert registry.list_versions(tmp_path) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+    with registry.VersionWriter(tmp_path) as out:
+        out.write_manifest(note="second")
+    assert registry.latest(tmp_path).version == 2
+    assert registry.get(tmp_path, 1).manifest["note"] == "first"
+
+
+def test_missing_version_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model version"):
+        registry.latest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="version 7"):
+        registry.get(tmp_path, 7)
+
+
+def test_fingerprint_changes_with_the_data(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("1")
+    first = registry.fingerprint(tmp_path / "d")
+    (tmp_path / "d" / "x").write_text("2")
+    assert registry.fingerprint(tmp_path / "d") != first

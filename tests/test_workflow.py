@@ -1,0 +1,63 @@
+"""The dataset pipeline on the session's small synthetic world."""
+import pandas as pd
+import pytest
+
+from workflows.pipeline import category_mapping
+from workflows.schema import check_columns
+
+
+@pytest.fixture(scope="module")
+def frames(processed):
+    return processed.train().to_ddf().compute(), processed.valid().to_ddf().compute()
+
+
+def test_temporal_split_has_no_validation_event_before_the_cutoff(processed, raw_paths):
+    events = pd.read_parquet(raw_paths["events"])
+    cutoff = processed.summary["cutoff"]
+    train_events = pd.read_parquet(processed.train_events)
+    assert (train_events["timestamp"] < cutoff).all()
+    assert processed.summary["train_rows"] == (events["timestamp"] < cutoff).sum()
+    assert processed.summary["valid_rows"] == (events["timestamp"] >= cutoff).sum()
+
+
+def test_labels_agree_with_raw_signals(processed, raw_paths, frames, small_config):
+    train, _ = frames
+    events = pd.read_parquet(processed.train_events)
+    items = pd.read_parquet(raw_paths["items"]).set_index("item_id")
+    duration = events["item_id"].map(items["duration_seconds"])
+    watched = events["watch_seconds"] >= small_config.workflow.watch_threshold * duration
+    assert len(train) == len(events)
+    # The workflow keeps row order, so labels can be compared row by row.
+    assert (train["click"].values == events["click"].values).all()
+    assert (train["watched"].values == watched.astype(int).values).all()
+    assert (train["like"].values == events["like"].values).all()
+
+
+def test_encoded_ids_round_trip_through_the_vocabulary(processed, frames):
+    train, _ = frames
+    events = pd.read_parquet(processed.train_events)
+    mapping = category_mapping(processed.workflow(), "user_id").set_index("encoded")["raw"]
+    assert (train["user_id"].map(mapping).values == events["user_id"].values).all()
+
+
+def test_user_sub_workflow_matches_training_features(processed, frames):
+    train, _ = frames
+    users = pd.read_parquet(processed.user_features)
+    merged = train.merge(users, on="user_id", suffixes=("", "_table"))
+    assert len(merged) == len(train)  # every training user is in the serving table
+    for col in ("age_band", "gender", "location"):
+        assert (merged[col] == merged[f"{col}_table"]).all()
+
+
+def test_schema_tags_what_models_select(processed):
+    from merlin.schema import Tags
+
+    schema = processed.train().schema
+    assert schema.select_by_tag(Tags.USER_ID).column_names == ["user_id"]
+    assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
+    assert set(schema.select_by_tag(Tags.TARGET).column_names) == {"click", "watched", "like", "share"}
+
+
+def test_missing_raw_column_is_named():
+    with pytest.raises(ValueError, match="watch_seconds"):
+        check_columns(pd.DataFrame({"user_id": [1]}), ["user_id", "watch_seconds"], "events")
