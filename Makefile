@@ -13,9 +13,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@echo ">>> creating $(VENV) from requirements.lock (one time, about 2 minutes)"
 	@start=$$(date +%s); \
 	  { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check pip==24.2 && \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock && \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . && \
+	  $(BIN)/python -m pip install -qq --disable-pip-version-check pip==24.2 && \
+	  $(BIN)/python -m pip install -qq --disable-pip-version-check -r requirements.lock && \
+	  $(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . && \
 	  echo ">>> $(VENV) ready in $$(( $$(date +%s) - start ))s"
 	@touch $(STAMP)
 

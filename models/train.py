@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-import pandas as pd
+from merlin.core.dispatch import read_dispatch
 from merlin.io import Dataset
 from merlin.schema import Tags
 
@@ -23,6 +23,7 @@ from models.ranker import train_ranker
 from workflows.pipeline import ProcessedData
 
 log = logging.getLogger(__name__)
+read_parquet = read_dispatch(fmt="parquet")
 
 
 def feature_lists(schema) -> dict[str, list[str]]:
@@ -53,7 +54,8 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         tt_model.query_encoder.save(str(out.tmp / "query_tower"))
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
 
-        item_table = pd.read_parquet(data.item_features)
+        # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
+        item_table = read_parquet(data.item_features)
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
         index = item_index.build_index(ids, vectors, config.serving.exact_index_max_items)
@@ -64,7 +66,7 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
 
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
         shutil.copy(data.item_features, out.tmp / "item_features.parquet")
-        events = pd.read_parquet(data.train_events)
+        events = read_parquet(data.train_events)
         history = events[["user_id", "item_id"]].drop_duplicates()
         history.columns = ["user_id_raw", "item_id_raw"]
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
