@@ -1,15 +1,44 @@
 """Ranking and classification metrics, vectorised over users.
 
-Arrays come from the array module of the inputs (numpy on CPU; cupy arrays work the same way for
-the element-wise parts), so the same code measures on GPU where there is one.
+Ranking metrics take the recommended ids ``top_items`` (``[num_users, k]``, best first) and the
+relevant ids of each user, and return one value per user (``per_user=True``) or their mean. The
+relevance test is one vectorised ``isin`` over ``user * stride + item`` keys, so no Python loop runs
+per user. ``xp`` is the array module of the inputs (numpy, or cupy on a GPU), so the same code
+measures on either.
+
+Definitions (binary relevance, the conventions of RecBole and most papers):
+
+    Recall@K     hits in top K / number of relevant items of the user
+    Precision@K  hits in top K / K
+    HitRate@K    1 if any hit in top K
+    NDCG@K       DCG of the hits / DCG of an ideal list with min(K, |relevant|) hits
+    MRR@K        1 / rank of the first hit (0 if none)
+
+``full_ranking_top_k`` ranks the whole catalog per user with already-seen items removed, which is
+what "full ranking" protocols (RecBole's default) require.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def array_module(x):
+    """cupy for cupy arrays, numpy otherwise."""
+    try:
+        import cupy
+
+        return cupy.get_array_module(x)
+    except ImportError:
+        return np
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def roc_auc(labels, scores) -> float:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged)."""
     labels = np.asarray(labels).astype(bool).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -20,14 +49,130 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def recall_at_k(top_items: np.ndarray, relevant: list[set]) -> float:
-    """Mean over users of |top-k ∩ relevant| / |relevant| (users with no relevant item skipped).
+def pr_auc(labels, scores) -> float:
+    """Area under the precision-recall curve as average precision (step-wise, no interpolation)."""
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.sum() == 0:
+        raise ValueError("PR-AUC needs at least one positive label")
+    order = np.argsort(-scores, kind="stable")
+    hits = labels[order]
+    # Group tied scores so their order cannot change the result.
+    sorted_scores = scores[order]
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    tp = np.cumsum(hits)[last_of_tie]
+    fp = np.cumsum(~hits)[last_of_tie]
+    precision = tp / (tp + fp)
+    recall = tp / labels.sum()
+    recall_steps = np.diff(np.r_[0.0, recall])
+    return float((precision * recall_steps).sum())
 
-    ``top_items`` is ``[num_users, k]``; ``relevant[u]`` is the set of relevant ids of user ``u``.
-    """
-    values = [
-        len(set(row.tolist()) & rel) / len(rel) for row, rel in zip(np.asarray(top_items), relevant) if rel
-    ]
-    if not values:
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _relevant_pairs(relevant: Sequence, num_users: int, xp=np):
+    """Flatten per-user relevant ids into (user index, item id) arrays."""
+    lengths = np.fromiter((len(r) for r in relevant), dtype=np.int64, count=num_users)
+    users = np.repeat(np.arange(num_users), lengths)
+    items = np.fromiter((int(i) for r in relevant for i in r), dtype=np.int64, count=int(lengths.sum()))
+    return xp.asarray(users), xp.asarray(items), xp.asarray(lengths)
+
+
+def hit_matrix(top_items, relevant: Sequence):
+    """Boolean ``[num_users, k]``: is ``top_items[u, j]`` relevant to user ``u``?"""
+    xp = array_module(top_items)
+    top = xp.asarray(top_items).astype(xp.int64)
+    num_users, k = top.shape
+    users, items, lengths = _relevant_pairs(relevant, num_users, xp)
+    stride = int(max(int(top.max()) if top.size else 0, int(items.max()) if items.size else 0)) + 1
+    keys = users * stride + items
+    rows = xp.arange(num_users, dtype=xp.int64)[:, None]
+    hits = xp.isin(rows * stride + top, keys)
+    return hits & (top >= 0), lengths
+
+
+def _finish(values, lengths, per_user: bool):
+    xp = array_module(values)
+    valid = lengths > 0  # users without a relevant item are left out, as every protocol does
+    if not bool(valid.any()):
         raise ValueError("no user has a relevant item")
-    return float(np.mean(values))
+    values = values[valid]
+    return values if per_user else float(xp.mean(values))
+
+
+def recall_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+    hits, lengths = hit_matrix(_cut(top_items, k), relevant)
+    return _finish(hits.sum(axis=1) / array_module(hits).maximum(lengths, 1), lengths, per_user)
+
+
+def precision_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+    top = _cut(top_items, k)
+    hits, lengths = hit_matrix(top, relevant)
+    return _finish(hits.sum(axis=1) / top.shape[1], lengths, per_user)
+
+
+def hit_rate_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+    hits, lengths = hit_matrix(_cut(top_items, k), relevant)
+    return _finish(hits.any(axis=1).astype(float), lengths, per_user)
+
+
+def ndcg_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+    top = _cut(top_items, k)
+    hits, lengths = hit_matrix(top, relevant)
+    xp = array_module(hits)
+    discounts = 1.0 / xp.log2(xp.arange(2, top.shape[1] + 2))
+    dcg = (hits * discounts).sum(axis=1)
+    ideal_hits = xp.minimum(lengths, top.shape[1])
+    idcg = xp.cumsum(discounts)[xp.maximum(ideal_hits, 1) - 1]
+    return _finish(dcg / idcg, lengths, per_user)
+
+
+def mrr_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+    top = _cut(top_items, k)
+    hits, lengths = hit_matrix(top, relevant)
+    xp = array_module(hits)
+    first = xp.argmax(hits, axis=1)
+    rr = xp.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)
+    return _finish(rr, lengths, per_user)
+
+
+RANKING_METRICS = {
+    "recall": recall_at_k,
+    "precision": precision_at_k,
+    "hit_rate": hit_rate_at_k,
+    "ndcg": ndcg_at_k,
+    "mrr": mrr_at_k,
+}
+
+
+def _cut(top_items, k):
+    top = array_module(top_items).asarray(top_items)
+    return top if k is None else top[:, :k]
+
+
+def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
+    """Top-``k`` column indices of each row of ``scores`` ``[num_users, num_items]``, best first.
+
+    ``exclude[u]`` lists item columns user ``u`` must not get (already seen in training).
+    """
+    xp = array_module(scores)
+    scores = xp.array(scores, dtype=xp.float32, copy=True)
+    num_users, num_items = scores.shape
+    if exclude is not None:
+        users, items, _ = _relevant_pairs(exclude, num_users, xp)
+        scores[users, items] = -xp.inf
+    k = min(k, num_items)
+    part = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = xp.take_along_axis(scores, part, axis=1)
+    order = xp.argsort(-part_scores, axis=1, kind="stable")
+    return xp.take_along_axis(part, order, axis=1)
+
+
+def bootstrap_ci(per_user_values, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0):
+    """Mean and percentile bootstrap interval of a per-user metric: ``(mean, low, high)``."""
+    values = np.asarray(per_user_values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

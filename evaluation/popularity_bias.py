@@ -1,0 +1,72 @@
+"""Popularity bias of a recommender, measured from what it recommends.
+
+A recommender learns from logs it helped create, so popular items get shown, clicked and learned
+more; these measures show how concentrated the recommendations are and whether popular items win
+even when a user likes an unpopular one as much.
+
+    item_share_curve    how many distinct items make 10%, 20%, ... 100% of all recommendations
+    gini                Gini coefficient of recommendation counts over the catalog (0 equal, 1 one item)
+    catalog_coverage    share of the catalog recommended to anyone
+    popularity_lift     mean popularity of recommended items / mean popularity of the user's profile
+    preference_parity   among users who liked both a popular and an unpopular held-out item, how
+                        often the popular one is ranked above the unpopular one (0.5 = parity)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def item_share_curve(recommended, shares=tuple(np.round(np.arange(0.1, 1.01, 0.1), 2))) -> dict[float, int]:
+    """For each share s: the fewest distinct items that together make s of all recommendations."""
+    _, counts = np.unique(np.asarray(recommended).ravel(), return_counts=True)
+    cumulative = np.cumsum(np.sort(counts)[::-1]) / counts.sum()
+    return {float(s): int(np.searchsorted(cumulative, s - 1e-12) + 1) for s in shares}
+
+
+def gini(recommended, num_items: int) -> float:
+    counts = np.zeros(num_items, dtype=np.float64)
+    ids, c = np.unique(np.asarray(recommended).ravel(), return_counts=True)
+    counts[ids] = c
+    sorted_counts = np.sort(counts)
+    n = num_items
+    cum = np.cumsum(sorted_counts)
+    if cum[-1] == 0:
+        raise ValueError("no recommendations")
+    return float((n + 1 - 2 * (cum / cum[-1]).sum()) / n)
+
+
+def catalog_coverage(recommended, num_items: int) -> float:
+    return float(len(np.unique(np.asarray(recommended).ravel())) / num_items)
+
+
+def popularity_lift(recommended, profiles, item_popularity) -> np.ndarray:
+    """Per user: mean popularity of recommended items / mean popularity of the items in the profile."""
+    pop = np.asarray(item_popularity, dtype=np.float64)
+    rec = pop[np.asarray(recommended)].mean(axis=1)
+    prof = np.array([pop[list(p)].mean() if len(p) else np.nan for p in profiles])
+    return rec / prof
+
+
+def preference_parity(scores, liked, popular_items) -> tuple[float, int]:
+    """Share of (popular, unpopular) liked-item pairs where the popular item scores higher.
+
+    ``scores`` is ``[num_users, num_items]``; ``liked[u]`` the held-out items user ``u`` liked;
+    ``popular_items`` a boolean mask over items. Returns the share and the number of users counted.
+    0.5 means the model ranks popular and unpopular items a user likes equally often first.
+    """
+    popular = np.asarray(popular_items, dtype=bool)
+    wins, pairs, users = 0.0, 0, 0
+    for u, items in enumerate(liked):
+        items = np.asarray(list(items), dtype=np.int64)
+        if items.size < 2:
+            continue
+        pop_items, unpop_items = items[popular[items]], items[~popular[items]]
+        if pop_items.size == 0 or unpop_items.size == 0:
+            continue
+        s_pop, s_unpop = scores[u, pop_items][:, None], scores[u, unpop_items][None, :]
+        wins += (s_pop > s_unpop).sum() + 0.5 * (s_pop == s_unpop).sum()
+        pairs += pop_items.size * unpop_items.size
+        users += 1
+    if pairs == 0:
+        raise ValueError("no user liked both a popular and an unpopular item")
+    return float(wins / pairs), users
