@@ -1,0 +1,50 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import protocols
+
+
+def interactions(num_users=30, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        n = int(rng.integers(1, 40))
+        rows += [(u, int(i), int(t)) for i, t in zip(rng.choice(500, n, replace=False), rng.integers(0, 10**6, n))]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
+
+@pytest.mark.parametrize("total,expected", [(10, [8, 1, 1]), (1, [1, 0, 0]), (2, [1, 0, 1]), (3, [1, 1, 1]), (25, [21, 2, 2])])
+def test_recbole_rounding(total, expected):
+    assert protocols.recbole_split_sizes(total) == expected
+
+
+def test_recbole_random_splits_every_user_by_the_rounding_and_loses_nothing():
+    data = interactions()
+    split = protocols.recbole_random(data, seed=1)
+    assert sum(split.sizes().values()) == len(data)
+    merged = pd.concat([split.train, split.valid, split.test])
+    assert not merged.duplicated().any()
+    for user, rows in data.groupby("user_id"):
+        got = [int((part["user_id"] == user).sum()) for part in (split.train, split.valid, split.test)]
+        assert got == protocols.recbole_split_sizes(len(rows))
+    again = protocols.recbole_random(data, seed=1)
+    pd.testing.assert_frame_equal(split.test, again.test)
+
+
+def test_temporal_split_orders_the_parts_in_time():
+    split = protocols.temporal(interactions(), 0.1, 0.1)
+    assert split.train["timestamp"].max() < split.valid["timestamp"].min()
+    assert split.valid["timestamp"].max() < split.test["timestamp"].min()
+
+
+def test_explicit_split_reads_files_and_names_missing_columns(tmp_path):
+    data = interactions(5)
+    for name in ("train", "valid"):
+        data.to_parquet(tmp_path / f"{name}.parquet")
+    data[["user_id", "item_id"]].to_csv(tmp_path / "test.csv", index=False)
+    split = protocols.explicit(tmp_path / "train.parquet", tmp_path / "valid.parquet", tmp_path / "test.csv")
+    assert split.sizes() == {"train": len(data), "valid": len(data), "test": len(data)}
+    data[["user_id"]].to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="item_id"):
+        protocols.explicit(tmp_path / "bad.csv", tmp_path / "valid.parquet", tmp_path / "test.csv")
