@@ -1,0 +1,173 @@
+"""Offline evaluation: score recommenders on one split with full ranking, slices and bias measures.
+
+``evaluate_scores`` takes dense scores ``[num_users, num_items]`` (a peer), ``evaluate_top_k`` takes
+ranked lists (the funnel as served); both remove training items, compute every ranking metric at
+each K with bootstrap intervals, slice them by user attributes, and measure popularity bias.
+``served_top_k`` runs the exported Triton funnel's stage classes in-process, in the ensemble's
+order, so the lists evaluated are the lists the server would return.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evaluation import metrics as m
+from evaluation import popularity_bias as pb
+
+
+@dataclass
+class Interactions:
+    """A split re-indexed to dense rows (users) and columns (items) shared by every recommender."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    user_ids: np.ndarray  # raw id of each row
+    item_ids: np.ndarray  # raw id of each column
+
+    @classmethod
+    def from_split(cls, train: pd.DataFrame, test: pd.DataFrame) -> "Interactions":
+        user_ids = np.sort(pd.concat([train["user_id"], test["user_id"]]).unique())
+        item_ids = np.sort(train["item_id"].unique())  # items never trained on cannot be recommended
+        return cls(train, test, user_ids, item_ids)
+
+    def rows(self, users) -> np.ndarray:
+        return np.searchsorted(self.user_ids, np.asarray(users))
+
+    def cols(self, items) -> np.ndarray:
+        return np.searchsorted(self.item_ids, np.asarray(items))
+
+    def _per_user(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        frame = frame[frame["item_id"].isin(self.item_ids)]
+        rows, cols = self.rows(frame["user_id"]), self.cols(frame["item_id"])
+        out = [np.zeros(0, dtype=np.int64)] * len(self.user_ids)
+        for r, group in pd.Series(cols).groupby(rows):
+            out[r] = np.unique(group.to_numpy())
+        return out
+
+    @property
+    def seen(self) -> list[np.ndarray]:
+        return self._per_user(self.train)
+
+    @property
+    def relevant(self) -> list[set]:
+        return [set(x.tolist()) for x in self._per_user(self.test)]
+
+    def matrix(self):
+        from evaluation.peers import interaction_matrix
+
+        return interaction_matrix(
+            self.rows(self.train["user_id"]), self.cols(self.train["item_id"]), len(self.user_ids), len(self.item_ids)
+        )
+
+    def item_popularity(self) -> np.ndarray:
+        counts = self.train.groupby("item_id")["user_id"].nunique()
+        return counts.reindex(self.item_ids, fill_value=0).to_numpy()
+
+
+@dataclass
+class Result:
+    name: str
+    metrics: dict[str, float]  # e.g. "ndcg@10" -> value, "ndcg@10_low"/"_high" -> interval
+    slices: pd.DataFrame = field(default_factory=pd.DataFrame)
+    bias: dict = field(default_factory=dict)
+
+
+def evaluate_top_k(
+    name: str,
+    top: np.ndarray,
+    data: Interactions,
+    ks=(10, 20),
+    user_attributes: pd.DataFrame | None = None,
+    scores: np.ndarray | None = None,
+    n_bootstrap: int = 500,
+) -> Result:
+    """Metrics of ranked column indices ``top`` ``[num_users, max(ks)]`` against the test split."""
+    relevant = data.relevant
+    has_test = np.array([len(r) > 0 for r in relevant])
+    values = {}
+    per_user = {}
+    for k in ks:
+        for metric, fn in m.RANKING_METRICS.items():
+            pu = fn(top, relevant, k=k, per_user=True)
+            mean, low, high = m.bootstrap_ci(pu, n_resamples=n_bootstrap)
+            values[f"{metric}@{k}"], values[f"{metric}@{k}_low"], values[f"{metric}@{k}_high"] = mean, low, high
+            per_user[f"{metric}@{k}"] = pu
+    result = Result(name, values)
+    if user_attributes is not None:
+        frame = pd.DataFrame(per_user)
+        attrs = user_attributes.set_index("user_id").reindex(data.user_ids[has_test]).reset_index(drop=True)
+        result.slices = slice_table(frame, attrs)
+    k = max(ks)
+    popularity = data.item_popularity()
+    result.bias = {
+        "item_share_curve": pb.item_share_curve(top[:, :k]),
+        "gini": pb.gini(top[:, :k], len(data.item_ids)),
+        "coverage": pb.catalog_coverage(top[:, :k], len(data.item_ids)),
+        "popularity_lift": float(np.nanmean(pb.popularity_lift(top[:, :k], data.seen, popularity))),
+    }
+    if scores is not None:
+        popular = popularity >= np.quantile(popularity, 0.8)
+        share, users = pb.preference_parity(scores, [r if len(r) else set() for r in relevant], popular)
+        result.bias.update(preference_parity=share, preference_parity_users=users)
+    return result
+
+
+def evaluate_scores(name: str, scores: np.ndarray, data: Interactions, ks=(10, 20), **kwargs) -> Result:
+    top = m.full_ranking_top_k(scores, max(ks), exclude=data.seen)
+    return evaluate_top_k(name, top, data, ks, scores=scores, **kwargs)
+
+
+def slice_table(per_user: pd.DataFrame, attributes: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each metric by each attribute value, with the best-worst gap per attribute."""
+    rows = []
+    for attr in attributes.columns:
+        grouped = per_user.groupby(attributes[attr].astype(str).values)
+        means, counts = grouped.mean(), grouped.size()
+        for value, row in means.iterrows():
+            rows.append({"attribute": attr, "value": value, "users": int(counts[value]), **row.to_dict()})
+    return pd.DataFrame(rows)
+
+
+def slice_gaps(slices: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Best and worst slice of ``metric`` per attribute: the gap the report calls out."""
+    out = []
+    for attr, group in slices.groupby("attribute"):
+        best, worst = group.loc[group[metric].idxmax()], group.loc[group[metric].idxmin()]
+        out.append({"attribute": attr, "best": best["value"], "best_value": best[metric],
+                    "worst": worst["value"], "worst_value": worst[metric], "gap": best[metric] - worst[metric]})
+    return pd.DataFrame(out)
+
+
+def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
+    """Stage names in the order the ensemble's steps list them."""
+    text = (Path(repo) / ensemble / "config.pbtxt").read_text()
+    return re.findall(r'model_name:\s*"([^"]+)"', text)
+
+
+def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:
+    """Raw item ids the exported funnel returns for each user (stage classes run in-process)."""
+    from serving.stages import STAGES
+
+    stages = [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
+    out = []
+    for user in user_ids:
+        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
+        for stage in stages:
+            x.update(stage.run(x))
+        out.append(np.asarray(x["item_ids"]))
+    return out
+
+
+def columns_from_raw(lists: list[np.ndarray], data: Interactions, k: int) -> np.ndarray:
+    """Raw item-id lists -> ``[num_users, k]`` column indices, -1 where shorter or unknown."""
+    top = np.full((len(lists), k), -1, dtype=np.int64)
+    for row, items in enumerate(lists):
+        items = np.asarray(items)[:k]
+        cols = data.cols(items)
+        known = (cols < len(data.item_ids)) & (data.item_ids[np.minimum(cols, len(data.item_ids) - 1)] == items)
+        top[row, : len(items)] = np.where(known, cols, -1)
+    return top

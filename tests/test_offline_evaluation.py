@@ -1,0 +1,47 @@
+"""The offline evaluation runner on the session's synthetic world."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import offline
+from evaluation.peers import EASE, Popularity
+
+
+@pytest.fixture(scope="module")
+def data(small_data):
+    events = small_data.events
+    clicks = events[events["click"] == 1]
+    cutoff = clicks["timestamp"].quantile(0.8)
+    return offline.Interactions.from_split(clicks[clicks["timestamp"] < cutoff], clicks[clicks["timestamp"] >= cutoff])
+
+
+def test_peer_results_carry_metrics_intervals_slices_and_bias(data, small_data):
+    users = np.arange(len(data.user_ids))
+    res = {}
+    for peer in (Popularity(), EASE(reg_weight=50.0)):
+        scores = peer.fit(data.matrix()).scores(users)
+        res[peer.name] = offline.evaluate_scores(peer.name, scores, data, ks=(10,), user_attributes=small_data.users,
+                                                 n_bootstrap=100)
+    ease = res["EASE"]
+    assert ease.metrics["ndcg@10_low"] <= ease.metrics["ndcg@10"] <= ease.metrics["ndcg@10_high"]
+    assert set(ease.slices["attribute"]) == {"age_band", "gender", "location"}
+    assert offline.slice_gaps(ease.slices, "ndcg@10")["gap"].ge(0).all()
+    # Popularity recommends nearly the same items to everyone (only seen items differ per user).
+    assert res["Pop"].bias["coverage"] < ease.bias["coverage"]
+    assert res["Pop"].bias["item_share_curve"][1.0] < ease.bias["item_share_curve"][1.0]
+    assert res["Pop"].bias["gini"] > ease.bias["gini"]
+    assert 0 <= ease.bias["preference_parity"] <= 1
+
+
+@pytest.mark.slow
+def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_version, data):
+    users = data.user_ids[:40]
+    lists = offline.served_top_k(triton_repo, model_version.version, users, 10)
+    assert offline.ensemble_order(triton_repo)[0] == "feature_lookup"
+    assert all(len(x) == 10 for x in lists)
+    top = offline.columns_from_raw(lists, data, 10)
+    assert (top >= -1).all() and (top[top >= 0] < len(data.item_ids)).all()
+    sub = offline.Interactions(data.train[data.train["user_id"].isin(users)], data.test[data.test["user_id"].isin(users)],
+                               users, data.item_ids)
+    result = offline.evaluate_top_k("funnel", top, sub, ks=(10,), n_bootstrap=50)
+    assert 0 <= result.metrics["recall@10"] <= 1
