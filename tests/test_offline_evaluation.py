@@ -45,3 +45,16 @@ def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_ve
                                users, data.item_ids)
     result = offline.evaluate_top_k("funnel", top, sub, ks=(10,), n_bootstrap=50)
     assert 0 <= result.metrics["recall@10"] <= 1
+
+
+def test_report_has_tables_and_embedded_plots(data, tmp_path):
+    from evaluation.report import write_report
+
+    users = np.arange(len(data.user_ids))
+    results = [offline.evaluate_scores(p.name, p.fit(data.matrix()).scores(users), data, ks=(10,), n_bootstrap=50)
+               for p in (Popularity(), EASE(reg_weight=50.0))]
+    paths = write_report(results, tmp_path, "synthetic", context={"protocol": "temporal"})
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 2 and "EASE" in html and "Popularity bias" in html
+    md = paths["markdown"].read_text()
+    assert "| EASE" in md and "ndcg@10" in md
