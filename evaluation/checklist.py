@@ -1,0 +1,87 @@
+"""The correctness checklist: executable checks over a model version and its export.
+
+Models need tests like any software. Each check returns a ``CheckResult``; ``run_checklist`` runs
+them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gate on it.
+
+    versions_consistent   query tower, item index, manifest and every exported stage: one version
+    scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted, for sampled users
+    index_matches_items   the ANN index holds exactly the items of the serving item table
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> CheckResult:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    versions = {
+        "manifest": int(manifest["version"]),
+        "query_tower": int(json.loads((model_dir / "query_tower.json").read_text())["version"]),
+        "item_index": int(json.loads((model_dir / "item_index.json").read_text())["version"]),
+    }
+    if repo is not None:
+        export = json.loads((repo / "export.json").read_text())
+        versions["export"] = int(export["version"])
+        for stage_manifest in sorted(repo.glob("*/*/manifest.json")):
+            stage = stage_manifest.parent.parent.name
+            versions[f"stage:{stage}"] = int(json.loads(stage_manifest.read_text())["version"])
+            if stage_manifest.parent.name != str(versions["manifest"]):
+                versions[f"folder:{stage}"] = int(stage_manifest.parent.name)
+    ok = len(set(versions.values())) == 1
+    return CheckResult("versions_consistent", ok, json.dumps(versions))
+
+
+def check_index_matches_items(model_dir: Path) -> CheckResult:
+    from models.item_index import load_index
+
+    index, meta = load_index(model_dir)
+    items = pd.read_parquet(model_dir / "item_features.parquet")
+    ids = np.sort(_index_ids(index))
+    ok = len(ids) == len(items) and np.array_equal(ids, np.sort(items["item_id"].to_numpy()))
+    return CheckResult("index_matches_items", ok, f"index {len(ids)} ids, item table {len(items)} rows")
+
+
+def _index_ids(index) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
+    from evaluation.offline import ensemble_order
+    from serving.stages import STAGES
+
+    stages = [STAGES[name](repo / name / str(version)) for name in ensemble_order(repo)]
+    bad = []
+    for user in users:
+        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
+        for stage in stages:
+            x.update(stage.run(x))
+        s = np.asarray(x["scores"])
+        if s.size == 0 or s.min() < 0 or s.max() > 1 or np.any(np.diff(s) > 0):
+            bad.append(int(user))
+    return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")
+
+
+def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_users: int = 20) -> list[CheckResult]:
+    model_dir = Path(model_dir)
+    repo = Path(repo) if repo is not None else None
+    results = [check_versions_consistent(model_dir, repo), check_index_matches_items(model_dir)]
+    if repo is not None:
+        version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
+        users = pd.read_parquet(model_dir / "user_features.parquet")["user_id_raw"].head(sample_users).tolist()
+        users.append(int(max(users)) + 10**6)  # and one unknown user: the fallback must obey too
+        results.append(check_scores_in_unit_range(repo, version, users))
+    return results

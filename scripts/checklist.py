@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Run the correctness checklist on a model version (and its Triton export); exit 1 if any check fails."""
+from configs.runtime import quiet_known_warnings
+
+quiet_known_warnings()  # before TensorFlow is imported
+
+import argparse
+import sys
+
+from evaluation.checklist import run_checklist
+from models import registry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
+    parser.add_argument("--version", type=int, help="registry version (default: the latest)")
+    parser.add_argument("--repo", help="exported Triton model repository to check as well")
+    args = parser.parse_args()
+    model = registry.get(args.registry, args.version)
+    results = run_checklist(model.path, args.repo)
+    for r in results:
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<24} {r.detail}")
+    failed = [r.name for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

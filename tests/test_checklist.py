@@ -1,0 +1,51 @@
+"""The correctness checklist passes on good artifacts and fails on broken ones."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.checklist import check_index_matches_items, check_versions_consistent, run_checklist
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, triton_repo):
+    results = run_checklist(model_version.path, triton_repo, sample_users=5)
+    assert [r.name for r in results] == ["versions_consistent", "index_matches_items", "scores_in_unit_range"]
+    assert all(r.passed for r in results), results
+
+
+def test_mismatched_query_tower_version_fails(model_version, tmp_path):
+    broken = tmp_path / "v"
+    shutil.copytree(model_version.path, broken)
+    (broken / "query_tower.json").write_text(json.dumps({"version": 999}))
+    result = check_versions_consistent(broken)
+    assert not result.passed and "999" in result.detail
+
+
+def test_item_table_without_its_index_entries_fails(model_version, tmp_path):
+    import pandas as pd
+
+    broken = tmp_path / "v"
+    shutil.copytree(model_version.path, broken)
+    items = pd.read_parquet(broken / "item_features.parquet")
+    items.iloc[:-3].to_parquet(broken / "item_features.parquet", index=False)
+    assert not check_index_matches_items(broken).passed
+
+
+def test_script_exit_code_follows_the_checks(model_version, tmp_path):
+    registry = model_version.path.parent
+    ok = subprocess.run([sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 failed" in ok.stdout
+    broken_registry = tmp_path / "registry"
+    shutil.copytree(model_version.path, broken_registry / "1")
+    (broken_registry / "1" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(broken_registry)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout
