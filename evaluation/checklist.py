@@ -60,16 +60,12 @@ def _index_ids(index) -> np.ndarray:
 
 
 def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
-    from evaluation.offline import ensemble_order
-    from serving.stages import STAGES
+    from evaluation.offline import load_funnel, run_funnel
 
-    stages = [STAGES[name](repo / name / str(version)) for name in ensemble_order(repo)]
+    stages = load_funnel(repo, version)
     bad = []
     for user in users:
-        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
-        for stage in stages:
-            x.update(stage.run(x))
-        s = np.asarray(x["scores"])
+        s = np.asarray(run_funnel(stages, user, 10)["scores"])
         if s.size == 0 or s.min() < 0 or s.max() > 1 or np.any(np.diff(s) > 0):
             bad.append(int(user))
     return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")

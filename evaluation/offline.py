@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,14 @@ class Interactions:
             out[r] = np.unique(group.to_numpy())
         return out
 
-    @property
+    @cached_property
     def seen(self) -> list[np.ndarray]:
         return self._per_user(self.train)
 
-    @property
+    @cached_property
     def relevant(self) -> list[set]:
-        return [set(x.tolist()) for x in self._per_user(self.test)]
+        """Held-out items of each user, minus those seen in training (full ranking never shows them)."""
+        return [set(t.tolist()) - set(s.tolist()) for t, s in zip(self._per_user(self.test), self.seen)]
 
     def matrix(self):
         from evaluation.peers import interaction_matrix
@@ -148,18 +150,25 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
     return re.findall(r'model_name:\s*"([^"]+)"', text)
 
 
-def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:
-    """Raw item ids the exported funnel returns for each user (stage classes run in-process)."""
+def load_funnel(repo: str | Path, version: int) -> list:
+    """The exported funnel's stage objects, in the ensemble's order."""
     from serving.stages import STAGES
 
-    stages = [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
-    out = []
-    for user in user_ids:
-        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
-        for stage in stages:
-            x.update(stage.run(x))
-        out.append(np.asarray(x["item_ids"]))
-    return out
+    return [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
+
+
+def run_funnel(stages: list, user_id: int, k: int) -> dict[str, np.ndarray]:
+    """Every tensor the funnel produced for one request (what the ensemble passes between stages)."""
+    x = {"user_id": np.array([user_id], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
+    for stage in stages:
+        x.update(stage.run(x))
+    return x
+
+
+def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:
+    """Raw item ids the exported funnel returns for each user (stage classes run in-process)."""
+    stages = load_funnel(repo, version)
+    return [np.asarray(run_funnel(stages, user, k)["item_ids"]) for user in user_ids]
 
 
 def columns_from_raw(lists: list[np.ndarray], data: Interactions, k: int) -> np.ndarray:

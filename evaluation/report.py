@@ -89,7 +89,8 @@ def metric_bar_plot(table: pd.DataFrame, metric: str) -> str:
     return _png(fig)
 
 
-def write_report(results: list[Result], out_dir: str | Path, title: str, context: dict | None = None, ks=(10,)) -> dict[str, Path]:
+def write_report(results: list[Result], out_dir: str | Path, title: str, context: dict | None = None, ks=(10,),
+                 extra_tables: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
     """Write ``report.html``, ``report.md`` and ``results.json`` into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,7 @@ def write_report(results: list[Result], out_dir: str | Path, title: str, context
     bias = bias_table(results)
     main_metric = f"ndcg@{ks[0]}"
     sections = [("Accuracy (full ranking, training items removed)", metrics), ("Popularity bias", bias)]
+    sections += list((extra_tables or {}).items())
     for r in results:
         if not r.slices.empty:
             sections.append((f"{r.name}: slices by user attribute ({main_metric})", r.slices))
