@@ -1,0 +1,78 @@
+"""Deterministic experiment assignment by hashing the user id with a per-experiment salt.
+
+The same user always lands in the same arm of an experiment (no state to store, every server agrees),
+and different experiments (different salts) assign independently. A ``holdout`` share of users is
+carved out first and stays on the control model even after the treatment is rolled out to everyone
+else: the long-term holdout is what shows whether a model degrades once it mostly learns from its
+own logs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+BUCKETS = 10_000
+HOLDOUT = "holdout"
+
+
+def bucket(user_id: int | str, salt: str, buckets: int = BUCKETS) -> int:
+    """A stable bucket in ``[0, buckets)`` from SHA-256 of ``salt:user_id``."""
+    digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+@dataclass
+class Experiment:
+    """``arms`` maps arm name to its share of the non-holdout traffic (shares sum to 1)."""
+
+    name: str
+    salt: str
+    arms: dict[str, float] = field(default_factory=lambda: {"control": 0.5, "treatment": 0.5})
+    holdout: float = 0.01
+    control: str = "control"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout <= 0.05:
+            raise ValueError(f"holdout must be in [0, 0.05] (1-2% is usual), got {self.holdout}")
+        if self.control not in self.arms:
+            raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
+        total = sum(self.arms.values())
+        if abs(total - 1.0) > 1e-9 or min(self.arms.values()) <= 0:
+            raise ValueError(f"arm shares must be positive and sum to 1, got {self.arms}")
+
+    def assign(self, user_id: int | str) -> str:
+        u = bucket(user_id, self.salt) / BUCKETS
+        if u < self.holdout:
+            return HOLDOUT
+        position = (u - self.holdout) / (1.0 - self.holdout)
+        cumulative = 0.0
+        for arm, share in self.arms.items():
+            cumulative += share
+            if position < cumulative:
+                return arm
+        return list(self.arms)[-1]
+
+    def expected_shares(self) -> dict[str, float]:
+        shares = {arm: share * (1.0 - self.holdout) for arm, share in self.arms.items()}
+        shares[HOLDOUT] = self.holdout
+        return shares
+
+
+@dataclass
+class Rollout:
+    """Which model version each arm is served by; the holdout always gets the control's version."""
+
+    experiment: Experiment
+    versions: dict[str, int]  # arm -> model version
+    control_version: int
+
+    def version_for(self, user_id: int | str) -> tuple[str, int]:
+        arm = self.experiment.assign(user_id)
+        if arm == HOLDOUT:
+            return arm, self.control_version
+        return arm, self.versions[arm]
+
+    def roll_out(self, arm: str) -> "Rollout":
+        """Everyone but the holdout moves to ``arm``'s version."""
+        version = self.versions[arm]
+        return Rollout(self.experiment, {a: version for a in self.versions}, self.control_version)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from online import ab_testing as ab
+from online.assignment import HOLDOUT, Experiment, Rollout, bucket
+
+
+def test_assignment_is_deterministic_salted_and_matches_the_design():
+    exp = Experiment("ranker-v2", salt="s1", holdout=0.02)
+    users = range(100_000)
+    arms = [exp.assign(u) for u in users]
+    assert arms == [exp.assign(u) for u in users]  # same user, same arm, no stored state
+    counts = {a: arms.count(a) for a in set(arms)}
+    srm = ab.sample_ratio_mismatch(counts, exp.expected_shares())
+    assert not srm.mismatch, counts
+    assert abs(counts[HOLDOUT] / 100_000 - 0.02) < 0.003
+    other = Experiment("other", salt="s2", holdout=0.02)
+    agree = np.mean([exp.assign(u) == other.assign(u) for u in range(5000)])
+    assert 0.4 < agree < 0.6  # independent experiments do not co-assign users
+    assert 0 <= bucket(7, "x") < 10_000
+
+
+def test_experiment_design_is_validated():
+    with pytest.raises(ValueError, match="sum to 1"):
+        Experiment("e", "s", arms={"control": 0.5, "treatment": 0.6})
+    with pytest.raises(ValueError, match="holdout"):
+        Experiment("e", "s", holdout=0.2)
+
+
+def test_holdout_stays_on_control_after_rollout():
+    exp = Experiment("e", "salt", holdout=0.02)
+    rollout = Rollout(exp, {"control": 1, "treatment": 2}, control_version=1).roll_out("treatment")
+    served = [rollout.version_for(u) for u in range(20_000)]
+    assert {v for arm, v in served if arm == HOLDOUT} == {1}
+    assert {v for arm, v in served if arm != HOLDOUT} == {2}
+
+
+def test_two_proportion_ztest_matches_scipy_and_detects_a_real_lift():
+    res = ab.two_proportion_ztest(500, 10_000, 580, 10_000, "ctr")
+    table = np.array([[500, 9500], [580, 9420]])
+    chi2, p, _, _ = stats.chi2_contingency(table, correction=False)
+    assert res.p_value == pytest.approx(p, rel=1e-6) and res.statistic**2 == pytest.approx(chi2, rel=1e-6)
+    assert res.ci_low > 0 and res.difference == pytest.approx(0.008)
+
+
+def test_welch_ttest_and_bootstrap_agree_on_a_shift():
+    rng = np.random.default_rng(0)
+    c, t = rng.exponential(100, 3000), rng.exponential(110, 3000)
+    res = ab.welch_ttest(c, t, "watch_seconds")
+    diff, low, high = ab.bootstrap_diff(c, t, n_resamples=500)
+    assert res.p_value < 0.01 and res.ci_low > 0
+    assert diff == pytest.approx(res.difference) and abs(low - res.ci_low) < 2 and abs(high - res.ci_high) < 2
+
+
+def test_sample_size_gives_the_planned_power_by_simulation():
+    n = ab.sample_size_proportions(0.10, 0.02)
+    assert 3000 < n < 5000  # the textbook figure for 10% -> 12% at alpha 0.05, power 0.8 is ~3,840
+    rng = np.random.default_rng(1)
+    hits = [ab.two_proportion_ztest(rng.binomial(n, 0.10), n, rng.binomial(n, 0.12), n).p_value < 0.05
+            for _ in range(400)]
+    assert 0.74 < np.mean(hits) < 0.86
+    assert ab.sample_size_means(std=10, min_detectable_effect=1) == pytest.approx(1570, abs=2)
+
+
+def test_srm_flags_a_broken_split_and_decide_says_so():
+    srm = ab.sample_ratio_mismatch({"control": 5000, "treatment": 4600, HOLDOUT: 100},
+                                   {"control": 0.495, "treatment": 0.495, HOLDOUT: 0.01})
+    assert srm.mismatch
+    res = ab.two_proportion_ztest(500, 5000, 600, 4600)
+    assert ab.decide(res, srm, 1000, 4600).startswith("INVALID")
+    fine = ab.sample_ratio_mismatch({"control": 5000, "treatment": 5010}, {"control": 0.5, "treatment": 0.5})
+    assert ab.decide(res, fine, 1000, 4600).startswith("SHIP")
+    flat = ab.two_proportion_ztest(500, 5000, 505, 5000)
+    assert ab.decide(flat, fine, 100_000, 5000).startswith("KEEP RUNNING")
+    assert ab.decide(flat, fine, 1000, 5000).startswith("NO DETECTABLE")
