@@ -1,0 +1,55 @@
+"""The feedback log keeps every acknowledged write, even when its writer is SIGKILLed mid-stream."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from online.feedback_log import FeedbackLog
+
+WRITER = r"""
+import sys
+from online.feedback_log import FeedbackLog
+log = FeedbackLog(sys.argv[1])
+i = 0
+while True:
+    log.log_impressions(f"r{i}", user_id=i % 50, item_ids=[1, 2, 3], model_version="1", arm="control", served_by="model")
+    log.log_feedback(f"r{i}", i % 50, 2, "click")
+    print(i, flush=True)  # acknowledged: both transactions returned
+    i += 1
+"""
+
+
+def test_round_trip_and_validation(tmp_path):
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("a", 7, [10, 11], model_version="3", arm="treatment", served_by="model")
+    log.log_feedback_many([("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 42.5)])
+    imp, fb = log.impressions(), log.feedback()
+    assert imp["position"].tolist() == [0, 1] and set(imp["arm"]) == {"treatment"}
+    assert fb.set_index("event")["value"].to_dict() == {"click": 1.0, "watch_seconds": 42.5}
+    with pytest.raises(ValueError, match="unknown feedback event"):
+        log.log_feedback("a", 7, 11, "purchase")
+    assert log.counts() == {"impressions": 2, "feedback": 2}  # the bad event wrote nothing
+
+
+def test_nothing_acknowledged_is_lost_when_the_writer_is_killed(tmp_path):
+    path = tmp_path / "log.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    acknowledged = -1
+    deadline = time.monotonic() + 60
+    while acknowledged < 200 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            acknowledged = int(line)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for line in proc.stdout:  # anything acknowledged between our last read and the kill
+        acknowledged = max(acknowledged, int(line))
+    assert acknowledged >= 200
+    log = FeedbackLog(path)
+    counts = log.counts()
+    assert counts["impressions"] >= 3 * (acknowledged + 1)
+    assert counts["feedback"] >= acknowledged + 1
+    # and the database is intact: every impression row is whole
+    assert log.impressions()["item_id"].isin([1, 2, 3]).all()
