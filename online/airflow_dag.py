@@ -1,0 +1,61 @@
+"""The retraining pipeline as an Airflow DAG, for production schedulers.
+
+Drop this file into Airflow's ``dags/`` folder in an environment where this project is installed.
+Each task runs one step of ``online/retraining.py`` (the same functions the local runner uses);
+Airflow supplies what the local runner does itself: retries with exponential backoff, a timeout
+per task and a failure alert (``on_failure_callback``; set ``RETRAINING_ALERT_WEBHOOK``). Results
+pass between tasks through XCom. This file needs Airflow (2.6+) and is not imported by the tests,
+which check that its tasks and the runner's steps stay the same list.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow import DAG
+from airflow.operators.python import PythonOperator
+
+from online import retraining
+
+SETTINGS = {
+    "raw_dir": os.environ.get("RETRAINING_RAW_DIR", "data/raw"),
+    "registry": os.environ.get("RETRAINING_REGISTRY", "artifacts/registry"),
+    "export_dir": os.environ.get("RETRAINING_EXPORT_DIR", "build/exports"),
+    "max_auc_drop": float(os.environ.get("RETRAINING_MAX_AUC_DROP", "0.01")),
+}
+STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export"]
+
+
+def _alert(context) -> None:
+    retraining.Alerter(webhook_url=os.environ.get("RETRAINING_ALERT_WEBHOOK"),
+                       alert_file=os.environ.get("RETRAINING_ALERT_FILE")).send(
+        {"pipeline": "retraining", "step": context["task_instance"].task_id, "error": str(context.get("exception"))})
+
+
+def _run(step: str, **airflow_context) -> dict:
+    ti = airflow_context["ti"]
+    context = {"settings": SETTINGS, "run_dir": f"build/retraining/{airflow_context['ds']}"}
+    for earlier in STEPS[: STEPS.index(step)]:
+        context[earlier] = ti.xcom_pull(task_ids=earlier)
+    return getattr(retraining, f"step_{step}")(context)
+
+
+with DAG(
+    dag_id="merlin_funnel_retraining",
+    start_date=datetime(2026, 1, 1),
+    schedule="@daily",
+    catchup=False,
+    default_args={
+        "retries": 3,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": _alert,
+    },
+) as dag:
+    previous = None
+    for name in STEPS:
+        task = PythonOperator(task_id=name, python_callable=_run, op_kwargs={"step": name})
+        if previous is not None:
+            previous >> task
+        previous = task

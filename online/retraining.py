@@ -1,0 +1,218 @@
+"""The retraining pipeline: new logs -> workflow -> train -> evaluate -> gate -> export.
+
+Retraining breaks for reasons that are not bugs (a full disk, a flaky store, a run that hangs), so
+every step is
+
+* idempotent: its result is written to ``<run_dir>/<step>.json`` and a re-run skips finished steps;
+* retried with exponential backoff (``tenacity``) on failure;
+* bounded by a timeout: the step runs in a child process that is terminated when it overruns;
+* alerting: a step that still fails sends an alert to a webhook URL (JSON POST) or appends it to a
+  local file, and the run stops with ``RetrainingFailed``.
+
+``default_steps`` wires the project's own stages; ``online/airflow_dag.py`` declares the same steps as
+an Airflow DAG for production schedulers.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import traceback
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tenacity import RetryError, Retrying, stop_after_attempt, wait_exponential
+
+StepFn = Callable[[dict], dict]  # context (results of earlier steps + settings) -> this step's result
+
+
+class RetrainingFailed(RuntimeError):
+    pass
+
+
+class StepTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class Step:
+    name: str
+    fn: StepFn
+    timeout_s: float = 600.0
+    attempts: int = 3
+
+
+@dataclass
+class Alerter:
+    """Where failures go: a webhook (JSON POST) if a URL is set, else a local JSON-lines file."""
+
+    webhook_url: str | None = None
+    alert_file: Path | None = None
+    sent: list[dict] = field(default_factory=list)
+
+    def send(self, alert: dict) -> None:
+        self.sent.append(alert)
+        if self.webhook_url:
+            req = urllib.request.Request(self.webhook_url, data=json.dumps(alert).encode(),
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=10).close()
+        if self.alert_file:
+            self.alert_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.alert_file, "a") as f:
+                f.write(json.dumps(alert) + "\n")
+
+
+def _child(fn: StepFn, context: dict, queue) -> None:
+    try:
+        queue.put(("ok", fn(context)))
+    except BaseException as err:  # report every failure to the parent, which decides on retries
+        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+
+
+def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
+    """Run ``fn(context)`` in a child process; terminate it and raise ``StepTimeout`` on overrun."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: forking a process with TF threads can hang
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, context, queue), daemon=True)
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+        raise StepTimeout(f"timed out after {timeout_s:.0f}s")
+    if queue.empty():
+        raise RuntimeError(f"step process exited with code {proc.exitcode} without a result")
+    status, payload = queue.get()
+    if status == "error":
+        raise RuntimeError(payload)
+    return payload
+
+
+def run_pipeline(steps: list[Step], run_dir: str | Path, settings: dict, alerter: Alerter,
+                 backoff_s: float = 1.0) -> dict:
+    """Run ``steps`` in order; return every step's result. Finished steps are not run again."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    context = {"settings": settings, "run_dir": str(run_dir)}
+    for step in steps:
+        marker = run_dir / f"{step.name}.json"
+        if marker.exists():
+            context[step.name] = json.loads(marker.read_text())["result"]
+            continue
+        started = time.time()
+        attempts = []
+        try:
+            for attempt in Retrying(stop=stop_after_attempt(step.attempts),
+                                    wait=wait_exponential(multiplier=backoff_s, max=60), reraise=False):
+                with attempt:
+                    attempts.append(time.time())
+                    result = run_with_timeout(step.fn, context, step.timeout_s)
+        except RetryError as err:
+            last = err.last_attempt.exception()
+            alert = {"pipeline": "retraining", "step": step.name, "attempts": len(attempts),
+                     "error": str(last).splitlines()[0] if str(last) else type(last).__name__,
+                     "run_dir": str(run_dir), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            alerter.send(alert)
+            raise RetrainingFailed(f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}") from last
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"result": result, "attempts": len(attempts), "seconds": time.time() - started}))
+        tmp.rename(marker)  # the marker appears only once the result is whole
+        context[step.name] = result
+    return {s.name: context[s.name] for s in steps}
+
+
+# --------------------------------------------------------------------------- the project's steps
+
+
+def step_ingest(context: dict) -> dict:
+    """New logs: the raw tables of this generation (settings['raw_dir'] holds events/users/items)."""
+    raw = Path(context["settings"]["raw_dir"])
+    paths = {name: str(raw / f"{name}.parquet") for name in ("events", "users", "items")}
+    missing = [p for p in paths.values() if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing raw tables: {missing}")
+    return paths
+
+
+def step_workflow(context: dict) -> dict:
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+
+    s, raw = context["settings"], context["ingest"]
+    config = load_config(s.get("config"), s.get("overrides"))
+    out = Path(context["run_dir"]) / "processed"
+    processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], out, config.workflow)
+    return {"processed": str(processed.root), "summary": processed.summary}
+
+
+def step_train(context: dict) -> dict:
+    from configs import load_config
+    from models.train import train_all
+    from workflows.pipeline import ProcessedData
+
+    s = context["settings"]
+    config = load_config(s.get("config"), s.get("overrides"))
+    model = train_all(ProcessedData(Path(context["workflow"]["processed"])), config, s["registry"], verbose=0)
+    return {"version": model.version, "path": str(model.path), "metrics": model.manifest["metrics"]}
+
+
+def step_evaluate(context: dict) -> dict:
+    """Candidate vs the currently served version on the candidate's validation metrics."""
+    from models import registry
+
+    s, new = context["settings"], context["train"]
+    current = s.get("current_version")
+    result = {"candidate": new["version"], "candidate_metrics": new["metrics"]}
+    if current is not None:
+        result["current"] = current
+        result["current_metrics"] = registry.get(s["registry"], current).manifest["metrics"]
+    return result
+
+
+def _headline(metrics: dict) -> float:
+    """The ranker's validation AUC: the gate's offline metric (the first AUC found, by stage)."""
+    for stage in ("heavy_ranker", "ranker", "light_ranker"):
+        stage_metrics = metrics.get(stage, {})
+        for key, value in stage_metrics.items():
+            if key == "auc" or key.endswith("auc"):
+                return float(value)
+    raise KeyError(f"no ranker AUC in metrics {sorted(metrics)}")
+
+
+def step_gate(context: dict) -> dict:
+    """No offline regression beyond the tolerance, and the correctness checklist passes."""
+    from evaluation.checklist import run_checklist
+
+    s, ev = context["settings"], context["evaluate"]
+    tolerance = float(s.get("max_auc_drop", 0.01))
+    checks = run_checklist(context["train"]["path"])
+    failed = [c.name for c in checks if not c.passed]
+    new_auc = _headline(ev["candidate_metrics"])
+    reasons = [f"checklist failed: {failed}"] if failed else []
+    if "current_metrics" in ev:
+        old_auc = _headline(ev["current_metrics"])
+        if new_auc < old_auc - tolerance:
+            reasons.append(f"AUC regressed {old_auc:.4f} -> {new_auc:.4f} (tolerance {tolerance})")
+    if reasons:
+        raise RuntimeError("gate refused the candidate: " + "; ".join(reasons))
+    return {"passed": True, "auc": new_auc}
+
+
+def step_export(context: dict) -> dict:
+    from models import registry
+    from serving.export import export_repository
+
+    s = context["settings"]
+    model = registry.get(s["registry"], context["train"]["version"])
+    repo = export_repository(model, Path(s["export_dir"]) / f"v{model.version}")
+    return {"repo": str(repo), "version": model.version}
+
+
+def default_steps(timeout_s: float = 1800.0, attempts: int = 3) -> list[Step]:
+    fns = [("ingest", step_ingest), ("workflow", step_workflow), ("train", step_train),
+           ("evaluate", step_evaluate), ("gate", step_gate), ("export", step_export)]
+    return [Step(name, fn, timeout_s=timeout_s, attempts=attempts) for name, fn in fns]
