@@ -62,7 +62,7 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
 
     with registry.VersionWriter(registry_dir) as out, tracked_run(
         config.training, registry_dir, config.to_dict(), run_name=f"version-{out.version}"
-    ) as run, tqdm(total=len(STAGES), desc="funnel stages", disable=verbose == 0) as progress:
+    ) as run, tqdm(total=len(STAGES), desc="funnel stages", disable=verbose != 1) as progress:
         version = out.version
         run.set_tags({"registry_version": version, "data_fingerprint": fingerprint})
         sizes = {}
