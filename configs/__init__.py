@@ -169,6 +169,8 @@ class ServingConfig:
     max_k: int = 100  # largest k a request may ask for
     exact_index_max_items: int = 100_000  # exact inner-product search below this catalog size
     fallback_window_days: float = 7.0  # recency half-life of the popularity fallback
+    fallback_content_column: str = "category"  # items never clicked get their category's popularity...
+    fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it
 
 
 @dataclass

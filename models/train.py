@@ -25,7 +25,7 @@ from configs import Config
 from models import item_index, registry
 from models.candidate_generator import item_embeddings, train_candidate_generator
 from models.embeddings import log_tables
-from models.fallback import recency_weighted_popularity
+from models.fallback import recency_weighted_popularity, with_new_items
 from models.heavy_ranker import train_heavy_ranker
 from models.light_ranker import train_light_ranker
 from models.tracking import tracked_run
@@ -109,6 +109,13 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         history.columns = ["user_id_raw", "item_id_raw"]
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
         popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)
+        content = config.serving.fallback_content_column
+        if content:
+            if content not in item_table.columns:
+                raise ValueError(f"serving.fallback_content_column {content!r} is not an item feature "
+                                 f"(item features: {list(item_table.columns)})")
+            catalog = item_table[["item_id_raw", content]].rename(columns={"item_id_raw": "item_id"})
+            popularity = with_new_items(popularity, catalog, content, config.serving.fallback_new_item_weight)
         popularity.to_parquet(out.tmp / "popularity.parquet", index=False)
         progress.update()
 
