@@ -187,6 +187,13 @@ class _RankerStage(Stage):
         self._tf = tf
         self.model = tf.keras.models.load_model(str(self.artifacts / self.artifact))
         self.model_features = list(self.manifest[self.artifact]["features"])
+        servable = {name for names in self.features.values() for name in names}
+        unservable = [f for f in self.model_features if f not in servable]
+        if unservable:
+            raise RuntimeError(
+                f"{self.artifact} was trained on {unservable}, which are neither user nor item features "
+                f"serving can look up ({sorted(servable)})"
+            )
         items = pd.read_parquet(self.artifacts / "item_features.parquet")
         size = int(items["item_id"].max()) + 1
         self.catalog_rows = size
@@ -206,7 +213,7 @@ class _RankerStage(Stage):
         """The model's raw output for the candidates ``ids`` of the request's user."""
         tf = self._tf
         if ids.min() < 0 or ids.max() >= self.catalog_rows:
-            raise RequestError(f"{self.name}: candidate ids hold an item id outside the catalog")
+            raise RequestError("candidate ids hold an item id outside the catalog")
         users = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
         batch = {n: t for n, t in users.items() if n in self.model_features}
         for name, table in self.item_columns.items():
