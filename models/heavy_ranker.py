@@ -33,7 +33,7 @@ from merlin.io import Dataset
 from merlin.schema import Schema, Tags
 
 from configs import EmbeddingConfig, HeavyRankerConfig, TrainingConfig
-from models.ranker import build_dcn, fit, head_aucs
+from models.ranker import binary_targets, build_dcn, fit, head_aucs
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig
     targets = list(weights)
     features = heavy_features(train.schema)
     columns = features + targets
-    train_ds = Dataset(train.to_ddf()[columns], schema=train.schema.select_by_name(columns))
-    valid_ds = Dataset(valid.to_ddf()[columns], schema=valid.schema.select_by_name(columns))
+    schema = binary_targets(train.schema.select_by_name(columns), targets)
+    train_ds = Dataset(train.to_ddf()[columns], schema=schema)
+    valid_ds = Dataset(valid.to_ddf()[columns], schema=schema)
     model = build_dcn(train_ds.schema, features, targets, config.cross_depth, config.deep_layers, embeddings)
     history = fit(
         model, train_ds, valid_ds, epochs=config.epochs, batch_size=config.batch_size,

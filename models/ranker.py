@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import merlin.models.tf as mm
 from merlin.io import Dataset
-from merlin.schema import Schema
+from merlin.schema import Schema, Tags
 
 from configs import EmbeddingConfig
 from evaluation.metrics import roc_auc
@@ -27,9 +27,12 @@ def build_dcn(schema: Schema, features: list[str], targets: list[str], cross_dep
               deep_layers: list[int], embeddings: EmbeddingConfig) -> mm.Model:
     """A DCN-v2 over ``features`` with one binary head per target."""
     feature_schema = schema.select_by_name(features)
+    schema = binary_targets(schema, targets)
     target_schema = schema.select_by_name(targets)
-    # One sigmoid head per target: OutputBlock makes a BinaryOutput for each binary target column.
-    heads = mm.BinaryOutput(targets[0]) if len(targets) == 1 else mm.OutputBlock(target_schema)
+    # One sigmoid head per target, whatever the label column's dtype tags say.
+    heads = mm.BinaryOutput(targets[0]) if len(targets) == 1 else mm.ParallelBlock(
+        {mm.BinaryOutput.get_task_name(t): mm.BinaryOutput(t) for t in targets}, schema=target_schema
+    )
     return mm.DCNModel(
         feature_schema + target_schema,
         depth=cross_depth,
@@ -37,6 +40,18 @@ def build_dcn(schema: Schema, features: list[str], targets: list[str], cross_dep
         input_block=input_block(feature_schema, embeddings),
         prediction_tasks=heads,
     )
+
+
+def binary_targets(schema: Schema, targets: list[str]) -> Schema:
+    """``schema`` with the ``targets`` tagged as binary targets, so the loader yields them as labels
+    (a label column added by the dataset pipeline need not carry the tags)."""
+    missing = [t for t in targets if t not in schema.column_names]
+    if missing:
+        raise ValueError(f"target column(s) {missing} are not in the data")
+    return Schema([
+        schema[c].with_tags([Tags.TARGET, Tags.BINARY_CLASSIFICATION]) if c in targets else schema[c]
+        for c in schema.column_names
+    ])
 
 
 def fit(model: mm.Model, train: Dataset, valid: Dataset, *, epochs: int, batch_size: int,

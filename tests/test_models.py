@@ -195,3 +195,30 @@ def test_manifest_records_what_serving_and_audits_need(model_version):
     assert set(manifest["light_ranker"]["features"]) < set(heavy["features"])  # the light one is smaller
     sizes = manifest["model_sizes"]
     assert sizes["heavy_ranker"]["total_params"] > sizes["light_ranker"]["total_params"]
+
+
+def test_heavy_ranker_trains_a_new_untagged_label_column_as_a_binary_head(processed, small_config):
+    """A label the dataset pipeline adds later (``duration_watch``) is used as soon as it exists,
+    even without target tags, and gets a sigmoid head like the others."""
+    import dataclasses
+
+    from merlin.io import Dataset
+    from merlin.schema import ColumnSchema, Schema
+
+    from configs import TargetConfig
+    from models.heavy_ranker import train_heavy_ranker
+
+    def with_label(ds):
+        frame = ds.to_ddf().compute()
+        frame["duration_watch"] = frame["watched"].astype("float32")
+        schema = ds.schema + Schema([ColumnSchema("duration_watch", dtype="float32")])  # no tags at all
+        return Dataset(frame, schema=schema)
+
+    config = dataclasses.replace(
+        small_config.heavy_ranker, epochs=1,
+        targets=[TargetConfig("click", 0.5), TargetConfig("duration_watch", 0.5)],
+    )
+    train, valid = with_label(processed.train()), with_label(processed.valid())
+    model, metrics, spec = train_heavy_ranker(train, valid, config, small_config.embeddings, small_config.training, verbose=0)
+    assert spec["targets"] == ["click", "duration_watch"] and "duration_watch" not in spec["features"]
+    assert 0.5 < metrics["auc_duration_watch"] <= 1.0, metrics
