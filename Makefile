@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv lock clean
+.PHONY: demo test test-fast venv lock clean bench
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
+
+# Training benchmark: Merlin two-tower vs TensorFlow Recommenders (TFRS installed without its deps).
+bench: venv
+	$(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps -r requirements-bench.txt
+	$(BIN)/python scripts/benchmark_training.py
 
 # Re-resolve requirements.in into the full lock (run after changing requirements.in).
 lock:

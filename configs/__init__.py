@@ -68,15 +68,96 @@ class CandidateGeneratorConfig:
 
 
 @dataclass
-class RankerConfig:
-    """DCN-v2 ranker (``models/ranker.py``)."""
+class EmbeddingConfig:
+    """How embedding tables are sized (``models/embeddings.py``).
 
+    Recommendation models are memory-heavy and compute-light: the tables dominate. A table's width
+    grows with the fourth root of its cardinality (a common rule of thumb), clipped to
+    ``[min_dim, max_dim]``; a column with more than ``max_rows`` ids is hashed into ``max_rows``
+    buckets so one huge id space cannot blow the memory budget.
+    """
+
+    min_dim: int = 16
+    max_dim: int = 64
+    multiplier: float = 2.0  # dim = multiplier * cardinality ** 0.25
+    max_rows: int = 100_000  # hash ids above this cardinality into this many buckets
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_dim <= self.max_dim:
+            raise ValueError(f"embeddings: need 1 <= min_dim <= max_dim, got {self.min_dim}, {self.max_dim}")
+        if self.max_rows < 16:
+            raise ValueError(f"embeddings.max_rows must be >= 16, got {self.max_rows}")
+
+
+@dataclass
+class TargetConfig:
+    """One signal the heavy ranker predicts, and its weight in the final score."""
+
+    name: str = "click"
+    weight: float = 1.0
+
+
+def _default_targets() -> list:
+    # Why these weights: see models/heavy_ranker.py (click is frequent but noisy, a duration-aware
+    # watch says the item kept its promise, a like is rare but the most explicit).
+    return [TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("like", 0.2)]
+
+
+@dataclass
+class LightRankerConfig:
+    """Small DCN-v2 on a few features, trained with sampled negatives (``models/light_ranker.py``)."""
+
+    features: list[str] = field(default_factory=lambda: ["user_id", "item_id", "category"])
+    target: str = "click"
+    negatives_per_positive: int = 4
+    negative_sampling: str = "popularity"  # "uniform" or "popularity" (frequency-weighted)
+    cross_depth: int = 1
+    deep_layers: list[int] = field(default_factory=lambda: [32])
+    epochs: int = 5
+    batch_size: int = 1024
+    learning_rate: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise ValueError(
+                f"light_ranker.negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}"
+            )
+        if self.negatives_per_positive < 1:
+            raise ValueError(f"light_ranker.negatives_per_positive must be >= 1, got {self.negatives_per_positive}")
+        if not self.features:
+            raise ValueError("light_ranker.features must name at least one feature")
+
+
+@dataclass
+class HeavyRankerConfig:
+    """Larger multi-task DCN-v2 on every user and item feature (``models/heavy_ranker.py``)."""
+
+    targets: list[TargetConfig] = field(default_factory=_default_targets)
     cross_depth: int = 2
-    deep_layers: list[int] = field(default_factory=lambda: [64, 32])
+    deep_layers: list[int] = field(default_factory=lambda: [128, 64])
     epochs: int = 5
     batch_size: int = 1024
     learning_rate: float = 0.005
-    target: str = "click"
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("heavy_ranker.targets must list at least one target")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"heavy_ranker.targets has duplicate names: {names}")
+        if any(t.weight < 0 for t in self.targets):
+            raise ValueError(f"heavy_ranker.targets weights must be >= 0: {self.targets}")
+        if sum(t.weight for t in self.targets) <= 0:
+            raise ValueError("heavy_ranker.targets weights must not all be 0")
+
+
+@dataclass
+class TrainingConfig:
+    """How every stage is trained (``models/train.py``, ``models/tracking.py``)."""
+
+    early_stopping_patience: int = 2  # epochs without validation improvement before stopping
+    mlflow_tracking_uri: str = ""  # "" -> file:<registry>/../mlruns
+    mlflow_experiment: str = "merlin-funnel"
 
 
 @dataclass
@@ -84,9 +165,12 @@ class ServingConfig:
     """Sizes of the funnel's stages (``serving/``)."""
 
     retrieval_k: int = 300  # candidates the ANN stage passes on
+    light_ranker_k: int = 100  # candidates the light ranker keeps for the heavy ranker
     max_k: int = 100  # largest k a request may ask for
     exact_index_max_items: int = 100_000  # exact inner-product search below this catalog size
     fallback_window_days: float = 7.0  # recency half-life of the popularity fallback
+    fallback_content_column: str = "category"  # items never clicked get their category's popularity...
+    fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it
 
 
 @dataclass
@@ -94,7 +178,10 @@ class Config:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     candidate_generator: CandidateGeneratorConfig = field(default_factory=CandidateGeneratorConfig)
-    ranker: RankerConfig = field(default_factory=RankerConfig)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    light_ranker: LightRankerConfig = field(default_factory=LightRankerConfig)
+    heavy_ranker: HeavyRankerConfig = field(default_factory=HeavyRankerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     seed: int = 42
 
@@ -128,6 +215,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise TypeError(f"{path}: expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item_type):
+            return [_build(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return [_check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -13,6 +13,7 @@ import warnings
 HARMLESS = [
     r".*NVTabular Dataset (in|to) CPU mode.*",
     r".*PyTorch dtype mappings did not load.*",
+    r".*pkg_resources is deprecated.*",  # mlflow-skinny 1.26 imports it (models/tracking.py)
 ]
 
 

@@ -20,7 +20,7 @@ from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
-from configs import CandidateGeneratorConfig
+from configs import CandidateGeneratorConfig, EmbeddingConfig
 
 
 def tower_schema(schema: Schema) -> Schema:
@@ -43,16 +43,27 @@ def item_frequencies(schema: Schema) -> np.ndarray:
     return freqs
 
 
-def build_candidate_generator(schema: Schema, config: CandidateGeneratorConfig) -> mm.RetrievalModelV2:
-    """A two-tower model whose towers end in ``embedding_dim`` units, L2-normalised."""
+def build_candidate_generator(
+    schema: Schema, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None
+) -> mm.RetrievalModelV2:
+    """A two-tower model whose towers end in ``embedding_dim`` units, L2-normalised.
+
+    With ``embeddings`` the towers' tables are sized (and hashed above the cap) by
+    ``models/embeddings.py``; without, Merlin infers the sizes.
+    """
     towers = tower_schema(schema)
     layers = list(config.tower_layers)
     if layers[-1] != config.embedding_dim:
         layers.append(config.embedding_dim)
 
     def tower(tag: Tags) -> mm.Encoder:
+        inputs = towers.select_by_tag(tag)
+        if embeddings is not None:
+            from models.embeddings import input_block
+
+            inputs = input_block(inputs, embeddings)
         return mm.Encoder(
-            towers.select_by_tag(tag),
+            inputs,
             mm.MLPBlock(layers, no_activation_last_layer=True),
             post=mm.L2Norm(),
         )
@@ -87,24 +98,40 @@ def train_candidate_generator(
     config: CandidateGeneratorConfig,
     seed: int = 42,
     verbose: int = 1,
+    embeddings: EmbeddingConfig | None = None,
+    patience: int | None = None,
+    callbacks=(),
 ) -> tuple[mm.RetrievalModelV2, dict[str, float]]:
-    """Train on the positive rows of ``train``; return the model and its validation metrics."""
+    """Train on the positive rows of ``train``; return the model and its validation metrics.
+
+    With ``patience``, training stops once the validation recall@10 has not improved for that many
+    epochs and the best epoch's weights are restored.
+    """
     tf.keras.utils.set_random_seed(seed)
-    model = build_candidate_generator(train.schema, config)
+    model = build_candidate_generator(train.schema, config, embeddings)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(config.learning_rate),
         metrics=[mm.RecallAt(10), mm.NDCGAt(10)],
     )
     train_pos, valid_pos = positives(train), positives(valid)
-    model.fit(
+    callbacks = list(callbacks)
+    if patience is not None:
+        callbacks.insert(0, tf.keras.callbacks.EarlyStopping(
+            monitor="val_recall_at_10", mode="max", patience=patience, restore_best_weights=True
+        ))
+    history = model.fit(
         mm.Loader(train_pos, batch_size=config.batch_size, shuffle=True),
+        validation_data=mm.Loader(valid_pos, batch_size=config.batch_size) if patience is not None else None,
         epochs=config.epochs,
+        callbacks=callbacks,
         verbose=verbose,
     )
     metrics = model.evaluate(
         mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0
     )
-    return model, {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["epochs_run"] = len(history.history.get("loss", []))
+    return model, metrics
 
 
 def item_embeddings(model: mm.RetrievalModelV2, item_features: Dataset, batch_size: int = 1024):

@@ -1,8 +1,13 @@
-"""The fallback for users the models never saw: recency-weighted popularity.
+"""The fallback for users the models never saw: recency-weighted popularity, plus content for new items.
 
 Each positive event (click) counts ``0.5 ** (age / half_life)``, where ``age`` is the time between
 the event and the newest event of the log, so what is popular now outranks what was popular a month
 ago. Scores are divided by the top score, so they lie in (0, 1] like the rankers' scores.
+
+Items of the catalog with no positive yet (new, or never clicked) have no popularity of their own;
+``with_new_items`` gives them a content-based score instead: the mean popularity of the known items
+of their category, times ``weight`` (< 1, because a category's appeal is weaker evidence than the
+item's own clicks). So a new item of a hot category can still reach the fallback list.
 """
 from __future__ import annotations
 
@@ -35,3 +40,29 @@ def top_popular(popularity, k: int, exclude: np.ndarray | None = None) -> tuple[
         keep = ~np.isin(ids, exclude)
         ids, scores = ids[keep], scores[keep]
     return ids[:k], scores[:k]
+
+
+def with_new_items(popularity, items, content_column: str, weight: float):
+    """``popularity`` extended by every item of ``items`` it lacks, scored by its ``content_column``.
+
+    ``items`` has ``item_id`` (raw) and ``content_column``; a new item scores ``weight`` times the mean
+    score of the scored items sharing its value (0 when none does). Sorted like ``popularity``.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"new-item weight must be in [0, 1], got {weight}")
+    missing = [c for c in ("item_id", content_column) if c not in items.columns]
+    if missing:
+        raise ValueError(f"item table is missing column(s) {missing}")
+    known = popularity.merge(items[["item_id", content_column]], on="item_id", how="inner")
+    per_value = known.groupby(content_column)["score"].mean().reset_index()
+    per_value["score"] = (per_value["score"] * weight).astype("float32")
+    new = items[~items["item_id"].isin(popularity["item_id"])][["item_id", content_column]]
+    new = new.merge(per_value, on=content_column, how="left").fillna({"score": 0.0})
+    out = concat_frames([popularity, new[["item_id", "score"]].astype({"score": "float32"})])
+    return out.sort_values(["score", "item_id"], ascending=[False, True]).reset_index(drop=True)
+
+
+def concat_frames(frames):
+    from merlin.core.dispatch import concat
+
+    return concat(frames, ignore_index=True)

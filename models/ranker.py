@@ -1,57 +1,111 @@
-"""The ranker: a DCN-v2 (deep & cross network) that scores (user, item) pairs.
+"""What the light and the heavy ranker share: a Merlin DCN-v2 with sized tables, and how it is trained.
 
-It sees the user features, the item features and their explicit crosses, and predicts the
-probability of the target signal (``click`` by default) with a sigmoid, so scores lie in [0, 1].
-It is trained on every impression of the training period: the impressions that were not clicked are
-the real negatives a ranker must learn to push down.
+DCN-v2 (deep & cross network) feeds the feature embeddings through ``cross_depth`` explicit
+feature-cross layers and then an MLP; every target gets a sigmoid head, so every score lies in
+[0, 1]. The two rankers differ only in which features and targets they get and how their training
+rows are made (``models/light_ranker.py``, ``models/heavy_ranker.py``).
+
+Training stops early on a validation metric (Keras ``EarlyStopping`` with ``restore_best_weights``,
+so the saved model is the best epoch, not the last) and reports per-epoch metrics to the callbacks
+it is given (the MLflow logger of ``models/tracking.py``).
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 import merlin.models.tf as mm
 from merlin.io import Dataset
 from merlin.schema import Schema, Tags
 
-from configs import RankerConfig
+from configs import EmbeddingConfig
+from evaluation.metrics import roc_auc
 from models import merlin_patches  # noqa: F401  (DCN save/load fix, see the module)
+from models.embeddings import input_block
 
 
-def ranker_schema(schema: Schema, target: str) -> Schema:
-    """User and item features plus the one target column."""
-    features = schema.select_by_tag([Tags.USER, Tags.ITEM])
-    return features + schema.select_by_name([target])
-
-
-def build_ranker(schema: Schema, config: RankerConfig) -> mm.Model:
+def build_dcn(schema: Schema, features: list[str], targets: list[str], cross_depth: int,
+              deep_layers: list[int], embeddings: EmbeddingConfig) -> mm.Model:
+    """A DCN-v2 over ``features`` with one binary head per target."""
+    feature_schema = schema.select_by_name(features)
+    schema = binary_targets(schema, targets)
+    target_schema = schema.select_by_name(targets)
+    # One sigmoid head per target, whatever the label column's dtype tags say.
+    heads = mm.BinaryOutput(targets[0]) if len(targets) == 1 else mm.ParallelBlock(
+        {mm.BinaryOutput.get_task_name(t): mm.BinaryOutput(t) for t in targets}, schema=target_schema
+    )
     return mm.DCNModel(
-        ranker_schema(schema, config.target),
-        depth=config.cross_depth,
-        deep_block=mm.MLPBlock(list(config.deep_layers)),
-        prediction_tasks=mm.BinaryOutput(config.target),
+        feature_schema + target_schema,
+        depth=cross_depth,
+        deep_block=mm.MLPBlock(list(deep_layers)),
+        input_block=input_block(feature_schema, embeddings),
+        prediction_tasks=heads,
     )
 
 
-def train_ranker(
-    train: Dataset,
-    valid: Dataset,
-    config: RankerConfig,
-    seed: int = 42,
-    verbose: int = 1,
-) -> tuple[mm.Model, dict[str, float]]:
-    """Train on all training impressions; return the model and validation AUC / log-loss."""
-    tf.keras.utils.set_random_seed(seed)
-    model = build_ranker(train.schema, config)
-    model.compile(
-        optimizer=tf.keras.optimizers.Adam(config.learning_rate),
-        metrics=[tf.keras.metrics.AUC(name="auc")],
+def binary_targets(schema: Schema, targets: list[str]) -> Schema:
+    """``schema`` with the ``targets`` tagged as binary targets, so the loader yields them as labels
+    (a label column added by the dataset pipeline need not carry the tags)."""
+    missing = [t for t in targets if t not in schema.column_names]
+    if missing:
+        raise ValueError(f"target column(s) {missing} are not in the data")
+    return Schema([
+        schema[c].with_tags([Tags.TARGET, Tags.BINARY_CLASSIFICATION]) if c in targets else schema[c]
+        for c in schema.column_names
+    ])
+
+
+def fit(model: mm.Model, train: Dataset, valid: Dataset, *, epochs: int, batch_size: int,
+        learning_rate: float, patience: int, monitor: str, mode: str, callbacks=(), verbose: int = 1):
+    """Compile and fit with early stopping on ``monitor`` of ``valid``; return the Keras history."""
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    stop = tf.keras.callbacks.EarlyStopping(
+        monitor=monitor, mode=mode, patience=patience, restore_best_weights=True
     )
-    schema = ranker_schema(train.schema, config.target)
-    train_ds = Dataset(train.to_ddf()[schema.column_names], schema=schema)
-    valid_ds = Dataset(valid.to_ddf()[schema.column_names], schema=schema)
-    model.fit(
-        mm.Loader(train_ds, batch_size=config.batch_size, shuffle=True),
-        epochs=config.epochs,
+    return model.fit(
+        mm.Loader(train, batch_size=batch_size, shuffle=True),
+        validation_data=mm.Loader(valid, batch_size=batch_size),
+        epochs=epochs,
+        callbacks=[stop, *callbacks],
         verbose=verbose,
     )
-    metrics = model.evaluate(mm.Loader(valid_ds, batch_size=config.batch_size), return_dict=True, verbose=0)
-    return model, {k: float(v) for k, v in metrics.items()}
+
+
+def predict_heads(model: tf.keras.Model, dataset: Dataset, features: list[str], targets: list[str],
+                  batch_size: int = 4096) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Scores of every head and the true labels over ``dataset`` (host arrays, in row order)."""
+    schema = dataset.schema.select_by_name(features + targets)
+    scores: dict[str, list] = {t: [] for t in targets}
+    labels: dict[str, list] = {t: [] for t in targets}
+    for inputs, y in mm.Loader(dataset, batch_size=batch_size, schema=schema, shuffle=False):
+        out = head_outputs(model(inputs, training=False), targets)
+        for t in targets:
+            scores[t].append(out[t])
+            labels[t].append(np.asarray(y[t] if isinstance(y, dict) else y).reshape(-1))
+    return ({t: np.concatenate(v) for t, v in scores.items()}, {t: np.concatenate(v) for t, v in labels.items()})
+
+
+def head_outputs(out, targets: list[str]) -> dict[str, np.ndarray]:
+    """Map a model's output (one tensor, or a dict keyed like ``click/binary_output``) to targets."""
+    if not isinstance(out, dict):
+        if len(targets) != 1:
+            raise ValueError(f"model has one output but {len(targets)} targets {targets}")
+        return {targets[0]: np.asarray(out, dtype=np.float32).reshape(-1)}
+    result = {}
+    for t in targets:
+        keys = [k for k in out if k == t or k.split("/")[0] == t]
+        if not keys:
+            raise KeyError(f"model has no head for target {t!r}; heads: {sorted(out)}")
+        result[t] = np.asarray(out[keys[0]], dtype=np.float32).reshape(-1)
+    return result
+
+
+def head_aucs(model, dataset: Dataset, features: list[str], targets: list[str]) -> dict[str, float]:
+    """Validation ROC-AUC of every head (NaN where a label has a single class)."""
+    scores, labels = predict_heads(model, dataset, features, targets)
+    out = {}
+    for t in targets:
+        try:
+            out[t] = roc_auc(labels[t], scores[t])
+        except ValueError:
+            out[t] = float("nan")
+    return out

@@ -5,7 +5,8 @@
         query_tower/            Keras SavedModel of the candidate generator's query tower
         query_tower.json        {"version": N}
         item_index.faiss/.json  ANN index over the item embeddings of the same run
-        ranker/                 Keras SavedModel of the DCN ranker
+        light_ranker/           Keras SavedModel of the light DCN ranker
+        heavy_ranker/           Keras SavedModel of the multi-task heavy DCN ranker
         user_features.parquet   encoded user features + raw id (the online store is built from it)
         item_features.parquet   encoded item features + raw id
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
@@ -62,6 +63,23 @@ def get(registry: str | Path, version: int | None = None) -> ModelVersion:
     if not (path / MANIFEST).exists():
         raise FileNotFoundError(f"model version {version} not found in {registry}")
     return ModelVersion(path)
+
+
+def check_artifact_versions(model: ModelVersion) -> int:
+    """Refuse a version whose query tower and item index do not come from the same training run.
+
+    A query embedding is only meaningful against item embeddings of the same run; a copied or
+    hand-assembled version folder could pair them wrongly. Raises ``VersionMismatchError``.
+    """
+    from models.item_index import INDEX_META_FILE, check_versions
+
+    stamps = {"manifest": model.version}
+    for name, file in (("query_tower", "query_tower.json"), ("item_index", INDEX_META_FILE)):
+        path = model.path / file
+        if not path.exists():
+            raise FileNotFoundError(f"model version {model.version} has no {file}")
+        stamps[name] = int(json.loads(path.read_text())["version"])
+    return check_versions(**stamps)
 
 
 def fingerprint(*paths: str | Path) -> str:

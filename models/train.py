@@ -1,8 +1,13 @@
 """Train every stage of the funnel for one processed dataset and publish one registry version.
 
     candidate_generator  two-tower (query tower + item embeddings -> ANN index)
-    ranker               DCN-v2 on user x item features
+    light_ranker         small DCN-v2 on a few features, sampled negatives (keeps the top N)
+    heavy_ranker         multi-task DCN-v2 on every user/item feature (weighted sum of heads)
     fallback             recency-weighted popularity
+
+Every stage is seeded from ``config.seed``, stops early on its validation metric and logs its
+per-epoch metrics to the run's MLflow store (``models/tracking.py``); the training log prints the
+parameters and bytes of every embedding table (``models/embeddings.py``).
 """
 from __future__ import annotations
 
@@ -14,16 +19,22 @@ from pathlib import Path
 from merlin.core.dispatch import read_dispatch
 from merlin.io import Dataset
 from merlin.schema import Tags
+from tqdm.auto import tqdm
 
 from configs import Config
 from models import item_index, registry
 from models.candidate_generator import item_embeddings, train_candidate_generator
-from models.fallback import recency_weighted_popularity
-from models.ranker import train_ranker
+from models.embeddings import log_tables
+from models.fallback import recency_weighted_popularity, with_new_items
+from models.heavy_ranker import train_heavy_ranker
+from models.light_ranker import train_light_ranker
+from models.tracking import tracked_run
 from workflows.pipeline import ProcessedData
 
 log = logging.getLogger(__name__)
 read_parquet = read_dispatch(fmt="parquet")
+
+STAGES = ["candidate_generator", "light_ranker", "heavy_ranker", "fallback"]
 
 
 def feature_lists(schema) -> dict[str, list[str]]:
@@ -42,28 +53,55 @@ def feature_lists(schema) -> dict[str, list[str]]:
 
 
 def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, verbose: int = 1) -> registry.ModelVersion:
-    """Train the candidate generator, the ranker and the fallback; publish them as one version."""
+    """Train the candidate generator, both rankers and the fallback; publish them as one version."""
     train, valid = data.train(), data.valid()
     features = feature_lists(train.schema)
+    fingerprint = registry.fingerprint(data.train_dir, data.workflow_dir)
+    patience = config.training.early_stopping_patience
+    keras_verbose = verbose
 
-    with registry.VersionWriter(registry_dir) as out:
+    with registry.VersionWriter(registry_dir) as out, tracked_run(
+        config.training, registry_dir, config.to_dict(), run_name=f"version-{out.version}"
+    ) as run, tqdm(total=len(STAGES), desc="funnel stages", disable=verbose != 1) as progress:
         version = out.version
+        run.set_tags({"registry_version": version, "data_fingerprint": fingerprint})
+        sizes = {}
+
+        progress.set_postfix_str("candidate_generator")
         tt_model, tt_metrics = train_candidate_generator(
-            train, valid, config.candidate_generator, seed=config.seed, verbose=verbose
+            train, valid, config.candidate_generator, seed=config.seed, verbose=keras_verbose,
+            embeddings=config.embeddings, patience=patience, callbacks=[run.callback("candidate_generator")],
         )
+        sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
         tt_model.query_encoder.save(str(out.tmp / "query_tower"))
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
-
         # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
         item_table = read_parquet(data.item_features)
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
         index = item_index.build_index(ids, vectors, config.serving.exact_index_max_items)
         item_index.save_index(index, out.tmp, version)
+        progress.update()
 
-        ranker_model, ranker_metrics = train_ranker(train, valid, config.ranker, seed=config.seed, verbose=verbose)
-        ranker_model.save(str(out.tmp / "ranker"))
+        progress.set_postfix_str("light_ranker")
+        light_model, light_metrics = train_light_ranker(
+            train, valid, config.light_ranker, config.embeddings, config.training, seed=config.seed,
+            callbacks=[run.callback("light_ranker")], verbose=keras_verbose,
+        )
+        sizes["light_ranker"] = log_tables(light_model, "light_ranker")
+        light_model.save(str(out.tmp / "light_ranker"))
+        progress.update()
 
+        progress.set_postfix_str("heavy_ranker")
+        heavy_model, heavy_metrics, heavy_spec = train_heavy_ranker(
+            train, valid, config.heavy_ranker, config.embeddings, config.training, seed=config.seed,
+            callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
+        )
+        sizes["heavy_ranker"] = log_tables(heavy_model, "heavy_ranker")
+        heavy_model.save(str(out.tmp / "heavy_ranker"))
+        progress.update()
+
+        progress.set_postfix_str("fallback")
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
         shutil.copy(data.item_features, out.tmp / "item_features.parquet")
         events = read_parquet(data.train_events)
@@ -71,17 +109,45 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         history.columns = ["user_id_raw", "item_id_raw"]
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
         popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)
+        content = config.serving.fallback_content_column
+        if content:
+            if content not in item_table.columns:
+                raise ValueError(f"serving.fallback_content_column {content!r} is not an item feature "
+                                 f"(item features: {list(item_table.columns)})")
+            catalog = item_table[["item_id_raw", content]].rename(columns={"item_id_raw": "item_id"})
+            popularity = with_new_items(popularity, catalog, content, config.serving.fallback_new_item_weight)
         popularity.to_parquet(out.tmp / "popularity.parquet", index=False)
+        progress.update()
 
+        metrics = {"candidate_generator": tt_metrics, "light_ranker": light_metrics, "heavy_ranker": heavy_metrics}
         out.write_manifest(
-            data_fingerprint=registry.fingerprint(data.train_dir, data.workflow_dir),
+            data_fingerprint=fingerprint,
             data_summary=data.summary,
+            schema=_schema_summary(train.schema),
             config=config.to_dict(),
-            metrics={"candidate_generator": tt_metrics, "ranker": ranker_metrics},
+            metrics=metrics,
             features=features,
+            light_ranker={"features": list(config.light_ranker.features), "target": config.light_ranker.target},
+            heavy_ranker=heavy_spec,
+            model_sizes={k: {"total_params": v["total_params"], "embedding_params": v["embedding_params"]}
+                         for k, v in sizes.items()},
             item_embedding_dim=int(vectors.shape[1]),
             num_indexed_items=int(len(ids)),
         )
+        for stage, stage_metrics in metrics.items():
+            run.log_metrics({f"{stage}.final.{k}": v for k, v in stage_metrics.items()})
+        run.log_artifact(out.tmp / registry.MANIFEST)
+        run.log_json("embedding_tables.json", sizes)
     log.info("published model version %s", version)
     return registry.ModelVersion(out.path)
 
+
+def _schema_summary(schema) -> list[dict]:
+    """Column names, tags and (for categoricals) cardinalities of the training data."""
+    out = []
+    for col in schema:
+        entry = {"name": col.name, "tags": sorted(str(t.value) if hasattr(t, "value") else str(t) for t in col.tags)}
+        if col.int_domain is not None:
+            entry["cardinality"] = int(col.int_domain.max) + 1
+        out.append(entry)
+    return out

@@ -3,7 +3,7 @@
 
 1. generate the embedded synthetic dataset (seeded, with a known ground truth)
 2. run the NVTabular dataset pipeline (join, temporal split, feature workflow)
-3. train the two-tower candidate generator and the DCN ranker (Merlin Models, TensorFlow)
+3. train the two-tower candidate generator, the light and the heavy DCN ranker (Merlin Models, TensorFlow)
 4. export a versioned Triton model repository (the funnel ensemble)
 5. start the real tritonserver on free ports
 6. query it over gRPC for a few users (and one the models never saw)
@@ -81,11 +81,16 @@ def main() -> None:
         processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], work / "processed", config.workflow)
         print("      " + json.dumps(processed.summary))
 
-    with steps("Training the two-tower candidate generator and the DCN ranker"):
+    with steps("Training the two-tower candidate generator, the light and the heavy DCN ranker"):
         model = train_all(processed, config, work / "registry", verbose=verbose)
         metrics = model.manifest["metrics"]
-        print(f"      model version {model.version}: ranker valid AUC {metrics['ranker']['auc']:.3f}, "
-              f"two-tower in-batch recall@10 {metrics['candidate_generator']['recall_at_10']:.3f}")
+        heavy = metrics["heavy_ranker"]
+        heads = ", ".join(f"{k[4:]} {v:.3f}" for k, v in heavy.items() if k.startswith("auc_"))
+        print(f"      model version {model.version}: two-tower in-batch recall@10 "
+              f"{metrics['candidate_generator']['recall_at_10']:.3f}, light ranker AUC "
+              f"{metrics['light_ranker']['auc']:.3f}, heavy ranker AUC per head: {heads}")
+        print(f"      heavy score = {' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
+              f"MLflow run logged under {work / 'mlruns'}")
 
     with steps("Exporting the Triton model repository"):
         repo = export_repository(model, work / "triton_repo")

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 MODEL_NAME = "funnel"
-STAGE_NAMES = ["catalog", "retrieval", "filters", "final"]
+STAGE_NAMES = ["catalog", "retrieval", "filters", "light_ranker", "final"]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.registry import MANIFEST, ModelVersion
+from models.registry import MANIFEST, ModelVersion, check_artifact_versions
 from serving.online_store import build_online_store
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -26,7 +26,8 @@ STAGE_ARTIFACTS = {
     "query_tower": ["query_tower", "query_tower.json"],
     "retrieval": ["item_index.faiss", "item_index.json"],
     "filtering": [],
-    "ranker": ["ranker", "item_features.parquet"],
+    "light_ranker": ["light_ranker", "item_features.parquet"],
+    "heavy_ranker": ["heavy_ranker", "item_features.parquet"],
     "ordering": ["item_features.parquet", "popularity.parquet"],
 }
 
@@ -54,6 +55,7 @@ def export_repository(
         raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
     manifest = model.manifest
     version = str(manifest["version"])
+    check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
     try:

@@ -9,7 +9,8 @@ without a server.
     query_tower     user features      -> query_embedding
     retrieval       query_embedding    -> candidate_ids (encoded), retrieval_scores
     filtering       candidates, seen   -> filtered_ids
-    ranker          user features, ids -> ranker_scores in [0, 1]
+    light_ranker    user features, ids -> light_ids (the best ``light_ranker_k``), light_scores in [0, 1]
+    heavy_ranker    user features, ids -> heavy_scores in [0, 1] (weighted sum of the signal heads)
     ordering        scores, k, known   -> item_ids (raw), scores, model_version, served_by, stage_counts
 
 Unknown users still flow through the candidate stages (with out-of-vocabulary features, cheap) and
@@ -170,46 +171,101 @@ class Filtering(Stage):
         return {"filtered_ids": candidates[keep]}
 
 
-class Ranker(Stage):
-    """Scores each remaining candidate with the DCN ranker (a probability in [0, 1])."""
+class _RankerStage(Stage):
+    """Shared by both rankers: loads a DCN SavedModel and builds its input batch for candidate ids.
 
-    name = "ranker"
+    The model's feature list comes from the manifest (``<artifact>`` section), so a batch holds
+    exactly the inputs the saved model was traced with: user features repeated per candidate, item
+    features looked up by encoded item id.
+    """
+
+    artifact = ""
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
         tf = _import_tf()
         self._tf = tf
-        self.model = tf.keras.models.load_model(str(self.artifacts / "ranker"))
+        self.model = tf.keras.models.load_model(str(self.artifacts / self.artifact))
+        self.model_features = list(self.manifest[self.artifact]["features"])
+        servable = {name for names in self.features.values() for name in names}
+        unservable = [f for f in self.model_features if f not in servable]
+        if unservable:
+            raise RuntimeError(
+                f"{self.artifact} was trained on {unservable}, which are neither user nor item features "
+                f"serving can look up ({sorted(servable)})"
+            )
         items = pd.read_parquet(self.artifacts / "item_features.parquet")
         size = int(items["item_id"].max()) + 1
+        self.catalog_rows = size
         self.item_columns = {}
         for name in self.features["item_categorical"]:
-            table = np.full(size, OOV_INDEX, dtype=np.int64)
-            table[items["item_id"].values] = items[name].values
-            self.item_columns[name] = table
+            if name in self.model_features:
+                table = np.full(size, OOV_INDEX, dtype=np.int64)
+                table[items["item_id"].values] = items[name].values
+                self.item_columns[name] = table
         for name in self.features["item_continuous"]:
-            table = np.zeros(size, dtype=np.float32)
-            table[items["item_id"].values] = items[name].values
-            self.item_columns[name] = table
+            if name in self.model_features:
+                table = np.zeros(size, dtype=np.float32)
+                table[items["item_id"].values] = items[name].values
+                self.item_columns[name] = table
 
-    def run(self, inputs):
+    def outputs(self, inputs, ids: np.ndarray):
+        """The model's raw output for the candidates ``ids`` of the request's user."""
         tf = self._tf
-        ids = np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            return {"ranker_scores": np.zeros(0, dtype=np.float32)}
-        if ids.min() < 0 or ids.max() >= len(next(iter(self.item_columns.values()))):
-            raise RequestError("filtered_ids holds an item id outside the catalog")
-        batch = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
+        if ids.min() < 0 or ids.max() >= self.catalog_rows:
+            raise RequestError("candidate ids hold an item id outside the catalog")
+        users = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
+        batch = {n: t for n, t in users.items() if n in self.model_features}
         for name, table in self.item_columns.items():
             batch[name] = tf.constant(table[ids].reshape(-1, 1))
-        out = self.model(batch, training=False)
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        return {"ranker_scores": np.asarray(out, dtype=np.float32).reshape(-1)}
+        return self.model(batch, training=False)
+
+
+class LightRanker(_RankerStage):
+    """Scores every filtered candidate with the small DCN and keeps the best ``light_ranker_k``."""
+
+    name = "light_ranker"
+    artifact = "light_ranker"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        self.keep = int(self.serving["light_ranker_k"])
+
+    def run(self, inputs):
+        from models.ranker import head_outputs
+
+        ids = np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return {"light_ids": np.zeros(0, dtype=np.int64), "light_scores": np.zeros(0, dtype=np.float32)}
+        target = self.manifest["light_ranker"]["target"]
+        scores = head_outputs(self.outputs(inputs, ids), [target])[target]
+        order = np.argsort(-scores, kind="stable")[: self.keep]
+        return {"light_ids": ids[order], "light_scores": scores[order].astype(np.float32)}
+
+
+class HeavyRanker(_RankerStage):
+    """Scores the light ranker's survivors with the multi-task DCN: the weighted sum of its heads."""
+
+    name = "heavy_ranker"
+    artifact = "heavy_ranker"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        self.weights = {k: float(v) for k, v in self.manifest["heavy_ranker"]["weights"].items()}
+
+    def run(self, inputs):
+        from models.heavy_ranker import combine
+        from models.ranker import head_outputs
+
+        ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return {"heavy_scores": np.zeros(0, dtype=np.float32)}
+        heads = head_outputs(self.outputs(inputs, ids), list(self.weights))
+        return {"heavy_scores": combine(heads, self.weights)}
 
 
 class Ordering(Stage):
-    """Sorts by ranker score, keeps the top k, maps encoded ids back to raw ids.
+    """Sorts the heavy ranker's candidates by score, keeps the top k, maps encoded ids back to raw ids.
 
     Users the models never saw get the recency-weighted popularity fallback.
     """
@@ -233,15 +289,18 @@ class Ordering(Stage):
             raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
         known = bool(np.asarray(inputs["user_known"]).reshape(-1)[0])
         candidates = np.asarray(inputs["candidate_ids"]).reshape(-1)
-        filtered = np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1)
-        scores = np.asarray(inputs["ranker_scores"], dtype=np.float32).reshape(-1)
+        filtered = np.asarray(inputs["filtered_ids"]).reshape(-1)
+        ranked = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
+        scores = np.asarray(inputs["heavy_scores"], dtype=np.float32).reshape(-1)
+        if len(ranked) != len(scores):
+            raise RequestError(f"got {len(scores)} heavy_scores for {len(ranked)} light_ids")
         if known:
             order = np.argsort(-scores, kind="stable")[:k]
-            item_ids, out_scores, served_by = self.raw_ids[filtered[order]], scores[order], "model"
+            item_ids, out_scores, served_by = self.raw_ids[ranked[order]], scores[order], "model"
         else:
             item_ids, out_scores = top_popular(self.popularity, k)
             served_by = "fallback"
-        counts = [self.catalog_size, len(candidates), len(filtered), len(item_ids)]
+        counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
         return {
             "item_ids": np.asarray(item_ids, dtype=np.int64),
             "scores": np.clip(np.asarray(out_scores, dtype=np.float32), 0.0, 1.0),
@@ -251,4 +310,9 @@ class Ordering(Stage):
         }
 
 
-STAGES = {cls.name: cls for cls in (FeatureLookup, QueryTower, Retrieval, Filtering, Ranker, Ordering)}
+STAGES = {
+    cls.name: cls
+    for cls in (FeatureLookup, QueryTower, Retrieval, Filtering, LightRanker, HeavyRanker, Ordering)
+}
+# The order a request flows through them (the ensemble in triton_repo/funnel/config.pbtxt).
+FUNNEL = list(STAGES)

@@ -12,8 +12,9 @@ quiet_known_warnings()
 SMALL = {
     "synthetic": {"num_users": 300, "num_items": 200, "events_per_user": 40, "seed": 7},
     "candidate_generator": {"epochs": 3, "batch_size": 512},
-    "ranker": {"epochs": 2, "batch_size": 512},
-    "serving": {"retrieval_k": 100, "max_k": 50},
+    "light_ranker": {"epochs": 2, "batch_size": 512},
+    "heavy_ranker": {"epochs": 2, "batch_size": 512},
+    "serving": {"retrieval_k": 100, "light_ranker_k": 30, "max_k": 50},
 }
 
 

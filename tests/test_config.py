@@ -9,19 +9,19 @@ def test_default_file_matches_dataclass_defaults():
 
 
 def test_overrides_merge_over_the_file():
-    cfg = load_config(overrides={"ranker": {"epochs": 9}})
-    assert cfg.ranker.epochs == 9
-    assert cfg.ranker.cross_depth == Config().ranker.cross_depth
+    cfg = load_config(overrides={"heavy_ranker": {"epochs": 9}})
+    assert cfg.heavy_ranker.epochs == 9
+    assert cfg.heavy_ranker.cross_depth == Config().heavy_ranker.cross_depth
 
 
 def test_unknown_key_is_named():
     with pytest.raises(ValueError, match="epoch"):
-        load_config(overrides={"ranker": {"epoch": 1}})
+        load_config(overrides={"heavy_ranker": {"epoch": 1}})
 
 
 def test_wrong_type_is_named():
-    with pytest.raises(TypeError, match="ranker.epochs"):
-        load_config(overrides={"ranker": {"epochs": "many"}})
+    with pytest.raises(TypeError, match="heavy_ranker.epochs"):
+        load_config(overrides={"heavy_ranker": {"epochs": "many"}})
     with pytest.raises(TypeError, match=r"tower_layers\[1\]"):
         load_config(overrides={"candidate_generator": {"tower_layers": [64, "x"]}})
 

@@ -27,7 +27,7 @@ def test_failed_export_leaves_no_partial_repository(model_version, tmp_path):
 
     broken = tmp_path / "broken_version"
     shutil.copytree(model_version.path, broken)
-    shutil.rmtree(broken / "ranker")  # an artifact the ranker stage needs
+    shutil.rmtree(broken / "heavy_ranker")  # an artifact the heavy ranker stage needs
     target = tmp_path / "repo"
     with pytest.raises(FileNotFoundError):
         export_repository(ModelVersion(broken), target)

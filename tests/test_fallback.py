@@ -23,3 +23,18 @@ def test_top_popular_skips_excluded_items():
     pop = pd.DataFrame({"item_id": [5, 6, 7, 8], "score": [1.0, 0.5, 0.2, 0.1]})
     ids, scores = top_popular(pop, 2, exclude=np.array([6]))
     assert ids.tolist() == [5, 7] and scores.tolist() == [1.0, 0.2]
+
+
+def test_new_items_get_the_popularity_of_their_category_discounted():
+    from models.fallback import with_new_items
+
+    pop = pd.DataFrame({"item_id": [1, 2, 3], "score": np.array([1.0, 0.6, 0.2], dtype="float32")})
+    items = pd.DataFrame({"item_id": [1, 2, 3, 10, 11], "category": ["a", "a", "b", "a", "c"]})
+    out = with_new_items(pop, items, "category", weight=0.5)
+    scores = dict(zip(out["item_id"], out["score"]))
+    assert set(scores) == {1, 2, 3, 10, 11}
+    assert scores[10] == np.float32(0.5 * (1.0 + 0.6) / 2)  # new item of the hot category "a"
+    assert scores[11] == 0.0  # a category with no clicks at all
+    assert scores[1] == 1.0 and scores[3] == np.float32(0.2)  # known items keep their own score
+    assert out["score"].is_monotonic_decreasing and out["item_id"].tolist()[:2] == [1, 2]
+    assert ((out["score"] >= 0) & (out["score"] <= 1)).all()

@@ -17,7 +17,7 @@ def funnel(triton_repo, model_version):
 
 def run_funnel(funnel, user_id, k):
     x = {"user_id": np.array([user_id], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
-    for name in ("feature_lookup", "query_tower", "retrieval", "filtering", "ranker", "ordering"):
+    for name in stages.FUNNEL:
         x.update(funnel[name].run(x))
     return x
 
@@ -32,8 +32,9 @@ def test_known_user_gets_k_unseen_items_with_descending_scores(funnel, model_ver
     assert ((scores >= 0) & (scores <= 1)).all() and np.all(np.diff(scores) <= 0)
     seen = set(history.loc[history["user_id_raw"] == user, "item_id_raw"])
     assert not seen & set(out["item_ids"].tolist())
-    catalog, retrieved, filtered, final = out["stage_counts"].tolist()
-    assert catalog >= retrieved == small_config.serving.retrieval_k >= filtered >= final == 10
+    catalog, retrieved, filtered, light, final = out["stage_counts"].tolist()
+    assert catalog >= retrieved == small_config.serving.retrieval_k >= filtered
+    assert light == min(filtered, small_config.serving.light_ranker_k) and final == 10
 
 
 def test_unknown_user_gets_the_popularity_fallback(funnel, model_version):
@@ -59,7 +60,44 @@ def test_filtering_removes_seen_items(funnel):
     assert out["filtered_ids"].tolist() == [5, 7]
 
 
-def test_ranker_handles_an_empty_candidate_list(funnel):
+def test_rankers_handle_an_empty_candidate_list(funnel):
     lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
-    out = funnel["ranker"].run({**lookup, "filtered_ids": np.zeros(0, dtype=np.int64)})
-    assert out["ranker_scores"].shape == (0,)
+    light = funnel["light_ranker"].run({**lookup, "filtered_ids": np.zeros(0, dtype=np.int64)})
+    assert light["light_ids"].shape == (0,) and light["light_scores"].shape == (0,)
+    heavy = funnel["heavy_ranker"].run({**lookup, **light})
+    assert heavy["heavy_scores"].shape == (0,)
+
+
+def test_light_ranker_keeps_its_best_candidates_for_the_heavy_ranker(funnel, small_config):
+    lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
+    ids = np.arange(3, 83, dtype=np.int64)  # 80 encoded item ids (0-2 are reserved by Categorify)
+    out = funnel["light_ranker"].run({**lookup, "filtered_ids": ids})
+    keep = small_config.serving.light_ranker_k
+    assert len(out["light_ids"]) == keep and set(out["light_ids"]) <= set(ids)
+    scores = out["light_scores"]
+    assert ((scores >= 0) & (scores <= 1)).all() and np.all(np.diff(scores) <= 0)
+    # What it dropped scores no higher than what it kept.
+    all_scores = np.asarray(funnel["light_ranker"].outputs(lookup, ids)).reshape(-1)
+    dropped = all_scores[~np.isin(ids, out["light_ids"])]
+    assert dropped.max() <= scores.min()
+
+
+def test_heavy_score_is_the_weighted_sum_of_its_heads(funnel, model_version):
+    from models.ranker import head_outputs
+
+    stage = funnel["heavy_ranker"]
+    lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
+    ids = np.arange(3, 23, dtype=np.int64)
+    score = stage.run({**lookup, "light_ids": ids})["heavy_scores"]
+    weights = model_version.manifest["heavy_ranker"]["weights"]
+    assert abs(sum(weights.values()) - 1.0) < 1e-6 and len(weights) >= 2
+    heads = head_outputs(stage.outputs(lookup, ids), list(weights))
+    expected = sum(w * heads[t] for t, w in weights.items())
+    np.testing.assert_allclose(score, expected, rtol=1e-5)
+    assert ((score >= 0) & (score <= 1)).all()
+
+
+def test_ranker_rejects_ids_outside_the_catalog(funnel):
+    lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
+    with pytest.raises(stages.RequestError, match="outside the catalog"):
+        funnel["heavy_ranker"].run({**lookup, "light_ids": np.array([10**6])})

@@ -41,7 +41,9 @@ def test_known_user_gets_k_valid_items_with_descending_scores(client, model_vers
     scores = np.array(recs.scores)
     assert ((scores >= 0) & (scores <= 1)).all() and np.all(np.diff(scores) <= 0)
     counts = recs.stage_counts
-    assert counts["catalog"] == len(items) >= counts["retrieval"] >= counts["filters"] >= counts["final"] == 10
+    assert list(counts) == ["catalog", "retrieval", "filters", "light_ranker", "final"]
+    assert counts["catalog"] == len(items) >= counts["retrieval"] >= counts["filters"] >= counts["light_ranker"]
+    assert counts["light_ranker"] >= counts["final"] == 10
 
 
 def test_unknown_user_gets_the_fallback(client, model_version):

@@ -1,0 +1,114 @@
+"""The heavy ranker: a larger multi-task DCN-v2 on every user and item feature.
+
+Last model of the funnel. It sees only the ``serving.light_ranker_k`` candidates the light ranker
+kept, so it can afford more: every column tagged USER or ITEM (ids, attributes, and whatever
+point-in-time activity or popularity features the dataset pipeline adds - selected by tag, so new
+features are picked up without touching this file), two cross layers and a wider MLP.
+
+Multi-task: one sigmoid head per signal in ``heavy_ranker.targets`` (default click,
+``duration_watch``, like), trained jointly on every training impression (the shown-and-skipped ones
+are the real negatives). The final score is a weighted sum of the heads::
+
+    score = sum_i w_i * P(signal_i)        with the weights normalised to sum to 1, so score in [0, 1]
+
+Why a weighted sum of several signals rather than P(click) alone: each signal is biased on its own.
+Clicks are frequent but reward clickbait (a click says the thumbnail worked, not the item); a
+duration-aware watch says the item kept its promise but is rarer and favours short items; a like is
+the most explicit but rarest and noisiest. Summing calibrated probabilities lets one signal's bias be
+outvoted by the others, and the weights are the product decision of how much each outcome is worth
+(default 0.4 click, 0.4 watch, 0.2 like: engagement that lasted counts as much as the click that
+started it; likes break ties). The weights live in the config and the manifest, so changing the
+trade-off needs no retraining.
+
+A target missing from the data falls back to its ``fallback`` label (``duration_watch`` ->
+``watched``, the plain 75%-watched label) or, without one, is dropped with a warning; the remaining
+weights are renormalised. Which targets were used is recorded in the manifest.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from merlin.io import Dataset
+from merlin.schema import Schema, Tags
+
+from configs import EmbeddingConfig, HeavyRankerConfig, TrainingConfig
+from models.ranker import binary_targets, build_dcn, fit, head_aucs
+
+log = logging.getLogger(__name__)
+
+# What a configured target falls back to when the data does not have it (yet).
+TARGET_FALLBACKS = {"duration_watch": "watched"}
+
+
+def heavy_features(schema: Schema) -> list[str]:
+    """Every user and item feature of the schema (by tag, so new features are picked up)."""
+    return schema.select_by_tag([Tags.USER, Tags.ITEM]).excluding_by_tag(Tags.TARGET).column_names
+
+
+def resolve_targets(schema: Schema, config: HeavyRankerConfig) -> dict[str, float]:
+    """``{label column: weight}`` for the configured targets present in the data, weights summing to 1.
+
+    Missing targets use their fallback label or are dropped; both cases are logged by name.
+    """
+    present = set(schema.column_names)
+    weights: dict[str, float] = {}
+    missing = []
+    for target in config.targets:
+        name = target.name
+        if name not in present:
+            fallback = TARGET_FALLBACKS.get(name)
+            if fallback in present and fallback not in weights:
+                log.warning("heavy ranker: target %r is not in the data; using %r instead", name, fallback)
+                name = fallback
+            else:
+                missing.append(name)
+                continue
+        weights[name] = weights.get(name, 0.0) + float(target.weight)
+    if missing:
+        log.warning("heavy ranker: target(s) %s not in the data and dropped; training on %s", missing, list(weights))
+    total = sum(weights.values())
+    if not weights or total <= 0:
+        raise ValueError(
+            f"heavy_ranker.targets {[t.name for t in config.targets]}: none is in the data (columns: {sorted(present)})"
+        )
+    return {name: w / total for name, w in weights.items()}
+
+
+def combine(head_scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The final score: the weighted sum of the heads' probabilities (in [0, 1] for weights summing to 1)."""
+    missing = [t for t in weights if t not in head_scores]
+    if missing:
+        raise KeyError(f"no head score for target(s) {missing}")
+    total = sum(weights[t] * np.asarray(head_scores[t], dtype=np.float64) for t in weights)
+    return np.asarray(total, dtype=np.float32)
+
+
+def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig, embeddings: EmbeddingConfig,
+                       training: TrainingConfig, seed: int = 42, callbacks=(), verbose: int = 1):
+    """Train on all impressions; return ``(model, metrics, spec)``.
+
+    ``spec`` is what serving needs: the feature list, the targets and their weights.
+    """
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed)
+    weights = resolve_targets(train.schema, config)
+    targets = list(weights)
+    features = heavy_features(train.schema)
+    columns = features + targets
+    schema = binary_targets(train.schema.select_by_name(columns), targets)
+    train_ds = Dataset(train.to_ddf()[columns], schema=schema)
+    valid_ds = Dataset(valid.to_ddf()[columns], schema=schema)
+    model = build_dcn(train_ds.schema, features, targets, config.cross_depth, config.deep_layers, embeddings)
+    history = fit(
+        model, train_ds, valid_ds, epochs=config.epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, patience=training.early_stopping_patience,
+        monitor="val_loss", mode="min", callbacks=callbacks, verbose=verbose,
+    )
+    aucs = head_aucs(model, valid_ds, features, targets)
+    metrics = {f"auc_{t}": v for t, v in aucs.items()}
+    metrics["epochs_run"] = len(history.history.get("loss", []))
+    log.info("heavy ranker: valid AUC per head %s after %d epochs", aucs, metrics["epochs_run"])
+    spec = {"features": features, "targets": targets, "weights": weights}
+    return model, metrics, spec

@@ -1,0 +1,103 @@
+"""Every training run is logged to a local MLflow store: parameters, per-epoch metrics, artifacts.
+
+The store is a folder (``file:`` URI), by default ``<registry>/../mlruns`` next to the model registry,
+so a run and the registry version it produced sit side by side; ``training.mlflow_tracking_uri``
+points it elsewhere. Browse it with ``mlflow ui --backend-store-uri <that folder>`` (the full
+``mlflow`` package; this project installs only ``mlflow-skinny``, which writes the store).
+
+    params     the whole config, flattened (``heavy_ranker.deep_layers`` = ``[128, 64]``)
+    metrics    ``<stage>.<keras metric>`` per epoch (step = epoch), and the final validation metrics
+    artifacts  the version's ``manifest.json`` and the embedding-table size report
+    tags       ``registry_version``, ``data_fingerprint``
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import tensorflow as tf
+
+from configs import TrainingConfig
+
+
+def tracking_uri(config: TrainingConfig, registry_dir: str | Path) -> str:
+    if config.mlflow_tracking_uri:
+        return config.mlflow_tracking_uri
+    return "file:" + str((Path(registry_dir).resolve().parent / "mlruns"))
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class EpochLogger(tf.keras.callbacks.Callback):
+    """Keras callback: logs every epoch's metrics (train and validation) as ``<stage>.<name>``."""
+
+    def __init__(self, run: "TrackedRun", stage: str):
+        super().__init__()
+        self.run, self.stage = run, stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.log_metrics({f"{self.stage}.{k}": v for k, v in (logs or {}).items()}, step=epoch)
+
+
+class TrackedRun:
+    """A thin handle on the active MLflow run (keeps ``mlflow`` calls in this module)."""
+
+    def __init__(self, mlflow):
+        self._mlflow = mlflow
+
+    def callback(self, stage: str) -> EpochLogger:
+        return EpochLogger(self, stage)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        clean = {}
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                clean[key.replace("/", ".")] = value
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_json(self, name: str, payload) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, default=str))
+            self._mlflow.log_artifact(str(path))
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def tracked_run(config: TrainingConfig, registry_dir: str | Path, params: dict, run_name: str):
+    """Start an MLflow run in the configured store, log ``params``, yield a ``TrackedRun``.
+
+    A failing training marks the run FAILED (MLflow does this when the ``with`` block raises).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(config, registry_dir))
+    mlflow.set_experiment(config.mlflow_experiment)
+    with mlflow.start_run(run_name=run_name):
+        params = flatten(params)
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(items[i:i + 100]))
+        yield TrackedRun(mlflow)

@@ -1,0 +1,90 @@
+"""Fast checks of the model building blocks: table sizing and hashing, heavy-ranker targets."""
+import numpy as np
+import pytest
+from merlin.schema import ColumnSchema, Schema, Tags
+
+from configs import EmbeddingConfig, HeavyRankerConfig, TargetConfig
+
+
+def _categorical(name, cardinality, *tags):
+    col = ColumnSchema(name, tags=[Tags.CATEGORICAL, *tags], dtype=np.int64)
+    return col.with_properties({"domain": {"min": 0, "max": cardinality - 1, "name": name}})
+
+
+def test_embedding_width_grows_with_cardinality_within_bounds():
+    from models.embeddings import embedding_dim
+
+    cfg = EmbeddingConfig(min_dim=8, max_dim=64, multiplier=2.0)
+    assert embedding_dim(5, cfg) == 8  # clipped up
+    assert embedding_dim(10_000, cfg) == 20  # 2 * 10_000 ** 0.25
+    assert embedding_dim(10**9, cfg) == 64  # clipped down
+    widths = [embedding_dim(n, cfg) for n in (10, 1_000, 100_000, 10_000_000)]
+    assert widths == sorted(widths)
+
+
+def test_columns_above_the_cap_are_hashed_into_max_rows():
+    import tensorflow as tf
+
+    from models.embeddings import HashIds, cap_schema, describe_tables, input_block
+
+    schema = Schema([_categorical("user_id", 5000, Tags.USER), _categorical("gender", 4, Tags.USER)])
+    cfg = EmbeddingConfig(min_dim=4, max_dim=16, max_rows=100)
+    capped, buckets = cap_schema(schema, cfg)
+    assert buckets == {"user_id": 100}
+    assert capped["user_id"].int_domain.max == 99 and capped["gender"].int_domain.max == 3
+
+    ids = {"user_id": tf.constant([[7], [107], [4999]], dtype=tf.int64), "gender": tf.constant([[1], [2], [3]], dtype=tf.int64)}
+    folded = HashIds(buckets)(ids)
+    assert folded["user_id"].numpy().reshape(-1).tolist() == [7, 7, 99]
+    assert folded["gender"].numpy().reshape(-1).tolist() == [1, 2, 3]  # under the cap: untouched
+
+    block = input_block(schema, cfg)
+    out = block(ids)  # id 4999 would be out of range without hashing
+    tables = {t["table"]: t for t in describe_tables(block)}
+    assert tables["user_id"]["rows"] == 100 and tables["gender"]["rows"] == 4
+    assert tables["user_id"]["bytes"] == 100 * tables["user_id"]["dim"] * 4
+    assert out.shape[0] == 3
+
+
+def _label_schema(*names):
+    return Schema([ColumnSchema(n, tags=[Tags.TARGET, Tags.BINARY_CLASSIFICATION], dtype=np.int64) for n in names])
+
+
+def test_heavy_targets_fall_back_or_drop_and_weights_sum_to_one(caplog):
+    from models.heavy_ranker import resolve_targets
+
+    cfg = HeavyRankerConfig(targets=[TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("like", 0.2)])
+    assert resolve_targets(_label_schema("click", "duration_watch", "like"), cfg) == pytest.approx(
+        {"click": 0.4, "duration_watch": 0.4, "like": 0.2})
+    with caplog.at_level("WARNING"):
+        weights = resolve_targets(_label_schema("click", "watched", "like"), cfg)
+    assert weights == pytest.approx({"click": 0.4, "watched": 0.4, "like": 0.2})
+    assert "duration_watch" in caplog.text
+    weights = resolve_targets(_label_schema("click", "like"), cfg)  # no fallback either: dropped
+    assert weights == pytest.approx({"click": 2 / 3, "like": 1 / 3})
+    with pytest.raises(ValueError, match="none is in the data"):
+        resolve_targets(_label_schema("share"), cfg)
+
+
+def test_combined_score_is_the_weighted_sum_and_stays_in_unit_interval():
+    from models.heavy_ranker import combine
+
+    rng = np.random.default_rng(0)
+    heads = {t: rng.random(1000).astype(np.float32) for t in ("click", "watched", "like")}
+    weights = {"click": 0.4, "watched": 0.4, "like": 0.2}
+    score = combine(heads, weights)
+    np.testing.assert_allclose(score, 0.4 * heads["click"] + 0.4 * heads["watched"] + 0.2 * heads["like"], rtol=1e-6)
+    assert score.min() >= 0 and score.max() <= 1
+    with pytest.raises(KeyError, match="like"):
+        combine({"click": heads["click"]}, weights)
+
+
+def test_invalid_ranker_configs_are_rejected():
+    from configs import load_config
+
+    with pytest.raises(ValueError, match="negative_sampling"):
+        load_config(overrides={"light_ranker": {"negative_sampling": "hard"}})
+    with pytest.raises(ValueError, match="duplicate"):
+        load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": 1}, {"name": "click", "weight": 1}]}})
+    with pytest.raises(TypeError, match=r"targets\[0\].weight"):
+        load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": "high"}]}})
