@@ -30,7 +30,7 @@ class SyntheticDataConfig:
     popularity_skew: float = 1.0  # Zipf exponent of the exposure policy
     personalized_exposure: float = 0.7  # share of impressions the logging policy picks by preference
     preference_strength: float = 3.0  # how sharply latent affinity drives clicks
-    inactive_user_fraction: float = 0.05  # users with 1-3 events, all in the first half of the log
+    inactive_user_fraction: float = 0.05  # users with 1-2 events, all in the first half of the log
     one_off_user_fraction: float = 0.03  # users with exactly one event
     interest_drift: float = 0.0  # 0..1: how far each user's taste moves to a new one by the end
     duplicate_item_fraction: float = 0.03  # items re-posted under a second id (same content)

@@ -94,7 +94,9 @@ def check_point_in_time(events, at: int | None = None, compute=add_point_in_time
     """
     columns = columns or POINT_IN_TIME_COLUMNS
     if at is None:
-        at = int(events["timestamp"].quantile(0.5).compute())
+        from workflows.splits import exact_quantiles
+
+        at = exact_quantiles(events["timestamp"], [0.5])[0]
     base = events[[c for c in events.columns if c not in columns]]
     future = base[base["timestamp"] >= at]
     flipped = future.assign(click=1 - future["click"])

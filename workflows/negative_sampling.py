@@ -18,7 +18,15 @@ import math
 SIGNAL_COLUMNS = ["click", "watch_seconds", "like", "share"]
 
 
-def _draw(df, items, ratio: float, weights, seed: int, partition_info=None):
+class _Pool:
+    """Holds the candidate items; dask would otherwise try to align a frame argument with the partitions."""
+
+    def __init__(self, items, weights):
+        self.items, self.weights = items, weights
+
+
+def _draw(df, pool: _Pool, ratio: float, seed: int, partition_info=None):
+    items, weights = pool.items, pool.weights
     positives = df[df["click"] > 0][["user_id", "timestamp"]]
     n = int(math.ceil(ratio * len(positives)))
     if n == 0 or len(items) == 0:
@@ -54,7 +62,7 @@ def sample_negatives(events, items, ratio: float = 1.0, kind: str = "uniform", s
         weights = candidates["count"].astype("float64")
         weights = (weights / weights.sum()).values
     meta = events._meta[["user_id", "item_id", "timestamp"]]
-    drawn = events.map_partitions(_draw, candidates, ratio, weights, seed, meta=meta)
+    drawn = events.map_partitions(_draw, _Pool(candidates, weights), ratio, seed, meta=meta)
     # Anti-join against everything the user interacted with: a sampled "negative" must be unseen.
     seen = events[["user_id", "item_id"]].drop_duplicates().assign(_seen=1)
     drawn = drawn.merge(seen, on=["user_id", "item_id"], how="left")

@@ -33,14 +33,43 @@ class Split:
         return out
 
 
+def exact_quantiles(series, qs: list[float], bins: int = 4096) -> list[int]:
+    """Exact lower quantiles of an integer dask series (the value at sorted position floor(q * (n - 1))).
+
+    dask's own ``quantile`` is approximate and collapses when partitions cover disjoint ranges, as
+    time-sorted logs do. Two passes instead: a histogram locates each quantile's bin, then only the
+    values of that bin are brought back and sorted. cudf or pandas partitions alike.
+    """
+    import dask
+
+    lo, hi, n = dask.compute(series.min(), series.max(), series.shape[0])
+    lo, hi, n = int(lo), int(hi), int(n)
+    if n == 0:
+        raise ValueError("cannot split an empty event log")
+    width = max(1, -(-(hi - lo + 1) // bins))
+    bin_of = (series - lo) // width
+    counts = bin_of.value_counts().compute()
+    counts = counts.to_pandas() if hasattr(counts, "to_pandas") else counts
+    counts = counts.sort_index()
+    cumulative = counts.cumsum()
+    out = []
+    for q in qs:
+        rank = int(q * (n - 1))
+        b = int(cumulative.index[(cumulative.values > rank).argmax()])
+        before = int(cumulative.loc[b] - counts.loc[b])
+        values = series[bin_of == b].compute()
+        values = values.to_pandas() if hasattr(values, "to_pandas") else values
+        out.append(int(values.sort_values().iloc[rank - before]))
+    return out
+
+
 def temporal_split(ddf, config: SplitConfig) -> Split:
     """Split by time; works on dask-cudf and dask-pandas collections alike."""
     held_out = config.valid_fraction + config.test_fraction
-    cutoff = int(ddf["timestamp"].quantile(1.0 - held_out).compute())
+    cutoff, test_cutoff = exact_quantiles(ddf["timestamp"], [1.0 - held_out, 1.0 - config.test_fraction])
     train = ddf[ddf["timestamp"] < cutoff]
     if config.test_fraction <= 0:
         return Split(train, ddf[ddf["timestamp"] >= cutoff], cutoff, details={"kind": "temporal"})
-    test_cutoff = int(ddf["timestamp"].quantile(1.0 - config.test_fraction).compute())
     valid = ddf[(ddf["timestamp"] >= cutoff) & (ddf["timestamp"] < test_cutoff)]
     test = ddf[ddf["timestamp"] >= test_cutoff]
     return Split(train, valid, cutoff, test, {"kind": "temporal", "test_cutoff": test_cutoff})

@@ -20,7 +20,7 @@ How the world works:
 The data-quality knobs each leave a ground truth in ``SyntheticData.truth`` that tests check the
 workflow steps against:
 
-* ``inactive_user_fraction`` / ``one_off_user_fraction``: users with 1-3 events early in the log, or
+* ``inactive_user_fraction`` / ``one_off_user_fraction``: users with 1-2 events early in the log, or
   exactly one event (``active_users`` must drop them);
 * ``interest_drift``: each user's taste moves from ``user_latent`` to ``user_latent_end`` over time;
 * ``duplicate_item_fraction``: items re-posted under a second id with identical content, their events
@@ -162,7 +162,7 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     n_one_off = int(round(cfg.one_off_user_fraction * cfg.num_users))
     inactive = np.sort(special[:n_inactive])
     one_off = np.sort(special[n_inactive : n_inactive + n_one_off])
-    n_events[inactive] = rng.integers(1, 4, size=len(inactive))
+    n_events[inactive] = rng.integers(1, 3, size=len(inactive))
     n_events[one_off] = 1
     # Inactive users only appear in the first half of the log.
     span = np.full(cfg.num_users, cfg.days * SECONDS_PER_DAY, dtype=np.int64)
