@@ -24,6 +24,7 @@ from merlin.dag.ops.subgraph import Subgraph
 from merlin.schema import Tags
 
 from configs import WorkflowConfig
+from workflows import merlin_patches  # noqa: F401  (distributed fit alignment fix, see the module)
 from workflows.labels import LABELS, label_graph
 from workflows.point_in_time import ITEM_COUNTS, USER_COUNTS
 from workflows.schema import ITEM_CATEGORICAL, ITEM_CONTINUOUS, USER_CATEGORICAL

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import dask
+
 import nvtabular as nvt
 from merlin.dag.ops.stat_operator import StatOperator
 from merlin.dag.selector import ColumnSelector
@@ -53,7 +55,8 @@ class DurationAwareWatch(StatOperator):
         frac = _fraction(clicked)
         bucket = _bucket(clicked["duration_seconds"], self.bucket_edges)
         per_bucket = [frac[bucket == b].quantile(self.quantile) for b in range(len(self.bucket_edges) + 1)]
-        return per_bucket + [frac.quantile(self.quantile)]
+        # One delayed object: the distributed executor computes each operator's stats as one future.
+        return dask.delayed(list)(per_bucket + [frac.quantile(self.quantile)])
 
     def fit_finalize(self, stats):
         values = [float(s) for s in stats]
