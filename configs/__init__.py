@@ -156,7 +156,13 @@ class LabelConfig:
 class FeatureConfig:
     """Feature engineering (``workflows/features.py``, ``workflows/point_in_time.py``)."""
 
+    def __post_init__(self) -> None:
+        bad = set(self.point_in_time_features) - {"counts", "rates"}
+        if bad or not self.point_in_time_features:
+            raise ValueError(f"features.point_in_time_features must be a non-empty subset of [counts, rates], got {self.point_in_time_features}")
+
     point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
+    point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
     time_features: bool = True  # hour of day, day of week (CONTEXT features)
     id_freq_threshold: int = 0  # ids seen fewer times map to the OOV index 2
     attribute_freq_threshold: int = 0

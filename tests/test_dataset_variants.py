@@ -30,7 +30,8 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     out = run(paths, tmp_path / "p", {
         "split": {"kind": "random"},
         "negative_sampling": {"kind": "popularity", "ratio": 1.0},
-        "features": {"attribute_num_buckets": 3, "attribute_freq_threshold": 500},
+        "features": {"attribute_num_buckets": 3, "attribute_freq_threshold": 500,
+                     "point_in_time_features": ["counts", "rates"]},
     })
     s = out.summary
     assert s["test_rows"] > 0 and out.test() is not None
@@ -46,6 +47,13 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     raw_locations = pd.read_parquet(paths["users"])["location"].nunique()
     assert cardinality < raw_locations + 3
     assert {c["check"] for c in s["checks"]} >= {"no_duplicate_pairs", "labels_agree", "point_in_time"}
+    from merlin.schema import Tags
+
+    user_cont = out.train().schema.select_by_tag(Tags.USER).select_by_tag(Tags.CONTINUOUS).column_names
+    assert set(user_cont) == {"user_events_before", "user_clicks_before", "user_click_rate_before"}
+    # Serving tables carry the same features, as of the end of the training data.
+    users = pd.read_parquet(out.user_features)
+    assert set(user_cont) <= set(users.columns) and users["user_events_before"].notna().all()
 
 
 def test_two_worker_cluster_gives_the_same_output_as_one_process(raw, tmp_path):

@@ -44,6 +44,34 @@ def _continuous(columns: list[str], entity: Tags):
     return columns >> nvt.ops.LogOp() >> nvt.ops.Normalize() >> nvt.ops.AddTags([entity, Tags.CONTINUOUS])
 
 
+class SmoothedRate:
+    """Picklable ``(clicks + 1) / (events + 2)``: a click rate that is defined from the first event on."""
+
+    def __init__(self, events_column: str):
+        self.events_column = events_column
+
+    def __call__(self, col, df):
+        return ((col + 1.0) / (df[self.events_column] + 2.0)).astype("float64")
+
+
+def point_in_time_features(counts: list[str], kinds: list[str], entity: Tags):
+    """Counts (log, normalised) and/or the click rate derived from them, tagged entity + CONTINUOUS.
+
+    Raw counts only grow with time, so their scale at serving (end of training) and in validation is
+    beyond most training rows; the rate is stationary. Which to use is ``features.point_in_time``.
+    """
+    events, clicks = counts
+    graph = None
+    if "counts" in kinds:
+        graph = _continuous(counts, entity)
+    if "rates" in kinds:
+        name = clicks.replace("_clicks_before", "_click_rate_before")
+        rate = [clicks] >> nvt.ops.LambdaOp(SmoothedRate(events), dependency=[events]) >> nvt.ops.Rename(name=name)
+        rate = rate >> nvt.ops.Normalize() >> nvt.ops.AddTags([entity, Tags.CONTINUOUS])
+        graph = rate if graph is None else graph + rate
+    return graph
+
+
 def build_feature_workflow(config: WorkflowConfig, categories_dir: str | Path) -> nvt.Workflow:
     """Build (unfitted) the workflow that turns the joined event log into model inputs."""
     out = str(categories_dir)  # Categorify writes its vocabularies here, never into the cwd
@@ -59,13 +87,15 @@ def build_feature_workflow(config: WorkflowConfig, categories_dir: str | Path) -
     user_attributes = USER_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsUserFeatures()
     user_graph = user_id + user_attributes
     if feats.point_in_time:
-        user_graph = user_graph + _continuous(USER_COUNTS, Tags.USER)
+        user_graph = user_graph + point_in_time_features(USER_COUNTS, feats.point_in_time_features, Tags.USER)
     user_features = Subgraph("user_features", user_graph)
 
     item_id = ["item_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsItemID()
     item_attributes = ITEM_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsItemFeatures()
-    item_continuous = ITEM_CONTINUOUS + (ITEM_COUNTS if feats.point_in_time else [])
-    item_features = Subgraph("item_features", item_id + item_attributes + _continuous(item_continuous, Tags.ITEM))
+    item_graph = item_id + item_attributes + _continuous(ITEM_CONTINUOUS, Tags.ITEM)
+    if feats.point_in_time:
+        item_graph = item_graph + point_in_time_features(ITEM_COUNTS, feats.point_in_time_features, Tags.ITEM)
+    item_features = Subgraph("item_features", item_graph)
 
     graph = user_features + item_features + label_graph(config)
     if feats.time_features:
