@@ -47,7 +47,8 @@ def test_grouplens_folder_maps_ratings_to_signals(grouplens):
     assert e.loc[(2, 12), "watch_seconds"] >= 0.75 * 6000  # 4 stars: watched
     assert (data.events["share"] == 0).all()
     u = data.users.set_index("user_id")
-    assert u.loc[1, "location"] == "mountain"  # 85711 is Tucson, AZ and u.loc[2, "location"] == "outside_us" and u.loc[3, "location"] == "northeast"
+    # 85711 is Tucson, AZ; T8H1N is Canadian; 02139 is Cambridge, MA.
+    assert u.loc[1, "location"] == "mountain" and u.loc[2, "location"] == "outside_us" and u.loc[3, "location"] == "northeast"
     assert u.loc[2, "age_band"] == "<18" and u.loc[3, "age_band"] == "55+"
     i = data.items.set_index("item_id")
     assert i.loc[11, "category"] == "Action" and i.loc[10, "title"] == "Toy Story (1995)"
