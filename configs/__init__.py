@@ -36,6 +36,7 @@ class SyntheticDataConfig:
     duplicate_item_fraction: float = 0.03  # items re-posted under a second id (same content)
     unsafe_item_fraction: float = 0.02  # items whose title carries a denylisted phrase
     clickbait_item_fraction: float = 0.03  # items with boosted clicks but short watches
+    repeated_event_fraction: float = 0.01  # exact copies of event rows (logging retries)
     long_item_watch_penalty: float = 0.5  # long items are watched to a smaller fraction (per log-minute)
     seed: int = 42
 

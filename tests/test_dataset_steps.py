@@ -24,10 +24,18 @@ def ddf(frame, parts=3):
 def test_identical_rows_are_dropped_and_counted(world):
     from workflows.dedup import drop_identical_rows
 
-    copies = world.events.sample(50, random_state=0)
-    kept, rep = drop_identical_rows(ddf(pd.concat([world.events, copies])))
+    unique = world.events.drop_duplicates()
+    assert len(world.events) - len(unique) == world.truth.repeated_events > 0
+    copies = unique.sample(50, random_state=0)
+    kept, rep = drop_identical_rows(ddf(pd.concat([unique, copies])))
     assert rep.rows_removed == 50
-    assert len(kept.compute()) == len(world.events.drop_duplicates())
+    assert len(kept.compute()) == len(unique)
+
+
+def test_pipeline_drops_exactly_the_planted_repeated_events(processed, small_data):
+    assert small_data.truth.repeated_events > 0
+    steps = {s["step"]: s for s in processed.summary["steps"]}
+    assert steps["dedup_identical_rows"]["rows_removed"] == small_data.truth.repeated_events
 
 
 def test_content_signature_finds_exactly_the_reposted_items(world):

@@ -27,7 +27,9 @@ workflow steps against:
   split between both ids (``truth.duplicate_of``: second id -> original id);
 * ``unsafe_item_fraction``: titles carrying a denylisted phrase (``truth.unsafe_items``);
 * ``clickbait_item_fraction``: items clicked far more than their affinity says, then abandoned
-  (``truth.clickbait_items``).
+  (``truth.clickbait_items``);
+* ``repeated_event_fraction``: exact copies of event rows, as logging retries produce
+  (``truth.repeated_events``).
 
 The result is three raw tables in the project's raw schema (see ``workflows/schema.py``).
 """
@@ -63,6 +65,7 @@ class SyntheticTruth:
     duplicate_of: dict = field(default_factory=dict)  # re-posted item id -> original item id
     unsafe_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clickbait_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    repeated_events: int = 0  # exact copies of event rows appended (logging retries)
 
 
 @dataclass
@@ -237,7 +240,10 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
             "like": like.astype(np.int64),
             "share": share.astype(np.int64),
         }
-    ).sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
+    )
+    # Logging retries: exact copies of some rows (drawn last, so the other knobs' data is unchanged).
+    repeats = events.iloc[np.sort(rng.choice(len(events), int(round(cfg.repeated_event_fraction * len(events))), replace=False))]
+    events = pd.concat([events, repeats]).sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
     users = pd.DataFrame(
         {
             "user_id": np.arange(1, cfg.num_users + 1, dtype=np.int64),
@@ -275,6 +281,7 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
         duplicate_of={int(c) + 1: int(o) + 1 for c, o in zip(copies, originals)},
         unsafe_items=unsafe + 1,
         clickbait_items=clickbait + 1,
+        repeated_events=int(len(repeats)),
     )
     return SyntheticData(
         events, users, items, user_latent, item_latent[source], user_latent_end=user_latent_end, truth=truth
