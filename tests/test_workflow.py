@@ -78,3 +78,16 @@ def test_schema_tags_what_models_select(processed):
 def test_missing_raw_column_is_named():
     with pytest.raises(ValueError, match="watch_seconds"):
         check_columns(pd.DataFrame({"user_id": [1]}), ["user_id", "watch_seconds"], "events")
+
+
+def test_out_of_range_signal_is_named():
+    import dask.dataframe as dd
+
+    from workflows.schema import check_event_values
+
+    events = pd.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [5], "click": [2], "watch_seconds": [0],
+                           "like": [0], "share": [0]})
+    with pytest.raises(ValueError, match="events.click"):
+        check_event_values(dd.from_pandas(events, npartitions=1))
+    with pytest.raises(ValueError, match="watch_seconds"):
+        check_event_values(dd.from_pandas(events.assign(click=1, watch_seconds=-3), npartitions=1))

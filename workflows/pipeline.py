@@ -51,7 +51,7 @@ from workflows.point_in_time import (
 )
 from workflows.recency_window import recency_window
 from workflows.report import report
-from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, check_columns
+from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, check_columns, check_event_values
 from workflows.splits import split_events
 
 
@@ -196,6 +196,7 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     for ds, cols, name in zip(datasets, (EVENT_COLUMNS, USER_COLUMNS, ITEM_COLUMNS), ("events", "users", "items")):
         check_columns(ds.to_ddf(), cols, name)
     events = datasets[0].to_ddf()[EVENT_COLUMNS]
+    check_event_values(events)
     # Attribute tables are small: computed frames (cudf on a GPU machine, pandas otherwise).
     users = datasets[1].to_ddf()[USER_COLUMNS].compute()
     raw_items = datasets[2].to_ddf()[ITEM_COLUMNS].compute()
