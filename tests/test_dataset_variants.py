@@ -54,6 +54,25 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     # Serving tables carry the same features, as of the end of the training data.
     users = pd.read_parquet(out.user_features)
     assert set(user_cont) <= set(users.columns) and users["user_events_before"].notna().all()
+    # ...and the values are the counts of the cleaned log before the end of training, recomputed here
+    # in plain pandas and passed through the same fitted user sub-workflow.
+    from merlin.io import Dataset
+
+    events = pd.read_parquet(paths["events"]).drop_duplicates()
+    id_map = pd.read_parquet(out.item_id_map).set_index("item_id")["canonical_item_id"]
+    events["item_id"] = events["item_id"].map(id_map)
+    events = events[~events["item_id"].isin(s["unsafe_items"])]
+    end_of_training = s["cutoff"]
+    past = events[events["timestamp"] < end_of_training]
+    totals = past.groupby("user_id").agg(user_events_before=("click", "size"), user_clicks_before=("click", "sum"))
+    table = pd.read_parquet(paths["users"]).merge(totals.reset_index(), on="user_id", how="left").fillna(0)
+    for c in ("user_events_before", "user_clicks_before"):
+        table[c] = table[c].astype("int64")
+    expected = out.workflow().get_subworkflow("user_features").transform(Dataset(table)).to_ddf().compute()
+    expected = expected.assign(user_id_raw=table["user_id"].values).set_index("user_id_raw")
+    got = users.set_index("user_id_raw")
+    for c in user_cont:
+        np.testing.assert_allclose(got[c].values, expected.loc[got.index, c].values, rtol=1e-6)
 
 
 def test_two_worker_cluster_gives_the_same_output_as_one_process(raw, tmp_path):
