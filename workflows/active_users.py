@@ -31,7 +31,7 @@ def active_users(events, config: ActiveUsersConfig, as_of: int | None = None) ->
     if not config.enabled:
         return events, report("active_users", events, events, enabled=False)
     ids = active_user_ids(events, config, as_of)
-    kept = filter_rows(events, IsIn("user_id", ids))
+    kept = filter_rows(events, IsIn("user_id", ids)).persist()
     return kept, report(
         "active_users", events, kept, min_events=config.min_events, days=config.days, event=config.event
     )

@@ -54,7 +54,7 @@ def content_filter(events, items, config: ContentFilterConfig):
     if not config.enabled:
         return events, items, items["item_id"].values[:0], report("content_filter", events, events, enabled=False)
     unsafe = unsafe_item_ids(items, config)
-    kept = filter_rows(events, IsIn("item_id", unsafe, keep=False))
+    kept = filter_rows(events, IsIn("item_id", unsafe, keep=False)).persist()
     kept_items = items[~items["item_id"].isin(list(unsafe))].reset_index(drop=True)
     rep = report(
         "content_filter", events, kept, classifier=config.classifier, unsafe_items=int(len(unsafe)),

@@ -17,7 +17,7 @@ SIGNALS_MAX = ["click", "watch_seconds", "like", "share"]
 
 
 def drop_identical_rows(events) -> tuple[object, StepReport]:
-    kept = events.drop_duplicates(split_out=events.npartitions)
+    kept = events.drop_duplicates(split_out=events.npartitions).persist()
     return kept, report("dedup_identical_rows", events, kept)
 
 
@@ -60,7 +60,7 @@ def canonical_items(events, items, config: DedupConfig):
         mapping["canonical_item_id"] = mapping["item_id"]
         return events, items, mapping, report("dedup_canonical_items", events, events, enabled=False)
     mapping = canonical_item_map(items, config.signature_columns)
-    mapped = apply_item_map(events, mapping)
+    mapped = apply_item_map(events, mapping).persist()
     keep = mapping["item_id"] == mapping["canonical_item_id"]
     kept_items = items[keep.values].reset_index(drop=True)
     rep = report(
@@ -89,5 +89,5 @@ def aggregate_pairs(events, first_columns: list[str] | None = None) -> object:
 def dedup_pairs(events, config: DedupConfig, first_columns: list[str] | None = None, step: str = "dedup_pairs"):
     if not config.aggregate_pairs:
         return events, report(step, events, events, enabled=False)
-    out = aggregate_pairs(events, first_columns)
+    out = aggregate_pairs(events, first_columns).persist()
     return out, report(step, events, out)

@@ -196,6 +196,7 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     for ds, cols, name in zip(datasets, (EVENT_COLUMNS, USER_COLUMNS, ITEM_COLUMNS), ("events", "users", "items")):
         check_columns(ds.to_ddf(), cols, name)
     events = datasets[0].to_ddf()[EVENT_COLUMNS]
+    events = events.persist()  # every step materialises its output once: reports and later steps reuse it
     check_event_values(events)
     # Attribute tables are small: computed frames (cudf on a GPU machine, pandas otherwise).
     users = datasets[1].to_ddf()[USER_COLUMNS].compute()
@@ -231,7 +232,6 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     for name in list(parts):
         parts[name], rep = dedup_pairs(parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}")
         steps.append(rep)
-        parts[name] = parts[name].persist()
     train_events = parts["train"]
 
     if config.negative_sampling.kind != "none":

@@ -18,5 +18,5 @@ def recency_window(events, config: RecencyWindowConfig) -> tuple[object, StepRep
         return events, report("recency_window", events, events, days=0)
     newest = int(events["timestamp"].max().compute())
     start = newest - int(config.days * SECONDS_PER_DAY)
-    kept = filter_rows(events, AtLeast("timestamp", start))
+    kept = filter_rows(events, AtLeast("timestamp", start)).persist()
     return kept, report("recency_window", events, kept, days=config.days, window_start=start)
