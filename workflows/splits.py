@@ -90,7 +90,7 @@ def _assign_random(df, config: SplitConfig):
     df["_r"] = _pseudo_random(df, config.seed)
     df = df.sort_values(["user_id", "_r"])
     rank = df.groupby("user_id").cumcount()
-    size = df.groupby("user_id")["_r"].transform("size")
+    size = df.groupby("user_id")["_r"].transform("count")  # "count": cudf and pandas both have it
     position = rank / size
     train_end, valid_end = config.ratios[0], config.ratios[0] + config.ratios[1]
     df["_part"] = (position >= train_end).astype("int64") + (position >= valid_end).astype("int64")
