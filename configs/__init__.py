@@ -30,30 +30,183 @@ class SyntheticDataConfig:
     popularity_skew: float = 1.0  # Zipf exponent of the exposure policy
     personalized_exposure: float = 0.7  # share of impressions the logging policy picks by preference
     preference_strength: float = 3.0  # how sharply latent affinity drives clicks
+    inactive_user_fraction: float = 0.05  # users with 1-2 events, all in the first half of the log
+    one_off_user_fraction: float = 0.03  # users with exactly one event
+    interest_drift: float = 0.0  # 0..1: how far each user's taste moves to a new one by the end
+    duplicate_item_fraction: float = 0.03  # items re-posted under a second id (same content)
+    unsafe_item_fraction: float = 0.02  # items whose title carries a denylisted phrase
+    clickbait_item_fraction: float = 0.03  # items with boosted clicks but short watches
+    repeated_event_fraction: float = 0.01  # exact copies of event rows (logging retries)
+    long_item_watch_penalty: float = 0.5  # long items are watched to a smaller fraction (per log-minute)
     seed: int = 42
 
 
 @dataclass
 class SplitConfig:
-    """How events are split into train and validation."""
+    """How events are split into train / validation (/ test) (``workflows/splits.py``).
 
-    kind: str = "temporal"  # only "temporal" for now: the last ``valid_fraction`` of time is validation
+    ``temporal`` (default): the last ``valid_fraction`` (+ ``test_fraction``) of time is held out.
+    ``random``: RecBole's protocol, each user's interactions shuffled and cut ``ratios`` (80/10/10).
+    ``explicit``: parquet files listing the ``user_id, item_id, timestamp`` of each part, so any
+    external protocol can be reproduced.
+    """
+
+    kind: str = "temporal"
     valid_fraction: float = 0.2
+    test_fraction: float = 0.0
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    train_file: str = ""
+    valid_file: str = ""
+    test_file: str = ""
+    seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.kind != "temporal":
-            raise ValueError(f"split.kind must be 'temporal', got {self.kind!r}")
+        kinds = ("temporal", "random", "explicit")
+        if self.kind not in kinds:
+            raise ValueError(f"split.kind must be one of {kinds}, got {self.kind!r}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ValueError(f"split.valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 - self.valid_fraction:
+            raise ValueError(f"split.test_fraction must be in [0, 1 - valid_fraction), got {self.test_fraction}")
+        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise ValueError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
+        if self.kind == "explicit" and not (self.train_file and self.valid_file):
+            raise ValueError("split.kind 'explicit' needs split.train_file and split.valid_file")
+
+
+@dataclass
+class ActiveUsersConfig:
+    """Train only on active users (``workflows/active_users.py``); the rest get the fallback.
+
+    A user is active with at least ``min_events`` qualifying events (``event``: a signal column such
+    as ``click``, or ``impression`` for any event) in the last ``days`` days of the training period.
+    The seed's example is ``min_events: 10, days: 10`` on clicks.
+    """
+
+    enabled: bool = True
+    min_events: int = 3
+    days: float = 30.0
+    event: str = "click"
+
+    def __post_init__(self) -> None:
+        if self.min_events < 1 or self.days <= 0:
+            raise ValueError(f"active_users needs min_events >= 1 and days > 0, got {self.min_events}, {self.days}")
+        if self.event not in ("impression", "click", "like", "share"):
+            raise ValueError(f"active_users.event must be impression/click/like/share, got {self.event!r}")
+
+
+@dataclass
+class RecencyWindowConfig:
+    """Keep only the last ``days`` days of the log (``workflows/recency_window.py``); 0 keeps all."""
+
+    days: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.days < 0:
+            raise ValueError(f"recency_window.days must be >= 0, got {self.days}")
+
+
+@dataclass
+class DedupConfig:
+    """Duplicate removal (``workflows/dedup.py``)."""
+
+    identical_rows: bool = True  # drop exact copies of an event row (logging retries)
+    aggregate_pairs: bool = True  # one row per (user, item) per split part, signals combined by max
+    canonical_items: bool = True  # one item posted under several ids -> one canonical id
+    signature_columns: list[str] = field(default_factory=lambda: ["title", "category", "duration_seconds"])
+
+
+@dataclass
+class ContentFilterConfig:
+    """Unsafe-content filter over the item table (``workflows/content_filter.py``).
+
+    ``classifier`` is ``keyword`` (a case-insensitive whole-word denylist over ``columns``) or the
+    dotted path ``package.module:function`` of any function ``(items_frame, config) -> bool series``.
+    """
+
+    enabled: bool = True
+    classifier: str = "keyword"
+    columns: list[str] = field(default_factory=lambda: ["title"])
+    denylist: list[str] = field(
+        default_factory=lambda: [
+            "gore", "graphic violence", "nsfw", "explicit", "self-harm", "hate speech", "beheading",
+            "scam", "terror attack",
+        ]
+    )
+
+
+@dataclass
+class LabelConfig:
+    """The duration-aware watch label ``duration_watch`` (``workflows/labels.py``).
+
+    Positive when the watch fraction reaches the ``duration_watch_quantile`` of clicked training
+    events of the same duration bucket (edges in seconds), so short clips do not win by being short.
+    """
+
+    duration_buckets: list[float] = field(default_factory=lambda: [60.0, 300.0, 1200.0])
+    duration_watch_quantile: float = 0.5
+
+    def __post_init__(self) -> None:
+        if sorted(self.duration_buckets) != list(self.duration_buckets):
+            raise ValueError(f"labels.duration_buckets must be increasing, got {self.duration_buckets}")
+        if not 0.0 < self.duration_watch_quantile < 1.0:
+            raise ValueError(f"labels.duration_watch_quantile must be in (0, 1), got {self.duration_watch_quantile}")
+
+
+@dataclass
+class FeatureConfig:
+    """Feature engineering (``workflows/features.py``, ``workflows/point_in_time.py``)."""
+
+    def __post_init__(self) -> None:
+        bad = set(self.point_in_time_features) - {"counts", "rates"}
+        if bad or not self.point_in_time_features:
+            raise ValueError(f"features.point_in_time_features must be a non-empty subset of [counts, rates], got {self.point_in_time_features}")
+
+    point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
+    point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
+    time_features: bool = True  # hour of day, day of week (CONTEXT features)
+    id_freq_threshold: int = 0  # ids seen fewer times map to the OOV index 2
+    attribute_freq_threshold: int = 0
+    attribute_num_buckets: int = 0  # > 0: hash rare/unseen attribute values into buckets (huge vocabularies)
+
+
+@dataclass
+class NegativeSamplingConfig:
+    """Sampled negatives for rankers (``workflows/negative_sampling.py``); ``none`` keeps impressions only."""
+
+    kind: str = "none"  # none | uniform | popularity
+    ratio: float = 1.0  # negatives per positive (click)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "uniform", "popularity"):
+            raise ValueError(f"negative_sampling.kind must be none/uniform/popularity, got {self.kind!r}")
+        if self.ratio <= 0:
+            raise ValueError(f"negative_sampling.ratio must be > 0, got {self.ratio}")
+
+
+@dataclass
+class ChecksConfig:
+    """Correctness checks the pipeline runs (``workflows/checks.py``); a failed check raises."""
+
+    enabled: bool = True
+    point_in_time_probe: bool = True  # recompute features with perturbed future events (costs 2 passes)
 
 
 @dataclass
 class WorkflowConfig:
-    """The NVTabular feature workflow (``workflows/features.py``)."""
+    """The dataset workflow (``workflows/pipeline.py`` and one module per step)."""
 
     watch_threshold: float = 0.75  # the "watched >= 75%" label
     split: SplitConfig = field(default_factory=SplitConfig)
-
+    active_users: ActiveUsersConfig = field(default_factory=ActiveUsersConfig)
+    recency_window: RecencyWindowConfig = field(default_factory=RecencyWindowConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    content_filter: ContentFilterConfig = field(default_factory=ContentFilterConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    negative_sampling: NegativeSamplingConfig = field(default_factory=NegativeSamplingConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
 
 @dataclass
 class CandidateGeneratorConfig:

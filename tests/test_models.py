@@ -62,8 +62,11 @@ def test_candidate_generator_recall_beats_popularity(demo_world):
     )
     users = pd.read_parquet(processed.user_features)
     items = pd.read_parquet(processed.item_features)
+    from models.train import feature_lists
+
     ids, vectors = item_embeddings(model, Dataset(items.drop(columns=["item_id_raw"])))
-    names = ["user_id", "age_band", "gender", "location"]
+    features = feature_lists(processed.train().schema)
+    names = features["user_categorical"] + features["user_continuous"]  # continuous: point-in-time rates
     queries = model.query_encoder({n: tf.constant(users[n].values[:, None]) for n in names}).numpy()
     top = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :100]]
 
@@ -122,7 +125,8 @@ def test_query_tower_served_from_the_registry_matches_training(model_version, pr
 
     tower = tf.keras.models.load_model(str(model_version.path / "query_tower"))
     users = pd.read_parquet(processed.user_features).head(50)
-    names = model_version.manifest["features"]["user_categorical"]
+    features = model_version.manifest["features"]
+    names = features["user_categorical"] + features["user_continuous"]
     queries = np.asarray(tower({n: tf.constant(users[n].values[:, None]) for n in names}))
     assert queries.shape == (50, model_version.manifest["item_embedding_dim"])
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, rtol=1e-4)  # L2-normalised tower

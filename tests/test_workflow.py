@@ -13,11 +13,19 @@ def frames(processed):
 
 def test_temporal_split_has_no_validation_event_before_the_cutoff(processed, raw_paths):
     events = pd.read_parquet(raw_paths["events"])
-    cutoff = processed.summary["cutoff"]
+    summary = processed.summary
+    cutoff = summary["cutoff"]
     train_events = pd.read_parquet(processed.train_events)
     assert (train_events["timestamp"] < cutoff).all()
-    assert processed.summary["train_rows"] == (events["timestamp"] < cutoff).sum()
-    assert processed.summary["valid_rows"] == (events["timestamp"] >= cutoff).sum()
+    assert summary["train_rows"] == len(train_events)
+    # Cleaning removes rows, never adds: each whole-log step starts where the previous one ended.
+    steps = {s["step"]: s for s in summary["steps"]}
+    chain = ["dedup_identical_rows", "dedup_canonical_items", "content_filter", "recency_window"]
+    assert steps[chain[0]]["rows_before"] == len(events)
+    for a, b in zip(chain, chain[1:]):
+        assert steps[a]["rows_after"] == steps[b]["rows_before"]
+    assert steps["dedup_pairs_valid"]["rows_after"] == summary["valid_rows"]
+    assert {c["check"] for c in summary["checks"]} >= {"temporal_split", "point_in_time", "labels_agree"}
 
 
 def test_labels_agree_with_raw_signals(processed, raw_paths, frames, small_config):
@@ -31,6 +39,7 @@ def test_labels_agree_with_raw_signals(processed, raw_paths, frames, small_confi
     assert (train["click"].values == events["click"].values).all()
     assert (train["watched"].values == watched.astype(int).values).all()
     assert (train["like"].values == events["like"].values).all()
+    assert (train["duration_watch"].values <= train["click"].values).all()
 
 
 def test_encoded_ids_round_trip_through_the_vocabulary(processed, frames):
@@ -55,9 +64,30 @@ def test_schema_tags_what_models_select(processed):
     schema = processed.train().schema
     assert schema.select_by_tag(Tags.USER_ID).column_names == ["user_id"]
     assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
-    assert set(schema.select_by_tag(Tags.TARGET).column_names) == {"click", "watched", "like", "share"}
+    targets = {"click", "watched", "duration_watch", "like", "share"}
+    assert set(schema.select_by_tag(Tags.TARGET).column_names) == targets
+    assert set(schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names) == targets
+    user_cont = set(schema.select_by_tag(Tags.USER).select_by_tag(Tags.CONTINUOUS).column_names)
+    item_cont = set(schema.select_by_tag(Tags.ITEM).select_by_tag(Tags.CONTINUOUS).column_names)
+    assert user_cont == {"user_click_rate_before"}  # default point_in_time_features: [rates]
+    assert item_cont == {"duration_seconds", "item_click_rate_before"}
+    # Time features are context: rankers may use them, the user/item towers (served per user) do not.
+    assert set(schema.select_by_tag(Tags.CONTEXT).column_names) == {"hour_of_day", "day_of_week"}
 
 
 def test_missing_raw_column_is_named():
     with pytest.raises(ValueError, match="watch_seconds"):
         check_columns(pd.DataFrame({"user_id": [1]}), ["user_id", "watch_seconds"], "events")
+
+
+def test_out_of_range_signal_is_named():
+    import dask.dataframe as dd
+
+    from workflows.schema import check_event_values
+
+    events = pd.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [5], "click": [2], "watch_seconds": [0],
+                           "like": [0], "share": [0]})
+    with pytest.raises(ValueError, match="events.click"):
+        check_event_values(dd.from_pandas(events, npartitions=1))
+    with pytest.raises(ValueError, match="watch_seconds"):
+        check_event_values(dd.from_pandas(events.assign(click=1, watch_seconds=-3), npartitions=1))

@@ -1,13 +1,19 @@
-"""The NVTabular feature workflow: categorical encodings, item duration, and the training labels.
+"""The NVTabular feature workflow: categorical encodings, continuous features, time features, labels.
 
 The workflow has two named sub-workflows, ``user_features`` and ``item_features``. Serving applies
 them alone to the user and item tables (``Workflow.get_subworkflow``), so the features a model is
 trained on and the features it is served with come from the same fitted operators.
 
-Labels (one per signal, because no single signal is relevance):
-    click        the user clicked the impression
-    watched      watched at least ``watch_threshold`` (default 75%) of the item's duration
-    like, share  explicit positive feedback
+    user_features   user_id (USER_ID), age_band/gender/location (USER, CATEGORICAL),
+                    user_events_before/user_clicks_before (USER, CONTINUOUS; point-in-time counts)
+    item_features   item_id (ITEM_ID), category (ITEM, CATEGORICAL),
+                    duration_seconds, item_events_before/item_clicks_before (ITEM, CONTINUOUS)
+    context         hour_of_day, day_of_week (CONTEXT, CATEGORICAL) from the event timestamp
+    labels          see ``workflows/labels.py`` (TARGET, BINARY_CLASSIFICATION)
+
+Categorify reserves 0 (padding), 1 (null) and 2 (out of vocabulary). ``id_freq_threshold`` sends
+rare ids to OOV; ``attribute_freq_threshold`` / ``attribute_num_buckets`` do the same for attributes,
+hashing rare values into buckets when a vocabulary is too large to keep whole.
 """
 from __future__ import annotations
 
@@ -18,43 +24,83 @@ from merlin.dag.ops.subgraph import Subgraph
 from merlin.schema import Tags
 
 from configs import WorkflowConfig
+from workflows import merlin_patches  # noqa: F401  (distributed fit alignment fix, see the module)
+from workflows.labels import LABELS, label_graph
+from workflows.point_in_time import ITEM_COUNTS, USER_COUNTS
 from workflows.schema import ITEM_CATEGORICAL, ITEM_CONTINUOUS, USER_CATEGORICAL
 
-LABELS = ["click", "watched", "like", "share"]
+__all__ = ["LABELS", "build_feature_workflow", "hour_of_day", "day_of_week"]
+
+
+def hour_of_day(col, df):
+    return ((col // 3600) % 24).astype("int64")
+
+
+def day_of_week(col, df):
+    return (((col // 86400) + 3) % 7).astype("int64")  # 1970-01-01 was a Thursday: Monday is 0
+
+
+def _continuous(columns: list[str], entity: Tags):
+    return columns >> nvt.ops.LogOp() >> nvt.ops.Normalize() >> nvt.ops.AddTags([entity, Tags.CONTINUOUS])
+
+
+class SmoothedRate:
+    """Picklable ``(clicks + 1) / (events + 2)``: a click rate that is defined from the first event on."""
+
+    def __init__(self, events_column: str):
+        self.events_column = events_column
+
+    def __call__(self, col, df):
+        return ((col + 1.0) / (df[self.events_column] + 2.0)).astype("float64")
+
+
+def point_in_time_features(counts: list[str], kinds: list[str], entity: Tags):
+    """Counts (log, normalised) and/or the click rate derived from them, tagged entity + CONTINUOUS.
+
+    Raw counts only grow with time, so their scale at serving (end of training) and in validation is
+    beyond most training rows; the rate is stationary. Which to use is ``features.point_in_time``.
+    """
+    events, clicks = counts
+    graph = None
+    if "counts" in kinds:
+        graph = _continuous(counts, entity)
+    if "rates" in kinds:
+        name = clicks.replace("_clicks_before", "_click_rate_before")
+        rate = [clicks] >> nvt.ops.LambdaOp(SmoothedRate(events), dependency=[events]) >> nvt.ops.Rename(name=name)
+        rate = rate >> nvt.ops.Normalize() >> nvt.ops.AddTags([entity, Tags.CONTINUOUS])
+        graph = rate if graph is None else graph + rate
+    return graph
 
 
 def build_feature_workflow(config: WorkflowConfig, categories_dir: str | Path) -> nvt.Workflow:
     """Build (unfitted) the workflow that turns the joined event log into model inputs."""
     out = str(categories_dir)  # Categorify writes its vocabularies here, never into the cwd
+    feats = config.features
+    ids = dict(out_path=out, freq_threshold=feats.id_freq_threshold)
+    attrs = dict(
+        out_path=out,
+        freq_threshold=feats.attribute_freq_threshold,
+        num_buckets=feats.attribute_num_buckets or None,
+    )
 
-    user_id = ["user_id"] >> nvt.ops.Categorify(out_path=out) >> nvt.ops.TagAsUserID()
-    user_attributes = (
-        USER_CATEGORICAL >> nvt.ops.Categorify(out_path=out) >> nvt.ops.TagAsUserFeatures()
-    )
-    user_features = Subgraph("user_features", user_id + user_attributes)
+    user_id = ["user_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsUserID()
+    user_attributes = USER_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsUserFeatures()
+    user_graph = user_id + user_attributes
+    if feats.point_in_time:
+        user_graph = user_graph + point_in_time_features(USER_COUNTS, feats.point_in_time_features, Tags.USER)
+    user_features = Subgraph("user_features", user_graph)
 
-    item_id = ["item_id"] >> nvt.ops.Categorify(out_path=out) >> nvt.ops.TagAsItemID()
-    item_attributes = (
-        ITEM_CATEGORICAL >> nvt.ops.Categorify(out_path=out) >> nvt.ops.TagAsItemFeatures()
-    )
-    item_continuous = (
-        ITEM_CONTINUOUS
-        >> nvt.ops.LogOp()
-        >> nvt.ops.Normalize()
-        >> nvt.ops.AddTags([Tags.ITEM, Tags.CONTINUOUS])
-    )
-    item_features = Subgraph("item_features", item_id + item_attributes + item_continuous)
+    item_id = ["item_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsItemID()
+    item_attributes = ITEM_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsItemFeatures()
+    item_graph = item_id + item_attributes + _continuous(ITEM_CONTINUOUS, Tags.ITEM)
+    if feats.point_in_time:
+        item_graph = item_graph + point_in_time_features(ITEM_COUNTS, feats.point_in_time_features, Tags.ITEM)
+    item_features = Subgraph("item_features", item_graph)
 
-    threshold = config.watch_threshold
-    watched = (
-        ["watch_seconds"]
-        >> nvt.ops.LambdaOp(
-            lambda col, df: (col >= threshold * df["duration_seconds"]).astype("int64"),
-            dependency=["duration_seconds"],
-        )
-        >> nvt.ops.Rename(name="watched")
-    )
-    binary_labels = (["click", "like", "share"] + watched) >> nvt.ops.AddTags(
-        [Tags.BINARY_CLASSIFICATION, Tags.TARGET]
-    )
-    return nvt.Workflow(user_features + item_features + binary_labels)
+    graph = user_features + item_features + label_graph(config)
+    if feats.time_features:
+        hour = ["timestamp"] >> nvt.ops.LambdaOp(hour_of_day) >> nvt.ops.Rename(name="hour_of_day")
+        day = ["timestamp"] >> nvt.ops.LambdaOp(day_of_week) >> nvt.ops.Rename(name="day_of_week")
+        context = (hour + day) >> nvt.ops.Categorify(out_path=out) >> nvt.ops.AddTags([Tags.CONTEXT])
+        graph = graph + context
+    return nvt.Workflow(graph)

@@ -9,17 +9,22 @@ from __future__ import annotations
 import nvtabular as nvt
 from merlin.io import Dataset
 
-from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS
+from workflows.schema import ITEM_COLUMNS, USER_COLUMNS
 
 JOINED_ITEM_COLUMNS = [c for c in ITEM_COLUMNS if c != "title"]
 
 
-def join_attributes(events: Dataset, users: Dataset, items: Dataset) -> Dataset:
-    """Return ``events`` with the user and item attribute columns added (left joins)."""
+def attribute_join(users, items, event_columns: list[str]) -> nvt.Workflow:
+    """An (unfitted) workflow adding user and item attribute columns to events (left joins)."""
     joined = (
-        EVENT_COLUMNS
+        list(event_columns)
         >> nvt.ops.JoinExternal(users, on="user_id", columns_ext=USER_COLUMNS, how="left")
         >> nvt.ops.JoinExternal(items, on="item_id", columns_ext=JOINED_ITEM_COLUMNS, how="left")
     )
-    workflow = nvt.Workflow(joined)
+    return nvt.Workflow(joined)
+
+
+def join_attributes(events: Dataset, users: Dataset, items: Dataset) -> Dataset:
+    """Return ``events`` with the user and item attribute columns added (left joins)."""
+    workflow = attribute_join(users, items, events.to_ddf().columns)
     return workflow.fit_transform(events)

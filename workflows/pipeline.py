@@ -1,14 +1,30 @@
-"""The dataset pipeline: raw tables -> joined log -> temporal split -> fitted feature workflow.
+"""The dataset pipeline: raw tables -> cleaned, labelled, split and encoded model inputs.
+
+The steps, in order (one module each; every step reports rows/users/items removed):
+
+    dedup.drop_identical_rows        exact copies of an event
+    dedup.canonical_items            one item under several ids -> one canonical id
+    content_filter.content_filter    unsafe items: neither trained on nor served
+    recency_window.recency_window    only the last W days
+    point_in_time                    user/item counts from strictly earlier events
+    splits.split_events              temporal (default) / random per user / explicit files
+    active_users.active_users        training data: only users active lately (others: fallback)
+    dedup.dedup_pairs                one row per (user, item) per part, signals combined
+    negative_sampling                optional sampled negatives for rankers (training part)
+    joins + features + labels        the fitted NVTabular workflow
+    checks                           correctness checks on the output (raise on failure)
 
 ``run_dataset_pipeline`` writes everything models and serving need under one folder:
 
-    train/, valid/             transformed parquet (model inputs and labels)
+    train/, valid/ (, test/)   transformed parquet (model inputs and labels)
     workflow/                  the fitted NVTabular workflow (with user/item sub-workflows)
     categories/                Categorify vocabularies
-    user_features.parquet      encoded features of every user known at training time, plus raw id
-    item_features.parquet      encoded features of every item known at training time, plus raw id
+    user_features.parquet      encoded features of every user known at training time, plus raw id;
+                               point-in-time counts as of the end of the training data
+    item_features.parquet      the same for every safe, canonical item known at training time
     train_events.parquet       raw training-period events (history for filters and popularity)
-    summary.json               counts and the split cutoff
+    item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
+    summary.json               counts, the split cutoff, one report per step, the checks passed
 """
 from __future__ import annotations
 
@@ -16,14 +32,27 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask.dataframe as dd
 import nvtabular as nvt
 from merlin.io import Dataset
 
 from configs import WorkflowConfig
+from workflows import checks
+from workflows.active_users import active_users
+from workflows.cluster import connect
+from workflows.content_filter import content_filter
+from workflows.dedup import canonical_items, dedup_pairs, drop_identical_rows
 from workflows.features import build_feature_workflow
-from workflows.joins import join_attributes
-from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, check_columns
-from workflows.splits import temporal_split
+from workflows.joins import attribute_join
+from workflows.labels import DurationAwareWatch
+from workflows.negative_sampling import sample_negatives
+from workflows.point_in_time import (
+    ITEM_COUNTS, POINT_IN_TIME_COLUMNS, USER_COUNTS, WEIGHT, add_point_in_time_counts, totals_as_of,
+)
+from workflows.recency_window import recency_window
+from workflows.report import report
+from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, check_columns, check_event_values
+from workflows.splits import split_events
 
 
 @dataclass
@@ -53,6 +82,14 @@ class ProcessedData:
         return self.root / "item_features.parquet"
 
     @property
+    def test_dir(self) -> Path:
+        return self.root / "test"
+
+    @property
+    def item_id_map(self) -> Path:
+        return self.root / "item_id_map.parquet"
+
+    @property
     def train_events(self) -> Path:
         return self.root / "train_events.parquet"
 
@@ -65,6 +102,10 @@ class ProcessedData:
 
     def valid(self) -> Dataset:
         return Dataset(str(self.valid_dir), engine="parquet")
+
+    def test(self) -> Dataset | None:
+        """The test part (random split, or temporal with ``test_fraction``), else ``None``."""
+        return Dataset(str(self.test_dir), engine="parquet") if self.test_dir.exists() else None
 
     def workflow(self) -> nvt.Workflow:
         return nvt.Workflow.load(str(self.workflow_dir))
@@ -93,43 +134,169 @@ def _encode_table(workflow: nvt.Workflow, subgraph: str, table: Dataset, id_col:
     return encoded.sort_values(id_col).reset_index(drop=True)
 
 
+def _duration_op(workflow: nvt.Workflow) -> DurationAwareWatch | None:
+    """The fitted ``DurationAwareWatch`` operator of a workflow (its thresholds go into the summary)."""
+    stack, seen = [workflow.output_node], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.op, DurationAwareWatch):
+            return node.op
+        stack.extend(node.parents_with_dependencies)
+    return None
+
+
+def _with_totals(table, totals, columns):
+    """Attach point-in-time totals to a user/item table; ids without events get 0."""
+    key = totals.columns[0]
+    merged = table.merge(totals, on=key, how="left")
+    for column in columns:
+        merged[column] = merged[column].fillna(0).astype("int64")
+    return merged.sort_values(key).reset_index(drop=True)
+
+
+def _negatives_with_features(train, events, items, config: WorkflowConfig, point_in_time: bool):
+    """Sampled negatives for the training part, with point-in-time counts as of their timestamp."""
+    ns = config.negative_sampling
+    raw_train = train[EVENT_COLUMNS]
+    negatives = sample_negatives(raw_train, items, ns.ratio, ns.kind, ns.seed)
+    negatives = negatives.drop_duplicates(subset=["user_id", "item_id"], split_out=negatives.npartitions)
+    if point_in_time:
+        # Negatives get the counts of real events before them, and are not counted themselves.
+        real = events[EVENT_COLUMNS].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
+        fake = negatives.assign(**{WEIGHT: negatives["timestamp"] * 0})
+        both = add_point_in_time_counts(dd.concat([real, fake]))
+        negatives = both[both[WEIGHT] == 0][list(train.columns)]
+    return negatives[list(train.columns)]
+
+
 def run_dataset_pipeline(
     events_path: str | Path,
     users_path: str | Path,
     items_path: str | Path,
     out_dir: str | Path,
     config: WorkflowConfig,
+    scheduler=None,
 ) -> ProcessedData:
-    """Run the whole dataset pipeline on raw parquet tables and write its outputs to ``out_dir``."""
+    """Run the whole dataset pipeline on raw parquet tables and write its outputs to ``out_dir``.
+
+    ``scheduler``: where dask runs (see ``workflows/cluster.py``): ``None`` (in process), a
+    ``distributed.Client``, a scheduler address, ``"local-cuda"`` or ``"auto"``.
+    """
+    with connect(scheduler):
+        return _run(events_path, users_path, items_path, out_dir, config)
+
+
+def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -> ProcessedData:
     out = ProcessedData(Path(out_dir))
     out.root.mkdir(parents=True, exist_ok=True)
-    events, users, items = (Dataset(str(p), engine="parquet") for p in (events_path, users_path, items_path))
-    for ds, cols, name in ((events, EVENT_COLUMNS, "events"), (users, USER_COLUMNS, "users"), (items, ITEM_COLUMNS, "items")):
+    datasets = [Dataset(str(p), engine="parquet") for p in (events_path, users_path, items_path)]
+    for ds, cols, name in zip(datasets, (EVENT_COLUMNS, USER_COLUMNS, ITEM_COLUMNS), ("events", "users", "items")):
         check_columns(ds.to_ddf(), cols, name)
+    events = datasets[0].to_ddf()[EVENT_COLUMNS]
+    events = events.persist()  # every step materialises its output once: reports and later steps reuse it
+    check_event_values(events)
+    # Attribute tables are small: computed frames (cudf on a GPU machine, pandas otherwise).
+    users = datasets[1].to_ddf()[USER_COLUMNS].compute()
+    raw_items = datasets[2].to_ddf()[ITEM_COLUMNS].compute()
+    items = raw_items
+    steps, passed = [], []
 
-    joined = join_attributes(events, users, items)
-    split = temporal_split(joined, config.split)
+    # 1. Cleaning on the whole log.
+    if config.dedup.identical_rows:
+        events, rep = drop_identical_rows(events)
+        steps.append(rep)
+    events, items, item_map, rep = canonical_items(events, items, config.dedup)
+    steps.append(rep)
+    events, items, unsafe, rep = content_filter(events, items, config.content_filter)
+    steps.append(rep)
+    events, rep = recency_window(events, config.recency_window)
+    steps.append(rep)
 
+    # 2. Point-in-time features on the cleaned log (every event sees only earlier events).
+    point_in_time = config.features.point_in_time
+    if point_in_time:
+        events = add_point_in_time_counts(events)
+    events = events.persist()
+
+    # 3. Split; active users on the training part; one row per (user, item) in each part.
+    split = split_events(events, config.split)
+    if config.checks.enabled and config.split.kind == "temporal":
+        passed.append(checks.check_temporal_split(split))
+    train, rep = active_users(split.train, config.active_users, as_of=split.cutoff)
+    steps.append(rep)
+    parts = {**split.parts(), "train": train}
+    first_columns = POINT_IN_TIME_COLUMNS if point_in_time else []
+    for name in list(parts):
+        parts[name], rep = dedup_pairs(parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}")
+        steps.append(rep)
+    train_events = parts["train"]
+
+    if config.negative_sampling.kind != "none":
+        negatives = _negatives_with_features(parts["train"], events, items, config, point_in_time)
+        before = parts["train"]
+        parts["train"] = dd.concat([before, negatives]).persist()
+        steps.append(report("negative_sampling", before, parts["train"], kind=config.negative_sampling.kind,
+                            ratio=config.negative_sampling.ratio))
+
+    # 4. Attributes, then the fitted feature workflow (features + labels) on the training part.
+    join = attribute_join(users, items, list(parts["train"].columns))
+    joined = {name: join.fit_transform(Dataset(ddf)).to_ddf().persist() for name, ddf in parts.items()}
     workflow = build_feature_workflow(config, out.root)
-    workflow.fit(split.train)
-    workflow.transform(split.train).to_parquet(str(out.train_dir), output_files=1)
-    workflow.transform(split.valid).to_parquet(str(out.valid_dir), output_files=1)
+    workflow.fit(Dataset(joined["train"]))
+    transformed = {}
+    for name, ddf in joined.items():
+        transformed[name] = workflow.transform(Dataset(ddf))
+        transformed[name].to_parquet(str(out.root / name), output_files=1)
     workflow.save(str(out.workflow_dir))
+    duration_op = _duration_op(workflow)
 
-    user_table = _encode_table(workflow, "user_features", users, "user_id")
-    item_table = _encode_table(workflow, "item_features", items, "item_id")
+    # 5. Serving tables: features as of the end of the training data.
+    as_of = int(split.cutoff)
+    user_table, item_table = users, items
+    if point_in_time:
+        user_totals, item_totals = totals_as_of(events, as_of)
+        user_table = _with_totals(users, user_totals, USER_COUNTS)
+        item_table = _with_totals(items, item_totals, ITEM_COUNTS)
+    user_table = _encode_table(workflow, "user_features", Dataset(user_table), "user_id")
+    item_table = _encode_table(workflow, "item_features", Dataset(item_table), "item_id")
     user_table.to_parquet(out.user_features, index=False)
     item_table.to_parquet(out.item_features, index=False)
+    item_map.to_parquet(out.item_id_map, index=False)
+    train_raw = joined["train"] if config.negative_sampling.kind == "none" else None
+    train_frame = (train_raw if train_raw is not None else train_events)[EVENT_COLUMNS].compute()
+    train_frame.to_parquet(out.train_events, index=False)
 
-    train_events = split.train.to_ddf()[EVENT_COLUMNS].compute()
-    train_events.to_parquet(out.train_events, index=False)
+    # 6. Correctness checks on what was written.
+    if config.checks.enabled:
+        if config.dedup.aggregate_pairs:
+            passed.append(checks.check_no_duplicate_pairs(transformed["train"].to_ddf()))
+        for name in joined:
+            record = checks.check_labels_agree(
+                joined[name], transformed[name].to_ddf(), config.watch_threshold, duration_op
+            )
+            passed.append({**record, "part": name})
+        if point_in_time and config.checks.point_in_time_probe:
+            passed.append(checks.check_point_in_time(events))
 
+    rows = {name: int(ddf.shape[0].compute()) for name, ddf in joined.items()}
     summary = {
-        "cutoff": split.cutoff,
-        "train_rows": int(len(train_events)),
-        "valid_rows": int(split.valid.to_ddf().shape[0].compute()),
+        "cutoff": int(split.cutoff),
+        "split": split.details,
+        "train_rows": rows["train"],
+        "valid_rows": rows["valid"],
+        **({"test_rows": rows["test"]} if "test" in rows else {}),
         "known_users": int(len(user_table)),
         "known_items": int(len(item_table)),
+        "unsafe_items": sorted(int(i) for i in unsafe),
+        "duplicate_items": int((item_map["item_id"] != item_map["canonical_item_id"]).sum()),
+        "duration_watch_thresholds": (
+            {"bucket_edges": duration_op.bucket_edges, "thresholds": duration_op.thresholds} if duration_op else None
+        ),
+        "steps": [s.to_dict() for s in steps],
+        "checks": passed,
     }
     (out.root / "summary.json").write_text(json.dumps(summary, indent=2))
     return out

@@ -25,3 +25,22 @@ def check_columns(df, required: list[str], table: str) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{table} table is missing column(s) {missing}; raw schema needs {required}")
+
+
+def check_event_values(ddf) -> None:
+    """Fail with a message naming the column when signals are out of range (one pass over the log).
+
+    click, like and share must be 0/1; watch_seconds and timestamp must not be negative.
+    """
+    import dask
+
+    binary = ["click", "like", "share"]
+    lows, highs = dask.compute(
+        {c: ddf[c].min() for c in binary + ["watch_seconds", "timestamp"]}, {c: ddf[c].max() for c in binary}
+    )
+    for column in binary:
+        if lows[column] < 0 or highs[column] > 1:
+            raise ValueError(f"events.{column} must be 0 or 1, found values in [{lows[column]}, {highs[column]}]")
+    for column in ("watch_seconds", "timestamp"):
+        if lows[column] < 0:
+            raise ValueError(f"events.{column} must not be negative, found {lows[column]}")

@@ -1,29 +1,134 @@
-"""Train/validation splits of the event log.
+"""Train / validation (/ test) splits of the event log.
 
-Temporal split (the default): everything before a cutoff time trains, everything after validates, so
-no model ever sees the future of the events it is evaluated on. The cutoff is the timestamp quantile
-``1 - valid_fraction`` of the log.
+``temporal`` (default): everything before a cutoff trains, everything after is held out, so no model
+    sees the future of what it is evaluated on. Cutoffs are timestamp quantiles: the last
+    ``valid_fraction`` (and then ``test_fraction``) of events by time are held out.
+``random``: RecBole's random-ordering protocol: each user's interactions are put in a pseudo-random
+    order (a hash of user, item, timestamp and ``seed``, so the split is reproducible and does not
+    depend on partitioning) and cut at ``ratios`` (80/10/10).
+``explicit``: parquet files list the ``user_id, item_id, timestamp`` of each part; events are
+    assigned by an inner join, so an external protocol (a paper's split) is reproduced exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from merlin.io import Dataset
+from dataclasses import dataclass, field
 
 from configs import SplitConfig
+
+KEYS = ["user_id", "item_id", "timestamp"]
 
 
 @dataclass
 class Split:
-    train: Dataset
-    valid: Dataset
-    cutoff: int  # first timestamp of the validation period
+    train: object  # dask dataframes
+    valid: object
+    cutoff: int  # first timestamp of the held-out period (temporal); end of training data otherwise
+    test: object | None = None
+    details: dict = field(default_factory=dict)
+
+    def parts(self) -> dict:
+        out = {"train": self.train, "valid": self.valid}
+        if self.test is not None:
+            out["test"] = self.test
+        return out
 
 
-def temporal_split(events: Dataset, config: SplitConfig) -> Split:
+def exact_quantiles(series, qs: list[float], bins: int = 4096) -> list[int]:
+    """Exact lower quantiles of an integer dask series (the value at sorted position floor(q * (n - 1))).
+
+    dask's own ``quantile`` is approximate and collapses when partitions cover disjoint ranges, as
+    time-sorted logs do. Two passes instead: a histogram locates each quantile's bin, then only the
+    values of that bin are brought back and sorted. cudf or pandas partitions alike.
+    """
+    import dask
+
+    lo, hi, n = dask.compute(series.min(), series.max(), series.shape[0])
+    lo, hi, n = int(lo), int(hi), int(n)
+    if n == 0:
+        raise ValueError("cannot split an empty event log")
+    width = max(1, -(-(hi - lo + 1) // bins))
+    bin_of = (series - lo) // width
+    counts = bin_of.value_counts().compute()
+    counts = counts.to_pandas() if hasattr(counts, "to_pandas") else counts
+    counts = counts.sort_index()
+    cumulative = counts.cumsum()
+    out = []
+    for q in qs:
+        rank = int(q * (n - 1))
+        b = int(cumulative.index[(cumulative.values > rank).argmax()])
+        before = int(cumulative.loc[b] - counts.loc[b])
+        values = series[bin_of == b].compute()
+        values = values.to_pandas() if hasattr(values, "to_pandas") else values
+        out.append(int(values.sort_values().iloc[rank - before]))
+    return out
+
+
+def temporal_split(ddf, config: SplitConfig) -> Split:
     """Split by time; works on dask-cudf and dask-pandas collections alike."""
-    ddf = events.to_ddf()
-    cutoff = int(ddf["timestamp"].quantile(1.0 - config.valid_fraction).compute())
+    held_out = config.valid_fraction + config.test_fraction
+    cutoff, test_cutoff = exact_quantiles(ddf["timestamp"], [1.0 - held_out, 1.0 - config.test_fraction])
     train = ddf[ddf["timestamp"] < cutoff]
-    valid = ddf[ddf["timestamp"] >= cutoff]
-    return Split(Dataset(train), Dataset(valid), cutoff)
+    if config.test_fraction <= 0:
+        return Split(train, ddf[ddf["timestamp"] >= cutoff], cutoff, details={"kind": "temporal"})
+    valid = ddf[(ddf["timestamp"] >= cutoff) & (ddf["timestamp"] < test_cutoff)]
+    test = ddf[ddf["timestamp"] >= test_cutoff]
+    return Split(train, valid, cutoff, test, {"kind": "temporal", "test_cutoff": test_cutoff})
+
+
+def _pseudo_random(df, seed: int):
+    """A uniform-looking number in [0, 1) per row from its keys (integer hashing, cudf/pandas alike)."""
+    mask = (1 << 31) - 1
+    h = (df["user_id"] * 1_000_003 + df["item_id"] * 7_919 + df["timestamp"] + seed) & mask
+    for _ in range(3):  # a few rounds of multiply-xorshift mixing within 31 bits
+        h = (h * 1_103_515_245 + 12_345) & mask
+        h = h ^ (h // 65_536)
+    return h / float(mask + 1)
+
+
+def _assign_random(df, config: SplitConfig):
+    df = df.copy()
+    df["_r"] = _pseudo_random(df, config.seed)
+    df = df.sort_values(["user_id", "_r"])
+    rank = df.groupby("user_id").cumcount()
+    size = df.groupby("user_id")["_r"].transform("count")  # "count": cudf and pandas both have it
+    position = rank / size
+    train_end, valid_end = config.ratios[0], config.ratios[0] + config.ratios[1]
+    df["_part"] = (position >= train_end).astype("int64") + (position >= valid_end).astype("int64")
+    return df.drop(columns=["_r"])
+
+
+def random_split(ddf, config: SplitConfig) -> Split:
+    """Per user: ``ratios`` of the user's interactions, in pseudo-random order, to train/valid/test."""
+    columns = list(ddf.columns)
+    assigned = ddf.shuffle(on="user_id", npartitions=ddf.npartitions).map_partitions(_assign_random, config)
+    parts = [assigned[assigned["_part"] == i][columns] for i in range(3)]
+    end_of_train = int(parts[0]["timestamp"].max().compute()) + 1
+    return Split(parts[0], parts[1], end_of_train, parts[2], {"kind": "random", "ratios": list(config.ratios)})
+
+
+def _read_keys(path: str):
+    from pathlib import Path
+
+    from merlin.io import Dataset
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"split file {path!r} does not exist")
+    keys = Dataset(str(path), engine="parquet").to_ddf()  # cudf on a GPU machine, pandas otherwise
+    missing = [k for k in KEYS if k not in keys.columns]
+    if missing:
+        raise ValueError(f"split file {path!r} lacks column(s) {missing}; it needs {KEYS}")
+    return keys[KEYS].drop_duplicates()
+
+
+def explicit_split(ddf, config: SplitConfig) -> Split:
+    """Assign events to the parts listed in ``train_file``, ``valid_file`` (and ``test_file``)."""
+    files = {"train": config.train_file, "valid": config.valid_file}
+    if config.test_file:
+        files["test"] = config.test_file
+    parts = {name: ddf.merge(_read_keys(path), on=KEYS, how="inner") for name, path in files.items()}
+    end_of_train = int(parts["train"]["timestamp"].max().compute()) + 1
+    return Split(parts["train"], parts["valid"], end_of_train, parts.get("test"), {"kind": "explicit", "files": files})
+
+
+def split_events(ddf, config: SplitConfig) -> Split:
+    return {"temporal": temporal_split, "random": random_split, "explicit": explicit_split}[config.kind](ddf, config)

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Fetch MovieLens-100K (inside the recbole==1.2.1 wheel, via pip) and write it as raw parquet.
+
+    python scripts/fetch_movielens.py                       # wheel -> data/cache, tables -> data/movielens/raw
+    python scripts/fetch_movielens.py --grouplens ~/ml-100k # or read an original GroupLens folder
+
+The data is never committed (GroupLens terms); data/ is git-ignored.
+"""
+import argparse
+import json
+
+from workflows.sources import movielens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default="data/cache", help="where pip puts the RecBole wheel (default: data/cache)")
+    parser.add_argument("--grouplens", help="read this GroupLens ml-100k folder (u.data, u.user, u.item) instead")
+    parser.add_argument("--out", default="data/movielens/raw", help="output folder for events/users/items.parquet")
+    parser.add_argument("--duration-seconds", type=int, default=movielens.DEFAULT_DURATION_SECONDS,
+                        help="duration given to every film (MovieLens has none; default 6000)")
+    args = parser.parse_args()
+    source = args.grouplens or movielens.fetch_wheel(args.cache)
+    data = movielens.load(source, args.duration_seconds)
+    paths = data.write_parquet(args.out)
+    print(json.dumps({"source": str(source), **paths, "events": len(data.events), "users": len(data.users),
+                      "items": len(data.items)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Point-in-time features, splits, negative sampling and the correctness checks (each check must be
+able to fail: every one is shown catching a planted defect)."""
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs import SplitConfig, SyntheticDataConfig
+from workflows.checks import (
+    CheckFailed, check_labels_agree, check_no_duplicate_pairs, check_point_in_time, check_temporal_split,
+)
+from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts, totals_as_of
+from workflows.sources.synthetic import generate
+
+CFG = SyntheticDataConfig(num_users=200, num_items=120, events_per_user=30, seed=21)
+
+
+@pytest.fixture(scope="module")
+def events():
+    return generate(CFG).events
+
+
+def ddf(frame, parts=3):
+    return dd.from_pandas(frame, npartitions=parts)
+
+
+def test_point_in_time_counts_use_only_strictly_earlier_events():
+    events = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1, 2],
+            "item_id": [7, 8, 7, 9, 7],
+            "timestamp": [10, 20, 20, 30, 15],
+            "click": [1, 0, 1, 1, 1],
+            "watch_seconds": 0, "like": 0, "share": 0,
+        }
+    )
+    out = add_point_in_time_counts(ddf(events, 2)).compute().sort_values(["timestamp", "user_id", "item_id"])
+    # user 1: the two events at t=20 do not see each other (same timestamp), only the one at t=10.
+    assert list(out["user_events_before"]) == [0, 0, 1, 1, 3]
+    assert list(out["user_clicks_before"]) == [0, 0, 1, 1, 2]
+    # item 7 at t=10 (u1), t=15 (u2), t=20 (u1).
+    item7 = out[out["item_id"] == 7]
+    assert list(item7["item_events_before"]) == [0, 1, 2] and list(item7["item_clicks_before"]) == [0, 1, 2]
+
+
+def test_serving_totals_equal_the_point_in_time_value_at_the_cutoff(events):
+    cutoff = int(events["timestamp"].quantile(0.8))
+    users, items = totals_as_of(ddf(events), cutoff)
+    probe = pd.DataFrame({"user_id": users["user_id"].values[:1], "item_id": items["item_id"].values[:1],
+                          "timestamp": [cutoff], "click": [0], "watch_seconds": [0], "like": [0], "share": [0]})
+    both = add_point_in_time_counts(ddf(pd.concat([events, probe], ignore_index=True))).compute()
+    row = both[(both["timestamp"] == cutoff) & (both["user_id"] == probe["user_id"][0]) & (both["item_id"] == probe["item_id"][0])].iloc[-1]
+    assert row["user_events_before"] == users["user_events_before"].iloc[0]
+    assert row["item_clicks_before"] == items["item_clicks_before"].iloc[0]
+
+
+def test_point_in_time_probe_passes_and_catches_a_leaky_feature(events):
+    record = check_point_in_time(ddf(events))
+    assert record["passed"] and record["past_rows"] > 0 and record["future_rows_perturbed"] > 0
+
+    def leaky(d):  # a feature computed over the whole log, future included
+        totals = d.groupby("user_id")["click"].sum().rename("user_clicks_total").reset_index()
+        return d.merge(totals, on="user_id", how="left")
+
+    with pytest.raises(CheckFailed, match="changed"):
+        check_point_in_time(ddf(events), compute=leaky, columns=["user_clicks_total"])
+
+
+def test_no_duplicate_pairs_check_catches_duplicates(events):
+    with pytest.raises(CheckFailed, match="duplicate"):
+        check_no_duplicate_pairs(ddf(events))
+    assert check_no_duplicate_pairs(ddf(events.drop_duplicates(["user_id", "item_id"])))["passed"]
+
+
+def test_label_check_catches_a_corrupted_label():
+    raw = pd.DataFrame({"click": [1, 0, 1], "watch_seconds": [50, 0, 10], "duration_seconds": [60, 60, 60],
+                        "like": [1, 0, 0], "share": [0, 0, 0]})
+    good = pd.DataFrame({"click": [1, 0, 1], "watched": [1, 0, 0], "like": [1, 0, 0], "share": [0, 0, 0]})
+    assert check_labels_agree(ddf(raw, 1), ddf(good, 1), 0.75)["passed"]
+    bad = good.assign(watched=[1, 0, 1])
+    with pytest.raises(CheckFailed, match="watched"):
+        check_labels_agree(ddf(raw, 1), ddf(bad, 1), 0.75)
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+def test_temporal_split_with_test_part_and_its_check(events):
+    from workflows.splits import temporal_split
+
+    split = temporal_split(ddf(events), SplitConfig(valid_fraction=0.1, test_fraction=0.1))
+    train, valid, test = (p.compute() for p in (split.train, split.valid, split.test))
+    assert len(train) + len(valid) + len(test) == len(events)
+    assert train["timestamp"].max() < split.cutoff <= valid["timestamp"].min()
+    assert valid["timestamp"].max() < split.details["test_cutoff"] <= test["timestamp"].min()
+    assert check_temporal_split(split)["passed"]
+    split.train = ddf(pd.concat([train, test.head(3)]))  # plant future events in training
+    with pytest.raises(CheckFailed, match="cutoff"):
+        check_temporal_split(split)
+
+
+def test_random_split_is_per_user_80_10_10_and_reproducible(events):
+    from workflows.splits import random_split
+
+    unique = events.drop_duplicates(["user_id", "item_id", "timestamp"])
+    cfg = SplitConfig(kind="random")
+    split = random_split(ddf(unique), cfg)
+    parts = [p.compute() for p in (split.train, split.valid, split.test)]
+    assert sum(len(p) for p in parts) == len(unique)
+    sizes = pd.concat([p.groupby("user_id").size().rename(n) for p, n in zip(parts, "tvs")], axis=1).fillna(0)
+    total = sizes.sum(axis=1)
+    # Per user: floor-style cuts of the user's own interactions, as RecBole does.
+    assert (sizes["t"] == np.ceil(0.8 * total - 1e-9)).all()
+    assert (np.abs(sizes["s"] - 0.1 * total) <= 1).all()
+    keys = ["user_id", "item_id", "timestamp"]
+    again = random_split(ddf(unique, 5), cfg).train.compute()  # other partitioning, same split
+    pd.testing.assert_frame_equal(parts[0].sort_values(keys)[keys].reset_index(drop=True),
+                                  again.sort_values(keys)[keys].reset_index(drop=True))
+
+
+def test_explicit_split_reproduces_the_given_files(events, tmp_path):
+    from workflows.splits import explicit_split
+
+    keys = ["user_id", "item_id", "timestamp"]
+    unique = events.drop_duplicates(keys)
+    shuffled = unique.sample(frac=1.0, random_state=1)
+    n = len(shuffled)
+    shuffled.iloc[: n // 2][keys].to_parquet(tmp_path / "train.parquet")
+    shuffled.iloc[n // 2 :][keys].to_parquet(tmp_path / "valid.parquet")
+    cfg = SplitConfig(kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet"))
+    split = explicit_split(ddf(unique), cfg)
+    got = split.train.compute()[keys].sort_values(keys).reset_index(drop=True)
+    want = shuffled.iloc[: n // 2][keys].sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        explicit_split(ddf(unique), SplitConfig(kind="explicit", train_file="nope.parquet", valid_file="x"))
+
+
+def test_invalid_split_kinds_are_named():
+    with pytest.raises(ValueError, match="kind"):
+        SplitConfig(kind="shuffled")
+    with pytest.raises(ValueError, match="train_file"):
+        SplitConfig(kind="explicit")
+
+
+# --- negative sampling -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity"])
+def test_negatives_are_unseen_items_with_zero_signals(events, kind):
+    from workflows.negative_sampling import sample_negatives
+
+    items = pd.DataFrame({"item_id": np.arange(1, CFG.num_items + 1)})
+    neg = sample_negatives(ddf(events), items, ratio=2.0, kind=kind, seed=3).compute()
+    positives = int((events["click"] == 1).sum())
+    # ratio 2 draws 2 per positive; draws that hit an item the user saw are dropped (small catalog: many).
+    assert positives < len(neg) <= 2 * positives + 3
+    seen = set(zip(events["user_id"], events["item_id"]))
+    assert not any(pair in seen for pair in zip(neg["user_id"], neg["item_id"]))
+    assert (neg[["click", "watch_seconds", "like", "share"]] == 0).all().all()
+    assert list(neg.columns) == list(events.columns)
+
+
+def test_popularity_sampler_prefers_popular_items(events):
+    from workflows.negative_sampling import sample_negatives
+
+    items = pd.DataFrame({"item_id": np.arange(1, CFG.num_items + 1)})
+    counts = events["item_id"].value_counts()
+    top = set(counts.index[:12])
+    share = {}
+    for kind in ("uniform", "popularity"):
+        neg = sample_negatives(ddf(events), items, ratio=1.0, kind=kind, seed=4).compute()
+        share[kind] = neg["item_id"].isin(top).mean()
+    assert share["popularity"] > 2 * share["uniform"], share

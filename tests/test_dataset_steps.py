@@ -1,0 +1,242 @@
+"""Each dataset step against the synthetic generator's ground truth (small data, no training)."""
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs import ActiveUsersConfig, ContentFilterConfig, DedupConfig, RecencyWindowConfig, SyntheticDataConfig
+from workflows.sources.synthetic import generate
+
+CFG = SyntheticDataConfig(num_users=300, num_items=200, events_per_user=40, seed=11)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate(CFG)
+
+
+def ddf(frame, parts=3):
+    return dd.from_pandas(frame, npartitions=parts)
+
+
+# --- dedup -----------------------------------------------------------------------------------------
+
+def test_identical_rows_are_dropped_and_counted(world):
+    from workflows.dedup import drop_identical_rows
+
+    unique = world.events.drop_duplicates()
+    assert len(world.events) - len(unique) == world.truth.repeated_events > 0
+    copies = unique.sample(50, random_state=0)
+    kept, rep = drop_identical_rows(ddf(pd.concat([unique, copies])))
+    assert rep.rows_removed == 50
+    assert len(kept.compute()) == len(unique)
+
+
+def test_pipeline_drops_exactly_the_planted_repeated_events(processed, small_data):
+    assert small_data.truth.repeated_events > 0
+    steps = {s["step"]: s for s in processed.summary["steps"]}
+    assert steps["dedup_identical_rows"]["rows_removed"] == small_data.truth.repeated_events
+
+
+def test_content_signature_finds_exactly_the_reposted_items(world):
+    from workflows.dedup import canonical_item_map, canonical_items
+
+    truth = world.truth.duplicate_of
+    assert len(truth) == round(CFG.duplicate_item_fraction * CFG.num_items)
+    mapping = canonical_item_map(world.items, DedupConfig().signature_columns)
+    found = mapping[mapping["item_id"] != mapping["canonical_item_id"]]
+    assert dict(zip(found["item_id"], found["canonical_item_id"])) == truth
+
+    events, items, _, rep = canonical_items(ddf(world.events), world.items, DedupConfig())
+    mapped = events.compute()
+    assert not set(truth) & set(mapped["item_id"]) and not set(truth) & set(items["item_id"])
+    assert len(mapped) == len(world.events) and rep.items_removed == len(truth)
+    # The events of a re-post now count for the original.
+    original = next(iter(truth.values()))
+    moved = world.events["item_id"].isin([k for k, v in truth.items() if v == original]).sum()
+    assert (mapped["item_id"] == original).sum() == (world.events["item_id"] == original).sum() + moved
+
+
+def test_duplicate_pairs_are_aggregated_without_double_counting():
+    from workflows.dedup import dedup_pairs
+
+    events = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 2],
+            "item_id": [10, 10, 10, 10, 11],
+            "timestamp": [5, 3, 9, 4, 4],
+            "click": [0, 1, 1, 0, 1],
+            "watch_seconds": [0, 30, 12, 0, 7],
+            "like": [0, 0, 1, 0, 0],
+            "share": [0, 0, 0, 0, 0],
+        }
+    )
+    out, rep = dedup_pairs(ddf(events, 2), DedupConfig())
+    out = out.compute().sort_values(["user_id", "item_id"]).reset_index(drop=True)
+    assert rep.rows_removed == 2 and len(out) == 3
+    first = out.iloc[0]
+    # Shown three times, clicked twice: one clicked example, the longest watch, the first timestamp.
+    assert (first["timestamp"], first["click"], first["watch_seconds"], first["like"]) == (3, 1, 30, 1)
+
+
+# --- unsafe content --------------------------------------------------------------------------------
+
+def test_default_classifier_flags_exactly_the_unsafe_items(world):
+    from workflows.content_filter import content_filter, unsafe_item_ids
+
+    flagged = unsafe_item_ids(world.items, ContentFilterConfig())
+    assert len(world.truth.unsafe_items) > 0
+    assert sorted(flagged) == sorted(world.truth.unsafe_items)
+    events, items, _, rep = content_filter(ddf(world.events), world.items, ContentFilterConfig())
+    assert not set(flagged) & set(events.compute()["item_id"]) and not set(flagged) & set(items["item_id"])
+    assert rep.rows_removed == world.events["item_id"].isin(flagged).sum()
+
+
+def long_items_are_unsafe(items, config):
+    """A stand-in for any pluggable classifier: flags long items."""
+    return items["duration_seconds"] > 1000
+
+
+def test_classifier_is_pluggable_by_dotted_path(world):
+    from workflows.content_filter import unsafe_item_ids
+
+    cfg = ContentFilterConfig(classifier="tests.test_dataset_steps:long_items_are_unsafe")
+    flagged = unsafe_item_ids(world.items, cfg)
+    assert sorted(flagged) == sorted(world.items.loc[world.items["duration_seconds"] > 1000, "item_id"])
+    with pytest.raises(ValueError, match="classifier"):
+        unsafe_item_ids(world.items, ContentFilterConfig(classifier="not a path"))
+
+
+def test_unsafe_and_duplicate_items_are_never_trained_on_or_served(processed, small_data):
+    train_items = set(pd.read_parquet(processed.train_events)["item_id"])
+    served = set(pd.read_parquet(processed.item_features)["item_id_raw"])
+    bad = set(small_data.truth.unsafe_items) | set(small_data.truth.duplicate_of)
+    assert bad and not bad & train_items and not bad & served
+    assert sorted(processed.summary["unsafe_items"]) == sorted(small_data.truth.unsafe_items)
+    id_map = pd.read_parquet(processed.item_id_map)
+    moved = id_map[id_map["item_id"] != id_map["canonical_item_id"]]
+    assert dict(zip(moved["item_id"], moved["canonical_item_id"])) == small_data.truth.duplicate_of
+
+
+# --- freshness and activity ------------------------------------------------------------------------
+
+def test_recency_window_keeps_the_last_days(world):
+    from workflows.recency_window import recency_window
+
+    kept, rep = recency_window(ddf(world.events), RecencyWindowConfig(days=7))
+    start = world.events["timestamp"].max() - 7 * 86_400
+    assert rep.rows_after == (world.events["timestamp"] >= start).sum() > 0
+    assert kept.compute()["timestamp"].min() >= start
+    unchanged, rep0 = recency_window(ddf(world.events), RecencyWindowConfig(days=0))
+    assert rep0.rows_removed == 0
+
+
+def test_active_users_drops_inactive_and_one_off_users(world):
+    from workflows.active_users import active_users
+
+    truth = set(world.truth.inactive_users) | set(world.truth.one_off_users)
+    assert len(truth) == round((CFG.inactive_user_fraction + CFG.one_off_user_fraction) * CFG.num_users)
+    cfg = ActiveUsersConfig(min_events=3, days=30, event="click")
+    kept, rep = active_users(ddf(world.events), cfg)
+    kept_users = set(kept.compute()["user_id"])
+    assert not truth & kept_users
+    # Exactly the users with >= 3 clicks in the window stay.
+    clicks = world.events[world.events["click"] == 1].groupby("user_id").size()
+    assert kept_users == set(clicks[clicks >= 3].index)
+    assert rep.users_removed == world.events["user_id"].nunique() - len(kept_users)
+
+
+def test_seed_example_ten_clicks_in_ten_days(world):
+    from workflows.active_users import active_user_ids
+
+    events = world.events
+    end = int(events["timestamp"].max()) + 1
+    recent = events[(events["timestamp"] >= end - 10 * 86_400) & (events["click"] == 1)]
+    per_user = recent.groupby("user_id").size()
+    ids = active_user_ids(ddf(events), ActiveUsersConfig(min_events=10, days=10, event="click"))
+    assert set(ids) == set(per_user[per_user >= 10].index) and 0 < len(ids) < CFG.num_users
+
+
+# --- labels ----------------------------------------------------------------------------------------
+
+def _fit_labels(train):
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from configs import WorkflowConfig
+    from workflows.labels import label_graph
+
+    workflow = nvt.Workflow(label_graph(WorkflowConfig()))
+    workflow.fit(Dataset(train, npartitions=2))
+    return workflow
+
+
+def test_duration_watch_does_not_favour_the_short_clip():
+    """The seed's example: 15 s of a 20 s clip vs 30 min of a 60 min tutorial."""
+    from merlin.io import Dataset
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    duration = np.where(rng.random(n) < 0.5, 20, 3600)
+    # As on real platforms: clips are mostly finished, hour-long tutorials mostly not.
+    fraction = np.where(duration == 20, rng.uniform(0.7, 1.0, n), rng.uniform(0.05, 0.6, n))
+    train = pd.DataFrame(
+        {"click": 1, "watch_seconds": (fraction * duration).round().astype("int64"),
+         "duration_seconds": duration, "like": 0, "share": 0}
+    )
+    workflow = _fit_labels(train)
+    examples = pd.DataFrame(
+        {"click": [1, 1], "watch_seconds": [15, 1800], "duration_seconds": [20, 3600], "like": 0, "share": 0}
+    )
+    labels = workflow.transform(Dataset(examples)).to_ddf().compute()
+    assert list(labels["watched"]) == [1, 0]  # "watched 75%" rewards the clip
+    assert list(labels["duration_watch"]) == [0, 1]  # the duration-aware label rewards the tutorial
+
+
+def test_duration_watch_has_the_same_positive_rate_in_every_duration_bucket(world):
+    from merlin.io import Dataset
+
+    joined = world.events.merge(world.items[["item_id", "duration_seconds"]], on="item_id")
+    workflow = _fit_labels(joined[["click", "watch_seconds", "duration_seconds", "like", "share"]])
+    labels = workflow.transform(Dataset(joined)).to_ddf().compute()
+    clicked = joined["click"].values == 1
+    short = clicked & (joined["duration_seconds"].values < 60)
+    long = clicked & (joined["duration_seconds"].values >= 1200)
+    watched_gap = labels["watched"].values[short].mean() - labels["watched"].values[long].mean()
+    fair_gap = labels["duration_watch"].values[short].mean() - labels["duration_watch"].values[long].mean()
+    assert watched_gap > 0.3, watched_gap  # the generator's duration bias is real...
+    assert abs(fair_gap) < 0.1, fair_gap  # ...and the duration-aware label removes it
+
+
+def test_clickbait_wins_on_clicks_and_loses_on_duration_watch(processed, small_data):
+    from workflows.pipeline import category_mapping
+
+    train = processed.train().to_ddf().compute()
+    raw = category_mapping(processed.workflow(), "item_id").set_index("encoded")["raw"]
+    bait = train["item_id"].map(raw).isin(small_data.truth.clickbait_items)
+    assert bait.sum() > 20
+    assert train.loc[bait, "click"].mean() > train.loc[~bait, "click"].mean() + 0.1
+    clicked = train["click"] == 1
+    assert train.loc[bait & clicked, "duration_watch"].mean() < 0.5 * train.loc[~bait & clicked, "duration_watch"].mean()
+
+
+# --- generator knobs ------------------------------------------------------------------------------
+
+def test_interest_drift_moves_tastes_over_time():
+    from evaluation.metrics import roc_auc
+
+    data = generate(SyntheticDataConfig(num_users=300, num_items=200, events_per_user=40, seed=5, interest_drift=1.0))
+    e = data.events
+    late = e[e["timestamp"] >= e["timestamp"].quantile(0.75)]
+    early = e[e["timestamp"] <= e["timestamp"].quantile(0.25)]
+    start_late = roc_auc(late["click"].values, data.true_affinity(late["user_id"], late["item_id"]))
+    end_late = roc_auc(late["click"].values, data.true_affinity(late["user_id"], late["item_id"], at_end=True))
+    start_early = roc_auc(early["click"].values, data.true_affinity(early["user_id"], early["item_id"]))
+    end_early = roc_auc(early["click"].values, data.true_affinity(early["user_id"], early["item_id"], at_end=True))
+    assert end_late > start_late + 0.05 and start_early > end_early + 0.05
+
+
+def test_popularity_is_zipf_skewed(world):
+    counts = world.events["item_id"].value_counts().values
+    top = counts[: len(counts) // 10].sum() / counts.sum()
+    assert top > 0.25  # the top 10% of items take far more than 10% of impressions

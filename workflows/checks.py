@@ -1,0 +1,113 @@
+"""Correctness checks the pipeline runs on its own output; each raises ``CheckFailed`` naming the
+problem, or returns a small record for ``summary.json``.
+
+    no_duplicate_pairs   training data has one row per (user, item)
+    labels_agree         every label column equals what its definition gives on the raw signals
+    temporal_split       no held-out event before the cutoff, no training event after it
+    point_in_time        perturbing events at or after a time t leaves every feature of the events
+                         before t unchanged (so no feature reads the future)
+"""
+from __future__ import annotations
+
+import dask
+import dask.dataframe as dd
+
+from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts
+
+
+class CheckFailed(AssertionError):
+    """A correctness check found a defect in the data the pipeline produced."""
+
+
+def _record(name: str, **details) -> dict:
+    return {"check": name, "passed": True, **details}
+
+
+def check_no_duplicate_pairs(events) -> dict:
+    rows, pairs = dask.compute(events.shape[0], events[["user_id", "item_id"]].drop_duplicates().shape[0])
+    if rows != pairs:
+        raise CheckFailed(f"training data has {rows - pairs} duplicate (user, item) rows out of {rows}")
+    return _record("no_duplicate_pairs", rows=int(rows))
+
+
+def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=None) -> dict:
+    """Compare labels with raw signals row by row (the workflow keeps row order within a part).
+
+    ``raw`` has click, watch_seconds, duration_seconds, like, share; ``transformed`` the label columns.
+    ``duration_op`` is the fitted ``DurationAwareWatch`` whose thresholds define ``duration_watch``.
+    """
+    r = raw[["click", "watch_seconds", "duration_seconds", "like", "share"]].compute().reset_index(drop=True)
+    labels = [c for c in ("click", "watched", "duration_watch", "like", "share") if c in transformed.columns]
+    t = transformed[labels].compute().reset_index(drop=True)
+    if len(r) != len(t):
+        raise CheckFailed(f"label check: {len(t)} transformed rows for {len(r)} raw rows")
+    expected = {
+        "click": r["click"] > 0,
+        "like": r["like"] > 0,
+        "share": r["share"] > 0,
+        "watched": r["watch_seconds"] >= watch_threshold * r["duration_seconds"],
+    }
+    if duration_op is not None and "duration_watch" in labels:
+        fraction = r["watch_seconds"] / r["duration_seconds"].clip(lower=1)
+        threshold = r["duration_seconds"].astype("float64") * 0.0
+        bucket = r["duration_seconds"] * 0
+        for edge in duration_op.bucket_edges:
+            bucket = bucket + (r["duration_seconds"] >= edge).astype("int64")
+        for b, value in enumerate(duration_op.thresholds):
+            threshold = threshold + (bucket == b).astype("float64") * value
+        expected["duration_watch"] = (r["click"] > 0) & (fraction >= threshold)
+    mismatches = {}
+    for name, want in expected.items():
+        if name in labels:
+            bad = int((t[name].astype("int64") != want.astype("int64")).sum())
+            if bad:
+                mismatches[name] = bad
+    if mismatches:
+        raise CheckFailed(f"labels disagree with raw signals (rows per label): {mismatches}")
+    return _record("labels_agree", rows=int(len(t)), labels=sorted(expected.keys() & set(labels)))
+
+
+def check_temporal_split(split) -> dict:
+    train_max = int(split.train["timestamp"].max().compute())
+    if train_max >= split.cutoff:
+        raise CheckFailed(f"a training event at {train_max} is not before the cutoff {split.cutoff}")
+    for name, part in split.parts().items():
+        if name == "train":
+            continue
+        first = part["timestamp"].min().compute()
+        if first == first and int(first) < split.cutoff:  # first != first: empty part (NaN)
+            raise CheckFailed(f"{name} has an event at {int(first)}, before the cutoff {split.cutoff}")
+    return _record("temporal_split", cutoff=int(split.cutoff))
+
+
+def _sorted_features(ddf, columns):
+    keys = ["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"]
+    frame = ddf[keys + columns].compute()
+    return frame.sort_values(keys + columns).reset_index(drop=True)
+
+
+def check_point_in_time(events, at: int | None = None, compute=add_point_in_time_counts, columns=None) -> dict:
+    """Recompute features after changing the future; features of the past must not move.
+
+    Every event at or after ``at`` (default: the median timestamp) has its click flipped, and each of
+    those events is duplicated, so any feature that reads the future would change.
+    """
+    columns = columns or POINT_IN_TIME_COLUMNS
+    if at is None:
+        from workflows.splits import exact_quantiles
+
+        at = exact_quantiles(events["timestamp"], [0.5])[0]
+    base = events[[c for c in events.columns if c not in columns]]
+    future = base[base["timestamp"] >= at]
+    flipped = future.assign(click=1 - future["click"])
+    perturbed = dd.concat([base[base["timestamp"] < at], flipped, flipped])
+    before = _sorted_features(compute(base), columns)
+    after = _sorted_features(compute(perturbed), columns)
+    before, after = before[before["timestamp"] < at], after[after["timestamp"] < at]
+    if len(before) != len(after):
+        raise CheckFailed(f"point-in-time probe: {len(before)} vs {len(after)} past rows")
+    changed = {c: int((before[c].values != after[c].values).sum()) for c in columns}
+    if any(changed.values()):
+        raise CheckFailed(f"features of events before {at} changed when only later events changed: {changed}")
+    return _record("point_in_time", probe_time=int(at), past_rows=int(len(before)), features=columns,
+                   future_rows_perturbed=int(future.shape[0].compute()))

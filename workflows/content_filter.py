@@ -1,0 +1,63 @@
+"""Unsafe-content filter: a pluggable classifier over the item table; flagged items are removed
+from the events (never trained on) and from the item table (never indexed, never served).
+
+The default classifier is a whole-word, case-insensitive denylist over the configured text columns.
+Any function ``(items_frame, ContentFilterConfig) -> boolean series`` can replace it through
+``content_filter.classifier: "package.module:function"`` (e.g. a moderation model's scores).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+
+from configs import ContentFilterConfig
+from workflows.report import StepReport, report
+from workflows.rows import IsIn, filter_rows
+
+
+def keyword_classifier(items, config: ContentFilterConfig):
+    """True for items whose text columns contain a denylisted word or phrase (whole words only)."""
+    if not config.denylist:
+        return items["item_id"] < items["item_id"].min()  # nothing is unsafe: an all-False series
+    pattern = r"\b(?:" + "|".join(re.escape(w.lower()) for w in config.denylist) + r")\b"
+    flagged = None
+    for column in config.columns:
+        if column not in items.columns:
+            raise ValueError(f"content_filter.columns names {column!r}, not a column of the item table")
+        hit = items[column].astype(str).str.lower().str.contains(pattern, regex=True)
+        flagged = hit if flagged is None else (flagged | hit)
+    return flagged.fillna(False).astype(bool)
+
+
+def load_classifier(name: str):
+    """``keyword`` or a ``package.module:function`` dotted path."""
+    if name == "keyword":
+        return keyword_classifier
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"content_filter.classifier must be 'keyword' or 'package.module:function', got {name!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def unsafe_item_ids(items, config: ContentFilterConfig):
+    """Ids (host array) of the items the configured classifier flags."""
+    flags = load_classifier(config.classifier)(items, config)
+    ids = items["item_id"][flags.values if hasattr(flags, "values") else flags]
+    return ids.values_host if hasattr(ids, "values_host") else ids.values
+
+
+def content_filter(events, items, config: ContentFilterConfig):
+    """Remove unsafe items from ``events`` (dask) and ``items`` (a cudf/pandas frame).
+
+    Returns ``(events, items, unsafe_ids, report)``.
+    """
+    if not config.enabled:
+        return events, items, items["item_id"].values[:0], report("content_filter", events, events, enabled=False)
+    unsafe = unsafe_item_ids(items, config)
+    kept = filter_rows(events, IsIn("item_id", unsafe, keep=False)).persist()
+    kept_items = items[~items["item_id"].isin(list(unsafe))].reset_index(drop=True)
+    rep = report(
+        "content_filter", events, kept, classifier=config.classifier, unsafe_items=int(len(unsafe)),
+        catalog_before=int(len(items)), catalog_after=int(len(kept_items)),
+    )
+    return kept, kept_items, unsafe, rep

@@ -1,0 +1,56 @@
+"""A fix for a Merlin bug that breaks fitting on a dask.distributed cluster.
+
+merlin-core 23.08 ``DaskExecutor.fit_phase`` computes the statistics of a fit phase with
+``[r.result() for r in client.compute(stats) if r is not None]`` and then zips the results with the
+phase's nodes. A ``Subgraph`` node (our ``user_features`` / ``item_features``) fits itself and
+contributes ``None``, so with a client every statistic after it is handed to the wrong operator
+(seen as ``DurationAwareWatch`` receiving Categorify's vocabulary). Without a client the
+synchronous path keeps the ``None`` entries and stays aligned. The patch keeps the alignment in both.
+Importing this module applies it once.
+"""
+from __future__ import annotations
+
+import dask
+from merlin.core.utils import global_dask_client
+from merlin.dag import ColumnSelector
+from merlin.dag.executors import DaskExecutor
+from merlin.io import Dataset
+
+
+def _fit_phase(self, dataset, nodes, strict=False):
+    stats, fitted_nodes = [], []
+    ddf = dataset.to_ddf()
+    for node in nodes:
+        if not hasattr(node.op, "fit"):
+            continue
+        addl_input_cols = set()
+        if node.parents:
+            upstream = sum([p.output_columns for p in node.parents_with_dependencies], ColumnSelector())
+            addl_input_cols = set(node.input_columns.names) - set(upstream.names)
+        transformed_ddf = self.transform(
+            ddf, node.parents_with_dependencies, additional_columns=addl_input_cols,
+            capture_dtypes=True, strict=strict,
+        )
+        if node.op.is_subgraph:
+            stats.append(node.op.fit(node.input_columns, Dataset(ddf)))
+        else:
+            stats.append(node.op.fit(node.input_columns, transformed_ddf))
+        fitted_nodes.append(node)
+
+    client = global_dask_client()
+    if client:
+        # Compute only the real statistics, then put each result back at its node's position.
+        positions = [i for i, s in enumerate(stats) if s is not None]
+        futures = client.compute([stats[i] for i in positions])
+        results = [None] * len(stats)
+        for i, future in zip(positions, futures):
+            results[i] = future.result()
+    else:
+        results = dask.compute(stats, scheduler="synchronous")[0]
+    for computed, node in zip(results, fitted_nodes):
+        node.op.fit_finalize(computed)
+        node.op.fitted = True
+
+
+if getattr(DaskExecutor.fit_phase, "__name__", "") != "_fit_phase":
+    DaskExecutor.fit_phase = _fit_phase
