@@ -121,6 +121,30 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, fraction: float) -> np.nda
     return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False)) if n > 0 else pool[:0]
 
 
+def respond(affinity: np.ndarray, duration: np.ndarray, clickbait: np.ndarray, cfg: SyntheticDataConfig,
+            rng: np.random.Generator, position_bias: np.ndarray | None = None):
+    """How a user reacts to items shown: ``(click, watch_seconds, like, share)`` arrays.
+
+    The one response model of this world: the generator uses it for the logged events and the user
+    simulator (``online/simulator.py``) for reactions to live recommendations. ``position_bias``
+    (optional) is the probability that each shown item is examined at all; unexamined items get no
+    reaction. Clickbait lifts clicks but cuts watching and liking; long items are watched to a
+    smaller fraction.
+    """
+    s = cfg.preference_strength
+    bait = np.asarray(clickbait, dtype=bool)
+    n = len(affinity)
+    examined = np.ones(n, dtype=bool) if position_bias is None else rng.random(n) < position_bias
+    click = examined & (rng.random(n) < _sigmoid(s * affinity - 1.5 + 2.5 * bait))
+    length = np.log(np.asarray(duration, dtype=np.float64) / 60.0)
+    watch_logit = s * affinity + 0.5 - cfg.long_item_watch_penalty * length - 3.5 * bait
+    watch_fraction = _sigmoid(watch_logit + 0.8 * rng.normal(size=n))
+    watch_seconds = np.where(click, np.round(watch_fraction * duration), 0).astype(np.int64)
+    like = click & (rng.random(n) < _sigmoid(s * affinity - 2.5 - 3.0 * bait))
+    share = like & (rng.random(n) < _sigmoid(s * affinity - 2.5))
+    return click, watch_seconds, like, share
+
+
 def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     """Generate the synthetic log; the same config always gives the same tables."""
     cfg = config or SyntheticDataConfig()
@@ -210,15 +234,7 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     is_clickbait[clickbait] = True
 
     aff = (taste * item_latent[item_idx]).sum(axis=1) / np.sqrt(d)
-    s = cfg.preference_strength
-    bait = is_clickbait[item_idx]
-    click = rng.random(len(aff)) < _sigmoid(s * aff - 1.5 + 2.5 * bait)
-    length = np.log(duration[item_idx] / 60.0)
-    watch_logit = s * aff + 0.5 - cfg.long_item_watch_penalty * length - 3.5 * bait
-    watch_fraction = _sigmoid(watch_logit + 0.8 * rng.normal(size=len(aff)))
-    watch_seconds = np.where(click, np.round(watch_fraction * duration[item_idx]), 0).astype(np.int64)
-    like = click & (rng.random(len(aff)) < _sigmoid(s * aff - 2.5 - 3.0 * bait))
-    share = like & (rng.random(len(aff)) < _sigmoid(s * aff - 2.5))
+    click, watch_seconds, like, share = respond(aff, duration[item_idx], is_clickbait[item_idx], cfg, rng)
     timestamp = START_TIMESTAMP + offset
 
     # Re-posts: a second id with the same content; each event of the original moves to it w.p. 1/2.
