@@ -28,12 +28,13 @@ class Interactions:
     test: pd.DataFrame
     user_ids: np.ndarray  # raw id of each row
     item_ids: np.ndarray  # raw id of each column
+    also_seen: pd.DataFrame | None = None  # e.g. the validation part: excluded from ranking, not trained on
 
     @classmethod
-    def from_split(cls, train: pd.DataFrame, test: pd.DataFrame) -> "Interactions":
+    def from_split(cls, train: pd.DataFrame, test: pd.DataFrame, also_seen: pd.DataFrame | None = None) -> "Interactions":
         user_ids = np.sort(pd.concat([train["user_id"], test["user_id"]]).unique())
         item_ids = np.sort(train["item_id"].unique())  # items never trained on cannot be recommended
-        return cls(train, test, user_ids, item_ids)
+        return cls(train, test, user_ids, item_ids, also_seen)
 
     def rows(self, users) -> np.ndarray:
         return np.searchsorted(self.user_ids, np.asarray(users))
@@ -51,7 +52,10 @@ class Interactions:
 
     @cached_property
     def seen(self) -> list[np.ndarray]:
-        return self._per_user(self.train)
+        """Items each user may not be recommended: training items (plus ``also_seen``, as RecBole
+        excludes train and validation items when it ranks for the test part)."""
+        history = self.train if self.also_seen is None else pd.concat([self.train, self.also_seen])
+        return self._per_user(history)
 
     @cached_property
     def relevant(self) -> list[set]:

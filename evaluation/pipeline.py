@@ -36,9 +36,14 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
     stages = offline.load_funnel(repo, version)
     finals, per_stage = [], {}
     started = time.perf_counter()
-    for user in data.user_ids:
-        out = offline.run_funnel(stages, int(user), k)
-        finals.append(out["item_ids"])
+    seen = data.seen
+    for row, user in enumerate(data.user_ids):
+        # Ask for more than k when the protocol excludes items the funnel's own history does not
+        # hold (validation items), then drop them: as if the online store knew them.
+        excluded = data.item_ids[seen[row]] if data.also_seen is not None else np.zeros(0, dtype=np.int64)
+        out = offline.run_funnel(stages, int(user), min(k + len(excluded), stages[-1].max_k))
+        items = np.asarray(out["item_ids"])
+        finals.append(items[~np.isin(items, excluded)][:k])
         for key, value in out.items():
             # Encoded candidate lists between stages: retrieval, filters, rankers.
             if key.endswith("_ids") and key not in ("item_ids", "seen_items"):
@@ -89,9 +94,10 @@ def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFra
 
 
 def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users: pd.DataFrame, config: Config,
-              out: Path, ks, mitigation: bool, n_bootstrap: int, title: str, context: dict) -> dict:
+              out: Path, ks, mitigation: bool, n_bootstrap: int, title: str, context: dict,
+              also_seen: pd.DataFrame | None = None) -> dict:
     """Peers and the funnel (and the logQ variants) on one split; write the report."""
-    data = offline.Interactions.from_split(train_pos, test_pos)
+    data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
     model, repo = train_and_export(processed, config, out / "registry", out / "triton_repo")
     funnel, stages = funnel_results("funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap)
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
@@ -197,9 +203,10 @@ def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, 
         "dataset": f"MovieLens-100K ({len(ml.events):,} ratings, {ml.events['user_id'].nunique()} users, "
                    f"{ml.events['item_id'].nunique()} items; {len(split.train):,}/{len(split.valid):,}/{len(split.test):,})",
         "protocol": "RecBole: random 80/10/10 per user (numpy shuffle, seed "
-                    f"{seed}), every rating a positive, full ranking, training items removed",
+                    f"{seed}), every rating a positive, full ranking, training and validation items removed",
         "reference (RecBole 1.2.1, its own split)": "EASE R@10 0.2805 N@10 0.3295; ItemKNN 0.2470/0.2834; "
                                                     "BPR 0.2388/0.2862; Pop 0.0838/0.1005",
     }
+    valid = canonical(split.valid, processed.item_id_map, unsafe)
     return _evaluate(processed, train, test, ml.users, config, out, ks, mitigation, n_bootstrap,
-                     "Offline evaluation: MovieLens-100K, RecBole protocol", context)
+                     "Offline evaluation: MovieLens-100K, RecBole protocol", context, also_seen=valid)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 EVENTS = ("click", "watch_seconds", "like", "share")
@@ -86,3 +87,26 @@ class FeedbackLog:
 
     def close(self) -> None:
         self._con.close()
+
+
+def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int = 1) -> pd.DataFrame:
+    """The log as raw events (the schema the dataset pipeline reads): one row per impression, with
+    its click / watch_seconds / like / share from the feedback of the same request and item.
+
+    Timestamps are synthesised from the order of requests (``start_timestamp`` + n seconds) because
+    the simulator's wall clock is not the world's clock.
+    """
+    imp = log.impressions()
+    if imp.empty:
+        return pd.DataFrame(columns=["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"])
+    fb = log.feedback()
+    signals = (fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
+               if not fb.empty else pd.DataFrame())
+    signals = signals.reindex(columns=list(EVENTS)).fillna(0)
+    order = imp.groupby("request_id")["ts"].min().rank(method="first").astype(np.int64)
+    events = imp.join(signals, on=["request_id", "item_id"]).fillna({e: 0 for e in EVENTS})
+    events["timestamp"] = start_timestamp + order.reindex(events["request_id"]).to_numpy() * seconds_per_request
+    out = events[["user_id", "item_id", "timestamp"]].copy()
+    for e in EVENTS:
+        out[e] = events[e].astype(np.int64)
+    return out.sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)

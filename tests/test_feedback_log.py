@@ -53,3 +53,19 @@ def test_nothing_acknowledged_is_lost_when_the_writer_is_killed(tmp_path):
     assert counts["feedback"] >= acknowledged + 1
     # and the database is intact: every impression row is whole
     assert log.impressions()["item_id"].isin([1, 2, 3]).all()
+
+
+def test_log_converts_to_raw_events_the_pipeline_reads(tmp_path):
+    from online.feedback_log import to_events
+    from workflows.schema import EVENT_COLUMNS
+
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("r1", 5, [10, 11, 12], model_version="1", arm="control", served_by="model", ts=1.0)
+    log.log_impressions("r2", 6, [10], model_version="1", arm="control", served_by="model", ts=2.0)
+    log.log_feedback_many([("r1", 5, 11, "click", 1), ("r1", 5, 11, "watch_seconds", 30), ("r2", 6, 10, "click", 1)])
+    events = to_events(log, start_timestamp=1000)
+    assert list(events.columns) == EVENT_COLUMNS
+    assert len(events) == 4 and events["click"].sum() == 2
+    row = events[(events["user_id"] == 5) & (events["item_id"] == 11)].iloc[0]
+    assert row["watch_seconds"] == 30 and row["timestamp"] == 1001
+    assert events[events["user_id"] == 6]["timestamp"].tolist() == [1002]

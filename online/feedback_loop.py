@@ -1,0 +1,128 @@
+"""The feedback-loop experiment: retrain for several generations on the system's own logs.
+
+Generation 0 trains on the world's original log. Each generation then serves simulated users for a
+few days (the funnel runs in-process through the exported stage classes, exactly as served), logs
+every impression and reaction, appends the log to the training data and retrains. A ``holdout``
+share of users stays on generation 0's model throughout. What to watch:
+
+* the item-share curve of the live model's slates: if popularity bias compounds, fewer distinct
+  items make up the same share of recommendations generation after generation;
+* the live arm against the holdout: CTR, watch time and retention with a two-proportion z-test, so a
+  model that degrades as it learns mostly from its own logs shows up against the frozen control.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from configs import Config
+from evaluation import popularity_bias as pb
+from online import ab_testing as ab
+from online.assignment import HOLDOUT, Experiment
+from online.feedback_log import FeedbackLog, to_events
+from online.simulator import SimulationConfig, UserSimulator, per_arm_summary
+
+
+@dataclass
+class Generation:
+    generation: int
+    model_version: int
+    training_events: int
+    share_curve: dict
+    gini: float
+    coverage: float
+    live: dict
+    holdout: dict
+    ctr_test: dict
+
+
+def _train_and_load(raw_dir: Path, out: Path, config: Config, registry: Path):
+    from evaluation.offline import load_funnel
+    from models.train import train_all
+    from serving.export import export_repository
+    from workflows.pipeline import run_dataset_pipeline
+
+    processed = run_dataset_pipeline(raw_dir / "events.parquet", raw_dir / "users.parquet", raw_dir / "items.parquet",
+                                     out / "processed", config.workflow)
+    model = train_all(processed, config, registry, verbose=0)
+    repo = export_repository(model, out / "triton_repo")
+    return model, load_funnel(repo, model.version), len(pd.read_parquet(processed.train_events))
+
+
+def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
+                      simulation: SimulationConfig | None = None, holdout: float = 0.05) -> list[Generation]:
+    from evaluation.offline import run_funnel
+    from workflows.sources.synthetic import generate
+
+    out = Path(out_dir)
+    sim_cfg = simulation or SimulationConfig()
+    world = generate(config.synthetic)
+    raw = out / "gen0" / "raw"
+    world.write_parquet(raw)
+    registry = out / "registry"
+    config = copy.deepcopy(config)
+    config.workflow.split.valid_fraction = 0.1  # keep most of each generation's logs for training
+
+    model0, holdout_stages, n_train = _train_and_load(raw, out / "gen0", config, registry)
+    live_model, live_stages = model0, holdout_stages
+    experiment = Experiment("feedback-loop", salt="feedback-loop", arms={"live": 1.0}, holdout=holdout, control="live")
+    users = world.users["user_id"].to_numpy()
+    events = world.events
+    simulator = UserSimulator(world, config.synthetic, sim_cfg)
+    history = []
+    for g in range(1, generations + 1):
+        def recommend(user, k, arm):
+            out_ = run_funnel(holdout_stages if arm == HOLDOUT else live_stages, int(user), k)
+            return SimpleNamespace(item_ids=out_["item_ids"], model_version=str(out_["model_version"][0].decode()),
+                                   served_by=out_["served_by"][0].decode())
+
+        gen_dir = out / f"gen{g}"
+        log = FeedbackLog(gen_dir / "feedback.sqlite")
+        outcomes = simulator.run(users, recommend, experiment.assign, log)
+        slates = log.impressions()
+        live_slates = slates[slates["arm"] != HOLDOUT]
+        summary = per_arm_summary(outcomes)
+        live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
+        test = {}
+        if hold is not None:
+            lo, ho = outcomes[outcomes["arm"] == "live"], outcomes[outcomes["arm"] == HOLDOUT]
+            test = ab.two_proportion_ztest(int(ho["clicks"].sum()), int(ho["impressions"].sum()),
+                                           int(lo["clicks"].sum()), int(lo["impressions"].sum()), "ctr").to_dict()
+        items = live_slates["item_id"].to_numpy()
+        catalog = len(world.items)
+        history.append(Generation(
+            generation=g, model_version=int(live_model.version), training_events=n_train,
+            share_curve=pb.item_share_curve(items), gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
+            coverage=len(np.unique(items)) / catalog, live=live.to_dict(),
+            holdout=hold.to_dict() if hold is not None else {}, ctr_test=test,
+        ))
+        # Retrain on everything so far plus this generation's own logs.
+        new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
+        events = pd.concat([events, new_events], ignore_index=True)
+        raw = gen_dir / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        events.to_parquet(raw / "events.parquet", index=False)
+        world.users.to_parquet(raw / "users.parquet", index=False)
+        world.items.to_parquet(raw / "items.parquet", index=False)
+        if g < generations:
+            live_model, live_stages, n_train = _train_and_load(raw, gen_dir, config, registry)
+    return history
+
+
+def history_table(history: list[Generation]) -> pd.DataFrame:
+    rows = []
+    for h in history:
+        rows.append({
+            "generation": h.generation, "model version": h.model_version, "training events": h.training_events,
+            "items for 50% of recs": h.share_curve.get(0.5), "items for 90% of recs": h.share_curve.get(0.9),
+            "gini": h.gini, "coverage": h.coverage,
+            "live ctr": h.live.get("ctr"), "holdout ctr": h.holdout.get("ctr"),
+            "live retention": h.live.get("retention"), "holdout retention": h.holdout.get("retention"),
+            "ctr diff (live - holdout)": h.ctr_test.get("difference"), "p": h.ctr_test.get("p_value"),
+        })
+    return pd.DataFrame(rows)
