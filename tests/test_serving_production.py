@@ -63,7 +63,9 @@ def test_custom_metrics_are_scraped_with_sane_values(server, reference):
     def delta(name, **labels):
         return sum(_metric(after, name, **labels)) - sum(_metric(before, name, **labels))
 
-    for stage in ["feature_lookup", "query_tower", "retrieval", "filtering", "ranker", "ordering"]:
+    from serving.export import STAGE_ARTIFACTS
+
+    for stage in STAGE_ARTIFACTS:  # every stage of the funnel, whatever the stage list becomes
         assert delta("funnel_stage_requests_total", stage=stage) == 6, stage
         assert delta("funnel_stage_latency_ms_count", stage=stage) == 6, stage
         latency_sum = delta("funnel_stage_latency_ms_sum", stage=stage)
@@ -78,10 +80,10 @@ def test_custom_metrics_are_scraped_with_sane_values(server, reference):
     assert delta("funnel_fallback_total") == 0
     assert sum(_metric(after, "funnel_fallback_total")) >= 2
     # histogram buckets are cumulative and end at +Inf == count
-    buckets = [(lab["le"], v) for lab, v in after["funnel_stage_latency_ms_bucket"] if lab["stage"] == "ranker"]
+    buckets = [(lab["le"], v) for lab, v in after["funnel_stage_latency_ms_bucket"] if lab["stage"] == "query_tower"]
     values = [v for _, v in buckets]
     assert values == sorted(values) and buckets[-1][0] == "+Inf"
-    assert buckets[-1][1] == sum(_metric(after, "funnel_stage_latency_ms_count", stage="ranker"))
+    assert buckets[-1][1] == sum(_metric(after, "funnel_stage_latency_ms_count", stage="query_tower"))
     # Triton's own metrics are on the same endpoint
     assert sum(_metric(after, "nv_inference_request_success", model="funnel")) >= 6
 
@@ -125,7 +127,7 @@ def test_killed_stage_stub_is_recovered_by_the_supervisor(server, reference):
     from serving.supervisor import Supervisor, wait_until
 
     user = next(iter(reference))
-    victim = server.stub_pids()["ranker"][0]
+    victim = server.stub_pids()["query_tower"][0]  # a TensorFlow stage, and one issue 4 does not rename
     os.kill(victim, signal.SIGKILL)
     supervisor = Supervisor(server, interval_s=0.5, failures=2)
 
@@ -138,5 +140,5 @@ def test_killed_stage_stub_is_recovered_by_the_supervisor(server, reference):
 
     with supervisor:
         assert wait_until(answers, timeout_s=240, interval_s=1.0), supervisor.last_error
-    assert victim not in server.stub_pids().get("ranker", [])
+    assert victim not in server.stub_pids().get("query_tower", [])
     print("supervisor restarts:", supervisor.restarts, "last error:", supervisor.last_error)

@@ -49,7 +49,7 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
         ref1 = _answers(server.grpc_url, users)
         assert {r.model_version for r in ref1.values()} == {"1"}
         add_version(v2, repo)  # on disk, not served yet
-        assert (repo / "ranker" / "2" / "ranker").is_dir() and served_version(repo) == 1
+        assert (repo / "query_tower" / "2" / "query_tower").is_dir() and served_version(repo) == 1
         assert _answers(server.grpc_url, users[:3]) == {u: ref1[u] for u in users[:3]}
 
         results, stop = [], threading.Event()
