@@ -174,11 +174,11 @@ def step_evaluate(context: dict) -> dict:
 
 
 def _headline(metrics: dict) -> float:
-    """The ranker's validation AUC: the gate's offline metric (the first AUC found, by stage)."""
-    for stage in ("heavy_ranker", "ranker", "light_ranker"):
+    """The gate's offline metric: the heavy ranker's validation AUC of its first head."""
+    for stage in ("heavy_ranker", "light_ranker"):
         stage_metrics = metrics.get(stage, {})
-        for key, value in stage_metrics.items():
-            if key == "auc" or key.endswith("auc"):
+        for key, value in stage_metrics.items():  # the heavy ranker's first head ("auc_click") first
+            if key == "auc" or key.startswith("auc_"):
                 return float(value)
     raise KeyError(f"no ranker AUC in metrics {sorted(metrics)}")
 

@@ -2,7 +2,9 @@
 """Start the real tritonserver (bundled in nvidia-pytriton) on a model repository; Ctrl-C stops it.
 
 Finds the binary, prepares the Python-backend stub for this interpreter, sets the library path,
-waits until every model is ready, then prints the gRPC, HTTP and metrics addresses.
+waits until every model is ready, then prints the gRPC, HTTP and metrics addresses. With
+--supervise, a probe request runs through the funnel every second and the server is restarted on the
+same ports when it stops answering (e.g. a stage's stub process died).
 """
 import argparse
 import signal
@@ -18,6 +20,7 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log", help="server log file (default: a temporary file)")
+    parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
     args = parser.parse_args()
     server = TritonServer(
         args.model_repository, args.grpc_port, args.http_port, args.metrics_port, log_path=args.log
@@ -26,12 +29,20 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with server:
+        supervisor = None
+        if args.supervise:
+            from serving.supervisor import Supervisor
+
+            supervisor = Supervisor(server).start()
         print(f"tritonserver ready: grpc {server.grpc_url}  http 127.0.0.1:{server.http_port}  "
               f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
         while not stop.wait(1.0):
-            if server.process.poll() is not None:
+            if supervisor is None and server.process.poll() is not None:
                 print(f"tritonserver exited:\n{server.log_tail()}")
                 break
+        if supervisor is not None:
+            supervisor.stop()
+            print(f"supervisor restarted the server {supervisor.restarts} time(s)")
     print("tritonserver stopped")
 
 

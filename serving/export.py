@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -62,7 +63,8 @@ def export_repository(
         for stage, artifacts in STAGE_ARTIFACTS.items():
             version_dir = staging / stage / version
             version_dir.mkdir(parents=True)
-            shutil.copy2(source / stage / "config.pbtxt", staging / stage / "config.pbtxt")
+            stage_config = (source / stage / "config.pbtxt").read_text()
+            (staging / stage / "config.pbtxt").write_text(serve_all_versions(stage_config))
             shutil.copy2(source / stage / "1" / "model.py", version_dir / "model.py")
             shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
             for name in artifacts:
@@ -76,7 +78,8 @@ def export_repository(
             pd.read_parquet(model.path / "item_features.parquet"),
         )
         (staging / ENSEMBLE / version).mkdir(parents=True)
-        shutil.copy2(source / ENSEMBLE / "config.pbtxt", staging / ENSEMBLE / "config.pbtxt")
+        ensemble_config = (source / ENSEMBLE / "config.pbtxt").read_text()
+        (staging / ENSEMBLE / "config.pbtxt").write_text(pin_ensemble(ensemble_config, int(version)))
         _check_complete(staging, version)
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -92,6 +95,23 @@ def export_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_repo
+
+
+def serve_all_versions(stage_config: str) -> str:
+    """A stage serves every version on disk, so versions N and N+1 can run side by side while the
+    ensemble switches from one to the other (``serving/rollout.py``)."""
+    if "version_policy" in stage_config:
+        return stage_config
+    return stage_config.rstrip("\n") + "\nversion_policy: { all { } }\n"
+
+
+def pin_ensemble(ensemble_config: str, version: int) -> str:
+    """Every step of the ensemble calls exactly ``version`` of its stage: one request never mixes
+    the query tower, ANN index and rankers of two exports."""
+    pinned, count = re.subn(r"model_version:\s*-?\d+", f"model_version: {int(version)}", ensemble_config)
+    if count == 0:
+        raise ValueError("the ensemble config has no step with a model_version to pin")
+    return pinned
 
 
 def _check_complete(repo: Path, version: str) -> None:

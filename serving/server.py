@@ -91,6 +91,7 @@ class TritonServer:
         log_path: str | Path | None = None,
         startup_timeout: float = 180.0,
         log_verbose: int = 0,
+        model_control: str = "explicit",
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -100,6 +101,11 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port()
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
+        if model_control not in ("explicit", "none"):
+            raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
+        # explicit: every model loads at start (--load-model=*) and new versions are rolled in
+        # through the load API (serving/rollout.py) instead of the server polling the folder.
+        self.model_control = model_control
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
@@ -128,7 +134,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
-        ]
+        ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
     def start(self) -> "TritonServer":
         cmd = self.command()
@@ -196,6 +202,48 @@ class TritonServer:
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None
+
+    def restart(self, stop_timeout: float = 10.0) -> "TritonServer":
+        """Stop whatever is left of the server and start it again on the same ports.
+
+        A server with a dead stub may wait for it on shutdown; after ``stop_timeout`` the process
+        group is killed."""
+        self.stop(timeout=stop_timeout)
+        return self.start()
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        """The process runs and the server and every model report ready (strict readiness)."""
+        import tritonclient.grpc as grpcclient
+
+        if self.process is None or self.process.poll() is not None:
+            return False
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            return bool(client.is_server_ready(client_timeout=timeout))
+        except Exception:
+            return False
+        finally:
+            client.close()
+
+    def stub_pids(self) -> dict[str, list[int]]:
+        """``{model name: [pid, ...]}`` of the Python backend stub processes of this server."""
+        pids: dict[str, list[int]] = {}
+        if self.process is None:
+            return pids
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(proc.name)) != self.process.pid:
+                    continue
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ProcessLookupError):
+                continue
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 1:
+                # argv[1] is <repository>/<model>/<version>/model.py
+                model = Path(argv[1].decode()).parent.parent.name
+                pids.setdefault(model, []).append(int(proc.name))
+        return pids
 
     def cleanup(self) -> None:
         self.stop()

@@ -2,11 +2,18 @@
 
 Each ``triton_repo/<stage>/1/model.py`` subclasses ``StageModel`` and names its stage; this class
 loads the stage from the model version folder and turns every request into ``stage.run(inputs)``.
-A malformed request gets a Triton error naming the problem; no exception escapes to crash the stub.
+
+Cross-cutting serving concerns live here, not in the stages:
+
+* a malformed request gets a Triton error naming the problem (``RequestError``), any other
+  exception gets an ``internal error`` response: no exception escapes to crash the stub;
+* every request is timed and counted in the custom metrics of ``serving/metrics.py`` (latency,
+  candidates passed on, fallback responses, errors by kind).
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +35,20 @@ class StageModel:
         self.outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
         ]
+        self.metrics = None
+        try:
+            from serving.metrics import StageMetrics
+
+            self.metrics = StageMetrics(pb_utils, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+        except Exception as err:  # metrics are an aid: a server without them still serves
+            pb_utils.Logger.log_warn(f"{self.stage_name}: custom metrics disabled: {type(err).__name__}: {err}")
 
     def execute(self, requests):
         from serving.stages import RequestError
 
         responses = []
         for request in requests:
+            start, result, error_kind = time.perf_counter(), None, None
             try:
                 inputs = {}
                 for name in self.input_names:
@@ -44,10 +59,21 @@ class StageModel:
                 tensors = [self.pb.Tensor(n, np.asarray(result[n]).astype(dt)) for n, dt in self.outputs]
                 responses.append(self.pb.InferenceResponse(output_tensors=tensors))
             except RequestError as err:
+                error_kind = "bad_request"
                 responses.append(self._error(f"{self.stage_name}: {err}"))
             except Exception as err:  # a bug must fail the request, not the server
+                error_kind = "internal"
                 responses.append(self._error(f"{self.stage_name}: internal error: {type(err).__name__}: {err}"))
+            self._record(time.perf_counter() - start, result, error_kind)
         return responses
+
+    def _record(self, seconds: float, result, error_kind) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe(seconds, result, error_kind)
+        except Exception as err:  # never fail a request over a metric
+            self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
 
     def _error(self, message: str):
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Roll a registry version into a running server's repository without dropping requests.
+
+Adds the version's stages to the repository (each stage folder moved in with one rename), loads
+them through Triton's model-control API beside the serving version, then switches the `funnel`
+ensemble (all steps pinned to the new version) in one reload. --retire removes the old version
+afterwards. The server must run in explicit model-control mode (scripts/serve.py does).
+
+    .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
+        --repository build/triton_repo --url 127.0.0.1:8001 --retire
+"""
+from configs.runtime import quiet_known_warnings
+
+quiet_known_warnings()  # before TensorFlow is imported
+
+import argparse
+
+from models import registry
+from serving.rollout import add_version, retire, roll_out, served_version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
+    parser.add_argument("--version", type=int, help="registry version to roll in (default: the latest)")
+    parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
+    parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
+    args = parser.parse_args()
+    model = registry.get(args.registry, args.version)
+    old = served_version(args.repository)
+    add_version(model, args.repository)
+    roll_out(args.url, args.repository, model.version)
+    print(f"serving version {model.version} (was {old})")
+    if args.retire:
+        retire(args.url, args.repository, old)
+        print(f"retired version {old}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Load and latency of the served funnel vs a brute-force baseline, per catalog size.
+
+For each catalog size: generate the synthetic world (``num_items`` items, modest events), run the
+dataset pipeline, train, export, start the real tritonserver, then
+
+* **funnel**: ``requests`` concurrent gRPC requests for known users (``serving/loadgen.py``):
+  p50/p95/p99 latency and requests/s;
+* **baseline**: the same users ranked by scoring *every* unseen catalog item with the ranker
+  (in-process, one batched ``tf.function`` call per user, i.e. without the gRPC and ensemble hops
+  the funnel pays, so the speed-up is if anything understated);
+* **quality**: NDCG@10 of both against the synthetic generator's ground truth: the gain of an item
+  is its true latent affinity to the user (clipped at 0), the ideal ranking is the true top 10
+  among the user's unseen items.
+
+Both measurements run in the same process one after the other, so the ratio survives a busy machine.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) -> float:
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = float((np.asarray(gains_ranked[:k]) * discounts[: len(gains_ranked[:k])]).sum())
+    ideal = np.sort(np.asarray(ideal_gains))[::-1][:k]
+    idcg = float((ideal * discounts[: len(ideal)]).sum())
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def build_world(num_items: int, num_users: int, events_per_user: float, workdir: Path, seed: int = 42):
+    """Synthetic data -> processed -> trained registry version -> exported Triton repository."""
+    from configs import load_config
+    from models.train import train_all
+    from serving.export import export_repository
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.sources.synthetic import generate
+
+    # Only items seen in training get an id embedding and enter the served catalog, so large catalogs
+    # need events on the order of the item count; milder popularity skew spreads them over more items.
+    config = load_config(overrides={
+        "synthetic": {"num_items": num_items, "num_users": num_users, "events_per_user": events_per_user,
+                      "popularity_skew": 0.5, "personalized_exposure": 0.5, "seed": seed},
+        "candidate_generator": {"epochs": 2, "batch_size": 8192},
+        "light_ranker": {"epochs": 1, "batch_size": 8192},
+        "heavy_ranker": {"epochs": 1, "batch_size": 8192},
+    })
+    data = generate(config.synthetic)
+    raw = data.write_parquet(workdir / "raw")
+    processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], workdir / "processed", config.workflow)
+    model = train_all(processed, config, workdir / "registry", verbose=0)
+    repo = export_repository(model, workdir / "triton_repo")
+    return data, model, repo, config
+
+
+def baseline_rank(ranker, feature_lookup, user_id: int, k: int, chunk: int = 200_000):
+    """Score every unseen catalog item with the heavy ranker for one user; the top k raw ids and the time."""
+    start = time.perf_counter()
+    user = feature_lookup.run({"user_id": np.array([user_id])})
+    size = len(next(iter(ranker.item_columns.values())))
+    catalog = np.arange(3, size, dtype=np.int64)  # Categorify: 0 pad, 1 null, 2 OOV; real items from 3
+    catalog = catalog[~np.isin(catalog, user["seen_items"])]
+    scores = np.concatenate([
+        ranker.run({**user, "light_ids": catalog[i:i + chunk]})["heavy_scores"] for i in range(0, len(catalog), chunk)
+    ])
+    top = catalog[np.argsort(-scores, kind="stable")[:k]]
+    return top, time.perf_counter() - start
+
+
+def ann_recall(repo: Path, version: int, lookup, users, k: int) -> dict:
+    """Recall@k of the served ANN index against exact inner-product search over the same vectors."""
+    import faiss
+
+    from serving.stages import QueryTower, Retrieval
+
+    tower = QueryTower(repo / "query_tower" / str(version))
+    retrieval = Retrieval(repo / "retrieval" / str(version))
+    base = faiss.downcast_index(retrieval.index.index)
+    vectors = base.reconstruct_n(0, base.ntotal)
+    ids = faiss.vector_to_array(retrieval.index.id_map)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    recalls, ann_ms = [], []
+    for u in users:
+        q = tower.run(lookup.run({"user_id": np.array([int(u)])}))["query_embedding"]
+        t = time.perf_counter()
+        got = retrieval.run({"query_embedding": q})["candidate_ids"]
+        ann_ms.append((time.perf_counter() - t) * 1000)
+        _, truth = exact.search(q.reshape(1, -1), k)
+        recalls.append(len(set(got[:k].tolist()) & set(ids[truth[0]].tolist())) / k)
+    return {"kind": type(base).__name__, f"recall_at_{k}_vs_exact": round(float(np.mean(recalls)), 4),
+            "search_ms_mean": round(float(np.mean(ann_ms)), 3)}
+
+
+def measure_size(num_items: int, args, workdir: Path) -> dict:
+    from serving.client import FunnelClient
+    from serving.loadgen import Request, run_load
+    from serving.server import TritonServer
+    from serving.stages import FeatureLookup, HeavyRanker
+
+    t0 = time.perf_counter()
+    # The generator materialises [512 users, items] float64 matrices; fewer users keep them small.
+    users = int(min(args.users, max(100, args.max_user_item_cells // num_items)))
+    events_per_user = max(args.min_events, args.events_per_item * num_items) / users
+    data, model, repo, config = build_world(num_items, users, events_per_user, workdir)
+    build_s = time.perf_counter() - t0
+    items = pd.read_parquet(model.path / "item_features.parquet")
+    to_raw = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
+    to_raw[items["item_id"].values] = items["item_id_raw"].values
+    known = pd.read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
+    rng = np.random.default_rng(0)
+    eval_users = rng.choice(known, size=min(args.baseline_users, len(known)), replace=False)
+    row = {"num_items_generated": num_items, "served_catalog": int(len(items)), "events": int(len(data.events)), "users": users,
+           "build_s": round(build_s, 1),
+           "index": json.loads((repo / "retrieval" / str(model.version) / "item_index.json").read_text())}
+
+    with TritonServer(repo, log_path=workdir / "server.log") as server:
+        with FunnelClient(server.grpc_url) as client:
+            funnel_top = {int(u): client.recommend(int(u), 10) for u in eval_users}  # also warms every stage
+        # latency: one request at a time (no queueing); throughput: `concurrency` in flight
+        one = run_load(server.grpc_url, [Request(int(u), 10) for u in rng.choice(known, size=args.latency_requests)],
+                       concurrency=1, keep_outputs=False)
+        many = run_load(server.grpc_url, [Request(int(u), 10) for u in rng.choice(known, size=args.requests)],
+                        concurrency=args.concurrency, keep_outputs=False)
+        row["funnel"] = {"latency_concurrency_1": one.summary(), f"throughput_concurrency_{args.concurrency}": many.summary()}
+        row["stage_counts_example"] = next(iter(funnel_top.values())).stage_counts
+
+    ranker = HeavyRanker(repo / "heavy_ranker" / str(model.version))
+    lookup = FeatureLookup(repo / "feature_lookup" / str(model.version))
+    row["ann"] = ann_recall(repo, model.version, lookup, eval_users, int(config.serving.retrieval_k))
+    baseline_rank(ranker, lookup, int(eval_users[0]), 10)  # trace the graph once
+    ndcg_f, ndcg_b, base_lat = [], [], []
+    for u in eval_users:
+        top, seconds = baseline_rank(ranker, lookup, int(u), 10)
+        base_lat.append(seconds * 1000)
+        seen_raw = set(to_raw[lookup.run({"user_id": np.array([int(u)])})["seen_items"]].tolist())
+        unseen = np.array([i for i in data.items["item_id"].to_numpy() if i not in seen_raw])
+        ideal = np.clip(data.true_affinity(np.full(len(unseen), int(u)), unseen), 0, None)
+        gain = lambda ids: np.clip(data.true_affinity(np.full(len(ids), int(u)), np.asarray(ids)), 0, None)
+        ndcg_b.append(ndcg_at_k(gain(to_raw[top]), ideal))
+        ndcg_f.append(ndcg_at_k(gain(funnel_top[int(u)].item_ids), ideal))
+    base = np.array(base_lat)
+    row["baseline"] = {"users": len(base), "p50_ms": round(float(np.percentile(base, 50)), 1),
+                       "p99_ms": round(float(np.percentile(base, 99)), 1),
+                       "requests_per_s_one_at_a_time": round(1000 / float(base.mean()), 2)}
+    row["ndcg_at_10"] = {"funnel": round(float(np.mean(ndcg_f)), 4), "baseline": round(float(np.mean(ndcg_b)), 4)}
+    row["ndcg_ratio_funnel_vs_baseline"] = round(float(np.mean(ndcg_f)) / max(float(np.mean(ndcg_b)), 1e-9), 3)
+    lat, thr = one.summary(), many.summary()
+    row["speedup_p50_vs_baseline"] = round(float(np.percentile(base, 50)) / lat["p50_ms"], 1)
+    row["targets"] = {"p99_le_10ms": lat["p99_ms"] <= 10, "rps_ge_300": thr["requests_per_s"] >= 300,
+                         "speedup_ge_10x": row["speedup_p50_vs_baseline"] >= 10,
+                         "ndcg_ratio_ge_0.95": row["ndcg_ratio_funnel_vs_baseline"] >= 0.95}
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return row

@@ -1,0 +1,106 @@
+"""Custom Prometheus metrics of the funnel's stages, published through Triton's metrics endpoint.
+
+Triton already exports per-model request counts and queue/compute times at ``/metrics``. The stages
+add what only they know, through the Python backend's ``pb_utils.MetricFamily`` (tritonserver 2.51
+supports counters, gauges and histograms there):
+
+    funnel_stage_latency_ms{stage, version}        histogram: time inside the stage per request
+    funnel_stage_requests_total{stage, version}    counter: requests the stage answered or refused
+    funnel_stage_errors_total{stage, version, kind} counter: kind = bad_request | internal
+    funnel_stage_candidates{stage, version}        histogram: items the stage passed on
+    funnel_fallback_total{version}                 counter: responses served by the popularity fallback
+
+``monitoring/grafana/funnel-dashboard.json`` charts them; ``tests/test_serving_metrics.py`` scrapes
+them from a live server. ``StageMetrics`` never lets a metrics failure fail a request.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LATENCY_BUCKETS_MS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 1000.0]
+CANDIDATE_BUCKETS = [0, 1, 10, 50, 100, 200, 300, 500, 1000, 5000]
+ERROR_KINDS = ("bad_request", "internal")
+
+# The output whose length is "the candidates this stage passed on". Stages not listed (feature
+# lookup, query tower) pass on no item list; a new ranking stage is counted by its first output.
+CANDIDATE_OUTPUT = {
+    "retrieval": "candidate_ids",
+    "filtering": "filtered_ids",
+    "light_ranker": "light_ids",
+    "heavy_ranker": "heavy_scores",
+    "ordering": "item_ids",
+}
+
+
+def candidate_output(stage: str, output_names: list[str]) -> str | None:
+    if stage in CANDIDATE_OUTPUT:
+        return CANDIDATE_OUTPUT[stage]
+    if stage.endswith("ranker") and output_names:
+        return output_names[0]
+    return None
+
+
+class StageMetrics:
+    """The metric objects of one stage instance (one stub process)."""
+
+    def __init__(self, pb_utils, stage: str, version: int | str, output_names: list[str]):
+        family = pb_utils.MetricFamily
+        labels = {"stage": stage, "version": str(version)}
+        # Keep the families referenced: a Metric must not outlive its MetricFamily.
+        self._families = {
+            "latency": family("funnel_stage_latency_ms", "Time spent inside a funnel stage per request (ms)", family.HISTOGRAM),
+            "requests": family("funnel_stage_requests_total", "Requests a funnel stage handled", family.COUNTER),
+            "errors": family("funnel_stage_errors_total", "Requests a funnel stage refused, by kind", family.COUNTER),
+            "candidates": family("funnel_stage_candidates", "Items a funnel stage passed on per request", family.HISTOGRAM),
+            "fallback": family("funnel_fallback_total", "Responses served by the popularity fallback", family.COUNTER),
+        }
+        f = self._families
+        self.latency = f["latency"].Metric(labels=labels, buckets=LATENCY_BUCKETS_MS)
+        self.requests = f["requests"].Metric(labels=labels)
+        self.errors = {kind: f["errors"].Metric(labels={**labels, "kind": kind}) for kind in ERROR_KINDS}
+        self.counted = candidate_output(stage, output_names)
+        self.candidates = (
+            f["candidates"].Metric(labels=labels, buckets=CANDIDATE_BUCKETS) if self.counted else None
+        )
+        self.fallback = f["fallback"].Metric(labels={"version": str(version)}) if stage == "ordering" else None
+
+    def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+        self.requests.increment(1)
+        self.latency.observe(seconds * 1000.0)
+        if error_kind is not None:
+            self.errors[error_kind].increment(1)
+            return
+        if self.candidates is not None and self.counted in result:
+            self.candidates.observe(float(np.asarray(result[self.counted]).size))
+        if self.fallback is not None:
+            served_by = np.asarray(result.get("served_by", [b""])).reshape(-1)[0]
+            if served_by in (b"fallback", "fallback"):
+                self.fallback.increment(1)
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """``/metrics`` text -> {metric name: [(labels, value), ...]} (enough for tests and the notebook)."""
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        if "{" in name_labels:
+            name, _, rest = name_labels.partition("{")
+            labels = {}
+            for part in rest.rstrip("}").split(","):
+                if "=" in part:
+                    k, _, v = part.partition("=")
+                    labels[k.strip()] = v.strip().strip('"')
+        else:
+            name, labels = name_labels, {}
+        out.setdefault(name, []).append((labels, float(value)))
+    return out
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, list[tuple[dict, float]]]:
+    """Fetch and parse a Prometheus endpoint, e.g. ``TritonServer.metrics_url``."""
+    from urllib.request import urlopen
+
+    with urlopen(url, timeout=timeout) as response:
+        return parse_prometheus(response.read().decode())

@@ -1,0 +1,116 @@
+"""Roll a new model version into a running server without dropping or mixing requests.
+
+The repository holds numbered versions side by side: ``<stage>/<N>/`` for every stage. Stage
+configs serve every version on disk (``version_policy: all``, added by the export) and the
+``funnel`` ensemble pins each step to one version (``pin_ensemble``), so a request runs entirely on
+one export. Rolling from N to N+1 (server in explicit model-control mode, see ``TritonServer``):
+
+1. ``add_version``: export N+1 into a temporary repository beside the live one and move each
+   stage's ``<N+1>/`` folder in with one rename; nothing loads it yet (explicit mode).
+2. ``roll_out``: check that every stage of N+1 is complete, load each stage through Triton's load
+   API (N stays loaded and keeps serving beside N+1), then write the ensemble config pinned to N+1
+   with ``funnel/<N+1>/`` and load the ensemble: Triton swaps it in once it is ready, requests in
+   flight finish on N, later ones run on N+1.
+3. ``retire``: remove version N's folders and reload the stages, freeing their memory.
+
+A failed step leaves the old version serving: the ensemble is only switched after every stage of the
+new version reports ready.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from models.registry import ModelVersion
+from serving.export import ENSEMBLE, STAGE_ARTIFACTS, _check_complete, export_repository, pin_ensemble
+
+STAGES = list(STAGE_ARTIFACTS)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def served_version(repo: str | Path) -> int:
+    return int(json.loads((Path(repo) / "export.json").read_text())["version"])
+
+
+def add_version(model: ModelVersion, repo: str | Path) -> int:
+    """Put ``model``'s stages into the live repository as a new numbered version; return it."""
+    repo = Path(repo).resolve()
+    version = int(model.version)
+    clash = [s for s in STAGES if (repo / s / str(version)).exists()]
+    if clash:
+        raise FileExistsError(f"version {version} is already in {repo} (stages {clash})")
+    staging_parent = Path(tempfile.mkdtemp(prefix=f".{repo.name}-v{version}-", dir=repo.parent))
+    moved: list[Path] = []
+    try:
+        staged = export_repository(model, staging_parent / "repo")
+        for stage in STAGES:
+            target = repo / stage / str(version)
+            os.rename(staged / stage / str(version), target)
+            moved.append(target)
+    except BaseException:
+        for path in moved:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging_parent, ignore_errors=True)
+    return version
+
+
+def _wait_ready(client, name: str, version: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.is_model_ready(name, str(version)):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} version {version} did not become ready within {timeout_s:.0f}s")
+
+
+def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
+    """Switch the served funnel to ``version`` (already added to ``repo``) without downtime."""
+    import tritonclient.grpc as grpcclient
+
+    repo = Path(repo).resolve()
+    _check_complete(repo, str(version))
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        for stage in STAGES:
+            client.load_model(stage)
+            _wait_ready(client, stage, version, timeout_s)
+        ensemble = repo / ENSEMBLE
+        _write_atomic(ensemble / "config.pbtxt", pin_ensemble((ensemble / "config.pbtxt").read_text(), version))
+        (ensemble / str(version)).mkdir(exist_ok=True)
+        client.load_model(ENSEMBLE)
+        _wait_ready(client, ENSEMBLE, version, timeout_s)
+    finally:
+        client.close()
+    export = json.loads((repo / "export.json").read_text())
+    export.update(version=int(version), rolled_out_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_atomic(repo / "export.json", json.dumps(export))
+
+
+def retire(grpc_url: str, repo: str | Path, version: int) -> None:
+    """Unload and delete an old version that the ensemble no longer calls."""
+    import tritonclient.grpc as grpcclient
+
+    repo = Path(repo).resolve()
+    if served_version(repo) == int(version):
+        raise ValueError(f"version {version} is the one being served; roll out another first")
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        for stage in [ENSEMBLE, *STAGES]:
+            path = repo / stage / str(version)
+            if path.exists():
+                shutil.rmtree(path)
+                if stage != ENSEMBLE:
+                    client.load_model(stage)
+    finally:
+        client.close()

@@ -1,0 +1,88 @@
+"""Keep a served funnel answering: probe it, and restart the server when it stops.
+
+A stage's Python stub can die (out of memory, a crash in native code, a kill). The supervisor
+notices because a probe request through the whole ensemble fails (or the server process is gone,
+or stops reporting ready) ``failures`` times in a row, and then restarts the server on the same
+ports, so clients reconnect without any manual step. ``tests/test_serving_robustness.py`` kills a
+stage's stub with SIGKILL and checks that the funnel answers again.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from serving.server import TritonServer
+
+
+def funnel_probe(url: str) -> None:
+    """One request through every stage (an unknown user still passes all of them); raises on failure."""
+    from serving.client import FunnelClient
+
+    with FunnelClient(url, timeout_s=10.0) as client:
+        client.recommend(user_id=0, k=1)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        server: TritonServer,
+        probe: Callable[[str], None] = funnel_probe,
+        interval_s: float = 1.0,
+        failures: int = 2,
+    ):
+        self.server, self.probe = server, probe
+        self.interval_s, self.failures = interval_s, failures
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._failed = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> bool:
+        """Probe once; restart the server after ``failures`` failed probes in a row. True if it answered."""
+        try:
+            if self.server.process is None or self.server.process.poll() is not None:
+                raise RuntimeError("tritonserver process is not running")
+            self.probe(self.server.grpc_url)
+            self._failed = 0
+            return True
+        except Exception as err:
+            self._failed += 1
+            self.last_error = f"{type(err).__name__}: {err}"
+            if self._failed >= self.failures:
+                self.server.restart()
+                self.restarts += 1
+                self._failed = 0
+            return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check_once()
+
+    def start(self) -> "Supervisor":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="triton-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.server.startup_timeout + 30)
+            self._thread = None
+
+    def __enter__(self) -> "Supervisor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

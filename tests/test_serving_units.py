@@ -1,0 +1,50 @@
+"""Fast checks of the serving helpers that need no server: version pinning, metrics parsing, NDCG."""
+import numpy as np
+import pytest
+
+from serving.export import TRITON_REPO_SOURCE, pin_ensemble, serve_all_versions
+from serving.metrics import CANDIDATE_OUTPUT, candidate_output, parse_prometheus
+
+
+def test_pin_ensemble_pins_every_step_of_the_funnel():
+    text = (TRITON_REPO_SOURCE / "funnel" / "config.pbtxt").read_text()
+    steps = text.count("model_name:")
+    pinned = pin_ensemble(text, 7)
+    assert pinned.count("model_version: 7") == steps > 0
+    assert "model_version: -1" not in pinned
+    assert pin_ensemble(pinned, 8).count("model_version: 8") == steps  # re-pinning a pinned config
+    with pytest.raises(ValueError, match="no step"):
+        pin_ensemble('name: "x"\nplatform: "ensemble"\n', 1)
+
+
+def test_stage_configs_serve_all_versions_once():
+    text = (TRITON_REPO_SOURCE / "heavy_ranker" / "config.pbtxt").read_text()
+    once = serve_all_versions(text)
+    assert once.count("version_policy") == 1 and serve_all_versions(once) == once
+
+
+def test_parse_prometheus_reads_labels_and_values():
+    text = (
+        "# HELP funnel_stage_latency_ms x\n# TYPE funnel_stage_latency_ms histogram\n"
+        'funnel_stage_latency_ms_bucket{stage="ranker",version="1",le="0.5"} 3\n'
+        'funnel_stage_latency_ms_bucket{stage="ranker",version="1",le="+Inf"} 4\n'
+        "nv_cpu_memory_used_bytes 1.5e+09\n"
+    )
+    m = parse_prometheus(text)
+    assert m["funnel_stage_latency_ms_bucket"][1] == ({"stage": "ranker", "version": "1", "le": "+Inf"}, 4.0)
+    assert m["nv_cpu_memory_used_bytes"] == [({}, 1.5e9)]
+
+
+def test_candidate_output_covers_item_stages_and_new_rankers():
+    assert candidate_output("retrieval", ["candidate_ids", "retrieval_scores"]) == CANDIDATE_OUTPUT["retrieval"]
+    assert candidate_output("heavy_ranker", ["heavy_scores"]) == "heavy_scores"
+    assert candidate_output("feature_lookup", ["user_categorical"]) is None
+
+
+def test_ndcg_at_k():
+    from serving.benchmark import ndcg_at_k
+
+    gains = np.array([3.0, 2.0, 1.0, 0.0])
+    assert ndcg_at_k(gains, gains, k=3) == pytest.approx(1.0)
+    assert ndcg_at_k(gains[::-1], gains, k=3) < 0.5
+    assert ndcg_at_k(np.zeros(3), np.zeros(3)) == 0.0
