@@ -3,7 +3,7 @@
 
 For each --sizes catalog size: synthetic data, pipeline, training, export, the real tritonserver;
 then --requests concurrent gRPC requests (p50/p95/p99, requests/s) and --baseline-users users ranked
-by scoring the full catalog with the ranker, with NDCG@10 of both against the synthetic ground truth.
+by scoring the full catalog with the heavy ranker, with NDCG@10 of both against the synthetic ground truth.
 See serving/benchmark.py for exactly what is measured.
 
     .venv/bin/python scripts/benchmark_serving.py --sizes 10000 100000 1000000 --out build/benchmark.json
