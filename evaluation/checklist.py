@@ -6,6 +6,10 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
     versions_consistent   query tower, item index, manifest and every exported stage: one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted, for sampled users
     index_matches_items   the ANN index holds exactly the items of the serving item table
+    data_checks           the dataset pipeline's own checks on the data this version was trained on
+                          (``workflows/checks.py``): no duplicate user-item pairs, labels agree with
+                          the raw signals, no feature uses future events, and the temporal split's
+                          cutoff holds; each must be present and passed in the manifest
 """
 from __future__ import annotations
 
@@ -71,10 +75,26 @@ def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
     return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")
 
 
+REQUIRED_DATA_CHECKS = ("no_duplicate_pairs", "labels_agree", "point_in_time")
+
+
+def check_data(model_dir: Path) -> CheckResult:
+    summary = json.loads((model_dir / "manifest.json").read_text()).get("data_summary", {})
+    recorded = summary.get("checks", [])
+    required = list(REQUIRED_DATA_CHECKS)
+    if summary.get("split", {}).get("kind") == "temporal":
+        required.append("temporal_split")
+    names = {c.get("check") for c in recorded}
+    missing = [n for n in required if n not in names]
+    failed = [c.get("check") for c in recorded if not c.get("passed")]
+    ok = not missing and not failed
+    return CheckResult("data_checks", ok, f"recorded {sorted(names)}; missing {missing}; failed {failed}")
+
+
 def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_users: int = 20) -> list[CheckResult]:
     model_dir = Path(model_dir)
     repo = Path(repo) if repo is not None else None
-    results = [check_versions_consistent(model_dir, repo), check_index_matches_items(model_dir)]
+    results = [check_versions_consistent(model_dir, repo), check_index_matches_items(model_dir), check_data(model_dir)]
     if repo is not None:
         version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
         users = pd.read_parquet(model_dir / "user_features.parquet")["user_id_raw"].head(sample_users).tolist()

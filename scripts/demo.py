@@ -61,6 +61,7 @@ def main() -> None:
 
     with steps("Importing Merlin (NVTabular, Merlin Models, TensorFlow)"):
         from configs import load_config
+        from evaluation.checklist import run_checklist
         from models.train import train_all
         from serving.client import FunnelClient
         from serving.export import export_repository
@@ -92,9 +93,14 @@ def main() -> None:
         print(f"      heavy score = {' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
               f"MLflow run logged under {work / 'mlruns'}")
 
-    with steps("Exporting the Triton model repository"):
+    with steps("Exporting the Triton model repository and running the correctness checklist"):
         repo = export_repository(model, work / "triton_repo")
         print(f"      {repo}")
+        checks = run_checklist(model.path, repo, sample_users=5)
+        for check in checks:
+            print(f"      {'PASS' if check.passed else 'FAIL'}  {check.name}")
+        if not all(c.passed for c in checks):
+            raise SystemExit("the correctness checklist failed; not serving this export")
 
     server = TritonServer(repo, log_path=work / "tritonserver.log")
     results = []

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, triton_repo):
     results = run_checklist(model_version.path, triton_repo, sample_users=5)
-    assert [r.name for r in results] == ["versions_consistent", "index_matches_items", "scores_in_unit_range"]
+    assert [r.name for r in results] == ["versions_consistent", "index_matches_items", "data_checks",
+                                         "scores_in_unit_range"]
     assert all(r.passed for r in results), results
 
 
@@ -49,3 +50,19 @@ def test_script_exit_code_follows_the_checks(model_version, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(broken_registry)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout
+
+
+def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
+    from evaluation.checklist import check_data
+
+    broken = tmp_path / "v"
+    shutil.copytree(model_version.path, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    checks = manifest["data_summary"]["checks"]
+    manifest["data_summary"]["checks"] = [c for c in checks if c["check"] != "point_in_time"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = check_data(broken)
+    assert not result.passed and "point_in_time" in result.detail
+    manifest["data_summary"]["checks"] = [{**c, "passed": False} if c["check"] == "labels_agree" else c for c in checks]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert not check_data(broken).passed
