@@ -3,7 +3,7 @@
 popularity bias, the logQ mitigation table and an HTML + Markdown report (also logged to MLflow).
 
     python scripts/evaluate.py                                   # synthetic data, temporal protocol
-    python scripts/evaluate.py --source movielens --config configs/movielens.yaml   # RecBole protocol
+    python scripts/evaluate.py --source movielens --config configs/movielens-recbole.yaml   # RecBole protocol
 """
 from configs.runtime import quiet_known_warnings
 
