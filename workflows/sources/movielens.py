@@ -56,14 +56,10 @@ class MovieLensData:
     items: pd.DataFrame
 
     def write_parquet(self, out_dir) -> dict[str, str]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name in ("events", "users", "items"):
-            path = out / f"{name}.parquet"
-            getattr(self, name).to_parquet(path, index=False)
-            paths[name] = str(path)
-        return paths
+        """Write ``events``, ``users`` and ``items`` as parquet; return their paths."""
+        from workflows.sources import write_raw_tables
+
+        return write_raw_tables(self, out_dir)
 
 
 def zip_to_region(zip_code: pd.Series) -> pd.Series:

@@ -94,16 +94,9 @@ class SyntheticData:
 
     def write_parquet(self, out_dir) -> dict[str, str]:
         """Write ``events``, ``users`` and ``items`` as parquet; return their paths."""
-        from pathlib import Path
+        from workflows.sources import write_raw_tables
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name in ("events", "users", "items"):
-            path = out / f"{name}.parquet"
-            getattr(self, name).to_parquet(path, index=False)
-            paths[name] = str(path)
-        return paths
+        return write_raw_tables(self, out_dir)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
