@@ -40,7 +40,18 @@ def _fraction(df):
     return df["watch_seconds"] / df["duration_seconds"].clip(lower=1)
 
 
-class DurationAwareWatch(StatOperator):
+class _BinaryLabel:
+    """One int64 label column, named ``self.name``, computed from the selected input columns."""
+
+    def column_mapping(self, col_selector):
+        return {self.name: list(col_selector.names)}
+
+    @property
+    def output_dtype(self):
+        return "int64"
+
+
+class DurationAwareWatch(_BinaryLabel, StatOperator):
     """``duration_watch`` from ``click, watch_seconds, duration_seconds`` with learned bucket thresholds."""
 
     def __init__(self, bucket_edges=(60.0, 300.0, 1200.0), quantile: float = 0.5, name: str = "duration_watch"):
@@ -81,17 +92,10 @@ class DurationAwareWatch(StatOperator):
         out[self.name] = ((df["click"] > 0) & (frac >= threshold)).astype("int64")
         return out
 
-    def column_mapping(self, col_selector):
-        return {self.name: list(col_selector.names)}
-
-    @property
-    def output_dtype(self):
-        return "int64"
-
     transform.__doc__ = "Label rows: clicked and watch fraction >= the bucket's learned threshold."
 
 
-class WatchedAtLeast(nvt.ops.Operator):
+class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
     """``watched``: watch_seconds >= ``threshold`` x duration (a plain, fixed-threshold label)."""
 
     def __init__(self, threshold: float = 0.75, name: str = "watched"):
@@ -103,12 +107,6 @@ class WatchedAtLeast(nvt.ops.Operator):
         out[self.name] = (df["watch_seconds"] >= self.threshold * df["duration_seconds"]).astype("int64")
         return out
 
-    def column_mapping(self, col_selector):
-        return {self.name: list(col_selector.names)}
-
-    @property
-    def output_dtype(self):
-        return "int64"
 
 
 def label_graph(config: WorkflowConfig):
