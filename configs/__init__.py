@@ -327,6 +327,54 @@ class ServingConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """An A/B test of two model versions inside the served funnel (``serving/ab_router.py``,
+    ``online/ab_report.py``). Users are assigned by hashing ``salt:user_id``; ``holdout`` of them
+    stay on the control model even after the treatment is rolled out to everyone else."""
+
+    name: str = "logq-candidate-generator"
+    salt: str = "ab-2026-11"
+    holdout: float = 0.02
+    treatment_share: float = 0.5  # of the non-holdout traffic
+    alpha: float = 0.05
+    power: float = 0.8
+    min_detectable_ctr_lift: float = 0.02  # absolute CTR lift the sample size is planned for
+    # What the treatment changes, as config overrides of the control's config (validated on use).
+    treatment_overrides: dict[str, Any] = field(
+        default_factory=lambda: {"candidate_generator": {"logq_correction": True}})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout <= 0.05:
+            raise ValueError(f"online.experiment.holdout must be in [0, 0.05] (1-2% is usual), got {self.holdout}")
+        if not 0.0 < self.treatment_share < 1.0:
+            raise ValueError(f"online.experiment.treatment_share must be in (0, 1), got {self.treatment_share}")
+        if not isinstance(self.treatment_overrides, dict):
+            raise TypeError("online.experiment.treatment_overrides must be a mapping of config overrides")
+
+
+@dataclass
+class SimulationConfig:
+    """Simulated users (``online/simulator.py``): one request per active user per simulated day."""
+
+    days: int = 5
+    k: int = 10
+    position_decay: float = 0.85  # P(examine position p) = position_decay ** p
+    return_base: float = 0.4  # logit of returning after a day with no engagement at all
+    return_per_click: float = 0.6  # each click raises the logit this much
+    return_per_minute: float = 0.05  # each minute watched raises it this much
+    concurrency: int = 4  # users served at once against the live server
+    seed: int = 0
+
+
+@dataclass
+class OnlineConfig:
+    """The online loop: the A/B experiment and the simulated users that drive it."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+@dataclass
 class Config:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
@@ -336,6 +384,7 @@ class Config:
     heavy_ranker: HeavyRankerConfig = field(default_factory=HeavyRankerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     seed: int = 42
 
     def to_dict(self) -> dict[str, Any]:
@@ -400,3 +449,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``config`` with ``overrides`` merged in, validated exactly like a loaded file."""
+    return _build(Config, _merge(config.to_dict(), overrides), "")

@@ -89,6 +89,27 @@ def metric_bar_plot(table: pd.DataFrame, metric: str) -> str:
     return _png(fig)
 
 
+def write_document(out: Path, title: str, context: dict | None, sections: list[tuple[str, pd.DataFrame]],
+                   plots: list[tuple[str, str]]) -> dict[str, Path]:
+    """``report.md`` (context and tables) and a self-contained ``report.html`` (tables and PNG plots)."""
+    md = [f"# {title}", ""]
+    if context:
+        md += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
+    for heading, table in sections:
+        md += [f"## {heading}", "", table.to_markdown(index=False, floatfmt=".4f"), ""]
+    (out / "report.md").write_text("\n".join(md))
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if context:
+        body.append("<ul>" + "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in context.items()) + "</ul>")
+    for heading, table in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>" + table.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
+    for heading, png in plots:
+        body.append(f"<h2>{html.escape(heading)}</h2><img src='data:image/png;base64,{png}'/>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+    (out / "report.html").write_text(f"<html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return {"html": out / "report.html", "markdown": out / "report.md"}
+
+
 def write_report(results: list[Result], out_dir: str | Path, title: str, context: dict | None = None, ks=(10,),
                  extra_tables: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
     """Write ``report.html``, ``report.md`` and ``results.json`` into ``out_dir``; return their paths."""
@@ -104,23 +125,8 @@ def write_report(results: list[Result], out_dir: str | Path, title: str, context
             sections.append((f"{r.name}: slices by user attribute ({main_metric})", r.slices))
             sections.append((f"{r.name}: best vs worst slice", slice_gaps(r.slices, main_metric)))
 
-    md = [f"# {title}", ""]
-    if context:
-        md += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
-    for heading, table in sections:
-        md += [f"## {heading}", "", table.to_markdown(index=False, floatfmt=".4f"), ""]
-    (out / "report.md").write_text("\n".join(md))
-
     plots = [("Item-share curve", share_curve_plot(results)), (main_metric, metric_bar_plot(metrics, main_metric))]
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if context:
-        body.append("<ul>" + "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in context.items()) + "</ul>")
-    for heading, table in sections:
-        body.append(f"<h2>{html.escape(heading)}</h2>" + table.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
-    for heading, png in plots:
-        body.append(f"<h2>{html.escape(heading)}</h2><img src='data:image/png;base64,{png}'/>")
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-    (out / "report.html").write_text(f"<html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    write_document(out, title, context, sections, plots)
     (out / "results.json").write_text(json.dumps(
         [{"name": r.name, "metrics": r.metrics, "bias": {k: v for k, v in r.bias.items()}} for r in results],
         indent=2, default=str))

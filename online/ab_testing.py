@@ -104,7 +104,7 @@ def sample_ratio_mismatch(observed: dict[str, int], expected_shares: dict[str, f
 
 
 def decide(primary: TestResult, srm: SRMResult, required_per_arm: int, observed_per_arm: int,
-           alpha: float = 0.05, higher_is_better: bool = True) -> str:
+           alpha: float = 0.05, higher_is_better: bool = True, unit: str = "users") -> str:
     """One plain sentence: invalid, underpowered, ship, do not ship, or no detectable difference."""
     if srm.mismatch:
         return f"INVALID: sample ratio mismatch (p={srm.p_value:.2g}); fix assignment/logging before reading results"
@@ -114,7 +114,7 @@ def decide(primary: TestResult, srm: SRMResult, required_per_arm: int, observed_
         return (f"{verdict}: {primary.metric} {primary.control:.4f} -> {primary.treatment:.4f} "
                 f"(diff {primary.difference:+.4f}, 95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g})")
     if observed_per_arm < required_per_arm:
-        return (f"KEEP RUNNING: no significant difference yet (p={primary.p_value:.2g}) with {observed_per_arm} "
-                f"users per arm; {required_per_arm} are needed for the planned power")
+        return (f"KEEP RUNNING: no significant difference yet (p={primary.p_value:.2g}) with {observed_per_arm:,} "
+                f"{unit} per arm; {required_per_arm:,} are needed for the planned power")
     return (f"NO DETECTABLE DIFFERENCE at the planned power: {primary.metric} diff {primary.difference:+.4f} "
             f"(95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g}); keep the control")

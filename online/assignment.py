@@ -76,3 +76,32 @@ class Rollout:
         """Everyone but the holdout moves to ``arm``'s version."""
         version = self.versions[arm]
         return Rollout(self.experiment, {a: version for a in self.versions}, self.control_version)
+
+    def to_dict(self) -> dict:
+        e = self.experiment
+        return {"experiment": {"name": e.name, "salt": e.salt, "arms": dict(e.arms), "holdout": e.holdout,
+                               "control": e.control},
+                "versions": {arm: int(v) for arm, v in self.versions.items()},
+                "control_version": int(self.control_version)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Rollout":
+        rollout = cls(Experiment(**values["experiment"]), {a: int(v) for a, v in values["versions"].items()},
+                      int(values["control_version"]))
+        missing = set(rollout.experiment.arms) - set(rollout.versions)
+        if missing:
+            raise ValueError(f"arms {sorted(missing)} have no model version")
+        return rollout
+
+
+def ab_rollout(name: str, salt: str, control_version: int, treatment_version: int, holdout: float = 0.02,
+               treatment_share: float = 0.5) -> Rollout:
+    """A two-arm test: ``control`` on the current model, ``treatment`` on the candidate, and a holdout."""
+    experiment = Experiment(name, salt, {"control": 1.0 - treatment_share, "treatment": treatment_share}, holdout)
+    return Rollout(experiment, {"control": int(control_version), "treatment": int(treatment_version)},
+                   int(control_version))
+
+
+def single_version(version: int) -> Rollout:
+    """No experiment: every user on ``version`` (what a fresh export serves)."""
+    return Rollout(Experiment("none", "none", {"control": 1.0}, 0.0), {"control": int(version)}, int(version))

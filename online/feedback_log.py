@@ -6,11 +6,12 @@ so a process killed mid-stream loses nothing it acknowledged (the kill test in
 never block writers.
 
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
-    feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share
+    feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
 """
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-EVENTS = ("click", "watch_seconds", "like", "share")
+SIGNALS = ("click", "watch_seconds", "like", "share")  # reactions to one item: training signals
+EVENTS = (*SIGNALS, "churn")  # churn: the user did not come back after this response (item_id -1)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS impressions (
@@ -40,6 +42,7 @@ class FeedbackLog:
         self._con.execute("PRAGMA journal_mode=WAL")
         self._con.execute("PRAGMA synchronous=FULL")
         self._con.executescript(SCHEMA)
+        self._lock = threading.Lock()  # one connection, many threads: one transaction at a time
 
     def log_impressions(self, request_id: str, user_id: int, item_ids: Sequence[int], model_version: str,
                         arm: str, served_by: str, ts: float | None = None) -> None:
@@ -67,14 +70,34 @@ class FeedbackLog:
     def _transaction(self):
         con = self._con
 
+        lock = self._lock
+
         class _Tx:
             def __enter__(self_):
-                con.execute("BEGIN IMMEDIATE")
+                lock.acquire()
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    lock.release()
+                    raise
 
             def __exit__(self_, exc_type, *_):
-                con.execute("ROLLBACK" if exc_type else "COMMIT")
+                try:
+                    con.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    lock.release()
 
         return _Tx()
+
+    def served(self, request_id: str) -> dict | None:
+        """What one response showed: user, items in order, arm and model version; None if unknown."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT user_id, item_id, arm, model_version FROM impressions WHERE request_id = ? ORDER BY position",
+                (request_id,)).fetchall()
+        if not rows:
+            return None
+        return {"user_id": rows[0][0], "item_ids": [r[1] for r in rows], "arm": rows[0][2], "model_version": rows[0][3]}
 
     def impressions(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM impressions", self._con)
@@ -102,11 +125,11 @@ def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int =
     fb = log.feedback()
     signals = (fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
                if not fb.empty else pd.DataFrame())
-    signals = signals.reindex(columns=list(EVENTS)).fillna(0)
+    signals = signals.reindex(columns=list(SIGNALS)).fillna(0)
     order = imp.groupby("request_id")["ts"].min().rank(method="first").astype(np.int64)
-    events = imp.join(signals, on=["request_id", "item_id"]).fillna({e: 0 for e in EVENTS})
+    events = imp.join(signals, on=["request_id", "item_id"]).fillna({e: 0 for e in SIGNALS})
     events["timestamp"] = start_timestamp + order.reindex(events["request_id"]).to_numpy() * seconds_per_request
     out = events[["user_id", "item_id", "timestamp"]].copy()
-    for e in EVENTS:
+    for e in SIGNALS:
         out[e] = events[e].astype(np.int64)
     return out.sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)

@@ -5,34 +5,34 @@ The users are the synthetic world's (``workflows/sources/synthetic.py``): their 
 the same ``respond`` model that generated the training log, so a model that learned the log well
 serves them well. Each simulated day every still-active user makes one request; items further down
 the slate are examined less (``position_decay ** position``). A user's chance to return grows with
-the day's engagement (clicks and minutes watched) and a user who does not return has churned.
+the day's engagement (clicks and minutes watched); a user who does not return has churned, and a
+``churn`` event is reported for the last response they saw.
 
-``recommend(user_id, k, arm)`` is any callable returning an object with ``item_ids``,
-``model_version`` and ``served_by`` (``serving.client.FunnelClient.recommend`` with an arm-aware
-wrapper, or a stub in unit tests); every impression and reaction goes to the feedback log.
+Two ways to drive it:
+
+* against the live server (``scripts/ab_test.py``): ``recommend(user_id, k)`` asks the ``ab_router``
+  over gRPC and returns its response, which carries the arm and a ``request_id``; the server logged
+  the impressions; ``feedback(request_id, user_id, item_ids, events, values)`` sends the reactions
+  to the server's ``feedback`` endpoint (``serving.client.FunnelClient``);
+* in-process (``online/feedback_loop.py``, unit tests): pass ``assign(user_id) -> arm``; then
+  ``recommend(user_id, k, arm)`` serves and the simulator logs impressions and reactions to ``log``.
+
+Randomness is drawn per (seed, day, user), so a run is reproducible with any ``concurrency``.
 """
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from configs import SyntheticDataConfig
+from configs import SimulationConfig, SyntheticDataConfig
 from workflows.sources.synthetic import SyntheticData, respond
 
-
-@dataclass
-class SimulationConfig:
-    days: int = 5
-    k: int = 10
-    position_decay: float = 0.85  # P(examine position p) = position_decay ** p
-    return_base: float = 0.4  # logit of returning after a day with no engagement at all
-    return_per_click: float = 0.6  # each click raises the logit this much
-    return_per_minute: float = 0.05  # each minute watched raises it this much
-    seed: int = 0
+__all__ = ["SimulationConfig", "UserSimulator", "DayOutcome", "per_arm_summary"]
 
 
 @dataclass
@@ -60,13 +60,16 @@ class UserSimulator:
     config: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.config.seed)
         items = self.world.items.set_index("item_id")
         self.duration = items["duration_seconds"]
         self.clickbait = set(np.asarray(self.world.truth.clickbait_items).tolist())
 
-    def react(self, user_id: int, item_ids: np.ndarray):
+    def _rng(self, day: int, user_id: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, day + 1, int(user_id)])  # day -1: outside a run
+
+    def react(self, user_id: int, item_ids: np.ndarray, rng: np.random.Generator | None = None):
         """The user's reaction to a slate: arrays (click, watch_seconds, like, share) per position."""
+        rng = rng if rng is not None else self._rng(-1, user_id)
         item_ids = np.asarray(item_ids, dtype=np.int64)
         known = np.isin(item_ids, self.duration.index.to_numpy())
         affinity = np.full(len(item_ids), -3.0)  # an id the world does not know is of no interest
@@ -75,34 +78,63 @@ class UserSimulator:
         duration = self.duration.reindex(item_ids).fillna(60).to_numpy()
         bait = np.isin(item_ids, list(self.clickbait))
         examine = self.config.position_decay ** np.arange(len(item_ids))
-        return respond(affinity, duration, bait, self.synthetic, self.rng, position_bias=examine)
+        return respond(affinity, duration, bait, self.synthetic, rng, position_bias=examine)
 
-    def run(self, users, recommend: Callable, assign: Callable[[int], str], log=None) -> pd.DataFrame:
-        """Simulate ``config.days`` days for ``users``; return one row per (day, user) request."""
+    def visit(self, day: int, user: int, recommend: Callable, assign: Callable | None = None, log=None,
+              feedback: Callable | None = None) -> DayOutcome:
+        """One user's request of the day, their reactions (reported) and whether they come back."""
         cfg = self.config
-        active = set(int(u) for u in users)
-        rows = []
-        for day in range(cfg.days):
-            for user in sorted(active):
-                arm = assign(user)
-                recs = recommend(user, cfg.k, arm)
-                request_id = uuid.uuid4().hex
-                items = np.asarray(recs.item_ids, dtype=np.int64)
-                click, watch, like, share = self.react(user, items)
-                if log is not None:
-                    log.log_impressions(request_id, user, items, recs.model_version, arm, recs.served_by)
-                    events = [(request_id, user, int(i), "click", 1.0) for i in items[click]]
-                    events += [(request_id, user, int(i), "watch_seconds", float(w)) for i, w in zip(items[click], watch[click])]
-                    events += [(request_id, user, int(i), "like", 1.0) for i in items[like]]
-                    events += [(request_id, user, int(i), "share", 1.0) for i in items[share]]
-                    if events:
-                        log.log_feedback_many(events)
-                logit = cfg.return_base + cfg.return_per_click * click.sum() + cfg.return_per_minute * watch.sum() / 60
-                returned = bool(self.rng.random() < 1 / (1 + np.exp(-logit)))
-                rows.append(DayOutcome(day, user, arm, request_id, str(recs.model_version), str(recs.served_by),
-                                       len(items), int(click.sum()), int(watch.sum()), int(like.sum()),
-                                       int(share.sum()), returned))
-            active = {r.user_id for r in rows if r.day == day and r.returned}
+        rng = self._rng(day, user)
+        if assign is not None:  # in-process: we assign, serve and log the impressions
+            arm = assign(user)
+            recs = recommend(user, cfg.k, arm)
+            request_id = uuid.uuid4().hex
+            items = np.asarray(recs.item_ids, dtype=np.int64)
+            if log is not None:
+                log.log_impressions(request_id, user, items, recs.model_version, arm, recs.served_by)
+        else:  # live server: the router assigned the arm and logged the impressions
+            recs = recommend(user, cfg.k)
+            arm, request_id = recs.arm, recs.request_id
+            items = np.asarray(recs.item_ids, dtype=np.int64)
+        click, watch, like, share = self.react(user, items, rng)
+        logit = cfg.return_base + cfg.return_per_click * click.sum() + cfg.return_per_minute * watch.sum() / 60
+        returned = bool(rng.random() < 1 / (1 + np.exp(-logit)))
+        reported = [(int(i), "click", 1.0) for i in items[click]]
+        reported += [(int(i), "watch_seconds", float(w)) for i, w in zip(items[click], watch[click])]
+        reported += [(int(i), "like", 1.0) for i in items[like]]
+        reported += [(int(i), "share", 1.0) for i in items[share]]
+        if not returned:
+            reported.append((-1, "churn", 1.0))
+        if reported:
+            if feedback is not None:
+                feedback(request_id, user, *map(list, zip(*reported)))
+            elif log is not None:
+                log.log_feedback_many((request_id, user, i, e, v) for i, e, v in reported)
+        return DayOutcome(day, user, arm, request_id, str(recs.model_version), str(recs.served_by), len(items),
+                          int(click.sum()), int(watch.sum()), int(like.sum()), int(share.sum()), returned)
+
+    def run(self, users, recommend: Callable, assign: Callable[[int], str] | None = None, log=None,
+            feedback: Callable | None = None, progress: bool = False) -> pd.DataFrame:
+        """Simulate ``config.days`` days for ``users``; return one row per (day, user) request."""
+        active = sorted(set(int(u) for u in users))
+        rows: list[DayOutcome] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=None, unit="request", desc="simulated requests")
+        with ThreadPoolExecutor(max(1, self.config.concurrency)) as pool:
+            for day in range(self.config.days):
+                futures = [pool.submit(self.visit, day, u, recommend, assign, log, feedback) for u in active]
+                today = [f.result() for f in futures]
+                rows += today
+                if bar is not None:
+                    bar.update(len(today))
+                active = [r.user_id for r in today if r.returned]
+                if not active:
+                    break
+        if bar is not None:
+            bar.close()
         return pd.DataFrame([r.__dict__ for r in rows])
 
 

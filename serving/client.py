@@ -1,4 +1,6 @@
-"""A gRPC client for the funnel ensemble (tritonclient)."""
+"""gRPC clients (tritonclient): ``FunnelClient`` asks the funnel ensemble (or, with
+``model_name="ab_router"``, the A/B router, whose responses also carry the arm and a request id);
+``send_feedback`` reports what the user did with a router response."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -6,6 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 MODEL_NAME = "funnel"
+ROUTER = "ab_router"
+FEEDBACK = "feedback"
 STAGE_NAMES = ["catalog", "retrieval", "filters", "light_ranker", "final"]
 
 
@@ -17,6 +21,8 @@ class Recommendations:
     model_version: str
     served_by: str
     stage_counts: dict[str, int]
+    arm: str = ""  # the experiment arm (ab_router only)
+    request_id: str = ""  # the id feedback must quote (ab_router only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +46,8 @@ class FunnelClient:
         top_k = g.InferInput("k", [1], "INT32")
         top_k.set_data_from_numpy(np.array([k], dtype=np.int32))
         names = ["item_ids", "scores", "model_version", "served_by", "stage_counts"]
+        if self.model_name == ROUTER:
+            names += ["arm", "request_id"]
         result = self.client.infer(
             self.model_name,
             [user, top_k],
@@ -54,7 +62,29 @@ class FunnelClient:
             model_version=result.as_numpy("model_version")[0].decode(),
             served_by=result.as_numpy("served_by")[0].decode(),
             stage_counts=dict(zip(STAGE_NAMES, (int(c) for c in counts))),
+            arm=result.as_numpy("arm")[0].decode() if self.model_name == ROUTER else "",
+            request_id=result.as_numpy("request_id")[0].decode() if self.model_name == ROUTER else "",
         )
+
+    def send_feedback(self, request_id: str, item_ids, events, values) -> int:
+        """Report reactions to one ``ab_router`` response: ``events[i]`` (click, watch_seconds, like,
+        share or churn) on ``item_ids[i]`` with ``values[i]``; returns how many the server logged."""
+        g = self._grpc
+        n = len(events)
+        tensors = {
+            "request_id": ("BYTES", np.array([request_id.encode()], dtype=object)),
+            "item_ids": ("INT64", np.asarray(item_ids, dtype=np.int64).reshape(n)),
+            "events": ("BYTES", np.array([e.encode() for e in events], dtype=object).reshape(n)),
+            "values": ("FP32", np.asarray(values, dtype=np.float32).reshape(n)),
+        }
+        inputs = []
+        for name, (dtype, value) in tensors.items():
+            tensor = g.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        result = self.client.infer(FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")],
+                                   client_timeout=self.timeout_s)
+        return int(result.as_numpy("accepted")[0])
 
     def close(self) -> None:
         self.client.close()

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from models.registry import MANIFEST, ModelVersion, check_artifact_versions
+from online.assignment import single_version
+from serving.ab_router import EXPERIMENT_FILE, FEEDBACK, ROUTER, ensemble_name
 from serving.online_store import build_online_store
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -78,8 +80,15 @@ def export_repository(
             pd.read_parquet(model.path / "item_features.parquet"),
         )
         (staging / ENSEMBLE / version).mkdir(parents=True)
-        ensemble_config = (source / ENSEMBLE / "config.pbtxt").read_text()
-        (staging / ENSEMBLE / "config.pbtxt").write_text(pin_ensemble(ensemble_config, int(version)))
+        pinned = pin_ensemble((source / ENSEMBLE / "config.pbtxt").read_text(), int(version))
+        (staging / ENSEMBLE / "config.pbtxt").write_text(pinned)
+        write_version_ensemble(staging, pinned, int(version))
+        # The A/B router (one arm, this version, until an experiment starts) and the feedback endpoint.
+        for endpoint in (ROUTER, FEEDBACK):
+            (staging / endpoint / "1").mkdir(parents=True)
+            shutil.copy2(source / endpoint / "config.pbtxt", staging / endpoint / "config.pbtxt")
+            shutil.copy2(source / endpoint / "1" / "model.py", staging / endpoint / "1" / "model.py")
+        (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
         _check_complete(staging, version)
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -114,14 +123,27 @@ def pin_ensemble(ensemble_config: str, version: int) -> str:
     return pinned
 
 
+def write_version_ensemble(repo: Path, pinned_config: str, version: int) -> Path:
+    """``funnel_v<version>``: the funnel pinned to ``version`` under its own name, so the A/B router can
+    call two versions side by side (``serving/ab_router.py``)."""
+    name = ensemble_name(version)
+    config, count = re.subn(rf'^name:\s*"{ENSEMBLE}"', f'name: "{name}"', pinned_config, flags=re.M)
+    if count != 1:
+        raise ValueError(f"the ensemble config must name the model {ENSEMBLE!r} once")
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    return repo / name
+
+
 def _check_complete(repo: Path, version: str) -> None:
     """Every stage has its config, its model.py, the run's manifest and its artifacts."""
     for stage, artifacts in STAGE_ARTIFACTS.items():
         for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [f"{version}/{a}" for a in artifacts]:
             if not (repo / stage / rel).exists():
                 raise RuntimeError(f"incomplete export: {stage}/{rel} is missing")
-    if not (repo / ENSEMBLE / "config.pbtxt").exists():
-        raise RuntimeError("incomplete export: the ensemble config is missing")
+    for ensemble in (ENSEMBLE, ensemble_name(version)):
+        if not (repo / ensemble / "config.pbtxt").exists():
+            raise RuntimeError(f"incomplete export: the ensemble config {ensemble}/config.pbtxt is missing")
 
 
 def exported_version(repo: str | Path) -> int:

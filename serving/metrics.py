@@ -104,3 +104,65 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, list[tuple[dict, float]]
 
     with urlopen(url, timeout=timeout) as response:
         return parse_prometheus(response.read().decode())
+
+
+# The online metrics of an A/B test, per arm, counted where they happen: the router counts what it
+# served, the feedback endpoint counts what users did with it. CTR per arm is
+# rate(online_clicks_total) / rate(online_impressions_total) (monitoring/grafana/funnel-dashboard.json).
+FEEDBACK_COUNTERS = {
+    "click": ("online_clicks_total", "Clicks on served items, per arm"),
+    "watch_seconds": ("online_watch_seconds_total", "Seconds watched of served items, per arm"),
+    "like": ("online_likes_total", "Likes of served items, per arm"),
+    "share": ("online_shares_total", "Shares of served items, per arm"),
+    "churn": ("online_churned_users_total", "Users who did not come back after a response, per arm"),
+}
+
+
+class OnlineMetrics:
+    """Per-arm counters of the ``ab_router`` (role ``router``) or ``feedback`` (role ``feedback``) model."""
+
+    def __init__(self, pb_utils, role: str):
+        if role not in ("router", "feedback"):
+            raise ValueError(f"role must be router or feedback, got {role!r}")
+        family = pb_utils.MetricFamily
+        self.role = role
+        specs = {"errors": ("online_errors_total", "Requests the router or feedback endpoint refused, by kind", family.COUNTER)}
+        if role == "router":
+            specs.update({
+                "requests": ("online_requests_total", "Responses served, per experiment arm and model version", family.COUNTER),
+                "impressions": ("online_impressions_total", "Items shown, per experiment arm and model version", family.COUNTER),
+                "fallback": ("online_fallback_total", "Responses served by the popularity fallback, per arm", family.COUNTER),
+                "latency": ("online_request_latency_ms", "Router-to-response time per request and arm (ms)", family.HISTOGRAM),
+            })
+        else:
+            specs.update({event: (name, doc, family.COUNTER) for event, (name, doc) in FEEDBACK_COUNTERS.items()})
+        self._families = {key: family(name, doc, kind) for key, (name, doc, kind) in specs.items()}
+        self._metrics: dict = {}
+
+    def _metric(self, key: str, labels: dict, **kwargs):
+        cache_key = (key, tuple(sorted(labels.items())))
+        if cache_key not in self._metrics:
+            self._metrics[cache_key] = self._families[key].Metric(labels=labels, **kwargs)
+        return self._metrics[cache_key]
+
+    def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+        if error_kind is not None:
+            self._metric("errors", {"endpoint": self.role, "kind": error_kind}).increment(1)
+            return
+        arm = _first_text(result["arm"])
+        if self.role == "router":
+            labels = {"arm": arm, "version": _first_text(result["model_version"])}
+            self._metric("requests", labels).increment(1)
+            self._metric("impressions", labels).increment(float(np.asarray(result["item_ids"]).size))
+            if _first_text(result["served_by"]) == "fallback":
+                self._metric("fallback", labels).increment(1)
+            self._metric("latency", {"arm": arm}, buckets=LATENCY_BUCKETS_MS).observe(seconds * 1000.0)
+        else:
+            labels = {"arm": arm, "version": str(result["_version"])}
+            for event, value in result["_events"]:
+                self._metric(event, labels).increment(float(value))
+
+
+def _first_text(value) -> str:
+    first = np.asarray(value).reshape(-1)[0]
+    return first.decode() if isinstance(first, bytes) else str(first)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from models.registry import ModelVersion
+from serving.ab_router import ensemble_name
 from serving.export import ENSEMBLE, STAGE_ARTIFACTS, _check_complete, export_repository, pin_ensemble
 
 STAGES = list(STAGE_ARTIFACTS)
@@ -56,6 +57,10 @@ def add_version(model: ModelVersion, repo: str | Path) -> int:
             target = repo / stage / str(version)
             os.rename(staged / stage / str(version), target)
             moved.append(target)
+        # This version's own pinned ensemble, for A/B tests that serve it beside the current one.
+        target = repo / ensemble_name(version)
+        os.rename(staged / ensemble_name(version), target)
+        moved.append(target)
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
@@ -74,6 +79,15 @@ def _wait_ready(client, name: str, version: int, timeout_s: float) -> None:
     raise RuntimeError(f"{name} version {version} did not become ready within {timeout_s:.0f}s")
 
 
+def load_version(client, version: int, timeout_s: float = 300.0) -> None:
+    """Load every stage's ``version`` (the loaded ones keep serving) and its pinned ``funnel_v<N>``."""
+    for stage in STAGES:
+        client.load_model(stage)
+        _wait_ready(client, stage, version, timeout_s)
+    client.load_model(ensemble_name(version))
+    _wait_ready(client, ensemble_name(version), 1, timeout_s)
+
+
 def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
     """Switch the served funnel to ``version`` (already added to ``repo``) without downtime."""
     import tritonclient.grpc as grpcclient
@@ -82,9 +96,7 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
     _check_complete(repo, str(version))
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
-        for stage in STAGES:
-            client.load_model(stage)
-            _wait_ready(client, stage, version, timeout_s)
+        load_version(client, version, timeout_s)
         ensemble = repo / ENSEMBLE
         _write_atomic(ensemble / "config.pbtxt", pin_ensemble((ensemble / "config.pbtxt").read_text(), version))
         (ensemble / str(version)).mkdir(exist_ok=True)
@@ -101,11 +113,19 @@ def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     """Unload and delete an old version that the ensemble no longer calls."""
     import tritonclient.grpc as grpcclient
 
+    from serving.experiments import current_rollout
+
     repo = Path(repo).resolve()
     if served_version(repo) == int(version):
         raise ValueError(f"version {version} is the one being served; roll out another first")
+    in_experiment = current_rollout(repo)
+    if in_experiment is not None and int(version) in {*in_experiment.versions.values(), in_experiment.control_version}:
+        raise ValueError(f"version {version} still serves an arm of experiment {in_experiment.experiment.name!r}")
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
+        if (repo / ensemble_name(version)).exists():
+            client.unload_model(ensemble_name(version))
+            shutil.rmtree(repo / ensemble_name(version))
         for stage in [ENSEMBLE, *STAGES]:
             path = repo / stage / str(version)
             if path.exists():

@@ -25,23 +25,29 @@ class StageModel:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from serving.stages import STAGES
-
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         artifacts = Path(args["model_repository"]) / args["model_version"]
-        self.stage = STAGES[self.stage_name](artifacts)
+        self.stage = self.build_stage(artifacts, args)
         self.input_names = [i["name"] for i in config["input"]]
         self.outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
         ]
         self.metrics = None
         try:
-            from serving.metrics import StageMetrics
-
-            self.metrics = StageMetrics(pb_utils, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+            self.metrics = self.build_metrics(args)
         except Exception as err:  # metrics are an aid: a server without them still serves
             pb_utils.Logger.log_warn(f"{self.stage_name}: custom metrics disabled: {type(err).__name__}: {err}")
+
+    def build_stage(self, artifacts: Path, args: dict):
+        from serving.stages import STAGES
+
+        return STAGES[self.stage_name](artifacts)
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import StageMetrics
+
+        return StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
 
     def execute(self, requests):
         from serving.stages import RequestError
@@ -79,6 +85,53 @@ class StageModel:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
 
     def finalize(self) -> None:
-        close = getattr(getattr(self.stage, "store", None), "close", None)
+        close = getattr(self.stage, "close", None) or getattr(getattr(self.stage, "store", None), "close", None)
         if close:
             close()
+
+
+class RouterModel(StageModel):
+    """``ab_router``: the arm's version-pinned funnel is called through BLS (``serving/ab_router.py``)."""
+
+    stage_name = "ab_router"
+
+    def build_stage(self, artifacts: Path, args: dict):
+        from serving.ab_router import ABRouter, feedback_log_path
+
+        return ABRouter(artifacts, feedback_log_path(Path(args["model_repository"]).parent), self._infer)
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import OnlineMetrics
+
+        return OnlineMetrics(self.pb, "router")
+
+    def _infer(self, model_name: str, inputs: dict) -> dict:
+        """One BLS call; the funnel's own error (a bad k, say) comes back as this request's error."""
+        from serving.ab_router import FUNNEL_OUTPUTS
+        from serving.stages import RequestError
+
+        request = self.pb.InferenceRequest(
+            model_name=model_name,
+            inputs=[self.pb.Tensor(name, value) for name, value in inputs.items()],
+            requested_output_names=FUNNEL_OUTPUTS,
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RequestError(response.error().message())
+        return {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in FUNNEL_OUTPUTS}
+
+
+class FeedbackModel(StageModel):
+    """``feedback``: reactions to a served response, checked against its logged impressions."""
+
+    stage_name = "feedback"
+
+    def build_stage(self, artifacts: Path, args: dict):
+        from serving.ab_router import FeedbackService, feedback_log_path
+
+        return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import OnlineMetrics
+
+        return OnlineMetrics(self.pb, "feedback")

@@ -1,0 +1,141 @@
+"""A simulated A/B test against the live server, end to end (``scripts/ab_test.py``, notebook 05).
+
+1. generate the synthetic world and run the dataset pipeline once;
+2. train the **control** (the config as given: model version 1) and the **treatment** (the config
+   with ``online.experiment.treatment_overrides``: version 2) on the same data;
+3. export version 1, add version 2 beside it, start tritonserver (explicit model control);
+4. start the experiment: ``ab_router`` assigns users by hashing their id with the experiment's salt
+   (``holdout`` of them stay on the control), each arm served by its own version-pinned funnel;
+5. simulated users (``online/simulator.py``) ask ``ab_router`` over gRPC for ``simulation.days``
+   days and send their reactions to the server's ``feedback`` endpoint;
+6. read the result from the server's feedback log (``online/ab_report.py``): tests, SRM, sample size,
+   decision; scrape the per-arm Prometheus counters; write the report;
+7. if the decision is to ship, roll the treatment out to everyone but the holdout and check that the
+   holdout is still served by the control model.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from configs import Config, with_overrides
+
+
+def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
+    """Data once, then the control (version 1) and the treatment (version 2) models."""
+    from models.train import train_all
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.sources.synthetic import generate
+
+    world = generate(config.synthetic)
+    raw = world.write_parquet(work / "raw")
+    processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], work / "processed", config.workflow)
+    started = time.monotonic()
+    control = train_all(processed, config, work / "registry", verbose=0)
+    log(f"control model v{control.version} trained in {time.monotonic() - started:.0f}s")
+    treatment_config = treatment_of(config)
+    started = time.monotonic()
+    treatment = train_all(processed, treatment_config, work / "registry", verbose=0)
+    log(f"treatment model v{treatment.version} ({json.dumps(config.online.experiment.treatment_overrides)}) "
+        f"trained in {time.monotonic() - started:.0f}s")
+    return world, control, treatment
+
+
+def treatment_of(config: Config) -> Config:
+    """The control's config with the experiment's overrides applied (validated like any config)."""
+    return with_overrides(config, config.online.experiment.treatment_overrides)
+
+
+def online_counters(metrics_url: str) -> pd.DataFrame:
+    """The per-arm online counters the server exports to Prometheus, as one table."""
+    from serving.metrics import FEEDBACK_COUNTERS, scrape
+
+    metrics = scrape(metrics_url)
+    names = {"online_requests_total": "requests", "online_impressions_total": "impressions",
+             "online_fallback_total": "fallback"}
+    names.update({name: event for event, (name, _) in FEEDBACK_COUNTERS.items()})
+    rows: dict[tuple, dict] = {}
+    for name, column in names.items():
+        for labels, value in metrics.get(name, []):
+            key = (labels.get("arm", ""), labels.get("version", ""))
+            rows.setdefault(key, {"arm": key[0], "version": key[1]})[column] = value
+    table = pd.DataFrame(list(rows.values()))
+    if not table.empty and {"click", "impressions"} <= set(table.columns):
+        table["ctr"] = table["click"] / table["impressions"]
+    return table.sort_values(["arm", "version"]).reset_index(drop=True) if not table.empty else table
+
+
+def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, roll_out: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """Run steps 1-7; return the analysis, the report paths and what the rollout check saw."""
+    from online.ab_report import analyze, write_ab_report
+    from online.assignment import ab_rollout
+    from online.feedback_log import FeedbackLog
+    from online.simulator import UserSimulator
+    from serving.ab_router import ROUTER, feedback_log_path
+    from serving.client import FunnelClient
+    from serving.experiments import current_rollout, roll_out_treatment, start_experiment
+    from serving.export import export_repository
+    from serving.rollout import add_version
+    from serving.server import TritonServer
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    world, control, treatment = train_arms(config, work, log)
+    repo = export_repository(control, work / "triton_repo", replace=True)
+    add_version(treatment, repo)
+    log_path = feedback_log_path(repo)
+    for stale in log_path.parent.glob(log_path.name + "*"):
+        stale.unlink()  # a fresh experiment log (and its WAL files)
+    exp = config.online.experiment
+    rollout = ab_rollout(exp.name, exp.salt, int(control.version), int(treatment.version), exp.holdout,
+                         exp.treatment_share)
+    population = world.users["user_id"].to_numpy()
+    if users is not None:
+        population = population[:users]
+    result: dict = {"repo": repo, "feedback_log": log_path}
+    with TritonServer(repo, log_path=work / "tritonserver.log") as server:
+        router_version = start_experiment(server.grpc_url, repo, rollout)
+        log(f"experiment {exp.name!r} on ab_router v{router_version}: control v{control.version}, "
+            f"treatment v{treatment.version}, holdout {exp.holdout:.0%} on v{control.version}")
+        with FunnelClient(server.grpc_url, model_name=ROUTER) as client:
+            simulator = UserSimulator(world, config.synthetic, config.online.simulation)
+            started = time.monotonic()
+            outcomes = simulator.run(
+                population, client.recommend,
+                feedback=lambda rid, user, items, events, values: client.send_feedback(rid, items, events, values),
+                progress=False)
+            seconds = time.monotonic() - started
+            log(f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
+                f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)")
+            result["counters"] = online_counters(server.metrics_url)
+
+            feedback_log = FeedbackLog(log_path)
+            analysis = analyze(feedback_log.impressions(), feedback_log.feedback(), rollout, exp, len(world.items))
+            feedback_log.close()
+            context = {
+                "experiment": f"{exp.name} (salt {exp.salt}); treatment = control + {json.dumps(exp.treatment_overrides)}",
+                "versions": f"control v{control.version}, treatment v{treatment.version}, holdout on v{control.version}",
+                "traffic": f"{len(population)} simulated users, {outcomes['day'].nunique()} days, {len(outcomes):,} requests "
+                           f"through ab_router over gRPC; feedback through the feedback endpoint",
+                "source of the numbers": f"the server's feedback log {log_path}",
+            }
+            result["paths"] = write_ab_report(analysis, work / "report", "A/B test: " + exp.name, context, outcomes)
+            result.update(analysis=analysis, outcomes=outcomes, simulate_seconds=seconds)
+
+            if roll_out and analysis.decision.startswith("SHIP"):
+                shipped = roll_out_treatment(server.grpc_url, repo)
+                assert current_rollout(repo).versions == shipped.versions
+                sample = population[: min(len(population), 400)]
+                served = pd.DataFrame([
+                    {"user_id": int(u), "arm": r.arm, "model_version": r.model_version}
+                    for u in sample for r in [client.recommend(int(u), config.online.simulation.k)]])
+                result["after_rollout"] = served.groupby(["arm", "model_version"]).size().rename("users").reset_index()
+                log("rolled out: " + ", ".join(f"{r.arm} -> v{r.model_version} ({r.users} users)"
+                                               for r in result["after_rollout"].itertuples()))
+    return result
+
