@@ -22,8 +22,11 @@ SETTINGS = {
     "registry": os.environ.get("RETRAINING_REGISTRY", "artifacts/registry"),
     "export_dir": os.environ.get("RETRAINING_EXPORT_DIR", "build/exports"),
     "max_auc_drop": float(os.environ.get("RETRAINING_MAX_AUC_DROP", "0.01")),
+    # With these two set, the candidate is added to the live repository and A/B tested there.
+    "live_repo": os.environ.get("RETRAINING_LIVE_REPO", ""),
+    "grpc_url": os.environ.get("RETRAINING_GRPC_URL", ""),
 }
-STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export"]
+STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experiment"]
 
 
 def _alert(context) -> None:

@@ -13,6 +13,7 @@ share of users stays on generation 0's model throughout. What to watch:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,7 +61,8 @@ def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
     from workflows.sources.synthetic import generate
 
     out = Path(out_dir)
-    sim_cfg = simulation or SimulationConfig()
+    # In-process stages (one SQLite connection, one TF graph each) are called from one thread.
+    sim_cfg = dataclasses.replace(simulation or SimulationConfig(), concurrency=1)
     world = generate(config.synthetic)
     raw = out / "gen0" / "raw"
     world.write_parquet(raw)
@@ -126,3 +128,38 @@ def history_table(history: list[Generation]) -> pd.DataFrame:
             "ctr diff (live - holdout)": h.ctr_test.get("difference"), "p": h.ctr_test.get("p_value"),
         })
     return pd.DataFrame(rows)
+
+
+def write_loop_report(history: list[Generation], out_dir: str | Path, context: dict) -> dict[str, Path]:
+    """The generation table and the item-share curve of each generation's live slates (HTML + Markdown)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.report import _png, write_document
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = history_table(history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for h in history:
+        shares = sorted(h.share_curve)
+        ax.plot([h.share_curve[s] for s in shares], shares, marker=".", label=f"generation {h.generation}")
+    ax.set_xlabel("distinct items")
+    ax.set_ylabel("share of all recommendations")
+    ax.legend()
+    plots = [("Item-share curve per generation (live arm)", _png(fig))]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(table["generation"], table["live ctr"], marker="o", label="live (retrained on its own logs)")
+    ax.plot(table["generation"], table["holdout ctr"], marker="o", label="holdout (generation-0 model)")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("CTR")
+    ax.legend()
+    plots.append(("CTR: live vs holdout", _png(fig)))
+    paths = write_document(out, "Feedback loop: retraining on the system's own logs", context,
+                           [("Generations", table)], plots)
+    (out / "history.json").write_text(json.dumps([h.__dict__ for h in history], indent=2, default=str))
+    return {**paths, "json": out / "history.json"}

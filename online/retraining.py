@@ -1,4 +1,4 @@
-"""The retraining pipeline: new logs -> workflow -> train -> evaluate -> gate -> export.
+"""The retraining pipeline: new logs -> workflow -> train -> evaluate -> gate -> export -> A/B test.
 
 Retraining breaks for reasons that are not bugs (a full disk, a flaky store, a run that hangs), so
 every step is
@@ -203,16 +203,54 @@ def step_gate(context: dict) -> dict:
 
 
 def step_export(context: dict) -> dict:
+    """Export the candidate: into the live repository as a new version beside the served one when
+    ``settings['live_repo']`` is set (``serving.rollout.add_version``), else as its own repository."""
     from models import registry
+    from serving.ab_router import ensemble_name
     from serving.export import export_repository
+    from serving.rollout import add_version
 
     s = context["settings"]
     model = registry.get(s["registry"], context["train"]["version"])
-    repo = export_repository(model, Path(s["export_dir"]) / f"v{model.version}")
-    return {"repo": str(repo), "version": model.version}
+    if s.get("live_repo"):
+        repo = Path(s["live_repo"])
+        if not (repo / ensemble_name(model.version)).exists():  # a re-run finds it already added
+            add_version(model, repo)
+        return {"repo": str(repo), "version": model.version, "live": True}
+    repo = export_repository(model, Path(s["export_dir"]) / f"v{model.version}", replace=True)
+    return {"repo": str(repo), "version": model.version, "live": False}
+
+
+def step_experiment(context: dict) -> dict:
+    """A/B test the candidate against the served version on the live server (``settings['grpc_url']``):
+    the router sends the treatment share to the candidate, the holdout stays on the current model.
+    Without a server (or a current version) the candidate waits in the repository."""
+    from configs import load_config
+    from online.assignment import ab_rollout
+    from serving.experiments import current_rollout, start_experiment
+
+    from serving.rollout import served_version
+
+    s, export = context["settings"], context["export"]
+    if not (s.get("grpc_url") and export.get("live")):
+        return {"started": False, "reason": "no live server: the candidate waits in the repository"}
+    current = s.get("current_version")
+    current = int(current) if current is not None else served_version(export["repo"])
+    exp = load_config(s.get("config"), s.get("overrides")).online.experiment
+    candidate = int(export["version"])
+    if current == candidate:
+        return {"started": False, "reason": f"version {candidate} is already the served one"}
+    rollout = ab_rollout(f"{exp.name}-v{candidate}", f"{exp.salt}-v{candidate}", current, candidate,
+                         exp.holdout, exp.treatment_share)
+    running = current_rollout(export["repo"])
+    if running is not None and running.to_dict() == rollout.to_dict():  # a re-run: already started
+        return {"started": True, "experiment": rollout.to_dict(), "router_version": None}
+    router_version = start_experiment(s["grpc_url"], export["repo"], rollout)
+    return {"started": True, "experiment": rollout.to_dict(), "router_version": router_version}
 
 
 def default_steps(timeout_s: float = 1800.0, attempts: int = 3) -> list[Step]:
     fns = [("ingest", step_ingest), ("workflow", step_workflow), ("train", step_train),
-           ("evaluate", step_evaluate), ("gate", step_gate), ("export", step_export)]
+           ("evaluate", step_evaluate), ("gate", step_gate), ("export", step_export),
+           ("experiment", step_experiment)]
     return [Step(name, fn, timeout_s=timeout_s, attempts=attempts) for name, fn in fns]

@@ -75,10 +75,15 @@ def start_experiment(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_
 
 
 def roll_out_treatment(grpc_url: str, repo: str | Path, arm: str = "treatment", timeout_s: float = 300.0) -> Rollout:
-    """Ship ``arm``: every non-holdout user gets its version; the holdout stays on the control's."""
+    """Ship ``arm``: the plain ``funnel`` ensemble switches to its version (``serving.rollout``) and
+    every non-holdout user of the router gets it; the holdout stays on the control's version."""
+    from serving.rollout import roll_out, served_version
+
     current = current_rollout(repo)
     if current is None or arm not in current.versions:
         raise ValueError(f"no running experiment has an arm {arm!r}")
     shipped = current.roll_out(arm)
+    if served_version(repo) != current.versions[arm]:
+        roll_out(grpc_url, repo, current.versions[arm], timeout_s)
     set_rollout(grpc_url, repo, shipped, timeout_s)
     return shipped

@@ -80,12 +80,18 @@ def _wait_ready(client, name: str, version: int, timeout_s: float) -> None:
 
 
 def load_version(client, version: int, timeout_s: float = 300.0) -> None:
-    """Load every stage's ``version`` (the loaded ones keep serving) and its pinned ``funnel_v<N>``."""
+    """Load every stage's ``version`` (the loaded ones keep serving) and its pinned ``funnel_v<N>``.
+
+    A stage that already serves ``version`` is not reloaded: a reload restarts every version's stub
+    and, with several ensembles depending on the stage, was seen to hang tritonserver 2.51's loader.
+    """
     for stage in STAGES:
-        client.load_model(stage)
-        _wait_ready(client, stage, version, timeout_s)
-    client.load_model(ensemble_name(version))
-    _wait_ready(client, ensemble_name(version), 1, timeout_s)
+        if not client.is_model_ready(stage, str(version)):
+            client.load_model(stage)
+            _wait_ready(client, stage, version, timeout_s)
+    if not client.is_model_ready(ensemble_name(version), "1"):
+        client.load_model(ensemble_name(version))
+        _wait_ready(client, ensemble_name(version), 1, timeout_s)
 
 
 def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
@@ -104,6 +110,13 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
         _wait_ready(client, ENSEMBLE, version, timeout_s)
     finally:
         client.close()
+    # Outside an experiment the A/B router follows the served version; during one, its arms stay.
+    from online.assignment import single_version
+    from serving.experiments import current_rollout, set_rollout
+
+    routed = current_rollout(repo)
+    if routed is not None and routed.experiment.name == single_version(version).experiment.name:
+        set_rollout(grpc_url, repo, single_version(version), timeout_s)
     export = json.loads((repo / "export.json").read_text())
     export.update(version=int(version), rolled_out_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_atomic(repo / "export.json", json.dumps(export))

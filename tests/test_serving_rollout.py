@@ -93,3 +93,81 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
         retire(server.grpc_url, repo, 1)
         assert not (repo / "query_tower" / "1").exists()
         assert _answers(server.grpc_url, users) == ref2
+
+
+def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data, tmp_path_factory):
+    """Both versions behind ab_router: simulated users over gRPC, feedback to the server, per-arm
+    counters in /metrics equal to the server's log, then the treatment rolled out and the holdout kept."""
+    import tritonclient.grpc as grpcclient
+
+    from online.ab_experiment import online_counters
+    from online.ab_report import analyze
+    from online.assignment import HOLDOUT
+    from online.retraining import step_experiment
+    from online.feedback_log import FeedbackLog
+    from online.simulator import SimulationConfig, UserSimulator
+    from serving.ab_router import ROUTER, feedback_log_path
+    from serving.client import FunnelClient
+    from serving.experiments import current_rollout, roll_out_treatment
+    from serving.export import export_repository
+    from serving.rollout import add_version, retire
+    from serving.server import TritonServer
+
+    v1, v2 = two_versions
+    repo = export_repository(v1, tmp_path_factory.mktemp("ab") / "triton_repo")
+    add_version(v2, repo)
+    users = small_data.users["user_id"].head(120).to_numpy()
+    with TritonServer(repo, log_path=repo.parent / "server.log") as server:
+        # The retraining pipeline's last step starts the experiment (settings as a scheduler passes them).
+        settings = {"grpc_url": server.grpc_url, "overrides": {"online": {"experiment": {"salt": "salt-it", "holdout": 0.05}}}}
+        started = step_experiment({"settings": settings, "export": {"repo": str(repo), "version": 2, "live": True}})
+        assert started["router_version"] == 2 and started["experiment"]["control_version"] == 1
+        rollout = current_rollout(repo)
+        assert rollout.versions == {"control": 1, "treatment": 2} and rollout.experiment.holdout == 0.05
+        again = step_experiment({"settings": settings, "export": {"repo": str(repo), "version": 2, "live": True}})
+        assert again["router_version"] is None  # idempotent: a retried step does not start it twice
+        with FunnelClient(server.grpc_url, model_name=ROUTER) as client:
+            sim = UserSimulator(small_data, small_config.synthetic, SimulationConfig(days=2, k=5, concurrency=4))
+            outcomes = sim.run(users, client.recommend,
+                               feedback=lambda rid, u, items, events, values: client.send_feedback(rid, items, events, values))
+            # every response came from its arm's version
+            expected = {u: rollout.version_for(int(u)) for u in users}
+            assert {arm for arm, _ in expected.values()} == {"control", "treatment", HOLDOUT}
+            for row in outcomes.itertuples():
+                assert (row.arm, int(row.model_version)) == expected[row.user_id]
+            counters = online_counters(server.metrics_url).set_index("arm")
+            log = FeedbackLog(feedback_log_path(repo))
+            imp, fb = log.impressions(), log.feedback()
+            assert len(imp) == outcomes["impressions"].sum() and (fb["event"] == "click").sum() == outcomes["clicks"].sum()
+            for arm, frame in imp.groupby("arm"):
+                assert counters.loc[arm, "impressions"] == len(frame)
+                clicks = fb[(fb["event"] == "click") & fb["request_id"].isin(frame["request_id"])]
+                assert counters.loc[arm, "click"] == len(clicks)
+            analysis = analyze(imp, fb, rollout, small_config.online.experiment, len(small_data.items))
+            assert not analysis.srm.mismatch and set(analysis.summary["arm"]) == {"control", "treatment", HOLDOUT}
+
+            # Bad requests get named errors from the router and the feedback endpoint.
+            with pytest.raises(Exception, match="k"):
+                client.recommend(int(users[0]), 10**6)
+            with pytest.raises(Exception, match="unknown request_id"):
+                client.send_feedback("no-such-request", [1], ["click"], [1.0])
+            with pytest.raises(Exception, match="unknown event"):
+                client.send_feedback(outcomes["request_id"].iloc[0], [-1], ["purchase"], [1.0])
+
+            # Ship the treatment: everyone but the holdout moves to v2; version 1 must stay.
+            roll_out_treatment(server.grpc_url, repo)
+            assert current_rollout(repo).versions == {"control": 2, "treatment": 2}
+            after = {int(u): client.recommend(int(u), 5) for u in users}
+            for u, recs in after.items():
+                want = "1" if expected[u][0] == HOLDOUT else "2"
+                assert recs.model_version == want, (u, recs.arm, recs.model_version)
+            assert any(r.arm == HOLDOUT for r in after.values())
+            with FunnelClient(server.grpc_url) as plain:  # the plain funnel serves the shipped version
+                assert plain.recommend(int(users[0]), 5).model_version == "2"
+            with pytest.raises(ValueError, match="still serves an arm"):
+                retire(server.grpc_url, repo, 1)
+            health = grpcclient.InferenceServerClient(server.grpc_url)
+            assert health.is_model_ready("funnel_v1") and health.is_model_ready("funnel_v2")
+            health.close()
+        print(f"A/B on the live server: {len(outcomes)} requests, arms {analysis.srm.observed}, "
+              f"decision: {analysis.decision}")

@@ -1,0 +1,126 @@
+"""The A/B router and the feedback endpoint, in-process over the exported funnel's stage classes.
+
+The live-server version of the same flow (BLS, gRPC, Prometheus) is in tests/test_serving_rollout.py.
+"""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from online.assignment import HOLDOUT, ab_rollout
+from serving.ab_router import EXPERIMENT_FILE, ROUTER, ABRouter, FeedbackService, ensemble_name
+from serving.stages import RequestError
+
+
+@pytest.fixture(scope="module")
+def funnel(triton_repo):
+    from evaluation.offline import load_funnel, run_funnel
+
+    stages = load_funnel(triton_repo, 1)
+    calls = []
+
+    def infer(model_name, inputs):
+        calls.append(model_name)
+        if model_name != ensemble_name(1):
+            raise RequestError(f"model {model_name} is not loaded")
+        out = run_funnel(stages, int(inputs["user_id"][0]), int(inputs["k"][0]))
+        return {n: out[n] for n in ("item_ids", "scores", "model_version", "served_by", "stage_counts")}
+
+    return infer, calls
+
+
+def test_export_writes_router_feedback_and_a_version_pinned_ensemble(triton_repo):
+    config = (triton_repo / ensemble_name(1) / "config.pbtxt").read_text()
+    assert 'name: "funnel_v1"' in config and "model_version: -1" not in config
+    assert config.count("model_version: 1") == 7
+    rollout = json.loads((triton_repo / ROUTER / "1" / EXPERIMENT_FILE).read_text())
+    assert rollout["versions"] == {"control": 1} and rollout["experiment"]["holdout"] == 0.0
+    assert (triton_repo / "feedback" / "1" / "model.py").exists()
+
+
+def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, tmp_path, small_data):
+    infer, calls = funnel
+    artifacts = tmp_path / "router"
+    artifacts.mkdir()
+    # Treatment "version 1" too, so both arms can be served by the one exported version here.
+    rollout = ab_rollout("exp", "salt-1", 1, 1, holdout=0.05)
+    (artifacts / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict()))
+    router = ABRouter(artifacts, tmp_path / "log.sqlite", infer)
+    users = small_data.users["user_id"].head(60).tolist()
+    answers = {u: router.run({"user_id": np.array([u]), "k": np.array([5], dtype=np.int32)}) for u in users}
+    arms = {u: a["arm"][0].decode() for u, a in answers.items()}
+    assert arms == {u: rollout.experiment.assign(u) for u in users}
+    assert {"control", "treatment"} <= set(arms.values())
+    ids = [a["request_id"][0].decode() for a in answers.values()]
+    assert len(set(ids)) == len(ids)
+    log = router.log.impressions()
+    assert len(log) == sum(len(a["item_ids"]) for a in answers.values())
+    first = answers[users[0]]
+    served = router.log.served(first["request_id"][0].decode())
+    assert served["item_ids"] == first["item_ids"].tolist() and served["arm"] == arms[users[0]]
+    assert set(calls) == {ensemble_name(1)}
+
+    with pytest.raises(RequestError, match="'user_id' must hold exactly one value"):
+        router.run({"user_id": np.array([1, 2]), "k": np.array([5], dtype=np.int32)})
+    with pytest.raises(RequestError, match="missing input 'k'"):
+        router.run({"user_id": np.array([1])})
+
+    # Feedback: checked against what that response showed, arm taken from the log.
+    feedback = FeedbackService(tmp_path / "log.sqlite")
+    rid = first["request_id"][0].decode()
+    shown = first["item_ids"].tolist()
+    out = feedback.run({"request_id": np.array([rid.encode()], dtype=object),
+                        "item_ids": np.array([shown[0], shown[0], -1]),
+                        "events": np.array([b"click", b"watch_seconds", b"churn"], dtype=object),
+                        "values": np.array([1.0, 42.0, 1.0], dtype=np.float32)})
+    assert out["accepted"][0] == 3 and out["arm"][0].decode() == arms[users[0]]
+    fb = feedback.log.feedback()
+    assert sorted(fb["event"]) == ["churn", "click", "watch_seconds"] and fb["user_id"].eq(users[0]).all()
+
+    def send(**changes):
+        request = {"request_id": np.array([rid.encode()], dtype=object), "item_ids": np.array([shown[0]]),
+                   "events": np.array([b"click"], dtype=object), "values": np.array([1.0], dtype=np.float32)}
+        return feedback.run({**request, **changes})
+
+    with pytest.raises(RequestError, match="unknown request_id"):
+        send(request_id=np.array([b"nope"], dtype=object))
+    not_shown = int(max(shown) + 10**6)
+    with pytest.raises(RequestError, match=rf"\[{not_shown}\] were not in response"):
+        send(item_ids=np.array([not_shown]))
+    with pytest.raises(RequestError, match="unknown event"):
+        send(events=np.array([b"purchase"], dtype=object))
+    with pytest.raises(RequestError, match="one entry per event"):
+        send(values=np.array([1.0, 2.0], dtype=np.float32))
+    assert len(feedback.log.feedback()) == 3  # nothing refused was logged
+
+
+def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    rng = np.random.default_rng(0)
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    rows, fb = [], []
+    for user in range(4000):
+        arm = rollout.experiment.assign(user)
+        ctr = 0.30 if arm == "treatment" else 0.25
+        rid = f"r{user}"
+        for pos in range(10):
+            rows.append((rid, 0.0, user, pos + 100 * (user % 7), pos, "1", arm, "model"))
+            if rng.random() < ctr:
+                fb.append((rid, 0.0, user, pos + 100 * (user % 7), "click", 1.0))
+    imp = pd.DataFrame(rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"])
+    feedback = pd.DataFrame(fb, columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+    config = ExperimentConfig(min_detectable_ctr_lift=0.02)
+    result = analyze(imp, feedback, rollout, config, catalog_size=700)
+    assert result.decision.startswith("SHIP"), result.decision
+    assert not result.srm.mismatch and result.holdout_vs_control is not None
+    ctr = result.tests.set_index("metric").loc["ctr"]
+    assert 0.03 < ctr["difference"] < 0.07 and ctr["bootstrap_low"] > 0
+    # Drop two thirds of the treatment's users from the log: the SRM check must refuse to decide.
+    lost = imp[(imp["arm"] == "treatment") & (imp["user_id"] % 3 != 0)]["request_id"]
+    broken = analyze(imp[~imp["request_id"].isin(lost)], feedback[~feedback["request_id"].isin(lost)],
+                     rollout, config, catalog_size=700)
+    assert broken.srm.mismatch and broken.decision.startswith("INVALID")
+    assert HOLDOUT in set(broken.summary["arm"])
