@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv lock clean bench
+.PHONY: demo test test-fast venv lock clean bench ab-test feedback-loop
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
+
+# The online loop: a simulated A/B test against the live server; the feedback-loop experiment.
+ab-test: venv
+	$(BIN)/python scripts/ab_test.py
+
+feedback-loop: venv
+	$(BIN)/python scripts/feedback_loop.py --generations 4 --users 2000
 
 # Training benchmark: Merlin two-tower vs TensorFlow Recommenders (TFRS installed without its deps).
 bench: venv
