@@ -1,5 +1,7 @@
 """Rolling model version 1 -> 2 into the live server: no request fails, none mixes the two exports."""
+import os
 import shutil
+import signal
 import threading
 
 import numpy as np
@@ -169,5 +171,31 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             health = grpcclient.InferenceServerClient(server.grpc_url)
             assert health.is_model_ready("funnel_v1") and health.is_model_ready("funnel_v2")
             health.close()
+
+            # Kill the whole server (SIGKILL, process group) while a client streams feedback:
+            # every event the server acknowledged is in the log.
+            recs = client.recommend(int(users[0]), 5)
+            acked, errors, stop = [], [], threading.Event()
+
+            def stream():
+                while not stop.is_set():
+                    try:
+                        client.send_feedback(recs.request_id, [recs.item_ids[0]], ["watch_seconds"], [len(acked) + 1.0])
+                        acked.append(len(acked) + 1.0)
+                    except Exception as err:  # the server is gone
+                        errors.append(err)
+                        return
+
+            sender = threading.Thread(target=stream)
+            sender.start()
+            while len(acked) < 30:
+                stop.wait(0.01)
+            os.killpg(server.process.pid, signal.SIGKILL)
+            sender.join(timeout=30)
+            stop.set()
+        logged = FeedbackLog(feedback_log_path(repo)).feedback()
+        logged = set(logged[logged["request_id"] == recs.request_id]["value"])
+        assert errors and set(acked) <= logged, sorted(set(acked) - logged)[:5]
         print(f"A/B on the live server: {len(outcomes)} requests, arms {analysis.srm.observed}, "
-              f"decision: {analysis.decision}")
+              f"decision: {analysis.decision}; server SIGKILLed after {len(acked)} acknowledged feedback "
+              f"events, all {len(acked)} in the log")
