@@ -57,7 +57,7 @@ def arm_summary(users: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
 
 
-def _ctr_bootstrap(c: pd.DataFrame, t: pd.DataFrame, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+def ctr_bootstrap(c: pd.DataFrame, t: pd.DataFrame, n: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% interval of the CTR difference, resampling users (clustered)."""
     rng = np.random.default_rng(seed)
     cc, ci = c["clicks"].to_numpy(), c["impressions"].to_numpy()
@@ -115,7 +115,7 @@ def analyze(impressions: pd.DataFrame, feedback: pd.DataFrame, rollout: Rollout,
              ab.two_proportion_ztest(int((~c["churned"]).sum()), len(c), int((~t["churned"]).sum()), len(t),
                                      "retention", config.alpha)]
     table = pd.DataFrame([r.to_dict() for r in tests])
-    low, high = _ctr_bootstrap(c, t)
+    low, high = ctr_bootstrap(c, t)
     watch = ab.bootstrap_diff(c["watch_seconds"] / 60, t["watch_seconds"] / 60)
     table["bootstrap_low"] = [low, watch[1], np.nan, np.nan]
     table["bootstrap_high"] = [high, watch[2], np.nan, np.nan]

@@ -90,11 +90,7 @@ def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
         live_slates = slates[slates["arm"] != HOLDOUT]
         summary = per_arm_summary(outcomes)
         live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
-        test = {}
-        if hold is not None:
-            lo, ho = outcomes[outcomes["arm"] == "live"], outcomes[outcomes["arm"] == HOLDOUT]
-            test = ab.two_proportion_ztest(int(ho["clicks"].sum()), int(ho["impressions"].sum()),
-                                           int(lo["clicks"].sum()), int(lo["impressions"].sum()), "ctr").to_dict()
+        test = holdout_test(log) if hold is not None else {}
         items = live_slates["item_id"].to_numpy()
         catalog = len(world.items)
         history.append(Generation(
@@ -116,6 +112,19 @@ def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
     return history
 
 
+def holdout_test(log: FeedbackLog) -> dict:
+    """Live vs holdout CTR in one generation's log: the z-test over impressions and a 95% interval
+    from resampling users (a user's impressions are not independent, so the z-test's p is optimistic)."""
+    from online.ab_report import ctr_bootstrap, per_user
+
+    users = per_user(log.impressions(), log.feedback())
+    live, hold = users[users["arm"] == "live"], users[users["arm"] == HOLDOUT]
+    test = ab.two_proportion_ztest(int(hold["clicks"].sum()), int(hold["impressions"].sum()),
+                                   int(live["clicks"].sum()), int(live["impressions"].sum()), "ctr").to_dict()
+    test["user_bootstrap_low"], test["user_bootstrap_high"] = ctr_bootstrap(hold, live)
+    return test
+
+
 def history_table(history: list[Generation]) -> pd.DataFrame:
     rows = []
     for h in history:
@@ -125,9 +134,15 @@ def history_table(history: list[Generation]) -> pd.DataFrame:
             "gini": h.gini, "coverage": h.coverage,
             "live ctr": h.live.get("ctr"), "holdout ctr": h.holdout.get("ctr"),
             "live retention": h.live.get("retention"), "holdout retention": h.holdout.get("retention"),
-            "ctr diff (live - holdout)": h.ctr_test.get("difference"), "p": h.ctr_test.get("p_value"),
+            "ctr diff (live - holdout)": h.ctr_test.get("difference"), "p (z-test)": h.ctr_test.get("p_value"),
+            "diff 95% CI, users resampled": (f"[{h.ctr_test['user_bootstrap_low']:+.4f}, {h.ctr_test['user_bootstrap_high']:+.4f}]"
+                                             if "user_bootstrap_low" in h.ctr_test else None),
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # Generation 1 serves the holdout's own model: its live-holdout gap is the two user groups'
+    # baseline difference, so a model's drift is the change of the gap since then.
+    table["gap change since generation 1"] = table["ctr diff (live - holdout)"] - table["ctr diff (live - holdout)"].iloc[0]
+    return table
 
 
 def write_loop_report(history: list[Generation], out_dir: str | Path, context: dict) -> dict[str, Path]:
@@ -163,3 +178,17 @@ def write_loop_report(history: list[Generation], out_dir: str | Path, context: d
                            [("Generations", table)], plots)
     (out / "history.json").write_text(json.dumps([h.__dict__ for h in history], indent=2, default=str))
     return {**paths, "json": out / "history.json"}
+
+
+def reload_history(out_dir: str | Path) -> list[Generation]:
+    """A finished run's generations, with the holdout tests recomputed from its feedback logs."""
+    import json
+
+    out = Path(out_dir)
+    history = [Generation(**{**h, "share_curve": {float(k): v for k, v in h["share_curve"].items()}})
+               for h in json.loads((out / "report" / "history.json").read_text())]
+    for h in history:
+        log = FeedbackLog(out / f"gen{h.generation}" / "feedback.sqlite")
+        h.ctr_test = holdout_test(log)
+        log.close()
+    return history

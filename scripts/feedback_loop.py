@@ -24,12 +24,14 @@ def main() -> None:
     parser.add_argument("--users", type=int, help="synthetic.num_users (default: the config's)")
     parser.add_argument("--days", type=int, help="simulated days per generation (default: online.simulation.days)")
     parser.add_argument("--holdout", type=float, default=0.05, help="share of users kept on generation 0's model")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the table and report of a finished run in --out from its logs")
     args = parser.parse_args()
 
     import pandas as pd
 
     from configs import load_config
-    from online.feedback_loop import history_table, run_feedback_loop, write_loop_report
+    from online.feedback_loop import history_table, reload_history, run_feedback_loop, write_loop_report
 
     config = load_config(args.config)
     if args.users:
@@ -37,16 +39,20 @@ def main() -> None:
     if args.days:
         config.online.simulation.days = args.days
     started = time.monotonic()
-    history = run_feedback_loop(config, args.out, args.generations, config.online.simulation, args.holdout)
+    if args.report_only:
+        history = reload_history(args.out)
+    else:
+        history = run_feedback_loop(config, args.out, args.generations, config.online.simulation, args.holdout)
     seconds = time.monotonic() - started
     table = history_table(history)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.precision", 4):
         print(table.to_string(index=False))
     context = {"world": f"{config.synthetic.num_users} users, {config.synthetic.num_items} items",
                "simulation": f"{config.online.simulation.days} days per generation, k={config.online.simulation.k}",
-               "holdout": f"{args.holdout:.0%} of users on generation 0's model", "wall time": f"{seconds:.0f}s"}
+               "holdout": f"{args.holdout:.0%} of users on generation 0's model",
+               "wall time": "report rebuilt from the logs" if args.report_only else f"{seconds:.0f}s"}
     paths = write_loop_report(history, f"{args.out}/report", context)
-    print(f"\n{args.generations} generations in {seconds:.0f}s; report: {paths['html']}")
+    print(f"\n{len(history)} generations in {seconds:.0f}s; report: {paths['html']}")
 
 
 if __name__ == "__main__":
