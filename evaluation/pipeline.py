@@ -183,7 +183,7 @@ def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, 
     from workflows.sources import movielens
 
     out = Path(out_dir)
-    ml = movielens.load(source)
+    ml = movielens.load(source, click_min_rating=config.movielens.click_min_rating)
     raw = ml.write_parquet(out / "raw")
     split = recbole_random(ml.events, seed=seed)
     files = {}
