@@ -236,6 +236,10 @@ class CandidateGeneratorConfig:
     # Scale of the correction: 1 subtracts exactly log(q) (the unbiased sampled softmax); above 1 the
     # towers keep more of the items' popularity (what accuracy-only protocols reward), below 1 less.
     logq_strength: float = 1.0
+    # Stop on the validation in-batch recall@10 (training.early_stopping_patience). Merlin measures
+    # it on uncorrected logits, so with the logQ correction on it can stop a model that is still
+    # improving: false trains the full ``epochs``.
+    early_stopping: bool = True
 
     def __post_init__(self) -> None:
         if self.logq_strength < 0:
