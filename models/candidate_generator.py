@@ -90,7 +90,7 @@ def build_candidate_generator(
     if config.logq_correction:
         # Merlin subtracts reg_factor * log(q) *before* dividing by the temperature, so reg_factor =
         # temperature makes the trained logit exactly score / T - log(q); with 1.0 the correction
-        # was 1/T = 10x too strong and retrieval learned little beyond popularity.
+        # was 1/T = 10x too strong (README, "Offline evaluation").
         post = PopularityLogitsCorrection(item_frequencies(schema, positive_rows), schema=item_id_schema,
                                           reg_factor=temperature * config.logq_strength)
     output = mm.ContrastiveOutput(
