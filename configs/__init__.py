@@ -42,6 +42,20 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class MovieLensConfig:
+    """How MovieLens ratings become the raw schema's signals (``workflows/sources/movielens.py``)."""
+
+    # A rating of at least this is a click. 3 (default): "chose the film and did not dislike it".
+    # 1: every rating is a click, which is what protocols counting every rating a positive (RecBole)
+    # score, so retrieval and the rankers' click heads learn the protocol's target.
+    click_min_rating: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.click_min_rating <= 5:
+            raise ValueError(f"movielens.click_min_rating must be 1..5, got {self.click_min_rating}")
+
+
+@dataclass
 class SplitConfig:
     """How events are split into train / validation (/ test) (``workflows/splits.py``).
 
@@ -176,6 +190,7 @@ class NegativeSamplingConfig:
 
     kind: str = "none"  # none | uniform | popularity
     ratio: float = 1.0  # negatives per positive (click)
+    valid: bool = False  # also add them to the validation part (early stopping, validation AUC)
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -218,6 +233,17 @@ class CandidateGeneratorConfig:
     batch_size: int = 1024
     learning_rate: float = 0.01
     logq_correction: bool = False
+    # Scale of the correction: 1 subtracts exactly log(q) (the unbiased sampled softmax); above 1 the
+    # towers keep more of the items' popularity (what accuracy-only protocols reward), below 1 less.
+    logq_strength: float = 1.0
+    # Stop on the validation in-batch recall@10 (training.early_stopping_patience). Merlin measures
+    # it on uncorrected logits, so with the logQ correction on it can stop a model that is still
+    # improving: false trains the full ``epochs``.
+    early_stopping: bool = True
+
+    def __post_init__(self) -> None:
+        if self.logq_strength < 0:
+            raise ValueError(f"candidate_generator.logq_strength must be >= 0, got {self.logq_strength}")
 
 
 @dataclass
@@ -377,6 +403,7 @@ class OnlineConfig:
 @dataclass
 class Config:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     candidate_generator: CandidateGeneratorConfig = field(default_factory=CandidateGeneratorConfig)
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)

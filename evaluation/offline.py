@@ -169,6 +169,15 @@ def run_funnel(stages: list, user_id: int, k: int) -> dict[str, np.ndarray]:
     return x
 
 
+def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
+    """What the funnel's final scorer (the heavy ranker stage: the weighted sum of its heads) gives
+    the encoded items ``encoded_ids`` for the request whose tensors are ``outputs``, whether or not
+    retrieval and the light ranker would have passed them on."""
+    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    ids = np.asarray(encoded_ids, dtype=np.int64)
+    return np.asarray(heavy.run({**outputs, "light_ids": ids})["heavy_scores"], dtype=np.float64)
+
+
 def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:
     """Raw item ids the exported funnel returns for each user (stage classes run in-process)."""
     stages = load_funnel(repo, version)

@@ -28,15 +28,27 @@ from evaluation.report import write_report
 
 def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: offline.Interactions,
                    ks, user_attributes=None, n_bootstrap=500) -> tuple[offline.Result, dict]:
-    """Evaluate the exported funnel; also return per-stage recall of the held-out positives."""
+    """Evaluate the exported funnel; also return per-stage recall of the held-out positives.
+
+    Preference-aware parity needs scores, not lists: each user's held-out items are scored by the
+    funnel's final scorer (``offline.final_scores``: the heavy ranker's weighted score, the order
+    the funnel serves), so the parity says whether that scorer prefers the popular one of two items
+    the user liked. It does not see the earlier stages' bias (an item retrieval never returns is
+    still scored); the item-share curve, Gini and coverage of the served lists do.
+    """
     k = max(ks)
     items = pd.read_parquet(model_dir / "item_features.parquet")
     raw_of = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
     raw_of[items["item_id"].to_numpy()] = items["item_id_raw"].to_numpy()
+    encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
     stages = offline.load_funnel(repo, version)
     finals, per_stage = [], {}
+    # Final-scorer scores of each user's held-out items only (all parity reads); -inf where unscorable.
+    pair_scores = np.full((len(data.user_ids), len(data.item_ids)), -np.inf, dtype=np.float64)
+    scoring_seconds = 0.0
     started = time.perf_counter()
     seen = data.seen
+    relevant = data.relevant
     for row, user in enumerate(data.user_ids):
         # Ask for more than k when the protocol excludes items the funnel's own history does not
         # hold (validation items), then drop them: as if the online store knew them.
@@ -48,11 +60,18 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
             # Encoded candidate lists between stages: retrieval, filters, rankers.
             if key.endswith("_ids") and key not in ("item_ids", "seen_items"):
                 per_stage.setdefault(key, []).append(raw_of[np.asarray(value, dtype=np.int64)])
-    seconds = time.perf_counter() - started
+        cols = np.array(sorted(relevant[row]), dtype=np.int64)
+        scorable = encoded_of.reindex(data.item_ids[cols]).notna().to_numpy()
+        if scorable.sum() >= 2 and bool(np.asarray(out["user_known"]).reshape(-1)[0]):
+            tick = time.perf_counter()
+            encoded = encoded_of.reindex(data.item_ids[cols[scorable]]).to_numpy().astype(np.int64)
+            pair_scores[row, cols[scorable]] = offline.final_scores(stages, out, encoded)
+            scoring_seconds += time.perf_counter() - tick
+    seconds = time.perf_counter() - started - scoring_seconds
     top = offline.columns_from_raw(finals, data, k)
-    result = offline.evaluate_top_k(name, top, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap)
+    result = offline.evaluate_top_k(name, top, data, ks, user_attributes=user_attributes, scores=pair_scores,
+                                    n_bootstrap=n_bootstrap)
     stage_recall = {}
-    relevant = data.relevant
     for key, lists in per_stage.items():
         length = max(1, max(len(x) for x in lists))
         cols = offline.columns_from_raw(lists, data, length)
@@ -183,7 +202,7 @@ def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, 
     from workflows.sources import movielens
 
     out = Path(out_dir)
-    ml = movielens.load(source)
+    ml = movielens.load(source, click_min_rating=config.movielens.click_min_rating)
     raw = ml.write_parquet(out / "raw")
     split = recbole_random(ml.events, seed=seed)
     files = {}

@@ -28,28 +28,43 @@ def tower_schema(schema: Schema) -> Schema:
     return schema.select_by_tag([Tags.USER, Tags.ITEM])
 
 
-def item_frequencies(schema: Schema) -> np.ndarray:
+def item_frequencies(schema: Schema, positive_rows: Dataset | None = None) -> np.ndarray:
     """Training frequency of every encoded item id (0 for the reserved pad/OOV/null ids).
 
-    Categorify records the counts next to its vocabulary, so this costs no pass over the data.
+    The logQ correction needs how often an item is a *positive* (that is how often it turns up as an
+    in-batch negative). Without ``positive_rows`` the counts Categorify recorded next to its
+    vocabulary are used (no pass over the data), which count every training row: right when the
+    rows are impressions, but flattened when sampled negatives were added to them, so callers that
+    have the positive rows pass them.
     """
     col = schema.select_by_tag(Tags.ITEM_ID).first
-    vocab = pd.read_parquet(col.properties["cat_path"])
     cardinality = int(col.properties["embedding_sizes"]["cardinality"])
     freqs = np.zeros(cardinality, dtype=np.float32)
-    freqs[vocab.index.values] = vocab[f"{col.name}_size"].values
+    if positive_rows is None:
+        vocab = pd.read_parquet(col.properties["cat_path"])
+        freqs[vocab.index.values] = vocab[f"{col.name}_size"].values
+    else:
+        counts = positive_rows.to_ddf()[col.name].value_counts().compute()
+        freqs[_host(counts.index)] = _host(counts).astype(np.float32)
     # Reserved ids never occur as positives; a tiny count keeps log() finite.
     freqs[freqs == 0] = 1.0
     return freqs
 
 
+def _host(values) -> np.ndarray:
+    """A host numpy copy of a (small) pandas or cudf series/index."""
+    return values.to_numpy() if not hasattr(values, "values_host") else values.values_host
+
+
 def build_candidate_generator(
-    schema: Schema, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None
+    schema: Schema, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None,
+    positive_rows: Dataset | None = None,
 ) -> mm.RetrievalModelV2:
     """A two-tower model whose towers end in ``embedding_dim`` units, L2-normalised.
 
     With ``embeddings`` the towers' tables are sized (and hashed above the cap) by
-    ``models/embeddings.py``; without, Merlin infers the sizes.
+    ``models/embeddings.py``; without, Merlin infers the sizes. ``positive_rows`` (the training
+    positives) give the logQ correction its item frequencies (``item_frequencies``).
     """
     towers = tower_schema(schema)
     layers = list(config.tower_layers)
@@ -70,16 +85,21 @@ def build_candidate_generator(
 
     query_tower, item_tower = tower(Tags.USER), tower(Tags.ITEM)
     item_id_schema = towers.select_by_tag(Tags.ITEM_ID)
+    temperature = 0.1  # scores of L2-normalised towers live in [-1, 1]: sharpen them
     post = None
     if config.logq_correction:
-        post = PopularityLogitsCorrection(item_frequencies(schema), schema=item_id_schema)
+        # Merlin subtracts reg_factor * log(q) *before* dividing by the temperature, so reg_factor =
+        # temperature makes the trained logit exactly score / T - log(q); with 1.0 the correction
+        # was 1/T = 10x too strong (README, "Offline evaluation").
+        post = PopularityLogitsCorrection(item_frequencies(schema, positive_rows), schema=item_id_schema,
+                                          reg_factor=temperature * config.logq_strength)
     output = mm.ContrastiveOutput(
         to_call=DotProduct(),
         negative_samplers="in-batch",
         schema=item_id_schema,
         post=post,
         store_negative_ids=config.logq_correction,  # the logQ correction needs them
-        logits_temperature=0.1,  # scores of L2-normalised towers live in [-1, 1]: sharpen them
+        logits_temperature=temperature,
     )
     return mm.TwoTowerModelV2(query_tower, item_tower, outputs=output)
 
@@ -108,12 +128,12 @@ def train_candidate_generator(
     epochs and the best epoch's weights are restored.
     """
     tf.keras.utils.set_random_seed(seed)
-    model = build_candidate_generator(train.schema, config, embeddings)
+    train_pos, valid_pos = positives(train), positives(valid)
+    model = build_candidate_generator(train.schema, config, embeddings, train_pos)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(config.learning_rate),
         metrics=[mm.RecallAt(10), mm.NDCGAt(10)],
     )
-    train_pos, valid_pos = positives(train), positives(valid)
     callbacks = list(callbacks)
     if patience is not None:
         callbacks.insert(0, tf.keras.callbacks.EarlyStopping(

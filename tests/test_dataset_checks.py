@@ -159,6 +159,19 @@ def test_negatives_are_unseen_items_with_zero_signals(events, kind):
     assert list(neg.columns) == list(events.columns)
 
 
+def test_negatives_avoid_pairs_seen_in_other_parts(events):
+    from workflows.negative_sampling import sample_negatives
+
+    # A validation part's negatives must not be items the user has in training either.
+    items = pd.DataFrame({"item_id": np.arange(1, CFG.num_items + 1)})
+    part, other = events.iloc[: len(events) // 5], events.iloc[len(events) // 5 :]
+    neg = sample_negatives(ddf(part), items, ratio=4.0, kind="uniform", seed=5, seen=ddf(events)).compute()
+    seen = set(zip(events["user_id"], events["item_id"]))
+    assert len(neg) > 0 and not any(pair in seen for pair in zip(neg["user_id"], neg["item_id"]))
+    assert set(neg["user_id"]) <= set(part.loc[part["click"] == 1, "user_id"])
+    assert len(other) > 0
+
+
 def test_popularity_sampler_prefers_popular_items(events):
     from workflows.negative_sampling import sample_negatives
 

@@ -29,7 +29,7 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     _, paths = raw
     out = run(paths, tmp_path / "p", {
         "split": {"kind": "random"},
-        "negative_sampling": {"kind": "popularity", "ratio": 1.0},
+        "negative_sampling": {"kind": "popularity", "ratio": 1.0, "valid": True},
         "features": {"attribute_num_buckets": 3, "attribute_freq_threshold": 500,
                      "point_in_time_features": ["counts", "rates"]},
     })
@@ -38,6 +38,13 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     steps = {st["step"]: st for st in s["steps"]}
     added = steps["negative_sampling"]["rows_after"] - steps["negative_sampling"]["rows_before"]
     assert added > 0
+    # Validation negatives: signal-free rows for items the user has in neither training nor validation.
+    valid_added = steps["negative_sampling_valid"]["rows_after"] - steps["negative_sampling_valid"]["rows_before"]
+    assert valid_added > 0 and s["valid_rows"] == steps["negative_sampling_valid"]["rows_after"]
+    valid = out.valid().to_ddf().compute()
+    known = valid[(valid["user_id"] > 2) & (valid["item_id"] > 2)]  # 0-2: padding, null, out of vocabulary
+    assert not known.duplicated(["user_id", "item_id"]).any()  # never a pair the part already holds
+    assert (valid["click"] == 0).sum() >= valid_added
     train = out.train().to_ddf().compute()
     assert len(train) == s["train_rows"]
     # Sampled negatives carry no signal at all.

@@ -88,3 +88,22 @@ def test_invalid_ranker_configs_are_rejected():
         load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": 1}, {"name": "click", "weight": 1}]}})
     with pytest.raises(TypeError, match=r"targets\[0\].weight"):
         load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": "high"}]}})
+
+
+def test_logq_correction_uses_positive_frequencies_and_survives_the_temperature(processed, small_config):
+    import dataclasses
+
+    from models.candidate_generator import build_candidate_generator, item_frequencies, positives
+
+    train = processed.train()
+    frame = train.to_ddf().compute()
+    clicks = frame.loc[frame["click"] > 0, "item_id"].value_counts()
+    from_positives = item_frequencies(train.schema, positives(train))
+    np.testing.assert_array_equal(from_positives[clicks.index.to_numpy()], clicks.to_numpy())
+    # Categorify's counts include every row (here every impression), so they are never smaller.
+    assert (item_frequencies(train.schema) >= from_positives).all()
+    config = dataclasses.replace(small_config.candidate_generator, logq_correction=True, logq_strength=1.5)
+    model = build_candidate_generator(train.schema, config, positive_rows=positives(train))
+    post = next(layer.post for layer in model.submodules if getattr(layer, "post", None) is not None)
+    # Merlin divides by the temperature after the correction: reg_factor = T * strength undoes that.
+    assert post.reg_factor == pytest.approx(0.1 * 1.5)

@@ -54,6 +54,14 @@ def test_grouplens_folder_maps_ratings_to_signals(grouplens):
     assert i.loc[11, "category"] == "Action" and i.loc[10, "title"] == "Toy Story (1995)"
 
 
+def test_click_threshold_makes_every_rating_a_click(grouplens):
+    e = movielens.load(grouplens, click_min_rating=1).events.set_index(["user_id", "item_id"])
+    assert (e["click"] == 1).all()  # 1..5 stars: every rating is a click, as the RecBole protocol counts
+    assert e.loc[(1, 11), "watch_seconds"] == 2400 and e.loc[(1, 11), "like"] == 0  # 2 stars: 2/5 watched
+    with pytest.raises(ValueError, match="click_min_rating"):
+        movielens.load(grouplens, click_min_rating=0)
+
+
 def test_duplicate_film_ids_share_a_signature(grouplens):
     from workflows.dedup import canonical_item_map
 

@@ -45,6 +45,12 @@ def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_ve
                                users, data.item_ids)
     result = offline.evaluate_top_k("funnel", top, sub, ks=(10,), n_bootstrap=50)
     assert 0 <= result.metrics["recall@10"] <= 1
+    # The scorer preference parity uses for the funnel gives the served items their served scores.
+    stages = offline.load_funnel(triton_repo, model_version.version)
+    out = offline.run_funnel(stages, int(users[0]), 10)
+    order = np.argsort(-np.asarray(out["heavy_scores"]), kind="stable")[:10]
+    encoded = np.asarray(out["light_ids"])[order]
+    np.testing.assert_allclose(offline.final_scores(stages, out, encoded), np.asarray(out["scores"]), rtol=1e-4, atol=1e-6)
 
 
 def test_report_has_tables_and_embedded_plots(data, tmp_path):

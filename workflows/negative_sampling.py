@@ -39,13 +39,16 @@ def _draw(df, pool: _Pool, ratio: float, seed: int, partition_info=None):
     return repeated[["user_id", "item_id", "timestamp"]]
 
 
-def sample_negatives(events, items, ratio: float = 1.0, kind: str = "uniform", seed: int = 42, popularity=None):
+def sample_negatives(events, items, ratio: float = 1.0, kind: str = "uniform", seed: int = 42, popularity=None,
+                     seen=None):
     """Return a dask collection of negative rows in the events' columns (signals all 0).
 
     ``events``: dask event collection (raw schema, at least user_id, item_id, timestamp, signals);
     ``items``: a frame with the candidate ``item_id`` values (cudf or pandas);
     ``popularity``: for ``kind="popularity"``, a frame ``item_id, count`` (computed from ``events``
-    when not given).
+    when not given);
+    ``seen``: dask collection of ``user_id, item_id`` pairs a negative must not be (default: the
+    pairs of ``events``; for a validation part, pass training and validation pairs).
     """
     if kind not in ("uniform", "popularity"):
         raise ValueError(f"negative sampling kind must be 'uniform' or 'popularity', got {kind!r}")
@@ -64,7 +67,7 @@ def sample_negatives(events, items, ratio: float = 1.0, kind: str = "uniform", s
     meta = events._meta[["user_id", "item_id", "timestamp"]]
     drawn = events.map_partitions(_draw, _Pool(candidates, weights), ratio, seed, meta=meta)
     # Anti-join against everything the user interacted with: a sampled "negative" must be unseen.
-    seen = events[["user_id", "item_id"]].drop_duplicates().assign(_seen=1)
+    seen = (events if seen is None else seen)[["user_id", "item_id"]].drop_duplicates().assign(_seen=1)
     drawn = drawn.merge(seen, on=["user_id", "item_id"], how="left")
     drawn = drawn[drawn["_seen"].isna()].drop(columns=["_seen"])
     for column in SIGNAL_COLUMNS:

@@ -10,7 +10,7 @@ The steps, in order (one module each; every step reports rows/users/items remove
     splits.split_events              temporal (default) / random per user / explicit files
     active_users.active_users        training data: only users active lately (others: fallback)
     dedup.dedup_pairs                one row per (user, item) per part, signals combined
-    negative_sampling                optional sampled negatives for rankers (training part)
+    negative_sampling                optional sampled negatives for rankers (training, optionally validation)
     joins + features + labels        the fitted NVTabular workflow
     checks                           correctness checks on the output (raise on failure)
 
@@ -157,19 +157,20 @@ def _with_totals(table, totals, columns):
     return merged.sort_values(key).reset_index(drop=True)
 
 
-def _negatives_with_features(train, events, items, config: WorkflowConfig, point_in_time: bool):
-    """Sampled negatives for the training part, with point-in-time counts as of their timestamp."""
+def _negatives_with_features(part, events, items, config: WorkflowConfig, point_in_time: bool,
+                             popularity=None, seen=None, seed_offset: int = 0):
+    """Sampled negatives for one split part, with point-in-time counts as of their timestamp."""
     ns = config.negative_sampling
-    raw_train = train[EVENT_COLUMNS]
-    negatives = sample_negatives(raw_train, items, ns.ratio, ns.kind, ns.seed)
+    raw = part[EVENT_COLUMNS]
+    negatives = sample_negatives(raw, items, ns.ratio, ns.kind, ns.seed + seed_offset, popularity, seen)
     negatives = negatives.drop_duplicates(subset=["user_id", "item_id"], split_out=negatives.npartitions)
     if point_in_time:
         # Negatives get the counts of real events before them, and are not counted themselves.
         real = events[EVENT_COLUMNS].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
         fake = negatives.assign(**{WEIGHT: negatives["timestamp"] * 0})
         both = add_point_in_time_counts(dd.concat([real, fake]))
-        negatives = both[both[WEIGHT] == 0][list(train.columns)]
-    return negatives[list(train.columns)]
+        negatives = both[both[WEIGHT] == 0][list(part.columns)]
+    return negatives[list(part.columns)]
 
 
 def run_dataset_pipeline(
@@ -234,12 +235,24 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
         steps.append(rep)
     train_events = parts["train"]
 
-    if config.negative_sampling.kind != "none":
+    ns = config.negative_sampling
+    if ns.kind != "none":
         negatives = _negatives_with_features(parts["train"], events, items, config, point_in_time)
         before = parts["train"]
         parts["train"] = dd.concat([before, negatives]).persist()
-        steps.append(report("negative_sampling", before, parts["train"], kind=config.negative_sampling.kind,
-                            ratio=config.negative_sampling.ratio))
+        steps.append(report("negative_sampling", before, parts["train"], kind=ns.kind, ratio=ns.ratio))
+        if ns.valid and "valid" in parts:
+            # The same kind of negatives in validation, so early stopping and the validation AUC judge
+            # the question the rankers are trained on (where every validation row is a positive, as
+            # in MovieLens with every rating a click, they are the only validation negatives). Drawn
+            # by training popularity; never an item the user has in training or validation.
+            valid = parts["valid"]
+            popularity = train_events.groupby("item_id").size().compute().reset_index()
+            popularity.columns = ["item_id", "count"]
+            seen = dd.concat([train_events[["user_id", "item_id"]], valid[["user_id", "item_id"]]])
+            extra = _negatives_with_features(valid, events, items, config, point_in_time, popularity, seen, 1)
+            parts["valid"] = dd.concat([valid, extra]).persist()
+            steps.append(report("negative_sampling_valid", valid, parts["valid"], kind=ns.kind, ratio=ns.ratio))
 
     # 4. Attributes, then the fitted feature workflow (features + labels) on the training part.
     join = attribute_join(users, items, list(parts["train"].columns))

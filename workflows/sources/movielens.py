@@ -10,7 +10,8 @@ Where the data comes from (it is never committed: the GroupLens terms forbid red
 
 Mapping ratings to the raw schema's signals (a rating is one impression the user acted on):
 
-    click          rating >= 3          the user chose the film and did not dislike it
+    click          rating >= ``click_min_rating`` (default 3: the user chose the film and did not
+                   dislike it; 1: every rating, as protocols that count every rating a positive do)
     watch_seconds  duration * rating/5  when clicked, else 0: so "watched >= 75%" <=> rating >= 4
     like           rating == 5
     share          0                    MovieLens records no sharing; none is invented
@@ -75,7 +76,7 @@ def age_band(age: pd.Series) -> pd.Series:
 
 
 def to_raw_schema(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-                  duration_seconds: int = DEFAULT_DURATION_SECONDS) -> MovieLensData:
+                  duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3) -> MovieLensData:
     """``ratings: user_id, item_id, rating, timestamp``; ``users: user_id, age, gender, zip_code``;
     ``items: item_id, title, year, genre`` (first genre) -> the raw schema (see module docstring)."""
     if ratings.empty:
@@ -84,7 +85,9 @@ def to_raw_schema(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     if bad.any():
         raise ValueError(f"MovieLens ratings must be 1..5; {int(bad.sum())} row(s) are not, e.g. {ratings[bad].iloc[0].to_dict()}")
     rating = ratings["rating"].astype(float)
-    click = (rating >= 3).astype("int64")
+    if not 1 <= click_min_rating <= 5:
+        raise ValueError(f"click_min_rating must be 1..5, got {click_min_rating}")
+    click = (rating >= click_min_rating).astype("int64")
     events = pd.DataFrame(
         {
             "user_id": ratings["user_id"].astype("int64"),
@@ -125,7 +128,8 @@ def _read_atomic(text: str) -> pd.DataFrame:
     return frame
 
 
-def read_recbole_wheel(wheel: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS) -> MovieLensData:
+def read_recbole_wheel(wheel: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
+                       click_min_rating: int = 3) -> MovieLensData:
     """Read ml-100k from the RecBole wheel (a zip) without installing it."""
     wheel = Path(wheel)
     if not wheel.is_file():
@@ -157,10 +161,11 @@ def read_recbole_wheel(wheel: str | Path, duration_seconds: int = DEFAULT_DURATI
             "genre": item["class"].str.split(" ").str[0].replace("", "unknown"),
         }
     )
-    return to_raw_schema(ratings, users, items, duration_seconds)
+    return to_raw_schema(ratings, users, items, duration_seconds, click_min_rating)
 
 
-def read_grouplens(folder: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS) -> MovieLensData:
+def read_grouplens(folder: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
+                   click_min_rating: int = 3) -> MovieLensData:
     """Read the original GroupLens ``ml-100k`` folder (``u.data``, ``u.user``, ``u.item``)."""
     folder = Path(folder)
     missing = [f for f in ("u.data", "u.user", "u.item") if not (folder / f).is_file()]
@@ -176,7 +181,8 @@ def read_grouplens(folder: str | Path, duration_seconds: int = DEFAULT_DURATION_
     # GroupLens titles already end in "(year)"; the year column stays empty so it is not added twice.
     items = pd.DataFrame({"item_id": raw_items["item_id"], "title": raw_items["title"].fillna("unknown"),
                           "year": "", "genre": np.array(GENRES)[first]})
-    return to_raw_schema(ratings, users[["user_id", "age", "gender", "zip_code"]], items, duration_seconds)
+    return to_raw_schema(ratings, users[["user_id", "age", "gender", "zip_code"]], items, duration_seconds,
+                         click_min_rating)
 
 
 def find_wheel(cache_dir: str | Path) -> Path | None:
@@ -199,9 +205,10 @@ def fetch_wheel(cache_dir: str | Path, timeout: int = 300) -> Path:
     return wheel
 
 
-def load(source: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS) -> MovieLensData:
+def load(source: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
+         click_min_rating: int = 3) -> MovieLensData:
     """``source``: a RecBole wheel file, or a GroupLens folder."""
     source = Path(source)
     if source.is_dir():
-        return read_grouplens(source, duration_seconds)
-    return read_recbole_wheel(source, duration_seconds)
+        return read_grouplens(source, duration_seconds, click_min_rating)
+    return read_recbole_wheel(source, duration_seconds, click_min_rating)
