@@ -6,8 +6,11 @@ requests, impressions, clicks, watch time, likes and shares, and whether they ch
 
 * **validity first**: the sample-ratio-mismatch test of users per arm (holdout included) against the
   designed shares; a mismatch makes every other number untrustworthy;
-* **primary metric** CTR, treatment vs control, two-proportion z-test; the planned sample size
-  (impressions per arm for ``min_detectable_ctr_lift`` at ``alpha``/``power``) decides between
+* **primary metric** CTR, treatment vs control, with users as the unit (delta-method variance of
+  clicks / impressions; the two-proportion z-test over impressions is shown beside it and is too
+  optimistic, because one user's impressions are not independent); the planned sample size
+  (users per arm for ``min_detectable_ctr_lift`` at ``alpha``/``power``, from the control's per-user
+  spread) decides between
   "keep running" and "no detectable difference";
 * **secondary**: watch minutes per user (Welch t-test and bootstrap interval over users), likes and
   shares per request (Welch), retention (users who never churned, z-test), and CTR with a bootstrap
@@ -75,8 +78,8 @@ class ABAnalysis:
     tests: pd.DataFrame
     srm: ab.SRMResult
     holdout_vs_control: dict | None
-    required_impressions_per_arm: int
-    observed_impressions_per_arm: int
+    required_users_per_arm: int
+    observed_users_per_arm: int
     decision: str
     concentration: pd.DataFrame
     daily: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -88,8 +91,8 @@ class ABAnalysis:
             "tests": self.tests.to_dict(orient="records"),
             "srm": self.srm.__dict__,
             "holdout_vs_control": self.holdout_vs_control,
-            "required_impressions_per_arm": self.required_impressions_per_arm,
-            "observed_impressions_per_arm": self.observed_impressions_per_arm,
+            "required_users_per_arm": self.required_users_per_arm,
+            "observed_users_per_arm": self.observed_users_per_arm,
             "concentration": self.concentration.to_dict(orient="records"),
         }
 
@@ -104,11 +107,14 @@ def analyze(impressions: pd.DataFrame, feedback: pd.DataFrame, rollout: Rollout,
     c, t = by_arm[control], by_arm[treatment]
 
     def ctr_test(a: pd.DataFrame, b: pd.DataFrame) -> ab.TestResult:
-        return ab.two_proportion_ztest(int(a["clicks"].sum()), int(a["impressions"].sum()),
-                                       int(b["clicks"].sum()), int(b["impressions"].sum()), "ctr", config.alpha)
+        # Users are the randomised unit: CTR's variance over users (delta method), not over impressions.
+        return ab.ratio_delta_test(a["clicks"], a["impressions"], b["clicks"], b["impressions"], "ctr", config.alpha)
 
     primary = ctr_test(c, t)
-    tests = [primary,
+    naive = ab.two_proportion_ztest(int(c["clicks"].sum()), int(c["impressions"].sum()), int(t["clicks"].sum()),
+                                    int(t["impressions"].sum()), "ctr, impressions as trials (z-test, too optimistic)",
+                                    config.alpha)
+    tests = [primary, naive,
              ab.welch_ttest(c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", config.alpha),
              ab.welch_ttest((c["likes"] + c["shares"]) / c["requests"], (t["likes"] + t["shares"]) / t["requests"],
                             "likes_shares_per_request", config.alpha),
@@ -117,14 +123,16 @@ def analyze(impressions: pd.DataFrame, feedback: pd.DataFrame, rollout: Rollout,
     table = pd.DataFrame([r.to_dict() for r in tests])
     low, high = ctr_bootstrap(c, t)
     watch = ab.bootstrap_diff(c["watch_seconds"] / 60, t["watch_seconds"] / 60)
-    table["bootstrap_low"] = [low, watch[1], np.nan, np.nan]
-    table["bootstrap_high"] = [high, watch[2], np.nan, np.nan]
+    table["bootstrap_low"] = [low, np.nan, watch[1], np.nan, np.nan]
+    table["bootstrap_high"] = [high, np.nan, watch[2], np.nan, np.nan]
 
     observed = {arm: len(frame) for arm, frame in by_arm.items()}
     srm = ab.sample_ratio_mismatch(observed, rollout.experiment.expected_shares())
-    required = ab.sample_size_proportions(primary.control, config.min_detectable_ctr_lift, config.alpha, config.power)
-    observed_imp = int(min(c["impressions"].sum(), t["impressions"].sum()))
-    decision = ab.decide(primary, srm, required, observed_imp, config.alpha, unit="impressions")
+    # Users per arm for the planned CTR lift, from the control's per-user spread of CTR (delta method).
+    _, user_std = ab.ratio_user_std(c["clicks"], c["impressions"])
+    required = ab.sample_size_means(user_std, config.min_detectable_ctr_lift, config.alpha, config.power)
+    observed_users = int(min(len(c), len(t)))
+    decision = ab.decide(primary, srm, required, observed_users, config.alpha, unit="users")
     holdout = None
     if HOLDOUT in by_arm and len(by_arm[HOLDOUT]) >= 2:
         holdout = ctr_test(by_arm[HOLDOUT], c).to_dict()
@@ -138,7 +146,7 @@ def analyze(impressions: pd.DataFrame, feedback: pd.DataFrame, rollout: Rollout,
                      "items for 50% of recs": curve.get(0.5), "items for 90% of recs": curve.get(0.9),
                      "gini": pb.gini(pd.factorize(items)[0], max(catalog_size, len(np.unique(items)))),
                      "coverage": len(np.unique(items)) / catalog_size})
-    return ABAnalysis(summary, table, srm, holdout, required, observed_imp, decision, pd.DataFrame(rows))
+    return ABAnalysis(summary, table, srm, holdout, required, observed_users, decision, pd.DataFrame(rows))
 
 
 def daily_ctr(outcomes: pd.DataFrame) -> pd.DataFrame:
@@ -163,10 +171,10 @@ def write_ab_report(analysis: ABAnalysis, out_dir: str | Path, title: str, conte
     validity = pd.DataFrame([{"check": "sample ratio (users per arm vs design)", "chi2": srm.chi2, "p_value": srm.p_value,
                               "mismatch": srm.mismatch, "observed": json.dumps(srm.observed),
                               "expected shares": json.dumps({k: round(v, 4) for k, v in srm.expected_shares.items()})},
-                             {"check": "planned sample size (impressions per arm)", "chi2": np.nan, "p_value": np.nan,
-                              "mismatch": analysis.observed_impressions_per_arm < analysis.required_impressions_per_arm,
-                              "observed": str(analysis.observed_impressions_per_arm),
-                              "expected shares": f"required {analysis.required_impressions_per_arm}"}])
+                             {"check": "planned sample size (users per arm)", "chi2": np.nan, "p_value": np.nan,
+                              "mismatch": analysis.observed_users_per_arm < analysis.required_users_per_arm,
+                              "observed": str(analysis.observed_users_per_arm),
+                              "expected shares": f"required {analysis.required_users_per_arm}"}])
     sections = [("Per arm", analysis.summary), ("Treatment vs control", analysis.tests), ("Validity", validity),
                 ("Popularity concentration of what each arm served", analysis.concentration)]
     if analysis.holdout_vs_control:

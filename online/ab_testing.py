@@ -1,6 +1,8 @@
 """Statistics of an A/B test: is the treatment better, is the test even valid, and was it big enough?
 
     two_proportion_ztest  rates such as CTR or retention (pooled z-test, Wald interval of the lift)
+    ratio_delta_test      a ratio of per-user sums such as CTR = clicks / impressions, with users as
+                          the unit (delta method): a user's impressions are not independent trials
     welch_ttest           means such as watch time per user (unequal variances)
     bootstrap_diff        percentile interval of any statistic's difference
     sample_size_proportions / sample_size_means   users per arm for a given effect, alpha and power
@@ -43,6 +45,30 @@ def two_proportion_ztest(successes_c: int, n_c: int, successes_t: int, n_t: int,
     se = np.sqrt(p_c * (1 - p_c) / n_c + p_t * (1 - p_t) / n_t)
     half = stats.norm.ppf(1 - alpha / 2) * se
     return TestResult(metric, p_c, p_t, p_t - p_c, p_t - p_c - half, p_t - p_c + half, float(p_value), float(z))
+
+
+def ratio_user_std(num, den) -> tuple[float, float]:
+    """sum(num) / sum(den) and the standard deviation of one user's contribution to it (delta method;
+    the ratio's variance with n users is std**2 / n)."""
+    x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(x) < 2 or y.sum() <= 0:
+        raise ValueError("each arm needs at least two users with a positive denominator")
+    mx, my = x.mean(), y.mean()
+    cov = np.cov(x, y, ddof=1)
+    var = (cov[0, 0] - 2 * (mx / my) * cov[0, 1] + (mx / my) ** 2 * cov[1, 1]) / my**2
+    return float(mx / my), float(np.sqrt(max(var, 0.0)))
+
+
+def ratio_delta_test(num_c, den_c, num_t, den_t, metric: str = "ratio", alpha: float = 0.05) -> TestResult:
+    """sum(num) / sum(den) per arm, variance by the delta method over users (Deng et al., 2018,
+    "Applying the delta method in metric analytics"); ``num_*``/``den_*`` hold one value per user."""
+    r_c, s_c = ratio_user_std(num_c, den_c)
+    r_t, s_t = ratio_user_std(num_t, den_t)
+    se = np.sqrt(s_c**2 / len(num_c) + s_t**2 / len(num_t))
+    z = (r_t - r_c) / se if se > 0 else 0.0
+    half = stats.norm.ppf(1 - alpha / 2) * se
+    return TestResult(metric, r_c, r_t, r_t - r_c, r_t - r_c - half, r_t - r_c + half,
+                      float(2 * stats.norm.sf(abs(z))), float(z))
 
 
 def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -> TestResult:

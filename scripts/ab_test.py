@@ -11,6 +11,8 @@ sample-ratio check and a plain decision; ships the treatment (holdout kept on th
 """
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 from configs.runtime import quiet_known_warnings
 
@@ -32,6 +34,8 @@ def main() -> None:
     from online.ab_experiment import run_ab_test
 
     config = load_config(args.config)
+    if Path(args.workdir).exists():
+        shutil.rmtree(args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
     if args.days is not None:
         config.online.simulation.days = args.days
     result = run_ab_test(config, args.workdir, users=args.users, roll_out=not args.no_rollout)
@@ -44,8 +48,8 @@ def main() -> None:
                               "bootstrap_low", "bootstrap_high"]].to_string(index=False))
         print(f"\nSample ratio: users per arm {json.dumps(analysis.srm.observed)}, chi2 {analysis.srm.chi2:.2f}, "
               f"p {analysis.srm.p_value:.3g} -> {'MISMATCH' if analysis.srm.mismatch else 'ok'}")
-        print(f"Planned sample size: {analysis.required_impressions_per_arm:,} impressions per arm for a CTR lift of "
-              f"{config.online.experiment.min_detectable_ctr_lift} (observed {analysis.observed_impressions_per_arm:,})")
+        print(f"Planned sample size: {analysis.required_users_per_arm:,} users per arm for a CTR lift of "
+              f"{config.online.experiment.min_detectable_ctr_lift} (observed {analysis.observed_users_per_arm:,})")
         if analysis.holdout_vs_control:
             h = analysis.holdout_vs_control
             print(f"Holdout vs control arm: CTR {h['control']:.4f} vs {h['treatment']:.4f}, p {h['p_value']:.3g}")

@@ -74,3 +74,24 @@ def test_srm_flags_a_broken_split_and_decide_says_so():
     flat = ab.two_proportion_ztest(500, 5000, 505, 5000)
     assert ab.decide(flat, fine, 100_000, 5000).startswith("KEEP RUNNING")
     assert ab.decide(flat, fine, 1000, 5000).startswith("NO DETECTABLE")
+
+
+def test_delta_method_ctr_matches_a_user_bootstrap_and_is_wider_than_the_impression_ztest():
+    rng = np.random.default_rng(3)
+
+    def arm(n, base):
+        taste = np.clip(rng.normal(base, 0.15, n), 0.01, 0.99)  # users differ: clicks cluster by user
+        imps = rng.integers(5, 60, n)
+        return rng.binomial(imps, taste), imps
+
+    (cc, ci), (tc, ti) = arm(800, 0.30), arm(800, 0.32)
+    delta = ab.ratio_delta_test(cc, ci, tc, ti, "ctr")
+    naive = ab.two_proportion_ztest(int(cc.sum()), int(ci.sum()), int(tc.sum()), int(ti.sum()), "ctr")
+    assert delta.difference == pytest.approx(naive.difference)
+    boot = []
+    for _ in range(1000):
+        a, b = rng.integers(0, 800, 800), rng.integers(0, 800, 800)
+        boot.append(tc[b].sum() / ti[b].sum() - cc[a].sum() / ci[a].sum())
+    se_delta = (delta.ci_high - delta.ci_low) / (2 * 1.96)
+    assert se_delta == pytest.approx(np.std(boot), rel=0.1)
+    assert se_delta > 1.5 * (naive.ci_high - naive.ci_low) / (2 * 1.96)
