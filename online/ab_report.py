@@ -15,6 +15,7 @@ requests, impressions, clicks, watch time, likes and shares, and whether they ch
 * **secondary**: watch minutes per user (Welch t-test and bootstrap interval over users), likes and
   shares per request (Welch), retention (users who never churned, z-test), and CTR with a bootstrap
   interval that resamples users (impressions of one user are not independent);
+* **guardrails**: watch time and retention must not get significantly worse, whatever CTR says;
 * **holdout vs control**: the 1-2% kept on the control model, which after a rollout is the only
   yardstick left for the long term;
 * **popularity concentration per arm**: item-share curve and Gini of what each arm served.
@@ -132,7 +133,8 @@ def analyze(impressions: pd.DataFrame, feedback: pd.DataFrame, rollout: Rollout,
     _, user_std = ab.ratio_user_std(c["clicks"], c["impressions"])
     required = ab.sample_size_means(user_std, config.min_detectable_ctr_lift, config.alpha, config.power)
     observed_users = int(min(len(c), len(t)))
-    decision = ab.decide(primary, srm, required, observed_users, config.alpha, unit="users")
+    decision = ab.decide(primary, srm, required, observed_users, config.alpha, unit="users",
+                         guardrails=[tests[2], tests[4]])  # watch time and retention must not get worse
     holdout = None
     if HOLDOUT in by_arm and len(by_arm[HOLDOUT]) >= 2:
         holdout = ctr_test(by_arm[HOLDOUT], c).to_dict()

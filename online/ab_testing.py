@@ -130,10 +130,18 @@ def sample_ratio_mismatch(observed: dict[str, int], expected_shares: dict[str, f
 
 
 def decide(primary: TestResult, srm: SRMResult, required_per_arm: int, observed_per_arm: int,
-           alpha: float = 0.05, higher_is_better: bool = True, unit: str = "users") -> str:
-    """One plain sentence: invalid, underpowered, ship, do not ship, or no detectable difference."""
+           alpha: float = 0.05, higher_is_better: bool = True, unit: str = "users",
+           guardrails: list[TestResult] = ()) -> str:
+    """One plain sentence: invalid, underpowered, ship, do not ship, or no detectable difference.
+
+    ``guardrails`` (higher is better, e.g. retention, watch time): the treatment must not make any of
+    them significantly worse, whatever the primary metric says."""
     if srm.mismatch:
         return f"INVALID: sample ratio mismatch (p={srm.p_value:.2g}); fix assignment/logging before reading results"
+    harmed = [g for g in guardrails if g.p_value < alpha and g.difference < 0]
+    if harmed:
+        worst = ", ".join(f"{g.metric} {g.control:.4g} -> {g.treatment:.4g} (p={g.p_value:.2g})" for g in harmed)
+        return f"DO NOT SHIP: the treatment harms guardrail metric(s): {worst}"
     better = primary.difference > 0 if higher_is_better else primary.difference < 0
     if primary.p_value < alpha:
         verdict = "SHIP the treatment" if better else "DO NOT SHIP: the treatment is worse"

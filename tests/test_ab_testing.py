@@ -95,3 +95,13 @@ def test_delta_method_ctr_matches_a_user_bootstrap_and_is_wider_than_the_impress
     se_delta = (delta.ci_high - delta.ci_low) / (2 * 1.96)
     assert se_delta == pytest.approx(np.std(boot), rel=0.1)
     assert se_delta > 1.5 * (naive.ci_high - naive.ci_low) / (2 * 1.96)
+
+
+def test_a_harmed_guardrail_blocks_shipping():
+    fine = ab.sample_ratio_mismatch({"control": 500, "treatment": 500}, {"control": 0.5, "treatment": 0.5})
+    better_ctr = ab.two_proportion_ztest(300, 1000, 360, 1000, "ctr")
+    retention_down = ab.two_proportion_ztest(700, 1000, 600, 1000, "retention")
+    retention_flat = ab.two_proportion_ztest(700, 1000, 695, 1000, "retention")
+    assert ab.decide(better_ctr, fine, 100, 1000, guardrails=[retention_flat]).startswith("SHIP")
+    verdict = ab.decide(better_ctr, fine, 100, 1000, guardrails=[retention_down])
+    assert verdict.startswith("DO NOT SHIP") and "retention" in verdict
