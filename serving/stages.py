@@ -155,8 +155,10 @@ def user_batch(features: dict, categorical: np.ndarray, continuous: np.ndarray, 
             f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
             f"got {len(categorical)} and {len(continuous)}"
         )
-    batch = {n: tf.constant(np.full((rows, 1), v, dtype=np.int64)) for n, v in zip(names_cat, categorical)}
-    batch.update({n: tf.constant(np.full((rows, 1), v, dtype=np.float32)) for n, v in zip(names_cont, continuous)})
+    # 1-D columns, as in the SavedModel's serving signature: a ranker whose item ids are hashed
+    # (more ids than embeddings.max_rows) accepts nothing else.
+    batch = {n: tf.constant(np.full(rows, v, dtype=np.int64)) for n, v in zip(names_cat, categorical)}
+    batch.update({n: tf.constant(np.full(rows, v, dtype=np.float32)) for n, v in zip(names_cont, continuous)})
     return batch
 
 
@@ -244,7 +246,7 @@ class _RankerStage(Stage):
         users = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
         batch = {n: t for n, t in users.items() if n in self.model_features}
         for name, table in self.item_columns.items():
-            batch[name] = tf.constant(table[ids].reshape(-1, 1))
+            batch[name] = tf.constant(table[ids])
         return batch
 
     def outputs(self, inputs, ids: np.ndarray):
