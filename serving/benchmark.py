@@ -33,45 +33,50 @@ def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) ->
     return dcg / idcg if idcg > 0 else 0.0
 
 
-def world_config(num_items: int, num_users: int, events_per_user: float, seed: int = 42):
-    from configs import load_config
-
+def world_overrides(num_items: int, num_users: int, events_per_user: float, seed: int = 42) -> dict:
+    """The config overrides that define a benchmark world (and key its cache)."""
     # Only items seen in training get an id embedding and enter the served catalog, so a world must
     # hold several events per item for its catalog to be (nearly) all served: at 1 event per item a
     # "1M" world served 553k items; at 5, ~95% of the safe items get a training event.
     # Milder popularity skew spreads events over more items.
-    return load_config(overrides={
+    return {
         "synthetic": {"num_items": num_items, "num_users": num_users, "events_per_user": events_per_user,
                       "popularity_skew": 0.5, "personalized_exposure": 0.5, "seed": seed},
         "candidate_generator": {"epochs": 2, "batch_size": 8192},
         "light_ranker": {"epochs": 1, "batch_size": 8192},
         "heavy_ranker": {"epochs": 1, "batch_size": 8192},
-    })
+    }
 
 
 def build_world(num_items: int, num_users: int, events_per_user: float, workdir: Path, seed: int = 42):
     """Synthetic data -> processed -> trained registry version -> exported Triton repository.
 
-    A world already built in ``workdir`` with the same config is reused (the data and the registry
-    version); the repository is always exported afresh, so serving changes need no retraining.
+    A world already built in ``workdir`` from the same world parameters (``world_overrides``) is
+    reused (the data and the registry version); the repository is always exported afresh, so
+    serving changes need no retraining. Delete the workdir after changing training code or defaults.
     """
     import pickle
 
+    from configs import load_config
     from models import registry
     from models.train import train_all
     from serving.export import export_repository
     from workflows.pipeline import run_dataset_pipeline
     from workflows.sources.synthetic import generate
 
-    config = world_config(num_items, num_users, events_per_user, seed)
-    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    overrides = world_overrides(num_items, num_users, events_per_user, seed)
+    config = load_config(overrides=overrides)
+    key = json.dumps(overrides, sort_keys=True)
     marker, pickled = workdir / "world.json", workdir / "world.pkl"
     if marker.exists() and marker.read_text() == key and pickled.exists():
         with open(pickled, "rb") as f:
             data = pickle.load(f)
         model = registry.latest(workdir / "registry")
     else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if marker.exists() and marker.read_text() != key:
+            raise FileExistsError(f"{workdir} holds a world built from other parameters ({marker.read_text()}); "
+                                  "delete it or use another --workdir")
+        shutil.rmtree(workdir, ignore_errors=True)  # a build that did not finish
         workdir.mkdir(parents=True)
         data = generate(config.synthetic)
         raw = data.write_parquet(workdir / "raw")
