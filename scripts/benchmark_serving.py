@@ -24,16 +24,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
     p.add_argument("--users", type=int, default=4000, help="synthetic users per world")
-    p.add_argument("--events-per-item", type=float, default=1.0, help="events generated per catalog item")
-    p.add_argument("--max-user-item-cells", type=int, default=200_000_000,
-                   help="cap users so the generator's users x items matrices stay ~1.6 GB")
+    p.add_argument("--events-per-item", type=float, default=5.0,
+                   help="events generated per catalog item (at 5, ~95%% of the items get a training event and are served)")
     p.add_argument("--min-events", type=int, default=100_000, help="at least this many events per world")
     p.add_argument("--latency-requests", type=int, default=500, help="sequential requests for p50/p95/p99")
     p.add_argument("--requests", type=int, default=2000, help="concurrent requests for requests/s")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--baseline-users", type=int, default=10, help="users ranked by the brute-force baseline")
     p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep each world's data, models and repository")
+    p.add_argument("--keep", action="store_true",
+                   help="keep each world's data and models; a later run with the same --workdir reuses them")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 

@@ -3,10 +3,14 @@
 Two tables, both keyed by the raw user id a client sends:
 
     user_features(user_id_raw PRIMARY KEY, <encoded user feature columns...>)
-    user_history(user_id_raw, item_id)       encoded ids of items the user has already seen
+    user_history(user_id_raw PRIMARY KEY, item_ids BLOB)
+                                             encoded ids of the items the user has already seen:
+                                             sorted little-endian int64, one row per user
 
 SQLite because it is a real, durable, concurrent-reader store that needs no server; the stage opens
-it read-only, so serving can never change it.
+it read-only, so serving can never change it. A user's history is one blob, not one row per item:
+reading it is one indexed lookup and one ``np.frombuffer`` whatever its length (measured: a history
+of 25k items took 15 ms as rows, 0.06 ms as a blob, on 2 shared cores).
 """
 from __future__ import annotations
 
@@ -41,12 +45,18 @@ def build_online_store(
             f"INSERT INTO user_features VALUES ({', '.join('?' * len(cols))})",
             frame.astype(object).itertuples(index=False, name=None),
         )
-        to_encoded = dict(zip(item_features["item_id_raw"], item_features["item_id"]))
-        hist = history[history["item_id_raw"].isin(to_encoded.keys())]
-        rows = zip(hist["user_id_raw"].astype(int), hist["item_id_raw"].map(to_encoded).astype(int))
-        con.execute("CREATE TABLE user_history (user_id_raw INTEGER, item_id INTEGER)")
-        con.executemany("INSERT INTO user_history VALUES (?, ?)", rows)
-        con.execute("CREATE INDEX user_history_user ON user_history (user_id_raw)")
+        to_encoded = pd.Series(item_features["item_id"].to_numpy(), index=item_features["item_id_raw"].to_numpy())
+        hist = history[history["item_id_raw"].isin(to_encoded.index)]
+        encoded = pd.DataFrame({
+            "user_id_raw": hist["user_id_raw"].astype("int64").to_numpy(),
+            "item_id": to_encoded.reindex(hist["item_id_raw"].to_numpy()).to_numpy().astype("<i8"),
+        }).drop_duplicates().sort_values(["user_id_raw", "item_id"])
+        con.execute("CREATE TABLE user_history (user_id_raw INTEGER PRIMARY KEY, item_ids BLOB)")
+        con.executemany(
+            "INSERT INTO user_history VALUES (?, ?)",
+            ((int(user), group.to_numpy().astype("<i8").tobytes())
+             for user, group in encoded.groupby("user_id_raw", sort=True)["item_id"]),
+        )
         con.commit()
     finally:
         con.close()
@@ -71,8 +81,11 @@ class OnlineStore:
         return np.array(row[:n], dtype=np.int64), np.array(row[n:], dtype=np.float32)
 
     def history(self, user_id: int) -> np.ndarray:
-        rows = self._con.execute("SELECT item_id FROM user_history WHERE user_id_raw = ?", (int(user_id),))
-        return np.array([r[0] for r in rows.fetchall()], dtype=np.int64)
+        """Encoded ids of the items the user has seen, sorted (empty for a user without history)."""
+        row = self._con.execute("SELECT item_ids FROM user_history WHERE user_id_raw = ?", (int(user_id),)).fetchone()
+        if row is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.frombuffer(row[0], dtype="<i8").astype(np.int64)
 
     def close(self) -> None:
         self._con.close()

@@ -8,7 +8,8 @@ Cross-cutting serving concerns live here, not in the stages:
 * a malformed request gets a Triton error naming the problem (``RequestError``), any other
   exception gets an ``internal error`` response: no exception escapes to crash the stub;
 * every request is timed and counted in the custom metrics of ``serving/metrics.py`` (latency,
-  candidates passed on, fallback responses, errors by kind).
+  candidates passed on, fallback responses, errors by kind), recorded on a background thread so
+  the response does not wait for the metric updates.
 """
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ class StageModel:
         return STAGES[self.stage_name](artifacts)
 
     def build_metrics(self, args: dict):
-        from serving.metrics import StageMetrics
+        from serving.metrics import BackgroundRecorder, StageMetrics
 
-        return StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+        metrics = StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+        return BackgroundRecorder(
+            metrics, lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
+        )
 
     def execute(self, requests):
         from serving.stages import RequestError
@@ -62,7 +66,7 @@ class StageModel:
                     if tensor is not None:
                         inputs[name] = tensor.as_numpy()
                 result = self.stage.run(inputs)
-                tensors = [self.pb.Tensor(n, np.asarray(result[n]).astype(dt)) for n, dt in self.outputs]
+                tensors = [self.pb.Tensor(n, np.asarray(result[n]).astype(dt, copy=False)) for n, dt in self.outputs]
                 responses.append(self.pb.InferenceResponse(output_tensors=tensors))
             except RequestError as err:
                 error_kind = "bad_request"
@@ -85,6 +89,10 @@ class StageModel:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
 
     def finalize(self) -> None:
+        close_metrics = getattr(self.metrics, "close", None)  # a BackgroundRecorder: record what is queued
+        if close_metrics:
+            self.metrics.flush()
+            close_metrics()
         close = getattr(self.stage, "close", None) or getattr(getattr(self.stage, "store", None), "close", None)
         if close:
             close()

@@ -5,6 +5,7 @@ stays quick; the issue's full run is ``FUNNEL_ROBUSTNESS_REQUESTS=10000``).
 """
 import os
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -58,12 +59,22 @@ def test_custom_metrics_are_scraped_with_sane_values(server, reference):
             client.recommend(user, 10)
         with pytest.raises(Exception, match="k must be between"):
             client.recommend(list(reference)[0], 0)
-    after = scrape(server.metrics_url)
+
+    from serving.export import STAGE_ARTIFACTS
+
+    # Stages record metrics on a background thread after they answer: wait until every stage's
+    # requests are counted (bounded), then check the values.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(server.metrics_url)
+        counted = [sum(_metric(after, "funnel_stage_latency_ms_count", stage=s))
+                   - sum(_metric(before, "funnel_stage_latency_ms_count", stage=s)) for s in STAGE_ARTIFACTS]
+        if min(counted) >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def delta(name, **labels):
         return sum(_metric(after, name, **labels)) - sum(_metric(before, name, **labels))
-
-    from serving.export import STAGE_ARTIFACTS
 
     for stage in STAGE_ARTIFACTS:  # every stage of the funnel, whatever the stage list becomes
         assert delta("funnel_stage_requests_total", stage=stage) == 6, stage

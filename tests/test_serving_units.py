@@ -48,3 +48,61 @@ def test_ndcg_at_k():
     assert ndcg_at_k(gains, gains, k=3) == pytest.approx(1.0)
     assert ndcg_at_k(gains[::-1], gains, k=3) < 0.5
     assert ndcg_at_k(np.zeros(3), np.zeros(3)) == 0.0
+
+
+class _Family:
+    """In-memory stand-in for ``pb_utils.MetricFamily`` (which exists only inside a Triton stub;
+    tests/test_serving_production.py checks the real one)."""
+
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+    def __init__(self, name, description, kind):
+        self.name, self.metrics = name, []
+
+    def Metric(self, labels, buckets=None):  # noqa: N802  (pb_utils' spelling)
+        metric = _Metric(labels)
+        self.metrics.append(metric)
+        return metric
+
+
+class _Metric:
+    def __init__(self, labels):
+        self.labels, self.total, self.observed = labels, 0.0, []
+
+    def increment(self, value):
+        self.total += value
+
+    def observe(self, value):
+        self.observed.append(value)
+
+
+def test_background_recorder_records_every_request_from_many_threads():
+    import threading
+    from types import SimpleNamespace
+
+    from serving.metrics import BackgroundRecorder, StageMetrics
+
+    metrics = StageMetrics(SimpleNamespace(MetricFamily=_Family), "ordering", 3, ["item_ids", "served_by"])
+    recorder = BackgroundRecorder(metrics)
+    model = {"item_ids": np.arange(10), "served_by": np.array([b"model"], dtype=object)}
+    fallback = {"item_ids": np.arange(4), "served_by": np.array([b"fallback"], dtype=object)}
+
+    def send(worker):
+        for i in range(50):
+            if i % 10 == 0:
+                recorder.observe(0.002, None, "bad_request")
+            else:
+                recorder.observe(0.001 * (worker + 1), fallback if i % 10 == 1 else model)
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert recorder.flush(timeout=10)
+    recorder.close()
+    assert metrics.requests.total == 200 and len(metrics.latency.observed) == 200
+    assert metrics.errors["bad_request"].total == 20 and metrics.errors["internal"].total == 0
+    assert sorted(set(metrics.candidates.observed)) == [4.0, 10.0] and len(metrics.candidates.observed) == 180
+    assert metrics.fallback.total == 20
+    assert sorted(set(metrics.latency.observed)) == [1.0, 2.0, 3.0, 4.0]

@@ -99,6 +99,9 @@ class SyntheticData:
         return write_raw_tables(self, out_dir)
 
 
+MAX_CHUNK_CELLS = 1 << 26  # users x items cells per chunk of the generator's float64 matrices
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -191,8 +194,11 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     # Time is drawn first: with drift, what a user is shown and likes depends on when.
     phases = 1 if cfg.interest_drift == 0 else 4
     rows_user, rows_item, rows_time = [], [], []
-    for start in range(0, cfg.num_users, 512):  # chunks keep the [users, items] matrix small
-        stop = min(cfg.num_users, start + 512)
+    # Users in chunks keep the [users, items] matrices (~0.5 GB each at most) in memory whatever the
+    # catalog size; up to 131k items the chunk is 512 users, as it always was (same data per seed).
+    chunk = int(max(1, min(512, MAX_CHUNK_CELLS // cfg.num_items)))
+    for start in range(0, cfg.num_users, chunk):
+        stop = min(cfg.num_users, start + chunk)
         times = [rng.integers(0, span[uid], size=n_events[uid]) for uid in range(start, stop)]
         for phase in range(phases):
             w = (phase + 0.5) / phases if phases > 1 else 0.0

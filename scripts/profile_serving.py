@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Where a funnel request's time goes, for an exported repository (prints a table per mode).
+
+    in-process  the stage classes of serving/stages.py one after the other: ms per stage
+    server      the real tritonserver: client latency at 1 and N in flight, each stage's own
+                histogram (funnel_stage_latency_ms) and Triton's compute/queue time per model, and
+                CPU ms per request of the server, every stage's stub process and this client
+
+    .venv/bin/python scripts/profile_serving.py build/bench/items_1000000/triton_repo --mode in-process
+    .venv/bin/python scripts/profile_serving.py build/bench/items_1000000/triton_repo --mode server
+"""
+import argparse
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from configs.runtime import quiet_known_warnings
+
+quiet_known_warnings()
+
+
+def known_users(repo: Path, version: int) -> np.ndarray:
+    con = sqlite3.connect(f"file:{repo / 'feature_lookup' / str(version) / 'online_store.sqlite'}?mode=ro", uri=True)
+    try:
+        return np.array([r[0] for r in con.execute("SELECT user_id_raw FROM user_features")])
+    finally:
+        con.close()
+
+
+def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = 20) -> None:
+    from serving import stages
+
+    funnel = {name: stages.STAGES[name](repo / name / str(version)) for name in stages.FUNNEL}
+    times = {name: [] for name in stages.FUNNEL}
+    for i, user in enumerate(users):
+        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
+        for name in stages.FUNNEL:
+            start = time.perf_counter()
+            x.update(funnel[name].run(x))
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    times["total"] = list(np.sum([times[n] for n in stages.FUNNEL], axis=0))
+    for name, t in times.items():
+        print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _cpu(server) -> dict:
+    snap = {"tritonserver": _cpu_seconds(server.process.pid)}
+    for model, pids in server.stub_pids().items():
+        snap[model] = sum(_cpu_seconds(p) for p in pids)
+    t = os.times()
+    snap["client"] = t.user + t.system
+    return snap
+
+
+def _per_model(before: dict, after: dict) -> dict:
+    def get(m, name, key):
+        return {labels.get(key): v for labels, v in m.get(name, [])}
+
+    out = {}
+    count_a, count_b = get(after, "funnel_stage_latency_ms_count", "stage"), get(before, "funnel_stage_latency_ms_count", "stage")
+    sum_a, sum_b = get(after, "funnel_stage_latency_ms_sum", "stage"), get(before, "funnel_stage_latency_ms_sum", "stage")
+    for stage in sum_a:
+        n = max(count_a[stage] - count_b.get(stage, 0), 1)
+        out.setdefault(stage, {})["in_stage_ms"] = round((sum_a[stage] - sum_b.get(stage, 0)) / n, 3)
+    ok_a, ok_b = get(after, "nv_inference_request_success", "model"), get(before, "nv_inference_request_success", "model")
+    for metric, label in [("nv_inference_compute_infer_duration_us", "triton_compute_ms"), ("nv_inference_queue_duration_us", "triton_queue_ms")]:
+        a, b = get(after, metric, "model"), get(before, metric, "model")
+        for model in a:
+            n = max(ok_a.get(model, 0) - ok_b.get(model, 0), 1)
+            out.setdefault(model, {})[label] = round((a[model] - b.get(model, 0)) / n / 1000, 3)
+    return out
+
+
+def on_server(repo: Path, users: np.ndarray, concurrency: int) -> None:
+    from serving.client import FunnelClient
+    from serving.loadgen import Request, run_load
+    from serving.metrics import scrape
+    from serving.server import TritonServer
+
+    with TritonServer(repo) as server:
+        with FunnelClient(server.grpc_url) as client:
+            for user in users[:20]:
+                client.recommend(int(user), 10)  # warm every stage
+        for label, n_flight in [("1 in flight", 1), (f"{concurrency} in flight", concurrency)]:
+            requests = [Request(int(u), 10) for u in users]
+            before, cpu_before = scrape(server.metrics_url), _cpu(server)
+            report = run_load(server.grpc_url, requests, concurrency=n_flight, keep_outputs=False)
+            after, cpu_after = scrape(server.metrics_url), _cpu(server)
+            cpu = {k: round((cpu_after[k] - cpu_before.get(k, 0)) * 1000 / len(requests), 3) for k in cpu_after}
+            print(f"== {label}: {report.summary()}")
+            print("CPU ms per request:", json.dumps({**cpu, "total": round(sum(cpu.values()), 3)}))
+            for model, row in sorted(_per_model(before, after).items()):
+                print(f"  {model:15s} {row}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("repository", type=Path)
+    p.add_argument("--mode", choices=["in-process", "server"], default="in-process")
+    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--concurrency", type=int, default=8)
+    args = p.parse_args()
+    version = json.loads((args.repository / "export.json").read_text())["version"]
+    users = np.random.default_rng(0).choice(known_users(args.repository, version), size=args.requests)
+    if args.mode == "in-process":
+        in_process(args.repository, version, users)
+    else:
+        on_server(args.repository.resolve(), users, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()
