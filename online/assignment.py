@@ -102,6 +102,10 @@ def ab_rollout(name: str, salt: str, control_version: int, treatment_version: in
                    int(control_version))
 
 
+NO_EXPERIMENT = "none"
+
+
 def single_version(version: int) -> Rollout:
     """No experiment: every user on ``version`` (what a fresh export serves)."""
-    return Rollout(Experiment("none", "none", {"control": 1.0}, 0.0), {"control": int(version)}, int(version))
+    return Rollout(Experiment(NO_EXPERIMENT, NO_EXPERIMENT, {"control": 1.0}, 0.0), {"control": int(version)},
+                   int(version))

@@ -30,10 +30,10 @@ def _router_versions(repo: Path) -> list[int]:
 def current_rollout(repo: str | Path) -> Rollout | None:
     """The rollout of the newest router version (the one Triton serves); None without a router."""
     repo = Path(repo)
-    if not (repo / ROUTER).is_dir() or not _router_versions(repo):
+    versions = _router_versions(repo) if (repo / ROUTER).is_dir() else []
+    if not versions:
         return None
-    latest = repo / ROUTER / str(_router_versions(repo)[-1]) / EXPERIMENT_FILE
-    return Rollout.from_dict(json.loads(latest.read_text()))
+    return Rollout.from_dict(json.loads((repo / ROUTER / str(versions[-1]) / EXPERIMENT_FILE).read_text()))
 
 
 def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:

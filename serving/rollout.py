@@ -111,11 +111,11 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
     finally:
         client.close()
     # Outside an experiment the A/B router follows the served version; during one, its arms stay.
-    from online.assignment import single_version
+    from online.assignment import NO_EXPERIMENT, single_version
     from serving.experiments import current_rollout, set_rollout
 
     routed = current_rollout(repo)
-    if routed is not None and routed.experiment.name == single_version(version).experiment.name:
+    if routed is not None and routed.experiment.name == NO_EXPERIMENT:
         set_rollout(grpc_url, repo, single_version(version), timeout_s)
     export = json.loads((repo / "export.json").read_text())
     export.update(version=int(version), rolled_out_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
