@@ -340,8 +340,27 @@ class TrainingConfig:
 
 
 @dataclass
+class OrderingConfig:
+    """How the ordering stage turns the heavy ranker's candidates into the served list
+    (``serving/ordering.py``). The defaults sort by the heavy ranker's score alone."""
+
+    retrieval_weight: float = 0.0  # share of the retrieval percentile in the final score, in [0, 1]
+    exploration_temperature: float = 0.0  # > 0: softmax (Plackett-Luce) sampling instead of sorting
+    max_per_category: int = 0  # business rule: at most this many items of one category; 0 = off
+    category_column: str = "category"  # the item feature the rule counts
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.retrieval_weight <= 1.0:
+            raise ValueError(f"serving.ordering.retrieval_weight must be in [0, 1], got {self.retrieval_weight}")
+        if self.exploration_temperature < 0.0:
+            raise ValueError(f"serving.ordering.exploration_temperature must be >= 0, got {self.exploration_temperature}")
+        if self.max_per_category < 0:
+            raise ValueError(f"serving.ordering.max_per_category must be >= 0, got {self.max_per_category}")
+
+
+@dataclass
 class ServingConfig:
-    """Sizes of the funnel's stages (``serving/``)."""
+    """Sizes of the funnel's stages (``serving/``) and how the last one orders its list."""
 
     retrieval_k: int = 300  # candidates the ANN stage passes on
     light_ranker_k: int = 100  # candidates the light ranker keeps for the heavy ranker
@@ -350,6 +369,7 @@ class ServingConfig:
     fallback_window_days: float = 7.0  # recency half-life of the popularity fallback
     fallback_content_column: str = "category"  # items never clicked get their category's popularity...
     fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it
+    ordering: OrderingConfig = field(default_factory=OrderingConfig)
 
 
 @dataclass

@@ -170,12 +170,25 @@ def run_funnel(stages: list, user_id: int, k: int) -> dict[str, np.ndarray]:
 
 
 def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
-    """What the funnel's final scorer (the heavy ranker stage: the weighted sum of its heads) gives
-    the encoded items ``encoded_ids`` for the request whose tensors are ``outputs``, whether or not
-    retrieval and the light ranker would have passed them on."""
-    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    """The final score the ordering stage gives the encoded items ``encoded_ids`` for the request
+    whose tensors are ``outputs``, whether or not retrieval and the light ranker would have passed
+    them on: the heavy ranker's weighted score, blended with the item's retrieval percentile when
+    ``serving.ordering.retrieval_weight`` > 0 (``serving/ordering.py``; exploration left out)."""
+    from serving.ordering import final_scores as blend, retrieval_percentile
+
+    by_name = {s.name: s for s in stages}
     ids = np.asarray(encoded_ids, dtype=np.int64)
-    return np.asarray(heavy.run({**outputs, "light_ids": ids})["heavy_scores"], dtype=np.float64)
+    heavy = np.asarray(by_name["heavy_ranker"].run({**outputs, "light_ids": ids})["heavy_scores"], dtype=np.float64)
+    weight = by_name["ordering"].policy.retrieval_weight
+    if weight == 0:
+        return heavy
+    candidates, candidate_scores = (np.asarray(outputs[n]).reshape(-1) for n in ("candidate_ids", "retrieval_scores"))
+    item_scores = by_name["retrieval"].item_scores(outputs["query_embedding"], ids)
+    # Retrieved items keep the very score search returned (recomputing it can differ in the last bit).
+    returned = dict(zip(candidates.tolist(), candidate_scores.tolist()))
+    item_scores = np.array([returned.get(i, s) for i, s in zip(ids.tolist(), item_scores.tolist())])
+    pct = retrieval_percentile(item_scores, candidate_scores)
+    return np.asarray(blend(heavy, pct, weight), dtype=np.float64)
 
 
 def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:

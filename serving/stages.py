@@ -12,6 +12,7 @@ without a server.
     light_ranker    user features, ids -> light_ids (the best ``light_ranker_k``), light_scores in [0, 1]
     heavy_ranker    user features, ids -> heavy_scores in [0, 1] (weighted sum of the signal heads)
     ordering        scores, k, known   -> item_ids (raw), scores, model_version, served_by, stage_counts
+                    (final score, exploration, business rules: ``serving/ordering.py``)
 
 Unknown users still flow through the candidate stages (with out-of-vocabulary features, cheap) and
 ``ordering`` answers them from the popularity fallback; an ensemble cannot branch, and this keeps
@@ -187,6 +188,23 @@ class Retrieval(Stage):
         ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
         return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
 
+    def item_scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The score search gives each of ``ids`` for ``query`` (inner product with its indexed
+        vector), whether or not it would be retrieved; -inf for ids not in the index. Offline use."""
+        import faiss
+
+        if not hasattr(self, "_positions"):
+            self._positions = pd.Series(np.arange(self.index.ntotal), index=faiss.vector_to_array(self.index.id_map))
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        positions = self._positions.reindex(ids).to_numpy()
+        known = ~np.isnan(positions)
+        base = faiss.downcast_index(self.index.index)
+        out = np.full(len(ids), -np.inf, dtype=np.float64)
+        if known.any():
+            vectors = np.stack([base.reconstruct(int(p)) for p in positions[known]])
+            out[known] = vectors @ np.asarray(query, dtype=np.float32).reshape(-1)
+        return out
+
 
 class Filtering(Stage):
     """Drops candidates the user has already seen."""
@@ -300,7 +318,8 @@ class HeavyRanker(_RankerStage):
 
 
 class Ordering(Stage):
-    """Sorts the heavy ranker's candidates by score, keeps the top k, maps encoded ids back to raw ids.
+    """Orders the heavy ranker's candidates by final score (``serving/ordering.py``: optionally blended
+    with retrieval, sampled for exploration, capped per category), keeps k, maps ids back to raw ids.
 
     Users the models never saw get the recency-weighted popularity fallback.
     """
@@ -309,12 +328,41 @@ class Ordering(Stage):
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
+        from configs import OrderingConfig
+
         items = pd.read_parquet(self.artifacts / "item_features.parquet")
         self.raw_ids = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
         self.raw_ids[items["item_id"].values] = items["item_id_raw"].values
         self.catalog_size = int(len(items))
         self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
         self.max_k = int(self.serving["max_k"])
+        # Exported before ordering was configurable: the defaults (heavy-ranker score, sorted).
+        self.policy = OrderingConfig(**self.serving.get("ordering", {}))
+        self.categories = None
+        if self.policy.max_per_category > 0:
+            column = self.policy.category_column
+            if column not in items.columns:
+                raise RuntimeError(f"serving.ordering.category_column {column!r} is not an item feature "
+                                   f"({sorted(items.columns)})")
+            self.categories = np.full(len(self.raw_ids), -1, dtype=np.int64)
+            self.categories[items["item_id"].values] = items[column].values
+        self.rng = np.random.default_rng()  # exploration: a fresh draw for every request
+
+    def retrieval_percentile(self, inputs, ids: np.ndarray) -> np.ndarray:
+        """Where retrieval placed each of ``ids`` among the candidates it returned (0 if it did not)."""
+        from serving.ordering import retrieval_percentile
+
+        candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
+        scores = np.asarray(inputs["retrieval_scores"], dtype=np.float32).reshape(-1)
+        if len(candidates) != len(scores):
+            raise RequestError(f"got {len(scores)} retrieval_scores for {len(candidates)} candidate_ids")
+        if len(candidates) == 0:
+            return np.zeros(len(ids))
+        by_id = np.argsort(candidates)
+        sorted_ids, sorted_scores = candidates[by_id], scores[by_id]
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        item_scores = np.where(sorted_ids[at] == ids, sorted_scores[at], -np.inf)
+        return retrieval_percentile(item_scores, scores)
 
     def run(self, inputs):
         from models.fallback import top_popular
@@ -330,8 +378,17 @@ class Ordering(Stage):
         if len(ranked) != len(scores):
             raise RequestError(f"got {len(scores)} heavy_scores for {len(ranked)} light_ids")
         if known:
-            order = np.argsort(-scores, kind="stable")[:k]
-            item_ids, out_scores, served_by = self.raw_ids[ranked[order]], scores[order], "model"
+            from serving.ordering import order_candidates
+
+            policy = self.policy
+            pct = self.retrieval_percentile(inputs, ranked) if policy.retrieval_weight > 0 else None
+            order, out_scores = order_candidates(
+                scores, pct, k, retrieval_weight=policy.retrieval_weight,
+                exploration_temperature=policy.exploration_temperature,
+                max_per_category=policy.max_per_category,
+                categories=None if self.categories is None else self.categories[ranked], rng=self.rng,
+            )
+            item_ids, served_by = self.raw_ids[ranked[order]], "model"
         else:
             item_ids, out_scores = top_popular(self.popularity, k)
             served_by = "fallback"

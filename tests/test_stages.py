@@ -101,3 +101,65 @@ def test_ranker_rejects_ids_outside_the_catalog(funnel):
     lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
     with pytest.raises(stages.RequestError, match="outside the catalog"):
         funnel["heavy_ranker"].run({**lookup, "light_ids": np.array([10**6])})
+
+
+def ordering_with(triton_repo, model_version, tmp_path, **policy):
+    """The ordering stage of the export with ``serving.ordering`` changed in its manifest."""
+    import json
+    import shutil
+
+    folder = tmp_path / "ordering"
+    shutil.copytree(triton_repo / "ordering" / str(model_version.version), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"]["serving"]["ordering"] = {**manifest["config"]["serving"].get("ordering", {}), **policy}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return stages.Ordering(folder)
+
+
+def known_user_request(funnel, model_version, k=10):
+    user = int(pd.read_parquet(model_version.path / "user_history.parquet")["user_id_raw"].iloc[0])
+    out = run_funnel(funnel, user, k)
+    return out
+
+
+def test_ordering_blends_in_where_retrieval_placed_each_candidate(funnel, triton_repo, model_version, tmp_path):
+    from evaluation import offline
+
+    request = known_user_request(funnel, model_version)
+    by_retrieval = ordering_with(triton_repo, model_version, tmp_path / "r", retrieval_weight=1.0).run(request)
+    # Weight 1: the heavy ranker's candidates in retrieval's order.
+    position = {c: i for i, c in enumerate(request["candidate_ids"].tolist())}
+    raw = funnel["ordering"].raw_ids
+    expected = sorted(request["light_ids"].tolist(), key=lambda c: position[c])[:10]
+    assert by_retrieval["item_ids"].tolist() == raw[expected].tolist()
+    # Half and half: served scores are the blend, descending, in [0, 1]; the offline scorer
+    # (preference parity) gives the served items the same scores.
+    blended = ordering_with(triton_repo, model_version, tmp_path / "b", retrieval_weight=0.5)
+    out = blended.run(request)
+    assert ((out["scores"] >= 0) & (out["scores"] <= 1)).all() and np.all(np.diff(out["scores"]) <= 0)
+    stages_ = [blended if s.name == "ordering" else s for s in offline.load_funnel(triton_repo, model_version.version)]
+    encoded = pd.Series(np.arange(len(raw)), index=raw).loc[out["item_ids"]].to_numpy()
+    np.testing.assert_allclose(offline.final_scores(stages_, request, encoded), out["scores"], rtol=1e-4, atol=1e-6)
+
+
+def test_ordering_caps_items_per_category(funnel, triton_repo, model_version, tmp_path):
+    request = known_user_request(funnel, model_version)
+    capped = ordering_with(triton_repo, model_version, tmp_path, max_per_category=1).run(request)
+    items = pd.read_parquet(model_version.path / "item_features.parquet").set_index("item_id_raw")
+    categories = items.loc[capped["item_ids"], "category"].tolist()
+    assert len(categories) == len(set(categories)) > 1
+    # Each category is represented by its best candidate: the uncapped list's first of that category.
+    uncapped = funnel["ordering"].run({**request, "k": np.array([50], dtype=np.int32)})["item_ids"].tolist()
+    first_of = {}
+    for item in uncapped:
+        first_of.setdefault(items.loc[item, "category"], item)
+    assert all(first_of[c] == i for c, i in zip(categories, capped["item_ids"].tolist()) if c in first_of)
+
+
+def test_exploration_samples_different_lists_from_the_same_candidates(funnel, triton_repo, model_version, tmp_path):
+    request = known_user_request(funnel, model_version)
+    explore = ordering_with(triton_repo, model_version, tmp_path, exploration_temperature=0.05)
+    lists = {tuple(explore.run(request)["item_ids"].tolist()) for _ in range(20)}
+    raw = funnel["ordering"].raw_ids
+    assert len(lists) > 1
+    assert all(set(x) <= set(raw[request["light_ids"]].tolist()) and len(x) == 10 for x in lists)

@@ -1,0 +1,71 @@
+"""The ordering policy (serving/ordering.py): final score, exploration, per-category cap."""
+import numpy as np
+import pytest
+
+from configs import OrderingConfig, load_config
+from serving import ordering
+
+
+def test_retrieval_percentile_is_the_share_of_candidates_at_or_below():
+    candidates = np.array([0.1, 0.4, 0.2, 0.3])
+    pct = ordering.retrieval_percentile(np.array([0.4, 0.1, 0.25, -np.inf]), candidates)
+    np.testing.assert_allclose(pct, [1.0, 0.25, 0.5, 0.0])
+    assert ordering.retrieval_percentile(np.array([0.3]), np.array([])).tolist() == [0.0]
+
+
+def test_final_score_blends_heavy_score_and_retrieval_percentile_within_0_1():
+    heavy = np.array([0.9, 0.2, 0.5])
+    pct = np.array([0.0, 1.0, 0.5])
+    np.testing.assert_allclose(ordering.final_scores(heavy, pct, 0.0), heavy, rtol=1e-6)
+    np.testing.assert_allclose(ordering.final_scores(heavy, pct, 1.0), pct, rtol=1e-6)
+    mixed = ordering.final_scores(heavy, pct, 0.5)
+    np.testing.assert_allclose(mixed, [0.45, 0.6, 0.5], rtol=1e-6)
+    assert ((mixed >= 0) & (mixed <= 1)).all()
+    with pytest.raises(ValueError, match="retrieval percentiles"):
+        ordering.final_scores(heavy, pct[:2], 0.5)
+
+
+def test_without_exploration_the_order_is_a_stable_sort():
+    scores = np.array([0.2, 0.9, 0.2, 0.5])
+    assert ordering.rank(scores).tolist() == [1, 3, 0, 2]
+
+
+def test_exploration_samples_first_places_with_softmax_probabilities():
+    scores = np.array([0.9, 0.6, 0.3, 0.0])
+    temperature, draws = 0.3, 20_000
+    rng = np.random.default_rng(0)
+    firsts = np.bincount([ordering.rank(scores, temperature, rng)[0] for _ in range(draws)], minlength=4) / draws
+    expected = np.exp(scores / temperature) / np.exp(scores / temperature).sum()
+    np.testing.assert_allclose(firsts, expected, atol=0.01)
+    # Every draw is a permutation: nothing dropped, nothing repeated.
+    assert sorted(ordering.rank(scores, temperature, rng).tolist()) == [0, 1, 2, 3]
+
+
+def test_per_category_cap_keeps_the_best_of_each_and_fills_from_other_categories():
+    order = np.array([0, 1, 2, 3, 4, 5])  # best first
+    categories = np.array([7, 7, 7, 8, 8, 9])
+    assert ordering.cap_per_category(order, categories, 1, 3).tolist() == [0, 3, 5]
+    assert ordering.cap_per_category(order, categories, 2, 4).tolist() == [0, 1, 3, 4]
+    # Not enough categories for k: a shorter list, the rule is kept.
+    assert ordering.cap_per_category(order, categories, 1, 5).tolist() == [0, 3, 5]
+    assert ordering.cap_per_category(order, categories, 0, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_order_candidates_returns_positions_and_their_final_scores():
+    heavy = np.array([0.1, 0.8, 0.7, 0.3])
+    pct = np.array([1.0, 0.0, 0.5, 0.75])
+    positions, scores = ordering.order_candidates(heavy, pct, 2, retrieval_weight=0.5)
+    assert positions.tolist() == [2, 0]  # final scores 0.55, 0.4, 0.6, 0.525
+    np.testing.assert_allclose(scores, [0.6, 0.55], rtol=1e-6)
+    with pytest.raises(ValueError, match="categories"):
+        ordering.order_candidates(heavy, pct, 2, max_per_category=1)
+
+
+@pytest.mark.parametrize("bad", [
+    {"retrieval_weight": 1.5}, {"retrieval_weight": -0.1}, {"exploration_temperature": -1.0}, {"max_per_category": -2},
+])
+def test_ordering_config_rejects_out_of_range_values(bad):
+    with pytest.raises(ValueError, match="serving.ordering"):
+        OrderingConfig(**bad)
+    with pytest.raises(ValueError, match="serving.ordering"):
+        load_config(overrides={"serving": {"ordering": bad}})
