@@ -14,6 +14,9 @@ HARMLESS = [
     r".*NVTabular Dataset (in|to) CPU mode.*",
     r".*PyTorch dtype mappings did not load.*",
     r".*pkg_resources is deprecated.*",  # mlflow-skinny 1.26 imports it (models/tracking.py)
+    r".*Using the 'subgraph' approach.*",  # merlin.io writing one output file per split, as asked
+    # implicit checks the BLAS pool before ALS fits; evaluation/peers.py fits under threadpool_limits(1)
+    r".*OpenBLAS is configured to use.*",
 ]
 
 
@@ -23,3 +26,9 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:  # absl resets its logger's level from its own verbosity flag ("Found untraced functions ...")
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass

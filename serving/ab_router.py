@@ -89,7 +89,10 @@ class ABRouter:
         user = _one(inputs, "user_id", "int")
         k = _one(inputs, "k", "int")
         arm, version = self.rollout.version_for(int(user[0]))
-        out = self.infer(ensemble_name(version), {"user_id": user.astype(np.int64), "k": k.astype(np.int32)})
+        request = {"user_id": user.astype(np.int64), "k": k.astype(np.int32)}
+        if inputs.get("exclude_item_ids") is not None:  # optional context, passed on as given
+            request["exclude_item_ids"] = np.asarray(inputs["exclude_item_ids"]).reshape(-1)
+        out = self.infer(ensemble_name(version), request)
         request_id = uuid.uuid4().hex
         self.log.log_impressions(request_id, int(user[0]), np.asarray(out["item_ids"]).reshape(-1),
                                  _text(np.asarray(out["model_version"]).reshape(-1)[0]), arm,

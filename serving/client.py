@@ -39,18 +39,25 @@ class FunnelClient:
         self.model_name = model_name
         self.timeout_s = timeout_s
 
-    def recommend(self, user_id: int, k: int = 10) -> Recommendations:
+    def recommend(self, user_id: int, k: int = 10, exclude_item_ids=None) -> Recommendations:
+        """The user's top ``k``; ``exclude_item_ids`` (optional context) are raw ids never to return."""
         g = self._grpc
         user = g.InferInput("user_id", [1], "INT64")
         user.set_data_from_numpy(np.array([user_id], dtype=np.int64))
         top_k = g.InferInput("k", [1], "INT32")
         top_k.set_data_from_numpy(np.array([k], dtype=np.int32))
+        inputs = [user, top_k]
+        if exclude_item_ids is not None:
+            excluded = np.asarray(exclude_item_ids, dtype=np.int64).reshape(-1)
+            tensor = g.InferInput("exclude_item_ids", [len(excluded)], "INT64")
+            tensor.set_data_from_numpy(excluded)
+            inputs.append(tensor)
         names = ["item_ids", "scores", "model_version", "served_by", "stage_counts"]
         if self.model_name == ROUTER:
             names += ["arm", "request_id"]
         result = self.client.infer(
             self.model_name,
-            [user, top_k],
+            inputs,
             outputs=[g.InferRequestedOutput(n) for n in names],
             client_timeout=self.timeout_s,
         )

@@ -28,7 +28,7 @@ STAGE_ARTIFACTS = {
     "feature_lookup": [],  # the online store is built, not copied
     "query_tower": ["query_tower", "query_tower.json"],
     "retrieval": ["item_index.faiss", "item_index.json"],
-    "filtering": [],
+    "filtering": ["item_features.parquet"],  # to map the request's excluded raw ids
     "light_ranker": ["light_ranker", "item_features.parquet"],
     "heavy_ranker": ["heavy_ranker", "item_features.parquet"],
     "ordering": ["item_features.parquet", "popularity.parquet"],

@@ -25,6 +25,8 @@ MALFORMED = {
     "user_empty": "user_id with shape [0]",
     "missing_k": "no k input",
     "k_bytes": "k sent as a string",
+    "exclude_fp32": "exclude_item_ids (optional context) sent as FP32",
+    "exclude_2d": "exclude_item_ids with shape [2, 1]",
 }
 
 
@@ -93,6 +95,11 @@ def build_inputs(grpcclient, request: Request, max_k: int) -> list:
         ki = grpcclient.InferInput("k", [1], "INT32")
         ki.set_data_from_numpy(k)
         inputs.append(ki)
+    if kind in ("exclude_fp32", "exclude_2d"):
+        excluded = np.array([1.0, 2.0], dtype=np.float32) if kind == "exclude_fp32" else np.array([[1], [2]], dtype=np.int64)
+        ex = grpcclient.InferInput("exclude_item_ids", list(excluded.shape), dtype_name[excluded.dtype])
+        ex.set_data_from_numpy(excluded)
+        inputs.append(ex)
     return inputs
 
 

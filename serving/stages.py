@@ -8,7 +8,7 @@ without a server.
     feature_lookup  user_id            -> user_categorical, user_continuous, user_known, seen_items
     query_tower     user features      -> query_embedding
     retrieval       query_embedding    -> candidate_ids (encoded), retrieval_scores
-    filtering       candidates, seen   -> filtered_ids
+    filtering       candidates, seen, excluded -> filtered_ids (exclude_item_ids: optional request context)
     light_ranker    user features, ids -> light_ids (the best ``light_ranker_k``), light_scores in [0, 1]
     heavy_ranker    user features, ids -> heavy_scores in [0, 1] (weighted sum of the signal heads)
     ordering        scores, k, known   -> item_ids (raw), scores, model_version, served_by, stage_counts
@@ -206,15 +206,34 @@ class Retrieval(Stage):
         return out
 
 
+def excluded_raw_ids(inputs: dict) -> np.ndarray:
+    """The request's optional ``exclude_item_ids`` (raw item ids never to return); empty if absent."""
+    value = inputs.get("exclude_item_ids")
+    if value is None:
+        return np.zeros(0, dtype=np.int64)
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.integer):
+        raise RequestError(f"exclude_item_ids must be integer item ids, got {value.dtype}")
+    return value.astype(np.int64).reshape(-1)
+
+
 class Filtering(Stage):
-    """Drops candidates the user has already seen."""
+    """Drops candidates the user has already seen and those the request excludes (its context)."""
 
     name = "filtering"
+
+    def __init__(self, artifacts):
+        super().__init__(artifacts)
+        items = pd.read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
+        self.encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
 
     def run(self, inputs):
         candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
         seen = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
         keep = ~np.isin(candidates, seen)
+        excluded = excluded_raw_ids(inputs)
+        if excluded.size:  # ids the catalog does not hold cannot be candidates anyway
+            keep &= ~np.isin(candidates, self.encoded_of.reindex(excluded).dropna().to_numpy(np.int64))
         return {"filtered_ids": candidates[keep]}
 
 
@@ -390,7 +409,10 @@ class Ordering(Stage):
             )
             item_ids, served_by = self.raw_ids[ranked[order]], "model"
         else:
-            item_ids, out_scores = top_popular(self.popularity, k)
+            excluded = excluded_raw_ids(inputs)
+            item_ids, out_scores = top_popular(self.popularity, k + excluded.size)
+            keep = ~np.isin(item_ids, excluded)
+            item_ids, out_scores = np.asarray(item_ids)[keep][:k], np.asarray(out_scores)[keep][:k]
             served_by = "fallback"
         counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
         return {

@@ -163,3 +163,14 @@ def test_exploration_samples_different_lists_from_the_same_candidates(funnel, tr
     raw = funnel["ordering"].raw_ids
     assert len(lists) > 1
     assert all(set(x) <= set(raw[request["light_ids"]].tolist()) and len(x) == 10 for x in lists)
+
+
+def test_filtering_drops_the_items_the_request_excludes(funnel, model_version):
+    items = pd.read_parquet(model_version.path / "item_features.parquet")
+    encoded, raw = items["item_id"].to_numpy()[:4], items["item_id_raw"].to_numpy()[:4]
+    out = funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
+                                   "exclude_item_ids": np.array([raw[1], raw[3], 10**12])})
+    assert out["filtered_ids"].tolist() == [encoded[0], encoded[2]]
+    with pytest.raises(stages.RequestError, match="exclude_item_ids must be integer"):
+        funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
+                                 "exclude_item_ids": np.array([1.5])})

@@ -78,3 +78,31 @@ def test_wrong_dtype_and_shape_are_rejected_by_name(server):
     with pytest.raises(InferenceServerException, match="user_id"):
         c.infer("funnel", [users, k])
     c.close()
+
+
+def test_request_context_excludes_items_on_both_paths(client, model_version):
+    from tritonclient.utils import InferenceServerException
+
+    user = int(pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].iloc[0])
+    plain = client.recommend(user, 10)
+    excluded = plain.item_ids[:3] + [10**12]  # an id the catalog does not hold is ignored
+    recs = client.recommend(user, 10, exclude_item_ids=excluded)
+    assert recs.served_by == "model" and len(recs.item_ids) == 10
+    assert not set(recs.item_ids) & set(excluded)
+    assert recs.item_ids[:7] == plain.item_ids[3:]  # the rest keep their order
+    assert recs.stage_counts["filters"] <= plain.stage_counts["filters"]
+    # Unknown users: the fallback list skips them too.
+    popular = client.recommend(10**9, 5).item_ids
+    assert client.recommend(10**9, 5, exclude_item_ids=popular[:2]).item_ids[:3] == popular[2:]
+    # An empty list is the same as none; a wrong datatype is refused naming the input.
+    assert client.recommend(user, 10, exclude_item_ids=[]).item_ids == plain.item_ids
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, dtype, value in (("user_id", "INT64", np.array([user])), ("k", "INT32", np.array([5], np.int32)),
+                               ("exclude_item_ids", "FP32", np.array([1.5], np.float32))):
+        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with pytest.raises(InferenceServerException, match="exclude_item_ids"):
+        client.client.infer("funnel", inputs)
