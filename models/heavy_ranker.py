@@ -7,7 +7,7 @@ features are picked up without touching this file), two cross layers and a wider
 
 Multi-task: one sigmoid head per signal in ``heavy_ranker.targets`` (default click,
 ``duration_watch``, like), trained jointly on every training impression (the shown-and-skipped ones
-are the real negatives). The final score is a weighted sum of the heads::
+are the real negatives). The final score is a weighted sum of the heads (``models/heads.py`` ``combine``)::
 
     score = sum_i w_i * P(signal_i)        with the weights normalised to sum to 1, so score in [0, 1]
 
@@ -73,15 +73,6 @@ def resolve_targets(schema: Schema, config: HeavyRankerConfig) -> dict[str, floa
             f"heavy_ranker.targets {[t.name for t in config.targets]}: none is in the data (columns: {sorted(present)})"
         )
     return {name: w / total for name, w in weights.items()}
-
-
-def combine(head_scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """The final score: the weighted sum of the heads' probabilities (in [0, 1] for weights summing to 1)."""
-    missing = [t for t in weights if t not in head_scores]
-    if missing:
-        raise KeyError(f"no head score for target(s) {missing}")
-    total = sum(weights[t] * np.asarray(head_scores[t], dtype=np.float64) for t in weights)
-    return np.asarray(total, dtype=np.float32)
 
 
 def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig, embeddings: EmbeddingConfig,

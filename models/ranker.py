@@ -21,6 +21,7 @@ from configs import EmbeddingConfig
 from evaluation.metrics import roc_auc
 from models import merlin_patches  # noqa: F401  (DCN save/load fix, see the module)
 from models.embeddings import input_block
+from models.heads import head_outputs
 
 
 def build_dcn(schema: Schema, features: list[str], targets: list[str], cross_depth: int,
@@ -82,21 +83,6 @@ def predict_heads(model: tf.keras.Model, dataset: Dataset, features: list[str], 
             scores[t].append(out[t])
             labels[t].append(np.asarray(y[t] if isinstance(y, dict) else y).reshape(-1))
     return ({t: np.concatenate(v) for t, v in scores.items()}, {t: np.concatenate(v) for t, v in labels.items()})
-
-
-def head_outputs(out, targets: list[str]) -> dict[str, np.ndarray]:
-    """Map a model's output (one tensor, or a dict keyed like ``click/binary_output``) to targets."""
-    if not isinstance(out, dict):
-        if len(targets) != 1:
-            raise ValueError(f"model has one output but {len(targets)} targets {targets}")
-        return {targets[0]: np.asarray(out, dtype=np.float32).reshape(-1)}
-    result = {}
-    for t in targets:
-        keys = [k for k in out if k == t or k.split("/")[0] == t]
-        if not keys:
-            raise KeyError(f"model has no head for target {t!r}; heads: {sorted(out)}")
-        result[t] = np.asarray(out[keys[0]], dtype=np.float32).reshape(-1)
-    return result
 
 
 def head_aucs(model, dataset: Dataset, features: list[str], targets: list[str]) -> dict[str, float]:

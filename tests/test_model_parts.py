@@ -67,7 +67,7 @@ def test_heavy_targets_fall_back_or_drop_and_weights_sum_to_one(caplog):
 
 
 def test_combined_score_is_the_weighted_sum_and_stays_in_unit_interval():
-    from models.heavy_ranker import combine
+    from models.heads import combine
 
     rng = np.random.default_rng(0)
     heads = {t: rng.random(1000).astype(np.float32) for t in ("click", "watched", "like")}

@@ -114,6 +114,17 @@ def test_ranker_save_load_round_trip_gives_identical_predictions(which, processe
     for target in targets:
         np.testing.assert_allclose(before[target], after[target], rtol=1e-5, atol=1e-6)
         assert ((after[target] >= 0) & (after[target] <= 1)).all()
+    # Serving calls the saved signature itself (serving/fast_inference.py), without Keras or Merlin.
+    from models.heads import head_outputs
+    from serving.fast_inference import ServingFunction
+
+    served = ServingFunction(tf, tmp_path / which)
+    assert set(served.input_names) == set(features)
+    specs = served.input_specs
+    batch = {n: tf.constant(valid_frame[n].values, dtype=specs[n].dtype) for n in served.input_names}
+    heads = head_outputs({k: v.numpy() for k, v in served(batch).items()}, targets)
+    for target in targets:
+        np.testing.assert_allclose(heads[target], before[target], rtol=1e-5, atol=1e-6)
 
 
 def test_query_tower_served_from_the_registry_matches_training(model_version, processed):
@@ -129,6 +140,13 @@ def test_query_tower_served_from_the_registry_matches_training(model_version, pr
     names = features["user_categorical"] + features["user_continuous"]
     queries = np.asarray(tower({n: tf.constant(users[n].values[:, None]) for n in names}))
     assert queries.shape == (50, model_version.manifest["item_embedding_dim"])
+    # What serving calls, the saved signature, gives the same embeddings.
+    from serving.fast_inference import ServingFunction
+
+    served = ServingFunction(tf, model_version.path / "query_tower")
+    specs = served.input_specs
+    (embedding,) = served({n: tf.constant(users[n].values, dtype=specs[n].dtype) for n in names}).values()
+    np.testing.assert_allclose(np.asarray(embedding), queries, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, rtol=1e-4)  # L2-normalised tower
     index, meta = item_index.load_index(model_version.path, expected_version=model_version.version)
     assert meta["dim"] == queries.shape[1] and index.ntotal == model_version.manifest["num_indexed_items"]

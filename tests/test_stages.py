@@ -77,13 +77,16 @@ def test_light_ranker_keeps_its_best_candidates_for_the_heavy_ranker(funnel, sma
     scores = out["light_scores"]
     assert ((scores >= 0) & (scores <= 1)).all() and np.all(np.diff(scores) <= 0)
     # What it dropped scores no higher than what it kept.
-    all_scores = np.asarray(funnel["light_ranker"].outputs(lookup, ids)).reshape(-1)
+    from models.heads import head_outputs
+
+    target = small_config.light_ranker.target
+    all_scores = head_outputs(funnel["light_ranker"].outputs(lookup, ids), [target])[target]
     dropped = all_scores[~np.isin(ids, out["light_ids"])]
     assert dropped.max() <= scores.min()
 
 
 def test_heavy_score_is_the_weighted_sum_of_its_heads(funnel, model_version):
-    from models.ranker import head_outputs
+    from models.heads import head_outputs
 
     stage = funnel["heavy_ranker"]
     lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
