@@ -96,8 +96,8 @@ class FeatureLookup(Stage):
         user_id = scalar(inputs, "user_id", int)
         found = self.store.user_features(user_id)
         if found is None:
-            cat = np.full(len(self.features["user_categorical"]), OOV_INDEX, dtype=np.int64)
-            cont = np.zeros(len(self.features["user_continuous"]), dtype=np.float32)
+            unknown = unknown_user(self.features)
+            cat, cont = unknown["user_categorical"], unknown["user_continuous"]
             seen = np.zeros(0, dtype=np.int64)
         else:
             cat, cont = found
