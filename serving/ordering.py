@@ -83,11 +83,7 @@ def order_candidates(heavy_scores, retrieval_pct, k: int, *, retrieval_weight: f
                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the served candidates (at most ``k``) and their final scores."""
     scores = final_scores(heavy_scores, retrieval_pct, retrieval_weight)
-    order = rank(scores, exploration_temperature, rng)
-    if max_per_category > 0:
-        if categories is None:
-            raise ValueError("max_per_category needs the candidates' categories")
-        order = cap_per_category(order, np.asarray(categories), max_per_category, k)
-    else:
-        order = order[:k]
+    if max_per_category > 0 and categories is None:
+        raise ValueError("max_per_category needs the candidates' categories")
+    order = cap_per_category(rank(scores, exploration_temperature, rng), categories, max_per_category, k)
     return order, scores[order]
