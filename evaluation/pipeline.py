@@ -7,11 +7,14 @@
    and per stage: how many held-out positives survive retrieval and the filters;
 4. mitigation: retrain the candidate generator with the logQ correction switched and compare
    accuracy and popularity bias side by side;
-5. write the report (HTML + Markdown + JSON).
+5. ordering policies: the same export served with exploration or a per-category cap
+   (``ORDERING_VARIANTS``), accuracy beside bias and list diversity, no retraining;
+6. write the report (HTML + Markdown + JSON).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -26,8 +29,20 @@ from evaluation.peers import ALS, EASE, Popularity
 from evaluation.report import write_report
 
 
+# Ordering policies measured on top of the served one (``serving.ordering``; ``serving/ordering.py``).
+# Final scores lie in [0, 1], so a temperature of 0.05 makes a 0.05 lower score e times less likely.
+ORDERING_VARIANTS = (
+    ("per-category cap 3", {"max_per_category": 3}),
+    ("per-category cap 2", {"max_per_category": 2}),
+    ("exploration T=0.02", {"exploration_temperature": 0.02}),
+    ("exploration T=0.05", {"exploration_temperature": 0.05}),
+    ("exploration T=0.1", {"exploration_temperature": 0.1}),
+)
+
+
 def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: offline.Interactions,
-                   ks, user_attributes=None, n_bootstrap=500) -> tuple[offline.Result, dict]:
+                   ks, user_attributes=None, n_bootstrap=500, stages=None, parity: bool = True,
+                   categories: pd.Series | None = None) -> tuple[offline.Result, dict]:
     """Evaluate the exported funnel; also return per-stage recall of the held-out positives.
 
     Preference-aware parity needs scores, not lists: each user's held-out items are scored by the
@@ -41,7 +56,7 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
     raw_of = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
     raw_of[items["item_id"].to_numpy()] = items["item_id_raw"].to_numpy()
     encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
-    stages = offline.load_funnel(repo, version)
+    stages = stages or offline.load_funnel(repo, version)
     finals, per_stage = [], {}
     # Final-scorer scores of each user's held-out items only (all parity reads); -inf where unscorable.
     pair_scores = np.full((len(data.user_ids), len(data.item_ids)), -np.inf, dtype=np.float64)
@@ -62,15 +77,18 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
                 per_stage.setdefault(key, []).append(raw_of[np.asarray(value, dtype=np.int64)])
         cols = np.array(sorted(relevant[row]), dtype=np.int64)
         scorable = encoded_of.reindex(data.item_ids[cols]).notna().to_numpy()
-        if scorable.sum() >= 2 and bool(np.asarray(out["user_known"]).reshape(-1)[0]):
+        if parity and scorable.sum() >= 2 and bool(np.asarray(out["user_known"]).reshape(-1)[0]):
             tick = time.perf_counter()
             encoded = encoded_of.reindex(data.item_ids[cols[scorable]]).to_numpy().astype(np.int64)
             pair_scores[row, cols[scorable]] = offline.final_scores(stages, out, encoded)
             scoring_seconds += time.perf_counter() - tick
     seconds = time.perf_counter() - started - scoring_seconds
     top = offline.columns_from_raw(finals, data, k)
-    result = offline.evaluate_top_k(name, top, data, ks, user_attributes=user_attributes, scores=pair_scores,
-                                    n_bootstrap=n_bootstrap)
+    result = offline.evaluate_top_k(name, top, data, ks, user_attributes=user_attributes,
+                                    scores=pair_scores if parity else None, n_bootstrap=n_bootstrap)
+    if categories is not None:
+        spans = [categories.reindex(items).nunique() for items in finals if len(items)]
+        result.bias["categories_per_list"] = float(np.mean(spans)) if spans else 0.0
     stage_recall = {}
     for key, lists in per_stage.items():
         length = max(1, max(len(x) for x in lists))
@@ -81,6 +99,38 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
     stage_recall["final"] = {"mean_size": float(k), "recall": result.metrics[f"recall@{k}"]}
     stage_recall["ms_per_user"] = 1000 * seconds / max(1, len(data.user_ids))
     return result, stage_recall
+
+
+def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.Interactions, ks,
+                     n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0) -> pd.DataFrame:
+    """The served funnel and each ordering variant on the same export: accuracy beside popularity
+    bias and how many categories a list spans. Exploration draws from a seeded generator, so the
+    table is repeatable; a served request gets a fresh draw."""
+    stages = offline.load_funnel(repo, version)
+    ordering = next(s for s in stages if s.name == "ordering")
+    served = ordering.policy
+    items = pd.read_parquet(model_dir / "item_features.parquet")
+    category_of = pd.Series(items[served.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
+    k = ks[0]
+    rows = []
+    try:
+        for name, change in (("as served", {}),) + tuple(variants):
+            ordering.set_policy(dataclasses.replace(served, **change), seed=seed)
+            res, _ = funnel_results(name, repo, version, model_dir, data, ks, None, n_bootstrap, stages=stages,
+                                    parity=False, categories=category_of)
+            rows.append({
+                "ordering": name,
+                f"ndcg@{k}": res.metrics[f"ndcg@{k}"],
+                f"recall@{k}": res.metrics[f"recall@{k}"],
+                "items for 50% of recs": res.bias["item_share_curve"][0.5],
+                "gini": res.bias["gini"],
+                "coverage": res.bias["coverage"],
+                "popularity lift": res.bias["popularity_lift"],
+                f"categories per top-{max(ks)} list (of {category_of.nunique()})": res.bias["categories_per_list"],
+            })
+    finally:
+        ordering.set_policy(served)
+    return pd.DataFrame(rows)
 
 
 def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstrap=500) -> list[offline.Result]:
@@ -140,6 +190,7 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 "gini": res.bias["gini"],
                 "coverage": res.bias["coverage"],
             })
+    ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap)
     metrics = model.manifest["metrics"]
     context = {
         **context,
@@ -149,10 +200,12 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
             {k: v for k, v in metrics.items() if k != "candidate_generator"}, default=float),
         "model version": model.version,
     }
-    extra = {"Mitigation: logQ correction on the candidate generator": pd.DataFrame(mitigation_rows)} if mitigation_rows else None
+    extra = {"Mitigation: logQ correction on the candidate generator": pd.DataFrame(mitigation_rows)} if mitigation_rows else {}
+    extra["Ordering policy: exploration and a per-category cap on the same export"] = ordering_rows
     paths = write_report(results, out / "report", title, context, ks=ks, extra_tables=extra)
     _log_to_mlflow(config, out, results, paths)
-    return {"results": results, "stages": stages, "mitigation": mitigation_rows, "paths": paths, "model": model}
+    return {"results": results, "stages": stages, "mitigation": mitigation_rows, "ordering": ordering_rows,
+            "paths": paths, "model": model}
 
 
 def _log_to_mlflow(config: Config, out: Path, results, paths) -> None:

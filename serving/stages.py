@@ -350,17 +350,24 @@ class Ordering(Stage):
         self.catalog_size = int(len(items))
         self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
         self.max_k = int(self.serving["max_k"])
+        self.items = items
         # Exported before ordering was configurable: the defaults (heavy-ranker score, sorted).
-        self.policy = OrderingConfig(**self.serving.get("ordering", {}))
-        self.categories = None
-        if self.policy.max_per_category > 0:
-            column = self.policy.category_column
-            if column not in items.columns:
+        self.set_policy(OrderingConfig(**self.serving.get("ordering", {})))
+
+    def set_policy(self, policy, seed: int | None = None) -> None:
+        """Order by ``policy`` (``configs.OrderingConfig``) from now on. The offline evaluation
+        measures other policies on the same export this way; ``seed`` makes exploration repeatable
+        (served requests get a fresh draw each)."""
+        categories = None
+        if policy.max_per_category > 0:
+            column = policy.category_column
+            if column not in self.items.columns:
                 raise RuntimeError(f"serving.ordering.category_column {column!r} is not an item feature "
-                                   f"({sorted(items.columns)})")
-            self.categories = np.full(len(self.raw_ids), -1, dtype=np.int64)
-            self.categories[items["item_id"].values] = items[column].values
-        self.rng = np.random.default_rng()  # exploration: a fresh draw for every request
+                                   f"({sorted(self.items.columns)})")
+            categories = np.full(len(self.raw_ids), -1, dtype=np.int64)
+            categories[self.items["item_id"].values] = self.items[column].values
+        self.policy, self.categories = policy, categories
+        self.rng = np.random.default_rng(seed)
 
     def retrieval_percentile(self, inputs, ids: np.ndarray) -> np.ndarray:
         """Where retrieval placed each of ``ids`` among the candidates it returned (0 if it did not)."""
