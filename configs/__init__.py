@@ -236,6 +236,9 @@ class CandidateGeneratorConfig:
     # Scale of the correction: 1 subtracts exactly log(q) (the unbiased sampled softmax); above 1 the
     # towers keep more of the items' popularity (what accuracy-only protocols reward), below 1 less.
     logq_strength: float = 1.0
+    # Mixed negative sampling (Yi et al. 2020): this many catalog items drawn uniformly per batch join
+    # the in-batch negatives, so items that are rarely positives are negatives too; 0 = in-batch only.
+    sampled_negatives: int = 0
     # Stop on the validation in-batch recall@10 (training.early_stopping_patience). Merlin measures
     # it on uncorrected logits, so with the logQ correction on it can stop a model that is still
     # improving: false trains the full ``epochs``.
@@ -244,6 +247,8 @@ class CandidateGeneratorConfig:
     def __post_init__(self) -> None:
         if self.logq_strength < 0:
             raise ValueError(f"candidate_generator.logq_strength must be >= 0, got {self.logq_strength}")
+        if self.sampled_negatives < 0:
+            raise ValueError(f"candidate_generator.sampled_negatives must be >= 0, got {self.sampled_negatives}")
 
 
 @dataclass

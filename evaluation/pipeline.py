@@ -5,8 +5,9 @@
 3. evaluate every recommender on the held-out positives with full ranking, training items removed;
    our funnel is evaluated on the lists the exported funnel returns (the served path, in-process),
    and per stage: how many held-out positives survive retrieval and the filters;
-4. mitigation: retrain the candidate generator with the logQ correction switched and compare
-   accuracy and popularity bias side by side;
+4. mitigation: retrain the candidate generator with and without sampled negatives and with and
+   without the logQ correction (the rankers are reused) and compare accuracy and popularity bias
+   side by side;
 5. ordering policies: the same export served with exploration or a per-category cap
    (``ORDERING_VARIANTS``), accuracy beside bias and list diversity, no retraining;
 6. write the report (HTML + Markdown + JSON).
@@ -102,11 +103,11 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
 
 
 def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.Interactions, ks,
-                     n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0) -> pd.DataFrame:
+                     n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0, stages=None) -> pd.DataFrame:
     """The served funnel and each ordering variant on the same export: accuracy beside popularity
     bias and how many categories a list spans. Exploration draws from a seeded generator, so the
-    table is repeatable; a served request gets a fresh draw."""
-    stages = offline.load_funnel(repo, version)
+    table is repeatable; a served request gets a fresh draw. ``stages`` reuses loaded stages."""
+    stages = stages or offline.load_funnel(repo, version)
     ordering = next(s for s in stages if s.name == "ordering")
     served = ordering.policy
     items = pd.read_parquet(model_dir / "item_features.parquet")
@@ -133,6 +134,14 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
     return pd.DataFrame(rows)
 
 
+def mitigation_variants(cg) -> list[tuple[int, bool]]:
+    """(sampled negatives, logQ correction) of the mitigation table: each of the two on and off.
+    "On" for sampled negatives is the config's count, or one batch's worth when the config has none
+    (as many uniform negatives as in-batch ones)."""
+    sampled = cg.sampled_negatives or cg.batch_size
+    return [(n, logq) for n in (0, sampled) for logq in (False, True)]
+
+
 def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstrap=500) -> list[offline.Result]:
     users = np.arange(len(data.user_ids))
     train = data.matrix()
@@ -144,11 +153,11 @@ def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstr
     return out
 
 
-def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path):
+def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path, rankers_from=None):
     from models.train import train_all
     from serving.export import export_repository
 
-    model = train_all(processed, config, registry_dir, verbose=0)
+    model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from)
     repo = export_repository(model, repo_dir, replace=True)
     return model, repo
 
@@ -164,24 +173,30 @@ def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFra
 
 def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users: pd.DataFrame, config: Config,
               out: Path, ks, mitigation: bool, n_bootstrap: int, title: str, context: dict,
-              also_seen: pd.DataFrame | None = None) -> dict:
-    """Peers and the funnel (and the logQ variants) on one split; write the report."""
+              also_seen: pd.DataFrame | None = None, trained=None) -> dict:
+    """Peers and the funnel (and the mitigation variants) on one split; write the report.
+    ``trained`` = ``(model version, exported repository)`` evaluates those instead of training."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
-    model, repo = train_and_export(processed, config, out / "registry", out / "triton_repo")
+    model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
     funnel, stages = funnel_results("funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap)
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
 
     mitigation_rows = []
     if mitigation:
-        for logq in (False, True):
-            if logq == config.candidate_generator.logq_correction:
+        cg = config.candidate_generator
+        for sampled, logq in mitigation_variants(cg):
+            if (sampled, logq) == (cg.sampled_negatives, cg.logq_correction):
                 res, st = funnel, stages  # the main run already is this variant
             else:
                 variant = copy.deepcopy(config)
+                variant.candidate_generator.sampled_negatives = sampled
                 variant.candidate_generator.logq_correction = logq
-                m, r = train_and_export(processed, variant, out / "registry", out / f"triton_repo_logq_{logq}")
-                res, st = funnel_results(f"funnel logQ={logq}", r, m.version, m.path, data, ks, None, n_bootstrap)
+                m, r = train_and_export(processed, variant, out / "registry",
+                                        out / f"triton_repo_sampled_{sampled}_logq_{logq}", rankers_from=model)
+                res, st = funnel_results(f"funnel sampled={sampled} logQ={logq}", r, m.version, m.path, data, ks,
+                                         None, n_bootstrap)
             mitigation_rows.append({
+                "sampled_negatives": sampled,
                 "logq_correction": logq,
                 "retrieval_recall": st["candidate_ids"]["recall"],
                 f"ndcg@{ks[0]}": res.metrics[f"ndcg@{ks[0]}"],
@@ -189,6 +204,7 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 "items for 50% of recs": res.bias["item_share_curve"][0.5],
                 "gini": res.bias["gini"],
                 "coverage": res.bias["coverage"],
+                "popularity lift": res.bias["popularity_lift"],
             })
     ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap)
     metrics = model.manifest["metrics"]
@@ -200,19 +216,21 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
             {k: v for k, v in metrics.items() if k != "candidate_generator"}, default=float),
         "model version": model.version,
     }
-    extra = {"Mitigation: logQ correction on the candidate generator": pd.DataFrame(mitigation_rows)} if mitigation_rows else {}
+    extra = ({"Mitigation: sampled negatives and the logQ correction on the candidate generator":
+              pd.DataFrame(mitigation_rows)} if mitigation_rows else {})
     extra["Ordering policy: exploration and a per-category cap on the same export"] = ordering_rows
     paths = write_report(results, out / "report", title, context, ks=ks, extra_tables=extra)
-    _log_to_mlflow(config, out, results, paths)
+    _log_to_mlflow(config, model.path.parent, out, results, paths)
     return {"results": results, "stages": stages, "mitigation": mitigation_rows, "ordering": ordering_rows,
             "paths": paths, "model": model}
 
 
-def _log_to_mlflow(config: Config, out: Path, results, paths) -> None:
-    """The report and every headline metric, as one MLflow run next to the training runs."""
+def _log_to_mlflow(config: Config, registry_dir: Path, out: Path, results, paths) -> None:
+    """The report and every headline metric, as one MLflow run next to the training runs of the
+    registry the evaluated model came from."""
     from models.tracking import tracked_run
 
-    with tracked_run(config.training, out / "registry", {"evaluation": str(out)}, run_name="offline-evaluation") as run:
+    with tracked_run(config.training, registry_dir, {"evaluation": str(out)}, run_name="offline-evaluation") as run:
         for r in results:
             name = re.sub(r"[^0-9A-Za-z_./ -]", "_", r.name)  # MLflow's allowed key characters
             run.log_metrics({f"{name}.{k.replace('@', '_at_')}": v for k, v in r.metrics.items()
@@ -222,15 +240,19 @@ def _log_to_mlflow(config: Config, out: Path, results, paths) -> None:
 
 
 def evaluate_synthetic(config: Config, out_dir: str | Path, ks=(10, 20), mitigation: bool = True,
-                       n_bootstrap: int = 500) -> dict:
-    """Temporal protocol on the synthetic world: train on the training period, test on the rest."""
+                       n_bootstrap: int = 500, world=None, processed=None, trained=None) -> dict:
+    """Temporal protocol on the synthetic world: train on the training period, test on the rest.
+
+    ``make demo`` passes what it already built (``world``, ``processed``, ``trained`` = its model
+    version and exported repository) so the report evaluates exactly what it serves."""
     from workflows.pipeline import run_dataset_pipeline
     from workflows.sources.synthetic import generate
 
     out = Path(out_dir)
-    world = generate(config.synthetic)
-    raw = world.write_parquet(out / "raw")
-    processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], out / "processed", config.workflow)
+    if processed is None:
+        world = generate(config.synthetic)
+        raw = world.write_parquet(out / "raw")
+        processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], out / "processed", config.workflow)
     summary = processed.summary
     cutoff = summary["cutoff"]
     train = pd.read_parquet(processed.train_events)
@@ -242,7 +264,7 @@ def evaluate_synthetic(config: Config, out_dir: str | Path, ks=(10, 20), mitigat
                     "peers train on the cleaned training log the funnel trains on",
     }
     return _evaluate(processed, train[train["click"] > 0], later[later["click"] > 0], world.users, config, out, ks,
-                     mitigation, n_bootstrap, "Offline evaluation: synthetic data", context)
+                     mitigation, n_bootstrap, "Offline evaluation: synthetic data", context, trained=trained)
 
 
 def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, ks=(10,), mitigation: bool = True,

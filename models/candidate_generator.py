@@ -3,8 +3,14 @@
 The query tower embeds a user from the user features, the item tower embeds an item from the item
 features; the score of a pair is the dot product. It is trained on positive interactions (clicks)
 with in-batch negatives: every other item in the batch is a negative for a row. Popular items appear
-in more batches, so they are over-penalised as negatives; the logQ correction (``logq_correction``)
-subtracts ``log(item frequency)`` from the logits during training to undo that.
+in more batches, so they are over-penalised as negatives, and items that are rarely positives are
+almost never negatives. Two mitigations, measured side by side by the offline evaluation:
+
+* ``logq_correction`` subtracts ``log q(item)``, the item's chance of being a sampled negative, from
+  the logits during training (the sampled-softmax correction, Yi et al. 2019);
+* ``sampled_negatives`` > 0 adds that many catalog items drawn uniformly per batch, embedded by the
+  item tower, to the in-batch negatives (mixed negative sampling, Yi et al. 2020). With both on,
+  ``q`` is the mixture's: ``batch_size * p(item) + sampled_negatives / catalog size``.
 
 Served as two pieces that must come from the same training run: the query tower (a Keras model) and
 the item embeddings that the ANN index is built from.
@@ -17,6 +23,7 @@ import tensorflow as tf
 import merlin.models.tf as mm
 from merlin.io import Dataset
 from merlin.models.tf.outputs.base import DotProduct
+from merlin.models.tf.outputs.sampling.base import Candidate, CandidateSampler
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
@@ -56,15 +63,50 @@ def _host(values) -> np.ndarray:
     return values.to_numpy() if not hasattr(values, "values_host") else values.values_host
 
 
+class UniformItemSampler(CandidateSampler):
+    """Negatives drawn uniformly from the catalog, embedded by the item tower (mixed negative sampling).
+
+    Merlin's two-tower samples in-batch only: a sampled id needs its item features to be embedded.
+    This sampler holds the catalog's encoded item features and runs the model's own item tower on
+    ``num_samples`` rows drawn per batch, so the gradients reach the item tower through them too.
+    """
+
+    def __init__(self, catalog: dict[str, np.ndarray], item_tower, num_samples: int, id_column: str, **kwargs):
+        super().__init__(max_num_samples=num_samples, **kwargs)
+        self.catalog = {name: tf.constant(values) for name, values in catalog.items()}
+        self.catalog_size = int(len(catalog[id_column]))
+        self.item_tower, self.id_column = item_tower, id_column
+
+    def add(self, items: Candidate) -> None:  # nothing to remember between batches
+        pass
+
+    def sample(self) -> Candidate:
+        raise NotImplementedError("call() samples: it needs the positives' id shape")
+
+    def call(self, items: Candidate, features=None, targets=None, training=False, testing=False) -> Candidate:
+        rows = tf.random.uniform([self.max_num_samples], 0, self.catalog_size, dtype=tf.int64)
+        sampled = {name: tf.gather(values, rows) for name, values in self.catalog.items()}
+        ids = sampled[self.id_column]
+        # Same rank as the positives' ids: Merlin concatenates them with the in-batch ones.
+        ids = tf.reshape(ids, tf.concat([[-1], tf.shape(items.id)[1:]], axis=0))
+        return Candidate(id=ids, metadata={}).with_embedding(self.item_tower(sampled, training=training))
+
+
+def catalog_features(schema: Schema, items) -> dict[str, np.ndarray]:
+    """The item-tower columns of the encoded item table ``items`` (pandas or cudf) as host arrays."""
+    return {name: _host(items[name]) for name in tower_schema(schema).select_by_tag(Tags.ITEM).column_names}
+
+
 def build_candidate_generator(
     schema: Schema, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None,
-    positive_rows: Dataset | None = None,
+    positive_rows: Dataset | None = None, catalog: dict[str, np.ndarray] | None = None,
 ) -> mm.RetrievalModelV2:
     """A two-tower model whose towers end in ``embedding_dim`` units, L2-normalised.
 
     With ``embeddings`` the towers' tables are sized (and hashed above the cap) by
     ``models/embeddings.py``; without, Merlin infers the sizes. ``positive_rows`` (the training
-    positives) give the logQ correction its item frequencies (``item_frequencies``).
+    positives) give the logQ correction its item frequencies (``item_frequencies``); ``catalog``
+    (``catalog_features``) is what ``sampled_negatives`` are drawn from.
     """
     towers = tower_schema(schema)
     layers = list(config.tower_layers)
@@ -86,16 +128,26 @@ def build_candidate_generator(
     query_tower, item_tower = tower(Tags.USER), tower(Tags.ITEM)
     item_id_schema = towers.select_by_tag(Tags.ITEM_ID)
     temperature = 0.1  # scores of L2-normalised towers live in [-1, 1]: sharpen them
+    samplers = ["in-batch"]
+    if config.sampled_negatives:
+        if catalog is None:
+            raise ValueError("candidate_generator.sampled_negatives needs the catalog's item features")
+        samplers.append(UniformItemSampler(catalog, item_tower, config.sampled_negatives,
+                                           item_id_schema.first.name))
     post = None
     if config.logq_correction:
+        q = item_frequencies(schema, positive_rows)
+        if config.sampled_negatives:  # expected times an item is a negative, per batch
+            catalog_ids = np.asarray(catalog[item_id_schema.first.name], dtype=np.int64)
+            q = config.batch_size * q / q.sum()
+            q[catalog_ids] += config.sampled_negatives / len(catalog_ids)
         # Merlin subtracts reg_factor * log(q) *before* dividing by the temperature, so reg_factor =
         # temperature makes the trained logit exactly score / T - log(q); with 1.0 the correction
         # was 1/T = 10x too strong (README, "Offline evaluation").
-        post = PopularityLogitsCorrection(item_frequencies(schema, positive_rows), schema=item_id_schema,
-                                          reg_factor=temperature * config.logq_strength)
+        post = PopularityLogitsCorrection(q, schema=item_id_schema, reg_factor=temperature * config.logq_strength)
     output = mm.ContrastiveOutput(
         to_call=DotProduct(),
-        negative_samplers="in-batch",
+        negative_samplers=samplers,
         schema=item_id_schema,
         post=post,
         store_negative_ids=config.logq_correction,  # the logQ correction needs them
@@ -121,15 +173,18 @@ def train_candidate_generator(
     embeddings: EmbeddingConfig | None = None,
     patience: int | None = None,
     callbacks=(),
+    catalog=None,
 ) -> tuple[mm.RetrievalModelV2, dict[str, float]]:
     """Train on the positive rows of ``train``; return the model and its validation metrics.
 
     With ``patience``, training stops once the validation recall@10 has not improved for that many
-    epochs and the best epoch's weights are restored.
+    epochs and the best epoch's weights are restored. ``catalog`` (the encoded item table, pandas or
+    cudf) is needed for ``config.sampled_negatives``.
     """
     tf.keras.utils.set_random_seed(seed)
     train_pos, valid_pos = positives(train), positives(valid)
-    model = build_candidate_generator(train.schema, config, embeddings, train_pos)
+    features = catalog_features(train.schema, catalog) if catalog is not None else None
+    model = build_candidate_generator(train.schema, config, embeddings, train_pos, features)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(config.learning_rate),
         metrics=[mm.RecallAt(10), mm.NDCGAt(10)],

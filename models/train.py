@@ -52,11 +52,24 @@ def feature_lists(schema) -> dict[str, list[str]]:
     }
 
 
-def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, verbose: int = 1) -> registry.ModelVersion:
-    """Train the candidate generator, both rankers and the fallback; publish them as one version."""
+# What the rankers' training depends on besides the data: a version that agrees on all of it has
+# the rankers another training would give.
+RANKER_INPUTS = ("seed", "embeddings", "training", "light_ranker", "heavy_ranker")
+
+
+def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, verbose: int = 1,
+              rankers_from: registry.ModelVersion | None = None) -> registry.ModelVersion:
+    """Train the candidate generator, both rankers and the fallback; publish them as one version.
+
+    ``rankers_from`` copies both rankers from that version instead of training them again, for
+    variants that change only the candidate generator (the offline evaluation's mitigation table);
+    it must have been trained on the same data with the same ``RANKER_INPUTS``.
+    """
     train, valid = data.train(), data.valid()
     features = feature_lists(train.schema)
     fingerprint = registry.fingerprint(data.train_dir, data.workflow_dir)
+    if rankers_from is not None:
+        _check_rankers_reusable(rankers_from.manifest, config, fingerprint)
     patience = config.training.early_stopping_patience
     keras_verbose = verbose
 
@@ -68,39 +81,49 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         sizes = {}
 
         progress.set_postfix_str("candidate_generator")
+        # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
+        item_table = read_parquet(data.item_features)
         tt_model, tt_metrics = train_candidate_generator(
             train, valid, config.candidate_generator, seed=config.seed, verbose=keras_verbose,
             embeddings=config.embeddings, patience=patience if config.candidate_generator.early_stopping else None,
-            callbacks=[run.callback("candidate_generator")],
+            callbacks=[run.callback("candidate_generator")], catalog=item_table,
         )
         sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
         tt_model.query_encoder.save(str(out.tmp / "query_tower"))
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
-        # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
-        item_table = read_parquet(data.item_features)
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
         index = item_index.build_index(ids, vectors, config.serving.exact_index_max_items)
         item_index.save_index(index, out.tmp, version)
         progress.update()
 
-        progress.set_postfix_str("light_ranker")
-        light_model, light_metrics = train_light_ranker(
-            train, valid, config.light_ranker, config.embeddings, config.training, seed=config.seed,
-            callbacks=[run.callback("light_ranker")], verbose=keras_verbose,
-        )
-        sizes["light_ranker"] = log_tables(light_model, "light_ranker")
-        light_model.save(str(out.tmp / "light_ranker"))
-        progress.update()
+        if rankers_from is None:
+            progress.set_postfix_str("light_ranker")
+            light_model, light_metrics = train_light_ranker(
+                train, valid, config.light_ranker, config.embeddings, config.training, seed=config.seed,
+                callbacks=[run.callback("light_ranker")], verbose=keras_verbose,
+            )
+            sizes["light_ranker"] = log_tables(light_model, "light_ranker")
+            light_model.save(str(out.tmp / "light_ranker"))
+            progress.update()
 
-        progress.set_postfix_str("heavy_ranker")
-        heavy_model, heavy_metrics, heavy_spec = train_heavy_ranker(
-            train, valid, config.heavy_ranker, config.embeddings, config.training, seed=config.seed,
-            callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
-        )
-        sizes["heavy_ranker"] = log_tables(heavy_model, "heavy_ranker")
-        heavy_model.save(str(out.tmp / "heavy_ranker"))
-        progress.update()
+            progress.set_postfix_str("heavy_ranker")
+            heavy_model, heavy_metrics, heavy_spec = train_heavy_ranker(
+                train, valid, config.heavy_ranker, config.embeddings, config.training, seed=config.seed,
+                callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
+            )
+            sizes["heavy_ranker"] = log_tables(heavy_model, "heavy_ranker")
+            heavy_model.save(str(out.tmp / "heavy_ranker"))
+            progress.update()
+        else:
+            source = rankers_from.manifest
+            for stage in ("light_ranker", "heavy_ranker"):
+                shutil.copytree(rankers_from.path / stage, out.tmp / stage)
+                sizes[stage] = source["model_sizes"][stage]
+            light_metrics, heavy_metrics = source["metrics"]["light_ranker"], source["metrics"]["heavy_ranker"]
+            heavy_spec = source["heavy_ranker"]
+            run.set_tags({"rankers_from_version": source["version"]})
+            progress.update(2)
 
         progress.set_postfix_str("fallback")
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
@@ -141,6 +164,15 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         run.log_json("embedding_tables.json", sizes)
     log.info("published model version %s", version)
     return registry.ModelVersion(out.path)
+
+
+def _check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:
+    if manifest["data_fingerprint"] != fingerprint:
+        raise ValueError(f"rankers_from version {manifest['version']} was trained on other data")
+    ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
+    differ = [key for key in RANKER_INPUTS if manifest["config"].get(key) != ours.get(key)]
+    if differ:
+        raise ValueError(f"rankers_from version {manifest['version']} has other ranker settings: {differ}")
 
 
 def _schema_summary(schema) -> list[dict]:

@@ -6,8 +6,10 @@
 3. train the two-tower candidate generator, the light and the heavy DCN ranker (Merlin Models, TensorFlow)
 4. export a versioned Triton model repository (the funnel ensemble)
 5. start the real tritonserver on free ports
-6. query it over gRPC for a few users (and one the models never saw)
-7. stop the server
+6. write the offline evaluation report: the served funnel beside Pop, EASE and ALS, slices,
+   popularity bias, ordering policies (scripts/evaluate.py adds the retrained mitigation variants)
+7. query it over gRPC for a few users (and one the models never saw)
+8. stop the server
 """
 import argparse
 import json
@@ -54,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     wall = time.monotonic()
-    steps = Steps(8)
+    steps = Steps(9)
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)  # the demo always starts from nothing
@@ -62,6 +64,7 @@ def main() -> None:
     with steps("Importing Merlin (NVTabular, Merlin Models, TensorFlow)"):
         from configs import load_config
         from evaluation.checklist import run_checklist
+        from evaluation.pipeline import evaluate_synthetic
         from models.train import train_all
         from serving.client import FunnelClient
         from serving.export import export_repository
@@ -102,6 +105,14 @@ def main() -> None:
         if not all(c.passed for c in checks):
             raise SystemExit("the correctness checklist failed; not serving this export")
 
+    with steps("Writing the offline evaluation report (the funnel beside Pop, EASE and ALS)"):
+        evaluation = evaluate_synthetic(config, work / "evaluation", ks=(10, 20), mitigation=False,
+                                        world=data, processed=processed, trained=(model, repo))
+        for r in evaluation["results"]:
+            print(f"      {r.name:<16} ndcg@10 {r.metrics['ndcg@10']:.4f}  recall@10 {r.metrics['recall@10']:.4f}  "
+                  f"coverage@20 {r.bias['coverage']:.3f}")
+        print(f"      {evaluation['paths']['html']}")
+
     server = TritonServer(repo, log_path=work / "tritonserver.log")
     results = []
     try:
@@ -124,7 +135,7 @@ def main() -> None:
                         print(f"    {rank:2d}. item {item:>6d}  score {score:.4f}")
     finally:
         server.stop()
-        print("\n[8/8] tritonserver stopped")
+        print("\n[9/9] tritonserver stopped")
 
     total = time.monotonic() - wall
     print(f"\nTotal wall time: {total:.1f}s")

@@ -244,3 +244,55 @@ def test_heavy_ranker_trains_a_new_untagged_label_column_as_a_binary_head(proces
     model, metrics, spec = train_heavy_ranker(train, valid, config, small_config.embeddings, small_config.training, verbose=0)
     assert spec["targets"] == ["click", "duration_watch"] and "duration_watch" not in spec["features"]
     assert 0.5 < metrics["auc_duration_watch"] <= 1.0, metrics
+
+
+def test_sampled_negatives_come_from_the_catalog_through_the_item_tower(processed, small_config):
+    """Mixed negative sampling: uniform catalog items, embedded by the model's own item tower."""
+    import copy
+
+    import tensorflow as tf
+    from merlin.io import Dataset
+
+    from models.candidate_generator import UniformItemSampler, item_embeddings, train_candidate_generator
+
+    config = copy.deepcopy(small_config.candidate_generator)
+    config.sampled_negatives, config.logq_correction, config.epochs = 64, True, 1
+    items = pd.read_parquet(processed.item_features)
+    model, metrics = train_candidate_generator(processed.train(), processed.valid(), config, verbose=0,
+                                               embeddings=small_config.embeddings, catalog=items)
+    assert np.isfinite(metrics["loss"])
+    sampler = next(s for s in model.last.negative_samplers if isinstance(s, UniformItemSampler))
+    positives = tf.constant(items["item_id"].to_numpy()[:8])
+    from merlin.models.tf.outputs.sampling.base import Candidate
+
+    drawn = sampler(Candidate(id=positives, metadata={}))
+    ids = drawn.id.numpy()
+    assert ids.shape == (64,) and set(ids) <= set(items["item_id"])
+    # Each sampled negative carries exactly the embedding the served item index holds for it.
+    index_ids, vectors = item_embeddings(model, Dataset(items.drop(columns=["item_id_raw"])))
+    by_id = dict(zip(index_ids.tolist(), vectors))
+    np.testing.assert_allclose(drawn.embedding.numpy(), np.stack([by_id[i] for i in ids]), atol=1e-5)
+    with pytest.raises(ValueError, match="catalog"):
+        train_candidate_generator(processed.train(), processed.valid(), config, verbose=0)
+
+
+def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_config, model_version, tmp_path):
+    import copy
+    import filecmp
+
+    from models.train import train_all
+
+    variant = copy.deepcopy(small_config)
+    variant.candidate_generator.logq_correction = not variant.candidate_generator.logq_correction
+    variant.candidate_generator.epochs = 1
+    other = train_all(processed, variant, tmp_path / "registry", verbose=0, rankers_from=model_version)
+    for stage in ("light_ranker", "heavy_ranker"):
+        assert filecmp.cmp(model_version.path / stage / "saved_model.pb", other.path / stage / "saved_model.pb",
+                           shallow=False)
+        assert other.manifest["metrics"][stage] == model_version.manifest["metrics"][stage]
+    assert other.manifest["config"]["candidate_generator"]["logq_correction"] != \
+        model_version.manifest["config"]["candidate_generator"]["logq_correction"]
+    changed = copy.deepcopy(variant)
+    changed.heavy_ranker.learning_rate *= 2
+    with pytest.raises(ValueError, match="heavy_ranker"):
+        train_all(processed, changed, tmp_path / "registry2", verbose=0, rankers_from=model_version)

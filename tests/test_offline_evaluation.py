@@ -61,25 +61,25 @@ def test_ordering_variants_are_measured_on_the_same_export(triton_repo, model_ve
 
     variants = (("cap 1", {"max_per_category": 1}), ("explore", {"exploration_temperature": 0.1}))
     args = (triton_repo, model_version.version, model_version.path, data, (10,))
-    table = ordering_results(*args, n_bootstrap=50, variants=variants)
+    stages = offline.load_funnel(triton_repo, model_version.version)
+    table = ordering_results(*args, n_bootstrap=50, variants=variants, stages=stages)
     assert table["ordering"].tolist() == ["as served", "cap 1", "explore"]
-    served, _ = funnel_results("served", *args, n_bootstrap=50, parity=False)
-    assert table.loc[0, "ndcg@10"] == pytest.approx(served.metrics["ndcg@10"])
+    served, _ = funnel_results("served", *args, n_bootstrap=50, parity=False, stages=stages)
+    assert table.loc[0, "ndcg@10"] == pytest.approx(served.metrics["ndcg@10"])  # the served policy is back
     spans = table.set_index("ordering").filter(like="categories per top-10").iloc[:, 0]
     assert spans["cap 1"] > spans["as served"]
+    # Exploration is drawn from a seeded generator: the same table twice; another seed differs.
+    again = ordering_results(*args, n_bootstrap=50, variants=variants[1:], stages=stages)
+    assert again.loc[1, "ndcg@10"] == pytest.approx(table.loc[2, "ndcg@10"])
+    other = ordering_results(*args, n_bootstrap=50, variants=variants[1:], seed=1, stages=stages)
+    assert other.loc[1, "ndcg@10"] != pytest.approx(table.loc[2, "ndcg@10"], abs=1e-9)
     # One item per category: every item of a capped list is another category.
-    stages = offline.load_funnel(triton_repo, model_version.version)
     ordering = stages[-1]
     ordering.set_policy(dataclasses.replace(ordering.policy, max_per_category=1))
     items = pd.read_parquet(model_version.path / "item_features.parquet").set_index("item_id_raw")["category"]
-    served = [offline.run_funnel(stages, int(user), 10) for user in data.user_ids[:40]]
-    by_model = [out["item_ids"] for out in served if out["served_by"][0] == b"model"]
+    outputs = [offline.run_funnel(stages, int(user), 10) for user in data.user_ids[:40]]
+    by_model = [out["item_ids"] for out in outputs if out["served_by"][0] == b"model"]
     assert by_model and all(items.reindex(ids).is_unique for ids in by_model)
-    # Exploration is drawn from a seeded generator: the same table twice; another seed differs.
-    again = ordering_results(*args, n_bootstrap=50, variants=variants[1:])
-    assert again.loc[1, "ndcg@10"] == pytest.approx(table.loc[2, "ndcg@10"])
-    other = ordering_results(*args, n_bootstrap=50, variants=variants[1:], seed=1)
-    assert other.loc[1, "ndcg@10"] != pytest.approx(table.loc[2, "ndcg@10"], abs=1e-9)
 
 
 def test_report_has_tables_and_embedded_plots(data, tmp_path):
