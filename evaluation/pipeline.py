@@ -134,6 +134,19 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
     return pd.DataFrame(rows)
 
 
+# The stages a candidate-generator variant shares with the main run: it copies the rankers
+# (``train_all(rankers_from=...)``) and trains on the same data, so these load the same artifacts.
+SHARED_BY_VARIANTS = ("filtering", "light_ranker", "heavy_ranker", "ordering")
+
+
+def _with_retrieval_of(stages: list, repo: Path, version: int) -> list:
+    """``stages`` with the stages that depend on the candidate generator loaded from ``repo``."""
+    from serving.stages import STAGES
+
+    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](Path(repo) / s.name / str(version))
+            for s in stages]
+
+
 def mitigation_variants(cg) -> list[tuple[int, bool]]:
     """(sampled negatives, logQ correction) of the mitigation table: each of the two on and off.
     "On" for sampled negatives is the config's count, or one batch's worth when the config has none
@@ -178,7 +191,9 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
     ``trained`` = ``(model version, exported repository)`` evaluates those instead of training."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
-    funnel, stages = funnel_results("funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap)
+    loaded = offline.load_funnel(repo, model.version)
+    funnel, stages = funnel_results("funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap,
+                                    stages=loaded)
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
 
     mitigation_rows = []
@@ -194,7 +209,7 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 m, r = train_and_export(processed, variant, out / "registry",
                                         out / f"triton_repo_sampled_{sampled}_logq_{logq}", rankers_from=model)
                 res, st = funnel_results(f"funnel sampled={sampled} logQ={logq}", r, m.version, m.path, data, ks,
-                                         None, n_bootstrap)
+                                         None, n_bootstrap, stages=_with_retrieval_of(loaded, r, m.version))
             mitigation_rows.append({
                 "sampled_negatives": sampled,
                 "logq_correction": logq,
@@ -206,7 +221,7 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 "coverage": res.bias["coverage"],
                 "popularity lift": res.bias["popularity_lift"],
             })
-    ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap)
+    ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded)
     metrics = model.manifest["metrics"]
     context = {
         **context,
