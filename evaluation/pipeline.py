@@ -102,6 +102,18 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
     return result, stage_recall
 
 
+def _trade_off(result: offline.Result, k: int) -> dict:
+    """Accuracy beside popularity bias: the columns of the mitigation and ordering tables."""
+    return {
+        f"ndcg@{k}": result.metrics[f"ndcg@{k}"],
+        f"recall@{k}": result.metrics[f"recall@{k}"],
+        "items for 50% of recs": result.bias["item_share_curve"][0.5],
+        "gini": result.bias["gini"],
+        "coverage": result.bias["coverage"],
+        "popularity lift": result.bias["popularity_lift"],
+    }
+
+
 def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.Interactions, ks,
                      n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0, stages=None) -> pd.DataFrame:
     """The served funnel and each ordering variant on the same export: accuracy beside popularity
@@ -120,13 +132,7 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
             res, _ = funnel_results(name, repo, version, model_dir, data, ks, None, n_bootstrap, stages=stages,
                                     parity=False, categories=category_of)
             rows.append({
-                "ordering": name,
-                f"ndcg@{k}": res.metrics[f"ndcg@{k}"],
-                f"recall@{k}": res.metrics[f"recall@{k}"],
-                "items for 50% of recs": res.bias["item_share_curve"][0.5],
-                "gini": res.bias["gini"],
-                "coverage": res.bias["coverage"],
-                "popularity lift": res.bias["popularity_lift"],
+                "ordering": name, **_trade_off(res, k),
                 f"categories per top-{max(ks)} list (of {category_of.nunique()})": res.bias["categories_per_list"],
             })
     finally:
@@ -214,12 +220,7 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 "sampled_negatives": sampled,
                 "logq_correction": logq,
                 "retrieval_recall": st["candidate_ids"]["recall"],
-                f"ndcg@{ks[0]}": res.metrics[f"ndcg@{ks[0]}"],
-                f"recall@{ks[0]}": res.metrics[f"recall@{ks[0]}"],
-                "items for 50% of recs": res.bias["item_share_curve"][0.5],
-                "gini": res.bias["gini"],
-                "coverage": res.bias["coverage"],
-                "popularity lift": res.bias["popularity_lift"],
+                **_trade_off(res, ks[0]),
             })
     ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded)
     metrics = model.manifest["metrics"]

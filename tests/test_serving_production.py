@@ -49,18 +49,34 @@ def _metric(metrics, name, **labels):
     return [v for lab, v in metrics.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items())]
 
 
-def test_custom_metrics_are_scraped_with_sane_values(server, reference):
-    from serving.client import FunnelClient
+def _settled(metrics_url, stages, timeout=10.0):
+    """A scrape in which every stage has recorded all it answered. The background recorder counts
+    a batch's requests first and its latencies last, so a scrape can fall in between; equal counts
+    mean it did not."""
     from serving.metrics import scrape
 
-    before = scrape(server.metrics_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = scrape(metrics_url)
+        if all(sum(_metric(metrics, "funnel_stage_requests_total", stage=s))
+               == sum(_metric(metrics, "funnel_stage_latency_ms_count", stage=s)) for s in stages):
+            return metrics
+        if time.monotonic() > deadline:
+            raise AssertionError("stage metrics did not settle")
+        time.sleep(0.05)
+
+
+def test_custom_metrics_are_scraped_with_sane_values(server, reference):
+    from serving.client import FunnelClient
+    from serving.export import STAGE_ARTIFACTS
+    from serving.metrics import scrape
+
+    before = _settled(server.metrics_url, STAGE_ARTIFACTS)  # the reference's requests all recorded
     with FunnelClient(server.grpc_url) as client:
         for user in list(reference)[:5]:
             client.recommend(user, 10)
         with pytest.raises(Exception, match="k must be between"):
             client.recommend(list(reference)[0], 0)
-
-    from serving.export import STAGE_ARTIFACTS
 
     # Stages record metrics on a background thread after they answer: wait until every stage's
     # requests are counted (bounded), then check the values.
