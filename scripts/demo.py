@@ -4,10 +4,10 @@
 1. generate the embedded synthetic dataset (seeded, with a known ground truth)
 2. run the NVTabular dataset pipeline (join, temporal split, feature workflow)
 3. train the two-tower candidate generator, the light and the heavy DCN ranker (Merlin Models, TensorFlow)
-4. export a versioned Triton model repository (the funnel ensemble)
-5. start the real tritonserver on free ports
-6. write the offline evaluation report: the served funnel beside Pop, EASE and ALS, slices,
+4. export a versioned Triton model repository (the funnel ensemble) and run the correctness checklist
+5. write the offline evaluation report: the exported funnel beside Pop, EASE and ALS, slices,
    popularity bias, ordering policies (scripts/evaluate.py adds the retrained mitigation variants)
+6. start the real tritonserver on free ports
 7. query it over gRPC for a few users (and one the models never saw)
 8. stop the server
 """
