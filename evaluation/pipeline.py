@@ -122,7 +122,7 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
     stages = stages or offline.load_funnel(repo, version)
     ordering = next(s for s in stages if s.name == "ordering")
     served = ordering.policy
-    items = pd.read_parquet(model_dir / "item_features.parquet")
+    items = ordering.items  # the item table the ordering stage loaded, with the category column
     category_of = pd.Series(items[served.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
     k = ks[0]
     rows = []
