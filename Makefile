@@ -3,6 +3,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for make test: whole test modules go to one worker each (--dist loadscope), so
+# the models and servers a module shares are built once. Two matches CI's two cores; 0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: demo test test-fast venv lock clean bench ab-test feedback-loop
 
@@ -23,10 +27,10 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 test: venv
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The online loop: a simulated A/B test against the live server; the feedback-loop experiment.
 ab-test: venv
