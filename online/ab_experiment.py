@@ -50,13 +50,24 @@ def treatment_of(config: Config) -> Config:
     return with_overrides(config, config.online.experiment.treatment_overrides)
 
 
-def online_counters(metrics_url: str) -> pd.DataFrame:
-    """The per-arm online counters the server exports to Prometheus, as one table."""
-    from serving.metrics import FEEDBACK_COUNTERS, scrape
+def online_counters(metrics_url: str, requests: int = 0, feedback: int = 0, timeout: float = 10.0) -> pd.DataFrame:
+    """The per-arm online counters the server exports to Prometheus, as one table.
 
+    The router and the feedback endpoint record their counters on a background thread after they
+    answer; pass how many ``requests`` were served and ``feedback`` requests accepted to wait
+    (at most ``timeout`` seconds) until the scrape includes all of them."""
+    from serving.metrics import FEEDBACK_COUNTERS, online_settled, scrape
+
+    deadline = time.monotonic() + timeout
     metrics = scrape(metrics_url)
+    while not online_settled(metrics, requests, feedback):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"online counters at {metrics_url} did not reach {requests} requests and "
+                               f"{feedback} feedback requests within {timeout:.0f}s")
+        time.sleep(0.05)
+        metrics = scrape(metrics_url)
     names = {"online_requests_total": "requests", "online_impressions_total": "impressions",
-             "online_fallback_total": "fallback"}
+             "online_fallback_total": "fallback", "online_feedback_total": "feedback requests"}
     names.update({name: event for event, (name, _) in FEEDBACK_COUNTERS.items()})
     rows: dict[tuple, dict] = {}
     for name, column in names.items():
@@ -112,9 +123,9 @@ def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, r
             seconds = time.monotonic() - started
             log(f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
                 f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)")
-            result["counters"] = online_counters(server.metrics_url)
-
             feedback_log = FeedbackLog(log_path)
+            result["counters"] = online_counters(server.metrics_url, len(outcomes),
+                                                 feedback_log.feedback()["request_id"].nunique())
             analysis = analyze(feedback_log.impressions(), feedback_log.feedback(), rollout, exp, len(world.items))
             feedback_log.close()
             context = {

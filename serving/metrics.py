@@ -105,7 +105,8 @@ class StageMetrics:
 
 
 class BackgroundRecorder:
-    """Records a ``StageMetrics``' observations on a thread of its own, off the request path.
+    """Records a ``StageMetrics``' (or ``OnlineMetrics``') observations on a thread of its own, off
+    the request path.
 
     Every metric update is a round trip from the stub process to the server process; done inline
     that was ~17 round trips per funnel request before its response could leave a stage. The
@@ -203,7 +204,13 @@ FEEDBACK_COUNTERS = {
 
 
 class OnlineMetrics:
-    """Per-arm counters of the ``ab_router`` (role ``router``) or ``feedback`` (role ``feedback``) model."""
+    """Per-arm counters of the ``ab_router`` (role ``router``) or ``feedback`` (role ``feedback``) model.
+
+    Like ``StageMetrics`` it splits a request into ``facts`` (cheap, on the request thread) and
+    ``record`` (the round trips to the server, on a ``BackgroundRecorder``). Each role counts one
+    metric last in a batch, ``online_request_latency_ms`` (router) or ``online_feedback_total``
+    (feedback): once that includes a request, every other counter does (``online_settled`` relies on it).
+    """
 
     def __init__(self, pb_utils, role: str):
         if role not in ("router", "feedback"):
@@ -220,6 +227,7 @@ class OnlineMetrics:
             })
         else:
             specs.update({event: (name, doc, family.COUNTER) for event, (name, doc) in FEEDBACK_COUNTERS.items()})
+            specs["feedback"] = ("online_feedback_total", "Feedback requests accepted, per arm", family.COUNTER)
         self._families = {key: family(name, doc, kind) for key, (name, doc, kind) in specs.items()}
         self._metrics: dict = {}
 
@@ -229,22 +237,60 @@ class OnlineMetrics:
             self._metrics[cache_key] = self._families[key].Metric(labels=labels, **kwargs)
         return self._metrics[cache_key]
 
-    def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+    def facts(self, seconds: float, result: dict | None, error_kind: str | None = None) -> tuple:
+        """What one request contributes, as plain values: ``(kind, ms, labels, payload)``."""
         if error_kind is not None:
-            self._metric("errors", {"endpoint": self.role, "kind": error_kind}).increment(1)
-            return
+            return "error", seconds * 1000.0, {"endpoint": self.role, "kind": error_kind}, None
         arm = _first_text(result["arm"])
         if self.role == "router":
             labels = {"arm": arm, "version": _first_text(result["model_version"])}
-            self._metric("requests", labels).increment(1)
-            self._metric("impressions", labels).increment(float(np.asarray(result["item_ids"]).size))
-            if _first_text(result["served_by"]) == "fallback":
-                self._metric("fallback", labels).increment(1)
-            self._metric("latency", {"arm": arm}, buckets=LATENCY_BUCKETS_MS).observe(seconds * 1000.0)
-        else:
-            labels = {"arm": arm, "version": str(result["_version"])}
-            for event, value in result["_events"]:
-                self._metric(event, labels).increment(float(value))
+            payload = (float(np.asarray(result["item_ids"]).size), _first_text(result["served_by"]) == "fallback")
+            return "served", seconds * 1000.0, labels, payload
+        labels = {"arm": arm, "version": str(result["_version"])}
+        return "feedback", seconds * 1000.0, labels, [(event, float(value)) for event, value in result["_events"]]
+
+    def record(self, batch: list[tuple]) -> None:
+        """Apply the ``facts`` of one or more requests: one increment per counter and label set."""
+        from collections import Counter
+
+        counts: Counter = Counter()
+        last: Counter = Counter()
+        latencies = []
+        for kind, ms, labels, payload in batch:
+            key = tuple(sorted(labels.items()))
+            if kind == "error":
+                counts["errors", key] += 1
+            elif kind == "served":
+                impressions, fallback = payload
+                counts["requests", key] += 1
+                counts["impressions", key] += impressions
+                counts["fallback", key] += fallback
+                latencies.append((labels["arm"], ms))
+            else:
+                for event, value in payload:
+                    counts[event, key] += value
+                last["feedback", key] += 1
+        for (name, key), value in counts.items():
+            if value or name in ("requests", "impressions"):
+                self._metric(name, dict(key)).increment(value)
+        for (name, key), value in last.items():
+            self._metric(name, dict(key)).increment(value)
+        for arm, ms in latencies:
+            self._metric("latency", {"arm": arm}, buckets=LATENCY_BUCKETS_MS).observe(ms)
+
+    def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+        self.record([self.facts(seconds, result, error_kind)])
+
+
+def online_settled(metrics: dict[str, list[tuple[dict, float]]], requests: int = 0, feedback: int = 0) -> bool:
+    """Whether a scrape holds everything the router and feedback endpoint were asked: at least
+    ``requests`` responses and ``feedback`` accepted feedback requests recorded in full (the router
+    counts requests first and latencies last, so a scrape between the two shows them unequal)."""
+    def total(name):
+        return sum(value for _, value in metrics.get(name, []))
+
+    served, timed = total("online_requests_total"), total("online_request_latency_ms_count")
+    return served == timed and timed >= requests and total("online_feedback_total") >= feedback
 
 
 def _first_text(value) -> str:

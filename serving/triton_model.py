@@ -77,6 +77,14 @@ class StageModel:
             self._record(time.perf_counter() - start, result, error_kind)
         return responses
 
+    def _online_metrics(self, role: str):
+        """The per-arm counters of the router or the feedback endpoint, recorded off the request path."""
+        from serving.metrics import BackgroundRecorder, OnlineMetrics
+
+        return BackgroundRecorder(
+            OnlineMetrics(self.pb, role), lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
+        )
+
     def _record(self, seconds: float, result, error_kind) -> None:
         if self.metrics is None:
             return
@@ -109,9 +117,7 @@ class RouterModel(StageModel):
         return ABRouter(artifacts, feedback_log_path(Path(args["model_repository"]).parent), self._infer)
 
     def build_metrics(self, args: dict):
-        from serving.metrics import OnlineMetrics
-
-        return OnlineMetrics(self.pb, "router")
+        return self._online_metrics("router")
 
     def _infer(self, model_name: str, inputs: dict) -> dict:
         """One BLS call; the funnel's own error (a bad k, say) comes back as this request's error."""
@@ -140,6 +146,4 @@ class FeedbackModel(StageModel):
         return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
 
     def build_metrics(self, args: dict):
-        from serving.metrics import OnlineMetrics
-
-        return OnlineMetrics(self.pb, "feedback")
+        return self._online_metrics("feedback")

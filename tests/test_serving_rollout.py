@@ -137,9 +137,10 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             assert {arm for arm, _ in expected.values()} == {"control", "treatment", HOLDOUT}
             for row in outcomes.itertuples():
                 assert (row.arm, int(row.model_version)) == expected[row.user_id]
-            counters = online_counters(server.metrics_url).set_index("arm")
             log = FeedbackLog(feedback_log_path(repo))
             imp, fb = log.impressions(), log.feedback()
+            # recorded off the request path: wait until every response and feedback request is counted
+            counters = online_counters(server.metrics_url, len(outcomes), fb["request_id"].nunique()).set_index("arm")
             assert len(imp) == outcomes["impressions"].sum() and (fb["event"] == "click").sum() == outcomes["clicks"].sum()
             for arm, frame in imp.groupby("arm"):
                 assert counters.loc[arm, "impressions"] == len(frame)

@@ -106,3 +106,54 @@ def test_background_recorder_records_every_request_from_many_threads():
     assert sorted(set(metrics.candidates.observed)) == [4.0, 10.0] and len(metrics.candidates.observed) == 180
     assert metrics.fallback.total == 20
     assert sorted(set(metrics.latency.observed)) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_online_counters_recorded_in_the_background_add_up_and_settle():
+    import threading
+    from types import SimpleNamespace
+
+    from serving.metrics import BackgroundRecorder, OnlineMetrics, online_settled
+
+    pb = SimpleNamespace(MetricFamily=_Family)
+    router, feedback = OnlineMetrics(pb, "router"), OnlineMetrics(pb, "feedback")
+    routed, answered = BackgroundRecorder(router), BackgroundRecorder(feedback)
+
+    def served(arm, fallback=False):
+        return {"arm": np.array([arm.encode()], dtype=object), "model_version": np.array([b"2"], dtype=object),
+                "item_ids": np.arange(3 if fallback else 5),
+                "served_by": np.array([b"fallback" if fallback else b"model"], dtype=object)}
+
+    def send(worker):
+        for i in range(30):
+            arm = ("control", "treatment")[i % 2]
+            routed.observe(0.001, served(arm, fallback=i % 10 == 0))
+            answered.observe(0.001, {"arm": np.array([arm.encode()], dtype=object), "_version": 2,
+                                     "_events": [("click", 1.0), ("watch_seconds", 30.0)]})
+        routed.observe(0.001, None, "bad_request")
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert routed.flush(timeout=10) and answered.flush(timeout=10)
+    routed.close(), answered.close()
+
+    def totals(metrics, key, **labels):
+        return sum(m.total + len(m.observed) for (k, _), m in metrics._metrics.items()
+                   if k == key and all(m.labels.get(n) == v for n, v in labels.items()))
+
+    assert totals(router, "requests") == 120 and totals(router, "latency") == 120
+    assert totals(router, "requests", arm="control", version="2") == 60
+    assert totals(router, "impressions") == 12 * 3 + 108 * 5 and totals(router, "fallback") == 12
+    assert totals(router, "errors", kind="bad_request", endpoint="router") == 4
+    assert totals(feedback, "click", arm="treatment") == 60 and totals(feedback, "watch_seconds") == 120 * 30.0
+    assert totals(feedback, "feedback") == 120
+
+    scrape = {"online_requests_total": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 60.0)],
+              "online_request_latency_ms_count": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 59.0)],
+              "online_feedback_total": [({"arm": "control"}, 60.0)]}
+    assert not online_settled(scrape)  # caught between counting requests and their latencies
+    scrape["online_request_latency_ms_count"][1] = ({"arm": "treatment"}, 60.0)
+    assert online_settled(scrape, requests=120, feedback=60)
+    assert not online_settled(scrape, requests=121) and not online_settled(scrape, feedback=61)
