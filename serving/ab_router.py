@@ -15,8 +15,9 @@ outputs plus ``arm`` and ``request_id``. Before answering it writes the slate to
 appends them to the same log; the request's arm and version come from the log, not from the client.
 
 Both count per-arm online metrics (``serving/metrics.py``: ``OnlineMetrics``, recorded off the request
-path like the stages' metrics) that Prometheus scrapes next to the serving metrics. A new experiment, or rolling the treatment out, is a new version of
-``ab_router`` (``serving/experiments.py``): Triton swaps it in while requests keep flowing.
+path like the stages' metrics) that Prometheus scrapes next to the serving metrics. A new experiment,
+or rolling the treatment out, is a new version of ``ab_router`` (``serving/experiments.py``): Triton
+swaps it in while requests keep flowing.
 """
 from __future__ import annotations
 
