@@ -124,10 +124,10 @@ def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, r
             log(f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
                 f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)")
             feedback_log = FeedbackLog(log_path)
-            result["counters"] = online_counters(server.metrics_url, len(outcomes),
-                                                 feedback_log.feedback()["request_id"].nunique())
-            analysis = analyze(feedback_log.impressions(), feedback_log.feedback(), rollout, exp, len(world.items))
+            impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
             feedback_log.close()
+            result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
+            analysis = analyze(impressions, feedback, rollout, exp, len(world.items))
             context = {
                 "experiment": f"{exp.name} (salt {exp.salt}); treatment = control + {json.dumps(exp.treatment_overrides)}",
                 "versions": f"control v{control.version}, treatment v{treatment.version}, holdout on v{control.version}",

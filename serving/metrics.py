@@ -271,7 +271,7 @@ class OnlineMetrics:
                     counts[event, key] += value
                 last["feedback", key] += 1
         for (name, key), value in counts.items():
-            if value or name in ("requests", "impressions"):
+            if value or name == "impressions":  # a zero-item response still creates its series
                 self._metric(name, dict(key)).increment(value)
         for (name, key), value in last.items():
             self._metric(name, dict(key)).increment(value)

@@ -46,9 +46,16 @@ class StageModel:
         return STAGES[self.stage_name](artifacts)
 
     def build_metrics(self, args: dict):
-        from serving.metrics import BackgroundRecorder, StageMetrics
+        from serving.metrics import StageMetrics
 
-        metrics = StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+        return self._off_request_path(
+            StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
+        )
+
+    def _off_request_path(self, metrics):
+        """``metrics`` recorded on a background thread; a failed update is logged, never raised."""
+        from serving.metrics import BackgroundRecorder
+
         return BackgroundRecorder(
             metrics, lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
         )
@@ -76,14 +83,6 @@ class StageModel:
                 responses.append(self._error(f"{self.stage_name}: internal error: {type(err).__name__}: {err}"))
             self._record(time.perf_counter() - start, result, error_kind)
         return responses
-
-    def _online_metrics(self, role: str):
-        """The per-arm counters of the router or the feedback endpoint, recorded off the request path."""
-        from serving.metrics import BackgroundRecorder, OnlineMetrics
-
-        return BackgroundRecorder(
-            OnlineMetrics(self.pb, role), lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
-        )
 
     def _record(self, seconds: float, result, error_kind) -> None:
         if self.metrics is None:
@@ -117,7 +116,9 @@ class RouterModel(StageModel):
         return ABRouter(artifacts, feedback_log_path(Path(args["model_repository"]).parent), self._infer)
 
     def build_metrics(self, args: dict):
-        return self._online_metrics("router")
+        from serving.metrics import OnlineMetrics
+
+        return self._off_request_path(OnlineMetrics(self.pb, "router"))
 
     def _infer(self, model_name: str, inputs: dict) -> dict:
         """One BLS call; the funnel's own error (a bad k, say) comes back as this request's error."""
@@ -146,4 +147,6 @@ class FeedbackModel(StageModel):
         return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
 
     def build_metrics(self, args: dict):
-        return self._online_metrics("feedback")
+        from serving.metrics import OnlineMetrics
+
+        return self._off_request_path(OnlineMetrics(self.pb, "feedback"))
