@@ -350,6 +350,9 @@ class OrderingConfig:
     (``serving/ordering.py``). The defaults sort by the heavy ranker's score alone."""
 
     retrieval_weight: float = 0.0  # share of the retrieval percentile in the final score, in [0, 1]
+    # Share of the item-to-item affinity percentile (models/item_affinity.py); > 0 trains the
+    # affinity weights with the funnel. retrieval_weight + affinity_weight <= 1.
+    affinity_weight: float = 0.0
     exploration_temperature: float = 0.0  # > 0: softmax (Plackett-Luce) sampling instead of sorting
     max_per_category: int = 0  # business rule: at most this many items of one category; 0 = off
     category_column: str = "category"  # the item feature the rule counts
@@ -357,10 +360,30 @@ class OrderingConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.retrieval_weight <= 1.0:
             raise ValueError(f"serving.ordering.retrieval_weight must be in [0, 1], got {self.retrieval_weight}")
+        if not 0.0 <= self.affinity_weight <= 1.0:
+            raise ValueError(f"serving.ordering.affinity_weight must be in [0, 1], got {self.affinity_weight}")
+        if self.retrieval_weight + self.affinity_weight > 1.0 + 1e-9:
+            raise ValueError("serving.ordering.retrieval_weight + affinity_weight must be <= 1 (the heavy ranker "
+                             f"keeps the rest), got {self.retrieval_weight} + {self.affinity_weight}")
         if self.exploration_temperature < 0.0:
             raise ValueError(f"serving.ordering.exploration_temperature must be >= 0, got {self.exploration_temperature}")
         if self.max_per_category < 0:
             raise ValueError(f"serving.ordering.max_per_category must be >= 0, got {self.max_per_category}")
+
+
+@dataclass
+class ItemAffinityConfig:
+    """Item-to-item affinity weights (EASE, closed form; ``models/item_affinity.py``), trained with
+    the funnel when ``serving.ordering.affinity_weight`` > 0."""
+
+    reg_weight: float = 250.0  # EASE's L2 penalty (RecBole's default; 500 measured no better on MovieLens)
+    max_items: int = 10_000  # dense items x items float32 weights: 10k items = 400 MB, an items^3 solve
+
+    def __post_init__(self) -> None:
+        if self.reg_weight <= 0:
+            raise ValueError(f"item_affinity.reg_weight must be > 0, got {self.reg_weight}")
+        if self.max_items < 1:
+            raise ValueError(f"item_affinity.max_items must be >= 1, got {self.max_items}")
 
 
 @dataclass
@@ -434,6 +457,7 @@ class Config:
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     light_ranker: LightRankerConfig = field(default_factory=LightRankerConfig)
     heavy_ranker: HeavyRankerConfig = field(default_factory=HeavyRankerConfig)
+    item_affinity: ItemAffinityConfig = field(default_factory=ItemAffinityConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)

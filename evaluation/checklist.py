@@ -3,7 +3,7 @@
 Models need tests like any software. Each check returns a ``CheckResult``; ``run_checklist`` runs
 them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gate on it.
 
-    versions_consistent   query tower, item index, manifest and every exported stage: one version
+    versions_consistent   query tower, item index, item affinity, manifest and every exported stage: one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled users
     index_matches_items   the ANN index holds exactly the items of the serving item table
     data_checks           the dataset pipeline's own checks on the data this version was trained on
@@ -35,7 +35,10 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
         "query_tower": int(json.loads((model_dir / "query_tower.json").read_text())["version"]),
         "item_index": int(json.loads((model_dir / "item_index.json").read_text())["version"]),
     }
+    affinity_files = [model_dir / "item_affinity.json"] if manifest.get("item_affinity") else []
     if repo is not None:
+        affinity_files += [m.parent / "item_affinity.json" for m in sorted(repo.glob("ordering/*/manifest.json"))
+                           if json.loads(m.read_text()).get("item_affinity")]
         export = json.loads((repo / "export.json").read_text())
         versions["export"] = int(export["version"])
         for stage_manifest in sorted(repo.glob("*/*/manifest.json")):
@@ -43,6 +46,9 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
             versions[f"stage:{stage}"] = int(json.loads(stage_manifest.read_text())["version"])
             if stage_manifest.parent.name != str(versions["manifest"]):
                 versions[f"folder:{stage}"] = int(stage_manifest.parent.name)
+    for path in affinity_files:  # a missing file counts as version -1: inconsistent
+        where = "registry" if path.parent == model_dir else f"ordering/{path.parent.name}"
+        versions[f"item_affinity:{where}"] = int(json.loads(path.read_text())["version"]) if path.exists() else -1
     ok = len(set(versions.values())) == 1
     return CheckResult("versions_consistent", ok, json.dumps(versions))
 

@@ -172,23 +172,27 @@ def run_funnel(stages: list, user_id: int, k: int) -> dict[str, np.ndarray]:
 def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
     """The final score the ordering stage gives the encoded items ``encoded_ids`` for the request
     whose tensors are ``outputs``, whether or not retrieval and the light ranker would have passed
-    them on: the heavy ranker's weighted score, blended with the item's retrieval percentile when
-    ``serving.ordering.retrieval_weight`` > 0 (``serving/ordering.py``; exploration left out)."""
-    from serving.ordering import final_scores as blend, retrieval_percentile
+    them on: the heavy ranker's weighted score, blended with the item's retrieval percentile and its
+    item-affinity percentile among the heavy ranker's candidates when ``serving.ordering`` weighs
+    them (``serving/ordering.py``; exploration left out)."""
+    from serving.ordering import final_scores as blend, percentile_among
 
     by_name = {s.name: s for s in stages}
     ids = np.asarray(encoded_ids, dtype=np.int64)
     heavy = np.asarray(by_name["heavy_ranker"].run({**outputs, "light_ids": ids})["heavy_scores"], dtype=np.float64)
-    weight = by_name["ordering"].policy.retrieval_weight
-    if weight == 0:
-        return heavy
-    candidates, candidate_scores = (np.asarray(outputs[n]).reshape(-1) for n in ("candidate_ids", "retrieval_scores"))
-    item_scores = by_name["retrieval"].item_scores(outputs["query_embedding"], ids)
-    # Retrieved items keep the very score search returned (recomputing it can differ in the last bit).
-    returned = dict(zip(candidates.tolist(), candidate_scores.tolist()))
-    item_scores = np.array([returned.get(i, s) for i, s in zip(ids.tolist(), item_scores.tolist())])
-    pct = retrieval_percentile(item_scores, candidate_scores)
-    return np.asarray(blend(heavy, pct, weight), dtype=np.float64)
+    ordering = by_name["ordering"]
+    policy = ordering.policy
+    pct = affinity = None
+    if policy.retrieval_weight > 0:
+        candidates, candidate_scores = (np.asarray(outputs[n]).reshape(-1) for n in ("candidate_ids", "retrieval_scores"))
+        item_scores = by_name["retrieval"].item_scores(outputs["query_embedding"], ids)
+        # Retrieved items keep the very score search returned (recomputing it can differ in the last bit).
+        returned = dict(zip(candidates.tolist(), candidate_scores.tolist()))
+        item_scores = np.array([returned.get(i, s) for i, s in zip(ids.tolist(), item_scores.tolist())])
+        pct = percentile_among(item_scores, candidate_scores)
+    if policy.affinity_weight > 0:
+        affinity = ordering.affinity_percentile(outputs, ids, np.asarray(outputs["light_ids"], dtype=np.int64))
+    return np.asarray(blend(heavy, pct, policy.retrieval_weight, affinity, policy.affinity_weight), dtype=np.float64)
 
 
 def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:

@@ -41,6 +41,15 @@ ORDERING_VARIANTS = (
 )
 
 
+def affinity_variant(served) -> tuple[str, dict]:
+    """The ordering variant that switches the item affinity (``serving.ordering.affinity_weight``):
+    off when the served policy uses it (its weight goes back to the heavy ranker), else on at 0.5
+    (the heavy ranker's and retrieval's shares halved), so every report shows what it buys."""
+    if served.affinity_weight > 0:
+        return "item affinity off", {"affinity_weight": 0.0}
+    return "item affinity 0.5", {"affinity_weight": 0.5, "retrieval_weight": served.retrieval_weight / 2}
+
+
 def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: offline.Interactions,
                    ks, user_attributes=None, n_bootstrap=500, stages=None, parity: bool = True,
                    categories: pd.Series | None = None) -> tuple[offline.Result, dict]:
@@ -118,10 +127,14 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
                      n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0, stages=None) -> pd.DataFrame:
     """The served funnel and each ordering variant on the same export: accuracy beside popularity
     bias and how many categories a list spans. Exploration draws from a seeded generator, so the
-    table is repeatable; a served request gets a fresh draw. ``stages`` reuses loaded stages."""
+    table is repeatable; a served request gets a fresh draw. ``stages`` reuses loaded stages.
+    Where the export has item affinity weights, the affinity switched (``affinity_variant``) is a
+    row too."""
     stages = stages or offline.load_funnel(repo, version)
     ordering = next(s for s in stages if s.name == "ordering")
     served = ordering.policy
+    if ordering.affinity is not None:
+        variants = tuple(variants) + (affinity_variant(served),)
     items = ordering.items  # the item table the ordering stage loaded, with the category column
     category_of = pd.Series(items[served.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
     k = ks[0]

@@ -11,6 +11,8 @@
         item_features.parquet   encoded item features + raw id
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
         popularity.parquet      the fallback ranking (raw item id, score)
+        item_affinity.npy/.json EASE item-item weights over encoded ids (absent when the manifest's
+                                item_affinity is null: a catalog above item_affinity.max_items)
 
 Versions are integers because Triton's model versions are. A version folder appears only once
 complete (built under a temporary name, then renamed), so a reader never sees half a run.
@@ -66,15 +68,21 @@ def get(registry: str | Path, version: int | None = None) -> ModelVersion:
 
 
 def check_artifact_versions(model: ModelVersion) -> int:
-    """Refuse a version whose query tower and item index do not come from the same training run.
+    """Refuse a version whose query tower, item index and item affinity do not come from the same
+    training run.
 
-    A query embedding is only meaningful against item embeddings of the same run; a copied or
-    hand-assembled version folder could pair them wrongly. Raises ``VersionMismatchError``.
+    A query embedding is only meaningful against item embeddings of the same run, and affinity
+    weights only against the encoded ids of the run's catalog; a copied or hand-assembled version
+    folder could pair them wrongly. Raises ``VersionMismatchError``.
     """
+    from models.item_affinity import META_FILE as AFFINITY_META_FILE
     from models.item_index import INDEX_META_FILE, check_versions
 
     stamps = {"manifest": model.version}
-    for name, file in (("query_tower", "query_tower.json"), ("item_index", INDEX_META_FILE)):
+    stamped = [("query_tower", "query_tower.json"), ("item_index", INDEX_META_FILE)]
+    if model.manifest.get("item_affinity"):
+        stamped.append(("item_affinity", AFFINITY_META_FILE))
+    for name, file in stamped:
         path = model.path / file
         if not path.exists():
             raise FileNotFoundError(f"model version {model.version} has no {file}")

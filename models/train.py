@@ -4,6 +4,7 @@
     light_ranker         small DCN-v2 on a few features, sampled negatives (keeps the top N)
     heavy_ranker         multi-task DCN-v2 on every user/item feature (weighted sum of heads)
     fallback             recency-weighted popularity
+    item_affinity        EASE item-item weights the ordering stage can blend in (models/item_affinity.py)
 
 Every stage is seeded from ``config.seed``, stops early on its validation metric and logs its
 per-epoch metrics to the run's MLflow store (``models/tracking.py``); the training log prints the
@@ -22,7 +23,7 @@ from merlin.schema import Tags
 from tqdm.auto import tqdm
 
 from configs import Config
-from models import item_index, registry
+from models import item_affinity, item_index, registry
 from models.candidate_generator import item_embeddings, train_candidate_generator
 from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
@@ -34,7 +35,7 @@ from workflows.pipeline import ProcessedData
 log = logging.getLogger(__name__)
 read_parquet = read_dispatch(fmt="parquet")
 
-STAGES = ["candidate_generator", "light_ranker", "heavy_ranker", "fallback"]
+STAGES = ["candidate_generator", "light_ranker", "heavy_ranker", "fallback", "item_affinity"]
 
 
 def feature_lists(schema) -> dict[str, list[str]]:
@@ -143,6 +144,10 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         popularity.to_parquet(out.tmp / "popularity.parquet", index=False)
         progress.update()
 
+        progress.set_postfix_str("item_affinity")
+        affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
+        progress.update()
+
         metrics = {"candidate_generator": tt_metrics, "light_ranker": light_metrics, "heavy_ranker": heavy_metrics}
         out.write_manifest(
             data_fingerprint=fingerprint,
@@ -157,6 +162,7 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
                          for k, v in sizes.items()},
             item_embedding_dim=int(vectors.shape[1]),
             num_indexed_items=int(len(ids)),
+            item_affinity=affinity,
         )
         for stage, stage_metrics in metrics.items():
             run.log_metrics({f"{stage}.final.{k}": v for k, v in stage_metrics.items()})
@@ -164,6 +170,20 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         run.log_json("embedding_tables.json", sizes)
     log.info("published model version %s", version)
     return registry.ModelVersion(out.path)
+
+
+def _train_item_affinity(history, item_table, config: Config, directory: Path, version: int) -> dict | None:
+    """Fit and save the item-item weights; ``None`` (and nothing saved) when the catalog is above
+    ``item_affinity.max_items`` and the ordering does not use them, an error when it does."""
+    ac = config.item_affinity
+    num_items = int(item_table["item_id"].max()) + 1
+    if num_items > ac.max_items and config.serving.ordering.affinity_weight == 0:
+        log.info("item_affinity skipped: %d items > item_affinity.max_items=%d (unused: affinity_weight 0)",
+                 num_items, ac.max_items)
+        return None
+    weights = item_affinity.fit_from_history(history, item_table, ac.reg_weight, ac.max_items)
+    item_affinity.save(weights, directory, version, ac.reg_weight)
+    return {"items": num_items, "reg_weight": ac.reg_weight}
 
 
 def _check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:

@@ -33,6 +33,17 @@ STAGE_ARTIFACTS = {
     "heavy_ranker": ["heavy_ranker", "item_features.parquet"],
     "ordering": ["item_features.parquet", "popularity.parquet"],
 }
+# Exported where the version has them (the manifest's ``item_affinity`` is not null).
+AFFINITY_ARTIFACTS = {"ordering": ["item_affinity.npy", "item_affinity.json"]}
+
+
+def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
+    """The artifacts each stage of this version's export holds."""
+    out = {stage: list(names) for stage, names in STAGE_ARTIFACTS.items()}
+    if manifest.get("item_affinity"):
+        for stage, names in AFFINITY_ARTIFACTS.items():
+            out[stage] += names
+    return out
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -62,7 +73,7 @@ def export_repository(
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
     try:
-        for stage, artifacts in STAGE_ARTIFACTS.items():
+        for stage, artifacts in stage_artifacts(manifest).items():
             version_dir = staging / stage / version
             version_dir.mkdir(parents=True)
             stage_config = (source / stage / "config.pbtxt").read_text()
@@ -89,7 +100,7 @@ def export_repository(
             shutil.copy2(source / endpoint / "config.pbtxt", staging / endpoint / "config.pbtxt")
             shutil.copy2(source / endpoint / "1" / "model.py", staging / endpoint / "1" / "model.py")
         (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
-        _check_complete(staging, version)
+        _check_complete(staging, version, manifest)
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         )
@@ -135,9 +146,15 @@ def write_version_ensemble(repo: Path, pinned_config: str, version: int) -> Path
     return repo / name
 
 
-def _check_complete(repo: Path, version: str) -> None:
-    """Every stage has its config, its model.py, the run's manifest and its artifacts."""
-    for stage, artifacts in STAGE_ARTIFACTS.items():
+def _check_complete(repo: Path, version: str, manifest: dict | None = None) -> None:
+    """Every stage has its config, its model.py, the run's manifest and its artifacts (those the
+    manifest says the version has; read from the ordering stage's copy when not given)."""
+    if manifest is None:
+        path = repo / "ordering" / version / MANIFEST
+        if not path.exists():
+            raise RuntimeError(f"incomplete export: ordering/{version}/{MANIFEST} is missing")
+        manifest = json.loads(path.read_text())
+    for stage, artifacts in stage_artifacts(manifest).items():
         for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [f"{version}/{a}" for a in artifacts]:
             if not (repo / stage / rel).exists():
                 raise RuntimeError(f"incomplete export: {stage}/{rel} is missing")

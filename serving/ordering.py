@@ -3,15 +3,19 @@
 The last step of the funnel, configured by ``serving.ordering`` (``configs.OrderingConfig``):
 
 1. **Final score.** The heavy ranker's weighted multi-signal score, optionally blended with how
-   highly retrieval placed the item among the candidates it returned::
+   highly retrieval placed the item among the candidates it returned, and with how strongly the
+   user's history points at the item (item-to-item affinity, ``models/item_affinity.py``)::
 
-       final = (1 - retrieval_weight) * heavy_score + retrieval_weight * retrieval_percentile
+       final = (1 - retrieval_weight - affinity_weight) * heavy_score
+               + retrieval_weight * retrieval_percentile + affinity_weight * affinity_percentile
 
    ``retrieval_percentile`` is the share of the request's retrieved candidates whose retrieval score
-   is at most the item's (in [0, 1]), so both terms share a scale and ``final`` stays in [0, 1]
-   whatever the two-tower's score range. Why blend: each stage sees the user differently (retrieval
-   was trained against the whole catalog with in-batch negatives, the rankers on sampled rows), and
-   on MovieLens-100K the blend beat either alone (README, "Offline evaluation").
+   is at most the item's; ``affinity_percentile`` the share of the heavy ranker's candidates whose
+   affinity is at most the item's (both in [0, 1]), so every term shares a scale and ``final`` stays
+   in [0, 1] whatever the two-tower's or the affinity's score range. Why blend: each stage sees the
+   user differently (retrieval was trained against the whole catalog with in-batch negatives, the
+   rankers on sampled rows, the affinity reads the user's items one by one), and on MovieLens-100K
+   the blend beat each alone (README, "Offline evaluation").
 2. **Exploration** (``exploration_temperature`` > 0): instead of sorting, the list is sampled
    without replacement with probabilities ``softmax(final / temperature)`` (Plackett-Luce, drawn
    with the Gumbel-top-k trick), so items just below the cut are shown now and then and the logs
@@ -29,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def retrieval_percentile(item_scores: np.ndarray, candidate_scores: np.ndarray) -> np.ndarray:
+def percentile_among(item_scores: np.ndarray, candidate_scores: np.ndarray) -> np.ndarray:
     """Share of ``candidate_scores`` at most each of ``item_scores`` (0 for an empty candidate list)."""
     item_scores = np.asarray(item_scores, dtype=np.float64).reshape(-1)
     ranked = np.sort(np.asarray(candidate_scores, dtype=np.float64).reshape(-1))
@@ -38,15 +42,20 @@ def retrieval_percentile(item_scores: np.ndarray, candidate_scores: np.ndarray) 
     return np.searchsorted(ranked, item_scores, side="right") / ranked.size
 
 
-def final_scores(heavy_scores: np.ndarray, retrieval_pct: np.ndarray, retrieval_weight: float) -> np.ndarray:
-    """The blended score in [0, 1] (``heavy_scores`` and ``retrieval_pct`` both in [0, 1])."""
+def final_scores(heavy_scores: np.ndarray, retrieval_pct: np.ndarray | None, retrieval_weight: float,
+                 affinity_pct: np.ndarray | None = None, affinity_weight: float = 0.0) -> np.ndarray:
+    """The blended score in [0, 1] (``heavy_scores`` and both percentiles in [0, 1]); a percentile
+    may be ``None`` when its weight is 0."""
     heavy = np.asarray(heavy_scores, dtype=np.float64).reshape(-1)
-    if retrieval_weight == 0.0:
-        return heavy.astype(np.float32)
-    pct = np.asarray(retrieval_pct, dtype=np.float64).reshape(-1)
-    if pct.shape != heavy.shape:
-        raise ValueError(f"{heavy.size} heavy scores but {pct.size} retrieval percentiles")
-    return ((1.0 - retrieval_weight) * heavy + retrieval_weight * pct).astype(np.float32)
+    final = (1.0 - retrieval_weight - affinity_weight) * heavy
+    for name, pct, weight in (("retrieval", retrieval_pct, retrieval_weight), ("affinity", affinity_pct, affinity_weight)):
+        if weight == 0.0:
+            continue
+        pct = None if pct is None else np.asarray(pct, dtype=np.float64).reshape(-1)
+        if pct is None or pct.shape != heavy.shape:
+            raise ValueError(f"{heavy.size} heavy scores but {0 if pct is None else pct.size} {name} percentiles")
+        final += weight * pct
+    return final.astype(np.float32)
 
 
 def rank(scores: np.ndarray, temperature: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -78,11 +87,12 @@ def cap_per_category(order: np.ndarray, categories: np.ndarray, max_per_category
 
 
 def order_candidates(heavy_scores, retrieval_pct, k: int, *, retrieval_weight: float = 0.0,
+                     affinity_pct=None, affinity_weight: float = 0.0,
                      exploration_temperature: float = 0.0, max_per_category: int = 0,
                      categories: np.ndarray | None = None,
                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the served candidates (at most ``k``) and their final scores."""
-    scores = final_scores(heavy_scores, retrieval_pct, retrieval_weight)
+    scores = final_scores(heavy_scores, retrieval_pct, retrieval_weight, affinity_pct, affinity_weight)
     if max_per_category > 0 and categories is None:
         raise ValueError("max_per_category needs the candidates' categories")
     order = cap_per_category(rank(scores, exploration_temperature, rng), categories, max_per_category, k)

@@ -11,8 +11,9 @@ without a server.
     filtering       candidates, seen, excluded -> filtered_ids (exclude_item_ids: optional request context)
     light_ranker    user features, ids -> light_ids (the best ``light_ranker_k``), light_scores in [0, 1]
     heavy_ranker    user features, ids -> heavy_scores in [0, 1] (weighted sum of the signal heads)
-    ordering        scores, k, known   -> item_ids (raw), scores, model_version, served_by, stage_counts
-                    (final score, exploration, business rules: ``serving/ordering.py``)
+    ordering        scores, seen, k, known -> item_ids (raw), scores, model_version, served_by, stage_counts
+                    (final score with the optional item-to-item affinity of the user's history,
+                    exploration, business rules: ``serving/ordering.py``)
 
 Unknown users still flow through the candidate stages (with out-of-vocabulary features, cheap) and
 ``ordering`` answers them from the popularity fallback; an ensemble cannot branch, and this keeps
@@ -333,7 +334,8 @@ class HeavyRanker(_RankerStage):
 
 class Ordering(Stage):
     """Orders the heavy ranker's candidates by final score (``serving/ordering.py``: optionally blended
-    with retrieval, sampled for exploration, capped per category), keeps k, maps ids back to raw ids.
+    with retrieval and with the item-to-item affinity of the user's history, sampled for exploration,
+    capped per category), keeps k, maps ids back to raw ids.
 
     Users the models never saw get the recency-weighted popularity fallback.
     """
@@ -351,6 +353,11 @@ class Ordering(Stage):
         self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
         self.max_k = int(self.serving["max_k"])
         self.items = items
+        self.affinity = None  # EASE item-item weights (models/item_affinity.py), where exported
+        if (self.artifacts / "item_affinity.json").exists():
+            from models import item_affinity
+
+            self.affinity, _ = item_affinity.load(self.artifacts, expected_version=self.version)
         # Exported before ordering was configurable: the defaults (heavy-ranker score, sorted).
         self.set_policy(OrderingConfig(**self.serving.get("ordering", {})))
 
@@ -358,6 +365,9 @@ class Ordering(Stage):
         """Order by ``policy`` (``configs.OrderingConfig``) from now on. The offline evaluation
         measures other policies on the same export this way; ``seed`` makes exploration repeatable
         (served requests get a fresh draw each)."""
+        if policy.affinity_weight > 0 and self.affinity is None:
+            raise RuntimeError("serving.ordering.affinity_weight > 0, but this export has no item affinity "
+                               "weights (the catalog was above item_affinity.max_items when it was trained)")
         categories = None
         if policy.max_per_category > 0:
             column = policy.category_column
@@ -371,7 +381,7 @@ class Ordering(Stage):
 
     def retrieval_percentile(self, inputs, ids: np.ndarray) -> np.ndarray:
         """Where retrieval placed each of ``ids`` among the candidates it returned (0 if it did not)."""
-        from serving.ordering import retrieval_percentile
+        from serving.ordering import percentile_among
 
         candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
         scores = np.asarray(inputs["retrieval_scores"], dtype=np.float32).reshape(-1)
@@ -383,7 +393,23 @@ class Ordering(Stage):
         sorted_ids, sorted_scores = candidates[by_id], scores[by_id]
         at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
         item_scores = np.where(sorted_ids[at] == ids, sorted_scores[at], -np.inf)
-        return retrieval_percentile(item_scores, scores)
+        return percentile_among(item_scores, scores)
+
+    def affinity_percentile(self, inputs, ids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Where each of ``ids`` falls among ``candidates`` (the heavy ranker's) by the affinity of
+        the user's history (``seen_items``) to it: 1 = the strongest of them."""
+        from models.item_affinity import scores as affinity_scores
+        from serving.ordering import percentile_among
+
+        if inputs.get("seen_items") is None:
+            raise RequestError("missing input 'seen_items' (the item affinity reads the user's history)")
+        history = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
+        try:
+            reference = affinity_scores(self.affinity, history, candidates)
+            item_scores = reference if ids is candidates else affinity_scores(self.affinity, history, ids)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return percentile_among(item_scores, reference)
 
     def run(self, inputs):
         from models.fallback import top_popular
@@ -403,8 +429,10 @@ class Ordering(Stage):
 
             policy = self.policy
             pct = self.retrieval_percentile(inputs, ranked) if policy.retrieval_weight > 0 else None
+            affinity = self.affinity_percentile(inputs, ranked, ranked) if policy.affinity_weight > 0 else None
             order, out_scores = order_candidates(
                 scores, pct, k, retrieval_weight=policy.retrieval_weight,
+                affinity_pct=affinity, affinity_weight=policy.affinity_weight,
                 exploration_temperature=policy.exploration_temperature,
                 max_per_category=policy.max_per_category,
                 categories=None if self.categories is None else self.categories[ranked], rng=self.rng,

@@ -28,6 +28,20 @@ def test_mismatched_query_tower_version_fails(model_version, tmp_path):
     assert not result.passed and "999" in result.detail
 
 
+def test_item_affinity_of_another_run_or_missing_fails(model_version, triton_repo, tmp_path):
+    assert model_version.manifest["item_affinity"]["items"] > 0  # the small catalog gets its weights
+    broken = tmp_path / "v"
+    shutil.copytree(model_version.path, broken)
+    (broken / "item_affinity.json").write_text(json.dumps({"version": 999, "items": 1, "reg_weight": 1.0}))
+    result = check_versions_consistent(broken)
+    assert not result.passed and '"item_affinity:registry": 999' in result.detail
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo, repo)
+    (repo / "ordering" / str(model_version.version) / "item_affinity.json").unlink()
+    result = check_versions_consistent(model_version.path, repo)
+    assert not result.passed and f'"item_affinity:ordering/{model_version.version}": -1' in result.detail
+
+
 def test_item_table_without_its_index_entries_fails(model_version, tmp_path):
     import pandas as pd
 

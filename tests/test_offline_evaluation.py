@@ -63,7 +63,10 @@ def test_ordering_variants_are_measured_on_the_same_export(triton_repo, model_ve
     args = (triton_repo, model_version.version, model_version.path, data, (10,))
     stages = offline.load_funnel(triton_repo, model_version.version)
     table = ordering_results(*args, n_bootstrap=50, variants=variants, stages=stages)
-    assert table["ordering"].tolist() == ["as served", "cap 1", "explore"]
+    # The export has item affinity weights and serves without them: the switched-on row comes last.
+    assert table["ordering"].tolist() == ["as served", "cap 1", "explore", "item affinity 0.5"]
+    measured = table.drop(columns="ordering").set_index(table["ordering"])
+    assert (measured.loc["item affinity 0.5"] - measured.loc["as served"]).abs().max() > 0
     served, _ = funnel_results("served", *args, n_bootstrap=50, parity=False, stages=stages)
     assert table.loc[0, "ndcg@10"] == pytest.approx(served.metrics["ndcg@10"])  # the served policy is back
     spans = table.set_index("ordering").filter(like="categories per top-10").iloc[:, 0]

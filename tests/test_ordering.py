@@ -6,11 +6,11 @@ from configs import OrderingConfig, load_config
 from serving import ordering
 
 
-def test_retrieval_percentile_is_the_share_of_candidates_at_or_below():
+def test_percentile_is_the_share_of_candidates_at_or_below():
     candidates = np.array([0.1, 0.4, 0.2, 0.3])
-    pct = ordering.retrieval_percentile(np.array([0.4, 0.1, 0.25, -np.inf]), candidates)
+    pct = ordering.percentile_among(np.array([0.4, 0.1, 0.25, -np.inf]), candidates)
     np.testing.assert_allclose(pct, [1.0, 0.25, 0.5, 0.0])
-    assert ordering.retrieval_percentile(np.array([0.3]), np.array([])).tolist() == [0.0]
+    assert ordering.percentile_among(np.array([0.3]), np.array([])).tolist() == [0.0]
 
 
 def test_final_score_blends_heavy_score_and_retrieval_percentile_within_0_1():
@@ -23,6 +23,22 @@ def test_final_score_blends_heavy_score_and_retrieval_percentile_within_0_1():
     assert ((mixed >= 0) & (mixed <= 1)).all()
     with pytest.raises(ValueError, match="retrieval percentiles"):
         ordering.final_scores(heavy, pct[:2], 0.5)
+
+
+def test_final_score_adds_the_affinity_percentile_and_keeps_the_rest_for_the_heavy_ranker():
+    heavy = np.array([0.9, 0.2, 0.5])
+    retrieval = np.array([0.0, 1.0, 0.5])
+    affinity = np.array([1 / 3, 1.0, 2 / 3])
+    blended = ordering.final_scores(heavy, retrieval, 0.2, affinity, 0.6)
+    np.testing.assert_allclose(blended, 0.2 * heavy + 0.2 * retrieval + 0.6 * affinity, rtol=1e-6)
+    assert ((blended >= 0) & (blended <= 1)).all()
+    np.testing.assert_allclose(ordering.final_scores(heavy, None, 0.0, affinity, 1.0), affinity, rtol=1e-6)
+    # The affinity can reorder what the heavy ranker put first.
+    positions, _ = ordering.order_candidates(heavy, retrieval, 3, retrieval_weight=0.2,
+                                             affinity_pct=affinity, affinity_weight=0.6)
+    assert positions.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="affinity percentiles"):
+        ordering.final_scores(heavy, retrieval, 0.2, None, 0.6)
 
 
 def test_without_exploration_the_order_is_a_stable_sort():
@@ -63,6 +79,7 @@ def test_order_candidates_returns_positions_and_their_final_scores():
 
 @pytest.mark.parametrize("bad", [
     {"retrieval_weight": 1.5}, {"retrieval_weight": -0.1}, {"exploration_temperature": -1.0}, {"max_per_category": -2},
+    {"affinity_weight": 1.2}, {"retrieval_weight": 0.5, "affinity_weight": 0.6},
 ])
 def test_ordering_config_rejects_out_of_range_values(bad):
     with pytest.raises(ValueError, match="serving.ordering"):

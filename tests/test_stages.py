@@ -145,6 +145,40 @@ def test_ordering_blends_in_where_retrieval_placed_each_candidate(funnel, triton
     np.testing.assert_allclose(offline.final_scores(stages_, request, encoded), out["scores"], rtol=1e-4, atol=1e-6)
 
 
+def test_ordering_blends_in_the_item_affinity_of_the_users_history(funnel, triton_repo, model_version, tmp_path):
+    from evaluation import offline
+    from evaluation.peers import EASE, interaction_matrix
+
+    request = known_user_request(funnel, model_version)
+    by_affinity = ordering_with(triton_repo, model_version, tmp_path / "a", retrieval_weight=0.0,
+                                affinity_weight=1.0).run(request)
+    # Weight 1: the heavy ranker's candidates in the order of EASE's score for this user, computed
+    # here from the registry's training history with the evaluation's own EASE peer.
+    history = pd.read_parquet(model_version.path / "user_history.parquet")
+    items = pd.read_parquet(model_version.path / "item_features.parquet")
+    encoded = history.merge(items[["item_id_raw", "item_id"]], on="item_id_raw")
+    users = pd.factorize(encoded["user_id_raw"])[0]
+    x = interaction_matrix(users, encoded["item_id"], users.max() + 1, int(items["item_id"].max()) + 1)
+    reg = model_version.manifest["item_affinity"]["reg_weight"]
+    row = users[(encoded["user_id_raw"] == request["user_id"][0]).to_numpy()][0]
+    ease = EASE(reg).fit(x).scores([row])[0]
+    raw = funnel["ordering"].raw_ids
+    encoded_of = pd.Series(np.arange(len(raw)), index=raw)
+    served = ease[encoded_of.loc[by_affinity["item_ids"]].to_numpy()]
+    best = np.sort(ease[request["light_ids"]])[::-1]
+    np.testing.assert_allclose(served, best[:10], rtol=1e-4, atol=1e-5)  # the 10 best, best first
+    assert best[0] > best[-1] + 0.1  # the affinity does separate the candidates
+    # A blend of all three: served scores in [0, 1], descending, and the offline scorer agrees.
+    blended = ordering_with(triton_repo, model_version, tmp_path / "b", retrieval_weight=0.2, affinity_weight=0.6)
+    out = blended.run(request)
+    assert ((out["scores"] >= 0) & (out["scores"] <= 1)).all() and np.all(np.diff(out["scores"]) <= 0)
+    stages_ = [blended if s.name == "ordering" else s for s in offline.load_funnel(triton_repo, model_version.version)]
+    encoded = encoded_of.loc[out["item_ids"]].to_numpy()
+    np.testing.assert_allclose(offline.final_scores(stages_, request, encoded), out["scores"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(stages.RequestError, match="seen_items"):
+        blended.run({k: v for k, v in request.items() if k != "seen_items"})
+
+
 def test_ordering_caps_items_per_category(funnel, triton_repo, model_version, tmp_path):
     request = known_user_request(funnel, model_version)
     capped = ordering_with(triton_repo, model_version, tmp_path, max_per_category=1).run(request)
