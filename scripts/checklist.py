@@ -14,10 +14,16 @@ from models import registry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
-    parser.add_argument("--version", type=int, help="registry version (default: the latest)")
+    parser.add_argument("--version", type=int,
+                        help="registry version (default: the one --repo exports, else the latest)")
     parser.add_argument("--repo", help="exported Triton model repository to check as well")
     args = parser.parse_args()
-    model = registry.get(args.registry, args.version)
+    version = args.version
+    if version is None and args.repo:
+        from serving.export import exported_version
+
+        version = exported_version(args.repo)
+    model = registry.get(args.registry, version)
     results = run_checklist(model.path, args.repo)
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<24} {r.detail}")

@@ -66,6 +66,23 @@ def test_script_exit_code_follows_the_checks(model_version, tmp_path):
     assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout
 
 
+def test_script_checks_the_version_the_repository_exports_by_default(model_version, triton_repo, tmp_path):
+    # A registry that has moved on (version 2) beside an export of version 1, as after the offline
+    # evaluation's mitigation variants.
+    registry = tmp_path / "registry"
+    shutil.copytree(model_version.path, registry / "1")
+    shutil.copytree(model_version.path, registry / "2")
+    for name in ("manifest.json", "query_tower.json", "item_index.json", "item_affinity.json"):
+        stamped = json.loads((registry / "2" / name).read_text())
+        (registry / "2" / name).write_text(json.dumps({**stamped, "version": 2}))
+    script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry), "--repo", str(triton_repo)]
+    ok = subprocess.run(script, capture_output=True, text=True)
+    assert ok.returncode == 0 and "4 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, ok.stdout + ok.stderr
+    # Asked for version 2 explicitly: the export does not hold it, a failed check rather than a crash.
+    bad = subprocess.run(script + ["--version", "2"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAIL  scores_in_unit_range" in bad.stdout and "does not hold version 2" in bad.stdout
+
+
 def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
     from evaluation.checklist import check_data
 
@@ -77,6 +94,12 @@ def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     result = check_data(broken)
     assert not result.passed and "point_in_time" in result.detail
+    # Without point-in-time features (workflow.features.point_in_time: false, as on MovieLens under a
+    # random split) no feature comes from events, and the leak check is not required.
+    manifest["config"]["workflow"]["features"]["point_in_time"] = False
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert check_data(broken).passed
+    manifest["config"]["workflow"]["features"]["point_in_time"] = True
     manifest["data_summary"]["checks"] = [{**c, "passed": False} if c["check"] == "labels_agree" else c for c in checks]
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert not check_data(broken).passed
