@@ -350,8 +350,8 @@ class OrderingConfig:
     (``serving/ordering.py``). The defaults sort by the heavy ranker's score alone."""
 
     retrieval_weight: float = 0.0  # share of the retrieval percentile in the final score, in [0, 1]
-    # Share of the item-to-item affinity percentile (models/item_affinity.py); > 0 trains the
-    # affinity weights with the funnel. retrieval_weight + affinity_weight <= 1.
+    # Share of the item-to-item affinity percentile (models/item_affinity.py); > 0 needs the
+    # affinity weights (item_affinity.max_items). retrieval_weight + affinity_weight <= 1.
     affinity_weight: float = 0.0
     exploration_temperature: float = 0.0  # > 0: softmax (Plackett-Luce) sampling instead of sorting
     max_per_category: int = 0  # business rule: at most this many items of one category; 0 = off
@@ -374,7 +374,8 @@ class OrderingConfig:
 @dataclass
 class ItemAffinityConfig:
     """Item-to-item affinity weights (EASE, closed form; ``models/item_affinity.py``), trained with
-    the funnel when ``serving.ordering.affinity_weight`` > 0."""
+    the funnel whenever the catalog has at most ``max_items`` items (so the offline evaluation can
+    switch them on or off on one export); above it, only an ordering that uses them is refused."""
 
     reg_weight: float = 250.0  # EASE's L2 penalty (RecBole's default; 500 measured no better on MovieLens)
     max_items: int = 10_000  # dense items x items float32 weights: 10k items = 400 MB, an items^3 solve
