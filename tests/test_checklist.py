@@ -52,35 +52,30 @@ def test_item_table_without_its_index_entries_fails(model_version, tmp_path):
     assert not check_index_matches_items(broken).passed
 
 
-def test_script_exit_code_follows_the_checks(model_version, tmp_path):
-    registry = model_version.path.parent
-    ok = subprocess.run([sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "0 failed" in ok.stdout
-    broken_registry = tmp_path / "registry"
-    shutil.copytree(model_version.path, broken_registry / "1")
-    (broken_registry / "1" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(broken_registry)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout
-
-
-def test_script_checks_the_version_the_repository_exports_by_default(model_version, triton_repo, tmp_path):
+def test_script_exit_code_follows_the_checks(model_version, triton_repo, tmp_path):
     # A registry that has moved on (version 2) beside an export of version 1, as after the offline
-    # evaluation's mitigation variants.
+    # evaluation's mitigation variants: with --repo the script checks the exported version.
     registry = tmp_path / "registry"
     shutil.copytree(model_version.path, registry / "1")
     shutil.copytree(model_version.path, registry / "2")
     for name in ("manifest.json", "query_tower.json", "item_index.json", "item_affinity.json"):
         stamped = json.loads((registry / "2" / name).read_text())
         (registry / "2" / name).write_text(json.dumps({**stamped, "version": 2}))
-    script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry), "--repo", str(triton_repo)]
-    ok = subprocess.run(script, capture_output=True, text=True)
+    script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)]
+    ok = subprocess.run(script + ["--repo", str(triton_repo)], capture_output=True, text=True)
     assert ok.returncode == 0 and "4 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, ok.stdout + ok.stderr
-    # Asked for version 2 explicitly: the export does not hold it, a failed check rather than a crash.
-    bad = subprocess.run(script + ["--version", "2"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "FAIL  scores_in_unit_range" in bad.stdout and "does not hold version 2" in bad.stdout
+    (registry / "2" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
+    bad = subprocess.run(script, capture_output=True, text=True)  # no --repo: the latest version, 2
+    assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout
+
+
+def test_a_repository_without_the_version_fails_the_score_check_without_crashing(model_version, triton_repo, tmp_path):
+    later = tmp_path / "2"
+    shutil.copytree(model_version.path, later)
+    manifest = json.loads((later / "manifest.json").read_text())
+    (later / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    scores = run_checklist(later, triton_repo, sample_users=2)[-1]
+    assert scores.name == "scores_in_unit_range" and not scores.passed and "does not hold version 2" in scores.detail
 
 
 def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
