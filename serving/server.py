@@ -89,7 +89,9 @@ class TritonServer:
         http_port: int | None = None,
         metrics_port: int | None = None,
         log_path: str | Path | None = None,
-        startup_timeout: float = 180.0,
+        # Every stage stub imports TensorFlow and loads its SavedModel at start: measured 20 s on a
+        # quiet 2-core machine, over 180 s on a slow one while another job trained models.
+        startup_timeout: float = 420.0,
         log_verbose: int = 0,
         model_control: str = "explicit",
     ):
