@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.item_index import check_versions
+from models.negative_sampling import _host  # pandas or cudf column -> numpy
 
 WEIGHTS_FILE = "item_affinity.npy"
 META_FILE = "item_affinity.json"
@@ -116,8 +117,3 @@ def fit_from_history(history, item_table, reg_weight: float, max_items: int) -> 
     users = _host(encoded["user_id_raw"])
     user_rows = np.unique(users, return_inverse=True)[1]
     return fit(user_rows, _host(encoded["item_id"]), int(item_table["item_id"].max()) + 1, reg_weight, max_items)
-
-
-def _host(column) -> np.ndarray:
-    """A pandas or cudf column as a numpy array."""
-    return column.to_numpy() if not hasattr(column, "values_host") else column.values_host
