@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # pytest-xdist workers for make test: whole test modules go to one worker each (--dist loadscope), so
 # the models and servers a module shares are built once. Two matches CI's two cores; 0 runs in one process.
+# Scopes go out in collection order (--no-loadscope-reorder), which tests/conftest.py starts with the
+# notebooks, one scope each: the longest tests first, so none is left running alone at the end.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: demo test test-fast venv lock clean bench ab-test feedback-loop
 

@@ -59,3 +59,9 @@ def triton_repo(model_version, tmp_path_factory) -> Path:
     from serving.export import export_repository
 
     return export_repository(model_version, tmp_path_factory.mktemp("export") / "triton_repo")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks first: they are the longest scopes, and xdist hands scopes out in collection order
+    (longest first keeps one long notebook from running alone after everything else)."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py") else 1)

@@ -1,4 +1,11 @@
-"""Every notebook executes top to bottom (they are documentation that must not rot)."""
+"""Every notebook executes top to bottom (they are documentation that must not rot).
+
+Each notebook is its own test class. ``make test`` runs pytest-xdist with ``--dist loadscope``,
+which keeps a class (or else a module) on one worker: as one parametrized function the six
+notebooks - the slowest tests of the suite - ran one after another on a single worker. As six
+classes they spread over the workers, and ``conftest.py`` schedules them first so no long notebook
+is left running alone at the end.
+"""
 from pathlib import Path
 
 import nbformat
@@ -8,10 +15,22 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path):
+def execute(path: Path, workdir: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+    assert not errors, f"{path.name}: {[e.get('ename') for e in errors]}"
+
+
+def _notebook_class(path: Path) -> type:
+    @pytest.mark.slow
+    def test_executes(self, tmp_path):
+        execute(path, tmp_path)
+
+    name = "TestNotebook_" + path.stem.replace("-", "_")
+    return type(name, (), {"test_executes": test_executes, "__doc__": f"notebooks/{path.name} executes."})
+
+
+for _path in NOTEBOOKS:
+    _cls = _notebook_class(_path)
+    globals()[_cls.__name__] = _cls
