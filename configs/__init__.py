@@ -313,10 +313,27 @@ class LightRankerConfig:
 
 
 @dataclass
+class HeavyRankerMemberConfig:
+    """One member of the heavy ranker's ensemble (``models/heavy_ranker.py``, "Ensemble")."""
+
+    # Per training user, this many of the unrated items the item affinity ranks highest, as extra
+    # negatives (``models/negative_sampling.py`` ``affinity_negatives``): the kind of candidates the
+    # ranker sorts when serving. 0 = the dataset's negatives only. > 0 needs the item affinity.
+    hard_negatives: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hard_negatives < 0:
+            raise ValueError(f"heavy_ranker.members[].hard_negatives must be >= 0, got {self.hard_negatives}")
+
+
+@dataclass
 class HeavyRankerConfig:
     """Larger multi-task DCN-v2 on every user and item feature (``models/heavy_ranker.py``)."""
 
     targets: list[TargetConfig] = field(default_factory=_default_targets)
+    # The ensemble: each member trained with its own seed (seed + its position), scores averaged per
+    # head. One member = one model.
+    members: list[HeavyRankerMemberConfig] = field(default_factory=lambda: [HeavyRankerMemberConfig()])
     cross_depth: int = 2
     deep_layers: list[int] = field(default_factory=lambda: [128, 64])
     epochs: int = 5
@@ -333,6 +350,8 @@ class HeavyRankerConfig:
             raise ValueError(f"heavy_ranker.targets weights must be >= 0: {self.targets}")
         if sum(t.weight for t in self.targets) <= 0:
             raise ValueError("heavy_ranker.targets weights must not all be 0")
+        if not self.members:
+            raise ValueError("heavy_ranker.members must list at least one member")
 
 
 @dataclass

@@ -20,6 +20,15 @@ outvoted by the others, and the weights are the product decision of how much eac
 started it; likes break ties). The weights live in the config and the manifest, so changing the
 trade-off needs no retraining.
 
+Ensemble: ``heavy_ranker.members`` lists the models the stage averages, per head, before the
+weighted sum. Each member has its own seed; a member with ``hard_negatives: n`` also trains on, per
+user, the ``n`` unrated items the item affinity ranks highest (``models/negative_sampling.py``
+``affinity_negatives``), labelled 0. Why: one DCN's ranking of the candidates varies with its seed
+(on MovieLens-100K the funnel's NDCG@10 moved 0.327-0.332 between seeds), and averaging members
+that saw different negatives cancels much of that; the members trained against the affinity's
+favourites rank worse alone but disagree most usefully with the affinity the ordering blends in
+(README, "Offline evaluation"). Member ``i`` is saved as ``member_artifact(i)``.
+
 A target missing from the data falls back to its ``fallback`` label (``duration_watch`` ->
 ``watched``, the plain 75%-watched label) or, without one, is dropped with a warning; the remaining
 weights are renormalised. Which targets were used is recorded in the manifest.
@@ -73,6 +82,55 @@ def resolve_targets(schema: Schema, config: HeavyRankerConfig) -> dict[str, floa
             f"heavy_ranker.targets {[t.name for t in config.targets]}: none is in the data (columns: {sorted(present)})"
         )
     return {name: w / total for name, w in weights.items()}
+
+
+def member_artifact(index: int) -> str:
+    """Directory of ensemble member ``index`` in a model version (the first keeps the plain name)."""
+    return "heavy_ranker" if index == 0 else f"heavy_ranker_{index}"
+
+
+def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: int) -> Dataset:
+    """``train`` plus ``per_user`` affinity hard negatives per user (every label column 0), shuffled."""
+    from merlin.core.dispatch import concat
+
+    from models.negative_sampling import affinity_negatives
+
+    if affinity_weights is None:
+        raise ValueError("heavy_ranker.members[].hard_negatives needs the item affinity weights, which this "
+                         "version does not have (item_affinity.max_items); set hard_negatives: 0")
+    frame = train.to_ddf().compute()
+    labels = [c for c in train.schema.select_by_tag(Tags.TARGET).column_names if c in frame.columns]
+    item_columns = train.schema.select_by_tag(Tags.ITEM).excluding_by_tag(Tags.TARGET).column_names
+    negatives = affinity_negatives(frame, affinity_weights, per_user, labels, item_columns)
+    both = concat([frame, negatives], ignore_index=True)
+    both = both.take(np.random.default_rng(seed).permutation(len(both))).reset_index(drop=True)
+    log.info("heavy ranker: %d affinity hard negatives (%d per user) beside %d training rows",
+             len(negatives), per_user, len(frame))
+    return Dataset(both, schema=train.schema)
+
+
+def train_heavy_ranker_members(train: Dataset, valid: Dataset, config: HeavyRankerConfig,
+                               embeddings: EmbeddingConfig, training: TrainingConfig, seed: int = 42,
+                               affinity_weights=None, callbacks=(), verbose: int = 1):
+    """Train every member of ``config.members``; return ``(models, metrics, spec)``.
+
+    ``models`` are ``(artifact name, model)`` pairs; ``metrics`` are the first member's, with each
+    further member's under ``member<i>_<metric>``; ``spec`` lists the members' artifacts.
+    """
+    models, metrics, spec = [], {}, None
+    for index, member in enumerate(config.members):
+        member_seed = seed + index
+        member_train = train
+        if member.hard_negatives:
+            member_train = with_hard_negatives(train, affinity_weights, member.hard_negatives, member_seed)
+        model, member_metrics, spec = train_heavy_ranker(member_train, valid, config, embeddings, training,
+                                                         seed=member_seed, callbacks=callbacks, verbose=verbose)
+        models.append((member_artifact(index), model))
+        prefix = "" if index == 0 else f"member{index}_"
+        metrics.update({prefix + k: v for k, v in member_metrics.items()})
+    spec["members"] = [name for name, _ in models]
+    spec["hard_negatives"] = [m.hard_negatives for m in config.members]
+    return models, metrics, spec
 
 
 def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig, embeddings: EmbeddingConfig,

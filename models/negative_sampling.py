@@ -1,4 +1,7 @@
-"""Sampled negatives for the light ranker: positives plus items the user was never shown.
+"""Sampled negatives for the rankers: positives plus items the user was never shown.
+
+``sample_negatives`` (the light ranker) draws them at random; ``affinity_negatives`` (the heavy
+ranker's members with ``hard_negatives``) takes the unrated items the user's history points at most.
 
 The light ranker sorts the retrieved candidates, most of which the user was never exposed to, so
 it learns "clicked vs. random item of the catalog" rather than only "clicked vs. shown and skipped".
@@ -17,7 +20,7 @@ cudf); a dataset-level sampler in ``workflows/`` can replace it.
 from __future__ import annotations
 
 import numpy as np
-from merlin.core.dispatch import concat
+from merlin.core.dispatch import concat, make_df
 
 
 def sample_negatives(frame, item_columns: list[str], ratio: int, strategy: str, label: str = "click",
@@ -77,3 +80,58 @@ def _host(values) -> np.ndarray:
         except (TypeError, ValueError):
             pass
     return values.values_host if hasattr(values, "values_host") else np.asarray(values)
+
+
+def affinity_negatives(frame, weights: np.ndarray, per_user: int, labels: list[str], item_columns: list[str],
+                       user_id: str = "user_id", item_id: str = "item_id", chunk: int = 4096):
+    """Hard negatives: per user with a positive, the ``per_user`` items the item affinity of their
+    positives ranks highest among the items they have no positive for, as rows of ``frame``'s
+    columns with every label 0.
+
+    ``weights`` are the item-to-item affinity weights over encoded item ids (``models/item_affinity.py``);
+    a row is positive when any of ``labels`` is > 0. User-side columns come from the user's first
+    positive row, ``item_columns`` from the item's own rows, so only items with a row in ``frame``
+    can be drawn.
+
+    Why: the uniformly sampled negatives are mostly items nothing would retrieve for the user, easy
+    to reject on popularity alone; the candidates the heavy ranker sorts when serving are the items
+    retrieval and the affinity favour. Such a list also holds items the user rates later (held out),
+    labelled 0 here: the label noise of uniform sampling, at a higher rate.
+    """
+    import scipy.sparse as sp
+
+    if per_user < 1:
+        raise ValueError(f"hard negatives per user must be >= 1, got {per_user}")
+    missing = [c for c in [user_id, item_id, *labels, *item_columns] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"cannot draw hard negatives: frame is missing column(s) {missing}")
+    size = weights.shape[0]
+    positives = frame[frame[labels].max(axis=1) > 0]
+    users, items = _host(positives[user_id]).astype(np.int64), _host(positives[item_id]).astype(np.int64)
+    if items.size and (items.min() < 0 or items.max() >= size):
+        raise ValueError(f"item ids outside the {size} items the affinity weights cover")
+    known = np.zeros(size, dtype=bool)
+    known[_host(frame[item_id]).astype(np.int64)] = True
+    user_list, rows = np.unique(users, return_inverse=True)
+    history = sp.csr_matrix((np.ones(len(rows)), (rows, items)), shape=(len(user_list), size))
+    history.data[:] = 1.0
+    n = min(per_user, size)
+    drawn_users, drawn_items = [], []
+    for start in range(0, len(user_list), chunk):
+        block = history[start:start + chunk]
+        scores = np.asarray(block @ weights, dtype=np.float64)
+        scores[block.nonzero()] = -np.inf  # never an item the user has a positive for
+        scores[:, ~known] = -np.inf
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        usable = np.isfinite(np.take_along_axis(scores, top, axis=1))
+        drawn_users.append(np.repeat(user_list[start:start + chunk], n)[usable.ravel()])
+        drawn_items.append(top[usable])
+    pairs = make_df({user_id: np.concatenate(drawn_users), item_id: np.concatenate(drawn_items)})  # cudf on a GPU
+    item_side = [c for c in item_columns if c != item_id]
+    user_side = [c for c in frame.columns if c not in (user_id, item_id, *item_side, *labels)]
+    user_rows = positives[[user_id, *user_side]].drop_duplicates(subset=[user_id])
+    item_rows = frame[[item_id, *item_side]].drop_duplicates(subset=[item_id])
+    negatives = pairs.merge(user_rows, on=user_id, how="left").merge(item_rows, on=item_id, how="left")
+    for label in labels:
+        negatives[label] = 0
+    return negatives[list(frame.columns)].astype(dict(frame.dtypes))

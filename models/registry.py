@@ -6,7 +6,8 @@
         query_tower.json        {"version": N}
         item_index.faiss/.json  ANN index over the item embeddings of the same run
         light_ranker/           Keras SavedModel of the light DCN ranker
-        heavy_ranker/           Keras SavedModel of the multi-task heavy DCN ranker
+        heavy_ranker/           Keras SavedModel of the multi-task heavy DCN ranker (its first member)
+        heavy_ranker_<i>/       the further members of an ensemble (the manifest's heavy_ranker.members)
         user_features.parquet   encoded user features + raw id (the online store is built from it)
         item_features.parquet   encoded item features + raw id
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)

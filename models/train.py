@@ -1,10 +1,11 @@
 """Train every stage of the funnel for one processed dataset and publish one registry version.
 
     candidate_generator  two-tower (query tower + item embeddings -> ANN index)
-    light_ranker         small DCN-v2 on a few features, sampled negatives (keeps the top N)
-    heavy_ranker         multi-task DCN-v2 on every user/item feature (weighted sum of heads)
-    fallback             recency-weighted popularity
     item_affinity        EASE item-item weights the ordering stage can blend in (models/item_affinity.py)
+    light_ranker         small DCN-v2 on a few features, sampled negatives (keeps the top N)
+    heavy_ranker         multi-task DCN-v2 on every user/item feature (weighted sum of heads), one or
+                         an ensemble of members (heavy_ranker.members)
+    fallback             recency-weighted popularity
 
 Every stage is seeded from ``config.seed``, stops early on its validation metric and logs its
 per-epoch metrics to the run's MLflow store (``models/tracking.py``); the training log prints the
@@ -27,7 +28,7 @@ from models import item_affinity, item_index, registry
 from models.candidate_generator import item_embeddings, train_candidate_generator
 from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
-from models.heavy_ranker import train_heavy_ranker
+from models.heavy_ranker import train_heavy_ranker_members
 from models.light_ranker import train_light_ranker
 from models.tracking import tracked_run
 from workflows.pipeline import ProcessedData
@@ -35,7 +36,7 @@ from workflows.pipeline import ProcessedData
 log = logging.getLogger(__name__)
 read_parquet = read_dispatch(fmt="parquet")
 
-STAGES = ["candidate_generator", "light_ranker", "heavy_ranker", "fallback", "item_affinity"]
+STAGES = ["candidate_generator", "item_affinity", "light_ranker", "heavy_ranker", "fallback"]
 
 
 def feature_lists(schema) -> dict[str, list[str]]:
@@ -55,7 +56,7 @@ def feature_lists(schema) -> dict[str, list[str]]:
 
 # What the rankers' training depends on besides the data: a version that agrees on all of it has
 # the rankers another training would give.
-RANKER_INPUTS = ("seed", "embeddings", "training", "light_ranker", "heavy_ranker")
+RANKER_INPUTS = ("seed", "embeddings", "training", "light_ranker", "heavy_ranker", "item_affinity")  # hard negatives read the affinity
 
 
 def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, verbose: int = 1,
@@ -98,6 +99,14 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         item_index.save_index(index, out.tmp, version)
         progress.update()
 
+        # The item affinity before the rankers: the heavy ranker's hard negatives are drawn with it.
+        progress.set_postfix_str("item_affinity")
+        events = read_parquet(data.train_events)
+        history = events[["user_id", "item_id"]].drop_duplicates()
+        history.columns = ["user_id_raw", "item_id_raw"]
+        affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
+        progress.update()
+
         if rankers_from is None:
             progress.set_postfix_str("light_ranker")
             light_model, light_metrics = train_light_ranker(
@@ -109,18 +118,23 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
             progress.update()
 
             progress.set_postfix_str("heavy_ranker")
-            heavy_model, heavy_metrics, heavy_spec = train_heavy_ranker(
+            affinity_weights = None
+            if affinity and any(m.hard_negatives for m in config.heavy_ranker.members):
+                affinity_weights = item_affinity.load(out.tmp)[0]
+            heavy_models, heavy_metrics, heavy_spec = train_heavy_ranker_members(
                 train, valid, config.heavy_ranker, config.embeddings, config.training, seed=config.seed,
-                callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
+                affinity_weights=affinity_weights, callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
             )
-            sizes["heavy_ranker"] = log_tables(heavy_model, "heavy_ranker")
-            heavy_model.save(str(out.tmp / "heavy_ranker"))
+            sizes["heavy_ranker"] = log_tables(heavy_models[0][1], "heavy_ranker")
+            for name, heavy_model in heavy_models:
+                heavy_model.save(str(out.tmp / name))
             progress.update()
         else:
             source = rankers_from.manifest
             for stage in ("light_ranker", "heavy_ranker"):
-                shutil.copytree(rankers_from.path / stage, out.tmp / stage)
                 sizes[stage] = source["model_sizes"][stage]
+            for name in ["light_ranker", *source["heavy_ranker"].get("members", ["heavy_ranker"])]:
+                shutil.copytree(rankers_from.path / name, out.tmp / name)
             light_metrics, heavy_metrics = source["metrics"]["light_ranker"], source["metrics"]["heavy_ranker"]
             heavy_spec = source["heavy_ranker"]
             run.set_tags({"rankers_from_version": source["version"]})
@@ -129,9 +143,6 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         progress.set_postfix_str("fallback")
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
         shutil.copy(data.item_features, out.tmp / "item_features.parquet")
-        events = read_parquet(data.train_events)
-        history = events[["user_id", "item_id"]].drop_duplicates()
-        history.columns = ["user_id_raw", "item_id_raw"]
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
         popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)
         content = config.serving.fallback_content_column
@@ -144,9 +155,6 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         popularity.to_parquet(out.tmp / "popularity.parquet", index=False)
         progress.update()
 
-        progress.set_postfix_str("item_affinity")
-        affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
-        progress.update()
 
         metrics = {"candidate_generator": tt_metrics, "light_ranker": light_metrics, "heavy_ranker": heavy_metrics}
         out.write_manifest(

@@ -43,6 +43,7 @@ def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
     if manifest.get("item_affinity"):
         for stage, names in AFFINITY_ARTIFACTS.items():
             out[stage] += names
+    out["heavy_ranker"] += manifest.get("heavy_ranker", {}).get("members", ["heavy_ranker"])[1:]  # the ensemble
     return out
 
 

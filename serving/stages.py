@@ -313,14 +313,20 @@ class LightRanker(_RankerStage):
 
 
 class HeavyRanker(_RankerStage):
-    """Scores the light ranker's survivors with the multi-task DCN: the weighted sum of its heads."""
+    """Scores the light ranker's survivors with the multi-task DCN: the weighted sum of its heads.
+
+    An ensemble (the manifest's ``heavy_ranker.members``, ``models/heavy_ranker.py``) is averaged
+    per head before the sum; every member takes the same input batch."""
 
     name = "heavy_ranker"
     artifact = "heavy_ranker"
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
-        self.weights = {k: float(v) for k, v in self.manifest["heavy_ranker"]["weights"].items()}
+        spec = self.manifest["heavy_ranker"]
+        self.weights = {k: float(v) for k, v in spec["weights"].items()}
+        self.members = [self._predict] + [ServingFunction(self._tf, self.artifacts / name)
+                                          for name in spec.get("members", [self.artifact])[1:]]
 
     def run(self, inputs):
         from models.heads import combine, head_outputs
@@ -328,7 +334,12 @@ class HeavyRanker(_RankerStage):
         ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return {"heavy_scores": np.zeros(0, dtype=np.float32)}
-        heads = head_outputs(self.outputs(inputs, ids), list(self.weights))
+        if ids.min() < 0 or ids.max() >= self.catalog_rows:
+            raise RequestError("candidate ids hold an item id outside the catalog")
+        batch = self.batch(inputs, ids)
+        targets = list(self.weights)
+        members = [head_outputs(member(batch), targets) for member in self.members]
+        heads = {t: np.mean([m[t] for m in members], axis=0) for t in targets}
         return {"heavy_scores": combine(heads, self.weights)}
 
 

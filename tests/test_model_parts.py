@@ -107,3 +107,19 @@ def test_logq_correction_uses_positive_frequencies_and_survives_the_temperature(
     post = next(layer.post for layer in model.submodules if getattr(layer, "post", None) is not None)
     # Merlin divides by the temperature after the correction: reg_factor = T * strength undoes that.
     assert post.reg_factor == pytest.approx(0.1 * 1.5)
+
+
+def test_heavy_ranker_members_need_the_affinity_for_hard_negatives(processed, small_config):
+    import dataclasses
+
+    from configs import HeavyRankerMemberConfig
+    from models.heavy_ranker import train_heavy_ranker_members
+
+    config = dataclasses.replace(small_config.heavy_ranker, members=[HeavyRankerMemberConfig(hard_negatives=5)])
+    with pytest.raises(ValueError, match="needs the item affinity"):
+        train_heavy_ranker_members(processed.train(), processed.valid(), config, small_config.embeddings,
+                                   small_config.training, affinity_weights=None, verbose=0)
+    with pytest.raises(ValueError, match="at least one member"):
+        HeavyRankerConfig(members=[])
+    with pytest.raises(ValueError, match="hard_negatives must be >= 0"):
+        HeavyRankerMemberConfig(hard_negatives=-1)

@@ -296,3 +296,47 @@ def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_confi
     changed.heavy_ranker.learning_rate *= 2
     with pytest.raises(ValueError, match="heavy_ranker"):
         train_all(processed, changed, tmp_path / "registry2", verbose=0, rankers_from=model_version)
+
+
+def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_members(processed, small_config,
+                                                                                          tmp_path):
+    """Two members (one trained on affinity hard negatives) are exported, served averaged, and
+    copied along when a candidate-generator variant reuses the rankers."""
+    import copy
+    import filecmp
+
+    from evaluation import offline
+    from models.train import train_all
+    from serving.export import export_repository
+
+    config = copy.deepcopy(small_config)
+    config.candidate_generator.epochs = config.light_ranker.epochs = config.heavy_ranker.epochs = 1
+    config.heavy_ranker.members = [type(config.heavy_ranker.members[0])(),
+                                   type(config.heavy_ranker.members[0])(hard_negatives=10)]
+    version = train_all(processed, config, tmp_path / "registry", verbose=0)
+    spec = version.manifest["heavy_ranker"]
+    assert spec["members"] == ["heavy_ranker", "heavy_ranker_1"] and spec["hard_negatives"] == [0, 10]
+    assert 0.5 < version.manifest["metrics"]["heavy_ranker"]["member1_auc_click"] <= 1.0
+
+    repo = export_repository(version, tmp_path / "triton_repo")
+    assert (repo / "heavy_ranker" / str(version.version) / "heavy_ranker_1" / "saved_model.pb").exists()
+    stages = offline.load_funnel(repo, version.version)
+    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    assert len(heavy.members) == 2
+    users = pd.read_parquet(version.path / "user_features.parquet")["user_id_raw"].to_numpy()
+    outputs = offline.run_funnel(stages, int(users[0]), 10)
+    both = heavy.run(outputs)["heavy_scores"]
+    members = heavy.members
+    alone = []
+    for member in members:
+        heavy.members = [member]
+        alone.append(heavy.run(outputs)["heavy_scores"])
+    heavy.members = members
+    assert len(both) == len(outputs["light_ids"]) > 0 and not np.allclose(alone[0], alone[1])
+    np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
+
+    variant = copy.deepcopy(config)
+    variant.candidate_generator.logq_correction = not variant.candidate_generator.logq_correction
+    other = train_all(processed, variant, tmp_path / "registry2", verbose=0, rankers_from=version)
+    assert filecmp.cmp(version.path / "heavy_ranker_1" / "saved_model.pb",
+                       other.path / "heavy_ranker_1" / "saved_model.pb", shallow=False)

@@ -1,9 +1,10 @@
-"""The light ranker's negative sampler: positives kept, ``ratio`` negatives each, by strategy."""
+"""The rankers' negative samplers: the light ranker's (positives kept, ``ratio`` negatives each, by
+strategy) and the heavy ranker's affinity hard negatives."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from models.negative_sampling import sample_negatives
+from models.negative_sampling import affinity_negatives, sample_negatives
 
 
 def _frame(n_users=50, n_items=40, rows=2000, seed=0):
@@ -65,3 +66,34 @@ def test_bad_arguments_are_named():
         sample_negatives(frame, ["item_id", "genre"], 2, "uniform")
     with pytest.raises(ValueError, match="no row has a positive"):
         sample_negatives(frame.assign(click=0), ["item_id"], 2, "uniform")
+
+
+def test_affinity_negatives_are_the_users_top_unrated_items_with_their_own_features():
+    # Users 0 and 1; items 0-4 have rows, item 5 has none (it cannot be drawn: no item features).
+    frame = pd.DataFrame({
+        "user_id": [0, 0, 0, 1, 1],
+        "age": [30, 30, 30, 50, 50],
+        "item_id": [0, 1, 2, 3, 4],
+        "category": [10, 11, 12, 13, 14],
+        "click": [1, 1, 0, 1, 0],
+        "like": [0, 1, 0, 0, 0],
+    })
+    weights = np.zeros((6, 6), dtype=np.float32)
+    weights[0, [2, 3, 4, 5]] = [0.1, 0.5, 0.9, 5.0]  # user 0 (items 0, 1): 5 > 4 > 3 > 2
+    weights[1, [2, 3]] = [0.05, 0.2]
+    weights[3, [0, 4]] = [-1.0, 0.3]  # user 1 (item 3): 4 > 1, 2 > 0
+    negatives = affinity_negatives(frame, weights, 2, ["click", "like"], ["item_id", "category"])
+
+    pairs = set(zip(negatives["user_id"], negatives["item_id"]))
+    assert pairs == {(0, 4), (0, 3), (1, 4), (1, 1)} or pairs == {(0, 4), (0, 3), (1, 4), (1, 2)}
+    assert (negatives[["click", "like"]] == 0).all().all()
+    assert (negatives["category"] == negatives["item_id"] + 10).all()  # the item's own features
+    assert (negatives["age"] == negatives["user_id"].map({0: 30, 1: 50})).all()  # the user's
+    assert list(negatives.columns) == list(frame.columns) and dict(negatives.dtypes) == dict(frame.dtypes)
+    # Never an item the user has a positive for; asking for more than exist gives what there is.
+    many = affinity_negatives(frame, weights, 10, ["click", "like"], ["item_id", "category"])
+    assert sorted(many[many["user_id"] == 0]["item_id"]) == [2, 3, 4]
+    assert sorted(many[many["user_id"] == 1]["item_id"]) == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="outside the 3 items"):
+        affinity_negatives(frame, weights[:3, :3], 2, ["click"], ["item_id", "category"])
+
