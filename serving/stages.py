@@ -283,11 +283,15 @@ class _RankerStage(Stage):
             batch[name] = tf.constant(table[ids])
         return batch
 
-    def outputs(self, inputs, ids: np.ndarray) -> dict:
-        """The model's outputs (``{head: scores}``) for the candidates ``ids`` of the request's user."""
+    def checked_batch(self, inputs, ids: np.ndarray) -> dict:
+        """``batch`` after refusing candidate ids outside the catalog."""
         if ids.min() < 0 or ids.max() >= self.catalog_rows:
             raise RequestError("candidate ids hold an item id outside the catalog")
-        return self._predict(self.batch(inputs, ids))
+        return self.batch(inputs, ids)
+
+    def outputs(self, inputs, ids: np.ndarray) -> dict:
+        """The model's outputs (``{head: scores}``) for the candidates ``ids`` of the request's user."""
+        return self._predict(self.checked_batch(inputs, ids))
 
 
 class LightRanker(_RankerStage):
@@ -334,9 +338,7 @@ class HeavyRanker(_RankerStage):
         ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return {"heavy_scores": np.zeros(0, dtype=np.float32)}
-        if ids.min() < 0 or ids.max() >= self.catalog_rows:
-            raise RequestError("candidate ids hold an item id outside the catalog")
-        batch = self.batch(inputs, ids)
+        batch = self.checked_batch(inputs, ids)
         targets = list(self.weights)
         members = [head_outputs(member(batch), targets) for member in self.members]
         heads = {t: np.mean([m[t] for m in members], axis=0) for t in targets}
