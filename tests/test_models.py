@@ -305,14 +305,14 @@ def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_
     import copy
     import filecmp
 
+    from configs import HeavyRankerMemberConfig
     from evaluation import offline
     from models.train import train_all
     from serving.export import export_repository
 
     config = copy.deepcopy(small_config)
     config.candidate_generator.epochs = config.light_ranker.epochs = config.heavy_ranker.epochs = 1
-    config.heavy_ranker.members = [type(config.heavy_ranker.members[0])(),
-                                   type(config.heavy_ranker.members[0])(hard_negatives=10)]
+    config.heavy_ranker.members = [HeavyRankerMemberConfig(), HeavyRankerMemberConfig(hard_negatives=10)]
     version = train_all(processed, config, tmp_path / "registry", verbose=0)
     spec = version.manifest["heavy_ranker"]
     assert spec["members"] == ["heavy_ranker", "heavy_ranker_1"] and spec["hard_negatives"] == [0, 10]
