@@ -60,8 +60,12 @@ class UserSimulator:
     config: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
-        items = self.world.items.set_index("item_id")
-        self.duration = items["duration_seconds"]
+        # Plain arrays, not a pandas Series: ``react`` runs in many threads at once and pandas' lazily
+        # cached ``Index.is_unique`` is not thread-safe (pandas-dev/pandas#21150), which made
+        # ``Series.reindex`` fail at random with "cannot reindex on an axis with duplicate labels".
+        order = np.argsort(self.world.items["item_id"].to_numpy())
+        self._item_ids = self.world.items["item_id"].to_numpy()[order].astype(np.int64)
+        self._durations = self.world.items["duration_seconds"].to_numpy()[order].astype(np.float64)
         self.clickbait = set(np.asarray(self.world.truth.clickbait_items).tolist())
 
     def _rng(self, day: int, user_id: int) -> np.random.Generator:
@@ -71,11 +75,12 @@ class UserSimulator:
         """The user's reaction to a slate: arrays (click, watch_seconds, like, share) per position."""
         rng = rng if rng is not None else self._rng(-1, user_id)
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        known = np.isin(item_ids, self.duration.index.to_numpy())
+        at = np.minimum(np.searchsorted(self._item_ids, item_ids), len(self._item_ids) - 1)
+        known = self._item_ids[at] == item_ids
         affinity = np.full(len(item_ids), -3.0)  # an id the world does not know is of no interest
         if known.any():
             affinity[known] = self.world.true_affinity(np.full(known.sum(), user_id), item_ids[known], at_end=True)
-        duration = self.duration.reindex(item_ids).fillna(60).to_numpy()
+        duration = np.where(known, self._durations[at], 60.0)  # 60 s for an id the world does not know
         bait = np.isin(item_ids, list(self.clickbait))
         examine = self.config.position_decay ** np.arange(len(item_ids))
         return respond(affinity, duration, bait, self.synthetic, rng, position_bias=examine)

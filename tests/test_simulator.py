@@ -1,4 +1,5 @@
 """The user simulator reacts by the ground truth: better slates earn more clicks and more returns."""
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,3 +51,33 @@ def test_unknown_item_ids_get_no_interest(world):
     sim = UserSimulator(world, CFG, SimulationConfig(seed=2))
     click, watch, like, share = sim.react(1, np.array([10**9] * 50))
     assert click.mean() < 0.05 and watch.sum() < 50 * 60
+
+
+def test_reactions_are_safe_to_compute_from_many_threads_at_once(world):
+    """``run`` serves users from a thread pool. A shared pandas lookup made the first concurrent
+    ``react`` calls fail in about 7% of fresh simulators (pandas' ``Index.is_unique`` race); every
+    fresh simulator here is hit by 8 threads released together and must answer as one thread does."""
+    items = np.concatenate([world.items["item_id"].to_numpy()[:20], [10**9]])
+    users = range(1, 9)
+    sequential = UserSimulator(world, CFG, SimulationConfig(seed=2))
+    expected = {u: sequential.react(u, items) for u in users}
+    for _ in range(100):
+        sim = UserSimulator(world, CFG, SimulationConfig(seed=2))
+        barrier, results, errors = threading.Barrier(len(users)), {}, []
+
+        def react(user):
+            barrier.wait()
+            try:
+                results[user] = sim.react(user, items)
+            except Exception as error:  # collected: an exception in a thread would not fail the test
+                errors.append(error)
+
+        threads = [threading.Thread(target=react, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for u in users:
+            for got, want in zip(results[u], expected[u]):
+                np.testing.assert_array_equal(got, want)
