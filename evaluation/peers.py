@@ -63,8 +63,10 @@ class ALS:
         from implicit.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        self.model = AlternatingLeastSquares(**self.params)
-        with threadpool_limits(1, "blas"):  # implicit's own threads; BLAS threads would oversubscribe
+        # implicit's own threads; BLAS threads would oversubscribe. The constructor checks the BLAS
+        # config (and warns), so it is built inside the limit too.
+        with threadpool_limits(1, "blas"):
+            self.model = AlternatingLeastSquares(**self.params)
             self.model.fit(train.astype(np.float32).tocsr(), show_progress=False)
         return self
 
