@@ -63,10 +63,11 @@ class UserSimulator:
         # Plain arrays, not a pandas Series: ``react`` runs in many threads at once and pandas' lazily
         # cached ``Index.is_unique`` is not thread-safe (pandas-dev/pandas#21150), which made
         # ``Series.reindex`` fail at random with "cannot reindex on an axis with duplicate labels".
-        order = np.argsort(self.world.items["item_id"].to_numpy())
-        self._item_ids = self.world.items["item_id"].to_numpy()[order].astype(np.int64)
+        ids = self.world.items["item_id"].to_numpy()
+        order = np.argsort(ids)
+        self._item_ids = ids[order].astype(np.int64)
         self._durations = self.world.items["duration_seconds"].to_numpy()[order].astype(np.float64)
-        self.clickbait = set(np.asarray(self.world.truth.clickbait_items).tolist())
+        self._clickbait = np.unique(np.asarray(self.world.truth.clickbait_items, dtype=np.int64))
 
     def _rng(self, day: int, user_id: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, day + 1, int(user_id)])  # day -1: outside a run
@@ -81,7 +82,7 @@ class UserSimulator:
         if known.any():
             affinity[known] = self.world.true_affinity(np.full(known.sum(), user_id), item_ids[known], at_end=True)
         duration = np.where(known, self._durations[at], 60.0)  # 60 s for an id the world does not know
-        bait = np.isin(item_ids, list(self.clickbait))
+        bait = np.isin(item_ids, self._clickbait)
         examine = self.config.position_decay ** np.arange(len(item_ids))
         return respond(affinity, duration, bait, self.synthetic, rng, position_bias=examine)
 
