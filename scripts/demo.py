@@ -118,7 +118,7 @@ def main() -> None:
     try:
         with steps("Starting tritonserver"):
             server.start()
-            print(f"      ready: grpc {server.grpc_url}, metrics {server.metrics_url}")
+            print(f"      ready, listening on {server.listening()}")
 
         with steps("Querying the funnel over gRPC"):
             users = args.users or [*data.users["user_id"].head(3).tolist(), int(data.users["user_id"].max()) + 1000]

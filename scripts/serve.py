@@ -5,6 +5,11 @@ Finds the binary, prepares the Python-backend stub for this interpreter, sets th
 waits until every model is ready, then prints the gRPC, HTTP and metrics addresses. With
 --supervise, a probe request runs through the funnel every second and the server is restarted on the
 same ports when it stops answering (e.g. a stage's stub process died).
+
+It listens on 127.0.0.1 only unless --host says otherwise (--host 0.0.0.0 exposes it to the network:
+give gRPC TLS with --tls-cert/--tls-key, or put a TLS proxy in front; see docs/security.md).
+Loading, unloading and reconfiguring models need the deployment's admin key, written on first start
+to <model-repository>-admin.key (mode 0600).
 """
 import argparse
 import signal
@@ -19,11 +24,16 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address gRPC, HTTP and metrics bind to (default: loopback only; 0.0.0.0 = every interface)")
+    parser.add_argument("--tls-cert", help="PEM certificate: gRPC speaks TLS (use with --tls-key when exposing)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--log", help="server log file (default: a temporary file)")
     parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
     args = parser.parse_args()
     server = TritonServer(
-        args.model_repository, args.grpc_port, args.http_port, args.metrics_port, log_path=args.log
+        args.model_repository, args.grpc_port, args.http_port, args.metrics_port, log_path=args.log, host=args.host,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -34,8 +44,7 @@ def main() -> None:
             from serving.supervisor import Supervisor
 
             supervisor = Supervisor(server).start()
-        print(f"tritonserver ready: grpc {server.grpc_url}  http 127.0.0.1:{server.http_port}  "
-              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+        print(f"tritonserver ready, listening on {server.listening()}  log {server.log_path}", flush=True)
         while not stop.wait(1.0):
             if supervisor is None and server.process.poll() is not None:
                 print(f"tritonserver exited:\n{server.log_tail()}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from online.assignment import Rollout
 from serving.ab_router import EXPERIMENT_FILE, ROUTER, ensemble_name
 from serving.export import _check_complete
+from serving.security import ControlClient
 
 
 def _router_versions(repo: Path) -> list[int]:
@@ -38,8 +39,6 @@ def current_rollout(repo: str | Path) -> Rollout | None:
 
 def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
     """Serve ``rollout`` from a new router version; return the router version."""
-    import tritonclient.grpc as grpcclient
-
     from serving.rollout import _wait_ready, load_version
 
     repo = Path(repo).resolve()
@@ -48,7 +47,7 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
         if not (repo / ensemble_name(version)).is_dir():
             raise FileNotFoundError(f"model version {version} is not in {repo}; add it first (serving.rollout.add_version)")
         _check_complete(repo, str(version))
-    client = grpcclient.InferenceServerClient(grpc_url)
+    client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
     try:
         for version in versions:
             if not client.is_model_ready(ensemble_name(version)):

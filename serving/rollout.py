@@ -28,6 +28,7 @@ from pathlib import Path
 from models.registry import ModelVersion
 from serving.ab_router import ensemble_name
 from serving.export import ENSEMBLE, STAGE_ARTIFACTS, _check_complete, export_repository, pin_ensemble
+from serving.security import ControlClient
 
 STAGES = list(STAGE_ARTIFACTS)
 
@@ -96,11 +97,9 @@ def load_version(client, version: int, timeout_s: float = 300.0) -> None:
 
 def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
     """Switch the served funnel to ``version`` (already added to ``repo``) without downtime."""
-    import tritonclient.grpc as grpcclient
-
     repo = Path(repo).resolve()
     _check_complete(repo, str(version))
-    client = grpcclient.InferenceServerClient(grpc_url)
+    client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
     try:
         load_version(client, version, timeout_s)
         ensemble = repo / ENSEMBLE
@@ -124,8 +123,6 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
 
 def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     """Unload and delete an old version that the ensemble no longer calls."""
-    import tritonclient.grpc as grpcclient
-
     from serving.experiments import current_rollout
 
     repo = Path(repo).resolve()
@@ -134,7 +131,7 @@ def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     in_experiment = current_rollout(repo)
     if in_experiment is not None and int(version) in {*in_experiment.versions.values(), in_experiment.control_version}:
         raise ValueError(f"version {version} still serves an arm of experiment {in_experiment.experiment.name!r}")
-    client = grpcclient.InferenceServerClient(grpc_url)
+    client = ControlClient(grpc_url, repo)
     try:
         if (repo / ensemble_name(version)).exists():
             client.unload_model(ensemble_name(version))

@@ -10,7 +10,10 @@ What it takes to run that binary on our own model repository (see ENVIRONMENT-NO
   and must see this environment's packages (TensorFlow, Merlin, faiss, this project).
 
 ``TritonServer`` does all of that, picks free ports, waits until the server is ready and on ``stop``
-terminates the whole process group, so no server or stub process outlives it.
+terminates the whole process group, so no server or stub process outlives it. Secure by default
+(``serving/security.py``, ``docs/security.md``): gRPC, HTTP and metrics listen on ``127.0.0.1``
+unless ``host`` says otherwise, and the control plane (model load/unload, configuration, ...) takes
+only requests that carry the deployment's admin key.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from serving import security
+
+LOOPBACK = "127.0.0.1"
 
 
 class ServerError(RuntimeError):
@@ -94,6 +101,9 @@ class TritonServer:
         startup_timeout: float = 420.0,
         log_verbose: int = 0,
         model_control: str = "explicit",
+        host: str = LOOPBACK,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -108,30 +118,67 @@ class TritonServer:
         # explicit: every model loads at start (--load-model=*) and new versions are rolled in
         # through the load API (serving/rollout.py) instead of the server polling the folder.
         self.model_control = model_control
+        # Where gRPC, HTTP and metrics listen: loopback unless the caller deliberately exposes them.
+        self.host = host
+        # gRPC over TLS (Triton's --grpc-use-ssl): PEM certificate and key files, both or neither.
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        self.tls_cert = Path(tls_cert).resolve() if tls_cert else None
+        self.tls_key = Path(tls_key).resolve() if tls_key else None
+        for path in filter(None, (self.tls_cert, self.tls_key)):
+            if not path.is_file():
+                raise FileNotFoundError(f"TLS file {path} does not exist")
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
     @property
+    def _connect_host(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind answers on loopback)."""
+        return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._connect_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._connect_host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self._connect_host}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_key(self) -> str:
+        """The key the control plane of this server expects (``serving/security.py``)."""
+        return security.read_admin_key(self.model_repository)
+
+    def listening(self) -> str:
+        """What the server really listens on, for startup messages."""
+        return (f"grpc{'+tls' if self.tls_cert else ''} {self.host}:{self.grpc_port}  http {self.host}:{self.http_port}  "
+                f"metrics {self.host}:{self.metrics_port}  (control plane locked; admin key: "
+                f"{security.key_location(self.model_repository)})")
 
     def command(self) -> list[str]:
         backends = prepare_backend_dir(self._workdir / "backends")
         cache = self._workdir / "cache"
         cache.mkdir(exist_ok=True)
+        key = security.ensure_admin_key(self.model_repository)
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
             f"--cache-directory={cache}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
+            *security.server_flags(key),
+            *(["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}", f"--grpc-server-key={self.tls_key}"]
+              if self.tls_cert else []),
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",
@@ -158,10 +205,11 @@ class TritonServer:
         return self
 
     def wait_until_ready(self) -> None:
-        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
 
         deadline = time.monotonic() + self.startup_timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        # Asked over HTTP, which answers the same whether or not gRPC speaks TLS.
+        client = httpclient.InferenceServerClient(self.http_url)
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -215,13 +263,13 @@ class TritonServer:
 
     def healthy(self, timeout: float = 5.0) -> bool:
         """The process runs and the server and every model report ready (strict readiness)."""
-        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
 
         if self.process is None or self.process.poll() is not None:
             return False
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=timeout, network_timeout=timeout)
         try:
-            return bool(client.is_server_ready(client_timeout=timeout))
+            return bool(client.is_server_ready())
         except Exception:
             return False
         finally:

@@ -15,11 +15,11 @@ from typing import Callable
 from serving.server import TritonServer
 
 
-def funnel_probe(url: str) -> None:
+def funnel_probe(url: str, root_certificates: str | None = None) -> None:
     """One request through every stage (an unknown user still passes all of them); raises on failure."""
     from serving.client import FunnelClient
 
-    with FunnelClient(url, timeout_s=10.0) as client:
+    with FunnelClient(url, timeout_s=10.0, root_certificates=root_certificates) as client:
         client.recommend(user_id=0, k=1)
 
 
@@ -27,11 +27,13 @@ class Supervisor:
     def __init__(
         self,
         server: TritonServer,
-        probe: Callable[[str], None] = funnel_probe,
+        probe: Callable[[str], None] | None = None,
         interval_s: float = 1.0,
         failures: int = 2,
     ):
-        self.server, self.probe = server, probe
+        self.server = server
+        # the funnel probe, over TLS where the server's gRPC speaks it
+        self.probe = probe or (lambda url: funnel_probe(url, server.tls_cert))
         self.interval_s, self.failures = interval_s, failures
         self.restarts = 0
         self.last_error: str | None = None

@@ -1,0 +1,156 @@
+"""Who may change what is served: the deployment's admin key and the endpoints it unlocks.
+
+Every tritonserver the project starts (``serving.server.TritonServer``) listens on loopback unless
+asked otherwise, and restricts Triton's control plane to requests that carry the deployment's
+admin key in a header (Triton's ``--grpc-restricted-protocol`` / ``--http-restricted-api``):
+
+    locked (key required)   model-repository (index, load -- including uploaded model files --,
+                            unload), model-config, shared-memory, statistics, trace, logging
+    open                    inference (the funnel, the A/B router, the feedback endpoint), health,
+                            metadata, and the Prometheus metrics endpoint
+
+The key is generated once per deployment and kept in a file beside the model repository
+(``<repository>-admin.key``, mode 0600, never inside the repository, which an export replaces), or
+given in the environment (``FUNNEL_ADMIN_KEY``, which wins over the file). The project's own tools
+(rollout, experiments, retraining) find it from the repository path they already take, so callers
+change nothing. ``docs/security.md`` says how to expose a server and how to rotate the key.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+ADMIN_KEY_ENV = "FUNNEL_ADMIN_KEY"
+# The HTTP header that carries the key. For gRPC Triton prefixes the name it was given
+# (measured on tritonserver 2.51: "expecting header 'triton-grpc-protocol-funnel-admin-key'").
+ADMIN_HEADER = "funnel-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+# Triton's names for the APIs that change or reveal the deployment (``tritonserver --help``).
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+MIN_KEY_LENGTH = 16
+
+
+class AdminKeyError(RuntimeError):
+    """No usable admin key: missing, too short, or readable by other users."""
+
+
+def admin_key_path(repository: str | Path) -> Path:
+    """``<repository>-admin.key`` beside the model repository."""
+    repository = Path(repository).resolve()
+    return repository.parent / f"{repository.name}-admin.key"
+
+
+def key_location(repository: str | Path) -> str:
+    """Where the key of ``repository`` comes from, for messages (never the key itself)."""
+    return f"${ADMIN_KEY_ENV}" if os.environ.get(ADMIN_KEY_ENV) else str(admin_key_path(repository))
+
+
+def _checked(key: str, source: str) -> str:
+    key = key.strip()
+    if len(key) < MIN_KEY_LENGTH or any(c in key for c in ",:= \t\n"):
+        raise AdminKeyError(f"the admin key from {source} must be at least {MIN_KEY_LENGTH} characters "
+                            "without spaces, ',', ':' or '='")
+    return key
+
+
+def read_admin_key(repository: str | Path) -> str:
+    """The deployment's key: ``$FUNNEL_ADMIN_KEY``, else the key file beside ``repository``."""
+    if os.environ.get(ADMIN_KEY_ENV):
+        return _checked(os.environ[ADMIN_KEY_ENV], f"${ADMIN_KEY_ENV}")
+    path = admin_key_path(repository)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AdminKeyError(f"no admin key for {Path(repository).resolve()}: {path} does not exist and "
+                            f"${ADMIN_KEY_ENV} is not set (the server writes the file when it first starts)") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AdminKeyError(f"{path} is readable by other users (mode {stat.filemode(mode)}); run: chmod 600 {path}")
+    return _checked(path.read_text(), str(path))
+
+
+def write_admin_key(repository: str | Path, key: str | None = None) -> Path:
+    """Write ``key`` (a fresh 256-bit one by default) to the key file, mode 0600, atomically.
+
+    Used on a server's first start and to rotate the key (then restart the server)."""
+    path = admin_key_path(repository)
+    key = _checked(key if key is not None else secrets.token_urlsafe(32), "the new key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (key + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_admin_key(repository: str | Path) -> str:
+    """The key a server for ``repository`` starts with, created on first use."""
+    if not os.environ.get(ADMIN_KEY_ENV) and not admin_key_path(repository).exists():
+        write_admin_key(repository)
+    return read_admin_key(repository)
+
+
+def server_flags(key: str) -> list[str]:
+    """tritonserver options that lock ``RESTRICTED_APIS`` behind ``key`` on gRPC and HTTP."""
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}",
+            f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}"]
+
+
+def grpc_headers(key: str) -> dict[str, str]:
+    return {GRPC_ADMIN_HEADER: key}
+
+
+def http_headers(key: str) -> dict[str, str]:
+    return {ADMIN_HEADER: key}
+
+
+class ControlClient:
+    """A ``tritonclient.grpc`` client for the control plane: every call carries the admin key.
+
+        with ControlClient(grpc_url, repository) as control:
+            control.load_model("retrieval")
+
+    ``repository`` finds the key (``read_admin_key``); pass ``key`` to give it directly. Methods
+    not listed here are the plain client's (health and metadata need no key).
+    """
+
+    _KEYED = ("load_model", "unload_model", "get_model_repository_index", "get_model_config",
+              "get_inference_statistics", "update_log_settings", "get_log_settings",
+              "update_trace_settings", "get_trace_settings")
+
+    def __init__(self, grpc_url: str, repository: str | Path | None = None, key: str | None = None):
+        import tritonclient.grpc as grpcclient
+
+        if key is None:
+            if repository is None:
+                raise ValueError("ControlClient needs the model repository (to find its key) or the key")
+            key = read_admin_key(repository)
+        self._headers = grpc_headers(key)
+        self.client = grpcclient.InferenceServerClient(grpc_url)
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if name in self._KEYED:
+            headers = self._headers
+
+            def keyed(*args, **kwargs):
+                kwargs["headers"] = {**(kwargs.get("headers") or {}), **headers}
+                return attr(*args, **kwargs)
+
+            return keyed
+        return attr
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""The deployment's admin key and the server's secure defaults, without starting a server."""
+import os
+import stat
+
+import pytest
+
+from serving import security
+
+
+@pytest.fixture(autouse=True)
+def no_key_in_env(monkeypatch):
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+
+
+def test_a_key_is_created_once_beside_the_repository_readable_by_its_owner_only(tmp_path):
+    repo = tmp_path / "triton_repo"
+    repo.mkdir()
+    key = security.ensure_admin_key(repo)
+    path = security.admin_key_path(repo)
+    assert path == tmp_path / "triton_repo-admin.key" and path.parent != repo  # survives re-exports
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(key) >= 40 and security.ensure_admin_key(repo) == key == security.read_admin_key(repo)
+    # rotating writes a new key in place (the server takes it at its next start)
+    security.write_admin_key(repo)
+    assert security.read_admin_key(repo) != key and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    security.write_admin_key(repo)
+    os.chmod(security.admin_key_path(repo), 0o644)
+    with pytest.raises(security.AdminKeyError, match="readable by other users.*chmod 600"):
+        security.read_admin_key(repo)
+
+
+def test_missing_and_weak_keys_are_named(tmp_path, monkeypatch):
+    with pytest.raises(security.AdminKeyError, match="does not exist and \\$FUNNEL_ADMIN_KEY is not set"):
+        security.read_admin_key(tmp_path / "repo")
+    with pytest.raises(security.AdminKeyError, match="at least 16 characters"):
+        security.write_admin_key(tmp_path / "repo", "short")
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, "key,with:separators=bad")
+    with pytest.raises(security.AdminKeyError, match="FUNNEL_ADMIN_KEY"):
+        security.read_admin_key(tmp_path / "repo")
+
+
+def test_the_environment_key_wins_and_no_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
+    repo = tmp_path / "repo"
+    assert security.ensure_admin_key(repo) == "k" * 32
+    assert not security.admin_key_path(repo).exists()
+    assert security.key_location(repo) == "$FUNNEL_ADMIN_KEY"
+
+
+def test_the_server_binds_loopback_and_locks_the_control_plane_unless_asked(tmp_path):
+    from serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo)
+    try:
+        cmd = server.command()
+    except FileNotFoundError as err:  # nvidia-pytriton missing: the command cannot be built
+        pytest.skip(str(err))
+    key = security.read_admin_key(repo)
+    for flag in ("--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"):
+        assert flag in cmd
+    apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    assert f"--grpc-restricted-protocol={apis}:funnel-admin-key={key}" in cmd
+    assert f"--http-restricted-api={apis}:funnel-admin-key={key}" in cmd
+    assert server.grpc_url.startswith("127.0.0.1:")
+    exposed = TritonServer(repo, host="0.0.0.0")
+    assert "--grpc-address=0.0.0.0" in exposed.command() and exposed.grpc_url.startswith("127.0.0.1:")
+    assert "grpc 0.0.0.0:" in exposed.listening()
+    server.cleanup()
+    exposed.cleanup()
+
+
+def test_control_client_sends_the_key_on_control_calls_only(tmp_path):
+    repo = tmp_path / "repo"
+    security.write_admin_key(repo, "s" * 24)
+    control = security.ControlClient("127.0.0.1:1", repo)
+    seen = {}
+
+    class Fake:
+        def load_model(self, name, headers=None):
+            seen["load"] = headers
+
+        def is_model_ready(self, name, headers=None):
+            seen["ready"] = headers
+
+    control.client = Fake()
+    control.load_model("funnel")
+    control.is_model_ready("funnel")
+    assert seen == {"load": {"triton-grpc-protocol-funnel-admin-key": "s" * 24}, "ready": None}
+
+
+ECHO_CONFIG = """name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "user_id" data_type: TYPE_INT64 dims: [ 1 ] } ]
+output [ { name: "user_id_out" data_type: TYPE_INT64 dims: [ 1 ] } ]
+"""
+ECHO_MODEL = """import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("user_id_out",
+                pb_utils.get_input_tensor_by_name(r, "user_id").as_numpy())]) for r in requests]
+"""
+
+
+def self_signed(folder):
+    """A certificate for 127.0.0.1 signed by its own key (its own root), as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "server.crt", folder / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.slow
+def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
+    """A tiny one-model repository, so the real server starts in seconds."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    cert, key = self_signed(tmp_path)
+    with TritonServer(repo, tls_cert=cert, tls_key=key, log_path=tmp_path / "server.log") as server:
+        assert server.listening().startswith("grpc+tls 127.0.0.1:")
+        value = grpcclient.InferInput("user_id", [1], "INT64")
+        value.set_data_from_numpy(np.array([7], dtype=np.int64))
+        tls = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(cert))
+        assert tls.infer("echo", [value]).as_numpy("user_id_out").tolist() == [7]
+        plain = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException):
+            plain.infer("echo", [value], client_timeout=5)
+        tls.close()
+        plain.close()
+        assert server.healthy()
