@@ -413,11 +413,18 @@ class ServingConfig:
     retrieval_k: int = 300  # candidates the ANN stage passes on
     light_ranker_k: int = 100  # candidates the light ranker keeps for the heavy ranker
     max_k: int = 100  # largest k a request may ask for
+    max_excluded_items: int = 10_000  # longest exclude_item_ids a request may send (INVALID_ARGUMENT above)
     exact_index_max_items: int = 100_000  # exact inner-product search below this catalog size
     fallback_window_days: float = 7.0  # recency half-life of the popularity fallback
     fallback_content_column: str = "category"  # items never clicked get their category's popularity...
     fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
+
+    def __post_init__(self):
+        if self.max_k < 1:
+            raise ValueError(f"serving.max_k must be >= 1, got {self.max_k}")
+        if self.max_excluded_items < 0:
+            raise ValueError(f"serving.max_excluded_items must be >= 0, got {self.max_excluded_items}")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
         # Ask for more than k when the protocol excludes items the funnel's own history does not
         # hold (validation items), then drop them: as if the online store knew them.
         excluded = data.item_ids[seen[row]] if data.also_seen is not None else np.zeros(0, dtype=np.int64)
-        out = offline.run_funnel(stages, int(user), min(k + len(excluded), stages[-1].max_k))
+        out = offline.run_funnel(stages, int(user), min(k + len(excluded), stages[-1].limits.max_k))
         items = np.asarray(out["item_ids"])
         finals.append(items[~np.isin(items, excluded)][:k])
         for key, value in out.items():

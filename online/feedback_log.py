@@ -3,7 +3,8 @@
 SQLite in WAL mode with ``synchronous=FULL``: a call returns only after its transaction is on disk,
 so a process killed mid-stream loses nothing it acknowledged (the kill test in
 ``tests/test_feedback_log.py`` checks exactly that). Many processes may append at once; readers
-never block writers.
+never block writers. A feedback event is stored once per (request, item, event): the same event
+sent again (a client's retry, a replay) is ignored, and ``log_feedback_many`` returns only the new ones.
 
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
@@ -32,6 +33,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     event TEXT NOT NULL, value REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
 """
+# Logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
+DROP_REPEATS = ("DELETE FROM feedback WHERE rowid NOT IN "
+                "(SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)")
+UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX feedback_once ON feedback (request_id, item_id, event)"
 
 
 class FeedbackLog:
@@ -43,6 +48,10 @@ class FeedbackLog:
         self._con.execute("PRAGMA synchronous=FULL")
         self._con.executescript(SCHEMA)
         self._lock = threading.Lock()  # one connection, many threads: one transaction at a time
+        with self._transaction():  # BEGIN IMMEDIATE: one process at a time checks and creates it
+            if not self._con.execute("SELECT 1 FROM sqlite_master WHERE name = 'feedback_once'").fetchone():
+                self._con.execute(DROP_REPEATS)
+                self._con.execute(UNIQUE_FEEDBACK)
 
     def log_impressions(self, request_id: str, user_id: int, item_ids: Sequence[int], model_version: str,
                         arm: str, served_by: str, ts: float | None = None) -> None:
@@ -54,18 +63,27 @@ class FeedbackLog:
             self._con.executemany("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def log_feedback(self, request_id: str, user_id: int, item_id: int, event: str, value: float = 1.0,
-                     ts: float | None = None) -> None:
-        self.log_feedback_many([(request_id, user_id, item_id, event, value)], ts)
+                     ts: float | None = None) -> bool:
+        """Store one event; False if the same event for this request and item was already stored."""
+        return bool(self.log_feedback_many([(request_id, user_id, item_id, event, value)], ts))
 
-    def log_feedback_many(self, events: Iterable[tuple], ts: float | None = None) -> None:
+    def log_feedback_many(self, events: Iterable[tuple], ts: float | None = None) -> list[tuple]:
+        """Store ``(request_id, user_id, item_id, event, value)`` events in one transaction; return
+        those that were new (an event already stored for the same request and item is ignored)."""
         ts = time.time() if ts is None else ts
         rows = []
         for request_id, user_id, item_id, event, value in events:
             if event not in EVENTS:
                 raise ValueError(f"unknown feedback event {event!r}; expected one of {EVENTS}")
-            rows.append((request_id, ts, int(user_id), int(item_id), event, float(value)))
+            rows.append((request_id, int(user_id), int(item_id), event, float(value)))
+        stored = []
         with self._transaction():
-            self._con.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", rows)
+            for request_id, user_id, item_id, event, value in rows:
+                cursor = self._con.execute("INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                                           (request_id, ts, user_id, item_id, event, value))
+                if cursor.rowcount == 1:
+                    stored.append((request_id, user_id, item_id, event, value))
+        return stored
 
     def _transaction(self):
         con = self._con

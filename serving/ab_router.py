@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
+import secrets
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from online.assignment import Rollout
-from online.feedback_log import EVENTS, FeedbackLog
-from serving.stages import RequestError
+from online.feedback_log import EVENTS, SIGNALS, FeedbackLog
+from serving.request import RequestError, RequestLimits, scalar
+from serving.stages import MANIFEST, load_manifest
 
 ROUTER = "ab_router"
 FEEDBACK = "feedback"
@@ -54,15 +56,27 @@ def feedback_log_path(repository: str | Path) -> Path:
     return repository.parent / f"{repository.name}-feedback.sqlite"
 
 
-def _one(inputs: dict, name: str, kind: str) -> np.ndarray:
-    if name not in inputs:
-        raise RequestError(f"missing input '{name}'")
-    value = np.asarray(inputs[name])
-    if value.size != 1:
-        raise RequestError(f"'{name}' must hold exactly one value, got shape {list(value.shape)}")
-    if kind == "int" and not np.issubdtype(value.dtype, np.integer):
-        raise RequestError(f"'{name}' must be an integer, got {value.dtype}")
-    return value.reshape(-1)
+class FunnelFault(RuntimeError):
+    """The arm's funnel failed on a request the router had checked: the server's fault (INTERNAL)."""
+
+
+def limits_from_repository(repository: str | Path) -> Callable[[int], RequestLimits]:
+    """``version -> RequestLimits`` read from that version's exported manifest in ``repository``."""
+    repository = Path(repository)
+
+    @lru_cache(maxsize=None)
+    def limits(version: int) -> RequestLimits:
+        folder = repository / "ordering" / str(int(version))
+        if not (folder / MANIFEST).exists():
+            raise FunnelFault(f"model version {version} has no exported manifest in {repository}")
+        return RequestLimits.from_serving(load_manifest(folder)["config"]["serving"])
+
+    return limits
+
+
+def new_request_id() -> str:
+    """128 random bits: feedback quotes it, so it must not be guessable."""
+    return secrets.token_hex(16)
 
 
 def _text(value) -> str:
@@ -73,29 +87,33 @@ class ABRouter:
     """Route one request to its arm's funnel and log what was served.
 
     ``infer(model_name, inputs) -> outputs`` runs a funnel (Triton BLS in the server, the stage
-    classes in-process in tests); it raises ``RequestError`` with the funnel's message on a bad request.
+    classes in-process in tests). The request is checked against ``limits(version)`` of its arm's
+    version first (``serving/request.py``; default: the configuration's defaults), so a malformed one
+    is refused here with ``RequestError`` and never reaches the funnel.
     """
 
-    def __init__(self, artifacts: str | Path, log_path: str | Path, infer: Callable[[str, dict], dict]):
+    def __init__(self, artifacts: str | Path, log_path: str | Path, infer: Callable[[str, dict], dict],
+                 limits: Callable[[int], RequestLimits] | None = None):
         artifacts = Path(artifacts)
         self.rollout = Rollout.from_dict(json.loads((artifacts / EXPERIMENT_FILE).read_text()))
         self.log = FeedbackLog(log_path)
         self.infer = infer
+        self.limits = limits or (lambda version: RequestLimits())
 
     @property
     def experiment(self) -> str:
         return self.rollout.experiment.name
 
     def run(self, inputs: dict) -> dict:
-        user = _one(inputs, "user_id", "int")
-        k = _one(inputs, "k", "int")
-        arm, version = self.rollout.version_for(int(user[0]))
-        request = {"user_id": user.astype(np.int64), "k": k.astype(np.int32)}
+        user = scalar(inputs, "user_id", int)
+        arm, version = self.rollout.version_for(user)
+        _, k, excluded = self.limits(version).check(inputs)
+        request = {"user_id": np.array([user], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
         if inputs.get("exclude_item_ids") is not None:  # optional context, passed on as given
-            request["exclude_item_ids"] = np.asarray(inputs["exclude_item_ids"]).reshape(-1)
+            request["exclude_item_ids"] = excluded
         out = self.infer(ensemble_name(version), request)
-        request_id = uuid.uuid4().hex
-        self.log.log_impressions(request_id, int(user[0]), np.asarray(out["item_ids"]).reshape(-1),
+        request_id = new_request_id()
+        self.log.log_impressions(request_id, user, np.asarray(out["item_ids"]).reshape(-1),
                                  _text(np.asarray(out["model_version"]).reshape(-1)[0]), arm,
                                  _text(np.asarray(out["served_by"]).reshape(-1)[0]))
         return {**{n: out[n] for n in FUNNEL_OUTPUTS},
@@ -107,13 +125,18 @@ class ABRouter:
 
 
 class FeedbackService:
-    """Validate a client's reactions to one response and append them to the feedback log."""
+    """Validate a client's reactions to one response and append them to the feedback log.
+
+    Each (request, item, event) is stored once: a client's retry or a replay of the same event is
+    acknowledged but neither stored nor counted again (``accepted`` says how many were new), so
+    retries cannot inflate an experiment's CTR. A request may carry at most one entry per signal
+    per item the response showed, plus one churn."""
 
     def __init__(self, log_path: str | Path):
         self.log = FeedbackLog(log_path)
 
     def run(self, inputs: dict) -> dict:
-        request_id = _text(_one(inputs, "request_id", "bytes")[0])
+        request_id = _text(scalar(inputs, "request_id", lambda v: v))
         for name in ("item_ids", "events", "values"):
             if name not in inputs:
                 raise RequestError(f"missing input '{name}'")
@@ -134,14 +157,18 @@ class FeedbackService:
         if served is None:
             raise RequestError(f"unknown request_id {request_id!r}: no response with that id was logged")
         shown = set(served["item_ids"])
+        most = len(shown) * len(SIGNALS) + 1
+        if len(items) > most:
+            raise RequestError(f"feedback holds {len(items)} events, but response {request_id} showed "
+                               f"{len(shown)} items: at most {most} (one per signal per item, one churn)")
         not_shown = sorted({int(i) for i, e in zip(items, events) if e != "churn" and int(i) not in shown})
         if not_shown:
             raise RequestError(f"item(s) {not_shown[:10]} were not in response {request_id}")
-        self.log.log_feedback_many(zip([request_id] * len(items), [served["user_id"]] * len(items),
-                                       items.tolist(), events, values.tolist()))
-        return {"accepted": np.array([len(items)], dtype=np.int32),
+        stored = self.log.log_feedback_many(zip([request_id] * len(items), [served["user_id"]] * len(items),
+                                                items.tolist(), events, values.tolist()))
+        return {"accepted": np.array([len(stored)], dtype=np.int32),
                 "arm": np.array([served["arm"].encode()], dtype=object),
-                "_events": list(zip(events, values.tolist())), "_version": served["model_version"]}
+                "_events": [(event, value) for _, _, _, event, value in stored], "_version": served["model_version"]}
 
     def close(self) -> None:
         self.log.close()

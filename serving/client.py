@@ -1,16 +1,40 @@
 """gRPC clients (tritonclient): ``FunnelClient`` asks the funnel ensemble (or, with
 ``model_name="ab_router"``, the A/B router, whose responses also carry the arm and a request id);
-``send_feedback`` reports what the user did with a router response."""
+``send_feedback`` reports what the user did with a router response.
+
+Errors come as one of two exceptions (both ``tritonclient``'s ``InferenceServerException``):
+``BadRequest`` (``INVALID_ARGUMENT``: the request is wrong, fix it, do not retry) and ``ServerFault``
+(``INTERNAL``, ``UNAVAILABLE``, a timeout, ...: the server's fault, a retry may succeed)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
 MODEL_NAME = "funnel"
 ROUTER = "ab_router"
 FEEDBACK = "feedback"
 STAGE_NAMES = ["catalog", "retrieval", "filters", "light_ranker", "final"]
+
+
+class BadRequest(InferenceServerException):
+    """The server refused the request as malformed (``INVALID_ARGUMENT``); the message names why."""
+
+
+class ServerFault(InferenceServerException):
+    """The server failed to answer a request it accepted (``INTERNAL``, ``UNAVAILABLE``, ...)."""
+
+
+@contextmanager
+def typed_errors():
+    """Re-raise tritonclient's errors as ``BadRequest`` or ``ServerFault`` by their status code."""
+    try:
+        yield
+    except InferenceServerException as err:
+        kind = BadRequest if "INVALID_ARGUMENT" in str(err.status()) else ServerFault
+        raise kind(err.message(), err.status(), err.debug_details()) from err
 
 
 @dataclass
@@ -31,11 +55,15 @@ class Recommendations:
 class FunnelClient:
     """Ask the served funnel for a user's top-k items over gRPC."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout_s: float = 30.0):
+    def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout_s: float = 30.0,
+                 root_certificates: str | None = None):
+        """``root_certificates``: a PEM file that signed the server's certificate, for a server whose
+        gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``, ``docs/security.md``)."""
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
+        tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
+        self.client = grpcclient.InferenceServerClient(url, **tls)
         self.model_name = model_name
         self.timeout_s = timeout_s
 
@@ -55,12 +83,13 @@ class FunnelClient:
         names = ["item_ids", "scores", "model_version", "served_by", "stage_counts"]
         if self.model_name == ROUTER:
             names += ["arm", "request_id"]
-        result = self.client.infer(
-            self.model_name,
-            inputs,
-            outputs=[g.InferRequestedOutput(n) for n in names],
-            client_timeout=self.timeout_s,
-        )
+        with typed_errors():
+            result = self.client.infer(
+                self.model_name,
+                inputs,
+                outputs=[g.InferRequestedOutput(n) for n in names],
+                client_timeout=self.timeout_s,
+            )
         counts = result.as_numpy("stage_counts").tolist()
         return Recommendations(
             user_id=int(user_id),
@@ -75,7 +104,8 @@ class FunnelClient:
 
     def send_feedback(self, request_id: str, item_ids, events, values) -> int:
         """Report reactions to one ``ab_router`` response: ``events[i]`` (click, watch_seconds, like,
-        share or churn) on ``item_ids[i]`` with ``values[i]``; returns how many the server logged."""
+        share or churn) on ``item_ids[i]`` with ``values[i]``; returns how many the server stored
+        (an event it already had for this response and item, e.g. from a retry, is not stored again)."""
         g = self._grpc
         n = len(events)
         tensors = {
@@ -89,8 +119,9 @@ class FunnelClient:
             tensor = g.InferInput(name, list(value.shape), dtype)
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        result = self.client.infer(FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")],
-                                   client_timeout=self.timeout_s)
+        with typed_errors():
+            result = self.client.infer(FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")],
+                                       client_timeout=self.timeout_s)
         return int(result.as_numpy("accepted")[0])
 
     def close(self) -> None:

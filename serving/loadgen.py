@@ -27,6 +27,7 @@ MALFORMED = {
     "k_bytes": "k sent as a string",
     "exclude_fp32": "exclude_item_ids (optional context) sent as FP32",
     "exclude_2d": "exclude_item_ids with shape [2, 1]",
+    "exclude_too_many": "exclude_item_ids longer than serving.max_excluded_items",
 }
 
 
@@ -65,7 +66,7 @@ class LoadReport:
         return out
 
 
-def build_inputs(grpcclient, request: Request, max_k: int) -> list:
+def build_inputs(grpcclient, request: Request, max_k: int, max_excluded: int = 10_000) -> list:
     """The input tensors for ``request``; malformed kinds break exactly one thing."""
     kind = request.malformed
     user = np.array([request.user_id], dtype=np.int64)
@@ -95,8 +96,10 @@ def build_inputs(grpcclient, request: Request, max_k: int) -> list:
         ki = grpcclient.InferInput("k", [1], "INT32")
         ki.set_data_from_numpy(k)
         inputs.append(ki)
-    if kind in ("exclude_fp32", "exclude_2d"):
-        excluded = np.array([1.0, 2.0], dtype=np.float32) if kind == "exclude_fp32" else np.array([[1], [2]], dtype=np.int64)
+    if kind in ("exclude_fp32", "exclude_2d", "exclude_too_many"):
+        excluded = {"exclude_fp32": np.array([1.0, 2.0], dtype=np.float32),
+                    "exclude_2d": np.array([[1], [2]], dtype=np.int64),
+                    "exclude_too_many": np.arange(max_excluded + 1, dtype=np.int64)}[kind]
         ex = grpcclient.InferInput("exclude_item_ids", list(excluded.shape), dtype_name[excluded.dtype])
         ex.set_data_from_numpy(excluded)
         inputs.append(ex)
@@ -118,6 +121,7 @@ def run_load(
     requests: list[Request],
     concurrency: int = 8,
     max_k: int = 100,
+    max_excluded: int = 10_000,
     model_name: str = "funnel",
     timeout_s: float = 30.0,
     keep_outputs: bool = True,
@@ -155,7 +159,7 @@ def run_load(
             slots.acquire()
             start = time.perf_counter()
             try:
-                inputs = build_inputs(grpcclient, request, max_k)
+                inputs = build_inputs(grpcclient, request, max_k, max_excluded)
                 client.async_infer(
                     model_name, inputs, callback=lambda result, error, i=i, s=start: finish(i, s, result, error),
                     outputs=outputs, client_timeout=timeout_s,

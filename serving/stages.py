@@ -28,27 +28,14 @@ import numpy as np
 import pandas as pd
 
 from serving.fast_inference import ServingFunction
+from serving.request import RequestError, RequestLimits, scalar
 
 MANIFEST = "manifest.json"
 OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
 
 
-class RequestError(ValueError):
-    """The request is malformed; the message names the problem and is returned to the client."""
-
-
 def load_manifest(artifacts: str | Path) -> dict:
     return json.loads((Path(artifacts) / MANIFEST).read_text())
-
-
-def scalar(inputs: dict, name: str, dtype) -> int:
-    """The single value of input ``name``, with a clear error for empty or multi-valued tensors."""
-    if name not in inputs or inputs[name] is None:
-        raise RequestError(f"missing input '{name}'")
-    value = np.asarray(inputs[name])
-    if value.size != 1:
-        raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
-    return dtype(value.reshape(-1)[0])
 
 
 class Stage:
@@ -202,17 +189,6 @@ class Retrieval(Stage):
         return out
 
 
-def excluded_raw_ids(inputs: dict) -> np.ndarray:
-    """The request's optional ``exclude_item_ids`` (raw item ids never to return); empty if absent."""
-    value = inputs.get("exclude_item_ids")
-    if value is None:
-        return np.zeros(0, dtype=np.int64)
-    value = np.asarray(value)
-    if not np.issubdtype(value.dtype, np.integer):
-        raise RequestError(f"exclude_item_ids must be integer item ids, got {value.dtype}")
-    return value.astype(np.int64).reshape(-1)
-
-
 class Filtering(Stage):
     """Drops candidates the user has already seen and those the request excludes (its context)."""
 
@@ -222,12 +198,13 @@ class Filtering(Stage):
         super().__init__(artifacts)
         items = pd.read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
         self.encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
+        self.limits = RequestLimits.from_serving(self.serving)
 
     def run(self, inputs):
         candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
         seen = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
         keep = ~np.isin(candidates, seen)
-        excluded = excluded_raw_ids(inputs)
+        excluded = self.limits.excluded(inputs)
         if excluded.size:  # ids the catalog does not hold cannot be candidates anyway
             keep &= ~np.isin(candidates, self.encoded_of.reindex(excluded).dropna().to_numpy(np.int64))
         return {"filtered_ids": candidates[keep]}
@@ -364,7 +341,7 @@ class Ordering(Stage):
         self.raw_ids[items["item_id"].values] = items["item_id_raw"].values
         self.catalog_size = int(len(items))
         self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
-        self.max_k = int(self.serving["max_k"])
+        self.limits = RequestLimits.from_serving(self.serving)
         self.items = items
         self.affinity = None  # EASE item-item weights (models/item_affinity.py), where exported
         if (self.artifacts / "item_affinity.json").exists():
@@ -427,9 +404,7 @@ class Ordering(Stage):
     def run(self, inputs):
         from models.fallback import top_popular
 
-        k = scalar(inputs, "k", int)
-        if not 1 <= k <= self.max_k:
-            raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
+        k = self.limits.k(inputs)
         known = bool(np.asarray(inputs["user_known"]).reshape(-1)[0])
         candidates = np.asarray(inputs["candidate_ids"]).reshape(-1)
         filtered = np.asarray(inputs["filtered_ids"]).reshape(-1)
@@ -452,7 +427,7 @@ class Ordering(Stage):
             )
             item_ids, served_by = self.raw_ids[ranked[order]], "model"
         else:
-            excluded = excluded_raw_ids(inputs)
+            excluded = self.limits.excluded(inputs)
             item_ids, out_scores = top_popular(self.popularity, k + excluded.size)
             keep = ~np.isin(item_ids, excluded)
             item_ids, out_scores = np.asarray(item_ids)[keep][:k], np.asarray(out_scores)[keep][:k]

@@ -5,8 +5,9 @@ loads the stage from the model version folder and turns every request into ``sta
 
 Cross-cutting serving concerns live here, not in the stages:
 
-* a malformed request gets a Triton error naming the problem (``RequestError``), any other
-  exception gets an ``internal error`` response: no exception escapes to crash the stub;
+* a malformed request (``serving.request.RequestError``) gets an ``INVALID_ARGUMENT`` error naming
+  the problem, any other exception an ``INTERNAL`` "internal error" response: clients retry only
+  the server's faults, and no exception escapes to crash the stub;
 * every request is timed and counted in the custom metrics of ``serving/metrics.py`` (latency,
   candidates passed on, fallback responses, errors by kind), recorded on a background thread so
   the response does not wait for the metric updates.
@@ -61,7 +62,7 @@ class StageModel:
         )
 
     def execute(self, requests):
-        from serving.stages import RequestError
+        from serving.request import RequestError
 
         responses = []
         for request in requests:
@@ -77,10 +78,11 @@ class StageModel:
                 responses.append(self.pb.InferenceResponse(output_tensors=tensors))
             except RequestError as err:
                 error_kind = "bad_request"
-                responses.append(self._error(f"{self.stage_name}: {err}"))
+                responses.append(self._error(f"{self.stage_name}: {err}", self.pb.TritonError.INVALID_ARG))
             except Exception as err:  # a bug must fail the request, not the server
                 error_kind = "internal"
-                responses.append(self._error(f"{self.stage_name}: internal error: {type(err).__name__}: {err}"))
+                responses.append(self._error(f"{self.stage_name}: internal error: {type(err).__name__}: {err}",
+                                             self.pb.TritonError.INTERNAL))
             self._record(time.perf_counter() - start, result, error_kind)
         return responses
 
@@ -92,8 +94,8 @@ class StageModel:
         except Exception as err:  # never fail a request over a metric
             self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
 
-    def _error(self, message: str):
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+    def _error(self, message: str, code):
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
         close_metrics = getattr(self.metrics, "close", None)  # a BackgroundRecorder: record what is queued
@@ -111,9 +113,10 @@ class RouterModel(StageModel):
     stage_name = "ab_router"
 
     def build_stage(self, artifacts: Path, args: dict):
-        from serving.ab_router import ABRouter, feedback_log_path
+        from serving.ab_router import ABRouter, feedback_log_path, limits_from_repository
 
-        return ABRouter(artifacts, feedback_log_path(Path(args["model_repository"]).parent), self._infer)
+        repository = Path(args["model_repository"]).parent
+        return ABRouter(artifacts, feedback_log_path(repository), self._infer, limits_from_repository(repository))
 
     def build_metrics(self, args: dict):
         from serving.metrics import OnlineMetrics
@@ -121,9 +124,9 @@ class RouterModel(StageModel):
         return self._off_request_path(OnlineMetrics(self.pb, "router"))
 
     def _infer(self, model_name: str, inputs: dict) -> dict:
-        """One BLS call; the funnel's own error (a bad k, say) comes back as this request's error."""
-        from serving.ab_router import FUNNEL_OUTPUTS
-        from serving.stages import RequestError
+        """One BLS call. The router checked the request first, so an error of the funnel is a fault
+        of the server (``INTERNAL``); BLS would not tell us its status code anyway."""
+        from serving.ab_router import FUNNEL_OUTPUTS, FunnelFault
 
         request = self.pb.InferenceRequest(
             model_name=model_name,
@@ -132,7 +135,7 @@ class RouterModel(StageModel):
         )
         response = request.exec()
         if response.has_error():
-            raise RequestError(response.error().message())
+            raise FunnelFault(f"{model_name}: {response.error().message()}")
         return {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in FUNNEL_OUTPUTS}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from online.assignment import HOLDOUT, ab_rollout
 from serving.ab_router import EXPERIMENT_FILE, ROUTER, ABRouter, FeedbackService, ensemble_name
-from serving.stages import RequestError
+from serving.request import RequestError
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,37 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
         send(events=np.array([b"purchase"], dtype=object))
     with pytest.raises(RequestError, match="one entry per event"):
         send(values=np.array([1.0, 2.0], dtype=np.float32))
+    most = len(set(shown)) * 4 + 1  # one per signal per shown item, one churn
+    with pytest.raises(RequestError, match=f"feedback holds {most + 1} events, but response .* showed"):
+        send(item_ids=np.array([shown[0]] * (most + 1)), events=np.array([b"click"] * (most + 1), dtype=object),
+             values=np.ones(most + 1, dtype=np.float32))
     assert len(feedback.log.feedback()) == 3  # nothing refused was logged
+    # A retry of an event already stored is acknowledged but neither stored nor counted again.
+    replay = send()
+    assert replay["accepted"][0] == 0 and replay["_events"] == []
+    assert len(feedback.log.feedback()) == 3
+
+
+def test_router_refuses_malformed_requests_before_calling_the_funnel(funnel, tmp_path):
+    from serving.ab_router import new_request_id
+    from serving.request import RequestLimits
+
+    infer, calls = funnel
+    artifacts = tmp_path / "router"
+    artifacts.mkdir()
+    (artifacts / EXPERIMENT_FILE).write_text(json.dumps(ab_rollout("exp", "s", 1, 1).to_dict()))
+    router = ABRouter(artifacts, tmp_path / "log.sqlite", infer, lambda version: RequestLimits(max_k=50, max_excluded_items=5))
+    before = len(calls)
+    bad = {"k": ({"user_id": np.array([1]), "k": np.array([51], dtype=np.int32)}, "k must be between 1 and 50"),
+           "exclude": ({"user_id": np.array([1]), "k": np.array([5], dtype=np.int32), "exclude_item_ids": np.arange(6)},
+                       "exclude_item_ids holds 6 ids; at most 5"),
+           "user": ({"user_id": np.array([1.5]), "k": np.array([5], dtype=np.int32)}, "'user_id' must be an integer")}
+    for request, message in bad.values():
+        with pytest.raises(RequestError, match=message):
+            router.run(request)
+    assert len(calls) == before and router.log.counts()["impressions"] == 0
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)  # 128 bits, hex
 
 
 def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():

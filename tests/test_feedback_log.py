@@ -33,6 +33,37 @@ def test_round_trip_and_validation(tmp_path):
     assert log.counts() == {"impressions": 2, "feedback": 2}  # the bad event wrote nothing
 
 
+def test_the_same_event_for_the_same_request_and_item_is_stored_once(tmp_path):
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("a", 7, [10, 11], model_version="3", arm="treatment", served_by="model")
+    first = log.log_feedback_many([("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 40.0)])
+    assert len(first) == 2
+    # a client's retry, with a replayed click inside a new batch: only the new event is stored
+    again = log.log_feedback_many([("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 99.0), ("a", 7, 10, "click", 1)])
+    assert again == [("a", 7, 10, "click", 1.0)]
+    assert log.log_feedback("a", 7, 11, "click") is False
+    fb = log.feedback()
+    assert len(fb) == 3 and fb.set_index(["item_id", "event"])["value"].to_dict() == {
+        (11, "click"): 1.0, (11, "watch_seconds"): 40.0, (10, "click"): 1.0}
+
+
+def test_a_log_with_repeats_from_before_deduplication_is_migrated(tmp_path):
+    import sqlite3
+
+    from online.feedback_log import SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA)
+    con.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                    [("a", 1.0, 7, 11, "click", 1.0), ("a", 2.0, 7, 11, "click", 1.0), ("a", 3.0, 7, 12, "click", 1.0)])
+    con.commit()
+    con.close()
+    log = FeedbackLog(path)
+    assert sorted(log.feedback()["ts"]) == [1.0, 3.0]  # the first of the repeats is kept
+    assert log.log_feedback("a", 7, 11, "click") is False
+
+
 def test_nothing_acknowledged_is_lost_when_the_writer_is_killed(tmp_path):
     path = tmp_path / "log.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)

@@ -144,6 +144,8 @@ def test_mixed_load_with_malformed_requests(server, reference):
         assert r.error is not None, r.request
         named = ("user_id", " k", "'k'", "k must", "exclude_item_ids")
         assert any(name in r.error for name in named), r.error
+        # the client's fault, not the server's: never INTERNAL (which clients and proxies retry)
+        assert "StatusCode.INVALID_ARGUMENT" in r.error, (r.request.malformed, r.error)
     for r in report.results:
         if not r.request.malformed:
             _check_good(r, reference)

@@ -109,7 +109,7 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
     from online.feedback_log import FeedbackLog
     from online.simulator import SimulationConfig, UserSimulator
     from serving.ab_router import ROUTER, feedback_log_path
-    from serving.client import FunnelClient
+    from serving.client import BadRequest, FunnelClient
     from serving.experiments import current_rollout, roll_out_treatment
     from serving.export import export_repository
     from serving.rollout import add_version, retire
@@ -137,7 +137,12 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             assert {arm for arm, _ in expected.values()} == {"control", "treatment", HOLDOUT}
             for row in outcomes.itertuples():
                 assert (row.arm, int(row.model_version)) == expected[row.user_id]
+            # A client retrying feedback it already sent (a replay): acknowledged, stored and counted once.
+            replayed = outcomes[outcomes["clicks"] > 0]["request_id"].iloc[0]
             log = FeedbackLog(feedback_log_path(repo))
+            sent = log.feedback()
+            clicked = sent[(sent["request_id"] == replayed) & (sent["event"] == "click")]["item_id"].tolist()
+            assert clicked and client.send_feedback(replayed, clicked, ["click"] * len(clicked), [1.0] * len(clicked)) == 0
             imp, fb = log.impressions(), log.feedback()
             # recorded off the request path: wait until every response and feedback request is counted
             counters = online_counters(server.metrics_url, len(outcomes), fb["request_id"].nunique()).set_index("arm")
@@ -149,13 +154,19 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             analysis = analyze(imp, fb, rollout, small_config.online.experiment, len(small_data.items))
             assert not analysis.srm.mismatch and set(analysis.summary["arm"]) == {"control", "treatment", HOLDOUT}
 
-            # Bad requests get named errors from the router and the feedback endpoint.
-            with pytest.raises(Exception, match="k"):
-                client.recommend(int(users[0]), 10**6)
-            with pytest.raises(Exception, match="unknown request_id"):
-                client.send_feedback("no-such-request", [1], ["click"], [1.0])
-            with pytest.raises(Exception, match="unknown event"):
-                client.send_feedback(outcomes["request_id"].iloc[0], [-1], ["purchase"], [1.0])
+            # Bad requests get named INVALID_ARGUMENT errors from the router and the feedback endpoint.
+            bad_calls = {
+                "k must be between 1 and 50": lambda: client.recommend(int(users[0]), 10**6),
+                "exclude_item_ids holds 10001 ids": lambda: client.recommend(int(users[0]), 5, np.arange(10_001)),
+                "unknown request_id": lambda: client.send_feedback("no-such-request", [1], ["click"], [1.0]),
+                "unknown event": lambda: client.send_feedback(outcomes["request_id"].iloc[0], [-1], ["purchase"], [1.0]),
+                "feedback holds 22 events": lambda: client.send_feedback(
+                    outcomes["request_id"].iloc[0], [-1] * 22, ["churn"] * 22, [1.0] * 22),
+            }
+            for message, call in bad_calls.items():
+                with pytest.raises(BadRequest, match=message) as err:
+                    call()
+                assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
 
             # Ship the treatment: everyone but the holdout moves to v2; version 1 must stay.
             roll_out_treatment(server.grpc_url, repo)
@@ -174,15 +185,19 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             health.close()
 
             # Kill the whole server (SIGKILL, process group) while a client streams feedback:
-            # every event the server acknowledged is in the log.
-            recs = client.recommend(int(users[0]), 5)
+            # every event the server acknowledged is in the log. Each event is new (one per response,
+            # item and signal), since a repeated one would be acknowledged without being stored again.
+            fresh = [(r.request_id, item, event) for r in (client.recommend(int(u), 5) for u in users[:20])
+                     for item in r.item_ids for event in ("click", "like", "share")]
             acked, errors, stop = [], [], threading.Event()
 
             def stream():
-                while not stop.is_set():
+                for request_id, item, event in fresh:
+                    if stop.is_set():
+                        return
                     try:
-                        client.send_feedback(recs.request_id, [recs.item_ids[0]], ["watch_seconds"], [len(acked) + 1.0])
-                        acked.append(len(acked) + 1.0)
+                        assert client.send_feedback(request_id, [item], [event], [1.0]) == 1
+                        acked.append((request_id, item, event))
                     except Exception as err:  # the server is gone
                         errors.append(err)
                         return
@@ -195,7 +210,7 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             sender.join(timeout=30)
             stop.set()
         logged = FeedbackLog(feedback_log_path(repo)).feedback()
-        logged = set(logged[logged["request_id"] == recs.request_id]["value"])
+        logged = set(zip(logged["request_id"], logged["item_id"], logged["event"]))
         assert errors and set(acked) <= logged, sorted(set(acked) - logged)[:5]
         print(f"A/B on the live server: {len(outcomes)} requests, arms {analysis.srm.observed}, "
               f"decision: {analysis.decision}; server SIGKILLed after {len(acked)} acknowledged feedback "

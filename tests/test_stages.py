@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from serving import stages
+from serving.request import RequestError
 from serving.export import STAGE_ARTIFACTS
 
 pytestmark = pytest.mark.slow
@@ -46,12 +47,12 @@ def test_unknown_user_gets_the_popularity_fallback(funnel, model_version):
 
 @pytest.mark.parametrize("k", [0, -3, 51])
 def test_out_of_range_k_is_a_request_error(funnel, k):
-    with pytest.raises(stages.RequestError, match="k must be between 1 and 50"):
+    with pytest.raises(RequestError, match="k must be between 1 and 50"):
         run_funnel(funnel, 1, k)
 
 
 def test_multi_valued_user_id_is_a_request_error(funnel):
-    with pytest.raises(stages.RequestError, match="exactly one value"):
+    with pytest.raises(RequestError, match="exactly one value"):
         funnel["feature_lookup"].run({"user_id": np.array([1, 2])})
 
 
@@ -102,7 +103,7 @@ def test_heavy_score_is_the_weighted_sum_of_its_heads(funnel, model_version):
 
 def test_ranker_rejects_ids_outside_the_catalog(funnel):
     lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
-    with pytest.raises(stages.RequestError, match="outside the catalog"):
+    with pytest.raises(RequestError, match="outside the catalog"):
         funnel["heavy_ranker"].run({**lookup, "light_ids": np.array([10**6])})
 
 
@@ -175,7 +176,7 @@ def test_ordering_blends_in_the_item_affinity_of_the_users_history(funnel, trito
     stages_ = [blended if s.name == "ordering" else s for s in offline.load_funnel(triton_repo, model_version.version)]
     encoded = encoded_of.loc[out["item_ids"]].to_numpy()
     np.testing.assert_allclose(offline.final_scores(stages_, request, encoded), out["scores"], rtol=1e-4, atol=1e-6)
-    with pytest.raises(stages.RequestError, match="seen_items"):
+    with pytest.raises(RequestError, match="seen_items"):
         blended.run({k: v for k, v in request.items() if k != "seen_items"})
 
 
@@ -208,6 +209,6 @@ def test_filtering_drops_the_items_the_request_excludes(funnel, model_version):
     out = funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
                                    "exclude_item_ids": np.array([raw[1], raw[3], 10**12])})
     assert out["filtered_ids"].tolist() == [encoded[0], encoded[2]]
-    with pytest.raises(stages.RequestError, match="exclude_item_ids must be integer"):
+    with pytest.raises(RequestError, match="exclude_item_ids must be integer"):
         funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
                                  "exclude_item_ids": np.array([1.5])})

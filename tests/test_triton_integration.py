@@ -106,3 +106,113 @@ def test_request_context_excludes_items_on_both_paths(client, model_version):
         inputs.append(tensor)
     with pytest.raises(InferenceServerException, match="exclude_item_ids"):
         client.client.infer("funnel", inputs)
+
+
+# --- Secure by default (serving/security.py, docs/security.md) ---------------------------------
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """The local addresses a TCP socket of this machine listens on at ``port`` (from /proc/net)."""
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    hosts.add(address[-8:] if width == 32 and address[:24] == "0000000000000000FFFF0000" else address)
+    return {".".join(str(int(h[i:i + 2], 16)) for i in (6, 4, 2, 0)) if len(h) == 8 else h for h in hosts}
+
+
+def test_every_endpoint_listens_on_loopback_only(server):
+    for port in (server.grpc_port, server.http_port, server.metrics_port):
+        assert _listening_hosts(port) == {"127.0.0.1"}, port
+    assert "127.0.0.1" in server.listening() and "0.0.0.0" not in server.listening()
+
+
+def _uploaded_model(marker):
+    """A model whose model.py, if the server ever ran it, would write ``marker``."""
+    config = ('{"backend": "python", "max_batch_size": 0, '
+              '"input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}], '
+              '"output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]}')
+    code = (f"open({str(marker)!r}, 'w').write('ran')\n"
+            "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n").encode()
+    return config, {"file:1/model.py": code}
+
+
+def test_the_control_plane_refuses_clients_without_the_key(server, tmp_path):
+    import time
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    marker = tmp_path / "uploaded-code-ran"
+    config, files = _uploaded_model(marker)
+    plain = grpcclient.InferenceServerClient(server.grpc_url)
+    refused = {
+        "load with uploaded files": lambda: plain.load_model("evil", config=config, files=files),
+        "unload the funnel": lambda: plain.unload_model("funnel"),
+        "reconfigure a stage": lambda: plain.load_model("ordering", config='{"max_batch_size": 0}'),
+        "repository index": lambda: plain.get_model_repository_index(),
+        "model config": lambda: plain.get_model_config("funnel"),
+        "statistics": lambda: plain.get_inference_statistics("funnel"),
+        "log settings": lambda: plain.update_log_settings({"log_verbose_level": 1}),
+        "trace settings": lambda: plain.get_trace_settings(),
+        "shared memory": lambda: plain.get_system_shared_memory_status(),
+    }
+    codes = {}
+    for name, call in refused.items():
+        with pytest.raises(InferenceServerException, match="restricted") as err:
+            call()
+        codes[name] = err.value.status()
+    assert set(codes.values()) == {"StatusCode.UNAVAILABLE"}, codes
+    wrong = {"triton-grpc-protocol-funnel-admin-key": "not-the-key-of-this-deployment"}
+    with pytest.raises(InferenceServerException, match="restricted"):
+        plain.load_model("evil", config=config, files=files, headers=wrong)
+    http = httpclient.InferenceServerClient(server.http_url)
+    for call in (lambda: http.load_model("evil", config=config, files=files), lambda: http.unload_model("funnel")):
+        with pytest.raises(InferenceServerException, match="restricted") as err:
+            call()
+        assert err.value.status() == "403"
+    # Inference, health and metadata stay open; nothing was unloaded and no uploaded code ran.
+    assert plain.is_server_ready() and plain.is_model_ready("funnel")
+    assert plain.get_model_metadata("funnel").name == "funnel"
+    assert http.is_server_live()
+    time.sleep(1.0)
+    assert not marker.exists()
+    plain.close()
+    http.close()
+    print("refused without the key:", codes)
+
+
+def test_the_control_plane_takes_requests_with_the_deployments_key(server):
+    from serving.security import ControlClient, admin_key_path
+    from serving.supervisor import wait_until
+
+    assert oct(admin_key_path(server.model_repository).stat().st_mode & 0o777) == "0o600"
+    with ControlClient(server.grpc_url, server.model_repository) as control:
+        index = {m.name for m in control.get_model_repository_index().models}
+        assert {"funnel", "ordering", "ab_router", "feedback"} <= index
+        assert control.get_model_config("ordering").config.name == "ordering"
+        # feedback: no ensemble depends on it, so unloading it leaves the funnel serving
+        control.unload_model("feedback")
+        assert wait_until(lambda: not control.is_model_ready("feedback"), timeout_s=30, interval_s=0.2)
+        control.load_model("feedback")
+        assert control.is_model_ready("feedback") and control.is_model_ready("funnel")
+
+
+def test_malformed_requests_are_invalid_argument_and_named(client, model_version):
+    from serving.client import BadRequest
+
+    user = int(pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].iloc[0])
+    with pytest.raises(BadRequest, match="k must be between 1 and 50") as err:
+        client.recommend(user, 0)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(BadRequest, match=r"exclude_item_ids holds 10001 ids; at most 10000") as err:
+        client.recommend(user, 5, exclude_item_ids=np.arange(10_001))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    at_limit = np.arange(10**9, 10**9 + 10_000)  # ids the catalog does not hold: at the limit, served
+    assert len(client.recommend(user, 5, exclude_item_ids=at_limit).item_ids) == 5
+    assert client.recommend(10**9, 3).served_by == "fallback"  # unknown users still get the fallback
