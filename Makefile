@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-.PHONY: demo test test-fast venv lock clean bench ab-test feedback-loop
+.PHONY: demo test test-fast lint format venv lock clean bench ab-test feedback-loop
 
 venv: $(STAMP)
 
@@ -28,11 +28,20 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-test: venv
+test: lint
 	$(PYTEST)
 
-test-fast: venv
+test-fast: lint
 	$(PYTEST) -m "not slow"
+
+# ruff, configured in pyproject.toml: lint and formatting are checked first (a second or two).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The online loop: a simulated A/B test against the live server; the feedback-loop experiment.
 ab-test: venv
@@ -44,7 +53,7 @@ feedback-loop: venv
 # Training benchmark: Merlin two-tower vs TensorFlow Recommenders (TFRS installed without its deps).
 bench: venv
 	$(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps -r requirements-bench.txt
-	$(BIN)/python scripts/benchmark_training.py
+	$(BIN)/python -m benchmarks.benchmark_training
 
 # Re-resolve requirements.in into the full lock (run after changing requirements.in).
 lock:

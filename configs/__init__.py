@@ -4,6 +4,7 @@ Every tunable of the pipeline lives in a dataclass below; ``configs/default.yaml
 the demo uses. ``load_config(path)`` reads a YAML file, rejects unknown keys and wrong types, and
 fills anything not given from the dataclass defaults, so a config file only needs what it changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -143,8 +144,15 @@ class ContentFilterConfig:
     columns: list[str] = field(default_factory=lambda: ["title"])
     denylist: list[str] = field(
         default_factory=lambda: [
-            "gore", "graphic violence", "nsfw", "explicit", "self-harm", "hate speech", "beheading",
-            "scam", "terror attack",
+            "gore",
+            "graphic violence",
+            "nsfw",
+            "explicit",
+            "self-harm",
+            "hate speech",
+            "beheading",
+            "scam",
+            "terror attack",
         ]
     )
 
@@ -174,7 +182,10 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         bad = set(self.point_in_time_features) - {"counts", "rates"}
         if bad or not self.point_in_time_features:
-            raise ValueError(f"features.point_in_time_features must be a non-empty subset of [counts, rates], got {self.point_in_time_features}")
+            raise ValueError(
+                "features.point_in_time_features must be a non-empty subset of [counts, rates], "
+                f"got {self.point_in_time_features}"
+            )
 
     point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
     point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
@@ -222,6 +233,7 @@ class WorkflowConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     negative_sampling: NegativeSamplingConfig = field(default_factory=NegativeSamplingConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+
 
 @dataclass
 class CandidateGeneratorConfig:
@@ -382,10 +394,14 @@ class OrderingConfig:
         if not 0.0 <= self.affinity_weight <= 1.0:
             raise ValueError(f"serving.ordering.affinity_weight must be in [0, 1], got {self.affinity_weight}")
         if self.retrieval_weight + self.affinity_weight > 1.0 + 1e-9:
-            raise ValueError("serving.ordering.retrieval_weight + affinity_weight must be <= 1 (the heavy ranker "
-                             f"keeps the rest), got {self.retrieval_weight} + {self.affinity_weight}")
+            raise ValueError(
+                "serving.ordering.retrieval_weight + affinity_weight must be <= 1 (the heavy ranker "
+                f"keeps the rest), got {self.retrieval_weight} + {self.affinity_weight}"
+            )
         if self.exploration_temperature < 0.0:
-            raise ValueError(f"serving.ordering.exploration_temperature must be >= 0, got {self.exploration_temperature}")
+            raise ValueError(
+                f"serving.ordering.exploration_temperature must be >= 0, got {self.exploration_temperature}"
+            )
         if self.max_per_category < 0:
             raise ValueError(f"serving.ordering.max_per_category must be >= 0, got {self.max_per_category}")
 
@@ -429,7 +445,7 @@ class ServingConfig:
 
 @dataclass
 class ExperimentConfig:
-    """An A/B test of two model versions inside the served funnel (``serving/ab_router.py``,
+    """An A/B test of two model versions inside the served funnel (``online/router.py``,
     ``online/ab_report.py``). Users are assigned by hashing ``salt:user_id``; ``holdout`` of them
     stay on the control model even after the treatment is rolled out to everyone else."""
 
@@ -442,7 +458,8 @@ class ExperimentConfig:
     min_detectable_ctr_lift: float = 0.02  # absolute CTR lift the sample size is planned for
     # What the treatment changes, as config overrides of the control's config (validated on use).
     treatment_overrides: dict[str, Any] = field(
-        default_factory=lambda: {"candidate_generator": {"logq_correction": True}})
+        default_factory=lambda: {"candidate_generator": {"logq_correction": True}}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout <= 0.05:

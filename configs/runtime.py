@@ -4,6 +4,7 @@ Merlin warns on every Dataset created without a GPU ("CPU mode ... experimental"
 dtype mappings when torch is absent; TensorFlow logs untraced-function notes on every SavedModel.
 They bury the output users need to read, and say nothing actionable on a CPU machine.
 """
+
 from __future__ import annotations
 
 import logging

@@ -11,6 +11,7 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
                           the raw signals, no feature uses future events, and the temporal split's
                           cutoff holds; each must be present and passed in the manifest
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,11 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
     }
     affinity_files = [model_dir / "item_affinity.json"] if manifest.get("item_affinity") else []
     if repo is not None:
-        affinity_files += [m.parent / "item_affinity.json" for m in sorted(repo.glob("ordering/*/manifest.json"))
-                           if json.loads(m.read_text()).get("item_affinity")]
+        affinity_files += [
+            m.parent / "item_affinity.json"
+            for m in sorted(repo.glob("ordering/*/manifest.json"))
+            if json.loads(m.read_text()).get("item_affinity")
+        ]
         export = json.loads((repo / "export.json").read_text())
         versions["export"] = int(export["version"])
         for stage_manifest in sorted(repo.glob("*/*/manifest.json")):

@@ -17,9 +17,10 @@ Definitions (binary relevance, the conventions of RecBole and most papers):
 ``full_ranking_top_k`` ranks the whole catalog per user with already-seen items removed, which is
 what "full ranking" protocols (RecBole's default) require.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import rankdata

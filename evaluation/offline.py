@@ -6,11 +6,12 @@ each K with bootstrap intervals, slice them by user attributes, and measure popu
 ``served_top_k`` runs the exported Triton funnel's stage classes in-process, in the ensemble's
 order, so the lists evaluated are the lists the server would return.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ class Interactions:
     also_seen: pd.DataFrame | None = None  # e.g. the validation part: excluded from ranking, not trained on
 
     @classmethod
-    def from_split(cls, train: pd.DataFrame, test: pd.DataFrame, also_seen: pd.DataFrame | None = None) -> "Interactions":
+    def from_split(cls, train: pd.DataFrame, test: pd.DataFrame, also_seen: pd.DataFrame | None = None) -> Interactions:
         user_ids = np.sort(pd.concat([train["user_id"], test["user_id"]]).unique())
         item_ids = np.sort(train["item_id"].unique())  # items never trained on cannot be recommended
         return cls(train, test, user_ids, item_ids, also_seen)
@@ -143,8 +144,16 @@ def slice_gaps(slices: pd.DataFrame, metric: str) -> pd.DataFrame:
     out = []
     for attr, group in slices.groupby("attribute"):
         best, worst = group.loc[group[metric].idxmax()], group.loc[group[metric].idxmin()]
-        out.append({"attribute": attr, "best": best["value"], "best_value": best[metric],
-                    "worst": worst["value"], "worst_value": worst[metric], "gap": best[metric] - worst[metric]})
+        out.append(
+            {
+                "attribute": attr,
+                "best": best["value"],
+                "best_value": best[metric],
+                "worst": worst["value"],
+                "worst_value": worst[metric],
+                "gap": best[metric] - worst[metric],
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -175,7 +184,8 @@ def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
     them on: the heavy ranker's weighted score, blended with the item's retrieval percentile and its
     item-affinity percentile among the heavy ranker's candidates when ``serving.ordering`` weighs
     them (``serving/ordering.py``; exploration left out)."""
-    from serving.ordering import final_scores as blend, percentile_among
+    from serving.ordering import final_scores as blend
+    from serving.ordering import percentile_among
 
     by_name = {s.name: s for s in stages}
     ids = np.asarray(encoded_ids, dtype=np.int64)
@@ -184,8 +194,10 @@ def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
     policy = ordering.policy
     pct = affinity = None
     if policy.retrieval_weight > 0:
-        candidates, candidate_scores = (np.asarray(outputs[n]).reshape(-1) for n in ("candidate_ids", "retrieval_scores"))
-        item_scores = by_name["retrieval"].item_scores(outputs["query_embedding"], ids)
+        candidates, candidate_scores = (
+            np.asarray(outputs[n]).reshape(-1) for n in ("candidate_ids", "retrieval_scores")
+        )
+        item_scores = _item_vectors(by_name["retrieval"].index).scores(outputs["query_embedding"], ids)
         # Retrieved items keep the very score search returned (recomputing it can differ in the last bit).
         returned = dict(zip(candidates.tolist(), candidate_scores.tolist()))
         item_scores = np.array([returned.get(i, s) for i, s in zip(ids.tolist(), item_scores.tolist())])
@@ -193,6 +205,14 @@ def final_scores(stages: list, outputs: dict, encoded_ids) -> np.ndarray:
     if policy.affinity_weight > 0:
         affinity = ordering.affinity_percentile(outputs, ids, np.asarray(outputs["light_ids"], dtype=np.int64))
     return np.asarray(blend(heavy, pct, policy.retrieval_weight, affinity, policy.affinity_weight), dtype=np.float64)
+
+
+@lru_cache(maxsize=8)
+def _item_vectors(index):
+    """The index's vectors by id, built once per loaded index (``final_scores`` runs per user)."""
+    from models.item_index import ItemVectors
+
+    return ItemVectors(index)
 
 
 def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:

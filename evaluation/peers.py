@@ -11,6 +11,7 @@ All peers share one tiny interface over an implicit-feedback matrix ``train`` (s
                 B = I - P / diag(P), P = (X^T X + lambda I)^-1, diag(B) = 0
     ALS         implicit's alternating least squares matrix factorisation (Hu, Koren, Volinsky 2008)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ import scipy.sparse as sp
 class Popularity:
     name = "Pop"
 
-    def fit(self, train: sp.csr_matrix) -> "Popularity":
+    def fit(self, train: sp.csr_matrix) -> Popularity:
         self.counts = np.asarray(train.astype(bool).sum(axis=0), dtype=np.float32).ravel()
         return self
 
@@ -36,14 +37,10 @@ class EASE:
     def __init__(self, reg_weight: float = 250.0):
         self.reg_weight = reg_weight
 
-    def fit(self, train: sp.csr_matrix) -> "EASE":
-        x = train.astype(np.float64)
-        gram = (x.T @ x).toarray()
-        gram[np.diag_indices_from(gram)] += self.reg_weight
-        p = np.linalg.inv(gram)
-        b = -p / np.diag(p)
-        b[np.diag_indices_from(b)] = 0.0
-        self.item_weights = b.astype(np.float32)
+    def fit(self, train: sp.csr_matrix) -> EASE:
+        from models.item_affinity import ease_weights  # the same closed form the funnel's affinity uses
+
+        self.item_weights = ease_weights(train, self.reg_weight)
         self.train = train.astype(np.float32).tocsr()
         return self
 
@@ -54,12 +51,14 @@ class EASE:
 class ALS:
     name = "ALS"
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, iterations: int = 15,
-                 alpha: float = 10.0, seed: int = 0):
-        self.params = dict(factors=factors, regularization=regularization, iterations=iterations,
-                           alpha=alpha, random_state=seed)
+    def __init__(
+        self, factors: int = 64, regularization: float = 0.05, iterations: int = 15, alpha: float = 10.0, seed: int = 0
+    ):
+        self.params = dict(
+            factors=factors, regularization=regularization, iterations=iterations, alpha=alpha, random_state=seed
+        )
 
-    def fit(self, train: sp.csr_matrix) -> "ALS":
+    def fit(self, train: sp.csr_matrix) -> ALS:
         from implicit.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 

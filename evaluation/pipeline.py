@@ -10,8 +10,11 @@
    side by side;
 5. ordering policies: the same export served with exploration or a per-category cap
    (``ORDERING_VARIANTS``), accuracy beside bias and list diversity, no retraining;
-6. write the report (HTML + Markdown + JSON).
+6. the rankers as classifiers: ROC-AUC and PR-AUC of every head on the validation part
+   (``evaluation/rankers.py``);
+7. write the report (HTML + Markdown + JSON).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +30,8 @@ import pandas as pd
 from configs import Config
 from evaluation import offline
 from evaluation.peers import ALS, EASE, Popularity
+from evaluation.rankers import ranker_table
 from evaluation.report import write_report
-
 
 # Ordering policies measured on top of the served one (``serving.ordering``; ``serving/ordering.py``).
 # Final scores lie in [0, 1], so a temperature of 0.05 makes a 0.05 lower score e times less likely.
@@ -50,9 +53,19 @@ def affinity_variant(served) -> tuple[str, dict]:
     return "item affinity 0.5", {"affinity_weight": 0.5, "retrieval_weight": served.retrieval_weight / 2}
 
 
-def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: offline.Interactions,
-                   ks, user_attributes=None, n_bootstrap=500, stages=None, parity: bool = True,
-                   categories: pd.Series | None = None) -> tuple[offline.Result, dict]:
+def funnel_results(
+    name: str,
+    repo: Path,
+    version: int,
+    model_dir: Path,
+    data: offline.Interactions,
+    ks,
+    user_attributes=None,
+    n_bootstrap=500,
+    stages=None,
+    parity: bool = True,
+    categories: pd.Series | None = None,
+) -> tuple[offline.Result, dict]:
     """Evaluate the exported funnel; also return per-stage recall of the held-out positives.
 
     Preference-aware parity needs scores, not lists: each user's held-out items are scored by the
@@ -94,8 +107,15 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
             scoring_seconds += time.perf_counter() - tick
     seconds = time.perf_counter() - started - scoring_seconds
     top = offline.columns_from_raw(finals, data, k)
-    result = offline.evaluate_top_k(name, top, data, ks, user_attributes=user_attributes,
-                                    scores=pair_scores if parity else None, n_bootstrap=n_bootstrap)
+    result = offline.evaluate_top_k(
+        name,
+        top,
+        data,
+        ks,
+        user_attributes=user_attributes,
+        scores=pair_scores if parity else None,
+        n_bootstrap=n_bootstrap,
+    )
     if categories is not None:
         spans = [categories.reindex(items).nunique() for items in finals if len(items)]
         result.bias["categories_per_list"] = float(np.mean(spans)) if spans else 0.0
@@ -105,7 +125,10 @@ def funnel_results(name: str, repo: Path, version: int, model_dir: Path, data: o
         cols = offline.columns_from_raw(lists, data, length)
         from evaluation.metrics import recall_at_k
 
-        stage_recall[key] = {"mean_size": float(np.mean([len(x) for x in lists])), "recall": recall_at_k(cols, relevant)}
+        stage_recall[key] = {
+            "mean_size": float(np.mean([len(x) for x in lists])),
+            "recall": recall_at_k(cols, relevant),
+        }
     stage_recall["final"] = {"mean_size": float(k), "recall": result.metrics[f"recall@{k}"]}
     stage_recall["ms_per_user"] = 1000 * seconds / max(1, len(data.user_ids))
     return result, stage_recall
@@ -123,8 +146,17 @@ def _trade_off(result: offline.Result, k: int) -> dict:
     }
 
 
-def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.Interactions, ks,
-                     n_bootstrap=500, variants=ORDERING_VARIANTS, seed: int = 0, stages=None) -> pd.DataFrame:
+def ordering_results(
+    repo: Path,
+    version: int,
+    model_dir: Path,
+    data: offline.Interactions,
+    ks,
+    n_bootstrap=500,
+    variants=ORDERING_VARIANTS,
+    seed: int = 0,
+    stages=None,
+) -> pd.DataFrame:
     """The served funnel and each ordering variant on the same export: accuracy beside popularity
     bias and how many categories a list spans. Exploration draws from a seeded generator, so the
     table is repeatable; a served request gets a fresh draw. ``stages`` reuses loaded stages.
@@ -139,17 +171,28 @@ def ordering_results(repo: Path, version: int, model_dir: Path, data: offline.In
     category_of = pd.Series(items[served.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
     k = ks[0]
     rows = []
-    try:
-        for name, change in (("as served", {}),) + tuple(variants):
-            ordering.set_policy(dataclasses.replace(served, **change), seed=seed)
-            res, _ = funnel_results(name, repo, version, model_dir, data, ks, None, n_bootstrap, stages=stages,
-                                    parity=False, categories=category_of)
-            rows.append({
-                "ordering": name, **_trade_off(res, k),
+    for name, change in (("as served", {}),) + tuple(variants):
+        variant = ordering.with_policy(dataclasses.replace(served, **change), seed=seed)
+        res, _ = funnel_results(
+            name,
+            repo,
+            version,
+            model_dir,
+            data,
+            ks,
+            None,
+            n_bootstrap,
+            stages=[variant if s is ordering else s for s in stages],
+            parity=False,
+            categories=category_of,
+        )
+        rows.append(
+            {
+                "ordering": name,
+                **_trade_off(res, k),
                 f"categories per top-{max(ks)} list (of {category_of.nunique()})": res.bias["categories_per_list"],
-            })
-    finally:
-        ordering.set_policy(served)
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -162,8 +205,7 @@ def _with_retrieval_of(stages: list, repo: Path, version: int) -> list:
     """``stages`` with the stages that depend on the candidate generator loaded from ``repo``."""
     from serving.stages import STAGES
 
-    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](Path(repo) / s.name / str(version))
-            for s in stages]
+    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](Path(repo) / s.name / str(version)) for s in stages]
 
 
 def mitigation_variants(cg) -> list[tuple[int, bool]]:
@@ -180,14 +222,17 @@ def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstr
     out = []
     for peer in (Popularity(), EASE(), ALS()):
         scores = peer.fit(train).scores(users)
-        out.append(offline.evaluate_scores(peer.name, scores, data, ks, user_attributes=user_attributes,
-                                           n_bootstrap=n_bootstrap))
+        out.append(
+            offline.evaluate_scores(
+                peer.name, scores, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap
+            )
+        )
     return out
 
 
 def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path, rankers_from=None):
+    from deployment.export import export_repository
     from models.train import train_all
-    from serving.export import export_repository
 
     model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from)
     repo = export_repository(model, repo_dir, replace=True)
@@ -203,16 +248,29 @@ def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFra
     return out[~out["item_id"].isin(list(unsafe))]
 
 
-def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users: pd.DataFrame, config: Config,
-              out: Path, ks, mitigation: bool, n_bootstrap: int, title: str, context: dict,
-              also_seen: pd.DataFrame | None = None, trained=None) -> dict:
+def _evaluate(
+    processed,
+    train_pos: pd.DataFrame,
+    test_pos: pd.DataFrame,
+    users: pd.DataFrame,
+    config: Config,
+    out: Path,
+    ks,
+    mitigation: bool,
+    n_bootstrap: int,
+    title: str,
+    context: dict,
+    also_seen: pd.DataFrame | None = None,
+    trained=None,
+) -> dict:
     """Peers and the funnel (and the mitigation variants) on one split; write the report.
     ``trained`` = ``(model version, exported repository)`` evaluates those instead of training."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
     loaded = offline.load_funnel(repo, model.version)
-    funnel, stages = funnel_results("funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap,
-                                    stages=loaded)
+    funnel, stages = funnel_results(
+        "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded
+    )
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
 
     mitigation_rows = []
@@ -225,33 +283,57 @@ def _evaluate(processed, train_pos: pd.DataFrame, test_pos: pd.DataFrame, users:
                 variant = copy.deepcopy(config)
                 variant.candidate_generator.sampled_negatives = sampled
                 variant.candidate_generator.logq_correction = logq
-                m, r = train_and_export(processed, variant, out / "registry",
-                                        out / f"triton_repo_sampled_{sampled}_logq_{logq}", rankers_from=model)
-                res, st = funnel_results(f"funnel sampled={sampled} logQ={logq}", r, m.version, m.path, data, ks,
-                                         None, n_bootstrap, stages=_with_retrieval_of(loaded, r, m.version))
-            mitigation_rows.append({
-                "sampled_negatives": sampled,
-                "logq_correction": logq,
-                "retrieval_recall": st["candidate_ids"]["recall"],
-                **_trade_off(res, ks[0]),
-            })
+                m, r = train_and_export(
+                    processed,
+                    variant,
+                    out / "registry",
+                    out / f"triton_repo_sampled_{sampled}_logq_{logq}",
+                    rankers_from=model,
+                )
+                res, st = funnel_results(
+                    f"funnel sampled={sampled} logQ={logq}",
+                    r,
+                    m.version,
+                    m.path,
+                    data,
+                    ks,
+                    None,
+                    n_bootstrap,
+                    stages=_with_retrieval_of(loaded, r, m.version),
+                )
+            mitigation_rows.append(
+                {
+                    "sampled_negatives": sampled,
+                    "logq_correction": logq,
+                    "retrieval_recall": st["candidate_ids"]["recall"],
+                    **_trade_off(res, ks[0]),
+                }
+            )
     ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded)
-    metrics = model.manifest["metrics"]
+    rankers = ranker_table(model.path, model.manifest, processed.valid())
     context = {
         **context,
         "users evaluated": int(sum(1 for r in data.relevant if r)),
         "funnel stages (mean size, recall of held-out positives)": json.dumps(stages),
-        "ranker validation metrics (ROC-AUC per head)": json.dumps(
-            {k: v for k, v in metrics.items() if k != "candidate_generator"}, default=float),
         "model version": model.version,
     }
-    extra = ({"Mitigation: sampled negatives and the logQ correction on the candidate generator":
-              pd.DataFrame(mitigation_rows)} if mitigation_rows else {})
+    extra = {"Rankers on the validation part: ROC-AUC and PR-AUC per head": rankers}
+    if mitigation_rows:
+        extra["Mitigation: sampled negatives and the logQ correction on the candidate generator"] = pd.DataFrame(
+            mitigation_rows
+        )
     extra["Ordering policy: exploration and a per-category cap on the same export"] = ordering_rows
     paths = write_report(results, out / "report", title, context, ks=ks, extra_tables=extra)
     _log_to_mlflow(config, model.path.parent, out, results, paths)
-    return {"results": results, "stages": stages, "mitigation": mitigation_rows, "ordering": ordering_rows,
-            "paths": paths, "model": model}
+    return {
+        "results": results,
+        "stages": stages,
+        "mitigation": mitigation_rows,
+        "ordering": ordering_rows,
+        "rankers": rankers,
+        "paths": paths,
+        "model": model,
+    }
 
 
 def _log_to_mlflow(config: Config, registry_dir: Path, out: Path, results, paths) -> None:
@@ -262,14 +344,27 @@ def _log_to_mlflow(config: Config, registry_dir: Path, out: Path, results, paths
     with tracked_run(config.training, registry_dir, {"evaluation": str(out)}, run_name="offline-evaluation") as run:
         for r in results:
             name = re.sub(r"[^0-9A-Za-z_./ -]", "_", r.name)  # MLflow's allowed key characters
-            run.log_metrics({f"{name}.{k.replace('@', '_at_')}": v for k, v in r.metrics.items()
-                             if not k.endswith(("_low", "_high"))})
+            run.log_metrics(
+                {
+                    f"{name}.{k.replace('@', '_at_')}": v
+                    for k, v in r.metrics.items()
+                    if not k.endswith(("_low", "_high"))
+                }
+            )
         for path in paths.values():
             run.log_artifact(path)
 
 
-def evaluate_synthetic(config: Config, out_dir: str | Path, ks=(10, 20), mitigation: bool = True,
-                       n_bootstrap: int = 500, world=None, processed=None, trained=None) -> dict:
+def evaluate_synthetic(
+    config: Config,
+    out_dir: str | Path,
+    ks=(10, 20),
+    mitigation: bool = True,
+    n_bootstrap: int = 500,
+    world=None,
+    processed=None,
+    trained=None,
+) -> dict:
     """Temporal protocol on the synthetic world: train on the training period, test on the rest.
 
     ``make demo`` passes what it already built (``world``, ``processed``, ``trained`` = its model
@@ -285,19 +380,39 @@ def evaluate_synthetic(config: Config, out_dir: str | Path, ks=(10, 20), mitigat
     summary = processed.summary
     cutoff = summary["cutoff"]
     train = pd.read_parquet(processed.train_events)
-    later = canonical(world.events[world.events["timestamp"] >= cutoff], processed.item_id_map,
-                      summary.get("unsafe_items", []))
+    later = canonical(
+        world.events[world.events["timestamp"] >= cutoff], processed.item_id_map, summary.get("unsafe_items", [])
+    )
     context = {
         "dataset": f"synthetic ({len(world.events):,} events, {len(world.users):,} users, {len(world.items):,} items)",
         "protocol": f"temporal: train before {cutoff}, test after; positives = clicks; full ranking, seen removed; "
-                    "peers train on the cleaned training log the funnel trains on",
+        "peers train on the cleaned training log the funnel trains on",
     }
-    return _evaluate(processed, train[train["click"] > 0], later[later["click"] > 0], world.users, config, out, ks,
-                     mitigation, n_bootstrap, "Offline evaluation: synthetic data", context, trained=trained)
+    return _evaluate(
+        processed,
+        train[train["click"] > 0],
+        later[later["click"] > 0],
+        world.users,
+        config,
+        out,
+        ks,
+        mitigation,
+        n_bootstrap,
+        "Offline evaluation: synthetic data",
+        context,
+        trained=trained,
+    )
 
 
-def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, ks=(10,), mitigation: bool = True,
-                       n_bootstrap: int = 500, seed: int = 2020) -> dict:
+def evaluate_movielens(
+    source: str | Path,
+    config: Config,
+    out_dir: str | Path,
+    ks=(10,),
+    mitigation: bool = True,
+    n_bootstrap: int = 500,
+    seed: int = 2020,
+) -> dict:
     """RecBole's protocol on MovieLens-100K: random 80/10/10 per user, every rating a positive, full
     ranking with training items removed. The funnel trains on the same training ratings through an
     explicit split (so the pipeline's own filters see exactly the protocol's train part)."""
@@ -324,12 +439,24 @@ def evaluate_movielens(source: str | Path, config: Config, out_dir: str | Path, 
     test = canonical(split.test, processed.item_id_map, unsafe)
     context = {
         "dataset": f"MovieLens-100K ({len(ml.events):,} ratings, {ml.events['user_id'].nunique()} users, "
-                   f"{ml.events['item_id'].nunique()} items; {len(split.train):,}/{len(split.valid):,}/{len(split.test):,})",
+        f"{ml.events['item_id'].nunique()} items; {len(split.train):,}/{len(split.valid):,}/{len(split.test):,})",
         "protocol": "RecBole: random 80/10/10 per user (numpy shuffle, seed "
-                    f"{seed}), every rating a positive, full ranking, training and validation items removed",
+        f"{seed}), every rating a positive, full ranking, training and validation items removed",
         "reference (RecBole 1.2.1, its own split)": "EASE R@10 0.2805 N@10 0.3295; ItemKNN 0.2470/0.2834; "
-                                                    "BPR 0.2388/0.2862; Pop 0.0838/0.1005",
+        "BPR 0.2388/0.2862; Pop 0.0838/0.1005",
     }
     valid = canonical(split.valid, processed.item_id_map, unsafe)
-    return _evaluate(processed, train, test, ml.users, config, out, ks, mitigation, n_bootstrap,
-                     "Offline evaluation: MovieLens-100K, RecBole protocol", context, also_seen=valid)
+    return _evaluate(
+        processed,
+        train,
+        test,
+        ml.users,
+        config,
+        out,
+        ks,
+        mitigation,
+        n_bootstrap,
+        "Offline evaluation: MovieLens-100K, RecBole protocol",
+        context,
+        also_seen=valid,
+    )

@@ -11,12 +11,15 @@ even when a user likes an unpopular one as much.
     preference_parity   among users who liked both a popular and an unpopular held-out item, how
                         often the popular one is ranked above the unpopular one (0.5 = parity)
 """
+
 from __future__ import annotations
 
 import numpy as np
 
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-def item_share_curve(recommended, shares=tuple(np.round(np.arange(0.1, 1.01, 0.1), 2))) -> dict[float, int]:
+
+def item_share_curve(recommended, shares=SHARES) -> dict[float, int]:
     """For each share s: the fewest distinct items that together make s of all recommendations."""
     _, counts = np.unique(np.asarray(recommended).ravel(), return_counts=True)
     cumulative = np.cumsum(np.sort(counts)[::-1]) / counts.sum()

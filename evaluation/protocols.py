@@ -12,6 +12,7 @@ Each returns a ``Split`` of three frames with the input's columns. RecBole shuff
 this implementation shuffles with numpy's, so the rows differ from RecBole's split but the protocol
 (sizes per user, rounding, full ranking) is the same.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

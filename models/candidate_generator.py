@@ -15,12 +15,13 @@ almost never negatives. Two mitigations, measured side by side by the offline ev
 Served as two pieces that must come from the same training run: the query tower (a Keras model) and
 the item embeddings that the ANN index is built from.
 """
+
 from __future__ import annotations
 
+import merlin.models.tf as mm
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-import merlin.models.tf as mm
 from merlin.io import Dataset
 from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.outputs.sampling.base import Candidate, CandidateSampler
@@ -28,6 +29,7 @@ from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
 from configs import CandidateGeneratorConfig, EmbeddingConfig
+from models.columns import to_host
 
 
 def tower_schema(schema: Schema) -> Schema:
@@ -52,15 +54,10 @@ def item_frequencies(schema: Schema, positive_rows: Dataset | None = None) -> np
         freqs[vocab.index.values] = vocab[f"{col.name}_size"].values
     else:
         counts = positive_rows.to_ddf()[col.name].value_counts().compute()
-        freqs[_host(counts.index)] = _host(counts).astype(np.float32)
+        freqs[to_host(counts.index)] = to_host(counts).astype(np.float32)
     # Reserved ids never occur as positives; a tiny count keeps log() finite.
     freqs[freqs == 0] = 1.0
     return freqs
-
-
-def _host(values) -> np.ndarray:
-    """A host numpy copy of a (small) pandas or cudf series/index."""
-    return values.to_numpy() if not hasattr(values, "values_host") else values.values_host
 
 
 class UniformItemSampler(CandidateSampler):
@@ -94,12 +91,15 @@ class UniformItemSampler(CandidateSampler):
 
 def catalog_features(schema: Schema, items) -> dict[str, np.ndarray]:
     """The item-tower columns of the encoded item table ``items`` (pandas or cudf) as host arrays."""
-    return {name: _host(items[name]) for name in tower_schema(schema).select_by_tag(Tags.ITEM).column_names}
+    return {name: to_host(items[name]) for name in tower_schema(schema).select_by_tag(Tags.ITEM).column_names}
 
 
 def build_candidate_generator(
-    schema: Schema, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None,
-    positive_rows: Dataset | None = None, catalog: dict[str, np.ndarray] | None = None,
+    schema: Schema,
+    config: CandidateGeneratorConfig,
+    embeddings: EmbeddingConfig | None = None,
+    positive_rows: Dataset | None = None,
+    catalog: dict[str, np.ndarray] | None = None,
 ) -> mm.RetrievalModelV2:
     """A two-tower model whose towers end in ``embedding_dim`` units, L2-normalised.
 
@@ -132,8 +132,7 @@ def build_candidate_generator(
     if config.sampled_negatives:
         if catalog is None:
             raise ValueError("candidate_generator.sampled_negatives needs the catalog's item features")
-        samplers.append(UniformItemSampler(catalog, item_tower, config.sampled_negatives,
-                                           item_id_schema.first.name))
+        samplers.append(UniformItemSampler(catalog, item_tower, config.sampled_negatives, item_id_schema.first.name))
     post = None
     if config.logq_correction:
         q = item_frequencies(schema, positive_rows)
@@ -191,9 +190,12 @@ def train_candidate_generator(
     )
     callbacks = list(callbacks)
     if patience is not None:
-        callbacks.insert(0, tf.keras.callbacks.EarlyStopping(
-            monitor="val_recall_at_10", mode="max", patience=patience, restore_best_weights=True
-        ))
+        callbacks.insert(
+            0,
+            tf.keras.callbacks.EarlyStopping(
+                monitor="val_recall_at_10", mode="max", patience=patience, restore_best_weights=True
+            ),
+        )
     history = model.fit(
         mm.Loader(train_pos, batch_size=config.batch_size, shuffle=True),
         validation_data=mm.Loader(valid_pos, batch_size=config.batch_size) if patience is not None else None,
@@ -201,9 +203,7 @@ def train_candidate_generator(
         callbacks=callbacks,
         verbose=verbose,
     )
-    metrics = model.evaluate(
-        mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0
-    )
+    metrics = model.evaluate(mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs_run"] = len(history.history.get("loss", []))
     return model, metrics

@@ -12,12 +12,13 @@ cardinality in the schema (NVTabular's Categorify records it):
 ``describe_tables`` lists every table of a built model (rows, dim, parameters, bytes) and
 ``log_tables`` prints it: the training log shows where the memory goes.
 """
+
 from __future__ import annotations
 
 import logging
 
-import tensorflow as tf
 import merlin.models.tf as mm
+import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from configs import EmbeddingConfig
@@ -95,8 +96,15 @@ def describe_tables(model: tf.keras.Model) -> list[dict]:
         if isinstance(layer, EmbeddingTable) and getattr(layer, "table", None) is not None:
             weights = layer.table.embeddings  # the table is a Keras Embedding layer
             rows, dim = (int(x) for x in weights.shape)
-            tables.append({"table": layer.name, "rows": rows, "dim": dim, "params": rows * dim,
-                           "bytes": rows * dim * weights.dtype.size})
+            tables.append(
+                {
+                    "table": layer.name,
+                    "rows": rows,
+                    "dim": dim,
+                    "params": rows * dim,
+                    "bytes": rows * dim * weights.dtype.size,
+                }
+            )
     return sorted(tables, key=lambda t: t["table"])
 
 
@@ -105,9 +113,21 @@ def log_tables(model: tf.keras.Model, title: str) -> dict:
     tables = describe_tables(model)
     total = int(sum(w.shape.num_elements() for w in model.weights))
     emb = sum(t["params"] for t in tables)
-    log.info("%s: %d parameters, %d (%.0f%%) in %d embedding tables", title, total, emb,
-             100.0 * emb / max(total, 1), len(tables))
+    log.info(
+        "%s: %d parameters, %d (%.0f%%) in %d embedding tables",
+        title,
+        total,
+        emb,
+        100.0 * emb / max(total, 1),
+        len(tables),
+    )
     for t in tables:
-        log.info("  %-16s %8d rows x %3d dim = %9d params, %10d bytes", t["table"], t["rows"], t["dim"],
-                 t["params"], t["bytes"])
+        log.info(
+            "  %-16s %8d rows x %3d dim = %9d params, %10d bytes",
+            t["table"],
+            t["rows"],
+            t["dim"],
+            t["params"],
+            t["bytes"],
+        )
     return {"total_params": total, "embedding_params": emb, "tables": tables}

@@ -9,6 +9,7 @@ Items of the catalog with no positive yet (new, or never clicked) have no popula
 of their category, times ``weight`` (< 1, because a category's appeal is weaker evidence than the
 item's own clicks). So a new item of a hot category can still reach the fallback list.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 Pure numpy, without TensorFlow or Merlin, so the serving stages can use it without importing the
 training stack (a Python-backend stub that imports Merlin takes ~1 s longer to start).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -33,6 +33,7 @@ A target missing from the data falls back to its ``fallback`` label (``duration_
 ``watched``, the plain 75%-watched label) or, without one, is dropped with a warning; the remaining
 weights are renormalised. Which targets were used is recorded in the manifest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,22 +97,36 @@ def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: i
     from models.negative_sampling import affinity_negatives
 
     if affinity_weights is None:
-        raise ValueError("heavy_ranker.members[].hard_negatives needs the item affinity weights, which this "
-                         "version does not have (item_affinity.max_items); set hard_negatives: 0")
+        raise ValueError(
+            "heavy_ranker.members[].hard_negatives needs the item affinity weights, which this "
+            "version does not have (item_affinity.max_items); set hard_negatives: 0"
+        )
     frame = train.to_ddf().compute()
     labels = [c for c in train.schema.select_by_tag(Tags.TARGET).column_names if c in frame.columns]
     item_columns = train.schema.select_by_tag(Tags.ITEM).excluding_by_tag(Tags.TARGET).column_names
     negatives = affinity_negatives(frame, affinity_weights, per_user, labels, item_columns)
     both = concat([frame, negatives], ignore_index=True)
     both = both.take(np.random.default_rng(seed).permutation(len(both))).reset_index(drop=True)
-    log.info("heavy ranker: %d affinity hard negatives (%d per user) beside %d training rows",
-             len(negatives), per_user, len(frame))
+    log.info(
+        "heavy ranker: %d affinity hard negatives (%d per user) beside %d training rows",
+        len(negatives),
+        per_user,
+        len(frame),
+    )
     return Dataset(both, schema=train.schema)
 
 
-def train_heavy_ranker_members(train: Dataset, valid: Dataset, config: HeavyRankerConfig,
-                               embeddings: EmbeddingConfig, training: TrainingConfig, seed: int = 42,
-                               affinity_weights=None, callbacks=(), verbose: int = 1):
+def train_heavy_ranker_members(
+    train: Dataset,
+    valid: Dataset,
+    config: HeavyRankerConfig,
+    embeddings: EmbeddingConfig,
+    training: TrainingConfig,
+    seed: int = 42,
+    affinity_weights=None,
+    callbacks=(),
+    verbose: int = 1,
+):
     """Train every member of ``config.members``; return ``(models, metrics, spec)``.
 
     ``models`` are ``(artifact name, model)`` pairs; ``metrics`` are the first member's, with each
@@ -123,8 +138,9 @@ def train_heavy_ranker_members(train: Dataset, valid: Dataset, config: HeavyRank
         member_train = train
         if member.hard_negatives:
             member_train = with_hard_negatives(train, affinity_weights, member.hard_negatives, member_seed)
-        model, member_metrics, spec = train_heavy_ranker(member_train, valid, config, embeddings, training,
-                                                         seed=member_seed, callbacks=callbacks, verbose=verbose)
+        model, member_metrics, spec = train_heavy_ranker(
+            member_train, valid, config, embeddings, training, seed=member_seed, callbacks=callbacks, verbose=verbose
+        )
         models.append((member_artifact(index), model))
         prefix = "" if index == 0 else f"member{index}_"
         metrics.update({prefix + k: v for k, v in member_metrics.items()})
@@ -133,8 +149,16 @@ def train_heavy_ranker_members(train: Dataset, valid: Dataset, config: HeavyRank
     return models, metrics, spec
 
 
-def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig, embeddings: EmbeddingConfig,
-                       training: TrainingConfig, seed: int = 42, callbacks=(), verbose: int = 1):
+def train_heavy_ranker(
+    train: Dataset,
+    valid: Dataset,
+    config: HeavyRankerConfig,
+    embeddings: EmbeddingConfig,
+    training: TrainingConfig,
+    seed: int = 42,
+    callbacks=(),
+    verbose: int = 1,
+):
     """Train on all impressions; return ``(model, metrics, spec)``.
 
     ``spec`` is what serving needs: the feature list, the targets and their weights.
@@ -151,9 +175,17 @@ def train_heavy_ranker(train: Dataset, valid: Dataset, config: HeavyRankerConfig
     valid_ds = Dataset(valid.to_ddf()[columns], schema=schema)
     model = build_dcn(train_ds.schema, features, targets, config.cross_depth, config.deep_layers, embeddings)
     history = fit(
-        model, train_ds, valid_ds, epochs=config.epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, patience=training.early_stopping_patience,
-        monitor="val_loss", mode="min", callbacks=callbacks, verbose=verbose,
+        model,
+        train_ds,
+        valid_ds,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        patience=training.early_stopping_patience,
+        monitor="val_loss",
+        mode="min",
+        callbacks=callbacks,
+        verbose=verbose,
     )
     aucs = head_aucs(model, valid_ds, features, targets)
     metrics = {f"auc_{t}": v for t, v in aucs.items()}

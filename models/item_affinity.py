@@ -23,6 +23,7 @@ the GPU with cupy where one exists.
 The weights are stamped with the training run's version, like the query tower and the item index;
 ``load`` refuses weights of another run.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from models.columns import to_host
 from models.item_index import check_versions
-from models.negative_sampling import _host  # pandas or cudf column -> numpy
 
 WEIGHTS_FILE = "item_affinity.npy"
 META_FILE = "item_affinity.json"
@@ -65,7 +66,16 @@ def fit(user_rows, item_ids, num_items: int, reg_weight: float, max_items: int) 
         raise ValueError(f"item ids must lie in [0, {num_items}), got [{item_ids.min()}, {item_ids.max()}]")
     num_users = int(user_rows.max()) + 1 if user_rows.size else 0
     x = sp.csr_matrix((np.ones(len(user_rows)), (user_rows, item_ids)), shape=(num_users, num_items))
+    return ease_weights(x, reg_weight)
+
+
+def ease_weights(x: sp.spmatrix, reg_weight: float) -> np.ndarray:
+    """EASE's closed form for a users x items interaction matrix (any nonzero counts once):
+    ``B = I - P / diag(P)``, ``P = (X^T X + reg_weight I)^-1``, ``diag(B) = 0``; float32. The item
+    affinity and the EASE peer of the offline evaluation (``evaluation/peers.py``) both use it."""
+    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
     x.data[:] = 1.0  # an item the user had twice still counts once
+    num_items = x.shape[1]
     xp = _solver()
     gram = xp.asarray((x.T @ x).toarray())
     gram[xp.diag_indices(num_items)] += reg_weight
@@ -91,7 +101,9 @@ def load(directory: str | Path, expected_version: int | None = None) -> tuple[np
         check_versions(manifest=expected_version, item_affinity=meta["version"])
     weights = np.load(directory / WEIGHTS_FILE, mmap_mode="r")
     if weights.shape != (meta["items"], meta["items"]):
-        raise RuntimeError(f"{directory / WEIGHTS_FILE} has shape {weights.shape}, its metadata says {meta['items']} items")
+        raise RuntimeError(
+            f"{directory / WEIGHTS_FILE} has shape {weights.shape}, its metadata says {meta['items']} items"
+        )
     return weights, meta
 
 
@@ -114,6 +126,6 @@ def fit_from_history(history, item_table, reg_weight: float, max_items: int) -> 
     ``item_id_raw``; pandas or cudf) over the catalog of ``item_table`` (``item_id_raw`` -> encoded
     ``item_id``), so a weight's row and column are the encoded ids serving passes around."""
     encoded = history.merge(item_table[["item_id_raw", "item_id"]], on="item_id_raw", how="inner")
-    users = _host(encoded["user_id_raw"])
+    users = to_host(encoded["user_id_raw"])
     user_rows = np.unique(users, return_inverse=True)[1]
-    return fit(user_rows, _host(encoded["item_id"]), int(item_table["item_id"].max()) + 1, reg_weight, max_items)
+    return fit(user_rows, to_host(encoded["item_id"]), int(item_table["item_id"].max()) + 1, reg_weight, max_items)

@@ -7,6 +7,7 @@ The index is built from one training run's item embeddings and stamped with that
 query tower carries the same stamp, and ``check_versions`` refuses a mismatched pair, because a
 query embedding from one run is meaningless against item embeddings of another.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,3 +66,27 @@ def search(index: faiss.Index, query: np.ndarray, k: int) -> tuple[np.ndarray, n
     scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1), k)
     keep = ids[0] >= 0
     return ids[0][keep], scores[0][keep]
+
+
+class ItemVectors:
+    """The vectors an id index holds, by item id: the score ``search`` would give any item.
+
+    Search returns the top ``k``; scoring an item it did not return (a held-out positive, say) needs
+    its vector, which the index reconstructs (exact and HNSW indexes both store them)."""
+
+    def __init__(self, index: faiss.Index):
+        self._base = faiss.downcast_index(index.index)
+        ids = faiss.vector_to_array(index.id_map)
+        self._order = np.argsort(ids)
+        self._sorted_ids = ids[self._order]
+
+    def scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Inner product of ``query`` with each of ``ids``' vectors; -inf for ids not in the index."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        at = np.minimum(np.searchsorted(self._sorted_ids, ids), max(len(self._sorted_ids) - 1, 0))
+        known = (self._sorted_ids[at] == ids) if len(self._sorted_ids) else np.zeros(len(ids), dtype=bool)
+        out = np.full(len(ids), -np.inf, dtype=np.float64)
+        if known.any():
+            vectors = np.stack([self._base.reconstruct(int(p)) for p in self._order[at[known]]])
+            out[known] = vectors @ np.asarray(query, dtype=np.float32).reshape(-1)
+        return out

@@ -11,6 +11,7 @@ drawn from the catalog (``models/negative_sampling.py``: uniform or popularity-w
 validated on the real validation impressions (AUC of clicked vs. shown-and-skipped), the same
 question the heavy ranker answers, so the two AUCs can be compared.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,13 +39,22 @@ def training_rows(train: Dataset, features: list[str], config: LightRankerConfig
     schema = train.schema
     frame = train.to_ddf()[features + [config.target]].compute()
     item_columns = [f for f in features if Tags.ITEM in schema[f].tags]
-    rows = sample_negatives(frame, item_columns, config.negatives_per_positive, config.negative_sampling,
-                            label=config.target, seed=seed)
+    rows = sample_negatives(
+        frame, item_columns, config.negatives_per_positive, config.negative_sampling, label=config.target, seed=seed
+    )
     return Dataset(rows, schema=schema.select_by_name(features + [config.target]))
 
 
-def train_light_ranker(train: Dataset, valid: Dataset, config: LightRankerConfig, embeddings: EmbeddingConfig,
-                       training: TrainingConfig, seed: int = 42, callbacks=(), verbose: int = 1):
+def train_light_ranker(
+    train: Dataset,
+    valid: Dataset,
+    config: LightRankerConfig,
+    embeddings: EmbeddingConfig,
+    training: TrainingConfig,
+    seed: int = 42,
+    callbacks=(),
+    verbose: int = 1,
+):
     """Train on sampled negatives; return ``(model, metrics)`` with the validation AUC on real impressions."""
     import tensorflow as tf
 
@@ -55,13 +65,23 @@ def train_light_ranker(train: Dataset, valid: Dataset, config: LightRankerConfig
     valid_ds = Dataset(valid.to_ddf()[columns], schema=valid.schema.select_by_name(columns))
     model = build_dcn(rows.schema, features, [config.target], config.cross_depth, config.deep_layers, embeddings)
     history = fit(
-        model, rows, valid_ds, epochs=config.epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, patience=training.early_stopping_patience,
-        monitor="val_auc", mode="max", callbacks=callbacks, verbose=verbose,
+        model,
+        rows,
+        valid_ds,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        patience=training.early_stopping_patience,
+        monitor="val_auc",
+        mode="max",
+        callbacks=callbacks,
+        verbose=verbose,
     )
     aucs = head_aucs(model, valid_ds, features, [config.target])
-    metrics = {"auc": aucs[config.target], "epochs_run": len(history.history.get("loss", [])),
-               "train_rows": int(len(rows.to_ddf()))}
+    metrics = {
+        "auc": aucs[config.target],
+        "epochs_run": len(history.history.get("loss", [])),
+        "train_rows": int(len(rows.to_ddf())),
+    }
     log.info("light ranker: valid AUC %.4f after %d epochs", metrics["auc"], metrics["epochs_run"])
     return model, metrics
-

@@ -7,6 +7,7 @@ exactly, predictions do not (measured: up to 0.03 absolute on P(click) after one
 ranker's save/load round-trip test guards this. Importing this module applies the fix; it must be
 imported before a model is saved (``models.ranker`` does).
 """
+
 from __future__ import annotations
 
 from merlin.models.tf.blocks.cross import Cross

@@ -17,14 +17,24 @@ hundreds this label noise is small and the usual price of sampled training.
 This is deliberately small and local to the light ranker (a frame in, a frame out, on pandas or
 cudf); a dataset-level sampler in ``workflows/`` can replace it.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from merlin.core.dispatch import concat, make_df
 
+from models.columns import to_host
 
-def sample_negatives(frame, item_columns: list[str], ratio: int, strategy: str, label: str = "click",
-                     item_id: str = "item_id", seed: int = 42):
+
+def sample_negatives(
+    frame,
+    item_columns: list[str],
+    ratio: int,
+    strategy: str,
+    label: str = "click",
+    item_id: str = "item_id",
+    seed: int = 42,
+):
     """Return the positive rows of ``frame`` plus ``ratio`` sampled negatives per positive, shuffled.
 
     ``frame`` holds encoded features and ``label``; ``item_columns`` are the item-side columns that
@@ -45,14 +55,14 @@ def sample_negatives(frame, item_columns: list[str], ratio: int, strategy: str, 
     items = items.sort_values(item_id).reset_index(drop=True)
 
     rng = np.random.default_rng(seed)
-    catalog = _host(items[item_id])
+    catalog = to_host(items[item_id])
     if strategy == "uniform":
         probs = None
     else:
         counts = positives[item_id].value_counts()
         weights = np.zeros(len(catalog), dtype=np.float64)
-        pos = np.searchsorted(catalog, _host(counts.index))
-        weights[pos] = _host(counts).astype(np.float64)
+        pos = np.searchsorted(catalog, to_host(counts.index))
+        weights[pos] = to_host(counts).astype(np.float64)
         weights += 1.0  # items with no positive yet are still possible negatives
         probs = weights / weights.sum()
     sampled = catalog[rng.choice(len(catalog), size=len(positives) * ratio, p=probs)]
@@ -72,18 +82,16 @@ def sample_negatives(frame, item_columns: list[str], ratio: int, strategy: str, 
     return out.take(order).reset_index(drop=True)
 
 
-def _host(values) -> np.ndarray:
-    """A host numpy copy of a pandas/cudf series or index (sampling runs on host; tiny arrays)."""
-    if hasattr(values, "to_numpy"):
-        try:
-            return values.to_numpy()
-        except (TypeError, ValueError):
-            pass
-    return values.values_host if hasattr(values, "values_host") else np.asarray(values)
-
-
-def affinity_negatives(frame, weights: np.ndarray, per_user: int, labels: list[str], item_columns: list[str],
-                       user_id: str = "user_id", item_id: str = "item_id", chunk: int = 4096):
+def affinity_negatives(
+    frame,
+    weights: np.ndarray,
+    per_user: int,
+    labels: list[str],
+    item_columns: list[str],
+    user_id: str = "user_id",
+    item_id: str = "item_id",
+    chunk: int = 4096,
+):
     """Hard negatives: per user with a positive, the ``per_user`` items the item affinity of their
     positives ranks highest among the items they have no positive for, as rows of ``frame``'s
     columns with every label 0.
@@ -107,24 +115,24 @@ def affinity_negatives(frame, weights: np.ndarray, per_user: int, labels: list[s
         raise ValueError(f"cannot draw hard negatives: frame is missing column(s) {missing}")
     size = weights.shape[0]
     positives = frame[frame[labels].max(axis=1) > 0]
-    users, items = _host(positives[user_id]).astype(np.int64), _host(positives[item_id]).astype(np.int64)
+    users, items = to_host(positives[user_id]).astype(np.int64), to_host(positives[item_id]).astype(np.int64)
     if items.size and (items.min() < 0 or items.max() >= size):
         raise ValueError(f"item ids outside the {size} items the affinity weights cover")
     known = np.zeros(size, dtype=bool)
-    known[_host(frame[item_id]).astype(np.int64)] = True
+    known[to_host(frame[item_id]).astype(np.int64)] = True
     user_list, rows = np.unique(users, return_inverse=True)
     history = sp.csr_matrix((np.ones(len(rows)), (rows, items)), shape=(len(user_list), size))
     history.data[:] = 1.0
     n = min(per_user, size)
     drawn_users, drawn_items = [], []
     for start in range(0, len(user_list), chunk):
-        block = history[start:start + chunk]
+        block = history[start : start + chunk]
         scores = np.asarray(block @ weights, dtype=np.float64)
         scores[block.nonzero()] = -np.inf  # never an item the user has a positive for
         scores[:, ~known] = -np.inf
         top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
         usable = np.isfinite(np.take_along_axis(scores, top, axis=1))
-        drawn_users.append(np.repeat(user_list[start:start + chunk], n)[usable.ravel()])
+        drawn_users.append(np.repeat(user_list[start : start + chunk], n)[usable.ravel()])
         drawn_items.append(top[usable])
     pairs = make_df({user_id: np.concatenate(drawn_users), item_id: np.concatenate(drawn_items)})  # cudf on a GPU
     item_side = [c for c in item_columns if c != item_id]

@@ -18,6 +18,7 @@
 Versions are integers because Triton's model versions are. A version folder appears only once
 complete (built under a temporary name, then renamed), so a reader never sees half a run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -114,7 +115,7 @@ class VersionWriter:
         self.version = (existing[-1] + 1) if existing else 1
         self.tmp = Path(tempfile.mkdtemp(prefix=f".v{self.version}-", dir=self.registry))
 
-    def __enter__(self) -> "VersionWriter":
+    def __enter__(self) -> VersionWriter:
         return self
 
     def write_manifest(self, **fields) -> None:

@@ -10,6 +10,7 @@ points it elsewhere. Browse it with ``mlflow ui --backend-store-uri <that folder
     artifacts  the version's ``manifest.json`` and the embedding-table size report
     tags       ``registry_version``, ``data_fingerprint``
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from configs import TrainingConfig
 def tracking_uri(config: TrainingConfig, registry_dir: str | Path) -> str:
     if config.mlflow_tracking_uri:
         return config.mlflow_tracking_uri
-    return "file:" + str((Path(registry_dir).resolve().parent / "mlruns"))
+    return "file:" + str(Path(registry_dir).resolve().parent / "mlruns")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -43,7 +44,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
 class EpochLogger(tf.keras.callbacks.Callback):
     """Keras callback: logs every epoch's metrics (train and validation) as ``<stage>.<name>``."""
 
-    def __init__(self, run: "TrackedRun", stage: str):
+    def __init__(self, run: TrackedRun, stage: str):
         super().__init__()
         self.run, self.stage = run, stage
 
@@ -99,5 +100,5 @@ def tracked_run(config: TrainingConfig, registry_dir: str | Path, params: dict, 
         params = flatten(params)
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i:i + 100]))
+            mlflow.log_params(dict(items[i : i + 100]))
         yield TrackedRun(mlflow)

@@ -11,6 +11,7 @@ Every stage is seeded from ``config.seed``, stops early on its validation metric
 per-epoch metrics to the run's MLflow store (``models/tracking.py``); the training log prints the
 parameters and bytes of every embedding table (``models/embeddings.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,11 +57,23 @@ def feature_lists(schema) -> dict[str, list[str]]:
 
 # What the rankers' training depends on besides the data: a version that agrees on all of it has
 # the rankers another training would give.
-RANKER_INPUTS = ("seed", "embeddings", "training", "light_ranker", "heavy_ranker", "item_affinity")  # hard negatives read the affinity
+RANKER_INPUTS = (
+    "seed",
+    "embeddings",
+    "training",
+    "light_ranker",
+    "heavy_ranker",
+    "item_affinity",
+)  # hard negatives read the affinity
 
 
-def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, verbose: int = 1,
-              rankers_from: registry.ModelVersion | None = None) -> registry.ModelVersion:
+def train_all(
+    data: ProcessedData,
+    config: Config,
+    registry_dir: str | Path,
+    verbose: int = 1,
+    rankers_from: registry.ModelVersion | None = None,
+) -> registry.ModelVersion:
     """Train the candidate generator, both rankers and the fallback; publish them as one version.
 
     ``rankers_from`` copies both rankers from that version instead of training them again, for
@@ -75,9 +88,11 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
     patience = config.training.early_stopping_patience
     keras_verbose = verbose
 
-    with registry.VersionWriter(registry_dir) as out, tracked_run(
-        config.training, registry_dir, config.to_dict(), run_name=f"version-{out.version}"
-    ) as run, tqdm(total=len(STAGES), desc="funnel stages", disable=verbose != 1) as progress:
+    with (
+        registry.VersionWriter(registry_dir) as out,
+        tracked_run(config.training, registry_dir, config.to_dict(), run_name=f"version-{out.version}") as run,
+        tqdm(total=len(STAGES), desc="funnel stages", disable=verbose != 1) as progress,
+    ):
         version = out.version
         run.set_tags({"registry_version": version, "data_fingerprint": fingerprint})
         sizes = {}
@@ -86,9 +101,15 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
         item_table = read_parquet(data.item_features)
         tt_model, tt_metrics = train_candidate_generator(
-            train, valid, config.candidate_generator, seed=config.seed, verbose=keras_verbose,
-            embeddings=config.embeddings, patience=patience if config.candidate_generator.early_stopping else None,
-            callbacks=[run.callback("candidate_generator")], catalog=item_table,
+            train,
+            valid,
+            config.candidate_generator,
+            seed=config.seed,
+            verbose=keras_verbose,
+            embeddings=config.embeddings,
+            patience=patience if config.candidate_generator.early_stopping else None,
+            callbacks=[run.callback("candidate_generator")],
+            catalog=item_table,
         )
         sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
         tt_model.query_encoder.save(str(out.tmp / "query_tower"))
@@ -110,8 +131,14 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         if rankers_from is None:
             progress.set_postfix_str("light_ranker")
             light_model, light_metrics = train_light_ranker(
-                train, valid, config.light_ranker, config.embeddings, config.training, seed=config.seed,
-                callbacks=[run.callback("light_ranker")], verbose=keras_verbose,
+                train,
+                valid,
+                config.light_ranker,
+                config.embeddings,
+                config.training,
+                seed=config.seed,
+                callbacks=[run.callback("light_ranker")],
+                verbose=keras_verbose,
             )
             sizes["light_ranker"] = log_tables(light_model, "light_ranker")
             light_model.save(str(out.tmp / "light_ranker"))
@@ -122,8 +149,15 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
             if affinity and any(m.hard_negatives for m in config.heavy_ranker.members):
                 affinity_weights = item_affinity.load(out.tmp)[0]
             heavy_models, heavy_metrics, heavy_spec = train_heavy_ranker_members(
-                train, valid, config.heavy_ranker, config.embeddings, config.training, seed=config.seed,
-                affinity_weights=affinity_weights, callbacks=[run.callback("heavy_ranker")], verbose=keras_verbose,
+                train,
+                valid,
+                config.heavy_ranker,
+                config.embeddings,
+                config.training,
+                seed=config.seed,
+                affinity_weights=affinity_weights,
+                callbacks=[run.callback("heavy_ranker")],
+                verbose=keras_verbose,
             )
             sizes["heavy_ranker"] = log_tables(heavy_models[0][1], "heavy_ranker")
             for name, heavy_model in heavy_models:
@@ -148,13 +182,14 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
         content = config.serving.fallback_content_column
         if content:
             if content not in item_table.columns:
-                raise ValueError(f"serving.fallback_content_column {content!r} is not an item feature "
-                                 f"(item features: {list(item_table.columns)})")
+                raise ValueError(
+                    f"serving.fallback_content_column {content!r} is not an item feature "
+                    f"(item features: {list(item_table.columns)})"
+                )
             catalog = item_table[["item_id_raw", content]].rename(columns={"item_id_raw": "item_id"})
             popularity = with_new_items(popularity, catalog, content, config.serving.fallback_new_item_weight)
         popularity.to_parquet(out.tmp / "popularity.parquet", index=False)
         progress.update()
-
 
         metrics = {"candidate_generator": tt_metrics, "light_ranker": light_metrics, "heavy_ranker": heavy_metrics}
         out.write_manifest(
@@ -166,8 +201,10 @@ def train_all(data: ProcessedData, config: Config, registry_dir: str | Path, ver
             features=features,
             light_ranker={"features": list(config.light_ranker.features), "target": config.light_ranker.target},
             heavy_ranker=heavy_spec,
-            model_sizes={k: {"total_params": v["total_params"], "embedding_params": v["embedding_params"]}
-                         for k, v in sizes.items()},
+            model_sizes={
+                k: {"total_params": v["total_params"], "embedding_params": v["embedding_params"]}
+                for k, v in sizes.items()
+            },
             item_embedding_dim=int(vectors.shape[1]),
             num_indexed_items=int(len(ids)),
             item_affinity=affinity,
@@ -186,8 +223,11 @@ def _train_item_affinity(history, item_table, config: Config, directory: Path, v
     ac = config.item_affinity
     num_items = int(item_table["item_id"].max()) + 1
     if num_items > ac.max_items and config.serving.ordering.affinity_weight == 0:
-        log.info("item_affinity skipped: %d items > item_affinity.max_items=%d (unused: affinity_weight 0)",
-                 num_items, ac.max_items)
+        log.info(
+            "item_affinity skipped: %d items > item_affinity.max_items=%d (unused: affinity_weight 0)",
+            num_items,
+            ac.max_items,
+        )
         return None
     weights = item_affinity.fit_from_history(history, item_table, ac.reg_weight, ac.max_items)
     item_affinity.save(weights, directory, version, ac.reg_weight)

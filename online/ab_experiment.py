@@ -13,12 +13,13 @@
 7. if the decision is to ship, roll the treatment out to everyone but the holdout and check that the
    holdout is still served by the control model.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -40,8 +41,10 @@ def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
     treatment_config = treatment_of(config)
     started = time.monotonic()
     treatment = train_all(processed, treatment_config, work / "registry", verbose=0)
-    log(f"treatment model v{treatment.version} ({json.dumps(config.online.experiment.treatment_overrides)}) "
-        f"trained in {time.monotonic() - started:.0f}s")
+    log(
+        f"treatment model v{treatment.version} ({json.dumps(config.online.experiment.treatment_overrides)}) "
+        f"trained in {time.monotonic() - started:.0f}s"
+    )
     return world, control, treatment
 
 
@@ -62,12 +65,18 @@ def online_counters(metrics_url: str, requests: int = 0, feedback: int = 0, time
     metrics = scrape(metrics_url)
     while not online_settled(metrics, requests, feedback):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"online counters at {metrics_url} did not reach {requests} requests and "
-                               f"{feedback} feedback requests within {timeout:.0f}s")
+            raise TimeoutError(
+                f"online counters at {metrics_url} did not reach {requests} requests and "
+                f"{feedback} feedback requests within {timeout:.0f}s"
+            )
         time.sleep(0.05)
         metrics = scrape(metrics_url)
-    names = {"online_requests_total": "requests", "online_impressions_total": "impressions",
-             "online_fallback_total": "fallback", "online_feedback_total": "feedback requests"}
+    names = {
+        "online_requests_total": "requests",
+        "online_impressions_total": "impressions",
+        "online_fallback_total": "fallback",
+        "online_feedback_total": "feedback requests",
+    }
     names.update({name: event for event, (name, _) in FEEDBACK_COUNTERS.items()})
     rows: dict[tuple, dict] = {}
     for name, column in names.items():
@@ -80,19 +89,25 @@ def online_counters(metrics_url: str, requests: int = 0, feedback: int = 0, time
     return table.sort_values(["arm", "version"]).reset_index(drop=True) if not table.empty else table
 
 
-def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, roll_out: bool = True,
-                log: Callable[[str], None] = print) -> dict:
+def run_ab_test(
+    config: Config,
+    workdir: str | Path,
+    users: int | None = None,
+    roll_out: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run steps 1-7; return the analysis, the report paths and what the rollout check saw."""
+    from deployment.export import export_repository
+    from deployment.rollout import add_version, current_rollout
+    from deployment.server import TritonServer
     from online.ab_report import analyze, write_ab_report
-    from online.assignment import ab_rollout
+    from online.experiments import roll_out_treatment, start_experiment
     from online.feedback_log import FeedbackLog
+    from online.router import feedback_log_path
     from online.simulator import UserSimulator
-    from serving.ab_router import ROUTER, feedback_log_path
+    from serving.assignment import ab_rollout
     from serving.client import FunnelClient
-    from serving.experiments import current_rollout, roll_out_treatment, start_experiment
-    from serving.export import export_repository
-    from serving.rollout import add_version
-    from serving.server import TritonServer
+    from serving.interface import ROUTER
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,36 +118,45 @@ def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, r
     for stale in log_path.parent.glob(log_path.name + "*"):
         stale.unlink()  # a fresh experiment log (and its WAL files)
     exp = config.online.experiment
-    rollout = ab_rollout(exp.name, exp.salt, int(control.version), int(treatment.version), exp.holdout,
-                         exp.treatment_share)
+    rollout = ab_rollout(
+        exp.name, exp.salt, int(control.version), int(treatment.version), exp.holdout, exp.treatment_share
+    )
     population = world.users["user_id"].to_numpy()
     if users is not None:
         population = population[:users]
     result: dict = {"repo": repo, "feedback_log": log_path}
     with TritonServer(repo, log_path=work / "tritonserver.log") as server:
         router_version = start_experiment(server.grpc_url, repo, rollout)
-        log(f"experiment {exp.name!r} on ab_router v{router_version}: control v{control.version}, "
-            f"treatment v{treatment.version}, holdout {exp.holdout:.0%} on v{control.version}")
+        log(
+            f"experiment {exp.name!r} on ab_router v{router_version}: control v{control.version}, "
+            f"treatment v{treatment.version}, holdout {exp.holdout:.0%} on v{control.version}"
+        )
         with FunnelClient(server.grpc_url, model_name=ROUTER) as client:
             simulator = UserSimulator(world, config.synthetic, config.online.simulation)
             started = time.monotonic()
             outcomes = simulator.run(
-                population, client.recommend,
+                population,
+                client.recommend,
                 feedback=lambda rid, user, items, events, values: client.send_feedback(rid, items, events, values),
-                progress=False)
+                progress=False,
+            )
             seconds = time.monotonic() - started
-            log(f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
-                f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)")
+            log(
+                f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
+                f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)"
+            )
             feedback_log = FeedbackLog(log_path)
             impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
             feedback_log.close()
             result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
             analysis = analyze(impressions, feedback, rollout, exp, len(world.items))
             context = {
-                "experiment": f"{exp.name} (salt {exp.salt}); treatment = control + {json.dumps(exp.treatment_overrides)}",
-                "versions": f"control v{control.version}, treatment v{treatment.version}, holdout on v{control.version}",
-                "traffic": f"{len(population)} simulated users, {outcomes['day'].nunique()} days, {len(outcomes):,} requests "
-                           f"through ab_router over gRPC; feedback through the feedback endpoint",
+                "experiment": f"{exp.name} (salt {exp.salt}); "
+                f"treatment = control + {json.dumps(exp.treatment_overrides)}",
+                "versions": f"control v{control.version}, treatment v{treatment.version}, "
+                f"holdout on v{control.version}",
+                "traffic": f"{len(population)} simulated users, {outcomes['day'].nunique()} days, "
+                f"{len(outcomes):,} requests through ab_router over gRPC; feedback through the feedback endpoint",
                 "source of the numbers": f"the server's feedback log {log_path}",
             }
             result["paths"] = write_ab_report(analysis, work / "report", "A/B test: " + exp.name, context, outcomes)
@@ -142,11 +166,18 @@ def run_ab_test(config: Config, workdir: str | Path, users: int | None = None, r
                 shipped = roll_out_treatment(server.grpc_url, repo)
                 assert current_rollout(repo).versions == shipped.versions
                 sample = population[: min(len(population), 400)]
-                served = pd.DataFrame([
-                    {"user_id": int(u), "arm": r.arm, "model_version": r.model_version}
-                    for u in sample for r in [client.recommend(int(u), config.online.simulation.k)]])
+                served = pd.DataFrame(
+                    [
+                        {"user_id": int(u), "arm": r.arm, "model_version": r.model_version}
+                        for u in sample
+                        for r in [client.recommend(int(u), config.online.simulation.k)]
+                    ]
+                )
                 result["after_rollout"] = served.groupby(["arm", "model_version"]).size().rename("users").reset_index()
-                log("rolled out: " + ", ".join(f"{r.arm} -> v{r.model_version} ({r.users} users)"
-                                               for r in result["after_rollout"].itertuples()))
+                log(
+                    "rolled out: "
+                    + ", ".join(
+                        f"{r.arm} -> v{r.model_version} ({r.users} users)" for r in result["after_rollout"].itertuples()
+                    )
+                )
     return result
-

@@ -1,15 +1,16 @@
 """Statistics of an A/B test: is the treatment better, is the test even valid, and was it big enough?
 
-    two_proportion_ztest  rates such as CTR or retention (pooled z-test, Wald interval of the lift)
-    ratio_delta_test      a ratio of per-user sums such as CTR = clicks / impressions, with users as
-                          the unit (delta method): a user's impressions are not independent trials
-    welch_ttest           means such as watch time per user (unequal variances)
-    bootstrap_diff        percentile interval of any statistic's difference
-    sample_size_proportions / sample_size_means   users per arm for a given effect, alpha and power
-    sample_ratio_mismatch chi-square test of arm sizes against the designed split; a mismatch means
-                          assignment or logging is broken and no other number can be trusted
-    decide                a plain decision from the above
+two_proportion_ztest  rates such as CTR or retention (pooled z-test, Wald interval of the lift)
+ratio_delta_test      a ratio of per-user sums such as CTR = clicks / impressions, with users as
+                      the unit (delta method): a user's impressions are not independent trials
+welch_ttest           means such as watch time per user (unequal variances)
+bootstrap_diff        percentile interval of any statistic's difference
+sample_size_proportions / sample_size_means   users per arm for a given effect, alpha and power
+sample_ratio_mismatch chi-square test of arm sizes against the designed split; a mismatch means
+                      assignment or logging is broken and no other number can be trusted
+decide                a plain decision from the above
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -33,8 +34,9 @@ class TestResult:
         return asdict(self)
 
 
-def two_proportion_ztest(successes_c: int, n_c: int, successes_t: int, n_t: int, metric: str = "rate",
-                         alpha: float = 0.05) -> TestResult:
+def two_proportion_ztest(
+    successes_c: int, n_c: int, successes_t: int, n_t: int, metric: str = "rate", alpha: float = 0.05
+) -> TestResult:
     if min(n_c, n_t) <= 0:
         raise ValueError("both arms need at least one trial")
     p_c, p_t = successes_c / n_c, successes_t / n_t
@@ -67,8 +69,9 @@ def ratio_delta_test(num_c, den_c, num_t, den_t, metric: str = "ratio", alpha: f
     se = np.sqrt(s_c**2 / len(num_c) + s_t**2 / len(num_t))
     z = (r_t - r_c) / se if se > 0 else 0.0
     half = stats.norm.ppf(1 - alpha / 2) * se
-    return TestResult(metric, r_c, r_t, r_t - r_c, r_t - r_c - half, r_t - r_c + half,
-                      float(2 * stats.norm.sf(abs(z))), float(z))
+    return TestResult(
+        metric, r_c, r_t, r_t - r_c, r_t - r_c - half, r_t - r_c + half, float(2 * stats.norm.sf(abs(z))), float(z)
+    )
 
 
 def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -> TestResult:
@@ -80,23 +83,29 @@ def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -
     df = (vc + vt) ** 2 / (vc**2 / (len(c) - 1) + vt**2 / (len(t) - 1)) if vc + vt > 0 else len(c) + len(t) - 2
     half = stats.t.ppf(1 - alpha / 2, df) * np.sqrt(vc + vt)
     diff = t.mean() - c.mean()
-    return TestResult(metric, c.mean(), t.mean(), diff, diff - half, diff + half, float(res.pvalue), float(res.statistic))
+    return TestResult(
+        metric, c.mean(), t.mean(), diff, diff - half, diff + half, float(res.pvalue), float(res.statistic)
+    )
 
 
-def bootstrap_diff(control, treatment, statistic=np.mean, n_resamples: int = 2000, confidence: float = 0.95,
-                   seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_diff(
+    control, treatment, statistic=np.mean, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     rng = np.random.default_rng(seed)
     c, t = np.asarray(control, dtype=float), np.asarray(treatment, dtype=float)
-    diffs = np.array([
-        statistic(t[rng.integers(0, len(t), len(t))]) - statistic(c[rng.integers(0, len(c), len(c))])
-        for _ in range(n_resamples)
-    ])
+    diffs = np.array(
+        [
+            statistic(t[rng.integers(0, len(t), len(t))]) - statistic(c[rng.integers(0, len(c), len(c))])
+            for _ in range(n_resamples)
+        ]
+    )
     a = (1 - confidence) / 2
     return float(statistic(t) - statistic(c)), float(np.quantile(diffs, a)), float(np.quantile(diffs, 1 - a))
 
 
-def sample_size_proportions(baseline: float, min_detectable_effect: float, alpha: float = 0.05,
-                            power: float = 0.8) -> int:
+def sample_size_proportions(
+    baseline: float, min_detectable_effect: float, alpha: float = 0.05, power: float = 0.8
+) -> int:
     """Users per arm to detect an absolute lift ``min_detectable_effect`` of a rate (two-sided)."""
     p1, p2 = baseline, baseline + min_detectable_effect
     z_a, z_b = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
@@ -119,8 +128,9 @@ class SRMResult:
     mismatch: bool
 
 
-def sample_ratio_mismatch(observed: dict[str, int], expected_shares: dict[str, float],
-                          threshold: float = 0.001) -> SRMResult:
+def sample_ratio_mismatch(
+    observed: dict[str, int], expected_shares: dict[str, float], threshold: float = 0.001
+) -> SRMResult:
     """Chi-square goodness of fit of arm sizes; p below ``threshold`` (conventionally 0.001) is an SRM."""
     arms = list(expected_shares)
     counts = np.array([observed.get(a, 0) for a in arms], dtype=float)
@@ -129,9 +139,16 @@ def sample_ratio_mismatch(observed: dict[str, int], expected_shares: dict[str, f
     return SRMResult(dict(observed), dict(expected_shares), float(chi2), float(p), bool(p < threshold))
 
 
-def decide(primary: TestResult, srm: SRMResult, required_per_arm: int, observed_per_arm: int,
-           alpha: float = 0.05, higher_is_better: bool = True, unit: str = "users",
-           guardrails: list[TestResult] = ()) -> str:
+def decide(
+    primary: TestResult,
+    srm: SRMResult,
+    required_per_arm: int,
+    observed_per_arm: int,
+    alpha: float = 0.05,
+    higher_is_better: bool = True,
+    unit: str = "users",
+    guardrails: list[TestResult] = (),
+) -> str:
     """One plain sentence: invalid, underpowered, ship, do not ship, or no detectable difference.
 
     ``guardrails`` (higher is better, e.g. retention, watch time): the treatment must not make any of
@@ -145,10 +162,17 @@ def decide(primary: TestResult, srm: SRMResult, required_per_arm: int, observed_
     better = primary.difference > 0 if higher_is_better else primary.difference < 0
     if primary.p_value < alpha:
         verdict = "SHIP the treatment" if better else "DO NOT SHIP: the treatment is worse"
-        return (f"{verdict}: {primary.metric} {primary.control:.4f} -> {primary.treatment:.4f} "
-                f"(diff {primary.difference:+.4f}, 95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g})")
+        return (
+            f"{verdict}: {primary.metric} {primary.control:.4f} -> {primary.treatment:.4f} "
+            f"(diff {primary.difference:+.4f}, 95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], "
+            f"p={primary.p_value:.2g})"
+        )
     if observed_per_arm < required_per_arm:
-        return (f"KEEP RUNNING: no significant difference yet (p={primary.p_value:.2g}) with {observed_per_arm:,} "
-                f"{unit} per arm; {required_per_arm:,} are needed for the planned power")
-    return (f"NO DETECTABLE DIFFERENCE at the planned power: {primary.metric} diff {primary.difference:+.4f} "
-            f"(95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g}); keep the control")
+        return (
+            f"KEEP RUNNING: no significant difference yet (p={primary.p_value:.2g}) with {observed_per_arm:,} "
+            f"{unit} per arm; {required_per_arm:,} are needed for the planned power"
+        )
+    return (
+        f"NO DETECTABLE DIFFERENCE at the planned power: {primary.metric} diff {primary.difference:+.4f} "
+        f"(95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g}); keep the control"
+    )

@@ -7,6 +7,7 @@ per task and a failure alert (``on_failure_callback``; set ``RETRAINING_ALERT_WE
 pass between tasks through XCom. This file needs Airflow (2.6+) and is not imported by the tests,
 which check that its tasks and the runner's steps stay the same list.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,9 @@ STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experimen
 
 
 def _alert(context) -> None:
-    retraining.Alerter(webhook_url=os.environ.get("RETRAINING_ALERT_WEBHOOK"),
-                       alert_file=os.environ.get("RETRAINING_ALERT_FILE")).send(
-        {"pipeline": "retraining", "step": context["task_instance"].task_id, "error": str(context.get("exception"))})
+    retraining.Alerter(
+        webhook_url=os.environ.get("RETRAINING_ALERT_WEBHOOK"), alert_file=os.environ.get("RETRAINING_ALERT_FILE")
+    ).send({"pipeline": "retraining", "step": context["task_instance"].task_id, "error": str(context.get("exception"))})
 
 
 def _run(step: str, **airflow_context) -> dict:

@@ -9,13 +9,14 @@ sent again (a client's retry, a replay) is ignored, and ``log_feedback_many`` re
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
 """
+
 from __future__ import annotations
 
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,8 +35,9 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
 """
 # Logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
-DROP_REPEATS = ("DELETE FROM feedback WHERE rowid NOT IN "
-                "(SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)")
+DROP_REPEATS = (
+    "DELETE FROM feedback WHERE rowid NOT IN (SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)"
+)
 UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX feedback_once ON feedback (request_id, item_id, event)"
 
 
@@ -53,17 +55,28 @@ class FeedbackLog:
                 self._con.execute(DROP_REPEATS)
                 self._con.execute(UNIQUE_FEEDBACK)
 
-    def log_impressions(self, request_id: str, user_id: int, item_ids: Sequence[int], model_version: str,
-                        arm: str, served_by: str, ts: float | None = None) -> None:
+    def log_impressions(
+        self,
+        request_id: str,
+        user_id: int,
+        item_ids: Sequence[int],
+        model_version: str,
+        arm: str,
+        served_by: str,
+        ts: float | None = None,
+    ) -> None:
         """One served slate: one row per position, in one transaction."""
         ts = time.time() if ts is None else ts
-        rows = [(request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by)
-                for pos, item in enumerate(item_ids)]
+        rows = [
+            (request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by)
+            for pos, item in enumerate(item_ids)
+        ]
         with self._transaction():
             self._con.executemany("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def log_feedback(self, request_id: str, user_id: int, item_id: int, event: str, value: float = 1.0,
-                     ts: float | None = None) -> bool:
+    def log_feedback(
+        self, request_id: str, user_id: int, item_id: int, event: str, value: float = 1.0, ts: float | None = None
+    ) -> bool:
         """Store one event; False if the same event for this request and item was already stored."""
         return bool(self.log_feedback_many([(request_id, user_id, item_id, event, value)], ts))
 
@@ -79,8 +92,10 @@ class FeedbackLog:
         stored = []
         with self._transaction():
             for request_id, user_id, item_id, event, value in rows:
-                cursor = self._con.execute("INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
-                                           (request_id, ts, user_id, item_id, event, value))
+                cursor = self._con.execute(
+                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                    (request_id, ts, user_id, item_id, event, value),
+                )
                 if cursor.rowcount == 1:
                     stored.append((request_id, user_id, item_id, event, value))
         return stored
@@ -112,7 +127,8 @@ class FeedbackLog:
         with self._lock:
             rows = self._con.execute(
                 "SELECT user_id, item_id, arm, model_version FROM impressions WHERE request_id = ? ORDER BY position",
-                (request_id,)).fetchall()
+                (request_id,),
+            ).fetchall()
         if not rows:
             return None
         return {"user_id": rows[0][0], "item_ids": [r[1] for r in rows], "arm": rows[0][2], "model_version": rows[0][3]}
@@ -141,8 +157,11 @@ def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int =
     if imp.empty:
         return pd.DataFrame(columns=["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"])
     fb = log.feedback()
-    signals = (fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
-               if not fb.empty else pd.DataFrame())
+    signals = (
+        fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
+        if not fb.empty
+        else pd.DataFrame()
+    )
     signals = signals.reindex(columns=list(SIGNALS)).fillna(0)
     order = imp.groupby("request_id")["ts"].min().rank(method="first").astype(np.int64)
     events = imp.join(signals, on=["request_id", "item_id"]).fillna({e: 0 for e in SIGNALS})

@@ -10,6 +10,7 @@ share of users stays on generation 0's model throughout. What to watch:
 * the live arm against the holdout: CTR, watch time and retention with a two-proportion z-test, so a
   model that degrades as it learns mostly from its own logs shows up against the frozen control.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,9 @@ import pandas as pd
 from configs import Config
 from evaluation import popularity_bias as pb
 from online import ab_testing as ab
-from online.assignment import HOLDOUT, Experiment
 from online.feedback_log import FeedbackLog, to_events
 from online.simulator import SimulationConfig, UserSimulator, per_arm_summary
+from serving.assignment import HOLDOUT, Experiment
 
 
 @dataclass
@@ -43,20 +44,30 @@ class Generation:
 
 
 def _train_and_load(raw_dir: Path, out: Path, config: Config, registry: Path):
+    from deployment.export import export_repository
     from evaluation.offline import load_funnel
     from models.train import train_all
-    from serving.export import export_repository
     from workflows.pipeline import run_dataset_pipeline
 
-    processed = run_dataset_pipeline(raw_dir / "events.parquet", raw_dir / "users.parquet", raw_dir / "items.parquet",
-                                     out / "processed", config.workflow)
+    processed = run_dataset_pipeline(
+        raw_dir / "events.parquet",
+        raw_dir / "users.parquet",
+        raw_dir / "items.parquet",
+        out / "processed",
+        config.workflow,
+    )
     model = train_all(processed, config, registry, verbose=0)
     repo = export_repository(model, out / "triton_repo")
     return model, load_funnel(repo, model.version), len(pd.read_parquet(processed.train_events))
 
 
-def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
-                      simulation: SimulationConfig | None = None, holdout: float = 0.05) -> list[Generation]:
+def run_feedback_loop(
+    config: Config,
+    out_dir: str | Path,
+    generations: int = 3,
+    simulation: SimulationConfig | None = None,
+    holdout: float = 0.05,
+) -> list[Generation]:
     from evaluation.offline import run_funnel
     from workflows.sources.synthetic import generate
 
@@ -78,10 +89,14 @@ def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
     simulator = UserSimulator(world, config.synthetic, sim_cfg)
     history = []
     for g in range(1, generations + 1):
-        def recommend(user, k, arm):
+
+        def recommend(user, k, arm, live_stages=live_stages):
             out_ = run_funnel(holdout_stages if arm == HOLDOUT else live_stages, int(user), k)
-            return SimpleNamespace(item_ids=out_["item_ids"], model_version=str(out_["model_version"][0].decode()),
-                                   served_by=out_["served_by"][0].decode())
+            return SimpleNamespace(
+                item_ids=out_["item_ids"],
+                model_version=str(out_["model_version"][0].decode()),
+                served_by=out_["served_by"][0].decode(),
+            )
 
         gen_dir = out / f"gen{g}"
         log = FeedbackLog(gen_dir / "feedback.sqlite")
@@ -93,12 +108,19 @@ def run_feedback_loop(config: Config, out_dir: str | Path, generations: int = 3,
         test = holdout_test(log) if hold is not None else {}
         items = live_slates["item_id"].to_numpy()
         catalog = len(world.items)
-        history.append(Generation(
-            generation=g, model_version=int(live_model.version), training_events=n_train,
-            share_curve=pb.item_share_curve(items), gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
-            coverage=len(np.unique(items)) / catalog, live=live.to_dict(),
-            holdout=hold.to_dict() if hold is not None else {}, ctr_test=test,
-        ))
+        history.append(
+            Generation(
+                generation=g,
+                model_version=int(live_model.version),
+                training_events=n_train,
+                share_curve=pb.item_share_curve(items),
+                gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
+                coverage=len(np.unique(items)) / catalog,
+                live=live.to_dict(),
+                holdout=hold.to_dict() if hold is not None else {},
+                ctr_test=test,
+            )
+        )
         # Retrain on everything so far plus this generation's own logs.
         new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
         events = pd.concat([events, new_events], ignore_index=True)
@@ -119,8 +141,13 @@ def holdout_test(log: FeedbackLog) -> dict:
 
     users = per_user(log.impressions(), log.feedback())
     live, hold = users[users["arm"] == "live"], users[users["arm"] == HOLDOUT]
-    test = ab.two_proportion_ztest(int(hold["clicks"].sum()), int(hold["impressions"].sum()),
-                                   int(live["clicks"].sum()), int(live["impressions"].sum()), "ctr").to_dict()
+    test = ab.two_proportion_ztest(
+        int(hold["clicks"].sum()),
+        int(hold["impressions"].sum()),
+        int(live["clicks"].sum()),
+        int(live["impressions"].sum()),
+        "ctr",
+    ).to_dict()
     test["user_bootstrap_low"], test["user_bootstrap_high"] = ctr_bootstrap(hold, live)
     return test
 
@@ -128,20 +155,34 @@ def holdout_test(log: FeedbackLog) -> dict:
 def history_table(history: list[Generation]) -> pd.DataFrame:
     rows = []
     for h in history:
-        rows.append({
-            "generation": h.generation, "model version": h.model_version, "training events": h.training_events,
-            "items for 50% of recs": h.share_curve.get(0.5), "items for 90% of recs": h.share_curve.get(0.9),
-            "gini": h.gini, "coverage": h.coverage,
-            "live ctr": h.live.get("ctr"), "holdout ctr": h.holdout.get("ctr"),
-            "live retention": h.live.get("retention"), "holdout retention": h.holdout.get("retention"),
-            "ctr diff (live - holdout)": h.ctr_test.get("difference"), "p (z-test)": h.ctr_test.get("p_value"),
-            "diff 95% CI, users resampled": (f"[{h.ctr_test['user_bootstrap_low']:+.4f}, {h.ctr_test['user_bootstrap_high']:+.4f}]"
-                                             if "user_bootstrap_low" in h.ctr_test else None),
-        })
+        rows.append(
+            {
+                "generation": h.generation,
+                "model version": h.model_version,
+                "training events": h.training_events,
+                "items for 50% of recs": h.share_curve.get(0.5),
+                "items for 90% of recs": h.share_curve.get(0.9),
+                "gini": h.gini,
+                "coverage": h.coverage,
+                "live ctr": h.live.get("ctr"),
+                "holdout ctr": h.holdout.get("ctr"),
+                "live retention": h.live.get("retention"),
+                "holdout retention": h.holdout.get("retention"),
+                "ctr diff (live - holdout)": h.ctr_test.get("difference"),
+                "p (z-test)": h.ctr_test.get("p_value"),
+                "diff 95% CI, users resampled": (
+                    f"[{h.ctr_test['user_bootstrap_low']:+.4f}, {h.ctr_test['user_bootstrap_high']:+.4f}]"
+                    if "user_bootstrap_low" in h.ctr_test
+                    else None
+                ),
+            }
+        )
     table = pd.DataFrame(rows)
     # Generation 1 serves the holdout's own model: its live-holdout gap is the two user groups'
     # baseline difference, so a model's drift is the change of the gap since then.
-    table["gap change since generation 1"] = table["ctr diff (live - holdout)"] - table["ctr diff (live - holdout)"].iloc[0]
+    table["gap change since generation 1"] = (
+        table["ctr diff (live - holdout)"] - table["ctr diff (live - holdout)"].iloc[0]
+    )
     return table
 
 
@@ -154,7 +195,7 @@ def write_loop_report(history: list[Generation], out_dir: str | Path, context: d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evaluation.report import _png, write_document
+    from evaluation.report import figure_png, write_document
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,16 +207,17 @@ def write_loop_report(history: list[Generation], out_dir: str | Path, context: d
     ax.set_xlabel("distinct items")
     ax.set_ylabel("share of all recommendations")
     ax.legend()
-    plots = [("Item-share curve per generation (live arm)", _png(fig))]
+    plots = [("Item-share curve per generation (live arm)", figure_png(fig))]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(table["generation"], table["live ctr"], marker="o", label="live (retrained on its own logs)")
     ax.plot(table["generation"], table["holdout ctr"], marker="o", label="holdout (generation-0 model)")
     ax.set_xlabel("generation")
     ax.set_ylabel("CTR")
     ax.legend()
-    plots.append(("CTR: live vs holdout", _png(fig)))
-    paths = write_document(out, "Feedback loop: retraining on the system's own logs", context,
-                           [("Generations", table)], plots)
+    plots.append(("CTR: live vs holdout", figure_png(fig)))
+    paths = write_document(
+        out, "Feedback loop: retraining on the system's own logs", context, [("Generations", table)], plots
+    )
     (out / "history.json").write_text(json.dumps([h.__dict__ for h in history], indent=2, default=str))
     return {**paths, "json": out / "history.json"}
 
@@ -185,8 +227,10 @@ def reload_history(out_dir: str | Path) -> list[Generation]:
     import json
 
     out = Path(out_dir)
-    history = [Generation(**{**h, "share_curve": {float(k): v for k, v in h["share_curve"].items()}})
-               for h in json.loads((out / "report" / "history.json").read_text())]
+    history = [
+        Generation(**{**h, "share_curve": {float(k): v for k, v in h["share_curve"].items()}})
+        for h in json.loads((out / "report" / "history.json").read_text())
+    ]
     for h in history:
         log = FeedbackLog(out / f"gen{h.generation}" / "feedback.sqlite")
         h.ctr_test = holdout_test(log)

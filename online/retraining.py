@@ -12,6 +12,7 @@ every step is
 ``default_steps`` wires the project's own stages; ``online/airflow_dag.py`` declares the same steps as
 an Airflow DAG for production schedulers.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ import multiprocessing as mp
 import time
 import traceback
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tenacity import RetryError, Retrying, stop_after_attempt, wait_exponential
 
@@ -55,8 +56,9 @@ class Alerter:
     def send(self, alert: dict) -> None:
         self.sent.append(alert)
         if self.webhook_url:
-            req = urllib.request.Request(self.webhook_url, data=json.dumps(alert).encode(),
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.webhook_url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
+            )
             urllib.request.urlopen(req, timeout=10).close()
         if self.alert_file:
             self.alert_file.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +94,9 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
     return payload
 
 
-def run_pipeline(steps: list[Step], run_dir: str | Path, settings: dict, alerter: Alerter,
-                 backoff_s: float = 1.0) -> dict:
+def run_pipeline(
+    steps: list[Step], run_dir: str | Path, settings: dict, alerter: Alerter, backoff_s: float = 1.0
+) -> dict:
     """Run ``steps`` in order; return every step's result. Finished steps are not run again."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,18 +109,28 @@ def run_pipeline(steps: list[Step], run_dir: str | Path, settings: dict, alerter
         started = time.time()
         attempts = []
         try:
-            for attempt in Retrying(stop=stop_after_attempt(step.attempts),
-                                    wait=wait_exponential(multiplier=backoff_s, max=60), reraise=False):
+            for attempt in Retrying(
+                stop=stop_after_attempt(step.attempts),
+                wait=wait_exponential(multiplier=backoff_s, max=60),
+                reraise=False,
+            ):
                 with attempt:
                     attempts.append(time.time())
                     result = run_with_timeout(step.fn, context, step.timeout_s)
         except RetryError as err:
             last = err.last_attempt.exception()
-            alert = {"pipeline": "retraining", "step": step.name, "attempts": len(attempts),
-                     "error": str(last).splitlines()[0] if str(last) else type(last).__name__,
-                     "run_dir": str(run_dir), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            alert = {
+                "pipeline": "retraining",
+                "step": step.name,
+                "attempts": len(attempts),
+                "error": str(last).splitlines()[0] if str(last) else type(last).__name__,
+                "run_dir": str(run_dir),
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             alerter.send(alert)
-            raise RetrainingFailed(f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}") from last
+            raise RetrainingFailed(
+                f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}"
+            ) from last
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"result": result, "attempts": len(attempts), "seconds": time.time() - started}))
         tmp.rename(marker)  # the marker appears only once the result is whole
@@ -204,11 +217,11 @@ def step_gate(context: dict) -> dict:
 
 def step_export(context: dict) -> dict:
     """Export the candidate: into the live repository as a new version beside the served one when
-    ``settings['live_repo']`` is set (``serving.rollout.add_version``), else as its own repository."""
+    ``settings['live_repo']`` is set (``deployment.rollout.add_version``), else as its own repository."""
+    from deployment.export import export_repository
+    from deployment.rollout import add_version
     from models import registry
-    from serving.ab_router import ensemble_name
-    from serving.export import export_repository
-    from serving.rollout import add_version
+    from serving.interface import ensemble_name
 
     s = context["settings"]
     model = registry.get(s["registry"], context["train"]["version"])
@@ -226,10 +239,9 @@ def step_experiment(context: dict) -> dict:
     the router sends the treatment share to the candidate, the holdout stays on the current model.
     Without a server (or a current version) the candidate waits in the repository."""
     from configs import load_config
-    from online.assignment import ab_rollout
-    from serving.experiments import current_rollout, start_experiment
-
-    from serving.rollout import served_version
+    from deployment.rollout import current_rollout, served_version
+    from online.experiments import start_experiment
+    from serving.assignment import ab_rollout
 
     s, export = context["settings"], context["export"]
     if not (s.get("grpc_url") and export.get("live")):
@@ -240,8 +252,9 @@ def step_experiment(context: dict) -> dict:
     candidate = int(export["version"])
     if current == candidate:
         return {"started": False, "reason": f"version {candidate} is already the served one"}
-    rollout = ab_rollout(f"{exp.name}-v{candidate}", f"{exp.salt}-v{candidate}", current, candidate,
-                         exp.holdout, exp.treatment_share)
+    rollout = ab_rollout(
+        f"{exp.name}-v{candidate}", f"{exp.salt}-v{candidate}", current, candidate, exp.holdout, exp.treatment_share
+    )
     running = current_rollout(export["repo"])
     if running is not None and running.to_dict() == rollout.to_dict():  # a re-run: already started
         return {"started": True, "experiment": rollout.to_dict(), "router_version": None}
@@ -250,7 +263,13 @@ def step_experiment(context: dict) -> dict:
 
 
 def default_steps(timeout_s: float = 1800.0, attempts: int = 3) -> list[Step]:
-    fns = [("ingest", step_ingest), ("workflow", step_workflow), ("train", step_train),
-           ("evaluate", step_evaluate), ("gate", step_gate), ("export", step_export),
-           ("experiment", step_experiment)]
+    fns = [
+        ("ingest", step_ingest),
+        ("workflow", step_workflow),
+        ("train", step_train),
+        ("evaluate", step_evaluate),
+        ("gate", step_gate),
+        ("export", step_export),
+        ("experiment", step_experiment),
+    ]
     return [Step(name, fn, timeout_s=timeout_s, attempts=attempts) for name, fn in fns]

@@ -19,12 +19,13 @@ Two ways to drive it:
 
 Randomness is drawn per (seed, day, user), so a run is reproducible with any ``concurrency``.
 """
+
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -86,8 +87,15 @@ class UserSimulator:
         examine = self.config.position_decay ** np.arange(len(item_ids))
         return respond(affinity, duration, bait, self.synthetic, rng, position_bias=examine)
 
-    def visit(self, day: int, user: int, recommend: Callable, assign: Callable | None = None, log=None,
-              feedback: Callable | None = None) -> DayOutcome:
+    def visit(
+        self,
+        day: int,
+        user: int,
+        recommend: Callable,
+        assign: Callable | None = None,
+        log=None,
+        feedback: Callable | None = None,
+    ) -> DayOutcome:
         """One user's request of the day, their reactions (reported) and whether they come back."""
         cfg = self.config
         rng = self._rng(day, user)
@@ -116,11 +124,30 @@ class UserSimulator:
                 feedback(request_id, user, *map(list, zip(*reported)))
             elif log is not None:
                 log.log_feedback_many((request_id, user, i, e, v) for i, e, v in reported)
-        return DayOutcome(day, user, arm, request_id, str(recs.model_version), str(recs.served_by), len(items),
-                          int(click.sum()), int(watch.sum()), int(like.sum()), int(share.sum()), returned)
+        return DayOutcome(
+            day,
+            user,
+            arm,
+            request_id,
+            str(recs.model_version),
+            str(recs.served_by),
+            len(items),
+            int(click.sum()),
+            int(watch.sum()),
+            int(like.sum()),
+            int(share.sum()),
+            returned,
+        )
 
-    def run(self, users, recommend: Callable, assign: Callable[[int], str] | None = None, log=None,
-            feedback: Callable | None = None, progress: bool = False) -> pd.DataFrame:
+    def run(
+        self,
+        users,
+        recommend: Callable,
+        assign: Callable[[int], str] | None = None,
+        log=None,
+        feedback: Callable | None = None,
+        progress: bool = False,
+    ) -> pd.DataFrame:
         """Simulate ``config.days`` days for ``users``; return one row per (day, user) request."""
         active = sorted(set(int(u) for u in users))
         rows: list[DayOutcome] = []
@@ -149,12 +176,16 @@ def per_arm_summary(outcomes: pd.DataFrame) -> pd.DataFrame:
     last_day = outcomes["day"].max()
     g = outcomes.groupby("arm")
     users = g["user_id"].nunique()
-    retained = outcomes[outcomes["day"] == last_day].groupby("arm")["user_id"].nunique().reindex(users.index, fill_value=0)
-    return pd.DataFrame({
-        "users": users,
-        "requests": g.size(),
-        "ctr": g["clicks"].sum() / g["impressions"].sum(),
-        "watch_minutes_per_request": g["watch_seconds"].mean() / 60,
-        "likes_per_request": g["likes"].mean(),
-        "retention": retained / users,
-    })
+    retained = (
+        outcomes[outcomes["day"] == last_day].groupby("arm")["user_id"].nunique().reindex(users.index, fill_value=0)
+    )
+    return pd.DataFrame(
+        {
+            "users": users,
+            "requests": g.size(),
+            "ctr": g["clicks"].sum() / g["impressions"].sum(),
+            "watch_minutes_per_request": g["watch_seconds"].mean() / 60,
+            "likes_per_request": g["likes"].mean(),
+            "retention": retained / users,
+        }
+    )

@@ -9,6 +9,7 @@ sample-ratio check and a plain decision; ships the treatment (holdout kept on th
     .venv/bin/python scripts/ab_test.py                       # default config, ~1000 users, 5 days
     .venv/bin/python scripts/ab_test.py --users 300 --days 3  # smaller and faster
 """
+
 import argparse
 import json
 import shutil
@@ -44,12 +45,29 @@ def main() -> None:
         print("\nPer arm (from the server's feedback log):")
         print(analysis.summary.to_string(index=False))
         print("\nTreatment vs control:")
-        print(analysis.tests[["metric", "control", "treatment", "difference", "ci_low", "ci_high", "p_value",
-                              "bootstrap_low", "bootstrap_high"]].to_string(index=False))
-        print(f"\nSample ratio: users per arm {json.dumps(analysis.srm.observed)}, chi2 {analysis.srm.chi2:.2f}, "
-              f"p {analysis.srm.p_value:.3g} -> {'MISMATCH' if analysis.srm.mismatch else 'ok'}")
-        print(f"Planned sample size: {analysis.required_users_per_arm:,} users per arm for a CTR lift of "
-              f"{config.online.experiment.min_detectable_ctr_lift} (observed {analysis.observed_users_per_arm:,})")
+        print(
+            analysis.tests[
+                [
+                    "metric",
+                    "control",
+                    "treatment",
+                    "difference",
+                    "ci_low",
+                    "ci_high",
+                    "p_value",
+                    "bootstrap_low",
+                    "bootstrap_high",
+                ]
+            ].to_string(index=False)
+        )
+        print(
+            f"\nSample ratio: users per arm {json.dumps(analysis.srm.observed)}, chi2 {analysis.srm.chi2:.2f}, "
+            f"p {analysis.srm.p_value:.3g} -> {'MISMATCH' if analysis.srm.mismatch else 'ok'}"
+        )
+        print(
+            f"Planned sample size: {analysis.required_users_per_arm:,} users per arm for a CTR lift of "
+            f"{config.online.experiment.min_detectable_ctr_lift} (observed {analysis.observed_users_per_arm:,})"
+        )
         if analysis.holdout_vs_control:
             h = analysis.holdout_vs_control
             print(f"Holdout vs control arm: CTR {h['control']:.4f} vs {h['treatment']:.4f}, p {h['p_value']:.3g}")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Run the correctness checklist on a model version (and its Triton export); exit 1 if any check fails."""
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -14,13 +15,14 @@ from models import registry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
-    parser.add_argument("--version", type=int,
-                        help="registry version (default: the one --repo exports, else the latest)")
+    parser.add_argument(
+        "--version", type=int, help="registry version (default: the one --repo exports, else the latest)"
+    )
     parser.add_argument("--repo", help="exported Triton model repository to check as well")
     args = parser.parse_args()
     version = args.version
     if version is None and args.repo:
-        from serving.export import exported_version
+        from deployment.export import exported_version
 
         version = exported_version(args.repo)
     model = registry.get(args.registry, version)

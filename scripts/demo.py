@@ -11,9 +11,9 @@
 7. query it over gRPC for a few users (and one the models never saw)
 8. stop the server
 """
+
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -63,12 +63,12 @@ def main() -> None:
 
     with steps("Importing Merlin (NVTabular, Merlin Models, TensorFlow)"):
         from configs import load_config
+        from deployment.export import export_repository
+        from deployment.server import TritonServer
         from evaluation.checklist import run_checklist
         from evaluation.pipeline import evaluate_synthetic
         from models.train import train_all
         from serving.client import FunnelClient
-        from serving.export import export_repository
-        from serving.server import TritonServer
         from workflows.pipeline import run_dataset_pipeline
         from workflows.sources.synthetic import generate
 
@@ -78,8 +78,10 @@ def main() -> None:
     with steps("Generating the synthetic dataset"):
         data = generate(config.synthetic)
         raw = data.write_parquet(work / "raw")
-        print(f"      {len(data.events):,} events, {len(data.users):,} users, {len(data.items):,} items, "
-              f"click rate {data.events['click'].mean():.3f}")
+        print(
+            f"      {len(data.events):,} events, {len(data.users):,} users, {len(data.items):,} items, "
+            f"click rate {data.events['click'].mean():.3f}"
+        )
 
     with steps("Running the NVTabular dataset pipeline"):
         processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], work / "processed", config.workflow)
@@ -90,11 +92,16 @@ def main() -> None:
         metrics = model.manifest["metrics"]
         heavy = metrics["heavy_ranker"]
         heads = ", ".join(f"{k[4:]} {v:.3f}" for k, v in heavy.items() if k.startswith("auc_"))
-        print(f"      model version {model.version}: two-tower in-batch recall@10 "
-              f"{metrics['candidate_generator']['recall_at_10']:.3f}, light ranker AUC "
-              f"{metrics['light_ranker']['auc']:.3f}, heavy ranker AUC per head: {heads}")
-        print(f"      heavy score = {' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
-              f"MLflow run logged under {work / 'mlruns'}")
+        print(
+            f"      model version {model.version}: two-tower in-batch recall@10 "
+            f"{metrics['candidate_generator']['recall_at_10']:.3f}, light ranker AUC "
+            f"{metrics['light_ranker']['auc']:.3f}, heavy ranker AUC per head: {heads}"
+        )
+        print(
+            "      heavy score = "
+            f"{' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
+            f"MLflow run logged under {work / 'mlruns'}"
+        )
 
     with steps("Exporting the Triton model repository and running the correctness checklist"):
         repo = export_repository(model, work / "triton_repo")
@@ -106,11 +113,20 @@ def main() -> None:
             raise SystemExit("the correctness checklist failed; not serving this export")
 
     with steps("Writing the offline evaluation report (the funnel beside Pop, EASE and ALS)"):
-        evaluation = evaluate_synthetic(config, work / "evaluation", ks=(10, 20), mitigation=False,
-                                        world=data, processed=processed, trained=(model, repo))
+        evaluation = evaluate_synthetic(
+            config,
+            work / "evaluation",
+            ks=(10, 20),
+            mitigation=False,
+            world=data,
+            processed=processed,
+            trained=(model, repo),
+        )
         for r in evaluation["results"]:
-            print(f"      {r.name:<16} ndcg@10 {r.metrics['ndcg@10']:.4f}  recall@10 {r.metrics['recall@10']:.4f}  "
-                  f"coverage@20 {r.bias['coverage']:.3f}")
+            print(
+                f"      {r.name:<16} ndcg@10 {r.metrics['ndcg@10']:.4f}  recall@10 {r.metrics['recall@10']:.4f}  "
+                f"coverage@20 {r.bias['coverage']:.3f}"
+            )
         print(f"      {evaluation['paths']['html']}")
 
     server = TritonServer(repo, log_path=work / "tritonserver.log")

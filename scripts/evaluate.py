@@ -5,6 +5,7 @@ popularity bias, the logQ mitigation table and an HTML + Markdown report (also l
     python scripts/evaluate.py                                   # synthetic data, temporal protocol
     python scripts/evaluate.py --source movielens --config configs/movielens-recbole.yaml   # RecBole protocol
 """
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -39,8 +40,10 @@ def main() -> None:
     ease = next(r for r in out["results"] if r.name == "EASE").metrics[f"ndcg@{k}"]
     for r in out["results"]:
         m = r.metrics
-        print(f"{r.name:<18} ndcg@{k} {m[f'ndcg@{k}']:.4f}  recall@{k} {m[f'recall@{k}']:.4f}  "
-              f"ndcg/EASE {m[f'ndcg@{k}'] / ease:.3f}  gini {r.bias['gini']:.3f}")
+        print(
+            f"{r.name:<18} ndcg@{k} {m[f'ndcg@{k}']:.4f}  recall@{k} {m[f'recall@{k}']:.4f}  "
+            f"ndcg/EASE {m[f'ndcg@{k}'] / ease:.3f}  gini {r.bias['gini']:.3f}"
+        )
     print("stages:", json.dumps(out["stages"]))
     print(f"report: {out['paths']['html']}")
 

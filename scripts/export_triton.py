@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Export a model-registry version as a Triton model repository (the funnel ensemble), atomically."""
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
 
+from deployment.export import export_repository
 from models import registry
-from serving.export import export_repository
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ coverage, and live vs holdout CTR / retention with a z-test; writes an HTML/Mark
 
     .venv/bin/python scripts/feedback_loop.py --generations 4 --users 3000
 """
+
 import argparse
 import time
 
@@ -24,8 +25,11 @@ def main() -> None:
     parser.add_argument("--users", type=int, help="synthetic.num_users (default: the config's)")
     parser.add_argument("--days", type=int, help="simulated days per generation (default: online.simulation.days)")
     parser.add_argument("--holdout", type=float, default=0.05, help="share of users kept on generation 0's model")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild the table and report of a finished run in --out from its logs")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the table and report of a finished run in --out from its logs",
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -47,10 +51,12 @@ def main() -> None:
     table = history_table(history)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.precision", 4):
         print(table.to_string(index=False))
-    context = {"world": f"{config.synthetic.num_users} users, {config.synthetic.num_items} items",
-               "simulation": f"{config.online.simulation.days} days per generation, k={config.online.simulation.k}",
-               "holdout": f"{args.holdout:.0%} of users on generation 0's model",
-               "wall time": "report rebuilt from the logs" if args.report_only else f"{seconds:.0f}s"}
+    context = {
+        "world": f"{config.synthetic.num_users} users, {config.synthetic.num_items} items",
+        "simulation": f"{config.online.simulation.days} days per generation, k={config.online.simulation.k}",
+        "holdout": f"{args.holdout:.0%} of users on generation 0's model",
+        "wall time": "report rebuilt from the logs" if args.report_only else f"{seconds:.0f}s",
+    }
     paths = write_loop_report(history, f"{args.out}/report", context)
     print(f"\n{len(history)} generations in {seconds:.0f}s; report: {paths['html']}")
 

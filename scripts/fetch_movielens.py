@@ -6,6 +6,7 @@
 
 The data is never committed (GroupLens terms); data/ is git-ignored.
 """
+
 import argparse
 import json
 
@@ -17,14 +18,28 @@ def main() -> None:
     parser.add_argument("--cache", default="data/cache", help="where pip puts the RecBole wheel (default: data/cache)")
     parser.add_argument("--grouplens", help="read this GroupLens ml-100k folder (u.data, u.user, u.item) instead")
     parser.add_argument("--out", default="data/movielens/raw", help="output folder for events/users/items.parquet")
-    parser.add_argument("--duration-seconds", type=int, default=movielens.DEFAULT_DURATION_SECONDS,
-                        help="duration given to every film (MovieLens has none; default 6000)")
+    parser.add_argument(
+        "--duration-seconds",
+        type=int,
+        default=movielens.DEFAULT_DURATION_SECONDS,
+        help="duration given to every film (MovieLens has none; default 6000)",
+    )
     args = parser.parse_args()
     source = args.grouplens or movielens.fetch_wheel(args.cache)
     data = movielens.load(source, args.duration_seconds)
     paths = data.write_parquet(args.out)
-    print(json.dumps({"source": str(source), **paths, "events": len(data.events), "users": len(data.users),
-                      "items": len(data.items)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "source": str(source),
+                **paths,
+                "events": len(data.events),
+                "users": len(data.users),
+                "items": len(data.items),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Write the embedded synthetic dataset (events, users, items) as parquet."""
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported

@@ -6,6 +6,7 @@ checks) on raw parquet tables, synthetic or MovieLens-100K, optionally on a dask
     python scripts/prepare_data.py --source movielens               # fetches ML-100K if needed
     python scripts/prepare_data.py --scheduler tcp://host:8786      # on a dask.distributed cluster
 """
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -22,10 +23,16 @@ MOVIELENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["raw", "movielens"], default="raw",
-                        help="raw: parquet tables in --raw; movielens: MovieLens-100K (default: raw)")
+    parser.add_argument(
+        "--source",
+        choices=["raw", "movielens"],
+        default="raw",
+        help="raw: parquet tables in --raw; movielens: MovieLens-100K (default: raw)",
+    )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, or configs/movielens.yaml)")
-    parser.add_argument("--raw", help="folder with events/users/items.parquet (default: data/raw or data/movielens/raw)")
+    parser.add_argument(
+        "--raw", help="folder with events/users/items.parquet (default: data/raw or data/movielens/raw)"
+    )
     parser.add_argument("--out", help="output folder (default: data/processed or data/movielens/processed)")
     parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is kept (movielens)")
     parser.add_argument("--scheduler", help="dask scheduler address, 'local-cuda' or 'auto' (default: in process)")
@@ -44,14 +51,29 @@ def main() -> None:
         raw = Path(args.raw or "data/raw")
         config = load_config(args.config)
         out = args.out or "data/processed"
-    result = run_dataset_pipeline(raw / "events.parquet", raw / "users.parquet", raw / "items.parquet", out,
-                                  config.workflow, scheduler=args.scheduler)
+    result = run_dataset_pipeline(
+        raw / "events.parquet",
+        raw / "users.parquet",
+        raw / "items.parquet",
+        out,
+        config.workflow,
+        scheduler=args.scheduler,
+    )
     summary = result.summary
-    print(json.dumps({k: summary[k] for k in ("cutoff", "train_rows", "valid_rows", "known_users", "known_items",
-                                              "duplicate_items")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("cutoff", "train_rows", "valid_rows", "known_users", "known_items", "duplicate_items")
+            },
+            indent=2,
+        )
+    )
     for step in summary["steps"]:
-        print(f"{step['step']:<24} rows {step['rows_before']:>9} -> {step['rows_after']:>9}  "
-              f"users -{step['users_removed']:<6} items -{step['items_removed']}")
+        print(
+            f"{step['step']:<24} rows {step['rows_before']:>9} -> {step['rows_after']:>9}  "
+            f"users -{step['users_removed']:<6} items -{step['items_removed']}"
+        )
     print("checks passed:", ", ".join(c["check"] for c in summary["checks"]))
 
 

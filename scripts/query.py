@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Ask the served funnel for a user's recommendations over gRPC."""
+
 import argparse
 import json
 import sys

@@ -9,14 +9,15 @@ afterwards. The server must run in explicit model-control mode (scripts/serve.py
     .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
         --repository build/triton_repo --url 127.0.0.1:8001 --retire
 """
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
 
+from deployment.rollout import add_version, retire, roll_out, served_version
 from models import registry
-from serving.rollout import add_version, retire, roll_out, served_version
 
 
 def main() -> None:

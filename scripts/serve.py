@@ -11,11 +11,12 @@ give gRPC TLS with --tls-cert/--tls-key, or put a TLS proxy in front; see docs/s
 Loading, unloading and reconfiguring models need the deployment's admin key, written on first start
 to <model-repository>-admin.key (mode 0600).
 """
+
 import argparse
 import signal
 import threading
 
-from serving.server import TritonServer
+from deployment.server import TritonServer
 
 
 def main() -> None:
@@ -24,16 +25,25 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address gRPC, HTTP and metrics bind to (default: loopback only; 0.0.0.0 = every interface)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address gRPC, HTTP and metrics bind to (default: loopback only; 0.0.0.0 = every interface)",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate: gRPC speaks TLS (use with --tls-key when exposing)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--log", help="server log file (default: a temporary file)")
     parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
     args = parser.parse_args()
     server = TritonServer(
-        args.model_repository, args.grpc_port, args.http_port, args.metrics_port, log_path=args.log, host=args.host,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
+        args.model_repository,
+        args.grpc_port,
+        args.http_port,
+        args.metrics_port,
+        log_path=args.log,
+        host=args.host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -41,7 +51,7 @@ def main() -> None:
     with server:
         supervisor = None
         if args.supervise:
-            from serving.supervisor import Supervisor
+            from deployment.supervisor import Supervisor
 
             supervisor = Supervisor(server).start()
         print(f"tritonserver ready, listening on {server.listening()}  log {server.log_path}", flush=True)

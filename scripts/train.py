@@ -9,6 +9,7 @@ report in the log, and the run (params, per-epoch metrics, manifest) in a local 
 
     scripts/train.py --data data/processed --registry artifacts/registry [--config my.yaml]
 """
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported

@@ -5,6 +5,7 @@
 Errors come as one of two exceptions (both ``tritonclient``'s ``InferenceServerException``):
 ``BadRequest`` (``INVALID_ARGUMENT``: the request is wrong, fix it, do not retry) and ``ServerFault``
 (``INTERNAL``, ``UNAVAILABLE``, a timeout, ...: the server's fault, a retry may succeed)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -13,10 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-MODEL_NAME = "funnel"
-ROUTER = "ab_router"
-FEEDBACK = "feedback"
-STAGE_NAMES = ["catalog", "retrieval", "filters", "light_ranker", "final"]
+from serving.interface import FEEDBACK, FUNNEL, FUNNEL_OUTPUTS, ROUTER, STAGE_COUNTS, names
 
 
 class BadRequest(InferenceServerException):
@@ -55,8 +53,13 @@ class Recommendations:
 class FunnelClient:
     """Ask the served funnel for a user's top-k items over gRPC."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model_name: str = MODEL_NAME, timeout_s: float = 30.0,
-                 root_certificates: str | None = None):
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model_name: str = FUNNEL,
+        timeout_s: float = 30.0,
+        root_certificates: str | None = None,
+    ):
         """``root_certificates``: a PEM file that signed the server's certificate, for a server whose
         gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``, ``docs/security.md``)."""
         import tritonclient.grpc as grpcclient
@@ -80,14 +83,12 @@ class FunnelClient:
             tensor = g.InferInput("exclude_item_ids", [len(excluded)], "INT64")
             tensor.set_data_from_numpy(excluded)
             inputs.append(tensor)
-        names = ["item_ids", "scores", "model_version", "served_by", "stage_counts"]
-        if self.model_name == ROUTER:
-            names += ["arm", "request_id"]
+        wanted = names(FUNNEL_OUTPUTS) + (["arm", "request_id"] if self.model_name == ROUTER else [])
         with typed_errors():
             result = self.client.infer(
                 self.model_name,
                 inputs,
-                outputs=[g.InferRequestedOutput(n) for n in names],
+                outputs=[g.InferRequestedOutput(n) for n in wanted],
                 client_timeout=self.timeout_s,
             )
         counts = result.as_numpy("stage_counts").tolist()
@@ -97,7 +98,7 @@ class FunnelClient:
             scores=[float(s) for s in result.as_numpy("scores")],
             model_version=result.as_numpy("model_version")[0].decode(),
             served_by=result.as_numpy("served_by")[0].decode(),
-            stage_counts=dict(zip(STAGE_NAMES, (int(c) for c in counts))),
+            stage_counts=dict(zip(STAGE_COUNTS, (int(c) for c in counts))),
             arm=result.as_numpy("arm")[0].decode() if self.model_name == ROUTER else "",
             request_id=result.as_numpy("request_id")[0].decode() if self.model_name == ROUTER else "",
         )
@@ -120,14 +121,15 @@ class FunnelClient:
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
         with typed_errors():
-            result = self.client.infer(FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")],
-                                       client_timeout=self.timeout_s)
+            result = self.client.infer(
+                FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")], client_timeout=self.timeout_s
+            )
         return int(result.as_numpy("accepted")[0])
 
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "FunnelClient":
+    def __enter__(self) -> FunnelClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,6 +16,7 @@ That concrete function is the SavedModel's own serving signature, traced when th
 measured for the heavy ranker, 1.4 s instead of 2.3 s plus 0.9 s to import Merlin, in every stub
 process that starts (server start, rollout, restart after a crash).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

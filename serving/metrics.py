@@ -14,6 +14,7 @@ supports counters, gauges and histograms there):
 them from a live server. ``StageMetrics`` never lets a metrics failure fail a request;
 ``BackgroundRecorder`` keeps the updates off the request path.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,10 +50,14 @@ class StageMetrics:
         labels = {"stage": stage, "version": str(version)}
         # Keep the families referenced: a Metric must not outlive its MetricFamily.
         self._families = {
-            "latency": family("funnel_stage_latency_ms", "Time spent inside a funnel stage per request (ms)", family.HISTOGRAM),
+            "latency": family(
+                "funnel_stage_latency_ms", "Time spent inside a funnel stage per request (ms)", family.HISTOGRAM
+            ),
             "requests": family("funnel_stage_requests_total", "Requests a funnel stage handled", family.COUNTER),
             "errors": family("funnel_stage_errors_total", "Requests a funnel stage refused, by kind", family.COUNTER),
-            "candidates": family("funnel_stage_candidates", "Items a funnel stage passed on per request", family.HISTOGRAM),
+            "candidates": family(
+                "funnel_stage_candidates", "Items a funnel stage passed on per request", family.HISTOGRAM
+            ),
             "fallback": family("funnel_fallback_total", "Responses served by the popularity fallback", family.COUNTER),
         }
         f = self._families
@@ -60,9 +65,7 @@ class StageMetrics:
         self.requests = f["requests"].Metric(labels=labels)
         self.errors = {kind: f["errors"].Metric(labels={**labels, "kind": kind}) for kind in ERROR_KINDS}
         self.counted = candidate_output(stage, output_names)
-        self.candidates = (
-            f["candidates"].Metric(labels=labels, buckets=CANDIDATE_BUCKETS) if self.counted else None
-        )
+        self.candidates = f["candidates"].Metric(labels=labels, buckets=CANDIDATE_BUCKETS) if self.counted else None
         self.fallback = f["fallback"].Metric(labels={"version": str(version)}) if stage == "ordering" else None
 
     def facts(self, seconds: float, result: dict | None, error_kind: str | None = None) -> tuple:
@@ -217,14 +220,38 @@ class OnlineMetrics:
             raise ValueError(f"role must be router or feedback, got {role!r}")
         family = pb_utils.MetricFamily
         self.role = role
-        specs = {"errors": ("online_errors_total", "Requests the router or feedback endpoint refused, by kind", family.COUNTER)}
+        specs = {
+            "errors": (
+                "online_errors_total",
+                "Requests the router or feedback endpoint refused, by kind",
+                family.COUNTER,
+            )
+        }
         if role == "router":
-            specs.update({
-                "requests": ("online_requests_total", "Responses served, per experiment arm and model version", family.COUNTER),
-                "impressions": ("online_impressions_total", "Items shown, per experiment arm and model version", family.COUNTER),
-                "fallback": ("online_fallback_total", "Responses served by the popularity fallback, per arm", family.COUNTER),
-                "latency": ("online_request_latency_ms", "Router-to-response time per request and arm (ms)", family.HISTOGRAM),
-            })
+            specs.update(
+                {
+                    "requests": (
+                        "online_requests_total",
+                        "Responses served, per experiment arm and model version",
+                        family.COUNTER,
+                    ),
+                    "impressions": (
+                        "online_impressions_total",
+                        "Items shown, per experiment arm and model version",
+                        family.COUNTER,
+                    ),
+                    "fallback": (
+                        "online_fallback_total",
+                        "Responses served by the popularity fallback, per arm",
+                        family.COUNTER,
+                    ),
+                    "latency": (
+                        "online_request_latency_ms",
+                        "Router-to-response time per request and arm (ms)",
+                        family.HISTOGRAM,
+                    ),
+                }
+            )
         else:
             specs.update({event: (name, doc, family.COUNTER) for event, (name, doc) in FEEDBACK_COUNTERS.items()})
             specs["feedback"] = ("online_feedback_total", "Feedback requests accepted, per arm", family.COUNTER)
@@ -286,6 +313,7 @@ def online_settled(metrics: dict[str, list[tuple[dict, float]]], requests: int =
     """Whether a scrape holds everything the router and feedback endpoint were asked: at least
     ``requests`` responses and ``feedback`` accepted feedback requests recorded in full (the router
     counts requests first and latencies last, so a scrape between the two shows them unequal)."""
+
     def total(name):
         return sum(value for _, value in metrics.get(name, []))
 

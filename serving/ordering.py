@@ -28,6 +28,7 @@ The last step of the funnel, configured by ``serving.ordering`` (``configs.Order
 Pure functions over numpy arrays, imported by the ordering stage (``serving/stages.py``) and by the
 offline evaluation, so what is measured offline is what is served.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,13 +43,21 @@ def percentile_among(item_scores: np.ndarray, candidate_scores: np.ndarray) -> n
     return np.searchsorted(ranked, item_scores, side="right") / ranked.size
 
 
-def final_scores(heavy_scores: np.ndarray, retrieval_pct: np.ndarray | None, retrieval_weight: float,
-                 affinity_pct: np.ndarray | None = None, affinity_weight: float = 0.0) -> np.ndarray:
+def final_scores(
+    heavy_scores: np.ndarray,
+    retrieval_pct: np.ndarray | None,
+    retrieval_weight: float,
+    affinity_pct: np.ndarray | None = None,
+    affinity_weight: float = 0.0,
+) -> np.ndarray:
     """The blended score in [0, 1] (``heavy_scores`` and both percentiles in [0, 1]); a percentile
     may be ``None`` when its weight is 0."""
     heavy = np.asarray(heavy_scores, dtype=np.float64).reshape(-1)
     final = (1.0 - retrieval_weight - affinity_weight) * heavy
-    for name, pct, weight in (("retrieval", retrieval_pct, retrieval_weight), ("affinity", affinity_pct, affinity_weight)):
+    for name, pct, weight in (
+        ("retrieval", retrieval_pct, retrieval_weight),
+        ("affinity", affinity_pct, affinity_weight),
+    ):
         if weight == 0.0:
             continue
         pct = None if pct is None else np.asarray(pct, dtype=np.float64).reshape(-1)
@@ -86,11 +95,19 @@ def cap_per_category(order: np.ndarray, categories: np.ndarray, max_per_category
     return np.asarray(kept, dtype=np.int64)
 
 
-def order_candidates(heavy_scores, retrieval_pct, k: int, *, retrieval_weight: float = 0.0,
-                     affinity_pct=None, affinity_weight: float = 0.0,
-                     exploration_temperature: float = 0.0, max_per_category: int = 0,
-                     categories: np.ndarray | None = None,
-                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+def order_candidates(
+    heavy_scores,
+    retrieval_pct,
+    k: int,
+    *,
+    retrieval_weight: float = 0.0,
+    affinity_pct=None,
+    affinity_weight: float = 0.0,
+    exploration_temperature: float = 0.0,
+    max_per_category: int = 0,
+    categories: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the served candidates (at most ``k``) and their final scores."""
     scores = final_scores(heavy_scores, retrieval_pct, retrieval_weight, affinity_pct, affinity_weight)
     if max_per_category > 0 and categories is None:

@@ -13,6 +13,7 @@ that funnel (``RequestLimits.check``): Triton's BLS calls do not carry the inner
 (measured on tritonserver 2.51: an ``INVALID_ARG`` inside the called ensemble arrives as
 ``INTERNAL``), so a malformed request must never reach the funnel from the router.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ def excluded_raw_ids(inputs: dict, limit: int) -> np.ndarray:
     if not np.issubdtype(value.dtype, np.integer):
         raise RequestError(f"exclude_item_ids must be integer item ids, got {value.dtype}")
     if value.size > limit:
-        raise RequestError(f"exclude_item_ids holds {value.size} ids; at most {limit} are allowed "
-                           "(serving.max_excluded_items)")
+        raise RequestError(
+            f"exclude_item_ids holds {value.size} ids; at most {limit} are allowed (serving.max_excluded_items)"
+        )
     return value.astype(np.int64).reshape(-1)
 
 
@@ -61,11 +63,13 @@ class RequestLimits:
     max_excluded_items: int = 10_000
 
     @classmethod
-    def from_serving(cls, serving: dict) -> "RequestLimits":
+    def from_serving(cls, serving: dict) -> RequestLimits:
         """From a manifest's ``config.serving``; exports older than a limit get its default."""
         defaults = cls()
-        return cls(max_k=int(serving.get("max_k", defaults.max_k)),
-                   max_excluded_items=int(serving.get("max_excluded_items", defaults.max_excluded_items)))
+        return cls(
+            max_k=int(serving.get("max_k", defaults.max_k)),
+            max_excluded_items=int(serving.get("max_excluded_items", defaults.max_excluded_items)),
+        )
 
     def k(self, inputs: dict) -> int:
         k = scalar(inputs, "k", int)

@@ -2,7 +2,8 @@
 
 Each stage is built from its artifact folder (a Triton model version folder holding the stage's
 artifacts and the run's ``manifest.json``) and maps a dict of numpy arrays to a dict of numpy
-arrays. Tensor names match ``triton_repo/<stage>/config.pbtxt``. Tests use these classes directly,
+arrays. Each class declares its tensors (``inputs``, ``outputs``; ``serving/interface.py``), which
+``tests/test_interface.py`` holds ``triton_repo/<stage>/config.pbtxt`` to. Tests use these classes directly,
 without a server.
 
     feature_lookup  user_id            -> user_categorical, user_continuous, user_known, seen_items
@@ -19,8 +20,10 @@ Unknown users still flow through the candidate stages (with out-of-vocabulary fe
 ``ordering`` answers them from the popularity fallback; an ensemble cannot branch, and this keeps
 one code path for every request.
 """
+
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -28,9 +31,9 @@ import numpy as np
 import pandas as pd
 
 from serving.fast_inference import ServingFunction
+from serving.interface import EXCLUDE, FUNNEL_OUTPUTS, MANIFEST, SEEN, USER_FEATURES, USER_ID, K, Tensor
 from serving.request import RequestError, RequestLimits, scalar
 
-MANIFEST = "manifest.json"
 OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
 
 
@@ -39,7 +42,11 @@ def load_manifest(artifacts: str | Path) -> dict:
 
 
 class Stage:
+    """A step of the funnel: ``run`` maps the ``inputs`` tensors to the ``outputs`` tensors."""
+
     name = "stage"
+    inputs: tuple[Tensor, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
 
     def __init__(self, artifacts: str | Path):
         self.artifacts = Path(artifacts)
@@ -69,6 +76,8 @@ class FeatureLookup(Stage):
     """Reads the user's encoded features and history from the online store."""
 
     name = "feature_lookup"
+    inputs = (USER_ID,)
+    outputs = (*USER_FEATURES, Tensor("user_known", "BOOL", (1,)), SEEN)
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
@@ -102,6 +111,8 @@ class QueryTower(Stage):
     """Embeds the user with the candidate generator's query tower."""
 
     name = "query_tower"
+    inputs = USER_FEATURES
+    outputs = (Tensor("query_embedding", "FP32"),)
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
@@ -150,6 +161,8 @@ class Retrieval(Stage):
     """Approximate nearest neighbours of the query embedding in the item index."""
 
     name = "retrieval"
+    inputs = (Tensor("query_embedding", "FP32"),)
+    outputs = (Tensor("candidate_ids", "INT64"), Tensor("retrieval_scores", "FP32"))
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
@@ -171,28 +184,13 @@ class Retrieval(Stage):
         ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
         return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
 
-    def item_scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """The score search gives each of ``ids`` for ``query`` (inner product with its indexed
-        vector), whether or not it would be retrieved; -inf for ids not in the index. Offline use."""
-        import faiss
-
-        if not hasattr(self, "_positions"):
-            self._positions = pd.Series(np.arange(self.index.ntotal), index=faiss.vector_to_array(self.index.id_map))
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        positions = self._positions.reindex(ids).to_numpy()
-        known = ~np.isnan(positions)
-        base = faiss.downcast_index(self.index.index)
-        out = np.full(len(ids), -np.inf, dtype=np.float64)
-        if known.any():
-            vectors = np.stack([base.reconstruct(int(p)) for p in positions[known]])
-            out[known] = vectors @ np.asarray(query, dtype=np.float32).reshape(-1)
-        return out
-
 
 class Filtering(Stage):
     """Drops candidates the user has already seen and those the request excludes (its context)."""
 
     name = "filtering"
+    inputs = (EXCLUDE, Tensor("candidate_ids", "INT64"), SEEN)
+    outputs = (Tensor("filtered_ids", "INT64"),)
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
@@ -266,7 +264,7 @@ class _RankerStage(Stage):
             raise RequestError("candidate ids hold an item id outside the catalog")
         return self.batch(inputs, ids)
 
-    def outputs(self, inputs, ids: np.ndarray) -> dict:
+    def predict(self, inputs, ids: np.ndarray) -> dict:
         """The model's outputs (``{head: scores}``) for the candidates ``ids`` of the request's user."""
         return self._predict(self.checked_batch(inputs, ids))
 
@@ -276,6 +274,8 @@ class LightRanker(_RankerStage):
 
     name = "light_ranker"
     artifact = "light_ranker"
+    inputs = (*USER_FEATURES, Tensor("filtered_ids", "INT64"))
+    outputs = (Tensor("light_ids", "INT64"), Tensor("light_scores", "FP32"))
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
@@ -288,7 +288,7 @@ class LightRanker(_RankerStage):
         if ids.size == 0:
             return {"light_ids": np.zeros(0, dtype=np.int64), "light_scores": np.zeros(0, dtype=np.float32)}
         target = self.manifest["light_ranker"]["target"]
-        scores = head_outputs(self.outputs(inputs, ids), [target])[target]
+        scores = head_outputs(self.predict(inputs, ids), [target])[target]
         order = np.argsort(-scores, kind="stable")[: self.keep]
         return {"light_ids": ids[order], "light_scores": scores[order].astype(np.float32)}
 
@@ -301,13 +301,16 @@ class HeavyRanker(_RankerStage):
 
     name = "heavy_ranker"
     artifact = "heavy_ranker"
+    inputs = (*USER_FEATURES, Tensor("light_ids", "INT64"))
+    outputs = (Tensor("heavy_scores", "FP32"),)
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
         spec = self.manifest["heavy_ranker"]
         self.weights = {k: float(v) for k, v in spec["weights"].items()}
-        self.members = [self._predict] + [ServingFunction(self._tf, self.artifacts / name)
-                                          for name in spec.get("members", [self.artifact])[1:]]
+        self.members = [self._predict] + [
+            ServingFunction(self._tf, self.artifacts / name) for name in spec.get("members", [self.artifact])[1:]
+        ]
 
     def run(self, inputs):
         from models.heads import combine, head_outputs
@@ -331,8 +334,20 @@ class Ordering(Stage):
     """
 
     name = "ordering"
+    inputs = (
+        EXCLUDE,
+        Tensor("candidate_ids", "INT64"),
+        Tensor("filtered_ids", "INT64"),
+        Tensor("light_ids", "INT64"),
+        Tensor("heavy_scores", "FP32"),
+        Tensor("retrieval_scores", "FP32"),
+        SEEN,
+        K,
+        Tensor("user_known", "BOOL", (1,)),
+    )
+    outputs = FUNNEL_OUTPUTS
 
-    def __init__(self, artifacts):
+    def __init__(self, artifacts, policy=None, seed: int | None = None):
         super().__init__(artifacts)
         from configs import OrderingConfig
 
@@ -348,22 +363,31 @@ class Ordering(Stage):
             from models import item_affinity
 
             self.affinity, _ = item_affinity.load(self.artifacts, expected_version=self.version)
-        # Exported before ordering was configurable: the defaults (heavy-ranker score, sorted).
-        self.set_policy(OrderingConfig(**self.serving.get("ordering", {})))
+        # The export's policy; exported before ordering was configurable: the defaults (sorted by
+        # the heavy-ranker score).
+        self._configure(policy or OrderingConfig(**self.serving.get("ordering", {})), seed)
 
-    def set_policy(self, policy, seed: int | None = None) -> None:
-        """Order by ``policy`` (``configs.OrderingConfig``) from now on. The offline evaluation
-        measures other policies on the same export this way; ``seed`` makes exploration repeatable
-        (served requests get a fresh draw each)."""
+    def with_policy(self, policy, seed: int | None = None) -> Ordering:
+        """This stage ordering by ``policy`` (``configs.OrderingConfig``) instead: a copy sharing the
+        loaded tables, the served stage unchanged. ``seed`` makes exploration repeatable (served
+        requests get a fresh draw each)."""
+        other = copy.copy(self)
+        other._configure(policy, seed)
+        return other
+
+    def _configure(self, policy, seed: int | None) -> None:
         if policy.affinity_weight > 0 and self.affinity is None:
-            raise RuntimeError("serving.ordering.affinity_weight > 0, but this export has no item affinity "
-                               "weights (the catalog was above item_affinity.max_items when it was trained)")
+            raise RuntimeError(
+                "serving.ordering.affinity_weight > 0, but this export has no item affinity "
+                "weights (the catalog was above item_affinity.max_items when it was trained)"
+            )
         categories = None
         if policy.max_per_category > 0:
             column = policy.category_column
             if column not in self.items.columns:
-                raise RuntimeError(f"serving.ordering.category_column {column!r} is not an item feature "
-                                   f"({sorted(self.items.columns)})")
+                raise RuntimeError(
+                    f"serving.ordering.category_column {column!r} is not an item feature ({sorted(self.items.columns)})"
+                )
             categories = np.full(len(self.raw_ids), -1, dtype=np.int64)
             categories[self.items["item_id"].values] = self.items[column].values
         self.policy, self.categories = policy, categories
@@ -419,11 +443,16 @@ class Ordering(Stage):
             pct = self.retrieval_percentile(inputs, ranked) if policy.retrieval_weight > 0 else None
             affinity = self.affinity_percentile(inputs, ranked, ranked) if policy.affinity_weight > 0 else None
             order, out_scores = order_candidates(
-                scores, pct, k, retrieval_weight=policy.retrieval_weight,
-                affinity_pct=affinity, affinity_weight=policy.affinity_weight,
+                scores,
+                pct,
+                k,
+                retrieval_weight=policy.retrieval_weight,
+                affinity_pct=affinity,
+                affinity_weight=policy.affinity_weight,
                 exploration_temperature=policy.exploration_temperature,
                 max_per_category=policy.max_per_category,
-                categories=None if self.categories is None else self.categories[ranked], rng=self.rng,
+                categories=None if self.categories is None else self.categories[ranked],
+                rng=self.rng,
             )
             item_ids, served_by = self.raw_ids[ranked[order]], "model"
         else:
@@ -443,8 +472,7 @@ class Ordering(Stage):
 
 
 STAGES = {
-    cls.name: cls
-    for cls in (FeatureLookup, QueryTower, Retrieval, Filtering, LightRanker, HeavyRanker, Ordering)
+    cls.name: cls for cls in (FeatureLookup, QueryTower, Retrieval, Filtering, LightRanker, HeavyRanker, Ordering)
 }
 # The order a request flows through them (the ensemble in triton_repo/funnel/config.pbtxt).
 FUNNEL = list(STAGES)

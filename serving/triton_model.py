@@ -12,6 +12,7 @@ Cross-cutting serving concerns live here, not in the stages:
   candidates passed on, fallback responses, errors by kind), recorded on a background thread so
   the response does not wait for the metric updates.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,7 @@ class StageModel:
         artifacts = Path(args["model_repository"]) / args["model_version"]
         self.stage = self.build_stage(artifacts, args)
         self.input_names = [i["name"] for i in config["input"]]
-        self.outputs = [
-            (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
-        ]
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.metrics = None
         try:
             self.metrics = self.build_metrics(args)
@@ -49,11 +48,11 @@ class StageModel:
     def build_metrics(self, args: dict):
         from serving.metrics import StageMetrics
 
-        return self._off_request_path(
+        return self.off_request_path(
             StageMetrics(self.pb, self.stage_name, args["model_version"], [n for n, _ in self.outputs])
         )
 
-    def _off_request_path(self, metrics):
+    def off_request_path(self, metrics):
         """``metrics`` recorded on a background thread; a failed update is logged, never raised."""
         from serving.metrics import BackgroundRecorder
 
@@ -81,8 +80,11 @@ class StageModel:
                 responses.append(self._error(f"{self.stage_name}: {err}", self.pb.TritonError.INVALID_ARG))
             except Exception as err:  # a bug must fail the request, not the server
                 error_kind = "internal"
-                responses.append(self._error(f"{self.stage_name}: internal error: {type(err).__name__}: {err}",
-                                             self.pb.TritonError.INTERNAL))
+                responses.append(
+                    self._error(
+                        f"{self.stage_name}: internal error: {type(err).__name__}: {err}", self.pb.TritonError.INTERNAL
+                    )
+                )
             self._record(time.perf_counter() - start, result, error_kind)
         return responses
 
@@ -105,51 +107,3 @@ class StageModel:
         close = getattr(self.stage, "close", None) or getattr(getattr(self.stage, "store", None), "close", None)
         if close:
             close()
-
-
-class RouterModel(StageModel):
-    """``ab_router``: the arm's version-pinned funnel is called through BLS (``serving/ab_router.py``)."""
-
-    stage_name = "ab_router"
-
-    def build_stage(self, artifacts: Path, args: dict):
-        from serving.ab_router import ABRouter, feedback_log_path, limits_from_repository
-
-        repository = Path(args["model_repository"]).parent
-        return ABRouter(artifacts, feedback_log_path(repository), self._infer, limits_from_repository(repository))
-
-    def build_metrics(self, args: dict):
-        from serving.metrics import OnlineMetrics
-
-        return self._off_request_path(OnlineMetrics(self.pb, "router"))
-
-    def _infer(self, model_name: str, inputs: dict) -> dict:
-        """One BLS call. The router checked the request first, so an error of the funnel is a fault
-        of the server (``INTERNAL``); BLS would not tell us its status code anyway."""
-        from serving.ab_router import FUNNEL_OUTPUTS, FunnelFault
-
-        request = self.pb.InferenceRequest(
-            model_name=model_name,
-            inputs=[self.pb.Tensor(name, value) for name, value in inputs.items()],
-            requested_output_names=FUNNEL_OUTPUTS,
-        )
-        response = request.exec()
-        if response.has_error():
-            raise FunnelFault(f"{model_name}: {response.error().message()}")
-        return {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in FUNNEL_OUTPUTS}
-
-
-class FeedbackModel(StageModel):
-    """``feedback``: reactions to a served response, checked against its logged impressions."""
-
-    stage_name = "feedback"
-
-    def build_stage(self, artifacts: Path, args: dict):
-        from serving.ab_router import FeedbackService, feedback_log_path
-
-        return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
-
-    def build_metrics(self, args: dict):
-        from serving.metrics import OnlineMetrics
-
-        return self._off_request_path(OnlineMetrics(self.pb, "feedback"))

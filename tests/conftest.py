@@ -1,6 +1,18 @@
-"""Shared fixtures: one small synthetic world, processed and trained once per test session."""
+"""Shared fixtures: one small synthetic world, processed, trained and exported once per test run.
+
+``make test`` runs two pytest-xdist workers; the dataset pipeline, the trained model version and its
+export are built by whichever worker asks first and read by both (``built_once``: a file lock in a
+folder every worker of the run sees), instead of once per worker. Tests only read them; a test that
+changes one works on its own copy.
+
+A test that uses the trained model (``model_version``, ``triton_repo``) is marked ``slow`` here, so
+``make test-fast`` skips every test that trains or serves without each module having to say so.
+"""
+
 from __future__ import annotations
 
+import fcntl
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,30 +50,60 @@ def raw_paths(small_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def processed(raw_paths, small_config, tmp_path_factory):
-    from workflows.pipeline import run_dataset_pipeline
+def shared_root(tmp_path_factory, worker_id) -> Path:
+    """A folder every xdist worker of this run sees (the run's base folder; the session's alone)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
 
-    out = tmp_path_factory.mktemp("processed")
-    return run_dataset_pipeline(
-        raw_paths["events"], raw_paths["users"], raw_paths["items"], out, small_config.workflow
+
+def built_once(root: Path, name: str, build) -> Path:
+    """``root/name``, written by ``build(folder)`` in the first worker that asks; the others wait."""
+    folder = root / name
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def processed(raw_paths, small_config, shared_root):
+    from workflows.pipeline import ProcessedData, run_dataset_pipeline
+
+    def build(folder):
+        run_dataset_pipeline(raw_paths["events"], raw_paths["users"], raw_paths["items"], folder, small_config.workflow)
+
+    return ProcessedData(built_once(shared_root, "processed", build))
+
+
+@pytest.fixture(scope="session")
+def model_version(processed, small_config, shared_root):
+    from models.registry import ModelVersion
+    from models.train import train_all
+
+    folder = built_once(shared_root, "registry", lambda f: train_all(processed, small_config, f, verbose=0))
+    return ModelVersion(folder / "1")
+
+
+@pytest.fixture(scope="session")
+def triton_repo(model_version, shared_root) -> Path:
+    from deployment.export import export_repository
+
+    return (
+        built_once(shared_root, "export", lambda f: export_repository(model_version, f / "triton_repo")) / "triton_repo"
     )
 
 
-@pytest.fixture(scope="session")
-def model_version(processed, small_config, tmp_path_factory):
-    from models.train import train_all
-
-    return train_all(processed, small_config, tmp_path_factory.mktemp("registry"), verbose=0)
-
-
-@pytest.fixture(scope="session")
-def triton_repo(model_version, tmp_path_factory) -> Path:
-    from serving.export import export_repository
-
-    return export_repository(model_version, tmp_path_factory.mktemp("export") / "triton_repo")
+TRAINED = {"model_version", "triton_repo"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Notebooks first: they are the longest scopes, and xdist hands scopes out in collection order
-    (longest first keeps one long notebook from running alone after everything else)."""
+    """Tests that need the trained model are slow. Notebooks first: they are the longest scopes, and
+    xdist hands scopes out in collection order (longest first keeps one long notebook from running
+    alone after everything else)."""
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py") else 1)

@@ -2,14 +2,16 @@
 
 The live-server version of the same flow (BLS, gRPC, Prometheus) is in tests/test_serving_rollout.py.
 """
+
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from online.assignment import HOLDOUT, ab_rollout
-from serving.ab_router import EXPERIMENT_FILE, ROUTER, ABRouter, FeedbackService, ensemble_name
+from online.router import ABRouter, FeedbackService
+from serving.assignment import HOLDOUT, ab_rollout
+from serving.interface import EXPERIMENT_FILE, ROUTER, ensemble_name
 from serving.request import RequestError
 
 
@@ -70,17 +72,25 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
     feedback = FeedbackService(tmp_path / "log.sqlite")
     rid = first["request_id"][0].decode()
     shown = first["item_ids"].tolist()
-    out = feedback.run({"request_id": np.array([rid.encode()], dtype=object),
-                        "item_ids": np.array([shown[0], shown[0], -1]),
-                        "events": np.array([b"click", b"watch_seconds", b"churn"], dtype=object),
-                        "values": np.array([1.0, 42.0, 1.0], dtype=np.float32)})
+    out = feedback.run(
+        {
+            "request_id": np.array([rid.encode()], dtype=object),
+            "item_ids": np.array([shown[0], shown[0], -1]),
+            "events": np.array([b"click", b"watch_seconds", b"churn"], dtype=object),
+            "values": np.array([1.0, 42.0, 1.0], dtype=np.float32),
+        }
+    )
     assert out["accepted"][0] == 3 and out["arm"][0].decode() == arms[users[0]]
     fb = feedback.log.feedback()
     assert sorted(fb["event"]) == ["churn", "click", "watch_seconds"] and fb["user_id"].eq(users[0]).all()
 
     def send(**changes):
-        request = {"request_id": np.array([rid.encode()], dtype=object), "item_ids": np.array([shown[0]]),
-                   "events": np.array([b"click"], dtype=object), "values": np.array([1.0], dtype=np.float32)}
+        request = {
+            "request_id": np.array([rid.encode()], dtype=object),
+            "item_ids": np.array([shown[0]]),
+            "events": np.array([b"click"], dtype=object),
+            "values": np.array([1.0], dtype=np.float32),
+        }
         return feedback.run({**request, **changes})
 
     with pytest.raises(RequestError, match="unknown request_id"):
@@ -94,8 +104,11 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
         send(values=np.array([1.0, 2.0], dtype=np.float32))
     most = len(set(shown)) * 4 + 1  # one per signal per shown item, one churn
     with pytest.raises(RequestError, match=f"feedback holds {most + 1} events, but response .* showed"):
-        send(item_ids=np.array([shown[0]] * (most + 1)), events=np.array([b"click"] * (most + 1), dtype=object),
-             values=np.ones(most + 1, dtype=np.float32))
+        send(
+            item_ids=np.array([shown[0]] * (most + 1)),
+            events=np.array([b"click"] * (most + 1), dtype=object),
+            values=np.ones(most + 1, dtype=np.float32),
+        )
     assert len(feedback.log.feedback()) == 3  # nothing refused was logged
     # A retry of an event already stored is acknowledged but neither stored nor counted again.
     replay = send()
@@ -104,19 +117,25 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
 
 
 def test_router_refuses_malformed_requests_before_calling_the_funnel(funnel, tmp_path):
-    from serving.ab_router import new_request_id
+    from online.router import new_request_id
     from serving.request import RequestLimits
 
     infer, calls = funnel
     artifacts = tmp_path / "router"
     artifacts.mkdir()
     (artifacts / EXPERIMENT_FILE).write_text(json.dumps(ab_rollout("exp", "s", 1, 1).to_dict()))
-    router = ABRouter(artifacts, tmp_path / "log.sqlite", infer, lambda version: RequestLimits(max_k=50, max_excluded_items=5))
+    router = ABRouter(
+        artifacts, tmp_path / "log.sqlite", infer, lambda version: RequestLimits(max_k=50, max_excluded_items=5)
+    )
     before = len(calls)
-    bad = {"k": ({"user_id": np.array([1]), "k": np.array([51], dtype=np.int32)}, "k must be between 1 and 50"),
-           "exclude": ({"user_id": np.array([1]), "k": np.array([5], dtype=np.int32), "exclude_item_ids": np.arange(6)},
-                       "exclude_item_ids holds 6 ids; at most 5"),
-           "user": ({"user_id": np.array([1.5]), "k": np.array([5], dtype=np.int32)}, "'user_id' must be an integer")}
+    bad = {
+        "k": ({"user_id": np.array([1]), "k": np.array([51], dtype=np.int32)}, "k must be between 1 and 50"),
+        "exclude": (
+            {"user_id": np.array([1]), "k": np.array([5], dtype=np.int32), "exclude_item_ids": np.arange(6)},
+            "exclude_item_ids holds 6 ids; at most 5",
+        ),
+        "user": ({"user_id": np.array([1.5]), "k": np.array([5], dtype=np.int32)}, "'user_id' must be an integer"),
+    }
     for request, message in bad.values():
         with pytest.raises(RequestError, match=message):
             router.run(request)
@@ -140,7 +159,9 @@ def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():
             rows.append((rid, 0.0, user, pos + 100 * (user % 7), pos, "1", arm, "model"))
             if rng.random() < ctr:
                 fb.append((rid, 0.0, user, pos + 100 * (user % 7), "click", 1.0))
-    imp = pd.DataFrame(rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"])
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
     feedback = pd.DataFrame(fb, columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
     config = ExperimentConfig(min_detectable_ctr_lift=0.02)
     result = analyze(imp, feedback, rollout, config, catalog_size=700)
@@ -150,7 +171,12 @@ def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():
     assert 0.03 < ctr["difference"] < 0.07 and ctr["bootstrap_low"] > 0
     # Drop two thirds of the treatment's users from the log: the SRM check must refuse to decide.
     lost = imp[(imp["arm"] == "treatment") & (imp["user_id"] % 3 != 0)]["request_id"]
-    broken = analyze(imp[~imp["request_id"].isin(lost)], feedback[~feedback["request_id"].isin(lost)],
-                     rollout, config, catalog_size=700)
+    broken = analyze(
+        imp[~imp["request_id"].isin(lost)],
+        feedback[~feedback["request_id"].isin(lost)],
+        rollout,
+        config,
+        catalog_size=700,
+    )
     assert broken.srm.mismatch and broken.decision.startswith("INVALID")
     assert HOLDOUT in set(broken.summary["arm"])

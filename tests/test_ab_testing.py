@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 
 from online import ab_testing as ab
-from online.assignment import HOLDOUT, Experiment, Rollout, bucket
+from serving.assignment import HOLDOUT, Experiment, Rollout, bucket
 
 
 def test_assignment_is_deterministic_salted_and_matches_the_design():
@@ -57,15 +57,17 @@ def test_sample_size_gives_the_planned_power_by_simulation():
     n = ab.sample_size_proportions(0.10, 0.02)
     assert 3000 < n < 5000  # the textbook figure for 10% -> 12% at alpha 0.05, power 0.8 is ~3,840
     rng = np.random.default_rng(1)
-    hits = [ab.two_proportion_ztest(rng.binomial(n, 0.10), n, rng.binomial(n, 0.12), n).p_value < 0.05
-            for _ in range(400)]
+    hits = [
+        ab.two_proportion_ztest(rng.binomial(n, 0.10), n, rng.binomial(n, 0.12), n).p_value < 0.05 for _ in range(400)
+    ]
     assert 0.74 < np.mean(hits) < 0.86
     assert ab.sample_size_means(std=10, min_detectable_effect=1) == pytest.approx(1570, abs=2)
 
 
 def test_srm_flags_a_broken_split_and_decide_says_so():
-    srm = ab.sample_ratio_mismatch({"control": 5000, "treatment": 4600, HOLDOUT: 100},
-                                   {"control": 0.495, "treatment": 0.495, HOLDOUT: 0.01})
+    srm = ab.sample_ratio_mismatch(
+        {"control": 5000, "treatment": 4600, HOLDOUT: 100}, {"control": 0.495, "treatment": 0.495, HOLDOUT: 0.01}
+    )
     assert srm.mismatch
     res = ab.two_proportion_ztest(500, 5000, 600, 4600)
     assert ab.decide(res, srm, 1000, 4600).startswith("INVALID")

@@ -1,4 +1,5 @@
 """The correctness checklist passes on good artifacts and fails on broken ones."""
+
 import json
 import shutil
 import subprocess
@@ -15,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, triton_repo):
     results = run_checklist(model_version.path, triton_repo, sample_users=5)
-    assert [r.name for r in results] == ["versions_consistent", "index_matches_items", "data_checks",
-                                         "scores_in_unit_range"]
+    assert [r.name for r in results] == [
+        "versions_consistent",
+        "index_matches_items",
+        "data_checks",
+        "scores_in_unit_range",
+    ]
     assert all(r.passed for r in results), results
 
 
@@ -63,7 +68,9 @@ def test_script_exit_code_follows_the_checks(model_version, triton_repo, tmp_pat
         (registry / "2" / name).write_text(json.dumps({**stamped, "version": 2}))
     script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)]
     ok = subprocess.run(script + ["--repo", str(triton_repo)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "4 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "4 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, (
+        ok.stdout + ok.stderr
+    )
     (registry / "2" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
     bad = subprocess.run(script, capture_output=True, text=True)  # no --repo: the latest version, 2
     assert bad.returncode == 1 and "FAIL  versions_consistent" in bad.stdout

@@ -1,5 +1,6 @@
 """Point-in-time features, splits, negative sampling and the correctness checks (each check must be
 able to fail: every one is shown catching a planted defect)."""
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -7,9 +8,13 @@ import pytest
 
 from configs import SplitConfig, SyntheticDataConfig
 from workflows.checks import (
-    CheckFailed, check_labels_agree, check_no_duplicate_pairs, check_point_in_time, check_temporal_split,
+    CheckFailed,
+    check_labels_agree,
+    check_no_duplicate_pairs,
+    check_point_in_time,
+    check_temporal_split,
 )
-from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts, totals_as_of
+from workflows.point_in_time import add_point_in_time_counts, totals_as_of
 from workflows.sources.synthetic import generate
 
 CFG = SyntheticDataConfig(num_users=200, num_items=120, events_per_user=30, seed=21)
@@ -31,7 +36,9 @@ def test_point_in_time_counts_use_only_strictly_earlier_events():
             "item_id": [7, 8, 7, 9, 7],
             "timestamp": [10, 20, 20, 30, 15],
             "click": [1, 0, 1, 1, 1],
-            "watch_seconds": 0, "like": 0, "share": 0,
+            "watch_seconds": 0,
+            "like": 0,
+            "share": 0,
         }
     )
     out = add_point_in_time_counts(ddf(events, 2)).compute().sort_values(["timestamp", "user_id", "item_id"])
@@ -46,10 +53,23 @@ def test_point_in_time_counts_use_only_strictly_earlier_events():
 def test_serving_totals_equal_the_point_in_time_value_at_the_cutoff(events):
     cutoff = int(events["timestamp"].quantile(0.8))
     users, items = totals_as_of(ddf(events), cutoff)
-    probe = pd.DataFrame({"user_id": users["user_id"].values[:1], "item_id": items["item_id"].values[:1],
-                          "timestamp": [cutoff], "click": [0], "watch_seconds": [0], "like": [0], "share": [0]})
+    probe = pd.DataFrame(
+        {
+            "user_id": users["user_id"].values[:1],
+            "item_id": items["item_id"].values[:1],
+            "timestamp": [cutoff],
+            "click": [0],
+            "watch_seconds": [0],
+            "like": [0],
+            "share": [0],
+        }
+    )
     both = add_point_in_time_counts(ddf(pd.concat([events, probe], ignore_index=True))).compute()
-    row = both[(both["timestamp"] == cutoff) & (both["user_id"] == probe["user_id"][0]) & (both["item_id"] == probe["item_id"][0])].iloc[-1]
+    row = both[
+        (both["timestamp"] == cutoff)
+        & (both["user_id"] == probe["user_id"][0])
+        & (both["item_id"] == probe["item_id"][0])
+    ].iloc[-1]
     assert row["user_events_before"] == users["user_events_before"].iloc[0]
     assert row["item_clicks_before"] == items["item_clicks_before"].iloc[0]
 
@@ -73,8 +93,15 @@ def test_no_duplicate_pairs_check_catches_duplicates(events):
 
 
 def test_label_check_catches_a_corrupted_label():
-    raw = pd.DataFrame({"click": [1, 0, 1], "watch_seconds": [50, 0, 10], "duration_seconds": [60, 60, 60],
-                        "like": [1, 0, 0], "share": [0, 0, 0]})
+    raw = pd.DataFrame(
+        {
+            "click": [1, 0, 1],
+            "watch_seconds": [50, 0, 10],
+            "duration_seconds": [60, 60, 60],
+            "like": [1, 0, 0],
+            "share": [0, 0, 0],
+        }
+    )
     good = pd.DataFrame({"click": [1, 0, 1], "watched": [1, 0, 0], "like": [1, 0, 0], "share": [0, 0, 0]})
     assert check_labels_agree(ddf(raw, 1), ddf(good, 1), 0.75)["passed"]
     bad = good.assign(watched=[1, 0, 1])
@@ -83,6 +110,7 @@ def test_label_check_catches_a_corrupted_label():
 
 
 # --- splits ----------------------------------------------------------------------------------------
+
 
 def test_temporal_split_with_test_part_and_its_check(events):
     from workflows.splits import temporal_split
@@ -113,8 +141,9 @@ def test_random_split_is_per_user_80_10_10_and_reproducible(events):
     assert (np.abs(sizes["s"] - 0.1 * total) <= 1).all()
     keys = ["user_id", "item_id", "timestamp"]
     again = random_split(ddf(unique, 5), cfg).train.compute()  # other partitioning, same split
-    pd.testing.assert_frame_equal(parts[0].sort_values(keys)[keys].reset_index(drop=True),
-                                  again.sort_values(keys)[keys].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        parts[0].sort_values(keys)[keys].reset_index(drop=True), again.sort_values(keys)[keys].reset_index(drop=True)
+    )
 
 
 def test_explicit_split_reproduces_the_given_files(events, tmp_path):
@@ -126,7 +155,9 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     n = len(shuffled)
     shuffled.iloc[: n // 2][keys].to_parquet(tmp_path / "train.parquet")
     shuffled.iloc[n // 2 :][keys].to_parquet(tmp_path / "valid.parquet")
-    cfg = SplitConfig(kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet"))
+    cfg = SplitConfig(
+        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
+    )
     split = explicit_split(ddf(unique), cfg)
     got = split.train.compute()[keys].sort_values(keys).reset_index(drop=True)
     want = shuffled.iloc[: n // 2][keys].sort_values(keys).reset_index(drop=True)
@@ -143,6 +174,7 @@ def test_invalid_split_kinds_are_named():
 
 
 # --- negative sampling -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["uniform", "popularity"])
 def test_negatives_are_unseen_items_with_zero_signals(events, kind):

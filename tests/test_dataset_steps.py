@@ -1,4 +1,5 @@
 """Each dataset step against the synthetic generator's ground truth (small data, no training)."""
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ def ddf(frame, parts=3):
 
 
 # --- dedup -----------------------------------------------------------------------------------------
+
 
 def test_identical_rows_are_dropped_and_counted(world):
     from workflows.dedup import drop_identical_rows
@@ -81,6 +83,7 @@ def test_duplicate_pairs_are_aggregated_without_double_counting():
 
 # --- unsafe content --------------------------------------------------------------------------------
 
+
 def test_default_classifier_flags_exactly_the_unsafe_items(world):
     from workflows.content_filter import content_filter, unsafe_item_ids
 
@@ -119,6 +122,7 @@ def test_unsafe_and_duplicate_items_are_never_trained_on_or_served(processed, sm
 
 
 # --- freshness and activity ------------------------------------------------------------------------
+
 
 def test_recency_window_keeps_the_last_days(world):
     from workflows.recency_window import recency_window
@@ -159,6 +163,7 @@ def test_seed_example_ten_clicks_in_ten_days(world):
 
 # --- labels ----------------------------------------------------------------------------------------
 
+
 def _fit_labels(train):
     import nvtabular as nvt
     from merlin.io import Dataset
@@ -181,8 +186,13 @@ def test_duration_watch_does_not_favour_the_short_clip():
     # As on real platforms: clips are mostly finished, hour-long tutorials mostly not.
     fraction = np.where(duration == 20, rng.uniform(0.7, 1.0, n), rng.uniform(0.05, 0.6, n))
     train = pd.DataFrame(
-        {"click": 1, "watch_seconds": (fraction * duration).round().astype("int64"),
-         "duration_seconds": duration, "like": 0, "share": 0}
+        {
+            "click": 1,
+            "watch_seconds": (fraction * duration).round().astype("int64"),
+            "duration_seconds": duration,
+            "like": 0,
+            "share": 0,
+        }
     )
     workflow = _fit_labels(train)
     examples = pd.DataFrame(
@@ -217,10 +227,13 @@ def test_clickbait_wins_on_clicks_and_loses_on_duration_watch(processed, small_d
     assert bait.sum() > 20
     assert train.loc[bait, "click"].mean() > train.loc[~bait, "click"].mean() + 0.1
     clicked = train["click"] == 1
-    assert train.loc[bait & clicked, "duration_watch"].mean() < 0.5 * train.loc[~bait & clicked, "duration_watch"].mean()
+    assert (
+        train.loc[bait & clicked, "duration_watch"].mean() < 0.5 * train.loc[~bait & clicked, "duration_watch"].mean()
+    )
 
 
 # --- generator knobs ------------------------------------------------------------------------------
+
 
 def test_interest_drift_moves_tastes_over_time():
     from evaluation.metrics import roc_auc

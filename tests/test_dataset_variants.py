@@ -1,5 +1,6 @@
 """The whole pipeline under other configurations: random per-user split with a test part, sampled
 negatives, hashed attribute vocabularies; and on a 2-worker dask.distributed cluster."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,18 +22,26 @@ def run(raw_paths, out, workflow_overrides, scheduler=None):
     from workflows.pipeline import run_dataset_pipeline
 
     config = load_config(overrides={**SMALL, "workflow": workflow_overrides})
-    return run_dataset_pipeline(raw_paths["events"], raw_paths["users"], raw_paths["items"], out,
-                                config.workflow, scheduler=scheduler)
+    return run_dataset_pipeline(
+        raw_paths["events"], raw_paths["users"], raw_paths["items"], out, config.workflow, scheduler=scheduler
+    )
 
 
 def test_random_split_negatives_and_hashing(raw, tmp_path):
     _, paths = raw
-    out = run(paths, tmp_path / "p", {
-        "split": {"kind": "random"},
-        "negative_sampling": {"kind": "popularity", "ratio": 1.0, "valid": True},
-        "features": {"attribute_num_buckets": 3, "attribute_freq_threshold": 500,
-                     "point_in_time_features": ["counts", "rates"]},
-    })
+    out = run(
+        paths,
+        tmp_path / "p",
+        {
+            "split": {"kind": "random"},
+            "negative_sampling": {"kind": "popularity", "ratio": 1.0, "valid": True},
+            "features": {
+                "attribute_num_buckets": 3,
+                "attribute_freq_threshold": 500,
+                "point_in_time_features": ["counts", "rates"],
+            },
+        },
+    )
     s = out.summary
     assert s["test_rows"] > 0 and out.test() is not None
     steps = {st["step"]: st for st in s["steps"]}
@@ -88,8 +97,10 @@ def test_two_worker_cluster_gives_the_same_output_as_one_process(raw, tmp_path):
     _, paths = raw
     overrides = {"checks": {"point_in_time_probe": False}}
     single = run(paths, tmp_path / "single", overrides)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         assert len(client.scheduler_info()["workers"]) == 2
         multi = run(paths, tmp_path / "multi", overrides, scheduler=client)
 

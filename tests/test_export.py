@@ -2,7 +2,8 @@ import shutil
 
 import pytest
 
-from serving.export import ENSEMBLE, STAGE_ARTIFACTS, export_repository, exported_version
+from deployment.export import STAGE_ARTIFACTS, export_repository, exported_version
+from serving.interface import FUNNEL
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +14,7 @@ def test_export_writes_every_stage_with_its_version(triton_repo, model_version):
     for stage in STAGE_ARTIFACTS:
         assert (triton_repo / stage / "config.pbtxt").exists()
         assert (triton_repo / stage / v / "model.py").exists()
-    assert 'platform: "ensemble"' in (triton_repo / ENSEMBLE / "config.pbtxt").read_text()
+    assert 'platform: "ensemble"' in (triton_repo / FUNNEL / "config.pbtxt").read_text()
     assert (triton_repo / "feature_lookup" / v / "online_store.sqlite").exists()
 
 

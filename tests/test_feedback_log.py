@@ -1,4 +1,5 @@
 """The feedback log keeps every acknowledged write, even when its writer is SIGKILLed mid-stream."""
+
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from online.feedback_log import FeedbackLog
 log = FeedbackLog(sys.argv[1])
 i = 0
 while True:
-    log.log_impressions(f"r{i}", user_id=i % 50, item_ids=[1, 2, 3], model_version="1", arm="control", served_by="model")
+    log.log_impressions(f"r{i}", i % 50, [1, 2, 3], model_version="1", arm="control", served_by="model")
     log.log_feedback(f"r{i}", i % 50, 2, "click")
     print(i, flush=True)  # acknowledged: both transactions returned
     i += 1
@@ -39,12 +40,17 @@ def test_the_same_event_for_the_same_request_and_item_is_stored_once(tmp_path):
     first = log.log_feedback_many([("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 40.0)])
     assert len(first) == 2
     # a client's retry, with a replayed click inside a new batch: only the new event is stored
-    again = log.log_feedback_many([("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 99.0), ("a", 7, 10, "click", 1)])
+    again = log.log_feedback_many(
+        [("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 99.0), ("a", 7, 10, "click", 1)]
+    )
     assert again == [("a", 7, 10, "click", 1.0)]
     assert log.log_feedback("a", 7, 11, "click") is False
     fb = log.feedback()
     assert len(fb) == 3 and fb.set_index(["item_id", "event"])["value"].to_dict() == {
-        (11, "click"): 1.0, (11, "watch_seconds"): 40.0, (10, "click"): 1.0}
+        (11, "click"): 1.0,
+        (11, "watch_seconds"): 40.0,
+        (10, "click"): 1.0,
+    }
 
 
 def test_a_log_with_repeats_from_before_deduplication_is_migrated(tmp_path):
@@ -55,8 +61,10 @@ def test_a_log_with_repeats_from_before_deduplication_is_migrated(tmp_path):
     path = tmp_path / "old.sqlite"
     con = sqlite3.connect(path)
     con.executescript(SCHEMA)
-    con.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
-                    [("a", 1.0, 7, 11, "click", 1.0), ("a", 2.0, 7, 11, "click", 1.0), ("a", 3.0, 7, 12, "click", 1.0)])
+    con.executemany(
+        "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+        [("a", 1.0, 7, 11, "click", 1.0), ("a", 2.0, 7, 11, "click", 1.0), ("a", 3.0, 7, 12, "click", 1.0)],
+    )
     con.commit()
     con.close()
     log = FeedbackLog(path)

@@ -1,5 +1,6 @@
 """The feedback-loop experiment end to end at a tiny size: two generations, the second retrained on
 the first one's own logs, a holdout kept on generation 0's model."""
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -9,12 +10,15 @@ def test_two_generations_retrain_on_their_own_logs(tmp_path):
     from configs import SimulationConfig, load_config
     from online.feedback_loop import history_table, reload_history, run_feedback_loop, write_loop_report
 
-    config = load_config(overrides={
-        "synthetic": {"num_users": 200, "num_items": 120, "events_per_user": 25, "seed": 3},
-        "candidate_generator": {"epochs": 1, "batch_size": 512}, "light_ranker": {"epochs": 1, "batch_size": 512},
-        "heavy_ranker": {"epochs": 1, "batch_size": 512},
-        "serving": {"retrieval_k": 60, "light_ranker_k": 20, "max_k": 20},
-    })
+    config = load_config(
+        overrides={
+            "synthetic": {"num_users": 200, "num_items": 120, "events_per_user": 25, "seed": 3},
+            "candidate_generator": {"epochs": 1, "batch_size": 512},
+            "light_ranker": {"epochs": 1, "batch_size": 512},
+            "heavy_ranker": {"epochs": 1, "batch_size": 512},
+            "serving": {"retrieval_k": 60, "light_ranker_k": 20, "max_k": 20},
+        }
+    )
     history = run_feedback_loop(config, tmp_path, generations=2, simulation=SimulationConfig(days=2, k=5), holdout=0.05)
     first, second = history
     assert (first.model_version, second.model_version) == (1, 2)

@@ -1,4 +1,5 @@
 """Item-to-item affinity (models/item_affinity.py): EASE weights, versioned, scored over a history."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,6 +97,8 @@ def test_training_skips_a_catalog_above_max_items_unless_the_ordering_needs_it(t
     assert item_affinity.load(tmp_path, expected_version=3)[0].shape == (13, 13)
     unused = load_config(overrides={"item_affinity": {"max_items": 12}})
     assert _train_item_affinity(history, catalog, unused, tmp_path / "none", 3) is None
-    needed = load_config(overrides={"item_affinity": {"max_items": 12}, "serving": {"ordering": {"affinity_weight": 0.5}}})
+    needed = load_config(
+        overrides={"item_affinity": {"max_items": 12}, "serving": {"ordering": {"affinity_weight": 0.5}}}
+    )
     with pytest.raises(ValueError, match="max_items=12"):
         _train_item_affinity(history, catalog, needed, tmp_path / "none", 3)

@@ -1,4 +1,5 @@
 """Metrics checked against hand-computed values and brute-force definitions."""
+
 import numpy as np
 import pytest
 
@@ -35,7 +36,9 @@ def test_classification_metrics_match_brute_force():
     labels = rng.random(400) < 0.3
     scores = labels * 0.5 + rng.random(400)
     pos, neg = scores[labels], scores[~labels]
-    brute_auc = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    brute_auc = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        len(pos) * len(neg)
+    )
     assert m.roc_auc(labels, scores) == pytest.approx(brute_auc)
     order = np.argsort(-scores)
     hits = labels[order]

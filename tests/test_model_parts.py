@@ -1,4 +1,5 @@
 """Fast checks of the model building blocks: table sizing and hashing, heavy-ranker targets."""
+
 import numpy as np
 import pytest
 from merlin.schema import ColumnSchema, Schema, Tags
@@ -33,7 +34,10 @@ def test_columns_above_the_cap_are_hashed_into_max_rows():
     assert buckets == {"user_id": 100}
     assert capped["user_id"].int_domain.max == 99 and capped["gender"].int_domain.max == 3
 
-    ids = {"user_id": tf.constant([[7], [107], [4999]], dtype=tf.int64), "gender": tf.constant([[1], [2], [3]], dtype=tf.int64)}
+    ids = {
+        "user_id": tf.constant([[7], [107], [4999]], dtype=tf.int64),
+        "gender": tf.constant([[1], [2], [3]], dtype=tf.int64),
+    }
     folded = HashIds(buckets)(ids)
     assert folded["user_id"].numpy().reshape(-1).tolist() == [7, 7, 99]
     assert folded["gender"].numpy().reshape(-1).tolist() == [1, 2, 3]  # under the cap: untouched
@@ -53,9 +57,12 @@ def _label_schema(*names):
 def test_heavy_targets_fall_back_or_drop_and_weights_sum_to_one(caplog):
     from models.heavy_ranker import resolve_targets
 
-    cfg = HeavyRankerConfig(targets=[TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("like", 0.2)])
+    cfg = HeavyRankerConfig(
+        targets=[TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("like", 0.2)]
+    )
     assert resolve_targets(_label_schema("click", "duration_watch", "like"), cfg) == pytest.approx(
-        {"click": 0.4, "duration_watch": 0.4, "like": 0.2})
+        {"click": 0.4, "duration_watch": 0.4, "like": 0.2}
+    )
     with caplog.at_level("WARNING"):
         weights = resolve_targets(_label_schema("click", "watched", "like"), cfg)
     assert weights == pytest.approx({"click": 0.4, "watched": 0.4, "like": 0.2})
@@ -85,7 +92,9 @@ def test_invalid_ranker_configs_are_rejected():
     with pytest.raises(ValueError, match="negative_sampling"):
         load_config(overrides={"light_ranker": {"negative_sampling": "hard"}})
     with pytest.raises(ValueError, match="duplicate"):
-        load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": 1}, {"name": "click", "weight": 1}]}})
+        load_config(
+            overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": 1}, {"name": "click", "weight": 1}]}}
+        )
     with pytest.raises(TypeError, match=r"targets\[0\].weight"):
         load_config(overrides={"heavy_ranker": {"targets": [{"name": "click", "weight": "high"}]}})
 
@@ -117,8 +126,15 @@ def test_heavy_ranker_members_need_the_affinity_for_hard_negatives(processed, sm
 
     config = dataclasses.replace(small_config.heavy_ranker, members=[HeavyRankerMemberConfig(hard_negatives=5)])
     with pytest.raises(ValueError, match="needs the item affinity"):
-        train_heavy_ranker_members(processed.train(), processed.valid(), config, small_config.embeddings,
-                                   small_config.training, affinity_weights=None, verbose=0)
+        train_heavy_ranker_members(
+            processed.train(),
+            processed.valid(),
+            config,
+            small_config.embeddings,
+            small_config.training,
+            affinity_weights=None,
+            verbose=0,
+        )
     with pytest.raises(ValueError, match="at least one member"):
         HeavyRankerConfig(members=[])
     with pytest.raises(ValueError, match="hard_negatives must be >= 0"):

@@ -1,4 +1,5 @@
 """Model quality against the generator's ground truth, and save/load round trips."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,8 +58,12 @@ def test_candidate_generator_recall_beats_popularity(demo_world):
 
     config, processed = demo_world
     model, _ = train_candidate_generator(
-        processed.train(), processed.valid(), config.candidate_generator, verbose=0,
-        embeddings=config.embeddings, patience=config.training.early_stopping_patience,
+        processed.train(),
+        processed.valid(),
+        config.candidate_generator,
+        verbose=0,
+        embeddings=config.embeddings,
+        patience=config.training.early_stopping_patience,
     )
     users = pd.read_parquet(processed.user_features)
     items = pd.read_parquet(processed.item_features)
@@ -84,15 +89,14 @@ def test_candidate_generator_recall_beats_popularity(demo_world):
 
 @pytest.mark.parametrize("which", ["light_ranker", "heavy_ranker"])
 def test_ranker_save_load_round_trip_gives_identical_predictions(which, processed, small_config, tmp_path):
+    import dataclasses
+
     import tensorflow as tf
+    from merlin.io import Dataset
 
     from models.heavy_ranker import train_heavy_ranker
     from models.light_ranker import light_features, train_light_ranker
     from models.ranker import predict_heads
-
-    import dataclasses
-
-    from merlin.io import Dataset
 
     config = small_config
     one_epoch = {"epochs": 1}
@@ -129,8 +133,8 @@ def test_ranker_save_load_round_trip_gives_identical_predictions(which, processe
 
 def test_query_tower_served_from_the_registry_matches_training(model_version, processed):
     """The query tower as serving loads it gives the embeddings the item index was built against."""
-    import tensorflow as tf
     import merlin.models.tf  # noqa: F401
+    import tensorflow as tf
 
     from models import item_index
 
@@ -157,8 +161,8 @@ def test_a_mismatched_query_tower_and_item_index_are_refused(model_version, tmp_
     is refused by the registry check, by the export and by the serving stages."""
     import shutil
 
+    from deployment.export import export_repository
     from models import item_index, registry
-    from serving.export import export_repository
     from serving.stages import QueryTower, Retrieval
 
     assert registry.check_artifact_versions(model_version) == model_version.version
@@ -175,7 +179,7 @@ def test_a_mismatched_query_tower_and_item_index_are_refused(model_version, tmp_
     with pytest.raises(item_index.VersionMismatchError):
         Retrieval(mixed)
     # And a query tower stamped by another run is refused by its stage.
-    (mixed / "query_tower.json").write_text('{"version": %d}' % (model_version.version + 1))
+    (mixed / "query_tower.json").write_text(f'{{"version": {model_version.version + 1}}}')
     with pytest.raises(item_index.VersionMismatchError):
         QueryTower(mixed)
 
@@ -237,11 +241,14 @@ def test_heavy_ranker_trains_a_new_untagged_label_column_as_a_binary_head(proces
         return Dataset(frame, schema=schema)
 
     config = dataclasses.replace(
-        small_config.heavy_ranker, epochs=1,
+        small_config.heavy_ranker,
+        epochs=1,
         targets=[TargetConfig("click", 0.5), TargetConfig("duration_watch", 0.5)],
     )
     train, valid = with_label(processed.train()), with_label(processed.valid())
-    model, metrics, spec = train_heavy_ranker(train, valid, config, small_config.embeddings, small_config.training, verbose=0)
+    model, metrics, spec = train_heavy_ranker(
+        train, valid, config, small_config.embeddings, small_config.training, verbose=0
+    )
     assert spec["targets"] == ["click", "duration_watch"] and "duration_watch" not in spec["features"]
     assert 0.5 < metrics["auc_duration_watch"] <= 1.0, metrics
 
@@ -258,8 +265,9 @@ def test_sampled_negatives_come_from_the_catalog_through_the_item_tower(processe
     config = copy.deepcopy(small_config.candidate_generator)
     config.sampled_negatives, config.logq_correction, config.epochs = 64, True, 1
     items = pd.read_parquet(processed.item_features)
-    model, metrics = train_candidate_generator(processed.train(), processed.valid(), config, verbose=0,
-                                               embeddings=small_config.embeddings, catalog=items)
+    model, metrics = train_candidate_generator(
+        processed.train(), processed.valid(), config, verbose=0, embeddings=small_config.embeddings, catalog=items
+    )
     assert np.isfinite(metrics["loss"])
     sampler = next(s for s in model.last.negative_samplers if isinstance(s, UniformItemSampler))
     positives = tf.constant(items["item_id"].to_numpy()[:8])
@@ -287,28 +295,32 @@ def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_confi
     variant.candidate_generator.epochs = 1
     other = train_all(processed, variant, tmp_path / "registry", verbose=0, rankers_from=model_version)
     for stage in ("light_ranker", "heavy_ranker"):
-        assert filecmp.cmp(model_version.path / stage / "saved_model.pb", other.path / stage / "saved_model.pb",
-                           shallow=False)
+        assert filecmp.cmp(
+            model_version.path / stage / "saved_model.pb", other.path / stage / "saved_model.pb", shallow=False
+        )
         assert other.manifest["metrics"][stage] == model_version.manifest["metrics"][stage]
-    assert other.manifest["config"]["candidate_generator"]["logq_correction"] != \
-        model_version.manifest["config"]["candidate_generator"]["logq_correction"]
+    assert (
+        other.manifest["config"]["candidate_generator"]["logq_correction"]
+        != model_version.manifest["config"]["candidate_generator"]["logq_correction"]
+    )
     changed = copy.deepcopy(variant)
     changed.heavy_ranker.learning_rate *= 2
     with pytest.raises(ValueError, match="heavy_ranker"):
         train_all(processed, changed, tmp_path / "registry2", verbose=0, rankers_from=model_version)
 
 
-def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_members(processed, small_config,
-                                                                                          tmp_path):
+def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_members(
+    processed, small_config, tmp_path
+):
     """Two members (one trained on affinity hard negatives) are exported, served averaged, and
     copied along when a candidate-generator variant reuses the rankers."""
     import copy
     import filecmp
 
     from configs import HeavyRankerMemberConfig
+    from deployment.export import export_repository
     from evaluation import offline
     from models.train import train_all
-    from serving.export import export_repository
 
     config = copy.deepcopy(small_config)
     config.candidate_generator.epochs = config.light_ranker.epochs = config.heavy_ranker.epochs = 1
@@ -338,5 +350,8 @@ def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_
     variant = copy.deepcopy(config)
     variant.candidate_generator.logq_correction = not variant.candidate_generator.logq_correction
     other = train_all(processed, variant, tmp_path / "registry2", verbose=0, rankers_from=version)
-    assert filecmp.cmp(version.path / "heavy_ranker_1" / "saved_model.pb",
-                       other.path / "heavy_ranker_1" / "saved_model.pb", shallow=False)
+    assert filecmp.cmp(
+        version.path / "heavy_ranker_1" / "saved_model.pb",
+        other.path / "heavy_ranker_1" / "saved_model.pb",
+        shallow=False,
+    )

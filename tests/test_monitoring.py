@@ -1,4 +1,5 @@
 """The dashboard and the alert rules only query metrics the server really exports."""
+
 import json
 import re
 from pathlib import Path

@@ -1,9 +1,9 @@
 """MovieLens-100K source: the GroupLens parser on a tiny handmade folder (always), and the real data
 from the RecBole wheel through the whole pipeline (when pip can download the wheel)."""
+
 import os
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from workflows.sources import movielens
@@ -48,7 +48,11 @@ def test_grouplens_folder_maps_ratings_to_signals(grouplens):
     assert (data.events["share"] == 0).all()
     u = data.users.set_index("user_id")
     # 85711 is Tucson, AZ; T8H1N is Canadian; 02139 is Cambridge, MA.
-    assert u.loc[1, "location"] == "mountain" and u.loc[2, "location"] == "outside_us" and u.loc[3, "location"] == "northeast"
+    assert (
+        u.loc[1, "location"] == "mountain"
+        and u.loc[2, "location"] == "outside_us"
+        and u.loc[3, "location"] == "northeast"
+    )
     assert u.loc[2, "age_band"] == "<18" and u.loc[3, "age_band"] == "55+"
     i = data.items.set_index("item_id")
     assert i.loc[11, "category"] == "Action" and i.loc[10, "title"] == "Toy Story (1995)"
@@ -86,6 +90,7 @@ def recbole_wheel(tmp_path_factory):
         pytest.skip(f"cannot download recbole=={movielens.RECBOLE_VERSION} with pip: {err}")
 
 
+@pytest.mark.slow  # downloads the recbole wheel (pip) and runs the whole pipeline
 def test_real_movielens_100k_from_the_wheel_through_the_pipeline(recbole_wheel, tmp_path):
     from configs import load_config
     from workflows.pipeline import run_dataset_pipeline
@@ -104,4 +109,9 @@ def test_real_movielens_100k_from_the_wheel_through_the_pipeline(recbole_wheel, 
     steps = {st["step"]: st for st in s["steps"]}
     assert steps["dedup_canonical_items"]["items_removed"] == 18
     assert s["train_rows"] > 50_000 and s["valid_rows"] > 5_000 and s["known_users"] > 500
-    assert {c["check"] for c in s["checks"]} >= {"temporal_split", "labels_agree", "point_in_time", "no_duplicate_pairs"}
+    assert {c["check"] for c in s["checks"]} >= {
+        "temporal_split",
+        "labels_agree",
+        "point_in_time",
+        "no_duplicate_pairs",
+    }

@@ -1,5 +1,6 @@
 """The rankers' negative samplers: the light ranker's (positives kept, ``ratio`` negatives each, by
 strategy) and the heavy ranker's affinity hard negatives."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,12 +11,14 @@ from models.negative_sampling import affinity_negatives, sample_negatives
 def _frame(n_users=50, n_items=40, rows=2000, seed=0):
     rng = np.random.default_rng(seed)
     items = rng.zipf(1.6, size=rows) % n_items + 3  # skewed popularity
-    return pd.DataFrame({
-        "user_id": rng.integers(3, n_users + 3, size=rows),
-        "item_id": items,
-        "category": items % 5 + 3,  # an item attribute that must travel with the sampled item
-        "click": rng.random(rows) < 0.3,
-    }).astype({"click": "int64"})
+    return pd.DataFrame(
+        {
+            "user_id": rng.integers(3, n_users + 3, size=rows),
+            "item_id": items,
+            "category": items % 5 + 3,  # an item attribute that must travel with the sampled item
+            "click": rng.random(rows) < 0.3,
+        }
+    ).astype({"click": "int64"})
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "popularity"])
@@ -70,14 +73,16 @@ def test_bad_arguments_are_named():
 
 def test_affinity_negatives_are_the_users_top_unrated_items_with_their_own_features():
     # Users 0 and 1; items 0-4 have rows, item 5 has none (it cannot be drawn: no item features).
-    frame = pd.DataFrame({
-        "user_id": [0, 0, 0, 1, 1],
-        "age": [30, 30, 30, 50, 50],
-        "item_id": [0, 1, 2, 3, 4],
-        "category": [10, 11, 12, 13, 14],
-        "click": [1, 1, 0, 1, 0],
-        "like": [0, 1, 0, 0, 0],
-    })
+    frame = pd.DataFrame(
+        {
+            "user_id": [0, 0, 0, 1, 1],
+            "age": [30, 30, 30, 50, 50],
+            "item_id": [0, 1, 2, 3, 4],
+            "category": [10, 11, 12, 13, 14],
+            "click": [1, 1, 0, 1, 0],
+            "like": [0, 1, 0, 0, 0],
+        }
+    )
     weights = np.zeros((6, 6), dtype=np.float32)
     weights[0, [2, 3, 4, 5]] = [0.1, 0.5, 0.9, 5.0]  # user 0 (items 0, 1): 5 > 4 > 3 > 2
     weights[1, [2, 3]] = [0.05, 0.2]
@@ -96,4 +101,3 @@ def test_affinity_negatives_are_the_users_top_unrated_items_with_their_own_featu
     assert sorted(many[many["user_id"] == 1]["item_id"]) == [0, 1, 2, 4]
     with pytest.raises(ValueError, match="outside the 3 items"):
         affinity_negatives(frame, weights[:3, :3], 2, ["click"], ["item_id", "category"])
-

@@ -6,6 +6,7 @@ notebooks - the slowest tests of the suite - ran one after another on a single w
 classes they spread over the workers, and ``conftest.py`` schedules them first so no long notebook
 is left running alone at the end.
 """
+
 from pathlib import Path
 
 import nbformat

@@ -1,4 +1,5 @@
 """The ordering policy (serving/ordering.py): final score, exploration, per-category cap."""
+
 import numpy as np
 import pytest
 
@@ -34,8 +35,9 @@ def test_final_score_adds_the_affinity_percentile_and_keeps_the_rest_for_the_hea
     assert ((blended >= 0) & (blended <= 1)).all()
     np.testing.assert_allclose(ordering.final_scores(heavy, None, 0.0, affinity, 1.0), affinity, rtol=1e-6)
     # The affinity can reorder what the heavy ranker put first.
-    positions, _ = ordering.order_candidates(heavy, retrieval, 3, retrieval_weight=0.2,
-                                             affinity_pct=affinity, affinity_weight=0.6)
+    positions, _ = ordering.order_candidates(
+        heavy, retrieval, 3, retrieval_weight=0.2, affinity_pct=affinity, affinity_weight=0.6
+    )
     assert positions.tolist() == [1, 2, 0]
     with pytest.raises(ValueError, match="affinity percentiles"):
         ordering.final_scores(heavy, retrieval, 0.2, None, 0.6)
@@ -77,10 +79,17 @@ def test_order_candidates_returns_positions_and_their_final_scores():
         ordering.order_candidates(heavy, pct, 2, max_per_category=1)
 
 
-@pytest.mark.parametrize("bad", [
-    {"retrieval_weight": 1.5}, {"retrieval_weight": -0.1}, {"exploration_temperature": -1.0}, {"max_per_category": -2},
-    {"affinity_weight": 1.2}, {"retrieval_weight": 0.5, "affinity_weight": 0.6},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"retrieval_weight": 1.5},
+        {"retrieval_weight": -0.1},
+        {"exploration_temperature": -1.0},
+        {"max_per_category": -2},
+        {"affinity_weight": 1.2},
+        {"retrieval_weight": 0.5, "affinity_weight": 0.6},
+    ],
+)
 def test_ordering_config_rejects_out_of_range_values(bad):
     with pytest.raises(ValueError, match="serving.ordering"):
         OrderingConfig(**bad)

@@ -1,4 +1,5 @@
 """The peers recover structure that a planted ground truth puts in the data."""
+
 import numpy as np
 
 from evaluation.metrics import full_ranking_top_k, recall_at_k

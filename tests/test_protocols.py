@@ -14,7 +14,9 @@ def interactions(num_users=30, seed=0):
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
-@pytest.mark.parametrize("total,expected", [(10, [8, 1, 1]), (1, [1, 0, 0]), (2, [1, 0, 1]), (3, [1, 1, 1]), (25, [21, 2, 2])])
+@pytest.mark.parametrize(
+    "total,expected", [(10, [8, 1, 1]), (1, [1, 0, 0]), (2, [1, 0, 1]), (3, [1, 1, 1]), (25, [21, 2, 2])]
+)
 def test_recbole_rounding(total, expected):
     assert protocols.recbole_split_sizes(total) == expected
 

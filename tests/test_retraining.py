@@ -1,4 +1,5 @@
 """The retraining pipeline's runner (retries, timeouts, idempotence, alerts) and the real steps."""
+
 import json
 import time
 from pathlib import Path
@@ -81,7 +82,10 @@ def test_airflow_dag_declares_the_runners_steps_in_order():
     from online import retraining
 
     tree = ast.parse((Path(retraining.__file__).parent / "airflow_dag.py").read_text())
-    steps = next(ast.literal_eval(n.value) for n in ast.walk(tree)
-                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "STEPS")
+    steps = next(
+        ast.literal_eval(n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "STEPS"
+    )
     assert steps == [s.name for s in default_steps()]
     assert all(hasattr(retraining, f"step_{name}") for name in steps)

@@ -1,10 +1,11 @@
 """The deployment's admin key and the server's secure defaults, without starting a server."""
+
 import os
 import stat
 
 import pytest
 
-from serving import security
+from deployment import security
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def test_the_environment_key_wins_and_no_file_is_written(tmp_path, monkeypatch):
 
 
 def test_the_server_binds_loopback_and_locks_the_control_plane_unless_asked(tmp_path):
-    from serving.server import TritonServer
+    from deployment.server import TritonServer
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -121,16 +122,23 @@ def self_signed(folder):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = folder / "server.crt", folder / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -141,7 +149,7 @@ def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from serving.server import TritonServer
+    from deployment.server import TritonServer
 
     repo = tmp_path / "repo"
     (repo / "echo" / "1").mkdir(parents=True)

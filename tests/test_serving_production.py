@@ -3,6 +3,7 @@
 ``FUNNEL_ROBUSTNESS_REQUESTS`` sets the size of the mixed load (default 2,000 so ``make test``
 stays quick; the issue's full run is ``FUNNEL_ROBUSTNESS_REQUESTS=10000``).
 """
+
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ MAX_K = 50  # tests/conftest.py SMALL serving.max_k
 
 @pytest.fixture(scope="module")
 def server(triton_repo, tmp_path_factory):
-    from serving.server import TritonServer
+    from deployment.server import TritonServer
 
     srv = TritonServer(triton_repo, log_path=tmp_path_factory.mktemp("triton-prod") / "server.log")
     srv.start()
@@ -58,8 +59,12 @@ def _settled(metrics_url, stages, answered, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
         metrics = scrape(metrics_url)
-        if all(sum(_metric(metrics, "funnel_stage_requests_total", stage=s))
-               == sum(_metric(metrics, "funnel_stage_latency_ms_count", stage=s)) >= answered for s in stages):
+        if all(
+            sum(_metric(metrics, "funnel_stage_requests_total", stage=s))
+            == sum(_metric(metrics, "funnel_stage_latency_ms_count", stage=s))
+            >= answered
+            for s in stages
+        ):
             return metrics
         if time.monotonic() > deadline:
             raise AssertionError("stage metrics did not settle")
@@ -67,8 +72,8 @@ def _settled(metrics_url, stages, answered, timeout=10.0):
 
 
 def test_custom_metrics_are_scraped_with_sane_values(server, reference):
+    from deployment.export import STAGE_ARTIFACTS
     from serving.client import FunnelClient
-    from serving.export import STAGE_ARTIFACTS
     from serving.metrics import scrape
 
     # The first test on this server: every stage has answered exactly the reference's requests.
@@ -84,8 +89,11 @@ def test_custom_metrics_are_scraped_with_sane_values(server, reference):
     deadline = time.monotonic() + 10
     while True:
         after = scrape(server.metrics_url)
-        counted = [sum(_metric(after, "funnel_stage_latency_ms_count", stage=s))
-                   - sum(_metric(before, "funnel_stage_latency_ms_count", stage=s)) for s in STAGE_ARTIFACTS]
+        counted = [
+            sum(_metric(after, "funnel_stage_latency_ms_count", stage=s))
+            - sum(_metric(before, "funnel_stage_latency_ms_count", stage=s))
+            for s in STAGE_ARTIFACTS
+        ]
         if min(counted) >= 6 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -127,7 +135,7 @@ def _check_good(result, reference):
 
 
 def test_mixed_load_with_malformed_requests(server, reference):
-    from serving.loadgen import MALFORMED, Request, run_load
+    from benchmarks.loadgen import MALFORMED, Request, run_load
 
     n = int(os.environ.get("FUNNEL_ROBUSTNESS_REQUESTS", "2000"))
     rng = np.random.default_rng(0)
@@ -154,8 +162,8 @@ def test_mixed_load_with_malformed_requests(server, reference):
 
 
 def test_killed_stage_stub_is_recovered_by_the_supervisor(server, reference):
+    from deployment.supervisor import Supervisor, wait_until
     from serving.client import FunnelClient
-    from serving.supervisor import Supervisor, wait_until
 
     user = next(iter(reference))
     victim = server.stub_pids()["query_tower"][0]  # a TensorFlow stage, and one issue 4 does not rename

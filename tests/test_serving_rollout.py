@@ -1,4 +1,5 @@
 """Rolling model version 1 -> 2 into the live server: no request fails, none mixes the two exports."""
+
 import os
 import shutil
 import signal
@@ -23,8 +24,13 @@ def two_versions(model_version, processed, tmp_path_factory):
 
     registry = tmp_path_factory.mktemp("rollout-registry")
     shutil.copytree(model_version.path, registry / "1")
-    overrides = {**SMALL, "seed": 99, "candidate_generator": {"epochs": 1, "batch_size": 512},
-                 "light_ranker": {"epochs": 1, "batch_size": 512}, "heavy_ranker": {"epochs": 1, "batch_size": 512}}
+    overrides = {
+        **SMALL,
+        "seed": 99,
+        "candidate_generator": {"epochs": 1, "batch_size": 512},
+        "light_ranker": {"epochs": 1, "batch_size": 512},
+        "heavy_ranker": {"epochs": 1, "batch_size": 512},
+    }
     v2 = train_all(processed, load_config(overrides=overrides), registry, verbose=0)
     assert v2.version == 2
     return get(registry, 1), v2
@@ -38,10 +44,10 @@ def _answers(url, users, k=10):
 
 
 def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions, tmp_path_factory):
-    from serving.export import export_repository
-    from serving.loadgen import Request, run_load
-    from serving.rollout import add_version, retire, roll_out, served_version
-    from serving.server import TritonServer
+    from benchmarks.loadgen import Request, run_load
+    from deployment.export import export_repository
+    from deployment.rollout import add_version, retire, roll_out, served_version
+    from deployment.server import TritonServer
 
     v1, v2 = two_versions
     repo = export_repository(v1, tmp_path_factory.mktemp("rollout") / "triton_repo")
@@ -89,8 +95,10 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
             seen_versions.append(r.outputs["model_version"])
         assert seen_versions[0] == "1" and seen_versions[-1] == "2"
         assert seen_versions.count("1") > 0 and seen_versions.count("2") >= 10
-        print(f"rollout: {len(results)} requests during the roll, 0 failed, "
-              f"{seen_versions.count('1')} on v1, {seen_versions.count('2')} on v2")
+        print(
+            f"rollout: {len(results)} requests during the roll, 0 failed, "
+            f"{seen_versions.count('1')} on v1, {seen_versions.count('2')} on v2"
+        )
 
         retire(server.grpc_url, repo, 1)
         assert not (repo / "query_tower" / "1").exists()
@@ -102,18 +110,19 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
     counters in /metrics equal to the server's log, then the treatment rolled out and the holdout kept."""
     import tritonclient.grpc as grpcclient
 
+    from deployment.export import export_repository
+    from deployment.rollout import add_version, current_rollout, retire
+    from deployment.server import TritonServer
     from online.ab_experiment import online_counters
     from online.ab_report import analyze
-    from online.assignment import HOLDOUT
-    from online.retraining import step_experiment
+    from online.experiments import roll_out_treatment
     from online.feedback_log import FeedbackLog
+    from online.retraining import step_experiment
+    from online.router import feedback_log_path
     from online.simulator import SimulationConfig, UserSimulator
-    from serving.ab_router import ROUTER, feedback_log_path
+    from serving.assignment import HOLDOUT
     from serving.client import BadRequest, FunnelClient
-    from serving.experiments import current_rollout, roll_out_treatment
-    from serving.export import export_repository
-    from serving.rollout import add_version, retire
-    from serving.server import TritonServer
+    from serving.interface import ROUTER
 
     v1, v2 = two_versions
     repo = export_repository(v1, tmp_path_factory.mktemp("ab") / "triton_repo")
@@ -121,7 +130,10 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
     users = small_data.users["user_id"].head(120).to_numpy()
     with TritonServer(repo, log_path=repo.parent / "server.log") as server:
         # The retraining pipeline's last step starts the experiment (settings as a scheduler passes them).
-        settings = {"grpc_url": server.grpc_url, "overrides": {"online": {"experiment": {"salt": "salt-it", "holdout": 0.05}}}}
+        settings = {
+            "grpc_url": server.grpc_url,
+            "overrides": {"online": {"experiment": {"salt": "salt-it", "holdout": 0.05}}},
+        }
         started = step_experiment({"settings": settings, "export": {"repo": str(repo), "version": 2, "live": True}})
         assert started["router_version"] == 2 and started["experiment"]["control_version"] == 1
         rollout = current_rollout(repo)
@@ -130,8 +142,11 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
         assert again["router_version"] is None  # idempotent: a retried step does not start it twice
         with FunnelClient(server.grpc_url, model_name=ROUTER) as client:
             sim = UserSimulator(small_data, small_config.synthetic, SimulationConfig(days=2, k=5, concurrency=4))
-            outcomes = sim.run(users, client.recommend,
-                               feedback=lambda rid, u, items, events, values: client.send_feedback(rid, items, events, values))
+            outcomes = sim.run(
+                users,
+                client.recommend,
+                feedback=lambda rid, u, items, events, values: client.send_feedback(rid, items, events, values),
+            )
             # every response came from its arm's version
             expected = {u: rollout.version_for(int(u)) for u in users}
             assert {arm for arm, _ in expected.values()} == {"control", "treatment", HOLDOUT}
@@ -142,11 +157,15 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             log = FeedbackLog(feedback_log_path(repo))
             sent = log.feedback()
             clicked = sent[(sent["request_id"] == replayed) & (sent["event"] == "click")]["item_id"].tolist()
-            assert clicked and client.send_feedback(replayed, clicked, ["click"] * len(clicked), [1.0] * len(clicked)) == 0
+            assert (
+                clicked and client.send_feedback(replayed, clicked, ["click"] * len(clicked), [1.0] * len(clicked)) == 0
+            )
             imp, fb = log.impressions(), log.feedback()
             # recorded off the request path: wait until every response and feedback request is counted
             counters = online_counters(server.metrics_url, len(outcomes), fb["request_id"].nunique()).set_index("arm")
-            assert len(imp) == outcomes["impressions"].sum() and (fb["event"] == "click").sum() == outcomes["clicks"].sum()
+            assert (
+                len(imp) == outcomes["impressions"].sum() and (fb["event"] == "click").sum() == outcomes["clicks"].sum()
+            )
             for arm, frame in imp.groupby("arm"):
                 assert counters.loc[arm, "impressions"] == len(frame)
                 clicks = fb[(fb["event"] == "click") & fb["request_id"].isin(frame["request_id"])]
@@ -159,9 +178,12 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
                 "k must be between 1 and 50": lambda: client.recommend(int(users[0]), 10**6),
                 "exclude_item_ids holds 10001 ids": lambda: client.recommend(int(users[0]), 5, np.arange(10_001)),
                 "unknown request_id": lambda: client.send_feedback("no-such-request", [1], ["click"], [1.0]),
-                "unknown event": lambda: client.send_feedback(outcomes["request_id"].iloc[0], [-1], ["purchase"], [1.0]),
+                "unknown event": lambda: client.send_feedback(
+                    outcomes["request_id"].iloc[0], [-1], ["purchase"], [1.0]
+                ),
                 "feedback holds 22 events": lambda: client.send_feedback(
-                    outcomes["request_id"].iloc[0], [-1] * 22, ["churn"] * 22, [1.0] * 22),
+                    outcomes["request_id"].iloc[0], [-1] * 22, ["churn"] * 22, [1.0] * 22
+                ),
             }
             for message, call in bad_calls.items():
                 with pytest.raises(BadRequest, match=message) as err:
@@ -187,8 +209,12 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             # Kill the whole server (SIGKILL, process group) while a client streams feedback:
             # every event the server acknowledged is in the log. Each event is new (one per response,
             # item and signal), since a repeated one would be acknowledged without being stored again.
-            fresh = [(r.request_id, item, event) for r in (client.recommend(int(u), 5) for u in users[:20])
-                     for item in r.item_ids for event in ("click", "like", "share")]
+            fresh = [
+                (r.request_id, item, event)
+                for r in (client.recommend(int(u), 5) for u in users[:20])
+                for item in r.item_ids
+                for event in ("click", "like", "share")
+            ]
             acked, errors, stop = [], [], threading.Event()
 
             def stream():
@@ -212,6 +238,8 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
         logged = FeedbackLog(feedback_log_path(repo)).feedback()
         logged = set(zip(logged["request_id"], logged["item_id"], logged["event"]))
         assert errors and set(acked) <= logged, sorted(set(acked) - logged)[:5]
-        print(f"A/B on the live server: {len(outcomes)} requests, arms {analysis.srm.observed}, "
-              f"decision: {analysis.decision}; server SIGKILLed after {len(acked)} acknowledged feedback "
-              f"events, all {len(acked)} in the log")
+        print(
+            f"A/B on the live server: {len(outcomes)} requests, arms {analysis.srm.observed}, "
+            f"decision: {analysis.decision}; server SIGKILLed after {len(acked)} acknowledged feedback "
+            f"events, all {len(acked)} in the log"
+        )

@@ -1,8 +1,9 @@
 """Fast checks of the serving helpers that need no server: version pinning, metrics parsing, NDCG."""
+
 import numpy as np
 import pytest
 
-from serving.export import TRITON_REPO_SOURCE, pin_ensemble, serve_all_versions
+from deployment.export import TRITON_REPO_SOURCE, pin_ensemble, serve_all_versions
 from serving.metrics import CANDIDATE_OUTPUT, candidate_output, parse_prometheus
 
 
@@ -42,7 +43,7 @@ def test_candidate_output_covers_item_stages_and_new_rankers():
 
 
 def test_ndcg_at_k():
-    from serving.benchmark import ndcg_at_k
+    from benchmarks.benchmark_serving import ndcg_at_k
 
     gains = np.array([3.0, 2.0, 1.0, 0.0])
     assert ndcg_at_k(gains, gains, k=3) == pytest.approx(1.0)
@@ -119,16 +120,25 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     routed, answered = BackgroundRecorder(router), BackgroundRecorder(feedback)
 
     def served(arm, fallback=False):
-        return {"arm": np.array([arm.encode()], dtype=object), "model_version": np.array([b"2"], dtype=object),
-                "item_ids": np.arange(3 if fallback else 5),
-                "served_by": np.array([b"fallback" if fallback else b"model"], dtype=object)}
+        return {
+            "arm": np.array([arm.encode()], dtype=object),
+            "model_version": np.array([b"2"], dtype=object),
+            "item_ids": np.arange(3 if fallback else 5),
+            "served_by": np.array([b"fallback" if fallback else b"model"], dtype=object),
+        }
 
     def send(worker):
         for i in range(30):
             arm = ("control", "treatment")[i % 2]
             routed.observe(0.001, served(arm, fallback=i % 10 == 0))
-            answered.observe(0.001, {"arm": np.array([arm.encode()], dtype=object), "_version": 2,
-                                     "_events": [("click", 1.0), ("watch_seconds", 30.0)]})
+            answered.observe(
+                0.001,
+                {
+                    "arm": np.array([arm.encode()], dtype=object),
+                    "_version": 2,
+                    "_events": [("click", 1.0), ("watch_seconds", 30.0)],
+                },
+            )
         routed.observe(0.001, None, "bad_request")
 
     threads = [threading.Thread(target=send, args=(w,)) for w in range(4)]
@@ -140,8 +150,11 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     routed.close(), answered.close()
 
     def totals(metrics, key, **labels):
-        return sum(m.total + len(m.observed) for (k, _), m in metrics._metrics.items()
-                   if k == key and all(m.labels.get(n) == v for n, v in labels.items()))
+        return sum(
+            m.total + len(m.observed)
+            for (k, _), m in metrics._metrics.items()
+            if k == key and all(m.labels.get(n) == v for n, v in labels.items())
+        )
 
     assert totals(router, "requests") == 120 and totals(router, "latency") == 120
     assert totals(router, "requests", arm="control", version="2") == 60
@@ -150,9 +163,11 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     assert totals(feedback, "click", arm="treatment") == 60 and totals(feedback, "watch_seconds") == 120 * 30.0
     assert totals(feedback, "feedback") == 120
 
-    scrape = {"online_requests_total": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 60.0)],
-              "online_request_latency_ms_count": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 59.0)],
-              "online_feedback_total": [({"arm": "control"}, 60.0)]}
+    scrape = {
+        "online_requests_total": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 60.0)],
+        "online_request_latency_ms_count": [({"arm": "control"}, 60.0), ({"arm": "treatment"}, 59.0)],
+        "online_feedback_total": [({"arm": "control"}, 60.0)],
+    }
     assert not online_settled(scrape)  # caught between counting requests and their latencies
     scrape["online_request_latency_ms_count"][1] = ({"arm": "treatment"}, 60.0)
     assert online_settled(scrape, requests=120, feedback=60)

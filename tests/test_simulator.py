@@ -1,4 +1,5 @@
 """The user simulator reacts by the ground truth: better slates earn more clicks and more returns."""
+
 import threading
 from types import SimpleNamespace
 
@@ -65,7 +66,7 @@ def test_reactions_are_safe_to_compute_from_many_threads_at_once(world):
         sim = UserSimulator(world, CFG, SimulationConfig(seed=2))
         barrier, results, errors = threading.Barrier(len(users)), {}, []
 
-        def react(user):
+        def react(user, sim=sim, barrier=barrier, results=results, errors=errors):
             barrier.wait()
             try:
                 results[user] = sim.react(user, items)

@@ -1,11 +1,12 @@
 """The funnel's stages run as plain Python on an exported repository (no server)."""
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from deployment.export import STAGE_ARTIFACTS
 from serving import stages
 from serving.request import RequestError
-from serving.export import STAGE_ARTIFACTS
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def test_light_ranker_keeps_its_best_candidates_for_the_heavy_ranker(funnel, sma
     from models.heads import head_outputs
 
     target = small_config.light_ranker.target
-    all_scores = head_outputs(funnel["light_ranker"].outputs(lookup, ids), [target])[target]
+    all_scores = head_outputs(funnel["light_ranker"].predict(lookup, ids), [target])[target]
     dropped = all_scores[~np.isin(ids, out["light_ids"])]
     assert dropped.max() <= scores.min()
 
@@ -95,7 +96,7 @@ def test_heavy_score_is_the_weighted_sum_of_its_heads(funnel, model_version):
     score = stage.run({**lookup, "light_ids": ids})["heavy_scores"]
     weights = model_version.manifest["heavy_ranker"]["weights"]
     assert abs(sum(weights.values()) - 1.0) < 1e-6 and len(weights) >= 2
-    heads = head_outputs(stage.outputs(lookup, ids), list(weights))
+    heads = head_outputs(stage.predict(lookup, ids), list(weights))
     expected = sum(w * heads[t] for t, w in weights.items())
     np.testing.assert_allclose(score, expected, rtol=1e-5)
     assert ((score >= 0) & (score <= 1)).all()
@@ -151,8 +152,9 @@ def test_ordering_blends_in_the_item_affinity_of_the_users_history(funnel, trito
     from evaluation.peers import EASE, interaction_matrix
 
     request = known_user_request(funnel, model_version)
-    by_affinity = ordering_with(triton_repo, model_version, tmp_path / "a", retrieval_weight=0.0,
-                                affinity_weight=1.0).run(request)
+    by_affinity = ordering_with(
+        triton_repo, model_version, tmp_path / "a", retrieval_weight=0.0, affinity_weight=1.0
+    ).run(request)
     # Weight 1: the heavy ranker's candidates in the order of EASE's score for this user, computed
     # here from the registry's training history with the evaluation's own EASE peer.
     history = pd.read_parquet(model_version.path / "user_history.parquet")
@@ -206,9 +208,15 @@ def test_exploration_samples_different_lists_from_the_same_candidates(funnel, tr
 def test_filtering_drops_the_items_the_request_excludes(funnel, model_version):
     items = pd.read_parquet(model_version.path / "item_features.parquet")
     encoded, raw = items["item_id"].to_numpy()[:4], items["item_id_raw"].to_numpy()[:4]
-    out = funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
-                                   "exclude_item_ids": np.array([raw[1], raw[3], 10**12])})
+    out = funnel["filtering"].run(
+        {
+            "candidate_ids": encoded,
+            "seen_items": np.zeros(0, np.int64),
+            "exclude_item_ids": np.array([raw[1], raw[3], 10**12]),
+        }
+    )
     assert out["filtered_ids"].tolist() == [encoded[0], encoded[2]]
     with pytest.raises(RequestError, match="exclude_item_ids must be integer"):
-        funnel["filtering"].run({"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64),
-                                 "exclude_item_ids": np.array([1.5])})
+        funnel["filtering"].run(
+            {"candidate_ids": encoded, "seen_items": np.zeros(0, np.int64), "exclude_item_ids": np.array([1.5])}
+        )

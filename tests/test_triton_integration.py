@@ -1,4 +1,5 @@
 """The exported funnel on the real tritonserver, queried over gRPC with tritonclient."""
+
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(triton_repo, tmp_path_factory):
-    from serving.server import TritonServer
+    from deployment.server import TritonServer
 
     srv = TritonServer(triton_repo, log_path=tmp_path_factory.mktemp("triton") / "server.log")
     srv.start()
@@ -99,8 +100,11 @@ def test_request_context_excludes_items_on_both_paths(client, model_version):
     import tritonclient.grpc as grpcclient
 
     inputs = []
-    for name, dtype, value in (("user_id", "INT64", np.array([user])), ("k", "INT32", np.array([5], np.int32)),
-                               ("exclude_item_ids", "FP32", np.array([1.5], np.float32))):
+    for name, dtype, value in (
+        ("user_id", "INT64", np.array([user])),
+        ("k", "INT32", np.array([5], np.int32)),
+        ("exclude_item_ids", "FP32", np.array([1.5], np.float32)),
+    ):
         tensor = grpcclient.InferInput(name, list(value.shape), dtype)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
@@ -108,7 +112,7 @@ def test_request_context_excludes_items_on_both_paths(client, model_version):
         client.client.infer("funnel", inputs)
 
 
-# --- Secure by default (serving/security.py, docs/security.md) ---------------------------------
+# --- Secure by default (deployment/security.py, docs/security.md) ---------------------------------
 
 
 def _listening_hosts(port: int) -> set[str]:
@@ -122,7 +126,7 @@ def _listening_hosts(port: int) -> set[str]:
                 address, hex_port = local.split(":")
                 if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                     hosts.add(address[-8:] if width == 32 and address[:24] == "0000000000000000FFFF0000" else address)
-    return {".".join(str(int(h[i:i + 2], 16)) for i in (6, 4, 2, 0)) if len(h) == 8 else h for h in hosts}
+    return {".".join(str(int(h[i : i + 2], 16)) for i in (6, 4, 2, 0)) if len(h) == 8 else h for h in hosts}
 
 
 def test_every_endpoint_listens_on_loopback_only(server):
@@ -133,11 +137,15 @@ def test_every_endpoint_listens_on_loopback_only(server):
 
 def _uploaded_model(marker):
     """A model whose model.py, if the server ever ran it, would write ``marker``."""
-    config = ('{"backend": "python", "max_batch_size": 0, '
-              '"input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}], '
-              '"output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]}')
-    code = (f"open({str(marker)!r}, 'w').write('ran')\n"
-            "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n").encode()
+    config = (
+        '{"backend": "python", "max_batch_size": 0, '
+        '"input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}], '
+        '"output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]}'
+    )
+    code = (
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n"
+    ).encode()
     return config, {"file:1/model.py": code}
 
 
@@ -188,8 +196,8 @@ def test_the_control_plane_refuses_clients_without_the_key(server, tmp_path):
 
 
 def test_the_control_plane_takes_requests_with_the_deployments_key(server):
-    from serving.security import ControlClient, admin_key_path
-    from serving.supervisor import wait_until
+    from deployment.security import ControlClient, admin_key_path
+    from deployment.supervisor import wait_until
 
     assert oct(admin_key_path(server.model_repository).stat().st_mode & 0o777) == "0o600"
     with ControlClient(server.grpc_url, server.model_repository) as control:

@@ -1,4 +1,5 @@
 """The dataset pipeline on the session's small synthetic world."""
+
 import pandas as pd
 import pytest
 
@@ -85,8 +86,17 @@ def test_out_of_range_signal_is_named():
 
     from workflows.schema import check_event_values
 
-    events = pd.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [5], "click": [2], "watch_seconds": [0],
-                           "like": [0], "share": [0]})
+    events = pd.DataFrame(
+        {
+            "user_id": [1],
+            "item_id": [1],
+            "timestamp": [5],
+            "click": [2],
+            "watch_seconds": [0],
+            "like": [0],
+            "share": [0],
+        }
+    )
     with pytest.raises(ValueError, match="events.click"):
         check_event_values(dd.from_pandas(events, npartitions=1))
     with pytest.raises(ValueError, match="watch_seconds"):

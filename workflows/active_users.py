@@ -5,6 +5,7 @@ by the ``fallback`` (recency-weighted popularity), so the models spend their cap
 enough signal. Applied to the training part only: validation keeps every user, so the evaluation
 sees the same population the funnel serves.
 """
+
 from __future__ import annotations
 
 from configs import ActiveUsersConfig

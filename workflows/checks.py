@@ -7,6 +7,7 @@ problem, or returns a small record for ``summary.json``.
     point_in_time        perturbing events at or after a time t leaves every feature of the events
                          before t unchanged (so no feature reads the future)
 """
+
 from __future__ import annotations
 
 import dask
@@ -109,5 +110,10 @@ def check_point_in_time(events, at: int | None = None, compute=add_point_in_time
     changed = {c: int((before[c].values != after[c].values).sum()) for c in columns}
     if any(changed.values()):
         raise CheckFailed(f"features of events before {at} changed when only later events changed: {changed}")
-    return _record("point_in_time", probe_time=int(at), past_rows=int(len(before)), features=columns,
-                   future_rows_perturbed=int(future.shape[0].compute()))
+    return _record(
+        "point_in_time",
+        probe_time=int(at),
+        past_rows=int(len(before)),
+        features=columns,
+        future_rows_perturbed=int(future.shape[0].compute()),
+    )

@@ -9,6 +9,7 @@ in all three places; ``connect`` only decides which scheduler executes it.
     scheduler="local-cuda"         start a LocalCUDACluster (requires GPUs and dask_cuda)
     scheduler="auto"               LocalCUDACluster when a GPU is visible, in-process otherwise
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +51,8 @@ def connect(scheduler=None):
             yield client
         return
     if not isinstance(scheduler, str) or "://" not in scheduler:
-        raise ValueError(f"scheduler must be None, 'auto', 'local-cuda' or an address like tcp://host:8786, got {scheduler!r}")
+        raise ValueError(
+            f"scheduler must be None, 'auto', 'local-cuda' or an address like tcp://host:8786, got {scheduler!r}"
+        )
     with Client(scheduler) as client:
         yield client

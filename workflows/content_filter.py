@@ -5,13 +5,14 @@ The default classifier is a whole-word, case-insensitive denylist over the confi
 Any function ``(items_frame, ContentFilterConfig) -> boolean series`` can replace it through
 ``content_filter.classifier: "package.module:function"`` (e.g. a moderation model's scores).
 """
+
 from __future__ import annotations
 
 import importlib
 import re
 
 from configs import ContentFilterConfig
-from workflows.report import StepReport, report
+from workflows.report import report
 from workflows.rows import IsIn, filter_rows
 
 
@@ -57,7 +58,12 @@ def content_filter(events, items, config: ContentFilterConfig):
     kept = filter_rows(events, IsIn("item_id", unsafe, keep=False)).persist()
     kept_items = items[~items["item_id"].isin(list(unsafe))].reset_index(drop=True)
     rep = report(
-        "content_filter", events, kept, classifier=config.classifier, unsafe_items=int(len(unsafe)),
-        catalog_before=int(len(items)), catalog_after=int(len(kept_items)),
+        "content_filter",
+        events,
+        kept,
+        classifier=config.classifier,
+        unsafe_items=int(len(unsafe)),
+        catalog_before=int(len(items)),
+        catalog_after=int(len(kept_items)),
     )
     return kept, kept_items, unsafe, rep

@@ -8,6 +8,7 @@
   columns) map to one canonical id (the smallest), in the events, the item table and therefore the
   serving tables; ``item_id_map.parquet`` records the mapping.
 """
+
 from __future__ import annotations
 
 from configs import DedupConfig
@@ -64,8 +65,12 @@ def canonical_items(events, items, config: DedupConfig):
     keep = mapping["item_id"] == mapping["canonical_item_id"]
     kept_items = items[keep.values].reset_index(drop=True)
     rep = report(
-        "dedup_canonical_items", events, mapped, duplicate_ids=int((~keep).sum()),
-        catalog_before=int(len(items)), catalog_after=int(len(kept_items)),
+        "dedup_canonical_items",
+        events,
+        mapped,
+        duplicate_ids=int((~keep).sum()),
+        catalog_before=int(len(items)),
+        catalog_after=int(len(kept_items)),
     )
     return mapped, kept_items, mapping, rep
 

@@ -15,6 +15,7 @@ Categorify reserves 0 (padding), 1 (null) and 2 (out of vocabulary). ``id_freq_t
 rare ids to OOV; ``attribute_freq_threshold`` / ``attribute_num_buckets`` do the same for attributes,
 hashing rare values into buckets when a vocabulary is too large to keep whole.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

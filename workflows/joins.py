@@ -4,6 +4,7 @@ NVTabular's ``JoinExternal`` does a partition-wise left join against a small tab
 attribute tables are. The joined log is what the feature workflow reads, so the feature workflow's
 user and item sub-workflows can later be applied to the user and item tables on their own.
 """
+
 from __future__ import annotations
 
 import nvtabular as nvt

@@ -11,12 +11,12 @@
 ``DurationAwareWatch`` is an NVTabular ``StatOperator``: it learns its per-bucket thresholds when the
 workflow is fitted on training data and is saved with the workflow.
 """
+
 from __future__ import annotations
 
 import math
 
 import dask
-
 import nvtabular as nvt
 from merlin.dag.ops.stat_operator import StatOperator
 from merlin.dag.selector import ColumnSelector
@@ -106,7 +106,6 @@ class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
         out = type(df)()
         out[self.name] = (df["watch_seconds"] >= self.threshold * df["duration_seconds"]).astype("int64")
         return out
-
 
 
 def label_graph(config: WorkflowConfig):

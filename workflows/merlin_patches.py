@@ -8,6 +8,7 @@ contributes ``None``, so with a client every statistic after it is handed to the
 synchronous path keeps the ``None`` entries and stays aligned. The patch keeps the alignment in both.
 Importing this module applies it once.
 """
+
 from __future__ import annotations
 
 import dask
@@ -28,8 +29,11 @@ def _fit_phase(self, dataset, nodes, strict=False):
             upstream = sum([p.output_columns for p in node.parents_with_dependencies], ColumnSelector())
             addl_input_cols = set(node.input_columns.names) - set(upstream.names)
         transformed_ddf = self.transform(
-            ddf, node.parents_with_dependencies, additional_columns=addl_input_cols,
-            capture_dtypes=True, strict=strict,
+            ddf,
+            node.parents_with_dependencies,
+            additional_columns=addl_input_cols,
+            capture_dtypes=True,
+            strict=strict,
         )
         if node.op.is_subgraph:
             stats.append(node.op.fit(node.input_columns, Dataset(ddf)))

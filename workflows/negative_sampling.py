@@ -11,6 +11,7 @@ user was never shown, which teaches a ranker what is *not* relevant at all. Two 
 timestamp. Draws that hit an item the user interacted with are dropped (so the count is at most
 ``ratio`` per positive). Deterministic for a given ``seed`` and partitioning.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def _draw(df, pool: _Pool, ratio: float, seed: int, partition_info=None):
     return repeated[["user_id", "item_id", "timestamp"]]
 
 
-def sample_negatives(events, items, ratio: float = 1.0, kind: str = "uniform", seed: int = 42, popularity=None,
-                     seen=None):
+def sample_negatives(
+    events, items, ratio: float = 1.0, kind: str = "uniform", seed: int = 42, popularity=None, seen=None
+):
     """Return a dask collection of negative rows in the events' columns (signals all 0).
 
     ``events``: dask event collection (raw schema, at least user_id, item_id, timestamp, signals);

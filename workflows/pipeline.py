@@ -26,6 +26,7 @@ The steps, in order (one module each; every step reports rows/users/items remove
     item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
     summary.json               counts, the split cutoff, one report per step, the checks passed
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,12 @@ from workflows.joins import attribute_join
 from workflows.labels import DurationAwareWatch
 from workflows.negative_sampling import sample_negatives
 from workflows.point_in_time import (
-    ITEM_COUNTS, POINT_IN_TIME_COLUMNS, USER_COUNTS, WEIGHT, add_point_in_time_counts, totals_as_of,
+    ITEM_COUNTS,
+    POINT_IN_TIME_COLUMNS,
+    USER_COUNTS,
+    WEIGHT,
+    add_point_in_time_counts,
+    totals_as_of,
 )
 from workflows.recency_window import recency_window
 from workflows.report import report
@@ -157,8 +163,9 @@ def _with_totals(table, totals, columns):
     return merged.sort_values(key).reset_index(drop=True)
 
 
-def _negatives_with_features(part, events, items, config: WorkflowConfig, point_in_time: bool,
-                             popularity=None, seen=None, seed_offset: int = 0):
+def _negatives_with_features(
+    part, events, items, config: WorkflowConfig, point_in_time: bool, popularity=None, seen=None, seed_offset: int = 0
+):
     """Sampled negatives for one split part, with point-in-time counts as of their timestamp."""
     ns = config.negative_sampling
     raw = part[EVENT_COLUMNS]

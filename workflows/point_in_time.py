@@ -10,6 +10,7 @@ Computed with a dask shuffle by user (then by item) and a per-partition sorted c
 cudf or pandas partitions alike. Events sharing a timestamp see the same (earlier-only) counts.
 Serving uses the same counts as of the end of the training data (``totals_as_of``).
 """
+
 from __future__ import annotations
 
 USER_COUNTS = ["user_events_before", "user_clicks_before"]

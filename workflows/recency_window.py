@@ -3,6 +3,7 @@
 The window ends at the newest event of the log, so the same config gives the same window whatever
 wall-clock day the pipeline runs on.
 """
+
 from __future__ import annotations
 
 from configs import RecencyWindowConfig

@@ -3,6 +3,7 @@
 Every step returns its output together with a ``StepReport`` so a reader of ``summary.json`` (or the
 notebook) sees where data went: "active_users removed 4% of rows and 12% of users".
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

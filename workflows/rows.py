@@ -1,4 +1,5 @@
 """Row filters as NVTabular ``Filter`` ops, so every step runs on cudf or pandas partitions alike."""
+
 from __future__ import annotations
 
 import nvtabular as nvt

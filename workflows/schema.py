@@ -8,6 +8,7 @@ users: one row per user
 items: one row per item
     item_id (int64), category (str), duration_seconds (int64), title (str)
 """
+
 from __future__ import annotations
 
 EVENT_COLUMNS = ["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"]

@@ -9,6 +9,7 @@
 ``explicit``: parquet files list the ``user_id, item_id, timestamp`` of each part; events are
     assigned by an inner join, so an external protocol (a paper's split) is reproduced exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

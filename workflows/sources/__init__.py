@@ -1,4 +1,5 @@
 """Data sources, each mapped to the raw schema of ``workflows/schema.py``."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -22,6 +22,7 @@ regions by its first digit (the USPS national areas), anything else -> "outside_
 not part of the raw schema and is dropped. Items: category = the first listed genre ("unknown" when
 none), title = "Title (year)", so a film listed twice under two ids has one content signature.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,12 +40,37 @@ RECBOLE_VERSION = "1.2.1"
 WHEEL_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 DEFAULT_DURATION_SECONDS = 6000
 GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 ZIP_REGIONS = {
-    "0": "northeast", "1": "new_york_pennsylvania", "2": "mid_atlantic", "3": "southeast", "4": "great_lakes",
-    "5": "upper_midwest", "6": "central", "7": "south_central", "8": "mountain", "9": "pacific",
+    "0": "northeast",
+    "1": "new_york_pennsylvania",
+    "2": "mid_atlantic",
+    "3": "southeast",
+    "4": "great_lakes",
+    "5": "upper_midwest",
+    "6": "central",
+    "7": "south_central",
+    "8": "mountain",
+    "9": "pacific",
 }
 AGE_EDGES = [18, 25, 35, 45, 55]
 AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-54", "55+"]
@@ -75,15 +101,22 @@ def age_band(age: pd.Series) -> pd.Series:
     return pd.Series(np.array(AGE_LABELS)[idx], index=age.index)
 
 
-def to_raw_schema(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-                  duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3) -> MovieLensData:
+def to_raw_schema(
+    ratings: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    duration_seconds: int = DEFAULT_DURATION_SECONDS,
+    click_min_rating: int = 3,
+) -> MovieLensData:
     """``ratings: user_id, item_id, rating, timestamp``; ``users: user_id, age, gender, zip_code``;
     ``items: item_id, title, year, genre`` (first genre) -> the raw schema (see module docstring)."""
     if ratings.empty:
         raise ValueError("MovieLens ratings are empty")
     bad = ~ratings["rating"].between(1, 5)
     if bad.any():
-        raise ValueError(f"MovieLens ratings must be 1..5; {int(bad.sum())} row(s) are not, e.g. {ratings[bad].iloc[0].to_dict()}")
+        raise ValueError(
+            f"MovieLens ratings must be 1..5; {int(bad.sum())} row(s) are not, e.g. {ratings[bad].iloc[0].to_dict()}"
+        )
     rating = ratings["rating"].astype(float)
     if not 1 <= click_min_rating <= 5:
         raise ValueError(f"click_min_rating must be 1..5, got {click_min_rating}")
@@ -128,8 +161,9 @@ def _read_atomic(text: str) -> pd.DataFrame:
     return frame
 
 
-def read_recbole_wheel(wheel: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
-                       click_min_rating: int = 3) -> MovieLensData:
+def read_recbole_wheel(
+    wheel: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3
+) -> MovieLensData:
     """Read ml-100k from the RecBole wheel (a zip) without installing it."""
     wheel = Path(wheel)
     if not wheel.is_file():
@@ -164,25 +198,43 @@ def read_recbole_wheel(wheel: str | Path, duration_seconds: int = DEFAULT_DURATI
     return to_raw_schema(ratings, users, items, duration_seconds, click_min_rating)
 
 
-def read_grouplens(folder: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
-                   click_min_rating: int = 3) -> MovieLensData:
+def read_grouplens(
+    folder: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3
+) -> MovieLensData:
     """Read the original GroupLens ``ml-100k`` folder (``u.data``, ``u.user``, ``u.item``)."""
     folder = Path(folder)
     missing = [f for f in ("u.data", "u.user", "u.item") if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{str(folder)!r} is not a GroupLens ml-100k folder: missing {missing}")
     ratings = pd.read_csv(folder / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
-    users = pd.read_csv(folder / "u.user", sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip_code"],
-                        dtype={"zip_code": str})
-    raw_items = pd.read_csv(folder / "u.item", sep="|", header=None, encoding="latin-1",
-                            names=["item_id", "title", "release_date", "video_release_date", "url", *GENRES])
+    users = pd.read_csv(
+        folder / "u.user",
+        sep="|",
+        header=None,
+        names=["user_id", "age", "gender", "occupation", "zip_code"],
+        dtype={"zip_code": str},
+    )
+    raw_items = pd.read_csv(
+        folder / "u.item",
+        sep="|",
+        header=None,
+        encoding="latin-1",
+        names=["item_id", "title", "release_date", "video_release_date", "url", *GENRES],
+    )
     flags = raw_items[GENRES].values.astype(bool)
     first = np.where(flags.any(axis=1), flags.argmax(axis=1), 0)
     # GroupLens titles already end in "(year)"; the year column stays empty so it is not added twice.
-    items = pd.DataFrame({"item_id": raw_items["item_id"], "title": raw_items["title"].fillna("unknown"),
-                          "year": "", "genre": np.array(GENRES)[first]})
-    return to_raw_schema(ratings, users[["user_id", "age", "gender", "zip_code"]], items, duration_seconds,
-                         click_min_rating)
+    items = pd.DataFrame(
+        {
+            "item_id": raw_items["item_id"],
+            "title": raw_items["title"].fillna("unknown"),
+            "year": "",
+            "genre": np.array(GENRES)[first],
+        }
+    )
+    return to_raw_schema(
+        ratings, users[["user_id", "age", "gender", "zip_code"]], items, duration_seconds, click_min_rating
+    )
 
 
 def find_wheel(cache_dir: str | Path) -> Path | None:
@@ -196,8 +248,17 @@ def fetch_wheel(cache_dir: str | Path, timeout: int = 300) -> Path:
     if existing:
         return existing
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           f"recbole=={RECBOLE_VERSION}", "-d", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        f"recbole=={RECBOLE_VERSION}",
+        "-d",
+        str(cache_dir),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wheel = find_wheel(cache_dir)
     if result.returncode != 0 or wheel is None:
@@ -205,8 +266,9 @@ def fetch_wheel(cache_dir: str | Path, timeout: int = 300) -> Path:
     return wheel
 
 
-def load(source: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS,
-         click_min_rating: int = 3) -> MovieLensData:
+def load(
+    source: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3
+) -> MovieLensData:
     """``source``: a RecBole wheel file, or a GroupLens folder."""
     source = Path(source)
     if source.is_dir():

@@ -11,7 +11,8 @@ How the world works:
 * Users have age band, gender and location. A user's latent vector mixes two favourite categories
   and a small shift shared by everyone of the same age band, so user attributes carry signal.
 * A logging policy exposes items: a share ``personalized_exposure`` by the user's true preference
-  (softmax over affinity), the rest by popularity (Zipf over items, ``popularity_skew``). Each exposure is one event (an impression).
+  (softmax over affinity), the rest by popularity (Zipf over items, ``popularity_skew``). Each
+  exposure is one event (an impression).
 * The user reacts by affinity ``a = <u, v> / sqrt(d)``: click with ``sigmoid(s * a - 1.5)``, watch a
   fraction of the duration that grows with ``a`` and shrinks with the item's length
   (``long_item_watch_penalty``: people finish clips, not hour-long tutorials), like and share more
@@ -33,6 +34,7 @@ workflow steps against:
 
 The result is three raw tables in the project's raw schema (see ``workflows/schema.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,7 +52,9 @@ SECONDS_PER_DAY = 86_400
 
 
 TITLE_WORDS_A = np.array(["quick", "easy", "ultimate", "honest", "tiny", "epic", "calm", "secret", "daily", "wild"])
-TITLE_WORDS_B = np.array(["recipe", "workout", "guitar", "travel", "garden", "coding", "makeup", "chess", "camping", "physics"])
+TITLE_WORDS_B = np.array(
+    ["recipe", "workout", "guitar", "travel", "garden", "coding", "makeup", "chess", "camping", "physics"]
+)
 TITLE_WORDS_C = np.array(["guide", "vlog", "review", "tutorial", "story", "challenge", "tips", "session"])
 UNSAFE_PHRASES = np.array(["graphic violence", "gore compilation", "nsfw", "hate speech rant", "crypto scam"])
 CLICKBAIT_PHRASES = np.array(["you won't believe", "shocking", "gone wrong"])
@@ -117,8 +121,14 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, fraction: float) -> np.nda
     return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False)) if n > 0 else pool[:0]
 
 
-def respond(affinity: np.ndarray, duration: np.ndarray, clickbait: np.ndarray, cfg: SyntheticDataConfig,
-            rng: np.random.Generator, position_bias: np.ndarray | None = None):
+def respond(
+    affinity: np.ndarray,
+    duration: np.ndarray,
+    clickbait: np.ndarray,
+    cfg: SyntheticDataConfig,
+    rng: np.random.Generator,
+    position_bias: np.ndarray | None = None,
+):
     """How a user reacts to items shown: ``(click, watch_seconds, like, share)`` arrays.
 
     The one response model of this world: the generator uses it for the logged events and the user
@@ -172,13 +182,16 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     # Drift: by the end of the log each user's taste has moved towards two other categories.
     new_favourites = rng.integers(0, cfg.num_categories, size=(cfg.num_users, 2))
     drifted = _normalise(
-        0.7 * centres[new_favourites[:, 0]] + 0.4 * centres[new_favourites[:, 1]] + 0.5 * age_shift[age] + 0.4 * user_noise
+        0.7 * centres[new_favourites[:, 0]]
+        + 0.4 * centres[new_favourites[:, 1]]
+        + 0.5 * age_shift[age]
+        + 0.4 * user_noise
     )
     user_latent_end = _normalise(user_latent + cfg.interest_drift * (drifted - user_latent))
 
-    n_events = np.maximum(
-        1, rng.lognormal(np.log(cfg.events_per_user) - 0.32, 0.8, size=cfg.num_users).round()
-    ).astype(np.int64)
+    n_events = np.maximum(1, rng.lognormal(np.log(cfg.events_per_user) - 0.32, 0.8, size=cfg.num_users).round()).astype(
+        np.int64
+    )
     all_users = np.arange(cfg.num_users)
     special = rng.permutation(all_users)
     n_inactive = int(round(cfg.inactive_user_fraction * cfg.num_users))
@@ -211,7 +224,9 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
             cdf = np.cumsum(policy, axis=1)
             for row, uid in enumerate(range(start, stop)):
                 t = times[row]
-                in_phase = (t * phases // (cfg.days * SECONDS_PER_DAY)) == phase if phases > 1 else np.ones(len(t), bool)
+                in_phase = (
+                    (t * phases // (cfg.days * SECONDS_PER_DAY)) == phase if phases > 1 else np.ones(len(t), bool)
+                )
                 draws = rng.random(int(in_phase.sum())) * cdf[row, -1]
                 items = np.minimum(np.searchsorted(cdf[row], draws), cfg.num_items - 1)
                 rows_user.append(np.full(len(items), uid, dtype=np.int64))
@@ -221,9 +236,11 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
     item_idx = np.concatenate(rows_item)
     offset = np.concatenate(rows_time)
     progress = offset / float(cfg.days * SECONDS_PER_DAY)  # 0 at the start of the log, 1 at the end
-    taste = _normalise(
-        (1 - progress[:, None]) * user_latent[user_idx] + progress[:, None] * user_latent_end[user_idx]
-    ) if cfg.interest_drift else user_latent[user_idx]
+    taste = (
+        _normalise((1 - progress[:, None]) * user_latent[user_idx] + progress[:, None] * user_latent_end[user_idx])
+        if cfg.interest_drift
+        else user_latent[user_idx]
+    )
 
     # Item-level data-quality truths.
     pool = np.arange(cfg.num_items)
@@ -257,7 +274,9 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
         }
     )
     # Logging retries: exact copies of some rows (drawn last, so the other knobs' data is unchanged).
-    repeats = events.iloc[np.sort(rng.choice(len(events), int(round(cfg.repeated_event_fraction * len(events))), replace=False))]
+    repeats = events.iloc[
+        np.sort(rng.choice(len(events), int(round(cfg.repeated_event_fraction * len(events))), replace=False))
+    ]
     events = pd.concat([events, repeats]).sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
     users = pd.DataFrame(
         {

@@ -1,5 +1,6 @@
-"""Triton entry point of the A/B router; the logic is serving.ab_router.ABRouter."""
-from serving.triton_model import RouterModel
+"""Triton entry point of the A/B router; the logic is online.router.ABRouter."""
+
+from online.router import RouterModel
 
 
 class TritonPythonModel(RouterModel):

@@ -1,4 +1,5 @@
 """Triton entry point of the 'feature_lookup' stage; the logic is serving.stages.FeatureLookup."""
+
 from serving.triton_model import StageModel
 
 

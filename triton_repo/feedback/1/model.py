@@ -1,5 +1,6 @@
-"""Triton entry point of the feedback endpoint; the logic is serving.ab_router.FeedbackService."""
-from serving.triton_model import FeedbackModel
+"""Triton entry point of the feedback endpoint; the logic is online.router.FeedbackService."""
+
+from online.router import FeedbackModel
 
 
 class TritonPythonModel(FeedbackModel):

@@ -1,4 +1,5 @@
 """Triton entry point of the 'filtering' stage; the logic is serving.stages.Filtering."""
+
 from serving.triton_model import StageModel
 
 

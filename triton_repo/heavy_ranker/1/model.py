@@ -1,4 +1,5 @@
 """Triton entry point of the 'heavy_ranker' stage; the logic is serving.stages.HeavyRanker."""
+
 from serving.triton_model import StageModel
 
 

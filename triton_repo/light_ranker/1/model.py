@@ -1,4 +1,5 @@
 """Triton entry point of the 'light_ranker' stage; the logic is serving.stages.LightRanker."""
+
 from serving.triton_model import StageModel
 
 

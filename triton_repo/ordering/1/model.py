@@ -1,4 +1,5 @@
 """Triton entry point of the 'ordering' stage; the logic is serving.stages.Ordering."""
+
 from serving.triton_model import StageModel
 
 

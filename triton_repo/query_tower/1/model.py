@@ -1,4 +1,5 @@
 """Triton entry point of the 'query_tower' stage; the logic is serving.stages.QueryTower."""
+
 from serving.triton_model import StageModel
 
 

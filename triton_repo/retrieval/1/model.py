@@ -1,4 +1,5 @@
 """Triton entry point of the 'retrieval' stage; the logic is serving.stages.Retrieval."""
+
 from serving.triton_model import StageModel
 
 

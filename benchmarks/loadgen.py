@@ -5,6 +5,7 @@ only the server), so the benchmark and the robustness test drive the server with
 keeps ``concurrency`` requests in flight over one channel and records, per request, its latency,
 outputs or error. ``MALFORMED`` lists the kinds of bad request the robustness test mixes in.
 """
+
 from __future__ import annotations
 
 import threading
@@ -57,9 +58,13 @@ class LoadReport:
     def summary(self) -> dict:
         lat = self.latencies_ms()
         ok = int(sum(r.error is None for r in self.results))
-        out = {"requests": len(self.results), "ok": ok, "errors": len(self.results) - ok,
-               "wall_s": round(self.wall_s, 3),
-               "requests_per_s": round(len(self.results) / self.wall_s, 1) if self.wall_s else None}
+        out = {
+            "requests": len(self.results),
+            "ok": ok,
+            "errors": len(self.results) - ok,
+            "wall_s": round(self.wall_s, 3),
+            "requests_per_s": round(len(self.results) / self.wall_s, 1) if self.wall_s else None,
+        }
         if lat.size:
             out.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)})
             out["mean_ms"] = round(float(lat.mean()), 3)
@@ -97,9 +102,11 @@ def build_inputs(grpcclient, request: Request, max_k: int, max_excluded: int = 1
         ki.set_data_from_numpy(k)
         inputs.append(ki)
     if kind in ("exclude_fp32", "exclude_2d", "exclude_too_many"):
-        excluded = {"exclude_fp32": np.array([1.0, 2.0], dtype=np.float32),
-                    "exclude_2d": np.array([[1], [2]], dtype=np.int64),
-                    "exclude_too_many": np.arange(max_excluded + 1, dtype=np.int64)}[kind]
+        excluded = {
+            "exclude_fp32": np.array([1.0, 2.0], dtype=np.float32),
+            "exclude_2d": np.array([[1], [2]], dtype=np.int64),
+            "exclude_too_many": np.arange(max_excluded + 1, dtype=np.int64),
+        }[kind]
         ex = grpcclient.InferInput("exclude_item_ids", list(excluded.shape), dtype_name[excluded.dtype])
         ex.set_data_from_numpy(excluded)
         inputs.append(ex)
@@ -161,8 +168,11 @@ def run_load(
             try:
                 inputs = build_inputs(grpcclient, request, max_k, max_excluded)
                 client.async_infer(
-                    model_name, inputs, callback=lambda result, error, i=i, s=start: finish(i, s, result, error),
-                    outputs=outputs, client_timeout=timeout_s,
+                    model_name,
+                    inputs,
+                    callback=lambda result, error, i=i, s=start: finish(i, s, result, error),
+                    outputs=outputs,
+                    client_timeout=timeout_s,
                 )
             except Exception as err:  # a request the client library refuses to send is an error too
                 finish(i, start, None, err)

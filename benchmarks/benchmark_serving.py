@@ -3,7 +3,7 @@
 For each catalog size: generate the synthetic world (``num_items`` items, modest events), run the
 dataset pipeline, train, export, start the real tritonserver, then
 
-* **funnel**: ``requests`` concurrent gRPC requests for known users (``serving/loadgen.py``):
+* **funnel**: ``requests`` concurrent gRPC requests for known users (``benchmarks/loadgen.py``):
   p50/p95/p99 latency and requests/s;
 * **baseline**: the same users ranked by scoring *every* unseen catalog item with the ranker
   (in-process, one batched ``tf.function`` call per user, i.e. without the gRPC and ensemble hops
@@ -13,11 +13,18 @@ dataset pipeline, train, export, start the real tritonserver, then
   among the user's unseen items.
 
 Both measurements run in the same process one after the other, so the ratio survives a busy machine.
+Prints JSON:
+
+    .venv/bin/python -m benchmarks.benchmark_serving --sizes 10000 100000 1000000 --out build/benchmark.json
 """
+
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +47,14 @@ def world_overrides(num_items: int, num_users: int, events_per_user: float, seed
     # "1M" world served 553k items; at 5, ~95% of the safe items get a training event.
     # Milder popularity skew spreads events over more items.
     return {
-        "synthetic": {"num_items": num_items, "num_users": num_users, "events_per_user": events_per_user,
-                      "popularity_skew": 0.5, "personalized_exposure": 0.5, "seed": seed},
+        "synthetic": {
+            "num_items": num_items,
+            "num_users": num_users,
+            "events_per_user": events_per_user,
+            "popularity_skew": 0.5,
+            "personalized_exposure": 0.5,
+            "seed": seed,
+        },
         "candidate_generator": {"epochs": 2, "batch_size": 8192},
         "light_ranker": {"epochs": 1, "batch_size": 8192},
         "heavy_ranker": {"epochs": 1, "batch_size": 8192},
@@ -58,9 +71,9 @@ def build_world(num_items: int, num_users: int, events_per_user: float, workdir:
     import pickle
 
     from configs import load_config
+    from deployment.export import export_repository
     from models import registry
     from models.train import train_all
-    from serving.export import export_repository
     from workflows.pipeline import run_dataset_pipeline
     from workflows.sources.synthetic import generate
 
@@ -74,13 +87,17 @@ def build_world(num_items: int, num_users: int, events_per_user: float, workdir:
         model = registry.latest(workdir / "registry")
     else:
         if marker.exists() and marker.read_text() != key:
-            raise FileExistsError(f"{workdir} holds a world built from other parameters ({marker.read_text()}); "
-                                  "delete it or use another --workdir")
+            raise FileExistsError(
+                f"{workdir} holds a world built from other parameters ({marker.read_text()}); "
+                "delete it or use another --workdir"
+            )
         shutil.rmtree(workdir, ignore_errors=True)  # a build that did not finish
         workdir.mkdir(parents=True)
         data = generate(config.synthetic)
         raw = data.write_parquet(workdir / "raw")
-        processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], workdir / "processed", config.workflow)
+        processed = run_dataset_pipeline(
+            raw["events"], raw["users"], raw["items"], workdir / "processed", config.workflow
+        )
         model = train_all(processed, config, workdir / "registry", verbose=0)
         with open(pickled, "wb") as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -96,9 +113,12 @@ def baseline_rank(ranker, feature_lookup, user_id: int, k: int, chunk: int = 200
     size = len(next(iter(ranker.item_columns.values())))
     catalog = np.arange(3, size, dtype=np.int64)  # Categorify: 0 pad, 1 null, 2 OOV; real items from 3
     catalog = catalog[~np.isin(catalog, user["seen_items"])]
-    scores = np.concatenate([
-        ranker.run({**user, "light_ids": catalog[i:i + chunk]})["heavy_scores"] for i in range(0, len(catalog), chunk)
-    ])
+    scores = np.concatenate(
+        [
+            ranker.run({**user, "light_ids": catalog[i : i + chunk]})["heavy_scores"]
+            for i in range(0, len(catalog), chunk)
+        ]
+    )
     top = catalog[np.argsort(-scores, kind="stable")[:k]]
     return top, time.perf_counter() - start
 
@@ -124,14 +144,17 @@ def ann_recall(repo: Path, version: int, lookup, users, k: int) -> dict:
         ann_ms.append((time.perf_counter() - t) * 1000)
         _, truth = exact.search(q.reshape(1, -1), k)
         recalls.append(len(set(got[:k].tolist()) & set(ids[truth[0]].tolist())) / k)
-    return {"kind": type(base).__name__, f"recall_at_{k}_vs_exact": round(float(np.mean(recalls)), 4),
-            "search_ms_mean": round(float(np.mean(ann_ms)), 3)}
+    return {
+        "kind": type(base).__name__,
+        f"recall_at_{k}_vs_exact": round(float(np.mean(recalls)), 4),
+        "search_ms_mean": round(float(np.mean(ann_ms)), 3),
+    }
 
 
 def measure_size(num_items: int, args, workdir: Path) -> dict:
+    from benchmarks.loadgen import Request, run_load
+    from deployment.server import TritonServer
     from serving.client import FunnelClient
-    from serving.loadgen import Request, run_load
-    from serving.server import TritonServer
     from serving.stages import FeatureLookup, HeavyRanker
 
     t0 = time.perf_counter()
@@ -145,19 +168,35 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
     known = pd.read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
     rng = np.random.default_rng(0)
     eval_users = rng.choice(known, size=min(args.baseline_users, len(known)), replace=False)
-    row = {"num_items_generated": num_items, "served_catalog": int(len(items)), "events": int(len(data.events)), "users": users,
-           "build_s": round(build_s, 1),
-           "index": json.loads((repo / "retrieval" / str(model.version) / "item_index.json").read_text())}
+    row = {
+        "num_items_generated": num_items,
+        "served_catalog": int(len(items)),
+        "events": int(len(data.events)),
+        "users": users,
+        "build_s": round(build_s, 1),
+        "index": json.loads((repo / "retrieval" / str(model.version) / "item_index.json").read_text()),
+    }
 
     with TritonServer(repo, log_path=workdir / "server.log") as server:
         with FunnelClient(server.grpc_url) as client:
             funnel_top = {int(u): client.recommend(int(u), 10) for u in eval_users}  # also warms every stage
         # latency: one request at a time (no queueing); throughput: `concurrency` in flight
-        one = run_load(server.grpc_url, [Request(int(u), 10) for u in rng.choice(known, size=args.latency_requests)],
-                       concurrency=1, keep_outputs=False)
-        many = run_load(server.grpc_url, [Request(int(u), 10) for u in rng.choice(known, size=args.requests)],
-                        concurrency=args.concurrency, keep_outputs=False)
-        row["funnel"] = {"latency_concurrency_1": one.summary(), f"throughput_concurrency_{args.concurrency}": many.summary()}
+        one = run_load(
+            server.grpc_url,
+            [Request(int(u), 10) for u in rng.choice(known, size=args.latency_requests)],
+            concurrency=1,
+            keep_outputs=False,
+        )
+        many = run_load(
+            server.grpc_url,
+            [Request(int(u), 10) for u in rng.choice(known, size=args.requests)],
+            concurrency=args.concurrency,
+            keep_outputs=False,
+        )
+        row["funnel"] = {
+            "latency_concurrency_1": one.summary(),
+            f"throughput_concurrency_{args.concurrency}": many.summary(),
+        }
         row["stage_counts_example"] = next(iter(funnel_top.values())).stage_counts
 
     ranker = HeavyRanker(repo / "heavy_ranker" / str(model.version))
@@ -171,20 +210,77 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         seen_raw = set(to_raw[lookup.run({"user_id": np.array([int(u)])})["seen_items"]].tolist())
         unseen = np.array([i for i in data.items["item_id"].to_numpy() if i not in seen_raw])
         ideal = np.clip(data.true_affinity(np.full(len(unseen), int(u)), unseen), 0, None)
-        gain = lambda ids: np.clip(data.true_affinity(np.full(len(ids), int(u)), np.asarray(ids)), 0, None)
-        ndcg_b.append(ndcg_at_k(gain(to_raw[top]), ideal))
-        ndcg_f.append(ndcg_at_k(gain(funnel_top[int(u)].item_ids), ideal))
+        for ids, scores in ((to_raw[top], ndcg_b), (funnel_top[int(u)].item_ids, ndcg_f)):
+            gain = np.clip(data.true_affinity(np.full(len(ids), int(u)), np.asarray(ids)), 0, None)
+            scores.append(ndcg_at_k(gain, ideal))
     base = np.array(base_lat)
-    row["baseline"] = {"users": len(base), "p50_ms": round(float(np.percentile(base, 50)), 1),
-                       "p99_ms": round(float(np.percentile(base, 99)), 1),
-                       "requests_per_s_one_at_a_time": round(1000 / float(base.mean()), 2)}
+    row["baseline"] = {
+        "users": len(base),
+        "p50_ms": round(float(np.percentile(base, 50)), 1),
+        "p99_ms": round(float(np.percentile(base, 99)), 1),
+        "requests_per_s_one_at_a_time": round(1000 / float(base.mean()), 2),
+    }
     row["ndcg_at_10"] = {"funnel": round(float(np.mean(ndcg_f)), 4), "baseline": round(float(np.mean(ndcg_b)), 4)}
     row["ndcg_ratio_funnel_vs_baseline"] = round(float(np.mean(ndcg_f)) / max(float(np.mean(ndcg_b)), 1e-9), 3)
     lat, thr = one.summary(), many.summary()
     row["speedup_p50_vs_baseline"] = round(float(np.percentile(base, 50)) / lat["p50_ms"], 1)
-    row["targets"] = {"p99_le_10ms": lat["p99_ms"] <= 10, "rps_ge_300": thr["requests_per_s"] >= 300,
-                         "speedup_ge_10x": row["speedup_p50_vs_baseline"] >= 10,
-                         "ndcg_ratio_ge_0.95": row["ndcg_ratio_funnel_vs_baseline"] >= 0.95}
+    row["targets"] = {
+        "p99_le_10ms": lat["p99_ms"] <= 10,
+        "rps_ge_300": thr["requests_per_s"] >= 300,
+        "speedup_ge_10x": row["speedup_p50_vs_baseline"] >= 10,
+        "ndcg_ratio_ge_0.95": row["ndcg_ratio_funnel_vs_baseline"] >= 0.95,
+    }
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return row
+
+
+def main() -> None:
+    from configs.runtime import quiet_known_warnings
+
+    quiet_known_warnings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
+    p.add_argument("--users", type=int, default=4000, help="synthetic users per world")
+    p.add_argument(
+        "--events-per-item",
+        type=float,
+        default=5.0,
+        help="events generated per catalog item (at 5, ~95%% of the items get a training event and are served)",
+    )
+    p.add_argument("--min-events", type=int, default=100_000, help="at least this many events per world")
+    p.add_argument("--latency-requests", type=int, default=500, help="sequential requests for p50/p95/p99")
+    p.add_argument("--requests", type=int, default=2000, help="concurrent requests for requests/s")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--baseline-users", type=int, default=10, help="users ranked by the brute-force baseline")
+    p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each world's data and models; a later run with the same --workdir reuses them",
+    )
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="funnel-bench-"))
+    rows, start = [], time.perf_counter()
+    for size in args.sizes:
+        row = measure_size(size, args, root / f"items_{size}")
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    result = {
+        "machine_cpus": __import__("os").cpu_count(),
+        "requests_per_size": args.requests,
+        "concurrency": args.concurrency,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "sizes": rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

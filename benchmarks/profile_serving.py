@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Where a funnel request's time goes, for an exported repository (prints a table per mode).
 
-    in-process  the stage classes of serving/stages.py one after the other: ms per stage
-    server      the real tritonserver: client latency at 1 and N in flight, each stage's own
-                histogram (funnel_stage_latency_ms) and Triton's compute/queue time per model, and
-                CPU ms per request of the server, every stage's stub process and this client
+in-process  the stage classes of serving/stages.py one after the other: ms per stage
+server      the real tritonserver: client latency at 1 and N in flight, each stage's own
+            histogram (funnel_stage_latency_ms) and Triton's compute/queue time per model, and
+            CPU ms per request of the server, every stage's stub process and this client
 
-    .venv/bin/python scripts/profile_serving.py build/bench/items_1000000/triton_repo --mode in-process
-    .venv/bin/python scripts/profile_serving.py build/bench/items_1000000/triton_repo --mode server
+.venv/bin/python -m benchmarks.profile_serving build/bench/items_1000000/triton_repo --mode in-process
+.venv/bin/python -m benchmarks.profile_serving build/bench/items_1000000/triton_repo --mode server
 """
+
 import argparse
 import json
 import os
@@ -67,13 +68,25 @@ def _per_model(before: dict, after: dict) -> dict:
         return {labels.get(key): v for labels, v in m.get(name, [])}
 
     out = {}
-    count_a, count_b = get(after, "funnel_stage_latency_ms_count", "stage"), get(before, "funnel_stage_latency_ms_count", "stage")
-    sum_a, sum_b = get(after, "funnel_stage_latency_ms_sum", "stage"), get(before, "funnel_stage_latency_ms_sum", "stage")
+    count_a, count_b = (
+        get(after, "funnel_stage_latency_ms_count", "stage"),
+        get(before, "funnel_stage_latency_ms_count", "stage"),
+    )
+    sum_a, sum_b = (
+        get(after, "funnel_stage_latency_ms_sum", "stage"),
+        get(before, "funnel_stage_latency_ms_sum", "stage"),
+    )
     for stage in sum_a:
         n = max(count_a[stage] - count_b.get(stage, 0), 1)
         out.setdefault(stage, {})["in_stage_ms"] = round((sum_a[stage] - sum_b.get(stage, 0)) / n, 3)
-    ok_a, ok_b = get(after, "nv_inference_request_success", "model"), get(before, "nv_inference_request_success", "model")
-    for metric, label in [("nv_inference_compute_infer_duration_us", "triton_compute_ms"), ("nv_inference_queue_duration_us", "triton_queue_ms")]:
+    ok_a, ok_b = (
+        get(after, "nv_inference_request_success", "model"),
+        get(before, "nv_inference_request_success", "model"),
+    )
+    for metric, label in [
+        ("nv_inference_compute_infer_duration_us", "triton_compute_ms"),
+        ("nv_inference_queue_duration_us", "triton_queue_ms"),
+    ]:
         a, b = get(after, metric, "model"), get(before, metric, "model")
         for model in a:
             n = max(ok_a.get(model, 0) - ok_b.get(model, 0), 1)
@@ -82,10 +95,10 @@ def _per_model(before: dict, after: dict) -> dict:
 
 
 def on_server(repo: Path, users: np.ndarray, concurrency: int) -> None:
+    from benchmarks.loadgen import Request, run_load
+    from deployment.server import TritonServer
     from serving.client import FunnelClient
-    from serving.loadgen import Request, run_load
     from serving.metrics import scrape
-    from serving.server import TritonServer
 
     with TritonServer(repo) as server:
         with FunnelClient(server.grpc_url) as client:

@@ -15,7 +15,12 @@ one export. Rolling from N to N+1 (server in explicit model-control mode, see ``
 
 A failed step leaves the old version serving: the ensemble is only switched after every stage of the
 new version reports ready.
+
+The A/B router (``online/router.py``) has versions of its own, one per rollout of users to model
+versions (``serving/assignment.py``): ``current_rollout`` reads the one Triton serves and
+``set_rollout`` writes and loads the next. Outside an experiment the router follows ``roll_out``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, pin_ensemble
+from deployment.security import ControlClient
 from models.registry import ModelVersion
-from serving.ab_router import ensemble_name
-from serving.export import ENSEMBLE, STAGE_ARTIFACTS, _check_complete, export_repository, pin_ensemble
-from serving.security import ControlClient
+from serving.assignment import NO_EXPERIMENT, Rollout, single_version
+from serving.interface import EXPERIMENT_FILE, FUNNEL, ROUTER, ensemble_name
 
 STAGES = list(STAGE_ARTIFACTS)
 
@@ -71,7 +77,7 @@ def add_version(model: ModelVersion, repo: str | Path) -> int:
     return version
 
 
-def _wait_ready(client, name: str, version: int, timeout_s: float) -> None:
+def wait_ready(client, name: str, version: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if client.is_model_ready(name, str(version)):
@@ -89,30 +95,27 @@ def load_version(client, version: int, timeout_s: float = 300.0) -> None:
     for stage in STAGES:
         if not client.is_model_ready(stage, str(version)):
             client.load_model(stage)
-            _wait_ready(client, stage, version, timeout_s)
+            wait_ready(client, stage, version, timeout_s)
     if not client.is_model_ready(ensemble_name(version), "1"):
         client.load_model(ensemble_name(version))
-        _wait_ready(client, ensemble_name(version), 1, timeout_s)
+        wait_ready(client, ensemble_name(version), 1, timeout_s)
 
 
 def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
     """Switch the served funnel to ``version`` (already added to ``repo``) without downtime."""
     repo = Path(repo).resolve()
-    _check_complete(repo, str(version))
+    check_complete(repo, str(version))
     client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
     try:
         load_version(client, version, timeout_s)
-        ensemble = repo / ENSEMBLE
+        ensemble = repo / FUNNEL
         _write_atomic(ensemble / "config.pbtxt", pin_ensemble((ensemble / "config.pbtxt").read_text(), version))
         (ensemble / str(version)).mkdir(exist_ok=True)
-        client.load_model(ENSEMBLE)
-        _wait_ready(client, ENSEMBLE, version, timeout_s)
+        client.load_model(FUNNEL)
+        wait_ready(client, FUNNEL, version, timeout_s)
     finally:
         client.close()
     # Outside an experiment the A/B router follows the served version; during one, its arms stay.
-    from online.assignment import NO_EXPERIMENT, single_version
-    from serving.experiments import current_rollout, set_rollout
-
     routed = current_rollout(repo)
     if routed is not None and routed.experiment.name == NO_EXPERIMENT:
         set_rollout(grpc_url, repo, single_version(version), timeout_s)
@@ -123,8 +126,6 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
 
 def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     """Unload and delete an old version that the ensemble no longer calls."""
-    from serving.experiments import current_rollout
-
     repo = Path(repo).resolve()
     if served_version(repo) == int(version):
         raise ValueError(f"version {version} is the one being served; roll out another first")
@@ -136,11 +137,58 @@ def retire(grpc_url: str, repo: str | Path, version: int) -> None:
         if (repo / ensemble_name(version)).exists():
             client.unload_model(ensemble_name(version))
             shutil.rmtree(repo / ensemble_name(version))
-        for stage in [ENSEMBLE, *STAGES]:
+        for stage in [FUNNEL, *STAGES]:
             path = repo / stage / str(version)
             if path.exists():
                 shutil.rmtree(path)
-                if stage != ENSEMBLE:
+                if stage != FUNNEL:
                     client.load_model(stage)
     finally:
         client.close()
+
+
+# The A/B router's versions: each is one rollout (``serving/assignment.py``) of users to model versions.
+
+
+def router_versions(repo: Path) -> list[int]:
+    return sorted(int(p.name) for p in (repo / ROUTER).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def current_rollout(repo: str | Path) -> Rollout | None:
+    """The rollout of the newest router version (the one Triton serves); None without a router."""
+    repo = Path(repo)
+    versions = router_versions(repo) if (repo / ROUTER).is_dir() else []
+    if not versions:
+        return None
+    return Rollout.from_dict(json.loads((repo / ROUTER / str(versions[-1]) / EXPERIMENT_FILE).read_text()))
+
+
+def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
+    """Serve ``rollout`` from a new router version; return the router version."""
+    repo = Path(repo).resolve()
+    versions = sorted({*rollout.versions.values(), rollout.control_version})
+    for version in versions:
+        if not (repo / ensemble_name(version)).is_dir():
+            raise FileNotFoundError(
+                f"model version {version} is not in {repo}; add it first (deployment.rollout.add_version)"
+            )
+        check_complete(repo, str(version))
+    client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
+    try:
+        for version in versions:
+            if not client.is_model_ready(ensemble_name(version)):
+                load_version(client, version, timeout_s)
+        router_version = router_versions(repo)[-1] + 1
+        staging = Path(tempfile.mkdtemp(prefix=f".{ROUTER}-{router_version}-", dir=repo / ROUTER))
+        try:
+            shutil.copy2(repo / ROUTER / str(router_version - 1) / "model.py", staging / "model.py")
+            (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))
+            os.rename(staging, repo / ROUTER / str(router_version))  # Triton never sees half a version
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        client.load_model(ROUTER)
+        wait_ready(client, ROUTER, router_version, timeout_s)
+    finally:
+        client.close()
+    return router_version

@@ -1,6 +1,6 @@
 """Who may change what is served: the deployment's admin key and the endpoints it unlocks.
 
-Every tritonserver the project starts (``serving.server.TritonServer``) listens on loopback unless
+Every tritonserver the project starts (``deployment.server.TritonServer``) listens on loopback unless
 asked otherwise, and restricts Triton's control plane to requests that carry the deployment's
 admin key in a header (Triton's ``--grpc-restricted-protocol`` / ``--http-restricted-api``):
 
@@ -15,6 +15,7 @@ given in the environment (``FUNNEL_ADMIN_KEY``, which wins over the file). The p
 (rollout, experiments, retraining) find it from the repository path they already take, so callers
 change nothing. ``docs/security.md`` says how to expose a server and how to rotate the key.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,9 @@ def key_location(repository: str | Path) -> str:
 def _checked(key: str, source: str) -> str:
     key = key.strip()
     if len(key) < MIN_KEY_LENGTH or any(c in key for c in ",:= \t\n"):
-        raise AdminKeyError(f"the admin key from {source} must be at least {MIN_KEY_LENGTH} characters "
-                            "without spaces, ',', ':' or '='")
+        raise AdminKeyError(
+            f"the admin key from {source} must be at least {MIN_KEY_LENGTH} characters without spaces, ',', ':' or '='"
+        )
     return key
 
 
@@ -63,43 +65,57 @@ def read_admin_key(repository: str | Path) -> str:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise AdminKeyError(f"no admin key for {Path(repository).resolve()}: {path} does not exist and "
-                            f"${ADMIN_KEY_ENV} is not set (the server writes the file when it first starts)") from None
+        raise AdminKeyError(
+            f"no admin key for {Path(repository).resolve()}: {path} does not exist and "
+            f"${ADMIN_KEY_ENV} is not set (the server writes the file when it first starts)"
+        ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise AdminKeyError(f"{path} is readable by other users (mode {stat.filemode(mode)}); run: chmod 600 {path}")
     return _checked(path.read_text(), str(path))
 
 
-def write_admin_key(repository: str | Path, key: str | None = None) -> Path:
+def write_admin_key(repository: str | Path, key: str | None = None, replace: bool = True) -> Path:
     """Write ``key`` (a fresh 256-bit one by default) to the key file, mode 0600, atomically.
 
-    Used on a server's first start and to rotate the key (then restart the server)."""
+    Used on a server's first start (``replace=False``: if another process wrote one meanwhile, that
+    one stays, so two servers started at once on one repository share a key) and to rotate the key
+    (then restart the server)."""
     path = admin_key_path(repository)
     key = _checked(key if key is not None else secrets.token_urlsafe(32), "the new key")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, (key + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the file exists: the first writer wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def ensure_admin_key(repository: str | Path) -> str:
     """The key a server for ``repository`` starts with, created on first use."""
     if not os.environ.get(ADMIN_KEY_ENV) and not admin_key_path(repository).exists():
-        write_admin_key(repository)
+        write_admin_key(repository, replace=False)
     return read_admin_key(repository)
 
 
 def server_flags(key: str) -> list[str]:
     """tritonserver options that lock ``RESTRICTED_APIS`` behind ``key`` on gRPC and HTTP."""
     apis = ",".join(RESTRICTED_APIS)
-    return [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}",
-            f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}"]
+    return [
+        f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}",
+        f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}",
+    ]
 
 
 def grpc_headers(key: str) -> dict[str, str]:
@@ -120,9 +136,17 @@ class ControlClient:
     not listed here are the plain client's (health and metadata need no key).
     """
 
-    _KEYED = ("load_model", "unload_model", "get_model_repository_index", "get_model_config",
-              "get_inference_statistics", "update_log_settings", "get_log_settings",
-              "update_trace_settings", "get_trace_settings")
+    _KEYED = (
+        "load_model",
+        "unload_model",
+        "get_model_repository_index",
+        "get_model_config",
+        "get_inference_statistics",
+        "update_log_settings",
+        "get_log_settings",
+        "update_trace_settings",
+        "get_trace_settings",
+    )
 
     def __init__(self, grpc_url: str, repository: str | Path | None = None, key: str | None = None):
         import tritonclient.grpc as grpcclient
@@ -149,7 +173,7 @@ class ControlClient:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "ControlClient":
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,10 +11,11 @@ What it takes to run that binary on our own model repository (see ENVIRONMENT-NO
 
 ``TritonServer`` does all of that, picks free ports, waits until the server is ready and on ``stop``
 terminates the whole process group, so no server or stub process outlives it. Secure by default
-(``serving/security.py``, ``docs/security.md``): gRPC, HTTP and metrics listen on ``127.0.0.1``
+(``deployment/security.py``, ``docs/security.md``): gRPC, HTTP and metrics listen on ``127.0.0.1``
 unless ``host`` says otherwise, and the control plane (model load/unload, configuration, ...) takes
 only requests that carry the deployment's admin key.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving import security
+from deployment import security
 
 LOOPBACK = "127.0.0.1"
 
@@ -116,7 +117,7 @@ class TritonServer:
         if model_control not in ("explicit", "none"):
             raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
         # explicit: every model loads at start (--load-model=*) and new versions are rolled in
-        # through the load API (serving/rollout.py) instead of the server polling the folder.
+        # through the load API (deployment/rollout.py) instead of the server polling the folder.
         self.model_control = model_control
         # Where gRPC, HTTP and metrics listen: loopback unless the caller deliberately exposes them.
         self.host = host
@@ -151,14 +152,16 @@ class TritonServer:
 
     @property
     def admin_key(self) -> str:
-        """The key the control plane of this server expects (``serving/security.py``)."""
+        """The key the control plane of this server expects (``deployment/security.py``)."""
         return security.read_admin_key(self.model_repository)
 
     def listening(self) -> str:
         """What the server really listens on, for startup messages."""
-        return (f"grpc{'+tls' if self.tls_cert else ''} {self.host}:{self.grpc_port}  http {self.host}:{self.http_port}  "
-                f"metrics {self.host}:{self.metrics_port}  (control plane locked; admin key: "
-                f"{security.key_location(self.model_repository)})")
+        return (
+            f"grpc{'+tls' if self.tls_cert else ''} {self.host}:{self.grpc_port}  http {self.host}:{self.http_port}  "
+            f"metrics {self.host}:{self.metrics_port}  (control plane locked; admin key: "
+            f"{security.key_location(self.model_repository)})"
+        )
 
     def command(self) -> list[str]:
         backends = prepare_backend_dir(self._workdir / "backends")
@@ -177,15 +180,18 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             *security.server_flags(key),
-            *(["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}", f"--grpc-server-key={self.tls_key}"]
-              if self.tls_cert else []),
+            *(
+                ["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}", f"--grpc-server-key={self.tls_key}"]
+                if self.tls_cert
+                else []
+            ),
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -253,7 +259,7 @@ class TritonServer:
             self._log.close()
             self._log = None
 
-    def restart(self, stop_timeout: float = 10.0) -> "TritonServer":
+    def restart(self, stop_timeout: float = 10.0) -> TritonServer:
         """Stop whatever is left of the server and start it again on the same ports.
 
         A server with a dead stub may wait for it on shutdown; after ``stop_timeout`` the process
@@ -299,7 +305,7 @@ class TritonServer:
         self.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -11,9 +11,10 @@ in its own process so its peak RSS is its own. Prints one JSON document:
 model-ready parquet). Both runs share the machine at the same time of day, so the ratio is the figure
 to compare across machines.
 
-    python scripts/benchmark_workflow.py --sizes 1000000
-    python scripts/benchmark_workflow.py --sizes 1000000 10000000
+    python -m benchmarks.benchmark_workflow --sizes 1000000
+    python -m benchmarks.benchmark_workflow --sizes 1000000 10000000
 """
+
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()
@@ -75,19 +76,33 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
     per_user = recent.groupby("user_id").size()
     train = train[train["user_id"].isin(per_user[per_user >= au.min_events].index)]
     pit = [c for c in events.columns if c.endswith("_before")]
-    spec = {"timestamp": "min", "click": "max", "watch_seconds": "max", "like": "max", "share": "max",
-            **{c: "min" for c in pit}}
-    parts = {n: p.groupby(["user_id", "item_id"]).agg(spec).reset_index() for n, p in (("train", train), ("valid", valid))}
-    parts = {n: p.merge(users, on="user_id", how="left").merge(items.drop(columns=["title"]), on="item_id", how="left")
-             for n, p in parts.items()}
+    spec = {
+        "timestamp": "min",
+        "click": "max",
+        "watch_seconds": "max",
+        "like": "max",
+        "share": "max",
+        **{c: "min" for c in pit},
+    }
+    parts = {
+        n: p.groupby(["user_id", "item_id"]).agg(spec).reset_index() for n, p in (("train", train), ("valid", valid))
+    }
+    parts = {
+        n: p.merge(users, on="user_id", how="left").merge(items.drop(columns=["title"]), on="item_id", how="left")
+        for n, p in parts.items()
+    }
     # labels
     edges = wf.labels.duration_buckets
     tr = parts["train"]
     frac_tr = tr["watch_seconds"] / tr["duration_seconds"].clip(lower=1)
     bucket_tr = np.searchsorted(edges, tr["duration_seconds"].values, side="right")
     clicked = tr["click"].values > 0
-    thresholds = [np.quantile(frac_tr.values[clicked & (bucket_tr == b)], wf.labels.duration_watch_quantile)
-                  if (clicked & (bucket_tr == b)).any() else 1.0 for b in range(len(edges) + 1)]
+    thresholds = [
+        np.quantile(frac_tr.values[clicked & (bucket_tr == b)], wf.labels.duration_watch_quantile)
+        if (clicked & (bucket_tr == b)).any()
+        else 1.0
+        for b in range(len(edges) + 1)
+    ]
     # categorical vocabularies and continuous statistics from the training part
     cats = ["user_id", "age_band", "gender", "location", "item_id", "category"]
     vocab = {c: {v: i + 3 for i, v in enumerate(tr[c].value_counts().index)} for c in cats}
@@ -95,8 +110,10 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
         p["click_rate_u"] = (p["user_clicks_before"] + 1.0) / (p["user_events_before"] + 2.0)
         p["click_rate_i"] = (p["item_clicks_before"] + 1.0) / (p["item_events_before"] + 2.0)
         p["log_duration"] = np.log1p(p["duration_seconds"])
-    stats = {c: (tr_col.mean(), tr_col.std()) for c, tr_col in
-             ((c, parts["train"][c]) for c in ("click_rate_u", "click_rate_i", "log_duration"))}
+    stats = {
+        c: (tr_col.mean(), tr_col.std())
+        for c, tr_col in ((c, parts["train"][c]) for c in ("click_rate_u", "click_rate_i", "log_duration"))
+    }
     for name, p in parts.items():
         frac = p["watch_seconds"] / p["duration_seconds"].clip(lower=1)
         bucket = np.searchsorted(edges, p["duration_seconds"].values, side="right")
@@ -116,14 +133,14 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
 
 def run_one(kind: str, raw: Path, out: Path, checks: bool) -> dict:
     from configs import load_config
-
     from workflows.pipeline import run_dataset_pipeline  # imports outside the timed region, for both
 
     config = load_config(overrides={"workflow": {"checks": {"enabled": checks}}})
     start = time.perf_counter()
     if kind == "workflow":
-        result = run_dataset_pipeline(raw / "events.parquet", raw / "users.parquet", raw / "items.parquet", out,
-                                      config.workflow)
+        result = run_dataset_pipeline(
+            raw / "events.parquet", raw / "users.parquet", raw / "items.parquet", out, config.workflow
+        )
         counts = {"train_rows": result.summary["train_rows"], "valid_rows": result.summary["valid_rows"]}
     else:
         counts = pandas_baseline(raw, out, config)
@@ -137,8 +154,15 @@ def generate(events: int, folder: Path) -> dict:
     from workflows.sources.synthetic import generate as synth
 
     per_user = 60
-    cfg = load_config(overrides={"synthetic": {"num_users": max(100, events // per_user),
-                                               "num_items": max(600, events // 500), "events_per_user": per_user}})
+    cfg = load_config(
+        overrides={
+            "synthetic": {
+                "num_users": max(100, events // per_user),
+                "num_items": max(600, events // 500),
+                "events_per_user": per_user,
+            }
+        }
+    )
     data = synth(cfg.synthetic)
     data.write_parquet(folder)
     return {"events": int(len(data.events)), "users": int(len(data.users)), "items": int(len(data.items))}
@@ -146,8 +170,13 @@ def generate(events: int, folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000],
-                        help="approximate numbers of synthetic events (default: 1000000 10000000)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 10_000_000],
+        help="approximate numbers of synthetic events (default: 1000000 10000000)",
+    )
     parser.add_argument("--work", default="build/benchmark", help="scratch folder (default: build/benchmark)")
     parser.add_argument("--checks", action="store_true", help="also run the correctness checks in the workflow")
     parser.add_argument("--_run", choices=["workflow", "pandas"], help=argparse.SUPPRESS)
@@ -167,8 +196,16 @@ def main() -> None:
         data = generate(size, folder / "raw")
         entry = {**data, "generate_seconds": round(time.perf_counter() - start, 1)}
         for kind in ("workflow", "pandas"):
-            cmd = [sys.executable, str(SCRIPT), "--_run", kind, "--_raw", str(folder / "raw"),
-                   "--_out", str(folder / kind)] + (["--checks"] if args.checks else [])
+            cmd = [
+                sys.executable,
+                str(SCRIPT),
+                "--_run",
+                kind,
+                "--_raw",
+                str(folder / "raw"),
+                "--_out",
+                str(folder / kind),
+            ] + (["--checks"] if args.checks else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=SCRIPT.parents[1])
             if proc.returncode != 0:
                 raise RuntimeError(f"{kind} run at {size} events failed:\n{proc.stderr[-3000:]}")
@@ -178,12 +215,17 @@ def main() -> None:
         entry["workflow_vs_pandas"] = round(entry["workflow"]["rows_per_s"] / entry["pandas"]["rows_per_s"], 3)
         entry["same_train_rows"] = entry["workflow"]["train_rows"] == entry["pandas"]["train_rows"]
         results.append(entry)
-    print(json.dumps({
-        "benchmark": "dataset workflow (NVTabular + dask) vs plain pandas, same steps",
-        "checks_in_workflow": args.checks,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "gpus": gpu_count()},
-        "sizes": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "dataset workflow (NVTabular + dask) vs plain pandas, same steps",
+                "checks_in_workflow": args.checks,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "gpus": gpu_count()},
+                "sizes": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

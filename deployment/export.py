@@ -5,6 +5,7 @@ export puts each stage's artifacts from the registry version into ``<stage>/<ver
 the online feature store. The repository is assembled in a temporary folder beside the target and
 renamed into place only when complete, so a server never sees a partial export.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from models.registry import MANIFEST, ModelVersion, check_artifact_versions
-from online.assignment import single_version
-from serving.ab_router import EXPERIMENT_FILE, FEEDBACK, ROUTER, ensemble_name
+from serving.assignment import single_version
+from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, ROUTER, ensemble_name
 from serving.online_store import build_online_store
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
-ENSEMBLE = "funnel"
 STAGE_ARTIFACTS = {
     "feature_lookup": [],  # the online store is built, not copied
     "query_tower": ["query_tower", "query_tower.json"],
@@ -91,9 +91,9 @@ def export_repository(
             pd.read_parquet(model.path / "user_history.parquet"),
             pd.read_parquet(model.path / "item_features.parquet"),
         )
-        (staging / ENSEMBLE / version).mkdir(parents=True)
-        pinned = pin_ensemble((source / ENSEMBLE / "config.pbtxt").read_text(), int(version))
-        (staging / ENSEMBLE / "config.pbtxt").write_text(pinned)
+        (staging / FUNNEL / version).mkdir(parents=True)
+        pinned = pin_ensemble((source / FUNNEL / "config.pbtxt").read_text(), int(version))
+        (staging / FUNNEL / "config.pbtxt").write_text(pinned)
         write_version_ensemble(staging, pinned, int(version))
         # The A/B router (one arm, this version, until an experiment starts) and the feedback endpoint.
         for endpoint in (ROUTER, FEEDBACK):
@@ -101,7 +101,7 @@ def export_repository(
             shutil.copy2(source / endpoint / "config.pbtxt", staging / endpoint / "config.pbtxt")
             shutil.copy2(source / endpoint / "1" / "model.py", staging / endpoint / "1" / "model.py")
         (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
-        _check_complete(staging, version, manifest)
+        check_complete(staging, version, manifest)
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         )
@@ -120,7 +120,7 @@ def export_repository(
 
 def serve_all_versions(stage_config: str) -> str:
     """A stage serves every version on disk, so versions N and N+1 can run side by side while the
-    ensemble switches from one to the other (``serving/rollout.py``)."""
+    ensemble switches from one to the other (``deployment/rollout.py``)."""
     if "version_policy" in stage_config:
         return stage_config
     return stage_config.rstrip("\n") + "\nversion_policy: { all { } }\n"
@@ -137,17 +137,17 @@ def pin_ensemble(ensemble_config: str, version: int) -> str:
 
 def write_version_ensemble(repo: Path, pinned_config: str, version: int) -> Path:
     """``funnel_v<version>``: the funnel pinned to ``version`` under its own name, so the A/B router can
-    call two versions side by side (``serving/ab_router.py``)."""
+    call two versions side by side (``online/router.py``)."""
     name = ensemble_name(version)
-    config, count = re.subn(rf'^name:\s*"{ENSEMBLE}"', f'name: "{name}"', pinned_config, flags=re.M)
+    config, count = re.subn(rf'^name:\s*"{FUNNEL}"', f'name: "{name}"', pinned_config, flags=re.M)
     if count != 1:
-        raise ValueError(f"the ensemble config must name the model {ENSEMBLE!r} once")
+        raise ValueError(f"the ensemble config must name the model {FUNNEL!r} once")
     (repo / name / "1").mkdir(parents=True, exist_ok=True)
     (repo / name / "config.pbtxt").write_text(config)
     return repo / name
 
 
-def _check_complete(repo: Path, version: str, manifest: dict | None = None) -> None:
+def check_complete(repo: Path, version: str, manifest: dict | None = None) -> None:
     """Every stage has its config, its model.py, the run's manifest and its artifacts (those the
     manifest says the version has; read from the ordering stage's copy when not given)."""
     if manifest is None:
@@ -156,10 +156,12 @@ def _check_complete(repo: Path, version: str, manifest: dict | None = None) -> N
             raise RuntimeError(f"incomplete export: ordering/{version}/{MANIFEST} is missing")
         manifest = json.loads(path.read_text())
     for stage, artifacts in stage_artifacts(manifest).items():
-        for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [f"{version}/{a}" for a in artifacts]:
+        for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [
+            f"{version}/{a}" for a in artifacts
+        ]:
             if not (repo / stage / rel).exists():
                 raise RuntimeError(f"incomplete export: {stage}/{rel} is missing")
-    for ensemble in (ENSEMBLE, ensemble_name(version)):
+    for ensemble in (FUNNEL, ensemble_name(version)):
         if not (repo / ensemble / "config.pbtxt").exists():
             raise RuntimeError(f"incomplete export: the ensemble config {ensemble}/config.pbtxt is missing")
 

@@ -6,6 +6,7 @@ carved out first and stays on the control model even after the treatment is roll
 else: the long-term holdout is what shows whether a model degrades once it mostly learns from its
 own logs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,34 +73,51 @@ class Rollout:
             return arm, self.control_version
         return arm, self.versions[arm]
 
-    def roll_out(self, arm: str) -> "Rollout":
+    def roll_out(self, arm: str) -> Rollout:
         """Everyone but the holdout moves to ``arm``'s version."""
         version = self.versions[arm]
         return Rollout(self.experiment, {a: version for a in self.versions}, self.control_version)
 
     def to_dict(self) -> dict:
         e = self.experiment
-        return {"experiment": {"name": e.name, "salt": e.salt, "arms": dict(e.arms), "holdout": e.holdout,
-                               "control": e.control},
-                "versions": {arm: int(v) for arm, v in self.versions.items()},
-                "control_version": int(self.control_version)}
+        return {
+            "experiment": {
+                "name": e.name,
+                "salt": e.salt,
+                "arms": dict(e.arms),
+                "holdout": e.holdout,
+                "control": e.control,
+            },
+            "versions": {arm: int(v) for arm, v in self.versions.items()},
+            "control_version": int(self.control_version),
+        }
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Rollout":
-        rollout = cls(Experiment(**values["experiment"]), {a: int(v) for a, v in values["versions"].items()},
-                      int(values["control_version"]))
+    def from_dict(cls, values: dict) -> Rollout:
+        rollout = cls(
+            Experiment(**values["experiment"]),
+            {a: int(v) for a, v in values["versions"].items()},
+            int(values["control_version"]),
+        )
         missing = set(rollout.experiment.arms) - set(rollout.versions)
         if missing:
             raise ValueError(f"arms {sorted(missing)} have no model version")
         return rollout
 
 
-def ab_rollout(name: str, salt: str, control_version: int, treatment_version: int, holdout: float = 0.02,
-               treatment_share: float = 0.5) -> Rollout:
+def ab_rollout(
+    name: str,
+    salt: str,
+    control_version: int,
+    treatment_version: int,
+    holdout: float = 0.02,
+    treatment_share: float = 0.5,
+) -> Rollout:
     """A two-arm test: ``control`` on the current model, ``treatment`` on the candidate, and a holdout."""
     experiment = Experiment(name, salt, {"control": 1.0 - treatment_share, "treatment": treatment_share}, holdout)
-    return Rollout(experiment, {"control": int(control_version), "treatment": int(treatment_version)},
-                   int(control_version))
+    return Rollout(
+        experiment, {"control": int(control_version), "treatment": int(treatment_version)}, int(control_version)
+    )
 
 
 NO_EXPERIMENT = "none"
@@ -107,5 +125,6 @@ NO_EXPERIMENT = "none"
 
 def single_version(version: int) -> Rollout:
     """No experiment: every user on ``version`` (what a fresh export serves)."""
-    return Rollout(Experiment(NO_EXPERIMENT, NO_EXPERIMENT, {"control": 1.0}, 0.0), {"control": int(version)},
-                   int(version))
+    return Rollout(
+        Experiment(NO_EXPERIMENT, NO_EXPERIMENT, {"control": 1.0}, 0.0), {"control": int(version)}, int(version)
+    )

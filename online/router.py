@@ -1,11 +1,11 @@
 """A/B arms inside Triton: the router in front of version-pinned funnels, and the feedback endpoint.
 
 Every export writes, besides the ``funnel`` ensemble (the served version), one ensemble per model
-version, ``funnel_v<N>``, pinned to that version's stages (``serving/export.py``). Two models an
+version, ``funnel_v<N>``, pinned to that version's stages (``deployment/export.py``). Two models an
 experiment compares therefore run side by side in one server, each request entirely on one export.
 
 ``ab_router`` (``triton_repo/ab_router``, a BLS model, because choosing the ensemble per request is
-branching an ensemble cannot express) reads its ``experiment.json`` (an ``online.assignment.Rollout``),
+branching an ensemble cannot express) reads its ``experiment.json`` (an ``serving.assignment.Rollout``),
 hashes the user id into an arm, calls ``funnel_v<version of that arm>`` and answers with the funnel's
 outputs plus ``arm`` and ``request_id``. Before answering it writes the slate to the feedback log
 (``online/feedback_log.py``, durable on return), so every impression a client saw is on disk.
@@ -16,35 +16,39 @@ appends them to the same log; the request's arm and version come from the log, n
 
 Both count per-arm online metrics (``serving/metrics.py``: ``OnlineMetrics``, recorded off the request
 path like the stages' metrics) that Prometheus scrapes next to the serving metrics. A new experiment,
-or rolling the treatment out, is a new version of ``ab_router`` (``serving/experiments.py``): Triton
+or rolling the treatment out, is a new version of ``ab_router`` (``online/experiments.py``): Triton
 swaps it in while requests keep flowing.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import secrets
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from online.assignment import Rollout
 from online.feedback_log import EVENTS, SIGNALS, FeedbackLog
+from serving.assignment import Rollout
+from serving.interface import (
+    EXPERIMENT_FILE,
+    FEEDBACK,
+    FUNNEL_INPUTS,
+    FUNNEL_OUTPUTS,
+    MANIFEST,
+    ROUTER,
+    Tensor,
+    ensemble_name,
+    names,
+)
 from serving.request import RequestError, RequestLimits, scalar
-from serving.stages import MANIFEST, load_manifest
+from serving.stages import load_manifest
+from serving.triton_model import StageModel
 
-ROUTER = "ab_router"
-FEEDBACK = "feedback"
-EXPERIMENT_FILE = "experiment.json"
-FUNNEL_OUTPUTS = ["item_ids", "scores", "model_version", "served_by", "stage_counts"]
 LOG_ENV = "FUNNEL_FEEDBACK_LOG"
-
-
-def ensemble_name(version: int | str) -> str:
-    """The ensemble that runs every stage at exactly ``version``."""
-    return f"funnel_v{int(version)}"
 
 
 def feedback_log_path(repository: str | Path) -> Path:
@@ -64,7 +68,7 @@ def limits_from_repository(repository: str | Path) -> Callable[[int], RequestLim
     """``version -> RequestLimits`` read from that version's exported manifest in ``repository``."""
     repository = Path(repository)
 
-    @lru_cache(maxsize=None)
+    @cache
     def limits(version: int) -> RequestLimits:
         folder = repository / "ordering" / str(int(version))
         if not (folder / MANIFEST).exists():
@@ -92,8 +96,16 @@ class ABRouter:
     is refused here with ``RequestError`` and never reaches the funnel.
     """
 
-    def __init__(self, artifacts: str | Path, log_path: str | Path, infer: Callable[[str, dict], dict],
-                 limits: Callable[[int], RequestLimits] | None = None):
+    inputs = FUNNEL_INPUTS
+    outputs = FUNNEL_OUTPUTS + (Tensor("arm", "STRING", (1,)), Tensor("request_id", "STRING", (1,)))
+
+    def __init__(
+        self,
+        artifacts: str | Path,
+        log_path: str | Path,
+        infer: Callable[[str, dict], dict],
+        limits: Callable[[int], RequestLimits] | None = None,
+    ):
         artifacts = Path(artifacts)
         self.rollout = Rollout.from_dict(json.loads((artifacts / EXPERIMENT_FILE).read_text()))
         self.log = FeedbackLog(log_path)
@@ -113,12 +125,19 @@ class ABRouter:
             request["exclude_item_ids"] = excluded
         out = self.infer(ensemble_name(version), request)
         request_id = new_request_id()
-        self.log.log_impressions(request_id, user, np.asarray(out["item_ids"]).reshape(-1),
-                                 _text(np.asarray(out["model_version"]).reshape(-1)[0]), arm,
-                                 _text(np.asarray(out["served_by"]).reshape(-1)[0]))
-        return {**{n: out[n] for n in FUNNEL_OUTPUTS},
-                "arm": np.array([arm.encode()], dtype=object),
-                "request_id": np.array([request_id.encode()], dtype=object)}
+        self.log.log_impressions(
+            request_id,
+            user,
+            np.asarray(out["item_ids"]).reshape(-1),
+            _text(np.asarray(out["model_version"]).reshape(-1)[0]),
+            arm,
+            _text(np.asarray(out["served_by"]).reshape(-1)[0]),
+        )
+        return {
+            **{n: out[n] for n in names(FUNNEL_OUTPUTS)},
+            "arm": np.array([arm.encode()], dtype=object),
+            "request_id": np.array([request_id.encode()], dtype=object),
+        }
 
     def close(self) -> None:
         self.log.close()
@@ -131,6 +150,14 @@ class FeedbackService:
     acknowledged but neither stored nor counted again (``accepted`` says how many were new), so
     retries cannot inflate an experiment's CTR. A request may carry at most one entry per signal
     per item the response showed, plus one churn."""
+
+    inputs = (
+        Tensor("request_id", "STRING", (1,)),
+        Tensor("item_ids", "INT64"),
+        Tensor("events", "STRING"),
+        Tensor("values", "FP32"),
+    )
+    outputs = (Tensor("accepted", "INT32", (1,)), Tensor("arm", "STRING", (1,)))
 
     def __init__(self, log_path: str | Path):
         self.log = FeedbackLog(log_path)
@@ -146,8 +173,10 @@ class FeedbackService:
         if not np.issubdtype(items.dtype, np.integer):
             raise RequestError(f"'item_ids' must be integers, got {items.dtype}")
         if not len(items) == len(events) == len(values):
-            raise RequestError(f"item_ids, events and values must have one entry per event, got "
-                               f"{len(items)}, {len(events)} and {len(values)}")
+            raise RequestError(
+                f"item_ids, events and values must have one entry per event, got "
+                f"{len(items)}, {len(events)} and {len(values)}"
+            )
         unknown = sorted(set(events) - set(EVENTS))
         if unknown:
             raise RequestError(f"unknown event(s) {unknown}; expected one of {list(EVENTS)}")
@@ -159,16 +188,67 @@ class FeedbackService:
         shown = set(served["item_ids"])
         most = len(shown) * len(SIGNALS) + 1
         if len(items) > most:
-            raise RequestError(f"feedback holds {len(items)} events, but response {request_id} showed "
-                               f"{len(shown)} items: at most {most} (one per signal per item, one churn)")
+            raise RequestError(
+                f"feedback holds {len(items)} events, but response {request_id} showed "
+                f"{len(shown)} items: at most {most} (one per signal per item, one churn)"
+            )
         not_shown = sorted({int(i) for i, e in zip(items, events) if e != "churn" and int(i) not in shown})
         if not_shown:
             raise RequestError(f"item(s) {not_shown[:10]} were not in response {request_id}")
-        stored = self.log.log_feedback_many(zip([request_id] * len(items), [served["user_id"]] * len(items),
-                                                items.tolist(), events, values.tolist()))
-        return {"accepted": np.array([len(stored)], dtype=np.int32),
-                "arm": np.array([served["arm"].encode()], dtype=object),
-                "_events": [(event, value) for _, _, _, event, value in stored], "_version": served["model_version"]}
+        stored = self.log.log_feedback_many(
+            zip([request_id] * len(items), [served["user_id"]] * len(items), items.tolist(), events, values.tolist())
+        )
+        return {
+            "accepted": np.array([len(stored)], dtype=np.int32),
+            "arm": np.array([served["arm"].encode()], dtype=object),
+            "_events": [(event, value) for _, _, _, event, value in stored],
+            "_version": served["model_version"],
+        }
 
     def close(self) -> None:
         self.log.close()
+
+
+# The Triton adapters (``triton_repo/ab_router/1/model.py``, ``triton_repo/feedback/1/model.py``).
+
+
+class RouterModel(StageModel):
+    """``ab_router``: the arm's version-pinned funnel is called through BLS (``online/router.py``)."""
+
+    stage_name = ROUTER
+
+    def build_stage(self, artifacts: Path, args: dict):
+        repository = Path(args["model_repository"]).parent
+        return ABRouter(artifacts, feedback_log_path(repository), self._infer, limits_from_repository(repository))
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import OnlineMetrics
+
+        return self.off_request_path(OnlineMetrics(self.pb, "router"))
+
+    def _infer(self, model_name: str, inputs: dict) -> dict:
+        """One BLS call. The router checked the request first, so an error of the funnel is a fault
+        of the server (``INTERNAL``); BLS would not tell us its status code anyway."""
+        request = self.pb.InferenceRequest(
+            model_name=model_name,
+            inputs=[self.pb.Tensor(name, value) for name, value in inputs.items()],
+            requested_output_names=names(FUNNEL_OUTPUTS),
+        )
+        response = request.exec()
+        if response.has_error():
+            raise FunnelFault(f"{model_name}: {response.error().message()}")
+        return {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in names(FUNNEL_OUTPUTS)}
+
+
+class FeedbackModel(StageModel):
+    """``feedback``: reactions to a served response, checked against its logged impressions."""
+
+    stage_name = FEEDBACK
+
+    def build_stage(self, artifacts: Path, args: dict):
+        return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import OnlineMetrics
+
+        return self.off_request_path(OnlineMetrics(self.pb, "feedback"))

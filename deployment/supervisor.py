@@ -6,13 +6,14 @@ or stops reporting ready) ``failures`` times in a row, and then restarts the ser
 ports, so clients reconnect without any manual step. ``tests/test_serving_robustness.py`` kills a
 stage's stub with SIGKILL and checks that the funnel answers again.
 """
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from serving.server import TritonServer
+from deployment.server import TritonServer
 
 
 def funnel_probe(url: str, root_certificates: str | None = None) -> None:
@@ -62,7 +63,7 @@ class Supervisor:
         while not self._stop.wait(self.interval_s):
             self.check_once()
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="triton-supervisor", daemon=True)
         self._thread.start()
@@ -74,7 +75,7 @@ class Supervisor:
             self._thread.join(timeout=self.server.startup_timeout + 30)
             self._thread = None
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         return self.start()
 
     def __exit__(self, *exc) -> None:

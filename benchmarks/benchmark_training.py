@@ -8,15 +8,30 @@ learning rate and batch size. Each is fed by its own native input pipeline (Merl
 
 Epochs alternate between the two models (Merlin epoch, TFRS epoch, Merlin epoch, ...) so that load
 from other processes on a shared machine hits both alike; the first epoch of each (tracing) is not
-timed. Training metrics are off in both (they would time the metric, not the model).
+timed. Training metrics are off in both (they would time the metric, not the model). Prints JSON.
+Needs tensorflow-recommenders: ``make bench`` installs it (requirements-bench.txt, ``--no-deps``: TFRS
+declares the full ``tensorflow`` wheel, which would replace tensorflow-cpu; it runs on
+tensorflow-cpu 2.12.1 as is)::
+
+    .venv/bin/python -m benchmarks.benchmark_training [--users 1000] [--items 600] [--epochs 4] [--out bench.json]
 """
+
 from __future__ import annotations
 
-import time
+from configs.runtime import quiet_known_warnings
 
+quiet_known_warnings()  # before TensorFlow is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import merlin.models.tf as mm
 import numpy as np
 import tensorflow as tf
-import merlin.models.tf as mm
 from merlin.io import Dataset
 from merlin.schema import Tags
 
@@ -71,8 +86,13 @@ def tfrs_two_tower(schema, dims: dict[str, int], config: CandidateGeneratorConfi
     return TwoTower()
 
 
-def benchmark(train: Dataset, config: CandidateGeneratorConfig, embeddings: EmbeddingConfig | None = None,
-              epochs: int = 4, seed: int = 42) -> dict:
+def benchmark(
+    train: Dataset,
+    config: CandidateGeneratorConfig,
+    embeddings: EmbeddingConfig | None = None,
+    epochs: int = 4,
+    seed: int = 42,
+) -> dict:
     """Train both for ``epochs`` epochs (interleaved); return throughput figures as a dict.
 
     A third entry feeds our Merlin model from the same ``tf.data`` pipeline as TFRS, to separate
@@ -108,8 +128,11 @@ def benchmark(train: Dataset, config: CandidateGeneratorConfig, embeddings: Embe
     merlin_inputs = tf_data.map(lambda x: {k: tf.expand_dims(v, -1) for k, v in x.items()})
 
     times: dict[str, list[float]] = {"merlin": [], "tfrs": [], "merlin_tf_data": []}
-    runs = (("merlin", merlin_model, loader), ("tfrs", tfrs_model, tf_data),
-            ("merlin_tf_data", merlin_tf_data, merlin_inputs))
+    runs = (
+        ("merlin", merlin_model, loader),
+        ("tfrs", tfrs_model, tf_data),
+        ("merlin_tf_data", merlin_tf_data, merlin_inputs),
+    )
     for _ in range(epochs):
         for name, model, inputs in runs:
             timer = _EpochTimer()
@@ -139,3 +162,56 @@ def benchmark(train: Dataset, config: CandidateGeneratorConfig, embeddings: Embe
         "ratio_merlin_over_tfrs": round(merlin["examples_per_s"] / tfrs_["examples_per_s"], 3),
         "ratio_merlin_tf_data_over_tfrs": round(merlin_tf["examples_per_s"] / tfrs_["examples_per_s"], 3),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--users", type=int, help="synthetic users (default: the config's)")
+    parser.add_argument("--items", type=int, help="synthetic items (default: the config's)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per model; the first is not timed")
+    parser.add_argument("--batch-size", type=int, help="default: candidate_generator.batch_size")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is tracing and is not timed)")
+    try:
+        import tensorflow_recommenders  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "tensorflow-recommenders is not installed: run `make bench` "
+            "(or pip install --no-deps -r requirements-bench.txt)"
+        )
+
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.sources.synthetic import generate
+
+    overrides: dict = {"synthetic": {}}
+    if args.users:
+        overrides["synthetic"]["num_users"] = args.users
+    if args.items:
+        overrides["synthetic"]["num_items"] = args.items
+    if args.batch_size:
+        overrides["candidate_generator"] = {"batch_size": args.batch_size}
+    config = load_config(args.config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = generate(config.synthetic).write_parquet(Path(tmp) / "raw")
+        processed = run_dataset_pipeline(
+            raw["events"], raw["users"], raw["items"], Path(tmp) / "processed", config.workflow
+        )
+        result = benchmark(
+            processed.train(), config.candidate_generator, config.embeddings, epochs=args.epochs, seed=config.seed
+        )
+    import tensorflow as tf
+    import tensorflow_recommenders as tfrs
+
+    result["versions"] = {"tensorflow": tf.__version__, "tensorflow_recommenders": tfrs.__version__}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
