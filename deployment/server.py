@@ -19,6 +19,7 @@ only requests that carry the deployment's admin key.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -228,7 +229,27 @@ class TritonServer:
                 time.sleep(0.5)
         finally:
             client.close()
-        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+        loading = self.dump_stub_stacks()
+        raise ServerError(
+            f"tritonserver not ready after {self.startup_timeout:.0f}s; models still loading: {loading}\n"
+            f"{self.log_tail(200)}"
+        )
+
+    def dump_stub_stacks(self, wait_s: float = 2.0) -> list[str]:
+        """Ask the stubs of models that did not load to print their threads' stacks into the log
+        (``serving/triton_model.py`` registers the handler); return those models' names."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        loaded = set(re.findall(r"successfully loaded '([^']+)'", log))
+        loading = sorted(set(self.stub_pids()) - loaded)
+        for model in loading:
+            for pid in self.stub_pids().get(model, []):
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        if loading:
+            time.sleep(wait_s)
+        return loading
 
     def log_tail(self, lines: int = 40) -> str:
         try:

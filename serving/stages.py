@@ -63,10 +63,13 @@ def _import_tf():
     import tensorflow as tf
 
     # Per-request batches are small (one user, a few hundred candidates) and several stage processes
-    # share the cores: one thread per op pool avoids oversubscription. Must precede TF's first op.
+    # share the cores: one thread per op avoids oversubscription. Two inter-op threads, not one: with a
+    # single one TF's executor can wait forever on a cond inside a function (tensorflow#38969), the
+    # suspected cause of stage stubs seen stuck while loading under load (2 full test runs in a row).
+    # Must precede TF's first op.
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(2)
     except RuntimeError:  # already initialised in this process (tests import stages directly)
         pass
     return tf

@@ -26,8 +26,14 @@ class StageModel:
     stage_name: str = ""
 
     def initialize(self, args: dict) -> None:
+        import faulthandler
+        import signal
+
         import triton_python_backend_utils as pb_utils
 
+        # SIGUSR1 prints every thread's stack to the server log: how the server process
+        # (deployment/server.py) shows where a stage that never became ready is stuck.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         artifacts = Path(args["model_repository"]) / args["model_version"]
