@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 
 def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) -> float:
@@ -93,12 +94,20 @@ def build_world(num_items: int, num_users: int, events_per_user: float, workdir:
             )
         shutil.rmtree(workdir, ignore_errors=True)  # a build that did not finish
         workdir.mkdir(parents=True)
-        data = generate(config.synthetic)
-        raw = data.write_parquet(workdir / "raw")
-        processed = run_dataset_pipeline(
-            raw["events"], raw["users"], raw["items"], workdir / "processed", config.workflow
-        )
-        model = train_all(processed, config, workdir / "registry", verbose=0)
+        # minutes at 1M items: say which step runs
+        with tqdm(total=3, desc=f"world of {num_items:,} items", unit="step") as progress:
+            progress.set_postfix_str("synthetic data")
+            data = generate(config.synthetic)
+            raw = data.write_parquet(workdir / "raw")
+            progress.update()
+            progress.set_postfix_str("dataset pipeline")
+            processed = run_dataset_pipeline(
+                raw["events"], raw["users"], raw["items"], workdir / "processed", config.workflow
+            )
+            progress.update()
+            progress.set_postfix_str("training")
+            model = train_all(processed, config, workdir / "registry", verbose=0)
+            progress.update()
         with open(pickled, "wb") as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
         marker.write_text(key)

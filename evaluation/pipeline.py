@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from configs import Config
 from evaluation import offline
@@ -87,7 +88,8 @@ def funnel_results(
     started = time.perf_counter()
     seen = data.seen
     relevant = data.relevant
-    for row, user in enumerate(data.user_ids):
+    # A progress bar per evaluated list (943 MovieLens users take minutes per variant); TQDM_DISABLE=1 hides it.
+    for row, user in enumerate(tqdm(data.user_ids, desc=f"evaluating {name}", unit="user", leave=False)):
         # Ask for more than k when the protocol excludes items the funnel's own history does not
         # hold (validation items), then drop them: as if the online store knew them.
         excluded = data.item_ids[seen[row]] if data.also_seen is not None else np.zeros(0, dtype=np.int64)
@@ -266,17 +268,39 @@ def _evaluate(
     """Peers and the funnel (and the mitigation variants) on one split; write the report.
     ``trained`` = ``(model version, exported repository)`` evaluates those instead of training."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
+    variants = mitigation_variants(config.candidate_generator) if mitigation else []
+    steps = [
+        "train and export",
+        "funnel",
+        "peers",
+        *[f"mitigation sampled={n} logQ={q}" for n, q in variants],
+        "ordering policies",
+        "rankers",
+        "report",
+    ]
+    progress = tqdm(total=len(steps), desc="offline evaluation", unit="step")
+    names = iter(steps)
+
+    def begin() -> None:
+        if progress.postfix:  # the step before is done
+            progress.update()
+        progress.set_postfix_str(next(names))
+
+    begin()
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
     loaded = offline.load_funnel(repo, model.version)
+    begin()
     funnel, stages = funnel_results(
         "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded
     )
+    begin()
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
 
     mitigation_rows = []
     if mitigation:
         cg = config.candidate_generator
-        for sampled, logq in mitigation_variants(cg):
+        for sampled, logq in variants:
+            begin()
             if (sampled, logq) == (cg.sampled_negatives, cg.logq_correction):
                 res, st = funnel, stages  # the main run already is this variant
             else:
@@ -309,8 +333,11 @@ def _evaluate(
                     **_trade_off(res, ks[0]),
                 }
             )
+    begin()
     ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded)
+    begin()
     rankers = ranker_table(model.path, model.manifest, processed.valid())
+    begin()
     context = {
         **context,
         "users evaluated": int(sum(1 for r in data.relevant if r)),
@@ -325,6 +352,8 @@ def _evaluate(
     extra["Ordering policy: exploration and a per-category cap on the same export"] = ordering_rows
     paths = write_report(results, out / "report", title, context, ks=ks, extra_tables=extra)
     _log_to_mlflow(config, model.path.parent, out, results, paths)
+    progress.update()
+    progress.close()
     return {
         "results": results,
         "stages": stages,

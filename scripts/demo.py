@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def main() -> None:
         from models.train import train_all
         from serving.client import FunnelClient
         from workflows.pipeline import run_dataset_pipeline
+        from workflows.report import summary_table
         from workflows.sources.synthetic import generate
 
     config = load_config(args.config)
@@ -85,7 +87,7 @@ def main() -> None:
 
     with steps("Running the NVTabular dataset pipeline"):
         processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], work / "processed", config.workflow)
-        print("      " + json.dumps(processed.summary))
+        print(textwrap.indent(summary_table(processed.summary), "      "))
 
     with steps("Training the two-tower candidate generator, the light and the heavy DCN ranker"):
         model = train_all(processed, config, work / "registry", verbose=verbose)

@@ -51,3 +51,31 @@ def report(step: str, before, after, **details) -> StepReport:
     b = before if isinstance(before, tuple) else counts(before)
     a = after if isinstance(after, tuple) else counts(after)
     return StepReport(step, b[0], a[0], b[1], a[1], b[2], a[2], dict(details))
+
+
+def summary_table(summary: dict) -> str:
+    """``summary.json`` as a short text table: what each step kept, then the split's sizes."""
+    import pandas as pd
+
+    steps = pd.DataFrame(summary.get("steps", []))
+    lines = []
+    if not steps.empty:
+        shown = steps[["step", "rows_after", "rows_removed", "users_after", "users_removed", "items_after"]]
+        shown = shown.rename(
+            columns={
+                "rows_after": "rows",
+                "rows_removed": "-rows",
+                "users_after": "users",
+                "users_removed": "-users",
+                "items_after": "items",
+            }
+        )
+        lines.append(shown.to_string(index=False))
+    split = summary.get("split", {}).get("kind", "?")
+    lines.append(
+        f"split {split}: {summary.get('train_rows', 0):,} training rows, "
+        f"{summary.get('valid_rows', 0):,} validation rows; {summary.get('known_users', 0):,} users and "
+        f"{summary.get('known_items', 0):,} items known to the models; "
+        f"{len(summary.get('unsafe_items', []))} unsafe and {summary.get('duplicate_items', 0)} duplicate items removed"
+    )
+    return "\n".join(lines)
