@@ -10,7 +10,12 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-.PHONY: demo test test-fast lint format venv lock clean bench ab-test feedback-loop
+# Debian packages of the services tests run for real (Prometheus, with promtool, for the monitoring
+# tests). `make services` installs the missing ones when run as root (CI, these machines); elsewhere
+# it says what is missing and the tests that need them skip with that reason.
+SERVICES_PACKAGES := prometheus
+
+.PHONY: demo test test-fast lint format venv lock clean bench ab-test feedback-loop services
 
 venv: $(STAMP)
 
@@ -28,11 +33,25 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-test: lint
+test: lint services
 	$(PYTEST)
 
 test-fast: lint
 	$(PYTEST) -m "not slow"
+
+# Packages only: the tests start their own processes on loopback and never use a system service
+# (on a systemd host Debian starts one; docs/monitoring.md). No recommends (the node exporter).
+services:
+	@missing=""; for p in $(SERVICES_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo ">>> installing$$missing (Debian packages the tests use)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo ">>> not installed:$$missing; install them as root (apt-get install$$missing); the tests that need them skip"; \
+	fi
 
 # ruff, configured in pyproject.toml: lint and formatting are checked first (a second or two).
 lint: venv

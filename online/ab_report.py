@@ -17,13 +17,26 @@ requests, impressions, clicks, watch time, likes and shares, and whether they ch
   interval that resamples users (impressions of one user are not independent);
 * **guardrails**: watch time and retention must not get significantly worse, whatever CTR says;
 * **holdout vs control**: the 1-2% kept on the control model, which after a rollout is the only
-  yardstick left for the long term;
+  yardstick left for the long term (CTR, watch minutes per user, retention: ``holdout_tests``);
 * **popularity concentration per arm**: item-share curve and Gini of what each arm served.
+
+Every comparison takes users as the unit and keeps its false-positive rate at the sizes the defaults
+produce, the 2% holdout's 20 users included (``online/ab_testing.py``: permutation p-values for small
+groups; the A/A check is ``tests/test_ab_aa.py``). The impression-level z-test is shown for contrast
+only and decides nothing.
+
+The same holdout comparison runs continuously for monitoring: ``live_vs_holdout`` compares, per
+model version serving live users, those users with the holdout over the same period, and
+``HoldoutMonitor`` publishes the result for Prometheus (``docs/monitoring.md``), where the
+``LiveBelowHoldout`` alert watches it.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +93,52 @@ def ctr_bootstrap(c: pd.DataFrame, t: pd.DataFrame, n: int = 2000, seed: int = 0
     return float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
 
 
+def arm_tests(
+    c: pd.DataFrame, t: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS
+) -> list[ab.TestResult]:
+    """Treatment vs control over per-user rows (``per_user``): CTR (the primary metric), CTR with
+    impressions as trials (for contrast only: too optimistic), watch minutes per user, likes and
+    shares per request, retention."""
+    return [
+        # Users are the randomised unit: CTR's variance over users (delta method), not over impressions.
+        ab.ratio_delta_test(c["clicks"], c["impressions"], t["clicks"], t["impressions"], "ctr", alpha, n_resamples),
+        ab.two_proportion_ztest(
+            int(c["clicks"].sum()),
+            int(c["impressions"].sum()),
+            int(t["clicks"].sum()),
+            int(t["impressions"].sum()),
+            "ctr, impressions as trials (z-test, too optimistic; decides nothing)",
+            alpha,
+        ),
+        ab.mean_test(c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples),
+        ab.mean_test(
+            (c["likes"] + c["shares"]) / c["requests"],
+            (t["likes"] + t["shares"]) / t["requests"],
+            "likes_shares_per_request",
+            alpha,
+            n_resamples,
+        ),
+        ab.mean_test(~c["churned"].astype(bool), ~t["churned"].astype(bool), "retention", alpha, n_resamples),
+    ]
+
+
+HOLDOUT_METRICS = ("ctr", "watch_minutes_per_user", "retention")
+
+
+def holdout_tests(
+    holdout: pd.DataFrame, live: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS
+) -> list[ab.TestResult]:
+    """Live users vs the holdout (``control`` = holdout, ``treatment`` = live, ``difference`` = the
+    live-minus-holdout gap) for ``HOLDOUT_METRICS``, over per-user rows. The holdout is small (2% by
+    default), so these are permutation tests (``online/ab_testing.py``)."""
+    h, v = holdout, live
+    return [
+        ab.ratio_delta_test(h["clicks"], h["impressions"], v["clicks"], v["impressions"], "ctr", alpha, n_resamples),
+        ab.mean_test(h["watch_seconds"] / 60, v["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples),
+        ab.mean_test(~h["churned"].astype(bool), ~v["churned"].astype(bool), "retention", alpha, n_resamples),
+    ]
+
+
 @dataclass
 class ABAnalysis:
     summary: pd.DataFrame
@@ -91,6 +150,7 @@ class ABAnalysis:
     decision: str
     concentration: pd.DataFrame
     daily: pd.DataFrame = field(default_factory=pd.DataFrame)
+    holdout: pd.DataFrame = field(default_factory=pd.DataFrame)  # holdout_tests(holdout, control arm)
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +159,7 @@ class ABAnalysis:
             "tests": self.tests.to_dict(orient="records"),
             "srm": self.srm.__dict__,
             "holdout_vs_control": self.holdout_vs_control,
+            "holdout": self.holdout.to_dict(orient="records"),
             "required_users_per_arm": self.required_users_per_arm,
             "observed_users_per_arm": self.observed_users_per_arm,
             "concentration": self.concentration.to_dict(orient="records"),
@@ -121,33 +182,8 @@ def analyze(
         raise ValueError(f"the log has arms {sorted(by_arm)}; both {control!r} and {treatment!r} are needed")
     c, t = by_arm[control], by_arm[treatment]
 
-    def ctr_test(a: pd.DataFrame, b: pd.DataFrame) -> ab.TestResult:
-        # Users are the randomised unit: CTR's variance over users (delta method), not over impressions.
-        return ab.ratio_delta_test(a["clicks"], a["impressions"], b["clicks"], b["impressions"], "ctr", config.alpha)
-
-    primary = ctr_test(c, t)
-    naive = ab.two_proportion_ztest(
-        int(c["clicks"].sum()),
-        int(c["impressions"].sum()),
-        int(t["clicks"].sum()),
-        int(t["impressions"].sum()),
-        "ctr, impressions as trials (z-test, too optimistic)",
-        config.alpha,
-    )
-    tests = [
-        primary,
-        naive,
-        ab.welch_ttest(c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", config.alpha),
-        ab.welch_ttest(
-            (c["likes"] + c["shares"]) / c["requests"],
-            (t["likes"] + t["shares"]) / t["requests"],
-            "likes_shares_per_request",
-            config.alpha,
-        ),
-        ab.two_proportion_ztest(
-            int((~c["churned"]).sum()), len(c), int((~t["churned"]).sum()), len(t), "retention", config.alpha
-        ),
-    ]
+    tests = arm_tests(c, t, config.alpha)
+    primary = tests[0]
     table = pd.DataFrame([r.to_dict() for r in tests])
     low, high = ctr_bootstrap(c, t)
     watch = ab.bootstrap_diff(c["watch_seconds"] / 60, t["watch_seconds"] / 60)
@@ -163,9 +199,11 @@ def analyze(
     decision = ab.decide(
         primary, srm, required, observed_users, config.alpha, unit="users", guardrails=[tests[2], tests[4]]
     )  # watch time and retention must not get worse
-    holdout = None
-    if HOLDOUT in by_arm and len(by_arm[HOLDOUT]) >= 2:
-        holdout = ctr_test(by_arm[HOLDOUT], c).to_dict()
+    holdout, holdout_table = None, pd.DataFrame()
+    if HOLDOUT in by_arm:
+        results = holdout_tests(by_arm[HOLDOUT], c, config.alpha)
+        holdout_table = pd.DataFrame([r.to_dict() for r in results])
+        holdout = results[0].to_dict()
         holdout["metric"] = "ctr: control (treatment side) vs holdout"
 
     rows = []
@@ -182,7 +220,9 @@ def analyze(
                 "coverage": len(np.unique(items)) / catalog_size,
             }
         )
-    return ABAnalysis(summary, table, srm, holdout, required, observed_users, decision, pd.DataFrame(rows))
+    return ABAnalysis(
+        summary, table, srm, holdout, required, observed_users, decision, pd.DataFrame(rows), holdout=holdout_table
+    )
 
 
 def daily_ctr(outcomes: pd.DataFrame) -> pd.DataFrame:
@@ -231,8 +271,8 @@ def write_ab_report(
         ("Validity", validity),
         ("Popularity concentration of what each arm served", analysis.concentration),
     ]
-    if analysis.holdout_vs_control:
-        sections.append(("Holdout (control model) vs control arm", pd.DataFrame([analysis.holdout_vs_control])))
+    if not analysis.holdout.empty:
+        sections.append(("Holdout (control model) vs control arm", analysis.holdout))
     plots = []
     fig, ax = plt.subplots(figsize=(6, 3.2))
     arms = analysis.summary
@@ -252,3 +292,225 @@ def write_ab_report(
     paths = write_document(out, title, context, sections, plots)
     (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2, default=str))
     return {**paths, "json": out / "analysis.json"}
+
+
+# Live vs holdout, continuously: what the LiveBelowHoldout alert watches (docs/monitoring.md).
+
+REQUESTS_SQL = """
+SELECT request_id, MIN(ts) AS ts, MIN(user_id) AS user_id, MIN(arm) AS arm, MIN(model_version) AS model_version,
+       COUNT(*) AS impressions
+FROM impressions WHERE ts >= ? GROUP BY request_id
+"""
+REACTIONS_SQL = """
+SELECT request_id,
+       SUM(CASE WHEN event = 'click' THEN value ELSE 0 END) AS clicks,
+       SUM(CASE WHEN event = 'watch_seconds' THEN value ELSE 0 END) AS watch_seconds,
+       SUM(CASE WHEN event = 'like' THEN value ELSE 0 END) AS likes,
+       SUM(CASE WHEN event = 'share' THEN value ELSE 0 END) AS shares,
+       MAX(event = 'churn') AS churned
+FROM feedback WHERE request_id IN (SELECT request_id FROM impressions WHERE ts >= ?) GROUP BY request_id
+"""
+REQUEST_COLUMNS = [
+    "request_id",
+    "ts",
+    "user_id",
+    "arm",
+    "model_version",
+    "impressions",
+    "clicks",
+    "watch_seconds",
+    "likes",
+    "shares",
+    "churned",
+]
+
+
+def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
+    """One row per logged response since ``since`` (epoch seconds): its user, arm, model version,
+    impressions and the reactions to it. Read-only: a monitor never writes to the server's log."""
+    path = Path(log_path)
+    if not path.exists():
+        return pd.DataFrame(columns=REQUEST_COLUMNS)
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        requests = pd.read_sql_query(REQUESTS_SQL, con, params=(since,))
+        reactions = pd.read_sql_query(REACTIONS_SQL, con, params=(since,))
+    except pd.errors.DatabaseError as err:  # a log the server has not created its tables in yet
+        if "no such table" in str(err):
+            return pd.DataFrame(columns=REQUEST_COLUMNS)
+        raise
+    finally:
+        con.close()
+    out = requests.merge(reactions, on="request_id", how="left")
+    for column in ("clicks", "watch_seconds", "likes", "shares", "churned"):
+        out[column] = out[column].fillna(0)
+    out["churned"] = out["churned"].astype(bool)
+    return out[REQUEST_COLUMNS]
+
+
+def users_of(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per-user rows (``per_user``'s columns, less ``arm``) from ``logged_requests`` rows."""
+    g = requests.groupby("user_id")
+    return pd.DataFrame(
+        {
+            "requests": g.size(),
+            "impressions": g["impressions"].sum(),
+            "clicks": g["clicks"].sum(),
+            "watch_seconds": g["watch_seconds"].sum(),
+            "likes": g["likes"].sum(),
+            "shares": g["shares"].sum(),
+            "churned": g["churned"].any(),
+        }
+    ).reset_index()
+
+
+def live_vs_holdout(
+    requests: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS, min_users: int = ab.MIN_USERS
+) -> pd.DataFrame:
+    """For every model version that served users outside the holdout: those users vs the holdout's
+    users over the same period (from the version's first to its last logged response), by
+    ``holdout_tests``. One row per (version, metric): live and holdout values, the gap (live minus
+    holdout), its interval and p-value, users per group, the minimum detectable effect.
+
+    The same period, because users churn over time: a version that served only the last day must not
+    be compared with a holdout that has had a week to churn."""
+    columns = [
+        "version",
+        "metric",
+        "live",
+        "holdout",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "min_detectable_effect",
+        "method",
+        "users_live",
+        "users_holdout",
+        "since",
+        "until",
+    ]
+    if requests.empty:
+        return pd.DataFrame(columns=columns)
+    in_holdout = requests["arm"] == HOLDOUT
+    held, live = requests[in_holdout], requests[~in_holdout]
+    rows = []
+    for version, served in live.groupby("model_version"):
+        since, until = float(served["ts"].min()), float(served["ts"].max())
+        same_period = held[(held["ts"] >= since) & (held["ts"] <= until)]
+        h, v = users_of(same_period), users_of(served)
+        if len(h) < min_users:
+            results = [
+                ab.TestResult(m, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, ab.TOO_FEW)
+                for m in HOLDOUT_METRICS
+            ]
+        else:
+            results = holdout_tests(h, v, alpha, n_resamples)
+        for r in results:
+            rows.append(
+                {
+                    "version": str(version),
+                    "metric": r.metric,
+                    "live": r.treatment,
+                    "holdout": r.control,
+                    "difference": r.difference,
+                    "ci_low": r.ci_low,
+                    "ci_high": r.ci_high,
+                    "p_value": r.p_value,
+                    "min_detectable_effect": r.min_detectable_effect,
+                    "method": r.method,
+                    "users_live": len(v),
+                    "users_holdout": len(h),
+                    "since": since,
+                    "until": until,
+                }
+            )
+    return pd.DataFrame(rows, columns=columns)
+
+
+class HoldoutMonitor:
+    """``live_vs_holdout`` of the server's feedback log as Prometheus metrics, for a sidecar exporter
+    (``scripts/monitor.py``). Recomputed at most every ``interval_s`` however often it is scraped;
+    ``window_s`` limits it to the last so many seconds of the log (None: the whole log).
+
+        online_holdout_value{version, metric, group="live"|"holdout"}  the metric per group
+        online_holdout_p_value{version, metric}                         the test of the gap
+        online_holdout_min_detectable_effect{version, metric}           at the current sizes
+        online_holdout_users{version, group}                            users per group
+        online_holdout_updated_timestamp_seconds                        when it was last computed
+
+    The gap itself (live minus holdout) and the alert are Prometheus rules
+    (``monitoring/prometheus/funnel-alerts.yml``). Per-user spreads, which a valid test needs, are not
+    in the server's counters (they are per arm totals), hence a reader of the log."""
+
+    def __init__(
+        self,
+        log_path: str | Path,
+        window_s: float | None = None,
+        interval_s: float = 60.0,
+        alpha: float = 0.05,
+        n_resamples: int = ab.PERMUTATIONS,
+    ):
+        self.log_path = Path(log_path)
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self.alpha = alpha
+        self.n_resamples = n_resamples
+        self._lock = threading.Lock()
+        self._table: pd.DataFrame | None = None
+        self._updated = 0.0
+        self.last_error: str | None = None
+
+    def table(self) -> pd.DataFrame:
+        with self._lock:  # one computation at a time, however many scrapes arrive
+            now = time.time()
+            if self._table is None or now - self._updated >= self.interval_s:
+                since = now - self.window_s if self.window_s else 0.0
+                self._table = live_vs_holdout(logged_requests(self.log_path, since), self.alpha, self.n_resamples)
+                self._updated = now
+            return self._table
+
+    def exposition(self) -> str:
+        from serving.metrics import render_metrics
+
+        try:
+            table = self.table()
+        except Exception as err:  # a log being rotated, a locked file: report it, keep serving the rest
+            self.last_error = f"{type(err).__name__}: {err}"
+            return render_metrics([("online_holdout_errors", "gauge", "The last holdout comparison failed", [({}, 1)])])
+        self.last_error = None
+        values, p_values, mde, users = [], [], [], {}
+        for row in table.itertuples():
+            labels = {"version": row.version, "metric": row.metric}
+            values += [({**labels, "group": "live"}, row.live), ({**labels, "group": "holdout"}, row.holdout)]
+            p_values.append((labels, row.p_value))
+            mde.append((labels, row.min_detectable_effect))
+            users[row.version] = [
+                ({"version": row.version, "group": "live"}, row.users_live),
+                ({"version": row.version, "group": "holdout"}, row.users_holdout),
+            ]
+        return render_metrics(
+            [
+                (
+                    "online_holdout_value",
+                    "gauge",
+                    "Live users' and the holdout's metric, per live model version",
+                    values,
+                ),
+                ("online_holdout_p_value", "gauge", "p-value of the live-minus-holdout gap (users as unit)", p_values),
+                (
+                    "online_holdout_min_detectable_effect",
+                    "gauge",
+                    "Smallest gap the comparison finds with 80% power at its current sizes",
+                    mde,
+                ),
+                ("online_holdout_users", "gauge", "Users per group of the comparison", sum(users.values(), [])),
+                (
+                    "online_holdout_updated_timestamp_seconds",
+                    "gauge",
+                    "When the comparison was computed",
+                    [({}, self._updated)],
+                ),
+                ("online_holdout_errors", "gauge", "The last holdout comparison failed", [({}, 0)]),
+            ]
+        )

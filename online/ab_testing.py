@@ -3,12 +3,26 @@
 two_proportion_ztest  rates such as CTR or retention (pooled z-test, Wald interval of the lift)
 ratio_delta_test      a ratio of per-user sums such as CTR = clicks / impressions, with users as
                       the unit (delta method): a user's impressions are not independent trials
-welch_ttest           means such as watch time per user (unequal variances)
+mean_test             a mean over users such as watch time per user or retention (0/1 per user)
+welch_ttest           means (unequal variances), the textbook test with no small-group guard
+permutation_p_value   the studentized permutation test ``ratio_delta_test`` and ``mean_test`` use
+                      when a group is small
 bootstrap_diff        percentile interval of any statistic's difference
 sample_size_proportions / sample_size_means   users per arm for a given effect, alpha and power
 sample_ratio_mismatch chi-square test of arm sizes against the designed split; a mismatch means
                       assignment or logging is broken and no other number can be trusted
 decide                a plain decision from the above
+
+Small groups. The normal and t approximations are anti-conservative for a small group of skewed
+per-user values: an A/A check (``tests/test_ab_aa.py``: the same model in every arm, 1,000 users
+with heterogeneous CTR and activity, 400 salts) rejected the 2% holdout (about 20 users) against the
+control arm 10% of the time at alpha 0.05 for CTR (the delta method's normal test), 9% for retention
+and 6.5% for watch time. So when either group has fewer than ``PERMUTATION_BELOW_USERS`` users,
+``ratio_delta_test`` and ``mean_test`` take their p-value from a studentized permutation test (users
+re-randomised between the two groups; exact for an A/A comparison, where the assignment is the only
+difference, and asymptotically right when the groups' spreads differ): 3.5-5.5% in the same check.
+With fewer than ``MIN_USERS`` users in a group there is no p-value ("too few users to tell"), only
+the minimum detectable effect at the current sizes.
 """
 
 from __future__ import annotations
@@ -16,7 +30,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
+
+# Below this many users in the smaller group, p-values come from a permutation test (see above); at
+# and above it the t approximation held its rate in the A/A check (4-5.5% at about 490 users per arm).
+PERMUTATION_BELOW_USERS = 200
+PERMUTATIONS = 2000  # re-randomisations per permutation test: p-values to about +-0.005 near 0.05
+MIN_USERS = 2  # per group, to estimate a spread at all
+TOO_FEW = "too few users to tell"
 
 
 @dataclass
@@ -29,6 +50,11 @@ class TestResult:
     ci_high: float
     p_value: float
     statistic: float
+    method: str = ""
+    n_control: int = 0
+    n_treatment: int = 0
+    # the smallest true difference this comparison finds with 80% power at its alpha and sizes
+    min_detectable_effect: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,17 +87,157 @@ def ratio_user_std(num, den) -> tuple[float, float]:
     return float(mx / my), float(np.sqrt(max(var, 0.0)))
 
 
-def ratio_delta_test(num_c, den_c, num_t, den_t, metric: str = "ratio", alpha: float = 0.05) -> TestResult:
+def ratio_delta_test(
+    num_c,
+    den_c,
+    num_t,
+    den_t,
+    metric: str = "ratio",
+    alpha: float = 0.05,
+    n_resamples: int = PERMUTATIONS,
+    seed: int = 0,
+    power: float = 0.8,
+) -> TestResult:
     """sum(num) / sum(den) per arm, variance by the delta method over users (Deng et al., 2018,
-    "Applying the delta method in metric analytics"); ``num_*``/``den_*`` hold one value per user."""
-    r_c, s_c = ratio_user_std(num_c, den_c)
-    r_t, s_t = ratio_user_std(num_t, den_t)
-    se = np.sqrt(s_c**2 / len(num_c) + s_t**2 / len(num_t))
-    z = (r_t - r_c) / se if se > 0 else 0.0
-    half = stats.norm.ppf(1 - alpha / 2) * se
+    "Applying the delta method in metric analytics"); ``num_*``/``den_*`` hold one value per user.
+
+    The interval is the delta method's with a t quantile (Welch-Satterthwaite degrees of freedom of
+    the linearised per-user values); the p-value is the t test's, or, when a group has fewer than
+    ``PERMUTATION_BELOW_USERS`` users, a studentized permutation test's (``permutation_p_value``)."""
+    return _compare(num_c, den_c, num_t, den_t, metric, alpha, n_resamples, seed, power)
+
+
+def mean_test(
+    control,
+    treatment,
+    metric: str = "mean",
+    alpha: float = 0.05,
+    n_resamples: int = PERMUTATIONS,
+    seed: int = 0,
+    power: float = 0.8,
+) -> TestResult:
+    """A difference of means over users (watch minutes per user; retention as 0/1 per user): Welch's
+    t test, or a studentized permutation test when a group is small (``ratio_delta_test`` with a
+    denominator of one per user)."""
+    c = np.asarray(control, dtype=float)
+    t = np.asarray(treatment, dtype=float)
+    return _compare(c, np.ones_like(c), t, np.ones_like(t), metric, alpha, n_resamples, seed, power)
+
+
+def _group(num, den) -> tuple[float, float, float, int]:
+    """Ratio, its delta-method variance, the variance of one user's linearised value, and users."""
+    x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    n = len(x)
+    if n == 0 or y.sum() <= 0:
+        return float("nan"), float("nan"), float("nan"), n
+    r = x.sum() / y.sum()
+    if n < 2:
+        return float(r), float("nan"), float("nan"), n
+    linear = (x - r * y) / y.mean()  # the delta method's per-user contribution to the ratio
+    unit = float(linear.var(ddof=1))
+    return float(r), unit / n, unit, n
+
+
+def _compare(num_c, den_c, num_t, den_t, metric, alpha, n_resamples, seed, power) -> TestResult:
+    r_c, v_c, unit_c, n_c = _group(num_c, den_c)
+    r_t, v_t, unit_t, n_t = _group(num_t, den_t)
+    diff = r_t - r_c
+    z_a, z_b = special.ndtri(1 - alpha / 2), special.ndtri(power)
+    if min(n_c, n_t) < MIN_USERS or not np.isfinite(v_c + v_t):
+        # No spread to test against: the detectable effect at these sizes, from whichever group has one.
+        unit = np.nanmax([unit_c, unit_t]) if np.isfinite([unit_c, unit_t]).any() else float("nan")
+        se = np.sqrt(unit * (1 / max(n_c, 1) + 1 / max(n_t, 1)))
+        nan = float("nan")
+        return TestResult(metric, r_c, r_t, diff, nan, nan, nan, nan, TOO_FEW, n_c, n_t, float((z_a + z_b) * se))
+    se = float(np.sqrt(v_c + v_t))
+    if se > 0:
+        df = (v_c + v_t) ** 2 / (v_c**2 / (n_c - 1) + v_t**2 / (n_t - 1))
+    else:
+        df = float(n_c + n_t - 2)
+    statistic = diff / se if se > 0 else 0.0
+    t_a = special.stdtrit(df, 1 - alpha / 2)
+    if min(n_c, n_t) < PERMUTATION_BELOW_USERS:
+        p = permutation_p_value(num_c, den_c, num_t, den_t, n_resamples, seed)
+        method = f"studentized permutation ({n_resamples})"
+    else:
+        p = float(2 * special.stdtr(df, -abs(statistic))) if se > 0 else (1.0 if diff == 0 else 0.0)
+        method = "delta method, t (Welch df)"
     return TestResult(
-        metric, r_c, r_t, r_t - r_c, r_t - r_c - half, r_t - r_c + half, float(2 * stats.norm.sf(abs(z))), float(z)
+        metric,
+        r_c,
+        r_t,
+        diff,
+        diff - t_a * se,
+        diff + t_a * se,
+        float(p),
+        float(statistic),
+        method,
+        n_c,
+        n_t,
+        float((t_a + z_b) * se),
     )
+
+
+def _studentized(sums_a: np.ndarray, n_a, sums_b: np.ndarray, n_b) -> np.ndarray:
+    """(ratio_b - ratio_a) / se from per-group sums of x, y, x*x, y*y, x*y (last axis)."""
+
+    def ratio_var(sums, n):
+        sx, sy, sxx, syy, sxy = np.moveaxis(sums, -1, 0)
+        mx, my = sx / n, sy / n
+        r = sx / sy
+        cxx, cyy, cxy = (sxx - n * mx * mx) / (n - 1), (syy - n * my * my) / (n - 1), (sxy - n * mx * my) / (n - 1)
+        return r, np.maximum(cxx - 2 * r * cxy + r * r * cyy, 0.0) / (my * my * n)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_a, v_a = ratio_var(sums_a, n_a)
+        r_b, v_b = ratio_var(sums_b, n_b)
+        t = (r_b - r_a) / np.sqrt(v_a + v_b)
+    # Equal ratios with no spread: no evidence either way; unequal ones with no spread: all of it.
+    return np.where(np.isnan(t), 0.0, t)
+
+
+def permutation_p_value(num_a, den_a, num_b, den_b, n_resamples: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided p-value of sum(num_b)/sum(den_b) - sum(num_a)/sum(den_a), by re-randomising users
+    between the two groups (group sizes kept) ``n_resamples`` times and comparing the studentized
+    difference (delta-method standard error) with the observed one; a resample exactly as extreme
+    counts half (mid-p). Seeded: the same data give the same p-value."""
+    xa, ya = np.asarray(num_a, dtype=float), np.asarray(den_a, dtype=float)
+    xb, yb = np.asarray(num_b, dtype=float), np.asarray(den_b, dtype=float)
+    x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
+    values = np.stack([x, y, x * x, y * y, x * y], axis=1)
+    n, n_a = len(x), len(xa)
+    total = values.sum(axis=0)
+    observed = _studentized(values[:n_a].sum(axis=0), n_a, values[n_a:].sum(axis=0), n - n_a)
+    rng = np.random.default_rng(seed)
+    small = min(n_a, n - n_a)  # draw the smaller group; the other is the rest
+    if small * small <= 4 * n:
+        chosen = _distinct_rows(n, small, n_resamples, rng)
+    else:  # the smallest of random keys: a uniform subset, O(n) a row
+        chosen = rng.random((n_resamples, n)).argpartition(small, axis=1)[:, :small]
+    drawn = values[chosen].sum(axis=1)
+    rest = total - drawn
+    if small == n_a:
+        resampled = _studentized(drawn, n_a, rest, n - n_a)
+    else:
+        resampled = _studentized(rest, n_a, drawn, n - n_a)
+    # mid-p: a tie counts half. Binary outcomes (retention) tie often, and counting ties in full made
+    # the test conservative (2% false positives at 5% in the A/A check).
+    size, tol = abs(observed), 1e-9 * max(abs(observed), 1.0)
+    above = np.count_nonzero(np.abs(resampled) > size + tol)
+    ties = np.count_nonzero(np.abs(np.abs(resampled) - size) <= tol)
+    return float((above + 0.5 * (ties + 1)) / (n_resamples + 1))
+
+
+def _distinct_rows(n: int, m: int, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` uniform random m-subsets of ``range(n)``: draws with replacement, redrawing any row
+    that repeats an index (at least one row in eight passes while m * m <= 4 * n)."""
+    out = rng.integers(0, n, size=(rows, m))
+    check = np.arange(rows)
+    while len(check):
+        ordered = np.sort(out[check], axis=1)
+        check = check[(ordered[:, 1:] == ordered[:, :-1]).any(axis=1)]
+        out[check] = rng.integers(0, n, size=(len(check), m))
+    return out
 
 
 def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -> TestResult:

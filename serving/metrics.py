@@ -10,14 +10,32 @@ supports counters, gauges and histograms there):
     funnel_stage_candidates{stage, version}        histogram: items the stage passed on
     funnel_fallback_total{version}                 counter: responses served by the popularity fallback
 
-``monitoring/grafana/funnel-dashboard.json`` charts them; ``tests/test_serving_metrics.py`` scrapes
-them from a live server. ``StageMetrics`` never lets a metrics failure fail a request;
-``BackgroundRecorder`` keeps the updates off the request path.
+and every stub process (one per model instance) samples its own resources (``ProcessSampler``):
+
+    funnel_process_resident_memory_bytes{process="stub", model, version, model_instance}  gauge
+    funnel_process_cpu_seconds_total{process="stub", model, version, model_instance}      counter
+
+The tritonserver process itself is measured from outside (``process_exposition``, served by the
+monitoring sidecar of ``scripts/monitor.py``) under the same names with ``process="tritonserver"``:
+Triton exports only the host's memory (``nv_cpu_memory_used_bytes``), not its own.
+
+``monitoring/grafana/funnel-dashboard.json`` charts them; ``tests/test_serving_production.py`` scrapes
+them from a live server and ``tests/test_prometheus.py`` runs every dashboard query through a real
+Prometheus. ``StageMetrics`` never lets a metrics failure fail a request; ``BackgroundRecorder`` and
+``ProcessSampler`` keep the updates off the request path.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_MS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 1000.0]
 CANDIDATE_BUCKETS = [0, 1, 10, 50, 100, 200, 300, 500, 1000, 5000]
@@ -166,6 +184,172 @@ class BackgroundRecorder:
         self._thread.join(timeout)
 
 
+# Per-process resources, the same names for the stubs (published through Triton) and the server
+# (published by the monitoring sidecar).
+PROCESS_MEMORY = "funnel_process_resident_memory_bytes"
+PROCESS_CPU = "funnel_process_cpu_seconds_total"
+PROCESS_SAMPLE_S = 5.0  # a stub's sampling period: two round trips to the server each time
+
+
+def read_process(pid: int | str = "self") -> tuple[float, float]:
+    """Resident memory (bytes) and CPU time used so far (user + system, seconds) of a process, read
+    from ``/proc`` (Linux; psutil is not a dependency)."""
+    with open(f"/proc/{pid}/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as stat:
+        # Fields after the command name, which may hold spaces: utime and stime are fields 14 and 15.
+        fields = stat.read().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss_kb * 1024.0, (int(fields[11]) + int(fields[12])) / ticks
+
+
+class ProcessSampler:
+    """Publishes this stub process's resident memory and CPU time through Triton's metrics endpoint,
+    every ``interval_s`` on a thread of its own (never on the request path). ``labels`` name the
+    model, version and instance."""
+
+    def __init__(self, pb_utils, labels: dict, interval_s: float = PROCESS_SAMPLE_S, on_error=None):
+        family = pb_utils.MetricFamily
+        labels = {"process": "stub", **{k: str(v) for k, v in labels.items()}}
+        # Keep the families referenced: a Metric must not outlive its MetricFamily.
+        self._families = (
+            family(PROCESS_MEMORY, "Resident memory of a process (bytes)", family.GAUGE),
+            family(PROCESS_CPU, "CPU time a process used, user + system (seconds)", family.COUNTER),
+        )
+        self.memory = self._families[0].Metric(labels=labels)
+        self.cpu = self._families[1].Metric(labels=labels)
+        self.interval_s = interval_s
+        self._on_error = on_error or (lambda err: None)
+        self._counted = 0.0
+        self._failing = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="process-metrics", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        rss, cpu = read_process()
+        self.memory.set(rss)
+        if cpu > self._counted:  # a counter only goes up: add what was used since the last sample
+            self.cpu.increment(cpu - self._counted)
+            self._counted = cpu
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sample()
+                self._failing = False
+            except Exception as err:  # never let metrics take the stage down; say so once per outage
+                if not self._failing:
+                    self._on_error(err)
+                self._failing = True
+            if self._stop.wait(self.interval_s):
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def render_metrics(families: list[tuple[str, str, str, list[tuple[dict, float]]]]) -> str:
+    """Prometheus text exposition of ``[(name, type, help, [(labels, value), ...]), ...]``."""
+
+    def label_value(value) -> str:
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    def number(value) -> str:
+        value = float(value)
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+
+    lines = []
+    for name, kind, doc, samples in families:
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            inner = ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{inner}}} {number(value)}" if inner else f"{name} {number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def process_exposition(pid: int, labels: dict) -> str:
+    """``PROCESS_MEMORY`` and ``PROCESS_CPU`` of another process (the tritonserver), as text; nothing
+    for a process that is gone."""
+    try:
+        rss, cpu = read_process(pid)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return ""
+    return render_metrics(
+        [
+            (PROCESS_MEMORY, "gauge", "Resident memory of a process (bytes)", [(labels, rss)]),
+            (PROCESS_CPU, "counter", "CPU time a process used, user + system (seconds)", [(labels, cpu)]),
+        ]
+    )
+
+
+class MetricsExporter:
+    """A small HTTP server that answers ``GET /metrics`` with whatever ``collectors`` render now
+    (each returns Prometheus text). Listens on loopback unless told otherwise; ``port=0`` picks a free
+    port. A collector that fails is logged and left out; the others are still served."""
+
+    def __init__(self, collectors: list[Callable[[], str]], host: str = "127.0.0.1", port: int = 0):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the http.server API)
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = exporter.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics exporter: " + fmt, *args)
+
+        self.collectors = list(collectors)
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def render(self) -> str:
+        parts = []
+        for collect in self.collectors:
+            try:
+                parts.append(collect())
+            except Exception:
+                log.exception("metrics collector %r failed", collect)
+        return "".join(parts)
+
+    def start(self) -> MetricsExporter:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-exporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> MetricsExporter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
     """``/metrics`` text -> {metric name: [(labels, value), ...]} (enough for tests and the notebook)."""
     out: dict[str, list[tuple[dict, float]]] = {}
@@ -257,6 +441,10 @@ class OnlineMetrics:
             specs["feedback"] = ("online_feedback_total", "Feedback requests accepted, per arm", family.COUNTER)
         self._families = {key: family(name, doc, kind) for key, (name, doc, kind) in specs.items()}
         self._metrics: dict = {}
+        # Error counters exist at 0 from the start: a counter first exported at 1 shows Prometheus no
+        # increase, so the first refused requests would never appear in rate().
+        for kind in ERROR_KINDS:
+            self._metric("errors", {"endpoint": role, "kind": kind})
 
     def _metric(self, key: str, labels: dict, **kwargs):
         cache_key = (key, tuple(sorted(labels.items())))

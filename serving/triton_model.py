@@ -10,7 +10,9 @@ Cross-cutting serving concerns live here, not in the stages:
   the server's faults, and no exception escapes to crash the stub;
 * every request is timed and counted in the custom metrics of ``serving/metrics.py`` (latency,
   candidates passed on, fallback responses, errors by kind), recorded on a background thread so
-  the response does not wait for the metric updates.
+  the response does not wait for the metric updates;
+* every stub process publishes its own resident memory and CPU time (``ProcessSampler``, per
+  model, version and instance), sampled on a thread of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ class StageModel:
             self.metrics = self.build_metrics(args)
         except Exception as err:  # metrics are an aid: a server without them still serves
             pb_utils.Logger.log_warn(f"{self.stage_name}: custom metrics disabled: {type(err).__name__}: {err}")
+        self.process_sampler = None
+        try:
+            from serving.metrics import ProcessSampler
+
+            labels = {k: args.get(f"model_{k}", "") for k in ("name", "version", "instance_name")}
+            self.process_sampler = ProcessSampler(
+                pb_utils,
+                {"model": labels["name"], "version": labels["version"], "model_instance": labels["instance_name"]},
+                on_error=lambda err: pb_utils.Logger.log_warn(f"{self.stage_name}: process metrics failed: {err}"),
+            )
+        except Exception as err:
+            pb_utils.Logger.log_warn(f"{self.stage_name}: process metrics disabled: {type(err).__name__}: {err}")
 
     def build_stage(self, artifacts: Path, args: dict):
         from serving.stages import STAGES
@@ -106,6 +120,8 @@ class StageModel:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
+        if getattr(self, "process_sampler", None):
+            self.process_sampler.close()
         close_metrics = getattr(self.metrics, "close", None)  # a BackgroundRecorder: record what is queued
         if close_metrics:
             self.metrics.flush()

@@ -1,34 +1,183 @@
-"""The dashboard and the alert rules only query metrics the server really exports."""
+"""The monitoring files and their helpers, without a server: the dashboard and rules are well formed,
+``promtool`` checks the rules and runs a unit test for every alert, the sidecar's pieces work.
+
+What the dashboard's queries return from a live server, and the degradation alert end to end, are in
+tests/test_prometheus.py (a real Prometheus scraping a real tritonserver)."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
+RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
+RULE_TESTS = ROOT / "monitoring" / "prometheus" / "tests"
 SUFFIXES = ("_bucket", "_sum", "_count")
+NO_PROMTOOL = "promtool is not installed (Debian package prometheus; `make services` installs it when run as root)"
+
+
+def rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
 
 def _exported_names() -> set[str]:
-    """Names our Python models register (serving/metrics.py), with the histogram series suffixes."""
-    source = (ROOT / "serving" / "metrics.py").read_text()
+    """Names the project exports: the stubs' (serving/metrics.py) and the sidecar's (online/ab_report.py)."""
+    source = (ROOT / "serving" / "metrics.py").read_text() + (ROOT / "online" / "ab_report.py").read_text()
     names = set(re.findall(r'"((?:funnel|online)_[a-z_]+)"', source))
     return names | {n + s for n in names for s in SUFFIXES}
 
 
 def _queried_names(expr: str) -> set[str]:
+    expr = re.sub(r'"[^"]*"', '""', expr)  # label values (model=~"funnel_v[0-9]+") are not metrics
+    expr = re.sub(r"[a-z_]*:[a-z_:]+", "", expr)  # nor recording rules (level:metric:operation)
     return set(re.findall(r"\b((?:funnel|online)_[a-z_]+)\b", expr))
 
 
-def test_dashboard_and_alerts_use_exported_metrics():
-    exported = _exported_names()
-    dashboard = json.loads((ROOT / "monitoring/grafana/funnel-dashboard.json").read_text())
+def test_dashboard_and_rules_are_well_formed_and_query_exported_metrics():
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    rules = yaml.safe_load((ROOT / "monitoring/prometheus/funnel-alerts.yml").read_text())
-    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    exprs += [r["expr"] for r in rules()]
+    recorded = {r["record"] for r in rules() if "record" in r}
     queried = set().union(*map(_queried_names, exprs))
-    assert {"online_clicks_total", "online_impressions_total", "online_churned_users_total"} <= queried
-    assert queried <= exported, sorted(queried - exported)
+    assert {"online_clicks_total", "online_impressions_total", "funnel_process_resident_memory_bytes"} <= queried
+    assert queried <= _exported_names(), sorted(queried - _exported_names())
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    # the memory panel is the processes', not the host's
+    assert not any("nv_cpu_memory" in e for e in exprs)
+    for name in recorded:  # every recording rule is used by the dashboard or an alert
+        assert any(name in e for e in exprs), name
+    alerts = [r for r in rules() if "alert" in r]
+    assert all(r.get("for") and r["labels"].get("severity") and r["annotations"].get("summary") for r in alerts)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_promtool_checks_the_rules_and_every_alert_has_a_passing_unit_test():
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    alerts = {r["alert"] for r in rules() if "alert" in r}
+    files = sorted(RULE_TESTS.glob("*.yml"))
+    assert {f.stem for f in files} == alerts  # one test file per alert, named after it
+    for path in files:
+        spec = yaml.safe_load(path.read_text())
+        cases = [c for t in spec["tests"] for c in t.get("alert_rule_test", []) if c["alertname"] == path.stem]
+        assert any(c.get("exp_alerts") for c in cases), f"{path.name}: no case where {path.stem} fires"
+        assert any(not c.get("exp_alerts") for c in cases), f"{path.name}: no case where {path.stem} stays quiet"
+    run = subprocess.run(["promtool", "test", "rules", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("SUCCESS") == len(files), run.stdout
+
+
+def test_make_test_installs_the_services_the_tests_use():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^SERVICES_PACKAGES\s*:?=.*\bprometheus\b", makefile, flags=re.M)
+    assert re.search(r"^test:.*\bservices\b", makefile, flags=re.M)
+
+
+class _Family:
+    """Stand-in for ``pb_utils.MetricFamily`` (it exists only inside a Triton stub)."""
+
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    made: list = []
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind = name, kind
+
+    def Metric(self, labels, buckets=None):  # noqa: N802 (pb_utils' name)
+        metric = SimpleNamespace(family=self.name, labels=labels, value=0.0)
+        metric.set = lambda v: setattr(metric, "value", v)
+        metric.increment = lambda v: setattr(metric, "value", metric.value + v)
+        _Family.made.append(metric)
+        return metric
+
+
+def test_process_sampler_publishes_its_own_memory_and_cpu():
+    from serving.metrics import PROCESS_CPU, PROCESS_MEMORY, ProcessSampler, read_process
+
+    _Family.made = []
+    sampler = ProcessSampler(SimpleNamespace(MetricFamily=_Family), {"model": "ordering", "version": 1}, 0.05)
+    try:
+        deadline = time.monotonic() + 5
+        while not all(m.value > 0 for m in _Family.made) and time.monotonic() < deadline:
+            sum(i * i for i in range(20000))  # use some CPU
+            time.sleep(0.01)
+    finally:
+        sampler.close()
+    memory, cpu = (next(m for m in _Family.made if m.family == name) for name in (PROCESS_MEMORY, PROCESS_CPU))
+    rss, used = read_process()
+    assert memory.labels == {"process": "stub", "model": "ordering", "version": "1"}
+    assert 0.5 * rss < memory.value < 2 * rss and 0 < cpu.value <= used
+
+
+def test_sidecar_serves_the_server_process_and_survives_a_failing_collector():
+    from serving.metrics import MetricsExporter, parse_prometheus, process_exposition
+
+    def broken():
+        raise RuntimeError("a collector that fails")
+
+    with MetricsExporter([lambda: process_exposition(os.getpid(), {"process": "tritonserver"}), broken]) as sidecar:
+        assert sidecar.host == "127.0.0.1"
+        with urllib.request.urlopen(sidecar.url, timeout=5) as response:
+            metrics = parse_prometheus(response.read().decode())
+    (labels, rss), *_ = metrics["funnel_process_resident_memory_bytes"]
+    assert labels == {"process": "tritonserver"} and rss > 10e6
+    assert metrics["funnel_process_cpu_seconds_total"][0][1] > 0
+    assert process_exposition(2**22 + 12345, {}) == ""  # a process that is gone: nothing
+
+
+def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_period(tmp_path):
+    from online.ab_report import HoldoutMonitor, logged_requests
+    from online.feedback_log import FeedbackLog
+    from serving.metrics import parse_prometheus
+
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    rng = np.random.default_rng(0)
+    # Version 1 live and the holdout, same CTR; then version 2 live, far below the holdout.
+    n = 0
+    for period, (version, live_ctr) in enumerate([("1", 0.3), ("2", 0.05)]):
+        for user in range(200):
+            arm = "holdout" if user % 10 == 5 else "control"
+            ctr = 0.3 if arm == "holdout" else live_ctr
+            request = f"r{n}"
+            n += 1
+            items = list(range(10))
+            log.log_impressions(
+                request, user, items, "1" if arm == "holdout" else version, arm, "model", ts=period * 100 + user * 0.1
+            )
+            clicked = [i for i in items if rng.random() < ctr]
+            log.log_feedback_many([(request, user, i, "click", 1.0) for i in clicked], ts=period * 100 + user * 0.1)
+            if arm == "holdout" or rng.random() < 0.2:
+                log.log_feedback_many([(request, user, -1, "churn", 1.0)], ts=period * 100 + user * 0.1)
+    log.close()
+    requests = logged_requests(tmp_path / "log.sqlite")
+    assert len(requests) == 400 and requests["clicks"].sum() > 0
+
+    monitor = HoldoutMonitor(tmp_path / "log.sqlite", interval_s=3600)
+    table = monitor.table().set_index(["version", "metric"])
+    assert set(table.index.get_level_values(0)) == {"1", "2"}
+    # each version is compared with the 20 holdout users of its own period
+    assert (table["users_holdout"] == 20).all() and (table["users_live"] == 180).all()
+    assert table.loc[("1", "ctr"), "p_value"] > 0.05
+    assert table.loc[("2", "ctr"), "p_value"] < 0.01 and table.loc[("2", "ctr"), "difference"] < -0.15
+    assert table.loc[("2", "retention"), "difference"] > 0  # the holdout churned every time here
+    assert "permutation" in table.loc[("2", "ctr"), "method"]
+
+    metrics = parse_prometheus(monitor.exposition())
+    values = {(lab["version"], lab["metric"], lab["group"]): v for lab, v in metrics["online_holdout_value"]}
+    assert values["2", "ctr", "live"] == pytest.approx(table.loc[("2", "ctr"), "live"])
+    assert {lab["version"] for lab, _ in metrics["online_holdout_p_value"]} == {"1", "2"}
+    assert metrics["online_holdout_errors"] == [({}, 0.0)]
+    assert metrics["online_holdout_updated_timestamp_seconds"][0][1] > 0
+    # a log that does not exist yet: no comparison, no error
+    empty = parse_prometheus(HoldoutMonitor(tmp_path / "none.sqlite").exposition())
+    assert "online_holdout_value" not in empty and empty["online_holdout_errors"] == [({}, 0.0)]

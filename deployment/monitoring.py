@@ -1,0 +1,211 @@
+"""Prometheus for a running funnel: our own Prometheus process, and finding the server to watch.
+
+``PrometheusServer`` runs Debian's ``prometheus`` binary (``make services`` installs it) with its own
+configuration, rules and data folder on loopback, the way ``TritonServer`` runs tritonserver;
+``scripts/monitor.py`` and ``tests/test_prometheus.py`` use it. ``docs/monitoring.md`` says what
+is scraped and alerted on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from deployment.server import LOOPBACK, ServerError, free_port
+
+
+def find_tritonserver(metrics_port: int) -> int | None:
+    """The pid of the local tritonserver whose metrics listen on ``metrics_port`` (started by
+    ``TritonServer`` or ``scripts/serve.py``), or None: how a monitor started separately finds the
+    process whose memory and CPU it reports."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"tritonserver") and f"--metrics-port={metrics_port}".encode() in argv:
+            return int(proc.name)
+    return None
+
+
+def prometheus_binary(name: str = "prometheus") -> Path:
+    """``prometheus`` or ``promtool`` from ``PATH`` (Debian's ``prometheus`` package: ``make services``)."""
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is not installed; `make services` installs it (Debian package prometheus)")
+    return Path(found)
+
+
+class PrometheusServer:
+    """A Prometheus process of our own: its own config, rules and data folder (a temporary one unless
+    given), listening on ``127.0.0.1`` on a free port, scraping ``targets`` (``{job: ["host:port", ...]}``,
+    each at ``/metrics``). Not the system service: nothing is installed or left running; ``stop`` ends it.
+
+        with PrometheusServer({"tritonserver": ["127.0.0.1:8002"]}, rule_files) as prom:
+            prom.query("up")
+    """
+
+    def __init__(
+        self,
+        targets: dict[str, list[str]],
+        rule_files: list[str | Path] = (),
+        port: int | None = None,
+        scrape_interval: str = "15s",
+        evaluation_interval: str = "15s",
+        data_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        host: str = LOOPBACK,
+        startup_timeout: float = 60.0,
+    ):
+        self.targets = {job: list(addresses) for job, addresses in targets.items()}
+        self.rule_files = [Path(f).resolve() for f in rule_files]
+        for path in self.rule_files:
+            if not path.is_file():
+                raise FileNotFoundError(f"rule file {path} does not exist")
+        self.port = port or free_port()
+        self.host = host
+        self.scrape_interval = scrape_interval
+        self.evaluation_interval = evaluation_interval
+        self.startup_timeout = startup_timeout
+        self._workdir = Path(tempfile.mkdtemp(prefix="prometheus-"))
+        self.data_dir = Path(data_dir) if data_dir else self._workdir / "data"
+        self.log_path = Path(log_path) if log_path else self._workdir / "prometheus.log"
+        self.config_path = self._workdir / "prometheus.yml"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def config(self) -> dict:
+        return {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.evaluation_interval},
+            "rule_files": [str(f) for f in self.rule_files],
+            "scrape_configs": [
+                {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": addresses}]}
+                for job, addresses in self.targets.items()
+            ],
+        }
+
+    def command(self) -> list[str]:
+        return [
+            str(prometheus_binary()),
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.data_dir}",
+            f"--web.listen-address={self.host}:{self.port}",
+            "--storage.tsdb.retention.time=15d",
+        ]
+
+    def start(self) -> PrometheusServer:
+        import yaml
+
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        cmd = self.command()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._workdir, start_new_session=True
+        )
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self) -> None:
+        from urllib.request import urlopen
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"prometheus exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"prometheus not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def api(self, path: str, **params) -> dict | list:
+        """``GET /api/v1/<path>``; the ``data`` of a successful answer, a ``RuntimeError`` otherwise."""
+        import json
+        from urllib.error import HTTPError
+        from urllib.parse import urlencode
+        from urllib.request import urlopen
+
+        url = f"{self.url}/api/v1/{path}" + (f"?{urlencode(params)}" if params else "")
+        try:
+            with urlopen(url, timeout=30) as response:
+                answer = json.loads(response.read())
+        except HTTPError as err:  # a bad query: Prometheus says why in the body
+            answer = json.loads(err.read() or b"{}")
+        if answer.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} {params}: {answer.get('errorType')}: {answer.get('error')}")
+        return answer["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query: ``[{"metric": {labels}, "value": [time, "value"]}, ...]``."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.api("query", **params)
+        return data["result"] if data["resultType"] == "vector" else [{"metric": {}, "value": data["result"]}]
+
+    def alerts(self) -> list[dict]:
+        """Alerts now pending or firing: ``[{"labels", "annotations", "state", "activeAt", "value"}, ...]``."""
+        return self.api("alerts")["alerts"]
+
+    def rules(self) -> list[dict]:
+        return self.api("rules")["groups"]
+
+    def active_targets(self) -> list[dict]:
+        return self.api("targets")["activeTargets"]
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc = self.process
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=timeout)
+                except (subprocess.TimeoutExpired, ProcessLookupError):
+                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+            self.process = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        """Stop, and remove the temporary folder (config, data, log)."""
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> PrometheusServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()

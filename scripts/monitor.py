@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Watch a running server: start Prometheus with the project's rules against it; Ctrl-C stops it.
+
+Starts two things on this machine, both on 127.0.0.1:
+
+* the monitoring sidecar, a small exporter of what the server's own endpoint cannot say: the
+  tritonserver process's resident memory and CPU (read from /proc; the stubs export their own) and
+  the live-vs-holdout comparison of the feedback log (online/ab_report.py: HoldoutMonitor), which
+  the LiveBelowHoldout alert watches;
+* Prometheus (Debian's package, `make services`; its own config and data folder, not the system
+  service), scraping the server's metrics endpoint (job "tritonserver") and the sidecar (job
+  "funnel-monitor"), evaluating monitoring/prometheus/funnel-alerts.yml.
+
+Then point Grafana at the printed Prometheus URL and import monitoring/grafana/funnel-dashboard.json
+(docs/monitoring.md). Run it on the server's machine: the sidecar reads the server's /proc entry and
+its feedback log. --check starts everything, waits until both targets answer and the rules are
+loaded, prints them and stops (a smoke test).
+
+    .venv/bin/python scripts/serve.py --model-repository build/triton_repo      # in one terminal
+    .venv/bin/python scripts/monitor.py --model-repository build/triton_repo    # in another
+"""
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from deployment.monitoring import PrometheusServer, find_tritonserver
+from online.ab_report import HoldoutMonitor
+from online.router import feedback_log_path
+from serving.metrics import MetricsExporter, process_exposition
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
+DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metrics-port", type=int, default=8002, help="the server's metrics port (scripts/serve.py)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="where the server's metrics endpoint listens")
+    parser.add_argument(
+        "--model-repository", default="build/triton_repo", help="the served repository: its feedback log lies beside it"
+    )
+    parser.add_argument("--feedback-log", help="the feedback log (default: the one of --model-repository)")
+    parser.add_argument("--port", type=int, default=9090, help="Prometheus' port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--exporter-port", type=int, default=0, help="the sidecar's port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--scrape-interval", default="15s")
+    parser.add_argument("--evaluation-interval", default="15s")
+    parser.add_argument("--rules", nargs="+", default=[str(RULES)], help="rule files (default: the project's)")
+    parser.add_argument(
+        "--holdout-interval", type=float, default=60.0, help="seconds between live-vs-holdout computations"
+    )
+    parser.add_argument(
+        "--holdout-window-days", type=float, help="compare only the last so many days of the log (default: all)"
+    )
+    parser.add_argument("--data-dir", default="build/monitor/prometheus", help="Prometheus' data (kept between runs)")
+    parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
+    args = parser.parse_args()
+
+    log_path = Path(args.feedback_log) if args.feedback_log else feedback_log_path(args.model_repository)
+    holdout = HoldoutMonitor(
+        log_path,
+        window_s=args.holdout_window_days * 86400 if args.holdout_window_days else None,
+        interval_s=args.holdout_interval,
+    )
+    pid = find_tritonserver(args.metrics_port)
+    if pid is None:
+        print(f"no local tritonserver with --metrics-port={args.metrics_port} yet: its memory and CPU follow once up")
+
+    def server_process() -> str:
+        # looked up on every scrape: a supervised server restarts as a new process
+        found = find_tritonserver(args.metrics_port)
+        return process_exposition(found, {"process": "tritonserver"}) if found else ""
+
+    collectors = [server_process, holdout.exposition]
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    exporter = MetricsExporter(collectors, port=args.exporter_port).start()
+    prometheus = PrometheusServer(
+        {
+            "tritonserver": [f"{args.metrics_host}:{args.metrics_port}"],
+            "funnel-monitor": [f"127.0.0.1:{exporter.port}"],
+        },
+        args.rules,
+        port=args.port or None,
+        scrape_interval=args.scrape_interval,
+        evaluation_interval=args.evaluation_interval,
+        data_dir=args.data_dir,
+    )
+    try:
+        prometheus.start()
+        print(f"prometheus  {prometheus.url}  (config {prometheus.config_path}, data {prometheus.data_dir})")
+        print(f"sidecar     {exporter.url}  (tritonserver pid {pid}, feedback log {log_path})")
+        print(f"rules       {', '.join(args.rules)}")
+        print(f"grafana     add a Prometheus data source with URL {prometheus.url}, then import {DASHBOARD}")
+        if args.check:
+            sys.exit(check(prometheus))
+        print("Ctrl-C stops Prometheus and the sidecar", flush=True)
+        while not stop.wait(1.0):
+            if prometheus.process.poll() is not None:
+                print(f"prometheus exited:\n{prometheus.log_tail()}")
+                break
+    finally:
+        prometheus.cleanup()  # its config and log; the data folder is kept
+        exporter.stop()
+    print("prometheus stopped")
+
+
+def check(prometheus: PrometheusServer, timeout_s: float = 60.0) -> int:
+    """0 once every target is up and every rule group is loaded; 1 after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        targets = prometheus.active_targets()
+        groups = prometheus.rules()
+        up = {t["labels"]["job"]: t["health"] for t in targets}
+        if up and all(h == "up" for h in up.values()) and groups:
+            break
+        if time.monotonic() > deadline:
+            print(f"not ready after {timeout_s:.0f}s: targets {up}, {len(groups)} rule groups")
+            return 1
+        time.sleep(0.5)
+    rules = [r for g in groups for r in g["rules"]]
+    alerts = sorted(r["name"] for r in rules if r["type"] == "alerting")
+    print(f"targets up: {', '.join(sorted(up))}")
+    print(f"{len(groups)} rule groups, {len(rules)} rules; alerts: {', '.join(alerts)}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
