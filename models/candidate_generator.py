@@ -29,6 +29,7 @@ from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
 from configs import CandidateGeneratorConfig, EmbeddingConfig
+from models import merlin_patches  # noqa: F401  (faster, fixed Merlin save; see the module)
 from models.columns import to_host
 
 

@@ -355,3 +355,16 @@ def test_heavy_ranker_ensemble_with_hard_negatives_is_served_as_the_mean_of_its_
         other.path / "heavy_ranker_1" / "saved_model.pb",
         shallow=False,
     )
+
+
+def test_saved_output_schema_is_read_without_reloading_the_model(model_version):
+    """models/merlin_patches.py reads Merlin's output metadata from saved_model.pb; Merlin's own
+    function (a full Keras reload) gives the same schema for every saved model."""
+    from merlin.models.tf.models import base
+
+    from models import merlin_patches
+
+    assert base.get_output_schema is merlin_patches.output_schema_from_signature
+    for name in ("query_tower", "light_ranker", "heavy_ranker"):
+        path = str(model_version.path / name)
+        assert merlin_patches.output_schema_from_signature(path) == merlin_patches.MERLIN_GET_OUTPUT_SCHEMA(path)
