@@ -47,6 +47,23 @@ def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
     return out
 
 
+def install_model_py(src: Path, version_dir: Path) -> Path:
+    """Copy a thin ``model.py`` into a model version folder with its bytecode beside it.
+
+    The Python backend's stub runs an isolated interpreter (environment variables ignored), so it
+    would write ``__pycache__`` into the repository at the first load; Triton then sees a changed
+    version folder and reloads that stage, for every version, the next time an ensemble that uses it
+    is loaded (a rollout: 45 s of reloads measured; triton-inference-server/server#7489). Compiled
+    here, the stub finds a valid cache and writes nothing."""
+    import py_compile
+    from importlib.util import cache_from_source
+
+    target = version_dir / "model.py"
+    shutil.copy2(src, target)
+    py_compile.compile(str(target), cfile=cache_from_source(str(target)), doraise=True)
+    return target
+
+
 def _copy(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst)
@@ -79,7 +96,7 @@ def export_repository(
             version_dir.mkdir(parents=True)
             stage_config = (source / stage / "config.pbtxt").read_text()
             (staging / stage / "config.pbtxt").write_text(serve_all_versions(stage_config))
-            shutil.copy2(source / stage / "1" / "model.py", version_dir / "model.py")
+            install_model_py(source / stage / "1" / "model.py", version_dir)
             shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
             for name in artifacts:
                 _copy(model.path / name, version_dir / name)
@@ -99,7 +116,7 @@ def export_repository(
         for endpoint in (ROUTER, FEEDBACK):
             (staging / endpoint / "1").mkdir(parents=True)
             shutil.copy2(source / endpoint / "config.pbtxt", staging / endpoint / "config.pbtxt")
-            shutil.copy2(source / endpoint / "1" / "model.py", staging / endpoint / "1" / "model.py")
+            install_model_py(source / endpoint / "1" / "model.py", staging / endpoint / "1")
         (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
         check_complete(staging, version, manifest)
         (staging / "export.json").write_text(

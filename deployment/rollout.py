@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, pin_ensemble
+from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, install_model_py, pin_ensemble
 from deployment.security import ControlClient
 from models.registry import ModelVersion
 from serving.assignment import NO_EXPERIMENT, Rollout, single_version
@@ -181,7 +181,7 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
         router_version = router_versions(repo)[-1] + 1
         staging = Path(tempfile.mkdtemp(prefix=f".{ROUTER}-{router_version}-", dir=repo / ROUTER))
         try:
-            shutil.copy2(repo / ROUTER / str(router_version - 1) / "model.py", staging / "model.py")
+            install_model_py(repo / ROUTER / str(router_version - 1) / "model.py", staging)
             (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))
             os.rename(staging, repo / ROUTER / str(router_version))  # Triton never sees half a version
         except BaseException:

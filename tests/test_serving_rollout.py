@@ -1,6 +1,7 @@
 """Rolling model version 1 -> 2 into the live server: no request fails, none mixes the two exports."""
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -190,8 +191,15 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
                     call()
                 assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
 
-            # Ship the treatment: everyone but the holdout moves to v2; version 1 must stay.
+            # Ship the treatment: everyone but the holdout moves to v2; version 1 must stay. Every stage
+            # of both versions is loaded already, so shipping reloads none of them (only the ensemble
+            # and the router change): stubs writing __pycache__ into the repository once made Triton
+            # reload them all.
+            before = server.log_path.read_text(errors="replace")
             roll_out_treatment(server.grpc_url, repo)
+            during = server.log_path.read_text(errors="replace")[len(before) :]
+            reloaded = re.findall(r"loading: (\w+):\d", during)
+            assert set(reloaded) <= {"funnel", "funnel_v1", "funnel_v2", "ab_router"}, reloaded
             assert current_rollout(repo).versions == {"control": 2, "treatment": 2}
             after = {int(u): client.recommend(int(u), 5) for u in users}
             for u, recs in after.items():
