@@ -28,7 +28,7 @@ from configs import Config, with_overrides
 
 def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
     """Data once, then the control (version 1) and the treatment (version 2) models."""
-    from models.train import train_all
+    from models.train import RANKER_INPUTS, train_all
     from workflows.pipeline import run_dataset_pipeline
     from workflows.sources.synthetic import generate
 
@@ -39,11 +39,16 @@ def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
     control = train_all(processed, config, work / "registry", verbose=0)
     log(f"control model v{control.version} trained in {time.monotonic() - started:.0f}s")
     treatment_config = treatment_of(config)
+    # A treatment that changes nothing the rankers see (the default: the candidate generator's logQ
+    # correction) reuses the control's rankers: both arms then differ only in what is tested.
+    reuse = not set(config.online.experiment.treatment_overrides) & set(RANKER_INPUTS)
     started = time.monotonic()
-    treatment = train_all(processed, treatment_config, work / "registry", verbose=0)
+    treatment = train_all(
+        processed, treatment_config, work / "registry", verbose=0, rankers_from=control if reuse else None
+    )
     log(
         f"treatment model v{treatment.version} ({json.dumps(config.online.experiment.treatment_overrides)}) "
-        f"trained in {time.monotonic() - started:.0f}s"
+        f"trained in {time.monotonic() - started:.0f}s" + (" (rankers reused from the control)" if reuse else "")
     )
     return world, control, treatment
 
