@@ -126,8 +126,12 @@ def train_heavy_ranker_members(
     affinity_weights=None,
     callbacks=(),
     verbose: int = 1,
+    member_callbacks=None,
 ):
     """Train every member of ``config.members``; return ``(models, metrics, spec)``.
+
+    ``member_callbacks(artifact)`` gives callbacks for one member only (the MLflow epoch logger, so
+    that each member's per-epoch metrics are logged under its own name, not interleaved).
 
     ``models`` are ``(artifact name, model)`` pairs; ``metrics`` are the first member's, with each
     further member's under ``member<i>_<metric>``; ``spec`` lists the members' artifacts.
@@ -138,10 +142,19 @@ def train_heavy_ranker_members(
         member_train = train
         if member.hard_negatives:
             member_train = with_hard_negatives(train, affinity_weights, member.hard_negatives, member_seed)
+        artifact = member_artifact(index)
+        own = list(member_callbacks(artifact)) if member_callbacks else []
         model, member_metrics, spec = train_heavy_ranker(
-            member_train, valid, config, embeddings, training, seed=member_seed, callbacks=callbacks, verbose=verbose
+            member_train,
+            valid,
+            config,
+            embeddings,
+            training,
+            seed=member_seed,
+            callbacks=[*callbacks, *own],
+            verbose=verbose,
         )
-        models.append((member_artifact(index), model))
+        models.append((artifact, model))
         prefix = "" if index == 0 else f"member{index}_"
         metrics.update({prefix + k: v for k, v in member_metrics.items()})
     spec["members"] = [name for name, _ in models]

@@ -22,6 +22,7 @@ from configs import EmbeddingConfig
 from models import merlin_patches  # noqa: F401  (DCN save/load fix, see the module)
 from models.embeddings import input_block
 from models.heads import head_outputs
+from models.single_trace import BuildOptimizerFirst
 
 
 def build_dcn(
@@ -88,7 +89,7 @@ def fit(
         mm.Loader(train, batch_size=batch_size, shuffle=True),
         validation_data=mm.Loader(valid, batch_size=batch_size),
         epochs=epochs,
-        callbacks=[stop, *callbacks],
+        callbacks=[BuildOptimizerFirst(), stop, *callbacks],
         verbose=verbose,
     )
 

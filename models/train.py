@@ -31,6 +31,7 @@ from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
 from models.heavy_ranker import train_heavy_ranker_members
 from models.light_ranker import train_light_ranker
+from models.saving import save_for_serving
 from models.tracking import tracked_run
 from workflows.pipeline import ProcessedData
 
@@ -112,7 +113,7 @@ def train_all(
             catalog=item_table,
         )
         sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
-        tt_model.query_encoder.save(str(out.tmp / "query_tower"))
+        save_for_serving(tt_model.query_encoder, out.tmp / "query_tower")
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
@@ -141,7 +142,7 @@ def train_all(
                 verbose=keras_verbose,
             )
             sizes["light_ranker"] = log_tables(light_model, "light_ranker")
-            light_model.save(str(out.tmp / "light_ranker"))
+            save_for_serving(light_model, out.tmp / "light_ranker")
             progress.update()
 
             progress.set_postfix_str("heavy_ranker")
@@ -156,12 +157,12 @@ def train_all(
                 config.training,
                 seed=config.seed,
                 affinity_weights=affinity_weights,
-                callbacks=[run.callback("heavy_ranker")],
+                member_callbacks=lambda artifact: [run.callback(artifact)],  # heavy_ranker, heavy_ranker_1, ...
                 verbose=keras_verbose,
             )
             sizes["heavy_ranker"] = log_tables(heavy_models[0][1], "heavy_ranker")
             for name, heavy_model in heavy_models:
-                heavy_model.save(str(out.tmp / name))
+                save_for_serving(heavy_model, out.tmp / name)
             progress.update()
         else:
             source = rankers_from.manifest

@@ -25,7 +25,8 @@ SMALL = {
     "synthetic": {"num_users": 300, "num_items": 200, "events_per_user": 40, "seed": 7},
     "candidate_generator": {"epochs": 3, "batch_size": 512},
     "light_ranker": {"epochs": 2, "batch_size": 512},
-    "heavy_ranker": {"epochs": 2, "batch_size": 512},
+    # Two members, one trained on affinity hard negatives: every served test runs the ensemble path.
+    "heavy_ranker": {"epochs": 2, "batch_size": 512, "members": [{}, {"hard_negatives": 10}]},
     "serving": {"retrieval_k": 100, "light_ranker_k": 30, "max_k": 50},
 }
 

@@ -109,11 +109,16 @@ def test_rankers_are_reported_with_roc_and_pr_auc_per_head(model_version, proces
 
     table = ranker_table(model_version.path, model_version.manifest, processed.valid())
     heads = list(model_version.manifest["heavy_ranker"]["weights"])
-    assert table["ranker"].tolist() == ["light_ranker"] + ["heavy_ranker"] * len(heads)
-    heavy = table[table["ranker"] == "heavy_ranker"].set_index("head")
+    members = model_version.manifest["heavy_ranker"]["members"]  # every ensemble member, each head
+    assert members == ["heavy_ranker", "heavy_ranker_1"]
+    assert table["ranker"].tolist() == ["light_ranker"] + [m for m in members for _ in heads]
     trained = model_version.manifest["metrics"]["heavy_ranker"]
-    for head in heads:  # the ROC-AUC training recorded, recomputed from the saved model
-        assert heavy.loc[head, "ROC-AUC"] == pytest.approx(trained[f"auc_{head}"], abs=2e-3)
+    for i, member in enumerate(members):  # the ROC-AUC training recorded, recomputed from the saved model
+        rows = table[table["ranker"] == member].set_index("head")
+        for head in heads:
+            recorded = trained[f"member{i}_auc_{head}" if i else f"auc_{head}"]
+            assert rows.loc[head, "ROC-AUC"] == pytest.approx(recorded, abs=2e-3)
+    heavy = table[table["ranker"] == "heavy_ranker"].set_index("head")
     click = heavy.loc["click"]
     assert click["ROC-AUC"] > 0.6 and click["PR-AUC"] > click["positive share"] > 0
 
