@@ -106,6 +106,12 @@ class TritonServer:
         host: str = LOOPBACK,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        # How long Triton waits for a Python stub's handshake at load (python backend's
+        # stub-timeout-seconds, default 30 s). A stub imports TensorFlow first; with training jobs
+        # on the same 2 cores that took over 30 s, the load failed and the server was left waiting
+        # for a stub that had given up (seen in the full test suite: a restart hung, then died
+        # with boost::interprocess::lock_exception). Triton's own CI uses 120 s.
+        stub_timeout_s: int = 300,
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -114,6 +120,7 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.startup_timeout = startup_timeout
+        self.stub_timeout_s = int(stub_timeout_s)
         self.log_verbose = log_verbose
         if model_control not in ("explicit", "none"):
             raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
@@ -187,6 +194,7 @@ class TritonServer:
                 else []
             ),
             "--allow-metrics=true",
+            f"--backend-config=python,stub-timeout-seconds={self.stub_timeout_s}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",

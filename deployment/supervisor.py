@@ -54,9 +54,12 @@ class Supervisor:
             self._failed += 1
             self.last_error = f"{type(err).__name__}: {err}"
             if self._failed >= self.failures:
-                self.server.restart()
-                self.restarts += 1
                 self._failed = 0
+                try:
+                    self.server.restart()
+                    self.restarts += 1
+                except Exception as restart_err:  # keep supervising: the next probe tries again
+                    self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"
             return False
 
     def _loop(self) -> None:

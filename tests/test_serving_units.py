@@ -172,3 +172,48 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     scrape["online_request_latency_ms_count"][1] = ({"arm": "treatment"}, 60.0)
     assert online_settled(scrape, requests=120, feedback=60)
     assert not online_settled(scrape, requests=121) and not online_settled(scrape, feedback=61)
+
+
+def test_the_server_gives_slow_stubs_time_to_start(tmp_path):
+    """Python stubs import TensorFlow before their handshake; Triton's 30 s default is too short on
+    busy cores, so the server passes its own (configurable) stub timeout."""
+    from deployment.server import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    default, patient = TritonServer(repo), TritonServer(repo, stub_timeout_s=120)
+    try:
+        try:
+            commands = default.command(), patient.command()
+        except FileNotFoundError as err:  # nvidia-pytriton missing: the command cannot be built
+            pytest.skip(str(err))
+        assert "--backend-config=python,stub-timeout-seconds=300" in commands[0]
+        assert "--backend-config=python,stub-timeout-seconds=120" in commands[1]
+    finally:
+        default.cleanup()
+        patient.cleanup()
+
+
+def test_the_supervisor_keeps_supervising_after_a_failed_restart():
+    """A restart that raises (the server did not come back) is recorded, and the next failed probes
+    restart again instead of the supervising thread dying with the exception."""
+    from types import SimpleNamespace
+
+    from deployment.supervisor import Supervisor
+
+    attempts = []
+
+    def restart():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TimeoutError("not ready in time")
+
+    server = SimpleNamespace(process=SimpleNamespace(poll=lambda: None), grpc_url="x", tls_cert=None, restart=restart)
+
+    def probe(url):
+        raise ConnectionError("down")
+
+    supervisor = Supervisor(server, probe=probe, failures=2)
+    results = [supervisor.check_once() for _ in range(4)]
+    assert results == [False] * 4 and len(attempts) == 2 and supervisor.restarts == 1
+    assert supervisor.last_error == "ConnectionError: down"
