@@ -8,6 +8,7 @@ fills anything not given from the dataclass defaults, so a config file only need
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,9 @@ class ActiveUsersConfig:
     def __post_init__(self) -> None:
         if self.min_events < 1 or self.days <= 0:
             raise ValueError(f"active_users needs min_events >= 1 and days > 0, got {self.min_events}, {self.days}")
-        if self.event not in ("impression", "click", "like", "share"):
-            raise ValueError(f"active_users.event must be impression/click/like/share, got {self.event!r}")
+        # Any signal of the dataset spec (checked against the spec when the pipeline starts).
+        if not self.event:
+            raise ValueError("active_users.event must name a signal (e.g. click) or be 'impression'")
 
 
 @dataclass
@@ -511,6 +513,13 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def build_typed(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping (e.g. parsed YAML), rejecting unknown keys and
+    wrong types with the key's dotted path (``where`` prefixes it). Used for the config and for
+    dataset specs (``workflows/spec.py``)."""
+    return _build(cls, values, where)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, checking keys and (simple) types."""
     if not isinstance(values, dict):
@@ -532,7 +541,16 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:
+            return _check_type(value, options[0], path)
+        return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -33,6 +33,7 @@ from models.heavy_ranker import train_heavy_ranker_members
 from models.light_ranker import train_light_ranker
 from models.saving import save_for_serving
 from models.tracking import tracked_run
+from workflows.adapt import config_for_dataset
 from workflows.pipeline import ProcessedData
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def train_all(
     it must have been trained on the same data with the same ``RANKER_INPUTS``.
     """
     train, valid = data.train(), data.valid()
+    # The dataset spec's objective, and settings the data lacks a column for (workflows/adapt.py).
+    config, notes = config_for_dataset(config, data.summary, train.schema.column_names)
+    for note in notes:
+        log.warning("adapted to the dataset: %s", note)
     features = feature_lists(train.schema)
     fingerprint = registry.fingerprint(data.train_dir, data.workflow_dir)
     if rankers_from is not None:

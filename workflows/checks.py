@@ -14,6 +14,7 @@ import dask
 import dask.dataframe as dd
 
 from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts
+from workflows.spec import RAW_LAYOUT, Layout
 
 
 class CheckFailed(AssertionError):
@@ -31,23 +32,26 @@ def check_no_duplicate_pairs(events) -> dict:
     return _record("no_duplicate_pairs", rows=int(rows))
 
 
-def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=None) -> dict:
+def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=None, layout: Layout = RAW_LAYOUT) -> dict:
     """Compare labels with raw signals row by row (the workflow keeps row order within a part).
 
-    ``raw`` has click, watch_seconds, duration_seconds, like, share; ``transformed`` the label columns.
-    ``duration_op`` is the fitted ``DurationAwareWatch`` whose thresholds define ``duration_watch``.
+    ``raw`` has the signals (and ``duration_seconds`` when there are watch labels); ``transformed``
+    the label columns. ``duration_op`` is the fitted ``DurationAwareWatch`` whose thresholds define
+    ``duration_watch``. ``layout`` (``workflows/spec.py``) says which labels exist (default: the raw
+    schema's click, watched, duration_watch, like, share).
     """
-    r = raw[["click", "watch_seconds", "duration_seconds", "like", "share"]].compute().reset_index(drop=True)
-    labels = [c for c in ("click", "watched", "duration_watch", "like", "share") if c in transformed.columns]
+    inputs = list(dict.fromkeys([*layout.binary_labels, *(n for n, _ in layout.thresholds)]))
+    if layout.watch_labels:
+        inputs += ["watch_seconds", "duration_seconds"]
+    r = raw[inputs].compute().reset_index(drop=True)
+    labels = [c for c in layout.labels if c in transformed.columns]
     t = transformed[labels].compute().reset_index(drop=True)
     if len(r) != len(t):
         raise CheckFailed(f"label check: {len(t)} transformed rows for {len(r)} raw rows")
-    expected = {
-        "click": r["click"] > 0,
-        "like": r["like"] > 0,
-        "share": r["share"] > 0,
-        "watched": r["watch_seconds"] >= watch_threshold * r["duration_seconds"],
-    }
+    expected = {name: r[name] > 0 for name in layout.binary_labels}
+    expected.update({name: r[name] >= threshold for name, threshold in layout.thresholds})
+    if layout.watch_labels:
+        expected["watched"] = r["watch_seconds"] >= watch_threshold * r["duration_seconds"]
     if duration_op is not None and "duration_watch" in labels:
         fraction = r["watch_seconds"] / r["duration_seconds"].clip(lower=1)
         threshold = r["duration_seconds"].astype("float64") * 0.0
@@ -82,7 +86,7 @@ def check_temporal_split(split) -> dict:
 
 
 def _sorted_features(ddf, columns):
-    keys = ["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"]
+    keys = [c for c in ddf.columns if c not in columns]  # the event's own columns: ids, time, signals
     frame = ddf[keys + columns].compute()
     return frame.sort_values(keys + columns).reset_index(drop=True)
 

@@ -75,13 +75,14 @@ def canonical_items(events, items, config: DedupConfig):
     return mapped, kept_items, mapping, rep
 
 
-def aggregate_pairs(events, first_columns: list[str] | None = None) -> object:
+def aggregate_pairs(events, first_columns: list[str] | None = None, signals: list[str] | None = None) -> object:
     """One row per (user, item): earliest timestamp, ``max`` of every signal, ``min`` of ``first_columns``.
 
     ``first_columns`` are the point-in-time counts: they never decrease, so their minimum is their
-    value at the pair's first impression, the same moment as the kept timestamp.
+    value at the pair's first impression, the same moment as the kept timestamp. ``signals``: the
+    event log's signal columns (default the raw schema's click, watch_seconds, like, share).
     """
-    spec = {"timestamp": "min", **{s: "max" for s in SIGNALS_MAX}}
+    spec = {"timestamp": "min", **{s: "max" for s in (SIGNALS_MAX if signals is None else signals)}}
     for column in first_columns or []:
         spec[column] = "min"
     extra = [c for c in events.columns if c not in spec and c not in ("user_id", "item_id")]
@@ -91,8 +92,14 @@ def aggregate_pairs(events, first_columns: list[str] | None = None) -> object:
     return out[list(events.columns)]
 
 
-def dedup_pairs(events, config: DedupConfig, first_columns: list[str] | None = None, step: str = "dedup_pairs"):
+def dedup_pairs(
+    events,
+    config: DedupConfig,
+    first_columns: list[str] | None = None,
+    step: str = "dedup_pairs",
+    signals: list[str] | None = None,
+):
     if not config.aggregate_pairs:
         return events, report(step, events, events, enabled=False)
-    out = aggregate_pairs(events, first_columns).persist()
+    out = aggregate_pairs(events, first_columns, signals).persist()
     return out, report(step, events, out)

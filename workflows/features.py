@@ -9,6 +9,13 @@ trained on and the features it is served with come from the same fitted operator
     item_features   item_id (ITEM_ID), category (ITEM, CATEGORICAL),
                     duration_seconds, item_events_before/item_clicks_before (ITEM, CONTINUOUS)
     context         hour_of_day, day_of_week (CONTEXT, CATEGORICAL) from the event timestamp
+
+Those are the raw schema's columns; with a dataset spec (``workflows/spec.py``) the attribute
+columns are the spec's: every categorical and list column of the user (item) table is Categorify-ed
+and tagged USER (ITEM) + CATEGORICAL, every continuous one normalised (``log1p`` first where the spec
+says ``log``; a missing value becomes 0, the mean) and tagged USER (ITEM) + CONTINUOUS. The models
+select their inputs by these tags, so a new column in the spec is a new model input and a new column
+of the serving tables without a code change. Text columns are not features.
     labels          see ``workflows/labels.py`` (TARGET, BINARY_CLASSIFICATION)
 
 Categorify reserves 0 (padding), 1 (null) and 2 (out of vocabulary). ``id_freq_threshold`` sends
@@ -28,7 +35,7 @@ from configs import WorkflowConfig
 from workflows import merlin_patches  # noqa: F401  (distributed fit alignment fix, see the module)
 from workflows.labels import LABELS, label_graph
 from workflows.point_in_time import ITEM_COUNTS, USER_COUNTS
-from workflows.schema import ITEM_CATEGORICAL, ITEM_CONTINUOUS, USER_CATEGORICAL
+from workflows.spec import RAW_LAYOUT, Layout
 
 __all__ = ["LABELS", "build_feature_workflow", "hour_of_day", "day_of_week"]
 
@@ -73,8 +80,33 @@ def point_in_time_features(counts: list[str], kinds: list[str], entity: Tags):
     return graph
 
 
-def build_feature_workflow(config: WorkflowConfig, categories_dir: str | Path) -> nvt.Workflow:
-    """Build (unfitted) the workflow that turns the joined event log into model inputs."""
+def _continuous_features(columns: list[tuple[str, bool]], entity: Tags):
+    """Attribute columns as continuous features: ``log1p`` first where the spec says ``log``, then
+    normalised; a missing value becomes the mean (0 after normalising)."""
+    graph = None
+    for log, names in ((True, [c for c, lg in columns if lg]), (False, [c for c, lg in columns if not lg])):
+        if not names:
+            continue
+        part = names >> nvt.ops.LogOp() if log else names
+        part = part >> nvt.ops.Normalize() >> nvt.ops.FillMissing(fill_val=0.0)
+        part = part >> nvt.ops.AddTags([entity, Tags.CONTINUOUS])
+        graph = part if graph is None else graph + part
+    return graph
+
+
+def _add(graph, part):
+    return part if graph is None else (graph if part is None else graph + part)
+
+
+def build_feature_workflow(
+    config: WorkflowConfig, categories_dir: str | Path, layout: Layout = RAW_LAYOUT
+) -> nvt.Workflow:
+    """Build (unfitted) the workflow that turns the joined event log into model inputs.
+
+    ``layout`` (``workflows/spec.py``) names the attribute columns: each categorical (and each
+    position of a list column) is a ``Categorify``-ed USER / ITEM feature, each continuous one a
+    normalised USER / ITEM feature; the default is the raw schema's.
+    """
     out = str(categories_dir)  # Categorify writes its vocabularies here, never into the cwd
     feats = config.features
     ids = dict(out_path=out, freq_threshold=feats.id_freq_threshold)
@@ -84,21 +116,25 @@ def build_feature_workflow(config: WorkflowConfig, categories_dir: str | Path) -
         num_buckets=feats.attribute_num_buckets or None,
     )
 
-    user_id = ["user_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsUserID()
-    user_attributes = USER_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsUserFeatures()
-    user_graph = user_id + user_attributes
+    user_graph = ["user_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsUserID()
+    if layout.user_categorical:
+        user_attributes = list(layout.user_categorical) >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsUserFeatures()
+        user_graph = user_graph + user_attributes
+    user_graph = _add(user_graph, _continuous_features(list(layout.user_continuous), Tags.USER))
     if feats.point_in_time:
         user_graph = user_graph + point_in_time_features(USER_COUNTS, feats.point_in_time_features, Tags.USER)
     user_features = Subgraph("user_features", user_graph)
 
-    item_id = ["item_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsItemID()
-    item_attributes = ITEM_CATEGORICAL >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsItemFeatures()
-    item_graph = item_id + item_attributes + _continuous(ITEM_CONTINUOUS, Tags.ITEM)
+    item_graph = ["item_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsItemID()
+    if layout.item_categorical:
+        item_attributes = list(layout.item_categorical) >> nvt.ops.Categorify(**attrs) >> nvt.ops.TagAsItemFeatures()
+        item_graph = item_graph + item_attributes
+    item_graph = _add(item_graph, _continuous_features(list(layout.item_continuous), Tags.ITEM))
     if feats.point_in_time:
         item_graph = item_graph + point_in_time_features(ITEM_COUNTS, feats.point_in_time_features, Tags.ITEM)
     item_features = Subgraph("item_features", item_graph)
 
-    graph = user_features + item_features + label_graph(config)
+    graph = user_features + item_features + label_graph(config, layout)
     if feats.time_features:
         hour = ["timestamp"] >> nvt.ops.LambdaOp(hour_of_day) >> nvt.ops.Rename(name="hour_of_day")
         day = ["timestamp"] >> nvt.ops.LambdaOp(day_of_week) >> nvt.ops.Rename(name="day_of_week")

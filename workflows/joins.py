@@ -15,13 +15,30 @@ from workflows.schema import ITEM_COLUMNS, USER_COLUMNS
 JOINED_ITEM_COLUMNS = [c for c in ITEM_COLUMNS if c != "title"]
 
 
-def attribute_join(users, items, event_columns: list[str]) -> nvt.Workflow:
-    """An (unfitted) workflow adding user and item attribute columns to events (left joins)."""
-    joined = (
-        list(event_columns)
-        >> nvt.ops.JoinExternal(users, on="user_id", columns_ext=USER_COLUMNS, how="left")
-        >> nvt.ops.JoinExternal(items, on="item_id", columns_ext=JOINED_ITEM_COLUMNS, how="left")
-    )
+def same_name(column: str) -> str:
+    return column
+
+
+def attribute_join(
+    users,
+    items,
+    event_columns: list[str],
+    user_columns: list[str] = USER_COLUMNS,
+    item_columns: list[str] = JOINED_ITEM_COLUMNS,
+) -> nvt.Workflow:
+    """An (unfitted) workflow adding user and item attribute columns to events (left joins).
+
+    ``user_columns`` / ``item_columns`` (with the id) are what is joined: by default the raw schema's
+    (``title`` is not joined: it is not a feature); a dataset spec's layout gives its own. A table
+    with no attribute but its id is not joined at all.
+    """
+    joined = list(event_columns)
+    if len(user_columns) > 1:
+        joined = joined >> nvt.ops.JoinExternal(users, on="user_id", columns_ext=list(user_columns), how="left")
+    if len(item_columns) > 1:
+        joined = joined >> nvt.ops.JoinExternal(items, on="item_id", columns_ext=list(item_columns), how="left")
+    if isinstance(joined, list):
+        joined = joined >> nvt.ops.Rename(f=same_name)  # nothing to join: the events as they are
     return nvt.Workflow(joined)
 
 

@@ -8,6 +8,11 @@
                     share of positives, so length no longer decides the label
     like, share     explicit positive feedback
 
+Those are the raw schema's labels. For a dataset spec (``workflows/spec.py``) every binary signal is a
+label under its own name, a continuous signal with a ``threshold`` becomes ``value >= threshold``,
+and ``watched`` / ``duration_watch`` exist only when the spec has a watch-time signal and item
+durations.
+
 ``DurationAwareWatch`` is an NVTabular ``StatOperator``: it learns its per-bucket thresholds when the
 workflow is fitted on training data and is saved with the workflow.
 """
@@ -23,6 +28,7 @@ from merlin.dag.selector import ColumnSelector
 from merlin.schema import Tags
 
 from configs import WorkflowConfig
+from workflows.spec import RAW_LAYOUT, Layout
 
 LABELS = ["click", "watched", "duration_watch", "like", "share"]
 LABEL_INPUTS = ["click", "watch_seconds", "duration_seconds", "like", "share"]
@@ -108,12 +114,35 @@ class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
         return out
 
 
-def label_graph(config: WorkflowConfig):
-    """The label columns, tagged TARGET + BINARY_CLASSIFICATION so models find them by tag."""
-    watched = ["watch_seconds", "duration_seconds"] >> WatchedAtLeast(config.watch_threshold)
-    duration_watch = ["click", "watch_seconds", "duration_seconds"] >> DurationAwareWatch(
-        config.labels.duration_buckets, config.labels.duration_watch_quantile
-    )
-    return (["click"] + watched + duration_watch + ["like", "share"]) >> nvt.ops.AddTags(
-        [Tags.BINARY_CLASSIFICATION, Tags.TARGET]
-    )
+class AtLeastThreshold(_BinaryLabel, nvt.ops.Operator):
+    """A continuous signal's binary label, ``value >= threshold``, under the signal's own name."""
+
+    def __init__(self, threshold: float, name: str):
+        super().__init__()
+        self.threshold, self.name = float(threshold), name
+
+    def transform(self, col_selector: ColumnSelector, df):
+        out = type(df)()
+        out[self.name] = (df[self.name] >= self.threshold).astype("int64")
+        return out
+
+
+def label_graph(config: WorkflowConfig, layout: Layout = RAW_LAYOUT):
+    """The label columns, tagged TARGET + BINARY_CLASSIFICATION so models find them by tag.
+
+    ``layout`` (``workflows/spec.py``) says which exist: every binary signal as it is; ``watched`` and
+    ``duration_watch`` only with a watch-time signal and item durations; a continuous signal with a
+    threshold as its 0/1 label. The default is the raw schema's five labels.
+    """
+    binary = list(layout.binary_labels)
+    graph = binary[:1]
+    if layout.watch_labels:
+        watched = ["watch_seconds", "duration_seconds"] >> WatchedAtLeast(config.watch_threshold)
+        duration_watch = ["click", "watch_seconds", "duration_seconds"] >> DurationAwareWatch(
+            config.labels.duration_buckets, config.labels.duration_watch_quantile
+        )
+        graph = graph + watched + duration_watch
+    graph = graph + binary[1:]
+    for name, threshold in layout.thresholds:
+        graph = graph + ([name] >> AtLeastThreshold(threshold, name))
+    return graph >> nvt.ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])

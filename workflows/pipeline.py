@@ -40,6 +40,7 @@ from merlin.io import Dataset
 from configs import WorkflowConfig
 from workflows import checks
 from workflows.active_users import active_users
+from workflows.adapt import adapt_workflow_config
 from workflows.cluster import connect
 from workflows.content_filter import content_filter
 from workflows.dedup import canonical_items, dedup_pairs, drop_identical_rows
@@ -55,9 +56,10 @@ from workflows.point_in_time import (
     add_point_in_time_counts,
     totals_as_of,
 )
+from workflows.reader import load_inputs, with_placeholders
 from workflows.recency_window import recency_window
 from workflows.report import report
-from workflows.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, check_columns, check_event_values
+from workflows.spec import DatasetSpec, Layout, raw_schema_spec
 from workflows.splits import split_events
 
 
@@ -164,16 +166,25 @@ def _with_totals(table, totals, columns):
 
 
 def _negatives_with_features(
-    part, events, items, config: WorkflowConfig, point_in_time: bool, popularity=None, seen=None, seed_offset: int = 0
+    part,
+    events,
+    items,
+    config: WorkflowConfig,
+    point_in_time: bool,
+    popularity=None,
+    seen=None,
+    seed_offset: int = 0,
+    event_columns: list[str] | None = None,
 ):
     """Sampled negatives for one split part, with point-in-time counts as of their timestamp."""
     ns = config.negative_sampling
-    raw = part[EVENT_COLUMNS]
+    event_columns = event_columns or Layout().event_columns
+    raw = part[event_columns]
     negatives = sample_negatives(raw, items, ns.ratio, ns.kind, ns.seed + seed_offset, popularity, seen)
     negatives = negatives.drop_duplicates(subset=["user_id", "item_id"], split_out=negatives.npartitions)
     if point_in_time:
         # Negatives get the counts of real events before them, and are not counted themselves.
-        real = events[EVENT_COLUMNS].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
+        real = events[event_columns].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
         fake = negatives.assign(**{WEIGHT: negatives["timestamp"] * 0})
         both = add_point_in_time_counts(dd.concat([real, fake]))
         negatives = both[both[WEIGHT] == 0][list(part.columns)]
@@ -182,35 +193,40 @@ def _negatives_with_features(
 
 def run_dataset_pipeline(
     events_path: str | Path,
-    users_path: str | Path,
-    items_path: str | Path,
+    users_path: str | Path | None,
+    items_path: str | Path | None,
     out_dir: str | Path,
     config: WorkflowConfig,
     scheduler=None,
 ) -> ProcessedData:
-    """Run the whole dataset pipeline on raw parquet tables and write its outputs to ``out_dir``.
+    """Run the whole dataset pipeline on the raw schema's parquet tables (``workflows/schema.py``).
 
-    ``scheduler``: where dask runs (see ``workflows/cluster.py``): ``None`` (in process), a
+    The same as ``prepare_dataset`` with the raw schema's spec (``workflows/spec.py``
+    ``raw_schema_spec``); ``users_path`` / ``items_path`` may be ``None`` (no such table).
+    """
+    return prepare_dataset(raw_schema_spec(events_path, users_path, items_path), out_dir, config, scheduler)
+
+
+def prepare_dataset(spec: DatasetSpec, out_dir: str | Path, config: WorkflowConfig, scheduler=None) -> ProcessedData:
+    """Check the files ``spec`` names, then run the whole dataset pipeline and write to ``out_dir``.
+
+    Raises ``workflows.validate.DatasetError`` (every defect of the input) before anything is
+    written. ``scheduler``: where dask runs (see ``workflows/cluster.py``): ``None`` (in process), a
     ``distributed.Client``, a scheduler address, ``"local-cuda"`` or ``"auto"``.
     """
     with connect(scheduler):
-        return _run(events_path, users_path, items_path, out_dir, config)
+        return _run(spec, out_dir, config)
 
 
-def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -> ProcessedData:
+def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
+    inputs = load_inputs(spec)  # raises DatasetError before anything is written
+    layout = inputs.layout
+    config, adaptations = adapt_workflow_config(config, layout, list(inputs.items.columns))
+    events, users, items = inputs.events, inputs.users, inputs.items
     out = ProcessedData(Path(out_dir))
     out.root.mkdir(parents=True, exist_ok=True)
-    datasets = [Dataset(str(p), engine="parquet") for p in (events_path, users_path, items_path)]
-    for ds, cols, name in zip(datasets, (EVENT_COLUMNS, USER_COLUMNS, ITEM_COLUMNS), ("events", "users", "items")):
-        check_columns(ds.to_ddf(), cols, name)
-    events = datasets[0].to_ddf()[EVENT_COLUMNS]
-    events = events.persist()  # every step materialises its output once: reports and later steps reuse it
-    check_event_values(events)
-    # Attribute tables are small: computed frames (cudf on a GPU machine, pandas otherwise).
-    users = datasets[1].to_ddf()[USER_COLUMNS].compute()
-    raw_items = datasets[2].to_ddf()[ITEM_COLUMNS].compute()
-    items = raw_items
     steps, passed = [], []
+    signals = list(layout.signals)
 
     # 1. Cleaning on the whole log.
     if config.dedup.identical_rows:
@@ -222,6 +238,9 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     steps.append(rep)
     events, rep = recency_window(events, config.recency_window)
     steps.append(rep)
+    # Ids the attribute tables lack (checks.missing_*: warn) are kept, with null attributes.
+    users = with_placeholders(users, inputs.missing_users, "user_id")
+    items = with_placeholders(items, inputs.missing_items, "item_id")
 
     # 2. Point-in-time features on the cleaned log (every event sees only earlier events).
     point_in_time = config.features.point_in_time
@@ -238,13 +257,18 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     parts = {**split.parts(), "train": train}
     first_columns = POINT_IN_TIME_COLUMNS if point_in_time else []
     for name in list(parts):
-        parts[name], rep = dedup_pairs(parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}")
+        parts[name], rep = dedup_pairs(
+            parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}", signals=signals
+        )
         steps.append(rep)
     train_events = parts["train"]
 
     ns = config.negative_sampling
+    event_columns = layout.event_columns
     if ns.kind != "none":
-        negatives = _negatives_with_features(parts["train"], events, items, config, point_in_time)
+        negatives = _negatives_with_features(
+            parts["train"], events, items, config, point_in_time, event_columns=event_columns
+        )
         before = parts["train"]
         parts["train"] = dd.concat([before, negatives]).persist()
         steps.append(report("negative_sampling", before, parts["train"], kind=ns.kind, ratio=ns.ratio))
@@ -257,14 +281,18 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
             popularity = train_events.groupby("item_id").size().compute().reset_index()
             popularity.columns = ["item_id", "count"]
             seen = dd.concat([train_events[["user_id", "item_id"]], valid[["user_id", "item_id"]]])
-            extra = _negatives_with_features(valid, events, items, config, point_in_time, popularity, seen, 1)
+            extra = _negatives_with_features(
+                valid, events, items, config, point_in_time, popularity, seen, 1, event_columns=event_columns
+            )
             parts["valid"] = dd.concat([valid, extra]).persist()
             steps.append(report("negative_sampling_valid", valid, parts["valid"], kind=ns.kind, ratio=ns.ratio))
 
     # 4. Attributes, then the fitted feature workflow (features + labels) on the training part.
-    join = attribute_join(users, items, list(parts["train"].columns))
+    join = attribute_join(
+        users, items, list(parts["train"].columns), layout.joined_user_columns, layout.joined_item_columns
+    )
     joined = {name: join.fit_transform(Dataset(ddf)).to_ddf().persist() for name, ddf in parts.items()}
-    workflow = build_feature_workflow(config, out.root)
+    workflow = build_feature_workflow(config, out.root, layout)
     workflow.fit(Dataset(joined["train"]))
     transformed = {}
     for name, ddf in joined.items():
@@ -286,7 +314,7 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
     item_table.to_parquet(out.item_features, index=False)
     item_map.to_parquet(out.item_id_map, index=False)
     train_raw = joined["train"] if config.negative_sampling.kind == "none" else None
-    train_frame = (train_raw if train_raw is not None else train_events)[EVENT_COLUMNS].compute()
+    train_frame = (train_raw if train_raw is not None else train_events)[event_columns].compute()
     train_frame.to_parquet(out.train_events, index=False)
 
     # 6. Correctness checks on what was written.
@@ -295,7 +323,7 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
             passed.append(checks.check_no_duplicate_pairs(transformed["train"].to_ddf()))
         for name in joined:
             record = checks.check_labels_agree(
-                joined[name], transformed[name].to_ddf(), config.watch_threshold, duration_op
+                joined[name], transformed[name].to_ddf(), config.watch_threshold, duration_op, layout
             )
             passed.append({**record, "part": name})
         if point_in_time and config.checks.point_in_time_probe:
@@ -315,6 +343,18 @@ def _run(events_path, users_path, items_path, out_dir, config: WorkflowConfig) -
         "duration_watch_thresholds": (
             {"bucket_edges": duration_op.bucket_edges, "thresholds": duration_op.thresholds} if duration_op else None
         ),
+        "dataset": {
+            "name": spec.name,
+            "spec": spec.to_dict(),
+            "layout": layout.to_dict(),
+            "labels": layout.labels,
+            "objective": [{"name": t.name, "weight": t.weight} for t in spec.objective],
+            "adaptations": adaptations,
+            "warnings": [w.to_dict() for w in inputs.warnings],
+            "dropped_rows": inputs.dropped,
+            "placeholder_users": int(len(inputs.missing_users)),
+            "placeholder_items": int(len(inputs.missing_items)),
+        },
         "steps": [s.to_dict() for s in steps],
         "checks": passed,
     }

@@ -1,4 +1,9 @@
-"""The raw schema every data source is mapped to before the workflows run.
+"""The raw schema: the tables the synthetic world and the MovieLens mapping write.
+
+Any other event log is read through a dataset spec (``workflows/spec.py``, ``docs/own-data.md``);
+this schema is one such spec, ``configs/datasets/raw-schema.yaml``. The validation of a spec's files
+(every defect, one error) is ``workflows/validate.py``; ``check_columns`` and ``check_event_values``
+below are the raw schema's own quick checks, for frames already in memory.
 
 events: one row per impression
     user_id (int64), item_id (int64), timestamp (int64, unix seconds), click (0/1),

@@ -86,7 +86,7 @@ class MovieLensData:
         """Write ``events``, ``users`` and ``items`` as parquet; return their paths."""
         from workflows.sources import write_raw_tables
 
-        return write_raw_tables(self, out_dir)
+        return write_raw_tables(self, out_dir, name="movielens")
 
 
 def zip_to_region(zip_code: pd.Series) -> pd.Series:

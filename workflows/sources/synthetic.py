@@ -100,7 +100,7 @@ class SyntheticData:
         """Write ``events``, ``users`` and ``items`` as parquet; return their paths."""
         from workflows.sources import write_raw_tables
 
-        return write_raw_tables(self, out_dir)
+        return write_raw_tables(self, out_dir, name="synthetic")
 
 
 MAX_CHUNK_CELLS = 1 << 26  # users x items cells per chunk of the generator's float64 matrices

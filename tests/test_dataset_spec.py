@@ -1,0 +1,327 @@
+"""Dataset specs: the spec file, every planted defect reported before anything is written, and the
+pipeline adapting to what a log has (workflows/spec.py, workflows/validate.py, workflows/reader.py)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from workflows.reader import list_positions, load_inputs
+from workflows.spec import RAW_LAYOUT, ListSpec, SpecError, layout_of, load_spec, raw_schema_spec, spec_from_dict
+from workflows.validate import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shop_files(tmp_path_factory):
+    """A tiny shop log (CSV events in two files, items CSV, customers JSON lines) and its spec."""
+    from workflows.sources.shop import generate
+
+    folder = tmp_path_factory.mktemp("shop_tiny")
+    generate(customers=40, skus=30, events_per_customer=8, seed=11).write(folder)
+    return folder
+
+
+@pytest.fixture
+def shop(shop_files, tmp_path):
+    """A fresh copy a test may plant a defect in."""
+    folder = tmp_path / "shop"
+    shutil.copytree(shop_files, folder)
+    return folder
+
+
+def defects_of(spec_path):
+    with pytest.raises(DatasetError) as info:
+        load_inputs(load_spec(spec_path))
+    return info.value.defects
+
+
+def only(defects, column):
+    found = [d for d in defects if d.column == column]
+    assert len(found) == 1, [str(d) for d in defects]
+    return found[0]
+
+
+def edit_csv(path: Path, change):
+    frame = pd.read_csv(path, dtype=str)
+    change(frame)
+    frame.to_csv(path, index=False)
+
+
+def set_cells(path: Path, column: str, rows: list[int], values: list[str]):
+    def change(frame):
+        frame.loc[rows, column] = values
+
+    edit_csv(path, change)
+
+
+def edit_spec(folder: Path, change) -> Path:
+    path = folder / "dataset.yaml"
+    values = yaml.safe_load(path.read_text())
+    change(values)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# --- the spec ---------------------------------------------------------------------------------------
+
+
+def test_the_raw_schema_is_a_spec_and_sources_write_it(tmp_path, small_data):
+    assert layout_of(raw_schema_spec("e", "u", "i")) == RAW_LAYOUT
+    assert RAW_LAYOUT.labels == ["click", "watched", "duration_watch", "like", "share"]
+    paths = small_data.write_parquet(tmp_path)
+    spec = load_spec(paths["spec"])
+    assert spec.name == "synthetic" and spec.layout == RAW_LAYOUT
+    assert Path(spec.resolve(spec.events.path)) == Path(paths["events"])
+
+
+def test_shop_spec_maps_roles_to_columns():
+    spec = load_spec(ROOT / "configs" / "datasets" / "shop.yaml")
+    layout = spec.layout
+    assert layout.event_columns == ["user_id", "item_id", "timestamp", "click", "view", "add_to_cart", "purchase"]
+    assert layout.labels == ["click", "view", "add_to_cart", "purchase"]  # no watch time: no watch labels
+    assert layout.item_categorical == ("brand", "category_path_1", "category_path_2", "category_path_3")
+    assert layout.item_continuous == (("price", True),)
+    assert layout.user_categorical == ("segment", "region")
+    assert [t.name for t in spec.objective] == ["view", "add_to_cart", "purchase"]
+
+
+def test_spec_mistakes_are_named():
+    base = {"events": {"path": "e.csv", "signals": ["click"]}}
+    with pytest.raises(SpecError, match="unknown key"):
+        spec_from_dict({**base, "evnts": {}})
+    with pytest.raises(SpecError, match="timestamp_unit"):
+        spec_from_dict({"events": {"path": "e.csv", "timestamp_unit": "minutes"}})
+    with pytest.raises(SpecError, match="objective names 'purchase'"):
+        spec_from_dict({**base, "objective": [{"name": "purchase", "weight": 1.0}]})
+    with pytest.raises(SpecError, match="watched"):
+        spec_from_dict({"events": {"path": "e.csv", "signals": ["watched"]}})
+    with pytest.raises(SpecError, match="positive"):
+        spec_from_dict({"events": {"path": "e.csv", "signals": [{"name": "r", "kind": "continuous"}], "positive": "r"}})
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec("no/such/spec.yaml")
+
+
+def test_list_columns_become_positions_or_path_prefixes():
+    col = pd.Series(["home>kitchen>knives", "fashion>shoes", None])
+    prefix = list_positions(col, ListSpec("category_path", ">", 3, prefix=True))
+    assert list(prefix.columns) == ["category_path_1", "category_path_2", "category_path_3"]
+    assert prefix.iloc[0].tolist() == ["home", "home>kitchen", "home>kitchen>knives"]
+    assert prefix.iloc[1].tolist() == ["fashion", "fashion>shoes", None]
+    assert prefix.iloc[2].tolist() == [None, None, None]
+    tags = list_positions(pd.Series([["a", "b"], "c|d|e"]), ListSpec("tags", "|", 2))
+    assert tags.values.tolist() == [["a", "b"], ["c", "d"]]
+
+
+def test_the_clean_shop_log_loads(shop_files):
+    inputs = load_inputs(load_spec(shop_files / "dataset.yaml"))
+    events = inputs.events.compute()
+    raw = pd.concat([pd.read_csv(p) for p in sorted(shop_files.glob("events-*.csv"))])
+    assert len(events) == len(raw) and not inputs.warnings
+    assert list(events.columns) == inputs.layout.event_columns
+    assert (events["click"] == events["view"]).all()
+    assert events["timestamp"].min() == raw["ts"].min() // 1000  # milliseconds -> seconds
+    assert set(inputs.items.columns) >= {"brand", "price", "category_path_1"}
+
+
+# --- planted defects: each one named, with its file, column, rows and an example ---------------------
+
+
+def test_missing_required_column(shop):
+    pd.read_csv(shop / "events-001.csv").drop(columns=["ts"]).to_csv(shop / "events-001.csv", index=False)
+    d = only(defects_of(shop / "dataset.yaml"), "ts")
+    assert d.file.endswith("events-001.csv") and "events.timestamp" in d.message and "not in the file" in d.message
+
+
+def test_column_named_in_the_spec_that_does_not_exist(shop):
+    spec = edit_spec(shop, lambda v: v["items"]["categorical"].append("colour"))
+    d = only(defects_of(spec), "colour")
+    assert d.file.endswith("items.csv") and "items.categorical" in d.message
+
+
+def test_unparseable_timestamps(shop):
+    def plant(frame):
+        frame.loc[[3, 7], "ts"] = ["yesterday", "soon"]
+
+    edit_csv(shop / "events-000.csv", plant)
+    d = only(defects_of(shop / "dataset.yaml"), "ts")
+    assert (d.rows, d.example) == (2, "yesterday") and "timestamp in ms" in d.message
+
+
+def test_unparseable_iso_timestamps(shop):
+    def to_iso(frame, bad=()):
+        ts = pd.to_datetime(frame["ts"].astype("int64"), unit="ms").dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        frame["ts"] = ts.where(~frame.index.isin(bad), "31/02/2026 noon")
+
+    edit_csv(shop / "events-000.csv", lambda f: to_iso(f, bad=[4, 5]))
+    edit_csv(shop / "events-001.csv", to_iso)
+    spec = edit_spec(shop, lambda v: v["events"].update(timestamp_unit="iso"))
+    d = only(defects_of(spec), "ts")
+    assert (d.rows, d.example) == (2, "31/02/2026 noon") and "ISO 8601" in d.message
+    assert d.file.endswith("events-000.csv")
+
+
+def test_timestamps_in_the_wrong_unit(shop):
+    spec = edit_spec(shop, lambda v: v["events"].update(timestamp_unit="s"))  # the files hold milliseconds
+    defects = defects_of(spec)
+    assert len(defects) == 2  # one per file
+    assert all(d.column == "ts" and "timestamp_unit" in d.message and d.rows > 0 for d in defects)
+
+
+def test_null_and_negative_ids(shop):
+    def plant(frame):
+        frame.loc[2, "customer"] = None
+        frame.loc[[5, 6], "sku"] = "-50001"
+
+    edit_csv(shop / "events-000.csv", plant)
+    defects = defects_of(shop / "dataset.yaml")
+    null = only(defects, "customer")
+    assert null.rows == 1 and "null" in null.message
+    negative = only(defects, "sku")  # reported as negative only, not also as an unknown item
+    assert (negative.rows, negative.example) == (2, "-50001") and negative.message.startswith("is negative")
+
+
+def test_ids_of_mixed_types(shop):
+    set_cells(shop / "events-001.csv", "sku", [0, 1, 2], ["SKU-1", "SKU-2", "x"])
+    d = only([d for d in defects_of(shop / "dataset.yaml") if "mixed" in d.message], "sku")
+    assert (d.rows, d.example) == (3, "SKU-1") and d.file.endswith("events-001.csv")
+
+
+def test_ids_of_mixed_types_in_json_lines(shop):
+    lines = (shop / "customers.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["customer"] = str(first["customer"])  # "1001" among numbers
+    (shop / "customers.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    d = only(defects_of(shop / "dataset.yaml"), "customer")
+    assert "mixed types" in d.message and d.rows == 1 and d.file.endswith("customers.jsonl")
+
+
+def test_events_of_items_missing_from_the_item_table(shop):
+    items = pd.read_csv(shop / "items.csv")
+    used = pd.concat([pd.read_csv(p) for p in sorted(shop.glob("events-*.csv"))])["sku"]
+    gone = int(used.value_counts().index[0])
+    items[items["sku"] != gone].to_csv(shop / "items.csv", index=False)
+    defects = defects_of(shop / "dataset.yaml")  # one per events file
+    assert {d.column for d in defects} == {"sku"} and {d.example for d in defects} == {str(gone)}
+    assert all("missing from the item table" in d.message and "items.csv" in d.message for d in defects)
+    assert sum(d.rows for d in defects) == int((used == gone).sum())
+
+    # checks.missing_items: warn -> a counted warning, the item is kept (attribute-less); drop -> removed.
+    spec = load_spec(edit_spec(shop, lambda v: v["checks"].update(missing_items="warn")))
+    inputs = load_inputs(spec)
+    assert {w.column for w in inputs.warnings} == {"sku"}
+    assert sum(w.rows for w in inputs.warnings) == int((used == gone).sum())
+    assert inputs.missing_items.tolist() == [gone]
+    spec = load_spec(edit_spec(shop, lambda v: v["checks"].update(missing_items="drop")))
+    inputs = load_inputs(spec)
+    assert inputs.dropped == {"item": int((used == gone).sum())}
+    assert gone not in set(inputs.events["item_id"].compute())
+
+
+def test_duplicate_keys_in_an_attribute_table(shop):
+    items = pd.read_csv(shop / "items.csv")
+    pd.concat([items, items.iloc[[4]].assign(brand="other")]).to_csv(shop / "items.csv", index=False)
+    d = only(defects_of(shop / "dataset.yaml"), "sku")
+    assert "duplicate key" in d.message and d.rows == 2 and d.example == items["sku"].iloc[4]
+
+
+def test_empty_input(shop):
+    for path in shop.glob("events-*.csv"):
+        pd.read_csv(path).iloc[:0].to_csv(path, index=False)
+    defects = defects_of(shop / "dataset.yaml")
+    assert any("empty" in d.message for d in defects)
+    spec = edit_spec(shop, lambda v: v["events"].update(path="nothing-*.csv"))
+    assert "no file matches" in str(defects_of(spec)[0])
+
+
+def test_signal_outside_its_declared_range(shop):
+    set_cells(shop / "events-000.csv", "purchase", [1, 9], ["2", "2"])
+    d = only(defects_of(shop / "dataset.yaml"), "purchase")
+    assert (d.rows, d.example) == (2, "2") and "not 0 or 1" in d.message
+
+    def continuous(v):
+        v["events"]["signals"].append({"name": "basket_value", "kind": "continuous", "min": 0, "max": 1000})
+
+    spec = edit_spec(shop, continuous)
+    set_cells(shop / "events-000.csv", "purchase", [1, 9], ["0", "0"])
+    edit_csv(shop / "events-000.csv", lambda f: f.insert(3, "basket_value", ["12.5"] * (len(f) - 1) + ["1e6"]))
+    edit_csv(shop / "events-001.csv", lambda f: f.insert(3, "basket_value", "-1"))
+    defects = defects_of(spec)
+    assert {(d.file.rsplit("/", 1)[-1], d.column, "maximum" in d.message) for d in defects} == {
+        ("events-000.csv", "basket_value", True),
+        ("events-001.csv", "basket_value", False),
+    }
+
+
+def test_every_defect_at_once_and_nothing_written(shop, tmp_path):
+    """One run reports every defect; the pipeline and the script write nothing and exit with 2."""
+    from configs import load_config
+    from workflows.pipeline import prepare_dataset
+
+    set_cells(shop / "events-000.csv", "ts", [0], ["later"])
+    set_cells(shop / "items.csv", "price", [0], ["cheap"])
+    out = tmp_path / "processed"
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(load_spec(shop / "dataset.yaml"), out, load_config().workflow)
+    assert {d.column for d in info.value.defects} == {"ts", "price"}
+    assert not out.exists()
+
+    proc = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "--spec", str(shop / "dataset.yaml"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "events-000.csv: column 'ts'" in proc.stderr and "items.csv: column 'price'" in proc.stderr
+    assert "'later'" in proc.stderr and "'cheap'" in proc.stderr
+    assert not out.exists()
+
+
+# --- adapting to what exists ---------------------------------------------------------------------------
+
+
+def test_a_log_with_only_ids_and_iso_timestamps_goes_through(tmp_path):
+    """No signal, no user or item table, JSON lines with ISO timestamps: every event is a positive,
+    sampled negatives are added, and users and items have id and history features only."""
+    from merlin.schema import Tags
+
+    from configs import load_config
+    from workflows.pipeline import prepare_dataset
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    start = pd.Timestamp("2026-03-01T00:00:00Z")
+    frame = pd.DataFrame(
+        {
+            "uid": rng.integers(1, 80, n),
+            "iid": rng.zipf(1.5, n) % 60 + 1,
+            "when": (start + pd.to_timedelta(rng.integers(0, 20 * 86400, n), unit="s")).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
+    frame.to_json(tmp_path / "plays.jsonl", orient="records", lines=True)
+    spec = spec_from_dict(
+        {"name": "plays", "events": {"path": "plays.jsonl", "user_id": "uid", "item_id": "iid", "timestamp": "when",
+                                     "timestamp_unit": "iso"}},
+        root=str(tmp_path),
+    )  # fmt: skip
+    config = load_config(overrides={"workflow": {"checks": {"point_in_time_probe": False}}}).workflow
+    out = prepare_dataset(spec, tmp_path / "processed", config)
+    summary = out.summary
+    assert summary["dataset"]["labels"] == ["click"]
+    assert any("negative_sampling" in note for note in summary["dataset"]["adaptations"])
+    schema = out.train().schema
+    assert schema.select_by_tag(Tags.TARGET).column_names == ["click"]
+    assert set(schema.select_by_tag(Tags.ITEM).column_names) == {"item_id", "item_click_rate_before"}
+    assert set(schema.select_by_tag(Tags.USER).column_names) == {"user_id", "user_click_rate_before"}
+    train = out.train().to_ddf().compute()
+    assert 0 < train["click"].mean() < 1  # positives and sampled negatives
+    events = pd.read_parquet(out.train_events)
+    assert events["timestamp"].min() >= start.timestamp()

@@ -1,0 +1,444 @@
+"""Read the files a dataset spec names (CSV, parquet, JSON lines; a file, a glob or a folder), check
+them (``workflows/validate.py``) and map their roles to the pipeline's columns (``workflows/spec.py``).
+
+``load_inputs(spec)`` returns the event log as a persisted dask collection (cudf partitions on a GPU
+machine, pandas otherwise) in the pipeline's columns, and the user and item tables as computed frames
+(small: read in memory, checked, then moved to cudf when the events are cudf). It raises
+``DatasetError`` listing every defect before returning anything, and it writes nothing.
+
+The event log is read through dask (``dask_cudf`` when cudf is installed): parquet with Merlin's
+``Dataset``, CSV with every spec column read as text (so a column mixing numbers and text is reported,
+not guessed), JSON lines as parsed. Parquet in the pipeline's own columns and types (the raw schema)
+is passed through without any conversion.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+
+from workflows.spec import DatasetSpec, Layout, ListSpec, TableSpec, list_feature_names
+from workflows.validate import (
+    DatasetError,
+    Defect,
+    Membership,
+    Rule,
+    as_number,
+    defects_of,
+    duplicate_keys,
+    merge_profiles,
+    parse_iso,
+    profile_frame,
+    unknown_references,
+)
+
+EXTENSIONS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+
+
+@dataclass
+class Inputs:
+    """What ``load_inputs`` read: the pipeline's event collection and attribute tables."""
+
+    events: object  # dask collection in ``layout.event_columns``, persisted
+    users: object  # frame in ``layout.user_columns`` (ids from the events when the spec has no table)
+    items: object  # frame in ``layout.item_columns``
+    layout: Layout
+    warnings: list[Defect] = field(default_factory=list)  # counted, not fatal (checks: warn / drop)
+    missing_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # policy warn
+    missing_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dropped: dict = field(default_factory=dict)  # policy drop: {"item": rows removed, ...}
+
+
+def _collection_module():
+    """dask_cudf on a machine with cudf, dask.dataframe otherwise (Merlin's own rule)."""
+    from merlin.core.compat import dask_cudf
+
+    if dask_cudf is not None:
+        return dask_cudf
+    import dask.dataframe as dd
+
+    return dd
+
+
+def find_files(spec: DatasetSpec, path: str) -> list[str]:
+    """The files ``path`` names: a file, a glob or a folder (its files of known formats), sorted."""
+    resolved = spec.resolve(path)
+    if any(ch in resolved for ch in "*?["):
+        return sorted(f for f in glob.glob(resolved) if Path(f).is_file())
+    p = Path(resolved)
+    if p.is_dir():
+        return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS)
+    return [str(p)] if p.exists() else []
+
+
+def file_format(declared: str, file: str) -> str | None:
+    return declared or EXTENSIONS.get(Path(file).suffix.lower())
+
+
+def columns_of(file: str, fmt: str) -> list[str]:
+    """Column names from the file's header (parquet schema, CSV header, the first JSON lines)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(file).names)
+    if fmt == "csv":
+        return list(pd.read_csv(file, nrows=0).columns)
+    return list(pd.read_json(file, lines=True, nrows=1000, dtype=False, convert_dates=False).columns)
+
+
+def read_collection(file: str, fmt: str, columns: list[str]):
+    """One file as a dask collection of ``columns`` (text for CSV, as parsed for JSON lines)."""
+    if fmt == "parquet":
+        from merlin.io import Dataset
+
+        return Dataset(file, engine="parquet").to_ddf()[columns]
+    module = _collection_module()
+    if fmt == "csv":
+        return module.read_csv(file, dtype=str, usecols=columns)[columns]
+    return module.read_json(file, lines=True, orient="records", dtype=False, convert_dates=False)[columns]
+
+
+def read_frame(file: str, fmt: str, columns: list[str]) -> pd.DataFrame:
+    """One (small) attribute-table file in memory."""
+    if fmt == "parquet":
+        return pd.read_parquet(file, columns=columns)
+    if fmt == "csv":
+        return pd.read_csv(file, dtype=str, usecols=columns)[columns]
+    return pd.read_json(file, lines=True, dtype=False, convert_dates=False)[columns]
+
+
+def _structure(spec: DatasetSpec, table: str, path: str, fmt: str, wanted: dict[str, str], defects: list):
+    """Files of one table and their formats; a defect for a glob matching nothing, an unknown format,
+    an unreadable header or a spec column the file lacks. Returns ``[(file, format)]`` or None."""
+    files = find_files(spec, path)
+    if not files:
+        defects.append(Defect(spec.resolve(path), "", f"no file matches {table}.path {path!r}"))
+        return None
+    out, ok = [], True
+    for file in files:
+        kind = file_format(fmt, file)
+        if kind is None:
+            defects.append(Defect(file, "", f"unknown file format; set {table}.format (csv, parquet or jsonl)"))
+            ok = False
+            continue
+        try:
+            header = columns_of(file, kind)
+        except Exception as exc:  # an empty or unreadable file: name it and go on checking the rest
+            defects.append(Defect(file, "", f"cannot be read as {kind}: {type(exc).__name__}: {exc}"))
+            ok = False
+            continue
+        for column, role in wanted.items():
+            if column not in header:
+                defects.append(
+                    Defect(file, column, f"named in the spec ({role}) but not in the file; its columns: {header}")
+                )
+                ok = False
+        out.append((file, kind))
+    return out if ok else None
+
+
+def _table_columns(table: TableSpec, name: str, id_column: str) -> dict[str, str]:
+    wanted = {table.id or id_column: f"{name}.id"}
+    for c in table.categorical:
+        wanted.setdefault(c, f"{name}.categorical")
+    for c in table.continuous:
+        wanted.setdefault(c.column, f"{name}.continuous")
+    for c in table.lists:
+        wanted.setdefault(c.column, f"{name}.lists")
+    for c in table.text:
+        wanted.setdefault(c, f"{name}.text")
+    if table.duration:
+        wanted.setdefault(table.duration, f"{name}.duration")
+    return wanted
+
+
+def _table_rules(table: TableSpec, name: str, id_column: str) -> list[Rule]:
+    rules = [Rule(table.id or id_column, "id", f"{name}.id")]
+    numbers = [c.column for c in table.continuous] + ([table.duration] if table.duration else [])
+    for column in dict.fromkeys(numbers):
+        rules.append(Rule(column, "number", f"{name} continuous"))
+    return rules
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    """A categorical / text column as strings, nulls kept (numbers without a spurious ``.0``)."""
+    if col.dtype == object:
+        if col.map(lambda v: isinstance(v, str) or v is None or v != v).all():
+            return col
+        return col.map(lambda v: None if v is None or v != v else _number_text(v))
+    if col.dtype.kind == "f":
+        return col.map(lambda v: None if v != v else _number_text(v))
+    return col.astype(str)
+
+
+def _number_text(v) -> str:
+    if isinstance(v, float | np.floating) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _elements(value, separator: str) -> list[str]:
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(separator) if part.strip()]
+    return [str(v) for v in value if v is not None]
+
+
+def list_positions(col: pd.Series, lst: ListSpec) -> pd.DataFrame:
+    """A list column as ``max_length`` categorical columns (position k, or the path's first k levels)."""
+    elements = col.map(lambda v: _elements(v, lst.separator))
+    out = {}
+    for k, name in enumerate(list_feature_names(lst)):
+        if lst.prefix:
+            out[name] = elements.map(lambda e, k=k: lst.separator.join(e[: k + 1]) if len(e) > k else None)
+        else:
+            out[name] = elements.map(lambda e, k=k: e[k] if len(e) > k else None)
+    return pd.DataFrame(out, index=col.index)
+
+
+def normalise_table(frame: pd.DataFrame, table: TableSpec, key: str, id_column: str, layout: Layout) -> pd.DataFrame:
+    """An attribute table in the pipeline's columns (``layout.user_columns`` / ``item_columns``)."""
+    out = pd.DataFrame({key: as_number(frame[table.id or id_column]).astype("int64")})
+    for c in table.categorical:
+        out[c] = _as_text(frame[c])
+    for lst in table.lists:
+        out = out.join(list_positions(frame[lst.column], lst))
+    numbers = [c.column for c in table.continuous] + ([table.duration] if table.duration else [])
+    for c in dict.fromkeys(numbers):
+        values = frame[c] if frame[c].dtype.kind in "iu" else as_number(frame[c]).astype("float64")
+        out["duration_seconds" if c == table.duration else c] = values
+    for c in table.text:
+        out[c] = _as_text(frame[c])
+    columns = layout.user_columns if key == "user_id" else layout.item_columns
+    return out[columns].reset_index(drop=True)
+
+
+def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects: list):
+    """Read, check and map one attribute table; ``(frame, file label)`` or ``(None, label)`` on defects."""
+    table: TableSpec = getattr(spec, name)
+    label = spec.resolve(table.path)
+    found = _structure(spec, name, table.path, table.format, _table_columns(table, name, id_column), defects)
+    if found is None:
+        return None, label
+    columns = list(_table_columns(table, name, id_column))
+    rules = _table_rules(table, name, id_column)
+    frames, before = [], len(defects)
+    for file, kind in found:
+        frame = read_frame(file, kind, columns)
+        if len(frame) == 0:
+            defects.append(Defect(file, "", f"the {name} table is empty (no rows)"))
+        defects.extend(defects_of(profile_frame(frame, rules), rules, file))
+        frames.append(frame)
+    if len(defects) > before:
+        return None, label
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    id_col = table.id or id_column
+    dupes = duplicate_keys(
+        frame.assign(**{id_col: as_number(frame[id_col])}), id_col, found[0][0] if len(found) == 1 else label
+    )
+    if dupes:
+        defects.extend(dupes)
+        return None, label
+    return normalise_table(frame, table, key, id_column, spec.layout), label
+
+
+class ToInternal:
+    """Per-partition mapping of an event frame's source columns to the pipeline's (picklable)."""
+
+    def __init__(self, plan: list[tuple[str, str, str]], positive: tuple[str, str, float | None], order: list[str]):
+        self.plan, self.positive, self.order = plan, positive, list(order)
+
+    def __call__(self, df):
+        out = type(df)()
+        for source, target, conversion in self.plan:
+            col = df[source]
+            if conversion == "id" or conversion == "binary":
+                out[target] = col.astype("int64") if col.dtype.kind in "iub" else as_number(col).astype("int64")
+            elif conversion == "continuous":
+                out[target] = col if col.dtype.kind in "iu" else as_number(col).astype("float64")
+            elif conversion == "ts:iso":
+                parsed = parse_iso(col)
+                out[target] = (parsed.astype("int64") // 1_000_000_000).astype("int64")
+            else:  # ts:<unit>
+                factor = {"ts:s": 1, "ts:ms": 1_000, "ts:us": 1_000_000, "ts:ns": 1_000_000_000}[conversion]
+                if col.dtype.kind == "M":
+                    out[target] = (col.astype("int64") // 1_000_000_000).astype("int64")
+                elif col.dtype.kind in "iu" and factor == 1:
+                    out[target] = col.astype("int64")
+                else:
+                    out[target] = (as_number(col) // factor).astype("int64")
+        kind, name, threshold = self.positive
+        if kind == "ones":
+            out["click"] = out["timestamp"] * 0 + 1
+        elif kind == "copy":
+            out["click"] = (out[name] > 0).astype("int64")
+        elif kind == "threshold":
+            out["click"] = (out[name] >= threshold).astype("int64")
+        return out[["user_id", "item_id", "timestamp", *self.order]]
+
+
+def _event_plan(spec: DatasetSpec, layout: Layout):
+    ev = spec.events
+    plan = [
+        (ev.user_id, "user_id", "id"),
+        (ev.item_id, "item_id", "id"),
+        (ev.timestamp, "timestamp", f"ts:{ev.timestamp_unit}"),
+    ]
+    for s in ev.signals:
+        target = "watch_seconds" if s.name == ev.watch_time else s.name
+        plan.append((s.source, target, s.kind))
+    positive = ("none", "", None)
+    if not layout.positive:  # no signal with a binary label: every event is an interaction
+        positive = ("ones", "", None)
+    elif layout.positive != "click":
+        signal = next(s for s in ev.signals if s.name == layout.positive)
+        positive = (
+            ("copy", signal.name, None) if signal.kind == "binary" else ("threshold", signal.name, signal.threshold)
+        )
+    return plan, positive
+
+
+def _is_identity(raw, plan, positive) -> bool:
+    """True when the files already hold the pipeline's columns and types (the raw schema in parquet)."""
+    if positive[0] != "none":
+        return False
+    for source, target, conversion in plan:
+        dtype = raw.dtypes[source]
+        if source != target or dtype != np.dtype("int64"):
+            if not (conversion == "continuous" and source == target and dtype.kind in "iuf"):
+                return False
+        if conversion.startswith("ts:") and conversion != "ts:s":
+            return False
+    return True
+
+
+def _event_rules(spec: DatasetSpec) -> list[Rule]:
+    ev = spec.events
+    rules = [
+        Rule(ev.user_id, "id", "events.user_id"),
+        Rule(ev.item_id, "id", "events.item_id"),
+        Rule(ev.timestamp, "timestamp", "events.timestamp", unit=ev.timestamp_unit),
+    ]
+    for s in ev.signals:
+        low, high = s.min, s.max
+        rules.append(Rule(s.source, s.kind, f"signal {s.name!r}", low=low, high=high))
+    return rules
+
+
+def _like_events(frame, events):
+    """An attribute frame in the events' backend (cudf when the events are cudf)."""
+    if frame is None or isinstance(events._meta, pd.DataFrame):
+        return frame
+    import cudf
+
+    return cudf.from_pandas(frame)
+
+
+def load_inputs(spec: DatasetSpec) -> Inputs:
+    """Read and check everything the spec names; raise ``DatasetError`` with every defect found."""
+    layout = spec.layout
+    ev = spec.events
+    defects: list[Defect] = []
+    users = items = None
+    labels = {}
+    if spec.users is not None:
+        users, labels["user"] = _read_table(spec, "users", "user_id", ev.user_id, defects)
+    if spec.items is not None:
+        items, labels["item"] = _read_table(spec, "items", "item_id", ev.item_id, defects)
+
+    wanted = {ev.user_id: "events.user_id", ev.item_id: "events.item_id", ev.timestamp: "events.timestamp"}
+    for s in ev.signals:
+        wanted.setdefault(s.source, f"events.signals {s.name!r}")
+    found = _structure(spec, "events", ev.path, ev.format, wanted, defects)
+    if found is None:
+        raise DatasetError(defects)
+
+    columns = list(wanted)
+    parts = [read_collection(file, kind, columns) for file, kind in found]
+    raw = parts[0] if len(parts) == 1 else _collection_module().concat(parts)
+    raw = raw.persist()  # read once: the checks and every later step reuse it
+    rules = _event_rules(spec)
+    memberships = []
+    if users is not None:
+        memberships.append(Membership(ev.user_id, np.asarray(users["user_id"]), "user"))
+    if items is not None:
+        memberships.append(Membership(ev.item_id, np.asarray(items["item_id"]), "item"))
+    profile_task = dask.delayed(profile_frame, pure=True)
+    profiles = dask.compute(*[profile_task(p, rules, memberships) for p in raw.to_delayed()])
+    start, per_file = 0, []
+    for (file, _), part in zip(found, parts):
+        merged = merge_profiles(list(profiles[start : start + part.npartitions]))
+        start += part.npartitions
+        per_file.append((file, merged))
+        defects.extend(defects_of(merged, rules, file))
+    total = merge_profiles([p for _, p in per_file])
+    if total["rows"] == 0:
+        defects.append(Defect(spec.resolve(ev.path), "", "the event log is empty (no rows)"))
+
+    warnings: list[Defect] = []
+    policies = {"user": spec.checks.missing_users, "item": spec.checks.missing_items}
+    missing = set()
+    for file, merged in per_file:
+        for table, defect in unknown_references(merged, memberships, file, labels):
+            missing.add(table)
+            if policies[table] == "error":
+                defect.message += f" (checks.missing_{table}s: error; warn or drop to go on)"
+                defects.append(defect)
+            else:
+                warnings.append(defect)
+    if defects:
+        raise DatasetError(defects)
+
+    plan, positive = _event_plan(spec, layout)
+    if _is_identity(raw, plan, positive):
+        events = raw[layout.event_columns]
+    else:
+        convert = ToInternal(plan, positive, layout.signals)
+        meta = convert(raw._meta)
+        events = raw.map_partitions(convert, meta=meta).persist()
+
+    out = Inputs(events, users, items, layout, warnings)
+    for table, key, frame in (("user", "user_id", users), ("item", "item_id", items)):
+        if frame is None or table not in missing:
+            continue
+        known = np.asarray(frame[key])
+        if policies[table] == "drop":
+            from workflows.rows import IsIn, filter_rows
+
+            before = int(events.shape[0].compute())
+            events = filter_rows(events, IsIn(key, known)).persist()
+            out.dropped[table] = before - int(events.shape[0].compute())
+        else:
+            ids = events[key][~events[key].isin(known)].unique().compute()
+            ids = ids.values_host if hasattr(ids, "values_host") else np.asarray(ids)
+            setattr(out, f"missing_{table}s", np.sort(ids.astype(np.int64)))
+    out.events = events
+    if users is None:
+        users = events[["user_id"]].drop_duplicates().compute().sort_values("user_id").reset_index(drop=True)
+    if items is None:
+        items = events[["item_id"]].drop_duplicates().compute().sort_values("item_id").reset_index(drop=True)
+    out.users, out.items = _like_events(users, events), _like_events(items, events)
+    return out
+
+
+def with_placeholders(table, ids: np.ndarray, key: str):
+    """``table`` plus one row per id in ``ids`` with every attribute null (policy ``warn``)."""
+    if len(ids) == 0:
+        return table
+    from merlin.core.dispatch import concat
+
+    extra = type(table)({key: ids.astype("int64")})
+    return concat([table, extra], ignore_index=True)

@@ -1,0 +1,285 @@
+"""Validation before any work: every defect of an input, collected first, raised as one error.
+
+Each ``Defect`` names the file, the column, how many rows and an example value; ``DatasetError``
+carries all of them, so one run shows everything to fix, and the pipeline raises it before it writes
+anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
+
+    structure   a file or glob that matches nothing, a column the spec names that the file lacks,
+                an empty table
+    ids         null, negative, not an integer, ids of mixed types (numbers and text in one column),
+                duplicate keys in an attribute table
+    timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
+                range (seconds that are really milliseconds)
+    signals     null or not a number, a binary signal not 0/1, a value outside the declared range
+    attributes  a continuous column that is not a number
+    references  events whose item (user) the item (user) table lacks: an error, or with
+                ``checks.missing_items: warn`` / ``drop`` a counted warning
+
+The checks on the event log run in one pass (``profile_frame`` per partition, on pandas or cudf
+partitions alike, combined with ``merge_profiles``); attribute tables are small and checked in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# A timestamp beyond this many seconds (year ~5138) is in the wrong unit.
+MAX_SECONDS = 100_000_000_000
+
+
+@dataclass
+class Defect:
+    """One problem with the input data."""
+
+    file: str
+    column: str
+    message: str
+    rows: int | None = None
+    example: Any = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: column {self.column!r}" if self.column else self.file
+        text = f"{where}: {self.message}"
+        if self.rows is not None:
+            text += f" ({self.rows} row{'s' if self.rows != 1 else ''}"
+            text += f", e.g. {self.example!r})" if self.example is not None else ")"
+        return text
+
+    def to_dict(self) -> dict:
+        example = self.example.item() if isinstance(self.example, np.generic) else self.example
+        return {
+            "file": self.file,
+            "column": self.column,
+            "message": self.message,
+            "rows": self.rows,
+            "example": example,
+        }
+
+
+class DatasetError(ValueError):
+    """The input has defects; nothing was written. ``defects`` lists them all."""
+
+    def __init__(self, defects: list[Defect]):
+        self.defects = list(defects)
+        lines = "\n".join(f"  - {d}" for d in self.defects)
+        super().__init__(f"{len(self.defects)} defect(s) in the input data; nothing was written:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What to check in one source column. ``kind``: id | timestamp | binary | continuous (a signal)
+    | number (a continuous attribute: may be missing, must be a number when present)."""
+
+    column: str
+    kind: str
+    role: str = ""  # how the spec calls it, for messages (events.user_id, signal 'view', ...)
+    unit: str = "s"  # timestamps
+    low: float | None = None  # declared range (continuous signals)
+    high: float | None = None
+
+
+@dataclass
+class Membership:
+    """Event ids that must exist in an attribute table (``known``: its ids, int64)."""
+
+    column: str
+    known: np.ndarray
+    table: str  # "item" / "user"
+    code: str = field(default="unknown")
+
+
+def _module(series):
+    import pandas as pd
+
+    if isinstance(series, pd.Series):
+        return pd
+    import cudf  # a cudf partition (GPU machine)
+
+    return cudf
+
+
+def _is_numeric(series) -> bool:
+    return series.dtype.kind in "iufb"
+
+
+def as_number(series):
+    """The column as numbers; unparseable text becomes null (pandas or cudf alike)."""
+    if _is_numeric(series):
+        return series.astype("int64") if series.dtype.kind == "b" else series
+    return _module(series).to_numeric(series, errors="coerce")
+
+
+def parse_iso(series):
+    """ISO 8601 text -> tz-naive UTC datetimes; anything else (numbers included) -> null."""
+    mod = _module(series)
+    if series.dtype.kind == "M":
+        return series
+    if _is_numeric(series):
+        return mod.to_datetime(series.where(series != series), errors="coerce")  # all null
+    if mod.__name__ == "pandas" and series.dtype == object:
+        series = series.where(series.map(lambda v: isinstance(v, str)))
+    out = mod.to_datetime(series, errors="coerce", utc=True) if mod.__name__ == "pandas" else mod.to_datetime(series)
+    return out.dt.tz_localize(None) if getattr(out.dt, "tz", None) is not None else out
+
+
+def _first(values):
+    """First element of a (pandas or cudf) series as a plain Python value."""
+    value = values.iloc[0]
+    return value.item() if hasattr(value, "item") else value
+
+
+def _add(out: dict, column: str, code: str, mask, values=None) -> None:
+    """Count the rows of ``mask``; keep the first offending value of ``values`` as the example."""
+    n = int(mask.sum())
+    if n:
+        out[(column, code)] = [n, None if values is None else _first(values[mask])]
+
+
+def _mixed_types(series) -> int:
+    """Rows whose Python type differs from the column's most common type (pandas object columns)."""
+    if series.dtype != object or _module(series).__name__ != "pandas":
+        return 0
+    kinds = series.dropna().map(lambda v: "number" if isinstance(v, int | float | np.number) else type(v).__name__)
+    if kinds.nunique() <= 1:
+        return 0
+    return int(len(kinds) - kinds.value_counts().iloc[0])
+
+
+def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> dict:
+    """Counts (and a first example) of every defect in one frame: ``{"rows": n, "issues": {...}}``."""
+    issues: dict = {}
+    out = {"rows": int(len(df)), "issues": issues, "max": {}}
+    for rule in rules:
+        col = df[rule.column]
+        integer_dtype = col.dtype.kind in "iu"
+        present = None if integer_dtype else col.notna()
+        if present is not None and rule.kind != "number":  # an attribute may be missing; an id may not
+            _add(issues, rule.column, "null", ~present)
+        if rule.kind == "timestamp" and rule.unit == "iso":
+            parsed = parse_iso(col)
+            _add(issues, rule.column, "timestamp", present & parsed.isna(), col)
+            continue
+        num = col if integer_dtype else as_number(col)
+        if present is not None:
+            _add(issues, rule.column, "not_number", present & num.isna(), col)
+        if rule.kind == "id":
+            if not integer_dtype:
+                parsed = num.notna()
+                fractional = parsed & (num != num.round())
+                _add(issues, rule.column, "fractional", fractional, col)
+                issues.setdefault((rule.column, "parsed"), [int(parsed.sum()), None])
+                mixed = _mixed_types(col)
+                if mixed:
+                    issues[(rule.column, "mixed_types")] = [mixed, _first(col[col.map(lambda v: isinstance(v, str))])]
+            _add(issues, rule.column, "negative", num < 0, col)
+        elif rule.kind == "timestamp":
+            _add(issues, rule.column, "negative", num < 0, col)
+            _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
+        elif rule.kind == "binary":
+            _add(issues, rule.column, "not_binary", num.notna() & (num != 0) & (num != 1), col)
+        elif rule.kind == "continuous":
+            if rule.low is not None:
+                _add(issues, rule.column, "below", num < rule.low, col)
+            if rule.high is not None:
+                _add(issues, rule.column, "above", num > rule.high, col)
+    for m in memberships:
+        col = df[m.column]
+        ids = col if col.dtype.kind in "iu" else as_number(col)
+        valid = ids.notna() & (ids >= 0)  # a null or negative id is its own defect, not an unknown one
+        _add(issues, m.column, f"{m.code}_{m.table}", valid & ~ids.isin(m.known), col)
+    return out
+
+
+def _unit_factor(unit: str) -> int:
+    return {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}.get(unit, 1)
+
+
+def merge_profiles(profiles: list[dict]) -> dict:
+    """Combine per-partition profiles: counts add up, the first example wins."""
+    out = {"rows": 0, "issues": {}}
+    for p in profiles:
+        out["rows"] += p["rows"]
+        for key, (n, example) in p["issues"].items():
+            if key in out["issues"]:
+                out["issues"][key][0] += n
+                if out["issues"][key][1] is None:
+                    out["issues"][key][1] = example
+            else:
+                out["issues"][key] = [n, example]
+    return out
+
+
+MESSAGES = {
+    "null": "is empty (null)",
+    "not_number": "is not a number",
+    "fractional": "is not an integer id",
+    "negative": "is negative",
+    "not_binary": "is not 0 or 1 (a binary signal)",
+}
+
+
+def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
+    """The defects a merged profile shows, one per (column, kind)."""
+    issues = profile["issues"]
+    out = []
+    for rule in rules:
+        c = rule.column
+        role = f" ({rule.role})" if rule.role else ""
+
+        def defect(message, code, _c=c):
+            n, example = issues[(_c, code)]
+            out.append(Defect(file, _c, message, n, example))
+
+        for code in ("null", "negative", "fractional", "not_binary"):
+            if (c, code) in issues:
+                defect(f"{MESSAGES[code]}{role}", code)
+        if (c, "not_number") in issues:
+            if rule.kind == "id":
+                parsed = issues.get((c, "parsed"), [0, None])[0]
+                if parsed:
+                    defect(f"ids of mixed types{role}: numbers and text in one column", "not_number")
+                else:
+                    defect(f"is not an integer id{role}; ids must be integers (serving takes INT64 ids)", "not_number")
+            elif rule.kind == "timestamp":
+                defect(f"is not a timestamp in {rule.unit}{role}", "not_number")
+            else:
+                defect(f"{MESSAGES['not_number']}{role}", "not_number")
+        if (c, "mixed_types") in issues:
+            defect(f"ids of mixed types{role}: numbers and text values in one column", "mixed_types")
+        if (c, "timestamp") in issues:
+            defect(f"is not an ISO 8601 timestamp{role}", "timestamp")
+        if (c, "too_large") in issues:
+            defect(
+                f"is too large for a timestamp in {rule.unit}{role}: is events.timestamp_unit right (s, ms, us, ns)?",
+                "too_large",
+            )
+        if (c, "below") in issues:
+            defect(f"is below the declared minimum {rule.low}{role}", "below")
+        if (c, "above") in issues:
+            defect(f"is above the declared maximum {rule.high}{role}", "above")
+    return out
+
+
+def unknown_references(profile: dict, memberships: list[Membership], file: str, tables: dict) -> list:
+    """``[(table, Defect)]`` for events referring to ids an attribute table lacks (``tables``:
+    "item" -> the table's file)."""
+    out = []
+    for m in memberships:
+        key = (m.column, f"{m.code}_{m.table}")
+        if key in profile["issues"]:
+            n, example = profile["issues"][key]
+            message = f"refers to {m.table}s missing from the {m.table} table {tables.get(m.table, '')}".rstrip()
+            out.append((m.table, Defect(file, m.column, message, n, example)))
+    return out
+
+
+def duplicate_keys(frame, column: str, file: str) -> list[Defect]:
+    """An attribute table must have one row per id."""
+    dup = frame[column].duplicated(keep=False) & frame[column].notna()
+    n = int(dup.sum())
+    if not n:
+        return []
+    return [Defect(file, column, "duplicate key: more than one row for the same id", n, _first(frame[column][dup]))]
