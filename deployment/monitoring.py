@@ -8,14 +8,13 @@ is scraped and alerted on.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from deployment.processes import log_tail, stop_process_group
 from deployment.server import LOOPBACK, ServerError, free_port
 
 
@@ -174,26 +173,12 @@ class PrometheusServer:
         return self.api("targets")["activeTargets"]
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 20.0) -> None:
         proc = self.process
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=timeout)
-                except (subprocess.TimeoutExpired, ProcessLookupError):
-                    pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=10)
+            stop_process_group(proc, timeout)
             self.process = None
         if getattr(self, "_log", None):
             self._log.close()

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from deployment import security
+from deployment.processes import log_tail, stop_process_group
 
 LOOPBACK = "127.0.0.1"
 
@@ -260,29 +261,12 @@ class TritonServer:
         return loading
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 30.0) -> None:
         proc = self.process
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-                except ProcessLookupError:
-                    pass
-            # Whatever is left of the group (stubs that ignored the shutdown) goes too.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=10)
+            stop_process_group(proc, timeout)
             self.process = None
         if getattr(self, "_log", None):
             self._log.close()
