@@ -26,6 +26,11 @@ import numpy as np
 from scipy.stats import rankdata
 
 
+class NotApplicable(ValueError):
+    """A figure the protocol cannot support (one class, no pair to compare, one group): the report
+    says "not applicable" with this message as the reason, and every other figure still comes out."""
+
+
 def array_module(x):
     """cupy for cupy arrays, numpy otherwise."""
     try:
@@ -45,7 +50,7 @@ def roc_auc(labels, scores) -> float:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC-AUC needs both positive and negative labels")
+        raise NotApplicable("ROC-AUC needs both positive and negative labels")
     ranks = rankdata(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -55,7 +60,7 @@ def pr_auc(labels, scores) -> float:
     labels = np.asarray(labels).astype(bool).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if labels.sum() == 0:
-        raise ValueError("PR-AUC needs at least one positive label")
+        raise NotApplicable("PR-AUC needs at least one positive label")
     order = np.argsort(-scores, kind="stable")
     hits = labels[order]
     # Group tied scores so their order cannot change the result.

@@ -81,6 +81,11 @@ class Result:
     metrics: dict[str, float]  # e.g. "ndcg@10" -> value, "ndcg@10_low"/"_high" -> interval
     slices: pd.DataFrame = field(default_factory=pd.DataFrame)
     bias: dict = field(default_factory=dict)
+    # figure -> why this protocol cannot support it (the report prints "not applicable" and the reason)
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    # metric -> one value per evaluated user, in the same user order for every recommender of a split
+    # (the report's paired intervals of the difference between two recommenders)
+    per_user: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate_top_k(
@@ -103,24 +108,43 @@ def evaluate_top_k(
             mean, low, high = m.bootstrap_ci(pu, n_resamples=n_bootstrap)
             values[f"{metric}@{k}"], values[f"{metric}@{k}_low"], values[f"{metric}@{k}_high"] = mean, low, high
             per_user[f"{metric}@{k}"] = pu
-    result = Result(name, values)
+    result = Result(name, values, per_user={key: np.asarray(v) for key, v in per_user.items()})
     if user_attributes is not None:
         frame = pd.DataFrame(per_user)
         attrs = user_attributes.set_index("user_id").reindex(data.user_ids[has_test]).reset_index(drop=True)
         result.slices = slice_table(frame, attrs)
+        groups = result.slices.groupby("attribute")["value"].nunique() if len(result.slices) else pd.Series()
+        for attr in groups[groups < 2].index:
+            result.not_applicable[f"slice gap by {attr}"] = "every evaluated user is in one group"
     k = max(ks)
     popularity = data.item_popularity()
-    result.bias = {
-        "item_share_curve": pb.item_share_curve(top[:, :k]),
-        "gini": pb.gini(top[:, :k], len(data.item_ids)),
-        "coverage": pb.catalog_coverage(top[:, :k], len(data.item_ids)),
-        "popularity_lift": float(np.nanmean(pb.popularity_lift(top[:, :k], data.seen, popularity))),
-    }
+    top_k = top[:, :k]
+
+    def measure(key: str, fn) -> None:
+        """``bias[key] = fn()``, or None with the reason when the protocol cannot support it."""
+        try:
+            result.bias[key] = fn()
+        except m.NotApplicable as reason:
+            result.bias[key] = None
+            result.not_applicable[key] = str(reason)
+
+    measure("item_share_curve", lambda: pb.item_share_curve(top_k))
+    measure("gini", lambda: pb.gini(top_k, len(data.item_ids)))
+    measure("coverage", lambda: pb.catalog_coverage(top_k, len(data.item_ids)))
+    measure("popularity_lift", lambda: _nanmean(pb.popularity_lift(top_k, data.seen, popularity)))
     if scores is not None:
         popular = popularity >= np.quantile(popularity, 0.8)
-        share, users = pb.preference_parity(scores, [r if len(r) else set() for r in relevant], popular)
-        result.bias.update(preference_parity=share, preference_parity_users=users)
+        measure("preference_parity", lambda: pb.preference_parity(scores, relevant, popular))
+        parity = result.bias.pop("preference_parity")
+        result.bias["preference_parity"], result.bias["preference_parity_users"] = parity or (None, 0)
     return result
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).any():
+        raise m.NotApplicable("no user has both a training profile and a recommendation")
+    return float(np.nanmean(values[np.isfinite(values)]))
 
 
 def evaluate_scores(name: str, scores: np.ndarray, data: Interactions, ks=(10, 20), **kwargs) -> Result:
@@ -140,9 +164,12 @@ def slice_table(per_user: pd.DataFrame, attributes: pd.DataFrame) -> pd.DataFram
 
 
 def slice_gaps(slices: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Best and worst slice of ``metric`` per attribute: the gap the report calls out."""
+    """Best and worst slice of ``metric`` per attribute: the gap the report calls out. An attribute
+    with one group has no gap and is left out (``Result.not_applicable`` says so)."""
     out = []
-    for attr, group in slices.groupby("attribute"):
+    for attr, group in slices.groupby("attribute") if len(slices) else ():
+        if group["value"].nunique() < 2:
+            continue
         best, worst = group.loc[group[metric].idxmax()], group.loc[group[metric].idxmin()]
         out.append(
             {
@@ -154,7 +181,7 @@ def slice_gaps(slices: pd.DataFrame, metric: str) -> pd.DataFrame:
                 "gap": best[metric] - worst[metric],
             }
         )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=["attribute", "best", "best_value", "worst", "worst_value", "gap"])
 
 
 def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:

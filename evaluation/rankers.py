@@ -38,6 +38,14 @@ def ranker_table(model_dir, manifest: dict, valid) -> pd.DataFrame:
 
     rows = []
     frame = valid.to_ddf()
+    if len(frame) == 0:  # a split without a validation part: nothing to score, every AUC not applicable
+        nan = float("nan")
+        rows = [
+            {"ranker": a, "head": h, "validation rows": 0, "positive share": nan, "ROC-AUC": nan, "PR-AUC": nan}
+            for a, _, heads in ranker_specs(manifest)
+            for h in heads
+        ]
+        return pd.DataFrame(rows).astype({"validation rows": np.int64})
     for artifact, features, heads in ranker_specs(manifest):
         model = tf.keras.models.load_model(str(model_dir / artifact))
         # the columns and tags the ranker was validated with in training (heads tagged as targets)

@@ -39,12 +39,13 @@ def main() -> None:
     k = ks[0]
     ease = next(r for r in out["results"] if r.name == "EASE").metrics[f"ndcg@{k}"]
     for r in out["results"]:
-        m = r.metrics
+        m, gini = r.metrics, r.bias.get("gini")
         print(
             f"{r.name:<18} ndcg@{k} {m[f'ndcg@{k}']:.4f}  recall@{k} {m[f'recall@{k}']:.4f}  "
-            f"ndcg/EASE {m[f'ndcg@{k}'] / ease:.3f}  gini {r.bias['gini']:.3f}"
+            f"ndcg/EASE {m[f'ndcg@{k}'] / ease:.3f}  gini {'n/a' if gini is None else f'{gini:.3f}'}"
         )
     print("stages:", json.dumps(out["stages"]))
+    print(json.loads(out["paths"]["json"].read_text())["headline"])
     print(f"report: {out['paths']['html']}")
 
 

@@ -1,6 +1,13 @@
 """The offline evaluation runner on the session's synthetic world."""
 
+import copy
 import dataclasses
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -123,16 +130,220 @@ def test_rankers_are_reported_with_roc_and_pr_auc_per_head(model_version, proces
     assert click["ROC-AUC"] > 0.6 and click["PR-AUC"] > click["positive share"] > 0
 
 
-def test_report_has_tables_and_embedded_plots(data, tmp_path):
+def leave_one_out(data: offline.Interactions, users=None) -> offline.Interactions:
+    """The same training part, and one held-out click per user (the first): leave-one-out's shape."""
+    test = data.test.sort_values("timestamp").groupby("user_id").head(1)
+    train = data.train
+    if users is not None:
+        train, test = train[train["user_id"].isin(users)], test[test["user_id"].isin(users)]
+    return offline.Interactions.from_split(train, test)
+
+
+def test_leave_one_out_split_reports_what_it_cannot_support_and_every_other_figure(data, small_data, tmp_path):
     from evaluation.report import write_report
 
-    users = np.arange(len(data.user_ids))
+    loo = leave_one_out(data)
+    assert max(len(r) for r in loo.relevant) == 1
+    users = small_data.users.assign(country="one")  # a slice with one group has no best-worst gap
     results = [
-        offline.evaluate_scores(p.name, p.fit(data.matrix()).scores(users), data, ks=(10,), n_bootstrap=50)
+        offline.evaluate_scores(
+            p.name,
+            p.fit(loo.matrix()).scores(np.arange(len(loo.user_ids))),
+            loo,
+            ks=(10,),
+            user_attributes=users,
+            n_bootstrap=50,
+        )
         for p in (Popularity(), EASE(reg_weight=50.0))
     ]
-    paths = write_report(results, tmp_path, "synthetic", context={"protocol": "temporal"})
-    html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 2 and "EASE" in html and "Popularity bias" in html
-    md = paths["markdown"].read_text()
-    assert "| EASE" in md and "ndcg@10" in md
+    for r in results:
+        assert r.bias["preference_parity"] is None and r.bias["preference_parity_users"] == 0
+        assert "one held-out item per user" in r.not_applicable["preference_parity"]
+        assert r.not_applicable["slice gap by country"] == "every evaluated user is in one group"
+        assert {"gini", "coverage", "popularity_lift", "item_share_curve"} <= {
+            key for key, v in r.bias.items() if v is not None
+        }
+        assert 0 <= r.metrics["ndcg@10_low"] <= r.metrics["ndcg@10"] <= r.metrics["ndcg@10_high"]
+    assert "country" not in set(offline.slice_gaps(results[1].slices, "ndcg@10")["attribute"])
+    paths = write_report(results, tmp_path, "leave-one-out", served="EASE")
+    page = paths["html"].read_text()
+    assert "Not applicable on this split" in page and "as in leave-one-out" in page
+    # Without a tuning step, the section says so.
+    assert "not run: this model version records no tuning step" in page
+    assert json.loads(paths["json"].read_text())["tuning"] == "not run"
+    assert "preference_parity" in paths["markdown"].read_text()
+
+
+@pytest.mark.slow
+def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
+    model_version, triton_repo, processed, small_config, small_data, data, tmp_path
+):
+    """The new user's crash: one held-out rating per user. The shared trained funnel is evaluated
+    (no retraining) on 40 users' leave-one-out split: every figure but preference parity comes out."""
+    from evaluation.pipeline import evaluate_split
+
+    config = copy.deepcopy(small_config)
+    config.training.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()  # the shared registry stays as it is
+    loo = leave_one_out(data, users=data.user_ids[:40])
+    run = evaluate_split(
+        processed, loo.train, loo.test, small_data.users, config, tmp_path, ks=(10,), mitigation=False,
+        n_bootstrap=50, title="leave-one-out", context={"protocol": "one held-out click per user"},
+        trained=(model_version, triton_repo),
+    )  # fmt: skip
+    assert [r.name for r in run["results"]] == ["Pop", "EASE", "ALS", "funnel (served)"]
+    for r in run["results"]:
+        assert r.bias["preference_parity"] is None and "as in leave-one-out" in r.not_applicable["preference_parity"]
+        assert 0 <= r.metrics["ndcg@10"] <= 1 and r.bias["gini"] is not None
+    assert 0 <= run["stages"]["candidate_ids"]["recall"] <= 1 and len(run["ordering"]) >= 2
+    page = run["paths"]["html"].read_text()
+    assert "Not applicable on this split" in page and page.count("as in leave-one-out") == 4
+    assert all(f"<td>{peer}</td>" in page for peer in ("Pop", "EASE", "ALS"))  # the headline compares all
+    # the tuning step's search when the model version records one, else "not run"
+    assert ("trials on the validation part" in page) != ("records no tuning step" in page)
+
+
+@pytest.fixture(scope="module")
+def stand_in(data, small_data):
+    """What a report is written from, without training: Pop, EASE and a stand-in for the served
+    funnel (EASE with another regularisation), per-stage figures of the shape ``funnel_results`` returns."""
+    rows = np.arange(len(data.user_ids))
+    peers = (Popularity(), EASE(reg_weight=50.0), EASE(reg_weight=5.0))
+    results = [
+        offline.evaluate_scores(
+            name,
+            p.fit(data.matrix()).scores(rows),
+            data,
+            ks=(10, 20),
+            user_attributes=small_data.users,
+            n_bootstrap=100,
+        )
+        for name, p in zip(("Pop", "EASE", "funnel (served)"), peers)
+    ]
+    stages = {
+        "candidate_ids": {"mean_size": 100.0, "recall": 0.61},
+        "filtered_ids": {"mean_size": 93.0, "recall": 0.58},
+        "light_ids": {"mean_size": 30.0, "recall": 0.37},
+        "final": {"mean_size": 10.0, "recall": results[-1].metrics["recall@10"]},
+        "ms_per_user": 4.2,
+    }
+    return results, stages
+
+
+def stand_in_report(stand_in, out, tuning):
+    """A report with every section from the stand-in's figures."""
+    from evaluation.report import write_report
+
+    results, stages = stand_in
+    return results, write_report(
+        results, out, "synthetic", {"protocol": "temporal"}, ks=(10, 20), stages=stages, tuning=tuning
+    )
+
+
+def test_report_leads_with_the_headline_and_draws_every_section(stand_in, tmp_path):
+    from evaluation.report import headline
+
+    trials = [{"params": {"affinity_weight": w}, "metric": 0.05 + w * (1 - w) / 10} for w in (0.0, 0.25, 0.5, 0.75)]
+    results, paths = stand_in_report(stand_in, tmp_path / "tuned", {"metric": "ndcg@10", "trials": trials})
+    page = paths["html"].read_text()
+    # accuracy with error bars, the funnel, slices, the item-share curve, the tuning search
+    assert page.count("data:image/png;base64,") == 5
+    assert page.index("Headline") < page.index("Accuracy") < page.index("The funnel, stage by stage")
+    widths = [
+        len(re.findall(r"<th[ >]", table.split("</thead>")[0]))
+        for table in re.findall(r"<table.*?</table>", page, re.S)
+    ]
+    assert (
+        widths and max(widths) <= 7 and "{" not in page.split("<body>")[1].split("<h2>Setup")[0]
+    )  # narrow tables, no JSON
+    head = headline(results, 10).set_index("peer")
+    assert list(head.index) == ["Pop", "EASE"] and all(row in page for row in head["difference (95% CI)"])
+    funnel, pop = results[-1].metrics["ndcg@10"], results[0].metrics["ndcg@10"]
+    assert head.loc["Pop", "funnel / peer"] == pytest.approx(funnel / pop)
+    for _, row in head.iterrows():  # "beats" only when the paired interval of the difference is above 0
+        low, high = (float(x) for x in re.findall(r"[-+]\d\.\d+", row["difference (95% CI)"])[1:])
+        assert row["verdict"] == ("beats" if low > 0 else "loses to" if high < 0 else "within noise of")
+    best = page.split("<h2>Tuning search</h2>")[1].split("</table>")[0]
+    assert best.count("<td>affinity_weight=") == 4 and best.index("affinity_weight=0.5") < best.index(
+        "affinity_weight=0.25"
+    )
+
+
+def test_tuning_search_is_read_from_any_stored_shape():
+    from evaluation.report import tuning_plot, tuning_searches, tuning_table
+
+    trial = {"params": {"a": 1}, "metric": 0.5}
+    assert tuning_searches(None) == [] and tuning_searches({}) == []
+    assert tuning_searches([trial])[0]["trials"] == [{"params": {"a": 1}, "value": 0.5}]
+    nested = tuning_searches(
+        {"blend": {"metric": "ndcg@10", "trials": [trial]}, "logq": [{"logq_strength": 0.5, "value": 0.3}]}
+    )
+    assert [s["name"] for s in nested] == ["blend", "logq"] and nested[0]["metric"] == "ndcg@10"
+    assert nested[1]["trials"] == [{"params": {"logq_strength": 0.5}, "value": 0.3}]
+    # The training run's record (``models/tuning.py``): the metric under its own name, a grid of knobs.
+    grid = [
+        {"params": {"serving.ordering.affinity_weight": a, "item_affinity.reg_weight": r}, "ndcg_at_10": a / r}
+        for a in (0.0, 0.5)
+        for r in (100.0, 250.0)
+    ]
+    record = {"metric": "ndcg_at_10", "trials": grid, "chosen": grid[2]["params"], "best": 0.005}
+    (search,) = tuning_searches(record)
+    assert search["metric"] == "ndcg_at_10" and [t["value"] for t in search["trials"]] == [0, 0, 0.005, 0.002]
+    assert search["chosen"] == grid[2]["params"] and len(tuning_plot(search)) > 1000
+    assert tuning_table(search).loc[0, "params"] == "affinity_weight=0.5, reg_weight=100"
+
+
+# Runs first in the page (injected into a copy): records script errors and failed resources as they
+# happen, and after the load event every image that did not decode, into a <pre> that --dump-dom prints.
+PROBE = """<script>
+var problems = [];
+window.addEventListener("error", function (e) {
+  var t = e.target;
+  problems.push(t && t.tagName ? "failed to load: " + t.tagName + " " + (t.alt || "") : "script error: " + e.message);
+}, true);
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  images.forEach(function (i) {
+    if (!(i.complete && i.naturalWidth > 0 && i.naturalHeight > 0)) problems.push("broken image: " + i.alt);
+  });
+  var pre = document.createElement("pre");
+  pre.id = "render-check";
+  pre.textContent = JSON.stringify({images: images.length, problems: problems});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def render_in_chromium(page: Path, work: Path) -> dict:
+    """Load ``page`` in headless Chromium and return ``{"images": n, "problems": [...]}`` as the
+    browser saw it (image decoding, script errors). Fails if the probe never reported."""
+    work.mkdir(parents=True, exist_ok=True)
+    probed = work / "probed.html"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    # --no-sandbox: the tests may run as root (CI containers), where Chromium's sandbox refuses to start
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={work / 'profile'}"]
+    command += ["--hide-scrollbars", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*command, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="render-check">(.*?)</pre>', dom.stdout, re.S)
+    assert found, f"the page never finished loading in Chromium: {dom.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make services installs it)")
+def test_report_renders_in_a_browser_without_broken_images_or_script_errors(stand_in, tmp_path):
+    trials = [{"params": {"logq_strength": w}, "metric": 0.05 + w / 20} for w in (0.0, 0.5, 1.0)]
+    _, paths = stand_in_report(stand_in, tmp_path / "report", trials)
+    seen = render_in_chromium(paths["html"], tmp_path / "browser")
+    assert seen == {"images": 5, "problems": []}
+    # The check can fail: one image's data cut short and a script that throws are both caught.
+    page = paths["html"].read_text()
+    start = page.index("base64,") + len("base64,")
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        page[:start]
+        + "iVBORw0KGgo"
+        + page[page.index("'", start) :].replace("</body>", "<script>undefinedFunction()</script></body>")
+    )
+    seen = render_in_chromium(broken, tmp_path / "browser-broken")
+    assert seen["images"] == 5
+    assert any(p.startswith("broken image: Accuracy") for p in seen["problems"])
+    assert any("undefinedFunction" in p for p in seen["problems"])

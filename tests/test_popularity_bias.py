@@ -35,3 +35,28 @@ def test_preference_parity_detects_a_popularity_biased_scorer():
     biased_share, _ = pb.preference_parity(biased, liked, popular)
     assert users > 50
     assert abs(fair_share - 0.5) < 0.05 and biased_share > 0.75
+
+
+def test_measures_a_split_cannot_support_say_why_instead_of_crashing():
+    from evaluation.metrics import NotApplicable, pr_auc, roc_auc
+
+    popular = np.array([True, True, False, False])
+    scores = np.random.default_rng(0).random((3, 4))
+    # Leave-one-out: one held-out item per user, so no user has a (popular, unpopular) pair.
+    with pytest.raises(NotApplicable, match="one held-out item per user"):
+        pb.preference_parity(scores, [{0}, {2}, {3}], popular)
+    with pytest.raises(NotApplicable, match="every item counts as popular"):
+        pb.preference_parity(scores, [{0, 1}], np.ones(4, dtype=bool))
+    # An item the scorer could not score (-inf) is no half-win: user 1's pair is left out.
+    scores[1, 0] = -np.inf
+    share, users = pb.preference_parity(scores, [{0, 2}, {0, 3}], popular)
+    assert users == 1 and share == float(scores[0, 0] > scores[0, 2])
+    with pytest.raises(NotApplicable, match="both positive and negative"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(NotApplicable, match="at least one positive"):
+        pr_auc([0, 0], [0.1, 0.2])
+    # Padding (-1) of short lists is not a recommendation; lists with nothing in them have no Gini.
+    assert pb.gini(np.array([[0, 1, -1]]), 2) == pytest.approx(pb.gini(np.array([[0, 1]]), 2))
+    assert pb.item_share_curve(np.array([[0, -1, -1]]), shares=(1.0,)) == {1.0: 1}
+    with pytest.raises(NotApplicable, match="no list recommends anything"):
+        pb.gini(np.full((2, 3), -1), 5)
