@@ -15,10 +15,12 @@ Why a weighted sum of several signals rather than P(click) alone: each signal is
 Clicks are frequent but reward clickbait (a click says the thumbnail worked, not the item); a
 duration-aware watch says the item kept its promise but is rarer and favours short items; a like is
 the most explicit but rarest and noisiest. Summing calibrated probabilities lets one signal's bias be
-outvoted by the others, and the weights are the product decision of how much each outcome is worth
-(default 0.4 click, 0.4 watch, 0.2 like: engagement that lasted counts as much as the click that
-started it; likes break ties). The weights live in the config and the manifest, so changing the
-trade-off needs no retraining.
+outvoted by the others, and the weights are the product decision of how much each outcome is worth.
+The default is measured rather than guessed: ``online/retention.py`` relates each signal to simulated
+users coming back and derives the weights (on the synthetic world only clicks did: 1.0 click, 0
+watch, 0 like, which beat the hand weights 0.4/0.4/0.2 in an A/B test; docs/online-loop.md). All heads
+are trained whatever their weight, and the weights live in the config and the manifest, so changing
+the trade-off needs no retraining.
 
 Ensemble: ``heavy_ranker.members`` lists the models the stage averages, per head, before the
 weighted sum. Each member has its own seed; a member with ``hard_negatives: n`` also trains on, per

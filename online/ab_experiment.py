@@ -102,6 +102,26 @@ def run_ab_test(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run steps 1-7; return the analysis, the report paths and what the rollout check saw."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    world, control, treatment = train_arms(config, work, log)
+    return serve_ab_test(config, work, world, control, treatment, users=users, roll_out=roll_out, log=log)
+
+
+def serve_ab_test(
+    config: Config,
+    workdir: str | Path,
+    world,
+    control,
+    treatment,
+    repo: str | Path | None = None,
+    users: int | None = None,
+    roll_out: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Steps 3-7 for two trained versions of one world's data (``train_arms``, or the same models
+    with other settings, as ``online/retention.py`` makes): export ``control`` (or serve the ``repo``
+    it is already exported to), add ``treatment``, run the experiment, analyse it, roll out a winner."""
     from deployment.export import export_repository
     from deployment.rollout import add_version, current_rollout
     from deployment.server import TritonServer
@@ -116,8 +136,8 @@ def run_ab_test(
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    world, control, treatment = train_arms(config, work, log)
-    repo = export_repository(control, work / "triton_repo", replace=True)
+    if repo is None:
+        repo = export_repository(control, work / "triton_repo", replace=True)
     add_version(treatment, repo)
     log_path = feedback_log_path(repo)
     for stale in log_path.parent.glob(log_path.name + "*"):

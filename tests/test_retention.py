@@ -1,0 +1,183 @@
+"""Objective weights from retention: the rule, the analysis on logs whose truth is planted, and the
+reweighted model version served in-process."""
+
+import json
+import shutil
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from online.retention import (
+    SIGNALS,
+    analyze_retention,
+    derive_head_weights,
+    logistic_regression,
+    per_user_signals,
+)
+
+HAND = {"click": 0.4, "duration_watch": 0.4, "like": 0.2}
+
+
+def coefs(**rows):
+    """``signal=(coef, ci_low, ci_high)`` -> the table ``derive_head_weights`` reads."""
+    return pd.DataFrame([{"signal": s, "coef": c, "ci_low": lo, "ci_high": hi} for s, (c, lo, hi) in rows.items()])
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+
+
+def test_weights_are_proportional_to_the_significantly_positive_coefficients():
+    d = derive_head_weights(coefs(click=(0.6, 0.2, 1.0), duration_watch=(0.3, 0.05, 0.55), like=(0.2, -0.1, 0.5)), HAND)
+    assert d.changed
+    assert d.weights == {"click": 0.667, "duration_watch": 0.333, "like": 0.0}
+    assert sum(d.weights.values()) == pytest.approx(1.0)
+    assert d.evidence["like"]["why"] == "interval includes 0" and not d.evidence["like"]["used"]
+
+
+def test_negative_and_unmeasured_heads_get_nothing():
+    d = derive_head_weights(coefs(click=(-0.5, -0.9, -0.1), duration_watch=(0.4, 0.1, 0.7)), {**HAND, "watched": 0.1})
+    assert d.weights == {"click": 0.0, "duration_watch": 1.0, "like": 0.0, "watched": 0.0}
+    assert d.evidence["click"]["why"] == "negative"
+    assert d.evidence["like"]["why"] == d.evidence["watched"]["why"] == "no measured signal of this name"
+
+
+def test_no_significant_signal_keeps_the_current_weights_and_says_so():
+    d = derive_head_weights(coefs(click=(0.1, -0.2, 0.4), duration_watch=(-0.3, -0.6, -0.01), like=(0, -1, 1)), HAND)
+    assert not d.changed and d.weights == HAND
+    assert "current weights are kept" in d.reason
+    empty = derive_head_weights(coefs(), HAND)
+    assert not empty.changed and empty.weights == HAND
+    with pytest.raises(ValueError, match="at least one head"):
+        derive_head_weights(coefs(click=(1, 0.5, 1.5)), {})
+
+
+def test_weights_equal_to_the_current_ones_are_not_a_change():
+    d = derive_head_weights(coefs(click=(0.4, 0.1, 0.7), duration_watch=(0.4, 0.1, 0.7), like=(0.2, 0.1, 0.3)), HAND)
+    assert d.weights == HAND and not d.changed
+
+
+# ------------------------------------------------------------------------------------------ the statistics
+
+
+def test_logistic_regression_recovers_known_coefficients_with_honest_intervals():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 2))
+    y = rng.random(4000) < 1 / (1 + np.exp(-(0.5 + 1.0 * X[:, 0])))
+    fit = logistic_regression(X, y, ["a", "b"])
+    table = fit.table().set_index("signal")
+    assert fit.converged and fit.n == 4000
+    assert table.loc["a", "coef"] == pytest.approx(1.0, abs=0.15) and table.loc["a", "ci_low"] > 0.8
+    assert table.loc["intercept", "coef"] == pytest.approx(0.5, abs=0.15)
+    assert abs(table.loc["b", "coef"]) < 0.15
+    # The 95% intervals hold their coverage over repeated samples (Wald, inverse Fisher information).
+    covered = {"a": 0, "b": 0}
+    for seed in range(100):
+        rng = np.random.default_rng(seed + 1)
+        X = rng.normal(size=(1000, 2))
+        y = rng.random(1000) < 1 / (1 + np.exp(-(0.5 + 1.0 * X[:, 0])))
+        t = logistic_regression(X, y, ["a", "b"]).table().set_index("signal")
+        covered["a"] += t.loc["a", "ci_low"] < 1.0 < t.loc["a", "ci_high"]
+        covered["b"] += t.loc["b", "ci_low"] < 0.0 < t.loc["b", "ci_high"]
+    assert 88 <= covered["a"] <= 99 and 88 <= covered["b"] <= 99, covered
+
+
+def planted_log(n_users=1500, per_user=20, seed=3):
+    """A feedback log whose users differ independently in how often they click, how much of what they
+    click they watch, and how often they like; only the watching decides whether they come back."""
+    rng = np.random.default_rng(seed)
+    durations = pd.Series(rng.choice([30.0, 120.0, 600.0, 2400.0], size=50), index=np.arange(1, 51))
+    click_p = rng.uniform(0.1, 0.6, n_users)
+    watch_mu = rng.uniform(-2.0, 2.0, n_users)  # the user's typical watch fraction, on the logit scale
+    like_p = rng.uniform(0.0, 0.4, n_users)
+    imp, fb = [], []
+    for u in range(n_users):
+        for r in range(per_user // 10):
+            rid = uuid.UUID(int=int(rng.integers(2**63)) * 1000 + u * 10 + r).hex
+            items = rng.choice(durations.index, 10, replace=False)
+            imp += [(rid, u, int(i), p) for p, i in enumerate(items)]
+            for i in items[rng.random(10) < click_p[u]]:
+                frac = 1 / (1 + np.exp(-(watch_mu[u] + 0.5 * rng.normal())))
+                fb += [(rid, u, int(i), "click", 1.0), (rid, u, int(i), "watch_seconds", round(frac * durations[i]))]
+                if rng.random() < like_p[u]:
+                    fb.append((rid, u, int(i), "like", 1.0))
+        if rng.random() > 1 / (1 + np.exp(-(0.3 + 1.2 * watch_mu[u]))):
+            fb.append((rid, u, -1, "churn", 1.0))
+    impressions = pd.DataFrame(imp, columns=["request_id", "user_id", "item_id", "position"])
+    feedback = pd.DataFrame(fb, columns=["request_id", "user_id", "item_id", "event", "value"])
+    return impressions, feedback, durations
+
+
+def test_a_log_where_watching_alone_keeps_users_gives_the_watch_head_the_weight():
+    impressions, feedback, durations = planted_log()
+    users = per_user_signals(impressions, feedback, durations)
+    assert len(users) == 1500 and set(SIGNALS) <= set(users.columns)
+    assert (users["impressions"] == 20).all()
+    # The duration-aware watch is a subset of clicks, about half of them (the median rule).
+    assert (users["duration_watch"] <= users["click"]).all()
+    assert users["duration_watch"].sum() / users["click"].sum() == pytest.approx(0.5, abs=0.05)
+    analysis = analyze_retention(users, ["click", "duration_watch", "like"])
+    heads = analysis.heads.set_index("signal")
+    assert heads.loc["duration_watch", "ci_low"] > 0
+    assert heads.loc["like", "ci_low"] < 0 < heads.loc["like", "ci_high"]
+    corr = analysis.correlations.set_index("signal")
+    assert corr.loc["duration_watch", "ci_low"] > 0 and corr.loc["like", "ci_low"] < 0 < corr.loc["like", "ci_high"]
+    d = derive_head_weights(analysis.heads, HAND)
+    assert d.changed and d.weights["duration_watch"] == 1.0 and d.weights["like"] == 0.0, d
+
+
+def test_a_log_where_nothing_matters_keeps_the_hand_weights():
+    impressions, feedback, durations = planted_log(n_users=600)
+    rng = np.random.default_rng(11)
+    feedback = feedback[feedback["event"] != "churn"]
+    # Churn at random, independent of every signal.
+    churned = pd.DataFrame({"user_id": np.flatnonzero(rng.random(600) < 0.4)})
+    last = impressions.drop_duplicates("user_id", keep="last").set_index("user_id")["request_id"]
+    churn = churned.assign(request_id=last.reindex(churned["user_id"]).to_numpy(), item_id=-1, event="churn", value=1.0)
+    users = per_user_signals(impressions, pd.concat([feedback, churn]), durations)
+    d = derive_head_weights(analyze_retention(users).heads, HAND)
+    assert not d.changed and d.weights == HAND
+
+
+def test_unanalysable_logs_are_refused_with_the_reason():
+    impressions, feedback, durations = planted_log(n_users=50)
+    with pytest.raises(ValueError, match="every one of the 50 users returned"):
+        analyze_retention(per_user_signals(impressions, feedback[feedback["event"] != "churn"], durations))
+    with pytest.raises(ValueError, match="no duration for served item"):
+        per_user_signals(impressions, feedback, durations.iloc[:10])
+
+
+# ------------------------------------------------------------------- the reweighted version, served in-process
+
+
+def test_a_reweighted_version_serves_the_same_models_with_the_derived_weights(model_version, small_data, tmp_path):
+    from deployment.export import export_repository
+    from evaluation.offline import load_funnel, run_funnel
+    from models.registry import check_artifact_versions
+    from online.retention import with_head_weights
+
+    registry = tmp_path / "registry"
+    shutil.copytree(model_version.path, registry / "1")  # the shared fixture is read-only
+    from models.registry import ModelVersion
+
+    v1 = ModelVersion(registry / "1")
+    heads = list(v1.manifest["heavy_ranker"]["weights"])
+    with pytest.raises(ValueError, match="no head"):
+        with_head_weights(v1, registry, {"share": 1.0})
+    # All weight on the last head: unlike version 1's weights, whatever the default is.
+    v2 = with_head_weights(v1, registry, {heads[-1]: 1.0}, "test")
+    assert v2.version == 2 and check_artifact_versions(v2) == 2
+    manifest = v2.manifest
+    assert manifest["heavy_ranker"]["weights"] == {h: (1.0 if h == heads[-1] else 0.0) for h in heads}
+    assert manifest["heavy_ranker"]["weights"] != v1.manifest["heavy_ranker"]["weights"]
+    assert manifest["reweighted_from"]["version"] == 1
+    assert [t["weight"] for t in manifest["config"]["heavy_ranker"]["targets"]] == [0.0] * (len(heads) - 1) + [1.0]
+    repo = export_repository(v2, tmp_path / "repo")
+    stages = load_funnel(repo, 2)
+    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    assert heavy.weights == manifest["heavy_ranker"]["weights"]
+    user = int(small_data.users["user_id"].iloc[0])
+    out = run_funnel(stages, user, 5)
+    assert out["model_version"][0].decode() == "2" and len(out["item_ids"]) == 5
+    assert json.loads((repo / "export.json").read_text())["version"] == 2
