@@ -80,6 +80,19 @@ class ItemVectors:
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of the ``ids`` the index holds (``[n, dim]``; ids it lacks are skipped)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(self._sorted_ids) or not len(ids):
+            return np.zeros((0, self._base.d), dtype=np.float32)
+        at = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        positions = self._order[at[self._sorted_ids[at] == ids]]
+        return (
+            np.stack([self._base.reconstruct(int(p)) for p in positions])
+            if len(positions)
+            else np.zeros((0, self._base.d), dtype=np.float32)
+        )
+
     def scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner product of ``query`` with each of ``ids``' vectors; -inf for ids not in the index."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

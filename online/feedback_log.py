@@ -1,10 +1,11 @@
 """The feedback log: every served impression and every feedback event, durably.
 
-SQLite in WAL mode with ``synchronous=FULL``: a call returns only after its transaction is on disk,
-so a process killed mid-stream loses nothing it acknowledged (the kill test in
-``tests/test_feedback_log.py`` checks exactly that). Many processes may append at once; readers
-never block writers. A feedback event is stored once per (request, item, event): the same event
-sent again (a client's retry, a replay) is ignored, and ``log_feedback_many`` returns only the new ones.
+SQLite in WAL mode with ``synchronous=FULL`` (or PostgreSQL, given a ``postgresql://`` DSN): a call
+returns only after its transaction is on disk, so a process killed mid-stream loses nothing it
+acknowledged (the kill test in ``tests/test_feedback_log.py`` checks exactly that). Many processes
+may append at once; readers never block writers. A feedback event is stored once per (request,
+item, event): the same event sent again (a client's retry, a replay) is ignored, and
+``log_feedback_many`` returns only the new ones.
 
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
@@ -12,8 +13,6 @@ sent again (a client's retry, a replay) is ignored, and ``log_feedback_many`` re
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,39 +20,39 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from workflows.live_store import Database, is_postgres
+
 SIGNALS = ("click", "watch_seconds", "like", "share")  # reactions to one item: training signals
 EVENTS = (*SIGNALS, "churn")  # churn: the user did not come back after this response (item_id -1)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS impressions (
-    request_id TEXT NOT NULL, ts REAL NOT NULL, user_id INTEGER NOT NULL, item_id INTEGER NOT NULL,
+    request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
     position INTEGER NOT NULL, model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL,
     PRIMARY KEY (request_id, position));
 CREATE TABLE IF NOT EXISTS feedback (
-    request_id TEXT NOT NULL, ts REAL NOT NULL, user_id INTEGER NOT NULL, item_id INTEGER NOT NULL,
-    event TEXT NOT NULL, value REAL NOT NULL);
+    request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
+    event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
 """
-# Logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
+# SQLite logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
 DROP_REPEATS = (
     "DELETE FROM feedback WHERE rowid NOT IN (SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)"
 )
-UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX feedback_once ON feedback (request_id, item_id, event)"
+UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX IF NOT EXISTS feedback_once ON feedback (request_id, item_id, event)"
 
 
 class FeedbackLog:
+    """The log at ``path``: a SQLite file, or a ``postgresql://`` DSN for several server replicas
+    sharing one log (the live store's backends, ``workflows/live_store.py``: same SQL, same durability)."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=FULL")
-        self._con.executescript(SCHEMA)
-        self._lock = threading.Lock()  # one connection, many threads: one transaction at a time
-        with self._transaction():  # BEGIN IMMEDIATE: one process at a time checks and creates it
-            if not self._con.execute("SELECT 1 FROM sqlite_master WHERE name = 'feedback_once'").fetchone():
-                self._con.execute(DROP_REPEATS)
-                self._con.execute(UNIQUE_FEEDBACK)
+        self.path = str(path) if is_postgres(path) else Path(path)
+        self.db = Database(self.path, [s for s in SCHEMA.split(";") if s.strip()])
+        with self.db.transaction():  # one process at a time checks and creates the unique index
+            if not self.db.postgres and not self.db.query("SELECT 1 FROM sqlite_master WHERE name = 'feedback_once'"):
+                self.db.execute(DROP_REPEATS)
+            self.db.execute(UNIQUE_FEEDBACK)
 
     def log_impressions(
         self,
@@ -71,8 +70,9 @@ class FeedbackLog:
             (request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by)
             for pos, item in enumerate(item_ids)
         ]
-        with self._transaction():
-            self._con.executemany("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        with self.db.transaction():
+            for row in rows:
+                self.db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     def log_feedback(
         self, request_id: str, user_id: int, item_id: int, event: str, value: float = 1.0, ts: float | None = None
@@ -89,61 +89,40 @@ class FeedbackLog:
             if event not in EVENTS:
                 raise ValueError(f"unknown feedback event {event!r}; expected one of {EVENTS}")
             rows.append((request_id, int(user_id), int(item_id), event, float(value)))
-        stored = []
-        with self._transaction():
-            for request_id, user_id, item_id, event, value in rows:
-                cursor = self._con.execute(
-                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
-                    (request_id, ts, user_id, item_id, event, value),
-                )
-                if cursor.rowcount == 1:
-                    stored.append((request_id, user_id, item_id, event, value))
-        return stored
-
-    def _transaction(self):
-        con = self._con
-
-        lock = self._lock
-
-        class _Tx:
-            def __enter__(self_):
-                lock.acquire()
-                try:
-                    con.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    lock.release()
-                    raise
-
-            def __exit__(self_, exc_type, *_):
-                try:
-                    con.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    lock.release()
-
-        return _Tx()
+        with self.db.transaction():
+            new = self.db.insert_new(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(r, ts, u, i, e, v) for r, u, i, e, v in rows],
+            )
+        return [row for row, is_new in zip(rows, new) if is_new]
 
     def served(self, request_id: str) -> dict | None:
         """What one response showed: user, items in order, arm and model version; None if unknown."""
-        with self._lock:
-            rows = self._con.execute(
-                "SELECT user_id, item_id, arm, model_version FROM impressions WHERE request_id = ? ORDER BY position",
-                (request_id,),
-            ).fetchall()
+        rows = self.db.query(
+            "SELECT user_id, item_id, arm, model_version FROM impressions WHERE request_id = ? ORDER BY position",
+            (request_id,),
+        )
         if not rows:
             return None
         return {"user_id": rows[0][0], "item_ids": [r[1] for r in rows], "arm": rows[0][2], "model_version": rows[0][3]}
 
     def impressions(self) -> pd.DataFrame:
-        return pd.read_sql_query("SELECT * FROM impressions", self._con)
+        return self._frame("impressions")
 
     def feedback(self) -> pd.DataFrame:
-        return pd.read_sql_query("SELECT * FROM feedback", self._con)
+        return self._frame("feedback")
+
+    def _frame(self, table: str) -> pd.DataFrame:
+        frame = self.db.frame(f"SELECT * FROM {table}")
+        if frame.empty:  # keep the columns' types of an empty table
+            frame = frame.astype({"ts": float, "user_id": np.int64, "item_id": np.int64})
+        return frame
 
     def counts(self) -> dict[str, int]:
-        return {t: self._con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("impressions", "feedback")}
+        return {t: self.db.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("impressions", "feedback")}
 
     def close(self) -> None:
-        self._con.close()
+        self.db.close()
 
 
 def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int = 1) -> pd.DataFrame:

@@ -13,6 +13,8 @@ outputs plus ``arm`` and ``request_id``. Before answering it writes the slate to
 ``feedback`` (``triton_repo/feedback``) takes a client's reactions to one response (``request_id``,
 ``item_ids``, ``events``, ``values``), checks them against the logged impressions of that request and
 appends them to the same log; the request's arm and version come from the log, not from the client.
+Each new reaction to an item also goes to the live store (``workflows/live_store.py``), durably
+before the acknowledgement, so the user's next request already sees it (``docs/live-features.md``).
 
 Both count per-arm online metrics (``serving/metrics.py``: ``OnlineMetrics``, recorded off the request
 path like the stages' metrics) that Prometheus scrapes next to the serving metrics. A new experiment,
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -47,15 +50,18 @@ from serving.interface import (
 from serving.request import RequestError, RequestLimits, scalar
 from serving.stages import load_manifest
 from serving.triton_model import StageModel
+from workflows.live_store import LIVE_EVENTS, LiveStore, is_postgres, store_location
 
 LOG_ENV = "FUNNEL_FEEDBACK_LOG"
 
 
-def feedback_log_path(repository: str | Path) -> Path:
-    """Where the router and the feedback endpoint log: ``$FUNNEL_FEEDBACK_LOG``, else a file beside
-    the model repository (never inside it: an export replaces the repository folder)."""
+def feedback_log_path(repository: str | Path) -> Path | str:
+    """Where the router and the feedback endpoint log: ``$FUNNEL_FEEDBACK_LOG`` (a path, or a
+    ``postgresql://`` DSN that several replicas share), else a file beside the model repository
+    (never inside it: an export replaces the repository folder)."""
     if os.environ.get(LOG_ENV):
-        return Path(os.environ[LOG_ENV])
+        value = os.environ[LOG_ENV]
+        return value if is_postgres(value) else Path(value)
     repository = Path(repository).resolve()
     return repository.parent / f"{repository.name}-feedback.sqlite"
 
@@ -159,8 +165,11 @@ class FeedbackService:
     )
     outputs = (Tensor("accepted", "INT32", (1,)), Tensor("arm", "STRING", (1,)))
 
-    def __init__(self, log_path: str | Path):
+    def __init__(self, log_path: str | Path, live_store: str | Path | None = None):
         self.log = FeedbackLog(log_path)
+        # Reactions to items also go to the live store (workflows/live_store.py), which the next
+        # request of the user reads: what they just watched is not recommended again.
+        self.live = LiveStore(live_store) if live_store else None
 
     def run(self, inputs: dict) -> dict:
         request_id = _text(scalar(inputs, "request_id", lambda v: v))
@@ -198,6 +207,12 @@ class FeedbackService:
         stored = self.log.log_feedback_many(
             zip([request_id] * len(items), [served["user_id"]] * len(items), items.tolist(), events, values.tolist())
         )
+        if self.live is not None:
+            now = time.time()
+            self.live.append_events(
+                [(user, item, now, event, value) for _, user, item, event, value in stored if event in LIVE_EVENTS],
+                "feedback",
+            )
         return {
             "accepted": np.array([len(stored)], dtype=np.int32),
             "arm": np.array([served["arm"].encode()], dtype=object),
@@ -207,6 +222,8 @@ class FeedbackService:
 
     def close(self) -> None:
         self.log.close()
+        if self.live is not None:
+            self.live.close()
 
 
 # The Triton adapters (``triton_repo/ab_router/1/model.py``, ``triton_repo/feedback/1/model.py``).
@@ -246,7 +263,8 @@ class FeedbackModel(StageModel):
     stage_name = FEEDBACK
 
     def build_stage(self, artifacts: Path, args: dict):
-        return FeedbackService(feedback_log_path(Path(args["model_repository"]).parent))
+        repository = Path(args["model_repository"]).parent
+        return FeedbackService(feedback_log_path(repository), store_location(repository))
 
     def build_metrics(self, args: dict):
         from serving.metrics import OnlineMetrics

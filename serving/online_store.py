@@ -6,6 +6,15 @@ Two tables, both keyed by the raw user id a client sends:
     user_history(user_id_raw PRIMARY KEY, item_ids BLOB)
                                              encoded ids of the items the user has already seen:
                                              sorted little-endian int64, one row per user
+    items(item_id_raw PRIMARY KEY, item_id)  raw -> encoded ids of the catalog
+    user_events(user_id_raw PRIMARY KEY, timestamps BLOB, clicks BLOB)
+                                             the user's events in the longest activity window before
+                                             the end of the training data (little-endian int64
+                                             seconds, uint8 click flags): the windowed activity
+                                             features count from them at request time
+
+What users do after the export lives in the live store (``workflows/live_store.py``), which the
+feature lookup merges in per request.
 
 SQLite because it is a real, durable, concurrent-reader store that needs no server; the stage opens
 it read-only, so serving can never change it. A user's history is one blob, not one row per item:
@@ -29,6 +38,7 @@ def build_online_store(
     continuous: list[str],
     history: pd.DataFrame,
     item_features: pd.DataFrame,
+    recent_events: pd.DataFrame | None = None,
 ) -> None:
     """Write the store. ``history`` has raw ids; they are mapped to encoded item ids here."""
     path = Path(path)
@@ -66,6 +76,27 @@ def build_online_store(
                 for user, group in encoded.groupby("user_id_raw", sort=True)["item_id"]
             ),
         )
+        # raw -> encoded item ids, so the feature lookup can merge live events (raw ids) into histories
+        con.execute("CREATE TABLE items (item_id_raw INTEGER PRIMARY KEY, item_id INTEGER NOT NULL)")
+        con.executemany(
+            "INSERT INTO items VALUES (?, ?)",
+            zip(to_encoded.index.astype("int64").tolist(), to_encoded.to_numpy().astype("int64").tolist()),
+        )
+        # Windowed activity (workflows/activity.py): raw timestamps and clicks, counted per request.
+        con.execute("CREATE TABLE user_events (user_id_raw INTEGER PRIMARY KEY, timestamps BLOB, clicks BLOB)")
+        if recent_events is not None and len(recent_events):
+            recent = recent_events.sort_values(["user_id", "timestamp"], kind="stable")
+            con.executemany(
+                "INSERT INTO user_events VALUES (?, ?, ?)",
+                (
+                    (
+                        int(user),
+                        group["timestamp"].to_numpy().astype("<i8").tobytes(),
+                        group["click"].to_numpy().astype("u1").tobytes(),
+                    )
+                    for user, group in recent.groupby("user_id", sort=True)
+                ),
+            )
         con.commit()
     finally:
         con.close()
@@ -95,6 +126,31 @@ class OnlineStore:
         if row is None:
             return np.zeros(0, dtype=np.int64)
         return np.frombuffer(row[0], dtype="<i8").astype(np.int64)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw ids sorted, their encoded ids)`` of the catalog (empty for a store exported before
+        the table existed: live events then add nothing to histories)."""
+        try:
+            rows = self._con.execute("SELECT item_id_raw, item_id FROM items ORDER BY item_id_raw").fetchall()
+        except sqlite3.OperationalError:
+            rows = []
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        raw, encoded = zip(*rows)
+        return np.array(raw, dtype=np.int64), np.array(encoded, dtype=np.int64)
+
+    def recent_events(self, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(timestamps, clicks)`` of the user's exported recent events, oldest first (empty for a
+        user without any, or a store exported before the table existed)."""
+        try:
+            row = self._con.execute(
+                "SELECT timestamps, clicks FROM user_events WHERE user_id_raw = ?", (int(user_id),)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            row = None
+        if row is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.frombuffer(row[0], dtype="<i8").astype(np.int64), np.frombuffer(row[1], dtype="u1").astype(np.int64)
 
     def close(self) -> None:
         self._con.close()

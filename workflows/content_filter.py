@@ -4,14 +4,23 @@ from the events (never trained on) and from the item table (never indexed, never
 The default classifier is a whole-word, case-insensitive denylist over the configured text columns.
 Any function ``(items_frame, ContentFilterConfig) -> boolean series`` can replace it through
 ``content_filter.classifier: "package.module:function"`` (e.g. a moderation model's scores).
+
+Items taken down at serving (``scripts/takedown.py``: the live store's takedown list,
+``workflows/live_store.py``) are unsafe too: a takedown removes an item from every served list at
+once and, through this filter, from the next training run and export. One list, two readers.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
+from pathlib import Path
+
+import numpy as np
 
 from configs import ContentFilterConfig
+from workflows.live_store import STORE_ENV, describe, is_postgres, taken_down_items
 from workflows.report import report
 from workflows.rows import IsIn, filter_rows
 
@@ -47,6 +56,17 @@ def unsafe_item_ids(items, config: ContentFilterConfig):
     return ids.values_host if hasattr(ids, "values_host") else ids.values
 
 
+def takedown_ids(config: ContentFilterConfig) -> np.ndarray:
+    """Raw ids of the items down now in the configured live store (``takedowns``, else
+    ``$FUNNEL_STORE_URL``; none if neither is set)."""
+    location = config.takedowns or os.environ.get(STORE_ENV, "")
+    if not location:
+        return np.zeros(0, dtype=np.int64)
+    if config.takedowns and not is_postgres(location) and not Path(location).exists():
+        raise ValueError(f"content_filter.takedowns names {describe(location)}, which does not exist")
+    return taken_down_items(location)
+
+
 def content_filter(events, items, config: ContentFilterConfig):
     """Remove unsafe items from ``events`` (dask) and ``items`` (a cudf/pandas frame).
 
@@ -54,7 +74,10 @@ def content_filter(events, items, config: ContentFilterConfig):
     """
     if not config.enabled:
         return events, items, items["item_id"].values[:0], report("content_filter", events, events, enabled=False)
+    taken_down = takedown_ids(config)
     unsafe = unsafe_item_ids(items, config)
+    if taken_down.size:  # ids the item table lacks too: their events go, whatever the table says
+        unsafe = np.union1d(np.asarray(unsafe, dtype=np.int64), taken_down)
     kept = filter_rows(events, IsIn("item_id", unsafe, keep=False)).persist()
     kept_items = items[~items["item_id"].isin(list(unsafe))].reset_index(drop=True)
     rep = report(
@@ -63,6 +86,7 @@ def content_filter(events, items, config: ContentFilterConfig):
         kept,
         classifier=config.classifier,
         unsafe_items=int(len(unsafe)),
+        taken_down=int(len(taken_down)),
         catalog_before=int(len(items)),
         catalog_after=int(len(kept_items)),
     )

@@ -1,0 +1,241 @@
+"""The funnel under a stream of live writes, and how fast a write reaches the next request.
+
+On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-features.md``):
+
+* **read_only**: ``requests`` funnel requests for known users, ``concurrency`` in flight
+  (``benchmarks/loadgen.py``): p50/p99 latency and requests/s;
+* **with_writes**: the same, while another process writes ``events_per_s`` live events: half through
+  the feedback endpoint (gRPC, the router's requests' shown items), half through ingestion
+  (``ingest_events``, straight into the store), for the users being requested, so every read sees
+  its history grow. The two phases alternate (``rounds``) so a busy machine hurts both alike;
+* **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
+  then the next funnel request of that user: latency from the acknowledgement to that response, and
+  whether the item was already gone (during the write stream).
+
+The repository is an existing export (``--repository``, copied so its live store starts empty) or
+a small synthetic world built here (``benchmarks/benchmark_serving.py`` ``build_world``).
+``--backend postgresql`` runs the live store and the feedback log on a PostgreSQL server started
+here. Prints JSON:
+
+    .venv/bin/python -m benchmarks.benchmark_live --repository build/triton_repo --out build/live.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def write_stream(url: str, store: str, users: list[int], items: list[int], rate: float, ready, stop, out) -> None:
+    """Write ``rate`` events/s until ``stop``: half as feedback on shown items (gRPC, one event per
+    call, like clients), half ingested (one event per transaction), each half from ``THREADS``
+    threads pacing themselves, since one synchronous writer cannot reach 200 durable writes/s here."""
+    import threading
+
+    from serving.client import FunnelClient
+    from serving.interface import ROUTER
+    from workflows.live_store import LiveStore
+
+    threads = 4
+    sent = {"feedback": 0, "ingest": 0}
+    lock = threading.Lock()
+    started = threading.Barrier(2 * threads + 1)
+
+    def feedback(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        pending: list[tuple[str, int, str]] = []  # (request_id, item, event) not sent yet
+        with FunnelClient(url, model_name=ROUTER) as router:
+
+            def refill() -> None:
+                response = router.recommend(int(rng.choice(users)), 50)
+                pending.extend(
+                    (response.request_id, item, event)
+                    for item in response.item_ids
+                    for event in ("click", "like", "share", "watch_seconds")
+                )
+
+            refill()
+            started.wait()
+            pace(lambda: send(router, pending, refill), rate / 2 / threads, "feedback")
+
+    def send(router, pending, refill) -> None:
+        if not pending:
+            refill()
+        request_id, item, event = pending.pop(int(np.random.default_rng().integers(len(pending))))
+        router.send_feedback(request_id, [item], [event], [1.0])
+
+    def ingest(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        live = LiveStore(store)
+        started.wait()
+        pace(
+            lambda: live.append_events(
+                [(int(rng.choice(users)), int(rng.choice(items)), time.time(), "view", 1.0)], "ingest"
+            ),
+            rate / 2 / threads,
+            "ingest",
+        )
+        live.close()
+
+    def pace(write, per_s: float, kind: str) -> None:
+        start, n = time.perf_counter(), 0
+        while not stop.is_set():
+            wait = start + n / per_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            write()
+            n += 1
+            with lock:
+                sent[kind] += 1
+
+    workers = [threading.Thread(target=feedback, args=(i,)) for i in range(threads)]
+    workers += [threading.Thread(target=ingest, args=(100 + i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    started.wait()
+    ready.set()
+    begin = time.perf_counter()
+    for w in workers:
+        w.join()
+    out.put({**sent, "events_per_s": round((sent["feedback"] + sent["ingest"]) / (time.perf_counter() - begin), 1)})
+
+
+def fresh_history_trials(url: str, users: list[int], trials: int) -> dict:
+    """Feedback on a shown item, then the user's next request: acknowledged -> visible latency."""
+    from serving.client import FunnelClient
+    from serving.interface import ROUTER
+
+    latencies, visible = [], 0
+    with FunnelClient(url, model_name=ROUTER) as router, FunnelClient(url) as funnel:
+        for user in users[:trials]:
+            shown = router.recommend(int(user), 10)
+            item = shown.item_ids[0]
+            router.send_feedback(shown.request_id, [item], ["click"], [1.0])
+            acknowledged = time.perf_counter()
+            after = funnel.recommend(int(user), 10)
+            latencies.append((time.perf_counter() - acknowledged) * 1000)
+            visible += item not in after.item_ids
+    lat = np.array(latencies)
+    return {
+        "trials": len(lat),
+        "visible_on_next_request": visible,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", help="an exported repository (copied); default: build a small world")
+    p.add_argument("--workdir", help="where the world is built (default: a temporary folder)")
+    p.add_argument("--items", type=int, default=2000, help="catalog size of a built world")
+    p.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    p.add_argument("--requests", type=int, default=600, help="funnel requests per phase and round")
+    p.add_argument("--rounds", type=int, default=2, help="read-only / with-writes alternations")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--events-per-s", type=float, default=200.0, help="live writes per second while writing")
+    p.add_argument("--trials", type=int, default=100, help="fresh-history latency trials")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+
+    from benchmarks.loadgen import Request, run_load
+    from deployment.server import TritonServer
+    from online.router import LOG_ENV
+    from workflows.live_store import STORE_ENV, store_location
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-live-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    repo = workdir / "triton_repo"
+    if args.repository:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.copytree(args.repository, repo)
+        version = json.loads((repo / "export.json").read_text())["version"]
+        manifest_dir = repo / "ordering" / str(version)
+    else:
+        from benchmarks.benchmark_serving import build_world
+
+        _, model, _, _ = build_world(args.items, 1000, 40, workdir / "world")
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.copytree(workdir / "world" / "triton_repo", repo)
+        version, manifest_dir = model.version, model.path
+    for stale in (store_location(repo), f"{repo}-feedback.sqlite"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(stale + suffix).unlink(missing_ok=True)
+    users = pd.read_parquet(manifest_dir / "item_features.parquet")  # the catalog, for ingested items
+    items = users["item_id_raw"].astype(int).tolist()
+    history = repo / "feature_lookup" / str(version) / "online_store.sqlite"
+    import sqlite3
+
+    with sqlite3.connect(f"file:{history}?mode=ro", uri=True) as con:
+        known = [r[0] for r in con.execute("SELECT user_id_raw FROM user_features ORDER BY user_id_raw")]
+    rng = np.random.default_rng(0)
+
+    postgres = None
+    saved = {n: os.environ.pop(n, None) for n in (STORE_ENV, LOG_ENV)}
+    try:
+        if args.backend == "postgresql":
+            from deployment.postgres import PostgresServer
+
+            postgres = PostgresServer().start()
+            os.environ[STORE_ENV] = os.environ[LOG_ENV] = postgres.url
+        store = store_location(repo)
+        result = {"backend": args.backend, "concurrency": args.concurrency, "events_per_s_target": args.events_per_s}
+        with TritonServer(repo, log_path=workdir / "server.log") as server:
+            url = server.grpc_url
+            run_load(url, [Request(int(u), 10) for u in rng.choice(known, 100)], concurrency=args.concurrency)  # warm
+            context = multiprocessing.get_context("spawn")
+            phases: dict[str, list] = {"read_only": [], "with_writes": []}
+            writes = []
+            for _ in range(args.rounds):
+                requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
+                phases["read_only"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
+                ready, stop, out = context.Event(), context.Event(), context.Queue()
+                writer = context.Process(
+                    target=write_stream, args=(url, store, known, items, args.events_per_s, ready, stop, out)
+                )
+                writer.start()
+                ready.wait(120)
+                phases["with_writes"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
+                if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
+                    result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
+                stop.set()
+                writes.append(out.get(timeout=60))
+                writer.join(60)
+        for name, reports in phases.items():
+            lat = np.concatenate([r.latencies_ms() for r in reports])
+            wall = sum(r.wall_s for r in reports)
+            result[name] = {
+                "requests": int(sum(len(r.results) for r in reports)),
+                "errors": int(sum(r.summary()["errors"] for r in reports)),
+                "p50_ms": round(float(np.percentile(lat, 50)), 2),
+                "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "requests_per_s": round(sum(len(r.results) for r in reports) / wall, 1),
+            }
+        result["with_writes"]["writes"] = writes
+        result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)
+        result["target_p99_within_1.2x"] = result["p99_ratio_with_writes"] <= 1.2
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+        if postgres is not None:
+            postgres.stop()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

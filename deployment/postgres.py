@@ -1,0 +1,104 @@
+"""A throwaway PostgreSQL server on loopback, for tests, benchmarks and trying the networked live
+store on one box (``workflows/live_store.py``; ``docs/live-features.md``).
+
+    with PostgresServer() as pg:
+        store = LiveStore(pg.url)
+
+``initdb`` into a temporary folder, ``postgres`` on 127.0.0.1 and a free port (its unix socket in
+the same folder), stopped and deleted on exit. PostgreSQL refuses to run as root: as root the
+cluster is owned by and run as the ``postgres`` system user (``runuser``), which the Debian package
+creates. The binaries come from the ``postgresql`` Debian package (``make services``) or
+``$FUNNEL_PG_BIN``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from deployment.server import LOOPBACK, free_port
+
+PG_BIN_ENV = "FUNNEL_PG_BIN"
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding ``initdb``, ``pg_ctl`` and ``postgres``, or None if not installed."""
+    candidates = [os.environ.get(PG_BIN_ENV, "")]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
+    which = shutil.which("initdb")
+    candidates += [str(Path(which).parent)] if which else []
+    for folder in filter(None, candidates):
+        if all((Path(folder) / name).exists() for name in ("initdb", "pg_ctl", "postgres")):
+            return Path(folder)
+    return None
+
+
+class PostgresServer:
+    """One PostgreSQL cluster, trust authentication on loopback only, database ``funnel``."""
+
+    def __init__(self, port: int | None = None, bin_dir: str | Path | None = None):
+        found = Path(bin_dir) if bin_dir else postgres_bin()
+        if found is None:
+            raise FileNotFoundError(
+                f"PostgreSQL is not installed (no initdb/pg_ctl/postgres in /usr/lib/postgresql/*/bin, "
+                f"on PATH or in ${PG_BIN_ENV}); install the postgresql package (make services)"
+            )
+        self.bin = found
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="funnel-pg-"))
+        self.data = self.root / "data"
+        self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/funnel"
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{Path(args[0]).name} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+
+    def start(self) -> PostgresServer:
+        if self._as_user:
+            shutil.chown(self.root, user="postgres")
+        # --no-sync: the cluster is thrown away; commits are still fsynced while it runs.
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.root}"
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+        self._run(str(self.bin / "createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", "funnel")
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                time.sleep(1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,61 @@
+"""Takedowns: an item found unsafe after export leaves every served list within seconds, without
+retraining or restarting, and stays out of the next training run.
+
+A takedown is one row in the live store's takedown list (``workflows/live_store.py``), written with
+the time, the reason and who asked. Every serving process re-reads the list at least every
+``serving.live.takedown_refresh_s`` (1 s) and drops the item from the model's list, the
+fresh-history list and the popularity fallback (``serving/stages.py`` ``Ordering``); the dataset
+pipeline's content filter reads the same list (``workflows/content_filter.py``). Undo restores the
+item, with its own reason, and both stay in the takedown log.
+
+Changing what is served is the control plane's business: it takes the deployment's admin key
+(``deployment/security.py``), the same one that loads models.
+"""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+from pathlib import Path
+
+import pandas as pd
+
+from deployment.security import AdminKeyError, read_admin_key
+from workflows.live_store import LiveStore, store_location
+
+
+def check_admin_key(repository: str | Path, key: str) -> None:
+    """``AdminKeyError`` unless ``key`` is the admin key of the deployment serving ``repository``."""
+    expected = read_admin_key(repository)
+    if not secrets.compare_digest(str(key).strip().encode(), expected.encode()):
+        raise AdminKeyError(f"wrong admin key for {Path(repository).resolve()}: nothing was changed")
+
+
+def set_takedown(
+    repository: str | Path,
+    item_id: int,
+    reason: str,
+    key: str,
+    undo: bool = False,
+    actor: str | None = None,
+    store: str | None = None,
+) -> dict:
+    """Take ``item_id`` (raw id) down, or restore it with ``undo``, in the live store of
+    ``repository`` (``store`` overrides where that is); return its new state. Durable on return."""
+    check_admin_key(repository, key)
+    live = LiveStore(store or store_location(repository))
+    try:
+        live.set_takedown(int(item_id), not undo, reason, actor or getpass.getuser())
+        state = live.takedowns()
+    finally:
+        live.close()
+    return state[state["item_id"] == int(item_id)].iloc[0].to_dict()
+
+
+def list_takedowns(repository: str | Path, store: str | None = None) -> pd.DataFrame:
+    """Every item ever taken down and its current state (reading needs no key)."""
+    live = LiveStore(store or store_location(repository))
+    try:
+        return live.takedowns()
+    finally:
+        live.close()

@@ -1,0 +1,192 @@
+"""The live store (``workflows/live_store.py``) on both backends: SQLite files and a real PostgreSQL
+server this module starts and stops; ingestion, takedowns (with the admin key), the content filter
+reading the same takedown list, and the feedback log on PostgreSQL."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deployment.postgres import PostgresServer, postgres_bin
+from workflows.live_store import EventFileError, LiveStore, TakedownList, ingest_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """A fresh, empty store on each backend (PostgreSQL: its own database on the module's server)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "live.sqlite")
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    name = f"t{time.time_ns()}"
+    with psycopg.connect(server.url, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_events_are_stored_once_and_read_newest_first(location):
+    store = LiveStore(location)
+    rows = [(7, 11, 100.0, "click", 1.0), (7, 12, 101.0, "view", 1.0), (8, 11, 102.0, "like", 1.0)]
+    assert store.append_events(rows, "ingest") == 3
+    assert store.append_events(rows[:2] + [(7, 13, 103.0, "watch_seconds", 40.0)], "feedback") == 1  # replay: no-op
+    got = store.user_events(7)
+    assert got.item_ids.tolist() == [13, 12, 11] and got.events.tolist() == ["watch_seconds", "view", "click"]
+    assert store.user_events(7, limit=2).item_ids.tolist() == [13, 12]
+    assert store.user_events(7, since=101.0).item_ids.tolist() == [13]
+    assert len(store.user_events(99)) == 0
+    assert len(store.events()) == 4 and set(store.events()["source"]) == {"ingest", "feedback"}
+    with pytest.raises(ValueError, match="unknown live event 'churn'"):
+        store.append_events([(7, 1, 1.0, "churn", 1.0)], "feedback")
+    store.close()
+
+
+WRITER = """
+import sys
+from workflows.live_store import LiveStore
+store = LiveStore(sys.argv[1])
+writer = int(sys.argv[2])
+for i in range(40):
+    store.append_events([(writer, i, float(i), "click", 1.0)], "feedback")
+"""
+
+
+def test_several_writer_processes_lose_nothing(location):
+    LiveStore(location).close()  # the schema first, as a server would
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, location, str(w)], cwd=ROOT, stderr=subprocess.PIPE)
+        for w in range(4)
+    ]
+    reader = LiveStore(location)
+    while any(w.poll() is None for w in writers):  # readers run while writers write
+        reader.user_events(0)
+    for w in writers:
+        assert w.wait() == 0, w.stderr.read().decode()
+    assert len(reader.events()) == 160
+    assert [len(reader.user_events(w)) for w in range(4)] == [40] * 4
+
+
+def test_takedowns_are_recorded_and_undone_and_reach_a_reader_within_its_refresh(location):
+    store = LiveStore(location)
+    taken = TakedownList(LiveStore(location), refresh_s=0.2)
+    assert taken.ids().size == 0
+    store.set_takedown(42, True, "graphic violence", "moderator")
+    store.set_takedown(43, True, "scam", "moderator")
+    time.sleep(0.25)
+    assert taken.ids().tolist() == [42, 43]
+    store.set_takedown(42, False, "appeal upheld", "lead")
+    time.sleep(0.25)
+    assert taken.ids().tolist() == [43]
+    state = store.takedowns().set_index("item_id")
+    assert state.loc[42, "active"] == 0 and state.loc[42, "reason"] == "appeal upheld"
+    assert store.takedown_log()["action"].tolist() == ["takedown", "takedown", "undo"]
+    with pytest.raises(ValueError, match="needs a reason"):
+        store.set_takedown(44, True, " ", "moderator")
+
+
+def test_ingestion_takes_csv_parquet_and_jsonl_and_refuses_bad_files_whole(location, tmp_path):
+    frame = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [5, 6, 5], "timestamp": [10, 11, 12]})
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    assert ingest_events(location, tmp_path / "a.csv") == 3
+    assert ingest_events(location, tmp_path / "a.csv") == 0  # the same file again adds nothing
+    frame.assign(timestamp=[20, 21, 22], event="click").to_parquet(tmp_path / "b.parquet")
+    assert ingest_events(location, tmp_path / "b.parquet") == 3
+    (tmp_path / "c.jsonl").write_text(json.dumps({"user_id": 3, "item_id": 9, "timestamp": 30, "event": "like"}))
+    assert ingest_events(location, tmp_path / "c.jsonl") == 1
+    bad = pd.DataFrame(
+        {"user_id": [4, "x", 4], "item_id": [1, 2, -3], "timestamp": [1, 2, "later"], "event": ["view", "view", "buy"]}
+    )
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(EventFileError) as error:
+        ingest_events(location, tmp_path / "bad.csv")
+    message = str(error.value)
+    for defect in ("user_id is not an integer", "item_id is negative", "timestamp is not", "event is not one of"):
+        assert defect in message, message
+    store = LiveStore(location)
+    assert len(store.events()) == 7 and len(store.user_events(4)) == 0  # nothing of the bad file
+    # The script: exit status 2 and the message, nothing written.
+    script = [sys.executable, str(ROOT / "scripts/ingest_events.py"), "--store", location]
+    result = subprocess.run([*script, str(tmp_path / "bad.csv")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "nothing was written" in result.stderr
+    frame.assign(timestamp=[40, 41, 42]).to_csv(tmp_path / "d.csv", index=False)
+    result = subprocess.run([*script, str(tmp_path / "d.csv")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "3 new event(s)" in result.stdout, result.stderr
+    assert len(store.events()) == 10
+
+
+def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_list(tmp_path, monkeypatch):
+    from configs import ContentFilterConfig
+    from deployment import security
+    from deployment.takedowns import set_takedown
+    from workflows.content_filter import takedown_ids
+    from workflows.live_store import STORE_ENV
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    repo.mkdir()
+    key = security.ensure_admin_key(repo)
+    with pytest.raises(security.AdminKeyError, match="wrong admin key"):
+        set_takedown(repo, 17, "unsafe", key="x" * 40)
+    state = set_takedown(repo, 17, "unsafe", key=key, actor="moderator")
+    assert state["active"] == 1 and state["reason"] == "unsafe" and state["actor"] == "moderator"
+    store = str(tmp_path / "triton_repo-live.sqlite")  # beside the repository, like the feedback log
+    assert takedown_ids(ContentFilterConfig(takedowns=store)).tolist() == [17]
+    monkeypatch.setenv(STORE_ENV, store)
+    assert takedown_ids(ContentFilterConfig()).tolist() == [17]
+    monkeypatch.delenv(STORE_ENV)
+    assert takedown_ids(ContentFilterConfig()).size == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        takedown_ids(ContentFilterConfig(takedowns=str(tmp_path / "typo.sqlite")))
+    # The script: the key from the file beside the repository; undo with its own reason.
+    script = [sys.executable, str(ROOT / "scripts/takedown.py"), "--repository", str(repo)]
+    result = subprocess.run([*script, "--item", "17", "--undo", "--reason", "appeal"], capture_output=True, text=True)
+    assert result.returncode == 0 and "served again" in result.stdout, result.stderr
+    assert takedown_ids(ContentFilterConfig(takedowns=store)).size == 0
+    security.admin_key_path(repo).unlink()  # no key at hand: refused, nothing changed
+    result = subprocess.run([*script, "--item", "17", "--reason", "again"], capture_output=True, text=True)
+    assert result.returncode == 2 and "no admin key" in result.stderr
+    assert takedown_ids(ContentFilterConfig(takedowns=store)).size == 0
+
+
+def test_the_content_filter_drops_taken_down_items_from_events_and_catalog(tmp_path):
+    import dask.dataframe as dd
+
+    from configs import ContentFilterConfig
+    from workflows.content_filter import content_filter
+
+    store = str(tmp_path / "live.sqlite")
+    LiveStore(store).set_takedown(2, True, "unsafe", "moderator")
+    items = pd.DataFrame({"item_id": [1, 2, 3], "title": ["a", "b", "c"]})
+    events = dd.from_pandas(pd.DataFrame({"user_id": [1, 1, 2], "item_id": [1, 2, 3]}), npartitions=1)
+    kept, kept_items, unsafe, report = content_filter(events, items, ContentFilterConfig(takedowns=store))
+    assert sorted(kept.compute()["item_id"]) == [1, 3] and kept_items["item_id"].tolist() == [1, 3]
+    assert list(unsafe) == [2] and report.details["taken_down"] == 1
+
+
+def test_the_feedback_log_runs_on_postgres(postgres):
+    from online.feedback_log import FeedbackLog
+
+    log = FeedbackLog(postgres.url)
+    other = FeedbackLog(postgres.url)  # a second replica on the same log
+    log.log_impressions("r1", 7, [11, 12], "1", "control", "model")
+    assert other.served("r1") == {"user_id": 7, "item_ids": [11, 12], "arm": "control", "model_version": "1"}
+    assert len(log.log_feedback_many([("r1", 7, 11, "click", 1), ("r1", 7, 12, "like", 1)])) == 2
+    assert other.log_feedback_many([("r1", 7, 11, "click", 1)]) == []  # stored once across replicas
+    assert log.counts() == {"impressions": 2, "feedback": 2}
+    assert np.isclose(other.feedback()["value"].sum(), 2.0)

@@ -1,0 +1,365 @@
+"""The live store: what users did and what was taken down after the export, read by every request.
+
+The online store (``serving/online_store.py``) is written once, at export. This store is its
+counterpart that keeps changing while the server runs:
+
+    live_events(user_id, item_id, ts, event, value, source)   UNIQUE (user_id, ts, item_id, event)
+        one row per interaction, raw ids, ``ts`` in seconds since the epoch; appended by the feedback
+        endpoint (``online/router.py``, source ``feedback``) and by ingestion (``ingest_events``,
+        source ``ingest``). The unique key makes re-ingesting a file, or a replayed event, a no-op,
+        and doubles as the index of the per-request read (``user_events``: one indexed range scan).
+    takedowns(item_id PRIMARY KEY, active, ts, reason, actor)     the current state of each item
+    takedown_log(item_id, ts, action, reason, actor)              every takedown and undo, in order
+
+One interface, two backends, chosen by the location string:
+
+    a path (default ``<repository>-live.sqlite`` beside the model repository, like the feedback log)
+        SQLite in WAL mode with ``synchronous=FULL``: one box, no server; many processes write and
+        read at once (writers take turns, readers never block).
+    ``postgresql://...`` (``$FUNNEL_STORE_URL``)
+        PostgreSQL, for several server replicas sharing one store. PostgreSQL rather than Redis:
+        an acknowledged commit is on disk by default (Redis acknowledges before its fsync unless
+        ``appendfsync always``), writes are transactions with the same UNIQUE constraints the
+        feedback log relies on for idempotence, and both backends run one SQL schema, so
+        ``FeedbackLog`` runs on it too (``online/feedback_log.py``).
+
+Every write returns only after its transaction is durable (acknowledged = on disk).
+
+It lives in ``workflows`` because the dataset pipeline reads it as well as serving: the content
+filter excludes taken-down items from the next training run (``workflows/content_filter.py``),
+and packages import only from the layers below them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+STORE_ENV = "FUNNEL_STORE_URL"
+# Interactions a live event may record. "view" is what an ingested row without an event column is.
+LIVE_EVENTS = ("view", "click", "watch_seconds", "like", "share")
+SOURCES = ("feedback", "ingest")
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS live_events (
+        user_id BIGINT NOT NULL, item_id BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, event TEXT NOT NULL,
+        value DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, UNIQUE (user_id, ts, item_id, event))""",
+    """CREATE TABLE IF NOT EXISTS takedowns (
+        item_id BIGINT PRIMARY KEY, active INTEGER NOT NULL, ts DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL, actor TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS takedown_log (
+        item_id BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, action TEXT NOT NULL,
+        reason TEXT NOT NULL, actor TEXT NOT NULL)""",
+)
+
+
+def is_postgres(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def store_location(repository: str | Path) -> str:
+    """The live store of the deployment serving ``repository``: ``$FUNNEL_STORE_URL`` (a path or a
+    ``postgresql://`` DSN), else ``<repository>-live.sqlite`` beside it (never inside: an export
+    replaces the repository folder)."""
+    if os.environ.get(STORE_ENV):
+        return os.environ[STORE_ENV]
+    repository = Path(repository).resolve()
+    return str(repository.parent / f"{repository.name}-live.sqlite")
+
+
+def describe(location: str | Path) -> str:
+    """``location`` for messages: a DSN without its password."""
+    text = str(location)
+    if is_postgres(text) and "@" in text:
+        scheme, rest = text.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+    return text
+
+
+class Database:
+    """One connection to a SQLite file or a PostgreSQL server, shared by the threads of a process.
+
+    Statements use ``?`` placeholders and SQL both backends speak (``ON CONFLICT``, ``BIGINT``,
+    ``DOUBLE PRECISION``); ``transaction()`` is the only way to write.
+    """
+
+    def __init__(self, location: str | Path, schema: Sequence[str] = ()):
+        self.location = str(location)
+        self.postgres = is_postgres(self.location)
+        self._lock = threading.RLock()  # one connection, many threads: one statement at a time
+        if self.postgres:
+            import psycopg
+
+            self._con = psycopg.connect(self.location, autocommit=True)
+        else:
+            Path(self.location).parent.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
+            self._con.execute("PRAGMA journal_mode=WAL")
+            self._con.execute("PRAGMA synchronous=FULL")
+        if schema:
+            with self.transaction():
+                if self.postgres:  # concurrent CREATE ... IF NOT EXISTS can still collide: serialise
+                    self.execute("SELECT pg_advisory_xact_lock(72057594037927)")
+                for statement in schema:
+                    self.execute(statement)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def execute(self, sql: str, params: Sequence = ()):
+        with self._lock:
+            return self._con.execute(self._sql(sql), tuple(params))
+
+    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._con.execute(self._sql(sql), tuple(params)).fetchall()
+
+    def frame(self, sql: str, params: Sequence = ()) -> pd.DataFrame:
+        with self._lock:
+            cursor = self._con.execute(self._sql(sql), tuple(params))
+            columns = [d[0] for d in cursor.description]
+            return pd.DataFrame(cursor.fetchall(), columns=columns)
+
+    @contextmanager
+    def transaction(self):
+        """Everything inside commits together, durably, or not at all (SQLite: ``BEGIN IMMEDIATE``,
+        so concurrent writers queue instead of failing at commit)."""
+        with self._lock:
+            if self.postgres:
+                with self._con.transaction():
+                    yield self
+            else:
+                self._con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self
+                except BaseException:
+                    self._con.execute("ROLLBACK")
+                    raise
+                self._con.execute("COMMIT")
+
+    def insert_new(self, sql: str, rows: Iterable[Sequence]) -> list[bool]:
+        """Run ``INSERT ... ON CONFLICT DO NOTHING`` per row; which rows were new."""
+        return [self.execute(sql, row).rowcount == 1 for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+@dataclass
+class UserEvents:
+    """One user's live events, newest first (raw item ids)."""
+
+    item_ids: np.ndarray  # int64
+    ts: np.ndarray  # float64, seconds since the epoch
+    events: np.ndarray  # object (str)
+    values: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+class EventFileError(ValueError):
+    """An events file the store refuses, with every defect found (nothing was written)."""
+
+
+class LiveStore:
+    """Live events and takedowns (see the module docstring); safe to share between threads."""
+
+    def __init__(self, location: str | Path):
+        self.db = Database(location, SCHEMA)
+        self.location = self.db.location
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def append_events(self, rows: Iterable[Sequence], source: str) -> int:
+        """Append ``(user_id, item_id, ts, event, value)`` rows in one durable transaction; return how
+        many were new (a row already stored, same user, time, item and event, is ignored)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+        checked = []
+        for user_id, item_id, ts, event, value in rows:
+            if event not in LIVE_EVENTS:
+                raise ValueError(f"unknown live event {event!r}; expected one of {LIVE_EVENTS}")
+            if not (math.isfinite(float(ts)) and math.isfinite(float(value))):
+                raise ValueError(f"ts and value must be finite, got {ts!r} and {value!r}")
+            checked.append((int(user_id), int(item_id), float(ts), event, float(value), source))
+        if not checked:
+            return 0
+        with self.db.transaction():
+            new = self.db.insert_new(
+                "INSERT INTO live_events VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", checked
+            )
+        return int(sum(new))
+
+    def user_events(self, user_id: int, limit: int = 1000, since: float | None = None) -> UserEvents:
+        """The user's newest ``limit`` events (after ``since``, if given): one indexed query."""
+        rows = self.db.query(
+            "SELECT item_id, ts, event, value FROM live_events WHERE user_id = ? AND ts > ? ORDER BY ts DESC LIMIT ?",
+            (int(user_id), -math.inf if since is None else float(since), int(limit)),
+        )
+        if not rows:
+            return UserEvents(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, object), np.zeros(0))
+        items, ts, events, values = zip(*rows)
+        return UserEvents(
+            np.array(items, np.int64), np.array(ts, np.float64), np.array(events, object), np.array(values, np.float64)
+        )
+
+    def events(self, since: float | None = None) -> pd.DataFrame:
+        """Every live event (after ``since``), oldest first: user_id, item_id, ts, event, value, source."""
+        return self.db.frame(
+            "SELECT * FROM live_events WHERE ts > ? ORDER BY ts, user_id",
+            (-math.inf if since is None else float(since),),
+        )
+
+    # -- takedowns ---------------------------------------------------------------------------------
+
+    def set_takedown(self, item_id: int, active: bool, reason: str, actor: str, ts: float | None = None) -> None:
+        """Take ``item_id`` down (``active``) or restore it, with the reason and who did it; logged."""
+        if not reason.strip():
+            raise ValueError("a takedown (and its undo) needs a reason")
+        ts = time.time() if ts is None else float(ts)
+        action = "takedown" if active else "undo"
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO takedowns VALUES (?, ?, ?, ?, ?) ON CONFLICT (item_id) DO UPDATE SET "
+                "active = excluded.active, ts = excluded.ts, reason = excluded.reason, actor = excluded.actor",
+                (int(item_id), int(bool(active)), ts, reason, actor),
+            )
+            self.db.execute(
+                "INSERT INTO takedown_log VALUES (?, ?, ?, ?, ?)", (int(item_id), ts, action, reason, actor)
+            )
+
+    def taken_down(self) -> np.ndarray:
+        """Raw ids of the items down now, sorted."""
+        rows = self.db.query("SELECT item_id FROM takedowns WHERE active = 1 ORDER BY item_id")
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def takedowns(self) -> pd.DataFrame:
+        """The current state of every item ever taken down: item_id, active, ts, reason, actor."""
+        return self.db.frame("SELECT * FROM takedowns ORDER BY item_id")
+
+    def takedown_log(self) -> pd.DataFrame:
+        return self.db.frame("SELECT * FROM takedown_log ORDER BY ts")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class TakedownList:
+    """The raw ids down now, as seen by a serving process: re-read at most every ``refresh_s``
+    seconds (one small query), so a takedown reaches every request within ``refresh_s`` plus one
+    request, and a request costs a clock read otherwise."""
+
+    def __init__(self, store: LiveStore, refresh_s: float = 1.0):
+        self.store, self.refresh_s = store, float(refresh_s)
+        self._ids, self._read_at = np.zeros(0, np.int64), -math.inf
+        self._lock = threading.Lock()
+
+    def ids(self) -> np.ndarray:
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_s:
+            with self._lock:
+                if now - self._read_at >= self.refresh_s:
+                    self._ids, self._read_at = self.store.taken_down(), now
+        return self._ids
+
+
+def taken_down_items(location: str | Path) -> np.ndarray:
+    """Raw ids of the items down now in the store at ``location`` (the content filter reads this)."""
+    store = LiveStore(location)
+    try:
+        return store.taken_down()
+    finally:
+        store.close()
+
+
+# -- ingestion ---------------------------------------------------------------------------------------
+
+
+def read_events_file(path: str | Path) -> pd.DataFrame:
+    """``user_id, item_id, timestamp[, event[, value]]`` rows of a CSV, parquet or JSON-lines file,
+    checked; raises ``EventFileError`` listing every bad row (up to 10 per defect)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise EventFileError(f"{path} does not exist")
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            frame = pd.read_json(path, lines=True)
+        else:
+            raise EventFileError(f"{path}: expected a .csv, .parquet or .jsonl file, got {suffix or 'no suffix'!r}")
+    except EventFileError:
+        raise
+    except Exception as e:  # a malformed file: the reader's own message says where
+        raise EventFileError(f"{path}: cannot read it: {e}") from None
+    return check_events(frame, str(path))
+
+
+def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
+    """``frame`` as clean live events (user_id, item_id, ts, event, value), or ``EventFileError``."""
+    missing = [c for c in ("user_id", "item_id", "timestamp") if c not in frame.columns]
+    if missing:
+        raise EventFileError(
+            f"{where}: missing column(s) {missing}; expected user_id, item_id, timestamp[, event[, value]]"
+        )
+    problems = []
+
+    def bad(mask, what):
+        rows = np.flatnonzero(np.asarray(mask))
+        if rows.size:
+            problems.append(f"{what} in {rows.size} row(s), e.g. row(s) {(rows[:10] + 1).tolist()}")
+
+    out = pd.DataFrame(index=frame.index)
+    for column in ("user_id", "item_id"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        integral = values.notna() & np.isfinite(values) & (values == values.round())
+        bad(~integral, f"{column} is not an integer")
+        out[column] = values.where(integral, 0).astype(np.int64)
+    bad(out["item_id"] < 0, "item_id is negative")
+    ts = pd.to_numeric(frame["timestamp"], errors="coerce")
+    bad(ts.isna() | ~np.isfinite(ts.fillna(0)) | (ts.fillna(0) < 0), "timestamp is not seconds since the epoch")
+    out["ts"] = ts.fillna(0).astype(np.float64)
+    events = frame["event"].astype(str) if "event" in frame.columns else pd.Series("view", index=frame.index)
+    bad(~events.isin(LIVE_EVENTS), f"event is not one of {list(LIVE_EVENTS)}")
+    out["event"] = events
+    values = (
+        pd.to_numeric(frame["value"], errors="coerce")
+        if "value" in frame.columns
+        else pd.Series(1.0, index=frame.index)
+    )
+    bad(values.isna() | ~np.isfinite(values.fillna(0)) | (values.fillna(0) < 0), "value is not a finite number >= 0")
+    out["value"] = values.fillna(0).astype(np.float64)
+    if problems:
+        raise EventFileError(f"{where}: nothing was written; " + "; ".join(problems))
+    return out.reset_index(drop=True)
+
+
+def ingest_events(location_or_store: str | Path | LiveStore, events: str | Path | pd.DataFrame) -> int:
+    """Append the events of a file (``read_events_file``) or a frame (``check_events``) to the live
+    store, all in one transaction; return how many were new. Bad rows: ``EventFileError``, nothing written."""
+    frame = check_events(events) if isinstance(events, pd.DataFrame) else read_events_file(events)
+    own = not isinstance(location_or_store, LiveStore)
+    store = LiveStore(location_or_store) if own else location_or_store
+    try:
+        return store.append_events(
+            frame[["user_id", "item_id", "ts", "event", "value"]].itertuples(index=False), "ingest"
+        )
+    finally:
+        if own:
+            store.close()
