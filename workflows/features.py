@@ -6,6 +6,8 @@ trained on and the features it is served with come from the same fitted operator
 
     user_features   user_id (USER_ID), age_band/gender/location (USER, CATEGORICAL),
                     user_events_before/user_clicks_before (USER, CONTINUOUS; point-in-time counts)
+                    user_events_last_<w>/user_clicks_last_<w> (USER, CONTINUOUS, "activity"; windowed
+                    activity, ``workflows/activity.py``: log1p of the count, no fitted statistics)
     item_features   item_id (ITEM_ID), category (ITEM, CATEGORICAL),
                     duration_seconds, item_events_before/item_clicks_before (ITEM, CONTINUOUS)
     context         hour_of_day, day_of_week (CONTEXT, CATEGORICAL) from the event timestamp
@@ -33,6 +35,7 @@ from merlin.schema import Tags
 
 from configs import WorkflowConfig
 from workflows import merlin_patches  # noqa: F401  (distributed fit alignment fix, see the module)
+from workflows.activity import ACTIVITY_TAG, Encode, column_names
 from workflows.labels import LABELS, label_graph
 from workflows.point_in_time import ITEM_COUNTS, USER_COUNTS
 from workflows.spec import RAW_LAYOUT, Layout
@@ -80,6 +83,13 @@ def point_in_time_features(counts: list[str], kinds: list[str], entity: Tags):
     return graph
 
 
+def activity_features(windows: list[int]):
+    """The windowed activity counts as model inputs: ``workflows/activity.py`` ``encode`` (log1p), the
+    very function serving applies to the counts it computes at request time."""
+    encoded = column_names(windows) >> nvt.ops.LambdaOp(Encode(), dtype="float32")
+    return encoded >> nvt.ops.AddTags([Tags.USER, Tags.CONTINUOUS, ACTIVITY_TAG])
+
+
 def _continuous_features(columns: list[tuple[str, bool]], entity: Tags):
     """Attribute columns as continuous features: ``log1p`` first where the spec says ``log``, then
     normalised; a missing value becomes the mean (0 after normalising)."""
@@ -123,6 +133,8 @@ def build_feature_workflow(
     user_graph = _add(user_graph, _continuous_features(list(layout.user_continuous), Tags.USER))
     if feats.point_in_time:
         user_graph = user_graph + point_in_time_features(USER_COUNTS, feats.point_in_time_features, Tags.USER)
+    if feats.activity_windows:
+        user_graph = user_graph + activity_features(feats.activity_window_seconds)
     user_features = Subgraph("user_features", user_graph)
 
     item_graph = ["item_id"] >> nvt.ops.Categorify(**ids) >> nvt.ops.TagAsItemID()
