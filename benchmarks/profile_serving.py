@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Where a funnel request's time goes, for an exported repository (prints a table per mode).
 
-in-process  the stage classes of serving/stages.py one after the other: ms per stage
+in-process  the stage classes of serving/stages.py one after the other: ms per stage (with
+            --batch N: N requests at a time through each stage's run_batch, ms per request)
 server      the real tritonserver: client latency at 1 and N in flight, each stage's own
             histogram (funnel_stage_latency_ms) and Triton's compute/queue time per model, and
             CPU ms per request of the server, every stage's stub process and this client
 
 .venv/bin/python -m benchmarks.profile_serving build/bench/items_1000000/triton_repo --mode in-process
+.venv/bin/python -m benchmarks.profile_serving build/bench/items_1000000/triton_repo --mode in-process --batch 16
 .venv/bin/python -m benchmarks.profile_serving build/bench/items_1000000/triton_repo --mode server
 """
 
@@ -45,6 +47,29 @@ def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = 20) ->
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
     times["total"] = list(np.sum([times[n] for n in stages.FUNNEL], axis=0))
+    for name, t in times.items():
+        print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
+
+
+def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, warmup: int = 2) -> None:
+    """As ``in_process``, ``batch`` requests at a time through each stage's ``run_batch``."""
+    from serving import stages
+
+    funnel = {name: stages.STAGES[name](repo / name / str(version)) for name in stages.FUNNEL}
+    times = {name: [] for name in stages.FUNNEL}
+    for i in range(0, len(users) - batch + 1, batch):
+        xs = [
+            {"user_id": np.array([u], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
+            for u in users[i : i + batch]
+        ]
+        for name in stages.FUNNEL:
+            start = time.perf_counter()
+            for x, out in zip(xs, funnel[name].run_batch(xs)):
+                x.update(out)
+            if i >= warmup * batch:
+                times[name].append((time.perf_counter() - start) * 1000 / batch)
+    times["total"] = list(np.sum([times[n] for n in stages.FUNNEL], axis=0))
+    print(f"batches of {batch}: ms per request")
     for name, t in times.items():
         print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
 
@@ -122,10 +147,13 @@ def main() -> None:
     p.add_argument("--mode", choices=["in-process", "server"], default="in-process")
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="in-process: requests per run_batch call")
     args = p.parse_args()
     version = json.loads((args.repository / "export.json").read_text())["version"]
     users = np.random.default_rng(0).choice(known_users(args.repository, version), size=args.requests)
-    if args.mode == "in-process":
+    if args.mode == "in-process" and args.batch > 1:
+        in_process_batched(args.repository, version, users, args.batch)
+    elif args.mode == "in-process":
         in_process(args.repository, version, users)
     else:
         on_server(args.repository.resolve(), users, args.concurrency)

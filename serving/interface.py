@@ -9,7 +9,9 @@ says the same (names, datatypes, shapes, which inputs are optional) and that the
 step's outputs to inputs that exist.
 
 Datatypes are Triton's names without the ``TYPE_`` prefix; ``dims`` as in ``config.pbtxt``
-(``-1``: any length). ``max_batch_size`` is 0 for every model: one request per call.
+(``-1``: any length), per request: the checked-in configs have ``max_batch_size: 0``; the export
+writes the stages' dynamic batching (``serving.batching``), which adds a leading batch dimension
+inside the server only (the ensemble adds it and strips it, ``docs/serving.md``).
 """
 
 from __future__ import annotations

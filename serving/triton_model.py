@@ -12,7 +12,12 @@ Cross-cutting serving concerns live here, not in the stages:
   candidates passed on, fallback responses, errors by kind), recorded on a background thread so
   the response does not wait for the metric updates;
 * every stub process publishes its own resident memory and CPU time (``ProcessSampler``, per
-  model, version and instance), sampled on a thread of its own.
+  model, version and instance), sampled on a thread of its own;
+* with Triton's dynamic batcher on (``max_batch_size > 0``, ``serving.batching``), ``execute`` gets
+  several requests, each with a leading batch dimension of 1 that the ensemble added: it strips
+  it, serves them all with one ``stage.run_batch`` (one model call), and adds it back to every
+  output. If the batch raises, the requests are served one by one, so a malformed request fails
+  alone and the others get the answer they would have got alone.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class StageModel:
         artifacts = Path(args["model_repository"]) / args["model_version"]
         self.stage = self.build_stage(artifacts, args)
         self.input_names = [i["name"] for i in config["input"]]
+        self.batching = int(config.get("max_batch_size", 0)) > 0
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.metrics = None
         try:
@@ -81,6 +87,8 @@ class StageModel:
         )
 
     def execute(self, requests):
+        if self.batching:
+            return self.execute_batch(requests)
         from serving.request import RequestError
 
         responses = []
@@ -107,6 +115,79 @@ class StageModel:
                 )
             self._record(time.perf_counter() - start, result, error_kind)
         return responses
+
+    def execute_batch(self, requests):
+        """Every request of a dynamic batch with one ``stage.run_batch``; see the module docstring."""
+        from serving.request import RequestError
+
+        start = time.perf_counter()
+        results: list = [None] * len(requests)  # per request: outputs, or the exception it gets
+        batch, where = [], []
+        for i, request in enumerate(requests):
+            try:
+                batch.append(self._unbatched_inputs(request))
+                where.append(i)
+            except RequestError as err:
+                results[i] = err
+        if batch:
+            try:
+                outputs = self.stage.run_batch(batch)
+            except Exception:  # one malformed request must not fail the others: serve them alone
+                outputs = []
+                for inputs in batch:
+                    try:
+                        outputs.append(self.stage.run(inputs))
+                    except Exception as err:
+                        outputs.append(err)
+            for i, result in zip(where, outputs):
+                results[i] = result
+        seconds = time.perf_counter() - start  # every request of the batch waited for all of it
+        responses = []
+        for result in results:
+            error_kind = None
+            if isinstance(result, RequestError):
+                error_kind = "bad_request"
+                responses.append(self._error(f"{self.stage_name}: {result}", self.pb.TritonError.INVALID_ARG))
+            elif isinstance(result, Exception):
+                error_kind = "internal"
+                responses.append(
+                    self._error(
+                        f"{self.stage_name}: internal error: {type(result).__name__}: {result}",
+                        self.pb.TritonError.INTERNAL,
+                    )
+                )
+            else:
+                try:
+                    tensors = [
+                        self.pb.Tensor(n, np.asarray(result[n]).astype(dt, copy=False)[np.newaxis])
+                        for n, dt in self.outputs
+                    ]
+                    responses.append(self.pb.InferenceResponse(output_tensors=tensors))
+                except Exception as err:
+                    error_kind, result = "internal", None
+                    responses.append(
+                        self._error(
+                            f"{self.stage_name}: internal error: {type(err).__name__}: {err}",
+                            self.pb.TritonError.INTERNAL,
+                        )
+                    )
+            self._record(seconds, None if error_kind else result, error_kind)
+        return responses
+
+    def _unbatched_inputs(self, request) -> dict:
+        """A batched request's inputs without the leading batch dimension (of 1: the ensemble sends
+        one request per call; a client calling the stage directly must too)."""
+        from serving.request import RequestError
+
+        inputs = {}
+        for name in self.input_names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                value = tensor.as_numpy()
+                if value.ndim == 0 or value.shape[0] != 1:
+                    raise RequestError(f"input '{name}' must hold one request (batch size 1), got {list(value.shape)}")
+                inputs[name] = value[0]
+        return inputs
 
     def _record(self, seconds: float, result, error_kind) -> None:
         if self.metrics is None:

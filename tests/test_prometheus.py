@@ -240,7 +240,8 @@ def call_stages(client, order: list[str], user: int, k: int, timers: dict, clien
         inputs = []
         for t in stage.inputs:
             if t.name in tensors:
-                value = np.asarray(tensors[t.name])
+                # The exported stages batch (serving.batching): a request is a batch of one.
+                value = np.asarray(tensors[t.name])[np.newaxis]
                 tensor = grpcclient.InferInput(t.name, list(value.shape), "BYTES" if t.dtype == "STRING" else t.dtype)
                 tensor.set_data_from_numpy(value)
                 inputs.append(tensor)
@@ -249,7 +250,7 @@ def call_stages(client, order: list[str], user: int, k: int, timers: dict, clien
         result = client.infer(name, inputs, model_version="1", outputs=wanted)
         client_ms.setdefault(name, []).append((time.perf_counter() - began) * 1000)
         timers[name].record()
-        tensors.update({t.name: result.as_numpy(t.name) for t in stage.outputs})
+        tensors.update({t.name: result.as_numpy(t.name)[0] for t in stage.outputs})
 
 
 def compare(rows: list, wrong: list, latency: str, q: float, prometheus_ms: float, server: list, client: list):

@@ -1,0 +1,184 @@
+"""The served funnel unbatched vs batched, side by side in one run: same world, same machine.
+
+For each catalog size: build (or reuse) the synthetic world of ``benchmarks/benchmark_serving.py``,
+export it twice (``serving.batching.enabled: false``, one request per ``execute()`` call, and the
+batched configuration: Triton's dynamic batcher in every stage), and for each export start the real
+tritonserver, warm it up and drive it with ``benchmarks/loadgen.py`` at 1, 8, 32 and 64 requests in
+flight: p50/p95/p99 latency and requests/s per level. Per level and stage it also reads Triton's
+statistics: requests per ``execute()`` call (the batch size reached), queue and compute time.
+
+The load generator runs on the same cores as the server (as ``benchmark_serving.py``): on a 2-core
+machine the client's own CPU is part of what limits requests/s. Prints JSON:
+
+    .venv/bin/python -m benchmarks.benchmark_batching --sizes 10000 100000 1000000 \\
+        --workdir build/bench --keep --out build/benchmark_batching.json
+
+(``--workdir build/bench --keep`` reuses the worlds ``benchmark_serving.py`` built there.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+LEVELS = (1, 8, 32, 64)
+STAGES = ("feature_lookup", "query_tower", "retrieval", "filtering", "light_ranker", "heavy_ranker", "ordering")
+
+
+def stage_stats(control) -> dict:
+    """Triton's cumulative statistics of every stage: requests, executions, queue and compute ns."""
+    out = {}
+    for model in control.get_inference_statistics("", as_json=True).get("model_stats", []):
+        if model["name"] not in STAGES:
+            continue
+        stats = model.get("inference_stats", {})
+        row = out.setdefault(model["name"], {"requests": 0, "executions": 0, "queue_ns": 0, "compute_ns": 0})
+        row["requests"] += int(model.get("inference_count", 0))
+        row["executions"] += int(model.get("execution_count", 0))
+        row["queue_ns"] += int(stats.get("queue", {}).get("ns", 0))
+        # Per execution from the batch statistics: the inference statistics charge every request of
+        # a batch the whole batch's compute time.
+        for batch in model.get("batch_stats", []):
+            row["compute_ns"] += sum(int(batch.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer"))
+    return out
+
+
+def stats_between(before: dict, after: dict) -> dict:
+    out = {}
+    for stage, a in after.items():
+        b = before.get(stage, {})
+        requests = a["requests"] - b.get("requests", 0)
+        executions = a["executions"] - b.get("executions", 0)
+        if not requests:
+            continue
+        out[stage] = {
+            "requests_per_execution": round(requests / max(executions, 1), 2),
+            "queue_ms_per_request": round((a["queue_ns"] - b.get("queue_ns", 0)) / requests / 1e6, 3),
+            "compute_ms_per_execution": round((a["compute_ns"] - b.get("compute_ns", 0)) / max(executions, 1) / 1e6, 3),
+        }
+    return out
+
+
+def measure_repo(repo: Path, users: np.ndarray, args, log_path: Path) -> dict:
+    """Start a server on ``repo`` and measure every level of requests in flight."""
+    from benchmarks.loadgen import Request, run_load
+    from deployment.security import ControlClient
+    from deployment.server import TritonServer
+
+    rng = np.random.default_rng(0)  # the same request sequence for every configuration
+    out = {}
+    with TritonServer(repo, log_path=log_path) as server, ControlClient(server.grpc_url, repo) as control:
+        warm = run_load(
+            server.grpc_url, [Request(int(u), 10) for u in rng.choice(users, args.warmup)], 8, keep_outputs=False
+        )
+        out["warmup_errors"] = warm.summary()["errors"]
+        for level in args.levels:
+            count = args.latency_requests if level == 1 else args.requests
+            requests = [Request(int(u), 10) for u in rng.choice(users, count)]
+            before = stage_stats(control)
+            report = run_load(server.grpc_url, requests, concurrency=level, keep_outputs=False)
+            out[f"in_flight_{level}"] = {**report.summary(), "stages": stats_between(before, stage_stats(control))}
+    return out
+
+
+def measure_size(num_items: int, args, workdir: Path) -> dict:
+    from benchmarks.benchmark_serving import build_world
+    from configs import BatchingConfig
+    from deployment.export import export_repository
+
+    t0 = time.perf_counter()
+    users = int(args.users)
+    events_per_user = max(args.min_events, args.events_per_item * num_items) / users
+    _, model, _, config = build_world(num_items, users, events_per_user, workdir)
+    known = pd.read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
+    batched = BatchingConfig(
+        enabled=True,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instances=args.instances,
+    )
+    configurations = {"unbatched": BatchingConfig(enabled=False, instances=args.instances), "batched": batched}
+    row = {
+        "num_items_generated": num_items,
+        "served_catalog": int(len(pd.read_parquet(model.path / "item_features.parquet", columns=["item_id"]))),
+        "build_s": round(time.perf_counter() - t0, 1),
+        "batching": {name: vars(c) for name, c in configurations.items()},
+    }
+    for name, batching in configurations.items():
+        repo = export_repository(model, workdir / f"triton_repo_{name}", replace=True, batching=batching)
+        row[name] = measure_repo(repo, known, args, workdir / f"server_{name}.log")
+        print(json.dumps({"size": num_items, name: row[name]}), file=sys.stderr, flush=True)
+    one, many = row["batched"]["in_flight_1"], row["batched"].get("in_flight_32")
+    row["targets"] = {
+        "p99_le_10ms_at_1_in_flight": one["p99_ms"] <= 10,
+        "p99_at_1_no_worse_than_unbatched": one["p99_ms"] <= row["unbatched"]["in_flight_1"]["p99_ms"],
+    }
+    if many:
+        row["targets"]["rps_ge_1000_at_32_in_flight"] = many["requests_per_s"] >= 1000
+        row["targets"]["p99_le_25ms_at_32_in_flight"] = many["p99_ms"] <= 25
+    return row
+
+
+def main() -> None:
+    from configs import BatchingConfig
+    from configs.runtime import quiet_known_warnings
+
+    quiet_known_warnings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
+    p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="requests in flight")
+    p.add_argument("--users", type=int, default=4000, help="synthetic users per world (as benchmark_serving)")
+    p.add_argument("--events-per-item", type=float, default=5.0, help="as benchmark_serving")
+    p.add_argument("--min-events", type=int, default=100_000, help="as benchmark_serving")
+    p.add_argument("--requests", type=int, default=2000, help="requests per level above 1 in flight")
+    p.add_argument("--latency-requests", type=int, default=500, help="requests at 1 in flight")
+    p.add_argument("--warmup", type=int, default=200, help="requests (8 in flight) before measuring")
+    p.add_argument("--max-batch-size", type=int, default=64, help="serving.batching.max_batch_size when batched")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=BatchingConfig().max_queue_delay_us,
+        help="serving.batching.max_queue_delay_us when batched",
+    )
+    p.add_argument("--instances", type=int, default=1, help="serving.batching.instances (both configurations)")
+    p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the worlds; a later run with the same --workdir reuses them"
+    )
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+
+    import shutil
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="funnel-batching-"))
+    rows, start = [], time.perf_counter()
+    for size in args.sizes:
+        workdir = root / f"items_{size}"
+        rows.append(measure_size(size, args, workdir))
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "machine_cpus": os.cpu_count(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "levels": args.levels,
+        "requests_per_level": args.requests,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "sizes": rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
