@@ -1,0 +1,191 @@
+"""The tuning step's scorer: the served funnel on the validation part, one grid of ordering choices.
+
+``train_all(..., tune=validation_tuner(processed))`` (``models/train.py``) calls ``tune`` once every
+stage of the new version is saved. It exports that version to a temporary repository, runs the
+exported stages in-process (``evaluation/offline.py``, the served path) for each validation user
+the models know, and keeps what the ordering stage sees: the heavy ranker's candidates and scores,
+each candidate's retrieval percentile and item-affinity percentile. Every trial of
+``models.tuning.grid`` then only re-blends and re-sorts those (``serving/ordering.py``), so a grid of
+20 blends costs one pass of the funnel plus a few milliseconds per trial; an item-affinity penalty
+(``tuning.reg_weight``) refits the EASE weights (one solve) and re-scores the same candidates.
+
+What it reads: the processed dataset's ``valid/`` part (the light ranker's target, clicks by
+default, gives the positives; items the user already had in training are not: the funnel filters
+them) and the version's own artifacts. Never
+the test part: ``ProcessedData.test`` and ``test/`` are not touched (``tests/test_tuning.py``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from configs import Config
+from evaluation import offline
+from evaluation.metrics import ndcg_at_k
+from models import item_affinity, tuning
+from models.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+RETRIEVAL, AFFINITY, REG = (key for key, _ in tuning.KNOBS)
+
+
+def validation_tuner(processed):
+    """The ``tune`` callable ``train_all`` takes, scoring on ``processed``'s validation part."""
+
+    def tune(version_dir: Path, config: Config) -> dict:
+        return tune_on_validation(version_dir, processed, config)
+
+    return tune
+
+
+def validation_positives(processed, model_dir: Path, signal: str = "click") -> dict[int, set]:
+    """Raw user id -> raw item ids with a positive ``signal`` (the light ranker's target: clicks by
+    default) in the validation part, minus the items the user already had in training (the funnel
+    never serves those)."""
+    files = sorted(glob.glob(str(Path(processed.valid_dir) / "*.parquet")))
+    valid = pd.concat([pd.read_parquet(f, columns=["user_id", "item_id", signal]) for f in files])
+    valid = valid[valid[signal] > 0]
+    users = pd.read_parquet(model_dir / "user_features.parquet", columns=["user_id", "user_id_raw"])
+    items = pd.read_parquet(model_dir / "item_features.parquet", columns=["item_id", "item_id_raw"])
+    raw = pd.DataFrame(
+        {
+            "user_id": valid["user_id"].map(users.set_index("user_id")["user_id_raw"]),
+            "item_id": valid["item_id"].map(items.set_index("item_id")["item_id_raw"]),
+        }
+    ).dropna()  # users/items the models never saw (out-of-vocabulary ids) cannot be tuned for
+    raw = raw.astype(np.int64).drop_duplicates()
+    history = pd.read_parquet(model_dir / "user_history.parquet")
+    seen = set(zip(history["user_id_raw"].tolist(), history["item_id_raw"].tolist()))
+    out: dict[int, set] = {}
+    for user, item in zip(raw["user_id"].tolist(), raw["item_id"].tolist()):
+        if (user, item) not in seen:
+            out.setdefault(user, set()).add(item)
+    return out
+
+
+def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
+    """Score every trial of ``models.tuning.grid(config)`` on the validation part; return the record
+    (``models/tuning.py``) with the best trial's parameters as ``chosen``."""
+    from deployment.export import export_repository
+
+    started = time.perf_counter()
+    tc = config.tuning
+    metric = tuning.metric_name(tc.k)
+    version_dir = Path(version_dir)
+    relevant = validation_positives(processed, version_dir, config.light_ranker.target)
+    users = np.array(sorted(relevant), dtype=np.int64)
+    if tc.max_users and len(users) > tc.max_users:
+        users = np.sort(np.random.default_rng(config.seed).choice(users, tc.max_users, replace=False))
+    with tempfile.TemporaryDirectory(prefix="tuning-") as tmp:
+        repo = export_repository(ModelVersion(version_dir), Path(tmp) / "repo")
+        version = ModelVersion(version_dir).version
+        stages = offline.load_funnel(repo, version)
+        requests = _candidates(stages, users, tc.k)
+    ordering = stages[-1]
+    trials_params = tuning.grid(config)
+    if ordering.affinity is None:  # no affinity weights exported (catalog above item_affinity.max_items)
+        trials_params = [p for p in trials_params if p[AFFINITY] == 0]
+    affinities = _affinity_percentiles(version_dir, config, requests, {p[REG] for p in trials_params}, ordering)
+    truth = [relevant[int(r["user"])] for r in requests]
+    policy = replace(ordering.policy, exploration_temperature=0.0)  # the deterministic order
+    trials = []
+    for params in trials_params:
+        top = _served_lists(requests, affinities.get(params[REG]), params, policy, ordering, tc.k)
+        value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
+        trials.append({"params": params, metric: value})
+    best = tuning.best_trial(trials, metric)
+    record = {
+        "metric": metric,
+        "part": "validation",
+        "users": len(requests),
+        "trials": trials,
+        "chosen": best["params"],
+        "best": best[metric],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    log.info(
+        "tuning: %d trials on %d validation users, chose %s (%s %.4f)",
+        len(trials),
+        len(requests),
+        best["params"],
+        metric,
+        best[metric],
+    )
+    return record
+
+
+def _candidates(stages, users: np.ndarray, k: int) -> list[dict]:
+    """For each known user: what the ordering stage receives (its candidates and the tensors the
+    blend reads), from one pass of the exported funnel."""
+    ordering = stages[-1]
+    out = []
+    for user in users.tolist():
+        x = offline.run_funnel(stages, int(user), k)
+        if not bool(np.asarray(x["user_known"]).reshape(-1)[0]):
+            continue  # the fallback answers unknown users; no blend applies
+        ranked = np.asarray(x["light_ids"], dtype=np.int64).reshape(-1)
+        out.append(
+            {
+                "user": user,
+                "ids": ranked,
+                "heavy": np.asarray(x["heavy_scores"], dtype=np.float64).reshape(-1),
+                "retrieval": ordering.retrieval_percentile(x, ranked),
+                "history": np.asarray(x["seen_items"], dtype=np.int64).reshape(-1),
+            }
+        )
+    return out
+
+
+def _affinity_percentiles(version_dir: Path, config: Config, requests, regs: set, ordering) -> dict:
+    """Each candidate's affinity percentile under each tried L2 penalty (the version's own weights
+    for its configured penalty, refitted ones for the others); nothing without affinity weights."""
+    from serving.ordering import percentile_among
+
+    if ordering.affinity is None:
+        return {}
+    out = {}
+    history = items = None
+    for reg in sorted(regs):
+        if reg == config.item_affinity.reg_weight:
+            weights = ordering.affinity
+        else:
+            if history is None:
+                history = pd.read_parquet(version_dir / "user_history.parquet")
+                items = pd.read_parquet(version_dir / "item_features.parquet")
+            weights = item_affinity.fit_from_history(history, items, reg, config.item_affinity.max_items)
+        pct = []
+        for r in requests:
+            scores = item_affinity.scores(weights, r["history"], r["ids"])
+            pct.append(percentile_among(scores, scores))
+        out[reg] = pct
+    return out
+
+
+def _served_lists(requests, affinity, params: dict, policy, ordering, k: int) -> np.ndarray:
+    """``[users, k]`` raw item ids the ordering stage would serve under ``params`` (-1 padding)."""
+    from serving.ordering import order_candidates
+
+    top = np.full((len(requests), k), -1, dtype=np.int64)
+    for row, r in enumerate(requests):
+        order, _ = order_candidates(
+            r["heavy"],
+            r["retrieval"],
+            k,
+            retrieval_weight=params[RETRIEVAL],
+            affinity_pct=None if affinity is None else affinity[row],
+            affinity_weight=params[AFFINITY],
+            max_per_category=policy.max_per_category,
+            categories=None if ordering.categories is None else ordering.categories[r["ids"]],
+        )
+        items = ordering.raw_ids[r["ids"][order]]
+        top[row, : len(items)] = items
+    return top

@@ -1,0 +1,93 @@
+"""The training run's tuning step: the search space from the config, the choice, what it changes.
+
+The values a person used to copy by hand from validation grids (the ordering blend weights, the
+item affinity's L2 penalty) are chosen by the training run itself (``configs.TuningConfig``):
+
+1. ``grid(config)`` lists every combination of the configured candidate values, each a mapping of
+   dotted config keys (``serving.ordering.affinity_weight``) to a value; combinations the config
+   would refuse (retrieval + affinity weight above 1) are left out;
+2. a tuner (``evaluation/tuning.py``: it needs the served funnel, a layer above this one) scores each
+   on the validation part and returns a ``record``: every trial's parameters and metric, the chosen
+   one and the metric's name;
+3. ``train_all(tune=...)`` (``models/train.py``) applies the choice to the config before it writes the
+   manifest, so the exported ordering serves it, and keeps the record in the manifest (``tuning``)
+   and in MLflow (``tuning.json``, the chosen values as ``tuning.chosen.*`` params).
+
+The record's shape (what reports plot)::
+
+    {"metric": "ndcg_at_10", "part": "validation", "users": 812,
+     "trials": [{"params": {"serving.ordering.retrieval_weight": 0.1, ...}, "ndcg_at_10": 0.071}, ...],
+     "chosen": {"serving.ordering.retrieval_weight": 0.1, ...}, "best": 0.083, "seconds": 21.4}
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from configs import Config, with_overrides
+
+# The tunable config keys, in grid order, and the TuningConfig field listing each one's candidates.
+KNOBS = (
+    ("serving.ordering.retrieval_weight", "retrieval_weight"),
+    ("serving.ordering.affinity_weight", "affinity_weight"),
+    ("item_affinity.reg_weight", "reg_weight"),
+)
+
+
+def metric_name(k: int) -> str:
+    return f"ndcg_at_{k}"
+
+
+def current(config: Config, key: str) -> Any:
+    """The configured value of a dotted key."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def grid(config: Config) -> list[dict[str, Any]]:
+    """Every combination of the tuning candidates (a knob without candidates keeps its configured
+    value), in a fixed order; combinations whose blend weights sum above 1 are left out."""
+    tc = config.tuning
+    axes = [(key, list(getattr(tc, field)) or [current(config, key)]) for key, field in KNOBS]
+    out = []
+    for values in itertools.product(*(candidates for _, candidates in axes)):
+        params = {key: value for (key, _), value in zip(axes, values)}
+        if params["serving.ordering.retrieval_weight"] + params["serving.ordering.affinity_weight"] > 1.0 + 1e-9:
+            continue
+        out.append(params)
+    return out
+
+
+def best_trial(trials: list[dict], metric: str) -> dict:
+    """The trial with the highest ``metric``; the first such in grid order on a tie (the grid lists
+    smaller weights first, so a tie keeps the simpler blend)."""
+    if not trials:
+        raise ValueError("no tuning trial to choose from")
+    return max(trials, key=lambda t: (t[metric], -trials.index(t)))
+
+
+def as_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> the nested mapping ``configs.with_overrides`` merges."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def apply(config: Config, params: dict[str, Any]) -> Config:
+    """``config`` with the chosen values, validated like a loaded file."""
+    return with_overrides(config, as_overrides(params))
+
+
+def chosen_config(config: Config, manifest: dict) -> Config:
+    """``config`` with the values a version's tuning step chose (unchanged if it did not tune), e.g.
+    so variants trained later agree with the version on everything the rankers depend on."""
+    tuning = manifest.get("tuning") or {}
+    return apply(config, tuning.get("chosen", {}))

@@ -1,0 +1,148 @@
+"""The training run's tuning step (models/tuning.py, evaluation/tuning.py): the grid, the choice on
+the validation part (the test part is never read), and the chosen values in the manifest, MLflow and
+the served ordering."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs import load_config, with_overrides
+from models import tuning
+
+
+def test_grid_leaves_out_blends_above_one_and_keeps_unlisted_knobs():
+    config = load_config(
+        overrides={"tuning": {"retrieval_weight": [0.0, 0.5], "affinity_weight": [0.3, 0.6], "reg_weight": []}}
+    )
+    grid = tuning.grid(config)
+    pairs = [(p["serving.ordering.retrieval_weight"], p["serving.ordering.affinity_weight"]) for p in grid]
+    assert pairs == [(0.0, 0.3), (0.0, 0.6), (0.5, 0.3)]  # 0.5 + 0.6 > 1 is not a valid blend
+    assert {p["item_affinity.reg_weight"] for p in grid} == {config.item_affinity.reg_weight}
+
+
+def test_best_trial_is_the_argmax_first_on_ties_and_applies_to_the_config():
+    trials = [
+        {"params": {"serving.ordering.affinity_weight": 0.2}, "ndcg_at_10": 0.1},
+        {"params": {"serving.ordering.affinity_weight": 0.4}, "ndcg_at_10": 0.3},
+        {"params": {"serving.ordering.affinity_weight": 0.6}, "ndcg_at_10": 0.3},
+    ]
+    best = tuning.best_trial(trials, "ndcg_at_10")
+    assert best is trials[1]
+    config = tuning.apply(load_config(), best["params"])
+    assert config.serving.ordering.affinity_weight == 0.4
+    manifest = {"tuning": {"chosen": {"serving.ordering.retrieval_weight": 0.3}}}
+    assert tuning.chosen_config(config, manifest).serving.ordering.retrieval_weight == 0.3
+    with pytest.raises(ValueError, match="no tuning trial"):
+        tuning.best_trial([], "ndcg_at_10")
+
+
+def test_tuning_config_is_validated():
+    with pytest.raises(ValueError, match="tuning.affinity_weight"):
+        load_config(overrides={"tuning": {"affinity_weight": [1.5]}})
+    with pytest.raises(ValueError, match="tuning.reg_weight"):
+        load_config(overrides={"tuning": {"reg_weight": [0]}})
+
+
+@pytest.fixture
+def processed_without_test(processed, tmp_path):
+    """The shared processed dataset, minus any test part: whatever reads it fails."""
+    from workflows.pipeline import ProcessedData
+
+    root = tmp_path / "processed"
+    shutil.copytree(processed.root, root, ignore=shutil.ignore_patterns("test", ".complete"))
+    return ProcessedData(root)
+
+
+def test_training_run_tunes_on_validation_only_and_serves_the_choice(
+    processed_without_test, model_version, small_config, tmp_path, monkeypatch
+):
+    """One training run (candidate generator only; the shared version's rankers are reused) with
+    the real tuner: it never opens the test part, chooses the argmax of the trials it records, the
+    choice reaches the manifest, MLflow and the exported ordering stage, and each trial's figure is
+    what the served funnel's lists score."""
+    import mlflow
+
+    from deployment.export import export_repository
+    from evaluation import offline
+    from evaluation.metrics import ndcg_at_k
+    from evaluation.tuning import validation_positives, validation_tuner
+    from models.train import train_all
+    from serving.stages import Ordering
+    from workflows.pipeline import ProcessedData
+
+    data = processed_without_test
+    read = []
+    real_read_parquet = pd.read_parquet
+
+    def spy(path, *args, **kwargs):
+        read.append(str(path))
+        return real_read_parquet(path, *args, **kwargs)
+
+    monkeypatch.setattr(pd, "read_parquet", spy)
+
+    def no_test(self):
+        raise AssertionError("the tuning step read the test part")
+
+    monkeypatch.setattr(ProcessedData, "test", no_test)
+    config = with_overrides(
+        small_config,
+        {
+            "tuning": {
+                "retrieval_weight": [0.0, 0.3],
+                "affinity_weight": [0.0, 0.5, 0.8],
+                "reg_weight": [],
+                "max_users": 0,
+            }
+        },
+    )
+    model = train_all(
+        data, config, tmp_path / "registry", verbose=0, rankers_from=model_version, tune=validation_tuner(data)
+    )
+    monkeypatch.undo()
+    assert any(p.startswith(str(data.valid_dir)) for p in read), "the spy saw no validation read"
+    assert not [p for p in read if p.startswith(str(data.test_dir))], read
+
+    record = model.manifest["tuning"]
+    metric = record["metric"]
+    assert metric == "ndcg_at_10" and record["part"] == "validation" and record["users"] > 20
+    assert len(record["trials"]) == 5  # 2 x 3 blends, less 0.3 + 0.8 > 1
+    best = max(t[metric] for t in record["trials"])
+    assert record["best"] == best
+    assert record["chosen"] == next(t["params"] for t in record["trials"] if t[metric] == best)
+    values = [t[metric] for t in record["trials"]]
+    assert len(set(values)) > 1, "the blend weights made no difference to any list"
+
+    ordering = model.manifest["config"]["serving"]["ordering"]
+    for key, value in record["chosen"].items():
+        if key.startswith("serving.ordering."):
+            assert ordering[key.rsplit(".", 1)[1]] == value
+    repo = export_repository(model, tmp_path / "repo")
+    served = Ordering(repo / "ordering" / str(model.version)).policy
+    assert served.retrieval_weight == record["chosen"]["serving.ordering.retrieval_weight"]
+    assert served.affinity_weight == record["chosen"]["serving.ordering.affinity_weight"]
+
+    run = mlflow.search_runs(experiment_names=[config.training.mlflow_experiment], output_format="list")[0]
+    assert (
+        json.loads(run.data.params["tuning.chosen.serving.ordering.affinity_weight"])
+        == (record["chosen"]["serving.ordering.affinity_weight"])
+    )
+    assert run.data.metrics[f"tuning.best.{metric}"] == pytest.approx(best)
+
+    # The re-scored figure of the served blend equals what the exported funnel's lists score.
+    relevant = validation_positives(data, Path(model.path))
+    stages = offline.load_funnel(repo, model.version)
+    lists, truth = [], []
+    for user in sorted(relevant):
+        out = offline.run_funnel(stages, int(user), 10)
+        if bool(np.asarray(out["user_known"]).reshape(-1)[0]):
+            items = np.full(10, -1, dtype=np.int64)
+            served_items = np.asarray(out["item_ids"])[:10]
+            items[: len(served_items)] = served_items
+            lists.append(items)
+            truth.append(relevant[user])
+    trial = next(t for t in record["trials"] if t["params"] == record["chosen"])
+    assert ndcg_at_k(np.stack(lists), truth, 10) == pytest.approx(trial[metric], abs=1e-9)
