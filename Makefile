@@ -15,7 +15,7 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loads
 # Debian packages of the services tests run for real (Prometheus, with promtool, for the monitoring
 # tests). `make services` installs the missing ones when run as root (CI, these machines); elsewhere
 # it says what is missing and the tests that need them skip with that reason.
-SERVICES_PACKAGES := prometheus
+SERVICES_PACKAGES := prometheus chromium postgresql
 
 .PHONY: demo test test-fast lint format venv lock clean bench ab-test feedback-loop services
 

@@ -29,8 +29,9 @@ class SyntheticDataConfig:
     latent_dim: int = 8
     events_per_user: float = 60.0  # mean impressions per user (lognormal around it)
     days: int = 30
-    popularity_skew: float = 1.0  # Zipf exponent of the exposure policy
+    popularity_skew: float = 1.1  # Zipf exponent of the exposure policy (a power law over items)
     personalized_exposure: float = 0.7  # share of impressions the logging policy picks by preference
+    exposure_sharpness: float = 5.0  # how sharply that share follows taste: softmax(sharpness * affinity)
     preference_strength: float = 3.0  # how sharply latent affinity drives clicks
     inactive_user_fraction: float = 0.05  # users with 1-2 events, all in the first half of the log
     one_off_user_fraction: float = 0.03  # users with exactly one event
@@ -68,8 +69,8 @@ class SplitConfig:
     """
 
     kind: str = "temporal"
-    valid_fraction: float = 0.2
-    test_fraction: float = 0.0
+    valid_fraction: float = 0.1  # early stopping and the tuning step choose on this period
+    test_fraction: float = 0.1  # the offline evaluation scores only this last one
     ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     train_file: str = ""
     valid_file: str = ""
@@ -139,10 +140,14 @@ class ContentFilterConfig:
 
     ``classifier`` is ``keyword`` (a case-insensitive whole-word denylist over ``columns``) or the
     dotted path ``package.module:function`` of any function ``(items_frame, config) -> bool series``.
+    Items taken down at serving (``scripts/takedown.py``) are unsafe too: ``takedowns``.
     """
 
     enabled: bool = True
     classifier: str = "keyword"
+    # The live store whose takedown list is excluded too (workflows/live_store.py: one concept with
+    # serving's takedowns): a SQLite path or postgresql:// DSN; "" = $FUNNEL_STORE_URL if set, else none.
+    takedowns: str = ""
     columns: list[str] = field(default_factory=lambda: ["title"])
     denylist: list[str] = field(
         default_factory=lambda: [
@@ -177,6 +182,18 @@ class LabelConfig:
             raise ValueError(f"labels.duration_watch_quantile must be in (0, 1), got {self.duration_watch_quantile}")
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str, key: str = "duration") -> int:
+    """``"90s"``, ``"15m"``, ``"24h"``, ``"7d"`` -> seconds (a positive whole number of units)."""
+    text = str(text).strip()
+    number, unit = text[:-1], text[-1:]
+    if unit not in DURATION_UNITS or not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"{key}: {text!r} is not a duration like 90s, 15m, 24h or 7d")
+    return int(number) * DURATION_UNITS[unit]
+
+
 @dataclass
 class FeatureConfig:
     """Feature engineering (``workflows/features.py``, ``workflows/point_in_time.py``)."""
@@ -188,6 +205,9 @@ class FeatureConfig:
                 "features.point_in_time_features must be a non-empty subset of [counts, rates], "
                 f"got {self.point_in_time_features}"
             )
+        seconds = self.activity_window_seconds  # raises on a malformed window
+        if len(set(seconds)) != len(seconds):
+            raise ValueError(f"features.activity_windows has duplicate windows: {self.activity_windows}")
 
     point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
     point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
@@ -195,6 +215,15 @@ class FeatureConfig:
     id_freq_threshold: int = 0  # ids seen fewer times map to the OOV index 2
     attribute_freq_threshold: int = 0
     attribute_num_buckets: int = 0  # > 0: hash rare/unseen attribute values into buckets (huge vocabularies)
+    # Windowed activity (workflows/activity.py): the user's events and clicks in each of these windows
+    # before the row's time (training) or before now (serving), e.g. [1h, 24h, 7d]. "<n>s|m|h|d"; [] = off
+    # (the default: on the synthetic world they lowered the heavy ranker's validation AUC, docs/measurements.md).
+    activity_windows: list[str] = field(default_factory=list)
+
+    @property
+    def activity_window_seconds(self) -> list[int]:
+        """``activity_windows`` in seconds, in the configured order."""
+        return [duration_seconds(w, "features.activity_windows") for w in self.activity_windows]
 
 
 @dataclass
@@ -246,7 +275,7 @@ class CandidateGeneratorConfig:
     epochs: int = 10
     batch_size: int = 1024
     learning_rate: float = 0.01
-    logq_correction: bool = False
+    logq_correction: bool = True
     # Scale of the correction: 1 subtracts exactly log(q) (the unbiased sampled softmax); above 1 the
     # towers keep more of the items' popularity (what accuracy-only protocols reward), below 1 less.
     logq_strength: float = 1.0
@@ -296,9 +325,9 @@ class TargetConfig:
 
 
 def _default_targets() -> list:
-    # Why these weights: see models/heavy_ranker.py (click is frequent but noisy, a duration-aware
-    # watch says the item kept its promise, a like is rare but the most explicit).
-    return [TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("like", 0.2)]
+    # Why these weights: derived from which signals go with simulated users coming back, and chosen
+    # over the hand weights 0.4/0.4/0.2 by an A/B test (online/retention.py, docs/online-loop.md).
+    return [TargetConfig("click", 1.0), TargetConfig("duration_watch", 0.0), TargetConfig("like", 0.0)]
 
 
 @dataclass
@@ -308,7 +337,7 @@ class LightRankerConfig:
     features: list[str] = field(default_factory=lambda: ["user_id", "item_id", "category"])
     target: str = "click"
     negatives_per_positive: int = 4
-    negative_sampling: str = "popularity"  # "uniform" or "popularity" (frequency-weighted)
+    negative_sampling: str = "uniform"  # or "popularity" (frequency-weighted: "less popular = better")
     cross_depth: int = 1
     deep_layers: list[int] = field(default_factory=lambda: [32])
     epochs: int = 5
@@ -373,6 +402,10 @@ class TrainingConfig:
     """How every stage is trained (``models/train.py``, ``models/tracking.py``)."""
 
     early_stopping_patience: int = 2  # epochs without validation improvement before stopping
+    # Which training events make a user's history: the "already seen" filter the online store serves
+    # and what the item affinity (EASE) is fitted on and reads. "impression" = every logged event;
+    # a 0/1 signal ("click", "like", ...) = only those, so an item shown but skipped can come back.
+    history_event: str = "click"
     mlflow_tracking_uri: str = ""  # "" -> file:<registry>/../mlruns
     mlflow_experiment: str = "merlin-funnel"
 
@@ -425,11 +458,59 @@ class ItemAffinityConfig:
 
 
 @dataclass
+class BatchingConfig:
+    """How the funnel's stages batch concurrent requests (Triton's dynamic batcher), written into each
+    stage's ``config.pbtxt`` at export (``deployment/export.py``, ``docs/serving.md``).
+
+    ``enabled: false`` serves one request per ``execute()`` call (``max_batch_size: 0``). Enabled,
+    each stage waits up to ``max_queue_delay_us`` for up to ``max_batch_size`` requests and serves
+    them with one model call; a request's response is the one it gets alone."""
+
+    enabled: bool = True
+    max_batch_size: int = 64  # requests per execute() call at most
+    max_queue_delay_us: int = 100  # how long a stage holds a request waiting for others to join it
+    instances: int = 1  # instances (stub processes) of every stage...
+    stage_instances: dict[str, int] = field(default_factory=dict)  # ...or per stage, e.g. {heavy_ranker: 2}
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"serving.batching.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"serving.batching.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        counts = [self.instances, *self.stage_instances.values()]
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
+            raise ValueError(f"serving.batching instance counts must be integers >= 1, got {counts}")
+
+    def instances_of(self, stage: str) -> int:
+        return int(self.stage_instances.get(stage, self.instances))
+
+
+@dataclass
+class LiveConfig:
+    """What happened after the export, at serving: live events and takedowns
+    (``workflows/live_store.py``; ``docs/live-features.md``)."""
+
+    # A user the models never saw gets personal recommendations from their live history once it
+    # holds this many distinct catalog items (item affinity, else a history query); before: popularity.
+    fresh_history_min_items: int = 3
+    max_live_events: int = 1000  # newest live events of a user one request reads (one indexed query)
+    takedown_refresh_s: float = 1.0  # how stale a serving process's takedown list may get
+
+    def __post_init__(self) -> None:
+        if self.fresh_history_min_items < 1:
+            raise ValueError(f"serving.live.fresh_history_min_items must be >= 1, got {self.fresh_history_min_items}")
+        if self.max_live_events < 1:
+            raise ValueError(f"serving.live.max_live_events must be >= 1, got {self.max_live_events}")
+        if not 0.0 < self.takedown_refresh_s <= 4.0:  # takedowns promise 5 s end to end
+            raise ValueError(f"serving.live.takedown_refresh_s must be in (0, 4], got {self.takedown_refresh_s}")
+
+
+@dataclass
 class ServingConfig:
     """Sizes of the funnel's stages (``serving/``) and how the last one orders its list."""
 
     retrieval_k: int = 300  # candidates the ANN stage passes on
-    light_ranker_k: int = 100  # candidates the light ranker keeps for the heavy ranker
+    light_ranker_k: int = 200  # candidates the light ranker keeps for the heavy ranker
     max_k: int = 100  # largest k a request may ask for
     max_excluded_items: int = 10_000  # longest exclude_item_ids a request may send (INVALID_ARGUMENT above)
     exact_index_max_items: int = 100_000  # exact inner-product search below this catalog size
@@ -437,6 +518,8 @@ class ServingConfig:
     fallback_content_column: str = "category"  # items never clicked get their category's popularity...
     fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # deployment: read at export
+    live: LiveConfig = field(default_factory=LiveConfig)  # live events and takedowns (workflows/live_store.py)
 
     def __post_init__(self):
         if self.max_k < 1:
@@ -460,7 +543,7 @@ class ExperimentConfig:
     min_detectable_ctr_lift: float = 0.02  # absolute CTR lift the sample size is planned for
     # What the treatment changes, as config overrides of the control's config (validated on use).
     treatment_overrides: dict[str, Any] = field(
-        default_factory=lambda: {"candidate_generator": {"logq_correction": True}}
+        default_factory=lambda: {"candidate_generator": {"logq_correction": False}}
     )
 
     def __post_init__(self) -> None:
@@ -495,6 +578,36 @@ class OnlineConfig:
 
 
 @dataclass
+class TuningConfig:
+    """What the training run chooses by itself on the validation part (``evaluation/tuning.py``):
+    every combination of the values listed below is scored by the served funnel's NDCG@``k`` on the
+    validation users, the best one is written into the version's manifest (its ``config`` and a
+    ``tuning`` record of every trial) and MLflow. The test part is never read.
+
+    Cheap knobs only: the ordering blend weights and the item affinity's L2 penalty re-score the
+    heavy ranker's candidates of each validation user, computed once; nothing is retrained. An empty
+    list keeps the configured value (``serving.ordering``, ``item_affinity``)."""
+
+    enabled: bool = True
+    k: int = 10  # the metric is ndcg@k on the validation part
+    retrieval_weight: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    affinity_weight: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    reg_weight: list[float] = field(default_factory=list)  # item_affinity.reg_weight candidates
+    max_users: int = 0  # validation users scored (a seeded sample); 0 = all of them
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"tuning.k must be >= 1, got {self.k}")
+        for name in ("retrieval_weight", "affinity_weight"):
+            if any(not 0.0 <= w <= 1.0 for w in getattr(self, name)):
+                raise ValueError(f"tuning.{name} values must be in [0, 1], got {getattr(self, name)}")
+        if any(w <= 0 for w in self.reg_weight):
+            raise ValueError(f"tuning.reg_weight values must be > 0, got {self.reg_weight}")
+        if self.max_users < 0:
+            raise ValueError(f"tuning.max_users must be >= 0, got {self.max_users}")
+
+
+@dataclass
 class Config:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
@@ -507,6 +620,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     seed: int = 42
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Export one registry version as a Triton model repository, atomically.
 
 The stage definitions (``config.pbtxt`` and a thin ``model.py``) come from ``triton_repo/``; the
-export puts each stage's artifacts from the registry version into ``<stage>/<version>/`` and builds
-the online feature store. The repository is assembled in a temporary folder beside the target and
+export puts each stage's artifacts from the registry version into ``<stage>/<version>/``, writes
+each stage's batching (``serving.batching``: dynamic batcher, instance count) into its config, and
+builds the online feature store. The repository is assembled in a temporary folder beside the target and
 renamed into place only when complete, so a server never sees a partial export.
 """
 
@@ -76,8 +77,12 @@ def export_repository(
     out_repo: str | Path,
     replace: bool = False,
     source: str | Path = TRITON_REPO_SOURCE,
+    batching=None,
 ) -> Path:
     """Write the funnel for ``model`` to ``out_repo``; return its path.
+
+    ``batching`` (``configs.BatchingConfig``) sets how the stages batch requests; by default the
+    version's own ``serving.batching`` (the config's defaults for versions trained before it existed).
 
     ``replace=False`` refuses to overwrite an existing repository; ``replace=True`` swaps the new
     one in with two renames, so the old one stays whole until the new one is.
@@ -87,6 +92,10 @@ def export_repository(
         raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
     manifest = model.manifest
     version = str(manifest["version"])
+    batching = batching or batching_of(manifest)
+    unknown = sorted(set(batching.stage_instances) - set(STAGE_ARTIFACTS))
+    if unknown:
+        raise ValueError(f"serving.batching.stage_instances names {unknown}; the stages are {list(STAGE_ARTIFACTS)}")
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
@@ -95,6 +104,7 @@ def export_repository(
             version_dir = staging / stage / version
             version_dir.mkdir(parents=True)
             stage_config = (source / stage / "config.pbtxt").read_text()
+            stage_config = configure_batching(stage_config, stage, batching)
             (staging / stage / "config.pbtxt").write_text(serve_all_versions(stage_config))
             install_model_py(source / stage / "1" / "model.py", version_dir)
             shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
@@ -107,6 +117,8 @@ def export_repository(
             manifest["features"]["user_continuous"],
             pd.read_parquet(model.path / "user_history.parquet"),
             pd.read_parquet(model.path / "item_features.parquet"),
+            # The windowed activity features count from these at request time (absent: none).
+            pd.read_parquet(recent) if (recent := model.path / "recent_events.parquet").exists() else None,
         )
         (staging / FUNNEL / version).mkdir(parents=True)
         pinned = pin_ensemble((source / FUNNEL / "config.pbtxt").read_text(), int(version))
@@ -133,6 +145,44 @@ def export_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_repo
+
+
+def batching_of(manifest: dict):
+    """The ``serving.batching`` a version was trained with (``configs.BatchingConfig``)."""
+    from configs import BatchingConfig, build_typed
+
+    return build_typed(BatchingConfig, manifest["config"]["serving"].get("batching", {}), "serving.batching")
+
+
+def configure_batching(stage_config: str, stage: str, batching) -> str:
+    """``stage_config`` (a stage's ``config.pbtxt``) with ``batching`` applied: Triton's dynamic
+    batcher with its queue delay and ``max_batch_size``, or none (``max_batch_size: 0``), and the
+    stage's instance count.
+
+    Batched, every variable-length input (candidate lists, the user's history) allows ragged
+    batches: the dynamic batcher otherwise only joins requests whose shapes are equal, and the
+    stages serve each request's own tensors anyway (``serving/triton_model.py``). The ensemble
+    stays unbatched (``max_batch_size: 0``): it adds the batch dimension of 1 a batching stage
+    expects and strips it from the funnel's outputs, so clients send what they always sent."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse(stage_config, config)
+    if batching.enabled:
+        config.max_batch_size = int(batching.max_batch_size)
+        config.dynamic_batching.max_queue_delay_microseconds = int(batching.max_queue_delay_us)
+    else:
+        config.max_batch_size = 0
+        config.ClearField("dynamic_batching")
+    for tensor in config.input:
+        tensor.allow_ragged_batch = bool(batching.enabled and -1 in tensor.dims)
+    if not config.instance_group:
+        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    for group in config.instance_group:
+        group.count = batching.instances_of(stage)
+    header = "".join(line + "\n" for line in stage_config.splitlines() if line.startswith("#"))
+    return header + text_format.MessageToString(config)
 
 
 def serve_all_versions(stage_config: str) -> str:

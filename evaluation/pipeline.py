@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from evaluation import offline
 from evaluation.peers import ALS, EASE, Popularity
 from evaluation.rankers import ranker_table
 from evaluation.report import write_report
+from models.tuning import chosen_config
 
 # Ordering policies measured on top of the served one (``serving.ordering``; ``serving/ordering.py``).
 # Final scores lie in [0, 1], so a temperature of 0.05 makes a 0.05 lower score e times less likely.
@@ -141,7 +141,7 @@ def _trade_off(result: offline.Result, k: int) -> dict:
     return {
         f"ndcg@{k}": result.metrics[f"ndcg@{k}"],
         f"recall@{k}": result.metrics[f"recall@{k}"],
-        "items for 50% of recs": result.bias["item_share_curve"][0.5],
+        "items for 50% of recs": (result.bias["item_share_curve"] or {}).get(0.5),  # None: nothing recommended
         "gini": result.bias["gini"],
         "coverage": result.bias["coverage"],
         "popularity lift": result.bias["popularity_lift"],
@@ -233,10 +233,14 @@ def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstr
 
 
 def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path, rankers_from=None):
+    """Train (with the tuning step on the validation part, ``evaluation/tuning.py``; variants that
+    reuse ``rankers_from`` keep the values it chose) and export."""
     from deployment.export import export_repository
+    from evaluation.tuning import validation_tuner
     from models.train import train_all
 
-    model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from)
+    tune = validation_tuner(processed) if rankers_from is None else None
+    model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from, tune=tune)
     repo = export_repository(model, repo_dir, replace=True)
     return model, repo
 
@@ -250,7 +254,7 @@ def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFra
     return out[~out["item_id"].isin(list(unsafe))]
 
 
-def _evaluate(
+def evaluate_split(
     processed,
     train_pos: pd.DataFrame,
     test_pos: pd.DataFrame,
@@ -266,7 +270,11 @@ def _evaluate(
     trained=None,
 ) -> dict:
     """Peers and the funnel (and the mitigation variants) on one split; write the report.
-    ``trained`` = ``(model version, exported repository)`` evaluates those instead of training."""
+    ``trained`` = ``(model version, exported repository)`` evaluates those instead of training.
+
+    Any split with held-out positives finishes: a figure it cannot support (preference parity when
+    each user holds out one item, a slice gap over one group, an AUC over one class) is reported as
+    not applicable with the reason (``Result.not_applicable``, the report's last section)."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
     variants = mitigation_variants(config.candidate_generator) if mitigation else []
     steps = [
@@ -304,7 +312,7 @@ def _evaluate(
             if (sampled, logq) == (cg.sampled_negatives, cg.logq_correction):
                 res, st = funnel, stages  # the main run already is this variant
             else:
-                variant = copy.deepcopy(config)
+                variant = chosen_config(config, model.manifest)  # the main run's tuned values
                 variant.candidate_generator.sampled_negatives = sampled
                 variant.candidate_generator.logq_correction = logq
                 m, r = train_and_export(
@@ -341,16 +349,33 @@ def _evaluate(
     context = {
         **context,
         "users evaluated": int(sum(1 for r in data.relevant if r)),
-        "funnel stages (mean size, recall of held-out positives)": json.dumps(stages),
         "model version": model.version,
     }
     extra = {"Rankers on the validation part: ROC-AUC and PR-AUC per head": rankers}
+    # A head whose validation labels are all one class has no AUC: say so, with the reason.
+    notes = {
+        f"ROC-AUC, PR-AUC of {row['ranker']} / {row['head']}": "the validation part has "
+        + ("no rows" if not row["validation rows"] else f"one class only (positive share {row['positive share']:.4f})")
+        for _, row in rankers.iterrows()
+        if pd.isna(row["ROC-AUC"])
+    }
     if mitigation_rows:
         extra["Mitigation: sampled negatives and the logQ correction on the candidate generator"] = pd.DataFrame(
             mitigation_rows
         )
     extra["Ordering policy: exploration and a per-category cap on the same export"] = ordering_rows
-    paths = write_report(results, out / "report", title, context, ks=ks, extra_tables=extra)
+    paths = write_report(
+        results,
+        out / "report",
+        title,
+        context,
+        ks=ks,
+        extra_tables=extra,
+        stages=stages,
+        tuning=model.manifest.get("tuning"),
+        served=funnel.name,
+        notes=notes,
+    )
     _log_to_mlflow(config, model.path.parent, out, results, paths)
     progress.update()
     progress.close()
@@ -408,16 +433,25 @@ def evaluate_synthetic(
         processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], out / "processed", config.workflow)
     summary = processed.summary
     cutoff = summary["cutoff"]
+    # With a test part (split.test_fraction > 0) the validation period in between is what the
+    # training run tunes on (evaluation/tuning.py); only the test period is scored here, and the
+    # validation clicks are excluded from ranking like training ones (known, not to be re-served).
+    test_cutoff = (summary.get("split") or {}).get("test_cutoff")
+    start = cutoff if test_cutoff is None else test_cutoff
     train = pd.read_parquet(processed.train_events)
-    later = canonical(
-        world.events[world.events["timestamp"] >= cutoff], processed.item_id_map, summary.get("unsafe_items", [])
-    )
+    unsafe = summary.get("unsafe_items", [])
+    later = canonical(world.events[world.events["timestamp"] >= start], processed.item_id_map, unsafe)
+    also_seen = None
+    if test_cutoff is not None:
+        between = world.events[(world.events["timestamp"] >= cutoff) & (world.events["timestamp"] < test_cutoff)]
+        also_seen = canonical(between[between["click"] > 0], processed.item_id_map, unsafe)
+    held_out = f"validation {cutoff}..{test_cutoff} (tuning), test after" if test_cutoff else f"test after {cutoff}"
     context = {
         "dataset": f"synthetic ({len(world.events):,} events, {len(world.users):,} users, {len(world.items):,} items)",
-        "protocol": f"temporal: train before {cutoff}, test after; positives = clicks; full ranking, seen removed; "
+        "protocol": f"temporal: train before {cutoff}, {held_out}; positives = clicks; full ranking, seen removed; "
         "peers train on the cleaned training log the funnel trains on",
     }
-    return _evaluate(
+    return evaluate_split(
         processed,
         train[train["click"] > 0],
         later[later["click"] > 0],
@@ -429,6 +463,7 @@ def evaluate_synthetic(
         n_bootstrap,
         "Offline evaluation: synthetic data",
         context,
+        also_seen=also_seen,
         trained=trained,
     )
 
@@ -475,7 +510,7 @@ def evaluate_movielens(
         "BPR 0.2388/0.2862; Pop 0.0838/0.1005",
     }
     valid = canonical(split.valid, processed.item_id_map, unsafe)
-    return _evaluate(
+    return evaluate_split(
         processed,
         train,
         test,

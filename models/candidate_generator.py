@@ -32,11 +32,14 @@ from configs import CandidateGeneratorConfig, EmbeddingConfig
 from models import merlin_patches  # noqa: F401  (faster, fixed Merlin save; see the module)
 from models.columns import to_host
 from models.single_trace import BuildOptimizerFirst
+from workflows.activity import ACTIVITY_TAG
 
 
 def tower_schema(schema: Schema) -> Schema:
-    """The features the two towers see: everything tagged USER or ITEM (no labels)."""
-    return schema.select_by_tag([Tags.USER, Tags.ITEM])
+    """The features the two towers see: everything tagged USER or ITEM (no labels), except the
+    windowed activity counts (``workflows/activity.py``): retrieval embeds lasting taste, and how
+    busy the user was in the last hour is the heavy ranker's to weigh."""
+    return schema.select_by_tag([Tags.USER, Tags.ITEM]).excluding_by_tag(ACTIVITY_TAG)
 
 
 def item_frequencies(schema: Schema, positive_rows: Dataset | None = None) -> np.ndarray:

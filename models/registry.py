@@ -11,6 +11,8 @@
         user_features.parquet   encoded user features + raw id (the online store is built from it)
         item_features.parquet   encoded item features + raw id
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
+        recent_events.parquet   (user_id, timestamp, click): each user's events in the longest activity
+                                window before the end of the training data (windowed activity features)
         popularity.parquet      the fallback ranking (raw item id, score)
         item_affinity.npy/.json EASE item-item weights over encoded ids (absent when the manifest's
                                 item_affinity is null: a catalog above item_affinity.max_items)

@@ -73,6 +73,9 @@ class TrackedRun:
         if clean:
             self._mlflow.log_metrics(clean, step=step)
 
+    def log_params(self, params: dict) -> None:
+        self._mlflow.log_params({k: str(v) for k, v in params.items()})
+
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 

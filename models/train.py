@@ -25,7 +25,7 @@ from merlin.schema import Tags
 from tqdm.auto import tqdm
 
 from configs import Config
-from models import item_affinity, item_index, registry
+from models import item_affinity, item_index, registry, tuning
 from models.candidate_generator import item_embeddings, train_candidate_generator
 from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
@@ -75,8 +75,15 @@ def train_all(
     registry_dir: str | Path,
     verbose: int = 1,
     rankers_from: registry.ModelVersion | None = None,
+    tune=None,
 ) -> registry.ModelVersion:
     """Train the candidate generator, both rankers and the fallback; publish them as one version.
+
+    ``tune(version_dir, config) -> record`` (``evaluation/tuning.py``) is the tuning step: with
+    ``tuning.enabled`` it runs once every stage is saved, scores the ``tuning`` grid on the
+    validation part and returns every trial and the chosen values (``models/tuning.py``); the
+    chosen values go into the manifest's config (so the export serves them), the record into the
+    manifest's ``tuning`` and MLflow. ``None`` publishes the configured values as they are.
 
     ``rankers_from`` copies both rankers from that version instead of training them again, for
     variants that change only the candidate generator (the offline evaluation's mitigation table);
@@ -129,7 +136,7 @@ def train_all(
         # The item affinity before the rankers: the heavy ranker's hard negatives are drawn with it.
         progress.set_postfix_str("item_affinity")
         events = read_parquet(data.train_events)
-        history = events[["user_id", "item_id"]].drop_duplicates()
+        history = _history(events, config.training.history_event)
         history.columns = ["user_id_raw", "item_id_raw"]
         affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
         progress.update()
@@ -184,6 +191,8 @@ def train_all(
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
         shutil.copy(data.item_features, out.tmp / "item_features.parquet")
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
+        if data.recent_events.exists():  # the windowed activity features' events (serving counts them)
+            shutil.copy(data.recent_events, out.tmp / "recent_events.parquet")
         popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)
         content = config.serving.fallback_content_column
         if content:
@@ -198,7 +207,7 @@ def train_all(
         progress.update()
 
         metrics = {"candidate_generator": tt_metrics, "light_ranker": light_metrics, "heavy_ranker": heavy_metrics}
-        out.write_manifest(
+        manifest = dict(
             data_fingerprint=fingerprint,
             data_summary=data.summary,
             schema=_schema_summary(train.schema),
@@ -215,12 +224,45 @@ def train_all(
             num_indexed_items=int(len(ids)),
             item_affinity=affinity,
         )
+        if tune is not None and config.tuning.enabled:
+            progress.set_postfix_str("tuning")
+            out.write_manifest(**manifest)  # the funnel the tuner loads reads it
+            record = tune(out.tmp, config)
+            config = tuning.apply(config, record["chosen"])
+            if affinity and config.item_affinity.reg_weight != affinity["reg_weight"]:
+                affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
+            manifest.update(config=config.to_dict(), item_affinity=affinity, tuning=record)
+            _log_tuning(run, record)
+        out.write_manifest(**manifest)
         for stage, stage_metrics in metrics.items():
             run.log_metrics({f"{stage}.final.{k}": v for k, v in stage_metrics.items()})
         run.log_artifact(out.tmp / registry.MANIFEST)
         run.log_json("embedding_tables.json", sizes)
     log.info("published model version %s", version)
     return registry.ModelVersion(out.path)
+
+
+def _history(events, event: str):
+    """``(user_id, item_id)`` pairs of the training events that count as history
+    (``training.history_event``)."""
+    if event != "impression":
+        if event not in events.columns:
+            raise ValueError(
+                f"training.history_event {event!r} is not a column of the training events ({list(events.columns)})"
+            )
+        events = events[events[event] > 0]
+    return events[["user_id", "item_id"]].drop_duplicates()
+
+
+def _log_tuning(run, record: dict) -> None:
+    """The search in MLflow: the chosen values as params (the config's own params were logged
+    before tuning, and MLflow params cannot change), each trial's metric as a step, the record."""
+    metric = record["metric"]
+    run.log_params({f"tuning.chosen.{k}": v for k, v in record["chosen"].items()})
+    for step, trial in enumerate(record["trials"]):
+        run.log_metrics({f"tuning.{metric}": trial[metric]}, step=step)
+    run.log_metrics({f"tuning.best.{metric}": record["best"]})
+    run.log_json("tuning.json", record)
 
 
 def _train_item_affinity(history, item_table, config: Config, directory: Path, version: int) -> dict | None:

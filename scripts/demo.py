@@ -68,6 +68,7 @@ def main() -> None:
         from deployment.server import TritonServer
         from evaluation.checklist import run_checklist
         from evaluation.pipeline import evaluate_synthetic
+        from evaluation.tuning import validation_tuner
         from models.train import train_all
         from serving.client import FunnelClient
         from workflows.pipeline import run_dataset_pipeline
@@ -90,7 +91,7 @@ def main() -> None:
         print(textwrap.indent(summary_table(processed.summary), "      "))
 
     with steps("Training the two-tower candidate generator, the light and the heavy DCN ranker"):
-        model = train_all(processed, config, work / "registry", verbose=verbose)
+        model = train_all(processed, config, work / "registry", verbose=verbose, tune=validation_tuner(processed))
         metrics = model.manifest["metrics"]
         heavy = metrics["heavy_ranker"]
         heads = ", ".join(f"{k[4:]} {v:.3f}" for k, v in heavy.items() if k.startswith("auc_"))
@@ -104,6 +105,13 @@ def main() -> None:
             f"{' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
             f"MLflow run logged under {work / 'mlruns'}"
         )
+        tuned = model.manifest.get("tuning")
+        if tuned:
+            chosen = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:g}" for k, v in tuned["chosen"].items())
+            print(
+                f"      tuned on the validation part ({len(tuned['trials'])} trials, {tuned['users']} users): "
+                f"{chosen}; validation {tuned['metric']} {tuned['best']:.4f}"
+            )
 
     with steps("Exporting the Triton model repository and running the correctness checklist"):
         repo = export_repository(model, work / "triton_repo")

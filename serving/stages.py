@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,41 @@ OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
 
 def load_manifest(artifacts: str | Path) -> dict:
     return json.loads((Path(artifacts) / MANIFEST).read_text())
+
+
+def live_store_of(artifacts: str | Path) -> str | None:
+    """The live store (``workflows/live_store.py``) of the repository ``<repo>/<stage>/<version>``
+    holding ``artifacts``: ``$FUNNEL_STORE_URL``, else ``<repo>-live.sqlite`` beside it; None for a
+    folder outside an exported repository (a stage built from a copy: no live events, no takedowns)."""
+    from workflows.live_store import STORE_ENV, store_location
+
+    if os.environ.get(STORE_ENV):
+        return os.environ[STORE_ENV]
+    repository = Path(artifacts).resolve().parent.parent
+    return store_location(repository) if (repository / "export.json").exists() else None
+
+
+def activity_slots(manifest: dict) -> tuple[list[int], np.ndarray]:
+    """The version's activity windows (seconds) and where their features sit in ``user_continuous``
+    (empty for a version trained without them)."""
+    from configs import duration_seconds
+    from workflows.activity import column_names
+
+    windows = manifest["config"].get("workflow", {}).get("features", {}).get("activity_windows", [])
+    seconds = [duration_seconds(w) for w in windows]
+    names, continuous = column_names(seconds), list(manifest["features"]["user_continuous"])
+    if not seconds or not set(names) <= set(continuous):
+        return [], np.zeros(0, dtype=np.int64)
+    return seconds, np.array([continuous.index(n) for n in names], dtype=np.int64)
+
+
+def encode_items(raw_sorted: np.ndarray, encoded: np.ndarray, raw_ids: np.ndarray) -> np.ndarray:
+    """Encoded ids of the ``raw_ids`` the catalog (``raw_sorted`` -> ``encoded``) holds; others dropped."""
+    raw_ids = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
+    if raw_sorted.size == 0 or raw_ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    at = np.minimum(np.searchsorted(raw_sorted, raw_ids), raw_sorted.size - 1)
+    return encoded[at[raw_sorted[at] == raw_ids]]
 
 
 class Stage:
@@ -58,6 +95,16 @@ class Stage:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """The outputs of several requests at once: each exactly what ``run`` gives it alone.
+
+        This default runs them one by one; stages with a model call (query tower, retrieval, the
+        rankers) override it with one call for the whole batch, which is what Triton's dynamic
+        batcher (``serving/triton_model.py``) pays for. A malformed request raises ``RequestError``
+        for the whole batch: the adapter then serves the batch one request at a time, so only that
+        request fails."""
+        return [self.run(inputs) for inputs in batch]
+
 
 def _import_tf():
     import tensorflow as tf
@@ -76,14 +123,18 @@ def _import_tf():
 
 
 class FeatureLookup(Stage):
-    """Reads the user's encoded features and history from the online store."""
+    """Reads the user's encoded features and history from the online store, and merges in what the
+    user did since the export from the live store (``workflows/live_store.py``): ``seen_items`` is
+    the export's history plus every live item, so what a user just watched is filtered out, feeds
+    the item affinity, and lets a user the models never saw be served from their fresh history."""
 
     name = "feature_lookup"
     inputs = (USER_ID,)
     outputs = (*USER_FEATURES, Tensor("user_known", "BOOL", (1,)), SEEN)
 
-    def __init__(self, artifacts):
+    def __init__(self, artifacts, live_store: str | None = None):
         super().__init__(artifacts)
+        from configs import LiveConfig
         from serving.online_store import OnlineStore
 
         self.store = OnlineStore(
@@ -91,17 +142,66 @@ class FeatureLookup(Stage):
             self.features["user_categorical"],
             self.features["user_continuous"],
         )
+        self.live_config = LiveConfig(**self.serving.get("live", {}))
+        self.raw_items, self.encoded_items = self.store.items()
+        self.activity_windows, self.activity_slots = activity_slots(self.manifest)
+        # Live events before the end of the training data are already in the export's recent events.
+        self.activity_since = float(self.manifest.get("data_summary", {}).get("cutoff", -np.inf))
+        self.clock = time.time  # "now" of the windowed activity features; a test or replay sets its own
+        location = live_store or live_store_of(self.artifacts)
+        self.live = None
+        if location:
+            from workflows.live_store import LiveStore
+
+            self.live = LiveStore(location)
+
+    def live_events(self, user_id: int):
+        """The user's newest live events (``workflows.live_store.UserEvents``, raw ids): one indexed query."""
+        from workflows.live_store import UserEvents
+
+        if self.live is None:
+            return UserEvents(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, object), np.zeros(0))
+        return self.live.user_events(user_id, self.live_config.max_live_events)
+
+    def activity_events(self, user_id: int, live=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(timestamps, clicks)`` the windowed activity features count for this user: the export's
+        recent events plus the live views and clicks after the end of the training data (``live``:
+        the user's ``live_events``, read here when not given)."""
+        from workflows.activity import live_activity
+
+        times, clicks = self.store.recent_events(user_id)
+        live = self.live_events(user_id) if live is None else live
+        if len(live):
+            keep = live.ts >= self.activity_since
+            live_times, live_clicks = live_activity(live.events[keep], live.ts[keep])
+            times, clicks = np.concatenate([times, live_times]), np.concatenate([clicks, live_clicks])
+        return times, clicks
+
+    def user_activity(self, user_id: int, now: float | None = None, live=None) -> np.ndarray:
+        """The encoded windowed activity features (``workflows/activity.py``) of the user at ``now``
+        (default ``self.clock()``), in the order of ``activity_slots``: the training rows' definition."""
+        from workflows.activity import user_activity
+
+        times, clicks = self.activity_events(user_id, live)
+        return user_activity(times, clicks, self.clock() if now is None else now, self.activity_windows)
 
     def run(self, inputs):
         user_id = scalar(inputs, "user_id", int)
         found = self.store.user_features(user_id)
+        recent = self.live_events(user_id)
+        live_seen = encode_items(self.raw_items, self.encoded_items, recent.item_ids)
         if found is None:
             unknown = unknown_user(self.features)
             cat, cont = unknown["user_categorical"], unknown["user_continuous"]
-            seen = np.zeros(0, dtype=np.int64)
+            seen = np.unique(live_seen)
         else:
             cat, cont = found
             seen = self.store.history(user_id)
+            if live_seen.size:
+                seen = np.union1d(seen, live_seen)
+        if self.activity_slots.size:  # kept current: counted now, not read from the export
+            cont = np.array(cont, dtype=np.float32)
+            cont[self.activity_slots] = self.user_activity(user_id, live=recent)
         return {
             "user_categorical": cat,
             "user_continuous": cont,
@@ -134,6 +234,15 @@ class QueryTower(Stage):
         (embedding,) = self._predict(batch).values()
         return {"query_embedding": np.asarray(embedding, dtype=np.float32).reshape(-1)}
 
+    def run_batch(self, batch):
+        """One tower call embeds every user of the batch (one row each)."""
+        if len(batch) < 2:
+            return super().run_batch(batch)
+        users = users_batch(self.features, batch, [1] * len(batch), tf=self._tf)
+        (embeddings,) = self._predict(users).values()
+        embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(batch), -1)
+        return [{"query_embedding": row} for row in embeddings]
+
 
 def unknown_user(features: dict) -> dict:
     """Encoded features of a user the models never saw (every categorical out-of-vocabulary)."""
@@ -141,6 +250,29 @@ def unknown_user(features: dict) -> dict:
         "user_categorical": np.full(len(features["user_categorical"]), OOV_INDEX, dtype=np.int64),
         "user_continuous": np.zeros(len(features["user_continuous"]), dtype=np.float32),
     }
+
+
+def users_batch(features: dict, requests: list[dict], rows: list[int], tf) -> dict:
+    """A Merlin model input dict holding each request's user features repeated ``rows[i]`` times, in
+    request order: the rows of ``user_batch`` for each request, concatenated."""
+    names_cat, names_cont = features["user_categorical"], features["user_continuous"]
+    categorical, continuous = [], []
+    for inputs in requests:
+        cat = np.asarray(inputs["user_categorical"], dtype=np.int64).reshape(-1)
+        cont = np.asarray(inputs["user_continuous"], dtype=np.float32).reshape(-1)
+        if len(cat) != len(names_cat) or len(cont) != len(names_cont):
+            raise RequestError(
+                f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
+                f"got {len(cat)} and {len(cont)}"
+            )
+        categorical.append(cat)
+        continuous.append(cont)
+    rows = np.asarray(rows, dtype=np.int64)
+    categorical = np.repeat(np.stack(categorical), rows, axis=0)
+    continuous = np.repeat(np.stack(continuous), rows, axis=0)
+    batch = {n: tf.constant(np.ascontiguousarray(categorical[:, j])) for j, n in enumerate(names_cat)}
+    batch.update({n: tf.constant(np.ascontiguousarray(continuous[:, j])) for j, n in enumerate(names_cont)})
+    return batch
 
 
 def user_batch(features: dict, categorical: np.ndarray, continuous: np.ndarray, rows: int, tf) -> dict:
@@ -177,6 +309,7 @@ class Retrieval(Stage):
         import faiss
 
         faiss.omp_set_num_threads(1)
+        self._faiss = faiss
         self.index, self.index_meta = item_index.load_index(self.artifacts, expected_version=self.version)
         self.k = int(self.serving["retrieval_k"])
 
@@ -186,6 +319,26 @@ class Retrieval(Stage):
             raise RequestError(f"query_embedding has {query.shape[0]} dims, index has {self.index_meta['dim']}")
         ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
         return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
+
+    def run_batch(self, batch):
+        """One faiss search for every query of the batch."""
+        if len(batch) < 2:
+            return super().run_batch(batch)
+        queries = [np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1) for inputs in batch]
+        if any(q.shape[0] != self.index_meta["dim"] for q in queries):
+            return super().run_batch(batch)  # the malformed one raises its own error
+        # Exact search scores several queries with one BLAS matrix product from faiss's
+        # distance_compute_blas_threshold (20) queries on; its sums round differently from the
+        # per-query path in the last bit, and a batch must score exactly what one request alone gets.
+        self._faiss.cvar.distance_compute_blas_threshold = max(
+            self._faiss.cvar.distance_compute_blas_threshold, len(batch) + 1
+        )
+        scores, ids = self.index.search(np.ascontiguousarray(np.stack(queries)), min(self.k, self.index.ntotal))
+        keep = ids >= 0
+        return [
+            {"candidate_ids": i[m].astype(np.int64), "retrieval_scores": s[m].astype(np.float32)}
+            for i, s, m in zip(ids, scores, keep)
+        ]
 
 
 class Filtering(Stage):
@@ -271,6 +424,23 @@ class _RankerStage(Stage):
         """The model's outputs (``{head: scores}``) for the candidates ``ids`` of the request's user."""
         return self._predict(self.checked_batch(inputs, ids))
 
+    def requests_batch(self, batch: list[dict], ids: list[np.ndarray]) -> dict:
+        """The model's input batch for several requests at once: request ``i``'s user features
+        repeated for its candidates ``ids[i]``, the requests' rows one after the other."""
+        every = np.concatenate(ids)
+        if every.size and (every.min() < 0 or every.max() >= self.catalog_rows):
+            raise RequestError("candidate ids hold an item id outside the catalog")
+        users = users_batch(self.features, batch, [len(i) for i in ids], self._tf)
+        out = {n: t for n, t in users.items() if n in self.model_features}
+        for name, table in self.item_columns.items():
+            out[name] = self._tf.constant(table[every])
+        return out
+
+
+def split_rows(values: np.ndarray, ids: list[np.ndarray]) -> list[np.ndarray]:
+    """``values`` (one per row of a ``requests_batch``) cut back into one array per request."""
+    return np.split(np.asarray(values).reshape(-1), np.cumsum([len(i) for i in ids])[:-1])
+
 
 class LightRanker(_RankerStage):
     """Scores every filtered candidate with the small DCN and keeps the best ``light_ranker_k``."""
@@ -292,8 +462,22 @@ class LightRanker(_RankerStage):
             return {"light_ids": np.zeros(0, dtype=np.int64), "light_scores": np.zeros(0, dtype=np.float32)}
         target = self.manifest["light_ranker"]["target"]
         scores = head_outputs(self.predict(inputs, ids), [target])[target]
+        return self._keep_best(ids, scores)
+
+    def _keep_best(self, ids: np.ndarray, scores: np.ndarray) -> dict:
         order = np.argsort(-scores, kind="stable")[: self.keep]
         return {"light_ids": ids[order], "light_scores": scores[order].astype(np.float32)}
+
+    def run_batch(self, batch):
+        """One model call scores the candidates of every request of the batch."""
+        from models.heads import head_outputs
+
+        ids = [np.asarray(inputs["filtered_ids"], dtype=np.int64).reshape(-1) for inputs in batch]
+        if len(batch) < 2 or sum(len(i) for i in ids) == 0:
+            return super().run_batch(batch)
+        target = self.manifest["light_ranker"]["target"]
+        scores = head_outputs(self._predict(self.requests_batch(batch, ids)), [target])[target]
+        return [self._keep_best(i, s) for i, s in zip(ids, split_rows(scores, ids))]
 
 
 class HeavyRanker(_RankerStage):
@@ -316,16 +500,26 @@ class HeavyRanker(_RankerStage):
         ]
 
     def run(self, inputs):
-        from models.heads import combine, head_outputs
-
         ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return {"heavy_scores": np.zeros(0, dtype=np.float32)}
-        batch = self.checked_batch(inputs, ids)
+        return {"heavy_scores": self._scores(self.checked_batch(inputs, ids))}
+
+    def _scores(self, batch: dict) -> np.ndarray:
+        from models.heads import combine, head_outputs
+
         targets = list(self.weights)
         members = [head_outputs(member(batch), targets) for member in self.members]
         heads = {t: np.mean([m[t] for m in members], axis=0) for t in targets}
-        return {"heavy_scores": combine(heads, self.weights)}
+        return combine(heads, self.weights)
+
+    def run_batch(self, batch):
+        """One call of each ensemble member scores the candidates of every request of the batch."""
+        ids = [np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1) for inputs in batch]
+        if len(batch) < 2 or sum(len(i) for i in ids) == 0:
+            return super().run_batch(batch)
+        scores = self._scores(self.requests_batch(batch, ids))
+        return [{"heavy_scores": s if len(s) else np.zeros(0, dtype=np.float32)} for s in split_rows(scores, ids)]
 
 
 class Ordering(Stage):
@@ -350,9 +544,9 @@ class Ordering(Stage):
     )
     outputs = FUNNEL_OUTPUTS
 
-    def __init__(self, artifacts, policy=None, seed: int | None = None):
+    def __init__(self, artifacts, policy=None, seed: int | None = None, live_store: str | None = None):
         super().__init__(artifacts)
-        from configs import OrderingConfig
+        from configs import LiveConfig, OrderingConfig
 
         items = pd.read_parquet(self.artifacts / "item_features.parquet")
         self.raw_ids = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
@@ -366,6 +560,19 @@ class Ordering(Stage):
             from models import item_affinity
 
             self.affinity, _ = item_affinity.load(self.artifacts, expected_version=self.version)
+        self.live_config = LiveConfig(**self.serving.get("live", {}))
+        by_raw = np.argsort(items["item_id_raw"].to_numpy())
+        self.raw_sorted = items["item_id_raw"].to_numpy(np.int64)[by_raw]
+        self.encoded_sorted = items["item_id"].to_numpy(np.int64)[by_raw]
+        self.catalog_ids = np.sort(items["item_id"].to_numpy(np.int64))
+        # Takedowns (workflows/live_store.py): re-read every takedown_refresh_s, applied to every path.
+        location = live_store or live_store_of(self.artifacts)
+        self.takedowns = None
+        if location:
+            from workflows.live_store import LiveStore, TakedownList
+
+            self.takedowns = TakedownList(LiveStore(location), self.live_config.takedown_refresh_s)
+        self._item_vectors = None  # the history query's item vectors, loaded on first use
         # The export's policy; exported before ordering was configurable: the defaults (sorted by
         # the heavy-ranker score).
         self._configure(policy or OrderingConfig(**self.serving.get("ordering", {})), seed)
@@ -428,6 +635,56 @@ class Ordering(Stage):
             raise RequestError(str(e)) from None
         return percentile_among(item_scores, reference)
 
+    def taken_down(self) -> np.ndarray:
+        """Raw ids of the items taken down now (``workflows/live_store.py``; none without a store)."""
+        return np.zeros(0, np.int64) if self.takedowns is None else self.takedowns.ids()
+
+    def fresh_history_ready(self, seen: np.ndarray) -> bool:
+        """Whether a user the models never saw has enough live history for personal recommendations."""
+        return len(seen) >= self.live_config.fresh_history_min_items and (
+            self.affinity is not None or self.item_vectors() is not None
+        )
+
+    def item_vectors(self):
+        """The retrieval index's vectors (``models.item_index.ItemVectors``) of this version, for the
+        history query where the catalog has no item affinity; None outside an exported repository."""
+        if self._item_vectors is None:
+            folder = self.artifacts.parent.parent / "retrieval" / str(self.version)
+            if not (folder / "item_index.json").exists():
+                self._item_vectors = False
+            else:
+                from models.item_index import ItemVectors, load_index
+
+                index, _ = load_index(folder, expected_version=self.version)
+                self._item_vectors = (index, ItemVectors(index))
+        return self._item_vectors or None
+
+    def from_fresh_history(self, seen: np.ndarray, k: int, drop_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """The best ``k`` raw ids for a history ``seen`` (encoded ids) of a user the models never saw,
+        skipping ``seen`` and the raw ids ``drop_raw``: by the item affinity to the history over the
+        whole catalog (``fresh_history``), or, without affinity weights, by the inner product with
+        the mean of the history's item vectors among retrieval's candidates (``history_query``)."""
+        if self.affinity is not None:
+            from models.item_affinity import scores as affinity_scores
+
+            candidates = self.catalog_ids
+            scores = affinity_scores(self.affinity, seen, candidates)
+            served_by = "fresh_history"
+        else:
+            from models.item_index import search
+
+            index, vectors = self.item_vectors()
+            query = vectors.vectors(seen).mean(axis=0).astype(np.float32)
+            want = min(int(self.serving["retrieval_k"]) + len(seen) + len(drop_raw), index.ntotal)
+            candidates, scores = search(index, query, want)
+            served_by = "history_query"
+        keep = ~np.isin(candidates, seen) & ~np.isin(self.raw_ids[candidates], drop_raw)
+        candidates, scores = candidates[keep], np.asarray(scores, dtype=np.float64)[keep]
+        order = np.argsort(-scores, kind="stable")[:k]
+        # Served scores in [0, 1]: the rank among the candidates (raw affinities are unbounded).
+        out_scores = 1.0 - np.arange(len(order)) / max(len(candidates), 1)
+        return self.raw_ids[candidates[order]], out_scores, served_by
+
     def run(self, inputs):
         from models.fallback import top_popular
 
@@ -439,9 +696,14 @@ class Ordering(Stage):
         scores = np.asarray(inputs["heavy_scores"], dtype=np.float32).reshape(-1)
         if len(ranked) != len(scores):
             raise RequestError(f"got {len(scores)} heavy_scores for {len(ranked)} light_ids")
+        taken = self.taken_down()
+        seen = inputs.get("seen_items")
         if known:
             from serving.ordering import order_candidates
 
+            if taken.size:  # taken down since the export: never served, whatever the model thinks
+                keep = ~np.isin(ranked, encode_items(self.raw_sorted, self.encoded_sorted, taken))
+                ranked, scores = ranked[keep], scores[keep]
             policy = self.policy
             pct = self.retrieval_percentile(inputs, ranked) if policy.retrieval_weight > 0 else None
             affinity = self.affinity_percentile(inputs, ranked, ranked) if policy.affinity_weight > 0 else None
@@ -459,11 +721,19 @@ class Ordering(Stage):
             )
             item_ids, served_by = self.raw_ids[ranked[order]], "model"
         else:
+            seen = np.zeros(0, np.int64) if seen is None else np.asarray(seen, dtype=np.int64).reshape(-1)
+            if seen.size and (seen.min() < 0 or seen.max() >= len(self.raw_ids)):
+                raise RequestError("seen_items hold an item id outside the catalog")
             excluded = self.limits.excluded(inputs)
-            item_ids, out_scores = top_popular(self.popularity, k + excluded.size)
-            keep = ~np.isin(item_ids, excluded)
-            item_ids, out_scores = np.asarray(item_ids)[keep][:k], np.asarray(out_scores)[keep][:k]
-            served_by = "fallback"
+            drop = np.concatenate([excluded, taken])
+            if self.fresh_history_ready(seen):
+                item_ids, out_scores, served_by = self.from_fresh_history(seen, k, drop)
+            else:  # popularity, without what the user just did (live events) or may not see
+                drop = np.concatenate([drop, self.raw_ids[seen]])
+                item_ids, out_scores = top_popular(self.popularity, k + drop.size)
+                keep = ~np.isin(item_ids, drop)
+                item_ids, out_scores = np.asarray(item_ids)[keep][:k], np.asarray(out_scores)[keep][:k]
+                served_by = "fallback"
         counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
         return {
             "item_ids": np.asarray(item_ids, dtype=np.int64),

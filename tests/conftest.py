@@ -28,6 +28,11 @@ SMALL = {
     # Two members, one trained on affinity hard negatives: every served test runs the ensemble path.
     "heavy_ranker": {"epochs": 2, "batch_size": 512, "members": [{}, {"hard_negatives": 10}]},
     "serving": {"retrieval_k": 100, "light_ranker_k": 30, "max_k": 50},
+    # The windowed activity features (off by default) on: every served test runs them (tests/test_activity.py).
+    "workflow": {"features": {"activity_windows": ["1h", "24h", "7d"]}},
+    # The tuning step (evaluation/tuning.py) on a 2 x 2 grid and 100 validation users: cheap where
+    # scripts/evaluate.py paths run it; tests/test_tuning.py sets its own.
+    "tuning": {"retrieval_weight": [0.0, 0.3], "affinity_weight": [0.0, 0.5], "max_users": 100},
 }
 
 

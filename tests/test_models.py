@@ -136,7 +136,8 @@ def test_query_tower_served_from_the_registry_matches_training(model_version, pr
 
     served = ServingFunction(tf, model_version.path / "query_tower")
     specs = served.input_specs
-    (embedding,) = served({n: tf.constant(users[n].values, dtype=specs[n].dtype) for n in names}).values()
+    inputs = served.input_names  # the user features the tower takes (not the windowed activity ones)
+    (embedding,) = served({n: tf.constant(users[n].values, dtype=specs[n].dtype) for n in inputs}).values()
     np.testing.assert_allclose(np.asarray(embedding), queries, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, rtol=1e-4)  # L2-normalised tower
     index, meta = item_index.load_index(model_version.path, expected_version=model_version.version)

@@ -70,7 +70,9 @@ def test_schema_tags_what_models_select(processed):
     assert set(schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names) == targets
     user_cont = set(schema.select_by_tag(Tags.USER).select_by_tag(Tags.CONTINUOUS).column_names)
     item_cont = set(schema.select_by_tag(Tags.ITEM).select_by_tag(Tags.CONTINUOUS).column_names)
-    assert user_cont == {"user_click_rate_before"}  # default point_in_time_features: [rates]
+    # default point_in_time_features: [rates]; the windowed activity counts (workflows/activity.py)
+    activity = set(schema.select_by_tag("activity").column_names)
+    assert len(activity) == 6 and user_cont == {"user_click_rate_before"} | activity
     assert item_cont == {"duration_seconds", "item_click_rate_before"}
     # Time features are context: rankers may use them, the user/item towers (served per user) do not.
     assert set(schema.select_by_tag(Tags.CONTEXT).column_names) == {"hour_of_day", "day_of_week"}

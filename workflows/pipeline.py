@@ -7,6 +7,7 @@ The steps, in order (one module each; every step reports rows/users/items remove
     content_filter.content_filter    unsafe items: neither trained on nor served
     recency_window.recency_window    only the last W days
     point_in_time                    user/item counts from strictly earlier events
+    activity                         the user's events/clicks in the last 1 h / 24 h / 7 d before each event
     splits.split_events              temporal (default) / random per user / explicit files
     active_users.active_users        training data: only users active lately (others: fallback)
     dedup.dedup_pairs                one row per (user, item) per part, signals combined
@@ -20,9 +21,11 @@ The steps, in order (one module each; every step reports rows/users/items remove
     workflow/                  the fitted NVTabular workflow (with user/item sub-workflows)
     categories/                Categorify vocabularies
     user_features.parquet      encoded features of every user known at training time, plus raw id;
-                               point-in-time counts as of the end of the training data
+                               point-in-time counts and windowed activity as of the end of the training data
     item_features.parquet      the same for every safe, canonical item known at training time
     train_events.parquet       raw training-period events (history for filters and popularity)
+    recent_events.parquet      each user's events (user_id, timestamp, click) in the longest activity
+                               window before the end of the training data (serving counts from them)
     item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
     summary.json               counts, the split cutoff, one report per step, the checks passed
 """
@@ -40,6 +43,7 @@ from merlin.io import Dataset
 from configs import WorkflowConfig
 from workflows import checks
 from workflows.active_users import active_users
+from workflows.activity import add_activity_counts, column_names, counts_as_of, recent_events
 from workflows.adapt import adapt_workflow_config
 from workflows.cluster import connect
 from workflows.content_filter import content_filter
@@ -100,6 +104,10 @@ class ProcessedData:
     @property
     def train_events(self) -> Path:
         return self.root / "train_events.parquet"
+
+    @property
+    def recent_events(self) -> Path:
+        return self.root / "recent_events.parquet"
 
     @property
     def summary(self) -> dict:
@@ -165,6 +173,21 @@ def _with_totals(table, totals, columns):
     return merged.sort_values(key).reset_index(drop=True)
 
 
+def event_features(events, config: WorkflowConfig):
+    """The event-level features computed from strictly earlier events: point-in-time counts (when
+    ``features.point_in_time``) and windowed activity (``features.activity_windows``)."""
+    if config.features.point_in_time:
+        events = add_point_in_time_counts(events)
+    return add_activity_counts(events, config.features.activity_window_seconds)
+
+
+def event_feature_columns(config: WorkflowConfig) -> list[str]:
+    """The columns ``event_features`` adds."""
+    return (POINT_IN_TIME_COLUMNS if config.features.point_in_time else []) + column_names(
+        config.features.activity_window_seconds
+    )
+
+
 def _negatives_with_features(
     part,
     events,
@@ -186,7 +209,7 @@ def _negatives_with_features(
         # Negatives get the counts of real events before them, and are not counted themselves.
         real = events[event_columns].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
         fake = negatives.assign(**{WEIGHT: negatives["timestamp"] * 0})
-        both = add_point_in_time_counts(dd.concat([real, fake]))
+        both = event_features(dd.concat([real, fake]), config)
         negatives = both[both[WEIGHT] == 0][list(part.columns)]
     return negatives[list(part.columns)]
 
@@ -243,10 +266,10 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
     items = with_placeholders(items, inputs.missing_items, "item_id")
 
     # 2. Point-in-time features on the cleaned log (every event sees only earlier events).
-    point_in_time = config.features.point_in_time
-    if point_in_time:
-        events = add_point_in_time_counts(events)
-    events = events.persist()
+    windows = config.features.activity_window_seconds
+    feature_columns = event_feature_columns(config)
+    point_in_time = bool(feature_columns)  # some feature reads earlier events (negatives need them too)
+    events = event_features(events, config).persist()
 
     # 3. Split; active users on the training part; one row per (user, item) in each part.
     split = split_events(events, config.split)
@@ -255,7 +278,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
     train, rep = active_users(split.train, config.active_users, as_of=split.cutoff)
     steps.append(rep)
     parts = {**split.parts(), "train": train}
-    first_columns = POINT_IN_TIME_COLUMNS if point_in_time else []
+    first_columns = feature_columns
     for name in list(parts):
         parts[name], rep = dedup_pairs(
             parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}", signals=signals
@@ -304,10 +327,14 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
     # 5. Serving tables: features as of the end of the training data.
     as_of = int(split.cutoff)
     user_table, item_table = users, items
-    if point_in_time:
+    if config.features.point_in_time:
         user_totals, item_totals = totals_as_of(events, as_of)
         user_table = _with_totals(users, user_totals, USER_COUNTS)
         item_table = _with_totals(items, item_totals, ITEM_COUNTS)
+    if windows:
+        recent = recent_events(events, as_of, windows)
+        user_table = _with_totals(user_table, counts_as_of(recent, as_of, windows), column_names(windows))
+        recent.to_parquet(out.recent_events, index=False)
     user_table = _encode_table(workflow, "user_features", Dataset(user_table), "user_id")
     item_table = _encode_table(workflow, "item_features", Dataset(item_table), "item_id")
     user_table.to_parquet(out.user_features, index=False)
@@ -327,7 +354,11 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
             )
             passed.append({**record, "part": name})
         if point_in_time and config.checks.point_in_time_probe:
-            passed.append(checks.check_point_in_time(events))
+            passed.append(
+                checks.check_point_in_time(
+                    events, compute=lambda ddf: event_features(ddf, config), columns=feature_columns
+                )
+            )
 
     rows = {name: int(ddf.shape[0].compute()) for name, ddf in joined.items()}
     summary = {

@@ -11,8 +11,9 @@ How the world works:
 * Users have age band, gender and location. A user's latent vector mixes two favourite categories
   and a small shift shared by everyone of the same age band, so user attributes carry signal.
 * A logging policy exposes items: a share ``personalized_exposure`` by the user's true preference
-  (softmax over affinity), the rest by popularity (Zipf over items, ``popularity_skew``). Each
-  exposure is one event (an impression).
+  (``softmax(exposure_sharpness * affinity)`` over the catalog: the larger, the more what a user is
+  shown follows taste), the rest by popularity (a power law over items, Zipf exponent
+  ``popularity_skew``). Each exposure is one event (an impression).
 * The user reacts by affinity ``a = <u, v> / sqrt(d)``: click with ``sigmoid(s * a - 1.5)``, watch a
   fraction of the duration that grows with ``a`` and shrinks with the item's length
   (``long_item_watch_penalty``: people finish clips, not hour-long tutorials), like and share more
@@ -217,7 +218,8 @@ def generate(config: SyntheticDataConfig | None = None) -> SyntheticData:
             w = (phase + 0.5) / phases if phases > 1 else 0.0
             latent = _normalise((1 - w) * user_latent[start:stop] + w * user_latent_end[start:stop])
             aff = latent @ item_latent.T / np.sqrt(d)
-            pref = np.exp(aff * 2.0 - (aff * 2.0).max(axis=1, keepdims=True))
+            sharp = cfg.exposure_sharpness * aff
+            pref = np.exp(sharp - sharp.max(axis=1, keepdims=True))
             pref /= pref.sum(axis=1, keepdims=True)
             pw = cfg.personalized_exposure
             policy = (1.0 - pw) * exposure_pop[None, :] + pw * pref
