@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks import print_json
+
 LEVELS = (1, 8, 32, 64)
 STAGES = ("feature_lookup", "query_tower", "retrieval", "filtering", "light_ranker", "heavy_ranker", "ordering")
 
@@ -173,11 +175,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - start, 1),
         "sizes": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

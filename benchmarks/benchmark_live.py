@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks import print_json
+
 
 def write_stream(url: str, store: str, users: list[int], items: list[int], rate: float, ready, stop, out) -> None:
     """Write ``rate`` events/s until ``stop``: half as feedback on shown items (gRPC, one event per
@@ -230,11 +232,7 @@ def main() -> None:
                 os.environ[name] = value
         if postgres is not None:
             postgres.stop()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

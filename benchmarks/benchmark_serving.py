@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from benchmarks import print_json
+
 
 def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) -> float:
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
@@ -284,11 +286,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - start, 1),
         "sizes": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":
