@@ -19,6 +19,10 @@ new version reports ready.
 The A/B router (``online/router.py``) has versions of its own, one per rollout of users to model
 versions (``serving/assignment.py``): ``current_rollout`` reads the one Triton serves and
 ``set_rollout`` writes and loads the next. Outside an experiment the router follows ``roll_out``.
+
+Replicas sharing one repository (``docs/deployment.md``): the change is written once, through one
+replica (``set_rollout``), and every other replica takes it with ``follow_rollout``, which loads
+what is on disk and writes nothing.
 """
 
 from __future__ import annotations
@@ -189,6 +193,28 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
             raise
         client.load_model(ROUTER)
         wait_ready(client, ROUTER, router_version, timeout_s)
+    finally:
+        client.close()
+    return router_version
+
+
+def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) -> int:
+    """Make a replica serve the newest router version already in the shared ``repo`` (written by
+    ``set_rollout`` through another replica): load the model versions its arms name, then the
+    router. Writes nothing; returns the router version now served."""
+    repo = Path(repo).resolve()
+    rollout = current_rollout(repo)
+    if rollout is None:
+        raise FileNotFoundError(f"{repo} has no {ROUTER} versions")
+    router_version = router_versions(repo)[-1]
+    client = ControlClient(grpc_url, repo)
+    try:
+        for version in sorted({*rollout.versions.values(), rollout.control_version}):
+            check_complete(repo, str(version))
+            load_version(client, version, timeout_s)
+        if not client.is_model_ready(ROUTER, str(router_version)):
+            client.load_model(ROUTER)
+            wait_ready(client, ROUTER, router_version, timeout_s)
     finally:
         client.close()
     return router_version

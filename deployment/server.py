@@ -40,6 +40,19 @@ class ServerError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
 
 
+# A start that shows no progress this long (nothing logged, under 5% of a core used) has stalled: on
+# loaded cores a stub's TensorFlow import takes a minute of CPU, which counts as progress.
+STALL_S = 120.0
+
+
+class ServerStalled(ServerError):
+    """Models were still loading and nothing moved for ``STALL_S``."""
+
+    def __init__(self, loading: list[str], message: str):
+        super().__init__(message)
+        self.loading = loading
+
+
 def pytriton_root() -> Path:
     import pytriton
 
@@ -201,7 +214,9 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
         ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
-    def start(self) -> TritonServer:
+    def start(self, retry_stalled: bool = True) -> TritonServer:
+        """Start the server and wait until every model is ready. A start that stalls (nothing
+        logged and no CPU used for ``STALL_S`` while models are still loading) is retried once."""
         cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -215,6 +230,15 @@ class TritonServer:
         )
         try:
             self.wait_until_ready()
+        except ServerStalled as stalled:
+            # Seen about once per full test suite: with several versions of a stage loading at once,
+            # tritonserver 2.51 left one version loading forever, its stubs idle. A fresh process
+            # has always loaded; a second stall is an error.
+            self.stop()
+            if retry_stalled:
+                print(f"tritonserver stalled while loading; starting it again ({stalled.loading})", file=sys.stderr)
+                return self.start(retry_stalled=False)
+            raise
         except BaseException:
             self.stop()
             raise
@@ -226,6 +250,7 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         # Asked over HTTP, which answers the same whether or not gRPC speaks TLS.
         client = httpclient.InferenceServerClient(self.http_url)
+        progress, since = None, time.monotonic()
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -236,6 +261,17 @@ class TritonServer:
                 except Exception:
                     pass
                 time.sleep(0.5)
+                # Progress: the log grew, or the server and its stubs used CPU (idle stubs' metric
+                # threads use far less than 5% of a core).
+                now_progress = (self.log_path.stat().st_size if self.log_path.exists() else 0, self.cpu_seconds())
+                busy = progress is not None and now_progress[1] - progress[1] >= 0.05 * STALL_S
+                if progress is None or now_progress[0] != progress[0] or busy:
+                    progress, since = now_progress, time.monotonic()
+                elif time.monotonic() - since > STALL_S:
+                    loading = self.dump_stub_stacks()
+                    raise ServerStalled(
+                        loading, f"tritonserver made no progress for {STALL_S:.0f}s; models still loading: {loading}"
+                    )
         finally:
             client.close()
         loading = self.dump_stub_stacks()
@@ -243,6 +279,19 @@ class TritonServer:
             f"tritonserver not ready after {self.startup_timeout:.0f}s; models still loading: {loading}\n"
             f"{self.log_tail(200)}"
         )
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by tritonserver and its stubs."""
+        pids = [self.process.pid] if self.process is not None else []
+        pids += [pid for group in self.stub_pids().values() for pid in group]
+        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return total
 
     def dump_stub_stacks(self, wait_s: float = 2.0) -> list[str]:
         """Ask the stubs of models that did not load to print their threads' stacks into the log

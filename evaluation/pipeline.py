@@ -476,18 +476,23 @@ def evaluate_movielens(
     mitigation: bool = True,
     n_bootstrap: int = 500,
     seed: int = 2020,
+    protocol: str = "recbole",
 ) -> dict:
-    """RecBole's protocol on MovieLens-100K: random 80/10/10 per user, every rating a positive, full
-    ranking with training items removed. The funnel trains on the same training ratings through an
-    explicit split (so the pipeline's own filters see exactly the protocol's train part)."""
-    from evaluation.protocols import recbole_random
+    """MovieLens-100K under RecBole's protocol (``protocol="recbole"``: random 80/10/10 per user,
+    split by ``seed``) or a temporal one (``"temporal"``: the oldest 80% of ratings train, the next
+    10% validate, the newest 10% test, one global cut), every rating a positive, full ranking with
+    training and validation items removed. The funnel trains on the same training ratings through
+    an explicit split (so the pipeline's own filters see exactly the protocol's train part)."""
+    from evaluation.protocols import recbole_random, temporal
     from workflows.pipeline import run_dataset_pipeline
     from workflows.sources import movielens
 
     out = Path(out_dir)
     ml = movielens.load(source, click_min_rating=config.movielens.click_min_rating)
     raw = ml.write_parquet(out / "raw")
-    split = recbole_random(ml.events, seed=seed)
+    if protocol not in ("recbole", "temporal"):
+        raise ValueError(f"unknown protocol {protocol!r}: 'recbole' or 'temporal'")
+    split = recbole_random(ml.events, seed=seed) if protocol == "recbole" else temporal(ml.events)
     files = {}
     for name in ("train", "valid", "test"):
         files[name] = str(out / "split" / f"{name}.parquet")
@@ -504,8 +509,13 @@ def evaluate_movielens(
     context = {
         "dataset": f"MovieLens-100K ({len(ml.events):,} ratings, {ml.events['user_id'].nunique()} users, "
         f"{ml.events['item_id'].nunique()} items; {len(split.train):,}/{len(split.valid):,}/{len(split.test):,})",
-        "protocol": "RecBole: random 80/10/10 per user (numpy shuffle, seed "
-        f"{seed}), every rating a positive, full ranking, training and validation items removed",
+        "protocol": (
+            f"RecBole: random 80/10/10 per user (numpy shuffle, seed {seed})"
+            if protocol == "recbole"
+            else "temporal: oldest 80% of ratings train, next 10% validate, newest 10% test (global cut)"
+        )
+        + f", every rating a positive, full ranking, training and validation items removed; training seed "
+        f"{config.seed}",
         "reference (RecBole 1.2.1, its own split)": "EASE R@10 0.2805 N@10 0.3295; ItemKNN 0.2470/0.2834; "
         "BPR 0.2388/0.2862; Pop 0.0838/0.1005",
     }
@@ -520,7 +530,7 @@ def evaluate_movielens(
         ks,
         mitigation,
         n_bootstrap,
-        "Offline evaluation: MovieLens-100K, RecBole protocol",
+        f"Offline evaluation: MovieLens-100K, {'RecBole' if protocol == 'recbole' else 'temporal'} protocol",
         context,
         also_seen=valid,
     )

@@ -39,9 +39,14 @@ def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
     control = train_all(processed, config, work / "registry", verbose=0)
     log(f"control model v{control.version} trained in {time.monotonic() - started:.0f}s")
     treatment_config = treatment_of(config)
+    overridden = set(config.online.experiment.treatment_overrides)
+    if "workflow" in overridden:  # e.g. new features: the treatment trains on its own processed data
+        processed = run_dataset_pipeline(
+            raw["events"], raw["users"], raw["items"], work / "processed-treatment", treatment_config.workflow
+        )
     # A treatment that changes nothing the rankers see (the default: the candidate generator's logQ
     # correction) reuses the control's rankers: both arms then differ only in what is tested.
-    reuse = not set(config.online.experiment.treatment_overrides) & set(RANKER_INPUTS)
+    reuse = not overridden & {*RANKER_INPUTS, "workflow"}
     started = time.monotonic()
     treatment = train_all(
         processed, treatment_config, work / "registry", verbose=0, rankers_from=control if reuse else None
@@ -133,6 +138,7 @@ def serve_ab_test(
     from serving.assignment import ab_rollout
     from serving.client import FunnelClient
     from serving.interface import ROUTER
+    from workflows.live_store import describe
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -140,8 +146,10 @@ def serve_ab_test(
         repo = export_repository(control, work / "triton_repo", replace=True)
     add_version(treatment, repo)
     log_path = feedback_log_path(repo)
-    for stale in log_path.parent.glob(log_path.name + "*"):
-        stale.unlink()  # a fresh experiment log (and its WAL files)
+    if isinstance(log_path, Path):
+        for stale in log_path.parent.glob(log_path.name + "*"):
+            stale.unlink()  # a fresh experiment log (and its WAL files)
+    began = time.time()  # a shared (PostgreSQL) log keeps earlier experiments: read only this one's rows
     exp = config.online.experiment
     rollout = ab_rollout(
         exp.name, exp.salt, int(control.version), int(treatment.version), exp.holdout, exp.treatment_share
@@ -173,6 +181,7 @@ def serve_ab_test(
             feedback_log = FeedbackLog(log_path)
             impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
             feedback_log.close()
+            impressions, feedback = impressions[impressions["ts"] >= began], feedback[feedback["ts"] >= began]
             result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
             analysis = analyze(impressions, feedback, rollout, exp, len(world.items))
             context = {
@@ -182,7 +191,7 @@ def serve_ab_test(
                 f"holdout on v{control.version}",
                 "traffic": f"{len(population)} simulated users, {outcomes['day'].nunique()} days, "
                 f"{len(outcomes):,} requests through ab_router over gRPC; feedback through the feedback endpoint",
-                "source of the numbers": f"the server's feedback log {log_path}",
+                "source of the numbers": f"the server's feedback log {describe(log_path)}",
             }
             result["paths"] = write_ab_report(analysis, work / "report", "A/B test: " + exp.name, context, outcomes)
             result.update(analysis=analysis, outcomes=outcomes, simulate_seconds=seconds)

@@ -47,6 +47,7 @@ from configs import ExperimentConfig
 from evaluation import popularity_bias as pb
 from online import ab_testing as ab
 from serving.assignment import HOLDOUT, Rollout
+from workflows.live_store import Database, is_postgres
 
 
 def per_user(impressions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
@@ -307,7 +308,7 @@ SELECT request_id,
        SUM(CASE WHEN event = 'watch_seconds' THEN value ELSE 0 END) AS watch_seconds,
        SUM(CASE WHEN event = 'like' THEN value ELSE 0 END) AS likes,
        SUM(CASE WHEN event = 'share' THEN value ELSE 0 END) AS shares,
-       MAX(event = 'churn') AS churned
+       MAX(CASE WHEN event = 'churn' THEN 1 ELSE 0 END) AS churned
 FROM feedback WHERE request_id IN (SELECT request_id FROM impressions WHERE ts >= ?) GROUP BY request_id
 """
 REQUEST_COLUMNS = [
@@ -327,20 +328,33 @@ REQUEST_COLUMNS = [
 
 def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
     """One row per logged response since ``since`` (epoch seconds): its user, arm, model version,
-    impressions and the reactions to it. Read-only: a monitor never writes to the server's log."""
-    path = Path(log_path)
-    if not path.exists():
-        return pd.DataFrame(columns=REQUEST_COLUMNS)
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
-        requests = pd.read_sql_query(REQUESTS_SQL, con, params=(since,))
-        reactions = pd.read_sql_query(REACTIONS_SQL, con, params=(since,))
-    except pd.errors.DatabaseError as err:  # a log the server has not created its tables in yet
-        if "no such table" in str(err):
+    impressions and the reactions to it. ``log_path`` is a SQLite file (opened read-only: a monitor
+    never writes to the server's log) or the ``postgresql://`` DSN that several replicas share."""
+    if is_postgres(log_path):
+        import psycopg
+
+        db = Database(log_path)  # no schema: reading only
+        try:
+            requests = db.frame(REQUESTS_SQL, (since,))
+            reactions = db.frame(REACTIONS_SQL, (since,))
+        except psycopg.errors.UndefinedTable:  # no server has created the log's tables yet
             return pd.DataFrame(columns=REQUEST_COLUMNS)
-        raise
-    finally:
-        con.close()
+        finally:
+            db.close()
+    else:
+        path = Path(log_path)
+        if not path.exists():
+            return pd.DataFrame(columns=REQUEST_COLUMNS)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            requests = pd.read_sql_query(REQUESTS_SQL, con, params=(since,))
+            reactions = pd.read_sql_query(REACTIONS_SQL, con, params=(since,))
+        except pd.errors.DatabaseError as err:  # a log the server has not created its tables in yet
+            if "no such table" in str(err):
+                return pd.DataFrame(columns=REQUEST_COLUMNS)
+            raise
+        finally:
+            con.close()
     out = requests.merge(reactions, on="request_id", how="left")
     for column in ("clicks", "watch_seconds", "likes", "shares", "churned"):
         out[column] = out[column].fillna(0)
@@ -451,7 +465,7 @@ class HoldoutMonitor:
         alpha: float = 0.05,
         n_resamples: int = ab.PERMUTATIONS,
     ):
-        self.log_path = Path(log_path)
+        self.log_path = log_path if is_postgres(log_path) else Path(log_path)
         self.window_s = window_s
         self.interval_s = interval_s
         self.alpha = alpha

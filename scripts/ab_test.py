@@ -8,6 +8,8 @@ sample-ratio check and a plain decision; ships the treatment (holdout kept on th
 
     .venv/bin/python scripts/ab_test.py                       # default config, ~1000 users, 5 days
     .venv/bin/python scripts/ab_test.py --users 300 --days 3  # smaller and faster
+    .venv/bin/python scripts/ab_test.py --name activity-features \
+        --treatment '{"workflow": {"features": {"activity_windows": ["1h", "24h", "7d"]}}}'
 """
 
 import argparse
@@ -27,6 +29,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, help="simulate only the first N users of the world")
     parser.add_argument("--days", type=int, help="simulated days (default: online.simulation.days)")
     parser.add_argument("--no-rollout", action="store_true", help="do not roll the treatment out even if it wins")
+    parser.add_argument("--name", help="the experiment's name (default: online.experiment.name)")
+    parser.add_argument(
+        "--treatment",
+        help="the treatment as config overrides in JSON (default: online.experiment.treatment_overrides), e.g. "
+        '\'{"workflow": {"features": {"activity_windows": ["1h", "24h", "7d"]}}}\'',
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -34,7 +42,10 @@ def main() -> None:
     from configs import load_config
     from online.ab_experiment import run_ab_test
 
-    config = load_config(args.config)
+    experiment = {"name": args.name} if args.name else {}
+    if args.treatment:
+        experiment["treatment_overrides"] = json.loads(args.treatment)
+    config = load_config(args.config, {"online": {"experiment": experiment}} if experiment else None)
     if Path(args.workdir).exists():
         shutil.rmtree(args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
     if args.days is not None:

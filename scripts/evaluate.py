@@ -4,6 +4,7 @@ popularity bias, the logQ mitigation table and an HTML + Markdown report (also l
 
     python scripts/evaluate.py                                   # synthetic data, temporal protocol
     python scripts/evaluate.py --source movielens --config configs/movielens-recbole.yaml   # RecBole protocol
+    python scripts/evaluate.py --source movielens --config configs/movielens-recbole.yaml --seed 1 --no-mitigation
 """
 
 from configs.runtime import quiet_known_warnings
@@ -26,14 +27,23 @@ def main() -> None:
     parser.add_argument("--out", default="build/evaluation", help="output folder (report/ inside)")
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="cut-offs (the first is the headline)")
     parser.add_argument("--no-mitigation", action="store_true", help="skip the logQ on/off retraining")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="MovieLens: seed of the random split (default 2020, RecBole's) and of training (default: the config's)",
+    )
+    parser.add_argument(
+        "--protocol", default="recbole", choices=["recbole", "temporal"], help="MovieLens: the split protocol"
+    )
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, {"seed": args.seed} if args.seed is not None else None)
     ks, mitigation = tuple(args.k), not args.no_mitigation
     if args.source == "movielens":
         from workflows.sources import movielens
 
         source = args.movielens or movielens.fetch_wheel(args.cache)
-        out = evaluate_movielens(source, config, args.out, ks, mitigation)
+        split_seed = {} if args.seed is None else {"seed": args.seed}
+        out = evaluate_movielens(source, config, args.out, ks, mitigation, protocol=args.protocol, **split_seed)
     else:
         out = evaluate_synthetic(config, args.out, ks, mitigation)
     k = ks[0]

@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument(
         "--model-repository", default="build/triton_repo", help="the served repository: its feedback log lies beside it"
     )
-    parser.add_argument("--feedback-log", help="the feedback log (default: the one of --model-repository)")
+    parser.add_argument(
+        "--feedback-log",
+        help="the feedback log: a file or the postgresql:// DSN replicas share (default: beside --model-repository)",
+    )
     parser.add_argument("--port", type=int, default=9090, help="Prometheus' port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--exporter-port", type=int, default=0, help="the sidecar's port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--scrape-interval", default="15s")
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
 
-    log_path = Path(args.feedback_log) if args.feedback_log else feedback_log_path(args.model_repository)
+    log_path = args.feedback_log or feedback_log_path(args.model_repository)  # a file or a postgresql:// DSN
     holdout = HoldoutMonitor(
         log_path,
         window_s=args.holdout_window_days * 86400 if args.holdout_window_days else None,

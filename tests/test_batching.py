@@ -105,40 +105,5 @@ def test_a_malformed_request_fails_the_batch_so_it_can_be_served_alone(funnel):
         funnel["retrieval"].run_batch([{"query_embedding": np.zeros(dim)}, {"query_embedding": np.zeros(dim + 1)}])
 
 
-@pytest.mark.slow
-def test_the_served_funnel_answers_a_burst_as_it_answers_each_request_alone(triton_repo, model_version, tmp_path):
-    """The same users asked one at a time and then all at once (the stages batch them: fewer
-    executions than requests) get the same lists and scores; a malformed request in the burst
-    fails alone."""
-    import pandas as pd
-
-    from benchmarks.loadgen import Request, run_load
-    from deployment.security import ControlClient
-    from deployment.server import TritonServer
-    from serving.client import FunnelClient
-
-    users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].astype(int).tolist()[:32]
-    users.append(10**9)  # unknown: the fallback
-    with TritonServer(triton_repo, log_path=tmp_path / "server.log") as server:
-        with FunnelClient(server.grpc_url) as client:
-            alone = {u: client.recommend(u, 10) for u in users}
-        with ControlClient(server.grpc_url, triton_repo) as control:
-            before = control.get_inference_statistics("heavy_ranker", as_json=True)["model_stats"][0]
-            burst = [Request(u, 10) for u in users * 3] + [Request(users[0], 10, malformed="k_zero")]
-            report = run_load(server.grpc_url, burst, concurrency=32)
-            after = control.get_inference_statistics("heavy_ranker", as_json=True)["model_stats"][0]
-    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
-    executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
-    assert inferences == len(burst) and executions < inferences  # batched (k is checked by the last stage)
-    for result in report.results:
-        if result.request.malformed:
-            assert result.error and "INVALID_ARG" in result.error and "k must be between" in result.error
-            continue
-        assert result.error is None, result.error
-        one = alone[result.request.user_id]
-        assert result.outputs["item_ids"].tolist() == one.item_ids
-        np.testing.assert_allclose(result.outputs["scores"], one.scores, rtol=0, atol=SCORE_TOLERANCE)
-        assert (result.outputs["served_by"], result.outputs["stage_counts"].tolist()) == (
-            one.served_by,
-            list(one.stage_counts.values()),
-        )
+# The served funnel answering a burst as each request alone runs on the shared server of
+# tests/test_triton_integration.py (one server start fewer).

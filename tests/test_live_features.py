@@ -1,9 +1,9 @@
 """Live features through a real tritonserver: what a user just did, and what was just taken down,
 reach the next request (``workflows/live_store.py``, ``docs/live-features.md``).
 
-The served tests run once per backend of the live store: SQLite beside a copy of the shared export,
-and a PostgreSQL server this module starts (the feedback log on it too, as replicas would share
-it). One tritonserver per backend.
+The served tests run on the one-box default, SQLite beside a copy of the shared export. The
+networked backend (PostgreSQL) is served by ``tests/test_replicas.py``: two servers sharing it,
+where what a user did at one replica reaches their next request at the other.
 """
 
 import os
@@ -20,24 +20,17 @@ pytestmark = pytest.mark.slow
 NEW_USER = 10**9 + 7  # never seen by the models
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request, triton_repo, tmp_path_factory):
-    from deployment.postgres import PostgresServer, postgres_bin
+@pytest.fixture(scope="module")
+def served(triton_repo, tmp_path_factory):
     from deployment.server import TritonServer
     from online.router import LOG_ENV
     from workflows.live_store import STORE_ENV, store_location
 
-    root = tmp_path_factory.mktemp(f"live-{request.param}")
+    root = tmp_path_factory.mktemp("live")
     repo = root / "triton_repo"  # a copy: its live store and admin key beside it are this module's
     shutil.copytree(triton_repo, repo)
-    saved = {name: os.environ.pop(name, None) for name in (STORE_ENV, LOG_ENV)}
-    postgres = None
+    saved = {name: os.environ.pop(name, None) for name in (STORE_ENV, LOG_ENV)}  # the defaults beside it
     try:
-        if request.param == "postgresql":
-            if postgres_bin() is None:
-                pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
-            postgres = PostgresServer().start()
-            os.environ[STORE_ENV] = os.environ[LOG_ENV] = postgres.url  # read by the server's stubs
         server = TritonServer(repo, log_path=root / "server.log").start()
         try:
             yield SimpleNamespace(repo=repo, server=server, store=store_location(repo))
@@ -45,11 +38,8 @@ def served(request, triton_repo, tmp_path_factory):
             server.stop()
     finally:
         for name, value in saved.items():
-            os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
-        if postgres is not None:
-            postgres.stop()
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +117,52 @@ def test_a_taken_down_item_leaves_every_list_within_5s_and_returns_after_undo(se
         set_takedown(served.repo, item, "appeal upheld", key=key, undo=True)
     restored = wait_until(lambda got: modelled in got["model"].item_ids and popular in got["fallback"].item_ids)
     assert taken < 5.0 and restored < 5.0
+
+
+def test_windowed_activity_features_are_the_same_offline_and_from_the_live_server(served, model_version, processed):
+    """One (user, time), both ways: the pipeline's point-in-time counts encoded by the fitted
+    workflow (training) and what the server's ``feature_lookup`` computes from the live store at its
+    own clock (serving). Events sit well inside their windows so the two clocks' gap cannot matter."""
+    import dask.dataframe as dd
+    import tritonclient.grpc as grpcclient
+    from merlin.io import Dataset
+
+    from serving.stages import activity_slots, load_manifest
+    from workflows.activity import add_activity_counts, column_names
+    from workflows.live_store import ingest_events
+    from workflows.point_in_time import WEIGHT
+
+    windows, slots = activity_slots(load_manifest(served.repo / "feature_lookup" / str(model_version.version)))
+    assert windows == [3600, 86400, 7 * 86400]  # the test world's (tests/conftest.py)
+    names = column_names(windows)
+    user = 10**9 + 23  # a newcomer: everything the features count arrives after the export
+    now = time.time()
+    ages = [600, 7200, 30 * 3600, 3 * 86400, 10 * 86400]  # inside 1h, 24h, 7d, 7d, none of them
+    times, clicks = [now - a for a in ages], [1, 0, 1, 1, 0]
+    events = pd.DataFrame({"user_id": user, "item_id": 1, "timestamp": times, "click": clicks})
+    live = events.assign(event=np.where(events["click"] > 0, "click", "view")).drop(columns="click")
+    assert ingest_events(served.store, live) == len(live)
+
+    with grpcclient.InferenceServerClient(served.server.grpc_url) as client:
+        value = grpcclient.InferInput("user_id", [1, 1], "INT64")  # the stages batch: a batch of one
+        value.set_data_from_numpy(np.array([[user]], dtype=np.int64))
+        result = client.infer("feature_lookup", [value], model_version=str(model_version.version))
+    online = result.as_numpy("user_continuous")[0][slots]
+
+    # Training: the row is added uncounted (as sampled negatives are) and gets the counts before it.
+    query = pd.DataFrame({"user_id": [user], "item_id": [-1], "timestamp": [time.time()], "click": [0]})
+    both = pd.concat([events.assign(**{WEIGHT: 1}), query.assign(**{WEIGHT: 0})], ignore_index=True)
+    both = both.assign(watch_seconds=0, like=0, share=0)
+    counted = add_activity_counts(dd.from_pandas(both, npartitions=1), windows).compute()
+    counted = counted[counted[WEIGHT] == 0].reset_index(drop=True)
+    assert counted[names].to_numpy().tolist() == [[1, 1, 2, 1, 4, 3]]  # events, clicks per window
+    workflow = processed.workflow().get_subworkflow("user_features")
+    table = counted[["user_id", *names]]
+    for column in workflow.input_schema.column_names:
+        if column not in table.columns:
+            table = table.assign(**{column: 0})
+    offline = workflow.transform(Dataset(table[workflow.input_schema.column_names])).to_ddf().compute()
+    np.testing.assert_array_equal(online, offline[names].to_numpy(dtype=np.float32)[0])
 
 
 # In-process, without a server: the stages themselves.

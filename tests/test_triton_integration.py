@@ -224,3 +224,58 @@ def test_malformed_requests_are_invalid_argument_and_named(client, model_version
     at_limit = np.arange(10**9, 10**9 + 10_000)  # ids the catalog does not hold: at the limit, served
     assert len(client.recommend(user, 5, exclude_item_ids=at_limit).item_ids) == 5
     assert client.recommend(10**9, 3).served_by == "fallback"  # unknown users still get the fallback
+
+
+# Batched stages (serving.batching, tests/test_batching.py), on this module's server. Float scores
+# may differ in the last bit with the number of rows TensorFlow multiplies (measured up to 6e-8).
+BATCH_SCORE_TOLERANCE = 1e-6
+
+
+def test_the_served_funnel_answers_a_burst_as_it_answers_each_request_alone(server, triton_repo, model_version):
+    """The same users asked one at a time and then all at once (the stages batch them: fewer
+    executions than requests) get the same lists and scores; a malformed request in the burst
+    fails alone."""
+    import pandas as pd
+
+    from benchmarks.loadgen import Request, run_load
+    from deployment.security import ControlClient
+    from serving.client import FunnelClient
+
+    users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].astype(int).tolist()[:32]
+    users.append(10**9)  # unknown: the fallback
+    with FunnelClient(server.grpc_url) as client:
+        alone = {u: client.recommend(u, 10) for u in users}
+    with ControlClient(server.grpc_url, triton_repo) as control:
+        before = control.get_inference_statistics("heavy_ranker", as_json=True)["model_stats"][0]
+        burst = [Request(u, 10) for u in users * 3] + [Request(users[0], 10, malformed="k_zero")]
+        report = run_load(server.grpc_url, burst, concurrency=32)
+        after = control.get_inference_statistics("heavy_ranker", as_json=True)["model_stats"][0]
+    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
+    assert inferences == len(burst) and executions < inferences  # batched (k is checked by the last stage)
+    for result in report.results:
+        if result.request.malformed:
+            assert result.error and "INVALID_ARG" in result.error and "k must be between" in result.error
+            continue
+        assert result.error is None, result.error
+        one = alone[result.request.user_id]
+        assert result.outputs["item_ids"].tolist() == one.item_ids
+        np.testing.assert_allclose(result.outputs["scores"], one.scores, rtol=0, atol=BATCH_SCORE_TOLERANCE)
+        assert (result.outputs["served_by"], result.outputs["stage_counts"].tolist()) == (
+            one.served_by,
+            list(one.stage_counts.values()),
+        )
+
+
+def test_the_deep_probe_passes_on_the_serving_funnel(server):
+    """``scripts/probe.py``, the containers' readiness and liveness check (tests/test_deployment_manifests.py
+    checks that it fails without a server)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "probe.py"), "--url", server.grpc_url]
+    up = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=root)
+    assert up.returncode == 0, up.stderr
+    assert "funnel answered" in up.stdout
