@@ -108,7 +108,18 @@ def write_stream(url: str, store: str, users: list[int], items: list[int], rate:
     begin = time.perf_counter()
     for w in workers:
         w.join()
-    out.put({**sent, "events_per_s": round((sent["feedback"] + sent["ingest"]) / (time.perf_counter() - begin), 1)})
+    import resource
+
+    events = sent["feedback"] + sent["ingest"]
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    out.put(
+        {
+            **sent,
+            "events_per_s": round(events / (time.perf_counter() - begin), 1),
+            # the writer's own CPU (its gRPC client, SQLite/PostgreSQL client), on the server's cores
+            "writer_cpu_ms_per_event": round((cpu.ru_utime + cpu.ru_stime) * 1000 / max(events, 1), 2),
+        }
+    )
 
 
 def fresh_history_trials(url: str, users: list[int], trials: int) -> dict:
@@ -197,16 +208,21 @@ def main() -> None:
             context = multiprocessing.get_context("spawn")
             phases: dict[str, list] = {"read_only": [], "with_writes": []}
             writes = []
+            server_cpu = {"read_only": 0.0, "with_writes": 0.0}  # tritonserver and its stubs, seconds
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
+                cpu_before = server.cpu_seconds()
                 phases["read_only"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
+                server_cpu["read_only"] += server.cpu_seconds() - cpu_before
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream, args=(url, store, known, items, args.events_per_s, ready, stop, out)
                 )
                 writer.start()
                 ready.wait(120)
+                cpu_before = server.cpu_seconds()
                 phases["with_writes"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
+                server_cpu["with_writes"] += server.cpu_seconds() - cpu_before
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
@@ -221,6 +237,9 @@ def main() -> None:
                 "p50_ms": round(float(np.percentile(lat, 50)), 2),
                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
                 "requests_per_s": round(sum(len(r.results) for r in reports) / wall, 1),
+                # CPU of tritonserver and its stubs per funnel request (writes included while writing)
+                "server_cpu_ms_per_request": round(server_cpu[name] * 1000 / sum(len(r.results) for r in reports), 2),
+                "server_cores_busy": round(server_cpu[name] / wall, 2),
             }
         result["with_writes"]["writes"] = writes
         result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)

@@ -584,15 +584,23 @@ class TuningConfig:
     validation users, the best one is written into the version's manifest (its ``config`` and a
     ``tuning`` record of every trial) and MLflow. The test part is never read.
 
-    Cheap knobs only: the ordering blend weights and the item affinity's L2 penalty re-score the
-    heavy ranker's candidates of each validation user, computed once; nothing is retrained. An empty
-    list keeps the configured value (``serving.ordering``, ``item_affinity``)."""
+    The ordering blend weights and the item affinity's L2 penalty are cheap: they re-score the heavy
+    ranker's candidates of each validation user, computed once; nothing is retrained. The candidate
+    generator's ``logq_strength`` and ``sampled_negatives`` are not: each combination retrains the
+    candidate generator (the rankers are trained once and reused) and runs the blend search on it;
+    the best combination is trained once more into the registry (``evaluation.tuning.train_tuned``).
+    An empty list keeps the configured value (``serving.ordering``, ``item_affinity``,
+    ``candidate_generator``)."""
 
     enabled: bool = True
     k: int = 10  # the metric is ndcg@k on the validation part
     retrieval_weight: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     affinity_weight: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     reg_weight: list[float] = field(default_factory=list)  # item_affinity.reg_weight candidates
+    # Retrained per combination (candidate generator only): candidate_generator.logq_strength and
+    # candidate_generator.sampled_negatives candidates.
+    logq_strength: list[float] = field(default_factory=list)
+    sampled_negatives: list[int] = field(default_factory=list)
     max_users: int = 0  # validation users scored (a seeded sample); 0 = all of them
 
     def __post_init__(self) -> None:
@@ -605,6 +613,10 @@ class TuningConfig:
             raise ValueError(f"tuning.reg_weight values must be > 0, got {self.reg_weight}")
         if self.max_users < 0:
             raise ValueError(f"tuning.max_users must be >= 0, got {self.max_users}")
+        if any(w < 0 for w in self.logq_strength):
+            raise ValueError(f"tuning.logq_strength values must be >= 0, got {self.logq_strength}")
+        if any(int(n) != n or n < 0 for n in self.sampled_negatives):
+            raise ValueError(f"tuning.sampled_negatives values must be integers >= 0, got {self.sampled_negatives}")
 
 
 @dataclass

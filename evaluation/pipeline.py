@@ -236,11 +236,13 @@ def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Pa
     """Train (with the tuning step on the validation part, ``evaluation/tuning.py``; variants that
     reuse ``rankers_from`` keep the values it chose) and export."""
     from deployment.export import export_repository
-    from evaluation.tuning import validation_tuner
+    from evaluation.tuning import train_tuned
     from models.train import train_all
 
-    tune = validation_tuner(processed) if rankers_from is None else None
-    model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from, tune=tune)
+    if rankers_from is None:  # the main run: tuned (the retrained knobs too, where configured)
+        model = train_tuned(processed, config, registry_dir)
+    else:
+        model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from)
     repo = export_repository(model, repo_dir, replace=True)
     return model, repo
 

@@ -186,6 +186,7 @@ def tuning_searches(tuning) -> list[dict]:
     Accepted: a list of trials; ``{"trials": [...], "metric": name, "chosen": {...}}`` (also under
     ``"search"``); or a dict of such searches by name (``{"blend": [...], "logq": {...}}``). A trial
     is ``{"params": {...}, "metric": value}`` (``"value"``/``"score"``/the metric's name also read;
+    a search may hold further searches by name beside its trials, as ``candidate_generator``;
     a dict of metrics gives its first number). Returns ``[{"name", "metric", "trials", "chosen"}]``,
     each trial as ``{"params": dict, "value": float}``; an empty list when the step did not run."""
     if not tuning:
@@ -216,9 +217,14 @@ def tuning_searches(tuning) -> list[dict]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             trials.append({"params": dict(params), "value": float(value)})
     chosen = tuning.get("chosen") or tuning.get("best")
-    if not trials:
-        return []
-    return [{"name": str(tuning.get("name", "search")), "metric": metric, "trials": trials, "chosen": chosen}]
+    out = [{"name": str(tuning.get("name", "search")), "metric": metric, "trials": trials, "chosen": chosen}]
+    # A search nested by name beside the trials (``candidate_generator``: the retrained knobs).
+    for name, sub in tuning.items():
+        if isinstance(sub, dict) and any(key in sub for key in ("trials", "search")):
+            for search in tuning_searches(sub):
+                search["name"] = name if search["name"] == "search" else f"{name}: {search['name']}"
+                out.append(search)
+    return [search for search in out if search["trials"]]
 
 
 def _short(key: str) -> str:

@@ -13,6 +13,11 @@ What it reads: the processed dataset's ``valid/`` part (the light ranker's targe
 default, gives the positives; items the user already had in training are not: the funnel filters
 them) and the version's own artifacts. Never
 the test part: ``ProcessedData.test`` and ``test/`` are not touched (``tests/test_tuning.py``).
+
+``train_tuned`` adds the knobs that need retraining (``tuning.logq_strength``,
+``tuning.sampled_negatives``): one candidate generator per combination, the rankers trained once
+and reused, each scored by its best blend on the same validation users; the winner is trained once
+more into the registry, its manifest recording both searches.
 """
 
 from __future__ import annotations
@@ -189,3 +194,57 @@ def _served_lists(requests, affinity, params: dict, policy, ordering, k: int) ->
         items = ordering.raw_ids[r["ids"][order]]
         top[row, : len(items)] = items
     return top
+
+
+def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: int = 0, base=None):
+    """``train_all`` with the tuning step, searching the retrained knobs first where the config lists
+    candidates for them (``models.tuning.retrained_grid``); returns the published ``ModelVersion``.
+
+    Each combination trains a candidate generator into a scratch registry (the first trains the
+    rankers too, or takes them from ``base``, a version trained on the same data with the same
+    ranker settings), then the blend search runs on it; the combination whose best blend scores
+    highest on validation is trained once more into ``registry_dir`` with the blend search again.
+    Without candidates this is ``train_all(..., tune=validation_tuner(processed))``."""
+    from models.train import train_all
+
+    tune = validation_tuner(processed)
+    combos = tuning.retrained_grid(config)
+    if not combos:
+        return train_all(processed, config, registry_dir, verbose=verbose, rankers_from=base, tune=tune)
+    started = time.perf_counter()
+    metric = tuning.metric_name(config.tuning.k)
+    trials = []
+    with tempfile.TemporaryDirectory(prefix="tuning-retrained-") as scratch:
+        rankers = base
+        for params in combos:
+            variant = train_all(
+                processed, tuning.apply(config, params), Path(scratch), verbose=verbose, rankers_from=rankers, tune=tune
+            )
+            rankers = rankers or variant
+            record = variant.manifest["tuning"]
+            trials.append({"params": params, metric: record["best"], "blend": record["chosen"]})
+            log.info("tuning: candidate generator %s -> best blend %s %.4f", params, metric, record["best"])
+        best = tuning.best_trial(trials, metric)
+        search = {
+            "metric": metric,
+            "part": "validation",
+            "trials": trials,
+            "chosen": best["params"],
+            "best": best[metric],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+        def tune_with_search(version_dir: Path, chosen_config: Config) -> dict:
+            record = tune(version_dir, chosen_config)
+            record["chosen"] = {**best["params"], **record["chosen"]}
+            record["candidate_generator"] = search
+            return record
+
+        return train_all(
+            processed,
+            tuning.apply(config, best["params"]),
+            registry_dir,
+            verbose=verbose,
+            rankers_from=rankers,
+            tune=tune_with_search,
+        )

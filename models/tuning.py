@@ -1,7 +1,8 @@
 """The training run's tuning step: the search space from the config, the choice, what it changes.
 
 The values a person used to copy by hand from validation grids (the ordering blend weights, the
-item affinity's L2 penalty) are chosen by the training run itself (``configs.TuningConfig``):
+item affinity's L2 penalty, the candidate generator's logQ strength and sampled negatives) are
+chosen by the training run itself (``configs.TuningConfig``):
 
 1. ``grid(config)`` lists every combination of the configured candidate values, each a mapping of
    dotted config keys (``serving.ordering.affinity_weight``) to a value; combinations the config
@@ -11,13 +12,18 @@ item affinity's L2 penalty) are chosen by the training run itself (``configs.Tun
    one and the metric's name;
 3. ``train_all(tune=...)`` (``models/train.py``) applies the choice to the config before it writes the
    manifest, so the exported ordering serves it, and keeps the record in the manifest (``tuning``)
-   and in MLflow (``tuning.json``, the chosen values as ``tuning.chosen.*`` params).
+   and in MLflow (``tuning.json``, the chosen values as ``tuning.chosen.*`` params);
+4. ``retrained_grid(config)``: the candidate generator's knobs (``logq_strength``,
+   ``sampled_negatives``), one retraining each; ``evaluation.tuning.train_tuned`` searches them.
 
 The record's shape (what reports plot)::
 
     {"metric": "ndcg_at_10", "part": "validation", "users": 812,
      "trials": [{"params": {"serving.ordering.retrieval_weight": 0.1, ...}, "ndcg_at_10": 0.071}, ...],
-     "chosen": {"serving.ordering.retrieval_weight": 0.1, ...}, "best": 0.083, "seconds": 21.4}
+     "chosen": {"serving.ordering.retrieval_weight": 0.1, ...}, "best": 0.083, "seconds": 21.4,
+     "candidate_generator": {...}}   # only with retrained knobs: the same shape, one trial per
+                                     # retrained candidate generator (its best blend's metric)
+
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ KNOBS = (
     ("serving.ordering.retrieval_weight", "retrieval_weight"),
     ("serving.ordering.affinity_weight", "affinity_weight"),
     ("item_affinity.reg_weight", "reg_weight"),
+)
+
+
+# Knobs that retrain the candidate generator per value (``evaluation.tuning.train_tuned``).
+RETRAINED_KNOBS = (
+    ("candidate_generator.logq_strength", "logq_strength"),
+    ("candidate_generator.sampled_negatives", "sampled_negatives"),
 )
 
 
@@ -59,6 +72,22 @@ def grid(config: Config) -> list[dict[str, Any]]:
             continue
         out.append(params)
     return out
+
+
+def retrained_grid(config: Config) -> list[dict[str, Any]]:
+    """Every combination of the candidate-generator candidates (``RETRAINED_KNOBS``), in a fixed
+    order; ``[]`` when none is listed (nothing to retrain). A knob without candidates keeps its
+    configured value."""
+    tc = config.tuning
+    if not any(getattr(tc, field) for _, field in RETRAINED_KNOBS):
+        return []
+    if tc.logq_strength and not config.candidate_generator.logq_correction:
+        raise ValueError("tuning.logq_strength lists candidates, but candidate_generator.logq_correction is off")
+    axes = [(key, list(getattr(tc, field)) or [current(config, key)]) for key, field in RETRAINED_KNOBS]
+    return [
+        {key: value for (key, _), value in zip(axes, values)}
+        for values in itertools.product(*(candidates for _, candidates in axes))
+    ]
 
 
 def best_trial(trials: list[dict], metric: str) -> dict:

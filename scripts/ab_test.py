@@ -40,12 +40,14 @@ def main() -> None:
     import pandas as pd
 
     from configs import load_config
-    from online.ab_experiment import run_ab_test
+    from online.ab_experiment import run_ab_test, treatment_of
 
-    experiment = {"name": args.name} if args.name else {}
-    if args.treatment:
-        experiment["treatment_overrides"] = json.loads(args.treatment)
-    config = load_config(args.config, {"online": {"experiment": experiment}} if experiment else None)
+    config = load_config(args.config)
+    if args.name:
+        config.online.experiment.name = args.name
+    if args.treatment:  # replaces the configured treatment (a merge would keep its other overrides)
+        config.online.experiment.treatment_overrides = json.loads(args.treatment)
+        treatment_of(config)  # validated now, not after the control has trained
     if Path(args.workdir).exists():
         shutil.rmtree(args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
     if args.days is not None:

@@ -68,8 +68,7 @@ def main() -> None:
         from deployment.server import TritonServer
         from evaluation.checklist import run_checklist
         from evaluation.pipeline import evaluate_synthetic
-        from evaluation.tuning import validation_tuner
-        from models.train import train_all
+        from evaluation.tuning import train_tuned
         from serving.client import FunnelClient
         from workflows.pipeline import run_dataset_pipeline
         from workflows.report import summary_table
@@ -91,7 +90,7 @@ def main() -> None:
         print(textwrap.indent(summary_table(processed.summary), "      "))
 
     with steps("Training the two-tower candidate generator, the light and the heavy DCN ranker"):
-        model = train_all(processed, config, work / "registry", verbose=verbose, tune=validation_tuner(processed))
+        model = train_tuned(processed, config, work / "registry", verbose=verbose)
         metrics = model.manifest["metrics"]
         heavy = metrics["heavy_ranker"]
         heads = ", ".join(f"{k[4:]} {v:.3f}" for k, v in heavy.items() if k.startswith("auc_"))

@@ -33,8 +33,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from configs import load_config
-    from evaluation.tuning import validation_tuner
-    from models.train import train_all
+    from evaluation.tuning import train_tuned
     from workflows.pipeline import ProcessedData
 
     overrides = {}
@@ -46,12 +45,16 @@ def main() -> None:
     if not (data.root / "summary.json").exists():
         parser.error(f"--data {args.data} is not a processed dataset (run scripts/prepare_data.py first)")
     config = load_config(args.config, overrides)
-    version = train_all(data, config, args.registry, verbose=2 if args.quiet else 1, tune=validation_tuner(data))
+    version = train_tuned(data, config, args.registry, verbose=2 if args.quiet else 1)
     print(f"published version {version.version} at {version.path}")
     print(json.dumps(version.manifest["metrics"], indent=2))
     if version.manifest.get("tuning"):
         tuned = version.manifest["tuning"]
         print(f"tuned on validation ({tuned['metric']} {tuned['best']:.4f}): {json.dumps(tuned['chosen'])}")
+        if tuned.get("candidate_generator"):
+            metric = tuned["metric"]
+            for trial in tuned["candidate_generator"]["trials"]:
+                print(f"  candidate generator {json.dumps(trial['params'])}: {metric} {trial[metric]:.4f}")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,55 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
             truth.append(relevant[user])
     trial = next(t for t in record["trials"] if t["params"] == record["chosen"])
     assert ndcg_at_k(np.stack(lists), truth, 10) == pytest.approx(trial[metric], abs=1e-9)
+
+
+def test_retrained_grid_lists_candidate_generator_combinations_and_needs_logq_on():
+    config = load_config(overrides={"tuning": {"logq_strength": [0.5, 1.5], "sampled_negatives": [0, 64]}})
+    grid = tuning.retrained_grid(config)
+    assert [tuple(p.values()) for p in grid] == [(0.5, 0), (0.5, 64), (1.5, 0), (1.5, 64)]
+    assert tuning.retrained_grid(load_config()) == []  # nothing listed: nothing retrained
+    off = load_config(overrides={"tuning": {"logq_strength": [0.5]}, "candidate_generator": {"logq_correction": False}})
+    with pytest.raises(ValueError, match="logq_correction is off"):
+        tuning.retrained_grid(off)
+    with pytest.raises(ValueError, match="tuning.sampled_negatives"):
+        load_config(overrides={"tuning": {"sampled_negatives": [-1]}})
+
+
+def test_training_run_retrains_the_candidate_generator_per_combination_and_publishes_the_best(
+    processed_without_test, model_version, small_config, tmp_path, monkeypatch
+):
+    """``train_tuned`` with two logQ strengths: one candidate generator each (the shared version's
+    rankers reused), each scored by its best blend on validation, never the test part; the winner
+    is what the registry publishes, its manifest holding both searches and the report plotting both."""
+    from evaluation.report import tuning_searches
+    from evaluation.tuning import train_tuned
+    from models import registry
+    from workflows.pipeline import ProcessedData
+
+    def no_test(self):
+        raise AssertionError("the tuning step read the test part")
+
+    monkeypatch.setattr(ProcessedData, "test", no_test)
+    config = with_overrides(
+        small_config,
+        {
+            "candidate_generator": {"logq_correction": True},
+            "tuning": {"logq_strength": [0.25, 2.0], "retrieval_weight": [0.0, 0.3], "affinity_weight": [0.5]},
+        },
+    )
+    model = train_tuned(processed_without_test, config, tmp_path / "registry", base=model_version)
+    monkeypatch.undo()
+
+    record = model.manifest["tuning"]
+    search = record["candidate_generator"]
+    metric = search["metric"]
+    assert [t["params"]["candidate_generator.logq_strength"] for t in search["trials"]] == [0.25, 2.0]
+    best = max(search["trials"], key=lambda t: t[metric])
+    assert search["chosen"] == best["params"] and search["best"] == best[metric]
+    served = model.manifest["config"]["candidate_generator"]
+    assert served["logq_strength"] == best["params"]["candidate_generator.logq_strength"]
+    assert record["chosen"]["candidate_generator.logq_strength"] == served["logq_strength"]
+    # Only the winner is published; the blend search ran again on it.
+    assert registry.list_versions(tmp_path / "registry") == [int(model.version)]
+    assert len(record["trials"]) == 2
+    assert {s["name"] for s in tuning_searches(record)} == {"search", "candidate_generator"}
