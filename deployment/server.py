@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -152,6 +153,7 @@ class TritonServer:
             if not path.is_file():
                 raise FileNotFoundError(f"TLS file {path} does not exist")
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        self.shm_prefix = f"funnel_{os.getpid()}_{self.grpc_port}_{secrets.token_hex(3)}_"
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
@@ -209,6 +211,11 @@ class TritonServer:
             ),
             "--allow-metrics=true",
             f"--backend-config=python,stub-timeout-seconds={self.stub_timeout_s}",
+            # The python backend names its shared-memory regions from a prefix that defaults to the
+            # same value in every server: two servers on one machine (replicas, parallel tests)
+            # then share regions, which crashed a starting server with boost's lock_exception or
+            # left a model loading forever. One prefix per server, as pytriton does.
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
@@ -231,9 +238,9 @@ class TritonServer:
         try:
             self.wait_until_ready()
         except ServerStalled as stalled:
-            # Seen about once per full test suite: with several versions of a stage loading at once,
-            # tritonserver 2.51 left one version loading forever, its stubs idle. A fresh process
-            # has always loaded; a second stall is an error.
+            # Seen about once per full test suite before each server got its own shared-memory prefix
+            # (command()): one stage version loading forever, its stubs idle. Kept as a guard: a
+            # fresh process has always loaded; a second stall is an error.
             self.stop()
             if retry_stalled:
                 print(f"tritonserver stalled while loading; starting it again ({stalled.loading})", file=sys.stderr)
