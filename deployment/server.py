@@ -153,7 +153,6 @@ class TritonServer:
             if not path.is_file():
                 raise FileNotFoundError(f"TLS file {path} does not exist")
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
-        self.shm_prefix = f"funnel_{os.getpid()}_{self.grpc_port}_{secrets.token_hex(3)}_"
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
@@ -192,6 +191,8 @@ class TritonServer:
         cache = self._workdir / "cache"
         cache.mkdir(exist_ok=True)
         key = security.ensure_admin_key(self.model_repository)
+        # A fresh prefix per start: a restart never meets the regions a killed process left behind.
+        self.shm_prefix = f"funnel_{os.getpid()}_{self.grpc_port}_{secrets.token_hex(3)}_"
         return [
             str(tritonserver_binary()),
             f"--model-repository={self.model_repository}",

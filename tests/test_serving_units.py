@@ -189,6 +189,13 @@ def test_the_server_gives_slow_stubs_time_to_start(tmp_path):
             pytest.skip(str(err))
         assert "--backend-config=python,stub-timeout-seconds=300" in commands[0]
         assert "--backend-config=python,stub-timeout-seconds=120" in commands[1]
+        # Two servers on one machine, or one restarted, never share the python backend's
+        # shared-memory regions (a shared prefix crashed or hung starting servers).
+        prefixes = [
+            [c for c in cmd if c.startswith("--backend-config=python,shm-region-prefix-name=")]
+            for cmd in (*commands, default.command())
+        ]
+        assert all(len(p) == 1 for p in prefixes) and len({p[0] for p in prefixes}) == 3
     finally:
         default.cleanup()
         patient.cleanup()
