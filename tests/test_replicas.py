@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-USERS = 120  # each makes two requests, one per replica
+USERS = 121  # each makes two requests; an odd count puts the second on the other replica
 
 
 @pytest.fixture(scope="module")
