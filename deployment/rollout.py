@@ -167,9 +167,9 @@ def current_rollout(repo: str | Path) -> Rollout | None:
     return Rollout.from_dict(json.loads((repo / ROUTER / str(versions[-1]) / EXPERIMENT_FILE).read_text()))
 
 
-def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
-    """Serve ``rollout`` from a new router version; return the router version."""
-    repo = Path(repo).resolve()
+def arm_versions(repo: Path, rollout: Rollout) -> list[int]:
+    """The model versions ``rollout`` serves (its arms' and the control's), each checked to be
+    complete in ``repo``."""
     versions = sorted({*rollout.versions.values(), rollout.control_version})
     for version in versions:
         if not (repo / ensemble_name(version)).is_dir():
@@ -177,6 +177,13 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
                 f"model version {version} is not in {repo}; add it first (deployment.rollout.add_version)"
             )
         check_complete(repo, str(version))
+    return versions
+
+
+def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
+    """Serve ``rollout`` from a new router version; return the router version."""
+    repo = Path(repo).resolve()
+    versions = arm_versions(repo, rollout)
     client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
     try:
         for version in versions:
@@ -207,10 +214,10 @@ def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) ->
     if rollout is None:
         raise FileNotFoundError(f"{repo} has no {ROUTER} versions")
     router_version = router_versions(repo)[-1]
+    versions = arm_versions(repo, rollout)
     client = ControlClient(grpc_url, repo)
     try:
-        for version in sorted({*rollout.versions.values(), rollout.control_version}):
-            check_complete(repo, str(version))
+        for version in versions:
             load_version(client, version, timeout_s)
         if not client.is_model_ready(ROUTER, str(router_version)):
             client.load_model(ROUTER)
