@@ -377,6 +377,9 @@ class HeavyRankerConfig:
     # The ensemble: each member trained with its own seed (seed + its position), scores averaged per
     # head. One member = one model.
     members: list[HeavyRankerMemberConfig] = field(default_factory=lambda: [HeavyRankerMemberConfig()])
+    # How much each member counts in the average (one per member, >= 0; a member at 0 is not loaded
+    # when serving). Empty = equal weights. Chosen by the tuning step from tuning.member_weights.
+    member_weights: list[float] = field(default_factory=list)
     cross_depth: int = 2
     deep_layers: list[int] = field(default_factory=lambda: [128, 64])
     epochs: int = 5
@@ -395,6 +398,14 @@ class HeavyRankerConfig:
             raise ValueError("heavy_ranker.targets weights must not all be 0")
         if not self.members:
             raise ValueError("heavy_ranker.members must list at least one member")
+        if self.member_weights:
+            if len(self.member_weights) != len(self.members):
+                raise ValueError(
+                    f"heavy_ranker.member_weights has {len(self.member_weights)} weights for "
+                    f"{len(self.members)} members: {self.member_weights}"
+                )
+            if any(w < 0 for w in self.member_weights) or sum(self.member_weights) <= 0:
+                raise ValueError(f"heavy_ranker.member_weights must be >= 0, not all 0: {self.member_weights}")
 
 
 @dataclass
@@ -584,8 +595,9 @@ class TuningConfig:
     validation users, the best one is written into the version's manifest (its ``config`` and a
     ``tuning`` record of every trial) and MLflow. The test part is never read.
 
-    The ordering blend weights and the item affinity's L2 penalty are cheap: they re-score the heavy
-    ranker's candidates of each validation user, computed once; nothing is retrained. The candidate
+    The ordering blend weights, the item affinity's L2 penalty and the heavy ranker's member weights
+    are cheap: they re-score the heavy ranker's candidates of each validation user, computed once;
+    nothing is retrained. The candidate
     generator's ``logq_strength`` and ``sampled_negatives`` are not: each combination retrains the
     candidate generator (the rankers are trained once and reused) and runs the blend search on it;
     the best combination is trained once more into the registry (``evaluation.tuning.train_tuned``).
@@ -601,6 +613,9 @@ class TuningConfig:
     # candidate_generator.sampled_negatives candidates.
     logq_strength: list[float] = field(default_factory=list)
     sampled_negatives: list[int] = field(default_factory=list)
+    # heavy_ranker.member_weights candidates (one weight per ensemble member each; [1, 0] = the first
+    # member alone): which members the ensemble serves. Cheap: each member scores the candidates once.
+    member_weights: list[list[float]] = field(default_factory=list)
     max_users: int = 0  # validation users scored (a seeded sample); 0 = all of them
 
     def __post_init__(self) -> None:
@@ -617,6 +632,9 @@ class TuningConfig:
             raise ValueError(f"tuning.logq_strength values must be >= 0, got {self.logq_strength}")
         if any(int(n) != n or n < 0 for n in self.sampled_negatives):
             raise ValueError(f"tuning.sampled_negatives values must be integers >= 0, got {self.sampled_negatives}")
+        for weights in self.member_weights:
+            if not isinstance(weights, (list, tuple)) or any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"tuning.member_weights values must be lists of weights >= 0, not all 0: {weights}")
 
 
 @dataclass
@@ -634,6 +652,12 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        members = len(self.heavy_ranker.members)
+        wrong = [w for w in self.tuning.member_weights if len(w) != members]
+        if wrong:
+            raise ValueError(f"tuning.member_weights candidates need one weight per heavy_ranker member ({members}): {wrong}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

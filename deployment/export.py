@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.heads import served_members
 from models.registry import MANIFEST, ModelVersion, check_artifact_versions
 from serving.assignment import single_version
 from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, ROUTER, ensemble_name
@@ -44,7 +45,9 @@ def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
     if manifest.get("item_affinity"):
         for stage, names in AFFINITY_ARTIFACTS.items():
             out[stage] += names
-    out["heavy_ranker"] += manifest.get("heavy_ranker", {}).get("members", ["heavy_ranker"])[1:]  # the ensemble
+    # The ensemble's further members, those it serves (a member the tuning step weighted 0 stays behind).
+    served = [name for name, _ in served_members(manifest.get("heavy_ranker", {}))]
+    out["heavy_ranker"] += [name for name in served if name != "heavy_ranker"]
     return out
 
 

@@ -90,6 +90,28 @@ def wait_ready(client, name: str, version: int, timeout_s: float) -> None:
     raise RuntimeError(f"{name} version {version} did not become ready within {timeout_s:.0f}s")
 
 
+def wait_unloaded(client, name: str, keep: int, timeout_s: float) -> None:
+    """Wait until no version of ``name`` but ``keep`` is loaded or unloading.
+
+    Loading a new router version unloads the old one in the background; a request that reached the
+    new version while the old one's stubs were shutting down was seen once to crash tritonserver
+    2.51's python backend (SIGSEGV in execute, then a boost lock_exception). Returning only after
+    the old versions are gone keeps traffic that follows a rollout away from that window."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+        busy = [
+            m.get("version")
+            for m in index
+            if m.get("name") == name and m.get("version") != str(keep) and m.get("state") in ("READY", "UNLOADING", "LOADING")
+        ]
+        if not busy:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{name} versions {busy} were still unloading after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def load_version(client, version: int, timeout_s: float = 300.0) -> None:
     """Load every stage's ``version`` (the loaded ones keep serving) and its pinned ``funnel_v<N>``.
 
@@ -200,6 +222,7 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
             raise
         client.load_model(ROUTER)
         wait_ready(client, ROUTER, router_version, timeout_s)
+        wait_unloaded(client, ROUTER, router_version, timeout_s)
     finally:
         client.close()
     return router_version
@@ -222,6 +245,7 @@ def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) ->
         if not client.is_model_ready(ROUTER, str(router_version)):
             client.load_model(ROUTER)
             wait_ready(client, ROUTER, router_version, timeout_s)
+            wait_unloaded(client, ROUTER, router_version, timeout_s)
     finally:
         client.close()
     return router_version

@@ -7,7 +7,9 @@ the models know, and keeps what the ordering stage sees: the heavy ranker's cand
 each candidate's retrieval percentile and item-affinity percentile. Every trial of
 ``models.tuning.grid`` then only re-blends and re-sorts those (``serving/ordering.py``), so a grid of
 20 blends costs one pass of the funnel plus a few milliseconds per trial; an item-affinity penalty
-(``tuning.reg_weight``) refits the EASE weights (one solve) and re-scores the same candidates.
+(``tuning.reg_weight``) refits the EASE weights (one solve) and re-scores the same candidates; the
+heavy ranker's member weights (``tuning.member_weights``) have each ensemble member score the same
+candidates once and re-average its heads per trial (``models.heads.ensemble_heads``, as served).
 
 What it reads: the processed dataset's ``valid/`` part (the light ranker's target, clicks by
 default, gives the positives; items the user already had in training are not: the funnel filters
@@ -40,7 +42,7 @@ from models.registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL, AFFINITY, REG = (key for key, _ in tuning.KNOBS)
+RETRIEVAL, AFFINITY, REG, MEMBERS = (key for key, _ in tuning.KNOBS)
 
 
 def validation_tuner(processed):
@@ -96,6 +98,8 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         stages = offline.load_funnel(repo, version)
         requests = _candidates(stages, users, tc.k)
     ordering = stages[-1]
+    if tc.member_weights:  # which ensemble members count: each member scores the candidates once
+        _member_heads(stages, version_dir, requests)
     trials_params = tuning.grid(config)
     if ordering.affinity is None:  # no affinity weights exported (catalog above item_affinity.max_items)
         trials_params = [p for p in trials_params if p[AFFINITY] == 0]
@@ -104,7 +108,8 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     policy = replace(ordering.policy, exploration_temperature=0.0)  # the deterministic order
     trials = []
     for params in trials_params:
-        top = _served_lists(requests, affinities.get(params[REG]), params, policy, ordering, tc.k)
+        heavy = _heavy_scores(requests, params[MEMBERS], stages) if tc.member_weights else None
+        top = _served_lists(requests, affinities.get(params[REG]), params, policy, ordering, tc.k, heavy)
         value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
         trials.append({"params": params, metric: value})
     best = tuning.best_trial(trials, metric)
@@ -145,8 +150,33 @@ def _candidates(stages, users: np.ndarray, k: int) -> list[dict]:
                 "heavy": np.asarray(x["heavy_scores"], dtype=np.float64).reshape(-1),
                 "retrieval": ordering.retrieval_percentile(x, ranked),
                 "history": np.asarray(x["seen_items"], dtype=np.int64).reshape(-1),
+                "inputs": {name: x[name] for name in ("user_categorical", "user_continuous") if name in x},
             }
         )
+    return out
+
+
+def _member_heads(stages, version_dir: Path, requests: list[dict]) -> None:
+    """Add each ensemble member's head scores of each request's candidates (``member_heads``), every
+    member of the version loaded from its registry folder (the export may leave one out)."""
+    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    members = heavy.load_members(version_dir)
+    for r in requests:
+        r["member_heads"] = heavy.member_heads(r["inputs"], r["ids"], members)
+
+
+def _heavy_scores(requests: list[dict], weights: list[float], stages) -> list[np.ndarray]:
+    """Each request's heavy-ranker scores with the ensemble members weighted by ``weights``
+    (``heavy_ranker.member_weights``; empty = the plain mean), as the heavy ranker stage serves them."""
+    from models.heads import combine, ensemble_heads
+
+    heavy = next(s for s in stages if s.name == "heavy_ranker")
+    used = [i for i, w in enumerate(weights) if w > 0] if weights else None
+    out = []
+    for r in requests:
+        members = r["member_heads"] if used is None else [r["member_heads"][i] for i in used]
+        heads = ensemble_heads(members, None if used is None else [weights[i] for i in used])
+        out.append(np.asarray(combine(heads, heavy.weights), dtype=np.float64))
     return out
 
 
@@ -175,14 +205,15 @@ def _affinity_percentiles(version_dir: Path, config: Config, requests, regs: set
     return out
 
 
-def _served_lists(requests, affinity, params: dict, policy, ordering, k: int) -> np.ndarray:
-    """``[users, k]`` raw item ids the ordering stage would serve under ``params`` (-1 padding)."""
+def _served_lists(requests, affinity, params: dict, policy, ordering, k: int, heavy=None) -> np.ndarray:
+    """``[users, k]`` raw item ids the ordering stage would serve under ``params`` (-1 padding);
+    ``heavy``: each request's heavy-ranker scores under ``params`` (the served ones by default)."""
     from serving.ordering import order_candidates
 
     top = np.full((len(requests), k), -1, dtype=np.int64)
     for row, r in enumerate(requests):
         order, _ = order_candidates(
-            r["heavy"],
+            r["heavy"] if heavy is None else heavy[row],
             r["retrieval"],
             k,
             retrieval_weight=params[RETRIEVAL],

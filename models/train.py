@@ -29,6 +29,7 @@ from models import item_affinity, item_index, registry, tuning
 from models.candidate_generator import item_embeddings, train_candidate_generator
 from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
+from models.heads import with_member_weights
 from models.heavy_ranker import train_heavy_ranker_members
 from models.light_ranker import train_light_ranker
 from models.saving import save_for_serving
@@ -215,7 +216,7 @@ def train_all(
             metrics=metrics,
             features=features,
             light_ranker={"features": list(config.light_ranker.features), "target": config.light_ranker.target},
-            heavy_ranker=heavy_spec,
+            heavy_ranker=with_member_weights(heavy_spec, config.heavy_ranker.member_weights),
             model_sizes={
                 k: {"total_params": v["total_params"], "embedding_params": v["embedding_params"]}
                 for k, v in sizes.items()
@@ -231,7 +232,12 @@ def train_all(
             config = tuning.apply(config, record["chosen"])
             if affinity and config.item_affinity.reg_weight != affinity["reg_weight"]:
                 affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
-            manifest.update(config=config.to_dict(), item_affinity=affinity, tuning=record)
+            manifest.update(
+                config=config.to_dict(),
+                item_affinity=affinity,
+                tuning=record,
+                heavy_ranker=with_member_weights(heavy_spec, config.heavy_ranker.member_weights),
+            )
             _log_tuning(run, record)
         out.write_manifest(**manifest)
         for stage, stage_metrics in metrics.items():

@@ -1,7 +1,8 @@
 """The training run's tuning step: the search space from the config, the choice, what it changes.
 
 The values a person used to copy by hand from validation grids (the ordering blend weights, the
-item affinity's L2 penalty, the candidate generator's logQ strength and sampled negatives) are
+item affinity's L2 penalty, which heavy-ranker ensemble members count and how much, the candidate
+generator's logQ strength and sampled negatives) are
 chosen by the training run itself (``configs.TuningConfig``):
 
 1. ``grid(config)`` lists every combination of the configured candidate values, each a mapping of
@@ -38,6 +39,7 @@ KNOBS = (
     ("serving.ordering.retrieval_weight", "retrieval_weight"),
     ("serving.ordering.affinity_weight", "affinity_weight"),
     ("item_affinity.reg_weight", "reg_weight"),
+    ("heavy_ranker.member_weights", "member_weights"),
 )
 
 

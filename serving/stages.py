@@ -484,7 +484,8 @@ class HeavyRanker(_RankerStage):
     """Scores the light ranker's survivors with the multi-task DCN: the weighted sum of its heads.
 
     An ensemble (the manifest's ``heavy_ranker.members``, ``models/heavy_ranker.py``) is averaged
-    per head before the sum; every member takes the same input batch."""
+    per head before the sum (weighted by ``member_weights`` where the tuning step chose them; a
+    member weighted 0 is not loaded); every member takes the same input batch."""
 
     name = "heavy_ranker"
     artifact = "heavy_ranker"
@@ -493,11 +494,32 @@ class HeavyRanker(_RankerStage):
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
+        from models.heads import served_members
+
         spec = self.manifest["heavy_ranker"]
         self.weights = {k: float(v) for k, v in spec["weights"].items()}
-        self.members = [self._predict] + [
-            ServingFunction(self._tf, self.artifacts / name) for name in spec.get("members", [self.artifact])[1:]
+        served = served_members(spec)  # a member weighted 0 by the tuning step is not loaded
+        self.members = [
+            self._predict if name == self.artifact else ServingFunction(self._tf, self.artifacts / name)
+            for name, _ in served
         ]
+        self.member_weights = None if served[0][1] is None else [w for _, w in served]
+
+    def load_members(self, folder) -> list:
+        """Every member of this version, also those weighted 0 (which serving does not load), from
+        ``folder`` (the version's registry folder): what the tuning step weighs."""
+        names = self.manifest["heavy_ranker"].get("members", [self.artifact])
+        return [ServingFunction(self._tf, Path(folder) / name) for name in names]
+
+    def member_heads(self, inputs, ids: np.ndarray, members: list) -> list[dict]:
+        """Each of ``members``' head scores for the request's candidates ``ids``."""
+        from models.heads import head_outputs
+
+        targets = list(self.weights)
+        if ids.size == 0:
+            return [{t: np.zeros(0, dtype=np.float32) for t in targets} for _ in members]
+        batch = self.checked_batch(inputs, ids)
+        return [head_outputs(member(batch), targets) for member in members]
 
     def run(self, inputs):
         ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
@@ -506,12 +528,11 @@ class HeavyRanker(_RankerStage):
         return {"heavy_scores": self._scores(self.checked_batch(inputs, ids))}
 
     def _scores(self, batch: dict) -> np.ndarray:
-        from models.heads import combine, head_outputs
+        from models.heads import combine, ensemble_heads, head_outputs
 
         targets = list(self.weights)
         members = [head_outputs(member(batch), targets) for member in self.members]
-        heads = {t: np.mean([m[t] for m in members], axis=0) for t in targets}
-        return combine(heads, self.weights)
+        return combine(ensemble_heads(members, self.member_weights), self.weights)
 
     def run_batch(self, batch):
         """One call of each ensemble member scores the candidates of every request of the batch."""

@@ -47,6 +47,28 @@ def test_tuning_config_is_validated():
         load_config(overrides={"tuning": {"reg_weight": [0]}})
 
 
+def test_member_weights_are_validated_and_average_the_heads_as_weighted():
+    from models.heads import ensemble_heads, served_members, with_member_weights
+
+    with pytest.raises(ValueError, match="one weight per heavy_ranker member"):
+        load_config(overrides={"tuning": {"member_weights": [[1.0, 0.0]]}})  # the default has one member
+    with pytest.raises(ValueError, match="tuning.member_weights"):
+        load_config(overrides={"tuning": {"member_weights": [[0.0]]}})
+    with pytest.raises(ValueError, match="2 weights for 1 members"):
+        load_config(overrides={"heavy_ranker": {"member_weights": [1.0, 1.0]}})
+    a = {"click": np.array([0.2, 0.8], dtype=np.float32)}
+    b = {"click": np.array([0.6, 0.4], dtype=np.float32)}
+    np.testing.assert_allclose(ensemble_heads([a, b])["click"], [0.4, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(ensemble_heads([a, b], [3.0, 1.0])["click"], [0.3, 0.7], rtol=1e-6)
+    spec = {"members": ["heavy_ranker", "heavy_ranker_1"], "weights": {"click": 1.0}}
+    assert served_members(spec) == [("heavy_ranker", None), ("heavy_ranker_1", None)]
+    weighted = with_member_weights(spec, [0.0, 2.0])
+    assert served_members(weighted) == [("heavy_ranker_1", 2.0)]
+    assert "member_weights" not in with_member_weights(weighted, [])  # back to the plain mean
+    with pytest.raises(ValueError, match="1 weights for the members"):
+        with_member_weights(spec, [1.0])
+
+
 @pytest.fixture
 def processed_without_test(processed, tmp_path):
     """The shared processed dataset, minus any test part: whatever reads it fails."""
@@ -71,7 +93,7 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     from evaluation.metrics import ndcg_at_k
     from evaluation.tuning import validation_positives, validation_tuner
     from models.train import train_all
-    from serving.stages import Ordering
+    from serving.stages import HeavyRanker, Ordering
     from workflows.pipeline import ProcessedData
 
     data = processed_without_test
@@ -95,6 +117,8 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
                 "retrieval_weight": [0.0, 0.3],
                 "affinity_weight": [0.0, 0.5, 0.8],
                 "reg_weight": [],
+                # which of the shared version's two heavy-ranker members count, and how much
+                "member_weights": [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]],
                 "max_users": 0,
             }
         },
@@ -109,12 +133,19 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     record = model.manifest["tuning"]
     metric = record["metric"]
     assert metric == "ndcg_at_10" and record["part"] == "validation" and record["users"] > 20
-    assert len(record["trials"]) == 5  # 2 x 3 blends, less 0.3 + 0.8 > 1
+    assert len(record["trials"]) == 15  # (2 x 3 blends, less 0.3 + 0.8 > 1) x 3 member weightings
     best = max(t[metric] for t in record["trials"])
     assert record["best"] == best
     assert record["chosen"] == next(t["params"] for t in record["trials"] if t[metric] == best)
     values = [t[metric] for t in record["trials"]]
     assert len(set(values)) > 1, "the blend weights made no difference to any list"
+    by_members = {}
+    for t in record["trials"]:
+        by_members.setdefault(tuple(t["params"]["heavy_ranker.member_weights"]), []).append(t[metric])
+    assert len({tuple(v) for v in by_members.values()}) > 1, "the member weights made no difference"
+    chosen_members = record["chosen"]["heavy_ranker.member_weights"]
+    assert model.manifest["heavy_ranker"]["member_weights"] == chosen_members
+    assert model.manifest["config"]["heavy_ranker"]["member_weights"] == chosen_members
 
     ordering = model.manifest["config"]["serving"]["ordering"]
     for key, value in record["chosen"].items():
@@ -124,6 +155,10 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     served = Ordering(repo / "ordering" / str(model.version)).policy
     assert served.retrieval_weight == record["chosen"]["serving.ordering.retrieval_weight"]
     assert served.affinity_weight == record["chosen"]["serving.ordering.affinity_weight"]
+    heavy = HeavyRanker(repo / "heavy_ranker" / str(model.version))
+    assert len(heavy.members) == sum(w > 0 for w in chosen_members)  # a member weighted 0 is not loaded
+    for name, weight in zip(model.manifest["heavy_ranker"]["members"], chosen_members):
+        assert (repo / "heavy_ranker" / str(model.version) / name).exists() == (weight > 0 or name == "heavy_ranker")
 
     run = mlflow.search_runs(experiment_names=[config.training.mlflow_experiment], output_format="list")[0]
     assert (
