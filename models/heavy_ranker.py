@@ -208,4 +208,3 @@ def train_heavy_ranker(
     log.info("heavy ranker: valid AUC per head %s after %d epochs", aucs, metrics["epochs_run"])
     spec = {"features": features, "targets": targets, "weights": weights}
     return model, metrics, spec
-
