@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Scopes go out in collection order (--no-loadscope-reorder), which tests/conftest.py starts with the
 # notebooks, one scope each: the longest tests first, so none is left running alone at the end.
 TEST_WORKERS ?= 3
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
 # Debian packages of the services tests run for real (Prometheus, with promtool, for the monitoring
 # tests). `make services` installs the missing ones when run as root (CI, these machines); elsewhere

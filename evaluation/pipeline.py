@@ -290,11 +290,13 @@ def evaluate_split(
     ]
     progress = tqdm(total=len(steps), desc="offline evaluation", unit="step")
     names = iter(steps)
+    started = []  # not tqdm's postfix: a disabled bar (TQDM_DISABLE=1) has none
 
     def begin() -> None:
-        if progress.postfix:  # the step before is done
+        if started:  # the step before is done
             progress.update()
-        progress.set_postfix_str(next(names))
+        started.append(next(names))
+        progress.set_postfix_str(started[-1])
 
     begin()
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")

@@ -176,11 +176,14 @@ def test_leave_one_out_split_reports_what_it_cannot_support_and_every_other_figu
 
 @pytest.mark.slow
 def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
-    model_version, triton_repo, processed, small_config, small_data, data, tmp_path
+    model_version, triton_repo, processed, small_config, small_data, data, tmp_path, monkeypatch
 ):
     """The new user's crash: one held-out rating per user. The shared trained funnel is evaluated
-    (no retraining) on 40 users' leave-one-out split: every figure but preference parity comes out."""
+    (no retraining) on 40 users' leave-one-out split: every figure but preference parity comes out.
+    With the progress bars off, as a quiet script runs (a disabled bar has no postfix: it crashed)."""
     from evaluation.pipeline import evaluate_split
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
 
     config = copy.deepcopy(small_config)
     config.training.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()  # the shared registry stays as it is

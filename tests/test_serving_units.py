@@ -224,3 +224,36 @@ def test_the_supervisor_keeps_supervising_after_a_failed_restart():
     results = [supervisor.check_once() for _ in range(4)]
     assert results == [False] * 4 and len(attempts) == 2 and supervisor.restarts == 1
     assert supervisor.last_error == "ConnectionError: down"
+
+
+def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
+    """``wait_unloaded`` returns once no other version of the router is loaded or unloading (the
+    repository index a real server reports), and names the stuck versions when it times out."""
+    from deployment import rollout
+
+    states = iter(["READY", "UNLOADING", "UNLOADING", "UNAVAILABLE"])
+
+    class Index:
+        calls = 0
+
+        def get_model_repository_index(self, as_json=False):
+            Index.calls += 1
+            old = next(states, "UNAVAILABLE")
+            return {
+                "models": [
+                    {"name": "ab_router", "version": "1", "state": old},
+                    {"name": "ab_router", "version": "2", "state": "READY"},
+                    {"name": "funnel", "version": "1", "state": "READY"},
+                ]
+            }
+
+    monkeypatch.setattr(rollout.time, "sleep", lambda s: None)
+    rollout.wait_unloaded(Index(), "ab_router", 2, timeout_s=5)
+    assert Index.calls == 4  # READY, UNLOADING, UNLOADING, then gone
+
+    class Stuck:
+        def get_model_repository_index(self, as_json=False):
+            return {"models": [{"name": "ab_router", "version": "1", "state": "UNLOADING"}]}
+
+    with pytest.raises(RuntimeError, match=r"ab_router versions \['1'\] were still unloading"):
+        rollout.wait_unloaded(Stuck(), "ab_router", 2, timeout_s=0)
