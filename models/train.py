@@ -98,7 +98,7 @@ def train_all(
     features = feature_lists(train.schema)
     fingerprint = registry.fingerprint(data.train_dir, data.workflow_dir)
     if rankers_from is not None:
-        _check_rankers_reusable(rankers_from.manifest, config, fingerprint)
+        check_rankers_reusable(rankers_from.manifest, config, fingerprint)
     patience = config.training.early_stopping_patience
     keras_verbose = verbose
 
@@ -288,11 +288,19 @@ def _train_item_affinity(history, item_table, config: Config, directory: Path, v
     return {"items": num_items, "reg_weight": ac.reg_weight}
 
 
-def _check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:
+def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:
+    """Refuse to reuse the rankers of the version ``manifest`` describes for ``config`` when they
+    were trained on other data or with other ranker settings (``RANKER_INPUTS``)."""
     if manifest["data_fingerprint"] != fingerprint:
         raise ValueError(f"rankers_from version {manifest['version']} was trained on other data")
     ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
-    differ = [key for key in RANKER_INPUTS if manifest["config"].get(key) != ours.get(key)]
+
+    def trained(config_dict: dict, key: str):
+        # The member weights are a serving choice the tuning step makes after training, not an input.
+        value = config_dict.get(key)
+        return {k: v for k, v in value.items() if k != "member_weights"} if isinstance(value, dict) else value
+
+    differ = [key for key in RANKER_INPUTS if trained(manifest["config"], key) != trained(ours, key)]
     if differ:
         raise ValueError(f"rankers_from version {manifest['version']} has other ranker settings: {differ}")
 
