@@ -657,7 +657,9 @@ class Config:
         members = len(self.heavy_ranker.members)
         wrong = [w for w in self.tuning.member_weights if len(w) != members]
         if wrong:
-            raise ValueError(f"tuning.member_weights candidates need one weight per heavy_ranker member ({members}): {wrong}")
+            raise ValueError(
+                f"tuning.member_weights candidates need one weight per heavy_ranker member ({members}): {wrong}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

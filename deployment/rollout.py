@@ -103,7 +103,9 @@ def wait_unloaded(client, name: str, keep: int, timeout_s: float) -> None:
         busy = [
             m.get("version")
             for m in index
-            if m.get("name") == name and m.get("version") != str(keep) and m.get("state") in ("READY", "UNLOADING", "LOADING")
+            if m.get("name") == name
+            and m.get("version") != str(keep)
+            and m.get("state") in ("READY", "UNLOADING", "LOADING")
         ]
         if not busy:
             return
