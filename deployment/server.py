@@ -18,6 +18,7 @@ only requests that carry the deployment's admin key.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import secrets
@@ -82,8 +83,20 @@ def prepare_backend_dir(target: Path) -> Path:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise FileNotFoundError(f"no Python backend stub for Python {version} in {stub.parent.parent}")
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    install_executable(stub, python_dir / "triton_python_backend_stub")
     return target
+
+
+def install_executable(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` without ever writing into ``dst`` in place: a stub of the server being
+    replaced (a retried start) may still be executing it, and Linux refuses to open a running binary
+    for writing ("Text file busy"). Left alone when identical; otherwise copied beside it and renamed
+    over it (processes still running it keep the old file)."""
+    if dst.exists() and filecmp.cmp(src, dst, shallow=False):
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 def server_env() -> dict[str, str]:

@@ -257,3 +257,20 @@ def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"ab_router versions \['1'\] were still unloading"):
         rollout.wait_unloaded(Stuck(), "ab_router", 2, timeout_s=0)
+
+
+def test_the_stub_is_never_rewritten_in_place(tmp_path):
+    """A retried server start prepares its backend folder again while the stalled server's stubs
+    may still run the stub binary (writing into it: "Text file busy"): an identical stub is left
+    alone, a different one is replaced by a rename, so the running file is never opened for writing."""
+    from deployment.server import install_executable, prepare_backend_dir
+
+    stub = prepare_backend_dir(tmp_path / "backends") / "python" / "triton_python_backend_stub"
+    first = stub.stat().st_ino
+    prepare_backend_dir(tmp_path / "backends")
+    assert stub.stat().st_ino == first  # identical: untouched
+    source = tmp_path / "new_stub"
+    source.write_bytes(b"another build")
+    install_executable(source, stub)
+    assert stub.read_bytes() == b"another build" and stub.stat().st_ino != first  # a new file, renamed over
+    assert [p.name for p in stub.parent.iterdir() if p.name.endswith(".tmp")] == []
