@@ -107,8 +107,14 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     truth = [relevant[int(r["user"])] for r in requests]
     policy = replace(ordering.policy, exploration_temperature=0.0)  # the deterministic order
     trials = []
+    heavy_by_weights = {}  # the heavy scores of each member weighting, computed once for all blends
     for params in trials_params:
-        heavy = _heavy_scores(requests, params[MEMBERS], stages) if tc.member_weights else None
+        heavy = None
+        if tc.member_weights:
+            key = tuple(params[MEMBERS])
+            if key not in heavy_by_weights:
+                heavy_by_weights[key] = _heavy_scores(requests, params[MEMBERS], stages)
+            heavy = heavy_by_weights[key]
         top = _served_lists(requests, affinities.get(params[REG]), params, policy, ordering, tc.k, heavy)
         value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
         trials.append({"params": params, metric: value})

@@ -513,13 +513,14 @@ class HeavyRanker(_RankerStage):
 
     def member_heads(self, inputs, ids: np.ndarray, members: list) -> list[dict]:
         """Each of ``members``' head scores for the request's candidates ``ids``."""
+        if ids.size == 0:
+            return [{t: np.zeros(0, dtype=np.float32) for t in self.weights} for _ in members]
+        return self._heads(self.checked_batch(inputs, ids), members)
+
+    def _heads(self, batch: dict, members: list) -> list[dict]:
         from models.heads import head_outputs
 
-        targets = list(self.weights)
-        if ids.size == 0:
-            return [{t: np.zeros(0, dtype=np.float32) for t in targets} for _ in members]
-        batch = self.checked_batch(inputs, ids)
-        return [head_outputs(member(batch), targets) for member in members]
+        return [head_outputs(member(batch), list(self.weights)) for member in members]
 
     def run(self, inputs):
         ids = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
@@ -528,11 +529,9 @@ class HeavyRanker(_RankerStage):
         return {"heavy_scores": self._scores(self.checked_batch(inputs, ids))}
 
     def _scores(self, batch: dict) -> np.ndarray:
-        from models.heads import combine, ensemble_heads, head_outputs
+        from models.heads import combine, ensemble_heads
 
-        targets = list(self.weights)
-        members = [head_outputs(member(batch), targets) for member in self.members]
-        return combine(ensemble_heads(members, self.member_weights), self.weights)
+        return combine(ensemble_heads(self._heads(batch, self.members), self.member_weights), self.weights)
 
     def run_batch(self, batch):
         """One call of each ensemble member scores the candidates of every request of the batch."""
