@@ -49,7 +49,7 @@ class FeedbackLog:
     def __init__(self, path: str | Path):
         self.path = str(path) if is_postgres(path) else Path(path)
         self.db = Database(self.path, [s for s in SCHEMA.split(";") if s.strip()])
-        with self.db.transaction():  # one process at a time checks and creates the unique index
+        with self.db.schema_transaction():  # one process at a time checks and creates the unique index
             if not self.db.postgres and not self.db.query("SELECT 1 FROM sqlite_master WHERE name = 'feedback_once'"):
                 self.db.execute(DROP_REPEATS)
             self.db.execute(UNIQUE_FEEDBACK)

@@ -190,3 +190,35 @@ def test_the_feedback_log_runs_on_postgres(postgres):
     assert other.log_feedback_many([("r1", 7, 11, "click", 1)]) == []  # stored once across replicas
     assert log.counts() == {"impressions": 2, "feedback": 2}
     assert np.isclose(other.feedback()["value"].sum(), 2.0)
+
+
+OPENER = """
+import sys, time
+from online.feedback_log import FeedbackLog
+from workflows.live_store import LiveStore
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all at once, as replicas' pods start
+for location in sys.argv[3:]:
+    FeedbackLog(location), LiveStore(location)
+"""
+
+
+def test_replicas_starting_together_create_the_schema_once(location):
+    """Seen in a full run: two servers starting at once on one fresh PostgreSQL database, one died of a
+    unique violation in the catalog (concurrent ``CREATE UNIQUE INDEX IF NOT EXISTS``). The collision
+    needs two creations to overlap: 6 processes open 8 fresh stores together."""
+    locations = [f"{location}.{i}.sqlite" for i in range(8)]
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        base, name = location.rsplit("/", 1)
+        locations = [f"{base}/{name}x{i}" for i in range(8)]
+        with psycopg.connect(location, autocommit=True) as con:
+            for other in locations:
+                con.execute(f"CREATE DATABASE {other.rsplit('/', 1)[1]}")
+    start = str(time.time() + 4)  # after every interpreter has imported
+    openers = [
+        subprocess.Popen([sys.executable, "-c", OPENER, start, *locations], cwd=ROOT, stderr=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    for opener in openers:
+        assert opener.wait() == 0, opener.stderr.read().decode()[-2000:]

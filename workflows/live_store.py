@@ -105,14 +105,27 @@ class Database:
         else:
             Path(self.location).parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
-            self._con.execute("PRAGMA journal_mode=WAL")
+            self._use_wal(deadline=time.monotonic() + 30)
             self._con.execute("PRAGMA synchronous=FULL")
         if schema:
-            with self.transaction():
-                if self.postgres:  # concurrent CREATE ... IF NOT EXISTS can still collide: serialise
-                    self.execute("SELECT pg_advisory_xact_lock(72057594037927)")
+            with self.schema_transaction():
                 for statement in schema:
                     self.execute(statement)
+
+    def _use_wal(self, deadline: float) -> None:
+        """Switch a new file to write-ahead logging (readers never wait for writers; the mode stays
+        with the file). Switching takes the file's exclusive lock and SQLite answers "database is
+        locked" at once, without its busy timeout, when another process (a stage starting beside
+        this one) holds it: retry until ``deadline``."""
+        while True:
+            try:
+                if self._con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self._con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
@@ -147,6 +160,16 @@ class Database:
                     self._con.execute("ROLLBACK")
                     raise
                 self._con.execute("COMMIT")
+
+    @contextmanager
+    def schema_transaction(self):
+        """A transaction for schema changes, one process at a time across the deployment: on
+        PostgreSQL two replicas starting together collide on ``CREATE ... IF NOT EXISTS`` (a unique
+        violation in the catalog) unless serialised (SQLite's ``BEGIN IMMEDIATE`` already is)."""
+        with self.transaction():
+            if self.postgres:
+                self.execute("SELECT pg_advisory_xact_lock(72057594037927)")
+            yield self
 
     def insert_new(self, sql: str, rows: Iterable[Sequence]) -> list[bool]:
         """Run ``INSERT ... ON CONFLICT DO NOTHING`` per row; which rows were new."""
