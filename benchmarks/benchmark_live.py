@@ -7,7 +7,8 @@ On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-featur
 * **with_writes**: the same, while another process writes ``events_per_s`` live events: half through
   the feedback endpoint (gRPC, the router's requests' shown items), half through ingestion
   (``ingest_events``, straight into the store), for the users being requested, so every read sees
-  its history grow. The two phases alternate (``rounds``) so a busy machine hurts both alike;
+  its history grow. The two phases alternate (``rounds``) so a busy machine hurts both alike; each
+  phase reports the server's CPU per funnel request, split by process (tritonserver, each stage's stub);
 * **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
   then the next funnel request of that user: latency from the acknowledgement to that response, and
   whether the item was already gone (during the write stream).
@@ -122,6 +123,12 @@ def write_stream(url: str, store: str, users: list[int], items: list[int], rate:
     )
 
 
+def add_cpu(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    """Add each process's CPU seconds between two ``cpu_seconds_by_process`` readings to ``total``."""
+    for process, seconds in after.items():
+        total[process] = total.get(process, 0.0) + seconds - before.get(process, 0.0)
+
+
 def fresh_history_trials(url: str, users: list[int], trials: int) -> dict:
     """Feedback on a shown item, then the user's next request: acknowledged -> visible latency."""
     from serving.client import FunnelClient
@@ -208,21 +215,22 @@ def main() -> None:
             context = multiprocessing.get_context("spawn")
             phases: dict[str, list] = {"read_only": [], "with_writes": []}
             writes = []
-            server_cpu = {"read_only": 0.0, "with_writes": 0.0}  # tritonserver and its stubs, seconds
+            # tritonserver and each model's stubs, seconds: where a slowdown under writes comes from
+            server_cpu: dict[str, dict[str, float]] = {"read_only": {}, "with_writes": {}}
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
-                cpu_before = server.cpu_seconds()
+                cpu_before = server.cpu_seconds_by_process()
                 phases["read_only"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
-                server_cpu["read_only"] += server.cpu_seconds() - cpu_before
+                add_cpu(server_cpu["read_only"], cpu_before, server.cpu_seconds_by_process())
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream, args=(url, store, known, items, args.events_per_s, ready, stop, out)
                 )
                 writer.start()
                 ready.wait(120)
-                cpu_before = server.cpu_seconds()
+                cpu_before = server.cpu_seconds_by_process()
                 phases["with_writes"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
-                server_cpu["with_writes"] += server.cpu_seconds() - cpu_before
+                add_cpu(server_cpu["with_writes"], cpu_before, server.cpu_seconds_by_process())
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
@@ -231,6 +239,8 @@ def main() -> None:
         for name, reports in phases.items():
             lat = np.concatenate([r.latencies_ms() for r in reports])
             wall = sum(r.wall_s for r in reports)
+            served = sum(len(r.results) for r in reports)
+            cpu = sum(server_cpu[name].values())
             result[name] = {
                 "requests": int(sum(len(r.results) for r in reports)),
                 "errors": int(sum(r.summary()["errors"] for r in reports)),
@@ -238,8 +248,12 @@ def main() -> None:
                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
                 "requests_per_s": round(sum(len(r.results) for r in reports) / wall, 1),
                 # CPU of tritonserver and its stubs per funnel request (writes included while writing)
-                "server_cpu_ms_per_request": round(server_cpu[name] * 1000 / sum(len(r.results) for r in reports), 2),
-                "server_cores_busy": round(server_cpu[name] / wall, 2),
+                "server_cpu_ms_per_request": round(cpu * 1000 / served, 2),
+                "server_cores_busy": round(cpu / wall, 2),
+                "server_cpu_ms_per_request_by_process": {
+                    process: round(seconds * 1000 / served, 3)
+                    for process, seconds in sorted(server_cpu[name].items(), key=lambda kv: -kv[1])
+                },
             }
         result["with_writes"]["writes"] = writes
         result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)

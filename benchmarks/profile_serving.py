@@ -74,15 +74,8 @@ def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, 
         print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def _cpu(server) -> dict:
-    snap = {"tritonserver": _cpu_seconds(server.process.pid)}
-    for model, pids in server.stub_pids().items():
-        snap[model] = sum(_cpu_seconds(p) for p in pids)
+    snap = server.cpu_seconds_by_process()
     t = os.times()
     snap["client"] = t.user + t.system
     return snap

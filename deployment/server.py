@@ -110,6 +110,15 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); 0 once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class TritonServer:
     """A tritonserver process serving ``model_repository`` on free local ports.
 
@@ -303,16 +312,15 @@ class TritonServer:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by tritonserver and its stubs."""
-        pids = [self.process.pid] if self.process is not None else []
-        pids += [pid for group in self.stub_pids().values() for pid in group]
-        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        return total
+        return sum(self.cpu_seconds_by_process().values())
+
+    def cpu_seconds_by_process(self) -> dict[str, float]:
+        """CPU time (user + system) used so far: ``tritonserver`` itself and each model's stubs
+        (``{"tritonserver": s, model name: s, ...}``); a process that has gone counts 0."""
+        if self.process is None:
+            return {}
+        groups = {"tritonserver": [self.process.pid], **self.stub_pids()}
+        return {name: sum(process_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
 
     def dump_stub_stacks(self, wait_s: float = 2.0) -> list[str]:
         """Ask the stubs of models that did not load to print their threads' stacks into the log

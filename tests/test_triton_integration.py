@@ -279,3 +279,19 @@ def test_the_deep_probe_passes_on_the_serving_funnel(server):
     up = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=root)
     assert up.returncode == 0, up.stderr
     assert "funnel answered" in up.stdout
+
+
+def test_the_servers_cpu_is_read_per_process(server, client, model_version):
+    """``cpu_seconds_by_process`` (the live-writes and profiling benchmarks' split of where the
+    server's CPU goes): tritonserver and every stage's stub, growing where requests were served."""
+    from serving.stages import FUNNEL
+
+    user = int(pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].iloc[0])
+    before = server.cpu_seconds_by_process()
+    assert {"tritonserver", *FUNNEL} <= set(before) and all(v > 0 for v in before.values())
+    for _ in range(30):
+        client.recommend(user, 10)
+    after = server.cpu_seconds_by_process()
+    assert all(after[name] >= before[name] for name in before)
+    assert after["heavy_ranker"] > before["heavy_ranker"] and after["tritonserver"] > before["tritonserver"]
+    assert sum(after.values()) <= server.cpu_seconds() + 0.5  # the total is the same reading, a moment later
