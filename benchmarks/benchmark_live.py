@@ -38,7 +38,9 @@ import pandas as pd
 from benchmarks import print_json
 
 
-def write_stream(url: str, store: str, users: list[int], items: list[int], rate: float, ready, stop, out) -> None:
+def write_stream(
+    url: str, store: str, users: list[int], items: list[int], rate: float, ready, stop, out, nice: int = 0
+) -> None:
     """Write ``rate`` events/s until ``stop``: half as feedback on shown items (gRPC, one event per
     call, like clients), half ingested (one event per transaction), each half from ``THREADS``
     threads pacing themselves, since one synchronous writer cannot reach 200 durable writes/s here."""
@@ -48,6 +50,7 @@ def write_stream(url: str, store: str, users: list[int], items: list[int], rate:
     from serving.interface import ROUTER
     from workflows.live_store import LiveStore
 
+    os.nice(nice)  # > 0: the writer yields the cores to the server, as clients on other machines would
     threads = 4
     sent = {"feedback": 0, "ingest": 0}
     lock = threading.Lock()
@@ -164,6 +167,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--events-per-s", type=float, default=200.0, help="live writes per second while writing")
     p.add_argument("--trials", type=int, default=100, help="fresh-history latency trials")
+    p.add_argument(
+        "--writer-nice",
+        type=int,
+        default=0,
+        help="niceness of the writer process (0: it competes with the server for the cores; 19: it "
+        "takes what the server leaves, closer to writers on other machines)",
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 
@@ -208,7 +218,12 @@ def main() -> None:
             postgres = PostgresServer().start()
             os.environ[STORE_ENV] = os.environ[LOG_ENV] = postgres.url
         store = store_location(repo)
-        result = {"backend": args.backend, "concurrency": args.concurrency, "events_per_s_target": args.events_per_s}
+        result = {
+            "backend": args.backend,
+            "concurrency": args.concurrency,
+            "events_per_s_target": args.events_per_s,
+            "writer_nice": args.writer_nice,
+        }
         with TritonServer(repo, log_path=workdir / "server.log") as server:
             url = server.grpc_url
             run_load(url, [Request(int(u), 10) for u in rng.choice(known, 100)], concurrency=args.concurrency)  # warm
@@ -224,7 +239,8 @@ def main() -> None:
                 add_cpu(server_cpu["read_only"], cpu_before, server.cpu_seconds_by_process())
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
-                    target=write_stream, args=(url, store, known, items, args.events_per_s, ready, stop, out)
+                    target=write_stream,
+                    args=(url, store, known, items, args.events_per_s, ready, stop, out, args.writer_nice),
                 )
                 writer.start()
                 ready.wait(120)
