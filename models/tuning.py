@@ -100,6 +100,18 @@ def best_trial(trials: list[dict], metric: str) -> dict:
     return max(trials, key=lambda t: (t[metric], -trials.index(t)))
 
 
+def describe(params: dict[str, Any]) -> str:
+    """One line for people: ``retrieval_weight 0.2, member_weights [0.25, 0.75]`` (a knob's last
+    name; numbers and lists of numbers, such as member weights, in their shortest form)."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(text(v) for v in value) + "]"
+        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    return ", ".join(f"{key.rsplit('.', 1)[-1]} {text(value)}" for key, value in params.items())
+
+
 def as_overrides(params: dict[str, Any]) -> dict[str, Any]:
     """Dotted keys -> the nested mapping ``configs.with_overrides`` merges."""
     out: dict[str, Any] = {}

@@ -69,6 +69,7 @@ def main() -> None:
         from evaluation.checklist import run_checklist
         from evaluation.pipeline import evaluate_synthetic
         from evaluation.tuning import train_tuned
+        from models.tuning import describe
         from serving.client import FunnelClient
         from workflows.pipeline import run_dataset_pipeline
         from workflows.report import summary_table
@@ -106,7 +107,7 @@ def main() -> None:
         )
         tuned = model.manifest.get("tuning")
         if tuned:
-            chosen = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:g}" for k, v in tuned["chosen"].items())
+            chosen = describe(tuned["chosen"])
             print(
                 f"      tuned on the validation part ({len(tuned['trials'])} trials, {tuned['users']} users): "
                 f"{chosen}; validation {tuned['metric']} {tuned['best']:.4f}"

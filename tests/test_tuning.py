@@ -40,6 +40,16 @@ def test_best_trial_is_the_argmax_first_on_ties_and_applies_to_the_config():
         tuning.best_trial([], "ndcg_at_10")
 
 
+def test_a_choice_is_described_in_one_line_member_weights_included():
+    """``make demo`` prints the tuning step's choice; a list-valued knob (member weights) crashed it."""
+    chosen = {
+        "serving.ordering.retrieval_weight": 0.2,
+        "item_affinity.reg_weight": 250.0,
+        "heavy_ranker.member_weights": [0.25, 0.75],
+    }
+    assert tuning.describe(chosen) == "retrieval_weight 0.2, reg_weight 250, member_weights [0.25, 0.75]"
+
+
 def test_tuning_config_is_validated():
     with pytest.raises(ValueError, match="tuning.affinity_weight"):
         load_config(overrides={"tuning": {"affinity_weight": [1.5]}})
