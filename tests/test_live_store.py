@@ -197,7 +197,7 @@ import sys, time
 from online.feedback_log import FeedbackLog
 from workflows.live_store import LiveStore
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all at once, as replicas' pods start
-for location in sys.argv[3:]:
+for location in sys.argv[2:]:
     FeedbackLog(location), LiveStore(location)
 """
 
