@@ -531,10 +531,16 @@ class ServingConfig:
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # deployment: read at export
     live: LiveConfig = field(default_factory=LiveConfig)  # live events and takedowns (workflows/live_store.py)
+    # A stage applies its queued metric updates at most this often (serving/metrics.py
+    # BackgroundRecorder; written into config.pbtxt at export): how stale a scrape may be, against
+    # the stub-to-server round trips a busy stage spends on metrics. 0: every request at once.
+    metrics_interval_s: float = 0.25
 
     def __post_init__(self):
         if self.max_k < 1:
             raise ValueError(f"serving.max_k must be >= 1, got {self.max_k}")
+        if not 0.0 <= self.metrics_interval_s <= 60.0:
+            raise ValueError(f"serving.metrics_interval_s must be in [0, 60], got {self.metrics_interval_s}")
         if self.max_excluded_items < 0:
             raise ValueError(f"serving.max_excluded_items must be >= 0, got {self.max_excluded_items}")
 

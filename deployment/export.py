@@ -22,7 +22,7 @@ import pandas as pd
 from models.heads import served_members
 from models.registry import MANIFEST, ModelVersion, check_artifact_versions
 from serving.assignment import single_version
-from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, ROUTER, ensemble_name
+from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, METRICS_INTERVAL_PARAMETER, ROUTER, ensemble_name
 from serving.online_store import build_online_store
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -96,6 +96,7 @@ def export_repository(
     manifest = model.manifest
     version = str(manifest["version"])
     batching = batching or batching_of(manifest)
+    metrics_interval = metrics_interval_of(manifest)
     unknown = sorted(set(batching.stage_instances) - set(STAGE_ARTIFACTS))
     if unknown:
         raise ValueError(f"serving.batching.stage_instances names {unknown}; the stages are {list(STAGE_ARTIFACTS)}")
@@ -108,6 +109,7 @@ def export_repository(
             version_dir.mkdir(parents=True)
             stage_config = (source / stage / "config.pbtxt").read_text()
             stage_config = configure_batching(stage_config, stage, batching)
+            stage_config = with_metrics_interval(stage_config, metrics_interval)
             (staging / stage / "config.pbtxt").write_text(serve_all_versions(stage_config))
             install_model_py(source / stage / "1" / "model.py", version_dir)
             shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
@@ -130,7 +132,8 @@ def export_repository(
         # The A/B router (one arm, this version, until an experiment starts) and the feedback endpoint.
         for endpoint in (ROUTER, FEEDBACK):
             (staging / endpoint / "1").mkdir(parents=True)
-            shutil.copy2(source / endpoint / "config.pbtxt", staging / endpoint / "config.pbtxt")
+            endpoint_config = with_metrics_interval((source / endpoint / "config.pbtxt").read_text(), metrics_interval)
+            (staging / endpoint / "config.pbtxt").write_text(endpoint_config)
             install_model_py(source / endpoint / "1" / "model.py", staging / endpoint / "1")
         (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
         check_complete(staging, version, manifest)
@@ -155,6 +158,29 @@ def batching_of(manifest: dict):
     from configs import BatchingConfig, build_typed
 
     return build_typed(BatchingConfig, manifest["config"]["serving"].get("batching", {}), "serving.batching")
+
+
+def metrics_interval_of(manifest: dict) -> float:
+    """The ``serving.metrics_interval_s`` a version was trained with (the default for older ones)."""
+    from configs import ServingConfig
+
+    default = ServingConfig().metrics_interval_s
+    return float(manifest["config"]["serving"].get("metrics_interval_s", default))
+
+
+def with_metrics_interval(model_config: str, seconds: float) -> str:
+    """``model_config`` (a ``config.pbtxt``) with the ``metrics_interval_s`` parameter its stub reads
+    (``serving/triton_model.py``): how often it sends its queued metric updates to the server."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    if not 0.0 <= float(seconds) <= 60.0:
+        raise ValueError(f"metrics_interval_s must be in [0, 60], got {seconds}")
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse(model_config, config)
+    config.parameters[METRICS_INTERVAL_PARAMETER].string_value = repr(float(seconds))
+    header = "".join(line + "\n" for line in model_config.splitlines() if line.startswith("#"))
+    return header + text_format.MessageToString(config)
 
 
 def configure_batching(stage_config: str, stage: str, batching) -> str:

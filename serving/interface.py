@@ -24,6 +24,8 @@ FUNNEL = "funnel"  # the served ensemble: every stage of one model version
 ROUTER = "ab_router"  # the A/B router: the arm's version-pinned ensemble, plus arm and request id
 FEEDBACK = "feedback"  # reactions to one router response
 EXPERIMENT_FILE = "experiment.json"  # the router version's rollout (``serving/assignment.py``)
+# config.pbtxt parameter: how often a stub sends its queued metric updates (``serving.metrics_interval_s``).
+METRICS_INTERVAL_PARAMETER = "metrics_interval_s"
 # What each count of a response's ``stage_counts`` is: items the stage had or passed on.
 STAGE_COUNTS = ("catalog", "retrieval", "filters", "light_ranker", "final")
 

@@ -10,7 +10,9 @@ Cross-cutting serving concerns live here, not in the stages:
   the server's faults, and no exception escapes to crash the stub;
 * every request is timed and counted in the custom metrics of ``serving/metrics.py`` (latency,
   candidates passed on, fallback responses, errors by kind), recorded on a background thread so
-  the response does not wait for the metric updates;
+  the response does not wait for the metric updates, at most every ``metrics_interval_s`` (the
+  config.pbtxt parameter the export writes) so a busy stage sends one update per series, not per
+  request;
 * every stub process publishes its own resident memory and CPU time (``ProcessSampler``, per
   model, version and instance), sampled on a thread of its own;
 * with Triton's dynamic batcher on (``max_batch_size > 0``, ``serving.batching``), ``execute`` gets
@@ -29,6 +31,17 @@ from pathlib import Path
 import numpy as np
 
 
+def metrics_interval(model_config: dict) -> float:
+    """How often this model's stub sends its queued metric updates: the ``metrics_interval_s``
+    parameter the export writes into ``config.pbtxt`` (``serving.metrics_interval_s``), or that
+    setting's default for a repository exported before it existed."""
+    from configs import ServingConfig
+    from serving.interface import METRICS_INTERVAL_PARAMETER
+
+    value = model_config.get("parameters", {}).get(METRICS_INTERVAL_PARAMETER, {}).get("string_value")
+    return float(value) if value not in (None, "") else ServingConfig().metrics_interval_s
+
+
 class StageModel:
     stage_name: str = ""
 
@@ -43,6 +56,7 @@ class StageModel:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.pb = pb_utils
         config = json.loads(args["model_config"])
+        self.metrics_interval_s = metrics_interval(config)
         artifacts = Path(args["model_repository"]) / args["model_version"]
         self.stage = self.build_stage(artifacts, args)
         self.input_names = [i["name"] for i in config["input"]]
@@ -83,7 +97,9 @@ class StageModel:
         from serving.metrics import BackgroundRecorder
 
         return BackgroundRecorder(
-            metrics, lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
+            metrics,
+            lambda err: self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}"),
+            interval_s=self.metrics_interval_s,
         )
 
     def execute(self, requests):

@@ -18,6 +18,33 @@ def test_export_writes_every_stage_with_its_version(triton_repo, model_version):
     assert (triton_repo / "feature_lookup" / v / "online_store.sqlite").exists()
 
 
+def test_every_model_with_metrics_gets_the_configured_metrics_interval(triton_repo, model_version):
+    import json
+
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from configs import ServingConfig
+    from deployment.export import with_metrics_interval
+    from serving.interface import FEEDBACK, ROUTER
+    from serving.triton_model import metrics_interval
+
+    def as_json(text):  # what a stub's initialize() gets as args["model_config"]
+        config = model_config_pb2.ModelConfig()
+        text_format.Parse(text, config)
+        return json.loads(json_format.MessageToJson(config, preserving_proto_field_name=True))
+
+    default = ServingConfig().metrics_interval_s
+    for model in [*STAGE_ARTIFACTS, ROUTER, FEEDBACK]:
+        text = (triton_repo / model / "config.pbtxt").read_text()
+        assert metrics_interval(as_json(text)) == default, model
+        assert metrics_interval(as_json(with_metrics_interval(text, 0.0))) == 0.0
+        assert with_metrics_interval(text, 2.0).startswith("#")  # the header comment is kept
+    assert metrics_interval({}) == default  # a repository exported before the parameter existed
+    with pytest.raises(ValueError, match="metrics_interval_s"):
+        with_metrics_interval(text, -1)
+
+
 def test_existing_repository_is_not_overwritten_without_replace(triton_repo, model_version):
     with pytest.raises(FileExistsError, match="replace"):
         export_repository(model_version, triton_repo)

@@ -117,6 +117,7 @@ def scraped_since(prom, since: float) -> float:
 
 @pytest.fixture(scope="module")
 def stack(triton_repo, small_data, tmp_path_factory):
+    from deployment.export import with_metrics_interval
     from deployment.monitoring import PrometheusServer
     from deployment.rollout import set_rollout
     from deployment.server import TritonServer
@@ -128,6 +129,10 @@ def stack(triton_repo, small_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("prometheus")
     repo = work / "triton_repo"
     shutil.copytree(triton_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    # ExactTimes reads each request's own time: every stub records each request at once.
+    for config in repo.glob("*/config.pbtxt"):
+        if 'platform: "ensemble"' not in (text := config.read_text()):
+            config.write_text(with_metrics_interval(text, 0.0))
     off_catalog_version(repo)
     log_path = feedback_log_path(repo)
     rollout = ab_rollout("monitoring", SALT, 1, 1, holdout=HOLDOUT_SHARE)  # equal models in every arm

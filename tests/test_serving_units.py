@@ -60,7 +60,7 @@ class _Family:
     def __init__(self, name, description, kind):
         self.name, self.metrics = name, []
 
-    def Metric(self, labels, buckets=None):  # noqa: N802  (pb_utils' spelling)
+    def Metric(self, labels):  # noqa: N802  (pb_utils' spelling)
         metric = _Metric(labels)
         self.metrics.append(metric)
         return metric
@@ -68,13 +68,34 @@ class _Family:
 
 class _Metric:
     def __init__(self, labels):
-        self.labels, self.total, self.observed = labels, 0.0, []
+        self.labels, self.total, self.updates = labels, 0.0, 0
 
     def increment(self, value):
+        assert value >= 0, "a counter only goes up"
         self.total += value
+        self.updates += 1
 
-    def observe(self, value):
-        self.observed.append(value)
+
+def _buckets(histogram):
+    return {m.labels["le"]: m.total for m in histogram.buckets}
+
+
+def test_counter_histogram_publishes_a_histograms_series_in_one_update_per_series():
+    from serving.metrics import CounterHistogram, counter_histogram_families
+
+    families = counter_histogram_families(_Family, "x_ms", "X")
+    assert [f.name for f in families] == ["x_ms_bucket", "x_ms_sum", "x_ms_count"]
+    h = CounterHistogram(families, {"stage": "s"}, [1.0, 2.5, 10.0])
+    # every series exists at 0 before the first observation (a counter first seen at 1 shows no rate)
+    assert _buckets(h) == {"1": 0, "2.5": 0, "10": 0, "+Inf": 0} and h.count.total == 0
+    h.observe_many([0.5, 1.0, 2.0, 3.0, 50.0])  # le is inclusive, as Prometheus defines it
+    h.observe_many([])
+    assert _buckets(h) == {"1": 2, "2.5": 3, "10": 4, "+Inf": 5}
+    assert h.sum.total == pytest.approx(56.5) and h.count.total == 5
+    h.observe_many(np.full(1000, 0.1))  # a thousand requests: still one update per series
+    assert _buckets(h)["1"] == 1002 and h.count.total == 1005
+    assert all(m.updates == 2 for m in [*h.buckets, h.sum, h.count])
+    assert h.buckets[0].labels == {"stage": "s", "le": "1"} and h.count.labels == {"stage": "s"}
 
 
 def test_background_recorder_records_every_request_from_many_threads():
@@ -102,11 +123,42 @@ def test_background_recorder_records_every_request_from_many_threads():
         t.join()
     assert recorder.flush(timeout=10)
     recorder.close()
-    assert metrics.requests.total == 200 and len(metrics.latency.observed) == 200
+    assert metrics.requests.total == 200 and metrics.latency.count.total == 200
     assert metrics.errors["bad_request"].total == 20 and metrics.errors["internal"].total == 0
-    assert sorted(set(metrics.candidates.observed)) == [4.0, 10.0] and len(metrics.candidates.observed) == 180
+    # 180 answered: 20 fallback responses of 4 items, 160 of 10
+    assert metrics.candidates.count.total == 180 and metrics.candidates.sum.total == 20 * 4 + 160 * 10
+    assert _buckets(metrics.candidates)["1"] == 0 and _buckets(metrics.candidates)["10"] == 180
     assert metrics.fallback.total == 20
-    assert sorted(set(metrics.latency.observed)) == [1.0, 2.0, 3.0, 4.0]
+    # latencies: worker w answers 45 requests in w + 1 ms and refuses 5 in 2 ms
+    assert metrics.latency.sum.total == pytest.approx(45 * (1 + 2 + 3 + 4) + 20 * 2)
+    assert {le: _buckets(metrics.latency)[le] for le in ("0.5", "1", "2", "5")} == {
+        "0.5": 0,
+        "1": 45,
+        "2": 45 + 45 + 20,
+        "5": 200,
+    }
+
+
+def test_background_recorder_updates_once_per_interval_and_flushes_at_once():
+    import time
+    from types import SimpleNamespace
+
+    from serving.metrics import BackgroundRecorder, StageMetrics
+
+    metrics = StageMetrics(SimpleNamespace(MetricFamily=_Family), "retrieval", 1, ["candidate_ids"])
+    recorder = BackgroundRecorder(metrics, interval_s=0.5)
+    answered = {"candidate_ids": np.arange(100)}
+    for _ in range(300):  # a burst well inside one interval
+        recorder.observe(0.001, answered)
+    assert recorder.flush(timeout=10)
+    assert metrics.latency.count.total == 300
+    # the burst cost one update per series (maybe two, if the recorder woke between observations)
+    assert metrics.requests.updates <= 2 and metrics.latency.count.updates <= 2
+    began = time.monotonic()
+    recorder.observe(0.001, answered)
+    assert recorder.flush(timeout=10) and time.monotonic() - began < 0.4  # flush does not wait the interval out
+    assert metrics.latency.count.total == 301
+    recorder.close()
 
 
 def test_online_counters_recorded_in_the_background_add_up_and_settle():
@@ -150,10 +202,11 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     routed.close(), answered.close()
 
     def totals(metrics, key, **labels):
+        found = [(dict(lab), m) for (k, lab), m in metrics._metrics.items() if k == key]
         return sum(
-            m.total + len(m.observed)
-            for (k, _), m in metrics._metrics.items()
-            if k == key and all(m.labels.get(n) == v for n, v in labels.items())
+            m.count.total if key == "latency" else m.total
+            for lab, m in found
+            if all(lab.get(n) == v for n, v in labels.items())
         )
 
     assert totals(router, "requests") == 120 and totals(router, "latency") == 120
