@@ -8,7 +8,8 @@ On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-featur
   the feedback endpoint (gRPC, the router's requests' shown items), half through ingestion
   (``ingest_events``, straight into the store), for the users being requested, so every read sees
   its history grow. The two phases alternate (``rounds``) so a busy machine hurts both alike; each
-  phase reports the server's CPU per funnel request, split by process (tritonserver, each stage's stub);
+  phase reports the server's CPU per funnel request, split by process (tritonserver, each stage's stub),
+  and with ``--backend postgresql`` the database server's CPU per funnel request beside it;
 * **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
   then the next funnel request of that user: latency from the acknowledgement to that response, and
   whether the item was already gone (during the write stream).
@@ -232,11 +233,18 @@ def main() -> None:
             writes = []
             # tritonserver and each model's stubs, seconds: where a slowdown under writes comes from
             server_cpu: dict[str, dict[str, float]] = {"read_only": {}, "with_writes": {}}
+            # PostgreSQL's own processes, on the same cores (0 on SQLite: it runs inside the stubs)
+            database_cpu = {"read_only": 0.0, "with_writes": 0.0}
+
+            def database_seconds() -> float:
+                return postgres.cpu_seconds() if postgres is not None else 0.0
+
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
-                cpu_before = server.cpu_seconds_by_process()
+                cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
                 phases["read_only"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
                 add_cpu(server_cpu["read_only"], cpu_before, server.cpu_seconds_by_process())
+                database_cpu["read_only"] += database_seconds() - db_before
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream,
@@ -244,9 +252,10 @@ def main() -> None:
                 )
                 writer.start()
                 ready.wait(120)
-                cpu_before = server.cpu_seconds_by_process()
+                cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
                 phases["with_writes"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
                 add_cpu(server_cpu["with_writes"], cpu_before, server.cpu_seconds_by_process())
+                database_cpu["with_writes"] += database_seconds() - db_before
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
@@ -271,6 +280,8 @@ def main() -> None:
                     for process, seconds in sorted(server_cpu[name].items(), key=lambda kv: -kv[1])
                 },
             }
+            if postgres is not None:  # the database server's processes, not counted in the server's CPU
+                result[name]["database_cpu_ms_per_request"] = round(database_cpu[name] * 1000 / served, 3)
         result["with_writes"]["writes"] = writes
         result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)
         result["target_p99_within_1.2x"] = result["p99_ratio_with_writes"] <= 1.2

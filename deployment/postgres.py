@@ -85,6 +85,28 @@ class PostgresServer:
         self._run(str(self.bin / "createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", "funnel")
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the cluster has used so far, in seconds: the postmaster, its live
+        processes (a backend per connection, the WAL writer, ...) and those it has reaped (Linux
+        ``/proc``); 0 when it is not running. What a benchmark on the same cores pays for the database."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue  # gone while we looked
+            pid, ppid = int(Path(stat).parent.name), int(fields[1])
+            if pid == postmaster:  # its own time and its reaped children's
+                total += sum(int(f) for f in fields[11:15]) / ticks
+            elif ppid == postmaster:
+                total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             try:

@@ -222,3 +222,21 @@ def test_replicas_starting_together_create_the_schema_once(location):
     ]
     for opener in openers:
         assert opener.wait() == 0, opener.stderr.read().decode()[-2000:]
+
+
+def test_the_postgres_servers_cpu_is_read_from_its_processes(postgres):
+    """What the live benchmark charges to the database: the cluster's CPU grows with its work (a
+    backend's time counts while it runs and after it has gone), and reads 0 once it has stopped."""
+    import psycopg
+
+    before = postgres.cpu_seconds()
+    assert before > 0  # initdb's server start and createdb already cost some
+    with psycopg.connect(postgres.url, autocommit=True) as con:
+        con.execute("SELECT count(*) FROM generate_series(1, 3000000)")  # a second or so of one backend
+        during = postgres.cpu_seconds()
+    time.sleep(0.5)  # the backend exits; the postmaster reaps it
+    after = postgres.cpu_seconds()
+    assert during - before > 0.1 and after >= during - 0.05, (before, during, after)
+    stopped = PostgresServer()
+    assert stopped.cpu_seconds() == 0.0
+    stopped.stop()
