@@ -168,19 +168,29 @@ def metrics_interval_of(manifest: dict) -> float:
     return float(manifest["config"]["serving"].get("metrics_interval_s", default))
 
 
-def with_metrics_interval(model_config: str, seconds: float) -> str:
-    """``model_config`` (a ``config.pbtxt``) with the ``metrics_interval_s`` parameter its stub reads
-    (``serving/triton_model.py``): how often it sends its queued metric updates to the server."""
+def edit_model_config(model_config: str, change) -> str:
+    """``model_config`` (a ``config.pbtxt``) parsed into Triton's ``ModelConfig``, ``change(config)``
+    applied, written back with its leading ``#`` comment lines kept."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    if not 0.0 <= float(seconds) <= 60.0:
-        raise ValueError(f"metrics_interval_s must be in [0, 60], got {seconds}")
     config = model_config_pb2.ModelConfig()
     text_format.Parse(model_config, config)
-    config.parameters[METRICS_INTERVAL_PARAMETER].string_value = repr(float(seconds))
+    change(config)
     header = "".join(line + "\n" for line in model_config.splitlines() if line.startswith("#"))
     return header + text_format.MessageToString(config)
+
+
+def with_metrics_interval(model_config: str, seconds: float) -> str:
+    """``model_config`` (a ``config.pbtxt``) with the ``metrics_interval_s`` parameter its stub reads
+    (``serving/triton_model.py``): how often it sends its queued metric updates to the server."""
+    if not 0.0 <= float(seconds) <= 60.0:
+        raise ValueError(f"metrics_interval_s must be in [0, 60], got {seconds}")
+
+    def change(config) -> None:
+        config.parameters[METRICS_INTERVAL_PARAMETER].string_value = repr(float(seconds))
+
+    return edit_model_config(model_config, change)
 
 
 def configure_batching(stage_config: str, stage: str, batching) -> str:
@@ -193,25 +203,23 @@ def configure_batching(stage_config: str, stage: str, batching) -> str:
     stages serve each request's own tensors anyway (``serving/triton_model.py``). The ensemble
     stays unbatched (``max_batch_size: 0``): it adds the batch dimension of 1 a batching stage
     expects and strips it from the funnel's outputs, so clients send what they always sent."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse(stage_config, config)
-    if batching.enabled:
-        config.max_batch_size = int(batching.max_batch_size)
-        config.dynamic_batching.max_queue_delay_microseconds = int(batching.max_queue_delay_us)
-    else:
-        config.max_batch_size = 0
-        config.ClearField("dynamic_batching")
-    for tensor in config.input:
-        tensor.allow_ragged_batch = bool(batching.enabled and -1 in tensor.dims)
-    if not config.instance_group:
-        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-    for group in config.instance_group:
-        group.count = batching.instances_of(stage)
-    header = "".join(line + "\n" for line in stage_config.splitlines() if line.startswith("#"))
-    return header + text_format.MessageToString(config)
+    def change(config) -> None:
+        if batching.enabled:
+            config.max_batch_size = int(batching.max_batch_size)
+            config.dynamic_batching.max_queue_delay_microseconds = int(batching.max_queue_delay_us)
+        else:
+            config.max_batch_size = 0
+            config.ClearField("dynamic_batching")
+        for tensor in config.input:
+            tensor.allow_ragged_batch = bool(batching.enabled and -1 in tensor.dims)
+        if not config.instance_group:
+            config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        for group in config.instance_group:
+            group.count = batching.instances_of(stage)
+
+    return edit_model_config(stage_config, change)
 
 
 def serve_all_versions(stage_config: str) -> str:

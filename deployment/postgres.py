@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployment.server import LOOPBACK, free_port
+from deployment.server import LOOPBACK, child_pids, free_port, process_cpu_seconds
 
 PG_BIN_ENV = "FUNNEL_PG_BIN"
 
@@ -93,19 +93,8 @@ class PostgresServer:
             postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
         except (FileNotFoundError, IndexError, ValueError):
             return 0.0
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue  # gone while we looked
-            pid, ppid = int(Path(stat).parent.name), int(fields[1])
-            if pid == postmaster:  # its own time and its reaped children's
-                total += sum(int(f) for f in fields[11:15]) / ticks
-            elif ppid == postmaster:
-                total += (int(fields[11]) + int(fields[12])) / ticks
-        return total
+        own = process_cpu_seconds(postmaster, reaped_children=True)
+        return own + sum(process_cpu_seconds(child) for child in child_pids(postmaster))
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -110,13 +110,27 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); 0 once it has gone."""
+def process_cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); 0 once it has gone.
+    ``reaped_children``: plus those of its children that have exited and been waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    used = fields[11:15] if reaped_children else fields[11:13]  # utime, stime (, cutime, cstime)
+    return sum(int(f) for f in used) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux ``/proc``)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue  # gone while we looked
+    return children
 
 
 class TritonServer:
