@@ -1,8 +1,9 @@
-"""The served funnel unbatched vs batched, side by side in one run: same world, same machine.
+"""The served funnel unbatched vs batched vs fused, side by side in one run: same world, same machine.
 
 For each catalog size: build (or reuse) the synthetic world of ``benchmarks/benchmark_serving.py``,
-export it twice (``serving.batching.enabled: false``, one request per ``execute()`` call, and the
-batched configuration: Triton's dynamic batcher in every stage), and for each export start the real
+export it once per configuration (``unbatched``: ``serving.batching.enabled: false``, one request
+per ``execute()`` call; ``batched``: Triton's dynamic batcher in every stage; ``fused``: batched,
+every stage inside one model, ``serving.batching.fuse_stages``), and for each export start the real
 tritonserver, warm it up and drive it with ``benchmarks/loadgen.py`` at 1, 8, 32 and 64 requests in
 flight: p50/p95/p99 latency and requests/s per level. Per level and stage it also reads Triton's
 statistics: requests per ``execute()`` call (the batch size reached), queue and compute time.
@@ -33,13 +34,15 @@ from benchmarks import print_json
 
 LEVELS = (1, 8, 32, 64)
 STAGES = ("feature_lookup", "query_tower", "retrieval", "filtering", "light_ranker", "heavy_ranker", "ordering")
+MODELS = (*STAGES, "fused_funnel")
+CONFIGURATIONS = ("unbatched", "batched", "fused")
 
 
 def stage_stats(control) -> dict:
     """Triton's cumulative statistics of every stage: requests, executions, queue and compute ns."""
     out = {}
     for model in control.get_inference_statistics("", as_json=True).get("model_stats", []):
-        if model["name"] not in STAGES:
+        if model["name"] not in MODELS:
             continue
         stats = model.get("inference_stats", {})
         row = out.setdefault(model["name"], {"requests": 0, "executions": 0, "queue_ns": 0, "compute_ns": 0})
@@ -107,7 +110,12 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         max_queue_delay_us=args.max_queue_delay_us,
         instances=args.instances,
     )
-    configurations = {"unbatched": BatchingConfig(enabled=False, instances=args.instances), "batched": batched}
+    configurations = {
+        "unbatched": BatchingConfig(enabled=False, instances=args.instances),
+        "batched": batched,
+        "fused": BatchingConfig(**{**vars(batched), "fuse_stages": True, "instances": args.fused_instances}),
+    }
+    configurations = {name: configurations[name] for name in args.configurations}
     row = {
         "num_items_generated": num_items,
         "served_catalog": int(len(pd.read_parquet(model.path / "item_features.parquet", columns=["item_id"]))),
@@ -118,14 +126,18 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         repo = export_repository(model, workdir / f"triton_repo_{name}", replace=True, batching=batching)
         row[name] = measure_repo(repo, known, args, workdir / f"server_{name}.log")
         print(json.dumps({"size": num_items, name: row[name]}), file=sys.stderr, flush=True)
-    one, many = row["batched"]["in_flight_1"], row["batched"].get("in_flight_32")
-    row["targets"] = {
-        "p99_le_10ms_at_1_in_flight": one["p99_ms"] <= 10,
-        "p99_at_1_no_worse_than_unbatched": one["p99_ms"] <= row["unbatched"]["in_flight_1"]["p99_ms"],
-    }
-    if many:
-        row["targets"]["rps_ge_1000_at_32_in_flight"] = many["requests_per_s"] >= 1000
-        row["targets"]["p99_le_25ms_at_32_in_flight"] = many["p99_ms"] <= 25
+    row["targets"] = {}
+    for name in [n for n in ("batched", "fused") if n in row]:
+        one, many = row[name].get("in_flight_1"), row[name].get("in_flight_32")
+        targets = {}
+        if one:
+            targets["p99_le_10ms_at_1_in_flight"] = one["p99_ms"] <= 10
+            if "in_flight_1" in row.get("unbatched", {}):
+                targets["p99_at_1_no_worse_than_unbatched"] = one["p99_ms"] <= row["unbatched"]["in_flight_1"]["p99_ms"]
+        if many:
+            targets["rps_ge_1000_at_32_in_flight"] = many["requests_per_s"] >= 1000
+            targets["p99_le_25ms_at_32_in_flight"] = many["p99_ms"] <= 25
+        row["targets"][name] = targets
     return row
 
 
@@ -150,7 +162,13 @@ def main() -> None:
         default=BatchingConfig().max_queue_delay_us,
         help="serving.batching.max_queue_delay_us when batched",
     )
-    p.add_argument("--instances", type=int, default=1, help="serving.batching.instances (both configurations)")
+    p.add_argument("--instances", type=int, default=1, help="serving.batching.instances (unbatched and batched)")
+    p.add_argument(
+        "--fused-instances", type=int, default=2, help="instances of the fused funnel (one per core: it is every stage)"
+    )
+    p.add_argument(
+        "--configurations", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS), help="what to measure"
+    )
     p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
     p.add_argument(
         "--keep", action="store_true", help="keep the worlds; a later run with the same --workdir reuses them"

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import print_json
+from serving.interface import stage_folder
 
 
 def write_stream(
@@ -190,7 +191,7 @@ def main() -> None:
         shutil.rmtree(repo, ignore_errors=True)
         shutil.copytree(args.repository, repo)
         version = json.loads((repo / "export.json").read_text())["version"]
-        manifest_dir = repo / "ordering" / str(version)
+        manifest_dir = stage_folder(repo, "ordering", version)
     else:
         from benchmarks.benchmark_serving import build_world
 
@@ -203,7 +204,7 @@ def main() -> None:
             Path(stale + suffix).unlink(missing_ok=True)
     users = pd.read_parquet(manifest_dir / "item_features.parquet")  # the catalog, for ingested items
     items = users["item_id_raw"].astype(int).tolist()
-    history = repo / "feature_lookup" / str(version) / "online_store.sqlite"
+    history = stage_folder(repo, "feature_lookup", version) / "online_store.sqlite"
     import sqlite3
 
     with sqlite3.connect(f"file:{history}?mode=ro", uri=True) as con:

@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from benchmarks import print_json
+from serving.interface import stage_folder
 
 
 def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) -> float:
@@ -141,7 +142,7 @@ def ann_recall(repo: Path, version: int, lookup, users, k: int) -> dict:
     from serving.stages import QueryTower, Retrieval
 
     tower = QueryTower(repo / "query_tower" / str(version))
-    retrieval = Retrieval(repo / "retrieval" / str(version))
+    retrieval = Retrieval(stage_folder(repo, "retrieval", version))
     base = faiss.downcast_index(retrieval.index.index)
     vectors = base.reconstruct_n(0, base.ntotal)
     ids = faiss.vector_to_array(retrieval.index.id_map)
@@ -185,7 +186,7 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         "events": int(len(data.events)),
         "users": users,
         "build_s": round(build_s, 1),
-        "index": json.loads((repo / "retrieval" / str(model.version) / "item_index.json").read_text()),
+        "index": json.loads((stage_folder(repo, "retrieval", model.version) / "item_index.json").read_text()),
     }
 
     with TritonServer(repo, log_path=workdir / "server.log") as server:
@@ -211,7 +212,7 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         row["stage_counts_example"] = next(iter(funnel_top.values())).stage_counts
 
     ranker = HeavyRanker(repo / "heavy_ranker" / str(model.version))
-    lookup = FeatureLookup(repo / "feature_lookup" / str(model.version))
+    lookup = FeatureLookup(stage_folder(repo, "feature_lookup", model.version))
     row["ann"] = ann_recall(repo, model.version, lookup, eval_users, int(config.serving.retrieval_k))
     baseline_rank(ranker, lookup, int(eval_users[0]), 10)  # trace the graph once
     ndcg_f, ndcg_b, base_lat = [], [], []

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from configs.runtime import quiet_known_warnings
+from serving.interface import stage_folder
 
 quiet_known_warnings()
 
 
 def known_users(repo: Path, version: int) -> np.ndarray:
-    con = sqlite3.connect(f"file:{repo / 'feature_lookup' / str(version) / 'online_store.sqlite'}?mode=ro", uri=True)
+    store = stage_folder(repo, "feature_lookup", version) / "online_store.sqlite"
+    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
         return np.array([r[0] for r in con.execute("SELECT user_id_raw FROM user_features")])
     finally:
@@ -37,7 +39,7 @@ def known_users(repo: Path, version: int) -> np.ndarray:
 def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = 20) -> None:
     from serving import stages
 
-    funnel = {name: stages.STAGES[name](repo / name / str(version)) for name in stages.FUNNEL}
+    funnel = {name: stages.STAGES[name](stage_folder(repo, name, version)) for name in stages.FUNNEL}
     times = {name: [] for name in stages.FUNNEL}
     for i, user in enumerate(users):
         x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
@@ -55,7 +57,7 @@ def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, 
     """As ``in_process``, ``batch`` requests at a time through each stage's ``run_batch``."""
     from serving import stages
 
-    funnel = {name: stages.STAGES[name](repo / name / str(version)) for name in stages.FUNNEL}
+    funnel = {name: stages.STAGES[name](stage_folder(repo, name, version)) for name in stages.FUNNEL}
     times = {name: [] for name in stages.FUNNEL}
     for i in range(0, len(users) - batch + 1, batch):
         xs = [

@@ -482,6 +482,9 @@ class BatchingConfig:
     max_queue_delay_us: int = 100  # how long a stage holds a request waiting for others to join it
     instances: int = 1  # instances (stub processes) of every stage...
     stage_instances: dict[str, int] = field(default_factory=dict)  # ...or per stage, e.g. {heavy_ranker: 2}
+    # Every stage inside one model (serving/fused.py): one hop per request instead of seven, for
+    # CPU throughput; the stages then share that model's batches and instances (fused_funnel: N).
+    fuse_stages: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -3,7 +3,9 @@
 The stage definitions (``config.pbtxt`` and a thin ``model.py``) come from ``triton_repo/``; the
 export puts each stage's artifacts from the registry version into ``<stage>/<version>/``, writes
 each stage's batching (``serving.batching``: dynamic batcher, instance count) into its config, and
-builds the online feature store. The repository is assembled in a temporary folder beside the target and
+builds the online feature store. With ``serving.batching.fuse_stages`` the stages' folders go into
+one model instead, ``fused_funnel/<version>/<stage>/`` (``serving/fused.py``), and the ensembles
+call it as their one step. The repository is assembled in a temporary folder beside the target and
 renamed into place only when complete, so a server never sees a partial export.
 """
 
@@ -22,7 +24,16 @@ import pandas as pd
 from models.heads import served_members
 from models.registry import MANIFEST, ModelVersion, check_artifact_versions
 from serving.assignment import single_version
-from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, METRICS_INTERVAL_PARAMETER, ROUTER, ensemble_name
+from serving.interface import (
+    EXPERIMENT_FILE,
+    FEEDBACK,
+    FUNNEL,
+    FUSED,
+    METRICS_INTERVAL_PARAMETER,
+    ROUTER,
+    ensemble_name,
+    stage_folder,
+)
 from serving.online_store import build_online_store
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -97,26 +108,33 @@ def export_repository(
     version = str(manifest["version"])
     batching = batching or batching_of(manifest)
     metrics_interval = metrics_interval_of(manifest)
-    unknown = sorted(set(batching.stage_instances) - set(STAGE_ARTIFACTS))
+    unknown = sorted(set(batching.stage_instances) - {*STAGE_ARTIFACTS, FUSED})
     if unknown:
-        raise ValueError(f"serving.batching.stage_instances names {unknown}; the stages are {list(STAGE_ARTIFACTS)}")
+        raise ValueError(
+            f"serving.batching.stage_instances names {unknown}; the models are {[*STAGE_ARTIFACTS, FUSED]}"
+        )
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
     try:
+        # Fused: one model holding every stage's folder (serving/fused.py); else one model per stage.
+        models = [FUSED] if batching.fuse_stages else list(STAGE_ARTIFACTS)
+        for name in models:
+            model_config = (source / name / "config.pbtxt").read_text()
+            model_config = configure_batching(model_config, name, batching)
+            model_config = with_metrics_interval(model_config, metrics_interval)
+            (staging / name / version).mkdir(parents=True)
+            (staging / name / "config.pbtxt").write_text(serve_all_versions(model_config))
+            install_model_py(source / name / "1" / "model.py", staging / name / version)
+            shutil.copy2(model.path / MANIFEST, staging / name / version / MANIFEST)
         for stage, artifacts in stage_artifacts(manifest).items():
-            version_dir = staging / stage / version
-            version_dir.mkdir(parents=True)
-            stage_config = (source / stage / "config.pbtxt").read_text()
-            stage_config = configure_batching(stage_config, stage, batching)
-            stage_config = with_metrics_interval(stage_config, metrics_interval)
-            (staging / stage / "config.pbtxt").write_text(serve_all_versions(stage_config))
-            install_model_py(source / stage / "1" / "model.py", version_dir)
+            version_dir = stage_folder(staging, stage, version)
+            version_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model.path / MANIFEST, version_dir / MANIFEST)
             for name in artifacts:
                 _copy(model.path / name, version_dir / name)
         build_online_store(
-            staging / "feature_lookup" / version / "online_store.sqlite",
+            stage_folder(staging, "feature_lookup", version) / "online_store.sqlite",
             pd.read_parquet(model.path / "user_features.parquet"),
             manifest["features"]["user_categorical"],
             manifest["features"]["user_continuous"],
@@ -126,7 +144,10 @@ def export_repository(
             pd.read_parquet(recent) if (recent := model.path / "recent_events.parquet").exists() else None,
         )
         (staging / FUNNEL / version).mkdir(parents=True)
-        pinned = pin_ensemble((source / FUNNEL / "config.pbtxt").read_text(), int(version))
+        ensemble = (source / FUNNEL / "config.pbtxt").read_text()
+        if batching.fuse_stages:
+            ensemble = fused_ensemble(ensemble)
+        pinned = pin_ensemble(ensemble, int(version))
         (staging / FUNNEL / "config.pbtxt").write_text(pinned)
         write_version_ensemble(staging, pinned, int(version))
         # The A/B router (one arm, this version, until an experiment starts) and the feedback endpoint.
@@ -230,6 +251,27 @@ def serve_all_versions(stage_config: str) -> str:
     return stage_config.rstrip("\n") + "\nversion_policy: { all { } }\n"
 
 
+def fused_ensemble(ensemble_config: str) -> str:
+    """The funnel ensemble with its steps replaced by one: the fused funnel (``serving/fused.py``),
+    which takes the ensemble's inputs and gives its outputs under the same names. Clients, the A/B
+    router and rollouts call ``funnel`` / ``funnel_v<N>`` whichever layout serves them."""
+
+    def change(config) -> None:
+        del config.ensemble_scheduling.step[:]
+        step = config.ensemble_scheduling.step.add(model_name=FUSED, model_version=-1)
+        for tensor in config.input:
+            step.input_map[tensor.name] = tensor.name
+        for tensor in config.output:
+            step.output_map[tensor.name] = tensor.name
+
+    return edit_model_config(ensemble_config, change)
+
+
+def version_models(repo: str | Path, version: int | str) -> list[str]:
+    """The models holding ``version``'s stages in ``repo``: the fused funnel, or the seven stages."""
+    return [FUSED] if (Path(repo) / FUSED / str(version)).is_dir() else list(STAGE_ARTIFACTS)
+
+
 def pin_ensemble(ensemble_config: str, version: int) -> str:
     """Every step of the ensemble calls exactly ``version`` of its stage: one request never mixes
     the query tower, ANN index and rankers of two exports."""
@@ -243,28 +285,37 @@ def write_version_ensemble(repo: Path, pinned_config: str, version: int) -> Path
     """``funnel_v<version>``: the funnel pinned to ``version`` under its own name, so the A/B router can
     call two versions side by side (``online/router.py``)."""
     name = ensemble_name(version)
-    config, count = re.subn(rf'^name:\s*"{FUNNEL}"', f'name: "{name}"', pinned_config, flags=re.M)
-    if count != 1:
-        raise ValueError(f"the ensemble config must name the model {FUNNEL!r} once")
+    config = rename_ensemble(pinned_config, name)
     (repo / name / "1").mkdir(parents=True, exist_ok=True)
     (repo / name / "config.pbtxt").write_text(config)
     return repo / name
+
+
+def rename_ensemble(ensemble_config: str, name: str) -> str:
+    """``ensemble_config`` (``funnel`` or a ``funnel_v<N>``) under the model name ``name``."""
+    config, count = re.subn(r'^name:\s*"[^"]*"', f'name: "{name}"', ensemble_config, count=1, flags=re.M)
+    if count != 1 or not re.match(rf"^{FUNNEL}(_v\d+)?$", name):
+        raise ValueError(f"the ensemble config must name a model, and {name!r} must be {FUNNEL} or {FUNNEL}_v<N>")
+    return config
 
 
 def check_complete(repo: Path, version: str, manifest: dict | None = None) -> None:
     """Every stage has its config, its model.py, the run's manifest and its artifacts (those the
     manifest says the version has; read from the ordering stage's copy when not given)."""
     if manifest is None:
-        path = repo / "ordering" / version / MANIFEST
+        path = stage_folder(repo, "ordering", version) / MANIFEST
         if not path.exists():
-            raise RuntimeError(f"incomplete export: ordering/{version}/{MANIFEST} is missing")
+            raise RuntimeError(f"incomplete export: {path.relative_to(repo)} is missing")
         manifest = json.loads(path.read_text())
+    for name in version_models(repo, version):
+        for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"]:
+            if not (repo / name / rel).exists():
+                raise RuntimeError(f"incomplete export: {name}/{rel} is missing")
     for stage, artifacts in stage_artifacts(manifest).items():
-        for rel in ["config.pbtxt", f"{version}/model.py", f"{version}/{MANIFEST}"] + [
-            f"{version}/{a}" for a in artifacts
-        ]:
-            if not (repo / stage / rel).exists():
-                raise RuntimeError(f"incomplete export: {stage}/{rel} is missing")
+        folder = stage_folder(repo, stage, version)
+        for rel in [MANIFEST, *artifacts]:
+            if not (folder / rel).exists():
+                raise RuntimeError(f"incomplete export: {(folder / rel).relative_to(repo)} is missing")
     for ensemble in (FUNNEL, ensemble_name(version)):
         if not (repo / ensemble / "config.pbtxt").exists():
             raise RuntimeError(f"incomplete export: the ensemble config {ensemble}/config.pbtxt is missing")

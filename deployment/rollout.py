@@ -34,13 +34,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, install_model_py, pin_ensemble
+from deployment.export import (
+    STAGE_ARTIFACTS,
+    check_complete,
+    export_repository,
+    install_model_py,
+    pin_ensemble,
+    rename_ensemble,
+    version_models,
+)
 from deployment.security import ControlClient
 from models.registry import ModelVersion
 from serving.assignment import NO_EXPERIMENT, Rollout, single_version
-from serving.interface import EXPERIMENT_FILE, FUNNEL, ROUTER, ensemble_name
+from serving.interface import EXPERIMENT_FILE, FUNNEL, FUSED, ROUTER, ensemble_name
 
-STAGES = list(STAGE_ARTIFACTS)
+# Every model that can hold a version's stages: the seven stages, or the fused funnel.
+STAGES = [*STAGE_ARTIFACTS, FUSED]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -53,8 +62,13 @@ def served_version(repo: str | Path) -> int:
     return int(json.loads((Path(repo) / "export.json").read_text())["version"])
 
 
-def add_version(model: ModelVersion, repo: str | Path) -> int:
-    """Put ``model``'s stages into the live repository as a new numbered version; return it."""
+def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
+    """Put ``model``'s stages into the live repository as a new numbered version; return it.
+
+    ``batching`` (``configs.BatchingConfig``) overrides the version's own ``serving.batching``, e.g.
+    to roll a version in fused (``fuse_stages``) behind a server that serves the seven stage models:
+    ``roll_out`` switches the ensemble to the fused funnel, and ``retire`` of the last staged version
+    unloads the stage models."""
     repo = Path(repo).resolve()
     version = int(model.version)
     clash = [s for s in STAGES if (repo / s / str(version)).exists()]
@@ -63,8 +77,12 @@ def add_version(model: ModelVersion, repo: str | Path) -> int:
     staging_parent = Path(tempfile.mkdtemp(prefix=f".{repo.name}-v{version}-", dir=repo.parent))
     moved: list[Path] = []
     try:
-        staged = export_repository(model, staging_parent / "repo")
-        for stage in STAGES:
+        staged = export_repository(model, staging_parent / "repo", batching=batching)
+        for stage in version_models(staged, version):
+            if not (repo / stage).exists():  # a model the live repository lacks (e.g. the first fused export)
+                os.rename(staged / stage, repo / stage)
+                moved.append(repo / stage)
+                continue
             target = repo / stage / str(version)
             os.rename(staged / stage / str(version), target)
             moved.append(target)
@@ -114,13 +132,13 @@ def wait_unloaded(client, name: str, keep: int, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def load_version(client, version: int, timeout_s: float = 300.0) -> None:
+def load_version(client, repo: Path, version: int, timeout_s: float = 300.0) -> None:
     """Load every stage's ``version`` (the loaded ones keep serving) and its pinned ``funnel_v<N>``.
 
     A stage that already serves ``version`` is not reloaded: a reload restarts every version's stub
     and, with several ensembles depending on the stage, was seen to hang tritonserver 2.51's loader.
     """
-    for stage in STAGES:
+    for stage in version_models(repo, version):
         if not client.is_model_ready(stage, str(version)):
             client.load_model(stage)
             wait_ready(client, stage, version, timeout_s)
@@ -135,9 +153,12 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
     check_complete(repo, str(version))
     client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
     try:
-        load_version(client, version, timeout_s)
+        load_version(client, repo, version, timeout_s)
+        # The version's own pinned ensemble under the served name: its steps are that export's (the
+        # seven stages or the fused funnel), whatever the version served before had.
         ensemble = repo / FUNNEL
-        _write_atomic(ensemble / "config.pbtxt", pin_ensemble((ensemble / "config.pbtxt").read_text(), version))
+        pinned = pin_ensemble((repo / ensemble_name(version) / "config.pbtxt").read_text(), version)
+        _write_atomic(ensemble / "config.pbtxt", rename_ensemble(pinned, FUNNEL))
         (ensemble / str(version)).mkdir(exist_ok=True)
         client.load_model(FUNNEL)
         wait_ready(client, FUNNEL, version, timeout_s)
@@ -169,8 +190,13 @@ def retire(grpc_url: str, repo: str | Path, version: int) -> None:
             path = repo / stage / str(version)
             if path.exists():
                 shutil.rmtree(path)
-                if stage != FUNNEL:
+                if stage == FUNNEL:
+                    continue
+                if any(p.name.isdigit() for p in (repo / stage).iterdir()):
                     client.load_model(stage)
+                else:  # its last version gone (the layout changed): the model goes too
+                    client.unload_model(stage)
+                    shutil.rmtree(repo / stage)
     finally:
         client.close()
 
@@ -212,7 +238,7 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
     try:
         for version in versions:
             if not client.is_model_ready(ensemble_name(version)):
-                load_version(client, version, timeout_s)
+                load_version(client, repo, version, timeout_s)
         router_version = router_versions(repo)[-1] + 1
         staging = Path(tempfile.mkdtemp(prefix=f".{ROUTER}-{router_version}-", dir=repo / ROUTER))
         try:
@@ -243,7 +269,7 @@ def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) ->
     client = ControlClient(grpc_url, repo)
     try:
         for version in versions:
-            load_version(client, version, timeout_s)
+            load_version(client, repo, version, timeout_s)
         if not client.is_model_ready(ROUTER, str(router_version)):
             client.load_model(ROUTER)
             wait_ready(client, ROUTER, router_version, timeout_s)

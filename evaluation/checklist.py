@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serving.interface import stage_folder
+
 
 @dataclass
 class CheckResult:
@@ -117,7 +119,7 @@ def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_
         version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
         users = pd.read_parquet(model_dir / "user_features.parquet")["user_id_raw"].head(sample_users).tolist()
         users.append(int(max(users)) + 10**6)  # and one unknown user: the fallback must obey too
-        if (repo / "ordering" / str(version)).is_dir():
+        if stage_folder(repo, "ordering", version).is_dir():
             results.append(check_scores_in_unit_range(repo, version, users))
         else:  # nothing of this version to serve: a failed check, not a crash
             results.append(CheckResult("scores_in_unit_range", False, f"{repo} does not hold version {version}"))

@@ -191,9 +191,15 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
 
 
 def load_funnel(repo: str | Path, version: int) -> list:
-    """The exported funnel's stage objects, in the ensemble's order."""
+    """The exported funnel's stage objects, in the ensemble's order (the fused funnel's own, where
+    the version was exported fused: ``serving/fused.py``)."""
+    from serving.interface import FUSED
     from serving.stages import STAGES
 
+    if (Path(repo) / FUSED / str(version)).is_dir():
+        from serving.fused import FusedFunnel
+
+        return FusedFunnel(Path(repo) / FUSED / str(version)).stages
     return [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
 
 

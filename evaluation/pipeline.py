@@ -205,9 +205,10 @@ SHARED_BY_VARIANTS = ("filtering", "light_ranker", "heavy_ranker", "ordering")
 
 def _with_retrieval_of(stages: list, repo: Path, version: int) -> list:
     """``stages`` with the stages that depend on the candidate generator loaded from ``repo``."""
+    from serving.interface import stage_folder
     from serving.stages import STAGES
 
-    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](Path(repo) / s.name / str(version)) for s in stages]
+    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](stage_folder(repo, s.name, version)) for s in stages]
 
 
 def mitigation_variants(cg) -> list[tuple[int, bool]]:

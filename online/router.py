@@ -46,6 +46,7 @@ from serving.interface import (
     Tensor,
     ensemble_name,
     names,
+    stage_folder,
 )
 from serving.request import RequestError, RequestLimits, scalar
 from serving.stages import load_manifest
@@ -76,7 +77,7 @@ def limits_from_repository(repository: str | Path) -> Callable[[int], RequestLim
 
     @cache
     def limits(version: int) -> RequestLimits:
-        folder = repository / "ordering" / str(int(version))
+        folder = stage_folder(repository, "ordering", int(version))
         if not (folder / MANIFEST).exists():
             raise FunnelFault(f"model version {version} has no exported manifest in {repository}")
         return RequestLimits.from_serving(load_manifest(folder)["config"]["serving"])

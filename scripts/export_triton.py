@@ -7,7 +7,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
 
-from deployment.export import export_repository
+from deployment.export import batching_of, export_repository
 from models import registry
 
 
@@ -17,10 +17,19 @@ def main() -> None:
     parser.add_argument("--version", type=int, help="registry version (default: the latest)")
     parser.add_argument("--out", default="build/triton_repo", help="model repository to write")
     parser.add_argument("--replace", action="store_true", help="swap out an existing repository")
+    parser.add_argument(
+        "--fuse-stages",
+        action=argparse.BooleanOptionalAction,
+        help="every stage in one model, one hop per request (default: the version's serving.batching.fuse_stages)",
+    )
     args = parser.parse_args()
     model = registry.get(args.registry, args.version)
-    repo = export_repository(model, args.out, replace=args.replace)
-    print(f"exported version {model.version} to {repo}")
+    batching = batching_of(model.manifest)
+    if args.fuse_stages is not None:
+        batching.fuse_stages = args.fuse_stages
+    repo = export_repository(model, args.out, replace=args.replace, batching=batching)
+    layout = "fused (one model)" if batching.fuse_stages else "seven stage models"
+    print(f"exported version {model.version} to {repo}: {layout}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ inside the server only (the ensemble adds it and strips it, ``docs/serving.md``)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from models.registry import MANIFEST  # noqa: F401  (the manifest's file name, defined by the registry)
 
 FUNNEL = "funnel"  # the served ensemble: every stage of one model version
+FUSED = "fused_funnel"  # every stage in one model (serving.batching.fuse_stages; serving/fused.py)
 ROUTER = "ab_router"  # the A/B router: the arm's version-pinned ensemble, plus arm and request id
 FEEDBACK = "feedback"  # reactions to one router response
 EXPERIMENT_FILE = "experiment.json"  # the router version's rollout (``serving/assignment.py``)
@@ -33,6 +35,13 @@ STAGE_COUNTS = ("catalog", "retrieval", "filters", "light_ranker", "final")
 def ensemble_name(version: int | str) -> str:
     """The ensemble that runs every stage at exactly ``version`` (A/B arms call these)."""
     return f"{FUNNEL}_v{int(version)}"
+
+
+def stage_folder(repo: str | Path, stage: str, version: int | str) -> Path:
+    """Where ``stage``'s artifacts of ``version`` live in an exported repository: ``<stage>/<version>/``,
+    or ``fused_funnel/<version>/<stage>/`` where that version was exported fused."""
+    fused = Path(repo) / FUSED / str(version)
+    return fused / stage if fused.is_dir() else Path(repo) / stage / str(version)
 
 
 @dataclass(frozen=True)

@@ -114,24 +114,29 @@ def counter_histogram_families(family, name: str, doc: str) -> tuple:
     )
 
 
+def stage_families(pb_utils) -> dict:
+    """The metric families every stage publishes into (one set per process, shared by its stages)."""
+    family = pb_utils.MetricFamily
+    return {
+        "latency": counter_histogram_families(
+            family, "funnel_stage_latency_ms", "Time spent inside a funnel stage per request (ms)"
+        ),
+        "requests": family("funnel_stage_requests_total", "Requests a funnel stage handled", family.COUNTER),
+        "errors": family("funnel_stage_errors_total", "Requests a funnel stage refused, by kind", family.COUNTER),
+        "candidates": counter_histogram_families(
+            family, "funnel_stage_candidates", "Items a funnel stage passed on per request"
+        ),
+        "fallback": family("funnel_fallback_total", "Responses served by the popularity fallback", family.COUNTER),
+    }
+
+
 class StageMetrics:
     """The metric objects of one stage instance (one stub process)."""
 
-    def __init__(self, pb_utils, stage: str, version: int | str, output_names: list[str]):
-        family = pb_utils.MetricFamily
+    def __init__(self, pb_utils, stage: str, version: int | str, output_names: list[str], families: dict | None = None):
         labels = {"stage": stage, "version": str(version)}
         # Keep the families referenced: a Metric must not outlive its MetricFamily.
-        self._families = {
-            "latency": counter_histogram_families(
-                family, "funnel_stage_latency_ms", "Time spent inside a funnel stage per request (ms)"
-            ),
-            "requests": family("funnel_stage_requests_total", "Requests a funnel stage handled", family.COUNTER),
-            "errors": family("funnel_stage_errors_total", "Requests a funnel stage refused, by kind", family.COUNTER),
-            "candidates": counter_histogram_families(
-                family, "funnel_stage_candidates", "Items a funnel stage passed on per request"
-            ),
-            "fallback": family("funnel_fallback_total", "Responses served by the popularity fallback", family.COUNTER),
-        }
+        self._families = families or stage_families(pb_utils)
         f = self._families
         self.latency = CounterHistogram(f["latency"], labels, LATENCY_BUCKETS_MS)
         self.requests = f["requests"].Metric(labels=labels)
@@ -177,6 +182,41 @@ class StageMetrics:
         self.latency.observe_many([ms for ms, *_ in batch])
 
     def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+        self.record([self.facts(seconds, result, error_kind)])
+
+
+class FusedMetrics:
+    """The stage metrics of the fused funnel (``serving/fused.py``): every stage inside it publishes
+    the series it publishes as a model of its own (same names and ``stage`` labels, so the dashboard
+    and the alerts read a fused server as they read the ensemble). ``facts`` takes the seconds each
+    stage took (``FusedFunnel.timings``) and the request's tensors, which hold every stage's outputs.
+    A refused request is counted once, under ``stage="fused_funnel"``: the model that refused it."""
+
+    def __init__(self, pb_utils, name: str, version: int | str, stage_outputs: dict[str, list[str]]):
+        families = stage_families(pb_utils)
+        self.stages = {
+            stage: StageMetrics(pb_utils, stage, version, outputs, families) for stage, outputs in stage_outputs.items()
+        }
+        self.name = name
+        self.own = StageMetrics(pb_utils, name, version, [], families)
+
+    def facts(self, seconds, result: dict | None, error_kind: str | None = None) -> list[tuple]:
+        """``[(stage, StageMetrics.facts), ...]`` for one request; ``seconds`` is ``{stage: s}``
+        when it was served, the fused model's own seconds when it was refused."""
+        if error_kind is not None or not isinstance(seconds, dict):
+            total = sum(seconds.values()) if isinstance(seconds, dict) else seconds
+            return [(self.name, self.own.facts(total, None, error_kind or "internal"))]
+        return [(stage, self.stages[stage].facts(s, result)) for stage, s in seconds.items() if stage in self.stages]
+
+    def record(self, batch: list[list[tuple]]) -> None:
+        by_stage: dict[str, list] = {}
+        for request in batch:
+            for stage, facts in request:
+                by_stage.setdefault(stage, []).append(facts)
+        for stage, facts in by_stage.items():
+            (self.own if stage == self.name else self.stages[stage]).record(facts)
+
+    def observe(self, seconds, result: dict | None, error_kind: str | None = None) -> None:
         self.record([self.facts(seconds, result, error_kind)])
 
 

@@ -564,7 +564,14 @@ class Ordering(Stage):
     )
     outputs = FUNNEL_OUTPUTS
 
-    def __init__(self, artifacts, policy=None, seed: int | None = None, live_store: str | None = None):
+    def __init__(
+        self,
+        artifacts,
+        policy=None,
+        seed: int | None = None,
+        live_store: str | None = None,
+        retrieval_artifacts: str | Path | None = None,
+    ):
         super().__init__(artifacts)
         from configs import LiveConfig, OrderingConfig
 
@@ -593,6 +600,12 @@ class Ordering(Stage):
 
             self.takedowns = TakedownList(LiveStore(location), self.live_config.takedown_refresh_s)
         self._item_vectors = None  # the history query's item vectors, loaded on first use
+        # The retrieval stage's folder of this version: beside this one unless the caller says where.
+        self.retrieval_artifacts = (
+            Path(retrieval_artifacts)
+            if retrieval_artifacts is not None
+            else self.artifacts.parent.parent / "retrieval" / str(self.version)
+        )
         # The export's policy; exported before ordering was configurable: the defaults (sorted by
         # the heavy-ranker score).
         self._configure(policy or OrderingConfig(**self.serving.get("ordering", {})), seed)
@@ -669,7 +682,7 @@ class Ordering(Stage):
         """The retrieval index's vectors (``models.item_index.ItemVectors``) of this version, for the
         history query where the catalog has no item affinity; None outside an exported repository."""
         if self._item_vectors is None:
-            folder = self.artifacts.parent.parent / "retrieval" / str(self.version)
+            folder = self.retrieval_artifacts
             if not (folder / "item_index.json").exists():
                 self._item_vectors = False
             else:

@@ -226,3 +226,26 @@ class StageModel:
         close = getattr(self.stage, "close", None) or getattr(getattr(self.stage, "store", None), "close", None)
         if close:
             close()
+
+
+class FusedFunnelModel(StageModel):
+    """The fused funnel (``serving/fused.py``): every stage in this one model, each stage's metrics
+    recorded as its own model would record them (``serving.metrics.FusedMetrics``)."""
+
+    stage_name = "fused_funnel"
+
+    def build_stage(self, artifacts: Path, args: dict):
+        from serving.fused import FusedFunnel
+
+        return FusedFunnel(artifacts)
+
+    def build_metrics(self, args: dict):
+        from serving.metrics import FusedMetrics
+
+        outputs = {stage.name: [t.name for t in stage.outputs] for stage in self.stage.stages}
+        return self.off_request_path(FusedMetrics(self.pb, self.stage_name, args["model_version"], outputs))
+
+    def _record(self, seconds: float, result, error_kind) -> None:
+        # Served: each stage's own time in the last run or batch (a batch's time charged to each of
+        # its requests, as the stages' own models do); refused: the fused model's time.
+        super()._record(seconds if error_kind else dict(self.stage.timings), result, error_kind)

@@ -10,12 +10,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from online.router import ABRouter, FeedbackService
 from serving import interface
+from serving.fused import FusedFunnel
 from serving.stages import FUNNEL, STAGES
 
 REPO = Path(__file__).resolve().parents[1] / "triton_repo"
 DECLARED = {
     **{name: (cls.inputs, cls.outputs) for name, cls in STAGES.items()},
     interface.FUNNEL: (interface.FUNNEL_INPUTS, interface.FUNNEL_OUTPUTS),
+    interface.FUSED: (FusedFunnel.inputs, FusedFunnel.outputs),
     interface.ROUTER: (ABRouter.inputs, ABRouter.outputs),
     interface.FEEDBACK: (FeedbackService.inputs, FeedbackService.outputs),
 }
@@ -68,3 +70,24 @@ def test_the_ensemble_wires_each_step_to_declared_tensors_in_funnel_order():
         assert set(step.output_map) <= {t.name for t in outputs}  # a step may leave an output unused
         available |= set(step.output_map.values())
     assert {t.name for t in interface.FUNNEL_OUTPUTS} <= available
+
+
+def test_the_fused_ensemble_is_one_step_through_the_fused_funnel():
+    """``serving.batching.fuse_stages``: the export replaces the ensemble's steps with the fused
+    funnel, which takes and gives exactly the ensemble's tensors."""
+    from deployment.export import fused_ensemble
+
+    fused = mc.ModelConfig()
+    text_format.Parse(fused_ensemble((REPO / interface.FUNNEL / "config.pbtxt").read_text()), fused)
+    original = config(interface.FUNNEL)
+    assert (fused.name, fused.platform, fused.input, fused.output) == (
+        original.name,
+        original.platform,
+        original.input,
+        original.output,
+    )
+    (step,) = fused.ensemble_scheduling.step
+    assert step.model_name == interface.FUSED
+    assert dict(step.input_map) == {t.name: t.name for t in interface.FUNNEL_INPUTS}
+    assert dict(step.output_map) == {t.name: t.name for t in interface.FUNNEL_OUTPUTS}
+    assert as_declared(config(interface.FUSED).input) == as_declared(original.input)

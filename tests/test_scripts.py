@@ -48,3 +48,10 @@ def test_export_triton_exports_a_registry_version(model_version, tmp_path):
     # An existing repository is never overwritten unless asked (--replace)
     again = script("scripts/export_triton.py", "--registry", str(registry), "--out", str(out), check=False)
     assert again.returncode != 0 and "exists" in (again.stdout + again.stderr)
+    assert (out / "heavy_ranker" / str(model_version.version)).is_dir()  # the default: seven stage models
+    # The same version re-exported fused, without retraining: one model behind the same ensembles.
+    args = ["--registry", str(registry), "--out", str(out), "--replace", "--fuse-stages"]
+    fused = script("scripts/export_triton.py", *args)
+    assert "fused (one model)" in fused.stdout
+    assert (out / "fused_funnel" / str(model_version.version) / "heavy_ranker").is_dir()
+    assert not (out / "heavy_ranker").exists()

@@ -44,11 +44,15 @@ def _answers(url, users, k=10):
         return {u: client.recommend(u, k) for u in users}
 
 
-def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions, tmp_path_factory):
+@pytest.mark.parametrize("fused_v2", [False, True], ids=["staged", "fused-v2"])
+def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions, tmp_path_factory, fused_v2):
+    """Also from the seven stage models to the fused funnel (``serving.batching.fuse_stages``): the
+    switch of layout is a rollout like any other, and retiring version 1 removes the stage models."""
     from benchmarks.loadgen import Request, run_load
-    from deployment.export import export_repository
+    from deployment.export import batching_of, export_repository
     from deployment.rollout import add_version, retire, roll_out, served_version
     from deployment.server import TritonServer
+    from serving.interface import FUSED, stage_folder
 
     v1, v2 = two_versions
     repo = export_repository(v1, tmp_path_factory.mktemp("rollout") / "triton_repo")
@@ -57,8 +61,11 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
     with TritonServer(repo, log_path=repo.parent / "server.log") as server:
         ref1 = _answers(server.grpc_url, users)
         assert {r.model_version for r in ref1.values()} == {"1"}
-        add_version(v2, repo)  # on disk, not served yet
-        assert (repo / "query_tower" / "2" / "query_tower").is_dir() and served_version(repo) == 1
+        batching = batching_of(v2.manifest)
+        batching.fuse_stages = fused_v2
+        add_version(v2, repo, batching=batching)  # on disk, not served yet
+        assert (stage_folder(repo, "query_tower", 2) / "query_tower").is_dir() and served_version(repo) == 1
+        assert (repo / FUSED / "2").is_dir() == fused_v2
         assert _answers(server.grpc_url, users[:3]) == {u: ref1[u] for u in users[:3]}
 
         results, stop = [], threading.Event()
@@ -103,6 +110,7 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
 
         retire(server.grpc_url, repo, 1)
         assert not (repo / "query_tower" / "1").exists()
+        assert (repo / "query_tower").exists() != fused_v2  # fused: the stage models are gone
         assert _answers(server.grpc_url, users) == ref2
 
 

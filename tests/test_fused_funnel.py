@@ -1,0 +1,171 @@
+"""The fused funnel (``serving.batching.fuse_stages``, ``serving/fused.py``): every stage inside one
+Triton model, one hop per request. Its export is complete and served by the same ensembles, and it
+answers every request as the seven-model funnel does: in process, one at a time and in a batch, and
+through the real tritonserver, alone and in a burst, with every stage's metrics still published."""
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from configs import BatchingConfig
+from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, version_models
+from serving import stages
+from serving.interface import FUNNEL, FUNNEL_OUTPUTS, FUSED, ensemble_name, names, stage_folder
+
+SCORE_TOLERANCE = 1e-6  # TensorFlow rounds batches of different sizes differently (tests/test_batching.py)
+
+
+def parsed(path) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    text_format.Parse(path.read_text(), config)
+    return config
+
+
+def assert_same_response(expected: dict, got: dict, where: str) -> None:
+    for name in names(FUNNEL_OUTPUTS):
+        a, b = np.asarray(expected[name]), np.asarray(got[name])
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=0, atol=SCORE_TOLERANCE, err_msg=f"{where}: {name}")
+        else:
+            assert a.tolist() == b.tolist(), (where, name)
+
+
+@pytest.fixture(scope="module")
+def fused_repo(model_version, tmp_path_factory):
+    batching = BatchingConfig(fuse_stages=True, instances=2, max_queue_delay_us=200)
+    return export_repository(model_version, tmp_path_factory.mktemp("fused") / "triton_repo", batching=batching)
+
+
+@pytest.fixture(scope="module")
+def requests(model_version):
+    users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].astype(int).tolist()[:24]
+    out = [{"user_id": np.array([u], dtype=np.int64), "k": np.array([10], dtype=np.int32)} for u in users]
+    out.append({"user_id": np.array([10**9], dtype=np.int64), "k": np.array([5], dtype=np.int32)})  # unknown
+    out[2]["exclude_item_ids"] = np.array([1, 2, 3], dtype=np.int64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def staged_answers(triton_repo, model_version, requests):
+    """Each request through the seven stage classes of the default export, one after the other."""
+    v = model_version.version
+    funnel = [stages.STAGES[name](stage_folder(triton_repo, name, v)) for name in stages.FUNNEL]
+    answers = []
+    for request in requests:
+        x = dict(request)
+        for stage in funnel:
+            x.update(stage.run(x))
+        answers.append(x)
+    return answers
+
+
+@pytest.mark.slow
+def test_the_fused_export_is_one_model_behind_the_same_ensembles(fused_repo, model_version):
+    v = str(model_version.version)
+    check_complete(fused_repo, v)
+    assert version_models(fused_repo, v) == [FUSED]
+    assert not any((fused_repo / stage).exists() for stage in STAGE_ARTIFACTS)  # no idle stage models
+    for stage in STAGE_ARTIFACTS:  # every stage's artifacts, in the fused model's version folder
+        assert stage_folder(fused_repo, stage, v) == fused_repo / FUSED / v / stage
+    model = parsed(fused_repo / FUSED / "config.pbtxt")
+    assert model.max_batch_size == 64 and model.dynamic_batching.max_queue_delay_microseconds == 200
+    assert [g.count for g in model.instance_group] == [2]
+    for ensemble in (FUNNEL, ensemble_name(v)):
+        config = parsed(fused_repo / ensemble / "config.pbtxt")
+        (step,) = config.ensemble_scheduling.step
+        assert (step.model_name, step.model_version) == (FUSED, int(v))
+        assert set(step.input_map) == {t.name for t in config.input} == set(step.input_map.values())
+        assert set(step.output_map) == {t.name for t in config.output} == set(step.output_map.values())
+    # A missing artifact is named: a fused export is checked as thoroughly as a staged one.
+    index = stage_folder(fused_repo, "retrieval", v) / "item_index.faiss"
+    index.rename(index.with_suffix(".moved"))
+    try:
+        with pytest.raises(RuntimeError, match="retrieval/item_index.faiss is missing"):
+            check_complete(fused_repo, v)
+    finally:
+        index.with_suffix(".moved").rename(index)
+
+
+@pytest.mark.slow
+def test_the_fused_funnel_answers_as_the_stages_do_alone_and_in_a_batch(
+    fused_repo, model_version, requests, staged_answers
+):
+    from serving.fused import FusedFunnel
+
+    fused = FusedFunnel(fused_repo / FUSED / str(model_version.version))
+    try:
+        batched = fused.run_batch(requests)
+        assert set(fused.timings) == set(stages.FUNNEL) and all(t > 0 for t in fused.timings.values())
+        for i, (request, expected, in_batch) in enumerate(zip(requests, staged_answers, batched)):
+            assert_same_response(expected, fused.run(request), f"request {i} alone")
+            assert_same_response(expected, in_batch, f"request {i} in the batch")
+    finally:
+        fused.close()
+    assert {a["served_by"][0] for a in staged_answers} == {b"model", b"fallback"}
+
+
+@pytest.mark.slow
+def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, staged_answers, tmp_path):
+    """Through the real tritonserver: one request at a time, then a burst (batched: fewer
+    executions than requests) with a malformed request that fails alone, named; and every stage's
+    own metrics, as the seven-model funnel publishes them."""
+    from benchmarks.loadgen import Request, run_load
+    from deployment.security import ControlClient
+    from deployment.server import TritonServer
+    from serving.client import BadRequest, FunnelClient
+    from serving.metrics import scrape
+
+    users = [int(r["user_id"][0]) for r in requests]
+    expected = {u: a for u, a in zip(users, staged_answers) if "exclude_item_ids" not in requests[users.index(u)]}
+    with TritonServer(fused_repo, log_path=tmp_path / "server.log") as server:
+        with FunnelClient(server.grpc_url) as client:
+            for user, answer in expected.items():
+                got = client.recommend(user, int(answer["k"][0]))
+                assert got.item_ids == answer["item_ids"].tolist(), user
+                np.testing.assert_allclose(got.scores, answer["scores"], rtol=0, atol=SCORE_TOLERANCE)
+                assert got.served_by == answer["served_by"][0].decode()
+                assert list(got.stage_counts.values()) == answer["stage_counts"].tolist()
+            with pytest.raises(BadRequest, match="k must be between"):
+                client.recommend(users[0], 0)
+        with ControlClient(server.grpc_url, fused_repo) as control:
+            before = control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
+            burst = [Request(u, int(expected[u]["k"][0])) for u in expected for _ in range(3)]
+            burst.append(Request(users[0], 10, malformed="k_zero"))
+            report = run_load(server.grpc_url, burst, concurrency=32)
+            after = control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
+        inferences = sum(int(m.get("inference_count", 0)) for m in after) - sum(
+            int(m.get("inference_count", 0)) for m in before
+        )
+        executions = sum(int(m.get("execution_count", 0)) for m in after) - sum(
+            int(m.get("execution_count", 0)) for m in before
+        )
+        assert inferences == len(burst) and executions < inferences
+        for result in report.results:
+            if result.request.malformed:
+                assert result.error and "INVALID_ARG" in result.error and "k must be between" in result.error
+                continue
+            assert result.error is None, result.error
+            answer = expected[result.request.user_id]
+            assert result.outputs["item_ids"].tolist() == answer["item_ids"].tolist()
+            np.testing.assert_allclose(result.outputs["scores"], answer["scores"], rtol=0, atol=SCORE_TOLERANCE)
+        served = len(expected) * 4  # alone, then three times each in the burst
+        metrics = {}
+        for _ in range(50):  # the stub sends its queued updates at most every metrics_interval_s
+            metrics = scrape(server.metrics_url)
+            counts = {
+                labels["stage"]: v for labels, v in metrics.get("funnel_stage_latency_ms_count", []) if labels["stage"]
+            }
+            if all(counts.get(stage) == served for stage in stages.FUNNEL) and counts.get(FUSED) == 2:
+                break
+            time.sleep(0.2)
+        assert {stage: counts.get(stage) for stage in stages.FUNNEL} == {stage: served for stage in stages.FUNNEL}
+        errors = {
+            (labels["stage"], labels["kind"]): v for labels, v in metrics.get("funnel_stage_errors_total", []) if v
+        }
+        assert errors == {(FUSED, "bad_request"): 2.0}  # counted once, by the model that refused it
+        fallbacks = sum(v for _, v in metrics.get("funnel_fallback_total", []))
+        assert fallbacks == 4 * sum(1 for a in expected.values() if a["served_by"][0] == b"fallback") > 0
