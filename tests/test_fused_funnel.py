@@ -169,3 +169,33 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
         assert errors == {(FUSED, "bad_request"): 2.0}  # counted once, by the model that refused it
         fallbacks = sum(v for _, v in metrics.get("funnel_fallback_total", []))
         assert fallbacks == 4 * sum(1 for a in expected.values() if a["served_by"][0] == b"fallback") > 0
+
+
+@pytest.mark.slow
+def test_the_fused_funnel_reads_what_users_just_did_and_what_was_taken_down(model_version, requests, tmp_path):
+    """The stages inside the fused funnel use the live store of the repository that holds it, as
+    the stage models do (docs/live-features.md): a watched item leaves the user's next list, a
+    taken-down item leaves every list, the popularity fallback's too. (An export of its own: the
+    other tests compare the module's fused export with a store that holds no live events.)"""
+    from serving.fused import FusedFunnel
+    from workflows.live_store import LiveStore, store_location
+
+    repo = export_repository(model_version, tmp_path / "triton_repo", batching=BatchingConfig(fuse_stages=True))
+    fused = FusedFunnel(repo / FUSED / str(model_version.version))
+    store = LiveStore(store_location(repo))
+    try:
+        known, unknown = requests[0], requests[-1]
+        user = int(known["user_id"][0])
+        watched = int(fused.run(known)["item_ids"][0])
+        store.append_events([(user, watched, time.time(), "view", 1.0)], "ingest")
+        after = fused.run(known)["item_ids"].tolist()
+        assert watched not in after
+        popular = int(fused.run(unknown)["item_ids"][0])
+        for item in (after[0], popular):
+            store.set_takedown(item, True, "test: unsafe", "tests")
+        time.sleep(fused.stages[-1].live_config.takedown_refresh_s + 0.2)
+        assert after[0] not in fused.run(known)["item_ids"].tolist()
+        assert popular not in fused.run(unknown)["item_ids"].tolist()
+    finally:
+        store.close()
+        fused.close()
