@@ -15,8 +15,7 @@ from configs import BatchingConfig
 from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, version_models
 from serving import stages
 from serving.interface import FUNNEL, FUNNEL_OUTPUTS, FUSED, ensemble_name, names, stage_folder
-
-SCORE_TOLERANCE = 1e-6  # TensorFlow rounds batches of different sizes differently (tests/test_batching.py)
+from tests.test_batching import SCORE_TOLERANCE, assert_same_outputs
 
 
 def parsed(path) -> mc.ModelConfig:
@@ -26,12 +25,9 @@ def parsed(path) -> mc.ModelConfig:
 
 
 def assert_same_response(expected: dict, got: dict, where: str) -> None:
-    for name in names(FUNNEL_OUTPUTS):
-        a, b = np.asarray(expected[name]), np.asarray(got[name])
-        if a.dtype.kind == "f":
-            np.testing.assert_allclose(b, a, rtol=0, atol=SCORE_TOLERANCE, err_msg=f"{where}: {name}")
-        else:
-            assert a.tolist() == b.tolist(), (where, name)
+    """The funnel's response tensors equal (scores to 1e-6, as batching allows)."""
+    response = names(FUNNEL_OUTPUTS)
+    assert_same_outputs({n: expected[n] for n in response}, {n: got[n] for n in response}, where)
 
 
 @pytest.fixture(scope="module")
