@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from configs import BatchingConfig
 from deployment.export import STAGE_ARTIFACTS, check_complete, export_repository, version_models
 from serving import stages
-from serving.interface import FUNNEL, FUNNEL_OUTPUTS, FUSED, ensemble_name, names, stage_folder
+from serving.interface import FUNNEL, FUNNEL_OUTPUTS, FUSED, ROUTER, ensemble_name, names, stage_folder
 from tests.test_batching import SCORE_TOLERANCE, assert_same_outputs
 
 
@@ -165,6 +165,14 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
         assert errors == {(FUSED, "bad_request"): 2.0}  # counted once, by the model that refused it
         fallbacks = sum(v for _, v in metrics.get("funnel_fallback_total", []))
         assert fallbacks == 4 * sum(1 for a in expected.values() if a["served_by"][0] == b"fallback") > 0
+        # The A/B router calls funnel_v<N>, now one step through the fused funnel, and takes feedback
+        # (last: the click reaches the live store, and so the user's later lists).
+        with FunnelClient(server.grpc_url, model_name=ROUTER) as router:
+            user = next(iter(expected))
+            routed = router.recommend(user, 10)
+            assert routed.item_ids == expected[user]["item_ids"].tolist() and routed.arm and routed.request_id
+            assert router.send_feedback(routed.request_id, [routed.item_ids[0]], ["click"], [1.0]) == 1
+            assert routed.item_ids[0] not in router.recommend(user, 10).item_ids
 
 
 @pytest.mark.slow
