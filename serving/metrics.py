@@ -203,10 +203,9 @@ class FusedMetrics:
     def facts(self, seconds, result: dict | None, error_kind: str | None = None) -> list[tuple]:
         """``[(stage, StageMetrics.facts), ...]`` for one request; ``seconds`` is ``{stage: s}``
         when it was served, the fused model's own seconds when it was refused."""
-        if error_kind is not None or not isinstance(seconds, dict):
-            total = sum(seconds.values()) if isinstance(seconds, dict) else seconds
-            return [(self.name, self.own.facts(total, None, error_kind or "internal"))]
-        return [(stage, self.stages[stage].facts(s, result)) for stage, s in seconds.items() if stage in self.stages]
+        if error_kind is not None:
+            return [(self.name, self.own.facts(seconds, None, error_kind))]
+        return [(stage, self.stages[stage].facts(s, result)) for stage, s in seconds.items()]
 
     def record(self, batch: list[list[tuple]]) -> None:
         by_stage: dict[str, list] = {}
