@@ -1,9 +1,10 @@
 """A concurrent gRPC load generator for the funnel (tritonclient's async API, bounded in flight).
 
-``perf_analyzer`` does not ship in any pip package that fits this environment (nvidia-pytriton bundles
-only the server), so the benchmark and the robustness test drive the server with this: ``run_load``
-keeps ``concurrency`` requests in flight over one channel and records, per request, its latency,
-outputs or error. ``MALFORMED`` lists the kinds of bad request the robustness test mixes in.
+The tests and benchmarks drive the server with this: ``run_load`` keeps ``concurrency`` requests in
+flight over one channel and records, per request, its latency, outputs or error, so a test can check
+every answer. ``MALFORMED`` lists the kinds of bad request the robustness test mixes in. For
+throughput alone, Triton's C++ ``perf_analyzer`` costs the shared cores less
+(``benchmarks/perf_analyzer.py``).
 """
 
 from __future__ import annotations

@@ -173,6 +173,31 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
             assert routed.item_ids == expected[user]["item_ids"].tolist() and routed.arm and routed.request_id
             assert router.send_feedback(routed.request_id, [routed.item_ids[0]], ["click"], [1.0]) == 1
             assert routed.item_ids[0] not in router.recommend(user, 10).item_ids
+        check_perf_analyzer(server, fused_repo, users)
+
+
+def check_perf_analyzer(server, repo, users) -> None:
+    """Triton's C++ load generator (the benchmark's ``--perf-analyzer``) drives the locked server:
+    it needs the admin key to read the model's configuration, every request it sends is served, and
+    it reports latencies as it measured them."""
+    from benchmarks import perf_analyzer
+    from deployment.security import ControlClient
+
+    if reason := perf_analyzer.unavailable():
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match="restricted"):
+        perf_analyzer.run(server.http_url, "not-the-key", users, concurrency=2, window_requests=50)
+    with ControlClient(server.grpc_url, repo) as control:
+        before = sum(
+            int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
+        )
+        measured = perf_analyzer.run(server.http_url, server.admin_key, users, concurrency=4, window_requests=100)
+        after = sum(
+            int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
+        )
+    assert after - before >= 300  # at least three windows of 100
+    assert measured["requests_per_s"] > 0 and 0 < measured["p50_ms"] <= measured["p99_ms"]
+    assert measured["client_cores_busy"] > 0
 
 
 @pytest.mark.slow
