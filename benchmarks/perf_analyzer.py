@@ -59,6 +59,8 @@ def unavailable() -> str | None:
     exe = binary()
     if exe is None:
         return "perf_analyzer is not installed (it comes with the tritonclient wheel)"
+    if shutil.which("ldd") is None:
+        return "ldd is not installed, so perf_analyzer's shared libraries cannot be checked"
     ldd = subprocess.run(
         ["ldd", str(exe)], capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": library_path()}
     )
