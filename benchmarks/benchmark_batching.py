@@ -148,8 +148,8 @@ def targets(row: dict, name: str) -> dict:
         out["p99_le_10ms_at_1_in_flight"] = one["p99_ms"] <= 10
         if "in_flight_1" in row.get("unbatched", {}):
             out["p99_at_1_no_worse_than_unbatched"] = one["p99_ms"] <= row["unbatched"]["in_flight_1"]["p99_ms"]
-    for prefix, client in (("", ""), ("perf_analyzer_", "perf_analyzer_")):
-        many = row[name].get(f"{prefix}in_flight_32")
+    for client in ("", "perf_analyzer_"):
+        many = row[name].get(f"{client}in_flight_32")
         if many:
             out[f"{client}rps_ge_1000_at_32_in_flight"] = many["requests_per_s"] >= 1000
             out[f"{client}p99_le_25ms_at_32_in_flight"] = many["p99_ms"] <= 25
