@@ -191,7 +191,11 @@ def check_perf_analyzer(server, repo, users) -> None:
         before = sum(
             int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
         )
-        measured = perf_analyzer.run(server.http_url, server.admin_key, users, concurrency=4, window_requests=100)
+        # Any three windows will do: the suite's other workers share the cores, so windows of 100
+        # requests need not agree (the full suite once failed at perf_analyzer's 25% default).
+        measured = perf_analyzer.run(
+            server.http_url, server.admin_key, users, concurrency=4, window_requests=100, stability_percent=999
+        )
         after = sum(
             int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
         )
