@@ -7,9 +7,13 @@ On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-featur
 * **with_writes**: the same, while another process writes ``events_per_s`` live events: half through
   the feedback endpoint (gRPC, the router's requests' shown items), half through ingestion
   (``ingest_events``, straight into the store), for the users being requested, so every read sees
-  its history grow. The two phases alternate (``rounds``) so a busy machine hurts both alike; each
-  phase reports the server's CPU per funnel request, split by process (tritonserver, each stage's stub),
-  and with ``--backend postgresql`` the database server's CPU per funnel request beside it;
+  its history grow. Each round is read-only, with writes, read-only again (``--no-bracket``: without
+  the second), so a drift of the machine's speed hurts both sides alike, and the two read-only halves
+  say how far apart two measurements of the same thing fall (``p99_ratio_read_only_after_vs_before``:
+  the noise the write ratio must be read against). Each phase reports the server's CPU per funnel
+  request, split by process (tritonserver, each stage's stub), the load generator's own CPU, the
+  writer's CPU per event (ingested, fed back), and with ``--backend postgresql`` the database
+  server's CPU per funnel request beside it;
 * **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
   then the next funnel request of that user: latency from the acknowledgement to that response, and
   whether the item was already gone (during the write stream).
@@ -55,6 +59,7 @@ def write_stream(
     os.nice(nice)  # > 0: the writer yields the cores to the server, as clients on other machines would
     threads = 4
     sent = {"feedback": 0, "ingest": 0}
+    thread_cpu = {"feedback": 0.0, "ingest": 0.0}  # CPU of the writing threads themselves, seconds
     lock = threading.Lock()
     started = threading.Barrier(2 * threads + 1)
 
@@ -100,10 +105,13 @@ def write_stream(
             wait = start + n / per_s - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
+            cpu = time.thread_time()
             write()
+            cpu = time.thread_time() - cpu
             n += 1
             with lock:
                 sent[kind] += 1
+                thread_cpu[kind] += cpu
 
     workers = [threading.Thread(target=feedback, args=(i,)) for i in range(threads)]
     workers += [threading.Thread(target=ingest, args=(100 + i,)) for i in range(threads)]
@@ -111,21 +119,35 @@ def write_stream(
         w.start()
     started.wait()
     ready.set()
-    begin = time.perf_counter()
+    # CPU from here on: the process's start (imports, connections, the first router calls) happens
+    # before the measured phase and is not the writes' cost
+    begin, cpu_begin = time.perf_counter(), time.process_time()
     for w in workers:
         w.join()
-    import resource
-
     events = sent["feedback"] + sent["ingest"]
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = time.process_time() - cpu_begin
     out.put(
         {
             **sent,
             "events_per_s": round(events / (time.perf_counter() - begin), 1),
             # the writer's own CPU (its gRPC client, SQLite/PostgreSQL client), on the server's cores
-            "writer_cpu_ms_per_event": round((cpu.ru_utime + cpu.ru_stime) * 1000 / max(events, 1), 2),
+            "writer_cpu_ms_per_event": round(cpu_s * 1000 / max(events, 1), 3),
+            # split: an ingested event's CPU is all on its thread (SQLite/PostgreSQL client calls);
+            # the rest of the process's CPU (gRPC's own threads included) is the feedback calls'
+            "writer_cpu_ms_per_ingested_event": round(thread_cpu["ingest"] * 1000 / max(sent["ingest"], 1), 3),
+            "writer_cpu_ms_per_feedback_event": round(
+                (cpu_s - thread_cpu["ingest"]) * 1000 / max(sent["feedback"], 1), 3
+            ),
         }
     )
+
+
+def latencies(reports: list) -> np.ndarray:
+    return np.concatenate([r.latencies_ms() for r in reports])
+
+
+def p99(reports: list) -> float:
+    return float(np.percentile(latencies(reports), 99))
 
 
 def add_cpu(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
@@ -175,6 +197,12 @@ def main() -> None:
         default=0,
         help="niceness of the writer process (0: it competes with the server for the cores; 19: it "
         "takes what the server leaves, closer to writers on other machines)",
+    )
+    p.add_argument(
+        "--bracket",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a read-only phase after each write phase too (pooled with the one before)",
     )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
@@ -236,16 +264,28 @@ def main() -> None:
             server_cpu: dict[str, dict[str, float]] = {"read_only": {}, "with_writes": {}}
             # PostgreSQL's own processes, on the same cores (0 on SQLite: it runs inside the stubs)
             database_cpu = {"read_only": 0.0, "with_writes": 0.0}
+            # this process: the load generator (a Python gRPC client), also on the server's cores
+            client_cpu = {"read_only": 0.0, "with_writes": 0.0}
 
             def database_seconds() -> float:
                 return postgres.cpu_seconds() if postgres is not None else 0.0
 
+            def measure(phase: str, requests: list) -> object:
+                cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
+                client_before = time.process_time()
+                report = run_load(url, requests, concurrency=args.concurrency, keep_outputs=False)
+                client_cpu[phase] += time.process_time() - client_before
+                add_cpu(server_cpu[phase], cpu_before, server.cpu_seconds_by_process())
+                database_cpu[phase] += database_seconds() - db_before
+                phases[phase].append(report)
+                return report
+
+            # read-only before and after each write phase: a drift of the machine's speed during the
+            # round hits both sides alike, and the two read-only halves measure the noise itself
+            halves: dict[str, list] = {"before": [], "after": []}
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
-                cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
-                phases["read_only"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
-                add_cpu(server_cpu["read_only"], cpu_before, server.cpu_seconds_by_process())
-                database_cpu["read_only"] += database_seconds() - db_before
+                halves["before"].append(measure("read_only", requests))
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream,
@@ -253,17 +293,16 @@ def main() -> None:
                 )
                 writer.start()
                 ready.wait(120)
-                cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
-                phases["with_writes"].append(run_load(url, requests, concurrency=args.concurrency, keep_outputs=False))
-                add_cpu(server_cpu["with_writes"], cpu_before, server.cpu_seconds_by_process())
-                database_cpu["with_writes"] += database_seconds() - db_before
+                measure("with_writes", requests)
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
                 writes.append(out.get(timeout=60))
                 writer.join(60)
+                if args.bracket:
+                    halves["after"].append(measure("read_only", requests))
         for name, reports in phases.items():
-            lat = np.concatenate([r.latencies_ms() for r in reports])
+            lat = latencies(reports)
             wall = sum(r.wall_s for r in reports)
             served = sum(len(r.results) for r in reports)
             cpu = sum(server_cpu[name].values())
@@ -276,6 +315,7 @@ def main() -> None:
                 # CPU of tritonserver and its stubs per funnel request (writes included while writing)
                 "server_cpu_ms_per_request": round(cpu * 1000 / served, 2),
                 "server_cores_busy": round(cpu / wall, 2),
+                "client_cpu_ms_per_request": round(client_cpu[name] * 1000 / served, 3),
                 "server_cpu_ms_per_request_by_process": {
                     process: round(seconds * 1000 / served, 3)
                     for process, seconds in sorted(server_cpu[name].items(), key=lambda kv: -kv[1])
@@ -285,6 +325,13 @@ def main() -> None:
                 result[name]["database_cpu_ms_per_request"] = round(database_cpu[name] * 1000 / served, 3)
         result["with_writes"]["writes"] = writes
         result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)
+        per_round = [
+            p99(phases["with_writes"][r : r + 1]) / p99([halves["before"][r], *halves["after"][r : r + 1]])
+            for r in range(args.rounds)
+        ]
+        result["p99_ratio_per_round"] = [round(x, 3) for x in per_round]
+        if args.bracket:  # no writes on either side: how far apart two read-only measurements fall
+            result["p99_ratio_read_only_after_vs_before"] = round(p99(halves["after"]) / p99(halves["before"]), 3)
         result["target_p99_within_1.2x"] = result["p99_ratio_with_writes"] <= 1.2
     finally:
         for name, value in saved.items():

@@ -211,3 +211,50 @@ def test_without_item_affinity_a_new_user_is_served_by_a_history_query(triton_re
     assert not set(out["item_ids"]) & set(ordering.raw_ids[seen])
     short = ordering.run({**request, "seen_items": seen[:2]})  # below fresh_history_min_items
     assert short["served_by"][0] == b"fallback" and not set(short["item_ids"]) & set(ordering.raw_ids[seen[:2]])
+
+
+def test_the_live_benchmarks_writer_stores_every_event_it_counts(served, model_version):
+    """``benchmarks/benchmark_live.py``'s write stream, against this server for about a second: half
+    its events as feedback (gRPC, acknowledged), half ingested, every one it reports stored once in
+    the live store, and its CPU per event measured from the start of the stream."""
+    import multiprocessing
+
+    from benchmarks.benchmark_live import write_stream
+    from workflows.live_store import LiveStore
+
+    users = known_users(model_version)[10:]  # not the users the other tests here follow
+    items = pd.read_parquet(model_version.path / "item_features.parquet")["item_id_raw"].astype(int).tolist()
+    since = time.time()
+    context = multiprocessing.get_context("spawn")
+    ready, stop, out = context.Event(), context.Event(), context.Queue()
+    writer = context.Process(
+        target=write_stream, args=(served.server.grpc_url, served.store, users, items, 80.0, ready, stop, out)
+    )
+    writer.start()
+    try:
+        assert ready.wait(120), "the writer did not start"
+        time.sleep(1.0)
+        stop.set()
+        report = out.get(timeout=60)
+    finally:
+        stop.set()
+        writer.join(60)
+    assert report["feedback"] > 0 and report["ingest"] > 0
+    assert abs(report["feedback"] - report["ingest"]) <= 8  # the two halves pace at the same rate
+    stored = LiveStore(served.store)
+    try:
+        written = stored.events(since=since)
+    finally:
+        stored.close()
+    by_source = written["source"].value_counts().to_dict()
+    assert by_source.get("feedback", 0) == report["feedback"]
+    assert by_source.get("ingest", 0) == report["ingest"]
+    assert 0 < report["writer_cpu_ms_per_ingested_event"] and 0 < report["writer_cpu_ms_per_feedback_event"]
+    assert report["writer_cpu_ms_per_event"] == pytest.approx(
+        (
+            report["writer_cpu_ms_per_ingested_event"] * report["ingest"]
+            + report["writer_cpu_ms_per_feedback_event"] * report["feedback"]
+        )
+        / (report["ingest"] + report["feedback"]),
+        rel=0.01,
+    )
