@@ -520,6 +520,33 @@ class LiveConfig:
 
 
 @dataclass
+class AnnConfig:
+    """The approximate item index above ``serving.exact_index_max_items`` (``models/item_index.py``).
+
+    The training run builds it and then measures it: recall@``retrieval_k`` against exact search on
+    ``queries`` validation queries (the query tower's embeddings of validation rows), and picks the
+    cheapest search setting (IVF: lists probed; HNSW: ``efSearch``) that reaches ``target_recall``.
+    The measured curve and the choice go into ``item_index.json`` and the manifest."""
+
+    kind: str = "ivf"  # ivf: inverted lists, exact distances in the probed ones | hnsw: a graph
+    target_recall: float = 0.9  # recall@retrieval_k against exact search the chosen setting must reach
+    nlist: int = 0  # IVF lists; 0: about 2 * sqrt(items), a power of two
+    nprobe: int = 0  # IVF lists a query scans; 0: the fewest that reach target_recall, measured
+    ef_search: int = 0  # HNSW candidates kept while searching; 0: the fewest that reach target_recall
+    queries: int = 1000  # validation queries the build measures recall on
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ivf", "hnsw"):
+            raise ValueError(f"serving.ann.kind must be ivf or hnsw, got {self.kind!r}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"serving.ann.target_recall must be in (0, 1], got {self.target_recall}")
+        if min(self.nlist, self.nprobe, self.ef_search) < 0:
+            raise ValueError("serving.ann.nlist, nprobe and ef_search must be >= 0 (0: chosen by the build)")
+        if self.queries < 1:
+            raise ValueError(f"serving.ann.queries must be >= 1, got {self.queries}")
+
+
+@dataclass
 class ServingConfig:
     """Sizes of the funnel's stages (``serving/``) and how the last one orders its list."""
 
@@ -527,7 +554,8 @@ class ServingConfig:
     light_ranker_k: int = 200  # candidates the light ranker keeps for the heavy ranker
     max_k: int = 100  # largest k a request may ask for
     max_excluded_items: int = 10_000  # longest exclude_item_ids a request may send (INVALID_ARGUMENT above)
-    exact_index_max_items: int = 100_000  # exact inner-product search below this catalog size
+    exact_index_max_items: int = 100_000  # exact inner-product search up to this catalog size...
+    ann: AnnConfig = field(default_factory=AnnConfig)  # ...an approximate index, tuned to a recall, above it
     fallback_window_days: float = 7.0  # recency half-life of the popularity fallback
     fallback_content_column: str = "category"  # items never clicked get their category's popularity...
     fallback_new_item_weight: float = 0.5  # ...times this (models/fallback.py); "" column disables it

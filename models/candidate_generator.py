@@ -229,3 +229,20 @@ def item_embeddings(model: mm.RetrievalModelV2, item_features: Dataset, batch_si
         ids.append(to_host(batch[item_id]).reshape(-1))
         vectors.append(to_host(encode(batch)))
     return np.concatenate(ids).astype(np.int64), np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
+
+
+def query_embeddings(model: mm.RetrievalModelV2, rows: Dataset, max_rows: int, batch_size: int = 1024) -> np.ndarray:
+    """The query tower's embeddings of the first ``max_rows`` rows of ``rows`` (e.g. the validation
+    part: users as serving will ask, features as of their events), ``[n, dim]`` float32 on the host:
+    the queries the ANN index's recall is measured on (``models/item_index.py``)."""
+    schema = model.query_encoder.schema  # the query tower's features, tagged as in training
+    encode = tf.function(lambda batch: model.query_encoder(batch, training=False), reduce_retracing=True)
+    vectors, count = [], 0
+    for batch, _ in mm.Loader(rows, batch_size=batch_size, shuffle=False, schema=schema):
+        vectors.append(to_host(encode(batch)))
+        count += len(vectors[-1])
+        if count >= max_rows:
+            break
+    if not vectors:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(vectors)[:max_rows], dtype=np.float32)

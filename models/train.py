@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from configs import Config
 from models import item_affinity, item_index, registry, tuning
-from models.candidate_generator import item_embeddings, train_candidate_generator
+from models.candidate_generator import item_embeddings, query_embeddings, train_candidate_generator
 from models.embeddings import log_tables
 from models.fallback import recency_weighted_popularity, with_new_items
 from models.heads import with_member_weights
@@ -130,8 +130,19 @@ def train_all(
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
-        index = item_index.build_index(ids, vectors, config.serving.exact_index_max_items)
-        item_index.save_index(index, out.tmp, version)
+        queries = None
+        if len(ids) > config.serving.exact_index_max_items:  # an ANN index: tuned to a recall on validation queries
+            queries = query_embeddings(tt_model, valid, config.serving.ann.queries)
+        index, index_info = item_index.build_index(
+            ids,
+            vectors,
+            config.serving.exact_index_max_items,
+            k=config.serving.retrieval_k,
+            queries=queries,
+            ann=config.serving.ann,
+            seed=config.seed,
+        )
+        item_index.save_index(index, out.tmp, version, index_info)
         progress.update()
 
         # The item affinity before the rankers: the heavy ranker's hard negatives are drawn with it.
@@ -223,6 +234,7 @@ def train_all(
             },
             item_embedding_dim=int(vectors.shape[1]),
             num_indexed_items=int(len(ids)),
+            item_index=index_info,  # exact, or the ANN setting chosen for a recall (and its measured curve)
             item_affinity=affinity,
         )
         if tune is not None and config.tuning.enabled:
@@ -244,6 +256,8 @@ def train_all(
             run.log_metrics({f"{stage}.final.{k}": v for k, v in stage_metrics.items()})
         run.log_artifact(out.tmp / registry.MANIFEST)
         run.log_json("embedding_tables.json", sizes)
+        if index_info.get("recall_at_k") is not None:
+            run.log_metrics({"item_index.recall_at_k": index_info["recall_at_k"]})
     log.info("published model version %s", version)
     return registry.ModelVersion(out.path)
 

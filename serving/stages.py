@@ -306,6 +306,8 @@ class Retrieval(Stage):
         self._search = item_index.search
         # One query per request: OpenMP threads only add spin-wait overhead (measured: HNSW top-300
         # over 50k vectors 2.6 ms with 2 threads, 0.34 ms with 1); concurrency comes from requests.
+        # The index's search setting (IVF nprobe / HNSW efSearch) is the one the training run chose
+        # for its recall target (models/item_index.py); load_index applies it.
         import faiss
 
         faiss.omp_set_num_threads(1)

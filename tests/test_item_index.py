@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 
+from configs import AnnConfig
 from models import item_index
 
 
@@ -9,10 +12,25 @@ def _vectors(n, d=16, seed=0):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def _clustered(n, d=16, clusters=40, seed=0):
+    """Vectors around ``clusters`` centres: the structure inverted lists exploit (item embeddings have it)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    v = centres[rng.integers(clusters, size=n)] + 0.35 * rng.normal(size=(n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _recall(index, vectors, queries, k):
+    got = [set(item_index.search(index, q, k)[0].tolist()) for q in queries]
+    truth = [set(np.argsort(-(vectors @ q))[:k].tolist()) for q in queries]
+    return float(np.mean([len(g & t) / k for g, t in zip(got, truth)]))
+
+
 def test_exact_index_returns_the_brute_force_top_k():
     vectors = _vectors(500)
     ids = np.arange(1000, 1500)
-    index = item_index.build_index(ids, vectors, exact_max_items=1000)
+    index, info = item_index.build_index(ids, vectors, exact_max_items=1000)
+    assert info == {"kind": "exact"}
     query = _vectors(1, seed=1)[0]
     got, scores = item_index.search(index, query, 20)
     expected = ids[np.argsort(-(vectors @ query))[:20]]
@@ -20,24 +38,64 @@ def test_exact_index_returns_the_brute_force_top_k():
     assert np.all(np.diff(scores) <= 1e-6)
 
 
-def test_hnsw_index_above_the_threshold_keeps_recall():
-    vectors = _vectors(3000)
-    ids = np.arange(3000)
-    index = item_index.build_index(ids, vectors, exact_max_items=1000)
-    assert "HNSW" in type(index.index).__name__ or index.ntotal == 3000
-    overlaps = []
-    for seed in range(10):
-        query = _vectors(1, seed=100 + seed)[0]
-        got, _ = item_index.search(index, query, 50)
-        truth = set(np.argsort(-(vectors @ query))[:50].tolist())
-        overlaps.append(len(truth & set(got.tolist())) / 50)
-    assert np.mean(overlaps) > 0.9
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_the_build_chooses_the_cheapest_search_that_reaches_the_target_recall(kind):
+    """Measured on the validation queries it is given, and holding on queries it never saw."""
+    vectors = _clustered(6000)
+    queries, unseen = _clustered(200, seed=1), _clustered(100, seed=2)
+    ann = AnnConfig(kind=kind, target_recall=0.9)
+    index, info = item_index.build_index(np.arange(6000), vectors, 1000, k=50, queries=queries, ann=ann)
+    param = "nprobe" if kind == "ivf" else "ef_search"
+    assert info["kind"] == kind and info["k"] == 50 and info["queries"] == 200 and info["target_met"]
+    curve = info["curve"]
+    assert [point[param] for point in curve] == sorted(point[param] for point in curve)
+    assert all(point["recall_at_k"] < 0.9 for point in curve[:-1]), "a cheaper setting already reached the target"
+    assert curve[-1]["recall_at_k"] >= 0.9 and info[param] == curve[-1][param]
+    assert _recall(index, vectors, queries, 50) == pytest.approx(info["recall_at_k"], abs=1e-3)
+    assert _recall(index, vectors, unseen, 50) >= 0.85
+    if kind == "ivf":
+        assert info["nlist"] == item_index.default_nlist(6000) and 1 < info["nprobe"] < info["nlist"]
+
+
+def test_a_fixed_setting_is_measured_not_chosen_and_a_missing_query_set_is_refused():
+    vectors = _clustered(3000)
+    index, info = item_index.build_index(
+        np.arange(3000), vectors, 1000, k=20, queries=_clustered(50, seed=1), ann=AnnConfig(nprobe=2)
+    )
+    assert info["nprobe"] == 2 and [p["nprobe"] for p in info["curve"]] == [2]
+    with pytest.raises(ValueError, match="needs validation queries"):
+        item_index.build_index(np.arange(3000), vectors, 1000, k=20)
+    _, info = item_index.build_index(np.arange(3000), vectors, 1000, k=20, ann=AnnConfig(nprobe=4))
+    assert info["nprobe"] == 4 and info["recall_at_k"] is None
+
+
+def test_an_ivf_index_saved_and_loaded_searches_as_built_and_alone_as_in_a_batch(tmp_path):
+    """The retrieval stage serves a batch with one search; each query must get what it gets alone."""
+    import faiss
+
+    vectors = _clustered(4000)
+    ids = np.arange(10_000, 14_000)
+    built, info = item_index.build_index(ids, vectors, 1000, k=30, queries=_clustered(100, seed=1))
+    item_index.save_index(built, tmp_path, version=7, info=info)
+    meta = json.loads((tmp_path / item_index.INDEX_META_FILE).read_text())
+    assert meta["version"] == 7 and meta["nprobe"] == info["nprobe"] and meta["curve"] == info["curve"]
+    index, _ = item_index.load_index(tmp_path, expected_version=7)
+    assert faiss.downcast_index(index.index).nprobe == info["nprobe"]
+    queries = _clustered(24, seed=3)
+    faiss.cvar.distance_compute_blas_threshold = 100  # as the stage sets it for a batch
+    scores, got = index.search(queries, 30)
+    for q, row, row_scores in zip(queries, got, scores):
+        alone, alone_scores = item_index.search(index, q, 30)
+        assert alone.tolist() == row.tolist() and alone_scores.tolist() == row_scores.tolist()
+    # An item the search did not return can still be scored (its vector, from the lists).
+    vectors_by_id = item_index.ItemVectors(index)
+    assert np.allclose(vectors_by_id.vectors(ids[[5, 3999]]), vectors[[5, 3999]])
 
 
 def test_saved_index_refuses_a_query_tower_of_another_version(tmp_path):
-    index = item_index.build_index(np.arange(10), _vectors(10), 100)
-    item_index.save_index(index, tmp_path, version=3)
+    index, info = item_index.build_index(np.arange(10), _vectors(10), 100)
+    item_index.save_index(index, tmp_path, version=3, info=info)
     loaded, meta = item_index.load_index(tmp_path, expected_version=3)
-    assert loaded.ntotal == 10 and meta["version"] == 3
+    assert loaded.ntotal == 10 and meta["version"] == 3 and meta["kind"] == "exact"
     with pytest.raises(item_index.VersionMismatchError, match="different training runs"):
         item_index.load_index(tmp_path, expected_version=4)

@@ -278,12 +278,22 @@ def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_confi
     import copy
     import filecmp
 
+    from models import item_index
     from models.train import train_all
 
     variant = copy.deepcopy(small_config)
     variant.candidate_generator.logq_correction = not variant.candidate_generator.logq_correction
     variant.candidate_generator.epochs = 1
+    variant.serving.exact_index_max_items = 50  # the catalog (200) gets the approximate index
     other = train_all(processed, variant, tmp_path / "registry", verbose=0, rankers_from=model_version)
+    # ... chosen on the query tower's embeddings of validation rows, recorded in the manifest and beside it
+    chosen = other.manifest["item_index"]
+    assert chosen["kind"] == "ivf" and 0 < chosen["queries"] <= variant.serving.ann.queries
+    assert chosen["nprobe"] == chosen["curve"][-1]["nprobe"] and chosen["k"] == variant.serving.retrieval_k
+    assert chosen["target_met"] and chosen["recall_at_k"] >= variant.serving.ann.target_recall
+    index, meta = item_index.load_index(other.path, expected_version=other.version)
+    assert meta["nprobe"] == chosen["nprobe"] and index.ntotal == other.manifest["num_indexed_items"]
+    assert model_version.manifest["item_index"] == {"kind": "exact"}
     for artifact in ("light_ranker", "heavy_ranker", "heavy_ranker_1"):  # every ensemble member too
         assert filecmp.cmp(
             model_version.path / artifact / "saved_model.pb", other.path / artifact / "saved_model.pb", shallow=False
