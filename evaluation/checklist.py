@@ -6,6 +6,8 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
     versions_consistent   query tower, item index, item affinity, manifest and every exported stage: one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled users
     index_matches_items   the ANN index holds exactly the items of the serving item table
+    index_recall          exact search, or an approximate index whose search setting was measured
+                          on validation queries and reached its recall target (``item_index.json``)
     data_checks           the dataset pipeline's own checks on the data this version was trained on
                           (``workflows/checks.py``): no duplicate user-item pairs, labels agree with
                           the raw signals, no feature uses future events, and the temporal split's
@@ -69,6 +71,20 @@ def check_index_matches_items(model_dir: Path) -> CheckResult:
     return CheckResult("index_matches_items", ok, f"index {len(ids)} ids, item table {len(items)} rows")
 
 
+def check_index_recall(model_dir: Path) -> CheckResult:
+    meta = json.loads((model_dir / "item_index.json").read_text())
+    kind = meta.get("kind")
+    if kind == "exact":
+        return CheckResult("index_recall", True, "exact search")
+    recall, target = meta.get("recall_at_k"), meta.get("target_recall")
+    if recall is None or target is None:
+        what = f"{kind or 'approximate'} index whose recall was never measured: retrain to measure it"
+        return CheckResult("index_recall", False, what)
+    setting = {k: meta[k] for k in ("nlist", "nprobe", "ef_search") if k in meta}
+    detail = f"{kind} {setting}: recall@{meta['k']} {recall} on {meta['queries']} validation queries, target {target}"
+    return CheckResult("index_recall", recall >= target, detail)
+
+
 def _index_ids(index) -> np.ndarray:
     import faiss
 
@@ -114,7 +130,12 @@ def check_data(model_dir: Path) -> CheckResult:
 def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_users: int = 20) -> list[CheckResult]:
     model_dir = Path(model_dir)
     repo = Path(repo) if repo is not None else None
-    results = [check_versions_consistent(model_dir, repo), check_index_matches_items(model_dir), check_data(model_dir)]
+    results = [
+        check_versions_consistent(model_dir, repo),
+        check_index_matches_items(model_dir),
+        check_index_recall(model_dir),
+        check_data(model_dir),
+    ]
     if repo is not None:
         version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
         users = pd.read_parquet(model_dir / "user_features.parquet")["user_id_raw"].head(sample_users).tolist()

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.checklist import check_index_matches_items, check_versions_consistent, run_checklist
+from evaluation.checklist import (
+    check_index_matches_items,
+    check_index_recall,
+    check_versions_consistent,
+    run_checklist,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +24,7 @@ def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, trit
     assert [r.name for r in results] == [
         "versions_consistent",
         "index_matches_items",
+        "index_recall",
         "data_checks",
         "scores_in_unit_range",
     ]
@@ -57,6 +63,21 @@ def test_item_table_without_its_index_entries_fails(model_version, tmp_path):
     assert not check_index_matches_items(broken).passed
 
 
+def test_an_approximate_index_below_its_recall_target_or_never_measured_fails(model_version, tmp_path):
+    version = tmp_path / "v"
+    shutil.copytree(model_version.path, version)
+    meta = json.loads((version / "item_index.json").read_text())
+    assert meta["kind"] == "exact" and check_index_recall(version).passed  # the small catalog: exact search
+    measured = {"kind": "ivf", "nlist": 64, "nprobe": 8, "k": 300, "queries": 1000, "target_recall": 0.9}
+    for recall, passes in ((0.93, True), (0.85, False)):
+        (version / "item_index.json").write_text(json.dumps({**meta, **measured, "recall_at_k": recall}))
+        result = check_index_recall(version)
+        assert result.passed is passes and f"recall@300 {recall}" in result.detail
+    (version / "item_index.json").write_text(json.dumps({**meta, "kind": "hnsw"}))  # built before it was measured
+    result = check_index_recall(version)
+    assert not result.passed and "never measured" in result.detail
+
+
 def test_script_exit_code_follows_the_checks(model_version, triton_repo, tmp_path):
     # A registry that has moved on (version 2) beside an export of version 1, as after the offline
     # evaluation's mitigation variants: with --repo the script checks the exported version.
@@ -68,7 +89,7 @@ def test_script_exit_code_follows_the_checks(model_version, triton_repo, tmp_pat
         (registry / "2" / name).write_text(json.dumps({**stamped, "version": 2}))
     script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)]
     ok = subprocess.run(script + ["--repo", str(triton_repo)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "4 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, (
+    assert ok.returncode == 0 and "5 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, (
         ok.stdout + ok.stderr
     )
     (registry / "2" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
