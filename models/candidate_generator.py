@@ -18,6 +18,8 @@ the item embeddings that the ANN index is built from.
 
 from __future__ import annotations
 
+import copy
+
 import merlin.models.tf as mm
 import numpy as np
 import pandas as pd
@@ -238,7 +240,9 @@ def query_embeddings(model: mm.RetrievalModelV2, rows: Dataset, max_rows: int, b
     schema = model.query_encoder.schema  # the query tower's features, tagged as in training
     encode = tf.function(lambda batch: model.query_encoder(batch, training=False), reduce_retracing=True)
     vectors, count = [], 0
-    for batch, _ in mm.Loader(rows, batch_size=batch_size, shuffle=False, schema=schema):
+    # A copy: Merlin's Loader sets the schema it is given on the dataset itself, and ``rows`` (the
+    # validation part) still has to train the rankers with all of its columns.
+    for batch, _ in mm.Loader(copy.copy(rows), batch_size=batch_size, shuffle=False, schema=schema):
         vectors.append(to_host(encode(batch)))
         count += len(vectors[-1])
         if count >= max_rows:

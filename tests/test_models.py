@@ -250,7 +250,12 @@ def test_sampled_negatives_come_from_the_catalog_through_the_item_tower(processe
     import tensorflow as tf
     from merlin.io import Dataset
 
-    from models.candidate_generator import UniformItemSampler, item_embeddings, train_candidate_generator
+    from models.candidate_generator import (
+        UniformItemSampler,
+        item_embeddings,
+        query_embeddings,
+        train_candidate_generator,
+    )
 
     config = copy.deepcopy(small_config.candidate_generator)
     config.sampled_negatives, config.logq_correction, config.epochs = 64, True, 1
@@ -272,6 +277,12 @@ def test_sampled_negatives_come_from_the_catalog_through_the_item_tower(processe
     np.testing.assert_allclose(drawn.embedding.numpy(), np.stack([by_id[i] for i in ids]), atol=1e-5)
     with pytest.raises(ValueError, match="catalog"):
         train_candidate_generator(processed.train(), processed.valid(), config, verbose=0)
+    # The queries the ANN index is tuned on: the query tower's, and the validation part keeps its columns.
+    valid = processed.valid()
+    columns = valid.schema.column_names
+    queries = query_embeddings(model, valid, 50)
+    assert queries.shape == (50, vectors.shape[1]) and np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-4)
+    assert valid.schema.column_names == columns
 
 
 def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_config, model_version, tmp_path):
