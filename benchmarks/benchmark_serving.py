@@ -139,6 +139,7 @@ def ann_recall(repo: Path, version: int, lookup, users, k: int) -> dict:
     """Recall@k of the served ANN index against exact inner-product search over the same vectors."""
     import faiss
 
+    from models import item_index
     from serving.stages import QueryTower, Retrieval
 
     tower = QueryTower(repo / "query_tower" / str(version))
@@ -148,17 +149,18 @@ def ann_recall(repo: Path, version: int, lookup, users, k: int) -> dict:
     ids = faiss.vector_to_array(retrieval.index.id_map)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
-    recalls, ann_ms = [], []
+    found, truths, ann_ms = [], [], []
     for u in users:
         q = tower.run(lookup.run({"user_id": np.array([int(u)])}))["query_embedding"]
         t = time.perf_counter()
         got = retrieval.run({"query_embedding": q})["candidate_ids"]
         ann_ms.append((time.perf_counter() - t) * 1000)
         _, truth = exact.search(q.reshape(1, -1), k)
-        recalls.append(len(set(got[:k].tolist()) & set(ids[truth[0]].tolist())) / k)
+        found.append(got[:k])
+        truths.append(ids[truth[0]])
     return {
         "kind": type(base).__name__,
-        f"recall_at_{k}_vs_exact": round(float(np.mean(recalls)), 4),
+        f"recall_at_{k}_vs_exact": round(item_index.recall_at_k(found, truths, k), 4),
         "search_ms_mean": round(float(np.mean(ann_ms)), 3),
     }
 

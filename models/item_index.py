@@ -98,7 +98,7 @@ def build_index(
     for value in [fixed] if fixed else ladder:
         set_search_param(index, {**info, param: value})
         _, got = base.search(queries, k)
-        recall = float(np.mean([np.intersect1d(g[g >= 0], t).size / k for g, t in zip(got, truth)]))
+        recall = recall_at_k(got, truth, k)
         curve.append({param: int(value), "recall_at_k": round(recall, 4)})
         if recall >= ann.target_recall:
             break
@@ -120,6 +120,12 @@ def build_index(
         ann.target_recall,
     )
     return index, info
+
+
+def recall_at_k(found, truth, k: int) -> float:
+    """Mean share of each row of ``truth`` (the exact top ``k`` ids) that the same row of ``found``
+    holds (``-1`` padding ignored)."""
+    return float(np.mean([np.intersect1d(np.asarray(f)[np.asarray(f) >= 0], t).size / k for f, t in zip(found, truth)]))
 
 
 def default_nlist(n: int) -> int:
