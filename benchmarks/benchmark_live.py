@@ -14,6 +14,12 @@ On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-featur
   request, split by process (tritonserver, each stage's stub), the load generator's own CPU, the
   writer's CPU per event (ingested, fed back), and with ``--backend postgresql`` the database
   server's CPU per funnel request beside it;
+* **same_cpu_no_writes** (``--no-same-cpu`` to skip): after each write phase, the same requests with
+  no writes, while processes that do nothing but spin keep as many cores busy as the write stream
+  did (the writer and the feedback stubs: a lower bound). ``p99_ratio_same_cpu_no_writes`` beside
+  ``p99_ratio_with_writes`` says whether writing costs the funnel more than the CPU it takes (lock
+  waits, readers stalled by commits) or just that: on a machine the reads already saturate, any
+  work of that size costs as much;
 * **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
   then the next funnel request of that user: latency from the acknowledgement to that response, and
   whether the item was already gone (during the write stream).
@@ -41,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import print_json
-from serving.interface import stage_folder
+from serving.interface import FEEDBACK, stage_folder
 
 
 def write_stream(
@@ -125,11 +131,13 @@ def write_stream(
     for w in workers:
         w.join()
     events = sent["feedback"] + sent["ingest"]
-    cpu_s = time.process_time() - cpu_begin
+    cpu_s, seconds = time.process_time() - cpu_begin, time.perf_counter() - begin
     out.put(
         {
             **sent,
-            "events_per_s": round(events / (time.perf_counter() - begin), 1),
+            "events_per_s": round(events / seconds, 1),
+            "writer_cpu_s": round(cpu_s, 3),
+            "writer_seconds": round(seconds, 3),
             # the writer's own CPU (its gRPC client, SQLite/PostgreSQL client), on the server's cores
             "writer_cpu_ms_per_event": round(cpu_s * 1000 / max(events, 1), 3),
             # split: an ingested event's CPU is all on its thread (SQLite/PostgreSQL client calls);
@@ -140,6 +148,44 @@ def write_stream(
             ),
         }
     )
+
+
+def burner_shares(cores: float) -> list[float]:
+    """How ``burn_cpu`` spreads ``cores`` over processes: whole cores, then the rest (1.3 -> [1, 0.3])."""
+    if cores < 0:
+        raise ValueError(f"cores must be >= 0, got {cores}")
+    shares = [1.0] * int(cores)
+    if cores - int(cores) > 1e-9:
+        shares.append(cores - int(cores))
+    return shares
+
+
+def burn_cpu(share: float, ready, stop, out, nice: int = 0, period_s: float = 0.005) -> None:
+    """Keep ``share`` of one core busy until ``stop``, and put the CPU seconds used: every ``period_s``
+    it spins while its CPU time is behind ``share`` of the time elapsed, else sleeps. Counted in CPU
+    time, not wall time, so being preempted on a busy machine does not lower its share. No I/O, no
+    locks: nothing the server shares but the cores."""
+    os.nice(nice)
+    ready.set()
+    begin, cpu_begin = time.perf_counter(), time.process_time()
+    while not stop.is_set():
+        owed = share * (time.perf_counter() - begin) - (time.process_time() - cpu_begin)
+        if owed <= 0:
+            time.sleep(period_s)
+            continue
+        until = time.process_time() + min(owed, period_s)
+        while time.process_time() < until:
+            pass
+    out.put(time.process_time() - cpu_begin)
+
+
+def write_stream_cores(report: dict, feedback_cpu_s: float, phase_s: float) -> float:
+    """The cores the write stream kept busy: the writer process over its stream (``report`` from
+    ``write_stream``) plus the feedback endpoint's stubs over the phase (``feedback_cpu_s`` in
+    ``phase_s``). tritonserver's part of the feedback calls cannot be told from its part of the
+    funnel's, and PostgreSQL's from its reads, so both are left out: a lower bound."""
+    writer = float(report["writer_cpu_s"]) / max(float(report["writer_seconds"]), 1e-9)
+    return writer + float(feedback_cpu_s) / max(float(phase_s), 1e-9)
 
 
 def latencies(reports: list) -> np.ndarray:
@@ -204,6 +250,13 @@ def main() -> None:
         default=True,
         help="a read-only phase after each write phase too (pooled with the one before)",
     )
+    p.add_argument(
+        "--same-cpu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each write phase, a phase with no writes and a process that only burns as many "
+        "cores as the write stream used: what the writes cost beyond their CPU",
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 
@@ -258,34 +311,57 @@ def main() -> None:
             url = server.grpc_url
             run_load(url, [Request(int(u), 10) for u in rng.choice(known, 100)], concurrency=args.concurrency)  # warm
             context = multiprocessing.get_context("spawn")
-            phases: dict[str, list] = {"read_only": [], "with_writes": []}
-            writes = []
+            names = ["read_only", "with_writes"] + (["same_cpu_no_writes"] if args.same_cpu else [])
+            phases: dict[str, list] = {name: [] for name in names}
+            writes, burners = [], []
             # tritonserver and each model's stubs, seconds: where a slowdown under writes comes from
-            server_cpu: dict[str, dict[str, float]] = {"read_only": {}, "with_writes": {}}
+            server_cpu: dict[str, dict[str, float]] = {name: {} for name in names}
             # PostgreSQL's own processes, on the same cores (0 on SQLite: it runs inside the stubs)
-            database_cpu = {"read_only": 0.0, "with_writes": 0.0}
+            database_cpu = {name: 0.0 for name in names}
             # this process: the load generator (a Python gRPC client), also on the server's cores
-            client_cpu = {"read_only": 0.0, "with_writes": 0.0}
+            client_cpu = {name: 0.0 for name in names}
 
             def database_seconds() -> float:
                 return postgres.cpu_seconds() if postgres is not None else 0.0
 
-            def measure(phase: str, requests: list) -> object:
+            def measure(phase: str, requests: list) -> tuple[object, dict[str, float]]:
+                """The phase's load report and the server processes' CPU seconds during it."""
                 cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
                 client_before = time.process_time()
                 report = run_load(url, requests, concurrency=args.concurrency, keep_outputs=False)
                 client_cpu[phase] += time.process_time() - client_before
-                add_cpu(server_cpu[phase], cpu_before, server.cpu_seconds_by_process())
+                used: dict[str, float] = {}
+                add_cpu(used, cpu_before, server.cpu_seconds_by_process())
+                add_cpu(server_cpu[phase], {}, used)
                 database_cpu[phase] += database_seconds() - db_before
                 phases[phase].append(report)
-                return report
+                return report, used
+
+            def measure_burning(cores: float, requests: list) -> None:
+                """``measure`` while ``burn_cpu`` processes keep ``cores`` busy (at the writer's niceness)."""
+                ready_all, stop, out = [], context.Event(), context.Queue()
+                procs = []
+                for share in burner_shares(cores):
+                    ready = context.Event()
+                    procs.append(context.Process(target=burn_cpu, args=(share, ready, stop, out, args.writer_nice)))
+                    ready_all.append(ready)
+                for proc in procs:
+                    proc.start()
+                for ready in ready_all:
+                    ready.wait(60)
+                report, _ = measure("same_cpu_no_writes", requests)
+                stop.set()
+                used = sum(out.get(timeout=60) for _ in procs)
+                for proc in procs:
+                    proc.join(60)
+                burners.append({"cores_asked": round(cores, 3), "burner_cpu_s": round(used, 3)})
 
             # read-only before and after each write phase: a drift of the machine's speed during the
             # round hits both sides alike, and the two read-only halves measure the noise itself
             halves: dict[str, list] = {"before": [], "after": []}
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
-                halves["before"].append(measure("read_only", requests))
+                halves["before"].append(measure("read_only", requests)[0])
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream,
@@ -293,14 +369,16 @@ def main() -> None:
                 )
                 writer.start()
                 ready.wait(120)
-                measure("with_writes", requests)
+                written, used = measure("with_writes", requests)
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
                 writes.append(out.get(timeout=60))
                 writer.join(60)
+                if args.same_cpu:  # the same cores busy, no writes: is the cost of writing only its CPU?
+                    measure_burning(write_stream_cores(writes[-1], used.get(FEEDBACK, 0.0), written.wall_s), requests)
                 if args.bracket:
-                    halves["after"].append(measure("read_only", requests))
+                    halves["after"].append(measure("read_only", requests)[0])
         for name, reports in phases.items():
             lat = latencies(reports)
             wall = sum(r.wall_s for r in reports)
@@ -325,11 +403,20 @@ def main() -> None:
                 result[name]["database_cpu_ms_per_request"] = round(database_cpu[name] * 1000 / served, 3)
         result["with_writes"]["writes"] = writes
         result["p99_ratio_with_writes"] = round(result["with_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3)
-        per_round = [
-            p99(phases["with_writes"][r : r + 1]) / p99([halves["before"][r], *halves["after"][r : r + 1]])
-            for r in range(args.rounds)
-        ]
-        result["p99_ratio_per_round"] = [round(x, 3) for x in per_round]
+
+        def round_ratios(phase: str) -> list[float]:
+            return [
+                round(p99(phases[phase][r : r + 1]) / p99([halves["before"][r], *halves["after"][r : r + 1]]), 3)
+                for r in range(args.rounds)
+            ]
+
+        result["p99_ratio_per_round"] = round_ratios("with_writes")
+        if args.same_cpu:
+            result["same_cpu_no_writes"]["burners"] = burners
+            result["p99_ratio_same_cpu_no_writes"] = round(
+                result["same_cpu_no_writes"]["p99_ms"] / result["read_only"]["p99_ms"], 3
+            )
+            result["p99_ratio_same_cpu_per_round"] = round_ratios("same_cpu_no_writes")
         if args.bracket:  # no writes on either side: how far apart two read-only measurements fall
             result["p99_ratio_read_only_after_vs_before"] = round(p99(halves["after"]) / p99(halves["before"]), 3)
         result["target_p99_within_1.2x"] = result["p99_ratio_with_writes"] <= 1.2

@@ -258,3 +258,36 @@ def test_the_live_benchmarks_writer_stores_every_event_it_counts(served, model_v
         / (report["ingest"] + report["feedback"]),
         rel=0.01,
     )
+
+
+def test_the_live_benchmarks_cpu_burner_uses_the_cores_it_is_asked_for():
+    """The live benchmark's same-CPU phase (``benchmarks/benchmark_live.py``) replaces the write stream
+    with processes that only burn as many cores as it used: the cores split into whole ones and the
+    rest, and a burner asked for 0.3 of a core for a second uses about that (CPU time, not wall time)."""
+    import multiprocessing
+
+    from benchmarks.benchmark_live import burn_cpu, burner_shares, write_stream_cores
+
+    assert burner_shares(0.0) == [] and burner_shares(0.25) == [0.25] and burner_shares(2.0) == [1.0, 1.0]
+    assert burner_shares(1.3) == [1.0, pytest.approx(0.3)]
+    with pytest.raises(ValueError, match="cores"):
+        burner_shares(-0.1)
+    # the writer's 0.6 s of CPU in 4 s of stream, the feedback stubs' 0.3 s in a 3 s phase
+    assert write_stream_cores({"writer_cpu_s": 0.6, "writer_seconds": 4.0}, 0.3, 3.0) == pytest.approx(0.25)
+
+    context = multiprocessing.get_context("spawn")
+    ready, stop, out = context.Event(), context.Event(), context.Queue()
+    burner = context.Process(target=burn_cpu, args=(0.3, ready, stop, out))
+    burner.start()
+    try:
+        assert ready.wait(60), "the burner did not start"
+        started = time.perf_counter()
+        time.sleep(1.0)
+        stop.set()
+        used = out.get(timeout=60)
+        elapsed = time.perf_counter() - started
+    finally:
+        stop.set()
+        burner.join(60)
+    # about 0.3 s; the bounds leave room for a busy machine (a spawned process on 2 shared cores)
+    assert 0.1 * elapsed < used < 0.45 * elapsed
