@@ -6,7 +6,9 @@ per ``execute()`` call; ``batched``: Triton's dynamic batcher in every stage; ``
 every stage inside one model, ``serving.batching.fuse_stages``), and for each export start the real
 tritonserver, warm it up and drive it with ``benchmarks/loadgen.py`` at 1, 8, 32 and 64 requests in
 flight: p50/p95/p99 latency and requests/s per level. Per level and stage it also reads Triton's
-statistics: requests per ``execute()`` call (the batch size reached), queue and compute time.
+statistics: requests per ``execute()`` call (the batch size reached), queue and compute time; and
+per level where the cores went (``cpu``): CPU ms per request of tritonserver and of each model's
+stubs, the cores the server kept busy and the load generator's.
 
 The load generator runs on the same cores as the server (as ``benchmark_serving.py``): on a 2-core
 machine the client's own CPU is part of what limits requests/s. ``--perf-analyzer`` measures every
@@ -75,6 +77,30 @@ def stats_between(before: dict, after: dict) -> dict:
     return out
 
 
+def cpu_between(before: dict, after: dict, requests: int, seconds: float, client_s: float | None = None) -> dict:
+    """Where the cores went during one measurement: CPU ms per request of tritonserver and of each
+    model's stubs (``TritonServer.cpu_seconds_by_process`` readings), the cores the server kept busy,
+    and, given its CPU seconds, the load generator's share: at a level where server and client
+    together keep every core busy, requests/s is the machine's, whatever the batching."""
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    out = {
+        "server_cpu_ms_per_request": {
+            name: round(s * 1000 / max(requests, 1), 3) for name, s in sorted(used.items(), key=lambda kv: -kv[1]) if s
+        },
+        "server_cores_busy": round(sum(used.values()) / max(seconds, 1e-9), 3),
+    }
+    if client_s is not None:
+        out["client_cores_busy"] = round(client_s / max(seconds, 1e-9), 3)
+    return out
+
+
+def served_requests(before: dict, after: dict) -> int:
+    """Funnel requests between two ``stage_stats`` readings: those of its first model (the fused
+    funnel, or the feature lookup where the stages are separate models)."""
+    entry = "fused_funnel" if "fused_funnel" in after else STAGES[0]
+    return after.get(entry, {}).get("requests", 0) - before.get(entry, {}).get("requests", 0)
+
+
 def measure_repo(repo: Path, users: np.ndarray, args, log_path: Path) -> dict:
     """Start a server on ``repo`` and measure every level of requests in flight."""
     from benchmarks import perf_analyzer
@@ -92,14 +118,31 @@ def measure_repo(repo: Path, users: np.ndarray, args, log_path: Path) -> dict:
         for level in args.levels:
             count = args.latency_requests if level == 1 else args.requests
             requests = [Request(int(u), 10) for u in rng.choice(users, count)]
-            before = stage_stats(control)
+            before, cpu, client, wall = (
+                stage_stats(control),
+                server.cpu_seconds_by_process(),
+                time.process_time(),
+                time.perf_counter(),
+            )
             report = run_load(server.grpc_url, requests, concurrency=level, keep_outputs=False)
-            out[f"in_flight_{level}"] = {**report.summary(), "stages": stats_between(before, stage_stats(control))}
+            client, wall = time.process_time() - client, time.perf_counter() - wall
+            after = stage_stats(control)
+            out[f"in_flight_{level}"] = {
+                **report.summary(),
+                "stages": stats_between(before, after),
+                "cpu": cpu_between(cpu, server.cpu_seconds_by_process(), served_requests(before, after), wall, client),
+            }
             if args.perf_analyzer and level > 1:
-                before = stage_stats(control)
+                before, cpu, wall = stage_stats(control), server.cpu_seconds_by_process(), time.perf_counter()
                 measured = perf_analyzer.run(server.http_url, server.admin_key, rng.choice(users, 2000), level)
-                stages = stats_between(before, stage_stats(control))
-                out[f"perf_analyzer_in_flight_{level}"] = {**measured, "stages": stages}
+                wall, after = time.perf_counter() - wall, stage_stats(control)
+                cpu = cpu_between(cpu, server.cpu_seconds_by_process(), served_requests(before, after), wall)
+                cpu["client_cores_busy"] = measured["client_cores_busy"]
+                out[f"perf_analyzer_in_flight_{level}"] = {
+                    **measured,
+                    "stages": stats_between(before, after),
+                    "cpu": cpu,
+                }
     return out
 
 

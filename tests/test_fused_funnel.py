@@ -179,8 +179,13 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
 def check_perf_analyzer(server, repo, users) -> None:
     """Triton's C++ load generator (the benchmark's ``--perf-analyzer``) drives the locked server:
     it needs the admin key to read the model's configuration, every request it sends is served, and
-    it reports latencies as it measured them."""
+    it reports latencies as it measured them. The batching benchmark's reading of Triton's
+    statistics counts those requests, and its CPU split charges them to the fused model's stubs and
+    to tritonserver."""
+    import os
+
     from benchmarks import perf_analyzer
+    from benchmarks.benchmark_batching import cpu_between, served_requests, stage_stats
     from deployment.security import ControlClient
 
     if reason := perf_analyzer.unavailable():
@@ -188,18 +193,22 @@ def check_perf_analyzer(server, repo, users) -> None:
     with pytest.raises(RuntimeError, match="restricted"):
         perf_analyzer.run(server.http_url, "not-the-key", users, concurrency=2, window_requests=50)
     with ControlClient(server.grpc_url, repo) as control:
-        before = sum(
-            int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
-        )
+        before, cpu, started = stage_stats(control), server.cpu_seconds_by_process(), time.perf_counter()
         # Any three windows will do: the suite's other workers share the cores, so windows of 100
         # requests need not agree (the full suite once failed at perf_analyzer's 25% default).
         measured = perf_analyzer.run(
             server.http_url, server.admin_key, users, concurrency=4, window_requests=100, stability_percent=999
         )
-        after = sum(
+        after = stage_stats(control)
+        inference_count = sum(
             int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
         )
-    assert after - before >= 300  # at least three windows of 100
+    served = served_requests(before, after)
+    assert served >= 300  # at least three windows of 100
+    assert after[FUSED]["requests"] == inference_count  # the statistics the benchmark reads are Triton's
+    cores = cpu_between(cpu, server.cpu_seconds_by_process(), served, time.perf_counter() - started)
+    assert cores["server_cpu_ms_per_request"][FUSED] > 0 and cores["server_cpu_ms_per_request"]["tritonserver"] > 0
+    assert 0 < cores["server_cores_busy"] <= os.cpu_count()
     assert measured["requests_per_s"] > 0 and 0 < measured["p50_ms"] <= measured["p99_ms"]
     assert measured["client_cores_busy"] > 0
 
