@@ -269,8 +269,26 @@ def compare(rows: list, wrong: list, latency: str, q: float, prometheus_ms: floa
     trip = float(np.median(np.asarray(client) - np.asarray(server)))
     rows.append((latency, q, prometheus_ms, exact, theirs, trip, len(client)))
     low, high = bucket(exact)
-    if not (low <= prometheus_ms <= high and prometheus_ms <= bucket(theirs)[1]):
+    # histogram_quantile returns a bucket's upper edge when the rank is that bucket's last
+    # observation, computed as lower + width * rank / count: off by an ulp or so (20.0000000000004)
+    slack = 1e-9 * max(1.0, high if math.isfinite(high) else low)
+    if not (low - slack <= prometheus_ms <= high + slack and prometheus_ms <= bucket(theirs)[1] + slack):
         wrong.append(rows[-1])
+
+
+def bucket_increases(prom, stage: str, window: str, at: float) -> dict[str, float]:
+    """``{le: increase}`` of one stage's latency histogram over the window: on a failed comparison,
+    what Prometheus counted per bucket, to set beside the exact times'."""
+    expr = f'increase(funnel_stage_latency_ms_bucket{{stage="{stage}"}}[{window}])'
+    return {r["metric"]["le"]: round(float(r["value"][1]), 3) for r in prom.query(expr, at)}
+
+
+def exact_cumulative(times: list[float]) -> dict[str, int]:
+    """``{le: observations <= le}`` of the exact times, in the histogram's buckets."""
+    from serving.metrics import LATENCY_BUCKETS_MS
+
+    ordered = np.sort(np.asarray(times))
+    return {f"{b:g}": int(np.searchsorted(ordered, b, side="right")) for b in LATENCY_BUCKETS_MS}
 
 
 def test_every_dashboard_query_returns_data_and_latency_quantiles_match_the_client(stack, small_data, small_config):
@@ -368,7 +386,14 @@ def test_every_dashboard_query_returns_data_and_latency_quantiles_match_the_clie
     table = pd.DataFrame(rows, columns=columns)
     print("\nlatency quantiles, Prometheus (histograms) vs the server's exact times vs the client's clock:")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    assert not wrong, wrong
+    # per stage, what Prometheus counted in each bucket over the window beside the exact times' counts:
+    # the evidence a failed comparison needs
+    detail = {
+        name: {"prometheus": bucket_increases(prom, name, window2, end2), "exact": exact_cumulative(timers[name].times)}
+        for name in order
+    }
+    assert all(d["prometheus"] for d in detail.values()), detail
+    assert not wrong, (wrong, {row[0]: detail.get(row[0]) for row in wrong})
     assert all(c >= s for c, s in zip(e2e_ms, router.times))  # the client's clock includes the server's
 
 
