@@ -161,7 +161,7 @@ def burner_shares(cores: float) -> list[float]:
 
 
 def burn_cpu(share: float, ready, stop, out, nice: int = 0, period_s: float = 0.005) -> None:
-    """Keep ``share`` of one core busy until ``stop``, and put the CPU seconds used: every ``period_s``
+    """Keep ``share`` of one core busy until ``stop``, then put ``(CPU seconds, seconds)``: every ``period_s``
     it spins while its CPU time is behind ``share`` of the time elapsed, else sleeps. Counted in CPU
     time, not wall time, so being preempted on a busy machine does not lower its share. No I/O, no
     locks: nothing the server shares but the cores."""
@@ -176,7 +176,7 @@ def burn_cpu(share: float, ready, stop, out, nice: int = 0, period_s: float = 0.
         until = time.process_time() + min(owed, period_s)
         while time.process_time() < until:
             pass
-    out.put(time.process_time() - cpu_begin)
+    out.put((time.process_time() - cpu_begin, time.perf_counter() - begin))
 
 
 def write_stream_cores(report: dict, feedback_cpu_s: float, phase_s: float) -> float:
@@ -351,10 +351,11 @@ def main() -> None:
                     ready.wait(60)
                 report, _ = measure("same_cpu_no_writes", requests)
                 stop.set()
-                used = sum(out.get(timeout=60) for _ in procs)
+                used = [out.get(timeout=60) for _ in procs]
                 for proc in procs:
                     proc.join(60)
-                burners.append({"cores_asked": round(cores, 3), "burner_cpu_s": round(used, 3)})
+                got = sum(cpu / max(seconds, 1e-9) for cpu, seconds in used)
+                burners.append({"cores_asked": round(cores, 3), "cores_used": round(got, 3)})
 
             # read-only before and after each write phase: a drift of the machine's speed during the
             # round hits both sides alike, and the two read-only halves measure the noise itself
