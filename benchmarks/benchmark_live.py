@@ -16,10 +16,10 @@ On one tritonserver, in one run (``workflows/live_store.py``, ``docs/live-featur
   server's CPU per funnel request beside it;
 * **same_cpu_no_writes** (``--no-same-cpu`` to skip): after each write phase, the same requests with
   no writes, while processes that do nothing but spin keep as many cores busy as the write stream
-  did (the writer and the feedback stubs: a lower bound). ``p99_ratio_same_cpu_no_writes`` beside
-  ``p99_ratio_with_writes`` says whether writing costs the funnel more than the CPU it takes (lock
-  waits, readers stalled by commits) or just that: on a machine the reads already saturate, any
-  work of that size costs as much;
+  did (the writer, the feedback stubs and PostgreSQL's extra: a lower bound).
+  ``p99_ratio_same_cpu_no_writes`` beside ``p99_ratio_with_writes`` says whether writing costs the
+  funnel more than the CPU it takes (lock waits, readers stalled by commits) or just that: on a
+  machine the reads already saturate, any work of that size costs as much;
 * **fresh_history**: ``trials`` times: a router response, feedback on its top item (acknowledged),
   then the next funnel request of that user: latency from the acknowledgement to that response, and
   whether the item was already gone (during the write stream).
@@ -179,13 +179,14 @@ def burn_cpu(share: float, ready, stop, out, nice: int = 0, period_s: float = 0.
     out.put((time.process_time() - cpu_begin, time.perf_counter() - begin))
 
 
-def write_stream_cores(report: dict, feedback_cpu_s: float, phase_s: float) -> float:
+def write_stream_cores(report: dict, server_cpu_s: float, phase_s: float) -> float:
     """The cores the write stream kept busy: the writer process over its stream (``report`` from
-    ``write_stream``) plus the feedback endpoint's stubs over the phase (``feedback_cpu_s`` in
-    ``phase_s``). tritonserver's part of the feedback calls cannot be told from its part of the
-    funnel's, and PostgreSQL's from its reads, so both are left out: a lower bound."""
+    ``write_stream``) plus what it cost the server's side over the phase (``server_cpu_s`` in
+    ``phase_s``: the feedback endpoint's stubs, and with PostgreSQL the database's CPU beyond its
+    read-only pace). tritonserver's part of the feedback calls cannot be told from its part of the
+    funnel's and is left out: a lower bound."""
     writer = float(report["writer_cpu_s"]) / max(float(report["writer_seconds"]), 1e-9)
-    return writer + float(feedback_cpu_s) / max(float(phase_s), 1e-9)
+    return writer + float(server_cpu_s) / max(float(phase_s), 1e-9)
 
 
 def latencies(reports: list) -> np.ndarray:
@@ -324,8 +325,9 @@ def main() -> None:
             def database_seconds() -> float:
                 return postgres.cpu_seconds() if postgres is not None else 0.0
 
-            def measure(phase: str, requests: list) -> tuple[object, dict[str, float]]:
-                """The phase's load report and the server processes' CPU seconds during it."""
+            def measure(phase: str, requests: list) -> tuple[object, dict[str, float], float]:
+                """The phase's load report, the server processes' CPU seconds during it and the
+                database server's (0 on SQLite)."""
                 cpu_before, db_before = server.cpu_seconds_by_process(), database_seconds()
                 client_before = time.process_time()
                 report = run_load(url, requests, concurrency=args.concurrency, keep_outputs=False)
@@ -333,9 +335,10 @@ def main() -> None:
                 used: dict[str, float] = {}
                 add_cpu(used, cpu_before, server.cpu_seconds_by_process())
                 add_cpu(server_cpu[phase], {}, used)
-                database_cpu[phase] += database_seconds() - db_before
+                db_used = database_seconds() - db_before
+                database_cpu[phase] += db_used
                 phases[phase].append(report)
-                return report, used
+                return report, used, db_used
 
             def measure_burning(cores: float, requests: list) -> None:
                 """``measure`` while ``burn_cpu`` processes keep ``cores`` busy (at the writer's niceness)."""
@@ -349,7 +352,7 @@ def main() -> None:
                     proc.start()
                 for ready in ready_all:
                     ready.wait(60)
-                report, _ = measure("same_cpu_no_writes", requests)
+                measure("same_cpu_no_writes", requests)
                 stop.set()
                 used = [out.get(timeout=60) for _ in procs]
                 for proc in procs:
@@ -362,7 +365,8 @@ def main() -> None:
             halves: dict[str, list] = {"before": [], "after": []}
             for _ in range(args.rounds):
                 requests = [Request(int(u), 10) for u in rng.choice(known, args.requests)]
-                halves["before"].append(measure("read_only", requests)[0])
+                read, _, read_db = measure("read_only", requests)
+                halves["before"].append(read)
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
                 writer = context.Process(
                     target=write_stream,
@@ -370,14 +374,17 @@ def main() -> None:
                 )
                 writer.start()
                 ready.wait(120)
-                written, used = measure("with_writes", requests)
+                written, used, written_db = measure("with_writes", requests)
                 if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
                     result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
                 stop.set()
                 writes.append(out.get(timeout=60))
                 writer.join(60)
                 if args.same_cpu:  # the same cores busy, no writes: is the cost of writing only its CPU?
-                    measure_burning(write_stream_cores(writes[-1], used.get(FEEDBACK, 0.0), written.wall_s), requests)
+                    # PostgreSQL: what its processes used beyond their read-only pace is the writes'
+                    extra_db = max(written_db / written.wall_s - read_db / read.wall_s, 0.0) * written.wall_s
+                    cores = write_stream_cores(writes[-1], used.get(FEEDBACK, 0.0) + extra_db, written.wall_s)
+                    measure_burning(cores, requests)
                 if args.bracket:
                     halves["after"].append(measure("read_only", requests)[0])
         for name, reports in phases.items():
