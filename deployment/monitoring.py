@@ -9,12 +9,11 @@ is scraped and alerted on.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from deployment.processes import log_tail, stop_process_group
+from deployment.processes import LoggedProcess
 from deployment.server import LOOPBACK, ServerError, free_port
 
 
@@ -42,7 +41,7 @@ def prometheus_binary(name: str = "prometheus") -> Path:
     return Path(found)
 
 
-class PrometheusServer:
+class PrometheusServer(LoggedProcess):
     """A Prometheus process of our own: its own config, rules and data folder (a temporary one unless
     given), listening on ``127.0.0.1`` on a free port, scraping ``targets`` (``{job: ["host:port", ...]}``,
     each at ``/metrics``). Not the system service: nothing is installed or left running; ``stop`` ends it.
@@ -50,6 +49,8 @@ class PrometheusServer:
         with PrometheusServer({"tritonserver": ["127.0.0.1:8002"]}, rule_files) as prom:
             prom.query("up")
     """
+
+    stop_timeout = 20.0
 
     def __init__(
         self,
@@ -77,7 +78,6 @@ class PrometheusServer:
         self.data_dir = Path(data_dir) if data_dir else self._workdir / "data"
         self.log_path = Path(log_path) if log_path else self._workdir / "prometheus.log"
         self.config_path = self._workdir / "prometheus.yml"
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -109,11 +109,7 @@ class PrometheusServer:
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
         cmd = self.command()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._workdir, start_new_session=True
-        )
+        self.spawn(cmd, cwd=self._workdir)
         try:
             self.wait_until_ready()
         except BaseException:
@@ -171,18 +167,6 @@ class PrometheusServer:
 
     def active_targets(self) -> list[dict]:
         return self.api("targets")["activeTargets"]
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        proc = self.process
-        if proc is not None:
-            stop_process_group(proc, timeout)
-            self.process = None
-        if getattr(self, "_log", None):
-            self._log.close()
-            self._log = None
 
     def cleanup(self) -> None:
         """Stop, and remove the temporary folder (config, data, log)."""

@@ -25,7 +25,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 from deployment import security
-from deployment.processes import log_tail, stop_process_group
+from deployment.processes import LoggedProcess
 
 LOOPBACK = "127.0.0.1"
 
@@ -133,7 +132,7 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-class TritonServer:
+class TritonServer(LoggedProcess):
     """A tritonserver process serving ``model_repository`` on free local ports.
 
     Use as a context manager::
@@ -190,7 +189,6 @@ class TritonServer:
                 raise FileNotFoundError(f"TLS file {path} does not exist")
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
-        self.process: subprocess.Popen | None = None
 
     @property
     def _connect_host(self) -> str:
@@ -262,16 +260,7 @@ class TritonServer:
         """Start the server and wait until every model is ready. A start that stalls (nothing
         logged and no CPU used for ``STALL_S`` while models are still loading) is retried once."""
         cmd = self.command()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=server_env(),
-            cwd=self._workdir,
-            start_new_session=True,  # its own process group: stop() reaches every stub
-        )
+        self.spawn(cmd, cwd=self._workdir, env=server_env())  # its own process group: stop() reaches every stub
         try:
             self.wait_until_ready()
         except ServerStalled as stalled:
@@ -351,18 +340,6 @@ class TritonServer:
         if loading:
             time.sleep(wait_s)
         return loading
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        proc = self.process
-        if proc is not None:
-            stop_process_group(proc, timeout)
-            self.process = None
-        if getattr(self, "_log", None):
-            self._log.close()
-            self._log = None
 
     def restart(self, stop_timeout: float = 10.0) -> TritonServer:
         """Stop whatever is left of the server and start it again on the same ports.
