@@ -135,19 +135,15 @@ def run_feedback_loop(
 
 
 def holdout_test(log: FeedbackLog) -> dict:
-    """Live vs holdout CTR in one generation's log: the z-test over impressions and a 95% interval
-    from resampling users (a user's impressions are not independent, so the z-test's p is optimistic)."""
+    """Live vs holdout CTR in one generation's log, users as the unit (``ab.ratio_delta_test``: a
+    user's impressions are not independent trials, so a z-test over impressions is over-confident),
+    with a 95% interval from resampling users beside the delta method's."""
     from online.ab_report import ctr_bootstrap, per_user
 
     users = per_user(log.impressions(), log.feedback())
     live, hold = users[users["arm"] == "live"], users[users["arm"] == HOLDOUT]
-    test = ab.two_proportion_ztest(
-        int(hold["clicks"].sum()),
-        int(hold["impressions"].sum()),
-        int(live["clicks"].sum()),
-        int(live["impressions"].sum()),
-        "ctr",
-    ).to_dict()
+    test = ab.ratio_delta_test(hold["clicks"], hold["impressions"], live["clicks"], live["impressions"], "ctr")
+    test = test.to_dict()
     test["user_bootstrap_low"], test["user_bootstrap_high"] = ctr_bootstrap(hold, live)
     return test
 
@@ -169,7 +165,7 @@ def history_table(history: list[Generation]) -> pd.DataFrame:
                 "live retention": h.live.get("retention"),
                 "holdout retention": h.holdout.get("retention"),
                 "ctr diff (live - holdout)": h.ctr_test.get("difference"),
-                "p (z-test)": h.ctr_test.get("p_value"),
+                "p (users as the unit)": h.ctr_test.get("p_value"),
                 "diff 95% CI, users resampled": (
                     f"[{h.ctr_test['user_bootstrap_low']:+.4f}, {h.ctr_test['user_bootstrap_high']:+.4f}]"
                     if "user_bootstrap_low" in h.ctr_test

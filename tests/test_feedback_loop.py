@@ -28,8 +28,12 @@ def test_two_generations_retrain_on_their_own_logs(tmp_path):
     for h in history:
         assert 0 < h.coverage <= 1 and 0 <= h.gini <= 1 and h.share_curve[1.0] >= h.share_curve[0.5]
         assert h.ctr_test["user_bootstrap_low"] <= h.ctr_test["difference"] <= h.ctr_test["user_bootstrap_high"]
+        # Users are the unit of the gap's test (a handful of holdout users: the permutation test).
+        assert h.ctr_test["n_control"] == h.holdout["users"] and h.ctr_test["n_treatment"] == h.live["users"]
+        assert h.ctr_test["method"].startswith("studentized permutation") and 0 < h.ctr_test["p_value"] <= 1
     table = history_table(history)
     assert table["gap change since generation 1"].iloc[0] == 0.0
+    assert table["p (users as the unit)"].tolist() == [h.ctr_test["p_value"] for h in history]
     paths = write_loop_report(history, tmp_path / "report", {"size": "test"})
     assert paths["html"].stat().st_size > 10_000  # tables and two embedded plots
     again = reload_history(tmp_path)
