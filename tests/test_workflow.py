@@ -103,3 +103,29 @@ def test_out_of_range_signal_is_named():
         check_event_values(dd.from_pandas(events, npartitions=1))
     with pytest.raises(ValueError, match="watch_seconds"):
         check_event_values(dd.from_pandas(events.assign(click=1, watch_seconds=-3), npartitions=1))
+
+
+def test_a_constant_continuous_column_normalises_to_zero_with_a_std_of_zero():
+    """NVTabular's variance, sum(x^2) - sum(x)^2 / n, cancels to a tiny negative number for a constant
+    column (MovieLens' film duration): the std was NaN, with a RuntimeWarning. The patch in
+    ``workflows/merlin_patches.py`` (imported by the pipeline) clips it at 0."""
+    import warnings
+
+    import numpy as np
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from workflows import merlin_patches  # noqa: F401
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"constant": np.full(1000, 6000, dtype="int64"), "varying": rng.integers(1, 9000, 1000)})
+    workflow = nvt.Workflow(["constant", "varying"] >> nvt.ops.LogOp() >> nvt.ops.Normalize())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        workflow.fit(Dataset(df))
+    normalize = workflow.output_node.op
+    assert normalize.stds["constant"] == 0.0
+    logged = np.log1p(df["varying"].to_numpy())
+    assert normalize.stds["varying"] == pytest.approx(logged.std(ddof=1), rel=1e-4)  # LogOp works in float32
+    out = workflow.transform(Dataset(df)).to_ddf().compute()
+    assert (out["constant"] == 0).all() and np.isfinite(out["varying"]).all()

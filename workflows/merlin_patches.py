@@ -1,21 +1,27 @@
-"""A fix for a Merlin bug that breaks fitting on a dask.distributed cluster.
+"""Fixes for two Merlin bugs in fitting a workflow. Importing this module applies them once.
 
-merlin-core 23.08 ``DaskExecutor.fit_phase`` computes the statistics of a fit phase with
-``[r.result() for r in client.compute(stats) if r is not None]`` and then zips the results with the
-phase's nodes. A ``Subgraph`` node (our ``user_features`` / ``item_features``) fits itself and
-contributes ``None``, so with a client every statistic after it is handed to the wrong operator
-(seen as ``DurationAwareWatch`` receiving Categorify's vocabulary). Without a client the
-synchronous path keeps the ``None`` entries and stays aligned. The patch keeps the alignment in both.
-Importing this module applies it once.
+1. merlin-core 23.08 ``DaskExecutor.fit_phase`` computes the statistics of a fit phase with
+   ``[r.result() for r in client.compute(stats) if r is not None]`` and then zips the results with
+   the phase's nodes. A ``Subgraph`` node (our ``user_features`` / ``item_features``) fits itself and
+   contributes ``None``, so with a client every statistic after it is handed to the wrong operator
+   (seen as ``DurationAwareWatch`` receiving Categorify's vocabulary). Without a client the
+   synchronous path keeps the ``None`` entries and stays aligned. The patch keeps the alignment in
+   both.
+2. NVTabular 23.08 ``Normalize`` computes a column's variance as ``sum(x^2) - sum(x)^2 / n``, which
+   cancels to a tiny negative number for a constant column (MovieLens' made-up film duration): the
+   saved std became NaN, with a RuntimeWarning from ``sqrt``, where it is 0. The patch clips the
+   variance at 0; ``Normalize`` then subtracts the mean only, as it does for any std of 0.
 """
 
 from __future__ import annotations
 
 import dask
+import numpy as np
 from merlin.core.utils import global_dask_client
 from merlin.dag import ColumnSelector
 from merlin.dag.executors import DaskExecutor
 from merlin.io import Dataset
+from nvtabular.ops import moments
 
 
 def _fit_phase(self, dataset, nodes, strict=False):
@@ -58,3 +64,18 @@ def _fit_phase(self, dataset, nodes, strict=False):
 
 if getattr(DaskExecutor.fit_phase, "__name__", "") != "_fit_phase":
     DaskExecutor.fit_phase = _fit_phase
+
+
+_finalize_moments_unclipped = moments._finalize_moments
+
+
+def _finalize_moments(inp, ddof=1):
+    with np.errstate(invalid="ignore"):  # sqrt of the cancelled negative variance, replaced below
+        out = _finalize_moments_unclipped(inp, ddof)
+    negative = out["var"] < 0
+    out.loc[negative, "var"] = 0.0
+    out.loc[negative, "std"] = 0.0
+    return out
+
+
+moments._finalize_moments = _finalize_moments
