@@ -35,3 +35,15 @@ def _notebook_class(path: Path) -> type:
 for _path in NOTEBOOKS:
     _cls = _notebook_class(_path)
     globals()[_cls.__name__] = _cls
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_is_valid_nbformat_with_cell_ids(path):
+    """Each cell has an id (nbformat 4.5; a missing one is a warning today, an error in later nbformat)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    assert all(cell.get("id") for cell in nb.cells)
