@@ -233,20 +233,30 @@ def item_embeddings(model: mm.RetrievalModelV2, item_features: Dataset, batch_si
     return np.concatenate(ids).astype(np.int64), np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
 
 
-def query_embeddings(model: mm.RetrievalModelV2, rows: Dataset, max_rows: int, batch_size: int = 1024) -> np.ndarray:
-    """The query tower's embeddings of the first ``max_rows`` rows of ``rows`` (e.g. the validation
-    part: users as serving will ask, features as of their events), ``[n, dim]`` float32 on the host:
-    the queries the ANN index's recall is measured on (``models/item_index.py``)."""
+def query_embeddings(
+    model: mm.RetrievalModelV2, rows: Dataset, max_rows: int, batch_size: int = 1024, seed: int = 0
+) -> np.ndarray:
+    """The query tower's embeddings of ``max_rows`` rows drawn at random (seeded) from ``rows`` (e.g.
+    the validation part: users as serving will ask, features as of their events), ``[n, dim]``
+    float32 on the host: the queries the ANN index's recall is measured on (``models/item_index.py``).
+    Drawn from every partition, not the first rows: a part ordered by user would give few users."""
     schema = model.query_encoder.schema  # the query tower's features, tagged as in training
     encode = tf.function(lambda batch: model.query_encoder(batch, training=False), reduce_retracing=True)
-    vectors, count = [], 0
-    # A copy: Merlin's Loader sets the schema it is given on the dataset itself, and ``rows`` (the
-    # validation part) still has to train the rankers with all of its columns.
-    for batch, _ in mm.Loader(copy.copy(rows), batch_size=batch_size, shuffle=False, schema=schema):
-        vectors.append(to_host(encode(batch)))
-        count += len(vectors[-1])
-        if count >= max_rows:
-            break
+    total = rows.num_rows
+    if total > max_rows:
+        # A Bernoulli sample a few standard deviations above max_rows, so that it almost never falls
+        # short; the exact number is drawn from it below.
+        frac = min(1.0, (max_rows + 4 * np.sqrt(max_rows) + 10) / total)
+        rows = Dataset(rows.to_ddf().sample(frac=frac, random_state=seed), schema=rows.schema)
+    else:
+        # A copy: Merlin's Loader sets the schema it is given on the dataset itself, and ``rows`` (the
+        # validation part) still has to train the rankers with all of its columns.
+        rows = copy.copy(rows)
+    loader = mm.Loader(rows, batch_size=batch_size, shuffle=False, schema=schema)
+    vectors = [to_host(encode(batch)) for batch, _ in loader]
     if not vectors:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(vectors)[:max_rows], dtype=np.float32)
+    vectors = np.concatenate(vectors)
+    if len(vectors) > max_rows:
+        vectors = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), max_rows, replace=False))]
+    return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -132,7 +132,7 @@ def train_all(
         ids, vectors = item_embeddings(tt_model, item_inputs)
         queries = None
         if len(ids) > config.serving.exact_index_max_items:  # an ANN index: tuned to a recall on validation queries
-            queries = query_embeddings(tt_model, valid, config.serving.ann.queries)
+            queries = query_embeddings(tt_model, valid, config.serving.ann.queries, seed=config.seed)
         index, index_info = item_index.build_index(
             ids,
             vectors,

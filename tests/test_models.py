@@ -283,6 +283,14 @@ def test_sampled_negatives_come_from_the_catalog_through_the_item_tower(processe
     queries = query_embeddings(model, valid, 50)
     assert queries.shape == (50, vectors.shape[1]) and np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-4)
     assert valid.schema.column_names == columns
+    # Drawn (seeded) from the whole part, not its first rows: each is some row's query, and they reach
+    # past the first half of the part.
+    every_row = query_embeddings(model, valid, valid.num_rows)
+    assert len(every_row) == valid.num_rows > 4 * 50
+    rows = np.abs(queries[:, None, :] - every_row[None, :, :]).max(axis=2).argmin(axis=1)
+    np.testing.assert_allclose(every_row[rows], queries, atol=1e-5)
+    assert rows.max() > len(every_row) / 2 and len(set(rows.tolist())) > 1
+    np.testing.assert_array_equal(query_embeddings(model, valid, 50), queries)
 
 
 def test_a_candidate_generator_variant_reuses_the_rankers(processed, small_config, model_version, tmp_path):
