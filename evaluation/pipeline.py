@@ -436,6 +436,68 @@ def evaluate_synthetic(
         world = generate(config.synthetic)
         raw = world.write_parquet(out / "raw")
         processed = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], out / "processed", config.workflow)
+    return evaluate_temporal(
+        processed,
+        world.events,
+        world.users,
+        config,
+        out,
+        ks,
+        mitigation,
+        n_bootstrap,
+        "Offline evaluation: synthetic data",
+        f"synthetic ({len(world.events):,} events, {len(world.users):,} users, {len(world.items):,} items)",
+        trained=trained,
+    )
+
+
+def evaluate_spec(
+    spec, config: Config, out_dir: str | Path, ks=(10, 20), mitigation: bool = True, n_bootstrap: int = 500
+) -> dict:
+    """Your own event log, described by a dataset spec (``workflows/spec.py``, docs/own-data.md),
+    under the temporal protocol of ``evaluate_temporal``: the spec's positive signal is what is
+    held out and predicted. The log is read and checked as ``scripts/prepare_data.py`` does (a
+    defect raises ``DatasetError`` before anything is written)."""
+    from workflows.pipeline import prepare_dataset
+    from workflows.reader import load_inputs
+
+    if config.workflow.split.kind != "temporal":
+        raise ValueError(
+            f"evaluating a dataset spec uses the temporal protocol: workflow.split.kind must be 'temporal', "
+            f"got {config.workflow.split.kind!r}"
+        )
+    out = Path(out_dir)
+    inputs = load_inputs(spec)
+    processed = prepare_dataset(spec, out / "processed", config.workflow)
+    events = inputs.events.compute()
+    events = events.to_pandas() if hasattr(events, "to_pandas") else events  # the evaluation runs on the host
+    users = inputs.users if inputs.users is not None else pd.DataFrame({"user_id": np.unique(events["user_id"])})
+    users = users.to_pandas() if hasattr(users, "to_pandas") else users
+    dataset = (
+        f"{spec.name or 'dataset spec'} ({len(events):,} events, {events['user_id'].nunique():,} users, "
+        f"{events['item_id'].nunique():,} items; positive: {inputs.layout.positive})"
+    )
+    return evaluate_temporal(
+        processed, events, users, config, out, ks, mitigation, n_bootstrap, f"Offline evaluation: {dataset}", dataset
+    )
+
+
+def evaluate_temporal(
+    processed,
+    events: pd.DataFrame,
+    users: pd.DataFrame,
+    config: Config,
+    out: Path,
+    ks,
+    mitigation: bool,
+    n_bootstrap: int,
+    title: str,
+    dataset: str,
+    trained=None,
+) -> dict:
+    """The temporal protocol on a processed log and its raw ``events`` (``click`` = the positive):
+    train on the training period, score the positives after it; peers train on the cleaned
+    training positives the funnel trains on."""
     summary = processed.summary
     cutoff = summary["cutoff"]
     # With a test part (split.test_fraction > 0) the validation period in between is what the
@@ -445,14 +507,14 @@ def evaluate_synthetic(
     start = cutoff if test_cutoff is None else test_cutoff
     train = pd.read_parquet(processed.train_events)
     unsafe = summary.get("unsafe_items", [])
-    later = canonical(world.events[world.events["timestamp"] >= start], processed.item_id_map, unsafe)
+    later = canonical(events[events["timestamp"] >= start], processed.item_id_map, unsafe)
     also_seen = None
     if test_cutoff is not None:
-        between = world.events[(world.events["timestamp"] >= cutoff) & (world.events["timestamp"] < test_cutoff)]
+        between = events[(events["timestamp"] >= cutoff) & (events["timestamp"] < test_cutoff)]
         also_seen = canonical(between[between["click"] > 0], processed.item_id_map, unsafe)
     held_out = f"validation {cutoff}..{test_cutoff} (tuning), test after" if test_cutoff else f"test after {cutoff}"
     context = {
-        "dataset": f"synthetic ({len(world.events):,} events, {len(world.users):,} users, {len(world.items):,} items)",
+        "dataset": dataset,
         "protocol": f"temporal: train before {cutoff}, {held_out}; positives = clicks; full ranking, seen removed; "
         "peers train on the cleaned training log the funnel trains on",
     }
@@ -460,13 +522,13 @@ def evaluate_synthetic(
         processed,
         train[train["click"] > 0],
         later[later["click"] > 0],
-        world.users,
+        users,
         config,
         out,
         ks,
         mitigation,
         n_bootstrap,
-        "Offline evaluation: synthetic data",
+        title,
         context,
         also_seen=also_seen,
         trained=trained,
