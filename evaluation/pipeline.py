@@ -454,17 +454,23 @@ def evaluate_synthetic(
 def evaluate_spec(
     spec, config: Config, out_dir: str | Path, ks=(10, 20), mitigation: bool = True, n_bootstrap: int = 500
 ) -> dict:
-    """Your own event log, described by a dataset spec (``workflows/spec.py``, docs/own-data.md),
-    under the temporal protocol of ``evaluate_temporal``: the spec's positive signal is what is
-    held out and predicted. The log is read and checked as ``scripts/prepare_data.py`` does (a
-    defect raises ``DatasetError`` before anything is written)."""
+    """Your own event log, described by a dataset spec (``workflows/spec.py``, docs/own-data.md):
+    the spec's positive signal is what is held out and predicted, under the config's split.
+
+    ``temporal`` (default): ``evaluate_temporal``, every positive after the test cutoff. ``random``
+    and ``explicit``: the pipeline's own test part (``ProcessedData.held_out_events``), the
+    validation part's positives excluded from ranking like training ones, since the tuning step
+    chose on them; a split without a test part (``explicit`` without ``test_file``) is refused. The
+    log is read and checked as ``scripts/prepare_data.py`` does (a defect raises ``DatasetError``
+    before anything is written)."""
     from workflows.pipeline import prepare_dataset
     from workflows.reader import load_inputs
 
-    if config.workflow.split.kind != "temporal":
+    split = config.workflow.split
+    if split.kind == "explicit" and not split.test_file:
         raise ValueError(
-            f"evaluating a dataset spec uses the temporal protocol: workflow.split.kind must be 'temporal', "
-            f"got {config.workflow.split.kind!r}"
+            "evaluating needs a test part the tuning step never read: set workflow.split.test_file "
+            "(the validation part is what the training run tunes on)"
         )
     out = Path(out_dir)
     inputs = load_inputs(spec)
@@ -477,9 +483,37 @@ def evaluate_spec(
         f"{spec.name or 'dataset spec'} ({len(events):,} events, {events['user_id'].nunique():,} users, "
         f"{events['item_id'].nunique():,} items; positive: {inputs.layout.positive})"
     )
-    return evaluate_temporal(
-        processed, events, users, config, out, ks, mitigation, n_bootstrap, f"Offline evaluation: {dataset}", dataset
+    title = f"Offline evaluation: {dataset}"
+    if split.kind == "temporal":
+        return evaluate_temporal(processed, events, users, config, out, ks, mitigation, n_bootstrap, title, dataset)
+    train, test, valid = held_out_positives(processed)
+    rows = f"{len(train):,}/{len(valid):,}/{len(test):,} positives"
+    protocol = (
+        f"random {'/'.join(f'{r:.0%}' for r in split.ratios)} per user (seed {split.seed})"
+        if split.kind == "random"
+        else f"explicit split files ({split.train_file}, {split.valid_file}, {split.test_file})"
     )
+    context = {
+        "dataset": dataset,
+        "protocol": f"{protocol}, {rows}; validation (tuning) positives removed like training ones; full ranking, "
+        "seen removed; peers train on the cleaned training log the funnel trains on",
+    }
+    return evaluate_split(
+        processed, train, test, users, config, out, ks, mitigation, n_bootstrap, title, context, also_seen=valid
+    )
+
+
+def held_out_positives(processed) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(train, test, valid)`` positives (``click`` > 0) of a processed log's own parts, in raw
+    (canonical) ids: the rows the dataset pipeline assigned, cleaned and deduplicated, so an
+    evaluation scores exactly the split the models were trained and tuned on."""
+    parts = [processed.train_events, processed.held_out_events("test"), processed.held_out_events("valid")]
+    if not parts[1].exists():
+        raise ValueError(f"{processed.root} has no test part ({parts[1].name}): nothing the tuning step never read")
+    train, test, valid = (frame[frame["click"] > 0] for frame in map(pd.read_parquet, parts))
+    if test.empty:
+        raise ValueError(f"the test part of {processed.root} holds no positive to score")
+    return train, test, valid
 
 
 def evaluate_temporal(

@@ -15,6 +15,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from configs import load_config
 from evaluation.pipeline import evaluate_movielens, evaluate_spec, evaluate_synthetic
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--source", default="synthetic", choices=["synthetic", "movielens"], help="dataset")
     parser.add_argument(
-        "--spec", help="dataset spec (YAML) of your own event log (docs/own-data.md); temporal protocol"
+        "--spec", help="dataset spec (YAML) of your own event log (docs/own-data.md), split as the config says"
     )
     parser.add_argument("--movielens", help="RecBole wheel or GroupLens ml-100k folder (default: fetch the wheel)")
     parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is fetched to")
@@ -47,10 +48,13 @@ def main() -> None:
         parser.error("--spec names the data itself; it does not go with --source")
     config = load_config(args.config, {"seed": args.seed} if args.seed is not None else None)
     ks, mitigation = tuple(args.k), not args.no_mitigation
-    if args.spec and config.workflow.split.kind != "temporal":
-        parser.error(
-            f"--spec evaluates under the temporal protocol, the config's split is {config.workflow.split.kind!r}"
-        )
+    split = config.workflow.split
+    if args.spec and split.kind == "explicit":
+        if not split.test_file:
+            parser.error("--spec with an explicit split needs workflow.split.test_file: the part that is scored")
+        missing = [f for f in (split.train_file, split.valid_file, split.test_file) if not Path(f).exists()]
+        if missing:
+            parser.error(f"split file(s) not found: {', '.join(missing)}")
     if args.spec:
         try:
             out = evaluate_spec(load_spec(args.spec), config, args.out, ks, mitigation)

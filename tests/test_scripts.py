@@ -61,7 +61,8 @@ def test_export_triton_exports_a_registry_version(model_version, tmp_path):
 def test_evaluate_takes_a_dataset_spec(tmp_path):
     """``scripts/evaluate.py --spec``: your own log (the shop example: view / add_to_cart / purchase,
     customer segments and regions) scored under the temporal protocol, the funnel beside the peers,
-    sliced by the spec's own user attributes; a broken log is refused before anything is written."""
+    sliced by the spec's own user attributes; a broken log or an unusable split is refused before
+    anything is written."""
     import yaml
 
     from workflows.sources.shop import generate
@@ -87,7 +88,12 @@ def test_evaluate_takes_a_dataset_spec(tmp_path):
     events.to_csv(paths["events_0"], index=False)
     bad = script("scripts/evaluate.py", "--spec", spec, "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "ts" in bad.stderr and not (tmp_path / "bad" / "report").exists()
-    # Only the temporal protocol applies to a spec's log.
-    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": {"kind": "random"}}}))
-    other = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
-    assert other.returncode == 2 and "temporal" in other.stderr
+    # An explicit split must name the test part it scores (the validation part is tuned on) and
+    # files that exist; both are refused before any work (tests/test_offline_evaluation.py runs one).
+    split = {"kind": "explicit", "train_file": str(tmp_path / "train.parquet"), "valid_file": paths["events_0"]}
+    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": split}}))
+    no_test = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
+    assert no_test.returncode == 2 and "workflow.split.test_file" in no_test.stderr
+    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": {**split, "test_file": paths["events_0"]}}}))
+    missing = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
+    assert missing.returncode == 2 and "train.parquet" in missing.stderr

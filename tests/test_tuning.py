@@ -85,7 +85,7 @@ def processed_without_test(processed, tmp_path):
     from workflows.pipeline import ProcessedData
 
     root = tmp_path / "processed"
-    shutil.copytree(processed.root, root, ignore=shutil.ignore_patterns("test", ".complete"))
+    shutil.copytree(processed.root, root, ignore=shutil.ignore_patterns("test", "test_events.parquet", ".complete"))
     return ProcessedData(root)
 
 

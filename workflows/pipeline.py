@@ -24,6 +24,9 @@ The steps, in order (one module each; every step reports rows/users/items remove
                                point-in-time counts and windowed activity as of the end of the training data
     item_features.parquet      the same for every safe, canonical item known at training time
     train_events.parquet       raw training-period events (history for filters and popularity)
+    valid_events.parquet (, test_events.parquet)
+                               the held-out parts' cleaned events in raw ids, before any sampled
+                               negatives: what an offline evaluation scores on any split kind
     recent_events.parquet      each user's events (user_id, timestamp, click) in the longest activity
                                window before the end of the training data (serving counts from them)
     item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
@@ -104,6 +107,10 @@ class ProcessedData:
     @property
     def train_events(self) -> Path:
         return self.root / "train_events.parquet"
+
+    def held_out_events(self, part: str) -> Path:
+        """``valid`` or ``test``: that part's cleaned events (raw ids, one row per user-item pair)."""
+        return self.root / f"{part}_events.parquet"
 
     @property
     def recent_events(self) -> Path:
@@ -285,6 +292,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
         )
         steps.append(rep)
     train_events = parts["train"]
+    held_out = {name: ddf for name, ddf in parts.items() if name != "train"}  # before sampled negatives
 
     ns = config.negative_sampling
     event_columns = layout.event_columns
@@ -343,6 +351,8 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
     train_raw = joined["train"] if config.negative_sampling.kind == "none" else None
     train_frame = (train_raw if train_raw is not None else train_events)[event_columns].compute()
     train_frame.to_parquet(out.train_events, index=False)
+    for name, ddf in held_out.items():
+        ddf[event_columns].compute().to_parquet(out.held_out_events(name), index=False)
 
     # 6. Correctness checks on what was written.
     if config.checks.enabled:
