@@ -162,6 +162,18 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     got = split.train.compute()[keys].sort_values(keys).reset_index(drop=True)
     want = shuffled.iloc[: n // 2][keys].sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want)
+    # An item the pipeline merged into another (a duplicate id): the file names it by its raw id.
+    # With the pipeline's item map those events keep their part; without it they fall out.
+    canonical = int(shuffled.iloc[0]["item_id"])
+    raw = int(unique["item_id"].max()) + 1
+    listed = shuffled.iloc[: n // 2][keys].copy()
+    listed.loc[listed["item_id"] == canonical, "item_id"] = raw
+    listed.to_parquet(tmp_path / "train.parquet")
+    item_map = pd.DataFrame({"item_id": [canonical, raw], "canonical_item_id": [canonical, canonical]})
+    mapped = explicit_split(ddf(unique), cfg, item_map).train.compute()[keys].sort_values(keys)
+    pd.testing.assert_frame_equal(mapped.reset_index(drop=True), want)
+    unmapped = explicit_split(ddf(unique), cfg).train.compute()
+    assert len(unmapped) == len(want) - (want["item_id"] == canonical).sum() < len(want)
     with pytest.raises(FileNotFoundError, match="nope"):
         explicit_split(ddf(unique), SplitConfig(kind="explicit", train_file="nope.parquet", valid_file="x"))
 

@@ -279,7 +279,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
     events = event_features(events, config).persist()
 
     # 3. Split; active users on the training part; one row per (user, item) in each part.
-    split = split_events(events, config.split)
+    split = split_events(events, config.split, item_map)
     if config.checks.enabled and config.split.kind == "temporal":
         passed.append(checks.check_temporal_split(split))
     train, rep = active_users(split.train, config.active_users, as_of=split.cutoff)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from configs import SplitConfig
+from workflows.dedup import apply_item_map
 
 KEYS = ["user_id", "item_id", "timestamp"]
 
@@ -121,15 +122,30 @@ def _read_keys(path: str):
     return keys[KEYS].drop_duplicates()
 
 
-def explicit_split(ddf, config: SplitConfig) -> Split:
-    """Assign events to the parts listed in ``train_file``, ``valid_file`` (and ``test_file``)."""
+def explicit_split(ddf, config: SplitConfig, item_map=None) -> Split:
+    """Assign events to the parts listed in ``train_file``, ``valid_file`` (and ``test_file``).
+
+    The files name items by the ids of the raw log. ``item_map`` (``item_id, canonical_item_id``,
+    ``workflows/dedup.py``) maps them as the events were mapped, so an event of an item listed under
+    a duplicate id still finds its part instead of silently falling out of every part."""
     files = {"train": config.train_file, "valid": config.valid_file}
     if config.test_file:
         files["test"] = config.test_file
-    parts = {name: ddf.merge(_read_keys(path), on=KEYS, how="inner") for name, path in files.items()}
+    parts = {name: ddf.merge(_file_keys(path, item_map), on=KEYS, how="inner") for name, path in files.items()}
     end_of_train = int(parts["train"]["timestamp"].max().compute()) + 1
     return Split(parts["train"], parts["valid"], end_of_train, parts.get("test"), {"kind": "explicit", "files": files})
 
 
-def split_events(ddf, config: SplitConfig) -> Split:
-    return {"temporal": temporal_split, "random": random_split, "explicit": explicit_split}[config.kind](ddf, config)
+def _file_keys(path: str, item_map):
+    keys = _read_keys(path)
+    if item_map is None:
+        return keys
+    return apply_item_map(keys, item_map).drop_duplicates()  # two raw ids of one item: one key
+
+
+def split_events(ddf, config: SplitConfig, item_map=None) -> Split:
+    """Split ``ddf`` as ``config.kind`` says; ``item_map``: the raw -> canonical item ids the events
+    went through (an explicit split's files name raw ids)."""
+    if config.kind == "explicit":
+        return explicit_split(ddf, config, item_map)
+    return {"temporal": temporal_split, "random": random_split}[config.kind](ddf, config)
