@@ -219,6 +219,14 @@ def mitigation_variants(cg) -> list[tuple[int, bool]]:
     return [(n, logq) for n in (0, sampled) for logq in (False, True)]
 
 
+def served_variant(config: Config, manifest: dict) -> tuple[int, bool]:
+    """(sampled negatives, logQ correction) of the candidate generator a version serves: what its
+    tuning step chose where it searched them (``tuning.sampled_negatives``), else the config's. The
+    mitigation table's served row is this one, not the configured pair."""
+    cg = chosen_config(config, manifest).candidate_generator
+    return cg.sampled_negatives, cg.logq_correction
+
+
 def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstrap=500) -> list[offline.Result]:
     users = np.arange(len(data.user_ids))
     train = data.matrix()
@@ -311,10 +319,10 @@ def evaluate_split(
 
     mitigation_rows = []
     if mitigation:
-        cg = config.candidate_generator
+        served = served_variant(config, model.manifest)
         for sampled, logq in variants:
             begin()
-            if (sampled, logq) == (cg.sampled_negatives, cg.logq_correction):
+            if (sampled, logq) == served:
                 res, st = funnel, stages  # the main run already is this variant
             else:
                 variant = chosen_config(config, model.manifest)  # the main run's tuned values
@@ -342,6 +350,7 @@ def evaluate_split(
                 {
                     "sampled_negatives": sampled,
                     "logq_correction": logq,
+                    "served": (sampled, logq) == served,
                     "retrieval_recall": st["candidate_ids"]["recall"],
                     **_trade_off(res, ks[0]),
                 }

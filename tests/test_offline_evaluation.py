@@ -295,6 +295,22 @@ def test_tuning_search_is_read_from_any_stored_shape():
     assert tuning_table(search).loc[0, "params"] == "affinity_weight=0.5, reg_weight=100"
 
 
+def test_mitigation_tables_served_row_is_the_candidate_generator_the_tuning_step_chose():
+    """A search over sampled negatives can serve a pair other than the configured one; the table's
+    served row (and the variant not retrained) must be that pair (a MovieLens run once labelled the
+    served figures with the configured 4096 sampled negatives while serving 0)."""
+    from configs import load_config
+    from evaluation.pipeline import mitigation_variants, served_variant
+
+    config = load_config("configs/movielens-recbole.yaml")
+    assert (config.candidate_generator.sampled_negatives, config.candidate_generator.logq_correction) == (4096, True)
+    chose_none = {"tuning": {"chosen": {"candidate_generator.sampled_negatives": 0}}}
+    assert served_variant(config, chose_none) == (0, True)
+    assert served_variant(config, {"tuning": {"chosen": {"candidate_generator.logq_strength": 1.0}}}) == (4096, True)
+    assert served_variant(config, {}) == (4096, True)  # a version that did not tune serves its config
+    assert served_variant(config, chose_none) in mitigation_variants(config.candidate_generator)
+
+
 # Runs first in the page (injected into a copy): records script errors and failed resources as they
 # happen, and after the load event every image that did not decode, into a <pre> that --dump-dom prints.
 PROBE = """<script>
