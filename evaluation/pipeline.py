@@ -211,11 +211,12 @@ def _with_retrieval_of(stages: list, repo: Path, version: int) -> list:
     return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](stage_folder(repo, s.name, version)) for s in stages]
 
 
-def mitigation_variants(cg) -> list[tuple[int, bool]]:
+def mitigation_variants(cg, served: tuple[int, bool] | None = None) -> list[tuple[int, bool]]:
     """(sampled negatives, logQ correction) of the mitigation table: each of the two on and off.
-    "On" for sampled negatives is the config's count, or one batch's worth when the config has none
-    (as many uniform negatives as in-batch ones)."""
-    sampled = cg.sampled_negatives or cg.batch_size
+    "On" for sampled negatives is the served count where the served candidate generator has some
+    (so the served pair is always a row, whatever count tuning chose), else the config's count, or
+    one batch's worth when the config has none (as many uniform negatives as in-batch ones)."""
+    sampled = (served[0] if served else 0) or cg.sampled_negatives or cg.batch_size
     return [(n, logq) for n in (0, sampled) for logq in (False, True)]
 
 
@@ -287,24 +288,17 @@ def evaluate_split(
     each user holds out one item, a slice gap over one group, an AUC over one class) is reported as
     not applicable with the reason (``Result.not_applicable``, the report's last section)."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
-    variants = mitigation_variants(config.candidate_generator) if mitigation else []
-    steps = [
-        "train and export",
-        "funnel",
-        "peers",
-        *[f"mitigation sampled={n} logQ={q}" for n, q in variants],
-        "ordering policies",
-        "rankers",
-        "report",
-    ]
+    # The mitigation rows' names are known once training has chosen the served pair.
+    steps = ["train and export", "funnel", "peers", *(["mitigation"] * 4 if mitigation else []), "ordering policies"]
+    steps += ["rankers", "report"]
     progress = tqdm(total=len(steps), desc="offline evaluation", unit="step")
     names = iter(steps)
     started = []  # not tqdm's postfix: a disabled bar (TQDM_DISABLE=1) has none
 
-    def begin() -> None:
+    def begin(detail: str = "") -> None:
         if started:  # the step before is done
             progress.update()
-        started.append(next(names))
+        started.append(f"{next(names)} {detail}".strip())
         progress.set_postfix_str(started[-1])
 
     begin()
@@ -320,8 +314,8 @@ def evaluate_split(
     mitigation_rows = []
     if mitigation:
         served = served_variant(config, model.manifest)
-        for sampled, logq in variants:
-            begin()
+        for sampled, logq in mitigation_variants(config.candidate_generator, served):
+            begin(f"sampled={sampled} logQ={logq}")
             if (sampled, logq) == served:
                 res, st = funnel, stages  # the main run already is this variant
             else:

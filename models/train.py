@@ -68,6 +68,7 @@ RANKER_INPUTS = (
     "heavy_ranker",
     "item_affinity",
 )  # hard negatives read the affinity
+NOT_RANKER_INPUTS = ("member_weights", "mlflow_tracking_uri", "mlflow_experiment")  # keys of those sections
 
 
 def train_all(
@@ -310,9 +311,10 @@ def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> 
     ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
 
     def trained(config_dict: dict, key: str):
-        # The member weights are a serving choice the tuning step makes after training, not an input.
+        # Not inputs: the member weights are a serving choice the tuning step makes after training,
+        # and where MLflow logs a run changes nothing a ranker learns.
         value = config_dict.get(key)
-        return {k: v for k, v in value.items() if k != "member_weights"} if isinstance(value, dict) else value
+        return {k: v for k, v in value.items() if k not in NOT_RANKER_INPUTS} if isinstance(value, dict) else value
 
     differ = [key for key in RANKER_INPUTS if trained(manifest["config"], key) != trained(ours, key)]
     if differ:

@@ -180,8 +180,10 @@ def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
 ):
     """The new user's crash: one held-out rating per user. The shared trained funnel is evaluated
     (no retraining) on 40 users' leave-one-out split: every figure but preference parity comes out.
-    With the progress bars off, as a quiet script runs (a disabled bar has no postfix: it crashed)."""
-    from evaluation.pipeline import evaluate_split
+    With the progress bars off, as a quiet script runs (a disabled bar has no postfix: it crashed).
+    With the mitigation table: three candidate generators retrained beside the served one, whose row
+    is the served funnel's (the table once marked the configured pair, not the served one)."""
+    from evaluation.pipeline import evaluate_split, served_variant
 
     monkeypatch.setenv("TQDM_DISABLE", "1")
 
@@ -189,10 +191,17 @@ def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
     config.training.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()  # the shared registry stays as it is
     loo = leave_one_out(data, users=data.user_ids[:40])
     run = evaluate_split(
-        processed, loo.train, loo.test, small_data.users, config, tmp_path, ks=(10,), mitigation=False,
+        processed, loo.train, loo.test, small_data.users, config, tmp_path, ks=(10,), mitigation=True,
         n_bootstrap=50, title="leave-one-out", context={"protocol": "one held-out click per user"},
         trained=(model_version, triton_repo),
     )  # fmt: skip
+    mitigation = pd.DataFrame(run["mitigation"])
+    pairs = list(zip(mitigation["sampled_negatives"], mitigation["logq_correction"]))
+    assert len(set(pairs)) == 4 and mitigation["served"].sum() == 1
+    served = mitigation[mitigation["served"]].iloc[0]
+    assert (served["sampled_negatives"], served["logq_correction"]) == served_variant(config, run["model"].manifest)
+    assert served["ndcg@10"] == run["results"][-1].metrics["ndcg@10"]
+    assert mitigation["retrieval_recall"].between(0, 1).all()
     assert [r.name for r in run["results"]] == ["Pop", "EASE", "ALS", "funnel (served)"]
     for r in run["results"]:
         assert r.bias["preference_parity"] is None and "as in leave-one-out" in r.not_applicable["preference_parity"]
@@ -309,6 +318,13 @@ def test_mitigation_tables_served_row_is_the_candidate_generator_the_tuning_step
     assert served_variant(config, {"tuning": {"chosen": {"candidate_generator.logq_strength": 1.0}}}) == (4096, True)
     assert served_variant(config, {}) == (4096, True)  # a version that did not tune serves its config
     assert served_variant(config, chose_none) in mitigation_variants(config.candidate_generator)
+    # A count the search chose that is not the configured one still gets its row, marked served.
+    chose_1024 = {"tuning": {"chosen": {"candidate_generator.sampled_negatives": 1024}}}
+    served = served_variant(config, chose_1024)
+    assert served == (1024, True)
+    cg = config.candidate_generator
+    assert mitigation_variants(cg, served) == [(0, False), (0, True), (1024, False), (1024, True)]
+    assert mitigation_variants(cg, (0, True)) == [(0, False), (0, True), (4096, False), (4096, True)]
 
 
 # Runs first in the page (injected into a copy): records script errors and failed resources as they

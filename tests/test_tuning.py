@@ -248,13 +248,18 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
 def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
     """The member weights are chosen after training: a version that chose [1, 0] lends its rankers
     to a run configured with the plain mean (``train_tuned`` retraining the candidate generator);
-    other heavy-ranker settings still refuse."""
+    other heavy-ranker settings still refuse. MLflow's location does not."""
     from models.train import check_rankers_reusable
 
     config = load_config(overrides={"heavy_ranker": {"members": [{}, {"hard_negatives": 5}]}})
     chosen = with_overrides(config, {"heavy_ranker": {"member_weights": [1.0, 0.0]}})
     manifest = {"version": 3, "data_fingerprint": "f", "config": json.loads(json.dumps(chosen.to_dict()))}
     check_rankers_reusable(manifest, config, "f")
+    # Where MLflow logs the run is no ranker input either (an evaluation logging elsewhere reuses them)...
+    check_rankers_reusable(manifest, with_overrides(config, {"training": {"mlflow_tracking_uri": "file:/x"}}), "f")
+    # ...while a training setting that is one still refuses.
+    with pytest.raises(ValueError, match="other ranker settings: \\['training'\\]"):
+        check_rankers_reusable(manifest, with_overrides(config, {"training": {"history_event": "like"}}), "f")
     with pytest.raises(ValueError, match="other ranker settings: \\['heavy_ranker'\\]"):
         check_rankers_reusable(manifest, with_overrides(config, {"heavy_ranker": {"epochs": 9}}), "f")
     with pytest.raises(ValueError, match="other data"):
