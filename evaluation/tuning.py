@@ -7,9 +7,10 @@ the models know, and keeps what the ordering stage sees: the heavy ranker's cand
 each candidate's retrieval percentile and item-affinity percentile. Every trial of
 ``models.tuning.grid`` then only re-blends and re-sorts those (``serving/ordering.py``), so a grid of
 20 blends costs one pass of the funnel plus a few milliseconds per trial; an item-affinity penalty
-(``tuning.reg_weight``) refits the EASE weights (one solve) and re-scores the same candidates; the
-heavy ranker's member weights (``tuning.member_weights``) have each ensemble member score the same
-candidates once and re-average its heads per trial (``models.heads.ensemble_heads``, as served).
+(``tuning.reg_weight``, ``tuning.affinity_dropout``) refits the EASE weights (one solve) and
+re-scores the same candidates; the heavy ranker's member weights (``tuning.member_weights``) have
+each ensemble member score the same candidates once and re-average its heads per trial
+(``models.heads.ensemble_heads``, as served).
 
 What it reads: the processed dataset's ``valid/`` part (the light ranker's target, clicks by
 default, gives the positives; items the user already had in training are not: the funnel filters
@@ -42,7 +43,7 @@ from models.registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL, AFFINITY, REG, MEMBERS = (key for key, _ in tuning.KNOBS)
+RETRIEVAL, AFFINITY, REG, DROPOUT, MEMBERS = (key for key, _ in tuning.KNOBS)
 
 
 def validation_tuner(processed):
@@ -103,7 +104,8 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     trials_params = tuning.grid(config)
     if ordering.affinity is None:  # no affinity weights exported (catalog above item_affinity.max_items)
         trials_params = [p for p in trials_params if p[AFFINITY] == 0]
-    affinities = _affinity_percentiles(version_dir, config, requests, {p[REG] for p in trials_params}, ordering)
+    fits = {(p[REG], p[DROPOUT]) for p in trials_params}
+    affinities = _affinity_percentiles(version_dir, config, requests, fits, ordering)
     truth = [relevant[int(r["user"])] for r in requests]
     policy = replace(ordering.policy, exploration_temperature=0.0)  # the deterministic order
     trials = []
@@ -115,7 +117,8 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
             if key not in heavy_by_weights:
                 heavy_by_weights[key] = _heavy_scores(requests, params[MEMBERS], stages)
             heavy = heavy_by_weights[key]
-        top = _served_lists(requests, affinities.get(params[REG]), params, policy, ordering, tc.k, heavy)
+        affinity = affinities.get((params[REG], params[DROPOUT]))
+        top = _served_lists(requests, affinity, params, policy, ordering, tc.k, heavy)
         value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
         trials.append({"params": params, metric: value})
     best = tuning.best_trial(trials, metric)
@@ -186,28 +189,30 @@ def _heavy_scores(requests: list[dict], weights: list[float], stages) -> list[np
     return out
 
 
-def _affinity_percentiles(version_dir: Path, config: Config, requests, regs: set, ordering) -> dict:
-    """Each candidate's affinity percentile under each tried L2 penalty (the version's own weights
-    for its configured penalty, refitted ones for the others); nothing without affinity weights."""
+def _affinity_percentiles(version_dir: Path, config: Config, requests, fits: set, ordering) -> dict:
+    """Each candidate's affinity percentile under each tried (L2 penalty, dropout) pair (the
+    version's own weights for its configured pair, refitted ones for the others); nothing without
+    affinity weights."""
     from serving.ordering import percentile_among
 
     if ordering.affinity is None:
         return {}
     out = {}
     history = items = None
-    for reg in sorted(regs):
-        if reg == config.item_affinity.reg_weight:
+    ac = config.item_affinity
+    for reg, dropout in sorted(fits):
+        if (reg, dropout) == (ac.reg_weight, ac.dropout):
             weights = ordering.affinity
         else:
             if history is None:
                 history = pd.read_parquet(version_dir / "user_history.parquet")
                 items = pd.read_parquet(version_dir / "item_features.parquet")
-            weights = item_affinity.fit_from_history(history, items, reg, config.item_affinity.max_items)
+            weights = item_affinity.fit_from_history(history, items, reg, ac.max_items, dropout)
         pct = []
         for r in requests:
             scores = item_affinity.scores(weights, r["history"], r["ids"])
             pct.append(percentile_among(scores, scores))
-        out[reg] = pct
+        out[(reg, dropout)] = pct
     return out
 
 

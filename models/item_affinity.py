@@ -10,6 +10,13 @@ these items also had that one". This module learns those item-item weights in cl
 
     affinity(user, c) = sum over the user's history h of B[h, c]
 
+``item_affinity.dropout`` > 0 turns EASE into EDLAE (Steck 2020, "Autoencoders that don't overfit
+towards the identity"): training as a denoising autoencoder that drops each input item with
+probability ``p`` is, in closed form, a penalty that grows with the item's count,
+``reg_weight + p / (1 - p) * count(item)`` on the diagonal of ``X^T X``; popular items, whose
+co-occurrences are the most certain, are held back most. On MovieLens-100K (docs/measurements.md)
+it ranks the whole catalog about 1% better than EASE.
+
 The ordering stage blends a candidate's affinity into the final score
 (``serving.ordering.affinity_weight``, ``serving/ordering.py``); the history is the online store's
 (the "already seen" filter's), so training and serving read the same items.
@@ -51,9 +58,10 @@ def _solver():
     return np
 
 
-def fit(user_rows, item_ids, num_items: int, reg_weight: float, max_items: int) -> np.ndarray:
+def fit(user_rows, item_ids, num_items: int, reg_weight: float, max_items: int, dropout: float = 0.0) -> np.ndarray:
     """EASE weights ``B`` (``[num_items, num_items]`` float32, zero diagonal) from parallel arrays of
-    user rows and encoded item ids (one pair per interaction; repeats count once)."""
+    user rows and encoded item ids (one pair per interaction; repeats count once); EDLAE's with
+    ``dropout`` > 0."""
     if num_items > max_items:
         raise ValueError(
             f"item_affinity needs a dense {num_items} x {num_items} weight matrix, above "
@@ -61,24 +69,27 @@ def fit(user_rows, item_ids, num_items: int, reg_weight: float, max_items: int) 
         )
     if reg_weight <= 0:
         raise ValueError(f"item_affinity.reg_weight must be > 0, got {reg_weight}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"item_affinity.dropout must be in [0, 1), got {dropout}")
     user_rows, item_ids = np.asarray(user_rows, dtype=np.int64), np.asarray(item_ids, dtype=np.int64)
     if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= num_items):
         raise ValueError(f"item ids must lie in [0, {num_items}), got [{item_ids.min()}, {item_ids.max()}]")
     num_users = int(user_rows.max()) + 1 if user_rows.size else 0
     x = sp.csr_matrix((np.ones(len(user_rows)), (user_rows, item_ids)), shape=(num_users, num_items))
-    return ease_weights(x, reg_weight)
+    return ease_weights(x, reg_weight, dropout)
 
 
-def ease_weights(x: sp.spmatrix, reg_weight: float) -> np.ndarray:
+def ease_weights(x: sp.spmatrix, reg_weight: float, dropout: float = 0.0) -> np.ndarray:
     """EASE's closed form for a users x items interaction matrix (any nonzero counts once):
     ``B = I - P / diag(P)``, ``P = (X^T X + reg_weight I)^-1``, ``diag(B) = 0``; float32. The item
-    affinity and the EASE peer of the offline evaluation (``evaluation/peers.py``) both use it."""
+    affinity and the EASE peer of the offline evaluation (``evaluation/peers.py``) both use it.
+    ``dropout`` > 0: EDLAE, the penalty of item ``i`` ``reg_weight + dropout / (1 - dropout) * G[i, i]``."""
     x = sp.csr_matrix(x, dtype=np.float64, copy=True)
     x.data[:] = 1.0  # an item the user had twice still counts once
     num_items = x.shape[1]
     xp = _solver()
     gram = xp.asarray((x.T @ x).toarray())
-    gram[xp.diag_indices(num_items)] += reg_weight
+    gram[xp.diag_indices(num_items)] += reg_weight + dropout / (1.0 - dropout) * xp.diag(gram)
     p = xp.linalg.inv(gram)
     b = -p / xp.diag(p)
     b[xp.diag_indices(num_items)] = 0.0
@@ -86,10 +97,11 @@ def ease_weights(x: sp.spmatrix, reg_weight: float) -> np.ndarray:
     return b.get() if xp is not np else b
 
 
-def save(weights: np.ndarray, directory: str | Path, version: int, reg_weight: float) -> None:
+def save(weights: np.ndarray, directory: str | Path, version: int, reg_weight: float, dropout: float = 0.0) -> None:
     directory = Path(directory)
     np.save(directory / WEIGHTS_FILE, np.asarray(weights, dtype=np.float32))
     meta = {"version": int(version), "items": int(weights.shape[0]), "reg_weight": float(reg_weight)}
+    meta["dropout"] = float(dropout)
     (directory / META_FILE).write_text(json.dumps(meta))
 
 
@@ -121,11 +133,12 @@ def scores(weights: np.ndarray, history: np.ndarray, candidates: np.ndarray) -> 
     return np.asarray(weights[np.ix_(history, candidates)], dtype=np.float64).sum(axis=0)
 
 
-def fit_from_history(history, item_table, reg_weight: float, max_items: int) -> np.ndarray:
+def fit_from_history(history, item_table, reg_weight: float, max_items: int, dropout: float = 0.0) -> np.ndarray:
     """EASE weights from the training history the online store serves (``user_id_raw``,
     ``item_id_raw``; pandas or cudf) over the catalog of ``item_table`` (``item_id_raw`` -> encoded
     ``item_id``), so a weight's row and column are the encoded ids serving passes around."""
     encoded = history.merge(item_table[["item_id_raw", "item_id"]], on="item_id_raw", how="inner")
     users = to_host(encoded["user_id_raw"])
     user_rows = np.unique(users, return_inverse=True)[1]
-    return fit(user_rows, to_host(encoded["item_id"]), int(item_table["item_id"].max()) + 1, reg_weight, max_items)
+    num_items = int(item_table["item_id"].max()) + 1
+    return fit(user_rows, to_host(encoded["item_id"]), num_items, reg_weight, max_items, dropout)

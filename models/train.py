@@ -243,7 +243,8 @@ def train_all(
             out.write_manifest(**manifest)  # the funnel the tuner loads reads it
             record = tune(out.tmp, config)
             config = tuning.apply(config, record["chosen"])
-            if affinity and config.item_affinity.reg_weight != affinity["reg_weight"]:
+            chosen_fit = (config.item_affinity.reg_weight, config.item_affinity.dropout)
+            if affinity and chosen_fit != (affinity["reg_weight"], affinity["dropout"]):
                 affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
             manifest.update(
                 config=config.to_dict(),
@@ -298,9 +299,9 @@ def _train_item_affinity(history, item_table, config: Config, directory: Path, v
             ac.max_items,
         )
         return None
-    weights = item_affinity.fit_from_history(history, item_table, ac.reg_weight, ac.max_items)
-    item_affinity.save(weights, directory, version, ac.reg_weight)
-    return {"items": num_items, "reg_weight": ac.reg_weight}
+    weights = item_affinity.fit_from_history(history, item_table, ac.reg_weight, ac.max_items, ac.dropout)
+    item_affinity.save(weights, directory, version, ac.reg_weight, ac.dropout)
+    return {"items": num_items, "reg_weight": ac.reg_weight, "dropout": ac.dropout}
 
 
 def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:

@@ -39,6 +39,7 @@ KNOBS = (
     ("serving.ordering.retrieval_weight", "retrieval_weight"),
     ("serving.ordering.affinity_weight", "affinity_weight"),
     ("item_affinity.reg_weight", "reg_weight"),
+    ("item_affinity.dropout", "affinity_dropout"),
     ("heavy_ranker.member_weights", "member_weights"),
 )
 

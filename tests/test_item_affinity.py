@@ -28,6 +28,30 @@ def test_weights_are_the_ease_closed_form_with_zero_diagonal():
     np.testing.assert_array_equal(again, weights)
 
 
+def test_dropout_is_edlae_a_penalty_growing_with_the_items_count():
+    """EDLAE (Steck 2020): dropping each input item with probability p adds p / (1 - p) x the item's
+    count to its L2 penalty; 0 is EASE. The closed form computed here from the Gram matrix."""
+    rows, cols, items = _interactions(seed=2)
+    x = interaction_matrix(rows, cols, rows.max() + 1, items).toarray()
+    gram = x.T @ x
+    p, reg = 0.4, 10.0
+    inverse = np.linalg.inv(gram + np.diag(reg + p / (1 - p) * np.diag(gram)))
+    expected = -inverse / np.diag(inverse)
+    np.fill_diagonal(expected, 0.0)
+    weights = item_affinity.fit(rows, cols, items, reg_weight=reg, max_items=100, dropout=p)
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(
+        item_affinity.fit(rows, cols, items, reg, 100, dropout=0.0), item_affinity.fit(rows, cols, items, reg, 100)
+    )
+    # The extra penalty holds popular items back: their outgoing weights shrink more than rare ones'.
+    ease = item_affinity.fit(rows, cols, items, reg_weight=reg, max_items=100)
+    counts = np.diag(gram)
+    shrink = np.abs(weights).sum(axis=1) / np.abs(ease).sum(axis=1)
+    assert shrink[counts.argmax()] < shrink[counts.argmin()]
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        item_affinity.fit(rows, cols, items, reg_weight=reg, max_items=100, dropout=1.0)
+
+
 def test_affinity_of_a_history_is_the_users_row_of_x_times_b():
     rows, cols, items = _interactions(seed=1)
     weights = item_affinity.fit(rows, cols, items, reg_weight=5.0, max_items=100)
@@ -68,7 +92,7 @@ def test_saved_weights_load_memory_mapped_and_refuse_another_runs_version(tmp_pa
     weights = item_affinity.fit(rows, cols, items, reg_weight=10.0, max_items=100)
     item_affinity.save(weights, tmp_path, version=7, reg_weight=10.0)
     loaded, meta = item_affinity.load(tmp_path, expected_version=7)
-    assert isinstance(loaded, np.memmap) and meta == {"version": 7, "items": items, "reg_weight": 10.0}
+    assert isinstance(loaded, np.memmap) and meta == {"version": 7, "items": items, "reg_weight": 10.0, "dropout": 0.0}
     np.testing.assert_array_equal(loaded, weights)
     with pytest.raises(VersionMismatchError, match="item_affinity"):
         item_affinity.load(tmp_path, expected_version=8)
@@ -93,7 +117,11 @@ def test_training_skips_a_catalog_above_max_items_unless_the_ordering_needs_it(t
     catalog = pd.DataFrame({"item_id_raw": np.arange(100, 110), "item_id": np.arange(3, 13)})
     history = pd.DataFrame({"user_id_raw": [1, 1, 2, 2], "item_id_raw": [100, 101, 101, 102]})
     small = load_config(overrides={"item_affinity": {"max_items": 13}})
-    assert _train_item_affinity(history, catalog, small, tmp_path, 3) == {"items": 13, "reg_weight": 250.0}
+    assert _train_item_affinity(history, catalog, small, tmp_path, 3) == {
+        "items": 13,
+        "reg_weight": 250.0,
+        "dropout": 0.0,
+    }
     assert item_affinity.load(tmp_path, expected_version=3)[0].shape == (13, 13)
     unused = load_config(overrides={"item_affinity": {"max_items": 12}})
     assert _train_item_affinity(history, catalog, unused, tmp_path / "none", 3) is None

@@ -22,6 +22,7 @@ def test_grid_leaves_out_blends_above_one_and_keeps_unlisted_knobs():
     pairs = [(p["serving.ordering.retrieval_weight"], p["serving.ordering.affinity_weight"]) for p in grid]
     assert pairs == [(0.0, 0.3), (0.0, 0.6), (0.5, 0.3)]  # 0.5 + 0.6 > 1 is not a valid blend
     assert {p["item_affinity.reg_weight"] for p in grid} == {config.item_affinity.reg_weight}
+    assert {p["item_affinity.dropout"] for p in grid} == {config.item_affinity.dropout} == {0.0}
 
 
 def test_best_trial_is_the_argmax_first_on_ties_and_applies_to_the_config():
@@ -55,6 +56,10 @@ def test_tuning_config_is_validated():
         load_config(overrides={"tuning": {"affinity_weight": [1.5]}})
     with pytest.raises(ValueError, match="tuning.reg_weight"):
         load_config(overrides={"tuning": {"reg_weight": [0]}})
+    with pytest.raises(ValueError, match="tuning.affinity_dropout"):
+        load_config(overrides={"tuning": {"affinity_dropout": [1.0]}})
+    with pytest.raises(ValueError, match="item_affinity.dropout"):
+        load_config(overrides={"item_affinity": {"dropout": -0.1}})
 
 
 def test_member_weights_are_validated_and_average_the_heads_as_weighted():
@@ -95,7 +100,8 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     """One training run (candidate generator only; the shared version's rankers are reused) with
     the real tuner: it never opens the test part, chooses the argmax of the trials it records, the
     choice reaches the manifest, MLflow and the exported ordering stage, and each trial's figure is
-    what the served funnel's lists score."""
+    what the served funnel's lists score. The affinity's dropout candidates both differ from the
+    configured 0, so the served weights are the ones refitted for the choice."""
     import mlflow
 
     from deployment.export import export_repository
@@ -127,6 +133,7 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
                 "retrieval_weight": [0.0, 0.3],
                 "affinity_weight": [0.0, 0.5, 0.8],
                 "reg_weight": [],
+                "affinity_dropout": [0.3, 0.6],  # EDLAE's, refitted per value (no retraining)
                 # which of the shared version's two heavy-ranker members count, and how much
                 "member_weights": [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]],
                 "max_users": 0,
@@ -143,7 +150,7 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     record = model.manifest["tuning"]
     metric = record["metric"]
     assert metric == "ndcg_at_10" and record["part"] == "validation" and record["users"] > 20
-    assert len(record["trials"]) == 15  # (2 x 3 blends, less 0.3 + 0.8 > 1) x 3 member weightings
+    assert len(record["trials"]) == 30  # (2 x 3 blends, less 0.3 + 0.8 > 1) x 2 dropouts x 3 member weightings
     best = max(t[metric] for t in record["trials"])
     assert record["best"] == best
     assert record["chosen"] == next(t["params"] for t in record["trials"] if t[metric] == best)
@@ -153,6 +160,13 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     for t in record["trials"]:
         by_members.setdefault(tuple(t["params"]["heavy_ranker.member_weights"]), []).append(t[metric])
     assert len({tuple(v) for v in by_members.values()}) > 1, "the member weights made no difference"
+    by_dropout = {}
+    for t in record["trials"]:
+        by_dropout.setdefault(t["params"]["item_affinity.dropout"], []).append(t[metric])
+    assert by_dropout[0.3] != by_dropout[0.6], "the affinity's dropout made no difference"
+    dropout = record["chosen"]["item_affinity.dropout"]
+    assert model.manifest["item_affinity"]["dropout"] == dropout
+    assert model.manifest["config"]["item_affinity"]["dropout"] == dropout
     chosen_members = record["chosen"]["heavy_ranker.member_weights"]
     assert model.manifest["heavy_ranker"]["member_weights"] == chosen_members
     assert model.manifest["config"]["heavy_ranker"]["member_weights"] == chosen_members
