@@ -154,6 +154,7 @@ def train_all(
         affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
         progress.update()
 
+        trained_with = {key: json.loads(json.dumps(config.to_dict()[key])) for key in RANKER_INPUTS}
         if rankers_from is None:
             progress.set_postfix_str("light_ranker")
             light_model, light_metrics = train_light_ranker(
@@ -197,6 +198,7 @@ def train_all(
                 shutil.copytree(rankers_from.path / name, out.tmp / name)
             light_metrics, heavy_metrics = source["metrics"]["light_ranker"], source["metrics"]["heavy_ranker"]
             heavy_spec = source["heavy_ranker"]
+            trained_with = ranker_inputs(source)
             run.set_tags({"rankers_from_version": source["version"]})
             progress.update(2)
 
@@ -225,6 +227,9 @@ def train_all(
             data_summary=data.summary,
             schema=_schema_summary(train.schema),
             config=config.to_dict(),
+            # What the rankers were trained with: the tuning step may change some of it afterwards
+            # for serving (the item affinity's penalty), so "config" can differ from it.
+            ranker_inputs=trained_with,
             metrics=metrics,
             features=features,
             light_ranker={"features": list(config.light_ranker.features), "target": config.light_ranker.target},
@@ -304,9 +309,18 @@ def _train_item_affinity(history, item_table, config: Config, directory: Path, v
     return {"items": num_items, "reg_weight": ac.reg_weight, "dropout": ac.dropout}
 
 
+def ranker_inputs(manifest: dict) -> dict:
+    """The ``RANKER_INPUTS`` sections a version's rankers were trained with: its manifest's
+    ``ranker_inputs`` (before the tuning step changed any of them for serving), or, for a version
+    written before that record, its config."""
+    return manifest.get("ranker_inputs") or {key: manifest["config"].get(key) for key in RANKER_INPUTS}
+
+
 def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:
     """Refuse to reuse the rankers of the version ``manifest`` describes for ``config`` when they
-    were trained on other data or with other ranker settings (``RANKER_INPUTS``)."""
+    were trained on other data or with other ranker settings (``RANKER_INPUTS``, as trained: a
+    version whose tuning step then chose another item-affinity penalty still lends its rankers to a
+    run configured with the penalty they were trained with)."""
     if manifest["data_fingerprint"] != fingerprint:
         raise ValueError(f"rankers_from version {manifest['version']} was trained on other data")
     ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
@@ -317,7 +331,7 @@ def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> 
         value = config_dict.get(key)
         return {k: v for k, v in value.items() if k not in NOT_RANKER_INPUTS} if isinstance(value, dict) else value
 
-    differ = [key for key in RANKER_INPUTS if trained(manifest["config"], key) != trained(ours, key)]
+    differ = [key for key in RANKER_INPUTS if trained(ranker_inputs(manifest), key) != trained(ours, key)]
     if differ:
         raise ValueError(f"rankers_from version {manifest['version']} has other ranker settings: {differ}")
 

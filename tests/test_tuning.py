@@ -224,7 +224,10 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
 ):
     """``train_tuned`` with two logQ strengths: one candidate generator each (the shared version's
     rankers reused), each scored by its best blend on validation, never the test part; the winner
-    is what the registry publishes, its manifest holding both searches and the report plotting both."""
+    is what the registry publishes, its manifest holding both searches and the report plotting both.
+    The blend search also switches the item affinity to EDLAE (the only dropout listed): the winner
+    serves it, yet still lends its rankers to the configuration they were trained with (a MovieLens
+    run whose first candidate generator chose another dropout refused to train the second)."""
     from evaluation.report import tuning_searches
     from evaluation.tuning import train_tuned
     from models import registry
@@ -238,7 +241,12 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
         small_config,
         {
             "candidate_generator": {"logq_correction": True},
-            "tuning": {"logq_strength": [0.25, 2.0], "retrieval_weight": [0.0, 0.3], "affinity_weight": [0.5]},
+            "tuning": {
+                "logq_strength": [0.25, 2.0],
+                "retrieval_weight": [0.0, 0.3],
+                "affinity_weight": [0.5],
+                "affinity_dropout": [0.5],
+            },
         },
     )
     model = train_tuned(processed_without_test, config, tmp_path / "registry", base=model_version)
@@ -257,13 +265,18 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
     assert registry.list_versions(tmp_path / "registry") == [int(model.version)]
     assert len(record["trials"]) == 2
     assert {s["name"] for s in tuning_searches(record)} == {"search", "candidate_generator"}
+    assert model.manifest["config"]["item_affinity"]["dropout"] == record["chosen"]["item_affinity.dropout"] == 0.5
+    assert model.manifest["ranker_inputs"]["item_affinity"]["dropout"] == 0.0  # as the rankers were trained
+    from models.train import check_rankers_reusable
+
+    check_rankers_reusable(model.manifest, config, model.manifest["data_fingerprint"])
 
 
 def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
     """The member weights are chosen after training: a version that chose [1, 0] lends its rankers
     to a run configured with the plain mean (``train_tuned`` retraining the candidate generator);
     other heavy-ranker settings still refuse. MLflow's location does not."""
-    from models.train import check_rankers_reusable
+    from models.train import RANKER_INPUTS, check_rankers_reusable
 
     config = load_config(overrides={"heavy_ranker": {"members": [{}, {"hard_negatives": 5}]}})
     chosen = with_overrides(config, {"heavy_ranker": {"member_weights": [1.0, 0.0]}})
@@ -276,5 +289,16 @@ def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
         check_rankers_reusable(manifest, with_overrides(config, {"training": {"history_event": "like"}}), "f")
     with pytest.raises(ValueError, match="other ranker settings: \\['heavy_ranker'\\]"):
         check_rankers_reusable(manifest, with_overrides(config, {"heavy_ranker": {"epochs": 9}}), "f")
+    # A version whose tuning step chose another item affinity to serve records what its rankers were
+    # trained with (the hard negatives read the configured affinity); that is what must match.
+    served = with_overrides(chosen, {"item_affinity": {"dropout": 0.5}})
+    tuned = {**manifest, "config": json.loads(json.dumps(served.to_dict()))}
+    tuned["ranker_inputs"] = {key: manifest["config"][key] for key in RANKER_INPUTS}
+    check_rankers_reusable(tuned, config, "f")
+    with pytest.raises(ValueError, match="other ranker settings: \\['item_affinity'\\]"):
+        check_rankers_reusable(tuned, served, "f")
+    # A manifest written before that record is read through its config.
+    with pytest.raises(ValueError, match="other ranker settings: \\['item_affinity'\\]"):
+        check_rankers_reusable({**manifest, "config": tuned["config"]}, config, "f")
     with pytest.raises(ValueError, match="other data"):
         check_rankers_reusable(manifest, config, "g")
