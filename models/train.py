@@ -318,9 +318,10 @@ def ranker_inputs(manifest: dict) -> dict:
 
 def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> None:
     """Refuse to reuse the rankers of the version ``manifest`` describes for ``config`` when they
-    were trained on other data or with other ranker settings (``RANKER_INPUTS``, as trained: a
-    version whose tuning step then chose another item-affinity penalty still lends its rankers to a
-    run configured with the penalty they were trained with)."""
+    were trained on other data or with other ranker settings (``RANKER_INPUTS``). A version whose
+    tuning step chose another item affinity to serve lends its rankers both to a run configured as
+    they were trained (the next candidate generator of a search) and to one configured as the
+    version serves (a variant of it, such as the mitigation table's)."""
     if manifest["data_fingerprint"] != fingerprint:
         raise ValueError(f"rankers_from version {manifest['version']} was trained on other data")
     ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
@@ -331,7 +332,11 @@ def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> 
         value = config_dict.get(key)
         return {k: v for k, v in value.items() if k not in NOT_RANKER_INPUTS} if isinstance(value, dict) else value
 
-    differ = [key for key in RANKER_INPUTS if trained(ranker_inputs(manifest), key) != trained(ours, key)]
+    differ = [
+        key
+        for key in RANKER_INPUTS
+        if trained(ours, key) not in (trained(ranker_inputs(manifest), key), trained(manifest["config"], key))
+    ]
     if differ:
         raise ValueError(f"rankers_from version {manifest['version']} has other ranker settings: {differ}")
 

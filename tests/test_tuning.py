@@ -270,6 +270,10 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
     from models.train import check_rankers_reusable
 
     check_rankers_reusable(model.manifest, config, model.manifest["data_fingerprint"])
+    # ...and to a variant configured as it serves (the mitigation table's candidate generators).
+    check_rankers_reusable(
+        model.manifest, tuning.chosen_config(config, model.manifest), model.manifest["data_fingerprint"]
+    )
 
 
 def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
@@ -295,8 +299,9 @@ def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
     tuned = {**manifest, "config": json.loads(json.dumps(served.to_dict()))}
     tuned["ranker_inputs"] = {key: manifest["config"][key] for key in RANKER_INPUTS}
     check_rankers_reusable(tuned, config, "f")
+    check_rankers_reusable(tuned, served, "f")  # a variant of the version as it serves
     with pytest.raises(ValueError, match="other ranker settings: \\['item_affinity'\\]"):
-        check_rankers_reusable(tuned, served, "f")
+        check_rankers_reusable(tuned, with_overrides(config, {"item_affinity": {"dropout": 0.3}}), "f")
     # A manifest written before that record is read through its config.
     with pytest.raises(ValueError, match="other ranker settings: \\['item_affinity'\\]"):
         check_rankers_reusable({**manifest, "config": tuned["config"]}, config, "f")
