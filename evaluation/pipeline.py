@@ -288,9 +288,17 @@ def evaluate_split(
     each user holds out one item, a slice gap over one group, an AUC over one class) is reported as
     not applicable with the reason (``Result.not_applicable``, the report's last section)."""
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
-    # The mitigation rows' names are known once training has chosen the served pair.
-    steps = ["train and export", "funnel", "peers", *(["mitigation"] * 4 if mitigation else []), "ordering policies"]
-    steps += ["rankers", "report"]
+    # The mitigation rows' names are known once training has chosen the served pair; their number now.
+    mitigation_steps = len(mitigation_variants(config.candidate_generator)) if mitigation else 0
+    steps = [
+        "train and export",
+        "funnel",
+        "peers",
+        *["mitigation"] * mitigation_steps,
+        "ordering policies",
+        "rankers",
+        "report",
+    ]
     progress = tqdm(total=len(steps), desc="offline evaluation", unit="step")
     names = iter(steps)
     started = []  # not tqdm's postfix: a disabled bar (TQDM_DISABLE=1) has none

@@ -100,8 +100,12 @@ def ease_weights(x: sp.spmatrix, reg_weight: float, dropout: float = 0.0) -> np.
 def save(weights: np.ndarray, directory: str | Path, version: int, reg_weight: float, dropout: float = 0.0) -> None:
     directory = Path(directory)
     np.save(directory / WEIGHTS_FILE, np.asarray(weights, dtype=np.float32))
-    meta = {"version": int(version), "items": int(weights.shape[0]), "reg_weight": float(reg_weight)}
-    meta["dropout"] = float(dropout)
+    meta = {
+        "version": int(version),
+        "items": int(weights.shape[0]),
+        "reg_weight": float(reg_weight),
+        "dropout": float(dropout),
+    }
     (directory / META_FILE).write_text(json.dumps(meta))
 
 

@@ -154,8 +154,8 @@ def train_all(
         affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
         progress.update()
 
-        trained_with = {key: json.loads(json.dumps(config.to_dict()[key])) for key in RANKER_INPUTS}
         if rankers_from is None:
+            trained_with = {key: _as_stored(config)[key] for key in RANKER_INPUTS}
             progress.set_postfix_str("light_ranker")
             light_model, light_metrics = train_light_ranker(
                 train,
@@ -309,6 +309,11 @@ def _train_item_affinity(history, item_table, config: Config, directory: Path, v
     return {"items": num_items, "reg_weight": ac.reg_weight, "dropout": ac.dropout}
 
 
+def _as_stored(config: Config) -> dict:
+    """``config`` as a manifest stores it (JSON: lists, not tuples), so the two compare equal."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def ranker_inputs(manifest: dict) -> dict:
     """The ``RANKER_INPUTS`` sections a version's rankers were trained with: its manifest's
     ``ranker_inputs`` (before the tuning step changed any of them for serving), or, for a version
@@ -324,7 +329,7 @@ def check_rankers_reusable(manifest: dict, config: Config, fingerprint: str) -> 
     version serves (a variant of it, such as the mitigation table's)."""
     if manifest["data_fingerprint"] != fingerprint:
         raise ValueError(f"rankers_from version {manifest['version']} was trained on other data")
-    ours = json.loads(json.dumps(config.to_dict()))  # as the manifest stored it (lists, not tuples)
+    ours = _as_stored(config)
 
     def trained(config_dict: dict, key: str):
         # Not inputs: the member weights are a serving choice the tuning step makes after training,
