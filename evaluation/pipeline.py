@@ -158,36 +158,42 @@ def ordering_results(
     variants=ORDERING_VARIANTS,
     seed: int = 0,
     stages=None,
+    as_served: offline.Result | None = None,
 ) -> pd.DataFrame:
     """The served funnel and each ordering variant on the same export: accuracy beside popularity
     bias and how many categories a list spans. Exploration draws from a seeded generator, so the
     table is repeatable; a served request gets a fresh draw. ``stages`` reuses loaded stages.
     Where the export has item affinity weights, the affinity switched (``affinity_variant``) is a
-    row too."""
+    row too. ``as_served``: the served funnel's result on the same data, evaluated with
+    ``categories=served_categories(stages)``, is the first row instead of evaluating it again."""
     stages = stages or offline.load_funnel(repo, version)
     ordering = next(s for s in stages if s.name == "ordering")
     served = ordering.policy
     if ordering.affinity is not None:
         variants = tuple(variants) + (affinity_variant(served),)
-    items = ordering.items  # the item table the ordering stage loaded, with the category column
-    category_of = pd.Series(items[served.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
+    category_of = served_categories(stages)
+    if as_served is not None and "categories_per_list" not in as_served.bias:
+        raise ValueError("as_served must be evaluated with categories=served_categories(stages)")
     k = ks[0]
     rows = []
     for name, change in (("as served", {}),) + tuple(variants):
-        variant = ordering.with_policy(dataclasses.replace(served, **change), seed=seed)
-        res, _ = funnel_results(
-            name,
-            repo,
-            version,
-            model_dir,
-            data,
-            ks,
-            None,
-            n_bootstrap,
-            stages=[variant if s is ordering else s for s in stages],
-            parity=False,
-            categories=category_of,
-        )
+        if name == "as served" and as_served is not None:
+            res = as_served  # the same export, policy and data: evaluating it again gives the same lists
+        else:
+            variant = ordering.with_policy(dataclasses.replace(served, **change), seed=seed)
+            res, _ = funnel_results(
+                name,
+                repo,
+                version,
+                model_dir,
+                data,
+                ks,
+                None,
+                n_bootstrap,
+                stages=[variant if s is ordering else s for s in stages],
+                parity=False,
+                categories=category_of,
+            )
         rows.append(
             {
                 "ordering": name,
@@ -196,6 +202,14 @@ def ordering_results(
             }
         )
     return pd.DataFrame(rows)
+
+
+def served_categories(stages) -> pd.Series:
+    """Each item's category (raw item id -> the ordering policy's ``category_column``), as the
+    ordering stage loaded it: what the ordering table's "categories per list" counts."""
+    ordering = next(s for s in stages if s.name == "ordering")
+    items = ordering.items
+    return pd.Series(items[ordering.policy.category_column].to_numpy(), index=items["item_id_raw"].to_numpy())
 
 
 # The stages a candidate-generator variant shares with the main run: it copies the rankers
@@ -314,8 +328,9 @@ def evaluate_split(
     loaded = offline.load_funnel(repo, model.version)
     begin()
     funnel, stages = funnel_results(
-        "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded
-    )
+        "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded,
+        categories=served_categories(loaded),
+    )  # fmt: skip
     begin()
     results = peer_results(data, ks, users, n_bootstrap) + [funnel]
 
@@ -358,7 +373,9 @@ def evaluate_split(
                 }
             )
     begin()
-    ordering_rows = ordering_results(repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded)
+    ordering_rows = ordering_results(
+        repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded, as_served=funnel
+    )  # fmt: skip
     begin()
     rankers = ranker_table(model.path, model.manifest, processed.valid())
     begin()

@@ -83,7 +83,7 @@ def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_ve
 
 @pytest.mark.slow
 def test_ordering_variants_are_measured_on_the_same_export(triton_repo, model_version, data):
-    from evaluation.pipeline import funnel_results, ordering_results
+    from evaluation.pipeline import funnel_results, ordering_results, served_categories
 
     variants = (("cap 1", {"max_per_category": 1}), ("explore", {"exploration_temperature": 0.1}))
     args = (triton_repo, model_version.version, model_version.path, data, (10,))
@@ -93,8 +93,15 @@ def test_ordering_variants_are_measured_on_the_same_export(triton_repo, model_ve
     assert table["ordering"].tolist() == ["as served", "cap 1", "explore", "item affinity 0.5"]
     measured = table.drop(columns="ordering").set_index(table["ordering"])
     assert (measured.loc["item affinity 0.5"] - measured.loc["as served"]).abs().max() > 0
-    served, _ = funnel_results("served", *args, n_bootstrap=50, parity=False, stages=stages)
+    categories = served_categories(stages)
+    served, _ = funnel_results("served", *args, n_bootstrap=50, parity=False, stages=stages, categories=categories)
     assert table.loc[0, "ndcg@10"] == pytest.approx(served.metrics["ndcg@10"])  # the served policy is back
+    # The evaluation's own served result as the first row (not evaluated twice): the same row.
+    reused = ordering_results(*args, n_bootstrap=50, variants=variants[:1], stages=stages, as_served=served)
+    pd.testing.assert_frame_equal(reused.iloc[:2], table.iloc[:2])
+    without = dataclasses.replace(served, bias={k: v for k, v in served.bias.items() if k != "categories_per_list"})
+    with pytest.raises(ValueError, match="categories=served_categories"):
+        ordering_results(*args, variants=(), stages=stages, as_served=without)
     spans = table.set_index("ordering").filter(like="categories per top-10").iloc[:, 0]
     assert spans["cap 1"] > spans["as served"]
     # Exploration is drawn from a seeded generator: the same table twice; another seed differs.
