@@ -501,8 +501,8 @@ def evaluate_spec(
             "(the validation part is what the training run tunes on)"
         )
     out = Path(out_dir)
-    inputs = load_inputs(spec)
-    processed = prepare_dataset(spec, out / "processed", config.workflow)
+    inputs = load_inputs(spec)  # read and checked once: the pipeline and the figures below share it
+    processed = prepare_dataset(spec, out / "processed", config.workflow, inputs=inputs)
     events = inputs.events.compute()
     events = events.to_pandas() if hasattr(events, "to_pandas") else events  # the evaluation runs on the host
     users = inputs.users if inputs.users is not None else pd.DataFrame({"user_id": np.unique(events["user_id"])})

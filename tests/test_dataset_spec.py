@@ -325,3 +325,31 @@ def test_a_log_with_only_ids_and_iso_timestamps_goes_through(tmp_path):
     assert 0 < train["click"].mean() < 1  # positives and sampled negatives
     events = pd.read_parquet(out.train_events)
     assert events["timestamp"].min() >= start.timestamp()
+
+
+def test_inputs_read_once_go_through_the_pipeline_unread_again(tmp_path, monkeypatch):
+    """``prepare_dataset(inputs=load_inputs(spec))`` (the offline evaluation's way: it reads the log
+    for its own figures too) writes what reading the files itself writes, and does not read them."""
+    from configs import load_config
+    from workflows import pipeline
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    log = {"u": rng.integers(1, 60, n), "i": rng.integers(1, 40, n), "t": 1_770_000_000 + rng.integers(0, 10**6, n)}
+    pd.DataFrame(log).to_parquet(tmp_path / "log.parquet")
+    spec = spec_from_dict(
+        {"name": "log", "events": {"path": "log.parquet", "user_id": "u", "item_id": "i", "timestamp": "t"}},
+        root=str(tmp_path),
+    )
+    config = load_config(overrides={"workflow": {"checks": {"point_in_time_probe": False}}}).workflow
+    read = pipeline.prepare_dataset(spec, tmp_path / "read", config)
+    inputs = load_inputs(spec)
+
+    def read_again(_spec):
+        raise AssertionError("the files were read again")
+
+    monkeypatch.setattr(pipeline, "load_inputs", read_again)
+    given = pipeline.prepare_dataset(spec, tmp_path / "given", config, inputs=inputs)
+    pd.testing.assert_frame_equal(pd.read_parquet(given.train_events), pd.read_parquet(read.train_events))
+    with pytest.raises(AssertionError, match="read again"):
+        pipeline.prepare_dataset(spec, tmp_path / "unread", config)

@@ -63,7 +63,7 @@ from workflows.point_in_time import (
     add_point_in_time_counts,
     totals_as_of,
 )
-from workflows.reader import load_inputs, with_placeholders
+from workflows.reader import Inputs, load_inputs, with_placeholders
 from workflows.recency_window import recency_window
 from workflows.report import report
 from workflows.spec import DatasetSpec, Layout, raw_schema_spec
@@ -237,19 +237,24 @@ def run_dataset_pipeline(
     return prepare_dataset(raw_schema_spec(events_path, users_path, items_path), out_dir, config, scheduler)
 
 
-def prepare_dataset(spec: DatasetSpec, out_dir: str | Path, config: WorkflowConfig, scheduler=None) -> ProcessedData:
+def prepare_dataset(
+    spec: DatasetSpec, out_dir: str | Path, config: WorkflowConfig, scheduler=None, inputs: Inputs | None = None
+) -> ProcessedData:
     """Check the files ``spec`` names, then run the whole dataset pipeline and write to ``out_dir``.
 
     Raises ``workflows.validate.DatasetError`` (every defect of the input) before anything is
     written. ``scheduler``: where dask runs (see ``workflows/cluster.py``): ``None`` (in process), a
-    ``distributed.Client``, a scheduler address, ``"local-cuda"`` or ``"auto"``.
+    ``distributed.Client``, a scheduler address, ``"local-cuda"`` or ``"auto"``. ``inputs``: what
+    ``load_inputs(spec)`` returned, where the caller has read and checked the files already (the
+    offline evaluation reads the log for its own figures too), so they are not read twice.
     """
     with connect(scheduler):
-        return _run(spec, out_dir, config)
+        return _run(spec, out_dir, config, inputs)
 
 
-def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig) -> ProcessedData:
-    inputs = load_inputs(spec)  # raises DatasetError before anything is written
+def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | None) -> ProcessedData:
+    if inputs is None:
+        inputs = load_inputs(spec)  # raises DatasetError before anything is written
     layout = inputs.layout
     config, adaptations = adapt_workflow_config(config, layout, list(inputs.items.columns))
     events, users, items = inputs.events, inputs.users, inputs.items
