@@ -54,6 +54,17 @@ class ServerStalled(ServerError):
         self.loading = loading
 
 
+class ServerAborted(ServerError):
+    """The server aborted while loading, in the python backend's shared-memory IPC
+    (``boost::interprocess::lock_exception``, SIGABRT). Intermittent upstream
+    (triton-inference-server/server#5949, #8882); seen here in a full test suite on 2026-12-05, as
+    two versions of one model initialised their stubs, the server's shared-memory prefix its own."""
+
+
+# What the python backend's shared-memory crash leaves in the log.
+IPC_ABORT = "boost::interprocess"
+
+
 def pytriton_root() -> Path:
     import pytriton
 
@@ -258,18 +269,21 @@ class TritonServer(LoggedProcess):
 
     def start(self, retry_stalled: bool = True) -> TritonServer:
         """Start the server and wait until every model is ready. A start that stalls (nothing
-        logged and no CPU used for ``STALL_S`` while models are still loading) is retried once."""
+        logged and no CPU used for ``STALL_S`` while models are still loading) or aborts in the
+        python backend's shared-memory IPC (``ServerAborted``) is retried once, in a fresh process
+        with a fresh shared-memory prefix; any other failure, or a second one, is raised."""
         cmd = self.command()
         self.spawn(cmd, cwd=self._workdir, env=server_env())  # its own process group: stop() reaches every stub
         try:
             self.wait_until_ready()
-        except ServerStalled as stalled:
-            # Seen about once per full test suite before each server got its own shared-memory prefix
-            # (command()): one stage version loading forever, its stubs idle. Kept as a guard: a
-            # fresh process has always loaded; a second stall is an error.
+        except (ServerStalled, ServerAborted) as failed:
+            # Stalls were seen about once per full test suite before each server got its own
+            # shared-memory prefix (command()): one stage version loading forever, its stubs idle.
+            # Aborts are an upstream crash of the python backend. A fresh process has always loaded.
             self.stop()
             if retry_stalled:
-                print(f"tritonserver stalled while loading; starting it again ({stalled.loading})", file=sys.stderr)
+                what = f"stalled ({failed.loading})" if isinstance(failed, ServerStalled) else "aborted (IPC)"
+                print(f"tritonserver {what} while loading; starting it again", file=sys.stderr)
                 return self.start(retry_stalled=False)
             raise
         except BaseException:
@@ -287,7 +301,9 @@ class TritonServer(LoggedProcess):
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                    code, tail = self.process.returncode, self.log_tail()
+                    error = ServerAborted if code == -signal.SIGABRT and IPC_ABORT in tail else ServerError
+                    raise error(f"tritonserver exited with code {code}:\n{tail}")
                 try:
                     if client.is_server_ready():
                         return

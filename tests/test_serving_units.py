@@ -254,6 +254,51 @@ def test_the_server_gives_slow_stubs_time_to_start(tmp_path):
         patient.cleanup()
 
 
+def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_once(tmp_path, monkeypatch):
+    """The python backend's intermittent crash while stubs initialise (boost::interprocess::
+    lock_exception, SIGABRT) gets one fresh process; a second abort, or any other exit, is raised."""
+    import sys
+
+    from deployment.server import ServerAborted, ServerError, TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60)
+    crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
+    aborts = [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
+    exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
+    ready = [  # answers Triton's readiness probe, as a server that loaded would
+        sys.executable,
+        "-c",
+        "import http.server as h\n"
+        "class Ready(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+        f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
+    ]
+    started = []
+
+    def serve(*commands):
+        queue = iter(commands)
+        monkeypatch.setattr(TritonServer, "command", lambda self: started.append(c := next(queue)) or c)
+        started.clear()
+
+    try:
+        serve(aborts, ready)
+        assert server.start() is server and started == [aborts, ready] and server.process.poll() is None
+        server.stop()
+        serve(aborts, aborts)
+        with pytest.raises(ServerAborted, match="lock_exception"):
+            server.start()
+        assert len(started) == 2
+        serve(exits, ready)
+        with pytest.raises(ServerError, match="unknown flag") as raised:
+            server.start()
+        assert type(raised.value) is ServerError and started == [exits]
+    finally:
+        server.stop()
+        server.cleanup()
+
+
 def test_the_supervisor_keeps_supervising_after_a_failed_restart():
     """A restart that raises (the server did not come back) is recorded, and the next failed probes
     restart again instead of the supervising thread dying with the exception."""
