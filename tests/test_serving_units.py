@@ -1,5 +1,7 @@
 """Fast checks of the serving helpers that need no server: version pinning, metrics parsing, NDCG."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -296,6 +298,36 @@ def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_once(tmp_path
         assert type(raised.value) is ServerError and started == [exits]
     finally:
         server.stop()
+        server.cleanup()
+
+
+def test_a_stopped_server_leaves_no_shared_memory_behind(tmp_path):
+    """A killed python backend cannot unlink its regions (1 MiB per stub in /dev/shm); ``stop``
+    removes those of its own start's prefix and no other server's."""
+    from deployment.server import TritonServer, remove_shm_regions
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    mine = [shm / f"funnel_1_2_abc_{i}" for i in range(3)]
+    other = shm / "funnel_1_2_abd_0"  # another server's: its prefix differs in the last character
+    for region in (*mine, other):
+        region.write_bytes(b"\0")
+    assert sorted(remove_shm_regions("funnel_1_2_abc_", shm)) == mine and other.exists()
+    assert remove_shm_regions(None, shm) == [] and other.exists()
+
+    if not pathlib.Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo)
+    server.shm_prefix = f"funnel_test_{tmp_path.name}_"  # as command() names a start's regions
+    left = pathlib.Path("/dev/shm") / f"{server.shm_prefix}stub-region"
+    left.write_bytes(b"\0")
+    try:
+        server.stop()
+        assert not left.exists()
+    finally:
+        left.unlink(missing_ok=True)
         server.cleanup()
 
 
