@@ -155,7 +155,8 @@ def train_all(
         progress.update()
 
         if rankers_from is None:
-            trained_with = {key: _as_stored(config)[key] for key in RANKER_INPUTS}
+            stored = _as_stored(config)
+            trained_with = {key: stored[key] for key in RANKER_INPUTS}
             progress.set_postfix_str("light_ranker")
             light_model, light_metrics = train_light_ranker(
                 train,
