@@ -7,10 +7,12 @@ classes they spread over the workers, and ``conftest.py`` schedules them first s
 is left running alone at the end.
 """
 
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -18,7 +20,13 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def execute(path: Path, workdir: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    # The kernel talks over Unix sockets in a directory of its own, not TCP: a TCP kernel picks free
+    # ports and binds them later, and a worker starting a server (or another kernel) in between took
+    # one ("Address already in use", the kernel died before replying). A short /tmp path keeps the
+    # sockets under the 107-character limit whatever pytest's tmp_path is.
+    with tempfile.TemporaryDirectory(prefix="kernel-") as sockets:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "k"))
+        NotebookClient(nb, km=km, timeout=900, resources={"metadata": {"path": str(workdir)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{path.name}: {[e.get('ename') for e in errors]}"
 
