@@ -66,6 +66,24 @@ class ServerAborted(ServerError):
 IPC_ABORT = "boost::interprocess"
 
 
+class PortTaken(ServerError):
+    """A port the server was to listen on was in use when it came to bind it (``ports``).
+
+    Triton binds its endpoints only after every model has loaded, seconds after ``free_port``
+    chose them, so another process (a parallel test's server or Jupyter kernel, a client's outgoing
+    connection) can take one meanwhile. For gRPC or HTTP Triton exits; for metrics it logs the
+    error and serves on without them, while the metrics URL reaches the other process."""
+
+    def __init__(self, ports: list[int], message: str):
+        super().__init__(message)
+        self.ports = ports
+
+
+# Triton's log line for an endpoint it could not bind, e.g. "failed to start GRPC service:
+# Unavailable - Socket '127.0.0.1:60579' already in use".
+PORT_IN_USE = re.compile(r"failed to start (\w+) service: .*?Socket '[^']*:(\d+)' already in use")
+
+
 def pytriton_root() -> Path:
     import pytriton
 
@@ -193,9 +211,16 @@ class TritonServer(LoggedProcess):
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
+        # The ports chosen here, not by the caller: a start may choose them again (PortTaken).
+        self._chosen_ports = [
+            name
+            for name, given in (("grpc_port", grpc_port), ("http_port", http_port), ("metrics_port", metrics_port))
+            if not given
+        ]
         self.startup_timeout = startup_timeout
         self.stub_timeout_s = int(stub_timeout_s)
         self.shm_prefix: str | None = None  # the python backend's region names, fresh per start (command())
+        self._log_offset = 0  # where the log's lines of the current start begin (start())
         self.log_verbose = log_verbose
         if model_control not in ("explicit", "none"):
             raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
@@ -281,15 +306,29 @@ class TritonServer(LoggedProcess):
             f"--log-verbose={self.log_verbose}",
         ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
-    def start(self, retry_stalled: bool = True) -> TritonServer:
-        """Start the server and wait until every model is ready. A start that stalls (nothing
-        logged and no CPU used for ``STALL_S`` while models are still loading) or aborts in the
-        python backend's shared-memory IPC (``ServerAborted``) is retried once, in a fresh process
-        with a fresh shared-memory prefix; any other failure, or a second one, is raised."""
+    def start(self, retry_stalled: bool = True, port_retries: int = 2) -> TritonServer:
+        """Start the server and wait until every model is ready and it listens on its three ports.
+        A start that stalls (nothing logged and no CPU used for ``STALL_S`` while models are still
+        loading) or aborts in the python backend's shared-memory IPC (``ServerAborted``) is retried
+        once, in a fresh process with a fresh shared-memory prefix. A start that finds one of the
+        ports this object chose taken (``PortTaken``) is retried on newly chosen ones, up to
+        ``port_retries`` times; a port the caller gave is never changed. Any other failure, or one
+        more than these, is raised."""
         cmd = self.command()
+        # The log is appended to across starts: this start's lines begin here.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.spawn(cmd, cwd=self._workdir, env=server_env())  # its own process group: stop() reaches every stub
         try:
             self.wait_until_ready()
+        except PortTaken as taken:
+            self.stop()
+            mine = [name for name in self._chosen_ports if getattr(self, name) in taken.ports]
+            if not mine or port_retries <= 0:
+                raise
+            for name in mine:
+                setattr(self, name, free_port())
+            print(f"tritonserver: port(s) {taken.ports} taken while it loaded; starting it again", file=sys.stderr)
+            return self.start(retry_stalled, port_retries - 1)
         except (ServerStalled, ServerAborted) as failed:
             # Stalls were seen about once per full test suite before each server got its own
             # shared-memory prefix (command()): one stage version loading forever, its stubs idle.
@@ -299,7 +338,7 @@ class TritonServer(LoggedProcess):
             if retry_stalled:
                 what = f"stalled ({failed.loading})" if isinstance(failed, ServerStalled) else "aborted (IPC)"
                 print(f"tritonserver {what} while loading; starting it again", file=sys.stderr)
-                return self.start(retry_stalled=False)
+                return self.start(retry_stalled=False, port_retries=port_retries)
             raise
         except BaseException:
             self.stop()
@@ -310,20 +349,25 @@ class TritonServer(LoggedProcess):
         import tritonclient.http as httpclient
 
         deadline = time.monotonic() + self.startup_timeout
-        # Asked over HTTP, which answers the same whether or not gRPC speaks TLS.
-        client = httpclient.InferenceServerClient(self.http_url)
+        # Asked over HTTP, which answers the same whether or not gRPC speaks TLS. A short timeout: a
+        # process that took the HTTP port while Triton loaded may accept and never answer, and the
+        # client's default 60 s would hide Triton's exit that long.
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=5.0)
         progress, since = None, time.monotonic()
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     code, tail = self.process.returncode, self.log_tail()
-                    error = ServerAborted if code == -signal.SIGABRT and IPC_ABORT in tail else ServerError
-                    raise error(f"tritonserver exited with code {code}:\n{tail}")
+                    message = f"tritonserver exited with code {code}:\n{tail}"
+                    self.raise_if_port_taken(message)
+                    raise (ServerAborted if code == -signal.SIGABRT and IPC_ABORT in tail else ServerError)(message)
                 try:
-                    if client.is_server_ready():
-                        return
+                    ready = client.is_server_ready()
                 except Exception:
-                    pass
+                    ready = False
+                if ready:
+                    self.wait_until_listening()
+                    return
                 time.sleep(0.5)
                 # Progress: the log grew, or the server and its stubs used CPU (idle stubs' metric
                 # threads use far less than 5% of a core).
@@ -343,6 +387,42 @@ class TritonServer(LoggedProcess):
             f"tritonserver not ready after {self.startup_timeout:.0f}s; models still loading: {loading}\n"
             f"{self.log_tail(200)}"
         )
+
+    def raise_if_port_taken(self, context: str = "") -> None:
+        """Raise ``PortTaken`` if this start's log says an endpoint could not bind its port."""
+        log = ""
+        if self.log_path.exists():
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                log = f.read().decode(errors="replace")
+        found = PORT_IN_USE.findall(log)
+        if found:
+            taken = ", ".join(f"{service} port {port}" for service, port in found)
+            raise PortTaken([int(port) for _, port in found], f"{taken} already in use. {context}".strip())
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports the tritonserver process itself listens on."""
+        import psutil
+
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return set()
+        return {c.laddr.port for c in sockets if c.status == psutil.CONN_LISTEN}
+
+    def wait_until_listening(self, timeout: float = 10.0) -> None:
+        """Once ready (HTTP answers), wait until gRPC and metrics listen too: Triton starts metrics
+        after HTTP, and a metrics port found taken does not stop it (``PortTaken``)."""
+        wanted = {self.grpc_port, self.http_port, self.metrics_port}
+        deadline = time.monotonic() + timeout
+        while True:
+            self.raise_if_port_taken()
+            missing = wanted - self.listening_ports()
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"tritonserver is ready but does not listen on port(s) {sorted(missing)}")
+            time.sleep(0.1)
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by tritonserver and its stubs."""
@@ -378,7 +458,7 @@ class TritonServer(LoggedProcess):
         A server with a dead stub may wait for it on shutdown; after ``stop_timeout`` the process
         group is killed."""
         self.stop(timeout=stop_timeout)
-        return self.start()
+        return self.start(port_retries=0)  # clients know these ports: a taken one is an error
 
     def healthy(self, timeout: float = 5.0) -> bool:
         """The process runs and the server and every model report ready (strict readiness)."""

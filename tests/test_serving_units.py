@@ -269,10 +269,11 @@ def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_once(tmp_path
     crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
     aborts = [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
     exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
-    ready = [  # answers Triton's readiness probe, as a server that loaded would
+    ready = [  # answers Triton's readiness probe and listens on the other two ports, as a server that loaded
         sys.executable,
         "-c",
-        "import http.server as h\n"
+        "import http.server as h, socket\n"
+        f"others = [socket.create_server(('127.0.0.1', p)) for p in ({server.grpc_port}, {server.metrics_port})]\n"
         "class Ready(h.BaseHTTPRequestHandler):\n"
         "    def do_GET(self): self.send_response(200); self.end_headers()\n"
         f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
