@@ -401,9 +401,11 @@ class TritonServer(LoggedProcess):
             raise PortTaken([int(port) for _, port in found], f"{taken} already in use. {context}".strip())
 
     def listening_ports(self) -> set[int]:
-        """The TCP ports the tritonserver process itself listens on."""
+        """The TCP ports the tritonserver process itself listens on (none when it is not running)."""
         import psutil
 
+        if self.process is None:
+            return set()
         try:
             sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
         except psutil.NoSuchProcess:
