@@ -648,7 +648,7 @@ class TuningConfig:
 
     enabled: bool = True
     k: int = 10  # the metric is ndcg@k on the validation part
-    retrieval_weight: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    retrieval_weight: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])  # 0, 0.1 ... 1
     affinity_weight: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     reg_weight: list[float] = field(default_factory=list)  # item_affinity.reg_weight candidates
     affinity_dropout: list[float] = field(default_factory=list)  # item_affinity.dropout candidates

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation.offline import Result, slice_gaps
+from models.tuning import edge_text
 
 STAGE_LABELS = {
     "candidate_ids": "retrieval",
@@ -187,7 +188,8 @@ def tuning_searches(tuning) -> list[dict]:
     ``"search"``); or a dict of such searches by name (``{"blend": [...], "logq": {...}}``). A trial
     is ``{"params": {...}, "metric": value}`` (``"value"``/``"score"``/the metric's name also read;
     a search may hold further searches by name beside its trials, as ``candidate_generator``;
-    a dict of metrics gives its first number). Returns ``[{"name", "metric", "trials", "chosen"}]``,
+    a dict of metrics gives its first number). Returns ``[{"name", "metric", "trials", "chosen",
+    "at_edge"}]`` (``at_edge``: the chosen values at the end of their searched range, ``models.tuning.at_edge``),
     each trial as ``{"params": dict, "value": float}``; an empty list when the step did not run."""
     if not tuning:
         return []
@@ -217,7 +219,9 @@ def tuning_searches(tuning) -> list[dict]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             trials.append({"params": dict(params), "value": float(value)})
     chosen = tuning.get("chosen") or tuning.get("best")
-    out = [{"name": str(tuning.get("name", "search")), "metric": metric, "trials": trials, "chosen": chosen}]
+    edges = [e for e in tuning.get("at_edge") or [] if isinstance(e, dict) and {"knob", "value", "side"} <= e.keys()]
+    name = str(tuning.get("name", "search"))
+    out = [{"name": name, "metric": metric, "trials": trials, "chosen": chosen, "at_edge": edges}]
     # A search nested by name beside the trials (``candidate_generator``: the retrained knobs).
     for name, sub in tuning.items():
         if isinstance(sub, dict) and any(key in sub for key in ("trials", "search")):
@@ -528,7 +532,8 @@ def write_report(
             sections.append(
                 (
                     "Tuning search" + ("" if search["name"] == "search" else f": {search['name']}"),
-                    f"{len(search['trials'])} trials on the validation part; the best {min(5, len(search['trials']))}:",
+                    f"{len(search['trials'])} trials on the validation part; the best {min(5, len(search['trials']))}:"
+                    + (f" (at the edge: {edge_text(search['at_edge'])})" if search.get("at_edge") else ""),
                     [tuning_table(search)],
                     [tuning_plot(search)],
                 )

@@ -130,6 +130,7 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         "chosen": best["params"],
         "best": best[metric],
         "seconds": round(time.perf_counter() - started, 2),
+        "at_edge": tuning.at_edge(config, best["params"]),
     }
     log.info(
         "tuning: %d trials on %d validation users, chose %s (%s %.4f)",
@@ -139,7 +140,13 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         metric,
         best[metric],
     )
+    _warn_at_edge(record["at_edge"])
     return record
+
+
+def _warn_at_edge(edges: list[dict]) -> None:
+    if edges:
+        log.warning("tuning: %s", tuning.edge_text(edges))
 
 
 def _candidates(stages, users: np.ndarray, k: int) -> list[dict]:
@@ -280,6 +287,10 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
             record = tune(version_dir, chosen_config)
             record["chosen"] = {**best["params"], **record["chosen"]}
             record["candidate_generator"] = search
+            # tune() judged the blend's knobs; the retrained ones are judged here.
+            retrained = tuning.at_edge(chosen_config, best["params"])
+            record["at_edge"] = record["at_edge"] + retrained
+            _warn_at_edge(retrained)
             return record
 
         return train_all(

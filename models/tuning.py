@@ -17,11 +17,15 @@ chosen by the training run itself (``configs.TuningConfig``):
 4. ``retrained_grid(config)``: the candidate generator's knobs (``logq_strength``,
    ``sampled_negatives``), one retraining each; ``evaluation.tuning.train_tuned`` searches them.
 
+5. ``at_edge(config, chosen)``: the chosen values that are the smallest or largest of their range
+   where the knob could go further: the best may lie outside what was searched, so widen the range.
+
 The record's shape (what reports plot)::
 
     {"metric": "ndcg_at_10", "part": "validation", "users": 812,
      "trials": [{"params": {"serving.ordering.retrieval_weight": 0.1, ...}, "ndcg_at_10": 0.071}, ...],
      "chosen": {"serving.ordering.retrieval_weight": 0.1, ...}, "best": 0.083, "seconds": 21.4,
+     "at_edge": [{"knob": "item_affinity.reg_weight", "value": 500.0, "side": "largest"}],
      "candidate_generator": {...}}   # only with retrained knobs: the same shape, one trial per
                                      # retrained candidate generator (its best blend's metric)
 
@@ -49,6 +53,18 @@ RETRAINED_KNOBS = (
     ("candidate_generator.logq_strength", "logq_strength"),
     ("candidate_generator.sampled_negatives", "sampled_negatives"),
 )
+
+
+# What each scalar knob may take (configs validates the same bounds): a choice at the end of its searched
+# range is only worth a warning where the knob could go beyond it.
+DOMAINS = {
+    "serving.ordering.retrieval_weight": (0.0, 1.0),
+    "serving.ordering.affinity_weight": (0.0, 1.0),
+    "item_affinity.reg_weight": (0.0, float("inf")),
+    "item_affinity.dropout": (0.0, 1.0),
+    "candidate_generator.logq_strength": (0.0, float("inf")),
+    "candidate_generator.sampled_negatives": (0.0, float("inf")),
+}
 
 
 def metric_name(k: int) -> str:
@@ -99,6 +115,34 @@ def best_trial(trials: list[dict], metric: str) -> dict:
     if not trials:
         raise ValueError("no tuning trial to choose from")
     return max(trials, key=lambda t: (t[metric], -trials.index(t)))
+
+
+def at_edge(config: Config, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chosen values that sit at the end of their searched range while the knob's domain
+    (``DOMAINS``) goes further: ``[{"knob", "value", "side": "smallest" | "largest"}]``.
+
+    A knob searched over one value, or not chosen in ``chosen``, is not judged; nor are list-valued
+    knobs (the member weights). Each knob is judged on its own list, whatever the others chose: a
+    blend of retrieval 0.5 and affinity 0.5 with retrieval searched up to 0.5 is flagged, since
+    retrieval 0.6 with affinity 0.4 was never tried."""
+    tc = config.tuning
+    out = []
+    for key, field in (*KNOBS, *RETRAINED_KNOBS):
+        candidates = [float(v) for v in getattr(tc, field) if isinstance(v, (int, float))]
+        if key not in chosen or key not in DOMAINS or len(set(candidates)) < 2:
+            continue
+        value, (low, high) = float(chosen[key]), DOMAINS[key]
+        if value == max(candidates) and value < high:
+            out.append({"knob": key, "value": chosen[key], "side": "largest"})
+        elif value == min(candidates) and value > low:
+            out.append({"knob": key, "value": chosen[key], "side": "smallest"})
+    return out
+
+
+def edge_text(edges: list[dict[str, Any]]) -> str:
+    """One line for people, "" when nothing is at an edge."""
+    parts = [f"{e['knob'].rsplit('.', 1)[-1]} {e['value']:g} is the {e['side']} value searched" for e in edges]
+    return ("; ".join(parts) + ": widen its range in tuning to see whether the best lies beyond") if parts else ""
 
 
 def describe(params: dict[str, Any]) -> str:

@@ -262,7 +262,9 @@ def test_report_leads_with_the_headline_and_draws_every_section(stand_in, tmp_pa
     from evaluation.report import headline
 
     trials = [{"params": {"affinity_weight": w}, "metric": 0.05 + w * (1 - w) / 10} for w in (0.0, 0.25, 0.5, 0.75)]
-    results, paths = stand_in_report(stand_in, tmp_path / "tuned", {"metric": "ndcg@10", "trials": trials})
+    edge = [{"knob": "serving.ordering.affinity_weight", "value": 0.75, "side": "largest"}]
+    record = {"metric": "ndcg@10", "trials": trials, "at_edge": edge}
+    results, paths = stand_in_report(stand_in, tmp_path / "tuned", record)
     page = paths["html"].read_text()
     # accuracy with error bars, the funnel, slices, the item-share curve, the tuning search
     assert page.count("data:image/png;base64,") == 5
@@ -282,6 +284,7 @@ def test_report_leads_with_the_headline_and_draws_every_section(stand_in, tmp_pa
         low, high = (float(x) for x in re.findall(r"[-+]\d\.\d+", row["difference (95% CI)"])[1:])
         assert row["verdict"] == ("beats" if low > 0 else "loses to" if high < 0 else "within noise of")
     best = page.split("<h2>Tuning search</h2>")[1].split("</table>")[0]
+    assert "at the edge: affinity_weight 0.75 is the largest value searched" in best  # models.tuning.at_edge
     assert best.count("<td>affinity_weight=") == 4 and best.index("affinity_weight=0.5") < best.index(
         "affinity_weight=0.25"
     )
@@ -308,6 +311,7 @@ def test_tuning_search_is_read_from_any_stored_shape():
     (search,) = tuning_searches(record)
     assert search["metric"] == "ndcg_at_10" and [t["value"] for t in search["trials"]] == [0, 0, 0.005, 0.002]
     assert search["chosen"] == grid[2]["params"] and len(tuning_plot(search)) > 1000
+    assert search["at_edge"] == []  # a record from before the edge check reads as "nothing at an edge"
     assert tuning_table(search).loc[0, "params"] == "affinity_weight=0.5, reg_weight=100"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import load_config, with_overrides
+from configs import TuningConfig, load_config, with_overrides
 from models import tuning
 
 
@@ -49,6 +49,55 @@ def test_a_choice_is_described_in_one_line_member_weights_included():
         "heavy_ranker.member_weights": [0.25, 0.75],
     }
     assert tuning.describe(chosen) == "retrieval_weight 0.2, reg_weight 250, member_weights [0.25, 0.75]"
+
+
+def test_a_choice_at_the_end_of_its_range_is_flagged_where_the_knob_could_go_further():
+    config = load_config(
+        overrides={
+            "tuning": {
+                "retrieval_weight": [0.0, 0.25, 0.5],
+                "affinity_weight": [0.0, 0.5, 1.0],
+                "reg_weight": [100.0, 250.0],
+                "affinity_dropout": [0.0, 0.5],
+                "logq_strength": [1.0, 1.5],
+                "sampled_negatives": [0, 4096],
+            }
+        }
+    )
+    chosen = {
+        "serving.ordering.retrieval_weight": 0.5,  # the largest searched, and 1 is allowed: flagged
+        "serving.ordering.affinity_weight": 0.5,  # inside its range
+        "item_affinity.reg_weight": 100.0,  # the smallest searched, and any penalty above 0 is allowed
+        "item_affinity.dropout": 0.0,  # the smallest searched, and the smallest allowed: not flagged
+        "candidate_generator.logq_strength": 1.0,
+        "candidate_generator.sampled_negatives": 0,
+    }
+    edges = tuning.at_edge(config, chosen)
+    assert [(e["knob"], e["side"]) for e in edges] == [
+        ("serving.ordering.retrieval_weight", "largest"),
+        ("item_affinity.reg_weight", "smallest"),
+        ("candidate_generator.logq_strength", "smallest"),
+    ]
+    text = tuning.edge_text(edges)
+    assert text.startswith("retrieval_weight 0.5 is the largest value searched; reg_weight 100 is the smallest")
+    # At the domain's end (affinity 1.0), searched over one value (the default's empty lists), or not
+    # part of the choice: nothing to widen.
+    assert tuning.at_edge(config, {"serving.ordering.affinity_weight": 1.0}) == []
+    assert tuning.at_edge(load_config(overrides={"tuning": {"reg_weight": [500.0]}}), chosen) == []
+    assert tuning.edge_text([]) == ""
+
+
+def test_the_default_blend_search_covers_every_weight_the_ordering_accepts():
+    """The demo chose retrieval 0.5 / affinity 0.5 when 0.5 was the largest retrieval weight searched;
+    the default range now runs to 1, so such a choice is inside the search, not at its edge."""
+    config = load_config()
+    pairs = {
+        (p["serving.ordering.retrieval_weight"], p["serving.ordering.affinity_weight"]) for p in tuning.grid(config)
+    }
+    assert max(config.tuning.retrieval_weight) == 1.0 and (1.0, 0.0) in pairs and (0.5, 0.5) in pairs
+    demo_choice = {"serving.ordering.retrieval_weight": 0.5, "serving.ordering.affinity_weight": 0.5}
+    assert tuning.at_edge(config, demo_choice) == []
+    assert TuningConfig().retrieval_weight == config.tuning.retrieval_weight  # a config file without the list
 
 
 def test_tuning_config_is_validated():
@@ -154,6 +203,9 @@ def test_training_run_tunes_on_validation_only_and_serves_the_choice(
     best = max(t[metric] for t in record["trials"])
     assert record["best"] == best
     assert record["chosen"] == next(t["params"] for t in record["trials"] if t[metric] == best)
+    # Two dropouts searched, neither at the domain's end: whichever was chosen is at an edge of the search.
+    assert record["at_edge"] == tuning.at_edge(config, record["chosen"])
+    assert "item_affinity.dropout" in {e["knob"] for e in record["at_edge"]}
     values = [t[metric] for t in record["trials"]]
     assert len(set(values)) > 1, "the blend weights made no difference to any list"
     by_members = {}
@@ -264,6 +316,9 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
     # Only the winner is published; the blend search ran again on it.
     assert registry.list_versions(tmp_path / "registry") == [int(model.version)]
     assert len(record["trials"]) == 2
+    # The blend's and the retrained knobs' edges: two logQ strengths searched, so the winner is at one.
+    assert record["at_edge"] == tuning.at_edge(config, record["chosen"])
+    assert "candidate_generator.logq_strength" in {e["knob"] for e in record["at_edge"]}
     assert {s["name"] for s in tuning_searches(record)} == {"search", "candidate_generator"}
     assert model.manifest["config"]["item_affinity"]["dropout"] == record["chosen"]["item_affinity.dropout"] == 0.5
     assert model.manifest["ranker_inputs"]["item_affinity"]["dropout"] == 0.0  # as the rankers were trained
