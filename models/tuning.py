@@ -15,8 +15,7 @@ chosen by the training run itself (``configs.TuningConfig``):
    manifest, so the exported ordering serves it, and keeps the record in the manifest (``tuning``)
    and in MLflow (``tuning.json``, the chosen values as ``tuning.chosen.*`` params);
 4. ``retrained_grid(config)``: the candidate generator's knobs (``logq_strength``,
-   ``sampled_negatives``), one retraining each; ``evaluation.tuning.train_tuned`` searches them.
-
+   ``sampled_negatives``), one retraining each; ``evaluation.tuning.train_tuned`` searches them;
 5. ``at_edge(config, chosen)``: the chosen values that are the smallest or largest of their range
    where the knob could go further: the best may lie outside what was searched, so widen the range.
 
