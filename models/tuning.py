@@ -127,8 +127,10 @@ def at_edge(config: Config, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     tc = config.tuning
     out = []
     for key, field in (*KNOBS, *RETRAINED_KNOBS):
-        candidates = [float(v) for v in getattr(tc, field) if isinstance(v, (int, float))]
-        if key not in chosen or key not in DOMAINS or len(set(candidates)) < 2:
+        if key not in chosen or key not in DOMAINS:  # DOMAINS holds the scalar knobs only
+            continue
+        candidates = [float(v) for v in getattr(tc, field)]
+        if len(set(candidates)) < 2:
             continue
         value, (low, high) = float(chosen[key]), DOMAINS[key]
         if value == max(candidates) and value < high:
