@@ -220,8 +220,15 @@ def tuning_searches(tuning) -> list[dict]:
             trials.append({"params": dict(params), "value": float(value)})
     chosen = tuning.get("chosen") or tuning.get("best")
     edges = [e for e in tuning.get("at_edge") or [] if isinstance(e, dict) and {"knob", "value", "side"} <= e.keys()]
-    name = str(tuning.get("name", "search"))
-    out = [{"name": name, "metric": metric, "trials": trials, "chosen": chosen, "at_edge": edges}]
+    out = [
+        {
+            "name": str(tuning.get("name", "search")),
+            "metric": metric,
+            "trials": trials,
+            "chosen": chosen,
+            "at_edge": edges,
+        }
+    ]
     # A search nested by name beside the trials (``candidate_generator``: the retrained knobs).
     for name, sub in tuning.items():
         if isinstance(sub, dict) and any(key in sub for key in ("trials", "search")):
