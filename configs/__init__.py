@@ -630,6 +630,30 @@ class OnlineConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
+# The range each scalar knob the tuning step searches may take: (low, high, low allowed, high allowed).
+# TuningConfig checks its candidates against it, and models.tuning.at_edge reads it to tell whether a
+# choice at the end of the searched range could have gone further.
+TUNING_DOMAINS: dict[str, tuple[float, float, bool, bool]] = {
+    "retrieval_weight": (0.0, 1.0, True, True),
+    "affinity_weight": (0.0, 1.0, True, True),
+    "reg_weight": (0.0, float("inf"), False, False),
+    "affinity_dropout": (0.0, 1.0, True, False),
+    "logq_strength": (0.0, float("inf"), True, False),
+    "sampled_negatives": (0.0, float("inf"), True, False),
+}
+
+
+def in_domain(value: float, domain: tuple[float, float, bool, bool]) -> bool:
+    low, high, low_in, high_in = domain
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
+def domain_text(domain: tuple[float, float, bool, bool]) -> str:
+    """``[0, 1)`` for people."""
+    low, high, low_in, high_in = domain
+    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
 @dataclass
 class TuningConfig:
     """What the training run chooses by itself on the validation part (``evaluation/tuning.py``):
@@ -664,19 +688,13 @@ class TuningConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"tuning.k must be >= 1, got {self.k}")
-        for name in ("retrieval_weight", "affinity_weight"):
-            if any(not 0.0 <= w <= 1.0 for w in getattr(self, name)):
-                raise ValueError(f"tuning.{name} values must be in [0, 1], got {getattr(self, name)}")
-        if any(w <= 0 for w in self.reg_weight):
-            raise ValueError(f"tuning.reg_weight values must be > 0, got {self.reg_weight}")
-        if any(not 0.0 <= p < 1.0 for p in self.affinity_dropout):
-            raise ValueError(f"tuning.affinity_dropout values must be in [0, 1), got {self.affinity_dropout}")
+        for name, domain in TUNING_DOMAINS.items():
+            if any(not in_domain(v, domain) for v in getattr(self, name)):
+                raise ValueError(f"tuning.{name} values must be in {domain_text(domain)}, got {getattr(self, name)}")
         if self.max_users < 0:
             raise ValueError(f"tuning.max_users must be >= 0, got {self.max_users}")
-        if any(w < 0 for w in self.logq_strength):
-            raise ValueError(f"tuning.logq_strength values must be >= 0, got {self.logq_strength}")
-        if any(int(n) != n or n < 0 for n in self.sampled_negatives):
-            raise ValueError(f"tuning.sampled_negatives values must be integers >= 0, got {self.sampled_negatives}")
+        if any(int(n) != n for n in self.sampled_negatives):
+            raise ValueError(f"tuning.sampled_negatives values must be integers, got {self.sampled_negatives}")
         for weights in self.member_weights:
             if not isinstance(weights, (list, tuple)) or any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"tuning.member_weights values must be lists of weights >= 0, not all 0: {weights}")

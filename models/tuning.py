@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from configs import Config, with_overrides
+from configs import TUNING_DOMAINS, Config, with_overrides
 
 # The tunable config keys, in grid order, and the TuningConfig field listing each one's candidates.
 KNOBS = (
@@ -52,18 +52,6 @@ RETRAINED_KNOBS = (
     ("candidate_generator.logq_strength", "logq_strength"),
     ("candidate_generator.sampled_negatives", "sampled_negatives"),
 )
-
-
-# What each scalar knob may take (configs validates the same bounds): a choice at the end of its searched
-# range is only worth a warning where the knob could go beyond it.
-DOMAINS = {
-    "serving.ordering.retrieval_weight": (0.0, 1.0),
-    "serving.ordering.affinity_weight": (0.0, 1.0),
-    "item_affinity.reg_weight": (0.0, float("inf")),
-    "item_affinity.dropout": (0.0, 1.0),
-    "candidate_generator.logq_strength": (0.0, float("inf")),
-    "candidate_generator.sampled_negatives": (0.0, float("inf")),
-}
 
 
 def metric_name(k: int) -> str:
@@ -118,7 +106,7 @@ def best_trial(trials: list[dict], metric: str) -> dict:
 
 def at_edge(config: Config, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     """The chosen values that sit at the end of their searched range while the knob's domain
-    (``DOMAINS``) goes further: ``[{"knob", "value", "side": "smallest" | "largest"}]``.
+    (``configs.TUNING_DOMAINS``) goes further: ``[{"knob", "value", "side": "smallest" | "largest"}]``.
 
     A knob searched over one value, or not chosen in ``chosen``, is not judged; nor are list-valued
     knobs (the member weights). Each knob is judged on its own list, whatever the others chose: a
@@ -127,12 +115,12 @@ def at_edge(config: Config, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     tc = config.tuning
     out = []
     for key, field in (*KNOBS, *RETRAINED_KNOBS):
-        if key not in chosen or key not in DOMAINS:  # DOMAINS holds the scalar knobs only
+        if key not in chosen or field not in TUNING_DOMAINS:  # it holds the scalar knobs only
             continue
         candidates = [float(v) for v in getattr(tc, field)]
         if len(set(candidates)) < 2:
             continue
-        value, (low, high) = float(chosen[key]), DOMAINS[key]
+        value, (low, high, _, _) = float(chosen[key]), TUNING_DOMAINS[field]
         if value == max(candidates) and value < high:
             out.append({"knob": key, "value": chosen[key], "side": "largest"})
         elif value == min(candidates) and value > low:

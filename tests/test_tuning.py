@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import TuningConfig, load_config, with_overrides
+from configs import TUNING_DOMAINS, TuningConfig, domain_text, in_domain, load_config, with_overrides
 from models import tuning
 
 
@@ -109,6 +109,27 @@ def test_tuning_config_is_validated():
         load_config(overrides={"tuning": {"affinity_dropout": [1.0]}})
     with pytest.raises(ValueError, match="item_affinity.dropout"):
         load_config(overrides={"item_affinity": {"dropout": -0.1}})
+    with pytest.raises(TypeError, match=r"tuning.sampled_negatives\[0\]: expected int"):  # the loader's type check
+        load_config(overrides={"tuning": {"sampled_negatives": [1.5]}})
+    with pytest.raises(ValueError, match="tuning.sampled_negatives values must be integers"):  # built in code
+        TuningConfig(sampled_negatives=[1.5])
+    # Each end of each domain: allowed where it is closed, refused where it is open.
+    TuningConfig(retrieval_weight=[0.0, 1.0], affinity_dropout=[0.0], logq_strength=[0.0], sampled_negatives=[0])
+    with pytest.raises(ValueError, match=r"tuning.logq_strength values must be in \[0, inf\)"):
+        load_config(overrides={"tuning": {"logq_strength": [-0.5]}})
+
+
+def test_every_scalar_knob_has_one_domain_that_the_config_and_the_edge_check_share():
+    # configs.TUNING_DOMAINS is the one place the bounds live (models.tuning used to keep a copy).
+    scalar = {field for _, field in (*tuning.KNOBS, *tuning.RETRAINED_KNOBS)} - {"member_weights"}
+    assert scalar == set(TUNING_DOMAINS)
+    assert domain_text(TUNING_DOMAINS["affinity_dropout"]) == "[0, 1)"
+    assert domain_text(TUNING_DOMAINS["reg_weight"]) == "(0, inf)"
+    assert not in_domain(0.0, TUNING_DOMAINS["reg_weight"]) and in_domain(1e-6, TUNING_DOMAINS["reg_weight"])
+    # logq_strength's domain has no upper end, so its largest searched value is always worth a look.
+    config = load_config(overrides={"tuning": {"logq_strength": [0.5, 1.5]}})
+    edges = tuning.at_edge(config, {"candidate_generator.logq_strength": 1.5})
+    assert edges == [{"knob": "candidate_generator.logq_strength", "value": 1.5, "side": "largest"}]
 
 
 def test_member_weights_are_validated_and_average_the_heads_as_weighted():
