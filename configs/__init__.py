@@ -266,6 +266,38 @@ class WorkflowConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
 
 
+# The range each scalar knob the tuning step searches may take, by its TuningConfig field: (low, high,
+# low allowed, high allowed). The knob's own config and TuningConfig's candidates are checked against
+# it, and models.tuning.at_edge reads it to tell whether a choice at the end of the searched range
+# could have gone further.
+TUNING_DOMAINS: dict[str, tuple[float, float, bool, bool]] = {
+    "retrieval_weight": (0.0, 1.0, True, True),
+    "affinity_weight": (0.0, 1.0, True, True),
+    "reg_weight": (0.0, float("inf"), False, False),
+    "affinity_dropout": (0.0, 1.0, True, False),
+    "logq_strength": (0.0, float("inf"), True, False),
+    "sampled_negatives": (0.0, float("inf"), True, False),
+}
+
+
+def in_domain(value: float, domain: tuple[float, float, bool, bool]) -> bool:
+    low, high, low_in, high_in = domain
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
+def domain_text(domain: tuple[float, float, bool, bool]) -> str:
+    """``[0, 1)`` for people."""
+    low, high, low_in, high_in = domain
+    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_domain(name: str, value: float, knob: str) -> None:
+    """Refuse a value of ``name`` (a dotted config key) outside the domain of tuning knob ``knob``."""
+    domain = TUNING_DOMAINS[knob]
+    if not in_domain(value, domain):
+        raise ValueError(f"{name} must be in {domain_text(domain)}, got {value}")
+
+
 @dataclass
 class CandidateGeneratorConfig:
     """Two-tower retrieval model (``models/candidate_generator.py``)."""
@@ -288,10 +320,8 @@ class CandidateGeneratorConfig:
     early_stopping: bool = True
 
     def __post_init__(self) -> None:
-        if self.logq_strength < 0:
-            raise ValueError(f"candidate_generator.logq_strength must be >= 0, got {self.logq_strength}")
-        if self.sampled_negatives < 0:
-            raise ValueError(f"candidate_generator.sampled_negatives must be >= 0, got {self.sampled_negatives}")
+        check_domain("candidate_generator.logq_strength", self.logq_strength, "logq_strength")
+        check_domain("candidate_generator.sampled_negatives", self.sampled_negatives, "sampled_negatives")
 
 
 @dataclass
@@ -435,10 +465,8 @@ class OrderingConfig:
     category_column: str = "category"  # the item feature the rule counts
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.retrieval_weight <= 1.0:
-            raise ValueError(f"serving.ordering.retrieval_weight must be in [0, 1], got {self.retrieval_weight}")
-        if not 0.0 <= self.affinity_weight <= 1.0:
-            raise ValueError(f"serving.ordering.affinity_weight must be in [0, 1], got {self.affinity_weight}")
+        check_domain("serving.ordering.retrieval_weight", self.retrieval_weight, "retrieval_weight")
+        check_domain("serving.ordering.affinity_weight", self.affinity_weight, "affinity_weight")
         if self.retrieval_weight + self.affinity_weight > 1.0 + 1e-9:
             raise ValueError(
                 "serving.ordering.retrieval_weight + affinity_weight must be <= 1 (the heavy ranker "
@@ -465,10 +493,8 @@ class ItemAffinityConfig:
     max_items: int = 10_000  # dense items x items float32 weights: 10k items = 400 MB, an items^3 solve
 
     def __post_init__(self) -> None:
-        if self.reg_weight <= 0:
-            raise ValueError(f"item_affinity.reg_weight must be > 0, got {self.reg_weight}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"item_affinity.dropout must be in [0, 1), got {self.dropout}")
+        check_domain("item_affinity.reg_weight", self.reg_weight, "reg_weight")
+        check_domain("item_affinity.dropout", self.dropout, "affinity_dropout")
         if self.max_items < 1:
             raise ValueError(f"item_affinity.max_items must be >= 1, got {self.max_items}")
 
@@ -628,30 +654,6 @@ class OnlineConfig:
 
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
-
-
-# The range each scalar knob the tuning step searches may take: (low, high, low allowed, high allowed).
-# TuningConfig checks its candidates against it, and models.tuning.at_edge reads it to tell whether a
-# choice at the end of the searched range could have gone further.
-TUNING_DOMAINS: dict[str, tuple[float, float, bool, bool]] = {
-    "retrieval_weight": (0.0, 1.0, True, True),
-    "affinity_weight": (0.0, 1.0, True, True),
-    "reg_weight": (0.0, float("inf"), False, False),
-    "affinity_dropout": (0.0, 1.0, True, False),
-    "logq_strength": (0.0, float("inf"), True, False),
-    "sampled_negatives": (0.0, float("inf"), True, False),
-}
-
-
-def in_domain(value: float, domain: tuple[float, float, bool, bool]) -> bool:
-    low, high, low_in, high_in = domain
-    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
-
-
-def domain_text(domain: tuple[float, float, bool, bool]) -> str:
-    """``[0, 1)`` for people."""
-    low, high, low_in, high_in = domain
-    return f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
 
 
 @dataclass

@@ -120,7 +120,18 @@ def test_tuning_config_is_validated():
 
 
 def test_every_scalar_knob_has_one_domain_that_the_config_and_the_edge_check_share():
-    # configs.TUNING_DOMAINS is the one place the bounds live (models.tuning used to keep a copy).
+    # configs.TUNING_DOMAINS is the one place the bounds live: the knobs' own configs, the tuning step's
+    # candidates and the edge check read it (models.tuning used to keep a copy).
+    for section, key, bad, text in (
+        ("item_affinity", "reg_weight", 0.0, r"\(0, inf\)"),
+        ("item_affinity", "dropout", 1.0, r"\[0, 1\)"),
+        ("candidate_generator", "logq_strength", -1.0, r"\[0, inf\)"),
+        ("candidate_generator", "sampled_negatives", -1, r"\[0, inf\)"),
+    ):
+        with pytest.raises(ValueError, match=rf"{section}.{key} must be in {text}, got {bad}"):
+            load_config(overrides={section: {key: bad}})
+    with pytest.raises(ValueError, match=r"serving.ordering.retrieval_weight must be in \[0, 1\], got 1.5"):
+        load_config(overrides={"serving": {"ordering": {"retrieval_weight": 1.5}}})
     scalar = {field for _, field in (*tuning.KNOBS, *tuning.RETRAINED_KNOBS)} - {"member_weights"}
     assert scalar == set(TUNING_DOMAINS)
     assert domain_text(TUNING_DOMAINS["affinity_dropout"]) == "[0, 1)"
