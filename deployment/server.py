@@ -181,6 +181,12 @@ class TritonServer(LoggedProcess):
 
         with TritonServer("build/triton_repo") as server:
             client = FunnelClient(server.grpc_url)
+
+    Each start runs in a scratch folder of its own (a copy of the Python backend, Triton's cache),
+    which ``stop`` removes. The log goes to ``log_path`` when given, and stays there; otherwise it
+    lives in that folder and goes with it, unless the server failed (a start that raised or was
+    retried, a restart, a process that exited on its own): then the log stays for reading, its path
+    in the error, and ``cleanup`` removes it.
     """
 
     def __init__(
@@ -239,6 +245,8 @@ class TritonServer(LoggedProcess):
                 raise FileNotFoundError(f"TLS file {path} does not exist")
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        # Set once the server has failed: a log in the scratch folder then outlives stop().
+        self.keep_log = False
 
     @property
     def _connect_host(self) -> str:
@@ -317,10 +325,12 @@ class TritonServer(LoggedProcess):
         cmd = self.command()
         # The log is appended to across starts: this start's lines begin here.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._workdir.mkdir(exist_ok=True)  # a clean stop removed it (command() may not have made it again)
         self.spawn(cmd, cwd=self._workdir, env=server_env())  # its own process group: stop() reaches every stub
         try:
             self.wait_until_ready()
         except PortTaken as taken:
+            self.keep_log = True
             self.stop()
             mine = [name for name in self._chosen_ports if getattr(self, name) in taken.ports]
             if not mine or port_retries <= 0:
@@ -334,14 +344,18 @@ class TritonServer(LoggedProcess):
             # shared-memory prefix (command()): one stage version loading forever, its stubs idle.
             # A fresh process has always loaded after a stall. Aborts are an intermittent upstream
             # crash of the python backend (not yet seen twice in a row here); a second is raised.
+            self.keep_log = True
             self.stop()
             if retry_stalled:
                 what = f"stalled ({failed.loading})" if isinstance(failed, ServerStalled) else "aborted (IPC)"
-                print(f"tritonserver {what} while loading; starting it again", file=sys.stderr)
+                print(f"tritonserver {what} while loading; starting it again (log {self.log_path})", file=sys.stderr)
                 return self.start(retry_stalled=False, port_retries=port_retries)
+            failed.add_note(f"tritonserver log: {self.log_path}")
             raise
-        except BaseException:
+        except BaseException as failed:
+            self.keep_log = True
             self.stop()
+            failed.add_note(f"tritonserver log: {self.log_path}")
             raise
         return self
 
@@ -458,7 +472,8 @@ class TritonServer(LoggedProcess):
         """Stop whatever is left of the server and start it again on the same ports.
 
         A server with a dead stub may wait for it on shutdown; after ``stop_timeout`` the process
-        group is killed."""
+        group is killed. A restarted server failed, so its log is kept (``keep_log``)."""
+        self.keep_log = True
         self.stop(timeout=stop_timeout)
         return self.start(port_retries=0)  # clients know these ports: a taken one is an error
 
@@ -497,13 +512,23 @@ class TritonServer(LoggedProcess):
         return pids
 
     def stop(self, timeout: float | None = None) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            self.keep_log = True  # it exited on its own: its log says why
         super().stop(timeout)
         # The python backend unlinks its shared-memory regions only when it shuts down cleanly; a
         # server killed after the stop timeout (a dead stub, a test's SIGKILL) left one 1 MiB file
         # per stub in /dev/shm, about 50 MiB per full test suite, until the machine rebooted.
         remove_shm_regions(self.shm_prefix)
+        # Every start copies the backend again (command()); left behind, the scratch folders took
+        # 2.8 MB per server start, 1.2 GB in /tmp after a day of test runs.
+        if self.log_path.parent == self._workdir and self.keep_log:
+            for sub in ("backends", "cache"):
+                shutil.rmtree(self._workdir / sub, ignore_errors=True)
+        else:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     def cleanup(self) -> None:
+        """Stop, and remove the scratch folder even where a failed server's log was kept in it."""
         self.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
@@ -512,6 +537,3 @@ class TritonServer(LoggedProcess):
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        # Keep the log (small, useful after a failure); drop the copied backend and the cache.
-        for sub in ("backends", "cache"):
-            shutil.rmtree(self._workdir / sub, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Shared fixtures: one small synthetic world, processed, trained and exported once per test run.
 
-``make test`` runs two pytest-xdist workers; the dataset pipeline, the trained model version and its
-export are built by whichever worker asks first and read by both (``built_once``: a file lock in a
-folder every worker of the run sees), instead of once per worker. Tests only read them; a test that
+``make test`` runs several pytest-xdist workers (the Makefile's ``TEST_WORKERS``); the dataset
+pipeline, the trained model version and its export are built by whichever worker asks first and read
+by the others (``built_once``: a file lock in a folder every worker of the run sees), instead of once
+per worker. Tests only read them; a test that
 changes one works on its own copy.
 
 A test that uses the trained model (``model_version``, ``triton_repo``) is marked ``slow`` here, so

@@ -7,6 +7,8 @@ classes they spread over the workers, and ``conftest.py`` schedules them first s
 is left running alone at the end.
 """
 
+import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -24,11 +26,22 @@ def execute(path: Path, workdir: Path) -> None:
     # ports and binds them later, and a worker starting a server (or another kernel) in between took
     # one ("Address already in use", the kernel died before replying). A short /tmp path keeps the
     # sockets under the 107-character limit whatever pytest's tmp_path is.
+    # The connection file goes there too (jupyter_client's default is a tmp*.json in /tmp, left
+    # behind). The kernel's TMPDIR is the test's own folder: the notebooks make their work folders
+    # with tempfile.mkdtemp, 2.2 GB in /tmp after a day of test runs; pytest prunes its own.
     with tempfile.TemporaryDirectory(prefix="kernel-") as sockets:
-        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "k"))
-        NotebookClient(nb, km=km, timeout=900, resources={"metadata": {"path": str(workdir)}}).execute()
+        km = KernelManager(
+            kernel_name="python3",
+            transport="ipc",
+            ip=str(Path(sockets) / "k"),
+            connection_file=str(Path(sockets) / "kernel.json"),
+        )
+        client = NotebookClient(nb, km=km, timeout=900, resources={"metadata": {"path": str(workdir)}})
+        client.execute(env={**os.environ, "TMPDIR": str(workdir)})
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{path.name}: {[e.get('ename') for e in errors]}"
+    # Every notebook makes its work folder with mkdtemp: it is here, not in /tmp.
+    assert any(re.fullmatch(r"[a-z]+-[a-z0-9_]{8}", p.name) for p in workdir.iterdir() if p.is_dir()), path.name
 
 
 def _notebook_class(path: Path) -> type:

@@ -332,6 +332,62 @@ def test_a_stopped_server_leaves_no_shared_memory_behind(tmp_path):
         server.cleanup()
 
 
+def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, monkeypatch):
+    """Each start's scratch folder (the copied backend, the cache) goes at stop:
+    left behind, they took 1.2 GB of /tmp in a day of test runs. The log stays where the caller put
+    it; a default log stays, with its folder, only when the server failed, until ``cleanup``."""
+    import sys
+
+    from deployment.server import ServerError, TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    # A stand-in process for tritonserver (real processes, the real start/stop; no model needed):
+    # one that answers readiness on the three ports, and one that exits at once.
+    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0: None)
+
+    def serving(server):
+        return [
+            sys.executable,
+            "-c",
+            "import http.server as h\n"
+            "class Ready(h.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+            f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
+        ]
+
+    exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
+
+    def start(server, cmd):
+        monkeypatch.setattr(TritonServer, "command", lambda self: cmd)
+        return server.start()
+
+    clean = TritonServer(repo, startup_timeout=60)
+    start(clean, serving(clean))
+    scratch = clean._workdir
+    assert clean.log_path.parent == scratch and clean.log_path.exists()
+    clean.stop()
+    assert not scratch.exists()
+    start(clean, serving(clean))  # a second start makes its folder again
+    assert clean.log_path.exists()
+    clean.stop()
+    assert not scratch.exists()
+
+    given = TritonServer(repo, log_path=tmp_path / "logs" / "server.log", startup_timeout=60)
+    monkeypatch.setattr(TritonServer, "command", lambda self: serving(self))
+    with given:
+        pass
+    assert not given._workdir.exists() and given.log_path.exists()
+
+    failed = TritonServer(repo, startup_timeout=60)
+    with pytest.raises(ServerError, match="unknown flag") as raised:
+        start(failed, exits)
+    assert f"tritonserver log: {failed.log_path}" in raised.value.__notes__
+    assert "unknown flag" in failed.log_path.read_text()
+    failed.cleanup()
+    assert not failed._workdir.exists()
+
+
 def test_the_supervisor_keeps_supervising_after_a_failed_restart():
     """A restart that raises (the server did not come back) is recorded, and the next failed probes
     restart again instead of the supervising thread dying with the exception."""
