@@ -249,6 +249,11 @@ class TritonServer(LoggedProcess):
         self.keep_log = False
 
     @property
+    def scratch_dir(self) -> Path:
+        """This server's scratch folder: the copied backend, the cache, and the log unless one was given."""
+        return self._workdir
+
+    @property
     def _connect_host(self) -> str:
         """Where a client on this machine reaches the server (a wildcard bind answers on loopback)."""
         return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host

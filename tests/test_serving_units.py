@@ -338,12 +338,13 @@ def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, mo
     it; a default log stays, with its folder, only when the server failed, until ``cleanup``."""
     import sys
 
-    from deployment.server import ServerError, TritonServer
+    from deployment.server import ServerError, TritonServer, prepare_backend_dir
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    # A stand-in process for tritonserver (real processes, the real start/stop; no model needed):
-    # one that answers readiness on the three ports, and one that exits at once.
+    # Stand-in processes for tritonserver (real processes, the real start and stop; no model needed):
+    # one that answers the readiness probe over HTTP (the other two ports are not checked here), and
+    # one that exits at once.
     monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0: None)
 
     def serving(server):
@@ -358,14 +359,25 @@ def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, mo
 
     exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
 
+    def command(cmd):
+        def build(self):  # copies the backend as command() does, then runs the stand-in
+            prepare_backend_dir(self.scratch_dir / "backends")
+            return cmd
+
+        return build
+
     def start(server, cmd):
-        monkeypatch.setattr(TritonServer, "command", lambda self: cmd)
+        monkeypatch.setattr(TritonServer, "command", command(cmd))
         return server.start()
 
     clean = TritonServer(repo, startup_timeout=60)
-    start(clean, serving(clean))
-    scratch = clean._workdir
+    try:
+        start(clean, serving(clean))
+    except FileNotFoundError as err:  # nvidia-pytriton missing: no backend to copy
+        pytest.skip(str(err))
+    scratch = clean.scratch_dir
     assert clean.log_path.parent == scratch and clean.log_path.exists()
+    assert (scratch / "backends" / "python").is_dir()
     clean.stop()
     assert not scratch.exists()
     start(clean, serving(clean))  # a second start makes its folder again
@@ -374,18 +386,33 @@ def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, mo
     assert not scratch.exists()
 
     given = TritonServer(repo, log_path=tmp_path / "logs" / "server.log", startup_timeout=60)
-    monkeypatch.setattr(TritonServer, "command", lambda self: serving(self))
+    monkeypatch.setattr(TritonServer, "command", lambda self: command(serving(self))(self))
     with given:
         pass
-    assert not given._workdir.exists() and given.log_path.exists()
+    assert not given.scratch_dir.exists() and given.log_path.exists()
 
     failed = TritonServer(repo, startup_timeout=60)
     with pytest.raises(ServerError, match="unknown flag") as raised:
         start(failed, exits)
     assert f"tritonserver log: {failed.log_path}" in raised.value.__notes__
     assert "unknown flag" in failed.log_path.read_text()
+    assert not (failed.scratch_dir / "backends").exists()  # only the log is kept
     failed.cleanup()
-    assert not failed._workdir.exists()
+    assert not failed.scratch_dir.exists()
+
+    died = TritonServer(repo, startup_timeout=60)  # exits on its own after a good start
+    start(died, serving(died))
+    died.process.kill()
+    died.process.wait()
+    died.stop()
+    assert died.log_path.exists()
+    died.cleanup()
+    restarted = TritonServer(repo, startup_timeout=60)
+    start(restarted, serving(restarted))
+    restarted.restart()
+    restarted.stop()
+    assert restarted.log_path.exists()  # a restarted server failed: its log stays
+    restarted.cleanup()
 
 
 def test_the_supervisor_keeps_supervising_after_a_failed_restart():
