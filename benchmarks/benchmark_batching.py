@@ -94,17 +94,22 @@ def cpu_between(before: dict, after: dict, requests: int, seconds: float, client
     return out
 
 
+def entry_model(stats: dict) -> str:
+    """The funnel's first model in a ``stage_stats`` reading: the fused funnel, or the feature
+    lookup where the stages are separate models. Its requests are the funnel's."""
+    return "fused_funnel" if "fused_funnel" in stats else STAGES[0]
+
+
 def served_requests(before: dict, after: dict) -> int:
-    """Funnel requests between two ``stage_stats`` readings: those of its first model (the fused
-    funnel, or the feature lookup where the stages are separate models)."""
-    entry = "fused_funnel" if "fused_funnel" in after else STAGES[0]
+    """Funnel requests between two ``stage_stats`` readings."""
+    entry = entry_model(after)
     return after.get(entry, {}).get("requests", 0) - before.get(entry, {}).get("requests", 0)
 
 
 def measure_repo(repo: Path, users: np.ndarray, args, log_path: Path) -> dict:
     """Start a server on ``repo`` and measure every level of requests in flight."""
     from benchmarks import perf_analyzer
-    from benchmarks.loadgen import Request, run_load
+    from benchmarks.loadgen import Request, run_load, wait_until_counted
     from deployment.security import ControlClient
     from deployment.server import TritonServer
 
@@ -126,6 +131,8 @@ def measure_repo(repo: Path, users: np.ndarray, args, log_path: Path) -> dict:
             )
             report = run_load(server.grpc_url, requests, concurrency=level, keep_outputs=False)
             client, wall = time.process_time() - client, time.perf_counter() - wall
+            entry = entry_model(before)  # its last batch may not be counted yet
+            wait_until_counted(control, entry, before.get(entry, {}).get("requests", 0) + len(requests))
             after = stage_stats(control)
             out[f"in_flight_{level}"] = {
                 **report.summary(),

@@ -183,3 +183,21 @@ def run_load(
         client.close()
     report = LoadReport([r for r in results if r is not None], time.perf_counter() - start_all)
     return report
+
+
+def inference_count(control, model: str) -> int:
+    """The inferences Triton's statistics count for ``model``, over its versions. ``control``: a
+    client that may read statistics (``deployment.security.ControlClient``)."""
+    stats = control.get_inference_statistics(model, as_json=True).get("model_stats", [])
+    return sum(int(m.get("inference_count", 0)) for m in stats)
+
+
+def wait_until_counted(control, model: str, count: int, timeout_s: float = 10.0) -> int:
+    """Wait until Triton's statistics count ``count`` inferences of ``model`` and return what they
+    count (fewer after ``timeout_s``). Triton reports a batch's statistics after sending its
+    responses, so a reading taken as a load's last response arrives can miss the last batch: the
+    full test suite once read 59 of a burst's 73 requests."""
+    deadline = time.monotonic() + timeout_s
+    while (counted := inference_count(control, model)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counted

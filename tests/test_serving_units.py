@@ -488,3 +488,29 @@ def test_the_stub_is_never_rewritten_in_place(tmp_path):
     install_executable(source, stub)
     assert stub.read_bytes() == b"another build" and stub.stat().st_ino != first  # a new file, renamed over
     assert [p.name for p in stub.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_statistics_are_read_once_they_count_the_whole_load():
+    """Triton reports a batch's statistics after its responses: a reading as the last response
+    arrives missed 59 -> 73. ``wait_until_counted`` reads again until the count arrives, over every
+    version of the model, and gives up after its timeout with what it found."""
+    from benchmarks.loadgen import wait_until_counted
+
+    class Statistics:  # Triton's get_inference_statistics answer, one batch reported late
+        def __init__(self, counts):
+            self.counts, self.reads = counts, 0
+
+        def get_inference_statistics(self, model, as_json=False):
+            self.reads += 1
+            first, second = self.counts[min(self.reads, len(self.counts)) - 1]
+            return {
+                "model_stats": [
+                    {"name": model, "version": "1", "inference_count": str(first)},
+                    {"name": model, "version": "2", "inference_count": str(second)},
+                ]
+            }
+
+    late = Statistics([(59, 0), (59, 0), (70, 3)])
+    assert wait_until_counted(late, "fused_funnel", 73) == 73 and late.reads == 3
+    never = Statistics([(59, 0)])
+    assert wait_until_counted(never, "fused_funnel", 73, timeout_s=0.2) == 59 and never.reads > 1
