@@ -185,11 +185,15 @@ def run_load(
     return report
 
 
+def counted_inferences(model_stats: list[dict]) -> int:
+    """The inferences a reading of Triton's statistics (its ``model_stats``) counts, over versions."""
+    return sum(int(m.get("inference_count", 0)) for m in model_stats)
+
+
 def inference_count(control, model: str) -> int:
-    """The inferences Triton's statistics count for ``model``, over its versions. ``control``: a
-    client that may read statistics (``deployment.security.ControlClient``)."""
-    stats = control.get_inference_statistics(model, as_json=True).get("model_stats", [])
-    return sum(int(m.get("inference_count", 0)) for m in stats)
+    """The inferences Triton's statistics count for ``model`` now. ``control``: a client that may
+    read statistics (``deployment.security.ControlClient``)."""
+    return counted_inferences(control.get_inference_statistics(model, as_json=True).get("model_stats", []))
 
 
 def wait_until_counted(control, model: str, count: int, timeout_s: float = 10.0) -> int:
