@@ -73,6 +73,13 @@ class Rollout:
             return arm, self.control_version
         return arm, self.versions[arm]
 
+    def arm_versions(self) -> dict[str, int]:
+        """Every arm a request can land in, the holdout included (when it has a share), and its version."""
+        arms = dict(self.versions)
+        if self.experiment.holdout > 0:
+            arms[HOLDOUT] = self.control_version
+        return arms
+
     def roll_out(self, arm: str) -> Rollout:
         """Everyone but the holdout moves to ``arm``'s version."""
         version = self.versions[arm]

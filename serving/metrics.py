@@ -508,7 +508,7 @@ class OnlineMetrics:
     (feedback): once that includes a request, every other counter does (``online_settled`` relies on it).
     """
 
-    def __init__(self, pb_utils, role: str):
+    def __init__(self, pb_utils, role: str, arms: dict[str, int] | None = None):
         if role not in ("router", "feedback"):
             raise ValueError(f"role must be router or feedback, got {role!r}")
         family = pb_utils.MetricFamily
@@ -553,6 +553,16 @@ class OnlineMetrics:
         # increase, so the first refused requests would never appear in rate().
         for kind in ERROR_KINDS:
             self._metric("errors", {"endpoint": role, "kind": kind})
+        # The router's per-arm series too (``arms``: arm -> version, the router's rollout). Created
+        # at an arm's first response they would be born counting it, and rate() over a window that
+        # starts before then would drop that arm's first requests, per bucket unevenly: a p99 read
+        # from them landed a bucket above the requests' own.
+        if role == "router":
+            for arm, version in (arms or {}).items():
+                labels = {"arm": arm, "version": str(version)}
+                for key in ("requests", "impressions", "fallback"):
+                    self._metric(key, labels)
+                self._metric("latency", {"arm": arm})
 
     def _metric(self, key: str, labels: dict):
         cache_key = (key, tuple(sorted(labels.items())))

@@ -229,6 +229,41 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     assert not online_settled(scrape, requests=121) and not online_settled(scrape, feedback=61)
 
 
+def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
+    """Series born at an arm's first response would hide that response from rate() (a counter first
+    seen at 1 shows no increase); the router declares every arm of its rollout, the holdout too."""
+    from types import SimpleNamespace
+
+    from serving.assignment import HOLDOUT, ab_rollout, single_version
+    from serving.metrics import OnlineMetrics
+
+    rollout = ab_rollout("e", "salt", 3, 4, holdout=0.02)
+    assert rollout.arm_versions() == {"control": 3, "treatment": 4, HOLDOUT: 3}
+    assert single_version(7).arm_versions() == {"control": 7}  # no holdout share, no holdout arm
+
+    router = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "router", rollout.arm_versions())
+    declared = {(key, tuple(sorted(dict(labels).items()))): m for (key, labels), m in router._metrics.items()}
+    for arm, version in rollout.arm_versions().items():
+        for key in ("requests", "impressions", "fallback"):
+            assert declared[key, (("arm", arm), ("version", str(version)))].total == 0
+        latency = declared["latency", (("arm", arm),)]
+        assert latency.count.total == 0 and set(_buckets(latency).values()) == {0}
+    # the first response adds to the declared series, not to new ones
+    before = len(router._metrics)
+    router.observe(
+        0.003,
+        {
+            "arm": np.array([b"treatment"], dtype=object),
+            "model_version": np.array([b"4"], dtype=object),
+            "item_ids": np.arange(5),
+            "served_by": np.array([b"model"], dtype=object),
+        },
+    )
+    assert len(router._metrics) == before
+    assert declared["requests", (("arm", "treatment"), ("version", "4"))].total == 1
+    assert declared["latency", (("arm", "treatment"),)].count.total == 1
+
+
 def test_the_server_gives_slow_stubs_time_to_start(tmp_path):
     """Python stubs import TensorFlow before their handshake; Triton's 30 s default is too short on
     busy cores, so the server passes its own (configurable) stub timeout."""
