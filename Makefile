@@ -7,8 +7,8 @@ STAMP  := $(VENV)/.installed
 # the models and servers a module shares are built once. Three on CI's two cores: with two, the cores
 # were busy only 59% of the time (1,700 s CPU in 1,444 s), the workers waiting on servers, kernels and
 # probes; a third fills those waits. 0 runs in one process.
-# Scopes go out in collection order (--no-loadscope-reorder), which tests/conftest.py starts with the
-# notebooks, one scope each: the longest tests first, so none is left running alone at the end.
+# Scopes go out in collection order (--no-loadscope-reorder), which tests/conftest.py sorts longest
+# first (LONGEST_SCOPES; each notebook is a scope of its own), so none is left running alone at the end.
 TEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 

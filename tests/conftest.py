@@ -106,11 +106,57 @@ def triton_repo(model_version, shared_root) -> Path:
 TRAINED = {"model_version", "triton_repo"}
 
 
+# The longest scopes (a module, or one notebook's class) of a clean-clone ``make test``, longest first,
+# from a per-test timeline of one run (2-core machine, 2026-12-06; seconds in docs/measurements.md).
+# xdist hands scopes out in collection order, each worker taking the next when it is nearly done, so
+# longest first is the classic longest-processing-time schedule: no long module starts last and runs
+# alone at the end. A scope not listed keeps its place after these (they are all under 35 s).
+LONGEST_SCOPES = [
+    "test_offline_evaluation.py",
+    "test_serving_rollout.py",
+    "test_prometheus.py",
+    "test_demo.py",
+    "TestNotebook_05_online_loop_and_ab_testing",
+    "TestNotebook_03_evaluation_and_bias",
+    "test_models.py",
+    "TestNotebook_04_deploy_and_query",
+    "test_feedback_loop.py",
+    "test_retraining.py",
+    "test_shop_example.py",
+    "test_tuning.py",
+    "test_scripts.py",
+    "TestNotebook_00_quickstart",
+    "test_replicas.py",
+    "test_serving_production.py",
+    "test_activity.py",
+    "TestNotebook_02_training",
+    "test_fused_funnel.py",
+    "test_dataset_variants.py",
+]
+
+
+def scope_rank(nodeid: str) -> int:
+    """Where a test's scope stands in ``LONGEST_SCOPES`` (its length if not listed)."""
+    parts = nodeid.split("::")
+    name = (
+        parts[1]
+        if parts[0].endswith("test_notebooks.py") and parts[1:2] and parts[1].startswith("TestNotebook")
+        else parts[0]
+    )
+    name = name.rsplit("/", 1)[-1]
+    return LONGEST_SCOPES.index(name) if name in LONGEST_SCOPES else len(LONGEST_SCOPES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that need the trained model are slow. Notebooks first: they are the longest scopes, and
-    xdist hands scopes out in collection order (longest first keeps one long notebook from running
-    alone after everything else)."""
+    """Tests that need the trained model are slow. The longest scopes go first (``LONGEST_SCOPES``);
+    the sort is stable, so tests keep their order within a scope."""
+    here = Path(__file__).parent
+    known = {p.name for p in here.glob("test_*.py")} | {
+        "TestNotebook_" + p.stem.replace("-", "_") for p in (here.parent / "notebooks").glob("*.ipynb")
+    }
+    if stale := [name for name in LONGEST_SCOPES if name not in known]:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_SCOPES names scopes that no longer exist: {stale}")
     for item in items:
         if TRAINED & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py") else 1)
+    items.sort(key=lambda item: scope_rank(item.nodeid))

@@ -3,8 +3,8 @@
 Each notebook is its own test class. ``make test`` runs pytest-xdist with ``--dist loadscope``,
 which keeps a class (or else a module) on one worker: as one parametrized function the six
 notebooks - the slowest tests of the suite - ran one after another on a single worker. As six
-classes they spread over the workers, and ``conftest.py`` schedules them first so no long notebook
-is left running alone at the end.
+classes they spread over the workers, and ``conftest.py`` schedules the longest scopes first so no
+long one is left running alone at the end.
 """
 
 import os
