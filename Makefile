@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # were busy only 59% of the time (1,700 s CPU in 1,444 s), the workers waiting on servers, kernels and
 # probes; a third fills those waits. 0 runs in one process.
 # Scopes go out in collection order (--no-loadscope-reorder), which tests/conftest.py sorts longest
-# first (LONGEST_SCOPES; each notebook is a scope of its own), so none is left running alone at the end.
+# first (tests/scope_durations.json, `make test-durations`), so none is left running alone at the end.
 TEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
@@ -18,7 +18,7 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loads
 # tests that need them skip with that reason.
 SERVICES_PACKAGES := prometheus chromium postgresql libb64-0d
 
-.PHONY: demo test test-fast lint format venv lock clean bench ab-test feedback-loop services
+.PHONY: demo test test-fast test-durations lint format venv lock clean bench ab-test feedback-loop services
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ test: lint services
 
 test-fast: lint
 	$(PYTEST) -m "not slow"
+
+# make test, recording each scope's seconds in the file tests/conftest.py schedules by (longest first).
+test-durations: lint services
+	$(PYTEST) --record-scope-durations tests/scope_durations.json
 
 # Packages only: the tests start their own processes on loopback and never use a system service
 # (on a systemd host Debian starts one; docs/monitoring.md). No recommends (the node exporter).

@@ -13,6 +13,7 @@ A test that uses the trained model (``model_version``, ``triton_repo``) is marke
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
 from pathlib import Path
 
@@ -106,57 +107,55 @@ def triton_repo(model_version, shared_root) -> Path:
 TRAINED = {"model_version", "triton_repo"}
 
 
-# The longest scopes (a module, or one notebook's class) of a clean-clone ``make test``, longest first,
-# from a per-test timeline of one run (2-core machine, 2026-12-06; seconds in docs/measurements.md).
+# How long each scope (a module, or a class: each notebook is one) took in a recorded ``make test``:
+# ``tests/scope_durations.json``, written by ``make test-durations`` (``--record-scope-durations``).
 # xdist hands scopes out in collection order, each worker taking the next when it is nearly done, so
-# longest first is the classic longest-processing-time schedule: no long module starts last and runs
-# alone at the end. A scope not listed keeps its place after these (they are all under 35 s).
-LONGEST_SCOPES = [
-    "test_offline_evaluation.py",
-    "test_serving_rollout.py",
-    "test_prometheus.py",
-    "test_demo.py",
-    "TestNotebook_05_online_loop_and_ab_testing",
-    "TestNotebook_03_evaluation_and_bias",
-    "test_models.py",
-    "TestNotebook_04_deploy_and_query",
-    "test_feedback_loop.py",
-    "test_retraining.py",
-    "test_shop_example.py",
-    "test_tuning.py",
-    "test_scripts.py",
-    "TestNotebook_00_quickstart",
-    "test_replicas.py",
-    "test_serving_production.py",
-    "test_activity.py",
-    "TestNotebook_02_training",
-    "test_fused_funnel.py",
-    "test_dataset_variants.py",
-]
+# sorting them longest first is the classic longest-processing-time schedule: no long module starts
+# last and runs alone at the end. A scope the file does not know goes last.
+SCOPE_DURATIONS = Path(__file__).with_name("scope_durations.json")
 
 
-def scope_rank(nodeid: str) -> int:
-    """Where a test's scope stands in ``LONGEST_SCOPES`` (its length if not listed)."""
+def scope_of(nodeid: str) -> str:
+    """The scope ``--dist loadscope`` keeps on one worker: a test's class, or else its module."""
     parts = nodeid.split("::")
-    name = (
-        parts[1]
-        if parts[0].endswith("test_notebooks.py") and parts[1:2] and parts[1].startswith("TestNotebook")
-        else parts[0]
+    return "::".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--record-scope-durations",
+        metavar="PATH",
+        help="write each scope's seconds (setup + call + teardown of its tests) to PATH as JSON, longest first",
     )
-    name = name.rsplit("/", 1)[-1]
-    return LONGEST_SCOPES.index(name) if name in LONGEST_SCOPES else len(LONGEST_SCOPES)
+
+
+class ScopeDurations:
+    """Sums each scope's phases as their reports arrive and writes them, longest first, at the end.
+    In an xdist run the controller sees every worker's reports, so only it records."""
+
+    def __init__(self, path: str):
+        self.path, self.seconds = Path(path), {}
+
+    def pytest_runtest_logreport(self, report):
+        scope = scope_of(report.nodeid)
+        self.seconds[scope] = self.seconds.get(scope, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session):
+        ordered = sorted(self.seconds.items(), key=lambda item: -item[1])
+        self.path.write_text(json.dumps({scope: round(s, 1) for scope, s in ordered}, indent=1) + "\n")
+
+
+def pytest_configure(config):
+    path = config.getoption("--record-scope-durations")
+    if path and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(ScopeDurations(path), "scope-durations")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that need the trained model are slow. The longest scopes go first (``LONGEST_SCOPES``);
+    """Tests that need the trained model are slow. The longest scopes go first (``SCOPE_DURATIONS``);
     the sort is stable, so tests keep their order within a scope."""
-    here = Path(__file__).parent
-    known = {p.name for p in here.glob("test_*.py")} | {
-        "TestNotebook_" + p.stem.replace("-", "_") for p in (here.parent / "notebooks").glob("*.ipynb")
-    }
-    if stale := [name for name in LONGEST_SCOPES if name not in known]:
-        raise pytest.UsageError(f"tests/conftest.py LONGEST_SCOPES names scopes that no longer exist: {stale}")
     for item in items:
         if TRAINED & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: scope_rank(item.nodeid))
+    seconds = json.loads(SCOPE_DURATIONS.read_text()) if SCOPE_DURATIONS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(scope_of(item.nodeid), 0.0))
