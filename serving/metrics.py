@@ -506,6 +506,7 @@ class OnlineMetrics:
     ``record`` (the round trips to the server, on a ``BackgroundRecorder``). Each role counts one
     metric last in a batch, ``online_request_latency_ms`` (router) or ``online_feedback_total``
     (feedback): once that includes a request, every other counter does (``online_settled`` relies on it).
+    The router passes its rollout's ``arms`` (arm -> model version), whose series start at 0.
     """
 
     def __init__(self, pb_utils, role: str, arms: dict[str, int] | None = None):

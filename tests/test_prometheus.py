@@ -381,7 +381,7 @@ def test_every_dashboard_query_returns_data_and_latency_quantiles_match_the_clie
     window = f"{round((end - start) * 1000)}ms"
     # A window from one scrape to another counts its requests in every bucket exactly, so the
     # quantiles below compare like with like. A series born inside the window (an arm's, at its first
-    # request) would be extrapolated per bucket instead, some a request or two short.
+    # request) would be extrapolated per bucket instead, some buckets a few requests short.
     counted = {
         r["metric"]["le"]: round(float(r["value"][1]), 6)
         for r in prom.query(f"sum by (le) (increase(online_request_latency_ms_bucket[{window}]))", end)
