@@ -73,7 +73,7 @@ class Rollout:
             return arm, self.control_version
         return arm, self.versions[arm]
 
-    def arm_versions(self) -> dict[str, int]:
+    def versions_by_arm(self) -> dict[str, int]:
         """Every arm a request can land in, the holdout included (when it has a share), and its version."""
         arms = dict(self.versions)
         if self.experiment.holdout > 0:

@@ -238,12 +238,12 @@ def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
     from serving.metrics import OnlineMetrics
 
     rollout = ab_rollout("e", "salt", 3, 4, holdout=0.02)
-    assert rollout.arm_versions() == {"control": 3, "treatment": 4, HOLDOUT: 3}
-    assert single_version(7).arm_versions() == {"control": 7}  # no holdout share, no holdout arm
+    assert rollout.versions_by_arm() == {"control": 3, "treatment": 4, HOLDOUT: 3}
+    assert single_version(7).versions_by_arm() == {"control": 7}  # no holdout share, no holdout arm
 
-    router = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "router", rollout.arm_versions())
+    router = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "router", rollout.versions_by_arm())
     declared = {(key, tuple(sorted(dict(labels).items()))): m for (key, labels), m in router._metrics.items()}
-    for arm, version in rollout.arm_versions().items():
+    for arm, version in rollout.versions_by_arm().items():
         for key in ("requests", "impressions", "fallback"):
             assert declared[key, (("arm", arm), ("version", str(version)))].total == 0
         latency = declared["latency", (("arm", arm),)]
