@@ -116,9 +116,9 @@ SCOPE_DURATIONS = Path(__file__).with_name("scope_durations.json")
 
 
 def scope_of(nodeid: str) -> str:
-    """The scope ``--dist loadscope`` keeps on one worker: a test's class, or else its module."""
-    parts = nodeid.split("::")
-    return "::".join(parts[:2]) if len(parts) > 2 else parts[0]
+    """The scope ``--dist loadscope`` keeps on one worker: a test's class, or else its module (xdist's
+    own rule: the node id up to its last ``::``)."""
+    return nodeid.rsplit("::", 1)[0]
 
 
 def pytest_addoption(parser):
