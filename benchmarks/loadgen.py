@@ -185,15 +185,16 @@ def run_load(
     return report
 
 
-def counted_inferences(model_stats: list[dict]) -> int:
-    """The inferences a reading of Triton's statistics (its ``model_stats``) counts, over versions."""
-    return sum(int(m.get("inference_count", 0)) for m in model_stats)
+def counted(model_stats: list[dict], field: str = "inference_count") -> int:
+    """What a reading of Triton's statistics (its ``model_stats``) counts in ``field`` over versions:
+    inferences (requests) by default, or ``execution_count`` (batches run)."""
+    return sum(int(m.get(field, 0)) for m in model_stats)
 
 
 def inference_count(control, model: str) -> int:
     """The inferences Triton's statistics count for ``model`` now. ``control``: a client that may
     read statistics (``deployment.security.ControlClient``)."""
-    return counted_inferences(control.get_inference_statistics(model, as_json=True).get("model_stats", []))
+    return counted(control.get_inference_statistics(model, as_json=True).get("model_stats", []))
 
 
 def wait_until_counted(control, model: str, count: int, timeout_s: float = 10.0) -> int:

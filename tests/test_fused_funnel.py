@@ -109,7 +109,7 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
     """Through the real tritonserver: one request at a time, then a burst (batched: fewer
     executions than requests) with a malformed request that fails alone, named; and every stage's
     own metrics, as the seven-model funnel publishes them."""
-    from benchmarks.loadgen import Request, counted_inferences, run_load, wait_until_counted
+    from benchmarks.loadgen import Request, counted, run_load, wait_until_counted
     from deployment.security import ControlClient
     from deployment.server import TritonServer
     from serving.client import BadRequest, FunnelClient
@@ -132,12 +132,10 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
             burst = [Request(u, int(expected[u]["k"][0])) for u in expected for _ in range(3)]
             burst.append(Request(users[0], 10, malformed="k_zero"))
             report = run_load(server.grpc_url, burst, concurrency=32)
-            wait_until_counted(control, FUSED, counted_inferences(before) + len(burst))
+            wait_until_counted(control, FUSED, counted(before) + len(burst))
             after = control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
-        inferences = counted_inferences(after) - counted_inferences(before)
-        executions = sum(int(m.get("execution_count", 0)) for m in after) - sum(
-            int(m.get("execution_count", 0)) for m in before
-        )
+        inferences = counted(after) - counted(before)
+        executions = counted(after, "execution_count") - counted(before, "execution_count")
         assert inferences == len(burst) and executions < inferences
         for result in report.results:
             if result.request.malformed:
