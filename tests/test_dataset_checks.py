@@ -213,7 +213,10 @@ def test_negatives_avoid_pairs_seen_in_other_parts(events):
     seen = set(zip(events["user_id"], events["item_id"]))
     assert len(neg) > 0 and not any(pair in seen for pair in zip(neg["user_id"], neg["item_id"]))
     assert set(neg["user_id"]) <= set(part.loc[part["click"] == 1, "user_id"])
-    assert len(other) > 0
+    # Without `seen`, the same draw does pick pairs that only the other parts hold: the check above bites.
+    unaware = sample_negatives(ddf(part), items, ratio=4.0, kind="uniform", seed=5).compute()
+    only_other = set(zip(other["user_id"], other["item_id"])) - set(zip(part["user_id"], part["item_id"]))
+    assert any(pair in only_other for pair in zip(unaware["user_id"], unaware["item_id"]))
 
 
 def test_popularity_sampler_prefers_popular_items(events):

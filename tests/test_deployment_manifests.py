@@ -228,7 +228,8 @@ def test_every_path_the_image_copies_exists_and_is_in_the_build_context(dockerfi
     for source in copied:
         assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
         assert not any(fnmatch.fnmatch(source, p) for p in ignored), f"{source} is excluded by .dockerignore"
-    assert copied == copied_paths(ROOT / "Dockerfile"), "both images carry the same files"
+    if dockerfile != ROOT / "Dockerfile":
+        assert copied == copied_paths(ROOT / "Dockerfile"), "both images carry the same files"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -19,8 +19,15 @@ def _interactions(seed=0, users=60, items=25, per_user=6):
 def test_weights_are_the_ease_closed_form_with_zero_diagonal():
     rows, cols, items = _interactions()
     weights = item_affinity.fit(rows, cols, items, reg_weight=10.0, max_items=100)
-    peer = EASE(reg_weight=10.0).fit(interaction_matrix(rows, cols, rows.max() + 1, items))
+    x = interaction_matrix(rows, cols, rows.max() + 1, items)
+    # Steck 2019: P = (X'X + lambda I)^-1, B = -P / diag(P) column by column, diagonal 0.
+    inverse = np.linalg.inv((x.T @ x).toarray() + 10.0 * np.eye(items))
+    expected = -inverse / np.diag(inverse)
+    np.fill_diagonal(expected, 0.0)
     assert weights.dtype == np.float32 and weights.shape == (items, items)
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+    # The EASE peer of the offline evaluation serves the same weights.
+    peer = EASE(reg_weight=10.0).fit(x)
     np.testing.assert_allclose(weights, peer.item_weights, rtol=1e-5, atol=1e-6)
     assert not np.diag(weights).any()
     # A repeated interaction counts once, as in the peer's binary matrix.

@@ -233,9 +233,11 @@ def test_the_live_benchmarks_writer_stores_every_event_it_counts(served, model_v
     writer.start()
     try:
         assert ready.wait(120), "the writer did not start"
+        streaming = time.perf_counter()
         time.sleep(1.0)
         stop.set()
         report = out.get(timeout=60)
+        window = time.perf_counter() - streaming
     finally:
         stop.set()
         writer.join(60)
@@ -250,14 +252,12 @@ def test_the_live_benchmarks_writer_stores_every_event_it_counts(served, model_v
     assert by_source.get("feedback", 0) == report["feedback"]
     assert by_source.get("ingest", 0) == report["ingest"]
     assert 0 < report["writer_cpu_ms_per_ingested_event"] and 0 < report["writer_cpu_ms_per_feedback_event"]
-    assert report["writer_cpu_ms_per_event"] == pytest.approx(
-        (
-            report["writer_cpu_ms_per_ingested_event"] * report["ingest"]
-            + report["writer_cpu_ms_per_feedback_event"] * report["feedback"]
-        )
-        / (report["ingest"] + report["feedback"]),
-        rel=0.01,
-    )
+    # Measured from the start of the stream: the process's start (a spawned interpreter's imports and
+    # connections, seconds of CPU) falls outside the window between `ready` and the report.
+    assert 0.9 <= report["writer_seconds"] <= window + 0.3, (report["writer_seconds"], window)
+    assert report["writer_cpu_s"] <= report["writer_seconds"] * (os.cpu_count() or 1) + 0.05, report
+    ingest_cpu_s = report["writer_cpu_ms_per_ingested_event"] * report["ingest"] / 1000
+    assert ingest_cpu_s <= report["writer_cpu_s"] * 1.01 + 0.002, report  # a share of the total
 
 
 def test_the_live_benchmarks_cpu_burner_uses_the_cores_it_is_asked_for():

@@ -1,6 +1,7 @@
 """Objective weights from retention: the rule, the analysis on logs whose truth is planted, and the
 reweighted model version served in-process."""
 
+import filecmp
 import json
 import shutil
 import uuid
@@ -32,7 +33,6 @@ def test_weights_are_proportional_to_the_significantly_positive_coefficients():
     d = derive_head_weights(coefs(click=(0.6, 0.2, 1.0), duration_watch=(0.3, 0.05, 0.55), like=(0.2, -0.1, 0.5)), HAND)
     assert d.changed
     assert d.weights == {"click": 0.667, "duration_watch": 0.333, "like": 0.0}
-    assert sum(d.weights.values()) == pytest.approx(1.0)
     assert d.evidence["like"]["why"] == "interval includes 0" and not d.evidence["like"]["used"]
 
 
@@ -154,6 +154,8 @@ def test_unanalysable_logs_are_refused_with_the_reason():
 def test_a_reweighted_version_serves_the_same_models_with_the_derived_weights(model_version, small_data, tmp_path):
     from deployment.export import export_repository
     from evaluation.offline import load_funnel, run_funnel
+    from models.item_affinity import META_FILE as AFFINITY_META
+    from models.item_index import INDEX_META_FILE
     from models.registry import check_artifact_versions
     from online.retention import with_head_weights
 
@@ -173,6 +175,13 @@ def test_a_reweighted_version_serves_the_same_models_with_the_derived_weights(mo
     assert manifest["heavy_ranker"]["weights"] != v1.manifest["heavy_ranker"]["weights"]
     assert manifest["reweighted_from"]["version"] == 1
     assert [t["weight"] for t in manifest["config"]["heavy_ranker"]["targets"]] == [0.0] * (len(heads) - 1) + [1.0]
+    # The same trained models: every file but the manifest and the version stamps is version 1's, byte for byte.
+    stamps = {"manifest.json", "query_tower.json", INDEX_META_FILE, AFFINITY_META}
+    files = sorted(p.relative_to(v1.path) for p in v1.path.rglob("*") if p.is_file() and p.name not in stamps)
+    assert any(f.parts[0] == "heavy_ranker" for f in files), files[:10]
+    assert sorted(p.relative_to(v2.path) for p in v2.path.rglob("*") if p.is_file() and p.name not in stamps) == files
+    different = [f for f in files if not filecmp.cmp(v1.path / f, v2.path / f, shallow=False)]
+    assert not different, different
     repo = export_repository(v2, tmp_path / "repo")
     stages = load_funnel(repo, 2)
     heavy = next(s for s in stages if s.name == "heavy_ranker")

@@ -182,4 +182,5 @@ def test_killed_stage_stub_is_recovered_by_the_supervisor(server, reference):
     with supervisor:
         assert wait_until(answers, timeout_s=240, interval_s=1.0), supervisor.last_error
     assert victim not in server.stub_pids().get("query_tower", [])
+    assert supervisor.restarts >= 1, "the funnel answered again, but not through the supervisor's restart"
     print("supervisor restarts:", supervisor.restarts, "last error:", supervisor.last_error)

@@ -104,7 +104,6 @@ def test_heavy_score_is_the_weighted_sum_of_its_heads(funnel, model_version):
     heads = head_outputs(stage.predict(lookup, ids), list(weights))
     expected = sum(w * heads[t] for t, w in weights.items())
     np.testing.assert_allclose(score, expected, rtol=1e-5)
-    assert ((score >= 0) & (score <= 1)).all()
 
 
 def test_ranker_rejects_ids_outside_the_catalog(funnel):
