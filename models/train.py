@@ -151,7 +151,7 @@ def train_all(
         events = read_parquet(data.train_events)
         history = _history(events, config.training.history_event)
         history.columns = ["user_id_raw", "item_id_raw"]
-        affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
+        affinity = train_item_affinity(history, item_table, config, out.tmp, version)
         progress.update()
 
         if rankers_from is None:
@@ -251,7 +251,7 @@ def train_all(
             config = tuning.apply(config, record["chosen"])
             chosen_fit = (config.item_affinity.reg_weight, config.item_affinity.dropout)
             if affinity and chosen_fit != (affinity["reg_weight"], affinity["dropout"]):
-                affinity = _train_item_affinity(history, item_table, config, out.tmp, version)
+                affinity = train_item_affinity(history, item_table, config, out.tmp, version)
             manifest.update(
                 config=config.to_dict(),
                 item_affinity=affinity,
@@ -293,7 +293,7 @@ def _log_tuning(run, record: dict) -> None:
     run.log_json("tuning.json", record)
 
 
-def _train_item_affinity(history, item_table, config: Config, directory: Path, version: int) -> dict | None:
+def train_item_affinity(history, item_table, config: Config, directory: Path, version: int) -> dict | None:
     """Fit and save the item-item weights; ``None`` (and nothing saved) when the catalog is above
     ``item_affinity.max_items`` and the ordering does not use them, an error when it does."""
     ac = config.item_affinity

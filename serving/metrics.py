@@ -565,6 +565,10 @@ class OnlineMetrics:
                     self._metric(key, labels)
                 self._metric("latency", {"arm": arm})
 
+    def series(self) -> dict:
+        """Every series this endpoint exports so far: ``{(key, sorted label pairs): metric}``."""
+        return dict(self._metrics)
+
     def _metric(self, key: str, labels: dict):
         cache_key = (key, tuple(sorted(labels.items())))
         if cache_key not in self._metrics:

@@ -106,7 +106,8 @@ class Stage:
         return [self.run(inputs) for inputs in batch]
 
 
-def _import_tf():
+def import_tf():
+    """TensorFlow, its threads set for serving (one per op, two between ops) before its first op."""
     import tensorflow as tf
 
     # Per-request batches are small (one user, a few hundred candidates) and several stage processes
@@ -223,7 +224,7 @@ class QueryTower(Stage):
 
         tower_version = json.loads((self.artifacts / "query_tower.json").read_text())["version"]
         check_versions(manifest=self.version, query_tower=tower_version)
-        self._tf = _import_tf()
+        self._tf = import_tf()
         # The saved graph (serving/fast_inference.py): ~40x less per-request overhead than eager.
         self._predict = ServingFunction(self._tf, self.artifacts / "query_tower")
         if len(self._predict.output_names) != 1:
@@ -378,7 +379,7 @@ class _RankerStage(Stage):
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
-        self._tf = _import_tf()
+        self._tf = import_tf()
         # The saved graph (serving/fast_inference.py): ~60x less per-request overhead than eager.
         self._predict = ServingFunction(self._tf, self.artifacts / self.artifact)
         self.model_features = list(self.manifest[self.artifact]["features"])

@@ -120,9 +120,9 @@ def test_heavy_ranker_uses_them_and_retrieval_does_not(model_version):
     assert set(NAMES) <= set(manifest["heavy_ranker"]["features"])
     assert set(NAMES) <= set(manifest["features"]["user_continuous"])
     from serving.fast_inference import ServingFunction
-    from serving.stages import _import_tf
+    from serving.stages import import_tf
 
-    tower = ServingFunction(_import_tf(), model_version.path / "query_tower")
+    tower = ServingFunction(import_tf(), model_version.path / "query_tower")
     assert not set(NAMES) & set(tower.input_names)
 
 

@@ -119,21 +119,21 @@ def test_fit_from_history_uses_the_encoded_ids_of_the_catalog():
 
 def test_training_skips_a_catalog_above_max_items_unless_the_ordering_needs_it(tmp_path):
     from configs import load_config
-    from models.train import _train_item_affinity
+    from models.train import train_item_affinity
 
     catalog = pd.DataFrame({"item_id_raw": np.arange(100, 110), "item_id": np.arange(3, 13)})
     history = pd.DataFrame({"user_id_raw": [1, 1, 2, 2], "item_id_raw": [100, 101, 101, 102]})
     small = load_config(overrides={"item_affinity": {"max_items": 13}})
-    assert _train_item_affinity(history, catalog, small, tmp_path, 3) == {
+    assert train_item_affinity(history, catalog, small, tmp_path, 3) == {
         "items": 13,
         "reg_weight": 250.0,
         "dropout": 0.0,
     }
     assert item_affinity.load(tmp_path, expected_version=3)[0].shape == (13, 13)
     unused = load_config(overrides={"item_affinity": {"max_items": 12}})
-    assert _train_item_affinity(history, catalog, unused, tmp_path / "none", 3) is None
+    assert train_item_affinity(history, catalog, unused, tmp_path / "none", 3) is None
     needed = load_config(
         overrides={"item_affinity": {"max_items": 12}, "serving": {"ordering": {"affinity_weight": 0.5}}}
     )
     with pytest.raises(ValueError, match="max_items=12"):
-        _train_item_affinity(history, catalog, needed, tmp_path / "none", 3)
+        train_item_affinity(history, catalog, needed, tmp_path / "none", 3)

@@ -204,7 +204,7 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     routed.close(), answered.close()
 
     def totals(metrics, key, **labels):
-        found = [(dict(lab), m) for (k, lab), m in metrics._metrics.items() if k == key]
+        found = [(dict(lab), m) for (k, lab), m in metrics.series().items() if k == key]
         return sum(
             m.count.total if key == "latency" else m.total
             for lab, m in found
@@ -242,14 +242,14 @@ def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
     assert single_version(7).versions_by_arm() == {"control": 7}  # no holdout share, no holdout arm
 
     router = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "router", rollout.versions_by_arm())
-    declared = {(key, tuple(sorted(dict(labels).items()))): m for (key, labels), m in router._metrics.items()}
+    declared = {(key, tuple(sorted(dict(labels).items()))): m for (key, labels), m in router.series().items()}
     for arm, version in rollout.versions_by_arm().items():
         for key in ("requests", "impressions", "fallback"):
             assert declared[key, (("arm", arm), ("version", str(version)))].total == 0
         latency = declared["latency", (("arm", arm),)]
         assert latency.count.total == 0 and set(_buckets(latency).values()) == {0}
     # the first response adds to the declared series, not to new ones
-    before = len(router._metrics)
+    before = len(router.series())
     router.observe(
         0.003,
         {
@@ -259,7 +259,7 @@ def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
             "served_by": np.array([b"model"], dtype=object),
         },
     )
-    assert len(router._metrics) == before
+    assert len(router.series()) == before
     assert declared["requests", (("arm", "treatment"), ("version", "4"))].total == 1
     assert declared["latency", (("arm", "treatment"),)].count.total == 1
 
