@@ -96,6 +96,11 @@ class FeedbackLog:
             )
         return [row for row, is_new in zip(rows, new) if is_new]
 
+    def feedback_times(self, request_id: str) -> dict[tuple[int, str], float]:
+        """When each reaction to one response was first stored: ``{(item_id, event): ts}``."""
+        rows = self.db.query("SELECT item_id, event, ts FROM feedback WHERE request_id = ?", (request_id,))
+        return {(int(item), event): float(ts) for item, event, ts in rows}
+
     def served(self, request_id: str) -> dict | None:
         """What one response showed: user, items in order, arm and model version; None if unknown."""
         rows = self.db.query(

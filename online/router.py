@@ -13,8 +13,9 @@ outputs plus ``arm`` and ``request_id``. Before answering it writes the slate to
 ``feedback`` (``triton_repo/feedback``) takes a client's reactions to one response (``request_id``,
 ``item_ids``, ``events``, ``values``), checks them against the logged impressions of that request and
 appends them to the same log; the request's arm and version come from the log, not from the client.
-Each new reaction to an item also goes to the live store (``workflows/live_store.py``), durably
-before the acknowledgement, so the user's next request already sees it (``docs/live-features.md``).
+Each reaction to an item also goes to the live store (``workflows/live_store.py``), durably before
+the acknowledgement, so the user's next request already sees it (``docs/live-features.md``); a retry
+writes it again at the time the log first stored it, which repairs a failed write and duplicates none.
 
 Both count per-arm online metrics (``serving/metrics.py``: ``OnlineMetrics``, recorded off the request
 path like the stages' metrics) that Prometheus scrapes next to the serving metrics. A new experiment,
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -94,6 +94,22 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
+def _client_text(value, name: str) -> str:
+    """A client's BYTES input as text: bytes that are not UTF-8 are the client's error, not ours."""
+    try:
+        return _text(value)
+    except UnicodeDecodeError as err:
+        raise RequestError(f"'{name}' must be UTF-8 text: {err.reason} at byte {err.start}") from None
+
+
+# One reaction is one event: a value other than 1 would count as several clicks (or none) in the
+# experiment's sums. Watch time is seconds, bounded so a client's unit error cannot swamp an arm's
+# total or overflow the integer seconds of the retraining data (online/feedback_log.py, to_events).
+COUNTED_EVENTS = ("click", "like", "share", "churn")
+MAX_WATCH_SECONDS = 86_400.0
+CHURN_ITEM = -1
+
+
 class ABRouter:
     """Route one request to its arm's funnel and log what was served.
 
@@ -150,13 +166,32 @@ class ABRouter:
         self.log.close()
 
 
+def check_values(items: np.ndarray, events: list[str], values: np.ndarray) -> None:
+    """Refuse, with ``RequestError`` naming the entry, what would be counted wrongly: a counted event
+    whose value is not 1, watch time outside [0, 86,400] s, a churn on an item, two churns, or the same
+    (item, event) twice in one request (the log keeps one, so the other value would be lost)."""
+    seen = set()
+    for n, (item, event, value) in enumerate(zip(items.tolist(), events, values.tolist())):
+        if event in COUNTED_EVENTS and value != 1.0:
+            raise RequestError(f"values[{n}] is {value} for a {event!r}: each {event} event has the value 1")
+        if event == "watch_seconds" and not 0.0 <= value <= MAX_WATCH_SECONDS:  # NaN fails too
+            raise RequestError(f"values[{n}] is {value} watch seconds: expected 0 to {MAX_WATCH_SECONDS:.0f}")
+        if event == "churn" and item != CHURN_ITEM:
+            raise RequestError(f"item_ids[{n}] is {item} for a churn: a churn is about the response, item id -1")
+        if (item, event) in seen:
+            what = "more than one churn" if event == "churn" else f"({item}, {event!r}) twice"
+            raise RequestError(f"feedback holds {what}: one entry per signal per item, one churn")
+        seen.add((item, event))
+
+
 class FeedbackService:
     """Validate a client's reactions to one response and append them to the feedback log.
 
     Each (request, item, event) is stored once: a client's retry or a replay of the same event is
     acknowledged but neither stored nor counted again (``accepted`` says how many were new), so
     retries cannot inflate an experiment's CTR. A request may carry at most one entry per signal
-    per item the response showed, plus one churn."""
+    per item the response showed, plus one churn (item id -1). Every value of ``click``, ``like``,
+    ``share`` and ``churn`` is 1; ``watch_seconds`` lies in [0, 86,400]."""
 
     inputs = (
         Tensor("request_id", "STRING", (1,)),
@@ -173,12 +208,12 @@ class FeedbackService:
         self.live = LiveStore(live_store) if live_store else None
 
     def run(self, inputs: dict) -> dict:
-        request_id = _text(scalar(inputs, "request_id", lambda v: v))
+        request_id = _client_text(scalar(inputs, "request_id", lambda v: v), "request_id")
         for name in ("item_ids", "events", "values"):
             if name not in inputs:
                 raise RequestError(f"missing input '{name}'")
         items = np.asarray(inputs["item_ids"]).reshape(-1)
-        events = [_text(e) for e in np.asarray(inputs["events"]).reshape(-1)]
+        events = [_client_text(e, "events") for e in np.asarray(inputs["events"]).reshape(-1)]
         values = np.asarray(inputs["values"], dtype=np.float64).reshape(-1)
         if not np.issubdtype(items.dtype, np.integer):
             raise RequestError(f"'item_ids' must be integers, got {items.dtype}")
@@ -190,8 +225,6 @@ class FeedbackService:
         unknown = sorted(set(events) - set(EVENTS))
         if unknown:
             raise RequestError(f"unknown event(s) {unknown}; expected one of {list(EVENTS)}")
-        if not np.isfinite(values).all() or (values < 0).any():
-            raise RequestError("values must be finite and >= 0")
         served = self.log.served(request_id)
         if served is None:
             raise RequestError(f"unknown request_id {request_id!r}: no response with that id was logged")
@@ -205,13 +238,17 @@ class FeedbackService:
         not_shown = sorted({int(i) for i, e in zip(items, events) if e != "churn" and int(i) not in shown})
         if not_shown:
             raise RequestError(f"item(s) {not_shown[:10]} were not in response {request_id}")
-        stored = self.log.log_feedback_many(
+        check_values(items, events, values)
+        rows = list(
             zip([request_id] * len(items), [served["user_id"]] * len(items), items.tolist(), events, values.tolist())
         )
+        stored = self.log.log_feedback_many(rows)
         if self.live is not None:
-            now = time.time()
+            # Every reaction of the request, each at the time the log first stored it: a retry after
+            # a failed live write repairs the live store, and one after a success adds nothing to it.
+            times = self.log.feedback_times(request_id)
             self.live.append_events(
-                [(user, item, now, event, value) for _, user, item, event, value in stored if event in LIVE_EVENTS],
+                [(u, i, times[i, e], e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS and (i, e) in times],
                 "feedback",
             )
         return {

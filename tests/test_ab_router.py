@@ -109,11 +109,79 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
             events=np.array([b"click"] * (most + 1), dtype=object),
             values=np.ones(most + 1, dtype=np.float32),
         )
+    # What would be counted wrongly is refused, each naming the entry.
+    item = np.array([shown[0]])
+    counted_wrong = {
+        "'request_id' must be UTF-8": {"request_id": np.array([b"\xff\xfe"], dtype=object)},
+        "'events' must be UTF-8": {"events": np.array([b"cl\xffick"], dtype=object)},
+        r"values\[0\] is 2.0 for a 'click': each click event has the value 1": {
+            "values": np.array([2.0], dtype=np.float32)
+        },
+        r"values\[0\] is 0.0 for a 'like'": {"events": np.array([b"like"], dtype=object), "values": np.zeros(1)},
+        r"values\[0\] is 1e\+30 watch seconds: expected 0 to 86400": {
+            "events": np.array([b"watch_seconds"], dtype=object),
+            "values": np.array([1e30]),
+        },
+        r"values\[0\] is nan watch seconds": {
+            "events": np.array([b"watch_seconds"], dtype=object),
+            "values": np.array([np.nan]),
+        },
+        r"item_ids\[0\] is \d+ for a churn": {"events": np.array([b"churn"], dtype=object)},
+        "more than one churn": {
+            "item_ids": np.array([-1, -1]),
+            "events": np.array([b"churn", b"churn"], dtype=object),
+            "values": np.ones(2),
+        },
+        r"\(\d+, 'watch_seconds'\) twice": {
+            "item_ids": np.repeat(item, 2),
+            "events": np.array([b"watch_seconds", b"watch_seconds"], dtype=object),
+            "values": np.array([5.0, 3e4]),
+        },
+    }
+    for message, changes in counted_wrong.items():
+        with pytest.raises(RequestError, match=message):
+            send(**changes)
     assert len(feedback.log.feedback()) == 3  # nothing refused was logged
     # A retry of an event already stored is acknowledged but neither stored nor counted again.
     replay = send()
     assert replay["accepted"][0] == 0 and replay["_events"] == []
     assert len(feedback.log.feedback()) == 3
+
+
+def test_a_retry_repairs_the_live_store_after_a_failed_live_write_and_adds_nothing_after_a_success(
+    tmp_path, monkeypatch
+):
+    """The log commits before the live store is written: when that write fails the client gets an
+    error and retries, and the retry (nothing new for the log) still brings the live store up to date."""
+    from workflows.live_store import LiveStore
+
+    feedback = FeedbackService(tmp_path / "log.sqlite", tmp_path / "live.sqlite")
+    feedback.log.log_impressions("r1", 7, np.array([10, 11, 12]), "1", "control", "model")
+    request = {
+        "request_id": np.array([b"r1"], dtype=object),
+        "item_ids": np.array([10, 11, -1]),
+        "events": np.array([b"click", b"watch_seconds", b"churn"], dtype=object),
+        "values": np.array([1.0, 30.0, 1.0], dtype=np.float32),
+    }
+    written = feedback.live.append_events
+
+    def down(*args, **kwargs):
+        raise OSError("live store unreachable")
+
+    monkeypatch.setattr(feedback.live, "append_events", down)
+    with pytest.raises(OSError, match="unreachable"):
+        feedback.run(request)
+    assert len(feedback.log.feedback()) == 3
+    store = LiveStore(tmp_path / "live.sqlite")
+    assert len(store.user_events(7)) == 0
+    monkeypatch.setattr(feedback.live, "append_events", written)
+    assert feedback.run(request)["accepted"][0] == 0  # the log had them all
+    live = store.user_events(7)
+    assert sorted(zip(live.item_ids.tolist(), live.events.tolist())) == [(10, "click"), (11, "watch_seconds")]
+    assert feedback.run(request)["accepted"][0] == 0
+    assert len(store.user_events(7)) == 2  # each reaction once, at the time the log first stored it
+    store.close()
+    feedback.close()
 
 
 def test_router_refuses_malformed_requests_before_calling_the_funnel(funnel, tmp_path):

@@ -194,6 +194,9 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
                 "feedback holds 22 events": lambda: client.send_feedback(
                     outcomes["request_id"].iloc[0], [-1] * 22, ["churn"] * 22, [1.0] * 22
                 ),
+                r"item_ids\[0\] is 5 for a churn": lambda: client.send_feedback(
+                    outcomes["request_id"].iloc[0], [5], ["churn"], [1.0]
+                ),
             }
             for message, call in bad_calls.items():
                 with pytest.raises(BadRequest, match=message) as err:
