@@ -737,6 +737,13 @@ class Ordering(Stage):
         if known:
             from serving.ordering import order_candidates
 
+            # The ensemble passes the light ranker's ids; a direct call could pass anything, and a
+            # negative id would index from the end of the tables: another film, silently.
+            outside = (ranked < 0) | (ranked >= len(self.raw_ids))
+            if outside.any() or (self.raw_ids[ranked] < 0).any():
+                raise RequestError("light_ids hold an item id outside the catalog")
+            if not np.isfinite(scores).all():
+                raise RequestError("heavy_scores must be finite")
             if taken.size:  # taken down since the export: never served, whatever the model thinks
                 keep = ~np.isin(ranked, encode_items(self.raw_sorted, self.encoded_sorted, taken))
                 ranked, scores = ranked[keep], scores[keep]

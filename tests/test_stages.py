@@ -112,6 +112,23 @@ def test_ranker_rejects_ids_outside_the_catalog(funnel):
         funnel["heavy_ranker"].run({**lookup, "light_ids": np.array([10**6])})
 
 
+def test_ordering_refuses_ids_outside_the_catalog_and_scores_that_are_not_finite(funnel, model_version):
+    """What a direct call to the ordering stage could pass that the ensemble never does."""
+    request = known_user_request(funnel, model_version)
+    ordering = funnel["ordering"]
+    hole = np.flatnonzero(ordering.raw_ids < 0)  # encoded ids the catalog does not use, if any
+    for bad in [-1, len(ordering.raw_ids), *hole[:1].tolist()]:
+        ids = request["light_ids"].copy()
+        ids[0] = bad
+        with pytest.raises(RequestError, match="light_ids hold an item id outside the catalog"):
+            ordering.run({**request, "light_ids": ids})
+    scores = request["heavy_scores"].copy()
+    scores[0] = np.nan
+    with pytest.raises(RequestError, match="heavy_scores must be finite"):
+        ordering.run({**request, "heavy_scores": scores})
+    assert len(ordering.run(request)["item_ids"]) == 10
+
+
 def ordering_with(triton_repo, model_version, tmp_path, **policy):
     """The ordering stage of the export with ``serving.ordering`` changed in its manifest."""
     import json
