@@ -538,6 +538,7 @@ def held_out_positives(processed) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     parts = [processed.train_events, processed.held_out_events("test"), processed.held_out_events("valid")]
     if not parts[1].exists():
         raise ValueError(f"{processed.root} has no test part ({parts[1].name}): nothing the tuning step never read")
+    # On the host: the peers (scipy EASE, implicit ALS) and the metrics over lists take host arrays.
     train, test, valid = (frame[frame["click"] > 0] for frame in map(pd.read_parquet, parts))
     if test.empty:
         raise ValueError(f"the test part of {processed.root} holds no positive to score")
@@ -567,7 +568,7 @@ def evaluate_temporal(
     # validation clicks are excluded from ranking like training ones (known, not to be re-served).
     test_cutoff = (summary.get("split") or {}).get("test_cutoff")
     start = cutoff if test_cutoff is None else test_cutoff
-    train = pd.read_parquet(processed.train_events)
+    train = pd.read_parquet(processed.train_events)  # on the host, as the peers take it (above)
     unsafe = summary.get("unsafe_items", [])
     later = canonical(events[events["timestamp"] >= start], processed.item_id_map, unsafe)
     also_seen = None

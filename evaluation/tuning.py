@@ -33,15 +33,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+from merlin.core.dispatch import concat, read_dispatch
 
 from configs import Config
 from evaluation import offline
 from evaluation.metrics import ndcg_at_k
 from models import item_affinity, tuning
+from models.columns import to_host
 from models.registry import ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+def read_parquet(path, **kwargs):
+    """The validation part and the version's tables through Merlin's dispatch: cudf on a GPU machine,
+    pandas otherwise (looked up per call, so ``tests/test_tuning.py`` sees every read)."""
+    return read_dispatch(fmt="parquet")(path, **kwargs)
+
 
 RETRIEVAL, AFFINITY, REG, DROPOUT, MEMBERS = (key for key, _ in tuning.KNOBS)
 
@@ -60,23 +68,21 @@ def validation_positives(processed, model_dir: Path, signal: str = "click") -> d
     default) in the validation part, minus the items the user already had in training (the funnel
     never serves those)."""
     files = sorted(glob.glob(str(Path(processed.valid_dir) / "*.parquet")))
-    valid = pd.concat([pd.read_parquet(f, columns=["user_id", "item_id", signal]) for f in files])
-    valid = valid[valid[signal] > 0]
-    users = pd.read_parquet(model_dir / "user_features.parquet", columns=["user_id", "user_id_raw"])
-    items = pd.read_parquet(model_dir / "item_features.parquet", columns=["item_id", "item_id_raw"])
-    raw = pd.DataFrame(
-        {
-            "user_id": valid["user_id"].map(users.set_index("user_id")["user_id_raw"]),
-            "item_id": valid["item_id"].map(items.set_index("item_id")["item_id_raw"]),
-        }
-    ).dropna()  # users/items the models never saw (out-of-vocabulary ids) cannot be tuned for
-    raw = raw.astype(np.int64).drop_duplicates()
-    history = pd.read_parquet(model_dir / "user_history.parquet")
-    seen = set(zip(history["user_id_raw"].tolist(), history["item_id_raw"].tolist()))
+    valid = concat([read_parquet(f, columns=["user_id", "item_id", signal]) for f in files])
+    valid = valid[valid[signal] > 0][["user_id", "item_id"]]
+    users = read_parquet(model_dir / "user_features.parquet", columns=["user_id", "user_id_raw"])
+    items = read_parquet(model_dir / "item_features.parquet", columns=["item_id", "item_id_raw"])
+    # Inner joins: users/items the models never saw (out-of-vocabulary ids) cannot be tuned for.
+    raw = valid.merge(users, on="user_id").merge(items, on="item_id")[["user_id_raw", "item_id_raw"]]
+    raw = raw.astype("int64").drop_duplicates()
+    key = ["user_id_raw", "item_id_raw"]
+    history = read_parquet(model_dir / "user_history.parquet", columns=key).astype("int64").drop_duplicates()
+    history["in_training"] = 1
+    fresh = raw.merge(history, on=key, how="left")
+    fresh = fresh[fresh["in_training"].isna()]  # the funnel never serves what the user had in training
     out: dict[int, set] = {}
-    for user, item in zip(raw["user_id"].tolist(), raw["item_id"].tolist()):
-        if (user, item) not in seen:
-            out.setdefault(user, set()).add(item)
+    for user, item in zip(to_host(fresh["user_id_raw"]).tolist(), to_host(fresh["item_id_raw"]).tolist()):
+        out.setdefault(user, set()).add(item)
     return out
 
 
@@ -212,8 +218,8 @@ def _affinity_percentiles(version_dir: Path, config: Config, requests, fits: set
             weights = ordering.affinity
         else:
             if history is None:
-                history = pd.read_parquet(version_dir / "user_history.parquet")
-                items = pd.read_parquet(version_dir / "item_features.parquet")
+                history = read_parquet(version_dir / "user_history.parquet")
+                items = read_parquet(version_dir / "item_features.parquet")
             weights = item_affinity.fit_from_history(history, items, reg, ac.max_items, dropout)
         pct = []
         for r in requests:
