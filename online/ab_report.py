@@ -13,7 +13,8 @@ requests, impressions, clicks, watch time, likes and shares, and whether they ch
   spread) decides between
   "keep running" and "no detectable difference";
 * **secondary**: watch minutes per user (Welch t-test and bootstrap interval over users), likes and
-  shares per request (Welch), retention (users who never churned, z-test), and CTR with a bootstrap
+  shares per request (Welch), retention (users who never churned; Welch t, or a permutation test for
+  small groups), and CTR with a bootstrap
   interval that resamples users (impressions of one user are not independent);
 * **guardrails**: watch time and retention must not get significantly worse, whatever CTR says;
 * **holdout vs control**: the 1-2% kept on the control model, which after a rollout is the only

@@ -222,9 +222,13 @@ def permutation_p_value(num_a, den_a, num_b, den_b, n_resamples: int = PERMUTATI
         resampled = _studentized(rest, n_a, drawn, n - n_a)
     # mid-p: a tie counts half. Binary outcomes (retention) tie often, and counting ties in full made
     # the test conservative (2% false positives at 5% in the A/A check).
-    size, tol = abs(observed), 1e-9 * max(abs(observed), 1.0)
-    above = np.count_nonzero(np.abs(resampled) > size + tol)
-    ties = np.count_nonzero(np.abs(np.abs(resampled) - size) <= tol)
+    size = abs(observed)
+    if np.isfinite(size):
+        tol = 1e-9 * max(size, 1.0)
+        above = np.count_nonzero(np.abs(resampled) > size + tol)
+        ties = np.count_nonzero(np.abs(np.abs(resampled) - size) <= tol)
+    else:  # both groups without spread and apart: only a resample that splits them as well ties
+        above, ties = 0, np.count_nonzero(np.isinf(resampled))
     return float((above + 0.5 * (ties + 1)) / (n_resamples + 1))
 
 
@@ -297,10 +301,20 @@ class SRMResult:
 def sample_ratio_mismatch(
     observed: dict[str, int], expected_shares: dict[str, float], threshold: float = 0.001
 ) -> SRMResult:
-    """Chi-square goodness of fit of arm sizes; p below ``threshold`` (conventionally 0.001) is an SRM."""
+    """Chi-square goodness of fit of arm sizes; p below ``threshold`` (conventionally 0.001) is an SRM.
+
+    An arm designed to get no one (a holdout of 0) takes no part in the test, unless someone landed in
+    it: then the split is broken whatever the other counts say (p = 0). So is a user in an arm the
+    design does not have."""
     arms = list(expected_shares)
     counts = np.array([observed.get(a, 0) for a in arms], dtype=float)
     shares = np.array([expected_shares[a] for a in arms], dtype=float)
+    stray = sum(n for a, n in observed.items() if a not in expected_shares)
+    if stray or (counts[shares == 0] > 0).any():
+        return SRMResult(dict(observed), dict(expected_shares), float("inf"), 0.0, True)
+    counts, shares = counts[shares > 0], shares[shares > 0]
+    if len(counts) < 2 or counts.sum() == 0:  # one arm, or no one yet: nothing to compare
+        return SRMResult(dict(observed), dict(expected_shares), 0.0, 1.0, False)
     chi2, p = stats.chisquare(counts, counts.sum() * shares / shares.sum())
     return SRMResult(dict(observed), dict(expected_shares), float(chi2), float(p), bool(p < threshold))
 

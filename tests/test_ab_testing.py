@@ -107,3 +107,30 @@ def test_a_harmed_guardrail_blocks_shipping():
     assert ab.decide(better_ctr, fine, 100, 1000, guardrails=[retention_flat]).startswith("SHIP")
     verdict = ab.decide(better_ctr, fine, 100, 1000, guardrails=[retention_down])
     assert verdict.startswith("DO NOT SHIP") and "retention" in verdict
+
+
+def test_srm_with_no_holdout_still_tests_the_arms_and_catches_strays():
+    """A holdout of 0 is allowed; its expected count of 0 once made the chi-square NaN, and a NaN p
+    never flags a mismatch."""
+    shares = Experiment("e", "s", holdout=0.0).expected_shares()
+    assert shares[HOLDOUT] == 0.0
+    broken = ab.sample_ratio_mismatch({"control": 5000, "treatment": 4000}, shares)
+    assert broken.mismatch and broken.p_value == pytest.approx(stats.chisquare([5000, 4000]).pvalue)
+    fine = ab.sample_ratio_mismatch({"control": 5000, "treatment": 5010}, shares)
+    assert not fine.mismatch and fine.p_value == pytest.approx(stats.chisquare([5000, 5010]).pvalue)
+    # Someone in an arm designed to get no one, or in an arm the design does not have: broken.
+    assert ab.sample_ratio_mismatch({"control": 5000, "treatment": 5010, HOLDOUT: 1}, shares).mismatch
+    assert ab.sample_ratio_mismatch({"control": 5000, "treatment": 5010, "other": 3}, shares).mismatch
+    assert not ab.sample_ratio_mismatch({}, shares).mismatch  # no one yet: nothing to compare
+
+
+def test_permutation_test_of_groups_without_spread():
+    """Every control user churned, no treatment user did (small groups: the permutation test). The
+    studentized difference is infinite; only a re-randomisation that splits the users the same way is
+    as extreme (2 of C(20, 10)), so the p-value is the smallest the resamples can give."""
+    far = ab.mean_test(np.zeros(10), np.ones(10), "retention")
+    assert far.method.startswith("studentized permutation")
+    assert far.p_value == pytest.approx(0.5 / (ab.PERMUTATIONS + 1), abs=2 / (ab.PERMUTATIONS + 1))
+    # Identical groups: every resample ties, and a tie counts half (mid-p), so no evidence at all.
+    same = ab.mean_test(np.ones(10), np.ones(10), "retention")
+    assert same.p_value == pytest.approx(0.5)
