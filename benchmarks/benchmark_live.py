@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import print_json
+from configs.cli import positive_int
 from serving.interface import FEEDBACK, stage_folder
 
 
@@ -233,9 +234,9 @@ def main() -> None:
     p.add_argument("--workdir", help="where the world is built (default: a temporary folder)")
     p.add_argument("--items", type=int, default=2000, help="catalog size of a built world")
     p.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
-    p.add_argument("--requests", type=int, default=600, help="funnel requests per phase and round")
+    p.add_argument("--requests", type=positive_int, default=600, help="funnel requests per phase and round")
     p.add_argument("--rounds", type=int, default=2, help="read-only / with-writes alternations")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
     p.add_argument("--events-per-s", type=float, default=200.0, help="live writes per second while writing")
     p.add_argument("--trials", type=int, default=100, help="fresh-history latency trials")
     p.add_argument(
@@ -260,6 +261,10 @@ def main() -> None:
     )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
+    if args.repository and args.workdir:
+        copy = (Path(args.workdir) / "triton_repo").resolve()
+        if copy == Path(args.repository).resolve() or copy in Path(args.repository).resolve().parents:
+            p.error(f"--repository {args.repository} is the benchmark's own copy in --workdir: it would be replaced")
 
     from benchmarks.loadgen import Request, run_load
     from deployment.server import TritonServer

@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from benchmarks import print_json
+from configs.cli import positive_int
 from serving.interface import stage_folder
 
 
@@ -254,7 +255,7 @@ def main() -> None:
 
     quiet_known_warnings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
     p.add_argument("--users", type=int, default=4000, help="synthetic users per world")
     p.add_argument(
         "--events-per-item",
@@ -264,8 +265,8 @@ def main() -> None:
     )
     p.add_argument("--min-events", type=int, default=100_000, help="at least this many events per world")
     p.add_argument("--latency-requests", type=int, default=500, help="sequential requests for p50/p95/p99")
-    p.add_argument("--requests", type=int, default=2000, help="concurrent requests for requests/s")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--requests", type=positive_int, default=2000, help="concurrent requests for requests/s")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
     p.add_argument("--baseline-users", type=int, default=10, help="users ranked by the brute-force baseline")
     p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
     p.add_argument(

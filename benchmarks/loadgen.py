@@ -135,6 +135,8 @@ def run_load(
     keep_outputs: bool = True,
 ) -> LoadReport:
     """Send ``requests`` with at most ``concurrency`` in flight; return every result, in order."""
+    if concurrency < 1:  # a semaphore of 0 would wait forever for the first slot
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.cli import positive_int
 from configs.runtime import quiet_known_warnings
 from serving.interface import stage_folder
 
@@ -140,8 +141,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("repository", type=Path)
     p.add_argument("--mode", choices=["in-process", "server"], default="in-process")
-    p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=positive_int, default=500)
+    p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--batch", type=int, default=1, help="in-process: requests per run_batch call")
     args = p.parse_args()
     version = json.loads((args.repository / "export.json").read_text())["version"]

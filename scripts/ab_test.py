@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from configs.cli import positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -26,8 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--workdir", default="build/ab", help="where data, models, repository, log and report go")
-    parser.add_argument("--users", type=int, help="simulate only the first N users of the world")
-    parser.add_argument("--days", type=int, help="simulated days (default: online.simulation.days)")
+    parser.add_argument("--users", type=positive_int, help="simulate only the first N users of the world")
+    parser.add_argument("--days", type=positive_int, help="simulated days (default: online.simulation.days)")
     parser.add_argument("--no-rollout", action="store_true", help="do not roll the treatment out even if it wins")
     parser.add_argument("--name", help="the experiment's name (default: online.experiment.name)")
     parser.add_argument(

@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from configs.cli import positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -52,10 +53,15 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--workdir", default="build/demo", help="where data, models and the repository go")
     parser.add_argument("--users", type=int, nargs="*", help="user ids to query (default: 3 known + 1 unknown)")
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=positive_int, default=10)
     parser.add_argument("--json", help="also write the responses and timings to this JSON file")
     args = parser.parse_args()
 
+    from configs import load_config  # light: the config is checked before anything is deleted
+
+    config = load_config(args.config)
+    if args.k > config.serving.max_k:
+        parser.error(f"argument --k: at most serving.max_k={config.serving.max_k}, got {args.k}")
     wall = time.monotonic()
     steps = Steps(9)
     work = Path(args.workdir)
@@ -63,7 +69,6 @@ def main() -> None:
         shutil.rmtree(work)  # the demo always starts from nothing
 
     with steps("Importing Merlin (NVTabular, Merlin Models, TensorFlow)"):
-        from configs import load_config
         from deployment.export import export_repository
         from deployment.server import TritonServer
         from evaluation.checklist import run_checklist
@@ -75,7 +80,6 @@ def main() -> None:
         from workflows.report import summary_table
         from workflows.sources.synthetic import generate
 
-    config = load_config(args.config)
     verbose = 1 if sys.stdout.isatty() else 2
 
     with steps("Generating the synthetic dataset"):

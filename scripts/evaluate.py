@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
+from configs.cli import positive_int
 from evaluation.pipeline import evaluate_movielens, evaluate_spec, evaluate_synthetic
 from workflows.spec import SpecError, load_spec
 from workflows.validate import DatasetError
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--movielens", help="RecBole wheel or GroupLens ml-100k folder (default: fetch the wheel)")
     parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is fetched to")
     parser.add_argument("--out", default="build/evaluation", help="output folder (report/ inside)")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="cut-offs (the first is the headline)")
+    parser.add_argument(
+        "--k", type=positive_int, nargs="+", default=[10, 20], help="cut-offs (the first is the headline)"
+    )
     parser.add_argument("--no-mitigation", action="store_true", help="skip the logQ on/off retraining")
     parser.add_argument(
         "--seed",

@@ -12,6 +12,7 @@ coverage, and live vs holdout CTR / retention with a z-test; writes an HTML/Mark
 import argparse
 import time
 
+from configs.cli import positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -21,9 +22,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--out", default="build/feedback_loop")
-    parser.add_argument("--generations", type=int, default=4)
-    parser.add_argument("--users", type=int, help="synthetic.num_users (default: the config's)")
-    parser.add_argument("--days", type=int, help="simulated days per generation (default: online.simulation.days)")
+    parser.add_argument("--generations", type=positive_int, default=4)
+    parser.add_argument("--users", type=positive_int, help="synthetic.num_users (default: the config's)")
+    parser.add_argument(
+        "--days", type=positive_int, help="simulated days per generation (default: online.simulation.days)"
+    )
     parser.add_argument("--holdout", type=float, default=0.05, help="share of users kept on generation 0's model")
     parser.add_argument(
         "--report-only",
@@ -31,6 +34,8 @@ def main() -> None:
         help="rebuild the table and report of a finished run in --out from its logs",
     )
     args = parser.parse_args()
+    if not 0.0 <= args.holdout <= 0.05:  # serving.assignment.Experiment's range, checked before any training
+        parser.error(f"argument --holdout: must be in [0, 0.05], got {args.holdout}")
 
     import pandas as pd
 

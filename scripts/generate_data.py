@@ -8,6 +8,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 import argparse
 
 from configs import load_config
+from configs.cli import positive_int
 from workflows.sources.synthetic import generate
 
 
@@ -15,8 +16,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
-    parser.add_argument("--num-users", type=int, help="override synthetic.num_users")
-    parser.add_argument("--num-items", type=int, help="override synthetic.num_items")
+    parser.add_argument("--num-users", type=positive_int, help="override synthetic.num_users")
+    parser.add_argument("--num-items", type=positive_int, help="override synthetic.num_items")
     args = parser.parse_args()
     overrides = {k: v for k, v in {"num_users": args.num_users, "num_items": args.num_items}.items() if v}
     config = load_config(args.config, {"synthetic": overrides} if overrides else None)

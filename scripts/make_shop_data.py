@@ -10,16 +10,17 @@ dataset.yaml in the same folder.
 
 import argparse
 
+from configs.cli import non_negative_int, positive_int
 from workflows.sources.shop import generate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/shop", help="folder to write (default: data/shop)")
-    parser.add_argument("--customers", type=int, default=400)
-    parser.add_argument("--skus", type=int, default=250)
+    parser.add_argument("--customers", type=positive_int, default=400)
+    parser.add_argument("--skus", type=positive_int, default=250)
     parser.add_argument("--events-per-customer", type=float, default=40.0)
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--seed", type=non_negative_int, default=3)
     args = parser.parse_args()
     data = generate(args.customers, args.skus, args.events_per_customer, seed=args.seed)
     paths = data.write(args.out)

@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from configs.cli import positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -28,9 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--workdir", default="build/retention", help="data, models, repository, logs and report")
-    parser.add_argument("--num-users", type=int, help="synthetic.num_users (default: the config's)")
-    parser.add_argument("--days", type=int, help="simulated days (default: online.simulation.days)")
-    parser.add_argument("--ab-users", type=int, help="A/B test only the first N users of the world")
+    parser.add_argument("--num-users", type=positive_int, help="synthetic.num_users (default: the config's)")
+    parser.add_argument("--days", type=positive_int, help="simulated days (default: online.simulation.days)")
+    parser.add_argument("--ab-users", type=positive_int, help="A/B test only the first N users of the world")
     args = parser.parse_args()
 
     from configs import load_config

@@ -17,6 +17,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 import argparse
 
 from deployment.rollout import add_version, retire, roll_out, served_version
+from deployment.security import ControlClient
 from models import registry
 
 
@@ -30,6 +31,14 @@ def main() -> None:
     args = parser.parse_args()
     model = registry.get(args.registry, args.version)
     old = served_version(args.repository)
+    # The server must answer the control plane with this deployment's key before the repository is
+    # touched: a version added for a server that cannot load it would block the rerun.
+    try:
+        with ControlClient(args.url, args.repository) as control:
+            control.get_model_repository_index()
+    except Exception as err:
+        why = f"the server at --url {args.url} refused the control plane or is down ({err})"
+        raise SystemExit(f"rollout: {why}; the repository was not changed") from None
     add_version(model, args.repository)
     roll_out(args.url, args.repository, model.version)
     print(f"serving version {model.version} (was {old})")

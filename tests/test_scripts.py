@@ -97,3 +97,35 @@ def test_evaluate_takes_a_dataset_spec(tmp_path):
     config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": {**split, "test_file": paths["events_0"]}}}))
     missing = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
     assert missing.returncode == 2 and "train.parquet" in missing.stderr
+
+
+def test_bad_arguments_are_refused_before_anything_is_deleted_or_trained(tmp_path):
+    """A bad count, a config that does not exist, or a benchmark pointed at its own scratch copy is
+    an error naming the argument (exit 2 from argparse, or a one-line error), and the work folder
+    from the last run is still there."""
+    from configs.cli import non_negative_int, port, positive_int
+
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and port("8001") == 8001
+    for parse, text in ((positive_int, "0"), (positive_int, "x"), (non_negative_int, "-1"), (port, "70000")):
+        with pytest.raises(Exception, match="must be|invalid integer"):
+            parse(text)
+    work = tmp_path / "demo"
+    work.mkdir()
+    (work / "kept").write_text("the last run's output")
+    run = script("scripts/demo.py", "--workdir", str(work), "--k", "0", check=False)
+    assert run.returncode == 2 and "argument --k: must be >= 1, got 0" in run.stderr
+    run = script("scripts/demo.py", "--workdir", str(work), "--config", str(tmp_path / "nope.yaml"), check=False)
+    assert run.returncode != 0 and "nope.yaml" in run.stderr
+    assert (work / "kept").exists()
+    run = script("scripts/feedback_loop.py", "--out", str(work), "--holdout", "0.1", check=False)
+    assert run.returncode == 2 and "--holdout: must be in [0, 0.05], got 0.1" in run.stderr
+    own = tmp_path / "bench" / "triton_repo"
+    run = script("-m", "benchmarks.benchmark_live", "--repository", str(own), "--workdir", str(own.parent), check=False)
+    assert run.returncode == 2 and "it would be replaced" in run.stderr
+
+
+def test_load_generator_refuses_no_concurrency():
+    from benchmarks.loadgen import run_load
+
+    with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):  # it used to wait forever
+        run_load("127.0.0.1:1", [], concurrency=0)
