@@ -607,6 +607,11 @@ class ServingConfig:
             raise ValueError(f"serving.max_excluded_items must be >= 0, got {self.max_excluded_items}")
 
 
+# The largest holdout share an experiment may keep on the control model (1-2% is usual): the
+# config, the assignment (serving/assignment.py) and the scripts all check against this one value.
+MAX_HOLDOUT = 0.05
+
+
 @dataclass
 class ExperimentConfig:
     """An A/B test of two model versions inside the served funnel (``online/router.py``,
@@ -626,8 +631,10 @@ class ExperimentConfig:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.holdout <= 0.05:
-            raise ValueError(f"online.experiment.holdout must be in [0, 0.05] (1-2% is usual), got {self.holdout}")
+        if not 0.0 <= self.holdout <= MAX_HOLDOUT:
+            raise ValueError(
+                f"online.experiment.holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}"
+            )
         if not 0.0 < self.treatment_share < 1.0:
             raise ValueError(f"online.experiment.treatment_share must be in (0, 1), got {self.treatment_share}")
         if not isinstance(self.treatment_overrides, dict):

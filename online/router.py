@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -242,11 +243,15 @@ class FeedbackService:
         rows = list(
             zip([request_id] * len(items), [served["user_id"]] * len(items), items.tolist(), events, values.tolist())
         )
-        stored = self.log.log_feedback_many(rows)
+        now = time.time()
+        stored = self.log.log_feedback_many(rows, ts=now)
         if self.live is not None:
             # Every reaction of the request, each at the time the log first stored it: a retry after
             # a failed live write repairs the live store, and one after a success adds nothing to it.
-            times = self.log.feedback_times(request_id)
+            # All new (the usual case): that time is now, and the log need not be read back.
+            times = {(i, e): now for _, _, i, e, _ in stored}
+            if len(stored) < len(rows):
+                times = self.log.feedback_times(request_id)
             self.live.append_events(
                 [(u, i, times[i, e], e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS and (i, e) in times],
                 "feedback",

@@ -34,8 +34,10 @@ def main() -> None:
         help="rebuild the table and report of a finished run in --out from its logs",
     )
     args = parser.parse_args()
-    if not 0.0 <= args.holdout <= 0.05:  # serving.assignment.Experiment's range, checked before any training
-        parser.error(f"argument --holdout: must be in [0, 0.05], got {args.holdout}")
+    from configs import MAX_HOLDOUT
+
+    if not 0.0 <= args.holdout <= MAX_HOLDOUT:  # checked before any training, not after generation 0
+        parser.error(f"argument --holdout: must be in [0, {MAX_HOLDOUT}], got {args.holdout}")
 
     import pandas as pd
 

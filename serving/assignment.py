@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from configs import MAX_HOLDOUT
+
 BUCKETS = 10_000
 HOLDOUT = "holdout"
 
@@ -33,8 +35,8 @@ class Experiment:
     control: str = "control"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.holdout <= 0.05:
-            raise ValueError(f"holdout must be in [0, 0.05] (1-2% is usual), got {self.holdout}")
+        if not 0.0 <= self.holdout <= MAX_HOLDOUT:
+            raise ValueError(f"holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}")
         if self.control not in self.arms:
             raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
         total = sum(self.arms.values())
