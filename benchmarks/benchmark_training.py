@@ -36,6 +36,7 @@ from merlin.io import Dataset
 from merlin.schema import Tags
 
 from configs import CandidateGeneratorConfig, EmbeddingConfig
+from configs.cli import config_file
 from models.candidate_generator import build_candidate_generator, positives, tower_schema
 from models.embeddings import describe_tables
 
@@ -166,7 +167,7 @@ def benchmark(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--users", type=int, help="synthetic users (default: the config's)")
     parser.add_argument("--items", type=int, help="synthetic items (default: the config's)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model; the first is not timed")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from configs import load_config
+
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts: users, days, requests, concurrency, k)."""
@@ -28,6 +32,19 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in 1-65535, got {value}")
     return value
+
+
+def config_file(text: str) -> str:
+    """A YAML config that loads and validates (``configs.load_config``): a missing file, broken YAML,
+    an unknown key or a wrong type is one line naming the flag and the key, not a traceback after the
+    imports. The script loads it again with its own overrides."""
+    try:
+        load_config(text)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"no such file: {text}") from None
+    except (yaml.YAMLError, ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    return text
 
 
 def int_of(text: str) -> int:

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from configs.cli import positive_int
+from configs.cli import config_file, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -25,7 +25,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--workdir", default="build/ab", help="where data, models, repository, log and report go")
     parser.add_argument("--users", type=positive_int, help="simulate only the first N users of the world")
     parser.add_argument("--days", type=positive_int, help="simulated days (default: online.simulation.days)")

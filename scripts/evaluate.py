@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
-from configs.cli import positive_int
+from configs.cli import config_file, positive_int
 from evaluation.pipeline import evaluate_movielens, evaluate_spec, evaluate_synthetic
 from workflows.spec import SpecError, load_spec
 from workflows.validate import DatasetError
@@ -26,7 +26,7 @@ from workflows.validate import DatasetError
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--source", default="synthetic", choices=["synthetic", "movielens"], help="dataset")
     parser.add_argument(
         "--spec", help="dataset spec (YAML) of your own event log (docs/own-data.md), split as the config says"

@@ -12,7 +12,7 @@ coverage, and live vs holdout CTR / retention with a z-test; writes an HTML/Mark
 import argparse
 import time
 
-from configs.cli import positive_int
+from configs.cli import config_file, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -20,7 +20,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--out", default="build/feedback_loop")
     parser.add_argument("--generations", type=positive_int, default=4)
     parser.add_argument("--users", type=positive_int, help="synthetic.num_users (default: the config's)")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
+from configs.cli import config_file
 from workflows.pipeline import prepare_dataset
 from workflows.sources import SPEC_FILE
 from workflows.spec import SpecError, load_spec, raw_schema_spec
@@ -47,7 +48,9 @@ def main() -> None:
         default="raw",
         help="raw: the tables in --raw (their dataset.yaml if present); movielens: MovieLens-100K (default: raw)",
     )
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml, or configs/movielens.yaml)")
+    parser.add_argument(
+        "--config", type=config_file, help="YAML config (default: configs/default.yaml, or configs/movielens.yaml)"
+    )
     parser.add_argument(
         "--raw", help="folder with events/users/items.parquet (default: data/raw or data/movielens/raw)"
     )

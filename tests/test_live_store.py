@@ -3,6 +3,7 @@ server this module starts and stops; ingestion, takedowns (with the admin key), 
 reading the same takedown list, and the feedback log on PostgreSQL."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -127,6 +128,12 @@ def test_ingestion_takes_csv_parquet_and_jsonl_and_refuses_bad_files_whole(locat
     result = subprocess.run([*script, str(tmp_path / "d.csv")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "3 new event(s)" in result.stdout, result.stderr
     assert len(store.events()) == 10
+    # By repository: a mistyped one is refused instead of getting a new store that nothing serves.
+    typo = [sys.executable, str(ROOT / "scripts/ingest_events.py"), "--repository", str(tmp_path / "triton_rep")]
+    env = {k: v for k, v in os.environ.items() if k != "FUNNEL_STORE_URL"}
+    result = subprocess.run([*typo, str(tmp_path / "d.csv")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 2 and "no model repository at" in result.stderr, result.stderr
+    assert not (tmp_path / "triton_rep-live.sqlite").exists()
 
 
 def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_list(tmp_path, monkeypatch):
@@ -162,6 +169,13 @@ def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_li
     result = subprocess.run([*script, "--item", "17", "--reason", "again"], capture_output=True, text=True)
     assert result.returncode == 2 and "no admin key" in result.stderr
     assert takedown_ids(ContentFilterConfig(takedowns=store)).size == 0
+    # A mistyped repository, even with the key in the environment: refused, no new store beside it.
+    typo = [sys.executable, str(ROOT / "scripts/takedown.py"), "--repository", str(tmp_path / "triton_rep")]
+    env = {**os.environ, security.ADMIN_KEY_ENV: key}
+    for args in (["--list"], ["--item", "17", "--reason", "again"]):
+        result = subprocess.run([*typo, *args], capture_output=True, text=True, env=env)
+        assert result.returncode == 2 and "no model repository at" in result.stderr, result.stderr
+    assert not (tmp_path / "triton_rep-live.sqlite").exists()
 
 
 def test_the_content_filter_drops_taken_down_items_from_events_and_catalog(tmp_path):

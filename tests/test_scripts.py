@@ -115,7 +115,12 @@ def test_bad_arguments_are_refused_before_anything_is_deleted_or_trained(tmp_pat
     run = script("scripts/demo.py", "--workdir", str(work), "--k", "0", check=False)
     assert run.returncode == 2 and "argument --k: must be >= 1, got 0" in run.stderr
     run = script("scripts/demo.py", "--workdir", str(work), "--config", str(tmp_path / "nope.yaml"), check=False)
-    assert run.returncode != 0 and "nope.yaml" in run.stderr
+    assert run.returncode == 2 and "argument --config: no such file: " in run.stderr and "nope.yaml" in run.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("serving: {retrival_k: 300}\n")  # a misspelt key is named, not a traceback after the imports
+    run = script("scripts/train.py", "--config", str(typo), "--data", str(work), check=False)
+    assert run.returncode == 2 and "serving: unknown key(s) ['retrival_k']" in run.stderr
+    assert "Traceback" not in run.stderr
     assert (work / "kept").exists()
     run = script("scripts/feedback_loop.py", "--out", str(work), "--holdout", "0.1", check=False)
     assert run.returncode == 2 and "--holdout: must be in [0, 0.05], got 0.1" in run.stderr
