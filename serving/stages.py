@@ -55,6 +55,44 @@ def live_store_of(artifacts: str | Path) -> str | None:
     return store_location(repository) if (repository / "export.json").exists() else None
 
 
+def user_vocabulary(manifest: dict) -> np.ndarray:
+    """Each categorical user feature's number of encoded ids (the schema's cardinality, in
+    ``features["user_categorical"]`` order): a valid id is below it. Unbounded where the schema
+    records none."""
+    cardinality = {c["name"]: c.get("cardinality") for c in manifest.get("schema", [])}
+    return np.array(
+        [cardinality.get(n) or np.iinfo(np.int64).max for n in manifest["features"]["user_categorical"]],
+        dtype=np.int64,
+    )
+
+
+def checked_user_features(features: dict, vocabulary: np.ndarray, categorical, continuous) -> tuple:
+    """One request's user features as flat arrays, after refusing (``RequestError``, so the client
+    gets ``INVALID_ARGUMENT``) the wrong count, a categorical id outside its feature's vocabulary (an
+    embedding lookup out of range is TensorFlow's ``INTERNAL``) or a continuous value that is not
+    finite (it would score every candidate NaN). The feature lookup stage only produces valid ones;
+    this guards the stage models when called on their own."""
+    categorical = np.asarray(categorical, dtype=np.int64).reshape(-1)
+    continuous = np.asarray(continuous, dtype=np.float32).reshape(-1)
+    names_cat, names_cont = features["user_categorical"], features["user_continuous"]
+    if len(categorical) != len(names_cat) or len(continuous) != len(names_cont):
+        raise RequestError(
+            f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
+            f"got {len(categorical)} and {len(continuous)}"
+        )
+    bad = np.flatnonzero((categorical < 0) | (categorical >= vocabulary))
+    if bad.size:
+        j = int(bad[0])
+        raise RequestError(
+            f"user feature {names_cat[j]} = {int(categorical[j])} is outside its vocabulary [0, {int(vocabulary[j])})"
+        )
+    bad = np.flatnonzero(~np.isfinite(continuous))
+    if bad.size:
+        j = int(bad[0])
+        raise RequestError(f"user feature {names_cont[j]} = {float(continuous[j])} is not finite")
+    return categorical, continuous
+
+
 def activity_slots(manifest: dict) -> tuple[list[int], np.ndarray]:
     """The version's activity windows (seconds) and where their features sit in ``user_continuous``
     (empty for a version trained without them)."""
@@ -91,6 +129,7 @@ class Stage:
         self.version = int(self.manifest["version"])
         self.features = self.manifest["features"]
         self.serving = self.manifest["config"]["serving"]
+        self.user_vocabulary = user_vocabulary(self.manifest)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -231,7 +270,9 @@ class QueryTower(Stage):
             raise RuntimeError(f"the query tower has outputs {self._predict.output_names}, expected one embedding")
 
     def run(self, inputs):
-        batch = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], rows=1, tf=self._tf)
+        batch = user_batch(
+            self.features, self.user_vocabulary, inputs["user_categorical"], inputs["user_continuous"], 1, self._tf
+        )
         (embedding,) = self._predict(batch).values()
         return {"query_embedding": np.asarray(embedding, dtype=np.float32).reshape(-1)}
 
@@ -239,7 +280,7 @@ class QueryTower(Stage):
         """One tower call embeds every user of the batch (one row each)."""
         if len(batch) < 2:
             return super().run_batch(batch)
-        users = users_batch(self.features, batch, [1] * len(batch), tf=self._tf)
+        users = users_batch(self.features, self.user_vocabulary, batch, [1] * len(batch), tf=self._tf)
         (embeddings,) = self._predict(users).values()
         embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(batch), -1)
         return [{"query_embedding": row} for row in embeddings]
@@ -253,19 +294,13 @@ def unknown_user(features: dict) -> dict:
     }
 
 
-def users_batch(features: dict, requests: list[dict], rows: list[int], tf) -> dict:
+def users_batch(features: dict, vocabulary: np.ndarray, requests: list[dict], rows: list[int], tf) -> dict:
     """A Merlin model input dict holding each request's user features repeated ``rows[i]`` times, in
     request order: the rows of ``user_batch`` for each request, concatenated."""
     names_cat, names_cont = features["user_categorical"], features["user_continuous"]
     categorical, continuous = [], []
     for inputs in requests:
-        cat = np.asarray(inputs["user_categorical"], dtype=np.int64).reshape(-1)
-        cont = np.asarray(inputs["user_continuous"], dtype=np.float32).reshape(-1)
-        if len(cat) != len(names_cat) or len(cont) != len(names_cont):
-            raise RequestError(
-                f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
-                f"got {len(cat)} and {len(cont)}"
-            )
+        cat, cont = checked_user_features(features, vocabulary, inputs["user_categorical"], inputs["user_continuous"])
         categorical.append(cat)
         continuous.append(cont)
     rows = np.asarray(rows, dtype=np.int64)
@@ -276,16 +311,12 @@ def users_batch(features: dict, requests: list[dict], rows: list[int], tf) -> di
     return batch
 
 
-def user_batch(features: dict, categorical: np.ndarray, continuous: np.ndarray, rows: int, tf) -> dict:
+def user_batch(
+    features: dict, vocabulary: np.ndarray, categorical: np.ndarray, continuous: np.ndarray, rows: int, tf
+) -> dict:
     """A Merlin model input dict holding one user's features repeated ``rows`` times."""
-    categorical = np.asarray(categorical, dtype=np.int64).reshape(-1)
-    continuous = np.asarray(continuous, dtype=np.float32).reshape(-1)
+    categorical, continuous = checked_user_features(features, vocabulary, categorical, continuous)
     names_cat, names_cont = features["user_categorical"], features["user_continuous"]
-    if len(categorical) != len(names_cat) or len(continuous) != len(names_cont):
-        raise RequestError(
-            f"expected {len(names_cat)} categorical and {len(names_cont)} continuous user features, "
-            f"got {len(categorical)} and {len(continuous)}"
-        )
     # 1-D columns, as in the SavedModel's serving signature: a ranker whose item ids are hashed
     # (more ids than embeddings.max_rows) accepts nothing else.
     batch = {n: tf.constant(np.full(rows, v, dtype=np.int64)) for n, v in zip(names_cat, categorical)}
@@ -320,6 +351,8 @@ class Retrieval(Stage):
         query = np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1)
         if query.shape[0] != self.index_meta["dim"]:
             raise RequestError(f"query_embedding has {query.shape[0]} dims, index has {self.index_meta['dim']}")
+        if not np.isfinite(query).all():  # faiss would answer arbitrary items or none
+            raise RequestError("query_embedding must be finite")
         ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
         return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
 
@@ -328,7 +361,7 @@ class Retrieval(Stage):
         if len(batch) < 2:
             return super().run_batch(batch)
         queries = [np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1) for inputs in batch]
-        if any(q.shape[0] != self.index_meta["dim"] for q in queries):
+        if any(q.shape[0] != self.index_meta["dim"] or not np.isfinite(q).all() for q in queries):
             return super().run_batch(batch)  # the malformed one raises its own error
         # Exact search scores several queries with one BLAS matrix product from faiss's
         # distance_compute_blas_threshold (20) queries on; its sums round differently from the
@@ -411,7 +444,9 @@ class _RankerStage(Stage):
     def batch(self, inputs, ids: np.ndarray) -> dict:
         """The model's input batch: the request's user features repeated, the candidates' item features."""
         tf = self._tf
-        users = user_batch(self.features, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf)
+        users = user_batch(
+            self.features, self.user_vocabulary, inputs["user_categorical"], inputs["user_continuous"], len(ids), tf
+        )
         batch = {n: t for n, t in users.items() if n in self.model_features}
         for name, table in self.item_columns.items():
             batch[name] = tf.constant(table[ids])
@@ -433,7 +468,7 @@ class _RankerStage(Stage):
         every = np.concatenate(ids)
         if every.size and (every.min() < 0 or every.max() >= self.catalog_rows):
             raise RequestError("candidate ids hold an item id outside the catalog")
-        users = users_batch(self.features, batch, [len(i) for i in ids], self._tf)
+        users = users_batch(self.features, self.user_vocabulary, batch, [len(i) for i in ids], self._tf)
         out = {n: t for n, t in users.items() if n in self.model_features}
         for name, table in self.item_columns.items():
             out[name] = self._tf.constant(table[every])

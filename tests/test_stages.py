@@ -112,6 +112,43 @@ def test_ranker_rejects_ids_outside_the_catalog(funnel):
         funnel["heavy_ranker"].run({**lookup, "light_ids": np.array([10**6])})
 
 
+def test_stage_models_refuse_user_features_outside_their_vocabulary_or_not_finite(funnel, model_version):
+    """The query tower and the rankers, called on their own, name the bad user feature (an
+    out-of-range embedding id was TensorFlow's INTERNAL; a NaN scored every candidate NaN), and
+    retrieval refuses a query embedding that is not finite."""
+    lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
+    names = model_version.manifest["features"]["user_categorical"]
+    cardinality = {c["name"]: c["cardinality"] for c in model_version.manifest["schema"] if "cardinality" in c}
+    j = names.index("age_band")
+    ids = funnel["retrieval"].run(funnel["query_tower"].run(lookup))["candidate_ids"][:5]
+    calls = {
+        "query_tower": lambda x: funnel["query_tower"].run(x),
+        "query_tower batched": lambda x: funnel["query_tower"].run_batch([lookup, x]),
+        "light_ranker": lambda x: funnel["light_ranker"].run({**x, "filtered_ids": ids}),
+        "heavy_ranker": lambda x: funnel["heavy_ranker"].run({**x, "light_ids": ids}),
+        "heavy_ranker batched": lambda x: funnel["heavy_ranker"].run_batch(
+            [{**lookup, "light_ids": ids}, {**x, "light_ids": ids}]
+        ),
+    }
+    for call in calls.values():
+        for bad in (cardinality["age_band"], -1):
+            categorical = lookup["user_categorical"].copy()
+            categorical.reshape(-1)[j] = bad
+            with pytest.raises(RequestError, match=rf"user feature age_band = {bad} is outside its vocabulary"):
+                call({**lookup, "user_categorical": categorical})
+        continuous = lookup["user_continuous"].astype(np.float32).copy()
+        continuous.reshape(-1)[0] = np.nan
+        with pytest.raises(RequestError, match="is not finite"):
+            call({**lookup, "user_continuous": continuous})
+        call(lookup)  # the lookup's own features still pass
+    query = funnel["query_tower"].run(lookup)["query_embedding"].copy()
+    query[0] = np.inf
+    with pytest.raises(RequestError, match="query_embedding must be finite"):
+        funnel["retrieval"].run({"query_embedding": query})
+    with pytest.raises(RequestError, match="query_embedding must be finite"):
+        funnel["retrieval"].run_batch([funnel["query_tower"].run(lookup), {"query_embedding": query}])
+
+
 def test_ordering_refuses_ids_outside_the_catalog_and_scores_that_are_not_finite(funnel, model_version):
     """What a direct call to the ordering stage could pass that the ensemble never does."""
     request = known_user_request(funnel, model_version)
