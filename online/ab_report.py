@@ -125,6 +125,11 @@ def arm_tests(
 
 
 HOLDOUT_METRICS = ("ctr", "watch_minutes_per_user", "retention")
+# The relative gap (live vs holdout) the degradation alert's sequential test is tuned to find soonest:
+# the mixture's spread ``tau`` is this times the holdout's value (``ab.always_valid_p_value``).
+# Measured (docs/monitoring.md): 0.1-0.5 change how soon a drop is found by days at most, and the
+# false-alarm rate not at all.
+MONITOR_EFFECT = 0.25
 
 
 def holdout_tests(
@@ -380,7 +385,11 @@ def users_of(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def live_vs_holdout(
-    requests: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS, min_users: int = ab.MIN_USERS
+    requests: pd.DataFrame,
+    alpha: float = 0.05,
+    n_resamples: int = ab.PERMUTATIONS,
+    min_users: int = ab.MIN_USERS,
+    effect: float = MONITOR_EFFECT,
 ) -> pd.DataFrame:
     """For every model version that served users outside the holdout: those users vs the holdout's
     users over the same period (from the version's first to its last logged response), by
@@ -388,7 +397,14 @@ def live_vs_holdout(
     holdout), its interval and p-value, users per group, the minimum detectable effect.
 
     The same period, because users churn over time: a version that served only the last day must not
-    be compared with a holdout that has had a week to churn."""
+    be compared with a holdout that has had a week to churn.
+
+    ``p_value`` is a one-look test, right for a report read once. A monitor recomputes the comparison
+    every minute for weeks, and alerting on that p-value fires sooner or later with equal models
+    (17-19% of A/A runs within 30 days per metric, docs/monitoring.md). ``sequential_p_value`` is what
+    an alert may watch: the larger of ``p_value`` and the always-valid p-value of the gap
+    (``ab.always_valid_p_value``, tuned to a gap of ``effect`` times the holdout's value) times the
+    number of metrics (Bonferroni: the alert watches all three)."""
     columns = [
         "version",
         "metric",
@@ -398,6 +414,7 @@ def live_vs_holdout(
         "ci_low",
         "ci_high",
         "p_value",
+        "sequential_p_value",
         "min_detectable_effect",
         "method",
         "users_live",
@@ -432,6 +449,7 @@ def live_vs_holdout(
                     "ci_low": r.ci_low,
                     "ci_high": r.ci_high,
                     "p_value": r.p_value,
+                    "sequential_p_value": sequential_p_value(r, effect, len(results)),
                     "min_detectable_effect": r.min_detectable_effect,
                     "method": r.method,
                     "users_live": len(v),
@@ -443,13 +461,29 @@ def live_vs_holdout(
     return pd.DataFrame(rows, columns=columns)
 
 
+def sequential_p_value(result: ab.TestResult, effect: float, metrics: int) -> float:
+    """``live_vs_holdout``'s ``sequential_p_value`` of one metric's comparison: valid at every look
+    (the always-valid p-value, Bonferroni over ``metrics``) and never below the one-look ``p_value``,
+    which also guards the small holdout where the normal approximation is anti-conservative. The
+    mixture's spread is ``effect`` times the larger group value (the holdout's may be 0: retention
+    when every holdout user churned)."""
+    scale = max(abs(result.control), abs(result.treatment))
+    if not np.isfinite(result.p_value) or not np.isfinite(scale):
+        return float("nan")
+    if scale == 0:  # both groups at 0: no gap
+        return 1.0
+    always = ab.always_valid_p_value(result.difference, result.std_error, effect * scale)
+    return float(max(result.p_value, min(1.0, metrics * always)))
+
+
 class HoldoutMonitor:
     """``live_vs_holdout`` of the server's feedback log as Prometheus metrics, for a sidecar exporter
     (``scripts/monitor.py``). Recomputed at most every ``interval_s`` however often it is scraped;
     ``window_s`` limits it to the last so many seconds of the log (None: the whole log).
 
         online_holdout_value{version, metric, group="live"|"holdout"}  the metric per group
-        online_holdout_p_value{version, metric}                         the test of the gap
+        online_holdout_p_value{version, metric}                         the test of the gap, one look
+        online_holdout_sequential_p_value{version, metric}              valid at every look (the alert's)
         online_holdout_min_detectable_effect{version, metric}           at the current sizes
         online_holdout_users{version, group}                            users per group
         online_holdout_updated_timestamp_seconds                        when it was last computed
@@ -465,8 +499,10 @@ class HoldoutMonitor:
         interval_s: float = 60.0,
         alpha: float = 0.05,
         n_resamples: int = ab.PERMUTATIONS,
+        effect: float = MONITOR_EFFECT,
     ):
         self.log_path = log_path if is_postgres(log_path) else Path(log_path)
+        self.effect = effect
         self.window_s = window_s
         self.interval_s = interval_s
         self.alpha = alpha
@@ -481,7 +517,9 @@ class HoldoutMonitor:
             now = time.time()
             if self._table is None or now - self._updated >= self.interval_s:
                 since = now - self.window_s if self.window_s else 0.0
-                self._table = live_vs_holdout(logged_requests(self.log_path, since), self.alpha, self.n_resamples)
+                self._table = live_vs_holdout(
+                    logged_requests(self.log_path, since), self.alpha, self.n_resamples, effect=self.effect
+                )
                 self._updated = now
             return self._table
 
@@ -494,11 +532,12 @@ class HoldoutMonitor:
             self.last_error = f"{type(err).__name__}: {err}"
             return render_metrics([("online_holdout_errors", "gauge", "The last holdout comparison failed", [({}, 1)])])
         self.last_error = None
-        values, p_values, mde, users = [], [], [], {}
+        values, p_values, sequential, mde, users = [], [], [], [], {}
         for row in table.itertuples():
             labels = {"version": row.version, "metric": row.metric}
             values += [({**labels, "group": "live"}, row.live), ({**labels, "group": "holdout"}, row.holdout)]
             p_values.append((labels, row.p_value))
+            sequential.append((labels, row.sequential_p_value))
             mde.append((labels, row.min_detectable_effect))
             users[row.version] = [
                 ({"version": row.version, "group": "live"}, row.users_live),
@@ -513,6 +552,12 @@ class HoldoutMonitor:
                     values,
                 ),
                 ("online_holdout_p_value", "gauge", "p-value of the live-minus-holdout gap (users as unit)", p_values),
+                (
+                    "online_holdout_sequential_p_value",
+                    "gauge",
+                    "p-value of the gap valid however often it is recomputed (always valid, over the three metrics)",
+                    sequential,
+                ),
                 (
                     "online_holdout_min_detectable_effect",
                     "gauge",

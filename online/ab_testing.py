@@ -7,6 +7,8 @@ mean_test             a mean over users such as watch time per user or retention
 welch_ttest           means (unequal variances), the textbook test with no small-group guard
 permutation_p_value   the studentized permutation test ``ratio_delta_test`` and ``mean_test`` use
                       when a group is small
+always_valid_p_value  a p-value that may be looked at again and again as data arrives (mSPRT),
+                      for monitors that re-test continuously (the degradation alert)
 bootstrap_diff        percentile interval of any statistic's difference
 sample_size_proportions / sample_size_means   users per arm for a given effect, alpha and power
 sample_ratio_mismatch chi-square test of arm sizes against the designed split; a mismatch means
@@ -55,6 +57,7 @@ class TestResult:
     n_treatment: int = 0
     # the smallest true difference this comparison finds with 80% power at its alpha and sizes
     min_detectable_effect: float = float("nan")
+    std_error: float = float("nan")  # of the difference (delta method)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +75,8 @@ def two_proportion_ztest(
     p_value = 2 * stats.norm.sf(abs(z))
     se = np.sqrt(p_c * (1 - p_c) / n_c + p_t * (1 - p_t) / n_t)
     half = stats.norm.ppf(1 - alpha / 2) * se
-    return TestResult(metric, p_c, p_t, p_t - p_c, p_t - p_c - half, p_t - p_c + half, float(p_value), float(z))
+    diff = p_t - p_c
+    return TestResult(metric, p_c, p_t, diff, diff - half, diff + half, float(p_value), float(z), std_error=float(se))
 
 
 def ratio_user_std(num, den) -> tuple[float, float]:
@@ -175,6 +179,7 @@ def _compare(num_c, den_c, num_t, den_t, metric, alpha, n_resamples, seed, power
         n_c,
         n_t,
         float((t_a + z_b) * se),
+        se,
     )
 
 
@@ -244,6 +249,32 @@ def _distinct_rows(n: int, m: int, rows: int, rng: np.random.Generator) -> np.nd
     return out
 
 
+def always_valid_p_value(difference, std_error, tau):
+    """A p-value for "the difference is 0" that stays valid however often it is recomputed as data
+    arrives: the mixture sequential probability ratio test (mSPRT; Johari, Koomen, Pekelis and
+    Walsh, "Always valid inference", Operations Research 2022) with a normal mixture N(0, tau^2)
+    over the true difference, on the normal approximation of ``difference`` (standard error
+    ``std_error``)::
+
+        V = std_error^2,  Lambda = sqrt(V / (V + tau^2)) * exp(tau^2 * difference^2 / (2 V (V + tau^2)))
+        p = min(1, 1 / Lambda)
+
+    Under no difference Lambda is a martingale, so the chance that p *ever* falls below alpha, at any
+    of any number of looks, is at most alpha (Ville's inequality). A fixed-sample p-value recomputed
+    every minute is not: an A/A monitor alerting on it fires sooner or later (docs/monitoring.md).
+    ``tau`` is the size of difference the test is tuned to find soonest; far smaller ones take
+    longer than a fixed-sample test would. Groups without spread (``std_error`` 0) give 1 for no
+    difference and 0 for any, as the one-look tests do; NaN for a missing value or ``tau`` <= 0.
+    Scalars give a float; arrays (one value per look, say) broadcast."""
+    d, se, tau = (np.asarray(x, dtype=float) for x in (difference, std_error, tau))
+    with np.errstate(all="ignore"):
+        v, t2 = se**2, tau**2
+        log_lambda = 0.5 * np.log(v / (v + t2)) + t2 * d**2 / (2 * v * (v + t2))
+        p = np.where(se > 0, np.minimum(1.0, np.exp(-log_lambda)), np.where(d == 0, 1.0, 0.0))
+        p = np.where(np.isfinite(d) & np.isfinite(se) & (se >= 0) & (tau > 0), p, np.nan)
+    return float(p) if p.ndim == 0 else p
+
+
 def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -> TestResult:
     c, t = np.asarray(control, dtype=float), np.asarray(treatment, dtype=float)
     if len(c) < 2 or len(t) < 2:
@@ -254,7 +285,15 @@ def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -
     half = stats.t.ppf(1 - alpha / 2, df) * np.sqrt(vc + vt)
     diff = t.mean() - c.mean()
     return TestResult(
-        metric, c.mean(), t.mean(), diff, diff - half, diff + half, float(res.pvalue), float(res.statistic)
+        metric,
+        c.mean(),
+        t.mean(),
+        diff,
+        diff - half,
+        diff + half,
+        float(res.pvalue),
+        float(res.statistic),
+        std_error=float(np.sqrt(vc + vt)),
     )
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from deployment.monitoring import PrometheusServer, find_tritonserver
-from online.ab_report import HoldoutMonitor
+from online.ab_report import MONITOR_EFFECT, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
 
@@ -59,15 +59,24 @@ def main() -> None:
     parser.add_argument(
         "--holdout-window-days", type=float, help="compare only the last so many days of the log (default: all)"
     )
+    parser.add_argument(
+        "--holdout-effect",
+        type=float,
+        default=MONITOR_EFFECT,
+        help="relative gap the alert's sequential test is tuned to find soonest (docs/monitoring.md)",
+    )
     parser.add_argument("--data-dir", default="build/monitor/prometheus", help="Prometheus' data (kept between runs)")
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
+    if args.holdout_effect <= 0:
+        parser.error(f"argument --holdout-effect: must be > 0, got {args.holdout_effect}")
 
     log_path = args.feedback_log or feedback_log_path(args.model_repository)  # a file or a postgresql:// DSN
     holdout = HoldoutMonitor(
         log_path,
         window_s=args.holdout_window_days * 86400 if args.holdout_window_days else None,
         interval_s=args.holdout_interval,
+        effect=args.holdout_effect,
     )
     pid = find_tritonserver(args.metrics_port)
     if pid is None:

@@ -134,3 +134,56 @@ def test_permutation_test_of_groups_without_spread():
     # Identical groups: every resample ties, and a tie counts half (mid-p), so no evidence at all.
     same = ab.mean_test(np.ones(10), np.ones(10), "retention")
     assert same.p_value == pytest.approx(0.5)
+
+
+def test_always_valid_p_value_is_the_mixture_likelihood_ratio():
+    """The closed form against the likelihood ratio integrated numerically: the normal likelihood of
+    the observed difference under each true gap theta ~ N(0, tau^2), over its likelihood under 0."""
+    from scipy import integrate
+
+    def mixture_ratio(d, se, tau):
+        def integrand(theta):
+            return stats.norm.pdf(d, theta, se) / stats.norm.pdf(d, 0, se) * stats.norm.pdf(theta, 0, tau)
+
+        return integrate.quad(integrand, -20 * tau, 20 * tau, points=[d])[0]
+
+    for d, se, tau in [(-0.05, 0.02, 0.05), (0.01, 0.03, 0.1), (-0.2, 0.04, 0.02)]:
+        ratio = mixture_ratio(d, se, tau)
+        assert ab.always_valid_p_value(d, se, tau) == pytest.approx(min(1.0, 1 / ratio), rel=1e-6)
+    assert np.isnan(ab.always_valid_p_value(np.nan, 1, 1)) and np.isnan(ab.always_valid_p_value(0.1, 0.02, 0))
+    # no spread: as the one-look tests, no difference is no evidence, any difference certain
+    assert ab.always_valid_p_value(0.0, 0.0, 0.1) == 1.0 and ab.always_valid_p_value(0.1, 0.0, 0.1) == 0.0
+
+
+def test_always_valid_p_value_holds_alpha_over_repeated_looks():
+    """A/A, looked at 500 times as users arrive (cumulative means of two groups of 0/1 outcomes): the
+    one-look p-value falls below 0.05 at some look in a large share of the runs (the monitor's old
+    alert rule); the always-valid one in at most alpha of them."""
+    rng = np.random.default_rng(7)
+    runs, looks, per_look = 2000, 500, 20
+    a = np.cumsum(rng.binomial(per_look, 0.3, (runs, looks)), axis=1)
+    b = np.cumsum(rng.binomial(per_look, 0.3, (runs, looks)), axis=1)
+    n = per_look * np.arange(1, looks + 1)
+    pa, pb = a / n, b / n
+    se = np.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
+    d = pb - pa
+    one_look = 2 * stats.norm.sf(np.abs(d / se))
+    always = ab.always_valid_p_value(d, se, 0.25 * 0.3)
+    ever_one_look = (one_look < 0.05).any(axis=1).mean()
+    ever_always = (always < 0.05).any(axis=1).mean()
+    print(f"\nA/A, {looks} looks: ever p < 0.05: one-look {ever_one_look:.3f}, always-valid {ever_always:.3f}")
+    assert ever_one_look > 0.3
+    assert ever_always <= 0.05
+
+
+def test_the_degradation_alert_rule_keeps_its_false_alarm_rate_under_repeated_looks():
+    """benchmarks/benchmark_holdout_alert.py at a small size: the alert's rule (below the holdout
+    with p < 0.05 for 6 hours, looked at every 15 minutes for two weeks) fires in many A/A runs on the
+    one-look p-value and in at most alpha of them on the sequential one, which still finds a 25% drop."""
+    from benchmarks.benchmark_holdout_alert import simulate
+
+    same = simulate(drop=0.0, users_per_day=10000, holdout=0.02, days=14, runs=400)
+    worse = simulate(drop=0.25, users_per_day=10000, holdout=0.02, days=14, runs=400)
+    print(f"\nA/A: {same}\n25% drop: {worse}")
+    assert same["one-look"]["fired"] > 0.1 and same["sequential"]["fired"] <= 0.05
+    assert worse["sequential"]["fired"] >= 0.95 and worse["sequential"]["median_day"] <= 2

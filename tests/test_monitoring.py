@@ -171,11 +171,17 @@ def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_peri
     assert table.loc[("2", "ctr"), "p_value"] < 0.01 and table.loc[("2", "ctr"), "difference"] < -0.15
     assert table.loc[("2", "retention"), "difference"] > 0  # the holdout churned every time here
     assert "permutation" in table.loc[("2", "ctr"), "method"]
+    # What the alert watches: valid at every look, never below the one-look p; the drop still shows.
+    print("\n" + table[["difference", "p_value", "sequential_p_value"]].to_string())
+    assert (table["sequential_p_value"] >= table["p_value"]).all()
+    assert table.loc[("2", "ctr"), "sequential_p_value"] < 0.05 < table.loc[("1", "ctr"), "sequential_p_value"]
 
     metrics = parse_prometheus(monitor.exposition())
     values = {(lab["version"], lab["metric"], lab["group"]): v for lab, v in metrics["online_holdout_value"]}
     assert values["2", "ctr", "live"] == pytest.approx(table.loc[("2", "ctr"), "live"])
     assert {lab["version"] for lab, _ in metrics["online_holdout_p_value"]} == {"1", "2"}
+    sequential = {(lab["version"], lab["metric"]): v for lab, v in metrics["online_holdout_sequential_p_value"]}
+    assert sequential["2", "ctr"] == pytest.approx(table.loc[("2", "ctr"), "sequential_p_value"])
     assert metrics["online_holdout_errors"] == [({}, 0.0)]
     assert metrics["online_holdout_updated_timestamp_seconds"][0][1] > 0
     # a log that does not exist yet: no comparison, no error
