@@ -126,9 +126,9 @@ def arm_tests(
 
 HOLDOUT_METRICS = ("ctr", "watch_minutes_per_user", "retention")
 # The relative gap (live vs holdout) the degradation alert's sequential test is tuned to find soonest:
-# the mixture's spread ``tau`` is this times the holdout's value (``ab.always_valid_p_value``).
-# Measured (docs/monitoring.md): 0.1-0.5 change how soon a drop is found by days at most, and the
-# false-alarm rate not at all.
+# the mixture's spread ``tau`` is this times the larger group value (``ab.always_valid_p_value``).
+# Measured (docs/monitoring.md, 10,000 users a day): 0.1 / 0.25 / 0.5 found a 10% drop after a median
+# of 2.8 / 3.0 / 3.2 days, with 0.5% / 0.3% / 0.2% of A/A runs alerting within 30 days.
 MONITOR_EFFECT = 0.25
 
 
@@ -403,7 +403,7 @@ def live_vs_holdout(
     every minute for weeks, and alerting on that p-value fires sooner or later with equal models
     (17-19% of A/A runs within 30 days per metric, docs/monitoring.md). ``sequential_p_value`` is what
     an alert may watch: the larger of ``p_value`` and the always-valid p-value of the gap
-    (``ab.always_valid_p_value``, tuned to a gap of ``effect`` times the holdout's value) times the
+    (``ab.always_valid_p_value``, tuned to a gap of ``effect`` times the larger group value) times the
     number of metrics (Bonferroni: the alert watches all three)."""
     columns = [
         "version",
