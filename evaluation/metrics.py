@@ -85,17 +85,40 @@ def _relevant_pairs(relevant: Sequence, num_users: int, xp=np):
     return xp.asarray(users), xp.asarray(items), xp.asarray(lengths)
 
 
-def hit_matrix(top_items, relevant: Sequence):
-    """Boolean ``[num_users, k]``: is ``top_items[u, j]`` relevant to user ``u``?"""
+def hit_matrix(top_items, relevant: Sequence, num_relevant=None):
+    """Boolean ``[num_users, k]``: is ``top_items[u, j]`` relevant to user ``u``? An item repeated
+    in a list is a hit at its first place only (a list showing one film twice has found it once).
+    Also each user's number of relevant items: ``len(relevant[u])``, or ``num_relevant[u]`` where
+    some relevant items cannot appear in any list (held-out items no model was trained on count in
+    recall's and NDCG's denominators, as in RecBole)."""
     xp = array_module(top_items)
     top = xp.asarray(top_items).astype(xp.int64)
     num_users, k = top.shape
     users, items, lengths = _relevant_pairs(relevant, num_users, xp)
+    if num_relevant is not None:
+        counted = xp.asarray(num_relevant, dtype=xp.int64)
+        if counted.shape != lengths.shape or bool((counted < lengths).any()):
+            raise ValueError("num_relevant must give each user at least as many items as relevant lists")
+        lengths = counted
     stride = int(max(int(top.max()) if top.size else 0, int(items.max()) if items.size else 0)) + 1
     keys = users * stride + items
     rows = xp.arange(num_users, dtype=xp.int64)[:, None]
     hits = xp.isin(rows * stride + top, keys)
-    return hits & (top >= 0), lengths
+    return hits & (top >= 0) & ~repeated(top), lengths
+
+
+def repeated(top):
+    """Boolean ``[num_users, k]``: has ``top[u, j]`` already appeared earlier in row ``u``?"""
+    xp = array_module(top)
+    if top.shape[1] < 2:
+        return xp.zeros(top.shape, dtype=bool)
+    order = xp.argsort(top, axis=1, kind="stable")  # equal ids keep their list order
+    ordered = xp.take_along_axis(top, order, axis=1)
+    later = xp.zeros(top.shape, dtype=bool)
+    later[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    out = xp.empty_like(later)
+    out[xp.arange(top.shape[0])[:, None], order] = later
+    return out
 
 
 def _finish(values, lengths, per_user: bool):
@@ -107,25 +130,27 @@ def _finish(values, lengths, per_user: bool):
     return values if per_user else float(xp.mean(values))
 
 
-def recall_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
-    hits, lengths = hit_matrix(_cut(top_items, k), relevant)
+def recall_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False, num_relevant=None):
+    hits, lengths = hit_matrix(_cut(top_items, k), relevant, num_relevant)
     return _finish(hits.sum(axis=1) / array_module(hits).maximum(lengths, 1), lengths, per_user)
 
 
-def precision_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+def precision_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False, num_relevant=None):
+    """Hits in the first ``k`` places over ``k``, however short the list (a list of 3 for a top 10
+    has 7 empty places, as a list padded with -1 has)."""
     top = _cut(top_items, k)
-    hits, lengths = hit_matrix(top, relevant)
-    return _finish(hits.sum(axis=1) / top.shape[1], lengths, per_user)
+    hits, lengths = hit_matrix(top, relevant, num_relevant)
+    return _finish(hits.sum(axis=1) / (top.shape[1] if k is None else k), lengths, per_user)
 
 
-def hit_rate_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
-    hits, lengths = hit_matrix(_cut(top_items, k), relevant)
+def hit_rate_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False, num_relevant=None):
+    hits, lengths = hit_matrix(_cut(top_items, k), relevant, num_relevant)
     return _finish(hits.any(axis=1).astype(float), lengths, per_user)
 
 
-def ndcg_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+def ndcg_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False, num_relevant=None):
     top = _cut(top_items, k)
-    hits, lengths = hit_matrix(top, relevant)
+    hits, lengths = hit_matrix(top, relevant, num_relevant)
     xp = array_module(hits)
     discounts = 1.0 / xp.log2(xp.arange(2, top.shape[1] + 2))
     dcg = (hits * discounts).sum(axis=1)
@@ -134,9 +159,9 @@ def ndcg_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: boo
     return _finish(dcg / idcg, lengths, per_user)
 
 
-def mrr_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False):
+def mrr_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: bool = False, num_relevant=None):
     top = _cut(top_items, k)
-    hits, lengths = hit_matrix(top, relevant)
+    hits, lengths = hit_matrix(top, relevant, num_relevant)
     xp = array_module(hits)
     first = xp.argmax(hits, axis=1)
     rr = xp.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)
@@ -160,7 +185,8 @@ def _cut(top_items, k):
 def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
     """Top-``k`` column indices of each row of ``scores`` ``[num_users, num_items]``, best first.
 
-    ``exclude[u]`` lists item columns user ``u`` must not get (already seen in training).
+    ``exclude[u]`` lists item columns user ``u`` must not get (already seen in training); where
+    fewer than ``k`` items are left, the rest of the row is -1 (no item), never an excluded one.
     """
     xp = array_module(scores)
     scores = xp.array(scores, dtype=xp.float32, copy=True)
@@ -172,7 +198,8 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
     part = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
     part_scores = xp.take_along_axis(scores, part, axis=1)
     order = xp.argsort(-part_scores, axis=1, kind="stable")
-    return xp.take_along_axis(part, order, axis=1)
+    top = xp.take_along_axis(part, order, axis=1)
+    return xp.where(xp.take_along_axis(part_scores, order, axis=1) == -xp.inf, -1, top)
 
 
 def bootstrap_ci(per_user_values, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0):

@@ -44,7 +44,9 @@ class Interactions:
         return np.searchsorted(self.item_ids, np.asarray(items))
 
     def _per_user(self, frame: pd.DataFrame) -> list[np.ndarray]:
-        frame = frame[frame["item_id"].isin(self.item_ids)]
+        # Only the split's users and the trained items have rows and columns: ``searchsorted`` would
+        # put an unknown id (a user only in ``also_seen``) on its neighbour's row.
+        frame = frame[frame["item_id"].isin(self.item_ids) & frame["user_id"].isin(self.user_ids)]
         rows, cols = self.rows(frame["user_id"]), self.cols(frame["item_id"])
         out = [np.zeros(0, dtype=np.int64)] * len(self.user_ids)
         for r, group in pd.Series(cols).groupby(rows):
@@ -60,8 +62,23 @@ class Interactions:
 
     @cached_property
     def relevant(self) -> list[set]:
-        """Held-out items of each user, minus those seen in training (full ranking never shows them)."""
+        """Held-out items of each user, minus those seen in training (full ranking never shows them);
+        as columns, so only items the training part holds (``relevant_counts`` counts the others)."""
         return [set(t.tolist()) - set(s.tolist()) for t, s in zip(self._per_user(self.test), self.seen)]
+
+    @cached_property
+    def relevant_counts(self) -> np.ndarray:
+        """Each user's number of held-out items not seen before, including items the training part
+        never saw: no model can recommend those, but they count in recall's and NDCG's denominators,
+        as RecBole counts them (its vocabulary holds every item of the dataset)."""
+        history = self.train if self.also_seen is None else pd.concat([self.train, self.also_seen])
+        test = self.test[["user_id", "item_id"]].drop_duplicates()
+        test = test[test["user_id"].isin(self.user_ids)]
+        before = test.merge(
+            history[["user_id", "item_id"]].drop_duplicates(), on=["user_id", "item_id"], how="left", indicator=True
+        )
+        new = before[before["_merge"] == "left_only"]
+        return new.groupby("user_id").size().reindex(self.user_ids, fill_value=0).to_numpy().astype(np.int64)
 
     def matrix(self):
         from evaluation.peers import interaction_matrix
@@ -98,13 +115,15 @@ def evaluate_top_k(
     n_bootstrap: int = 500,
 ) -> Result:
     """Metrics of ranked column indices ``top`` ``[num_users, max(ks)]`` against the test split."""
-    relevant = data.relevant
-    has_test = np.array([len(r) > 0 for r in relevant])
+    relevant, counts = data.relevant, data.relevant_counts
+    if not any(len(r) for r in relevant):
+        raise ValueError("no user has a relevant item the training part holds: there is nothing to measure")
+    has_test = counts > 0
     values = {}
     per_user = {}
     for k in ks:
         for metric, fn in m.RANKING_METRICS.items():
-            pu = fn(top, relevant, k=k, per_user=True)
+            pu = fn(top, relevant, k=k, per_user=True, num_relevant=counts)
             mean, low, high = m.bootstrap_ci(pu, n_resamples=n_bootstrap)
             values[f"{metric}@{k}"], values[f"{metric}@{k}_low"], values[f"{metric}@{k}_high"] = mean, low, high
             per_user[f"{metric}@{k}"] = pu

@@ -129,7 +129,7 @@ def funnel_results(
 
         stage_recall[key] = {
             "mean_size": float(np.mean([len(x) for x in lists])),
-            "recall": recall_at_k(cols, relevant),
+            "recall": recall_at_k(cols, relevant, num_relevant=data.relevant_counts),
         }
     stage_recall["final"] = {"mean_size": float(k), "recall": result.metrics[f"recall@{k}"]}
     stage_recall["ms_per_user"] = 1000 * seconds / max(1, len(data.user_ids))
@@ -381,7 +381,7 @@ def evaluate_split(
     begin()
     context = {
         **context,
-        "users evaluated": int(sum(1 for r in data.relevant if r)),
+        "users evaluated": int((data.relevant_counts > 0).sum()),
         "model version": model.version,
     }
     extra = {"Rankers on the validation part: ROC-AUC and PR-AUC per head": rankers}

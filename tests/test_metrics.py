@@ -59,3 +59,60 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_data():
     large = m.bootstrap_ci(rng.random(5000), seed=2)
     assert small[1] <= small[0] <= small[2]
     assert (large[2] - large[1]) < (small[2] - small[1])
+
+
+def test_a_user_only_in_the_validation_part_lends_no_items_to_another_user():
+    """``also_seen`` may hold users neither train nor test has (a temporal split's validation-only
+    users). Their items used to land on a neighbouring user's row: user 3's only held-out item was
+    counted as seen, and user 3 dropped out of the evaluation; an id above all others crashed."""
+    import pandas as pd
+
+    from evaluation.offline import Interactions
+
+    train = pd.DataFrame({"user_id": [1, 1, 3, 3], "item_id": [10, 11, 10, 12]})
+    test = pd.DataFrame({"user_id": [1, 3], "item_id": [12, 11]})
+    for stranger in (2, 9):
+        data = Interactions.from_split(train, test, also_seen=pd.DataFrame({"user_id": [stranger], "item_id": [11]}))
+        assert [data.item_ids[s].tolist() for s in data.seen] == [[10, 11], [10, 12]]
+        assert [sorted(data.item_ids[list(r)].tolist()) for r in data.relevant] == [[12], [11]]
+        assert data.relevant_counts.tolist() == [1, 1]
+
+
+def test_held_out_items_no_model_was_trained_on_count_in_the_denominators():
+    """RecBole's recall and NDCG count every held-out item; item 99 is in no training row, so no list
+    can hold it, and user 1 has found one of two."""
+    import pandas as pd
+
+    from evaluation.offline import Interactions
+
+    data = Interactions.from_split(
+        pd.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 12]}),
+        pd.DataFrame({"user_id": [1, 1, 2], "item_id": [12, 99, 10]}),
+    )
+    assert data.relevant_counts.tolist() == [2, 1]
+    top = np.array([[data.cols([12])[0], -1], [data.cols([10])[0], -1]])
+    counts = data.relevant_counts
+    assert m.recall_at_k(top, data.relevant, num_relevant=counts, per_user=True).tolist() == [0.5, 1.0]
+    ndcg = m.ndcg_at_k(top, data.relevant, num_relevant=counts, per_user=True)
+    assert ndcg.tolist() == pytest.approx([1 / (1 + 1 / np.log2(3)), 1.0])
+    assert m.recall_at_k(top, data.relevant, per_user=True).tolist() == [1.0, 1.0]  # the old, inflated figure
+    with pytest.raises(ValueError, match="at least as many"):
+        m.recall_at_k(top, data.relevant, num_relevant=[0, 1])
+
+
+def test_an_item_repeated_in_a_list_is_one_hit():
+    assert m.recall_at_k(np.array([[3, 3]]), [{3}]) == 1.0
+    assert m.ndcg_at_k(np.array([[3, 3]]), [{3}]) == pytest.approx(1.0)
+    assert m.recall_at_k(np.array([[3, 3, 5]]), [{3, 7}]) == 0.5
+    assert m.ndcg_at_k(np.array([[3, 3, 5]]), [{3, 7}]) == pytest.approx(1 / (1 + 1 / np.log2(3)))
+    assert m.repeated(np.array([[5, 3, 5, 3, 1]])).tolist() == [[False, False, True, True, False]]
+
+
+def test_short_lists_precision_divides_by_k_and_excluded_items_never_fill_a_list():
+    top = m.full_ranking_top_k(np.array([[0.9, 0.1, 0.5]]), 10)
+    assert top.tolist() == [[0, 2, 1]]
+    assert m.precision_at_k(top, [{0}], k=10) == pytest.approx(0.1)
+    assert m.precision_at_k(top, [{0}]) == pytest.approx(1 / 3)  # no k: the list's own length
+    # three of four items seen: one left, then no item (-1), not the seen ones
+    top = m.full_ranking_top_k(np.array([[0.4, 0.3, 0.2, 0.1]]), 3, exclude=[[0, 1, 2]])
+    assert top.tolist() == [[3, -1, -1]]
