@@ -136,9 +136,16 @@ def test_random_split_is_per_user_80_10_10_and_reproducible(events):
     assert sum(len(p) for p in parts) == len(unique)
     sizes = pd.concat([p.groupby("user_id").size().rename(n) for p, n in zip(parts, "tvs")], axis=1).fillna(0)
     total = sizes.sum(axis=1)
-    # Per user: floor-style cuts of the user's own interactions, as RecBole does.
-    assert (sizes["t"] == np.ceil(0.8 * total - 1e-9)).all()
-    assert (np.abs(sizes["s"] - 0.1 * total) <= 1).all()
+    # Per user: exactly RecBole's counts for the user's own number of interactions.
+    from evaluation.protocols import recbole_split_sizes
+
+    want = np.array([recbole_split_sizes(int(n), cfg.ratios) for n in total])
+    np.testing.assert_array_equal(sizes[["t", "v", "s"]].to_numpy().astype(int), want)
+    # A user with few interactions still has a test item (2 -> 1/0/1, 5 -> 3/1/1); the old cut at
+    # rank / size >= 0.9 gave users of 2-9 none.
+    few = pd.DataFrame({"user_id": [1] * 2 + [2] * 5, "item_id": range(7), "timestamp": range(7)})
+    small = [p.compute().groupby("user_id").size() for p in random_split(ddf(few, 1), cfg).parts().values()]
+    assert [[int(p.get(u, 0)) for p in small] for u in (1, 2)] == [[1, 0, 1], [3, 1, 1]]
     keys = ["user_id", "item_id", "timestamp"]
     again = random_split(ddf(unique, 5), cfg).train.compute()  # other partitioning, same split
     pd.testing.assert_frame_equal(
@@ -174,6 +181,17 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     pd.testing.assert_frame_equal(mapped.reset_index(drop=True), want)
     unmapped = explicit_split(ddf(unique), cfg).train.compute()
     assert len(unmapped) == len(want) - (want["item_id"] == canonical).sum() < len(want)
+    # ...and the split says so: events of the log in no part, file rows that matched no event.
+    lost = int((want["item_id"] == canonical).sum())
+    details = explicit_split(ddf(unique), cfg).details
+    assert details["events_in_no_part"] == lost and details["file_rows_matching_no_event"] == lost
+    assert explicit_split(ddf(unique), cfg, item_map).details["events_in_no_part"] == 0
+    # An event listed in two parts would be trained on and evaluated on: refused, naming the files.
+    from workflows.validate import DatasetError
+
+    pd.concat([listed, shuffled.iloc[n // 2 : n // 2 + 3][keys]]).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(DatasetError, match="lists events .*train.parquet lists too .*3 rows"):
+        explicit_split(ddf(unique), cfg, item_map)
     with pytest.raises(FileNotFoundError, match="nope"):
         explicit_split(ddf(unique), SplitConfig(kind="explicit", train_file="nope.parquet", valid_file="x"))
 

@@ -81,6 +81,35 @@ def test_duplicate_pairs_are_aggregated_without_double_counting():
     assert (first["timestamp"], first["click"], first["watch_seconds"], first["like"]) == (3, 1, 30, 1)
 
 
+def test_a_deduplicated_pair_keeps_the_features_of_its_first_impression():
+    """Windowed activity counts go down as well as up: the pair's row at its first timestamp must not
+    carry the counts of a later impression (here: 0 events in the last hour, ten days later)."""
+    from workflows.activity import add_activity_counts, column_names
+    from workflows.dedup import dedup_pairs
+    from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts
+
+    hour, day = 3600, 86400
+    events = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1],
+            "item_id": [20, 21, 10, 10],
+            "timestamp": [1000, 1100, 1200, 1200 + 10 * day],
+            "click": [1, 1, 0, 1],
+            "watch_seconds": 0,
+            "like": 0,
+            "share": 0,
+        }
+    )
+    featured = add_activity_counts(add_point_in_time_counts(ddf(events, 2)), [hour])
+    columns = POINT_IN_TIME_COLUMNS + column_names([hour])
+    out, _ = dedup_pairs(featured, DedupConfig(), columns)
+    row = out.compute().set_index("item_id").loc[10]
+    first = featured.compute().query("item_id == 10 and timestamp == 1200").iloc[0]
+    assert row["timestamp"] == 1200 and row["click"] == 1
+    assert row["user_events_last_1h"] == 2 and row["user_clicks_last_1h"] == 2  # it was 0: the later visit's
+    assert row[columns].tolist() == first[columns].tolist()
+
+
 # --- unsafe content --------------------------------------------------------------------------------
 
 
@@ -93,6 +122,49 @@ def test_default_classifier_flags_exactly_the_unsafe_items(world):
     events, items, _, rep = content_filter(ddf(world.events), world.items, ContentFilterConfig())
     assert not set(flagged) & set(events.compute()["item_id"]) and not set(flagged) & set(items["item_id"])
     assert rep.rows_removed == world.events["item_id"].isin(flagged).sum()
+
+
+def test_signatures_keep_every_script_and_never_match_a_missing_title():
+    """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
+    missing title became "none": different films of one category and length then merged."""
+    from workflows.dedup import canonical_item_map
+
+    items = pd.DataFrame(
+        {
+            "item_id": [1, 2, 3, 4, 5, 6, 7, 8],
+            "category": ["film"] * 8,
+            "duration_seconds": [600] * 8,
+            "title": ["日本の料理", "Русский фильм", "Café crème", "Caf crme", None, None, "!!!", "café  CRÈME!"],
+        }
+    )
+    mapping = canonical_item_map(items, DedupConfig().signature_columns).set_index("item_id")["canonical_item_id"]
+    assert mapping.to_dict() == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 8: 3}  # only the true repost merges
+
+
+def test_an_unsafe_or_taken_down_duplicate_id_takes_its_canonical_item_down(tmp_path):
+    """Duplicates are mapped before the content filter: a denylisted word in a duplicate's title, or
+    a takedown of a duplicate's id, used to miss the canonical item that carries its events."""
+    from workflows.content_filter import content_filter
+    from workflows.dedup import canonical_items
+    from workflows.live_store import LiveStore
+
+    items = pd.DataFrame(
+        {
+            "item_id": [1, 2, 3, 4, 5],
+            "category": ["a", "a", "b", "c", "c"],
+            "duration_seconds": [60, 60, 60, 90, 90],
+            "title": ["Cat video", "cat  video!", "Dog video", "Self harm tips", "Self-harm tips"],
+        }
+    )
+    events = pd.DataFrame({"user_id": [7, 8, 9, 10, 11], "item_id": [1, 2, 3, 4, 5], "timestamp": [1, 2, 3, 4, 5]})
+    store = str(tmp_path / "live.sqlite")
+    LiveStore(store).set_takedown(2, True, "reported", "moderator")
+    mapped, canonical, item_map, _ = canonical_items(ddf(events, 1), items, DedupConfig())
+    assert item_map.set_index("item_id")["canonical_item_id"].to_dict() == {1: 1, 2: 1, 3: 3, 4: 4, 5: 4}
+    config = ContentFilterConfig(denylist=["self-harm"], takedowns=store)
+    kept, kept_items, unsafe, _ = content_filter(mapped, canonical, config, item_map, items)
+    assert kept.compute()["user_id"].tolist() == [9] and kept_items["item_id"].tolist() == [3]
+    assert {1, 2, 4, 5} <= set(unsafe.tolist())
 
 
 def long_items_are_unsafe(items, config):
@@ -128,11 +200,16 @@ def test_recency_window_keeps_the_last_days(world):
     from workflows.recency_window import recency_window
 
     kept, rep = recency_window(ddf(world.events), RecencyWindowConfig(days=7))
-    start = world.events["timestamp"].max() - 7 * 86_400
+    start = world.events["timestamp"].max() + 1 - 7 * 86_400
     assert rep.rows_after == (world.events["timestamp"] >= start).sum() > 0
     assert kept.compute()["timestamp"].min() >= start
     unchanged, rep0 = recency_window(ddf(world.events), RecencyWindowConfig(days=0))
     assert rep0.rows_removed == 0
+    # Exactly one day of seconds for days=1, as the active-user window counts it: an event one day
+    # older than the newest is out.
+    edge = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [1, 2, 3], "timestamp": [0, 1, 86_400]})
+    kept, _ = recency_window(ddf(edge, 1), RecencyWindowConfig(days=1))
+    assert kept.compute()["timestamp"].tolist() == [1, 86_400]
 
 
 def test_active_users_drops_inactive_and_one_off_users(world):

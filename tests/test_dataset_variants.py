@@ -70,16 +70,22 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     # Serving tables carry the same features, as of the end of the training data.
     users = pd.read_parquet(out.user_features)
     assert set(user_cont) <= set(users.columns) and users["user_events_before"].notna().all()
-    # ...and the values are the counts of the cleaned log before the end of training, recomputed here
-    # in plain pandas and passed through the same fitted user sub-workflow.
+    # ...and the values are the counts of the cleaned log's training part (held-out events before the
+    # end of training are not counted), recomputed here in plain pandas and passed through the same
+    # fitted user sub-workflow.
+    import dask.dataframe as dd
     from merlin.io import Dataset
+
+    from workflows.splits import random_split
 
     events = pd.read_parquet(paths["events"]).drop_duplicates()
     id_map = pd.read_parquet(out.item_id_map).set_index("item_id")["canonical_item_id"]
     events["item_id"] = events["item_id"].map(id_map)
     events = events[~events["item_id"].isin(s["unsafe_items"])]
     end_of_training = s["cutoff"]
-    past = events[events["timestamp"] < end_of_training]
+    split_config = load_config(overrides={**SMALL, "workflow": {"split": {"kind": "random"}}}).workflow.split
+    past = random_split(dd.from_pandas(events, npartitions=2), split_config).train.compute()
+    assert len(past) < (events["timestamp"] < end_of_training).sum()  # held-out events lie before the end too
     totals = past.groupby("user_id").agg(user_events_before=("click", "size"), user_clicks_before=("click", "sum"))
     table = pd.read_parquet(paths["users"]).merge(totals.reset_index(), on="user_id", how="left").fillna(0)
     for c in ("user_events_before", "user_clicks_before"):
@@ -89,6 +95,18 @@ def test_random_split_negatives_and_hashing(raw, tmp_path):
     got = users.set_index("user_id_raw")
     for c in user_cont:
         np.testing.assert_allclose(got[c].values, expected.loc[got.index, c].values, rtol=1e-6)
+    # The item table likewise: a held-out item's own clicks are not in its popularity.
+    items = pd.read_parquet(out.item_features).set_index("item_id_raw")
+    clicks = past.groupby("item_id")["click"].sum()
+    raw_clicks = items["item_clicks_before"] if "item_clicks_before" in items else None
+    assert raw_clicks is not None
+    encoded = out.workflow().get_subworkflow("item_features")
+    table = pd.read_parquet(paths["items"]).set_index("item_id").loc[items.index.to_numpy()].rename_axis("item_id")
+    table = table.reset_index()
+    table["item_events_before"] = table["item_id"].map(past.groupby("item_id").size()).fillna(0).astype("int64")
+    table["item_clicks_before"] = table["item_id"].map(clicks).fillna(0).astype("int64")
+    want = encoded.transform(Dataset(table)).to_ddf().compute().assign(raw=table["item_id"].values).set_index("raw")
+    np.testing.assert_allclose(raw_clicks.values, want.loc[items.index, "item_clicks_before"].values, rtol=1e-6)
 
 
 def test_two_worker_cluster_gives_the_same_output_as_one_process(raw, tmp_path):

@@ -67,17 +67,27 @@ def takedown_ids(config: ContentFilterConfig) -> np.ndarray:
     return taken_down_items(location)
 
 
-def content_filter(events, items, config: ContentFilterConfig):
+def content_filter(events, items, config: ContentFilterConfig, item_map=None, raw_items=None):
     """Remove unsafe items from ``events`` (dask) and ``items`` (a cudf/pandas frame).
+
+    After duplicates were mapped to one canonical id (the pipeline's order), pass the map
+    (``item_id, canonical_item_id``, ``workflows/dedup.py``) and the item table from before it: an
+    item is unsafe when any of its ids is. The classifier reads every raw item's text (a denylisted
+    word in a duplicate's title counts), and a takedown of a duplicate's id takes the canonical item
+    down with it.
 
     Returns ``(events, items, unsafe_ids, report)``.
     """
     if not config.enabled:
         return events, items, items["item_id"].values[:0], report("content_filter", events, events, enabled=False)
     taken_down = takedown_ids(config)
-    unsafe = unsafe_item_ids(items, config)
+    unsafe = np.asarray(unsafe_item_ids(items if raw_items is None else raw_items, config), dtype=np.int64)
     if taken_down.size:  # ids the item table lacks too: their events go, whatever the table says
-        unsafe = np.union1d(np.asarray(unsafe, dtype=np.int64), taken_down)
+        unsafe = np.union1d(unsafe, taken_down)
+    if item_map is not None and len(unsafe):
+        flagged = item_map[item_map["item_id"].isin(list(unsafe))]["canonical_item_id"]
+        flagged = flagged.values_host if hasattr(flagged, "values_host") else flagged.to_numpy()
+        unsafe = np.union1d(unsafe, np.asarray(flagged, dtype=np.int64))
     kept = filter_rows(events, IsIn("item_id", unsafe, keep=False)).persist()
     kept_items = items[~items["item_id"].isin(list(unsafe))].reset_index(drop=True)
     rep = report(

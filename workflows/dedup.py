@@ -23,20 +23,29 @@ def drop_identical_rows(events) -> tuple[object, StepReport]:
 
 
 def content_signature(items, columns: list[str]):
-    """A string per item: lower-cased title with punctuation and spacing normalised, plus ``columns``."""
+    """A string per item: the title lower-cased with punctuation, spacing and underscores folded to
+    single spaces (letters and digits of every script kept: "日本の料理" is not "Русский фильм"),
+    plus ``columns``. An item whose title is missing, or has no letter or digit at all, gets a
+    signature of its own (its id): nothing is known to match, so it is nobody's duplicate."""
+    items = items.reset_index(drop=True)  # the columns below are combined by index
     sig = None
     for column in columns:
         if column not in items.columns:
             raise ValueError(f"dedup.signature_columns names {column!r}, not a column of the item table")
         text = items[column].astype(str)
         if column == "title":
-            text = text.str.lower().str.replace(r"[^a-z0-9]+", " ", regex=True).str.strip()
+            # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
+            text = text.str.lower().str.replace(r"[\W_]+", " ", regex=True).str.strip()
+            unknown = items[column].isna() | (text == "")
+            # "#" cannot survive the folding above, so no real title can equal this
+            text = text.where(~unknown, "#id:" + items["item_id"].astype(str))
         sig = text if sig is None else sig + "|" + text
     return sig
 
 
 def canonical_item_map(items, columns: list[str]):
     """Frame ``item_id, canonical_item_id`` for every item (identity for non-duplicates)."""
+    items = items.reset_index(drop=True)
     frame = items[["item_id"]].copy()
     frame["signature"] = content_signature(items, columns)
     frame["canonical_item_id"] = frame.groupby("signature")["item_id"].transform("min")
@@ -76,19 +85,29 @@ def canonical_items(events, items, config: DedupConfig):
 
 
 def aggregate_pairs(events, first_columns: list[str] | None = None, signals: list[str] | None = None) -> object:
-    """One row per (user, item): earliest timestamp, ``max`` of every signal, ``min`` of ``first_columns``.
+    """One row per (user, item): earliest timestamp, ``max`` of every signal, and ``first_columns``
+    as they were at that earliest timestamp.
 
-    ``first_columns`` are the point-in-time counts: they never decrease, so their minimum is their
-    value at the pair's first impression, the same moment as the kept timestamp. ``signals``: the
-    event log's signal columns (default the raw schema's click, watch_seconds, like, share).
+    ``first_columns`` are the point-in-time features. The cumulative counts never decrease, but
+    windowed activity counts (``user_events_last_1h``) do, so the row's features are taken from its
+    first impression itself (the least value among impressions at that same second, which share
+    their features), never from a later one: a pair seen at t and again ten days later must not
+    carry at t what the user did by then. ``signals``: the event log's signal columns (default the
+    raw schema's click, watch_seconds, like, share).
     """
+    keys = ["user_id", "item_id"]
+    first_columns = list(first_columns or [])
     spec = {"timestamp": "min", **{s: "max" for s in (SIGNALS_MAX if signals is None else signals)}}
-    for column in first_columns or []:
-        spec[column] = "min"
-    extra = [c for c in events.columns if c not in spec and c not in ("user_id", "item_id")]
+    extra = [c for c in events.columns if c not in spec and c not in keys and c not in first_columns]
     if extra:
         raise ValueError(f"aggregate_pairs does not know how to combine column(s) {extra}")
-    out = events.groupby(["user_id", "item_id"]).agg(spec, split_out=events.npartitions).reset_index()
+    out = events.groupby(keys).agg(spec, split_out=events.npartitions).reset_index()
+    if first_columns:
+        at_first = events[[*keys, "timestamp", *first_columns]].merge(
+            out[[*keys, "timestamp"]], on=[*keys, "timestamp"], how="inner"
+        )
+        firsts = at_first.groupby(keys).agg({c: "min" for c in first_columns}, split_out=events.npartitions)
+        out = out.merge(firsts.reset_index(), on=keys, how="left")
     return out[list(events.columns)]
 
 

@@ -267,9 +267,10 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     if config.dedup.identical_rows:
         events, rep = drop_identical_rows(events)
         steps.append(rep)
+    raw_items = items
     events, items, item_map, rep = canonical_items(events, items, config.dedup)
     steps.append(rep)
-    events, items, unsafe, rep = content_filter(events, items, config.content_filter)
+    events, items, unsafe, rep = content_filter(events, items, config.content_filter, item_map, raw_items)
     steps.append(rep)
     events, rep = recency_window(events, config.recency_window)
     steps.append(rep)
@@ -337,15 +338,18 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     workflow.save(str(out.workflow_dir))
     duration_op = _duration_op(workflow)
 
-    # 5. Serving tables: features as of the end of the training data.
+    # 5. Serving tables: features as of the end of the training data, counted over the training part
+    # only. Under a temporal split that is every event before the cutoff; under a random or explicit
+    # one, held-out events lie before it too, and counting them would put a held-out item's own
+    # click into the popularity the funnel scores it with.
     as_of = int(split.cutoff)
     user_table, item_table = users, items
     if config.features.point_in_time:
-        user_totals, item_totals = totals_as_of(events, as_of)
+        user_totals, item_totals = totals_as_of(split.train, as_of)
         user_table = _with_totals(users, user_totals, USER_COUNTS)
         item_table = _with_totals(items, item_totals, ITEM_COUNTS)
     if windows:
-        recent = recent_events(events, as_of, windows)
+        recent = recent_events(split.train, as_of, windows)
         user_table = _with_totals(user_table, counts_as_of(recent, as_of, windows), column_names(windows))
         recent.to_parquet(out.recent_events, index=False)
     user_table = _encode_table(workflow, "user_features", Dataset(user_table), "user_id")

@@ -18,6 +18,8 @@ def recency_window(events, config: RecencyWindowConfig) -> tuple[object, StepRep
     if config.days <= 0:
         return events, report("recency_window", events, events, days=0)
     newest = int(events["timestamp"].max().compute())
-    start = newest - int(config.days * SECONDS_PER_DAY)
+    # [newest + 1 - D days, newest + 1): exactly D days of seconds, the half-open window the active
+    # users and activity counts use too (one more second would keep an event D days + 1 s old).
+    start = newest + 1 - int(config.days * SECONDS_PER_DAY)
     kept = filter_rows(events, AtLeast("timestamp", start)).persist()
     return kept, report("recency_window", events, kept, days=config.days, window_start=start)

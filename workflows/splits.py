@@ -5,7 +5,8 @@
     ``valid_fraction`` (and then ``test_fraction``) of events by time are held out.
 ``random``: RecBole's random-ordering protocol: each user's interactions are put in a pseudo-random
     order (a hash of user, item, timestamp and ``seed``, so the split is reproducible and does not
-    depend on partitioning) and cut at ``ratios`` (80/10/10).
+    depend on partitioning) and cut at ``ratios`` (80/10/10), with RecBole's rounding of each
+    user's counts (``recbole_part_sizes``).
 ``explicit``: parquet files list the ``user_id, item_id, timestamp`` of each part; events are
     assigned by an inner join, so an external protocol (a paper's split) is reproduced exactly.
 """
@@ -14,8 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dask
+import dask.dataframe as dd
+
 from configs import SplitConfig
 from workflows.dedup import apply_item_map
+from workflows.validate import DatasetError, Defect
 
 KEYS = ["user_id", "item_id", "timestamp"]
 
@@ -42,8 +47,6 @@ def exact_quantiles(series, qs: list[float], bins: int = 4096) -> list[int]:
     time-sorted logs do. Two passes instead: a histogram locates each quantile's bin, then only the
     values of that bin are brought back and sorted. cudf or pandas partitions alike.
     """
-    import dask
-
     lo, hi, n = dask.compute(series.min(), series.max(), series.shape[0])
     lo, hi, n = int(lo), int(hi), int(n)
     if n == 0:
@@ -92,11 +95,26 @@ def _assign_random(df, config: SplitConfig):
     df["_r"] = _pseudo_random(df, config.seed)
     df = df.sort_values(["user_id", "_r"])
     rank = df.groupby("user_id").cumcount()
-    size = df.groupby("user_id")["_r"].transform("count")  # "count": cudf and pandas both have it
-    position = rank / size
-    train_end, valid_end = config.ratios[0], config.ratios[0] + config.ratios[1]
-    df["_part"] = (position >= train_end).astype("int64") + (position >= valid_end).astype("int64")
+    size = df.groupby("user_id")["_r"].transform("count").astype("int64")  # "count": cudf and pandas
+    n_train, n_valid = recbole_part_sizes(size, config.ratios)
+    df["_part"] = (rank >= n_train).astype("int64") + (rank >= n_train + n_valid).astype("int64")
     return df.drop(columns=["_r"])
+
+
+def recbole_part_sizes(size, ratios):
+    """Train and validation counts per user (the rest is test), as RecBole's ``_calcu_split_ids``
+    makes them for ``size`` interactions (``evaluation.protocols.recbole_split_sizes``, one user at a
+    time): each held-out share rounded down, the rest to train; then, last part first, a held-out
+    part whose share is between 0 and 1 interactions gets one while train keeps more than one (so
+    a user of 2-9 interactions still has a test item). Series in, series out (cudf or pandas)."""
+    shares = [size * r for r in ratios[1:]]
+    held = [share.astype("int64") for share in shares]  # floor: the shares are not negative
+    n_train = size - sum(held)
+    for i in reversed(range(len(held))):
+        bump = ((n_train > 1) & (shares[i] > 0) & (shares[i] < 1)).astype("int64")
+        held[i] = held[i] + bump
+        n_train = n_train - bump
+    return n_train, held[0]
 
 
 def random_split(ddf, config: SplitConfig) -> Split:
@@ -131,9 +149,49 @@ def explicit_split(ddf, config: SplitConfig, item_map=None) -> Split:
     files = {"train": config.train_file, "valid": config.valid_file}
     if config.test_file:
         files["test"] = config.test_file
-    parts = {name: ddf.merge(_file_keys(path, item_map), on=KEYS, how="inner") for name, path in files.items()}
+    keys = {name: _file_keys(path, item_map) for name, path in files.items()}
+    _refuse_shared_events(keys, files)
+    parts = {name: ddf.merge(part_keys, on=KEYS, how="inner") for name, part_keys in keys.items()}
     end_of_train = int(parts["train"]["timestamp"].max().compute()) + 1
-    return Split(parts["train"], parts["valid"], end_of_train, parts.get("test"), {"kind": "explicit", "files": files})
+    # What the files leave out is reported, not an error (a paper's split may drop events on purpose),
+    # but never silent: a timestamp in another unit makes every file row match nothing.
+    in_log, in_parts, listed = (
+        int(x)
+        for x in dask.compute(
+            ddf.shape[0], sum(p.shape[0] for p in parts.values()), sum(k.shape[0] for k in keys.values())
+        )
+    )
+    details = {
+        "kind": "explicit",
+        "files": files,
+        "events_in_no_part": in_log - in_parts,
+        "file_rows_matching_no_event": listed - in_parts,
+    }
+    return Split(parts["train"], parts["valid"], end_of_train, parts.get("test"), details)
+
+
+def _refuse_shared_events(keys: dict, files: dict) -> None:
+    """An event listed in two parts would be trained on and evaluated on: a ``DatasetError`` naming
+    the files and how many events they share."""
+    names = list(keys)
+    defects = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = dd.merge(keys[a], keys[b], on=KEYS, how="inner")
+            count = int(shared.shape[0].compute())
+            if count:
+                example = shared.head(1).iloc[0].tolist()
+                defects.append(
+                    Defect(
+                        files[b],
+                        "",
+                        f"lists events {files[a]} lists too ({a} and {b} must not share one)",
+                        count,
+                        example,
+                    )
+                )
+    if defects:
+        raise DatasetError(defects)
 
 
 def _file_keys(path: str, item_map):
