@@ -164,7 +164,11 @@ def export_repository(
         if out_repo.exists():
             old = out_repo.with_name(f".{out_repo.name}-old-{os.getpid()}")
             os.rename(out_repo, old)
-            os.rename(staging, out_repo)
+            try:
+                os.rename(staging, out_repo)
+            except BaseException:
+                os.rename(old, out_repo)  # the served repository goes back where it was, whole
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, out_repo)

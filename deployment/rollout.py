@@ -14,7 +14,9 @@ one export. Rolling from N to N+1 (server in explicit model-control mode, see ``
 3. ``retire``: remove version N's folders and reload the stages, freeing their memory.
 
 A failed step leaves the old version serving: the ensemble is only switched after every stage of the
-new version reports ready.
+new version reports ready, and an ensemble that then fails to load gets its old config back on disk,
+so a restart serves the old version too. ``funnel``'s config names the one version it serves, so
+rolling back to an older version works like rolling forward.
 
 The A/B router (``online/router.py``) has versions of its own, one per rollout of users to model
 versions (``serving/assignment.py``): ``current_rollout`` reads the one Triton serves and
@@ -22,13 +24,14 @@ versions (``serving/assignment.py``): ``current_rollout`` reads the one Triton s
 
 Replicas sharing one repository (``docs/deployment.md``): the change is written once, through one
 replica (``set_rollout``), and every other replica takes it with ``follow_rollout``, which loads
-what is on disk and writes nothing.
+what is on disk (the router and ``funnel`` included) and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -62,6 +65,28 @@ def served_version(repo: str | Path) -> int:
     return int(json.loads((Path(repo) / "export.json").read_text())["version"])
 
 
+def funnel_version(repo: str | Path) -> int:
+    """The version ``funnel/config.pbtxt`` pins its steps to: what a server (re)loading the
+    repository serves under ``funnel``, whatever ``export.json`` says."""
+    versions = set(re.findall(r"model_version:\s*(\d+)", (Path(repo) / FUNNEL / "config.pbtxt").read_text()))
+    if len(versions) != 1:
+        raise ValueError(f"{FUNNEL}/config.pbtxt pins its steps to versions {sorted(versions)}, not one")
+    return int(versions.pop())
+
+
+def loaded_funnel_version(client) -> int | None:
+    """The version the loaded ``funnel``'s steps call (None when they disagree)."""
+    config = client.get_model_config(FUNNEL, as_json=True)["config"]
+    versions = {int(step["model_version"]) for step in config["ensemble_scheduling"]["step"]}
+    return versions.pop() if len(versions) == 1 else None
+
+
+def serve_only(ensemble_config: str, version: int) -> str:
+    """The ensemble config with a version policy serving exactly ``version`` (its folder)."""
+    config = re.sub(r"\nversion_policy:.*\n", "\n", ensemble_config)
+    return config.rstrip("\n") + f"\nversion_policy: {{ specific {{ versions: [{int(version)}] }} }}\n"
+
+
 def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
     """Put ``model``'s stages into the live repository as a new numbered version; return it.
 
@@ -72,6 +97,12 @@ def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
     repo = Path(repo).resolve()
     version = int(model.version)
     clash = [s for s in STAGES if (repo / s / str(version)).exists()]
+    if clash and not (repo / ensemble_name(version)).exists():
+        # A killed add_version: its pinned ensemble moves in last, so without it the stage folders are
+        # a half-added version nothing can load (roll_out checks completeness). Clear them and redo.
+        for stage in clash:
+            shutil.rmtree(repo / stage / str(version))
+        clash = []
     if clash:
         raise FileExistsError(f"version {version} is already in {repo} (stages {clash})")
     staging_parent = Path(tempfile.mkdtemp(prefix=f".{repo.name}-v{version}-", dir=repo.parent))
@@ -155,13 +186,29 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
     try:
         load_version(client, repo, version, timeout_s)
         # The version's own pinned ensemble under the served name: its steps are that export's (the
-        # seven stages or the fused funnel), whatever the version served before had.
+        # seven stages or the fused funnel), whatever the version served before had. Its version
+        # policy names the version: Triton would otherwise load the highest ``funnel/<N>`` folder,
+        # and a roll back to an older version would never become ready.
         ensemble = repo / FUNNEL
+        before = (ensemble / "config.pbtxt").read_text()
+        created = not (ensemble / str(version)).exists()
         pinned = pin_ensemble((repo / ensemble_name(version) / "config.pbtxt").read_text(), version)
-        _write_atomic(ensemble / "config.pbtxt", rename_ensemble(pinned, FUNNEL))
+        _write_atomic(ensemble / "config.pbtxt", serve_only(rename_ensemble(pinned, FUNNEL), version))
         (ensemble / str(version)).mkdir(exist_ok=True)
-        client.load_model(FUNNEL)
-        wait_ready(client, FUNNEL, version, timeout_s)
+        try:
+            client.load_model(FUNNEL)
+            wait_ready(client, FUNNEL, version, timeout_s)
+        except BaseException:
+            # Put the served ensemble back as it was, on disk too: a restart must not switch to a
+            # version that failed to roll out.
+            _write_atomic(ensemble / "config.pbtxt", before)
+            if created:
+                shutil.rmtree(ensemble / str(version), ignore_errors=True)
+            try:
+                client.load_model(FUNNEL)
+            except Exception:  # the original failure is the one to report
+                pass
+            raise
     finally:
         client.close()
     # Outside an experiment the A/B router follows the served version; during one, its arms stay.
@@ -176,7 +223,7 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
 def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     """Unload and delete an old version that the ensemble no longer calls."""
     repo = Path(repo).resolve()
-    if served_version(repo) == int(version):
+    if int(version) in {served_version(repo), funnel_version(repo)}:
         raise ValueError(f"version {version} is the one being served; roll out another first")
     in_experiment = current_rollout(repo)
     if in_experiment is not None and int(version) in {*in_experiment.versions.values(), in_experiment.control_version}:
@@ -266,10 +313,18 @@ def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) ->
         raise FileNotFoundError(f"{repo} has no {ROUTER} versions")
     router_version = router_versions(repo)[-1]
     versions = arm_versions(repo, rollout)
+    pinned = funnel_version(repo)
     client = ControlClient(grpc_url, repo)
     try:
-        for version in versions:
+        for version in sorted({*versions, pinned}):
             load_version(client, repo, version, timeout_s)
+        # ``funnel`` too, as ``roll_out`` switched it through the other replica: left on the old
+        # version, it would lose its stages when that version is retired from the shared disk.
+        # Readiness is not enough: loading a stage reloads the ensembles that call it with the config
+        # they were loaded with, so a ``funnel/<N>`` folder can be ready with the old steps.
+        if not client.is_model_ready(FUNNEL, str(pinned)) or loaded_funnel_version(client) != pinned:
+            client.load_model(FUNNEL)  # an explicit load reads the config on disk
+            wait_ready(client, FUNNEL, pinned, timeout_s)
         if not client.is_model_ready(ROUTER, str(router_version)):
             client.load_model(ROUTER)
             wait_ready(client, ROUTER, router_version, timeout_s)

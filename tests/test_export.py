@@ -69,3 +69,27 @@ def test_replace_swaps_in_a_complete_repository(model_version, tmp_path):
     export_repository(model_version, target, replace=True)
     assert not (target / "marker").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_a_replace_that_fails_at_the_swap_leaves_the_served_repository_in_place(model_version, tmp_path, monkeypatch):
+    """The old repository is moved aside before the new one is moved in: if that second rename
+    fails (a full disk), the old one used to stay in a hidden folder with nothing at the served path."""
+    import os
+
+    from deployment import export
+
+    target = export_repository(model_version, tmp_path / "repo")
+    (target / "marker").write_text("old")
+    renames = []
+
+    def flaky_rename(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        return os.rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="simulated"):
+        export_repository(model_version, target, replace=True)
+    assert (target / "marker").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or old copy left

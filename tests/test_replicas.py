@@ -150,3 +150,40 @@ def test_what_a_user_did_at_one_replica_and_a_takedown_reach_the_other(replicas,
                 time.sleep(0.05)
         finally:
             set_takedown(repo, shown, "test over", key=servers[0].admin_key, undo=True)
+
+
+def test_a_rollout_through_one_replica_reaches_the_other_and_survives_the_retire(replicas, model_version, tmp_path):
+    """``roll_out`` through replica A rewrites the shared ``funnel`` config; ``follow_rollout`` on B
+    used to load the new stages and the router but leave B's ``funnel`` on the old version, which
+    lost its stages once that version was retired from the shared disk."""
+    import json
+
+    from deployment.rollout import add_version, follow_rollout, retire, roll_out, served_version
+    from models.registry import ModelVersion
+    from serving.client import FunnelClient
+
+    repo, servers, _ = replicas
+    old = served_version(repo)
+    new = old + 1
+    copy = tmp_path / str(new)  # the same model under the next version number
+    shutil.copytree(model_version.path, copy)
+    for stamp in copy.glob("*.json"):
+        data = json.loads(stamp.read_text())
+        if isinstance(data, dict) and data.get("version") == int(model_version.version):
+            stamp.write_text(json.dumps({**data, "version": new}))
+    user = int(pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].iloc[0])
+
+    def funnel_versions():
+        out = []
+        for server in servers:
+            with FunnelClient(server.grpc_url) as client:
+                out.append(client.recommend(user, 5).model_version)
+        return out
+
+    add_version(ModelVersion(copy), repo)
+    roll_out(servers[0].grpc_url, repo, new)
+    follow_rollout(servers[1].grpc_url, repo)
+    assert funnel_versions() == [str(new), str(new)]
+    retire(servers[0].grpc_url, repo, old)
+    follow_rollout(servers[1].grpc_url, repo)  # B reloads its stages: the old version is gone
+    assert funnel_versions() == [str(new), str(new)]

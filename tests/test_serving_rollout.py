@@ -113,6 +113,88 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
         assert not (repo / "query_tower" / "1").exists()
         assert (repo / "query_tower").exists() != fused_v2  # fused: the stage models are gone
         assert _answers(server.grpc_url, users) == ref2
+        if fused_v2:
+            return
+        # Back to the older version: Triton loads the highest funnel/<N> folder unless told which,
+        # so this roll used to wait for funnel version 1 until it timed out, serving 1 all the same.
+        from deployment.rollout import funnel_version
+
+        add_version(v1, repo)
+        started = time.monotonic()
+        roll_out(server.grpc_url, repo, 1, timeout_s=60)
+        print(f"rolled back to version 1 in {time.monotonic() - started:.1f}s")
+        assert served_version(repo) == funnel_version(repo) == 1
+        assert _answers(server.grpc_url, users) == ref1
+        with pytest.raises(ValueError, match="being served"):
+            retire(server.grpc_url, repo, 1)
+
+
+class RefusingControl:
+    """Triton's control plane where every stage loads and the ``funnel`` ensemble fails to."""
+
+    loads: list = []
+
+    def __init__(self, url, repo):
+        pass
+
+    def is_model_ready(self, name, version=""):
+        return name != "funnel"
+
+    def load_model(self, name):
+        RefusingControl.loads.append(name)
+        if name == "funnel":
+            raise RuntimeError("simulated: the ensemble failed to load")
+
+    def unload_model(self, name):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_failed_roll_out_leaves_the_old_version_on_disk_too(two_versions, tmp_path, monkeypatch):
+    """No server: a control plane that refuses the new ensemble. The served config used to stay
+    pinned to the new version on disk, so the next restart served the version that had failed, and
+    ``retire`` allowed removing it from under the config."""
+    from deployment import rollout
+    from deployment.export import export_repository
+
+    v1, v2 = two_versions
+    repo = export_repository(v1, tmp_path / "triton_repo")
+    before = (repo / "funnel" / "config.pbtxt").read_text()
+    monkeypatch.setattr(rollout, "ControlClient", RefusingControl)
+    rollout.add_version(v2, repo)
+    with pytest.raises(RuntimeError, match="simulated"):
+        rollout.roll_out("127.0.0.1:1", repo, 2)
+    assert (repo / "funnel" / "config.pbtxt").read_text() == before and rollout.funnel_version(repo) == 1
+    assert not (repo / "funnel" / "2").exists() and rollout.served_version(repo) == 1
+    assert RefusingControl.loads[-2:] == ["funnel", "funnel"]  # the new one, then the old one back
+    rollout.retire("127.0.0.1:1", repo, 2)  # the failed version can go; the served one cannot
+    with pytest.raises(ValueError, match="being served"):
+        rollout.retire("127.0.0.1:1", repo, 1)
+    # A config pinned elsewhere than export.json says (a roll whose last step failed) is protected too.
+    config = (repo / "funnel" / "config.pbtxt").read_text()
+    (repo / "funnel" / "config.pbtxt").write_text(re.sub(r"model_version: 1", "model_version: 3", config))
+    with pytest.raises(ValueError, match="version 3 is the one being served"):
+        rollout.retire("127.0.0.1:1", repo, 3)
+
+
+def test_add_version_clears_what_a_killed_add_version_left(two_versions, tmp_path):
+    """``add_version`` moves the stages in one by one and the pinned ``funnel_v<N>`` last: a process
+    killed in between left stage folders that made every rerun fail with "already in"."""
+    from deployment.export import export_repository
+    from deployment.rollout import add_version
+    from serving.interface import ensemble_name
+
+    v1, v2 = two_versions
+    repo = export_repository(v1, tmp_path / "triton_repo")
+    add_version(v2, repo)
+    shutil.rmtree(repo / ensemble_name(2))  # as if killed before the last rename
+    shutil.rmtree(repo / "ordering" / "2")
+    assert add_version(v2, repo) == 2
+    assert (repo / ensemble_name(2)).is_dir() and (repo / "ordering" / "2").is_dir()
+    with pytest.raises(FileExistsError, match="already in"):  # a complete version is still refused
+        add_version(v2, repo)
 
 
 def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data, tmp_path_factory):
