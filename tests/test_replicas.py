@@ -158,8 +158,9 @@ def test_a_rollout_through_one_replica_reaches_the_other_and_survives_the_retire
     lost its stages once that version was retired from the shared disk."""
     import json
 
-    from deployment.rollout import add_version, follow_rollout, retire, roll_out, served_version
+    from deployment.rollout import add_version, follow_rollout, retire, roll_out, served_version, set_rollout
     from models.registry import ModelVersion
+    from serving.assignment import single_version
     from serving.client import FunnelClient
 
     repo, servers, _ = replicas
@@ -184,6 +185,8 @@ def test_a_rollout_through_one_replica_reaches_the_other_and_survives_the_retire
     roll_out(servers[0].grpc_url, repo, new)
     follow_rollout(servers[1].grpc_url, repo)
     assert funnel_versions() == [str(new), str(new)]
+    set_rollout(servers[0].grpc_url, repo, single_version(new))  # any experiment on the old version ends
+    follow_rollout(servers[1].grpc_url, repo)
     retire(servers[0].grpc_url, repo, old)
     follow_rollout(servers[1].grpc_url, repo)  # B reloads its stages: the old version is gone
     assert funnel_versions() == [str(new), str(new)]
