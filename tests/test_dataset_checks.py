@@ -186,6 +186,16 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     details = explicit_split(ddf(unique), cfg).details
     assert details["events_in_no_part"] == lost and details["file_rows_matching_no_event"] == lost
     assert explicit_split(ddf(unique), cfg, item_map).details["events_in_no_part"] == 0
+    # Two raw ids of one item can make events of two parts one (MovieLens: a user rated both copies of
+    # a film in one second): it stays in training only, and the split says how many.
+    moved = listed[listed["item_id"] == raw].head(1).assign(item_id=canonical)
+    valid_file = pd.concat([shuffled.iloc[n // 2 :][keys], moved])
+    valid_file.to_parquet(tmp_path / "valid.parquet")
+    split = explicit_split(ddf(unique), cfg, item_map)
+    assert split.details["events_kept_in_an_earlier_part"] == 1
+    valid = split.valid.compute()[keys]
+    assert len(valid.merge(moved, on=keys)) == 0 and len(split.train.compute()[keys].merge(moved, on=keys)) == 1
+    shuffled.iloc[n // 2 :][keys].to_parquet(tmp_path / "valid.parquet")
     # An event listed in two parts would be trained on and evaluated on: refused, naming the files.
     from workflows.validate import DatasetError
 

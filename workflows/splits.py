@@ -149,30 +149,43 @@ def explicit_split(ddf, config: SplitConfig, item_map=None) -> Split:
     files = {"train": config.train_file, "valid": config.valid_file}
     if config.test_file:
         files["test"] = config.test_file
-    keys = {name: _file_keys(path, item_map) for name, path in files.items()}
-    _refuse_shared_events(keys, files)
+    raw = {name: _read_keys(path) for name, path in files.items()}
+    _refuse_shared_events(raw, files)
+    keys = {
+        name: part if item_map is None else apply_item_map(part, item_map).drop_duplicates()
+        for name, part in raw.items()
+    }
+    # Two raw ids of one item make two listed events one (MovieLens: a user rated both copies of a film
+    # in the same second, each copy in another part): the event stays in the first of train, valid,
+    # test, so it is trained on and never also evaluated on.
+    merged, names = 0, list(keys)
+    for i, name in enumerate(names[1:], start=1):
+        earlier = dd.concat([keys[n] for n in names[:i]]).drop_duplicates().assign(_earlier=1)
+        tagged = keys[name].merge(earlier, on=KEYS, how="left")
+        kept = tagged[tagged["_earlier"].isna()][KEYS]
+        count = int((keys[name].shape[0] - kept.shape[0]).compute())
+        if count:
+            keys[name], merged = kept, merged + count
     parts = {name: ddf.merge(part_keys, on=KEYS, how="inner") for name, part_keys in keys.items()}
     end_of_train = int(parts["train"]["timestamp"].max().compute()) + 1
     # What the files leave out is reported, not an error (a paper's split may drop events on purpose),
     # but never silent: a timestamp in another unit makes every file row match nothing.
-    in_log, in_parts, listed = (
-        int(x)
-        for x in dask.compute(
-            ddf.shape[0], sum(p.shape[0] for p in parts.values()), sum(k.shape[0] for k in keys.values())
-        )
-    )
+    in_log = ddf[KEYS].drop_duplicates().assign(_in_log=1)
+    unmatched = [part.merge(in_log, on=KEYS, how="left")["_in_log"].isna().sum() for part in keys.values()]
+    events, placed, unmatched = dask.compute(ddf.shape[0], sum(p.shape[0] for p in parts.values()), sum(unmatched))
     details = {
         "kind": "explicit",
         "files": files,
-        "events_in_no_part": in_log - in_parts,
-        "file_rows_matching_no_event": listed - in_parts,
+        "events_in_no_part": int(events - placed),
+        "file_rows_matching_no_event": int(unmatched),
+        "events_kept_in_an_earlier_part": merged,
     }
     return Split(parts["train"], parts["valid"], end_of_train, parts.get("test"), details)
 
 
 def _refuse_shared_events(keys: dict, files: dict) -> None:
-    """An event listed in two parts would be trained on and evaluated on: a ``DatasetError`` naming
-    the files and how many events they share."""
+    """An event listed in two parts (as the files name it) would be trained on and evaluated on: a
+    ``DatasetError`` naming the files and how many events they share."""
     names = list(keys)
     defects = []
     for i, a in enumerate(names):
@@ -192,13 +205,6 @@ def _refuse_shared_events(keys: dict, files: dict) -> None:
                 )
     if defects:
         raise DatasetError(defects)
-
-
-def _file_keys(path: str, item_map):
-    keys = _read_keys(path)
-    if item_map is None:
-        return keys
-    return apply_item_map(keys, item_map).drop_duplicates()  # two raw ids of one item: one key
 
 
 def split_events(ddf, config: SplitConfig, item_map=None) -> Split:
