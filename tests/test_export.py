@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -80,16 +81,17 @@ def test_a_replace_that_fails_at_the_swap_leaves_the_served_repository_in_place(
 
     target = export_repository(model_version, tmp_path / "repo")
     (target / "marker").write_text("old")
-    renames = []
+    rename, swaps = os.rename, []
 
     def flaky_rename(src, dst):
-        renames.append((src, dst))
-        if len(renames) == 2:
+        if Path(dst) == target and Path(src).name.startswith(".repo-staging-"):  # the new one moving in
+            swaps.append(src)
             raise OSError(28, "No space left on device (simulated)")
-        return os.rename(src, dst)
+        return rename(src, dst)
 
     monkeypatch.setattr(export.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="simulated"):
         export_repository(model_version, target, replace=True)
+    assert len(swaps) == 1  # it failed at the swap itself, after the old one was moved aside
     assert (target / "marker").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or old copy left
