@@ -6,8 +6,8 @@ the holdout's with p < 0.05 for 6 hours straight, and the sidecar recomputes the
 whole log every minute (``online.ab_report.HoldoutMonitor``). This simulates that rule, side by side:
 
     one-look    the p-value a report reads once (what the alert watched before)
-    sequential  ``live_vs_holdout``'s ``sequential_p_value``: the larger of the one-look p and the
-                always-valid p-value (``online.ab_testing.always_valid_p_value``) times the three
+    sequential  ``live_vs_holdout``'s ``sequential_p_value`` (``online.ab_report.sequential_p``): the
+                larger of the one-look p and the always-valid p-value times the three
                 metrics, its mixture tuned to a gap of ``--effect`` times the group value
 
 Users arrive at ``--users-per-day`` (Poisson), ``--holdout`` of them in the holdout; each user has a
@@ -31,8 +31,7 @@ import numpy as np
 from scipy import stats
 
 from configs.cli import positive_int
-from online.ab_report import HOLDOUT_METRICS, MONITOR_EFFECT
-from online.ab_testing import always_valid_p_value
+from online.ab_report import HOLDOUT_METRICS, MONITOR_EFFECT, sequential_p
 
 STEP_H = 0.25  # a look every 15 minutes (the sidecar: every minute; 6 h straight either way)
 FOR_H = 6.0  # the alert's `for`
@@ -63,8 +62,7 @@ def simulate(
         se = np.sqrt(m_h * (1 - m_h) / n_h + m_l * (1 - m_l) / n_l)
         gap = m_l - m_h
         one_look = np.where(se > 0, 2 * stats.norm.sf(np.abs(gap / se)), np.where(gap == 0, 1.0, 0.0))
-        always = always_valid_p_value(gap, se, effect * np.maximum(m_h, m_l))
-    sequential = np.maximum(one_look, np.minimum(1.0, len(HOLDOUT_METRICS) * always))
+    sequential = sequential_p(one_look, gap, se, np.maximum(m_h, m_l), effect, len(HOLDOUT_METRICS))
     looked = n_h >= MIN_HOLDOUT
     out = {}
     for rule, p in (("one-look", one_look), ("sequential", sequential)):

@@ -462,18 +462,23 @@ def live_vs_holdout(
 
 
 def sequential_p_value(result: ab.TestResult, effect: float, metrics: int) -> float:
-    """``live_vs_holdout``'s ``sequential_p_value`` of one metric's comparison: valid at every look
-    (the always-valid p-value, Bonferroni over ``metrics``) and never below the one-look ``p_value``,
-    which also guards the small holdout where the normal approximation is anti-conservative. The
-    mixture's spread is ``effect`` times the larger group value (the holdout's may be 0: retention
-    when every holdout user churned)."""
+    """``live_vs_holdout``'s ``sequential_p_value`` of one metric's comparison (``sequential_p``)."""
     scale = max(abs(result.control), abs(result.treatment))
-    if not np.isfinite(result.p_value) or not np.isfinite(scale):
-        return float("nan")
-    if scale == 0:  # both groups at 0: no gap
-        return 1.0
-    always = ab.always_valid_p_value(result.difference, result.std_error, effect * scale)
-    return float(max(result.p_value, min(1.0, metrics * always)))
+    return float(sequential_p(result.p_value, result.difference, result.std_error, scale, effect, metrics))
+
+
+def sequential_p(p_value, difference, std_error, scale, effect: float, metrics: int):
+    """Valid at every look (the always-valid p-value, Bonferroni over ``metrics``) and never below the
+    one-look ``p_value``, which also guards the small holdout where the normal approximation is
+    anti-conservative. The mixture's spread is ``effect`` times ``scale``, the larger group value
+    (the holdout's may be 0: retention when every holdout user churned); both groups at 0 is no gap.
+    Scalars or arrays (one value per look: ``benchmarks/benchmark_holdout_alert.py``)."""
+    p_value, scale = np.asarray(p_value, dtype=float), np.asarray(scale, dtype=float)
+    always = ab.always_valid_p_value(difference, std_error, effect * scale)
+    with np.errstate(invalid="ignore"):
+        out = np.maximum(p_value, np.minimum(1.0, metrics * always))
+        out = np.where(np.isfinite(p_value) & np.isfinite(scale) & (scale == 0), 1.0, out)
+    return float(out) if out.ndim == 0 else out
 
 
 class HoldoutMonitor:

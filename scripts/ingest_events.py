@@ -12,11 +12,9 @@ Ingesting the same file again adds nothing. The store is $FUNNEL_STORE_URL, else
 """
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from workflows.live_store import STORE_ENV, EventFileError, describe, ingest_events, store_location
+from workflows.live_store import EventFileError, describe, ingest_events, require_repository, store_location
 
 
 def main() -> int:
@@ -25,9 +23,11 @@ def main() -> int:
     parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
     parser.add_argument("--store", help="the live store (a SQLite path or postgresql:// DSN) instead")
     args = parser.parse_args()
-    if not (args.store or os.environ.get(STORE_ENV) or Path(args.repository).is_dir()):
-        # A mistyped repository would otherwise get a new, empty store beside it that nothing serves.
-        parser.error(f"argument --repository: no model repository at {args.repository} (the live store is beside it)")
+    try:
+        if not args.store:
+            require_repository(args.repository)
+    except FileNotFoundError as e:
+        parser.error(f"argument --repository: {e}")
     store = args.store or store_location(args.repository)
     try:
         new = ingest_events(store, args.file)

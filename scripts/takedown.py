@@ -11,13 +11,11 @@ Exit status 2 with a message when the key is wrong or missing or the arguments a
 """
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from deployment.security import AdminKeyError, read_admin_key
 from deployment.takedowns import list_takedowns, set_takedown
-from workflows.live_store import STORE_ENV
+from workflows.live_store import require_repository
 
 
 def main() -> int:
@@ -28,9 +26,10 @@ def main() -> int:
     parser.add_argument("--undo", action="store_true", help="restore the item")
     parser.add_argument("--list", action="store_true", help="print every takedown and exit")
     args = parser.parse_args()
-    if not (os.environ.get(STORE_ENV) or Path(args.repository).is_dir()):
-        # A mistyped repository would otherwise get a new, empty store beside it that nothing serves.
-        parser.error(f"argument --repository: no model repository at {args.repository} (the live store is beside it)")
+    try:
+        require_repository(args.repository)
+    except FileNotFoundError as e:
+        parser.error(f"argument --repository: {e}")
     if args.list:
         print(list_takedowns(args.repository).to_string(index=False))
         return 0

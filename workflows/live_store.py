@@ -77,6 +77,14 @@ def store_location(repository: str | Path) -> str:
     return str(repository.parent / f"{repository.name}-live.sqlite")
 
 
+def require_repository(repository: str | Path) -> None:
+    """For the command-line tools: a store found beside ``repository`` (no ``$FUNNEL_STORE_URL``)
+    needs the repository to exist. A mistyped path would otherwise get a new, empty store beside it
+    that nothing serves."""
+    if not os.environ.get(STORE_ENV) and not Path(repository).is_dir():
+        raise FileNotFoundError(f"no model repository at {repository} (the live store is beside it)")
+
+
 def describe(location: str | Path) -> str:
     """``location`` for messages: a DSN without its password."""
     text = str(location)
