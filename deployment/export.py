@@ -48,6 +48,9 @@ STAGE_ARTIFACTS = {
 }
 # Exported where the version has them (the manifest's ``item_affinity`` is not null).
 AFFINITY_ARTIFACTS = {"ordering": ["item_affinity.npy", "item_affinity.json"]}
+# The stages that read raw item ids from outside (live events; excluded ids; takedowns and excluded
+# ids), where the version has the table (serving/item_aliases.py; versions trained before it do not).
+ALIAS_ARTIFACTS = {stage: ["item_aliases.parquet"] for stage in ("feature_lookup", "filtering", "ordering")}
 
 
 def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
@@ -55,6 +58,9 @@ def stage_artifacts(manifest: dict) -> dict[str, list[str]]:
     out = {stage: list(names) for stage, names in STAGE_ARTIFACTS.items()}
     if manifest.get("item_affinity"):
         for stage, names in AFFINITY_ARTIFACTS.items():
+            out[stage] += names
+    if "item_aliases" in manifest:
+        for stage, names in ALIAS_ARTIFACTS.items():
             out[stage] += names
     # The ensemble's further members, those it serves (a member the tuning step weighted 0 stays behind).
     served = [name for name, _ in served_members(manifest.get("heavy_ranker", {}))]

@@ -10,6 +10,8 @@
         heavy_ranker_<i>/       the further members of an ensemble (the manifest's heavy_ranker.members)
         user_features.parquet   encoded user features + raw id (the online store is built from it)
         item_features.parquet   encoded item features + raw id
+        item_aliases.parquet    (item_id_raw, canonical_item_id_raw) of every duplicate id: what a
+                                request, live event or takedown naming the other copy means
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
         recent_events.parquet   (user_id, timestamp, click): each user's events in the longest activity
                                 window before the end of the training data (windowed activity features)

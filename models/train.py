@@ -35,6 +35,7 @@ from models.light_ranker import train_light_ranker
 from models.saving import save_for_serving
 from models.tracking import tracked_run
 from workflows.adapt import config_for_dataset
+from workflows.dedup import duplicate_ids
 from workflows.pipeline import ProcessedData
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,9 @@ def train_all(
         progress.set_postfix_str("fallback")
         shutil.copy(data.user_features, out.tmp / "user_features.parquet")
         shutil.copy(data.item_features, out.tmp / "item_features.parquet")
+        # A duplicate's raw id still arrives at serving (excluded ids, live events, takedowns).
+        aliases = duplicate_ids(read_parquet(data.item_id_map))
+        aliases.to_parquet(out.tmp / "item_aliases.parquet", index=False)
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
         if data.recent_events.exists():  # the windowed activity features' events (serving counts them)
             shutil.copy(data.recent_events, out.tmp / "recent_events.parquet")
@@ -231,6 +235,7 @@ def train_all(
             # What the rankers were trained with: the tuning step may change some of it afterwards
             # for serving (the item affinity's penalty), so "config" can differ from it.
             ranker_inputs=trained_with,
+            item_aliases=int(len(aliases)),  # serving/item_aliases.py; absent in older versions
             metrics=metrics,
             features=features,
             light_ranker={"features": list(config.light_ranker.features), "target": config.light_ranker.target},

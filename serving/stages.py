@@ -34,6 +34,7 @@ import pandas as pd
 
 from serving.fast_inference import ServingFunction
 from serving.interface import EXCLUDE, FUNNEL_OUTPUTS, MANIFEST, SEEN, USER_FEATURES, USER_ID, K, Tensor
+from serving.item_aliases import ItemAliases
 from serving.request import RequestError, RequestLimits, scalar
 
 OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
@@ -184,6 +185,7 @@ class FeatureLookup(Stage):
         )
         self.live_config = LiveConfig(**self.serving.get("live", {}))
         self.raw_items, self.encoded_items = self.store.items()
+        self.aliases = ItemAliases.load(self.artifacts)  # a live event may name a duplicate's id
         self.activity_windows, self.activity_slots = activity_slots(self.manifest)
         # Live events before the end of the training data are already in the export's recent events.
         self.activity_since = float(self.manifest.get("data_summary", {}).get("cutoff", -np.inf))
@@ -229,7 +231,7 @@ class FeatureLookup(Stage):
         user_id = scalar(inputs, "user_id", int)
         found = self.store.user_features(user_id)
         recent = self.live_events(user_id)
-        live_seen = encode_items(self.raw_items, self.encoded_items, recent.item_ids)
+        live_seen = encode_items(self.raw_items, self.encoded_items, self.aliases.canonical_ids(recent.item_ids))
         if found is None:
             unknown = unknown_user(self.features)
             cat, cont = unknown["user_categorical"], unknown["user_continuous"]
@@ -388,13 +390,14 @@ class Filtering(Stage):
         super().__init__(artifacts)
         items = pd.read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
         self.encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
+        self.aliases = ItemAliases.load(self.artifacts)  # excluding either copy of an item excludes it
         self.limits = RequestLimits.from_serving(self.serving)
 
     def run(self, inputs):
         candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
         seen = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
         keep = ~np.isin(candidates, seen)
-        excluded = self.limits.excluded(inputs)
+        excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
         if excluded.size:  # ids the catalog does not hold cannot be candidates anyway
             keep &= ~np.isin(candidates, self.encoded_of.reindex(excluded).dropna().to_numpy(np.int64))
         return {"filtered_ids": candidates[keep]}
@@ -619,6 +622,7 @@ class Ordering(Stage):
         self.catalog_size = int(len(items))
         self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
         self.limits = RequestLimits.from_serving(self.serving)
+        self.aliases = ItemAliases.load(self.artifacts)  # takedowns and excluded ids may name either copy
         self.items = items
         self.affinity = None  # EASE item-item weights (models/item_affinity.py), where exported
         if (self.artifacts / "item_affinity.json").exists():
@@ -707,8 +711,11 @@ class Ordering(Stage):
         return percentile_among(item_scores, reference)
 
     def taken_down(self) -> np.ndarray:
-        """Raw ids of the items taken down now (``workflows/live_store.py``; none without a store)."""
-        return np.zeros(0, np.int64) if self.takedowns is None else self.takedowns.ids()
+        """Raw ids of the items taken down now (``workflows/live_store.py``; none without a store), a
+        duplicate's id read as its canonical item's."""
+        if self.takedowns is None:
+            return np.zeros(0, np.int64)
+        return self.aliases.canonical_ids(self.takedowns.ids())
 
     def fresh_history_ready(self, seen: np.ndarray) -> bool:
         """Whether a user the models never saw has enough live history for personal recommendations."""
@@ -802,7 +809,7 @@ class Ordering(Stage):
             seen = np.zeros(0, np.int64) if seen is None else np.asarray(seen, dtype=np.int64).reshape(-1)
             if seen.size and (seen.min() < 0 or seen.max() >= len(self.raw_ids)):
                 raise RequestError("seen_items hold an item id outside the catalog")
-            excluded = self.limits.excluded(inputs)
+            excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
             drop = np.concatenate([excluded, taken])
             if self.fresh_history_ready(seen):
                 item_ids, out_scores, served_by = self.from_fresh_history(seen, k, drop)

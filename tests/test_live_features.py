@@ -119,6 +119,47 @@ def test_a_taken_down_item_leaves_every_list_within_5s_and_returns_after_undo(se
     assert taken < 5.0 and restored < 5.0
 
 
+def test_a_duplicates_raw_id_reaches_its_canonical_item_excluded_taken_down_or_watched(served, clients, model_version):
+    """One item under two ids: the export serves the canonical id only, and a request's excluded id,
+    a takedown or a live event that names the other copy reaches it (serving/item_aliases.py)."""
+    from deployment.takedowns import set_takedown
+    from workflows.live_store import ingest_events
+
+    funnel, _ = clients
+    aliases = pd.read_parquet(model_version.path / "item_aliases.parquet")
+    assert model_version.manifest["item_aliases"] == len(aliases) > 0  # the synthetic world plants duplicates
+    alias_of = dict(zip(aliases["canonical_item_id_raw"].astype(int), aliases["item_id_raw"].astype(int)))
+    # A user whose list holds an item with a second id, and that id (never served itself).
+    for user in known_users(model_version)[20:]:
+        listed = funnel.recommend(user, 30).item_ids  # the light ranker keeps 30 (tests/conftest.py)
+        held = [item for item in listed if item in alias_of]
+        if held:
+            break
+    item, other = held[0], alias_of[held[0]]
+    assert other not in listed
+
+    excluded = funnel.recommend(user, 30, exclude_item_ids=[other])
+    assert item not in excluded.item_ids and len(excluded.item_ids) == len(listed) and excluded.served_by == "model"
+    popular = funnel.recommend(10**9 + 13, 50).item_ids  # the fallback path reads excluded ids too
+    fallback_item = next(i for i in popular if i in alias_of)
+    assert fallback_item not in funnel.recommend(10**9 + 13, 50, exclude_item_ids=[alias_of[fallback_item]]).item_ids
+
+    key = served.server.admin_key
+    set_takedown(served.repo, other, "a re-post of an unsafe item", key=key)
+    start = time.monotonic()
+    while item in funnel.recommend(user, 30).item_ids:
+        assert time.monotonic() - start < 5.0, "the takedown of the other id did not reach the item within 5 s"
+        time.sleep(0.05)
+    set_takedown(served.repo, other, "appeal upheld", key=key, undo=True)
+    while item not in funnel.recommend(user, 30).item_ids:
+        assert time.monotonic() - start < 10.0, "the item did not return after the undo"
+        time.sleep(0.05)
+
+    now = time.time()
+    ingest_events(served.store, pd.DataFrame({"user_id": [user], "item_id": [other], "timestamp": [now]}))
+    assert item not in funnel.recommend(user, 30).item_ids  # watched under its other id: seen
+
+
 def test_windowed_activity_features_are_the_same_offline_and_from_the_live_server(served, model_version, processed):
     """One (user, time), both ways: the pipeline's point-in-time counts encoded by the fitted
     workflow (training) and what the server's ``feature_lookup`` computes from the live store at its

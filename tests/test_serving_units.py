@@ -3,6 +3,7 @@
 import pathlib
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from deployment.export import TRITON_REPO_SOURCE, pin_ensemble, serve_all_versions
@@ -549,3 +550,21 @@ def test_statistics_are_read_once_they_count_the_whole_load():
     assert wait_until_counted(late, "fused_funnel", 73) == 73 and late.reads == 3
     never = Statistics([(59, 0)])
     assert wait_until_counted(never, "fused_funnel", 73, timeout_s=0.2) == 59 and never.reads > 1
+
+
+def test_item_aliases_read_a_duplicates_raw_id_as_its_canonical_id(tmp_path):
+    from serving.item_aliases import FILE, ItemAliases
+    from workflows.dedup import duplicate_ids
+
+    mapping = pd.DataFrame({"item_id": [1, 2, 3, 4, 5], "canonical_item_id": [1, 1, 3, 3, 5]})
+    table = duplicate_ids(mapping)
+    assert table.values.tolist() == [[2, 1], [4, 3]]
+    table.to_parquet(tmp_path / FILE, index=False)
+    aliases = ItemAliases.load(tmp_path)
+    assert len(aliases) == 2
+    assert aliases.canonical_ids([4, 2, 1, 7, 4]).tolist() == [3, 1, 1, 7, 3]  # order, length and unknowns kept
+    assert aliases.canonical_ids(np.zeros(0, np.int64)).tolist() == []
+    none = ItemAliases.load(tmp_path / "older-version")  # exported before the table existed
+    assert len(none) == 0 and none.canonical_ids([2, 4]).tolist() == [2, 4]
+    with pytest.raises(ValueError, match="two canonical ids"):
+        ItemAliases(np.array([2, 2]), np.array([1, 3]))

@@ -84,6 +84,15 @@ def canonical_items(events, items, config: DedupConfig):
     return mapped, kept_items, mapping, rep
 
 
+def duplicate_ids(mapping):
+    """The rows of ``mapping`` (``item_id, canonical_item_id`` for every raw item) whose id is a
+    duplicate, as ``item_id_raw, canonical_item_id_raw``: what a model version keeps so that serving
+    can read a duplicate's raw id as its canonical item (``serving/item_aliases.py``)."""
+    moved = mapping[mapping["item_id"] != mapping["canonical_item_id"]]
+    out = moved.rename(columns={"item_id": "item_id_raw", "canonical_item_id": "canonical_item_id_raw"})
+    return out[["item_id_raw", "canonical_item_id_raw"]].reset_index(drop=True)
+
+
 def aggregate_pairs(events, first_columns: list[str] | None = None, signals: list[str] | None = None) -> object:
     """One row per (user, item): earliest timestamp, ``max`` of every signal, and ``first_columns``
     as they were at that earliest timestamp.
