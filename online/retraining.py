@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 from tenacity import RetryError, Retrying, stop_after_attempt, wait_exponential
 
@@ -50,20 +51,25 @@ class Alerter:
     """Where failures go: a webhook (JSON POST) if a URL is set, else a local JSON-lines file."""
 
     webhook_url: str | None = None
-    alert_file: Path | None = None
+    alert_file: Path | str | None = None  # a str too: the Airflow DAG passes an environment variable
     sent: list[dict] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.alert_file = Path(self.alert_file) if self.alert_file else None
+
     def send(self, alert: dict) -> None:
+        """The file first (local, the one that cannot be down), then the webhook; a webhook that
+        fails raises ``OSError`` after the file has the alert."""
         self.sent.append(alert)
+        if self.alert_file:
+            self.alert_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.alert_file, "a") as f:
+                f.write(json.dumps(alert) + "\n")
         if self.webhook_url:
             req = urllib.request.Request(
                 self.webhook_url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
             )
             urllib.request.urlopen(req, timeout=10).close()
-        if self.alert_file:
-            self.alert_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.alert_file, "a") as f:
-                f.write(json.dumps(alert) + "\n")
 
 
 def _child(fn: StepFn, context: dict, queue) -> None:
@@ -79,16 +85,28 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, context, queue), daemon=True)
     proc.start()
-    proc.join(timeout_s)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-        raise StepTimeout(f"timed out after {timeout_s:.0f}s")
-    if queue.empty():
-        raise RuntimeError(f"step process exited with code {proc.exitcode} without a result")
-    status, payload = queue.get()
+    # Read the result before joining: a child that put more than a pipe's buffer (64 KiB) on the
+    # queue cannot exit until it is read, so joining first would wait out the timeout.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status, payload = queue.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            break
+        except Empty:
+            pass
+        if not proc.is_alive():  # what it put is flushed before it exits
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except Empty:
+                raise RuntimeError(f"step process exited with code {proc.exitcode} without a result") from None
+        if time.monotonic() >= deadline:
+            proc.terminate()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+            raise StepTimeout(f"timed out after {timeout_s:.0f}s")
+    proc.join(5)
     if status == "error":
         raise RuntimeError(payload)
     return payload
@@ -127,9 +145,13 @@ def run_pipeline(
                 "run_dir": str(run_dir),
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            alerter.send(alert)
+            undelivered = ""
+            try:
+                alerter.send(alert)
+            except Exception as err:  # the step's failure is the news; a down webhook must not replace it
+                undelivered = f" (the alert could not be delivered: {type(err).__name__}: {err})"
             raise RetrainingFailed(
-                f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}"
+                f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}{undelivered}"
             ) from last
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"result": result, "attempts": len(attempts), "seconds": time.time() - started}))

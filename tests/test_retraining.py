@@ -52,6 +52,34 @@ def test_a_hanging_step_times_out_retries_then_alerts(tmp_path):
     assert not (tmp_path / "run" / "slow.json").exists()
 
 
+def big_result(context):
+    return {"rows": [f"{n:0100d}" for n in range(2000)]}  # about 200 KB: more than a pipe's buffer
+
+
+def disk_full(context):
+    raise OSError("disk full")
+
+
+def test_a_step_with_a_large_result_finishes_instead_of_timing_out(tmp_path):
+    """The child cannot exit before a result larger than the pipe's buffer is read: joining it first
+    waited out the timeout and reported a finished step as hung."""
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    started = time.monotonic()
+    out = run_pipeline([Step("big", big_result, timeout_s=20, attempts=1)], tmp_path / "run", {}, alerter)
+    assert len(out["big"]["rows"]) == 2000 and time.monotonic() - started < 15
+    assert not alerter.sent
+
+
+def test_alerts_reach_the_file_when_the_webhook_is_down_or_the_path_is_a_string(tmp_path):
+    """The Airflow DAG passes the alert file as a string (an environment variable); a webhook that
+    cannot be reached must neither lose the file's alert nor replace the step's failure."""
+    alerter = Alerter(webhook_url="http://127.0.0.1:9/hook", alert_file=str(tmp_path / "alerts.jsonl"))
+    with pytest.raises(RetrainingFailed, match="disk full.*could not be delivered"):
+        run_pipeline([Step("s", disk_full, timeout_s=60, attempts=1)], tmp_path / "run", {}, alerter)
+    alert = json.loads((tmp_path / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["step"] == "s" and "disk full" in alert["error"]
+
+
 @pytest.mark.slow
 def test_real_steps_retrain_gate_and_export(raw_paths, tmp_path):
     from conftest import SMALL
