@@ -535,7 +535,19 @@ class HoldoutMonitor:
             table = self.table()
         except Exception as err:  # a log being rotated, a locked file: report it, keep serving the rest
             self.last_error = f"{type(err).__name__}: {err}"
-            return render_metrics([("online_holdout_errors", "gauge", "The last holdout comparison failed", [({}, 1)])])
+            # The time of the last comparison that worked (0: none) stays exported, so its age grows and
+            # HoldoutMonitorDown fires while the comparison keeps failing (without it, it never could).
+            return render_metrics(
+                [
+                    ("online_holdout_errors", "gauge", "The last holdout comparison failed", [({}, 1)]),
+                    (
+                        "online_holdout_updated_timestamp_seconds",
+                        "gauge",
+                        "When the comparison was computed",
+                        [({}, self._updated)],
+                    ),
+                ]
+            )
         self.last_error = None
         values, p_values, sequential, mde, users = [], [], [], [], {}
         for row in table.itertuples():

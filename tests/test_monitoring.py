@@ -187,3 +187,12 @@ def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_peri
     # a log that does not exist yet: no comparison, no error
     empty = parse_prometheus(HoldoutMonitor(tmp_path / "none.sqlite").exposition())
     assert "online_holdout_value" not in empty and empty["online_holdout_errors"] == [({}, 0.0)]
+    # a comparison that keeps failing still exports when the last one worked (0: never), so its age
+    # grows and HoldoutMonitorDown fires; without the series the alert could not fire at all
+    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
+    broken = HoldoutMonitor(tmp_path / "broken.sqlite")
+    failing = parse_prometheus(broken.exposition())
+    assert failing["online_holdout_errors"] == [({}, 1.0)] and broken.last_error
+    assert failing["online_holdout_updated_timestamp_seconds"] == [({}, 0.0)]
+    monitor._updated, monitor.interval_s, monitor.log_path = 123.0, 0.0, tmp_path / "broken.sqlite"
+    assert parse_prometheus(monitor.exposition())["online_holdout_updated_timestamp_seconds"] == [({}, 123.0)]
