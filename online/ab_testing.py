@@ -378,6 +378,11 @@ def decide(
     if harmed:
         worst = ", ".join(f"{g.metric} {g.control:.4g} -> {g.treatment:.4g} (p={g.p_value:.2g})" for g in harmed)
         return f"DO NOT SHIP: the treatment harms guardrail metric(s): {worst}"
+    if not np.isfinite(primary.p_value):  # too few users for a test: nothing is decided, however many were planned
+        return (
+            f"KEEP RUNNING: {primary.metric} cannot be tested yet ({primary.method or 'no p-value'}) with "
+            f"{observed_per_arm:,} {unit} per arm; {required_per_arm:,} are needed for the planned power"
+        )
     better = primary.difference > 0 if higher_is_better else primary.difference < 0
     if primary.p_value < alpha:
         verdict = "SHIP the treatment" if better else "DO NOT SHIP: the treatment is worse"

@@ -248,3 +248,26 @@ def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():
     )
     assert broken.srm.mismatch and broken.decision.startswith("INVALID")
     assert HOLDOUT in set(broken.summary["arm"])
+
+
+def test_a_log_without_clicks_or_with_too_few_users_is_not_called_fully_powered():
+    """No clicks yet (or feedback not arriving) gave the control no spread, so a planned sample size of
+    0 users, and the report said "no detectable difference at the planned power; keep the control";
+    too few users for any p-value read the same."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+    from online.ab_testing import TOO_FEW, TestResult, decide, sample_ratio_mismatch
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    rows = [(f"r{u}", 0.0, u, p, p, "1", rollout.experiment.assign(u), "model") for u in range(60) for p in range(10)]
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    feedback = pd.DataFrame(columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+    result = analyze(imp, feedback, rollout, ExperimentConfig(min_detectable_ctr_lift=0.02), catalog_size=10)
+    assert result.required_users_per_arm > result.observed_users_per_arm, result.required_users_per_arm
+    assert result.decision.startswith("KEEP RUNNING"), result.decision
+    nan = float("nan")
+    too_few = TestResult("ctr", 0.2, 0.3, 0.1, nan, nan, nan, nan, TOO_FEW, 1, 1)
+    fine = sample_ratio_mismatch({"control": 1, "treatment": 1}, {"control": 0.5, "treatment": 0.5})
+    assert decide(too_few, fine, required_per_arm=1, observed_per_arm=1).startswith("KEEP RUNNING")
