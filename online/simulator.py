@@ -172,13 +172,19 @@ class UserSimulator:
 
 
 def per_arm_summary(outcomes: pd.DataFrame) -> pd.DataFrame:
-    """CTR, watch time, likes and retention per arm (retention: share of users still active on the last day)."""
-    last_day = outcomes["day"].max()
+    """CTR, watch time, likes and retention per arm (retention: share of users who never churned, i.e.
+    came back after every simulated day, as ``online.ab_report`` counts it). Counting the users still
+    active on the last day instead gave 1.0 for a one-day simulation, or when the run stopped early
+    because everyone had churned, whoever came back."""
     g = outcomes.groupby("arm")
     users = g["user_id"].nunique()
-    retained = (
-        outcomes[outcomes["day"] == last_day].groupby("arm")["user_id"].nunique().reindex(users.index, fill_value=0)
+    churned = (
+        outcomes[~outcomes["returned"].astype(bool)]
+        .groupby("arm")["user_id"]
+        .nunique()
+        .reindex(users.index, fill_value=0)
     )
+    retained = users - churned
     return pd.DataFrame(
         {
             "users": users,

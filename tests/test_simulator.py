@@ -4,6 +4,7 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from configs import SyntheticDataConfig
@@ -82,3 +83,25 @@ def test_reactions_are_safe_to_compute_from_many_threads_at_once(world):
         for u in users:
             for got, want in zip(results[u], expected[u]):
                 np.testing.assert_array_equal(got, want)
+
+
+def test_retention_counts_the_users_who_did_not_come_back_on_a_single_day():
+    """One simulated day (or a run that stopped because everyone churned): the users active on the
+    last day are all users, so counting them said 100% retention whoever came back."""
+    one_day = pd.DataFrame(
+        {
+            "day": 0,
+            "user_id": [1, 2, 3, 4, 5],
+            "arm": ["live", "live", "live", "live", "holdout"],
+            "impressions": 10,
+            "clicks": [1, 0, 0, 0, 2],
+            "watch_seconds": 0,
+            "likes": 0,
+            "shares": 0,
+            "returned": [True, False, False, False, True],
+        }
+    )
+    summary = per_arm_summary(one_day)
+    assert summary.loc["live", "retention"] == 0.25 and summary.loc["holdout", "retention"] == 1.0
+    two_days = pd.concat([one_day.assign(returned=True), one_day.assign(day=1)])
+    assert per_arm_summary(two_days).loc["live", "retention"] == 0.25
