@@ -130,6 +130,19 @@ class FeedbackLog:
         self.db.close()
 
 
+def signals_per_item(feedback: pd.DataFrame) -> pd.DataFrame:
+    """``SIGNALS`` per (request_id, item_id) (the largest value of each; 0 where none was sent), an
+    empty frame with that index when there is no feedback to a shown item (no clicks yet, churns only)."""
+    fb = feedback[feedback["event"].isin(SIGNALS)]
+    if fb.empty:
+        index = pd.MultiIndex.from_arrays(
+            [np.array([], dtype=object), np.array([], dtype=np.int64)], names=["request_id", "item_id"]
+        )
+        return pd.DataFrame(0.0, index=index, columns=list(SIGNALS))
+    signals = fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
+    return signals.reindex(columns=list(SIGNALS)).fillna(0)
+
+
 def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int = 1) -> pd.DataFrame:
     """The log as raw events (the schema the dataset pipeline reads): one row per impression, with
     its click / watch_seconds / like / share from the feedback of the same request and item.
@@ -141,12 +154,7 @@ def to_events(log: FeedbackLog, start_timestamp: int, seconds_per_request: int =
     if imp.empty:
         return pd.DataFrame(columns=["user_id", "item_id", "timestamp", "click", "watch_seconds", "like", "share"])
     fb = log.feedback()
-    signals = (
-        fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
-        if not fb.empty
-        else pd.DataFrame()
-    )
-    signals = signals.reindex(columns=list(SIGNALS)).fillna(0)
+    signals = signals_per_item(fb)
     order = imp.groupby("request_id")["ts"].min().rank(method="first").astype(np.int64)
     events = imp.join(signals, on=["request_id", "item_id"]).fillna({e: 0 for e in SIGNALS})
     events["timestamp"] = start_timestamp + order.reindex(events["request_id"]).to_numpy() * seconds_per_request

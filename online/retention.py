@@ -87,16 +87,12 @@ def per_user_signals(
     and ``returned`` (no churn event). ``durations`` maps item id to duration in seconds.
 
     ``impressions`` and ``feedback`` are ``FeedbackLog.impressions()`` / ``.feedback()``."""
+    from online.feedback_log import signals_per_item
+
     if impressions.empty:
         raise ValueError("the feedback log has no impressions to analyse")
     shown = impressions[["request_id", "user_id", "item_id"]].drop_duplicates(["request_id", "item_id"])
-    fb = feedback[feedback["event"].isin(["click", "watch_seconds", "like", "share"])]
-    per_item = (
-        fb.pivot_table(index=["request_id", "item_id"], columns="event", values="value", aggfunc="max")
-        if not fb.empty
-        else pd.DataFrame()
-    )
-    per_item = per_item.reindex(columns=["click", "watch_seconds", "like", "share"]).fillna(0.0)
+    per_item = signals_per_item(feedback)  # click, watch_seconds, like, share
     rows = shown.join(per_item, on=["request_id", "item_id"]).fillna(
         {"click": 0.0, "watch_seconds": 0.0, "like": 0.0, "share": 0.0}
     )

@@ -108,3 +108,23 @@ def test_log_converts_to_raw_events_the_pipeline_reads(tmp_path):
     row = events[(events["user_id"] == 5) & (events["item_id"] == 11)].iloc[0]
     assert row["watch_seconds"] == 30 and row["timestamp"] == 1001
     assert events[events["user_id"] == 6]["timestamp"].tolist() == [1002]
+
+
+def test_a_log_without_reactions_to_items_converts_and_analyses(tmp_path):
+    """No clicks yet, or churns only: the empty per-item signal table had no (request, item) index and
+    the join failed (to_events for retraining, per_user_signals for the retention analysis)."""
+    import pandas as pd
+
+    from online.feedback_log import to_events
+    from online.retention import per_user_signals
+
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("r1", 5, [10, 11], model_version="1", arm="control", served_by="model", ts=1.0)
+    log.log_impressions("r2", 6, [10], model_version="1", arm="control", served_by="model", ts=2.0)
+    durations = pd.Series({10: 60.0, 11: 90.0})
+    for feedback in ([], [("r2", 6, -1, "churn", 1.0)]):
+        log.log_feedback_many(feedback)
+        events = to_events(log, start_timestamp=1000)
+        assert len(events) == 3 and events["click"].sum() == 0 and events["timestamp"].tolist() == [1001, 1001, 1002]
+        users = per_user_signals(log.impressions(), log.feedback(), durations).set_index("user_id")
+        assert (users["click"] == 0).all() and users["returned"].tolist() == [True, not feedback]
