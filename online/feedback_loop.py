@@ -7,7 +7,8 @@ share of users stays on generation 0's model throughout. What to watch:
 
 * the item-share curve of the live model's slates: if popularity bias compounds, fewer distinct
   items make up the same share of recommendations generation after generation;
-* the live arm against the holdout: CTR, watch time and retention with a two-proportion z-test, so a
+* the live arm against the holdout: CTR tested with users as the unit (``holdout_test``: the delta
+  method, with an interval from resampling users), watch time and retention per arm beside it, so a
   model that degrades as it learns mostly from its own logs shows up against the frozen control.
 """
 

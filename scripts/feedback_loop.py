@@ -4,7 +4,7 @@
 Each generation serves simulated users for a few days (the exported funnel's stage classes,
 in-process), logs what it showed and what users did, appends that to the training log and retrains.
 A holdout stays on generation 0's model. Prints, per generation, the item-share curve points, Gini,
-coverage, and live vs holdout CTR / retention with a z-test; writes an HTML/Markdown report.
+coverage, and live vs holdout CTR (users as the unit) and retention; writes an HTML/Markdown report.
 
     .venv/bin/python scripts/feedback_loop.py --generations 4 --users 3000
 """
