@@ -254,3 +254,41 @@ def test_the_postgres_servers_cpu_is_read_from_its_processes(postgres):
     stopped = PostgresServer()
     assert stopped.cpu_seconds() == 0.0
     stopped.stop()
+
+
+def test_ingestion_reads_epoch_seconds_in_json_lines_as_seconds(tmp_path):
+    """pandas' read_json turns a column named ``timestamp`` into dates by default, and the dates' ns
+    then became 1.7e18 "seconds": every event of a JSON-lines file landed 50 billion years ahead."""
+    from workflows.live_store import read_events_file
+
+    lines = [{"user_id": 1, "item_id": 5, "timestamp": 1_700_000_000}, {"user_id": 2, "item_id": 6, "timestamp": 1.7e9}]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_events_file(tmp_path / "e.jsonl")["ts"].tolist() == [1.7e9, 1.7e9]
+    # A parquet column of dates means those instants: their seconds since the epoch.
+    dates = pd.DataFrame({"user_id": [1], "item_id": [5], "timestamp": pd.to_datetime([1_700_000_000], unit="s")})
+    dates.to_parquet(tmp_path / "d.parquet")
+    assert read_events_file(tmp_path / "d.parquet")["ts"].tolist() == [1.7e9]
+
+
+def test_ingestion_refuses_ids_beyond_int64_instead_of_wrapping_them(tmp_path):
+    """A user id of 2**64 - 1 was stored as user -1 (another user's events), an item id of 2**63 or
+    1e20 was refused as 'negative'."""
+    (tmp_path / "e.csv").write_text(
+        "user_id,item_id,timestamp\n18446744073709551615,5,1700000000\n1,99999999999999999999,1700000000\n"
+    )
+    with pytest.raises(EventFileError) as error:
+        ingest_events(str(tmp_path / "live.sqlite"), tmp_path / "e.csv")
+    message = str(error.value)
+    assert "user_id is outside the 64-bit integer range in 1 row(s), e.g. row(s) [1]" in message, message
+    assert "item_id is outside the 64-bit integer range in 1 row(s), e.g. row(s) [2]" in message, message
+    assert "negative" not in message, message
+    unsigned = pd.DataFrame(
+        {"user_id": np.array([2**63], np.uint64), "item_id": np.array([2**63 - 1], np.uint64), "timestamp": [1]}
+    )
+    with pytest.raises(EventFileError, match=r"user_id is outside the 64-bit integer range in 1 row\(s\)"):
+        ingest_events(str(tmp_path / "live.sqlite"), unsigned)
+    # The largest int64 ids still go in exactly.
+    largest = pd.DataFrame({"user_id": [2**63 - 1, -(2**63)], "item_id": [2**63 - 1, 0], "timestamp": [1, 2]})
+    assert ingest_events(str(tmp_path / "live.sqlite"), largest) == 2
+    stored = LiveStore(str(tmp_path / "live.sqlite")).events()
+    assert sorted(stored["user_id"].tolist()) == [-(2**63), 2**63 - 1]

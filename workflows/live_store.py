@@ -332,7 +332,9 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         elif suffix in (".jsonl", ".ndjson", ".json"):
-            frame = pd.read_json(path, lines=True)
+            # Left as written: by default pandas reads a column named "timestamp" as dates (epoch
+            # seconds became datetimes, then nanoseconds: every event 1e9 times too late).
+            frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
         else:
             raise EventFileError(f"{path}: expected a .csv, .parquet or .jsonl file, got {suffix or 'no suffix'!r}")
     except EventFileError:
@@ -340,6 +342,15 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
     except Exception as e:  # a malformed file: the reader's own message says where
         raise EventFileError(f"{path}: cannot read it: {e}") from None
     return check_events(frame, str(path))
+
+
+def int64_range(values: pd.Series) -> pd.Series:
+    """Which of the numbers ``values`` an int64 holds (NaN: False), compared without rounding."""
+    if pd.api.types.is_unsigned_integer_dtype(values):
+        return values <= np.iinfo(np.int64).max
+    if pd.api.types.is_integer_dtype(values):
+        return pd.Series(True, index=values.index)
+    return (values >= -(2.0**63)) & (values < 2.0**63)  # floats: 2**63 - 1 rounds to 2**63
 
 
 def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
@@ -361,9 +372,15 @@ def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
         values = pd.to_numeric(frame[column], errors="coerce")
         integral = values.notna() & np.isfinite(values) & (values == values.round())
         bad(~integral, f"{column} is not an integer")
-        out[column] = values.where(integral, 0).astype(np.int64)
+        # Beyond int64 the cast below wraps (2**64 - 1 became user -1, someone else's events).
+        fits = int64_range(values)
+        bad(integral & ~fits, f"{column} is outside the 64-bit integer range")
+        out[column] = values.where(integral & fits, 0).astype(np.int64)
     bad(out["item_id"] < 0, "item_id is negative")
-    ts = pd.to_numeric(frame["timestamp"], errors="coerce")
+    timestamps = frame["timestamp"]
+    if pd.api.types.is_datetime64_any_dtype(timestamps):  # dates (parquet): their seconds since the epoch
+        timestamps = (timestamps - pd.Timestamp(0, tz=getattr(timestamps.dt, "tz", None))).dt.total_seconds()
+    ts = pd.to_numeric(timestamps, errors="coerce")
     bad(ts.isna() | ~np.isfinite(ts.fillna(0)) | (ts.fillna(0) < 0), "timestamp is not seconds since the epoch")
     out["ts"] = ts.fillna(0).astype(np.float64)
     events = frame["event"].astype(str) if "event" in frame.columns else pd.Series("view", index=frame.index)
