@@ -35,6 +35,8 @@ def main() -> int:
         return 0
     if args.item is None or not args.reason.strip():
         parser.error("--item and --reason are required (or --list)")
+    if not -(2**63) <= args.item < 2**63:  # the store's ids are 64-bit: SQLite would raise OverflowError
+        parser.error(f"argument --item: {args.item} is outside the 64-bit integer range of item ids")
     try:
         state = set_takedown(args.repository, args.item, args.reason, read_admin_key(args.repository), undo=args.undo)
     except AdminKeyError as e:

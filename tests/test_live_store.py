@@ -292,3 +292,23 @@ def test_ingestion_refuses_ids_beyond_int64_instead_of_wrapping_them(tmp_path):
     assert ingest_events(str(tmp_path / "live.sqlite"), largest) == 2
     stored = LiveStore(str(tmp_path / "live.sqlite")).events()
     assert sorted(stored["user_id"].tolist()) == [-(2**63), 2**63 - 1]
+
+
+def test_the_takedown_script_refuses_an_item_id_beyond_int64_with_exit_status_2(tmp_path, monkeypatch):
+    """It ended in SQLite's OverflowError traceback (exit status 1) instead of the argument error."""
+    from deployment import security
+    from workflows.live_store import STORE_ENV
+
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    repo.mkdir()
+    env = {**os.environ, security.ADMIN_KEY_ENV: security.ensure_admin_key(repo)}
+    env.pop(STORE_ENV, None)
+    script = [sys.executable, str(ROOT / "scripts/takedown.py"), "--repository", str(repo), "--reason", "unsafe"]
+    result = subprocess.run([*script, "--item", str(2**64)], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "argument --item" in result.stderr and "Traceback" not in result.stderr, (
+        result.stderr
+    )
+    result = subprocess.run([*script, "--item", str(2**63 - 1)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert LiveStore(str(tmp_path / "triton_repo-live.sqlite")).taken_down().tolist() == [2**63 - 1]
