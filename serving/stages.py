@@ -678,6 +678,21 @@ class Ordering(Stage):
         self.policy, self.categories = policy, categories
         self.rng = np.random.default_rng(seed)
 
+    def capped(self, raw_ids: np.ndarray, k: int) -> np.ndarray:
+        """Positions of the first ``k`` of a best-first list of raw item ids under the policy's
+        ``max_per_category``, so every list the stage serves keeps the business rule (an id outside
+        the catalog counts as category -1); the first ``k`` positions without a cap."""
+        raw_ids = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
+        if self.categories is None or raw_ids.size == 0:
+            return np.arange(min(k, raw_ids.size))
+        from serving.ordering import cap_per_category
+
+        at = np.minimum(np.searchsorted(self.raw_sorted, raw_ids), self.raw_sorted.size - 1)
+        categories = np.where(self.raw_sorted[at] == raw_ids, self.categories[self.encoded_sorted[at]], -1)
+        # No list holds more than the cap times the categories: stop there, not at the end of the list.
+        fits = self.policy.max_per_category * len(np.unique(categories))
+        return cap_per_category(np.arange(raw_ids.size), categories, self.policy.max_per_category, min(k, fits))
+
     def retrieval_percentile(self, inputs, ids: np.ndarray) -> np.ndarray:
         """Where retrieval placed each of ``ids`` among the candidates it returned (0 if it did not)."""
         from serving.ordering import percentile_among
@@ -758,7 +773,8 @@ class Ordering(Stage):
             served_by = "history_query"
         keep = ~np.isin(candidates, seen) & ~np.isin(self.raw_ids[candidates], drop_raw)
         candidates, scores = candidates[keep], np.asarray(scores, dtype=np.float64)[keep]
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = np.argsort(-scores, kind="stable")
+        order = order[self.capped(self.raw_ids[candidates[order]], k)]
         # Served scores in [0, 1]: the rank among the candidates (raw affinities are unbounded).
         out_scores = 1.0 - np.arange(len(order)) / max(len(candidates), 1)
         return self.raw_ids[candidates[order]], out_scores, served_by
@@ -815,9 +831,16 @@ class Ordering(Stage):
                 item_ids, out_scores, served_by = self.from_fresh_history(seen, k, drop)
             else:  # popularity, without what the user just did (live events) or may not see
                 drop = np.concatenate([drop, self.raw_ids[seen]])
-                item_ids, out_scores = top_popular(self.popularity, k + drop.size)
-                keep = ~np.isin(item_ids, drop)
-                item_ids, out_scores = np.asarray(item_ids)[keep][:k], np.asarray(out_scores)[keep][:k]
+                pool = k  # the k most popular left; under a category cap, more until k fit the rule
+                while True:
+                    item_ids, out_scores = top_popular(self.popularity, pool + drop.size)
+                    keep = ~np.isin(item_ids, drop)
+                    item_ids, out_scores = np.asarray(item_ids)[keep], np.asarray(out_scores)[keep]
+                    order = self.capped(item_ids, k)
+                    if len(order) == k or pool + drop.size >= len(self.popularity):
+                        break
+                    pool *= 4
+                item_ids, out_scores = item_ids[order], out_scores[order]
                 served_by = "fallback"
         counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
         return {

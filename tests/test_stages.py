@@ -254,6 +254,28 @@ def test_ordering_caps_items_per_category(funnel, triton_repo, model_version, tm
     assert all(first_of[c] == i for c, i in zip(categories, capped["item_ids"].tolist()) if c in first_of)
 
 
+def test_the_category_cap_holds_for_the_fallback_and_fresh_history_lists_too(triton_repo, model_version, tmp_path):
+    """serving.ordering.max_per_category is a rule for every list served: the popularity fallback and
+    the fresh-history list of users the models never saw used to ignore it (3 and 6 items of one
+    category in a list of 10 with max_per_category 1)."""
+    ordering = ordering_with(triton_repo, model_version, tmp_path, max_per_category=1)
+    items = pd.read_parquet(model_version.path / "item_features.parquet")
+    category = dict(zip(items["item_id_raw"], items["category"]))
+    empty = np.zeros(0, dtype=np.int64)
+    request = {
+        "user_known": np.array([False]),
+        "k": np.array([10], dtype=np.int32),
+        **{name: empty for name in ("candidate_ids", "filtered_ids", "light_ids")},
+        **{name: np.zeros(0, dtype=np.float32) for name in ("heavy_scores", "retrieval_scores")},
+    }
+    history = np.sort(items["item_id"].to_numpy())[:5]  # enough live history for fresh_history
+    for seen, served_by in ((empty, b"fallback"), (history, b"fresh_history")):
+        out = ordering.run({**request, "seen_items": seen})
+        assert out["served_by"][0] == served_by
+        categories = [category[i] for i in out["item_ids"].tolist()]
+        assert len(categories) == len(set(categories)) == min(10, items["category"].nunique()), (served_by, categories)
+
+
 def test_exploration_samples_different_lists_from_the_same_candidates(funnel, triton_repo, model_version, tmp_path):
     request = known_user_request(funnel, model_version)
     explore = ordering_with(triton_repo, model_version, tmp_path, exploration_temperature=0.05)
