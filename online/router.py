@@ -284,7 +284,10 @@ class RouterModel(StageModel):
     def build_metrics(self, args: dict):
         from serving.metrics import OnlineMetrics
 
-        return self.off_request_path(OnlineMetrics(self.pb, "router", self.stage.rollout.versions_by_arm()))
+        rollout = self.stage.rollout
+        return self.off_request_path(
+            OnlineMetrics(self.pb, "router", rollout.versions_by_arm(), design_shares=rollout.experiment.arms)
+        )
 
     def _infer(self, model_name: str, inputs: dict) -> dict:
         """One BLS call. The router checked the request first, so an error of the funnel is a fault

@@ -506,10 +506,18 @@ class OnlineMetrics:
     ``record`` (the round trips to the server, on a ``BackgroundRecorder``). Each role counts one
     metric last in a batch, ``online_request_latency_ms`` (router) or ``online_feedback_total``
     (feedback): once that includes a request, every other counter does (``online_settled`` relies on it).
-    The router passes its rollout's ``arms`` (arm -> model version), whose series start at 0.
+    The router passes its rollout's ``arms`` (arm -> model version), whose series start at 0, and
+    its experiment's ``design_shares`` (arm -> share of the traffic outside the holdout), exported as
+    the gauge ``online_arm_design_share`` that the sample-ratio alert compares the traffic with.
     """
 
-    def __init__(self, pb_utils, role: str, arms: dict[str, int] | None = None):
+    def __init__(
+        self,
+        pb_utils,
+        role: str,
+        arms: dict[str, int] | None = None,
+        design_shares: dict[str, float] | None = None,
+    ):
         if role not in ("router", "feedback"):
             raise ValueError(f"role must be router or feedback, got {role!r}")
         family = pb_utils.MetricFamily
@@ -564,6 +572,14 @@ class OnlineMetrics:
                 for key in ("requests", "impressions", "fallback"):
                     self._metric(key, labels)
                 self._metric("latency", {"arm": arm})
+            if design_shares:  # an experiment of any split (10/90, say), not only 50/50
+                self._families["design_share"] = family(
+                    "online_arm_design_share",
+                    "Each arm's share of the traffic outside the holdout, by the experiment's design",
+                    family.GAUGE,
+                )
+                for arm, share in design_shares.items():
+                    self._metric("design_share", {"arm": arm}).set(float(share))
 
     def series(self) -> dict:
         """Every series this endpoint exports so far: ``{(key, sorted label pairs): metric}``."""

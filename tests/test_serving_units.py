@@ -78,6 +78,9 @@ class _Metric:
         self.total += value
         self.updates += 1
 
+    def set(self, value):  # a gauge
+        self.total = value
+
 
 def _buckets(histogram):
     return {m.labels["le"]: m.total for m in histogram.buckets}
@@ -242,8 +245,16 @@ def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
     assert rollout.versions_by_arm() == {"control": 3, "treatment": 4, HOLDOUT: 3}
     assert single_version(7).versions_by_arm() == {"control": 7}  # no holdout share, no holdout arm
 
-    router = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "router", rollout.versions_by_arm())
+    rollout.experiment.arms = {"control": 0.9, "treatment": 0.1}  # a 10/90 design
+    router = OnlineMetrics(
+        SimpleNamespace(MetricFamily=_Family), "router", rollout.versions_by_arm(), rollout.experiment.arms
+    )
     declared = {(key, tuple(sorted(dict(labels).items()))): m for (key, labels), m in router.series().items()}
+    # the design the sample-ratio alert compares the traffic with (monitoring/prometheus/funnel-alerts.yml)
+    assert {arm: declared["design_share", (("arm", arm),)].total for arm in ("control", "treatment")} == {
+        "control": 0.9,
+        "treatment": 0.1,
+    }
     for arm, version in rollout.versions_by_arm().items():
         for key in ("requests", "impressions", "fallback"):
             assert declared[key, (("arm", arm), ("version", str(version)))].total == 0
