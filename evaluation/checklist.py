@@ -34,6 +34,8 @@ class CheckResult:
 
 
 def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> CheckResult:
+    from deployment.export import STAGE_ARTIFACTS
+
     manifest = json.loads((model_dir / "manifest.json").read_text())
     versions = {
         "manifest": int(manifest["version"]),
@@ -42,20 +44,19 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
     }
     affinity_files = [model_dir / "item_affinity.json"] if manifest.get("item_affinity") else []
     if repo is not None:
-        affinity_files += [
-            m.parent / "item_affinity.json"
-            for m in sorted(repo.glob("ordering/*/manifest.json"))
-            if json.loads(m.read_text()).get("item_affinity")
-        ]
         export = json.loads((repo / "export.json").read_text())
         versions["export"] = int(export["version"])
-        for stage_manifest in sorted(repo.glob("*/*/manifest.json")):
-            stage = stage_manifest.parent.parent.name
-            versions[f"stage:{stage}"] = int(json.loads(stage_manifest.read_text())["version"])
-            if stage_manifest.parent.name != str(versions["manifest"]):
-                versions[f"folder:{stage}"] = int(stage_manifest.parent.name)
+        # This version's folder of every stage (``<stage>/<version>/``, or inside the fused funnel): a
+        # repository holds other versions beside it during a rollout or an A/B test, and those are
+        # theirs, not this version's. A stage without this version's manifest counts as version -1.
+        for stage in STAGE_ARTIFACTS:
+            stage_manifest = stage_folder(repo, stage, versions["manifest"]) / "manifest.json"
+            stamped = json.loads(stage_manifest.read_text()) if stage_manifest.exists() else {"version": -1}
+            versions[f"stage:{stage}"] = int(stamped["version"])
+            if stage == "ordering" and stamped.get("item_affinity"):
+                affinity_files.append(stage_manifest.parent / "item_affinity.json")
     for path in affinity_files:  # a missing file counts as version -1: inconsistent
-        where = "registry" if path.parent == model_dir else f"ordering/{path.parent.name}"
+        where = "registry" if path.parent == model_dir else f"ordering/{versions['manifest']}"
         versions[f"item_affinity:{where}"] = int(json.loads(path.read_text())["version"]) if path.exists() else -1
     ok = len(set(versions.values())) == 1
     return CheckResult("versions_consistent", ok, json.dumps(versions))
@@ -100,7 +101,9 @@ def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
     bad = []
     for user in users:
         s = np.asarray(run_funnel(stages, user, 10)["scores"])
-        if s.size == 0 or s.min() < 0 or s.max() > 1 or (not sampled and np.any(np.diff(s) > 0)):
+        # NaN compares false with everything: a NaN score would pass the range and order tests.
+        broken = s.size == 0 or not np.isfinite(s).all()
+        if broken or s.min() < 0 or s.max() > 1 or (not sampled and np.any(np.diff(s) > 0)):
             bad.append(int(user))
     return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")
 

@@ -1,0 +1,75 @@
+"""Checklist items on hand-made artifacts (no training): what each must catch, and what it must not."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from deployment.export import STAGE_ARTIFACTS
+from evaluation import checklist
+
+
+def _stamp(path: Path, version: int, **extra) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": version, **extra}))
+
+
+def _registry_version(root: Path, version: int) -> Path:
+    folder = root / "registry" / str(version)
+    _stamp(folder / "manifest.json", version, item_affinity={"items": 3})
+    for name in ("query_tower.json", "item_index.json", "item_affinity.json"):
+        _stamp(folder / name, version)
+    return folder
+
+
+def _add_to_repo(repo: Path, version: int) -> None:
+    for stage in STAGE_ARTIFACTS:
+        _stamp(repo / stage / str(version) / "manifest.json", version, item_affinity={"items": 3})
+    _stamp(repo / "ordering" / str(version) / "item_affinity.json", version)
+
+
+def test_a_repository_holding_the_next_version_beside_this_one_is_consistent(tmp_path):
+    # After deployment.rollout.add_version (a rollout or an A/B test): <stage>/1 and <stage>/2 side by side.
+    v1, v2 = _registry_version(tmp_path, 1), _registry_version(tmp_path, 2)
+    repo = tmp_path / "repo"
+    _stamp(repo / "export.json", 1)
+    _add_to_repo(repo, 1)
+    assert checklist.check_versions_consistent(v1, repo).passed
+    _add_to_repo(repo, 2)
+    result = checklist.check_versions_consistent(v1, repo)
+    assert result.passed, result.detail
+    _stamp(repo / "export.json", 2)  # rolled out to 2, version 1 not yet retired
+    result = checklist.check_versions_consistent(v2, repo)
+    assert result.passed, result.detail
+
+
+def test_a_stage_of_this_version_with_another_stamp_or_missing_still_fails(tmp_path):
+    v1 = _registry_version(tmp_path, 1)
+    repo = tmp_path / "repo"
+    _stamp(repo / "export.json", 1)
+    _add_to_repo(repo, 1)
+    _stamp(repo / "heavy_ranker" / "1" / "manifest.json", 7)
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and '"stage:heavy_ranker": 7' in result.detail
+    _stamp(repo / "heavy_ranker" / "1" / "manifest.json", 1)
+    (repo / "ordering" / "1" / "item_affinity.json").unlink()
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and '"item_affinity:ordering/1": -1' in result.detail
+    (repo / "retrieval" / "1" / "manifest.json").unlink()
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and '"stage:retrieval": -1' in result.detail
+
+
+@pytest.mark.parametrize("scores", [[0.9, np.nan, 0.1], [np.nan, np.nan], [0.5, np.inf], [-np.inf]])
+def test_nan_or_infinite_scores_fail_the_unit_range_check(monkeypatch, scores):
+    from evaluation import offline
+
+    ordering = SimpleNamespace(name="ordering", policy=SimpleNamespace(exploration_temperature=0.0))
+    monkeypatch.setattr(offline, "load_funnel", lambda repo, version: [ordering])
+    monkeypatch.setattr(offline, "run_funnel", lambda stages, user, k: {"scores": np.array(scores)})
+    result = checklist.check_scores_in_unit_range(Path("repo"), 1, [1, 2])
+    assert not result.passed and "[1, 2]" in result.detail
+    monkeypatch.setattr(offline, "run_funnel", lambda stages, user, k: {"scores": np.array([0.9, 0.5, 0.1])})
+    assert checklist.check_scores_in_unit_range(Path("repo"), 1, [1, 2]).passed
