@@ -203,6 +203,50 @@ def test_ids_of_mixed_types_in_json_lines(shop):
     assert "mixed types" in d.message and d.rows == 1 and d.file.endswith("customers.jsonl")
 
 
+def test_ids_beyond_int64_are_refused_not_wrapped(shop):
+    # 2**64 - 1 became user -1 and 2**63 the most negative id, silently: every later step took them.
+    set_cells(shop / "events-000.csv", "customer", [0, 1], ["18446744073709551615", "9223372036854775808"])
+    lines = (shop / "customers.jsonl").read_text().splitlines()
+    first = {**json.loads(lines[0]), "customer": 2**64 - 1}
+    (shop / "customers.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    defects = defects_of(shop / "dataset.yaml")
+    events = only([d for d in defects if d.file.endswith("events-000.csv")], "customer")
+    assert "beyond int64" in events.message and (events.rows, events.example) == (2, "18446744073709551615")
+    users = only([d for d in defects if d.file.endswith("customers.jsonl")], "customer")
+    assert "beyond int64" in users.message and users.example == 2**64 - 1
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "iso"])
+def test_a_parquet_column_of_dates_is_read_as_its_instants_whatever_the_unit(tmp_path, unit):
+    # The docs: "parquet timestamp columns are read as they are". The checks compared their
+    # nanoseconds with the unit's range and refused every row as "too large" unless the unit was iso.
+    when = pd.to_datetime(["2026-01-01 00:00:00", "2026-01-02 12:00:00"])
+    frames = {
+        "naive": when,
+        "utc": when.tz_localize("UTC"),
+        "berlin": when.tz_localize("Europe/Berlin"),  # 1 hour ahead of UTC in winter
+    }
+    expected = {
+        "naive": [1767225600, 1767355200],
+        "utc": [1767225600, 1767355200],
+        "berlin": [1767222000, 1767351600],
+    }
+    for name, ts in frames.items():
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame({"u": [1, 2], "i": [3, 4], "t": ts}).to_parquet(path)
+        events = {"path": str(path), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": unit}
+        read = load_inputs(spec_from_dict({"name": name, "events": events})).events.compute()
+        assert read["timestamp"].tolist() == expected[name], name
+    if unit == "iso":
+        return
+    before_1970 = tmp_path / "old.parquet"  # negative seconds, refused as numbers are
+    pd.DataFrame({"u": [1], "i": [3], "t": pd.to_datetime(["1969-12-31 23:00:00"])}).to_parquet(before_1970)
+    events = {"path": str(before_1970), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": unit}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "old", "events": events}))
+    assert [d.column for d in info.value.defects] == ["t"] and "negative" in info.value.defects[0].message
+
+
 def test_events_of_items_missing_from_the_item_table(shop):
     items = pd.read_csv(shop / "items.csv")
     used = pd.concat([pd.read_csv(p) for p in sorted(shop.glob("events-*.csv"))])["sku"]

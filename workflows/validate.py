@@ -6,10 +6,10 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
 
     structure   a file or glob that matches nothing, a column the spec names that the file lacks,
                 an empty table
-    ids         null, negative, not an integer, ids of mixed types (numbers and text in one column),
+    ids         null, negative, not an integer, beyond int64, ids of mixed types (numbers and text in one column),
                 duplicate keys in an attribute table
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
-                range (seconds that are really milliseconds)
+                range (seconds that are really milliseconds); a column of dates is taken as its instants
     signals     null or not a number, a binary signal not 0/1, a value outside the declared range
     attributes  a continuous column that is not a number
     references  events whose item (user) the item (user) table lacks: an error, or with
@@ -162,6 +162,14 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
             parsed = parse_iso(col)
             _add(issues, rule.column, "timestamp", present & parsed.isna(), col)
             continue
+        if rule.kind == "timestamp" and col.dtype.kind == "M":
+            # A column of dates (a parquet timestamp column) holds instants whatever the declared
+            # unit: the reader takes them as they are. As numbers they are nanoseconds, which the
+            # unit's range check would refuse as "too large" for s, ms or us.
+            import pandas as pd
+
+            _add(issues, rule.column, "negative", col < pd.Timestamp(0, tz=col.dt.tz), col)  # before 1970
+            continue
         num = col if integer_dtype else as_number(col)
         if present is not None:
             _add(issues, rule.column, "not_number", present & num.isna(), col)
@@ -175,6 +183,8 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
                 if mixed:
                     issues[(rule.column, "mixed_types")] = [mixed, _first(col[col.map(lambda v: isinstance(v, str))])]
             _add(issues, rule.column, "negative", num < 0, col)
+            # Beyond int64 an id would wrap on the way to int64 (2**64 - 1 became -1): refused.
+            _add(issues, rule.column, "beyond_int64", _beyond_int64(num), col)
         elif rule.kind == "timestamp":
             _add(issues, rule.column, "negative", num < 0, col)
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
@@ -191,6 +201,13 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         valid = ids.notna() & (ids >= 0)  # a null or negative id is its own defect, not an unknown one
         _add(issues, m.column, f"{m.code}_{m.table}", valid & ~ids.isin(m.known), col)
     return out
+
+
+def _beyond_int64(num):
+    """Which numbers an int64 cannot hold above its maximum (compared without rounding)."""
+    if num.dtype.kind in "iu":
+        return num > np.iinfo(np.int64).max
+    return num >= 2.0**63  # floats: 2**63 - 1 rounds to 2**63
 
 
 def _unit_factor(unit: str) -> int:
@@ -218,6 +235,7 @@ MESSAGES = {
     "fractional": "is not an integer id",
     "negative": "is negative",
     "not_binary": "is not 0 or 1 (a binary signal)",
+    "beyond_int64": "is beyond int64 (ids must fit the INT64 that requests and responses carry)",
 }
 
 
@@ -233,7 +251,7 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
             n, example = issues[(_c, code)]
             out.append(Defect(file, _c, message, n, example))
 
-        for code in ("null", "negative", "fractional", "not_binary"):
+        for code in ("null", "negative", "fractional", "not_binary", "beyond_int64"):
             if (c, code) in issues:
                 defect(f"{MESSAGES[code]}{role}", code)
         if (c, "not_number") in issues:
