@@ -171,11 +171,28 @@ def evaluate_scores(name: str, scores: np.ndarray, data: Interactions, ks=(10, 2
     return evaluate_top_k(name, top, data, ks, scores=scores, **kwargs)
 
 
+# A numeric attribute with more distinct values than this (an age, a lifetime value) is sliced by its
+# quartiles: one group per value would be groups of one user each, and a best-worst gap of 0 to 1.
+MAX_VALUE_GROUPS = 10
+
+
+def attribute_groups(values: pd.Series) -> np.ndarray:
+    """Each user's group of one attribute: its value as text, or for a numeric attribute with many
+    values its quartile (``Q1: 3.2 to 10``, ends included from the second on)."""
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if not numeric or values.nunique() <= MAX_VALUE_GROUPS:
+        return values.astype(str).values
+    bins = pd.qcut(values, 4, duplicates="drop")
+    labels = {iv: f"Q{i + 1}: {iv.left:.4g} to {iv.right:.4g}" for i, iv in enumerate(bins.cat.categories)}
+    return bins.map(labels).astype(object).where(bins.notna(), "nan").astype(str).values
+
+
 def slice_table(per_user: pd.DataFrame, attributes: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each metric by each attribute value, with the best-worst gap per attribute."""
+    """Mean of each metric by each attribute value (numeric attributes with many values: by
+    quartile, ``attribute_groups``), with the best-worst gap per attribute."""
     rows = []
     for attr in attributes.columns:
-        grouped = per_user.groupby(attributes[attr].astype(str).values)
+        grouped = per_user.groupby(attribute_groups(attributes[attr]))
         means, counts = grouped.mean(), grouped.size()
         for value, row in means.iterrows():
             rows.append({"attribute": attr, "value": value, "users": int(counts[value]), **row.to_dict()})

@@ -507,6 +507,8 @@ def evaluate_spec(
     events = events.to_pandas() if hasattr(events, "to_pandas") else events  # the evaluation runs on the host
     users = inputs.users if inputs.users is not None else pd.DataFrame({"user_id": np.unique(events["user_id"])})
     users = users.to_pandas() if hasattr(users, "to_pandas") else users
+    # Slices are by the users' attributes; a text column (a bio, a name) is no grouping.
+    users = users.drop(columns=[c for c in inputs.layout.user_text if c in users.columns])
     dataset = (
         f"{spec.name or 'dataset spec'} ({len(events):,} events, {events['user_id'].nunique():,} users, "
         f"{events['item_id'].nunique():,} items; positive: {inputs.layout.positive})"

@@ -456,3 +456,54 @@ def test_a_specs_own_split_files_are_what_its_evaluation_scores(tmp_path, monkey
         "Pop", Popularity().fit(data.matrix()).scores(np.arange(len(data.user_ids))), data, ks=(10,), n_bootstrap=10
     )
     assert run["results"][0].metrics["ndcg@10"] == pytest.approx(pop.metrics["ndcg@10"])
+
+
+def test_a_numeric_attribute_with_many_values_is_sliced_by_quartile_not_per_value():
+    # A spec's continuous user attribute (a lifetime value) gave one slice per user and a "gap" of
+    # 1.0 between two users; text attributes gave one slice per text.
+    rng = np.random.default_rng(0)
+    n = 200
+    train = pd.DataFrame({"user_id": np.repeat(np.arange(n), 5), "item_id": rng.integers(0, 50, n * 5)})
+    test = pd.DataFrame({"user_id": np.arange(n), "item_id": rng.integers(0, 50, n)})
+    data = offline.Interactions.from_split(train, test)
+    value = rng.lognormal(3, 1, n).round(2)
+    segment = rng.choice(["new", "vip"], n)
+    users = pd.DataFrame(
+        {"user_id": np.arange(n), "segment": segment, "lifetime_value": value, "age": np.minimum(value // 20, 5)}
+    )
+    users.loc[3, "lifetime_value"] = np.nan  # a user without the attribute: its own group
+    scores = rng.random((n, len(data.item_ids)))
+    result = offline.evaluate_scores("random", scores, data, ks=(10,), user_attributes=users, n_bootstrap=20)
+    groups = result.slices.groupby("attribute")["value"].apply(sorted)
+    assert groups["segment"] == ["new", "vip"]
+    assert len(groups["lifetime_value"]) == 5 and groups["lifetime_value"][:4] == [
+        v for v in groups["lifetime_value"] if v.startswith("Q")
+    ]
+    assert "nan" in groups["lifetime_value"]
+    evaluated = int((data.relevant_counts > 0).sum())
+    assert result.slices.groupby("attribute")["users"].sum().eq(evaluated).all()
+    few = users["age"].nunique()
+    assert few <= offline.MAX_VALUE_GROUPS and len(groups["age"]) == few  # few values: one group each
+
+
+def test_evaluate_spec_slices_by_attributes_not_by_user_text(tmp_path, monkeypatch):
+    from configs import load_config
+    from evaluation import pipeline
+    from workflows import pipeline as workflow_pipeline
+    from workflows.spec import spec_from_dict
+
+    pd.DataFrame({"u": [1, 2, 3], "i": [5, 6, 5], "t": [10, 20, 30]}).to_csv(tmp_path / "e.csv", index=False)
+    users = {"u": [1, 2, 3], "segment": ["a", "b", "a"], "bio": ["likes tea", "likes jazz", "x"]}
+    pd.DataFrame(users).to_csv(tmp_path / "users.csv", index=False)
+    spec = spec_from_dict(
+        {
+            "events": {"path": "e.csv", "user_id": "u", "item_id": "i", "timestamp": "t"},
+            "users": {"path": "users.csv", "categorical": ["segment"], "text": ["bio"]},
+        },
+        root=str(tmp_path),
+    )
+    seen = {}
+    monkeypatch.setattr(workflow_pipeline, "prepare_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "evaluate_temporal", lambda processed, events, users, *a, **k: seen.update(u=users))
+    pipeline.evaluate_spec(spec, load_config(), tmp_path / "out", mitigation=False)
+    assert list(seen["u"].columns) == ["user_id", "segment"]
