@@ -102,11 +102,25 @@ def test_label_check_catches_a_corrupted_label():
             "share": [0, 0, 0],
         }
     )
-    good = pd.DataFrame({"click": [1, 0, 1], "watched": [1, 0, 0], "like": [1, 0, 0], "share": [0, 0, 0]})
+    good = pd.DataFrame(
+        {"click": [1, 0, 1], "watched": [1, 0, 0], "duration_watch": [1, 0, 0], "like": [1, 0, 0], "share": [0, 0, 0]}
+    )
     assert check_labels_agree(ddf(raw, 1), ddf(good, 1), 0.75)["passed"]
     bad = good.assign(watched=[1, 0, 1])
     with pytest.raises(CheckFailed, match="watched"):
         check_labels_agree(ddf(raw, 1), ddf(bad, 1), 0.75)
+
+
+def test_label_check_fails_when_a_label_column_is_missing():
+    # It compared only the labels present: an output without "like" (or without any label) passed.
+    from workflows.spec import Layout
+
+    raw = pd.DataFrame({"click": [1, 0, 1], "like": [1, 0, 0]})
+    layout = Layout(signals=("click", "like"), binary_labels=("click", "like"), watch=False, duration=False)
+    assert check_labels_agree(ddf(raw, 1), ddf(raw, 1), 0.75, layout=layout)["labels"] == ["click", "like"]
+    for broken in (raw[["click"]], pd.DataFrame({"other": [0, 0, 0]})):
+        with pytest.raises(CheckFailed, match="missing"):
+            check_labels_agree(ddf(raw, 1), ddf(broken, 1), 0.75, layout=layout)
 
 
 # --- splits ----------------------------------------------------------------------------------------

@@ -44,7 +44,10 @@ def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=Non
     if layout.watch_labels:
         inputs += ["watch_seconds", "duration_seconds"]
     r = raw[inputs].compute().reset_index(drop=True)
-    labels = [c for c in layout.labels if c in transformed.columns]
+    labels = list(layout.labels)
+    missing = [c for c in labels if c not in transformed.columns]
+    if missing:  # a label the layout defines but the output lacks would be compared with nothing
+        raise CheckFailed(f"label check: label column(s) {missing} missing from the transformed data")
     t = transformed[labels].compute().reset_index(drop=True)
     if len(r) != len(t):
         raise CheckFailed(f"label check: {len(t)} transformed rows for {len(r)} raw rows")
