@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +115,24 @@ class VersionWriter:
         self.registry = Path(registry)
         self.registry.mkdir(parents=True, exist_ok=True)
         existing = list_versions(self.registry)
-        self.version = (existing[-1] + 1) if existing else 1
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".v{self.version}-", dir=self.registry))
+        version = (existing[-1] + 1) if existing else 1
+        # The number is reserved by creating its temporary folder (mkdir is atomic and exclusive), so
+        # two runs writing at once never get the same one: the second found the first's folder, or
+        # (once the first had published) its version, and took the next number. A folder left by a
+        # killed run keeps its number reserved: a number is skipped, never reused.
+        while True:
+            tmp = self.registry / f".v{version}.tmp"
+            try:
+                os.mkdir(tmp)
+            except FileExistsError:
+                version += 1
+                continue
+            if (self.registry / str(version)).exists():  # published while we looked
+                os.rmdir(tmp)
+                version += 1
+                continue
+            break
+        self.version, self.tmp = version, tmp
 
     def __enter__(self) -> VersionWriter:
         return self

@@ -36,3 +36,22 @@ def test_fingerprint_changes_with_the_data(tmp_path):
     first = registry.fingerprint(tmp_path / "d")
     (tmp_path / "d" / "x").write_text("2")
     assert registry.fingerprint(tmp_path / "d") != first
+
+
+def test_two_runs_writing_at_once_get_different_versions(tmp_path):
+    """Two training runs that start before either publishes (a retraining beside a manual run) both
+    reserved version 1: the second failed at the very end (``OSError: Directory not empty``) and left
+    its temporary folder behind."""
+    first, second = registry.VersionWriter(tmp_path), registry.VersionWriter(tmp_path)
+    assert first.version != second.version
+    with first:
+        first.write_manifest(run="first")
+    third = registry.VersionWriter(tmp_path)  # starts after the first published, before the second
+    with second:
+        second.write_manifest(run="second")
+    with third:
+        third.write_manifest(run="third")
+    assert registry.list_versions(tmp_path) == [1, 2, 3]
+    assert [registry.get(tmp_path, v).manifest["run"] for v in (1, 2, 3)] == ["first", "second", "third"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]  # no temporary folder left
+
