@@ -601,6 +601,12 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_k < 1:
             raise ValueError(f"serving.max_k must be >= 1, got {self.max_k}")
+        # A half-life of 0 made every fallback score NaN, a negative one weighted old clicks above new
+        # ones; a new-item weight outside [0, 1] was refused only at the end of a training run.
+        if not self.fallback_window_days > 0:
+            raise ValueError(f"serving.fallback_window_days must be > 0, got {self.fallback_window_days}")
+        if not 0.0 <= self.fallback_new_item_weight <= 1.0:
+            raise ValueError(f"serving.fallback_new_item_weight must be in [0, 1], got {self.fallback_new_item_weight}")
         if not 0.0 <= self.metrics_interval_s <= 60.0:
             raise ValueError(f"serving.metrics_interval_s must be in [0, 60], got {self.metrics_interval_s}")
         if self.max_excluded_items < 0:

@@ -20,8 +20,10 @@ SECONDS_PER_DAY = 86_400
 def recency_weighted_popularity(events, half_life_days: float, label: str = "click"):
     """Return a frame ``item_id, score`` sorted by descending score (raw item ids).
 
-    ``events`` is a pandas or cudf frame in the raw event schema.
+    ``events`` is a pandas or cudf frame in the raw event schema (timestamps in seconds).
     """
+    if not half_life_days > 0:
+        raise ValueError(f"the recency half-life must be > 0 days, got {half_life_days}")
     positives = events[events[label] > 0]
     newest = events["timestamp"].max()
     age_days = (newest - positives["timestamp"]) / SECONDS_PER_DAY

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from models.fallback import SECONDS_PER_DAY, recency_weighted_popularity, top_popular
 
@@ -38,3 +39,21 @@ def test_new_items_get_the_popularity_of_their_category_discounted():
     assert scores[1] == 1.0 and scores[3] == np.float32(0.2)  # known items keep their own score
     assert out["score"].is_monotonic_decreasing and out["item_id"].tolist()[:2] == [1, 2]
     assert ((out["score"] >= 0) & (out["score"] <= 1)).all()
+
+
+def test_a_half_life_that_is_not_positive_is_refused():
+    """A half-life of 0 made every score NaN; a negative one ranked old clicks above recent ones.
+    The config refuses both, and a new-item weight outside [0, 1] (refused only at the end of a
+    training run, by ``with_new_items``)."""
+    from configs import load_config
+
+    day = 86_400
+    events = pd.DataFrame({"item_id": [1, 2, 2], "timestamp": [10 * day, 0, 0], "click": [1, 1, 1]})
+    for half_life in (0.0, -7.0):
+        with pytest.raises(ValueError, match="half-life"):
+            recency_weighted_popularity(events, half_life)
+        with pytest.raises(ValueError, match="serving.fallback_window_days"):
+            load_config(overrides={"serving": {"fallback_window_days": half_life}})
+    for weight in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="serving.fallback_new_item_weight"):
+            load_config(overrides={"serving": {"fallback_new_item_weight": weight}})
