@@ -54,4 +54,3 @@ def test_two_runs_writing_at_once_get_different_versions(tmp_path):
     assert registry.list_versions(tmp_path) == [1, 2, 3]
     assert [registry.get(tmp_path, v).manifest["run"] for v in (1, 2, 3)] == ["first", "second", "third"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]  # no temporary folder left
-
