@@ -19,6 +19,7 @@ the item embeddings that the ANN index is built from.
 from __future__ import annotations
 
 import copy
+import logging
 
 import merlin.models.tf as mm
 import numpy as np
@@ -35,6 +36,8 @@ from models import merlin_patches  # noqa: F401  (faster, fixed Merlin save; see
 from models.columns import to_host
 from models.single_trace import BuildOptimizerFirst
 from workflows.activity import ACTIVITY_TAG
+
+log = logging.getLogger(__name__)
 
 
 def tower_schema(schema: Schema) -> Schema:
@@ -189,6 +192,14 @@ def train_candidate_generator(
     """
     tf.keras.utils.set_random_seed(seed)
     train_pos, valid_pos = positives(train), positives(valid)
+    # Merlin's Loader waits forever for the first batch of a dataset without rows: a training or
+    # validation part without a single click hung the training run instead of failing or going on.
+    if not train_pos.num_rows:
+        raise ValueError("the candidate generator trains on clicks, and the training part has none")
+    validate = bool(valid_pos.num_rows)
+    if not validate:
+        log.warning("the validation part has no clicks: the candidate generator trains without validation")
+        patience = None
     features = catalog_features(train.schema, catalog) if catalog is not None else None
     model = build_candidate_generator(train.schema, config, embeddings, train_pos, features)
     model.compile(
@@ -210,8 +221,10 @@ def train_candidate_generator(
         callbacks=callbacks,
         verbose=verbose,
     )
-    metrics = model.evaluate(mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0)
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {}
+    if validate:
+        metrics = model.evaluate(mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0)
+        metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs_run"] = len(history.history.get("loss", []))
     return model, metrics
 

@@ -366,3 +366,30 @@ def test_saved_output_schema_is_read_without_reloading_the_model(model_version):
     for name in ("query_tower", "light_ranker", "heavy_ranker"):
         path = str(model_version.path / name)
         assert merlin_patches.output_schema_from_signature(path) == merlin_patches.MERLIN_GET_OUTPUT_SCHEMA(path)
+
+
+@pytest.mark.timeout(300)
+def test_a_validation_part_without_clicks_trains_without_validation_instead_of_hanging(processed, small_config, caplog):
+    """Merlin's Loader waits forever for the first batch of a dataset without rows: a validation part
+    without a single click hung the candidate generator (and the training run) for good; a training
+    part without one hung it too."""
+    import copy
+
+    from merlin.io import Dataset
+
+    from models.candidate_generator import train_candidate_generator
+
+    config = copy.deepcopy(small_config.candidate_generator)
+    config.epochs = 1
+    valid = processed.valid()
+    no_clicks = valid.to_ddf().assign(click=0)
+    with caplog.at_level("WARNING", logger="models.candidate_generator"):
+        _, metrics = train_candidate_generator(
+            processed.train(), Dataset(no_clicks, schema=valid.schema), config, verbose=0, patience=2
+        )
+    assert metrics == {"epochs_run": 1}
+    assert "no clicks" in caplog.text
+    train = processed.train()
+    train = Dataset(train.to_ddf().assign(click=0), schema=train.schema)
+    with pytest.raises(ValueError, match="training part has none"):
+        train_candidate_generator(train, valid, config, verbose=0)
