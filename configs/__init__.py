@@ -738,6 +738,17 @@ class Config:
             raise ValueError(
                 f"tuning.member_weights candidates need one weight per heavy_ranker member ({members}): {wrong}"
             )
+        # The blend search leaves out pairs above 1 (models.tuning.grid): with none left, the tuning step
+        # failed ("no tuning trial to choose from") at the end of the training run, its work thrown away.
+        if self.tuning.enabled:
+            ordering = self.serving.ordering
+            retrieval = self.tuning.retrieval_weight or [ordering.retrieval_weight]
+            affinity = self.tuning.affinity_weight or [ordering.affinity_weight]
+            if min(retrieval) + min(affinity) > 1.0 + 1e-9:
+                raise ValueError(
+                    f"tuning: no blend of retrieval_weight {retrieval} and affinity_weight {affinity} sums to "
+                    "at most 1 (the heavy ranker keeps the rest): the blend search would have nothing to try"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -128,6 +128,11 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
         trials.append({"params": params, metric: value})
     best = tuning.best_trial(trials, metric)
+    if not requests:
+        # Nothing to measure: every trial scored 0 and the first of the grid would replace the
+        # configured values for no reason. Keep them.
+        log.warning("tuning: no validation user with a click the models could serve; keeping the configured values")
+        best = {"params": {key: tuning.current(config, key) for key in best["params"]}, metric: 0.0}
     record = {
         "metric": metric,
         "part": "validation",
@@ -136,7 +141,7 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         "chosen": best["params"],
         "best": best[metric],
         "seconds": round(time.perf_counter() - started, 2),
-        "at_edge": tuning.at_edge(config, best["params"]),
+        "at_edge": tuning.at_edge(config, best["params"]) if requests else [],
     }
     log.info(
         "tuning: %d trials on %d validation users, chose %s (%s %.4f)",

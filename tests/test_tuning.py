@@ -119,6 +119,23 @@ def test_tuning_config_is_validated():
         load_config(overrides={"tuning": {"logq_strength": [-0.5]}})
 
 
+def test_a_blend_search_with_nothing_to_try_is_refused_by_the_config():
+    """Every pair above 1 (or a list against the configured other weight): the grid was empty and the
+    tuning step failed with "no tuning trial to choose from" at the end of the training run."""
+    for overrides in (
+        {"tuning": {"retrieval_weight": [0.6, 0.8], "affinity_weight": [0.5]}},
+        {
+            "tuning": {"retrieval_weight": [0.8], "affinity_weight": []},
+            "serving": {"ordering": {"affinity_weight": 0.5}},
+        },
+    ):
+        with pytest.raises(ValueError, match="the blend search would have nothing to try"):
+            load_config(overrides=overrides)
+    both = {"tuning": {"retrieval_weight": [0.6, 0.8], "affinity_weight": [0.5]}}
+    assert tuning.grid(load_config(overrides={**both, "tuning": {**both["tuning"], "affinity_weight": [0.0, 0.5]}}))
+    load_config(overrides={"tuning": {**both["tuning"], "enabled": False}})  # not searched: not judged
+
+
 def test_every_scalar_knob_has_one_domain_that_the_config_and_the_edge_check_share():
     # configs.TUNING_DOMAINS is the one place the bounds live: the knobs' own configs, the tuning step's
     # candidates and the edge check read it (models.tuning used to keep a copy).
@@ -394,3 +411,29 @@ def test_rankers_stay_reusable_whatever_member_weights_a_version_chose():
         check_rankers_reusable({**manifest, "config": tuned["config"]}, config, "f")
     with pytest.raises(ValueError, match="other data"):
         check_rankers_reusable(manifest, config, "g")
+
+
+def test_tuning_without_a_validation_user_keeps_the_configured_values(processed, model_version, small_config, tmp_path):
+    """A validation part where no user the models know has a click: every trial scored 0 and the first
+    of the grid (retrieval 0, affinity 0) replaced the configured blend."""
+    from evaluation.tuning import tune_on_validation
+    from workflows.pipeline import ProcessedData
+
+    root = tmp_path / "processed"
+    shutil.copytree(processed.valid_dir, root / "valid")
+    for part in (root / "valid").glob("*.parquet"):
+        frame = pd.read_parquet(part)
+        frame["click"] = 0
+        frame.to_parquet(part, index=False)
+    config = with_overrides(
+        small_config,
+        {
+            "serving": {"ordering": {"retrieval_weight": 0.3, "affinity_weight": 0.5}},
+            "tuning": {"retrieval_weight": [0.0, 0.3], "affinity_weight": [0.0, 0.5], "max_users": 0},
+        },
+    )
+    record = tune_on_validation(Path(model_version.path), ProcessedData(root), config)
+    assert record["users"] == 0 and record["best"] == 0.0 and record["at_edge"] == []
+    assert record["chosen"]["serving.ordering.retrieval_weight"] == 0.3
+    assert record["chosen"]["serving.ordering.affinity_weight"] == 0.5
+    assert tuning.apply(config, record["chosen"]) == config
