@@ -60,6 +60,7 @@ def build_index(
     ann = ann or AnnConfig()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
+    check_ann(n, exact_max_items, ann)
     if n <= exact_max_items:
         index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
@@ -120,6 +121,18 @@ def build_index(
         ann.target_recall,
     )
     return index, info
+
+
+def check_ann(num_items: int, exact_max_items: int, ann: AnnConfig | None = None) -> None:
+    """Refuse an index the catalog cannot have: more inverted lists (``serving.ann.nlist``) than items
+    (faiss's k-means fails on it, after the candidate generator has trained). ``train_all`` checks
+    before training."""
+    ann = ann or AnnConfig()
+    if num_items > exact_max_items and ann.kind == "ivf" and ann.nlist > num_items:
+        raise ValueError(
+            f"serving.ann.nlist {ann.nlist} is above the catalog's {num_items} items (an IVF index needs at "
+            "least one item per list): lower it, or 0 to choose from the catalog size"
+        )
 
 
 def recall_at_k(found, truth, k: int) -> float:

@@ -103,6 +103,10 @@ def train_all(
         check_rankers_reusable(rankers_from.manifest, config, fingerprint)
     patience = config.training.early_stopping_patience
     keras_verbose = verbose
+    # Before any training: an index the catalog cannot have failed only once the candidate generator had trained.
+    item_index.check_ann(
+        len(read_parquet(data.item_features)), config.serving.exact_index_max_items, config.serving.ann
+    )
 
     with (
         registry.VersionWriter(registry_dir) as out,

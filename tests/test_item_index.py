@@ -99,3 +99,18 @@ def test_saved_index_refuses_a_query_tower_of_another_version(tmp_path):
     assert loaded.ntotal == 10 and meta["version"] == 3 and meta["kind"] == "exact"
     with pytest.raises(item_index.VersionMismatchError, match="different training runs"):
         item_index.load_index(tmp_path, expected_version=4)
+
+
+def test_more_inverted_lists_than_items_is_a_clear_error():
+    """``serving.ann.nlist`` above the catalog size: faiss's k-means failed with "'nx >= k' failed",
+    once the candidate generator had trained."""
+    from configs import AnnConfig
+    from models.item_index import build_index, check_ann
+
+    vectors = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="serving.ann.nlist 200 is above the catalog's 100 items"):
+        build_index(np.arange(100), vectors, 10, queries=vectors[:5], ann=AnnConfig(nlist=200))
+    check_ann(100, 100, AnnConfig(nlist=200))  # exact search: no lists
+    check_ann(100, 10, AnnConfig(kind="hnsw", nlist=200))  # HNSW has none either
+    _, info = build_index(np.arange(100), vectors, 10, k=10, queries=vectors[:5], ann=AnnConfig(nlist=100))
+    assert info["nlist"] == 100
