@@ -97,6 +97,13 @@ def tritonserver_binary() -> Path:
     return path
 
 
+# The python backend starts each stub through ``bash -c "exec <stub> <model path> ..."`` without
+# quoting (libtriton_python.so), so a space or shell character in the repository or backend path
+# splits or mangles the stub's arguments: the stub died ("terminate called ... stol") and the server
+# waited the whole stub timeout for it. Paths of only these characters pass through bash unchanged.
+SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -283,7 +290,22 @@ class TritonServer(LoggedProcess):
             f"{security.key_location(self.model_repository)})"
         )
 
+    def served_repository(self) -> Path:
+        """The repository path Triton is given: ``model_repository`` itself, or, where that path holds a
+        character bash would split or interpret (``SHELL_SAFE``), a link to it in the scratch folder."""
+        if SHELL_SAFE.fullmatch(str(self.model_repository)):
+            return self.model_repository
+        link = self._workdir / "repository"
+        if not link.is_symlink():
+            link.symlink_to(self.model_repository, target_is_directory=True)
+        return link
+
     def command(self) -> list[str]:
+        if not SHELL_SAFE.fullmatch(str(self._workdir)):
+            raise ServerError(
+                f"the scratch folder {self._workdir} holds a character the python backend's stub launch "
+                "(bash -c) would split or interpret; point TMPDIR at a path of letters, digits and ./_-"
+            )
         backends = prepare_backend_dir(self._workdir / "backends")
         cache = self._workdir / "cache"
         cache.mkdir(exist_ok=True)
@@ -292,7 +314,7 @@ class TritonServer(LoggedProcess):
         self.shm_prefix = f"funnel_{os.getpid()}_{self.grpc_port}_{secrets.token_hex(3)}_"
         return [
             str(tritonserver_binary()),
-            f"--model-repository={self.model_repository}",
+            f"--model-repository={self.served_repository()}",
             f"--backend-directory={backends}",
             f"--cache-directory={cache}",
             f"--grpc-address={self.host}",

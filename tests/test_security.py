@@ -168,3 +168,31 @@ def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
         tls.close()
         plain.close()
         assert server.healthy()
+
+
+@pytest.mark.slow
+def test_a_repository_path_with_spaces_serves_its_python_models(tmp_path):
+    """The python backend launches each stub through ``bash -c`` unquoted: a repository under a folder
+    with a space split the stub's arguments, the stub died and the start waited out the stub timeout."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from deployment.server import TritonServer
+
+    repo = tmp_path / "my models" / "triton repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    with TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=120, stub_timeout_s=60) as server:
+        value = grpcclient.InferInput("user_id", [1], "INT64")
+        value.set_data_from_numpy(np.array([7], dtype=np.int64))
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert client.infer("echo", [value]).as_numpy("user_id_out").tolist() == [7]
+        client.close()
+        assert list(server.stub_pids()) == ["echo"]
+    server.cleanup()
+    assert (repo / "echo" / "1" / "model.py").exists()  # the scratch folder's link went, not the repository
+    assert security.admin_key_path(repo).exists()  # the key beside the repository, not beside the link
+    plain = TritonServer(tmp_path, log_path=tmp_path / "plain.log")
+    assert plain.served_repository() == tmp_path  # a path bash keeps whole is given as it is
+    plain.cleanup()
