@@ -24,6 +24,27 @@ def funnel_probe(url: str, root_certificates: str | None = None) -> None:
         client.recommend(user_id=0, k=1)
 
 
+def funnel_probe_http(url: str) -> None:
+    """``funnel_probe`` over Triton's HTTP endpoint (plain HTTP on the server's own host): for a server
+    whose gRPC speaks TLS, where a gRPC probe on loopback fails the certificate's name check unless
+    the certificate names 127.0.0.1, and would have the supervisor restart a healthy server forever."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from serving.interface import FUNNEL
+
+    client = httpclient.InferenceServerClient(url, connection_timeout=10.0, network_timeout=10.0)
+    try:
+        user = httpclient.InferInput("user_id", [1], "INT64")
+        user.set_data_from_numpy(np.array([0], dtype=np.int64))
+        top_k = httpclient.InferInput("k", [1], "INT32")
+        top_k.set_data_from_numpy(np.array([1], dtype=np.int32))
+        result = client.infer(FUNNEL, [user, top_k], outputs=[httpclient.InferRequestedOutput("item_ids")])
+        result.as_numpy("item_ids")
+    finally:
+        client.close()
+
+
 class Supervisor:
     def __init__(
         self,
@@ -33,8 +54,9 @@ class Supervisor:
         failures: int = 2,
     ):
         self.server = server
-        # the funnel probe, over TLS where the server's gRPC speaks it
-        self.probe = probe or (lambda url: funnel_probe(url, server.tls_cert))
+        # The funnel probe over gRPC; over HTTP where gRPC speaks TLS (funnel_probe_http). ``probe``
+        # is given the server's gRPC URL.
+        self.probe = probe or (lambda url: funnel_probe_http(server.http_url) if server.tls_cert else funnel_probe(url))
         self.interval_s, self.failures = interval_s, failures
         self.restarts = 0
         self.last_error: str | None = None

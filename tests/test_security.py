@@ -109,8 +109,8 @@ class TritonPythonModel:
 """
 
 
-def self_signed(folder):
-    """A certificate for 127.0.0.1 signed by its own key (its own root), as PEM files."""
+def self_signed(folder, host="127.0.0.1"):
+    """A certificate for ``host`` (an IP address or a DNS name) signed by its own key (its own root), as PEM files."""
     import datetime
     import ipaddress
 
@@ -120,7 +120,11 @@ def self_signed(folder):
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alt_name = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt_name = x509.DNSName(host)
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
@@ -130,7 +134,7 @@ def self_signed(folder):
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.SubjectAlternativeName([alt_name]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
@@ -196,3 +200,57 @@ def test_a_repository_path_with_spaces_serves_its_python_models(tmp_path):
     plain = TritonServer(tmp_path, log_path=tmp_path / "plain.log")
     assert plain.served_repository() == tmp_path  # a path bash keeps whole is given as it is
     plain.cleanup()
+
+
+# A stand-in for the funnel ensemble: its inputs and outputs, k item ids, so a start takes seconds.
+FAKE_FUNNEL_CONFIG = """name: "funnel"
+backend: "python"
+max_batch_size: 0
+input [ { name: "user_id" data_type: TYPE_INT64 dims: [ 1 ] }, { name: "k" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "item_ids" data_type: TYPE_INT64 dims: [ -1 ] }, { name: "scores" data_type: TYPE_FP32 dims: [ -1 ] },
+  { name: "model_version" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "served_by" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "stage_counts" data_type: TYPE_INT64 dims: [ 5 ] } ]
+"""
+FAKE_FUNNEL_MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def execute(self, requests):
+        answers = []
+        for r in requests:
+            k = int(pb_utils.get_input_tensor_by_name(r, "k").as_numpy()[0])
+            answers.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("item_ids", np.arange(k, dtype=np.int64)),
+                pb_utils.Tensor("scores", np.ones(k, dtype=np.float32)),
+                pb_utils.Tensor("model_version", np.array([b"1"], dtype=object)),
+                pb_utils.Tensor("served_by", np.array([b"model"], dtype=object)),
+                pb_utils.Tensor("stage_counts", np.zeros(5, dtype=np.int64))]))
+        return answers
+"""
+
+
+@pytest.mark.slow
+def test_the_supervisor_of_a_tls_server_exposed_under_its_hostname_leaves_it_running(tmp_path):
+    """serve.py --host 0.0.0.0 --tls-cert <a certificate for the machine's name> --supervise: the
+    supervisor's probe went to 127.0.0.1 over gRPC TLS, failed the certificate's name check ("Peer
+    name 127.0.0.1 is not in peer certificate") and restarted the healthy server again and again."""
+    import signal
+
+    from deployment.server import TritonServer
+    from deployment.supervisor import Supervisor
+
+    repo = tmp_path / "repo"
+    (repo / "funnel" / "1").mkdir(parents=True)
+    (repo / "funnel" / "config.pbtxt").write_text(FAKE_FUNNEL_CONFIG)
+    (repo / "funnel" / "1" / "model.py").write_text(FAKE_FUNNEL_MODEL)
+    cert, key = self_signed(tmp_path, "funnel.example.com")
+    server = TritonServer(repo, host="0.0.0.0", tls_cert=cert, tls_key=key, log_path=tmp_path / "server.log")
+    with server:
+        supervisor = Supervisor(server, failures=1)
+        pid = server.process.pid
+        assert supervisor.check_once(), supervisor.last_error
+        assert supervisor.restarts == 0 and server.process.pid == pid
+        # and the probe still notices a dead stage
+        os.kill(server.stub_pids()["funnel"][0], signal.SIGKILL)
+        assert not supervisor.check_once() and supervisor.restarts == 1
+        assert supervisor.check_once(), supervisor.last_error
