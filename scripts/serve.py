@@ -46,9 +46,25 @@ def main() -> None:
         tls_key=args.tls_key,
     )
     stop = threading.Event()
+    loading = threading.Event()
+    loading.set()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if loading.is_set():  # interrupt the start (up to 420 s); it stops what it started
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with server:
+        signal.signal(sig, on_signal)
+    try:
+        server.start()
+    except KeyboardInterrupt:
+        server.stop()  # the start stopped its server, unless the signal came just before or after
+        print("tritonserver stopped while it loaded")
+        return
+    finally:
+        loading.clear()
+    try:
         supervisor = None
         if args.supervise:
             from deployment.supervisor import Supervisor
@@ -62,6 +78,8 @@ def main() -> None:
         if supervisor is not None:
             supervisor.stop()
             print(f"supervisor restarted the server {supervisor.restarts} time(s)")
+    finally:
+        server.stop()
     print("tritonserver stopped")
 
 

@@ -134,3 +134,61 @@ def test_load_generator_refuses_no_concurrency():
 
     with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):  # it used to wait forever
         run_load("127.0.0.1:1", [], concurrency=0)
+
+
+SLOW_CONFIG = """name: "slow"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_INT64 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_INT64 dims: [ 1 ] } ]
+"""
+SLOW_MODEL = """import time
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(120)
+    def execute(self, requests):
+        return []
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_stops_at_once_when_interrupted_while_models_load(tmp_path, sig):
+    """Ctrl-C (or a container's SIGTERM) while the models load: serve.py ignored it until every model
+    was ready (up to 420 s), so only a SIGKILL stopped it, which left tritonserver running."""
+    import os
+    import signal
+    import time
+
+    from deployment.monitoring import find_tritonserver
+    from deployment.server import free_port
+
+    repo = tmp_path / "repo"
+    (repo / "slow" / "1").mkdir(parents=True)
+    (repo / "slow" / "config.pbtxt").write_text(SLOW_CONFIG)
+    (repo / "slow" / "1" / "model.py").write_text(SLOW_MODEL)
+    log, metrics_port = tmp_path / "server.log", free_port()
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(metrics_port)]
+    serve = subprocess.Popen(
+        [sys.executable, "scripts/serve.py", "--model-repository", str(repo), *ports, "--log", str(log)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "loading: slow:1" not in (log.read_text() if log.exists() else ""):
+            assert serve.poll() is None and time.monotonic() < deadline, "the server never began loading"
+            time.sleep(0.2)
+        assert find_tritonserver(metrics_port) is not None
+        serve.send_signal(getattr(signal, sig))
+        output, _ = serve.communicate(timeout=30)
+    finally:
+        serve.kill()
+        serve.wait()
+        left = find_tritonserver(metrics_port)
+        if left is not None:  # a failed run's server: its own process group
+            os.killpg(left, signal.SIGKILL)
+    assert serve.returncode == 0 and "stopped while it loaded" in output, output[-2000:]
+    assert left is None
