@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -68,7 +69,8 @@ class PostgresServer:
             shutil.chown(self.root, user="postgres")
         # --no-sync: the cluster is thrown away; commits are still fsynced while it runs.
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-        options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.root}"
+        # pg_ctl hands the options to a shell: the socket folder quoted, or a TMPDIR with a space splits it.
+        options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {shlex.quote(str(self.root))}"
         self._run(
             str(self.bin / "pg_ctl"),
             "-D",

@@ -312,3 +312,28 @@ def test_the_takedown_script_refuses_an_item_id_beyond_int64_with_exit_status_2(
     result = subprocess.run([*script, "--item", str(2**63 - 1)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert LiveStore(str(tmp_path / "triton_repo-live.sqlite")).taken_down().tolist() == [2**63 - 1]
+
+
+def test_a_postgres_server_starts_in_a_temporary_folder_with_a_space(monkeypatch):
+    """pg_ctl passes the server's options through a shell: an unquoted socket folder under a TMPDIR
+    with a space failed the start ("pg_ctl: could not start server")."""
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    # In the system's temporary folder: run as root, the cluster runs as the postgres user, which
+    # cannot enter pytest's private folders.
+    spaced = Path(tempfile.mkdtemp(prefix="funnel pg "))
+    try:
+        os.chmod(spaced, 0o755)
+        monkeypatch.setattr(tempfile, "tempdir", str(spaced))
+        with PostgresServer() as server:
+            assert " " in str(server.root)
+            with psycopg.connect(server.url) as con:
+                assert con.execute("SELECT 1").fetchone() == (1,)
+        assert not server.root.exists()
+    finally:
+        shutil.rmtree(spaced, ignore_errors=True)
