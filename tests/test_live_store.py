@@ -337,3 +337,21 @@ def test_a_postgres_server_starts_in_a_temporary_folder_with_a_space(monkeypatch
         assert not server.root.exists()
     finally:
         shutil.rmtree(spaced, ignore_errors=True)
+
+
+def test_a_new_sqlite_store_and_its_journal_are_readable_by_their_owner_only(tmp_path):
+    """The feedback log and the live store hold user ids and what they did: 0600, not the umask's 0644."""
+    import stat
+
+    from online.feedback_log import FeedbackLog
+
+    live, log = LiveStore(tmp_path / "live.sqlite"), FeedbackLog(tmp_path / "feedback.sqlite")
+    try:
+        live.append_events([(1, 2, 3.0, "click", 1.0)], "ingest")
+        log.log_impressions("r1", 1, [2, 3], "1", "control", "model")
+        files = sorted(tmp_path.glob("*.sqlite*"))
+        assert {p.name for p in files} >= {"live.sqlite", "live.sqlite-wal", "feedback.sqlite", "feedback.sqlite-wal"}
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o600" for p in files}
+    finally:
+        live.close()
+        log.close()

@@ -95,6 +95,17 @@ def describe(location: str | Path) -> str:
     return text
 
 
+def private_file(path: str | Path) -> None:
+    """Create ``path`` empty, readable by its owner only, unless it exists. SQLite takes an empty file
+    as a new database and gives its -wal and -shm files the database file's mode: the feedback log
+    and the live store hold user ids and what they did, which the default umask (0644) let every
+    local user read."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
 class Database:
     """One connection to a SQLite file or a PostgreSQL server, shared by the threads of a process.
 
@@ -112,6 +123,7 @@ class Database:
             self._con = psycopg.connect(self.location, autocommit=True)
         else:
             Path(self.location).parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.location)
             self._con = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
             self._use_wal(deadline=time.monotonic() + 30)
             self._con.execute("PRAGMA synchronous=FULL")
