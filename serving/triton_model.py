@@ -148,7 +148,12 @@ class StageModel:
         if batch:
             try:
                 outputs = self.stage.run_batch(batch)
-            except Exception:  # one malformed request must not fail the others: serve them alone
+            except Exception as err:  # one malformed request must not fail the others: serve them alone
+                if not isinstance(err, RequestError):  # the server's fault: say so, or every batch falls back unseen
+                    self.pb.Logger.log_warn(
+                        f"{self.stage_name}: run_batch failed, serving {len(batch)} requests one by one: "
+                        f"{type(err).__name__}: {err}"
+                    )
                 outputs = []
                 for inputs in batch:
                     try:

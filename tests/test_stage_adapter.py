@@ -1,0 +1,100 @@
+"""The Triton adapter (``serving/triton_model.py``) driven in process with a stand-in for ``pb_utils``:
+a dynamic batch holding malformed and failing requests, and a batched path that fails by itself."""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from serving.interface import Tensor
+from serving.request import RequestError
+from serving.triton_model import StageModel
+
+
+class _TritonError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code):
+        self.message, self.code = message, code
+
+
+class _Tensor:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def as_numpy(self):
+        return self.value
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self.output_tensors, self.error = output_tensors, error
+
+
+def _pb(logs: list):
+    return SimpleNamespace(
+        TritonError=_TritonError,
+        Tensor=_Tensor,
+        InferenceResponse=_Response,
+        get_input_tensor_by_name=lambda request, name: request.get(name),
+        Logger=SimpleNamespace(log_warn=logs.append),
+    )
+
+
+class _Doubler:
+    """Doubles ``x``: negative is malformed, 99 trips a bug; ``run_batch`` may fail by itself."""
+
+    name = "doubler"
+    inputs, outputs = (Tensor("x", "INT64"),), (Tensor("y", "INT64"),)
+
+    def __init__(self, batch_fails: bool):
+        self.batch_fails = batch_fails
+
+    def run(self, inputs):
+        if inputs["x"][0] < 0:
+            raise RequestError("x must be >= 0")
+        if inputs["x"][0] == 99:
+            raise ZeroDivisionError("boom")
+        return {"y": inputs["x"] * 2}
+
+    def run_batch(self, batch):
+        if self.batch_fails:
+            raise TypeError("a bug in the batched path")
+        return [self.run(inputs) for inputs in batch]
+
+
+def _adapter(batch_fails: bool, logs: list) -> StageModel:
+    model = StageModel()
+    model.stage_name, model.pb, model.stage = "doubler", _pb(logs), _Doubler(batch_fails)
+    model.input_names, model.outputs, model.batching, model.metrics = ["x"], [("y", np.int64)], True, None
+    return model
+
+
+def _request(x: int) -> dict:
+    return {"x": _Tensor("x", np.array([[x]], dtype=np.int64))}  # the batch dimension of 1 the ensemble adds
+
+
+def _answers(responses) -> list:
+    return [(r.error.code, r.error.message) if r.error else r.output_tensors[0].value.tolist() for r in responses]
+
+
+def test_a_batch_with_a_malformed_and_a_failing_request_answers_each_as_alone():
+    for batch_fails in (False, True):
+        logs = []
+        answers = _answers(_adapter(batch_fails, logs).execute([_request(x) for x in (1, -1, 99, 3)]))
+        assert answers == [
+            [[2]],
+            ("INVALID_ARG", "doubler: x must be >= 0"),
+            ("INTERNAL", "doubler: internal error: ZeroDivisionError: boom"),
+            [[6]],
+        ]
+
+
+def test_a_batched_path_that_fails_by_itself_is_logged_not_hidden():
+    """Every request then succeeds alone, so no response and no error metric shows the fault: only
+    the log does (a batch failed by a malformed request is the client's fault and is not logged)."""
+    logs = []
+    assert _answers(_adapter(True, logs).execute([_request(1), _request(3)])) == [[[2]], [[6]]]
+    assert logs == ["doubler: run_batch failed, serving 2 requests one by one: TypeError: a bug in the batched path"]
+    logs.clear()
+    _adapter(False, logs).execute([_request(1), _request(-1)])
+    assert logs == []
