@@ -34,6 +34,14 @@ def port(text: str) -> int:
     return value
 
 
+def port_or_zero(text: str) -> int:
+    """A TCP port, or 0 for a free one."""
+    value = int_of(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 1-65535 or 0 (a free one), got {value}")
+    return value
+
+
 def config_file(text: str) -> str:
     """A YAML config that loads and validates (``configs.load_config``): a missing file, broken YAML,
     an unknown key or a wrong type is one line naming the flag and the key, not a traceback after the

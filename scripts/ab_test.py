@@ -47,8 +47,14 @@ def main() -> None:
     if args.name:
         config.online.experiment.name = args.name
     if args.treatment:  # replaces the configured treatment (a merge would keep its other overrides)
-        config.online.experiment.treatment_overrides = json.loads(args.treatment)
-        treatment_of(config)  # validated now, not after the control has trained
+        try:
+            overrides = json.loads(args.treatment)
+            if not isinstance(overrides, dict):
+                raise ValueError(f"expected a JSON object of config overrides, got {type(overrides).__name__}")
+            config.online.experiment.treatment_overrides = overrides
+            treatment_of(config)  # validated now, not after the control has trained
+        except (ValueError, TypeError) as err:  # bad JSON, an unknown key or a wrong type
+            parser.error(f"argument --treatment: {err}")
     if Path(args.workdir).exists():
         shutil.rmtree(args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
     if args.days is not None:

@@ -24,8 +24,14 @@ def main() -> None:
     if version is None and args.repo:
         from deployment.export import exported_version
 
-        version = exported_version(args.repo)
-    model = registry.get(args.registry, version)
+        try:
+            version = exported_version(args.repo)
+        except FileNotFoundError:
+            parser.error(f"argument --repo: {args.repo} is not an exported model repository (no export.json)")
+    try:
+        model = registry.get(args.registry, version)
+    except FileNotFoundError as err:  # no such version, or a folder that is no registry
+        parser.error(f"argument --registry: {err}")
     results = run_checklist(model.path, args.repo)
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<24} {r.detail}")

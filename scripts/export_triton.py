@@ -23,7 +23,10 @@ def main() -> None:
         help="every stage in one model, one hop per request (default: the version's serving.batching.fuse_stages)",
     )
     args = parser.parse_args()
-    model = registry.get(args.registry, args.version)
+    try:
+        model = registry.get(args.registry, args.version)
+    except FileNotFoundError as err:  # no such version, or a folder that is no registry
+        parser.error(f"argument --registry: {err}")
     batching = batching_of(model.manifest)
     if args.fuse_stages is not None:
         batching.fuse_stages = args.fuse_stages

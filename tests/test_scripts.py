@@ -192,3 +192,51 @@ def test_serve_stops_at_once_when_interrupted_while_models_load(tmp_path, sig):
             os.killpg(left, signal.SIGKILL)
     assert serve.returncode == 0 and "stopped while it loaded" in output, output[-2000:]
     assert left is None
+
+
+def refused(run: subprocess.CompletedProcess, *words: str) -> None:
+    """A user mistake: exit status 2 and one line naming it, no traceback."""
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert all(w in last for w in words), last
+
+
+def test_a_registry_without_versions_or_a_folder_that_is_no_export_is_refused_in_one_line(tmp_path):
+    empty, not_export = tmp_path / "registry", tmp_path / "not_export"
+    empty.mkdir()
+    not_export.mkdir()
+    out = tmp_path / "triton_repo"
+    refused(
+        script("scripts/export_triton.py", "--registry", str(empty), "--out", str(out), check=False),
+        "--registry",
+        "no model version",
+    )
+    assert not out.exists()
+    refused(
+        script("scripts/checklist.py", "--registry", str(empty), "--repo", str(not_export), check=False),
+        "--repo",
+        "export.json",
+    )
+    refused(
+        script("scripts/rollout.py", "--registry", str(empty), "--repository", str(not_export), check=False),
+        "--registry",
+    )
+
+
+def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
+    for treatment in ("{bad", "[1]", '{"nosuch": 1}'):
+        run = script("scripts/ab_test.py", "--treatment", treatment, "--workdir", str(tmp_path / "ab"), check=False)
+        refused(run, "--treatment")
+    assert not (tmp_path / "ab").exists()
+    run = script("scripts/feedback_loop.py", "--report-only", "--out", str(tmp_path / "none"), check=False)
+    refused(run, "--report-only", "history.json")
+    run = script(
+        "scripts/make_shop_data.py", "--out", str(tmp_path / "shop"), "--events-per-customer", "-5", check=False
+    )
+    refused(run, "--events-per-customer")
+    assert not (tmp_path / "shop").exists()
+    run = script("scripts/fetch_movielens.py", "--grouplens", str(tmp_path), "--out", str(tmp_path / "ml"), check=False)
+    refused(run, "--grouplens", "u.data")
+    run = script("scripts/monitor.py", "--port", "-5", "--data-dir", str(tmp_path / "prom"), "--check", check=False)
+    refused(run, "--port")
