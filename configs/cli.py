@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 import yaml
 
@@ -40,6 +42,30 @@ def port_or_zero(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in 1-65535 or 0 (a free one), got {value}")
     return value
+
+
+WORKDIR_MARK = ".workdir"  # written into a --workdir by the scripts that start it from nothing
+
+
+def fresh_workdir(parser: argparse.ArgumentParser, path: str | Path) -> Path:
+    """``--workdir`` emptied for a run that always starts from nothing (demo, A/B test, retention
+    weights). Only a folder such a run made is deleted: one with the mark this writes, or, from
+    before the mark, one with the ``registry`` every such run trains into. Any other non-empty
+    folder (``--workdir ~``, a typo for a data folder) is refused with exit status 2, not deleted."""
+    work = Path(path)
+    if work.exists():
+        if not work.is_dir():
+            parser.error(f"argument --workdir: {path} is a file, not a folder")
+        ours = (work / WORKDIR_MARK).exists() or (work / "registry").is_dir()
+        if not ours and any(work.iterdir()):
+            parser.error(
+                f"argument --workdir: {path} holds files no earlier run wrote; it would be deleted, "
+                "so name a new or empty folder"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / WORKDIR_MARK).write_text("made by a script that deletes and rebuilds this folder on every run\n")
+    return work
 
 
 def config_file(text: str) -> str:

@@ -14,10 +14,8 @@ sample-ratio check and a plain decision; ships the treatment (holdout kept on th
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, fresh_workdir, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -55,8 +53,7 @@ def main() -> None:
             treatment_of(config)  # validated now, not after the control has trained
         except (ValueError, TypeError) as err:  # bad JSON, an unknown key or a wrong type
             parser.error(f"argument --treatment: {err}")
-    if Path(args.workdir).exists():
-        shutil.rmtree(args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
+    fresh_workdir(parser, args.workdir)  # like the demo, always from nothing: versions 1 and 2, a fresh log
     if args.days is not None:
         config.online.simulation.days = args.days
     result = run_ab_test(config, args.workdir, users=args.users, roll_out=not args.no_rollout)

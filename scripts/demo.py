@@ -14,13 +14,12 @@
 
 import argparse
 import json
-import shutil
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, fresh_workdir, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -64,9 +63,7 @@ def main() -> None:
         parser.error(f"argument --k: at most serving.max_k={config.serving.max_k}, got {args.k}")
     wall = time.monotonic()
     steps = Steps(9)
-    work = Path(args.workdir)
-    if work.exists():
-        shutil.rmtree(work)  # the demo always starts from nothing
+    work = fresh_workdir(parser, args.workdir)  # the demo always starts from nothing
 
     with steps("Importing Merlin (NVTabular, Merlin Models, TensorFlow)"):
         from deployment.export import export_repository

@@ -16,10 +16,8 @@ same models with those weights as version 2 and runs the simulated A/B test agai
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, fresh_workdir, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -42,8 +40,7 @@ def main() -> None:
         config.synthetic.num_users = args.num_users
     if args.days is not None:
         config.online.simulation.days = args.days
-    if Path(args.workdir).exists():
-        shutil.rmtree(args.workdir)  # always from nothing: versions 1 and 2, fresh logs
+    fresh_workdir(parser, args.workdir)  # always from nothing: versions 1 and 2, fresh logs
     result = run_retention_weights(config, args.workdir, ab_users=args.ab_users)
     print("\nRetention vs offline signals (per user; coefficients per standard deviation):")
     print(coefficient_table(result["analysis_object"]).to_string(index=False))

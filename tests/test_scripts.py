@@ -240,3 +240,26 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     refused(run, "--grouplens", "u.data")
     run = script("scripts/monitor.py", "--port", "-5", "--data-dir", str(tmp_path / "prom"), "--check", check=False)
     refused(run, "--port")
+
+
+def test_a_workdir_no_run_made_is_refused_not_deleted(tmp_path):
+    """demo, ab_test and retention_weights delete --workdir to start from nothing: only a folder an
+    earlier run made; a folder of the user's (a typo, ``--workdir ~``) is refused, its files kept."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not a run's output")
+    for name in ("demo", "ab_test", "retention_weights"):
+        run = script(f"scripts/{name}.py", "--workdir", str(precious), check=False)
+        refused(run, "--workdir", "name a new or empty folder")
+        assert (precious / "notes.txt").read_text() == "not a run's output"
+    import argparse
+
+    from configs.cli import WORKDIR_MARK, fresh_workdir
+
+    parser = argparse.ArgumentParser()
+    fresh = fresh_workdir(parser, tmp_path / "new" / "work")  # a new folder, then the same again: its run's
+    (fresh / "raw").mkdir()
+    assert (fresh_workdir(parser, fresh) / WORKDIR_MARK).exists() and not (fresh / "raw").exists()
+    old = tmp_path / "old"  # a run from before the mark: it trained into old/registry
+    (old / "registry").mkdir(parents=True)
+    assert not (fresh_workdir(parser, old) / "registry").exists()
