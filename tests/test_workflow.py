@@ -1,5 +1,9 @@
 """The dataset pipeline on the session's small synthetic world."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -129,3 +133,38 @@ def test_a_constant_continuous_column_normalises_to_zero_with_a_std_of_zero():
     assert normalize.stds["varying"] == pytest.approx(logged.std(ddof=1), rel=1e-4)  # LogOp works in float32
     out = workflow.transform(Dataset(df)).to_ddf().compute()
     assert (out["constant"] == 0).all() and np.isfinite(out["varying"]).all()
+
+
+def test_an_interrupted_rerun_leaves_no_summary_beside_its_half_written_parts(raw_paths, small_config, tmp_path):
+    """summary.json is the mark of a complete output: a rerun over an earlier output that fails
+    halfway must not leave the earlier summary beside its new parts (training would read them)."""
+    from unittest import mock
+
+    from workflows import checks
+    from workflows.pipeline import ProcessedData, run_dataset_pipeline
+
+    out = tmp_path / "processed"
+
+    def run():
+        return run_dataset_pipeline(
+            raw_paths["events"], raw_paths["users"], raw_paths["items"], out, small_config.workflow
+        )
+
+    run()
+    assert (out / "summary.json").exists() and ProcessedData(out).summary["train_rows"] > 0
+    with mock.patch.object(checks, "check_labels_agree", side_effect=RuntimeError("killed halfway")):
+        with pytest.raises(RuntimeError, match="killed halfway"):
+            run()
+    assert (out / "train_events.parquet").exists()  # the new parts were being written...
+    assert not (out / "summary.json").exists()  # ...and nothing says they are complete
+    script = subprocess.run(
+        [sys.executable, "scripts/train.py", "--data", str(out), "--registry", str(tmp_path / "registry")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        script.returncode == 2
+        and "is not a processed dataset" in script.stderr
+        and not (tmp_path / "registry").exists()
+    )

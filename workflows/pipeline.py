@@ -260,6 +260,10 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     events, users, items = inputs.events, inputs.users, inputs.items
     out = ProcessedData(Path(out_dir))
     out.root.mkdir(parents=True, exist_ok=True)
+    # summary.json, written last, marks a complete output (scripts/train.py refuses a folder without
+    # it). A rerun over an earlier output removes it first: interrupted, it would have left the old
+    # summary beside new, half-written parts, and training would have read them as one dataset.
+    (out.root / "summary.json").unlink(missing_ok=True)
     steps, passed = [], []
     signals = list(layout.signals)
 
