@@ -49,14 +49,16 @@ WORKDIR_MARK = ".workdir"  # written into a --workdir by the scripts that start 
 
 def fresh_workdir(parser: argparse.ArgumentParser, path: str | Path) -> Path:
     """``--workdir`` emptied for a run that always starts from nothing (demo, A/B test, retention
-    weights). Only a folder such a run made is deleted: one with the mark this writes, or, from
-    before the mark, one with the ``registry`` every such run trains into. Any other non-empty
-    folder (``--workdir ~``, a typo for a data folder) is refused with exit status 2, not deleted."""
+    weights). Only a folder such a run made is deleted: one with the mark this writes, or the
+    script's own default folder under ``build/`` (runs from before the mark). Any other non-empty
+    folder (``--workdir ~``, a folder of trained models, a typo for a data folder) is refused with
+    exit status 2, not deleted."""
     work = Path(path)
     if work.exists():
         if not work.is_dir():
             parser.error(f"argument --workdir: {path} is a file, not a folder")
-        ours = (work / WORKDIR_MARK).exists() or (work / "registry").is_dir()
+        default = parser.get_default("workdir")
+        ours = (work / WORKDIR_MARK).exists() or (default is not None and work.resolve() == Path(default).resolve())
         if not ours and any(work.iterdir()):
             parser.error(
                 f"argument --workdir: {path} holds files no earlier run wrote; it would be deleted, "

@@ -260,6 +260,14 @@ def test_a_workdir_no_run_made_is_refused_not_deleted(tmp_path):
     fresh = fresh_workdir(parser, tmp_path / "new" / "work")  # a new folder, then the same again: its run's
     (fresh / "raw").mkdir()
     assert (fresh_workdir(parser, fresh) / WORKDIR_MARK).exists() and not (fresh / "raw").exists()
-    old = tmp_path / "old"  # a run from before the mark: it trained into old/registry
+    # A folder of trained models is not a run's: refused, kept (it was deleted if it had a registry/).
+    models = tmp_path / "artifacts"
+    (models / "registry" / "1").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        fresh_workdir(parser, models)
+    assert (models / "registry" / "1").is_dir()
+    # The script's own default folder from a run before the mark is its own: emptied.
+    old = tmp_path / "build" / "demo"
     (old / "registry").mkdir(parents=True)
+    parser.add_argument("--workdir", default=str(old))
     assert not (fresh_workdir(parser, old) / "registry").exists()
