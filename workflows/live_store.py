@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from workflows.validate import fits_int64
+
 STORE_ENV = "FUNNEL_STORE_URL"
 # Interactions a live event may record. "view" is what an ingested row without an event column is.
 LIVE_EVENTS = ("view", "click", "watch_seconds", "like", "share")
@@ -356,15 +358,6 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
     return check_events(frame, str(path))
 
 
-def int64_range(values: pd.Series) -> pd.Series:
-    """Which of the numbers ``values`` an int64 holds (NaN: False), compared without rounding."""
-    if pd.api.types.is_unsigned_integer_dtype(values):
-        return values <= np.iinfo(np.int64).max
-    if pd.api.types.is_integer_dtype(values):
-        return pd.Series(True, index=values.index)
-    return (values >= -(2.0**63)) & (values < 2.0**63)  # floats: 2**63 - 1 rounds to 2**63
-
-
 def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
     """``frame`` as clean live events (user_id, item_id, ts, event, value), or ``EventFileError``."""
     missing = [c for c in ("user_id", "item_id", "timestamp") if c not in frame.columns]
@@ -385,7 +378,7 @@ def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
         integral = values.notna() & np.isfinite(values) & (values == values.round())
         bad(~integral, f"{column} is not an integer")
         # Beyond int64 the cast below wraps (2**64 - 1 became user -1, someone else's events).
-        fits = int64_range(values)
+        fits = fits_int64(values)
         bad(integral & ~fits, f"{column} is outside the 64-bit integer range")
         out[column] = values.where(integral & fits, 0).astype(np.int64)
     bad(out["item_id"] < 0, "item_id is negative")

@@ -184,7 +184,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
                     issues[(rule.column, "mixed_types")] = [mixed, _first(col[col.map(lambda v: isinstance(v, str))])]
             _add(issues, rule.column, "negative", num < 0, col)
             # Beyond int64 an id would wrap on the way to int64 (2**64 - 1 became -1): refused.
-            _add(issues, rule.column, "beyond_int64", _beyond_int64(num), col)
+            _add(issues, rule.column, "beyond_int64", (num > 0) & ~fits_int64(num), col)  # below 0: "negative"
         elif rule.kind == "timestamp":
             _add(issues, rule.column, "negative", num < 0, col)
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
@@ -203,11 +203,15 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
     return out
 
 
-def _beyond_int64(num):
-    """Which numbers an int64 cannot hold above its maximum (compared without rounding)."""
-    if num.dtype.kind in "iu":
-        return num > np.iinfo(np.int64).max
-    return num >= 2.0**63  # floats: 2**63 - 1 rounds to 2**63
+def fits_int64(values):
+    """Which of the numbers ``values`` (a pandas or cudf series) an int64 holds, compared without
+    rounding (NaN: False). Beyond it an id wraps on the way to int64: 2**64 - 1 becomes -1."""
+    kind = values.dtype.kind
+    if kind == "u":
+        return values <= np.iinfo(np.int64).max
+    if kind == "i":
+        return values >= np.iinfo(np.int64).min  # every value
+    return (values >= -(2.0**63)) & (values < 2.0**63)  # floats: 2**63 - 1 rounds to 2**63
 
 
 def _unit_factor(unit: str) -> int:
