@@ -152,9 +152,13 @@ def ndcg_at_k(top_items, relevant: Sequence, k: int | None = None, per_user: boo
     top = _cut(top_items, k)
     hits, lengths = hit_matrix(top, relevant, num_relevant)
     xp = array_module(hits)
-    discounts = 1.0 / xp.log2(xp.arange(2, top.shape[1] + 2))
-    dcg = (hits * discounts).sum(axis=1)
-    ideal_hits = xp.minimum(lengths, top.shape[1])
+    # The ideal list has k places however narrow ``top`` is (a catalog smaller than k, a short list),
+    # as a list padded with -1 to k has: otherwise a user with more relevant items than places would
+    # be measured against a shorter ideal than K allows.
+    places = top.shape[1] if k is None else k
+    discounts = 1.0 / xp.log2(xp.arange(2, places + 2))
+    dcg = (hits * discounts[: top.shape[1]]).sum(axis=1)
+    ideal_hits = xp.minimum(lengths, places)
     idcg = xp.cumsum(discounts)[xp.maximum(ideal_hits, 1) - 1]
     return _finish(dcg / idcg, lengths, per_user)
 

@@ -116,3 +116,17 @@ def test_short_lists_precision_divides_by_k_and_excluded_items_never_fill_a_list
     # three of four items seen: one left, then no item (-1), not the seen ones
     top = m.full_ranking_top_k(np.array([[0.4, 0.3, 0.2, 0.1]]), 3, exclude=[[0, 1, 2]])
     assert top.tolist() == [[3, -1, -1]]
+
+
+def test_ndcg_at_k_normalises_by_k_places_when_the_list_is_narrower_than_k():
+    """A catalog of 3 trained items ranked for K = 10 (``full_ranking_top_k`` returns 3 columns) and
+    a user with 5 held-out items, 2 of them never trained on: the ideal list holds 5 hits in its 10
+    places, as for the same list padded with -1. It used to be cut to the list's 3 places: NDCG 1.0."""
+    top = m.full_ranking_top_k(np.array([[0.9, 0.5, 0.1]]), 10)
+    assert top.shape == (1, 3)
+    discounts = 1 / np.log2(np.arange(2, 12))
+    expected = discounts[:3].sum() / discounts[:5].sum()
+    padded = np.c_[top, np.full((1, 7), -1)]
+    for ranked in (top, padded):
+        assert m.ndcg_at_k(ranked, [{0, 1, 2}], k=10, num_relevant=[5]) == pytest.approx(expected)
+    assert m.ndcg_at_k(top, [{0, 1, 2}], num_relevant=[5]) == pytest.approx(1.0)  # no k: the list's own length
