@@ -48,6 +48,9 @@ def recbole_split_sizes(total: int, ratios=(0.8, 0.1, 0.1)) -> list[int]:
 
 def recbole_random(interactions: pd.DataFrame, seed: int = 2020, ratios=(0.8, 0.1, 0.1)) -> Split:
     rng = np.random.default_rng(seed)
+    # Rows are taken by label below: a repeated label (frames concatenated as they were) would take
+    # every row holding it, another user's included, into train and test alike.
+    interactions = interactions.reset_index(drop=True)
     parts = {0: [], 1: [], 2: []}
     for _, rows in interactions.groupby("user_id", sort=True):
         idx = rows.index.to_numpy()[rng.permutation(len(rows))]

@@ -50,3 +50,19 @@ def test_explicit_split_reads_files_and_names_missing_columns(tmp_path):
     data[["user_id"]].to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="item_id"):
         protocols.explicit(tmp_path / "bad.csv", tmp_path / "valid.parquet", tmp_path / "test.csv")
+
+
+def test_recbole_random_splits_a_frame_whose_index_repeats_labels():
+    """Two users' frames concatenated as they were (index 0..9 twice): rows were taken by label, so
+    each part took both users' rows with that label, 40 rows out of 20, an interaction in train and
+    test alike. The split must be that of the same frame with a fresh index."""
+    first = pd.DataFrame({"user_id": [1] * 10, "item_id": range(10), "timestamp": range(10)})
+    second = pd.DataFrame({"user_id": [2] * 10, "item_id": range(10, 20), "timestamp": range(10)})
+    data = pd.concat([first, second])
+    split = protocols.recbole_random(data, seed=1)
+    assert split.sizes() == {"train": 16, "valid": 2, "test": 2}
+    merged = pd.concat([split.train, split.valid, split.test])
+    assert not merged.duplicated().any() and len(merged) == len(data)
+    fresh = protocols.recbole_random(data.reset_index(drop=True), seed=1)
+    for part in ("train", "valid", "test"):
+        pd.testing.assert_frame_equal(getattr(split, part), getattr(fresh, part))
