@@ -295,6 +295,21 @@ def test_duration_watch_has_the_same_positive_rate_in_every_duration_bucket(worl
     assert abs(fair_gap) < 0.1, fair_gap  # ...and the duration-aware label removes it
 
 
+def test_duration_watch_threshold_is_the_exact_quantile_whatever_the_partitioning():
+    """dask's quantile is approximate: on a time-sorted log whose two partitions hold disjoint
+    fractions it gave a median of 1/6 where the clicked events' median is 1/3 (16 positives of 21)."""
+    watch = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30]
+    train = pd.DataFrame({"click": 1, "watch_seconds": watch, "duration_seconds": 30, "like": 0, "share": 0})
+    train = pd.concat([train, train.head(3).assign(click=0, watch_seconds=0)], ignore_index=True)  # not counted
+    from workflows.pipeline import _duration_op
+
+    for parts in (1, 2, 3):
+        op = _duration_op(_fit_labels(ddf(train, parts)))
+        want = (train.loc[train["click"] == 1, "watch_seconds"] / 30).quantile(0.5)
+        assert op.thresholds[0] == pytest.approx(want), parts  # the 30 s clips' bucket
+        assert op.thresholds[1:] == pytest.approx([want] * 3)  # empty buckets: the overall median
+
+
 def test_clickbait_wins_on_clicks_and_loses_on_duration_watch(processed, small_data):
     from workflows.pipeline import category_mapping
 

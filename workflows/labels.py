@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-import dask
 import nvtabular as nvt
 from merlin.dag.ops.stat_operator import StatOperator
 from merlin.dag.selector import ColumnSelector
@@ -46,6 +45,19 @@ def _fraction(df):
     return df["watch_seconds"] / df["duration_seconds"].clip(lower=1)
 
 
+def _weighted_quantile(counts, q: float) -> float:
+    """The ``q`` quantile of the values a count series (pandas, indexed by value) holds, as pandas'
+    ``Series.quantile`` gives it on the values themselves (linear between ranks); NaN when empty."""
+    values = counts.index.get_level_values(-1).to_numpy(dtype="float64")
+    order = values.argsort()
+    values, cumulative = values[order], counts.to_numpy()[order].cumsum()
+    if len(values) == 0 or cumulative[-1] == 0:
+        return float("nan")
+    position = q * (cumulative[-1] - 1)
+    low, high = (values[cumulative.searchsorted(k, side="right")] for k in (math.floor(position), math.ceil(position)))
+    return float(low + (high - low) * (position - math.floor(position)))
+
+
 class _BinaryLabel:
     """One int64 label column, named ``self.name``, computed from the selected input columns."""
 
@@ -68,18 +80,22 @@ class DurationAwareWatch(_BinaryLabel, StatOperator):
         self.thresholds: list[float] = []
 
     def fit(self, col_selector: ColumnSelector, ddf):
+        # Exact counts of each (bucket, fraction), not dask's quantile: that one is approximate and, on
+        # a time-sorted log whose partitions cover disjoint ranges, far off (a median of 1/6 for 1/3).
         clicked = ddf[ddf["click"] > 0]
-        frac = _fraction(clicked)
         bucket = _bucket(clicked["duration_seconds"], self.bucket_edges)
-        per_bucket = [frac[bucket == b].quantile(self.quantile) for b in range(len(self.bucket_edges) + 1)]
-        # One delayed object: the distributed executor computes each operator's stats as one future.
-        return dask.delayed(list)(per_bucket + [frac.quantile(self.quantile)])
+        pairs = clicked.assign(_bucket=bucket, _fraction=_fraction(clicked))
+        return pairs.groupby(["_bucket", "_fraction"]).size()  # a null fraction (no duration) is left out
 
     def fit_finalize(self, stats):
-        values = [float(s) for s in stats]
-        overall = values[-1] if not math.isnan(values[-1]) else 1.0
+        counts = stats.to_pandas() if hasattr(stats, "to_pandas") else stats
+        buckets = counts.index.get_level_values("_bucket")
+        n_buckets = len(self.bucket_edges) + 1
+        per_bucket = [_weighted_quantile(counts[buckets == b], self.quantile) for b in range(n_buckets)]
+        overall = _weighted_quantile(counts.groupby(level="_fraction").sum(), self.quantile)
+        overall = 1.0 if math.isnan(overall) else overall
         # A bucket with no clicked training event uses the overall quantile.
-        self.thresholds = [overall if math.isnan(v) else v for v in values[:-1]]
+        self.thresholds = [overall if math.isnan(v) else v for v in per_bucket]
 
     def clear(self):
         self.thresholds = []
