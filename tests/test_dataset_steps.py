@@ -310,6 +310,26 @@ def test_duration_watch_threshold_is_the_exact_quantile_whatever_the_partitionin
         assert op.thresholds[1:] == pytest.approx([want] * 3)  # empty buckets: the overall median
 
 
+def test_an_unwatched_impression_of_a_zero_second_item_is_not_watched():
+    """0 s >= 75% of 0 s: every impression (and sampled negative) of a 0 s item was labelled watched."""
+    from merlin.io import Dataset
+
+    from workflows.checks import check_labels_agree
+
+    train = pd.DataFrame(
+        {
+            "click": [0, 0, 1, 1],
+            "watch_seconds": [0, 0, 4, 30],
+            "duration_seconds": [0, 0, 0, 40],
+            "like": 0,
+            "share": 0,
+        }
+    )
+    labels = _fit_labels(train).transform(Dataset(train)).to_ddf().compute()
+    assert list(labels["watched"]) == [0, 0, 1, 1]
+    check_labels_agree(ddf(train, 1), ddf(labels, 1), 0.75)  # the pipeline's check reads the label the same way
+
+
 def test_clickbait_wins_on_clicks_and_loses_on_duration_watch(processed, small_data):
     from workflows.pipeline import category_mapping
 

@@ -118,7 +118,8 @@ class DurationAwareWatch(_BinaryLabel, StatOperator):
 
 
 class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
-    """``watched``: watch_seconds >= ``threshold`` x duration (a plain, fixed-threshold label)."""
+    """``watched``: watch_seconds >= ``threshold`` x duration (a plain, fixed-threshold label); a
+    duration under 1 s counts as 1 s, as in ``duration_watch``'s fraction."""
 
     def __init__(self, threshold: float = 0.75, name: str = "watched"):
         super().__init__()
@@ -126,7 +127,9 @@ class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
 
     def transform(self, col_selector: ColumnSelector, df):
         out = type(df)()
-        out[self.name] = (df["watch_seconds"] >= self.threshold * df["duration_seconds"]).astype("int64")
+        # 0 s >= 75% of a 0 s item would label every unwatched impression (and sampled negative) watched.
+        duration = df["duration_seconds"].clip(lower=1)
+        out[self.name] = (df["watch_seconds"] >= self.threshold * duration).astype("int64")
         return out
 
 
