@@ -330,6 +330,24 @@ def test_an_unwatched_impression_of_a_zero_second_item_is_not_watched():
     check_labels_agree(ddf(train, 1), ddf(labels, 1), 0.75)  # the pipeline's check reads the label the same way
 
 
+def test_an_event_of_an_item_without_a_duration_gets_no_watch_label():
+    """checks.missing_items: warn keeps an item the item table lacks, with a null duration: the label
+    workflow failed on it (the duration bucket cast NaN to int64), so the whole pipeline did."""
+    from merlin.io import Dataset
+
+    train = pd.DataFrame(
+        {
+            "click": [1, 1, 1],
+            "watch_seconds": [30, 50, 40],
+            "duration_seconds": [40.0, np.nan, 60.0],
+            "like": 0,
+            "share": 0,
+        }
+    )
+    labels = _fit_labels(train).transform(Dataset(train)).to_ddf().compute()
+    assert list(labels["watched"]) == [1, 0, 0] and list(labels["duration_watch"]) == [1, 0, 1]
+
+
 def test_clickbait_wins_on_clicks_and_loses_on_duration_watch(processed, small_data):
     from workflows.pipeline import category_mapping
 

@@ -34,7 +34,10 @@ LABEL_INPUTS = ["click", "watch_seconds", "duration_seconds", "like", "share"]
 
 
 def _bucket(duration, edges):
-    """Index of the duration bucket (0 .. len(edges)) using only arithmetic both cudf and pandas have."""
+    """Index of the duration bucket (0 .. len(edges)) using only arithmetic both cudf and pandas have.
+    A missing duration (an item the item table lacks, kept under ``checks.missing_items: warn``) is in
+    bucket 0; its watch fraction is missing, so neither watch label is positive."""
+    duration = duration.fillna(0)
     out = duration * 0
     for edge in edges:
         out = out + (duration >= edge).astype("int64")
@@ -111,7 +114,7 @@ class DurationAwareWatch(_BinaryLabel, StatOperator):
         for b, value in enumerate(self.thresholds):
             threshold = threshold + (bucket == b).astype("float64") * value
         out = type(df)()
-        out[self.name] = ((df["click"] > 0) & (frac >= threshold)).astype("int64")
+        out[self.name] = ((df["click"] > 0) & (frac >= threshold).fillna(False)).astype("int64")  # cudf: null
         return out
 
     transform.__doc__ = "Label rows: clicked and watch fraction >= the bucket's learned threshold."
@@ -129,7 +132,7 @@ class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
         out = type(df)()
         # 0 s >= 75% of a 0 s item would label every unwatched impression (and sampled negative) watched.
         duration = df["duration_seconds"].clip(lower=1)
-        out[self.name] = (df["watch_seconds"] >= self.threshold * duration).astype("int64")
+        out[self.name] = (df["watch_seconds"] >= self.threshold * duration).fillna(False).astype("int64")
         return out
 
 
