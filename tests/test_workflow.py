@@ -168,3 +168,54 @@ def test_an_interrupted_rerun_leaves_no_summary_beside_its_half_written_parts(ra
         and "is not a processed dataset" in script.stderr
         and not (tmp_path / "registry").exists()
     )
+
+
+def test_a_taken_down_item_the_item_table_lacks_is_neither_trained_on_nor_served(tmp_path):
+    """checks.missing_items: warn adds an attribute-less row for an item the table lacks; one that is
+    taken down lost its events, but its row came back after the filter: drawn as a sampled negative,
+    it entered the training vocabulary and item_features.parquet."""
+    import numpy as np
+    import yaml
+
+    from configs import load_config
+    from workflows.live_store import LiveStore
+    from workflows.pipeline import prepare_dataset
+    from workflows.spec import RAW_SCHEMA_SPEC, spec_from_dict
+
+    rng = np.random.default_rng(0)
+    n = 400
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(1, 11, n),
+            "item_id": rng.integers(1, 9, n),
+            "timestamp": np.sort(rng.integers(1_000_000, 1_000_000 + 5 * 86400, n)),
+            "click": 1,
+            "watch_seconds": 30,
+            "like": 0,
+            "share": 0,
+        }
+    )
+    events.loc[::40, "item_id"] = 99  # not in the item table, and taken down
+    events.drop_duplicates(["user_id", "item_id", "timestamp"]).to_parquet(tmp_path / "events.parquet", index=False)
+    users = pd.DataFrame({"user_id": range(1, 11), "age_band": "a", "gender": "g", "location": "l"})
+    users.to_parquet(tmp_path / "users.parquet", index=False)
+    titles = [f"title {i}" for i in range(1, 21)]
+    items = pd.DataFrame({"item_id": range(1, 21), "category": "c", "duration_seconds": 60, "title": titles})
+    items.to_parquet(tmp_path / "items.parquet", index=False)
+    store = str(tmp_path / "live.sqlite")
+    LiveStore(store).set_takedown(99, True, "reported", "moderator")
+    values = yaml.safe_load(RAW_SCHEMA_SPEC.read_text())
+    for table in ("events", "users", "items"):
+        values[table]["path"] = str(tmp_path / f"{table}.parquet")
+    values["checks"] = {"missing_items": "warn"}
+    workflow = {
+        "content_filter": {"takedowns": store},
+        "negative_sampling": {"kind": "uniform", "ratio": 5},
+        "active_users": {"enabled": False},
+        "checks": {"point_in_time_probe": False},
+    }
+    config = load_config(overrides={"workflow": workflow}).workflow
+    out = prepare_dataset(spec_from_dict(values, where="test"), tmp_path / "out", config)
+    assert out.summary["unsafe_items"] == [99]
+    assert 99 not in set(category_mapping(out.workflow(), "item_id")["raw"])  # never trained on
+    assert 99 not in set(pd.read_parquet(out.item_features)["item_id_raw"])  # never served

@@ -79,7 +79,8 @@ def content_filter(events, items, config: ContentFilterConfig, item_map=None, ra
     Returns ``(events, items, unsafe_ids, report)``.
     """
     if not config.enabled:
-        return events, items, items["item_id"].values[:0], report("content_filter", events, events, enabled=False)
+        # A host array either way (cudf's .values is a device one), as the enabled path returns.
+        return events, items, np.zeros(0, dtype=np.int64), report("content_filter", events, events, enabled=False)
     taken_down = takedown_ids(config)
     unsafe = np.asarray(unsafe_item_ids(items if raw_items is None else raw_items, config), dtype=np.int64)
     if taken_down.size:  # ids the item table lacks too: their events go, whatever the table says

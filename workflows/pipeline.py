@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask.dataframe as dd
+import numpy as np
 import nvtabular as nvt
 from merlin.io import Dataset
 
@@ -278,9 +279,10 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     steps.append(rep)
     events, rep = recency_window(events, config.recency_window)
     steps.append(rep)
-    # Ids the attribute tables lack (checks.missing_*: warn) are kept, with null attributes.
+    # Ids the attribute tables lack (checks.missing_*: warn) are kept, with null attributes; not an
+    # unsafe one (a takedown of an id the table lacks): sampled as a negative, it was trained on and served.
     users = with_placeholders(users, inputs.missing_users, "user_id")
-    items = with_placeholders(items, inputs.missing_items, "item_id")
+    items = with_placeholders(items, np.setdiff1d(inputs.missing_items, unsafe), "item_id")
 
     # 2. Point-in-time features on the cleaned log (every event sees only earlier events).
     windows = config.features.activity_window_seconds
