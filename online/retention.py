@@ -20,7 +20,9 @@ a head's weight should reflect what its signal adds given the other heads').
 The rule, ``derive_head_weights`` (pure):
 
     w_h  proportional to  beta_h   if the 95% interval of beta_h lies above 0 (significantly positive)
-    w_h  = 0                       otherwise (interval includes 0, negative, or no measurement)
+    w_h  = 0                       otherwise (interval includes 0, negative, or no measurement; no
+                                   coefficient either for a signal that is a linear combination of
+                                   the other heads' signals across users)
     normalised to sum 1; if no head qualifies, the current weights are kept and the reason says so.
 
 Why coefficients of a joint fit rather than correlations: clicks, watch time and duration-aware
@@ -130,6 +132,7 @@ class LogitFit:
     converged: bool
     iterations: int
     n: int
+    aliased: list[str] = field(default_factory=list)  # linear combinations of earlier columns: coef and se NaN
 
     def table(self, z: float = stats.norm.ppf(0.975)) -> pd.DataFrame:
         out = pd.DataFrame({"signal": self.names, "coef": self.coef, "se": self.se})
@@ -143,12 +146,26 @@ def logistic_regression(X: np.ndarray, y: np.ndarray, names: list[str], max_iter
     """Maximum-likelihood logistic regression with an intercept, by IRLS (Newton's method).
 
     Standard errors from the inverse Fisher information at the optimum. Perfectly separated data has
-    no finite optimum: the fit stops at ``max_iter`` with ``converged=False`` and huge intervals."""
+    no finite optimum: the fit stops at ``max_iter`` with ``converged=False`` and huge intervals.
+
+    A column that is a linear combination of the intercept and the earlier columns (one signal a
+    multiple of another across users, or more columns than users) has no coefficient of its own: it is
+    left out of the fit and listed in ``aliased`` with coefficient and standard error NaN, as R's
+    ``glm`` does. Fitted with it, the minimum-norm solution split the effect between the aliased
+    columns and the pseudo-inverse gave each a small, finite standard error: significant-looking
+    intervals for coefficients the data cannot tell apart."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X must be (n, p) with n = len(y); got {X.shape} and {len(y)}")
-    A = np.column_stack([np.ones(len(X)), X])
+    full = np.column_stack([np.ones(len(X)), X])
+    kept = [0]
+    for j in range(1, full.shape[1]):
+        basis = full[:, kept]
+        residual = full[:, j] - basis @ np.linalg.lstsq(basis, full[:, j], rcond=None)[0]
+        if np.linalg.norm(residual) > 1e-8 * np.linalg.norm(full[:, j]):
+            kept.append(j)
+    A = full[:, kept]
     beta = np.zeros(A.shape[1])
     converged, iterations = False, 0
     while iterations < max_iter:
@@ -164,7 +181,11 @@ def logistic_regression(X: np.ndarray, y: np.ndarray, names: list[str], max_iter
     p = special.expit(A @ beta)
     info = A.T @ (A * np.clip(p * (1 - p), 1e-12, None)[:, None])
     se = np.sqrt(np.clip(np.diag(np.linalg.pinv(info)), 0, None))
-    return LogitFit(["intercept", *names], beta, se, converged, iterations, len(y))
+    all_names = ["intercept", *names]
+    coef, se_all = np.full(full.shape[1], np.nan), np.full(full.shape[1], np.nan)
+    coef[kept], se_all[kept] = beta, se
+    aliased = [all_names[j] for j in range(full.shape[1]) if j not in kept]
+    return LogitFit(all_names, coef, se_all, converged, iterations, len(y), aliased)
 
 
 def correlation_with_ci(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
@@ -214,6 +235,11 @@ def _standardised_fit(users: pd.DataFrame, signals: list[str], notes: list[str])
     X = users[usable].to_numpy(dtype=np.float64)
     X = (X - X.mean(axis=0)) / X.std(axis=0)
     fit = logistic_regression(X, users[OUTCOME].to_numpy(), usable)
+    if fit.aliased:
+        notes.append(
+            f"{fit.aliased}: a linear combination of the other signals of {usable} across users, so no "
+            "coefficient of its own (NaN; the rule gives such a head 0)"
+        )
     if not fit.converged:
         notes.append(f"logistic regression on {usable} did not converge (separated data?): intervals unreliable")
     table = fit.table()

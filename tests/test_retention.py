@@ -83,6 +83,29 @@ def test_logistic_regression_recovers_known_coefficients_with_honest_intervals()
     assert 88 <= covered["a"] <= 99 and 88 <= covered["b"] <= 99, covered
 
 
+def test_a_signal_that_is_a_multiple_of_another_gets_no_coefficient_and_no_weight():
+    """Like rate exactly 0.3 x click rate for every user: the data cannot tell the two apart. The
+    minimum-norm fit split click's effect in half between them, with small finite standard errors from
+    the pseudo-inverse, so both looked significant and the rule gave like half the weight."""
+    rng = np.random.default_rng(0)
+    n = 400
+    click, dw = rng.gamma(2, 0.1, n), rng.gamma(2, 0.05, n)
+    returned = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 8 * click)))
+    users = pd.DataFrame({"click": click, "duration_watch": dw, "like": 0.3 * click, "returned": returned})
+    users["watch_seconds"], users["share"] = rng.gamma(2, 10, n), rng.gamma(1, 0.01, n)
+    analysis = analyze_retention(users)
+    heads = analysis.heads.set_index("signal")
+    assert np.isnan(heads.loc["like", "coef"]) and np.isnan(heads.loc["like", "ci_low"])
+    assert any("like" in note and "linear combination" in note for note in analysis.notes)
+    # click keeps the coefficient of the fit without like.
+    X = users[["click", "duration_watch"]].to_numpy()
+    alone = logistic_regression((X - X.mean(axis=0)) / X.std(axis=0), returned, ["click", "duration_watch"])
+    assert heads.loc["click", "coef"] == pytest.approx(alone.coef[1], rel=1e-6)
+    d = derive_head_weights(analysis.heads, HAND)
+    assert d.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0}, d
+    assert d.evidence["like"]["why"] == "no interval"
+
+
 def planted_log(n_users=1500, per_user=20, seed=3):
     """A feedback log whose users differ independently in how often they click, how much of what they
     click they watch, and how often they like; only the watching decides whether they come back."""
