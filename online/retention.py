@@ -24,6 +24,8 @@ The rule, ``derive_head_weights`` (pure):
                                    coefficient either for a signal that is a linear combination of
                                    the other heads' signals across users)
     normalised to sum 1; if no head qualifies, the current weights are kept and the reason says so.
+    A regression that does not converge (separated data: no finite optimum) reports no intervals, so
+    no head qualifies.
 
 Why coefficients of a joint fit rather than correlations: clicks, watch time and duration-aware
 watches move together (a watch needs a click), so each correlates with retention through the others;
@@ -240,9 +242,16 @@ def _standardised_fit(users: pd.DataFrame, signals: list[str], notes: list[str])
             f"{fit.aliased}: a linear combination of the other signals of {usable} across users, so no "
             "coefficient of its own (NaN; the rule gives such a head 0)"
         )
-    if not fit.converged:
-        notes.append(f"logistic regression on {usable} did not converge (separated data?): intervals unreliable")
     table = fit.table()
+    if not fit.converged:
+        # Separated data (every user who liked came back, say): the separating coefficient runs off with a
+        # huge Wald interval that includes 0, so the rule gave the strongest signal 0 and the rest all the
+        # weight. No intervals then: the rule keeps the current weights.
+        notes.append(
+            f"logistic regression on {usable} did not converge (separated data?): no intervals, so the rule "
+            "keeps the current weights"
+        )
+        table[["ci_low", "ci_high", "p_value"]] = np.nan
     return table[table["signal"] != "intercept"].reset_index(drop=True)
 
 

@@ -106,6 +106,24 @@ def test_a_signal_that_is_a_multiple_of_another_gets_no_coefficient_and_no_weigh
     assert d.evidence["like"]["why"] == "no interval"
 
 
+def test_separated_data_keeps_the_current_weights():
+    """Every user who liked came back (quasi-complete separation): the like coefficient has no finite
+    estimate and its Wald interval ran to +-1e5, "includes 0", so the rule gave click all the weight
+    and like, the signal that predicts returning perfectly, nothing."""
+    rng = np.random.default_rng(2)
+    n = 300
+    click, dw = rng.gamma(2, 0.1, n), rng.gamma(2, 0.05, n)
+    like = np.where(rng.random(n) < 0.1, rng.gamma(2, 0.02, n), 0.0)
+    returned = (rng.random(n) < 1 / (1 + np.exp(-0.5 * (click - click.mean()) / click.std()))) | (like > 0)
+    users = pd.DataFrame({"click": click, "duration_watch": dw, "like": like, "returned": returned})
+    users["watch_seconds"], users["share"] = rng.gamma(2, 10, n), rng.gamma(1, 0.01, n)
+    analysis = analyze_retention(users)
+    assert any("did not converge" in note for note in analysis.notes)
+    assert analysis.heads["ci_low"].isna().all()
+    d = derive_head_weights(analysis.heads, HAND)
+    assert not d.changed and d.weights == HAND, d
+
+
 def planted_log(n_users=1500, per_user=20, seed=3):
     """A feedback log whose users differ independently in how often they click, how much of what they
     click they watch, and how often they like; only the watching decides whether they come back."""
