@@ -200,7 +200,10 @@ def analyze(
     observed = {arm: len(frame) for arm, frame in by_arm.items()}
     srm = ab.sample_ratio_mismatch(observed, rollout.experiment.expected_shares())
     # Users per arm for the planned CTR lift, from the control's per-user spread of CTR (delta method).
-    control_ctr, user_std = ab.ratio_user_std(c["clicks"], c["impressions"])
+    if len(c) >= 2:
+        control_ctr, user_std = ab.ratio_user_std(c["clicks"], c["impressions"])
+    else:  # one control user so far has no spread (ratio_user_std raises): the binomial one below, KEEP RUNNING
+        control_ctr, user_std = float(c["clicks"].sum() / c["impressions"].sum()), float("nan")
     if not user_std > 0:  # no spread yet (no clicks at all, say): the binomial one at the planned CTRs
         p = min(control_ctr + config.min_detectable_ctr_lift / 2, 0.5)
         user_std = float(np.sqrt(p * (1 - p) / c["impressions"].mean()))

@@ -271,3 +271,26 @@ def test_a_log_without_clicks_or_with_too_few_users_is_not_called_fully_powered(
     too_few = TestResult("ctr", 0.2, 0.3, 0.1, nan, nan, nan, nan, TOO_FEW, 1, 1)
     fine = sample_ratio_mismatch({"control": 1, "treatment": 1}, {"control": 0.5, "treatment": 0.5})
     assert decide(too_few, fine, required_per_arm=1, observed_per_arm=1).startswith("KEEP RUNNING")
+
+
+def test_a_log_with_one_control_user_keeps_running():
+    """Early in a test the control arm may have one user: the planned sample size took the control's
+    per-user spread, which needs two users, and the whole analysis raised instead of KEEP RUNNING."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    arms = {u: rollout.experiment.assign(u) for u in range(200)}
+    control = [u for u, a in arms.items() if a == "control"][:1]
+    users = control + [u for u, a in arms.items() if a == "treatment"][:5]
+    rows = [(f"r{u}", 0.0, u, p, p, "1", arms[u], "model") for u in users for p in range(10)]
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    feedback = pd.DataFrame(
+        [(f"r{u}", 0.0, u, 1, "click", 1.0) for u in users],
+        columns=["request_id", "ts", "user_id", "item_id", "event", "value"],
+    )
+    result = analyze(imp, feedback, rollout, ExperimentConfig(min_detectable_ctr_lift=0.02), catalog_size=10)
+    assert result.observed_users_per_arm == 1 and result.required_users_per_arm > 1
+    assert result.decision.startswith("KEEP RUNNING"), result.decision
