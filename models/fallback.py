@@ -1,7 +1,8 @@
 """The fallback for users the models never saw: recency-weighted popularity, plus content for new items.
 
 Each positive event (click) counts ``0.5 ** (age / half_life)``, where ``age`` is the time between
-the event and the newest event of the log, so what is popular now outranks what was popular a month
+the event and the newest event of the log (measured from the newest click: the same scores once
+divided by the top one, without underflow), so what is popular now outranks what was popular a month
 ago. Scores are divided by the top score, so they lie in (0, 1] like the rankers' scores.
 
 Items of the catalog with no positive yet (new, or never clicked) have no popularity of their own;
@@ -25,7 +26,10 @@ def recency_weighted_popularity(events, half_life_days: float, label: str = "cli
     if not half_life_days > 0:
         raise ValueError(f"the recency half-life must be > 0 days, got {half_life_days}")
     positives = events[events[label] > 0]
-    newest = events["timestamp"].max()
+    # Ages from the newest positive, not the newest event: the division by the top score below makes
+    # the two equal, but a log whose clicks all lie ~1,075 half-lives before its newest event made every
+    # weight underflow to 0 and every score 0 / 0 = NaN (served as NaN scores).
+    newest = positives["timestamp"].max()
     age_days = (newest - positives["timestamp"]) / SECONDS_PER_DAY
     weights = 0.5 ** (age_days / half_life_days)
     frame = positives[["item_id"]].copy()

@@ -57,3 +57,14 @@ def test_a_half_life_that_is_not_positive_is_refused():
     for weight in (-0.1, 1.5):
         with pytest.raises(ValueError, match="serving.fallback_new_item_weight"):
             load_config(overrides={"serving": {"fallback_new_item_weight": weight}})
+
+
+def test_clicks_long_before_the_newest_event_still_get_finite_scores():
+    """Ages counted from the newest event made every weight of a log whose clicks all lie ~1,075
+    half-lives before it underflow to 0, and every score 0 / 0 = NaN."""
+    day = SECONDS_PER_DAY
+    events = pd.DataFrame({"item_id": [1, 2, 3], "timestamp": [0, day, 2_000 * day], "click": [1, 1, 0]})
+    pop = recency_weighted_popularity(events, half_life_days=1)
+    assert pop["item_id"].tolist() == [2, 1]
+    assert np.isfinite(pop["score"]).all() and pop["score"].iloc[0] == 1.0
+    assert pop["score"].iloc[1] == 0.5  # one half-life older than item 2's click
