@@ -124,6 +124,23 @@ def test_default_classifier_flags_exactly_the_unsafe_items(world):
     assert rep.rows_removed == world.events["item_id"].isin(flagged).sum()
 
 
+def test_denylisted_terms_that_start_or_end_with_punctuation_match_as_whole_terms():
+    """``\\b`` beside punctuation needs a word character on the far side: wrapped in ``\\b...\\b``, the
+    terms ``f***`` and ``(adult)`` matched no title that held them on their own."""
+    import pandas as pd
+
+    from workflows.content_filter import keyword_classifier
+
+    items = pd.DataFrame(
+        {
+            "item_id": [1, 2, 3, 4, 5],
+            "title": ["What the F*** was that", "An (adult) film", "grassy hills", "ass", "f***ing"],
+        }
+    )
+    config = ContentFilterConfig(denylist=["f***", "(adult)", "ass"], columns=["title"])
+    assert keyword_classifier(items, config).tolist() == [True, True, False, True, True]
+
+
 def test_signatures_keep_every_script_and_never_match_a_missing_title():
     """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
     missing title became "none": different films of one category and length then merged."""

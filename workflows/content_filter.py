@@ -25,11 +25,20 @@ from workflows.report import report
 from workflows.rows import IsIn, filter_rows
 
 
+def _whole(term: str) -> str:
+    """``term`` as a regex matching it as a whole word or phrase. A word boundary is asked for only at
+    an end that is a word character: ``\\b`` next to punctuation needs a word character on the far side,
+    so ``f***`` wrapped in ``\\b...\\b`` matched "f***ing" but never "f***" on its own."""
+    start = r"\b" if re.match(r"\w", term) else ""
+    end = r"\b" if re.search(r"\w$", term) else ""
+    return start + re.escape(term) + end
+
+
 def keyword_classifier(items, config: ContentFilterConfig):
     """True for items whose text columns contain a denylisted word or phrase (whole words only)."""
     if not config.denylist:
         return items["item_id"] < items["item_id"].min()  # nothing is unsafe: an all-False series
-    pattern = r"\b(?:" + "|".join(re.escape(w.lower()) for w in config.denylist) + r")\b"
+    pattern = "|".join(_whole(w.lower()) for w in config.denylist)
     flagged = None
     for column in config.columns:
         if column not in items.columns:
