@@ -219,3 +219,42 @@ def test_a_taken_down_item_the_item_table_lacks_is_neither_trained_on_nor_served
     assert out.summary["unsafe_items"] == [99]
     assert 99 not in set(category_mapping(out.workflow(), "item_id")["raw"])  # never trained on
     assert 99 not in set(pd.read_parquet(out.item_features)["item_id_raw"])  # never served
+
+
+def test_a_step_that_leaves_no_event_is_a_named_error(tmp_path):
+    """A content filter that takes every item (or an active-users rule no user meets) left an empty
+    log, and the next step failed on it with whatever it tripped on first: the recency window's
+    ``int(NaN)``, "cannot convert float NaN to integer"."""
+    import numpy as np
+
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.validate import DatasetError
+
+    rng = np.random.default_rng(0)
+    n = 300
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(1, 11, n),
+            "item_id": rng.integers(1, 9, n),
+            "timestamp": np.sort(rng.integers(1_000_000, 1_000_000 + 5 * 86400, n)),
+            "click": rng.integers(0, 2, n),
+            "watch_seconds": 30,
+            "like": 0,
+            "share": 0,
+        }
+    ).drop_duplicates(["user_id", "item_id", "timestamp"])
+    events.to_parquet(tmp_path / "events.parquet", index=False)
+    users = pd.DataFrame({"user_id": range(1, 11), "age_band": "a", "gender": "g", "location": "l"})
+    users.to_parquet(tmp_path / "users.parquet", index=False)
+    titles = [f"bad clip {i}" for i in range(1, 9)]
+    items = pd.DataFrame({"item_id": range(1, 9), "category": "c", "duration_seconds": 60, "title": titles})
+    items.to_parquet(tmp_path / "items.parquet", index=False)
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    every_item = {"content_filter": {"denylist": ["bad"]}, "recency_window": {"days": 30}}
+    with pytest.raises(DatasetError, match="no event is left after content_filter.*unsafe or taken down"):
+        run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": every_item}).workflow)
+    nobody = {"active_users": {"enabled": True, "min_events": 10_000, "days": 30}}
+    with pytest.raises(DatasetError, match="no event is left after active_users.*active enough"):
+        run_dataset_pipeline(*paths, tmp_path / "out2", load_config(overrides={"workflow": nobody}).workflow)
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out2" / "summary.json").exists()

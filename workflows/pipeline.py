@@ -69,6 +69,7 @@ from workflows.recency_window import recency_window
 from workflows.report import report
 from workflows.spec import DatasetSpec, Layout, raw_schema_spec
 from workflows.splits import split_events
+from workflows.validate import DatasetError, Defect
 
 
 @dataclass
@@ -253,6 +254,16 @@ def prepare_dataset(
         return _run(spec, out_dir, config, inputs)
 
 
+def _some_left(rep, why: str):
+    """``rep``, or a named error when its step left no event: the next step failed on the empty log
+    with whatever it tripped on first (``int(NaN)`` in the recency window after a content filter that
+    took every item)."""
+    if rep.rows_before > 0 and rep.rows_after == 0:
+        message = f"no event is left after {rep.step} ({rep.rows_before:,} before it): {why}"
+        raise DatasetError([Defect("events", "", message)])
+    return rep
+
+
 def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | None) -> ProcessedData:
     if inputs is None:
         inputs = load_inputs(spec)  # raises DatasetError before anything is written
@@ -276,7 +287,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     events, items, item_map, rep = canonical_items(events, items, config.dedup)
     steps.append(rep)
     events, items, unsafe, rep = content_filter(events, items, config.content_filter, item_map, raw_items)
-    steps.append(rep)
+    steps.append(_some_left(rep, "every event's item is unsafe or taken down"))
     events, rep = recency_window(events, config.recency_window)
     steps.append(rep)
     # Ids the attribute tables lack (checks.missing_*: warn) are kept, with null attributes; not an
@@ -295,7 +306,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     if config.checks.enabled and config.split.kind == "temporal":
         passed.append(checks.check_temporal_split(split))
     train, rep = active_users(split.train, config.active_users, as_of=split.cutoff)
-    steps.append(rep)
+    steps.append(_some_left(rep, "no user of the training part is active enough (workflow.active_users)"))
     parts = {**split.parts(), "train": train}
     first_columns = feature_columns
     for name in list(parts):
