@@ -345,9 +345,12 @@ def derive_head_weights(coefficients: pd.DataFrame, current: dict[str, float], d
     largest = max(weights, key=weights.get)
     weights[largest] = round(weights[largest] + 1.0 - sum(weights.values()), decimals)
     used = [h for h in raw if raw[h] > 0]
+    # Compared as the heavy ranker uses them, normalised to sum 1: current weights 2 : 0 : 0 are the
+    # derived 1 : 0 : 0, and calling them a change started an A/B test of two identical scores.
+    current_total = sum(float(w) for w in current.values())
     return WeightDecision(
         weights,
-        weights != {h: round(float(w), decimals) for h, w in current.items()},
+        weights != {h: round(float(w) / current_total, decimals) for h, w in current.items()},
         f"weights proportional to the significantly positive standardised coefficients of {used}; "
         f"0 for {[h for h in raw if raw[h] == 0] or 'none'}",
         evidence,

@@ -56,6 +56,10 @@ def test_no_significant_signal_keeps_the_current_weights_and_says_so():
 def test_weights_equal_to_the_current_ones_are_not_a_change():
     d = derive_head_weights(coefs(click=(0.4, 0.1, 0.7), duration_watch=(0.4, 0.1, 0.7), like=(0.2, 0.1, 0.3)), HAND)
     assert d.weights == HAND and not d.changed
+    # The heavy ranker normalises its weights: 2 : 0 : 0 is the derived 1 : 0 : 0, no A/B test needed.
+    only_click = coefs(click=(0.8, 0.5, 1.1), duration_watch=(0.1, -0.2, 0.4), like=(0.1, -0.2, 0.4))
+    same = derive_head_weights(only_click, {"click": 2.0, "duration_watch": 0.0, "like": 0.0})
+    assert same.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0} and not same.changed
 
 
 # ------------------------------------------------------------------------------------------ the statistics
