@@ -63,14 +63,22 @@ def read_admin_key(repository: str | Path) -> str:
         return _checked(os.environ[ADMIN_KEY_ENV], f"${ADMIN_KEY_ENV}")
     path = admin_key_path(repository)
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except FileNotFoundError:
         raise AdminKeyError(
             f"no admin key for {Path(repository).resolve()}: {path} does not exist and "
             f"${ADMIN_KEY_ENV} is not set (the server writes the file when it first starts)"
         ) from None
+    mode = info.st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise AdminKeyError(f"{path} is readable by other users (mode {stat.filemode(mode)}); run: chmod 600 {path}")
+    # Another user who could create the file beside the repository (a shared /tmp) would know the key
+    # a server started by root (which reads any file) takes: refused, as ssh refuses such files.
+    if info.st_uid != os.geteuid():
+        raise AdminKeyError(
+            f"{path} belongs to user id {info.st_uid}, not to this user ({os.geteuid()}): "
+            f"delete it, and the server writes a new one at its next start"
+        )
     return _checked(path.read_text(), str(path))
 
 

@@ -34,6 +34,18 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
         security.read_admin_key(repo)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_key_file_another_user_owns_is_refused(tmp_path):
+    # e.g. planted beside a repository in a shared folder before the server first started: its owner
+    # would know the key that unlocks model uploads on a server run as root
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    security.write_admin_key(repo, "k" * 32)
+    os.chown(security.admin_key_path(repo), 65534, -1)
+    with pytest.raises(security.AdminKeyError, match="belongs to user id 65534, not to this user"):
+        security.ensure_admin_key(repo)
+
+
 def test_missing_and_weak_keys_are_named(tmp_path, monkeypatch):
     with pytest.raises(security.AdminKeyError, match="does not exist and \\$FUNNEL_ADMIN_KEY is not set"):
         security.read_admin_key(tmp_path / "repo")
