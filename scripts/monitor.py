@@ -32,6 +32,7 @@ from deployment.monitoring import PrometheusServer, find_tritonserver
 from online.ab_report import MONITOR_EFFECT, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
+from workflows.live_store import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
@@ -110,7 +111,8 @@ def main() -> None:
     try:
         prometheus.start()
         print(f"prometheus  {prometheus.url}  (config {prometheus.config_path}, data {prometheus.data_dir})")
-        print(f"sidecar     {exporter.url}  (tritonserver pid {pid}, feedback log {log_path})")
+        # describe: a postgresql:// DSN may carry a password, which a terminal or a service log keeps
+        print(f"sidecar     {exporter.url}  (tritonserver pid {pid}, feedback log {describe(log_path)})")
         print(f"rules       {', '.join(args.rules)}")
         print(f"grafana     add a Prometheus data source with URL {prometheus.url}, then import {DASHBOARD}")
         if args.check:

@@ -242,6 +242,30 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     refused(run, "--port")
 
 
+def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):
+    """$FUNNEL_FEEDBACK_LOG may be a DSN with a password: the startup lines, which a terminal or a
+    service's log keeps, name the log without it."""
+    import os
+    import signal
+
+    dsn = "postgresql://funnel:s3cret-pw@127.0.0.1:1/funnel"  # nothing listens: the line comes first
+    env = {**os.environ, "FUNNEL_FEEDBACK_LOG": dsn}
+    cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
+    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "3600"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert "feedback log postgresql://funnel@127.0.0.1:1/funnel" in out, out
+    assert "s3cret-pw" not in out
+
+
 def test_a_workdir_no_run_made_is_refused_not_deleted(tmp_path):
     """demo, ab_test and retention_weights delete --workdir to start from nothing: only a folder an
     earlier run made; a folder of the user's (a typo, ``--workdir ~``) is refused, its files kept."""
