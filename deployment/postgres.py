@@ -5,7 +5,9 @@ store on one box (``workflows/live_store.py``; ``docs/live-features.md``).
         store = LiveStore(pg.url)
 
 ``initdb`` into a temporary folder, ``postgres`` on 127.0.0.1 and a free port (its unix socket in
-the same folder), stopped and deleted on exit. PostgreSQL refuses to run as root: as root the
+the same folder), stopped and deleted on exit. TCP connections need the cluster's random password
+(in ``url``): the store holds the takedowns and what users did, which trust on 127.0.0.1 let every
+local user read and change. PostgreSQL refuses to run as root: as root the
 cluster is owned by and run as the ``postgres`` system user (``runuser``), which the Debian package
 creates. The binaries come from the ``postgresql`` Debian package (``make services``) or
 ``$FUNNEL_PG_BIN``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -40,7 +43,8 @@ def postgres_bin() -> Path | None:
 
 
 class PostgresServer:
-    """One PostgreSQL cluster, trust authentication on loopback only, database ``funnel``."""
+    """One PostgreSQL cluster on loopback only, database ``funnel``: a password on TCP, trust on the
+    unix socket in its private folder."""
 
     def __init__(self, port: int | None = None, bin_dir: str | Path | None = None):
         found = Path(bin_dir) if bin_dir else postgres_bin()
@@ -54,10 +58,11 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="funnel-pg-"))
         self.data = self.root / "data"
         self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.password = secrets.token_urlsafe(24)
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@{LOOPBACK}:{self.port}/funnel"
+        return f"postgresql://postgres:{self.password}@{LOOPBACK}:{self.port}/funnel"
 
     def _run(self, *args: str) -> None:
         result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, timeout=120)
@@ -65,10 +70,19 @@ class PostgresServer:
             raise RuntimeError(f"{Path(args[0]).name} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
 
     def start(self) -> PostgresServer:
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
         if self._as_user:
             shutil.chown(self.root, user="postgres")
-        # --no-sync: the cluster is thrown away; commits are still fsynced while it runs.
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+            shutil.chown(pwfile, user="postgres")
+        # Trust only on the unix socket, whose folder (mkdtemp: 0700) only the cluster's owner enters;
+        # TCP, open to every local user, takes the password. --no-sync: the cluster is thrown away;
+        # commits are still fsynced while it runs.
+        initdb = [str(self.bin / "initdb"), "-D", str(self.data), "--auth-local=trust", "--auth-host=scram-sha-256"]
+        try:
+            self._run(*initdb, f"--pwfile={pwfile}", "-U", "postgres", "--no-sync")
+        finally:
+            pwfile.unlink()
         # pg_ctl hands the options to a shell: the socket folder quoted, or a TMPDIR with a space splits it.
         options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {shlex.quote(str(self.root))}"
         self._run(
@@ -84,7 +98,7 @@ class PostgresServer:
             "60",
             "start",
         )
-        self._run(str(self.bin / "createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", "funnel")
+        self._run(str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "funnel")
         return self
 
     def cpu_seconds(self) -> float:

@@ -238,6 +238,21 @@ def test_replicas_starting_together_create_the_schema_once(location):
         assert opener.wait() == 0, opener.stderr.read().decode()[-2000:]
 
 
+def test_the_postgres_server_refuses_tcp_clients_without_its_password(postgres):
+    """Every local user reaches 127.0.0.1: with trust there, any of them could take items down in the
+    live store without the admin key, or read what users did. The DSN the server hands out works."""
+    import psycopg
+
+    from workflows.live_store import describe
+
+    without = describe(postgres.url)  # the same DSN, its password left out
+    assert without != postgres.url
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(without, autocommit=True).close()
+    with psycopg.connect(postgres.url, autocommit=True) as con:
+        assert con.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_the_postgres_servers_cpu_is_read_from_its_processes(postgres):
     """What the live benchmark charges to the database: the cluster's CPU grows with its work (a
     backend's time counts while it runs and after it has gone), and reads 0 once it has stopped."""
