@@ -170,11 +170,40 @@ def test_an_interrupted_rerun_leaves_no_summary_beside_its_half_written_parts(ra
     )
 
 
+def tiny_log(n: int, clicks=None) -> pd.DataFrame:
+    """``n`` events of 10 users on items 1-8 over five days, in the raw schema; every event a click
+    when ``clicks`` is 1, a coin flip when it is None."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "user_id": rng.integers(1, 11, n),
+            "item_id": rng.integers(1, 9, n),
+            "timestamp": np.sort(rng.integers(1_000_000, 1_000_000 + 5 * 86400, n)),
+            "click": rng.integers(0, 2, n) if clicks is None else clicks,
+            "watch_seconds": 30,
+            "like": 0,
+            "share": 0,
+        }
+    )
+
+
+def write_tables(folder: Path, events: pd.DataFrame, titles: list[str]) -> None:
+    """``events`` (one row per user, item and time), 10 users and one item per title, as parquet."""
+    events.drop_duplicates(["user_id", "item_id", "timestamp"]).to_parquet(folder / "events.parquet", index=False)
+    users = pd.DataFrame({"user_id": range(1, 11), "age_band": "a", "gender": "g", "location": "l"})
+    users.to_parquet(folder / "users.parquet", index=False)
+    items = pd.DataFrame(
+        {"item_id": range(1, len(titles) + 1), "category": "c", "duration_seconds": 60, "title": titles}
+    )
+    items.to_parquet(folder / "items.parquet", index=False)
+
+
 def test_a_taken_down_item_the_item_table_lacks_is_neither_trained_on_nor_served(tmp_path):
     """checks.missing_items: warn adds an attribute-less row for an item the table lacks; one that is
     taken down lost its events, but its row came back after the filter: drawn as a sampled negative,
     it entered the training vocabulary and item_features.parquet."""
-    import numpy as np
     import yaml
 
     from configs import load_config
@@ -182,26 +211,9 @@ def test_a_taken_down_item_the_item_table_lacks_is_neither_trained_on_nor_served
     from workflows.pipeline import prepare_dataset
     from workflows.spec import RAW_SCHEMA_SPEC, spec_from_dict
 
-    rng = np.random.default_rng(0)
-    n = 400
-    events = pd.DataFrame(
-        {
-            "user_id": rng.integers(1, 11, n),
-            "item_id": rng.integers(1, 9, n),
-            "timestamp": np.sort(rng.integers(1_000_000, 1_000_000 + 5 * 86400, n)),
-            "click": 1,
-            "watch_seconds": 30,
-            "like": 0,
-            "share": 0,
-        }
-    )
+    events = tiny_log(400, clicks=1)
     events.loc[::40, "item_id"] = 99  # not in the item table, and taken down
-    events.drop_duplicates(["user_id", "item_id", "timestamp"]).to_parquet(tmp_path / "events.parquet", index=False)
-    users = pd.DataFrame({"user_id": range(1, 11), "age_band": "a", "gender": "g", "location": "l"})
-    users.to_parquet(tmp_path / "users.parquet", index=False)
-    titles = [f"title {i}" for i in range(1, 21)]
-    items = pd.DataFrame({"item_id": range(1, 21), "category": "c", "duration_seconds": 60, "title": titles})
-    items.to_parquet(tmp_path / "items.parquet", index=False)
+    write_tables(tmp_path, events, [f"title {i}" for i in range(1, 21)])
     store = str(tmp_path / "live.sqlite")
     LiveStore(store).set_takedown(99, True, "reported", "moderator")
     values = yaml.safe_load(RAW_SCHEMA_SPEC.read_text())
@@ -225,31 +237,12 @@ def test_a_step_that_leaves_no_event_is_a_named_error(tmp_path):
     """A content filter that takes every item (or an active-users rule no user meets) left an empty
     log, and the next step failed on it with whatever it tripped on first: the recency window's
     ``int(NaN)``, "cannot convert float NaN to integer"."""
-    import numpy as np
 
     from configs import load_config
     from workflows.pipeline import run_dataset_pipeline
     from workflows.validate import DatasetError
 
-    rng = np.random.default_rng(0)
-    n = 300
-    events = pd.DataFrame(
-        {
-            "user_id": rng.integers(1, 11, n),
-            "item_id": rng.integers(1, 9, n),
-            "timestamp": np.sort(rng.integers(1_000_000, 1_000_000 + 5 * 86400, n)),
-            "click": rng.integers(0, 2, n),
-            "watch_seconds": 30,
-            "like": 0,
-            "share": 0,
-        }
-    ).drop_duplicates(["user_id", "item_id", "timestamp"])
-    events.to_parquet(tmp_path / "events.parquet", index=False)
-    users = pd.DataFrame({"user_id": range(1, 11), "age_band": "a", "gender": "g", "location": "l"})
-    users.to_parquet(tmp_path / "users.parquet", index=False)
-    titles = [f"bad clip {i}" for i in range(1, 9)]
-    items = pd.DataFrame({"item_id": range(1, 9), "category": "c", "duration_seconds": 60, "title": titles})
-    items.to_parquet(tmp_path / "items.parquet", index=False)
+    write_tables(tmp_path, tiny_log(300, clicks=None), [f"bad clip {i}" for i in range(1, 9)])
     paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
     every_item = {"content_filter": {"denylist": ["bad"]}, "recency_window": {"days": 30}}
     with pytest.raises(DatasetError, match="no event is left after content_filter.*unsafe or taken down"):
