@@ -332,4 +332,8 @@ def check_complete(repo: Path, version: str, manifest: dict | None = None) -> No
 
 
 def exported_version(repo: str | Path) -> int:
-    return int(json.loads((Path(repo) / "export.json").read_text())["version"])
+    """The model version ``repo``'s ``export.json`` records (what the repository serves)."""
+    path = Path(repo) / "export.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{repo} is not an exported model repository (no export.json)")
+    return int(json.loads(path.read_text())["version"])

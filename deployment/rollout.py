@@ -41,6 +41,7 @@ from deployment.export import (
     STAGE_ARTIFACTS,
     check_complete,
     export_repository,
+    exported_version,
     install_model_py,
     pin_ensemble,
     rename_ensemble,
@@ -62,7 +63,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def served_version(repo: str | Path) -> int:
-    return int(json.loads((Path(repo) / "export.json").read_text())["version"])
+    return exported_version(repo)
 
 
 def funnel_version(repo: str | Path) -> int:

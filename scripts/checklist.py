@@ -26,8 +26,8 @@ def main() -> None:
 
         try:
             version = exported_version(args.repo)
-        except FileNotFoundError:
-            parser.error(f"argument --repo: {args.repo} is not an exported model repository (no export.json)")
+        except FileNotFoundError as err:
+            parser.error(f"argument --repo: {err}")
     try:
         model = registry.get(args.registry, version)
     except FileNotFoundError as err:  # no such version, or a folder that is no registry

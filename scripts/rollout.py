@@ -35,8 +35,8 @@ def main() -> None:
         parser.error(f"argument --registry: {err}")
     try:
         old = served_version(args.repository)
-    except FileNotFoundError:
-        parser.error(f"argument --repository: {args.repository} is not an exported model repository (no export.json)")
+    except FileNotFoundError as err:
+        parser.error(f"argument --repository: {err}")
     # The server must answer the control plane with this deployment's key before the repository is
     # touched: a version added for a server that cannot load it would block the rerun.
     try:
