@@ -150,19 +150,23 @@ def import_tf():
     """TensorFlow, its threads set for serving (one per op, two between ops) before its first op."""
     import sys
 
-    # TensorFlow's import tries JAX for TFLite's converter (tensorflow/lite/python/util.py, inside
-    # try/except ImportError); JAX is installed as TF's dependency but a stage never converts anything.
-    # Marking it absent during that import takes 0.5 s off its 4.3 s, paid by every TF stub at every
-    # server start, rollout and restart. The mark goes again afterwards: code that runs the stages
-    # in its own process (a notebook) can still import JAX.
-    hidden = "tensorflow" not in sys.modules and "jax" not in sys.modules
-    if hidden:
-        sys.modules["jax"] = None
+    # Two packages TensorFlow's import loads that a stage never uses: JAX, tried for TFLite's
+    # converter (tensorflow/lite/python/util.py), and Keras, loaded eagerly for ``tf.keras`` (both
+    # inside try/except ImportError). A stage calls its SavedModel's serving signature through
+    # ``tf.saved_model.load`` (serving/fast_inference.py), which needs neither. Marking them absent
+    # during the import takes 0.5 s (JAX) and about 0.3 s (Keras) off its 4.3 s of CPU, paid by every
+    # TF stub at every server start, rollout and restart. The marks go again afterwards: code that
+    # runs the stages in its own process (a notebook, the tests) can still import both; ``tf.keras``
+    # is a lazy loader that imports Keras on first use.
+    hidden = [] if "tensorflow" in sys.modules else [m for m in ("jax", "keras") if m not in sys.modules]
+    for module in hidden:
+        sys.modules[module] = None
     try:
         import tensorflow as tf
     finally:
-        if hidden and "jax" in sys.modules and sys.modules["jax"] is None:
-            del sys.modules["jax"]
+        for module in hidden:
+            if module in sys.modules and sys.modules[module] is None:
+                del sys.modules[module]
 
     # Per-request batches are small (one user, a few hundred candidates) and several stage processes
     # share the cores: one thread per op avoids oversubscription. Two inter-op threads, not one: with a
