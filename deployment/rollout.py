@@ -296,8 +296,18 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        client.load_model(ROUTER)
-        wait_ready(client, ROUTER, router_version, timeout_s)
+        try:
+            client.load_model(ROUTER)
+            wait_ready(client, ROUTER, router_version, timeout_s)
+        except BaseException:
+            # The newest folder is the rollout Triton serves after a restart and the one
+            # ``current_rollout`` reads: a router version that failed to load must not stay.
+            shutil.rmtree(repo / ROUTER / str(router_version), ignore_errors=True)
+            try:
+                client.load_model(ROUTER)  # back to the version still on disk
+            except Exception:  # the original failure is the one to report
+                pass
+            raise
         wait_unloaded(client, ROUTER, router_version, timeout_s)
     finally:
         client.close()

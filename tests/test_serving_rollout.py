@@ -179,6 +179,38 @@ def test_a_failed_roll_out_leaves_the_old_version_on_disk_too(two_versions, tmp_
         rollout.retire("127.0.0.1:1", repo, 3)
 
 
+class RefusingRouter(RefusingControl):
+    """Triton's control plane where every model is ready and the ``ab_router`` fails to load."""
+
+    def is_model_ready(self, name, version=""):
+        return True
+
+    def load_model(self, name):
+        RefusingControl.loads.append(name)
+        if name == "ab_router" and len(RefusingControl.loads) == 1:
+            raise RuntimeError("simulated: the router failed to load")
+
+
+def test_a_router_version_that_fails_to_load_is_not_left_on_disk(model_version, tmp_path, monkeypatch):
+    """No server: ``set_rollout`` wrote the new router version and then asked Triton to load it. A
+    refused load left the folder, so ``current_rollout`` (what the analysis, ``retire`` and a
+    replica's ``follow_rollout`` read) and the next restart took an experiment that never served."""
+    from deployment import rollout
+    from deployment.export import export_repository
+    from serving.assignment import ab_rollout
+    from serving.interface import ROUTER
+
+    repo = export_repository(model_version, tmp_path / "triton_repo")
+    before = rollout.current_rollout(repo)
+    monkeypatch.setattr(rollout, "ControlClient", RefusingRouter)
+    monkeypatch.setattr(RefusingControl, "loads", [])
+    with pytest.raises(RuntimeError, match="router failed"):
+        rollout.set_rollout("127.0.0.1:1", repo, ab_rollout("e", "s", 1, 1, holdout=0.05))
+    assert rollout.router_versions(repo) == [1] and rollout.current_rollout(repo) == before
+    assert RefusingControl.loads == [ROUTER, ROUTER]  # the new one, then the one on disk back
+    assert not [p for p in (repo / ROUTER).iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
 def test_add_version_clears_what_a_killed_add_version_left(two_versions, tmp_path):
     """``add_version`` moves the stages in one by one and the pinned ``funnel_v<N>`` last: a process
     killed in between left stage folders that made every rerun fail with "already in"."""
