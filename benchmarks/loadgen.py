@@ -185,8 +185,13 @@ def run_load(
             done.wait(timeout=timeout_s * max(1, len(requests) // max(concurrency, 1)) + timeout_s)
     finally:
         client.close()
-    report = LoadReport([r for r in results if r is not None], time.perf_counter() - start_all)
-    return report
+    wall_s = time.perf_counter() - start_all
+    # A request whose callback never came within the wait is an error of the load, not left out:
+    # dropped, the report counted fewer requests and no error for it.
+    missing = f"no response within the load's {wall_s:.1f}s wait"
+    with lock:
+        answered = [r if r is not None else Result(requests[i], wall_s, error=missing) for i, r in enumerate(results)]
+    return LoadReport(answered, wall_s)
 
 
 def counted(model_stats: list[dict], field: str = "inference_count") -> int:

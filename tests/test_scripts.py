@@ -136,6 +136,33 @@ def test_load_generator_refuses_no_concurrency():
         run_load("127.0.0.1:1", [], concurrency=0)
 
 
+def test_a_request_whose_answer_never_comes_is_an_error_of_the_load_not_left_out(monkeypatch):
+    """The load waits for every callback up to its timeout; a request whose callback never came was
+    dropped from the report, which then counted fewer requests and no error for it."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.loadgen import Request, run_load
+
+    class SilentForUserTwo:  # answers every request but user 2's, which gets no callback at all
+        def __init__(self, url):
+            pass
+
+        def async_infer(self, model_name, inputs, callback, outputs, client_timeout):
+            user = next(int(np.frombuffer(i._raw_content, dtype=np.int64)[0]) for i in inputs if i.name() == "user_id")
+            if user != 2:
+                callback(None, RuntimeError(f"refused user {user}"))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", SilentForUserTwo)
+    report = run_load("127.0.0.1:1", [Request(u, 5) for u in (1, 2, 3)], concurrency=8, timeout_s=0.2)
+    assert [r.request.user_id for r in report.results] == [1, 2, 3]
+    assert report.results[1].error.startswith("no response within")
+    assert report.summary()["errors"] == 3 and report.summary()["requests"] == 3
+
+
 SLOW_CONFIG = """name: "slow"
 backend: "python"
 max_batch_size: 0
