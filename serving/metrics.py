@@ -400,14 +400,24 @@ def process_exposition(pid: int, labels: dict) -> str:
 class MetricsExporter:
     """A small HTTP server that answers ``GET /metrics`` with whatever ``collectors`` render now
     (each returns Prometheus text). Listens on loopback unless told otherwise; ``port=0`` picks a free
-    port. A collector that fails is logged and left out; the others are still served."""
+    port. A collector that fails is logged and left out; the others are still served. A connection
+    that sends nothing for ``idle_timeout_s`` is closed: each holds a thread, and a client that
+    opened many and went quiet kept them all."""
 
-    def __init__(self, collectors: list[Callable[[], str]], host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        collectors: list[Callable[[], str]],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_timeout_s: float = 10.0,
+    ):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout_s  # the socket's timeout for each read (http.server's own knob)
+
             def do_GET(self):  # noqa: N802 (the http.server API)
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404)

@@ -135,6 +135,22 @@ def test_sidecar_serves_the_server_process_and_survives_a_failing_collector():
     assert process_exposition(2**22 + 12345, {}) == ""  # a process that is gone: nothing
 
 
+def test_sidecar_closes_a_connection_that_sends_nothing():
+    """A client that connects and sends no request held a handler thread forever (no socket timeout)."""
+    import socket
+
+    from serving.metrics import MetricsExporter
+
+    with MetricsExporter([lambda: ""], idle_timeout_s=0.5) as sidecar:
+        quiet = socket.create_connection((sidecar.host, sidecar.port), timeout=5)
+        try:
+            assert quiet.recv(1) == b""  # closed by the sidecar, not by this side's 5 s timeout
+        finally:
+            quiet.close()
+        with urllib.request.urlopen(sidecar.url, timeout=5) as response:  # and it still serves
+            assert response.status == 200
+
+
 def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_period(tmp_path):
     from online.ab_report import HoldoutMonitor, logged_requests
     from online.feedback_log import FeedbackLog
