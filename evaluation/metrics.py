@@ -191,6 +191,10 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
 
     ``exclude[u]`` lists item columns user ``u`` must not get (already seen in training); where
     fewer than ``k`` items are left, the rest of the row is -1 (no item), never an excluded one.
+
+    Equal scores go lower column first, as a stable sort of the whole row orders them. Without that
+    rule the partition's own order decided which of the items tied at the k-th place made the list,
+    so a recommender with ties (popularity counts) scored another NDCG@10 when NDCG@20 was asked too.
     """
     xp = array_module(scores)
     scores = xp.array(scores, dtype=xp.float32, copy=True)
@@ -199,8 +203,15 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
         users, items, _ = _relevant_pairs(exclude, num_users, xp)
         scores[users, items] = -xp.inf
     k = min(k, num_items)
-    part = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
+    # By column, so the stable sort below puts tied items lower column first.
+    part = xp.sort(xp.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
     part_scores = xp.take_along_axis(scores, part, axis=1)
+    # Rows whose k-th score is shared by an item outside the partition: which tied items belong is
+    # the lowest columns', from a stable sort of those rows alone.
+    crossing = xp.nonzero((scores >= part_scores.min(axis=1, keepdims=True)).sum(axis=1) > k)[0]
+    if crossing.size:
+        part[crossing] = xp.sort(xp.argsort(-scores[crossing], axis=1, kind="stable")[:, :k], axis=1)
+        part_scores[crossing] = xp.take_along_axis(scores[crossing], part[crossing], axis=1)
     order = xp.argsort(-part_scores, axis=1, kind="stable")
     top = xp.take_along_axis(part, order, axis=1)
     return xp.where(xp.take_along_axis(part_scores, order, axis=1) == -xp.inf, -1, top)
