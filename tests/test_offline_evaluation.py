@@ -395,69 +395,6 @@ def test_report_renders_in_a_browser_without_broken_images_or_script_errors(stan
     assert any("undefinedFunction" in p for p in seen["problems"])
 
 
-@pytest.mark.slow
-def test_a_specs_own_split_files_are_what_its_evaluation_scores(tmp_path, monkeypatch):
-    """``evaluate_spec`` under an explicit split (a leave-last-two-out protocol written as files):
-    the test file's positives are scored, the validation file's (which the tuning step chose on)
-    are excluded from ranking, the peers train on the training file's; without a test file it is
-    refused before anything is written."""
-    from configs import load_config
-    from evaluation.pipeline import canonical, evaluate_spec, held_out_positives
-    from workflows.pipeline import ProcessedData
-    from workflows.reader import load_inputs
-    from workflows.sources.shop import generate
-    from workflows.spec import load_spec
-
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    generate(customers=120, skus=80, events_per_customer=20, seed=3).write(tmp_path / "data")
-    spec = load_spec(tmp_path / "data" / "dataset.yaml")
-    events = load_inputs(spec).events.compute()
-    keys = events[["user_id", "item_id", "timestamp"]].drop_duplicates().sort_values(["user_id", "timestamp"])
-    from_end = keys.groupby("user_id").cumcount(ascending=False)
-    files = {name: str(tmp_path / f"{name}.parquet") for name in ("train", "valid", "test")}
-    for name, part in zip(files, (keys[from_end >= 2], keys[from_end == 1], keys[from_end == 0])):
-        part.to_parquet(files[name], index=False)
-    tiny = {
-        stage: {"epochs": 1, "batch_size": 512} for stage in ("candidate_generator", "light_ranker", "heavy_ranker")
-    }
-    split = {"kind": "explicit", "train_file": files["train"], "valid_file": files["valid"]}
-    overrides = {
-        **tiny,
-        "serving": {"retrieval_k": 60, "light_ranker_k": 30, "max_k": 40},
-        "workflow": {"split": split, "checks": {"point_in_time_probe": False}},
-        "training": {"mlflow_tracking_uri": (tmp_path / "mlruns").as_uri()},
-    }
-    with pytest.raises(ValueError, match="test_file"):
-        evaluate_spec(spec, load_config(overrides=overrides), tmp_path / "no_test", ks=(10,), mitigation=False)
-    assert not (tmp_path / "no_test").exists()
-
-    split["test_file"] = files["test"]
-    run = evaluate_spec(spec, load_config(overrides=overrides), tmp_path / "out", ks=(10,), mitigation=False)
-    assert [r.name for r in run["results"]] == ["Pop", "EASE", "ALS", "funnel (served)"]
-    assert "explicit split files" in run["paths"]["markdown"].read_text()
-
-    # The parts scored are the files' rows, cleaned as the pipeline cleans them (canonical item ids).
-    processed = ProcessedData(tmp_path / "out" / "processed")
-    train, test, valid = held_out_positives(processed)
-
-    def positives_of(name: str) -> set:
-        rows = pd.read_parquet(files[name]).merge(events, on=["user_id", "item_id", "timestamp"])
-        rows = canonical(rows[rows["click"] > 0], processed.item_id_map, processed.summary["unsafe_items"])
-        return set(zip(rows["user_id"], rows["item_id"]))
-
-    pairs = {
-        name: set(zip(f["user_id"], f["item_id"])) for name, f in (("train", train), ("test", test), ("valid", valid))
-    }
-    assert pairs["test"] == positives_of("test") and pairs["valid"] == positives_of("valid")
-    assert pairs["train"] and pairs["train"] <= positives_of("train")  # inactive users' training rows dropped
-    # ... and what the report's Pop figure was computed on: recomputed from those parts, it agrees.
-    data = offline.Interactions.from_split(train, test, valid)
-    pop = offline.evaluate_scores(
-        "Pop", Popularity().fit(data.matrix()).scores(np.arange(len(data.user_ids))), data, ks=(10,), n_bootstrap=10
-    )
-    assert run["results"][0].metrics["ndcg@10"] == pytest.approx(pop.metrics["ndcg@10"])
-
-
 def test_a_numeric_attribute_with_many_values_is_sliced_by_quartile_not_per_value():
     # A spec's continuous user attribute (a lifetime value) gave one slice per user and a "gap" of
     # 1.0 between two users; text attributes gave one slice per text.

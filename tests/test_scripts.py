@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,22 +59,56 @@ def test_export_triton_exports_a_registry_version(model_version, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_takes_a_dataset_spec(tmp_path):
+def test_evaluate_takes_a_dataset_spec_and_scores_its_own_split_files(tmp_path):
     """``scripts/evaluate.py --spec``: your own log (the shop example: view / add_to_cart / purchase,
-    customer segments and regions) scored under the temporal protocol, the funnel beside the peers,
-    sliced by the spec's own user attributes; a broken log or an unusable split is refused before
-    anything is written."""
+    customer segments and regions) under an explicit split written as files (leave-last-two-out:
+    each customer's last event the test part, the one before it the validation part), the funnel
+    beside the peers, sliced by the spec's own user attributes. The parts scored are the files'
+    rows, cleaned as the pipeline cleans them (canonical item ids; the validation file's, which the
+    tuning step chose on, excluded from ranking), and the report's Pop figure recomputed from them
+    agrees. A broken log or an unusable split is refused before anything is written. (The temporal
+    protocol's run is ``make demo``'s, tests/test_demo.py.)"""
     import yaml
 
+    from evaluation import offline
+    from evaluation.peers import Popularity
+    from evaluation.pipeline import canonical, held_out_positives
+    from workflows.pipeline import ProcessedData
+    from workflows.reader import load_inputs
     from workflows.sources.shop import generate
+    from workflows.spec import load_spec
 
     paths = generate(customers=200, skus=120, events_per_customer=25, seed=4).write(tmp_path / "data")
+    spec = str(tmp_path / "data" / "dataset.yaml")
+    events = load_inputs(load_spec(spec)).events.compute()
+    keys = events[["user_id", "item_id", "timestamp"]].drop_duplicates().sort_values(["user_id", "timestamp"])
+    from_end = keys.groupby("user_id").cumcount(ascending=False)
+    files = {name: str(tmp_path / f"{name}.parquet") for name in ("train", "valid", "test")}
+    for name, part in zip(files, (keys[from_end >= 2], keys[from_end == 1], keys[from_end == 0])):
+        part.to_parquet(files[name], index=False)
+
     config = tmp_path / "tiny.yaml"
     stages = ("candidate_generator", "light_ranker", "heavy_ranker")
     tiny = {stage: {"epochs": 1, "batch_size": 512} for stage in stages}
     tiny["serving"] = {"retrieval_k": 80, "light_ranker_k": 30, "max_k": 40}
-    config.write_text(yaml.safe_dump(tiny))
-    spec, out = str(tmp_path / "data" / "dataset.yaml"), tmp_path / "evaluation"
+    split = {"kind": "explicit", "train_file": files["train"], "valid_file": files["valid"]}
+    # An explicit split must name the test part it scores (the validation part is tuned on) and
+    # files that exist; both are refused before any work.
+    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": split}}))
+    no_test = script(
+        "scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(tmp_path / "no"), check=False
+    )
+    assert no_test.returncode == 2 and "workflow.split.test_file" in no_test.stderr and not (tmp_path / "no").exists()
+    missing = {**split, "train_file": str(tmp_path / "none.parquet"), "test_file": files["test"]}
+    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": missing}}))
+    run = script(
+        "scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(tmp_path / "no"), check=False
+    )
+    assert run.returncode == 2 and "none.parquet" in run.stderr and not (tmp_path / "no").exists()
+
+    split["test_file"] = files["test"]
+    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": split, "checks": {"point_in_time_probe": False}}}))
+    out = tmp_path / "evaluation"
     run = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), "--no-mitigation")
     results = json.loads((out / "report" / "results.json").read_text())
     assert [r["name"] for r in results["results"]] == ["Pop", "EASE", "ALS", "funnel (served)"]
@@ -81,22 +116,36 @@ def test_evaluate_takes_a_dataset_spec(tmp_path):
     assert 0 < funnel["ndcg@10"] <= 1 and f"funnel (served)    ndcg@10 {funnel['ndcg@10']:.4f}" in run.stdout
     report = (out / "report" / "report.md").read_text()
     assert report.startswith("# Offline evaluation: shop (") and "positive: view" in report.splitlines()[0]
+    assert "explicit split files" in report
     assert "| segment " in report and "| region " in report  # the spec's user attributes as slices
+
+    # The parts scored are the files' rows, cleaned as the pipeline cleans them (canonical item ids).
+    processed = ProcessedData(out / "processed")
+    train, test, valid = held_out_positives(processed)
+
+    def positives_of(name: str) -> set:
+        rows = pd.read_parquet(files[name]).merge(events, on=["user_id", "item_id", "timestamp"])
+        rows = canonical(rows[rows["click"] > 0], processed.item_id_map, processed.summary["unsafe_items"])
+        return set(zip(rows["user_id"], rows["item_id"]))
+
+    pairs = {
+        name: set(zip(f["user_id"], f["item_id"])) for name, f in (("train", train), ("test", test), ("valid", valid))
+    }
+    assert pairs["test"] == positives_of("test") and pairs["valid"] == positives_of("valid")
+    assert pairs["train"] and pairs["train"] <= positives_of("train")  # inactive users' training rows dropped
+    # ... and what the report's Pop figure was computed on: recomputed from those parts, it agrees.
+    data = offline.Interactions.from_split(train, test, valid)
+    pop = offline.evaluate_scores(
+        "Pop", Popularity().fit(data.matrix()).scores(np.arange(len(data.user_ids))), data, ks=(10,), n_bootstrap=10
+    )
+    assert results["results"][0]["metrics"]["ndcg@10"] == pytest.approx(pop.metrics["ndcg@10"])
+
     # A log with a defect: exit 2, the file and column named, no report.
-    events = pd.read_csv(paths["events_0"])
-    events.loc[3, "ts"] = "yesterday"
-    events.to_csv(paths["events_0"], index=False)
+    broken = pd.read_csv(paths["events_0"])
+    broken.loc[3, "ts"] = "yesterday"
+    broken.to_csv(paths["events_0"], index=False)
     bad = script("scripts/evaluate.py", "--spec", spec, "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "ts" in bad.stderr and not (tmp_path / "bad" / "report").exists()
-    # An explicit split must name the test part it scores (the validation part is tuned on) and
-    # files that exist; both are refused before any work (tests/test_offline_evaluation.py runs one).
-    split = {"kind": "explicit", "train_file": str(tmp_path / "train.parquet"), "valid_file": paths["events_0"]}
-    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": split}}))
-    no_test = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
-    assert no_test.returncode == 2 and "workflow.split.test_file" in no_test.stderr
-    config.write_text(yaml.safe_dump({**tiny, "workflow": {"split": {**split, "test_file": paths["events_0"]}}}))
-    missing = script("scripts/evaluate.py", "--spec", spec, "--config", str(config), "--out", str(out), check=False)
-    assert missing.returncode == 2 and "train.parquet" in missing.stderr
 
 
 def test_bad_arguments_are_refused_before_anything_is_deleted_or_trained(tmp_path):
@@ -139,7 +188,6 @@ def test_load_generator_refuses_no_concurrency():
 def test_a_request_whose_answer_never_comes_is_an_error_of_the_load_not_left_out(monkeypatch):
     """The load waits for every callback up to its timeout; a request whose callback never came was
     dropped from the report, which then counted fewer requests and no error for it."""
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
     from benchmarks.loadgen import Request, run_load
