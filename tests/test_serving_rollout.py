@@ -45,13 +45,58 @@ def _answers(url, users, k=10):
         return {u: client.recommend(u, k) for u in users}
 
 
-@pytest.mark.parametrize("fused_v2", [False, True], ids=["staged", "fused-v2"])
-def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions, tmp_path_factory, fused_v2):
-    """Also from the seven stage models to the fused funnel (``serving.batching.fuse_stages``): the
-    switch of layout is a rollout like any other, and retiring version 1 removes the stage models."""
+def roll_under_load(url: str, repo, version: int, users: list, before: dict) -> dict:
+    """Roll ``repo`` to ``version`` while a request loop runs; every request answered, each exactly
+    as the version before (``before``) or the new one answers alone. Returns the new answers."""
     from benchmarks.loadgen import Request, run_load
+    from deployment.rollout import roll_out, served_version
+
+    old = {r.model_version for r in before.values()}.pop()
+    results, stop = [], threading.Event()
+
+    def loop():
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            batch = [Request(int(users[rng.integers(len(users))]), 10) for _ in range(20)]
+            results.extend(run_load(url, batch, concurrency=2, max_k=MAX_K).results)
+
+    load = threading.Thread(target=loop)
+    load.start()
+    try:
+        roll_out(url, repo, version)
+        for _ in range(300):  # keep the load on until some requests have run on the new version
+            if sum(r.outputs and r.outputs["model_version"] == str(version) for r in results[-20:]) >= 10:
+                break
+            stop.wait(0.1)
+    finally:
+        stop.set()
+        load.join()
+    after = _answers(url, users)
+    assert {r.model_version for r in after.values()} == {str(version)} and served_version(repo) == version
+
+    failed = [r for r in results if r.error is not None]
+    assert not failed, failed[:3]
+    seen_versions = []
+    for r in results:
+        ref = {old: before, str(version): after}[r.outputs["model_version"]][r.request.user_id]
+        assert r.outputs["item_ids"].tolist() == ref.item_ids, "a response mixed the stages of two versions"
+        assert np.allclose(r.outputs["scores"], ref.scores, atol=1e-6)
+        seen_versions.append(r.outputs["model_version"])
+    assert seen_versions[0] == old and seen_versions[-1] == str(version)
+    assert seen_versions.count(old) > 0 and seen_versions.count(str(version)) >= 10
+    print(
+        f"rollout {old} -> {version}: {len(results)} requests during the roll, 0 failed, "
+        f"{seen_versions.count(old)} on v{old}, {seen_versions.count(str(version))} on v{version}"
+    )
+    return after
+
+
+def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions, tmp_path_factory):
+    """1 -> 2 under load, back to 1, then 1 -> 2 again as the fused funnel
+    (``serving.batching.fuse_stages``): the switch of layout is a rollout like any other, and
+    retiring version 1 then removes the stage models. One server for all three rolls."""
     from deployment.export import batching_of, export_repository
-    from deployment.rollout import add_version, retire, roll_out, served_version
+    from deployment.rollout import add_version, funnel_version, retire, roll_out, served_version
     from deployment.server import TritonServer
     from serving.interface import FUSED, stage_folder
 
@@ -62,63 +107,21 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
     with TritonServer(repo, log_path=repo.parent / "server.log") as server:
         ref1 = _answers(server.grpc_url, users)
         assert {r.model_version for r in ref1.values()} == {"1"}
-        batching = batching_of(v2.manifest)
-        batching.fuse_stages = fused_v2
-        add_version(v2, repo, batching=batching)  # on disk, not served yet
+        add_version(v2, repo)  # on disk, not served yet
         assert (stage_folder(repo, "query_tower", 2) / "query_tower").is_dir() and served_version(repo) == 1
-        assert (repo / FUSED / "2").is_dir() == fused_v2
+        assert not (repo / FUSED).exists()
         assert _answers(server.grpc_url, users[:3]) == {u: ref1[u] for u in users[:3]}
 
-        results, stop = [], threading.Event()
-
-        def loop():
-            rng = np.random.default_rng(1)
-            while not stop.is_set():
-                batch = [Request(int(users[rng.integers(len(users))]), 10) for _ in range(20)]
-                results.extend(run_load(server.grpc_url, batch, concurrency=2, max_k=MAX_K).results)
-
-        load = threading.Thread(target=loop)
-        load.start()
-        try:
-            roll_out(server.grpc_url, repo, 2)
-            for _ in range(300):  # keep the load on until some requests have run on version 2
-                if sum(r.outputs and r.outputs["model_version"] == "2" for r in results[-20:]) >= 10:
-                    break
-                stop.wait(0.1)
-        finally:
-            stop.set()
-            load.join()
-        ref2 = _answers(server.grpc_url, users)
-        assert {r.model_version for r in ref2.values()} == {"2"} and served_version(repo) == 2
+        ref2 = roll_under_load(server.grpc_url, repo, 2, users, ref1)
         # the two versions answer differently, so a request that mixed their stages would show
         differ = sum(ref1[u].item_ids != ref2[u].item_ids for u in users[:-1])
         assert differ >= len(users) // 2, differ
-
-        failed = [r for r in results if r.error is not None]
-        assert not failed, failed[:3]
-        seen_versions = []
-        for r in results:
-            ref = {"1": ref1, "2": ref2}[r.outputs["model_version"]][r.request.user_id]
-            assert r.outputs["item_ids"].tolist() == ref.item_ids, "a response mixed the stages of two versions"
-            assert np.allclose(r.outputs["scores"], ref.scores, atol=1e-6)
-            seen_versions.append(r.outputs["model_version"])
-        assert seen_versions[0] == "1" and seen_versions[-1] == "2"
-        assert seen_versions.count("1") > 0 and seen_versions.count("2") >= 10
-        print(
-            f"rollout: {len(results)} requests during the roll, 0 failed, "
-            f"{seen_versions.count('1')} on v1, {seen_versions.count('2')} on v2"
-        )
-
         retire(server.grpc_url, repo, 1)
-        assert not (repo / "query_tower" / "1").exists()
-        assert (repo / "query_tower").exists() != fused_v2  # fused: the stage models are gone
+        assert not (repo / "query_tower" / "1").exists() and (repo / "query_tower").exists()
         assert _answers(server.grpc_url, users) == ref2
-        if fused_v2:
-            return
+
         # Back to the older version: Triton loads the highest funnel/<N> folder unless told which,
         # so this roll used to wait for funnel version 1 until it timed out, serving 1 all the same.
-        from deployment.rollout import funnel_version
-
         add_version(v1, repo)
         started = time.monotonic()
         roll_out(server.grpc_url, repo, 1, timeout_s=60)
@@ -127,6 +130,18 @@ def test_roll_from_version_1_to_2_without_failed_or_mixed_requests(two_versions,
         assert _answers(server.grpc_url, users) == ref1
         with pytest.raises(ValueError, match="being served"):
             retire(server.grpc_url, repo, 1)
+
+        # From the seven stage models to the fused funnel: version 2 again, in one Python model.
+        retire(server.grpc_url, repo, 2)
+        batching = batching_of(v2.manifest)
+        batching.fuse_stages = True
+        add_version(v2, repo, batching=batching)
+        assert (repo / FUSED / "2").is_dir() and not (repo / "query_tower" / "2").exists()
+        fused = roll_under_load(server.grpc_url, repo, 2, users, ref1)
+        assert {u: r.item_ids for u, r in fused.items()} == {u: r.item_ids for u, r in ref2.items()}
+        retire(server.grpc_url, repo, 1)
+        assert not (repo / "query_tower").exists()  # the stage models are gone with their last version
+        assert _answers(server.grpc_url, users) == fused
 
 
 class RefusingControl:
