@@ -61,6 +61,24 @@ def test_dashboard_and_rules_are_well_formed_and_query_exported_metrics():
     assert all(r.get("for") and r["labels"].get("severity") and r["annotations"].get("summary") for r in alerts)
 
 
+def test_counters_are_read_through_rate_or_increase():
+    """A counter's raw value is its total since the process started (reset by a restart): a panel or
+    rule reads its rate. The "served model version" panel charted the ordering stage's request total
+    per version, so a version no longer served kept its line at its old total."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [r["expr"] for r in rules()]
+    counter = r"\b((?:funnel|online|nv)_[a-z_]*(?:_total|_bucket|_sum|_count|_success|_failure|_duration_us))\b"
+    raw = []
+    for expr in exprs:
+        plain = re.sub(r'"[^"]*"', '""', expr)
+        plain = re.sub(r"[a-z_]*:[a-z_:]+", "", plain)  # recording rules (level:metric:operation)
+        for match in re.finditer(counter + r"(\{[^}]*\})?", plain):
+            if not plain[match.end() :].startswith("["):  # no range: not inside rate()/increase()
+                raw.append((match.group(1), expr))
+    assert not raw, raw
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
 def test_promtool_checks_the_rules_and_every_alert_has_a_passing_unit_test():
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
