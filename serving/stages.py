@@ -606,7 +606,8 @@ class Ordering(Stage):
     with retrieval and with the item-to-item affinity of the user's history, sampled for exploration,
     capped per category), keeps k, maps ids back to raw ids.
 
-    Users the models never saw get the recency-weighted popularity fallback.
+    Users the models never saw get the recency-weighted popularity fallback; a known user whose list
+    the filters left shorter than k gets the rest from it (``topped_up``).
     """
 
     name = "ordering"
@@ -797,6 +798,28 @@ class Ordering(Stage):
         out_scores = 1.0 - np.arange(len(order)) / max(len(candidates), 1)
         return self.raw_ids[candidates[order]], out_scores, served_by
 
+    def topped_up(self, inputs, item_ids, scores, k: int, taken: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """A known user's list of fewer than ``k`` items filled from the popularity fallback: the most
+        popular items not in the user's history, the request's ``exclude_item_ids``, the takedowns
+        or the list already, under the category cap, scored below the list's last item. An empty
+        list filled so is the fallback's answer (``served_by``); a catalog with no such item left
+        stays short."""
+        from models.fallback import top_popular
+
+        seen = inputs.get("seen_items")
+        seen = np.zeros(0, np.int64) if seen is None else np.asarray(seen, dtype=np.int64).reshape(-1)
+        seen = seen[(seen >= 0) & (seen < len(self.raw_ids))]
+        excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
+        drop = np.concatenate([np.asarray(item_ids, dtype=np.int64), self.raw_ids[seen], excluded, taken])
+        popular, _ = top_popular(self.popularity, len(self.popularity), exclude=drop)
+        combined = np.concatenate([np.asarray(item_ids, dtype=np.int64), np.asarray(popular, dtype=np.int64)])
+        order = self.capped(combined, k)
+        # The model's items keep their scores; the filled ones go below the last, best first.
+        last = float(scores[-1]) if len(item_ids) else 1.0
+        filled = last * (1.0 - np.arange(1, len(combined) - len(item_ids) + 1) / (len(combined) - len(item_ids) + 1))
+        combined_scores = np.concatenate([np.asarray(scores, dtype=np.float64).reshape(-1), filled])
+        return combined[order], combined_scores[order], "model" if len(item_ids) else "fallback"
+
     def run(self, inputs):
         from models.fallback import top_popular
 
@@ -839,6 +862,8 @@ class Ordering(Stage):
                 rng=self.rng,
             )
             item_ids, served_by = self.raw_ids[ranked[order]], "model"
+            if len(item_ids) < k:  # filters, exclusions or takedowns left fewer than k candidates
+                item_ids, out_scores, served_by = self.topped_up(inputs, item_ids, out_scores, k, taken)
         else:
             seen = np.zeros(0, np.int64) if seen is None else np.asarray(seen, dtype=np.int64).reshape(-1)
             if seen.size and (seen.min() < 0 or seen.max() >= len(self.raw_ids)):

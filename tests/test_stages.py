@@ -39,6 +39,39 @@ def test_known_user_gets_k_unseen_items_with_descending_scores(funnel, model_ver
     assert light == min(filtered, small_config.serving.light_ranker_k) and final == 10
 
 
+def test_a_known_users_list_emptied_by_filters_is_filled_from_the_fallback(funnel, model_version):
+    """A request excluding every candidate retrieval found (or most of them) left a known user with
+    an empty (or short) list while the catalog held unseen items: the rest now comes from the
+    popularity fallback, never an excluded, seen or listed item, scored below the model's items."""
+    history = pd.read_parquet(model_version.path / "user_history.parquet")
+    user = int(history["user_id_raw"].iloc[0])
+    seen = set(history.loc[history["user_id_raw"] == user, "item_id_raw"])
+    raw = funnel["ordering"].raw_ids
+    first = run_funnel(funnel, user, 10)
+    candidates = raw[np.asarray(first["candidate_ids"]).reshape(-1)]
+
+    def ask(excluded):
+        x = {"user_id": np.array([user], dtype=np.int64), "k": np.array([10], dtype=np.int32)}
+        x["exclude_item_ids"] = np.asarray(excluded, dtype=np.int64)
+        for name in stages.FUNNEL:
+            x.update(funnel[name].run(x))
+        return x
+
+    emptied = ask(candidates)
+    assert emptied["served_by"][0] == b"fallback" and len(emptied["item_ids"]) == 10
+    assert not (set(emptied["item_ids"].tolist()) & (set(candidates.tolist()) | seen))
+    popular = pd.read_parquet(model_version.path / "popularity.parquet")["item_id"]
+    assert emptied["item_ids"].tolist() == [i for i in popular if i not in seen and i not in set(candidates)][:10]
+
+    kept = first["item_ids"][:3]
+    short = ask(np.setdiff1d(candidates, kept))  # three candidates left for the model
+    assert short["served_by"][0] == b"model" and len(short["item_ids"]) == 10
+    assert sorted(short["item_ids"][:3].tolist()) == sorted(kept.tolist())
+    filled = set(short["item_ids"][3:].tolist())
+    assert len(filled) == 7 and not filled & (set(candidates.tolist()) | seen)
+    assert np.all(np.diff(short["scores"]) <= 0) and short["scores"][3] < short["scores"][2]
+
+
 def test_unknown_user_gets_the_popularity_fallback(funnel, model_version):
     out = run_funnel(funnel, 10**9, 5)
     assert out["served_by"][0] == b"fallback"
