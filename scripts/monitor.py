@@ -29,7 +29,7 @@ from pathlib import Path
 
 from configs.cli import port, port_or_zero
 from deployment.monitoring import PrometheusServer, find_tritonserver
-from online.ab_report import MONITOR_EFFECT, HoldoutMonitor
+from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
 from workflows.live_store import describe
@@ -74,6 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.holdout_effect <= 0:
         parser.error(f"argument --holdout-effect: must be > 0, got {args.holdout_effect}")
+    if not 0 < args.holdout_interval < HOLDOUT_STALE_S:
+        parser.error(
+            f"argument --holdout-interval: must be in (0, {HOLDOUT_STALE_S}) seconds (HoldoutMonitorDown fires "
+            f"when the comparison is older than {HOLDOUT_STALE_S} s), got {args.holdout_interval:g}"
+        )
 
     log_path = args.feedback_log or feedback_log_path(args.model_repository)  # a file or a postgresql:// DSN
     holdout = HoldoutMonitor(

@@ -61,6 +61,14 @@ def test_dashboard_and_rules_are_well_formed_and_query_exported_metrics():
     assert all(r.get("for") and r["labels"].get("severity") and r["annotations"].get("summary") for r in alerts)
 
 
+def test_the_holdout_staleness_alert_and_the_monitors_interval_limit_agree():
+    """scripts/monitor.py refuses a --holdout-interval at which HoldoutMonitorDown would fire all along."""
+    from online.ab_report import HOLDOUT_STALE_S
+
+    (alert,) = [r for r in rules() if r.get("alert") == "HoldoutMonitorDown"]
+    assert f"(time() - online_holdout_updated_timestamp_seconds) > {HOLDOUT_STALE_S}" in alert["expr"]
+
+
 def test_counters_are_read_through_rate_or_increase():
     """A counter's raw value is its total since the process started (reset by a restart): a panel or
     rule reads its rate. The "served model version" panel charted the ordering stage's request total

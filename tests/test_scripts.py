@@ -315,6 +315,10 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     refused(run, "--grouplens", "u.data")
     run = script("scripts/monitor.py", "--port", "-5", "--data-dir", str(tmp_path / "prom"), "--check", check=False)
     refused(run, "--port")
+    for interval in ("900", "0"):  # at 900 s or more HoldoutMonitorDown would fire all along
+        args = ["--holdout-interval", interval, "--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
+        run = script("scripts/monitor.py", *args, check=False)
+        refused(run, "--holdout-interval")
 
 
 def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):
@@ -326,7 +330,7 @@ def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):
     dsn = "postgresql://funnel:s3cret-pw@127.0.0.1:1/funnel"  # nothing listens: the line comes first
     env = {**os.environ, "FUNNEL_FEEDBACK_LOG": dsn}
     cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "3600"]
+    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
