@@ -154,7 +154,7 @@ def import_tf():
     # converter (tensorflow/lite/python/util.py), and Keras, loaded eagerly for ``tf.keras`` (both
     # inside try/except ImportError). A stage calls its SavedModel's serving signature through
     # ``tf.saved_model.load`` (serving/fast_inference.py), which needs neither. Marking them absent
-    # during the import takes 0.5 s (JAX) and about 0.3 s (Keras) off its 4.3 s of CPU, paid by every
+    # during the import takes 0.5 s (JAX) and 0.3-0.7 s (Keras) off its 4.3 s of CPU, paid by every
     # TF stub at every server start, rollout and restart. The marks go again afterwards: code that
     # runs the stages in its own process (a notebook, the tests) can still import both; ``tf.keras``
     # is a lazy loader that imports Keras on first use.
