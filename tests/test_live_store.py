@@ -285,6 +285,18 @@ def test_ingestion_reads_epoch_seconds_in_json_lines_as_seconds(tmp_path):
     assert read_events_file(tmp_path / "d.parquet")["ts"].tolist() == [1.7e9]
 
 
+def test_ingestion_refuses_millisecond_timestamps_instead_of_hiding_the_users_real_events(tmp_path):
+    """Epoch milliseconds read as seconds put events 50,000 years ahead: newest forever, 1,000 of them
+    filled the per-request read (``user_events``), and the item the user had just watched through the
+    feedback endpoint was no longer read, so it came back in the next response."""
+    location = str(tmp_path / "live.sqlite")
+    millis = pd.DataFrame({"user_id": 5, "item_id": np.arange(3), "timestamp": 1_700_000_000_000 + np.arange(3)})
+    with pytest.raises(EventFileError, match=r"timestamp looks like milliseconds, not seconds in 3 row\(s\)"):
+        ingest_events(location, millis)
+    assert len(LiveStore(location).events()) == 0  # refused whole
+    assert ingest_events(location, millis.assign(timestamp=millis["timestamp"] / 1000)) == 3  # seconds go in
+
+
 def test_ingestion_refuses_ids_beyond_int64_instead_of_wrapping_them(tmp_path):
     """A user id of 2**64 - 1 was stored as user -1 (another user's events), an item id of 2**63 or
     1e20 was refused as 'negative'."""

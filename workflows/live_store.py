@@ -51,6 +51,8 @@ STORE_ENV = "FUNNEL_STORE_URL"
 # Interactions a live event may record. "view" is what an ingested row without an event column is.
 LIVE_EVENTS = ("view", "click", "watch_seconds", "like", "share")
 SOURCES = ("feedback", "ingest")
+# Seconds since the epoch below this (the year 5138); at or above, a timestamp is taken for milliseconds.
+MAX_EPOCH_SECONDS = 1e11
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS live_events (
@@ -387,6 +389,12 @@ def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
         timestamps = (timestamps - pd.Timestamp(0, tz=getattr(timestamps.dt, "tz", None))).dt.total_seconds()
     ts = pd.to_numeric(timestamps, errors="coerce")
     bad(ts.isna() | ~np.isfinite(ts.fillna(0)) | (ts.fillna(0) < 0), "timestamp is not seconds since the epoch")
+    # Milliseconds (JavaScript, Kafka, Java) read as seconds put every event ~50,000 years ahead: newest
+    # forever, they would fill the per-request read (``user_events``) and hide the user's real events.
+    bad(
+        np.isfinite(ts.fillna(0)) & (ts.fillna(0) >= MAX_EPOCH_SECONDS),
+        "timestamp looks like milliseconds, not seconds",
+    )
     out["ts"] = ts.fillna(0).astype(np.float64)
     events = frame["event"].astype(str) if "event" in frame.columns else pd.Series("view", index=frame.index)
     bad(~events.isin(LIVE_EVENTS), f"event is not one of {list(LIVE_EVENTS)}")
