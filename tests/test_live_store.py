@@ -321,6 +321,19 @@ def test_ingestion_refuses_ids_beyond_int64_instead_of_wrapping_them(tmp_path):
     assert sorted(stored["user_id"].tolist()) == [-(2**63), 2**63 - 1]
 
 
+def test_a_dsn_is_described_without_its_password_in_either_form():
+    """libpq takes the password in the query string too; ``describe`` kept that form whole, so the
+    ingestion script printed it and the A/B report wrote it into its "source of the numbers"."""
+    from workflows.live_store import describe
+
+    assert describe("postgresql://u:secret@db:5432/funnel") == "postgresql://u@db:5432/funnel"
+    assert describe("postgresql://u@db/funnel?password=secret") == "postgresql://u@db/funnel"
+    assert describe("postgres://db/funnel?user=u&PASSWORD=secret&sslmode=require") == (
+        "postgres://db/funnel?user=u&sslmode=require"
+    )
+    assert describe("/srv/live.sqlite") == "/srv/live.sqlite"
+
+
 def test_the_takedown_script_refuses_an_item_id_beyond_int64_with_exit_status_2(tmp_path, monkeypatch):
     """It ended in SQLite's OverflowError traceback (exit status 1) instead of the argument error."""
     from deployment import security

@@ -90,13 +90,17 @@ def require_repository(repository: str | Path) -> None:
 
 
 def describe(location: str | Path) -> str:
-    """``location`` for messages: a DSN without its password."""
+    """``location`` for messages: a DSN without its password (``user:password@`` or ``?password=``)."""
     text = str(location)
-    if is_postgres(text) and "@" in text:
-        scheme, rest = text.split("://", 1)
+    if not is_postgres(text):
+        return text
+    scheme, rest = text.split("://", 1)
+    rest, mark, query = rest.partition("?")
+    if "@" in rest:
         credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
-    return text
+        rest = f"{credentials.split(':', 1)[0]}@{host}"
+    query = "&".join(p for p in query.split("&") if p and p.split("=", 1)[0].strip().lower() != "password")
+    return f"{scheme}://{rest}{mark if query else ''}{query}"
 
 
 def private_file(path: str | Path) -> None:
