@@ -41,15 +41,36 @@ def set_takedown(
     store: str | None = None,
 ) -> dict:
     """Take ``item_id`` (raw id) down, or restore it with ``undo``, in the live store of
-    ``repository`` (``store`` overrides where that is); return its new state. Durable on return."""
+    ``repository`` (``store`` overrides where that is); return its new state. Durable on return.
+
+    Serving reads a takedown of either id of a duplicated item as its canonical item's
+    (``serving/item_aliases.py``), so an undo restores the item: it also undoes the active takedowns
+    of its other ids in the served version. An undo by the other id used to leave the item down."""
     check_admin_key(repository, key)
     live = LiveStore(store or store_location(repository))
     try:
+        others = same_item_takedowns(repository, live, int(item_id)) if undo else []
+        for other in others:
+            live.set_takedown(other, False, reason, actor or getpass.getuser())
         live.set_takedown(int(item_id), not undo, reason, actor or getpass.getuser())
         state = live.takedowns()
     finally:
         live.close()
     return state[state["item_id"] == int(item_id)].iloc[0].to_dict()
+
+
+def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -> list[int]:
+    """The other raw ids down now that the version ``repository`` serves reads as ``item_id``'s item."""
+    from deployment.export import exported_version
+    from serving.interface import stage_folder
+    from serving.item_aliases import ItemAliases
+
+    if not (Path(repository) / "export.json").exists():
+        return []
+    aliases = ItemAliases.load(stage_folder(repository, "ordering", exported_version(repository)))
+    down = live.taken_down()
+    same = aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
+    return [int(i) for i in down[same] if int(i) != item_id]
 
 
 def list_takedowns(repository: str | Path, store: str | None = None) -> pd.DataFrame:

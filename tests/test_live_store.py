@@ -136,6 +136,38 @@ def test_ingestion_takes_csv_parquet_and_jsonl_and_refuses_bad_files_whole(locat
     assert not (tmp_path / "triton_rep-live.sqlite").exists()
 
 
+def test_an_undo_by_either_id_of_a_duplicated_item_restores_it(tmp_path, monkeypatch):
+    """Serving reads a takedown of a duplicate's id (900, a copy of 100) as the item's. An undo by
+    the other id left the first takedown active, so the item stayed out of every list."""
+    import json
+
+    import pandas as pd
+
+    from deployment import security
+    from deployment.takedowns import list_takedowns, set_takedown
+    from serving.item_aliases import FILE
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    (repo / "ordering" / "3").mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 3}))
+    pd.DataFrame({"item_id_raw": [900], "canonical_item_id_raw": [100]}).to_parquet(repo / "ordering" / "3" / FILE)
+    key = security.ensure_admin_key(repo)
+    store = str(tmp_path / "live.sqlite")
+
+    def down():
+        state = list_takedowns(repo, store=store)
+        return sorted(state[state["active"] == 1]["item_id"].tolist())
+
+    for taken, undone in ((900, 100), (100, 900)):
+        set_takedown(repo, taken, "unsafe", key=key, store=store)
+        set_takedown(repo, 7, "another item", key=key, store=store)
+        assert down() == sorted([taken, 7])
+        state = set_takedown(repo, undone, "appeal upheld", key=key, store=store, undo=True)
+        assert state["active"] == 0 and down() == [7]  # the other item stays down
+        set_takedown(repo, 7, "done", key=key, store=store, undo=True)
+
+
 def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_list(tmp_path, monkeypatch):
     from configs import ContentFilterConfig
     from deployment import security
