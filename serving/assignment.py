@@ -19,7 +19,16 @@ HOLDOUT = "holdout"
 
 
 def bucket(user_id: int | str, salt: str, buckets: int = BUCKETS) -> int:
-    """A stable bucket in ``[0, buckets)`` from SHA-256 of ``salt:user_id``."""
+    """A stable bucket in ``[0, buckets)`` from SHA-256 of ``salt:user_id``.
+
+    A number is hashed as the integer it is: user 7 read from a float column (7.0) once hashed as
+    "7.0", another bucket and possibly another arm than the 7 the router served. A number that is
+    not a whole one is no user id."""
+    if not isinstance(user_id, str):
+        number = float(user_id)
+        if not number.is_integer():
+            raise ValueError(f"user id {user_id!r} is not an integer")
+        user_id = int(number) if abs(number) < 2**53 else int(user_id)  # exact for int64 ids
     digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % buckets
 

@@ -21,6 +21,18 @@ def test_assignment_is_deterministic_salted_and_matches_the_design():
     assert 0 <= bucket(7, "x") < 10_000
 
 
+def test_a_user_id_read_as_a_float_gets_the_same_arm():
+    """User 7 from a float column (7.0, as pandas reads an id column with a gap) hashed as "7.0": another
+    bucket than the router's 7. A whole number is now hashed as the integer; anything else is refused."""
+    same = {bucket(u, "x") for u in (7, 7.0, np.int64(7), np.float64(7.0), np.int32(7))}
+    assert same == {bucket(7, "x")}
+    big = 2**62 + 1  # an int64 id beyond float precision keeps its own bucket
+    assert bucket(np.int64(big), "x") == bucket(big, "x") != bucket(big - 1, "x")
+    assert bucket("7", "x") == bucket(7, "x")  # string ids as before
+    with pytest.raises(ValueError, match="not an integer"):
+        bucket(7.5, "x")
+
+
 def test_experiment_design_is_validated():
     with pytest.raises(ValueError, match="sum to 1"):
         Experiment("e", "s", arms={"control": 0.5, "treatment": 0.6})
