@@ -189,9 +189,7 @@ def run_load(
     # A request whose callback never came within the wait is an error of the load, not left out:
     # dropped, the report counted fewer requests and no error for it.
     missing = f"no response within the load's {wall_s:.1f}s wait"
-    with lock:
-        answered = [r if r is not None else Result(requests[i], wall_s, error=missing) for i, r in enumerate(results)]
-    return LoadReport(answered, wall_s)
+    return LoadReport([r or Result(requests[i], wall_s, error=missing) for i, r in enumerate(results)], wall_s)
 
 
 def counted(model_stats: list[dict], field: str = "inference_count") -> int:

@@ -47,12 +47,12 @@ def set_takedown(
     (``serving/item_aliases.py``), so an undo restores the item: it also undoes the active takedowns
     of its other ids in the served version. An undo by the other id used to leave the item down."""
     check_admin_key(repository, key)
+    actor = actor or getpass.getuser()
     live = LiveStore(store or store_location(repository))
     try:
-        others = same_item_takedowns(repository, live, int(item_id)) if undo else []
-        for other in others:
-            live.set_takedown(other, False, reason, actor or getpass.getuser())
-        live.set_takedown(int(item_id), not undo, reason, actor or getpass.getuser())
+        for other in same_item_takedowns(repository, live, int(item_id)) if undo else []:
+            live.set_takedown(other, False, reason, actor)
+        live.set_takedown(int(item_id), not undo, reason, actor)
         state = live.takedowns()
     finally:
         live.close()
@@ -65,9 +65,11 @@ def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -
     from serving.interface import stage_folder
     from serving.item_aliases import ItemAliases
 
-    if not (Path(repository) / "export.json").exists():
+    try:
+        version = exported_version(repository)
+    except FileNotFoundError:  # not an export yet: no alias table, every id its own item
         return []
-    aliases = ItemAliases.load(stage_folder(repository, "ordering", exported_version(repository)))
+    aliases = ItemAliases.load(stage_folder(repository, "ordering", version))
     down = live.taken_down()
     same = aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
     return [int(i) for i in down[same] if int(i) != item_id]
