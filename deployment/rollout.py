@@ -179,11 +179,16 @@ def load_version(client, repo: Path, version: int, timeout_s: float = 300.0) -> 
         wait_ready(client, ensemble_name(version), 1, timeout_s)
 
 
-def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0) -> None:
-    """Switch the served funnel to ``version`` (already added to ``repo``) without downtime."""
+def roll_out(
+    grpc_url: str, repo: str | Path, version: int, timeout_s: float = 300.0, root_certificates: str | Path | None = None
+) -> None:
+    """Switch the served funnel to ``version`` (already added to ``repo``) without downtime.
+    ``root_certificates``: where the server's gRPC speaks TLS, the PEM file that signed its
+    certificate (``ControlClient``); the same in every function here that talks to the server."""
     repo = Path(repo).resolve()
     check_complete(repo, str(version))
-    client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
+    # loading models needs the deployment's admin key
+    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
     try:
         load_version(client, repo, version, timeout_s)
         # The version's own pinned ensemble under the served name: its steps are that export's (the
@@ -215,13 +220,13 @@ def roll_out(grpc_url: str, repo: str | Path, version: int, timeout_s: float = 3
     # Outside an experiment the A/B router follows the served version; during one, its arms stay.
     routed = current_rollout(repo)
     if routed is not None and routed.experiment.name == NO_EXPERIMENT:
-        set_rollout(grpc_url, repo, single_version(version), timeout_s)
+        set_rollout(grpc_url, repo, single_version(version), timeout_s, root_certificates)
     export = json.loads((repo / "export.json").read_text())
     export.update(version=int(version), rolled_out_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_atomic(repo / "export.json", json.dumps(export))
 
 
-def retire(grpc_url: str, repo: str | Path, version: int) -> None:
+def retire(grpc_url: str, repo: str | Path, version: int, root_certificates: str | Path | None = None) -> None:
     """Unload and delete an old version that the ensemble no longer calls."""
     repo = Path(repo).resolve()
     if int(version) in {served_version(repo), funnel_version(repo)}:
@@ -229,7 +234,7 @@ def retire(grpc_url: str, repo: str | Path, version: int) -> None:
     in_experiment = current_rollout(repo)
     if in_experiment is not None and int(version) in {*in_experiment.versions.values(), in_experiment.control_version}:
         raise ValueError(f"version {version} still serves an arm of experiment {in_experiment.experiment.name!r}")
-    client = ControlClient(grpc_url, repo)
+    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
     try:
         if (repo / ensemble_name(version)).exists():
             client.unload_model(ensemble_name(version))
@@ -278,11 +283,18 @@ def arm_versions(repo: Path, rollout: Rollout) -> list[int]:
     return versions
 
 
-def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
+def set_rollout(
+    grpc_url: str,
+    repo: str | Path,
+    rollout: Rollout,
+    timeout_s: float = 300.0,
+    root_certificates: str | Path | None = None,
+) -> int:
     """Serve ``rollout`` from a new router version; return the router version."""
     repo = Path(repo).resolve()
     versions = arm_versions(repo, rollout)
-    client = ControlClient(grpc_url, repo)  # loading models needs the deployment's admin key
+    # loading models needs the deployment's admin key
+    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
     try:
         for version in versions:
             if not client.is_model_ready(ensemble_name(version)):
@@ -314,7 +326,9 @@ def set_rollout(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: fl
     return router_version
 
 
-def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) -> int:
+def follow_rollout(
+    grpc_url: str, repo: str | Path, timeout_s: float = 300.0, root_certificates: str | Path | None = None
+) -> int:
     """Make a replica serve the newest router version already in the shared ``repo`` (written by
     ``set_rollout`` through another replica): load the model versions its arms name, then the
     router. Writes nothing; returns the router version now served."""
@@ -325,7 +339,7 @@ def follow_rollout(grpc_url: str, repo: str | Path, timeout_s: float = 300.0) ->
     router_version = router_versions(repo)[-1]
     versions = arm_versions(repo, rollout)
     pinned = funnel_version(repo)
-    client = ControlClient(grpc_url, repo)
+    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
     try:
         for version in sorted({*versions, pinned}):
             load_version(client, repo, version, timeout_s)

@@ -141,7 +141,9 @@ class ControlClient:
             control.load_model("retrieval")
 
     ``repository`` finds the key (``read_admin_key``); pass ``key`` to give it directly. Methods
-    not listed here are the plain client's (health and metadata need no key).
+    not listed here are the plain client's (health and metadata need no key). For a server whose
+    gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``), ``root_certificates`` is the PEM
+    file that signed its certificate: the key then never travels in the clear.
     """
 
     _KEYED = (
@@ -156,7 +158,13 @@ class ControlClient:
         "get_trace_settings",
     )
 
-    def __init__(self, grpc_url: str, repository: str | Path | None = None, key: str | None = None):
+    def __init__(
+        self,
+        grpc_url: str,
+        repository: str | Path | None = None,
+        key: str | None = None,
+        root_certificates: str | Path | None = None,
+    ):
         import tritonclient.grpc as grpcclient
 
         if key is None:
@@ -164,7 +172,8 @@ class ControlClient:
                 raise ValueError("ControlClient needs the model repository (to find its key) or the key")
             key = read_admin_key(repository)
         self._headers = grpc_headers(key)
-        self.client = grpcclient.InferenceServerClient(grpc_url)
+        tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
+        self.client = grpcclient.InferenceServerClient(grpc_url, **tls)
 
     def __getattr__(self, name):
         attr = getattr(self.client, name)

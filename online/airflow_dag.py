@@ -26,6 +26,7 @@ SETTINGS = {
     # With these two set, the candidate is added to the live repository and A/B tested there.
     "live_repo": os.environ.get("RETRAINING_LIVE_REPO", ""),
     "grpc_url": os.environ.get("RETRAINING_GRPC_URL", ""),
+    "tls_ca": os.environ.get("RETRAINING_TLS_CA", ""),  # where the server's gRPC speaks TLS
 }
 STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experiment"]
 

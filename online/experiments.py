@@ -21,12 +21,25 @@ from deployment.rollout import current_rollout, roll_out, served_version, set_ro
 from serving.assignment import Rollout
 
 
-def start_experiment(grpc_url: str, repo: str | Path, rollout: Rollout, timeout_s: float = 300.0) -> int:
-    """Begin an A/B test; ``rollout`` comes from ``serving.assignment.ab_rollout``."""
-    return set_rollout(grpc_url, repo, rollout, timeout_s)
+def start_experiment(
+    grpc_url: str,
+    repo: str | Path,
+    rollout: Rollout,
+    timeout_s: float = 300.0,
+    root_certificates: str | Path | None = None,
+) -> int:
+    """Begin an A/B test; ``rollout`` comes from ``serving.assignment.ab_rollout``.
+    ``root_certificates``: for a server whose gRPC speaks TLS (``deployment.security.ControlClient``)."""
+    return set_rollout(grpc_url, repo, rollout, timeout_s, root_certificates)
 
 
-def roll_out_treatment(grpc_url: str, repo: str | Path, arm: str = "treatment", timeout_s: float = 300.0) -> Rollout:
+def roll_out_treatment(
+    grpc_url: str,
+    repo: str | Path,
+    arm: str = "treatment",
+    timeout_s: float = 300.0,
+    root_certificates: str | Path | None = None,
+) -> Rollout:
     """Ship ``arm``: the plain ``funnel`` ensemble switches to its version (``deployment.rollout``) and
     every non-holdout user of the router gets it; the holdout stays on the control's version."""
     current = current_rollout(repo)
@@ -34,6 +47,6 @@ def roll_out_treatment(grpc_url: str, repo: str | Path, arm: str = "treatment", 
         raise ValueError(f"no running experiment has an arm {arm!r}")
     shipped = current.roll_out(arm)
     if served_version(repo) != current.versions[arm]:
-        roll_out(grpc_url, repo, current.versions[arm], timeout_s)
-    set_rollout(grpc_url, repo, shipped, timeout_s)
+        roll_out(grpc_url, repo, current.versions[arm], timeout_s, root_certificates)
+    set_rollout(grpc_url, repo, shipped, timeout_s, root_certificates)
     return shipped

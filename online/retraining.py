@@ -257,7 +257,8 @@ def step_export(context: dict) -> dict:
 
 
 def step_experiment(context: dict) -> dict:
-    """A/B test the candidate against the served version on the live server (``settings['grpc_url']``):
+    """A/B test the candidate against the served version on the live server (``settings['grpc_url']``;
+    ``settings['tls_ca']``, the PEM file that signed its certificate, where its gRPC speaks TLS):
     the router sends the treatment share to the candidate, the holdout stays on the current model.
     Without a server (or a current version) the candidate waits in the repository."""
     from configs import load_config
@@ -280,7 +281,7 @@ def step_experiment(context: dict) -> dict:
     running = current_rollout(export["repo"])
     if running is not None and running.to_dict() == rollout.to_dict():  # a re-run: already started
         return {"started": True, "experiment": rollout.to_dict(), "router_version": None}
-    router_version = start_experiment(s["grpc_url"], export["repo"], rollout)
+    router_version = start_experiment(s["grpc_url"], export["repo"], rollout, root_certificates=s.get("tls_ca") or None)
     return {"started": True, "experiment": rollout.to_dict(), "router_version": router_version}
 
 

@@ -4,7 +4,8 @@
 Adds the version's stages to the repository (each stage folder moved in with one rename), loads
 them through Triton's model-control API beside the serving version, then switches the `funnel`
 ensemble (all steps pinned to the new version) in one reload. --retire removes the old version
-afterwards. The server must run in explicit model-control mode (scripts/serve.py does).
+afterwards. The server must run in explicit model-control mode (scripts/serve.py does). Where its
+gRPC speaks TLS (serve.py --tls-cert), --tls-ca names the PEM file that signed its certificate.
 
     .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
         --repository build/triton_repo --url 127.0.0.1:8001 --retire
@@ -15,6 +16,7 @@ from configs.runtime import quiet_known_warnings
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
+from pathlib import Path
 
 from deployment.rollout import add_version, retire, roll_out, served_version
 from deployment.security import ControlClient
@@ -28,7 +30,10 @@ def main() -> None:
     parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
+    parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args()
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:
         model = registry.get(args.registry, args.version)
     except FileNotFoundError as err:  # no such version, or a folder that is no registry
@@ -40,16 +45,16 @@ def main() -> None:
     # The server must answer the control plane with this deployment's key before the repository is
     # touched: a version added for a server that cannot load it would block the rerun.
     try:
-        with ControlClient(args.url, args.repository) as control:
+        with ControlClient(args.url, args.repository, root_certificates=args.tls_ca) as control:
             control.get_model_repository_index()
     except Exception as err:
         why = f"the server at --url {args.url} refused the control plane or is down ({err})"
         raise SystemExit(f"rollout: {why}; the repository was not changed") from None
     add_version(model, args.repository)
-    roll_out(args.url, args.repository, model.version)
+    roll_out(args.url, args.repository, model.version, root_certificates=args.tls_ca)
     print(f"serving version {model.version} (was {old})")
     if args.retire:
-        retire(args.url, args.repository, old)
+        retire(args.url, args.repository, old, root_certificates=args.tls_ca)
         print(f"retired version {old}")
 
 

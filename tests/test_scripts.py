@@ -297,6 +297,7 @@ def test_a_registry_without_versions_or_a_folder_that_is_no_export_is_refused_in
         script("scripts/rollout.py", "--registry", str(empty), "--repository", str(not_export), check=False),
         "--registry",
     )
+    refused(script("scripts/rollout.py", "--tls-ca", str(tmp_path / "nope.pem"), check=False), "--tls-ca", "nope.pem")
 
 
 def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):

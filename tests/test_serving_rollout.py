@@ -246,11 +246,16 @@ def test_add_version_clears_what_a_killed_add_version_left(two_versions, tmp_pat
 
 def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data, tmp_path_factory):
     """Both versions behind ab_router: simulated users over gRPC, feedback to the server, per-arm
-    counters in /metrics equal to the server's log, then the treatment rolled out and the holdout kept."""
+    counters in /metrics equal to the server's log, then the treatment rolled out and the holdout kept.
+    The server's gRPC speaks TLS, as an exposed deployment's does: the experiment is started (by the
+    retraining pipeline's step), shipped and checked through the keyed control plane over TLS, which
+    a plain client cannot reach (the tools once had no way to give the control plane a certificate)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     from deployment.export import export_repository
     from deployment.rollout import add_version, current_rollout, retire
+    from deployment.security import ControlClient
     from deployment.server import TritonServer
     from online.ab_experiment import online_counters
     from online.ab_report import analyze
@@ -262,15 +267,20 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
     from serving.assignment import HOLDOUT
     from serving.client import BadRequest, FunnelClient, ServerFault
     from serving.interface import ROUTER
+    from tests.conftest import self_signed
 
     v1, v2 = two_versions
     repo = export_repository(v1, tmp_path_factory.mktemp("ab") / "triton_repo")
     add_version(v2, repo)
     users = small_data.users["user_id"].head(120).to_numpy()
-    with TritonServer(repo, log_path=repo.parent / "server.log") as server:
+    cert, key = self_signed(repo.parent)
+    with TritonServer(repo, tls_cert=cert, tls_key=key, log_path=repo.parent / "server.log") as server:
+        with ControlClient(server.grpc_url, repo) as plain_control, pytest.raises(InferenceServerException):
+            plain_control.get_model_repository_index(client_timeout=10)  # the key never goes out in the clear
         # The retraining pipeline's last step starts the experiment (settings as a scheduler passes them).
         settings = {
             "grpc_url": server.grpc_url,
+            "tls_ca": str(cert),
             "overrides": {"online": {"experiment": {"salt": "salt-it", "holdout": 0.05}}},
         }
         started = step_experiment({"settings": settings, "export": {"repo": str(repo), "version": 2, "live": True}})
@@ -279,7 +289,7 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
         assert rollout.versions == {"control": 1, "treatment": 2} and rollout.experiment.holdout == 0.05
         again = step_experiment({"settings": settings, "export": {"repo": str(repo), "version": 2, "live": True}})
         assert again["router_version"] is None  # idempotent: a retried step does not start it twice
-        with FunnelClient(server.grpc_url, model_name=ROUTER) as client:
+        with FunnelClient(server.grpc_url, model_name=ROUTER, root_certificates=cert) as client:
             sim = UserSimulator(small_data, small_config.synthetic, SimulationConfig(days=2, k=5, concurrency=4))
             outcomes = sim.run(
                 users,
@@ -337,7 +347,7 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
             # and the router change): stubs writing __pycache__ into the repository once made Triton
             # reload them all.
             before = server.log_path.read_text(errors="replace")
-            roll_out_treatment(server.grpc_url, repo)
+            roll_out_treatment(server.grpc_url, repo, root_certificates=cert)
             during = server.log_path.read_text(errors="replace")[len(before) :]
             reloaded = re.findall(r"loading: (\w+):\d", during)
             assert set(reloaded) <= {"funnel", "funnel_v1", "funnel_v2", "ab_router"}, reloaded
@@ -347,11 +357,12 @@ def test_ab_experiment_on_the_live_server(two_versions, small_config, small_data
                 want = "1" if expected[u][0] == HOLDOUT else "2"
                 assert recs.model_version == want, (u, recs.arm, recs.model_version)
             assert any(r.arm == HOLDOUT for r in after.values())
-            with FunnelClient(server.grpc_url) as plain:  # the plain funnel serves the shipped version
-                assert plain.recommend(int(users[0]), 5).model_version == "2"
+            # the plain funnel serves the shipped version
+            with FunnelClient(server.grpc_url, root_certificates=cert) as funnel:
+                assert funnel.recommend(int(users[0]), 5).model_version == "2"
             with pytest.raises(ValueError, match="still serves an arm"):
-                retire(server.grpc_url, repo, 1)
-            health = grpcclient.InferenceServerClient(server.grpc_url)
+                retire(server.grpc_url, repo, 1, root_certificates=cert)
+            health = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(cert))
             assert health.is_model_ready("funnel_v1") and health.is_model_ready("funnel_v2")
             health.close()
 
