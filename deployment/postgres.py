@@ -83,10 +83,23 @@ class PostgresServer:
             self._run(*initdb, f"--pwfile={pwfile}", "-U", "postgres", "--no-sync")
         finally:
             pwfile.unlink()
+        self._pg_ctl("start")
+        self._run(str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "funnel")
+        return self
+
+    def restart(self) -> None:
+        """Stop the cluster (``-m fast``: clients are disconnected, as by an operator's restart) and
+        start it again on the same data, port and options; returns once it accepts connections. The
+        tests use it to check that clients reconnect."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def _pg_ctl(self, action: str, *extra: str) -> None:
         # pg_ctl hands the options to a shell: the socket folder quoted, or a TMPDIR with a space splits it.
         options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {shlex.quote(str(self.root))}"
         self._run(
             str(self.bin / "pg_ctl"),
+            action,
+            *extra,
             "-D",
             str(self.data),
             "-o",
@@ -96,10 +109,7 @@ class PostgresServer:
             "-w",
             "-t",
             "60",
-            "start",
         )
-        self._run(str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "funnel")
-        return self
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the cluster has used so far, in seconds: the postmaster, its live

@@ -427,3 +427,44 @@ def test_a_new_sqlite_store_and_its_journal_are_readable_by_their_owner_only(tmp
     finally:
         live.close()
         log.close()
+
+
+def test_a_store_reconnects_after_its_postgres_server_restarts(caplog):
+    """psycopg never reopens a connection the server dropped: after one restart of the database
+    every later read of a long-running server failed ("the connection is closed"), and every write
+    ("the connection is lost")."""
+    import psycopg
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    with PostgresServer() as server:
+        store = LiveStore(server.url)
+        try:
+            assert store.append_events([(1, 10, 100.0, "click", 1.0), (1, 11, 101.0, "like", 1.0)], "feedback") == 2
+            server.restart()
+            with caplog.at_level("WARNING", logger="workflows.live_store"):
+                assert store.user_events(1).item_ids.tolist() == [11, 10]  # the read is retried on a new connection
+            assert "reconnecting" in caplog.text and server.password not in caplog.text
+            assert store.append_events([(1, 12, 102.0, "view", 1.0)], "feedback") == 1
+            assert store.user_events(1).item_ids.tolist() == [12, 11, 10]
+            # A write that is the first call after a restart: its BEGIN meets the dead connection,
+            # before anything of the transaction was sent, and is begun again on a new one.
+            server.restart()
+            assert store.append_events([(2, 13, 103.0, "share", 1.0)], "feedback") == 1
+            assert store.events()[["user_id", "item_id"]].values.tolist() == [[1, 10], [1, 11], [1, 12], [2, 13]]
+            # Inside a transaction nothing is retried: the error reaches the caller, nothing of the
+            # transaction is committed, and the next call reconnects.
+            insert = "INSERT INTO live_events VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+            with pytest.raises(psycopg.OperationalError):
+                with store.db.transaction():
+                    store.db.execute(insert, (3, 14, 104.0, "view", 1.0, "feedback"))
+                    server.restart()
+                    with pytest.raises(psycopg.OperationalError):
+                        store.db.execute(insert, (3, 15, 105.0, "view", 1.0, "feedback"))
+                    # Not on a new connection either, where it would commit alone (autocommit).
+                    store.db.execute(insert, (3, 16, 106.0, "view", 1.0, "feedback"))
+            assert len(store.user_events(3)) == 0
+            assert store.append_events([(3, 17, 107.0, "view", 1.0)], "feedback") == 1
+            assert store.user_events(3).item_ids.tolist() == [17]
+        finally:
+            store.close()

@@ -32,13 +32,14 @@ and packages import only from the layers below them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ import numpy as np
 import pandas as pd
 
 from workflows.validate import fits_int64
+
+log = logging.getLogger(__name__)
 
 STORE_ENV = "FUNNEL_STORE_URL"
 # Interactions a live event may record. "view" is what an ingested row without an event column is.
@@ -119,16 +122,24 @@ class Database:
 
     Statements use ``?`` placeholders and SQL both backends speak (``ON CONFLICT``, ``BIGINT``,
     ``DOUBLE PRECISION``); ``transaction()`` is the only way to write.
+
+    PostgreSQL: a connection the server dropped (a restart, a failover) is replaced before the next
+    statement or transaction, so a long-running server outlives its database's restarts. A statement
+    outside a transaction that meets the dead connection is run again once on a new one (reads, and
+    ``INSERT ... ON CONFLICT DO NOTHING``, may run twice), and so is the ``BEGIN`` of a transaction
+    (nothing was sent yet); a statement inside a transaction is not: its error reaches the caller,
+    nothing of the transaction is committed, and the next call reconnects.
     """
 
     def __init__(self, location: str | Path, schema: Sequence[str] = ()):
         self.location = str(location)
         self.postgres = is_postgres(self.location)
         self._lock = threading.RLock()  # one connection, many threads: one statement at a time
+        # Transactions open on the connection, under the lock (``transaction()`` holds it while its
+        # body runs): a statement inside one must not be retried on a new connection.
+        self._depth = 0
         if self.postgres:
-            import psycopg
-
-            self._con = psycopg.connect(self.location, autocommit=True)
+            self._con = self._connect()
         else:
             Path(self.location).parent.mkdir(parents=True, exist_ok=True)
             private_file(self.location)
@@ -158,17 +169,58 @@ class Database:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
 
+    def _connect(self):
+        import psycopg
+
+        return psycopg.connect(self.location, autocommit=True)
+
+    def _reconnect(self) -> None:
+        log.warning("lost the connection to %s (was the server restarted?); reconnecting", describe(self.location))
+        # The new one first: if the server is still down, the broken one stays and the next call retries.
+        stale, self._con = self._con, self._connect()
+        stale.close()
+
+    def _connection(self):
+        """The connection, replaced first if the server dropped it: a psycopg connection never
+        reopens itself, so one restart of the database would fail every later call of the process.
+        Only ``broken``: a connection ``close()`` closed stays closed. Never inside a transaction:
+        its later statements would commit one by one on the new connection (autocommit)."""
+        if self.postgres and not self._depth and self._con.broken:
+            self._reconnect()
+        return self._con
+
+    def _lost(self, err: Exception) -> bool:
+        """``err`` says the PostgreSQL connection died under the call (not a bad statement)."""
+        if not self.postgres:
+            return False
+        import psycopg
+
+        return isinstance(err, psycopg.OperationalError) and self._con.broken
+
+    def _cursor(self, sql: str, params: Sequence):
+        # Call with the lock held. The server may have dropped the connection while it sat idle
+        # (nothing tells the client until it sends): outside a transaction the one statement runs
+        # again on a new connection; inside one, part of the transaction died with the old connection.
+        sql, params = self._sql(sql), tuple(params)
+        try:
+            return self._connection().execute(sql, params)
+        except Exception as err:
+            if self._depth or not self._lost(err):
+                raise
+            self._reconnect()
+            return self._con.execute(sql, params)
+
     def execute(self, sql: str, params: Sequence = ()):
         with self._lock:
-            return self._con.execute(self._sql(sql), tuple(params))
+            return self._cursor(sql, params)
 
     def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self._lock:
-            return self._con.execute(self._sql(sql), tuple(params)).fetchall()
+            return self._cursor(sql, params).fetchall()
 
     def frame(self, sql: str, params: Sequence = ()) -> pd.DataFrame:
         with self._lock:
-            cursor = self._con.execute(self._sql(sql), tuple(params))
+            cursor = self._cursor(sql, params)
             columns = [d[0] for d in cursor.description]
             return pd.DataFrame(cursor.fetchall(), columns=columns)
 
@@ -178,8 +230,21 @@ class Database:
         so concurrent writers queue instead of failing at commit)."""
         with self._lock:
             if self.postgres:
-                with self._con.transaction():
-                    yield self
+                with ExitStack() as stack:
+                    try:
+                        stack.enter_context(self._connection().transaction())
+                    except Exception as err:
+                        # A dead connection fails at BEGIN, before anything of the transaction was
+                        # sent: safe to begin again on a new one (a nested transaction's SAVEPOINT is not).
+                        if self._depth or not self._lost(err):
+                            raise
+                        self._reconnect()
+                        stack.enter_context(self._con.transaction())
+                    self._depth += 1
+                    try:
+                        yield self
+                    finally:
+                        self._depth -= 1
             else:
                 self._con.execute("BEGIN IMMEDIATE")
                 try:
