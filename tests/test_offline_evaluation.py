@@ -196,6 +196,7 @@ def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
 
     config = copy.deepcopy(small_config)
     config.training.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()  # the shared registry stays as it is
+    config.candidate_generator.epochs = 1  # only the variants train: the table's shape is tested, not their quality
     loo = leave_one_out(data, users=data.user_ids[:40])
     run = evaluate_split(
         processed, loo.train, loo.test, small_data.users, config, tmp_path, ks=(10,), mitigation=True,
