@@ -148,9 +148,11 @@ def test_random_split_is_per_user_80_10_10_and_reproducible(events):
     split = random_split(ddf(unique), cfg)
     parts = [p.compute() for p in (split.train, split.valid, split.test)]
     assert sum(len(p) for p in parts) == len(unique)
-    sizes = pd.concat([p.groupby("user_id").size().rename(n) for p, n in zip(parts, "tvs")], axis=1).fillna(0)
+    # The log repeats pairs (re-impressions); the split counts a user's distinct items.
+    pair_counts = [p.drop_duplicates(["user_id", "item_id"]).groupby("user_id").size() for p in parts]
+    sizes = pd.concat([c.rename(n) for c, n in zip(pair_counts, "tvs")], axis=1).fillna(0)
     total = sizes.sum(axis=1)
-    # Per user: exactly RecBole's counts for the user's own number of interactions.
+    # Per user: exactly RecBole's counts for the user's own number of items.
     from evaluation.protocols import recbole_split_sizes
 
     want = np.array([recbole_split_sizes(int(n), cfg.ratios) for n in total])
@@ -165,6 +167,25 @@ def test_random_split_is_per_user_80_10_10_and_reproducible(events):
     pd.testing.assert_frame_equal(
         parts[0].sort_values(keys)[keys].reset_index(drop=True), again.sort_values(keys)[keys].reset_index(drop=True)
     )
+
+
+def test_random_split_keeps_every_event_of_a_pair_in_one_part():
+    """The random split ordered events, not pairs: a pair's re-impressions (and rows whose keys a
+    canonical-id merge made identical) fell into train and test alike, so after dedup_pairs a held-out
+    positive was a training positive too (and, seen, was removed from the evaluation's ranking)."""
+    from workflows.splits import random_split
+
+    rows = [(u, i, 1000 * u + 10 * i + k, int(k == 0)) for u in range(40) for i in range(5) for k in range(3)]
+    rows += [(u, 9, 5, c) for u in range(40) for c in (0, 1)]  # one key twice, click 0 and 1
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "click"])
+    split = random_split(ddf(frame, 2), SplitConfig(kind="random"))
+    parts = {n: p.compute() for n, p in split.parts().items()}
+    assert sum(len(p) for p in parts.values()) == len(frame)
+    pairs = pd.concat([p[["user_id", "item_id"]].drop_duplicates().assign(part=n) for n, p in parts.items()])
+    in_parts = pairs.groupby(["user_id", "item_id"])["part"].nunique()
+    assert len(in_parts) == 40 * 6 and in_parts.max() == 1, f"{int((in_parts > 1).sum())} pairs in two parts"
+    # ...and the per-user counts are RecBole's for 6 items: 4/1/1.
+    assert [parts[n].drop_duplicates(["user_id", "item_id"]).shape[0] for n in parts] == [160, 40, 40]
 
 
 def test_explicit_split_reproduces_the_given_files(events, tmp_path):

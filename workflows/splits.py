@@ -3,10 +3,13 @@
 ``temporal`` (default): everything before a cutoff trains, everything after is held out, so no model
     sees the future of what it is evaluated on. Cutoffs are timestamp quantiles: the last
     ``valid_fraction`` (and then ``test_fraction``) of events by time are held out.
-``random``: RecBole's random-ordering protocol: each user's interactions are put in a pseudo-random
-    order (a hash of user, item, timestamp and ``seed``, so the split is reproducible and does not
-    depend on partitioning) and cut at ``ratios`` (80/10/10), with RecBole's rounding of each
-    user's counts (``recbole_part_sizes``).
+``random``: RecBole's random-ordering protocol: each user's items (distinct (user, item) pairs) are
+    put in a pseudo-random order (a hash of user, item, the pair's first timestamp and ``seed``, so
+    the split is reproducible and does not depend on partitioning) and cut at ``ratios`` (80/10/10),
+    with RecBole's rounding of each user's counts (``recbole_part_sizes``). Every event of a pair
+    goes to the pair's part: a pair is one row per part after ``dedup_pairs``, and a pair in two parts
+    would be a held-out positive that is also a training one. A log with one event per pair is split
+    exactly as per-event ordering split it.
 ``explicit``: parquet files list the ``user_id, item_id, timestamp`` of each part; events are
     assigned by an inner join, so an external protocol (a paper's split) is reproduced exactly.
 """
@@ -23,6 +26,7 @@ from workflows.dedup import apply_item_map
 from workflows.validate import DatasetError, Defect
 
 KEYS = ["user_id", "item_id", "timestamp"]
+PAIR = ["user_id", "item_id"]
 
 
 @dataclass
@@ -91,14 +95,16 @@ def _pseudo_random(df, seed: int):
 
 
 def _assign_random(df, config: SplitConfig):
-    df = df.copy()
-    df["_r"] = _pseudo_random(df, config.seed)
-    df = df.sort_values(["user_id", "_r"])
-    rank = df.groupby("user_id").cumcount()
-    size = df.groupby("user_id")["_r"].transform("count").astype("int64")  # "count": cudf and pandas
+    """A ``_part`` (0 train, 1 valid, 2 test) per row, drawn per (user, item) pair: re-impressions of a
+    pair, and rows that identical keys (a canonical id's merge) made ties, all go to one part."""
+    pairs = df.groupby(PAIR).agg({"timestamp": "min"}).reset_index()  # a pair hashed by its first event
+    pairs["_r"] = _pseudo_random(pairs, config.seed)
+    pairs = pairs.sort_values(["user_id", "_r", "item_id"])  # item_id breaks hash ties the same in every partitioning
+    rank = pairs.groupby("user_id").cumcount()
+    size = pairs.groupby("user_id")["_r"].transform("count").astype("int64")  # "count": cudf and pandas
     n_train, n_valid = recbole_part_sizes(size, config.ratios)
-    df["_part"] = (rank >= n_train).astype("int64") + (rank >= n_train + n_valid).astype("int64")
-    return df.drop(columns=["_r"])
+    pairs["_part"] = (rank >= n_train).astype("int64") + (rank >= n_train + n_valid).astype("int64")
+    return df.merge(pairs[[*PAIR, "_part"]], on=PAIR, how="inner")
 
 
 def recbole_part_sizes(size, ratios):
@@ -118,7 +124,8 @@ def recbole_part_sizes(size, ratios):
 
 
 def random_split(ddf, config: SplitConfig) -> Split:
-    """Per user: ``ratios`` of the user's interactions, in pseudo-random order, to train/valid/test."""
+    """Per user: ``ratios`` of the user's items, in pseudo-random order, to train/valid/test (every
+    event of a (user, item) pair in the pair's part)."""
     columns = list(ddf.columns)
     assigned = ddf.shuffle(on="user_id", npartitions=ddf.npartitions).map_partitions(_assign_random, config)
     parts = [assigned[assigned["_part"] == i][columns] for i in range(3)]
