@@ -3,7 +3,7 @@
 A stage's Python stub can die (out of memory, a crash in native code, a kill). The supervisor
 notices because a probe request through the whole ensemble fails (or the server process is gone,
 or stops reporting ready) ``failures`` times in a row, and then restarts the server on the same
-ports, so clients reconnect without any manual step. ``tests/test_serving_production.py`` kills a
+ports, so clients reconnect without any manual step. ``tests/test_triton_integration.py`` kills a
 stage's stub with SIGKILL and checks that the funnel answers again.
 """
 

@@ -22,7 +22,7 @@ The tritonserver process itself is measured from outside (``process_exposition``
 monitoring sidecar of ``scripts/monitor.py``) under the same names with ``process="tritonserver"``:
 Triton exports only the host's memory (``nv_cpu_memory_used_bytes``), not its own.
 
-``monitoring/grafana/funnel-dashboard.json`` charts them; ``tests/test_serving_production.py`` scrapes
+``monitoring/grafana/funnel-dashboard.json`` charts them; ``tests/test_triton_integration.py`` scrapes
 them from a live server and ``tests/test_prometheus.py`` runs every dashboard query through a real
 Prometheus. ``StageMetrics`` never lets a metrics failure fail a request; ``BackgroundRecorder`` and
 ``ProcessSampler`` keep the updates off the request path.

@@ -56,7 +56,7 @@ def test_ndcg_at_k():
 
 class _Family:
     """In-memory stand-in for ``pb_utils.MetricFamily`` (which exists only inside a Triton stub;
-    tests/test_serving_production.py checks the real one)."""
+    tests/test_triton_integration.py checks the real one)."""
 
     COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
