@@ -188,6 +188,18 @@ def search(index: faiss.Index, query: np.ndarray, k: int) -> tuple[np.ndarray, n
     return ids[0][keep], scores[0][keep]
 
 
+def max_norm(index: faiss.Index, chunk: int = 65_536) -> float:
+    """The largest L2 norm among the vectors ``index`` holds (0 for an empty index), read in chunks
+    of ``chunk`` vectors: by Cauchy-Schwarz no inner product with a query exceeds it times the
+    query's norm."""
+    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+    largest = 0.0
+    for start in range(0, base.ntotal, chunk):
+        vectors = base.reconstruct_n(start, min(chunk, base.ntotal - start)).astype(np.float64)
+        largest = max(largest, float(np.linalg.norm(vectors, axis=1).max()))
+    return largest
+
+
 class ItemVectors:
     """The vectors an id index holds, by item id: the score ``search`` would give any item.
 

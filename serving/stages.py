@@ -366,13 +366,30 @@ class Retrieval(Stage):
         self._faiss = faiss
         self.index, self.index_meta = item_index.load_index(self.artifacts, expected_version=self.version)
         self.k = int(self.serving["retrieval_k"])
+        # The largest query norm whose inner product with every item stays within float32, with a
+        # factor 2 to spare for rounding: faiss sums in float32.
+        largest = item_index.max_norm(self.index)
+        self.max_query_norm = float(np.finfo(np.float32).max) / 2 / largest if largest > 0 else np.inf
 
-    def run(self, inputs):
+    def checked_query(self, inputs) -> np.ndarray:
+        """The request's query embedding, refused (``RequestError``) where faiss could not score it."""
         query = np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1)
         if query.shape[0] != self.index_meta["dim"]:
             raise RequestError(f"query_embedding has {query.shape[0]} dims, index has {self.index_meta['dim']}")
         if not np.isfinite(query).all():  # faiss would answer arbitrary items or none
             raise RequestError("query_embedding must be finite")
+        # Past float32's range the inner products overflow to inf or NaN, which faiss drops or ranks
+        # arbitrarily: a short, wrong list (16 of retrieval_k for a query of 3e38s).
+        norm = float(np.linalg.norm(query.astype(np.float64)))
+        if norm > self.max_query_norm:
+            raise RequestError(
+                f"query_embedding has norm {norm:.3g}: its inner products with the items would overflow "
+                f"float32 (at most {self.max_query_norm:.3g})"
+            )
+        return query
+
+    def run(self, inputs):
+        query = self.checked_query(inputs)
         ids, scores = self._search(self.index, query, min(self.k, self.index.ntotal))
         return {"candidate_ids": ids.astype(np.int64), "retrieval_scores": scores.astype(np.float32)}
 
@@ -380,8 +397,9 @@ class Retrieval(Stage):
         """One faiss search for every query of the batch."""
         if len(batch) < 2:
             return super().run_batch(batch)
-        queries = [np.asarray(inputs["query_embedding"], dtype=np.float32).reshape(-1) for inputs in batch]
-        if any(q.shape[0] != self.index_meta["dim"] or not np.isfinite(q).all() for q in queries):
+        try:
+            queries = [self.checked_query(inputs) for inputs in batch]
+        except RequestError:
             return super().run_batch(batch)  # the malformed one raises its own error
         # Exact search scores several queries with one BLAS matrix product from faiss's
         # distance_compute_blas_threshold (20) queries on; its sums round differently from the

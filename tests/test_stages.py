@@ -182,6 +182,25 @@ def test_stage_models_refuse_user_features_outside_their_vocabulary_or_not_finit
         funnel["retrieval"].run_batch([funnel["query_tower"].run(lookup), {"query_embedding": query}])
 
 
+def test_retrieval_refuses_a_query_whose_inner_products_would_overflow(funnel, small_config):
+    """A finite query of 3e38s overflowed faiss's float32 inner products: 16 of retrieval_k
+    candidates came back, ranked by garbage scores, and no error."""
+    retrieval = funnel["retrieval"]
+    lookup = funnel["feature_lookup"].run({"user_id": np.array([1])})
+    query = funnel["query_tower"].run(lookup)["query_embedding"].reshape(-1)
+    huge = np.full_like(query, 3e38)
+    with pytest.raises(RequestError, match="query_embedding has norm .* would overflow float32"):
+        retrieval.run({"query_embedding": huge})
+    with pytest.raises(RequestError, match="would overflow float32"):
+        retrieval.run_batch([{"query_embedding": query}, {"query_embedding": huge}])
+    # The largest query it accepts still gets retrieval_k candidates, every score finite.
+    largest = (query / np.linalg.norm(query) * retrieval.max_query_norm * 0.999).astype(np.float32)
+    for q in (query, largest):
+        out = retrieval.run({"query_embedding": q})
+        assert len(out["candidate_ids"]) == small_config.serving.retrieval_k
+        assert np.isfinite(out["retrieval_scores"]).all()
+
+
 def test_ordering_refuses_ids_outside_the_catalog_and_scores_that_are_not_finite(funnel, model_version):
     """What a direct call to the ordering stage could pass that the ensemble never does."""
     request = known_user_request(funnel, model_version)
