@@ -770,8 +770,11 @@ class Ordering(Stage):
         return self.aliases.canonical_ids(self.takedowns.ids())
 
     def fresh_history_ready(self, seen: np.ndarray) -> bool:
-        """Whether a user the models never saw has enough live history for personal recommendations."""
-        return len(seen) >= self.live_config.fresh_history_min_items and (
+        """Whether a user the models never saw has enough live history for personal recommendations:
+        ``fresh_history_min_items`` distinct catalog items (an id in a hole of the encoding, which a
+        direct call could pass, tells the models nothing)."""
+        in_catalog = np.unique(seen[self.raw_ids[seen] >= 0])
+        return len(in_catalog) >= self.live_config.fresh_history_min_items and (
             self.affinity is not None or self.item_vectors() is not None
         )
 
@@ -789,11 +792,14 @@ class Ordering(Stage):
                 self._item_vectors = (index, ItemVectors(index))
         return self._item_vectors or None
 
-    def from_fresh_history(self, seen: np.ndarray, k: int, drop_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    def from_fresh_history(
+        self, seen: np.ndarray, k: int, drop_raw: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, str] | None:
         """The best ``k`` raw ids for a history ``seen`` (encoded ids) of a user the models never saw,
         skipping ``seen`` and the raw ids ``drop_raw``: by the item affinity to the history over the
         whole catalog (``fresh_history``), or, without affinity weights, by the inner product with
-        the mean of the history's item vectors among retrieval's candidates (``history_query``)."""
+        the mean of the history's item vectors among retrieval's candidates (``history_query``).
+        None where the index holds none of the history's items (no query to ask with)."""
         if self.affinity is not None:
             from models.item_affinity import scores as affinity_scores
 
@@ -804,7 +810,10 @@ class Ordering(Stage):
             from models.item_index import search
 
             index, vectors = self.item_vectors()
-            query = vectors.vectors(seen).mean(axis=0).astype(np.float32)
+            history = vectors.vectors(seen)
+            if not len(history):  # the mean of no vectors is NaN, and faiss answers it with nothing
+                return None
+            query = history.mean(axis=0).astype(np.float32)
             want = min(int(self.serving["retrieval_k"]) + len(seen) + len(drop_raw), index.ntotal)
             candidates, scores = search(index, query, want)
             served_by = "history_query"
@@ -888,8 +897,9 @@ class Ordering(Stage):
                 raise RequestError("seen_items hold an item id outside the catalog")
             excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
             drop = np.concatenate([excluded, taken])
-            if self.fresh_history_ready(seen):
-                item_ids, out_scores, served_by = self.from_fresh_history(seen, k, drop)
+            fresh = self.from_fresh_history(seen, k, drop) if self.fresh_history_ready(seen) else None
+            if fresh is not None:
+                item_ids, out_scores, served_by = fresh
             else:  # popularity, without what the user just did (live events) or may not see
                 drop = np.concatenate([drop, self.raw_ids[seen]])
                 pool = k  # the k most popular left; under a category cap, more until k fit the rule

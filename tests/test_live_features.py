@@ -254,6 +254,51 @@ def test_without_item_affinity_a_new_user_is_served_by_a_history_query(triton_re
     assert short["served_by"][0] == b"fallback" and not set(short["item_ids"]) & set(ordering.raw_ids[seen[:2]])
 
 
+def test_a_new_user_whose_history_the_models_do_not_hold_gets_the_fallback(triton_repo, model_version, tmp_path):
+    """A live history none of whose items the retrieval index holds made the history query the mean
+    of no vectors: a NaN query, answered with an empty list served as ``history_query``. Ids in the
+    holes of the encoding (a direct call) read as enough history too, for both fresh-history lists."""
+    from models.item_index import ItemVectors, build_index, load_index
+    from serving.stages import Ordering
+
+    version = str(model_version.version)
+    ordering = Ordering(triton_repo / "ordering" / version, live_store=str(tmp_path / "l.sqlite"))
+    empty = np.zeros(0, dtype=np.int64)
+    request = {
+        "candidate_ids": empty,
+        "filtered_ids": empty,
+        "light_ids": empty,
+        "heavy_scores": np.zeros(0, dtype=np.float32),
+        "retrieval_scores": np.zeros(0, dtype=np.float32),
+        "k": np.array([10], dtype=np.int32),
+        "user_known": np.array([False]),
+    }
+    fallback = ordering.run({**request, "seen_items": empty})
+    assert fallback["served_by"][0] == b"fallback" and len(fallback["item_ids"]) == 10
+
+    def served(seen):
+        out = ordering.run({**request, "seen_items": seen})
+        assert np.isfinite(out["scores"]).all()
+        return out["served_by"][0], out["item_ids"].tolist()
+
+    affinity, ordering.affinity = ordering.affinity, None  # a catalog above item_affinity.max_items
+    # An index without the history's items (they are all new to it).
+    seen = np.sort(ordering.catalog_ids[:4])
+    index, _ = load_index(triton_repo / "retrieval" / version)
+    others = np.setdiff1d(ordering.catalog_ids, seen)
+    without, _ = build_index(others, ItemVectors(index).vectors(others), exact_max_items=len(others))
+    ordering._item_vectors = (without, ItemVectors(without))
+    by, items = served(seen)
+    assert by == b"fallback" and len(items) == 10 and not set(items) & set(ordering.raw_ids[seen])
+    ordering._item_vectors = None  # the export's index again
+    holes = np.flatnonzero(ordering.raw_ids < 0)  # encoded ids no catalog item has (Categorify's reserved ones)
+    assert holes.size
+    unknown = np.resize(holes, ordering.live_config.fresh_history_min_items)
+    assert served(unknown) == (b"fallback", fallback["item_ids"].tolist())
+    ordering.affinity = affinity
+    assert served(unknown) == (b"fallback", fallback["item_ids"].tolist())
+
+
 def test_the_live_benchmarks_writer_stores_every_event_it_counts(served, model_version):
     """``benchmarks/benchmark_live.py``'s write stream, against this server for about a second: half
     its events as feedback (gRPC, acknowledged), half ingested, every one it reports stored once in
