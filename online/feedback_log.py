@@ -9,6 +9,10 @@ item, event): the same event sent again (a client's retry, a replay) is ignored,
 
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
+    empty_responses(request_id, ts, user_id, model_version, arm, served_by)
+
+A response with no items has no impression row; ``empty_responses`` keeps it, so feedback on it (a
+churn) finds the request the server issued.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
     event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
+CREATE TABLE IF NOT EXISTS empty_responses (
+    request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL,
+    model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL);
 """
 # SQLite logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
 DROP_REPEATS = (
@@ -64,7 +71,8 @@ class FeedbackLog:
         served_by: str,
         ts: float | None = None,
     ) -> None:
-        """One served slate: one row per position, in one transaction."""
+        """One served slate: one row per position, in one transaction; an empty one, one row of
+        ``empty_responses``."""
         ts = time.time() if ts is None else ts
         rows = [
             (request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by)
@@ -73,6 +81,11 @@ class FeedbackLog:
         with self.db.transaction():
             for row in rows:
                 self.db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            if not rows:
+                self.db.execute(
+                    "INSERT INTO empty_responses VALUES (?, ?, ?, ?, ?, ?)",
+                    (request_id, ts, int(user_id), str(model_version), arm, served_by),
+                )
 
     def log_feedback(
         self, request_id: str, user_id: int, item_id: int, event: str, value: float = 1.0, ts: float | None = None
@@ -102,13 +115,20 @@ class FeedbackLog:
         return {(int(item), event): float(ts) for item, event, ts in rows}
 
     def served(self, request_id: str) -> dict | None:
-        """What one response showed: user, items in order, arm and model version; None if unknown."""
+        """What one response showed: user, items in order (none for an empty response), arm and
+        model version; None if unknown."""
         rows = self.db.query(
             "SELECT user_id, item_id, arm, model_version FROM impressions WHERE request_id = ? ORDER BY position",
             (request_id,),
         )
         if not rows:
-            return None
+            empty = self.db.query(
+                "SELECT user_id, arm, model_version FROM empty_responses WHERE request_id = ?", (request_id,)
+            )
+            if not empty:
+                return None
+            user_id, arm, model_version = empty[0]
+            return {"user_id": user_id, "item_ids": [], "arm": arm, "model_version": model_version}
         return {"user_id": rows[0][0], "item_ids": [r[1] for r in rows], "arm": rows[0][2], "model_version": rows[0][3]}
 
     def impressions(self) -> pd.DataFrame:

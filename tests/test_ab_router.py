@@ -16,10 +16,16 @@ from serving.request import RequestError
 
 
 @pytest.fixture(scope="module")
-def funnel(triton_repo):
-    from evaluation.offline import load_funnel, run_funnel
+def stages(triton_repo):
+    from evaluation.offline import load_funnel
 
-    stages = load_funnel(triton_repo, 1)
+    return load_funnel(triton_repo, 1)
+
+
+@pytest.fixture(scope="module")
+def funnel(stages):
+    from evaluation.offline import run_funnel
+
     calls = []
 
     def infer(model_name, inputs):
@@ -181,6 +187,41 @@ def test_a_retry_repairs_the_live_store_after_a_failed_live_write_and_adds_nothi
     assert feedback.run(request)["accepted"][0] == 0
     assert len(store.user_events(7)) == 2  # each reaction once, at the time the log first stored it
     store.close()
+    feedback.close()
+
+
+def test_feedback_on_an_empty_response_finds_the_request_the_router_issued(stages, model_version, tmp_path):
+    """A request excluding every catalog item gets an empty list and a request id; the log held no
+    impression for it, so a churn sent about that response was refused as an "unknown request_id"."""
+
+    def infer(model_name, inputs):  # the funnel as the ensemble runs it, the request's exclusions too
+        x = dict(inputs)
+        for stage in stages:
+            x.update(stage.run(x))
+        return x
+
+    artifacts = tmp_path / "router"
+    artifacts.mkdir()
+    (artifacts / EXPERIMENT_FILE).write_text(json.dumps(ab_rollout("exp", "s", 1, 1).to_dict()))
+    router = ABRouter(artifacts, tmp_path / "log.sqlite", infer)
+    user = int(pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].iloc[0])
+    every_item = pd.read_parquet(model_version.path / "item_features.parquet")["item_id_raw"].to_numpy(np.int64)
+    out = router.run({"user_id": np.array([user]), "k": np.array([5], dtype=np.int32), "exclude_item_ids": every_item})
+    assert len(out["item_ids"]) == 0 and out["served_by"][0] == b"fallback"
+    rid = out["request_id"][0]
+    feedback = FeedbackService(tmp_path / "log.sqlite")
+
+    def send(item, event):
+        request = {"request_id": np.array([rid], dtype=object), "item_ids": np.array([item])}
+        return feedback.run({**request, "events": np.array([event], dtype=object), "values": np.ones(1)})
+
+    churned = send(-1, b"churn")
+    assert churned["accepted"][0] == 1 and churned["arm"][0] == out["arm"][0]
+    assert feedback.log.feedback()[["user_id", "item_id", "event"]].values.tolist() == [[user, -1, "churn"]]
+    with pytest.raises(RequestError, match=rf"\[{every_item[0]}\] were not in response"):
+        send(every_item[0], b"click")  # the response showed nothing to click
+    assert router.log.counts()["impressions"] == 0  # no impression invented for it
+    router.close()
     feedback.close()
 
 
