@@ -180,10 +180,12 @@ def serve_ab_test(
             )
             feedback_log = FeedbackLog(log_path)
             impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
+            empty = feedback_log.empty_responses()
             feedback_log.close()
             impressions, feedback = impressions[impressions["ts"] >= began], feedback[feedback["ts"] >= began]
+            empty = empty[empty["ts"] >= began]
             result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
-            analysis = analyze(impressions, feedback, rollout, exp, len(world.items))
+            analysis = analyze(impressions, feedback, rollout, exp, len(world.items), empty_responses=empty)
             context = {
                 "experiment": f"{exp.name} (salt {exp.salt}); "
                 f"treatment = control + {json.dumps(exp.treatment_overrides)}",

@@ -51,12 +51,25 @@ from serving.assignment import HOLDOUT, Rollout
 from workflows.live_store import Database, is_postgres
 
 
-def per_user(impressions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """One row per (arm, user): requests, impressions, clicks, watch_seconds, likes, shares, churned."""
+def per_user(
+    impressions: pd.DataFrame, feedback: pd.DataFrame, empty_responses: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per (arm, user): requests, impressions, clicks, watch_seconds, likes, shares, churned.
+
+    ``empty_responses`` (``FeedbackLog.empty_responses()``): responses with no items. Each is a request
+    of its arm with no impressions, and a churn sent about it counts; without them a user whose
+    responses were all empty vanished from the arm (and from the SRM count), and a churn after an
+    empty response was dropped, so that arm's retention read too high."""
     imp = impressions.groupby(["arm", "user_id"]).agg(
         requests=("request_id", "nunique"), impressions=("item_id", "size")
     )
     arm_of = impressions.drop_duplicates("request_id").set_index("request_id")["arm"]
+    if empty_responses is not None and not empty_responses.empty:
+        empty = empty_responses.drop_duplicates("request_id")
+        empty = empty[~empty["request_id"].isin(arm_of.index)]  # a request is logged one way or the other
+        extra = empty.groupby(["arm", "user_id"]).agg(requests=("request_id", "size"))
+        imp = imp.add(extra.assign(impressions=0), fill_value=0).astype(np.int64)
+        arm_of = pd.concat([arm_of, empty.set_index("request_id")["arm"]])
     fb = feedback.assign(arm=feedback["request_id"].map(arm_of))
     sums = fb.pivot_table(index=["arm", "user_id"], columns="event", values="value", aggfunc="sum", fill_value=0)
     sums = sums.reindex(columns=["click", "watch_seconds", "like", "share", "churn"], fill_value=0)
@@ -184,8 +197,10 @@ def analyze(
     catalog_size: int,
     control: str = "control",
     treatment: str = "treatment",
+    empty_responses: pd.DataFrame | None = None,
 ) -> ABAnalysis:
-    users = per_user(impressions, feedback)
+    """``empty_responses``: ``FeedbackLog.empty_responses()`` (requests without impressions; ``per_user``)."""
+    users = per_user(impressions, feedback, empty_responses)
     summary = arm_summary(users)
     by_arm = {arm: users[users["arm"] == arm] for arm in users["arm"].unique()}
     if control not in by_arm or treatment not in by_arm:
@@ -326,6 +341,14 @@ SELECT request_id,
        MAX(CASE WHEN event = 'churn' THEN 1 ELSE 0 END) AS churned
 FROM feedback WHERE request_id IN (SELECT request_id FROM impressions WHERE ts >= ?) GROUP BY request_id
 """
+# Responses with no items (``FeedbackLog.empty_responses``): requests of their arm with 0 impressions,
+# and the churns sent about them. A log from before they were logged (2026-12-06) lacks the table.
+EMPTY_REQUESTS_SQL = """
+SELECT request_id, ts, user_id, arm, model_version, 0 AS impressions FROM empty_responses WHERE ts >= ?
+"""
+EMPTY_REACTIONS_SQL = REACTIONS_SQL.replace(
+    "SELECT request_id FROM impressions WHERE", "SELECT request_id FROM empty_responses WHERE"
+)
 REQUEST_COLUMNS = [
     "request_id",
     "ts",
@@ -342,9 +365,10 @@ REQUEST_COLUMNS = [
 
 
 def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
-    """One row per logged response since ``since`` (epoch seconds): its user, arm, model version,
-    impressions and the reactions to it. ``log_path`` is a SQLite file (opened read-only: a monitor
-    never writes to the server's log) or the ``postgresql://`` DSN that several replicas share."""
+    """One row per logged response since ``since`` (epoch seconds), an empty one (0 impressions)
+    included: its user, arm, model version, impressions and the reactions to it. ``log_path`` is a
+    SQLite file (opened read-only: a monitor never writes to the server's log) or the
+    ``postgresql://`` DSN that several replicas share."""
     if is_postgres(log_path):
         import psycopg
 
@@ -352,6 +376,10 @@ def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
         try:
             requests = db.frame(REQUESTS_SQL, (since,))
             reactions = db.frame(REACTIONS_SQL, (since,))
+            try:
+                empty = [db.frame(EMPTY_REQUESTS_SQL, (since,)), db.frame(EMPTY_REACTIONS_SQL, (since,))]
+            except psycopg.errors.UndefinedTable:  # a log from before empty responses were logged
+                empty = []
         except psycopg.errors.UndefinedTable:  # no server has created the log's tables yet
             return pd.DataFrame(columns=REQUEST_COLUMNS)
         finally:
@@ -364,12 +392,25 @@ def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
         try:
             requests = pd.read_sql_query(REQUESTS_SQL, con, params=(since,))
             reactions = pd.read_sql_query(REACTIONS_SQL, con, params=(since,))
+            try:
+                empty = [
+                    pd.read_sql_query(sql, con, params=(since,)) for sql in (EMPTY_REQUESTS_SQL, EMPTY_REACTIONS_SQL)
+                ]
+            except pd.errors.DatabaseError as err:  # a log from before empty responses were logged
+                if "no such table" not in str(err):
+                    raise
+                empty = []
         except pd.errors.DatabaseError as err:  # a log the server has not created its tables in yet
             if "no such table" in str(err):
                 return pd.DataFrame(columns=REQUEST_COLUMNS)
             raise
         finally:
             con.close()
+    # Without the empty responses, a user served only those vanished and a churn on one was dropped.
+    if empty and not empty[0].empty:
+        requests = pd.concat([requests, empty[0]], ignore_index=True)
+        if not empty[1].empty:
+            reactions = pd.concat([reactions, empty[1]], ignore_index=True)
     out = requests.merge(reactions, on="request_id", how="left")
     for column in ("clicks", "watch_seconds", "likes", "shares", "churned"):
         out[column] = out[column].fillna(0)

@@ -137,6 +137,13 @@ class FeedbackLog:
     def feedback(self) -> pd.DataFrame:
         return self._frame("feedback")
 
+    def empty_responses(self) -> pd.DataFrame:
+        """Responses with no items (no impression row): each is still a request of its arm and user."""
+        frame = self.db.frame("SELECT * FROM empty_responses")
+        if frame.empty:
+            frame = frame.astype({"ts": float, "user_id": np.int64})
+        return frame
+
     def _frame(self, table: str) -> pd.DataFrame:
         frame = self.db.frame(f"SELECT * FROM {table}")
         if frame.empty:  # keep the columns' types of an empty table

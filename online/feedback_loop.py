@@ -141,7 +141,7 @@ def holdout_test(log: FeedbackLog) -> dict:
     with a 95% interval from resampling users beside the delta method's."""
     from online.ab_report import ctr_bootstrap, per_user
 
-    users = per_user(log.impressions(), log.feedback())
+    users = per_user(log.impressions(), log.feedback(), log.empty_responses())
     live, hold = users[users["arm"] == "live"], users[users["arm"] == HOLDOUT]
     test = ab.ratio_delta_test(hold["clicks"], hold["impressions"], live["clicks"], live["impressions"], "ctr")
     test = test.to_dict()

@@ -128,3 +128,87 @@ def test_a_log_without_reactions_to_items_converts_and_analyses(tmp_path):
         assert len(events) == 3 and events["click"].sum() == 0 and events["timestamp"].tolist() == [1001, 1001, 1002]
         users = per_user_signals(log.impressions(), log.feedback(), durations).set_index("user_id")
         assert (users["click"] == 0).all() and users["returned"].tolist() == [True, not feedback]
+
+
+def _log_with_empty_responses(path):
+    """User 1: a slate, then an empty response they churn on; user 2: only an empty response, churned;
+    user 3: a slate. Arms as the router logged them."""
+    log = FeedbackLog(path)
+    log.log_impressions("r1", 1, [10, 11], model_version="1", arm="control", served_by="model", ts=1.0)
+    log.log_feedback("r1", 1, 10, "click")
+    log.log_impressions("r2", 1, [], model_version="1", arm="control", served_by="fallback", ts=2.0)
+    log.log_feedback("r2", 1, -1, "churn")
+    log.log_impressions("r3", 2, [], model_version="2", arm="treatment", served_by="fallback", ts=1.0)
+    log.log_feedback("r3", 2, -1, "churn")
+    log.log_impressions("r4", 3, [12], model_version="2", arm="treatment", served_by="model", ts=1.0)
+    return log
+
+
+def test_empty_responses_are_requests_of_their_arm_in_the_ab_analysis(tmp_path):
+    """The A/B analysis took each request's arm from its impressions: an empty response had none, so
+    a user served only empty responses vanished from the arm (and the SRM count), and a churn sent
+    about an empty response was dropped, so the arm's retention read too high."""
+    import pandas as pd
+
+    from online.ab_report import per_user
+
+    log = _log_with_empty_responses(tmp_path / "log.sqlite")
+    empty = log.empty_responses()
+    assert sorted(empty["request_id"]) == ["r2", "r3"] and set(empty["arm"]) == {"control", "treatment"}
+    users = per_user(log.impressions(), log.feedback(), empty).set_index("user_id")
+    assert users.loc[1, ["arm", "requests", "impressions", "clicks", "churned"]].tolist() == ["control", 2, 2, 1, True]
+    assert users.loc[2, ["arm", "requests", "impressions", "clicks", "churned"]].tolist() == [
+        "treatment",
+        1,
+        0,
+        0,
+        True,
+    ]
+    assert users.loc[3, ["arm", "requests", "impressions", "churned"]].tolist() == ["treatment", 1, 1, False]
+    # A log without empty responses reads exactly as before.
+    plain = FeedbackLog(tmp_path / "plain.sqlite")
+    plain.log_impressions("r1", 1, [10, 11], model_version="1", arm="control", served_by="model", ts=1.0)
+    plain.log_feedback("r1", 1, 10, "click")
+    pd.testing.assert_frame_equal(
+        per_user(plain.impressions(), plain.feedback(), plain.empty_responses()),
+        per_user(plain.impressions(), plain.feedback()),
+    )
+
+
+def test_the_srm_check_counts_users_served_only_empty_responses(tmp_path):
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+    from serving.assignment import ab_rollout
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.0)
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    for user in range(400):
+        arm = rollout.experiment.assign(user)
+        # Every third treatment user gets an empty response (every item excluded, say) and churns.
+        items = [] if arm == "treatment" and user % 3 == 0 else [user % 7, 7 + user % 5]
+        log.log_impressions(f"r{user}", user, items, model_version="1", arm=arm, served_by="model", ts=1.0)
+        if not items:
+            log.log_feedback(f"r{user}", user, -1, "churn")
+    imp, fb = log.impressions(), log.feedback()
+    result = analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=12, empty_responses=log.empty_responses())
+    designed = {a: sum(rollout.experiment.assign(u) == a for u in range(400)) for a in ("control", "treatment")}
+    assert result.srm.observed == designed and not result.srm.mismatch
+    summary = result.summary.set_index("arm")
+    assert summary.loc["treatment", "requests"] == designed["treatment"]
+    assert summary.loc["treatment", "retention"] < 0.7  # a third of them churned
+
+
+def test_the_holdout_monitor_reads_empty_responses_and_logs_from_before_them(tmp_path):
+    from online.ab_report import logged_requests, users_of
+
+    _log_with_empty_responses(tmp_path / "log.sqlite").close()
+    requests = logged_requests(tmp_path / "log.sqlite").set_index("request_id").sort_index()
+    assert requests["impressions"].tolist() == [2, 0, 0, 1] and requests["churned"].tolist() == [0, 1, 1, 0]
+    users = users_of(requests.reset_index()).set_index("user_id")
+    assert users.loc[1, "requests"] == 2 and users.loc[1, "churned"] and users.loc[2, "churned"]
+    # A log written before empty responses were logged has no such table: read as before.
+    log = FeedbackLog(tmp_path / "old.sqlite")
+    log.log_impressions("r1", 1, [10], model_version="1", arm="control", served_by="model", ts=1.0)
+    log.db.execute("DROP TABLE empty_responses")
+    log.close()
+    assert logged_requests(tmp_path / "old.sqlite")["request_id"].tolist() == ["r1"]
