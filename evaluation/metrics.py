@@ -195,9 +195,13 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
     Equal scores go lower column first, as a stable sort of the whole row orders them. Without that
     rule the partition's own order decided which of the items tied at the k-th place made the list,
     so a recommender with ties (popularity counts) scored another NDCG@10 when NDCG@20 was asked too.
+
+    Scores are ranked at their own precision (float32 or wider): a cast to float32 made float64 scores
+    closer than float32 resolves equal, and the lower column went first even where it scored less.
     """
     xp = array_module(scores)
-    scores = xp.array(scores, dtype=xp.float32, copy=True)
+    scores = xp.asarray(scores)
+    scores = xp.array(scores, dtype=xp.result_type(scores.dtype, xp.float32), copy=True)
     num_users, num_items = scores.shape
     if exclude is not None:
         users, items, _ = _relevant_pairs(exclude, num_users, xp)

@@ -152,3 +152,14 @@ def test_ndcg_at_k_normalises_by_k_places_when_the_list_is_narrower_than_k():
     for ranked in (top, padded):
         assert m.ndcg_at_k(ranked, [{0, 1, 2}], k=10, num_relevant=[5]) == pytest.approx(expected)
     assert m.ndcg_at_k(top, [{0, 1, 2}], num_relevant=[5]) == pytest.approx(1.0)  # no k: the list's own length
+
+
+def test_float64_scores_are_ranked_at_their_own_precision():
+    """Scores closer than float32 resolves were cast to float32 and tied, so the lower column went
+    first although the other scored more: [[0]] here, where column 1 is the best."""
+    scores = np.array([[0.5, 0.5 + 1e-9, 0.1], [1000.0, 1000.0 + 1e-6, 999.0]])
+    assert m.full_ranking_top_k(scores, 2).tolist() == [[1, 0], [1, 0]]
+    assert m.full_ranking_top_k(scores, 1, exclude=[[2], [1]]).tolist() == [[1], [0]]
+    # Integer scores above float32's exact range keep their order too.
+    big = np.array([[2**24, 2**24 + 1]], dtype=np.int64)
+    assert m.full_ranking_top_k(big, 1).tolist() == [[1]]
