@@ -70,7 +70,8 @@ def preference_parity(scores, liked, popular_items) -> tuple[float, int]:
     """Share of (popular, unpopular) liked-item pairs where the popular item scores higher.
 
     ``scores`` is ``[num_users, num_items]``; ``liked[u]`` the held-out items user ``u`` liked;
-    ``popular_items`` a boolean mask over items; items scored ``-inf`` (unscorable) are left out.
+    ``popular_items`` a boolean mask over items; items scored ``-inf`` (unscorable) or NaN are left
+    out, an item scored ``+inf`` is counted (it beats every finite score).
     Returns the share and the number of users counted.
     0.5 means the model ranks popular and unpopular items a user likes equally often first.
     Raises ``NotApplicable`` when no user liked both kinds (e.g. one held-out item per user).
@@ -83,7 +84,9 @@ def preference_parity(scores, liked, popular_items) -> tuple[float, int]:
     wins, pairs, users = 0.0, 0, 0
     for u, items in enumerate(liked):
         items = np.asarray(list(items), dtype=np.int64)
-        items = items[np.isfinite(scores[u, items])]  # -inf: an item the scorer could not score
+        item_scores = scores[u, items]
+        # -inf: an item the scorer could not score; NaN would lose both ways. +inf is a score.
+        items = items[~(np.isneginf(item_scores) | np.isnan(item_scores))]
         if items.size < 2:
             continue
         pop_items, unpop_items = items[popular[items]], items[~popular[items]]

@@ -60,3 +60,15 @@ def test_measures_a_split_cannot_support_say_why_instead_of_crashing():
     assert pb.item_share_curve(np.array([[0, -1, -1]]), shares=(1.0,)) == {1.0: 1}
     with pytest.raises(NotApplicable, match="no list recommends anything"):
         pb.gini(np.full((2, 3), -1), 5)
+
+
+def test_preference_parity_counts_an_item_scored_plus_inf():
+    """Only -inf (unscorable) and NaN leave a pair out; ``isfinite`` dropped a +inf score too, so a
+    user whose popular item the scorer ranked above everything had no pair at all."""
+    popular = np.array([True, False, False])
+    share, users = pb.preference_parity(np.array([[np.inf, 0.1, 0.2]]), [{0, 1, 2}], popular)
+    assert (share, users) == (1.0, 1)
+    share, users = pb.preference_parity(
+        np.array([[0.5, np.nan, 0.2], [0.1, 0.3, -np.inf]]), [{0, 1, 2}, {0, 1, 2}], popular
+    )
+    assert (share, users) == (0.5, 2)  # user 0: 0.5 > 0.2; user 1: 0.1 < 0.3
