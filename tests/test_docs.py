@@ -1,6 +1,11 @@
 """The front door stays a front door, and every link of the docs leads somewhere."""
 
+import ast
+import dataclasses
+import json
 import re
+import typing
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -44,3 +49,130 @@ def test_every_docs_page_is_linked_from_the_readme_or_the_docs_index():
         linked |= {(page.parent / t.partition("#")[0]).resolve() for t in LINK.findall(page.read_text())}
     unlinked = [p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md" and p.resolve() not in linked]
     assert not unlinked, unlinked
+
+
+NOTEBOOK_CELLS = [
+    (nb, cell["cell_type"], "".join(cell["source"]))
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for cell in json.loads(nb.read_text())["cells"]
+]
+PROSE = [(page, page.read_text()) for page in PAGES] + [(nb, s) for nb, kind, s in NOTEBOOK_CELLS if kind == "markdown"]
+TEXTS = PROSE + [(nb, s) for nb, kind, s in NOTEBOOK_CELLS if kind == "code"]
+COMMAND = re.compile(r"(?<![\w/.])((?:scripts|benchmarks)/\w+\.py)|-m\s+((?:scripts|benchmarks)\.\w+)")
+PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
+
+
+@cache
+def parsed(source: Path) -> ast.Module:
+    return ast.parse(source.read_text())
+
+
+@cache
+def argparse_flags(script: Path) -> set[str]:
+    """The option strings of every ``add_argument`` call in a script (read, not imported: no TensorFlow)."""
+    flags = set()
+    for node in ast.walk(parsed(script)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
+    return flags
+
+
+def test_every_flag_of_a_documented_command_exists():
+    """`scripts/x.py --flag ...` and `python -m benchmarks.x --flag ...` in the docs and the notebooks:
+    each flag on that command line is one the script's argparse defines."""
+    wrong = []
+    for where, text in TEXTS:
+        for m in COMMAND.finditer(text):
+            script = ROOT / (m.group(1) or m.group(2).replace(".", "/") + ".py")
+            if not script.exists():
+                wrong.append(f"{where.name}: no {script.relative_to(ROOT)}")
+                continue
+            line = ""
+            for part in text[m.end() :].split("\n"):  # the command, with its continuation lines
+                line += part
+                if not part.rstrip().endswith("\\"):
+                    break
+            command = re.split(r"`|;|&&|\|\||\s#|\s\|\s|\)", line)[0]
+            known = argparse_flags(script) | {"-h", "--help"}
+            wrong += [
+                f"{where.name}: {script.relative_to(ROOT)} {flag}"
+                for flag in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", command)
+                if flag not in known
+            ]
+    assert not wrong, wrong
+
+
+def config_keys() -> set[str]:
+    from configs import Config
+
+    keys = set()
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys.add(prefix + f.name)
+            for t in (hints[f.name], *typing.get_args(hints[f.name])):
+                if dataclasses.is_dataclass(t):
+                    walk(t, f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    return keys
+
+
+def python_name_exists(dotted: str) -> bool:
+    """``package.module.name`` (or ``.Class.attribute``) is defined there, read with ast."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        source = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.exists()), None)
+        if source is None:
+            continue
+        rest, body = parts[i:], parsed(source).body
+        for name in rest[:2]:
+            node = next((n for n in ast.walk(ast.Module(body=body, type_ignores=[])) if defines(n, name)), None)
+            if node is None:
+                return False
+            if not isinstance(node, ast.ClassDef):
+                return True  # an attribute of a function, a constant or an import: not followed
+            body = node.body
+        return True
+    return False
+
+
+def defines(node: ast.AST, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return any((a.asname or a.name).split(".")[0] == name for a in node.names)
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(isinstance(n, ast.Name) and n.id == name for t in targets for n in ast.walk(t))
+    if isinstance(node, ast.Attribute):  # self.name = ... in a class
+        return node.attr == name and isinstance(node.ctx, ast.Store)
+    return False
+
+
+# What models/train.py logs to MLflow under a config section's name (docs/training.md).
+MLFLOW_NAMES = {"tuning.chosen", "tuning.ndcg_at_10", "tuning.best.ndcg_at_10"}
+
+
+def test_every_dotted_config_key_and_python_name_exists():
+    """`serving.ordering.affinity_weight`, `tuning.logq_strength`: a key of the typed config
+    (configs/__init__.py); `deployment.rollout.roll_out`, `serving.fused.FusedFunnel.run`: defined
+    in that module. A name that is neither (`serving.ordering` is both) is stale."""
+    keys = config_keys()
+    sections = sorted({k.split(".")[0] for k in keys} | set(PACKAGES))
+    dotted = re.compile(r"(?<![\w./$-])((?:" + "|".join(sections) + r")(?:\.[A-Za-z_]\w*)+)(?!\w|\.\w|/)")
+    stale = []
+    for where, text in PROSE:
+        for m in dotted.finditer(text):
+            name = m.group(1)
+            if re.search(r"\.(py|md|ya?ml|json|html|pbtxt|ipynb)$", name):
+                continue
+            top = name.split(".")[0]
+            if name in keys or name in MLFLOW_NAMES or (top in PACKAGES and python_name_exists(name)):
+                continue
+            if top not in PACKAGES and not any(k.startswith(top + ".") for k in keys):
+                continue
+            stale.append(f"{where.name}: {name}")
+    assert not stale, stale
