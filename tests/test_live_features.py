@@ -231,22 +231,27 @@ def test_the_feature_lookup_merges_live_events_into_the_history(triton_repo, mod
     assert not new["user_known"][0] and new["seen_items"].tolist() == [int(unseen["item_id"])]
 
 
+def new_user_request(k: int = 10) -> dict:
+    """The ordering stage's inputs for a user the models never saw (no candidates), less ``seen_items``."""
+    empty = np.zeros(0, dtype=np.int64)
+    return {
+        "candidate_ids": empty,
+        "filtered_ids": empty,
+        "light_ids": empty,
+        "heavy_scores": np.zeros(0, dtype=np.float32),
+        "retrieval_scores": np.zeros(0, dtype=np.float32),
+        "k": np.array([k], dtype=np.int32),
+        "user_known": np.array([False]),
+    }
+
+
 def test_without_item_affinity_a_new_user_is_served_by_a_history_query(triton_repo, model_version, tmp_path):
     from serving.stages import Ordering
 
     ordering = Ordering(triton_repo / "ordering" / str(model_version.version), live_store=str(tmp_path / "l.sqlite"))
     ordering.affinity = None  # as for a catalog above item_affinity.max_items
     seen = np.sort(ordering.catalog_ids[:4])
-    empty = np.zeros(0, dtype=np.int64)
-    request = {
-        "candidate_ids": empty,
-        "filtered_ids": empty,
-        "light_ids": empty,
-        "heavy_scores": np.zeros(0, dtype=np.float32),
-        "retrieval_scores": np.zeros(0, dtype=np.float32),
-        "k": np.array([10], dtype=np.int32),
-        "user_known": np.array([False]),
-    }
+    request = new_user_request()
     out = ordering.run({**request, "seen_items": seen})
     assert out["served_by"][0] == b"history_query" and len(out["item_ids"]) == 10
     assert not set(out["item_ids"]) & set(ordering.raw_ids[seen])
@@ -264,15 +269,7 @@ def test_a_new_user_whose_history_the_models_do_not_hold_gets_the_fallback(trito
     version = str(model_version.version)
     ordering = Ordering(triton_repo / "ordering" / version, live_store=str(tmp_path / "l.sqlite"))
     empty = np.zeros(0, dtype=np.int64)
-    request = {
-        "candidate_ids": empty,
-        "filtered_ids": empty,
-        "light_ids": empty,
-        "heavy_scores": np.zeros(0, dtype=np.float32),
-        "retrieval_scores": np.zeros(0, dtype=np.float32),
-        "k": np.array([10], dtype=np.int32),
-        "user_known": np.array([False]),
-    }
+    request = new_user_request()
     fallback = ordering.run({**request, "seen_items": empty})
     assert fallback["served_by"][0] == b"fallback" and len(fallback["item_ids"]) == 10
 
