@@ -86,6 +86,25 @@ def test_point_in_time_probe_passes_and_catches_a_leaky_feature(events):
         check_point_in_time(ddf(events), compute=leaky, columns=["user_clicks_total"])
 
 
+@pytest.mark.parametrize("leak", ["last_time", "distinct_items", "ever_liked", "own_click"])
+def test_point_in_time_probe_catches_leaks_that_flipping_clicks_and_duplicating_hid(events, leak):
+    # The probe flipped only the click and duplicated future events in place: a feature reading the
+    # user's last time, distinct items, another signal's maximum, or the event's own outcome passed.
+    def leaky(d):
+        if leak == "own_click":
+            d = add_point_in_time_counts(d)
+            return d.assign(user_clicks_before=d["user_clicks_before"] + d["click"])
+        column, how = {"last_time": ("timestamp", "max"), "distinct_items": ("item_id", "nunique")}.get(
+            leak, ("like", "max")
+        )
+        totals = getattr(d.groupby("user_id")[column], how)().rename("user_total").reset_index()
+        return d.merge(totals, on="user_id", how="left")
+
+    columns = None if leak == "own_click" else ["user_total"]
+    with pytest.raises(CheckFailed, match="changed"):
+        check_point_in_time(ddf(events), compute=leaky, columns=columns)
+
+
 def test_no_duplicate_pairs_check_catches_duplicates(events):
     with pytest.raises(CheckFailed, match="duplicate"):
         check_no_duplicate_pairs(ddf(events))
@@ -109,6 +128,17 @@ def test_label_check_catches_a_corrupted_label():
     bad = good.assign(watched=[1, 0, 1])
     with pytest.raises(CheckFailed, match="watched"):
         check_labels_agree(ddf(raw, 1), ddf(bad, 1), 0.75)
+
+
+@pytest.mark.parametrize("value", [0.9, np.nan])
+def test_label_check_catches_a_fractional_or_missing_label(value):
+    # Compared as int64, a label of 0.9 for an unclicked row truncated to 0 and agreed; NaN raised a cast error.
+    raw = pd.DataFrame({"click": [1, 0, 1]})
+    from workflows.spec import Layout
+
+    layout = Layout(signals=("click",), binary_labels=("click",), watch=False, duration=False)
+    with pytest.raises(CheckFailed, match="click"):
+        check_labels_agree(ddf(raw, 1), ddf(raw.assign(click=[1.0, value, 1.0]), 1), 0.75, layout=layout)
 
 
 def test_label_check_fails_when_a_label_column_is_missing():
@@ -137,6 +167,10 @@ def test_temporal_split_with_test_part_and_its_check(events):
     assert check_temporal_split(split)["passed"]
     split.train = ddf(pd.concat([train, test.head(3)]))  # plant future events in training
     with pytest.raises(CheckFailed, match="cutoff"):
+        check_temporal_split(split)
+    # Test and validation swapped: both after the cutoff, but the test part precedes what is tuned on.
+    split.train, split.valid, split.test = ddf(train), ddf(test), ddf(valid)
+    with pytest.raises(CheckFailed, match="not before test"):
         check_temporal_split(split)
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dask
 import dask.dataframe as dd
+import pandas as pd
 
-from workflows.point_in_time import POINT_IN_TIME_COLUMNS, add_point_in_time_counts
+from workflows.point_in_time import POINT_IN_TIME_COLUMNS, WEIGHT, add_point_in_time_counts
 from workflows.spec import RAW_LAYOUT, Layout
 
 
@@ -67,7 +68,8 @@ def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=Non
     mismatches = {}
     for name, want in expected.items():
         if name in labels:
-            bad = int((t[name].astype("int64") != want.astype("int64")).sum())
+            # As floats: an int cast truncated a label of 0.9 (or True for 1.5) to agree, and raised on NaN.
+            bad = int((t[name].astype("float64") != want.astype("float64")).sum())
             if bad:
                 mismatches[name] = bad
     if mismatches:
@@ -85,20 +87,38 @@ def check_temporal_split(split) -> dict:
         first = part["timestamp"].min().compute()
         if first == first and int(first) < split.cutoff:  # first != first: empty part (NaN)
             raise CheckFailed(f"{name} has an event at {int(first)}, before the cutoff {split.cutoff}")
+    if split.test is not None:  # the held-out parts in time order too: a test event before a validation one is tuned on
+        valid_max, test_min = dask.compute(split.valid["timestamp"].max(), split.test["timestamp"].min())
+        if valid_max == valid_max and test_min == test_min and int(valid_max) >= int(test_min):
+            raise CheckFailed(f"valid has an event at {int(valid_max)}, not before test's first at {int(test_min)}")
     return _record("temporal_split", cutoff=int(split.cutoff))
 
 
 def _sorted_features(ddf, columns):
     keys = [c for c in ddf.columns if c not in columns]  # the event's own columns: ids, time, signals
+    keys = [c for c in ("user_id", "item_id", "timestamp") if c in keys] + [
+        c for c in keys if c not in ("user_id", "item_id", "timestamp")
+    ]  # ids and time first: a row flipped at the probe time still lines up with its original
     frame = ddf[keys + columns].compute()
     return frame.sort_values(keys + columns).reset_index(drop=True)
+
+
+def _perturbed_signals(frame, skip):
+    """``frame`` with every numeric column but ``skip`` replaced by ``1 - value`` (0/1 signals flip)."""
+    return frame.assign(
+        **{c: 1 - frame[c] for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c].dtype)}
+    )
 
 
 def check_point_in_time(events, at: int | None = None, compute=add_point_in_time_counts, columns=None) -> dict:
     """Recompute features after changing the future; features of the past must not move.
 
-    Every event at or after ``at`` (default: the median timestamp) has its click flipped, and each of
-    those events is duplicated, so any feature that reads the future would change.
+    Every event at or after ``at`` (default: the median timestamp) has every signal flipped (each
+    numeric column but ids, time and weights becomes ``1 - value``), and a copy of each is added
+    after the end of the log with a new item id, so any feature that reads the future would change:
+    its sums and counts, its maxima and last times, its distinct items. The events at ``at`` itself
+    are compared too: a feature of theirs may read only earlier events, so one that reads the
+    event's own (flipped) outcome changes.
     """
     columns = columns or POINT_IN_TIME_COLUMNS
     if at is None:
@@ -107,16 +127,20 @@ def check_point_in_time(events, at: int | None = None, compute=add_point_in_time
         at = exact_quantiles(events["timestamp"], [0.5])[0]
     base = events[[c for c in events.columns if c not in columns]]
     future = base[base["timestamp"] >= at]
-    flipped = future.assign(click=1 - future["click"])
-    perturbed = dd.concat([base[base["timestamp"] < at], flipped, flipped])
+    flipped = future.map_partitions(_perturbed_signals, {"user_id", "item_id", "timestamp", WEIGHT})
+    last_time, last_item = dask.compute(base["timestamp"].max(), base["item_id"].max())
+    later = flipped.assign(timestamp=flipped["timestamp"] + (int(last_time) - int(at) + 1))
+    if pd.api.types.is_integer_dtype(base["item_id"].dtype):  # items never seen: distinct counts change
+        later = later.assign(item_id=later["item_id"] + (int(last_item) + 1))
+    perturbed = dd.concat([base[base["timestamp"] < at], flipped, later])
     before = _sorted_features(compute(base), columns)
     after = _sorted_features(compute(perturbed), columns)
-    before, after = before[before["timestamp"] < at], after[after["timestamp"] < at]
+    before, after = before[before["timestamp"] <= at], after[after["timestamp"] <= at]
     if len(before) != len(after):
         raise CheckFailed(f"point-in-time probe: {len(before)} vs {len(after)} past rows")
     changed = {c: int((before[c].values != after[c].values).sum()) for c in columns}
     if any(changed.values()):
-        raise CheckFailed(f"features of events before {at} changed when only later events changed: {changed}")
+        raise CheckFailed(f"features of events up to {at} changed when only outcomes or later events did: {changed}")
     return _record(
         "point_in_time",
         probe_time=int(at),
