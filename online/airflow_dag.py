@@ -3,9 +3,10 @@
 Drop this file into Airflow's ``dags/`` folder in an environment where this project is installed.
 Each task runs one step of ``online/retraining.py`` (the same functions the local runner uses);
 Airflow supplies what the local runner does itself: retries with exponential backoff, a timeout
-per task and a failure alert (``on_failure_callback``; set ``RETRAINING_ALERT_WEBHOOK``). Results
-pass between tasks through XCom. This file needs Airflow (2.6+) and is not imported by the tests,
-which check that its tasks and the runner's steps stay the same list.
+per task and a failure alert (``on_failure_callback``: to ``RETRAINING_ALERT_WEBHOOK`` where set, and
+always to ``RETRAINING_ALERT_FILE``, by default ``build/retraining/alerts.jsonl``). Results
+pass between tasks through XCom. This file needs Airflow (2.6+); the tests load it with a stand-in
+for Airflow and check that its tasks and the runner's steps stay the same list.
 """
 
 from __future__ import annotations
@@ -18,23 +19,35 @@ from airflow.operators.python import PythonOperator
 
 from online import retraining
 
+
+def _env(name: str, default: str = "") -> str:
+    # A variable set but empty (``FOO=`` in a deployment's env file) means the default: float("")
+    # failed at import and Airflow dropped the whole DAG.
+    return os.environ.get(name, "").strip() or default
+
+
 SETTINGS = {
-    "raw_dir": os.environ.get("RETRAINING_RAW_DIR", "data/raw"),
-    "registry": os.environ.get("RETRAINING_REGISTRY", "artifacts/registry"),
-    "export_dir": os.environ.get("RETRAINING_EXPORT_DIR", "build/exports"),
-    "max_auc_drop": float(os.environ.get("RETRAINING_MAX_AUC_DROP", "0.01")),
+    "raw_dir": _env("RETRAINING_RAW_DIR", "data/raw"),
+    "registry": _env("RETRAINING_REGISTRY", "artifacts/registry"),
+    "export_dir": _env("RETRAINING_EXPORT_DIR", "build/exports"),
+    "max_auc_drop": float(_env("RETRAINING_MAX_AUC_DROP", "0.01")),
     # With these two set, the candidate is added to the live repository and A/B tested there.
-    "live_repo": os.environ.get("RETRAINING_LIVE_REPO", ""),
-    "grpc_url": os.environ.get("RETRAINING_GRPC_URL", ""),
-    "tls_ca": os.environ.get("RETRAINING_TLS_CA", ""),  # where the server's gRPC speaks TLS
+    "live_repo": _env("RETRAINING_LIVE_REPO"),
+    "grpc_url": _env("RETRAINING_GRPC_URL"),
+    "tls_ca": _env("RETRAINING_TLS_CA"),  # where the server's gRPC speaks TLS
 }
 STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experiment"]
 
 
 def _alert(context) -> None:
+    error = str(context.get("exception"))
     retraining.Alerter(
-        webhook_url=os.environ.get("RETRAINING_ALERT_WEBHOOK"), alert_file=os.environ.get("RETRAINING_ALERT_FILE")
-    ).send({"pipeline": "retraining", "step": context["task_instance"].task_id, "error": str(context.get("exception"))})
+        webhook_url=_env("RETRAINING_ALERT_WEBHOOK") or None,
+        # Always a file too: with neither variable set the alert went nowhere.
+        alert_file=_env("RETRAINING_ALERT_FILE", "build/retraining/alerts.jsonl"),
+    ).send(
+        {"pipeline": "retraining", "step": context["task_instance"].task_id, "error": (error.splitlines() or [""])[0]}
+    )
 
 
 def _run(step: str, **airflow_context) -> dict:

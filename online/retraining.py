@@ -16,7 +16,10 @@ an Airflow DAG for production schedulers.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
+import os
+import signal
 import time
 import traceback
 import urllib.request
@@ -73,18 +76,59 @@ class Alerter:
 
 
 def _child(fn: StepFn, context: dict, queue) -> None:
+    if hasattr(os, "setpgrp"):
+        # Its own process group, so that a timeout also ends what the step started (a subprocess, a
+        # worker): an orphan left training would write the registry beside the retry.
+        os.setpgrp()
     try:
         queue.put(("ok", fn(context)))
     except BaseException as err:  # report every failure to the parent, which decides on retries
         queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
 
 
+def _stop(proc) -> None:
+    """End the step's process and what it started: SIGTERM to its process group, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_group(proc, sig)
+        proc.join(5)
+
+
+def _signal_group(proc, sig: int) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            try:
+                leads = os.getpgid(proc.pid) == proc.pid
+            except ProcessLookupError:  # it exited; its group lives on while a grandchild is in it
+                leads = True
+            if leads:
+                os.killpg(proc.pid, sig)
+                return
+        if proc.exitcode is None:  # not yet in its own group: it has started nothing either
+            os.kill(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):  # nothing left to stop
+        pass
+
+
 def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
-    """Run ``fn(context)`` in a child process; terminate it and raise ``StepTimeout`` on overrun."""
+    """Run ``fn(context)`` in a child process; terminate it (and the processes it started) and raise
+    ``StepTimeout`` on overrun."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: forking a process with TF threads can hang
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, context, queue), daemon=True)
     proc.start()
+    try:
+        status, payload = _wait(proc, queue, timeout_s)
+    except BaseException:  # a timeout, or the runner interrupted: nothing of the step may run on
+        _stop(proc)
+        raise
+    proc.join(5)
+    if status == "error":
+        _stop(proc)  # a failed step's leftovers must not race its retry
+        raise RuntimeError(payload)
+    return payload
+
+
+def _wait(proc, queue, timeout_s: float) -> tuple[str, object]:
     # Read the result before joining: a child that put more than a pipe's buffer (64 KiB) on the
     # queue cannot exit until it is read, so joining first would wait out the timeout.
     deadline = time.monotonic() + timeout_s
@@ -101,15 +145,8 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
             except Empty:
                 raise RuntimeError(f"step process exited with code {proc.exitcode} without a result") from None
         if time.monotonic() >= deadline:
-            proc.terminate()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
             raise StepTimeout(f"timed out after {timeout_s:.0f}s")
-    proc.join(5)
-    if status == "error":
-        raise RuntimeError(payload)
-    return payload
+    return status, payload
 
 
 def run_pipeline(
@@ -121,8 +158,9 @@ def run_pipeline(
     context = {"settings": settings, "run_dir": str(run_dir)}
     for step in steps:
         marker = run_dir / f"{step.name}.json"
-        if marker.exists():
-            context[step.name] = json.loads(marker.read_text())["result"]
+        done = _read_marker(marker)
+        if done is not None:
+            context[step.name] = done["result"]
             continue
         started = time.time()
         attempts = []
@@ -153,11 +191,36 @@ def run_pipeline(
             raise RetrainingFailed(
                 f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}{undelivered}"
             ) from last
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"result": result, "attempts": len(attempts), "seconds": time.time() - started}))
-        tmp.rename(marker)  # the marker appears only once the result is whole
+        _write_marker(marker, {"result": result, "attempts": len(attempts), "seconds": time.time() - started})
         context[step.name] = result
     return {s.name: context[s.name] for s in steps}
+
+
+def _read_marker(marker: Path) -> dict | None:
+    """A finished step's marker, or None: a marker that cannot be read (cut short by a crash that came
+    before its data reached the disk) means the step is run again, not that every later run fails."""
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):  # absent, or unreadable
+        return None
+    return done if isinstance(done, dict) and "result" in done else None
+
+
+def _write_marker(marker: Path, content: dict) -> None:
+    tmp = marker.with_name(marker.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(content))
+        f.flush()
+        os.fsync(f.fileno())  # the data on disk before the rename makes the marker visible
+    tmp.rename(marker)  # the marker appears only once the result is whole
+    try:
+        fd = os.open(marker.parent, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)  # and the rename itself survives a crash
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the project's steps
@@ -201,6 +264,12 @@ def step_evaluate(context: dict) -> dict:
 
     s, new = context["settings"], context["train"]
     current = s.get("current_version")
+    if current is None and s.get("live_repo") and (Path(s["live_repo"]) / "export.json").exists():
+        from deployment.rollout import served_version
+
+        # What the live repository serves, as the experiment step reads it: without it the gate
+        # compared nothing and a regressed candidate went to the A/B test. A first run has none.
+        current = served_version(s["live_repo"])
     result = {"candidate": new["version"], "candidate_metrics": new["metrics"]}
     if current is not None:
         result["current"] = current
@@ -208,13 +277,14 @@ def step_evaluate(context: dict) -> dict:
     return result
 
 
-def _headline(metrics: dict) -> float:
-    """The gate's offline metric: the heavy ranker's validation AUC of its first head."""
+def _headline(metrics: dict) -> tuple[str, str]:
+    """The gate's offline metric: the heavy ranker's validation AUC of its first head, as
+    ``(stage, key)`` so the served version is read on the same head."""
     for stage in ("heavy_ranker", "light_ranker"):
         stage_metrics = metrics.get(stage, {})
-        for key, value in stage_metrics.items():  # the heavy ranker's first head ("auc_click") first
+        for key in stage_metrics:  # the heavy ranker's first head ("auc_click") first
             if key == "auc" or key.startswith("auc_"):
-                return float(value)
+                return stage, key
     raise KeyError(f"no ranker AUC in metrics {sorted(metrics)}")
 
 
@@ -224,17 +294,26 @@ def step_gate(context: dict) -> dict:
 
     s, ev = context["settings"], context["evaluate"]
     tolerance = float(s.get("max_auc_drop", 0.01))
+    if math.isnan(tolerance):  # every comparison with NaN is False: it would pass any candidate
+        raise ValueError("max_auc_drop is NaN")
     checks = run_checklist(context["train"]["path"])
     failed = [c.name for c in checks if not c.passed]
-    new_auc = _headline(ev["candidate_metrics"])
+    stage, key = _headline(ev["candidate_metrics"])
+    new_auc = float(ev["candidate_metrics"][stage][key])
     reasons = [f"checklist failed: {failed}"] if failed else []
-    if "current_metrics" in ev:
-        old_auc = _headline(ev["current_metrics"])
-        if new_auc < old_auc - tolerance:
-            reasons.append(f"AUC regressed {old_auc:.4f} -> {new_auc:.4f} (tolerance {tolerance})")
+    # NaN (a head whose validation labels have one class, models.ranker.head_aucs) is no evidence.
+    if not math.isfinite(new_auc):
+        reasons.append(f"the candidate's {stage} {key} is {new_auc}")
+    elif "current_metrics" in ev:
+        old = ev["current_metrics"].get(stage, {}).get(key)
+        old_auc = float("nan") if old is None else float(old)
+        if not math.isfinite(old_auc):
+            reasons.append(f"the served version has no {stage} {key} to compare with ({old})")
+        elif not new_auc >= old_auc - tolerance:
+            reasons.append(f"AUC regressed ({stage} {key}) {old_auc:.4f} -> {new_auc:.4f} (tolerance {tolerance})")
     if reasons:
         raise RuntimeError("gate refused the candidate: " + "; ".join(reasons))
-    return {"passed": True, "auc": new_auc}
+    return {"passed": True, "auc": new_auc, "metric": f"{stage}.{key}"}
 
 
 def step_export(context: dict) -> dict:

@@ -117,3 +117,155 @@ def test_airflow_dag_declares_the_runners_steps_in_order():
     )
     assert steps == [s.name for s in default_steps()]
     assert all(hasattr(retraining, f"step_{name}") for name in steps)
+
+
+def starts_a_worker(context):
+    """A step that starts a process of its own (a worker, a server) and then hangs."""
+    import subprocess
+
+    worker = subprocess.Popen(["sleep", "120"])
+    (Path(context["run_dir"]) / "worker.pid").write_text(str(worker.pid))
+    time.sleep(120)
+    return {}
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie (state Z) has ended; only its parent's reaping is left
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_timeout_also_ends_the_processes_the_step_started(tmp_path):
+    """Only the step's own process was terminated: what it started ran on beside the retry (two
+    trainings writing one registry)."""
+    import os
+    import signal
+
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    try:
+        with pytest.raises(RetrainingFailed, match="timed out"):
+            run_pipeline([Step("w", starts_a_worker, timeout_s=3, attempts=1)], tmp_path / "run", {}, alerter)
+        pid = int((tmp_path / "run" / "worker.pid").read_text())
+        deadline = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), "the step's worker outlived the step's timeout"
+    finally:
+        if (tmp_path / "run" / "worker.pid").exists() and _running(
+            pid := int((tmp_path / "run" / "worker.pid").read_text())
+        ):
+            os.kill(pid, signal.SIGKILL)
+
+
+def one(context):
+    return {"v": 1}
+
+
+@pytest.mark.parametrize("content", ["", '{"result": {"v"'])
+def test_a_marker_cut_short_by_a_crash_reruns_its_step(tmp_path, content):
+    """The marker is renamed into place after its data is synced; one left empty or half-written by an
+    older run (or a crash the sync did not cover) re-runs the step instead of failing every run."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "s.json").write_text(content)
+    out = run_pipeline([Step("s", one, timeout_s=60, attempts=1)], tmp_path / "run", {}, Alerter())
+    assert out == {"s": {"v": 1}}
+    assert json.loads((tmp_path / "run" / "s.json").read_text())["result"] == {"v": 1}
+
+
+def _gate(monkeypatch, candidate, current=None, max_auc_drop=0.01):
+    import evaluation.checklist
+    from online.retraining import step_gate
+
+    monkeypatch.setattr(evaluation.checklist, "run_checklist", lambda path: [])
+    evaluate = {"candidate_metrics": candidate, **({"current_metrics": current} if current is not None else {})}
+    return step_gate({"settings": {"max_auc_drop": max_auc_drop}, "evaluate": evaluate, "train": {"path": "x"}})
+
+
+def test_the_gate_refuses_a_nan_auc_and_compares_the_same_head(monkeypatch):
+    """Comparisons with NaN are False, so a NaN AUC (a head whose validation labels have one class)
+    or a NaN tolerance passed; and the served version was read on its own first head, not the
+    candidate's."""
+    served = {"heavy_ranker": {"auc_click": 0.70, "auc_like": 0.60}, "light_ranker": {"auc": 0.6}}
+    nan = float("nan")
+    for candidate, current, tolerance in [
+        ({"heavy_ranker": {"auc_click": nan}}, served, 0.01),
+        ({"heavy_ranker": {"auc_click": nan}}, None, 0.01),  # a first run: nothing served yet
+        ({"heavy_ranker": {"auc_click": 0.10}}, served, nan),
+        ({"heavy_ranker": {"auc_click": 0.71}}, {"heavy_ranker": {"auc_click": nan}}, 0.01),
+        # the served version's heads in another order (an older config): its click AUC is 0.70, not 0.60
+        ({"heavy_ranker": {"auc_click": 0.65}}, {"heavy_ranker": {"auc_like": 0.60, "auc_click": 0.70}}, 0.01),
+    ]:
+        with pytest.raises((RuntimeError, ValueError), match="gate refused|NaN"):
+            _gate(monkeypatch, candidate, current, tolerance)
+    assert _gate(monkeypatch, {"heavy_ranker": {"auc_click": 0.695}}, served)["passed"]
+    assert _gate(monkeypatch, {"heavy_ranker": {"auc_click": 0.5}})["passed"]  # a first run: the checklist only
+
+
+def test_evaluate_compares_with_the_version_the_live_repository_serves(tmp_path):
+    """Without ``current_version`` in the settings (the Airflow DAG never sets it) the gate had
+    nothing to compare with and a regressed candidate went on to the A/B test."""
+    from online.retraining import step_evaluate
+
+    for version, auc in ((1, 0.7), (2, 0.5)):
+        (tmp_path / "registry" / str(version)).mkdir(parents=True)
+        manifest = {"version": version, "metrics": {"heavy_ranker": {"auc_click": auc}}}
+        (tmp_path / "registry" / str(version) / "manifest.json").write_text(json.dumps(manifest))
+    settings = {"registry": str(tmp_path / "registry"), "live_repo": str(tmp_path / "live")}
+    train = {"version": 2, "metrics": {"heavy_ranker": {"auc_click": 0.5}}}
+    first = step_evaluate({"settings": settings, "train": train})  # a first run: no live repository yet
+    assert "current_metrics" not in first
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "export.json").write_text(json.dumps({"version": 1}))
+    result = step_evaluate({"settings": settings, "train": train})
+    assert result["current"] == 1 and result["current_metrics"] == {"heavy_ranker": {"auc_click": 0.7}}
+
+
+def _load_dag(monkeypatch):
+    """Run online/airflow_dag.py against a stand-in for Airflow (not installed here)."""
+    import runpy
+    import sys
+    import types
+
+    from online import retraining
+
+    class Operator:
+        def __init__(self, task_id, python_callable, op_kwargs):
+            self.task_id = task_id
+
+        def __rshift__(self, other):
+            return other
+
+    class DAG:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    airflow = types.ModuleType("airflow")
+    airflow.DAG = DAG
+    python = types.ModuleType("airflow.operators.python")
+    python.PythonOperator = Operator
+    monkeypatch.setitem(sys.modules, "airflow", airflow)
+    monkeypatch.setitem(sys.modules, "airflow.operators", types.ModuleType("airflow.operators"))
+    monkeypatch.setitem(sys.modules, "airflow.operators.python", python)
+    return runpy.run_path(str(Path(retraining.__file__).parent / "airflow_dag.py"))
+
+
+def test_the_dag_loads_with_empty_variables_and_its_alerts_reach_a_file(monkeypatch, tmp_path):
+    """``RETRAINING_MAX_AUC_DROP=`` (set, empty) made float("") fail at import, so Airflow dropped the
+    DAG; and with no webhook or file configured the failure alert went nowhere."""
+    from types import SimpleNamespace
+
+    for name in ("RETRAINING_MAX_AUC_DROP", "RETRAINING_RAW_DIR", "RETRAINING_ALERT_WEBHOOK", "RETRAINING_ALERT_FILE"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.chdir(tmp_path)
+    dag = _load_dag(monkeypatch)
+    assert dag["SETTINGS"]["max_auc_drop"] == 0.01 and dag["SETTINGS"]["raw_dir"] == "data/raw"
+    dag["_alert"]({"task_instance": SimpleNamespace(task_id="train"), "exception": OSError("disk full\nTraceback")})
+    alert = json.loads((tmp_path / "build" / "retraining" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert == {"pipeline": "retraining", "step": "train", "error": "disk full"}
