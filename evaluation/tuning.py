@@ -15,7 +15,8 @@ each ensemble member score the same candidates once and re-average its heads per
 What it reads: the processed dataset's ``valid/`` part (the light ranker's target, clicks by
 default, gives the positives; items the user already had in training are not: the funnel filters
 them) and the version's own artifacts. Never
-the test part: ``ProcessedData.test`` and ``test/`` are not touched (``tests/test_tuning.py``).
+the test part: ``ProcessedData.test`` and ``test/`` are not touched (``tests/test_tuning.py``); nor a
+deployment's live store (``$FUNNEL_STORE_URL`` is set aside while the funnel runs).
 
 ``train_tuned`` adds the knobs that need retraining (``tuning.logq_strength``,
 ``tuning.sampled_negatives``): one candidate generator per combination, the rankers trained once
@@ -25,8 +26,10 @@ more into the registry, its manifest recording both searches.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -99,7 +102,7 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     users = np.array(sorted(relevant), dtype=np.int64)
     if tc.max_users and len(users) > tc.max_users:
         users = np.sort(np.random.default_rng(config.seed).choice(users, tc.max_users, replace=False))
-    with tempfile.TemporaryDirectory(prefix="tuning-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tuning-") as tmp, _without_live_store():
         repo = export_repository(ModelVersion(version_dir), Path(tmp) / "repo")
         version = ModelVersion(version_dir).version
         stages = offline.load_funnel(repo, version)
@@ -127,7 +130,7 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         top = _served_lists(requests, affinity, params, policy, ordering, tc.k, heavy)
         value = float(ndcg_at_k(top, truth, tc.k)) if requests else 0.0
         trials.append({"params": params, metric: value})
-    best = tuning.best_trial(trials, metric)
+    best = tuning.choose(config, trials, metric)  # the configured affinity fit where the blend leaves it out
     if not requests:
         # Nothing to measure: every trial scored 0 and the first of the grid would replace the
         # configured values for no reason. Keep them.
@@ -153,6 +156,23 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     )
     _warn_at_edge(record["at_edge"])
     return record
+
+
+@contextlib.contextmanager
+def _without_live_store():
+    """The exported funnel as it was exported: without this, a ``$FUNNEL_STORE_URL`` set where the
+    training runs (a shell that also ingests events or takes items down, the serving image) had the
+    funnel's stages open that deployment's live store, so its live events joined the validation
+    users' history and activity and its takedowns their lists: the choice depended on the deployment's
+    state, not on the validation part. The temporary repository's own store (beside it) is empty."""
+    from workflows.live_store import STORE_ENV
+
+    saved = os.environ.pop(STORE_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[STORE_ENV] = saved
 
 
 def _warn_at_edge(edges: list[dict]) -> None:
@@ -274,6 +294,7 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
     started = time.perf_counter()
     metric = tuning.metric_name(config.tuning.k)
     trials = []
+    measured = 0  # validation users any candidate generator's blend search scored
     with tempfile.TemporaryDirectory(prefix="tuning-retrained-") as scratch:
         rankers = base
         for params in combos:
@@ -282,9 +303,15 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
             )
             rankers = rankers or variant
             record = variant.manifest["tuning"]
+            measured += record["users"]
             trials.append({"params": params, metric: record["best"], "blend": record["chosen"]})
             log.info("tuning: candidate generator %s -> best blend %s %.4f", params, metric, record["best"])
         best = tuning.best_trial(trials, metric)
+        if not measured:
+            # Every candidate generator scored 0 on no user: the first of the grid would replace the
+            # configured values for no reason (as in tune_on_validation). Keep them.
+            log.warning("tuning: no validation user to compare candidate generators on; keeping the configured values")
+            best = {**best, "params": {key: tuning.current(config, key) for key in best["params"]}, metric: 0.0}
         search = {
             "metric": metric,
             "part": "validation",
@@ -299,7 +326,7 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
             record["chosen"] = {**best["params"], **record["chosen"]}
             record["candidate_generator"] = search
             # tune() judged the blend's knobs; the retrained ones are judged here.
-            retrained = tuning.at_edge(chosen_config, best["params"])
+            retrained = tuning.at_edge(chosen_config, best["params"]) if measured else []
             record["at_edge"] = record["at_edge"] + retrained
             _warn_at_edge(retrained)
             return record

@@ -104,18 +104,46 @@ def best_trial(trials: list[dict], metric: str) -> dict:
     return max(trials, key=lambda t: (t[metric], -trials.index(t)))
 
 
+# The item affinity's fit: its penalty and dropout change a served list only through the blend's
+# affinity weight.
+AFFINITY_WEIGHT = "serving.ordering.affinity_weight"
+AFFINITY_FIT = ("item_affinity.reg_weight", "item_affinity.dropout")
+
+
+def affinity_unused(chosen: dict[str, Any]) -> bool:
+    """Whether ``chosen`` gives the item affinity no weight in the blend: every (penalty, dropout) pair
+    then scored the same lists, so the search measured nothing about them."""
+    return AFFINITY_WEIGHT in chosen and float(chosen[AFFINITY_WEIGHT]) == 0.0
+
+
+def choose(config: Config, trials: list[dict], metric: str) -> dict:
+    """``best_trial``, except that the item affinity's penalty and dropout stay as configured where the
+    best blend gives the affinity no weight: all pairs tied exactly, and the first of the grid would
+    replace the configured pair for no measured reason, although the version still serves its weights
+    (the fallback's ``fresh_history`` answers users the models never saw with them) and refits them."""
+    best = best_trial(trials, metric)
+    if not affinity_unused(best["params"]):
+        return best
+    kept = {key: current(config, key) for key in AFFINITY_FIT if key in best["params"]}
+    return {**best, "params": {**best["params"], **kept}}
+
+
 def at_edge(config: Config, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     """The chosen values that sit at the end of their searched range while the knob's domain
     (``configs.TUNING_DOMAINS``) goes further: ``[{"knob", "value", "side": "smallest" | "largest"}]``.
 
     A knob searched over one value, or not chosen in ``chosen``, is not judged; nor are list-valued
-    knobs (the member weights). Each knob is judged on its own list, whatever the others chose: a
-    blend of retrieval 0.5 and affinity 0.5 with retrieval searched up to 0.5 is flagged, since
-    retrieval 0.6 with affinity 0.4 was never tried."""
+    knobs (the member weights), nor the item affinity's penalty and dropout where ``chosen`` gives the
+    affinity no weight (``affinity_unused``: the search could not tell their values apart). Each knob
+    is judged on its own list, whatever the others chose: a blend of retrieval 0.5 and affinity 0.5
+    with retrieval searched up to 0.5 is flagged, since retrieval 0.6 with affinity 0.4 was never
+    tried."""
     tc = config.tuning
     out = []
     for key, field in (*KNOBS, *RETRAINED_KNOBS):
         if key not in chosen or field not in TUNING_DOMAINS:  # it holds the scalar knobs only
+            continue
+        if key in AFFINITY_FIT and affinity_unused(chosen):
             continue
         candidates = [float(v) for v in getattr(tc, field)]
         if len(set(candidates)) < 2:

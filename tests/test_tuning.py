@@ -437,3 +437,109 @@ def test_tuning_without_a_validation_user_keeps_the_configured_values(processed,
     assert record["chosen"]["serving.ordering.retrieval_weight"] == 0.3
     assert record["chosen"]["serving.ordering.affinity_weight"] == 0.5
     assert tuning.apply(config, record["chosen"]) == config
+
+
+def test_an_unused_item_affinity_keeps_its_configured_fit_and_is_not_flagged():
+    """Where the best blend gives the item affinity no weight, every (penalty, dropout) pair scored the
+    same lists: the first of the grid (the smallest penalty) replaced the configured pair, was refitted
+    and served by the fallback to users the models never saw, and was flagged as at the edge."""
+    config = load_config(
+        overrides={
+            "item_affinity": {"reg_weight": 250.0, "dropout": 0.0},
+            "tuning": {
+                "affinity_weight": [0.0, 0.5],
+                "reg_weight": [100.0, 250.0, 500.0],
+                "affinity_dropout": [0.0, 0.5],
+            },
+        }
+    )
+    reg, dropout, weight = "item_affinity.reg_weight", "item_affinity.dropout", "serving.ordering.affinity_weight"
+    unused = {weight: 0.0, reg: 100.0, dropout: 0.0}
+    assert tuning.at_edge(config, unused) == []  # the search could not tell the penalties apart
+    assert [e["knob"] for e in tuning.at_edge(config, {**unused, weight: 0.5})] == [weight, reg]
+    trials = [
+        {"params": p, "ndcg_at_10": 0.2 if p[weight] == 0.0 else 0.1}
+        for p in tuning.grid(config)  # the affinity-free blends tie, whatever the fit
+    ]
+    chosen = tuning.choose(config, trials, "ndcg_at_10")
+    assert chosen["params"][weight] == 0.0 and chosen["ndcg_at_10"] == 0.2
+    assert (chosen["params"][reg], chosen["params"][dropout]) == (250.0, 0.0)  # as configured
+    # A blend that uses the affinity: the argmax of the trials, as before.
+    trials = [
+        {"params": p, "ndcg_at_10": 0.2 if p[reg] == 500.0 and p[weight] > 0 else 0.1} for p in tuning.grid(config)
+    ]
+    assert tuning.choose(config, trials, "ndcg_at_10") is tuning.best_trial(trials, "ndcg_at_10")
+
+
+def test_retrained_search_without_a_validation_user_keeps_the_configured_candidate_generator(monkeypatch):
+    """Every candidate generator's blend search scored 0 on no user: the first combination (logQ 0.25)
+    replaced the configured strength and was flagged as at the edge."""
+    from types import SimpleNamespace
+
+    from evaluation import tuning as tuner
+    from models import train
+
+    config = load_config(
+        overrides={
+            "candidate_generator": {"logq_correction": True, "logq_strength": 1.0},
+            "tuning": {"logq_strength": [0.25, 2.0]},
+        }
+    )
+    calls = []
+
+    def fake_tune(version_dir, chosen_config):
+        return {"chosen": {}, "best": 0.0, "users": 0, "at_edge": []}
+
+    def fake_train_all(processed, config, registry_dir, verbose=0, rankers_from=None, tune=None):
+        record = tune(Path(registry_dir), config)
+        calls.append((config, record))
+        return SimpleNamespace(manifest={"tuning": record})
+
+    monkeypatch.setattr(tuner, "validation_tuner", lambda processed: fake_tune)
+    monkeypatch.setattr(train, "train_all", fake_train_all)
+    model = tuner.train_tuned(None, config, "unused")
+    assert len(calls) == 3  # two candidate generators, then the chosen one
+    published, record = calls[-1]
+    assert published.candidate_generator.logq_strength == 1.0
+    assert record["chosen"] == {"candidate_generator.logq_strength": 1.0, "candidate_generator.sampled_negatives": 0}
+    assert record["at_edge"] == [] and model.manifest["tuning"] is record
+
+
+def test_tuning_reads_no_deployment_live_store(tmp_path, monkeypatch):
+    """A ``$FUNNEL_STORE_URL`` where the training runs (a shell that also ingests events, the serving
+    image) had the tuner's exported funnel open that deployment's live store: its live events joined
+    the validation users' history and its takedowns their lists."""
+    import os
+    from types import SimpleNamespace
+
+    from deployment import export
+    from evaluation import offline
+    from evaluation import tuning as tuner
+    from workflows.live_store import STORE_ENV
+    from workflows.pipeline import ProcessedData
+
+    version = tmp_path / "version"
+    (tmp_path / "valid").mkdir()
+    version.mkdir()
+    pd.DataFrame({"user_id": [1], "item_id": [2], "click": [1]}).to_parquet(tmp_path / "valid" / "part.parquet")
+    pd.DataFrame({"user_id": [1], "user_id_raw": [10]}).to_parquet(version / "user_features.parquet")
+    pd.DataFrame({"item_id": [2], "item_id_raw": [20]}).to_parquet(version / "item_features.parquet")
+    pd.DataFrame({"user_id_raw": [10], "item_id_raw": [21]}).to_parquet(version / "user_history.parquet")
+    opened = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_funnel(repo, version):
+        opened.append(os.environ.get(STORE_ENV))  # what the stages' constructors would open
+        raise Loaded
+
+    live = str(tmp_path / "deployment-live.sqlite")
+    monkeypatch.setenv(STORE_ENV, live)
+    monkeypatch.setattr(export, "export_repository", lambda model, path: path)
+    monkeypatch.setattr(tuner, "ModelVersion", lambda path: SimpleNamespace(version=1))
+    monkeypatch.setattr(offline, "load_funnel", load_funnel)
+    with pytest.raises(Loaded):
+        tuner.tune_on_validation(version, ProcessedData(tmp_path), load_config())
+    assert opened == [None]
+    assert os.environ[STORE_ENV] == live  # the environment is left as it was
