@@ -121,7 +121,7 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
         for c, (m, s) in stats.items():
             out_frame[c] = (p[c] - m) / s
         out_frame["click"] = p["click"]
-        watched = p["watch_seconds"] >= wf.watch_threshold * p["duration_seconds"].clip(lower=1)
+        watched = frac >= wf.watch_threshold  # as workflows/labels.py: a fraction, not threshold x duration
         out_frame["watched"] = watched.astype("int64")
         out_frame["duration_watch"] = ((p["click"] > 0) & (frac.values >= np.array(thresholds)[bucket])).astype("int64")
         out_frame["like"], out_frame["share"] = p["like"], p["share"]

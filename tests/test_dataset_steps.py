@@ -347,6 +347,32 @@ def test_an_unwatched_impression_of_a_zero_second_item_is_not_watched():
     check_labels_agree(ddf(train, 1), ddf(labels, 1), 0.75)  # the pipeline's check reads the label the same way
 
 
+def test_watched_at_exactly_the_threshold_fraction_is_watched_whatever_the_threshold():
+    """``watch_seconds >= threshold * duration`` missed the boundary where the product rounds up:
+    0.55 * 100 is 55.000000000000007, so 55 s of 100 s was not "watched >= 55%" (0.28 * 25 too)."""
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from configs import WorkflowConfig
+    from workflows.checks import check_labels_agree
+    from workflows.labels import label_graph
+
+    for threshold, watch, duration in ((0.55, 55, 100), (0.28, 7, 25), (0.75, 45, 60)):
+        train = pd.DataFrame(
+            {
+                "click": 1,
+                "watch_seconds": [watch, watch - 1, watch],
+                "duration_seconds": [duration, duration, duration + 1],
+                "like": 0,
+                "share": 0,
+            }
+        )
+        workflow = nvt.Workflow(label_graph(WorkflowConfig(watch_threshold=threshold)))
+        labels = workflow.fit_transform(Dataset(train, npartitions=1)).to_ddf().compute()
+        assert list(labels["watched"]) == [1, 0, 0], (threshold, watch, duration)
+        check_labels_agree(ddf(train, 1), ddf(labels, 1), threshold)
+
+
 def test_an_event_of_an_item_without_a_duration_gets_no_watch_label():
     """checks.missing_items: warn keeps an item the item table lacks, with a null duration: the label
     workflow failed on it (the duration bucket cast NaN to int64), so the whole pipeline did."""

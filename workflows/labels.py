@@ -121,8 +121,11 @@ class DurationAwareWatch(_BinaryLabel, StatOperator):
 
 
 class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
-    """``watched``: watch_seconds >= ``threshold`` x duration (a plain, fixed-threshold label); a
-    duration under 1 s counts as 1 s, as in ``duration_watch``'s fraction."""
+    """``watched``: watch_seconds / duration >= ``threshold`` (a plain, fixed-threshold label); a
+    duration under 1 s counts as 1 s, as in ``duration_watch``'s fraction. Compared as a fraction, not
+    as ``watch_seconds >= threshold * duration``: the product rounds up past the boundary for some
+    thresholds (0.55 * 100 is 55.000000000000007), so 55 s of 100 s was not "watched >= 55%"; the
+    quotient of two whole numbers rounds to the same double as the threshold written as a decimal."""
 
     def __init__(self, threshold: float = 0.75, name: str = "watched"):
         super().__init__()
@@ -130,9 +133,9 @@ class WatchedAtLeast(_BinaryLabel, nvt.ops.Operator):
 
     def transform(self, col_selector: ColumnSelector, df):
         out = type(df)()
-        # 0 s >= 75% of a 0 s item would label every unwatched impression (and sampled negative) watched.
-        duration = df["duration_seconds"].clip(lower=1)
-        out[self.name] = (df["watch_seconds"] >= self.threshold * duration).fillna(False).astype("int64")
+        # 0 s >= 75% of a 0 s item would label every unwatched impression (and sampled negative) watched:
+        # _fraction takes a duration under 1 s as 1 s.
+        out[self.name] = (_fraction(df) >= self.threshold).fillna(False).astype("int64")
         return out
 
 
