@@ -8,6 +8,7 @@ fills anything not given from the dataclass defaults, so a config file only need
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -659,6 +660,19 @@ class SimulationConfig:
     return_per_minute: float = 0.05  # each minute watched raises it this much
     concurrency: int = 4  # users served at once against the live server
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # position_decay ** p is a probability: outside [0, 1] a negative decay made every odd position
+        # unexaminable and one above 1 examined every position, both silently.
+        if not 0.0 <= self.position_decay <= 1.0:
+            raise ValueError(f"online.simulation.position_decay must be in [0, 1], got {self.position_decay}")
+        for name in ("return_base", "return_per_click", "return_per_minute"):
+            if not math.isfinite(getattr(self, name)):  # a NaN logit never returns: everyone churned
+                raise ValueError(f"online.simulation.{name} must be a finite number, got {getattr(self, name)}")
+        if self.days < 1 or self.k < 1:
+            raise ValueError(f"online.simulation.days and k must be >= 1, got {self.days}, {self.k}")
+        if self.seed < 0:  # numpy's seeds are non-negative; refused here, not in the first worker thread
+            raise ValueError(f"online.simulation.seed must be >= 0, got {self.seed}")
 
 
 @dataclass

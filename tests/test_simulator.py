@@ -105,3 +105,26 @@ def test_retention_counts_the_users_who_did_not_come_back_on_a_single_day():
     assert summary.loc["live", "retention"] == 0.25 and summary.loc["holdout", "retention"] == 1.0
     two_days = pd.concat([one_day.assign(returned=True), one_day.assign(day=1)])
     assert per_arm_summary(two_days).loc["live", "retention"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"position_decay": 1.5},  # every position examined: no position bias at all
+        {"position_decay": -0.5},  # a negative chance at every odd position: never examined
+        {"return_base": float("nan")},  # a NaN chance to return: every user churned
+        {"days": 0},  # no day simulated: an outcome frame without columns
+        {"seed": -1},  # numpy refused it only inside the first worker thread
+    ],
+)
+def test_simulation_settings_that_are_not_probabilities_are_refused(bad):
+    """``position_decay ** position`` is the chance to examine a position and the return chance a
+    sigmoid of finite numbers; a config outside that was accepted and simulated silently."""
+    from configs import load_config
+
+    with pytest.raises(ValueError, match="online.simulation"):
+        SimulationConfig(**bad)
+    with pytest.raises(ValueError, match="online.simulation"):
+        load_config(overrides={"online": {"simulation": bad}})
+    for decay in (0.0, 1.0):  # the ends are probabilities too
+        assert SimulationConfig(position_decay=decay).position_decay == decay
