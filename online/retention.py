@@ -307,6 +307,15 @@ class WeightDecision:
     evidence: dict[str, dict] = field(default_factory=dict)  # per head: coef, ci, used or why not
 
 
+def _rounded_shares(raw: dict[str, float], decimals: int) -> dict[str, float]:
+    """``raw`` normalised to sum 1 and rounded to ``decimals``; the largest absorbs the rounding."""
+    total = sum(raw.values())
+    weights = {h: round(w / total, decimals) for h, w in raw.items()}
+    largest = max(weights, key=weights.get)
+    weights[largest] = round(weights[largest] + 1.0 - sum(weights.values()), decimals)
+    return weights
+
+
 def derive_head_weights(coefficients: pd.DataFrame, current: dict[str, float], decimals: int = 3) -> WeightDecision:
     """The heavy ranker's head weights from standardised retention coefficients (the module's rule).
 
@@ -341,16 +350,15 @@ def derive_head_weights(coefficients: pd.DataFrame, current: dict[str, float], d
             "is negative or is missing): the current weights are kept",
             evidence,
         )
-    weights = {h: round(w / total, decimals) for h, w in raw.items()}
-    largest = max(weights, key=weights.get)
-    weights[largest] = round(weights[largest] + 1.0 - sum(weights.values()), decimals)
+    weights = _rounded_shares(raw, decimals)
     used = [h for h in raw if raw[h] > 0]
     # Compared as the heavy ranker uses them, normalised to sum 1: current weights 2 : 0 : 0 are the
-    # derived 1 : 0 : 0, and calling them a change started an A/B test of two identical scores.
-    current_total = sum(float(w) for w in current.values())
+    # derived 1 : 0 : 0, and calling them a change started an A/B test of two identical scores. Both
+    # rounded alike: current 1 : 1 : 1 rounded plainly (0.333 each) differed from the derived equal
+    # thirds, whose largest absorbs the rounding (0.334, 0.333, 0.333), and read as a change.
     return WeightDecision(
         weights,
-        weights != {h: round(float(w) / current_total, decimals) for h, w in current.items()},
+        weights != _rounded_shares({h: float(w) for h, w in current.items()}, decimals),
         f"weights proportional to the significantly positive standardised coefficients of {used}; "
         f"0 for {[h for h in raw if raw[h] == 0] or 'none'}",
         evidence,

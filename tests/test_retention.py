@@ -60,6 +60,10 @@ def test_weights_equal_to_the_current_ones_are_not_a_change():
     only_click = coefs(click=(0.8, 0.5, 1.1), duration_watch=(0.1, -0.2, 0.4), like=(0.1, -0.2, 0.4))
     same = derive_head_weights(only_click, {"click": 2.0, "duration_watch": 0.0, "like": 0.0})
     assert same.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0} and not same.changed
+    # Equal thirds: rounded alike on both sides (the largest absorbs the rounding), so 1 : 1 : 1 is no change.
+    thirds = coefs(click=(0.3, 0.1, 0.5), duration_watch=(0.3, 0.1, 0.5), like=(0.3, 0.1, 0.5))
+    equal = derive_head_weights(thirds, {"click": 1.0, "duration_watch": 1.0, "like": 1.0})
+    assert equal.weights == {"click": 0.334, "duration_watch": 0.333, "like": 0.333} and not equal.changed
 
 
 # ------------------------------------------------------------------------------------------ the statistics
