@@ -61,16 +61,21 @@ def heavy_features(schema: Schema) -> list[str]:
 def resolve_targets(schema: Schema, config: HeavyRankerConfig) -> dict[str, float]:
     """``{label column: weight}`` for the configured targets present in the data, weights summing to 1.
 
-    Missing targets use their fallback label or are dropped; both cases are logged by name.
+    Missing targets use their fallback label or are dropped (also when the fallback is configured as a
+    target of its own); both cases are logged by name.
     """
     present = set(schema.column_names)
+    configured = {target.name for target in config.targets}
     weights: dict[str, float] = {}
     missing = []
     for target in config.targets:
         name = target.name
         if name not in present:
             fallback = TARGET_FALLBACKS.get(name)
-            if fallback in present and fallback not in weights:
+            # A fallback that is a configured target itself keeps its own weight, whatever the order of
+            # the list: checked against the weights gathered so far, [duration_watch, watched] merged
+            # both weights into watched and [watched, duration_watch] dropped duration_watch's.
+            if fallback in present and fallback not in configured:
                 log.warning("heavy ranker: target %r is not in the data; using %r instead", name, fallback)
                 name = fallback
             else:

@@ -7,9 +7,9 @@ id, item id and category), one cross layer, a thin MLP, one head (P(``target``))
 
 Its candidates are mostly items the user was never shown, so it trains on positives against items
 drawn from the catalog (``models/negative_sampling.py``: uniform or popularity-weighted,
-``negatives_per_positive`` of them), not only against the impressions the user skipped. It is
-validated on the real validation impressions (AUC of clicked vs. shown-and-skipped), the same
-question the heavy ranker answers, so the two AUCs can be compared.
+``negatives_per_positive`` of them), not against the impressions the user skipped (those rows are
+left out of its training). It is validated on the real validation impressions (AUC of clicked vs.
+shown-and-skipped), the same question the heavy ranker answers, so the two AUCs can be compared.
 """
 
 from __future__ import annotations

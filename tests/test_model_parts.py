@@ -71,6 +71,11 @@ def test_heavy_targets_fall_back_or_drop_and_weights_sum_to_one(caplog):
     assert weights == pytest.approx({"click": 2 / 3, "like": 1 / 3})
     with pytest.raises(ValueError, match="none is in the data"):
         resolve_targets(_label_schema("share"), cfg)
+    # A fallback configured as a target of its own keeps its own weight, in either order of the list.
+    both = [TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("watched", 0.2)]
+    for order in (both, both[::-1]):
+        weights = resolve_targets(_label_schema("click", "watched"), HeavyRankerConfig(targets=order))
+        assert weights == pytest.approx({"click": 2 / 3, "watched": 1 / 3})
 
 
 def test_combined_score_is_the_weighted_sum_of_the_heads():
