@@ -457,3 +457,30 @@ def test_secrets_come_from_secrets_and_the_store_from_the_networked_backend():
     # no secret value is written in any manifest
     text = "\n".join(f.read_text() for f in KUBERNETES.glob("*.yaml"))
     assert "kind: Secret" not in text and "password:" not in text.lower().replace("key: password", "")
+
+
+def test_the_exposed_server_speaks_tls_and_its_probes_trust_it():
+    """docs/security.md: a server bound to every interface gives gRPC TLS, because the admin key travels
+    in a header. The certificate, key and CA come from a mounted Secret; every probe checks the server
+    against that CA (a plain probe on a TLS port fails, and the kubelet would restart a healthy server);
+    and the Service offers no plain HTTP port (Triton's HTTP has no TLS)."""
+    container = server_container()
+    args = serve_args(container["args"])
+    assert args.host == "0.0.0.0"
+    assert args.tls_cert and args.tls_key, "exposed on 0.0.0.0 without --tls-cert/--tls-key"
+    volumes = {v["name"]: v for v in server_deployment()["spec"]["template"]["spec"]["volumes"]}
+
+    def from_secret(path: str) -> str:
+        mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"{path} is on no mounted volume"
+        assert "secret" in volumes[mounts[0]["name"]], f"{path} does not come from a Secret"
+        return volumes[mounts[0]["name"]]["secret"]["secretName"]
+
+    secret = from_secret(args.tls_cert)
+    assert from_secret(args.tls_key) == secret
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        parsed = probe_command_ok(container[kind]["exec"]["command"])
+        assert parsed.tls_ca, f"the {kind} speaks plain gRPC to a TLS server"
+        assert from_secret(parsed.tls_ca) == secret
+    (service,) = [s for s in objects_of("Service") if s["metadata"]["name"] == "funnel-server"]
+    assert "http" not in {p["targetPort"] for p in service["spec"]["ports"]}
