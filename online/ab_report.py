@@ -333,23 +333,23 @@ SELECT request_id, MIN(ts) AS ts, MIN(user_id) AS user_id, MIN(arm) AS arm, MIN(
        COUNT(*) AS impressions
 FROM impressions WHERE ts >= ? GROUP BY request_id
 """
-REACTIONS_SQL = """
+# The reactions to the responses logged in ``{table}`` since the bound time, one row per request.
+_REACTIONS_TO = """
 SELECT request_id,
        SUM(CASE WHEN event = 'click' THEN value ELSE 0 END) AS clicks,
        SUM(CASE WHEN event = 'watch_seconds' THEN value ELSE 0 END) AS watch_seconds,
        SUM(CASE WHEN event = 'like' THEN value ELSE 0 END) AS likes,
        SUM(CASE WHEN event = 'share' THEN value ELSE 0 END) AS shares,
        MAX(CASE WHEN event = 'churn' THEN 1 ELSE 0 END) AS churned
-FROM feedback WHERE request_id IN (SELECT request_id FROM impressions WHERE ts >= ?) GROUP BY request_id
+FROM feedback WHERE request_id IN (SELECT request_id FROM {table} WHERE ts >= ?) GROUP BY request_id
 """
+REACTIONS_SQL = _REACTIONS_TO.format(table="impressions")
 # Responses with no items (``FeedbackLog.empty_responses``): requests of their arm with 0 impressions,
 # and the churns sent about them. A log from before they were logged (2026-12-06) lacks the table.
 EMPTY_REQUESTS_SQL = """
 SELECT request_id, ts, user_id, arm, model_version, 0 AS impressions FROM empty_responses WHERE ts >= ?
 """
-EMPTY_REACTIONS_SQL = REACTIONS_SQL.replace(
-    "SELECT request_id FROM impressions WHERE", "SELECT request_id FROM empty_responses WHERE"
-)
+EMPTY_REACTIONS_SQL = _REACTIONS_TO.format(table="empty_responses")
 REQUEST_COLUMNS = [
     "request_id",
     "ts",
