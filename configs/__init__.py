@@ -644,6 +644,9 @@ class ExperimentConfig:
             )
         if not 0.0 < self.treatment_share < 1.0:
             raise ValueError(f"online.experiment.treatment_share must be in (0, 1), got {self.treatment_share}")
+        for key in ("alpha", "power"):  # a quantile of 0 or 1 is infinite: every test and sample size breaks
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ValueError(f"online.experiment.{key} must be in (0, 1), got {getattr(self, key)}")
         if not isinstance(self.treatment_overrides, dict):
             raise TypeError("online.experiment.treatment_overrides must be a mapping of config overrides")
 

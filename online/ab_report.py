@@ -110,14 +110,20 @@ def ctr_bootstrap(c: pd.DataFrame, t: pd.DataFrame, n: int = 2000, seed: int = 0
 
 
 def arm_tests(
-    c: pd.DataFrame, t: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS
+    c: pd.DataFrame,
+    t: pd.DataFrame,
+    alpha: float = 0.05,
+    n_resamples: int = ab.PERMUTATIONS,
+    power: float = 0.8,
 ) -> list[ab.TestResult]:
     """Treatment vs control over per-user rows (``per_user``): CTR (the primary metric), CTR with
     impressions as trials (for contrast only: too optimistic), watch minutes per user, likes and
-    shares per request, retention."""
+    shares per request, retention. Each result's ``min_detectable_effect`` is at ``power``."""
     return [
         # Users are the randomised unit: CTR's variance over users (delta method), not over impressions.
-        ab.ratio_delta_test(c["clicks"], c["impressions"], t["clicks"], t["impressions"], "ctr", alpha, n_resamples),
+        ab.ratio_delta_test(
+            c["clicks"], c["impressions"], t["clicks"], t["impressions"], "ctr", alpha, n_resamples, power=power
+        ),
         ab.two_proportion_ztest(
             int(c["clicks"].sum()),
             int(c["impressions"].sum()),
@@ -126,15 +132,20 @@ def arm_tests(
             "ctr, impressions as trials (z-test, too optimistic; decides nothing)",
             alpha,
         ),
-        ab.mean_test(c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples),
+        ab.mean_test(
+            c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples, power=power
+        ),
         ab.mean_test(
             (c["likes"] + c["shares"]) / c["requests"],
             (t["likes"] + t["shares"]) / t["requests"],
             "likes_shares_per_request",
             alpha,
             n_resamples,
+            power=power,
         ),
-        ab.mean_test(~c["churned"].astype(bool), ~t["churned"].astype(bool), "retention", alpha, n_resamples),
+        ab.mean_test(
+            ~c["churned"].astype(bool), ~t["churned"].astype(bool), "retention", alpha, n_resamples, power=power
+        ),
     ]
 
 
@@ -150,16 +161,26 @@ HOLDOUT_STALE_S = 900
 
 
 def holdout_tests(
-    holdout: pd.DataFrame, live: pd.DataFrame, alpha: float = 0.05, n_resamples: int = ab.PERMUTATIONS
+    holdout: pd.DataFrame,
+    live: pd.DataFrame,
+    alpha: float = 0.05,
+    n_resamples: int = ab.PERMUTATIONS,
+    power: float = 0.8,
 ) -> list[ab.TestResult]:
     """Live users vs the holdout (``control`` = holdout, ``treatment`` = live, ``difference`` = the
     live-minus-holdout gap) for ``HOLDOUT_METRICS``, over per-user rows. The holdout is small (2% by
     default), so these are permutation tests (``online/ab_testing.py``)."""
     h, v = holdout, live
     return [
-        ab.ratio_delta_test(h["clicks"], h["impressions"], v["clicks"], v["impressions"], "ctr", alpha, n_resamples),
-        ab.mean_test(h["watch_seconds"] / 60, v["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples),
-        ab.mean_test(~h["churned"].astype(bool), ~v["churned"].astype(bool), "retention", alpha, n_resamples),
+        ab.ratio_delta_test(
+            h["clicks"], h["impressions"], v["clicks"], v["impressions"], "ctr", alpha, n_resamples, power=power
+        ),
+        ab.mean_test(
+            h["watch_seconds"] / 60, v["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples, power=power
+        ),
+        ab.mean_test(
+            ~h["churned"].astype(bool), ~v["churned"].astype(bool), "retention", alpha, n_resamples, power=power
+        ),
     ]
 
 
@@ -208,7 +229,7 @@ def analyze(
         raise ValueError(f"the log has arms {sorted(by_arm)}; both {control!r} and {treatment!r} are needed")
     c, t = by_arm[control], by_arm[treatment]
 
-    tests = arm_tests(c, t, config.alpha)
+    tests = arm_tests(c, t, config.alpha, power=config.power)
     primary = tests[0]
     table = pd.DataFrame([r.to_dict() for r in tests])
     low, high = ctr_bootstrap(c, t)
@@ -233,7 +254,7 @@ def analyze(
     )  # watch time and retention must not get worse
     holdout, holdout_table = None, pd.DataFrame()
     if HOLDOUT in by_arm:
-        results = holdout_tests(by_arm[HOLDOUT], c, config.alpha)
+        results = holdout_tests(by_arm[HOLDOUT], c, config.alpha, power=config.power)
         holdout_table = pd.DataFrame([r.to_dict() for r in results])
         holdout = results[0].to_dict()
         holdout["metric"] = "ctr: control (treatment side) vs holdout"

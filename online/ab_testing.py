@@ -55,7 +55,7 @@ class TestResult:
     method: str = ""
     n_control: int = 0
     n_treatment: int = 0
-    # the smallest true difference this comparison finds with 80% power at its alpha and sizes
+    # the smallest true difference this comparison finds with the given power (80% unless told) at its alpha and sizes
     min_detectable_effect: float = float("nan")
     std_error: float = float("nan")  # of the difference (delta method)
 

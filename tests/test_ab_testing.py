@@ -199,3 +199,44 @@ def test_the_degradation_alert_rule_keeps_its_false_alarm_rate_under_repeated_lo
     print(f"\nA/A: {same}\n25% drop: {worse}")
     assert same["one-look"]["fired"] > 0.1 and same["sequential"]["fired"] <= 0.05
     assert worse["sequential"]["fired"] >= 0.95 and worse["sequential"]["median_day"] <= 2
+
+
+def test_the_ab_analysis_reports_detectable_effects_at_the_configured_power():
+    """``online.experiment.power`` sized the test, but every reported ``min_detectable_effect`` was at
+    80% power whatever it said; and a power or alpha of 0 or 1 (infinite quantiles) was accepted."""
+    import pandas as pd
+
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    rng = np.random.default_rng(0)
+    rollout = Rollout(Experiment("e", "s", holdout=0.02), {"control": 1, "treatment": 2}, control_version=1)
+    imp, fb = [], []
+    for user in range(3000):
+        arm = rollout.experiment.assign(user)
+        for pos in range(5):
+            imp.append((f"r{user}", 0.0, user, pos, pos, "1", arm, "model"))
+            if rng.random() < 0.2:
+                fb.append((f"r{user}", 0.0, user, pos, "click", 1.0))
+    imp = pd.DataFrame(
+        imp, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    fb = pd.DataFrame(fb, columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+
+    def mde(power):
+        result = analyze(imp, fb, rollout, ExperimentConfig(power=power), catalog_size=5)
+        columns = ["min_detectable_effect", "std_error"]
+        return result.tests.set_index("metric")[columns], result.holdout.set_index("metric")[columns]
+
+    at_80, holdout_80 = mde(0.8)
+    at_95, holdout_95 = mde(0.95)
+    # (t or z quantile of alpha + z of the power) x the difference's standard error: only z moves with power
+    gap = stats.norm.ppf(0.95) - stats.norm.ppf(0.8)
+    for low, high in ((at_80, at_95), (holdout_80, holdout_95)):  # the arms, and the holdout vs control
+        for metric in ("ctr", "watch_minutes_per_user", "retention"):
+            moved = high.loc[metric, "min_detectable_effect"] - low.loc[metric, "min_detectable_effect"]
+            assert moved == pytest.approx(gap * low.loc[metric, "std_error"]), metric
+    for key in ("power", "alpha"):
+        for value in (0.0, 1.0, float("nan")):
+            with pytest.raises(ValueError, match=f"online.experiment.{key} must be in"):
+                ExperimentConfig(**{key: value})
