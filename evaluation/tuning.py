@@ -112,7 +112,15 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         _member_heads(stages, version_dir, requests)
     trials_params = tuning.grid(config)
     if ordering.affinity is None:  # no affinity weights exported (catalog above item_affinity.max_items)
-        trials_params = [p for p in trials_params if p[AFFINITY] == 0]
+        # The blend can only leave the affinity out: each combination at affinity weight 0 and the
+        # configured fit, once. A grid that lists no 0 searched nothing and failed the training run.
+        unused = {AFFINITY: 0.0, REG: tuning.current(config, REG), DROPOUT: tuning.current(config, DROPOUT)}
+        without: list[dict] = []
+        for params in trials_params:
+            if {**params, **unused} not in without:
+                without.append({**params, **unused})
+        log.info("tuning: no item affinity exported (item_affinity.max_items), so its weight is searched at 0 only")
+        trials_params = without
     fits = {(p[REG], p[DROPOUT]) for p in trials_params}
     affinities = _affinity_percentiles(version_dir, config, requests, fits, ordering)
     truth = [relevant[int(r["user"])] for r in requests]

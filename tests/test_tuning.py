@@ -439,6 +439,39 @@ def test_tuning_without_a_validation_user_keeps_the_configured_values(processed,
     assert tuning.apply(config, record["chosen"]) == config
 
 
+def test_a_version_without_item_affinity_searches_the_blend_at_affinity_weight_0(
+    processed, model_version, small_config, tmp_path
+):
+    """A catalog above ``item_affinity.max_items`` exports no affinity weights; a search listing no
+    affinity weight 0 then had no trial left and failed the training run at its end ("no tuning trial
+    to choose from"). The blend is now searched with the affinity left out."""
+    from evaluation.tuning import tune_on_validation
+
+    version_dir = tmp_path / Path(model_version.path).name
+    shutil.copytree(model_version.path, version_dir)
+    manifest_path = version_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["item_affinity"] = None  # as train_item_affinity records a catalog above the limit
+    manifest_path.write_text(json.dumps(manifest))
+    for path in version_dir.rglob("item_affinity.*"):
+        path.unlink()
+    config = with_overrides(
+        small_config,
+        {
+            "serving": {"ordering": {"retrieval_weight": 0.3, "affinity_weight": 0.0}},
+            "tuning": {"retrieval_weight": [0.0, 0.3], "affinity_weight": [0.5], "reg_weight": [100.0, 250.0]},
+        },
+    )
+    record = tune_on_validation(version_dir, processed, config)
+    tried = [
+        (t["params"]["serving.ordering.retrieval_weight"], t["params"]["serving.ordering.affinity_weight"])
+        for t in record["trials"]
+    ]
+    assert tried == [(0.0, 0.0), (0.3, 0.0)]
+    assert record["chosen"]["serving.ordering.affinity_weight"] == 0.0
+    assert record["chosen"]["item_affinity.reg_weight"] == small_config.item_affinity.reg_weight
+
+
 def test_an_unused_item_affinity_keeps_its_configured_fit_and_is_not_flagged():
     """Where the best blend gives the item affinity no weight, every (penalty, dropout) pair scored the
     same lists: the first of the grid (the smallest penalty) replaced the configured pair, was refitted
