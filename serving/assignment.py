@@ -48,8 +48,9 @@ class Experiment:
             raise ValueError(f"holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}")
         if self.control not in self.arms:
             raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
-        total = sum(self.arms.values())
-        if abs(total - 1.0) > 1e-9 or min(self.arms.values()) <= 0:
+        shares = list(self.arms.values())
+        # Written so that a NaN share fails: with "> 1e-9 or <= 0" it passed both comparisons.
+        if not (all(share > 0 for share in shares) and abs(sum(shares) - 1.0) <= 1e-9):
             raise ValueError(f"arm shares must be positive and sum to 1, got {self.arms}")
 
     def assign(self, user_id: int | str) -> str:

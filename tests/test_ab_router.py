@@ -335,3 +335,16 @@ def test_a_log_with_one_control_user_keeps_running():
     result = analyze(imp, feedback, rollout, ExperimentConfig(min_detectable_ctr_lift=0.02), catalog_size=10)
     assert result.observed_users_per_arm == 1 and result.required_users_per_arm > 1
     assert result.decision.startswith("KEEP RUNNING"), result.decision
+
+
+def test_a_nan_arm_share_is_refused():
+    """NaN passed the shares check (every comparison with NaN is False): ab_rollout with a NaN
+    treatment_share gave {control: nan, treatment: nan}, and every non-holdout user went to the
+    treatment, the last arm, with NaN expected shares for the sample-ratio check."""
+    from serving.assignment import Experiment
+
+    nan = float("nan")
+    with pytest.raises(ValueError, match="positive and sum to 1"):
+        ab_rollout("e", "s", 1, 2, treatment_share=nan)
+    with pytest.raises(ValueError, match="positive and sum to 1"):
+        Experiment("e", "s", {"control": 0.5, "treatment": nan})
