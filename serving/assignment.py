@@ -48,6 +48,8 @@ class Experiment:
             raise ValueError(f"holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}")
         if self.control not in self.arms:
             raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
+        if HOLDOUT in self.arms:  # assign() could not tell its users from the holdout's
+            raise ValueError(f"{HOLDOUT!r} is the holdout's name, not an arm's: rename the arm")
         shares = list(self.arms.values())
         # Written so that a NaN share fails: with "> 1e-9 or <= 0" it passed both comparisons.
         if not (all(share > 0 for share in shares) and abs(sum(shares) - 1.0) <= 1e-9):

@@ -348,3 +348,12 @@ def test_a_nan_arm_share_is_refused():
         ab_rollout("e", "s", 1, 2, treatment_share=nan)
     with pytest.raises(ValueError, match="positive and sum to 1"):
         Experiment("e", "s", {"control": 0.5, "treatment": nan})
+
+
+def test_an_arm_named_like_the_holdout_is_refused():
+    """An arm called "holdout" shared its name with the holdout: its users were served the control's
+    version instead of the arm's, and counted as holdout users by the analysis."""
+    from serving.assignment import Experiment
+
+    with pytest.raises(ValueError, match=f"{HOLDOUT!r} is the holdout's name"):
+        Experiment("e", "s", {"control": 0.5, HOLDOUT: 0.5})
