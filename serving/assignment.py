@@ -81,6 +81,16 @@ class Rollout:
     versions: dict[str, int]  # arm -> model version
     control_version: int
 
+    def __post_init__(self) -> None:
+        # Checked here, not only when read from experiment.json: start_experiment takes a Rollout as
+        # built, and an arm without a version failed its users only at request time.
+        missing = set(self.experiment.arms) - set(self.versions)
+        if missing:
+            raise ValueError(f"arms {sorted(missing)} have no model version")
+        unknown = set(self.versions) - set(self.experiment.arms)
+        if unknown:
+            raise ValueError(f"versions name arms {sorted(unknown)} the experiment lacks")
+
     def version_for(self, user_id: int | str) -> tuple[str, int]:
         arm = self.experiment.assign(user_id)
         if arm == HOLDOUT:
@@ -115,15 +125,11 @@ class Rollout:
 
     @classmethod
     def from_dict(cls, values: dict) -> Rollout:
-        rollout = cls(
+        return cls(
             Experiment(**values["experiment"]),
             {a: int(v) for a, v in values["versions"].items()},
             int(values["control_version"]),
         )
-        missing = set(rollout.experiment.arms) - set(rollout.versions)
-        if missing:
-            raise ValueError(f"arms {sorted(missing)} have no model version")
-        return rollout
 
 
 def ab_rollout(

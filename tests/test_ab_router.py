@@ -357,3 +357,17 @@ def test_an_arm_named_like_the_holdout_is_refused():
 
     with pytest.raises(ValueError, match=f"{HOLDOUT!r} is the holdout's name"):
         Experiment("e", "s", {"control": 0.5, HOLDOUT: 0.5})
+
+
+def test_a_rollout_names_a_version_for_exactly_its_experiments_arms():
+    """Only Rollout.from_dict checked that every arm has a version: a Rollout built directly (what
+    start_experiment takes) without one was accepted, and its users failed with a KeyError at request
+    time; a version for an arm the experiment lacks was loaded, kept from retirement and counted."""
+    from serving.assignment import Experiment, Rollout
+
+    with pytest.raises(ValueError, match=r"arms \['treatment'\] have no model version"):
+        Rollout(Experiment("e", "s"), {"control": 1}, 1)
+    with pytest.raises(ValueError, match=r"versions name arms \['other'\] the experiment lacks"):
+        Rollout(Experiment("e", "s"), {"control": 1, "treatment": 2, "other": 3}, 1)
+    with pytest.raises(ValueError, match="have no model version"):
+        Rollout.from_dict({**ab_rollout("e", "s", 1, 2).to_dict(), "versions": {"control": 1}})
