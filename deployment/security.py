@@ -156,6 +156,13 @@ class ControlClient:
         "get_log_settings",
         "update_trace_settings",
         "get_trace_settings",
+        # shared-memory is locked too (RESTRICTED_APIS): without the key the server refuses these
+        "register_system_shared_memory",
+        "unregister_system_shared_memory",
+        "get_system_shared_memory_status",
+        "register_cuda_shared_memory",
+        "unregister_cuda_shared_memory",
+        "get_cuda_shared_memory_status",
     )
 
     def __init__(

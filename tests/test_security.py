@@ -108,6 +108,31 @@ def test_control_client_sends_the_key_on_control_calls_only(tmp_path):
     assert seen == {"load": {"triton-grpc-protocol-funnel-admin-key": "s" * 24}, "ready": None}
 
 
+def test_control_client_sends_the_key_on_every_restricted_call(tmp_path):
+    """Every call of an API the server locks (security.RESTRICTED_APIS) carries the key: the
+    shared-memory calls went out without it and the server refused them."""
+    import tritonclient.grpc as grpcclient
+
+    repo = tmp_path / "repo"
+    security.write_admin_key(repo, "s" * 24)
+    control = security.ControlClient("127.0.0.1:1", repo)
+    restricted = ("shared_memory", "model_repository", "load_model", "unload_model", "model_config")
+    restricted += ("statistics", "trace", "log")
+    calls = [name for name in dir(grpcclient.InferenceServerClient) if any(part in name for part in restricted)]
+    assert "register_system_shared_memory" in calls
+    sent = {}
+
+    class Fake:
+        def __getattr__(self, name):
+            return lambda *args, headers=None, **kwargs: sent.__setitem__(name, headers)
+
+    control.client = Fake()
+    for name in calls:
+        getattr(control, name)()
+    unkeyed = [name for name in calls if sent[name] != {"triton-grpc-protocol-funnel-admin-key": "s" * 24}]
+    assert unkeyed == []
+
+
 ECHO_CONFIG = """name: "echo"
 backend: "python"
 max_batch_size: 0
