@@ -168,8 +168,14 @@ def export_repository(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         )
         if out_repo.exists():
-            old = out_repo.with_name(f".{out_repo.name}-old-{os.getpid()}")
-            os.rename(out_repo, old)
+            # A name no other export uses: one killed while it deleted its old copy leaves that behind,
+            # and a fixed name (the process id, the same at each container start) was then taken.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-old-", dir=out_repo.parent))
+            try:
+                os.rename(out_repo, old)  # a folder replaces the empty one mkdtemp made
+            except BaseException:
+                old.rmdir()
+                raise
             try:
                 os.rename(staging, out_repo)
             except BaseException:

@@ -6,7 +6,8 @@ import pytest
 from deployment.export import STAGE_ARTIFACTS, export_repository, exported_version
 from serving.interface import FUNNEL
 
-pytestmark = pytest.mark.slow
+# Tests that use the trained model (model_version, triton_repo) are marked slow by tests/conftest.py;
+# those on the tiny stand-in version (tiny_version) are not.
 
 
 def test_export_writes_every_stage_with_its_version(triton_repo, model_version):
@@ -95,3 +96,45 @@ def test_a_replace_that_fails_at_the_swap_leaves_the_served_repository_in_place(
     assert len(swaps) == 1  # it failed at the swap itself, after the old one was moved aside
     assert (target / "marker").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or old copy left
+
+
+@pytest.fixture
+def tiny_version(tmp_path_factory, monkeypatch):
+    """A stand-in registry version whose artifacts are placeholders: enough for the export's file
+    handling (staging, swap, completeness), in well under a second. The online store is not built."""
+    import json
+
+    import pandas as pd
+
+    from deployment import export
+    from models.registry import MANIFEST, ModelVersion
+
+    folder = tmp_path_factory.mktemp("registry") / "1"  # not in the test's tmp_path, which it may list
+    folder.mkdir()
+    manifest = {"version": 1, "config": {"serving": {}}, "features": {"user_categorical": [], "user_continuous": []}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    for name in ("query_tower.json", "item_index.json"):
+        (folder / name).write_text(json.dumps({"version": 1}))
+    for name in ("query_tower", "light_ranker", "heavy_ranker"):
+        (folder / name).mkdir()
+        (folder / name / "saved_model.pb").write_text("placeholder")
+    (folder / "item_index.faiss").write_text("placeholder")
+    for name in ("item_features", "popularity", "user_features", "user_history"):
+        pd.DataFrame({"id": [1]}).to_parquet(folder / f"{name}.parquet")
+    monkeypatch.setattr(export, "build_online_store", lambda path, *args: Path(path).write_text("placeholder"))
+    return ModelVersion(folder)
+
+
+def test_a_replace_after_an_export_killed_while_it_removed_the_old_repository(tiny_version, tmp_path):
+    """An export killed while it deleted the repository it replaced leaves that folder's rest beside
+    the target, named with its process id; a later export with the same id (a container's entry
+    point) could not move the served repository aside ("Directory not empty") until someone deleted it."""
+    import os
+
+    target = export_repository(tiny_version, tmp_path / "repo")
+    leftover = tmp_path / f".repo-old-{os.getpid()}"
+    (leftover / "retrieval").mkdir(parents=True)
+    (leftover / "retrieval" / "config.pbtxt").write_text("half deleted")
+    export_repository(tiny_version, target, replace=True)
+    assert exported_version(target) == 1
+    assert (leftover / "retrieval" / "config.pbtxt").exists()  # not ours to delete
