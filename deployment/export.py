@@ -105,11 +105,14 @@ def export_repository(
     version's own ``serving.batching`` (the config's defaults for versions trained before it existed).
 
     ``replace=False`` refuses to overwrite an existing repository; ``replace=True`` swaps the new
-    one in with two renames, so the old one stays whole until the new one is.
+    one in with two renames, so the old one stays whole until the new one is. Only an exported
+    repository (one with ``export.json``) or an empty folder is replaced.
     """
     out_repo, source = Path(out_repo).resolve(), Path(source)
     if out_repo.exists() and not replace:
         raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
+    if out_repo.is_dir() and any(out_repo.iterdir()):
+        exported_version(out_repo)  # replace only an export: never a folder named by mistake (the registry)
     manifest = model.manifest
     version = str(manifest["version"])
     batching = batching or batching_of(manifest)

@@ -138,3 +138,15 @@ def test_a_replace_after_an_export_killed_while_it_removed_the_old_repository(ti
     export_repository(tiny_version, target, replace=True)
     assert exported_version(target) == 1
     assert (leftover / "retrieval" / "config.pbtxt").exists()  # not ours to delete
+
+
+def test_replace_refuses_a_folder_that_is_no_exported_repository(tiny_version, tmp_path):
+    """``--replace`` swaps out an export; pointed by mistake at another folder (the stage definitions in
+    ``triton_repo/``, the registry), it used to move that folder aside and delete it."""
+    folder = tmp_path / "triton_repo"
+    (folder / "retrieval").mkdir(parents=True)
+    (folder / "retrieval" / "config.pbtxt").write_text("the stage definition")
+    with pytest.raises(FileNotFoundError, match="not an exported model repository"):
+        export_repository(tiny_version, folder, replace=True)
+    assert (folder / "retrieval" / "config.pbtxt").read_text() == "the stage definition"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["triton_repo"]  # no staging folder left
