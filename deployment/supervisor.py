@@ -1,9 +1,10 @@
 """Keep a served funnel answering: probe it, and restart the server when it stops.
 
 A stage's Python stub can die (out of memory, a crash in native code, a kill). The supervisor
-notices because a probe request through the whole ensemble fails (or the server process is gone,
-or stops reporting ready) ``failures`` times in a row, and then restarts the server on the same
-ports, so clients reconnect without any manual step. ``tests/test_triton_integration.py`` kills a
+notices because a probe request through the whole ``funnel`` ensemble fails (or the server process
+is gone) ``failures`` times in a row, and then restarts the server on the same ports, so clients
+reconnect without any manual step. Only the funnel is probed: a dead ``ab_router`` or ``feedback``
+stub is not noticed. ``tests/test_triton_integration.py`` kills a
 stage's stub with SIGKILL and checks that the funnel answers again.
 """
 
