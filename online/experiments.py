@@ -1,4 +1,4 @@
-"""Start, roll out and end A/B experiments on a running server (explicit model control).
+"""Start and roll out A/B experiments on a running server (explicit model control).
 
 An experiment is an ``serving.assignment.Rollout`` written as ``ab_router/<n>/experiment.json``; each
 change is a new router version, so Triton swaps it in while requests keep flowing and the folder
@@ -8,6 +8,8 @@ to it, so no request reaches a version that is not ready.
 
     start_experiment(url, repo, rollout)   control and treatment side by side, plus the holdout
     roll_out_treatment(url, repo)          everyone but the holdout moves to the treatment's version
+
+To end one (the holdout too on one version): ``set_rollout(url, repo, serving.assignment.single_version(v))``.
 
 What the router serves now is ``deployment.rollout.current_rollout(repo)``; a new router version is
 written and loaded by ``deployment.rollout.set_rollout``.
