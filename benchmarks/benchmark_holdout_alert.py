@@ -51,7 +51,9 @@ def simulate(
 ) -> dict:
     """Both rules on the same simulated runs: {rule: {"fired": share, "median_day": day}}."""
     rng = np.random.default_rng(seed)
-    steps, need = int(days * 24 / STEP_H), int(FOR_H / STEP_H)
+    # Prometheus fires once the condition has held FOR_H since the look that first found it true:
+    # FOR_H / STEP_H looks after that one, so that many + 1 true looks in a row
+    steps, need = int(days * 24 / STEP_H), int(FOR_H / STEP_H) + 1
     arrivals_h = rng.poisson(users_per_day * holdout * STEP_H / 24, (runs, steps))
     arrivals_l = rng.poisson(users_per_day * (1 - holdout) * STEP_H / 24, (runs, steps))
     n_h, n_l = np.cumsum(arrivals_h, 1), np.cumsum(arrivals_l, 1)

@@ -240,3 +240,14 @@ def test_the_ab_analysis_reports_detectable_effects_at_the_configured_power():
         for value in (0.0, 1.0, float("nan")):
             with pytest.raises(ValueError, match=f"online.experiment.{key} must be in"):
                 ExperimentConfig(**{key: value})
+
+
+def test_the_simulated_alert_fires_once_its_condition_has_held_for_6_hours_not_one_look_sooner():
+    """Prometheus fires a ``for: 6h`` alert at the first evaluation 6 hours after the one that found
+    its condition true: looked at every 15 minutes, the 25th true look in a row, not the 24th (5.75 h).
+    A live group at a tenth of the holdout's rate with 200 holdout users a look is below with p ~ 0 from
+    the first look (0.25 h), so the alert fires at 6.25 h."""
+    from benchmarks.benchmark_holdout_alert import simulate
+
+    out = simulate(drop=0.9, users_per_day=1_000_000, holdout=0.02, days=1, runs=20)
+    assert out["one-look"] == {"fired": 1.0, "median_day": round(6.25 / 24, 2)}
