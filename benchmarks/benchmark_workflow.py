@@ -67,8 +67,16 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
         for c in (f"{prefix}_events_before", f"{prefix}_clicks_before"):
             events[c] = ties[c].transform("min")
     # temporal split, active users, pair dedup
-    cutoff = int(np.quantile(events["timestamp"].values, 1 - wf.split.valid_fraction, method="lower"))
-    train, valid = events[events["timestamp"] < cutoff], events[events["timestamp"] >= cutoff]
+    # as workflows/splits.py's temporal_split: the last valid_fraction + test_fraction of time held
+    # out, valid before test (lower quantiles, as its exact_quantiles)
+    held_out = [1.0 - (wf.split.valid_fraction + wf.split.test_fraction), 1.0 - wf.split.test_fraction]
+    cutoff, test_cutoff = (int(q) for q in np.quantile(events["timestamp"].values, held_out, method="lower"))
+    train = events[events["timestamp"] < cutoff]
+    if wf.split.test_fraction > 0:
+        valid = events[(events["timestamp"] >= cutoff) & (events["timestamp"] < test_cutoff)]
+        test = events[events["timestamp"] >= test_cutoff]
+    else:
+        valid, test = events[events["timestamp"] >= cutoff], None
     au = wf.active_users
     recent = train[train["timestamp"] >= cutoff - au.days * 86400]
     if au.event != "impression":
@@ -84,9 +92,8 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
         "share": "max",
         **{c: "min" for c in pit},
     }
-    parts = {
-        n: p.groupby(["user_id", "item_id"]).agg(spec).reset_index() for n, p in (("train", train), ("valid", valid))
-    }
+    held = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
+    parts = {n: p.groupby(["user_id", "item_id"]).agg(spec).reset_index() for n, p in held.items()}
     parts = {
         n: p.merge(users, on="user_id", how="left").merge(items.drop(columns=["title"]), on="item_id", how="left")
         for n, p in parts.items()
@@ -129,7 +136,7 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
         out_frame["day_of_week"] = ((p["timestamp"] // 86400) + 3) % 7
         (out / name).mkdir(parents=True, exist_ok=True)
         out_frame.to_parquet(out / name / "part.parquet", index=False)
-    return {"train_rows": int(len(parts["train"])), "valid_rows": int(len(parts["valid"]))}
+    return {f"{name}_rows": int(len(part)) for name, part in parts.items()}
 
 
 def run_one(kind: str, raw: Path, out: Path, checks: bool) -> dict:
@@ -142,7 +149,7 @@ def run_one(kind: str, raw: Path, out: Path, checks: bool) -> dict:
         result = run_dataset_pipeline(
             raw / "events.parquet", raw / "users.parquet", raw / "items.parquet", out, config.workflow
         )
-        counts = {"train_rows": result.summary["train_rows"], "valid_rows": result.summary["valid_rows"]}
+        counts = {k: result.summary[k] for k in ("train_rows", "valid_rows", "test_rows") if k in result.summary}
     else:
         counts = pandas_baseline(raw, out, config)
     seconds = time.perf_counter() - start
