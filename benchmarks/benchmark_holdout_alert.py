@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25], help="relative drops")
     parser.add_argument("--users-per-day", type=positive_int, nargs="+", default=[2000, 10000])
     parser.add_argument("--holdout", type=float, default=0.02, help="share of users in the holdout")
+    parser.add_argument("--rate", type=float, default=0.7, help="the holdout's share of users with outcome 1")
     parser.add_argument("--days", type=positive_int, default=30)
     parser.add_argument("--runs", type=positive_int, default=2000, help="simulated runs per scenario")
     parser.add_argument("--effect", type=float, default=MONITOR_EFFECT, help="gap the sequential test is tuned to")
@@ -93,6 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.holdout < 1:
         parser.error(f"argument --holdout: must be in (0, 1), got {args.holdout}")
+    if not 0 < args.rate < 1:
+        parser.error(f"argument --rate: must be in (0, 1), got {args.rate}")
     if any(not 0 <= d < 1 for d in args.drops):
         parser.error(f"argument --drops: each must be in [0, 1), got {args.drops}")
     start = time.perf_counter()
@@ -100,7 +103,9 @@ def main() -> None:
         {
             "drop": drop,
             "users_per_day": users,
-            **simulate(drop, users, args.holdout, args.days, args.runs, effect=args.effect, seed=args.seed),
+            **simulate(
+                drop, users, args.holdout, args.days, args.runs, rate=args.rate, effect=args.effect, seed=args.seed
+            ),
         }
         for drop in args.drops
         for users in args.users_per_day
@@ -109,6 +114,7 @@ def main() -> None:
         json.dumps(
             {
                 "holdout": args.holdout,
+                "rate": args.rate,
                 "days": args.days,
                 "runs": args.runs,
                 "effect": args.effect,

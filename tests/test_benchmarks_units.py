@@ -15,3 +15,17 @@ def test_the_pandas_baseline_of_the_workflow_benchmark_does_the_workflows_split(
     pandas = run_one("pandas", tmp_path / "raw", tmp_path / "pandas", False)
     rows = ("train_rows", "valid_rows", "test_rows")
     assert {r: pandas.get(r) for r in rows} == {r: workflow.get(r) for r in rows}
+
+
+def test_the_holdout_alert_benchmark_takes_the_rate_its_help_names(monkeypatch, capsys):
+    """benchmarks/benchmark_holdout_alert.py's help says each user's outcome is ``--rate`` in the
+    holdout; the flag was not parsed (argparse exited 2), so every run simulated a rate of 0.7."""
+    import json
+    import sys
+
+    from benchmarks import benchmark_holdout_alert
+
+    argv = ["benchmark_holdout_alert", "--rate", "0.3", "--drops", "0", "--users-per-day", "2000"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--days", "1", "--runs", "5"])
+    benchmark_holdout_alert.main()
+    assert json.loads(capsys.readouterr().out)["rate"] == 0.3
