@@ -27,6 +27,9 @@ from serving.interface import stage_folder
 
 quiet_known_warnings()
 
+WARMUP = 20  # in-process: requests not timed
+WARMUP_BATCHES = 2  # in-process --batch N: batches not timed
+
 
 def known_users(repo: Path, version: int) -> np.ndarray:
     store = stage_folder(repo, "feature_lookup", version) / "online_store.sqlite"
@@ -37,7 +40,7 @@ def known_users(repo: Path, version: int) -> np.ndarray:
         con.close()
 
 
-def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = 20) -> None:
+def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = WARMUP) -> None:
     from serving import stages
 
     funnel = {name: stages.STAGES[name](stage_folder(repo, name, version)) for name in stages.FUNNEL}
@@ -54,7 +57,7 @@ def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = 20) ->
         print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
 
 
-def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, warmup: int = 2) -> None:
+def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, warmup: int = WARMUP_BATCHES) -> None:
     """As ``in_process``, ``batch`` requests at a time through each stage's ``run_batch``."""
     from serving import stages
 
@@ -145,6 +148,10 @@ def main() -> None:
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--batch", type=int, default=1, help="in-process: requests per run_batch call")
     args = p.parse_args()
+    # at least one timed request (a batch): with none, the percentiles failed after every stage ran
+    untimed = WARMUP_BATCHES * args.batch if args.batch > 1 else WARMUP
+    if args.mode == "in-process" and args.requests < untimed + max(args.batch, 1):
+        p.error(f"--requests: the first {untimed} are warm-up, not timed; give at least {untimed + max(args.batch, 1)}")
     version = json.loads((args.repository / "export.json").read_text())["version"]
     users = np.random.default_rng(0).choice(known_users(args.repository, version), size=args.requests)
     if args.mode == "in-process" and args.batch > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_the_pandas_baseline_of_the_workflow_benchmark_does_the_workflows_split(tmp_path):
     """benchmarks/benchmark_workflow.py compares the workflow with the same steps in pandas; the
@@ -29,3 +31,47 @@ def test_the_holdout_alert_benchmark_takes_the_rate_its_help_names(monkeypatch, 
     monkeypatch.setattr(sys, "argv", [*argv, "--days", "1", "--runs", "5"])
     benchmark_holdout_alert.main()
     assert json.loads(capsys.readouterr().out)["rate"] == 0.3
+
+
+def test_profile_serving_in_process_refuses_fewer_requests_than_its_warm_up(tmp_path, monkeypatch, capsys):
+    """benchmarks/profile_serving.py --mode in-process leaves its first 20 requests (with --batch N: its
+    first 2 batches) untimed; --requests 20 or fewer ran every stage and then failed in
+    np.percentile on no timings (IndexError). It is a usage error now, said before the stages load."""
+    import json
+    import sqlite3
+    import sys
+    import types
+
+    import numpy as np
+
+    from benchmarks import profile_serving
+
+    (tmp_path / "export.json").write_text(json.dumps({"version": 1}))
+    (tmp_path / "feature_lookup" / "1").mkdir(parents=True)
+    with sqlite3.connect(tmp_path / "feature_lookup" / "1" / "online_store.sqlite") as con:
+        con.execute("CREATE TABLE user_features (user_id_raw INTEGER)")
+        con.executemany("INSERT INTO user_features VALUES (?)", [(u,) for u in range(5)])
+    con.close()
+
+    class Stage:  # answers at once: the profile's own arithmetic is what is under test
+        def __init__(self, folder):
+            pass
+
+        def run(self, x):
+            return {}
+
+        def run_batch(self, xs):
+            return [{} for _ in xs]
+
+    fake = types.ModuleType("serving.stages")
+    fake.FUNNEL, fake.STAGES = ("a", "b"), {"a": Stage, "b": Stage}
+    monkeypatch.setitem(sys.modules, "serving.stages", fake)
+    monkeypatch.setattr(sys.modules["serving"], "stages", fake, raising=False)
+    for extra in ([], ["--batch", "4"]):
+        monkeypatch.setattr(sys, "argv", ["profile_serving", str(tmp_path), "--requests", "8", *extra])
+        with pytest.raises(SystemExit) as exited:
+            profile_serving.main()
+        assert exited.value.code == 2 and "warm-up" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["profile_serving", str(tmp_path), "--requests", "21"])
+    profile_serving.main()  # one timed request is enough
+    assert np.isfinite(float(capsys.readouterr().out.split("p99")[1].split()[0]))
