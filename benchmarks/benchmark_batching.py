@@ -204,6 +204,9 @@ def targets(row: dict, name: str) -> dict:
         if many:
             out[f"{client}rps_ge_1000_at_32_in_flight"] = many["requests_per_s"] >= 1000
             out[f"{client}p99_le_25ms_at_32_in_flight"] = many["p99_ms"] <= 25
+    # the latencies and requests/s above count answered requests only: a failing server met them
+    levels = [v for k, v in row[name].items() if k.startswith(("in_flight_", "perf_analyzer_in_flight_"))]
+    out["no_failed_requests"] = all(level.get("errors", 0) == 0 for level in levels)
     return out
 
 

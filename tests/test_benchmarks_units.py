@@ -75,3 +75,22 @@ def test_profile_serving_in_process_refuses_fewer_requests_than_its_warm_up(tmp_
     monkeypatch.setattr(sys, "argv", ["profile_serving", str(tmp_path), "--requests", "21"])
     profile_serving.main()  # one timed request is enough
     assert np.isfinite(float(capsys.readouterr().out.split("p99")[1].split()[0]))
+
+
+def test_a_server_that_fails_requests_does_not_meet_the_serving_targets():
+    """The serving and batching benchmarks judge latency and requests/s on answered requests only
+    (``LoadReport.summary``); with no target on the failed ones, a server refusing 5% of its requests
+    met every target."""
+    from benchmarks.benchmark_batching import targets as batching_targets
+    from benchmarks.benchmark_serving import targets as serving_targets
+
+    fast = {"requests": 100, "ok": 100, "errors": 0, "requests_per_s": 2000.0, "p99_ms": 5.0}
+    failing = {**fast, "ok": 95, "errors": 5}
+    assert all(serving_targets(fast, fast, speedup=20.0, ndcg_ratio=1.0).values())
+    judged = serving_targets(fast, failing, speedup=20.0, ndcg_ratio=1.0)
+    assert judged["rps_ge_300"] and not judged["no_failed_requests"]
+    row = {"batched": {"in_flight_1": fast, "in_flight_32": fast}}
+    assert all(batching_targets(row, "batched").values())
+    row["batched"]["in_flight_32"] = failing
+    judged = batching_targets(row, "batched")
+    assert judged["rps_ge_1000_at_32_in_flight"] and not judged["no_failed_requests"]
