@@ -304,6 +304,31 @@ def test_signal_outside_its_declared_range(shop):
     }
 
 
+def _tiny(tmp_path, events: dict, items: dict | None = None, **spec_events):
+    """A two-file spec in ``tmp_path``: events.csv (u, i, t and ``events``) and items.csv (``items``)."""
+    pd.DataFrame({"u": ["1", "2", "3"], "i": ["1", "2", "3"], "t": ["10", "20", "30"], **events}).to_csv(
+        tmp_path / "events.csv", index=False
+    )
+    values = {"name": "tiny", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t"}}
+    values["events"].update(spec_events)
+    if items is not None:
+        pd.DataFrame({"i": ["1", "2", "3"], **items}).to_csv(tmp_path / "items.csv", index=False)
+        values["items"] = {"path": "items.csv", "id": "i"}
+    return values
+
+
+def test_infinite_signals_and_attributes_are_refused(tmp_path):
+    # "inf" parses as a number; one infinite price made log1p + Normalize turn every item's price into
+    # inf (the mean is inf), silently: the models then trained on infinite inputs.
+    values = _tiny(tmp_path, {"basket": ["1.5", "inf", "2"]}, {"price": ["3", "-inf", "inf"]})
+    values["events"]["signals"] = [{"name": "buy", "column": "basket", "kind": "continuous", "threshold": 1}]
+    values["items"]["continuous"] = [{"column": "price", "log": True}]
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = {(d.column, d.rows, d.example) for d in info.value.defects if "finite" in d.message}
+    assert found == {("basket", 1, "inf"), ("price", 2, "-inf")}, [str(d) for d in info.value.defects]
+
+
 def test_every_defect_at_once_and_nothing_written(shop, tmp_path):
     """One run reports every defect; the pipeline and the script write nothing and exit with 2."""
     from configs import load_config

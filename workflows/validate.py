@@ -10,8 +10,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
                 duplicate keys in an attribute table
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
                 range (seconds that are really milliseconds); a column of dates is taken as its instants
-    signals     null or not a number, a binary signal not 0/1, a value outside the declared range
-    attributes  a continuous column that is not a number
+    signals     null or not a number (or infinite), a binary signal not 0/1, a value outside the declared range
+    attributes  a continuous column that is not a number (or infinite)
     references  events whose item (user) the item (user) table lacks: an error, or with
                 ``checks.missing_items: warn`` / ``drop`` a counted warning
 
@@ -190,7 +190,10 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
         elif rule.kind == "binary":
             _add(issues, rule.column, "not_binary", num.notna() & (num != 0) & (num != 1), col)
-        elif rule.kind == "continuous":
+        if rule.kind in ("continuous", "number"):
+            # "inf" parses as a number; one infinite value makes a normalised feature inf for every row.
+            _add(issues, rule.column, "not_finite", (num == np.inf) | (num == -np.inf), col)
+        if rule.kind == "continuous":
             if rule.low is not None:
                 _add(issues, rule.column, "below", num < rule.low, col)
             if rule.high is not None:
@@ -240,6 +243,7 @@ MESSAGES = {
     "negative": "is negative",
     "not_binary": "is not 0 or 1 (a binary signal)",
     "beyond_int64": "is beyond int64 (ids must fit the INT64 that requests and responses carry)",
+    "not_finite": "is not a finite number (inf)",
 }
 
 
@@ -255,7 +259,7 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
             n, example = issues[(_c, code)]
             out.append(Defect(file, _c, message, n, example))
 
-        for code in ("null", "negative", "fractional", "not_binary", "beyond_int64"):
+        for code in ("null", "negative", "fractional", "not_binary", "beyond_int64", "not_finite"):
             if (c, code) in issues:
                 defect(f"{MESSAGES[code]}{role}", code)
         if (c, "not_number") in issues:
