@@ -329,6 +329,22 @@ def test_infinite_signals_and_attributes_are_refused(tmp_path):
     assert found == {("basket", 1, "inf"), ("price", 2, "-inf")}, [str(d) for d in info.value.defects]
 
 
+def test_negative_durations_and_log_attributes_are_refused(tmp_path):
+    # A duration (seconds watched, an item's length) cannot be negative, and log1p of a value <= -1 is
+    # -inf / NaN: one item of duration -1 made the normalised duration feature inf for every item.
+    values = _tiny(
+        tmp_path,
+        {"watched_s": ["-3", "4", "5"]},
+        {"length": ["10", "-1", "20"], "price": ["-2", "1", "2"], "score": ["-2", "1", "2"]},
+    )
+    values["events"].update(signals=[{"name": "watched_s", "kind": "continuous"}], watch_time="watched_s")
+    values["items"].update(continuous=[{"column": "price", "log": True}, "score"], duration="length")
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = {(d.column, d.rows, d.example) for d in info.value.defects}
+    assert found == {("watched_s", 1, "-3"), ("length", 1, "-1"), ("price", 1, "-2")}, found  # score: no log
+
+
 def test_every_defect_at_once_and_nothing_written(shop, tmp_path):
     """One run reports every defect; the pipeline and the script write nothing and exit with 2."""
     from configs import load_config

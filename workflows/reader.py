@@ -167,8 +167,12 @@ def _table_columns(table: TableSpec, name: str, id_column: str) -> dict[str, str
 def _table_rules(table: TableSpec, name: str, id_column: str) -> list[Rule]:
     rules = [Rule(table.id or id_column, "id", f"{name}.id")]
     numbers = [c.column for c in table.continuous] + ([table.duration] if table.duration else [])
+    # A duration cannot be negative, nor can a log: true quantity: log1p of a value <= -1 is -inf / NaN,
+    # and one such value made the normalised feature inf for every row.
+    nonnegative = {c.column for c in table.continuous if c.log} | ({table.duration} if table.duration else set())
     for column in dict.fromkeys(numbers):
-        rules.append(Rule(column, "number", f"{name} continuous"))
+        role = f"{name}.duration" if column == table.duration else f"{name} continuous"
+        rules.append(Rule(column, "number", role, low=0 if column in nonnegative else None))
     return rules
 
 
@@ -334,6 +338,8 @@ def _event_rules(spec: DatasetSpec) -> list[Rule]:
     ]
     for s in ev.signals:
         low, high = s.min, s.max
+        if s.name == ev.watch_time and low is None:
+            low = 0  # seconds watched cannot be negative (the raw schema declares min: 0)
         rules.append(Rule(s.source, s.kind, f"signal {s.name!r}", low=low, high=high))
     return rules
 

@@ -11,7 +11,7 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
                 range (seconds that are really milliseconds); a column of dates is taken as its instants
     signals     null or not a number (or infinite), a binary signal not 0/1, a value outside the declared range
-    attributes  a continuous column that is not a number (or infinite)
+    attributes  a continuous column that is not a number (or infinite); a negative duration or log: true value
     references  events whose item (user) the item (user) table lacks: an error, or with
                 ``checks.missing_items: warn`` / ``drop`` a counted warning
 
@@ -193,7 +193,6 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         if rule.kind in ("continuous", "number"):
             # "inf" parses as a number; one infinite value makes a normalised feature inf for every row.
             _add(issues, rule.column, "not_finite", (num == np.inf) | (num == -np.inf), col)
-        if rule.kind == "continuous":
             if rule.low is not None:
                 _add(issues, rule.column, "below", num < rule.low, col)
             if rule.high is not None:
