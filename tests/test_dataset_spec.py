@@ -345,6 +345,16 @@ def test_negative_durations_and_log_attributes_are_refused(tmp_path):
     assert found == {("watched_s", 1, "-3"), ("length", 1, "-1"), ("price", 1, "-2")}, found  # score: no log
 
 
+def test_iso_timestamps_before_1970_are_refused_as_numbers_are(tmp_path):
+    # Negative seconds are refused whatever the unit (numbers, parquet dates); ISO text skipped the check.
+    when = ["2026-01-01T00:00:00Z", "1969-12-31T23:00:00Z", "2026-01-02T00:00:00+01:00"]
+    values = _tiny(tmp_path, {"t": when}, timestamp_unit="iso")
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [(d.column, d.rows, d.example) for d in info.value.defects] == [("t", 1, "1969-12-31T23:00:00Z")]
+    assert "negative" in info.value.defects[0].message
+
+
 def test_every_defect_at_once_and_nothing_written(shop, tmp_path):
     """One run reports every defect; the pipeline and the script write nothing and exit with 2."""
     from configs import load_config

@@ -161,6 +161,9 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         if rule.kind == "timestamp" and rule.unit == "iso":
             parsed = parse_iso(col)
             _add(issues, rule.column, "timestamp", present & parsed.isna(), col)
+            import pandas as pd
+
+            _add(issues, rule.column, "negative", parsed < pd.Timestamp(0, tz=parsed.dt.tz), col)  # before 1970
             continue
         if rule.kind == "timestamp" and col.dtype.kind == "M":
             # A column of dates (a parquet timestamp column) holds instants whatever the declared
