@@ -109,6 +109,24 @@ def test_spec_mistakes_are_named():
         load_spec("no/such/spec.yaml")
 
 
+def test_a_column_joined_twice_onto_the_events_is_a_spec_mistake():
+    # The joined events carry one column per name. A user and an item attribute of one name (country),
+    # a signal named like the item duration's column, or an item attribute named like the watch time's
+    # were accepted, and the pipeline failed late in the attribute join (KeyError: 'country').
+    events = {"path": "e.csv", "signals": [{"name": "wt", "kind": "continuous"}], "watch_time": "wt"}
+    duration = {"name": "duration_seconds", "kind": "continuous"}
+    clashes = {
+        "country": {"events": {"path": "e.csv"}, "users": {"path": "u.csv", "categorical": ["country"]},
+                    "items": {"path": "i.csv", "categorical": ["brand", "country"]}},
+        "duration_seconds": {"events": {"path": "e.csv", "signals": [duration]},
+                             "items": {"path": "i.csv", "duration": "length"}},
+        "watch_seconds": {"events": events, "items": {"path": "i.csv", "categorical": ["watch_seconds"]}},
+    }  # fmt: skip
+    for column, values in clashes.items():
+        with pytest.raises(SpecError, match=f"'{column}'"):
+            spec_from_dict(values)
+
+
 def test_list_columns_become_positions_or_path_prefixes():
     col = pd.Series(["home>kitchen>knives", "fashion>shoes", None])
     prefix = list_positions(col, ListSpec("category_path", ">", 3, prefix=True))

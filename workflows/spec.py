@@ -312,6 +312,17 @@ def _problems(spec: DatasetSpec) -> list[str]:
         dupes = sorted({c for c in every if every.count(c) > 1})
         if dupes:
             out.append(f"{table_name}: column(s) {dupes} have more than one role")
+    # The joined events carry one column per name: a user and an item attribute of one name, or an
+    # attribute named like an event column, were accepted and failed late in the attribute join.
+    if not out:  # (the layout of a spec with other problems may not exist)
+        layout = layout_of(spec)
+        joined = [*layout.event_columns, *layout.joined_user_columns[1:], *layout.joined_item_columns[1:]]
+        twice = sorted({c for c in joined if joined.count(c) > 1})
+        if twice:
+            out.append(
+                f"column(s) {twice} would be joined onto the events twice (events, users and items share one "
+                f"namespace of columns): rename one (a signal in the spec, an attribute in its file)"
+            )
     if not spec.objective:
         return out
     labels = set(spec_labels(spec))
