@@ -153,7 +153,7 @@ HOLDOUT_METRICS = ("ctr", "watch_minutes_per_user", "retention")
 # The relative gap (live vs holdout) the degradation alert's sequential test is tuned to find soonest:
 # the mixture's spread ``tau`` is this times the larger group value (``ab.always_valid_p_value``).
 # Measured (docs/monitoring.md, 10,000 users a day): 0.1 / 0.25 / 0.5 found a 10% drop after a median
-# of 2.8 / 3.0 / 3.2 days, with 0.5% / 0.3% / 0.2% of A/A runs alerting within 30 days.
+# of 2.8 / 3.0 / 3.25 days, with 0.45% / 0.25% / 0.2% of A/A runs alerting within 30 days.
 MONITOR_EFFECT = 0.25
 # HoldoutMonitorDown (monitoring/prometheus/funnel-alerts.yml) fires when the last comparison is older
 # than this: a monitor computing less often would keep it firing (tests/test_monitoring.py holds the two equal).
