@@ -35,6 +35,28 @@ def typed_errors():
         raise kind(err.message(), err.status(), err.debug_details()) from err
 
 
+def integers(name: str, values, dtype) -> np.ndarray:
+    """``values`` as a flat ``dtype`` array, or ``BadRequest`` naming ``name``, before anything is sent:
+    numpy's own cast wraps and truncates without a word (``k=2**32 + 5`` went out as ``k=5``, user
+    1.9 as user 1, an excluded id 7.5 as 7), and the server cannot tell."""
+    array = np.asarray(values)
+    if array.size == 0:  # an empty list is float64 to numpy, and holds no value to check
+        return np.zeros(0, dtype=dtype)
+    if array.dtype == object:  # Python ints too large for any numpy integer (or not numbers at all)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array.reshape(-1)):
+            raise BadRequest(f"{name} must hold integers", "StatusCode.INVALID_ARGUMENT")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise BadRequest(f"{name} must hold integers, got {array.dtype}", "StatusCode.INVALID_ARGUMENT")
+    info = np.iinfo(dtype)
+    outside = [v for v in (array.min(), array.max()) if not info.min <= int(v) <= info.max]
+    if outside:
+        raise BadRequest(
+            f"{name} holds {int(outside[0])}, outside the range of {np.dtype(dtype).name} ({info.min} .. {info.max})",
+            "StatusCode.INVALID_ARGUMENT",
+        )
+    return array.astype(dtype).reshape(-1)
+
+
 @dataclass
 class Recommendations:
     user_id: int
@@ -74,12 +96,12 @@ class FunnelClient:
         """The user's top ``k``; ``exclude_item_ids`` (optional context) are raw ids never to return."""
         g = self._grpc
         user = g.InferInput("user_id", [1], "INT64")
-        user.set_data_from_numpy(np.array([user_id], dtype=np.int64))
+        user.set_data_from_numpy(integers("user_id", [user_id], np.int64))
         top_k = g.InferInput("k", [1], "INT32")
-        top_k.set_data_from_numpy(np.array([k], dtype=np.int32))
+        top_k.set_data_from_numpy(integers("k", [k], np.int32))
         inputs = [user, top_k]
         if exclude_item_ids is not None:
-            excluded = np.asarray(exclude_item_ids, dtype=np.int64).reshape(-1)
+            excluded = integers("exclude_item_ids", exclude_item_ids, np.int64)
             tensor = g.InferInput("exclude_item_ids", [len(excluded)], "INT64")
             tensor.set_data_from_numpy(excluded)
             inputs.append(tensor)
@@ -111,7 +133,7 @@ class FunnelClient:
         n = len(events)
         tensors = {
             "request_id": ("BYTES", np.array([request_id.encode()], dtype=object)),
-            "item_ids": ("INT64", np.asarray(item_ids, dtype=np.int64).reshape(n)),
+            "item_ids": ("INT64", integers("item_ids", item_ids, np.int64).reshape(n)),
             "events": ("BYTES", np.array([e.encode() for e in events], dtype=object).reshape(n)),
             "values": ("FP32", np.asarray(values, dtype=np.float32).reshape(n)),
         }

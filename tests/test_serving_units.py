@@ -592,3 +592,42 @@ def test_load_throughput_counts_answered_requests_only():
     assert (summary["requests"], summary["ok"], summary["errors"]) == (1000, 100, 900)
     assert summary["requests_per_s"] == 100.0 and summary["p50_ms"] == pytest.approx(10.0)
     assert LoadReport(refused, wall_s=1.0).summary()["requests_per_s"] == 0.0
+
+
+def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
+    """``recommend`` cast its arguments into the request's tensors with numpy, which wraps and truncates:
+    ``k=2**32 + 5`` was sent as ``k=5``, ``user_id=1.9`` as user 1 and an excluded id 7.5 as 7, each
+    answered as if asked; a NaN user or an id past int64 raised numpy's ValueError / OverflowError naming
+    no input. Now ``BadRequest`` (``INVALID_ARGUMENT``) naming the input, before anything is sent."""
+    from serving.client import BadRequest, FunnelClient
+
+    class Sent(Exception):
+        pass
+
+    def infer(model, inputs, **kw):
+        sent.append(inputs)
+        raise Sent
+
+    sent = []
+    client = FunnelClient("127.0.0.1:1")  # never connected: infer is replaced
+    monkeypatch.setattr(client.client, "infer", infer)
+    for kwargs, name in [
+        ({"user_id": 1, "k": 2**32 + 5}, "k"),
+        ({"user_id": 1, "k": 2**31}, "k"),
+        ({"user_id": 1, "k": 10.7}, "k"),
+        ({"user_id": 1.9, "k": 10}, "user_id"),
+        ({"user_id": float("nan"), "k": 10}, "user_id"),
+        ({"user_id": 2**63, "k": 10}, "user_id"),
+        ({"user_id": 1, "k": 10, "exclude_item_ids": [3, 7.5]}, "exclude_item_ids"),
+        ({"user_id": 1, "k": 10, "exclude_item_ids": [2**64]}, "exclude_item_ids"),
+    ]:
+        with pytest.raises(BadRequest, match=name) as err:
+            client.recommend(**kwargs)
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+    with pytest.raises(BadRequest, match="item_ids"):
+        client.send_feedback("r1", [4.5], ["click"], [1.0])
+    assert sent == []
+    with pytest.raises(Sent):  # numpy integers and no exclusions pass
+        client.recommend(np.int64(7), np.int32(3), exclude_item_ids=[])
+    assert [i.name() for i in sent[0]] == ["user_id", "k", "exclude_item_ids"] and sent[0][2].shape() == [0]
+    client.close()
