@@ -106,7 +106,8 @@ class OnlineStore:
     """Read-only access to the store; one instance per serving process."""
 
     def __init__(self, path: str | Path, categorical: list[str], continuous: list[str]):
-        uri = f"file:{Path(path).resolve()}?mode=ro"
+        # quoted (as_uri): a bare "%31" in the path decoded to "1", and "#" or "?" cut it, another file
+        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
         self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self.categorical, self.continuous = list(categorical), list(continuous)
         cols = ", ".join(f'"{c}"' for c in [*self.categorical, *self.continuous])

@@ -631,3 +631,25 @@ def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
         client.recommend(np.int64(7), np.int32(3), exclude_item_ids=[])
     assert [i.name() for i in sent[0]] == ["user_id", "k", "exclude_item_ids"] and sent[0][2].shape() == [0]
     client.close()
+
+
+@pytest.mark.parametrize("folder", ["v%31", "a#b", "a?b"])
+def test_the_online_store_opens_its_own_file_whatever_the_folder_is_called(tmp_path, folder):
+    """The store was opened by an SQLite URI built from the bare path: a folder named ``v%31`` read the
+    store of folder ``v1`` (``%31`` decodes to ``1``: another version's users and features), and a ``#``
+    or ``?`` in the path cut it there, opening some other file read-write. Now the path is quoted."""
+    from serving.online_store import OnlineStore, build_online_store
+
+    def store(name: str, age: int):
+        (tmp_path / name).mkdir()
+        users = pd.DataFrame({"user_id_raw": [1], "age": [age], "x": [0.5]})
+        items = pd.DataFrame({"item_id": [0], "item_id_raw": [10]})
+        history = pd.DataFrame({"user_id_raw": [1], "item_id_raw": [10]})
+        build_online_store(tmp_path / name / "store.sqlite", users, ["age"], ["x"], history, items)
+
+    store("v1", 99)
+    store(folder, 7)
+    online = OnlineStore(tmp_path / folder / "store.sqlite", ["age"], ["x"])
+    assert online.user_features(1)[0].tolist() == [7]
+    online.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["v1", folder])  # nothing else created
