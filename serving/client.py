@@ -130,13 +130,18 @@ class FunnelClient:
         share or churn) on ``item_ids[i]`` with ``values[i]``; returns how many the server stored
         (an event it already had for this response and item, e.g. from a retry, is not stored again)."""
         g = self._grpc
-        n = len(events)
         tensors = {
             "request_id": ("BYTES", np.array([request_id.encode()], dtype=object)),
-            "item_ids": ("INT64", integers("item_ids", item_ids, np.int64).reshape(n)),
-            "events": ("BYTES", np.array([e.encode() for e in events], dtype=object).reshape(n)),
-            "values": ("FP32", np.asarray(values, dtype=np.float32).reshape(n)),
+            "item_ids": ("INT64", integers("item_ids", item_ids, np.int64)),
+            "events": ("BYTES", np.array([e.encode() for e in events], dtype=object).reshape(-1)),
+            "values": ("FP32", np.asarray(values, dtype=np.float32).reshape(-1)),
         }
+        # one entry per reaction: lists of other lengths raised numpy's "cannot reshape", naming nothing
+        lengths = {name: len(tensors[name][1]) for name in ("item_ids", "events", "values")}
+        if len(set(lengths.values())) > 1:
+            raise BadRequest(
+                f"item_ids, events and values must be as long, got {lengths}", "StatusCode.INVALID_ARGUMENT"
+            )
         inputs = []
         for name, (dtype, value) in tensors.items():
             tensor = g.InferInput(name, list(value.shape), dtype)

@@ -626,6 +626,8 @@ def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
         assert "INVALID_ARGUMENT" in str(err.value.status())
     with pytest.raises(BadRequest, match="item_ids"):
         client.send_feedback("r1", [4.5], ["click"], [1.0])
+    with pytest.raises(BadRequest, match="'item_ids': 2, 'events': 1, 'values': 1"):  # was numpy's ValueError
+        client.send_feedback("r1", [4, 5], ["click"], [1.0])
     assert sent == []
     with pytest.raises(Sent):  # numpy integers and no exclusions pass
         client.recommend(np.int64(7), np.int32(3), exclude_item_ids=[])
