@@ -45,6 +45,9 @@ def integers(name: str, values, dtype) -> np.ndarray:
     if array.dtype == object:  # Python ints too large for any numpy integer (or not numbers at all)
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array.reshape(-1)):
             raise BadRequest(f"{name} must hold integers", "StatusCode.INVALID_ARGUMENT")
+    elif np.issubdtype(array.dtype, np.floating):  # whole numbers (7.0, an id column with a gap) are ids
+        if not (np.isfinite(array).all() and (array == np.round(array)).all()):
+            raise BadRequest(f"{name} must hold integers, got {array.reshape(-1)[:5]}", "StatusCode.INVALID_ARGUMENT")
     elif not np.issubdtype(array.dtype, np.integer):
         raise BadRequest(f"{name} must hold integers, got {array.dtype}", "StatusCode.INVALID_ARGUMENT")
     info = np.iinfo(dtype)

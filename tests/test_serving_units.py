@@ -632,6 +632,8 @@ def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
     with pytest.raises(Sent):  # numpy integers and no exclusions pass
         client.recommend(np.int64(7), np.int32(3), exclude_item_ids=[])
     assert [i.name() for i in sent[0]] == ["user_id", "k", "exclude_item_ids"] and sent[0][2].shape() == [0]
+    with pytest.raises(Sent):  # a whole-number float is an id (an id column with a gap reads as float)
+        client.recommend(7.0, 3, exclude_item_ids=np.array([5.0]))
     client.close()
 
 
