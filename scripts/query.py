@@ -4,19 +4,23 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from serving.client import FunnelClient
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--user-id", type=int, required=True)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
-    args = parser.parse_args()
+    parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
+    args = parser.parse_args(argv)
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:
-        with FunnelClient(args.url) as client:
+        with FunnelClient(args.url, root_certificates=args.tls_ca) as client:
             recs = client.recommend(args.user_id, args.k)
     except Exception as err:  # tritonclient raises InferenceServerException with the server's message
         print(f"error: {err}", file=sys.stderr)

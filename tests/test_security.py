@@ -1,5 +1,6 @@
 """The deployment's admin key and the server's secure defaults, without starting a server."""
 
+import json
 import os
 import stat
 
@@ -148,7 +149,7 @@ class TritonPythonModel:
 
 
 @pytest.mark.slow
-def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
+def test_grpc_over_tls_answers_tls_clients_only(tmp_path, capsys):
     """A tiny one-model repository, so the real server starts in seconds."""
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -160,6 +161,9 @@ def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
     (repo / "echo" / "1").mkdir(parents=True)
     (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
     (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    (repo / "funnel" / "1").mkdir(parents=True)  # for scripts/query.py --tls-ca
+    (repo / "funnel" / "config.pbtxt").write_text(FAKE_FUNNEL_CONFIG)
+    (repo / "funnel" / "1" / "model.py").write_text(FAKE_FUNNEL_MODEL)
     cert, key = self_signed(tmp_path)
     with TritonServer(repo, tls_cert=cert, tls_key=key, log_path=tmp_path / "server.log") as server:
         assert server.listening().startswith("grpc+tls 127.0.0.1:")
@@ -173,6 +177,14 @@ def test_grpc_over_tls_answers_tls_clients_only(tmp_path):
         tls.close()
         plain.close()
         assert server.healthy()
+        # scripts/query.py had no --tls-ca: a server exposed with TLS could not be queried with it
+        from scripts import query
+
+        query.main(["--user-id", "3", "--k", "2", "--url", server.grpc_url, "--tls-ca", str(cert), "--json"])
+        assert json.loads(capsys.readouterr().out)["item_ids"] == [0, 1]
+        with pytest.raises(SystemExit):
+            query.main(["--user-id", "3", "--url", server.grpc_url])  # plain gRPC to a TLS server
+        assert "error:" in capsys.readouterr().err
 
 
 @pytest.mark.slow
