@@ -86,13 +86,19 @@ def funnel_results(
     pair_scores = np.full((len(data.user_ids), len(data.item_ids)), -np.inf, dtype=np.float64)
     scoring_seconds = 0.0
     started = time.perf_counter()
-    seen = data.seen
     relevant = data.relevant
+    # Raw ids of each user's training and validation items: an item only the validation part holds
+    # has no column (``data.seen`` misses it), but the funnel's catalog can still serve it.
+    history = (
+        pd.concat([data.train, data.also_seen]).groupby("user_id")["item_id"].unique()
+        if data.also_seen is not None
+        else pd.Series(dtype=object)
+    )
     # A progress bar per evaluated list (943 MovieLens users take minutes per variant); TQDM_DISABLE=1 hides it.
     for row, user in enumerate(tqdm(data.user_ids, desc=f"evaluating {name}", unit="user", leave=False)):
         # Ask for more than k when the protocol excludes items the funnel's own history does not
         # hold (validation items), then drop them: as if the online store knew them.
-        excluded = data.item_ids[seen[row]] if data.also_seen is not None else np.zeros(0, dtype=np.int64)
+        excluded = np.asarray(history.get(user, np.zeros(0, dtype=np.int64)), dtype=np.int64)
         out = offline.run_funnel(stages, int(user), min(k + len(excluded), stages[-1].limits.max_k))
         items = np.asarray(out["item_ids"])
         finals.append(items[~np.isin(items, excluded)][:k])

@@ -40,3 +40,46 @@ def test_ease_has_zero_diagonal():
     train, _, _ = planted_blocks(num_users=50, num_items=80)
     ease = EASE(reg_weight=5.0).fit(train)
     assert np.allclose(np.diag(ease.item_weights), 0.0)
+
+
+class ListedFunnel:
+    """A stand-in for the exported funnel's stages: one ordering stage serving fixed raw-id lists."""
+
+    name = "ordering"
+
+    def __init__(self, lists: dict):
+        from types import SimpleNamespace
+
+        self.lists, self.limits = lists, SimpleNamespace(max_k=100)
+
+    def run(self, x):
+        return {"item_ids": np.asarray(self.lists[int(x["user_id"][0])], dtype=np.int64)[: int(x["k"][0])]}
+
+
+def item_table(folder, raw_ids):
+    import pandas as pd
+
+    pd.DataFrame({"item_id": np.arange(1, len(raw_ids) + 1), "item_id_raw": raw_ids}).to_parquet(
+        folder / "item_features.parquet"
+    )
+    return folder
+
+
+def test_the_funnel_never_serves_a_validation_item_no_training_row_holds(tmp_path):
+    """The peers cannot rank an item only the validation part holds (it has no column); the funnel's
+    catalog can. It is the user's, excluded from ranking like every validation item: its place goes
+    to the next item, here the held-out one."""
+    import pandas as pd
+
+    from evaluation import offline
+    from evaluation.pipeline import funnel_results
+
+    train = pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [10, 11, 12, 13]})
+    valid = pd.DataFrame({"user_id": [1], "item_id": [99]})  # no training row holds item 99
+    test = pd.DataFrame({"user_id": [1], "item_id": [12]})
+    data = offline.Interactions.from_split(train, test, also_seen=valid)
+    funnel = ListedFunnel({1: [99, 12, 13], 2: [10, 11]})
+    result, _ = funnel_results(
+        "funnel", None, 1, item_table(tmp_path, [10, 11, 12, 13, 99]), data, (1,), None, 20, [funnel], parity=False
+    )
+    assert result.metrics["recall@1"] == 1.0
