@@ -137,7 +137,11 @@ def funnel_results(
             "mean_size": float(np.mean([len(x) for x in lists])),
             "recall": recall_at_k(cols, relevant, num_relevant=data.relevant_counts),
         }
-    stage_recall["final"] = {"mean_size": float(k), "recall": result.metrics[f"recall@{k}"]}
+    # The lists' own length: a list can be shorter than k (validation items dropped past max_k).
+    stage_recall["final"] = {
+        "mean_size": float(np.mean([len(x) for x in finals])),
+        "recall": result.metrics[f"recall@{k}"],
+    }
     stage_recall["ms_per_user"] = 1000 * seconds / max(1, len(data.user_ids))
     return result, stage_recall
 

@@ -83,3 +83,21 @@ def test_the_funnel_never_serves_a_validation_item_no_training_row_holds(tmp_pat
         "funnel", None, 1, item_table(tmp_path, [10, 11, 12, 13, 99]), data, (1,), None, 20, [funnel], parity=False
     )
     assert result.metrics["recall@1"] == 1.0
+
+
+def test_the_served_stage_reports_the_lists_own_length(tmp_path):
+    """The funnel table's "candidates kept" of the served top-K is the lists' mean length, not K:
+    a funnel that serves short lists is seen to."""
+    import pandas as pd
+
+    from evaluation import offline
+    from evaluation.pipeline import funnel_results
+
+    train = pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [10, 11, 12, 13]})
+    test = pd.DataFrame({"user_id": [1, 2], "item_id": [12, 10]})
+    data = offline.Interactions.from_split(train, test)
+    funnel = ListedFunnel({1: [12], 2: [10, 11, 13]})  # user 1's list holds 1 item of the 2 asked
+    _, stages = funnel_results(
+        "funnel", None, 1, item_table(tmp_path, [10, 11, 12, 13]), data, (2,), None, 20, [funnel], parity=False
+    )
+    assert stages["final"]["mean_size"] == 1.5
