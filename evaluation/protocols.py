@@ -2,8 +2,10 @@
 
     recbole_random   RecBole's default for ml-100k: per user, shuffle the interactions and split
                      them 80/10/10 with RecBole's rounding (``_calcu_split_ids``); every interaction is
-                     a positive; full ranking over the catalog with training items removed
-    temporal         one global cutoff: the last ``test_fraction`` of time is test, the slice before
+                     a positive; full ranking over the catalog with training and validation items
+                     removed (for the test part)
+    temporal         one global cutoff: the newest ``test_fraction`` of interactions (a quantile of
+                     their timestamps, not of the time span) is test, the ``valid_fraction`` before
                      it validation
     explicit         train/valid/test given as files (parquet or csv with user_id, item_id), so any
                      published split can be reproduced exactly
