@@ -468,3 +468,39 @@ def test_a_store_reconnects_after_its_postgres_server_restarts(caplog):
             assert store.user_events(3).item_ids.tolist() == [17]
         finally:
             store.close()
+
+
+def test_a_postgres_server_that_never_answers_is_given_up_on(monkeypatch):
+    """libpq waited for a server that accepts TCP but never answers (or an unreachable host) as long
+    as the OS let it, while every request of the serving process queued behind the store's lock. The
+    store now gives up after ``CONNECT_TIMEOUT_S`` (the URL's own ``connect_timeout`` wins)."""
+    import socket
+    import threading
+
+    import psycopg
+
+    from workflows import live_store
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never speaks
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(live_store, "CONNECT_TIMEOUT_S", 2, raising=False)
+    outcome = {}
+
+    def connect(url):
+        started = time.monotonic()
+        try:
+            live_store.Database(url)
+        except psycopg.OperationalError as err:
+            outcome[url] = (time.monotonic() - started, str(err))
+
+    urls = [f"postgresql://u:p@127.0.0.1:{port}/db", f"postgresql://u:p@127.0.0.1:{port}/db?connect_timeout=4"]
+    threads = [threading.Thread(target=connect, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    silent.close()
+    assert set(outcome) == set(urls), f"still connecting after 15 s: {set(urls) - set(outcome)}"
+    assert outcome[urls[0]][0] < 3.5 and 3.5 < outcome[urls[1]][0] < 6, outcome

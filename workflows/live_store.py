@@ -117,6 +117,9 @@ def private_file(path: str | Path) -> None:
         pass
 
 
+CONNECT_TIMEOUT_S = 10  # PostgreSQL: seconds to open a connection (the URL's connect_timeout wins)
+
+
 class Database:
     """One connection to a SQLite file or a PostgreSQL server, shared by the threads of a process.
 
@@ -171,8 +174,12 @@ class Database:
 
     def _connect(self):
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
-        return psycopg.connect(self.location, autocommit=True)
+        # libpq waits for an unreachable server as long as the OS lets TCP try (minutes), and every
+        # request of a serving process waits on this lock meanwhile: a bound, unless the URL sets one.
+        timeout = {} if "connect_timeout" in conninfo_to_dict(self.location) else {"connect_timeout": CONNECT_TIMEOUT_S}
+        return psycopg.connect(self.location, autocommit=True, **timeout)
 
     def _reconnect(self) -> None:
         log.warning("lost the connection to %s (was the server restarted?); reconnecting", describe(self.location))
