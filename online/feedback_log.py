@@ -151,7 +151,9 @@ class FeedbackLog:
         return frame
 
     def counts(self) -> dict[str, int]:
-        return {t: self.db.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("impressions", "feedback")}
+        """Rows of each table: impressions, feedback and empty responses (requests that showed nothing)."""
+        tables = ("impressions", "feedback", "empty_responses")
+        return {t: self.db.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in tables}
 
     def close(self) -> None:
         self.db.close()

@@ -31,7 +31,7 @@ def test_round_trip_and_validation(tmp_path):
     assert fb.set_index("event")["value"].to_dict() == {"click": 1.0, "watch_seconds": 42.5}
     with pytest.raises(ValueError, match="unknown feedback event"):
         log.log_feedback("a", 7, 11, "purchase")
-    assert log.counts() == {"impressions": 2, "feedback": 2}  # the bad event wrote nothing
+    assert log.counts() == {"impressions": 2, "feedback": 2, "empty_responses": 0}  # the bad event wrote nothing
 
 
 def test_the_same_event_for_the_same_request_and_item_is_stored_once(tmp_path):

@@ -234,7 +234,7 @@ def test_the_feedback_log_runs_on_postgres(postgres):
     assert other.served("r1") == {"user_id": 7, "item_ids": [11, 12], "arm": "control", "model_version": "1"}
     assert len(log.log_feedback_many([("r1", 7, 11, "click", 1), ("r1", 7, 12, "like", 1)])) == 2
     assert other.log_feedback_many([("r1", 7, 11, "click", 1)]) == []  # stored once across replicas
-    assert log.counts() == {"impressions": 2, "feedback": 2}
+    assert log.counts() == {"impressions": 2, "feedback": 2, "empty_responses": 0}
     assert np.isclose(other.feedback()["value"].sum(), 2.0)
 
 
