@@ -105,8 +105,9 @@ def export_repository(
     version's own ``serving.batching`` (the config's defaults for versions trained before it existed).
 
     ``replace=False`` refuses to overwrite an existing repository; ``replace=True`` swaps the new
-    one in with two renames, so the old one stays whole until the new one is. Only an exported
-    repository (one with ``export.json``) or an empty folder is replaced.
+    one in with one atomic exchange (``exchange``; two renames where the system lacks it), so the
+    served path always holds one whole repository. Only an exported repository (one with
+    ``export.json``) or an empty folder is replaced.
     """
     out_repo, source = Path(out_repo).resolve(), Path(source)
     if out_repo.exists() and not replace:
@@ -170,7 +171,11 @@ def export_repository(
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         )
-        if out_repo.exists():
+        if out_repo.exists() and exchange(staging, out_repo):
+            # One atomic step: the served path never stands empty, even if this process is killed
+            # right here (with two renames a kill between them left no repository to serve).
+            shutil.rmtree(staging, ignore_errors=True)  # the old repository, now
+        elif out_repo.exists():  # no atomic exchange here (not Linux, or its filesystem lacks it)
             # A name no other export uses: one killed while it deleted its old copy leaves that behind,
             # and a fixed name (the process id, the same at each container start) was then taken.
             old = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-old-", dir=out_repo.parent))
@@ -191,6 +196,25 @@ def export_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_repo
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False, with
+    nothing changed, where the system or the filesystem does not offer it."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # an old kernel, or a filesystem without it
+        return False
+    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
 
 
 def batching_of(manifest: dict):

@@ -73,31 +73,6 @@ def test_replace_swaps_in_a_complete_repository(model_version, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
-def test_a_replace_that_fails_at_the_swap_leaves_the_served_repository_in_place(model_version, tmp_path, monkeypatch):
-    """The old repository is moved aside before the new one is moved in: if that second rename
-    fails (a full disk), the old one used to stay in a hidden folder with nothing at the served path."""
-    import os
-
-    from deployment import export
-
-    target = export_repository(model_version, tmp_path / "repo")
-    (target / "marker").write_text("old")
-    rename, swaps = os.rename, []
-
-    def flaky_rename(src, dst):
-        if Path(dst) == target and Path(src).name.startswith(".repo-staging-"):  # the new one moving in
-            swaps.append(src)
-            raise OSError(28, "No space left on device (simulated)")
-        return rename(src, dst)
-
-    monkeypatch.setattr(export.os, "rename", flaky_rename)
-    with pytest.raises(OSError, match="simulated"):
-        export_repository(model_version, target, replace=True)
-    assert len(swaps) == 1  # it failed at the swap itself, after the old one was moved aside
-    assert (target / "marker").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or old copy left
-
-
 @pytest.fixture
 def tiny_version(tmp_path_factory, monkeypatch):
     """A stand-in registry version whose artifacts are placeholders: enough for the export's file
@@ -150,3 +125,60 @@ def test_replace_refuses_a_folder_that_is_no_exported_repository(tiny_version, t
         export_repository(tiny_version, folder, replace=True)
     assert (folder / "retrieval" / "config.pbtxt").read_text() == "the stage definition"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["triton_repo"]  # no staging folder left
+
+
+def test_a_replace_that_fails_at_the_swap_leaves_the_served_repository_in_place(tiny_version, tmp_path, monkeypatch):
+    """Without an atomic exchange the old repository is moved aside before the new one is moved in: if
+    that second rename fails (a full disk), the old one used to stay in a hidden folder with nothing at
+    the served path."""
+    import os
+
+    from deployment import export
+
+    target = export_repository(tiny_version, tmp_path / "repo")
+    (target / "marker").write_text("old")
+    rename, swaps = os.rename, []
+
+    def flaky_rename(src, dst):
+        if Path(dst) == target and Path(src).name.startswith(".repo-staging-"):  # the new one moving in
+            swaps.append(src)
+            raise OSError(28, "No space left on device (simulated)")
+        return rename(src, dst)
+
+    monkeypatch.setattr(export, "exchange", lambda a, b: False)  # a system without renameat2
+    monkeypatch.setattr(export.os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="simulated"):
+        export_repository(tiny_version, target, replace=True)
+    assert len(swaps) == 1  # it failed at the swap itself, after the old one was moved aside
+    assert (target / "marker").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or old copy left
+
+
+def test_a_replace_never_leaves_the_served_path_empty(tiny_version, tmp_path, monkeypatch):
+    """With two renames, a process killed between them (the old repository moved aside, the new one
+    not yet in) left nothing at the served path, and the next server start failed. On Linux the swap
+    is now one atomic exchange: no step of it leaves the path empty."""
+    import os
+
+    from deployment import export
+
+    target = export_repository(tiny_version, tmp_path / "repo")
+    (target / "marker").write_text("old")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    assert export.exchange(a, b) and (b / "x").read_text() == "a" and not (a / "x").exists()
+    rename, empty = os.rename, []
+
+    def watched_rename(src, dst):
+        rename(src, dst)
+        if not target.exists():
+            empty.append((src, dst))
+
+    monkeypatch.setattr(export.os, "rename", watched_rename)
+    export_repository(tiny_version, target, replace=True)
+    assert empty == [] and not (target / "marker").exists() and exported_version(target) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "repo"]  # the old one removed
+    monkeypatch.setattr(export, "exchange", lambda a, b: False)  # what the two renames did
+    export_repository(tiny_version, target, replace=True)
+    assert len(empty) == 1
