@@ -104,6 +104,47 @@ def test_promtool_checks_the_rules_and_every_alert_has_a_passing_unit_test():
     assert run.stdout.count("SUCCESS") == len(files), run.stdout
 
 
+def _panel_expr(panel_id: int, ref: str = "A", window: str = "5m") -> str:
+    panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if p["id"] == panel_id)
+    return next(t["expr"] for t in panel["targets"] if t["refId"] == ref).replace("$__rate_interval", window)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_likes_plus_shares_panel_keeps_an_arm_that_has_no_share_yet(tmp_path):
+    """The feedback endpoint creates an arm's share counter at its first share: ``likes + shares``
+    matched no share series for that arm, and the arm's likes vanished from the panel."""
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'online_requests_total{arm="control", version="1"}', "values": "0+60x30"},
+                    {"series": 'online_requests_total{arm="treatment", version="2"}', "values": "0+60x30"},
+                    {"series": 'online_likes_total{arm="control", version="1"}', "values": "0+30x30"},
+                    {"series": 'online_shares_total{arm="control", version="1"}', "values": "0+15x30"},
+                    {"series": 'online_likes_total{arm="treatment", version="2"}', "values": "0+30x30"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": _panel_expr(14),
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": '{arm="control"}', "value": 0.75},
+                            {"labels": '{arm="treatment"}', "value": 0.5},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "panel.yml"
+    path.write_text(yaml.safe_dump(spec))
+    run = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_make_test_installs_the_services_the_tests_use():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^SERVICES_PACKAGES\s*:?=.*\bprometheus\b", makefile, flags=re.M)
