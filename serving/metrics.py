@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -469,6 +470,14 @@ class MetricsExporter:
         self.stop()
 
 
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+_LABEL_ESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(match: re.Match) -> str:
+    return "\n" if match.group(1) == "n" else match.group(1)
+
+
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
     """``/metrics`` text -> {metric name: [(labels, value), ...]} (enough for tests and the notebook)."""
     out: dict[str, list[tuple[dict, float]]] = {}
@@ -478,11 +487,8 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
         name_labels, _, value = line.rpartition(" ")
         if "{" in name_labels:
             name, _, rest = name_labels.partition("{")
-            labels = {}
-            for part in rest.rstrip("}").split(","):
-                if "=" in part:
-                    k, _, v = part.partition("=")
-                    labels[k.strip()] = v.strip().strip('"')
+            # quoted values may hold , = } and the escapes \\ \" \n: read each whole, then unescape
+            labels = {k: _LABEL_ESCAPE.sub(_unescape, v) for k, v in _LABEL.findall(rest)}
         else:
             name, labels = name_labels, {}
         out.setdefault(name, []).append((labels, float(value)))

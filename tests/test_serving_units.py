@@ -39,6 +39,16 @@ def test_parse_prometheus_reads_labels_and_values():
     assert m["nv_cpu_memory_used_bytes"] == [({}, 1.5e9)]
 
 
+def test_parse_prometheus_reads_back_escaped_label_values():
+    """Label values are quoted, their backslashes, quotes and newlines escaped; a comma or ``=`` inside
+    one split it (a model named ``a,b`` read as ``a``), and the escapes stayed in the value."""
+    from serving.metrics import render_metrics
+
+    labels = {"model": "a,b=c", "version": 'say "hi"\\ \n}', "le": "+Inf"}
+    text = render_metrics([("x_total", "counter", "X", [(labels, 2.0), ({"model": "plain"}, 1.0)])])
+    assert parse_prometheus(text)["x_total"] == [(labels, 2.0), ({"model": "plain"}, 1.0)]
+
+
 def test_candidate_output_covers_item_stages_and_new_rankers():
     assert candidate_output("retrieval", ["candidate_ids", "retrieval_scores"]) == CANDIDATE_OUTPUT["retrieval"]
     assert candidate_output("heavy_ranker", ["heavy_scores"]) == "heavy_scores"
