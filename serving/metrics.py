@@ -248,9 +248,11 @@ class BackgroundRecorder:
         self._thread.start()
 
     def observe(self, seconds: float, result: dict | None, error_kind: str | None = None) -> None:
+        # facts first: one that raises is never queued, so it must not be counted pending (flush waits on it)
+        facts = self.metrics.facts(seconds, result, error_kind)
         with self._idle:
             self._pending += 1
-        self._queue.put(self.metrics.facts(seconds, result, error_kind))
+        self._queue.put(facts)
 
     def _run(self) -> None:
         import queue

@@ -177,6 +177,25 @@ def test_background_recorder_updates_once_per_interval_and_flushes_at_once():
     recorder.close()
 
 
+def test_background_recorder_flushes_after_an_observation_it_could_not_read():
+    """``observe`` counted a request as pending before reading its facts; one whose facts raised was
+    never queued nor recorded, so every later ``flush`` waited out its whole timeout and said False."""
+    from types import SimpleNamespace
+
+    from serving.metrics import BackgroundRecorder, StageMetrics
+
+    metrics = StageMetrics(SimpleNamespace(MetricFamily=_Family), "ordering", 1, ["item_ids", "served_by"])
+    recorder = BackgroundRecorder(metrics)
+    try:
+        with pytest.raises(IndexError):  # no served_by value to read
+            recorder.observe(0.001, {"item_ids": np.arange(3), "served_by": np.array([], dtype=object)})
+        recorder.observe(0.001, {"item_ids": np.arange(3), "served_by": np.array([b"model"], dtype=object)})
+        assert recorder.flush(timeout=2)
+        assert metrics.requests.total == 1 and metrics.latency.count.total == 1
+    finally:
+        recorder.close()
+
+
 def test_online_counters_recorded_in_the_background_add_up_and_settle():
     import threading
     from types import SimpleNamespace
