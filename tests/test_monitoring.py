@@ -145,6 +145,52 @@ def test_likes_plus_shares_panel_keeps_an_arm_that_has_no_share_yet(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_per_arm_feedback_panels_show_zero_for_an_arm_with_no_such_event_yet(tmp_path):
+    """The feedback endpoint creates an arm's click, watch, churn, like and share counters at the first
+    such event: a treatment served and never clicked had no line on the CTR panel at all (the worst
+    case, which TreatmentCTRBelowControl reads as CTR 0), where it should show 0."""
+    control = '{arm="control", version="1"}'
+    treatment = '{arm="treatment", version="2"}'
+    series = [
+        (f"online_requests_total{control}", "0+60x30"),
+        (f"online_requests_total{treatment}", "0+60x30"),
+        (f"online_impressions_total{control}", "0+600x30"),
+        (f"online_impressions_total{treatment}", "0+600x30"),
+        (f"online_clicks_total{control}", "0+150x30"),
+        (f"online_watch_seconds_total{control}", "0+1920x30"),
+        (f"online_churned_users_total{control}", "0+15x30"),
+        (f"online_likes_total{control}", "0+30x30"),
+    ]
+    # panel: CTR, watch minutes, churn, likes + shares per request (control's values, treatment 0)
+    expected = {11: 0.25, 12: 32 / 60, 13: 0.25, 14: 0.5}
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series],
+                "promql_expr_test": [
+                    {
+                        "expr": _panel_expr(panel),
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": '{arm="control"}', "value": value},
+                            {"labels": '{arm="treatment"}', "value": 0},
+                        ],
+                    }
+                    for panel, value in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump(spec))
+    run = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_make_test_installs_the_services_the_tests_use():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^SERVICES_PACKAGES\s*:?=.*\bprometheus\b", makefile, flags=re.M)
