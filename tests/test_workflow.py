@@ -251,3 +251,38 @@ def test_a_step_that_leaves_no_event_is_a_named_error(tmp_path):
     with pytest.raises(DatasetError, match="no event is left after active_users.*active enough"):
         run_dataset_pipeline(*paths, tmp_path / "out2", load_config(overrides={"workflow": nobody}).workflow)
     assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out2" / "summary.json").exists()
+
+
+def test_validation_negatives_avoid_the_training_items_of_users_the_active_filter_dropped(tmp_path):
+    """Validation negatives must never be an item the user has before them: ``seen`` held the
+    training part after ``active_users``, so a user that filter dropped (kept in validation, served
+    by the fallback) had the items of their own training period drawn as validation negatives."""
+    import numpy as np
+
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+
+    log = tiny_log(400, clicks=1)
+    log = log[log["user_id"] != 1]
+    first, middle = int(log["timestamp"].min()), int(log["timestamp"].quantile(0.85))
+    inactive = pd.DataFrame(  # user 1: items 1-7 early (too few to be active), item 8 in validation
+        {"user_id": 1, "item_id": [*range(1, 8), 8], "timestamp": [*(first + np.arange(7)), middle]}
+    ).assign(click=1, watch_seconds=30, like=0, share=0)
+    titles = [f"title {i}" for i in range(1, 13)]  # items 9-12: no event
+    write_tables(tmp_path, pd.concat([log, inactive], ignore_index=True), titles)
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    workflow = {
+        "split": {"kind": "temporal", "valid_fraction": 0.1, "test_fraction": 0.1},
+        "active_users": {"enabled": True, "min_events": 10, "days": 30, "event": "click"},
+        "negative_sampling": {"kind": "uniform", "ratio": 20, "valid": True},
+        "checks": {"point_in_time_probe": False},
+    }
+    out = run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": workflow}).workflow)
+    valid = out.valid().to_ddf().compute()
+    assert 1 not in set(category_mapping(out.workflow(), "user_id")["raw"])  # dropped: user 1 is the OOV id, 2
+    items = category_mapping(out.workflow(), "item_id").set_index("encoded")["raw"]
+    negatives = valid[valid["click"] == 0]
+    mine = items.reindex(negatives[negatives["user_id"] == 2]["item_id"]).tolist()
+    assert len(mine) > 0  # user 1 has validation negatives: items never seen (9-12)
+    before = sorted(set(mine) & set(range(1, 8)))
+    assert before == [], f"user 1's validation negatives include items of their training period: {before}"

@@ -330,11 +330,13 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
             # The same kind of negatives in validation, so early stopping and the validation AUC judge
             # the question the rankers are trained on (where every validation row is a positive, as
             # in MovieLens with every rating a click, they are the only validation negatives). Drawn
-            # by training popularity; never an item the user has in training or validation.
+            # by training popularity; never an item the user has in training or validation. The training
+            # pairs are the split's, before active_users: validation keeps the users that filter dropped,
+            # and their own training-period items must not come back as their negatives.
             valid = parts["valid"]
             popularity = train_events.groupby("item_id").size().compute().reset_index()
             popularity.columns = ["item_id", "count"]
-            seen = dd.concat([train_events[["user_id", "item_id"]], valid[["user_id", "item_id"]]])
+            seen = dd.concat([split.train[["user_id", "item_id"]], valid[["user_id", "item_id"]]])
             extra = _negatives_with_features(
                 valid, events, items, config, point_in_time, popularity, seen, 1, event_columns=event_columns
             )
