@@ -426,3 +426,20 @@ def test_popularity_is_zipf_skewed(world):
     counts = world.events["item_id"].value_counts().values
     top = counts[: len(counts) // 10].sum() / counts.sum()
     assert top > 0.25  # the top 10% of items take far more than 10% of impressions
+
+
+def test_attributes_join_onto_a_part_with_an_empty_partition():
+    """A part with an empty partition (a filter or a shuffle left one without rows) made Merlin's
+    executor look for the joined columns among the event columns: ``KeyError: "['gender'] not in
+    index"``, and the pipeline stopped at the join."""
+    from workflows.joins import apply_join, attribute_join
+
+    events = pd.DataFrame({"user_id": [1, 2, 3], "item_id": [5, 6, 5], "timestamp": [1, 2, 3], "click": [1, 0, 1]})
+    part = dd.from_pandas(events, npartitions=3)
+    part = part[part["user_id"] != 2]  # the middle partition is left empty
+    assert part.map_partitions(len).compute().tolist() == [1, 0, 1]
+    users = pd.DataFrame({"user_id": [1, 2, 3], "gender": ["a", "b", "c"]})
+    items = pd.DataFrame({"item_id": [5, 6], "category": ["x", "y"]})
+    join = attribute_join(users, items, list(part.columns), ["user_id", "gender"], ["item_id", "category"])
+    out = apply_join(join, part).to_ddf().compute().sort_values("user_id")
+    assert out[["user_id", "gender", "category"]].values.tolist() == [[1, "a", "x"], [3, "c", "x"]]

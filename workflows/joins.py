@@ -42,7 +42,22 @@ def attribute_join(
     return nvt.Workflow(joined)
 
 
+def apply_join(workflow: nvt.Workflow, events) -> Dataset:
+    """``workflow`` (``attribute_join``) applied to the dask collection ``events``.
+
+    Empty partitions are left out first (one is kept if all are): Merlin's executor drops an empty
+    upstream output and then looks for the joined columns among the event columns, a ``KeyError``
+    (a part whose filter or shuffle left a partition without rows). The rows are the same.
+    """
+    sizes = events.map_partitions(len).compute()
+    sizes = sizes.to_pandas() if hasattr(sizes, "to_pandas") else sizes  # cudf series do not iterate
+    keep = [i for i, n in enumerate(sizes) if n] or [0]
+    if len(keep) < events.npartitions:
+        events = events.partitions[keep]
+    return workflow.fit_transform(Dataset(events))
+
+
 def join_attributes(events: Dataset, users: Dataset, items: Dataset) -> Dataset:
     """Return ``events`` with the user and item attribute columns added (left joins)."""
     workflow = attribute_join(users, items, events.to_ddf().columns)
-    return workflow.fit_transform(events)
+    return apply_join(workflow, events.to_ddf())

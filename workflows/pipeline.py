@@ -53,7 +53,7 @@ from workflows.cluster import connect
 from workflows.content_filter import content_filter
 from workflows.dedup import canonical_items, dedup_pairs, drop_identical_rows
 from workflows.features import build_feature_workflow
-from workflows.joins import attribute_join
+from workflows.joins import apply_join, attribute_join
 from workflows.labels import DurationAwareWatch
 from workflows.negative_sampling import sample_negatives
 from workflows.point_in_time import (
@@ -347,7 +347,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     join = attribute_join(
         users, items, list(parts["train"].columns), layout.joined_user_columns, layout.joined_item_columns
     )
-    joined = {name: join.fit_transform(Dataset(ddf)).to_ddf().persist() for name, ddf in parts.items()}
+    joined = {name: apply_join(join, ddf).to_ddf().persist() for name, ddf in parts.items()}
     workflow = build_feature_workflow(config, out.root, layout)
     workflow.fit(Dataset(joined["train"]))
     transformed = {}
