@@ -86,7 +86,8 @@ class SplitConfig:
             raise ValueError(f"split.valid_fraction must be in (0, 1), got {self.valid_fraction}")
         if not 0.0 <= self.test_fraction < 1.0 - self.valid_fraction:
             raise ValueError(f"split.test_fraction must be in [0, 1 - valid_fraction), got {self.test_fraction}")
-        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1.0) > 1e-6:
+        # Written so NaN fails (every comparison with NaN is False), here and in the checks below.
+        if len(self.ratios) != 3 or not all(r >= 0 for r in self.ratios) or not abs(sum(self.ratios) - 1.0) <= 1e-6:
             raise ValueError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
         if self.kind == "explicit" and not (self.train_file and self.valid_file):
             raise ValueError("split.kind 'explicit' needs split.train_file and split.valid_file")
@@ -107,7 +108,7 @@ class ActiveUsersConfig:
     event: str = "click"
 
     def __post_init__(self) -> None:
-        if self.min_events < 1 or self.days <= 0:
+        if self.min_events < 1 or not self.days > 0:
             raise ValueError(f"active_users needs min_events >= 1 and days > 0, got {self.min_events}, {self.days}")
         # Any signal of the dataset spec (checked against the spec when the pipeline starts).
         if not self.event:
@@ -121,7 +122,7 @@ class RecencyWindowConfig:
     days: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.days < 0:
+        if not self.days >= 0:
             raise ValueError(f"recency_window.days must be >= 0, got {self.days}")
 
 
@@ -177,7 +178,9 @@ class LabelConfig:
     duration_watch_quantile: float = 0.5
 
     def __post_init__(self) -> None:
-        if sorted(self.duration_buckets) != list(self.duration_buckets):
+        if any(math.isnan(b) for b in self.duration_buckets) or sorted(self.duration_buckets) != list(
+            self.duration_buckets
+        ):
             raise ValueError(f"labels.duration_buckets must be increasing, got {self.duration_buckets}")
         if not 0.0 < self.duration_watch_quantile < 1.0:
             raise ValueError(f"labels.duration_watch_quantile must be in (0, 1), got {self.duration_watch_quantile}")
@@ -239,8 +242,8 @@ class NegativeSamplingConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("none", "uniform", "popularity"):
             raise ValueError(f"negative_sampling.kind must be none/uniform/popularity, got {self.kind!r}")
-        if self.ratio <= 0:
-            raise ValueError(f"negative_sampling.ratio must be > 0, got {self.ratio}")
+        if not 0 < self.ratio < float("inf"):  # NaN or inf negatives per positive
+            raise ValueError(f"negative_sampling.ratio must be > 0 and finite, got {self.ratio}")
 
 
 @dataclass
@@ -423,8 +426,8 @@ class HeavyRankerConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"heavy_ranker.targets has duplicate names: {names}")
-        if any(t.weight < 0 for t in self.targets):
-            raise ValueError(f"heavy_ranker.targets weights must be >= 0: {self.targets}")
+        if not all(0 <= t.weight < float("inf") for t in self.targets):  # NaN and inf too
+            raise ValueError(f"heavy_ranker.targets weights must be finite and >= 0: {self.targets}")
         if sum(t.weight for t in self.targets) <= 0:
             raise ValueError("heavy_ranker.targets weights must not all be 0")
         if not self.members:
@@ -435,8 +438,8 @@ class HeavyRankerConfig:
                     f"heavy_ranker.member_weights has {len(self.member_weights)} weights for "
                     f"{len(self.members)} members: {self.member_weights}"
                 )
-            if any(w < 0 for w in self.member_weights) or sum(self.member_weights) <= 0:
-                raise ValueError(f"heavy_ranker.member_weights must be >= 0, not all 0: {self.member_weights}")
+            if not all(0 <= w < float("inf") for w in self.member_weights) or sum(self.member_weights) <= 0:
+                raise ValueError(f"heavy_ranker.member_weights must be finite, >= 0, not all 0: {self.member_weights}")
 
 
 @dataclass
@@ -473,7 +476,7 @@ class OrderingConfig:
                 "serving.ordering.retrieval_weight + affinity_weight must be <= 1 (the heavy ranker "
                 f"keeps the rest), got {self.retrieval_weight} + {self.affinity_weight}"
             )
-        if self.exploration_temperature < 0.0:
+        if not self.exploration_temperature >= 0.0:
             raise ValueError(
                 f"serving.ordering.exploration_temperature must be >= 0, got {self.exploration_temperature}"
             )
@@ -728,7 +731,11 @@ class TuningConfig:
         if any(int(n) != n for n in self.sampled_negatives):
             raise ValueError(f"tuning.sampled_negatives values must be integers, got {self.sampled_negatives}")
         for weights in self.member_weights:
-            if not isinstance(weights, (list, tuple)) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            if (
+                not isinstance(weights, (list, tuple))
+                or not all(0 <= w < float("inf") for w in weights)  # NaN and inf too
+                or sum(weights) <= 0
+            ):
                 raise ValueError(f"tuning.member_weights values must be lists of weights >= 0, not all 0: {weights}")
 
 

@@ -29,3 +29,28 @@ def test_wrong_type_is_named():
 def test_invalid_split_is_rejected():
     with pytest.raises(ValueError, match="valid_fraction"):
         load_config(overrides={"workflow": {"split": {"valid_fraction": 1.5}}})
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"workflow": {"split": {"ratios": [NAN, 0.1, 0.1]}}}, "split.ratios"),
+        ({"workflow": {"active_users": {"days": NAN}}}, "active_users"),
+        ({"workflow": {"recency_window": {"days": NAN}}}, "recency_window.days"),
+        ({"workflow": {"labels": {"duration_buckets": [60, NAN, 10]}}}, "labels.duration_buckets"),
+        ({"workflow": {"negative_sampling": {"ratio": NAN}}}, "negative_sampling.ratio"),
+        ({"workflow": {"negative_sampling": {"ratio": float("inf")}}}, "negative_sampling.ratio"),
+        ({"serving": {"ordering": {"exploration_temperature": NAN}}}, "exploration_temperature"),
+        ({"heavy_ranker": {"targets": [{"name": "click", "weight": NAN}]}}, "heavy_ranker.targets"),
+        ({"heavy_ranker": {"member_weights": [NAN]}}, "heavy_ranker.member_weights"),
+        ({"tuning": {"member_weights": [[NAN]]}}, "tuning.member_weights"),
+    ],
+)
+def test_nan_and_inf_are_refused_by_the_range_checks(overrides, key):
+    # YAML reads .nan and .inf as floats; every comparison with NaN is False, so a check written as
+    # "refuse if x < 0" let NaN through.
+    with pytest.raises(ValueError, match=key):
+        load_config(overrides=overrides)
