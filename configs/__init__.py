@@ -823,6 +823,14 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         if dataclasses.is_dataclass(item_type):
             return [_build(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return [_check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # e.g. serving.batching.stage_instances: a list or null there is a mapping's error too
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise TypeError(f"{path}: expected a mapping, got {value!r}")
+        return {
+            _check_type(k, key_type, f"{path} (key {k!r})"): _check_type(v, value_type, f"{path}.{k}")
+            for k, v in value.items()
+        }
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):

@@ -54,3 +54,25 @@ def test_nan_and_inf_are_refused_by_the_range_checks(overrides, key):
     # "refuse if x < 0" let NaN through.
     with pytest.raises(ValueError, match=key):
         load_config(overrides=overrides)
+
+
+def test_a_mapping_field_is_type_checked_with_its_key(tmp_path):
+    # serving.batching.stage_instances is a dict[str, int]: a list or null there crashed with
+    # AttributeError in __post_init__ (a traceback from --config, not an error naming the key).
+    import argparse
+
+    from configs.cli import config_file
+
+    with pytest.raises(TypeError, match="serving.batching.stage_instances: expected a mapping"):
+        load_config(overrides={"serving": {"batching": {"stage_instances": ["heavy_ranker"]}}})
+    with pytest.raises(TypeError, match="serving.batching.stage_instances: expected a mapping"):
+        load_config(overrides={"serving": {"batching": {"stage_instances": None}}})
+    with pytest.raises(TypeError, match="serving.batching.stage_instances.heavy_ranker: expected int"):
+        load_config(overrides={"serving": {"batching": {"stage_instances": {"heavy_ranker": "2"}}}})
+    path = tmp_path / "c.yaml"
+    path.write_text("serving:\n  batching:\n    stage_instances: [heavy_ranker]\n")
+    with pytest.raises(argparse.ArgumentTypeError, match="stage_instances"):
+        config_file(str(path))
+    assert load_config(
+        overrides={"serving": {"batching": {"stage_instances": {"heavy_ranker": 2}}}}
+    ).serving.batching.stage_instances == {"heavy_ranker": 2}
