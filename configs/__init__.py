@@ -635,7 +635,7 @@ class ExperimentConfig:
     alpha: float = 0.05
     power: float = 0.8
     min_detectable_ctr_lift: float = 0.02  # absolute CTR lift the sample size is planned for
-    # What the treatment changes, as config overrides of the control's config (validated on use).
+    # What the treatment changes, as config overrides of the control's config (validated on load, Config).
     treatment_overrides: dict[str, Any] = field(
         default_factory=lambda: {"candidate_generator": {"logq_correction": False}}
     )
@@ -773,6 +773,20 @@ class Config:
                     f"tuning: no blend of retrieval_weight {retrieval} and affinity_weight {affinity} sums to "
                     "at most 1 (the heavy ranker keeps the rest): the blend search would have nothing to try"
                 )
+        # The treatment's config, built now: otherwise a typo in treatment_overrides surfaced only when
+        # the A/B test reached the treatment, after the control had trained. (Its own overrides emptied:
+        # the treatment config is not built again for them.)
+        treatment = self.online.experiment.treatment_overrides
+        if treatment:
+            where = "online.experiment.treatment_overrides"
+            values = self.to_dict()
+            values["online"]["experiment"]["treatment_overrides"] = {}
+            try:
+                _build(Config, _merge(values, treatment), where)
+            except (ValueError, TypeError) as e:
+                if str(e).startswith(where):
+                    raise
+                raise type(e)(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

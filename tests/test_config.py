@@ -76,3 +76,28 @@ def test_a_mapping_field_is_type_checked_with_its_key(tmp_path):
     assert load_config(
         overrides={"serving": {"batching": {"stage_instances": {"heavy_ranker": 2}}}}
     ).serving.batching.stage_instances == {"heavy_ranker": 2}
+
+
+def test_treatment_overrides_are_validated_when_the_config_loads(tmp_path):
+    # They were built only when the A/B test reached the treatment, after the control had trained:
+    # a typo in a config file passed --config and cost a whole control training run.
+    import argparse
+
+    from configs.cli import config_file
+
+    def treatment(overrides):
+        return {"online": {"experiment": {"treatment_overrides": overrides}}}
+
+    with pytest.raises(
+        ValueError, match=r"online.experiment.treatment_overrides: unknown key\(s\) \['candidate_generatr'\]"
+    ):
+        load_config(overrides=treatment({"candidate_generatr": {"logq_correction": False}}))
+    with pytest.raises(TypeError, match="online.experiment.treatment_overrides.candidate_generator.epochs"):
+        load_config(overrides=treatment({"candidate_generator": {"epochs": "x"}}))
+    with pytest.raises(ValueError, match="online.experiment.treatment_overrides: .*valid_fraction"):
+        load_config(overrides=treatment({"workflow": {"split": {"valid_fraction": 1.5}}}))
+    path = tmp_path / "c.yaml"
+    path.write_text("online:\n  experiment:\n    treatment_overrides: {heavy_rankr: {epochs: 1}}\n")
+    with pytest.raises(argparse.ArgumentTypeError, match="heavy_rankr"):
+        config_file(str(path))
+    assert load_config(overrides=treatment({"heavy_ranker": {"epochs": 1}})).online.experiment.treatment_overrides
