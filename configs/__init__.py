@@ -866,11 +866,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return _build(Config, values, "")
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
+    # Only a section (a dataclass of ``cls``) merges key by key; a mapping-typed value
+    # (treatment_overrides, stage_instances) is replaced whole, as a config file giving it does.
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        hint = hints.get(key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(hint):
+            out[key] = _merge(out[key], value, hint)
         else:
             out[key] = value
     return out

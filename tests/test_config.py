@@ -101,3 +101,24 @@ def test_treatment_overrides_are_validated_when_the_config_loads(tmp_path):
     with pytest.raises(argparse.ArgumentTypeError, match="heavy_rankr"):
         config_file(str(path))
     assert load_config(overrides=treatment({"heavy_ranker": {"epochs": 1}})).online.experiment.treatment_overrides
+
+
+def test_an_override_of_a_mapping_valued_key_replaces_it_like_a_config_file_does(tmp_path):
+    # Sections merge key by key, but treatment_overrides and stage_instances are values: merged, the
+    # default treatment's logq_correction change stayed in a treatment that named only item_affinity,
+    # and stage_instances could not be emptied.
+    from configs import with_overrides
+
+    treatment = {"item_affinity": {"reg_weight": 100.0}}
+    overrides = {"online": {"experiment": {"treatment_overrides": treatment}}}
+    assert load_config(overrides=overrides).online.experiment.treatment_overrides == treatment
+    path = tmp_path / "c.yaml"
+    path.write_text("online:\n  experiment:\n    treatment_overrides: {item_affinity: {reg_weight: 100.0}}\n")
+    assert load_config(path).online.experiment.treatment_overrides == treatment
+    two = load_config(overrides={"serving": {"batching": {"stage_instances": {"heavy_ranker": 2}}}})
+    assert (
+        with_overrides(two, {"serving": {"batching": {"stage_instances": {}}}}).serving.batching.stage_instances == {}
+    )
+    assert with_overrides(two, {"serving": {"batching": {"instances": 3}}}).serving.batching.stage_instances == {
+        "heavy_ranker": 2
+    }
