@@ -650,6 +650,12 @@ class ExperimentConfig:
         for key in ("alpha", "power"):  # a quantile of 0 or 1 is infinite: every test and sample size breaks
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ValueError(f"online.experiment.{key} must be in (0, 1), got {getattr(self, key)}")
+        # The sample size divides by it: 0, NaN or inf crashed (or zeroed) the analysis at the end of the test.
+        if not 0.0 < self.min_detectable_ctr_lift <= 1.0:
+            raise ValueError(
+                f"online.experiment.min_detectable_ctr_lift must be in (0, 1] (a CTR difference), "
+                f"got {self.min_detectable_ctr_lift}"
+            )
         if not isinstance(self.treatment_overrides, dict):
             raise TypeError("online.experiment.treatment_overrides must be a mapping of config overrides")
 

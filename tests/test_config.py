@@ -122,3 +122,11 @@ def test_an_override_of_a_mapping_valued_key_replaces_it_like_a_config_file_does
     assert with_overrides(two, {"serving": {"batching": {"instances": 3}}}).serving.batching.stage_instances == {
         "heavy_ranker": 2
     }
+
+
+@pytest.mark.parametrize("lift", [0.0, -0.02, float("nan"), float("inf")])
+def test_min_detectable_ctr_lift_is_a_ctr_difference(lift):
+    # It divides the A/B test's sample size: 0 or NaN was accepted and crashed the analysis at the
+    # end of the test (int of inf / NaN), after both arms had trained and served.
+    with pytest.raises(ValueError, match="online.experiment.min_detectable_ctr_lift"):
+        load_config(overrides={"online": {"experiment": {"min_detectable_ctr_lift": lift}}})
