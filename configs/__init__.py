@@ -807,13 +807,14 @@ def build_typed(cls: type, values: dict[str, Any], where: str = "") -> Any:
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, checking keys and (simple) types."""
+    here = where or "top level"  # the file itself: not an empty key path in the messages
     if not isinstance(values, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise TypeError(f"{here}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        raise ValueError(f"{here}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]

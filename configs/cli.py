@@ -78,6 +78,8 @@ def config_file(text: str) -> str:
         load_config(text)
     except FileNotFoundError:
         raise argparse.ArgumentTypeError(f"no such file: {text}") from None
+    except OSError as e:  # a folder, no permission: still one line, not a traceback
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror or e}") from None
     except (yaml.YAMLError, ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{text}: {e}") from None
     return text

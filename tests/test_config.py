@@ -130,3 +130,20 @@ def test_min_detectable_ctr_lift_is_a_ctr_difference(lift):
     # end of the test (int of inf / NaN), after both arms had trained and served.
     with pytest.raises(ValueError, match="online.experiment.min_detectable_ctr_lift"):
         load_config(overrides={"online": {"experiment": {"min_detectable_ctr_lift": lift}}})
+
+
+def test_config_flag_errors_are_one_line_naming_the_problem(tmp_path):
+    # A folder given as --config raised IsADirectoryError (a traceback); a file that is a YAML list
+    # or an unknown top-level key was reported under an empty key path (": expected a mapping").
+    import argparse
+
+    from configs.cli import config_file
+
+    with pytest.raises(argparse.ArgumentTypeError, match="directory"):
+        config_file(str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("- seed\n")
+    with pytest.raises(argparse.ArgumentTypeError, match="top level: expected a mapping"):
+        config_file(str(path))
+    with pytest.raises(ValueError, match=r"^top level: unknown key\(s\) \['sead'\]"):
+        load_config(overrides={"sead": 1})
