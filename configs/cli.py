@@ -47,21 +47,21 @@ def port_or_zero(text: str) -> int:
 WORKDIR_MARK = ".workdir"  # written into a --workdir by the scripts that start it from nothing
 
 
-def fresh_workdir(parser: argparse.ArgumentParser, path: str | Path) -> Path:
+def fresh_workdir(parser: argparse.ArgumentParser, path: str | Path, option: str = "workdir") -> Path:
     """``--workdir`` emptied for a run that always starts from nothing (demo, A/B test, retention
     weights). Only a folder such a run made is deleted: one with the mark this writes, or the
     script's own default folder under ``build/`` (runs from before the mark). Any other non-empty
     folder (``--workdir ~``, a folder of trained models, a typo for a data folder) is refused with
-    exit status 2, not deleted."""
+    exit status 2, not deleted. ``option``: the argument's name (``out`` for the feedback loop)."""
     work = Path(path)
     if work.exists():
         if not work.is_dir():
-            parser.error(f"argument --workdir: {path} is a file, not a folder")
-        default = parser.get_default("workdir")
+            parser.error(f"argument --{option}: {path} is a file, not a folder")
+        default = parser.get_default(option)
         ours = (work / WORKDIR_MARK).exists() or (default is not None and work.resolve() == Path(default).resolve())
         if not ours and any(work.iterdir()):
             parser.error(
-                f"argument --workdir: {path} holds files no earlier run wrote; it would be deleted, "
+                f"argument --{option}: {path} holds files no earlier run wrote; it would be deleted, "
                 "so name a new or empty folder"
             )
         shutil.rmtree(work)

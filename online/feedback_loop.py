@@ -69,10 +69,15 @@ def run_feedback_loop(
     simulation: SimulationConfig | None = None,
     holdout: float = 0.05,
 ) -> list[Generation]:
+    from configs.cli import WORKDIR_MARK
     from evaluation.offline import run_funnel
     from workflows.sources.synthetic import generate
 
     out = Path(out_dir)
+    # A run appends to gen<N>/feedback.sqlite and numbers its models after the registry's: into an
+    # earlier run's folder it would mix both runs' logs, training data and figures.
+    if out.is_dir() and any(p.name != WORKDIR_MARK for p in out.iterdir()):
+        raise FileExistsError(f"{out} holds an earlier run (or other files): name a new or empty folder")
     # In-process stages (one SQLite connection, one TF graph each) are called from one thread.
     sim_cfg = dataclasses.replace(simulation or SimulationConfig(), concurrency=1)
     world = generate(config.synthetic)

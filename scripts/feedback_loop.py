@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, fresh_workdir, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -56,6 +56,7 @@ def main() -> None:
             parser.error(f"--report-only: {args.out} holds no finished run (no report/history.json)")
         history = reload_history(args.out)
     else:
+        fresh_workdir(parser, args.out, "out")  # a run into an earlier one's folder would mix their logs
         history = run_feedback_loop(config, args.out, args.generations, config.online.simulation, args.holdout)
     seconds = time.monotonic() - started
     table = history_table(history)

@@ -1,11 +1,14 @@
 """The feedback-loop experiment end to end at a tiny size: two generations, the second retrained on
 the first one's own logs, a holdout kept on generation 0's model."""
 
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_two_generations_retrain_on_their_own_logs(tmp_path):
     from configs import SimulationConfig, load_config
     from online.feedback_loop import history_table, reload_history, run_feedback_loop, write_loop_report
@@ -38,3 +41,44 @@ def test_two_generations_retrain_on_their_own_logs(tmp_path):
     assert paths["html"].stat().st_size > 10_000  # tables and two embedded plots
     again = reload_history(tmp_path)
     assert [h.ctr_test["difference"] for h in again] == pytest.approx([h.ctr_test["difference"] for h in history])
+
+
+def stand_in_loop(monkeypatch, out, holdout=0.05):
+    """``run_feedback_loop`` at a toy size with training and the funnel stood in for (each generation
+    a new registry version serving a fixed random slate per user): the orchestration only, in a second."""
+    import evaluation.offline
+    import online.feedback_loop as fl
+    from configs import SimulationConfig, load_config
+
+    def train_and_load(raw_dir, gen_out, config, registry):
+        registry.mkdir(parents=True, exist_ok=True)
+        version = len(list(registry.iterdir())) + 1
+        (registry / str(version)).mkdir()
+        return SimpleNamespace(version=version), str(version), len(pd.read_parquet(raw_dir / "events.parquet"))
+
+    def run_funnel(stages, user, k):
+        items = np.random.default_rng(user).choice(40, k, replace=False)
+        return {"item_ids": items, "model_version": np.array([stages.encode()]), "served_by": np.array([b"funnel"])}
+
+    monkeypatch.setattr(fl, "_train_and_load", train_and_load)
+    monkeypatch.setattr(evaluation.offline, "run_funnel", run_funnel)
+    config = load_config(overrides={"synthetic": {"num_users": 60, "num_items": 40, "events_per_user": 5, "seed": 3}})
+    return fl.run_feedback_loop(config, out, generations=2, simulation=SimulationConfig(days=2, k=5), holdout=holdout)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_not_mixed_into_the_first(monkeypatch, tmp_path):
+    """Before 2026-12-06 a second run into an existing ``out`` appended its slates to the first run's
+    ``gen<N>/feedback.sqlite`` (each generation's figures then counted both runs), trained on both
+    runs' logs and numbered its models after the first run's in the shared registry."""
+    from online.feedback_log import FeedbackLog
+
+    first = stand_in_loop(monkeypatch, tmp_path)
+    log = FeedbackLog(tmp_path / "gen1" / "feedback.sqlite")
+    counts = log.counts()
+    log.close()
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        stand_in_loop(monkeypatch, tmp_path)
+    log = FeedbackLog(tmp_path / "gen1" / "feedback.sqlite")
+    assert log.counts() == counts  # the first run's log as it was
+    log.close()
+    assert [h.model_version for h in first] == [1, 2]

@@ -356,6 +356,10 @@ def test_a_workdir_no_run_made_is_refused_not_deleted(tmp_path):
         run = script(f"scripts/{name}.py", "--workdir", str(precious), check=False)
         refused(run, "--workdir", "name a new or empty folder")
         assert (precious / "notes.txt").read_text() == "not a run's output"
+    # The feedback loop's --out too (before 2026-12-06 a run went into any folder, an earlier run's
+    # included, and appended to its feedback logs and registry): refused before anything trains.
+    refused(script("scripts/feedback_loop.py", "--out", str(precious), check=False), "--out", "name a new or empty")
+    assert (precious / "notes.txt").read_text() == "not a run's output"
     import argparse
 
     from configs.cli import WORKDIR_MARK, fresh_workdir
