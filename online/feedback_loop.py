@@ -234,6 +234,8 @@ def reload_history(out_dir: str | Path) -> list[Generation]:
         for h in json.loads((out / "report" / "history.json").read_text())
     ]
     for h in history:
+        if not h.holdout:  # no holdout users (``holdout`` 0): the run had no gap to test, nor has this
+            continue
         log = FeedbackLog(out / f"gen{h.generation}" / "feedback.sqlite")
         h.ctr_test = holdout_test(log)
         log.close()

@@ -82,3 +82,17 @@ def test_a_second_run_into_the_same_folder_is_refused_not_mixed_into_the_first(m
     assert log.counts() == counts  # the first run's log as it was
     log.close()
     assert [h.model_version for h in first] == [1, 2]
+
+
+def test_report_only_of_a_run_without_a_holdout_shows_what_the_run_showed(monkeypatch, tmp_path):
+    """With ``--holdout 0`` there is no live-holdout gap to test; ``--report-only`` recomputed one
+    anyway (before 2026-12-06): an empty holdout's bootstrap gave the live CTR itself as the
+    interval of the difference."""
+    from online.feedback_loop import history_table, reload_history, write_loop_report
+
+    history = stand_in_loop(monkeypatch, tmp_path / "run", holdout=0.0)
+    assert all(h.holdout == {} and h.ctr_test == {} for h in history)
+    write_loop_report(history, tmp_path / "run" / "report", {})
+    again = history_table(reload_history(tmp_path / "run"))
+    assert again["diff 95% CI, users resampled"].isna().all(), again["diff 95% CI, users resampled"]
+    pd.testing.assert_frame_equal(again, history_table(history))
