@@ -221,6 +221,8 @@ def write_loop_report(history: list[Generation], out_dir: str | Path, context: d
         out, "Feedback loop: retraining on the system's own logs", context, [("Generations", table)], plots
     )
     (out / "history.json").write_text(json.dumps([h.__dict__ for h in history], indent=2, default=str))
+    # What the run was (world, days, holdout share): a report rebuilt later describes this run, not its flags.
+    (out / "context.json").write_text(json.dumps(context, indent=2, default=str))
     return {**paths, "json": out / "history.json"}
 
 

@@ -10,6 +10,7 @@ coverage, and live vs holdout CTR (users as the unit) and retention; writes an H
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -66,8 +67,12 @@ def main() -> None:
         "world": f"{config.synthetic.num_users} users, {config.synthetic.num_items} items",
         "simulation": f"{config.online.simulation.days} days per generation, k={config.online.simulation.k}",
         "holdout": f"{args.holdout:.0%} of users on generation 0's model",
-        "wall time": "report rebuilt from the logs" if args.report_only else f"{seconds:.0f}s",
+        "wall time": f"{seconds:.0f}s",
     }
+    if args.report_only:  # the run's own settings, not this command's flags and config
+        saved = Path(args.out) / "report" / "context.json"
+        context = json.loads(saved.read_text()) if saved.exists() else {"run": "settings not recorded"}
+        context["report"] = "rebuilt from the logs"
     paths = write_loop_report(history, f"{args.out}/report", context)
     print(f"\n{len(history)} generations in {seconds:.0f}s; report: {paths['html']}")
 

@@ -379,3 +379,19 @@ def test_a_workdir_no_run_made_is_refused_not_deleted(tmp_path):
     (old / "registry").mkdir(parents=True)
     parser.add_argument("--workdir", default=str(old))
     assert not (fresh_workdir(parser, old) / "registry").exists()
+
+
+def test_report_only_describes_the_run_it_reports_not_the_current_flags(tmp_path):
+    """``--report-only`` rebuilt the report's context (world size, days, holdout share) from the flags
+    and config of the rebuilding command (before 2026-12-06), so a run of 60 users with no holdout
+    was reported as the config's 1000 users with a 5% holdout; the run's own context is kept now."""
+    from online.feedback_loop import Generation, write_loop_report
+
+    live = {"users": 60.0, "requests": 100.0, "ctr": 0.2, "retention": 0.5}
+    history = [Generation(1, 1, 300, {0.5: 10, 0.9: 20, 1.0: 30}, 0.4, 0.75, live, {}, {})]
+    context = {"world": "60 users, 40 items", "holdout": "0% of users on generation 0's model", "wall time": "9s"}
+    write_loop_report(history, tmp_path / "report", context)
+    script("scripts/feedback_loop.py", "--report-only", "--out", str(tmp_path))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "60 users, 40 items" in report and "0% of users" in report, report[:1000]
+    assert "1000 users" not in report and "5% of users" not in report
