@@ -86,6 +86,7 @@ def run_feedback_loop(
     registry = out / "registry"
     config = copy.deepcopy(config)
     config.workflow.split.valid_fraction = 0.1  # keep most of each generation's logs for training
+    config.workflow.split.test_fraction = 0.0  # nothing here scores a test period: it would hold out 10% more
 
     model0, holdout_stages, n_train = _train_and_load(raw, out / "gen0", config, registry)
     live_model, live_stages = model0, holdout_stages

@@ -43,7 +43,7 @@ def test_two_generations_retrain_on_their_own_logs(tmp_path):
     assert [h.ctr_test["difference"] for h in again] == pytest.approx([h.ctr_test["difference"] for h in history])
 
 
-def stand_in_loop(monkeypatch, out, holdout=0.05):
+def stand_in_loop(monkeypatch, out, holdout=0.05, trained_with=None):
     """``run_feedback_loop`` at a toy size with training and the funnel stood in for (each generation
     a new registry version serving a fixed random slate per user): the orchestration only, in a second."""
     import evaluation.offline
@@ -51,6 +51,8 @@ def stand_in_loop(monkeypatch, out, holdout=0.05):
     from configs import SimulationConfig, load_config
 
     def train_and_load(raw_dir, gen_out, config, registry):
+        if trained_with is not None:
+            trained_with.append(config)
         registry.mkdir(parents=True, exist_ok=True)
         version = len(list(registry.iterdir())) + 1
         (registry / str(version)).mkdir()
@@ -96,3 +98,15 @@ def test_report_only_of_a_run_without_a_holdout_shows_what_the_run_showed(monkey
     again = history_table(reload_history(tmp_path / "run"))
     assert again["diff 95% CI, users resampled"].isna().all(), again["diff 95% CI, users resampled"]
     pd.testing.assert_frame_equal(again, history_table(history))
+
+
+def test_most_of_each_generations_logs_train_the_next(monkeypatch, tmp_path):
+    """A generation's own logs are the latest events, so the temporal split's held-out period is made
+    of them. The loop holds out 10% for validation; the config's test period (10% by default since
+    2026-12-04, which no step of the loop scores) held out another 10% of the logs (before 2026-12-06)."""
+    configs = []
+    stand_in_loop(monkeypatch, tmp_path, trained_with=configs)
+    assert len(configs) == 2  # generation 0, then generation 1's logs
+    for config in configs:
+        assert config.workflow.split.kind == "temporal"
+        assert (config.workflow.split.valid_fraction, config.workflow.split.test_fraction) == (0.1, 0.0)
