@@ -103,8 +103,11 @@ def fingerprint(*paths: str | Path) -> str:
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         for f in files:
             if f.is_file():
-                digest.update(f.relative_to(root.parent).as_posix().encode())
-                digest.update(f.read_bytes())
+                # Each name and content length-prefixed: back to back, a name's end and its bytes'
+                # start (or one file and the next) could shift without changing the digest.
+                for part in (f.relative_to(root.parent).as_posix().encode(), f.read_bytes()):
+                    digest.update(len(part).to_bytes(8, "big"))
+                    digest.update(part)
     return digest.hexdigest()[:16]
 
 

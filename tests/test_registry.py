@@ -54,3 +54,23 @@ def test_two_runs_writing_at_once_get_different_versions(tmp_path):
     assert registry.list_versions(tmp_path) == [1, 2, 3]
     assert [registry.get(tmp_path, v).manifest["run"] for v in (1, 2, 3)] == ["first", "second", "third"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]  # no temporary folder left
+
+
+def test_fingerprint_tells_apart_data_that_differ_only_in_where_names_and_contents_split(tmp_path):
+    """Names and bytes were hashed back to back: ``train/part`` holding ``1x`` and ``train/part1``
+    holding ``x`` (or one file holding what two files held, the other's name included) shared a
+    fingerprint, so rankers trained on one were reusable for the other."""
+    one, two = tmp_path / "one" / "train", tmp_path / "two" / "train"
+    one.mkdir(parents=True)
+    two.mkdir(parents=True)
+    (one / "part").write_text("1x")
+    (two / "part1").write_text("x")
+    assert registry.fingerprint(one) != registry.fingerprint(two)
+
+    for name, files in {"a": {"train/x": "1workflow/y2"}, "b": {"train/x": "1", "workflow/y": "2"}}.items():
+        for rel in ("train", "workflow"):
+            (tmp_path / name / rel).mkdir(parents=True)
+        for rel, text in files.items():
+            (tmp_path / name / rel).write_text(text)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert registry.fingerprint(a / "train", a / "workflow") != registry.fingerprint(b / "train", b / "workflow")
