@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ def list_versions(registry: str | Path) -> list[int]:
     root = Path(registry)
     if not root.exists():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).exists())
+    # Only the names ``get`` and ``latest`` open: "007" would list as 7 and "²" passes isdigit.
+    return sorted(
+        int(p.name) for p in root.iterdir() if re.fullmatch(r"0|[1-9][0-9]*", p.name) and (p / MANIFEST).exists()
+    )
 
 
 def latest(registry: str | Path) -> ModelVersion:

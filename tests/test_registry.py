@@ -74,3 +74,15 @@ def test_fingerprint_tells_apart_data_that_differ_only_in_where_names_and_conten
             (tmp_path / name / rel).write_text(text)
     a, b = tmp_path / "a", tmp_path / "b"
     assert registry.fingerprint(a / "train", a / "workflow") != registry.fingerprint(b / "train", b / "workflow")
+
+
+@pytest.mark.parametrize("name", ["007", "\u00b2", "\u0663"])  # zero-padded, superscript two, Arabic-Indic three
+def test_a_folder_whose_name_is_not_a_plain_version_number_is_not_a_version(tmp_path, name):
+    """``str.isdigit`` let such folders in: ``latest`` then opened ``<registry>/7`` (no such folder)
+    or ``int`` raised on ``²``; only the names ``get`` and ``latest`` open, ``str(version)``, count."""
+    with registry.VersionWriter(tmp_path) as out:
+        out.write_manifest(note="real")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / registry.MANIFEST).write_text('{"version": 7}')
+    assert registry.list_versions(tmp_path) == [1]
+    assert registry.latest(tmp_path).manifest["note"] == "real"
