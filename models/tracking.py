@@ -7,7 +7,8 @@ points it elsewhere. Browse it with ``mlflow ui --backend-store-uri <that folder
 
     params     the whole config, flattened (``heavy_ranker.deep_layers`` = ``[128, 64]``)
     metrics    ``<stage>.<keras metric>`` per epoch (step = epoch), and the final validation metrics
-    artifacts  the version's ``manifest.json`` and the embedding-table size report
+    artifacts  the version's ``manifest.json``, the embedding-table size report and ``params.json``
+               (the params whole: a value over MLflow's 250 characters is logged cut)
     tags       ``registry_version``, ``data_fingerprint``
 """
 
@@ -74,7 +75,7 @@ class TrackedRun:
             self._mlflow.log_metrics(clean, step=step)
 
     def log_params(self, params: dict) -> None:
-        self._mlflow.log_params({k: str(v) for k, v in params.items()})
+        self._mlflow.log_params({k: _fit_param(str(v)) for k, v in params.items()})
 
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
@@ -89,6 +90,18 @@ class TrackedRun:
         self._mlflow.log_artifact(str(path))
 
 
+def _fit_param(value: str) -> str:
+    """``value`` within MLflow's limit on a param value (250 characters in the locked 1.26, which
+    refuses a longer one and so failed the whole run): cut, saying so; the run's ``params.json``
+    holds it whole."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    if len(value) <= MAX_PARAM_VAL_LENGTH:
+        return value
+    note = f"... ({len(value)} chars; whole in params.json)"
+    return value[: MAX_PARAM_VAL_LENGTH - len(note)] + note
+
+
 @contextmanager
 def tracked_run(config: TrainingConfig, registry_dir: str | Path, params: dict, run_name: str):
     """Start an MLflow run in the configured store, log ``params``, yield a ``TrackedRun``.
@@ -100,8 +113,9 @@ def tracked_run(config: TrainingConfig, registry_dir: str | Path, params: dict, 
     mlflow.set_tracking_uri(tracking_uri(config, registry_dir))
     mlflow.set_experiment(config.mlflow_experiment)
     with mlflow.start_run(run_name=run_name):
-        params = flatten(params)
-        items = list(params.items())
+        run = TrackedRun(mlflow)
+        run.log_json("params.json", params)  # whole, where a param had to be cut
+        items = [(k, _fit_param(v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 100]))
-        yield TrackedRun(mlflow)
+        yield run

@@ -86,3 +86,27 @@ def test_a_folder_whose_name_is_not_a_plain_version_number_is_not_a_version(tmp_
     (tmp_path / name / registry.MANIFEST).write_text('{"version": 7}')
     assert registry.list_versions(tmp_path) == [1]
     assert registry.latest(tmp_path).manifest["note"] == "real"
+
+
+def test_a_config_value_longer_than_mlflows_param_limit_is_logged_not_fatal(tmp_path):
+    """mlflow-skinny 1.26 (the lock's) refuses a param value over 250 characters, so a content
+    denylist of 20 terms failed every training run before it trained anything (``MlflowException:
+    Param value ... had length 282``). Such a value is now logged shortened, marked as such, and
+    whole in the run's ``params.json``."""
+    import json
+
+    from configs import load_config, with_overrides
+    from models.tracking import tracked_run
+
+    config = load_config()
+    terms = [f"denied term {i}" for i in range(20)]
+    config = with_overrides(config, {"workflow": {"content_filter": {"denylist": terms}}})
+    with tracked_run(config.training, tmp_path / "registry", config.to_dict(), run_name="long") as run:
+        run.log_params({"tuning.chosen.note": "x" * 300})
+    (run_dir,) = [p.parent for p in (tmp_path / "mlruns").glob("*/*/params")]
+    logged = (run_dir / "params" / "workflow.content_filter.denylist").read_text()
+    assert len(logged) <= 250 and logged.startswith('["denied term 0", ') and "params.json" in logged
+    assert len((run_dir / "params" / "tuning.chosen.note").read_text()) <= 250
+    whole = json.loads((run_dir / "artifacts" / "params.json").read_text())
+    assert whole["workflow"]["content_filter"]["denylist"] == terms
+    assert (run_dir / "params" / "seed").read_text() == str(config.seed)  # short values as they were
