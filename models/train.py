@@ -98,7 +98,9 @@ def train_all(
     for note in notes:
         log.warning("adapted to the dataset: %s", note)
     features = feature_lists(train.schema)
-    fingerprint = registry.fingerprint(data.train_dir, data.workflow_dir)
+    # The validation part too: every stage stops early on it (the rankers' best epoch restored) and
+    # the manifest keeps its metrics, so rankers_from must not cross data that differ only there.
+    fingerprint = registry.fingerprint(data.train_dir, data.valid_dir, data.workflow_dir)
     if rankers_from is not None:
         check_rankers_reusable(rankers_from.manifest, config, fingerprint)
     patience = config.training.early_stopping_patience

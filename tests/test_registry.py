@@ -110,3 +110,46 @@ def test_a_config_value_longer_than_mlflows_param_limit_is_logged_not_fatal(tmp_
     whole = json.loads((run_dir / "artifacts" / "params.json").read_text())
     assert whole["workflow"]["content_filter"]["denylist"] == terms
     assert (run_dir / "params" / "seed").read_text() == str(config.seed)  # short values as they were
+
+
+def test_rankers_are_not_reused_across_processed_data_whose_validation_parts_differ(tmp_path, monkeypatch):
+    """The rankers stop early on the validation part (their best epoch restored) and the manifest
+    keeps their validation metrics, yet ``train_all`` fingerprinted only ``train/`` and ``workflow/``:
+    data reprocessed with, e.g., ``negative_sampling.valid`` switched on (training part and encodings
+    unchanged) passed the ``rankers_from`` data check."""
+    from types import SimpleNamespace
+
+    from merlin.schema import Schema
+
+    from configs import load_config
+    from models import train as train_module
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def capture(manifest, config, fingerprint):
+        seen.append(fingerprint)
+        raise Stop
+
+    monkeypatch.setattr(train_module, "config_for_dataset", lambda config, summary, columns: (config, []))
+    monkeypatch.setattr(train_module, "check_rankers_reusable", capture)
+    part = SimpleNamespace(schema=Schema([]))
+    for name, valid in (("a", "impressions"), ("b", "impressions and sampled negatives")):
+        root = tmp_path / name
+        for sub, text in (("train", "same"), ("workflow", "same"), ("valid", valid)):
+            (root / sub).mkdir(parents=True)
+            (root / sub / "part_0.parquet").write_text(text)
+        data = SimpleNamespace(
+            root=root,
+            train_dir=root / "train",
+            valid_dir=root / "valid",
+            workflow_dir=root / "workflow",
+            summary={},
+            train=lambda: part,
+            valid=lambda: part,
+        )
+        with pytest.raises(Stop):
+            train_module.train_all(data, load_config(), tmp_path / "reg", rankers_from=SimpleNamespace(manifest={}))
+    assert seen[0] != seen[1]
