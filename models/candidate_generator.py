@@ -39,6 +39,8 @@ from workflows.activity import ACTIVITY_TAG
 
 log = logging.getLogger(__name__)
 
+TOP_K = 10  # the in-batch validation metrics' cutoff (recall@10, NDCG@10; early stopping watches recall)
+
 
 def tower_schema(schema: Schema) -> Schema:
     """The features the two towers see: everything tagged USER or ITEM (no labels), except the
@@ -173,6 +175,16 @@ def positives(dataset: Dataset, label: str = "click") -> Dataset:
     return Dataset(ddf[schema.column_names], schema=schema)
 
 
+def loader(dataset: Dataset, config: CandidateGeneratorConfig, shuffle: bool = False) -> mm.Loader:
+    """Batches of ``config.batch_size`` positives. A last batch of fewer than ``TOP_K`` rows is
+    dropped where the in-batch metrics would need more predictions than it has: a part of
+    512 n + 5 clicks failed the whole training run ("The TopkMetric recall_at_10 cutoff (10) cannot be
+    bigger than the number of predictions per example"). Shuffled, another remainder goes each epoch."""
+    rest = dataset.num_rows % config.batch_size
+    drop = dataset.num_rows > config.batch_size and 0 < rest < TOP_K and config.sampled_negatives < TOP_K
+    return mm.Loader(dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=drop)
+
+
 def train_candidate_generator(
     train: Dataset,
     valid: Dataset,
@@ -196,34 +208,46 @@ def train_candidate_generator(
     # validation part without a single click hung the training run instead of failing or going on.
     if not train_pos.num_rows:
         raise ValueError("the candidate generator trains on clicks, and the training part has none")
-    validate = bool(valid_pos.num_rows)
+    # The in-batch metrics need TOP_K predictions per example, and with in-batch negatives only a
+    # batch of n rows has n: a part of fewer clicks cannot be measured at all.
+    if train_pos.num_rows < TOP_K and config.sampled_negatives < TOP_K:
+        raise ValueError(
+            f"the candidate generator needs at least {TOP_K} clicks to train (its recall@{TOP_K} over "
+            f"in-batch negatives), the training part has {train_pos.num_rows}"
+        )
+    validate = bool(valid_pos.num_rows) and (valid_pos.num_rows >= TOP_K or config.sampled_negatives >= TOP_K)
     if not validate:
-        log.warning("the validation part has no clicks: the candidate generator trains without validation")
+        log.warning(
+            "the validation part has %d clicks (recall@%d needs %d): the candidate generator trains without validation",
+            valid_pos.num_rows,
+            TOP_K,
+            TOP_K,
+        )
         patience = None
     features = catalog_features(train.schema, catalog) if catalog is not None else None
     model = build_candidate_generator(train.schema, config, embeddings, train_pos, features)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(config.learning_rate),
-        metrics=[mm.RecallAt(10), mm.NDCGAt(10)],
+        metrics=[mm.RecallAt(TOP_K), mm.NDCGAt(TOP_K)],
     )
     callbacks = [BuildOptimizerFirst(), *callbacks]
     if patience is not None:
         callbacks.insert(
             1,
             tf.keras.callbacks.EarlyStopping(
-                monitor="val_recall_at_10", mode="max", patience=patience, restore_best_weights=True
+                monitor=f"val_recall_at_{TOP_K}", mode="max", patience=patience, restore_best_weights=True
             ),
         )
     history = model.fit(
-        mm.Loader(train_pos, batch_size=config.batch_size, shuffle=True),
-        validation_data=mm.Loader(valid_pos, batch_size=config.batch_size) if patience is not None else None,
+        loader(train_pos, config, shuffle=True),
+        validation_data=loader(valid_pos, config) if patience is not None else None,
         epochs=config.epochs,
         callbacks=callbacks,
         verbose=verbose,
     )
     metrics = {}
     if validate:
-        metrics = model.evaluate(mm.Loader(valid_pos, batch_size=config.batch_size), return_dict=True, verbose=0)
+        metrics = model.evaluate(loader(valid_pos, config), return_dict=True, verbose=0)
         metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs_run"] = len(history.history.get("loss", []))
     return model, metrics

@@ -393,3 +393,35 @@ def test_a_validation_part_without_clicks_trains_without_validation_instead_of_h
     train = Dataset(train.to_ddf().assign(click=0), schema=train.schema)
     with pytest.raises(ValueError, match="training part has none"):
         train_candidate_generator(train, valid, config, verbose=0)
+
+
+@pytest.mark.timeout(300)
+def test_a_last_batch_smaller_than_the_metrics_cutoff_does_not_fail_training(processed, small_config, caplog):
+    """With in-batch negatives a batch of n clicks has n predictions per example, and recall@10 asserts
+    at least 10: a training part of 512 n + 5 clicks failed the whole training run (a two-generation
+    feedback loop hit it) with "The TopkMetric recall_at_10 cutoff (10) cannot be bigger than the
+    number of predictions per example". Such a remainder is dropped now; too few clicks to measure at
+    all are a named error (training) or a warning (validation)."""
+    import copy
+
+    from merlin.io import Dataset
+
+    from models.candidate_generator import TOP_K, train_candidate_generator
+
+    config = copy.deepcopy(small_config.candidate_generator)
+    config.epochs, config.batch_size, config.sampled_negatives = 2, 32, 0
+
+    def clicks(part, n):
+        frame = part.to_ddf().compute()
+        frame = frame[frame["click"] > 0].head(n)
+        assert len(frame) == n
+        return Dataset(frame, schema=part.schema)
+
+    train, valid = processed.train(), processed.valid()
+    _, metrics = train_candidate_generator(clicks(train, 32 + 5), clicks(valid, 32 + 3), config, verbose=0, patience=2)
+    assert metrics["epochs_run"] == 2 and 0 <= metrics["recall_at_10"] <= 1
+    with caplog.at_level("WARNING", logger="models.candidate_generator"):
+        _, metrics = train_candidate_generator(clicks(train, 40), clicks(valid, 5), config, verbose=0, patience=2)
+    assert metrics == {"epochs_run": 2} and "recall@10 needs 10" in caplog.text
+    with pytest.raises(ValueError, match=f"at least {TOP_K} clicks"):
+        train_candidate_generator(clicks(train, 5), clicks(valid, 20), config, verbose=0)
