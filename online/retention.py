@@ -261,7 +261,10 @@ def analyze_retention(
     """Correlations and standardised logistic regressions of ``returned`` on the per-user rates
     (``per_user_signals``). ``head_signals``: the signals the heavy ranker has heads for (default:
     click, duration_watch, like)."""
-    head_signals = [s for s in (head_signals or ["click", "duration_watch", "like"]) if s in signals]
+    # None is "not given"; [] is a heavy ranker with no measured head (its head regression is empty).
+    if head_signals is None:
+        head_signals = ["click", "duration_watch", "like"]
+    head_signals = [s for s in head_signals if s in signals]
     y = users[OUTCOME].astype(bool).to_numpy()
     notes: list[str] = []
     if y.all() or not y.any():

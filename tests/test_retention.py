@@ -239,3 +239,19 @@ def test_a_reweighted_version_serves_the_same_models_with_the_derived_weights(mo
     out = run_funnel(stages, user, 5)
     assert out["model_version"][0].decode() == "2" and len(out["item_ids"]) == 5
     assert json.loads((repo / "export.json").read_text())["version"] == 2
+
+
+def test_a_heavy_ranker_without_a_measured_head_gets_no_head_regression():
+    """``run_retention_weights`` passes the heads that are signals; a heavy ranker whose heads are none
+    of them (e.g. only ``watched``) passed ``[]``, which read as "not given": the report's head-signal
+    regression was fitted over click, duration_watch and like, heads the ranker does not have."""
+    rng = np.random.default_rng(0)
+    n = 300
+    click = rng.gamma(2, 0.1, n)
+    users = pd.DataFrame({s: rng.gamma(2, 0.05, n) for s in SIGNALS}).assign(click=click)
+    users["returned"] = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 8 * click)))
+    analysis = analyze_retention(users, [])
+    assert analysis.head_signals == [] and analysis.heads.empty, analysis.heads
+    assert len(analysis.all_signals) == len(SIGNALS)
+    d = derive_head_weights(analysis.heads, {"watched": 1.0})
+    assert not d.changed and d.weights == {"watched": 1.0}
