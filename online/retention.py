@@ -374,7 +374,7 @@ def derive_head_weights(coefficients: pd.DataFrame, current: dict[str, float], d
 
 def with_head_weights(model, registry_dir: str | Path, weights: dict[str, float], note: str = ""):
     """Publish ``model``'s trained parts as a new version of ``registry_dir`` whose heavy ranker
-    combines its heads with ``weights`` (heads it has, weights >= 0, not all 0); return it.
+    combines its heads with ``weights`` (heads it has, weights finite and >= 0, not all 0); return it.
 
     Only the manifest's ``heavy_ranker.weights`` (what serving reads) and its record of the config
     change; the version stamps of the parts that carry one are rewritten to the new version, which
@@ -388,8 +388,9 @@ def with_head_weights(model, registry_dir: str | Path, weights: dict[str, float]
     unknown = sorted(set(weights) - set(heads))
     if unknown:
         raise ValueError(f"the heavy ranker of version {model.version} has no head(s) {unknown}; heads: {heads}")
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"head weights must be >= 0 and not all 0, got {weights}")
+    # Not `w < 0`: NaN passes it (and inf normalises to inf / inf = NaN), publishing NaN scores.
+    if not all(0 <= w < float("inf") for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"head weights must be finite, >= 0 and not all 0, got {weights}")
     total = float(sum(weights.values()))
     new = {h: float(weights.get(h, 0.0)) / total for h in heads}
     with VersionWriter(registry_dir) as out:

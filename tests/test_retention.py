@@ -255,3 +255,20 @@ def test_a_heavy_ranker_without_a_measured_head_gets_no_head_regression():
     assert len(analysis.all_signals) == len(SIGNALS)
     d = derive_head_weights(analysis.heads, {"watched": 1.0})
     assert not d.changed and d.weights == {"watched": 1.0}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_head_weights_publish_no_version(tmp_path, bad):
+    """NaN passed ``w < 0`` and ``sum > 0`` (inf normalised to inf / inf = NaN): a version whose heavy
+    ranker scores every candidate NaN was published. The config refuses such weights; so does this."""
+    from models.registry import ModelVersion, list_versions
+    from online.retention import with_head_weights
+
+    registry = tmp_path / "registry"
+    (registry / "1").mkdir(parents=True)
+    heavy = {"targets": ["click", "like"], "weights": {"click": 0.5, "like": 0.5}}
+    manifest = {"version": 1, "heavy_ranker": heavy, "config": {"heavy_ranker": {"targets": []}}}
+    (registry / "1" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="finite"):
+        with_head_weights(ModelVersion(registry / "1"), registry, {"click": bad, "like": 1.0})
+    assert list_versions(registry) == [1]
