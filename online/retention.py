@@ -228,7 +228,9 @@ class RetentionAnalysis:
         }
 
 
-def _standardised_fit(users: pd.DataFrame, signals: list[str], notes: list[str]) -> pd.DataFrame:
+def _standardised_fit(
+    users: pd.DataFrame, signals: list[str], notes: list[str], rule_input: bool = False
+) -> pd.DataFrame:
     usable = [s for s in signals if users[s].std() > 0]
     for s in set(signals) - set(usable):
         notes.append(f"{s}: the same rate for every user; left out of the regression")
@@ -247,10 +249,9 @@ def _standardised_fit(users: pd.DataFrame, signals: list[str], notes: list[str])
         # Separated data (every user who liked came back, say): the separating coefficient runs off with a
         # huge Wald interval that includes 0, so the rule gave the strongest signal 0 and the rest all the
         # weight. No intervals then: the rule keeps the current weights.
-        notes.append(
-            f"logistic regression on {usable} did not converge (separated data?): no intervals, so the rule "
-            "keeps the current weights"
-        )
+        # Only the head-signal fit is the rule's input: the all-signals fit not converging changes no weight.
+        consequence = "so the rule keeps the current weights" if rule_input else "(not the rule's input)"
+        notes.append(f"logistic regression on {usable} did not converge (separated data?): no intervals, {consequence}")
         table[["ci_low", "ci_high", "p_value"]] = np.nan
     return table[table["signal"] != "intercept"].reset_index(drop=True)
 
@@ -292,7 +293,7 @@ def analyze_retention(
         signals=list(signals),
         correlations=pd.DataFrame(rows),
         all_signals=_standardised_fit(users, list(signals), notes),
-        heads=_standardised_fit(users, head_signals, notes),
+        heads=_standardised_fit(users, head_signals, notes, rule_input=True),
         head_signals=head_signals,
         notes=notes,
     )

@@ -272,3 +272,21 @@ def test_non_finite_head_weights_publish_no_version(tmp_path, bad):
     with pytest.raises(ValueError, match="finite"):
         with_head_weights(ModelVersion(registry / "1"), registry, {"click": bad, "like": 1.0})
     assert list_versions(registry) == [1]
+
+
+def test_a_separated_non_head_signal_does_not_say_the_rule_keeps_the_weights():
+    """Every user who shared came back: the all-signals regression does not converge, but the rule reads
+    the head-signal one (no share head), which does, and derives new weights. The note on the
+    all-signals fit said "so the rule keeps the current weights", contradicting the decision."""
+    rng = np.random.default_rng(2)
+    n = 300
+    click = rng.gamma(2, 0.1, n)
+    share = np.where(rng.random(n) < 0.1, rng.gamma(2, 0.02, n), 0.0)
+    returned = (rng.random(n) < 1 / (1 + np.exp(-(click - click.mean()) / click.std()))) | (share > 0)
+    users = pd.DataFrame({s: rng.gamma(2, 0.05, n) for s in SIGNALS}).assign(click=click, share=share)
+    users["returned"] = returned
+    analysis = analyze_retention(users)
+    d = derive_head_weights(analysis.heads, HAND)
+    assert d.changed and d.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0}, d
+    (note,) = [n for n in analysis.notes if "did not converge" in n]
+    assert "share" in note and "keeps the current weights" not in note, note
