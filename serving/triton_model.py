@@ -143,7 +143,7 @@ class StageModel:
             try:
                 batch.append(self._unbatched_inputs(request))
                 where.append(i)
-            except RequestError as err:
+            except Exception as err:  # a RequestError or a bug: this request's answer, not the batch's
                 results[i] = err
         if batch:
             try:

@@ -98,3 +98,17 @@ def test_a_batched_path_that_fails_by_itself_is_logged_not_hidden():
     logs.clear()
     _adapter(False, logs).execute([_request(1), _request(-1)])
     assert logs == []
+
+
+class _Unreadable(_Tensor):
+    def as_numpy(self):
+        raise RuntimeError("tensor cannot be read")
+
+
+def test_a_request_whose_input_cannot_be_read_fails_alone_in_a_batch():
+    """Reading a batched request's inputs raised past ``execute`` for anything but a ``RequestError``,
+    failing every request of the batch (the unbatched path already answered it as INTERNAL)."""
+    logs = []
+    unreadable = {"x": _Unreadable("x", None)}
+    answers = _answers(_adapter(False, logs).execute([_request(1), unreadable, _request(3)]))
+    assert answers == [[[2]], ("INTERNAL", "doubler: internal error: RuntimeError: tensor cannot be read"), [[6]]]
