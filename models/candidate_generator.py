@@ -217,12 +217,8 @@ def train_candidate_generator(
         )
     validate = bool(valid_pos.num_rows) and (valid_pos.num_rows >= TOP_K or config.sampled_negatives >= TOP_K)
     if not validate:
-        log.warning(
-            "the validation part has %d clicks (recall@%d needs %d): the candidate generator trains without validation",
-            valid_pos.num_rows,
-            TOP_K,
-            TOP_K,
-        )
+        have = f"{valid_pos.num_rows} clicks (recall@{TOP_K} needs {TOP_K})" if valid_pos.num_rows else "no clicks"
+        log.warning("the validation part has %s: the candidate generator trains without validation", have)
         patience = None
     features = catalog_features(train.schema, catalog) if catalog is not None else None
     model = build_candidate_generator(train.schema, config, embeddings, train_pos, features)
