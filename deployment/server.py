@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import random
 import re
 import secrets
 import shutil
@@ -105,9 +106,37 @@ SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free port on loopback, drawn at random below the kernel's ephemeral range.
+
+    Triton binds seconds after the choice (and a restart binds the same ports again), so the port
+    must not be one the kernel hands out meanwhile: ``bind(0)`` chose from the ephemeral range, where
+    every client's outgoing connection and every other ``bind(0)`` (a parallel test's server, a
+    Jupyter kernel) takes ports too. A supervised restart lost its HTTP port that way in a full test
+    run (``PortTaken``, and the server did not come back)."""
+    low, high = listen_port_range()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken (or in TIME_WAIT): another draw
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listen_port_range() -> tuple[int, int]:
+    """``[low, high)``: the 12,000 ports below the kernel's ephemeral range (Linux's
+    ``ip_local_port_range``; 32768 where it cannot be read)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = max(ephemeral_low, 2048)
+    return max(1024, high - 12000), high
 
 
 def prepare_backend_dir(target: Path) -> Path:

@@ -54,3 +54,22 @@ def test_a_port_the_caller_gave_is_kept_and_named(tmp_path, taken_port, which):
         assert server.process is None  # stopped, not left serving without the port
     finally:
         server.cleanup()
+
+
+def test_chosen_ports_lie_below_the_kernels_ephemeral_range():
+    """``bind(0)`` chose ports from the ephemeral range, where every outgoing connection and every
+    other ``bind(0)`` (another test's server, a kernel) takes ports too: a supervised restart, which
+    must bind the same ports again, found its HTTP port taken in a full test run and never came back.
+    Ports are now drawn at random below that range, and each one drawn is free to bind."""
+    import socket
+
+    from deployment.server import free_port, listen_port_range
+
+    low, high = listen_port_range()
+    ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert high == ephemeral_low and high - low == 12000
+    ports = [free_port() for _ in range(200)]
+    assert all(low <= p < high for p in ports), sorted(p for p in ports if not low <= p < high)[:5]
+    assert len(set(ports)) > 150  # drawn at random, not the kernel's sequence
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))
