@@ -175,14 +175,15 @@ def positives(dataset: Dataset, label: str = "click") -> Dataset:
     return Dataset(ddf[schema.column_names], schema=schema)
 
 
-def loader(dataset: Dataset, config: CandidateGeneratorConfig, shuffle: bool = False) -> mm.Loader:
+def loader(dataset: Dataset, config: CandidateGeneratorConfig) -> mm.Loader:
     """Batches of ``config.batch_size`` positives. A last batch of fewer than ``TOP_K`` rows is
     dropped where the in-batch metrics would need more predictions than it has: a part of
     512 n + 5 clicks failed the whole training run ("The TopkMetric recall_at_10 cutoff (10) cannot be
-    bigger than the number of predictions per example"). Shuffled, another remainder goes each epoch."""
+    bigger than the number of predictions per example"). Shuffled (``mm.Loader``'s default, kept for
+    validation too: its in-batch recall depends on the batches), another remainder goes each epoch."""
     rest = dataset.num_rows % config.batch_size
     drop = dataset.num_rows > config.batch_size and 0 < rest < TOP_K and config.sampled_negatives < TOP_K
-    return mm.Loader(dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=drop)
+    return mm.Loader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=drop)
 
 
 def train_candidate_generator(
@@ -235,7 +236,7 @@ def train_candidate_generator(
             ),
         )
     history = model.fit(
-        loader(train_pos, config, shuffle=True),
+        loader(train_pos, config),
         validation_data=loader(valid_pos, config) if patience is not None else None,
         epochs=config.epochs,
         callbacks=callbacks,
