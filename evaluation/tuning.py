@@ -143,7 +143,7 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         # Nothing to measure: every trial scored 0 and the first of the grid would replace the
         # configured values for no reason. Keep them.
         log.warning("tuning: no validation user with a click the models could serve; keeping the configured values")
-        best = {"params": {key: tuning.current(config, key) for key in best["params"]}, metric: 0.0}
+        best = tuning.configured(config, best, metric)
     record = {
         "metric": metric,
         "part": "validation",
@@ -319,7 +319,7 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
             # Every candidate generator scored 0 on no user: the first of the grid would replace the
             # configured values for no reason (as in tune_on_validation). Keep them.
             log.warning("tuning: no validation user to compare candidate generators on; keeping the configured values")
-            best = {**best, "params": {key: tuning.current(config, key) for key in best["params"]}, metric: 0.0}
+            best = tuning.configured(config, best, metric)
         search = {
             "metric": metric,
             "part": "validation",

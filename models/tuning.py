@@ -104,6 +104,12 @@ def best_trial(trials: list[dict], metric: str) -> dict:
     return max(trials, key=lambda t: (t[metric], -trials.index(t)))
 
 
+def configured(config: Config, trial: dict, metric: str) -> dict:
+    """``trial`` with each of its knobs at the configured value and ``metric`` 0: for a search that
+    measured nothing (no validation user), whose first trial would replace the config for no reason."""
+    return {**trial, "params": {key: current(config, key) for key in trial["params"]}, metric: 0.0}
+
+
 # The item affinity's fit: its penalty and dropout change a served list only through the blend's
 # affinity weight.
 AFFINITY_WEIGHT = "serving.ordering.affinity_weight"

@@ -55,10 +55,10 @@ def check_labels_agree(raw, transformed, watch_threshold: float, duration_op=Non
     expected = {name: r[name] > 0 for name in layout.binary_labels}
     expected.update({name: r[name] >= threshold for name, threshold in layout.thresholds})
     if layout.watch_labels:
-        # As a fraction, as the label is: watch_threshold * duration can round past a whole second.
-        expected["watched"] = r["watch_seconds"] / r["duration_seconds"].clip(lower=1) >= watch_threshold
-    if duration_op is not None and "duration_watch" in labels:
         fraction = r["watch_seconds"] / r["duration_seconds"].clip(lower=1)
+        # As a fraction, as the label is: watch_threshold * duration can round past a whole second.
+        expected["watched"] = fraction >= watch_threshold
+    if duration_op is not None and "duration_watch" in labels:
         threshold = r["duration_seconds"].astype("float64") * 0.0
         bucket = r["duration_seconds"] * 0
         for edge in duration_op.bucket_edges:
