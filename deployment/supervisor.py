@@ -3,18 +3,25 @@
 A stage's Python stub can die (out of memory, a crash in native code, a kill). The supervisor
 notices because a probe request through the whole ``funnel`` ensemble fails (or the server process
 is gone) ``failures`` times in a row, and then restarts the server on the same ports, so clients
-reconnect without any manual step. Only the funnel is probed: a dead ``ab_router`` or ``feedback``
-stub is not noticed. ``tests/test_triton_integration.py`` kills a
-stage's stub with SIGKILL and checks that the funnel answers again.
+reconnect without any manual step. A server that keeps failing soon after each restart (a stage
+that crashes on every request, a model that no longer loads) is restarted with an exponential
+backoff, as Kubernetes backs off a crash-looping container: every restart loads every stage's
+model again, and restarting in a tight loop would take the machine's CPU from everything else. The
+backoff resets once the server has answered for ``stable_s`` after its last restart. Only the funnel
+is probed: a dead ``ab_router`` or ``feedback`` stub is not noticed. ``tests/test_triton_integration.py``
+kills a stage's stub with SIGKILL and checks that the funnel answers again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 
 from deployment.server import TritonServer
+
+log = logging.getLogger(__name__)
 
 
 def funnel_probe(url: str, root_certificates: str | None = None) -> None:
@@ -53,13 +60,22 @@ class Supervisor:
         probe: Callable[[str], None] | None = None,
         interval_s: float = 1.0,
         failures: int = 2,
+        backoff_s: float = 5.0,
+        max_backoff_s: float = 300.0,
+        stable_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.server = server
         # The funnel probe over gRPC; over HTTP where gRPC speaks TLS (funnel_probe_http). ``probe``
         # is given the server's gRPC URL.
         self.probe = probe or (lambda url: funnel_probe_http(server.http_url) if server.tls_cert else funnel_probe(url))
         self.interval_s, self.failures = interval_s, failures
+        # A restart within stable_s of the previous one waits backoff_s after it, the next one twice
+        # that, ... up to max_backoff_s.
+        self.backoff_s, self.max_backoff_s, self.stable_s, self.clock = backoff_s, max_backoff_s, stable_s, clock
         self.restarts = 0
+        self.quick_restarts = 0  # restarts in a row that each came within stable_s of the one before
+        self._last_restart: float | None = None
         self.last_error: str | None = None
         self._failed = 0
         self._stop = threading.Event()
@@ -72,18 +88,43 @@ class Supervisor:
                 raise RuntimeError("tritonserver process is not running")
             self.probe(self.server.grpc_url)
             self._failed = 0
+            if self._last_restart is not None and self.clock() - self._last_restart >= self.stable_s:
+                self.quick_restarts = 0
             return True
         except Exception as err:
             self._failed += 1
             self.last_error = f"{type(err).__name__}: {err}"
             if self._failed >= self.failures:
+                wait = self.restart_delay()
+                if wait > 0:
+                    self.last_error += f" (restart in {wait:.0f} s: failed within {self.stable_s:.0f} s of a restart)"
+                    return False
                 self._failed = 0
-                try:
-                    self.server.restart()
-                    self.restarts += 1
-                except Exception as restart_err:  # keep supervising: the next probe tries again
-                    self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"
+                self._restart()
             return False
+
+    def restart_delay(self) -> float:
+        """Seconds left before the next restart may start: 0 unless the server keeps failing soon
+        after its restarts (then ``backoff_s``, doubling per quick restart, at most ``max_backoff_s``)."""
+        if self._last_restart is None or self.clock() - self._last_restart >= self.stable_s:
+            return 0.0
+        backoff = min(self.max_backoff_s, self.backoff_s * 2**self.quick_restarts)
+        return max(0.0, backoff - (self.clock() - self._last_restart))
+
+    def _restart(self) -> None:
+        if self._last_restart is not None and self.clock() - self._last_restart < self.stable_s:
+            self.quick_restarts += 1
+        else:
+            self.quick_restarts = 0
+        log.warning("restarting tritonserver after %d failed probes: %s", self.failures, self.last_error)
+        try:
+            self.server.restart()
+            self.restarts += 1
+        except Exception as restart_err:  # keep supervising: the next probe tries again
+            self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"
+            log.error("tritonserver restart failed: %s", self.last_error)
+        finally:
+            self._last_restart = self.clock()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

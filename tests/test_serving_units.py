@@ -510,10 +510,54 @@ def test_the_supervisor_keeps_supervising_after_a_failed_restart():
     def probe(url):
         raise ConnectionError("down")
 
-    supervisor = Supervisor(server, probe=probe, failures=2)
-    results = [supervisor.check_once() for _ in range(4)]
+    now = [0.0]
+    supervisor = Supervisor(server, probe=probe, failures=2, clock=lambda: now[0])
+    results = []
+    for _ in range(4):
+        results.append(supervisor.check_once())
+        now[0] += 10.0  # past the first backoff (5 s): this test is about the failed restart
     assert results == [False] * 4 and len(attempts) == 2 and supervisor.restarts == 1
     assert supervisor.last_error == "ConnectionError: down"
+
+
+def test_the_supervisor_backs_off_a_server_that_keeps_failing_after_its_restarts():
+    """A server that fails again soon after every restart (a stage crashing on each request) is not
+    restarted in a tight loop: each restart within ``stable_s`` of the one before waits twice as long
+    (5, 10, 20 s here, at most ``max_backoff_s``), and a server that answered for ``stable_s`` after
+    its last restart is restarted at once again."""
+    from types import SimpleNamespace
+
+    from deployment.supervisor import Supervisor
+
+    now, restarted_at, healthy = [0.0], [], [False]
+    server = SimpleNamespace(
+        process=SimpleNamespace(poll=lambda: None),
+        grpc_url="x",
+        tls_cert=None,
+        restart=lambda: restarted_at.append(now[0]),
+    )
+
+    def probe(url):
+        if not healthy[0]:
+            raise ConnectionError("stage crashed")
+
+    supervisor = Supervisor(
+        server, probe=probe, failures=1, backoff_s=5, max_backoff_s=15, stable_s=60, clock=lambda: now[0]
+    )
+    for _ in range(60):  # one probe a second, never healthy
+        supervisor.check_once()
+        now[0] += 1.0
+    # at once, then 5, 10 and (capped) 15, 15 s after the restart before
+    assert restarted_at == [0, 5, 15, 30, 45], restarted_at
+    assert "restart in" in supervisor.last_error and supervisor.restarts == 5
+
+    healthy[0] = True
+    for _ in range(60):  # answers for stable_s after the last restart: the backoff resets
+        assert supervisor.check_once()
+        now[0] += 1.0
+    healthy[0] = False
+    supervisor.check_once()
+    assert restarted_at[-1] == now[0] and supervisor.quick_restarts == 0
 
 
 def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
