@@ -7,11 +7,18 @@ builds the online feature store. With ``serving.batching.fuse_stages`` the stage
 one model instead, ``fused_funnel/<version>/<stage>/`` (``serving/fused.py``), and the ensembles
 call it as their one step. The repository is assembled in a temporary folder beside the target and
 renamed into place only when complete, so a server never sees a partial export.
+
+Exports into one folder take turns (``exclusive``: a lock on the folder holding the repository),
+and each first removes what an export killed there left behind (its staging folder, the old
+repository it was deleting): under the lock no other export is using them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +42,8 @@ from serving.interface import (
     stage_folder,
 )
 from serving.online_store import build_online_store
+
+log = logging.getLogger(__name__)
 
 TRITON_REPO_SOURCE = Path(__file__).resolve().parents[1] / "triton_repo"
 STAGE_ARTIFACTS = {
@@ -85,6 +94,29 @@ def install_model_py(src: Path, version_dir: Path) -> Path:
     return target
 
 
+# tempfile.mkdtemp's random part: 8 of [a-z0-9_].
+TEMP_SUFFIX = "[a-z0-9_]{8}"
+
+
+@contextlib.contextmanager
+def exclusive(parent: Path, leftovers: str = ""):
+    """Hold an exclusive lock on folder ``parent`` (an flock on the folder itself: no lock file is
+    left beside the repository), then remove the folders in it whose names fully match the regex
+    ``leftovers``: temporary folders of an export that was killed (SIGKILL, out of memory) before
+    its cleanup ran. Every export makes those only while it holds this lock, so none is in use."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if leftovers:
+            for path in parent.iterdir():
+                if path.is_dir() and not path.is_symlink() and re.fullmatch(leftovers, path.name):
+                    log.warning("removing %s, left by an export that did not finish", path)
+                    shutil.rmtree(path, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _copy(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst)
@@ -110,10 +142,6 @@ def export_repository(
     ``export.json``) or an empty folder is replaced.
     """
     out_repo, source = Path(out_repo).resolve(), Path(source)
-    if out_repo.exists() and not replace:
-        raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
-    if out_repo.is_dir() and any(out_repo.iterdir()):
-        exported_version(out_repo)  # replace only an export: never a folder named by mistake (the registry)
     manifest = model.manifest
     version = str(manifest["version"])
     batching = batching or batching_of(manifest)
@@ -125,6 +153,17 @@ def export_repository(
         )
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_repo.parent, rf"\.{re.escape(out_repo.name)}-(staging|old)-{TEMP_SUFFIX}"):
+        # Checked under the lock: an export that waited for another one sees what that one wrote.
+        if out_repo.exists() and not replace:
+            raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
+        if out_repo.is_dir() and any(out_repo.iterdir()):
+            exported_version(out_repo)  # replace only an export: never a folder named by mistake (the registry)
+        _export(model, out_repo, manifest, version, source, batching, metrics_interval)
+    return out_repo
+
+
+def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, batching, metrics_interval) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
     try:
         # Fused: one model holding every stage's folder (serving/fused.py); else one model per stage.
@@ -195,7 +234,6 @@ def export_repository(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_repo
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -39,7 +39,9 @@ from pathlib import Path
 
 from deployment.export import (
     STAGE_ARTIFACTS,
+    TEMP_SUFFIX,
     check_complete,
+    exclusive,
     export_repository,
     exported_version,
     install_model_py,
@@ -96,6 +98,13 @@ def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
     ``roll_out`` switches the ensemble to the fused funnel, and ``retire`` of the last staged version
     unloads the stage models."""
     repo = Path(repo).resolve()
+    # Versions are added one at a time (and not during an export into the same folder); a killed
+    # add_version's staging folder is removed first.
+    with exclusive(repo.parent, rf"\.{re.escape(repo.name)}-v\d+-{TEMP_SUFFIX}"):
+        return _add_version(model, repo, batching)
+
+
+def _add_version(model: ModelVersion, repo: Path, batching) -> int:
     version = int(model.version)
     clash = [s for s in STAGES if (repo / s / str(version)).exists()]
     if clash and not (repo / ensemble_name(version)).exists():

@@ -182,3 +182,59 @@ def test_a_replace_never_leaves_the_served_path_empty(tiny_version, tmp_path, mo
     monkeypatch.setattr(export, "exchange", lambda a, b: False)  # what the two renames did
     export_repository(tiny_version, target, replace=True)
     assert len(empty) == 1
+
+
+def test_an_export_removes_what_a_killed_export_left_beside_the_repository(tiny_version, tmp_path):
+    """An export killed (SIGKILL, out of memory) before its cleanup leaves its staging folder, or the
+    old repository it was deleting, beside the target: a full model's copy each, piling up with every
+    such kill. The next export into that folder removes them (its own kind only, and only there)."""
+    target = export_repository(tiny_version, tmp_path / "repo")
+    left = [tmp_path / ".repo-staging-k1ll3d_0", tmp_path / ".repo-old-abcd_123"]
+    kept = [tmp_path / ".other-staging-k1ll3d_0", tmp_path / ".repo-old-12345", tmp_path / "repo-staging-k1ll3d_0"]
+    for folder in left + kept:
+        (folder / "retrieval").mkdir(parents=True)
+        (folder / "retrieval" / "config.pbtxt").write_text("half written")
+    export_repository(tiny_version, target, replace=True)
+    assert exported_version(target) == 1
+    assert not any(folder.exists() for folder in left)
+    assert all((folder / "retrieval" / "config.pbtxt").exists() for folder in kept)
+
+
+def test_two_exports_into_one_path_take_turns(tiny_version, tmp_path, monkeypatch):
+    """Two exports without ``replace`` into the same new path (a retraining run's and one by hand)
+    both passed the 'exists' check before either had moved its repository in: the second then
+    swapped its export in over the first, as if it had been asked to replace it. They now take
+    turns, and the second is refused."""
+    import threading
+
+    from deployment import export
+
+    check, started, release = export.check_complete, threading.Event(), threading.Event()
+
+    def slow_first_check(*args):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return check(*args)
+
+    monkeypatch.setattr(export, "check_complete", slow_first_check)
+    target, outcomes = tmp_path / "repo", {}
+
+    def run(name):
+        try:
+            export_repository(tiny_version, target)
+            outcomes[name] = "exported"
+        except FileExistsError:
+            outcomes[name] = "refused"
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(1.0)  # it waits for the first instead of exporting meanwhile
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert outcomes == {"first": "exported", "second": "refused"}
+    assert exported_version(target) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["repo"]

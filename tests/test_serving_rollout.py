@@ -238,7 +238,10 @@ def test_add_version_clears_what_a_killed_add_version_left(two_versions, tmp_pat
     add_version(v2, repo)
     shutil.rmtree(repo / ensemble_name(2))  # as if killed before the last rename
     shutil.rmtree(repo / "ordering" / "2")
+    staged = tmp_path / ".triton_repo-v2-k1ll3d_0" / "repo" / "ordering"  # and its staging folder left
+    staged.mkdir(parents=True)
     assert add_version(v2, repo) == 2
+    assert not staged.parent.parent.exists()
     assert (repo / ensemble_name(2)).is_dir() and (repo / "ordering" / "2").is_dir()
     with pytest.raises(FileExistsError, match="already in"):  # a complete version is still refused
         add_version(v2, repo)
