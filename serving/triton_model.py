@@ -148,6 +148,8 @@ class StageModel:
         if batch:
             try:
                 outputs = self.stage.run_batch(batch)
+                if len(outputs) != len(batch):  # zip would leave the last requests without an answer
+                    raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(batch)} requests")
             except Exception as err:  # one malformed request must not fail the others: serve them alone
                 if not isinstance(err, RequestError):  # the server's fault: say so, or every batch falls back unseen
                     self.pb.Logger.log_warn(

@@ -112,3 +112,17 @@ def test_a_request_whose_input_cannot_be_read_fails_alone_in_a_batch():
     unreadable = {"x": _Unreadable("x", None)}
     answers = _answers(_adapter(False, logs).execute([_request(1), unreadable, _request(3)]))
     assert answers == [[[2]], ("INTERNAL", "doubler: internal error: RuntimeError: tensor cannot be read"), [[6]]]
+
+
+def test_a_batched_path_that_answers_too_few_requests_is_served_one_by_one():
+    """A ``run_batch`` returning fewer results than requests left the last requests with no result:
+    each got an internal error ("'NoneType' object is not subscriptable") though it would have been
+    answered alone. The batch is now served one by one, and the log says why."""
+    logs = []
+    model = _adapter(False, logs)
+    model.stage.run_batch = lambda batch: [model.stage.run(inputs) for inputs in batch[:-1]]
+    assert _answers(model.execute([_request(1), _request(2), _request(3)])) == [[[2]], [[4]], [[6]]]
+    assert logs == [
+        "doubler: run_batch failed, serving 3 requests one by one: "
+        "RuntimeError: run_batch returned 2 results for 3 requests"
+    ]
