@@ -20,6 +20,51 @@ import yaml
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
 
 
+def _require(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse ``value`` of ``name`` (a dotted config key) outside ``low``..``high`` (``None``: unbounded
+    on that side; ``*_open``: the end itself is refused). NaN and inf are refused whatever the bounds:
+    a number a config gives is finite."""
+    ok = (
+        math.isfinite(value)
+        and (low is None or (low < value if low_open else low <= value))
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if ok:
+        return
+    if low is not None and high is not None:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        what = f"{'>' if low_open else '>='} {low:g}" + ("" if isinstance(value, int) else " and finite")
+    elif high is not None:
+        what = f"{'<' if high_open else '<='} {high:g}" + ("" if isinstance(value, int) else " and finite")
+    else:
+        what = "a finite number"
+    raise ValueError(f"{name} must be {what}, got {value}")
+
+
+def _require_layers(name: str, layers: list[int], *, allow_empty: bool = False) -> None:
+    """Layer widths: each >= 1 (a Dense layer of 0 units or fewer fails only when the model is built)."""
+    if not layers and not allow_empty:
+        raise ValueError(f"{name} must list at least one layer width, got {layers}")
+    for i, width in enumerate(layers):
+        _require(f"{name}[{i}]", width, 1)
+
+
+def _require_training(section: str, config: Any) -> None:
+    """``epochs``, ``batch_size`` and ``learning_rate`` of a model's config section."""
+    _require(f"{section}.epochs", config.epochs, 1)
+    _require(f"{section}.batch_size", config.batch_size, 1)
+    _require(f"{section}.learning_rate", config.learning_rate, 0, low_open=True)
+
+
 @dataclass
 class SyntheticDataConfig:
     """Knobs of the seeded synthetic interaction log (``workflows/sources/synthetic.py``)."""
@@ -43,6 +88,26 @@ class SyntheticDataConfig:
     repeated_event_fraction: float = 0.01  # exact copies of event rows (logging retries)
     long_item_watch_penalty: float = 0.5  # long items are watched to a smaller fraction (per log-minute)
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("num_users", "num_items", "num_categories", "latent_dim", "days"):
+            _require(f"synthetic.{name}", getattr(self, name), 1)
+        _require("synthetic.events_per_user", self.events_per_user, 0, low_open=True)  # its log is taken
+        _require("synthetic.popularity_skew", self.popularity_skew, 0)
+        for name in ("exposure_sharpness", "preference_strength", "long_item_watch_penalty"):
+            _require(f"synthetic.{name}", getattr(self, name))
+        for name in (
+            "personalized_exposure",
+            "inactive_user_fraction",
+            "one_off_user_fraction",
+            "interest_drift",
+            "duplicate_item_fraction",
+            "unsafe_item_fraction",
+            "clickbait_item_fraction",
+            "repeated_event_fraction",
+        ):
+            _require(f"synthetic.{name}", getattr(self, name), 0, 1)
+        _require("synthetic.seed", self.seed, 0)  # numpy's seeds are non-negative
 
 
 @dataclass
@@ -91,6 +156,7 @@ class SplitConfig:
             raise ValueError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
         if self.kind == "explicit" and not (self.train_file and self.valid_file):
             raise ValueError("split.kind 'explicit' needs split.train_file and split.valid_file")
+        _require("split.seed", self.seed, 0)
 
 
 @dataclass
@@ -212,6 +278,8 @@ class FeatureConfig:
         seconds = self.activity_window_seconds  # raises on a malformed window
         if len(set(seconds)) != len(seconds):
             raise ValueError(f"features.activity_windows has duplicate windows: {self.activity_windows}")
+        for name in ("id_freq_threshold", "attribute_freq_threshold", "attribute_num_buckets"):
+            _require(f"features.{name}", getattr(self, name), 0)
 
     point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
     point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
@@ -244,6 +312,7 @@ class NegativeSamplingConfig:
             raise ValueError(f"negative_sampling.kind must be none/uniform/popularity, got {self.kind!r}")
         if not 0 < self.ratio < float("inf"):  # NaN or inf negatives per positive
             raise ValueError(f"negative_sampling.ratio must be > 0 and finite, got {self.ratio}")
+        _require("negative_sampling.seed", self.seed, 0)
 
 
 @dataclass
@@ -268,6 +337,11 @@ class WorkflowConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     negative_sampling: NegativeSamplingConfig = field(default_factory=NegativeSamplingConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+
+    def __post_init__(self) -> None:
+        # A fraction of the item's duration (workflows/labels.py): at 0 or below every impression (and
+        # sampled negative) was labelled watched, above 1 none could be.
+        _require("workflow.watch_threshold", self.watch_threshold, 0, 1, low_open=True)
 
 
 # The range each scalar knob the tuning step searches may take, by its TuningConfig field: (low, high,
@@ -324,6 +398,9 @@ class CandidateGeneratorConfig:
     early_stopping: bool = True
 
     def __post_init__(self) -> None:
+        _require("candidate_generator.embedding_dim", self.embedding_dim, 1)
+        _require_layers("candidate_generator.tower_layers", self.tower_layers)  # the builder reads [-1]
+        _require_training("candidate_generator", self)
         check_domain("candidate_generator.logq_strength", self.logq_strength, "logq_strength")
         check_domain("candidate_generator.sampled_negatives", self.sampled_negatives, "sampled_negatives")
 
@@ -348,6 +425,7 @@ class EmbeddingConfig:
             raise ValueError(f"embeddings: need 1 <= min_dim <= max_dim, got {self.min_dim}, {self.max_dim}")
         if self.max_rows < 16:
             raise ValueError(f"embeddings.max_rows must be >= 16, got {self.max_rows}")
+        _require("embeddings.multiplier", self.multiplier, 0, low_open=True)
 
 
 @dataclass
@@ -387,6 +465,9 @@ class LightRankerConfig:
             raise ValueError(f"light_ranker.negatives_per_positive must be >= 1, got {self.negatives_per_positive}")
         if not self.features:
             raise ValueError("light_ranker.features must name at least one feature")
+        _require("light_ranker.cross_depth", self.cross_depth, 1)  # Merlin's CrossBlock refuses depth <= 0
+        _require_layers("light_ranker.deep_layers", self.deep_layers, allow_empty=True)
+        _require_training("light_ranker", self)
 
 
 @dataclass
@@ -440,6 +521,9 @@ class HeavyRankerConfig:
                 )
             if not all(0 <= w < float("inf") for w in self.member_weights) or sum(self.member_weights) <= 0:
                 raise ValueError(f"heavy_ranker.member_weights must be finite, >= 0, not all 0: {self.member_weights}")
+        _require("heavy_ranker.cross_depth", self.cross_depth, 1)
+        _require_layers("heavy_ranker.deep_layers", self.deep_layers, allow_empty=True)
+        _require_training("heavy_ranker", self)
 
 
 @dataclass
@@ -453,6 +537,11 @@ class TrainingConfig:
     history_event: str = "click"
     mlflow_tracking_uri: str = ""  # "" -> file:<registry>/../mlruns
     mlflow_experiment: str = "merlin-funnel"
+
+    def __post_init__(self) -> None:
+        # Keras' EarlyStopping: 0 stops at the first epoch without improvement; below 0 it stopped every
+        # stage after its second epoch, improving or not.
+        _require("training.early_stopping_patience", self.early_stopping_patience, 0)
 
 
 @dataclass
@@ -605,10 +694,17 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_k < 1:
             raise ValueError(f"serving.max_k must be >= 1, got {self.max_k}")
+        # retrieval_k 0 or below failed in faiss at the first request; light_ranker_k 0 emptied every
+        # list (-1 dropped the last candidate: serving/stages.py keeps ``[: light_ranker_k]``). No order
+        # between them and max_k is assumed: the light ranker keeps what there is, and the ordering stage
+        # tops a list shorter than k up from the fallback.
+        _require("serving.retrieval_k", self.retrieval_k, 1)
+        _require("serving.light_ranker_k", self.light_ranker_k, 1)
+        _require("serving.exact_index_max_items", self.exact_index_max_items, 0)
         # A half-life of 0 made every fallback score NaN, a negative one weighted old clicks above new
         # ones; a new-item weight outside [0, 1] was refused only at the end of a training run.
-        if not self.fallback_window_days > 0:
-            raise ValueError(f"serving.fallback_window_days must be > 0, got {self.fallback_window_days}")
+        if not 0 < self.fallback_window_days < float("inf"):
+            raise ValueError(f"serving.fallback_window_days must be > 0 and finite, got {self.fallback_window_days}")
         if not 0.0 <= self.fallback_new_item_weight <= 1.0:
             raise ValueError(f"serving.fallback_new_item_weight must be in [0, 1], got {self.fallback_new_item_weight}")
         if not 0.0 <= self.metrics_interval_s <= 60.0:
@@ -685,6 +781,7 @@ class SimulationConfig:
             raise ValueError(f"online.simulation.days and k must be >= 1, got {self.days}, {self.k}")
         if self.seed < 0:  # numpy's seeds are non-negative; refused here, not in the first worker thread
             raise ValueError(f"online.simulation.seed must be >= 0, got {self.seed}")
+        _require("online.simulation.concurrency", self.concurrency, 1)  # 0 or below was served as 1
 
 
 @dataclass
@@ -762,6 +859,13 @@ class Config:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        _require("seed", self.seed, 0)  # numpy's seeds are non-negative
+        # Every simulated request asks for online.simulation.k items; the funnel refuses a k above
+        # serving.max_k (serving/request.py RequestLimits.k), so every request of the A/B test failed.
+        if self.online.simulation.k > self.serving.max_k:
+            raise ValueError(
+                f"online.simulation.k must be <= serving.max_k ({self.serving.max_k}), got {self.online.simulation.k}"
+            )
         members = len(self.heavy_ranker.members)
         wrong = [w for w in self.tuning.member_weights if len(w) != members]
         if wrong:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from configs import Config, load_config
@@ -147,3 +149,101 @@ def test_config_flag_errors_are_one_line_naming_the_problem(tmp_path):
         config_file(str(path))
     with pytest.raises(ValueError, match=r"^top level: unknown key\(s\) \['sead'\]"):
         load_config(overrides={"sead": 1})
+
+
+INF = float("inf")
+# Every numeric knob that had no range check: (dotted key, bad values). A bad value passed the loader and
+# failed only deep inside training or serving (tower_layers []: IndexError in the model builder; cross_depth
+# 0: Merlin's ValueError once the data was processed), or silently did the wrong thing (light_ranker_k 0:
+# every funnel list emptied by the light ranker, -1 dropped its last candidate; watch_threshold 0: every
+# impression "watched").
+UNCHECKED = [
+    *(
+        (f"{stage}.{key}", bad)
+        for stage in ("candidate_generator", "light_ranker", "heavy_ranker")
+        for key, bad in (("epochs", [0, -1]), ("batch_size", [0, -1]), ("learning_rate", [0, -0.01, NAN, INF]))
+    ),
+    ("candidate_generator.embedding_dim", [0, -1]),
+    ("candidate_generator.tower_layers", [[], [64, 0], [-1]]),
+    ("light_ranker.deep_layers", [[32, 0], [-1]]),
+    ("heavy_ranker.deep_layers", [[128, 0]]),
+    ("light_ranker.cross_depth", [0, -1]),  # Merlin's CrossBlock: "depth should be positive"
+    ("heavy_ranker.cross_depth", [0, -1]),
+    ("training.early_stopping_patience", [-1]),
+    ("workflow.watch_threshold", [0, -0.5, 1.5, NAN, INF]),
+    ("workflow.features.id_freq_threshold", [-1]),
+    ("workflow.features.attribute_freq_threshold", [-1]),
+    ("workflow.features.attribute_num_buckets", [-1]),
+    ("workflow.split.seed", [-1]),
+    ("workflow.negative_sampling.seed", [-1]),
+    ("embeddings.multiplier", [0, -1, NAN, INF]),
+    ("serving.retrieval_k", [0, -1]),
+    ("serving.light_ranker_k", [0, -1]),
+    ("serving.exact_index_max_items", [-1]),
+    ("serving.fallback_window_days", [INF]),
+    ("online.simulation.concurrency", [0, -1]),
+    ("synthetic.num_users", [0, -1]),
+    ("synthetic.num_items", [0]),
+    ("synthetic.num_categories", [0]),
+    ("synthetic.latent_dim", [0]),
+    ("synthetic.days", [0]),
+    ("synthetic.events_per_user", [0, -1, NAN, INF]),
+    ("synthetic.popularity_skew", [-1, NAN, INF]),
+    ("synthetic.personalized_exposure", [-0.1, 1.5, NAN]),
+    ("synthetic.exposure_sharpness", [NAN, INF]),
+    ("synthetic.preference_strength", [NAN, INF]),
+    ("synthetic.long_item_watch_penalty", [NAN, INF]),
+    ("synthetic.interest_drift", [-0.1, 1.5, NAN]),
+    ("synthetic.inactive_user_fraction", [-0.1, 1.5, NAN]),
+    ("synthetic.one_off_user_fraction", [-0.1, 1.5]),
+    ("synthetic.duplicate_item_fraction", [-0.1, 1.5]),
+    ("synthetic.unsafe_item_fraction", [-0.1, 1.5]),
+    ("synthetic.clickbait_item_fraction", [-0.1, 1.5]),
+    ("synthetic.repeated_event_fraction", [-0.1, 1.5]),
+    ("synthetic.seed", [-1]),
+    ("seed", [-1]),
+]
+
+
+def _nested(key: str, value) -> dict:
+    *path, last = key.split(".")
+    out: dict = {last: value}
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+@pytest.mark.parametrize("key, bad", [(k, v) for k, values in UNCHECKED for v in values], ids=str)
+def test_every_numeric_knob_is_range_checked_naming_its_key(key, bad):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides=_nested(key, bad))
+    # The dotted key as the section's existing messages write it (workflow's sub-sections without "workflow.").
+    named = key.removeprefix("workflow.") if key.count(".") == 2 and key.startswith("workflow.") else key
+    assert named in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, good",
+    [
+        ("training.early_stopping_patience", 0),  # Keras: stop at the first epoch without improvement
+        ("workflow.watch_threshold", 1.0),
+        ("serving.light_ranker_k", 400),  # more than retrieval_k: keeps every filtered candidate
+        ("serving.max_k", 250),  # more than light_ranker_k: the ordering stage tops short lists up
+        ("online.simulation.position_decay", 1.0),
+        ("synthetic.interest_drift", 1.0),
+        ("embeddings.multiplier", 0.5),
+    ],
+)
+def test_the_edges_of_the_new_ranges_still_load(key, good):
+    load_config(overrides=_nested(key, good))
+
+
+def test_simulated_requests_must_fit_serving_max_k():
+    # serving/request.py refuses k above serving.max_k: every simulated request of the A/B test failed.
+    with pytest.raises(ValueError, match=r"online\.simulation\.k .*serving\.max_k"):
+        load_config(overrides={"online": {"simulation": {"k": 20}}, "serving": {"max_k": 10}})
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_loads(path):
+    load_config(path)
