@@ -703,8 +703,8 @@ class ServingConfig:
         _require("serving.exact_index_max_items", self.exact_index_max_items, 0)
         # A half-life of 0 made every fallback score NaN, a negative one weighted old clicks above new
         # ones; a new-item weight outside [0, 1] was refused only at the end of a training run.
-        if not 0 < self.fallback_window_days < float("inf"):
-            raise ValueError(f"serving.fallback_window_days must be > 0 and finite, got {self.fallback_window_days}")
+        if not self.fallback_window_days > 0:  # inf: no decay, plain popularity
+            raise ValueError(f"serving.fallback_window_days must be > 0, got {self.fallback_window_days}")
         if not 0.0 <= self.fallback_new_item_weight <= 1.0:
             raise ValueError(f"serving.fallback_new_item_weight must be in [0, 1], got {self.fallback_new_item_weight}")
         if not 0.0 <= self.metrics_interval_s <= 60.0:

@@ -180,7 +180,7 @@ UNCHECKED = [
     ("serving.retrieval_k", [0, -1]),
     ("serving.light_ranker_k", [0, -1]),
     ("serving.exact_index_max_items", [-1]),
-    ("serving.fallback_window_days", [INF]),
+    ("serving.fallback_window_days", [0, -1, NAN]),
     ("online.simulation.concurrency", [0, -1]),
     ("synthetic.num_users", [0, -1]),
     ("synthetic.num_items", [0]),
