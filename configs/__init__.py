@@ -231,6 +231,14 @@ class ContentFilterConfig:
         ]
     )
 
+    def __post_init__(self) -> None:
+        # An empty term is a pattern that matches every title: every item was flagged unsafe and the
+        # whole catalog filtered out. Blanks around a term are never part of it.
+        blank = [i for i, term in enumerate(self.denylist) if not term.strip()]
+        if blank:
+            raise ValueError(f"workflow.content_filter.denylist has empty terms (positions {blank}): {self.denylist}")
+        self.denylist = [term.strip() for term in self.denylist]
+
 
 @dataclass
 class LabelConfig:

@@ -141,6 +141,25 @@ def test_denylisted_terms_that_start_or_end_with_punctuation_match_as_whole_term
     assert keyword_classifier(items, config).tolist() == [True, True, False, True, True]
 
 
+def test_a_blank_denylist_term_is_refused_and_blanks_around_terms_do_not_count():
+    """An empty term (a stray "" in the YAML list) made a pattern that matched every title: every item
+    was flagged unsafe and the whole catalog filtered out. " nsfw " matched only after a space, and a
+    phrase only with exactly its single spaces."""
+    import pandas as pd
+
+    from workflows.content_filter import keyword_classifier
+
+    for bad in ([""], ["gore", "  "]):
+        with pytest.raises(ValueError, match="content_filter.denylist has empty terms"):
+            ContentFilterConfig(denylist=bad)
+    items = pd.DataFrame(
+        {"item_id": [1, 2, 3, 4], "title": ["a nice film", "nsfw clip", "Graphic  violence", "graphic\nviolence!"]}
+    )
+    config = ContentFilterConfig(denylist=[" nsfw ", "graphic violence"], columns=["title"])
+    assert config.denylist == ["nsfw", "graphic violence"]
+    assert keyword_classifier(items, config).tolist() == [False, True, True, True]
+
+
 def test_signatures_keep_every_script_and_never_match_a_missing_title():
     """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
     missing title became "none": different films of one category and length then merged."""

@@ -28,10 +28,12 @@ from workflows.rows import IsIn, filter_rows
 def _whole(term: str) -> str:
     """``term`` as a regex matching it as a whole word or phrase. A word boundary is asked for only at
     an end that is a word character: ``\\b`` next to punctuation needs a word character on the far side,
-    so ``f***`` wrapped in ``\\b...\\b`` matched "f***ing" but never "f***" on its own."""
+    so ``f***`` wrapped in ``\\b...\\b`` matched "f***ing" but never "f***" on its own. The words of a
+    phrase match across any run of whitespace (a title's double space or line break)."""
+    term = term.strip()
     start = r"\b" if re.match(r"\w", term) else ""
     end = r"\b" if re.search(r"\w$", term) else ""
-    return start + re.escape(term) + end
+    return start + r"\s+".join(re.escape(word) for word in term.split()) + end
 
 
 def keyword_classifier(items, config: ContentFilterConfig):
