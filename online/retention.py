@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -450,7 +451,9 @@ def write_retention_report(result: dict, out_dir: str | Path, analysis: Retentio
     """``retention.json`` (everything in ``result``) and ``retention.md`` (the tables and the verdict)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "retention.json").write_text(json.dumps(result, indent=2, default=_jsonable))
+    # Standard JSON: a coefficient the data cannot give (an aliased or constant signal) is null, not
+    # Python's NaN, which jq, JavaScript's JSON.parse and most JSON readers refuse.
+    (out / "retention.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False))
     md = [
         "# Objective weights from retention",
         "",
@@ -470,12 +473,21 @@ def write_retention_report(result: dict, out_dir: str | Path, analysis: Retentio
 
 
 def _jsonable(value):
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
+    """``value`` as plain JSON types, every number that is not finite as None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     if isinstance(value, pd.DataFrame):
-        return value.to_dict(orient="records")
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
+        return _jsonable(value.to_dict(orient="records"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
     return str(value)
 
 

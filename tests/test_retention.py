@@ -1,6 +1,7 @@
 """Objective weights from retention: the rule, the analysis on logs whose truth is planted, and the
 reweighted model version served in-process."""
 
+import dataclasses
 import filecmp
 import json
 import shutil
@@ -112,6 +113,29 @@ def test_a_signal_that_is_a_multiple_of_another_gets_no_coefficient_and_no_weigh
     d = derive_head_weights(analysis.heads, HAND)
     assert d.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0}, d
     assert d.evidence["like"]["why"] == "no interval"
+
+
+def test_the_report_is_standard_json_with_null_for_what_the_data_cannot_give(tmp_path):
+    """The aliased signal's coefficient is NaN, and ``retention.json`` held it as Python's bare NaN,
+    which is not JSON: jq, JavaScript's JSON.parse and strict readers refuse the whole file."""
+    from online.retention import write_retention_report
+
+    rng = np.random.default_rng(0)
+    n = 400
+    click = rng.gamma(2, 0.1, n)
+    users = pd.DataFrame({"click": click, "duration_watch": rng.gamma(2, 0.05, n), "like": 0.3 * click})
+    users["returned"] = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 8 * click)))
+    users["watch_seconds"], users["share"] = rng.gamma(2, 10, n), np.zeros(n)  # share: constant, r is NaN
+    analysis = analyze_retention(users)
+    decision = derive_head_weights(analysis.heads, HAND)
+    result = {"analysis": analysis.to_dict(), "derived": dataclasses.asdict(decision), "weights": np.float32(0.5)}
+    path = write_retention_report(result, tmp_path, analysis)["json"]
+    text = path.read_text()
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in retention.json"))
+    heads = {row["signal"]: row for row in strict["analysis"]["logit_head_signals"]}
+    assert heads["like"]["coef"] is None and heads["click"]["coef"] > 0
+    share = {row["signal"]: row for row in strict["analysis"]["correlations"]}["share"]
+    assert share["r"] is None and strict["weights"] == 0.5 and strict["derived"]["weights"]["click"] == 1.0
 
 
 def test_separated_data_keeps_the_current_weights():
