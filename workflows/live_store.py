@@ -420,7 +420,9 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
         raise EventFileError(f"{path} does not exist")
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path)
+            # Correctly rounded: the default parser put ~1 in 8 full-precision timestamps one ulp off,
+            # so the same event read from another file (or fed back) missed the unique key: stored twice.
+            frame = pd.read_csv(path, float_precision="round_trip")
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         elif suffix in (".jsonl", ".ndjson", ".json"):
