@@ -520,3 +520,18 @@ def test_the_same_events_from_csv_and_json_lines_are_stored_once(tmp_path):
     assert ingest_events(location, tmp_path / "e.jsonl") == 0
     assert ingest_events(location, tmp_path / "e.csv") == 0
     assert LiveStore(location).events()["ts"].tolist() == sorted(ts.tolist())
+
+
+def test_a_parquet_column_of_dates_and_the_same_instants_in_seconds_are_stored_once(tmp_path):
+    """Dates were turned into seconds by ``total_seconds()``, which divides a float of the nanoseconds
+    (already rounded past 2**53): about one microsecond-resolution instant in four came out one ulp
+    away from its seconds (``datetime.timestamp()``, or the decimal in a CSV), so the same events from
+    a parquet file of dates and from a file of seconds were stored twice."""
+    location = str(tmp_path / "live.sqlite")
+    micros = 1_700_000_000_000_000 + np.random.default_rng(0).integers(0, 10**9, 200)
+    dates = pd.to_datetime(micros, unit="us", utc=True)
+    pd.DataFrame({"user_id": 1, "item_id": np.arange(200), "timestamp": dates}).to_parquet(tmp_path / "d.parquet")
+    seconds = pd.DataFrame({"user_id": 1, "item_id": np.arange(200), "timestamp": [d.timestamp() for d in dates]})
+    assert seconds["timestamp"].tolist() == [int(m) / 10**6 for m in micros]
+    assert ingest_events(location, tmp_path / "d.parquet") == 200
+    assert ingest_events(location, seconds) == 0
