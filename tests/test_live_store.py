@@ -535,3 +535,16 @@ def test_a_parquet_column_of_dates_and_the_same_instants_in_seconds_are_stored_o
     assert seconds["timestamp"].tolist() == [int(m) / 10**6 for m in micros]
     assert ingest_events(location, tmp_path / "d.parquet") == 200
     assert ingest_events(location, seconds) == 0
+
+
+def test_an_ingest_that_fills_the_disk_says_so_and_writes_nothing(tmp_path):
+    """SQLite rolls the whole transaction back itself on a full disk; the ROLLBACK after it then
+    failed, and its 'cannot rollback - no transaction is active' replaced 'database or disk is full'."""
+    store = LiveStore(str(tmp_path / "live.sqlite"))
+    store.db.execute("PRAGMA max_page_count=20")  # a disk with room for 20 pages
+    n = 5000
+    events = pd.DataFrame({"user_id": np.arange(n), "item_id": np.arange(n), "timestamp": 1.7e9 + np.arange(n)})
+    with pytest.raises(Exception, match="database or disk is full"):
+        ingest_events(store, events)
+    assert len(store.events()) == 0
+    assert store.append_events([(1, 1, 1.0, "view", 1.0)], "ingest") == 1  # the store still works

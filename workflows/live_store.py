@@ -257,7 +257,10 @@ class Database:
                 try:
                     yield self
                 except BaseException:
-                    self._con.execute("ROLLBACK")
+                    # Unless SQLite rolled it back itself (a full disk, an I/O error): a ROLLBACK then
+                    # fails, and its error would replace the one that says what happened.
+                    if self._con.in_transaction:
+                        self._con.execute("ROLLBACK")
                     raise
                 self._con.execute("COMMIT")
 
