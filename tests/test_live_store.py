@@ -548,3 +548,17 @@ def test_an_ingest_that_fills_the_disk_says_so_and_writes_nothing(tmp_path):
         ingest_events(store, events)
     assert len(store.events()) == 0
     assert store.append_events([(1, 1, 1.0, "view", 1.0)], "ingest") == 1  # the store still works
+
+
+def test_an_id_beyond_2_53_read_as_a_float_is_refused_instead_of_rounded_to_another_user(tmp_path):
+    """One id written as a float ("7.0") makes pandas read the whole column as floats, and a 64-bit
+    id beyond 2**53 was rounded: user 1234567890123456789's events were stored as user
+    1234567890123456768's."""
+    location = str(tmp_path / "live.sqlite")
+    (tmp_path / "e.csv").write_text("user_id,item_id,timestamp\n1234567890123456789,5,1700000000\n7.0,6,1700000000\n")
+    with pytest.raises(EventFileError, match=r"user_id is a float beyond 2\*\*53.* in 1 row\(s\), e.g. row\(s\) \[1\]"):
+        ingest_events(location, tmp_path / "e.csv")
+    assert len(LiveStore(location).events()) == 0
+    (tmp_path / "e.csv").write_text("user_id,item_id,timestamp\n1234567890123456789,5,1700000000\n7,6,1700000000\n")
+    assert ingest_events(location, tmp_path / "e.csv") == 2  # integers: exact
+    assert sorted(LiveStore(location).events()["user_id"]) == [7, 1234567890123456789]

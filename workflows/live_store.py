@@ -463,6 +463,10 @@ def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
         # Beyond int64 the cast below wraps (2**64 - 1 became user -1, someone else's events).
         fits = fits_int64(values)
         bad(integral & ~fits, f"{column} is outside the 64-bit integer range")
+        # A column of floats (one id written "7.0", or a float column) holds ids beyond 2**53 rounded:
+        # 1234567890123456789 read as 1234567890123456768, another user's id.
+        if values.dtype.kind == "f":
+            bad(integral & fits & (values.abs() >= 2.0**53), f"{column} is a float beyond 2**53 (not exact)")
         out[column] = values.where(integral & fits, 0).astype(np.int64)
     bad(out["item_id"] < 0, "item_id is negative")
     timestamps = frame["timestamp"]
