@@ -177,6 +177,20 @@ def test_signatures_keep_every_script_and_never_match_a_missing_title():
     assert mapping.to_dict() == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 8: 3}  # only the true repost merges
 
 
+def test_signatures_keep_combining_marks_and_match_either_unicode_form():
+    """Vowel signs and tone marks are combining marks, not letters to Python's ``\\W``: they were folded
+    to spaces, so "दिल" (heart) and "दाल" (lentils) both became "द ल" and merged, as did Thai "ไก่" and
+    "ไก้"; and a title in decomposed form (NFD, as macOS writes it) never matched the same title composed."""
+    import unicodedata
+
+    from workflows.dedup import canonical_item_map
+
+    titles = ["दिल", "दाल", "ไก่", "ไก้", "Café crème", unicodedata.normalize("NFD", "Café crème"), "Cafe creme"]
+    items = pd.DataFrame({"item_id": range(1, 8), "category": "film", "duration_seconds": 600, "title": titles})
+    mapping = canonical_item_map(items, DedupConfig().signature_columns).set_index("item_id")["canonical_item_id"]
+    assert mapping.to_dict() == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 5, 7: 7}
+
+
 def test_an_unsafe_or_taken_down_duplicate_id_takes_its_canonical_item_down(tmp_path):
     """Duplicates are mapped before the content filter: a denylisted word in a duplicate's title, or
     a takedown of a duplicate's id, used to miss the canonical item that carries its events."""

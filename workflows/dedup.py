@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+import unicodedata
+
 from configs import DedupConfig
 from workflows.report import StepReport, report
 
@@ -22,9 +26,26 @@ def drop_identical_rows(events) -> tuple[object, StepReport]:
     return kept, report("dedup_identical_rows", events, kept)
 
 
+@functools.cache
+def _fold_pattern() -> str:
+    """Runs of what a title's signature folds to one space: every character that is neither a word
+    character nor a combining mark (Python's ``\\W`` takes vowel signs and tone marks, "ि" in "दिल",
+    for punctuation), and ``_``."""
+    marks, start = [], None
+    for code in range(sys.maxunicode + 2):
+        is_mark = code <= sys.maxunicode and unicodedata.category(chr(code)).startswith("M")
+        if is_mark and start is None:
+            start = code
+        elif not is_mark and start is not None:
+            marks.append(chr(start) if start == code - 1 else f"{chr(start)}-{chr(code - 1)}")
+            start = None
+    return rf"(?:[^\w{''.join(marks)}]|_)+"
+
+
 def content_signature(items, columns: list[str]):
-    """A string per item: the title lower-cased with punctuation, spacing and underscores folded to
-    single spaces (letters and digits of every script kept: "日本の料理" is not "Русский фильм"),
+    """A string per item: the title in NFC form, lower-cased, with punctuation, spacing and underscores
+    folded to single spaces (letters, digits and combining marks of every script kept: "日本の料理" is
+    not "Русский фильм", "दिल" is not "दाल"),
     plus ``columns``. An item whose title is missing, or has no letter or digit at all, gets a
     signature of its own (its id): nothing is known to match, so it is nobody's duplicate."""
     items = items.reset_index(drop=True)  # the columns below are combined by index
@@ -35,8 +56,11 @@ def content_signature(items, columns: list[str]):
         text = items[column].astype(str)
         if column == "title":
             # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
-            text = text.str.lower().str.replace(r"[\W_]+", " ", regex=True).str.strip()
-            unknown = items[column].isna() | (text == "")
+            # NFC first: a decomposed "é" (NFD, as macOS writes names) is the composed one.
+            if hasattr(text.str, "normalize"):  # pandas; cudf has no Unicode normal forms
+                text = text.str.normalize("NFC")
+            text = text.str.lower().str.replace(_fold_pattern(), " ", regex=True).str.strip()
+            unknown = items[column].isna() | ~text.str.contains(r"[^\W_]", regex=True)  # no letter or digit
             # "#" cannot survive the folding above, so no real title can equal this
             text = text.where(~unknown, "#id:" + items["item_id"].astype(str))
         sig = text if sig is None else sig + "|" + text
