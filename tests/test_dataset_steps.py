@@ -191,6 +191,22 @@ def test_signatures_keep_combining_marks_and_match_either_unicode_form():
     assert mapping.to_dict() == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 5, 7: 7}
 
 
+def test_a_text_column_of_any_name_is_a_title_in_the_signature():
+    """own-data.md: point ``signature_columns`` at your own text columns. Only a column named ``title``
+    was folded and guarded, so in ``[name, category]`` every item without a name in one category was
+    one item (all "None|a"), and "Cat video" / "cat  video!" stayed two."""
+    from workflows.dedup import canonical_items
+
+    items = pd.DataFrame(
+        {"item_id": [1, 2, 3, 4, 5], "category": ["a"] * 5, "name": [None, None, "Cat video", "cat  video!", None]}
+    )
+    events = pd.DataFrame({"user_id": [7, 8, 9, 10, 11], "item_id": [1, 2, 3, 4, 5], "timestamp": [1, 2, 3, 4, 5]})
+    config = DedupConfig(signature_columns=["name", "category"])
+    _, kept, item_map, _ = canonical_items(ddf(events, 1), items, config, text_columns=["name"])
+    assert item_map.set_index("item_id")["canonical_item_id"].to_dict() == {1: 1, 2: 2, 3: 3, 4: 3, 5: 5}
+    assert kept["item_id"].tolist() == [1, 2, 3, 5]
+
+
 def test_an_unsafe_or_taken_down_duplicate_id_takes_its_canonical_item_down(tmp_path):
     """Duplicates are mapped before the content filter: a denylisted word in a duplicate's title, or
     a takedown of a duplicate's id, used to miss the canonical item that carries its events."""

@@ -42,19 +42,20 @@ def _fold_pattern() -> str:
     return rf"(?:[^\w{''.join(marks)}]|_)+"
 
 
-def content_signature(items, columns: list[str]):
+def content_signature(items, columns: list[str], text_columns=()):
     """A string per item: the title in NFC form, lower-cased, with punctuation, spacing and underscores
     folded to single spaces (letters, digits and combining marks of every script kept: "日本の料理" is
     not "Русский фильм", "दिल" is not "दाल"),
     plus ``columns``. An item whose title is missing, or has no letter or digit at all, gets a
-    signature of its own (its id): nothing is known to match, so it is nobody's duplicate."""
+    signature of its own (its id): nothing is known to match, so it is nobody's duplicate. Every
+    column of ``text_columns`` (the item table's text columns) is a title in this sense, as is ``title``."""
     items = items.reset_index(drop=True)  # the columns below are combined by index
     sig = None
     for column in columns:
         if column not in items.columns:
             raise ValueError(f"dedup.signature_columns names {column!r}, not a column of the item table")
         text = items[column].astype(str)
-        if column == "title":
+        if column == "title" or column in text_columns:
             # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
             # NFC first: a decomposed "é" (NFD, as macOS writes names) is the composed one.
             if hasattr(text.str, "normalize"):  # pandas; cudf has no Unicode normal forms
@@ -67,11 +68,11 @@ def content_signature(items, columns: list[str]):
     return sig
 
 
-def canonical_item_map(items, columns: list[str]):
+def canonical_item_map(items, columns: list[str], text_columns=()):
     """Frame ``item_id, canonical_item_id`` for every item (identity for non-duplicates)."""
     items = items.reset_index(drop=True)
     frame = items[["item_id"]].copy()
-    frame["signature"] = content_signature(items, columns)
+    frame["signature"] = content_signature(items, columns, text_columns)
     frame["canonical_item_id"] = frame.groupby("signature")["item_id"].transform("min")
     return frame[["item_id", "canonical_item_id"]].reset_index(drop=True)
 
@@ -87,13 +88,14 @@ def apply_item_map(events, mapping):
     return merged[columns]
 
 
-def canonical_items(events, items, config: DedupConfig):
-    """Map duplicated items to their canonical id. Returns ``(events, items, mapping, report)``."""
+def canonical_items(events, items, config: DedupConfig, text_columns=()):
+    """Map duplicated items to their canonical id. Returns ``(events, items, mapping, report)``.
+    ``text_columns``: the item table's text columns (``Layout.item_text``), folded as titles."""
     if not config.canonical_items:
         mapping = items[["item_id"]].copy()
         mapping["canonical_item_id"] = mapping["item_id"]
         return events, items, mapping, report("dedup_canonical_items", events, events, enabled=False)
-    mapping = canonical_item_map(items, config.signature_columns)
+    mapping = canonical_item_map(items, config.signature_columns, text_columns)
     mapped = apply_item_map(events, mapping).persist()
     keep = mapping["item_id"] == mapping["canonical_item_id"]
     kept_items = items[keep.values].reset_index(drop=True)

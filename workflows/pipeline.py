@@ -284,7 +284,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
         events, rep = drop_identical_rows(events)
         steps.append(rep)
     raw_items = items
-    events, items, item_map, rep = canonical_items(events, items, config.dedup)
+    events, items, item_map, rep = canonical_items(events, items, config.dedup, layout.item_text)
     steps.append(rep)
     events, items, unsafe, rep = content_filter(events, items, config.content_filter, item_map, raw_items)
     steps.append(_some_left(rep, "every event's item is unsafe or taken down"))
