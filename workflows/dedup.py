@@ -58,9 +58,12 @@ def content_signature(items, columns: list[str], text_columns=()):
         if column == "title" or column in text_columns:
             # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
             # NFC first: a decomposed "é" (NFD, as macOS writes names) is the composed one.
-            if hasattr(text.str, "normalize"):  # pandas; cudf has no Unicode normal forms
-                text = text.str.normalize("NFC")
-            text = text.str.lower().str.replace(_fold_pattern(), " ", regex=True).str.strip()
+            # The combining marks' class (hundreds of ranges) only where Python's re runs it: cudf's
+            # regex engine on the GPU is untested with it, and has no normal forms either.
+            fold = r"[\W_]+"
+            if hasattr(text.str, "normalize"):  # pandas
+                text, fold = text.str.normalize("NFC"), _fold_pattern()
+            text = text.str.lower().str.replace(fold, " ", regex=True).str.strip()
             unknown = items[column].isna() | ~text.str.contains(r"[^\W_]", regex=True)  # no letter or digit
             # "#" cannot survive the folding above, so no real title can equal this
             text = text.where(~unknown, "#id:" + items["item_id"].astype(str))
