@@ -70,8 +70,9 @@ def funnel_results(
     """Evaluate the exported funnel; also return per-stage recall of the held-out positives.
 
     Preference-aware parity needs scores, not lists: each user's held-out items are scored by the
-    funnel's final scorer (``offline.final_scores``: the heavy ranker's weighted score, the order
-    the funnel serves), so the parity says whether that scorer prefers the popular one of two items
+    funnel's final scorer (``offline.final_scores``: the heavy ranker's weighted score blended with
+    the retrieval and item-affinity percentiles as ``serving.ordering`` weighs them, the order the
+    funnel serves), so the parity says whether that scorer prefers the popular one of two items
     the user liked. It does not see the earlier stages' bias (an item retrieval never returns is
     still scored); the item-share curve, Gini and coverage of the served lists do.
     """
