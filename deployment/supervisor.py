@@ -122,7 +122,7 @@ class Supervisor:
             self.restarts += 1
         except Exception as restart_err:  # keep supervising: the next probe tries again
             self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"
-            log.error("tritonserver restart failed: %s", self.last_error)
+            log.error("tritonserver %s", self.last_error)
         finally:
             self._last_restart = self.clock()
 
