@@ -54,9 +54,20 @@ class Experiment:
         # Written so that a NaN share fails: with "> 1e-9 or <= 0" it passed both comparisons.
         if not (all(share > 0 for share in shares) and abs(sum(shares) - 1.0) <= 1e-9):
             raise ValueError(f"arm shares must be positive and sum to 1, got {self.arms}")
+        # Users are assigned by bucket, so a share smaller than one bucket got no user at all.
+        empty = [
+            arm for arm, share in self.expected_shares().items() if share == 0 and (arm != HOLDOUT or self.holdout)
+        ]
+        if empty:
+            raise ValueError(
+                f"{empty} would get no user: assignment is by {BUCKETS:,} buckets, and a share below one "
+                f"bucket (1/{BUCKETS:,} of the traffic) gets none (holdout {self.holdout}, arms {self.arms})"
+            )
 
     def assign(self, user_id: int | str) -> str:
-        u = bucket(user_id, self.salt) / BUCKETS
+        return self._arm_at(bucket(user_id, self.salt) / BUCKETS)
+
+    def _arm_at(self, u: float) -> str:
         if u < self.holdout:
             return HOLDOUT
         position = (u - self.holdout) / (1.0 - self.holdout)
@@ -68,9 +79,14 @@ class Experiment:
         return list(self.arms)[-1]
 
     def expected_shares(self) -> dict[str, float]:
-        shares = {arm: share * (1.0 - self.holdout) for arm, share in self.arms.items()}
-        shares[HOLDOUT] = self.holdout
-        return shares
+        """The share of users each arm (and the holdout) gets: the share of the buckets ``assign`` puts
+        in it. That is the design's share rounded to whole buckets; the sample-ratio check compares
+        with it, since a share of a bucket and a half (holdout 0.00015) is served as one or two."""
+        counts: dict[str, int] = {arm: 0 for arm in self.arms}
+        counts[HOLDOUT] = 0
+        for b in range(BUCKETS):
+            counts[self._arm_at(b / BUCKETS)] += 1
+        return {arm: n / BUCKETS for arm, n in counts.items()}
 
 
 @dataclass

@@ -251,3 +251,17 @@ def test_the_simulated_alert_fires_once_its_condition_has_held_for_6_hours_not_o
 
     out = simulate(drop=0.9, users_per_day=1_000_000, holdout=0.02, days=1, runs=20)
     assert out["one-look"] == {"fired": 1.0, "median_day": round(6.25 / 24, 2)}
+
+
+def test_expected_shares_are_what_the_buckets_serve_and_an_arm_below_one_bucket_is_refused():
+    """Users are assigned by 10,000 buckets, so a holdout of 0.00005 is served as one bucket (0.0001,
+    twice the design) while the sample-ratio check expected 0.00005 and flagged a mismatch that was
+    only rounding; an arm below one bucket was accepted and got no user at all."""
+    exp = Experiment("canary", salt="c", arms={"control": 0.999, "canary": 0.001}, holdout=0.00005)
+    shares = exp.expected_shares()
+    assert shares[HOLDOUT] == 0.0001 and sum(shares.values()) == pytest.approx(1.0)
+    arms = [exp.assign(u) for u in range(300_000)]
+    counts = {a: arms.count(a) for a in set(arms)}
+    assert not ab.sample_ratio_mismatch(counts, shares).mismatch, (counts, shares)
+    with pytest.raises(ValueError, match=r"\['canary'\] would get no user"):
+        Experiment("tiny", salt="t", arms={"control": 0.99999, "canary": 0.00001}, holdout=0.01)
