@@ -106,7 +106,12 @@ def exclusive(parent: Path, leftovers: str = ""):
     its cleanup ran. Every export makes those only while it holds this lock, so none is in use."""
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # NFS emulates flock with write locks, which a read-only fd cannot take
+            log.warning("no lock on %s (%s): exports into it do not take turns, leftovers stay", parent, err)
+            yield
+            return
         if leftovers:
             for path in parent.iterdir():
                 if path.is_dir() and not path.is_symlink() and re.fullmatch(leftovers, path.name):

@@ -238,3 +238,21 @@ def test_two_exports_into_one_path_take_turns(tiny_version, tmp_path, monkeypatc
     second.join(10)
     assert outcomes == {"first": "exported", "second": "refused"}
     assert exported_version(target) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_a_folder_that_cannot_be_locked_is_exported_into_as_before(tiny_version, tmp_path, monkeypatch, caplog):
+    """NFS emulates flock with POSIX write locks, which a folder's read-only descriptor cannot take
+    (EBADF): the export must still work there, only without taking turns or clearing leftovers."""
+    import errno
+
+    from deployment import export
+
+    def no_lock(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(export.fcntl, "flock", no_lock)
+    left = tmp_path / ".repo-staging-k1ll3d_0"
+    left.mkdir()
+    with caplog.at_level("WARNING", logger="deployment.export"):
+        target = export_repository(tiny_version, tmp_path / "repo")
+    assert exported_version(target) == 1 and left.is_dir() and "no lock on" in caplog.text
