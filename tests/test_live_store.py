@@ -323,7 +323,8 @@ def test_ingestion_refuses_millisecond_timestamps_instead_of_hiding_the_users_re
     feedback endpoint was no longer read, so it came back in the next response."""
     location = str(tmp_path / "live.sqlite")
     millis = pd.DataFrame({"user_id": 5, "item_id": np.arange(3), "timestamp": 1_700_000_000_000 + np.arange(3)})
-    with pytest.raises(EventFileError, match=r"timestamp looks like milliseconds, not seconds in 3 row\(s\)"):
+    unit = r"timestamp is 1e11 or more: milliseconds \(or micro- or nanoseconds\), not seconds"
+    with pytest.raises(EventFileError, match=unit + r" in 3 row\(s\)"):
         ingest_events(location, millis)
     assert len(LiveStore(location).events()) == 0  # refused whole
     assert ingest_events(location, millis.assign(timestamp=millis["timestamp"] / 1000)) == 3  # seconds go in

@@ -482,7 +482,7 @@ def check_events(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
     # forever, they would fill the per-request read (``user_events``) and hide the user's real events.
     bad(
         np.isfinite(ts.fillna(0)) & (ts.fillna(0) >= MAX_EPOCH_SECONDS),
-        "timestamp looks like milliseconds, not seconds",
+        "timestamp is 1e11 or more: milliseconds (or micro- or nanoseconds), not seconds",
     )
     out["ts"] = ts.fillna(0).astype(np.float64)
     events = frame["event"].astype(str) if "event" in frame.columns else pd.Series("view", index=frame.index)
