@@ -88,8 +88,6 @@ class Supervisor:
                 raise RuntimeError("tritonserver process is not running")
             self.probe(self.server.grpc_url)
             self._failed = 0
-            if self._last_restart is not None and self.clock() - self._last_restart >= self.stable_s:
-                self.quick_restarts = 0
             return True
         except Exception as err:
             self._failed += 1

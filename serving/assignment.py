@@ -55,9 +55,9 @@ class Experiment:
         if not (all(share > 0 for share in shares) and abs(sum(shares) - 1.0) <= 1e-9):
             raise ValueError(f"arm shares must be positive and sum to 1, got {self.arms}")
         # Users are assigned by bucket, so a share smaller than one bucket got no user at all.
-        empty = [
-            arm for arm, share in self.expected_shares().items() if share == 0 and (arm != HOLDOUT or self.holdout)
-        ]
+        # (A positive holdout always holds bucket 0.)
+        served = self.expected_shares()
+        empty = [arm for arm in self.arms if served[arm] == 0]
         if empty:
             raise ValueError(
                 f"{empty} would get no user: assignment is by {BUCKETS:,} buckets, and a share below one "
