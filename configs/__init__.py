@@ -107,6 +107,13 @@ class SyntheticDataConfig:
             "repeated_event_fraction",
         ):
             _require(f"synthetic.{name}", getattr(self, name), 0, 1)
+        # Both kinds are drawn from one permutation of the users: past 1 together the one-off users
+        # were silently fewer than asked.
+        if self.inactive_user_fraction + self.one_off_user_fraction > 1:
+            raise ValueError(
+                "synthetic.inactive_user_fraction + synthetic.one_off_user_fraction must be at most 1, got "
+                f"{self.inactive_user_fraction:g} + {self.one_off_user_fraction:g}"
+            )
         _require("synthetic.seed", self.seed, 0)  # numpy's seeds are non-negative
 
 

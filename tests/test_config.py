@@ -238,6 +238,13 @@ def test_the_edges_of_the_new_ranges_still_load(key, good):
     load_config(overrides=_nested(key, good))
 
 
+def test_inactive_and_one_off_users_together_are_at_most_every_user():
+    # Drawn from one permutation: 0.7 + 0.6 made 70% inactive users and 30% (not 60%) one-off ones.
+    with pytest.raises(ValueError, match=r"inactive_user_fraction \+ synthetic\.one_off_user_fraction .* 0\.7 \+ 0\.6"):
+        load_config(overrides={"synthetic": {"inactive_user_fraction": 0.7, "one_off_user_fraction": 0.6}})
+    load_config(overrides={"synthetic": {"inactive_user_fraction": 0.5, "one_off_user_fraction": 0.5}})
+
+
 def test_simulated_requests_must_fit_serving_max_k():
     # serving/request.py refuses k above serving.max_k: every simulated request of the A/B test failed.
     with pytest.raises(ValueError, match=r"online\.simulation\.k .*serving\.max_k"):
