@@ -19,6 +19,7 @@ only requests that carry the deployment's admin key.
 from __future__ import annotations
 
 import filecmp
+import ipaddress
 import os
 import random
 import re
@@ -103,6 +104,33 @@ def tritonserver_binary() -> Path:
 # splits or mangles the stub's arguments: the stub died ("terminate called ... stol") and the server
 # waited the whole stub timeout for it. Paths of only these characters pass through bash unchanged.
 SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def bind_address(host: str) -> str:
+    """The IPv4 address tritonserver is told to bind for ``host``: an IPv4 address as it is, a host name
+    resolved to its (first) IPv4 address.
+
+    Triton's gRPC service binds names and IPv6 addresses, but its HTTP and metrics services (libevhtp)
+    take a numeric IPv4 address only: given ``localhost``, a machine's name or ``::1`` they listened on
+    255.255.255.255, the start waited out its whole timeout and failed as "not ready" with no model
+    loading. An IPv6 address is refused; a name becomes the address it resolves to."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        ipaddress.IPv6Address(host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise ValueError(
+            f"host {host!r} is an IPv6 address: tritonserver's HTTP and metrics services bind IPv4 addresses only; "
+            "give an IPv4 address (127.0.0.1 for this machine, 0.0.0.0 for every interface)"
+        )
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"host {host!r} is neither an IPv4 address nor a name with one ({err})") from None
 
 
 def free_port() -> int:
@@ -270,7 +298,7 @@ class TritonServer(LoggedProcess):
         # through the load API (deployment/rollout.py) instead of the server polling the folder.
         self.model_control = model_control
         # Where gRPC, HTTP and metrics listen: loopback unless the caller deliberately exposes them.
-        self.host = host
+        self.host = bind_address(host)
         # gRPC over TLS (Triton's --grpc-use-ssl): PEM certificate and key files, both or neither.
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
@@ -292,7 +320,7 @@ class TritonServer(LoggedProcess):
     @property
     def _connect_host(self) -> str:
         """Where a client on this machine reaches the server (a wildcard bind answers on loopback)."""
-        return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+        return LOOPBACK if self.host == "0.0.0.0" else self.host
 
     @property
     def grpc_url(self) -> str:

@@ -28,23 +28,27 @@ def main() -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address gRPC, HTTP and metrics bind to (default: loopback only; 0.0.0.0 = every interface)",
+        help="IPv4 address (or a name resolving to one) gRPC, HTTP and metrics bind to (default: loopback only; "
+        "0.0.0.0 = every interface)",
     )
     parser.add_argument("--tls-cert", help="PEM certificate: gRPC speaks TLS (use with --tls-key when exposing)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--log", help="server log file (default: a temporary file)")
     parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
     args = parser.parse_args()
-    server = TritonServer(
-        args.model_repository,
-        args.grpc_port,
-        args.http_port,
-        args.metrics_port,
-        log_path=args.log,
-        host=args.host,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
+    try:
+        server = TritonServer(
+            args.model_repository,
+            args.grpc_port,
+            args.http_port,
+            args.metrics_port,
+            log_path=args.log,
+            host=args.host,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except (ValueError, FileNotFoundError) as err:  # a missing repository or TLS file, a host it cannot bind
+        parser.error(str(err))
     stop = threading.Event()
     loading = threading.Event()
     loading.set()

@@ -320,6 +320,11 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
         args = ["--holdout-interval", interval, "--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
         run = script("scripts/monitor.py", *args, check=False)
         refused(run, "--holdout-interval")
+    # An IPv6 host: Triton's HTTP and metrics services cannot bind it (the start waited out its timeout)
+    run = script("scripts/serve.py", "--model-repository", str(tmp_path), "--host", "::1", check=False)
+    refused(run, "'::1'", "IPv6")
+    run = script("scripts/serve.py", "--model-repository", str(tmp_path / "nope"), check=False)
+    refused(run, "nope", "does not exist")
 
 
 def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):

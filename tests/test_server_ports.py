@@ -73,3 +73,36 @@ def test_chosen_ports_lie_below_the_kernels_ephemeral_range():
     assert len(set(ports)) > 150  # drawn at random, not the kernel's sequence
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "::", "fe80::1%eth0"])
+def test_an_ipv6_host_is_refused_naming_it(host):
+    """Triton's HTTP and metrics services bind numeric IPv4 only: given an IPv6 address they listened on
+    255.255.255.255 (gRPC on '::1' failed outright), and the start waited out its timeout as "not ready"."""
+    from deployment.server import bind_address
+
+    with pytest.raises(ValueError, match="IPv6 address: .*IPv4 addresses only"):
+        bind_address(host)
+
+
+def test_a_host_name_binds_the_ipv4_address_it_resolves_to(tmp_path):
+    """``--host localhost`` (or the machine's name) was passed to Triton as it was: HTTP and metrics
+    listened on 255.255.255.255 and the start failed after its whole timeout with no model loading.
+    An empty repository: the real server starts in about a second."""
+    import urllib.request
+
+    from deployment.server import bind_address
+
+    assert bind_address("0.0.0.0") == "0.0.0.0" and bind_address("127.0.0.1") == "127.0.0.1"
+    with pytest.raises(ValueError, match="'no-such-host.invalid' is neither an IPv4 address nor a name with one"):
+        bind_address("no-such-host.invalid")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60, host="localhost")
+    try:
+        assert server.host == "127.0.0.1" and "--http-address=127.0.0.1" in server.command()
+        server.start()
+        assert urllib.request.urlopen(server.metrics_url, timeout=5).status == 200
+        assert server.healthy()
+    finally:
+        server.cleanup()
