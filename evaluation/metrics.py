@@ -44,10 +44,20 @@ def array_module(x):
 # --------------------------------------------------------------------------- classification
 
 
+def _finite_order(scores) -> np.ndarray:
+    """``scores`` as float64, refusing NaN as sklearn does: NaN has no place in the order, so ROC-AUC
+    came out NaN (which the report reads as "one class only") and PR-AUC ranked it below every score."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    nan = int(np.isnan(scores).sum())
+    if nan:
+        raise ValueError(f"{nan} of {scores.size} scores are NaN: the scorer is broken, there is no order to measure")
+    return scores
+
+
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged)."""
     labels = np.asarray(labels).astype(bool).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    scores = _finite_order(scores)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         raise NotApplicable("ROC-AUC needs both positive and negative labels")
@@ -58,7 +68,7 @@ def roc_auc(labels, scores) -> float:
 def pr_auc(labels, scores) -> float:
     """Area under the precision-recall curve as average precision (step-wise, no interpolation)."""
     labels = np.asarray(labels).astype(bool).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    scores = _finite_order(scores)
     if labels.sum() == 0:
         raise NotApplicable("PR-AUC needs at least one positive label")
     order = np.argsort(-scores, kind="stable")

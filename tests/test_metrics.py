@@ -47,6 +47,16 @@ def test_classification_metrics_match_brute_force():
     assert m.roc_auc([0, 1], [0.2, 0.9]) == 1.0
 
 
+def test_nan_scores_are_refused_by_both_aucs():
+    # ROC-AUC was NaN (the report said "one class only") and PR-AUC ranked the NaN last: 1.0 here
+    labels, scores = [1, 0, 1, 0], [0.9, np.nan, 0.2, 0.1]
+    with pytest.raises(ValueError, match="1 of 4 scores are NaN"):
+        m.pr_auc(labels, scores)
+    with pytest.raises(ValueError, match="1 of 4 scores are NaN"):
+        m.roc_auc(labels, scores)
+    assert m.roc_auc([1, 0, 1, 0], [np.inf, np.inf, 0.2, 0.1]) == pytest.approx(0.625)  # inf is a score
+
+
 def test_full_ranking_removes_seen_items_and_sorts():
     scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
     top = m.full_ranking_top_k(scores, 2, exclude=[[0], []])
