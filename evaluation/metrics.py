@@ -88,10 +88,17 @@ def pr_auc(labels, scores) -> float:
 
 
 def _relevant_pairs(relevant: Sequence, num_users: int, xp=np):
-    """Flatten per-user relevant ids into (user index, item id) arrays."""
+    """Flatten per-user relevant ids into (user index, item id) arrays, each pair once, and count them."""
     lengths = np.fromiter((len(r) for r in relevant), dtype=np.int64, count=num_users)
     users = np.repeat(np.arange(num_users), lengths)
     items = np.fromiter((int(i) for r in relevant for i in r), dtype=np.int64, count=int(lengths.sum()))
+    # An id listed twice for a user is one item, as a repeat in a ranked list is one hit: counted twice,
+    # the one item found read recall 0.5.
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    first = np.r_[True, (users[1:] != users[:-1]) | (items[1:] != items[:-1])][: len(items)]
+    users, items = users[first], items[first]
+    lengths = np.bincount(users, minlength=num_users).astype(np.int64)
     return xp.asarray(users), xp.asarray(items), xp.asarray(lengths)
 
 

@@ -118,6 +118,15 @@ def test_an_item_repeated_in_a_list_is_one_hit():
     assert m.repeated(np.array([[5, 3, 5, 3, 1]])).tolist() == [[False, False, True, True, False]]
 
 
+def test_an_item_listed_twice_as_relevant_is_one_relevant_item():
+    # the repeat counted in the denominators: recall 0.5 and NDCG 0.613 for the one item found first
+    assert m.recall_at_k(np.array([[5, 1]]), [[5, 5]]) == 1.0
+    assert m.ndcg_at_k(np.array([[5, 1]]), [[5, 5]]) == pytest.approx(1.0)
+    assert m.recall_at_k(np.array([[5, 1], [2, 3]]), [[5, 5, 7], [3, 3]], per_user=True).tolist() == [0.5, 1.0]
+    with pytest.raises(ValueError, match="at least as many"):
+        m.recall_at_k(np.array([[5, 1]]), [[5, 5, 7]], num_relevant=[1])
+
+
 def test_short_lists_precision_divides_by_k_and_excluded_items_never_fill_a_list():
     top = m.full_ranking_top_k(np.array([[0.9, 0.1, 0.5]]), 10)
     assert top.tolist() == [[0, 2, 1]]
