@@ -826,11 +826,11 @@ class Ordering(Stage):
         return self.raw_ids[candidates[order]], out_scores, served_by
 
     def topped_up(self, inputs, item_ids, scores, k: int, taken: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-        """A known user's list of fewer than ``k`` items filled from the popularity fallback: the most
-        popular items not in the user's history, the request's ``exclude_item_ids``, the takedowns
-        or the list already, under the category cap, scored below the list's last item. An empty
-        list filled so is the fallback's answer (``served_by``); a catalog with no such item left
-        stays short."""
+        """A list of fewer than ``k`` items (a known user's, or a new user's fresh history's) filled
+        from the popularity fallback: the most popular items not in the user's history, the request's
+        ``exclude_item_ids``, the takedowns or the list already, under the category cap, scored below
+        the list's last item. An empty list filled so is the fallback's answer (``served_by``); a
+        catalog with no such item left stays short."""
         from models.fallback import top_popular
 
         seen = inputs.get("seen_items")
@@ -900,6 +900,11 @@ class Ordering(Stage):
             fresh = self.from_fresh_history(seen, k, drop) if self.fresh_history_ready(seen) else None
             if fresh is not None:
                 item_ids, out_scores, served_by = fresh
+                # The history query reads retrieval_k neighbours, which may be fewer than k (or than a
+                # category cap needs): the rest from the fallback, as for a known user's short list.
+                if len(item_ids) < k:
+                    item_ids, out_scores, filled = self.topped_up(inputs, item_ids, out_scores, k, taken)
+                    served_by = served_by if filled == "model" else filled
             else:  # popularity, without what the user just did (live events) or may not see
                 drop = np.concatenate([drop, self.raw_ids[seen]])
                 pool = k  # the k most popular left; under a category cap, more until k fit the rule

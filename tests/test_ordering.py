@@ -93,3 +93,50 @@ def test_ordering_config_rejects_out_of_range_values(bad):
         OrderingConfig(**bad)
     with pytest.raises(ValueError, match="serving.ordering"):
         load_config(overrides={"serving": {"ordering": bad}})
+
+
+def small_ordering_stage(folder, items: int, retrieval_k: int):
+    """An ordering stage over a catalog of ``items`` random item vectors (raw id = encoded id + 1000)
+    and a popularity table, with no affinity weights (the history query serves fresh users): the
+    exported files the stage reads, no training."""
+    import json
+
+    import pandas as pd
+
+    from models.item_index import build_index, save_index
+    from models.registry import MANIFEST
+    from serving.stages import Ordering
+
+    ids = np.arange(items)
+    stage, retrieval = folder / "ordering" / "1", folder / "retrieval" / "1"
+    stage.mkdir(parents=True), retrieval.mkdir(parents=True)
+    manifest = {"version": 1, "features": {"user_categorical": []}, "config": {"serving": {"retrieval_k": retrieval_k}}}
+    (stage / MANIFEST).write_text(json.dumps(manifest))
+    pd.DataFrame({"item_id": ids, "item_id_raw": ids + 1000}).to_parquet(stage / "item_features.parquet")
+    popularity = pd.DataFrame({"item_id": ids[::-1] + 1000, "score": np.linspace(1.0, 0.01, items, dtype=np.float32)})
+    popularity.to_parquet(stage / "popularity.parquet")
+    vectors = np.random.default_rng(0).normal(size=(items, 8)).astype(np.float32)
+    save_index(build_index(ids, vectors, items)[0], retrieval, 1)
+    return Ordering(stage)
+
+
+def test_a_fresh_history_list_shorter_than_k_is_filled_from_the_fallback(tmp_path):
+    """The history query reads retrieval_k neighbours, and no order between retrieval_k and k is
+    assumed (serving.retrieval_k): with retrieval_k 5 a new user with 4 live items asking for 15 of a
+    60-item catalog got 8 items; the rest now comes from the fallback, never a seen item, scored below."""
+    stage = small_ordering_stage(tmp_path, items=60, retrieval_k=5)
+    empty = np.zeros(0, dtype=np.int64)
+    seen = np.array([1, 2, 3, 4])
+    out = stage.run(
+        {
+            "user_known": np.array([False]),
+            "k": np.array([15], dtype=np.int32),
+            "seen_items": seen,
+            **{name: empty for name in ("candidate_ids", "filtered_ids", "light_ids", "exclude_item_ids")},
+            **{name: np.zeros(0, dtype=np.float32) for name in ("heavy_scores", "retrieval_scores")},
+        }
+    )
+    items, scores = out["item_ids"].tolist(), out["scores"]
+    assert out["served_by"][0] == b"history_query"
+    assert len(items) == len(set(items)) == 15
+    assert not set(items) & set((seen + 1000).tolist()) and np.all(np.diff(scores) <= 0)
