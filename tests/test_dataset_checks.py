@@ -1,6 +1,8 @@
 """Point-in-time features, splits, negative sampling and the correctness checks (each check must be
 able to fail: every one is shown catching a planted defect)."""
 
+import math
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -314,6 +316,21 @@ def test_negatives_avoid_pairs_seen_in_other_parts(events):
     unaware = sample_negatives(ddf(part), items, ratio=4.0, kind="uniform", seed=5).compute()
     only_other = set(zip(other["user_id"], other["item_id"])) - set(zip(part["user_id"], part["item_id"]))
     assert any(pair in only_other for pair in zip(unaware["user_id"], unaware["item_id"]))
+
+
+def test_each_positive_gets_ratio_negatives_not_a_draw_with_replacement():
+    from workflows.negative_sampling import sample_negatives
+
+    # 100 users with one click each and a catalog none of them saw: no draw is dropped.
+    events = pd.DataFrame({"user_id": np.arange(100), "item_id": 5000 + np.arange(100), "timestamp": 1000})
+    events = events.assign(click=1, watch_seconds=0, like=0, share=0)
+    items = pd.DataFrame({"item_id": np.arange(1, 121)})
+    for ratio, counts in ((2.0, {2}), (2.5, {2, 3})):
+        neg = sample_negatives(ddf(events, 2), items, ratio=ratio, kind="uniform", seed=3).compute()
+        per_user = neg.groupby("user_id").size().reindex(events["user_id"], fill_value=0)
+        # It was 0 to 6 at ratio 2: the positives were drawn with replacement.
+        assert set(per_user) == counts, (ratio, per_user.min(), per_user.max())
+        assert len(neg) == math.ceil(ratio * 50) * 2
 
 
 def test_popularity_sampler_prefers_popular_items(events):

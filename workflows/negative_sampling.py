@@ -7,14 +7,17 @@ user was never shown, which teaches a ranker what is *not* relevant at all. Two 
     popularity   items drawn in proportion to their training-event count, so popular items are not
                  taken as positive just for being popular
 
-``ratio`` negatives are drawn per positive (clicked) row; each negative copies the positive's user and
-timestamp. Draws that hit an item the user interacted with are dropped (so the count is at most
-``ratio`` per positive). Deterministic for a given ``seed`` and partitioning.
+``ratio`` negatives are drawn per positive (clicked) row: ``floor(ratio)`` each, and one more for a seeded
+share ``ratio - floor(ratio)`` of the positives; each negative copies the positive's user and timestamp.
+Draws that hit an item the user interacted with are dropped (so the count is at most ``ceil(ratio)``
+per positive). Deterministic for a given ``seed`` and partitioning.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 SIGNAL_COLUMNS = ["click", "watch_seconds", "like", "share"]
 
@@ -33,9 +36,15 @@ def _draw(df, pool: _Pool, ratio: float, seed: int, partition_info=None):
     if n == 0 or len(items) == 0:
         return df.iloc[:0][["user_id", "item_id", "timestamp"]]
     part = partition_info["number"] if partition_info else 0
-    repeated = positives.sample(n=n, replace=ratio > 1, random_state=seed + 7 * part) if ratio != 1 else positives
-    repeated = repeated.reset_index(drop=True)
-    drawn = items.sample(n=len(repeated), replace=True, weights=weights, random_state=seed + 13 * part)
+    # Every positive floor(ratio) times, plus a share without replacement: sampling all n with replacement
+    # gave one positive 6 negatives at ratio 2 and others none. Two streams of one seed sequence: equal
+    # seeds for both draws paired the k-th positive drawn with the k-th item.
+    rows_seed, items_seed = np.random.SeedSequence([seed, part]).generate_state(2)
+    whole, count = int(ratio), len(positives)
+    extra = np.random.default_rng(rows_seed).choice(count, size=n - whole * count, replace=False)
+    rows = np.concatenate([np.tile(np.arange(count), whole), np.sort(extra)])
+    repeated = positives.iloc[rows].reset_index(drop=True)
+    drawn = items.sample(n=len(repeated), replace=True, weights=weights, random_state=int(items_seed))
     repeated["item_id"] = drawn["item_id"].reset_index(drop=True).values
     return repeated[["user_id", "item_id", "timestamp"]]
 
