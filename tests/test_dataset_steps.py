@@ -278,6 +278,21 @@ def test_recency_window_keeps_the_last_days(world):
     assert kept.compute()["timestamp"].tolist() == [1, 86_400]
 
 
+def test_a_fractional_day_window_is_its_exact_seconds_at_the_boundary():
+    """0.7 days is 60480 s; truncating 0.7 x 86400 (60479.99999999999 in floats) lost the window's first second."""
+    from workflows.active_users import active_user_ids
+    from workflows.recency_window import recency_window
+
+    newest = 1_000_000
+    first = newest + 1 - 60_480  # the first second of [newest + 1 - 0.7 days, newest + 1)
+    edge = pd.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 3], "timestamp": [newest, first, first - 1]})
+    edge = edge.assign(click=1)
+    kept, _ = recency_window(ddf(edge, 1), RecencyWindowConfig(days=0.7))
+    assert sorted(kept.compute()["timestamp"]) == [first, newest]  # it was [newest]
+    ids = active_user_ids(ddf(edge, 1), ActiveUsersConfig(min_events=1, days=0.7))
+    assert sorted(ids) == [1, 2]  # it was [1]
+
+
 def test_active_users_drops_inactive_and_one_off_users(world):
     from workflows.active_users import active_users
 

@@ -9,16 +9,15 @@ sees the same population the funnel serves.
 from __future__ import annotations
 
 from configs import ActiveUsersConfig
+from workflows.recency_window import window_seconds
 from workflows.report import StepReport, report
 from workflows.rows import IsIn, filter_rows
-
-SECONDS_PER_DAY = 86_400
 
 
 def active_user_ids(events, config: ActiveUsersConfig, as_of: int | None = None):
     """Ids of the users active in the ``config.days`` days before ``as_of`` (default: newest event)."""
     end = int(events["timestamp"].max().compute()) + 1 if as_of is None else int(as_of)
-    start = end - int(config.days * SECONDS_PER_DAY)
+    start = end - window_seconds(config.days)
     recent = events[(events["timestamp"] >= start) & (events["timestamp"] < end)]
     if config.event != "impression":
         recent = recent[recent[config.event] > 0]
