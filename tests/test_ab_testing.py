@@ -136,6 +136,22 @@ def test_srm_with_no_holdout_still_tests_the_arms_and_catches_strays():
     assert not ab.sample_ratio_mismatch({}, shares).mismatch  # no one yet: nothing to compare
 
 
+def test_srm_of_a_tiny_holdout_keeps_its_false_alarm_rate():
+    """With a holdout of one bucket (0.0001) and 1,000 users, 0.1 holdout users are expected and 2 or
+    more turn up 0.47% of the time, but the chi-square approximation read 2 as p = 1e-8: a correct split
+    was flagged INVALID 0.67% of the time at the 0.001 threshold."""
+    exp = Experiment("tiny", salt="t", holdout=0.0001)
+    shares = exp.expected_shares()
+    srm = ab.sample_ratio_mismatch({"control": 499, "treatment": 499, HOLDOUT: 2}, shares)
+    assert srm.p_value == pytest.approx(stats.poisson.sf(1, 0.1), rel=0.1) and not srm.mismatch
+    assert ab.sample_ratio_mismatch({"control": 498, "treatment": 498, HOLDOUT: 4}, shares).mismatch
+    # Arms expecting 5 or more users keep scipy's chi-square test.
+    big = ab.sample_ratio_mismatch(
+        {"control": 4900, "treatment": 4880, HOLDOUT: 220}, Experiment("e", "s").expected_shares()
+    )
+    assert big.p_value == pytest.approx(stats.chisquare([4900, 4880, 220], [4950, 4950, 100]).pvalue)
+
+
 def test_permutation_test_of_groups_without_spread():
     """Every control user churned, no treatment user did (small groups: the permutation test). The
     studentized difference is infinite; only a re-randomisation that splits the users the same way is
