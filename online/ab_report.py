@@ -124,14 +124,7 @@ def arm_tests(
         ab.ratio_delta_test(
             c["clicks"], c["impressions"], t["clicks"], t["impressions"], "ctr", alpha, n_resamples, power=power
         ),
-        ab.two_proportion_ztest(
-            int(c["clicks"].sum()),
-            int(c["impressions"].sum()),
-            int(t["clicks"].sum()),
-            int(t["impressions"].sum()),
-            "ctr, impressions as trials (z-test, too optimistic; decides nothing)",
-            alpha,
-        ),
+        impression_ztest(c, t, alpha),
         ab.mean_test(
             c["watch_seconds"] / 60, t["watch_seconds"] / 60, "watch_minutes_per_user", alpha, n_resamples, power=power
         ),
@@ -147,6 +140,18 @@ def arm_tests(
             ~c["churned"].astype(bool), ~t["churned"].astype(bool), "retention", alpha, n_resamples, power=power
         ),
     ]
+
+
+def impression_ztest(c: pd.DataFrame, t: pd.DataFrame, alpha: float = 0.05) -> ab.TestResult:
+    """CTR with impressions as trials (``ab.two_proportion_ztest``), for contrast only."""
+    metric = "ctr, impressions as trials (z-test, too optimistic; decides nothing)"
+    clicks_c, trials_c = int(c["clicks"].sum()), int(c["impressions"].sum())
+    clicks_t, trials_t = int(t["clicks"].sum()), int(t["impressions"].sum())
+    if min(trials_c, trials_t) == 0:  # an arm served only empty responses so far: no trials (the z-test raises)
+        nan = float("nan")
+        ctr_c, ctr_t = (k / n if n else nan for k, n in ((clicks_c, trials_c), (clicks_t, trials_t)))
+        return ab.TestResult(metric, ctr_c, ctr_t, ctr_t - ctr_c, nan, nan, nan, nan, ab.TOO_FEW)
+    return ab.two_proportion_ztest(clicks_c, trials_c, clicks_t, trials_t, metric, alpha)
 
 
 HOLDOUT_METRICS = ("ctr", "watch_minutes_per_user", "retention")
@@ -240,13 +245,16 @@ def analyze(
     observed = {arm: len(frame) for arm, frame in by_arm.items()}
     srm = ab.sample_ratio_mismatch(observed, rollout.experiment.expected_shares())
     # Users per arm for the planned CTR lift, from the control's per-user spread of CTR (delta method).
-    if len(c) >= 2:
+    control_impressions = c["impressions"].sum()
+    if len(c) >= 2 and control_impressions > 0:
         control_ctr, user_std = ab.ratio_user_std(c["clicks"], c["impressions"])
-    else:  # one control user so far has no spread (ratio_user_std raises): the binomial one below, KEEP RUNNING
-        control_ctr, user_std = float(c["clicks"].sum() / c["impressions"].sum()), float("nan")
+    else:  # one control user, or only empty responses so far (ratio_user_std raises): the binomial one below
+        nan = float("nan")
+        control_ctr, user_std = (float(c["clicks"].sum() / control_impressions) if control_impressions else nan), nan
     if not user_std > 0:  # no spread yet (no clicks at all, say): the binomial one at the planned CTRs
-        p = min(control_ctr + config.min_detectable_ctr_lift / 2, 0.5)
-        user_std = float(np.sqrt(p * (1 - p) / c["impressions"].mean()))
+        # No CTR at all yet (the control showed nothing): p = 0.5, the widest binomial spread.
+        p = min(control_ctr + config.min_detectable_ctr_lift / 2, 0.5) if np.isfinite(control_ctr) else 0.5
+        user_std = float(np.sqrt(p * (1 - p) / (c["impressions"].mean() or 1)))
     required = ab.sample_size_means(user_std, config.min_detectable_ctr_lift, config.alpha, config.power)
     observed_users = int(min(len(c), len(t)))
     decision = ab.decide(

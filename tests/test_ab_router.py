@@ -337,6 +337,36 @@ def test_a_log_with_one_control_user_keeps_running():
     assert result.decision.startswith("KEEP RUNNING"), result.decision
 
 
+def test_a_control_arm_that_served_only_empty_responses_keeps_running():
+    """Users served only empty responses count in their arm (``per_user``), but an arm with no
+    impression at all made the impression z-test and the planned sample size raise, so the whole
+    analysis raised instead of KEEP RUNNING."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    arms = {u: rollout.experiment.assign(u) for u in range(200)}
+    control = [u for u, a in arms.items() if a == "control"][:3]
+    treatment = [u for u, a in arms.items() if a == "treatment"][:5]
+    rows = [(f"r{u}", 0.0, u, p, p, "1", arms[u], "model") for u in treatment for p in range(10)]
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    empty = pd.DataFrame(
+        [(f"r{u}", 0.0, u, "control", "1") for u in control],
+        columns=["request_id", "ts", "user_id", "arm", "model_version"],
+    )
+    feedback = pd.DataFrame(
+        [(f"r{u}", 0.0, u, 1, "click", 1.0) for u in treatment],
+        columns=["request_id", "ts", "user_id", "item_id", "event", "value"],
+    )
+    config = ExperimentConfig(min_detectable_ctr_lift=0.02)
+    result = analyze(imp, feedback, rollout, config, catalog_size=10, empty_responses=empty)
+    assert result.observed_users_per_arm == 3 and result.required_users_per_arm > 3
+    assert result.decision.startswith("KEEP RUNNING"), result.decision
+    assert np.isnan(result.tests["p_value"][1]) and result.tests["treatment"][1] == 0.1
+
+
 def test_a_nan_arm_share_is_refused():
     """NaN passed the shares check (every comparison with NaN is False): ab_rollout with a NaN
     treatment_share gave {control: nan, treatment: nan}, and every non-holdout user went to the
