@@ -102,6 +102,8 @@ def ctr_bootstrap(c: pd.DataFrame, t: pd.DataFrame, n: int = 2000, seed: int = 0
     rng = np.random.default_rng(seed)
     cc, ci = c["clicks"].to_numpy(), c["impressions"].to_numpy()
     tc, ti = t["clicks"].to_numpy(), t["impressions"].to_numpy()
+    if ci.sum() <= 0 or ti.sum() <= 0:  # a group with no impression has no CTR: it is not 0, and no interval
+        return float("nan"), float("nan")
     diffs = np.empty(n)
     for b in range(n):
         a, z = rng.integers(0, len(cc), len(cc)), rng.integers(0, len(tc), len(tc))

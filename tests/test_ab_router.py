@@ -367,6 +367,19 @@ def test_a_control_arm_that_served_only_empty_responses_keeps_running():
     assert np.isnan(result.tests["p_value"][1]) and result.tests["treatment"][1] == 0.1
 
 
+def test_the_user_bootstrap_of_ctr_has_no_interval_for_a_group_without_impressions():
+    """A group with no impression (no users, or only empty responses) was resampled as CTR 0, so the
+    interval of the difference was the other group's CTR interval (0.04 to 0.16 here), not undefined."""
+    from online.ab_report import ctr_bootstrap
+
+    none = pd.DataFrame({"clicks": [0, 0, 0], "impressions": [0, 0, 0]})
+    some = pd.DataFrame({"clicks": [1, 2, 0, 1, 1], "impressions": [10] * 5})
+    for control, treatment in ((none, some), (none.iloc[:0], some), (some, none)):
+        assert np.isnan(ctr_bootstrap(control, treatment)).all()
+    low, high = ctr_bootstrap(some, some)
+    assert low < 0 < high
+
+
 def test_a_nan_arm_share_is_refused():
     """NaN passed the shares check (every comparison with NaN is False): ab_rollout with a NaN
     treatment_share gave {control: nan, treatment: nan}, and every non-holdout user went to the
