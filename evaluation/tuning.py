@@ -112,15 +112,12 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         _member_heads(stages, version_dir, requests)
     trials_params = tuning.grid(config)
     if ordering.affinity is None:  # no affinity weights exported (catalog above item_affinity.max_items)
-        # The blend can only leave the affinity out: each combination at affinity weight 0 and the
-        # configured fit, once. A grid that lists no 0 searched nothing and failed the training run.
-        unused = {AFFINITY: 0.0, REG: tuning.current(config, REG), DROPOUT: tuning.current(config, DROPOUT)}
-        without: list[dict] = []
-        for params in trials_params:
-            if {**params, **unused} not in without:
-                without.append({**params, **unused})
+        # The blend can only leave the affinity out: the grid at affinity weight 0 and the configured fit.
+        # A grid that lists no 0 searched nothing and failed the training run; setting each listed blend's
+        # affinity to 0 instead kept only the retrieval weights that fit beside the smallest listed affinity.
+        without = replace(tc, affinity_weight=[0.0], reg_weight=[], affinity_dropout=[])
         log.info("tuning: no item affinity exported (item_affinity.max_items), so its weight is searched at 0 only")
-        trials_params = without
+        trials_params = tuning.grid(replace(config, tuning=without))
     fits = {(p[REG], p[DROPOUT]) for p in trials_params}
     affinities = _affinity_percentiles(version_dir, config, requests, fits, ordering)
     truth = [relevant[int(r["user"])] for r in requests]

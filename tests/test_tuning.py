@@ -576,3 +576,69 @@ def test_tuning_reads_no_deployment_live_store(tmp_path, monkeypatch):
         tuner.tune_on_validation(version, ProcessedData(tmp_path), load_config())
     assert opened == [None]
     assert os.environ[STORE_ENV] == live  # the environment is left as it was
+
+
+def _stub_funnel(tmp_path, monkeypatch, heavy, retrieval, clocks=None):
+    """``tune_on_validation``'s inputs without a trained model: one validation user (raw 10) who
+    clicked raw item 102, and an exported funnel whose heavy ranker passes raw items 100-102 with
+    ``heavy`` scores and ``retrieval`` percentiles, without item affinity weights. ``clocks`` collects
+    the feature lookup's ``now`` at each request."""
+    import time
+    from types import SimpleNamespace
+
+    from deployment import export
+    from evaluation import offline
+    from evaluation import tuning as tuner
+    from workflows.pipeline import ProcessedData
+
+    version = tmp_path / "version"
+    (tmp_path / "valid").mkdir()
+    version.mkdir()
+    pd.DataFrame({"user_id": [1], "item_id": [2], "click": [1]}).to_parquet(tmp_path / "valid" / "part.parquet")
+    pd.DataFrame({"user_id": [1], "user_id_raw": [10]}).to_parquet(version / "user_features.parquet")
+    items = pd.DataFrame({"item_id": [0, 1, 2], "item_id_raw": [100, 101, 102]})
+    items.to_parquet(version / "item_features.parquet")
+    pd.DataFrame({"user_id_raw": [10], "item_id_raw": [999]}).to_parquet(version / "user_history.parquet")
+    lookup = SimpleNamespace(name="feature_lookup", clock=time.time, activity_since=1_000_000.0)
+    ordering = SimpleNamespace(
+        name="ordering",
+        affinity=None,
+        policy=load_config().serving.ordering,
+        categories=None,
+        raw_ids=items["item_id_raw"].to_numpy(),
+        retrieval_percentile=lambda x, ids: np.asarray(retrieval, dtype=np.float64),
+    )
+
+    def run_funnel(stages, user_id, k):
+        if clocks is not None:
+            clocks.append(stages[0].clock())
+        ids = np.array([0, 1, 2], dtype=np.int64)
+        return {"user_known": np.array([True]), "light_ids": ids, "heavy_scores": np.asarray(heavy), "seen_items": []}
+
+    monkeypatch.setattr(export, "export_repository", lambda model, path: path)
+    monkeypatch.setattr(tuner, "ModelVersion", lambda path: SimpleNamespace(version=1))
+    monkeypatch.setattr(offline, "load_funnel", lambda repo, version: [lookup, ordering])
+    monkeypatch.setattr(offline, "run_funnel", run_funnel)
+    return version, ProcessedData(tmp_path)
+
+
+def test_without_item_affinity_every_listed_retrieval_weight_is_searched(tmp_path, monkeypatch):
+    """Without affinity weights the tuner set each listed blend's affinity weight to 0, after the grid
+    had left out the retrieval weights that do not fit beside the smallest listed affinity weight:
+    retrieval 0.6 and 0.9 (valid at affinity 0) were never tried, and 0.3, the largest tried, was
+    chosen and not flagged."""
+    from evaluation.tuning import tune_on_validation
+
+    # Retrieval places the clicked item first, the heavy ranker last: it comes first from retrieval 0.48 on.
+    version, processed = _stub_funnel(tmp_path, monkeypatch, heavy=[0.9, 0.5, 0.0], retrieval=[0.0, 0.5, 1.0])
+    config = load_config(
+        overrides={
+            "serving": {"ordering": {"retrieval_weight": 0.0, "affinity_weight": 0.0}},
+            "tuning": {"retrieval_weight": [0.0, 0.3, 0.6, 0.9], "affinity_weight": [0.5], "max_users": 0},
+        }
+    )
+    record = tune_on_validation(version, processed, config)
+    tried = [t["params"]["serving.ordering.retrieval_weight"] for t in record["trials"]]
+    assert tried == [0.0, 0.3, 0.6, 0.9]
+    assert {t["params"]["serving.ordering.affinity_weight"] for t in record["trials"]} == {0.0}
+    assert record["chosen"]["serving.ordering.retrieval_weight"] == 0.6 and record["best"] == 1.0
