@@ -228,15 +228,32 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
 
 def load_funnel(repo: str | Path, version: int) -> list:
     """The exported funnel's stage objects, in the ensemble's order (the fused funnel's own, where
-    the version was exported fused: ``serving/fused.py``)."""
+    the version was exported fused: ``serving/fused.py``), their clock at the end of the training
+    data (``at_training_end``)."""
     from serving.interface import FUSED
     from serving.stages import STAGES
 
     if (Path(repo) / FUSED / str(version)).is_dir():
         from serving.fused import FusedFunnel
 
-        return FusedFunnel(Path(repo) / FUSED / str(version)).stages
-    return [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
+        stages = FusedFunnel(Path(repo) / FUSED / str(version)).stages
+    else:
+        stages = [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
+    return at_training_end(stages)
+
+
+def at_training_end(stages: list) -> list:
+    """``stages`` with the feature lookup's clock stopped at the end of the training data (its
+    ``activity_since``, the manifest's cutoff), where an offline replay's requests stand: the start of
+    the held-out period. The windowed activity features are counted back from that clock; at its
+    default, the wall clock, a log that ended months before had every window empty, so evaluation and
+    the tuning step scored users on features no request at the time would have had, and the tuning
+    step's choice depended on the day the training ran."""
+    for stage in stages:
+        since = getattr(stage, "activity_since", None)
+        if getattr(stage, "name", None) == "feature_lookup" and since is not None and np.isfinite(since):
+            stage.clock = lambda since=float(since): since
+    return stages
 
 
 def run_funnel(stages: list, user_id: int, k: int) -> dict[str, np.ndarray]:

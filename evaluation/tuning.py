@@ -16,7 +16,8 @@ What it reads: the processed dataset's ``valid/`` part (the light ranker's targe
 default, gives the positives; items the user already had in training are not: the funnel filters
 them) and the version's own artifacts. Never
 the test part: ``ProcessedData.test`` and ``test/`` are not touched (``tests/test_tuning.py``); nor a
-deployment's live store (``$FUNNEL_STORE_URL`` is set aside while the funnel runs).
+deployment's live store (``$FUNNEL_STORE_URL`` is set aside while the funnel runs), nor the wall clock
+(``offline.load_funnel`` counts the windowed activity features at the end of the training data).
 
 ``train_tuned`` adds the knobs that need retraining (``tuning.logq_strength``,
 ``tuning.sampled_negatives``): one candidate generator per combination, the rankers trained once

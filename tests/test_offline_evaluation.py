@@ -79,6 +79,29 @@ def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_ve
     np.testing.assert_allclose(
         offline.final_scores(stages, out, encoded), np.asarray(out["scores"]), rtol=1e-4, atol=1e-6
     )
+    # The windowed activity features (on in the test model) are counted at the end of the training data,
+    # as a request at the start of the held-out period would have them; at the wall clock, every window empty.
+    import time
+
+    lookup = stages[0]
+    assert lookup.clock() == model_version.manifest["data_summary"]["cutoff"]
+    wall = time.time()
+    assert any(not np.array_equal(lookup.user_activity(int(u)), lookup.user_activity(int(u), now=wall)) for u in users)
+
+
+def test_offline_stages_count_activity_at_the_end_of_the_training_data():
+    """The feature lookup's clock stops at its ``activity_since`` (the manifest's cutoff); without a
+    cutoff it stays the wall clock. Other stages are left alone."""
+    import time
+    from types import SimpleNamespace
+
+    lookup = SimpleNamespace(name="feature_lookup", clock=time.time, activity_since=1_000_000.0)
+    other = SimpleNamespace(name="ordering", clock=time.time, activity_since=5.0)
+    assert offline.at_training_end([lookup, other]) == [lookup, other]
+    assert lookup.clock() == 1_000_000.0 and other.clock is time.time
+    no_cutoff = SimpleNamespace(name="feature_lookup", clock=time.time, activity_since=-np.inf)
+    offline.at_training_end([no_cutoff])
+    assert no_cutoff.clock is time.time
 
 
 @pytest.mark.slow
