@@ -224,6 +224,18 @@ def test_random_split_keeps_every_event_of_a_pair_in_one_part():
     assert [parts[n].drop_duplicates(["user_id", "item_id"]).shape[0] for n in parts] == [160, 40, 40]
 
 
+def test_a_random_split_with_a_test_ratio_of_0_has_no_test_part(events):
+    """ratios [0.8, 0.2, 0] gave an empty test part (no user gets a test item), and the pipeline
+    stopped at the attribute join on it (``KeyError: "['age_band', ...] not in index"``); a temporal
+    split with test_fraction 0 has no test part at all."""
+    from workflows.splits import random_split
+
+    unique = events.drop_duplicates(["user_id", "item_id", "timestamp"])
+    split = random_split(ddf(unique), SplitConfig(kind="random", ratios=[0.8, 0.2, 0.0]))
+    assert split.test is None and list(split.parts()) == ["train", "valid"]
+    assert sum(len(p.compute()) for p in split.parts().values()) == len(unique)
+
+
 def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     from workflows.splits import explicit_split
 

@@ -6,10 +6,10 @@
 ``random``: RecBole's random-ordering protocol: each user's items (distinct (user, item) pairs) are
     put in a pseudo-random order (a hash of user, item, the pair's first timestamp and ``seed``, so
     the split is reproducible and does not depend on partitioning) and cut at ``ratios`` (80/10/10),
-    with RecBole's rounding of each user's counts (``recbole_part_sizes``). Every event of a pair
-    goes to the pair's part: a pair is one row per part after ``dedup_pairs``, and a pair in two parts
-    would be a held-out positive that is also a training one. A log with one event per pair is split
-    exactly as per-event ordering split it.
+    with RecBole's rounding of each user's counts (``recbole_part_sizes``); a test ratio of 0: no test
+    part. Every event of a pair goes to the pair's part: a pair is one row per part after
+    ``dedup_pairs``, and a pair in two parts would be a held-out positive that is also a training one.
+    A log with one event per pair is split exactly as per-event ordering split it.
 ``explicit``: parquet files list the ``user_id, item_id, timestamp`` of each part; events are
     assigned by an inner join, so an external protocol (a paper's split) is reproduced exactly.
 """
@@ -130,7 +130,10 @@ def random_split(ddf, config: SplitConfig) -> Split:
     assigned = ddf.shuffle(on="user_id", npartitions=ddf.npartitions).map_partitions(_assign_random, config)
     parts = [assigned[assigned["_part"] == i][columns] for i in range(3)]
     end_of_train = int(parts[0]["timestamp"].max().compute()) + 1
-    return Split(parts[0], parts[1], end_of_train, parts[2], {"kind": "random", "ratios": list(config.ratios)})
+    # A test ratio of 0 leaves no user a test item: no test part, as a temporal test_fraction of 0 gives
+    # none (an empty one stopped the pipeline at the attribute join).
+    test = parts[2] if config.ratios[2] > 0 else None
+    return Split(parts[0], parts[1], end_of_train, test, {"kind": "random", "ratios": list(config.ratios)})
 
 
 def _read_keys(path: str):
