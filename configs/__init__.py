@@ -161,6 +161,13 @@ class SplitConfig:
         # Written so NaN fails (every comparison with NaN is False), here and in the checks below.
         if len(self.ratios) != 3 or not all(r >= 0 for r in self.ratios) or not abs(sum(self.ratios) - 1.0) <= 1e-6:
             raise ValueError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
+        # As valid_fraction > 0: a validation share of 0 left the validation part empty and the pipeline
+        # stopped at the attribute join (KeyError); a training share of 0 trained on rounding leftovers
+        # only, or on nothing ([0, 1, 0]: int(NaN) in the split).
+        if self.kind == "random" and not (self.ratios[0] > 0 and self.ratios[1] > 0):
+            raise ValueError(
+                f"split.ratios: a random split needs training and validation shares above 0, got {self.ratios}"
+            )
         if self.kind == "explicit" and not (self.train_file and self.valid_file):
             raise ValueError("split.kind 'explicit' needs split.train_file and split.valid_file")
         _require("split.seed", self.seed, 0)

@@ -31,6 +31,12 @@ def test_wrong_type_is_named():
 def test_invalid_split_is_rejected():
     with pytest.raises(ValueError, match="valid_fraction"):
         load_config(overrides={"workflow": {"split": {"valid_fraction": 1.5}}})
+    # A random split with no training or validation share: every user's part was empty, and the
+    # pipeline failed on it (int(NaN) in the split, a KeyError at the attribute join) instead of here.
+    for ratios in ([0.9, 0.0, 0.1], [0.0, 1.0, 0.0]):
+        with pytest.raises(ValueError, match="split.ratios: a random split needs training and validation"):
+            load_config(overrides={"workflow": {"split": {"kind": "random", "ratios": ratios}}})
+    assert load_config(overrides={"workflow": {"split": {"kind": "random", "ratios": [0.8, 0.2, 0.0]}}})
 
 
 NAN = float("nan")
