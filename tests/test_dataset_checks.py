@@ -289,6 +289,30 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
         explicit_split(ddf(unique), SplitConfig(kind="explicit", train_file="nope.parquet", valid_file="x"))
 
 
+def test_an_explicit_split_file_that_matches_no_event_is_a_named_defect(events, tmp_path):
+    """A valid file in milliseconds matched no event: the split returned an empty validation part and
+    the pipeline stopped at the attribute join (``KeyError: "['age_band', ...] not in index"``), so the
+    unmatched rows it reports were never seen; a train file so gave ``int(NaN)``."""
+    from workflows.splits import explicit_split
+    from workflows.validate import DatasetError
+
+    keys = ["user_id", "item_id", "timestamp"]
+    unique = events.drop_duplicates(keys)
+    n = len(unique)
+    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
+    for name, (a, b) in {
+        "valid": (train, valid.assign(timestamp=valid["timestamp"] * 1000)),
+        "train": (train.assign(timestamp=train["timestamp"] * 1000), valid),
+    }.items():
+        a.to_parquet(tmp_path / "train.parquet")
+        b.to_parquet(tmp_path / "valid.parquet")
+        cfg = SplitConfig(
+            kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
+        )
+        with pytest.raises(DatasetError, match=f"{name}.parquet: no row matches an event of the log"):
+            explicit_split(ddf(unique), cfg)
+
+
 def test_invalid_split_kinds_are_named():
     with pytest.raises(ValueError, match="kind"):
         SplitConfig(kind="shuffled")

@@ -177,12 +177,21 @@ def explicit_split(ddf, config: SplitConfig, item_map=None) -> Split:
         if count:
             keys[name], merged = kept, merged + count
     parts = {name: ddf.merge(part_keys, on=KEYS, how="inner") for name, part_keys in keys.items()}
+    sizes = dict(zip(parts, dask.compute(*(p.shape[0] for p in parts.values()))))
+    # A part no file row matched (timestamps in milliseconds, ids of another log) is a defect of its
+    # file: an empty part failed later with a KeyError at the attribute join, before anything was reported.
+    empty = [name for name, size in sizes.items() if not size]
+    if empty:
+        message = "no row matches an event of the log (are its ids the log's, its timestamps unix seconds?)"
+        rows = dask.compute(*(raw[name].shape[0] for name in empty))
+        raise DatasetError([Defect(files[name], "", message, int(n)) for name, n in zip(empty, rows)])
     end_of_train = int(parts["train"]["timestamp"].max().compute()) + 1
     # What the files leave out is reported, not an error (a paper's split may drop events on purpose),
     # but never silent: a timestamp in another unit makes every file row match nothing.
     in_log = ddf[KEYS].drop_duplicates().assign(_in_log=1)
     unmatched = [part.merge(in_log, on=KEYS, how="left")["_in_log"].isna().sum() for part in keys.values()]
-    events, placed, unmatched = dask.compute(ddf.shape[0], sum(p.shape[0] for p in parts.values()), sum(unmatched))
+    events, unmatched = dask.compute(ddf.shape[0], sum(unmatched))
+    placed = sum(sizes.values())
     details = {
         "kind": "explicit",
         "files": files,
