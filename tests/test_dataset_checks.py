@@ -176,6 +176,26 @@ def test_temporal_split_with_test_part_and_its_check(events):
         check_temporal_split(split)
 
 
+def test_a_temporal_split_that_ties_leave_a_part_empty_is_a_named_defect():
+    """A log batched by the day: 4 of 10 events share the last timestamp, so the validation and test
+    cutoffs were both that timestamp and the validation part had 0 rows; the pipeline stopped at the
+    attribute join on it (``KeyError: "['age_band', ...] not in index"``). All events in one second
+    left the training part empty."""
+    from workflows.splits import temporal_split
+    from workflows.validate import DatasetError
+
+    frame = pd.DataFrame({"user_id": 1, "item_id": range(10), "timestamp": [0, 1, 2, 3, 4, 5, 9, 9, 9, 9]})
+    with pytest.raises(DatasetError, match="leaves the validation part empty: .* share timestamp 9"):
+        temporal_split(ddf(frame), SplitConfig(valid_fraction=0.1, test_fraction=0.1))
+    with pytest.raises(DatasetError, match="leaves the training part empty: .* share timestamp 7"):
+        temporal_split(ddf(frame.assign(timestamp=7)), SplitConfig(valid_fraction=0.1, test_fraction=0.0))
+    # Without a test part, or with ties that leave every part some events, the split stands.
+    split = temporal_split(ddf(frame), SplitConfig(valid_fraction=0.2, test_fraction=0.0))
+    assert [len(p.compute()) for p in split.parts().values()] == [6, 4]
+    split = temporal_split(ddf(frame.assign(timestamp=range(10))), SplitConfig(valid_fraction=0.1, test_fraction=0.1))
+    assert all(len(p.compute()) for p in split.parts().values())
+
+
 def test_random_split_is_per_user_80_10_10_and_reproducible(events):
     from workflows.splits import random_split
 

@@ -64,6 +64,9 @@ def exact_quantiles(series, qs: list[float], bins: int = 4096) -> list[int]:
     out = []
     for q in qs:
         rank = int(q * (n - 1))
+        if rank in (0, n - 1):  # the extremes are known without another pass
+            out.append(lo if rank == 0 else hi)
+            continue
         b = int(cumulative.index[(cumulative.values > rank).argmax()])
         before = int(cumulative.loc[b] - counts.loc[b])
         values = series[bin_of == b].compute()
@@ -75,7 +78,21 @@ def exact_quantiles(series, qs: list[float], bins: int = 4096) -> list[int]:
 def temporal_split(ddf, config: SplitConfig) -> Split:
     """Split by time; works on dask-cudf and dask-pandas collections alike."""
     held_out = config.valid_fraction + config.test_fraction
-    cutoff, test_cutoff = exact_quantiles(ddf["timestamp"], [1.0 - held_out, 1.0 - config.test_fraction])
+    quantiles = [0.0, 1.0 - held_out, 1.0 - config.test_fraction]
+    first, cutoff, test_cutoff = exact_quantiles(ddf["timestamp"], quantiles)
+    # A tie is never split across parts, so a timestamp that more events share than a part's fraction
+    # can leave it empty (a log batched by the day); the pipeline then failed with a KeyError at the
+    # attribute join. Named here instead.
+    empty = "training part" if cutoff == first else None
+    if config.test_fraction > 0 and cutoff == test_cutoff:
+        empty = "validation part"
+    if empty:
+        message = (
+            f"the temporal split leaves the {empty} empty: the events that share timestamp {cutoff} fill its "
+            f"share and more (a tie stays in one part; split.valid_fraction {config.valid_fraction}, "
+            f"test_fraction {config.test_fraction})"
+        )
+        raise DatasetError([Defect("events", "timestamp", message)])
     train = ddf[ddf["timestamp"] < cutoff]
     if config.test_fraction <= 0:
         return Split(train, ddf[ddf["timestamp"] >= cutoff], cutoff, details={"kind": "temporal"})
