@@ -119,9 +119,10 @@ def check_data(model_dir: Path) -> CheckResult:
     if summary.get("split", {}).get("kind") == "temporal":
         required.append("temporal_split")
     features = manifest.get("config", {}).get("workflow", {}).get("features", {})
-    if not features.get("point_in_time", True):
-        # No feature is computed from events (workflow.features.point_in_time: false), so none can
-        # see the future; the leak check has nothing to probe and the pipeline does not record it.
+    if not features.get("point_in_time", True) and not features.get("activity_windows"):
+        # No feature is computed from events (workflow.features.point_in_time: false and no
+        # activity_windows), so none can see the future; the leak check has nothing to probe and the
+        # pipeline does not record it. Windowed activity counts read earlier events as the counts do.
         required.remove("point_in_time")
     names = {c.get("check") for c in recorded}
     missing = [n for n in required if n not in names]

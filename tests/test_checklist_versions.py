@@ -73,3 +73,21 @@ def test_nan_or_infinite_scores_fail_the_unit_range_check(monkeypatch, scores):
     assert not result.passed and "[1, 2]" in result.detail
     monkeypatch.setattr(offline, "run_funnel", lambda stages, user, k: {"scores": np.array([0.9, 0.5, 0.1])})
     assert checklist.check_scores_in_unit_range(Path("repo"), 1, [1, 2]).passed
+
+
+def _data_manifest(folder: Path, features: dict, checks: list[str]) -> Path:
+    summary = {"split": {"kind": "random"}, "checks": [{"check": c, "passed": True} for c in checks]}
+    _stamp(folder / "manifest.json", 1, data_summary=summary, config={"workflow": {"features": features}})
+    return folder
+
+
+def test_windowed_activity_features_without_the_leak_probe_fail_the_data_checks(tmp_path):
+    # point_in_time: false dropped the leak check from what is required, though windowed activity counts
+    # (features.activity_windows) read earlier events too: a version without the probe passed.
+    checks = ["no_duplicate_pairs", "labels_agree"]
+    windowed = {"point_in_time": False, "activity_windows": ["1h", "24h"]}
+    result = checklist.check_data(_data_manifest(tmp_path / "a", windowed, checks))
+    assert not result.passed and "point_in_time" in result.detail
+    assert checklist.check_data(_data_manifest(tmp_path / "b", windowed, [*checks, "point_in_time"])).passed
+    none = {"point_in_time": False, "activity_windows": []}  # no feature from events: nothing to probe
+    assert checklist.check_data(_data_manifest(tmp_path / "c", none, checks)).passed
