@@ -107,6 +107,21 @@ def test_point_in_time_probe_catches_leaks_that_flipping_clicks_and_duplicating_
         check_point_in_time(ddf(events), compute=leaky, columns=columns)
 
 
+@pytest.mark.parametrize("column", ["timestamp", "item_id"])
+def test_point_in_time_probe_catches_a_feature_reading_the_next_event(events, column):
+    # Future events were flipped in place, keeping their times and items: the time to the user's next
+    # event, or the next item, read the future and passed.
+    def leaky(d):
+        def per_partition(p):
+            p = p.sort_values(["user_id", "timestamp"])
+            return p.assign(next_event=p.groupby("user_id")[column].shift(-1).fillna(-1))
+
+        return d.shuffle(on="user_id").map_partitions(per_partition)
+
+    with pytest.raises(CheckFailed, match="changed"):
+        check_point_in_time(ddf(events), compute=leaky, columns=["next_event"])
+
+
 def test_no_duplicate_pairs_check_catches_duplicates(events):
     with pytest.raises(CheckFailed, match="duplicate"):
         check_no_duplicate_pairs(ddf(events))

@@ -115,9 +115,10 @@ def check_point_in_time(events, at: int | None = None, compute=add_point_in_time
     """Recompute features after changing the future; features of the past must not move.
 
     Every event at or after ``at`` (default: the median timestamp) has every signal flipped (each
-    numeric column but ids, time and weights becomes ``1 - value``), and a copy of each is added
-    after the end of the log with a new item id, so any feature that reads the future would change:
-    its sums and counts, its maxima and last times, its distinct items. The events at ``at`` itself
+    numeric column but ids, time and weights becomes ``1 - value``), those after ``at`` move past the
+    end of the log under new item ids, and a copy of each is added later still, so any feature that
+    reads the future would change: its sums and counts, its maxima and last times, its distinct
+    items, the time or item of a next event. The events at ``at`` itself
     are compared too: a feature of theirs may read only earlier events, so one that reads the
     event's own (flipped) outcome changes.
     """
@@ -130,10 +131,16 @@ def check_point_in_time(events, at: int | None = None, compute=add_point_in_time
     future = base[base["timestamp"] >= at]
     flipped = future.map_partitions(_perturbed_signals, {"user_id", "item_id", "timestamp", WEIGHT})
     last_time, last_item = dask.compute(base["timestamp"].max(), base["item_id"].max())
-    later = flipped.assign(timestamp=flipped["timestamp"] + (int(last_time) - int(at) + 1))
+    shift = int(last_time) - int(at) + 1
+    # Flipped in place, the events after ``at`` kept their times and items: a feature reading the next
+    # event's time or item (time to the next event) did not move. They move past the log's end instead.
+    after = flipped["timestamp"] > at
+    moved = flipped.assign(timestamp=flipped["timestamp"].where(~after, flipped["timestamp"] + shift))
+    later = flipped.assign(timestamp=flipped["timestamp"] + 2 * shift)
     if pd.api.types.is_integer_dtype(base["item_id"].dtype):  # items never seen: distinct counts change
+        moved = moved.assign(item_id=moved["item_id"].where(~after, moved["item_id"] + (int(last_item) + 1)))
         later = later.assign(item_id=later["item_id"] + (int(last_item) + 1))
-    perturbed = dd.concat([base[base["timestamp"] < at], flipped, later])
+    perturbed = dd.concat([base[base["timestamp"] < at], moved, later])
     before = _sorted_features(compute(base), columns)
     after = _sorted_features(compute(perturbed), columns)
     before, after = before[before["timestamp"] <= at], after[after["timestamp"] <= at]
