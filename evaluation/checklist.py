@@ -3,7 +3,8 @@
 Models need tests like any software. Each check returns a ``CheckResult``; ``run_checklist`` runs
 them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gate on it.
 
-    versions_consistent   query tower, item index, item affinity, manifest and every exported stage: one version
+    versions_consistent   query tower, item index, item affinity, manifest and every exported stage (and the
+                          stamped artifacts it serves): one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled users
     index_matches_items   the ANN index holds exactly the items of the serving item table
     index_recall          exact search, or an approximate index whose search setting was measured
@@ -53,6 +54,12 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
             stage_manifest = stage_folder(repo, stage, versions["manifest"]) / "manifest.json"
             stamped = json.loads(stage_manifest.read_text()) if stage_manifest.exists() else {"version": -1}
             versions[f"stage:{stage}"] = int(stamped["version"])
+            # The stamped artifacts the stage serves (the query tower's, the index's): a stage manifest of
+            # this version beside an index copied from another run passed. Missing counts as -1.
+            for name in (n for n in STAGE_ARTIFACTS[stage] if n.endswith(".json")):
+                path = stage_manifest.parent / name
+                stamp = int(json.loads(path.read_text())["version"]) if path.exists() else -1
+                versions[f"{name.removesuffix('.json')}:{stage}/{versions['manifest']}"] = stamp
             if stage == "ordering" and stamped.get("item_affinity"):
                 affinity_files.append(stage_manifest.parent / "item_affinity.json")
     for path in affinity_files:  # a missing file counts as version -1: inconsistent

@@ -28,6 +28,8 @@ def _add_to_repo(repo: Path, version: int) -> None:
     for stage in STAGE_ARTIFACTS:
         _stamp(repo / stage / str(version) / "manifest.json", version, item_affinity={"items": 3})
     _stamp(repo / "ordering" / str(version) / "item_affinity.json", version)
+    _stamp(repo / "query_tower" / str(version) / "query_tower.json", version)
+    _stamp(repo / "retrieval" / str(version) / "item_index.json", version)
 
 
 def test_a_repository_holding_the_next_version_beside_this_one_is_consistent(tmp_path):
@@ -60,6 +62,23 @@ def test_a_stage_of_this_version_with_another_stamp_or_missing_still_fails(tmp_p
     (repo / "retrieval" / "1" / "manifest.json").unlink()
     result = checklist.check_versions_consistent(v1, repo)
     assert not result.passed and '"stage:retrieval": -1' in result.detail
+
+
+@pytest.mark.parametrize("served", ["retrieval/1/item_index.json", "query_tower/1/query_tower.json"])
+def test_a_served_index_or_query_tower_of_another_version_or_missing_fails(tmp_path, served):
+    # Only the stage manifests were read: an index (or tower stamp) of another run, or none, in this
+    # version's stage folder passed.
+    v1 = _registry_version(tmp_path, 1)
+    repo = tmp_path / "repo"
+    _stamp(repo / "export.json", 1)
+    _add_to_repo(repo, 1)
+    assert checklist.check_versions_consistent(v1, repo).passed
+    _stamp(repo / served, 2)
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and f'"{Path(served).stem}:{Path(served).parent}": 2' in result.detail
+    (repo / served).unlink()
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and f'"{Path(served).stem}:{Path(served).parent}": -1' in result.detail
 
 
 @pytest.mark.parametrize("scores", [[0.9, np.nan, 0.1], [np.nan, np.nan], [0.5, np.inf], [-np.inf]])
