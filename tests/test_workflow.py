@@ -286,3 +286,24 @@ def test_validation_negatives_avoid_the_training_items_of_users_the_active_filte
     assert len(mine) > 0  # user 1 has validation negatives: items never seen (9-12)
     before = sorted(set(mine) & set(range(1, 8)))
     assert before == [], f"user 1's validation negatives include items of their training period: {before}"
+
+
+def test_rare_ids_sharing_the_oov_index_are_not_duplicate_pairs(tmp_path):
+    """features.id_freq_threshold sends rare ids to the one OOV index; the duplicate-pair check read
+    the encoded training data, so a user with two rare items had a "duplicate" pair and the pipeline
+    raised CheckFailed on a log without any."""
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+
+    log = tiny_log(300, clicks=1)
+    first = int(log["timestamp"].min())
+    rare = pd.DataFrame({"user_id": 1, "item_id": [9, 10], "timestamp": [first, first + 1]})
+    write_tables(
+        tmp_path, pd.concat([log, rare.assign(click=1, watch_seconds=30, like=0, share=0)]), list("abcdefghij")
+    )
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    workflow = {"features": {"id_freq_threshold": 2}, "checks": {"point_in_time_probe": False}}
+    out = run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": workflow}).workflow)
+    assert {"check": "no_duplicate_pairs", "passed": True} in [
+        {k: c[k] for k in ("check", "passed")} for c in out.summary["checks"]
+    ]
