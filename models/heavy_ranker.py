@@ -97,8 +97,11 @@ def member_artifact(index: int) -> str:
     return "heavy_ranker" if index == 0 else f"heavy_ranker_{index}"
 
 
-def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: int) -> Dataset:
-    """``train`` plus ``per_user`` affinity hard negatives per user (every label column 0), shuffled."""
+def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: int, targets=()) -> Dataset:
+    """``train`` plus ``per_user`` affinity hard negatives per user (every label column 0), shuffled.
+
+    The label columns are those tagged as targets plus ``targets`` (the heads trained, whose columns
+    need not carry the tags)."""
     from merlin.core.dispatch import concat
 
     from models.negative_sampling import affinity_negatives
@@ -109,7 +112,10 @@ def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: i
             "version does not have (item_affinity.max_items); set hard_negatives: 0"
         )
     frame = train.to_ddf().compute()
-    labels = [c for c in train.schema.select_by_tag(Tags.TARGET).column_names if c in frame.columns]
+    # An untagged target was taken for a user-side column: the negatives copied it from the user's
+    # first positive row (labelled 1 there) instead of 0.
+    tagged = train.schema.select_by_tag(Tags.TARGET).column_names
+    labels = [c for c in dict.fromkeys([*tagged, *targets]) if c in frame.columns]
     item_columns = train.schema.select_by_tag(Tags.ITEM).excluding_by_tag(Tags.TARGET).column_names
     negatives = affinity_negatives(frame, affinity_weights, per_user, labels, item_columns)
     both = concat([frame, negatives], ignore_index=True)
@@ -148,7 +154,9 @@ def train_heavy_ranker_members(
         member_seed = seed + index
         member_train = train
         if member.hard_negatives:
-            member_train = with_hard_negatives(train, affinity_weights, member.hard_negatives, member_seed)
+            member_train = with_hard_negatives(
+                train, affinity_weights, member.hard_negatives, member_seed, list(resolve_targets(train.schema, config))
+            )
         artifact = member_artifact(index)
         own = list(member_callbacks(artifact)) if member_callbacks else []
         model, member_metrics, spec = train_heavy_ranker(

@@ -143,3 +143,44 @@ def test_heavy_ranker_members_need_the_affinity_for_hard_negatives(processed, sm
         HeavyRankerConfig(members=[])
     with pytest.raises(ValueError, match="hard_negatives must be >= 0"):
         HeavyRankerMemberConfig(hard_negatives=-1)
+
+
+def test_hard_negatives_are_labelled_0_for_an_untagged_target_too(monkeypatch):
+    import pandas as pd
+    from merlin.io import Dataset
+
+    from configs import EmbeddingConfig, HeavyRankerMemberConfig, TrainingConfig
+    from models import heavy_ranker
+
+    frame = pd.DataFrame(
+        {
+            "user_id": [0, 0, 1, 1],
+            "item_id": [0, 1, 2, 3],
+            "click": [1, 0, 1, 0],
+            "duration_watch": [1.0, 0.0, 1.0, 0.0],
+        }
+    )
+    schema = Schema(
+        [
+            ColumnSchema("user_id", tags=[Tags.USER, Tags.USER_ID, Tags.CATEGORICAL], dtype=np.int64),
+            ColumnSchema("item_id", tags=[Tags.ITEM, Tags.ITEM_ID, Tags.CATEGORICAL], dtype=np.int64),
+            *_label_schema("click"),
+            ColumnSchema("duration_watch", dtype=np.float32),  # a label the pipeline added later: no tags
+        ]
+    )
+    trained = []
+    monkeypatch.setattr(
+        heavy_ranker, "train_heavy_ranker", lambda train, *a, **k: trained.append(train) or (None, {}, {})
+    )
+    config = HeavyRankerConfig(
+        targets=[TargetConfig("click", 0.5), TargetConfig("duration_watch", 0.5)],
+        members=[HeavyRankerMemberConfig(hard_negatives=2)],
+    )
+    weights = np.ones((4, 4), dtype=np.float32)
+    heavy_ranker.train_heavy_ranker_members(
+        Dataset(frame, schema=schema), None, config, EmbeddingConfig(), TrainingConfig(), affinity_weights=weights
+    )
+    rows = trained[0].to_ddf().compute()
+    assert len(rows) == len(frame) + 4  # two hard negatives per user
+    # Copied from the user's first positive row before, where duration_watch is 1.
+    assert (rows.loc[rows["click"] == 0, "duration_watch"] == 0).all(), rows
