@@ -67,8 +67,6 @@ def item_frequencies(schema: Schema, positive_rows: Dataset | None = None) -> np
     else:
         counts = positive_rows.to_ddf()[col.name].value_counts().compute()
         freqs[to_host(counts.index)] = to_host(counts).astype(np.float32)
-    # Reserved ids never occur as positives; a tiny count keeps log() finite.
-    freqs[freqs == 0] = 1.0
     return freqs
 
 
@@ -152,6 +150,10 @@ def build_candidate_generator(
             catalog_ids = np.asarray(catalog[item_id_schema.first.name], dtype=np.int64)
             q = config.batch_size * q / q.sum()
             q[catalog_ids] += config.sampled_negatives / len(catalog_ids)
+        # Ids that are never candidates (the reserved ones; in-batch only, items without positives) are
+        # never looked up: a floor keeps log() finite. Set after the mixture: a count of 1 for each such
+        # id before it diluted the in-batch share and gave an unclicked item a share it never has.
+        q[q == 0] = 1.0
         # Merlin subtracts reg_factor * log(q) *before* dividing by the temperature, so reg_factor =
         # temperature makes the trained logit exactly score / T - log(q); with 1.0 the correction
         # was 1/T = 10x too strong (README, "Offline evaluation").

@@ -184,3 +184,33 @@ def test_hard_negatives_are_labelled_0_for_an_untagged_target_too(monkeypatch):
     assert len(rows) == len(frame) + 4  # two hard negatives per user
     # Copied from the user's first positive row before, where duration_watch is 1.
     assert (rows.loc[rows["click"] == 0, "duration_watch"] == 0).all(), rows
+
+
+def test_logq_mixture_with_sampled_negatives_is_the_expected_count_per_batch():
+    import pandas as pd
+    from merlin.io import Dataset
+
+    from configs import CandidateGeneratorConfig
+    from models.candidate_generator import build_candidate_generator, item_frequencies
+
+    def categorical(name, cardinality, *tags):
+        col = _categorical(name, cardinality, *tags)
+        return col.with_properties({**col.properties, "embedding_sizes": {"cardinality": cardinality, "dimension": 8}})
+
+    # Ids 0-2 reserved, 3-15 the catalog, of which 13-15 are never clicked; 16-19 unused.
+    schema = Schema(
+        [categorical("user_id", 10, Tags.USER, Tags.USER_ID), categorical("item_id", 20, Tags.ITEM, Tags.ITEM_ID)]
+    )
+    clicked = np.array([3] * 10 + [4] * 5 + [5] * 3 + list(range(6, 13)), dtype=np.int64)
+    positives = Dataset(pd.DataFrame({"user_id": np.arange(len(clicked)) % 10, "item_id": clicked}), schema=schema)
+    counts = np.bincount(clicked, minlength=20).astype(np.float64)
+    np.testing.assert_array_equal(item_frequencies(schema, positives), counts)  # 0 where never clicked
+    catalog = np.arange(3, 16, dtype=np.int64)
+    config = CandidateGeneratorConfig(embedding_dim=4, tower_layers=[8], batch_size=6, sampled_negatives=3)
+    model = build_candidate_generator(schema, config, positive_rows=positives, catalog={"item_id": catalog})
+    post = next(layer.post for layer in model.submodules if getattr(layer, "post", None) is not None)
+    # Expected times each catalog item is a negative per batch: batch_size * p(item) + sampled / catalog size.
+    expected = 6 * counts[catalog] / counts.sum() + 3 / len(catalog)
+    got = post.candidate_probs.numpy()[catalog]
+    # Merlin normalises q; only its ratios between candidates matter (log q up to a constant).
+    np.testing.assert_allclose(got / got.sum(), expected / expected.sum(), rtol=1e-5)
