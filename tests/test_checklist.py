@@ -118,11 +118,17 @@ def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
     result = check_data(broken)
     assert not result.passed and "point_in_time" in result.detail
     # Without point-in-time features (workflow.features.point_in_time: false, as on MovieLens under a
-    # random split) no feature comes from events, and the leak check is not required.
-    manifest["config"]["workflow"]["features"]["point_in_time"] = False
+    # random split) no feature comes from events, and the leak check is not required; the test model's
+    # windowed activity counts read events too, so they must be off as well.
+    features = manifest["config"]["workflow"]["features"]
+    windows = features["activity_windows"]
+    features["point_in_time"] = False
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert windows and not check_data(broken).passed
+    features["activity_windows"] = []
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert check_data(broken).passed
-    manifest["config"]["workflow"]["features"]["point_in_time"] = True
+    features.update(point_in_time=True, activity_windows=windows)
     manifest["data_summary"]["checks"] = [{**c, "passed": False} if c["check"] == "labels_agree" else c for c in checks]
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert not check_data(broken).passed
