@@ -5,9 +5,11 @@ its embedding tables, one row per id. So the size of every table is decided here
 cardinality in the schema (NVTabular's Categorify records it):
 
 * width: ``multiplier * cardinality ** 0.25`` clipped to ``[min_dim, max_dim]`` - tables of a few
-  categories get a few dimensions, an id space of millions gets the cap;
+  categories get a few dimensions, large id spaces more, up to the cap;
 * rows: a column with more than ``max_rows`` ids is *hashed*: ids are taken modulo ``max_rows`` before
   the lookup (``HashIds``), so colliding ids share a row instead of the table growing without bound.
+  Its width follows the table's ``max_rows`` rows, not the ids hashed into them (with the defaults,
+  36 for any column above 100,000 ids).
 
 ``describe_tables`` lists every table of a built model (rows, dim, parameters, bytes) and
 ``log_tables`` prints it: the training log shows where the memory goes.
