@@ -307,3 +307,21 @@ def test_rare_ids_sharing_the_oov_index_are_not_duplicate_pairs(tmp_path):
     assert {"check": "no_duplicate_pairs", "passed": True} in [
         {k: c[k] for k in ("check", "passed")} for c in out.summary["checks"]
     ]
+
+
+def test_a_random_split_that_leaves_a_part_empty_is_a_named_defect(tmp_path):
+    """RecBole's rounding gives a user of 2 items one training and one test item and no validation
+    item: on a log of such users the validation part was empty, and the pipeline failed later with a
+    KeyError at the attribute join that named nothing."""
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.validate import DatasetError
+
+    log = tiny_log(300, clicks=1)
+    log = log.assign(item_id=1 + log["user_id"] % 2 + 2 * (log.index % 2))  # two items per user
+    write_tables(tmp_path, log, list("abcd"))
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    workflow = {"split": {"kind": "random"}, "checks": {"point_in_time_probe": False}}
+    with pytest.raises(DatasetError, match=r"the random split leaves the valid part empty .*split\.ratios"):
+        run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": workflow}).workflow)
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -314,6 +314,13 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
             parts[name], config.dedup, first_columns, step=f"dedup_pairs_{name}", signals=signals
         )
         steps.append(rep)
+        # An empty held-out part failed later with a KeyError at the attribute join, naming nothing
+        # (a random split of users with 2 items each: RecBole's rounding gives them no validation item).
+        if rep.rows_after == 0:
+            message = f"the {config.split.kind} split leaves the {name} part empty"
+            if config.split.kind == "random":
+                message += f" (each user's items are cut at split.ratios {list(config.split.ratios)}: too few per user)"
+            raise DatasetError([Defect("events", "", message)])
     train_events = parts["train"]
     held_out = {name: ddf for name, ddf in parts.items() if name != "train"}  # before sampled negatives
 
