@@ -120,10 +120,11 @@ def served_result(results: list[Result], served: str | None = None) -> Result:
 def headline(
     results: list[Result], k: int, served: str | None = None, n_resamples: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """The served funnel against each other model at NDCG@``k``: the ratio of the means and the
-    difference with a paired bootstrap 95% interval (users resampled together, so both models are
-    judged on the same users), and a verdict: "beats" / "loses to" when the interval excludes 0,
-    "within noise of" otherwise. Without per-user values the verdict compares the two intervals."""
+    """The served funnel against each other model at NDCG@``k``: the ratio of the means (inf over a
+    peer at 0, NaN when both are 0) and the difference with a paired bootstrap 95% interval (users
+    resampled together, so both models are judged on the same users), and a verdict: "beats" /
+    "loses to" when the interval excludes 0, "within noise of" otherwise. Without per-user values
+    the verdict compares the two intervals."""
     key = f"ndcg@{k}"
     funnel = served_result(results, served)
     rng = np.random.default_rng(seed)
@@ -134,7 +135,8 @@ def headline(
             continue
         theirs = peer.per_user.get(key)
         a, b = funnel.metrics[key], peer.metrics[key]
-        ratio = a / b if b > 0 else math.inf
+        # Over a peer at 0 the ratio is infinite only when the funnel is above 0; 0 / 0 has none (NaN: "n/a").
+        ratio = a / b if b > 0 else math.inf if a > 0 else math.nan
         if ours is not None and theirs is not None and len(ours) == len(theirs) and len(ours):
             idx = rng.integers(0, len(ours), size=(n_resamples, len(ours)))
             diffs = ours[idx].mean(axis=1) - theirs[idx].mean(axis=1)
@@ -161,10 +163,14 @@ def headline_sentence(table: pd.DataFrame, funnel: Result, k: int) -> str:
     if table.empty:
         return f"{funnel.name}: NDCG@{k} {funnel.metrics[f'ndcg@{k}']:.4f} (no peer to compare with)."
     parts = [
-        f"{row['verdict']} {row['peer']} ({row['funnel / peer']:.2f}x, {row['difference (95% CI)']})"
+        f"{row['verdict']} {row['peer']} ({_ratio_text(row['funnel / peer'])}, {row['difference (95% CI)']})"
         for _, row in table.iterrows()
     ]
     return f"{funnel.name}, NDCG@{k} {_with_ci(funnel.metrics, f'ndcg@{k}')}: " + "; ".join(parts) + "."
+
+
+def _ratio_text(ratio: float) -> str:
+    return "ratio n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
 
 
 def stage_table(stages: dict | None) -> pd.DataFrame:

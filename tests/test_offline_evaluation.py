@@ -468,3 +468,21 @@ def test_evaluate_spec_slices_by_attributes_not_by_user_text(tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "evaluate_temporal", lambda processed, events, users, *a, **k: seen.update(u=users))
     pipeline.evaluate_spec(spec, load_config(), tmp_path / "out", mitigation=False)
     assert list(seen["u"].columns) == ["user_id", "segment"]
+
+
+def test_headline_ratio_over_a_peer_at_zero_is_inf_only_when_the_funnel_is_above_zero():
+    """0 / 0 read as inf: a funnel and a peer that both score NDCG 0 came out "infx" better."""
+    from evaluation.report import headline, headline_sentence
+
+    def result(name, per_user):
+        per_user = np.asarray(per_user, dtype=np.float64)
+        mean = float(per_user.mean())
+        metrics = {"ndcg@10": mean, "ndcg@10_low": mean, "ndcg@10_high": mean}
+        return offline.Result(name, metrics, per_user={"ndcg@10": per_user})
+
+    results = [result("Pop", [0, 0, 0, 0]), result("EASE", [0.1, 0, 0.2, 0]), result("funnel", [0, 0, 0, 0])]
+    head = headline(results, 10).set_index("peer")
+    assert np.isnan(head.loc["Pop", "funnel / peer"]) and head.loc["EASE", "funnel / peer"] == 0.0
+    assert "within noise of Pop (ratio n/a," in headline_sentence(head.reset_index(), results[-1], 10)
+    results[-1] = result("funnel", [0.1, 0, 0, 0])
+    assert headline(results, 10).set_index("peer").loc["Pop", "funnel / peer"] == np.inf
