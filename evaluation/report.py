@@ -430,6 +430,11 @@ def _table_html(table: pd.DataFrame) -> str:
     return table.to_html(index=False, na_rep="n/a", float_format=lambda x: f"{x:.4f}", border=0)
 
 
+def _table_md(table: pd.DataFrame) -> str:
+    # tabulate's missingval replaces None only; a NaN (a figure not applicable) would print "nan".
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="n/a")
+
+
 def write_document(
     out: Path, title: str, context: dict | None, sections: list[tuple[str, pd.DataFrame]], plots: list[tuple[str, str]]
 ) -> dict[str, Path]:
@@ -438,7 +443,7 @@ def write_document(
     if context:
         md += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
     for heading, table in sections:
-        md += [f"## {heading}", "", table.to_markdown(index=False, floatfmt=".4f"), ""]
+        md += [f"## {heading}", "", _table_md(table), ""]
     (out / "report.md").write_text("\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>"]
     if context:
@@ -577,7 +582,7 @@ def write_report(
         body += [_img(png, heading) for png in plots]
         for table in tables:
             body.append(_table_html(table))
-            md += [table.to_markdown(index=False, floatfmt=".4f", missingval="n/a"), ""]
+            md += [_table_md(table), ""]
     if context:
         body += ["<h2>Setup</h2>", _context_html(context)]
         md += ["## Setup", ""] + [f"- **{key}**: {v}" for key, v in context.items()] + [""]

@@ -486,3 +486,18 @@ def test_headline_ratio_over_a_peer_at_zero_is_inf_only_when_the_funnel_is_above
     assert "within noise of Pop (ratio n/a," in headline_sentence(head.reset_index(), results[-1], 10)
     results[-1] = result("funnel", [0.1, 0, 0, 0])
     assert headline(results, 10).set_index("peer").loc["Pop", "funnel / peer"] == np.inf
+
+
+def test_markdown_report_prints_n_a_for_a_figure_that_is_not_applicable(tmp_path):
+    """tabulate's missingval replaces None only, so the bias table's NaN (not applicable) read "nan"
+    in report.md while report.html read "n/a"."""
+    from evaluation.report import write_report
+
+    per_user = np.array([0.1, 0.0, 0.2, 0.0])
+    metrics = {"ndcg@10": 0.075, "ndcg@10_low": 0.0, "ndcg@10_high": 0.15}
+    results = [offline.Result(name, dict(metrics), per_user={"ndcg@10": per_user}) for name in ("Pop", "funnel")]
+    results[0].bias = {"item_share_curve": {0.5: 1, 1.0: 2}, "gini": 0.9, "coverage": 0.1, "popularity_lift": 2.0}
+    results[1].bias = {**results[0].bias, "preference_parity": None}
+    markdown = write_report(results, tmp_path, "t")["markdown"].read_text()
+    bias = markdown.split("## Popularity bias")[1].split("##")[0]
+    assert "nan" not in bias and bias.count("n/a") == 2 and "0.9000" in bias
