@@ -37,6 +37,8 @@ SETTINGS = {
     "tls_ca": _env("RETRAINING_TLS_CA"),  # where the server's gRPC speaks TLS
 }
 STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experiment"]
+# The runner's attempts and timeout per step; Airflow's ``retries`` counts the tries after the first.
+_RUNNER_STEP = retraining.default_steps()[0]
 
 
 def _alert(context) -> None:
@@ -64,10 +66,10 @@ with DAG(
     schedule="@daily",
     catchup=False,
     default_args={
-        "retries": 3,
+        "retries": _RUNNER_STEP.attempts - 1,
         "retry_delay": timedelta(minutes=1),
         "retry_exponential_backoff": True,
-        "execution_timeout": timedelta(minutes=30),
+        "execution_timeout": timedelta(seconds=_RUNNER_STEP.timeout_s),
         "on_failure_callback": _alert,
     },
 ) as dag:

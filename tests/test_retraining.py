@@ -269,3 +269,14 @@ def test_the_dag_loads_with_empty_variables_and_its_alerts_reach_a_file(monkeypa
     dag["_alert"]({"task_instance": SimpleNamespace(task_id="train"), "exception": OSError("disk full\nTraceback")})
     alert = json.loads((tmp_path / "build" / "retraining" / "alerts.jsonl").read_text().splitlines()[-1])
     assert alert == {"pipeline": "retraining", "step": "train", "error": "disk full"}
+
+
+def test_the_dag_tries_each_task_as_often_and_as_long_as_the_runner(monkeypatch):
+    """Airflow's ``retries`` counts the tries after the first: ``retries: 3`` ran each task 4 times where
+    the runner's steps have 3 attempts."""
+    from datetime import timedelta
+
+    default_args = _load_dag(monkeypatch)["dag"].kwargs["default_args"]
+    for step in default_steps():
+        assert default_args["retries"] + 1 == step.attempts
+        assert default_args["execution_timeout"] == timedelta(seconds=step.timeout_s)
