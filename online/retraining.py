@@ -61,18 +61,27 @@ class Alerter:
         self.alert_file = Path(self.alert_file) if self.alert_file else None
 
     def send(self, alert: dict) -> None:
-        """The file first (local, the one that cannot be down), then the webhook; a webhook that
-        fails raises ``OSError`` after the file has the alert."""
+        """The file first (local, the one that cannot be down), then the webhook; either that fails
+        raises ``OSError`` after the other has been tried."""
         self.sent.append(alert)
+        errors: list[OSError] = []
         if self.alert_file:
-            self.alert_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.alert_file, "a") as f:
-                f.write(json.dumps(alert) + "\n")
+            try:
+                self.alert_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.alert_file, "a") as f:
+                    f.write(json.dumps(alert) + "\n")
+            except OSError as err:  # a full disk is one of the failures to report: the webhook still gets it
+                errors.append(err)
         if self.webhook_url:
             req = urllib.request.Request(
                 self.webhook_url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
             )
-            urllib.request.urlopen(req, timeout=10).close()
+            try:
+                urllib.request.urlopen(req, timeout=10).close()
+            except OSError as err:
+                errors.append(err)
+        if errors:
+            raise OSError("; ".join(f"{type(e).__name__}: {e}" for e in errors)) from errors[0]
 
 
 def _child(fn: StepFn, context: dict, queue) -> None:

@@ -280,3 +280,19 @@ def test_the_dag_tries_each_task_as_often_and_as_long_as_the_runner(monkeypatch)
     for step in default_steps():
         assert default_args["retries"] + 1 == step.attempts
         assert default_args["execution_timeout"] == timedelta(seconds=step.timeout_s)
+
+
+def test_the_webhook_gets_the_alert_when_the_alert_file_cannot_be_written(tmp_path, monkeypatch):
+    """A full disk is one of the failures the alert reports: the file's OSError skipped the webhook, so
+    the alert went nowhere."""
+    import urllib.request
+
+    posted = []
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda req, timeout: posted.append(json.loads(req.data)) or open(__file__)
+    )
+    (tmp_path / "not-a-folder").write_text("")
+    alerter = Alerter(webhook_url="http://hook.invalid/", alert_file=tmp_path / "not-a-folder" / "alerts.jsonl")
+    with pytest.raises(RetrainingFailed, match="disk full.*could not be delivered"):
+        run_pipeline([Step("s", disk_full, timeout_s=60, attempts=1)], tmp_path / "run", {}, alerter)
+    assert [a["step"] for a in posted] == ["s"] and "disk full" in posted[0]["error"]
