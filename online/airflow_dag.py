@@ -2,11 +2,12 @@
 
 Drop this file into Airflow's ``dags/`` folder in an environment where this project is installed.
 Each task runs one step of ``online/retraining.py`` (the same functions the local runner uses);
-Airflow supplies what the local runner does itself: retries with exponential backoff, a timeout
-per task and a failure alert (``on_failure_callback``: to ``RETRAINING_ALERT_WEBHOOK`` where set, and
-always to ``RETRAINING_ALERT_FILE``, by default ``build/retraining/alerts.jsonl``). Results
-pass between tasks through XCom. This file needs Airflow (2.6+); the tests load it with a stand-in
-for Airflow and check that its tasks and the runner's steps stay the same list.
+Airflow supplies what the local runner does itself: retries with exponential backoff (none for a
+gate refusal, as in the runner), a timeout per task and a failure alert (``on_failure_callback``: to
+``RETRAINING_ALERT_WEBHOOK`` where set, and always to ``RETRAINING_ALERT_FILE``, by default
+``build/retraining/alerts.jsonl``). Results pass between tasks through XCom. This file needs Airflow
+(2.6+); the tests load it with a stand-in for Airflow and check that its tasks and the runner's steps
+stay the same list.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from datetime import datetime, timedelta
 
 from airflow import DAG
+from airflow.exceptions import AirflowFailException
 from airflow.operators.python import PythonOperator
 
 from online import retraining
@@ -57,7 +59,10 @@ def _run(step: str, **airflow_context) -> dict:
     context = {"settings": SETTINGS, "run_dir": f"build/retraining/{airflow_context['ds']}"}
     for earlier in STEPS[: STEPS.index(step)]:
         context[earlier] = ti.xcom_pull(task_ids=earlier)
-    return getattr(retraining, f"step_{step}")(context)
+    try:
+        return getattr(retraining, f"step_{step}")(context)
+    except retraining.StepRefused as err:  # the gate's no: a retry would repeat it, so fail at once
+        raise AirflowFailException(str(err)) from err
 
 
 with DAG(

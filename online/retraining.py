@@ -4,7 +4,8 @@ Retraining breaks for reasons that are not bugs (a full disk, a flaky store, a r
 every step is
 
 * idempotent: its result is written to ``<run_dir>/<step>.json`` and a re-run skips finished steps;
-* retried with exponential backoff (``tenacity``) on failure;
+* retried with exponential backoff (``tenacity``) on failure, except a deliberate refusal
+  (``StepRefused``: the gate saying no), which the same inputs would only repeat;
 * bounded by a timeout: the step runs in a child process that is terminated when it overruns;
 * alerting: a step that still fails sends an alert to a webhook URL (JSON POST) or appends it to a
   local file, and the run stops with ``RetrainingFailed``.
@@ -27,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
+from typing import NoReturn
 
-from tenacity import RetryError, Retrying, stop_after_attempt, wait_exponential
+from tenacity import RetryError, Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 StepFn = Callable[[dict], dict]  # context (results of earlier steps + settings) -> this step's result
 
@@ -39,6 +41,11 @@ class RetrainingFailed(RuntimeError):
 
 class StepTimeout(RuntimeError):
     pass
+
+
+class StepRefused(RuntimeError):
+    """A step's deliberate no (the gate refusing a candidate): the same inputs give the same answer,
+    so it is alerted at once instead of retried."""
 
 
 @dataclass
@@ -92,7 +99,8 @@ def _child(fn: StepFn, context: dict, queue) -> None:
     try:
         queue.put(("ok", fn(context)))
     except BaseException as err:  # report every failure to the parent, which decides on retries
-        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+        status = "refused" if isinstance(err, StepRefused) else "error"
+        queue.put((status, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
 
 
 def _stop(proc) -> None:
@@ -131,9 +139,9 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
         _stop(proc)
         raise
     proc.join(5)
-    if status == "error":
+    if status in ("error", "refused"):
         _stop(proc)  # a failed step's leftovers must not race its retry
-        raise RuntimeError(payload)
+        raise (StepRefused if status == "refused" else RuntimeError)(payload)
     return payload
 
 
@@ -177,32 +185,42 @@ def run_pipeline(
             for attempt in Retrying(
                 stop=stop_after_attempt(step.attempts),
                 wait=wait_exponential(multiplier=backoff_s, max=60),
+                retry=retry_if_not_exception_type(StepRefused),
                 reraise=False,
             ):
                 with attempt:
                     attempts.append(time.time())
                     result = run_with_timeout(step.fn, context, step.timeout_s)
         except RetryError as err:
-            last = err.last_attempt.exception()
-            alert = {
-                "pipeline": "retraining",
-                "step": step.name,
-                "attempts": len(attempts),
-                "error": str(last).splitlines()[0] if str(last) else type(last).__name__,
-                "run_dir": str(run_dir),
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            undelivered = ""
-            try:
-                alerter.send(alert)
-            except Exception as err:  # the step's failure is the news; a down webhook must not replace it
-                undelivered = f" (the alert could not be delivered: {type(err).__name__}: {err})"
-            raise RetrainingFailed(
-                f"step {step.name!r} failed after {len(attempts)} attempts: {alert['error']}{undelivered}"
-            ) from last
-        _write_marker(marker, {"result": result, "attempts": len(attempts), "seconds": time.time() - started})
+            _fail(step.name, len(attempts), err.last_attempt.exception(), run_dir, alerter)
+        except StepRefused as err:
+            _fail(step.name, len(attempts), err, run_dir, alerter)
+        try:
+            _write_marker(marker, {"result": result, "attempts": len(attempts), "seconds": time.time() - started})
+        except (TypeError, ValueError, OSError) as err:
+            # The step finished, but a result that is not JSON (an ``np.int64``) or a full disk leaves
+            # no marker: the run is stopped and alerted like a failed step, not crashed silently.
+            _fail(step.name, len(attempts), RuntimeError(f"its result could not be recorded: {err}"), run_dir, alerter)
         context[step.name] = result
     return {s.name: context[s.name] for s in steps}
+
+
+def _fail(step: str, attempts: int, last: BaseException, run_dir: Path, alerter: Alerter) -> NoReturn:
+    """Alert that ``step`` failed, then stop the run with ``RetrainingFailed``."""
+    alert = {
+        "pipeline": "retraining",
+        "step": step,
+        "attempts": attempts,
+        "error": str(last).splitlines()[0] if str(last) else type(last).__name__,
+        "run_dir": str(run_dir),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    undelivered = ""
+    try:
+        alerter.send(alert)
+    except Exception as err:  # the step's failure is the news; a down webhook must not replace it
+        undelivered = f" (the alert could not be delivered: {type(err).__name__}: {err})"
+    raise RetrainingFailed(f"step {step!r} failed after {attempts} attempts: {alert['error']}{undelivered}") from last
 
 
 def _read_marker(marker: Path) -> dict | None:
@@ -216,9 +234,10 @@ def _read_marker(marker: Path) -> dict | None:
 
 
 def _write_marker(marker: Path, content: dict) -> None:
+    data = json.dumps(content)  # before the file is opened: a result that is not JSON leaves nothing
     tmp = marker.with_name(marker.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(content))
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())  # the data on disk before the rename makes the marker visible
     tmp.rename(marker)  # the marker appears only once the result is whole
@@ -321,7 +340,7 @@ def step_gate(context: dict) -> dict:
         elif not new_auc >= old_auc - tolerance:
             reasons.append(f"AUC regressed ({stage} {key}) {old_auc:.4f} -> {new_auc:.4f} (tolerance {tolerance})")
     if reasons:
-        raise RuntimeError("gate refused the candidate: " + "; ".join(reasons))
+        raise StepRefused("gate refused the candidate: " + "; ".join(reasons))
     return {"passed": True, "auc": new_auc, "metric": f"{stage}.{key}"}
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from online.retraining import Alerter, RetrainingFailed, Step, default_steps, run_pipeline
+from online.retraining import Alerter, RetrainingFailed, Step, StepRefused, default_steps, run_pipeline
 
 
 def flaky(context):
@@ -250,6 +250,9 @@ def _load_dag(monkeypatch):
     airflow.DAG = DAG
     python = types.ModuleType("airflow.operators.python")
     python.PythonOperator = Operator
+    exceptions = types.ModuleType("airflow.exceptions")
+    exceptions.AirflowFailException = type("AirflowFailException", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "airflow.exceptions", exceptions)
     monkeypatch.setitem(sys.modules, "airflow", airflow)
     monkeypatch.setitem(sys.modules, "airflow.operators", types.ModuleType("airflow.operators"))
     monkeypatch.setitem(sys.modules, "airflow.operators.python", python)
@@ -296,3 +299,51 @@ def test_the_webhook_gets_the_alert_when_the_alert_file_cannot_be_written(tmp_pa
     with pytest.raises(RetrainingFailed, match="disk full.*could not be delivered"):
         run_pipeline([Step("s", disk_full, timeout_s=60, attempts=1)], tmp_path / "run", {}, alerter)
     assert [a["step"] for a in posted] == ["s"] and "disk full" in posted[0]["error"]
+
+
+def numpy_result(context):
+    import numpy as np
+
+    return {"rows": np.int64(3)}
+
+
+def refuses(context):
+    counter = Path(context["run_dir"]) / "refuses.count"
+    counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+    raise StepRefused("gate refused the candidate: AUC regressed")
+
+
+def test_a_result_that_is_not_json_is_alerted_not_crashed(tmp_path):
+    """The step succeeded, then writing its marker raised ``TypeError`` out of the runner: the run
+    crashed with no alert and left a half-made marker file."""
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    with pytest.raises(RetrainingFailed, match="could not be recorded.*int64"):
+        run_pipeline([Step("s", numpy_result, timeout_s=60, attempts=3)], tmp_path / "run", {}, alerter)
+    alert = json.loads((tmp_path / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["step"] == "s" and alert["attempts"] == 1 and "could not be recorded" in alert["error"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no marker, no half-written .tmp
+
+
+def test_a_gate_refusal_is_alerted_at_once_not_retried(tmp_path):
+    """A refusal is the same answer on every try: it was retried ``attempts`` times (a checklist run
+    and a backoff each) before the alert."""
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    with pytest.raises(RetrainingFailed, match="after 1 attempts: StepRefused: gate refused"):
+        run_pipeline([Step("gate", refuses, timeout_s=60, attempts=3)], tmp_path / "run", {}, alerter, backoff_s=0.01)
+    assert (tmp_path / "run" / "refuses.count").read_text() == "1"
+    assert json.loads((tmp_path / "alerts.jsonl").read_text().splitlines()[-1])["attempts"] == 1
+    assert not (tmp_path / "run" / "gate.json").exists()
+
+
+def test_the_dag_fails_a_gate_refusal_without_retries(monkeypatch, tmp_path):
+    """Airflow retries any exception but ``AirflowFailException``: a refused candidate took every retry."""
+    from types import SimpleNamespace
+
+    from online import retraining
+
+    dag = _load_dag(monkeypatch)
+    monkeypatch.setattr(retraining, "step_gate", lambda context: refuses({"run_dir": str(tmp_path)}))
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: {})
+    with pytest.raises(Exception, match="gate refused") as raised:
+        dag["_run"]("gate", ti=ti, ds="2026-01-01")
+    assert type(raised.value).__name__ == "AirflowFailException"
