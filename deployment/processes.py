@@ -1,13 +1,82 @@
 """The server processes the project starts (tritonserver, Prometheus): starting one in its own
 process group with its output in a log file, stopping it with everything it started, and the end of
-its log."""
+its log.
+
+A server in its own process group outlives the Python process that started it: a script that exits
+without ``stop``, a notebook kernel restarted or killed, a worker ended by SIGTERM or SIGKILL. Each
+server therefore gets a watchdog, a tiny process that holds the read end of a pipe whose write end
+only the starting process holds. The kernel closes that end however the process ends, so the
+watchdog sees end-of-file and stops the server's group as ``stop`` would (SIGTERM, then SIGKILL),
+then removes what the caller named (a scratch folder, shared-memory regions).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
+
+# The watchdog's whole program, run as ``python -I -c``: only the standard library, so it starts in
+# milliseconds. argv: the server's process group, the seconds between SIGTERM and SIGKILL, then
+# paths or glob patterns to remove once the group is gone.
+WATCHDOG = r"""
+import glob, os, select, shutil, signal, sys, time
+
+pgid, grace, leftovers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+
+
+def alive():
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a group of another user's: the id was reused, ours is gone
+        return False
+    return True
+
+
+while alive():
+    # Nothing is ever written to the pipe: it turns readable only at end-of-file, when the process
+    # that started the server is gone. Polling also ends the watch once the server has stopped.
+    if select.select([0], [], [], 1.0)[0] and not os.read(0, 1):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            deadline = time.monotonic() + wait
+            while alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        for pattern in leftovers:
+            for path in glob.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        break
+"""
+
+
+def start_watchdog(pgid: int, grace_s: float, leftovers: list[str] | None = None) -> subprocess.Popen:
+    """Start the watchdog of process group ``pgid`` (see the module docstring). Keep the returned
+    process (its ``stdin`` is the pipe's write end) until the group is stopped, then ``end_watchdog``."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-c", WATCHDOG, str(pgid), str(grace_s), *(leftovers or [])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        # Its own session: a Ctrl-C to the terminal's foreground group must not end it first.
+        start_new_session=True,
+    )
+
+
+def end_watchdog(watchdog: subprocess.Popen) -> None:
+    """Release a watchdog whose group was stopped: it finds the group gone and exits."""
+    if watchdog.stdin is not None:
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
@@ -38,20 +107,27 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 class LoggedProcess:
     """What the servers we start share: ``spawn`` runs a command in its own process group (so
-    ``stop`` reaches whatever it starts), its output appended to ``log_path``. Subclasses set
-    ``log_path`` and ``stop_timeout`` (seconds ``stop`` waits before SIGKILL)."""
+    ``stop`` reaches whatever it starts), its output appended to ``log_path``, and a watchdog that
+    stops the group when the starting process ends without ``stop``. Subclasses set ``log_path`` and
+    ``stop_timeout`` (seconds ``stop`` waits before SIGKILL)."""
 
     log_path: Path
     stop_timeout: float = 30.0
     process: subprocess.Popen | None = None
     _log = None
+    _watchdog: subprocess.Popen | None = None
 
-    def spawn(self, cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    def spawn(
+        self, cmd: list[str], cwd: Path, env: dict | None = None, leftovers: list[str] | None = None
+    ) -> subprocess.Popen:
+        """Start ``cmd``; ``leftovers`` (paths or glob patterns) are what the watchdog removes after
+        stopping a server whose starter is gone."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
+        self._watchdog = start_watchdog(self.process.pid, self.stop_timeout, leftovers)
         return self.process
 
     def log_tail(self, lines: int = 40) -> str:
@@ -62,6 +138,9 @@ class LoggedProcess:
         if proc is not None:
             stop_process_group(proc, self.stop_timeout if timeout is None else timeout)
             self.process = None
+        if self._watchdog is not None:
+            end_watchdog(self._watchdog)
+            self._watchdog = None
         if self._log is not None:
             self._log.close()
             self._log = None

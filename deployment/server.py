@@ -413,7 +413,9 @@ class TritonServer(LoggedProcess):
         # The log is appended to across starts: this start's lines begin here.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._workdir.mkdir(exist_ok=True)  # a clean stop removed it (command() may not have made it again)
-        self.spawn(cmd, cwd=self._workdir, env=server_env())  # its own process group: stop() reaches every stub
+        # Its own process group: stop() reaches every stub; so does the watchdog when this process
+        # ends without stop(), which then also removes what stop() would.
+        self.spawn(cmd, cwd=self._workdir, env=server_env(), leftovers=self._leftovers())
         try:
             self.wait_until_ready()
         except PortTaken as taken:
@@ -597,6 +599,14 @@ class TritonServer(LoggedProcess):
                 model = Path(argv[1].decode()).parent.parent.name
                 pids.setdefault(model, []).append(int(proc.name))
         return pids
+
+    def _leftovers(self) -> list[str]:
+        """What ``stop`` removes after a clean run, for the watchdog: this start's shared-memory
+        regions and the scratch folder (the backend copy and cache only, where the log lives in it)."""
+        regions = [str(Path("/dev/shm") / f"{glob_escape(self.shm_prefix)}*")] if self.shm_prefix else []
+        if self.log_path.parent == self._workdir:
+            return regions + [str(self._workdir / "backends"), str(self._workdir / "cache")]
+        return regions + [str(self._workdir)]
 
     def stop(self, timeout: float | None = None) -> None:
         if self.process is not None and self.process.poll() is not None:

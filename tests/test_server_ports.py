@@ -106,3 +106,74 @@ def test_a_host_name_binds_the_ipv4_address_it_resolves_to(tmp_path):
         assert server.healthy()
     finally:
         server.cleanup()
+
+
+STARTER = """
+import sys, time
+from deployment.server import TritonServer
+server = TritonServer(sys.argv[1], startup_timeout=60).start()
+print(server.process.pid, server.log_path.parent, flush=True)
+if sys.argv[2] == "exit":
+    sys.exit(0)  # without stop()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit", "SIGTERM", "SIGKILL"])
+def test_a_server_does_not_outlive_the_process_that_started_it(tmp_path, ending):
+    """The server runs in its own process group, so a script that exited without ``stop`` or a
+    process ended by a signal (a killed notebook kernel or worker) left tritonserver running on its
+    ports, with its scratch folder in /tmp: measured on the real binary before the watchdog."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(repo), ending],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid, workdir = starter.stdout.readline().split()
+    pid = int(pid)
+    try:
+        assert Path(workdir, "backends").is_dir()
+        if ending != "exit":
+            starter.send_signal(getattr(signal, ending))
+        starter.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{pid}").exists(), f"tritonserver {pid} outlived its starter ({ending})"
+        # The log lives in the scratch folder here, so the backend's copy goes and the log stays.
+        while Path(workdir, "backends").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(workdir, "backends").exists(), "the scratch folder's backend copy was left behind"
+        assert Path(workdir, "tritonserver.log").exists()
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.killpg(pid, signal.SIGKILL)
+        starter.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_stop_also_ends_the_watchdog(tmp_path):
+    import psutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60).start()
+    try:
+        watchdogs = [p for p in psutil.Process().children() if "-I" in p.cmdline() and p.pid != server.process.pid]
+        assert len(watchdogs) == 1
+    finally:
+        server.stop()
+    assert not psutil.pid_exists(watchdogs[0].pid) or watchdogs[0].status() == psutil.STATUS_ZOMBIE
