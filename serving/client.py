@@ -60,6 +60,15 @@ def integers(name: str, values, dtype) -> np.ndarray:
     return array.astype(dtype).reshape(-1)
 
 
+def one_integer(name: str, value, dtype) -> np.ndarray:
+    """``integers`` of exactly one value: a list of several (or none) is ``BadRequest`` naming ``name``,
+    not tritonclient's shape error, which is neither ``BadRequest`` nor ``ServerFault``."""
+    array = integers(name, [value], dtype)
+    if array.size != 1:
+        raise BadRequest(f"{name} must be one integer, got {array.size} values", "StatusCode.INVALID_ARGUMENT")
+    return array
+
+
 @dataclass
 class Recommendations:
     user_id: int
@@ -99,9 +108,9 @@ class FunnelClient:
         """The user's top ``k``; ``exclude_item_ids`` (optional context) are raw ids never to return."""
         g = self._grpc
         user = g.InferInput("user_id", [1], "INT64")
-        user.set_data_from_numpy(integers("user_id", [user_id], np.int64))
+        user.set_data_from_numpy(one_integer("user_id", user_id, np.int64))
         top_k = g.InferInput("k", [1], "INT32")
-        top_k.set_data_from_numpy(integers("k", [k], np.int32))
+        top_k.set_data_from_numpy(one_integer("k", k, np.int32))
         inputs = [user, top_k]
         if exclude_item_ids is not None:
             excluded = integers("exclude_item_ids", exclude_item_ids, np.int64)

@@ -730,3 +730,23 @@ def test_the_online_store_opens_its_own_file_whatever_the_folder_is_called(tmp_p
     assert online.user_features(1)[0].tolist() == [7]
     online.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["v1", folder])  # nothing else created
+
+
+def test_the_client_refuses_a_user_id_or_k_that_is_not_one_value(monkeypatch):
+    """``recommend(user_id=[1, 2])`` (or an empty ``k``) raised tritonclient's bare
+    ``InferenceServerException`` ("got unexpected numpy array shape [2,], expected [1]"), neither
+    ``BadRequest`` nor ``ServerFault``, naming no input. Now ``BadRequest`` naming it, before sending."""
+    from serving.client import BadRequest, FunnelClient
+
+    client = FunnelClient("127.0.0.1:1")  # never connected: infer must not be reached
+    monkeypatch.setattr(client.client, "infer", lambda *a, **kw: pytest.fail("sent"))
+    for kwargs, name in [
+        ({"user_id": [1, 2], "k": 3}, "user_id"),
+        ({"user_id": [], "k": 3}, "user_id"),
+        ({"user_id": 1, "k": [3, 4]}, "k"),
+        ({"user_id": 1, "k": []}, "k"),
+    ]:
+        with pytest.raises(BadRequest, match=name) as err:
+            client.recommend(**kwargs)
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+    client.close()
