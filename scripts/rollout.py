@@ -4,7 +4,8 @@
 Adds the version's stages to the repository (each stage folder moved in with one rename), loads
 them through Triton's model-control API beside the serving version, then switches the `funnel`
 ensemble (all steps pinned to the new version) in one reload. --retire removes the old version
-afterwards. The server must run in explicit model-control mode (scripts/serve.py does). Where its
+afterwards. A version still in the repository (an older one kept for a roll back) is rolled out
+from there. The server must run in explicit model-control mode (scripts/serve.py does). Where its
 gRPC speaks TLS (serve.py --tls-cert), --tls-ca names the PEM file that signed its certificate.
 
     .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
@@ -21,6 +22,7 @@ from pathlib import Path
 from deployment.rollout import add_version, retire, roll_out, served_version
 from deployment.security import ControlClient
 from models import registry
+from serving.interface import ensemble_name
 
 
 def main() -> None:
@@ -43,17 +45,24 @@ def main() -> None:
     except FileNotFoundError as err:
         parser.error(f"argument --repository: {err}")
     # The server must answer the control plane with this deployment's key before the repository is
-    # touched: a version added for a server that cannot load it would block the rerun.
+    # touched: a version added for a server that cannot load it would stay in the repository.
     try:
         with ControlClient(args.url, args.repository, root_certificates=args.tls_ca) as control:
             control.get_model_repository_index()
     except Exception as err:
         why = f"the server at --url {args.url} refused the control plane or is down ({err})"
         raise SystemExit(f"rollout: {why}; the repository was not changed") from None
-    add_version(model, args.repository)
+    if (Path(args.repository) / ensemble_name(model.version)).is_dir():
+        # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
+        # add_version refuses it, and roll_out checks that every stage of it is complete.
+        print(f"version {model.version} is already in {args.repository}: rolling out that copy")
+    else:
+        add_version(model, args.repository)
     roll_out(args.url, args.repository, model.version, root_certificates=args.tls_ca)
     print(f"serving version {model.version} (was {old})")
-    if args.retire:
+    if args.retire and int(old) == int(model.version):
+        print(f"version {old} was already served: nothing to retire")
+    elif args.retire:
         retire(args.url, args.repository, old, root_certificates=args.tls_ca)
         print(f"retired version {old}")
 

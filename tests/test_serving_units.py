@@ -750,3 +750,53 @@ def test_the_client_refuses_a_user_id_or_k_that_is_not_one_value(monkeypatch):
             client.recommend(**kwargs)
         assert "INVALID_ARGUMENT" in str(err.value.status())
     client.close()
+
+
+def test_the_rollout_script_rolls_back_to_a_version_still_on_disk(tmp_path, monkeypatch):
+    """``scripts/rollout.py --version 1`` after a 1 -> 2 roll without ``--retire`` (docs/deployment.md:
+    rolling back is the same command with an older ``--version``): version 1 is still in the
+    repository, and the script's ``add_version`` refused it ("already in") before anything rolled;
+    so did a rerun after a failed ``roll_out``. A rerun of the served version must not retire it."""
+    import importlib.util
+    import json
+    import sys
+    import types
+
+    from serving.interface import ensemble_name
+
+    spec = importlib.util.spec_from_file_location("_script_rollout", pathlib.Path("scripts/rollout.py").resolve())
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    repo = tmp_path / "triton_repo"
+    for version in (1, 2):  # both complete on disk (add_version's own check reads these folders)
+        (repo / ensemble_name(version)).mkdir(parents=True)
+        (repo / "ordering" / str(version)).mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 2}))
+    calls = []
+
+    class Control:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def get_model_repository_index(self):
+            return {}
+
+    monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
+    monkeypatch.setattr(script, "ControlClient", Control)
+    monkeypatch.setattr(script, "roll_out", lambda url, repository, version, **kw: calls.append(("roll_out", version)))
+    monkeypatch.setattr(script, "retire", lambda url, repository, version, **kw: calls.append(("retire", version)))
+    argv = ["rollout.py", "--repository", str(repo), "--url", "127.0.0.1:1", "--retire", "--version"]
+    monkeypatch.setattr(sys, "argv", [*argv, "1"])
+    script.main()  # the roll back
+    assert calls == [("roll_out", 1), ("retire", 2)]
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*argv, "2"])
+    (repo / "export.json").write_text(json.dumps({"version": 2}))
+    script.main()  # a rerun of the version served: rolled (a no-op), not retired
+    assert calls == [("roll_out", 2)]
