@@ -287,6 +287,25 @@ def test_events_of_items_missing_from_the_item_table(shop):
     assert gone not in set(inputs.events["item_id"].compute())
 
 
+def test_a_drop_policy_that_removes_every_event_is_a_defect(tmp_path):
+    # An item table keyed by other ids than the log's (a typo'd id column, another catalog): drop
+    # removed every event and the pipeline failed later on the empty log ("cannot convert float NaN
+    # to integer"), after creating the output folder.
+    from configs import load_config
+    from workflows.pipeline import prepare_dataset
+
+    values = _tiny(tmp_path, {}, {"brand": ["a", "b", "c"]})
+    pd.DataFrame({"i": ["7", "8", "9"], "brand": ["a", "b", "c"]}).to_csv(tmp_path / "items.csv", index=False)
+    values["checks"] = {"missing_items": "drop"}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    (d,) = info.value.defects
+    assert d.column == "i" and d.rows == 3 and "missing_items: drop" in d.message, str(d)
+    with pytest.raises(DatasetError):
+        prepare_dataset(spec_from_dict(values, root=str(tmp_path)), tmp_path / "out", load_config().workflow)
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_keys_in_an_attribute_table(shop):
     items = pd.read_csv(shop / "items.csv")
     pd.concat([items, items.iloc[[4]].assign(brand="other")]).to_csv(shop / "items.csv", index=False)

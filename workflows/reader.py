@@ -427,6 +427,11 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
             before = int(events.shape[0].compute())
             events = filter_rows(events, IsIn(key, known)).persist()
             out.dropped[table] = before - int(events.shape[0].compute())
+            if out.dropped[table] == before:  # the pipeline's next step failed on the empty log, naming nothing
+                column = ev.user_id if table == "user" else ev.item_id
+                message = f"checks.missing_{table}s: drop removes every event: none of their {table}s is in the "
+                message += f"{table} table {labels[table]} (is {table}s.id the right column?)"
+                raise DatasetError([Defect(spec.resolve(ev.path), column, message, before)])
         else:
             ids = events[key][~events[key].isin(known)].unique().compute()
             ids = ids.values_host if hasattr(ids, "values_host") else np.asarray(ids)
