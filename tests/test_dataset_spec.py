@@ -322,6 +322,22 @@ def test_empty_input(shop):
     assert "no file matches" in str(defects_of(spec)[0])
 
 
+def test_an_empty_file_among_an_attribute_tables_files_is_not_an_empty_table(tmp_path):
+    # Spark and dask write an empty part file for an empty partition: the event log took it, but an
+    # attribute table refused the whole folder as "the items table is empty".
+    values = _tiny(tmp_path, {})
+    (tmp_path / "items").mkdir()
+    pd.DataFrame({"i": [1, 2, 3], "brand": ["a", "b", "c"]}).to_parquet(tmp_path / "items" / "part-0.parquet")
+    pd.DataFrame({"i": [], "brand": []}).astype({"i": "int64"}).to_parquet(tmp_path / "items" / "part-1.parquet")
+    values["items"] = {"path": "items", "id": "i", "categorical": ["brand"]}
+    items = load_inputs(spec_from_dict(values, root=str(tmp_path))).items
+    assert items["item_id"].tolist() == [1, 2, 3] and items["brand"].tolist() == ["a", "b", "c"]
+    (tmp_path / "items" / "part-0.parquet").unlink()  # every file empty: an empty table
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert ["no rows" in d.message for d in info.value.defects] == [True]
+
+
 def test_signal_outside_its_declared_range(shop):
     set_cells(shop / "events-000.csv", "purchase", [1, 9], ["2", "2"])
     d = only(defects_of(shop / "dataset.yaml"), "purchase")
