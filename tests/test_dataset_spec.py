@@ -338,6 +338,23 @@ def test_an_empty_file_among_an_attribute_tables_files_is_not_an_empty_table(tmp
     assert ["no rows" in d.message for d in info.value.defects] == [True]
 
 
+def test_an_empty_json_lines_file_is_a_file_of_no_events(tmp_path):
+    # dask's to_json writes a 0-byte file for an empty partition: a JSON lines file of no record,
+    # refused as lacking every column ("its columns: []").
+    (tmp_path / "ev").mkdir()
+    pd.DataFrame({"u": [1, 2], "i": [3, 4], "t": [10, 20]}).to_json(
+        tmp_path / "ev" / "part-0.jsonl", orient="records", lines=True
+    )
+    (tmp_path / "ev" / "part-1.jsonl").write_text("")
+    values = {"name": "j", "events": {"path": "ev", "user_id": "u", "item_id": "i", "timestamp": "t"}}
+    events = load_inputs(spec_from_dict(values, root=str(tmp_path))).events.compute()
+    assert events["item_id"].tolist() == [3, 4]
+    (tmp_path / "ev" / "part-0.jsonl").unlink()  # no record in any file: an empty log
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [d.message for d in info.value.defects] == ["the event log is empty (no rows)"]
+
+
 def test_signal_outside_its_declared_range(shop):
     set_cells(shop / "events-000.csv", "purchase", [1, 9], ["2", "2"])
     d = only(defects_of(shop / "dataset.yaml"), "purchase")

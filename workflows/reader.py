@@ -139,6 +139,8 @@ def _structure(spec: DatasetSpec, table: str, path: str, fmt: str, wanted: dict[
             defects.append(Defect(file, "", f"cannot be read as {kind}: {type(exc).__name__}: {exc}"))
             ok = False
             continue
+        if kind == "jsonl" and not header and not Path(file).read_text().strip():
+            continue  # no record at all: the file dask writes for an empty partition
         for column, role in wanted.items():
             if column not in header:
                 defects.append(
@@ -146,6 +148,10 @@ def _structure(spec: DatasetSpec, table: str, path: str, fmt: str, wanted: dict[
                 )
                 ok = False
         out.append((file, kind))
+    if ok and not out:
+        what = "the event log" if table == "events" else f"the {table} table"
+        defects.append(Defect(spec.resolve(path), "", f"{what} is empty (no rows)"))
+        return None
     return out if ok else None
 
 
