@@ -425,6 +425,18 @@ def test_iso_timestamps_before_1970_are_refused_as_numbers_are(tmp_path):
     assert "negative" in info.value.defects[0].message
 
 
+def test_text_that_is_not_iso_8601_is_refused_not_read_as_the_run_date(tmp_path):
+    # pandas reads "now", "today" and a bare time as the run's own date, and "03/01/2026" as March 1
+    # (month first): such rows went through as events of the day of the run, or of the wrong month.
+    when = ["2026-01-01T00:00:00Z", "now", "12:30", "03/01/2026", "2026-01-02 10:00:00.5+01:00", "2026-03"]
+    values = _tiny(tmp_path, {}, timestamp_unit="iso")
+    pd.DataFrame({"u": ["1"] * 6, "i": ["1"] * 6, "t": when}).to_csv(tmp_path / "events.csv", index=False)
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = [(d.column, d.rows, d.example) for d in info.value.defects]
+    assert found == [("t", 3, "now")] and "ISO 8601" in info.value.defects[0].message, found
+
+
 def test_every_defect_at_once_and_nothing_written(shop, tmp_path):
     """One run reports every defect; the pipeline and the script write nothing and exit with 2."""
     from configs import load_config

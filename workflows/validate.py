@@ -21,6 +21,7 @@ partitions alike, combined with ``merge_profiles``); attribute tables are small 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,13 @@ import numpy as np
 
 # A timestamp beyond this many seconds (year ~5138) is in the wrong unit.
 MAX_SECONDS = 100_000_000_000
+
+# ISO 8601 text: a date (2026, 2026-03, 2026-03-01 or 20260301), then optionally a time (T or a
+# space, hours, minutes, seconds, a fraction) and a UTC offset (Z, +01, +0100, +01:00).
+ISO_8601 = re.compile(
+    r"\s*\d{4}(-?\d{2}(-?\d{2}([T ]\d{2}(:?\d{2}(:?\d{2}([.,]\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?)?)?\s*",
+    re.I,
+)
 
 
 @dataclass
@@ -120,7 +128,9 @@ def parse_iso(series):
     if _is_numeric(series):
         return mod.to_datetime(series.where(series != series), errors="coerce")  # all null
     if mod.__name__ == "pandas" and series.dtype == object:
-        series = series.where(series.map(lambda v: isinstance(v, str)))
+        # pandas also reads "now", "today" and a bare time ("12:30") as the run's date, and "03/01/2026"
+        # month first: only text in ISO 8601's shape is parsed.
+        series = series.where(series.map(lambda v: isinstance(v, str) and ISO_8601.fullmatch(v) is not None))
     out = mod.to_datetime(series, errors="coerce", utc=True) if mod.__name__ == "pandas" else mod.to_datetime(series)
     return out.dt.tz_localize(None) if getattr(out.dt, "tz", None) is not None else out
 
