@@ -47,6 +47,10 @@ def set_takedown(
     (``serving/item_aliases.py``), so an undo restores the item: it also undoes the active takedowns
     of its other ids in the served version. An undo by the other id used to leave the item down."""
     check_admin_key(repository, key)
+    if isinstance(item_id, bool) or not float(item_id).is_integer():  # int() would take another item down
+        raise ValueError(f"item_id must be a whole number, got {item_id!r}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("a takedown (and its undo) needs a reason")
     actor = actor or getpass.getuser()
     live = LiveStore(store or store_location(repository))
     try:

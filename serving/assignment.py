@@ -157,6 +157,8 @@ def ab_rollout(
     treatment_share: float = 0.5,
 ) -> Rollout:
     """A two-arm test: ``control`` on the current model, ``treatment`` on the candidate, and a holdout."""
+    if name == NO_EXPERIMENT:  # roll_out would read it as no experiment and move the holdout off control
+        raise ValueError(f"{NO_EXPERIMENT!r} names the state without an experiment: give the A/B test another name")
     experiment = Experiment(name, salt, {"control": 1.0 - treatment_share, "treatment": treatment_share}, holdout)
     return Rollout(
         experiment, {"control": int(control_version), "treatment": int(treatment_version)}, int(control_version)

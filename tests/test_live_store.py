@@ -563,3 +563,22 @@ def test_an_id_beyond_2_53_read_as_a_float_is_refused_instead_of_rounded_to_anot
     (tmp_path / "e.csv").write_text("user_id,item_id,timestamp\n1234567890123456789,5,1700000000\n7,6,1700000000\n")
     assert ingest_events(location, tmp_path / "e.csv") == 2  # integers: exact
     assert sorted(LiveStore(location).events()["user_id"]) == [7, 1234567890123456789]
+
+
+def test_a_takedown_refuses_a_fractional_item_id_and_a_missing_reason(tmp_path, monkeypatch):
+    """``int(1234.5)`` took item 1234 down, and a ``reason`` of None failed with ``AttributeError``."""
+    from deployment import security
+    from deployment.takedowns import list_takedowns, set_takedown
+    from workflows.live_store import STORE_ENV
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    repo.mkdir()
+    key = security.ensure_admin_key(repo)
+    with pytest.raises(ValueError, match="item_id must be a whole number, got 1234.5"):
+        set_takedown(repo, 1234.5, "unsafe", key=key)
+    with pytest.raises(ValueError, match="needs a reason"):
+        set_takedown(repo, 1234, None, key=key)
+    assert list_takedowns(repo).empty
+    assert set_takedown(repo, 1234.0, "unsafe", key=key)["item_id"] == 1234

@@ -800,3 +800,16 @@ def test_the_rollout_script_rolls_back_to_a_version_still_on_disk(tmp_path, monk
     (repo / "export.json").write_text(json.dumps({"version": 2}))
     script.main()  # a rerun of the version served: rolled (a no-op), not retired
     assert calls == [("roll_out", 2)]
+
+
+def test_an_ab_test_named_like_no_experiment_is_refused():
+    """``roll_out`` reads a rollout named ``none`` as no experiment and pins every user, the holdout
+    included, to one version: an A/B test of that name (from ``online.experiment.name``) was accepted."""
+    from configs import load_config
+    from serving.assignment import NO_EXPERIMENT, ab_rollout
+
+    with pytest.raises(ValueError, match="'none' names the state without an experiment"):
+        ab_rollout(NO_EXPERIMENT, "salt", 1, 2)
+    with pytest.raises(ValueError, match="online.experiment.name 'none'"):
+        load_config(overrides={"online": {"experiment": {"name": "none"}}})
+    assert ab_rollout("none-v2", "salt", 1, 2).experiment.name == "none-v2"
