@@ -168,18 +168,27 @@ def test_an_undo_by_either_id_of_a_duplicated_item_restores_it(tmp_path, monkeyp
         set_takedown(repo, 7, "done", key=key, store=store, undo=True)
 
 
-def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_list(tmp_path, monkeypatch):
-    from configs import ContentFilterConfig
+@pytest.fixture
+def keyed_repo(tmp_path, monkeypatch):
+    """A repository folder with its admin key, no key or store location from the environment."""
     from deployment import security
-    from deployment.takedowns import set_takedown
-    from workflows.content_filter import takedown_ids
     from workflows.live_store import STORE_ENV
 
     monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
     monkeypatch.delenv(STORE_ENV, raising=False)
     repo = tmp_path / "triton_repo"
     repo.mkdir()
-    key = security.ensure_admin_key(repo)
+    return repo, security.ensure_admin_key(repo)
+
+
+def test_a_takedown_needs_the_admin_key_and_the_content_filter_reads_the_same_list(tmp_path, monkeypatch, keyed_repo):
+    from configs import ContentFilterConfig
+    from deployment import security
+    from deployment.takedowns import set_takedown
+    from workflows.content_filter import takedown_ids
+    from workflows.live_store import STORE_ENV
+
+    repo, key = keyed_repo
     with pytest.raises(security.AdminKeyError, match="wrong admin key"):
         set_takedown(repo, 17, "unsafe", key="x" * 40)
     state = set_takedown(repo, 17, "unsafe", key=key, actor="moderator")
@@ -565,17 +574,11 @@ def test_an_id_beyond_2_53_read_as_a_float_is_refused_instead_of_rounded_to_anot
     assert sorted(LiveStore(location).events()["user_id"]) == [7, 1234567890123456789]
 
 
-def test_a_takedown_refuses_a_fractional_item_id_and_a_missing_reason(tmp_path, monkeypatch):
+def test_a_takedown_refuses_a_fractional_item_id_and_a_missing_reason(keyed_repo):
     """``int(1234.5)`` took item 1234 down, and a ``reason`` of None failed with ``AttributeError``."""
-    from deployment import security
     from deployment.takedowns import list_takedowns, set_takedown
-    from workflows.live_store import STORE_ENV
 
-    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
-    monkeypatch.delenv(STORE_ENV, raising=False)
-    repo = tmp_path / "triton_repo"
-    repo.mkdir()
-    key = security.ensure_admin_key(repo)
+    repo, key = keyed_repo
     with pytest.raises(ValueError, match="item_id must be a whole number, got 1234.5"):
         set_takedown(repo, 1234.5, "unsafe", key=key)
     with pytest.raises(ValueError, match="needs a reason"):
