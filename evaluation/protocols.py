@@ -6,7 +6,7 @@
                      removed (for the test part)
     temporal         one global cutoff: the newest ``test_fraction`` of interactions (a quantile of
                      their timestamps, not of the time span) is test, the ``valid_fraction`` before
-                     it validation
+                     it validation (a ``test_fraction`` of 0: no test part)
     explicit         train/valid/test given as files (parquet or csv with user_id, item_id), so any
                      published split can be reproduced exactly
 
@@ -66,12 +66,13 @@ def recbole_random(interactions: pd.DataFrame, seed: int = 2020, ratios=(0.8, 0.
 
 def temporal(interactions: pd.DataFrame, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
     t = interactions["timestamp"]
-    test_cut = t.quantile(1 - test_fraction)
     valid_cut = t.quantile(1 - test_fraction - valid_fraction)
+    # A test fraction of 0 is no test part (the 1.0 quantile would make the newest timestamp's events one).
+    test = t >= t.quantile(1 - test_fraction) if test_fraction > 0 else pd.Series(False, index=t.index)
     return Split(
         interactions[t < valid_cut].reset_index(drop=True),
-        interactions[(t >= valid_cut) & (t < test_cut)].reset_index(drop=True),
-        interactions[t >= test_cut].reset_index(drop=True),
+        interactions[(t >= valid_cut) & ~test].reset_index(drop=True),
+        interactions[test].reset_index(drop=True),
     )
 
 

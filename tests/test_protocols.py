@@ -66,3 +66,13 @@ def test_recbole_random_splits_a_frame_whose_index_repeats_labels():
     fresh = protocols.recbole_random(data.reset_index(drop=True), seed=1)
     for part in ("train", "valid", "test"):
         pd.testing.assert_frame_equal(getattr(split, part), getattr(fresh, part))
+
+
+def test_temporal_split_with_no_test_fraction_has_no_test_part():
+    """A test fraction of 0 gave the events of the newest timestamp (the 1.0 quantile) as test, and
+    they fell out of validation: a train/valid split lost its last events to a test part not asked for."""
+    data = interactions()
+    split = protocols.temporal(data, 0.1, 0.0)
+    assert split.sizes()["test"] == 0
+    assert split.sizes()["train"] + split.sizes()["valid"] == len(data)
+    assert split.valid["timestamp"].max() == data["timestamp"].max()
