@@ -1,7 +1,8 @@
 """Offline evaluation: score recommenders on one split with full ranking, slices and bias measures.
 
-``evaluate_scores`` takes dense scores ``[num_users, num_items]`` (a peer), ``evaluate_top_k`` takes
-ranked lists (the funnel as served); both remove training items, compute every ranking metric at
+``evaluate_scores`` takes dense scores ``[num_users, num_items]``, ``evaluate_scorer`` a peer's
+``scores(user_rows)`` (called per chunk of users, so no users x items matrix is ever whole),
+``evaluate_top_k`` ranked lists (the funnel as served); all remove training items, compute every ranking metric at
 each K with bootstrap intervals, slice them by user attributes, and measure popularity bias.
 ``served_top_k`` runs the exported Triton funnel's stage classes in-process, in the ensemble's
 order, so the lists evaluated are the lists the server would return.
@@ -111,10 +112,12 @@ def evaluate_top_k(
     data: Interactions,
     ks=(10, 20),
     user_attributes: pd.DataFrame | None = None,
-    scores: np.ndarray | None = None,
+    liked_scores: list | None = None,
     n_bootstrap: int = 500,
 ) -> Result:
-    """Metrics of ranked column indices ``top`` ``[num_users, max(ks)]`` against the test split."""
+    """Metrics of ranked column indices ``top`` ``[num_users, max(ks)]`` against the test split.
+    ``liked_scores``: each user's held-out columns and their scores (``[(cols, scores)]``), for the
+    preference-aware parity; without them it is not measured."""
     relevant, counts = data.relevant, data.relevant_counts
     if not any(len(r) for r in relevant):
         raise ValueError("no user has a relevant item the training part holds: there is nothing to measure")
@@ -151,9 +154,9 @@ def evaluate_top_k(
     measure("gini", lambda: pb.gini(top_k, len(data.item_ids)))
     measure("coverage", lambda: pb.catalog_coverage(top_k, len(data.item_ids)))
     measure("popularity_lift", lambda: _nanmean(pb.popularity_lift(top_k, data.seen, popularity)))
-    if scores is not None:
+    if liked_scores is not None:
         popular = popularity >= np.quantile(popularity, 0.8)
-        measure("preference_parity", lambda: pb.preference_parity(scores, relevant, popular))
+        measure("preference_parity", lambda: pb.preference_parity_of_liked(liked_scores, popular))
         parity = result.bias.pop("preference_parity")
         result.bias["preference_parity"], result.bias["preference_parity_users"] = parity or (None, 0)
     return result
@@ -167,8 +170,30 @@ def _nanmean(values) -> float:
 
 
 def evaluate_scores(name: str, scores: np.ndarray, data: Interactions, ks=(10, 20), **kwargs) -> Result:
-    top = m.full_ranking_top_k(scores, max(ks), exclude=data.seen)
-    return evaluate_top_k(name, top, data, ks, scores=scores, **kwargs)
+    return evaluate_scorer(name, lambda rows: scores[rows], data, ks, **kwargs)
+
+
+# Users scored at once by ``evaluate_scorer``: a chunk's scores stay near 256 MB (float64) however
+# large the catalog; one users x items matrix took 80 GB at 200,000 users and 50,000 items.
+CHUNK_CELLS = 1 << 25
+
+
+def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), **kwargs) -> Result:
+    """``evaluate_scores`` for a scorer ``score_rows(user_rows) -> [len(user_rows), num_items]``,
+    called per chunk of users: each chunk's top lists and its users' held-out items' scores are kept,
+    the rest of its scores dropped."""
+    num_users, num_items = len(data.user_ids), len(data.item_ids)
+    chunk = max(1, CHUNK_CELLS // max(num_items, 1))
+    tops, liked_scores, relevant, seen = [], [], data.relevant, data.seen
+    for start in range(0, num_users, chunk):
+        rows = np.arange(start, min(start + chunk, num_users))
+        scores = np.asarray(score_rows(rows))
+        tops.append(m.full_ranking_top_k(scores, max(ks), exclude=[seen[u] for u in rows]))
+        for i, u in enumerate(rows):
+            cols = np.array(sorted(relevant[u]), dtype=np.int64)
+            liked_scores.append((cols, scores[i, cols]))
+    top = np.concatenate(tops) if tops else np.zeros((0, min(max(ks), num_items)), dtype=np.int64)
+    return evaluate_top_k(name, top, data, ks, liked_scores=liked_scores, **kwargs)
 
 
 # A numeric attribute with more distinct values than this (an age, a lifetime value) is sliced by its

@@ -83,8 +83,9 @@ def funnel_results(
     encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
     stages = stages or offline.load_funnel(repo, version)
     finals, per_stage = [], {}
-    # Final-scorer scores of each user's held-out items only (all parity reads); -inf where unscorable.
-    pair_scores = np.full((len(data.user_ids), len(data.item_ids)), -np.inf, dtype=np.float64)
+    # Final-scorer scores of each user's held-out items only (all parity reads; -inf where unscorable):
+    # a users x items matrix of them took 80 GB at 200,000 users and 50,000 items.
+    liked_scores = []
     scoring_seconds = 0.0
     started = time.perf_counter()
     relevant = data.relevant
@@ -109,11 +110,13 @@ def funnel_results(
                 per_stage.setdefault(key, []).append(raw_of[np.asarray(value, dtype=np.int64)])
         cols = np.array(sorted(relevant[row]), dtype=np.int64)
         scorable = encoded_of.reindex(data.item_ids[cols]).notna().to_numpy()
+        user_scores = np.full(len(cols), -np.inf, dtype=np.float64)
         if parity and scorable.sum() >= 2 and bool(np.asarray(out["user_known"]).reshape(-1)[0]):
             tick = time.perf_counter()
             encoded = encoded_of.reindex(data.item_ids[cols[scorable]]).to_numpy().astype(np.int64)
-            pair_scores[row, cols[scorable]] = offline.final_scores(stages, out, encoded)
+            user_scores[scorable] = offline.final_scores(stages, out, encoded)
             scoring_seconds += time.perf_counter() - tick
+        liked_scores.append((cols, user_scores))
     seconds = time.perf_counter() - started - scoring_seconds
     top = offline.columns_from_raw(finals, data, k)
     result = offline.evaluate_top_k(
@@ -122,7 +125,7 @@ def funnel_results(
         data,
         ks,
         user_attributes=user_attributes,
-        scores=pair_scores if parity else None,
+        liked_scores=liked_scores if parity else None,
         n_bootstrap=n_bootstrap,
     )
     if categories is not None:
@@ -253,18 +256,32 @@ def served_variant(config: Config, manifest: dict) -> tuple[int, bool]:
     return cg.sampled_negatives, cg.logq_correction
 
 
-def peer_results(data: offline.Interactions, ks, user_attributes=None, n_bootstrap=500) -> list[offline.Result]:
-    users = np.arange(len(data.user_ids))
+def peer_results(
+    data: offline.Interactions, ks, user_attributes=None, n_bootstrap=500, ease_max_items: int | None = None
+) -> tuple[list[offline.Result], dict[str, str]]:
+    """Pop, EASE and ALS on the split, and why a peer was not run (``{figure: reason}``, the report's
+    not-applicable notes). EASE solves a dense items x items system: above ``ease_max_items`` items
+    (``item_affinity.max_items``, where the funnel's own affinity stops too) it is not run, since it
+    would take the memory and hours the funnel's training had just been spent before. Each peer scores
+    users in chunks (``offline.evaluate_scorer``), never one users x items matrix."""
     train = data.matrix()
+    num_items = len(data.item_ids)
+    peers, skipped = [Popularity(), EASE(), ALS()], {}
+    if ease_max_items is not None and num_items > ease_max_items:
+        peers = [peer for peer in peers if not isinstance(peer, EASE)]
+        skipped["EASE (every figure)"] = (
+            f"not run: {num_items:,} items > item_affinity.max_items {ease_max_items:,} "
+            "(a dense items x items solve, as the funnel's item affinity)"
+        )
     out = []
-    for peer in (Popularity(), EASE(), ALS()):
-        scores = peer.fit(train).scores(users)
+    for peer in peers:
+        peer.fit(train)
         out.append(
-            offline.evaluate_scores(
-                peer.name, scores, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap
+            offline.evaluate_scorer(
+                peer.name, peer.scores, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap
             )
         )
-    return out
+    return out, skipped
 
 
 def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path, rankers_from=None):
@@ -343,7 +360,8 @@ def evaluate_split(
         categories=served_categories(loaded),
     )  # fmt: skip
     begin()
-    results = peer_results(data, ks, users, n_bootstrap) + [funnel]
+    peers, skipped_peers = peer_results(data, ks, users, n_bootstrap, config.item_affinity.max_items)
+    results = peers + [funnel]
 
     mitigation_rows = []
     if mitigation:
@@ -397,7 +415,8 @@ def evaluate_split(
     }
     extra = {"Rankers on the validation part: ROC-AUC and PR-AUC per head": rankers}
     # A head whose validation labels are all one class has no AUC: say so, with the reason.
-    notes = {
+    notes = dict(skipped_peers)
+    notes |= {
         f"ROC-AUC, PR-AUC of {row['ranker']} / {row['head']}": "the validation part has "
         + ("no rows" if not row["validation rows"] else f"one class only (positive share {row['positive share']:.4f})")
         for _, row in rankers.iterrows()

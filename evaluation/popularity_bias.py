@@ -76,28 +76,37 @@ def preference_parity(scores, liked, popular_items) -> tuple[float, int]:
     0.5 means the model ranks popular and unpopular items a user likes equally often first.
     Raises ``NotApplicable`` when no user liked both kinds (e.g. one held-out item per user).
     """
+    liked_scores = []
+    for u, items in enumerate(liked):
+        items = np.asarray(list(items), dtype=np.int64)
+        liked_scores.append((items, np.asarray(scores[u, items])))
+    return preference_parity_of_liked(liked_scores, popular_items)
+
+
+def preference_parity_of_liked(liked_scores, popular_items) -> tuple[float, int]:
+    """``preference_parity`` from each user's liked items and their scores only (``[(items, scores)]``,
+    one pair per user): what a scorer too large for one ``[num_users, num_items]`` matrix keeps."""
     popular = np.asarray(popular_items, dtype=bool)
     if popular.all() or not popular.any():
         raise NotApplicable(
             f"{'every' if popular.all() else 'no'} item counts as popular (training popularity is too flat to split)"
         )
-    wins, pairs, users = 0.0, 0, 0
-    for u, items in enumerate(liked):
-        items = np.asarray(list(items), dtype=np.int64)
-        item_scores = scores[u, items]
+    wins, pairs, users, most = 0.0, 0, 0, 0
+    for items, item_scores in liked_scores:
+        most = max(most, len(items))
         # -inf: an item the scorer could not score; NaN would lose both ways. +inf is a score.
-        items = items[~(np.isneginf(item_scores) | np.isnan(item_scores))]
+        keep = ~(np.isneginf(item_scores) | np.isnan(item_scores))
+        items, item_scores = items[keep], item_scores[keep]
         if items.size < 2:
             continue
-        pop_items, unpop_items = items[popular[items]], items[~popular[items]]
-        if pop_items.size == 0 or unpop_items.size == 0:
+        is_popular = popular[items]
+        if is_popular.all() or not is_popular.any():
             continue
-        s_pop, s_unpop = scores[u, pop_items][:, None], scores[u, unpop_items][None, :]
+        s_pop, s_unpop = item_scores[is_popular][:, None], item_scores[~is_popular][None, :]
         wins += (s_pop > s_unpop).sum() + 0.5 * (s_pop == s_unpop).sum()
-        pairs += pop_items.size * unpop_items.size
+        pairs += s_pop.size * s_unpop.size
         users += 1
     if pairs == 0:
-        most = max((len(items) for items in liked), default=0)
         raise NotApplicable(
             "no user liked both a popular and an unpopular held-out item"
             + (" (at most one held-out item per user, as in leave-one-out)" if most <= 1 else "")

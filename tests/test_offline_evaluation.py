@@ -501,3 +501,26 @@ def test_markdown_report_prints_n_a_for_a_figure_that_is_not_applicable(tmp_path
     markdown = write_report(results, tmp_path, "t")["markdown"].read_text()
     bias = markdown.split("## Popularity bias")[1].split("##")[0]
     assert "nan" not in bias and bias.count("n/a") == 2 and "0.9000" in bias
+
+
+def test_peers_score_in_chunks_with_the_same_figures_and_skip_ease_above_its_item_cap(data, monkeypatch):
+    """Each peer's scores were one users x items matrix (and the funnel's parity scores another, in
+    float64), and EASE's dense items x items solve ran at any catalog size: at 200,000 users and
+    50,000 items that is 40-80 GB each, after the funnel had trained. Peers now score per chunk of
+    users, and EASE is not run above ``item_affinity.max_items``, with the reason in the notes."""
+    from evaluation.pipeline import peer_results
+
+    whole, none_skipped = peer_results(data, (10, 20), n_bootstrap=20)
+    assert none_skipped == {} and [r.name for r in whole] == ["Pop", "EASE", "ALS"]
+    monkeypatch.setattr(offline, "CHUNK_CELLS", len(data.item_ids) * 7)  # chunks of 7 users
+    chunked, _ = peer_results(data, (10, 20), n_bootstrap=20)
+    for a, b in zip(whole, chunked):
+        assert a.metrics == pytest.approx(b.metrics, rel=1e-6, nan_ok=True), a.name
+        assert a.bias["preference_parity"] == pytest.approx(b.bias["preference_parity"]), a.name
+    assert whole[1].bias["preference_parity"] is not None  # measured, not skipped
+    capped, skipped = peer_results(data, (10,), n_bootstrap=20, ease_max_items=len(data.item_ids) - 1)
+    assert [r.name for r in capped] == ["Pop", "ALS"]
+    assert skipped == {
+        "EASE (every figure)": f"not run: {len(data.item_ids):,} items > item_affinity.max_items "
+        f"{len(data.item_ids) - 1:,} (a dense items x items solve, as the funnel's item affinity)"
+    }
