@@ -252,10 +252,13 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
 
 
 def load_funnel(repo: str | Path, version: int) -> list:
-    """The exported funnel's stage objects, in the ensemble's order (the fused funnel's own, where
-    the version was exported fused: ``serving/fused.py``), their clock at the end of the training
-    data (``at_training_end``)."""
-    from serving.interface import FUSED
+    """The exported funnel's stage objects, in the order of the version's own ensemble
+    (``funnel_v<version>``; ``funnel`` in a repository without one), or the fused funnel's own where
+    the version was exported fused (``serving/fused.py``), their clock at the end of the training
+    data (``at_training_end``). Not ``funnel``'s order alone: during a rollout from the seven stage
+    models to the fused funnel, ``funnel`` has one step, ``fused_funnel``, while the staged version
+    is still served (its ``funnel_v<version>``)."""
+    from serving.interface import FUSED, ensemble_name
     from serving.stages import STAGES
 
     if (Path(repo) / FUSED / str(version)).is_dir():
@@ -263,7 +266,9 @@ def load_funnel(repo: str | Path, version: int) -> list:
 
         stages = FusedFunnel(Path(repo) / FUSED / str(version)).stages
     else:
-        stages = [STAGES[name](Path(repo) / name / str(version)) for name in ensemble_order(repo)]
+        own = ensemble_name(version)
+        order = ensemble_order(repo, own if (Path(repo) / own / "config.pbtxt").is_file() else "funnel")
+        stages = [STAGES[name](Path(repo) / name / str(version)) for name in order]
     return at_training_end(stages)
 
 

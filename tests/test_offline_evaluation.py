@@ -58,6 +58,26 @@ def test_peer_results_carry_metrics_intervals_slices_and_bias(data, small_data):
     assert 0 <= ease.bias["preference_parity"] <= 1
 
 
+def test_a_staged_version_loads_while_the_funnel_serves_a_fused_one(tmp_path, monkeypatch):
+    """Mid-rollout from the seven stage models to the fused funnel (docs/serving.md): ``funnel`` has
+    one step, ``fused_funnel``, while staged version 1 is still served as ``funnel_v1``. Loading
+    version 1 for evaluation or the checklist read ``funnel``'s steps: KeyError 'fused_funnel'."""
+    from types import SimpleNamespace
+
+    from deployment.export import TRITON_REPO_SOURCE, fused_ensemble, pin_ensemble, write_version_ensemble
+    from serving import stages
+
+    staged = pin_ensemble((TRITON_REPO_SOURCE / "funnel" / "config.pbtxt").read_text(), 1)
+    write_version_ensemble(tmp_path, staged, 1)
+    (tmp_path / "funnel").mkdir()
+    (tmp_path / "funnel" / "config.pbtxt").write_text(pin_ensemble(fused_ensemble(staged), 2))
+    built = {name: (lambda folder, name=name: SimpleNamespace(name=name, folder=folder)) for name in stages.FUNNEL}
+    monkeypatch.setattr(stages, "STAGES", built)
+    loaded = offline.load_funnel(tmp_path, 1)
+    assert [s.name for s in loaded] == stages.FUNNEL
+    assert all(s.folder == tmp_path / s.name / "1" for s in loaded)
+
+
 @pytest.mark.slow
 def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_version, data):
     users = data.user_ids[:40]
