@@ -28,7 +28,9 @@ from configs import TrainingConfig
 def tracking_uri(config: TrainingConfig, registry_dir: str | Path) -> str:
     if config.mlflow_tracking_uri:
         return config.mlflow_tracking_uri
-    return "file:" + str(Path(registry_dir).resolve().parent / "mlruns")
+    # A URI, quoted: "file:" + the path made "#", "?" and "%xx" in a folder's name URI syntax (a
+    # registry under "run#1" logged into a new folder "run").
+    return (Path(registry_dir).resolve().parent / "mlruns").as_uri()
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:

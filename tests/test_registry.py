@@ -153,3 +153,19 @@ def test_rankers_are_not_reused_across_processed_data_whose_validation_parts_dif
         with pytest.raises(Stop):
             train_module.train_all(data, load_config(), tmp_path / "reg", rankers_from=SimpleNamespace(manifest={}))
     assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("folder", ["run#1", "q?x", "50%20off"])
+def test_the_default_mlflow_store_is_beside_the_registry_whatever_its_folder_is_named(tmp_path, folder):
+    """The default store was ``"file:" + path``, a URI MLflow parses: a registry under ``run#1`` logged
+    its runs into a new sibling folder ``run`` (``#1/mlruns`` read as a fragment), ``q?x`` into ``q``,
+    ``50%20off`` into ``50 off``."""
+    from configs import load_config
+    from models.tracking import tracked_run
+
+    root = tmp_path / folder
+    root.mkdir()
+    with tracked_run(load_config().training, root / "registry", {"seed": 1}, run_name="named") as run:
+        run.log_metrics({"m": 1.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+    assert len(list((root / "mlruns").glob("*/*/params/seed"))) == 1
