@@ -10,11 +10,17 @@ points it elsewhere. Browse it with ``mlflow ui --backend-store-uri <that folder
     artifacts  the version's ``manifest.json``, the embedding-table size report and ``params.json``
                (the params whole: a value over MLflow's 250 characters is logged cut)
     tags       ``registry_version``, ``data_fingerprint``
+
+The store must answer when the run starts (before any training). After that, tracking is an
+observer: a store that fails mid-run (a tracking server restarted, a full disk) is logged as one
+warning and the rest of the run's tracking is dropped, while training goes on and the registry
+version keeps every metric in its manifest. A failing write used to end the training with it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from contextlib import contextmanager
@@ -23,6 +29,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from configs import TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(config: TrainingConfig, registry_dir: str | Path) -> str:
@@ -56,10 +64,23 @@ class EpochLogger(tf.keras.callbacks.Callback):
 
 
 class TrackedRun:
-    """A thin handle on the active MLflow run (keeps ``mlflow`` calls in this module)."""
+    """A thin handle on the active MLflow run (keeps ``mlflow`` calls in this module). Every write
+    goes through ``_write``: after the first failure (``lost``) the run stops writing, with one warning."""
 
     def __init__(self, mlflow):
         self._mlflow = mlflow
+        self.lost: str | None = None  # why tracking stopped, once it did
+
+    def _write(self, fn, *args, **kwargs) -> None:
+        if self.lost is not None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # the store is an observer: training goes on, the manifest keeps all
+            self.lost = f"{type(err).__name__}: {err}"
+            log.warning(
+                "MLflow tracking failed; training goes on without it (the manifest keeps every metric): %s", self.lost
+            )
 
     def callback(self, stage: str) -> EpochLogger:
         return EpochLogger(self, stage)
@@ -74,22 +95,22 @@ class TrackedRun:
             if math.isfinite(value):
                 clean[key.replace("/", ".")] = value
         if clean:
-            self._mlflow.log_metrics(clean, step=step)
+            self._write(self._mlflow.log_metrics, clean, step=step)
 
     def log_params(self, params: dict) -> None:
-        self._mlflow.log_params({k: _fit_param(str(v)) for k, v in params.items()})
+        self._write(self._mlflow.log_params, {k: _fit_param(str(v)) for k, v in params.items()})
 
     def set_tags(self, tags: dict) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._write(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_json(self, name: str, payload) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(payload, indent=2, default=str))
-            self._mlflow.log_artifact(str(path))
+            self._write(self._mlflow.log_artifact, str(path))
 
     def log_artifact(self, path: str | Path) -> None:
-        self._mlflow.log_artifact(str(path))
+        self._write(self._mlflow.log_artifact, str(path))
 
 
 def _fit_param(value: str) -> str:
@@ -108,16 +129,25 @@ def _fit_param(value: str) -> str:
 def tracked_run(config: TrainingConfig, registry_dir: str | Path, params: dict, run_name: str):
     """Start an MLflow run in the configured store, log ``params``, yield a ``TrackedRun``.
 
-    A failing training marks the run FAILED (MLflow does this when the ``with`` block raises).
+    A failing training marks the run FAILED. The start must reach the store; a later write that fails
+    stops the tracking with a warning, not the training (the module docstring).
     """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(config, registry_dir))
     mlflow.set_experiment(config.mlflow_experiment)
-    with mlflow.start_run(run_name=run_name):
-        run = TrackedRun(mlflow)
+    mlflow.start_run(run_name=run_name)
+    run = TrackedRun(mlflow)
+    status = "FAILED"
+    try:
         run.log_json("params.json", params)  # whole, where a param had to be cut
         items = [(k, _fit_param(v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i : i + 100]))
+            run.log_params(dict(items[i : i + 100]))
         yield run
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as err:  # the run's work is done (or its own error is the news)
+            log.warning("MLflow could not close the run (%s): %s", status, err)

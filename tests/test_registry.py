@@ -169,3 +169,35 @@ def test_the_default_mlflow_store_is_beside_the_registry_whatever_its_folder_is_
         run.log_metrics({"m": 1.0})
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
     assert len(list((root / "mlruns").glob("*/*/params/seed"))) == 1
+
+
+def test_a_tracking_store_that_fails_mid_run_does_not_end_the_training(tmp_path, monkeypatch, caplog):
+    """Every epoch's metrics, the manifest and the run's close went to MLflow inside the training:
+    a tracking server that went away mid-run (here: every write after the first raises) raised out of
+    a Keras callback or the run's close, and the registry discarded the trained version."""
+    import logging
+
+    import mlflow
+
+    from configs import load_config
+    from models.tracking import tracked_run
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server went away")
+
+    finished = []
+    with tracked_run(load_config().training, tmp_path / "registry", {"seed": 1}, run_name="flaky") as run:
+        run.log_metrics({"m": 1.0}, step=0)
+        monkeypatch.setattr(mlflow, "log_metrics", down)
+        monkeypatch.setattr(mlflow, "log_artifact", down)
+        monkeypatch.setattr(mlflow, "end_run", down)
+        with caplog.at_level(logging.WARNING, logger="models.tracking"):
+            run.callback("heavy_ranker").on_epoch_end(1, {"loss": 0.5})
+            run.log_metrics({"m": 2.0}, step=1)  # after the first failure: not tried again
+            run.log_json("manifest.json", {"version": 1})
+        finished.append(True)
+    assert finished and run.lost == "ConnectionError: tracking server went away"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "training goes on" in warnings[0] and "could not close" in warnings[1]
+    monkeypatch.undo()
+    mlflow.end_run()  # the patched close left MLflow's active run open in this process
