@@ -70,12 +70,13 @@ class Supervisor:
         # is given the server's gRPC URL.
         self.probe = probe or (lambda url: funnel_probe_http(server.http_url) if server.tls_cert else funnel_probe(url))
         self.interval_s, self.failures = interval_s, failures
-        # A restart within stable_s of the previous one waits backoff_s after it, the next one twice
-        # that, ... up to max_backoff_s.
+        # A restart before the server answered for stable_s after the previous one waits backoff_s
+        # after it, the next one twice that, ... up to max_backoff_s.
         self.backoff_s, self.max_backoff_s, self.stable_s, self.clock = backoff_s, max_backoff_s, stable_s, clock
         self.restarts = 0
-        self.quick_restarts = 0  # restarts in a row that each came within stable_s of the one before
+        self.quick_restarts = 0  # restarts in a row, each before the server answered stable_s after the one before
         self._last_restart: float | None = None
+        self._last_answer: float | None = None  # when a probe last succeeded
         self.last_error: str | None = None
         self._failed = 0
         self._stop = threading.Event()
@@ -88,6 +89,7 @@ class Supervisor:
                 raise RuntimeError("tritonserver process is not running")
             self.probe(self.server.grpc_url)
             self._failed = 0
+            self._last_answer = self.clock()
             return True
         except Exception as err:
             self._failed += 1
@@ -95,7 +97,7 @@ class Supervisor:
             if self._failed >= self.failures:
                 wait = self.restart_delay()
                 if wait > 0:
-                    self.last_error += f" (restart in {wait:.0f} s: failed within {self.stable_s:.0f} s of a restart)"
+                    self.last_error += f" (restart in {wait:.0f} s: not yet stable after a restart)"
                     return False
                 self._failed = 0
                 self._restart()
@@ -104,13 +106,20 @@ class Supervisor:
     def restart_delay(self) -> float:
         """Seconds left before the next restart may start: 0 unless the server keeps failing soon
         after its restarts (then ``backoff_s``, doubling per quick restart, at most ``max_backoff_s``)."""
-        if self._last_restart is None or self.clock() - self._last_restart >= self.stable_s:
+        if self._stable():
             return 0.0
         backoff = min(self.max_backoff_s, self.backoff_s * 2**self.quick_restarts)
         return max(0.0, backoff - (self.clock() - self._last_restart))
 
+    def _stable(self) -> bool:
+        """Not restarted yet, or answered ``stable_s`` or more after the last restart (a server that
+        never answered since is not stable, however long ago that restart was)."""
+        if self._last_restart is None:
+            return True
+        return self._last_answer is not None and self._last_answer - self._last_restart >= self.stable_s
+
     def _restart(self) -> None:
-        if self._last_restart is not None and self.clock() - self._last_restart < self.stable_s:
+        if not self._stable():
             self.quick_restarts += 1
         else:
             self.quick_restarts = 0

@@ -560,6 +560,34 @@ def test_the_supervisor_backs_off_a_server_that_keeps_failing_after_its_restarts
     assert restarted_at[-1] == now[0] and supervisor.quick_restarts == 0
 
 
+def test_the_supervisor_backoff_grows_to_max_backoff_s_while_the_server_never_answers():
+    """The defaults (5 s doubling to 300 s, reset after the server answered for 120 s): a server that
+    never answers after its restarts waits 5, 10, ... 160 and then 300 s between them. The backoff
+    reset once 120 s had passed since a restart, answered or not, so it never waited more than
+    120 s and went back to 5 s after each 120 s wait."""
+    from types import SimpleNamespace
+
+    from deployment.supervisor import Supervisor
+
+    now, restarted_at = [0.0], []
+    server = SimpleNamespace(
+        process=SimpleNamespace(poll=lambda: None),
+        grpc_url="x",
+        tls_cert=None,
+        restart=lambda: restarted_at.append(now[0]),
+    )
+
+    def probe(url):
+        raise ConnectionError("stage crashed")
+
+    supervisor = Supervisor(server, probe=probe, failures=1, clock=lambda: now[0])
+    for _ in range(1000):
+        supervisor.check_once()
+        now[0] += 1.0
+    waits = [b - a for a, b in zip(restarted_at, restarted_at[1:])]
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300], waits
+
+
 def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
     """``wait_unloaded`` returns once no other version of the router is loaded or unloading (the
     repository index a real server reports), and names the stuck versions when it times out."""
