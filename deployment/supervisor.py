@@ -94,7 +94,7 @@ class Supervisor:
         except Exception as err:
             self._failed += 1
             self.last_error = f"{type(err).__name__}: {err}"
-            if self._failed >= self.failures:
+            if self._failed >= self.failures and not self._stop.is_set():  # stopping: no restart to stop
                 wait = self.restart_delay()
                 if wait > 0:
                     self.last_error += f" (restart in {wait:.0f} s: not yet stable after a restart)"

@@ -588,6 +588,39 @@ def test_the_supervisor_backoff_grows_to_max_backoff_s_while_the_server_never_an
     assert waits == [5, 10, 20, 40, 80, 160, 300, 300], waits
 
 
+def test_the_supervisor_does_not_restart_the_server_once_it_is_asked_to_stop():
+    """``stop`` while a probe is in flight (a stuck server's probe takes its 10 s timeout): the failed
+    probe used to restart the server anyway, and ``scripts/serve.py`` waited for every model to load
+    again before it stopped."""
+    import threading
+    from types import SimpleNamespace
+
+    from deployment.supervisor import Supervisor, wait_until
+
+    restarts, probing, release = [], threading.Event(), threading.Event()
+    server = SimpleNamespace(
+        process=SimpleNamespace(poll=lambda: None),
+        grpc_url="x",
+        tls_cert=None,
+        startup_timeout=5.0,
+        restart=lambda: restarts.append(1),
+    )
+
+    def probe(url):
+        probing.set()
+        release.wait(10)
+        raise ConnectionError("deadline exceeded")
+
+    supervisor = Supervisor(server, probe=probe, interval_s=0.01, failures=1).start()
+    assert probing.wait(10)
+    stopping = threading.Thread(target=supervisor.stop)
+    stopping.start()
+    assert wait_until(supervisor._stop.is_set, timeout_s=10, interval_s=0.01)
+    release.set()
+    stopping.join(10)
+    assert not stopping.is_alive() and restarts == [], restarts
+
+
 def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
     """``wait_unloaded`` returns once no other version of the router is loaded or unloading (the
     repository index a real server reports), and names the stuck versions when it times out."""
