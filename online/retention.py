@@ -195,7 +195,8 @@ def correlation_with_ci(x: np.ndarray, y: np.ndarray) -> tuple[float, float, flo
     """Pearson correlation, its Fisher-z 95% interval and p-value (``nan`` for a constant column)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = len(x)
-    if n < 4 or np.std(x) == 0 or np.std(y) == 0:
+    # Constant means every value equal: the std of 300 floats 0.1 is 1.4e-17, not 0 (the mean is not exactly 0.1).
+    if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan"), float("nan"), float("nan")
     r = float(np.corrcoef(x, y)[0, 1])
     r_c = float(np.clip(r, -0.999999, 0.999999))
@@ -232,7 +233,7 @@ class RetentionAnalysis:
 def _standardised_fit(
     users: pd.DataFrame, signals: list[str], notes: list[str], rule_input: bool = False
 ) -> pd.DataFrame:
-    usable = [s for s in signals if users[s].std() > 0]
+    usable = [s for s in signals if np.ptp(users[s].to_numpy(dtype=np.float64)) > 0]  # not std: see correlation_with_ci
     for s in set(signals) - set(usable):
         notes.append(f"{s}: the same rate for every user; left out of the regression")
     if not usable:

@@ -314,3 +314,20 @@ def test_a_separated_non_head_signal_does_not_say_the_rule_keeps_the_weights():
     assert d.changed and d.weights == {"click": 1.0, "duration_watch": 0.0, "like": 0.0}, d
     (note,) = [n for n in analysis.notes if "did not converge" in n]
     assert "share" in note and "keeps the current weights" not in note, note
+
+
+def test_a_signal_with_the_same_rate_for_every_user_is_not_measured():
+    """Every user liked 1 of their 10 impressions: the like rate is 0.1 for all of them, but the mean of
+    300 floats 0.1 is not exactly 0.1, so ``std == 0`` missed it. The correlation read r = 0.000 with an
+    interval of [-0.113, +0.113] and p = 1 (a measurement of no link, where there is no information at
+    all), and the regression called the signal a linear combination of the others."""
+    rng = np.random.default_rng(1)
+    n = 300
+    users = pd.DataFrame({s: rng.random(n) for s in SIGNALS}).assign(like=0.1)
+    users["returned"] = rng.random(n) < 1 / (1 + np.exp(-(4 * users["click"] - 2)))
+    analysis = analyze_retention(users)
+    like = analysis.correlations.set_index("signal").loc["like"]
+    assert np.isnan(like["r"]) and np.isnan(like["ci_low"]) and np.isnan(like["p_value"]), like
+    assert "like" not in set(analysis.heads["signal"]) and "like" not in set(analysis.all_signals["signal"])
+    assert any(note.startswith("like: the same rate for every user") for note in analysis.notes), analysis.notes
+    assert not any("linear combination" in note for note in analysis.notes), analysis.notes
