@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +99,19 @@ def install_model_py(src: Path, version_dir: Path) -> Path:
 TEMP_SUFFIX = "[a-z0-9_]{8}"
 
 
+def staging_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` with a name no other process uses (``tempfile.mkdtemp``), but the
+    mode a plain ``mkdir`` gives (the umask's, not mkdtemp's 0700): it is renamed into place as the
+    repository or a version of it, which a server running as another user (the image's) must read."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    probe = path / "mode"
+    probe.mkdir()
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.rmdir()
+    path.chmod(mode)
+    return path
+
+
 @contextlib.contextmanager
 def exclusive(parent: Path, leftovers: str = ""):
     """Hold an exclusive lock on folder ``parent`` (an flock on the folder itself: no lock file is
@@ -169,7 +183,7 @@ def export_repository(
 
 
 def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, batching, metrics_interval) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_repo.name}-staging-", dir=out_repo.parent))
+    staging = staging_folder(out_repo.parent, f".{out_repo.name}-staging-")
     try:
         # Fused: one model holding every stage's folder (serving/fused.py); else one model per stage.
         models = [FUSED] if batching.fuse_stages else list(STAGE_ARTIFACTS)

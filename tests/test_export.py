@@ -256,3 +256,21 @@ def test_a_folder_that_cannot_be_locked_is_exported_into_as_before(tiny_version,
     with caplog.at_level("WARNING", logger="deployment.export"):
         target = export_repository(tiny_version, tmp_path / "repo")
     assert exported_version(target) == 1 and left.is_dir() and "no lock on" in caplog.text
+
+
+def test_the_repository_folder_gets_the_mode_of_every_other_folder(tiny_version, tmp_path):
+    """The repository is assembled in a ``tempfile.mkdtemp`` folder and renamed into place: it kept
+    mkdtemp's mode 0700, so the image's server (another user, the repository mounted read-only) could
+    not open it, while every folder and file inside was readable. It now gets what ``mkdir`` gives."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        target = export_repository(tiny_version, tmp_path / "repo")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o755
+        export_repository(tiny_version, target, replace=True)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
