@@ -47,6 +47,7 @@ from deployment.export import (
     install_model_py,
     pin_ensemble,
     rename_ensemble,
+    staging_folder,
     version_models,
 )
 from deployment.security import ControlClient
@@ -309,7 +310,7 @@ def set_rollout(
             if not client.is_model_ready(ensemble_name(version)):
                 load_version(client, repo, version, timeout_s)
         router_version = router_versions(repo)[-1] + 1
-        staging = Path(tempfile.mkdtemp(prefix=f".{ROUTER}-{router_version}-", dir=repo / ROUTER))
+        staging = staging_folder(repo / ROUTER, f".{ROUTER}-{router_version}-")
         try:
             install_model_py(repo / ROUTER / str(router_version - 1) / "model.py", staging)
             (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))

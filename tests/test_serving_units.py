@@ -874,3 +874,45 @@ def test_an_ab_test_named_like_no_experiment_is_refused():
     with pytest.raises(ValueError, match="online.experiment.name 'none'"):
         load_config(overrides={"online": {"experiment": {"name": "none"}}})
     assert ab_rollout("none-v2", "salt", 1, 2).experiment.name == "none-v2"
+
+
+def test_a_new_router_version_is_readable_by_the_server_like_the_rest_of_the_repository(tmp_path, monkeypatch):
+    """``set_rollout`` writes the router version in a ``tempfile.mkdtemp`` folder and renames it into
+    place: it kept mkdtemp's mode 0700, so a server running as another user (the image's, the
+    repository mounted read-only) failed to load it, and so did ``roll_out`` at its router step."""
+    import os
+    import stat
+
+    from deployment import rollout
+    from serving.assignment import single_version
+    from serving.interface import ROUTER
+
+    repo = tmp_path / "triton_repo"
+    (repo / ROUTER / "1").mkdir(parents=True)
+    (repo / ROUTER / "1" / "model.py").write_text("pass\n")
+
+    class Control:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def is_model_ready(self, name, version=""):
+            return True
+
+        def load_model(self, name):
+            pass
+
+        def get_model_repository_index(self, as_json=False):
+            return {}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rollout, "ControlClient", Control)
+    monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
+    umask = os.umask(0o022)
+    try:
+        assert rollout.set_rollout("127.0.0.1:1", repo, single_version(2)) == 2
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((repo / ROUTER / "2").stat().st_mode) == 0o755
+    assert rollout.current_rollout(repo).control_version == 2
