@@ -176,6 +176,8 @@ def export_repository(
         # Checked under the lock: an export that waited for another one sees what that one wrote.
         if out_repo.exists() and not replace:
             raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")
+        if out_repo.exists() and not out_repo.is_dir():
+            raise NotADirectoryError(f"{out_repo} is a file, not an exported model repository")
         if out_repo.is_dir() and any(out_repo.iterdir()):
             exported_version(out_repo)  # replace only an export: never a folder named by mistake (the registry)
         _export(model, out_repo, manifest, version, source, batching, metrics_interval)

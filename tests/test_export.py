@@ -274,3 +274,14 @@ def test_the_repository_folder_gets_the_mode_of_every_other_folder(tiny_version,
     finally:
         os.umask(umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_replace_refuses_a_file(tiny_version, tmp_path):
+    """Only an exported repository or an empty folder is replaced: a file at the path (``--out`` naming
+    an archive by mistake) was swapped out for the repository and left under a hidden staging name."""
+    target = tmp_path / "repo"
+    target.write_text("not a repository")
+    with pytest.raises(NotADirectoryError, match="not an exported model repository"):
+        export_repository(tiny_version, target, replace=True)
+    assert target.read_text() == "not a repository"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
