@@ -585,3 +585,36 @@ def test_a_takedown_refuses_a_fractional_item_id_and_a_missing_reason(keyed_repo
         set_takedown(repo, 1234, None, key=key)
     assert list_takedowns(repo).empty
     assert set_takedown(repo, 1234.0, "unsafe", key=key)["item_id"] == 1234
+
+
+def test_opening_an_existing_store_does_not_wait_for_a_long_ingest(tmp_path):
+    """Every open ran the schema in a ``BEGIN IMMEDIATE`` transaction, the store's write lock, even
+    when its tables were there: a serving stage loading (a start, a rollout), the takedown list or
+    the content filter waited for any write in progress, and an ingest of a few million rows (one
+    transaction, ~7 us a row) made them fail after 30 s with "database is locked". Readers never wait."""
+    import sqlite3
+    import threading
+
+    location = str(tmp_path / "live.sqlite")
+    store = LiveStore(location)
+    store.append_events([(7, 11, 100.0, "click", 1.0)], "ingest")
+    store.set_takedown(42, True, "scam", "moderator")
+    store.close()
+    ingest = sqlite3.connect(location, isolation_level=None)
+    ingest.execute("BEGIN IMMEDIATE")  # an ingest in progress, holding the write lock
+    seen = []
+
+    def open_and_read():
+        reader = LiveStore(location)
+        seen.append((reader.user_events(7).item_ids.tolist(), reader.taken_down().tolist()))
+        reader.close()
+
+    try:
+        thread = threading.Thread(target=open_and_read, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert seen == [([11], [42])]
+    finally:
+        ingest.execute("ROLLBACK")
+        ingest.close()
+    thread.join()

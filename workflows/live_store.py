@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -118,6 +119,7 @@ def private_file(path: str | Path) -> None:
 
 
 CONNECT_TIMEOUT_S = 10  # PostgreSQL: seconds to open a connection (the URL's connect_timeout wins)
+SCHEMA_OBJECT = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
 
 
 class Database:
@@ -149,10 +151,23 @@ class Database:
             self._con = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
             self._use_wal(deadline=time.monotonic() + 30)
             self._con.execute("PRAGMA synchronous=FULL")
-        if schema:
+        if schema and not self._has_schema(schema):
             with self.schema_transaction():
                 for statement in schema:
                     self.execute(statement)
+
+    def _has_schema(self, schema: Sequence[str]) -> bool:
+        """SQLite: every table and index ``schema`` creates is there already, so opening takes no write
+        lock. ``BEGIN IMMEDIATE`` waited for any write in progress: an ingest of millions of rows (one
+        transaction) failed every stage loading meanwhile, and the content filter, with "database is
+        locked" after 30 s. A statement of another form: False (run the schema)."""
+        if self.postgres:
+            return False
+        names = [SCHEMA_OBJECT.match(statement) for statement in schema]
+        if not all(names):
+            return False
+        present = {row[0] for row in self.query("SELECT name FROM sqlite_master")}
+        return {name.group(1) for name in names} <= present
 
     def _use_wal(self, deadline: float) -> None:
         """Switch a new file to write-ahead logging (readers never wait for writers; the mode stays
