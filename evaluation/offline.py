@@ -251,25 +251,39 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
     return re.findall(r'model_name:\s*"([^"]+)"', text)
 
 
-def load_funnel(repo: str | Path, version: int) -> list:
+def load_funnel(repo: str | Path, version: int, live_store: str | None = None) -> list:
     """The exported funnel's stage objects, in the order of the version's own ensemble
     (``funnel_v<version>``; ``funnel`` in a repository without one), or the fused funnel's own where
     the version was exported fused (``serving/fused.py``), their clock at the end of the training
     data (``at_training_end``). Not ``funnel``'s order alone: during a rollout from the seven stage
     models to the fused funnel, ``funnel`` has one step, ``fused_funnel``, while the staged version
-    is still served (its ``funnel_v<version>``)."""
+    is still served (its ``funnel_v<version>``).
+
+    Live events and takedowns come from the repository's own store (``<repo>-live.sqlite`` beside
+    it), or ``live_store``: never from ``$FUNNEL_STORE_URL``. Set where the evaluation or the training
+    runs (the serving image, a shell that ingests events), it had the stages read that deployment's
+    store, and its takedowns and users' live clicks changed the offline figures."""
     from serving.interface import FUSED, ensemble_name
     from serving.stages import STAGES
+    from workflows.live_store import store_beside
 
+    store = live_store or store_beside(repo)
     if (Path(repo) / FUSED / str(version)).is_dir():
         from serving.fused import FusedFunnel
 
-        stages = FusedFunnel(Path(repo) / FUSED / str(version)).stages
+        stages = FusedFunnel(Path(repo) / FUSED / str(version), live_store=store).stages
     else:
         own = ensemble_name(version)
         order = ensemble_order(repo, own if (Path(repo) / own / "config.pbtxt").is_file() else "funnel")
-        stages = [STAGES[name](Path(repo) / name / str(version)) for name in order]
+        stages = [
+            STAGES[name](Path(repo) / name / str(version), **({"live_store": store} if name in LIVE else {}))
+            for name in order
+        ]
     return at_training_end(stages)
+
+
+# The stages that read the live store (``live_store=``): what users just did, what was taken down.
+LIVE = ("feature_lookup", "ordering")
 
 
 def at_training_end(stages: list) -> list:

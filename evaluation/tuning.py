@@ -27,10 +27,8 @@ more into the registry, its manifest recording both searches.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -103,7 +101,8 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     users = np.array(sorted(relevant), dtype=np.int64)
     if tc.max_users and len(users) > tc.max_users:
         users = np.sort(np.random.default_rng(config.seed).choice(users, tc.max_users, replace=False))
-    with tempfile.TemporaryDirectory(prefix="tuning-") as tmp, _without_live_store():
+    # load_funnel reads the temporary repository's own (empty) live store, never $FUNNEL_STORE_URL's.
+    with tempfile.TemporaryDirectory(prefix="tuning-") as tmp:
         repo = export_repository(ModelVersion(version_dir), Path(tmp) / "repo")
         version = ModelVersion(version_dir).version
         stages = offline.load_funnel(repo, version)
@@ -162,23 +161,6 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
     )
     _warn_at_edge(record["at_edge"])
     return record
-
-
-@contextlib.contextmanager
-def _without_live_store():
-    """The exported funnel as it was exported: without this, a ``$FUNNEL_STORE_URL`` set where the
-    training runs (a shell that also ingests events or takes items down, the serving image) had the
-    funnel's stages open that deployment's live store, so its live events joined the validation
-    users' history and activity and its takedowns their lists: the choice depended on the deployment's
-    state, not on the validation part. The temporary repository's own store (beside it) is empty."""
-    from workflows.live_store import STORE_ENV
-
-    saved = os.environ.pop(STORE_ENV, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[STORE_ENV] = saved
 
 
 def _warn_at_edge(edges: list[dict]) -> None:

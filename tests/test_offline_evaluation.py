@@ -71,7 +71,7 @@ def test_a_staged_version_loads_while_the_funnel_serves_a_fused_one(tmp_path, mo
     write_version_ensemble(tmp_path, staged, 1)
     (tmp_path / "funnel").mkdir()
     (tmp_path / "funnel" / "config.pbtxt").write_text(pin_ensemble(fused_ensemble(staged), 2))
-    built = {name: (lambda folder, name=name: SimpleNamespace(name=name, folder=folder)) for name in stages.FUNNEL}
+    built = {name: (lambda folder, name=name, **_: SimpleNamespace(name=name, folder=folder)) for name in stages.FUNNEL}
     monkeypatch.setattr(stages, "STAGES", built)
     loaded = offline.load_funnel(tmp_path, 1)
     assert [s.name for s in loaded] == stages.FUNNEL
@@ -544,3 +544,43 @@ def test_peers_score_in_chunks_with_the_same_figures_and_skip_ease_above_its_ite
         "EASE (every figure)": f"not run: {len(data.item_ids):,} items > item_affinity.max_items "
         f"{len(data.item_ids) - 1:,} (a dense items x items solve, as the funnel's item affinity)"
     }
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_offline_replays_read_the_repositorys_own_live_store_not_the_deployments(tmp_path, monkeypatch, fused):
+    """A ``$FUNNEL_STORE_URL`` where the evaluation, the tuning step or the checklist ran (the serving
+    image, a shell that ingests events) had the replayed funnel open that deployment's store: one of
+    its takedowns dropped an item from a user's list, one live click another (seen on a copy of the
+    demo export). The tuning step alone guarded against it, by emptying the environment."""
+    from serving import fused as fused_module
+    from serving import stages as stage_module
+    from serving.interface import FUSED
+    from workflows.live_store import STORE_ENV
+
+    opened = {}
+
+    def fake(name):
+        def build(artifacts, live_store=None, **kwargs):
+            opened[name] = live_store
+            return type("Stage", (), {"name": name})()
+
+        return build
+
+    repo = tmp_path / "triton_repo"
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "deployment-live.sqlite"))
+    if fused:
+        (repo / FUSED / "1").mkdir(parents=True)
+        monkeypatch.setattr(
+            fused_module,
+            "FusedFunnel",
+            lambda folder, live_store=None: opened.update(fused=live_store) or type("F", (), {"stages": []})(),
+        )
+    else:
+        repo.mkdir()
+        names = ["feature_lookup", "query_tower", "ordering"]
+        monkeypatch.setattr(stage_module, "STAGES", {name: fake(name) for name in names})
+        monkeypatch.setattr(offline, "ensemble_order", lambda repo, ensemble="funnel": names)
+    offline.load_funnel(repo, 1)
+    own = str(tmp_path / "triton_repo-live.sqlite")
+    expected = {"fused": own} if fused else {"feature_lookup": own, "query_tower": None, "ordering": own}
+    assert opened == expected

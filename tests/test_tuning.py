@@ -538,46 +538,6 @@ def test_retrained_search_without_a_validation_user_keeps_the_configured_candida
     assert record["at_edge"] == [] and model.manifest["tuning"] is record
 
 
-def test_tuning_reads_no_deployment_live_store(tmp_path, monkeypatch):
-    """A ``$FUNNEL_STORE_URL`` where the training runs (a shell that also ingests events, the serving
-    image) had the tuner's exported funnel open that deployment's live store: its live events joined
-    the validation users' history and its takedowns their lists."""
-    import os
-    from types import SimpleNamespace
-
-    from deployment import export
-    from evaluation import offline
-    from evaluation import tuning as tuner
-    from workflows.live_store import STORE_ENV
-    from workflows.pipeline import ProcessedData
-
-    version = tmp_path / "version"
-    (tmp_path / "valid").mkdir()
-    version.mkdir()
-    pd.DataFrame({"user_id": [1], "item_id": [2], "click": [1]}).to_parquet(tmp_path / "valid" / "part.parquet")
-    pd.DataFrame({"user_id": [1], "user_id_raw": [10]}).to_parquet(version / "user_features.parquet")
-    pd.DataFrame({"item_id": [2], "item_id_raw": [20]}).to_parquet(version / "item_features.parquet")
-    pd.DataFrame({"user_id_raw": [10], "item_id_raw": [21]}).to_parquet(version / "user_history.parquet")
-    opened = []
-
-    class Loaded(Exception):
-        pass
-
-    def load_funnel(repo, version):
-        opened.append(os.environ.get(STORE_ENV))  # what the stages' constructors would open
-        raise Loaded
-
-    live = str(tmp_path / "deployment-live.sqlite")
-    monkeypatch.setenv(STORE_ENV, live)
-    monkeypatch.setattr(export, "export_repository", lambda model, path: path)
-    monkeypatch.setattr(tuner, "ModelVersion", lambda path: SimpleNamespace(version=1))
-    monkeypatch.setattr(offline, "load_funnel", load_funnel)
-    with pytest.raises(Loaded):
-        tuner.tune_on_validation(version, ProcessedData(tmp_path), load_config())
-    assert opened == [None]
-    assert os.environ[STORE_ENV] == live  # the environment is left as it was
-
-
 def _stub_funnel(tmp_path, monkeypatch, heavy, retrieval, clocks=None):
     """``tune_on_validation``'s inputs without a trained model: one validation user (raw 10) who
     clicked raw item 102, and an exported funnel whose heavy ranker passes raw items 100-102 with

@@ -77,10 +77,15 @@ def is_postgres(location: str | Path) -> bool:
 
 def store_location(repository: str | Path) -> str:
     """The live store of the deployment serving ``repository``: ``$FUNNEL_STORE_URL`` (a path or a
-    ``postgresql://`` DSN), else ``<repository>-live.sqlite`` beside it (never inside: an export
-    replaces the repository folder)."""
+    ``postgresql://`` DSN), else ``<repository>-live.sqlite`` beside it (``store_beside``)."""
     if os.environ.get(STORE_ENV):
         return os.environ[STORE_ENV]
+    return store_beside(repository)
+
+
+def store_beside(repository: str | Path) -> str:
+    """``<repository>-live.sqlite`` beside the repository (never inside: an export replaces the
+    repository folder), whatever ``$FUNNEL_STORE_URL`` says: the store an offline replay reads."""
     repository = Path(repository).resolve()
     return str(repository.parent / f"{repository.name}-live.sqlite")
 
