@@ -85,9 +85,15 @@ def resolve_targets(schema: Schema, config: HeavyRankerConfig) -> dict[str, floa
     if missing:
         log.warning("heavy ranker: target(s) %s not in the data and dropped; training on %s", missing, list(weights))
     total = sum(weights.values())
-    if not weights or total <= 0:
+    if not weights:
         raise ValueError(
             f"heavy_ranker.targets {[t.name for t in config.targets]}: none is in the data (columns: {sorted(present)})"
+        )
+    if total <= 0:
+        weighted = [t.name for t in config.targets if t.weight > 0]
+        raise ValueError(
+            f"heavy_ranker.targets: those in the data ({list(weights)}) all have weight 0, and the weighted "
+            f"ones {weighted} are not in the data (columns: {sorted(present)}); give a present target a weight"
         )
     return {name: w / total for name, w in weights.items()}
 

@@ -71,6 +71,12 @@ def test_heavy_targets_fall_back_or_drop_and_weights_sum_to_one(caplog):
     assert weights == pytest.approx({"click": 2 / 3, "like": 1 / 3})
     with pytest.raises(ValueError, match="none is in the data"):
         resolve_targets(_label_schema("share"), cfg)
+    # Only targets weighted 0 in the data (the default config on data without clicks): no score to
+    # normalise, and the error says so instead of that none of them is in the data.
+    with pytest.raises(ValueError) as refused:
+        resolve_targets(_label_schema("watched", "like"), HeavyRankerConfig())
+    assert "none is in the data" not in str(refused.value)
+    assert "weight 0" in str(refused.value) and "['click']" in str(refused.value)
     # A fallback configured as a target of its own keeps its own weight, in either order of the list.
     both = [TargetConfig("click", 0.4), TargetConfig("duration_watch", 0.4), TargetConfig("watched", 0.2)]
     for order in (both, both[::-1]):
