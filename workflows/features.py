@@ -5,11 +5,14 @@ them alone to the user and item tables (``Workflow.get_subworkflow``), so the fe
 trained on and the features it is served with come from the same fitted operators.
 
     user_features   user_id (USER_ID), age_band/gender/location (USER, CATEGORICAL),
-                    user_events_before/user_clicks_before (USER, CONTINUOUS; point-in-time counts)
+                    user_click_rate_before (USER, CONTINUOUS; point-in-time, from the counts
+                    user_events_before/user_clicks_before, which are features themselves with
+                    ``features.point_in_time_features: [counts]``; the default is ``[rates]``)
                     user_events_last_<w>/user_clicks_last_<w> (USER, CONTINUOUS, "activity"; windowed
                     activity, ``workflows/activity.py``: log1p of the count, no fitted statistics)
     item_features   item_id (ITEM_ID), category (ITEM, CATEGORICAL),
-                    duration_seconds, item_events_before/item_clicks_before (ITEM, CONTINUOUS)
+                    duration_seconds, item_click_rate_before (ITEM, CONTINUOUS; the same from
+                    item_events_before/item_clicks_before)
     context         hour_of_day, day_of_week (CONTEXT, CATEGORICAL) from the event timestamp
 
 Those are the raw schema's columns; with a dataset spec (``workflows/spec.py``) the attribute
@@ -69,7 +72,7 @@ def point_in_time_features(counts: list[str], kinds: list[str], entity: Tags):
     """Counts (log, normalised) and/or the click rate derived from them, tagged entity + CONTINUOUS.
 
     Raw counts only grow with time, so their scale at serving (end of training) and in validation is
-    beyond most training rows; the rate is stationary. Which to use is ``features.point_in_time``.
+    beyond most training rows; the rate is stationary. Which to use is ``features.point_in_time_features``.
     """
     events, clicks = counts
     graph = None
