@@ -351,14 +351,18 @@ def main() -> None:
                 procs = []
                 for share in burner_shares(cores):
                     ready = context.Event()
-                    procs.append(context.Process(target=burn_cpu, args=(share, ready, stop, out, args.writer_nice)))
+                    procs.append(
+                        context.Process(target=burn_cpu, args=(share, ready, stop, out, args.writer_nice), daemon=True)
+                    )
                     ready_all.append(ready)
-                for proc in procs:
-                    proc.start()
-                for ready in ready_all:
-                    ready.wait(60)
-                measure("same_cpu_no_writes", requests)
-                stop.set()
+                try:
+                    for proc in procs:
+                        proc.start()
+                    for ready in ready_all:
+                        ready.wait(60)
+                    measure("same_cpu_no_writes", requests)
+                finally:  # a failed phase too: a burner left spinning holds the cores (see the writer)
+                    stop.set()
                 used = [out.get(timeout=60) for _ in procs]
                 for proc in procs:
                     proc.join(60)
@@ -373,16 +377,21 @@ def main() -> None:
                 read, _, read_db = measure("read_only", requests)
                 halves["before"].append(read)
                 ready, stop, out = context.Event(), context.Event(), context.Queue()
+                # daemonic: a writer that never reaches its stop (a thread died before the stream
+                # began) is ended at this process's exit, not waited on for ever
                 writer = context.Process(
                     target=write_stream,
                     args=(url, store, known, items, args.events_per_s, ready, stop, out, args.writer_nice),
+                    daemon=True,
                 )
                 writer.start()
-                ready.wait(120)
-                written, used, written_db = measure("with_writes", requests)
-                if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
-                    result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
-                stop.set()
+                try:
+                    ready.wait(120)
+                    written, used, written_db = measure("with_writes", requests)
+                    if len(writes) == args.rounds - 1:  # the last round: fresh-history latency under writes too
+                        result["fresh_history"] = fresh_history_trials(url, list(rng.permutation(known)), args.trials)
+                finally:  # a failed phase too: else the writer kept writing, and the exit waited on it
+                    stop.set()
                 writes.append(out.get(timeout=60))
                 writer.join(60)
                 if args.same_cpu:  # the same cores busy, no writes: is the cost of writing only its CPU?

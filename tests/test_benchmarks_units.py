@@ -94,3 +94,81 @@ def test_a_server_that_fails_requests_does_not_meet_the_serving_targets():
     row["batched"]["in_flight_32"] = failing
     judged = batching_targets(row, "batched")
     assert judged["rps_ge_1000_at_32_in_flight"] and not judged["no_failed_requests"]
+
+
+def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkeypatch):
+    """benchmarks/benchmark_live.py starts a writer process for each write phase and set its stop
+    event only after the phase: a phase that raised (a load that failed, the fresh-history trials)
+    left the writer writing, and, as a non-daemonic child, multiprocessing's exit handler then
+    waited on it for ever, so the benchmark hung after its traceback."""
+    import json
+    import multiprocessing
+    import queue
+    import sqlite3
+    import sys
+    import threading
+
+    import pandas as pd
+
+    import benchmarks.loadgen
+    import deployment.server
+    from benchmarks import benchmark_live
+    from benchmarks.loadgen import LoadReport, Request, Result
+
+    repo = tmp_path / "export"
+    (repo / "ordering" / "1").mkdir(parents=True)
+    (repo / "feature_lookup" / "1").mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 1}))
+    pd.DataFrame({"item_id_raw": [7, 8, 9]}).to_parquet(repo / "ordering" / "1" / "item_features.parquet")
+    with sqlite3.connect(repo / "feature_lookup" / "1" / "online_store.sqlite") as con:
+        con.execute("CREATE TABLE user_features (user_id_raw INTEGER)")
+        con.executemany("INSERT INTO user_features VALUES (?)", [(u,) for u in range(5)])
+    con.close()
+
+    class Server:  # no tritonserver: the benchmark's own handling of its processes is under test
+        grpc_url = "localhost:1"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def cpu_seconds_by_process(self):
+            return {}
+
+    calls = []
+
+    def run_load(url, requests, **kwargs):  # the warm-up, the first read-only phase, then a failure
+        calls.append(len(requests))
+        if len(calls) == 3:
+            raise RuntimeError("the with-writes load failed")
+        return LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)
+
+    started = []
+
+    class Process:
+        def __init__(self, target, args, daemon=None):
+            self.target, self.args, self.daemon = target, args, daemon
+
+        def start(self):
+            started.append(self)
+            self.args[5].set()  # ready
+
+        def join(self, timeout=None):
+            pass
+
+    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
+    monkeypatch.setattr(deployment.server, "TritonServer", Server)
+    monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
+    monkeypatch.setattr(sys, "argv", ["benchmark_live", "--repository", str(repo), "--workdir", str(tmp_path / "w")])
+    with pytest.raises(RuntimeError, match="with-writes load failed"):
+        benchmark_live.main()
+    assert [p.target for p in started] == [benchmark_live.write_stream]
+    writer = started[0]
+    assert writer.args[6].is_set(), "the writer was left writing"
+    assert writer.daemon, "a writer stuck before its stop would hold the interpreter's exit"
