@@ -16,15 +16,16 @@ import argparse
 import signal
 import threading
 
+from configs.cli import port_or_zero
 from deployment.server import TritonServer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", default="build/triton_repo")
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--grpc-port", type=port_or_zero, default=8001, help="0: a free one")
+    parser.add_argument("--http-port", type=port_or_zero, default=8000, help="0: a free one")
+    parser.add_argument("--metrics-port", type=port_or_zero, default=8002, help="0: a free one")
     parser.add_argument(
         "--host",
         default="127.0.0.1",

@@ -400,3 +400,11 @@ def test_report_only_describes_the_run_it_reports_not_the_current_flags(tmp_path
     report = (tmp_path / "report" / "report.md").read_text()
     assert "60 users, 40 items" in report and "0% of users" in report, report[:1000]
     assert "1000 users" not in report and "5% of users" not in report
+
+
+def test_serve_refuses_a_port_outside_the_tcp_range_before_starting(tmp_path):
+    """--grpc-port 70000 or -1 started tritonserver, which then failed (after its models loaded) with
+    a traceback, exit 1; a port outside 0-65535 is an argument error now (0: a free one, as before)."""
+    for flag, value in (("--grpc-port", "70000"), ("--http-port", "-1"), ("--metrics-port", "65536")):
+        run = script("scripts/serve.py", "--model-repository", str(tmp_path), flag, value, check=False)
+        refused(run, f"argument {flag}", value)
