@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, non_negative_int, positive_int
 from evaluation.pipeline import evaluate_movielens, evaluate_spec, evaluate_synthetic
 from workflows.spec import SpecError, load_spec
 from workflows.validate import DatasetError
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--no-mitigation", action="store_true", help="skip the logQ on/off retraining")
     parser.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         help="MovieLens: seed of the random split (default 2020, RecBole's) and of training (default: the config's)",
     )
     parser.add_argument(

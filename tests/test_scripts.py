@@ -408,3 +408,10 @@ def test_serve_refuses_a_port_outside_the_tcp_range_before_starting(tmp_path):
     for flag, value in (("--grpc-port", "70000"), ("--http-port", "-1"), ("--metrics-port", "65536")):
         run = script("scripts/serve.py", "--model-repository", str(tmp_path), flag, value, check=False)
         refused(run, f"argument {flag}", value)
+
+
+def test_evaluate_refuses_a_negative_seed_as_an_argument_error(tmp_path):
+    """--seed -1 passed argparse (type=int) and ended in load_config's ValueError traceback, exit 1."""
+    run = script("scripts/evaluate.py", "--seed", "-1", "--out", str(tmp_path / "ev"), check=False)
+    refused(run, "argument --seed", "must be >= 0, got -1")
+    assert not (tmp_path / "ev").exists()
