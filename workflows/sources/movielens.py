@@ -266,6 +266,18 @@ def fetch_wheel(cache_dir: str | Path, timeout: int = 300) -> Path:
     return wheel
 
 
+def check_source(source: str | Path) -> None:
+    """Raise the ``FileNotFoundError`` ``load`` would for ``source`` (no wheel file, or a folder
+    without ``u.data``, ``u.user``, ``u.item``), before any work (scripts/evaluate.py)."""
+    source = Path(source)
+    if source.is_dir():
+        missing = [f for f in ("u.data", "u.user", "u.item") if not (source / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(source)!r} is not a GroupLens ml-100k folder: missing {missing}")
+    elif not source.is_file():
+        raise FileNotFoundError(f"RecBole wheel {str(source)!r} not found; run scripts/fetch_movielens.py")
+
+
 def load(
     source: str | Path, duration_seconds: int = DEFAULT_DURATION_SECONDS, click_min_rating: int = 3
 ) -> MovieLensData:
