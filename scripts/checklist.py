@@ -21,13 +21,14 @@ def main() -> None:
     parser.add_argument("--repo", help="exported Triton model repository to check as well")
     args = parser.parse_args()
     version = args.version
-    if version is None and args.repo:
+    if args.repo:  # checked with --version too: a wrong --repo was a traceback in the checks
         from deployment.export import exported_version
 
         try:
-            version = exported_version(args.repo)
+            exported = exported_version(args.repo)
         except FileNotFoundError as err:
             parser.error(f"argument --repo: {err}")
+        version = exported if version is None else version
     try:
         model = registry.get(args.registry, version)
     except FileNotFoundError as err:  # no such version, or a folder that is no registry

@@ -424,3 +424,11 @@ def test_evaluate_refuses_a_movielens_path_that_is_no_wheel_or_ml100k_folder(tmp
         args = ["--source", "movielens", "--movielens", str(source), "--out", str(tmp_path / "ev")]
         refused(script("scripts/evaluate.py", *args, check=False), "argument --movielens", words)
     assert not (tmp_path / "ev").exists()
+
+
+def test_checklist_refuses_a_repo_that_is_no_export_with_a_version_too(tmp_path):
+    """--repo was checked only without --version: with it, a missing --repo was a traceback, exit 1."""
+    (tmp_path / "registry" / "1").mkdir(parents=True)
+    (tmp_path / "registry" / "1" / "manifest.json").write_text('{"version": 1}')
+    args = ["--registry", str(tmp_path / "registry"), "--version", "1", "--repo", str(tmp_path / "nope")]
+    refused(script("scripts/checklist.py", *args, check=False), "argument --repo", "export.json")
