@@ -6,8 +6,9 @@ from configs.runtime import quiet_known_warnings
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
+from pathlib import Path
 
-from deployment.export import batching_of, export_repository
+from deployment.export import batching_of, export_repository, exported_version
 from models import registry
 
 
@@ -27,6 +28,16 @@ def main() -> None:
         model = registry.get(args.registry, args.version)
     except FileNotFoundError as err:  # no such version, or a folder that is no registry
         parser.error(f"argument --registry: {err}")
+    out = Path(args.out)  # what export_repository refuses (again, under its lock), as an argument error
+    if out.exists() and not args.replace:
+        parser.error(f"argument --out: {out} exists; pass --replace to swap in the new export")
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {out} is a file, not an exported model repository")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            exported_version(out)  # only an export is replaced, never a folder named by mistake
+        except FileNotFoundError as err:
+            parser.error(f"argument --out: {err}")
     batching = batching_of(model.manifest)
     if args.fuse_stages is not None:
         batching.fuse_stages = args.fuse_stages

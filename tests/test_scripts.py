@@ -432,3 +432,26 @@ def test_checklist_refuses_a_repo_that_is_no_export_with_a_version_too(tmp_path)
     (tmp_path / "registry" / "1" / "manifest.json").write_text('{"version": 1}')
     args = ["--registry", str(tmp_path / "registry"), "--version", "1", "--repo", str(tmp_path / "nope")]
     refused(script("scripts/checklist.py", *args, check=False), "argument --repo", "export.json")
+
+
+def test_export_refuses_an_out_it_would_not_replace_as_an_argument_error(tmp_path):
+    """An existing --out without --replace, a file, or a folder that is no export was
+    export_repository's FileExistsError/NotADirectoryError/FileNotFoundError traceback, exit 1."""
+    version = tmp_path / "registry" / "1"  # a stand-in version that passes the export's own checks
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text('{"version": 1, "config": {"serving": {}}}')
+    for stamp in ("query_tower.json", "item_index.json"):
+        (version / stamp).write_text('{"version": 1}')
+    folder, file = tmp_path / "mine", tmp_path / "file"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    file.write_text("kept")
+    for out, flags, words in (
+        (folder, [], ["exists", "--replace"]),
+        (file, ["--replace"], ["is a file"]),
+        (folder, ["--replace"], ["export.json"]),
+    ):
+        run = script("scripts/export_triton.py", "--registry", str(tmp_path / "registry"), "--out", str(out), *flags,
+                     check=False)  # fmt: skip
+        refused(run, "argument --out", *words)
+    assert (folder / "notes.txt").read_text() == "kept" and file.read_text() == "kept"
