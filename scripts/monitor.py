@@ -21,6 +21,7 @@ loaded, prints them and stops (a smoke test).
 """
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -72,8 +73,12 @@ def main() -> None:
     parser.add_argument("--data-dir", default="build/monitor/prometheus", help="Prometheus' data (kept between runs)")
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
-    if args.holdout_effect <= 0:
-        parser.error(f"argument --holdout-effect: must be > 0, got {args.holdout_effect}")
+    # NaN or inf made every sequential p-value NaN, and a window of 0 or fewer days compared the whole
+    # log (0) or none of it (a start in the future): either way LiveBelowHoldout could never fire.
+    if not (args.holdout_effect > 0 and math.isfinite(args.holdout_effect)):
+        parser.error(f"argument --holdout-effect: must be a finite number > 0, got {args.holdout_effect}")
+    if args.holdout_window_days is not None and not args.holdout_window_days > 0:
+        parser.error(f"argument --holdout-window-days: must be > 0, got {args.holdout_window_days:g}")
     if not 0 < args.holdout_interval < HOLDOUT_STALE_S:
         parser.error(
             f"argument --holdout-interval: must be in (0, {HOLDOUT_STALE_S}) seconds (HoldoutMonitorDown fires "

@@ -455,3 +455,17 @@ def test_export_refuses_an_out_it_would_not_replace_as_an_argument_error(tmp_pat
                      check=False)  # fmt: skip
         refused(run, "argument --out", *words)
     assert (folder / "notes.txt").read_text() == "kept" and file.read_text() == "kept"
+
+
+def test_monitor_refuses_a_holdout_effect_or_window_under_which_the_alert_never_fires(tmp_path):
+    """--holdout-effect nan/inf made every sequential p-value NaN, --holdout-window-days -1 compared
+    no request at all (the window began tomorrow): the monitor ran and LiveBelowHoldout never fired."""
+    common = ["--port", "0", "--metrics-port", "1", "--data-dir", str(tmp_path / "prom"), "--check"]
+    for flag, value in (
+        ("--holdout-effect", "nan"),
+        ("--holdout-effect", "inf"),
+        ("--holdout-window-days", "-1"),
+        ("--holdout-window-days", "nan"),
+    ):
+        refused(script("scripts/monitor.py", flag, value, *common, check=False), f"argument {flag}")
+    assert not (tmp_path / "prom").exists()
