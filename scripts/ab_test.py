@@ -41,9 +41,10 @@ def main() -> None:
     from configs import load_config
     from online.ab_experiment import run_ab_test, treatment_of
 
-    config = load_config(args.config)
-    if args.name:
-        config.online.experiment.name = args.name
+    try:  # through the config's checks ('none' names the state without an experiment), before training
+        config = load_config(args.config, {"online": {"experiment": {"name": args.name}}} if args.name else None)
+    except ValueError as err:
+        parser.error(f"argument --name: {err}")
     if args.treatment:  # replaces the configured treatment (a merge would keep its other overrides)
         try:
             overrides = json.loads(args.treatment)

@@ -469,3 +469,11 @@ def test_monitor_refuses_a_holdout_effect_or_window_under_which_the_alert_never_
     ):
         refused(script("scripts/monitor.py", flag, value, *common, check=False), f"argument {flag}")
     assert not (tmp_path / "prom").exists()
+
+
+def test_ab_test_refuses_the_experiment_name_none_before_training(tmp_path):
+    """--name was set on the loaded config, past ExperimentConfig's check: 'none' (the state without an
+    experiment) trained both arms and then died in ab_rollout with a ValueError traceback."""
+    run = script("scripts/ab_test.py", "--name", "none", "--workdir", str(tmp_path / "ab"), check=False)
+    refused(run, "argument --name", "'none'")
+    assert not (tmp_path / "ab").exists()
