@@ -6,13 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+from configs.cli import positive_int
 from serving.client import FunnelClient
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--user-id", type=int, required=True)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=positive_int, default=10)
     parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")

@@ -477,3 +477,10 @@ def test_ab_test_refuses_the_experiment_name_none_before_training(tmp_path):
     run = script("scripts/ab_test.py", "--name", "none", "--workdir", str(tmp_path / "ab"), check=False)
     refused(run, "argument --name", "'none'")
     assert not (tmp_path / "ab").exists()
+
+
+def test_query_refuses_k_below_one_without_asking_the_server():
+    """--k 0 or -3 (type=int) went to the server, whose refusal (or a connection error) was exit 1."""
+    for k in ("0", "-3"):
+        run = script("scripts/query.py", "--user-id", "1", "--k", k, "--url", "127.0.0.1:1", check=False)
+        refused(run, "argument --k", "must be >= 1")
