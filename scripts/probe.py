@@ -12,6 +12,7 @@ docs/deployment.md):
 
 import argparse
 import sys
+from pathlib import Path
 
 from deployment.supervisor import funnel_probe
 
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (scripts/serve.py)")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args(argv)
+    if args.tls_ca and not Path(args.tls_ca).is_file():  # a deployment's mistake, not an unhealthy server
+        parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:
         funnel_probe(args.url, args.tls_ca)
     except Exception as err:  # any failure is an unhealthy server: say which, exit non-zero

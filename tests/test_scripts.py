@@ -484,3 +484,10 @@ def test_query_refuses_k_below_one_without_asking_the_server():
     for k in ("0", "-3"):
         run = script("scripts/query.py", "--user-id", "1", "--k", k, "--url", "127.0.0.1:1", check=False)
         refused(run, "argument --k", "must be >= 1")
+
+
+def test_probe_refuses_a_tls_ca_that_does_not_exist():
+    """A missing --tls-ca was reported as an unhealthy server (exit 1) with tritonclient's
+    AttributeError traceback from its __del__; query.py and rollout.py refuse it as an argument."""
+    run = script("scripts/probe.py", "--url", "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem", check=False)
+    refused(run, "argument --tls-ca", "/nonexistent/ca.pem")
