@@ -9,6 +9,7 @@ dataset.yaml in the same folder.
 """
 
 import argparse
+import math
 
 from configs.cli import non_negative_int, positive_int
 from workflows.sources.shop import generate
@@ -22,8 +23,8 @@ def main() -> None:
     parser.add_argument("--events-per-customer", type=float, default=40.0)
     parser.add_argument("--seed", type=non_negative_int, default=3)
     args = parser.parse_args()
-    if not args.events_per_customer > 0:  # also NaN
-        parser.error(f"argument --events-per-customer: must be > 0, got {args.events_per_customer}")
+    if not (args.events_per_customer > 0 and math.isfinite(args.events_per_customer)):  # also NaN, inf
+        parser.error(f"argument --events-per-customer: must be a finite number > 0, got {args.events_per_customer}")
     data = generate(args.customers, args.skus, args.events_per_customer, seed=args.seed)
     paths = data.write(args.out)
     print(f"wrote {len(data.events)} events, {len(data.items)} skus, {len(data.customers)} customers to {args.out}")

@@ -312,6 +312,12 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     )
     refused(run, "--events-per-customer")
     assert not (tmp_path / "shop").exists()
+    # inf passed the > 0 check and died in numpy ('negative dimensions are not allowed'), exit 1
+    run = script(
+        "scripts/make_shop_data.py", "--out", str(tmp_path / "shop"), "--events-per-customer", "inf", check=False
+    )
+    refused(run, "--events-per-customer", "finite")
+    assert not (tmp_path / "shop").exists()
     run = script("scripts/fetch_movielens.py", "--grouplens", str(tmp_path), "--out", str(tmp_path / "ml"), check=False)
     refused(run, "--grouplens", "u.data")
     run = script("scripts/monitor.py", "--port", "-5", "--data-dir", str(tmp_path / "prom"), "--check", check=False)
