@@ -497,3 +497,11 @@ def test_probe_refuses_a_tls_ca_that_does_not_exist():
     AttributeError traceback from its __del__; query.py and rollout.py refuse it as an argument."""
     run = script("scripts/probe.py", "--url", "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem", check=False)
     refused(run, "argument --tls-ca", "/nonexistent/ca.pem")
+
+
+def test_demo_refuses_a_json_path_it_could_not_write_before_it_runs(tmp_path):
+    """--json into a folder that does not exist was written after the whole demo (minutes of
+    training and serving) and failed there with a FileNotFoundError traceback, exit 1."""
+    args = ["--workdir", str(tmp_path / "demo"), "--json", str(tmp_path / "nope" / "out.json")]
+    refused(script("scripts/demo.py", *args, check=False), "argument --json", "nope")
+    assert not (tmp_path / "demo").exists()
