@@ -520,22 +520,25 @@ def test_the_supervisor_keeps_supervising_after_a_failed_restart():
     assert supervisor.last_error == "ConnectionError: down"
 
 
+def _supervised_stub(on_restart, **extra):
+    """A server for the supervisor's tests: its process always running, ``on_restart`` its restart."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        process=SimpleNamespace(poll=lambda: None), grpc_url="x", tls_cert=None, restart=on_restart, **extra
+    )
+
+
 def test_the_supervisor_backs_off_a_server_that_keeps_failing_after_its_restarts():
     """A server that fails again soon after every restart (a stage crashing on each request) is not
     restarted in a tight loop: each restart within ``stable_s`` of the one before waits twice as long
     (5, 10, 20 s here, at most ``max_backoff_s``), and a server that answered for ``stable_s`` after
     its last restart is restarted at once again."""
-    from types import SimpleNamespace
 
     from deployment.supervisor import Supervisor
 
     now, restarted_at, healthy = [0.0], [], [False]
-    server = SimpleNamespace(
-        process=SimpleNamespace(poll=lambda: None),
-        grpc_url="x",
-        tls_cert=None,
-        restart=lambda: restarted_at.append(now[0]),
-    )
+    server = _supervised_stub(lambda: restarted_at.append(now[0]))
 
     def probe(url):
         if not healthy[0]:
@@ -565,17 +568,11 @@ def test_the_supervisor_backoff_grows_to_max_backoff_s_while_the_server_never_an
     never answers after its restarts waits 5, 10, ... 160 and then 300 s between them. The backoff
     reset once 120 s had passed since a restart, answered or not, so it never waited more than
     120 s and went back to 5 s after each 120 s wait."""
-    from types import SimpleNamespace
 
     from deployment.supervisor import Supervisor
 
     now, restarted_at = [0.0], []
-    server = SimpleNamespace(
-        process=SimpleNamespace(poll=lambda: None),
-        grpc_url="x",
-        tls_cert=None,
-        restart=lambda: restarted_at.append(now[0]),
-    )
+    server = _supervised_stub(lambda: restarted_at.append(now[0]))
 
     def probe(url):
         raise ConnectionError("stage crashed")
@@ -593,18 +590,11 @@ def test_the_supervisor_does_not_restart_the_server_once_it_is_asked_to_stop():
     probe used to restart the server anyway, and ``scripts/serve.py`` waited for every model to load
     again before it stopped."""
     import threading
-    from types import SimpleNamespace
 
     from deployment.supervisor import Supervisor, wait_until
 
     restarts, probing, release = [], threading.Event(), threading.Event()
-    server = SimpleNamespace(
-        process=SimpleNamespace(poll=lambda: None),
-        grpc_url="x",
-        tls_cert=None,
-        startup_timeout=5.0,
-        restart=lambda: restarts.append(1),
-    )
+    server = _supervised_stub(lambda: restarts.append(1), startup_timeout=5.0)
 
     def probe(url):
         probing.set()
