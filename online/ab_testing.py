@@ -387,7 +387,8 @@ def decide(
     """One plain sentence: invalid, underpowered, ship, do not ship, or no detectable difference.
 
     ``guardrails`` (higher is better, e.g. retention, watch time): the treatment must not make any of
-    them significantly worse, whatever the primary metric says."""
+    them significantly worse, whatever the primary metric says. ``primary``'s interval is read as the
+    ``1 - alpha`` one its test gives at this ``alpha``."""
     if srm.mismatch:
         return f"INVALID: sample ratio mismatch (p={srm.p_value:.2g}); fix assignment/logging before reading results"
     harmed = [g for g in guardrails if g.p_value < alpha and g.difference < 0]
@@ -400,11 +401,12 @@ def decide(
             f"{observed_per_arm:,} {unit} per arm; {required_per_arm:,} are needed for the planned power"
         )
     better = primary.difference > 0 if higher_is_better else primary.difference < 0
+    ci = f"{100 * (1 - alpha):.3g}% CI"  # the tests' interval is the 1 - alpha one
     if primary.p_value < alpha:
         verdict = "SHIP the treatment" if better else "DO NOT SHIP: the treatment is worse"
         return (
             f"{verdict}: {primary.metric} {primary.control:.4f} -> {primary.treatment:.4f} "
-            f"(diff {primary.difference:+.4f}, 95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], "
+            f"(diff {primary.difference:+.4f}, {ci} [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], "
             f"p={primary.p_value:.2g})"
         )
     if observed_per_arm < required_per_arm:
@@ -414,5 +416,5 @@ def decide(
         )
     return (
         f"NO DETECTABLE DIFFERENCE at the planned power: {primary.metric} diff {primary.difference:+.4f} "
-        f"(95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g}); keep the control"
+        f"({ci} [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], p={primary.p_value:.2g}); keep the control"
     )

@@ -121,6 +121,17 @@ def test_a_harmed_guardrail_blocks_shipping():
     assert verdict.startswith("DO NOT SHIP") and "retention" in verdict
 
 
+def test_the_decision_names_the_interval_the_configured_alpha_gives():
+    """online.experiment.alpha 0.01 gives a 99% interval; the decision once called it 95%."""
+    fine = ab.sample_ratio_mismatch({"control": 1000, "treatment": 1000}, {"control": 0.5, "treatment": 0.5})
+    lift = ab.two_proportion_ztest(300, 1000, 400, 1000, "ctr", alpha=0.01)
+    assert ab.decide(lift, fine, 100, 1000, alpha=0.01).startswith("SHIP")
+    assert "99% CI" in ab.decide(lift, fine, 100, 1000, alpha=0.01)
+    flat = ab.two_proportion_ztest(300, 1000, 301, 1000, "ctr", alpha=0.1)
+    assert "90% CI" in ab.decide(flat, fine, 100, 1000, alpha=0.1)
+    assert "95% CI" in ab.decide(flat, fine, 100, 1000)
+
+
 def test_srm_with_no_holdout_still_tests_the_arms_and_catches_strays():
     """A holdout of 0 is allowed; its expected count of 0 once made the chi-square NaN, and a NaN p
     never flags a mismatch."""
