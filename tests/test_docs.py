@@ -187,3 +187,18 @@ def test_every_dotted_config_key_and_python_name_exists():
                 continue
             stale.append(f"{where.name}: {name}")
     assert not stale, stale
+
+
+def test_notebook_ab_analysis_counts_empty_responses():
+    """A notebook's A/B analysis of the server's log passes the responses that showed nothing, as
+    ``online.ab_experiment.run_ab_test`` does: without them a user whose responses were all empty
+    left its arm (and the SRM count), and a churn after an empty response was dropped."""
+    calls = [
+        (nb.name, node)
+        for nb, kind, source in NOTEBOOK_CELLS
+        if kind == "code"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "analyze"
+    ]
+    assert calls
+    assert [name for name, call in calls if "empty_responses" not in {k.arg for k in call.keywords}] == []
