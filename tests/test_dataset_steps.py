@@ -207,6 +207,26 @@ def test_a_text_column_of_any_name_is_a_title_in_the_signature():
     assert kept["item_id"].tolist() == [1, 2, 3, 5]
 
 
+def test_item_ids_beyond_2_53_survive_the_mapping_to_canonical_ids():
+    """Ids up to int64's end are valid (validate.py refuses only beyond it). The left merge onto the
+    duplicates made the canonical column float64, and every event's id came back rounded: 2**62 + 1,
+    + 3 and + 5 all became 2**62, three items one."""
+    from workflows.dedup import canonical_items
+
+    big = 2**62
+    items = pd.DataFrame(
+        {
+            "item_id": [big + 1, big + 3, big + 5],
+            "category": ["a"] * 3,
+            "duration_seconds": [60] * 3,
+            "title": ["Cat video", "cat  video!", "Dog video"],
+        }
+    )
+    events = pd.DataFrame({"user_id": [7, 8, 9], "item_id": [big + 1, big + 3, big + 5], "timestamp": [1, 2, 3]})
+    mapped, _, _, _ = canonical_items(ddf(events, 1), items, DedupConfig())
+    assert mapped.compute()["item_id"].tolist() == [big + 1, big + 1, big + 5]
+
+
 def test_an_unsafe_or_taken_down_duplicate_id_takes_its_canonical_item_down(tmp_path):
     """Duplicates are mapped before the content filter: a denylisted word in a duplicate's title, or
     a takedown of a duplicate's id, used to miss the canonical item that carries its events."""

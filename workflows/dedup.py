@@ -15,6 +15,8 @@ import functools
 import sys
 import unicodedata
 
+import pandas as pd
+
 from configs import DedupConfig
 from workflows.report import StepReport, report
 
@@ -85,6 +87,11 @@ def apply_item_map(events, mapping):
     moved = mapping[mapping["item_id"] != mapping["canonical_item_id"]]
     if len(moved) == 0:
         return events
+    if isinstance(moved, pd.DataFrame):
+        # Nullable: pandas' left merge turned the int64 column into float64 for the unmatched rows, and
+        # an id beyond 2**53 (a 64-bit hash or snowflake id) came back rounded to another id. cudf's
+        # int64 column holds nulls itself.
+        moved = moved.astype({"canonical_item_id": "Int64"})
     columns = list(events.columns)
     merged = events.merge(moved, on="item_id", how="left")
     merged["item_id"] = merged["canonical_item_id"].fillna(merged["item_id"]).astype(events["item_id"].dtype)
