@@ -253,6 +253,30 @@ def test_an_unsafe_or_taken_down_duplicate_id_takes_its_canonical_item_down(tmp_
     assert {1, 2, 4, 5} <= set(unsafe.tolist())
 
 
+def test_takedowns_still_apply_to_an_item_table_without_the_filters_text_columns(tmp_path):
+    """own-data.md: with no ``title`` the *keyword* filter is switched off; live-features.md: an item
+    taken down is out of the next training run. The adaptation switched the whole filter off, and a
+    taken-down item of such a table was trained on and exported again."""
+    from types import SimpleNamespace
+
+    from configs import WorkflowConfig
+    from workflows.adapt import adapt_workflow_config
+    from workflows.content_filter import content_filter
+    from workflows.live_store import LiveStore
+
+    store = str(tmp_path / "live.sqlite")
+    LiveStore(store).set_takedown(2, True, "reported", "moderator")
+    items = pd.DataFrame({"item_id": [1, 2, 3], "brand": ["a", "b", "c"]})  # no title
+    events = pd.DataFrame({"user_id": [7, 8, 9], "item_id": [1, 2, 3], "timestamp": [1, 2, 3]})
+    config = WorkflowConfig(content_filter=ContentFilterConfig(takedowns=store))
+    layout = SimpleNamespace(signals=("click",), positive="click")
+    adapted, notes = adapt_workflow_config(config, layout, list(items.columns))
+    assert any("content_filter" in note and "title" in note for note in notes)
+    kept, kept_items, unsafe, _ = content_filter(ddf(events, 1), items, adapted.content_filter)
+    assert kept_items["item_id"].tolist() == [1, 3] and unsafe.tolist() == [2]
+    assert kept.compute()["item_id"].tolist() == [1, 3]
+
+
 def long_items_are_unsafe(items, config):
     """A stand-in for any pluggable classifier: flags long items."""
     return items["duration_seconds"] > 1000

@@ -72,7 +72,7 @@ def test_prepare_adapts_to_the_shop(shop):
     dataset = processed.summary["dataset"]
     assert dataset["name"] == "shop"
     assert dataset["labels"] == ["click", "view", "add_to_cart", "purchase"]  # no watch time: no watch labels
-    assert any("content_filter off" in note for note in dataset["adaptations"])  # no text column
+    assert any("keyword denylist off" in note for note in dataset["adaptations"])  # no text column
     schema = processed.train().schema
     item = set(schema.select_by_tag(Tags.ITEM).column_names)
     assert {"brand", "colour", "category_path_1", "category_path_2", "category_path_3", "price"} <= item

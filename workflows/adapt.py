@@ -7,7 +7,7 @@ data cannot support changed, and one note per change; the pipeline writes the no
 ``summary.json`` (``dataset.adaptations``) and the scripts print them:
 
     workflow.dedup.canonical_items      off when a signature column (title, ...) is not an item column
-    workflow.content_filter.enabled     off when the keyword filter's text columns are not item columns
+    workflow.content_filter.denylist    off (takedowns kept) when its text columns are not item columns
     workflow.negative_sampling          an implicit log (no outcome signal: every event a positive)
                                         gets popularity-sampled negatives, else no ranker has a negative
     heavy_ranker.targets                the spec's ``objective`` (its heads and weights), when it has one
@@ -47,10 +47,12 @@ def adapt_workflow_config(config: WorkflowConfig, layout: Layout, item_columns: 
         )
     missing = [c for c in content.columns if c not in item_columns]
     if content.enabled and content.classifier == "keyword" and missing:
-        content = dataclasses.replace(content, enabled=False)
+        # The denylist only: the live store's takedowns need no text column, and switching the whole
+        # filter off put a taken-down item back into the next training run and export.
+        content = dataclasses.replace(content, denylist=[], columns=[])
         notes.append(
-            f"workflow.content_filter off: text column(s) {missing} are not item columns "
-            f"(set workflow.content_filter.columns to your item text columns to keep it)"
+            f"workflow.content_filter's keyword denylist off: text column(s) {missing} are not item columns "
+            f"(set workflow.content_filter.columns to your item text columns to keep it); takedowns still apply"
         )
     if not layout.positive and negatives.kind == "none":
         negatives = NegativeSamplingConfig(kind="popularity", ratio=4.0, valid=True, seed=negatives.seed)
