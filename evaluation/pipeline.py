@@ -302,7 +302,8 @@ def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Pa
 def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFrame:
     """Events with duplicate items mapped to their canonical id and unsafe items dropped, exactly as
     the dataset pipeline cleans the log, so every recommender is judged on the same items."""
-    mapping = pd.read_parquet(item_map_path).set_index("item_id")["canonical_item_id"]
+    # Nullable: an id the map lacks made the mapped column float64, which rounded ids beyond 2**53.
+    mapping = pd.read_parquet(item_map_path).set_index("item_id")["canonical_item_id"].astype("Int64")
     out = frame.copy()
     out["item_id"] = out["item_id"].map(mapping).fillna(out["item_id"]).astype(np.int64)
     return out[~out["item_id"].isin(list(unsafe))]

@@ -584,3 +584,14 @@ def test_offline_replays_read_the_repositorys_own_live_store_not_the_deployments
     own = str(tmp_path / "triton_repo-live.sqlite")
     expected = {"fused": own} if fused else {"feature_lookup": own, "query_tower": None, "ordering": own}
     assert opened == expected
+
+
+def test_canonical_ids_beyond_2_53_are_kept_exactly(tmp_path):
+    """An event whose item the map lacks made the mapped column float64: ids beyond 2**53 (64-bit
+    hashes) came back rounded to another id, and three items became one."""
+    from evaluation.pipeline import canonical
+
+    big = 2**62
+    pd.DataFrame({"item_id": [big + 3], "canonical_item_id": [big + 1]}).to_parquet(tmp_path / "map.parquet")
+    frame = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [big + 1, big + 3, big + 5]})
+    assert canonical(frame, tmp_path / "map.parquet")["item_id"].tolist() == [big + 1, big + 1, big + 5]
