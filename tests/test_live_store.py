@@ -618,3 +618,20 @@ def test_opening_an_existing_store_does_not_wait_for_a_long_ingest(tmp_path):
         ingest.execute("ROLLBACK")
         ingest.close()
     thread.join()
+
+
+def test_a_store_url_naming_no_file_warns_and_creates_nothing(tmp_path, monkeypatch, caplog):
+    """``$FUNNEL_STORE_URL`` naming a SQLite file that does not exist (a typo) had the training run's
+    content filter create an empty store there and apply no takedown, without a word."""
+    import logging
+
+    from configs import ContentFilterConfig
+    from workflows.content_filter import takedown_ids
+    from workflows.live_store import STORE_ENV
+
+    typo = tmp_path / "lve.sqlite"
+    monkeypatch.setenv(STORE_ENV, str(typo))
+    with caplog.at_level(logging.WARNING, logger="workflows.content_filter"):
+        assert takedown_ids(ContentFilterConfig()).size == 0
+    assert not typo.exists()
+    assert any("does not exist: no takedown applied" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ once and, through this filter, from the next training run and export. One list, 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ from configs import ContentFilterConfig
 from workflows.live_store import STORE_ENV, describe, is_postgres, taken_down_items
 from workflows.report import report
 from workflows.rows import IsIn, filter_rows
+
+log = logging.getLogger(__name__)
 
 
 def _whole(term: str) -> str:
@@ -75,6 +78,11 @@ def takedown_ids(config: ContentFilterConfig) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if config.takedowns and not is_postgres(location) and not Path(location).exists():
         raise ValueError(f"content_filter.takedowns names {describe(location)}, which does not exist")
+    if not is_postgres(location) and not Path(location).exists():
+        # Opening it created an empty store there and applied no takedown, silently. It may be a
+        # deployment that has not started yet (nothing taken down), or a mistyped path: say so.
+        log.warning("$%s names %s, which does not exist: no takedown applied", STORE_ENV, describe(location))
+        return np.zeros(0, dtype=np.int64)
     return taken_down_items(location)
 
 
