@@ -75,7 +75,8 @@ class PrometheusServer(LoggedProcess):
         self.evaluation_interval = evaluation_interval
         self.startup_timeout = startup_timeout
         self._workdir = Path(tempfile.mkdtemp(prefix="prometheus-"))
-        self.data_dir = Path(data_dir) if data_dir else self._workdir / "data"
+        # absolute: prometheus runs in the temporary folder, which cleanup removes with whatever lies in it
+        self.data_dir = Path(data_dir).resolve() if data_dir else self._workdir / "data"
         self.log_path = Path(log_path) if log_path else self._workdir / "prometheus.log"
         self.config_path = self._workdir / "prometheus.yml"
 

@@ -325,3 +325,19 @@ def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_peri
     assert failing["online_holdout_updated_timestamp_seconds"] == [({}, 0.0)]
     monitor._updated, monitor.interval_s, monitor.log_path = 123.0, 0.0, tmp_path / "broken.sqlite"
     assert parse_prometheus(monitor.exposition())["online_holdout_updated_timestamp_seconds"] == [({}, 123.0)]
+
+
+def test_prometheus_keeps_a_relative_data_dir_where_the_caller_means_it(tmp_path, monkeypatch):
+    # scripts/monitor.py passes --data-dir build/monitor/prometheus ("kept between runs"); Prometheus runs
+    # in its temporary folder, which cleanup removes: a path relative to that folder lost the data.
+    import deployment.monitoring as monitoring
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(monitoring, "prometheus_binary", lambda name="prometheus": Path("/usr/bin/prometheus"))
+    prom = monitoring.PrometheusServer({"tritonserver": ["127.0.0.1:8002"]}, data_dir="build/monitor/prometheus")
+    try:
+        storage = next(a.split("=", 1)[1] for a in prom.command() if a.startswith("--storage.tsdb.path="))
+        # spawn runs it with cwd=prom._workdir: where it writes, seen from the caller
+        assert (prom._workdir / storage).resolve() == (tmp_path / "build" / "monitor" / "prometheus").resolve()
+    finally:
+        prom.cleanup()
