@@ -325,3 +325,27 @@ def test_a_random_split_that_leaves_a_part_empty_is_a_named_defect(tmp_path):
     with pytest.raises(DatasetError, match=r"the random split leaves the valid part empty .*split\.ratios"):
         run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": workflow}).workflow)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_rerun_without_a_test_part_or_activity_windows_leaves_none_of_the_earlier_run(tmp_path):
+    """A rerun into the same folder rewrote what it produced and kept what it did not: the earlier
+    run's test/, test_events.parquet and recent_events.parquet stayed beside the new summary, so
+    ``ProcessedData.test()`` returned the old test part, the offline evaluation scored the old test
+    events, and training shipped the old recent events to serving."""
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+
+    write_tables(tmp_path, tiny_log(400, clicks=None), [f"title {i}" for i in range(1, 9)])
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    first = {
+        "split": {"kind": "temporal", "valid_fraction": 0.1, "test_fraction": 0.1},
+        "features": {"activity_windows": ["1h"]},
+        "checks": {"point_in_time_probe": False},
+    }
+    out = run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": first}).workflow)
+    assert out.test() is not None and out.held_out_events("test").exists() and out.recent_events.exists()
+    again = {"split": {"kind": "temporal", "valid_fraction": 0.2, "test_fraction": 0.0}}
+    out = run_dataset_pipeline(*paths, tmp_path / "out", load_config(overrides={"workflow": again}).workflow)
+    assert "test_rows" not in out.summary
+    assert out.test() is None
+    assert not out.held_out_events("test").exists() and not out.recent_events.exists()

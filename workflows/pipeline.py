@@ -36,6 +36,7 @@ The steps, in order (one module each; every step reports rows/users/items remove
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +277,11 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     # it). A rerun over an earlier output removes it first: interrupted, it would have left the old
     # summary beside new, half-written parts, and training would have read them as one dataset.
     (out.root / "summary.json").unlink(missing_ok=True)
+    # What only some runs write (a test part, the activity windows' events) goes too: left from an
+    # earlier run, it read as this run's (an old test part scored, old recent events shipped).
+    shutil.rmtree(out.test_dir, ignore_errors=True)
+    out.held_out_events("test").unlink(missing_ok=True)
+    out.recent_events.unlink(missing_ok=True)
     steps, passed = [], []
     signals = list(layout.signals)
 
