@@ -377,11 +377,16 @@ def slices_plot(results: list[Result], metric: str, funnel: Result) -> str | Non
             table = r.slices[r.slices["attribute"] == attr].set_index("value").reindex(groups.index)
             color = "#d62728" if r is funnel else cmap(i % 10 if i % 10 != 3 else 9)
             ax.bar(x + (i - (len(with_slices) - 1) / 2) * width, table[metric], width, label=r.name, color=color)
-        labels = [f"{v}\n(n={int(n)})" for v, n in zip(groups.index, groups["users"])]
+        labels = [f"{_plain(v)}\n(n={int(n)})" for v, n in zip(groups.index, groups["users"])]
         ax.set_xticks(x, labels, fontsize=8, rotation=30 if len(groups) > 4 else 0)
-        ax.set_title(f"{metric} by {attr}")
+        ax.set_title(f"{metric} by {_plain(attr)}")
     axes[0][0].legend(fontsize=7)
     return figure_png(fig)
+
+
+def _plain(text) -> str:
+    """A user's text as matplotlib draws it literally: between two "$" it would be read as mathtext."""
+    return str(text).replace("$", r"\$")
 
 
 def tuning_plot(search: dict) -> str:

@@ -595,3 +595,25 @@ def test_canonical_ids_beyond_2_53_are_kept_exactly(tmp_path):
     pd.DataFrame({"item_id": [big + 3], "canonical_item_id": [big + 1]}).to_parquet(tmp_path / "map.parquet")
     frame = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [big + 1, big + 3, big + 5]})
     assert canonical(frame, tmp_path / "map.parquet")["item_id"].tolist() == [big + 1, big + 1, big + 5]
+
+
+def test_a_slice_value_with_dollar_signs_is_plotted_as_text_not_math(tmp_path, monkeypatch):
+    """matplotlib reads text between two "$" as mathtext: a spend band "$0-$50k" was drawn "0-50k"
+    in italics, and one whose "$...$" is not valid mathtext stopped the whole report at savefig."""
+    from evaluation import report
+
+    values = ["$0-$50k", "$50k+ (top 5% $)"]
+    slices = pd.DataFrame({"attribute": ["spend"] * 2, "value": values, "users": [3, 4], "ndcg@10": [0.1, 0.2]})
+    metrics = {"ndcg@10": 0.15, "ndcg@10_low": 0.1, "ndcg@10_high": 0.2}
+    result = offline.Result("funnel", metrics, slices=slices, per_user={"ndcg@10": np.array([0.1, 0.2])})
+    drawn = []
+    render = report.figure_png
+    monkeypatch.setattr(
+        report,
+        "figure_png",
+        lambda fig: drawn.extend(t.get_text() for ax in fig.axes for t in ax.get_xticklabels()) or render(fig),
+    )
+    paths = report.write_report([result], tmp_path, "spend bands")
+    assert "data:image/png;base64," in paths["html"].read_text()
+    labels = [label.split("\n")[0] for label in drawn if "(n=" in label]
+    assert labels == [value.replace("$", r"\$") for value in values]  # an escaped "$" is drawn as "$"
