@@ -62,6 +62,12 @@ def _train_and_load(raw_dir: Path, out: Path, config: Config, registry: Path):
     return model, load_funnel(repo, model.version), len(pd.read_parquet(processed.train_events))
 
 
+def _seeded(stages: list, seed: int) -> list:
+    """``stages`` with a copy of the ordering stage whose exploration (``serving.ordering.
+    exploration_temperature`` > 0) draws from ``seed``: as loaded, it draws from fresh entropy."""
+    return [s.with_policy(s.policy, seed=seed) if getattr(s, "name", None) == "ordering" else s for s in stages]
+
+
 def run_feedback_loop(
     config: Config,
     out_dir: str | Path,
@@ -96,8 +102,11 @@ def run_feedback_loop(
     simulator = UserSimulator(world, config.synthetic, sim_cfg)
     history = []
     for g in range(1, generations + 1):
+        # Each generation's orderings explore (if they do) from the simulation's seed, the holdout's
+        # on a copy of its own: its slates repeat in every generation, and a run repeats.
+        gen_live, gen_holdout = (_seeded(s, sim_cfg.seed) for s in (live_stages, holdout_stages))
 
-        def recommend(user, k, arm, live_stages=live_stages):
+        def recommend(user, k, arm, live_stages=gen_live, holdout_stages=gen_holdout):
             out_ = run_funnel(holdout_stages if arm == HOLDOUT else live_stages, int(user), k)
             return SimpleNamespace(
                 item_ids=out_["item_ids"],

@@ -43,9 +43,23 @@ def test_two_generations_retrain_on_their_own_logs(tmp_path):
     assert [h.ctr_test["difference"] for h in again] == pytest.approx([h.ctr_test["difference"] for h in history])
 
 
-def stand_in_loop(monkeypatch, out, holdout=0.05, trained_with=None):
+class Exploring:
+    """An ordering stage as ``load_funnel`` gives it, exploring (``serving.ordering.exploration_temperature``
+    > 0): its draws come from fresh entropy unless ``with_policy`` gives a seeded copy."""
+
+    name = "ordering"
+
+    def __init__(self, version, policy=None, seed=None):
+        self.version, self.policy, self.rng = version, policy, np.random.default_rng(seed)
+
+    def with_policy(self, policy, seed=None):
+        return Exploring(self.version, policy, seed)
+
+
+def stand_in_loop(monkeypatch, out, holdout=0.05, trained_with=None, explore=False):
     """``run_feedback_loop`` at a toy size with training and the funnel stood in for (each generation
-    a new registry version serving a fixed random slate per user): the orchestration only, in a second."""
+    a new registry version serving a fixed random slate per user, or with ``explore`` a slate drawn by
+    the ordering stage's generator): the orchestration only, in a second."""
     import evaluation.offline
     import online.feedback_loop as fl
     from configs import SimulationConfig, load_config
@@ -56,11 +70,15 @@ def stand_in_loop(monkeypatch, out, holdout=0.05, trained_with=None):
         registry.mkdir(parents=True, exist_ok=True)
         version = len(list(registry.iterdir())) + 1
         (registry / str(version)).mkdir()
-        return SimpleNamespace(version=version), str(version), len(pd.read_parquet(raw_dir / "events.parquet"))
+        stages = [Exploring(str(version))] if explore else [str(version)]  # a list, as load_funnel's
+        return SimpleNamespace(version=version), stages, len(pd.read_parquet(raw_dir / "events.parquet"))
 
     def run_funnel(stages, user, k):
+        if explore:
+            items = stages[0].rng.choice(40, k, replace=False)
+            return {"item_ids": items, "model_version": np.array([stages[0].version.encode()]), "served_by": [b"m"]}
         items = np.random.default_rng(user).choice(40, k, replace=False)
-        return {"item_ids": items, "model_version": np.array([stages.encode()]), "served_by": np.array([b"funnel"])}
+        return {"item_ids": items, "model_version": np.array([stages[0].encode()]), "served_by": np.array([b"funnel"])}
 
     monkeypatch.setattr(fl, "_train_and_load", train_and_load)
     monkeypatch.setattr(evaluation.offline, "run_funnel", run_funnel)
@@ -110,3 +128,16 @@ def test_most_of_each_generations_logs_train_the_next(monkeypatch, tmp_path):
     for config in configs:
         assert config.workflow.split.kind == "temporal"
         assert (config.workflow.split.valid_fraction, config.workflow.split.test_fraction) == (0.1, 0.0)
+
+
+def test_a_run_with_exploration_repeats_and_its_holdout_stays_as_it_was(monkeypatch, tmp_path):
+    """The loaded ordering stage explores from fresh entropy (served requests get a fresh draw each):
+    with ``serving.ordering.exploration_temperature`` > 0 two runs with the same seeds differed, and
+    the holdout, generation 0's model all along, showed other slates in every generation (before
+    2026-12-07). Each generation's stages now explore from ``online.simulation.seed``."""
+    first = stand_in_loop(monkeypatch, tmp_path / "a", explore=True)
+    again = stand_in_loop(monkeypatch, tmp_path / "b", explore=True)
+    assert first[0].holdout["users"] >= 2
+    assert first[0].holdout == first[1].holdout  # the same model, users and draws in both generations
+    for a, b in zip(first, again):
+        assert (a.share_curve, a.live, a.holdout) == (b.share_curve, b.live, b.holdout)
