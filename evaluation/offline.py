@@ -2,8 +2,9 @@
 
 ``evaluate_scores`` takes dense scores ``[num_users, num_items]``, ``evaluate_scorer`` a peer's
 ``scores(user_rows)`` (called per chunk of users, so no users x items matrix is ever whole),
-``evaluate_top_k`` ranked lists (the funnel as served); all remove training items, compute every ranking metric at
-each K with bootstrap intervals, slice them by user attributes, and measure popularity bias.
+``evaluate_top_k`` ranked lists (the funnel as served); all remove training items, compute every
+ranking metric at each K with bootstrap intervals, slice them by user attributes, and measure
+popularity bias.
 ``served_top_k`` runs the exported Triton funnel's stage classes in-process, in the ensemble's
 order, so the lists evaluated are the lists the server would return.
 """
