@@ -262,13 +262,13 @@ def peer_results(
     """Pop, EASE and ALS on the split, and why a peer was not run (``{figure: reason}``, the report's
     not-applicable notes). EASE solves a dense items x items system: above ``ease_max_items`` items
     (``item_affinity.max_items``, where the funnel's own affinity stops too) it is not run, since it
-    would take the memory and hours the funnel's training had just been spent before. Each peer scores
-    users in chunks (``offline.evaluate_scorer``), never one users x items matrix."""
+    would run out of memory or time after the funnel had already trained. Each peer scores users in
+    chunks (``offline.evaluate_scorer``), never one users x items matrix."""
     train = data.matrix()
     num_items = len(data.item_ids)
-    peers, skipped = [Popularity(), EASE(), ALS()], {}
-    if ease_max_items is not None and num_items > ease_max_items:
-        peers = [peer for peer in peers if not isinstance(peer, EASE)]
+    with_ease = ease_max_items is None or num_items <= ease_max_items
+    peers, skipped = [Popularity(), *([EASE()] if with_ease else []), ALS()], {}
+    if not with_ease:
         skipped["EASE (every figure)"] = (
             f"not run: {num_items:,} items > item_affinity.max_items {ease_max_items:,} "
             "(a dense items x items solve, as the funnel's item affinity)"

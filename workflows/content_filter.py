@@ -76,9 +76,9 @@ def takedown_ids(config: ContentFilterConfig) -> np.ndarray:
     location = config.takedowns or os.environ.get(STORE_ENV, "")
     if not location:
         return np.zeros(0, dtype=np.int64)
-    if config.takedowns and not is_postgres(location) and not Path(location).exists():
-        raise ValueError(f"content_filter.takedowns names {describe(location)}, which does not exist")
     if not is_postgres(location) and not Path(location).exists():
+        if config.takedowns:
+            raise ValueError(f"content_filter.takedowns names {describe(location)}, which does not exist")
         # Opening it created an empty store there and applied no takedown, silently. It may be a
         # deployment that has not started yet (nothing taken down), or a mistyped path: say so.
         log.warning("$%s names %s, which does not exist: no takedown applied", STORE_ENV, describe(location))
