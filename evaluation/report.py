@@ -21,6 +21,7 @@ self-contained file that can be attached to an MLflow run or mailed around. ``wr
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -41,6 +42,32 @@ STAGE_LABELS = {
     "final": "served top-K",
 }
 NOT_RUN = "not run"
+
+
+def json_text(value, indent: int = 2) -> str:
+    """``value`` as standard JSON: every number that is not finite (a figure the data cannot give, an
+    infinite ratio or statistic) is null, not Python's ``NaN`` / ``Infinity``, which jq, JavaScript's
+    ``JSON.parse`` and most JSON readers refuse. numpy scalars, data frames (as records) and
+    dataclasses become plain JSON; anything else its ``str``."""
+    return json.dumps(_jsonable(value), indent=indent, allow_nan=False)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return _jsonable(value.to_dict(orient="records"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
 
 
 # --------------------------------------------------------------------------- tables
@@ -594,7 +621,7 @@ def write_report(
     (out / "report.html").write_text(_page(title, body))
     (out / "report.md").write_text("\n".join(md))
     (out / "results.json").write_text(
-        json.dumps(
+        json_text(
             {
                 "headline": sentence,
                 "results": [
@@ -604,9 +631,7 @@ def write_report(
                 "stages": stages,
                 "tuning": searches or NOT_RUN,
                 "not_applicable": notes or {},
-            },
-            indent=2,
-            default=str,
+            }
         )
     )
     return {"html": out / "report.html", "markdown": out / "report.md", "json": out / "results.json"}

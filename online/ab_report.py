@@ -303,7 +303,7 @@ def write_ab_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evaluation.report import figure_png, write_document
+    from evaluation.report import figure_png, json_text, write_document
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,8 @@ def write_ab_report(
         plots.append(("CTR per simulated day", figure_png(fig)))
     context = {"decision": analysis.decision, **context}
     paths = write_document(out, title, context, sections, plots)
-    (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2, default=str))
+    # Standard JSON: a test with too few users (NaN) or an SRM check of an empty arm (inf) writes null.
+    (out / "analysis.json").write_text(json_text(analysis.to_dict()))
     return {**paths, "json": out / "analysis.json"}
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -450,11 +449,13 @@ def coefficient_table(analysis: RetentionAnalysis) -> pd.DataFrame:
 
 def write_retention_report(result: dict, out_dir: str | Path, analysis: RetentionAnalysis) -> dict[str, Path]:
     """``retention.json`` (everything in ``result``) and ``retention.md`` (the tables and the verdict)."""
+    from evaluation.report import json_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Standard JSON: a coefficient the data cannot give (an aliased or constant signal) is null, not
     # Python's NaN, which jq, JavaScript's JSON.parse and most JSON readers refuse.
-    (out / "retention.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    (out / "retention.json").write_text(json_text(result))
     md = [
         "# Objective weights from retention",
         "",
@@ -471,25 +472,6 @@ def write_retention_report(result: dict, out_dir: str | Path, analysis: Retentio
         md += [f"**Verdict**: {result['verdict']}", ""]
     (out / "retention.md").write_text("\n".join(md))
     return {"json": out / "retention.json", "markdown": out / "retention.md"}
-
-
-def _jsonable(value):
-    """``value`` as plain JSON types, every number that is not finite as None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, pd.DataFrame):
-        return _jsonable(value.to_dict(orient="records"))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
 
 
 # --------------------------------------------------------------------------------------------------

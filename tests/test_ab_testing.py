@@ -292,3 +292,32 @@ def test_expected_shares_are_what_the_buckets_serve_and_an_arm_below_one_bucket_
     assert not ab.sample_ratio_mismatch(counts, shares).mismatch, (counts, shares)
     with pytest.raises(ValueError, match=r"\['canary'\] would get no user"):
         Experiment("tiny", salt="t", arms={"control": 0.99999, "canary": 0.00001}, holdout=0.01)
+
+
+def test_the_ab_report_json_is_standard_json_when_a_test_has_too_few_users(tmp_path):
+    """A test with too few users has NaN figures, and the sample-ratio check of an arm expected to
+    get nobody an infinite chi2: ``analysis.json`` wrote them as Python's ``NaN`` / ``Infinity``,
+    which jq and JavaScript's ``JSON.parse`` refuse. They are null now."""
+    import json
+
+    import pandas as pd
+
+    from configs import ExperimentConfig
+    from online.ab_report import analyze, write_ab_report
+
+    rollout = Rollout(Experiment("e", "s", holdout=0.02), {"control": 1, "treatment": 2}, control_version=1)
+    imp = pd.DataFrame(
+        [(f"r{u}", 0.0, u, 7, 0, "1", rollout.experiment.assign(u), "model") for u in range(6)],
+        columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"],
+    )
+    fb = pd.DataFrame(columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+    analysis = analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=5)
+    assert analysis.tests.isna().any().any()  # the case at hand: figures the data cannot give
+
+    def refuse(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    path = write_ab_report(analysis, tmp_path, "tiny", {})["json"]
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert any(v is None for row in written["tests"] for v in row.values())
+    assert written["decision"] == analysis.decision

@@ -523,6 +523,26 @@ def test_markdown_report_prints_n_a_for_a_figure_that_is_not_applicable(tmp_path
     assert "nan" not in bias and bias.count("n/a") == 2 and "0.9000" in bias
 
 
+def test_results_json_is_standard_json_with_a_figure_the_data_cannot_give(tmp_path):
+    """A figure that is not finite (a bias figure NaN, a stage's AUC of one class) was written into
+    ``results.json`` as Python's ``NaN``, which jq and JavaScript's ``JSON.parse`` refuse: null now."""
+    from evaluation.report import write_report
+
+    def refuse(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    per_user = np.array([0.1, 0.0, 0.2, 0.0])
+    metrics = {"ndcg@10": 0.075, "ndcg@10_low": 0.0, "ndcg@10_high": 0.15}
+    results = [offline.Result(name, dict(metrics), per_user={"ndcg@10": per_user}) for name in ("Pop", "funnel")]
+    for r in results:
+        r.bias = {"gini": 0.9, "popularity_lift": float("nan")}
+    stages = {"heavy_auc": np.float32("nan"), "ms_per_user": np.float64(1.5)}
+    path = write_report(results, tmp_path, "t", stages=stages)["json"]
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert written["results"][1]["bias"] == {"gini": 0.9, "popularity_lift": None}
+    assert written["stages"] == {"heavy_auc": None, "ms_per_user": 1.5}
+
+
 def test_peers_score_in_chunks_with_the_same_figures_and_skip_ease_above_its_item_cap(data, monkeypatch):
     """Each peer's scores were one users x items matrix (and the funnel's parity scores another, in
     float64), and EASE's dense items x items solve ran at any catalog size: at 200,000 users and
