@@ -197,6 +197,8 @@ def headline_sentence(table: pd.DataFrame, funnel: Result, k: int) -> str:
 
 
 def _ratio_text(ratio: float) -> str:
+    if math.isinf(ratio):  # the peer scored 0 and the funnel did not: no ratio to print ("infx")
+        return "the peer at 0"
     return "ratio n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
 
 

@@ -505,7 +505,10 @@ def test_headline_ratio_over_a_peer_at_zero_is_inf_only_when_the_funnel_is_above
     assert np.isnan(head.loc["Pop", "funnel / peer"]) and head.loc["EASE", "funnel / peer"] == 0.0
     assert "within noise of Pop (ratio n/a," in headline_sentence(head.reset_index(), results[-1], 10)
     results[-1] = result("funnel", [0.1, 0, 0, 0])
-    assert headline(results, 10).set_index("peer").loc["Pop", "funnel / peer"] == np.inf
+    head = headline(results, 10)
+    assert head.set_index("peer").loc["Pop", "funnel / peer"] == np.inf
+    # The sentence read "within noise of Pop (infx, ...)".
+    assert "within noise of Pop (the peer at 0, +0.0250" in headline_sentence(head, results[-1], 10)
 
 
 def test_markdown_report_prints_n_a_for_a_figure_that_is_not_applicable(tmp_path):
