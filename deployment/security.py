@@ -202,3 +202,26 @@ class ControlClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def confirm_key_with_server(
+    grpc_url: str,
+    repository: str | Path | None = None,
+    key: str | None = None,
+    root_certificates: str | Path | None = None,
+) -> None:
+    """``AdminKeyError`` unless the server at ``grpc_url`` accepts the key (``repository``'s, or
+    ``key``) on a locked call (the repository index).
+
+    The one check of a key given in ``$FUNNEL_ADMIN_KEY`` to a tool that writes beside the server
+    (a takedown): ``read_admin_key`` takes that value as the deployment's, so only the server the
+    deployment runs can say it is wrong. A server that cannot be reached confirms nothing: refused too."""
+    try:
+        with ControlClient(grpc_url, repository, key=key, root_certificates=root_certificates) as control:
+            control.get_model_repository_index()
+    except AdminKeyError:
+        raise
+    except Exception as err:  # tritonclient's InferenceServerException: refused, unreachable, TLS
+        raise AdminKeyError(
+            f"the server at {grpc_url} did not accept the admin key, or could not be reached ({err})"
+        ) from None

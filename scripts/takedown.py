@@ -6,14 +6,17 @@
     .venv/bin/python scripts/takedown.py --repository build/triton_repo --list
 
 Needs the deployment's admin key: $FUNNEL_ADMIN_KEY, else the key file beside the repository
-(deployment/security.py). The live store is $FUNNEL_STORE_URL, else <repository>-live.sqlite.
+(deployment/security.py). With --url the serving Triton confirms the key before anything is written:
+without it a $FUNNEL_ADMIN_KEY is taken as the deployment's key, so only the server can say it is
+wrong. The live store is $FUNNEL_STORE_URL, else <repository>-live.sqlite.
 Exit status 2 with a message when the key is wrong or missing or the arguments are bad.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
-from deployment.security import AdminKeyError, read_admin_key
+from deployment.security import AdminKeyError, confirm_key_with_server, read_admin_key
 from deployment.takedowns import list_takedowns, set_takedown
 from workflows.live_store import require_repository
 
@@ -25,7 +28,13 @@ def main() -> int:
     parser.add_argument("--reason", default="", help="why (recorded with the time and the user)")
     parser.add_argument("--undo", action="store_true", help="restore the item")
     parser.add_argument("--list", action="store_true", help="print every takedown and exit")
+    parser.add_argument("--url", help="the serving Triton's gRPC address: it confirms the key before the write")
+    parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args()
+    if args.tls_ca and not args.url:
+        parser.error("argument --tls-ca: only with --url")
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        parser.error(f"argument --tls-ca: {args.tls_ca} is not a file")
     try:
         require_repository(args.repository)
     except FileNotFoundError as e:
@@ -38,7 +47,10 @@ def main() -> int:
     if not -(2**63) <= args.item < 2**63:  # the store's ids are 64-bit: SQLite would raise OverflowError
         parser.error(f"argument --item: {args.item} is outside the 64-bit integer range of item ids")
     try:
-        state = set_takedown(args.repository, args.item, args.reason, read_admin_key(args.repository), undo=args.undo)
+        key = read_admin_key(args.repository)
+        if args.url:
+            confirm_key_with_server(args.url, key=key, root_certificates=args.tls_ca)
+        state = set_takedown(args.repository, args.item, args.reason, key, undo=args.undo)
     except AdminKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

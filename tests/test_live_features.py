@@ -119,6 +119,44 @@ def test_a_taken_down_item_leaves_every_list_within_5s_and_returns_after_undo(se
     assert taken < 5.0 and restored < 5.0
 
 
+def test_the_takedown_script_with_url_refuses_a_wrong_key_from_the_environment(served):
+    """``scripts/takedown.py`` took its key from ``read_admin_key`` and ``set_takedown`` checked it
+    against ``read_admin_key`` again: a ``$FUNNEL_ADMIN_KEY`` was compared with itself, so any wrong
+    value took the item down. With ``--url`` the serving Triton confirms the key first."""
+    import subprocess
+    import sys
+
+    from deployment.security import ADMIN_KEY_ENV
+    from deployment.takedowns import list_takedowns
+    from online.router import LOG_ENV
+    from workflows.live_store import STORE_ENV
+
+    item = 987654321  # no catalog item: what is served does not change
+    env = {k: v for k, v in os.environ.items() if k not in (STORE_ENV, LOG_ENV)}
+    env["PYTHONPATH"] = os.getcwd()
+
+    def takedown(key, *flags):
+        return subprocess.run(
+            [sys.executable, "scripts/takedown.py", "--repository", str(served.repo), "--item", str(item), *flags],
+            env={**env, ADMIN_KEY_ENV: key},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def down() -> bool:
+        state = list_takedowns(served.repo)
+        return bool(state[state["item_id"] == item]["active"].any())
+
+    wrong = takedown("not-the-deployment-key-1234", "--reason", "test", "--url", served.server.grpc_url)
+    assert wrong.returncode == 2 and "did not accept the admin key" in wrong.stderr, wrong.stderr
+    assert "not-the-deployment-key-1234" not in wrong.stderr and not down()
+    right = takedown(served.server.admin_key, "--reason", "test", "--url", served.server.grpc_url)
+    assert right.returncode == 0 and down(), right.stderr
+    undone = takedown(served.server.admin_key, "--reason", "test over", "--undo", "--url", served.server.grpc_url)
+    assert undone.returncode == 0 and not down(), undone.stderr
+
+
 def test_a_duplicates_raw_id_reaches_its_canonical_item_excluded_taken_down_or_watched(served, clients, model_version):
     """One item under two ids: the export serves the canonical id only, and a request's excluded id,
     a takedown or a live event that names the other copy reaches it (serving/item_aliases.py)."""
