@@ -149,8 +149,10 @@ def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_
     ]
     if repo is not None:
         version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
-        users = pd.read_parquet(model_dir / "user_features.parquet")["user_id_raw"].head(sample_users).tolist()
-        users.append(int(max(users)) + 10**6)  # and one unknown user: the fallback must obey too
+        known = pd.read_parquet(model_dir / "user_features.parquet", columns=["user_id_raw"])["user_id_raw"]
+        users = known.head(sample_users).tolist()
+        # And one unknown user, past every known id (the table is not in id order): the fallback must obey too.
+        users.append(int(known.max()) + 1)
         if stage_folder(repo, "ordering", version).is_dir():
             results.append(check_scores_in_unit_range(repo, version, users))
         else:  # nothing of this version to serve: a failed check, not a crash

@@ -110,3 +110,21 @@ def test_windowed_activity_features_without_the_leak_probe_fail_the_data_checks(
     assert checklist.check_data(_data_manifest(tmp_path / "b", windowed, [*checks, "point_in_time"])).passed
     none = {"point_in_time": False, "activity_windows": []}  # no feature from events: nothing to probe
     assert checklist.check_data(_data_manifest(tmp_path / "c", none, checks)).passed
+
+
+def test_the_unknown_user_of_the_score_check_is_no_user_of_the_table(tmp_path, monkeypatch):
+    # The unknown user was the sampled users' largest id + 10**6: on a table whose ids are not in order
+    # (or reach past 10**6) that is a known user, and the fallback went unchecked.
+    import pandas as pd
+
+    folder = _registry_version(tmp_path, 1)
+    known = [5, 3, 1_000_005, 7]
+    pd.DataFrame({"user_id_raw": known}).to_parquet(folder / "user_features.parquet", index=False)
+    (tmp_path / "repo" / "ordering" / "1").mkdir(parents=True)
+    passed = checklist.CheckResult("stub", True, "")
+    for name in ("check_versions_consistent", "check_index_matches_items", "check_index_recall", "check_data"):
+        monkeypatch.setattr(checklist, name, lambda *args: passed)
+    checked = []
+    monkeypatch.setattr(checklist, "check_scores_in_unit_range", lambda repo, version, users: checked.extend(users))
+    checklist.run_checklist(folder, tmp_path / "repo", sample_users=2)
+    assert checked[:2] == [5, 3] and len(checked) == 3 and checked[-1] not in known, checked
