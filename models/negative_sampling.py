@@ -124,7 +124,7 @@ def affinity_negatives(
     history = sp.csr_matrix((np.ones(len(rows)), (rows, items)), shape=(len(user_list), size))
     history.data[:] = 1.0
     n = min(per_user, size)
-    drawn_users, drawn_items = [], []
+    drawn_users, drawn_items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # no positives: no negatives
     for start in range(0, len(user_list), chunk):
         block = history[start : start + chunk]
         scores = np.asarray(block @ weights, dtype=np.float64)

@@ -101,3 +101,11 @@ def test_affinity_negatives_are_the_users_top_unrated_items_with_their_own_featu
     assert sorted(many[many["user_id"] == 1]["item_id"]) == [0, 1, 2, 4]
     with pytest.raises(ValueError, match="outside the 3 items"):
         affinity_negatives(frame, weights[:3, :3], 2, ["click"], ["item_id", "category"])
+
+
+def test_affinity_negatives_of_a_frame_without_positives_are_none():
+    # No user has a positive: no hard negatives (it crashed with numpy's "need at least one array").
+    frame = pd.DataFrame({"user_id": [0, 1], "item_id": [0, 1], "category": [10, 11], "click": [0, 0]})
+    negatives = affinity_negatives(frame, np.eye(3, dtype=np.float32), 2, ["click"], ["item_id", "category"])
+    assert len(negatives) == 0
+    assert list(negatives.columns) == list(frame.columns) and dict(negatives.dtypes) == dict(frame.dtypes)
