@@ -404,6 +404,17 @@ def test_each_positive_gets_ratio_negatives_not_a_draw_with_replacement():
         assert len(neg) == math.ceil(ratio * 50) * 2
 
 
+def test_a_fractional_ratio_draws_its_share_not_one_more_by_float_rounding():
+    from workflows.negative_sampling import sample_negatives
+
+    # 0.07 * 100 is 7.000000000000001 in floats: ceil() drew 8 negatives for 100 positives.
+    events = pd.DataFrame({"user_id": np.arange(100), "item_id": 5000 + np.arange(100), "timestamp": 1000})
+    events = events.assign(click=1, watch_seconds=0, like=0, share=0)
+    items = pd.DataFrame({"item_id": np.arange(1, 121)})
+    neg = sample_negatives(ddf(events, 1), items, ratio=0.07, kind="uniform", seed=3).compute()
+    assert len(neg) == 7
+
+
 def test_popularity_sampler_prefers_popular_items(events):
     from workflows.negative_sampling import sample_negatives
 

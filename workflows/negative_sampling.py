@@ -16,6 +16,7 @@ per positive). Deterministic for a given ``seed`` and partitioning.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class _Pool:
 def _draw(df, pool: _Pool, ratio: float, seed: int, partition_info=None):
     items, weights = pool.items, pool.weights
     positives = df[df["click"] > 0][["user_id", "timestamp"]]
-    n = int(math.ceil(ratio * len(positives)))
+    # The ratio as the decimal it was written as: in floats 0.07 * 100 is 7.000000000000001 (ceil: 8 draws).
+    n = int(math.ceil(Fraction(str(float(ratio))) * len(positives)))
     if n == 0 or len(items) == 0:
         return df.iloc[:0][["user_id", "item_id", "timestamp"]]
     part = partition_info["number"] if partition_info else 0
