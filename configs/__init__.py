@@ -614,6 +614,20 @@ class ItemAffinityConfig:
             raise ValueError(f"item_affinity.max_items must be >= 1, got {self.max_items}")
 
 
+# The models serving.batching.stage_instances may name: the funnel's stages and the fused model
+# (deployment/export.py STAGE_ARTIFACTS and serving/interface.py FUSED; tests/test_config.py holds them equal).
+BATCHED_MODELS = (
+    "feature_lookup",
+    "query_tower",
+    "retrieval",
+    "filtering",
+    "light_ranker",
+    "heavy_ranker",
+    "ordering",
+    "fused_funnel",
+)
+
+
 @dataclass
 class BatchingConfig:
     """How the funnel's stages batch concurrent requests (Triton's dynamic batcher), written into each
@@ -640,6 +654,10 @@ class BatchingConfig:
         counts = [self.instances, *self.stage_instances.values()]
         if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
             raise ValueError(f"serving.batching instance counts must be integers >= 1, got {counts}")
+        # Refused here, not only by the export: that runs after the training run this config drives.
+        unknown = sorted(set(self.stage_instances) - set(BATCHED_MODELS))
+        if unknown:
+            raise ValueError(f"serving.batching.stage_instances names {unknown}; the models are {list(BATCHED_MODELS)}")
 
     def instances_of(self, stage: str) -> int:
         return int(self.stage_instances.get(stage, self.instances))

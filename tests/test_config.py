@@ -260,3 +260,22 @@ def test_simulated_requests_must_fit_serving_max_k():
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")), ids=str)
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+def test_an_unknown_stage_in_stage_instances_is_refused_when_the_config_loads():
+    # A typo there ({heavy_rankr: 2}) was refused only by the export (deployment/export.py), after the
+    # training run it configures had finished.
+    with pytest.raises(ValueError, match=r"serving.batching.stage_instances names \['heavy_rankr'\]"):
+        load_config(overrides={"serving": {"batching": {"stage_instances": {"heavy_rankr": 2}}}})
+    fused = load_config(
+        overrides={"serving": {"batching": {"fuse_stages": True, "stage_instances": {"fused_funnel": 2}}}}
+    )
+    assert fused.serving.batching.instances_of("fused_funnel") == 2
+
+
+def test_the_config_knows_the_models_the_export_writes():
+    from configs import BATCHED_MODELS
+    from deployment.export import STAGE_ARTIFACTS
+    from serving.interface import FUSED
+
+    assert sorted(BATCHED_MODELS) == sorted([*STAGE_ARTIFACTS, FUSED])
