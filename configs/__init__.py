@@ -215,6 +215,14 @@ class DedupConfig:
     canonical_items: bool = True  # one item posted under several ids -> one canonical id
     signature_columns: list[str] = field(default_factory=lambda: ["title", "category", "duration_seconds"])
 
+    def __post_init__(self) -> None:
+        # No column: every item had the same (null) signature and none kept its own id, so
+        # canonical_items removed the whole catalog.
+        if self.canonical_items and not self.signature_columns:
+            raise ValueError(
+                "workflow.dedup.signature_columns must name at least one item column when canonical_items is on"
+            )
+
 
 @dataclass
 class ContentFilterConfig:
@@ -252,6 +260,9 @@ class ContentFilterConfig:
         if blank:
             raise ValueError(f"workflow.content_filter.denylist has empty terms (positions {blank}): {self.denylist}")
         self.denylist = [term.strip() for term in self.denylist]
+        # The keyword classifier over no column stopped the pipeline at the filter step (AttributeError).
+        if self.enabled and self.classifier == "keyword" and self.denylist and not self.columns:
+            raise ValueError("workflow.content_filter.columns must name at least one item text column for the denylist")
 
 
 @dataclass

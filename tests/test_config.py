@@ -279,3 +279,16 @@ def test_the_config_knows_the_models_the_export_writes():
     from serving.interface import FUSED
 
     assert sorted(BATCHED_MODELS) == sorted([*STAGE_ARTIFACTS, FUSED])
+
+
+def test_duplicate_and_content_checks_need_a_column_to_read():
+    # dedup.signature_columns: [] gave every item the same null signature, and canonical_items removed
+    # the whole catalog (no item its own canonical id). content_filter.columns: [] with the keyword
+    # denylist stopped the pipeline at the filter step (AttributeError: 'NoneType' ... 'fillna').
+    with pytest.raises(ValueError, match="workflow.dedup.signature_columns"):
+        load_config(overrides={"workflow": {"dedup": {"signature_columns": []}}})
+    with pytest.raises(ValueError, match="workflow.content_filter.columns"):
+        load_config(overrides={"workflow": {"content_filter": {"columns": []}}})
+    # Off, or with nothing to look for, no column is needed (workflows/adapt.py switches them off so).
+    load_config(overrides={"workflow": {"dedup": {"signature_columns": [], "canonical_items": False}}})
+    load_config(overrides={"workflow": {"content_filter": {"columns": [], "denylist": []}}})
