@@ -19,6 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from merlin.core.dispatch import read_dispatch
 from merlin.io import Dataset
 from merlin.schema import Tags
@@ -109,6 +110,8 @@ def train_all(
     item_index.check_ann(
         len(read_parquet(data.item_features)), config.serving.exact_index_max_items, config.serving.ann
     )
+    # The same for a history event the training events lack (read once the candidate generator had trained).
+    _check_history_event(pq.read_schema(data.train_events).names, config.training.history_event)
 
     with (
         registry.VersionWriter(registry_dir) as out,
@@ -284,13 +287,15 @@ def train_all(
 def _history(events, event: str):
     """``(user_id, item_id)`` pairs of the training events that count as history
     (``training.history_event``)."""
+    _check_history_event(list(events.columns), event)
     if event != "impression":
-        if event not in events.columns:
-            raise ValueError(
-                f"training.history_event {event!r} is not a column of the training events ({list(events.columns)})"
-            )
         events = events[events[event] > 0]
     return events[["user_id", "item_id"]].drop_duplicates()
+
+
+def _check_history_event(columns: list[str], event: str) -> None:
+    if event != "impression" and event not in columns:
+        raise ValueError(f"training.history_event {event!r} is not a column of the training events ({columns})")
 
 
 def _log_tuning(run, record: dict) -> None:

@@ -220,3 +220,19 @@ def test_logq_mixture_with_sampled_negatives_is_the_expected_count_per_batch():
     got = post.candidate_probs.numpy()[catalog]
     # Merlin normalises q; only its ratios between candidates matter (log q up to a constant).
     np.testing.assert_allclose(got / got.sum(), expected / expected.sum(), rtol=1e-5)
+
+
+def test_a_history_event_the_training_events_lack_is_refused_before_any_training(processed, small_config, tmp_path):
+    # training.history_event naming no column of the training events ("clik") was refused only once the
+    # candidate generator had trained and its item index was built.
+    from configs import with_overrides
+    from models import train
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the candidate generator trained before the history event was checked")
+
+    config = with_overrides(small_config, {"training": {"history_event": "clik"}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_candidate_generator", trained)
+        with pytest.raises(ValueError, match="training.history_event 'clik' is not a column"):
+            train.train_all(processed, config, tmp_path / "registry", verbose=0)
