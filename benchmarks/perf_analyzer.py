@@ -125,13 +125,17 @@ def run(
         ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env={**os.environ, "LD_LIBRARY_PATH": library_path()},
-        )
+        try:
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env={**os.environ, "LD_LIBRARY_PATH": library_path()},
+            )
+        except subprocess.TimeoutExpired:
+            # Not re-raised: its message is the whole command line, the admin key's header included.
+            raise RuntimeError(f"perf_analyzer did not finish within {timeout_s} s") from None
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0 or not report.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 
 
@@ -172,3 +174,24 @@ def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkey
     writer = started[0]
     assert writer.args[6].is_set(), "the writer was left writing"
     assert writer.daemon, "a writer stuck before its stop would hold the interpreter's exit"
+
+
+def test_a_perf_analyzer_timeout_does_not_print_the_admin_key(monkeypatch):
+    """``subprocess.TimeoutExpired``'s message is the whole command line, which carries the admin key
+    in its ``-H`` header: a benchmark that timed out printed the key in its traceback."""
+    import subprocess
+
+    from benchmarks import perf_analyzer
+
+    def timeout(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(perf_analyzer, "unavailable", lambda: None)
+    monkeypatch.setattr(perf_analyzer, "binary", lambda: "perf_analyzer")
+    monkeypatch.setattr(perf_analyzer, "library_path", lambda: "")
+    monkeypatch.setattr(perf_analyzer.subprocess, "run", timeout)
+    key = "the-secret-admin-key-" + "0123"  # a name in the traceback's source lines, not the value
+    with pytest.raises(Exception) as err:
+        perf_analyzer.run("localhost:8000", key, [1, 2], concurrency=1, timeout_s=5)
+    assert "did not finish within 5 s" in str(err.value)
+    assert key not in "".join(traceback.format_exception(err.value))
