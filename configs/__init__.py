@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,24 +154,30 @@ class SplitConfig:
     def __post_init__(self) -> None:
         kinds = ("temporal", "random", "explicit")
         if self.kind not in kinds:
-            raise ValueError(f"split.kind must be one of {kinds}, got {self.kind!r}")
+            raise ValueError(f"workflow.split.kind must be one of {kinds}, got {self.kind!r}")
         if not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(f"split.valid_fraction must be in (0, 1), got {self.valid_fraction}")
+            raise ValueError(f"workflow.split.valid_fraction must be in (0, 1), got {self.valid_fraction}")
         if not 0.0 <= self.test_fraction < 1.0 - self.valid_fraction:
-            raise ValueError(f"split.test_fraction must be in [0, 1 - valid_fraction), got {self.test_fraction}")
+            raise ValueError(
+                f"workflow.split.test_fraction must be in [0, 1 - valid_fraction), got {self.test_fraction}"
+            )
         # Written so NaN fails (every comparison with NaN is False), here and in the checks below.
         if len(self.ratios) != 3 or not all(r >= 0 for r in self.ratios) or not abs(sum(self.ratios) - 1.0) <= 1e-6:
-            raise ValueError(f"split.ratios must be three non-negative numbers summing to 1, got {self.ratios}")
+            raise ValueError(
+                f"workflow.split.ratios must be three non-negative numbers summing to 1, got {self.ratios}"
+            )
         # As valid_fraction > 0: a validation share of 0 left the validation part empty and the pipeline
         # stopped at the attribute join (KeyError); a training share of 0 trained on rounding leftovers
         # only, or on nothing ([0, 1, 0]: int(NaN) in the split).
         if self.kind == "random" and not (self.ratios[0] > 0 and self.ratios[1] > 0):
             raise ValueError(
-                f"split.ratios: a random split needs training and validation shares above 0, got {self.ratios}"
+                f"workflow.split.ratios: a random split needs training and validation shares above 0, got {self.ratios}"
             )
         if self.kind == "explicit" and not (self.train_file and self.valid_file):
-            raise ValueError("split.kind 'explicit' needs split.train_file and split.valid_file")
-        _require("split.seed", self.seed, 0)
+            raise ValueError(
+                "workflow.split.kind 'explicit' needs workflow.split.train_file and workflow.split.valid_file"
+            )
+        _require("workflow.split.seed", self.seed, 0)
 
 
 @dataclass
@@ -192,7 +199,7 @@ class ActiveUsersConfig:
             raise ValueError(f"active_users needs min_events >= 1 and days > 0, got {self.min_events}, {self.days}")
         # Any signal of the dataset spec (checked against the spec when the pipeline starts).
         if not self.event:
-            raise ValueError("active_users.event must name a signal (e.g. click) or be 'impression'")
+            raise ValueError("workflow.active_users.event must name a signal (e.g. click) or be 'impression'")
 
 
 @dataclass
@@ -203,7 +210,7 @@ class RecencyWindowConfig:
 
     def __post_init__(self) -> None:
         if not self.days >= 0:
-            raise ValueError(f"recency_window.days must be >= 0, got {self.days}")
+            raise ValueError(f"workflow.recency_window.days must be >= 0, got {self.days}")
 
 
 @dataclass
@@ -280,9 +287,11 @@ class LabelConfig:
         if any(math.isnan(b) for b in self.duration_buckets) or sorted(self.duration_buckets) != list(
             self.duration_buckets
         ):
-            raise ValueError(f"labels.duration_buckets must be increasing, got {self.duration_buckets}")
+            raise ValueError(f"workflow.labels.duration_buckets must be increasing, got {self.duration_buckets}")
         if not 0.0 < self.duration_watch_quantile < 1.0:
-            raise ValueError(f"labels.duration_watch_quantile must be in (0, 1), got {self.duration_watch_quantile}")
+            raise ValueError(
+                f"workflow.labels.duration_watch_quantile must be in (0, 1), got {self.duration_watch_quantile}"
+            )
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -305,14 +314,14 @@ class FeatureConfig:
         bad = set(self.point_in_time_features) - {"counts", "rates"}
         if bad or not self.point_in_time_features:
             raise ValueError(
-                "features.point_in_time_features must be a non-empty subset of [counts, rates], "
+                "workflow.features.point_in_time_features must be a non-empty subset of [counts, rates], "
                 f"got {self.point_in_time_features}"
             )
         seconds = self.activity_window_seconds  # raises on a malformed window
         if len(set(seconds)) != len(seconds):
-            raise ValueError(f"features.activity_windows has duplicate windows: {self.activity_windows}")
+            raise ValueError(f"workflow.features.activity_windows has duplicate windows: {self.activity_windows}")
         for name in ("id_freq_threshold", "attribute_freq_threshold", "attribute_num_buckets"):
-            _require(f"features.{name}", getattr(self, name), 0)
+            _require(f"workflow.features.{name}", getattr(self, name), 0)
 
     point_in_time: bool = True  # user/item activity and popularity counts from strictly earlier events
     point_in_time_features: list[str] = field(default_factory=lambda: ["rates"])  # "counts" and/or "rates"
@@ -328,7 +337,7 @@ class FeatureConfig:
     @property
     def activity_window_seconds(self) -> list[int]:
         """``activity_windows`` in seconds, in the configured order."""
-        return [duration_seconds(w, "features.activity_windows") for w in self.activity_windows]
+        return [duration_seconds(w, "workflow.features.activity_windows") for w in self.activity_windows]
 
 
 @dataclass
@@ -342,10 +351,10 @@ class NegativeSamplingConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "uniform", "popularity"):
-            raise ValueError(f"negative_sampling.kind must be none/uniform/popularity, got {self.kind!r}")
+            raise ValueError(f"workflow.negative_sampling.kind must be none/uniform/popularity, got {self.kind!r}")
         if not 0 < self.ratio < float("inf"):  # NaN or inf negatives per positive
-            raise ValueError(f"negative_sampling.ratio must be > 0 and finite, got {self.ratio}")
-        _require("negative_sampling.seed", self.seed, 0)
+            raise ValueError(f"workflow.negative_sampling.ratio must be > 0 and finite, got {self.ratio}")
+        _require("workflow.negative_sampling.seed", self.seed, 0)
 
 
 @dataclass
@@ -955,6 +964,27 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number.
+
+    PyYAML implements YAML 1.1, whose floats need a dot, so ``learning_rate: 1e-3`` was the string
+    "1e-3" and refused ("expected float"). YAML 1.2 and the other YAML readers parse it as a float,
+    which is what a config's author means."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML ``text`` as the configs and dataset specs are read (``yaml.safe_load`` plus
+    exponent floats without a dot, ``1e-3``)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def build_typed(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a mapping (e.g. parsed YAML), rejecting unknown keys and
     wrong types with the key's dotted path (``where`` prefixes it). Used for the config and for
@@ -1023,8 +1053,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     ``overrides`` is a nested mapping merged over the file (used by tests and scripts to shrink sizes).
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    values = load_yaml(path.read_text()) or {}
     if overrides:
         values = _merge(values, overrides)
     return _build(Config, values, "")

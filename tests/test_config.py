@@ -292,3 +292,28 @@ def test_duplicate_and_content_checks_need_a_column_to_read():
     # Off, or with nothing to look for, no column is needed (workflows/adapt.py switches them off so).
     load_config(overrides={"workflow": {"dedup": {"signature_columns": [], "canonical_items": False}}})
     load_config(overrides={"workflow": {"content_filter": {"columns": [], "denylist": []}}})
+
+
+def test_a_float_written_with_an_exponent_and_no_dot_is_a_float(tmp_path):
+    """PyYAML reads YAML 1.1, where ``1e-3`` is a string: ``learning_rate: 1e-3`` was refused with
+    "expected float, got '1e-3'". YAML 1.2 and the other readers parse it as a number, and so do we."""
+    path = tmp_path / "c.yaml"
+    path.write_text("candidate_generator:\n  learning_rate: 1e-3\nheavy_ranker:\n  learning_rate: 5E-3\n")
+    config = load_config(path)
+    assert config.candidate_generator.learning_rate == 0.001 and config.heavy_ranker.learning_rate == 0.005
+    path.write_text('online:\n  experiment:\n    salt: "1e-3"\n')  # quoted: still the string
+    assert load_config(path).online.experiment.salt == "1e-3"
+
+
+def test_a_workflow_section_error_names_the_key_as_it_is_written():
+    """Errors of the workflow's sections read "split.kind must be ..." while the key is
+    ``workflow.split.kind`` (a top-level ``split:`` is refused as an unknown key)."""
+    for overrides, key in (
+        ({"split": {"kind": "bogus"}}, "workflow.split.kind"),
+        ({"recency_window": {"days": -1}}, "workflow.recency_window.days"),
+        ({"labels": {"duration_watch_quantile": 2.0}}, "workflow.labels.duration_watch_quantile"),
+        ({"negative_sampling": {"ratio": -1.0}}, "workflow.negative_sampling.ratio"),
+        ({"features": {"activity_windows": ["1d", "1d"]}}, "workflow.features.activity_windows"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{key} "):
+            load_config(overrides={"workflow": overrides})

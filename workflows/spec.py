@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from configs import DEFAULT_CONFIG_PATH, TargetConfig, build_typed
+from configs import DEFAULT_CONFIG_PATH, TargetConfig, build_typed, load_yaml
 
 DATASET_SPECS = DEFAULT_CONFIG_PATH.parent / "datasets"  # the specs the project ships
 RAW_SCHEMA_SPEC = DATASET_SPECS / "raw-schema.yaml"
@@ -225,7 +225,7 @@ def load_spec(path: str | Path) -> DatasetSpec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"dataset spec {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = load_yaml(path.read_text()) or {}
     return spec_from_dict(values, root=str(path.resolve().parent), where=path.name)
 
 
@@ -474,7 +474,7 @@ def raw_schema_spec(
     """The spec of the project's raw schema (``configs/datasets/raw-schema.yaml``, see
     ``workflows/schema.py``) for three parquet paths: what the synthetic world and the MovieLens
     mapping write. ``users`` / ``items`` may be ``None`` (no such table)."""
-    values = yaml.safe_load(RAW_SCHEMA_SPEC.read_text())
+    values = load_yaml(RAW_SCHEMA_SPEC.read_text())
     values["name"] = name
     values["events"]["path"] = str(events)
     for table, path in (("users", users), ("items", items)):
