@@ -68,3 +68,20 @@ def test_clicks_long_before_the_newest_event_still_get_finite_scores():
     assert pop["item_id"].tolist() == [2, 1]
     assert np.isfinite(pop["score"]).all() and pop["score"].iloc[0] == 1.0
     assert pop["score"].iloc[1] == 0.5  # one half-life older than item 2's click
+
+
+def test_clicks_too_old_for_a_float32_score_keep_their_recency_order():
+    """Scores below float32's range (~149 half-lives under the top: 3 years at the default 7 days)
+    were all 0, and the served list put them, and never-clicked items, in item id order: a click
+    3,000 days old before one 2,000 days old."""
+    from models.fallback import with_new_items
+
+    day = SECONDS_PER_DAY
+    events = pd.DataFrame({"item_id": [9, 5, 3], "timestamp": [3_000 * day, 1_000 * day, 0], "click": [1, 1, 1]})
+    pop = recency_weighted_popularity(events, half_life_days=7)
+    assert pop["item_id"].tolist() == [9, 5, 3]
+    assert pop["score"].is_monotonic_decreasing and pop["score"].iloc[0] == 1.0
+    items = pd.DataFrame({"item_id": [9, 5, 3, 4, 1], "category": ["a", "b", "b", "c", "c"]})
+    out = with_new_items(pop, items, "category", weight=0.5)
+    # 4 and 1: categories without a click (score 0), after every clicked item, by id
+    assert out["item_id"].tolist() == [9, 5, 3, 1, 4]
