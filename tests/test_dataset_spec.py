@@ -530,3 +530,16 @@ def test_inputs_read_once_go_through_the_pipeline_unread_again(tmp_path, monkeyp
     pd.testing.assert_frame_equal(pd.read_parquet(given.train_events), pd.read_parquet(read.train_events))
     with pytest.raises(AssertionError, match="read again"):
         pipeline.prepare_dataset(spec, tmp_path / "unread", config)
+
+
+def test_the_objective_taken_from_a_spec_is_logged_as_heads_and_weights():
+    """docs/own-data.md quotes the training log's line for a spec's objective as
+    ``view 0.2, add_to_cart 0.3, purchase 0.5``; it printed the list of dicts."""
+    from configs import load_config
+    from workflows.adapt import config_for_dataset
+
+    objective = [{"name": "view", "weight": 0.2}, {"name": "add_to_cart", "weight": 0.3}]
+    layout = {"item_categorical": ["category"]}
+    config, notes = config_for_dataset(load_config(), {"dataset": {"layout": layout, "objective": objective}})
+    assert [t.name for t in config.heavy_ranker.targets] == ["view", "add_to_cart"]
+    assert "heavy_ranker.targets from the spec's objective: view 0.2, add_to_cart 0.3" in notes

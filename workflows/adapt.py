@@ -81,7 +81,8 @@ def config_for_dataset(config: Config, summary: dict, columns: list[str] | None 
     current = [{"name": t.name, "weight": t.weight} for t in config.heavy_ranker.targets]
     if objective and objective != current:
         overrides["heavy_ranker"] = {"targets": objective}
-        notes.append(f"heavy_ranker.targets from the spec's objective: {objective}")
+        heads = ", ".join(f"{t['name']} {t['weight']:g}" for t in objective)
+        notes.append(f"heavy_ranker.targets from the spec's objective: {heads}")
     item_categorical = list(layout["item_categorical"])
     substitute = item_categorical[0] if item_categorical else ""
     if columns is not None:
