@@ -115,3 +115,25 @@ def test_real_movielens_100k_from_the_wheel_through_the_pipeline(recbole_wheel, 
         "point_in_time",
         "no_duplicate_pairs",
     }
+
+
+def _fake_wheel(path, item_rows):
+    """A zip holding RecBole's three ml-100k atomic files, UTF-8 as the recbole==1.2.1 wheel has them."""
+    import zipfile
+
+    files = {
+        "inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t100\n1\t2\t3\t200\n",
+        "user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n1\t24\tM\twriter\t85711\n",
+        "item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{i}\t{t}\t{y}\t{c}\n" for i, t, y, c in item_rows),
+    }
+    with zipfile.ZipFile(path, "w") as z:
+        for ext, text in files.items():
+            z.writestr(f"{movielens.WHEEL_PREFIX}.{ext}", text.encode("utf-8"))
+    return path
+
+
+def test_wheel_titles_are_read_as_utf8(tmp_path):
+    wheel = _fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl", [(1, "Misérables, Les", 1995, "Drama")])
+    titles = movielens.load(wheel).items.set_index("item_id")["title"]
+    assert titles[1] == "Misérables, Les (1995)"  # as GroupLens's u.item has it, not "MisÃ©rables"

@@ -175,7 +175,7 @@ def read_recbole_wheel(
             member = f"{WHEEL_PREFIX}.{ext}"
             if member not in names:
                 raise ValueError(f"{wheel.name} has no {member}; expected recbole=={RECBOLE_VERSION}")
-            texts[ext] = z.read(member).decode("latin-1")
+            texts[ext] = z.read(member).decode("utf-8")  # UTF-8 in the wheel (u.item is latin-1)
     inter, user, item = (_read_atomic(texts[e]) for e in ("inter", "user", "item"))
     ratings = pd.DataFrame(
         {
