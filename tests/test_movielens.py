@@ -137,3 +137,11 @@ def test_wheel_titles_are_read_as_utf8(tmp_path):
     wheel = _fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl", [(1, "Misérables, Les", 1995, "Drama")])
     titles = movielens.load(wheel).items.set_index("item_id")["title"]
     assert titles[1] == "Misérables, Les (1995)"  # as GroupLens's u.item has it, not "MisÃ©rables"
+
+
+def test_wheel_titles_get_their_year_after_an_alternative_title(tmp_path):
+    land = "Land Before Time III: The Time of the Great Giving (1995)"  # RecBole's release_year: "V"
+    rows = [(1, "Seven (Se7en)", 1995, "Crime"), (2, land, "V", "")]
+    titles = movielens.load(_fake_wheel(tmp_path / "w.whl", rows)).items.set_index("item_id")["title"]
+    assert titles[1] == "Seven (Se7en) (1995)"  # "Title (year)", as u.item has it
+    assert titles[2] == land  # a year already: not twice

@@ -142,7 +142,8 @@ def to_raw_schema(
     )
     year = items["year"].astype(str).str.strip()
     title = items["title"].astype(str).str.strip()
-    has_year = year.str.fullmatch(r"\d{4}") & ~title.str.endswith(")")
+    # A title ending in "(1995)" has its year; "Seven (Se7en)" ends in an alternative title, not a year.
+    has_year = year.str.fullmatch(r"\d{4}") & ~title.str.contains(r"\(\d{4}\)$")
     item_table = pd.DataFrame(
         {
             "item_id": items["item_id"].astype("int64"),
