@@ -24,6 +24,7 @@ from pathlib import Path
 
 from configs import load_config
 from configs.cli import config_file
+from workflows.cluster import check_scheduler
 from workflows.pipeline import prepare_dataset
 from workflows.sources import SPEC_FILE
 from workflows.spec import SpecError, load_spec, raw_schema_spec
@@ -37,6 +38,13 @@ def spec_of_folder(raw: Path):
     if (raw / SPEC_FILE).exists():
         return load_spec(raw / SPEC_FILE)
     return raw_schema_spec(raw / "events.parquet", raw / "users.parquet", raw / "items.parquet")
+
+
+def scheduler(text: str) -> str:
+    try:
+        return check_scheduler(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main() -> None:
@@ -56,7 +64,9 @@ def main() -> None:
     )
     parser.add_argument("--out", help="output folder (default: data/processed or data/movielens/processed)")
     parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is kept (movielens)")
-    parser.add_argument("--scheduler", help="dask scheduler address, 'local-cuda' or 'auto' (default: in process)")
+    parser.add_argument(
+        "--scheduler", type=scheduler, help="dask scheduler address, 'local-cuda' or 'auto' (default: in process)"
+    )
     args = parser.parse_args()
     if args.spec and (args.raw or args.source != "raw"):
         parser.error("--spec names the files itself; it does not go with --raw or --source")

@@ -505,3 +505,12 @@ def test_demo_refuses_a_json_path_it_could_not_write_before_it_runs(tmp_path):
     args = ["--workdir", str(tmp_path / "demo"), "--json", str(tmp_path / "nope" / "out.json")]
     refused(script("scripts/demo.py", *args, check=False), "argument --json", "nope")
     assert not (tmp_path / "demo").exists()
+
+
+def test_prepare_data_refuses_a_scheduler_that_is_no_address_as_an_argument_error(tmp_path):
+    """--scheduler host:8786 (no tcp://) was a ValueError traceback, exit 1, raised only once the
+    pipeline started: with --source movielens after the wheel was fetched and the tables written."""
+    raw = tmp_path / "ml"
+    args = ["--source", "movielens", "--raw", str(raw), "--cache", str(tmp_path / "cache"), "--scheduler", "host:8786"]
+    refused(script("scripts/prepare_data.py", *args, check=False), "--scheduler", "tcp://host:8786")
+    assert not raw.exists() and not (tmp_path / "cache").exists()

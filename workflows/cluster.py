@@ -25,6 +25,16 @@ def gpu_count() -> int:
         return 0
 
 
+def check_scheduler(scheduler: str) -> str:
+    """Raise the ``ValueError`` ``connect`` would for a scheduler string that is none of ``'auto'``,
+    ``'local-cuda'`` or an address like ``tcp://host:8786``, before any work (scripts/prepare_data.py)."""
+    if scheduler not in ("auto", "local-cuda") and (not isinstance(scheduler, str) or "://" not in scheduler):
+        raise ValueError(
+            f"scheduler must be None, 'auto', 'local-cuda' or an address like tcp://host:8786, got {scheduler!r}"
+        )
+    return scheduler
+
+
 @contextlib.contextmanager
 def connect(scheduler=None):
     """Context manager yielding a ``distributed.Client`` (or ``None`` for the in-process scheduler).
@@ -50,9 +60,6 @@ def connect(scheduler=None):
         with LocalCUDACluster() as cluster, Client(cluster) as client:
             yield client
         return
-    if not isinstance(scheduler, str) or "://" not in scheduler:
-        raise ValueError(
-            f"scheduler must be None, 'auto', 'local-cuda' or an address like tcp://host:8786, got {scheduler!r}"
-        )
+    check_scheduler(scheduler)
     with Client(scheduler) as client:
         yield client
