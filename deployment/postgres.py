@@ -80,11 +80,16 @@ class PostgresServer:
         # commits are still fsynced while it runs.
         initdb = [str(self.bin / "initdb"), "-D", str(self.data), "--auth-local=trust", "--auth-host=scram-sha-256"]
         try:
-            self._run(*initdb, f"--pwfile={pwfile}", "-U", "postgres", "--no-sync")
-        finally:
-            pwfile.unlink()
-        self._pg_ctl("start")
-        self._run(str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "funnel")
+            try:
+                self._run(*initdb, f"--pwfile={pwfile}", "-U", "postgres", "--no-sync")
+            finally:
+                pwfile.unlink()
+            self._pg_ctl("start")
+            createdb = [str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres"]
+            self._run(*createdb, "funnel")
+        except BaseException:  # a failed start leaves no server and no folder (called without ``with`` too)
+            self.stop()
+            raise
         return self
 
     def restart(self) -> None:
@@ -131,11 +136,7 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -421,6 +421,23 @@ def test_a_postgres_server_starts_in_a_temporary_folder_with_a_space(monkeypatch
         shutil.rmtree(spaced, ignore_errors=True)
 
 
+def test_a_postgres_server_that_fails_to_start_leaves_no_folder_behind():
+    """``PostgresServer().start()`` (tests/test_replicas.py, benchmarks/benchmark_live.py) on a port
+    already taken failed ("pg_ctl: could not start server") and left its temporary folder, with the
+    whole initdb'd cluster in it; only the ``with`` form removed it."""
+    import socket
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        server = PostgresServer(port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="pg_ctl"):
+            server.start()
+    assert not server.root.exists(), sorted(p.name for p in server.root.iterdir())
+
+
 def test_a_new_sqlite_store_and_its_journal_are_readable_by_their_owner_only(tmp_path):
     """The feedback log and the live store hold user ids and what they did: 0600, not the umask's 0644."""
     import stat
