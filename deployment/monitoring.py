@@ -175,7 +175,11 @@ class PrometheusServer(LoggedProcess):
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> PrometheusServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ does not run: remove the temporary folder here (the error has the log)
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.cleanup()

@@ -341,3 +341,17 @@ def test_prometheus_keeps_a_relative_data_dir_where_the_caller_means_it(tmp_path
         assert (prom._workdir / storage).resolve() == (tmp_path / "build" / "monitor" / "prometheus").resolve()
     finally:
         prom.cleanup()
+
+
+def test_prometheus_that_fails_to_start_in_a_with_block_leaves_no_temporary_folder(monkeypatch):
+    # start() only stopped a server that never became ready: as a context manager __exit__ never ran,
+    # and its temporary folder (config, log, data) stayed behind on every failed start.
+    import deployment.monitoring as monitoring
+    from deployment.server import ServerError
+
+    monkeypatch.setattr(monitoring, "prometheus_binary", lambda name="prometheus": Path("/bin/false"))
+    prom = monitoring.PrometheusServer({"tritonserver": ["127.0.0.1:8002"]}, startup_timeout=10)
+    with pytest.raises(ServerError, match="exited with code 1"):
+        with prom:
+            pass
+    assert not prom._workdir.exists(), sorted(p.name for p in prom._workdir.iterdir())
