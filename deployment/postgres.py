@@ -20,6 +20,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -132,8 +133,27 @@ class PostgresServer:
             try:
                 self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
             except (RuntimeError, subprocess.TimeoutExpired):
-                time.sleep(1)
+                self._kill_postmaster()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _kill_postmaster(self) -> None:
+        """SIGKILL a postmaster that ``pg_ctl stop`` could not stop (stuck, stopped), rather than leave
+        it running on a deleted folder, holding its port; its processes exit once it is gone."""
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            if str(self.data).encode() + b"\0" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return  # not ours: the id was reused
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+            except (OSError, IndexError):
+                return
+            time.sleep(0.1)
 
     def __enter__(self) -> PostgresServer:
         return self.start()

@@ -438,6 +438,27 @@ def test_a_postgres_server_that_fails_to_start_leaves_no_folder_behind():
     assert not server.root.exists(), sorted(p.name for p in server.root.iterdir())
 
 
+def test_a_postgres_server_that_pg_ctl_cannot_stop_is_killed_not_left_running(monkeypatch):
+    """A postmaster that does not stop (here SIGSTOPped) made ``pg_ctl stop`` give up after its timeout;
+    ``stop`` then deleted the cluster's folder and left the server running on it, holding its port."""
+    import signal
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    monkeypatch.setenv("PGCTLTIMEOUT", "2")  # pg_ctl stop's wait, 60 s by default
+    with PostgresServer() as server:
+        postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGSTOP)
+    try:
+        state = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    if state not in ("gone", "Z"):
+        os.kill(postmaster, signal.SIGKILL)
+    assert state in ("gone", "Z"), f"the postmaster is still there ({state}) after stop()"
+    assert not server.root.exists()
+
+
 def test_a_new_sqlite_store_and_its_journal_are_readable_by_their_owner_only(tmp_path):
     """The feedback log and the live store hold user ids and what they did: 0600, not the umask's 0644."""
     import stat
