@@ -1,9 +1,10 @@
 """What the light and the heavy ranker share: a Merlin DCN-v2 with sized tables, and how it is trained.
 
 DCN-v2 (deep & cross network) feeds the feature embeddings through ``cross_depth`` explicit
-feature-cross layers and then an MLP; every target gets a sigmoid head, so every score lies in
-[0, 1]. The two rankers differ only in which features and targets they get and how their training
-rows are made (``models/light_ranker.py``, ``models/heavy_ranker.py``).
+feature-cross layers and then an MLP (``deep_layers``; empty = cross layers only); every target
+gets a sigmoid head, so every score lies in [0, 1]. The two rankers differ only in which features
+and targets they get and how their training rows are made (``models/light_ranker.py``,
+``models/heavy_ranker.py``).
 
 Training stops early on a validation metric (Keras ``EarlyStopping`` with ``restore_best_weights``,
 so the saved model is the best epoch, not the last) and reports per-epoch metrics to the callbacks
@@ -48,7 +49,8 @@ def build_dcn(
     return mm.DCNModel(
         feature_schema + target_schema,
         depth=cross_depth,
-        deep_block=mm.MLPBlock(list(deep_layers)),
+        # No deep layers: the cross layers feed the heads directly (Merlin's MLPBlock([]) fails to build).
+        deep_block=mm.MLPBlock(list(deep_layers)) if deep_layers else mm.NoOp(),
         input_block=input_block(feature_schema, embeddings),
         prediction_tasks=heads,
     )

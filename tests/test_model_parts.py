@@ -96,6 +96,22 @@ def test_combined_score_is_the_weighted_sum_of_the_heads():
         combine({"click": heads["click"]}, weights)
 
 
+def test_a_ranker_with_no_deep_layers_builds_and_scores_in_0_1():
+    """``deep_layers: []`` loads (cross layers only); Merlin's ``MLPBlock([])`` failed with an IndexError."""
+    import tensorflow as tf
+
+    from configs import load_config
+    from models.ranker import build_dcn
+
+    assert load_config(overrides={"light_ranker": {"deep_layers": []}}).light_ranker.deep_layers == []
+    label = ColumnSchema("click", tags=[Tags.TARGET, Tags.BINARY_CLASSIFICATION], dtype=np.float32)
+    schema = Schema([_categorical("user_id", 20, Tags.USER), _categorical("item_id", 30, Tags.ITEM), label])
+    model = build_dcn(schema, ["user_id", "item_id"], ["click"], 1, [], EmbeddingConfig(min_dim=4, max_dim=8))
+    ids = {"user_id": tf.constant([[1], [19]], dtype=tf.int64), "item_id": tf.constant([[0], [29]], dtype=tf.int64)}
+    scores = np.asarray(model(ids, training=False)).reshape(-1)
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+
+
 def test_invalid_ranker_configs_are_rejected():
     from configs import load_config
 
