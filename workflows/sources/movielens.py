@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import subprocess
 import sys
 import zipfile
@@ -76,17 +77,36 @@ AGE_EDGES = [18, 25, 35, 45, 55]
 AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-54", "55+"]
 
 
+# Beside the tables: the mapping's settings they were written with (the click label depends on one).
+MAPPING_FILE = "movielens.json"
+
+
 @dataclass
 class MovieLensData:
     events: pd.DataFrame
     users: pd.DataFrame
     items: pd.DataFrame
+    click_min_rating: int = 3
+    duration_seconds: int = DEFAULT_DURATION_SECONDS
 
     def write_parquet(self, out_dir) -> dict[str, str]:
-        """Write ``events``, ``users`` and ``items`` as parquet; return their paths."""
+        """Write ``events``, ``users`` and ``items`` as parquet, with the mapping's settings
+        (``movielens.json``, read by ``written_click_min_rating``); return their paths."""
         from workflows.sources import write_raw_tables
 
-        return write_raw_tables(self, out_dir, name="movielens")
+        paths = write_raw_tables(self, out_dir, name="movielens")
+        mapping = {"click_min_rating": int(self.click_min_rating), "duration_seconds": int(self.duration_seconds)}
+        (Path(out_dir) / MAPPING_FILE).write_text(json.dumps(mapping))
+        return paths
+
+
+def written_click_min_rating(raw_dir: str | Path) -> int | None:
+    """The ``click_min_rating`` the tables in ``raw_dir`` were written with (None: tables written before
+    it was recorded). Tables of another threshold carry other click labels than a config asks for."""
+    path = Path(raw_dir) / MAPPING_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["click_min_rating"])
 
 
 def zip_to_region(zip_code: pd.Series) -> pd.Series:
@@ -152,7 +172,7 @@ def to_raw_schema(
             "title": title.where(~has_year, title + " (" + year + ")").values,
         }
     )
-    return MovieLensData(events, user_table, item_table)
+    return MovieLensData(events, user_table, item_table, click_min_rating, duration_seconds)
 
 
 def _read_atomic(text: str) -> pd.DataFrame:
