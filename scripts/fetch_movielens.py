@@ -37,6 +37,8 @@ def main() -> None:
         "--config", type=config_file, help="its movielens.click_min_rating (default: configs/movielens.yaml)"
     )
     args = parser.parse_args()
+    if args.grouplens and not Path(args.grouplens).is_dir():  # a file was read as a wheel: BadZipFile
+        parser.error(f"argument --grouplens: {args.grouplens} is not a folder (u.data, u.user, u.item)")
     click_min_rating = load_config(args.config or MOVIELENS_CONFIG).movielens.click_min_rating
     source = args.grouplens or movielens.fetch_wheel(args.cache)
     try:

@@ -320,6 +320,9 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     assert not (tmp_path / "shop").exists()
     run = script("scripts/fetch_movielens.py", "--grouplens", str(tmp_path), "--out", str(tmp_path / "ml"), check=False)
     refused(run, "--grouplens", "u.data")
+    (tmp_path / "u.data").write_text("1\t1\t5\t100\n")  # a file, not the folder: was a BadZipFile traceback
+    run = script("scripts/fetch_movielens.py", "--grouplens", str(tmp_path / "u.data"), check=False)
+    refused(run, "--grouplens", "is not a folder")
     run = script("scripts/monitor.py", "--port", "-5", "--data-dir", str(tmp_path / "prom"), "--check", check=False)
     refused(run, "--port")
     for interval in ("900", "0"):  # at 900 s or more HoldoutMonitorDown would fire all along
