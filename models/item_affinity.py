@@ -125,8 +125,9 @@ def load(directory: str | Path, expected_version: int | None = None) -> tuple[np
 
 def scores(weights: np.ndarray, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Affinity of each of ``candidates`` to ``history`` (encoded item ids): ``sum_h B[h, c]``.
+    An item the history names twice counts once (the binary row of ``X`` the weights were fitted on).
     Zeros for an empty history; a ``ValueError`` for ids outside the weights."""
-    history = np.asarray(history, dtype=np.int64).reshape(-1)
+    history = np.unique(np.asarray(history, dtype=np.int64).reshape(-1))
     candidates = np.asarray(candidates, dtype=np.int64).reshape(-1)
     size = weights.shape[0]
     for name, ids in (("history", history), ("candidate", candidates)):

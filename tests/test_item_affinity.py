@@ -68,6 +68,10 @@ def test_affinity_of_a_history_is_the_users_row_of_x_times_b():
     x[history] = 1
     np.testing.assert_allclose(item_affinity.scores(weights, history, candidates), (x @ weights)[candidates], rtol=1e-5)
     assert item_affinity.scores(weights, np.zeros(0, np.int64), candidates).tolist() == [0.0] * 4
+    # A history naming an item twice (a direct call to the ordering stage) still counts it once: the
+    # binary row of X, as the weights were fitted and the hard negatives read it.
+    twice = np.concatenate([history, history[:2]])
+    np.testing.assert_allclose(item_affinity.scores(weights, twice, candidates), (x @ weights)[candidates], rtol=1e-5)
     with pytest.raises(ValueError, match="candidate ids outside the 25 items"):
         item_affinity.scores(weights, history, np.array([25]))
     with pytest.raises(ValueError, match="history ids outside"):
