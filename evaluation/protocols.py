@@ -6,7 +6,8 @@
                      removed (for the test part)
     temporal         one global cutoff: the newest ``test_fraction`` of interactions (a quantile of
                      their timestamps, not of the time span) is test, the ``valid_fraction`` before
-                     it validation (a ``test_fraction`` of 0: no test part)
+                     it validation (a ``test_fraction`` of 0: no test part; a ``valid_fraction`` of 0: no
+                     validation part)
     explicit         train/valid/test given as files (parquet or csv with user_id, item_id), so any
                      published split can be reproduced exactly
 
@@ -68,10 +69,13 @@ def temporal(interactions: pd.DataFrame, valid_fraction: float = 0.1, test_fract
     t = interactions["timestamp"]
     valid_cut = t.quantile(1 - test_fraction - valid_fraction)
     # A test fraction of 0 is no test part (the 1.0 quantile would make the newest timestamp's events one).
-    test = t >= t.quantile(1 - test_fraction) if test_fraction > 0 else pd.Series(False, index=t.index)
+    none = pd.Series(False, index=t.index)
+    test = t >= t.quantile(1 - test_fraction) if test_fraction > 0 else none
+    # Nor is a valid fraction of 0 a validation part (with no test part either, its cut was the 1.0 quantile).
+    valid = (t >= valid_cut) & ~test if valid_fraction > 0 else none
     return Split(
-        interactions[t < valid_cut].reset_index(drop=True),
-        interactions[(t >= valid_cut) & ~test].reset_index(drop=True),
+        interactions[~valid & ~test].reset_index(drop=True),
+        interactions[valid].reset_index(drop=True),
         interactions[test].reset_index(drop=True),
     )
 

@@ -76,3 +76,11 @@ def test_temporal_split_with_no_test_fraction_has_no_test_part():
     assert split.sizes()["test"] == 0
     assert split.sizes()["train"] + split.sizes()["valid"] == len(data)
     assert split.valid["timestamp"].max() == data["timestamp"].max()
+
+
+def test_temporal_split_with_no_valid_and_no_test_fraction_keeps_everything_in_train():
+    """Both fractions 0: the validation cut was the 1.0 quantile, so the events of the newest timestamp
+    became a validation part not asked for, and train lost them."""
+    data = interactions()
+    split = protocols.temporal(data, 0.0, 0.0)
+    assert split.sizes() == {"train": len(data), "valid": 0, "test": 0}
