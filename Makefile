@@ -3,6 +3,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Succeeds when the interpreter $(1) runs and is Python 3.11. A .venv whose Python does not (removed
+# since: a dangling link; or made by another Python) is created afresh, even with the stamp of an
+# earlier install; `python -m venv` without --clear would keep its links as they are.
+IS_PY311 = $(1) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null
+VENV_OK := $(shell $(call IS_PY311,$(BIN)/python) && echo yes)
 # pytest-xdist workers for make test: whole test modules go to one worker each (--dist loadscope), so
 # the models and servers a module shares are built once. Three on CI's two cores: with two, the cores
 # were busy only 59% of the time (1,700 s CPU in 1,444 s), the workers waiting on servers, kernels and
@@ -18,7 +23,7 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loads
 # tests that need them skip with that reason.
 SERVICES_PACKAGES := prometheus chromium postgresql libb64-0d
 
-.PHONY: demo test test-fast test-durations lint format venv lock clean bench ab-test feedback-loop services
+.PHONY: demo test test-fast test-durations lint format venv lock clean bench ab-test feedback-loop services FORCE
 
 venv: $(STAMP)
 
@@ -26,12 +31,16 @@ $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	@echo ">>> creating $(VENV) from requirements.lock (one time, about 2 minutes)"
 	@start=$$(date +%s); \
-	  { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
+	  { $(call IS_PY311,$(BIN)/python) || $(PYTHON) -m venv --clear $(VENV); } && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check pip==24.2 && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check -r requirements.lock && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . && \
 	  echo ">>> $(VENV) ready in $$(( $$(date +%s) - start ))s"
 	@touch $(STAMP)
+
+ifneq ($(VENV_OK),yes)
+$(STAMP): FORCE
+endif
 
 demo: venv
 	$(BIN)/python scripts/demo.py

@@ -4,8 +4,11 @@ environment.yml cannot be built here (no GPU, no conda channels), so this keeps 
 every package of requirements.in appears in it, under its own name or the GPU build's."""
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +50,47 @@ def test_the_locked_environment_holds_every_requirement():
     locked = set(requirement_names((ROOT / "requirements.lock").read_text()))
     missing = [n for n in requirement_names((ROOT / "requirements.in").read_text()) if n not in locked]
     assert not missing, f"requirements.lock lacks {missing}: run make lock"
+
+
+FAKE_PYTHON_311 = """#!/bin/sh
+# a Python 3.11 that logs what it is asked; "-m venv [--clear] DIR" makes DIR/bin/python itself, as venv does:
+# --clear empties DIR first, and without it an existing bin/python (a link, even dangling) is kept
+echo "$0 $*" >> "{log}"
+if [ "$1 $2" = "-m venv" ]; then
+  for dir; do :; done
+  if [ "$3" = "--clear" ]; then rm -rf "$dir"; fi
+  mkdir -p "$dir/bin"
+  if [ ! -L "$dir/bin/python" ] && [ ! -e "$dir/bin/python" ]; then cp "$0" "$dir/bin/python"; fi
+fi
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("venv", ["broken", "python3.12"])
+@pytest.mark.parametrize("installed_before", [False, True])
+def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_path, venv, installed_before):
+    """A .venv whose interpreter was removed (a dangling link) or that another Python made (python3 -m
+    venv with Python 3.12) was kept: pip ran in it, or, with the stamp of an earlier install, nothing
+    ran and `make demo` failed on .venv/bin/python."""
+    for name in ("Makefile", "requirements.lock", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    log = tmp_path / "calls.log"
+    log.touch()
+    python = tmp_path / "python3.11"
+    python.write_text(FAKE_PYTHON_311.format(log=log))
+    python.chmod(0o755)
+    bin_ = tmp_path / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    if venv == "broken":
+        (bin_ / "python").symlink_to(tmp_path / "removed" / "python3.11")
+    else:  # answers like Python 3.12 would: not 3.11
+        (bin_ / "python").write_text(f'#!/bin/sh\necho "old $*" >> "{log}"\nexit 1\n')
+        (bin_ / "python").chmod(0o755)
+    if installed_before:
+        (tmp_path / ".venv" / ".installed").touch()
+    run = subprocess.run(["make", "venv", f"PYTHON={python}"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    calls = log.read_text().splitlines()
+    assert f"{python} -m venv --clear .venv" in calls, calls
+    assert not [c for c in calls if c.startswith("old ") and "pip" in c], calls
+    assert any(c.endswith("-m pip install -qq --disable-pip-version-check -r requirements.lock") for c in calls)
