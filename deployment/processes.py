@@ -38,9 +38,12 @@ def alive():
 
 
 while alive():
-    # Nothing is ever written to the pipe: it turns readable only at end-of-file, when the process
-    # that started the server is gone. Polling also ends the watch once the server has stopped.
-    if select.select([0], [], [], 1.0)[0] and not os.read(0, 1):
+    # The pipe turns readable at end-of-file, when the process that started the server is gone, or
+    # with the one byte ``end_watchdog`` writes once ``stop`` has stopped the group: whatever holds its
+    # id by then is not ours. Polling also ends the watch once the server has stopped.
+    if select.select([0], [], [], 1.0)[0]:
+        if os.read(0, 1):
+            break
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(pgid, sig)
@@ -69,9 +72,14 @@ def start_watchdog(pgid: int, grace_s: float, leftovers: list[str] | None = None
 
 
 def end_watchdog(watchdog: subprocess.Popen) -> None:
-    """Release a watchdog whose group was stopped: it finds the group gone and exits."""
+    """Release a watchdog whose group was stopped: told so through the pipe, it exits without
+    signalling the group's id (which may already be another group's) or removing anything."""
     if watchdog.stdin is not None:
-        watchdog.stdin.close()
+        try:
+            watchdog.stdin.write(b"x")
+            watchdog.stdin.close()
+        except BrokenPipeError:  # it had already exited: the group ended on its own
+            pass
     try:
         watchdog.wait(timeout=5)
     except subprocess.TimeoutExpired:

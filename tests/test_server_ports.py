@@ -177,3 +177,37 @@ def test_stop_also_ends_the_watchdog(tmp_path):
     finally:
         server.stop()
     assert not psutil.pid_exists(watchdogs[0].pid) or watchdogs[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_released_watchdog_leaves_whatever_holds_the_group_id_alone(tmp_path):
+    """``stop`` releases the watchdog once the group is stopped. A release used to read as the starter's
+    death: the watchdog SIGTERMed the group id and removed its leftovers, so an id reused by then
+    (another session's group) was killed. Here a group that is not ours holds the id."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from deployment.processes import end_watchdog, start_watchdog
+
+    spawned = subprocess.run(
+        ["sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
+    )
+    stranger = int(spawned.stdout)
+    leftover = tmp_path / "not_ours"
+    leftover.touch()
+    try:
+        deadline = time.monotonic() + 10
+        while os.getpgid(stranger) != stranger and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watchdog = start_watchdog(stranger, 1.0, [str(leftover)])
+        time.sleep(0.5)  # watching
+        end_watchdog(watchdog)
+        time.sleep(0.5)
+        os.kill(stranger, 0)  # ProcessLookupError on the old code: the release SIGTERMed it
+        assert leftover.exists()
+    finally:
+        try:
+            os.kill(stranger, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
