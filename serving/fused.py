@@ -12,7 +12,8 @@ costs one hop. It maps the funnel's request (``user_id``, ``k``, ``exclude_item_
 funnel's response exactly as the ensemble does: each stage's outputs join the tensors the later
 stages read, under the same names. ``run_batch`` passes a whole batch through each stage's own
 ``run_batch`` (one model call per stage for the batch), and each stage's time per call is kept in
-``timings`` so the adapter (``serving/triton_model.py``) still records every stage's metrics.
+``timings`` (and summed, failed calls included, in ``spent``) so the adapter
+(``serving/triton_model.py``) still records every stage's metrics.
 
 Exported layout (``deployment/export.py``): ``fused_funnel/<version>/<stage>/`` holds what
 ``<stage>/<version>/`` holds in the default layout; ``funnel`` and ``funnel_v<version>`` are
@@ -50,6 +51,9 @@ class FusedFunnel(Stage):
                 stage = STAGES[name](folder)
             self.stages.append(stage)
         self.timings: dict[str, float] = {}  # seconds each stage took in the last run / run_batch
+        # seconds each stage has taken since loading, failed calls included: what a call that falls
+        # back from a batch to one request at a time spent in each stage (``FusedFunnelModel``)
+        self.spent: dict[str, float] = {stage.name: 0.0 for stage in self.stages}
 
     def run(self, inputs):
         """The funnel's response for one request, with every tensor the stages passed between them
@@ -57,8 +61,11 @@ class FusedFunnel(Stage):
         x, timings = dict(inputs), {}
         for stage in self.stages:
             start = time.perf_counter()
-            x.update(stage.run(x))
-            timings[stage.name] = time.perf_counter() - start
+            try:
+                x.update(stage.run(x))
+            finally:
+                timings[stage.name] = time.perf_counter() - start
+                self.spent[stage.name] += timings[stage.name]
         self.timings = timings
         return x
 
@@ -68,9 +75,12 @@ class FusedFunnel(Stage):
         xs, timings = [dict(inputs) for inputs in batch], {}
         for stage in self.stages:
             start = time.perf_counter()
-            for x, out in zip(xs, stage.run_batch(xs)):
-                x.update(out)
-            timings[stage.name] = time.perf_counter() - start
+            try:
+                for x, out in zip(xs, stage.run_batch(xs)):
+                    x.update(out)
+            finally:
+                timings[stage.name] = time.perf_counter() - start
+                self.spent[stage.name] += timings[stage.name]
         self.timings = timings
         return xs
 

@@ -252,7 +252,22 @@ class FusedFunnelModel(StageModel):
         outputs = {stage.name: [t.name for t in stage.outputs] for stage in self.stage.stages}
         return self.off_request_path(FusedMetrics(self.pb, self.stage_name, args["model_version"], outputs))
 
+    def execute_batch(self, requests):
+        self._spent_before = dict(self.stage.spent)
+        try:
+            return super().execute_batch(requests)
+        finally:
+            self._spent_before = None
+
     def _record(self, seconds: float, result, error_kind) -> None:
-        # Served: each stage's own time in the last run or batch (a batch's time charged to each of
-        # its requests, as the stages' own models do); refused: the fused model's time.
-        super()._record(seconds if error_kind else dict(self.stage.timings), result, error_kind)
+        # Served: each stage's own time in the last run, or in the whole batch (a batch's time charged
+        # to each of its requests, as the stages' own models do: where it fell back to one request at
+        # a time, every stage's time in the failed batch and in each request alone); refused: the
+        # fused model's time.
+        if error_kind:
+            timings = seconds
+        elif getattr(self, "_spent_before", None) is not None:
+            timings = {name: s - self._spent_before.get(name, 0.0) for name, s in self.stage.spent.items()}
+        else:
+            timings = dict(self.stage.timings)
+        super()._record(timings, result, error_kind)

@@ -238,3 +238,69 @@ def test_the_fused_funnel_reads_what_users_just_did_and_what_was_taken_down(mode
     finally:
         store.close()
         fused.close()
+
+
+class _Pb:
+    """The parts of ``triton_python_backend_utils`` the adapter's ``execute_batch`` calls."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "invalid", "internal"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class Logger:
+        @staticmethod
+        def log_warn(message):
+            pass
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        value = request.get(name)
+        return None if value is None else type("T", (), {"as_numpy": lambda self: value})()
+
+    @staticmethod
+    def Tensor(name, value):  # noqa: N802  (pb_utils' spelling)
+        return name, value
+
+    @staticmethod
+    def InferenceResponse(output_tensors, error=None):  # noqa: N802
+        return output_tensors, error
+
+
+def test_a_batch_served_one_by_one_charges_each_stage_the_time_it_spent_on_the_batch():
+    """A batch holding a malformed request falls back to one request at a time: the fused funnel ran
+    every stage for the failed batch and for each request alone, and a stage model charges that
+    whole time to each request it served (``StageModel.execute_batch``). The fused model charged the
+    time of one request's run (the last that succeeded): latency panels read a fraction of it."""
+    from serving.fused import FusedFunnel
+    from serving.request import RequestError
+    from serving.triton_model import FusedFunnelModel
+
+    class Slow:
+        inputs = outputs = ()
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, x):
+            time.sleep(0.01)
+            if int(x["k"][0]) == 0:
+                raise RequestError("k must be between 1 and 100, got 0")
+            return {}
+
+        def run_batch(self, xs):
+            return [self.run(x) for x in xs]
+
+    fused = FusedFunnel.__new__(FusedFunnel)
+    fused.stages, fused.timings, fused.spent = [Slow("a"), Slow("b")], {}, {"a": 0.0, "b": 0.0}
+    model = FusedFunnelModel.__new__(FusedFunnelModel)
+    model.pb, model.stage, model.input_names, model.outputs, model.batching = _Pb, fused, ["k"], [], True
+    recorded = []
+    model.metrics = type("M", (), {"observe": lambda self, *args: recorded.append(args)})()
+    requests = [{"k": np.array([[k]], dtype=np.int32)} for k in (5, 5, 5, 0)]
+    responses = model.execute(requests)
+    assert [error is None for _, error in responses] == [True, True, True, False]
+    served = [seconds for seconds, _, error_kind in recorded if error_kind is None]
+    # "a" ran 4 requests in the failed batch and 4 alone (80 ms), "b" the 3 served alone; one run is 10 ms.
+    assert len(served) == 3 and all(s["a"] >= 0.075 and s["b"] >= 0.025 for s in served), served
