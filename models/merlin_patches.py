@@ -23,7 +23,8 @@ from merlin.models.tf.core import encoder as merlin_encoder
 from merlin.models.tf.models import base as merlin_base
 from merlin.schema import ColumnSchema, Schema
 
-_original_get_config = Cross.get_config
+# Merlin's own, also when this module is applied again (a reload would otherwise make the patch call itself).
+_original_get_config = getattr(Cross.get_config, "merlin_original", Cross.get_config)
 
 
 def _get_config_with_output_x0(self):
@@ -34,6 +35,7 @@ def _get_config_with_output_x0(self):
 
 if not getattr(Cross.get_config, "_records_output_x0", False):
     _get_config_with_output_x0._records_output_x0 = True
+    _get_config_with_output_x0.merlin_original = _original_get_config
     Cross.get_config = _get_config_with_output_x0
 
 

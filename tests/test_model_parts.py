@@ -252,3 +252,19 @@ def test_a_history_event_the_training_events_lack_is_refused_before_any_training
         patch.setattr(train, "train_candidate_generator", trained)
         with pytest.raises(ValueError, match="training.history_event 'clik' is not a column"):
             train.train_all(processed, config, tmp_path / "registry", verbose=0)
+
+
+def test_reloading_the_merlin_patches_keeps_the_cross_config_fix_working(monkeypatch):
+    """Applying ``models/merlin_patches.py`` twice (``importlib.reload``, a notebook's autoreload) must be
+    harmless: the patched ``Cross.get_config`` recursed into itself, so every later DCN save failed."""
+    import importlib
+
+    from merlin.models.tf.blocks.cross import Cross
+
+    from models import merlin_patches
+
+    # Undo what the reload rebinds, so a failure here leaves the other tests a working Cross.
+    monkeypatch.setattr(Cross, "get_config", Cross.get_config)
+    monkeypatch.setattr(merlin_patches, "_original_get_config", merlin_patches._original_get_config)
+    importlib.reload(merlin_patches)
+    assert Cross(output_x0=True).get_config()["output_x0"] is True
