@@ -135,6 +135,27 @@ def test_a_constant_continuous_column_normalises_to_zero_with_a_std_of_zero():
     assert (out["constant"] == 0).all() and np.isfinite(out["varying"]).all()
 
 
+def test_reloading_the_workflow_patches_keeps_the_variance_clip_working(monkeypatch):
+    """Applying ``workflows/merlin_patches.py`` twice (``importlib.reload``, a notebook's autoreload) must be
+    harmless: the clipped ``_finalize_moments`` called itself, so every later ``Normalize`` fit recursed."""
+    import importlib
+
+    import numpy as np
+    import nvtabular as nvt
+    from merlin.io import Dataset
+    from nvtabular.ops import moments
+
+    from workflows import merlin_patches
+
+    # Undo what the reload rebinds, so a failure here leaves the other tests a working Normalize.
+    monkeypatch.setattr(moments, "_finalize_moments", moments._finalize_moments)
+    monkeypatch.setattr(merlin_patches, "_finalize_moments_unclipped", merlin_patches._finalize_moments_unclipped)
+    importlib.reload(merlin_patches)
+    workflow = nvt.Workflow(["constant"] >> nvt.ops.LogOp() >> nvt.ops.Normalize())
+    workflow.fit(Dataset(pd.DataFrame({"constant": np.full(1000, 6000, dtype="int64")})))
+    assert workflow.output_node.op.stds["constant"] == 0.0
+
+
 def test_an_interrupted_rerun_leaves_no_summary_beside_its_half_written_parts(raw_paths, small_config, tmp_path):
     """summary.json is the mark of a complete output: a rerun over an earlier output that fails
     halfway must not leave the earlier summary beside its new parts (training would read them)."""

@@ -66,7 +66,8 @@ if getattr(DaskExecutor.fit_phase, "__name__", "") != "_fit_phase":
     DaskExecutor.fit_phase = _fit_phase
 
 
-_finalize_moments_unclipped = moments._finalize_moments
+# NVTabular's own, also when this module is applied again (a reload would otherwise make the patch call itself).
+_finalize_moments_unclipped = getattr(moments._finalize_moments, "merlin_original", moments._finalize_moments)
 
 
 def _finalize_moments(inp, ddof=1):
@@ -78,4 +79,5 @@ def _finalize_moments(inp, ddof=1):
     return out
 
 
+_finalize_moments.merlin_original = _finalize_moments_unclipped
 moments._finalize_moments = _finalize_moments
