@@ -132,10 +132,14 @@ class LoggedProcess:
         stopping a server whose starter is gone."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
-        self._watchdog = start_watchdog(self.process.pid, self.stop_timeout, leftovers)
+        try:
+            self.process = subprocess.Popen(
+                cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            )
+            self._watchdog = start_watchdog(self.process.pid, self.stop_timeout, leftovers)
+        except BaseException:  # no watchdog (out of processes or descriptors): no server running unwatched
+            self.stop()
+            raise
         return self.process
 
     def log_tail(self, lines: int = 40) -> str:

@@ -211,3 +211,43 @@ def test_a_released_watchdog_leaves_whatever_holds_the_group_id_alone(tmp_path):
             os.kill(stranger, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_start_whose_watchdog_cannot_start_leaves_no_server_running(tmp_path, monkeypatch):
+    """``spawn`` started the server, then its watchdog: a watchdog that failed to start (out of
+    processes or descriptors) raised with the server still running, unwatched and unstopped (the
+    caller holds no object to stop), and the log file open."""
+    import time
+
+    import psutil
+
+    from deployment import processes
+
+    class Sleeper(processes.LoggedProcess):
+        log_path = tmp_path / "sleeper.log"
+        stop_timeout = 5.0
+
+    def no_watchdog(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    started = []
+    popen = processes.subprocess.Popen
+
+    def remember(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(processes, "start_watchdog", no_watchdog)
+    monkeypatch.setattr(processes.subprocess, "Popen", remember)
+    sleeper = Sleeper()
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            sleeper.spawn(["sleep", "60"], cwd=tmp_path)
+        (proc,) = started
+        time.sleep(0.2)
+        assert proc.poll() is not None, "the server runs on without its watchdog"
+        assert sleeper._log is None or sleeper._log.closed
+    finally:
+        for proc in started:
+            if psutil.pid_exists(proc.pid) and proc.poll() is None:
+                proc.kill()
