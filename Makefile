@@ -19,8 +19,8 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loads
 
 # Debian packages of the services tests run for real (Prometheus, with promtool, for the monitoring
 # tests; libb64-0d, a library the tritonclient wheel's perf_analyzer links). `make services` installs
-# the missing ones when run as root (CI, these machines); elsewhere it says what is missing and the
-# tests that need them skip with that reason.
+# the missing ones when run as root (CI, these machines); elsewhere, or where apt-get fails (offline),
+# it says what is missing and the tests that need them skip with that reason.
 SERVICES_PACKAGES := prometheus chromium postgresql libb64-0d
 
 .PHONY: demo test test-fast test-durations lint format venv lock clean bench ab-test feedback-loop services FORCE
@@ -64,7 +64,8 @@ services:
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo ">>> installing$$missing (Debian packages the tests use)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } || \
+	    echo ">>> could not install$$missing (offline? no such package?); the tests that need them skip"; \
 	else \
 	  echo ">>> not installed:$$missing; install them as root (apt-get install$$missing); the tests that need them skip"; \
 	fi

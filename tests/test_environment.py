@@ -3,6 +3,7 @@
 environment.yml cannot be built here (no GPU, no conda channels), so this keeps it true by name:
 every package of requirements.in appears in it, under its own name or the GPU build's."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -94,3 +95,21 @@ def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_pa
     assert f"{python} -m venv --clear .venv" in calls, calls
     assert not [c for c in calls if c.startswith("old ") and "pip" in c], calls
     assert any(c.endswith("-m pip install -qq --disable-pip-version-check -r requirements.lock") for c in calls)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the install branch runs as root only")
+def test_make_services_goes_on_when_apt_get_cannot_install(tmp_path):
+    """As root, `make services` installs the missing Debian packages; an apt-get that failed (an
+    offline machine, a package the distribution lacks) stopped `make test` before any test ran,
+    where the tests that need the packages skip with the reason."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, script in (("dpkg-query", "exit 1"), ("apt-get", "echo 'E: offline' >&2; exit 100")):
+        (fake / name).write_text(f"#!/bin/sh\n{script}\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    run = subprocess.run(["make", "services"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "could not install prometheus chromium postgresql libb64-0d" in run.stdout
