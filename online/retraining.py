@@ -30,7 +30,7 @@ from pathlib import Path
 from queue import Empty
 from typing import NoReturn
 
-from tenacity import RetryError, Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 StepFn = Callable[[dict], dict]  # context (results of earlier steps + settings) -> this step's result
 
@@ -185,7 +185,8 @@ def run_pipeline(
             for attempt in Retrying(
                 stop=stop_after_attempt(step.attempts),
                 wait=wait_exponential(multiplier=backoff_s, max=60),
-                retry=retry_if_not_exception_type(StepRefused),
+                # Not a refusal, and not an interrupted runner (Ctrl-C, SystemExit): those end the run.
+                retry=retry_if_exception(lambda e: isinstance(e, Exception) and not isinstance(e, StepRefused)),
                 reraise=False,
             ):
                 with attempt:

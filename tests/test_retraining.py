@@ -347,3 +347,26 @@ def test_the_dag_fails_a_gate_refusal_without_retries(monkeypatch, tmp_path):
     with pytest.raises(Exception, match="gate refused") as raised:
         dag["_run"]("gate", ti=ti, ds="2026-01-01")
     assert type(raised.value).__name__ == "AirflowFailException"
+
+
+def interrupts_the_runner(context):
+    """Counts its tries, then the runner is interrupted (Ctrl-C) while the step runs."""
+    import os
+    import signal
+
+    counter = Path(context["run_dir"]) / "interrupted.count"
+    counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(30)
+    return {}
+
+
+def test_an_interrupted_run_stops_instead_of_retrying_the_step(tmp_path):
+    """tenacity retried every exception but ``StepRefused``, ``KeyboardInterrupt`` too: Ctrl-C started the
+    step (a training) again after the backoff, ``attempts`` times, and ended in a 'failed' alert."""
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    steps = [Step("s", interrupts_the_runner, timeout_s=60, attempts=3)]
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(steps, tmp_path / "run", {}, alerter, backoff_s=0.01)
+    assert (tmp_path / "run" / "interrupted.count").read_text() == "1"
+    assert not alerter.sent
