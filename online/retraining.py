@@ -3,7 +3,8 @@
 Retraining breaks for reasons that are not bugs (a full disk, a flaky store, a run that hangs), so
 every step is
 
-* idempotent: its result is written to ``<run_dir>/<step>.json`` and a re-run skips finished steps;
+* idempotent: its result is written to ``<run_dir>/<step>.json`` and a re-run skips finished steps
+  (not one whose earlier steps' results changed since it ran);
 * retried with exponential backoff (``tenacity``) on failure, except a deliberate refusal
   (``StepRefused``: the gate saying no), which the same inputs would only repeat;
 * bounded by a timeout: the step runs in a child process that is terminated when it overruns;
@@ -16,6 +17,7 @@ an Airflow DAG for production schedulers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -169,14 +171,19 @@ def _wait(proc, queue, timeout_s: float) -> tuple[str, object]:
 def run_pipeline(
     steps: list[Step], run_dir: str | Path, settings: dict, alerter: Alerter, backoff_s: float = 1.0
 ) -> dict:
-    """Run ``steps`` in order; return every step's result. Finished steps are not run again."""
+    """Run ``steps`` in order; return every step's result. Finished steps are not run again, unless an
+    earlier step's result has changed since they ran."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     context = {"settings": settings, "run_dir": str(run_dir)}
-    for step in steps:
+    for i, step in enumerate(steps):
         marker = run_dir / f"{step.name}.json"
+        # What the step read of the earlier steps: one of them run again with a new result (a new
+        # version trained) makes this step's marker stale. Settings are not part of it (a re-run may
+        # change them without redoing finished steps). An older marker without it is taken as it is.
+        inputs = hashlib.sha256(json.dumps([context[s.name] for s in steps[:i]]).encode()).hexdigest()
         done = _read_marker(marker)
-        if done is not None:
+        if done is not None and done.get("inputs", inputs) == inputs:
             context[step.name] = done["result"]
             continue
         started = time.time()
@@ -197,7 +204,8 @@ def run_pipeline(
         except StepRefused as err:
             _fail(step.name, len(attempts), err, run_dir, alerter)
         try:
-            _write_marker(marker, {"result": result, "attempts": len(attempts), "seconds": time.time() - started})
+            seconds = time.time() - started
+            _write_marker(marker, {"result": result, "attempts": len(attempts), "seconds": seconds, "inputs": inputs})
         except (TypeError, ValueError, OSError) as err:
             # The step finished, but a result that is not JSON (an ``np.int64``) or a full disk leaves
             # no marker: the run is stopped and alerted like a failed step, not crashed silently.

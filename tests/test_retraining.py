@@ -370,3 +370,27 @@ def test_an_interrupted_run_stops_instead_of_retrying_the_step(tmp_path):
         run_pipeline(steps, tmp_path / "run", {}, alerter, backoff_s=0.01)
     assert (tmp_path / "run" / "interrupted.count").read_text() == "1"
     assert not alerter.sent
+
+
+def new_version(context):
+    """Like training: every run makes a new version."""
+    counter = Path(context["run_dir"]) / "versions.count"
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return {"version": n}
+
+
+def uses_version(context):
+    return {"exported": context["train"]["version"]}
+
+
+def test_a_step_that_runs_again_also_reruns_the_steps_that_used_its_result(tmp_path):
+    """A step re-run (its marker unreadable) gave a new result, but later steps kept their markers from the
+    old one: the run reported version 2 trained and version 1 exported, and version 2 was never exported."""
+    steps = [Step("train", new_version, timeout_s=60, attempts=1), Step("export", uses_version, timeout_s=60)]
+    first = run_pipeline(steps, tmp_path / "run", {}, Alerter())
+    assert first == {"train": {"version": 1}, "export": {"exported": 1}}
+    (tmp_path / "run" / "train.json").write_text("")  # cut short
+    again = run_pipeline(steps, tmp_path / "run", {}, Alerter())
+    assert again == {"train": {"version": 2}, "export": {"exported": 2}}
+    assert run_pipeline(steps, tmp_path / "run", {}, Alerter()) == again  # and then nothing reruns
