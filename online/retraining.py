@@ -181,7 +181,7 @@ def run_pipeline(
         # What the step read of the earlier steps: one of them run again with a new result (a new
         # version trained) makes this step's marker stale. Settings are not part of it (a re-run may
         # change them without redoing finished steps). An older marker without it is taken as it is.
-        inputs = hashlib.sha256(json.dumps([context[s.name] for s in steps[:i]]).encode()).hexdigest()
+        inputs = hashlib.sha256(json.dumps([context[s.name] for s in steps[:i]], sort_keys=True).encode()).hexdigest()
         done = _read_marker(marker)
         if done is not None and done.get("inputs", inputs) == inputs:
             context[step.name] = done["result"]
