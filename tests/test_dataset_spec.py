@@ -543,3 +543,23 @@ def test_the_objective_taken_from_a_spec_is_logged_as_heads_and_weights():
     config, notes = config_for_dataset(load_config(), {"dataset": {"layout": layout, "objective": objective}})
     assert [t.name for t in config.heavy_ranker.targets] == ["view", "add_to_cart"]
     assert "heavy_ranker.targets from the spec's objective: view 0.2, add_to_cart 0.3" in notes
+
+
+def test_nulls_in_nullable_parquet_columns_are_defects_not_crashes(tmp_path):
+    # A parquet file written from pandas' nullable Int64 / boolean columns is read back with them.
+    # Int64 (kind "i") was taken for a numpy integer column, which holds no null: a null item id went
+    # unreported and crashed the table's mapping ("cannot convert NA to integer"); a boolean signal
+    # with a null crashed the checks themselves the same way.
+    events = pd.DataFrame({"u": [1, 2, 3], "i": [1, 2, 3], "t": [10, 20, 30]})
+    events["c"] = pd.array([True, None, False], dtype="boolean")
+    events.to_parquet(tmp_path / "events.parquet")
+    pd.DataFrame({"i": pd.array([1, None, 3], dtype="Int64")}).to_parquet(tmp_path / "items.parquet")
+    values = {
+        "name": "nullable",
+        "events": {"path": "events.parquet", "user_id": "u", "item_id": "i", "timestamp": "t", "signals": ["c"]},
+        "items": {"path": "items.parquet", "id": "i"},
+    }
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = {(d.column, d.rows, d.message.split(" (")[0]) for d in info.value.defects}
+    assert found == {("c", 1, "is empty"), ("i", 1, "is empty")}, [str(d) for d in info.value.defects]

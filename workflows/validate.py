@@ -116,7 +116,10 @@ def _is_numeric(series) -> bool:
 def as_number(series):
     """The column as numbers; unparseable text becomes null (pandas or cudf alike)."""
     if _is_numeric(series):
-        return series.astype("int64") if series.dtype.kind == "b" else series
+        if series.dtype.kind != "b":
+            return series
+        # pandas' nullable boolean may hold NA, which int64 cannot: Int64 keeps it (a null, reported as such)
+        return series.astype("int64" if isinstance(series.dtype, np.dtype) else "Int64")
     return _module(series).to_numeric(series, errors="coerce")
 
 
@@ -164,7 +167,8 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
     out = {"rows": int(len(df)), "issues": issues, "max": {}}
     for rule in rules:
         col = df[rule.column]
-        integer_dtype = col.dtype.kind in "iu"
+        # A numpy integer column holds no null; pandas' nullable Int64 (a parquet written from it) may.
+        integer_dtype = col.dtype.kind in "iu" and isinstance(col.dtype, np.dtype)
         present = None if integer_dtype else col.notna()
         if present is not None and rule.kind != "number":  # an attribute may be missing; an id may not
             _add(issues, rule.column, "null", ~present)
