@@ -563,3 +563,35 @@ def test_nulls_in_nullable_parquet_columns_are_defects_not_crashes(tmp_path):
         load_inputs(spec_from_dict(values, root=str(tmp_path)))
     found = {(d.column, d.rows, d.message.split(" (")[0]) for d in info.value.defects}
     assert found == {("c", 1, "is empty"), ("i", 1, "is empty")}, [str(d) for d in info.value.defects]
+
+
+def test_a_parquet_event_log_of_nullable_columns_is_checked_and_read(tmp_path):
+    # On CPU Merlin's parquet engine cast nullable Int64 columns to int64 while reading: one null id
+    # crashed the read ("cannot convert NA to integer") before the checks could name it.
+    nullable = {"u": pd.array([1, None, 3], dtype="Int64"), "i": pd.array([5, 6, 7], dtype="Int64")}
+    pd.DataFrame({**nullable, "t": [10, 20, 30], "r": pd.array([1, 2, 3], dtype="Int64")}).to_parquet(
+        tmp_path / "events.parquet"
+    )
+    events = {"path": "events.parquet", "user_id": "u", "item_id": "i", "timestamp": "t"}
+    events["signals"] = [{"name": "r", "kind": "continuous", "threshold": 2}]
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "nullable", "events": events}, root=str(tmp_path)))
+    assert [(d.column, d.rows) for d in info.value.defects] == [("u", 1)], [str(d) for d in info.value.defects]
+    clean = {"u": pd.array([1, 2, 3], dtype="Int64"), "i": nullable["i"], "t": [10, 20, 30]}
+    pd.DataFrame({**clean, "r": pd.array([1, 2, 3], dtype="Int64")}).to_parquet(tmp_path / "events.parquet")
+    read = load_inputs(spec_from_dict({"name": "nullable", "events": events}, root=str(tmp_path))).events.compute()
+    assert read.to_dict("list") == {
+        "user_id": [1, 2, 3],
+        "item_id": [5, 6, 7],
+        "timestamp": [10, 20, 30],
+        "click": [0, 1, 1],
+        "r": [1, 2, 3],
+    }
+    assert all(isinstance(t, np.dtype) for t in read.dtypes), read.dtypes  # numpy columns, as the pipeline takes
+    # Text a parquet file holds as pandas' string dtype is ISO 8601-checked as object text is.
+    text = pd.array(["2026-01-01T00:00:00Z", "03/01/2026", "now"], dtype="string")
+    pd.DataFrame({**clean, "t": text}).to_parquet(tmp_path / "events.parquet")
+    events = {**events, "signals": [], "timestamp_unit": "iso"}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "nullable", "events": events}, root=str(tmp_path)))
+    assert [(d.column, d.rows, d.example) for d in info.value.defects] == [("t", 2, "03/01/2026")]

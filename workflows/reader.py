@@ -7,8 +7,9 @@ machine, pandas otherwise) in the pipeline's columns, and the user and item tabl
 ``DatasetError`` listing every defect before returning anything, and it writes nothing.
 
 The event log is read through dask (``dask_cudf`` when cudf is installed): parquet with Merlin's
-``Dataset``, CSV with every spec column read as text (so a column mixing numbers and text is reported,
-not guessed), JSON lines as parsed. Parquet in the pipeline's own columns and types (the raw schema)
+``Dataset`` on GPU and dask's own reader on CPU (which keeps pandas' nullable columns, nulls and all,
+for the checks), CSV with every spec column read as text (so a column mixing numbers and text is
+reported, not guessed), JSON lines as parsed. Parquet in the pipeline's own columns and types (the raw schema)
 is passed through without any conversion.
 """
 
@@ -100,11 +101,16 @@ def columns_of(file: str, fmt: str) -> list[str]:
 
 def read_collection(file: str, fmt: str, columns: list[str]):
     """One file as a dask collection of ``columns`` (text for CSV, as parsed for JSON lines)."""
+    module = _collection_module()
+    if fmt == "parquet" and module.__name__ == "dask.dataframe":
+        # Merlin's CPU engine casts pandas' nullable columns (Int64, a parquet written from them) to
+        # numpy ones while reading, and a null among them crashed there ("cannot convert NA to
+        # integer") before the checks could name it: the same reader without that cast.
+        return module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
     if fmt == "parquet":
         from merlin.io import Dataset
 
         return Dataset(file, engine="parquet").to_ddf()[columns]
-    module = _collection_module()
     if fmt == "csv":
         return module.read_csv(file, dtype=str, usecols=columns)[columns]
     return module.read_json(file, lines=True, orient="records", dtype=False, convert_dates=False)[columns]
@@ -277,8 +283,11 @@ class ToInternal:
             col = df[source]
             if conversion == "id" or conversion == "binary":
                 out[target] = col.astype("int64") if col.dtype.kind in "iub" else as_number(col).astype("int64")
+            elif conversion == "continuous" and col.dtype.kind in "iu":
+                # pandas' nullable Int64 (checked free of nulls) as the numpy integers the pipeline takes
+                out[target] = col if isinstance(col.dtype, np.dtype) else col.astype(col.dtype.numpy_dtype)
             elif conversion == "continuous":
-                out[target] = col if col.dtype.kind in "iu" else as_number(col).astype("float64")
+                out[target] = as_number(col).astype("float64")
             elif conversion == "ts:iso":
                 parsed = parse_iso(col)
                 out[target] = (parsed.astype("int64") // 1_000_000_000).astype("int64")
@@ -328,7 +337,8 @@ def _is_identity(raw, plan, positive) -> bool:
     for source, target, conversion in plan:
         dtype = raw.dtypes[source]
         if source != target or dtype != np.dtype("int64"):
-            if not (conversion == "continuous" and source == target and dtype.kind in "iuf"):
+            numpy = isinstance(dtype, np.dtype)  # not pandas' nullable Int64 / Float64
+            if not (conversion == "continuous" and source == target and numpy and dtype.kind in "iuf"):
                 return False
         if conversion.startswith("ts:") and conversion != "ts:s":
             return False

@@ -130,7 +130,7 @@ def parse_iso(series):
         return series
     if _is_numeric(series):
         return mod.to_datetime(series.where(series != series), errors="coerce")  # all null
-    if mod.__name__ == "pandas" and series.dtype == object:
+    if mod.__name__ == "pandas" and series.dtype.kind == "O":  # object, or pandas' string dtypes
         # pandas also reads "now", "today" and a bare time ("12:30") as the run's date, and "03/01/2026"
         # month first: only text in ISO 8601's shape is parsed.
         series = series.where(series.map(lambda v: isinstance(v, str) and ISO_8601.fullmatch(v) is not None))
