@@ -127,6 +127,14 @@ def test_a_column_joined_twice_onto_the_events_is_a_spec_mistake():
             spec_from_dict(values)
 
 
+def test_an_empty_list_separator_is_a_spec_mistake():
+    # separator: "" was accepted, and reading the item table crashed on str.split("") (ValueError:
+    # empty separator, a traceback) instead of the spec error naming the key.
+    items = {"path": "i.csv", "lists": [{"column": "tags", "separator": ""}]}
+    with pytest.raises(SpecError, match="items.lists 'tags': separator"):
+        spec_from_dict({"events": {"path": "e.csv"}, "items": items})
+
+
 def test_list_columns_become_positions_or_path_prefixes():
     col = pd.Series(["home>kitchen>knives", "fashion>shoes", None])
     prefix = list_positions(col, ListSpec("category_path", ">", 3, prefix=True))

@@ -308,6 +308,8 @@ def _problems(spec: DatasetSpec) -> list[str]:
         for lst in table.lists:
             if lst.max_length < 1:
                 out.append(f"{table_name}.lists {lst.column!r}: max_length must be >= 1")
+            if not lst.separator:  # str.split("") raises: the table's reading crashed on it
+                out.append(f"{table_name}.lists {lst.column!r}: separator must not be empty")
         every = features + table.text
         dupes = sorted({c for c in every if every.count(c) > 1})
         if dupes:
