@@ -127,6 +127,21 @@ def test_a_column_joined_twice_onto_the_events_is_a_spec_mistake():
             spec_from_dict(values)
 
 
+def test_an_objective_the_heavy_ranker_refuses_is_a_spec_mistake():
+    # An objective with a head twice, a negative, infinite or NaN weight, or only zero weights was
+    # accepted: the data was prepared and written, and training then refused heavy_ranker.targets.
+    base = {"events": {"path": "e.csv", "signals": ["click", "buy"]}}
+    bad = {
+        "duplicate": [{"name": "click", "weight": 1.0}, {"name": "click", "weight": 1.0}],
+        "finite and >= 0": [{"name": "click", "weight": -1.0}, {"name": "buy", "weight": float("nan")}],
+        "not all be 0": [{"name": "click", "weight": 0.0}],
+    }
+    for message, objective in bad.items():
+        with pytest.raises(SpecError, match=message):
+            spec_from_dict({**base, "objective": objective})
+    assert spec_from_dict({**base, "objective": [{"name": "buy", "weight": 2.0}]}).objective[0].weight == 2.0
+
+
 def test_an_empty_list_separator_is_a_spec_mistake():
     # separator: "" was accepted, and reading the item table crashed on str.split("") (ValueError:
     # empty separator, a traceback) instead of the spec error naming the key.

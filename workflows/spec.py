@@ -331,6 +331,15 @@ def _problems(spec: DatasetSpec) -> list[str]:
     for target in spec.objective:
         if target.name not in labels:
             out.append(f"objective names {target.name!r}, not a label of this spec ({sorted(labels)})")
+    # What heavy_ranker.targets refuses (configs): found here, not in training after the data is written.
+    heads = [t.name for t in spec.objective]
+    if len(set(heads)) != len(heads):
+        out.append(f"objective has duplicate names {heads}")
+    weights = [t.weight for t in spec.objective]
+    if not all(0 <= w < float("inf") for w in weights):  # NaN too
+        out.append(f"objective weights must be finite and >= 0, got {weights}")
+    elif sum(weights) <= 0:
+        out.append("objective weights must not all be 0")
     return out
 
 
