@@ -121,8 +121,10 @@ class VersionWriter:
     def __init__(self, registry: str | Path):
         self.registry = Path(registry)
         self.registry.mkdir(parents=True, exist_ok=True)
-        existing = list_versions(self.registry)
-        version = (existing[-1] + 1) if existing else 1
+        # After every published and every reserved number: a number freed by a failed run while a later
+        # one still trains would otherwise go to a run that starts now, publishing below that one.
+        reserved = [int(m[1]) for p in self.registry.iterdir() if (m := re.fullmatch(r"\.v([0-9]+)\.tmp", p.name))]
+        version = max(list_versions(self.registry) + reserved, default=0) + 1
         # The number is reserved by creating its temporary folder (mkdir is atomic and exclusive), so
         # two runs writing at once never get the same one: the second found the first's folder, or
         # (once the first had published) its version, and took the next number. A folder left by a

@@ -201,3 +201,20 @@ def test_a_tracking_store_that_fails_mid_run_does_not_end_the_training(tmp_path,
     assert len(warnings) == 2 and "training goes on" in warnings[0] and "could not close" in warnings[1]
     monkeypatch.undo()
     mlflow.end_run()  # the patched close left MLflow's active run open in this process
+
+
+def test_a_run_that_starts_after_another_reserved_a_number_gets_a_higher_one(tmp_path):
+    """The next number was counted from the published versions only: with a first run failing (its
+    number freed) while a second still trained, a third run took the first's number, below the
+    second's, so once both published ``latest`` (and Triton) served the second, older, run."""
+    first, second = registry.VersionWriter(tmp_path), registry.VersionWriter(tmp_path)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with first:
+            raise RuntimeError("out of memory")
+    third = registry.VersionWriter(tmp_path)
+    assert third.version > second.version
+    with second:
+        second.write_manifest(run="second")
+    with third:
+        third.write_manifest(run="third")
+    assert registry.latest(tmp_path).manifest["run"] == "third"
