@@ -104,10 +104,13 @@ class TrackedRun:
         self._write(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_json(self, name: str, payload) -> None:
+        self._write(self._log_json, name, payload)  # its temporary copy too: a full disk is a failed write
+
+    def _log_json(self, name: str, payload) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(payload, indent=2, default=str))
-            self._write(self._mlflow.log_artifact, str(path))
+            self._mlflow.log_artifact(str(path))
 
     def log_artifact(self, path: str | Path) -> None:
         self._write(self._mlflow.log_artifact, str(path))

@@ -218,3 +218,23 @@ def test_a_run_that_starts_after_another_reserved_a_number_gets_a_higher_one(tmp
     with third:
         third.write_manifest(run="third")
     assert registry.latest(tmp_path).manifest["run"] == "third"
+
+
+def test_a_temporary_folder_that_fails_mid_run_does_not_end_the_training(tmp_path, monkeypatch):
+    """``log_json`` wrote its artifact's temporary copy outside the guarded write: a temporary
+    folder that could not be written mid-run (a full disk, TMPDIR removed) raised out of the run's
+    last steps and the registry discarded the trained version."""
+    import tempfile
+
+    import mlflow
+
+    from configs import load_config
+    from models.tracking import tracked_run
+
+    finished = []
+    with tracked_run(load_config().training, tmp_path / "registry", {"seed": 1}, run_name="tmp-gone") as run:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+        run.log_json("embedding_tables.json", {"light_ranker": 1})
+        finished.append(True)
+    assert finished and run.lost is not None and "gone" in run.lost
+    assert mlflow.active_run() is None
