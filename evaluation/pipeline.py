@@ -519,7 +519,8 @@ def evaluate_spec(
     ``temporal`` (default): ``evaluate_temporal``, every positive after the test cutoff. ``random``
     and ``explicit``: the pipeline's own test part (``ProcessedData.held_out_events``), the
     validation part's positives excluded from ranking like training ones, since the tuning step
-    chose on them; a split without a test part (``explicit`` without ``test_file``) is refused. The
+    chose on them; a split without a test part (``explicit`` without ``test_file``, ``temporal`` with
+    ``test_fraction`` 0) is refused. The
     log is read and checked as ``scripts/prepare_data.py`` does (a defect raises ``DatasetError``
     before anything is written)."""
     from workflows.pipeline import prepare_dataset
@@ -530,6 +531,11 @@ def evaluate_spec(
         raise ValueError(
             "evaluating needs a test part the tuning step never read: set workflow.split.test_file "
             "(the validation part is what the training run tunes on)"
+        )
+    if split.kind == "temporal" and split.test_fraction <= 0:
+        raise ValueError(
+            "evaluating needs a test period the tuning step never read: set workflow.split.test_fraction > 0 "
+            "(without it the period after the cutoff is the validation part the training run tunes on)"
         )
     out = Path(out_dir)
     inputs = load_inputs(spec)  # read and checked once: the pipeline and the figures below share it

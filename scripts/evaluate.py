@@ -52,6 +52,8 @@ def main() -> None:
     config = load_config(args.config, {"seed": args.seed} if args.seed is not None else None)
     ks, mitigation = tuple(args.k), not args.no_mitigation
     split = config.workflow.split
+    if args.spec and split.kind == "temporal" and split.test_fraction <= 0:
+        parser.error("--spec with a temporal split needs workflow.split.test_fraction > 0: the period that is scored")
     if args.spec and split.kind == "explicit":
         if not split.test_file:
             parser.error("--spec with an explicit split needs workflow.split.test_file: the part that is scored")

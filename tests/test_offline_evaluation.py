@@ -640,3 +640,24 @@ def test_a_slice_value_with_dollar_signs_is_plotted_as_text_not_math(tmp_path, m
     assert "data:image/png;base64," in paths["html"].read_text()
     labels = [label.split("\n")[0] for label in drawn if "(n=" in label]
     assert labels == [value.replace("$", r"\$") for value in values]  # an escaped "$" is drawn as "$"
+
+
+def test_evaluate_spec_refuses_a_temporal_split_without_a_test_period(tmp_path, monkeypatch):
+    """test_fraction 0: the period after the cutoff is the validation part the tuning step chose on,
+    so scoring it would report the tuned figures; refused like an explicit split without test_file."""
+    from configs import load_config
+    from evaluation import pipeline
+    from workflows import pipeline as workflow_pipeline
+    from workflows.spec import spec_from_dict
+
+    pd.DataFrame({"u": [1, 2, 3], "i": [5, 6, 5], "t": [10, 20, 30]}).to_csv(tmp_path / "e.csv", index=False)
+    spec = spec_from_dict(
+        {"events": {"path": "e.csv", "user_id": "u", "item_id": "i", "timestamp": "t"}}, str(tmp_path)
+    )
+    scored = []
+    monkeypatch.setattr(workflow_pipeline, "prepare_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "evaluate_temporal", lambda *a, **k: scored.append(a))
+    config = load_config(None, {"workflow": {"split": {"valid_fraction": 0.2, "test_fraction": 0.0}}})
+    with pytest.raises(ValueError, match="test_fraction"):
+        pipeline.evaluate_spec(spec, config, tmp_path / "out", mitigation=False)
+    assert not scored
