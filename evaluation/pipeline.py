@@ -329,7 +329,12 @@ def evaluate_split(
 
     Any split with held-out positives finishes: a figure it cannot support (preference parity when
     each user holds out one item, a slice gap over one group, an AUC over one class) is reported as
-    not applicable with the reason (``Result.not_applicable``, the report's last section)."""
+    not applicable with the reason (``Result.not_applicable``, the report's last section).
+
+    Every K is at most ``serving.max_k``: the funnel serves no longer list, so past it the funnel's
+    figures would be those of a list cut short beside the peers' full ones."""
+    if max(ks) > config.serving.max_k:
+        raise ValueError(f"k {max(ks)} > serving.max_k {config.serving.max_k}: the funnel serves no longer list")
     data = offline.Interactions.from_split(train_pos, test_pos, also_seen)
     # The mitigation rows' names are known once training has chosen the served pair; their number now.
     mitigation_steps = len(mitigation_variants(config.candidate_generator)) if mitigation else 0

@@ -51,6 +51,8 @@ def main() -> None:
         parser.error("--spec names the data itself; it does not go with --source")
     config = load_config(args.config, {"seed": args.seed} if args.seed is not None else None)
     ks, mitigation = tuple(args.k), not args.no_mitigation
+    if max(ks) > config.serving.max_k:  # the funnel serves no longer list: its figures would be cut short
+        parser.error(f"argument --k: at most serving.max_k={config.serving.max_k}, got {max(ks)}")
     split = config.workflow.split
     if args.spec and split.kind == "temporal" and split.test_fraction <= 0:
         parser.error("--spec with a temporal split needs workflow.split.test_fraction > 0: the period that is scored")

@@ -661,3 +661,19 @@ def test_evaluate_spec_refuses_a_temporal_split_without_a_test_period(tmp_path, 
     with pytest.raises(ValueError, match="test_fraction"):
         pipeline.evaluate_spec(spec, config, tmp_path / "out", mitigation=False)
     assert not scored
+
+
+def test_a_k_beyond_what_the_funnel_serves_is_refused_before_training(small_config, data, tmp_path, monkeypatch):
+    """At K > serving.max_k the served lists stop at max_k while the peers' go on: the funnel's
+    recall@K and NDCG@K were silently measured on lists cut short. Refused before anything trains."""
+    from evaluation import pipeline
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_and_export", lambda *a, **k: trained.append(a) or pytest.fail("trained"))
+    k = small_config.serving.max_k + 1
+    with pytest.raises(ValueError, match="serving.max_k"):
+        pipeline.evaluate_split(
+            None, data.train, data.test, None, small_config, tmp_path, ks=(10, k), mitigation=False,
+            n_bootstrap=10, title="t", context={},
+        )  # fmt: skip
+    assert not trained
