@@ -272,11 +272,12 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
     rankers too, or takes them from ``base``, a version trained on the same data with the same
     ranker settings), then the blend search runs on it; the combination whose best blend scores
     highest on validation is trained once more into ``registry_dir`` with the blend search again.
-    Without candidates this is ``train_all(..., tune=validation_tuner(processed))``."""
+    Without candidates, or with ``tuning.enabled`` off (the configured values trained once, as
+    ``train_all`` publishes them), this is ``train_all(..., tune=validation_tuner(processed))``."""
     from models.train import train_all
 
     tune = validation_tuner(processed)
-    combos = tuning.retrained_grid(config)
+    combos = tuning.retrained_grid(config) if config.tuning.enabled else []
     if not combos:
         return train_all(processed, config, registry_dir, verbose=verbose, rankers_from=base, tune=tune)
     started = time.perf_counter()

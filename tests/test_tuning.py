@@ -602,3 +602,34 @@ def test_without_item_affinity_every_listed_retrieval_weight_is_searched(tmp_pat
     assert tried == [0.0, 0.3, 0.6, 0.9]
     assert {t["params"]["serving.ordering.affinity_weight"] for t in record["trials"]} == {0.0}
     assert record["chosen"]["serving.ordering.retrieval_weight"] == 0.6 and record["best"] == 1.0
+
+
+def test_tuning_disabled_trains_the_configured_candidate_generator_once(monkeypatch):
+    """``tuning.enabled: false`` with retrained candidates listed (configs/movielens-recbole.yaml turned
+    off): train_tuned still trained one candidate generator per combination, whose manifests have no
+    ``tuning`` (train_all tunes only when enabled), and failed on the first (KeyError 'tuning')."""
+    from types import SimpleNamespace
+
+    from evaluation import tuning as tuner
+    from models import train
+
+    calls = []
+
+    def fake_train_all(processed, config, registry_dir, verbose=0, rankers_from=None, tune=None):
+        calls.append(config)
+        record = tune(Path(registry_dir), config) if tune is not None and config.tuning.enabled else None
+        return SimpleNamespace(manifest={} if record is None else {"tuning": record})
+
+    monkeypatch.setattr(tuner, "validation_tuner", lambda processed: lambda version_dir, config: {})
+    monkeypatch.setattr(train, "train_all", fake_train_all)
+    for logq_correction in (True, False):  # candidates listed for a correction turned off: not refused either
+        calls.clear()
+        config = load_config(
+            overrides={
+                "candidate_generator": {"logq_correction": logq_correction, "logq_strength": 1.0},
+                "tuning": {"enabled": False, "logq_strength": [0.25, 2.0], "sampled_negatives": [0, 64]},
+            }
+        )
+        model = tuner.train_tuned(None, config, "unused")
+        assert len(calls) == 1 and calls[0].candidate_generator.logq_strength == 1.0
+        assert "tuning" not in model.manifest
