@@ -107,11 +107,13 @@ def train_all(
     patience = config.training.early_stopping_patience
     keras_verbose = verbose
     # Before any training: an index the catalog cannot have failed only once the candidate generator had trained.
-    item_index.check_ann(
-        len(read_parquet(data.item_features)), config.serving.exact_index_max_items, config.serving.ann
-    )
+    # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
+    item_table = read_parquet(data.item_features)
+    item_index.check_ann(len(item_table), config.serving.exact_index_max_items, config.serving.ann)
     # The same for a history event the training events lack (read once the candidate generator had trained).
     _check_history_event(pq.read_schema(data.train_events).names, config.training.history_event)
+    # And for item affinity weights the catalog is too large for (fitted once the candidate generator had trained).
+    _check_item_affinity(int(item_table["item_id"].max()) + 1, config, trains_rankers=rankers_from is None)
 
     with (
         registry.VersionWriter(registry_dir) as out,
@@ -123,8 +125,6 @@ def train_all(
         sizes = {}
 
         progress.set_postfix_str("candidate_generator")
-        # Read through Merlin's dispatch: cudf on a GPU machine, pandas otherwise.
-        item_table = read_parquet(data.item_features)
         tt_model, tt_metrics = train_candidate_generator(
             train,
             valid,
@@ -296,6 +296,25 @@ def _history(events, event: str):
 def _check_history_event(columns: list[str], event: str) -> None:
     if event != "impression" and event not in columns:
         raise ValueError(f"training.history_event {event!r} is not a column of the training events ({columns})")
+
+
+def _check_item_affinity(num_items: int, config: Config, trains_rankers: bool) -> None:
+    """Refuse what ``train_item_affinity`` and the heavy ranker's hard negatives would refuse for a
+    catalog above ``item_affinity.max_items``: the affinity in the blend, or hard negatives drawn with
+    it (where the rankers are trained here)."""
+    ac = config.item_affinity
+    if num_items <= ac.max_items:
+        return
+    if config.serving.ordering.affinity_weight > 0:
+        raise ValueError(
+            f"item_affinity needs a dense {num_items} x {num_items} weight matrix, above "
+            f"item_affinity.max_items={ac.max_items}; raise the limit or set serving.ordering.affinity_weight: 0"
+        )
+    if trains_rankers and any(m.hard_negatives for m in config.heavy_ranker.members):
+        raise ValueError(
+            "heavy_ranker.members[].hard_negatives needs the item affinity weights, which this catalog "
+            f"({num_items} items) is too large for (item_affinity.max_items={ac.max_items}); set hard_negatives: 0"
+        )
 
 
 def _log_tuning(run, record: dict) -> None:

@@ -268,3 +268,25 @@ def test_reloading_the_merlin_patches_keeps_the_cross_config_fix_working(monkeyp
     monkeypatch.setattr(merlin_patches, "_original_get_config", merlin_patches._original_get_config)
     importlib.reload(merlin_patches)
     assert Cross(output_x0=True).get_config()["output_x0"] is True
+
+
+def test_an_item_affinity_the_catalog_cannot_have_is_refused_before_any_training(processed, small_config, tmp_path):
+    # A catalog above item_affinity.max_items with the affinity in the blend (or a member's hard negatives
+    # drawn with it) was refused only once the candidate generator (and the light ranker) had trained.
+    from configs import with_overrides
+    from models import train
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the candidate generator trained before the item affinity's size was checked")
+
+    small = {"item_affinity": {"max_items": 2}}
+    blend = with_overrides(small_config, {**small, "serving": {"ordering": {"affinity_weight": 0.3}}})
+    members = [{"hard_negatives": 2}]
+    unused = {"serving": {"ordering": {"affinity_weight": 0.0}}}
+    hard = with_overrides(small_config, {**small, **unused, "heavy_ranker": {"members": members}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_candidate_generator", trained)
+        with pytest.raises(ValueError, match="item_affinity.max_items=2"):
+            train.train_all(processed, blend, tmp_path / "registry", verbose=0)
+        with pytest.raises(ValueError, match="hard_negatives needs the item affinity"):
+            train.train_all(processed, hard, tmp_path / "registry", verbose=0)
