@@ -252,7 +252,7 @@ def ensemble_order(repo: str | Path, ensemble: str = "funnel") -> list[str]:
     return re.findall(r'model_name:\s*"([^"]+)"', text)
 
 
-def load_funnel(repo: str | Path, version: int, live_store: str | None = None) -> list:
+def load_funnel(repo: str | Path, version: int, live_store: str | None = None, seed: int = 0) -> list:
     """The exported funnel's stage objects, in the order of the version's own ensemble
     (``funnel_v<version>``; ``funnel`` in a repository without one), or the fused funnel's own where
     the version was exported fused (``serving/fused.py``), their clock at the end of the training
@@ -263,7 +263,10 @@ def load_funnel(repo: str | Path, version: int, live_store: str | None = None) -
     Live events and takedowns come from the repository's own store (``<repo>-live.sqlite`` beside
     it), or ``live_store``: never from ``$FUNNEL_STORE_URL``. Set where the evaluation or the training
     runs (the serving image, a shell that ingests events), it had the stages read that deployment's
-    store, and its takedowns and users' live clicks changed the offline figures."""
+    store, and its takedowns and users' live clicks changed the offline figures.
+
+    An exploring ordering (``serving.ordering.exploration_temperature`` > 0) samples from ``seed``, so
+    a replay repeats its figures; served, each request gets a fresh draw."""
     from serving.interface import FUSED, ensemble_name
     from serving.stages import STAGES
     from workflows.live_store import store_beside
@@ -280,7 +283,16 @@ def load_funnel(repo: str | Path, version: int, live_store: str | None = None) -
             STAGES[name](Path(repo) / name / str(version), **({"live_store": store} if name in LIVE else {}))
             for name in order
         ]
-    return at_training_end(stages)
+    return at_training_end([_replayable(stage, seed) for stage in stages])
+
+
+def _replayable(stage, seed: int):
+    """An exploring ordering stage explores from fresh entropy as loaded (what serving wants): a copy
+    drawing from ``seed`` instead, so a replay repeats."""
+    policy = getattr(stage, "policy", None)
+    if getattr(stage, "name", None) == "ordering" and getattr(policy, "exploration_temperature", 0) > 0:
+        return stage.with_policy(policy, seed=seed)
+    return stage
 
 
 # The stages that read the live store (``live_store=``): what users just did, what was taken down.

@@ -78,6 +78,37 @@ def test_a_staged_version_loads_while_the_funnel_serves_a_fused_one(tmp_path, mo
     assert all(s.folder == tmp_path / s.name / "1" for s in loaded)
 
 
+def test_an_exploring_ordering_replays_the_same_lists_every_load(tmp_path, monkeypatch):
+    """With ``serving.ordering.exploration_temperature`` > 0 the loaded ordering stage sampled from
+    fresh entropy, so an evaluation, the tuning step or the checklist gave other figures on every run
+    of the same export. ``load_funnel`` seeds it (``seed``, 0 by default)."""
+    from types import SimpleNamespace
+
+    from deployment.export import TRITON_REPO_SOURCE, pin_ensemble, write_version_ensemble
+    from serving import stages
+
+    class Ordering:  # as the stage does: fresh entropy unless with_policy gets a seed
+        name = "ordering"
+
+        def __init__(self, folder=None, policy=None, seed=None, **_):
+            self.policy = policy or SimpleNamespace(exploration_temperature=0.5)
+            self.folder, self.rng = folder, np.random.default_rng(seed)
+
+        def with_policy(self, policy, seed=None):
+            return Ordering(self.folder, policy, seed)
+
+    write_version_ensemble(tmp_path, pin_ensemble((TRITON_REPO_SOURCE / "funnel" / "config.pbtxt").read_text(), 1), 1)
+    built = {name: (lambda folder, name=name, **_: SimpleNamespace(name=name, folder=folder)) for name in stages.FUNNEL}
+    monkeypatch.setattr(stages, "STAGES", {**built, "ordering": Ordering})
+
+    def draws(**kwargs):
+        (ordering,) = [s for s in offline.load_funnel(tmp_path, 1, **kwargs) if s.name == "ordering"]
+        return ordering.rng.random(5).tolist()
+
+    assert draws() == draws()
+    assert draws(seed=1) != draws(seed=2)
+
+
 @pytest.mark.slow
 def test_served_funnel_lists_evaluate_like_any_recommender(triton_repo, model_version, data):
     users = data.user_ids[:40]
