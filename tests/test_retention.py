@@ -331,3 +331,40 @@ def test_a_signal_with_the_same_rate_for_every_user_is_not_measured():
     assert "like" not in set(analysis.heads["signal"]) and "like" not in set(analysis.all_signals["signal"])
     assert any(note.startswith("like: the same rate for every user") for note in analysis.notes), analysis.notes
     assert not any("linear combination" in note for note in analysis.notes), analysis.notes
+
+
+def test_the_in_process_simulation_with_exploration_repeats(monkeypatch, tmp_path):
+    """The loaded ordering stage explores from fresh entropy (served requests get a fresh draw each):
+    with ``serving.ordering.exploration_temperature`` > 0 the retention run's simulated log, and so
+    the analysis and derived weights, differed between two runs with the same seeds. The stages now
+    explore from ``online.simulation.seed``, as the feedback loop's do."""
+    import evaluation.offline
+    from configs import SimulationConfig, load_config
+    from online.feedback_log import FeedbackLog
+    from online.retention import simulate_in_process
+    from workflows.sources.synthetic import generate
+
+    class Exploring:  # an ordering stage as load_funnel gives it: unseeded unless with_policy seeds a copy
+        name, policy = "ordering", None
+
+        def __init__(self, seed=None):
+            self.rng = np.random.default_rng(seed)
+
+        def with_policy(self, policy, seed=None):
+            return Exploring(seed)
+
+    def run_funnel(stages, user, k):
+        items = stages[0].rng.choice(np.arange(1, 41), k, replace=False)
+        return {"item_ids": items, "model_version": np.array([b"1"]), "served_by": np.array([b"funnel"])}
+
+    monkeypatch.setattr(evaluation.offline, "load_funnel", lambda repo, version: [Exploring()])
+    monkeypatch.setattr(evaluation.offline, "run_funnel", run_funnel)
+    config = load_config(overrides={"synthetic": {"num_users": 30, "num_items": 40, "events_per_user": 5, "seed": 3}})
+    world = generate(config.synthetic)
+    slates = []
+    for run in ("a", "b"):
+        simulate_in_process(world, config, tmp_path, 1, tmp_path / f"{run}.sqlite", simulation=SimulationConfig(days=2))
+        log = FeedbackLog(tmp_path / f"{run}.sqlite")
+        slates.append(log.impressions().sort_values(["user_id", "ts", "position"])[["user_id", "item_id"]])
+        log.close()
+    assert slates[0]["item_id"].tolist() == slates[1]["item_id"].tolist()
