@@ -485,15 +485,14 @@ def simulate_in_process(world, config, repo: Path, version: int, log_path: Path,
 
     from evaluation.offline import load_funnel, run_funnel
     from online.feedback_log import FeedbackLog
-    from online.feedback_loop import _seeded
     from online.simulator import UserSimulator
 
     # In-process stages (one SQLite connection, one TF graph each) are called from one thread.
     sim_cfg = dataclasses.replace(simulation or config.online.simulation, concurrency=1)
     # An exploring ordering stage (``serving.ordering.exploration_temperature`` > 0) draws from the
-    # simulation's seed, as the feedback loop's do: as loaded it draws from fresh entropy, and the log
+    # simulation's seed, as the feedback loop's do: served, it draws from fresh entropy, and the log
     # (so the analysis and the derived weights) differed between two runs with the same seeds.
-    stages = _seeded(load_funnel(repo, version), sim_cfg.seed)
+    stages = load_funnel(repo, version, seed=sim_cfg.seed)
 
     def recommend(user, k, arm):
         out = run_funnel(stages, int(user), k)

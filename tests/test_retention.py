@@ -357,7 +357,13 @@ def test_the_in_process_simulation_with_exploration_repeats(monkeypatch, tmp_pat
         items = stages[0].rng.choice(np.arange(1, 41), k, replace=False)
         return {"item_ids": items, "model_version": np.array([b"1"]), "served_by": np.array([b"funnel"])}
 
-    monkeypatch.setattr(evaluation.offline, "load_funnel", lambda repo, version: [Exploring()])
+    seeds = []
+
+    def load_funnel(repo, version, seed=0):  # seeds an exploring ordering, as the real one does
+        seeds.append(seed)
+        return [Exploring().with_policy(None, seed)]
+
+    monkeypatch.setattr(evaluation.offline, "load_funnel", load_funnel)
     monkeypatch.setattr(evaluation.offline, "run_funnel", run_funnel)
     config = load_config(overrides={"synthetic": {"num_users": 30, "num_items": 40, "events_per_user": 5, "seed": 3}})
     world = generate(config.synthetic)
@@ -368,3 +374,4 @@ def test_the_in_process_simulation_with_exploration_repeats(monkeypatch, tmp_pat
         slates.append(log.impressions().sort_values(["user_id", "ts", "position"])[["user_id", "item_id"]])
         log.close()
     assert slates[0]["item_id"].tolist() == slates[1]["item_id"].tolist()
+    assert seeds == [SimulationConfig(days=2).seed] * 2  # the simulation's seed, not load_funnel's default
