@@ -369,9 +369,11 @@ def test_the_in_process_simulation_with_exploration_repeats(monkeypatch, tmp_pat
     world = generate(config.synthetic)
     slates = []
     for run in ("a", "b"):
-        simulate_in_process(world, config, tmp_path, 1, tmp_path / f"{run}.sqlite", simulation=SimulationConfig(days=2))
+        simulate_in_process(
+            world, config, tmp_path, 1, tmp_path / f"{run}.sqlite", simulation=SimulationConfig(days=2, seed=7)
+        )
         log = FeedbackLog(tmp_path / f"{run}.sqlite")
         slates.append(log.impressions().sort_values(["user_id", "ts", "position"])[["user_id", "item_id"]])
         log.close()
     assert slates[0]["item_id"].tolist() == slates[1]["item_id"].tolist()
-    assert seeds == [SimulationConfig(days=2).seed] * 2  # the simulation's seed, not load_funnel's default
+    assert seeds == [7, 7]  # the simulation's seed, not load_funnel's default (0)
