@@ -108,7 +108,8 @@ class FunnelClient:
         """The user's top ``k``; ``exclude_item_ids`` (optional context) are raw ids never to return."""
         g = self._grpc
         user = g.InferInput("user_id", [1], "INT64")
-        user.set_data_from_numpy(one_integer("user_id", user_id, np.int64))
+        user_array = one_integer("user_id", user_id, np.int64)
+        user.set_data_from_numpy(user_array)
         top_k = g.InferInput("k", [1], "INT32")
         top_k.set_data_from_numpy(one_integer("k", k, np.int32))
         inputs = [user, top_k]
@@ -127,7 +128,7 @@ class FunnelClient:
             )
         counts = result.as_numpy("stage_counts").tolist()
         return Recommendations(
-            user_id=int(user_id),
+            user_id=int(user_array[0]),  # the id sent: int([5]) raised after the server had answered
             item_ids=result.as_numpy("item_ids").tolist(),
             scores=[float(s) for s in result.as_numpy("scores")],
             model_version=result.as_numpy("model_version")[0].decode(),

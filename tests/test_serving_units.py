@@ -906,3 +906,27 @@ def test_a_new_router_version_is_readable_by_the_server_like_the_rest_of_the_rep
         os.umask(umask)
     assert stat.S_IMODE((repo / ROUTER / "2").stat().st_mode) == 0o755
     assert rollout.current_rollout(repo).control_version == 2
+
+
+def test_the_client_answers_a_user_id_given_as_a_one_value_list(monkeypatch):
+    """``recommend(user_id=[5])`` is one value, so it was sent and answered (by the A/B router, with an
+    impression logged under a new request id), and then ``int([5])`` raised a ``TypeError`` building
+    the ``Recommendations``: the answer and its request id were lost. The user id is the one sent."""
+    from serving.client import FunnelClient
+
+    class Result:
+        def as_numpy(self, name):
+            return {
+                "item_ids": np.array([4, 2], dtype=np.int64),
+                "scores": np.array([0.9, 0.5], dtype=np.float32),
+                "model_version": np.array([b"3"], dtype=object),
+                "served_by": np.array([b"model"], dtype=object),
+                "stage_counts": np.array([9, 8, 7, 6, 2], dtype=np.int64),
+            }[name]
+
+    client = FunnelClient("127.0.0.1:1")  # never connected: infer is replaced
+    monkeypatch.setattr(client.client, "infer", lambda *a, **kw: Result())
+    for user_id in ([5], np.array([5]), (5,), 5.0):
+        recs = client.recommend(user_id, k=2)
+        assert recs.user_id == 5 and type(recs.user_id) is int and recs.item_ids == [4, 2]
+    client.close()
