@@ -17,6 +17,7 @@ from configs.runtime import quiet_known_warnings
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse
+import sys
 from pathlib import Path
 
 from deployment.rollout import add_version, retire, roll_out, served_version
@@ -63,7 +64,11 @@ def main() -> None:
     if args.retire and int(old) == int(model.version):
         print(f"version {old} was already served: nothing to retire")
     elif args.retire:
-        retire(args.url, args.repository, old, root_certificates=args.tls_ca)
+        try:
+            retire(args.url, args.repository, old, root_certificates=args.tls_ca)
+        except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
+            print(f"version {old} not retired: {err}", file=sys.stderr)
+            sys.exit(2)
         print(f"retired version {old}")
 
 

@@ -930,3 +930,45 @@ def test_the_client_answers_a_user_id_given_as_a_one_value_list(monkeypatch):
         recs = client.recommend(user_id, k=2)
         assert recs.user_id == 5 and type(recs.user_id) is int and recs.item_ids == [4, 2]
     client.close()
+
+
+def test_rollout_script_reports_a_refused_retire_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """``scripts/rollout.py --retire`` of a version an A/B arm still serves: the roll out succeeded,
+    then ``retire``'s refusal ended the script in a traceback (exit 1), as if the roll had failed."""
+    import runpy
+    import sys
+    from types import SimpleNamespace
+
+    from deployment import rollout, security
+    from models import registry
+
+    class Control:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def get_model_repository_index(self):
+            return []
+
+    def refuse(*args, **kwargs):
+        raise ValueError("version 1 still serves an arm of experiment 'e'")
+
+    monkeypatch.setattr(registry, "get", lambda folder, version: SimpleNamespace(version=2))
+    monkeypatch.setattr(rollout, "served_version", lambda repo: 1)
+    monkeypatch.setattr(rollout, "add_version", lambda model, repo: None)
+    monkeypatch.setattr(rollout, "roll_out", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rollout, "retire", refuse)
+    monkeypatch.setattr(security, "ControlClient", Control)
+    script = runpy.run_path("scripts/rollout.py")
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--repository", str(tmp_path / "repo"), "--retire"])
+    with pytest.raises(SystemExit) as done:
+        script["main"]()
+    assert done.value.code == 2
+    out = capsys.readouterr()
+    assert "serving version 2 (was 1)" in out.out
+    assert "version 1 not retired: version 1 still serves an arm of experiment 'e'" in out.err
