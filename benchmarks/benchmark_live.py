@@ -231,7 +231,11 @@ def fresh_history_trials(url: str, users: list[int], trials: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", help="an exported repository (copied); default: build a small world")
-    p.add_argument("--workdir", help="where the world is built (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        help="where the world is built and the repository copied (default: a temporary folder, removed "
+        "after a run that succeeds; one that failed keeps it, with the server's log)",
+    )
     p.add_argument("--items", type=int, default=2000, help="catalog size of a built world")
     p.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     p.add_argument("--requests", type=positive_int, default=600, help="funnel requests per phase and round")
@@ -450,6 +454,8 @@ def main() -> None:
         if postgres is not None:
             postgres.stop()
     print_json(result, args.out)
+    if not args.workdir:  # a folder of its own: a copy of the export (at 1M items, gigabytes) and the world
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,74 @@ def test_a_perf_analyzer_timeout_does_not_print_the_admin_key(monkeypatch):
         perf_analyzer.run("localhost:8000", key, [1, 2], concurrency=1, timeout_s=5)
     assert "did not finish within 5 s" in str(err.value)
     assert key not in "".join(traceback.format_exception(err.value))
+
+
+def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
+    """benchmarks/benchmark_live.py without --workdir copies the repository (or builds a world) in
+    a temporary folder of its own and never removed it: every run left a copy of the export (at 1M
+    items, gigabytes) in the system's temporary folder."""
+    import json
+    import multiprocessing
+    import queue
+    import sqlite3
+    import sys
+    import tempfile
+    import threading
+
+    import pandas as pd
+
+    import benchmarks.loadgen
+    import deployment.server
+    from benchmarks import benchmark_live
+    from benchmarks.loadgen import LoadReport, Request, Result
+
+    repo = tmp_path / "export"
+    (repo / "ordering" / "1").mkdir(parents=True)
+    (repo / "feature_lookup" / "1").mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 1}))
+    pd.DataFrame({"item_id_raw": [7, 8, 9]}).to_parquet(repo / "ordering" / "1" / "item_features.parquet")
+    with sqlite3.connect(repo / "feature_lookup" / "1" / "online_store.sqlite") as con:
+        con.execute("CREATE TABLE user_features (user_id_raw INTEGER)")
+        con.executemany("INSERT INTO user_features VALUES (?)", [(u,) for u in range(5)])
+    con.close()
+
+    class Server:  # no tritonserver: what the benchmark leaves behind is under test
+        grpc_url = "localhost:1"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def cpu_seconds_by_process(self):
+            return {}
+
+    def run_load(url, requests, **kwargs):
+        return LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)
+
+    class Process:
+        def __init__(self, target, args, daemon=None):
+            self.args = args
+
+        def start(self):
+            self.args[5].set()  # ready
+            self.args[7].put({"writer_cpu_s": 0.1, "writer_seconds": 1.0})
+
+        def join(self, timeout=None):
+            pass
+
+    made = tmp_path / "made-by-mkdtemp"
+    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
+    monkeypatch.setattr(deployment.server, "TritonServer", Server)
+    monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
+    monkeypatch.setattr(benchmark_live, "fresh_history_trials", lambda *args: {})
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: str(made.mkdir() or made))
+    argv = ["benchmark_live", "--repository", str(repo), "--rounds", "1", "--no-same-cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    benchmark_live.main()
+    assert made.is_dir() is False, "the benchmark's temporary folder was left behind"
