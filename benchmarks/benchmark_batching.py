@@ -222,7 +222,7 @@ def main() -> None:
     p.add_argument("--events-per-item", type=float, default=5.0, help="as benchmark_serving")
     p.add_argument("--min-events", type=int, default=100_000, help="as benchmark_serving")
     p.add_argument("--requests", type=positive_int, default=2000, help="requests per level above 1 in flight")
-    p.add_argument("--latency-requests", type=int, default=500, help="requests at 1 in flight")
+    p.add_argument("--latency-requests", type=positive_int, default=500, help="requests at 1 in flight")
     p.add_argument("--warmup", type=int, default=200, help="requests (8 in flight) before measuring")
     p.add_argument("--max-batch-size", type=int, default=64, help="serving.batching.max_batch_size when batched")
     p.add_argument(

@@ -239,10 +239,10 @@ def main() -> None:
     p.add_argument("--items", type=int, default=2000, help="catalog size of a built world")
     p.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     p.add_argument("--requests", type=positive_int, default=600, help="funnel requests per phase and round")
-    p.add_argument("--rounds", type=int, default=2, help="read-only / with-writes alternations")
+    p.add_argument("--rounds", type=positive_int, default=2, help="read-only / with-writes alternations")
     p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
     p.add_argument("--events-per-s", type=float, default=200.0, help="live writes per second while writing")
-    p.add_argument("--trials", type=int, default=100, help="fresh-history latency trials")
+    p.add_argument("--trials", type=positive_int, default=100, help="fresh-history latency trials")
     p.add_argument(
         "--writer-nice",
         type=int,

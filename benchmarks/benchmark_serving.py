@@ -272,10 +272,10 @@ def main() -> None:
         help="events generated per catalog item (at 5, ~95%% of the items get a training event and are served)",
     )
     p.add_argument("--min-events", type=int, default=100_000, help="at least this many events per world")
-    p.add_argument("--latency-requests", type=int, default=500, help="sequential requests for p50/p95/p99")
+    p.add_argument("--latency-requests", type=positive_int, default=500, help="sequential requests for p50/p95/p99")
     p.add_argument("--requests", type=positive_int, default=2000, help="concurrent requests for requests/s")
     p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
-    p.add_argument("--baseline-users", type=int, default=10, help="users ranked by the brute-force baseline")
+    p.add_argument("--baseline-users", type=positive_int, default=10, help="users ranked by the brute-force baseline")
     p.add_argument("--workdir", help="where worlds are built (default: a temporary folder)")
     p.add_argument(
         "--keep",

@@ -266,3 +266,32 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     benchmark_live.main()
     assert made.is_dir() is False, "the benchmark's temporary folder was left behind"
+
+
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("benchmark_serving", "--latency-requests"),  # KeyError 'p50_ms' after the world and the server
+        ("benchmark_serving", "--baseline-users"),  # IndexError on eval_users[0] after serving
+        ("benchmark_batching", "--latency-requests"),  # KeyError 'p99_ms' in the targets, after every export
+        ("benchmark_live", "--rounds"),  # np.concatenate of no phase, after the server's warm-up
+        ("benchmark_live", "--trials"),  # np.percentile of no trial, in the last write phase
+    ],
+)
+def test_benchmark_counts_of_zero_are_usage_errors(script, flag, tmp_path, monkeypatch, capsys):
+    """These counts were plain ints: 0 ran the benchmark's long part (a world built, a server
+    started and loaded) and then failed on no measurement; they are argparse errors now."""
+    import importlib
+    import sys
+
+    module = importlib.import_module(f"benchmarks.{script}")
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError(f"{script} {flag} 0 went on to measure")
+
+    monkeypatch.setattr(module, "measure_size", not_reached, raising=False)
+    where = ["--repository", str(tmp_path / "no-such-export")] if script == "benchmark_live" else ["--sizes", "10"]
+    monkeypatch.setattr(sys, "argv", [script, flag, "0", *where])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
