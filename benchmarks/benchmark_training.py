@@ -23,7 +23,6 @@ from configs.runtime import quiet_known_warnings
 quiet_known_warnings()  # before TensorFlow is imported
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +34,7 @@ import tensorflow as tf
 from merlin.io import Dataset
 from merlin.schema import Tags
 
+from benchmarks import print_json
 from configs import CandidateGeneratorConfig, EmbeddingConfig
 from configs.cli import config_file
 from models.candidate_generator import build_candidate_generator, positives, tower_schema
@@ -208,10 +208,7 @@ def main() -> None:
     import tensorflow_recommenders as tfrs
 
     result["versions"] = {"tensorflow": tf.__version__, "tensorflow_recommenders": tfrs.__version__}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print_json(result, args.out)  # makes --out's folder: a missing one lost the figures after the run
 
 
 if __name__ == "__main__":

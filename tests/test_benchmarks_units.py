@@ -295,3 +295,31 @@ def test_benchmark_counts_of_zero_are_usage_errors(script, flag, tmp_path, monke
     with pytest.raises(SystemExit) as exited:
         module.main()
     assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_training_benchmark_writes_out_into_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
+    """benchmarks/benchmark_training.py wrote ``--out`` with ``Path.write_text`` alone: an ``--out`` in
+    a folder that did not exist yet (``build/`` in a fresh clone) failed with FileNotFoundError after
+    the whole benchmark had run, and its figures were lost. The other benchmarks make the folder."""
+    import json
+    import sys
+    import types
+
+    import workflows.pipeline
+    import workflows.sources.synthetic
+    from benchmarks import benchmark_training
+
+    class Data:
+        def write_parquet(self, folder):
+            return {"events": None, "users": None, "items": None}
+
+    processed = types.SimpleNamespace(train=lambda: None)
+    monkeypatch.setitem(sys.modules, "tensorflow_recommenders", types.SimpleNamespace(__version__="0"))
+    monkeypatch.setattr(workflows.sources.synthetic, "generate", lambda config: Data())
+    monkeypatch.setattr(workflows.pipeline, "run_dataset_pipeline", lambda *args: processed)
+    monkeypatch.setattr(benchmark_training, "benchmark", lambda *args, **kwargs: {"examples": 1})
+    out = tmp_path / "build" / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark_training", "--out", str(out)])
+    benchmark_training.main()
+    assert json.loads(out.read_text())["examples"] == 1
+    assert json.loads(capsys.readouterr().out)["examples"] == 1
