@@ -96,6 +96,8 @@ def main() -> None:
         parser.error(f"argument --holdout: must be in (0, 1), got {args.holdout}")
     if not 0 < args.rate < 1:
         parser.error(f"argument --rate: must be in (0, 1), got {args.rate}")
+    if not 0 < args.effect < float("inf"):  # at 0 or below the sequential p is NaN: a rule that never fires
+        parser.error(f"argument --effect: must be > 0, got {args.effect}")
     if any(not 0 <= d < 1 for d in args.drops):
         parser.error(f"argument --drops: each must be in [0, 1), got {args.drops}")
     start = time.perf_counter()

@@ -323,3 +323,19 @@ def test_the_training_benchmark_writes_out_into_a_folder_not_made_yet(tmp_path, 
     benchmark_training.main()
     assert json.loads(out.read_text())["examples"] == 1
     assert json.loads(capsys.readouterr().out)["examples"] == 1
+
+
+@pytest.mark.parametrize("effect", ["0", "-0.1", "nan"])
+def test_the_holdout_alert_benchmark_refuses_an_effect_that_is_not_positive(effect, monkeypatch, capsys):
+    """``--effect`` is the gap the sequential test's mixture is tuned to: at 0 or below its p-value is
+    NaN and the sequential rule never fired, so the benchmark reported 0 alerts even at a 25% drop
+    (which the one-look rule caught in every run), as if the rule had no false alarms and no power."""
+    import sys
+
+    from benchmarks import benchmark_holdout_alert
+
+    argv = ["benchmark_holdout_alert", "--effect", effect, "--drops", "0.25", "--users-per-day", "10000"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--days", "2", "--runs", "5"])
+    with pytest.raises(SystemExit) as exited:
+        benchmark_holdout_alert.main()
+    assert exited.value.code == 2 and "--effect" in capsys.readouterr().err
