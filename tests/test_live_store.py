@@ -376,6 +376,16 @@ def test_a_dsn_is_described_without_its_password_in_either_form():
     assert describe("/srv/live.sqlite") == "/srv/live.sqlite"
 
 
+def test_a_dsn_libpq_cannot_parse_is_refused_without_its_password_in_the_error():
+    """A password with a literal ``%`` (not percent-encoded) or an unclosed ``[``: libpq's message
+    quoted the password, or the whole URL, and the ingestion script's traceback printed it."""
+    psycopg = pytest.importorskip("psycopg")
+    for url in ("postgresql://u:s3c%ret@127.0.0.1:1/db", "postgresql://u:s3c%ret@[db/funnel"):
+        with pytest.raises(psycopg.Error) as error:
+            LiveStore(url)
+        assert "s3c%ret" not in str(error.value), str(error.value)
+
+
 def test_the_takedown_script_refuses_an_item_id_beyond_int64_with_exit_status_2(tmp_path, monkeypatch):
     """It ended in SQLite's OverflowError traceback (exit status 1) instead of the argument error."""
     from deployment import security

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -110,6 +111,21 @@ def describe(location: str | Path) -> str:
         rest = f"{credentials.split(':', 1)[0]}@{host}"
     query = "&".join(p for p in query.split("&") if p and p.split("=", 1)[0].strip().lower() != "password")
     return f"{scheme}://{rest}{mark if query else ''}{query}"
+
+
+def redact(text: str, location: str | Path) -> str:
+    """``text`` (an error message) without the password of the DSN ``location``: libpq's message on a
+    URL it cannot parse quotes the URL, or the token holding the password (a literal ``%`` in it)."""
+    location = str(location)
+    if not is_postgres(location):
+        return text
+    text = text.replace(location, describe(location))
+    rest, _, query = location.split("://", 1)[1].partition("?")
+    secrets = [rest.rsplit("@", 1)[0].partition(":")[2]] if "@" in rest else []
+    secrets += [p.split("=", 1)[1] for p in query.split("&") if p.split("=", 1)[0].strip().lower() == "password"]
+    for secret in sorted({s for s in secrets if s} | {unquote(s) for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def private_file(path: str | Path) -> None:
@@ -198,8 +214,16 @@ class Database:
 
         # libpq waits for an unreachable server as long as the OS lets TCP try (minutes), and every
         # request of a serving process waits on this lock meanwhile: a bound, unless the URL sets one.
-        timeout = {} if "connect_timeout" in conninfo_to_dict(self.location) else {"connect_timeout": CONNECT_TIMEOUT_S}
-        return psycopg.connect(self.location, autocommit=True, **timeout)
+        try:
+            timeout = (
+                {} if "connect_timeout" in conninfo_to_dict(self.location) else {"connect_timeout": CONNECT_TIMEOUT_S}
+            )
+            return psycopg.connect(self.location, autocommit=True, **timeout)
+        except psycopg.Error as err:
+            message = redact(str(err), self.location)
+            if message == str(err):
+                raise
+            raise type(err)(message) from None
 
     def _reconnect(self) -> None:
         log.warning("lost the connection to %s (was the server restarted?); reconnecting", describe(self.location))
