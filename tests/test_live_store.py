@@ -376,6 +376,18 @@ def test_a_dsn_is_described_without_its_password_in_either_form():
     assert describe("/srv/live.sqlite") == "/srv/live.sqlite"
 
 
+def test_a_dsn_whose_password_holds_a_question_mark_is_described_without_it():
+    """libpq ends the credentials at the ``@`` before the host, so a ``?`` in the password is part of
+    it (the URL connects); ``describe`` cut the query off first and printed the password whole."""
+    from workflows.live_store import describe
+
+    assert describe("postgresql://u:pa?ss@db:5432/funnel") == "postgresql://u@db:5432/funnel"
+    assert describe("postgresql://u:pa?ss@db/funnel?password=x&sslmode=require") == (
+        "postgresql://u@db/funnel?sslmode=require"
+    )
+    assert describe("postgresql://u:pa/ss@db/funnel") == "postgresql://u@db/funnel"
+
+
 def test_a_dsn_libpq_cannot_parse_is_refused_without_its_password_in_the_error():
     """A password with a literal ``%`` (not percent-encoded) or an unclosed ``[``: libpq's message
     quoted the password, or the whole URL, and the ingestion script's traceback printed it."""

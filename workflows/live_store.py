@@ -105,12 +105,24 @@ def describe(location: str | Path) -> str:
     if not is_postgres(text):
         return text
     scheme, rest = text.split("://", 1)
+    cut = credentials_end(rest)
+    if cut >= 0:
+        rest = f"{rest[:cut].split(':', 1)[0]}{rest[cut:]}"
     rest, mark, query = rest.partition("?")
-    if "@" in rest:
-        credentials, host = rest.rsplit("@", 1)
-        rest = f"{credentials.split(':', 1)[0]}@{host}"
     query = "&".join(p for p in query.split("&") if p and p.split("=", 1)[0].strip().lower() != "password")
     return f"{scheme}://{rest}{mark if query else ''}{query}"
+
+
+def credentials_end(rest: str) -> int:
+    """Where ``user:password`` ends in a DSN after its ``scheme://`` (its ``@``), or -1. libpq ends
+    it at an ``@`` before the first ``/``, so a ``?`` in the password is part of it: the last ``@``
+    before the first ``/`` or a ``?`` after the first ``@`` (an ``@`` in the password hidden too),
+    else the last ``@`` before the query (a ``/`` in the password: hidden, though libpq fails on it)."""
+    first = rest.split("/", 1)[0].find("@")
+    if first < 0:
+        return rest.partition("?")[0].rfind("@")
+    ends = [i for i in (rest.find("/"), rest.find("?", first)) if i >= 0]
+    return rest[: min(ends, default=len(rest))].rfind("@")
 
 
 def redact(text: str, location: str | Path) -> str:
@@ -120,9 +132,10 @@ def redact(text: str, location: str | Path) -> str:
     if not is_postgres(location):
         return text
     text = text.replace(location, describe(location))
-    rest, _, query = location.split("://", 1)[1].partition("?")
-    secrets = [rest.rsplit("@", 1)[0].partition(":")[2]] if "@" in rest else []
-    secrets += [p.split("=", 1)[1] for p in query.split("&") if p.split("=", 1)[0].strip().lower() == "password"]
+    rest = location.split("://", 1)[1]
+    cut = credentials_end(rest)
+    secrets = [rest[:cut].partition(":")[2]] if cut >= 0 else []
+    secrets += re.findall(r"[?&]\s*password\s*=([^&]*)", rest, re.IGNORECASE)
     for secret in sorted({s for s in secrets if s} | {unquote(s) for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
