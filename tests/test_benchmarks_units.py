@@ -98,24 +98,12 @@ def test_a_server_that_fails_requests_does_not_meet_the_serving_targets():
     assert judged["rps_ge_1000_at_32_in_flight"] and not judged["no_failed_requests"]
 
 
-def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkeypatch):
-    """benchmarks/benchmark_live.py starts a writer process for each write phase and set its stop
-    event only after the phase: a phase that raised (a load that failed, the fresh-history trials)
-    left the writer writing, and, as a non-daemonic child, multiprocessing's exit handler then
-    waited on it for ever, so the benchmark hung after its traceback."""
+def stand_in_export(tmp_path):
+    """An export with only what benchmark_live reads before it serves: 3 items, 5 known users."""
     import json
-    import multiprocessing
-    import queue
     import sqlite3
-    import sys
-    import threading
 
     import pandas as pd
-
-    import benchmarks.loadgen
-    import deployment.server
-    from benchmarks import benchmark_live
-    from benchmarks.loadgen import LoadReport, Request, Result
 
     repo = tmp_path / "export"
     (repo / "ordering" / "1").mkdir(parents=True)
@@ -126,21 +114,43 @@ def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkey
         con.execute("CREATE TABLE user_features (user_id_raw INTEGER)")
         con.executemany("INSERT INTO user_features VALUES (?)", [(u,) for u in range(5)])
     con.close()
+    return repo
 
-    class Server:  # no tritonserver: the benchmark's own handling of its processes is under test
-        grpc_url = "localhost:1"
 
-        def __init__(self, *args, **kwargs):
-            pass
+class StandInServer:
+    """No tritonserver: the benchmark's own handling of its processes and folders is under test."""
 
-        def __enter__(self):
-            return self
+    grpc_url = "localhost:1"
 
-        def __exit__(self, *exc):
-            return False
+    def __init__(self, *args, **kwargs):
+        pass
 
-        def cpu_seconds_by_process(self):
-            return {}
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def cpu_seconds_by_process(self):
+        return {}
+
+
+def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkeypatch):
+    """benchmarks/benchmark_live.py starts a writer process for each write phase and set its stop
+    event only after the phase: a phase that raised (a load that failed, the fresh-history trials)
+    left the writer writing, and, as a non-daemonic child, multiprocessing's exit handler then
+    waited on it for ever, so the benchmark hung after its traceback."""
+    import multiprocessing
+    import queue
+    import sys
+    import threading
+
+    import benchmarks.loadgen
+    import deployment.server
+    from benchmarks import benchmark_live
+    from benchmarks.loadgen import LoadReport, Request, Result
+
+    repo = stand_in_export(tmp_path)
 
     calls = []
 
@@ -165,7 +175,7 @@ def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkey
 
     context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
-    monkeypatch.setattr(deployment.server, "TritonServer", Server)
+    monkeypatch.setattr(deployment.server, "TritonServer", StandInServer)
     monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
     monkeypatch.setattr(sys, "argv", ["benchmark_live", "--repository", str(repo), "--workdir", str(tmp_path / "w")])
     with pytest.raises(RuntimeError, match="with-writes load failed"):
@@ -201,45 +211,18 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
     """benchmarks/benchmark_live.py without --workdir copies the repository (or builds a world) in
     a temporary folder of its own and never removed it: every run left a copy of the export (at 1M
     items, gigabytes) in the system's temporary folder."""
-    import json
     import multiprocessing
     import queue
-    import sqlite3
     import sys
     import tempfile
     import threading
-
-    import pandas as pd
 
     import benchmarks.loadgen
     import deployment.server
     from benchmarks import benchmark_live
     from benchmarks.loadgen import LoadReport, Request, Result
 
-    repo = tmp_path / "export"
-    (repo / "ordering" / "1").mkdir(parents=True)
-    (repo / "feature_lookup" / "1").mkdir(parents=True)
-    (repo / "export.json").write_text(json.dumps({"version": 1}))
-    pd.DataFrame({"item_id_raw": [7, 8, 9]}).to_parquet(repo / "ordering" / "1" / "item_features.parquet")
-    with sqlite3.connect(repo / "feature_lookup" / "1" / "online_store.sqlite") as con:
-        con.execute("CREATE TABLE user_features (user_id_raw INTEGER)")
-        con.executemany("INSERT INTO user_features VALUES (?)", [(u,) for u in range(5)])
-    con.close()
-
-    class Server:  # no tritonserver: what the benchmark leaves behind is under test
-        grpc_url = "localhost:1"
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def cpu_seconds_by_process(self):
-            return {}
+    repo = stand_in_export(tmp_path)
 
     def run_load(url, requests, **kwargs):
         return LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)
@@ -258,7 +241,7 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
     made = tmp_path / "made-by-mkdtemp"
     context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
-    monkeypatch.setattr(deployment.server, "TritonServer", Server)
+    monkeypatch.setattr(deployment.server, "TritonServer", StandInServer)
     monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
     monkeypatch.setattr(benchmark_live, "fresh_history_trials", lambda *args: {})
     monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: str(made.mkdir() or made))

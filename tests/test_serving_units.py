@@ -803,6 +803,22 @@ def test_the_client_refuses_a_user_id_or_k_that_is_not_one_value(monkeypatch):
     client.close()
 
 
+class StandInControl:
+    """``ControlClient`` for the rollout script's tests: a server that answers the control plane."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def get_model_repository_index(self):
+        return []
+
+
 def test_the_rollout_script_rolls_back_to_a_version_still_on_disk(tmp_path, monkeypatch):
     """``scripts/rollout.py --version 1`` after a 1 -> 2 roll without ``--retire`` (docs/deployment.md:
     rolling back is the same command with an older ``--version``): version 1 is still in the
@@ -825,21 +841,8 @@ def test_the_rollout_script_rolls_back_to_a_version_still_on_disk(tmp_path, monk
     (repo / "export.json").write_text(json.dumps({"version": 2}))
     calls = []
 
-    class Control:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def get_model_repository_index(self):
-            return {}
-
     monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
-    monkeypatch.setattr(script, "ControlClient", Control)
+    monkeypatch.setattr(script, "ControlClient", StandInControl)
     monkeypatch.setattr(script, "roll_out", lambda url, repository, version, **kw: calls.append(("roll_out", version)))
     monkeypatch.setattr(script, "retire", lambda url, repository, version, **kw: calls.append(("retire", version)))
     argv = ["rollout.py", "--repository", str(repo), "--url", "127.0.0.1:1", "--retire", "--version"]
@@ -942,19 +945,6 @@ def test_rollout_script_reports_a_refused_retire_without_a_traceback(tmp_path, m
     from deployment import rollout, security
     from models import registry
 
-    class Control:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def get_model_repository_index(self):
-            return []
-
     def refuse(*args, **kwargs):
         raise ValueError("version 1 still serves an arm of experiment 'e'")
 
@@ -963,7 +953,7 @@ def test_rollout_script_reports_a_refused_retire_without_a_traceback(tmp_path, m
     monkeypatch.setattr(rollout, "add_version", lambda model, repo: None)
     monkeypatch.setattr(rollout, "roll_out", lambda *args, **kwargs: None)
     monkeypatch.setattr(rollout, "retire", refuse)
-    monkeypatch.setattr(security, "ControlClient", Control)
+    monkeypatch.setattr(security, "ControlClient", StandInControl)
     script = runpy.run_path("scripts/rollout.py")
     monkeypatch.setattr(sys, "argv", ["rollout.py", "--repository", str(tmp_path / "repo"), "--retire"])
     with pytest.raises(SystemExit) as done:
