@@ -160,6 +160,21 @@ def test_a_blank_denylist_term_is_refused_and_blanks_around_terms_do_not_count()
     assert keyword_classifier(items, config).tolist() == [False, True, True, True]
 
 
+def test_denylisted_terms_match_whole_words_in_scripts_with_vowel_signs():
+    """Python's ``\\b`` takes a vowel sign (a combining mark, "ु" in "कुमार") for the end of a word: the
+    term "मार" matched inside the name "कुमार", and "बिल्ली", which ends in a vowel sign, had no end
+    boundary at all and matched inside longer words."""
+    import pandas as pd
+
+    from workflows.content_filter import keyword_classifier
+
+    items = pd.DataFrame(
+        {"item_id": [1, 2, 3, 4, 5], "title": ["कुमार की कहानी", "मार", "मार-पीट", "बिल्लीयाँ", "एक बिल्ली"]}
+    )
+    config = ContentFilterConfig(denylist=["मार", "बिल्ली"], columns=["title"])
+    assert keyword_classifier(items, config).tolist() == [False, True, True, False, True]
+
+
 def test_signatures_keep_every_script_and_never_match_a_missing_title():
     """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
     missing title became "none": different films of one category and length then merged."""

@@ -19,8 +19,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from configs import ContentFilterConfig
+from workflows.dedup import combining_marks
 from workflows.live_store import STORE_ENV, describe, is_postgres, taken_down_items
 from workflows.report import report
 from workflows.rows import IsIn, filter_rows
@@ -28,27 +30,46 @@ from workflows.rows import IsIn, filter_rows
 log = logging.getLogger(__name__)
 
 
-def _whole(term: str) -> str:
+def _whole(term: str, word: str | None = None) -> str:
     """``term`` as a regex matching it as a whole word or phrase. A word boundary is asked for only at
     an end that is a word character: ``\\b`` next to punctuation needs a word character on the far side,
     so ``f***`` wrapped in ``\\b...\\b`` matched "f***ing" but never "f***" on its own. The words of a
-    phrase match across any run of whitespace (a title's double space or line break)."""
+    phrase match across any run of whitespace (a title's double space or line break).
+
+    ``word``: a regex class of the word characters, whose edges are the boundaries (lookarounds)
+    instead of ``\\b``: Python's ``\\b`` takes a combining mark for a word's end, so "मार" matched inside
+    "कुमार" (after the vowel sign "ु")."""
     term = term.strip()
-    start = r"\b" if re.match(r"\w", term) else ""
-    end = r"\b" if re.search(r"\w$", term) else ""
-    return start + r"\s+".join(re.escape(word) for word in term.split()) + end
+    word_start = re.match(word or r"\w", term)
+    word_end = re.search((word or r"\w") + "$", term)
+    if word is None:
+        start, end = r"\b" if word_start else "", r"\b" if word_end else ""
+    else:
+        start, end = f"(?<!{word})" if word_start else "", f"(?!{word})" if word_end else ""
+    return start + r"\s+".join(re.escape(part) for part in term.split()) + end
 
 
 def keyword_classifier(items, config: ContentFilterConfig):
     """True for items whose text columns contain a denylisted word or phrase (whole words only)."""
     if not config.denylist:
         return items["item_id"] < items["item_id"].min()  # nothing is unsafe: an all-False series
-    pattern = "|".join(_whole(w.lower()) for w in config.denylist)
+    # Combining marks are part of a word where Python's re runs the pattern (pandas); cudf's regex
+    # engine on the GPU is untested with lookbehinds and the marks' class, and keeps ``\b``.
+    on_pandas = isinstance(items, pd.DataFrame)
+    word = rf"[\w{combining_marks()}]" if on_pandas else None
+    terms = config.denylist
+    pattern = "|".join(_whole(w.lower()) for w in terms)
+    # The lookarounds are ten times slower than ``\b``: they only confirm the titles ``pattern`` found,
+    # which it finds all of (its boundaries are looser).
+    exact = "|".join(_whole(w.lower(), word) for w in terms) if on_pandas else None
     flagged = None
     for column in config.columns:
         if column not in items.columns:
             raise ValueError(f"content_filter.columns names {column!r}, not a column of the item table")
-        hit = items[column].astype(str).str.lower().str.contains(pattern, regex=True)
+        text = items[column].astype(str).str.lower()
+        hit = text.str.contains(pattern, regex=True)
+        if exact is not None and hit.any():
+            hit[hit] = text[hit].str.contains(exact, regex=True)  # pandas: no missing text after astype
         flagged = hit if flagged is None else (flagged | hit)
     return flagged.fillna(False).astype(bool)
 

@@ -29,10 +29,10 @@ def drop_identical_rows(events) -> tuple[object, StepReport]:
 
 
 @functools.cache
-def _fold_pattern() -> str:
-    """Runs of what a title's signature folds to one space: every character that is neither a word
-    character nor a combining mark (Python's ``\\W`` takes vowel signs and tone marks, "ि" in "दिल",
-    for punctuation), and ``_``."""
+def combining_marks() -> str:
+    """The combining marks (Unicode category M: vowel signs, tone marks, accents) as the inside of a
+    regex character class. Python's ``\\w`` has none of them, so ``\\W`` and ``\\b`` take "ि" in "दिल"
+    for punctuation, a word's end."""
     marks, start = [], None
     for code in range(sys.maxunicode + 2):
         is_mark = code <= sys.maxunicode and unicodedata.category(chr(code)).startswith("M")
@@ -41,7 +41,14 @@ def _fold_pattern() -> str:
         elif not is_mark and start is not None:
             marks.append(chr(start) if start == code - 1 else f"{chr(start)}-{chr(code - 1)}")
             start = None
-    return rf"(?:[^\w{''.join(marks)}]|_)+"
+    return "".join(marks)
+
+
+@functools.cache
+def _fold_pattern() -> str:
+    """Runs of what a title's signature folds to one space: every character that is neither a word
+    character nor a combining mark (``combining_marks``), and ``_``."""
+    return rf"(?:[^\w{combining_marks()}]|_)+"
 
 
 def content_signature(items, columns: list[str], text_columns=()):
