@@ -175,6 +175,22 @@ def test_denylisted_terms_match_whole_words_in_scripts_with_vowel_signs():
     assert keyword_classifier(items, config).tolist() == [False, True, True, False, True]
 
 
+def test_a_denylisted_word_matches_whether_its_accents_are_composed_or_decomposed():
+    """A title in decomposed form (NFD, as macOS writes names: "e" + U+0301 for "é") escaped the term
+    "pédé" typed composed, and a decomposed term missed the composed titles."""
+    import unicodedata
+
+    import pandas as pd
+
+    from workflows.content_filter import keyword_classifier
+
+    titles = [unicodedata.normalize(form, "Le pédé du village") for form in ("NFC", "NFD")] + ["Le pede"]
+    items = pd.DataFrame({"item_id": [1, 2, 3], "title": titles})
+    for form in ("NFC", "NFD"):
+        config = ContentFilterConfig(denylist=[unicodedata.normalize(form, "pédé")], columns=["title"])
+        assert keyword_classifier(items, config).tolist() == [True, True, False], form
+
+
 def test_signatures_keep_every_script_and_never_match_a_missing_title():
     """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
     missing title became "none": different films of one category and length then merged."""

@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,9 @@ def keyword_classifier(items, config: ContentFilterConfig):
     # engine on the GPU is untested with lookbehinds and the marks' class, and keeps ``\b``.
     on_pandas = isinstance(items, pd.DataFrame)
     word = rf"[\w{combining_marks()}]" if on_pandas else None
-    terms = config.denylist
+    # NFC on both sides (pandas): a decomposed "é" (NFD, as macOS writes names) is the composed one.
+    # cudf has no normal forms.
+    terms = [unicodedata.normalize("NFC", w) if on_pandas else w for w in config.denylist]
     pattern = "|".join(_whole(w.lower()) for w in terms)
     # The lookarounds are ten times slower than ``\b``: they only confirm the titles ``pattern`` found,
     # which it finds all of (its boundaries are looser).
@@ -66,7 +69,10 @@ def keyword_classifier(items, config: ContentFilterConfig):
     for column in config.columns:
         if column not in items.columns:
             raise ValueError(f"content_filter.columns names {column!r}, not a column of the item table")
-        text = items[column].astype(str).str.lower()
+        text = items[column].astype(str)
+        if on_pandas:
+            text = text.str.normalize("NFC")
+        text = text.str.lower()
         hit = text.str.contains(pattern, regex=True)
         if exact is not None and hit.any():
             hit[hit] = text[hit].str.contains(exact, regex=True)  # pandas: no missing text after astype
