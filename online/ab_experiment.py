@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,7 +134,7 @@ def serve_ab_test(
     from online.ab_report import analyze, write_ab_report
     from online.experiments import roll_out_treatment, start_experiment
     from online.feedback_log import FeedbackLog
-    from online.router import feedback_log_path
+    from online.router import LOG_ENV, feedback_log_path
     from online.simulator import UserSimulator
     from serving.assignment import ab_rollout
     from serving.client import FunnelClient
@@ -146,10 +147,12 @@ def serve_ab_test(
         repo = export_repository(control, work / "triton_repo", replace=True)
     add_version(treatment, repo)
     log_path = feedback_log_path(repo)
-    if isinstance(log_path, Path):
+    # The log beside the repository is this run's: a fresh one (and its WAL files). One that
+    # $FUNNEL_FEEDBACK_LOG names (a file or PostgreSQL) is the deployment's: it keeps its rows.
+    if isinstance(log_path, Path) and not os.environ.get(LOG_ENV):
         for stale in log_path.parent.glob(log_path.name + "*"):
-            stale.unlink()  # a fresh experiment log (and its WAL files)
-    began = time.time()  # a shared (PostgreSQL) log keeps earlier experiments: read only this one's rows
+            stale.unlink()
+    began = time.time()  # a log that keeps earlier rows: read only this experiment's
     exp = config.online.experiment
     rollout = ab_rollout(
         exp.name, exp.salt, int(control.version), int(treatment.version), exp.holdout, exp.treatment_share

@@ -321,3 +321,44 @@ def test_the_ab_report_json_is_standard_json_when_a_test_has_too_few_users(tmp_p
     written = json.loads(path.read_text(), parse_constant=refuse)
     assert any(v is None for row in written["tests"] for v in row.values())
     assert written["decision"] == analysis.decision
+
+
+def test_the_ab_test_keeps_a_feedback_log_named_by_the_environment(tmp_path, monkeypatch):
+    """$FUNNEL_FEEDBACK_LOG names the deployment's own log: the A/B test reads only its own rows of
+    it (as of a shared PostgreSQL log), it does not delete the file (or files beginning with its name)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import deployment.rollout
+    import deployment.server
+    from configs import load_config
+    from online.ab_experiment import serve_ab_test
+    from online.router import LOG_ENV
+
+    class Started(Exception):
+        pass
+
+    def server(*args, **kwargs):
+        raise Started  # everything before the server has run
+
+    log = tmp_path / "deployment" / "feedback.sqlite"
+    log.parent.mkdir()
+    kept = [log, log.parent / "feedback.sqlite-wal", log.parent / "feedback.sqlite.2026-11"]
+    for path in kept:
+        path.write_text("earlier rows")
+    monkeypatch.setenv(LOG_ENV, str(log))
+    monkeypatch.setattr(deployment.rollout, "add_version", lambda model, repo: int(model.version))
+    monkeypatch.setattr(deployment.server, "TritonServer", server)
+    world = SimpleNamespace(users=pd.DataFrame({"user_id": [1, 2]}))
+    with pytest.raises(Started):
+        serve_ab_test(
+            load_config(),
+            tmp_path / "ab",
+            world,
+            SimpleNamespace(version="1"),
+            SimpleNamespace(version="2"),
+            repo=tmp_path / "ab" / "triton_repo",
+            log=lambda line: None,
+        )
+    assert [path.exists() for path in kept] == [True, True, True]
