@@ -14,6 +14,7 @@ to <model-repository>-admin.key (mode 0600).
 
 import argparse
 import signal
+import sys
 import threading
 
 from configs.cli import port_or_zero
@@ -69,6 +70,7 @@ def main() -> None:
         return
     finally:
         loading.clear()
+    died = False
     try:
         supervisor = None
         if args.supervise:
@@ -79,6 +81,7 @@ def main() -> None:
         while not stop.wait(1.0):
             if supervisor is None and server.process.poll() is not None:
                 print(f"tritonserver exited:\n{server.log_tail()}")
+                died = True  # a crash, not a stop: exit status 1, so a service manager restarts it
                 break
         if supervisor is not None:
             supervisor.stop()
@@ -86,6 +89,8 @@ def main() -> None:
     finally:
         server.stop()
     print("tritonserver stopped")
+    if died:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

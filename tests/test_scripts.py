@@ -517,3 +517,47 @@ def test_prepare_data_refuses_a_scheduler_that_is_no_address_as_an_argument_erro
     args = ["--source", "movielens", "--raw", str(raw), "--cache", str(tmp_path / "cache"), "--scheduler", "host:8786"]
     refused(script("scripts/prepare_data.py", *args, check=False), "--scheduler", "tcp://host:8786")
     assert not raw.exists() and not (tmp_path / "cache").exists()
+
+
+class ServerThatDies:
+    """scripts/serve.py's TritonServer, up at once, whose process then exits on its own (a crash)."""
+
+    def __init__(self, *args, **kwargs):
+        self.log_path, self.stopped = "server.log", False
+        self.process = type("Exited", (), {"poll": lambda self: 1})()
+
+    def start(self):
+        return self
+
+    def listening(self) -> str:
+        return "grpc 127.0.0.1:1"
+
+    def log_tail(self) -> str:
+        return "Segmentation fault"
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, capsys):
+    """A tritonserver that died while serving ended serve.py with exit status 0, as a Ctrl-C does, so a
+    service manager restarting on failure (systemd's on-failure, a shell's ``&&``) took it for a stop."""
+    import importlib.util
+    import signal
+
+    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    servers = []
+    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatDies()) or servers[-1])
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            serve.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exited.value.code not in (0, None), capsys.readouterr().out
+    assert servers[0].stopped and "Segmentation fault" in capsys.readouterr().out
+
