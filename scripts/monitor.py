@@ -118,6 +118,7 @@ def main() -> None:
         evaluation_interval=args.evaluation_interval,
         data_dir=args.data_dir,
     )
+    died = False
     try:
         prometheus.start()
         print(f"prometheus  {prometheus.url}  (config {prometheus.config_path}, data {prometheus.data_dir})")
@@ -131,11 +132,14 @@ def main() -> None:
         while not stop.wait(1.0):
             if prometheus.process.poll() is not None:
                 print(f"prometheus exited:\n{prometheus.log_tail()}")
+                died = True  # a crash, not a stop: exit status 1
                 break
     finally:
         prometheus.cleanup()  # its config and log; the data folder is kept
         exporter.stop()
     print("prometheus stopped")
+    if died:
+        sys.exit(1)
 
 
 def check(prometheus: PrometheusServer, timeout_s: float = 60.0) -> int:

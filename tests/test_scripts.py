@@ -561,3 +561,33 @@ def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, caps
     assert exited.value.code not in (0, None), capsys.readouterr().out
     assert servers[0].stopped and "Segmentation fault" in capsys.readouterr().out
 
+
+def test_monitor_exits_non_zero_when_prometheus_exits_on_its_own(tmp_path):
+    """Prometheus that died under monitor.py (a full disk, a kill) ended it with exit status 0."""
+    import shutil
+    import signal
+
+    import psutil
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("no prometheus binary (make services)")
+    cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
+    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600", "--feedback-log", str(tmp_path / "f")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        children = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "prometheus"]
+        assert children, "".join(lines)
+        for child in children:
+            child.send_signal(signal.SIGKILL)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert "prometheus exited" in out, out
+    assert proc.returncode != 0, out
