@@ -85,6 +85,10 @@ def main() -> None:
             f"when the comparison is older than {HOLDOUT_STALE_S} s), got {args.holdout_interval:g}"
         )
 
+    for rules in args.rules:  # before the sidecar starts: PrometheusServer raised it as a traceback
+        if not Path(rules).is_file():
+            parser.error(f"argument --rules: no such file: {rules}")
+
     log_path = args.feedback_log or feedback_log_path(args.model_repository)  # a file or a postgresql:// DSN
     holdout = HoldoutMonitor(
         log_path,

@@ -591,3 +591,10 @@ def test_monitor_exits_non_zero_when_prometheus_exits_on_its_own(tmp_path):
             proc.communicate(timeout=60)
     assert "prometheus exited" in out, out
     assert proc.returncode != 0, out
+
+
+def test_monitor_refuses_a_rule_file_that_does_not_exist_as_an_argument_error(tmp_path):
+    """A mistyped --rules path was a FileNotFoundError traceback after the sidecar had started."""
+    args = ["--rules", str(tmp_path / "nope.yml"), "--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
+    refused(script("scripts/monitor.py", *args, check=False), "--rules", "nope.yml")
+    assert not (tmp_path / "prom").exists()
