@@ -460,7 +460,7 @@ class TritonServer(LoggedProcess):
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    code, tail = self.process.returncode, self.log_tail()
+                    code, tail = self.process.returncode, self.start_log_tail()
                     message = f"tritonserver exited with code {code}:\n{tail}"
                     self.raise_if_port_taken(message)
                     raise (ServerAborted if code == -signal.SIGABRT and IPC_ABORT in tail else ServerError)(message)
@@ -488,17 +488,25 @@ class TritonServer(LoggedProcess):
         loading = self.dump_stub_stacks()
         raise ServerError(
             f"tritonserver not ready after {self.startup_timeout:.0f}s; models still loading: {loading}\n"
-            f"{self.log_tail(200)}"
+            f"{self.start_log_tail(200)}"
         )
+
+    def start_log(self) -> str:
+        """The log's lines of the current (or last) start: a log is appended to across starts (a retry,
+        a restart, a ``log_path`` a previous run wrote), and an earlier start's lines are not this one's."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def start_log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of ``start_log``."""
+        return "\n".join(self.start_log().splitlines()[-lines:])
 
     def raise_if_port_taken(self, context: str = "") -> None:
         """Raise ``PortTaken`` if this start's log says an endpoint could not bind its port."""
-        log = ""
-        if self.log_path.exists():
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_offset)
-                log = f.read().decode(errors="replace")
-        found = PORT_IN_USE.findall(log)
+        found = PORT_IN_USE.findall(self.start_log())
         if found:
             taken = ", ".join(f"{service} port {port}" for service, port in found)
             raise PortTaken([int(port) for _, port in found], f"{taken} already in use. {context}".strip())
@@ -544,8 +552,7 @@ class TritonServer(LoggedProcess):
     def dump_stub_stacks(self, wait_s: float = 2.0) -> list[str]:
         """Ask the stubs of models that did not load to print their threads' stacks into the log
         (``serving/triton_model.py`` registers the handler); return those models' names."""
-        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        loaded = set(re.findall(r"successfully loaded '([^']+)'", log))
+        loaded = set(re.findall(r"successfully loaded '([^']+)'", self.start_log()))
         loading = sorted(set(self.stub_pids()) - loaded)
         for model in loading:
             for pid in self.stub_pids().get(model, []):

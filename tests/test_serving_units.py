@@ -378,6 +378,30 @@ def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_once(tmp_path
         server.cleanup()
 
 
+def test_a_start_reports_and_diagnoses_from_its_own_log_lines_only(tmp_path, monkeypatch):
+    """A log is appended to across starts (a retry, a restart, serve.py --log run again): an earlier
+    start's errors are not this exit's, and its models loaded then are not loaded now."""
+    import sys
+
+    from deployment.server import ServerError, TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    log = tmp_path / "server.log"
+    log.write_text("successfully loaded 'ranker'\nerror: the previous start's failure\n")
+    server = TritonServer(repo, log_path=log, startup_timeout=60)
+    exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
+    monkeypatch.setattr(TritonServer, "command", lambda self: exits)
+    try:
+        with pytest.raises(ServerError, match="unknown flag") as raised:
+            server.start()
+        assert "previous start" not in str(raised.value)
+        monkeypatch.setattr(TritonServer, "stub_pids", lambda self: {"ranker": []})  # a stub still loading
+        assert server.dump_stub_stacks(wait_s=0) == ["ranker"]
+    finally:
+        server.cleanup()
+
+
 def test_a_stopped_server_leaves_no_shared_memory_behind(tmp_path):
     """A killed python backend cannot unlink its regions (1 MiB per stub in /dev/shm); ``stop``
     removes those of its own start's prefix and no other server's."""
