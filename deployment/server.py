@@ -465,7 +465,9 @@ class TritonServer(LoggedProcess):
                     self.raise_if_port_taken(message)
                     raise (ServerAborted if code == -signal.SIGABRT and IPC_ABORT in tail else ServerError)(message)
                 try:
-                    ready = client.is_server_ready()
+                    # Only once this process listens on the HTTP port: before, whatever holds the port (a
+                    # server already running on the ports given) answers, while this one still loads.
+                    ready = self.http_port in self.listening_ports() and client.is_server_ready()
                 except Exception:
                     ready = False
                 if ready:

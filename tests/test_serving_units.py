@@ -402,6 +402,49 @@ def test_a_start_reports_and_diagnoses_from_its_own_log_lines_only(tmp_path, mon
         server.cleanup()
 
 
+def test_a_given_port_another_server_answers_on_fails_the_start_naming_it(tmp_path, monkeypatch):
+    """A second server on ports one already serves (scripts/serve.py's defaults): the first answers
+    the readiness probe on the HTTP port while this one still loads. The start waits for its own
+    process and fails naming the port, not 'ready but does not listen' before its models loaded."""
+    import http.server
+    import sys
+    import threading
+
+    from deployment.server import PortTaken, TritonServer
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Ready)  # the server already running
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, http_port=port, log_path=tmp_path / "server.log", startup_timeout=60)
+    loads = [  # loads for 2 s, then finds its HTTP port taken, as tritonserver does
+        sys.executable,
+        "-c",
+        "import sys, time; time.sleep(2)\n"
+        f"print(\"failed to start HTTP service: Unavailable - Socket '127.0.0.1:{port}' already in use\")\n"
+        "sys.exit(1)",
+    ]
+    monkeypatch.setattr(TritonServer, "command", lambda self: loads)
+    listening = TritonServer.wait_until_listening
+    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0: listening(self, 0.5))
+    try:
+        with pytest.raises(PortTaken, match=f"HTTP port {port} already in use"):
+            server.start()
+    finally:
+        other.shutdown()
+        other.server_close()
+        server.cleanup()
+
+
 def test_a_stopped_server_leaves_no_shared_memory_behind(tmp_path):
     """A killed python backend cannot unlink its regions (1 MiB per stub in /dev/shm); ``stop``
     removes those of its own start's prefix and no other server's."""
