@@ -426,3 +426,30 @@ def test_popularity_sampler_prefers_popular_items(events):
         neg = sample_negatives(ddf(events), items, ratio=1.0, kind=kind, seed=4).compute()
         share[kind] = neg["item_id"].isin(top).mean()
     assert share["popularity"] > 2 * share["uniform"], share
+
+
+@pytest.mark.parametrize("column", ["user_id", "timestamp"])
+def test_an_explicit_split_file_with_text_or_datetime_keys_is_a_named_defect(events, tmp_path, column):
+    """Ids written as text (or timestamps as datetimes) failed in the join with pandas' "You are trying
+    to merge on int64 and object columns", naming neither the file nor the column."""
+    from workflows.splits import explicit_split
+    from workflows.validate import DatasetError
+
+    keys = ["user_id", "item_id", "timestamp"]
+    unique = events.drop_duplicates(keys)
+    n = len(unique)
+    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
+    if column == "user_id":
+        valid = valid.astype({"user_id": str})
+    else:
+        valid = valid.assign(timestamp=pd.to_datetime(valid["timestamp"], unit="s"))
+    train.to_parquet(tmp_path / "train.parquet")
+    valid.to_parquet(tmp_path / "valid.parquet")
+    cfg = SplitConfig(
+        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
+    )
+    with pytest.raises(DatasetError, match=f"valid.parquet: column '{column}': must hold integers"):
+        explicit_split(ddf(unique), cfg)
+    # pyarrow-backed integers are integers: the join takes them as it did.
+    unique.iloc[n // 2 :][keys].astype("int64[pyarrow]").to_parquet(tmp_path / "valid.parquet")
+    assert len(explicit_split(ddf(unique), cfg).valid.compute()) == n - n // 2

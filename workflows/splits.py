@@ -164,7 +164,18 @@ def _read_keys(path: str):
     missing = [k for k in KEYS if k not in keys.columns]
     if missing:
         raise ValueError(f"split file {path!r} lacks column(s) {missing}; it needs {KEYS}")
+    # Ids or timestamps as text or datetimes failed in the join with pandas' "You are trying to merge on
+    # int64 and object columns", naming neither the file nor the column.
+    wrong = [k for k in KEYS if not _is_number(keys[k].dtype)]
+    if wrong:
+        message = "must hold integers (the log's ids, unix seconds)"
+        raise DatasetError([Defect(str(path), k, f"{message}, found {keys[k].dtype}") for k in wrong])
     return keys[KEYS].drop_duplicates()
+
+
+def _is_number(dtype) -> bool:
+    """An integer or float column, pyarrow-backed and nullable ones (``int64[pyarrow]``, ``Int64``) included."""
+    return getattr(getattr(dtype, "numpy_dtype", dtype), "kind", "O") in "iuf"
 
 
 def explicit_split(ddf, config: SplitConfig, item_map=None) -> Split:
