@@ -453,3 +453,22 @@ def test_an_explicit_split_file_with_text_or_datetime_keys_is_a_named_defect(eve
     # pyarrow-backed integers are integers: the join takes them as it did.
     unique.iloc[n // 2 :][keys].astype("int64[pyarrow]").to_parquet(tmp_path / "valid.parquet")
     assert len(explicit_split(ddf(unique), cfg).valid.compute()) == n - n // 2
+
+
+def test_an_explicit_split_file_with_nullable_integer_keys_is_joined(events, tmp_path):
+    """A file of pandas' nullable ``Int64`` columns (``convert_dtypes``) failed in the join with
+    ``TypeError: int() argument must be ... not 'NAType'``."""
+    from workflows.splits import explicit_split
+
+    keys = ["user_id", "item_id", "timestamp"]
+    unique = events.drop_duplicates(keys)
+    n = len(unique)
+    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
+    train.to_parquet(tmp_path / "train.parquet")
+    valid.astype("Int64").to_parquet(tmp_path / "valid.parquet")
+    cfg = SplitConfig(
+        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
+    )
+    split = explicit_split(ddf(unique), cfg)
+    assert len(split.valid.compute()) == len(valid) and len(split.train.compute()) == len(train)
+    assert split.details["file_rows_matching_no_event"] == 0 and split.details["events_in_no_part"] == 0

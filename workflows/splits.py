@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import dask
 import dask.dataframe as dd
+import numpy as np
 
 from configs import SplitConfig
 from workflows.dedup import apply_item_map
@@ -170,6 +171,12 @@ def _read_keys(path: str):
     if wrong:
         message = "must hold integers (the log's ids, unix seconds)"
         raise DatasetError([Defect(str(path), k, f"{message}, found {keys[k].dtype}") for k in wrong])
+    # A nullable integer column (``Int64``: pandas' convert_dtypes) failed in the join with "int() argument
+    # must be ... not 'NAType'": NumPy's int64 instead, as the log's ids are.
+    for k in KEYS:
+        dtype = keys[k].dtype
+        if not isinstance(dtype, np.dtype) and getattr(dtype, "numpy_dtype", dtype).kind in "iu":
+            keys[k] = keys[k].astype("int64")
     return keys[KEYS].drop_duplicates()
 
 
