@@ -271,6 +271,23 @@ def test_a_random_split_with_a_test_ratio_of_0_has_no_test_part(events):
     assert sum(len(p.compute()) for p in split.parts().values()) == len(unique)
 
 
+def split_halves(events):
+    """The log's distinct events and its first and second halves as split-file rows."""
+    keys = ["user_id", "item_id", "timestamp"]
+    unique = events.drop_duplicates(keys)
+    n = len(unique)
+    return unique, unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
+
+
+def split_files(tmp_path, train, valid) -> SplitConfig:
+    """``train`` and ``valid`` written as an explicit split's files, and the split config naming them."""
+    train.to_parquet(tmp_path / "train.parquet")
+    valid.to_parquet(tmp_path / "valid.parquet")
+    return SplitConfig(
+        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
+    )
+
+
 def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     from workflows.splits import explicit_split
 
@@ -278,11 +295,7 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
     unique = events.drop_duplicates(keys)
     shuffled = unique.sample(frac=1.0, random_state=1)
     n = len(shuffled)
-    shuffled.iloc[: n // 2][keys].to_parquet(tmp_path / "train.parquet")
-    shuffled.iloc[n // 2 :][keys].to_parquet(tmp_path / "valid.parquet")
-    cfg = SplitConfig(
-        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
-    )
+    cfg = split_files(tmp_path, shuffled.iloc[: n // 2][keys], shuffled.iloc[n // 2 :][keys])
     split = explicit_split(ddf(unique), cfg)
     got = split.train.compute()[keys].sort_values(keys).reset_index(drop=True)
     want = shuffled.iloc[: n // 2][keys].sort_values(keys).reset_index(drop=True)
@@ -331,19 +344,12 @@ def test_an_explicit_split_file_that_matches_no_event_is_a_named_defect(events, 
     from workflows.splits import explicit_split
     from workflows.validate import DatasetError
 
-    keys = ["user_id", "item_id", "timestamp"]
-    unique = events.drop_duplicates(keys)
-    n = len(unique)
-    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
+    unique, train, valid = split_halves(events)
     for name, (a, b) in {
         "valid": (train, valid.assign(timestamp=valid["timestamp"] * 1000)),
         "train": (train.assign(timestamp=train["timestamp"] * 1000), valid),
     }.items():
-        a.to_parquet(tmp_path / "train.parquet")
-        b.to_parquet(tmp_path / "valid.parquet")
-        cfg = SplitConfig(
-            kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
-        )
+        cfg = split_files(tmp_path, a, b)
         with pytest.raises(DatasetError, match=f"{name}.parquet: no row matches an event of the log"):
             explicit_split(ddf(unique), cfg)
 
@@ -435,23 +441,17 @@ def test_an_explicit_split_file_with_text_or_datetime_keys_is_a_named_defect(eve
     from workflows.splits import explicit_split
     from workflows.validate import DatasetError
 
-    keys = ["user_id", "item_id", "timestamp"]
-    unique = events.drop_duplicates(keys)
+    unique, train, valid = split_halves(events)
     n = len(unique)
-    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
     if column == "user_id":
         valid = valid.astype({"user_id": str})
     else:
         valid = valid.assign(timestamp=pd.to_datetime(valid["timestamp"], unit="s"))
-    train.to_parquet(tmp_path / "train.parquet")
-    valid.to_parquet(tmp_path / "valid.parquet")
-    cfg = SplitConfig(
-        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
-    )
+    cfg = split_files(tmp_path, train, valid)
     with pytest.raises(DatasetError, match=f"valid.parquet: column '{column}': must hold integers"):
         explicit_split(ddf(unique), cfg)
     # pyarrow-backed integers are integers: the join takes them as it did.
-    unique.iloc[n // 2 :][keys].astype("int64[pyarrow]").to_parquet(tmp_path / "valid.parquet")
+    split_files(tmp_path, train, split_halves(events)[2].astype("int64[pyarrow]"))
     assert len(explicit_split(ddf(unique), cfg).valid.compute()) == n - n // 2
 
 
@@ -460,15 +460,8 @@ def test_an_explicit_split_file_with_nullable_integer_keys_is_joined(events, tmp
     ``TypeError: int() argument must be ... not 'NAType'``."""
     from workflows.splits import explicit_split
 
-    keys = ["user_id", "item_id", "timestamp"]
-    unique = events.drop_duplicates(keys)
-    n = len(unique)
-    train, valid = unique.iloc[: n // 2][keys], unique.iloc[n // 2 :][keys]
-    train.to_parquet(tmp_path / "train.parquet")
-    valid.astype("Int64").to_parquet(tmp_path / "valid.parquet")
-    cfg = SplitConfig(
-        kind="explicit", train_file=str(tmp_path / "train.parquet"), valid_file=str(tmp_path / "valid.parquet")
-    )
+    unique, train, valid = split_halves(events)
+    cfg = split_files(tmp_path, train, valid.astype("Int64"))
     split = explicit_split(ddf(unique), cfg)
     assert len(split.valid.compute()) == len(valid) and len(split.train.compute()) == len(train)
     assert split.details["file_rows_matching_no_event"] == 0 and split.details["events_in_no_part"] == 0

@@ -336,6 +336,23 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     refused(run, "nope", "does not exist")
 
 
+def start_monitor(tmp_path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``scripts/monitor.py`` on a free port with its data under ``tmp_path``, its output piped."""
+    cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
+    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until_started(proc: subprocess.Popen) -> list[str]:
+    """Its output up to the "Ctrl-C ..." line it prints once everything runs."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return lines
+
+
 def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):
     """$FUNNEL_FEEDBACK_LOG may be a DSN with a password: the startup lines, which a terminal or a
     service's log keeps, name the log without it."""
@@ -343,16 +360,9 @@ def test_monitor_prints_a_feedback_log_dsn_without_its_password(tmp_path):
     import signal
 
     dsn = "postgresql://funnel:s3cret-pw@127.0.0.1:1/funnel"  # nothing listens: the line comes first
-    env = {**os.environ, "FUNNEL_FEEDBACK_LOG": dsn}
-    cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_monitor(tmp_path, env={**os.environ, "FUNNEL_FEEDBACK_LOG": dsn})
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
+        lines = read_until_started(proc)
     finally:
         proc.send_signal(signal.SIGINT)
         out = "".join(lines) + proc.communicate(timeout=60)[0]
@@ -571,15 +581,9 @@ def test_monitor_exits_non_zero_when_prometheus_exits_on_its_own(tmp_path):
 
     if shutil.which("prometheus") is None:
         pytest.skip("no prometheus binary (make services)")
-    cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600", "--feedback-log", str(tmp_path / "f")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_monitor(tmp_path, "--feedback-log", str(tmp_path / "f"))
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
+        lines = read_until_started(proc)
         children = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "prometheus"]
         assert children, "".join(lines)
         for child in children:
