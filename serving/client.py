@@ -60,6 +60,24 @@ def integers(name: str, values, dtype) -> np.ndarray:
     return array.astype(dtype).reshape(-1)
 
 
+def texts(name: str, values) -> np.ndarray:
+    """``values`` (one string, or a list of them) as a flat BYTES array, or ``BadRequest`` naming ``name``:
+    a number or None raised AttributeError (``'int' object has no attribute 'encode'``), naming nothing."""
+    array = np.asarray(values, dtype=object).reshape(-1)
+    if not all(isinstance(v, str) for v in array):
+        bad = next(v for v in array if not isinstance(v, str))
+        raise BadRequest(f"{name} must hold strings, got {bad!r}", "StatusCode.INVALID_ARGUMENT")
+    return np.array([v.encode() for v in array], dtype=object)
+
+
+def numbers(name: str, values, dtype) -> np.ndarray:
+    """``values`` as a flat float ``dtype`` array, or ``BadRequest`` naming ``name`` (not numpy's ValueError)."""
+    try:
+        return np.asarray(values, dtype=dtype).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise BadRequest(f"{name} must hold numbers: {err}", "StatusCode.INVALID_ARGUMENT") from None
+
+
 def one_integer(name: str, value, dtype) -> np.ndarray:
     """``integers`` of exactly one value: a list of several (or none) is ``BadRequest`` naming ``name``,
     not tritonclient's shape error, which is neither ``BadRequest`` nor ``ServerFault``."""
@@ -144,10 +162,10 @@ class FunnelClient:
         (an event it already had for this response and item, e.g. from a retry, is not stored again)."""
         g = self._grpc
         tensors = {
-            "request_id": ("BYTES", np.array([request_id.encode()], dtype=object)),
+            "request_id": ("BYTES", texts("request_id", [request_id])),
             "item_ids": ("INT64", integers("item_ids", item_ids, np.int64)),
-            "events": ("BYTES", np.array([e.encode() for e in events], dtype=object).reshape(-1)),
-            "values": ("FP32", np.asarray(values, dtype=np.float32).reshape(-1)),
+            "events": ("BYTES", texts("events", list(events))),
+            "values": ("FP32", numbers("values", values, np.float32)),
         }
         # one entry per reaction: lists of other lengths raised numpy's "cannot reshape", naming nothing
         lengths = {name: len(tensors[name][1]) for name in ("item_ids", "events", "values")}

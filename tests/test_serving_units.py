@@ -819,6 +819,13 @@ def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
         client.send_feedback("r1", [4.5], ["click"], [1.0])
     with pytest.raises(BadRequest, match="'item_ids': 2, 'events': 1, 'values': 1"):  # was numpy's ValueError
         client.send_feedback("r1", [4, 5], ["click"], [1.0])
+    for args, name in [  # were AttributeError ('int' object has no attribute 'encode') and numpy's ValueError
+        ((7, [4], ["click"], [1.0]), "request_id"),
+        (("r1", [4], [1], [1.0]), "events"),
+        (("r1", [4], ["click"], ["abc"]), "values"),
+    ]:
+        with pytest.raises(BadRequest, match=name):
+            client.send_feedback(*args)
     assert sent == []
     with pytest.raises(Sent):  # numpy integers and no exclusions pass
         client.recommend(np.int64(7), np.int32(3), exclude_item_ids=[])
