@@ -6,7 +6,7 @@
 #
 #   docker build -t merlin-funnel .
 #   docker run --rm --shm-size=1g -p 127.0.0.1:8001:8001 -e FUNNEL_ADMIN_KEY \
-#       -v "$PWD/build/triton_repo:/models/triton_repo:ro" merlin-funnel --host 0.0.0.0
+#       -v "$PWD/build:/models:ro" merlin-funnel --host 0.0.0.0
 #
 # The server listens on 127.0.0.1 inside the container unless the command says --host 0.0.0.0
 # (compose.yaml and deployment/kubernetes/ do; docs/deployment.md, docs/security.md).
@@ -38,9 +38,11 @@ COPY monitoring/ monitoring/
 # between builds, so a code change reinstalls from the cache instead of the network.
 RUN --mount=type=cache,target=/root/.cache/pip make venv PYTHON=python3.11
 
-# Not root. The model repository is mounted read-only at /models/triton_repo; what the server writes
-# (the feedback log and the live store, unless a deployment points them at PostgreSQL) goes to
-# /var/lib/funnel, never beside the repository.
+# Not root. The folder holding the model repository is mounted read-only at /models (the repository
+# is /models/triton_repo; a mount of the repository folder itself would keep the old folder, deleted
+# and empty, after export_triton.py --replace); what the server writes (the feedback log and the live
+# store, unless a deployment points them at PostgreSQL) goes to /var/lib/funnel, never beside the
+# repository, and the admin key comes from FUNNEL_ADMIN_KEY.
 RUN useradd --system --uid 10001 --home-dir /tmp --shell /usr/sbin/nologin funnel \
     && mkdir -p /models /var/lib/funnel && chown funnel /models /var/lib/funnel
 USER 10001

@@ -291,6 +291,38 @@ def bind_mounts(service: dict) -> dict[str, str]:
     return {m["target"]: m["source"] for m in (VOLUME.fullmatch(v) for v in service.get("volumes", []))}
 
 
+DOCKER_RUN_MOUNT = re.compile(r'-v "(?P<source>[^":]+):(?P<target>/[^":]*)(?::(?P<mode>\w+))?"')
+
+
+def repository_mounts() -> list[tuple[str, str, str, str]]:
+    """``(where, source, container path, mode)`` of each mount that carries the model repository:
+    compose's server volume and the ``docker run -v`` examples of the images and docs/deployment.md."""
+    server = compose()["services"]["server"]
+    repository = serve_args(server["command"]).model_repository
+    out = [("compose.yaml", *VOLUME.fullmatch(v).group("source", "target", "mode")) for v in server["volumes"]]
+    out = [m for m in out if Path(repository).is_relative_to(m[2])]
+    for path in [*DOCKERFILES, ROOT / "docs" / "deployment.md"]:
+        found = [(path.name, *m.group("source", "target", "mode")) for m in DOCKER_RUN_MOUNT.finditer(path.read_text())]
+        assert found, f"{path.name} shows no docker run -v mount of the model repository"
+        out += found
+    return out
+
+
+def test_the_repository_mounts_name_its_parent_folder_read_only():
+    """``export_triton.py --replace`` swaps the repository folder for a new one and deletes the old:
+    a bind mount of the folder itself pins the old one (deleted, empty) in a running container, so
+    every later load fails there. Mounting the parent folder shows the swap."""
+    image_repository = serve_args(exec_form(instruction(ROOT / "Dockerfile", "CMD")[0])).model_repository
+    assert image_repository == serve_args(compose()["services"]["server"]["command"]).model_repository
+    for where, source, target, mode in repository_mounts():
+        inside = Path(image_repository).relative_to(target)  # the mount holds the repository ...
+        assert inside.parts, f"{where} mounts the repository folder itself at {target}, not its parent"
+        assert mode == "ro", where
+        # ... under the name the export commands write (build/triton_repo).
+        assert Path(source.rpartition(":-")[2].rstrip("}")).name == "build", (where, source)
+        assert inside == Path("triton_repo"), (where, inside)
+
+
 def test_compose_runs_the_image_exposed_inside_its_network_and_on_the_hosts_loopback_only():
     spec = compose()
     server = spec["services"]["server"]
@@ -302,7 +334,8 @@ def test_compose_runs_the_image_exposed_inside_its_network_and_on_the_hosts_loop
     for name, service in spec["services"].items():
         assert all(host == "127.0.0.1" for host in published(service).values()), name
     mounts = bind_mounts(server)
-    assert f"{mounts[args.model_repository]}:{args.model_repository}:ro" in server["volumes"]
+    parent = str(Path(args.model_repository).parent)  # the folder holding it (a --replace export swaps the repository)
+    assert f"{mounts[parent]}:{parent}:ro" in server["volumes"]
     env = server["environment"]
     assert env[ADMIN_KEY_ENV].startswith("${" + ADMIN_KEY_ENV + ":?")  # required, never a default key
     # the feedback log and the live store: the compose network's PostgreSQL, its user and database
