@@ -18,6 +18,7 @@ import getpass
 import secrets
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from deployment.security import AdminKeyError, read_admin_key
@@ -45,7 +46,8 @@ def set_takedown(
 
     Serving reads a takedown of either id of a duplicated item as its canonical item's
     (``serving/item_aliases.py``), so an undo restores the item: it also undoes the active takedowns
-    of its other ids in the served version. An undo by the other id used to leave the item down."""
+    of its other ids in every version on disk (A/B arms, a version added for ``roll_out``). An undo
+    by the other id used to leave the item down."""
     check_admin_key(repository, key)
     if isinstance(item_id, bool) or not float(item_id).is_integer():  # int() would take another item down
         raise ValueError(f"item_id must be a whole number, got {item_id!r}")
@@ -64,18 +66,25 @@ def set_takedown(
 
 
 def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -> list[int]:
-    """The other raw ids down now that the version ``repository`` serves reads as ``item_id``'s item."""
+    """The other raw ids down now that a version on disk in ``repository`` reads as ``item_id``'s item:
+    every version, not only ``export.json``'s, since an A/B arm or a version added for ``roll_out``
+    serves beside it with aliases of its own (a newer dedup may know more copies)."""
     from deployment.export import exported_version
-    from serving.interface import stage_folder
+    from serving.interface import FUSED
     from serving.item_aliases import ItemAliases
 
+    repository = Path(repository)
     try:
-        version = exported_version(repository)
+        exported_version(repository)
     except FileNotFoundError:  # not an export yet: no alias table, every id its own item
         return []
-    aliases = ItemAliases.load(stage_folder(repository, "ordering", version))
+    folders = [p for p in (repository / "ordering").glob("*") if p.name.isdigit()]
+    folders += [p / "ordering" for p in (repository / FUSED).glob("*") if p.name.isdigit()]
     down = live.taken_down()
-    same = aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
+    same = np.zeros(len(down), dtype=bool)
+    for folder in folders:
+        aliases = ItemAliases.load(folder)
+        same |= aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
     return [int(i) for i in down[same] if int(i) != item_id]
 
 

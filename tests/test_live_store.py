@@ -168,6 +168,31 @@ def test_an_undo_by_either_id_of_a_duplicated_item_restores_it(tmp_path, monkeyp
         set_takedown(repo, 7, "done", key=key, store=store, undo=True)
 
 
+def test_an_undo_restores_the_item_in_every_version_on_disk_not_only_export_json(tmp_path, monkeypatch):
+    """An A/B arm (or a version added for roll_out) serves version 4 beside export.json's 3; only 4
+    knows 900 as a copy of 100. An undo by 100 read 3's aliases only: 900 stayed down, and the arm
+    serving 4 kept the item out of its lists."""
+    import json
+
+    from deployment import security
+    from deployment.takedowns import list_takedowns, set_takedown
+    from serving.item_aliases import FILE
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    (repo / "ordering" / "3").mkdir(parents=True)
+    (repo / "fused_funnel" / "4" / "ordering").mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 3}))
+    aliases = pd.DataFrame({"item_id_raw": [900], "canonical_item_id_raw": [100]})
+    aliases.to_parquet(repo / "fused_funnel" / "4" / "ordering" / FILE)
+    key = security.ensure_admin_key(repo)
+    store = str(tmp_path / "live.sqlite")
+    set_takedown(repo, 900, "unsafe", key=key, store=store)
+    set_takedown(repo, 100, "appeal upheld", key=key, store=store, undo=True)
+    state = list_takedowns(repo, store=store)
+    assert state[state["active"] == 1]["item_id"].tolist() == []
+
+
 @pytest.fixture
 def keyed_repo(tmp_path, monkeypatch):
     """A repository folder with its admin key, no key or store location from the environment."""
