@@ -123,7 +123,7 @@ def with_hard_negatives(train: Dataset, affinity_weights, per_user: int, seed: i
     tagged = train.schema.select_by_tag(Tags.TARGET).column_names
     labels = [c for c in dict.fromkeys([*tagged, *targets]) if c in frame.columns]
     item_columns = train.schema.select_by_tag(Tags.ITEM).excluding_by_tag(Tags.TARGET).column_names
-    negatives = affinity_negatives(frame, affinity_weights, per_user, labels, item_columns)
+    negatives = affinity_negatives(frame, affinity_weights, per_user, labels, item_columns, seed=seed)
     both = concat([frame, negatives], ignore_index=True)
     both = both.take(np.random.default_rng(seed).permutation(len(both))).reset_index(drop=True)
     log.info(

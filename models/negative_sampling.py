@@ -21,9 +21,39 @@ cudf); a dataset-level sampler in ``workflows/`` can replace it.
 from __future__ import annotations
 
 import numpy as np
-from merlin.core.dispatch import concat, make_df
+from merlin.core.dispatch import concat
 
 from models.columns import to_host
+
+
+def rng_rows(seed: int) -> np.random.Generator:
+    """The generator that picks which row a negative copies, apart from the one that draws items."""
+    return np.random.default_rng([seed, 1])
+
+
+def random_rows(keys: np.ndarray, wanted: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each of ``wanted``, the position of a random row of ``keys`` holding that key (uniform over
+    its rows). Every wanted key must occur in ``keys``.
+
+    Why not the key's first row: a frame's rows carry point-in-time features (an item's click rate
+    before the event, the hour of the event), and in time order the first row is the earliest one,
+    where every count is still the no-history prior. Negatives that all copied it differed from the
+    positives in those columns alone, a shortcut the ranker learned instead of the items."""
+    keys = np.asarray(keys, dtype=np.int64)
+    wanted = np.asarray(wanted, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    start = np.searchsorted(keys[order], wanted, side="left")
+    end = np.searchsorted(keys[order], wanted, side="right")
+    if (end <= start).any():
+        raise ValueError("a wanted key has no row")
+    return order[start + (rng.random(len(wanted)) * (end - start)).astype(np.int64)]
+
+
+def item_side(frame, item_id: str, columns: list[str], items: np.ndarray, rng: np.random.Generator):
+    """``columns`` of ``items``, each row from a random row of that item in ``frame`` (``random_rows``),
+    in ``items``' order with a fresh index."""
+    rows = random_rows(to_host(frame[item_id]), items, rng)
+    return frame[columns].take(rows).reset_index(drop=True)
 
 
 def sample_negatives(
@@ -51,11 +81,9 @@ def sample_negatives(
     positives = frame[frame[label] > 0].reset_index(drop=True)
     if len(positives) == 0:
         raise ValueError(f"cannot sample negatives: no row has a positive '{label}'")
-    items = frame[[item_id, *[c for c in item_columns if c != item_id]]].drop_duplicates(subset=[item_id])
-    items = items.sort_values(item_id).reset_index(drop=True)
 
     rng = np.random.default_rng(seed)
-    catalog = to_host(items[item_id])
+    catalog = np.unique(to_host(frame[item_id]).astype(np.int64))
     if strategy == "uniform":
         probs = None
     else:
@@ -69,8 +97,11 @@ def sample_negatives(
 
     user_side = [c for c in positives.columns if c not in item_columns and c != item_id]
     negatives = positives[user_side].take(np.repeat(np.arange(len(positives)), ratio)).reset_index(drop=True)
-    negatives[item_id] = sampled
-    negatives = negatives.merge(items, on=item_id, how="left")
+    # Each negative's item columns from a random row of its item (its own generator: the draws above
+    # and the shuffle below are the same whatever the item columns hold).
+    items = item_side(frame, item_id, [item_id, *[c for c in item_columns if c != item_id]], sampled, rng_rows(seed))
+    for col in items.columns:
+        negatives[col] = items[col]
     for col in positives.columns:
         if col != item_id and col not in user_side and col not in negatives.columns:
             raise ValueError(f"item column {col!r} could not be looked up for sampled items")
@@ -91,15 +122,16 @@ def affinity_negatives(
     user_id: str = "user_id",
     item_id: str = "item_id",
     chunk: int = 4096,
+    seed: int = 0,
 ):
     """Hard negatives: per user with a positive, the ``per_user`` items the item affinity of their
     positives ranks highest among the items they have no positive for, as rows of ``frame``'s
     columns with every label 0.
 
     ``weights`` are the item-to-item affinity weights over encoded item ids (``models/item_affinity.py``);
-    a row is positive when any of ``labels`` is > 0. User-side columns come from the user's first
-    positive row, ``item_columns`` from the item's own rows, so only items with a row in ``frame``
-    can be drawn.
+    a row is positive when any of ``labels`` is > 0. User-side (and context) columns come from a
+    random positive row of the user, ``item_columns`` from a random row of the item (``random_rows``,
+    seeded by ``seed``), so only items with a row in ``frame`` can be drawn.
 
     Why: the uniformly sampled negatives are mostly items nothing would retrieve for the user, easy
     to reject on popularity alone; the candidates the heavy ranker sorts when serving are the items
@@ -134,12 +166,16 @@ def affinity_negatives(
         usable = np.isfinite(np.take_along_axis(scores, top, axis=1))
         drawn_users.append(np.repeat(user_list[start : start + chunk], n)[usable.ravel()])
         drawn_items.append(top[usable])
-    pairs = make_df({user_id: np.concatenate(drawn_users), item_id: np.concatenate(drawn_items)})  # cudf on a GPU
-    item_side = [c for c in item_columns if c != item_id]
-    user_side = [c for c in frame.columns if c not in (user_id, item_id, *item_side, *labels)]
-    user_rows = positives[[user_id, *user_side]].drop_duplicates(subset=[user_id])
-    item_rows = frame[[item_id, *item_side]].drop_duplicates(subset=[item_id])
-    negatives = pairs.merge(user_rows, on=user_id, how="left").merge(item_rows, on=item_id, how="left")
+    item_only = [c for c in item_columns if c != item_id]
+    user_side = [c for c in frame.columns if c not in (user_id, item_id, *item_only, *labels)]
+    # Each negative copies a random positive row of its user (user and context columns, as the
+    # dataset's sampled negatives copy a positive) and a random row of its item (random_rows).
+    rng = rng_rows(seed)
+    drawn_users, drawn_items = np.concatenate(drawn_users), np.concatenate(drawn_items)
+    negatives = positives[[user_id, *user_side]].take(random_rows(users, drawn_users, rng)).reset_index(drop=True)
+    items_of = item_side(frame, item_id, [item_id, *item_only], drawn_items, rng)
+    for col in items_of.columns:
+        negatives[col] = items_of[col]
     for label in labels:
         negatives[label] = 0
     return negatives[list(frame.columns)].astype(dict(frame.dtypes))

@@ -109,3 +109,54 @@ def test_affinity_negatives_of_a_frame_without_positives_are_none():
     negatives = affinity_negatives(frame, np.eye(3, dtype=np.float32), 2, ["click"], ["item_id", "category"])
     assert len(negatives) == 0
     assert list(negatives.columns) == list(frame.columns) and dict(negatives.dtypes) == dict(frame.dtypes)
+
+
+def time_varying_frame(users: int = 30, items: int = 10) -> pd.DataFrame:
+    """Rows in time order whose point-in-time and context columns change from row to row: each item's
+    and user's first row holds the no-history value 0, later ones 1, 2, ..."""
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(users), 3)
+    item = rng.integers(0, items, len(user))
+    frame = pd.DataFrame({"user_id": user, "item_id": item, "click": 1})
+    frame["hour"] = rng.integers(0, 24, len(frame))  # context: the event's own hour
+    frame["user_rate"] = frame.groupby("user_id").cumcount().astype(np.float64)  # 0 on the first row
+    frame["item_rate"] = frame.groupby("item_id").cumcount().astype(np.float64)
+    frame["category"] = frame["item_id"] + 100  # static
+    return frame
+
+
+def copied_from_rows(negatives, frame, key, columns) -> bool:
+    """Each negative's ``columns`` are those of some row of its ``key`` in ``frame``."""
+    rows = set(map(tuple, frame[[key, *columns]].to_numpy().tolist()))
+    return all(tuple(r) in rows for r in negatives[[key, *columns]].to_numpy().tolist())
+
+
+def test_hard_negatives_copy_random_rows_not_the_first_no_history_one():
+    # They copied the user's first positive row and the item's first row: every hard negative carried
+    # the no-history prior (user_rate 0, item_rate 0) and the first event's hour, which no positive
+    # but the first did, a shortcut. (Old code: all(negatives["item_rate"] == 0).)
+    frame = time_varying_frame()
+    weights = np.ones((10, 10), dtype=np.float32)
+    negatives = affinity_negatives(frame, weights, 5, ["click"], ["item_id", "item_rate", "category"], seed=3)
+    assert len(negatives) > 100
+    assert (negatives["item_rate"] > 0).mean() > 0.5
+    assert (negatives["user_rate"] > 0).mean() > 0.5
+    assert copied_from_rows(negatives, frame, "item_id", ["item_rate", "category"])
+    assert copied_from_rows(negatives, frame, "user_id", ["user_rate", "hour"])  # one positive row, whole
+    again = affinity_negatives(frame, weights, 5, ["click"], ["item_id", "item_rate", "category"], seed=3)
+    pd.testing.assert_frame_equal(negatives, again)
+
+
+def test_light_ranker_negatives_take_item_columns_from_a_random_row_of_the_item():
+    # (Old code: every sampled negative of an item had its first row's item_rate, 0.)
+    frame = time_varying_frame()
+    out = sample_negatives(frame, ["item_id", "item_rate", "category"], ratio=4, strategy="uniform", seed=7)
+    negatives = out[out["click"] == 0]
+    assert (negatives["item_rate"] > 0).mean() > 0.5
+    assert copied_from_rows(negatives, frame, "item_id", ["item_rate", "category"])
+    assert (negatives["category"] == negatives["item_id"] + 100).all()
+    # Which items are drawn, and the shuffle, do not depend on what the item columns hold.
+    flat = sample_negatives(
+        frame.assign(item_rate=0.0), ["item_id", "item_rate", "category"], ratio=4, strategy="uniform", seed=7
+    )
+    assert list(flat["item_id"]) == list(out["item_id"]) and list(flat["user_id"]) == list(out["user_id"])
