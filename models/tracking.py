@@ -25,6 +25,8 @@ import math
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import tensorflow as tf
 
@@ -39,6 +41,21 @@ def tracking_uri(config: TrainingConfig, registry_dir: str | Path) -> str:
     # A URI, quoted: "file:" + the path made "#", "?" and "%xx" in a folder's name URI syntax (a
     # registry under "run#1" logged into a new folder "run").
     return (Path(registry_dir).resolve().parent / "mlruns").as_uri()
+
+
+def store_location(config: TrainingConfig, registry_dir: str | Path) -> str:
+    """Where ``tracked_run`` logs a run of ``registry_dir``, as a person reads it: a local store
+    (``file:``) as its folder, relative to the working directory when under it, any other store as
+    its URI. (``MLFLOW_TRACKING_URI`` plays no part: ``tracked_run`` sets the URI it uses.)"""
+    uri = tracking_uri(config, registry_dir)
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        return uri
+    folder = Path(url2pathname(parsed.path))
+    try:
+        return str(folder.relative_to(Path.cwd()))
+    except ValueError:
+        return str(folder)
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:

@@ -73,6 +73,7 @@ def main() -> None:
         from evaluation.checklist import run_checklist
         from evaluation.pipeline import evaluate_synthetic
         from evaluation.tuning import train_tuned
+        from models.tracking import store_location
         from models.tuning import describe
         from serving.client import FunnelClient
         from workflows.pipeline import run_dataset_pipeline
@@ -106,7 +107,7 @@ def main() -> None:
         print(
             "      heavy score = "
             f"{' + '.join(f'{w:.2f}*P({t})' for t, w in model.manifest['heavy_ranker']['weights'].items())}; "
-            f"MLflow run logged under {work / 'mlruns'}"
+            f"MLflow run logged under {store_location(config.training, work / 'registry')}"
         )
         tuned = model.manifest.get("tuning")
         if tuned:

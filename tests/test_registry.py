@@ -171,6 +171,27 @@ def test_the_default_mlflow_store_is_beside_the_registry_whatever_its_folder_is_
     assert len(list((root / "mlruns").glob("*/*/params/seed"))) == 1
 
 
+def test_the_store_location_printed_is_where_the_run_went(tmp_path, monkeypatch):
+    """``make demo`` printed ``<workdir>/mlruns`` whatever ``training.mlflow_tracking_uri`` said; it
+    now prints ``store_location``, read off the same ``tracking_uri`` that ``tracked_run`` logs to."""
+    from configs import load_config
+    from models.tracking import store_location, tracked_run
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    config = load_config().training
+    assert store_location(config, "work/registry") == "work/mlruns"  # the default, beside the registry
+    elsewhere = tmp_path / "runs #1"  # outside the working directory: printed whole
+    config.mlflow_tracking_uri = elsewhere.as_uri()
+    with tracked_run(config, "work/registry", {"seed": 1}, run_name="configured") as run:
+        run.log_metrics({"m": 1.0})
+    assert store_location(config, "work/registry") == str(elsewhere)
+    assert len(list(elsewhere.glob("*/*/params/seed"))) == 1 and not (here / "work" / "mlruns").exists()
+    config.mlflow_tracking_uri = "http://tracking:5000"
+    assert store_location(config, "work/registry") == "http://tracking:5000"
+
+
 def test_a_tracking_store_that_fails_mid_run_does_not_end_the_training(tmp_path, monkeypatch, caplog):
     """Every epoch's metrics, the manifest and the run's close went to MLflow inside the training:
     a tracking server that went away mid-run (here: every write after the first raises) raised out of
