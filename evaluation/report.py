@@ -464,9 +464,22 @@ def _table_html(table: pd.DataFrame) -> str:
     return table.to_html(index=False, na_rep="n/a", float_format=lambda x: f"{x:.4f}", border=0)
 
 
+def _md_cell(value):
+    """A text cell that keeps its row whole: tabulate writes ``|`` and line breaks as they are, so a
+    slice value ``a|b`` (user data) split its row into more cells and a newline started a new row.
+    Backslashes are doubled first (a value's own backslash cannot undo the added one); numbers pass."""
+    if value is None or isinstance(value, (bool, int, float, np.generic)):
+        return value
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
 def _table_md(table: pd.DataFrame) -> str:
     # tabulate's missingval replaces None only; a NaN (a figure not applicable) would print "nan".
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="n/a")
+    # (None set after the escaping: applymap would read the column back as floats, None as NaN)
+    cells = table.astype(object).applymap(_md_cell).astype(object).where(table.notna(), None)
+    cells.columns = [_md_cell(c) for c in cells.columns]
+    return cells.to_markdown(index=False, floatfmt=".4f", missingval="n/a")
 
 
 def write_document(

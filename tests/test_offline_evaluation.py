@@ -708,3 +708,26 @@ def test_a_k_beyond_what_the_funnel_serves_is_refused_before_training(small_conf
             n_bootstrap=10, title="t", context={},
         )  # fmt: skip
     assert not trained
+
+
+def test_a_slice_value_with_a_pipe_or_a_newline_keeps_its_markdown_row_whole(tmp_path):
+    """report.md's tables came from tabulate as they were: a slice value (user data) "a|b" added a
+    cell to its row, and one with a newline broke the row in two; report.html escaped both."""
+    from evaluation import report
+
+    values = ["north|south", "east\nwest"]
+    slices = pd.DataFrame({"attribute": ["re|gion"] * 2, "value": values, "users": [3, 4], "ndcg@10": [0.1, 0.2]})
+    metrics = {"ndcg@10": 0.15, "ndcg@10_low": 0.1, "ndcg@10_high": 0.2}
+    result = offline.Result("funnel | v2", metrics, slices=slices, per_user={"ndcg@10": np.array([0.1, 0.2])})
+    markdown = report.write_report([result], tmp_path, "regions")["markdown"].read_text()
+    gaps = markdown.split("## Slices")[1].split("\n## ")[0]
+    rows = [line for line in gaps.splitlines() if line.startswith("|")]
+    cells = [len(re.split(r"(?<!\\)\|", row)) for row in rows]  # cells split on the unescaped pipes
+    assert len(rows) == 3 and len(set(cells)) == 1, gaps
+    assert r"| re\|gion " in rows[2] and r"east<br>west" in rows[2] and r"north\|south" in rows[2]
+    accuracy = markdown.split("## Accuracy")[1].split("\n## ")[0]
+    assert r"| funnel \| v2 " in accuracy  # a model's name too
+    # the writer itself: numbers and "n/a" as before, a backslash of the value's own kept as text
+    table = pd.DataFrame({"name": [r"a\|b", "c"], "x": [0.5, np.nan]})
+    first, second = report._table_md(table).splitlines()[2:]
+    assert first.startswith(r"| a\\\|b ") and first.endswith("|   0.5000 |") and second.endswith("| n/a      |")
