@@ -274,6 +274,7 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
     highest on validation is trained once more into ``registry_dir`` with the blend search again.
     Without candidates, or with ``tuning.enabled`` off (the configured values trained once, as
     ``train_all`` publishes them), this is ``train_all(..., tune=validation_tuner(processed))``."""
+    from models.tracking import tracking_uri
     from models.train import train_all
 
     tune = validation_tuner(processed)
@@ -284,12 +285,19 @@ def train_tuned(processed, config: Config, registry_dir: str | Path, verbose: in
     metric = tuning.metric_name(config.tuning.k)
     trials = []
     measured = 0  # validation users any candidate generator's blend search scored
+    # The trials train into a scratch registry but log to the run's own MLflow store, in an experiment
+    # of their own (their runs are named after the scratch registry's versions). A store sits beside
+    # its registry by default, so they went to the temporary folder's parent (/tmp/mlruns), outside the
+    # work folder, where nothing looked and nothing removed them.
+    store = tracking_uri(config.training, registry_dir)
+    trials_experiment = f"{config.training.mlflow_experiment}-tuning-trials"
     with tempfile.TemporaryDirectory(prefix="tuning-retrained-") as scratch:
         rankers = base
         for params in combos:
-            variant = train_all(
-                processed, tuning.apply(config, params), Path(scratch), verbose=verbose, rankers_from=rankers, tune=tune
-            )
+            trial = tuning.apply(config, params)
+            tracking = dict(mlflow_tracking_uri=store, mlflow_experiment=trials_experiment)
+            trial = replace(trial, training=replace(trial.training, **tracking))
+            variant = train_all(processed, trial, Path(scratch), verbose=verbose, rankers_from=rankers, tune=tune)
             rankers = rankers or variant
             record = variant.manifest["tuning"]
             measured += record["users"]

@@ -4,6 +4,7 @@ the served ordering."""
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,9 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
         raise AssertionError("the tuning step read the test part")
 
     monkeypatch.setattr(ProcessedData, "test", no_test)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the trials' scratch registry goes
     config = with_overrides(
         small_config,
         {
@@ -352,6 +356,11 @@ def test_training_run_retrains_the_candidate_generator_per_combination_and_publi
     )
     model = train_tuned(processed_without_test, config, tmp_path / "registry", base=model_version)
     monkeypatch.undo()
+    # The trials logged to the run's own store, in their own experiment, not beside the scratch registry.
+    assert not (scratch / "mlruns").exists() and sorted(p.name for p in scratch.iterdir()) == []
+    trial_runs = list((tmp_path / "mlruns").glob("*/*/meta.yaml"))
+    experiments = {(p.parent / "meta.yaml").read_text() for p in (tmp_path / "mlruns").glob("*/meta.yaml")}
+    assert any("merlin-funnel-tuning-trials" in e for e in experiments) and len(trial_runs) >= 3
 
     record = model.manifest["tuning"]
     search = record["candidate_generator"]
@@ -502,6 +511,39 @@ def test_an_unused_item_affinity_keeps_its_configured_fit_and_is_not_flagged():
         {"params": p, "ndcg_at_10": 0.2 if p[reg] == 500.0 and p[weight] > 0 else 0.1} for p in tuning.grid(config)
     ]
     assert tuning.choose(config, trials, "ndcg_at_10") is tuning.best_trial(trials, "ndcg_at_10")
+
+
+def test_retrained_trials_log_to_the_runs_own_store_in_their_own_experiment(monkeypatch, tmp_path):
+    """The candidate generators of the search train into a scratch registry in the temporary folder;
+    by default a store sits beside its registry, so their MLflow runs went to /tmp/mlruns, outside the
+    work folder, and stayed there. They log to the published run's store now, as their own experiment."""
+    from types import SimpleNamespace
+
+    from evaluation import tuning as tuner
+    from models import train
+    from models.tracking import tracking_uri
+
+    config = load_config(
+        overrides={"candidate_generator": {"logq_correction": True}, "tuning": {"logq_strength": [1, 2]}}
+    )
+    calls = []
+
+    def fake_train_all(processed, config, registry_dir, verbose=0, rankers_from=None, tune=None):
+        calls.append((config.training, Path(registry_dir)))
+        return SimpleNamespace(manifest={"tuning": {"chosen": {}, "best": 0.5, "users": 1, "at_edge": []}})
+
+    monkeypatch.setattr(tuner, "validation_tuner", lambda processed: None)
+    monkeypatch.setattr(train, "train_all", fake_train_all)
+    tuner.train_tuned(None, config, tmp_path / "registry")
+    store = tracking_uri(config.training, tmp_path / "registry")
+    assert store == (tmp_path / "mlruns").as_uri()
+    *trials, (published, where) = calls
+    assert len(trials) == 2 and where == tmp_path / "registry"
+    for training, registry_dir in trials:
+        assert registry_dir != tmp_path / "registry"  # scratch
+        assert training.mlflow_tracking_uri == store  # old code: "" (beside the scratch registry)
+        assert training.mlflow_experiment == "merlin-funnel-tuning-trials"
+    assert published == config.training  # the published run as configured
 
 
 def test_retrained_search_without_a_validation_user_keeps_the_configured_candidate_generator(monkeypatch):
