@@ -286,7 +286,7 @@ def peer_results(
 
 def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Path, rankers_from=None):
     """Train (with the tuning step on the validation part, ``evaluation/tuning.py``; variants that
-    reuse ``rankers_from`` keep the values it chose) and export."""
+    reuse ``rankers_from`` keep the values it chose) and export, with an empty live store."""
     from deployment.export import export_repository
     from evaluation.tuning import train_tuned
     from models.train import train_all
@@ -296,7 +296,21 @@ def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Pa
     else:
         model = train_all(processed, config, registry_dir, verbose=0, rankers_from=rankers_from)
     repo = export_repository(model, repo_dir, replace=True)
+    clear_live_store(repo)
     return model, repo
+
+
+def clear_live_store(repo: Path) -> None:
+    """Delete the live store beside ``repo`` (``<repo>-live.sqlite`` and its -wal and -shm files), which
+    the offline replay reads (``offline.load_funnel``). The export replaces the repository but keeps
+    that store, as a deployment needs; a rerun into the same ``--out`` then replayed the new export
+    with the events and takedowns written there since the last run (serving that repository,
+    ``ingest_events.py``, ``takedown.py``), and its figures were not those of a fresh folder."""
+    from workflows.live_store import store_beside
+
+    store = store_beside(repo)
+    for suffix in ("", "-wal", "-shm"):
+        Path(store + suffix).unlink(missing_ok=True)
 
 
 def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFrame:

@@ -731,3 +731,31 @@ def test_a_slice_value_with_a_pipe_or_a_newline_keeps_its_markdown_row_whole(tmp
     table = pd.DataFrame({"name": [r"a\|b", "c"], "x": [0.5, np.nan]})
     first, second = report._table_md(table).splitlines()[2:]
     assert first.startswith(r"| a\\\|b ") and first.endswith("|   0.5000 |") and second.endswith("| n/a      |")
+
+
+def test_a_rerun_into_the_same_out_folder_replays_with_an_empty_live_store(tmp_path, monkeypatch):
+    """The export into ``--out``/triton_repo replaces the repository but keeps the live store beside it:
+    a second ``scripts/evaluate.py --out`` into the same folder replayed the new export with the
+    takedowns and live events written there since the first run, not as a fresh folder would."""
+    from deployment import export
+    from evaluation import pipeline, tuning
+    from workflows.live_store import LiveStore, store_beside
+
+    repo = tmp_path / "triton_repo"
+
+    def fake_export(model, out_repo, replace=False):
+        Path(out_repo).mkdir(exist_ok=True)
+        return Path(out_repo)
+
+    monkeypatch.setattr(tuning, "train_tuned", lambda processed, config, registry_dir: "model")
+    monkeypatch.setattr(export, "export_repository", fake_export)
+    pipeline.train_and_export(None, None, tmp_path / "registry", repo)  # the first run
+    live = LiveStore(store_beside(repo))  # since then: a takedown and a live click on that repository
+    live.set_takedown(7, True, "test", "operator")
+    live.append_events([(1, 8, 1.0e9, "click", 1.0)], source="ingest")
+    live.close()
+    model, again = pipeline.train_and_export(None, None, tmp_path / "registry", repo)  # the rerun
+    assert (model, again) == ("model", repo)
+    rerun = LiveStore(store_beside(repo))
+    assert rerun.taken_down().tolist() == [] and len(rerun.events()) == 0
+    rerun.close()
