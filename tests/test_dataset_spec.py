@@ -618,3 +618,20 @@ def test_a_parquet_event_log_of_nullable_columns_is_checked_and_read(tmp_path):
     with pytest.raises(DatasetError) as info:
         load_inputs(spec_from_dict({"name": "nullable", "events": events}, root=str(tmp_path)))
     assert [(d.column, d.rows, d.example) for d in info.value.defects] == [("t", 2, "03/01/2026")]
+
+
+def test_csv_text_na_is_a_value_in_categorical_columns_and_missing_in_numeric_ones(tmp_path):
+    # pandas reads "NA", "null", "nan" ... as missing values by default: an item table's region "NA"
+    # (North America, Namibia) became null silently in CSV, though JSON lines and parquet kept it.
+    items = {"region": ["NA", "null", ""], "price": ["NA", "2", ""]}
+    values = _tiny(tmp_path, {}, items)
+    values["items"].update(categorical=["region"], continuous=["price"])
+    read = load_inputs(spec_from_dict(values, root=str(tmp_path))).items
+    assert read["region"].tolist()[:2] == ["NA", "null"] and pd.isna(read["region"].iloc[2]), read
+    assert pd.isna(read["price"].iloc[0]) and read["price"].iloc[1] == 2 and pd.isna(read["price"].iloc[2]), read
+    # An id "NA" is reported as the text it is, not as an empty cell.
+    pd.DataFrame({"i": ["1", "NA", "3"]}).to_csv(tmp_path / "items.csv", index=False)
+    values["items"].update(categorical=[], continuous=[])
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [(d.column, d.example) for d in info.value.defects] == [("i", "NA")], [str(d) for d in info.value.defects]

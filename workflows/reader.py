@@ -116,12 +116,23 @@ def read_collection(file: str, fmt: str, columns: list[str]):
     return module.read_json(file, lines=True, orient="records", dtype=False, convert_dates=False)[columns]
 
 
-def read_frame(file: str, fmt: str, columns: list[str]) -> pd.DataFrame:
-    """One (small) attribute-table file in memory."""
+# pandas' default missing-value spellings ("NA", "null", "nan", ...): a CSV cell holding one is a missing
+# value in a numeric column only. In an id, categorical, list or text column it is a value like any
+# other ("NA" is Namibia, North America or an item's name): only an empty cell is missing there.
+CSV_NA_SPELLINGS = (
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+)  # fmt: skip
+
+
+def read_frame(file: str, fmt: str, columns: list[str], numbers=()) -> pd.DataFrame:
+    """One (small) attribute-table file in memory; ``numbers``: its numeric columns (CSV: the only ones
+    where "NA", "null", "nan" and the like are missing values)."""
     if fmt == "parquet":
         return pd.read_parquet(file, columns=columns)
     if fmt == "csv":
-        return pd.read_csv(file, dtype=str, usecols=columns)[columns]
+        na = {c: list(CSV_NA_SPELLINGS) if c in numbers else [""] for c in columns}
+        return pd.read_csv(file, dtype=str, usecols=columns, keep_default_na=False, na_values=na)[columns]
     return pd.read_json(file, lines=True, dtype=False, convert_dates=False)[columns]
 
 
@@ -253,7 +264,8 @@ def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects:
     rules = _table_rules(table, name, id_column)
     frames, before = [], len(defects)
     for file, kind in found:
-        frame = read_frame(file, kind, columns)
+        numbers = {rule.column for rule in rules if rule.kind == "number"}
+        frame = read_frame(file, kind, columns, numbers)
         defects.extend(defects_of(profile_frame(frame, rules), rules, file))
         frames.append(frame)
     if not sum(len(frame) for frame in frames):  # an empty file among others (an empty partition) is no defect
