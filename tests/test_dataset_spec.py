@@ -635,3 +635,21 @@ def test_csv_text_na_is_a_value_in_categorical_columns_and_missing_in_numeric_on
     with pytest.raises(DatasetError) as info:
         load_inputs(spec_from_dict(values, root=str(tmp_path)))
     assert [(d.column, d.example) for d in info.value.defects] == [("i", "NA")], [str(d) for d in info.value.defects]
+
+
+def test_seconds_declared_as_milliseconds_are_refused(tmp_path):
+    # Unix seconds declared as ms (or any unit finer than the column's) put every event in January 1970:
+    # no check caught it, and the log went through with its hours, days and windows all wrong.
+    seconds = ["1700000000", "1700000100", "1700086400"]
+    for unit, holds in (("ms", "s"), ("ns", "s"), ("us", "ms")):
+        values = _tiny(tmp_path, {"t": [str(int(t) * _FACTORS[holds]) for t in seconds]}, timestamp_unit=unit)
+        with pytest.raises(DatasetError) as info:
+            load_inputs(spec_from_dict(values, root=str(tmp_path)))
+        (d,) = info.value.defects
+        assert (d.column, d.rows) == ("t", 3) and f"timestamp_unit {holds}?" in d.message and unit in d.message, d
+    # The right unit, or small test timestamps no other unit makes plausible, go through.
+    load_inputs(spec_from_dict(_tiny(tmp_path, {"t": seconds}), root=str(tmp_path)))
+    load_inputs(spec_from_dict(_tiny(tmp_path, {}, timestamp_unit="ms"), root=str(tmp_path)))
+
+
+_FACTORS = {"s": 1, "ms": 1_000, "us": 1_000_000}

@@ -9,7 +9,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
     ids         null, negative, not an integer, beyond int64, ids of mixed types (numbers and text in one column),
                 duplicate keys in an attribute table
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
-                range (seconds that are really milliseconds); a column of dates is taken as its instants
+                range (seconds that are really milliseconds), a whole log before 1990 that a coarser unit puts
+                after it (milliseconds that are really seconds); a column of dates is taken as its instants
     signals     null or not a number (or infinite), a binary signal not 0/1, a value outside the declared range
     attributes  a continuous column that is not a number (or infinite); a negative duration or log: true value
     references  events whose item (user) the item (user) table lacks: an error, or with
@@ -29,6 +30,9 @@ import numpy as np
 
 # A timestamp beyond this many seconds (year ~5138) is in the wrong unit.
 MAX_SECONDS = 100_000_000_000
+# A log whose every event falls before 1990 in the declared unit, but between 1990 and a year from now
+# in a coarser one, holds that coarser unit (seconds declared as ms put every event in January 1970).
+PLAUSIBLE_FROM = 631_152_000  # 1990-01-01 in seconds
 
 # ISO 8601 text: a date (2026, 2026-03, 2026-03-01 or 20260301), then optionally a time (T or a
 # space, hours, minutes, seconds, a fraction) and a UTC offset (Z, +01, +0100, +01:00).
@@ -164,7 +168,7 @@ def _mixed_types(series) -> int:
 def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> dict:
     """Counts (and a first example) of every defect in one frame: ``{"rows": n, "issues": {...}}``."""
     issues: dict = {}
-    out = {"rows": int(len(df)), "issues": issues, "max": {}}
+    out = {"rows": int(len(df)), "issues": issues, "range": {}}
     for rule in rules:
         col = df[rule.column]
         # A numpy integer column holds no null; pandas' nullable Int64 (a parquet written from it) may.
@@ -205,6 +209,9 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         elif rule.kind == "timestamp":
             _add(issues, rule.column, "negative", num < 0, col)
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
+            low, high = num.min(), num.max()
+            if low == low and high == high:  # not NaN (an empty or all-null partition)
+                out["range"][rule.column] = [float(low), float(high)]
         elif rule.kind == "binary":
             _add(issues, rule.column, "not_binary", num.notna() & (num != 0) & (num != 1), col)
         if rule.kind in ("continuous", "number"):
@@ -239,9 +246,12 @@ def _unit_factor(unit: str) -> int:
 
 def merge_profiles(profiles: list[dict]) -> dict:
     """Combine per-partition profiles: counts add up, the first example wins."""
-    out = {"rows": 0, "issues": {}}
+    out = {"rows": 0, "issues": {}, "range": {}}
     for p in profiles:
         out["rows"] += p["rows"]
+        for column, (low, high) in p.get("range", {}).items():
+            was = out["range"].get(column, [low, high])
+            out["range"][column] = [min(was[0], low), max(was[1], high)]
         for key, (n, example) in p["issues"].items():
             if key in out["issues"]:
                 out["issues"][key][0] += n
@@ -298,11 +308,40 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
                 f"is too large for a timestamp in {rule.unit}{role}: is events.timestamp_unit right (s, ms, us, ns)?",
                 "too_large",
             )
+        if rule.kind == "timestamp" and c in profile.get("range", {}) and not out_of_range(out, c):
+            wrong = _wrong_unit(*profile["range"][c], rule.unit)
+            if wrong:
+                latest = profile["range"][c][1]
+                out.append(Defect(file, c, wrong, profile["rows"], int(latest) if latest.is_integer() else latest))
         if (c, "below") in issues:
             defect(f"is below the declared minimum {rule.low}{role}", "below")
         if (c, "above") in issues:
             defect(f"is above the declared maximum {rule.high}{role}", "above")
     return out
+
+
+def out_of_range(defects: list[Defect], column: str) -> bool:
+    """A defect already found for ``column`` (the unit check reads a range only of valid values)."""
+    return any(d.column == column for d in defects)
+
+
+def _wrong_unit(low: float, high: float, unit: str) -> str | None:
+    """A message when every timestamp is before 1990 in ``unit`` but in [1990, a year from now] in a
+    coarser unit (the one the column holds), else None."""
+    import time
+
+    factor = _unit_factor(unit)
+    if unit not in ("s", "ms", "us", "ns") or high / factor >= PLAUSIBLE_FROM:
+        return None
+    latest = time.time() + 366 * 86_400
+    for coarser in ("s", "ms", "us", "ns"):
+        f = _unit_factor(coarser)
+        if f < factor and low / f >= PLAUSIBLE_FROM and high / f <= latest:
+            return (
+                f"every timestamp is before 1990 read in {unit} (events.timestamp_unit); read in {coarser} they fall"
+                f" between 1990 and now: is events.timestamp_unit {coarser}?"
+            )
+    return None
 
 
 def unknown_references(profile: dict, memberships: list[Membership], file: str, tables: dict) -> list:
