@@ -481,7 +481,7 @@ def live_vs_holdout(
 
     The same period, because users churn over time: a version that served only the last day must not
     be compared with a holdout that has had a week to churn. A user in both groups over that period (a
-    log spanning two experiments, whose salts reshuffle the holdout) is in neither.
+    log spanning two experiments whose holdout salts differ, which reshuffles the holdout) is in neither.
 
     ``p_value`` is a one-look test, right for a report read once. A monitor recomputes the comparison
     every minute for weeks, and alerting on that p-value fires sooner or later with equal models
@@ -514,7 +514,7 @@ def live_vs_holdout(
     for version, served in live.groupby("model_version"):
         since, until = float(served["ts"].min()), float(served["ts"].max())
         same_period = held[(held["ts"] >= since) & (held["ts"] <= until)]
-        # A log spanning two salts (each experiment reshuffles the holdout) holds users held out under one
+        # A log spanning two holdout salts (each reshuffles the holdout) holds users held out under one
         # and live under the other: in both groups they are no independent sample of either, so left out.
         both = np.intersect1d(same_period["user_id"].unique(), served["user_id"].unique())
         same_period, served = (r[~r["user_id"].isin(both)] for r in (same_period, served))

@@ -391,8 +391,16 @@ def step_experiment(context: dict) -> dict:
     candidate = int(export["version"])
     if current == candidate:
         return {"started": False, "reason": f"version {candidate} is already the served one"}
+    # Each candidate's own salt reshuffles the arms; the holdout is drawn by the config's salt, so it
+    # stays the same users from one candidate to the next (the yardstick of docs/monitoring.md).
     rollout = ab_rollout(
-        f"{exp.name}-v{candidate}", f"{exp.salt}-v{candidate}", current, candidate, exp.holdout, exp.treatment_share
+        f"{exp.name}-v{candidate}",
+        f"{exp.salt}-v{candidate}",
+        current,
+        candidate,
+        exp.holdout,
+        exp.treatment_share,
+        holdout_salt=exp.salt,
     )
     running = current_rollout(export["repo"])
     if running is not None and running.to_dict() == rollout.to_dict():  # a re-run: already started

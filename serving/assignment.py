@@ -5,6 +5,10 @@ and different experiments (different salts) assign independently. A ``holdout`` 
 carved out first and stays on the control model even after the treatment is rolled out to everyone
 else: the long-term holdout is what shows whether a model degrades once it mostly learns from its
 own logs.
+
+The holdout may be drawn with a salt of its own (``holdout_salt``): a deployment that starts one
+experiment after another (every retraining candidate, ``online/retraining.py``) keeps the same users in
+the holdout across them, while the arms outside it are reshuffled by each experiment's salt.
 """
 
 from __future__ import annotations
@@ -35,13 +39,19 @@ def bucket(user_id: int | str, salt: str, buckets: int = BUCKETS) -> int:
 
 @dataclass
 class Experiment:
-    """``arms`` maps arm name to its share of the non-holdout traffic (shares sum to 1)."""
+    """``arms`` maps arm name to its share of the non-holdout traffic (shares sum to 1).
+
+    ``holdout_salt`` (None: ``salt``) decides who is held out. With the experiment's own salt the holdout
+    is the lowest buckets of ``salt`` and the arms share the rest; with another salt a user is held out by
+    that salt's bucket, and the arm of everyone else comes from ``salt``'s bucket over all buckets, so
+    the holdout stays the same users across experiments that share a ``holdout_salt``."""
 
     name: str
     salt: str
     arms: dict[str, float] = field(default_factory=lambda: {"control": 0.5, "treatment": 0.5})
     holdout: float = 0.01
     control: str = "control"
+    holdout_salt: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout <= MAX_HOLDOUT:
@@ -64,13 +74,25 @@ class Experiment:
                 f"bucket (1/{BUCKETS:,} of the traffic) gets none (holdout {self.holdout}, arms {self.arms})"
             )
 
+    def _own_holdout_salt(self) -> bool:
+        return self.holdout_salt is not None and self.holdout_salt != self.salt
+
     def assign(self, user_id: int | str) -> str:
-        return self._arm_at(bucket(user_id, self.salt) / BUCKETS)
+        u = bucket(user_id, self.salt) / BUCKETS
+        if not self._own_holdout_salt():
+            return self._arm_at(u)
+        if bucket(user_id, self.holdout_salt) / BUCKETS < self.holdout:
+            return HOLDOUT
+        return self._arm_of(u)
 
     def _arm_at(self, u: float) -> str:
+        """The arm of bucket ``u`` when the holdout is the lowest buckets of the experiment's salt."""
         if u < self.holdout:
             return HOLDOUT
-        position = (u - self.holdout) / (1.0 - self.holdout)
+        return self._arm_of((u - self.holdout) / (1.0 - self.holdout))
+
+    def _arm_of(self, position: float) -> str:
+        """The arm at ``position`` in [0, 1) of the traffic outside the holdout."""
         cumulative = 0.0
         for arm, share in self.arms.items():
             cumulative += share
@@ -81,12 +103,22 @@ class Experiment:
     def expected_shares(self) -> dict[str, float]:
         """The share of users each arm (and the holdout) gets: the share of the buckets ``assign`` puts
         in it. That is the design's share rounded to whole buckets; the sample-ratio check compares
-        with it, since a share of a bucket and a half (holdout 0.00015) is served as one or two."""
+        with it, since a share of a bucket and a half (holdout 0.00015) is served as one or two.
+
+        With a ``holdout_salt`` of its own the two buckets are independent hashes: an arm gets its share
+        of ``salt``'s buckets times the share of users outside the holdout (``holdout_salt``'s buckets)."""
         counts: dict[str, int] = {arm: 0 for arm in self.arms}
         counts[HOLDOUT] = 0
+        if not self._own_holdout_salt():
+            for b in range(BUCKETS):
+                counts[self._arm_at(b / BUCKETS)] += 1
+            return {arm: n / BUCKETS for arm, n in counts.items()}
         for b in range(BUCKETS):
-            counts[self._arm_at(b / BUCKETS)] += 1
-        return {arm: n / BUCKETS for arm, n in counts.items()}
+            counts[self._arm_of(b / BUCKETS)] += 1
+        held = sum(1 for b in range(BUCKETS) if b / BUCKETS < self.holdout) / BUCKETS
+        shares = {arm: (1.0 - held) * counts[arm] / BUCKETS for arm in self.arms}
+        shares[HOLDOUT] = held
+        return shares
 
 
 @dataclass
@@ -134,6 +166,8 @@ class Rollout:
                 "arms": dict(e.arms),
                 "holdout": e.holdout,
                 "control": e.control,
+                # Only when set: an experiment.json without it reads as before (the holdout by ``salt``).
+                **({"holdout_salt": e.holdout_salt} if e.holdout_salt is not None else {}),
             },
             "versions": {arm: int(v) for arm, v in self.versions.items()},
             "control_version": int(self.control_version),
@@ -155,11 +189,15 @@ def ab_rollout(
     treatment_version: int,
     holdout: float = 0.02,
     treatment_share: float = 0.5,
+    holdout_salt: str | None = None,
 ) -> Rollout:
-    """A two-arm test: ``control`` on the current model, ``treatment`` on the candidate, and a holdout."""
+    """A two-arm test: ``control`` on the current model, ``treatment`` on the candidate, and a holdout
+    (drawn by ``holdout_salt`` when given, so that it stays the same users across experiments)."""
     if name == NO_EXPERIMENT:  # roll_out would read it as no experiment and move the holdout off control
         raise ValueError(f"{NO_EXPERIMENT!r} names the state without an experiment: give the A/B test another name")
-    experiment = Experiment(name, salt, {"control": 1.0 - treatment_share, "treatment": treatment_share}, holdout)
+    experiment = Experiment(
+        name, salt, {"control": 1.0 - treatment_share, "treatment": treatment_share}, holdout, holdout_salt=holdout_salt
+    )
     return Rollout(
         experiment, {"control": int(control_version), "treatment": int(treatment_version)}, int(control_version)
     )

@@ -362,3 +362,40 @@ def test_the_ab_test_keeps_a_feedback_log_named_by_the_environment(tmp_path, mon
             log=lambda line: None,
         )
     assert [path.exists() for path in kept] == [True, True, True]
+
+
+def test_a_holdout_salt_keeps_the_holdout_and_the_shares_stay_exact():
+    """``holdout_salt`` draws the holdout by its own hash, the arms of everyone else by the experiment's
+    salt: the holdout stays the same users across experiments, the arms are reshuffled, and the
+    sample-ratio check expects what ``assign`` serves (arm share times the share outside the holdout)."""
+    users = range(200_000)
+    one = Experiment("a", salt="deploy-v2", holdout=0.02, holdout_salt="deploy")
+    two = Experiment("b", salt="deploy-v3", holdout=0.02, holdout_salt="deploy")
+    arms_one, arms_two = [one.assign(u) for u in users], [two.assign(u) for u in users]
+    assert [a == HOLDOUT for a in arms_one] == [a == HOLDOUT for a in arms_two]
+    live = [(a, b) for a, b in zip(arms_one, arms_two) if a != HOLDOUT]
+    assert 0.45 < np.mean([a == b for a, b in live]) < 0.55  # independent arms outside the holdout
+    for exp, arms in ((one, arms_one), (two, arms_two)):
+        shares = exp.expected_shares()
+        assert shares[HOLDOUT] == 0.02 and sum(shares.values()) == pytest.approx(1.0)
+        assert shares["control"] == pytest.approx(0.49)
+        counts = {a: arms.count(a) for a in set(arms)}
+        assert not ab.sample_ratio_mismatch(counts, shares).mismatch, (counts, shares)
+    # Uneven arms and a holdout of a bucket and a half: the shares are still those the buckets serve.
+    odd = Experiment("c", salt="x", arms={"control": 0.9, "canary": 0.1}, holdout=0.00015, holdout_salt="h")
+    shares = odd.expected_shares()
+    assert shares[HOLDOUT] == 0.0002 and shares["canary"] == pytest.approx(0.1 * 0.9998)
+    counts = {}
+    for u in range(300_000):
+        arm = odd.assign(u)
+        counts[arm] = counts.get(arm, 0) + 1
+    assert not ab.sample_ratio_mismatch(counts, shares).mismatch, (counts, shares)
+    # Without one (or with the salt itself) the assignment and the experiment.json are as before.
+    plain, same = Experiment("e", "s", holdout=0.02), Experiment("e", "s", holdout=0.02, holdout_salt="s")
+    assert [plain.assign(u) for u in range(5000)] == [same.assign(u) for u in range(5000)]
+    assert plain.expected_shares() == same.expected_shares()
+    rollout = Rollout(plain, {"control": 1, "treatment": 2}, control_version=1)
+    assert "holdout_salt" not in rollout.to_dict()["experiment"]
+    kept = Rollout(one, {"control": 1, "treatment": 2}, control_version=1).roll_out("treatment")
+    assert Rollout.from_dict(kept.to_dict()).experiment.holdout_salt == "deploy"
+    assert Rollout.from_dict(kept.to_dict()).version_for(7) == kept.version_for(7)

@@ -394,3 +394,30 @@ def test_a_step_that_runs_again_also_reruns_the_steps_that_used_its_result(tmp_p
     again = run_pipeline(steps, tmp_path / "run", {}, Alerter())
     assert again == {"train": {"version": 2}, "export": {"exported": 2}}
     assert run_pipeline(steps, tmp_path / "run", {}, Alerter()) == again  # and then nothing reruns
+
+
+def test_the_holdout_is_the_same_users_for_every_candidate(monkeypatch, tmp_path):
+    """Each candidate's experiment had the salt ``<salt>-v<candidate>`` for the holdout too, so every
+    retraining reshuffled which 2% of users were held out: users flipped in and out of the yardstick
+    (docs/monitoring.md). The holdout is now drawn by the config's salt; the arms still reshuffle."""
+    import deployment.rollout
+    import online.experiments
+    from online.retraining import step_experiment
+    from serving.assignment import HOLDOUT, Rollout
+
+    started = []
+    monkeypatch.setattr(deployment.rollout, "current_rollout", lambda repo: None)
+    monkeypatch.setattr(
+        online.experiments, "start_experiment", lambda url, repo, rollout, **kw: started.append(rollout)
+    )
+    for current, candidate in ((1, 2), (2, 3)):
+        settings = {"grpc_url": "localhost:1", "current_version": current}
+        step_experiment({"settings": settings, "export": {"repo": str(tmp_path), "version": candidate, "live": True}})
+    first, second = started
+    users = range(20_000)
+    held = [{u for u in users if r.version_for(u)[0] == HOLDOUT} for r in started]
+    assert len(held[0]) > 200 and held[0] == held[1]  # old code: two different sets
+    treated = [{u for u in users if r.version_for(u)[0] == "treatment"} for r in started]
+    assert 0.4 < len(treated[0] & treated[1]) / len(treated[0]) < 0.6  # the arms are reshuffled
+    assert first.experiment.salt != second.experiment.salt
+    assert Rollout.from_dict(json.loads(json.dumps(second.to_dict()))).to_dict() == second.to_dict()
