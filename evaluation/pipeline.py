@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import re
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from evaluation.peers import ALS, EASE, Popularity
 from evaluation.rankers import ranker_table
 from evaluation.report import write_report
 from models.tuning import chosen_config
+
+log = logging.getLogger(__name__)
 
 # Ordering policies measured on top of the served one (``serving.ordering``; ``serving/ordering.py``).
 # Final scores lie in [0, 1], so a temperature of 0.05 makes a 0.05 lower score e times less likely.
@@ -300,17 +303,26 @@ def train_and_export(processed, config: Config, registry_dir: Path, repo_dir: Pa
     return model, repo
 
 
-def clear_live_store(repo: Path) -> None:
-    """Delete the live store beside ``repo`` (``<repo>-live.sqlite`` and its -wal and -shm files), which
-    the offline replay reads (``offline.load_funnel``). The export replaces the repository but keeps
-    that store, as a deployment needs; a rerun into the same ``--out`` then replayed the new export
-    with the events and takedowns written there since the last run (serving that repository,
-    ``ingest_events.py``, ``takedown.py``), and its figures were not those of a fresh folder."""
+def clear_live_store(repo: Path) -> Path | None:
+    """Move the live store beside ``repo`` (``<repo>-live.sqlite`` and its -wal and -shm files), which
+    the offline replay reads (``offline.load_funnel``), aside; return where it went (None: there was
+    none). The export replaces the repository but keeps that store, as a deployment needs; a rerun
+    into the same ``--out`` then replayed the new export with the events and takedowns written there
+    since the last run (serving that repository, ``ingest_events.py``, ``takedown.py``), and its
+    figures were not those of a fresh folder. Moved, not deleted: an ``--out`` that is a deployment's
+    folder would otherwise lose its takedown list."""
     from workflows.live_store import store_beside
 
-    store = store_beside(repo)
-    for suffix in ("", "-wal", "-shm"):
-        Path(store + suffix).unlink(missing_ok=True)
+    store = Path(store_beside(repo))
+    if not store.exists():
+        return None
+    kept = store.with_name(f"{store.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
+    for suffix in ("-wal", "-shm", ""):  # the main file last: SQLite pairs a -wal with it by name
+        part = Path(f"{store}{suffix}")
+        if part.exists():
+            part.rename(f"{kept}{suffix}")
+    log.warning("evaluation: the live store beside %s was moved aside to %s; the replay starts empty", repo, kept)
+    return kept
 
 
 def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFrame:

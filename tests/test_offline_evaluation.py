@@ -759,3 +759,8 @@ def test_a_rerun_into_the_same_out_folder_replays_with_an_empty_live_store(tmp_p
     rerun = LiveStore(store_beside(repo))
     assert rerun.taken_down().tolist() == [] and len(rerun.events()) == 0
     rerun.close()
+    # The old store is kept aside, not deleted: an --out that is a deployment's folder keeps its takedowns.
+    (kept,) = [p for p in tmp_path.glob("triton_repo-live.sqlite.replaced-*") if p.suffix.startswith(".replaced")]
+    old = LiveStore(str(kept))
+    assert old.taken_down().tolist() == [7] and len(old.events()) == 1
+    old.close()
