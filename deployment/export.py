@@ -208,7 +208,7 @@ def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, b
             pd.read_parquet(model.path / "user_features.parquet"),
             manifest["features"]["user_categorical"],
             manifest["features"]["user_continuous"],
-            pd.read_parquet(model.path / "user_history.parquet"),
+            exported_history(model.path),
             pd.read_parquet(model.path / "item_features.parquet"),
             # The windowed activity features count from these at request time (absent: none).
             pd.read_parquet(recent) if (recent := model.path / "recent_events.parquet").exists() else None,
@@ -255,6 +255,17 @@ def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, b
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def exported_history(version_dir: Path) -> pd.DataFrame:
+    """``(user_id_raw, item_id_raw)`` the online store holds as seen items: the training history, plus
+    that of the users ``workflow.active_users`` dropped (``fallback_history.parquet``, where the version
+    has it), so the fallback serving them never returns what they already clicked."""
+    history = pd.read_parquet(version_dir / "user_history.parquet")
+    dropped = version_dir / "fallback_history.parquet"
+    if dropped.exists():
+        history = pd.concat([history, pd.read_parquet(dropped)[list(history.columns)]], ignore_index=True)
+    return history
 
 
 def exchange(a: Path, b: Path) -> bool:

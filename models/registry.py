@@ -13,6 +13,9 @@
         item_aliases.parquet    (item_id_raw, canonical_item_id_raw) of every duplicate id: what a
                                 request, live event or takedown naming the other copy means
         user_history.parquet    (user_id_raw, item_id_raw) seen in training (the "already seen" filter)
+        fallback_history.parquet  the same for the users workflow.active_users dropped: not trained on,
+                                served by the fallback, which skips what they have seen (older
+                                versions lack it)
         recent_events.parquet   (user_id, timestamp, click): each user's events in the longest activity
                                 window before the end of the training data (windowed activity features)
         popularity.parquet      the fallback ranking (raw item id, score)

@@ -220,6 +220,10 @@ def train_all(
         aliases = duplicate_ids(read_parquet(data.item_id_map))
         aliases.to_parquet(out.tmp / "item_aliases.parquet", index=False)
         history.to_parquet(out.tmp / "user_history.parquet", index=False)
+        if data.fallback_events.exists():  # the history of the users active_users dropped (never trained on)
+            dropped = _history(read_parquet(data.fallback_events), config.training.history_event)
+            dropped.columns = ["user_id_raw", "item_id_raw"]
+            dropped.to_parquet(out.tmp / "fallback_history.parquet", index=False)
         if data.recent_events.exists():  # the windowed activity features' events (serving counts them)
             shutil.copy(data.recent_events, out.tmp / "recent_events.parquet")
         popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)

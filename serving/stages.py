@@ -185,7 +185,9 @@ class FeatureLookup(Stage):
     """Reads the user's encoded features and history from the online store, and merges in what the
     user did since the export from the live store (``workflows/live_store.py``): ``seen_items`` is
     the export's history plus every live item, so what a user just watched is filtered out, feeds
-    the item affinity, and lets a user the models never saw be served from their fresh history."""
+    the item affinity, and lets a user the models never saw be served from their fresh history. The
+    export's history covers the users the active-users filter kept out of training too: the fallback
+    serving them skips what they clicked, and their history counts as theirs for the fresh history."""
 
     name = "feature_lookup"
     inputs = (USER_ID,)
@@ -253,12 +255,13 @@ class FeatureLookup(Stage):
         if found is None:
             unknown = unknown_user(self.features)
             cat, cont = unknown["user_categorical"], unknown["user_continuous"]
-            seen = np.unique(live_seen)
         else:
             cat, cont = found
-            seen = self.store.history(user_id)
-            if live_seen.size:
-                seen = np.union1d(seen, live_seen)
+        # A user the models never saw may still have a history in the store: one the active-users
+        # filter dropped from training (fallback_history.parquet), never to be served it back.
+        seen = self.store.history(user_id)
+        if live_seen.size:
+            seen = np.union1d(seen, live_seen)
         if self.activity_slots.size:  # kept current: counted now, not read from the export
             cont = np.array(cont, dtype=np.float32)
             cont[self.activity_slots] = self.user_activity(user_id, live=recent)

@@ -79,6 +79,28 @@ def test_unknown_user_gets_the_popularity_fallback(funnel, model_version):
     assert out["item_ids"].tolist() == popular
 
 
+def test_a_user_the_active_users_filter_dropped_is_never_served_what_they_clicked(
+    funnel, processed, small_data, small_config
+):
+    """A user with too few recent clicks is left out of training (workflow.active_users) and served as
+    unknown; their training-period clicks never reached ``seen_items``, so the popularity fallback
+    served them back (5 of the 25 such users of this world). The export's store now holds their history."""
+    cutoff = processed.summary["cutoff"]
+    canonical = pd.read_parquet(processed.item_id_map).set_index("item_id")["canonical_item_id"]
+    trained = set(pd.read_parquet(processed.train_events)["user_id"])
+    events = small_data.events
+    clicks = events[(events["timestamp"] < cutoff) & (events[small_config.training.history_event] > 0)]
+    clicks = clicks[~clicks["user_id"].isin(trained)].assign(item_id=lambda f: canonical.loc[f["item_id"]].to_numpy())
+    assert clicks["user_id"].nunique() >= 10  # the world has such users
+    raw = funnel["ordering"].raw_ids
+    for user, group in clicks.groupby("user_id"):
+        out = run_funnel(funnel, int(user), 10)
+        assert not out["user_known"][0]
+        clicked = set(group["item_id"].tolist()) & set(raw[raw >= 0].tolist())
+        assert clicked <= set(raw[out["seen_items"]].tolist()), user
+        assert not clicked & set(out["item_ids"].tolist()), user
+
+
 @pytest.mark.parametrize("k", [0, -3, 51])
 def test_out_of_range_k_is_a_request_error(funnel, k):
     with pytest.raises(RequestError, match="k must be between 1 and 50"):

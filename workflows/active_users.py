@@ -3,7 +3,8 @@
 The seed's example: a user with >= 10 clicks in the last 10 days is active. Everyone else is served
 by the ``fallback`` (recency-weighted popularity), so the models spend their capacity on users with
 enough signal. Applied to the training part only: validation keeps every user, so the evaluation
-sees the same population the funnel serves.
+sees the same population the funnel serves. The dropped users' training-period events still go to
+serving as their history (``fallback_events.parquet``), so the fallback skips what they clicked.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ The steps, in order (one module each; every step reports rows/users/items remove
                                negatives: what an offline evaluation scores on any split kind
     recent_events.parquet      each user's events (user_id, timestamp, click) in the longest activity
                                window before the end of the training data (serving counts from them)
+    fallback_events.parquet    the training-period events (event columns) of the users active_users
+                               dropped: the history of users the fallback serves, which it must not
+                               serve back to them (never trained on)
     item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
     summary.json               counts, the split cutoff, one report per step, the checks passed
 """
@@ -68,6 +71,7 @@ from workflows.point_in_time import (
 from workflows.reader import Inputs, load_inputs, with_placeholders
 from workflows.recency_window import recency_window
 from workflows.report import report
+from workflows.rows import IsIn, filter_rows
 from workflows.spec import DatasetSpec, Layout, raw_schema_spec
 from workflows.splits import split_events
 from workflows.validate import DatasetError, Defect
@@ -118,6 +122,10 @@ class ProcessedData:
     @property
     def recent_events(self) -> Path:
         return self.root / "recent_events.parquet"
+
+    @property
+    def fallback_events(self) -> Path:
+        return self.root / "fallback_events.parquet"
 
     @property
     def summary(self) -> dict:
@@ -282,6 +290,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     shutil.rmtree(out.test_dir, ignore_errors=True)
     out.held_out_events("test").unlink(missing_ok=True)
     out.recent_events.unlink(missing_ok=True)
+    out.fallback_events.unlink(missing_ok=True)
     steps, passed = [], []
     signals = list(layout.signals)
 
@@ -328,6 +337,13 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
                 message += f" (each user's items are cut at split.ratios {list(config.split.ratios)}: too few per user)"
             raise DatasetError([Defect("events", "", message)])
     train_events = parts["train"]
+    # The training-period events of the users active_users dropped: never trained on, but their
+    # history, which the fallback that serves them must skip (as a known user's seen items).
+    dropped_events = None
+    if config.active_users.enabled:
+        kept_users = train["user_id"].unique().compute()
+        kept_users = kept_users.values_host if hasattr(kept_users, "values_host") else kept_users.values
+        dropped_events = filter_rows(split.train, IsIn("user_id", kept_users, keep=False))
     held_out = {name: ddf for name, ddf in parts.items() if name != "train"}  # before sampled negatives
 
     ns = config.negative_sampling
@@ -394,6 +410,8 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     train_frame.to_parquet(out.train_events, index=False)
     for name, ddf in held_out.items():
         ddf[event_columns].compute().to_parquet(out.held_out_events(name), index=False)
+    if dropped_events is not None:
+        dropped_events[event_columns].compute().to_parquet(out.fallback_events, index=False)
 
     # 6. Correctness checks on what was written.
     if config.checks.enabled:
