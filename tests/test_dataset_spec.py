@@ -653,3 +653,36 @@ def test_seconds_declared_as_milliseconds_are_refused(tmp_path):
 
 
 _FACTORS = {"s": 1, "ms": 1_000, "us": 1_000_000}
+
+
+@pytest.mark.parametrize(("plain", "other"), [("7", "007"), ("1", "1.0"), ("1000", "1e3"), ("7", " 7")])
+def test_two_spellings_of_one_event_id_are_refused_not_merged(tmp_path, plain, other):
+    # Ids read as text were converted with to_numeric: items "7" and "007" (users "1" and "1.0") silently
+    # became one id, merging two items (users) with no error; attribute tables already refused it as a
+    # duplicate key, the event log had no such check.
+    values = _tiny(tmp_path, {"i": [plain, other, "8"], "u": [other, plain, "2"]})
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = {(d.column, d.rows, d.example) for d in info.value.defects}
+    assert found == {("i", 2, other), ("u", 2, other)}, [str(d) for d in info.value.defects]
+    message = only(info.value.defects, "i").message
+    assert f"{plain!r} and {other!r}" in message and "events.item_id" in message and "one way" in message
+
+
+def test_two_spellings_of_one_id_across_files_and_in_json_lines_are_refused(tmp_path):
+    frame = pd.DataFrame({"u": ["1", "2"], "i": ["5", "6"], "t": ["10", "20"]})
+    frame.to_json(tmp_path / "events-a.jsonl", orient="records", lines=True)
+    frame.assign(i=["0005", "06"]).to_json(tmp_path / "events-b.jsonl", orient="records", lines=True)
+    values = {"name": "tiny", "events": {"path": "events-*.jsonl", "user_id": "u", "item_id": "i", "timestamp": "t"}}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    (d,) = info.value.defects
+    assert (d.column, d.rows, d.example, d.file) == ("i", 4, "0005", str(tmp_path / "events-*.jsonl")), str(d)
+    assert "'5' and '0005' both become id 5" in d.message and "(2 ids written more than one way)" in d.message
+
+
+def test_ids_zero_padded_alike_are_one_spelling_each_and_go_through(tmp_path):
+    values = _tiny(tmp_path, {"i": ["007", "008", "007"], "u": ["0001", "0002", "0010"]})
+    read = load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    events = read.events.compute()
+    assert events["item_id"].tolist() == [7, 8, 7] and events["user_id"].tolist() == [1, 2, 10]

@@ -27,6 +27,7 @@ from workflows.spec import DatasetSpec, Layout, ListSpec, TableSpec, list_featur
 from workflows.validate import (
     DatasetError,
     Defect,
+    IdSpellings,
     Membership,
     Rule,
     as_number,
@@ -35,7 +36,9 @@ from workflows.validate import (
     merge_profiles,
     parse_iso,
     profile_frame,
+    spelling_clash,
     unknown_references,
+    valid_ids,
 )
 
 EXTENSIONS = {
@@ -372,6 +375,33 @@ def _event_rules(spec: DatasetSpec) -> list[Rule]:
     return rules
 
 
+def _spelling_clashes(raw, rule: Rule, file: str) -> list[Defect]:
+    """Ids of the event log written two ways that read as one number ("7" and "007"): as integers they
+    would be one id, merging two users (items). Distinct (number, text) pairs are reduced in dask, so
+    a log of consistently zero-padded ids costs one pass and finds nothing."""
+    pairs = raw.map_partitions(IdSpellings(rule.column), meta=IdSpellings(rule.column)(raw._meta)).drop_duplicates()
+    pairs = pairs.persist()
+    counts = pairs["number"].value_counts()
+    clashing = counts[counts > 1].compute()
+    if not len(clashing):
+        return []
+    numbers = np.sort(
+        np.asarray(clashing.index.values_host if hasattr(clashing.index, "values_host") else clashing.index)
+    )
+    texts = pairs[pairs["number"] == int(numbers[0])]["text"].compute()
+    texts = texts.to_pandas() if hasattr(texts, "to_pandas") else texts
+    rows_task = dask.delayed(_rows_of, pure=True)
+    rows = sum(dask.compute(*[rows_task(p, rule.column, numbers) for p in raw.to_delayed()]))
+    role = f" ({rule.role})" if rule.role else ""
+    return [spelling_clash(rule.column, role, file, rows, list(texts), int(numbers[0]), len(numbers))]
+
+
+def _rows_of(df, column: str, numbers: np.ndarray) -> int:
+    """Events of one partition (pandas or cudf) whose id reads as one of ``numbers``."""
+    num = as_number(df[column])
+    return int((valid_ids(num) & num.isin(numbers)).sum())
+
+
 def _like_events(frame, events):
     """An attribute frame in the events' backend (cudf when the events are cudf)."""
     if frame is None or isinstance(events._meta, pd.DataFrame):
@@ -421,6 +451,10 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
     total = merge_profiles([p for _, p in per_file])
     if total["rows"] == 0:
         defects.append(Defect(spec.resolve(ev.path), "", "the event log is empty (no rows)"))
+    label = found[0][0] if len(found) == 1 else spec.resolve(ev.path)
+    for rule in rules[:2]:  # the id columns; a second pass only where some id is not written plainly
+        if (rule.column, "spelling") in total["issues"]:
+            defects.extend(_spelling_clashes(raw, rule, label))
 
     warnings: list[Defect] = []
     policies = {"user": spec.checks.missing_users, "item": spec.checks.missing_items}

@@ -7,7 +7,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
     structure   a file or glob that matches nothing, a column the spec names that the file lacks,
                 an empty table
     ids         null, negative, not an integer, beyond int64, ids of mixed types (numbers and text in one column),
-                duplicate keys in an attribute table
+                duplicate keys in an attribute table, two spellings of one id in the event log ("7" and "007",
+                "1e3" and "1000": read as numbers they would become one id)
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
                 range (seconds that are really milliseconds), a whole log before 1990 that a coarser unit puts
                 after it (milliseconds that are really seconds); a column of dates is taken as its instants
@@ -203,6 +204,13 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
                 mixed = _mixed_types(col)
                 if mixed:
                     issues[(rule.column, "mixed_types")] = [mixed, _first(col[col.map(lambda v: isinstance(v, str))])]
+                if not _is_numeric(col):
+                    # Text that is not an integer's plain spelling ("007", "7.0", "1e3", " 7"): not a defect by
+                    # itself (ids padded alike are fine), but the sign that two spellings may read as one
+                    # id; ``reader._spelling_clashes`` looks for those, only when this count is not 0.
+                    ok = valid_ids(num)
+                    text = col[ok].astype(str)
+                    _add(issues, rule.column, "spelling", text != num[ok].astype("int64").astype(str), text)
             _add(issues, rule.column, "negative", num < 0, col)
             # Beyond int64 an id would wrap on the way to int64 (2**64 - 1 became -1): refused.
             _add(issues, rule.column, "beyond_int64", (num > 0) & ~fits_int64(num), col)  # below 0: "negative"
@@ -227,6 +235,41 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         valid = ids.notna() & (ids >= 0)  # a null or negative id is its own defect, not an unknown one
         _add(issues, m.column, f"{m.code}_{m.table}", valid & ~ids.isin(m.known), col)
     return out
+
+
+def valid_ids(num):
+    """Which of the numbers ``num`` (an id column as numbers, pandas or cudf) are usable ids: present,
+    whole, non-negative and within int64."""
+    return num.notna() & (num >= 0) & fits_int64(num) & (num == num.round())
+
+
+class IdSpellings:
+    """Per partition (picklable): the text and the number of each usable id of ``column``, one row per
+    distinct pair. Numbers are taken from the whole partition, as ``reader.ToInternal`` takes them."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+    def __call__(self, df):
+        col = df[self.column]
+        num = as_number(col)
+        ok = valid_ids(num)
+        out = type(df)()
+        out["number"] = num[ok].astype("int64")
+        out["text"] = col[ok].astype(str)
+        return out.drop_duplicates()
+
+
+def spelling_clash(column: str, role: str, file: str, rows: int, texts: list, number: int, numbers: int) -> Defect:
+    """Two spellings of one id ("7" and "007") that would become one id: the defect naming them."""
+    first, second = sorted(texts, key=lambda t: (t != str(number), t))[:2]  # the plain spelling first
+    message = (
+        f"ids written differently that read as the same number{role}: {first!r} and {second!r} both become id"
+        f" {number}, which would merge two ids into one ({numbers} id{'s' if numbers != 1 else ''} written more"
+        " than one way). Write each id one way everywhere (all zero-padded or none), or map text ids to"
+        " integers yourself before: the spec has no text-id type, ids are read as integers"
+    )
+    return Defect(file, column, message, rows, second)
 
 
 def fits_int64(values):
