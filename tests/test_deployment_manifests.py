@@ -455,7 +455,12 @@ def test_the_server_deployment_runs_replicas_on_a_read_only_repository_exposed_b
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == serve_ports()
     assert exec_form(instruction(ROOT / "Dockerfile", "ENTRYPOINT")[0])[1].endswith("scripts/serve.py")
     assert "command" not in container, "the image's ENTRYPOINT runs scripts/serve.py"
-    (repository,) = [m for m in container["volumeMounts"] if m["mountPath"] == args.model_repository]
+    # The volume holds the repository as its folder triton_repo, mounted at the folder above it: a
+    # writer pod's export_triton.py --replace swaps that folder for a new one, which a volume root
+    # (a mount point: nothing can rename it) refused. (Old manifest: mounted at /models/triton_repo.)
+    (repository,) = [m for m in container["volumeMounts"] if m["name"] == "model-repository"]
+    assert Path(args.model_repository).parent == Path(repository["mountPath"]), repository
+    assert Path(args.model_repository).name == "triton_repo" and "subPath" not in repository
     assert repository["readOnly"] is True
     (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == repository["name"]]
     assert volume["persistentVolumeClaim"]["readOnly"] is True
