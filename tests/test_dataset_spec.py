@@ -620,6 +620,19 @@ def test_a_parquet_event_log_of_nullable_columns_is_checked_and_read(tmp_path):
     assert [(d.column, d.rows, d.example) for d in info.value.defects] == [("t", 2, "03/01/2026")]
 
 
+def test_a_nullable_timestamp_column_without_a_value_is_a_defect_not_a_crash(tmp_path):
+    # The timestamp-unit check took min() and max() of each partition's timestamps and tested them with
+    # ``low == low``; for pandas' nullable Int64 (a parquet written from it) with no value present, min()
+    # is pd.NA and the test raised "TypeError: boolean value of NA is ambiguous" before the null defect
+    # could be named.
+    timestamps = pd.array([None, None], dtype="Int64")
+    pd.DataFrame({"u": [1, 2], "i": [5, 6], "t": timestamps}).to_parquet(tmp_path / "events.parquet")
+    events = {"path": "events.parquet", "user_id": "u", "item_id": "i", "timestamp": "t"}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "nullable", "events": events}, root=str(tmp_path)))
+    assert [(d.column, d.rows) for d in info.value.defects] == [("t", 2)], [str(d) for d in info.value.defects]
+
+
 def test_csv_text_na_is_a_value_in_categorical_columns_and_missing_in_numeric_ones(tmp_path):
     # pandas reads "NA", "null", "nan" ... as missing values by default: an item table's region "NA"
     # (North America, Namibia) became null silently in CSV, though JSON lines and parquet kept it.

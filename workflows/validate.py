@@ -217,9 +217,11 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         elif rule.kind == "timestamp":
             _add(issues, rule.column, "negative", num < 0, col)
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
-            low, high = num.min(), num.max()
-            if low == low and high == high:  # not NaN (an empty or all-null partition)
-                out["range"][rule.column] = [float(low), float(high)]
+            # Of the present values only: an empty or all-null partition has no range (its min is NaN, or
+            # pd.NA / cudf's NA for a nullable column, which no comparison can test).
+            valid = num[num.notna()]
+            if len(valid):
+                out["range"][rule.column] = [float(valid.min()), float(valid.max())]
         elif rule.kind == "binary":
             _add(issues, rule.column, "not_binary", num.notna() & (num != 0) & (num != 1), col)
         if rule.kind in ("continuous", "number"):
