@@ -92,6 +92,9 @@ def test_a_user_the_active_users_filter_dropped_is_never_served_what_they_clicke
     clicks = events[(events["timestamp"] < cutoff) & (events[small_config.training.history_event] > 0)]
     clicks = clicks[~clicks["user_id"].isin(trained)].assign(item_id=lambda f: canonical.loc[f["item_id"]].to_numpy())
     assert clicks["user_id"].nunique() >= 10  # the world has such users
+    # Their history is kept one row per (user, item), as a trained user's: not every raw event.
+    fallback = pd.read_parquet(processed.fallback_events)
+    assert not fallback.duplicated(["user_id", "item_id"]).any() and not set(fallback["user_id"]) & trained
     raw = funnel["ordering"].raw_ids
     for user, group in clicks.groupby("user_id"):
         out = run_funnel(funnel, int(user), 10)

@@ -29,7 +29,8 @@ The steps, in order (one module each; every step reports rows/users/items remove
                                negatives: what an offline evaluation scores on any split kind
     recent_events.parquet      each user's events (user_id, timestamp, click) in the longest activity
                                window before the end of the training data (serving counts from them)
-    fallback_events.parquet    the training-period events (event columns) of the users active_users
+    fallback_events.parquet    the training-period events (event columns, one row per user-item pair as
+                               dedup_pairs combines them) of the users active_users
                                dropped: the history of users the fallback serves, which it must not
                                serve back to them (never trained on)
     item_id_map.parquet        raw item id -> canonical item id (duplicates), for every raw item
@@ -344,6 +345,9 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
         kept_users = train["user_id"].unique().compute()
         kept_users = kept_users.values_host if hasattr(kept_users, "values_host") else kept_users.values
         dropped_events = filter_rows(split.train, IsIn("user_id", kept_users, keep=False))
+        # One row per (user, item), as the training part's: inactive users can be most of a log, and
+        # only their history is kept, so it is deduplicated before it is computed into memory.
+        dropped_events, _ = dedup_pairs(dropped_events, config.dedup, first_columns, signals=signals)
     held_out = {name: ddf for name, ddf in parts.items() if name != "train"}  # before sampled negatives
 
     ns = config.negative_sampling
