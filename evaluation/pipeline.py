@@ -314,8 +314,8 @@ def clear_live_store(repo: Path) -> Path | None:
     from workflows.live_store import store_beside
 
     store = Path(store_beside(repo))
-    if not store.exists():
-        return None
+    if not any(Path(f"{store}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        return None  # (a -wal or -shm alone, left by a crash, goes too: a new store must not meet it)
     kept = store.with_name(f"{store.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
     for suffix in ("-wal", "-shm", ""):  # the main file last: SQLite pairs a -wal with it by name
         part = Path(f"{store}{suffix}")

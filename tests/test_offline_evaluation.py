@@ -764,3 +764,17 @@ def test_a_rerun_into_the_same_out_folder_replays_with_an_empty_live_store(tmp_p
     old = LiveStore(str(kept))
     assert old.taken_down().tolist() == [7] and len(old.events()) == 1
     old.close()
+
+
+def test_a_wal_left_alone_by_a_crash_is_moved_aside_with_the_store(tmp_path):
+    """Only a -wal (the store's main file gone after a crash): it stayed where the rerun's new store
+    would meet it."""
+    from evaluation.pipeline import clear_live_store
+    from workflows.live_store import store_beside
+
+    repo = tmp_path / "triton_repo"
+    wal = Path(store_beside(repo) + "-wal")
+    wal.write_bytes(b"left over")
+    kept = clear_live_store(repo)
+    assert kept is not None and not wal.exists() and Path(f"{kept}-wal").read_bytes() == b"left over"
+    assert clear_live_store(repo) is None  # nothing left to move
