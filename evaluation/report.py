@@ -477,7 +477,8 @@ def _md_cell(value):
 def _table_md(table: pd.DataFrame) -> str:
     # tabulate's missingval replaces None only; a NaN (a figure not applicable) would print "nan".
     # (None set after the escaping: applymap would read the column back as floats, None as NaN)
-    cells = table.astype(object).applymap(_md_cell).astype(object).where(table.notna(), None)
+    # (column by column: DataFrame.applymap is deprecated from pandas 2.1, which a GPU image may have)
+    cells = table.astype(object).apply(lambda column: column.map(_md_cell)).astype(object).where(table.notna(), None)
     cells.columns = [_md_cell(c) for c in cells.columns]
     return cells.to_markdown(index=False, floatfmt=".4f", missingval="n/a")
 

@@ -773,7 +773,8 @@ class Ordering(Stage):
         return self.aliases.canonical_ids(self.takedowns.ids())
 
     def fresh_history_ready(self, seen: np.ndarray) -> bool:
-        """Whether a user the models never saw has enough live history for personal recommendations:
+        """Whether a user the models never saw has enough history for personal recommendations: live
+        events, plus the export's history of a user the active-users filter kept out of training;
         ``fresh_history_min_items`` distinct catalog items (an id in a hole of the encoding, which a
         direct call could pass, tells the models nothing)."""
         in_catalog = np.unique(seen[self.raw_ids[seen] >= 0])
