@@ -267,6 +267,17 @@ def analyze_retention(
     if head_signals is None:
         head_signals = ["click", "duration_watch", "like"]
     head_signals = [s for s in head_signals if s in signals]
+    # A missing value is no measurement: a NaN rate read as "the same rate for every user" (np.ptp is NaN)
+    # and was left out with that note, its correlation NaN; a NaN outcome was True for the correlations
+    # (astype(bool)) and NaN for the regression, whose IRLS then failed with a LinAlgError.
+    bad = [s for s in signals if not np.isfinite(users[s].to_numpy(dtype=np.float64)).all()]
+    if users[OUTCOME].isna().any():
+        bad.append(OUTCOME)
+    if bad:
+        raise ValueError(
+            f"{bad}: missing or non-finite values for some users (per_user_signals gives every user a value); "
+            "drop or fill those users first"
+        )
     y = users[OUTCOME].astype(bool).to_numpy()
     notes: list[str] = []
     if y.all() or not y.any():

@@ -377,3 +377,17 @@ def test_the_in_process_simulation_with_exploration_repeats(monkeypatch, tmp_pat
         log.close()
     assert slates[0]["item_id"].tolist() == slates[1]["item_id"].tolist()
     assert seeds == [7, 7]  # the simulation's seed, not load_funnel's default (0)
+
+
+@pytest.mark.parametrize("column", ["like", "returned"])
+def test_a_missing_value_is_refused_not_read_as_a_constant_signal(column):
+    """A NaN like rate made np.ptp NaN, so like was left out as "the same rate for every user" and its
+    correlation was NaN; a NaN outcome was "returned" for the correlations and broke the regression
+    (LinAlgError)."""
+    rng = np.random.default_rng(0)
+    n = 200
+    users = pd.DataFrame({s: rng.gamma(2, 0.1, n) for s in SIGNALS})
+    users["returned"] = (rng.random(n) < 0.5).astype(object)
+    users.loc[7, column] = np.nan
+    with pytest.raises(ValueError, match=rf"\['{column}'\]: missing or non-finite"):
+        analyze_retention(users)
