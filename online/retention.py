@@ -336,12 +336,18 @@ def derive_head_weights(coefficients: pd.DataFrame, current: dict[str, float], d
     """The heavy ranker's head weights from standardised retention coefficients (the module's rule).
 
     ``coefficients``: rows with ``signal``, ``coef``, ``ci_low``, ``ci_high`` (``analyze_retention``'s
-    ``heads`` table); ``current``: today's ``{head: weight}``, whose heads are the ones weighed.
+    ``heads`` table); ``current``: today's ``{head: weight}`` (finite, >= 0, not all 0: else ValueError),
+    whose heads are the ones weighed.
     A head gets weight proportional to its coefficient when its 95% interval lies above 0, else 0;
     the weights are normalised to sum 1 and rounded to ``decimals`` (the largest absorbs the rounding).
     No qualifying head: the current weights are kept, and ``reason`` says so."""
     if not current:
         raise ValueError("current weights must name at least one head")
+    # As the config and with_head_weights require: all 0 divided by zero when compared with the derived
+    # weights (ZeroDivisionError), and with no qualifying head was "kept" as weights that do not sum to 1;
+    # a NaN weight read as a change and was kept as NaN.
+    if not all(0 <= float(w) < float("inf") for w in current.values()) or sum(current.values()) <= 0:
+        raise ValueError(f"current head weights must be finite, >= 0 and not all 0, got {current}")
     by_signal = {str(r["signal"]): r for r in coefficients.to_dict(orient="records")}
     raw, evidence = {}, {}
     for head in current:

@@ -391,3 +391,14 @@ def test_a_missing_value_is_refused_not_read_as_a_constant_signal(column):
     users.loc[7, column] = np.nan
     with pytest.raises(ValueError, match=rf"\['{column}'\]: missing or non-finite"):
         analyze_retention(users)
+
+
+@pytest.mark.parametrize("current", [{"click": 0.0, "like": 0.0}, {"click": -1.0, "like": 1.0}, {"click": np.nan}])
+def test_current_weights_that_no_heavy_ranker_accepts_are_refused(current):
+    """All-zero current weights divided by zero when compared with the derived ones (ZeroDivisionError),
+    negative ones too; a NaN current weight read as a change. The config refuses all three."""
+    significant = coefs(click=(0.5, 0.1, 0.9))
+    with pytest.raises(ValueError, match="finite, >= 0 and not all 0"):
+        derive_head_weights(significant, current)
+    with pytest.raises(ValueError, match="finite, >= 0 and not all 0"):
+        derive_head_weights(coefs(), current)  # nothing qualifies: not "kept" as weights that do not sum to 1
