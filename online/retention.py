@@ -233,7 +233,8 @@ def _standardised_fit(
     users: pd.DataFrame, signals: list[str], notes: list[str], rule_input: bool = False
 ) -> pd.DataFrame:
     usable = [s for s in signals if np.ptp(users[s].to_numpy(dtype=np.float64)) > 0]  # not std: see correlation_with_ci
-    for s in set(signals) - set(usable):
+    # In the signals' order: a set's order changes with PYTHONHASHSEED, so two runs' retention.json differed.
+    for s in (s for s in signals if s not in usable):
         notes.append(f"{s}: the same rate for every user; left out of the regression")
     if not usable:
         return pd.DataFrame(columns=["signal", "coef", "se", "ci_low", "ci_high", "odds_ratio", "p_value"])

@@ -402,3 +402,28 @@ def test_current_weights_that_no_heavy_ranker_accepts_are_refused(current):
         derive_head_weights(significant, current)
     with pytest.raises(ValueError, match="finite, >= 0 and not all 0"):
         derive_head_weights(coefs(), current)  # nothing qualifies: not "kept" as weights that do not sum to 1
+
+
+def test_the_notes_on_constant_signals_are_in_the_signals_order_in_every_process():
+    """They came from a set, whose order of strings changes with PYTHONHASHSEED: two runs of the same
+    log wrote retention.json with its notes in different orders."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import numpy as np, pandas as pd\n"
+        "from online.retention import analyze_retention, SIGNALS\n"
+        "rng = np.random.default_rng(0)\n"
+        "u = pd.DataFrame({s: rng.gamma(2, 0.1, 100) for s in SIGNALS})\n"
+        "u['returned'] = rng.random(100) < 0.5\n"
+        "u[['like', 'share', 'watch_seconds']] = 0.0\n"
+        "print([n.split(':')[0] for n in analyze_retention(u).notes][:3])\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    for seed in ("3",):  # an order other than the signals' on the old code
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(["watch_seconds", "like", "share"]), (seed, out.stdout)
