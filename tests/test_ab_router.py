@@ -291,6 +291,37 @@ def test_per_arm_analysis_detects_a_better_arm_and_a_broken_split():
     assert HOLDOUT in set(broken.summary["arm"])
 
 
+def test_the_reports_bootstrap_intervals_are_at_the_configured_alpha():
+    """The bootstrap columns were 95% whatever online.experiment.alpha said, printed beside the tests'
+    1 - alpha intervals: at alpha 0.2 the report showed an 80% CI next to a 95% bootstrap."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    rng = np.random.default_rng(1)
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.0)
+    rows, fb = [], []
+    for user in range(600):
+        arm = rollout.experiment.assign(user)
+        rid = f"r{user}"
+        for pos in range(10):
+            rows.append((rid, 0.0, user, pos, pos, "1", arm, "model"))
+            if rng.random() < 0.3:
+                fb.append((rid, 0.0, user, pos, "click", 1.0))
+        fb.append((rid, 0.0, user, 0, "watch_seconds", float(rng.exponential(120))))
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    feedback = pd.DataFrame(fb, columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+    widths = {}
+    for alpha in (0.05, 0.2):
+        tests = analyze(imp, feedback, rollout, ExperimentConfig(alpha=alpha), catalog_size=10).tests
+        tests = tests.set_index("metric").loc[["ctr", "watch_minutes_per_user"]]
+        widths[alpha] = (tests["bootstrap_high"] - tests["bootstrap_low"]) / (tests["ci_high"] - tests["ci_low"])
+    # each bootstrap interval about as wide as the test's interval at the same level (normal-ish data)
+    for alpha, ratio in widths.items():
+        assert ratio.between(0.8, 1.25).all(), (alpha, ratio.to_dict())
+
+
 def test_a_log_without_clicks_or_with_too_few_users_is_not_called_fully_powered():
     """No clicks yet (or feedback not arriving) gave the control no spread, so a planned sample size of
     0 users, and the report said "no detectable difference at the planned power; keep the control";
