@@ -777,6 +777,21 @@ class ServingConfig:
 # config, the assignment (serving/assignment.py) and the scripts all check against this one value.
 MAX_HOLDOUT = 0.05
 
+# Sections both arms of an A/B test share (online/ab_experiment.py): one synthetic world serves as
+# both arms' data and users, and one experiment with one simulation runs them. A treatment override
+# of them was dropped silently (the treatment trained and was tested exactly like the control).
+SHARED_BY_ARMS = ("synthetic", "movielens", "online")
+
+
+def check_treatment_overrides(overrides: dict[str, Any], where: str = "online.experiment.treatment_overrides") -> None:
+    """Refuse overrides of sections the two arms cannot differ in (``SHARED_BY_ARMS``)."""
+    shared = sorted(set(overrides) & set(SHARED_BY_ARMS))
+    if shared:
+        raise ValueError(
+            f"{where}: {shared} cannot differ between the arms (one world, one experiment and one simulation "
+            f"serve both; the treatment may override the other sections, not {list(SHARED_BY_ARMS)})"
+        )
+
 
 @dataclass
 class ExperimentConfig:
@@ -951,6 +966,7 @@ class Config:
         treatment = self.online.experiment.treatment_overrides
         if treatment:
             where = "online.experiment.treatment_overrides"
+            check_treatment_overrides(treatment, where)
             values = self.to_dict()
             values["online"]["experiment"]["treatment_overrides"] = {}
             try:

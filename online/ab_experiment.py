@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from configs import Config, with_overrides
+from configs import Config, check_treatment_overrides, with_overrides
 
 
 def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
@@ -60,7 +60,9 @@ def train_arms(config: Config, work: Path, log: Callable[[str], None] = print):
 
 
 def treatment_of(config: Config) -> Config:
-    """The control's config with the experiment's overrides applied (validated like any config)."""
+    """The control's config with the experiment's overrides applied (validated like any config);
+    overrides of what both arms share (``configs.SHARED_BY_ARMS``) are refused."""
+    check_treatment_overrides(config.online.experiment.treatment_overrides)
     return with_overrides(config, config.online.experiment.treatment_overrides)
 
 

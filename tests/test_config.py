@@ -111,6 +111,23 @@ def test_treatment_overrides_are_validated_when_the_config_loads(tmp_path):
     assert load_config(overrides=treatment({"heavy_ranker": {"epochs": 1}})).online.experiment.treatment_overrides
 
 
+def test_a_treatment_override_of_what_both_arms_share_is_refused():
+    # One synthetic world, one experiment and one simulation serve both arms (online/ab_experiment.py):
+    # a treatment overriding synthetic or online loaded, trained, and was tested exactly like the control.
+    from online.ab_experiment import treatment_of
+
+    for section, values in (("synthetic", {"num_users": 10}), ("online", {"simulation": {"days": 1}})):
+        overrides = {"online": {"experiment": {"treatment_overrides": {section: values}}}}
+        with pytest.raises(ValueError, match=rf"treatment_overrides: \['{section}'\] cannot differ between the arms"):
+            load_config(overrides=overrides)
+        config = load_config()  # scripts/ab_test.py --treatment sets them after loading, then asks treatment_of
+        config.online.experiment.treatment_overrides = {section: values, "heavy_ranker": {"epochs": 1}}
+        with pytest.raises(ValueError, match=rf"\['{section}'\] cannot differ between the arms"):
+            treatment_of(config)
+    config.online.experiment.treatment_overrides = {"tuning": {"enabled": False}, "serving": {"retrieval_k": 50}}
+    assert treatment_of(config).serving.retrieval_k == 50  # the rest is each version's own
+
+
 def test_an_override_of_a_mapping_valued_key_replaces_it_like_a_config_file_does(tmp_path):
     # Sections merge key by key, but treatment_overrides and stage_instances are values: merged, the
     # default treatment's logq_correction change stayed in a treatment that named only item_affinity,
