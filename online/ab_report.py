@@ -573,6 +573,10 @@ def sequential_p(p_value, difference, std_error, scale, effect: float, metrics: 
     return float(out) if out.ndim == 0 else out
 
 
+# How long after the log's latest live response a version that served none of it stops being exported.
+RETIRED_AFTER_S = 3600.0
+
+
 class HoldoutMonitor:
     """``live_vs_holdout`` of the server's feedback log as Prometheus metrics, for a sidecar exporter
     (``scripts/monitor.py``). Recomputed at most every ``interval_s`` however often it is scraped;
@@ -584,6 +588,11 @@ class HoldoutMonitor:
         online_holdout_min_detectable_effect{version, metric}           at the current sizes
         online_holdout_users{version, group}                            users per group
         online_holdout_updated_timestamp_seconds                        when it was last computed
+
+    A version whose last live response is more than ``retired_after_s`` older than the log's latest
+    one (a rollout or rollback moved the live users on) drops out of the export: its comparison no
+    longer changes, and a LiveBelowHoldout firing on it kept firing for a model nothing served.
+    Relative to the log, not the clock, so a quiet night drops nothing (None: keep every version).
 
     The gap itself (live minus holdout) and the alert are Prometheus rules
     (``monitoring/prometheus/funnel-alerts.yml``). Per-user spreads, which a valid test needs, are not
@@ -597,9 +606,11 @@ class HoldoutMonitor:
         alpha: float = 0.05,
         n_resamples: int = ab.PERMUTATIONS,
         effect: float = MONITOR_EFFECT,
+        retired_after_s: float | None = RETIRED_AFTER_S,
     ):
         self.log_path = log_path if is_postgres(log_path) else Path(log_path)
         self.effect = effect
+        self.retired_after_s = retired_after_s
         self.window_s = window_s
         self.interval_s = interval_s
         self.alpha = alpha
@@ -614,9 +625,12 @@ class HoldoutMonitor:
             now = time.time()
             if self._table is None or now - self._updated >= self.interval_s:
                 since = now - self.window_s if self.window_s else 0.0
-                self._table = live_vs_holdout(
+                table = live_vs_holdout(
                     logged_requests(self.log_path, since), self.alpha, self.n_resamples, effect=self.effect
                 )
+                if self.retired_after_s is not None and not table.empty:
+                    table = table[table["until"] >= table["until"].max() - self.retired_after_s]
+                self._table = table.reset_index(drop=True)
                 self._updated = now
             return self._table
 

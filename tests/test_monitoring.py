@@ -327,6 +327,38 @@ def test_holdout_monitor_compares_each_live_version_with_the_holdout_of_its_peri
     assert parse_prometheus(monitor.exposition())["online_holdout_updated_timestamp_seconds"] == [({}, 123.0)]
 
 
+def test_holdout_monitor_drops_a_version_the_live_users_moved_on_from(tmp_path):
+    # The whole-log comparison of a retired version (here v2, far below the holdout, rolled back to v1)
+    # stayed exported with its frozen gap and p-values: LiveBelowHoldout kept firing for a model that
+    # served nobody any more.
+    from online.ab_report import HoldoutMonitor
+    from online.feedback_log import FeedbackLog
+    from serving.metrics import parse_prometheus
+
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    rng = np.random.default_rng(0)
+    n = 0
+    for start, version, live_ctr in ((0.0, "2", 0.05), (7200.0, "1", 0.3)):  # v2, then two hours later v1
+        for user in range(100):
+            arm = "holdout" if user % 10 == 5 else "control"
+            request, items = f"r{n}", list(range(10))
+            n += 1
+            ts = start + user
+            log.log_impressions(request, user, items, "1" if arm == "holdout" else version, arm, "model", ts=ts)
+            ctr = 0.3 if arm == "holdout" else live_ctr
+            log.log_feedback_many([(request, user, i, "click", 1.0) for i in items if rng.random() < ctr], ts=ts)
+    log.close()
+
+    def exported(**kwargs):
+        monitor = HoldoutMonitor(tmp_path / "log.sqlite", n_resamples=99, **kwargs)
+        metrics = parse_prometheus(monitor.exposition())
+        return {lab["version"] for lab, _ in metrics.get("online_holdout_sequential_p_value", [])}
+
+    assert exported() == {"1"}  # v2's last live response is 2 h older than the log's latest
+    assert exported(retired_after_s=None) == {"1", "2"}
+    assert exported(retired_after_s=3 * 3600) == {"1", "2"}
+
+
 def test_prometheus_keeps_a_relative_data_dir_where_the_caller_means_it(tmp_path, monkeypatch):
     # scripts/monitor.py passes --data-dir build/monitor/prometheus ("kept between runs"); Prometheus runs
     # in its temporary folder, which cleanup removes: a path relative to that folder lost the data.
