@@ -150,6 +150,30 @@ def test_an_empty_list_separator_is_a_spec_mistake():
         spec_from_dict({"events": {"path": "e.csv"}, "items": items})
 
 
+@pytest.mark.parametrize("key", ["min", "max", "threshold"])
+def test_a_nan_signal_bound_or_threshold_is_a_spec_mistake(tmp_path, key):
+    # YAML's .nan was accepted as a bound or a threshold: every comparison with NaN is False, so the
+    # range check passed every value and the label `value >= threshold` was 0 for every event.
+    path = tmp_path / "dataset.yaml"
+    path.write_text(
+        "events:\n  path: e.csv\n  signals:\n    - {name: click}\n"
+        f"    - {{name: dwell, kind: continuous, {key}: .nan}}\n"
+    )
+    with pytest.raises(SpecError, match=rf"events\.signals\[1\]\.{key} must be a"):
+        load_spec(path)
+    if key == "threshold":  # +-inf labels every value one way: refused too; an infinite bound is no bound
+        for value in (".inf", "-.inf"):
+            path.write_text(
+                "events:\n  path: e.csv\n  signals:\n    - {name: click}\n"
+                f"    - {{name: dwell, kind: continuous, threshold: {value}}}\n"
+            )
+            with pytest.raises(SpecError, match=r"threshold must be a finite number"):
+                load_spec(path)
+    else:
+        path.write_text(path.read_text().replace(".nan", ".inf" if key == "max" else "-.inf"))
+        assert getattr(load_spec(path).events.signals[1], key) in (float("inf"), float("-inf"))
+
+
 def test_list_columns_become_positions_or_path_prefixes():
     col = pd.Series(["home>kitchen>knives", "fashion>shoes", None])
     prefix = list_positions(col, ListSpec("category_path", ">", 3, prefix=True))

@@ -49,6 +49,7 @@ are not model features (a bag of words would need an encoder this funnel does no
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,12 @@ def _problems(spec: DatasetSpec) -> list[str]:
             out.append(f"{where}.name {s.name!r} is a column the pipeline writes itself; choose another")
         if s.kind == "binary" and s.threshold is not None:
             out.append(f"{where}: threshold applies to continuous signals only")
+        # A NaN bound made every comparison False: the range check and the label silently did nothing
+        # (a threshold of +-inf labels every value one way; a bound of +-inf is only no bound).
+        for key in ("min", "max", "threshold"):
+            value = getattr(s, key)
+            if value is not None and (math.isnan(value) or key == "threshold" and math.isinf(value)):
+                out.append(f"{where}.{key} must be a {'finite ' if key == 'threshold' else ''}number, got {value}")
         if s.min is not None and s.max is not None and s.min > s.max:
             out.append(f"{where}: min {s.min} > max {s.max}")
     if len(set(names)) != len(names):
