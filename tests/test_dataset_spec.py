@@ -723,3 +723,25 @@ def test_ids_zero_padded_alike_are_one_spelling_each_and_go_through(tmp_path):
     read = load_inputs(spec_from_dict(values, root=str(tmp_path)))
     events = read.events.compute()
     assert events["item_id"].tolist() == [7, 8, 7] and events["user_id"].tolist() == [1, 2, 10]
+
+
+def test_sampled_negatives_with_a_threshold_they_would_pass_are_refused():
+    # Sampled negatives (workflow.negative_sampling) have every signal 0, and a continuous signal's label
+    # is `value >= threshold`: with threshold 0 every sampled negative was labelled a positive `rating`.
+    from configs import NegativeSamplingConfig, WorkflowConfig
+    from workflows.adapt import adapt_workflow_config
+    from workflows.labels import AtLeastThreshold
+
+    def layout(threshold):
+        rating = {"name": "rating", "kind": "continuous", "min": -1, "max": 1, "threshold": threshold}
+        return spec_from_dict({"events": {"path": "e.csv", "signals": ["click", rating]}}).layout
+
+    negative = pd.DataFrame({"rating": [0.0]})  # what workflows.negative_sampling gives every signal
+    assert AtLeastThreshold(0.0, "rating").transform(None, negative)["rating"].tolist() == [1]
+    sampled = WorkflowConfig(negative_sampling=NegativeSamplingConfig(kind="uniform"))
+    for threshold in (0.0, -0.5):
+        with pytest.raises(SpecError, match=r"workflow.negative_sampling.*rating \(threshold"):
+            adapt_workflow_config(sampled, layout(threshold), ["item_id"])
+    # Without sampled negatives a threshold of 0 is the user's own cut (a score in [-1, 1]); above 0 both go.
+    assert adapt_workflow_config(WorkflowConfig(), layout(0.0), ["item_id"])[0].negative_sampling.kind == "none"
+    assert adapt_workflow_config(sampled, layout(0.5), ["item_id"])[0].negative_sampling.kind == "uniform"

@@ -17,7 +17,9 @@ data cannot support changed, and one note per change; the pipeline writes the no
     serving.ordering.category_column    the same, or "" when the items have no categorical feature
 
 A setting that names something the data lacks and cannot be adapted (``active_users.event`` naming
-a signal the spec does not have) is an error naming both.
+a signal the spec does not have) is an error naming both; so is ``workflow.negative_sampling`` with a
+continuous signal whose ``threshold`` is 0 or less (a sampled negative has every signal 0, which that
+label would count as positive).
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def adapt_workflow_config(config: WorkflowConfig, layout: Layout, item_columns: 
         notes.append(
             "workflow.negative_sampling: the log has no outcome signal (every event is a positive), so the "
             "rankers get 4 popularity-sampled negatives per event, in validation too"
+        )
+    # A sampled negative has every signal 0, and a continuous signal's label is ``value >= threshold``:
+    # a threshold of 0 or less labelled every sampled negative positive for that signal.
+    thresholds = layout.thresholds if negatives.kind != "none" else ()
+    passing = [f"{name} (threshold {threshold:g})" for name, threshold in thresholds if threshold <= 0]
+    if passing:
+        raise SpecError(
+            f"workflow.negative_sampling is {negatives.kind!r}, and sampled negatives have every signal 0, "
+            f"which the label of {', '.join(passing)} counts as positive: give events.signals a threshold "
+            f"above 0 or set workflow.negative_sampling.kind: none"
         )
     adapted = dataclasses.replace(config, dedup=dedup, content_filter=content, negative_sampling=negatives)
     return adapted, notes
