@@ -191,6 +191,23 @@ def test_a_denylisted_word_matches_whether_its_accents_are_composed_or_decompose
         assert keyword_classifier(items, config).tolist() == [True, True, False], form
 
 
+def test_a_denylisted_word_matches_in_full_width_letters_ligatures_and_any_case_form():
+    """A title in full-width letters ("ＸＸＸ", U+FF38) escaped the term "xxx" typed in ASCII, and so did
+    a ligature ("ﬁ") and "ß" against "ss": NFC and lower() fold none of them (NFKC and casefold do)."""
+    import pandas as pd
+
+    from workflows.content_filter import keyword_classifier
+
+    titles = ["ＸＸＸ ｐａｒｔｙ", "xxx party", "ｆｕｃｋ", "a ﬁne ﬁlm", "STRASSE", "Straße", "xxxl party", "finest"]
+    items = pd.DataFrame({"item_id": list(range(1, 9)), "title": titles})
+    for terms in (["xxx", "fine", "straße"], ["ＸＸＸ", "ﬁne", "STRASSE"]):
+        config = ContentFilterConfig(denylist=terms, columns=["title"])
+        got = keyword_classifier(items, config).tolist()
+        assert got == [True, True, False, True, True, True, False, False], terms
+    config = ContentFilterConfig(denylist=["fuck"], columns=["title"])
+    assert keyword_classifier(items, config).tolist()[2] is True
+
+
 def test_signatures_keep_every_script_and_never_match_a_missing_title():
     """Titles in Japanese, Russian or with accents used to fold to nothing (or lose letters), and a
     missing title became "none": different films of one category and length then merged."""

@@ -1,7 +1,8 @@
 """Unsafe-content filter: a pluggable classifier over the item table; flagged items are removed
 from the events (never trained on) and from the item table (never indexed, never served).
 
-The default classifier is a whole-word, case-insensitive denylist over the configured text columns.
+The default classifier is a whole-word, case-insensitive denylist over the configured text columns
+(on CPU, term and text both folded by NFKC and casefold: full-width letters and ligatures match too).
 Any function ``(items_frame, ContentFilterConfig) -> boolean series`` can replace it through
 ``content_filter.classifier: "package.module:function"`` (e.g. a moderation model's scores).
 
@@ -50,6 +51,12 @@ def _whole(term: str, word: str | None = None) -> str:
     return start + r"\s+".join(re.escape(part) for part in term.split()) + end
 
 
+def _fold(text: str) -> str:
+    """What the denylist compares on CPU: NFKC (compatibility forms and accents composed) and casefold,
+    as ``pandas.Series.str.normalize("NFKC").str.casefold()`` does to the titles."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
 def keyword_classifier(items, config: ContentFilterConfig):
     """True for items whose text columns contain a denylisted word or phrase (whole words only)."""
     if not config.denylist:
@@ -58,21 +65,21 @@ def keyword_classifier(items, config: ContentFilterConfig):
     # engine on the GPU is untested with lookbehinds and the marks' class, and keeps ``\b``.
     on_pandas = isinstance(items, pd.DataFrame)
     word = rf"[\w{combining_marks()}]" if on_pandas else None
-    # NFC on both sides (pandas): a decomposed "é" (NFD, as macOS writes names) is the composed one.
-    # cudf has no normal forms.
-    terms = [unicodedata.normalize("NFC", w) if on_pandas else w for w in config.denylist]
-    pattern = "|".join(_whole(w.lower()) for w in terms)
+    # NFKC, then casefold, on both sides (pandas): a decomposed "é" (NFD, as macOS writes names) is the
+    # composed one, full-width "ＸＸＸ" is "xxx", the ligature "ﬁ" is "fi" and "ß" is "ss" (NFC and
+    # lower() only let a title in full-width letters past a term typed in ASCII). cudf has no normal
+    # forms and no casefold: lower() only there.
+    terms = [_fold(w) if on_pandas else w.lower() for w in config.denylist]
+    pattern = "|".join(_whole(w) for w in terms)
     # The lookarounds are ten times slower than ``\b``: they only confirm the titles ``pattern`` found,
     # which it finds all of (its boundaries are looser).
-    exact = "|".join(_whole(w.lower(), word) for w in terms) if on_pandas else None
+    exact = "|".join(_whole(w, word) for w in terms) if on_pandas else None
     flagged = None
     for column in config.columns:
         if column not in items.columns:
             raise ValueError(f"content_filter.columns names {column!r}, not a column of the item table")
         text = items[column].astype(str)
-        if on_pandas:
-            text = text.str.normalize("NFC")
-        text = text.str.lower()
+        text = text.str.normalize("NFKC").str.casefold() if on_pandas else text.str.lower()
         hit = text.str.contains(pattern, regex=True)
         if exact is not None and hit.any():
             hit[hit] = text[hit].str.contains(exact, regex=True)  # pandas: no missing text after astype
