@@ -8,6 +8,11 @@ fresh-history list and the popularity fallback (``serving/stages.py`` ``Ordering
 pipeline's content filter reads the same list (``workflows/content_filter.py``). Undo restores the
 item, with its own reason, and both stay in the takedown log.
 
+An id that no version on disk serves (in no exported catalog, and no known duplicate's) is taken
+down all the same, since an item can be blocked before it reaches an export (the content filter then
+keeps it out of training too), but with a warning naming it: a mistyped id takes nothing down. An
+undo of an item that is not down is refused (``NotTakenDownError``) and writes nothing.
+
 Changing what is served is the control plane's business: it takes the deployment's admin key
 (``deployment/security.py``), the same one that loads models.
 """
@@ -15,6 +20,7 @@ Changing what is served is the control plane's business: it takes the deployment
 from __future__ import annotations
 
 import getpass
+import logging
 import secrets
 from pathlib import Path
 
@@ -23,6 +29,12 @@ import pandas as pd
 
 from deployment.security import AdminKeyError, read_admin_key
 from workflows.live_store import LiveStore, store_location
+
+log = logging.getLogger(__name__)
+
+
+class NotTakenDownError(ValueError):
+    """An undo of an item that is not down (by this id or, through the aliases, another): nothing to undo."""
 
 
 def check_admin_key(repository: str | Path, key: str) -> None:
@@ -47,16 +59,30 @@ def set_takedown(
     Serving reads a takedown of either id of a duplicated item as its canonical item's
     (``serving/item_aliases.py``), so an undo restores the item: it also undoes the active takedowns
     of its other ids in every version on disk (A/B arms, a version added for ``roll_out``). An undo
-    by the other id used to leave the item down."""
+    by the other id used to leave the item down.
+
+    An undo of an item not down raises ``NotTakenDownError`` and writes nothing (it used to log an
+    undo of nothing); a takedown of an id no version on disk serves logs a warning naming it (it
+    used to be silent, so a typo looked like a takedown)."""
     check_admin_key(repository, key)
     if isinstance(item_id, bool) or not float(item_id).is_integer():  # int() would take another item down
         raise ValueError(f"item_id must be a whole number, got {item_id!r}")
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("a takedown (and its undo) needs a reason")
     actor = actor or getpass.getuser()
+    if not undo and not in_catalog(repository, int(item_id)):
+        log.warning(
+            "item %d is in no exported version's catalog in %s (nor a known duplicate): taken down "
+            "anyway, so it is kept out if it arrives, but check the id: a mistyped one takes nothing down",
+            int(item_id),
+            Path(repository),
+        )
     live = LiveStore(store or store_location(repository))
     try:
-        for other in same_item_takedowns(repository, live, int(item_id)) if undo else []:
+        others = same_item_takedowns(repository, live, int(item_id)) if undo else []
+        if undo and not others and int(item_id) not in live.taken_down():
+            raise NotTakenDownError(f"item {int(item_id)} is not taken down: nothing to undo, nothing was changed")
+        for other in others:
             live.set_takedown(other, False, reason, actor)
         live.set_takedown(int(item_id), not undo, reason, actor)
         state = live.takedowns()
@@ -69,23 +95,49 @@ def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -
     """The other raw ids down now that a version on disk in ``repository`` reads as ``item_id``'s item:
     every version, not only ``export.json``'s, since an A/B arm or a version added for ``roll_out``
     serves beside it with aliases of its own (a newer dedup may know more copies)."""
-    from deployment.export import exported_version
-    from serving.interface import FUSED
     from serving.item_aliases import ItemAliases
 
-    repository = Path(repository)
-    try:
-        exported_version(repository)
-    except FileNotFoundError:  # not an export yet: no alias table, every id its own item
+    folders = ordering_folders(repository)
+    if folders is None:  # not an export yet: no alias table, every id its own item
         return []
-    folders = [p for p in (repository / "ordering").glob("*") if p.name.isdigit()]
-    folders += [p / "ordering" for p in (repository / FUSED).glob("*") if p.name.isdigit()]
     down = live.taken_down()
     same = np.zeros(len(down), dtype=bool)
     for folder in folders:
         aliases = ItemAliases.load(folder)
         same |= aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
     return [int(i) for i in down[same] if int(i) != item_id]
+
+
+def ordering_folders(repository: str | Path) -> list[Path] | None:
+    """The ordering stage's folder of every version on disk in ``repository`` (both layouts); None
+    where it is no export yet (no ``export.json``)."""
+    from deployment.export import exported_version
+    from serving.interface import FUSED
+
+    repository = Path(repository)
+    try:
+        exported_version(repository)
+    except FileNotFoundError:
+        return None
+    folders = [p for p in (repository / "ordering").glob("*") if p.name.isdigit()]
+    return folders + [p / "ordering" for p in (repository / FUSED).glob("*") if p.name.isdigit()]
+
+
+def in_catalog(repository: str | Path, item_id: int) -> bool:
+    """Whether a version on disk in ``repository`` serves ``item_id`` (raw): in its catalog, or a
+    duplicate's id its aliases know. True where that cannot be told (no export yet)."""
+    from serving.item_aliases import ItemAliases
+
+    folders = ordering_folders(repository)
+    if folders is None:
+        return True
+    for folder in folders:
+        if np.isin(int(item_id), ItemAliases.load(folder).raw):
+            return True
+        items = folder / "item_features.parquet"
+        if items.exists() and (pd.read_parquet(items, columns=["item_id_raw"])["item_id_raw"] == int(item_id)).any():
+            return True
+    return False
 
 
 def list_takedowns(repository: str | Path, store: str | None = None) -> pd.DataFrame:

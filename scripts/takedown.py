@@ -9,15 +9,18 @@ Needs the deployment's admin key: $FUNNEL_ADMIN_KEY, else the key file beside th
 (deployment/security.py). With --url the serving Triton confirms the key before anything is written:
 without it a $FUNNEL_ADMIN_KEY is taken as the deployment's key, so only the server can say it is
 wrong. The live store is $FUNNEL_STORE_URL, else <repository>-live.sqlite.
-Exit status 2 with a message when the key is wrong or missing or the arguments are bad.
+Exit status 2 with a message when the key is wrong or missing or the arguments are bad, and for an
+--undo of an item that is not down (nothing is written). An --item that no exported version serves
+is taken down with a warning naming it (it may be blocked before it arrives; it may be a typo).
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from deployment.security import AdminKeyError, confirm_key_with_server, read_admin_key
-from deployment.takedowns import list_takedowns, set_takedown
+from deployment.takedowns import NotTakenDownError, list_takedowns, set_takedown
 from workflows.live_store import require_repository
 
 
@@ -31,6 +34,7 @@ def main() -> int:
     parser.add_argument("--url", help="the serving Triton's gRPC address: it confirms the key before the write")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # an unknown --item
     if args.tls_ca and not args.url:
         parser.error("argument --tls-ca: only with --url")
     if args.tls_ca and not Path(args.tls_ca).is_file():
@@ -51,7 +55,7 @@ def main() -> int:
         if args.url:
             confirm_key_with_server(args.url, key=key, root_certificates=args.tls_ca)
         state = set_takedown(args.repository, args.item, args.reason, key, undo=args.undo)
-    except AdminKeyError as e:
+    except (AdminKeyError, NotTakenDownError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = "down" if state["active"] else "served again"

@@ -720,3 +720,53 @@ def test_a_store_url_naming_no_file_warns_and_creates_nothing(tmp_path, monkeypa
         assert takedown_ids(ContentFilterConfig()).size == 0
     assert not typo.exists()
     assert any("does not exist: no takedown applied" in r.getMessage() for r in caplog.records)
+
+
+def test_a_takedown_of_an_unknown_id_warns_and_an_undo_of_an_item_not_down_writes_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    """A mistyped id was taken down in silence (nothing the export serves went down, and the operator
+    believed it had), and an undo of an item that was never down wrote an undo row and log entry."""
+    import json
+    import logging
+
+    from deployment import security
+    from deployment.takedowns import NotTakenDownError, list_takedowns, set_takedown
+    from serving.item_aliases import FILE
+    from workflows.live_store import STORE_ENV
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    repo = tmp_path / "triton_repo"
+    (repo / "ordering" / "3").mkdir(parents=True)
+    (repo / "export.json").write_text(json.dumps({"version": 3}))
+    pd.DataFrame({"item_id": [0, 1], "item_id_raw": [100, 200]}).to_parquet(
+        repo / "ordering" / "3" / "item_features.parquet"
+    )
+    pd.DataFrame({"item_id_raw": [900], "canonical_item_id_raw": [100]}).to_parquet(repo / "ordering" / "3" / FILE)
+    key = security.ensure_admin_key(repo)
+    store = str(tmp_path / "live.sqlite")
+    with caplog.at_level(logging.WARNING, logger="deployment.takedowns"):
+        for known in (100, 900):  # in the catalog; a duplicate's id the aliases know
+            set_takedown(repo, known, "unsafe", key=key, store=store)
+        assert not caplog.records
+        state = set_takedown(repo, 1000, "unsafe", key=key, store=store)  # a typo of 100, or not arrived yet
+    assert state["active"] == 1  # blocked all the same
+    assert "item 1000 is in no exported version's catalog" in caplog.text
+    log = LiveStore(store).takedown_log()
+    with pytest.raises(NotTakenDownError, match="item 200 is not taken down: nothing to undo"):
+        set_takedown(repo, 200, "appeal upheld", key=key, store=store, undo=True)
+    set_takedown(repo, 1000, "a typo", key=key, store=store, undo=True)
+    with pytest.raises(NotTakenDownError, match="item 1000 is not taken down"):  # undone already
+        set_takedown(repo, 1000, "again", key=key, store=store, undo=True)
+    assert (
+        len(LiveStore(store).takedown_log()) == len(log) + 1
+        and 200 not in list_takedowns(repo, store=store)["item_id"].tolist()
+    )
+    # The script: the undo refused with exit status 2, the warning on stderr.
+    env = {**os.environ, STORE_ENV: store}
+    script = [sys.executable, str(ROOT / "scripts/takedown.py"), "--repository", str(repo), "--reason", "r"]
+    result = subprocess.run([*script, "--item", "200", "--undo"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "item 200 is not taken down" in result.stderr, result.stderr
+    result = subprocess.run([*script, "--item", "2000"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "WARNING: item 2000 is in no exported version's catalog" in result.stderr
