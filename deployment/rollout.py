@@ -14,9 +14,9 @@ one export. Rolling from N to N+1 (server in explicit model-control mode, see ``
 3. ``retire``: remove version N's folders and reload the stages, freeing their memory.
 
 A failed step leaves the old version serving: the ensemble is only switched after every stage of the
-new version reports ready, and an ensemble that then fails to load gets its old config back on disk,
-so a restart serves the old version too. ``funnel``'s config names the one version it serves, so
-rolling back to an older version works like rolling forward.
+new version reports ready, and an ensemble that then fails to load, or an A/B router that then fails
+to follow it, gets its old config back on disk, so a restart serves the old version too. ``funnel``'s
+config names the one version it serves, so rolling back to an older version works like rolling forward.
 
 The A/B router (``online/router.py``) has versions of its own, one per rollout of users to model
 versions (``serving/assignment.py``): ``current_rollout`` reads the one Triton serves and
@@ -211,12 +211,23 @@ def roll_out(
         pinned = pin_ensemble((repo / ensemble_name(version) / "config.pbtxt").read_text(), version)
         _write_atomic(ensemble / "config.pbtxt", serve_only(rename_ensemble(pinned, FUNNEL), version))
         (ensemble / str(version)).mkdir(exist_ok=True)
+        routed = current_rollout(repo)
+        router_before = router_versions(repo)[-1] if routed is not None else None
         try:
             client.load_model(FUNNEL)
             wait_ready(client, FUNNEL, version, timeout_s)
+            # Outside an experiment the A/B router follows the served version; during one, its arms stay.
+            if routed is not None and routed.experiment.name == NO_EXPERIMENT:
+                set_rollout(grpc_url, repo, single_version(version), timeout_s, root_certificates)
         except BaseException:
+            if routed is not None and router_versions(repo)[-1] != router_before:
+                # The router switched (only the old router versions' unload timed out): every part
+                # serves the new version, so export.json says so too.
+                _record_rolled_out(repo, version)
+                raise
             # Put the served ensemble back as it was, on disk too: a restart must not switch to a
-            # version that failed to roll out.
+            # version that failed to roll out. A router that failed to switch still routes to the
+            # old version: ``funnel`` going back keeps the two, and export.json, on one version.
             _write_atomic(ensemble / "config.pbtxt", before)
             if created:
                 shutil.rmtree(ensemble / str(version), ignore_errors=True)
@@ -227,10 +238,10 @@ def roll_out(
             raise
     finally:
         client.close()
-    # Outside an experiment the A/B router follows the served version; during one, its arms stay.
-    routed = current_rollout(repo)
-    if routed is not None and routed.experiment.name == NO_EXPERIMENT:
-        set_rollout(grpc_url, repo, single_version(version), timeout_s, root_certificates)
+    _record_rolled_out(repo, version)
+
+
+def _record_rolled_out(repo: Path, version: int) -> None:
     export = json.loads((repo / "export.json").read_text())
     export.update(version=int(version), rolled_out_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_atomic(repo / "export.json", json.dumps(export))

@@ -1036,3 +1036,60 @@ def test_rollout_script_reports_a_refused_retire_without_a_traceback(tmp_path, m
     out = capsys.readouterr()
     assert "serving version 2 (was 1)" in out.out
     assert "version 1 not retired: version 1 still serves an arm of experiment 'e'" in out.err
+
+
+def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_version(tmp_path, monkeypatch):
+    """``roll_out`` switched ``funnel`` to version 2, then the A/B router failed to load its new
+    rollout: ``funnel`` (and a restart) served 2 while the router routed to 1 and export.json said 1.
+    A failed step must leave the old version serving everywhere."""
+    import json
+
+    from deployment import rollout
+    from deployment.export import rename_ensemble
+    from serving.assignment import single_version
+    from serving.interface import EXPERIMENT_FILE, FUNNEL, ROUTER, ensemble_name
+
+    source = pathlib.Path("triton_repo/funnel/config.pbtxt").read_text()
+    repo = tmp_path / "triton_repo"
+    for version in (1, 2):
+        (repo / ensemble_name(version) / "1").mkdir(parents=True)
+        pinned = pin_ensemble(source, version)
+        (repo / ensemble_name(version) / "config.pbtxt").write_text(rename_ensemble(pinned, ensemble_name(version)))
+    (repo / FUNNEL / "1").mkdir(parents=True)
+    before = rollout.serve_only(pin_ensemble(source, 1), 1)
+    (repo / FUNNEL / "config.pbtxt").write_text(before)
+    (repo / ROUTER / "1").mkdir(parents=True)
+    (repo / ROUTER / "1" / "model.py").write_text("pass\n")
+    (repo / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(1).to_dict()))
+    (repo / "export.json").write_text(json.dumps({"version": 1}))
+    loads = []
+
+    class Control:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def is_model_ready(self, name, version=""):
+            return True
+
+        def load_model(self, name):
+            loads.append(name)
+            if name == ROUTER:
+                raise RuntimeError("simulated: the router failed to load")
+
+        def get_model_repository_index(self, as_json=False):
+            return {}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rollout, "ControlClient", Control)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    monkeypatch.setattr(rollout, "load_version", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
+    with pytest.raises(RuntimeError, match="router failed"):
+        rollout.roll_out("127.0.0.1:1", repo, 2)
+    assert rollout.router_versions(repo) == [1] and rollout.current_rollout(repo).control_version == 1
+    assert rollout.served_version(repo) == 1
+    assert rollout.funnel_version(repo) == 1 and (repo / FUNNEL / "config.pbtxt").read_text() == before
+    assert not (repo / FUNNEL / "2").exists()
+    assert loads == [FUNNEL, ROUTER, ROUTER, FUNNEL]  # funnel 2, the router (refused, then back), funnel 1
