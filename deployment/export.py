@@ -356,6 +356,22 @@ def configure_batching(stage_config: str, stage: str, batching) -> str:
     return edit_model_config(stage_config, change)
 
 
+def batching_settings(stage_config: str) -> dict:
+    """What ``configure_batching`` wrote into ``stage_config``: max_batch_size, the queue delay (None
+    without a dynamic batcher) and the instance count of each group."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse(stage_config, config)
+    delay = config.dynamic_batching.max_queue_delay_microseconds if config.HasField("dynamic_batching") else None
+    return {
+        "max_batch_size": int(config.max_batch_size),
+        "max_queue_delay_us": delay,
+        "instances": [int(group.count) for group in config.instance_group],
+    }
+
+
 def serve_all_versions(stage_config: str) -> str:
     """A stage serves every version on disk, so versions N and N+1 can run side by side while the
     ensemble switches from one to the other (``deployment/rollout.py``)."""

@@ -30,6 +30,7 @@ what is on disk (the router and ``funnel`` included) and writes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from pathlib import Path
 from deployment.export import (
     STAGE_ARTIFACTS,
     TEMP_SUFFIX,
+    batching_settings,
     check_complete,
     exclusive,
     export_repository,
@@ -54,6 +56,8 @@ from deployment.security import ControlClient
 from models.registry import ModelVersion
 from serving.assignment import NO_EXPERIMENT, Rollout, single_version
 from serving.interface import EXPERIMENT_FILE, FUNNEL, FUSED, ROUTER, ensemble_name
+
+log = logging.getLogger(__name__)
 
 # Every model that can hold a version's stages: the seven stages, or the fused funnel.
 STAGES = [*STAGE_ARTIFACTS, FUSED]
@@ -125,6 +129,18 @@ def _add_version(model: ModelVersion, repo: Path, batching) -> int:
                 os.rename(staged / stage, repo / stage)
                 moved.append(repo / stage)
                 continue
+            # One config.pbtxt serves every version of a model: the repository's batching stays.
+            ours, theirs = (batching_settings((r / stage / "config.pbtxt").read_text()) for r in (staged, repo))
+            if ours != theirs:
+                log.warning(
+                    "version %d's %s batching %s is not applied: the repository's %s/config.pbtxt (%s) serves "
+                    "every version of the model; export the repository again to change it",
+                    version,
+                    stage,
+                    ours,
+                    stage,
+                    theirs,
+                )
             target = repo / stage / str(version)
             os.rename(staged / stage / str(version), target)
             moved.append(target)

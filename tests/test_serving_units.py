@@ -1093,3 +1093,35 @@ def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_ver
     assert rollout.funnel_version(repo) == 1 and (repo / FUNNEL / "config.pbtxt").read_text() == before
     assert not (repo / FUNNEL / "2").exists()
     assert loads == [FUNNEL, ROUTER, ROUTER, FUNNEL]  # funnel 2, the router (refused, then back), funnel 1
+
+
+def test_add_version_warns_when_the_versions_batching_differs_from_the_repositorys(tmp_path, monkeypatch, caplog):
+    """One ``config.pbtxt`` serves every version of a stage, and ``add_version`` moves in only the new
+    version's folders: its own batching (``serving.batching`` or the ``batching`` argument) was
+    dropped in silence while the repository's kept serving."""
+    import logging
+    import types
+
+    from configs import BatchingConfig
+    from deployment import rollout
+    from deployment.export import STAGE_ARTIFACTS, configure_batching
+    from serving.interface import ensemble_name
+
+    def write(repo, version, batching):
+        for stage in STAGE_ARTIFACTS:
+            (repo / stage / str(version)).mkdir(parents=True)
+            config = (TRITON_REPO_SOURCE / stage / "config.pbtxt").read_text()
+            (repo / stage / "config.pbtxt").write_text(configure_batching(config, stage, batching))
+        (repo / ensemble_name(version)).mkdir(parents=True)
+        return repo
+
+    repo = write(tmp_path / "triton_repo", 1, BatchingConfig())
+    for version, batching, warned in ((2, BatchingConfig(), False), (3, BatchingConfig(max_batch_size=8), True)):
+        monkeypatch.setattr(
+            rollout, "export_repository", lambda model, out, batching=None, b=batching, v=version: write(out, v, b)
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deployment.rollout"):
+            assert rollout.add_version(types.SimpleNamespace(version=version), repo) == version
+        assert ("version 3's heavy_ranker batching" in caplog.text) == warned, caplog.text
+        assert ("'max_batch_size': 8" in caplog.text and "'max_batch_size': 64" in caplog.text) == warned
