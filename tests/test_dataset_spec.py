@@ -109,6 +109,17 @@ def test_spec_mistakes_are_named():
         load_spec("no/such/spec.yaml")
 
 
+def test_a_spec_that_is_no_yaml_file_is_a_spec_mistake_not_a_traceback(tmp_path):
+    # prepare_data.py / evaluate.py --spec catch SpecError (exit 2, one line); broken YAML or a folder
+    # raised yaml's ScannerError / IsADirectoryError, a traceback with exit 1.
+    broken = tmp_path / "dataset.yaml"
+    broken.write_text("events: {path: e.csv\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(broken)
+    with pytest.raises(SpecError, match="is a folder"):
+        load_spec(tmp_path)
+
+
 def test_a_column_joined_twice_onto_the_events_is_a_spec_mistake():
     # The joined events carry one column per name. A user and an item attribute of one name (country),
     # a signal named like the item duration's column, or an item attribute named like the watch time's

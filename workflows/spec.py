@@ -226,7 +226,14 @@ def load_spec(path: str | Path) -> DatasetSpec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"dataset spec {str(path)!r} does not exist")
-    values = load_yaml(path.read_text()) or {}
+    if path.is_dir():  # read_text's IsADirectoryError was a traceback, exit 1
+        raise SpecError(f"dataset spec {str(path)!r} is a folder, not a YAML file")
+    try:
+        values = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # a syntax error: the file and the line, not a traceback
+        raise SpecError(f"dataset spec {str(path)!r} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"dataset spec {str(path)!r} cannot be read: {exc}") from None
     return spec_from_dict(values, root=str(path.resolve().parent), where=path.name)
 
 
