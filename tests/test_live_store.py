@@ -120,6 +120,8 @@ def test_ingestion_takes_csv_parquet_and_jsonl_and_refuses_bad_files_whole(locat
         assert defect in message, message
     store = LiveStore(location)
     assert len(store.events()) == 7 and len(store.user_events(4)) == 0  # nothing of the bad file
+    with pytest.raises(EventFileError, match="is a folder, not an events file"):  # was "does not exist"
+        ingest_events(location, tmp_path)
     # The script: exit status 2 and the message, nothing written.
     script = [sys.executable, str(ROOT / "scripts/ingest_events.py"), "--store", location]
     result = subprocess.run([*script, str(tmp_path / "bad.csv")], capture_output=True, text=True, cwd=ROOT)

@@ -476,6 +476,8 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
     checked; raises ``EventFileError`` listing every bad row (up to 10 per defect)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():  # was "does not exist", which sent the user looking for a typo
+        raise EventFileError(f"{path} is a folder, not an events file (.csv, .parquet or .jsonl)")
     if not path.is_file():
         raise EventFileError(f"{path} does not exist")
     try:
