@@ -44,6 +44,25 @@ def port_or_zero(text: str) -> int:
     return value
 
 
+def output_folder(text: str) -> str:
+    """A folder the script writes into, made if missing (``--out``, ``--registry``, ``--cache``): a
+    path that is a file, or lies under one, is refused here, not by ``mkdir``'s FileExistsError or
+    NotADirectoryError traceback after the work (a training run) is done."""
+    blocked = _file_in_the_way(Path(text))
+    if blocked is not None:
+        where = text if blocked == Path(text) else f"{text}: {blocked}"
+        raise argparse.ArgumentTypeError(f"{where} is a file, not a folder")
+    return text
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The path, or the nearest existing folder above it, where that is not a folder."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 WORKDIR_MARK = ".workdir"  # written into a --workdir by the scripts that start it from nothing
 
 
@@ -54,6 +73,9 @@ def fresh_workdir(parser: argparse.ArgumentParser, path: str | Path, option: str
     folder (``--workdir ~``, a folder of trained models, a typo for a data folder) is refused with
     exit status 2, not deleted. ``option``: the argument's name (``out`` for the feedback loop)."""
     work = Path(path)
+    blocked = _file_in_the_way(work)
+    if blocked is not None and blocked != work:  # mkdir's NotADirectoryError, a traceback
+        parser.error(f"argument --{option}: {path}: {blocked} is a file, not a folder")
     if work.exists():
         if not work.is_dir():
             parser.error(f"argument --{option}: {path} is a file, not a folder")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
-from configs.cli import config_file, non_negative_int, positive_int
+from configs.cli import config_file, non_negative_int, output_folder, positive_int
 from evaluation.pipeline import evaluate_movielens, evaluate_spec, evaluate_synthetic
 from workflows.spec import SpecError, load_spec
 from workflows.validate import DatasetError
@@ -32,8 +32,10 @@ def main() -> None:
         "--spec", help="dataset spec (YAML) of your own event log (docs/own-data.md), split as the config says"
     )
     parser.add_argument("--movielens", help="RecBole wheel or GroupLens ml-100k folder (default: fetch the wheel)")
-    parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is fetched to")
-    parser.add_argument("--out", default="build/evaluation", help="output folder (report/ inside)")
+    parser.add_argument(
+        "--cache", type=output_folder, default="data/cache", help="where the RecBole wheel is fetched to"
+    )
+    parser.add_argument("--out", type=output_folder, default="build/evaluation", help="output folder (report/ inside)")
     parser.add_argument(
         "--k", type=positive_int, nargs="+", default=[10, 20], help="cut-offs (the first is the headline)"
     )

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from configs import load_config
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, output_folder, positive_int
 from workflows.sources import movielens
 
 MOVIELENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml"
@@ -24,9 +24,16 @@ MOVIELENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default="data/cache", help="where pip puts the RecBole wheel (default: data/cache)")
+    parser.add_argument(
+        "--cache",
+        type=output_folder,
+        default="data/cache",
+        help="where pip puts the RecBole wheel (default: data/cache)",
+    )
     parser.add_argument("--grouplens", help="read this GroupLens ml-100k folder (u.data, u.user, u.item) instead")
-    parser.add_argument("--out", default="data/movielens/raw", help="output folder for events/users/items.parquet")
+    parser.add_argument(
+        "--out", type=output_folder, default="data/movielens/raw", help="output folder for events/users/items.parquet"
+    )
     parser.add_argument(
         "--duration-seconds",
         type=positive_int,

@@ -8,14 +8,14 @@ quiet_known_warnings()  # before TensorFlow is imported
 import argparse
 
 from configs import load_config
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, output_folder, positive_int
 from workflows.sources.synthetic import generate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
-    parser.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
+    parser.add_argument("--out", type=output_folder, default="data/raw", help="output folder (default: data/raw)")
     parser.add_argument("--num-users", type=positive_int, help="override synthetic.num_users")
     parser.add_argument("--num-items", type=positive_int, help="override synthetic.num_items")
     args = parser.parse_args()

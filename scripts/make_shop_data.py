@@ -11,13 +11,13 @@ dataset.yaml in the same folder.
 import argparse
 import math
 
-from configs.cli import non_negative_int, positive_int
+from configs.cli import non_negative_int, output_folder, positive_int
 from workflows.sources.shop import generate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/shop", help="folder to write (default: data/shop)")
+    parser.add_argument("--out", type=output_folder, default="data/shop", help="folder to write (default: data/shop)")
     parser.add_argument("--customers", type=positive_int, default=400)
     parser.add_argument("--skus", type=positive_int, default=250)
     parser.add_argument("--events-per-customer", type=float, default=40.0)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
-from configs.cli import config_file
+from configs.cli import config_file, output_folder
 from workflows.cluster import check_scheduler
 from workflows.pipeline import prepare_dataset
 from workflows.sources import SPEC_FILE
@@ -62,8 +62,12 @@ def main() -> None:
     parser.add_argument(
         "--raw", help="folder with events/users/items.parquet (default: data/raw or data/movielens/raw)"
     )
-    parser.add_argument("--out", help="output folder (default: data/processed or data/movielens/processed)")
-    parser.add_argument("--cache", default="data/cache", help="where the RecBole wheel is kept (movielens)")
+    parser.add_argument(
+        "--out", type=output_folder, help="output folder (default: data/processed or data/movielens/processed)"
+    )
+    parser.add_argument(
+        "--cache", type=output_folder, default="data/cache", help="where the RecBole wheel is kept (movielens)"
+    )
     parser.add_argument(
         "--scheduler", type=scheduler, help="dask scheduler address, 'local-cuda' or 'auto' (default: in process)"
     )

@@ -20,14 +20,14 @@ import logging
 import sys
 from pathlib import Path
 
-from configs.cli import config_file, non_negative_int
+from configs.cli import config_file, non_negative_int, output_folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--data", default="data/processed", help="output of scripts/prepare_data.py")
-    parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
+    parser.add_argument("--registry", type=output_folder, default="artifacts/registry", help="model registry folder")
     parser.add_argument("--seed", type=non_negative_int, help="override the config's seed")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: file:<registry>/../mlruns)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch)")

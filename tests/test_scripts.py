@@ -336,6 +336,21 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     refused(run, "nope", "does not exist")
 
 
+def test_an_output_folder_that_is_a_file_or_under_one_is_an_argument_error(tmp_path):
+    """--out / --registry naming a file (or a folder under one) was mkdir's FileExistsError or
+    NotADirectoryError, a traceback with exit 1, for prepare_data and train only after the work."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    refused(script("scripts/generate_data.py", "--out", str(afile), check=False), "--out", "is a file, not a folder")
+    run = script("scripts/make_shop_data.py", "--out", str(afile / "shop"), check=False)
+    refused(run, "--out", f"{afile} is a file, not a folder")
+    run = script("scripts/train.py", "--registry", str(afile), "--data", str(tmp_path), check=False)
+    refused(run, "--registry", "is a file, not a folder")
+    run = script("scripts/feedback_loop.py", "--out", str(afile / "loop"), check=False)
+    refused(run, "--out", f"{afile} is a file, not a folder")
+    assert afile.read_text() == "not a folder"
+
+
 def start_monitor(tmp_path, *args: str, env: dict | None = None) -> subprocess.Popen:
     """``scripts/monitor.py`` on a free port with its data under ``tmp_path``, its output piped."""
     cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
