@@ -63,7 +63,15 @@ def list_versions(registry: str | Path) -> list[int]:
     )
 
 
+def _require_folder(registry: str | Path) -> None:
+    """A registry that is a file: FileNotFoundError, which the scripts report as an error of their
+    --registry (listdir's NotADirectoryError was a traceback)."""
+    if Path(registry).exists() and not Path(registry).is_dir():
+        raise FileNotFoundError(f"registry {registry} is a file, not a model registry folder")
+
+
 def latest(registry: str | Path) -> ModelVersion:
+    _require_folder(registry)
     versions = list_versions(registry)
     if not versions:
         raise FileNotFoundError(f"no model version in registry {registry}")
@@ -73,6 +81,7 @@ def latest(registry: str | Path) -> ModelVersion:
 def get(registry: str | Path, version: int | None = None) -> ModelVersion:
     if version is None:
         return latest(registry)
+    _require_folder(registry)
     path = Path(registry) / str(int(version))
     if not (path / MANIFEST).exists():
         raise FileNotFoundError(f"model version {version} not found in {registry}")

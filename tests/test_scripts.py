@@ -298,6 +298,10 @@ def test_a_registry_without_versions_or_a_folder_that_is_no_export_is_refused_in
         "--registry",
     )
     refused(script("scripts/rollout.py", "--tls-ca", str(tmp_path / "nope.pem"), check=False), "--tls-ca", "nope.pem")
+    afile = tmp_path / "registry.txt"  # a file: listdir's NotADirectoryError was a traceback, exit 1
+    afile.write_text("not a registry")
+    for name in ("export_triton.py", "checklist.py"):
+        refused(script(f"scripts/{name}", "--registry", str(afile), check=False), "--registry", "is a file")
 
 
 def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
