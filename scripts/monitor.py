@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from configs.cli import port, port_or_zero
+from configs.cli import output_folder, port, port_or_zero
 from deployment.monitoring import PrometheusServer, find_tritonserver
 from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, HoldoutMonitor
 from online.router import feedback_log_path
@@ -70,7 +70,12 @@ def main() -> None:
         default=MONITOR_EFFECT,
         help="relative gap the alert's sequential test is tuned to find soonest (docs/monitoring.md)",
     )
-    parser.add_argument("--data-dir", default="build/monitor/prometheus", help="Prometheus' data (kept between runs)")
+    parser.add_argument(
+        "--data-dir",
+        type=output_folder,
+        default="build/monitor/prometheus",
+        help="Prometheus' data (kept between runs)",
+    )
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
     # NaN or inf made every sequential p-value NaN, and a window of 0 or fewer days compared the whole

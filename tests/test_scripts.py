@@ -352,6 +352,8 @@ def test_an_output_folder_that_is_a_file_or_under_one_is_an_argument_error(tmp_p
     refused(run, "--registry", "is a file, not a folder")
     run = script("scripts/feedback_loop.py", "--out", str(afile / "loop"), check=False)
     refused(run, "--out", f"{afile} is a file, not a folder")
+    run = script("scripts/monitor.py", "--port", "0", "--data-dir", str(afile), "--check", check=False)
+    refused(run, "--data-dir", "is a file, not a folder")  # was a traceback once the sidecar had started
     assert afile.read_text() == "not a folder"
 
 
