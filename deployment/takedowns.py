@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from deployment.security import AdminKeyError, read_admin_key
-from workflows.live_store import LiveStore, store_location
+from workflows.live_store import LiveStore, is_postgres, store_location
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,20 @@ def in_catalog(repository: str | Path, item_id: int) -> bool:
 
 
 def list_takedowns(repository: str | Path, store: str | None = None) -> pd.DataFrame:
-    """Every item ever taken down and its current state (reading needs no key)."""
-    live = LiveStore(store or store_location(repository))
+    """Every item ever taken down and its current state (reading needs no key). A SQLite store that
+    does not exist yet lists nothing and is not created: a read leaves no state behind."""
+    location = store or store_location(repository)
+    if not is_postgres(location) and not Path(location).exists():
+        return pd.DataFrame(
+            {
+                "item_id": pd.Series(dtype="int64"),
+                "active": pd.Series(dtype="int64"),
+                "ts": pd.Series(dtype="float64"),
+                "reason": pd.Series(dtype=object),
+                "actor": pd.Series(dtype=object),
+            }
+        )
+    live = LiveStore(location)
     try:
         return live.takedowns()
     finally:

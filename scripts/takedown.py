@@ -12,6 +12,8 @@ wrong. The live store is $FUNNEL_STORE_URL, else <repository>-live.sqlite.
 Exit status 2 with a message when the key is wrong or missing or the arguments are bad, and for an
 --undo of an item that is not down (nothing is written). An --item that no exported version serves
 is taken down with a warning naming it (it may be blocked before it arrives; it may be a typo).
+--list only reads (no key, no store created): --item, --reason, --undo, --url or --tls-ca beside
+it is an argument error.
 """
 
 import argparse
@@ -28,13 +30,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
     parser.add_argument("--item", type=int, help="raw item id")
-    parser.add_argument("--reason", default="", help="why (recorded with the time and the user)")
+    parser.add_argument("--reason", help="why (recorded with the time and the user)")
     parser.add_argument("--undo", action="store_true", help="restore the item")
     parser.add_argument("--list", action="store_true", help="print every takedown and exit")
     parser.add_argument("--url", help="the serving Triton's gRPC address: it confirms the key before the write")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # an unknown --item
+    if args.list:  # it only reads: a change asked for beside it would have been dropped in silence
+        given = [
+            flag
+            for flag, value in (
+                ("--item", args.item),
+                ("--reason", args.reason),
+                ("--url", args.url),
+                ("--tls-ca", args.tls_ca),
+            )
+            if value is not None
+        ]
+        given += ["--undo"] if args.undo else []
+        if given:
+            parser.error(f"argument --list: not allowed with {', '.join(given)}")
     if args.tls_ca and not args.url:
         parser.error("argument --tls-ca: only with --url")
     if args.tls_ca and not Path(args.tls_ca).is_file():
@@ -44,9 +60,10 @@ def main() -> int:
     except FileNotFoundError as e:
         parser.error(f"argument --repository: {e}")
     if args.list:
-        print(list_takedowns(args.repository).to_string(index=False))
+        down = list_takedowns(args.repository)
+        print(down.to_string(index=False) if len(down) else "no item has been taken down")
         return 0
-    if args.item is None or not args.reason.strip():
+    if args.item is None or not (args.reason or "").strip():
         parser.error("--item and --reason are required (or --list)")
     if not -(2**63) <= args.item < 2**63:  # the store's ids are 64-bit: SQLite would raise OverflowError
         parser.error(f"argument --item: {args.item} is outside the 64-bit integer range of item ids")

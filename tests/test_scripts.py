@@ -623,3 +623,17 @@ def test_monitor_refuses_a_rule_file_that_does_not_exist_as_an_argument_error(tm
     args = ["--rules", str(tmp_path / "nope.yml"), "--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
     refused(script("scripts/monitor.py", *args, check=False), "--rules", "nope.yml")
     assert not (tmp_path / "prom").exists()
+
+
+def test_takedown_list_refuses_a_change_beside_it_and_creates_no_store(tmp_path, monkeypatch):
+    """``takedown.py --list --item 5 --undo`` listed and exited 0, the undo dropped in silence; and
+    ``--list`` created ``<repository>-live.sqlite`` where there was none: a read left state behind."""
+    monkeypatch.delenv("FUNNEL_STORE_URL", raising=False)
+    repo = tmp_path / "triton_repo"
+    repo.mkdir()
+    store = tmp_path / "triton_repo-live.sqlite"
+    run = script("scripts/takedown.py", "--repository", str(repo), "--list", "--item", "0", "--undo", check=False)
+    refused(run, "--list", "--item", "--undo")
+    listed = script("scripts/takedown.py", "--repository", str(repo), "--list")
+    assert "no item has been taken down" in listed.stdout
+    assert not store.exists()
