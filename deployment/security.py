@@ -31,6 +31,10 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 # Triton's names for the APIs that change or reveal the deployment (``tritonserver --help``).
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 MIN_KEY_LENGTH = 16
+# How long a check that the server accepts the key (``confirm_key_with_server``) waits for its answer:
+# without it a server that took the connection but never replied (hung, or not Triton) held the
+# tool forever. The index of a loaded repository comes back in milliseconds.
+SERVER_CHECK_TIMEOUT_S = 15.0
 
 
 class AdminKeyError(RuntimeError):
@@ -209,19 +213,26 @@ def confirm_key_with_server(
     repository: str | Path | None = None,
     key: str | None = None,
     root_certificates: str | Path | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """``AdminKeyError`` unless the server at ``grpc_url`` accepts the key (``repository``'s, or
-    ``key``) on a locked call (the repository index).
+    ``key``) on a locked call (the repository index), within ``timeout_s`` seconds
+    (``SERVER_CHECK_TIMEOUT_S`` by default).
 
     The one check of a key given in ``$FUNNEL_ADMIN_KEY`` to a tool that writes beside the server
     (a takedown): ``read_admin_key`` takes that value as the deployment's, so only the server the
-    deployment runs can say it is wrong. A server that cannot be reached confirms nothing: refused too."""
+    deployment runs can say it is wrong. A server that cannot be reached, or does not answer in
+    time, confirms nothing: refused too."""
+    timeout_s = SERVER_CHECK_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         with ControlClient(grpc_url, repository, key=key, root_certificates=root_certificates) as control:
-            control.get_model_repository_index()
+            control.get_model_repository_index(client_timeout=timeout_s)
     except AdminKeyError:
         raise
-    except Exception as err:  # tritonclient's InferenceServerException: refused, unreachable, TLS
+    except Exception as err:  # tritonclient's InferenceServerException: refused, unreachable, TLS, deadline
+        status = getattr(err, "status", lambda: None)()
+        if status is not None and "DEADLINE_EXCEEDED" in str(status):
+            raise AdminKeyError(f"the server at {grpc_url} did not answer within {timeout_s:g} s") from None
         raise AdminKeyError(
             f"the server at {grpc_url} did not accept the admin key, or could not be reached ({err})"
         ) from None

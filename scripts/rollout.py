@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from deployment.rollout import add_version, retire, roll_out, served_version
-from deployment.security import ControlClient
+from deployment.security import AdminKeyError, confirm_key_with_server
 from models import registry
 from serving.interface import ensemble_name
 
@@ -47,12 +47,12 @@ def main() -> None:
         parser.error(f"argument --repository: {err}")
     # The server must answer the control plane with this deployment's key before the repository is
     # touched: a version added for a server that cannot load it would stay in the repository.
+    # A bounded wait (SERVER_CHECK_TIMEOUT_S): a server that takes the connection and never answers
+    # would otherwise hold the tool forever.
     try:
-        with ControlClient(args.url, args.repository, root_certificates=args.tls_ca) as control:
-            control.get_model_repository_index()
-    except Exception as err:
-        why = f"the server at --url {args.url} refused the control plane or is down ({err})"
-        raise SystemExit(f"rollout: {why}; the repository was not changed") from None
+        confirm_key_with_server(args.url, args.repository, root_certificates=args.tls_ca)
+    except AdminKeyError as err:
+        raise SystemExit(f"rollout: {err}; the repository was not changed") from None
     if (Path(args.repository) / ensemble_name(model.version)).is_dir():
         # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
         # add_version refuses it, and roll_out checks that every stage of it is complete.

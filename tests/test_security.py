@@ -267,3 +267,44 @@ def test_the_supervisor_of_a_tls_server_exposed_under_its_hostname_leaves_it_run
         os.kill(server.stub_pids()["funnel"][0], signal.SIGKILL)
         assert not supervisor.check_once() and supervisor.restarts == 1
         assert supervisor.check_once(), supervisor.last_error
+
+
+@pytest.fixture
+def silent_grpc_server():
+    """A gRPC server that takes every call and never answers (a hung server, or not Triton), for at
+    most 20 s so that a client without a deadline fails the test instead of hanging it."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    release = threading.Event()
+
+    class Silent(grpc.GenericRpcHandler):
+        def service(self, details):
+            def never(request, context):
+                release.wait(20)
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(never)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Silent()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_the_key_check_gives_up_on_a_server_that_never_answers(silent_grpc_server, monkeypatch):
+    """``confirm_key_with_server`` (takedown.py --url, rollout.py) waited without limit for a server
+    that took the call and never replied; now ``SERVER_CHECK_TIMEOUT_S``, then an error naming it."""
+    import time
+
+    monkeypatch.setattr(security, "SERVER_CHECK_TIMEOUT_S", 1.0, raising=False)
+    start = time.monotonic()
+    with pytest.raises(security.AdminKeyError, match=f"{silent_grpc_server} did not answer within 1 s"):
+        security.confirm_key_with_server(silent_grpc_server, key="k" * 32)
+    assert time.monotonic() - start < 10.0
