@@ -889,7 +889,7 @@ class StandInControl:
     def __exit__(self, *exc):
         pass
 
-    def get_model_repository_index(self):
+    def get_model_repository_index(self, client_timeout=None):
         return []
 
 
@@ -915,8 +915,10 @@ def test_the_rollout_script_rolls_back_to_a_version_still_on_disk(tmp_path, monk
     (repo / "export.json").write_text(json.dumps({"version": 2}))
     calls = []
 
+    from deployment import security
+
     monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
-    monkeypatch.setattr(script, "ControlClient", StandInControl)
+    monkeypatch.setattr(security, "ControlClient", StandInControl)  # the script's key check
     monkeypatch.setattr(script, "roll_out", lambda url, repository, version, **kw: calls.append(("roll_out", version)))
     monkeypatch.setattr(script, "retire", lambda url, repository, version, **kw: calls.append(("retire", version)))
     argv = ["rollout.py", "--repository", str(repo), "--url", "127.0.0.1:1", "--retire", "--version"]
@@ -943,6 +945,25 @@ def test_an_ab_test_named_like_no_experiment_is_refused():
     assert ab_rollout("none-v2", "salt", 1, 2).experiment.name == "none-v2"
 
 
+class ReadyTriton:
+    """The rollout's Triton control client on a server where every load succeeds and every model is ready."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def is_model_ready(self, name, version=""):
+        return True
+
+    def load_model(self, name):
+        pass
+
+    def get_model_repository_index(self, as_json=False):
+        return {}
+
+    def close(self):
+        pass
+
+
 def test_a_new_router_version_is_readable_by_the_server_like_the_rest_of_the_repository(tmp_path, monkeypatch):
     """``set_rollout`` writes the router version in a ``tempfile.mkdtemp`` folder and renames it into
     place: it kept mkdtemp's mode 0700, so a server running as another user (the image's, the
@@ -958,23 +979,7 @@ def test_a_new_router_version_is_readable_by_the_server_like_the_rest_of_the_rep
     (repo / ROUTER / "1").mkdir(parents=True)
     (repo / ROUTER / "1" / "model.py").write_text("pass\n")
 
-    class Control:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def is_model_ready(self, name, version=""):
-            return True
-
-        def load_model(self, name):
-            pass
-
-        def get_model_repository_index(self, as_json=False):
-            return {}
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(rollout, "ControlClient", Control)
+    monkeypatch.setattr(rollout, "ControlClient", ReadyTriton)
     monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
     umask = os.umask(0o022)
     try:
@@ -1064,23 +1069,11 @@ def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_ver
     (repo / "export.json").write_text(json.dumps({"version": 1}))
     loads = []
 
-    class Control:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def is_model_ready(self, name, version=""):
-            return True
-
+    class Control(ReadyTriton):
         def load_model(self, name):
             loads.append(name)
             if name == ROUTER:
                 raise RuntimeError("simulated: the router failed to load")
-
-        def get_model_repository_index(self, as_json=False):
-            return {}
-
-        def close(self):
-            pass
 
     monkeypatch.setattr(rollout, "ControlClient", Control)
     monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
