@@ -31,6 +31,22 @@ from deployment.server import LOOPBACK, child_pids, free_port, process_cpu_secon
 PG_BIN_ENV = "FUNNEL_PG_BIN"
 
 
+def shared_memory_of(postmaster: int) -> list[Path]:
+    """The PostgreSQL dynamic shared memory segments (``/dev/shm/PostgreSQL.*``) that ``postmaster``
+    and its children map (the control segment is the postmaster's; the statistics area a child's)."""
+    found = set()
+    for pid in [postmaster, *child_pids(postmaster)]:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:  # gone while we looked
+            continue
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/PostgreSQL."):
+                found.add(Path(fields[5].removesuffix(" (deleted)")))
+    return sorted(found)
+
+
 def postgres_bin() -> Path | None:
     """The folder holding ``initdb``, ``pg_ctl`` and ``postgres``, or None if not installed."""
     candidates = [os.environ.get(PG_BIN_ENV, "")]
@@ -143,9 +159,14 @@ class PostgresServer:
             pid = int((self.data / "postmaster.pid").read_text().split()[0])
             if str(self.data).encode() + b"\0" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return  # not ours: the id was reused
+            segments = shared_memory_of(pid)
             os.kill(pid, signal.SIGKILL)
         except (OSError, IndexError, ValueError):
             return
+        # A killed postmaster cannot remove its dynamic shared memory (about 1 MB in /dev/shm), and
+        # only a restart of this cluster, whose folder goes next, would: removed here.
+        for segment in segments:
+            segment.unlink(missing_ok=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
