@@ -49,10 +49,10 @@ def random_rows(keys: np.ndarray, wanted: np.ndarray, rng: np.random.Generator) 
     return order[start + (rng.random(len(wanted)) * (end - start)).astype(np.int64)]
 
 
-def item_side(frame, item_id: str, columns: list[str], items: np.ndarray, rng: np.random.Generator):
-    """``columns`` of ``items``, each row from a random row of that item in ``frame`` (``random_rows``),
-    in ``items``' order with a fresh index."""
-    rows = random_rows(to_host(frame[item_id]), items, rng)
+def item_side(frame, item_keys: np.ndarray, columns: list[str], items: np.ndarray, rng: np.random.Generator):
+    """``columns`` of ``items``, each row from a random row of that item in ``frame`` (``random_rows``;
+    ``item_keys``: ``frame``'s item ids on the host), in ``items``' order with a fresh index."""
+    rows = random_rows(item_keys, items, rng)
     return frame[columns].take(rows).reset_index(drop=True)
 
 
@@ -83,7 +83,8 @@ def sample_negatives(
         raise ValueError(f"cannot sample negatives: no row has a positive '{label}'")
 
     rng = np.random.default_rng(seed)
-    catalog = np.unique(to_host(frame[item_id]).astype(np.int64))
+    item_keys = to_host(frame[item_id]).astype(np.int64)  # one copy to the host, for the draws and the rows
+    catalog = np.unique(item_keys)
     if strategy == "uniform":
         probs = None
     else:
@@ -99,7 +100,8 @@ def sample_negatives(
     negatives = positives[user_side].take(np.repeat(np.arange(len(positives)), ratio)).reset_index(drop=True)
     # Each negative's item columns from a random row of its item (its own generator: the draws above
     # and the shuffle below are the same whatever the item columns hold).
-    items = item_side(frame, item_id, [item_id, *[c for c in item_columns if c != item_id]], sampled, rng_rows(seed))
+    columns = [item_id, *[c for c in item_columns if c != item_id]]
+    items = item_side(frame, item_keys, columns, sampled, rng_rows(seed))
     for col in items.columns:
         negatives[col] = items[col]
     for col in positives.columns:
@@ -151,7 +153,8 @@ def affinity_negatives(
     if items.size and (items.min() < 0 or items.max() >= size):
         raise ValueError(f"item ids outside the {size} items the affinity weights cover")
     known = np.zeros(size, dtype=bool)
-    known[to_host(frame[item_id]).astype(np.int64)] = True
+    item_keys = to_host(frame[item_id]).astype(np.int64)  # one copy to the host, for both uses
+    known[item_keys] = True
     user_list, rows = np.unique(users, return_inverse=True)
     history = sp.csr_matrix((np.ones(len(rows)), (rows, items)), shape=(len(user_list), size))
     history.data[:] = 1.0
@@ -173,7 +176,7 @@ def affinity_negatives(
     rng = rng_rows(seed)
     drawn_users, drawn_items = np.concatenate(drawn_users), np.concatenate(drawn_items)
     negatives = positives[[user_id, *user_side]].take(random_rows(users, drawn_users, rng)).reset_index(drop=True)
-    items_of = item_side(frame, item_id, [item_id, *item_only], drawn_items, rng)
+    items_of = item_side(frame, item_keys, [item_id, *item_only], drawn_items, rng)
     for col in items_of.columns:
         negatives[col] = items_of[col]
     for label in labels:
