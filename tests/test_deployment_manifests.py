@@ -257,14 +257,18 @@ def test_the_gpu_image_builds_on_ngc_merlin_and_installs_the_locks_pins():
     (install,) = [r for r in instruction(dockerfile, "RUN") if "pip install" in r]
     steps = [step.split("pip install", 1)[1].split() for step in install.split("&&") if "pip install" in step]
     assert steps[0][-2:] == ["-e", "."]  # the project first, as make venv installs it
+    installed = set()
     for step in steps[1:]:  # everything else at the lock's versions
         assert step[step.index("-c") + 1] == "requirements.lock", step
         step = step[: step.index("-c")] + step[step.index("-c") + 2 :]
         words = [w.strip('"};') for w in step if not w.startswith("-")]
         packages = [w.split("[")[0] for w in words if w]
         assert packages, step
+        installed.update(packages)
         for name in packages:
             assert re.search(rf"^{re.escape(name)}==", lock, flags=re.M | re.I), f"{name} is not in the lock"
+    # the image ships Merlin Models 23.08; the code and its patches are checked against the lock's
+    assert "merlin-models" in installed
 
 
 # --- compose ---------------------------------------------------------------------------------------
