@@ -86,15 +86,35 @@ def per_user_signals(
     durations: pd.Series,
     bucket_edges=(60.0, 300.0, 1200.0),
     quantile: float = 0.5,
+    arm: str | None = None,
 ) -> pd.DataFrame:
     """One row per user: ``requests``, ``impressions``, the rate of each of ``SIGNALS`` per impression,
     and ``returned`` (no churn event). ``durations`` maps item id to duration in seconds.
 
-    ``impressions`` and ``feedback`` are ``FeedbackLog.impressions()`` / ``.feedback()``."""
+    ``impressions`` and ``feedback`` are ``FeedbackLog.impressions()`` / ``.feedback()``.
+
+    ``arm``: analyse only the users served by that arm (the ``arm`` column of the impressions) and the
+    feedback to that arm's responses. A log of several arms (an A/B test's, the feedback loop's live
+    and holdout) is refused without one: each arm's ranker shapes both the signals and coming back, so
+    pooled users relate the arms' differences to retention, not the signals'. A user has no
+    per-impression rate without an impression, so users whose responses were all empty are not rows."""
     from online.feedback_log import signals_per_item
 
     if impressions.empty:
         raise ValueError("the feedback log has no impressions to analyse")
+    arms = sorted(impressions["arm"].unique().tolist()) if "arm" in impressions.columns else []
+    if arm is not None:
+        if arm not in arms:
+            raise ValueError(f"no impressions of arm {arm!r} in the log's 'arm' column (arms: {arms})")
+        other = impressions.loc[impressions["arm"] != arm, "request_id"].unique()
+        impressions = impressions[impressions["arm"] == arm]
+        # A churn after one of the arm's empty responses has no impression row: kept, by user, as before.
+        feedback = feedback[~feedback["request_id"].isin(other)]
+    elif len(arms) > 1:
+        raise ValueError(
+            f"the log's 'arm' column holds {len(arms)} arms {arms}: their rankers differ, so pooling them relates "
+            "the arms' differences to retention; name one (arm=..., e.g. the control arm)"
+        )
     shown = impressions[["request_id", "user_id", "item_id"]].drop_duplicates(["request_id", "item_id"])
     per_item = signals_per_item(feedback)  # click, watch_seconds, like, share
     rows = shown.join(per_item, on=["request_id", "item_id"]).fillna(
@@ -528,7 +548,11 @@ def simulate_in_process(world, config, repo: Path, version: int, log_path: Path,
         log.close()
 
 
-def analyze_log(log_path: Path, world, config, head_signals: list[str]) -> tuple[pd.DataFrame, RetentionAnalysis]:
+def analyze_log(
+    log_path: Path, world, config, head_signals: list[str], arm: str | None = None
+) -> tuple[pd.DataFrame, RetentionAnalysis]:
+    """``per_user_signals`` and ``analyze_retention`` of the log at ``log_path`` (of arm ``arm``: a log
+    of several arms is refused without one)."""
     from online.feedback_log import FeedbackLog
 
     log = FeedbackLog(log_path)
@@ -538,7 +562,9 @@ def analyze_log(log_path: Path, world, config, head_signals: list[str]) -> tuple
         log.close()
     durations = world.items.set_index("item_id")["duration_seconds"]
     labels = config.workflow.labels
-    users = per_user_signals(impressions, feedback, durations, labels.duration_buckets, labels.duration_watch_quantile)
+    users = per_user_signals(
+        impressions, feedback, durations, labels.duration_buckets, labels.duration_watch_quantile, arm=arm
+    )
     return users, analyze_retention(users, head_signals)
 
 

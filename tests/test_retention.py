@@ -427,3 +427,32 @@ def test_the_notes_on_constant_signals_are_in_the_signals_order_in_every_process
         out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == str(["watch_seconds", "like", "share"]), (seed, out.stdout)
+
+
+def test_a_log_of_several_arms_is_analysed_one_arm_at_a_time():
+    """An A/B test's log (or the feedback loop's, live and holdout) holds users served by different
+    rankers; the analysis pooled them in one regression, so the arms' difference (here: every user of
+    the treatment arm churns) was read as the signals' relation to coming back. A log of
+    several arms is now refused unless one is named, and naming one analyses exactly that arm."""
+    imp_c, fb_c, durations = planted_log(n_users=400)
+    imp_t, fb_t, _ = planted_log(n_users=400, seed=5)
+    imp_t = imp_t.assign(user_id=imp_t["user_id"] + 10_000, request_id="t" + imp_t["request_id"])
+    fb_t = fb_t.assign(user_id=fb_t["user_id"] + 10_000, request_id="t" + fb_t["request_id"])
+    last = imp_t.drop_duplicates("user_id", keep="last")[["request_id", "user_id"]]
+    churn_t = last.assign(item_id=-1, event="churn", value=1.0)
+    fb_t = pd.concat([fb_t[fb_t["event"] != "churn"], churn_t], ignore_index=True)
+    impressions = pd.concat([imp_c.assign(arm="control"), imp_t.assign(arm="treatment")], ignore_index=True)
+    feedback = pd.concat([fb_c, fb_t], ignore_index=True)
+
+    with pytest.raises(ValueError, match=r"'arm' column holds 2 arms \['control', 'treatment'\]"):
+        per_user_signals(impressions, feedback, durations)
+    with pytest.raises(ValueError, match="no impressions of arm 'holdout'"):
+        per_user_signals(impressions, feedback, durations, arm="holdout")
+
+    control = per_user_signals(impressions, feedback, durations, arm="control")
+    alone = per_user_signals(imp_c.assign(arm="control"), fb_c, durations)
+    pd.testing.assert_frame_equal(control, alone)
+    treatment = per_user_signals(impressions, feedback, durations, arm="treatment")
+    assert len(treatment) == 400 and not treatment["returned"].any()
+    # A single-arm log (the retention run's own) needs no arm, as before.
+    assert len(per_user_signals(imp_c.assign(arm="control"), fb_c, durations)) == 400
