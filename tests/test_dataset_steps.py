@@ -599,3 +599,16 @@ def test_attributes_join_onto_a_part_with_an_empty_partition():
     join = attribute_join(users, items, list(part.columns), ["user_id", "gender"], ["item_id", "category"])
     out = apply_join(join, part).to_ddf().compute().sort_values("user_id")
     assert out[["user_id", "gender", "category"]].values.tolist() == [[1, "a", "x"], [3, "c", "x"]]
+
+
+def test_signatures_fold_compatibility_forms_and_case_as_the_denylist_does():
+    """The signature took NFC and lower() only, while the denylist folds NFKC and casefold: a title in
+    full-width letters ("Ｔｏｙ Ｓｔｏｒｙ"), with a ligature ("ﬁ") or "ß" stayed a second item beside
+    its ASCII copy."""
+    from workflows.dedup import canonical_item_map
+
+    titles = ["Toy Story", "Ｔｏｙ　Ｓｔｏｒｙ", "The Fifth Element", "The ﬁfth element", "Straße", "STRASSE"]
+    titles.append("Toy Store")  # nothing else merges
+    items = pd.DataFrame({"item_id": range(1, 8), "category": "film", "duration_seconds": 600, "title": titles})
+    mapping = canonical_item_map(items, DedupConfig().signature_columns).set_index("item_id")["canonical_item_id"]
+    assert mapping.to_dict() == {1: 1, 2: 1, 3: 3, 4: 3, 5: 5, 6: 5, 7: 7}

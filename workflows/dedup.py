@@ -52,12 +52,12 @@ def _fold_pattern() -> str:
 
 
 def content_signature(items, columns: list[str], text_columns=()):
-    """A string per item: the title in NFC form, lower-cased, with punctuation, spacing and underscores
-    folded to single spaces (letters, digits and combining marks of every script kept: "日本の料理" is
-    not "Русский фильм", "दिल" is not "दाल"),
-    plus ``columns``. An item whose title is missing, or has no letter or digit at all, gets a
-    signature of its own (its id): nothing is known to match, so it is nobody's duplicate. Every
-    column of ``text_columns`` (the item table's text columns) is a title in this sense, as is ``title``."""
+    """A string per item: the title in NFKC form and case-folded (on cudf lower-cased only), with
+    punctuation, spacing and underscores folded to single spaces (letters, digits and combining marks
+    of every script kept: "日本の料理" is not "Русский фильм", "दिल" is not "दाल"), plus ``columns``.
+    An item whose title is missing, or has no letter or digit at all, gets a signature of its own (its
+    id): nothing is known to match, so it is nobody's duplicate. Every column of ``text_columns``
+    (the item table's text columns) is a title in this sense, as is ``title``."""
     items = items.reset_index(drop=True)  # the columns below are combined by index
     sig = None
     for column in columns:
@@ -66,13 +66,17 @@ def content_signature(items, columns: list[str], text_columns=()):
         text = items[column].astype(str)
         if column == "title" or column in text_columns:
             # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
-            # NFC first: a decomposed "é" (NFD, as macOS writes names) is the composed one.
-            # The combining marks' class (hundreds of ranges) only where Python's re runs it: cudf's
-            # regex engine on the GPU is untested with it, and has no normal forms either.
-            fold = r"[\W_]+"
+            # NFKC and casefold first, as the denylist folds titles (``content_filter._fold``): a
+            # decomposed "é" (NFD, as macOS writes names) is the composed one, full-width "Ｔｏｙ" is
+            # "toy", the ligature "ﬁ" is "fi", "ß" is "ss" (NFC and lower() kept the full-width and
+            # ligature titles apart from their ASCII copies). The combining marks' class (hundreds of
+            # ranges) only where Python's re runs it: cudf's regex engine on the GPU is untested with
+            # it, and cudf has no normal forms and no casefold either: lower() only there.
             if hasattr(text.str, "normalize"):  # pandas
-                text, fold = text.str.normalize("NFC"), _fold_pattern()
-            text = text.str.lower().str.replace(fold, " ", regex=True).str.strip()
+                text, fold = text.str.normalize("NFKC").str.casefold(), _fold_pattern()
+            else:  # cudf
+                text, fold = text.str.lower(), r"[\W_]+"
+            text = text.str.replace(fold, " ", regex=True).str.strip()
             unknown = items[column].isna() | ~text.str.contains(r"[^\W_]", regex=True)  # no letter or digit
             # "#" cannot survive the folding above, so no real title can equal this
             text = text.where(~unknown, "#id:" + items["item_id"].astype(str))
