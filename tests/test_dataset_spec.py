@@ -736,6 +736,43 @@ def test_ids_zero_padded_alike_are_one_spelling_each_and_go_through(tmp_path):
     assert events["item_id"].tolist() == [7, 8, 7] and events["user_id"].tolist() == [1, 2, 10]
 
 
+def test_an_id_written_one_way_in_the_log_and_another_in_a_table_is_one_id(tmp_path):
+    # Ids are integers: the log's "007" and the item table's "7" (the user table's "1" and the log's "01")
+    # are one id, each file writing it one way, and join as one (no missing item, the attribute attached).
+    values = _tiny(tmp_path, {"i": ["007", "008", "009"], "u": ["01", "02", "03"]}, {"colour": ["r", "g", "b"]})
+    pd.DataFrame({"i": ["7", "8", "9"], "colour": ["r", "g", "b"]}).to_csv(tmp_path / "items.csv", index=False)
+    pd.DataFrame({"u": ["1", "2", "3"], "age": ["20", "30", "40"]}).to_csv(tmp_path / "users.csv", index=False)
+    values["items"]["categorical"] = ["colour"]
+    values["users"] = {"path": "users.csv", "id": "u", "continuous": ["age"]}
+    read = load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    events = read.events.compute()
+    assert events["item_id"].tolist() == [7, 8, 9] and events["user_id"].tolist() == [1, 2, 3]
+    assert dict(zip(read.items["item_id"], read.items["colour"])) == {7: "r", 8: "g", 9: "b"}
+    assert dict(zip(read.users["user_id"], read.users["age"])) == {1: 20, 2: 30, 3: 40}
+
+
+def test_two_spellings_of_one_id_in_an_attribute_table_are_named(tmp_path):
+    # An item table with rows "7" and "007" (a user table with "1" and "1.0") was refused as a duplicate
+    # key naming id 7 only: the file has no two rows "7". The defect names the pair, as the event log's does.
+    values = _tiny(tmp_path, {}, {})
+    pd.DataFrame({"i": ["1", "2", "3", "007", "7", "02"]}).to_csv(tmp_path / "items.csv", index=False)
+    pd.DataFrame({"u": ["1", "2", "3", "1.0"]}).to_csv(tmp_path / "users.csv", index=False)
+    values["users"] = {"path": "users.csv", "id": "u"}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    found = {(d.column, d.rows, d.example) for d in info.value.defects}
+    assert found == {("i", 4, "02"), ("u", 2, "1.0")}, [str(d) for d in info.value.defects]
+    message = only(info.value.defects, "i").message
+    assert "duplicate key" in message and "'2' and '02' both become id 2 (2 ids written more than one way)" in message
+    # A true duplicate (one spelling, two rows) is reported as before.
+    pd.DataFrame({"i": ["1", "2", "3", "3"]}).to_csv(tmp_path / "items.csv", index=False)
+    del values["users"]
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    (d,) = info.value.defects
+    assert (d.rows, d.example, d.message) == (2, 3, "duplicate key: more than one row for the same id"), str(d)
+
+
 def test_sampled_negatives_with_a_threshold_they_would_pass_are_refused():
     # Sampled negatives (workflow.negative_sampling) have every signal 0, and a continuous signal's label
     # is `value >= threshold`: with threshold 0 every sampled negative was labelled a positive `rating`.

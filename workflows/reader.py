@@ -278,7 +278,10 @@ def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects:
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     id_col = table.id or id_column
     dupes = duplicate_keys(
-        frame.assign(**{id_col: as_number(frame[id_col])}), id_col, found[0][0] if len(found) == 1 else label
+        frame.assign(**{id_col: as_number(frame[id_col])}),
+        id_col,
+        found[0][0] if len(found) == 1 else label,
+        written=frame[id_col],
     )
     if dupes:
         defects.extend(dupes)

@@ -402,10 +402,27 @@ def unknown_references(profile: dict, memberships: list[Membership], file: str, 
     return out
 
 
-def duplicate_keys(frame, column: str, file: str) -> list[Defect]:
-    """An attribute table must have one row per id."""
+def duplicate_keys(frame, column: str, file: str, written=None) -> list[Defect]:
+    """An attribute table must have one row per id. ``frame[column]``: the ids as numbers; ``written``: the
+    column as the file holds it, to name two spellings of one id ("7" and "007") when that is what the
+    duplicate is (the rows look different, and the event log refuses such a pair by that name)."""
     dup = frame[column].duplicated(keep=False) & frame[column].notna()
     n = int(dup.sum())
     if not n:
         return []
-    return [Defect(file, column, "duplicate key: more than one row for the same id", n, _first(frame[column][dup]))]
+    message, example = "duplicate key: more than one row for the same id", _first(frame[column][dup])
+    if written is not None:
+        spellings = type(frame)({"number": frame[column][dup], "text": written[dup].astype(str)}).drop_duplicates()
+        counts = spellings["number"].value_counts()
+        clashing = sorted(int(number) for number in counts[counts > 1].index.to_numpy())
+        if clashing:
+            number = clashing[0]
+            texts = spellings["text"][spellings["number"] == number].to_numpy().tolist()
+            first, second = sorted(texts, key=lambda t: (t != str(number), t))[:2]  # the plain spelling first
+            message += (
+                f": {first!r} and {second!r} both become id {number} ({len(clashing)} id"
+                f"{'s' if len(clashing) != 1 else ''} written more than one way). Ids are read as integers:"
+                " write each id of the table one way"
+            )
+            example = second
+    return [Defect(file, column, message, n, example)]
