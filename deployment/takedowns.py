@@ -11,7 +11,8 @@ item, with its own reason, and both stay in the takedown log.
 An id that no version on disk serves (in no exported catalog, and no known duplicate's) is taken
 down all the same, since an item can be blocked before it reaches an export (the content filter then
 keeps it out of training too), but with a warning naming it: a mistyped id takes nothing down. An
-undo of an item that is not down is refused (``NotTakenDownError``) and writes nothing.
+undo of an item that is not down is refused (``NotTakenDownError``) and writes nothing; the check is
+in the undo's transaction, so of two undos at once one restores the item and the other is refused.
 
 Changing what is served is the control plane's business: it takes the deployment's admin key
 (``deployment/security.py``), the same one that loads models.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import getpass
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,8 @@ def set_takedown(
 
     An undo of an item not down raises ``NotTakenDownError`` and writes nothing (it used to log an
     undo of nothing); a takedown of an id no version on disk serves logs a warning naming it (it
-    used to be silent, so a typo looked like a takedown)."""
+    used to be silent, so a typo looked like a takedown). The check and the undo are one transaction
+    (``LiveStore.undo_takedown``): two undos at once both passed a check made before the write."""
     check_admin_key(repository, key)
     if isinstance(item_id, bool) or not float(item_id).is_integer():  # int() would take another item down
         raise ValueError(f"item_id must be a whole number, got {item_id!r}")
@@ -77,14 +80,14 @@ def set_takedown(
             int(item_id),
             Path(repository),
         )
+    same_item = same_item_picker(repository, int(item_id)) if undo else None  # reads the alias tables
     live = LiveStore(store or store_location(repository))
     try:
-        others = same_item_takedowns(repository, live, int(item_id)) if undo else []
-        if undo and not others and int(item_id) not in live.taken_down():
+        if not undo:
+            live.set_takedown(int(item_id), True, reason, actor)
+        elif not live.undo_takedown(int(item_id), reason, actor, same_item=same_item):
+            # Checked in the undo's own transaction: of two undos at once, the later one lands here.
             raise NotTakenDownError(f"item {int(item_id)} is not taken down: nothing to undo, nothing was changed")
-        for other in others:
-            live.set_takedown(other, False, reason, actor)
-        live.set_takedown(int(item_id), not undo, reason, actor)
         state = live.takedowns()
     finally:
         live.close()
@@ -95,17 +98,28 @@ def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -
     """The other raw ids down now that a version on disk in ``repository`` reads as ``item_id``'s item:
     every version, not only ``export.json``'s, since an A/B arm or a version added for ``roll_out``
     serves beside it with aliases of its own (a newer dedup may know more copies)."""
+    return same_item_picker(repository, item_id)(live.taken_down())
+
+
+def same_item_picker(repository: str | Path, item_id: int) -> Callable[[np.ndarray], list[int]]:
+    """A function of the raw ids down now that picks the other ids of ``item_id``'s item among them
+    (``same_item_takedowns``), the alias tables of every version on disk read once, here: an undo
+    calls it inside its transaction (``LiveStore.undo_takedown``)."""
     from serving.item_aliases import ItemAliases
 
     folders = ordering_folders(repository)
     if folders is None:  # not an export yet: no alias table, every id its own item
-        return []
-    down = live.taken_down()
-    same = np.zeros(len(down), dtype=bool)
-    for folder in folders:
-        aliases = ItemAliases.load(folder)
-        same |= aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
-    return [int(i) for i in down[same] if int(i) != item_id]
+        return lambda down: []
+    tables = [ItemAliases.load(folder) for folder in folders]
+
+    def pick(down: np.ndarray) -> list[int]:
+        down = np.asarray(down, dtype=np.int64)
+        same = np.zeros(len(down), dtype=bool)
+        for aliases in tables:
+            same |= aliases.canonical_ids(down) == aliases.canonical_ids([item_id])[0]
+        return [int(i) for i in down[same] if int(i) != item_id]
+
+    return pick
 
 
 def ordering_folders(repository: str | Path) -> list[Path] | None:

@@ -777,3 +777,51 @@ def test_a_takedown_of_an_unknown_id_warns_and_an_undo_of_an_item_not_down_write
     assert result.returncode == 2 and "item 200 is not taken down" in result.stderr, result.stderr
     result = subprocess.run([*script, "--item", "2000"], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "WARNING: item 2000 is in no exported version's catalog" in result.stderr
+
+
+def test_two_undos_at_once_restore_the_item_once_and_the_second_is_refused(location, tmp_path, monkeypatch):
+    """Two operators undo the same takedown at once, each with its own connection. The undo read what
+    was down and wrote the undo in separate transactions: both passed the check, both wrote, and the
+    log held two undos (the second an undo of nothing, which must be refused and write nothing). The
+    rival undo here runs in the gap between the first one's read of what is down and its write."""
+    import threading
+
+    from deployment import security
+    from deployment.takedowns import NotTakenDownError, set_takedown
+
+    monkeypatch.delenv(security.ADMIN_KEY_ENV, raising=False)
+    repo = tmp_path / "triton_repo"  # no export yet: no aliases, so the one read of what is down is the check
+    repo.mkdir()
+    key = security.ensure_admin_key(repo)
+    set_takedown(repo, 100, "unsafe", key=key, store=location)
+    outcomes = {}
+
+    def undo(who):
+        try:
+            outcomes[who] = set_takedown(repo, 100, f"appeal ({who})", key=key, store=location, undo=True)["active"]
+        except NotTakenDownError as err:
+            outcomes[who] = err
+
+    read = LiveStore.taken_down
+    rival = threading.Thread(target=undo, args=("rival",))
+
+    def taken_down(self):
+        down = read(self)
+        if threading.current_thread() is not rival and not rival.is_alive() and "rival" not in outcomes:
+            rival.start()  # the other process's undo, between this one's check and its write
+            rival.join(timeout=3)  # it finishes (old code) or waits for this transaction (new code)
+        return down
+
+    monkeypatch.setattr(LiveStore, "taken_down", taken_down)
+    undo("first")
+    rival.join(timeout=60)
+    assert outcomes["first"] == 0
+    assert isinstance(outcomes["rival"], NotTakenDownError), outcomes
+    store = LiveStore(location)
+    try:
+        log = store.takedown_log()
+        assert log["action"].tolist() == ["takedown", "undo"] and log["reason"].iloc[-1] == "appeal (first)"
+        state = store.takedowns()
+        assert state["active"].tolist() == [0] and state["reason"].tolist() == ["appeal (first)"]
+    finally:
+        store.close()

@@ -39,7 +39,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,8 @@ def private_file(path: str | Path) -> None:
 
 
 CONNECT_TIMEOUT_S = 10  # PostgreSQL: seconds to open a connection (the URL's connect_timeout wins)
+# PostgreSQL advisory lock key of takedown writes (``LiveStore._takedown_transaction``); the schema's is 72057594037927.
+TAKEDOWN_LOCK = 72057594037928
 SCHEMA_OBJECT = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
 
 
@@ -409,20 +411,65 @@ class LiveStore:
     # -- takedowns ---------------------------------------------------------------------------------
 
     def set_takedown(self, item_id: int, active: bool, reason: str, actor: str, ts: float | None = None) -> None:
-        """Take ``item_id`` down (``active``) or restore it, with the reason and who did it; logged."""
+        """Take ``item_id`` down (``active``) or restore it, with the reason and who did it; logged.
+        Unconditional: ``undo_takedown`` restores only what is down."""
         if not reason.strip():
             raise ValueError("a takedown (and its undo) needs a reason")
         ts = time.time() if ts is None else float(ts)
-        action = "takedown" if active else "undo"
+        with self._takedown_transaction():
+            self._write_takedown(int(item_id), bool(active), reason, actor, ts)
+
+    def undo_takedown(
+        self,
+        item_id: int,
+        reason: str,
+        actor: str,
+        same_item: Callable[[np.ndarray], Sequence[int]] | None = None,
+        ts: float | None = None,
+    ) -> list[int]:
+        """Restore ``item_id``, and the ids ``same_item`` picks from the raw ids down now (the other
+        copies of the item), if any of them is down; return the ids restored, ``[]`` (nothing written)
+        where none is. ``item_id`` is written whenever another copy is restored, down or not.
+
+        The read of what is down and the writes are one transaction, and takedown writes take turns
+        (SQLite's ``BEGIN IMMEDIATE``, a transaction-scoped advisory lock on PostgreSQL): two undos at
+        once, in two processes, restore the item once and the later one finds nothing down. They were
+        a read and then a write each: both passed the check, and the log held an undo of nothing."""
+        if not reason.strip():
+            raise ValueError("a takedown (and its undo) needs a reason")
+        ts = time.time() if ts is None else float(ts)
+        item_id = int(item_id)
+        with self._takedown_transaction():
+            down = self.taken_down()
+            others = [int(i) for i in (same_item(down) if same_item is not None else ()) if int(i) != item_id]
+            if not others and item_id not in down:
+                return []
+            for other in others:
+                self._write_takedown(other, False, reason, actor, ts)
+            self._write_takedown(item_id, False, reason, actor, ts)
+        return [*others, item_id]
+
+    @contextmanager
+    def _takedown_transaction(self):
+        """A transaction in which this process alone writes takedowns: SQLite's ``BEGIN IMMEDIATE``
+        already holds the file's write lock; PostgreSQL (read committed) lets two transactions read
+        the same rows, so takedown writes first take an advisory lock held until commit."""
         with self.db.transaction():
-            self.db.execute(
-                "INSERT INTO takedowns VALUES (?, ?, ?, ?, ?) ON CONFLICT (item_id) DO UPDATE SET "
-                "active = excluded.active, ts = excluded.ts, reason = excluded.reason, actor = excluded.actor",
-                (int(item_id), int(bool(active)), ts, reason, actor),
-            )
-            self.db.execute(
-                "INSERT INTO takedown_log VALUES (?, ?, ?, ?, ?)", (int(item_id), ts, action, reason, actor)
-            )
+            if self.db.postgres:
+                self.db.execute("SELECT pg_advisory_xact_lock(?)", (TAKEDOWN_LOCK,))
+            yield
+
+    def _write_takedown(self, item_id: int, active: bool, reason: str, actor: str, ts: float) -> None:
+        # Inside a transaction: the current state and its log entry.
+        self.db.execute(
+            "INSERT INTO takedowns VALUES (?, ?, ?, ?, ?) ON CONFLICT (item_id) DO UPDATE SET "
+            "active = excluded.active, ts = excluded.ts, reason = excluded.reason, actor = excluded.actor",
+            (item_id, int(active), ts, reason, actor),
+        )
+        self.db.execute(
+            "INSERT INTO takedown_log VALUES (?, ?, ?, ?, ?)",
+            (item_id, ts, "takedown" if active else "undo", reason, actor),
+        )
 
     def taken_down(self) -> np.ndarray:
         """Raw ids of the items down now, sorted."""
