@@ -15,7 +15,9 @@ one export. Rolling from N to N+1 (server in explicit model-control mode, see ``
 
 A failed step leaves the old version serving: the ensemble is only switched after every stage of the
 new version reports ready, and an ensemble that then fails to load, or an A/B router that then fails
-to follow it, gets its old config back on disk, so a restart serves the old version too. ``funnel``'s
+to follow it, gets its old config back on disk, so a restart serves the old version too. Every call
+to the server has a deadline (``CALL_TIMEOUT_S``; loads ``timeout_s``): a server that stops answering
+fails the step with ``security.ControlTimeout`` instead of holding the rollout forever. ``funnel``'s
 config names the one version it serves, so rolling back to an older version works like rolling forward.
 
 The A/B router (``online/router.py``) has versions of its own, one per rollout of users to model
@@ -61,6 +63,18 @@ log = logging.getLogger(__name__)
 
 # Every model that can hold a version's stages: the seven stages, or the fused funnel.
 STAGES = [*STAGE_ARTIFACTS, FUSED]
+# How long one control call that only reads (readiness, the repository index, a model's config) waits
+# for the server's answer; loads and unloads wait the rollout's ``timeout_s`` (a real stage loads in
+# tens of seconds). Without a deadline a server that took the call and never answered held the
+# rollout forever: the ``timeout_s`` of ``wait_ready`` was only checked between calls.
+CALL_TIMEOUT_S = 15.0
+
+
+def _control(grpc_url: str, repo: Path, root_certificates, timeout_s: float) -> ControlClient:
+    """The control client of one rollout step: every call bounded (``security.ControlTimeout``)."""
+    return ControlClient(
+        grpc_url, repo, root_certificates=root_certificates, timeout_s=CALL_TIMEOUT_S, load_timeout_s=timeout_s
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -210,11 +224,14 @@ def roll_out(
 ) -> None:
     """Switch the served funnel to ``version`` (already added to ``repo``) without downtime.
     ``root_certificates``: where the server's gRPC speaks TLS, the PEM file that signed its
-    certificate (``ControlClient``); the same in every function here that talks to the server."""
+    certificate (``ControlClient``); the same in every function here that talks to the server.
+    ``timeout_s`` bounds each model load and each wait for a model to become ready, and every other
+    call waits at most ``CALL_TIMEOUT_S``: a server that does not answer in time raises
+    ``security.ControlTimeout``, naming the server and the call, as a refused load raises its error."""
     repo = Path(repo).resolve()
     check_complete(repo, str(version))
     # loading models needs the deployment's admin key
-    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
+    client = _control(grpc_url, repo, root_certificates, timeout_s)
     try:
         load_version(client, repo, version, timeout_s)
         # The version's own pinned ensemble under the served name: its steps are that export's (the
@@ -263,15 +280,22 @@ def _record_rolled_out(repo: Path, version: int) -> None:
     _write_atomic(repo / "export.json", json.dumps(export))
 
 
-def retire(grpc_url: str, repo: str | Path, version: int, root_certificates: str | Path | None = None) -> None:
-    """Unload and delete an old version that the ensemble no longer calls."""
+def retire(
+    grpc_url: str,
+    repo: str | Path,
+    version: int,
+    root_certificates: str | Path | None = None,
+    timeout_s: float = 300.0,
+) -> None:
+    """Unload and delete an old version that the ensemble no longer calls (each reload or unload
+    waits at most ``timeout_s``)."""
     repo = Path(repo).resolve()
     if int(version) in {served_version(repo), funnel_version(repo)}:
         raise ValueError(f"version {version} is the one being served; roll out another first")
     in_experiment = current_rollout(repo)
     if in_experiment is not None and int(version) in {*in_experiment.versions.values(), in_experiment.control_version}:
         raise ValueError(f"version {version} still serves an arm of experiment {in_experiment.experiment.name!r}")
-    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
+    client = _control(grpc_url, repo, root_certificates, timeout_s)
     try:
         if (repo / ensemble_name(version)).exists():
             client.unload_model(ensemble_name(version))
@@ -331,7 +355,7 @@ def set_rollout(
     repo = Path(repo).resolve()
     versions = arm_versions(repo, rollout)
     # loading models needs the deployment's admin key
-    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
+    client = _control(grpc_url, repo, root_certificates, timeout_s)
     try:
         for version in versions:
             if not client.is_model_ready(ensemble_name(version)):
@@ -376,7 +400,7 @@ def follow_rollout(
     router_version = router_versions(repo)[-1]
     versions = arm_versions(repo, rollout)
     pinned = funnel_version(repo)
-    client = ControlClient(grpc_url, repo, root_certificates=root_certificates)
+    client = _control(grpc_url, repo, root_certificates, timeout_s)
     try:
         for version in sorted({*versions, pinned}):
             load_version(client, repo, version, timeout_s)

@@ -18,6 +18,7 @@ change nothing. ``docs/security.md`` says how to expose a server and how to rota
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import stat
@@ -39,6 +40,10 @@ SERVER_CHECK_TIMEOUT_S = 15.0
 
 class AdminKeyError(RuntimeError):
     """No usable admin key: missing, too short, or readable by other users."""
+
+
+class ControlTimeout(TimeoutError):
+    """A control-plane call that the server did not answer within its ``ControlClient`` timeout."""
 
 
 def admin_key_path(repository: str | Path) -> Path:
@@ -148,6 +153,12 @@ class ControlClient:
     not listed here are the plain client's (health and metadata need no key). For a server whose
     gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``), ``root_certificates`` is the PEM
     file that signed its certificate: the key then never travels in the clear.
+
+    ``timeout_s`` bounds every call that takes a gRPC deadline (``client_timeout``), and
+    ``load_timeout_s`` (``timeout_s`` by default) the model loads and unloads, which return only once
+    Triton has loaded the model (tens of seconds for a real stage); a call the server does not answer
+    in time raises ``ControlTimeout`` naming the server and the call. None (the default) waits as long
+    as the server takes; a ``client_timeout`` given to a call wins.
     """
 
     _KEYED = (
@@ -175,6 +186,8 @@ class ControlClient:
         repository: str | Path | None = None,
         key: str | None = None,
         root_certificates: str | Path | None = None,
+        timeout_s: float | None = None,
+        load_timeout_s: float | None = None,
     ):
         import tritonclient.grpc as grpcclient
 
@@ -185,18 +198,38 @@ class ControlClient:
         self._headers = grpc_headers(key)
         tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
         self.client = grpcclient.InferenceServerClient(grpc_url, **tls)
+        self.grpc_url = grpc_url
+        self.timeout_s = timeout_s
+        self.load_timeout_s = timeout_s if load_timeout_s is None else load_timeout_s
 
     def __getattr__(self, name):
         attr = getattr(self.client, name)
-        if name in self._KEYED:
-            headers = self._headers
+        if not callable(attr):
+            return attr
+        headers = self._headers if name in self._KEYED else None
+        timeout_s = self.load_timeout_s if name in ("load_model", "unload_model") else self.timeout_s
+        if timeout_s is not None and "client_timeout" not in inspect.signature(attr).parameters:
+            timeout_s = None  # close(), the streams: no deadline to give
+        if headers is None and timeout_s is None:
+            return attr
 
-            def keyed(*args, **kwargs):
+        def call(*args, **kwargs):
+            if headers is not None:
                 kwargs["headers"] = {**(kwargs.get("headers") or {}), **headers}
+            if timeout_s is not None and kwargs.get("client_timeout") is None:
+                kwargs["client_timeout"] = timeout_s
+            try:
                 return attr(*args, **kwargs)
+            except Exception as err:  # tritonclient's InferenceServerException
+                status = getattr(err, "status", lambda: None)()
+                if kwargs.get("client_timeout") is None or "DEADLINE_EXCEEDED" not in str(status):
+                    raise
+                what = ", ".join(repr(a) for a in args)
+                raise ControlTimeout(
+                    f"the server at {self.grpc_url} did not answer {name}({what}) within {kwargs['client_timeout']:g} s"
+                ) from None
 
-            return keyed
-        return attr
+        return call
 
     def close(self) -> None:
         self.client.close()
@@ -229,10 +262,9 @@ def confirm_key_with_server(
             control.get_model_repository_index(client_timeout=timeout_s)
     except AdminKeyError:
         raise
-    except Exception as err:  # tritonclient's InferenceServerException: refused, unreachable, TLS, deadline
-        status = getattr(err, "status", lambda: None)()
-        if status is not None and "DEADLINE_EXCEEDED" in str(status):
-            raise AdminKeyError(f"the server at {grpc_url} did not answer within {timeout_s:g} s") from None
+    except ControlTimeout:
+        raise AdminKeyError(f"the server at {grpc_url} did not answer within {timeout_s:g} s") from None
+    except Exception as err:  # tritonclient's InferenceServerException: refused, unreachable, TLS
         raise AdminKeyError(
             f"the server at {grpc_url} did not accept the admin key, or could not be reached ({err})"
         ) from None

@@ -7,6 +7,8 @@ ensemble (all steps pinned to the new version) in one reload. --retire removes t
 afterwards. A version still in the repository (an older one kept for a roll back) is rolled out
 from there. The server must run in explicit model-control mode (scripts/serve.py does). Where its
 gRPC speaks TLS (serve.py --tls-cert), --tls-ca names the PEM file that signed its certificate.
+Each model load may take --timeout seconds (300); a server that stops answering ends the tool
+with one line naming it and the call.
 
     .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
         --repository build/triton_repo --url 127.0.0.1:8001 --retire
@@ -20,8 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tritonclient.utils import InferenceServerException
+
 from deployment.rollout import add_version, retire, roll_out, served_version
-from deployment.security import AdminKeyError, confirm_key_with_server
+from deployment.security import AdminKeyError, ControlTimeout, confirm_key_with_server
 from models import registry
 from serving.interface import ensemble_name
 
@@ -34,7 +38,12 @@ def main() -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds each model load (and wait for it to be ready) may take"
+    )
     args = parser.parse_args()
+    if not args.timeout > 0:
+        parser.error(f"argument --timeout: must be positive, not {args.timeout:g}")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:
@@ -59,16 +68,25 @@ def main() -> None:
         print(f"version {model.version} is already in {args.repository}: rolling out that copy")
     else:
         add_version(model, args.repository)
-    roll_out(args.url, args.repository, model.version, root_certificates=args.tls_ca)
+    # A server that stops answering (ControlTimeout) or goes away mid-roll is one line, not a traceback.
+    try:
+        roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
+    except (ControlTimeout, InferenceServerException) as err:
+        now = served_version(args.repository)
+        raise SystemExit(f"rollout: rolling out version {model.version} failed: {err}; serving version {now}") from None
     print(f"serving version {model.version} (was {old})")
     if args.retire and int(old) == int(model.version):
         print(f"version {old} was already served: nothing to retire")
     elif args.retire:
         try:
-            retire(args.url, args.repository, old, root_certificates=args.tls_ca)
+            retire(args.url, args.repository, old, root_certificates=args.tls_ca, timeout_s=args.timeout)
         except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
             print(f"version {old} not retired: {err}", file=sys.stderr)
             sys.exit(2)
+        except (ControlTimeout, InferenceServerException) as err:
+            raise SystemExit(
+                f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
+            ) from None
         print(f"retired version {old}")
 
 

@@ -115,6 +115,36 @@ TRAINED = {"model_version", "triton_repo"}
 SCOPE_DURATIONS = Path(__file__).with_name("scope_durations.json")
 
 
+@pytest.fixture
+def silent_grpc_server():
+    """A gRPC server that takes every call and never answers (a hung server, or not Triton), for at
+    most 20 s so that a client without a deadline fails the test instead of hanging it; for every
+    tool that talks to a server (the key check in test_security.py, the rollout in test_serving_units.py)."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    release = threading.Event()
+
+    class Silent(grpc.GenericRpcHandler):
+        def service(self, details):
+            def never(request, context):
+                release.wait(20)
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(never)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Silent()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        release.set()
+        server.stop(0)
+
+
 def self_signed(folder, host="127.0.0.1"):
     """A certificate for ``host`` (an IP address or a DNS name) signed by its own key (its own root), as PEM files."""
     import datetime

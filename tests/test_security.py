@@ -269,35 +269,6 @@ def test_the_supervisor_of_a_tls_server_exposed_under_its_hostname_leaves_it_run
         assert supervisor.check_once(), supervisor.last_error
 
 
-@pytest.fixture
-def silent_grpc_server():
-    """A gRPC server that takes every call and never answers (a hung server, or not Triton), for at
-    most 20 s so that a client without a deadline fails the test instead of hanging it."""
-    import threading
-    from concurrent import futures
-
-    import grpc
-
-    release = threading.Event()
-
-    class Silent(grpc.GenericRpcHandler):
-        def service(self, details):
-            def never(request, context):
-                release.wait(20)
-                return b""
-
-            return grpc.unary_unary_rpc_method_handler(never)
-
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Silent()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        release.set()
-        server.stop(0)
-
-
 def test_the_key_check_gives_up_on_a_server_that_never_answers(silent_grpc_server, monkeypatch):
     """``confirm_key_with_server`` (takedown.py --url, rollout.py) waited without limit for a server
     that took the call and never replied; now ``SERVER_CHECK_TIMEOUT_S``, then an error naming it."""
@@ -308,3 +279,30 @@ def test_the_key_check_gives_up_on_a_server_that_never_answers(silent_grpc_serve
     with pytest.raises(security.AdminKeyError, match=f"{silent_grpc_server} did not answer within 1 s"):
         security.confirm_key_with_server(silent_grpc_server, key="k" * 32)
     assert time.monotonic() - start < 10.0
+
+
+def test_control_calls_give_up_on_a_server_that_never_answers(silent_grpc_server):
+    """``ControlClient(timeout_s=..., load_timeout_s=...)`` gives every call a gRPC deadline: loads the
+    longer one (a real stage loads in tens of seconds), and a call the server does not answer raises
+    ``ControlTimeout`` naming the server and the call. The rollout's calls had no deadline at all."""
+    import time
+
+    control = security.ControlClient(silent_grpc_server, key="k" * 32, timeout_s=0.5, load_timeout_s=1.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(
+            security.ControlTimeout,
+            match=rf"{silent_grpc_server} did not answer is_model_ready\('funnel', '2'\) within 0.5 s",
+        ):
+            control.is_model_ready("funnel", "2")
+        with pytest.raises(security.ControlTimeout, match=r"get_model_repository_index\(\) within 0.5 s"):
+            control.get_model_repository_index(as_json=True)
+        assert time.monotonic() - start < 5.0
+        start = time.monotonic()
+        with pytest.raises(security.ControlTimeout, match=r"load_model\('funnel'\) within 1.5 s"):
+            control.load_model("funnel")
+        assert 1.4 < time.monotonic() - start < 6.0  # the load's own deadline, not the short one
+        with pytest.raises(security.ControlTimeout, match=r"unload_model\('funnel'\) within 0.2 s"):
+            control.unload_model("funnel", client_timeout=0.2)  # a deadline given to the call wins
+    finally:
+        control.close()

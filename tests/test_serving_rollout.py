@@ -149,7 +149,7 @@ class RefusingControl:
 
     loads: list = []
 
-    def __init__(self, url, repo, root_certificates=None):
+    def __init__(self, url, repo, root_certificates=None, **timeouts):
         pass
 
     def is_model_ready(self, name, version=""):

@@ -1118,3 +1118,72 @@ def test_add_version_warns_when_the_versions_batching_differs_from_the_repositor
             assert rollout.add_version(types.SimpleNamespace(version=version), repo) == version
         assert ("version 3's heavy_ranker batching" in caplog.text) == warned, caplog.text
         assert ("'max_batch_size': 8" in caplog.text and "'max_batch_size': 64" in caplog.text) == warned
+
+
+def test_a_rollout_gives_up_on_a_server_that_never_answers(silent_grpc_server, tmp_path, monkeypatch):
+    """The rollout's control calls (readiness, loads, unloads) had no gRPC deadline: ``wait_ready``'s
+    ``timeout_s`` was only checked between calls, so a server that took a call and never answered
+    held ``roll_out``, ``retire`` and scripts/rollout.py forever. Now a read waits ``CALL_TIMEOUT_S``,
+    a load or unload ``timeout_s``, and the error names the server and the call."""
+    import json
+    import time
+
+    from deployment import rollout, security
+    from serving.interface import FUNNEL, ensemble_name
+
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
+    monkeypatch.setattr(rollout, "CALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    source = pathlib.Path("triton_repo/funnel/config.pbtxt").read_text()
+    repo = tmp_path / "triton_repo"
+    (repo / FUNNEL / "2").mkdir(parents=True)
+    (repo / FUNNEL / "config.pbtxt").write_text(rollout.serve_only(pin_ensemble(source, 2), 2))
+    (repo / ensemble_name(1)).mkdir()
+    (repo / "export.json").write_text(json.dumps({"version": 2}))
+    start = time.monotonic()
+    with pytest.raises(security.ControlTimeout, match=rf"{silent_grpc_server} did not answer is_model_ready\("):
+        rollout.roll_out(silent_grpc_server, repo, 1, timeout_s=1.0)
+    assert time.monotonic() - start < 10.0
+    assert rollout.served_version(repo) == 2 and rollout.funnel_version(repo) == 2  # nothing switched
+    start = time.monotonic()
+    with pytest.raises(security.ControlTimeout, match=r"unload_model\('funnel_v1'\) within 1 s"):
+        rollout.retire(silent_grpc_server, repo, 1, timeout_s=1.0)
+    assert time.monotonic() - start < 10.0
+
+
+def test_the_rollout_script_reports_a_server_that_stops_answering_in_one_line(
+    silent_grpc_server, tmp_path, monkeypatch
+):
+    """A server that answered the script's key check and then stopped answering held
+    scripts/rollout.py forever; now each load waits ``--timeout`` seconds and the tool ends with one
+    line naming the server and the call (not a traceback), the repository still serving the old version."""
+    import importlib.util
+    import json
+    import sys
+    import types
+
+    from deployment import rollout, security
+    from serving.interface import FUNNEL, ensemble_name
+
+    spec = importlib.util.spec_from_file_location("_script_rollout", pathlib.Path("scripts/rollout.py").resolve())
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source = pathlib.Path("triton_repo/funnel/config.pbtxt").read_text()
+    repo = tmp_path / "triton_repo"
+    (repo / FUNNEL / "1").mkdir(parents=True)
+    (repo / FUNNEL / "config.pbtxt").write_text(rollout.serve_only(pin_ensemble(source, 1), 1))
+    (repo / ensemble_name(2)).mkdir()  # added before: rolled out from the repository
+    (repo / "export.json").write_text(json.dumps({"version": 1}))
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
+    monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
+    monkeypatch.setattr(security, "ControlClient", StandInControl)  # the key check answers; then silence
+    monkeypatch.setattr(rollout, "CALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    argv = ["rollout.py", "--repository", str(repo), "--url", silent_grpc_server, "--version", "2", "--timeout", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        script.main()
+    message = str(done.value.code)
+    assert message.startswith("rollout: rolling out version 2 failed: ") and "\n" not in message, message
+    assert f"the server at {silent_grpc_server} did not answer is_model_ready(" in message, message
+    assert message.endswith("serving version 1"), message
