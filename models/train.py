@@ -226,7 +226,12 @@ def train_all(
             dropped.to_parquet(out.tmp / "fallback_history.parquet", index=False)
         if data.recent_events.exists():  # the windowed activity features' events (serving counts them)
             shutil.copy(data.recent_events, out.tmp / "recent_events.parquet")
-        popularity = recency_weighted_popularity(events, config.serving.fallback_window_days)
+        # Only the catalog's items: the fallback serves raw ids, but a user's seen items (the export's
+        # history, live events) reach serving as encoded ids, and an item outside the catalog (one that
+        # workflow.features.id_freq_threshold sent to OOV) has none, so it was served again and again
+        # to a user who had just watched it.
+        in_catalog = events[events["item_id"].isin(item_table["item_id_raw"])]
+        popularity = recency_weighted_popularity(in_catalog, config.serving.fallback_window_days)
         content = config.serving.fallback_content_column
         if content:
             if content not in item_table.columns:

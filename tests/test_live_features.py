@@ -9,6 +9,7 @@ where what a user did at one replica reaches their next request at the other.
 import os
 import shutil
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -410,3 +411,53 @@ def test_the_live_benchmarks_cpu_burner_uses_the_cores_it_is_asked_for():
         burner.join(60)
     # about 0.3 s a second; the bounds leave room for a busy machine (2 shared cores)
     assert seconds >= 1.0 and 0.1 < used / seconds < 0.45
+
+
+def test_an_item_outside_the_catalog_is_never_served_back_after_a_live_click(tmp_path):
+    """``workflow.features.id_freq_threshold`` leaves rare items out of the catalog (Categorify's OOV
+    index; the export's item table keeps vocabulary items only), but the popularity fallback counted
+    every training click, so it served them. A user's seen items reach the ordering stage as encoded
+    ids, and such an item has none: a live click on it was dropped by the feature lookup ("ids the
+    catalog does not hold are ignored") and the fallback served it again on the next request."""
+    import copy
+
+    from configs import load_config
+    from deployment.export import export_repository
+    from models.registry import ModelVersion
+    from models.train import train_all
+    from serving.stages import FeatureLookup, Ordering
+    from tests.conftest import SMALL
+    from workflows.live_store import LiveStore
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.sources.synthetic import generate
+
+    overrides = copy.deepcopy(SMALL)
+    overrides["workflow"] = {"features": {"id_freq_threshold": 30}, "checks": {"point_in_time_probe": False}}
+    overrides["candidate_generator"]["epochs"] = 1
+    overrides["light_ranker"]["epochs"] = 1
+    overrides["heavy_ranker"] = {"epochs": 1, "batch_size": 512}
+    config = load_config(overrides=overrides)
+    raw = generate(config.synthetic).write_parquet(tmp_path / "raw")
+    data = run_dataset_pipeline(raw["events"], raw["users"], raw["items"], tmp_path / "processed", config.workflow)
+    version = train_all(data, config, tmp_path / "registry", verbose=0)
+    repo = export_repository(ModelVersion(version.path), tmp_path / "triton_repo")
+    rare = set(pd.read_parquet(data.train_events)["item_id"]) - set(pd.read_parquet(data.item_features)["item_id_raw"])
+    assert rare  # the threshold left clicked items out of the catalog
+
+    store = str(tmp_path / "live.sqlite")
+    name = str(version.version)
+    lookup = FeatureLookup(Path(repo) / "feature_lookup" / name, live_store=store)
+    ordering = Ordering(Path(repo) / "ordering" / name, live_store=store)
+
+    def served() -> list[int]:
+        out = ordering.run({**new_user_request(k=30), **lookup.run({"user_id": np.array([NEW_USER])})})
+        assert out["served_by"][0] == b"fallback"
+        return out["item_ids"].tolist()
+
+    first = served()
+    assert len(first) == 30
+    clicked = [first[0], *(item for item in first if item in rare)]  # old code: 2 rare items, ranks 15 and 29
+    LiveStore(store).append_events([(NEW_USER, item, 1.0, "click", 1.0) for item in clicked], "ingest")
+    again = served()
+    assert not set(clicked) & set(again)  # old code: the rare ones served again
+    assert not set(first) & rare
