@@ -96,11 +96,16 @@ def _text(value) -> str:
 
 
 def _client_text(value, name: str) -> str:
-    """A client's BYTES input as text: bytes that are not UTF-8 are the client's error, not ours."""
+    """A client's BYTES input as text: bytes that are not UTF-8 are the client's error, not ours, and
+    so is a NUL character, which PostgreSQL text cannot hold (psycopg raised ``DataError``, an
+    ``INTERNAL`` error, at the lookup of such a request id in a PostgreSQL feedback log)."""
     try:
-        return _text(value)
+        text = _text(value)
     except UnicodeDecodeError as err:
         raise RequestError(f"'{name}' must be UTF-8 text: {err.reason} at byte {err.start}") from None
+    if "\x00" in text:
+        raise RequestError(f"'{name}' must not hold NUL characters")
+    return text
 
 
 # One reaction is one event: a value other than 1 would count as several clicks (or none) in the

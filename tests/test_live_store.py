@@ -274,6 +274,30 @@ def test_the_feedback_log_runs_on_postgres(postgres):
     assert np.isclose(other.feedback()["value"].sum(), 2.0)
 
 
+def test_feedback_whose_request_id_holds_a_nul_is_a_bad_request_on_either_backend(location):
+    """PostgreSQL text cannot hold NUL: psycopg raised DataError (an INTERNAL error) at the lookup of such
+    a request id, where SQLite answered "unknown request_id". A request id with NUL is the client's
+    error on both backends (``INVALID_ARGUMENT``), and nothing is logged."""
+    from online.router import FeedbackService
+    from serving.request import RequestError
+
+    feedback = FeedbackService(location)
+    feedback.log.log_impressions("r1", 7, [11, 12], "1", "control", "model")
+    request = {
+        "item_ids": np.array([11]),
+        "events": np.array([b"click"], dtype=object),
+        "values": np.ones(1, dtype=np.float32),
+    }
+    try:
+        for request_id in (b"r1\x00", b"\x00"):
+            with pytest.raises(RequestError, match="'request_id' must not hold NUL"):
+                feedback.run({**request, "request_id": np.array([request_id], dtype=object)})
+        assert feedback.run({**request, "request_id": np.array([b"r1"], dtype=object)})["accepted"][0] == 1
+        assert len(feedback.log.feedback()) == 1
+    finally:
+        feedback.close()
+
+
 OPENER = """
 import sys, time
 from online.feedback_log import FeedbackLog
