@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+INT64 = np.iinfo(np.int64)
+
 
 class RequestError(ValueError):
     """The request is malformed; the message names the problem and is returned to the client."""
@@ -34,6 +36,10 @@ def scalar(inputs: dict, name: str, dtype) -> int:
         raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
     if dtype is int and not np.issubdtype(value.dtype, np.integer):
         raise RequestError(f"input '{name}' must be an integer, got {value.dtype}")
+    if dtype is int and not INT64.min <= int(value.reshape(-1)[0]) <= INT64.max:
+        # a uint64 past INT64's range (an in-process caller; Triton refuses the datatype): the
+        # online store's SQLite raised OverflowError on it
+        raise RequestError(f"input '{name}' = {int(value.reshape(-1)[0])} does not fit INT64")
     return dtype(value.reshape(-1)[0])
 
 

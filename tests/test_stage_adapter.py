@@ -1,9 +1,11 @@
 """The Triton adapter (``serving/triton_model.py``) driven in process with a stand-in for ``pb_utils``:
-a dynamic batch holding malformed and failing requests, and a batched path that fails by itself."""
+a dynamic batch holding malformed and failing requests, a batched path that fails by itself, and the
+request checks of ``serving/request.py`` they rely on."""
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from serving.interface import Tensor
 from serving.request import RequestError
@@ -126,3 +128,17 @@ def test_a_batched_path_that_answers_too_few_requests_is_served_one_by_one():
         "doubler: run_batch failed, serving 3 requests one by one: "
         "RuntimeError: run_batch returned 2 results for 3 requests"
     ]
+
+
+def test_a_user_id_past_int64_is_a_request_error_not_an_overflow_in_the_online_store():
+    # An in-process caller's uint64 user id (Triton refuses the datatype): scalar returned it, and the
+    # feature lookup's SQLite query raised OverflowError, an INTERNAL error.
+    from serving.request import RequestLimits, scalar
+
+    huge = {"user_id": np.array([2**64 - 1], dtype=np.uint64), "k": np.array([2**63], dtype=np.uint64)}
+    with pytest.raises(RequestError, match="input 'user_id' = 18446744073709551615 does not fit INT64"):
+        scalar(huge, "user_id", int)
+    with pytest.raises(RequestError, match="input 'k' = 9223372036854775808 does not fit INT64"):
+        RequestLimits().k(huge)
+    assert scalar({"user_id": np.array([2**63 - 1], dtype=np.uint64)}, "user_id", int) == 2**63 - 1
+    assert scalar({"user_id": np.array([-(2**63)])}, "user_id", int) == -(2**63)
