@@ -70,6 +70,11 @@ STAGES = [*STAGE_ARTIFACTS, FUSED]
 CALL_TIMEOUT_S = 15.0
 
 
+class RolloutError(RuntimeError):
+    """A rollout step the server did not complete in time: a stage that never became ready, an old
+    version still unloading. The old version keeps serving (the switch comes after every wait)."""
+
+
 def _control(grpc_url: str, repo: Path, root_certificates, timeout_s: float) -> ControlClient:
     """The control client of one rollout step: every call bounded (``security.ControlTimeout``)."""
     return ControlClient(
@@ -177,7 +182,7 @@ def wait_ready(client, name: str, version: int, timeout_s: float) -> None:
         if client.is_model_ready(name, str(version)):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"{name} version {version} did not become ready within {timeout_s:.0f}s")
+    raise RolloutError(f"{name} version {version} did not become ready within {timeout_s:g} s")
 
 
 def wait_unloaded(client, name: str, keep: int, timeout_s: float) -> None:
@@ -200,7 +205,7 @@ def wait_unloaded(client, name: str, keep: int, timeout_s: float) -> None:
         if not busy:
             return
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"{name} versions {busy} were still unloading after {timeout_s:.0f}s")
+            raise RolloutError(f"{name} versions {busy} were still unloading after {timeout_s:g} s")
         time.sleep(0.2)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
-from deployment.rollout import add_version, retire, roll_out, served_version
+from deployment.rollout import RolloutError, add_version, retire, roll_out, served_version
 from deployment.security import AdminKeyError, ControlTimeout, confirm_key_with_server
 from models import registry
 from serving.interface import ensemble_name
@@ -68,10 +68,11 @@ def main() -> None:
         print(f"version {model.version} is already in {args.repository}: rolling out that copy")
     else:
         add_version(model, args.repository)
-    # A server that stops answering (ControlTimeout) or goes away mid-roll is one line, not a traceback.
+    # A server that stops answering (ControlTimeout), a stage that never becomes ready (RolloutError) or
+    # a server that goes away mid-roll is one line, not a traceback.
     try:
         roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
-    except (ControlTimeout, InferenceServerException) as err:
+    except (ControlTimeout, RolloutError, InferenceServerException) as err:
         now = served_version(args.repository)
         raise SystemExit(f"rollout: rolling out version {model.version} failed: {err}; serving version {now}") from None
     print(f"serving version {model.version} (was {old})")
@@ -83,7 +84,7 @@ def main() -> None:
         except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
             print(f"version {old} not retired: {err}", file=sys.stderr)
             sys.exit(2)
-        except (ControlTimeout, InferenceServerException) as err:
+        except (ControlTimeout, RolloutError, InferenceServerException) as err:
             raise SystemExit(
                 f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
             ) from None

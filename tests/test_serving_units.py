@@ -1187,3 +1187,51 @@ def test_the_rollout_script_reports_a_server_that_stops_answering_in_one_line(
     assert message.startswith("rollout: rolling out version 2 failed: ") and "\n" not in message, message
     assert f"the server at {silent_grpc_server} did not answer is_model_ready(" in message, message
     assert message.endswith("serving version 1"), message
+
+
+class NeverReadyControl(StandInControl):
+    """A server that loads every model and never reports one ready."""
+
+    def load_model(self, *args, **kwargs):
+        pass
+
+    def is_model_ready(self, *args, **kwargs):
+        return False
+
+    def close(self):
+        pass
+
+
+def test_the_rollout_script_reports_a_stage_that_never_becomes_ready_in_one_line(tmp_path, monkeypatch):
+    """``wait_ready``'s "did not become ready" ended scripts/rollout.py with a traceback (a bare
+    RuntimeError); it is a ``RolloutError`` now, reported in one line like a call that timed out."""
+    import importlib.util
+    import json
+    import sys
+    import types
+
+    from deployment import rollout, security
+    from serving.interface import FUNNEL, ensemble_name
+
+    spec = importlib.util.spec_from_file_location("_script_rollout", pathlib.Path("scripts/rollout.py").resolve())
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source = pathlib.Path("triton_repo/funnel/config.pbtxt").read_text()
+    repo = tmp_path / "triton_repo"
+    (repo / FUNNEL / "1").mkdir(parents=True)
+    (repo / FUNNEL / "config.pbtxt").write_text(rollout.serve_only(pin_ensemble(source, 1), 1))
+    (repo / ensemble_name(2)).mkdir()
+    (repo / "export.json").write_text(json.dumps({"version": 1}))
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
+    monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
+    monkeypatch.setattr(security, "ControlClient", StandInControl)
+    monkeypatch.setattr(rollout, "ControlClient", NeverReadyControl)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    argv = ["rollout.py", "--repository", str(repo), "--url", "127.0.0.1:1", "--version", "2", "--timeout", "0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        script.main()
+    message = str(done.value.code)
+    assert message.startswith("rollout: rolling out version 2 failed: ") and "\n" not in message, message
+    assert "did not become ready within" in message, message
+    assert message.endswith("serving version 1"), message
