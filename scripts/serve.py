@@ -10,15 +10,38 @@ It listens on 127.0.0.1 only unless --host says otherwise (--host 0.0.0.0 expose
 give gRPC TLS with --tls-cert/--tls-key, or put a TLS proxy in front; see docs/security.md).
 Loading, unloading and reconfiguring models need the deployment's admin key, written on first start
 to <model-repository>-admin.key (mode 0600).
+
+Only a complete export is served (scripts/export_triton.py writes one): a folder without export.json,
+or one missing a piece of the version it records, is refused before any server starts (exit status 2).
 """
 
 import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from configs.cli import port_or_zero
+from deployment.export import check_complete, exported_version
 from deployment.server import TritonServer
+
+
+def export_problem(repository: str | Path) -> str | None:
+    """Why ``repository`` is no complete export, or None where it is one: the version its
+    ``export.json`` records has every stage's config, model.py, manifest and artifacts and its
+    ensembles (``deployment.export.check_complete``). An empty folder started tritonserver serving
+    nothing; a partial export is never served."""
+    try:
+        version = exported_version(repository)
+    except FileNotFoundError as err:
+        return f"{err}; export one with scripts/export_triton.py"
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, no version
+        return f"{Path(repository) / 'export.json'} is unreadable ({type(err).__name__}: {err})"
+    try:
+        check_complete(Path(repository), str(version))
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as err:
+        return f"{repository}: version {version}: {err}"
+    return None
 
 
 def main() -> None:
@@ -51,6 +74,10 @@ def main() -> None:
         )
     except (ValueError, FileNotFoundError) as err:  # a missing repository or TLS file, a host it cannot bind
         parser.error(str(err))
+    problem = export_problem(args.model_repository)
+    if problem is not None:
+        server.cleanup()  # its scratch folder; nothing was started
+        parser.error(f"argument --model-repository: {problem}")
     stop = threading.Event()
     loading = threading.Event()
     loading.set()

@@ -226,6 +226,17 @@ class TritonPythonModel:
 """
 
 
+# scripts/serve.py, taking a repository that is no export (it refuses one otherwise): the one-model test repository.
+SERVE_ANY_REPOSITORY = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("serve_script", "scripts/serve.py")
+serve = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve)
+serve.export_problem = lambda repository: None
+serve.main()
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_serve_stops_at_once_when_interrupted_while_models_load(tmp_path, sig):
@@ -245,7 +256,7 @@ def test_serve_stops_at_once_when_interrupted_while_models_load(tmp_path, sig):
     log, metrics_port = tmp_path / "server.log", free_port()
     ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(metrics_port)]
     serve = subprocess.Popen(
-        [sys.executable, "scripts/serve.py", "--model-repository", str(repo), *ports, "--log", str(log)],
+        [sys.executable, "-c", SERVE_ANY_REPOSITORY, "--model-repository", str(repo), *ports, "--log", str(log)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -573,17 +584,81 @@ class ServerThatDies:
         self.stopped = True
 
 
-def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, capsys):
-    """A tritonserver that died while serving ended serve.py with exit status 0, as a Ctrl-C does, so a
-    service manager restarting on failure (systemd's on-failure, a shell's ``&&``) took it for a stop."""
+def serve_module():
+    """scripts/serve.py imported as a module, for tests that call its main() in this process."""
     import importlib.util
-    import signal
 
     spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
+    return serve
+
+
+def skeleton_export(repo: Path, version: int = 1) -> Path:
+    """The files ``check_complete`` asks of ``version`` (seven stages, their artifacts, both
+    ensembles) and ``export.json``, every one empty but the manifests: an export's shape, no models."""
+    from deployment.export import STAGE_ARTIFACTS
+    from models.registry import MANIFEST
+    from serving.interface import FUNNEL, ensemble_name
+
+    for stage, artifacts in STAGE_ARTIFACTS.items():
+        folder = repo / stage / str(version)
+        folder.mkdir(parents=True)
+        (repo / stage / "config.pbtxt").write_text("")
+        (folder / "model.py").write_text("")
+        (folder / MANIFEST).write_text(json.dumps({"version": version}))
+        for name in artifacts:
+            (folder / name).write_text("")
+    for ensemble in (FUNNEL, ensemble_name(version)):
+        (repo / ensemble / "1").mkdir(parents=True)
+        (repo / ensemble / "config.pbtxt").write_text("")
+    (repo / "export.json").write_text(json.dumps({"version": version}))
+    return repo
+
+
+def test_serve_refuses_a_folder_that_is_no_complete_export_before_starting_a_server(tmp_path, monkeypatch):
+    """An empty folder (or one that is no export, or a partial export) started tritonserver, which then
+    served nothing (or a funnel that could not load); it is an argument error now, before any start."""
+    serve = serve_module()
+    started = []
+
+    class NeverStarted(ServerThatDies):
+        def start(self):
+            started.append(self)
+            raise AssertionError("the server was started")
+
+        def cleanup(self) -> None:
+            self.stopped = True
+
+    monkeypatch.setattr(serve, "TritonServer", NeverStarted)
+    empty, partial = tmp_path / "empty", skeleton_export(tmp_path / "partial")
+    empty.mkdir()
+    (partial / "heavy_ranker" / "1" / "heavy_ranker").unlink()
+    for repo in (empty, partial):
+        monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", str(repo)])
+        with pytest.raises(SystemExit) as exited:
+            serve.main()
+        assert exited.value.code == 2
+    assert not started
+    assert serve.export_problem(skeleton_export(tmp_path / "complete")) is None
+    not_json = skeleton_export(tmp_path / "not_json")
+    (not_json / "export.json").write_text("{")
+    assert "export.json is unreadable" in serve.export_problem(not_json)
+    # and as a user sees it: exit status 2, one line naming the folder and what is missing
+    refused(script("scripts/serve.py", "--model-repository", str(empty), check=False), str(empty), "export.json")
+    run = script("scripts/serve.py", "--model-repository", str(partial), check=False)
+    refused(run, "--model-repository", str(partial), "heavy_ranker/1/heavy_ranker is missing")
+
+
+def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, capsys):
+    """A tritonserver that died while serving ended serve.py with exit status 0, as a Ctrl-C does, so a
+    service manager restarting on failure (systemd's on-failure, a shell's ``&&``) took it for a stop."""
+    import signal
+
+    serve = serve_module()
     servers = []
     monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatDies()) or servers[-1])
+    monkeypatch.setattr(serve, "export_problem", lambda repo: None)  # "repo" stands for a complete export
     monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo"])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
