@@ -30,7 +30,7 @@ from pathlib import Path
 
 from configs.cli import output_folder, port, port_or_zero
 from deployment.monitoring import PrometheusServer, find_tritonserver
-from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, HoldoutMonitor
+from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, RETIRED_AFTER_S, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
 from workflows.live_store import describe
@@ -38,6 +38,19 @@ from workflows.live_store import describe
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
+
+
+def seconds_or_none(text: str) -> float | None:
+    """A finite number of seconds > 0, or ``none`` (None)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds or 'none', got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 (or 'none'), got {text!r}")
+    return value
 
 
 def main() -> None:
@@ -71,6 +84,13 @@ def main() -> None:
         help="relative gap the alert's sequential test is tuned to find soonest (docs/monitoring.md)",
     )
     parser.add_argument(
+        "--holdout-retired-after",
+        type=seconds_or_none,
+        default=RETIRED_AFTER_S,
+        help="seconds: a version whose last live response is so much older than the log's latest drops out of "
+        f"the comparison (default {RETIRED_AFTER_S:g}; 'none' keeps every version)",
+    )
+    parser.add_argument(
         "--data-dir",
         type=output_folder,
         default="build/monitor/prometheus",
@@ -100,6 +120,7 @@ def main() -> None:
         window_s=args.holdout_window_days * 86400 if args.holdout_window_days else None,
         interval_s=args.holdout_interval,
         effect=args.holdout_effect,
+        retired_after_s=args.holdout_retired_after,
     )
     pid = find_tritonserver(args.metrics_port)
     if pid is None:

@@ -525,6 +525,40 @@ def test_monitor_refuses_a_holdout_effect_or_window_under_which_the_alert_never_
     assert not (tmp_path / "prom").exists()
 
 
+def test_monitor_passes_holdout_retired_after_to_the_holdout_monitor(tmp_path, monkeypatch):
+    """HoldoutMonitor's retired_after_s (a version without live responses for that long drops out) had
+    no flag: it was one hour whatever the deployment's traffic. --holdout-retired-after sets it, 'none'
+    keeps every version, and a value that is no positive finite number of seconds is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monitor_script", ROOT / "scripts" / "monitor.py")
+    monitor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(monitor)
+
+    class Built(Exception):  # stops main() once the monitor is built, before anything starts
+        pass
+
+    def built(*args, **kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(monitor, "HoldoutMonitor", built)
+    common = ["monitor.py", "--data-dir", str(tmp_path / "prom")]
+    for flags, expected in (([], 3600.0), (["--holdout-retired-after", "7200"], 7200.0)):
+        monkeypatch.setattr(sys, "argv", [*common, *flags])
+        with pytest.raises(Built) as made:
+            monitor.main()
+        assert made.value.args[0]["retired_after_s"] == expected
+    monkeypatch.setattr(sys, "argv", [*common, "--holdout-retired-after", "None"])
+    with pytest.raises(Built) as made:
+        monitor.main()
+    assert made.value.args[0]["retired_after_s"] is None
+    common = ["--port", "0", "--metrics-port", "1", "--data-dir", str(tmp_path / "prom"), "--check"]
+    for value in ("0", "-5", "nan", "inf", "an hour"):
+        run = script("scripts/monitor.py", "--holdout-retired-after", value, *common, check=False)
+        refused(run, "argument --holdout-retired-after", repr(value))
+    assert not (tmp_path / "prom").exists()
+
+
 def test_ab_test_refuses_the_experiment_name_none_before_training(tmp_path):
     """--name was set on the loaded config, past ExperimentConfig's check: 'none' (the state without an
     experiment) trained both arms and then died in ab_rollout with a ValueError traceback."""
