@@ -22,6 +22,7 @@ loaded, prints them and stops (a smoke test).
 
 import argparse
 import math
+import re
 import signal
 import sys
 import threading
@@ -38,6 +39,18 @@ from workflows.live_store import describe
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
+
+
+# Prometheus' duration syntax (its model.ParseDuration): units from years to milliseconds, largest first.
+PROMETHEUS_DURATION = re.compile(r"0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
+
+
+def prometheus_duration(text: str) -> str:
+    """A duration Prometheus' config takes (15s, 1m30s): anything else made Prometheus exit at start,
+    which monitor.py raised as a ServerError traceback, exit status 1."""
+    if not text or not PROMETHEUS_DURATION.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus duration (e.g. 15s, 1m30s): {text!r}")
+    return text
 
 
 def seconds_or_none(text: str) -> float | None:
@@ -68,8 +81,8 @@ def main() -> None:
     parser.add_argument(
         "--exporter-port", type=port_or_zero, default=0, help="the sidecar's port on 127.0.0.1 (0: a free one)"
     )
-    parser.add_argument("--scrape-interval", default="15s")
-    parser.add_argument("--evaluation-interval", default="15s")
+    parser.add_argument("--scrape-interval", type=prometheus_duration, default="15s", help="a Prometheus duration")
+    parser.add_argument("--evaluation-interval", type=prometheus_duration, default="15s", help="a Prometheus duration")
     parser.add_argument("--rules", nargs="+", default=[str(RULES)], help="rule files (default: the project's)")
     parser.add_argument(
         "--holdout-interval", type=float, default=60.0, help="seconds between live-vs-holdout computations"

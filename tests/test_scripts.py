@@ -559,6 +559,15 @@ def test_monitor_passes_holdout_retired_after_to_the_holdout_monitor(tmp_path, m
     assert not (tmp_path / "prom").exists()
 
 
+def test_monitor_refuses_an_interval_prometheus_cannot_parse_before_starting_it(tmp_path):
+    """--scrape-interval abc (or 15, 1.5s) went into Prometheus' config, Prometheus exited at start and
+    monitor.py ended in a ServerError traceback, exit status 1, after starting the sidecar."""
+    common = ["--port", "0", "--metrics-port", "1", "--data-dir", str(tmp_path / "prom"), "--check"]
+    for flag, value in (("--scrape-interval", "abc"), ("--scrape-interval", "15"), ("--evaluation-interval", "1.5s")):
+        refused(script("scripts/monitor.py", flag, value, *common, check=False), f"argument {flag}", repr(value))
+    assert not (tmp_path / "prom").exists()
+
+
 def test_ab_test_refuses_the_experiment_name_none_before_training(tmp_path):
     """--name was set on the loaded config, past ExperimentConfig's check: 'none' (the state without an
     experiment) trained both arms and then died in ab_rollout with a ValueError traceback."""
