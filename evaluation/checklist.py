@@ -75,8 +75,16 @@ def check_index_matches_items(model_dir: Path) -> CheckResult:
     index, meta = load_index(model_dir)
     items = pd.read_parquet(model_dir / "item_features.parquet")
     ids = np.sort(_index_ids(index))
-    ok = len(ids) == len(items) and np.array_equal(ids, np.sort(items["item_id"].to_numpy()))
-    return CheckResult("index_matches_items", ok, f"index {len(ids)} ids, item table {len(items)} rows")
+    table = np.sort(items["item_id"].to_numpy())
+    ok = len(ids) == len(table) and np.array_equal(ids, table)
+    detail = f"index {len(ids)} ids, item table {len(items)} rows"
+    if not ok:  # same counts with other ids read as a pass: name what differs
+        only_index, only_table = np.setdiff1d(ids, table), np.setdiff1d(table, ids)
+        detail += f"; only in the index: {only_index[:10].tolist()}, only in the table: {only_table[:10].tolist()}"
+        repeated = len(ids) - len(np.unique(ids)), len(table) - len(np.unique(table))
+        if any(repeated):
+            detail += f"; repeated ids: index {repeated[0]}, table {repeated[1]}"
+    return CheckResult("index_matches_items", ok, detail)
 
 
 def check_index_recall(model_dir: Path) -> CheckResult:

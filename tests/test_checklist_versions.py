@@ -128,3 +128,26 @@ def test_the_unknown_user_of_the_score_check_is_no_user_of_the_table(tmp_path, m
     monkeypatch.setattr(checklist, "check_scores_in_unit_range", lambda repo, version, users: checked.extend(users))
     checklist.run_checklist(folder, tmp_path / "repo", sample_users=2)
     assert checked[:2] == [5, 3] and len(checked) == 3 and checked[-1] not in known, checked
+
+
+def _index_and_table(folder: Path, index_ids: list[int], table_ids: list[int]) -> Path:
+    import pandas as pd
+
+    from models.item_index import build_index, save_index
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index, info = build_index(np.array(index_ids), np.random.default_rng(0).random((len(index_ids), 4)), 100)
+    save_index(index, folder, 1, info)
+    pd.DataFrame({"item_id": table_ids}).to_parquet(folder / "item_features.parquet", index=False)
+    return folder
+
+
+def test_an_index_over_other_items_of_the_same_count_fails_naming_them(tmp_path):
+    # Same counts, other ids: the detail read "index 3 ids, item table 3 rows", as on a pass.
+    assert checklist.check_index_matches_items(_index_and_table(tmp_path / "ok", [1, 2, 3], [3, 1, 2])).passed
+    result = checklist.check_index_matches_items(_index_and_table(tmp_path / "other", [1, 2, 5], [1, 2, 3]))
+    assert not result.passed and "only in the index: [5], only in the table: [3]" in result.detail, result.detail
+    result = checklist.check_index_matches_items(_index_and_table(tmp_path / "twice", [1, 2, 2], [1, 2, 3]))
+    assert not result.passed and "only in the table: [3]" in result.detail and "repeated ids: index 1" in result.detail
+    result = checklist.check_index_matches_items(_index_and_table(tmp_path / "more", [1, 2, 3, 4], [1, 2, 3]))
+    assert not result.passed and "only in the index: [4]" in result.detail, result.detail
