@@ -151,3 +151,56 @@ def test_an_index_over_other_items_of_the_same_count_fails_naming_them(tmp_path)
     assert not result.passed and "only in the table: [3]" in result.detail and "repeated ids: index 1" in result.detail
     result = checklist.check_index_matches_items(_index_and_table(tmp_path / "more", [1, 2, 3, 4], [1, 2, 3]))
     assert not result.passed and "only in the index: [4]" in result.detail, result.detail
+
+
+@pytest.mark.parametrize(
+    "scores, temperature, passes",
+    [
+        ([1.5, 0.2], 0.0, False),  # above 1
+        ([0.5, -0.1], 0.0, False),  # below 0
+        ([0.1, 0.9], 0.0, False),  # not sorted
+        ([], 0.0, False),  # nothing served
+        ([0.1, 0.9], 0.5, True),  # an exploring ordering samples its list: only the range is checked
+        ([1.1, 0.9], 0.5, False),
+    ],
+)
+def test_scores_out_of_range_unsorted_or_missing_fail_the_unit_range_check(monkeypatch, scores, temperature, passes):
+    from evaluation import offline
+
+    ordering = SimpleNamespace(name="ordering", policy=SimpleNamespace(exploration_temperature=temperature))
+    monkeypatch.setattr(offline, "load_funnel", lambda repo, version: [ordering])
+    monkeypatch.setattr(offline, "run_funnel", lambda stages, user, k: {"scores": np.array(scores)})
+    result = checklist.check_scores_in_unit_range(Path("repo"), 1, [4, 9])
+    assert result.passed is passes and (passes or "failing: [4, 9]" in result.detail), result.detail
+
+
+def test_a_temporal_split_without_its_order_check_or_missing_pipeline_checks_fail(tmp_path):
+    checks = ["no_duplicate_pairs", "labels_agree", "point_in_time"]
+    folder = _data_manifest(tmp_path / "a", {}, checks)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["data_summary"]["split"] = {"kind": "temporal"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = checklist.check_data(folder)
+    assert not result.passed and "missing ['temporal_split']" in result.detail
+    manifest["data_summary"]["checks"].append({"check": "temporal_split", "passed": True})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert checklist.check_data(folder).passed
+    for name in ("no_duplicate_pairs", "labels_agree"):
+        result = checklist.check_data(_data_manifest(tmp_path / name, {}, [c for c in checks if c != name]))
+        assert not result.passed and f"missing ['{name}']" in result.detail
+    manifest["data_summary"]["checks"][1]["passed"] = False  # recorded, and failed
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = checklist.check_data(folder)
+    assert not result.passed and "failed ['labels_agree']" in result.detail
+    (tmp_path / "none" / "manifest.json").parent.mkdir()
+    _stamp(tmp_path / "none" / "manifest.json", 1)  # a version without a data summary: no evidence
+    assert not checklist.check_data(tmp_path / "none").passed
+
+
+def test_an_export_of_another_version_fails(tmp_path):
+    v1 = _registry_version(tmp_path, 1)
+    repo = tmp_path / "repo"
+    _stamp(repo / "export.json", 2)
+    _add_to_repo(repo, 1)
+    result = checklist.check_versions_consistent(v1, repo)
+    assert not result.passed and '"export": 2' in result.detail
