@@ -18,6 +18,7 @@ only requests that carry the deployment's admin key.
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import ipaddress
 import os
@@ -154,6 +155,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ports_in_use(host: str, ports: list[int]) -> list[int]:
+    """Those of ``ports`` another socket already listens on at ``host`` (an IPv4 address; a wildcard
+    listener counts for every address). ``SO_REUSEADDR`` as servers bind: a port whose connections
+    linger in TIME_WAIT is free. A check before a start: Triton itself binds only after every model
+    has loaded, minutes later, and then fails (``PortTaken``)."""
+    taken = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    taken.append(port)
+    return taken
 
 
 def listen_port_range() -> tuple[int, int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from configs.cli import port_or_zero
 from deployment.export import check_complete, exported_version
-from deployment.server import TritonServer
+from deployment.server import ServerError, TritonServer, bind_address, ports_in_use
 
 
 def export_problem(repository: str | Path) -> str | None:
@@ -61,7 +61,17 @@ def main() -> None:
     parser.add_argument("--log", help="server log file (default: a temporary file)")
     parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
     args = parser.parse_args()
+    given = {"--grpc-port": args.grpc_port, "--http-port": args.http_port, "--metrics-port": args.metrics_port}
     try:
+        # A port another process listens on (a serve.py already running on the default ports): Triton
+        # binds only after every model has loaded, minutes later, and then failed with a traceback.
+        host = bind_address(args.host)
+        taken = ports_in_use(host, [port for port in given.values() if port])
+        if taken:
+            flags = ", ".join(f"{flag} {port}" for flag, port in given.items() if port in taken)
+            raise ValueError(
+                f"{flags}: already in use on {host} (another server?); give other ports, or 0 for free ones"
+            )
         server = TritonServer(
             args.model_repository,
             args.grpc_port,
@@ -95,6 +105,11 @@ def main() -> None:
         server.stop()  # the start stopped its server, unless the signal came just before or after
         print("tritonserver stopped while it loaded")
         return
+    except ServerError as err:  # it exited or never became ready (the start stopped it); the log says why
+        server.stop()
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
+        print(f"tritonserver did not start: {err}{notes}", file=sys.stderr)
+        sys.exit(1)
     finally:
         loading.clear()
     died = False

@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# serve.py refuses a port another process listens on before anything else: tests of other refusals
+# ask for free ports, so a server on the defaults (a make demo running) cannot answer for them.
+ANY_PORTS = ("--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
 
 
 def script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -347,7 +350,7 @@ def test_bad_values_are_argument_errors_not_tracebacks(tmp_path):
     # An IPv6 host: Triton's HTTP and metrics services cannot bind it (the start waited out its timeout)
     run = script("scripts/serve.py", "--model-repository", str(tmp_path), "--host", "::1", check=False)
     refused(run, "'::1'", "IPv6")
-    run = script("scripts/serve.py", "--model-repository", str(tmp_path / "nope"), check=False)
+    run = script("scripts/serve.py", "--model-repository", str(tmp_path / "nope"), *ANY_PORTS, check=False)
     refused(run, "nope", "does not exist")
 
 
@@ -688,8 +691,9 @@ def test_serve_refuses_a_folder_that_is_no_complete_export_before_starting_a_ser
     (not_json / "export.json").write_text("{")
     assert "export.json is unreadable" in serve.export_problem(not_json)
     # and as a user sees it: exit status 2, one line naming the folder and what is missing
-    refused(script("scripts/serve.py", "--model-repository", str(empty), check=False), str(empty), "export.json")
-    run = script("scripts/serve.py", "--model-repository", str(partial), check=False)
+    run = script("scripts/serve.py", "--model-repository", str(empty), *ANY_PORTS, check=False)
+    refused(run, str(empty), "export.json")
+    run = script("scripts/serve.py", "--model-repository", str(partial), *ANY_PORTS, check=False)
     refused(run, "--model-repository", str(partial), "heavy_ranker/1/heavy_ranker is missing")
 
 
@@ -702,7 +706,8 @@ def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, caps
     servers = []
     monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatDies()) or servers[-1])
     monkeypatch.setattr(serve, "export_problem", lambda repo: None)  # "repo" stands for a complete export
-    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo"])
+    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]  # never the defaults: another may hold them
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ports])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as exited:
@@ -712,6 +717,58 @@ def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, caps
             signal.signal(sig, handler)
     assert exited.value.code not in (0, None), capsys.readouterr().out
     assert servers[0].stopped and "Segmentation fault" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_port_another_process_listens_on_before_starting(tmp_path):
+    """A second serve.py on the default ports (or any port taken): tritonserver loaded every model
+    (minutes on a real repository), then found the port taken and serve.py ended in a PortTaken
+    traceback, exit 1. The port is checked first: one line naming the flag, exit 2."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = ["--grpc-port", "0", "--http-port", str(port), "--metrics-port", "0"]
+        run = script("scripts/serve.py", "--model-repository", str(tmp_path), *ports, check=False)
+    refused(run, f"--http-port {port}", "already in use")
+
+
+class ServerThatFailsToStart(ServerThatDies):
+    """A start that fails as one whose port was taken while the models loaded does."""
+
+    def start(self):
+        from deployment.server import PortTaken
+
+        err = PortTaken([8001], "GRPC port 8001 already in use. tritonserver exited with code 1")
+        err.add_note("tritonserver log: server.log")
+        raise err
+
+
+def test_serve_reports_a_failed_start_in_a_message_not_a_traceback(monkeypatch, capsys):
+    """A start that failed (the port taken meanwhile, a model that does not load) ended serve.py in
+    a traceback; now the error and the log's path, exit 1."""
+    import importlib.util
+    import signal
+
+    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    servers = []
+    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatFailsToStart()) or servers[-1])
+    monkeypatch.setattr(serve, "export_problem", lambda repo: None)  # "repo" stands for a complete export
+    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ports])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            serve.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and servers[0].stopped
+    assert "did not start: GRPC port 8001 already in use" in err and "tritonserver log: server.log" in err, err
 
 
 def test_monitor_exits_non_zero_when_prometheus_exits_on_its_own(tmp_path):
