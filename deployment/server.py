@@ -32,6 +32,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -63,6 +64,11 @@ class ServerAborted(ServerError):
     (``boost::interprocess::lock_exception``, SIGABRT). Intermittent upstream
     (triton-inference-server/server#5949, #8882); seen here in a full test suite on 2026-12-05, as
     two versions of one model initialised their stubs, the server's shared-memory prefix its own."""
+
+
+class StartCancelled(ServerError):
+    """The caller's ``cancelled`` turned true while the server loaded (a supervisor asked to stop
+    during a restart); the start stopped what it started."""
 
 
 # What the python backend's shared-memory crash leaves in the log.
@@ -419,14 +425,17 @@ class TritonServer(LoggedProcess):
             f"--log-verbose={self.log_verbose}",
         ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
-    def start(self, retry_stalled: bool = True, port_retries: int = 2) -> TritonServer:
+    def start(
+        self, retry_stalled: bool = True, port_retries: int = 2, cancelled: Callable[[], bool] | None = None
+    ) -> TritonServer:
         """Start the server and wait until every model is ready and it listens on its three ports.
         A start that stalls (nothing logged and no CPU used for ``STALL_S`` while models are still
         loading) or aborts in the python backend's shared-memory IPC (``ServerAborted``) is retried
         once, in a fresh process with a fresh shared-memory prefix. A start that finds one of the
         ports this object chose taken (``PortTaken``) is retried on newly chosen ones, up to
         ``port_retries`` times; a port the caller gave is never changed. Any other failure, or one
-        more than these, is raised."""
+        more than these, is raised. ``cancelled``, asked while the models load, ends the start
+        (``StartCancelled``) once it returns true."""
         cmd = self.command()
         # The log is appended to across starts: this start's lines begin here.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -435,7 +444,7 @@ class TritonServer(LoggedProcess):
         # ends without stop(), which then also removes what stop() would.
         self.spawn(cmd, cwd=self._workdir, env=server_env(), leftovers=self._leftovers())
         try:
-            self.wait_until_ready()
+            self.wait_until_ready(cancelled)
         except PortTaken as taken:
             self.keep_log = True
             self.stop()
@@ -445,7 +454,7 @@ class TritonServer(LoggedProcess):
             for name in mine:
                 setattr(self, name, free_port())
             print(f"tritonserver: port(s) {taken.ports} taken while it loaded; starting it again", file=sys.stderr)
-            return self.start(retry_stalled, port_retries - 1)
+            return self.start(retry_stalled, port_retries - 1, cancelled)
         except (ServerStalled, ServerAborted) as failed:
             # Stalls were seen about once per full test suite before each server got its own
             # shared-memory prefix (command()): one stage version loading forever, its stubs idle.
@@ -456,7 +465,7 @@ class TritonServer(LoggedProcess):
             if retry_stalled:
                 what = f"stalled ({failed.loading})" if isinstance(failed, ServerStalled) else "aborted (IPC)"
                 print(f"tritonserver {what} while loading; starting it again (log {self.log_path})", file=sys.stderr)
-                return self.start(retry_stalled=False, port_retries=port_retries)
+                return self.start(retry_stalled=False, port_retries=port_retries, cancelled=cancelled)
             failed.add_note(f"tritonserver log: {self.log_path}")
             raise
         except BaseException as failed:
@@ -466,7 +475,7 @@ class TritonServer(LoggedProcess):
             raise
         return self
 
-    def wait_until_ready(self) -> None:
+    def wait_until_ready(self, cancelled: Callable[[], bool] | None = None) -> None:
         import tritonclient.http as httpclient
 
         deadline = time.monotonic() + self.startup_timeout
@@ -477,6 +486,8 @@ class TritonServer(LoggedProcess):
         progress, since = None, time.monotonic()
         try:
             while time.monotonic() < deadline:
+                if cancelled is not None and cancelled():
+                    raise StartCancelled("tritonserver start cancelled while it loaded")
                 if self.process.poll() is not None:
                     code, tail = self.process.returncode, self.start_log_tail()
                     message = f"tritonserver exited with code {code}:\n{tail}"
@@ -584,14 +595,15 @@ class TritonServer(LoggedProcess):
             time.sleep(wait_s)
         return loading
 
-    def restart(self, stop_timeout: float = 10.0) -> TritonServer:
+    def restart(self, stop_timeout: float = 10.0, cancelled: Callable[[], bool] | None = None) -> TritonServer:
         """Stop whatever is left of the server and start it again on the same ports.
 
         A server with a dead stub may wait for it on shutdown; after ``stop_timeout`` the process
-        group is killed. A restarted server failed, so its log is kept (``keep_log``)."""
+        group is killed. A restarted server failed, so its log is kept (``keep_log``). ``cancelled``:
+        as ``start``'s."""
         self.keep_log = True
         self.stop(timeout=stop_timeout)
-        return self.start(port_retries=0)  # clients know these ports: a taken one is an error
+        return self.start(port_retries=0, cancelled=cancelled)  # clients know these ports: a taken one is an error
 
     def healthy(self, timeout: float = 5.0) -> bool:
         """The process runs and the server and every model report ready (strict readiness)."""

@@ -125,7 +125,9 @@ class Supervisor:
             self.quick_restarts = 0
         log.warning("restarting tritonserver after %d failed probes: %s", self.failures, self.last_error)
         try:
-            self.server.restart()
+            # A stop while the restarted server loads (minutes) ends the restart: it held serve.py's
+            # Ctrl-C or SIGTERM up to the start's timeout (420 s) plus 30 s.
+            self.server.restart(cancelled=self._stop.is_set)
             self.restarts += 1
         except Exception as restart_err:  # keep supervising: the next probe tries again
             self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"

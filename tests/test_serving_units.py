@@ -567,7 +567,7 @@ def test_the_supervisor_keeps_supervising_after_a_failed_restart():
 
     attempts = []
 
-    def restart():
+    def restart(**_):
         attempts.append(1)
         if len(attempts) == 1:
             raise TimeoutError("not ready in time")
@@ -592,7 +592,11 @@ def _supervised_stub(on_restart, **extra):
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        process=SimpleNamespace(poll=lambda: None), grpc_url="x", tls_cert=None, restart=on_restart, **extra
+        process=SimpleNamespace(poll=lambda: None),
+        grpc_url="x",
+        tls_cert=None,
+        restart=lambda **_: on_restart(),
+        **extra,
     )
 
 
@@ -676,6 +680,40 @@ def test_the_supervisor_does_not_restart_the_server_once_it_is_asked_to_stop():
     release.set()
     stopping.join(10)
     assert not stopping.is_alive() and restarts == [], restarts
+
+
+def test_the_supervisor_stops_at_once_while_a_restarted_server_loads(tmp_path, monkeypatch):
+    """``stop`` while a restart waits for the models to load: the stop waited for the whole start
+    (up to its 420 s timeout, the join up to 30 s more), so serve.py --supervise ignored Ctrl-C and
+    SIGTERM that long. The restart is cancelled and its process group stopped."""
+    import sys
+    import time
+
+    from deployment.server import TritonServer
+    from deployment.supervisor import Supervisor, wait_until
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    loading = [sys.executable, "-c", "import time; time.sleep(600)"]  # a server whose models never load
+    monkeypatch.setattr(TritonServer, "command", lambda self: loading)
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=20)
+
+    def probe(url):
+        raise ConnectionError("down")
+
+    supervisor = Supervisor(server, probe=probe, interval_s=0.01, failures=1).start()
+    try:
+        assert wait_until(lambda: server.process is not None, timeout_s=10, interval_s=0.01)
+        loader = server.process
+        began = time.monotonic()
+        supervisor.stop()
+        took = time.monotonic() - began
+        assert took < 10, f"stop took {took:.1f} s"
+        assert loader.poll() is not None and server.process is None
+        assert "cancelled" in supervisor.last_error, supervisor.last_error
+    finally:
+        supervisor.stop()
+        server.cleanup()
 
 
 def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
