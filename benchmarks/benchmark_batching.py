@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import print_json
-from configs.cli import positive_int
+from configs.cli import non_negative_int, positive_int
 
 LEVELS = (1, 8, 32, 64)
 STAGES = ("feature_lookup", "query_tower", "retrieval", "filtering", "light_ranker", "heavy_ranker", "ordering")
@@ -218,22 +218,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
     p.add_argument("--levels", type=positive_int, nargs="+", default=list(LEVELS), help="requests in flight")
-    p.add_argument("--users", type=int, default=4000, help="synthetic users per world (as benchmark_serving)")
+    p.add_argument("--users", type=positive_int, default=4000, help="synthetic users per world (as benchmark_serving)")
     p.add_argument("--events-per-item", type=float, default=5.0, help="as benchmark_serving")
     p.add_argument("--min-events", type=int, default=100_000, help="as benchmark_serving")
     p.add_argument("--requests", type=positive_int, default=2000, help="requests per level above 1 in flight")
     p.add_argument("--latency-requests", type=positive_int, default=500, help="requests at 1 in flight")
-    p.add_argument("--warmup", type=int, default=200, help="requests (8 in flight) before measuring")
-    p.add_argument("--max-batch-size", type=int, default=64, help="serving.batching.max_batch_size when batched")
+    p.add_argument("--warmup", type=non_negative_int, default=200, help="requests (8 in flight) before measuring")
+    p.add_argument(
+        "--max-batch-size", type=positive_int, default=64, help="serving.batching.max_batch_size when batched"
+    )
     p.add_argument(
         "--max-queue-delay-us",
-        type=int,
+        type=non_negative_int,
         default=BatchingConfig().max_queue_delay_us,
         help="serving.batching.max_queue_delay_us when batched",
     )
-    p.add_argument("--instances", type=int, default=1, help="serving.batching.instances (unbatched and batched)")
     p.add_argument(
-        "--fused-instances", type=int, default=2, help="instances of the fused funnel (one per core: it is every stage)"
+        "--instances", type=positive_int, default=1, help="serving.batching.instances (unbatched and batched)"
+    )
+    p.add_argument(
+        "--fused-instances",
+        type=positive_int,
+        default=2,
+        help="instances of the fused funnel (one per core: it is every stage)",
     )
     p.add_argument(
         "--configurations", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS), help="what to measure"

@@ -264,7 +264,7 @@ def main() -> None:
     quiet_known_warnings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000], help="catalog sizes")
-    p.add_argument("--users", type=int, default=4000, help="synthetic users per world")
+    p.add_argument("--users", type=positive_int, default=4000, help="synthetic users per world")
     p.add_argument(
         "--events-per-item",
         type=float,

@@ -252,29 +252,37 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "script, flag",
+    "script, flag, value",
     [
-        ("benchmark_serving", "--latency-requests"),  # KeyError 'p50_ms' after the world and the server
-        ("benchmark_serving", "--baseline-users"),  # IndexError on eval_users[0] after serving
-        ("benchmark_batching", "--latency-requests"),  # KeyError 'p99_ms' in the targets, after every export
-        ("benchmark_live", "--rounds"),  # np.concatenate of no phase, after the server's warm-up
-        ("benchmark_live", "--trials"),  # np.percentile of no trial, in the last write phase
+        ("benchmark_serving", "--latency-requests", "0"),  # KeyError 'p50_ms' after the world and the server
+        ("benchmark_serving", "--baseline-users", "0"),  # IndexError on eval_users[0] after serving
+        ("benchmark_batching", "--latency-requests", "0"),  # KeyError 'p99_ms' in the targets, after every export
+        ("benchmark_live", "--rounds", "0"),  # np.concatenate of no phase, after the server's warm-up
+        ("benchmark_live", "--trials", "0"),  # np.percentile of no trial, in the last write phase
+        ("benchmark_serving", "--users", "0"),  # ZeroDivisionError in measure_size
+        ("benchmark_batching", "--users", "0"),  # ZeroDivisionError in measure_size
+        ("benchmark_batching", "--max-batch-size", "0"),  # BatchingConfig's ValueError, after the world was built
+        ("benchmark_batching", "--instances", "0"),  # the same
+        ("benchmark_batching", "--fused-instances", "0"),  # the same
+        ("benchmark_batching", "--warmup", "-1"),  # rng.choice's ValueError, after the world and the server
+        ("benchmark_batching", "--max-queue-delay-us", "-1"),  # BatchingConfig's ValueError, after the world
     ],
 )
-def test_benchmark_counts_of_zero_are_usage_errors(script, flag, tmp_path, monkeypatch, capsys):
-    """These counts were plain ints: 0 ran the benchmark's long part (a world built, a server
-    started and loaded) and then failed on no measurement; they are argparse errors now."""
+def test_benchmark_counts_of_zero_are_usage_errors(script, flag, value, tmp_path, monkeypatch, capsys):
+    """These counts were plain ints: 0 (or, for those that may be 0, -1) ran the benchmark's long part
+    (a world built, a server started and loaded) and then failed on no measurement or on a config
+    that refused it; they are argparse errors now."""
     import importlib
     import sys
 
     module = importlib.import_module(f"benchmarks.{script}")
 
     def not_reached(*args, **kwargs):
-        raise AssertionError(f"{script} {flag} 0 went on to measure")
+        raise AssertionError(f"{script} {flag} {value} went on to measure")
 
     monkeypatch.setattr(module, "measure_size", not_reached, raising=False)
     where = ["--repository", str(tmp_path / "no-such-export")] if script == "benchmark_live" else ["--sizes", "10"]
-    monkeypatch.setattr(sys, "argv", [script, flag, "0", *where])
+    monkeypatch.setattr(sys, "argv", [script, flag, value, *where])
     with pytest.raises(SystemExit) as exited:
         module.main()
     assert exited.value.code == 2 and flag in capsys.readouterr().err
