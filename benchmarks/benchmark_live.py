@@ -265,6 +265,8 @@ def main() -> None:
     )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
+    if not 0 < args.events_per_s < float("inf"):  # 0: the writer's pacing divided by it and wrote nothing
+        p.error(f"argument --events-per-s: must be > 0, got {args.events_per_s}")
     if args.repository and args.workdir:
         copy = (Path(args.workdir) / "triton_repo").resolve()
         if copy == Path(args.repository).resolve() or copy in Path(args.repository).resolve().parents:

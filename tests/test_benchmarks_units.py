@@ -266,6 +266,11 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
         ("benchmark_batching", "--fused-instances", "0"),  # the same
         ("benchmark_batching", "--warmup", "-1"),  # rng.choice's ValueError, after the world and the server
         ("benchmark_batching", "--max-queue-delay-us", "-1"),  # BatchingConfig's ValueError, after the world
+        # the writer's pacing divided by the rate: 0 killed every writing thread (ZeroDivisionError) and the
+        # "with_writes" phase ran with no writes, meeting the 1.2x target; below 0 it wrote unpaced
+        ("benchmark_live", "--events-per-s", "0"),
+        ("benchmark_live", "--events-per-s", "-5"),
+        ("benchmark_live", "--events-per-s", "nan"),
     ],
 )
 def test_benchmark_counts_of_zero_are_usage_errors(script, flag, value, tmp_path, monkeypatch, capsys):
