@@ -280,6 +280,8 @@ def main() -> None:
         "sizes": rows,
     }
     print_json(result, args.out)
+    if not args.workdir and not args.keep:  # its own temporary folder: each world in it is already removed
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

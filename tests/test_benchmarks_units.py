@@ -293,6 +293,30 @@ def test_benchmark_counts_of_zero_are_usage_errors(script, flag, value, tmp_path
     assert exited.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["benchmark_serving", "benchmark_batching"])
+def test_the_serving_benchmarks_remove_their_temporary_folder(script, tmp_path, monkeypatch, capsys):
+    """Without ``--workdir`` the serving and batching benchmarks build their worlds in a ``mkdtemp``
+    folder; they removed each world in it but not the folder, so every run left one in /tmp."""
+    import importlib
+    import json
+    import sys
+    import tempfile
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    made = tmp_path / "made-by-mkdtemp"
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: str(made.mkdir() or made))
+    monkeypatch.setattr(module, "measure_size", lambda size, args, workdir: {"num_items_generated": size})
+    monkeypatch.setattr(sys, "argv", [script, "--sizes", "10"])
+    module.main()
+    assert json.loads(capsys.readouterr().out)["sizes"] == [{"num_items_generated": 10}]
+    assert made.is_dir() is False, "the benchmark's temporary folder was left behind"
+    made.mkdir()  # --keep: the worlds stay where they are
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix=None: str(made))
+    monkeypatch.setattr(sys, "argv", [script, "--sizes", "10", "--keep"])
+    module.main()
+    assert made.is_dir()
+
+
 def test_the_training_benchmark_writes_out_into_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
     """benchmarks/benchmark_training.py wrote ``--out`` with ``Path.write_text`` alone: an ``--out`` in
     a folder that did not exist yet (``build/`` in a fresh clone) failed with FileNotFoundError after
