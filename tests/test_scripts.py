@@ -697,17 +697,17 @@ def test_serve_refuses_a_folder_that_is_no_complete_export_before_starting_a_ser
     refused(run, "--model-repository", str(partial), "heavy_ranker/1/heavy_ranker is missing")
 
 
-def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, capsys):
-    """A tritonserver that died while serving ended serve.py with exit status 0, as a Ctrl-C does, so a
-    service manager restarting on failure (systemd's on-failure, a shell's ``&&``) took it for a stop."""
+def serve_with_stand_in(server_class, monkeypatch):
+    """Run serve.py's main() on a stand-in ``TritonServer`` (a class taking no arguments) for a
+    repository that counts as a complete export, on free ports; return the servers it made and the
+    ``SystemExit`` it ended with. Its signal handlers are put back."""
     import signal
 
     serve = serve_module()
     servers = []
-    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatDies()) or servers[-1])
+    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(server_class()) or servers[-1])
     monkeypatch.setattr(serve, "export_problem", lambda repo: None)  # "repo" stands for a complete export
-    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]  # never the defaults: another may hold them
-    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ports])
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ANY_PORTS])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as exited:
@@ -715,6 +715,13 @@ def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, caps
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    return servers, exited
+
+
+def test_serve_exits_non_zero_when_the_server_exits_on_its_own(monkeypatch, capsys):
+    """A tritonserver that died while serving ended serve.py with exit status 0, as a Ctrl-C does, so a
+    service manager restarting on failure (systemd's on-failure, a shell's ``&&``) took it for a stop."""
+    servers, exited = serve_with_stand_in(ServerThatDies, monkeypatch)
     assert exited.value.code not in (0, None), capsys.readouterr().out
     assert servers[0].stopped and "Segmentation fault" in capsys.readouterr().out
 
@@ -748,24 +755,7 @@ class ServerThatFailsToStart(ServerThatDies):
 def test_serve_reports_a_failed_start_in_a_message_not_a_traceback(monkeypatch, capsys):
     """A start that failed (the port taken meanwhile, a model that does not load) ended serve.py in
     a traceback; now the error and the log's path, exit 1."""
-    import importlib.util
-    import signal
-
-    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
-    servers = []
-    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerThatFailsToStart()) or servers[-1])
-    monkeypatch.setattr(serve, "export_problem", lambda repo: None)  # "repo" stands for a complete export
-    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
-    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ports])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as exited:
-            serve.main()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    servers, exited = serve_with_stand_in(ServerThatFailsToStart, monkeypatch)
     err = capsys.readouterr().err
     assert exited.value.code == 1 and servers[0].stopped
     assert "did not start: GRPC port 8001 already in use" in err and "tritonserver log: server.log" in err, err

@@ -1189,12 +1189,10 @@ def test_a_rollout_gives_up_on_a_server_that_never_answers(silent_grpc_server, t
     assert time.monotonic() - start < 10.0
 
 
-def test_the_rollout_script_reports_a_server_that_stops_answering_in_one_line(
-    silent_grpc_server, tmp_path, monkeypatch
-):
-    """A server that answered the script's key check and then stopped answering held
-    scripts/rollout.py forever; now each load waits ``--timeout`` seconds and the tool ends with one
-    line naming the server and the call (not a traceback), the repository still serving the old version."""
+def rollout_script_run(tmp_path, monkeypatch, url: str, timeout: str) -> str:
+    """scripts/rollout.py's main() rolling version 2 (already in the repository) out over a served
+    version 1 at ``url``, the key check answered by ``StandInControl``; the ``SystemExit`` message
+    it ended with (the test makes the roll fail)."""
     import importlib.util
     import json
     import sys
@@ -1214,17 +1212,29 @@ def test_the_rollout_script_reports_a_server_that_stops_answering_in_one_line(
     (repo / "export.json").write_text(json.dumps({"version": 1}))
     monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
     monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
-    monkeypatch.setattr(security, "ControlClient", StandInControl)  # the key check answers; then silence
-    monkeypatch.setattr(rollout, "CALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(security, "ControlClient", StandInControl)  # the key check answers
     monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
-    argv = ["rollout.py", "--repository", str(repo), "--url", silent_grpc_server, "--version", "2", "--timeout", "1"]
+    argv = ["rollout.py", "--repository", str(repo), "--url", url, "--version", "2", "--timeout", timeout]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         script.main()
     message = str(done.value.code)
     assert message.startswith("rollout: rolling out version 2 failed: ") and "\n" not in message, message
-    assert f"the server at {silent_grpc_server} did not answer is_model_ready(" in message, message
     assert message.endswith("serving version 1"), message
+    return message
+
+
+def test_the_rollout_script_reports_a_server_that_stops_answering_in_one_line(
+    silent_grpc_server, tmp_path, monkeypatch
+):
+    """A server that answered the script's key check and then stopped answering held
+    scripts/rollout.py forever; now each load waits ``--timeout`` seconds and the tool ends with one
+    line naming the server and the call (not a traceback), the repository still serving the old version."""
+    from deployment import rollout
+
+    monkeypatch.setattr(rollout, "CALL_TIMEOUT_S", 0.5)
+    message = rollout_script_run(tmp_path, monkeypatch, silent_grpc_server, "1")
+    assert f"the server at {silent_grpc_server} did not answer is_model_ready(" in message, message
 
 
 class NeverReadyControl(StandInControl):
@@ -1243,33 +1253,8 @@ class NeverReadyControl(StandInControl):
 def test_the_rollout_script_reports_a_stage_that_never_becomes_ready_in_one_line(tmp_path, monkeypatch):
     """``wait_ready``'s "did not become ready" ended scripts/rollout.py with a traceback (a bare
     RuntimeError); it is a ``RolloutError`` now, reported in one line like a call that timed out."""
-    import importlib.util
-    import json
-    import sys
-    import types
+    from deployment import rollout
 
-    from deployment import rollout, security
-    from serving.interface import FUNNEL, ensemble_name
-
-    spec = importlib.util.spec_from_file_location("_script_rollout", pathlib.Path("scripts/rollout.py").resolve())
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    source = pathlib.Path("triton_repo/funnel/config.pbtxt").read_text()
-    repo = tmp_path / "triton_repo"
-    (repo / FUNNEL / "1").mkdir(parents=True)
-    (repo / FUNNEL / "config.pbtxt").write_text(rollout.serve_only(pin_ensemble(source, 1), 1))
-    (repo / ensemble_name(2)).mkdir()
-    (repo / "export.json").write_text(json.dumps({"version": 1}))
-    monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
-    monkeypatch.setattr(script.registry, "get", lambda registry, version: types.SimpleNamespace(version=version))
-    monkeypatch.setattr(security, "ControlClient", StandInControl)
     monkeypatch.setattr(rollout, "ControlClient", NeverReadyControl)
-    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
-    argv = ["rollout.py", "--repository", str(repo), "--url", "127.0.0.1:1", "--version", "2", "--timeout", "0.5"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as done:
-        script.main()
-    message = str(done.value.code)
-    assert message.startswith("rollout: rolling out version 2 failed: ") and "\n" not in message, message
-    assert "did not become ready within" in message, message
-    assert message.endswith("serving version 1"), message
+    message = rollout_script_run(tmp_path, monkeypatch, "127.0.0.1:1", "0.5")
+    assert "did not become ready within 0.5 s" in message, message
