@@ -355,9 +355,14 @@ def step_gate(context: dict) -> dict:
 
 def step_export(context: dict) -> dict:
     """Export the candidate: into the live repository as a new version beside the served one when
-    ``settings['live_repo']`` is set (``deployment.rollout.add_version``), else as its own repository."""
+    ``settings['live_repo']`` is set (``deployment.rollout.add_version``), else as its own repository.
+    Then the checklist again, on the exported version: its served lists (known users and an unknown
+    one) must hold scores in [0, 1], in order. The gate's checklist ran before the export and could
+    not see them. A failure refuses the candidate (``StepRefused``): no experiment starts, and the
+    version stays in the repository, unserved."""
     from deployment.export import export_repository
     from deployment.rollout import add_version
+    from evaluation.checklist import run_checklist
     from models import registry
     from serving.interface import ensemble_name
 
@@ -367,9 +372,17 @@ def step_export(context: dict) -> dict:
         repo = Path(s["live_repo"])
         if not (repo / ensemble_name(model.version)).exists():  # a re-run finds it already added
             add_version(model, repo)
-        return {"repo": str(repo), "version": model.version, "live": True}
-    repo = export_repository(model, Path(s["export_dir"]) / f"v{model.version}", replace=True)
-    return {"repo": str(repo), "version": model.version, "live": False}
+        live = True
+    else:
+        repo = export_repository(model, Path(s["export_dir"]) / f"v{model.version}", replace=True)
+        live = False
+    failed = [f"{c.name}: {c.detail}" for c in run_checklist(context["train"]["path"], repo) if not c.passed]
+    if failed:
+        raise StepRefused(
+            f"export refused the candidate: the checklist of version {model.version} as exported to {repo} failed: "
+            + "; ".join(failed)
+        )
+    return {"repo": str(repo), "version": model.version, "live": live, "checklist": "passed"}
 
 
 def step_experiment(context: dict) -> dict:

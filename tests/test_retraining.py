@@ -93,6 +93,7 @@ def test_real_steps_retrain_gate_and_export(raw_paths, tmp_path):
     alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
     first = run_pipeline(default_steps(timeout_s=600), tmp_path / "gen1", settings, alerter)
     assert first["gate"]["passed"] and Path(first["export"]["repo"], "funnel", "config.pbtxt").exists()
+    assert first["export"]["checklist"] == "passed"  # the served scores of the exported version
     # Gate the same candidate against itself with a tolerance no model can meet: refused. The run
     # folder keeps ingest/workflow/train, so only evaluate and gate run again (idempotent steps).
     for step in ("evaluate", "gate", "export"):
@@ -421,3 +422,33 @@ def test_the_holdout_is_the_same_users_for_every_candidate(monkeypatch, tmp_path
     assert 0.4 < len(treated[0] & treated[1]) / len(treated[0]) < 0.6  # the arms are reshuffled
     assert first.experiment.salt != second.experiment.salt
     assert Rollout.from_dict(json.loads(json.dumps(second.to_dict()))).to_dict() == second.to_dict()
+
+
+def test_the_export_refuses_a_candidate_whose_served_scores_fail_the_checklist(monkeypatch, tmp_path):
+    """The gate's checklist runs before the export, without a repository, so the served lists' scores
+    (``scores_in_unit_range``) were never checked in a retraining run and a candidate serving scores
+    outside [0, 1] went on to the A/B test. The export step now runs the checklist on what it exported."""
+    import types
+
+    import deployment.export
+    import evaluation.checklist
+    from evaluation.checklist import CheckResult
+    from models import registry
+    from online import retraining
+
+    seen = []
+
+    def checklist(model_dir, repo=None):
+        seen.append((model_dir, repo))
+        return [CheckResult("versions_consistent", True, ""), CheckResult("scores_in_unit_range", False, "users [7]")]
+
+    monkeypatch.setattr(registry, "get", lambda path, version: types.SimpleNamespace(version=version))
+    monkeypatch.setattr(deployment.export, "export_repository", lambda model, out, replace=False: out)
+    monkeypatch.setattr(evaluation.checklist, "run_checklist", checklist)
+    context = {
+        "settings": {"registry": "r", "export_dir": str(tmp_path)},
+        "train": {"version": 3, "path": "trained"},
+    }
+    with pytest.raises(retraining.StepRefused, match=r"checklist of version 3 .* scores_in_unit_range: users \[7\]"):
+        retraining.step_export(context)
+    assert seen == [("trained", tmp_path / "v3")]
