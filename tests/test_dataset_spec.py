@@ -295,6 +295,23 @@ def test_the_mixed_types_check_runs_no_python_per_value_on_a_column_of_one_type(
         assert validate._mixed_types(pd.Series(values * 1000, dtype=object)) == 0
 
 
+def test_the_event_checks_parse_each_id_column_once(monkeypatch):
+    """The membership check (events of unknown items / users) reads the numbers the id rule parsed
+    instead of parsing the text column again (to_numeric is most of a spec's validation time)."""
+    from workflows import validate
+    from workflows.validate import Membership, Rule, profile_frame
+
+    parsed = []
+    real = validate.as_number
+    monkeypatch.setattr(validate, "as_number", lambda col: parsed.append(col.name) or real(col))
+    frame = pd.DataFrame({"u": ["1", "2", "3", "9"], "i": ["5", "6", "7", "8"], "t": ["1770000000"] * 4})
+    rules = [Rule("u", "id", "events.user_id"), Rule("i", "id", "events.item_id"), Rule("t", "timestamp")]
+    known = [Membership("u", np.array([1, 2, 3]), "user"), Membership("i", np.array([5, 6, 7, 8]), "item")]
+    profile = profile_frame(frame, rules, known)
+    assert sorted(parsed) == ["i", "t", "u"]
+    assert profile["issues"][("u", "unknown_user")] == [1, "9"] and ("i", "unknown_item") not in profile["issues"]
+
+
 def test_ids_beyond_int64_are_refused_not_wrapped(shop):
     # 2**64 - 1 became user -1 and 2**63 the most negative id, silently: every later step took them.
     set_cells(shop / "events-000.csv", "customer", [0, 1], ["18446744073709551615", "9223372036854775808"])

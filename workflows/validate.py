@@ -180,6 +180,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
     """Counts (and a first example) of every defect in one frame: ``{"rows": n, "issues": {...}}``."""
     issues: dict = {}
     out = {"rows": int(len(df)), "issues": issues, "range": {}}
+    numbers = {}  # each column parsed once: a membership check reads the id column its rule parsed
     for rule in rules:
         col = df[rule.column]
         # A numpy integer column holds no null; pandas' nullable Int64 (a parquet written from it) may.
@@ -203,6 +204,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
             _add(issues, rule.column, "negative", col < pd.Timestamp(0, tz=col.dt.tz), col)  # before 1970
             continue
         num = col if integer_dtype else as_number(col)
+        numbers[rule.column] = num
         if present is not None:
             _add(issues, rule.column, "not_number", present & num.isna(), col)
         if rule.kind == "id":
@@ -243,7 +245,8 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
                 _add(issues, rule.column, "above", num > rule.high, col)
     for m in memberships:
         col = df[m.column]
-        ids = col if col.dtype.kind in "iu" else as_number(col)
+        ids = col if col.dtype.kind in "iu" else numbers.get(m.column)
+        ids = as_number(col) if ids is None else ids
         valid = ids.notna() & (ids >= 0)  # a null or negative id is its own defect, not an unknown one
         _add(issues, m.column, f"{m.code}_{m.table}", valid & ~ids.isin(m.known), col)
     return out
