@@ -23,11 +23,14 @@
                                 item_affinity is null: a catalog above item_affinity.max_items)
 
 Versions are integers because Triton's model versions are. A version folder appears only once
-complete (built under a temporary name, then renamed), so a reader never sees half a run.
+complete (built under a temporary name, every file and folder in it synced to disk, then renamed,
+the rename synced too), so a reader never sees half a run, not even after a power cut or a kernel
+crash right after the rename.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -127,6 +130,35 @@ def fingerprint(*paths: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# fsync's answer where the file system keeps nothing to sync (some network and FUSE mounts): not a failed write.
+_NO_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _sync(path: str | Path, folder: bool = False) -> None:
+    """``fsync`` a file or folder: its data (a folder's: its entries) on disk before this returns."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    except OSError:
+        if folder:  # a platform that cannot open folders
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """Every file and folder under ``root`` (``root`` included) synced to disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _sync(os.path.join(folder, name))
+        _sync(folder, folder=True)
+
+
 class VersionWriter:
     """Context manager that reserves the next version and publishes it atomically on success."""
 
@@ -170,6 +202,12 @@ class VersionWriter:
         if not (self.tmp / MANIFEST).exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise RuntimeError("a model version must have a manifest before it is published")
+        # On disk before the rename publishes it: a crash (power cut) soon after the rename otherwise
+        # left a version whose manifest and models are empty or cut short (the kernel writes file
+        # data back later, the rename's metadata may reach the disk first), which ``latest``, the
+        # export and a retraining run resuming after its durable train marker all accepted.
+        _sync_tree(self.tmp)
         final = self.registry / str(self.version)
         os.rename(self.tmp, final)  # atomic on one filesystem; fails if the version exists
+        _sync(self.registry, folder=True)  # and the rename itself
         self.path = final
