@@ -22,6 +22,10 @@
         item_affinity.npy/.json EASE item-item weights over encoded ids (absent when the manifest's
                                 item_affinity is null: a catalog above item_affinity.max_items)
 
+A version the retraining run refused (its gate, or the checklist of its export) holds
+``refused.json`` (the reason): ``latest`` passes it over, so a script run without ``--version`` never
+exports or rolls out a candidate the run said no to; ``get`` with its number still opens it.
+
 Versions are integers because Triton's model versions are. A version folder appears only once
 complete (built under a temporary name, every file and folder in it synced to disk, then renamed,
 the rename synced too), so a reader never sees half a run, not even after a power cut or a kernel
@@ -33,6 +37,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,7 +45,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+REFUSED = "refused.json"
 
 
 @dataclass
@@ -74,11 +82,45 @@ def _require_folder(registry: str | Path) -> None:
 
 
 def latest(registry: str | Path) -> ModelVersion:
+    """The highest version the retraining run did not refuse (``refuse``)."""
     _require_folder(registry)
     versions = list_versions(registry)
     if not versions:
         raise FileNotFoundError(f"no model version in registry {registry}")
-    return ModelVersion(Path(registry) / str(versions[-1]))
+    kept = [v for v in versions if refusal(Path(registry) / str(v)) is None]
+    if not kept:
+        raise FileNotFoundError(f"every model version in registry {registry} was refused: {versions}; name one")
+    if kept[-1] != versions[-1]:
+        log.warning(
+            "registry %s: the latest version not refused is %d (refused: %s)",
+            registry,
+            kept[-1],
+            [v for v in versions if v > kept[-1]],
+        )
+    return ModelVersion(Path(registry) / str(kept[-1]))
+
+
+def refuse(registry: str | Path, version: int, reason: str) -> None:
+    """Record that ``version`` was refused (``reason``): ``latest`` passes it over from now on."""
+    path = get(registry, version).path
+    tmp = path / f".{REFUSED}.tmp"
+    tmp.write_text(json.dumps({"reason": reason, "refused_at": time.time()}))
+    os.replace(tmp, path / REFUSED)  # a reader sees the whole record or none
+
+
+def clear_refusal(registry: str | Path, version: int) -> None:
+    """Undo ``refuse``: the version passed after all (a later run's gate and export)."""
+    (get(registry, version).path / REFUSED).unlink(missing_ok=True)
+
+
+def refusal(path: str | Path) -> str | None:
+    """Why the version at ``path`` was refused, or None."""
+    try:
+        return json.loads((Path(path) / REFUSED).read_text()).get("reason", "refused")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # unreadable: a refusal all the same, not a pass
+        return "refused (unreadable record)"
 
 
 def get(registry: str | Path, version: int | None = None) -> ModelVersion:

@@ -349,8 +349,18 @@ def step_gate(context: dict) -> dict:
         elif not new_auc >= old_auc - tolerance:
             reasons.append(f"AUC regressed ({stage} {key}) {old_auc:.4f} -> {new_auc:.4f} (tolerance {tolerance})")
     if reasons:
-        raise StepRefused("gate refused the candidate: " + "; ".join(reasons))
+        _refuse(context, "gate refused the candidate: " + "; ".join(reasons))
     return {"passed": True, "auc": new_auc, "metric": f"{stage}.{key}"}
+
+
+def _refuse(context: dict, message: str) -> None:
+    """Raise ``StepRefused``, the refusal recorded in the registry first (``registry.refuse``): a
+    script run without ``--version`` would otherwise export or roll out this candidate as the latest."""
+    from models import registry
+
+    if context["settings"].get("registry") is not None:
+        registry.refuse(context["settings"]["registry"], context["train"]["version"], message)
+    raise StepRefused(message)
 
 
 def step_export(context: dict) -> dict:
@@ -378,10 +388,12 @@ def step_export(context: dict) -> dict:
         live = False
     failed = [f"{c.name}: {c.detail}" for c in run_checklist(context["train"]["path"], repo) if not c.passed]
     if failed:
-        raise StepRefused(
+        _refuse(
+            context,
             f"export refused the candidate: the checklist of version {model.version} as exported to {repo} failed: "
-            + "; ".join(failed)
+            + "; ".join(failed),
         )
+    registry.clear_refusal(s["registry"], model.version)  # an earlier run's refusal no longer holds
     return {"repo": str(repo), "version": model.version, "live": live, "checklist": "passed"}
 
 

@@ -300,3 +300,25 @@ def test_a_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypat
     assert len(inside) == 6
     assert [p for p in inside if key(p) not in before] == []
     assert (key(tmp_path), True) in synced  # the registry folder, after the rename
+
+
+def test_latest_passes_over_a_version_the_retraining_run_refused(tmp_path):
+    """A candidate the retraining gate (or its export's checklist) refused stayed the registry's latest,
+    so ``scripts/export_triton.py`` or ``scripts/rollout.py`` without ``--version`` took it."""
+    for _ in range(3):
+        with registry.VersionWriter(tmp_path) as out:
+            out.write_manifest()
+    registry.refuse(tmp_path, 3, "gate refused the candidate: AUC regressed")
+    assert registry.latest(tmp_path).version == 2
+    assert registry.refusal(tmp_path / "3") == "gate refused the candidate: AUC regressed"
+    assert registry.get(tmp_path, 3).version == 3  # by its number it still opens
+    assert registry.list_versions(tmp_path) == [1, 2, 3]
+    registry.clear_refusal(tmp_path, 3)
+    assert registry.latest(tmp_path).version == 3
+    for version in (1, 2, 3):
+        registry.refuse(tmp_path, version, "no")
+    with pytest.raises(FileNotFoundError, match="every model version .* was refused"):
+        registry.latest(tmp_path)
+    (tmp_path / "2" / registry.REFUSED).write_text("{not json")  # unreadable: still a refusal
+    registry.clear_refusal(tmp_path, 1)
+    assert registry.latest(tmp_path).version == 1

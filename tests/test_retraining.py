@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models import registry
 from online.retraining import Alerter, RetrainingFailed, Step, StepRefused, default_steps, run_pipeline
 
 
@@ -103,6 +104,12 @@ def test_real_steps_retrain_gate_and_export(raw_paths, tmp_path):
         run_pipeline(default_steps(timeout_s=600, attempts=1), tmp_path / "gen1", strict, alerter)
     assert "AUC regressed" in alerter.sent[-1]["error"]
     assert not (tmp_path / "gen1" / "export.json").exists()  # a refused candidate is never exported
+    # and the registry says so: a script run without --version does not take it as the latest
+    version = first["train"]["version"]
+    assert "AUC regressed" in registry.refusal(Path(settings["registry"]) / str(version))
+    with pytest.raises(FileNotFoundError, match="was refused"):
+        registry.latest(settings["registry"])
+    assert registry.get(settings["registry"], version).version == version  # by its number it still opens
 
 
 def test_airflow_dag_declares_the_runners_steps_in_order():
@@ -442,7 +449,9 @@ def test_the_export_refuses_a_candidate_whose_served_scores_fail_the_checklist(m
         seen.append((model_dir, repo))
         return [CheckResult("versions_consistent", True, ""), CheckResult("scores_in_unit_range", False, "users [7]")]
 
+    refused = []
     monkeypatch.setattr(registry, "get", lambda path, version: types.SimpleNamespace(version=version))
+    monkeypatch.setattr(registry, "refuse", lambda path, version, reason: refused.append((path, version, reason)))
     monkeypatch.setattr(deployment.export, "export_repository", lambda model, out, replace=False: out)
     monkeypatch.setattr(evaluation.checklist, "run_checklist", checklist)
     context = {
@@ -452,3 +461,4 @@ def test_the_export_refuses_a_candidate_whose_served_scores_fail_the_checklist(m
     with pytest.raises(retraining.StepRefused, match=r"checklist of version 3 .* scores_in_unit_range: users \[7\]"):
         retraining.step_export(context)
     assert seen == [("trained", tmp_path / "v3")]
+    assert [(path, version) for path, version, _ in refused] == [("r", 3)]  # latest passes it over
