@@ -5,8 +5,9 @@ export puts each stage's artifacts from the registry version into ``<stage>/<ver
 each stage's batching (``serving.batching``: dynamic batcher, instance count) into its config, and
 builds the online feature store. With ``serving.batching.fuse_stages`` the stages' folders go into
 one model instead, ``fused_funnel/<version>/<stage>/`` (``serving/fused.py``), and the ensembles
-call it as their one step. The repository is assembled in a temporary folder beside the target and
-renamed into place only when complete, so a server never sees a partial export.
+call it as their one step. The repository is assembled in a temporary folder beside the target,
+synced to disk (every file and folder in it) and renamed into place only when complete, the rename
+synced too, so a server never sees a partial export, not even after a power cut right after the rename.
 
 Exports into one folder take turns (``exclusive``: a lock on the folder holding the repository),
 and each first removes what an export killed there left behind (its staging folder, the old
@@ -30,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.heads import served_members
-from models.registry import MANIFEST, ModelVersion, check_artifact_versions
+from models.registry import MANIFEST, ModelVersion, check_artifact_versions, sync_path, sync_tree
 from serving.assignment import single_version
 from serving.interface import (
     EXPERIMENT_FILE,
@@ -158,7 +159,7 @@ def export_repository(
     ``replace=False`` refuses to overwrite an existing repository; ``replace=True`` swaps the new
     one in with one atomic exchange (``exchange``; two renames where the system lacks it), so the
     served path always holds one whole repository. Only an exported repository (one with
-    ``export.json``) or an empty folder is replaced.
+    ``export.json``) or an empty folder is replaced. The repository is on disk (synced) when this returns.
     """
     out_repo, source = Path(out_repo).resolve(), Path(source)
     manifest = model.manifest
@@ -231,9 +232,14 @@ def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, b
         (staging / "export.json").write_text(
             json.dumps({"version": int(version), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         )
+        # On disk before the rename or exchange publishes it: after a power cut soon after, the rename
+        # alone could reach the disk and leave a repository whose configs, export.json or artifacts
+        # are empty or cut short, which check_complete (it checks that files exist) and Triton take.
+        sync_tree(staging)
         if out_repo.exists() and exchange(staging, out_repo):
             # One atomic step: the served path never stands empty, even if this process is killed
             # right here (with two renames a kill between them left no repository to serve).
+            sync_path(out_repo.parent, folder=True)  # the exchange on disk before the old one goes
             shutil.rmtree(staging, ignore_errors=True)  # the old repository, now
         elif out_repo.exists():  # no atomic exchange here (not Linux, or its filesystem lacks it)
             # A name no other export uses: one killed while it deleted its old copy leaves that behind,
@@ -249,9 +255,11 @@ def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, b
             except BaseException:
                 os.rename(old, out_repo)  # the served repository goes back where it was, whole
                 raise
+            sync_path(out_repo.parent, folder=True)  # the renames on disk before the old one goes
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, out_repo)
+            sync_path(out_repo.parent, folder=True)  # and the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -55,7 +55,7 @@ from deployment.export import (
     version_models,
 )
 from deployment.security import ControlClient
-from models.registry import ModelVersion
+from models.registry import ModelVersion, sync_path, sync_tree
 from serving.assignment import NO_EXPERIMENT, Rollout, single_version
 from serving.interface import EXPERIMENT_FILE, FUNNEL, FUSED, ROUTER, ensemble_name
 
@@ -142,11 +142,15 @@ def _add_version(model: ModelVersion, repo: Path, batching) -> int:
     staging_parent = Path(tempfile.mkdtemp(prefix=f".{repo.name}-v{version}-", dir=repo.parent))
     moved: list[Path] = []
     try:
+        # Synced to disk by the export: every folder moved in below is whole before its rename, and each
+        # rename is synced (the folder it lands in) before the next; the pinned ensemble, which marks the
+        # version added, moves in last, so a power cut never leaves it beside empty or missing stage files.
         staged = export_repository(model, staging_parent / "repo", batching=batching)
         for stage in version_models(staged, version):
             if not (repo / stage).exists():  # a model the live repository lacks (e.g. the first fused export)
                 os.rename(staged / stage, repo / stage)
                 moved.append(repo / stage)
+                sync_path(repo, folder=True)
                 continue
             # One config.pbtxt serves every version of a model: the repository's batching stays.
             ours, theirs = (batching_settings((r / stage / "config.pbtxt").read_text()) for r in (staged, repo))
@@ -163,10 +167,12 @@ def _add_version(model: ModelVersion, repo: Path, batching) -> int:
             target = repo / stage / str(version)
             os.rename(staged / stage / str(version), target)
             moved.append(target)
+            sync_path(repo / stage, folder=True)
         # This version's own pinned ensemble, for A/B tests that serve it beside the current one.
         target = repo / ensemble_name(version)
         os.rename(staged / ensemble_name(version), target)
         moved.append(target)
+        sync_path(repo, folder=True)
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
@@ -370,7 +376,9 @@ def set_rollout(
         try:
             install_model_py(repo / ROUTER / str(router_version - 1) / "model.py", staging)
             (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))
+            sync_tree(staging)  # on disk before the rename: a power cut never leaves an empty rollout
             os.rename(staging, repo / ROUTER / str(router_version))  # Triton never sees half a version
+            sync_path(repo / ROUTER, folder=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -176,8 +176,12 @@ def fingerprint(*paths: str | Path) -> str:
 _NO_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _sync(path: str | Path, folder: bool = False) -> None:
-    """``fsync`` a file or folder: its data (a folder's: its entries) on disk before this returns."""
+def sync_path(path: str | Path, folder: bool = False) -> None:
+    """``fsync`` a file or folder: its data (a folder's: its entries) on disk before this returns.
+
+    With ``sync_tree``, what everything that publishes a folder with a rename uses (a registry version
+    here; the Triton repository, its added versions and router versions in ``deployment/``): the
+    folder's tree synced before the rename, the folder it lands in after it."""
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     except OSError:
@@ -193,12 +197,12 @@ def _sync(path: str | Path, folder: bool = False) -> None:
         os.close(fd)
 
 
-def _sync_tree(root: Path) -> None:
+def sync_tree(root: Path) -> None:
     """Every file and folder under ``root`` (``root`` included) synced to disk."""
     for folder, _, files in os.walk(root):
         for name in files:
-            _sync(os.path.join(folder, name))
-        _sync(folder, folder=True)
+            sync_path(os.path.join(folder, name))
+        sync_path(folder, folder=True)
 
 
 class VersionWriter:
@@ -248,8 +252,8 @@ class VersionWriter:
         # left a version whose manifest and models are empty or cut short (the kernel writes file
         # data back later, the rename's metadata may reach the disk first), which ``latest``, the
         # export and a retraining run resuming after its durable train marker all accepted.
-        _sync_tree(self.tmp)
+        sync_tree(self.tmp)
         final = self.registry / str(self.version)
         os.rename(self.tmp, final)  # atomic on one filesystem; fails if the version exists
-        _sync(self.registry, folder=True)  # and the rename itself
+        sync_path(self.registry, folder=True)  # and the rename itself
         self.path = final
