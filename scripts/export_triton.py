@@ -15,7 +15,9 @@ from models import registry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
-    parser.add_argument("--version", type=int, help="registry version (default: the latest one the retraining run did not refuse)")
+    parser.add_argument(
+        "--version", type=int, help="registry version (default: the latest one the retraining run did not refuse)"
+    )
     parser.add_argument("--out", default="build/triton_repo", help="model repository to write")
     parser.add_argument("--replace", action="store_true", help="swap out an existing repository")
     parser.add_argument(

@@ -33,7 +33,11 @@ from serving.interface import ensemble_name
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="artifacts/registry", help="model registry folder")
-    parser.add_argument("--version", type=int, help="registry version to roll in (default: the latest one the retraining run did not refuse)")
+    parser.add_argument(
+        "--version",
+        type=int,
+        help="registry version to roll in (default: the latest one the retraining run did not refuse)",
+    )
     parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
     parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
