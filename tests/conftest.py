@@ -226,3 +226,60 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     seconds = json.loads(SCOPE_DURATIONS.read_text()) if SCOPE_DURATIONS.exists() else {}
     items.sort(key=lambda item: -seconds.get(scope_of(item.nodeid), 0.0))
+
+
+class SyncRecorder:
+    """What a publish did, in order: ``synced`` holds each fsync as (the file's or folder's identity,
+    how many renames or exchanges came before it), ``published`` each rename's or exchange's target."""
+
+    def __init__(self):
+        self.synced: list[tuple[tuple[int, int], int]] = []
+        self.published: list[Path] = []
+
+    @staticmethod
+    def key(path) -> tuple[int, int]:
+        st = Path(path).stat()
+        return st.st_dev, st.st_ino
+
+    def missed(self, target: Path) -> list[Path]:
+        """The paths under ``target`` (itself included) not synced before the rename that put it in place."""
+        i = self.published.index(Path(target))
+        before = {k for k, n in self.synced if n <= i}
+        return [p for p in [Path(target), *Path(target).rglob("*")] if self.key(p) not in before]
+
+    def parent_synced(self, target: Path) -> bool:
+        """The folder ``target`` landed in synced after that rename and before the next one."""
+        i = self.published.index(Path(target))
+        return (self.key(Path(target).parent), i + 1) in self.synced
+
+
+@pytest.fixture
+def sync_recorder(monkeypatch):
+    """Record fsyncs and publishing renames (``os.rename``, ``deployment.export.exchange``) until the
+    test calls ``monkeypatch.undo()``: is a published folder on disk before its rename?"""
+    import os
+
+    from deployment import export
+
+    record = SyncRecorder()
+    real_fsync, real_rename, real_exchange = os.fsync, os.rename, export.exchange
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        record.synced.append(((st.st_dev, st.st_ino), len(record.published)))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        record.published.append(Path(dst))
+
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        if done:
+            record.published.append(Path(b))
+        return done
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(export, "exchange", exchange)
+    return record

@@ -287,53 +287,8 @@ def test_replace_refuses_a_file(tiny_version, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
-def _record_syncs(monkeypatch):
-    """Every fsync (the file's or folder's identity, and how many publishing renames came before it)
-    and every rename or exchange's target, in order."""
-    import os
-
-    from deployment import export
-
-    synced, published = [], []
-    real_fsync, real_rename, real_exchange = os.fsync, os.rename, export.exchange
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append(((st.st_dev, st.st_ino), len(published)))
-        real_fsync(fd)
-
-    def rename(src, dst):
-        real_rename(src, dst)
-        published.append(Path(dst))
-
-    def exchange(a, b):
-        done = real_exchange(a, b)
-        if done:
-            published.append(Path(b))
-        return done
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(export, "exchange", exchange)
-    return synced, published
-
-
-def _key(path):
-    st = path.stat()
-    return st.st_dev, st.st_ino
-
-
-def _on_disk_before_published(synced, published, target):
-    """The paths under ``target`` not synced before the rename that put it in place, and whether the
-    folder it landed in was synced after that rename and before the next one."""
-    i = published.index(target)
-    before = {k for k, n in synced if n <= i}
-    inside = [target, *target.rglob("*")]
-    return [p for p in inside if _key(p) not in before], (_key(target.parent), i + 1) in synced
-
-
 @pytest.mark.parametrize("how", ["new", "exchange", "two renames"])
-def test_an_export_is_on_disk_before_its_rename_publishes_it(tiny_version, tmp_path, monkeypatch, how):
+def test_an_export_is_on_disk_before_its_rename_publishes_it(tiny_version, tmp_path, monkeypatch, how, request):
     """Nothing was synced: after a power cut soon after the rename (or the exchange of ``--replace``),
     the repository could hold empty or cut-short configs, export.json or artifacts (the rename's
     metadata reached the disk before the files' data), which check_complete (it checks that files
@@ -345,17 +300,16 @@ def test_an_export_is_on_disk_before_its_rename_publishes_it(tiny_version, tmp_p
         export_repository(tiny_version, target)
     if how == "two renames":
         monkeypatch.setattr(export, "exchange", lambda a, b: False)
-    synced, published = _record_syncs(monkeypatch)
+    record = request.getfixturevalue("sync_recorder")  # from here on: the export's own renames
     export_repository(tiny_version, target, replace=True)
     monkeypatch.undo()
-    assert len(published) == (2 if how == "two renames" else 1) and published[-1] == target
-    missed, parent_synced = _on_disk_before_published(synced, published, target)
+    assert len(record.published) == (2 if how == "two renames" else 1) and record.published[-1] == target
     assert len(list(target.rglob("*"))) > 20
-    assert missed == []
-    assert parent_synced
+    assert record.missed(target) == []
+    assert record.parent_synced(target)
 
 
-def test_an_added_version_is_on_disk_before_its_renames_publish_it(tiny_version, tmp_path, monkeypatch):
+def test_an_added_version_is_on_disk_before_its_renames_publish_it(tiny_version, tmp_path, monkeypatch, request):
     """``add_version`` moves each stage's ``<N>/`` folder and then ``funnel_v<N>`` into the live
     repository with renames; nothing was synced, so after a power cut the version could be there with
     empty or cut-short files (and ``roll_out`` checks only that they exist). Each folder is now on disk
@@ -372,12 +326,11 @@ def test_an_added_version_is_on_disk_before_its_renames_publish_it(tiny_version,
     for name in ("manifest.json", "query_tower.json", "item_index.json"):
         content = json.loads((v2 / name).read_text())
         (v2 / name).write_text(json.dumps({**content, "version": 2}))
-    synced, published = _record_syncs(monkeypatch)
+    record = request.getfixturevalue("sync_recorder")
     assert add_version(ModelVersion(v2), repo) == 2
     monkeypatch.undo()
-    moved = [p for p in published if p.parent == repo or p.parent.parent == repo]
+    moved = [p for p in record.published if p.parent == repo or p.parent.parent == repo]
     assert moved[-1] == repo / ensemble_name(2) and len(moved) == len(STAGE_ARTIFACTS) + 1
     for target in moved:
-        missed, parent_synced = _on_disk_before_published(synced, published, target)
-        assert missed == [], target
-        assert parent_synced, target
+        assert record.missed(target) == [], target
+        assert record.parent_synced(target), target

@@ -261,28 +261,12 @@ def test_a_temporary_folder_that_fails_mid_run_does_not_end_the_training(tmp_pat
     assert mlflow.active_run() is None
 
 
-def test_a_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypatch):
+def test_a_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypatch, sync_recorder):
     """Nothing was synced: after a power cut soon after the rename, a version could be listed whose
     manifest and models were empty or cut short (the rename's metadata reached the disk before the
     files' data), and ``latest``, the export and a retraining run resuming after its durable train
     marker accepted it. Every file and folder of the version is now synced before the rename, and the
     registry folder (the rename) after it."""
-    import os
-
-    synced, renamed = [], []
-    real_fsync, real_rename = os.fsync, os.rename
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append(((st.st_dev, st.st_ino), bool(renamed)))
-        real_fsync(fd)
-
-    def rename(src, dst):
-        real_rename(src, dst)
-        renamed.append(dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
     with registry.VersionWriter(tmp_path) as out:
         (out.tmp / "light_ranker" / "variables").mkdir(parents=True)
         (out.tmp / "light_ranker" / "variables" / "variables.data").write_bytes(b"w" * 100)
@@ -290,16 +274,10 @@ def test_a_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypat
         out.write_manifest(note="durable")
     monkeypatch.undo()
 
-    def key(path):
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-
-    before = {k for k, after in synced if not after}
-    published = out.path
-    inside = [published, *published.rglob("*")]
-    assert len(inside) == 6
-    assert [p for p in inside if key(p) not in before] == []
-    assert (key(tmp_path), True) in synced  # the registry folder, after the rename
+    assert sync_recorder.published == [out.path]
+    assert len([out.path, *out.path.rglob("*")]) == 6
+    assert sync_recorder.missed(out.path) == []
+    assert sync_recorder.parent_synced(out.path)  # the registry folder, after the rename
 
 
 def test_latest_passes_over_a_version_the_retraining_run_refused(tmp_path):

@@ -1028,11 +1028,10 @@ def test_a_new_router_version_is_readable_by_the_server_like_the_rest_of_the_rep
     assert rollout.current_rollout(repo).control_version == 2
 
 
-def test_a_new_router_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypatch):
+def test_a_new_router_version_is_on_disk_before_its_rename_publishes_it(tmp_path, monkeypatch, request):
     """``set_rollout`` renamed the router version's folder into place unsynced: after a power cut soon
     after, ``router/<N>`` (the newest, which Triton serves and ``current_rollout`` reads) could hold an
     empty or cut-short rollout file. Its files are now synced before the rename, ``router/`` after it."""
-    import os
 
     from deployment import rollout
     from serving.assignment import single_version
@@ -1043,33 +1042,13 @@ def test_a_new_router_version_is_on_disk_before_its_rename_publishes_it(tmp_path
     (repo / ROUTER / "1" / "model.py").write_text("pass\n")
     monkeypatch.setattr(rollout, "ControlClient", ReadyTriton)
     monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
-    synced, renamed = [], []
-    real_fsync, real_rename = os.fsync, os.rename
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append(((st.st_dev, st.st_ino), bool(renamed)))
-        real_fsync(fd)
-
-    def rename(src, dst):
-        real_rename(src, dst)
-        renamed.append(dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
+    record = request.getfixturevalue("sync_recorder")
     assert rollout.set_rollout("127.0.0.1:1", repo, single_version(2)) == 2
     monkeypatch.undo()
-
-    def key(path):
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-
     published = repo / ROUTER / "2"
-    before = {k for k, after in synced if not after}
-    inside = [published, *published.rglob("*")]
-    assert {p.name for p in inside} >= {"2", "model.py", EXPERIMENT_FILE}  # and model.py's bytecode
-    assert [p for p in inside if key(p) not in before] == []
-    assert (key(repo / ROUTER), True) in synced  # the rename itself
+    assert {p.name for p in [published, *published.rglob("*")]} >= {"2", "model.py", EXPERIMENT_FILE}  # and bytecode
+    assert record.missed(published) == []
+    assert record.parent_synced(published)  # the rename itself
 
 
 def test_the_client_answers_a_user_id_given_as_a_one_value_list(monkeypatch):
