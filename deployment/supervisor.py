@@ -80,6 +80,7 @@ class Supervisor:
         self.last_error: str | None = None
         self._failed = 0
         self._stop = threading.Event()
+        self._cancel = threading.Event()  # stop(cancel_restart=True): a restart in progress gives up
         self._thread: threading.Thread | None = None
 
     def check_once(self) -> bool:
@@ -125,9 +126,10 @@ class Supervisor:
             self.quick_restarts = 0
         log.warning("restarting tritonserver after %d failed probes: %s", self.failures, self.last_error)
         try:
-            # A stop while the restarted server loads (minutes) ends the restart: it held serve.py's
-            # Ctrl-C or SIGTERM up to the start's timeout (420 s) plus 30 s.
-            self.server.restart(cancelled=self._stop.is_set)
+            # stop(cancel_restart=True) while the restarted server loads (minutes) ends the restart
+            # and stops that server: serve.py's Ctrl-C or SIGTERM, which stops the server anyway,
+            # waited up to the start's timeout (420 s) plus 30 s. A plain stop() lets it finish.
+            self.server.restart(cancelled=self._cancel.is_set)
             self.restarts += 1
         except Exception as restart_err:  # keep supervising: the next probe tries again
             self.last_error = f"restart failed: {type(restart_err).__name__}: {restart_err}"
@@ -141,11 +143,17 @@ class Supervisor:
 
     def start(self) -> Supervisor:
         self._stop.clear()
+        self._cancel.clear()
         self._thread = threading.Thread(target=self._loop, name="triton-supervisor", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, cancel_restart: bool = False) -> None:
+        """Stop supervising. A restart in progress finishes first, and the server it started keeps
+        serving; with ``cancel_restart`` (the caller stops the server next) it is cancelled instead,
+        its server stopped at once."""
+        if cancel_restart:
+            self._cancel.set()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.server.startup_timeout + 30)

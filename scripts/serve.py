@@ -126,7 +126,7 @@ def main() -> None:
                 died = True  # a crash, not a stop: exit status 1, so a service manager restarts it
                 break
         if supervisor is not None:
-            supervisor.stop()
+            supervisor.stop(cancel_restart=True)  # the server stops next: a restart still loading gives up
             print(f"supervisor restarted the server {supervisor.restarts} time(s)")
     finally:
         server.stop()

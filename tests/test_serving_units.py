@@ -683,9 +683,11 @@ def test_the_supervisor_does_not_restart_the_server_once_it_is_asked_to_stop():
 
 
 def test_the_supervisor_stops_at_once_while_a_restarted_server_loads(tmp_path, monkeypatch):
-    """``stop`` while a restart waits for the models to load: the stop waited for the whole start
-    (up to its 420 s timeout, the join up to 30 s more), so serve.py --supervise ignored Ctrl-C and
-    SIGTERM that long. The restart is cancelled and its process group stopped."""
+    """``stop(cancel_restart=True)`` (serve.py --supervise on Ctrl-C or SIGTERM) while a restart waits
+    for the models to load: the stop waited for the whole start (up to its 420 s timeout, the join up
+    to 30 s more), so serve.py ignored the signal that long. The restart is cancelled and its process
+    group stopped. A plain ``stop`` lets the restart finish: the server it started keeps serving
+    (test_triton_integration's supervisor test stops supervising once the funnel answers again)."""
     import sys
     import time
 
@@ -706,7 +708,7 @@ def test_the_supervisor_stops_at_once_while_a_restarted_server_loads(tmp_path, m
         assert wait_until(lambda: server.process is not None, timeout_s=10, interval_s=0.01)
         loader = server.process
         began = time.monotonic()
-        supervisor.stop()
+        supervisor.stop(cancel_restart=True)
         took = time.monotonic() - began
         assert took < 10, f"stop took {took:.1f} s"
         assert loader.poll() is not None and server.process is None
@@ -714,6 +716,45 @@ def test_the_supervisor_stops_at_once_while_a_restarted_server_loads(tmp_path, m
     finally:
         supervisor.stop()
         server.cleanup()
+
+
+def test_stopping_the_supervisor_lets_a_restart_finish_and_keeps_its_server(tmp_path, monkeypatch):
+    """A plain ``stop`` during a restart cancelled it and killed the restarted server (the first
+    version of the cancel above), although the caller only stops supervising: the integration test
+    found its funnel answering again and ``restarts`` still 0. The restart now finishes first."""
+    import threading
+    import time
+
+    from deployment.supervisor import Supervisor, wait_until
+
+    loading, release = threading.Event(), threading.Event()
+
+    class Server:
+        process = None
+        grpc_url = "127.0.0.1:1"
+        startup_timeout = 20
+        restarted = 0
+
+        def restart(self, cancelled=None):
+            loading.set()
+            release.wait(10)  # the models load; a stop comes meanwhile
+            if cancelled is not None and cancelled():
+                raise RuntimeError("cancelled")
+            self.restarted += 1
+
+    server = Server()
+
+    def probe(url):
+        raise ConnectionError("down")
+
+    supervisor = Supervisor(server, probe=probe, interval_s=0.01, failures=1).start()
+    assert wait_until(loading.is_set, timeout_s=10, interval_s=0.01)
+    stopper = threading.Thread(target=supervisor.stop)
+    stopper.start()
+    time.sleep(0.3)  # the stop is asked for while the restart loads (stop() sets its flag at once)
+    release.set()
+    stopper.join(15)
+    assert server.restarted == 1 and supervisor.restarts == 1, supervisor.last_error
 
 
 def test_a_rollout_waits_until_the_old_router_version_is_unloaded(monkeypatch):
