@@ -83,9 +83,14 @@ def _control(grpc_url: str, repo: Path, root_certificates, timeout_s: float) -> 
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` whole: written beside it, synced, then renamed over it, the rename synced. Not
+    synced, a power cut soon after could leave ``funnel/config.pbtxt`` (what a restart serves) or
+    ``export.json`` empty."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    sync_path(tmp)
     os.replace(tmp, path)
+    sync_path(path.parent, folder=True)
 
 
 def served_version(repo: str | Path) -> int:

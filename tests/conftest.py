@@ -242,27 +242,28 @@ class SyncRecorder:
         return st.st_dev, st.st_ino
 
     def missed(self, target: Path) -> list[Path]:
-        """The paths under ``target`` (itself included) not synced before the rename that put it in place."""
-        i = self.published.index(Path(target))
+        """The paths under ``target`` (itself included) not synced before the rename that put it in place
+        (the last one, where it was replaced more than once)."""
+        i = len(self.published) - 1 - self.published[::-1].index(Path(target))
         before = {k for k, n in self.synced if n <= i}
         return [p for p in [Path(target), *Path(target).rglob("*")] if self.key(p) not in before]
 
     def parent_synced(self, target: Path) -> bool:
-        """The folder ``target`` landed in synced after that rename and before the next one."""
-        i = self.published.index(Path(target))
+        """The folder ``target`` landed in synced after that rename (its last) and before the next one."""
+        i = len(self.published) - 1 - self.published[::-1].index(Path(target))
         return (self.key(Path(target).parent), i + 1) in self.synced
 
 
 @pytest.fixture
 def sync_recorder(monkeypatch):
-    """Record fsyncs and publishing renames (``os.rename``, ``deployment.export.exchange``) until the
-    test calls ``monkeypatch.undo()``: is a published folder on disk before its rename?"""
+    """Record fsyncs and publishing renames (``os.rename``, ``os.replace``, ``deployment.export.exchange``)
+    until the test calls ``monkeypatch.undo()``: is a published folder or file on disk before its rename?"""
     import os
 
     from deployment import export
 
     record = SyncRecorder()
-    real_fsync, real_rename, real_exchange = os.fsync, os.rename, export.exchange
+    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, export.exchange
 
     def fsync(fd):
         st = os.fstat(fd)
@@ -273,6 +274,10 @@ def sync_recorder(monkeypatch):
         real_rename(src, dst)
         record.published.append(Path(dst))
 
+    def replace(src, dst):
+        real_replace(src, dst)
+        record.published.append(Path(dst))
+
     def exchange(a, b):
         done = real_exchange(a, b)
         if done:
@@ -281,5 +286,6 @@ def sync_recorder(monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(export, "exchange", exchange)
     return record

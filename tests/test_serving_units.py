@@ -1145,10 +1145,9 @@ def test_rollout_script_reports_a_refused_retire_without_a_traceback(tmp_path, m
     assert "version 1 not retired: version 1 still serves an arm of experiment 'e'" in out.err
 
 
-def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_version(tmp_path, monkeypatch):
-    """``roll_out`` switched ``funnel`` to version 2, then the A/B router failed to load its new
-    rollout: ``funnel`` (and a restart) served 2 while the router routed to 1 and export.json said 1.
-    A failed step must leave the old version serving everywhere."""
+def repository_serving_1_with_2_added(tmp_path) -> pathlib.Path:
+    """A repository of ensembles only: ``funnel`` serving version 1, version 2's pinned ensemble
+    added, the A/B router on version 1 alone (for ``roll_out`` with a stand-in control client)."""
     import json
 
     from deployment import rollout
@@ -1163,12 +1162,23 @@ def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_ver
         pinned = pin_ensemble(source, version)
         (repo / ensemble_name(version) / "config.pbtxt").write_text(rename_ensemble(pinned, ensemble_name(version)))
     (repo / FUNNEL / "1").mkdir(parents=True)
-    before = rollout.serve_only(pin_ensemble(source, 1), 1)
-    (repo / FUNNEL / "config.pbtxt").write_text(before)
+    (repo / FUNNEL / "config.pbtxt").write_text(rollout.serve_only(pin_ensemble(source, 1), 1))
     (repo / ROUTER / "1").mkdir(parents=True)
     (repo / ROUTER / "1" / "model.py").write_text("pass\n")
     (repo / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(1).to_dict()))
     (repo / "export.json").write_text(json.dumps({"version": 1}))
+    return repo
+
+
+def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_version(tmp_path, monkeypatch):
+    """``roll_out`` switched ``funnel`` to version 2, then the A/B router failed to load its new
+    rollout: ``funnel`` (and a restart) served 2 while the router routed to 1 and export.json said 1.
+    A failed step must leave the old version serving everywhere."""
+    from deployment import rollout
+    from serving.interface import FUNNEL, ROUTER
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    before = (repo / FUNNEL / "config.pbtxt").read_text()
     loads = []
 
     class Control(ReadyTriton):
@@ -1188,6 +1198,30 @@ def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_ver
     assert rollout.funnel_version(repo) == 1 and (repo / FUNNEL / "config.pbtxt").read_text() == before
     assert not (repo / FUNNEL / "2").exists()
     assert loads == [FUNNEL, ROUTER, ROUTER, FUNNEL]  # funnel 2, the router (refused, then back), funnel 1
+
+
+def test_a_roll_outs_config_and_export_record_are_on_disk_before_they_replace_the_old(
+    tmp_path, monkeypatch, sync_recorder
+):
+    """``roll_out`` rewrote ``funnel/config.pbtxt`` (the version a restart serves) and ``export.json``
+    with a replace and no sync: after a power cut the new file could be empty, and the server would
+    not start or ``served_version`` could not read the repository. Each is now synced before its
+    replace, its folder after."""
+    from deployment import rollout
+    from serving.interface import FUNNEL
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    monkeypatch.setattr(rollout, "ControlClient", ReadyTriton)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    monkeypatch.setattr(rollout, "load_version", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
+    rollout.roll_out("127.0.0.1:1", repo, 2)
+    monkeypatch.undo()
+    assert rollout.served_version(repo) == 2 and rollout.funnel_version(repo) == 2
+    for target in (repo / FUNNEL / "config.pbtxt", repo / "export.json"):
+        assert target in sync_recorder.published, target
+        assert sync_recorder.missed(target) == [], target
+        assert sync_recorder.parent_synced(target), target
 
 
 def test_add_version_warns_when_the_versions_batching_differs_from_the_repositorys(tmp_path, monkeypatch, caplog):
