@@ -36,7 +36,7 @@ from merlin.schema import Tags
 
 from benchmarks import print_json
 from configs import CandidateGeneratorConfig, EmbeddingConfig
-from configs.cli import config_file
+from configs.cli import config_file, positive_int
 from models.candidate_generator import build_candidate_generator, positives, tower_schema
 from models.embeddings import describe_tables
 
@@ -168,10 +168,11 @@ def benchmark(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
-    parser.add_argument("--users", type=int, help="synthetic users (default: the config's)")
-    parser.add_argument("--items", type=int, help="synthetic items (default: the config's)")
+    # 0 read as "not given" (the config's value, silently) and a negative count failed in the config
+    parser.add_argument("--users", type=positive_int, help="synthetic users (default: the config's)")
+    parser.add_argument("--items", type=positive_int, help="synthetic items (default: the config's)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model; the first is not timed")
-    parser.add_argument("--batch-size", type=int, help="default: candidate_generator.batch_size")
+    parser.add_argument("--batch-size", type=positive_int, help="default: candidate_generator.batch_size")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -189,11 +190,11 @@ def main() -> None:
     from workflows.sources.synthetic import generate
 
     overrides: dict = {"synthetic": {}}
-    if args.users:
+    if args.users is not None:
         overrides["synthetic"]["num_users"] = args.users
-    if args.items:
+    if args.items is not None:
         overrides["synthetic"]["num_items"] = args.items
-    if args.batch_size:
+    if args.batch_size is not None:
         overrides["candidate_generator"] = {"batch_size": args.batch_size}
     config = load_config(args.config, overrides)
     with tempfile.TemporaryDirectory() as tmp:

@@ -293,6 +293,24 @@ def test_benchmark_counts_of_zero_are_usage_errors(script, flag, value, tmp_path
     assert exited.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--users", "0"), ("--users", "-5"), ("--items", "0"), ("--batch-size", "0")])
+def test_the_training_benchmarks_counts_are_checked(flag, value, monkeypatch, capsys):
+    """``benchmark_training --users 0`` (``--items``, ``--batch-size``) was read as "not given" and ran on the
+    config's value without a word; a negative count failed later in the config. Both are usage errors."""
+    import sys
+
+    from benchmarks import benchmark_training
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError(f"benchmark_training {flag} {value} went on to measure")
+
+    monkeypatch.setattr(benchmark_training, "benchmark", not_reached)
+    monkeypatch.setattr(sys, "argv", ["benchmark_training", flag, value])
+    with pytest.raises(SystemExit) as exited:
+        benchmark_training.main()
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["benchmark_serving", "benchmark_batching"])
 def test_the_serving_benchmarks_remove_their_temporary_folder(script, tmp_path, monkeypatch, capsys):
     """Without ``--workdir`` the serving and batching benchmarks build their worlds in a ``mkdtemp``
