@@ -94,17 +94,12 @@ def set_takedown(
     return state[state["item_id"] == int(item_id)].iloc[0].to_dict()
 
 
-def same_item_takedowns(repository: str | Path, live: LiveStore, item_id: int) -> list[int]:
-    """The other raw ids down now that a version on disk in ``repository`` reads as ``item_id``'s item:
-    every version, not only ``export.json``'s, since an A/B arm or a version added for ``roll_out``
-    serves beside it with aliases of its own (a newer dedup may know more copies)."""
-    return same_item_picker(repository, item_id)(live.taken_down())
-
-
 def same_item_picker(repository: str | Path, item_id: int) -> Callable[[np.ndarray], list[int]]:
-    """A function of the raw ids down now that picks the other ids of ``item_id``'s item among them
-    (``same_item_takedowns``), the alias tables of every version on disk read once, here: an undo
-    calls it inside its transaction (``LiveStore.undo_takedown``)."""
+    """A function of the raw ids down now that picks the other ids among them that a version on disk
+    in ``repository`` reads as ``item_id``'s item: every version, not only ``export.json``'s, since an
+    A/B arm or a version added for ``roll_out`` serves beside it with aliases of its own (a newer dedup
+    may know more copies). The alias tables are read once, here: an undo calls the function inside its
+    transaction (``LiveStore.undo_takedown``)."""
     from serving.item_aliases import ItemAliases
 
     folders = ordering_folders(repository)

@@ -275,9 +275,15 @@ class IdSpellings:
         return out.drop_duplicates()
 
 
+def two_spellings(texts: list, number: int) -> tuple[str, str]:
+    """Two of ``texts``, spellings of the id ``number``, to name in a message: the plain one first."""
+    first, second = sorted(texts, key=lambda t: (t != str(number), t))[:2]
+    return first, second
+
+
 def spelling_clash(column: str, role: str, file: str, rows: int, texts: list, number: int, numbers: int) -> Defect:
     """Two spellings of one id ("7" and "007") that would become one id: the defect naming them."""
-    first, second = sorted(texts, key=lambda t: (t != str(number), t))[:2]  # the plain spelling first
+    first, second = two_spellings(texts, number)
     message = (
         f"ids written differently that read as the same number{role}: {first!r} and {second!r} both become id"
         f" {number}, which would merge two ids into one ({numbers} id{'s' if numbers != 1 else ''} written more"
@@ -431,7 +437,7 @@ def duplicate_keys(frame, column: str, file: str, written=None) -> list[Defect]:
         if clashing:
             number = clashing[0]
             texts = spellings["text"][spellings["number"] == number].to_numpy().tolist()
-            first, second = sorted(texts, key=lambda t: (t != str(number), t))[:2]  # the plain spelling first
+            first, second = two_spellings(texts, number)
             message += (
                 f": {first!r} and {second!r} both become id {number} ({len(clashing)} id"
                 f"{'s' if len(clashing) != 1 else ''} written more than one way). Ids are read as integers:"
