@@ -17,11 +17,11 @@ VENV_OK := $(shell $(call IS_PY311,$(BIN)/python) && echo yes)
 TEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
-# Debian packages of the services tests run for real (Prometheus, with promtool, for the monitoring
+# Debian packages of the services tests run for real (Prometheus, with promtool, and Alertmanager for the monitoring
 # tests; libb64-0d, a library the tritonclient wheel's perf_analyzer links). `make services` installs
 # the missing ones when run as root (CI, these machines); elsewhere, or where apt-get fails (offline),
 # it says what is missing and the tests that need them skip with that reason.
-SERVICES_PACKAGES := prometheus chromium postgresql libb64-0d
+SERVICES_PACKAGES := prometheus prometheus-alertmanager chromium postgresql libb64-0d
 
 .PHONY: demo test test-fast test-durations lint format venv lock clean bench ab-test feedback-loop services FORCE
 

@@ -63,6 +63,7 @@ class PrometheusServer(LoggedProcess):
         log_path: str | Path | None = None,
         host: str = LOOPBACK,
         startup_timeout: float = 60.0,
+        alertmanagers: list[str] = (),
     ):
         self.targets = {job: list(addresses) for job, addresses in targets.items()}
         self.rule_files = [Path(f).resolve() for f in rule_files]
@@ -71,6 +72,7 @@ class PrometheusServer(LoggedProcess):
                 raise FileNotFoundError(f"rule file {path} does not exist")
         self.port = port or free_port()
         self.host = host
+        self.alertmanagers = list(alertmanagers)  # "host:port" of each (deployment/alerting.py)
         self.scrape_interval = scrape_interval
         self.evaluation_interval = evaluation_interval
         self.startup_timeout = startup_timeout
@@ -86,7 +88,7 @@ class PrometheusServer(LoggedProcess):
         return f"http://{host}:{self.port}"
 
     def config(self) -> dict:
-        return {
+        config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.evaluation_interval},
             "rule_files": [str(f) for f in self.rule_files],
             "scrape_configs": [
@@ -94,6 +96,9 @@ class PrometheusServer(LoggedProcess):
                 for job, addresses in self.targets.items()
             ],
         }
+        if self.alertmanagers:  # without one, a firing alert is only on Prometheus' /alerts page
+            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]}
+        return config
 
     def command(self) -> list[str]:
         return [
@@ -168,6 +173,10 @@ class PrometheusServer(LoggedProcess):
 
     def active_targets(self) -> list[dict]:
         return self.api("targets")["activeTargets"]
+
+    def active_alertmanagers(self) -> list[str]:
+        """The URLs of the Alertmanagers Prometheus sends to now."""
+        return [a["url"] for a in self.api("alertmanagers")["activeAlertmanagers"]]
 
     def cleanup(self) -> None:
         """Stop, and remove the temporary folder (config, data, log)."""

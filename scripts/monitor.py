@@ -9,7 +9,9 @@ Starts two things on this machine, both on 127.0.0.1:
   the LiveBelowHoldout alert watches;
 * Prometheus (Debian's package, `make services`; its own config and data folder, not the system
   service), scraping the server's metrics endpoint (job "tritonserver") and the sidecar (job
-  "funnel-monitor"), evaluating monitoring/prometheus/funnel-alerts.yml.
+  "funnel-monitor"), evaluating monitoring/prometheus/funnel-alerts.yml;
+* Alertmanager (Debian's prometheus-alertmanager), which delivers the alerts that fire, and when they
+  resolve, to the alert log (--alert-log, one JSON line per alert) and to each --alert-webhook.
 
 Then point Grafana at the printed Prometheus URL and import monitoring/grafana/funnel-dashboard.json
 (docs/monitoring.md). Run it on the server's machine: the sidecar reads the server's /proc entry and
@@ -30,7 +32,9 @@ import time
 from pathlib import Path
 
 from configs.cli import output_folder, port, port_or_zero
+from deployment.alerting import AlertLog, Alertmanager, alertmanager_binary
 from deployment.monitoring import PrometheusServer, find_tritonserver
+from deployment.server import ServerError
 from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, RETIRED_AFTER_S, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
@@ -64,6 +68,16 @@ def seconds_or_none(text: str) -> float | None:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 (or 'none'), got {text!r}")
     return value
+
+
+def webhook_url(text: str) -> str:
+    """An http(s) URL: Alertmanager refuses anything else at start, after Prometheus is up."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text
 
 
 def main() -> None:
@@ -109,6 +123,28 @@ def main() -> None:
         default="build/monitor/prometheus",
         help="Prometheus' data (kept between runs)",
     )
+    parser.add_argument(
+        "--alertmanager-port", type=port_or_zero, default=9093, help="Alertmanager's port on 127.0.0.1 (0: a free one)"
+    )
+    parser.add_argument(
+        "--alert-log", default="build/monitor/alerts.jsonl", help="where delivered alerts are appended (JSON lines)"
+    )
+    parser.add_argument(
+        "--alert-webhook",
+        type=webhook_url,
+        action="append",
+        default=[],
+        help="also send every alert to this URL (Alertmanager's webhook JSON); may be given more than once",
+    )
+    parser.add_argument(
+        "--alertmanager-data-dir",
+        type=output_folder,
+        default="build/monitor/alertmanager",
+        help="Alertmanager's silences and notification log (kept between runs: no repeat after a restart)",
+    )
+    parser.add_argument(
+        "--no-alertmanager", action="store_true", help="evaluate the rules only: firing alerts go nowhere"
+    )
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
     # NaN or inf made every sequential p-value NaN, and a window of 0 or fewer days compared the whole
@@ -126,6 +162,14 @@ def main() -> None:
     for rules in args.rules:  # before the sidecar starts: PrometheusServer raised it as a traceback
         if not Path(rules).is_file():
             parser.error(f"argument --rules: no such file: {rules}")
+    if Path(args.alert_log).is_dir():
+        parser.error(f"argument --alert-log: {args.alert_log} is a folder, not a file")
+    deliver = not args.no_alertmanager
+    if deliver and not _installed():
+        if args.alert_webhook:  # asked for explicitly: not silently dropped
+            parser.error("argument --alert-webhook: alertmanager is not installed (make services)")
+        print("alertmanager is not installed (make services): firing alerts are only on Prometheus' /alerts page")
+        deliver = False
 
     log_path = args.feedback_log or feedback_log_path(args.model_repository)  # a file or a postgresql:// DSN
     holdout = HoldoutMonitor(
@@ -150,6 +194,12 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     exporter = MetricsExporter(collectors, port=args.exporter_port).start()
+    sink = alertmanager = None
+    if deliver:
+        sink = AlertLog(args.alert_log).start()
+        alertmanager = Alertmanager(
+            [sink.url, *args.alert_webhook], port=args.alertmanager_port or None, data_dir=args.alertmanager_data_dir
+        )
     prometheus = PrometheusServer(
         {
             "tritonserver": [f"{args.metrics_host}:{args.metrics_port}"],
@@ -160,48 +210,77 @@ def main() -> None:
         scrape_interval=args.scrape_interval,
         evaluation_interval=args.evaluation_interval,
         data_dir=args.data_dir,
+        alertmanagers=[alertmanager.address] if alertmanager else [],
     )
     died = False
     try:
-        prometheus.start()
+        try:
+            if alertmanager:
+                alertmanager.start()
+            prometheus.start()
+        except ServerError as err:  # a port in use, a bad config: its log's tail, not a traceback
+            print(f"could not start: {err}")
+            sys.exit(1)
         print(f"prometheus  {prometheus.url}  (config {prometheus.config_path}, data {prometheus.data_dir})")
         # describe: a postgresql:// DSN may carry a password, which a terminal or a service log keeps
         print(f"sidecar     {exporter.url}  (tritonserver pid {pid}, feedback log {describe(log_path)})")
         print(f"rules       {', '.join(args.rules)}")
+        if alertmanager:
+            to = ", ".join([str(sink.path), *args.alert_webhook])
+            print(f"alerts      {alertmanager.url}  (delivers firing and resolved alerts to {to})")
         print(f"grafana     add a Prometheus data source with URL {prometheus.url}, then import {DASHBOARD}")
         if args.check:
-            sys.exit(check(prometheus))
-        print("Ctrl-C stops Prometheus and the sidecar", flush=True)
+            sys.exit(check(prometheus, alertmanager))
+        print("Ctrl-C stops Prometheus, Alertmanager and the sidecar", flush=True)
         while not stop.wait(1.0):
-            if prometheus.process.poll() is not None:
-                print(f"prometheus exited:\n{prometheus.log_tail()}")
-                died = True  # a crash, not a stop: exit status 1
+            for name, process in (("prometheus", prometheus), ("alertmanager", alertmanager)):
+                if process is not None and process.process.poll() is not None:
+                    print(f"{name} exited:\n{process.log_tail()}")
+                    died = True  # a crash, not a stop: exit status 1
+            if died:
                 break
     finally:
         prometheus.cleanup()  # its config and log; the data folder is kept
+        if alertmanager is not None:
+            alertmanager.cleanup()
+        if sink is not None:
+            sink.stop()
         exporter.stop()
     print("prometheus stopped")
     if died:
         sys.exit(1)
 
 
-def check(prometheus: PrometheusServer, timeout_s: float = 60.0) -> int:
-    """0 once every target is up and every rule group is loaded; 1 after ``timeout_s``."""
+def _installed() -> bool:
+    try:
+        alertmanager_binary()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check(prometheus: PrometheusServer, alertmanager: Alertmanager | None = None, timeout_s: float = 60.0) -> int:
+    """0 once every target is up, every rule group is loaded and Prometheus sends to ``alertmanager``
+    (when there is one); 1 after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         targets = prometheus.active_targets()
         groups = prometheus.rules()
         up = {t["labels"]["job"]: t["health"] for t in targets}
-        if up and all(h == "up" for h in up.values()) and groups:
+        senders = prometheus.active_alertmanagers()
+        sends = alertmanager is None or any(alertmanager.address in url for url in senders)
+        if up and all(h == "up" for h in up.values()) and groups and sends:
             break
         if time.monotonic() > deadline:
-            print(f"not ready after {timeout_s:.0f}s: targets {up}, {len(groups)} rule groups")
+            print(f"not ready after {timeout_s:.0f}s: targets {up}, {len(groups)} rule groups, alertmanagers {senders}")
             return 1
         time.sleep(0.5)
     rules = [r for g in groups for r in g["rules"]]
     alerts = sorted(r["name"] for r in rules if r["type"] == "alerting")
     print(f"targets up: {', '.join(sorted(up))}")
     print(f"{len(groups)} rule groups, {len(rules)} rules; alerts: {', '.join(alerts)}")
+    if alertmanager is not None:
+        print(f"alertmanager up: prometheus sends to {alertmanager.url}")
     return 0
 
 

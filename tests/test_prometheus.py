@@ -34,6 +34,8 @@ if shutil.which("prometheus") is None or shutil.which("promtool") is None:
     )
 
 pytestmark = pytest.mark.slow
+# Alert delivery is checked where Debian's prometheus-alertmanager is installed too (make services).
+ALERTMANAGER = bool(shutil.which("prometheus-alertmanager") or shutil.which("alertmanager"))
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
@@ -117,6 +119,7 @@ def scraped_since(prom, since: float) -> float:
 
 @pytest.fixture(scope="module")
 def stack(triton_repo, small_data, tmp_path_factory):
+    from deployment.alerting import AlertLog, Alertmanager
     from deployment.export import with_metrics_interval
     from deployment.monitoring import PrometheusServer
     from deployment.rollout import set_rollout
@@ -140,26 +143,43 @@ def stack(triton_repo, small_data, tmp_path_factory):
     assert sum(rollout.experiment.assign(int(u)) == HOLDOUT for u in users) == 23
 
     server = TritonServer(repo, log_path=work / "tritonserver.log").start()
-    exporter = prom = None
+    exporter = prom = sink = alertmanager = None
     try:
         set_rollout(server.grpc_url, repo, rollout)
         holdout = HoldoutMonitor(log_path, interval_s=SCRAPE_S)
         exporter = MetricsExporter(
             [lambda: process_exposition(server.process.pid, {"process": "tritonserver"}), holdout.exposition]
         ).start()
+        if ALERTMANAGER:  # as scripts/monitor.py delivers alerts, with a 1 s group wait
+            sink = AlertLog(work / "alerts.jsonl").start()
+            alertmanager = Alertmanager(
+                [sink.url], group_wait="1s", group_interval="1s", log_path=work / "alertmanager.log"
+            ).start()
         prom = PrometheusServer(
             {"tritonserver": [f"127.0.0.1:{server.metrics_port}"], "funnel-monitor": [f"127.0.0.1:{exporter.port}"]},
             [rules_for_tests(work)],
             scrape_interval=f"{SCRAPE_S:.0f}s",
             evaluation_interval=f"{SCRAPE_S:.0f}s",
             log_path=work / "prometheus.log",
+            alertmanagers=[alertmanager.address] if alertmanager else [],
         ).start()
         yield SimpleNamespace(
-            server=server, repo=repo, prom=prom, exporter=exporter, holdout=holdout, rollout=rollout, users=users
+            server=server,
+            repo=repo,
+            prom=prom,
+            exporter=exporter,
+            holdout=holdout,
+            rollout=rollout,
+            users=users,
+            alert_log=sink,
         )
     finally:
         if prom is not None:
             prom.cleanup()
+        if alertmanager is not None:
+            alertmanager.cleanup()
+        if sink is not None:
+            sink.stop()
         if exporter is not None:
             exporter.stop()
         server.stop()
@@ -511,6 +531,16 @@ def test_degradation_alert_fires_for_a_worse_model_and_not_for_equal_ones(stack,
     assert set(outcomes[outcomes["arm"] != "holdout"]["model_version"]) == {"2"}
     assert set(outcomes[outcomes["arm"] == "holdout"]["model_version"]) == {"1"}
     assert {version for version, _ in first_fired} == {"2"}, first_fired
+    if stack.alert_log is not None:
+        # Delivered, not only evaluated: Prometheus -> Alertmanager -> the alert log, for version 2 only.
+        delivered = wait_for(
+            lambda: [r for r in stack.alert_log.records() if r["alertname"] == "LiveBelowHoldout"],
+            30,
+            what="LiveBelowHoldout in the alert log",
+        )
+        assert {(r["status"], r["labels"]["version"]) for r in delivered} >= {("firing", "2")}, delivered
+        assert {r["labels"]["version"] for r in delivered} == {"2"}, delivered
+        assert "v2" in delivered[0]["annotations"]["summary"]
     table = stack.holdout.table()
     print("\nequal models (version 1 everywhere):")
     print(equal_table.drop(columns=["since", "until"]).to_string(index=False))
@@ -544,6 +574,12 @@ def test_monitor_script_starts_prometheus_with_the_rules_and_stops(stack, tmp_pa
         "1s",
         "--data-dir",
         str(tmp_path / "data"),
+        "--alertmanager-port",
+        "0",
+        "--alertmanager-data-dir",
+        str(tmp_path / "alertmanager"),
+        "--alert-log",
+        str(tmp_path / "alerts.jsonl"),
         "--check",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -552,5 +588,9 @@ def test_monitor_script_starts_prometheus_with_the_rules_and_stops(stack, tmp_pa
     assert "targets up: funnel-monitor, tritonserver" in done.stdout
     assert "LiveBelowHoldout" in done.stdout and "grafana" in done.stdout
     assert "tritonserver pid" in done.stdout
+    if ALERTMANAGER:
+        assert "alertmanager up: prometheus sends to http://127.0.0.1:" in done.stdout
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True).stdout.split()
     assert not left, f"prometheus left running: {left}"
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "alertmanager")], capture_output=True, text=True).stdout
+    assert not left.split(), f"alertmanager left running: {left}"

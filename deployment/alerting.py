@@ -1,0 +1,273 @@
+"""Delivering Prometheus' alerts: our own Alertmanager, and an alert log it can deliver to.
+
+Prometheus only evaluates the rules of ``monitoring/prometheus/funnel-alerts.yml``; an alert that
+fires is shown on its ``/alerts`` page and goes nowhere else. Alertmanager is what groups firing
+alerts, waits out flapping, repeats them while they last, says when they resolve, and sends them to
+receivers. ``scripts/monitor.py`` starts one beside Prometheus:
+
+    Prometheus --(firing / resolved)--> Alertmanager --(webhook, JSON)--> AlertLog (alerts.jsonl)
+                                                                     \\--> your webhook (--alert-webhook)
+
+``Alertmanager`` runs Debian's ``prometheus-alertmanager`` (``make services``) with its own config
+and data folder on loopback, clustering off (it listens on 0.0.0.0:9094 for peers otherwise), the
+way ``PrometheusServer`` runs Prometheus. ``AlertLog`` is the receiver a machine without any other
+has: a loopback webhook that appends each alert Alertmanager sends as one JSON line, so an alert
+leaves a record a person or a script can read (``docs/monitoring.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from deployment.processes import LoggedProcess
+from deployment.server import LOOPBACK, ServerError, free_port
+
+log = logging.getLogger(__name__)
+
+# Alertmanager's grouping, its defaults for a dashboard-watched service: the first notification of a
+# group waits 30 s for its siblings, a changed group is sent again after 5 min, a standing one every 4 h.
+GROUP_WAIT, GROUP_INTERVAL, REPEAT_INTERVAL = "30s", "5m", "4h"
+# "...": every label, so each alert (a stage, a model, an arm, a version's metric) is its own notification.
+GROUP_BY = ["..."]
+
+
+def alertmanager_binary() -> Path:
+    """Debian's ``prometheus-alertmanager`` (upstream's name ``alertmanager`` too) from ``PATH``."""
+    for name in ("prometheus-alertmanager", "alertmanager"):
+        if found := shutil.which(name):
+            return Path(found)
+    raise FileNotFoundError(
+        "alertmanager is not installed; `make services` installs it (Debian package prometheus-alertmanager)"
+    )
+
+
+class Alertmanager(LoggedProcess):
+    """An Alertmanager process of our own, sending every alert to each of ``webhooks`` (URLs that take
+    Alertmanager's webhook JSON: ``AlertLog.url``, a chat bridge, an incident tool). Listens on
+    ``127.0.0.1`` (a free port unless given), keeps its state in a temporary folder unless
+    ``data_dir`` is given; ``stop`` ends it.
+
+        with AlertLog("build/monitor/alerts.jsonl") as sink, Alertmanager([sink.url]) as am:
+            PrometheusServer(targets, rules, alertmanagers=[am.address])
+    """
+
+    stop_timeout = 20.0
+
+    def __init__(
+        self,
+        webhooks: list[str],
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        host: str = LOOPBACK,
+        group_wait: str = GROUP_WAIT,
+        group_interval: str = GROUP_INTERVAL,
+        repeat_interval: str = REPEAT_INTERVAL,
+        startup_timeout: float = 60.0,
+    ):
+        if not webhooks:
+            raise ValueError("Alertmanager needs at least one webhook to send alerts to")
+        self.webhooks = list(webhooks)
+        self.port = port or free_port()
+        self.host = host
+        self.group_wait, self.group_interval, self.repeat_interval = group_wait, group_interval, repeat_interval
+        self.startup_timeout = startup_timeout
+        self._workdir = Path(tempfile.mkdtemp(prefix="alertmanager-"))
+        self.data_dir = Path(data_dir).resolve() if data_dir else self._workdir / "data"
+        self.log_path = Path(log_path) if log_path else self._workdir / "alertmanager.log"
+        self.config_path = self._workdir / "alertmanager.yml"
+
+    @property
+    def address(self) -> str:
+        """``host:port``, what Prometheus' ``alerting`` section names."""
+        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def config(self) -> dict:
+        return {
+            "route": {
+                "receiver": "funnel",
+                "group_by": GROUP_BY,
+                "group_wait": self.group_wait,
+                "group_interval": self.group_interval,
+                "repeat_interval": self.repeat_interval,
+            },
+            "receivers": [
+                {"name": "funnel", "webhook_configs": [{"url": url, "send_resolved": True} for url in self.webhooks]}
+            ],
+        }
+
+    def command(self) -> list[str]:
+        return [
+            str(alertmanager_binary()),
+            f"--config.file={self.config_path}",
+            f"--storage.path={self.data_dir}",
+            f"--web.listen-address={self.host}:{self.port}",
+            "--cluster.listen-address=",  # no peers: a lone instance opens no gossip port
+        ]
+
+    def start(self) -> Alertmanager:
+        import yaml
+
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        cmd = self.command()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spawn(cmd, cwd=self._workdir)
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self) -> None:
+        from urllib.request import urlopen
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"alertmanager exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"alertmanager not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def alerts(self) -> list[dict]:
+        """The alerts Alertmanager holds now (its API v2): ``[{"labels", "annotations", "status", ...}]``."""
+        from urllib.request import urlopen
+
+        with urlopen(f"{self.url}/api/v2/alerts", timeout=30) as response:
+            return json.loads(response.read())
+
+    def cleanup(self) -> None:
+        """Stop, and remove the temporary folder (config, log, and the data unless ``data_dir`` was given)."""
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> Alertmanager:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def alert_records(payload: dict) -> list[dict]:
+    """One record per alert of an Alertmanager webhook ``payload`` (version 4): its status (firing or
+    resolved), name, labels, annotations, start and end, and the group's receiver. ``ValueError``
+    names what a payload that is not Alertmanager's lacks."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
+        raise ValueError("not an Alertmanager webhook payload: no 'alerts' list")
+    records = []
+    for alert in payload["alerts"]:
+        if not isinstance(alert, dict) or not isinstance(alert.get("labels"), dict):
+            raise ValueError("not an Alertmanager webhook payload: an alert without 'labels'")
+        labels = alert["labels"]
+        ends_at = alert.get("endsAt")
+        if ends_at and ends_at.startswith("0001-"):  # Go's zero time: a firing alert has no end yet
+            ends_at = None
+        records.append(
+            {
+                "status": alert.get("status", payload.get("status")),
+                "alertname": labels.get("alertname"),
+                "labels": labels,
+                "annotations": alert.get("annotations", {}),
+                "starts_at": alert.get("startsAt"),
+                "ends_at": ends_at,
+                "received_at": time.time(),
+                "receiver": payload.get("receiver"),
+            }
+        )
+    return records
+
+
+class AlertLog:
+    """A webhook receiver on loopback that appends every alert Alertmanager sends to ``path`` as one
+    JSON line (``alert_records``) and logs one line per alert. ``POST /alerts`` only; a body that is
+    not Alertmanager's JSON is answered 400 with the reason and writes nothing. ``records()`` reads
+    the file back."""
+
+    def __init__(self, path: str | Path, host: str = LOOPBACK, port: int = 0, idle_timeout_s: float = 10.0):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout_s
+
+            def do_POST(self):  # noqa: N802 (the http.server API)
+                if self.path.split("?")[0] != "/alerts":
+                    self.send_error(404)
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    records = alert_records(json.loads(self.rfile.read(length)))
+                except (ValueError, UnicodeDecodeError) as err:  # json's errors are ValueErrors
+                    self.send_error(400, explain=str(err))
+                    return
+                sink.write(records)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, fmt, *args):
+                log.debug("alert log: " + fmt, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/alerts"
+
+    def write(self, records: list[dict]) -> None:
+        with self._lock, open(self.path, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+                summary = record["annotations"].get("summary", "")
+                log.warning("alert %s: %s %s", record["status"], record["alertname"], summary)
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self._lock:
+            return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def start(self) -> AlertLog:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="alert-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> AlertLog:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
