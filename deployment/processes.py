@@ -7,7 +7,9 @@ without ``stop``, a notebook kernel restarted or killed, a worker ended by SIGTE
 server therefore gets a watchdog, a tiny process that holds the read end of a pipe whose write end
 only the starting process holds. The kernel closes that end however the process ends, so the
 watchdog sees end-of-file and stops the server's group as ``stop`` would (SIGTERM, then SIGKILL),
-then removes what the caller named (a scratch folder, shared-memory regions).
+then removes what the caller named (a scratch folder, shared-memory regions). A server that ended on
+its own (a crash) is no longer signalled, but its watchdog waits on until ``stop`` releases it, so a
+starter killed between the crash and its ``stop`` still has those leftovers removed.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ def alive():
     return True
 
 
-while alive():
+watching = alive()
+while True:
     # The pipe turns readable at end-of-file, when the process that started the server is gone, or
     # with the one byte ``end_watchdog`` writes once ``stop`` has stopped the group: whatever holds its
-    # id by then is not ours. Polling also ends the watch once the server has stopped.
-    if select.select([0], [], [], 1.0)[0]:
+    # id by then is not ours. A group that ended on its own (a crash the starter has reaped) is no
+    # longer signalled (its id may be reused), but the wait goes on: a starter killed before its
+    # ``stop`` leaves the crashed start's leftovers to this process.
+    if select.select([0], [], [], 1.0 if watching else None)[0]:
         if os.read(0, 1):
             break
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)) if watching else ():
             try:
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
@@ -56,6 +61,7 @@ while alive():
             for path in glob.glob(pattern):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
         break
+    watching = watching and alive()
 """
 
 
@@ -78,7 +84,7 @@ def end_watchdog(watchdog: subprocess.Popen) -> None:
         try:
             watchdog.stdin.write(b"x")
             watchdog.stdin.close()
-        except BrokenPipeError:  # it had already exited: the group ended on its own
+        except BrokenPipeError:  # it had already exited (killed, or it stopped the group itself)
             pass
     try:
         watchdog.wait(timeout=5)

@@ -213,6 +213,34 @@ def test_a_released_watchdog_leaves_whatever_holds_the_group_id_alone(tmp_path):
             pass
 
 
+def test_a_starter_killed_after_its_server_crashed_still_has_the_leftovers_removed(tmp_path):
+    """A server that crashed (its starter reaped it: the supervisor's poll, serve.py's loop) leaves
+    its shared-memory regions and scratch folder for ``stop``. The watchdog saw the group gone and
+    exited, so a starter SIGKILLed before that ``stop`` (during a restart's backoff, up to 300 s) left
+    them behind for good. Here the pipe's write end is closed as the kernel closes it at that kill."""
+    import subprocess
+    import time
+
+    from deployment.processes import start_watchdog
+
+    leftover = tmp_path / "funnel_1_2_abc_region"
+    leftover.touch()
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    watchdog = start_watchdog(server.pid, 1.0, [str(tmp_path / "funnel_1_2_abc_*")])
+    try:
+        time.sleep(0.5)  # watching
+        server.kill()  # the crash
+        server.wait()  # reaped: the group is gone
+        time.sleep(2.5)  # the watchdog polls each second
+        watchdog.stdin.close()  # the starter's SIGKILL
+        watchdog.wait(timeout=10)
+        assert not leftover.exists(), "the crashed start's leftovers outlived its killed starter"
+    finally:
+        if watchdog.poll() is None:
+            watchdog.kill()
+            watchdog.wait()
+
+
 def test_a_start_whose_watchdog_cannot_start_leaves_no_server_running(tmp_path, monkeypatch):
     """``spawn`` started the server, then its watchdog: a watchdog that failed to start (out of
     processes or descriptors) raised with the server still running, unwatched and unstopped (the
