@@ -181,6 +181,17 @@ def import_tf():
     return tf
 
 
+def single_threaded_faiss():
+    """faiss, its OpenMP threads set to one in this process: a stage searches one query per request,
+    so more threads only add spin-wait overhead (measured: HNSW top-300 over 50k vectors 2.6 ms with 2
+    threads, 0.34 ms with 1); concurrency comes from requests and stage processes. Retrieval and the
+    ordering stage's history query (each in a stub process of its own) search with it."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    return faiss
+
+
 class FeatureLookup(Stage):
     """Reads the user's encoded features and history from the online store, and merges in what the
     user did since the export from the live store (``workflows/live_store.py``): ``seen_items`` is
@@ -359,14 +370,9 @@ class Retrieval(Stage):
         from models import item_index
 
         self._search = item_index.search
-        # One query per request: OpenMP threads only add spin-wait overhead (measured: HNSW top-300
-        # over 50k vectors 2.6 ms with 2 threads, 0.34 ms with 1); concurrency comes from requests.
         # The index's search setting (IVF nprobe / HNSW efSearch) is the one the training run chose
         # for its recall target (models/item_index.py); load_index applies it.
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        self._faiss = faiss
+        self._faiss = single_threaded_faiss()
         self.index, self.index_meta = item_index.load_index(self.artifacts, expected_version=self.version)
         self.k = int(self.serving["retrieval_k"])
         # The largest query norm whose inner product with every item stays within float32, with a
@@ -792,6 +798,7 @@ class Ordering(Stage):
             else:
                 from models.item_index import ItemVectors, load_index
 
+                single_threaded_faiss()  # this stub's first faiss search is the history query's
                 index, _ = load_index(folder, expected_version=self.version)
                 self._item_vectors = (index, ItemVectors(index))
         return self._item_vectors or None

@@ -140,3 +140,20 @@ def test_a_fresh_history_list_shorter_than_k_is_filled_from_the_fallback(tmp_pat
     assert out["served_by"][0] == b"history_query"
     assert len(items) == len(set(items)) == 15
     assert not set(items) & set((seen + 1000).tolist()) and np.all(np.diff(scores) <= 0)
+
+
+def test_the_history_query_searches_with_one_openmp_thread(tmp_path):
+    """The ordering stub searches the retrieval index for a new user's history query; retrieval set
+    faiss to one OpenMP thread in its own process, ordering did not, so each of its single-query
+    searches ran a team of one thread per core (measured here: flat top-300 over 50k vectors 10 ms
+    with 2 threads, 1 ms with 1)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)  # a fresh stub's default (one per core); tests may have set 1 already
+    try:
+        stage = small_ordering_stage(tmp_path, items=60, retrieval_k=5)
+        assert stage.item_vectors() is not None
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
