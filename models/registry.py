@@ -29,19 +29,24 @@ exports or rolls out a candidate the run said no to; ``get`` with its number sti
 Versions are integers because Triton's model versions are. A version folder appears only once
 complete (built under a temporary name, every file and folder in it synced to disk, then renamed,
 the rename synced too), so a reader never sees half a run, not even after a power cut or a kernel
-crash right after the rename.
+crash right after the rename. A run killed while writing (SIGKILL, out of memory, a power cut)
+leaves its temporary folder; the next run on the same host removes it (``remove_abandoned``: only
+a folder whose writer's lock is free, never one a live run writes).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +210,60 @@ def sync_tree(root: Path) -> None:
         sync_path(folder, folder=True)
 
 
+OWNER = ".owner.json"  # in a version's temporary folder while a run writes it: {"host", "pid"}
+
+
+def _lock_folder(path: Path) -> int | None:
+    """An open fd of folder ``path`` holding a non-blocking exclusive flock on it; None if another
+    process holds it. The kernel drops the lock when its holder dies, SIGKILL included. A file system
+    without flock (NFS refuses it on a read-only fd) raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_abandoned(registry: str | Path) -> list[Path]:
+    """Remove the temporary folders (``.v<N>.tmp``) of runs that were killed (SIGKILL, out of memory,
+    a power cut) before they published or cleaned up; return them.
+
+    A folder is removed only if its ``.owner.json`` names this host and no process holds its lock:
+    every ``VersionWriter`` holds one from before it writes that record until the folder is published
+    or removed. A folder without the record (a run killed in between, or one of an older version of
+    this code), one of another host (a shared file system whose locks may not reach across hosts),
+    or one on a file system without flock stays, as does any folder a live run writes."""
+    removed = []
+    for path in Path(registry).iterdir():
+        if not re.fullmatch(r"\.v[0-9]+\.tmp", path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = _lock_folder(path)
+        except OSError:  # gone meanwhile, or no flock here
+            continue
+        if fd is None:  # a live run writes it
+            continue
+        try:
+            owner = json.loads((path / OWNER).read_text())
+            if owner.get("host") != socket.gethostname():
+                continue
+            log.warning(
+                "removing %s, left by a run that did not finish (pid %s on %s)", path, owner.get("pid"), owner["host"]
+            )
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, ValueError, AttributeError):  # no record, or unreadable: not known to be abandoned
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 class VersionWriter:
     """Context manager that reserves the next version and publishes it atomically on success."""
 
@@ -218,7 +277,7 @@ class VersionWriter:
         # The number is reserved by creating its temporary folder (mkdir is atomic and exclusive), so
         # two runs writing at once never get the same one: the second found the first's folder, or
         # (once the first had published) its version, and took the next number. A folder left by a
-        # killed run keeps its number reserved: a number is skipped, never reused.
+        # killed run keeps its number reserved until a later run (above it) removes the folder.
         while True:
             tmp = self.registry / f".v{version}.tmp"
             try:
@@ -232,6 +291,23 @@ class VersionWriter:
                 continue
             break
         self.version, self.tmp = version, tmp
+        # Held until the folder is published or removed: ``remove_abandoned`` never takes a live run's
+        # folder. Only then the owner record, so a folder with one and no lock held is a dead run's.
+        try:
+            self._lock = _lock_folder(tmp)  # nobody else knows the folder yet, or takes one without a record
+        except OSError as err:
+            self._lock = None
+            log.debug("no lock on %s (%s): a killed run's folder will stay", tmp, err)
+        if self._lock is not None:
+            self._unlock = weakref.finalize(self, os.close, self._lock)  # a writer dropped unused frees it
+            (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        else:
+            self._unlock = None
+        remove_abandoned(self.registry)  # all below this number: none is reused while this run holds it
+
+    def _release(self) -> None:
+        if self._unlock is not None:
+            self._unlock()  # closes the fd once, dropping the lock
 
     def __enter__(self) -> VersionWriter:
         return self
@@ -242,12 +318,19 @@ class VersionWriter:
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._publish(exc_type)
+        finally:
+            self._release()
+
+    def _publish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         if not (self.tmp / MANIFEST).exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise RuntimeError("a model version must have a manifest before it is published")
+        (self.tmp / OWNER).unlink(missing_ok=True)  # not part of the version
         # On disk before the rename publishes it: a crash (power cut) soon after the rename otherwise
         # left a version whose manifest and models are empty or cut short (the kernel writes file
         # data back later, the rename's metadata may reach the disk first), which ``latest``, the

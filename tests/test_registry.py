@@ -300,3 +300,51 @@ def test_latest_passes_over_a_version_the_retraining_run_refused(tmp_path):
     (tmp_path / "2" / registry.REFUSED).write_text("{not json")  # unreadable: still a refusal
     registry.clear_refusal(tmp_path, 1)
     assert registry.latest(tmp_path).version == 1
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_a_later_run_but_never_a_live_one(tmp_path):
+    """A run killed while writing (SIGKILL, out of memory, a power cut) left its ``.v<N>.tmp`` for good:
+    the disk it held was never freed and nothing removed it. A later run now removes it, but not the
+    folder of a run still writing (its lock is held), nor one without an owner record of this host."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; from models import registry; w = registry.VersionWriter(sys.argv[1]); "
+            "(w.tmp / 'weights').write_bytes(b'w' * 1000); os.kill(os.getpid(), signal.SIGKILL)",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / ".v1.tmp" / "weights").exists()
+    live = registry.VersionWriter(tmp_path)  # a second training, still writing
+    assert live.version == 2 and not (tmp_path / ".v1.tmp").exists()  # old code: the killed run's folder stayed
+    (tmp_path / ".v3.tmp").mkdir()  # no owner record (an older writer): not known to be abandoned
+    (tmp_path / ".v4.tmp").mkdir()
+    (tmp_path / ".v4.tmp" / registry.OWNER).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    assert socket.gethostname() != "elsewhere"
+    with registry.VersionWriter(tmp_path) as third:
+        third.write_manifest()
+    assert third.version == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v2.tmp", ".v3.tmp", ".v4.tmp", "5"]
+    assert not (third.path / registry.OWNER).exists()  # the record is not part of the version
+    with live:
+        live.write_manifest()
+    assert registry.list_versions(tmp_path) == [2, 5]
+    os.rmdir(tmp_path / ".v3.tmp")
+    # A writer dropped unused (never entered) frees its lock: its folder goes at the next run.
+    dropped = registry.VersionWriter(tmp_path)
+    dropped_tmp = dropped.tmp
+    del dropped
+    with registry.VersionWriter(tmp_path) as out:
+        out.write_manifest()
+    assert not dropped_tmp.exists()
