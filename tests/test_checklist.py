@@ -132,3 +132,13 @@ def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
     manifest["data_summary"]["checks"] = [{**c, "passed": False} if c["check"] == "labels_agree" else c for c in checks]
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert not check_data(broken).passed
+
+
+def test_index_recall_takes_the_builds_verdict_not_the_rounded_recall(tmp_path):
+    """The check compared the recorded recall, rounded to 4 places: a measured 0.94996 (recorded 0.95,
+    ``target_met`` false) passed a 0.95 target."""
+    meta = {"kind": "ivf", "nlist": 64, "nprobe": 8, "k": 300, "queries": 1000, "target_recall": 0.95}
+    (tmp_path / "item_index.json").write_text(json.dumps({**meta, "recall_at_k": 0.95, "target_met": False}))
+    assert not check_index_recall(tmp_path).passed  # old code: passed
+    (tmp_path / "item_index.json").write_text(json.dumps({**meta, "recall_at_k": 0.95, "target_met": True}))
+    assert check_index_recall(tmp_path).passed

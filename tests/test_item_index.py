@@ -114,3 +114,19 @@ def test_more_inverted_lists_than_items_is_a_clear_error():
     check_ann(100, 10, AnnConfig(kind="hnsw", nlist=200))  # HNSW has none either
     _, info = build_index(np.arange(100), vectors, 10, k=10, queries=vectors[:5], ann=AnnConfig(nlist=100))
     assert info["nlist"] == 100
+
+
+def test_target_met_compares_the_measured_recall_not_the_rounded_one(monkeypatch):
+    """``target_met`` compared the recall rounded to 4 places (for the record): a measured 0.94996
+    was recorded as meeting a 0.95 target, and the build logged it at INFO, not as a warning."""
+    monkeypatch.setattr(item_index, "recall_at_k", lambda found, truth, k: 0.94996)
+    _, info = item_index.build_index(
+        np.arange(3000),
+        _clustered(3000),
+        1000,
+        k=20,
+        queries=_clustered(50, seed=1),
+        ann=AnnConfig(nprobe=2, target_recall=0.95),
+    )
+    assert info["recall_at_k"] == 0.95  # the record keeps the rounded value
+    assert info["target_met"] is False  # old code: True
