@@ -161,14 +161,26 @@ def save_index(index: faiss.Index, directory: str | Path, version: int, info: di
     directory = Path(directory)
     faiss.write_index(index, str(directory / INDEX_FILE))
     meta = {"version": int(version), "size": int(index.ntotal), "dim": int(index.d), **(info or {})}
+    meta["faiss_version"] = faiss.__version__  # the file's writer: another faiss may read it differently, or not
     (directory / INDEX_META_FILE).write_text(json.dumps(meta))
 
 
 def load_index(directory: str | Path, expected_version: int | None = None) -> tuple[faiss.Index, dict]:
+    """The index saved in ``directory`` with its search setting applied, and its ``item_index.json``.
+    An index written by another faiss version (recorded since ``faiss_version``) loads with a warning:
+    faiss reads older files, but a newer one's may fail to load or search differently."""
     directory = Path(directory)
     meta = json.loads((directory / INDEX_META_FILE).read_text())
     if expected_version is not None:
         check_versions(query_tower=expected_version, item_index=meta["version"])
+    written_by = meta.get("faiss_version")
+    if written_by is not None and written_by != faiss.__version__:
+        log.warning(
+            "item index in %s was written by faiss %s, read by faiss %s: check its recall (serving.ann)",
+            directory,
+            written_by,
+            faiss.__version__,
+        )
     index = faiss.read_index(str(directory / INDEX_FILE))
     set_search_param(index, meta)
     return index, meta

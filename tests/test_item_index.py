@@ -130,3 +130,22 @@ def test_target_met_compares_the_measured_recall_not_the_rounded_one(monkeypatch
     )
     assert info["recall_at_k"] == 0.95  # the record keeps the rounded value
     assert info["target_met"] is False  # old code: True
+
+
+def test_the_saved_index_records_its_faiss_version_and_another_one_warns_on_load(tmp_path, caplog):
+    """``item_index.json`` named no faiss version: an index moved to a server with another faiss (which
+    may fail to read a newer file, or search it differently) loaded without a word."""
+    import faiss
+
+    index, info = item_index.build_index(np.arange(10), _vectors(10), 100)
+    item_index.save_index(index, tmp_path, version=1, info=info)
+    meta = json.loads((tmp_path / item_index.INDEX_META_FILE).read_text())
+    assert meta["faiss_version"] == faiss.__version__  # old code: KeyError
+    with caplog.at_level("WARNING", logger="models.item_index"):
+        item_index.load_index(tmp_path, expected_version=1)
+    assert not caplog.records
+    (tmp_path / item_index.INDEX_META_FILE).write_text(json.dumps({**meta, "faiss_version": "0.0.1"}))
+    with caplog.at_level("WARNING", logger="models.item_index"):
+        loaded, _ = item_index.load_index(tmp_path, expected_version=1)
+    assert loaded.ntotal == 10
+    assert any("written by faiss 0.0.1" in r.getMessage() for r in caplog.records)
