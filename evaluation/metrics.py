@@ -215,6 +215,10 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
 
     Scores are ranked at their own precision (float32 or wider): a cast to float32 made float64 scores
     closer than float32 resolves equal, and the lower column went first even where it scored less.
+
+    A NaN score of an item not excluded is refused (``ValueError`` naming the first cell), as the
+    classification metrics refuse it: NaN has no place in the order, so it was ranked after the -1
+    fillers, or a -1 before it, and the list was garbage. -inf is the score of an unscorable item.
     """
     xp = array_module(scores)
     scores = xp.asarray(scores)
@@ -223,6 +227,13 @@ def full_ranking_top_k(scores, k: int, exclude: Sequence | None = None):
     if exclude is not None:
         users, items, _ = _relevant_pairs(exclude, num_users, xp)
         scores[users, items] = -xp.inf
+    nan = xp.isnan(scores)
+    if bool(nan.any()):
+        row, col = (int(i[0]) for i in xp.nonzero(nan))
+        raise ValueError(
+            f"{int(nan.sum())} of {scores.size} scores are NaN (first: row {row}, item column {col}): "
+            "the scorer is broken, there is no order to rank"
+        )
     k = min(k, num_items)
     # By column, so the stable sort below puts tied items lower column first.
     part = xp.sort(xp.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)

@@ -189,7 +189,10 @@ def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), **kw
     for start in range(0, num_users, chunk):
         rows = np.arange(start, min(start + chunk, num_users))
         scores = np.asarray(score_rows(rows))
-        tops.append(m.full_ranking_top_k(scores, max(ks), exclude=[seen[u] for u in rows]))
+        try:
+            tops.append(m.full_ranking_top_k(scores, max(ks), exclude=[seen[u] for u in rows]))
+        except ValueError as error:  # NaN scores: say whose, and rows from the first user, not the chunk's
+            raise ValueError(f"{name}, users from row {start}: {error}") from error
         for i, u in enumerate(rows):
             cols = np.array(sorted(relevant[u]), dtype=np.int64)
             liked_scores.append((cols, scores[i, cols]))

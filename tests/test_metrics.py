@@ -182,3 +182,15 @@ def test_float64_scores_are_ranked_at_their_own_precision():
     # Integer scores above float32's exact range keep their order too.
     big = np.array([[2**24, 2**24 + 1]], dtype=np.int64)
     assert m.full_ranking_top_k(big, 1).tolist() == [[1]]
+
+
+def test_a_nan_score_is_refused_not_ranked_among_the_fillers():
+    """NaN has no place in the order: a NaN item came after the -1 fillers ([[2, 4, 3, -1, 1]]), or
+    a -1 before the NaN items ([[-1, 0, 1]]). It is refused as the classification metrics refuse it."""
+    scores = np.array([[0.5, np.nan, 0.9, 0.1, 0.3]])
+    with pytest.raises(ValueError, match=r"1 of 5 scores are NaN \(first: row 0, item column 1\)"):
+        m.full_ranking_top_k(scores, 5, exclude=[[0]])
+    with pytest.raises(ValueError, match="NaN"):
+        m.full_ranking_top_k(np.array([[np.nan, np.nan, 0.9]]), 3, exclude=[[2]])
+    # A NaN only on an excluded (already seen) item leaves the order whole.
+    assert m.full_ranking_top_k(scores, 4, exclude=[[1]]).tolist() == [[2, 0, 4, 3]]

@@ -778,3 +778,16 @@ def test_a_wal_left_alone_by_a_crash_is_moved_aside_with_the_store(tmp_path):
     kept = clear_live_store(repo)
     assert kept is not None and not wal.exists() and Path(f"{kept}-wal").read_bytes() == b"left over"
     assert clear_live_store(repo) is None  # nothing left to move
+
+
+def test_a_scorer_with_a_nan_score_is_refused_naming_it_and_the_user_row(monkeypatch):
+    """A NaN score was ranked after the -1 fillers of the user's list and measured as an item."""
+    train = pd.DataFrame({"user_id": np.repeat(np.arange(6), 2), "item_id": np.tile([0, 1], 6)})
+    train = pd.concat([train, pd.DataFrame({"user_id": [5, 5], "item_id": [2, 3]})])  # columns 0 to 3
+    test = pd.DataFrame({"user_id": np.arange(5), "item_id": np.full(5, 3)})
+    data = offline.Interactions.from_split(train, test)
+    scores = np.random.default_rng(0).random((6, len(data.item_ids)))
+    scores[4, 2] = np.nan  # user 4 has not seen item 2
+    monkeypatch.setattr(offline, "CHUNK_CELLS", 2 * len(data.item_ids))  # chunks of two users
+    with pytest.raises(ValueError, match=r"broken, users from row 4: 1 of .* \(first: row 0, item column 2\)"):
+        offline.evaluate_scores("broken", scores, data, ks=(2,), n_bootstrap=5)
