@@ -155,7 +155,9 @@ def impression_ztest(c: pd.DataFrame, t: pd.DataFrame, alpha: float = 0.05) -> a
     if min(trials_c, trials_t) == 0:  # an arm served only empty responses so far: no trials (the z-test raises)
         nan = float("nan")
         ctr_c, ctr_t = (k / n if n else nan for k, n in ((clicks_c, trials_c), (clicks_t, trials_t)))
-        return ab.TestResult(metric, ctr_c, ctr_t, ctr_t - ctr_c, nan, nan, nan, nan, ab.TOO_FEW)
+        empty = " and ".join(arm for arm, n in (("control", trials_c), ("treatment", trials_t)) if not n)
+        why = f"no test: the {empty} arm served no impression"
+        return ab.TestResult(metric, ctr_c, ctr_t, ctr_t - ctr_c, nan, nan, nan, nan, why)
     return ab.two_proportion_ztest(clicks_c, trials_c, clicks_t, trials_t, metric, alpha)
 
 

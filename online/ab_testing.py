@@ -24,7 +24,8 @@ and 6.5% for watch time. So when either group has fewer than ``PERMUTATION_BELOW
 re-randomised between the two groups; exact for an A/A comparison, where the assignment is the only
 difference, and asymptotically right when the groups' spreads differ): 3.5-5.5% in the same check.
 With fewer than ``MIN_USERS`` users in a group there is no p-value ("too few users to tell"), only
-the minimum detectable effect at the current sizes.
+the minimum detectable effect at the current sizes; with enough users, neither is there for a group
+with a per-user value that is not finite or a ratio over no impression, and the method says which.
 """
 
 from __future__ import annotations
@@ -142,6 +143,22 @@ def _group(num, den) -> tuple[float, float, float, int]:
     return float(r), unit / n, unit, n
 
 
+def _untestable(num_c, den_c, num_t, den_t) -> str:
+    """Why a comparison has no p-value: too few users (``TOO_FEW``), or with enough of them a
+    per-user value that is not finite or an arm whose denominators sum to 0 (no impression served)."""
+    groups = {"control": (num_c, den_c), "treatment": (num_t, den_t)}
+    if min(len(np.asarray(num, dtype=float)) for num, _ in groups.values()) < MIN_USERS:
+        return TOO_FEW
+    for arm, (num, den) in groups.items():
+        x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+        bad = int((~np.isfinite(x) | ~np.isfinite(y)).sum())
+        if bad:
+            return f"no test: {bad} of the {arm} arm's {len(x)} per-user values are not finite"
+        if y.sum() <= 0:
+            return f"no test: the {arm} arm's denominators sum to {y.sum():g}, no impression served, so no ratio"
+    return "no test: the per-user spread is not finite"
+
+
 def _compare(num_c, den_c, num_t, den_t, metric, alpha, n_resamples, seed, power) -> TestResult:
     r_c, v_c, unit_c, n_c = _group(num_c, den_c)
     r_t, v_t, unit_t, n_t = _group(num_t, den_t)
@@ -152,7 +169,8 @@ def _compare(num_c, den_c, num_t, den_t, metric, alpha, n_resamples, seed, power
         unit = np.nanmax([unit_c, unit_t]) if np.isfinite([unit_c, unit_t]).any() else float("nan")
         se = np.sqrt(unit * (1 / max(n_c, 1) + 1 / max(n_t, 1)))
         nan = float("nan")
-        return TestResult(metric, r_c, r_t, diff, nan, nan, nan, nan, TOO_FEW, n_c, n_t, float((z_a + z_b) * se))
+        why = _untestable(num_c, den_c, num_t, den_t)
+        return TestResult(metric, r_c, r_t, diff, nan, nan, nan, nan, why, n_c, n_t, float((z_a + z_b) * se))
     se = float(np.sqrt(v_c + v_t))
     if se > 0:
         df = (v_c + v_t) ** 2 / (v_c**2 / (n_c - 1) + v_t**2 / (n_t - 1))

@@ -396,6 +396,8 @@ def test_a_control_arm_that_served_only_empty_responses_keeps_running():
     assert result.observed_users_per_arm == 3 and result.required_users_per_arm > 3
     assert result.decision.startswith("KEEP RUNNING"), result.decision
     assert np.isnan(result.tests["p_value"][1]) and result.tests["treatment"][1] == 0.1
+    # Why: the empty arm, not "too few users to tell" (the treatment's 5 users are enough for a test).
+    assert result.tests["method"][1] == "no test: the control arm served no impression"
 
 
 def test_the_user_bootstrap_of_ctr_has_no_interval_for_a_group_without_impressions():

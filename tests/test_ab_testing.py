@@ -175,6 +175,23 @@ def test_permutation_test_of_groups_without_spread():
     assert same.p_value == pytest.approx(0.5)
 
 
+def test_a_test_without_a_p_value_says_why_not_too_few_users_when_there_are_enough():
+    """300 users an arm, yet a per-user value NaN or an arm that served no impression read "too few
+    users to tell" (and the decision "cannot be tested yet (too few users to tell)"). Identical arms
+    without spread are a test: no difference, p = 1 (the t test; the permutation test's mid-p 0.5)."""
+    x = np.random.default_rng(0).random(300)
+    y = x.copy()
+    y[3] = np.nan
+    broken = ab.mean_test(x, y, "watch_minutes_per_user")
+    assert np.isnan(broken.p_value)
+    assert broken.method == "no test: 1 of the treatment arm's 300 per-user values are not finite"
+    no_impression = ab.ratio_delta_test(np.zeros(300), np.zeros(300), np.ones(300), np.full(300, 3.0), "ctr")
+    assert np.isnan(no_impression.p_value) and "control arm's denominators sum to 0" in no_impression.method
+    assert ab.mean_test(np.ones(1), np.ones(300)).method == ab.TOO_FEW  # too few: still said so
+    same = ab.mean_test(np.ones(300), np.ones(300))
+    assert same.p_value == 1.0 and same.difference == 0
+
+
 def test_always_valid_p_value_is_the_mixture_likelihood_ratio():
     """The closed form against the likelihood ratio integrated numerically: the normal likelihood of
     the observed difference under each true gap theta ~ N(0, tau^2), over its likelihood under 0."""
