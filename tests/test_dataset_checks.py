@@ -361,6 +361,126 @@ def test_invalid_split_kinds_are_named():
         SplitConfig(kind="explicit")
 
 
+FEATURES = ["user_events_before", "user_clicks_before", "item_events_before", "item_clicks_before"]
+WINDOW = ["user_events_last_1h", "user_clicks_last_1h"]
+
+
+def workflow_config(split: dict):
+    from configs import load_config
+
+    return load_config(overrides={"workflow": {"split": split, "features": {"activity_windows": ["1h"]}}}).workflow
+
+
+def counted_before(rows, counted):
+    """Each row's features recounted in plain pandas over ``counted``: its strictly earlier events."""
+    want = rows[["user_id", "item_id", "timestamp"]].reset_index(drop=True).copy()
+    for key, names in (("user_id", FEATURES[:2]), ("item_id", FEATURES[2:])):
+        pairs = want.reset_index().merge(counted[[key, "timestamp", "click"]], on=key, suffixes=("", "_c"))
+        before = pairs[pairs["timestamp_c"] < pairs["timestamp"]].groupby("index")["click"]
+        want[names[0]] = before.size().reindex(want.index, fill_value=0).values
+        want[names[1]] = before.sum().reindex(want.index, fill_value=0).values
+        if key == "user_id":
+            recent = pairs[
+                (pairs["timestamp_c"] < pairs["timestamp"]) & (pairs["timestamp_c"] >= pairs["timestamp"] - 3600)
+            ]
+            recent = recent.groupby("index")["click"]
+            want[WINDOW[0]] = recent.size().reindex(want.index, fill_value=0).values
+            want[WINDOW[1]] = recent.sum().reindex(want.index, fill_value=0).values
+    return want
+
+
+def test_features_under_an_explicit_split_count_only_earlier_training_events(tmp_path):
+    """The features were computed on the whole log before the split: under a random or explicit split a
+    training row counted the held-out events before it (their labels leaked into training features),
+    while the serving tables count the training part only. Now every part counts earlier training
+    events only: a user's held-out click before a training event does not raise its counts."""
+    from workflows.pipeline import features_and_split
+    from workflows.point_in_time import WEIGHT
+
+    keys = ["user_id", "item_id", "timestamp"]
+    log = pd.DataFrame(
+        {  # user 1: a held-out click on 7 at t=10, then training events; user 2: a held-out click on 8
+            "user_id": [1, 1, 1, 2, 2],
+            "item_id": [7, 8, 9, 8, 9],
+            "timestamp": [10, 20, 30, 15, 40],
+            "click": [1, 0, 1, 1, 1],
+        }
+    ).assign(watch_seconds=0, like=0, share=0)
+    valid = log["timestamp"].isin([10, 15])
+    config = workflow_config(split_files(tmp_path, log[~valid][keys], log[valid][keys]).__dict__)
+    split, counted = features_and_split(ddf(log, 2), config)
+    train = split.train.compute().sort_values("timestamp")
+    held = split.valid.compute().sort_values("timestamp")
+    assert list(train.columns) == list(log.columns) + FEATURES + WINDOW == list(held.columns)
+    # (1, 8, 20): no earlier training event of user 1 or item 8 (old code: 1 click of each, held out).
+    assert train[FEATURES + WINDOW].values.tolist() == [[0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 1, 0], [0, 0, 1, 1, 0, 0]]
+    assert held[FEATURES + WINDOW].values.tolist() == [[0] * 6, [0] * 6]  # held-out rows count none either
+    # The training rows' counts as of the end are the serving tables' totals (counted over the training part).
+    users, items = totals_as_of(split.train, split.cutoff)
+    assert users.set_index("user_id").loc[[1, 2]].values.tolist() == [[2, 1], [1, 1]]
+    assert items.set_index("item_id").loc[[8, 9]].values.tolist() == [[1, 0], [2, 2]]
+    weights = counted.compute().set_index(keys)[WEIGHT]
+    assert weights.sort_index().tolist() == [0, 1, 1, 0, 1]
+
+
+def test_features_under_a_random_split_count_only_earlier_training_events(events):
+    """Random split of the synthetic log: every row of every part (and every sampled negative) has the
+    counts of the training part's strictly earlier events; the held-out parts' events are never counted,
+    and the point-in-time probe still passes on the log the features counted."""
+    from workflows.pipeline import _negatives_with_features, event_feature_columns, event_features, features_and_split
+
+    unique = events.drop_duplicates(["user_id", "item_id", "timestamp"])
+    config = workflow_config({"kind": "random"})
+    split, counted = features_and_split(ddf(unique), config)
+    parts = {name: part.compute() for name, part in split.parts().items()}
+    assert sum(len(p) for p in parts.values()) == len(unique) and list(parts) == ["train", "valid", "test"]
+    train = parts["train"]
+    for part in parts.values():
+        got = part[FEATURES + WINDOW].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, counted_before(part, train)[FEATURES + WINDOW], check_dtype=False)
+    # Counted over the whole log (the old order: features, then the split), training rows differ.
+    whole = event_features(ddf(unique), config).compute()
+    old = train[["user_id", "item_id", "timestamp"]].merge(whole, on=["user_id", "item_id", "timestamp"])
+    assert (old["user_events_before"].values > counted_before(old, train)["user_events_before"].values).any()
+    # Sampled negatives count the training events too, not the held-out ones.
+    items = pd.DataFrame({"item_id": np.arange(1, CFG.num_items + 1)})
+    config.negative_sampling.kind = "uniform"
+    negatives = _negatives_with_features(split.train, counted, items, config, True).compute()
+    assert len(negatives) > 0
+    got = negatives[FEATURES + WINDOW].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, counted_before(negatives, train)[FEATURES + WINDOW], check_dtype=False)
+    # The probe on the weighted log: no feature of the past moves when the future changes.
+    columns = event_feature_columns(config)
+    record = check_point_in_time(counted, compute=lambda d: event_features(d, config), columns=columns)
+    assert record["passed"] and record["past_rows"] > 0
+
+
+def test_features_under_a_temporal_split_are_computed_on_the_whole_log_as_before(events):
+    """Under a temporal split every held-out event follows every training one: the features stay those
+    of the whole log (held-out rows count the held-out events before them), computed before the split."""
+    from workflows.pipeline import event_features, features_and_split
+    from workflows.splits import split_events
+
+    unique = events.drop_duplicates(["user_id", "item_id", "timestamp"])
+    config = workflow_config({"kind": "temporal", "valid_fraction": 0.1, "test_fraction": 0.1})
+    split, counted = features_and_split(ddf(unique), config)
+    before = split_events(event_features(ddf(unique), config), config.split)
+    assert split.cutoff == before.cutoff and split.details == before.details
+
+    def rows(ddf):  # the shuffles order rows as they come; the same rows in any order
+        frame = ddf.compute()
+        return frame.sort_values(list(frame.columns)).reset_index(drop=True)
+
+    for name, part in split.parts().items():
+        pd.testing.assert_frame_equal(rows(part), rows(before.parts()[name]))
+    pd.testing.assert_frame_equal(rows(counted), rows(event_features(ddf(unique), config)))
+    valid = split.valid.compute()
+    assert (valid[FEATURES + WINDOW].values == counted_before(valid, unique)[FEATURES + WINDOW].values).all()
+    assert (
+        valid["user_events_before"].values > counted_before(valid, split.train.compute())["user_events_before"].values
+    ).any()
+
+
 # --- negative sampling -----------------------------------------------------------------------------
 
 

@@ -370,3 +370,40 @@ def test_a_rerun_without_a_test_part_or_activity_windows_leaves_none_of_the_earl
     assert "test_rows" not in out.summary
     assert out.test() is None
     assert not out.held_out_events("test").exists() and not out.recent_events.exists()
+
+
+def test_a_random_split_trains_on_counts_of_earlier_training_events_only(tmp_path):
+    """The point-in-time and activity features were computed on the whole log before the split: under
+    a random split a training row counted the user's held-out events before it (a leak of held-out
+    labels into training features), while serving counts the training part only. Now the rows of every
+    part count the training part's strictly earlier events, and the probe checks that log."""
+    import dask.dataframe as dd
+    import numpy as np
+
+    from configs import load_config
+    from workflows.pipeline import run_dataset_pipeline
+    from workflows.splits import random_split
+
+    write_tables(tmp_path, tiny_log(400, clicks=None), [f"title {i}" for i in range(1, 9)])
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    workflow = {"split": {"kind": "random"}, "features": {"activity_windows": ["7d"]}}
+    config = load_config(overrides={"workflow": workflow}).workflow
+    out = run_dataset_pipeline(*paths, tmp_path / "out", config)
+    assert "point_in_time" in {c["check"] for c in out.summary["checks"]}
+    log = pd.read_parquet(paths[0])
+    train = random_split(dd.from_pandas(log, npartitions=2), config.split).train.compute()
+    for part in ("train", "valid", "test"):
+        rows = pd.read_parquet(out.train_events if part == "train" else out.held_out_events(part))
+        encoded = getattr(out, part)().to_ddf().compute()  # the same rows, in the same order
+        got = np.rint(np.expm1(encoded[["user_events_last_7d", "user_clicks_last_7d"]].to_numpy())).astype(int)
+        # The 7-day window spans the whole 5-day log: every earlier training event of the user.
+        earlier = rows.reset_index().merge(train, on="user_id", suffixes=("", "_t"))
+        earlier = earlier[earlier["timestamp_t"] < earlier["timestamp"]].groupby("index")["click_t"]
+        want = np.stack([earlier.size(), earlier.sum()], axis=1)
+        want = pd.DataFrame(want, index=earlier.size().index).reindex(rows.index, fill_value=0).to_numpy()
+        assert len(got) == len(rows) > 0
+        np.testing.assert_array_equal(got, want, err_msg=f"{part}: counts not of earlier training events")
+    # ...and the serving table's counts as of the end of the training data are the training part's.
+    users = pd.read_parquet(out.user_features).set_index("user_id_raw")
+    served = np.rint(np.expm1(users["user_events_last_7d"])).astype(int)
+    assert served.to_dict() == train.groupby("user_id").size().reindex(served.index, fill_value=0).to_dict()

@@ -149,7 +149,7 @@ def _host_or_device(series):
 
 def _partition_counts(df, windows: list[int], names: list[str]):
     """One partition (every event of its users): the counts columns added. Rows with ``WEIGHT`` 0
-    (sampled negatives) get counts but are not counted."""
+    (sampled negatives, held-out rows under a random or explicit split) get counts but are not counted."""
     users, times = _host_or_device(df["user_id"]), _host_or_device(df["timestamp"])
     clicks = _host_or_device(df["click"])
     if WEIGHT in df.columns:

@@ -8,7 +8,9 @@ The steps, in order (one module each; every step reports rows/users/items remove
     recency_window.recency_window    only the last W days
     point_in_time                    user/item counts from strictly earlier events
     activity                         the user's events/clicks in the last 1 h / 24 h / 7 d before each event
-    splits.split_events              temporal (default) / random per user / explicit files
+    splits.split_events              temporal (default) / random per user / explicit files; a random or
+                                     explicit split comes before the two steps above, which then count
+                                     training events only (``features_and_split``)
     active_users.active_users        training data: only users active lately (others: fallback)
     dedup.dedup_pairs                one row per (user, item) per part, signals combined
     negative_sampling                optional sampled negatives for rankers (training, optionally validation)
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -207,6 +209,44 @@ def event_feature_columns(config: WorkflowConfig) -> list[str]:
     )
 
 
+_PART = "_part"  # features_and_split: the part (0 train, 1 valid, 2 test) of each row of the weighted log
+
+
+def features_and_split(events, config: WorkflowConfig, item_map=None):
+    """Steps 2 and 3: the event features (``event_features``) and the split. Returns ``(split, counted)``:
+    the split, its parts with the feature columns, and the log the features counted from, which later
+    steps count from too (sampled negatives, the point-in-time probe).
+
+    ``temporal``: features on the whole log, then the split (every held-out event is after every
+    training one, so no training row counts one; held-out rows count the earlier held-out events, as
+    serving counts live ones). ``counted``: the log with its features.
+
+    ``random`` / ``explicit``: held-out events lie between training ones, so counted over the whole log a
+    training row's ``user_clicks_before`` held the user's held-out clicks before it (their labels leaked
+    into training features) and differed from the serving tables, counted over the training part only.
+    The split comes first instead (it reads no feature), then the features on every part together, held-out
+    rows weighted 0 (``WEIGHT``): each row of every part counts the strictly earlier training events
+    only; the log's events in no part (an explicit split's) are not counted. ``counted``: every part's
+    rows with their features and ``WEIGHT`` (1 training, 0 held out).
+    """
+    if config.split.kind == "temporal":
+        events = event_features(events, config).persist()
+        return split_events(events, config.split, item_map), events
+    events = events.persist()
+    split = split_events(events, config.split, item_map)
+    parts = split.parts()
+    tagged = []
+    for i, (name, part) in enumerate(parts.items()):
+        zero = part["timestamp"] * 0
+        tagged.append(part.assign(**{_PART: zero + i, WEIGHT: zero + int(name == "train")}))
+    both = dd.concat(tagged).repartition(npartitions=events.npartitions)
+    both = event_features(both, config).persist()
+    columns = [c for c in both.columns if c not in (_PART, WEIGHT)]
+    featured = {name: both[both[_PART] == i][columns] for i, name in enumerate(parts)}
+    split = replace(split, train=featured["train"], valid=featured["valid"], test=featured.get("test"))
+    return split, both[[*columns, WEIGHT]]
+
+
 def _negatives_with_features(
     part,
     events,
@@ -218,14 +258,20 @@ def _negatives_with_features(
     seed_offset: int = 0,
     event_columns: list[str] | None = None,
 ):
-    """Sampled negatives for one split part, with point-in-time counts as of their timestamp."""
+    """Sampled negatives for one split part, with point-in-time counts as of their timestamp.
+
+    ``events``: the log the features counted (``features_and_split``); its rows with ``WEIGHT`` 0
+    (held-out rows under a random or explicit split) are not counted for the negatives either."""
     ns = config.negative_sampling
     event_columns = event_columns or Layout().event_columns
     raw = part[event_columns]
     negatives = sample_negatives(raw, items, ns.ratio, ns.kind, ns.seed + seed_offset, popularity, seen)
     negatives = negatives.drop_duplicates(subset=["user_id", "item_id"], split_out=negatives.npartitions)
     if point_in_time:
-        # Negatives get the counts of real events before them, and are not counted themselves.
+        # Negatives get the counts of real events before them, and are not counted themselves. The real
+        # events are the ones the features counted (``features_and_split``): held-out rows weighted 0 are not.
+        if WEIGHT in events.columns:
+            events = events[events[WEIGHT] > 0]
         real = events[event_columns].assign(**{WEIGHT: events["timestamp"] * 0 + 1})
         fake = negatives.assign(**{WEIGHT: negatives["timestamp"] * 0})
         both = event_features(dd.concat([real, fake]), config)
@@ -311,14 +357,14 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     users = with_placeholders(users, inputs.missing_users, "user_id")
     items = with_placeholders(items, np.setdiff1d(inputs.missing_items, unsafe), "item_id")
 
-    # 2. Point-in-time features on the cleaned log (every event sees only earlier events).
+    # 2-3. Point-in-time features (every event sees only earlier events; under a random or explicit
+    # split only earlier training events) and the split.
     windows = config.features.activity_window_seconds
     feature_columns = event_feature_columns(config)
     point_in_time = bool(feature_columns)  # some feature reads earlier events (negatives need them too)
-    events = event_features(events, config).persist()
+    split, events = features_and_split(events, config, item_map)
 
-    # 3. Split; active users on the training part; one row per (user, item) in each part.
-    split = split_events(events, config.split, item_map)
+    # 3. Active users on the training part; one row per (user, item) in each part.
     if config.checks.enabled and config.split.kind == "temporal":
         passed.append(checks.check_temporal_split(split))
     train, rep = active_users(split.train, config.active_users, as_of=split.cutoff)

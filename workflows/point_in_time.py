@@ -16,7 +16,9 @@ from __future__ import annotations
 USER_COUNTS = ["user_events_before", "user_clicks_before"]
 ITEM_COUNTS = ["item_events_before", "item_clicks_before"]
 POINT_IN_TIME_COLUMNS = USER_COUNTS + ITEM_COUNTS
-WEIGHT = "_counts"  # optional 0/1 column: rows with 0 get features but are not counted (sampled negatives)
+# Optional 0/1 column: rows with 0 get features but are not counted (sampled negatives; held-out rows
+# under a random or explicit split, ``workflows.pipeline.features_and_split``).
+WEIGHT = "_counts"
 
 
 def _counts_before(df, key: str, names: list[str]):
