@@ -455,6 +455,31 @@ def test_features_under_a_random_split_count_only_earlier_training_events(events
     assert record["passed"] and record["past_rows"] > 0
 
 
+def test_a_random_split_without_event_features_is_the_split_alone_on_the_same_partitions(events):
+    """No feature to count (configs/movielens-recbole.yaml): each part is the split's own, the same rows
+    in the same partitions, so what is drawn per partition downstream (sampled negatives, seeded by the
+    partition's number) is what it was before features were counted after the split."""
+    from configs import load_config
+    from workflows.pipeline import features_and_split
+    from workflows.splits import split_events
+
+    unique = events.drop_duplicates(["user_id", "item_id", "timestamp"])
+    overrides = {"split": {"kind": "random"}, "features": {"point_in_time": False, "activity_windows": []}}
+    config = load_config(overrides={"workflow": overrides}).workflow
+    log = ddf(unique)
+    split, _ = features_and_split(log, config)
+    before = split_events(log.persist(), config.split)  # the old order: the feature-less log, then the split
+
+    def rows(frame):  # the split's shuffle orders rows as they come: the same rows in any order
+        return frame.sort_values(list(frame.columns)).reset_index(drop=True)
+
+    for name, part in split.parts().items():
+        old = before.parts()[name]
+        assert part.npartitions == old.npartitions, name
+        for i in range(part.npartitions):
+            pd.testing.assert_frame_equal(rows(part.get_partition(i).compute()), rows(old.get_partition(i).compute()))
+
+
 def test_features_under_a_temporal_split_are_computed_on_the_whole_log_as_before(events):
     """Under a temporal split every held-out event follows every training one: the features stay those
     of the whole log (held-out rows count the held-out events before them), computed before the split."""

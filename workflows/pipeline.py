@@ -217,9 +217,9 @@ def features_and_split(events, config: WorkflowConfig, item_map=None):
     the split, its parts with the feature columns, and the log the features counted from, which later
     steps count from too (sampled negatives, the point-in-time probe).
 
-    ``temporal``: features on the whole log, then the split (every held-out event is after every
-    training one, so no training row counts one; held-out rows count the earlier held-out events, as
-    serving counts live ones). ``counted``: the log with its features.
+    ``temporal`` (or no event feature configured): features on the whole log, then the split (every
+    held-out event is after every training one, so no training row counts one; held-out rows count the
+    earlier held-out events, as serving counts live ones). ``counted``: the log with its features.
 
     ``random`` / ``explicit``: held-out events lie between training ones, so counted over the whole log a
     training row's ``user_clicks_before`` held the user's held-out clicks before it (their labels leaked
@@ -229,7 +229,9 @@ def features_and_split(events, config: WorkflowConfig, item_map=None):
     only; the log's events in no part (an explicit split's) are not counted. ``counted``: every part's
     rows with their features and ``WEIGHT`` (1 training, 0 held out).
     """
-    if config.split.kind == "temporal":
+    if config.split.kind == "temporal" or not event_feature_columns(config):
+        # No feature to count (configs/movielens-recbole.yaml): the split alone, on the same partitions as
+        # before, so the seeded per-partition draws downstream (sampled negatives) are what they were.
         events = event_features(events, config).persist()
         return split_events(events, config.split, item_map), events
     events = events.persist()
