@@ -7,7 +7,8 @@ every step is
   (not one whose earlier steps' results changed since it ran);
 * retried with exponential backoff (``tenacity``) on failure, except a deliberate refusal
   (``StepRefused``: the gate saying no), which the same inputs would only repeat;
-* bounded by a timeout: the step runs in a child process that is terminated when it overruns;
+* bounded by a timeout: the step runs in a child process that is terminated when it overruns (and
+  that ends itself when the runner is gone);
 * alerting: a step that still fails sends an alert to a webhook URL (JSON POST) or appends it to a
   local file, and the run stops with ``RetrainingFailed``.
 
@@ -23,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 import urllib.request
@@ -93,16 +95,28 @@ class Alerter:
             raise OSError("; ".join(f"{type(e).__name__}: {e}" for e in errors)) from errors[0]
 
 
-def _child(fn: StepFn, context: dict, queue) -> None:
+def _child(fn: StepFn, context: dict, queue, runner_pid: int) -> None:
     if hasattr(os, "setpgrp"):
         # Its own process group, so that a timeout also ends what the step started (a subprocess, a
         # worker): an orphan left training would write the registry beside the retry.
         os.setpgrp()
+        # Out of the runner's group, nothing that ends the runner reaches the step (a SIGKILL, an
+        # out-of-memory kill, ``timeout``'s or a supervisor's signal to the runner's group): it trained
+        # on, orphaned, beside the resumed run's retry of the same step.
+        threading.Thread(target=_end_with_runner, args=(runner_pid,), daemon=True).start()
     try:
         queue.put(("ok", fn(context)))
     except BaseException as err:  # report every failure to the parent, which decides on retries
         status = "refused" if isinstance(err, StepRefused) else "error"
         queue.put((status, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+
+
+def _end_with_runner(runner_pid: int, poll_s: float = 0.5) -> None:
+    """In the step's process: once the runner is gone (it is no longer this process's parent), end the
+    step's process group, this process included."""
+    while os.getppid() == runner_pid:
+        time.sleep(poll_s)
+    os.killpg(0, signal.SIGKILL)
 
 
 def _stop(proc) -> None:
@@ -133,7 +147,7 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
     ``StepTimeout`` on overrun."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: forking a process with TF threads can hang
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, context, queue), daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, context, queue, os.getpid()), daemon=True)
     proc.start()
     try:
         status, payload = _wait(proc, queue, timeout_s)

@@ -462,3 +462,45 @@ def test_the_export_refuses_a_candidate_whose_served_scores_fail_the_checklist(m
         retraining.step_export(context)
     assert seen == [("trained", tmp_path / "v3")]
     assert [(path, version) for path, version, _ in refused] == [("r", 3)]  # latest passes it over
+
+
+def records_its_pid_and_hangs(context):
+    (Path(context["run_dir"]) / "step.pid.tmp").write_text(str(__import__("os").getpid()))
+    (Path(context["run_dir"]) / "step.pid.tmp").rename(Path(context["run_dir"]) / "step.pid")
+    time.sleep(60)
+    return {}
+
+
+def test_a_step_ends_when_its_runner_is_killed(tmp_path):
+    """The step runs in its own process group, so nothing that ended the runner reached it (a SIGKILL, an
+    out-of-memory kill, ``timeout``'s signal to the runner's group): the step trained on, orphaned, beside
+    the resumed run's retry of it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from test_retraining import records_its_pid_and_hangs as f;"
+        "from online.retraining import Alerter, Step, run_pipeline;"
+        "run_pipeline([Step('s', f, timeout_s=120, attempts=1)], sys.argv[2], {}, Alerter())"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(run)])
+    pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "step.pid").exists() and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.1)
+        pid = int((run / "step.pid").read_text())
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 10
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), "the step ran on after its runner was killed"
+    finally:
+        runner.kill()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
