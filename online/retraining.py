@@ -12,14 +12,18 @@ every step is
 * alerting: a step that still fails sends an alert to a webhook URL (JSON POST) or appends it to a
   local file, and the run stops with ``RetrainingFailed``.
 
+One runner a run folder at a time (an flock on it): a second is refused with ``RunInProgress``.
+
 ``default_steps`` wires the project's own stages; ``online/airflow_dag.py`` declares the same steps as
 an Airflow DAG for production schedulers.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -29,12 +33,15 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import NoReturn
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[dict], dict]  # context (results of earlier steps + settings) -> this step's result
 
@@ -45,6 +52,11 @@ class RetrainingFailed(RuntimeError):
 
 class StepTimeout(RuntimeError):
     pass
+
+
+class RunInProgress(RuntimeError):
+    """Another runner holds the run folder: two runners of one run trained twice, wrote one processed
+    folder at once and could each start an experiment."""
 
 
 class StepRefused(RuntimeError):
@@ -189,6 +201,29 @@ def run_pipeline(
     earlier step's result has changed since they ran."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run_dir):
+        return _run_steps(steps, run_dir, settings, alerter, backoff_s)
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """One runner a run folder at a time: an flock on the folder, held for the run (the kernel releases
+    it when the runner dies, so a crashed run leaves nothing to clear). A second runner is refused at
+    once with ``RunInProgress``, without an alert: the run in progress alerts for itself."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInProgress(f"another runner is running {run_dir}") from None
+        except OSError as err:  # NFS emulates flock with write locks, which a read-only fd cannot take
+            log.warning("no lock on %s (%s): a second runner of this run is not refused", run_dir, err)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_steps(steps: list[Step], run_dir: Path, settings: dict, alerter: Alerter, backoff_s: float) -> dict:
     context = {"settings": settings, "run_dir": str(run_dir)}
     for i, step in enumerate(steps):
         marker = run_dir / f"{step.name}.json"

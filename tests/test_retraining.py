@@ -504,3 +504,38 @@ def test_a_step_ends_when_its_runner_is_killed(tmp_path):
         runner.kill()
         if pid is not None and _running(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def waits_for_release(context):
+    run = Path(context["run_dir"])
+    counter = run / "runs.count"
+    counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+    deadline = time.monotonic() + 30
+    while not (run / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"released": (run / "release").exists()}
+
+
+def test_a_second_runner_of_the_same_run_is_refused(tmp_path):
+    """Nothing kept two runners out of one run folder (a manual re-run beside the scheduled one): both ran
+    every step, two trainings, one processed folder written twice at once, two experiments."""
+    import threading
+
+    run = tmp_path / "run"
+    steps = [Step("s", waits_for_release, timeout_s=60, attempts=1)]
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(run_pipeline(steps, run, {}, Alerter())))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (run / "runs.count").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alerter = Alerter()
+        with pytest.raises(RuntimeError, match="another runner is running"):
+            run_pipeline([Step("s", waits_for_release, timeout_s=2, attempts=1)], run, {}, alerter)
+        assert (run / "runs.count").read_text() == "1" and not alerter.sent
+    finally:
+        (run / "release").write_text("")
+        runner.join(60)
+    assert first == {"s": {"released": True}}
+    assert run_pipeline(steps, run, {}, Alerter()) == first  # the lock went with the first runner
