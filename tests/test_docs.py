@@ -20,6 +20,31 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def outside_code_fences(text: str) -> str:
+    """The text with each fenced code block's lines blanked: a ``# comment`` in a shell block is no heading."""
+    lines, fence = text.splitlines(), None
+    for i, line in enumerate(lines):
+        opening = re.match(r"\s*(`{3,}|~{3,})", line)
+        if fence is None and opening:
+            fence, lines[i] = opening.group(1), ""
+        elif fence is not None:
+            if re.fullmatch(r"\s*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}\s*", line):
+                fence = None
+            lines[i] = ""
+    return "\n".join(lines)
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: a repeated heading's takes -1, -2, ..."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in re.findall(r"^#{1,6} +(.+?)(?: +#+)? *$", outside_code_fences(text), flags=re.M):
+        base = slug(re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading))  # a link in a heading: its text
+        found.add(f"{base}-{seen[base]}" if base in seen else base)
+        seen[base] = seen.get(base, 0) + 1
+    return found
+
+
 def test_readme_is_at_most_150_lines_and_names_no_issue_numbers():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 150
@@ -48,8 +73,7 @@ def test_every_relative_link_resolves(page):
         if not resolved.exists():
             broken.append(target)
         elif anchor and resolved.suffix == ".md":
-            headings = [slug(h) for h in re.findall(r"^#+ (.+)$", resolved.read_text(), flags=re.M)]
-            if anchor not in headings:
+            if anchor not in anchors(resolved.read_text()):
                 broken.append(target)
     assert not broken, broken
 
@@ -71,6 +95,30 @@ PROSE = [(page, page.read_text()) for page in PAGES] + [(nb, s) for nb, kind, s 
 TEXTS = PROSE + [(nb, s) for nb, kind, s in NOTEBOOK_CELLS if kind == "code"]
 COMMAND = re.compile(r"(?<![\w/.])((?:scripts|benchmarks)/\w+\.py)|-m\s+((?:scripts|benchmarks)\.\w+)")
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
+
+# The repository's own folders: a path under one of them in the prose names a file of the checkout. Not
+# build/, data/ or a user's myshop/ (made by the commands the docs show), nor `$OUT/models/...` or
+# `/models/triton_repo` (a mount), which the look-behind skips.
+REPO_DIRS = sorted({*PACKAGES, "docs", "monitoring", "notebooks", "scripts", "tests", "triton_repo"})
+REPO_PATH = re.compile(
+    r"(?<![\w./$~-])((?:" + "|".join(REPO_DIRS) + r")/[\w./-]*\w)"
+    r"(?![\w-]|[./]?[<{*$]|/?\.\.\.)"  # not a placeholder: `configs/<name>.yaml`, `triton_repo/funnel/...`
+)
+# `kubectl scale deployment/funnel-server`: a Kubernetes object, not the folder deployment/.
+KUBECTL_OBJECT = re.compile(r"\bkubectl\s+(?:[a-z]+\s+){1,2}$")
+
+
+def test_every_repository_path_named_in_the_docs_exists():
+    """`workflows/point_in_time.py`, configs/movielens-recbole.yaml, `monitoring/prometheus/funnel-alerts.yml`
+    in the README, docs/ and the notebooks' prose, in backticks or not: a file or folder of the repository."""
+    missing = []
+    for where, text in PROSE:
+        for m in REPO_PATH.finditer(text):
+            line_before = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
+            if KUBECTL_OBJECT.search(line_before) or (ROOT / m.group(1)).exists():
+                continue
+            missing.append(f"{where.name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(1)}")
+    assert not missing, missing
 
 
 @cache
