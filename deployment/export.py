@@ -171,6 +171,7 @@ def export_repository(
         raise ValueError(
             f"serving.batching.stage_instances names {unknown}; the models are {[*STAGE_ARTIFACTS, FUSED]}"
         )
+    warn_ignored_instances(batching)
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out_repo.parent, rf"\.{re.escape(out_repo.name)}-(staging|old)-{TEMP_SUFFIX}"):
@@ -333,6 +334,25 @@ def with_metrics_interval(model_config: str, seconds: float) -> str:
         config.parameters[METRICS_INTERVAL_PARAMETER].string_value = repr(float(seconds))
 
     return edit_model_config(model_config, change)
+
+
+def warn_ignored_instances(batching) -> list[str]:
+    """Warn about, and return, the ``stage_instances`` entries this export's layout has no model for:
+    a stage's own count when the stages are fused into ``fused_funnel`` (``fuse_stages``), or
+    ``fused_funnel``'s count when they are not. Not refused: ``scripts/export_triton.py --fuse-stages``
+    and rollouts re-export a version laid out the other way than its config's counts were written for."""
+    if batching.fuse_stages:
+        ignored = sorted(set(batching.stage_instances) - {FUSED})
+        why = (
+            f"the stages are fused into {FUSED} (fuse_stages: true), which gets {batching.instances_of(FUSED)} "
+            f"instance(s); set stage_instances.{FUSED} or instances"
+        )
+    else:
+        ignored = [FUSED] if FUSED in batching.stage_instances else []
+        why = "fuse_stages is false: each stage is its own model; set the stages' counts or instances"
+    if ignored:
+        log.warning("serving.batching.stage_instances %s ignored: %s", ignored, why)
+    return ignored
 
 
 def configure_batching(stage_config: str, stage: str, batching) -> str:

@@ -334,3 +334,32 @@ def test_an_added_version_is_on_disk_before_its_renames_publish_it(tiny_version,
     for target in moved:
         assert record.missed(target) == [], target
         assert record.parent_synced(target), target
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_instance_counts_the_layout_has_no_model_for_are_named_at_export(tiny_version, tmp_path, caplog, fused):
+    """``stage_instances: {heavy_ranker: 4}`` under ``fuse_stages`` (or ``{fused_funnel: 4}`` without it)
+    names a model the export does not write: the count was dropped without a word, and the user who
+    asked for 4 heavy-ranker instances served with ``instances``. The export still runs (a version is
+    re-exported fused with ``--fuse-stages``), and says which entries it ignored and what applies."""
+    from configs import BatchingConfig
+    from deployment.export import batching_settings
+    from serving.interface import FUSED
+
+    asked = {"heavy_ranker": 4, FUSED: 3}
+    batching = BatchingConfig(fuse_stages=fused, instances=2, stage_instances=asked)
+    with caplog.at_level("WARNING", logger="deployment.export"):
+        repo = export_repository(tiny_version, tmp_path / "repo", batching=batching)
+    warned = [r.getMessage() for r in caplog.records if "stage_instances" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    if fused:
+        assert "['heavy_ranker'] ignored" in warned[0] and "fused into fused_funnel" in warned[0]
+        assert batching_settings((repo / FUSED / "config.pbtxt").read_text())["instances"] == [3]
+    else:
+        assert f"['{FUSED}'] ignored" in warned[0] and "fuse_stages is false" in warned[0]
+        assert batching_settings((repo / "heavy_ranker" / "config.pbtxt").read_text())["instances"] == [4]
+    caplog.clear()
+    staged_counts = BatchingConfig(fuse_stages=fused, stage_instances={FUSED: 3} if fused else {"heavy_ranker": 4})
+    with caplog.at_level("WARNING", logger="deployment.export"):
+        export_repository(tiny_version, tmp_path / "repo", replace=True, batching=staged_counts)
+    assert "stage_instances" not in caplog.text  # counts the layout uses: no word
