@@ -228,6 +228,7 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
         for ids, scores in ((to_raw[top], ndcg_b), (funnel_top[int(u)].item_ids, ndcg_f)):
             gain = np.clip(data.true_affinity(np.full(len(ids), int(u)), np.asarray(ids)), 0, None)
             scores.append(ndcg_at_k(gain, ideal))
+    lookup.close()  # its online store's and live store's connections
     base = np.array(base_lat)
     row["baseline"] = {
         "users": len(base),

@@ -52,6 +52,8 @@ def in_process(repo: Path, version: int, users: np.ndarray, warmup: int = WARMUP
             x.update(funnel[name].run(x))
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
+    for stage in funnel.values():  # their stores' connections
+        stage.close()
     times["total"] = list(np.sum([times[n] for n in stages.FUNNEL], axis=0))
     for name, t in times.items():
         print(f"{name:15s} p50 {np.median(t):7.3f}  mean {np.mean(t):7.3f}  p99 {np.percentile(t, 99):7.3f} ms")
@@ -74,6 +76,8 @@ def in_process_batched(repo: Path, version: int, users: np.ndarray, batch: int, 
                 x.update(out)
             if i >= warmup * batch:
                 times[name].append((time.perf_counter() - start) * 1000 / batch)
+    for stage in funnel.values():  # their stores' connections
+        stage.close()
     times["total"] = list(np.sum([times[n] for n in stages.FUNNEL], axis=0))
     print(f"batches of {batch}: ms per request")
     for name, t in times.items():

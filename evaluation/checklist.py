@@ -109,18 +109,21 @@ def _index_ids(index) -> np.ndarray:
 
 
 def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
-    from evaluation.offline import load_funnel, run_funnel
+    from evaluation.offline import close_funnel, load_funnel, run_funnel
 
     stages = load_funnel(repo, version)
-    # An exploring ordering samples its list (serving/ordering.py): in range, but not sorted.
-    sampled = next(s for s in stages if s.name == "ordering").policy.exploration_temperature > 0
-    bad = []
-    for user in users:
-        s = np.asarray(run_funnel(stages, user, 10)["scores"])
-        # NaN compares false with everything: a NaN score would pass the range and order tests.
-        broken = s.size == 0 or not np.isfinite(s).all()
-        if broken or s.min() < 0 or s.max() > 1 or (not sampled and np.any(np.diff(s) > 0)):
-            bad.append(int(user))
+    try:
+        # An exploring ordering samples its list (serving/ordering.py): in range, but not sorted.
+        sampled = next(s for s in stages if s.name == "ordering").policy.exploration_temperature > 0
+        bad = []
+        for user in users:
+            s = np.asarray(run_funnel(stages, user, 10)["scores"])
+            # NaN compares false with everything: a NaN score would pass the range and order tests.
+            broken = s.size == 0 or not np.isfinite(s).all()
+            if broken or s.min() < 0 or s.max() > 1 or (not sampled and np.any(np.diff(s) > 0)):
+                bad.append(int(user))
+    finally:
+        close_funnel(stages)
     return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")
 
 

@@ -12,6 +12,7 @@ order, so the lists evaluated are the lists the server would return.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -289,6 +290,27 @@ def load_funnel(repo: str | Path, version: int, live_store: str | None = None, s
     return at_training_end([_replayable(stage, seed) for stage in stages])
 
 
+def close_funnel(stages: list) -> None:
+    """Close the stores ``load_funnel``'s stages opened (the online store's and the live store's
+    connections): call it when done with them, or the connections stay open until garbage collection.
+    Idempotent; an ordering copy from ``with_policy`` shares its original's store, so closing either
+    closes both."""
+    for stage in stages:
+        close = getattr(stage, "close", None)
+        if close is not None:
+            close()
+
+
+@contextmanager
+def opened_funnel(repo: str | Path, version: int, **kwargs):
+    """``load_funnel(repo, version, **kwargs)``'s stages, closed (``close_funnel``) when the block ends."""
+    stages = load_funnel(repo, version, **kwargs)
+    try:
+        yield stages
+    finally:
+        close_funnel(stages)
+
+
 def _replayable(stage, seed: int):
     """An exploring ordering stage explores from fresh entropy as loaded (what serving wants): a copy
     drawing from ``seed`` instead, so a replay repeats."""
@@ -363,8 +385,8 @@ def _item_vectors(index):
 
 def served_top_k(repo: str | Path, version: int, user_ids, k: int) -> list[np.ndarray]:
     """Raw item ids the exported funnel returns for each user (stage classes run in-process)."""
-    stages = load_funnel(repo, version)
-    return [np.asarray(run_funnel(stages, user, k)["item_ids"]) for user in user_ids]
+    with opened_funnel(repo, version) as stages:
+        return [np.asarray(run_funnel(stages, user, k)["item_ids"]) for user in user_ids]
 
 
 def columns_from_raw(lists: list[np.ndarray], data: Interactions, k: int) -> np.ndarray:

@@ -79,12 +79,17 @@ def funnel_results(
     the user liked. It does not see the earlier stages' bias (an item retrieval never returns is
     still scored); the item-share curve, Gini and coverage of the served lists do.
     """
+    if not stages:  # loaded here: closed here (``offline.close_funnel``); given stages stay the caller's
+        with offline.opened_funnel(repo, version) as own:
+            return funnel_results(
+                name, repo, version, model_dir, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap,
+                stages=own, parity=parity, categories=categories,
+            )  # fmt: skip
     k = max(ks)
     items = pd.read_parquet(model_dir / "item_features.parquet")
     raw_of = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
     raw_of[items["item_id"].to_numpy()] = items["item_id_raw"].to_numpy()
     encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
-    stages = stages or offline.load_funnel(repo, version)
     finals, per_stage = [], {}
     # Final-scorer scores of each user's held-out items only (all parity reads; -inf where unscorable):
     # a users x items matrix of them took 80 GB at 200,000 users and 50,000 items.
@@ -183,7 +188,12 @@ def ordering_results(
     Where the export has item affinity weights, the affinity switched (``affinity_variant``) is a
     row too. ``as_served``: the served funnel's result on the same data, evaluated with
     ``categories=served_categories(stages)``, is the first row instead of evaluating it again."""
-    stages = stages or offline.load_funnel(repo, version)
+    if not stages:  # loaded here: closed here (``offline.close_funnel``); given stages stay the caller's
+        with offline.opened_funnel(repo, version) as own:
+            return ordering_results(
+                repo, version, model_dir, data, ks, n_bootstrap=n_bootstrap, variants=variants, seed=seed,
+                stages=own, as_served=as_served,
+            )  # fmt: skip
     ordering = next(s for s in stages if s.name == "ordering")
     served = ordering.policy
     if ordering.affinity is not None:
@@ -386,57 +396,64 @@ def evaluate_split(
     begin()
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
     loaded = offline.load_funnel(repo, model.version)
-    begin()
-    funnel, stages = funnel_results(
-        "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded,
-        categories=served_categories(loaded),
-    )  # fmt: skip
-    begin()
-    peers, skipped_peers = peer_results(data, ks, users, n_bootstrap, config.item_affinity.max_items)
-    results = peers + [funnel]
+    try:
+        begin()
+        funnel, stages = funnel_results(
+            "funnel (served)", repo, model.version, model.path, data, ks, users, n_bootstrap, stages=loaded,
+            categories=served_categories(loaded),
+        )  # fmt: skip
+        begin()
+        peers, skipped_peers = peer_results(data, ks, users, n_bootstrap, config.item_affinity.max_items)
+        results = peers + [funnel]
 
-    mitigation_rows = []
-    if mitigation:
-        served = served_variant(config, model.manifest)
-        for sampled, logq in mitigation_variants(config.candidate_generator, served):
-            begin(f"sampled={sampled} logQ={logq}")
-            if (sampled, logq) == served:
-                res, st = funnel, stages  # the main run already is this variant
-            else:
-                variant = chosen_config(config, model.manifest)  # the main run's tuned values
-                variant.candidate_generator.sampled_negatives = sampled
-                variant.candidate_generator.logq_correction = logq
-                m, r = train_and_export(
-                    processed,
-                    variant,
-                    out / "registry",
-                    out / f"triton_repo_sampled_{sampled}_logq_{logq}",
-                    rankers_from=model,
+        mitigation_rows = []
+        if mitigation:
+            served = served_variant(config, model.manifest)
+            for sampled, logq in mitigation_variants(config.candidate_generator, served):
+                begin(f"sampled={sampled} logQ={logq}")
+                if (sampled, logq) == served:
+                    res, st = funnel, stages  # the main run already is this variant
+                else:
+                    variant = chosen_config(config, model.manifest)  # the main run's tuned values
+                    variant.candidate_generator.sampled_negatives = sampled
+                    variant.candidate_generator.logq_correction = logq
+                    m, r = train_and_export(
+                        processed,
+                        variant,
+                        out / "registry",
+                        out / f"triton_repo_sampled_{sampled}_logq_{logq}",
+                        rankers_from=model,
+                    )
+                    variant_stages = _with_retrieval_of(loaded, r, m.version)
+                    try:
+                        res, st = funnel_results(
+                            f"funnel sampled={sampled} logQ={logq}",
+                            r,
+                            m.version,
+                            m.path,
+                            data,
+                            ks,
+                            None,
+                            n_bootstrap,
+                            stages=variant_stages,
+                        )
+                    finally:  # the stages it loaded for this variant; the shared ones are closed below
+                        offline.close_funnel([s for s in variant_stages if s not in loaded])
+                mitigation_rows.append(
+                    {
+                        "sampled_negatives": sampled,
+                        "logq_correction": logq,
+                        "served": (sampled, logq) == served,
+                        "retrieval_recall": st["candidate_ids"]["recall"],
+                        **_trade_off(res, ks[0]),
+                    }
                 )
-                res, st = funnel_results(
-                    f"funnel sampled={sampled} logQ={logq}",
-                    r,
-                    m.version,
-                    m.path,
-                    data,
-                    ks,
-                    None,
-                    n_bootstrap,
-                    stages=_with_retrieval_of(loaded, r, m.version),
-                )
-            mitigation_rows.append(
-                {
-                    "sampled_negatives": sampled,
-                    "logq_correction": logq,
-                    "served": (sampled, logq) == served,
-                    "retrieval_recall": st["candidate_ids"]["recall"],
-                    **_trade_off(res, ks[0]),
-                }
-            )
-    begin()
-    ordering_rows = ordering_results(
-        repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded, as_served=funnel
-    )  # fmt: skip
+        begin()
+        ordering_rows = ordering_results(
+            repo, model.version, model.path, data, ks, n_bootstrap, stages=loaded, as_served=funnel
+        )  # fmt: skip
+    finally:
+        offline.close_funnel(loaded)
     begin()
     rankers = ranker_table(model.path, model.manifest, processed.valid())
     begin()

@@ -106,7 +106,11 @@ def tune_on_validation(version_dir: Path, processed, config: Config) -> dict:
         repo = export_repository(ModelVersion(version_dir), Path(tmp) / "repo")
         version = ModelVersion(version_dir).version
         stages = offline.load_funnel(repo, version)
-        requests = _candidates(stages, users, tc.k)
+        try:
+            requests = _candidates(stages, users, tc.k)
+        finally:
+            # Only this pass reads the stores; the trials below use the loaded tables and models.
+            offline.close_funnel(stages)
     ordering = stages[-1]
     if tc.member_weights:  # which ensemble members count: each member scores the candidates once
         _member_heads(stages, version_dir, requests)

@@ -76,7 +76,7 @@ def run_feedback_loop(
     holdout: float = 0.05,
 ) -> list[Generation]:
     from configs.cli import WORKDIR_MARK
-    from evaluation.offline import run_funnel
+    from evaluation.offline import close_funnel, run_funnel
     from workflows.sources.synthetic import generate
 
     out = Path(out_dir)
@@ -101,53 +101,60 @@ def run_feedback_loop(
     events = world.events
     simulator = UserSimulator(world, config.synthetic, sim_cfg)
     history = []
-    for g in range(1, generations + 1):
-        # Each generation's orderings explore (if they do) from the simulation's seed, the holdout's
-        # on a copy of its own: its slates repeat in every generation, and a run repeats.
-        gen_live, gen_holdout = (_seeded(s, sim_cfg.seed) for s in (live_stages, holdout_stages))
+    try:
+        for g in range(1, generations + 1):
+            # Each generation's orderings explore (if they do) from the simulation's seed, the holdout's
+            # on a copy of its own: its slates repeat in every generation, and a run repeats.
+            gen_live, gen_holdout = (_seeded(s, sim_cfg.seed) for s in (live_stages, holdout_stages))
 
-        def recommend(user, k, arm, live_stages=gen_live, holdout_stages=gen_holdout):
-            out_ = run_funnel(holdout_stages if arm == HOLDOUT else live_stages, int(user), k)
-            return SimpleNamespace(
-                item_ids=out_["item_ids"],
-                model_version=str(out_["model_version"][0].decode()),
-                served_by=out_["served_by"][0].decode(),
-            )
+            def recommend(user, k, arm, live_stages=gen_live, holdout_stages=gen_holdout):
+                out_ = run_funnel(holdout_stages if arm == HOLDOUT else live_stages, int(user), k)
+                return SimpleNamespace(
+                    item_ids=out_["item_ids"],
+                    model_version=str(out_["model_version"][0].decode()),
+                    served_by=out_["served_by"][0].decode(),
+                )
 
-        gen_dir = out / f"gen{g}"
-        log = FeedbackLog(gen_dir / "feedback.sqlite")
-        outcomes = simulator.run(users, recommend, experiment.assign, log)
-        slates = log.impressions()
-        live_slates = slates[slates["arm"] != HOLDOUT]
-        summary = per_arm_summary(outcomes)
-        live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
-        test = holdout_test(log) if hold is not None else {}
-        items = live_slates["item_id"].to_numpy()
-        catalog = len(world.items)
-        history.append(
-            Generation(
-                generation=g,
-                model_version=int(live_model.version),
-                training_events=n_train,
-                share_curve=pb.item_share_curve(items),
-                gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
-                coverage=len(np.unique(items)) / catalog,
-                live=live.to_dict(),
-                holdout=hold.to_dict() if hold is not None else {},
-                ctr_test=test,
+            gen_dir = out / f"gen{g}"
+            log = FeedbackLog(gen_dir / "feedback.sqlite")
+            outcomes = simulator.run(users, recommend, experiment.assign, log)
+            slates = log.impressions()
+            live_slates = slates[slates["arm"] != HOLDOUT]
+            summary = per_arm_summary(outcomes)
+            live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
+            test = holdout_test(log) if hold is not None else {}
+            items = live_slates["item_id"].to_numpy()
+            catalog = len(world.items)
+            history.append(
+                Generation(
+                    generation=g,
+                    model_version=int(live_model.version),
+                    training_events=n_train,
+                    share_curve=pb.item_share_curve(items),
+                    gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
+                    coverage=len(np.unique(items)) / catalog,
+                    live=live.to_dict(),
+                    holdout=hold.to_dict() if hold is not None else {},
+                    ctr_test=test,
+                )
             )
-        )
-        # Retrain on everything so far plus this generation's own logs.
-        new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
-        events = pd.concat([events, new_events], ignore_index=True)
-        raw = gen_dir / "raw"
-        raw.mkdir(parents=True, exist_ok=True)
-        events.to_parquet(raw / "events.parquet", index=False)
-        world.users.to_parquet(raw / "users.parquet", index=False)
-        world.items.to_parquet(raw / "items.parquet", index=False)
-        if g < generations:
-            live_model, live_stages, n_train = _train_and_load(raw, gen_dir, config, registry)
-    return history
+            # Retrain on everything so far plus this generation's own logs.
+            new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
+            events = pd.concat([events, new_events], ignore_index=True)
+            raw = gen_dir / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            events.to_parquet(raw / "events.parquet", index=False)
+            world.users.to_parquet(raw / "users.parquet", index=False)
+            world.items.to_parquet(raw / "items.parquet", index=False)
+            if g < generations:
+                if live_stages is not holdout_stages:  # the generation before's: served no more
+                    close_funnel(live_stages)
+                live_model, live_stages, n_train = _train_and_load(raw, gen_dir, config, registry)
+        return history
+    finally:  # the stages hold the stores' connections (the holdout's and the live arm's)
+        close_funnel(holdout_stages)
+        if live_stages is not holdout_stages:
+            close_funnel(live_stages)
 
 
 def holdout_test(log: FeedbackLog) -> dict:

@@ -521,7 +521,7 @@ def simulate_in_process(world, config, repo: Path, version: int, log_path: Path,
     ``log_path``; returns the simulator's outcome rows."""
     from types import SimpleNamespace
 
-    from evaluation.offline import load_funnel, run_funnel
+    from evaluation.offline import opened_funnel, run_funnel
     from online.feedback_log import FeedbackLog
     from online.simulator import UserSimulator
 
@@ -530,22 +530,22 @@ def simulate_in_process(world, config, repo: Path, version: int, log_path: Path,
     # An exploring ordering stage (``serving.ordering.exploration_temperature`` > 0) draws from the
     # simulation's seed, as the feedback loop's do: served, it draws from fresh entropy, and the log
     # (so the analysis and the derived weights) differed between two runs with the same seeds.
-    stages = load_funnel(repo, version, seed=sim_cfg.seed)
+    with opened_funnel(repo, version, seed=sim_cfg.seed) as stages:
 
-    def recommend(user, k, arm):
-        out = run_funnel(stages, int(user), k)
-        return SimpleNamespace(
-            item_ids=out["item_ids"],
-            model_version=str(out["model_version"][0].decode()),
-            served_by=out["served_by"][0].decode(),
-        )
+        def recommend(user, k, arm):
+            out = run_funnel(stages, int(user), k)
+            return SimpleNamespace(
+                item_ids=out["item_ids"],
+                model_version=str(out["model_version"][0].decode()),
+                served_by=out["served_by"][0].decode(),
+            )
 
-    population = world.users["user_id"].to_numpy() if users is None else np.asarray(users)
-    log = FeedbackLog(log_path)
-    try:
-        return UserSimulator(world, config.synthetic, sim_cfg).run(population, recommend, lambda u: "control", log)
-    finally:
-        log.close()
+        population = world.users["user_id"].to_numpy() if users is None else np.asarray(users)
+        log = FeedbackLog(log_path)
+        try:
+            return UserSimulator(world, config.synthetic, sim_cfg).run(population, recommend, lambda u: "control", log)
+        finally:
+            log.close()
 
 
 def analyze_log(

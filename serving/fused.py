@@ -85,7 +85,6 @@ class FusedFunnel(Stage):
         return xs
 
     def close(self) -> None:
+        """Close every stage (each closes the stores it opened: the online store, the live store)."""
         for stage in self.stages:
-            store = getattr(stage, "store", None)
-            if store is not None and hasattr(store, "close"):
-                store.close()
+            stage.close()

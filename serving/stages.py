@@ -145,6 +145,13 @@ class Stage:
         request fails."""
         return [self.run(inputs) for inputs in batch]
 
+    def close(self) -> None:
+        """Close every store or connection this stage opened; a stage that opened none has nothing to
+        close. Idempotent. Inside Triton ``StageModel.finalize`` calls it; code that runs stages in its
+        own process (offline evaluation, notebooks, benchmarks) calls it when done with them
+        (``evaluation.offline.close_funnel``), or their SQLite/PostgreSQL connections stay open until
+        garbage collection."""
+
 
 def import_tf():
     """TensorFlow, its threads set for serving (one per op, two between ops) before its first op."""
@@ -227,6 +234,12 @@ class FeatureLookup(Stage):
             from workflows.live_store import LiveStore
 
             self.live = LiveStore(location)
+
+    def close(self) -> None:
+        """Close the online store and the live store (both idempotent)."""
+        self.store.close()
+        if self.live is not None:
+            self.live.close()
 
     def live_events(self, user_id: int):
         """The user's newest live events (``workflows.live_store.UserEvents``, raw ids): one indexed query."""
@@ -701,7 +714,7 @@ class Ordering(Stage):
     def with_policy(self, policy, seed: int | None = None) -> Ordering:
         """This stage ordering by ``policy`` (``configs.OrderingConfig``) instead: a copy sharing the
         loaded tables, the served stage unchanged. ``seed`` makes exploration repeatable (served
-        requests get a fresh draw each)."""
+        requests get a fresh draw each). The copy shares the live store too: closing either closes it."""
         other = copy.copy(self)
         other._configure(policy, seed)
         return other
@@ -770,6 +783,11 @@ class Ordering(Stage):
         except ValueError as e:
             raise RequestError(str(e)) from None
         return percentile_among(item_scores, reference)
+
+    def close(self) -> None:
+        """Close the live store the takedowns are read from (idempotent; shared with ``with_policy`` copies)."""
+        if self.takedowns is not None:
+            self.takedowns.store.close()
 
     def taken_down(self) -> np.ndarray:
         """Raw ids of the items taken down now (``workflows/live_store.py``; none without a store), a

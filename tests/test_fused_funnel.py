@@ -304,3 +304,71 @@ def test_a_batch_served_one_by_one_charges_each_stage_the_time_it_spent_on_the_b
     served = [seconds for seconds, _, error_kind in recorded if error_kind is None]
     # "a" ran 4 requests in the failed batch and 4 alone (80 ms), "b" the 3 served alone; one run is 10 ms.
     assert len(served) == 3 and all(s["a"] >= 0.075 and s["b"] >= 0.025 for s in served), served
+
+
+def test_closing_the_fused_funnel_or_a_stage_closes_every_store_it_opened(tmp_path):
+    """The feature lookup's live store and the ordering stage's takedown store were never closed:
+    ``FusedFunnel.close`` closed each stage's ``.store`` only (the lookup's online store), and no
+    stage had a ``close`` of its own, so in-process users (offline evaluation, the tuning step,
+    notebooks) kept their SQLite/PostgreSQL connections open until garbage collection."""
+    import json
+    import sqlite3
+
+    from models.registry import MANIFEST
+    from serving.fused import FusedFunnel
+    from serving.online_store import build_online_store
+    from workflows.live_store import LiveStore
+
+    ids = np.arange(5)
+    items = pd.DataFrame({"item_id": ids, "item_id_raw": ids + 1000})
+    manifest = {"version": 1, "features": {"user_categorical": [], "user_continuous": []}, "config": {"serving": {}}}
+    folders = {name: tmp_path / name / "1" for name in ("feature_lookup", "ordering")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    empty = pd.DataFrame({"user_id_raw": pd.Series(dtype="int64"), "item_id_raw": pd.Series(dtype="int64")})
+    build_online_store(folders["feature_lookup"] / "online_store.sqlite", empty[["user_id_raw"]], [], [], empty, items)
+    items.to_parquet(folders["ordering"] / "item_features.parquet")
+    pd.DataFrame({"item_id": ids + 1000, "score": np.ones(5, np.float32)}).to_parquet(
+        folders["ordering"] / "popularity.parquet"
+    )
+    live = str(tmp_path / "live.sqlite")
+    LiveStore(live).close()
+
+    def built():
+        return (
+            stages.FeatureLookup(folders["feature_lookup"], live_store=live),
+            stages.Ordering(folders["ordering"], live_store=live),
+        )
+
+    def connections(lookup, ordering):
+        return {
+            "online store": lookup.store._con,
+            "live store (feature lookup)": lookup.live.db._con,
+            "live store (takedowns)": ordering.takedowns.store.db._con,
+        }
+
+    def still_open(cons) -> list[str]:
+        out = []
+        for name, con in cons.items():
+            try:
+                con.execute("SELECT 1")
+                out.append(name)
+            except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+                pass
+        return out
+
+    fused = FusedFunnel.__new__(FusedFunnel)
+    fused.stages = list(built())
+    cons = connections(*fused.stages)
+    assert still_open(cons) == list(cons)
+    fused.close()
+    assert still_open(cons) == []  # old code: both live stores still open
+    fused.close()  # idempotent
+
+    lookup, ordering = built()
+    cons = connections(lookup, ordering)
+    lookup.close(), ordering.close()  # old code: AttributeError, no close
+    assert still_open(cons) == []
+    lookup.close(), ordering.close()
+    stages.Ordering(folders["ordering"]).close()  # outside an exported repository: no live store to close

@@ -791,3 +791,47 @@ def test_a_scorer_with_a_nan_score_is_refused_naming_it_and_the_user_row(monkeyp
     monkeypatch.setattr(offline, "CHUNK_CELLS", 2 * len(data.item_ids))  # chunks of two users
     with pytest.raises(ValueError, match=r"broken, users from row 4: 1 of .* \(first: row 0, item column 2\)"):
         offline.evaluate_scores("broken", scores, data, ks=(2,), n_bootstrap=5)
+
+
+def test_the_evaluation_closes_the_stages_it_loads_and_leaves_given_ones_open(monkeypatch):
+    """Stages loaded in-process hold the online store's and the live store's connections: what
+    ``served_top_k``, the checklist and ``funnel_results`` load themselves they close when done
+    (old code: never closed, open until garbage collection); stages a caller passes stay open."""
+    from evaluation import checklist, pipeline
+
+    class Stage:
+        name = "ordering"
+        policy = dataclasses.make_dataclass("P", [("exploration_temperature", float)])(0.0)
+
+        def __init__(self):
+            self.closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    loaded = []
+
+    def load_funnel(repo, version, **kwargs):
+        loaded.append([Stage()])
+        return loaded[-1]
+
+    monkeypatch.setattr(offline, "load_funnel", load_funnel)
+    monkeypatch.setattr(offline, "run_funnel", lambda stages, user, k: {"item_ids": [1], "scores": np.array([0.5])})
+    offline.served_top_k("repo", 1, [1, 2], 10)
+    checklist.check_scores_in_unit_range(Path("repo"), 1, [1])
+    assert [s.closed for (s,) in loaded] == [1, 1]  # old code: [0, 0]
+
+    class Done(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Done
+
+    monkeypatch.setattr(pd, "read_parquet", stop)  # funnel_results' first read: after the stages are loaded
+    with pytest.raises(Done):
+        pipeline.funnel_results("f", "repo", 1, Path("m"), None, [10])
+    assert loaded[-1][0].closed == 1  # closed even when the evaluation fails
+    given = [Stage()]
+    with pytest.raises(Done):
+        pipeline.funnel_results("f", "repo", 1, Path("m"), None, [10], stages=given)
+    assert given[0].closed == 0
