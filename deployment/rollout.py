@@ -334,6 +334,11 @@ def retire(
 # The A/B router's versions: each is one rollout (``serving/assignment.py``) of users to model versions.
 
 
+# ``set_rollout``'s staging folders, ``.ab_router-<N>-<random>`` in the router's folder (Triton ignores
+# them: not a number); a killed writer's stays until the next ``set_rollout`` takes the lock.
+ROUTER_LEFTOVERS = rf"\.{re.escape(ROUTER)}-\d+-{TEMP_SUFFIX}"
+
+
 def router_versions(repo: Path) -> list[int]:
     return sorted(int(p.name) for p in (repo / ROUTER).iterdir() if p.is_dir() and p.name.isdigit())
 
@@ -376,32 +381,45 @@ def set_rollout(
         for version in versions:
             if not client.is_model_ready(ensemble_name(version)):
                 load_version(client, repo, version, timeout_s)
-        router_version = router_versions(repo)[-1] + 1
-        staging = staging_folder(repo / ROUTER, f".{ROUTER}-{router_version}-")
-        try:
-            install_model_py(repo / ROUTER / str(router_version - 1) / "model.py", staging)
-            (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))
-            sync_tree(staging)  # on disk before the rename: a power cut never leaves an empty rollout
-            os.rename(staging, repo / ROUTER / str(router_version))  # Triton never sees half a version
-            sync_path(repo / ROUTER, folder=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        try:
-            client.load_model(ROUTER)
-            wait_ready(client, ROUTER, router_version, timeout_s)
-        except BaseException:
-            # The newest folder is the rollout Triton serves after a restart and the one
-            # ``current_rollout`` reads: a router version that failed to load must not stay.
-            shutil.rmtree(repo / ROUTER / str(router_version), ignore_errors=True)
-            try:
-                client.load_model(ROUTER)  # back to the version still on disk
-            except Exception:  # the original failure is the one to report
-                pass
-            raise
-        wait_unloaded(client, ROUTER, router_version, timeout_s)
+        # One writer of router versions at a time (an flock on the router's folder), from picking the
+        # version number to the old versions' unload: a second one waits instead of picking the same
+        # number, or loading its version while this one waits for (or removes) its own. A writer killed
+        # mid-write (SIGKILL, out of memory) left its staging folder; every one is made under this
+        # lock, so those found on taking it are dead and removed.
+        with exclusive(repo / ROUTER, ROUTER_LEFTOVERS):
+            router_version = _write_router_version(client, repo, rollout, timeout_s)
     finally:
         client.close()
+    return router_version
+
+
+def _write_router_version(client, repo: Path, rollout: Rollout, timeout_s: float) -> int:
+    """``set_rollout``'s part under the router's lock: write the next router version, load it, wait
+    for the old ones to unload; a version that fails to load is removed again."""
+    router_version = router_versions(repo)[-1] + 1
+    staging = staging_folder(repo / ROUTER, f".{ROUTER}-{router_version}-")
+    try:
+        install_model_py(repo / ROUTER / str(router_version - 1) / "model.py", staging)
+        (staging / EXPERIMENT_FILE).write_text(json.dumps(rollout.to_dict(), indent=2))
+        sync_tree(staging)  # on disk before the rename: a power cut never leaves an empty rollout
+        os.rename(staging, repo / ROUTER / str(router_version))  # Triton never sees half a version
+        sync_path(repo / ROUTER, folder=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        client.load_model(ROUTER)
+        wait_ready(client, ROUTER, router_version, timeout_s)
+    except BaseException:
+        # The newest folder is the rollout Triton serves after a restart and the one
+        # ``current_rollout`` reads: a router version that failed to load must not stay.
+        shutil.rmtree(repo / ROUTER / str(router_version), ignore_errors=True)
+        try:
+            client.load_model(ROUTER)  # back to the version still on disk
+        except Exception:  # the original failure is the one to report
+            pass
+        raise
+    wait_unloaded(client, ROUTER, router_version, timeout_s)
     return router_version
 
 

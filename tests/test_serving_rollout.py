@@ -226,6 +226,77 @@ def test_a_router_version_that_fails_to_load_is_not_left_on_disk(model_version, 
     assert not [p for p in (repo / ROUTER).iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+class LockCheckingRouter(RefusingRouter):
+    """Every model ready and loading; each load of the router checks the router's folder is locked."""
+
+    locked: list = []
+
+    def load_model(self, name):
+        import fcntl
+
+        if name == "ab_router":
+            fd = os.open(self.router, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                LockCheckingRouter.locked.append(False)
+            except BlockingIOError:
+                LockCheckingRouter.locked.append(True)
+            finally:
+                os.close(fd)
+
+    def get_model_repository_index(self, as_json=False):
+        return {"models": []}
+
+
+def test_set_rollout_removes_what_a_killed_set_rollout_left_and_writes_alone(model_version, tmp_path, monkeypatch):
+    """No server: a ``set_rollout`` killed (SIGKILL) after it made its staging folder in the router's
+    folder left ``.ab_router-<N>-<random>`` there for good (Triton skips it with a warning at every
+    router load). The next ``set_rollout`` removes it, and writes and loads its version holding a lock
+    on the router's folder, so two writers neither pick the same number nor load over each other."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deployment import rollout
+    from deployment.export import export_repository
+    from serving.assignment import ab_rollout
+    from serving.interface import ROUTER
+
+    repo = export_repository(model_version, tmp_path / "triton_repo")
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            "from deployment import rollout\n"
+            "from serving.assignment import single_version\n"
+            "class Ready:\n"
+            "    def __init__(self, *a, **k): pass\n"
+            "    def is_model_ready(self, *a): return True\n"
+            "    def close(self): pass\n"
+            "rollout.ControlClient = Ready\n"
+            "rollout.sync_tree = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # staged, not renamed\n"
+            "rollout.set_rollout('127.0.0.1:1', sys.argv[1], single_version(1))\n",
+            str(repo),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in (repo / ROUTER).iterdir() if p.name.startswith(".")]
+    assert len(left) == 1 and re.fullmatch(r"\.ab_router-2-[a-z0-9_]{8}", left[0])
+    assert rollout.router_versions(repo) == [1]
+    (repo / ROUTER / ".notes").mkdir()  # not a staging folder's name: stays
+
+    LockCheckingRouter.router = repo / ROUTER
+    monkeypatch.setattr(rollout, "ControlClient", LockCheckingRouter)
+    monkeypatch.setattr(LockCheckingRouter, "locked", [])
+    assert rollout.set_rollout("127.0.0.1:1", repo, ab_rollout("e", "s", 1, 1, holdout=0.05)) == 2
+    assert rollout.router_versions(repo) == [1, 2] and rollout.current_rollout(repo).experiment.name == "e"
+    # old code: the killed writer's staging folder stayed
+    assert sorted(p.name for p in (repo / ROUTER).iterdir() if p.name.startswith(".")) == [".notes"]
+    assert LockCheckingRouter.locked == [True]  # old code: the router was written and loaded without a lock
+
+
 def test_add_version_clears_what_a_killed_add_version_left(two_versions, tmp_path):
     """``add_version`` moves the stages in one by one and the pinned ``funnel_v<N>`` last: a process
     killed in between left stage folders that made every rerun fail with "already in"."""
