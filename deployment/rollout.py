@@ -87,9 +87,13 @@ def _write_atomic(path: Path, text: str) -> None:
     synced, a power cut soon after could leave ``funnel/config.pbtxt`` (what a restart serves) or
     ``export.json`` empty."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    sync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        sync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the half-written file is not left beside the real one
+        tmp.unlink(missing_ok=True)
+        raise
     sync_path(path.parent, folder=True)
 
 

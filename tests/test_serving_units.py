@@ -1356,3 +1356,23 @@ def test_the_rollout_script_reports_a_stage_that_never_becomes_ready_in_one_line
     monkeypatch.setattr(rollout, "ControlClient", NeverReadyControl)
     message = rollout_script_run(tmp_path, monkeypatch, "127.0.0.1:1", "0.5")
     assert "did not become ready within 0.5 s" in message, message
+
+
+def test_a_failed_atomic_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path, monkeypatch):
+    """roll_out's replace of funnel/config.pbtxt and export.json: a write that fails (a full disk) left
+    its half-written .<name>.tmp-<pid> beside the real file for good."""
+    import errno
+
+    from deployment import rollout
+
+    target = tmp_path / "export.json"
+    target.write_text('{"version": 1}')
+
+    def full_disk(path, folder=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rollout, "sync_path", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        rollout._write_atomic(target, '{"version": 2}')
+    assert target.read_text() == '{"version": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
