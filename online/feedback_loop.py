@@ -117,29 +117,32 @@ def run_feedback_loop(
 
             gen_dir = out / f"gen{g}"
             log = FeedbackLog(gen_dir / "feedback.sqlite")
-            outcomes = simulator.run(users, recommend, experiment.assign, log)
-            slates = log.impressions()
-            live_slates = slates[slates["arm"] != HOLDOUT]
-            summary = per_arm_summary(outcomes)
-            live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
-            test = holdout_test(log) if hold is not None else {}
-            items = live_slates["item_id"].to_numpy()
-            catalog = len(world.items)
-            history.append(
-                Generation(
-                    generation=g,
-                    model_version=int(live_model.version),
-                    training_events=n_train,
-                    share_curve=pb.item_share_curve(items),
-                    gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
-                    coverage=len(np.unique(items)) / catalog,
-                    live=live.to_dict(),
-                    holdout=hold.to_dict() if hold is not None else {},
-                    ctr_test=test,
+            try:
+                outcomes = simulator.run(users, recommend, experiment.assign, log)
+                slates = log.impressions()
+                live_slates = slates[slates["arm"] != HOLDOUT]
+                summary = per_arm_summary(outcomes)
+                live, hold = summary.loc["live"], summary.loc[HOLDOUT] if HOLDOUT in summary.index else None
+                test = holdout_test(log) if hold is not None else {}
+                items = live_slates["item_id"].to_numpy()
+                catalog = len(world.items)
+                history.append(
+                    Generation(
+                        generation=g,
+                        model_version=int(live_model.version),
+                        training_events=n_train,
+                        share_curve=pb.item_share_curve(items),
+                        gini=pb.gini(np.searchsorted(np.sort(world.items["item_id"]), items), catalog),
+                        coverage=len(np.unique(items)) / catalog,
+                        live=live.to_dict(),
+                        holdout=hold.to_dict() if hold is not None else {},
+                        ctr_test=test,
+                    )
                 )
-            )
-            # Retrain on everything so far plus this generation's own logs.
-            new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
+                # Retrain on everything so far plus this generation's own logs.
+                new_events = to_events(log, start_timestamp=int(events["timestamp"].max()) + 1)
+            finally:  # the generation's log is read to its end here: its connection is not kept
+                log.close()
             events = pd.concat([events, new_events], ignore_index=True)
             raw = gen_dir / "raw"
             raw.mkdir(parents=True, exist_ok=True)

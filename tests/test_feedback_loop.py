@@ -141,3 +141,25 @@ def test_a_run_with_exploration_repeats_and_its_holdout_stays_as_it_was(monkeypa
     assert first[0].holdout == first[1].holdout  # the same model, users and draws in both generations
     for a, b in zip(first, again):
         assert (a.share_curve, a.live, a.holdout) == (b.share_curve, b.live, b.holdout)
+
+
+def test_each_generations_feedback_log_is_closed_once_read(monkeypatch, tmp_path):
+    """Each generation opened its feedback log and never closed it: the connections stayed open until
+    the process ended (or garbage collection), one per generation."""
+    import online.feedback_loop as fl
+
+    opened = []
+
+    class Recorded(fl.FeedbackLog):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(fl, "FeedbackLog", Recorded)
+    stand_in_loop(monkeypatch, tmp_path)
+    assert len(opened) == 2 and all(log.closed for log in opened), [log.closed for log in opened]
