@@ -25,8 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-from deployment.processes import LoggedProcess
-from deployment.server import LOOPBACK, ServerError, free_port
+from deployment.monitoring import ConfiguredServer
+from deployment.server import LOOPBACK, free_port
+from serving.metrics import BackgroundHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def alertmanager_binary() -> Path:
     )
 
 
-class Alertmanager(LoggedProcess):
+class Alertmanager(ConfiguredServer):
     """An Alertmanager process of our own, sending every alert to each of ``webhooks`` (URLs that take
     Alertmanager's webhook JSON: ``AlertLog.url``, a chat bridge, an incident tool). Listens on
     ``127.0.0.1`` (a free port unless given), keeps its state in a temporary folder unless
@@ -57,6 +58,7 @@ class Alertmanager(LoggedProcess):
             PrometheusServer(targets, rules, alertmanagers=[am.address])
     """
 
+    name = "alertmanager"
     stop_timeout = 20.0
 
     def __init__(
@@ -116,57 +118,12 @@ class Alertmanager(LoggedProcess):
             "--cluster.listen-address=",  # no peers: a lone instance opens no gossip port
         ]
 
-    def start(self) -> Alertmanager:
-        import yaml
-
-        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        cmd = self.command()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.spawn(cmd, cwd=self._workdir)
-        try:
-            self.wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_until_ready(self) -> None:
-        from urllib.request import urlopen
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"alertmanager exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise ServerError(f"alertmanager not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
-
     def alerts(self) -> list[dict]:
         """The alerts Alertmanager holds now (its API v2): ``[{"labels", "annotations", "status", ...}]``."""
         from urllib.request import urlopen
 
         with urlopen(f"{self.url}/api/v2/alerts", timeout=30) as response:
             return json.loads(response.read())
-
-    def cleanup(self) -> None:
-        """Stop, and remove the temporary folder (config, log, and the data unless ``data_dir`` was given)."""
-        self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> Alertmanager:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
 
 
 def alert_records(payload: dict) -> list[dict]:
@@ -198,14 +155,16 @@ def alert_records(payload: dict) -> list[dict]:
     return records
 
 
-class AlertLog:
+class AlertLog(BackgroundHTTPServer):
     """A webhook receiver on loopback that appends every alert Alertmanager sends to ``path`` as one
     JSON line (``alert_records``) and logs one line per alert. ``POST /alerts`` only; a body that is
     not Alertmanager's JSON is answered 400 with the reason and writes nothing. ``records()`` reads
     the file back."""
 
+    thread_name = "alert-log"
+
     def __init__(self, path: str | Path, host: str = LOOPBACK, port: int = 0, idle_timeout_s: float = 10.0):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,10 +192,7 @@ class AlertLog:
             def log_message(self, fmt, *args):
                 log.debug("alert log: " + fmt, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
-        self._thread: threading.Thread | None = None
+        self._listen(Handler, host, port)
 
     @property
     def url(self) -> str:
@@ -254,20 +210,3 @@ class AlertLog:
             return []
         with self._lock:
             return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def start(self) -> AlertLog:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="alert-log", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> AlertLog:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

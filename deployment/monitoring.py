@@ -41,7 +41,75 @@ def prometheus_binary(name: str = "prometheus") -> Path:
     return Path(found)
 
 
-class PrometheusServer(LoggedProcess):
+class ConfiguredServer(LoggedProcess):
+    """A server of the Prometheus family run as ours: its YAML config (``config()``) written into a
+    temporary folder it runs in, its data in ``data_dir`` (in that folder unless given), ready once
+    ``GET /-/ready`` answers 200 (Prometheus and Alertmanager alike). Subclasses set ``name``, ``url``,
+    ``config()`` and ``command()``; ``cleanup`` stops it and removes the folder."""
+
+    name = "server"
+    startup_timeout = 60.0
+    _workdir: Path
+    config_path: Path
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self):
+        import yaml
+
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        cmd = self.command()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spawn(cmd, cwd=self._workdir)
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self) -> None:
+        from urllib.request import urlopen
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"{self.name} not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def cleanup(self) -> None:
+        """Stop, and remove the temporary folder (config, log, and the data unless ``data_dir`` was given)."""
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:  # __exit__ does not run: remove the temporary folder here (the error has the log)
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+class PrometheusServer(ConfiguredServer):
     """A Prometheus process of our own: its own config, rules and data folder (a temporary one unless
     given), listening on ``127.0.0.1`` on a free port, scraping ``targets`` (``{job: ["host:port", ...]}``,
     each at ``/metrics``). Not the system service: nothing is installed or left running; ``stop`` ends it.
@@ -50,6 +118,7 @@ class PrometheusServer(LoggedProcess):
             prom.query("up")
     """
 
+    name = "prometheus"
     stop_timeout = 20.0
 
     def __init__(
@@ -109,36 +178,6 @@ class PrometheusServer(LoggedProcess):
             "--storage.tsdb.retention.time=15d",
         ]
 
-    def start(self) -> PrometheusServer:
-        import yaml
-
-        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        cmd = self.command()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.spawn(cmd, cwd=self._workdir)
-        try:
-            self.wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_until_ready(self) -> None:
-        from urllib.request import urlopen
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"prometheus exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise ServerError(f"prometheus not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
-
     def api(self, path: str, **params) -> dict | list:
         """``GET /api/v1/<path>``; the ``data`` of a successful answer, a ``RuntimeError`` otherwise."""
         import json
@@ -177,18 +216,3 @@ class PrometheusServer(LoggedProcess):
     def active_alertmanagers(self) -> list[str]:
         """The URLs of the Alertmanagers Prometheus sends to now."""
         return [a["url"] for a in self.api("alertmanagers")["activeAlertmanagers"]]
-
-    def cleanup(self) -> None:
-        """Stop, and remove the temporary folder (config, data, log)."""
-        self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> PrometheusServer:
-        try:
-            return self.start()
-        except BaseException:  # __exit__ does not run: remove the temporary folder here (the error has the log)
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()

@@ -400,12 +400,46 @@ def process_exposition(pid: int, labels: dict) -> str:
     )
 
 
-class MetricsExporter:
+class BackgroundHTTPServer:
+    """A ``ThreadingHTTPServer`` answering from a daemon thread: ``start``, ``stop``, or ``with``.
+    Subclasses build their handler and call ``_listen``; ``port=0`` picks a free port."""
+
+    thread_name = "http-server"
+
+    def _listen(self, handler, host: str, port: int) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MetricsExporter(BackgroundHTTPServer):
     """A small HTTP server that answers ``GET /metrics`` with whatever ``collectors`` render now
     (each returns Prometheus text). Listens on loopback unless told otherwise; ``port=0`` picks a free
     port. A collector that fails is logged and left out; the others are still served. A connection
     that sends nothing for ``idle_timeout_s`` is closed: each holds a thread, and a client that
     opened many and went quiet kept them all."""
+
+    thread_name = "metrics-exporter"
 
     def __init__(
         self,
@@ -414,7 +448,7 @@ class MetricsExporter:
         port: int = 0,
         idle_timeout_s: float = 10.0,
     ):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         exporter = self
 
@@ -436,10 +470,7 @@ class MetricsExporter:
                 log.debug("metrics exporter: " + fmt, *args)
 
         self.collectors = list(collectors)
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
-        self._thread: threading.Thread | None = None
+        self._listen(Handler, host, port)
 
     @property
     def url(self) -> str:
@@ -453,23 +484,6 @@ class MetricsExporter:
             except Exception:
                 log.exception("metrics collector %r failed", collect)
         return "".join(parts)
-
-    def start(self) -> MetricsExporter:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-exporter", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> MetricsExporter:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
