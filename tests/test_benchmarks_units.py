@@ -65,6 +65,9 @@ def test_profile_serving_in_process_refuses_fewer_requests_than_its_warm_up(tmp_
         def run_batch(self, xs):
             return [{} for _ in xs]
 
+        def close(self):  # as serving.stages.Stage: the profile closes each stage's stores
+            pass
+
     fake = types.ModuleType("serving.stages")
     fake.FUNNEL, fake.STAGES = ("a", "b"), {"a": Stage, "b": Stage}
     monkeypatch.setitem(sys.modules, "serving.stages", fake)

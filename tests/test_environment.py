@@ -112,4 +112,4 @@ def test_make_services_goes_on_when_apt_get_cannot_install(tmp_path):
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     run = subprocess.run(["make", "services"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "could not install prometheus chromium postgresql libb64-0d" in run.stdout
+    assert "could not install prometheus prometheus-alertmanager chromium postgresql libb64-0d" in run.stdout
