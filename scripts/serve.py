@@ -95,6 +95,9 @@ def main() -> None:
     def on_signal(*_) -> None:
         stop.set()
         if loading.is_set():  # interrupt the start (up to 420 s); it stops what it started
+            # Once: a second signal while the start is cleaned up and the server stopped (up to 30 s)
+            # cut that stop short and ended serve.py in a KeyboardInterrupt traceback.
+            loading.clear()
             raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):

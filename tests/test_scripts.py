@@ -805,3 +805,49 @@ def test_takedown_list_refuses_a_change_beside_it_and_creates_no_store(tmp_path,
     listed = script("scripts/takedown.py", "--repository", str(repo), "--list")
     assert "no item has been taken down" in listed.stdout
     assert not store.exists()
+
+
+class ServerSignalledTwice(ServerThatDies):
+    """A server whose start is interrupted by a SIGTERM, and whose stop gets a second one (a second
+    Ctrl-C, or a service manager repeating its SIGTERM, while tritonserver shuts down)."""
+
+    def start(self):
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler's KeyboardInterrupt ends the wait
+        raise AssertionError("the first signal did not interrupt the start")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here
+        self.stopped = True
+
+
+def test_a_second_signal_while_serve_stops_an_interrupted_start_does_not_cut_the_stop_short(monkeypatch, capsys):
+    """The handler raised KeyboardInterrupt for every signal until the start's cleanup was over: a
+    second one during ``server.stop()`` (up to its 30 s) cut the stop short, leaving tritonserver to the
+    watchdog, and ended serve.py in a KeyboardInterrupt traceback, exit status -2."""
+    import signal
+
+    serve = serve_module()
+    servers = []
+    monkeypatch.setattr(serve, "TritonServer", lambda *a, **k: servers.append(ServerSignalledTwice()) or servers[-1])
+    monkeypatch.setattr(serve, "export_problem", lambda repo: None)
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ANY_PORTS])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.main()  # returns: an interrupted start is a stop, exit status 0
+    except KeyboardInterrupt:  # not left to pytest, which would stop the whole session
+        pytest.fail("the second signal raised KeyboardInterrupt out of serve.py's main()")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert servers[0].stopped
+    assert "tritonserver stopped while it loaded" in capsys.readouterr().out
