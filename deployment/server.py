@@ -73,6 +73,11 @@ class StartCancelled(ServerError):
 
 # What the python backend's shared-memory crash leaves in the log.
 IPC_ABORT = "boost::interprocess"
+# An abort is retried this many times, after a pause of ABORT_PAUSE_S times the retry's number: twice
+# in a row, 8 s apart, at the same stub's start, while two other test workers loaded the machine
+# (2026-12-07); the first retry had come at once.
+ABORT_RETRIES = 2
+ABORT_PAUSE_S = 10.0
 
 
 class PortTaken(ServerError):
@@ -426,12 +431,17 @@ class TritonServer(LoggedProcess):
         ] + (["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else [])
 
     def start(
-        self, retry_stalled: bool = True, port_retries: int = 2, cancelled: Callable[[], bool] | None = None
+        self,
+        retry_stalled: bool = True,
+        port_retries: int = 2,
+        cancelled: Callable[[], bool] | None = None,
+        abort_retries: int = ABORT_RETRIES,
     ) -> TritonServer:
         """Start the server and wait until every model is ready and it listens on its three ports.
         A start that stalls (nothing logged and no CPU used for ``STALL_S`` while models are still
-        loading) or aborts in the python backend's shared-memory IPC (``ServerAborted``) is retried
-        once, in a fresh process with a fresh shared-memory prefix. A start that finds one of the
+        loading) is retried once, and one that aborts in the python backend's shared-memory IPC
+        (``ServerAborted``) up to ``abort_retries`` times after a pause, each in a fresh process with
+        a fresh shared-memory prefix. A start that finds one of the
         ports this object chose taken (``PortTaken``) is retried on newly chosen ones, up to
         ``port_retries`` times; a port the caller gave is never changed. Any other failure, or one
         more than these, is raised. ``cancelled``, asked while the models load, ends the start
@@ -454,18 +464,32 @@ class TritonServer(LoggedProcess):
             for name in mine:
                 setattr(self, name, free_port())
             print(f"tritonserver: port(s) {taken.ports} taken while it loaded; starting it again", file=sys.stderr)
-            return self.start(retry_stalled, port_retries - 1, cancelled)
-        except (ServerStalled, ServerAborted) as failed:
+            return self.start(retry_stalled, port_retries - 1, cancelled, abort_retries)
+        except ServerStalled as failed:
             # Stalls were seen about once per full test suite before each server got its own
             # shared-memory prefix (command()): one stage version loading forever, its stubs idle.
-            # A fresh process has always loaded after a stall. Aborts are an intermittent upstream
-            # crash of the python backend (not yet seen twice in a row here); a second is raised.
+            # A fresh process has always loaded after a stall.
             self.keep_log = True
             self.stop()
             if retry_stalled:
-                what = f"stalled ({failed.loading})" if isinstance(failed, ServerStalled) else "aborted (IPC)"
-                print(f"tritonserver {what} while loading; starting it again (log {self.log_path})", file=sys.stderr)
-                return self.start(retry_stalled=False, port_retries=port_retries, cancelled=cancelled)
+                print(
+                    f"tritonserver stalled ({failed.loading}) while loading; starting it again (log {self.log_path})",
+                    file=sys.stderr,
+                )
+                return self.start(False, port_retries, cancelled, abort_retries)
+            failed.add_note(f"tritonserver log: {self.log_path}")
+            raise
+        except ServerAborted as failed:
+            # An intermittent upstream crash of the python backend while stubs initialise, more
+            # likely on a loaded machine: a pause lets the load that made it fail pass.
+            self.keep_log = True
+            self.stop()
+            if abort_retries > 0:
+                pause = ABORT_PAUSE_S * (ABORT_RETRIES - abort_retries + 1)
+                again = f"starting it again in {pause:.0f} s (log {self.log_path})"
+                print(f"tritonserver aborted (IPC) while loading; {again}", file=sys.stderr)
+                time.sleep(pause)
+                return self.start(retry_stalled, port_retries, cancelled, abort_retries - 1)
             failed.add_note(f"tritonserver log: {self.log_path}")
             raise
         except BaseException as failed:
