@@ -17,7 +17,6 @@ repository it was deleting): under the lock no other export is using them.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.heads import served_members
-from models.registry import MANIFEST, ModelVersion, check_artifact_versions, sync_path, sync_tree
+from models.registry import MANIFEST, ModelVersion, check_artifact_versions, lock_folder, sync_path, sync_tree
 from serving.assignment import single_version
 from serving.interface import (
     EXPERIMENT_FILE,
@@ -119,14 +118,13 @@ def exclusive(parent: Path, leftovers: str = ""):
     left beside the repository), then remove the folders in it whose names fully match the regex
     ``leftovers``: temporary folders of an export that was killed (SIGKILL, out of memory) before
     its cleanup ran. Every export makes those only while it holds this lock, so none is in use."""
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:  # NFS emulates flock with write locks, which a read-only fd cannot take
-            log.warning("no lock on %s (%s): exports into it do not take turns, leftovers stay", parent, err)
-            yield
-            return
+        fd = lock_folder(parent, wait=True)
+    except OSError as err:  # no flock on this file system
+        log.warning("no lock on %s (%s): exports into it do not take turns, leftovers stay", parent, err)
+        yield
+        return
+    try:
         if leftovers:
             for path in parent.iterdir():
                 if path.is_dir() and not path.is_symlink() and re.fullmatch(leftovers, path.name):

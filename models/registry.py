@@ -213,13 +213,16 @@ def sync_tree(root: Path) -> None:
 OWNER = ".owner.json"  # in a version's temporary folder while a run writes it: {"host", "pid"}
 
 
-def _lock_folder(path: Path) -> int | None:
-    """An open fd of folder ``path`` holding a non-blocking exclusive flock on it; None if another
-    process holds it. The kernel drops the lock when its holder dies, SIGKILL included. A file system
-    without flock (NFS refuses it on a read-only fd) raises OSError."""
+def lock_folder(path: str | Path, wait: bool = False) -> int | None:
+    """An open fd of folder ``path`` holding an exclusive flock on it (no lock file beside it); closing
+    the fd releases it, and so does the kernel when the holder dies, SIGKILL included. Without
+    ``wait``, None when another process holds it. A file system without flock (NFS emulates it with
+    write locks, which a read-only fd cannot take) raises OSError, the fd closed. The registry's
+    version writers, the retraining runner and the exports (``deployment.export.exclusive``) lock
+    with it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         return None
@@ -243,7 +246,7 @@ def remove_abandoned(registry: str | Path) -> list[Path]:
         if not re.fullmatch(r"\.v[0-9]+\.tmp", path.name) or path.is_symlink() or not path.is_dir():
             continue
         try:
-            fd = _lock_folder(path)
+            fd = lock_folder(path)
         except OSError:  # gone meanwhile, or no flock here
             continue
         if fd is None:  # a live run writes it
@@ -294,7 +297,7 @@ class VersionWriter:
         # Held until the folder is published or removed: ``remove_abandoned`` never takes a live run's
         # folder. Only then the owner record, so a folder with one and no lock held is a dead run's.
         try:
-            self._lock = _lock_folder(tmp)  # nobody else knows the folder yet, or takes one without a record
+            self._lock = lock_folder(tmp)  # nobody else knows the folder yet, or takes one without a record
         except OSError as err:
             self._lock = None
             log.debug("no lock on %s (%s): a killed run's folder will stay", tmp, err)

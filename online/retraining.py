@@ -20,7 +20,6 @@ an Airflow DAG for production schedulers.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -210,17 +209,21 @@ def _run_lock(run_dir: Path):
     """One runner a run folder at a time: an flock on the folder, held for the run (the kernel releases
     it when the runner dies, so a crashed run leaves nothing to clear). A second runner is refused at
     once with ``RunInProgress``, without an alert: the run in progress alerts for itself."""
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    from models.registry import lock_folder
+
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunInProgress(f"another runner is running {run_dir}") from None
-        except OSError as err:  # NFS emulates flock with write locks, which a read-only fd cannot take
-            log.warning("no lock on %s (%s): a second runner of this run is not refused", run_dir, err)
+        fd = lock_folder(run_dir)
+    except OSError as err:  # no flock on this file system
+        log.warning("no lock on %s (%s): a second runner of this run is not refused", run_dir, err)
+        fd = None
+    else:
+        if fd is None:
+            raise RunInProgress(f"another runner is running {run_dir}")
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _run_steps(steps: list[Step], run_dir: Path, settings: dict, alerter: Alerter, backoff_s: float) -> dict:

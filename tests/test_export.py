@@ -244,13 +244,12 @@ def test_a_folder_that_cannot_be_locked_is_exported_into_as_before(tiny_version,
     """NFS emulates flock with POSIX write locks, which a folder's read-only descriptor cannot take
     (EBADF): the export must still work there, only without taking turns or clearing leftovers."""
     import errno
-
-    from deployment import export
+    import fcntl
 
     def no_lock(fd, op):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(export.fcntl, "flock", no_lock)
+    monkeypatch.setattr(fcntl, "flock", no_lock)  # models.registry.lock_folder's, which the export takes
     left = tmp_path / ".repo-staging-k1ll3d_0"
     left.mkdir()
     with caplog.at_level("WARNING", logger="deployment.export"):
