@@ -297,15 +297,27 @@ def welch_ttest(control, treatment, metric: str = "mean", alpha: float = 0.05) -
     c, t = np.asarray(control, dtype=float), np.asarray(treatment, dtype=float)
     if len(c) < 2 or len(t) < 2:
         raise ValueError("each arm needs at least two observations")
+    # An arm of one repeated value has no spread and that value as its mean, exactly: computed, its
+    # variance was 0 or 1e-34 by rounding (scipy's p-value NaN, 1 or ~1e-33 for the same data) and
+    # its mean 0.1 or 0.10000000000000002 by the arm's size. NaN data keeps a NaN variance.
+    constant_c, constant_t = np.ptp(c) == 0, np.ptp(t) == 0
+    vc = 0.0 if constant_c else c.var(ddof=1) / len(c)
+    vt = 0.0 if constant_t else t.var(ddof=1) / len(t)
+    mean_c = c[0] if constant_c else c.mean()
+    mean_t = t[0] if constant_t else t.mean()
+    diff = mean_t - mean_c
+    if vc + vt == 0:
+        # No spread in either arm, as the module's other tests: no difference is no evidence (p = 1),
+        # any difference certain (p = 0); the interval is the difference itself.
+        p = 1.0 if diff == 0 else 0.0
+        return TestResult(metric, mean_c, mean_t, diff, diff, diff, p, 0.0, std_error=0.0)
     res = stats.ttest_ind(t, c, equal_var=False)
-    vc, vt = c.var(ddof=1) / len(c), t.var(ddof=1) / len(t)
-    df = (vc + vt) ** 2 / (vc**2 / (len(c) - 1) + vt**2 / (len(t) - 1)) if vc + vt > 0 else len(c) + len(t) - 2
+    df = (vc + vt) ** 2 / (vc**2 / (len(c) - 1) + vt**2 / (len(t) - 1))
     half = stats.t.ppf(1 - alpha / 2, df) * np.sqrt(vc + vt)
-    diff = t.mean() - c.mean()
     return TestResult(
         metric,
-        c.mean(),
-        t.mean(),
+        mean_c,
+        mean_t,
         diff,
         diff - half,
         diff + half,

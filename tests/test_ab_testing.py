@@ -416,3 +416,21 @@ def test_a_holdout_salt_keeps_the_holdout_and_the_shares_stay_exact():
     kept = Rollout(one, {"control": 1, "treatment": 2}, control_version=1).roll_out("treatment")
     assert Rollout.from_dict(kept.to_dict()).experiment.holdout_salt == "deploy"
     assert Rollout.from_dict(kept.to_dict()).version_for(7) == kept.version_for(7)
+
+
+def test_welch_ttest_of_arms_without_spread():
+    """Arms of one repeated value each: identical arms gave a NaN p-value (scipy's 0/0), and whether
+    they did depended on rounding (0.1 repeated 5 times: NaN; 7 times: 1.0). As the module's other
+    tests: no difference, p = 1; any difference, p = 0; the interval is the difference itself."""
+    for n in (3, 5, 7, 10):
+        same = ab.welch_ttest(np.full(n, 0.1), np.full(n, 0.1))
+        assert same.p_value == 1.0 and same.difference == 0 and same.ci_low == same.ci_high == 0
+        apart = ab.welch_ttest(np.full(n, 0.1), np.full(n, 0.3))
+        assert apart.p_value == 0.0 and apart.ci_low == apart.ci_high == pytest.approx(0.2)
+        assert apart.std_error == 0
+    # arms of the same value in different numbers: their computed means differed by 1e-17 (p = 0)
+    assert ab.welch_ttest(np.full(5, 0.1), np.full(7, 0.1)).p_value == 1.0
+    # one arm with spread is an ordinary Welch test (its variance alone)
+    spread = ab.welch_ttest(np.ones(5), np.arange(1.0, 6.0))
+    assert spread.p_value == pytest.approx(stats.ttest_ind(np.arange(1.0, 6.0), np.ones(5), equal_var=False).pvalue)
+    assert np.isnan(ab.welch_ttest([1.0, np.nan], [1.0, 1.0]).p_value)  # NaN data is no test
