@@ -13,6 +13,7 @@ stay the same list.
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta
 
 from airflow import DAG
@@ -43,14 +44,38 @@ STEPS = ["ingest", "workflow", "train", "evaluate", "gate", "export", "experimen
 _RUNNER_STEP = retraining.default_steps()[0]
 
 
+def _attempts(ti) -> int | None:
+    """How many times the failed task ran. Airflow 2 (to 2.9) reports ``try_number`` one too high once
+    the task is no longer running (the try it would be next), so take ``prev_attempted_tries`` where
+    it exists (deprecated in 2.10 as equal to ``try_number``); Airflow 3 has only ``try_number``."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2.10's deprecation of prev_attempted_tries
+        tries = getattr(ti, "prev_attempted_tries", None)
+        if tries is None:
+            tries = getattr(ti, "try_number", None)
+    return int(tries) if isinstance(tries, int) else None
+
+
 def _alert(context) -> None:
-    error = str(context.get("exception"))
+    """The runner's alert (``retraining._fail``): pipeline, step, attempts, error, run_dir, at."""
+    ti = context["task_instance"]
+    exception = context.get("exception")
+    error = str(exception) if exception is not None else ""
     retraining.Alerter(
         webhook_url=_env("RETRAINING_ALERT_WEBHOOK") or None,
         # Always a file too: with neither variable set the alert went nowhere.
         alert_file=_env("RETRAINING_ALERT_FILE", "build/retraining/alerts.jsonl"),
     ).send(
-        {"pipeline": "retraining", "step": context["task_instance"].task_id, "error": (error.splitlines() or [""])[0]}
+        {
+            "pipeline": "retraining",
+            "step": ti.task_id,
+            "attempts": _attempts(ti),
+            "error": error.splitlines()[0] if error else type(exception).__name__ if exception else "",
+            "run_dir": f"build/retraining/{context['ds']}" if context.get("ds") else None,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
     )
 
 

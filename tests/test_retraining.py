@@ -279,7 +279,32 @@ def test_the_dag_loads_with_empty_variables_and_its_alerts_reach_a_file(monkeypa
     assert dag["SETTINGS"]["max_auc_drop"] == 0.01 and dag["SETTINGS"]["raw_dir"] == "data/raw"
     dag["_alert"]({"task_instance": SimpleNamespace(task_id="train"), "exception": OSError("disk full\nTraceback")})
     alert = json.loads((tmp_path / "build" / "retraining" / "alerts.jsonl").read_text().splitlines()[-1])
-    assert alert == {"pipeline": "retraining", "step": "train", "error": "disk full"}
+    at = alert.pop("at")
+    assert alert == {"pipeline": "retraining", "step": "train", "attempts": None, "error": "disk full", "run_dir": None}
+    assert time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_dags_failure_alert_has_the_runners_shape_and_attempt_count(monkeypatch, tmp_path):
+    """The DAG's alert said pipeline, step and error only; the runner's says how many attempts were
+    made, the run's folder and when. Airflow 2 (to 2.9) reports try_number one too high once the task
+    has failed (prev_attempted_tries is the count), Airflow 3 only try_number (then exact)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("RETRAINING_ALERT_FILE", str(tmp_path / "alerts.jsonl"))
+    monkeypatch.delenv("RETRAINING_ALERT_WEBHOOK", raising=False)
+    dag = _load_dag(monkeypatch)
+    airflow2 = SimpleNamespace(task_id="train", try_number=4, prev_attempted_tries=3)
+    airflow3 = SimpleNamespace(task_id="gate", try_number=1)
+    dag["_alert"]({"task_instance": airflow2, "ti": airflow2, "ds": "2026-05-01", "exception": OSError("disk full")})
+    dag["_alert"]({"task_instance": airflow3, "ti": airflow3, "ds": "2026-05-01", "exception": TimeoutError()})
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    runner = {"pipeline", "step", "attempts", "error", "run_dir", "at"}  # retraining._fail's keys
+    assert [set(a) for a in alerts] == [runner, runner]
+    assert [(a["step"], a["attempts"], a["error"]) for a in alerts] == [
+        ("train", 3, "disk full"),
+        ("gate", 1, "TimeoutError"),  # no message: its type, as the runner says
+    ]
+    assert alerts[0]["run_dir"] == "build/retraining/2026-05-01"
 
 
 def test_the_dag_tries_each_task_as_often_and_as_long_as_the_runner(monkeypatch):
