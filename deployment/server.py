@@ -78,6 +78,24 @@ IPC_ABORT = "boost::interprocess"
 # (2026-12-07); the first retry had come at once.
 ABORT_RETRIES = 2
 ABORT_PAUSE_S = 10.0
+# How often a pause before a retry asks the caller's ``cancelled``.
+CANCEL_POLL_S = 0.2
+
+
+def pause_unless_cancelled(seconds: float, cancelled: Callable[[], bool] | None) -> bool:
+    """Sleep ``seconds``, asking ``cancelled`` (when given) every ``CANCEL_POLL_S``; False as soon as
+    it returns true. Without ``cancelled`` one plain sleep, which a signal handler's exception
+    (serve.py's) interrupts."""
+    if cancelled is None:
+        time.sleep(seconds)
+        return True
+    deadline = time.monotonic() + seconds
+    while not cancelled():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, CANCEL_POLL_S))
+    return False
 
 
 class PortTaken(ServerError):
@@ -488,7 +506,11 @@ class TritonServer(LoggedProcess):
                 pause = ABORT_PAUSE_S * (ABORT_RETRIES - abort_retries + 1)
                 again = f"starting it again in {pause:.0f} s (log {self.log_path})"
                 print(f"tritonserver aborted (IPC) while loading; {again}", file=sys.stderr)
-                time.sleep(pause)
+                if not pause_unless_cancelled(pause, cancelled):
+                    # The supervisor's stop(cancel_restart=True) waited out the whole pause (up to 20 s).
+                    cancel = StartCancelled("tritonserver start cancelled while it waited to retry an IPC abort")
+                    cancel.add_note(f"tritonserver log: {self.log_path}")
+                    raise cancel from failed
                 return self.start(retry_stalled, port_retries, cancelled, abort_retries - 1)
             failed.add_note(f"tritonserver log: {self.log_path}")
             raise

@@ -396,6 +396,46 @@ def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_twice_after_a
         server.cleanup()
 
 
+def test_a_cancelled_start_does_not_wait_out_the_pause_before_an_abort_retry(tmp_path, monkeypatch):
+    """The supervisor's stop(cancel_restart=True) while a restart pauses before retrying an IPC abort
+    ends the start at once (StartCancelled), with no further process; the pause was a plain sleep
+    that ignored ``cancelled``, so the stop waited it out (10 s, then 20 s) and started one more."""
+    import sys
+    import threading
+    import time
+
+    from deployment import server as server_module
+    from deployment.server import StartCancelled, TritonServer
+
+    monkeypatch.setattr(server_module, "ABORT_PAUSE_S", 3.0)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60)
+    crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
+    aborts = [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
+    sleeps = [sys.executable, "-c", "import time; time.sleep(60)"]
+    queue, started = iter([aborts, sleeps]), []
+    monkeypatch.setattr(TritonServer, "command", lambda self: started.append(c := next(queue)) or c)
+    # Cancelled from the moment the aborted process has been stopped, i.e. as the pause begins.
+    cancel, stop = threading.Event(), TritonServer.stop
+
+    def stopped(self, timeout=None):
+        stop(self, timeout)
+        if started:
+            cancel.set()
+
+    monkeypatch.setattr(TritonServer, "stop", stopped)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StartCancelled, match="retry an IPC abort"):
+            server.start(cancelled=cancel.is_set)
+        assert started == [aborts]
+        assert time.monotonic() - began < 2.5
+    finally:
+        server.stop()
+        server.cleanup()
+
+
 def test_a_start_reports_and_diagnoses_from_its_own_log_lines_only(tmp_path, monkeypatch):
     """A log is appended to across starts (a retry, a restart, serve.py --log run again): an earlier
     start's errors are not this exit's, and its models loaded then are not loaded now."""
