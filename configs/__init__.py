@@ -662,6 +662,10 @@ class BatchingConfig:
     max_queue_delay_us: int = 100  # how long a stage holds a request waiting for others to join it
     instances: int = 1  # instances (stub processes) of every stage...
     stage_instances: dict[str, int] = field(default_factory=dict)  # ...or per stage, e.g. {heavy_ranker: 2}
+    # The A/B router's and the feedback endpoint's instances (not batched). The router's BLS call into
+    # the funnel blocks its instance until the funnel answers: it serves this many requests at once.
+    router_instances: int = 2
+    feedback_instances: int = 1
     # Every stage inside one model (serving/fused.py): one hop per request instead of seven, for
     # CPU throughput; the stages then share that model's batches and instances (fused_funnel: N).
     fuse_stages: bool = False
@@ -671,9 +675,15 @@ class BatchingConfig:
             raise ValueError(f"serving.batching.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"serving.batching.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-        counts = [self.instances, *self.stage_instances.values()]
-        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
-            raise ValueError(f"serving.batching instance counts must be integers >= 1, got {counts}")
+        counts = {
+            "instances": self.instances,
+            **{f"stage_instances.{stage}": count for stage, count in self.stage_instances.items()},
+            "router_instances": self.router_instances,
+            "feedback_instances": self.feedback_instances,
+        }
+        bad = {key: c for key, c in counts.items() if not isinstance(c, int) or isinstance(c, bool) or c < 1}
+        if bad:
+            raise ValueError(f"serving.batching instance counts must be integers >= 1, got {bad}")
         # Refused here, not only by the export: that runs after the training run this config drives.
         unknown = sorted(set(self.stage_instances) - set(BATCHED_MODELS))
         if unknown:

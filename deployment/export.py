@@ -170,6 +170,7 @@ def export_repository(
             f"serving.batching.stage_instances names {unknown}; the models are {[*STAGE_ARTIFACTS, FUSED]}"
         )
     warn_ignored_instances(batching)
+    endpoints = endpoint_instances(batching)  # refused before the lock and the staging folder
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out_repo.parent, rf"\.{re.escape(out_repo.name)}-(staging|old)-{TEMP_SUFFIX}"):
@@ -180,11 +181,13 @@ def export_repository(
             raise NotADirectoryError(f"{out_repo} is a file, not an exported model repository")
         if out_repo.is_dir() and any(out_repo.iterdir()):
             exported_version(out_repo)  # replace only an export: never a folder named by mistake (the registry)
-        _export(model, out_repo, manifest, version, source, batching, metrics_interval)
+        _export(model, out_repo, manifest, version, source, batching, metrics_interval, endpoints)
     return out_repo
 
 
-def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, batching, metrics_interval) -> None:
+def _export(
+    model, out_repo: Path, manifest: dict, version: str, source: Path, batching, metrics_interval, endpoints: dict
+) -> None:
     staging = staging_folder(out_repo.parent, f".{out_repo.name}-staging-")
     try:
         # Fused: one model holding every stage's folder (serving/fused.py); else one model per stage.
@@ -221,9 +224,10 @@ def _export(model, out_repo: Path, manifest: dict, version: str, source: Path, b
         (staging / FUNNEL / "config.pbtxt").write_text(pinned)
         write_version_ensemble(staging, pinned, int(version))
         # The A/B router (one arm, this version, until an experiment starts) and the feedback endpoint.
-        for endpoint in (ROUTER, FEEDBACK):
+        for endpoint, count in endpoints.items():
             (staging / endpoint / "1").mkdir(parents=True)
             endpoint_config = with_metrics_interval((source / endpoint / "config.pbtxt").read_text(), metrics_interval)
+            endpoint_config = with_instances(endpoint_config, count)
             (staging / endpoint / "config.pbtxt").write_text(endpoint_config)
             install_model_py(source / endpoint / "1" / "model.py", staging / endpoint / "1")
         (staging / ROUTER / "1" / EXPERIMENT_FILE).write_text(json.dumps(single_version(int(version)).to_dict()))
@@ -330,6 +334,31 @@ def with_metrics_interval(model_config: str, seconds: float) -> str:
 
     def change(config) -> None:
         config.parameters[METRICS_INTERVAL_PARAMETER].string_value = repr(float(seconds))
+
+    return edit_model_config(model_config, change)
+
+
+def endpoint_instances(batching) -> dict[str, int]:
+    """``{ab_router: n, feedback: m}``: the endpoints' instance counts (``serving.batching.router_instances``,
+    ``feedback_instances``). ``BatchingConfig`` refuses a bad count when built; this refuses one set
+    on it afterwards (a script's override) before anything is written."""
+    counts = {ROUTER: batching.router_instances, FEEDBACK: batching.feedback_instances}
+    for (endpoint, count), key in zip(counts.items(), ("router_instances", "feedback_instances")):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"serving.batching.{key} ({endpoint}'s instances) must be an integer >= 1, got {count!r}")
+    return counts
+
+
+def with_instances(model_config: str, count: int) -> str:
+    """``model_config`` (a ``config.pbtxt``) with ``count`` instances in each of its instance groups
+    (one CPU group where it declares none)."""
+    from tritonclient.grpc import model_config_pb2
+
+    def change(config) -> None:
+        if not config.instance_group:
+            config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        for group in config.instance_group:
+            group.count = int(count)
 
     return edit_model_config(model_config, change)
 

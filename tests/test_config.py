@@ -334,3 +334,16 @@ def test_a_workflow_section_error_names_the_key_as_it_is_written():
     ):
         with pytest.raises(ValueError, match=rf"^{key} "):
             load_config(overrides={"workflow": overrides})
+
+
+def test_the_endpoint_instance_counts_are_typed_and_checked_when_the_config_loads():
+    loaded = load_config(overrides={"serving": {"batching": {"router_instances": 8}}}).serving.batching
+    assert (loaded.router_instances, loaded.feedback_instances) == (8, 1)
+    assert (load_config().serving.batching.router_instances, load_config().serving.batching.feedback_instances) == (
+        2,
+        1,
+    )
+    with pytest.raises(TypeError, match="serving.batching.router_instances: expected int"):
+        load_config(overrides={"serving": {"batching": {"router_instances": "8"}}})
+    with pytest.raises(ValueError, match=r"got \{'feedback_instances': 0\}"):
+        load_config(overrides={"serving": {"batching": {"feedback_instances": 0}}})

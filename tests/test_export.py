@@ -362,3 +362,40 @@ def test_instance_counts_the_layout_has_no_model_for_are_named_at_export(tiny_ve
     with caplog.at_level("WARNING", logger="deployment.export"):
         export_repository(tiny_version, tmp_path / "repo", replace=True, batching=staged_counts)
     assert "stage_instances" not in caplog.text  # counts the layout uses: no word
+
+
+def test_the_router_and_feedback_instance_counts_come_from_the_config(tiny_version, tmp_path):
+    """``ab_router`` had a fixed 2 instances (and ``feedback`` 1) whatever serving.batching said: the
+    router's BLS call blocks its instance until the funnel answers, so a server routed two requests at
+    a time however many instances the stages had. Now ``router_instances`` / ``feedback_instances``,
+    validated as the stages' counts are; the defaults stay 2 and 1."""
+    import json
+
+    from configs import BatchingConfig
+    from deployment.export import batching_settings
+    from serving.interface import FEEDBACK, ROUTER
+
+    def counts(repo):
+        return [batching_settings((repo / m / "config.pbtxt").read_text())["instances"] for m in (ROUTER, FEEDBACK)]
+
+    assert counts(export_repository(tiny_version, tmp_path / "default")) == [[2], [1]]
+    configured = BatchingConfig(router_instances=6, feedback_instances=3)
+    assert counts(export_repository(tiny_version, tmp_path / "configured", batching=configured)) == [[6], [3]]
+    # The version's own serving.batching (the manifest's config) is what an export without batching= uses.
+    manifest = json.loads((tiny_version.path / "manifest.json").read_text())
+    manifest["config"]["serving"]["batching"] = {"router_instances": 4}
+    (tiny_version.path / "manifest.json").write_text(json.dumps(manifest))
+    assert counts(export_repository(tiny_version, tmp_path / "manifest")) == [[4], [1]]
+
+    with pytest.raises(ValueError, match=r"instance counts must be integers >= 1, got \{'router_instances': 0\}"):
+        BatchingConfig(router_instances=0)
+    # A count set on a built config (a script's override) is refused by the export, before it writes.
+    late = BatchingConfig()
+    late.feedback_instances = 0
+    with pytest.raises(ValueError, match=r"serving.batching.feedback_instances \(feedback's instances\) must be"):
+        export_repository(tiny_version, tmp_path / "late", batching=late)
+    assert not (tmp_path / "late").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "configured",
+        "default",
+        "manifest",
+    ]
