@@ -352,15 +352,18 @@ def endpoint_instances(batching) -> dict[str, int]:
 def with_instances(model_config: str, count: int) -> str:
     """``model_config`` (a ``config.pbtxt``) with ``count`` instances in each of its instance groups
     (one CPU group where it declares none)."""
+    return edit_model_config(model_config, lambda config: set_instance_count(config, count))
+
+
+def set_instance_count(config, count: int) -> None:
+    """``count`` instances in each of a parsed ``ModelConfig``'s instance groups (one CPU group where
+    it declares none)."""
     from tritonclient.grpc import model_config_pb2
 
-    def change(config) -> None:
-        if not config.instance_group:
-            config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-        for group in config.instance_group:
-            group.count = int(count)
-
-    return edit_model_config(model_config, change)
+    if not config.instance_group:
+        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    for group in config.instance_group:
+        group.count = int(count)
 
 
 def warn_ignored_instances(batching) -> list[str]:
@@ -392,7 +395,6 @@ def configure_batching(stage_config: str, stage: str, batching) -> str:
     stages serve each request's own tensors anyway (``serving/triton_model.py``). The ensemble
     stays unbatched (``max_batch_size: 0``): it adds the batch dimension of 1 a batching stage
     expects and strips it from the funnel's outputs, so clients send what they always sent."""
-    from tritonclient.grpc import model_config_pb2
 
     def change(config) -> None:
         if batching.enabled:
@@ -403,10 +405,7 @@ def configure_batching(stage_config: str, stage: str, batching) -> str:
             config.ClearField("dynamic_batching")
         for tensor in config.input:
             tensor.allow_ragged_batch = bool(batching.enabled and -1 in tensor.dims)
-        if not config.instance_group:
-            config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-        for group in config.instance_group:
-            group.count = batching.instances_of(stage)
+        set_instance_count(config, batching.instances_of(stage))
 
     return edit_model_config(stage_config, change)
 
