@@ -190,6 +190,12 @@ def check_values(items: np.ndarray, events: list[str], values: np.ndarray) -> No
         seen.add((item, event))
 
 
+def live_rows(rows: list[tuple], times: dict) -> list[tuple]:
+    """The live store's rows for feedback ``rows`` ``(request, user, item, event, value)``: the
+    reactions it keeps, each at the time the log first stored it (``times``)."""
+    return [(u, i, times[i, e], e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS and (i, e) in times]
+
+
 class FeedbackService:
     """Validate a client's reactions to one response and append them to the feedback log.
 
@@ -250,23 +256,40 @@ class FeedbackService:
         )
         now = time.time()
         stored = self.log.log_feedback_many(rows, ts=now)
+        counted = list(stored)
         if self.live is not None:
             # Every reaction of the request, each at the time the log first stored it: a retry after
             # a failed live write repairs the live store, and one after a success adds nothing to it.
             # All new (the usual case): that time is now, and the log need not be read back.
-            times = {(i, e): now for _, _, i, e, _ in stored}
+            new = {(i, e) for _, _, i, e, _ in stored}
+            times = {key: now for key in new}
             if len(stored) < len(rows):
                 times = self.log.feedback_times(request_id)
-            self.live.append_events(
-                [(u, i, times[i, e], e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS and (i, e) in times],
-                "feedback",
-            )
+            self.live.append_events(live_rows([row for row in rows if (row[2], row[3]) in new], times), "feedback")
+            counted += self.repaired([row for row in rows if (row[2], row[3]) not in new], times)
         return {
             "accepted": np.array([len(stored)], dtype=np.int32),
             "arm": np.array([served["arm"].encode()], dtype=object),
-            "_events": [(event, value) for _, _, _, event, value in stored],
+            # What the per-arm counters add: each event once, in the call that completes it.
+            "_events": [(event, value) for _, _, _, event, value in counted],
             "_version": served["model_version"],
         }
+
+    def repaired(self, earlier: list[tuple], times: dict) -> list[tuple]:
+        """Write the live rows of reactions the log already had (``earlier``); return those whose
+        earlier call failed at its live write, so the counters never saw them.
+
+        One call's live rows share the log's time and go in one transaction, all or none: rows of a
+        time that are new to the live store now mark a call that failed there (a retry after a
+        success inserts nothing), and every reaction the log stored at that time, churn included,
+        is counted now. Concurrent retries insert, and so count, once."""
+        live = live_rows(earlier, times)
+        failed_at = {
+            ts
+            for ts in sorted({row[2] for row in live})
+            if self.live.append_events([row for row in live if row[2] == ts], "feedback")
+        }
+        return [row for row in earlier if times.get((row[2], row[3])) in failed_at]
 
     def close(self) -> None:
         self.log.close()

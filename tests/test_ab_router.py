@@ -181,11 +181,20 @@ def test_a_retry_repairs_the_live_store_after_a_failed_live_write_and_adds_nothi
     store = LiveStore(tmp_path / "live.sqlite")
     assert len(store.user_events(7)) == 0
     monkeypatch.setattr(feedback.live, "append_events", written)
-    assert feedback.run(request)["accepted"][0] == 0  # the log had them all
+    repair = feedback.run(request)
+    assert repair["accepted"][0] == 0  # the log had them all
     live = store.user_events(7)
     assert sorted(zip(live.item_ids.tolist(), live.events.tolist())) == [(10, "click"), (11, "watch_seconds")]
-    assert feedback.run(request)["accepted"][0] == 0
+    # The failed call was never counted (an error counts no events), so the repairing retry counts
+    # every reaction of it, churn too: the per-arm counters had missed them (before 2026-12-07, []).
+    assert sorted(repair["_events"]) == [("churn", 1.0), ("click", 1.0), ("watch_seconds", 30.0)]
+    again = feedback.run(request)
+    assert again["accepted"][0] == 0 and again["_events"] == []  # counted once
     assert len(store.user_events(7)) == 2  # each reaction once, at the time the log first stored it
+    # A retry after a success adds and counts only what is new to the log.
+    more = dict(request, item_ids=np.array([10, 12]), events=np.array([b"click", b"like"], dtype=object))
+    more["values"] = np.ones(2, dtype=np.float32)
+    assert feedback.run(more)["_events"] == [("like", 1.0)]
     store.close()
     feedback.close()
 
