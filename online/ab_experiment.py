@@ -133,7 +133,7 @@ def serve_ab_test(
     from deployment.export import export_repository
     from deployment.rollout import add_version, current_rollout
     from deployment.server import TritonServer
-    from online.ab_report import analyze, write_ab_report
+    from online.ab_report import analyze, of_experiment, write_ab_report
     from online.experiments import roll_out_treatment, start_experiment
     from online.feedback_log import FeedbackLog
     from online.router import LOG_ENV, feedback_log_path
@@ -187,8 +187,12 @@ def serve_ab_test(
             impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
             empty = feedback_log.empty_responses()
             feedback_log.close()
-            impressions, feedback = impressions[impressions["ts"] >= began], feedback[feedback["ts"] >= began]
-            empty = empty[empty["ts"] >= began]
+            # This experiment's responses only: another one may log into a shared log at the same time
+            # with the same arm names (``of_experiment``; rows of unknown experiment are cut by time).
+            impressions = of_experiment(impressions[impressions["ts"] >= began], exp.name)
+            empty = of_experiment(empty[empty["ts"] >= began], exp.name)
+            ours = pd.concat([impressions["request_id"], empty["request_id"]])
+            feedback = feedback[(feedback["ts"] >= began) & feedback["request_id"].isin(ours)]
             result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
             analysis = analyze(impressions, feedback, rollout, exp, len(world.items), empty_responses=empty)
             context = {

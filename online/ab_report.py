@@ -47,6 +47,7 @@ import pandas as pd
 from configs import ExperimentConfig
 from evaluation import popularity_bias as pb
 from online import ab_testing as ab
+from online.feedback_log import POSTGRES_COLUMNS, SQLITE_COLUMNS
 from serving.assignment import HOLDOUT, Rollout
 from workflows.live_store import Database, is_postgres
 
@@ -196,6 +197,15 @@ def holdout_tests(
     ]
 
 
+def of_experiment(frame: pd.DataFrame, experiment: str | None) -> pd.DataFrame:
+    """The rows of ``experiment`` in ``FeedbackLog.impressions()`` or ``.empty_responses()``, and those
+    of unknown experiment ('': an in-process simulation, or a log written before the column existed),
+    which only their time can tell apart. All rows for None, or a frame without the column."""
+    if experiment is None or "experiment" not in frame.columns:
+        return frame
+    return frame[frame["experiment"].isin([experiment, ""])]
+
+
 @dataclass
 class ABAnalysis:
     summary: pd.DataFrame
@@ -233,7 +243,14 @@ def analyze(
     treatment: str = "treatment",
     empty_responses: pd.DataFrame | None = None,
 ) -> ABAnalysis:
-    """``empty_responses``: ``FeedbackLog.empty_responses()`` (requests without impressions; ``per_user``)."""
+    """``empty_responses``: ``FeedbackLog.empty_responses()`` (requests without impressions; ``per_user``).
+
+    Only ``rollout``'s experiment is read (``of_experiment``): another experiment logged into the same
+    log at the same time, with the same arm names, is left out. Rows of unknown experiment ('') are
+    kept, so a log from before the column must still be cut by its start time, as before."""
+    impressions = of_experiment(impressions, rollout.experiment.name)
+    if empty_responses is not None:
+        empty_responses = of_experiment(empty_responses, rollout.experiment.name)
     users = per_user(impressions, feedback, empty_responses)
     summary = arm_summary(users)
     by_arm = {arm: users[users["arm"] == arm] for arm in users["arm"].unique()}
@@ -369,9 +386,10 @@ def write_ab_report(
 REQUESTS_SQL = """
 SELECT request_id, MIN(ts) AS ts, MIN(user_id) AS user_id, MIN(arm) AS arm, MIN(model_version) AS model_version,
        COUNT(*) AS impressions
-FROM impressions WHERE ts >= ? GROUP BY request_id
+FROM impressions WHERE ts >= ?{only} GROUP BY request_id
 """
 # The reactions to the responses logged in ``{table}`` since the bound time, one row per request.
+# ``{only}``: '' (every experiment), or ``OF_EXPERIMENT``.
 _REACTIONS_TO = """
 SELECT request_id,
        SUM(CASE WHEN event = 'click' THEN value ELSE 0 END) AS clicks,
@@ -379,15 +397,17 @@ SELECT request_id,
        SUM(CASE WHEN event = 'like' THEN value ELSE 0 END) AS likes,
        SUM(CASE WHEN event = 'share' THEN value ELSE 0 END) AS shares,
        MAX(CASE WHEN event = 'churn' THEN 1 ELSE 0 END) AS churned
-FROM feedback WHERE request_id IN (SELECT request_id FROM {table} WHERE ts >= ?) GROUP BY request_id
+FROM feedback WHERE request_id IN (SELECT request_id FROM {table} WHERE ts >= ?{{only}}) GROUP BY request_id
 """
 REACTIONS_SQL = _REACTIONS_TO.format(table="impressions")
 # Responses with no items (``FeedbackLog.empty_responses``): requests of their arm with 0 impressions,
 # and the churns sent about them. A log from before they were logged (2026-12-06) lacks the table.
 EMPTY_REQUESTS_SQL = """
-SELECT request_id, ts, user_id, arm, model_version, 0 AS impressions FROM empty_responses WHERE ts >= ?
+SELECT request_id, ts, user_id, arm, model_version, 0 AS impressions FROM empty_responses WHERE ts >= ?{only}
 """
 EMPTY_REACTIONS_SQL = _REACTIONS_TO.format(table="empty_responses")
+# One experiment's rows, and those of unknown experiment ('': logged before the column existed).
+OF_EXPERIMENT = " AND experiment IN (?, '')"
 REQUEST_COLUMNS = [
     "request_id",
     "ts",
@@ -403,20 +423,31 @@ REQUEST_COLUMNS = [
 ]
 
 
-def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
+def _only(columns: list[str], since: float, experiment: str | None) -> tuple[dict, tuple]:
+    """``logged_requests``' SQL filter and parameters: every row when ``experiment`` is None or the log's
+    ``impressions`` (``columns``) predates the experiment column (every row's experiment is unknown)."""
+    if experiment is None or "experiment" not in columns:
+        return {"only": ""}, (since,)
+    return {"only": OF_EXPERIMENT}, (since, experiment)
+
+
+def logged_requests(log_path: str | Path, since: float = 0.0, experiment: str | None = None) -> pd.DataFrame:
     """One row per logged response since ``since`` (epoch seconds), an empty one (0 impressions)
     included: its user, arm, model version, impressions and the reactions to it. ``log_path`` is a
     SQLite file (opened read-only: a monitor never writes to the server's log) or the
-    ``postgresql://`` DSN that several replicas share."""
+    ``postgresql://`` DSN that several replicas share. ``experiment``: only that experiment's
+    responses, and those of unknown experiment ('', a log from before the column: ``since`` cuts those),
+    not another experiment's logged at the same time; None: every response."""
     if is_postgres(log_path):
         import psycopg
 
         db = Database(log_path)  # no schema: reading only
         try:
-            requests = db.frame(REQUESTS_SQL, (since,))
-            reactions = db.frame(REACTIONS_SQL, (since,))
+            only, params = _only([r[0] for r in db.query(POSTGRES_COLUMNS, ("impressions",))], since, experiment)
+            requests = db.frame(REQUESTS_SQL.format(**only), params)
+            reactions = db.frame(REACTIONS_SQL.format(**only), params)
             try:
-                empty = [db.frame(EMPTY_REQUESTS_SQL, (since,)), db.frame(EMPTY_REACTIONS_SQL, (since,))]
+                empty = [db.frame(sql.format(**only), params) for sql in (EMPTY_REQUESTS_SQL, EMPTY_REACTIONS_SQL)]
             except psycopg.errors.UndefinedTable:  # a log from before empty responses were logged
                 empty = []
         except psycopg.errors.UndefinedTable:  # no server has created the log's tables yet
@@ -429,11 +460,13 @@ def logged_requests(log_path: str | Path, since: float = 0.0) -> pd.DataFrame:
             return pd.DataFrame(columns=REQUEST_COLUMNS)
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            requests = pd.read_sql_query(REQUESTS_SQL, con, params=(since,))
-            reactions = pd.read_sql_query(REACTIONS_SQL, con, params=(since,))
+            only, params = _only([r[0] for r in con.execute(SQLITE_COLUMNS, ("impressions",))], since, experiment)
+            requests = pd.read_sql_query(REQUESTS_SQL.format(**only), con, params=params)
+            reactions = pd.read_sql_query(REACTIONS_SQL.format(**only), con, params=params)
             try:
                 empty = [
-                    pd.read_sql_query(sql, con, params=(since,)) for sql in (EMPTY_REQUESTS_SQL, EMPTY_REACTIONS_SQL)
+                    pd.read_sql_query(sql.format(**only), con, params=params)
+                    for sql in (EMPTY_REQUESTS_SQL, EMPTY_REACTIONS_SQL)
                 ]
             except pd.errors.DatabaseError as err:  # a log from before empty responses were logged
                 if "no such table" not in str(err):

@@ -7,12 +7,18 @@ may append at once; readers never block writers. A feedback event is stored once
 item, event): the same event sent again (a client's retry, a replay) is ignored, and
 ``log_feedback_many`` returns only the new ones.
 
-    impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by)
+    impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by, experiment)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
-    empty_responses(request_id, ts, user_id, model_version, arm, served_by)
+    empty_responses(request_id, ts, user_id, model_version, arm, served_by, experiment)
 
 A response with no items has no impression row; ``empty_responses`` keeps it, so feedback on it (a
 churn) finds the request the server issued.
+
+``experiment`` is the name of the experiment that served the response (the router's rollout), so two
+experiments written into one log at once, with the same arm names, are told apart
+(``online.ab_report``: ``logged_requests``, ``analyze``). '' is unknown: an in-process simulation, or
+a row of a log written before the column existed (2026-12-07), which opening the log migrates by
+adding the column with that default.
 """
 
 from __future__ import annotations
@@ -33,20 +39,27 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS impressions (
     request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
     position INTEGER NOT NULL, model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL,
-    PRIMARY KEY (request_id, position));
+    experiment TEXT NOT NULL DEFAULT '', PRIMARY KEY (request_id, position));
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
     event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
 CREATE TABLE IF NOT EXISTS empty_responses (
     request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL,
-    model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL);
+    model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL, experiment TEXT NOT NULL DEFAULT '');
 """
 # SQLite logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
 DROP_REPEATS = (
     "DELETE FROM feedback WHERE rowid NOT IN (SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)"
 )
 UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX IF NOT EXISTS feedback_once ON feedback (request_id, item_id, event)"
+# Logs written before responses named their experiment lack the column: added, '' (unknown) in every old row.
+EXPERIMENT_TABLES = ("impressions", "empty_responses")
+ADD_EXPERIMENT = "ALTER TABLE {table} ADD COLUMN experiment TEXT NOT NULL DEFAULT ''"
+SQLITE_COLUMNS = "SELECT name FROM pragma_table_info(?)"
+POSTGRES_COLUMNS = (
+    "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ?"
+)
 
 
 class FeedbackLog:
@@ -60,6 +73,10 @@ class FeedbackLog:
             if not self.db.postgres and not self.db.query("SELECT 1 FROM sqlite_master WHERE name = 'feedback_once'"):
                 self.db.execute(DROP_REPEATS)
             self.db.execute(UNIQUE_FEEDBACK)
+            for table in EXPERIMENT_TABLES:
+                columns = self.db.query(POSTGRES_COLUMNS if self.db.postgres else SQLITE_COLUMNS, (table,))
+                if "experiment" not in {row[0] for row in columns}:
+                    self.db.execute(ADD_EXPERIMENT.format(table=table))
 
     def log_impressions(
         self,
@@ -70,21 +87,22 @@ class FeedbackLog:
         arm: str,
         served_by: str,
         ts: float | None = None,
+        experiment: str = "",
     ) -> None:
         """One served slate: one row per position, in one transaction; an empty one, one row of
-        ``empty_responses``."""
+        ``empty_responses``. ``experiment``: the name of the experiment that served it ('' unknown)."""
         ts = time.time() if ts is None else ts
         rows = [
-            (request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by)
+            (request_id, ts, int(user_id), int(item), pos, str(model_version), arm, served_by, experiment)
             for pos, item in enumerate(item_ids)
         ]
         with self.db.transaction():
             for row in rows:
-                self.db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                self.db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             if not rows:
                 self.db.execute(
-                    "INSERT INTO empty_responses VALUES (?, ?, ?, ?, ?, ?)",
-                    (request_id, ts, int(user_id), str(model_version), arm, served_by),
+                    "INSERT INTO empty_responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (request_id, ts, int(user_id), str(model_version), arm, served_by, experiment),
                 )
 
     def log_feedback(

@@ -7,8 +7,9 @@ experiment compares therefore run side by side in one server, each request entir
 ``ab_router`` (``triton_repo/ab_router``, a BLS model, because choosing the ensemble per request is
 branching an ensemble cannot express) reads its ``experiment.json`` (an ``serving.assignment.Rollout``),
 hashes the user id into an arm, calls ``funnel_v<version of that arm>`` and answers with the funnel's
-outputs plus ``arm`` and ``request_id``. Before answering it writes the slate to the feedback log
-(``online/feedback_log.py``, durable on return), so every impression a client saw is on disk.
+outputs plus ``arm`` and ``request_id``. Before answering it writes the slate, with its experiment's
+name, to the feedback log (``online/feedback_log.py``, durable on return), so every impression a client
+saw is on disk.
 
 ``feedback`` (``triton_repo/feedback``) takes a client's reactions to one response (``request_id``,
 ``item_ids``, ``events``, ``values``), checks them against the logged impressions of that request and
@@ -161,6 +162,7 @@ class ABRouter:
             _text(np.asarray(out["model_version"]).reshape(-1)[0]),
             arm,
             _text(np.asarray(out["served_by"]).reshape(-1)[0]),
+            experiment=self.experiment,
         )
         return {
             **{n: out[n] for n in names(FUNNEL_OUTPUTS)},

@@ -64,6 +64,7 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
     assert len(set(ids)) == len(ids)
     log = router.log.impressions()
     assert len(log) == sum(len(a["item_ids"]) for a in answers.values())
+    assert set(log["experiment"]) == {"exp"}  # the rollout's experiment: two in one log are told apart
     first = answers[users[0]]
     served = router.log.served(first["request_id"][0].decode())
     assert served["item_ids"] == first["item_ids"].tolist() and served["arm"] == arms[users[0]]

@@ -212,3 +212,39 @@ def test_the_holdout_monitor_reads_empty_responses_and_logs_from_before_them(tmp
     log.db.execute("DROP TABLE empty_responses")
     log.close()
     assert logged_requests(tmp_path / "old.sqlite")["request_id"].tolist() == ["r1"]
+
+
+def test_two_experiments_logging_at_once_with_the_same_arm_names_are_analysed_apart(tmp_path):
+    """The log had no experiment column: two experiments written into one log at the same time (two
+    rollouts, or one started by hand beside the retraining pipeline's), both with arms "control" and
+    "treatment", read as one, each report counting the other's users. Rows of unknown experiment (''),
+    from before the column, still count, as before, by time."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze, logged_requests
+    from serving.assignment import ab_rollout
+
+    rollouts = {name: ab_rollout(name, f"salt-{name}", 1, 2, holdout=0.0) for name in ("a", "b")}
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    users = {"a": range(0, 300), "b": range(1000, 1200)}
+    for name, rollout in rollouts.items():
+        for user in users[name]:
+            arm = rollout.experiment.assign(user)
+            items = [] if user % 10 == 0 else [user % 7, 7 + user % 5]
+            log.log_impressions(f"{name}{user}", user, items, "1", arm, "model", ts=float(user % 5), experiment=name)
+            if name == "b":  # only b's users click: a's CTR must not see it
+                log.log_feedback(
+                    f"{name}{user}", user, -1 if not items else items[0], "churn" if not items else "click"
+                )
+    log.log_impressions("old", 5000, [1, 2], "1", "control", "model", ts=1.0)  # unknown experiment ('')
+    imp, fb, empty = log.impressions(), log.feedback(), log.empty_responses()
+    assert set(imp["experiment"]) == {"a", "b", ""} and set(empty["experiment"]) == {"a", "b"}
+    for name, rollout in rollouts.items():
+        result = analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=12, empty_responses=empty)
+        expected = {*users[name], 5000}  # its own users and the one of unknown experiment
+        assert sum(result.srm.observed.values()) == len(expected), (name, result.srm.observed)
+        clicks = result.summary.set_index("arm")["ctr"]
+        assert (clicks > 0).all() if name == "b" else (clicks == 0).all()
+        requests = logged_requests(tmp_path / "log.sqlite", experiment=name)
+        assert set(requests["user_id"]) == expected
+        assert requests["impressions"].sum() == imp[imp["experiment"].isin([name, ""])].shape[0]
+    assert set(logged_requests(tmp_path / "log.sqlite")["user_id"]) == {*users["a"], *users["b"], 5000}

@@ -274,6 +274,58 @@ def test_the_feedback_log_runs_on_postgres(postgres):
     assert np.isclose(other.feedback()["value"].sum(), 2.0)
 
 
+# The feedback log's tables before responses named their experiment (2026-12-07).
+LEGACY_FEEDBACK_LOG = [
+    """CREATE TABLE impressions (
+    request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
+    position INTEGER NOT NULL, model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL,
+    PRIMARY KEY (request_id, position))""",
+    """CREATE TABLE feedback (
+    request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL, item_id BIGINT NOT NULL,
+    event TEXT NOT NULL, value DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE empty_responses (
+    request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, user_id BIGINT NOT NULL,
+    model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL)""",
+    "INSERT INTO impressions VALUES ('old', 1.0, 7, 11, 0, '1', 'control', 'model')",
+    "INSERT INTO impressions VALUES ('old', 1.0, 7, 12, 1, '1', 'control', 'model')",
+    "INSERT INTO empty_responses VALUES ('old-empty', 1.0, 8, '1', 'treatment', 'fallback')",
+    "INSERT INTO feedback VALUES ('old', 2.0, 7, 11, 'click', 1.0)",
+]
+
+
+def test_a_feedback_log_from_before_experiment_names_opens_and_is_migrated_on_either_backend(location):
+    """A log written before impressions named their experiment lacks the column: reading it for one
+    experiment reads every row (unknown experiment), and opening it adds the column ('' in the old
+    rows, none lost), after which the router's rows carry their experiment's name."""
+    from online.ab_report import logged_requests
+    from online.feedback_log import FeedbackLog
+    from workflows.live_store import Database
+
+    if not location.startswith("postgresql://"):
+        location = location.replace("live.sqlite", "feedback.sqlite")
+    old = Database(location)
+    with old.transaction():
+        for statement in LEGACY_FEEDBACK_LOG:
+            old.execute(statement)
+    old.close()
+    assert sorted(logged_requests(location, experiment="a")["request_id"]) == ["old", "old-empty"]  # not migrated
+    log, other = FeedbackLog(location), FeedbackLog(location)  # a second opener finds it migrated
+    try:
+        log.log_impressions("new-a", 9, [13], "2", "control", "model", ts=3.0, experiment="a")
+        other.log_impressions("new-b", 10, [], "2", "control", "model", ts=3.0, experiment="b")
+        imp, empty = log.impressions().sort_values("request_id"), log.empty_responses().sort_values("request_id")
+        assert imp[["request_id", "experiment"]].values.tolist() == [["new-a", "a"], ["old", ""], ["old", ""]]
+        assert empty[["request_id", "experiment"]].values.tolist() == [["new-b", "b"], ["old-empty", ""]]
+        assert log.counts() == {"impressions": 3, "feedback": 1, "empty_responses": 2}
+        assert log.served("old")["item_ids"] == [11, 12]
+    finally:
+        log.close(), other.close()
+    requests = logged_requests(location, experiment="a").set_index("request_id").sort_index()
+    assert requests.index.tolist() == ["new-a", "old", "old-empty"] and requests.loc["old", "clicks"] == 1
+    assert sorted(logged_requests(location, experiment="b")["request_id"]) == ["new-b", "old", "old-empty"]
+    assert len(logged_requests(location)) == 4
+
+
 def test_feedback_whose_request_id_holds_a_nul_is_a_bad_request_on_either_backend(location):
     """PostgreSQL text cannot hold NUL: psycopg raised DataError (an INTERNAL error) at the lookup of such
     a request id, where SQLite answered "unknown request_id". A request id with NUL is the client's
