@@ -53,6 +53,15 @@ DROP_REPEATS = (
     "DELETE FROM feedback WHERE rowid NOT IN (SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)"
 )
 UNIQUE_FEEDBACK = "CREATE UNIQUE INDEX IF NOT EXISTS feedback_once ON feedback (request_id, item_id, event)"
+# Columns named: a log may gain columns (``experiment`` did), and a positional insert breaks on it.
+INSERT_IMPRESSION = (
+    "INSERT INTO impressions (request_id, ts, user_id, item_id, position, model_version, arm, served_by, experiment) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_EMPTY_RESPONSE = (
+    "INSERT INTO empty_responses (request_id, ts, user_id, model_version, arm, served_by, experiment) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 # Logs written before responses named their experiment lack the column: added, '' (unknown) in every old row.
 EXPERIMENT_TABLES = ("impressions", "empty_responses")
 ADD_EXPERIMENT = "ALTER TABLE {table} ADD COLUMN experiment TEXT NOT NULL DEFAULT ''"
@@ -98,10 +107,10 @@ class FeedbackLog:
         ]
         with self.db.transaction():
             for row in rows:
-                self.db.execute("INSERT INTO impressions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                self.db.execute(INSERT_IMPRESSION, row)
             if not rows:
                 self.db.execute(
-                    "INSERT INTO empty_responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    INSERT_EMPTY_RESPONSE,
                     (request_id, ts, int(user_id), str(model_version), arm, served_by, experiment),
                 )
 
