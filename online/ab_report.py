@@ -522,6 +522,12 @@ def live_vs_holdout(
     be compared with a holdout that has had a week to churn. A user in both groups over that period (a
     log spanning two experiments whose holdout salts differ, which reshuffles the holdout) is in neither.
 
+    One model version on the holdout side: ``holdout_version`` is the version that served the holdout
+    at the end of the period. Where the holdout was served by another version earlier in it (an
+    experiment started with a new control moved the holdout along), the comparison starts after that
+    version's last holdout response, for both groups: before 2026-12-08 the holdout's users were
+    pooled over both versions, a yardstick of two models that the table did not name.
+
     ``p_value`` is a one-look test, right for a report read once. A monitor recomputes the comparison
     every minute for weeks, and alerting on that p-value fires sooner or later with equal models
     (17-19% of A/A runs within 30 days per metric, docs/monitoring.md). ``sequential_p_value`` is what
@@ -542,6 +548,7 @@ def live_vs_holdout(
         "method",
         "users_live",
         "users_holdout",
+        "holdout_version",
         "since",
         "until",
     ]
@@ -553,6 +560,14 @@ def live_vs_holdout(
     for version, served in live.groupby("model_version"):
         since, until = float(served["ts"].min()), float(served["ts"].max())
         same_period = held[(held["ts"] >= since) & (held["ts"] <= until)]
+        holdout_version = ""
+        if not same_period.empty:
+            holdout_version = str(same_period.loc[same_period["ts"].idxmax(), "model_version"])
+            other = same_period[same_period["model_version"].astype(str) != holdout_version]
+            if not other.empty:  # the holdout moved to another version during the period: its last stretch only
+                start = float(other["ts"].max())
+                same_period, served = same_period[same_period["ts"] > start], served[served["ts"] > start]
+                since = float(served["ts"].min())
         # A log spanning two holdout salts (each reshuffles the holdout) holds users held out under one
         # and live under the other: in both groups they are no independent sample of either, so left out.
         both = np.intersect1d(same_period["user_id"].unique(), served["user_id"].unique())
@@ -581,6 +596,7 @@ def live_vs_holdout(
                     "method": r.method,
                     "users_live": len(v),
                     "users_holdout": len(h),
+                    "holdout_version": holdout_version,
                     "since": since,
                     "until": until,
                 }
@@ -622,6 +638,9 @@ class HoldoutMonitor:
         online_holdout_sequential_p_value{version, metric}              valid at every look (the alert's)
         online_holdout_min_detectable_effect{version, metric}           at the current sizes
         online_holdout_users{version, group}                            users per group
+
+    Each per-version series also carries ``holdout_version``, the model version the holdout was served
+    by in the comparison (``live_vs_holdout``).
         online_holdout_updated_timestamp_seconds                        when it was last computed
 
     A version whose last live response is more than ``retired_after_s`` older than the log's latest
@@ -692,14 +711,16 @@ class HoldoutMonitor:
         self.last_error = None
         values, p_values, sequential, mde, users = [], [], [], [], {}
         for row in table.itertuples():
-            labels = {"version": row.version, "metric": row.metric}
+            # The holdout's model version is part of each series: a comparison against another one is another series.
+            version = {"version": row.version, "holdout_version": row.holdout_version}
+            labels = {**version, "metric": row.metric}
             values += [({**labels, "group": "live"}, row.live), ({**labels, "group": "holdout"}, row.holdout)]
             p_values.append((labels, row.p_value))
             sequential.append((labels, row.sequential_p_value))
             mde.append((labels, row.min_detectable_effect))
             users[row.version] = [
-                ({"version": row.version, "group": "live"}, row.users_live),
-                ({"version": row.version, "group": "holdout"}, row.users_holdout),
+                ({**version, "group": "live"}, row.users_live),
+                ({**version, "group": "holdout"}, row.users_holdout),
             ]
         return render_metrics(
             [

@@ -416,3 +416,49 @@ def test_live_vs_holdout_counts_a_user_in_one_group_only_across_salts():
     row = table.iloc[0]
     # every user in at most one group: those seen in both are left out of the comparison
     assert row["users_live"] + row["users_holdout"] == len(held ^ live)
+
+
+def test_live_vs_holdout_compares_with_one_holdout_model_version(tmp_path):
+    # The retraining pipeline started each candidate's experiment with the served version as control, and
+    # the holdout went with it: v2 served live across two experiments while the holdout was served by v1,
+    # then by v2. Its comparison pooled the holdout's users of both versions, a yardstick of two models
+    # that neither the table nor the exported series named.
+    from online.ab_report import HoldoutMonitor
+    from online.feedback_log import FeedbackLog
+    from serving.metrics import parse_prometheus
+
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    n = 0
+    # period 0: experiment v1 (control) vs v2 (treatment), holdout on v1; period 1: v2 vs v3, holdout on v2
+    for period, (arms, holdout_version, holdout_clicks) in enumerate(
+        [({"control": "1", "treatment": "2"}, "1", 3), ({"control": "2", "treatment": "3"}, "2", 1)]
+    ):
+        for user in range(period * 200, period * 200 + 200):
+            arm = "holdout" if user % 10 == 5 else ("control" if user % 2 == 0 else "treatment")
+            version = holdout_version if arm == "holdout" else arms[arm]
+            request, items, ts = f"r{n}", list(range(10)), period * 1000 + user
+            n += 1
+            log.log_impressions(request, user, items, version, arm, "model", ts=ts)
+            clicks = holdout_clicks if arm == "holdout" else 2
+            log.log_feedback_many([(request, user, i, "click", 1.0) for i in items[:clicks]], ts=ts)
+    log.close()
+
+    table = HoldoutMonitor(tmp_path / "log.sqlite", n_resamples=99, retired_after_s=None).table()
+    table = table.set_index(["version", "metric"])
+    # v2 is compared with the holdout on v2 only, from the holdout's move on: its 20 users at CTR 0.1
+    # (old code: the 40 holdout users of both versions, CTR 0.2, and no holdout_version)
+    assert table.loc[("2", "ctr"), "holdout"] == pytest.approx(0.1)
+    assert table.loc[("2", "ctr"), "users_holdout"] == 20
+    # its live users after the holdout's last v1 response (ts 195): period 1's 100 and period 0's 197 and 199
+    assert table.loc[("2", "ctr"), "users_live"] == 102
+    assert table.loc[("2", "ctr"), "since"] == 197
+    assert dict(table.xs("ctr", level="metric")["holdout_version"]) == {"1": "1", "2": "2", "3": "2"}
+    assert table.loc[("1", "ctr"), "holdout"] == pytest.approx(0.3)  # v1 served with the holdout on v1 only
+
+    metrics = parse_prometheus(HoldoutMonitor(tmp_path / "log.sqlite", n_resamples=99).exposition())
+    holdout = {
+        (lab["version"], lab["holdout_version"]): v
+        for lab, v in metrics["online_holdout_value"]
+        if lab["metric"] == "ctr" and lab["group"] == "holdout"
+    }
+    assert holdout == {("1", "1"): pytest.approx(0.3), ("2", "2"): pytest.approx(0.1), ("3", "2"): pytest.approx(0.1)}
