@@ -291,6 +291,10 @@ def analyze(
         holdout_table = pd.DataFrame([r.to_dict() for r in results])
         holdout = results[0].to_dict()
         holdout["metric"] = "ctr: control (treatment side) vs holdout"
+        # The retraining pipeline keeps the holdout on its model across candidates: not always the control arm's.
+        holdout["holdout_version"] = int(rollout.control_version)
+        if control in rollout.versions:
+            holdout["control_version"] = int(rollout.versions[control])
 
     rows = []
     for arm, frame in impressions.groupby("arm"):
@@ -358,7 +362,12 @@ def write_ab_report(
         ("Popularity concentration of what each arm served", analysis.concentration),
     ]
     if not analysis.holdout.empty:
-        sections.append(("Holdout (control model) vs control arm", analysis.holdout))
+        h = analysis.holdout_vs_control or {}
+        versions = ("holdout_version", "control_version")
+        heading = "Holdout vs control arm"
+        if all(k in h for k in versions):
+            heading = "Holdout (v{}) vs control arm (v{})".format(*(h[k] for k in versions))
+        sections.append((heading, analysis.holdout))
     plots = []
     fig, ax = plt.subplots(figsize=(6, 3.2))
     arms = analysis.summary

@@ -452,12 +452,15 @@ def step_export(context: dict) -> dict:
 def step_experiment(context: dict) -> dict:
     """A/B test the candidate against the served version on the live server (``settings['grpc_url']``;
     ``settings['tls_ca']``, the PEM file that signed its certificate, where its gRPC speaks TLS):
-    the router sends the treatment share to the candidate, the holdout stays on the current model.
+    the router sends the treatment share to the candidate. The holdout is the same users from one
+    candidate to the next and stays on the model it is served by (the running experiment's holdout
+    version), so it remains one fixed yardstick across generations; a first experiment (or one after
+    the holdout was ended or drawn anew) holds it out on the current model.
     Without a server (or a current version) the candidate waits in the repository."""
     from configs import load_config
     from deployment.rollout import current_rollout, served_version
     from online.experiments import start_experiment
-    from serving.assignment import ab_rollout
+    from serving.assignment import Rollout, ab_rollout
 
     s, export = context["settings"], context["export"]
     if not (s.get("grpc_url") and export.get("live")):
@@ -480,10 +483,20 @@ def step_experiment(context: dict) -> dict:
         holdout_salt=exp.salt,
     )
     running = current_rollout(export["repo"])
+    if running is not None and _same_holdout(running, rollout):
+        # It stays on its model: moving it to each new control (v2 once v2 was shipped) made the yardstick
+        # a generation behind at most, blind to a drift across generations.
+        rollout = Rollout(rollout.experiment, rollout.versions, running.control_version)
     if running is not None and running.to_dict() == rollout.to_dict():  # a re-run: already started
         return {"started": True, "experiment": rollout.to_dict(), "router_version": None}
     router_version = start_experiment(s["grpc_url"], export["repo"], rollout, root_certificates=s.get("tls_ca") or None)
     return {"started": True, "experiment": rollout.to_dict(), "router_version": router_version}
+
+
+def _same_holdout(running, rollout) -> bool:
+    """Whether both rollouts hold out the same users (the same share, drawn by the same salt)."""
+    a, b = running.experiment, rollout.experiment
+    return 0 < a.holdout == b.holdout and (a.holdout_salt or a.salt) == (b.holdout_salt or b.salt)
 
 
 def default_steps(timeout_s: float = 1800.0, attempts: int = 3) -> list[Step]:

@@ -456,6 +456,43 @@ def test_the_holdout_is_the_same_users_for_every_candidate(monkeypatch, tmp_path
     assert Rollout.from_dict(json.loads(json.dumps(second.to_dict()))).to_dict() == second.to_dict()
 
 
+def test_the_holdout_stays_on_its_model_from_one_candidate_to_the_next(monkeypatch, tmp_path):
+    """Each candidate's experiment put the holdout on the served version: once v2 was shipped over v1, the
+    experiment of candidate v3 moved the holdout to v2, so the yardstick of docs/monitoring.md followed
+    the served model a generation behind and could not show a drift across generations. It now stays on
+    the model it is served by while the holdout is the same users."""
+    import deployment.rollout
+    import online.experiments
+    from online.retraining import step_experiment
+    from serving.assignment import HOLDOUT, single_version
+
+    routers = [None]  # what the router serves: nothing yet, then each experiment started
+    monkeypatch.setattr(deployment.rollout, "current_rollout", lambda repo: routers[-1])
+    monkeypatch.setattr(
+        online.experiments, "start_experiment", lambda url, repo, rollout, **kw: routers.append(rollout)
+    )
+
+    def experiment(current, candidate):
+        settings = {"grpc_url": "localhost:1", "current_version": current}
+        export = {"repo": str(tmp_path), "version": candidate, "live": True}
+        return step_experiment({"settings": settings, "export": export})
+
+    experiment(1, 2)
+    assert routers[-1].control_version == 1
+    routers.append(routers[-1].roll_out("treatment"))  # v2 wins and is shipped; the holdout stays on v1
+    experiment(2, 3)
+    third = routers[-1]
+    assert third.versions == {"control": 2, "treatment": 3}
+    assert third.control_version == 1  # old code: 2, the holdout moved to the new control
+    held = next(u for u in range(10_000) if third.version_for(u)[0] == HOLDOUT)
+    assert third.version_for(held) == (HOLDOUT, 1)
+    assert experiment(2, 3)["router_version"] is None and routers[-1] is third  # a re-run starts nothing
+    # a holdout ended (every user on one version) is drawn anew on the served model
+    routers.append(single_version(3))
+    experiment(3, 4)
+    assert routers[-1].control_version == 3
+
+
 def test_the_export_refuses_a_candidate_whose_served_scores_fail_the_checklist(monkeypatch, tmp_path):
     """The gate's checklist runs before the export, without a repository, so the served lists' scores
     (``scores_in_unit_range``) were never checked in a retraining run and a candidate serving scores
