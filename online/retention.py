@@ -115,6 +115,14 @@ def per_user_signals(
             f"the log's 'arm' column holds {len(arms)} arms {arms}: their rankers differ, so pooling them relates "
             "the arms' differences to retention; name one (arm=..., e.g. the control arm)"
         )
+    # The same holds within an arm that served two model versions (a rollout or a promotion in the log).
+    versions = sorted(impressions["model_version"].astype(str).unique()) if "model_version" in impressions else []
+    if len(versions) > 1:
+        raise ValueError(
+            f"the impressions analysed were served by {len(versions)} model versions {versions} (a rollout within "
+            "the log?): their rankers differ, so pooling them relates the versions' differences to retention; "
+            "pass the rows of one version"
+        )
     shown = impressions[["request_id", "user_id", "item_id"]].drop_duplicates(["request_id", "item_id"])
     per_item = signals_per_item(feedback)  # click, watch_seconds, like, share
     rows = shown.join(per_item, on=["request_id", "item_id"]).fillna(

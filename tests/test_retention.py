@@ -456,3 +456,15 @@ def test_a_log_of_several_arms_is_analysed_one_arm_at_a_time():
     assert len(treatment) == 400 and not treatment["returned"].any()
     # A single-arm log (the retention run's own) needs no arm, as before.
     assert len(per_user_signals(imp_c.assign(arm="control"), fb_c, durations)) == 400
+
+
+def test_an_arm_that_served_two_model_versions_is_not_pooled():
+    """A deployment's log spanning a rollout holds one arm served by two model versions (the control arm on
+    v1, then on the shipped v2); the analysis pooled them, relating the versions' difference to coming back
+    as the arm check above does for two arms. It is refused now, naming the versions."""
+    imp, fb, durations = planted_log(n_users=400)
+    rolled = imp.assign(arm="control", model_version=np.where(imp["user_id"] < 200, "1", "2"))
+    with pytest.raises(ValueError, match=r"2 model versions \['1', '2'\]"):  # old code: no error
+        per_user_signals(rolled, fb, durations, arm="control")
+    one = per_user_signals(rolled[rolled["model_version"] == "2"], fb, durations)
+    assert len(one) == 200
