@@ -534,7 +534,7 @@ def live_vs_holdout(
     One model version on the holdout side: ``holdout_version`` is the version that served the holdout
     at the end of the period. Where the holdout was served by another version earlier in it (an
     experiment started with a new control moved the holdout along), the comparison starts after that
-    version's last holdout response, for both groups: before 2026-12-08 the holdout's users were
+    version's last holdout response, for both groups: before 2026-12-07 the holdout's users were
     pooled over both versions, a yardstick of two models that the table did not name.
 
     ``p_value`` is a one-look test, right for a report read once. A monitor recomputes the comparison
@@ -647,10 +647,10 @@ class HoldoutMonitor:
         online_holdout_sequential_p_value{version, metric}              valid at every look (the alert's)
         online_holdout_min_detectable_effect{version, metric}           at the current sizes
         online_holdout_users{version, group}                            users per group
+        online_holdout_updated_timestamp_seconds                        when it was last computed
 
     Each per-version series also carries ``holdout_version``, the model version the holdout was served
     by in the comparison (``live_vs_holdout``).
-        online_holdout_updated_timestamp_seconds                        when it was last computed
 
     A version whose last live response is more than ``retired_after_s`` older than the log's latest
     one (a rollout or rollback moved the live users on) drops out of the export: its comparison no
