@@ -83,6 +83,12 @@ class Interactions:
         new = before[before["_merge"] == "left_only"]
         return new.groupby("user_id").size().reindex(self.user_ids, fill_value=0).to_numpy().astype(np.int64)
 
+    @cached_property
+    def in_training(self) -> np.ndarray:
+        """Whether each user has a training row: a peer (``evaluation/peers.py``) scores a user without
+        one from nothing (EASE: every item 0; ALS: its initial factors; Pop: the same list for all)."""
+        return np.isin(self.user_ids, self.train["user_id"].unique())
+
     def matrix(self):
         from evaluation.peers import interaction_matrix
 
@@ -183,10 +189,11 @@ CHUNK_CELLS = 1 << 25
 def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), **kwargs) -> Result:
     """``evaluate_scores`` for a scorer ``score_rows(user_rows) -> [len(user_rows), num_items]``,
     called per chunk of users: each chunk's top lists and its users' held-out items' scores are kept,
-    the rest of its scores dropped."""
+    the rest of its scores dropped. The preference parity counts users with a training row only
+    (``Interactions.in_training``)."""
     num_users, num_items = len(data.user_ids), len(data.item_ids)
     chunk = max(1, CHUNK_CELLS // max(num_items, 1))
-    tops, liked_scores, relevant, seen = [], [], data.relevant, data.seen
+    tops, liked_scores, relevant, seen, in_training = [], [], data.relevant, data.seen, data.in_training
     for start in range(0, num_users, chunk):
         rows = np.arange(start, min(start + chunk, num_users))
         scores = np.asarray(score_rows(rows))
@@ -196,7 +203,10 @@ def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), **kw
             raise ValueError(f"{name}, users from row {start}: {error}") from error
         for i, u in enumerate(rows):
             cols = np.array(sorted(relevant[u]), dtype=np.int64)
-            liked_scores.append((cols, scores[i, cols]))
+            # A user without a training row is left out of the parity (-inf: unscorable), as the funnel
+            # leaves out the users it does not know: EASE scored every item of theirs 0, a tie on each pair.
+            liked = scores[i, cols] if in_training[u] else np.full(len(cols), -np.inf)
+            liked_scores.append((cols, liked))
     top = np.concatenate(tops) if tops else np.zeros((0, min(max(ks), num_items)), dtype=np.int64)
     return evaluate_top_k(name, top, data, ks, liked_scores=liked_scores, **kwargs)
 

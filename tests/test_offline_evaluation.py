@@ -835,3 +835,19 @@ def test_the_evaluation_closes_the_stages_it_loads_and_leaves_given_ones_open(mo
     with pytest.raises(Done):
         pipeline.funnel_results("f", "repo", 1, Path("m"), None, [10], stages=given)
     assert given[0].closed == 0
+
+
+def test_preference_parity_leaves_out_users_without_a_training_row():
+    """A user only the held-out part holds has no training row: EASE scored each of their items 0, and
+    each (popular, unpopular) pair counted as a tie (0.5), while the funnel leaves out users it does not
+    know. Users 1-4 train; user 9 is new. Item 10 is the popular one (top 20% by training users)."""
+    train = pd.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 4], "item_id": [10, 11, 10, 12, 10, 13, 11]})
+    test = pd.DataFrame({"user_id": [4, 4, 9, 9], "item_id": [10, 12, 10, 12]})
+    data = offline.Interactions.from_split(train, test)
+    peer = EASE().fit(data.matrix())
+    assert not peer.scores([4]).any()  # the new user: every item 0
+    result = offline.evaluate_scorer("EASE", peer.scores, data, ks=(2,), n_bootstrap=5)
+    assert result.bias["preference_parity_users"] == 1  # user 4 only (old code: 2, user 9's tie with it)
+    liked = peer.scores([3])[0, data.cols([10, 12])]
+    assert result.bias["preference_parity"] == (1.0 if liked[0] > liked[1] else 0.0 if liked[0] < liked[1] else 0.5)
+    assert data.in_training.tolist() == [True, True, True, True, False]
