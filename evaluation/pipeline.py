@@ -244,12 +244,20 @@ def served_categories(stages) -> pd.Series:
 SHARED_BY_VARIANTS = ("filtering", "light_ranker", "heavy_ranker", "ordering")
 
 
-def _with_retrieval_of(stages: list, repo: Path, version: int) -> list:
-    """``stages`` with the stages that depend on the candidate generator loaded from ``repo``."""
+def _with_retrieval_of(stages: list, repo: Path, version: int, live_store: str) -> list:
+    """``stages`` with the stages that depend on the candidate generator loaded from ``repo`` as
+    ``offline.load_funnel`` loads them: reading ``live_store``, the live store the served funnel's
+    stages read (left to themselves they read ``$FUNNEL_STORE_URL`` where set, else the variant
+    repository's own store), with the feature lookup's clock at the end of the training data."""
     from serving.interface import stage_folder
     from serving.stages import STAGES
 
-    return [s if s.name in SHARED_BY_VARIANTS else STAGES[s.name](stage_folder(repo, s.name, version)) for s in stages]
+    def load(name: str):
+        return STAGES[name](
+            stage_folder(repo, name, version), **({"live_store": live_store} if name in offline.LIVE else {})
+        )
+
+    return offline.at_training_end([s if s.name in SHARED_BY_VARIANTS else load(s.name) for s in stages])
 
 
 def mitigation_variants(cg, served: tuple[int, bool] | None = None) -> list[tuple[int, bool]]:
@@ -395,7 +403,10 @@ def evaluate_split(
 
     begin()
     model, repo = trained or train_and_export(processed, config, out / "registry", out / "triton_repo")
-    loaded = offline.load_funnel(repo, model.version)
+    from workflows.live_store import store_beside
+
+    live_store = store_beside(repo)  # the one live store the funnel and its variants read
+    loaded = offline.load_funnel(repo, model.version, live_store=live_store)
     try:
         begin()
         funnel, stages = funnel_results(
@@ -424,7 +435,7 @@ def evaluate_split(
                         out / f"triton_repo_sampled_{sampled}_logq_{logq}",
                         rankers_from=model,
                     )
-                    variant_stages = _with_retrieval_of(loaded, r, m.version)
+                    variant_stages = _with_retrieval_of(loaded, r, m.version, live_store)
                     try:
                         res, st = funnel_results(
                             f"funnel sampled={sampled} logQ={logq}",

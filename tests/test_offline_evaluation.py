@@ -851,3 +851,31 @@ def test_preference_parity_leaves_out_users_without_a_training_row():
     liked = peer.scores([3])[0, data.cols([10, 12])]
     assert result.bias["preference_parity"] == (1.0 if liked[0] > liked[1] else 0.0 if liked[0] < liked[1] else 0.5)
     assert data.in_training.tolist() == [True, True, True, True, False]
+
+
+def test_mitigation_variants_read_the_served_funnels_live_store_at_the_training_end(tmp_path, monkeypatch):
+    """``_with_retrieval_of`` built a variant's feature lookup with no store: it read
+    ``$FUNNEL_STORE_URL`` where set (else the variant repository's own store), not the store
+    ``load_funnel`` gave the served funnel, and its clock stayed the wall clock."""
+    from evaluation.pipeline import _with_retrieval_of
+    from serving import stages as stage_module
+    from workflows.live_store import STORE_ENV
+
+    opened = {}
+
+    def fake(name):
+        def build(artifacts, live_store=None, **kwargs):
+            opened[name] = live_store
+            return type("Stage", (), {"name": name, "activity_since": 100.0, "clock": None})()
+
+        return build
+
+    names = ["feature_lookup", "query_tower", "retrieval", "ordering"]
+    monkeypatch.setattr(stage_module, "STAGES", {name: fake(name) for name in names})
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "deployment-live.sqlite"))
+    served = [type("Stage", (), {"name": name})() for name in names]
+    chosen = str(tmp_path / "triton_repo-live.sqlite")
+    variant = _with_retrieval_of(served, tmp_path / "variant_repo", 2, chosen)
+    assert opened == {"feature_lookup": chosen, "query_tower": None, "retrieval": None}  # old: no store given
+    assert variant[-1] is served[-1]  # the ordering is shared
+    assert variant[0].clock() == 100.0
