@@ -250,3 +250,29 @@ def test_notebook_ab_analysis_counts_empty_responses():
     ]
     assert calls
     assert [name for name, call in calls if "empty_responses" not in {k.arg for k in call.keywords}] == []
+
+
+STORE_STAGES = ("FeatureLookup", "QueryTower")  # stages with a close() for what they open
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_close_the_stages_they_build(notebook):
+    """A notebook that builds a feature lookup or a query tower closes it (``Stage.close``): 02 built
+    both and left their store connections open, one of them a FeatureLookup never named."""
+    code = "\n".join(s for nb, kind, s in NOTEBOOK_CELLS if nb == notebook and kind == "code")
+    tree = ast.parse("\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    built, closed = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            targets = node.targets[0].elts if isinstance(node.targets[0], ast.Tuple) else node.targets
+            for target, value in zip(targets, values):
+                if isinstance(value, ast.Call) and getattr(value.func, "attr", None) in STORE_STAGES:
+                    built.append(getattr(target, "id", None))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr == "close" and isinstance(node.func.value, ast.Name):
+                closed.add(node.func.value.id)
+            inner = node.func.value
+            if isinstance(inner, ast.Call) and getattr(inner.func, "attr", None) in STORE_STAGES:
+                built.append(None)  # used without a name (``FeatureLookup(...).run(...)``): nothing closes it
+    assert all(name in closed for name in built), (notebook.name, built, sorted(closed))
