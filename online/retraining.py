@@ -78,6 +78,9 @@ class Alerter:
     webhook_url: str | None = None
     alert_file: Path | str | None = None  # a str too: the Airflow DAG passes an environment variable
     sent: list[dict] = field(default_factory=list)
+    # The whole webhook delivery, name lookup included: urlopen's timeout bounds each socket operation,
+    # not getaddrinfo, so a hanging DNS lookup held the failing run past it (14 s with a 14 s lookup).
+    timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         self.alert_file = Path(self.alert_file) if self.alert_file else None
@@ -95,15 +98,38 @@ class Alerter:
             except OSError as err:  # a full disk is one of the failures to report: the webhook still gets it
                 errors.append(err)
         if self.webhook_url:
-            req = urllib.request.Request(
-                self.webhook_url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
-            )
-            try:
-                urllib.request.urlopen(req, timeout=10).close()
-            except OSError as err:
+            err = self._post(alert)
+            if err is not None:
                 errors.append(err)
         if errors:
             raise OSError("; ".join(f"{type(e).__name__}: {e}" for e in errors)) from errors[0]
+
+    def _post(self, alert: dict) -> OSError | None:
+        """POST ``alert`` to the webhook in a daemon thread and wait at most ``timeout_s``: the failure
+        (``TimeoutError`` where it did not finish in time), or None. A thread still stuck in the lookup
+        is left behind; being a daemon it does not keep the process alive."""
+        req = urllib.request.Request(
+            self.webhook_url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
+        )
+        outcome: list[BaseException | None] = []
+
+        def deliver() -> None:
+            try:
+                urllib.request.urlopen(req, timeout=self.timeout_s).close()
+            except BaseException as err:  # handed to the caller, not lost in the thread
+                outcome.append(err)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=deliver, name="alert-webhook", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if not outcome:
+            return TimeoutError(f"the webhook did not answer within {self.timeout_s:g} s")
+        err = outcome[0]
+        if err is not None and not isinstance(err, OSError):
+            raise err  # as before: not a delivery failure (a malformed URL), the caller's to see
+        return err
 
 
 def _child(fn: StepFn, context: dict, queue, runner_pid: int) -> None:

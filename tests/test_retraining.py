@@ -81,6 +81,25 @@ def test_alerts_reach_the_file_when_the_webhook_is_down_or_the_path_is_a_string(
     assert alert["step"] == "s" and "disk full" in alert["error"]
 
 
+def test_the_alert_webhook_timeout_bounds_a_hanging_name_lookup(monkeypatch, tmp_path):
+    """urlopen's timeout bounds socket operations, not ``getaddrinfo``: a hanging DNS lookup held the
+    alert (and the failing run) for as long as the lookup took. The delivery is bounded as a whole; a
+    timeout is a failed delivery, and the alert file is written first."""
+    import socket
+
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(3)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    alerter = Alerter(webhook_url="http://alerts.invalid/hook", alert_file=tmp_path / "alerts.jsonl", timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="did not answer within 0.5 s"):
+        alerter.send({"step": "s", "error": "disk full"})
+    assert time.monotonic() - started < 2
+    assert json.loads((tmp_path / "alerts.jsonl").read_text())["step"] == "s"
+
+
 @pytest.mark.slow
 def test_real_steps_retrain_gate_and_export(raw_paths, tmp_path):
     from conftest import SMALL
