@@ -70,12 +70,23 @@ def final_scores(
 def rank(scores: np.ndarray, temperature: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
     """Positions of ``scores`` from first to last: sorted (stable) or, with ``temperature`` > 0, a
     Plackett-Luce sample: the order of ``scores / temperature + Gumbel noise`` has exactly the
-    probabilities of drawing items one after another from ``softmax(scores / temperature)``."""
+    probabilities of drawing items one after another from ``softmax(scores / temperature)``.
+
+    A temperature so small that ``scores / temperature`` overflows (a subnormal one, 1e-310) is the
+    limit T -> 0+: the score order, ties in a random order. Before 2026-12-07 every score became inf
+    and the list came out in candidate order, the lowest-scored first as often as not."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if temperature <= 0.0:
         return np.argsort(-scores, kind="stable")
     rng = rng if rng is not None else np.random.default_rng()
-    return np.argsort(-(scores / temperature + rng.gumbel(size=scores.size)), kind="stable")
+    noise = rng.gumbel(size=scores.size)
+    with np.errstate(over="ignore"):
+        scaled = scores / temperature
+    if not np.isfinite(scaled[np.isfinite(scores)]).all():
+        # Overflowed: two distinct scores then differ by over 1e290 after scaling, which no Gumbel
+        # draw bridges, so sorting by score (the noise ordering only the exact ties) is the sample.
+        return np.lexsort((-noise, -scores))
+    return np.argsort(-(scaled + noise), kind="stable")
 
 
 def cap_per_category(order: np.ndarray, categories: np.ndarray, max_per_category: int, k: int) -> np.ndarray:

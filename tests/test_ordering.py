@@ -1,5 +1,7 @@
 """The ordering policy (serving/ordering.py): final score, exploration, per-category cap."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,18 @@ def test_exploration_samples_first_places_with_softmax_probabilities():
     np.testing.assert_allclose(firsts, expected, atol=0.01)
     # Every draw is a permutation: nothing dropped, nothing repeated.
     assert sorted(ordering.rank(scores, temperature, rng).tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324])
+def test_a_subnormal_temperature_is_the_score_order_not_the_candidate_order(temperature):
+    """``scores / temperature`` overflowed to inf for every score: the 'sample' came out in candidate
+    order, 0.2 first. The limit T -> 0+ is the score order, exact ties in a random order."""
+    scores = np.array([0.2, 0.9, 0.5, 0.95, 0.9], dtype=np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orders = {tuple(ordering.rank(scores, temperature, np.random.default_rng(seed)).tolist()) for seed in range(20)}
+    assert orders == {(3, 1, 4, 2, 0), (3, 4, 1, 2, 0)}
+    assert not caught, [str(w.message) for w in caught]  # no overflow warning either
 
 
 def test_per_category_cap_keeps_the_best_of_each_and_fills_from_other_categories():
