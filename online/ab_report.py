@@ -206,6 +206,37 @@ def of_experiment(frame: pd.DataFrame, experiment: str | None) -> pd.DataFrame:
     return frame[frame["experiment"].isin([experiment, ""])]
 
 
+def one_version_per_arm(
+    impressions: pd.DataFrame, empty_responses: pd.DataFrame | None = None, experiment: str | None = None
+) -> None:
+    """Refuse rows in which one arm was served by more than one model version.
+
+    ``roll_out_treatment`` keeps the experiment (its name, its arms) and moves every arm but the holdout
+    to the treatment's version, so the log of an experiment that was shipped holds "control" rows of the
+    control's version before the rollout and of the treatment's after it (a promotion of the served
+    version, or rows of unknown experiment from another period, do the same). Pooled, the control arm's
+    CTR, watch time and retention mix both models and the test compares the treatment with itself in
+    part; the comparison is the experiment's period before the rollout."""
+    frames = [f for f in (impressions, empty_responses) if f is not None and not f.empty]
+    if not frames or any("model_version" not in f.columns for f in frames):
+        return
+    served = pd.concat([f[["arm", "model_version"]].astype(str) for f in frames]).drop_duplicates()
+    mixed = {
+        arm: sorted(versions, key=lambda v: (len(v), v))
+        for arm, versions in served.groupby("arm")["model_version"]
+        if len(versions) > 1
+    }
+    if mixed:
+        named = "; ".join(f"arm {arm!r} by model versions {versions}" for arm, versions in sorted(mixed.items()))
+        of = f" of experiment {experiment!r}" if experiment is not None else ""
+        raise ValueError(
+            f"the rows{of} were served {named}: a log spanning a rollout (roll_out_treatment moves every arm "
+            "but the holdout to the treatment's version under the same experiment) or a promotion. Pooled, an "
+            "arm's figures mix two models; analyse the rows logged before the rollout (their ts), with the "
+            "rollout the experiment started with"
+        )
+
+
 @dataclass
 class ABAnalysis:
     summary: pd.DataFrame
@@ -247,10 +278,15 @@ def analyze(
 
     Only ``rollout``'s experiment is read (``of_experiment``): another experiment logged into the same
     log at the same time, with the same arm names, is left out. Rows of unknown experiment ('') are
-    kept, so a log from before the column must still be cut by its start time, as before."""
+    kept, so a log from before the column must still be cut by its start time, as before.
+
+    Each arm must have been served by one model version (``one_version_per_arm``): a log that spans
+    ``roll_out_treatment`` holds the control arm on the control's version before it and on the
+    treatment's after, under the same experiment, and is refused; pass the rows logged before the rollout."""
     impressions = of_experiment(impressions, rollout.experiment.name)
     if empty_responses is not None:
         empty_responses = of_experiment(empty_responses, rollout.experiment.name)
+    one_version_per_arm(impressions, empty_responses, rollout.experiment.name)
     users = per_user(impressions, feedback, empty_responses)
     summary = arm_summary(users)
     by_arm = {arm: users[users["arm"] == arm] for arm in users["arm"].unique()}

@@ -248,3 +248,38 @@ def test_two_experiments_logging_at_once_with_the_same_arm_names_are_analysed_ap
         assert set(requests["user_id"]) == expected
         assert requests["impressions"].sum() == imp[imp["experiment"].isin([name, ""])].shape[0]
     assert set(logged_requests(tmp_path / "log.sqlite")["user_id"]) == {*users["a"], *users["b"], 5000}
+
+
+def test_an_experiment_logged_across_its_rollout_is_refused_not_pooled(tmp_path):
+    """``roll_out_treatment`` keeps the experiment's name and arms and moves every arm but the holdout to
+    the treatment's version, so the log of a shipped experiment (``serve_ab_test``'s check after the
+    rollout, notebook 05, the retraining pipeline's experiment shipped by hand) holds "control" rows of
+    v1 before it and of v2 after it. ``analyze`` of that log pooled them: the control arm's CTR mixed both
+    models, so the treatment was compared in part with itself. It is refused, naming the versions; the
+    rows from before the rollout analyse as before."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+    from serving.assignment import HOLDOUT, ab_rollout
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    shipped = rollout.roll_out("treatment")  # what roll_out_treatment writes for the router
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    for period, (ts, current) in enumerate(((1.0, rollout), (2.0, shipped))):
+        for user in range(600):
+            arm, version = current.version_for(user)
+            rid = f"{period}-{user}"
+            log.log_impressions(rid, user, [user % 7, 7 + user % 5], str(version), arm, "model", ts=ts, experiment="e")
+            if version == 2:  # the treatment's model is clicked, the control's is not
+                log.log_feedback(rid, user, user % 7, "click", ts=ts)
+    imp, fb, empty = log.impressions(), log.feedback(), log.empty_responses()
+    log.close()
+    with pytest.raises(ValueError, match=r"arm 'control' by model versions \['1', '2'\]"):
+        analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=12, empty_responses=empty)
+    with pytest.raises(ValueError, match="rollout"):  # with the router's rollout as it is now, the same
+        analyze(imp, fb, shipped, ExperimentConfig(), catalog_size=12, empty_responses=empty)
+    before = imp["ts"] < 2.0
+    result = analyze(
+        imp[before], fb[fb["ts"] < 2.0], rollout, ExperimentConfig(), catalog_size=12, empty_responses=empty
+    )
+    ctr = result.summary.set_index("arm")["ctr"]
+    assert ctr["control"] == 0 and ctr["treatment"] == 0.5 and ctr[HOLDOUT] == 0  # one click of two items
