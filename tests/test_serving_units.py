@@ -332,6 +332,20 @@ def test_the_server_gives_slow_stubs_time_to_start(tmp_path):
         patient.cleanup()
 
 
+def aborting_server(tmp_path):
+    """A ``TritonServer`` over an empty repository, and a command that dies as the python backend's
+    IPC crash does (its message, then SIGABRT)."""
+    import sys
+
+    from deployment.server import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60)
+    crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
+    return server, [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
+
+
 def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_twice_after_a_pause(tmp_path, monkeypatch):
     """The python backend's intermittent crash while stubs initialise (boost::interprocess::
     lock_exception, SIGABRT) gets two fresh processes, each after a pause; a third abort, or any other
@@ -352,11 +366,7 @@ def test_a_start_that_aborts_in_the_python_backends_ipc_is_retried_twice_after_a
 
     monkeypatch.setattr(server_module.time, "sleep", recorded)
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60)
-    crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
-    aborts = [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
+    server, aborts = aborting_server(tmp_path)
     exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
     ready = [  # answers Triton's readiness probe and listens on the other two ports, as a server that loaded
         sys.executable,
@@ -408,11 +418,7 @@ def test_a_cancelled_start_does_not_wait_out_the_pause_before_an_abort_retry(tmp
     from deployment.server import StartCancelled, TritonServer
 
     monkeypatch.setattr(server_module, "ABORT_PAUSE_S", 3.0)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    server = TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=60)
-    crash = "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
-    aborts = [sys.executable, "-c", f"import os; print({crash!r}, flush=True); os.abort()"]
+    server, aborts = aborting_server(tmp_path)
     sleeps = [sys.executable, "-c", "import time; time.sleep(60)"]
     queue, started = iter([aborts, sleeps]), []
     monkeypatch.setattr(TritonServer, "command", lambda self: started.append(c := next(queue)) or c)
