@@ -668,6 +668,13 @@ class TritonServer(LoggedProcess):
     def stub_pids(self) -> dict[str, list[int]]:
         """``{model name: [pid, ...]}`` of the Python backend stub processes of this server."""
         pids: dict[str, list[int]] = {}
+        for (model, _), found in self.stub_pids_by_version().items():
+            pids.setdefault(model, []).extend(found)
+        return pids
+
+    def stub_pids_by_version(self) -> dict[tuple[str, str], list[int]]:
+        """``{(model name, version): [pid, ...]}`` of the Python backend stub processes of this server."""
+        pids: dict[tuple[str, str], list[int]] = {}
         if self.process is None:
             return pids
         for proc in Path("/proc").iterdir():
@@ -681,8 +688,8 @@ class TritonServer(LoggedProcess):
                 continue
             if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 1:
                 # argv[1] is <repository>/<model>/<version>/model.py
-                model = Path(argv[1].decode()).parent.parent.name
-                pids.setdefault(model, []).append(int(proc.name))
+                version = Path(argv[1].decode()).parent
+                pids.setdefault((version.parent.name, version.name), []).append(int(proc.name))
         return pids
 
     def _leftovers(self) -> list[str]:

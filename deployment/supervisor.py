@@ -7,8 +7,15 @@ reconnect without any manual step. A server that keeps failing soon after each r
 that crashes on every request, a model that no longer loads) is restarted with an exponential
 backoff, as Kubernetes backs off a crash-looping container: every restart loads every stage's
 model again, and restarting in a tight loop would take the machine's CPU from everything else. The
-backoff resets once the server has answered for ``stable_s`` after its last restart. Only the funnel
-is probed: a dead ``ab_router`` or ``feedback`` stub is not noticed. ``tests/test_triton_integration.py``
+backoff resets once the server has answered for ``stable_s`` after its last restart.
+
+Besides the funnel request, each probe checks that every instance of every loaded Python-backend model
+still has its stub process (``stub_probe``): Triton 2.51 (the pytriton 0.7.0 wheel) never restarts a
+dead stub. After ``kill -9`` of an ``ab_router`` stub, every request that instance got failed with
+``INTERNAL: Stub process 'ab_router_0_0' is not healthy.`` (measured for 30 s; the model stays READY,
+and the log says nothing); with one of its two instances dead, every second request failed, which a
+probe request, failing one time in two, would never see fail twice in a row. The check sends no
+request: nothing is written to the feedback log and no counter moves. ``tests/test_triton_integration.py``
 kills a stage's stub with SIGKILL and checks that the funnel answers again.
 """
 
@@ -53,6 +60,47 @@ def funnel_probe_http(url: str) -> None:
         client.close()
 
 
+def python_instances(server: TritonServer, timeout_s: float = 10.0) -> dict[tuple[str, str], int]:
+    """``{(model, version): instances}`` of every READY Python-backend model version of ``server``, from
+    its control plane over HTTP (with the admin key; plain HTTP on the server's own host, as
+    ``funnel_probe_http``). A model with other than CPU instance groups is left out: its stub count
+    depends on the GPUs."""
+    import tritonclient.http as httpclient
+
+    from deployment.security import http_headers
+
+    headers = http_headers(server.admin_key)
+    client = httpclient.InferenceServerClient(server.http_url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    try:
+        found = {}
+        for entry in client.get_model_repository_index(headers=headers):
+            if entry.get("state") != "READY":
+                continue
+            name, version = entry["name"], str(entry["version"])
+            config = client.get_model_config(name, version, headers=headers)
+            groups = config.get("instance_group") or []
+            if config.get("backend") != "python" or not all(g.get("kind") == "KIND_CPU" for g in groups):
+                continue
+            found[(name, version)] = sum(int(g.get("count", 1)) for g in groups) or 1
+        return found
+    finally:
+        client.close()
+
+
+def stub_probe(server: TritonServer) -> None:
+    """Raise unless every instance of every READY Python-backend model version has a stub process. A
+    killed stub is not restarted by Triton 2.51: the requests its instance gets fail from then on."""
+    expected = python_instances(server)
+    live = server.stub_pids_by_version()
+    gone = [
+        f"{model} v{version} ({len(live.get((model, version), []))} of {count} alive)"
+        for (model, version), count in sorted(expected.items())
+        if len(live.get((model, version), [])) < count
+    ]
+    if gone:
+        raise RuntimeError(f"python backend stub process gone: {', '.join(gone)}")
+
+
 class Supervisor:
     def __init__(
         self,
@@ -66,9 +114,10 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.server = server
-        # The funnel probe over gRPC; over HTTP where gRPC speaks TLS (funnel_probe_http). ``probe``
-        # is given the server's gRPC URL.
-        self.probe = probe or (lambda url: funnel_probe_http(server.http_url) if server.tls_cert else funnel_probe(url))
+        # The funnel probe over gRPC; over HTTP where gRPC speaks TLS (funnel_probe_http); then the
+        # stub check (stub_probe), which also sees an ab_router or feedback stub gone, and one of a
+        # model's several instances. ``probe`` is given the server's gRPC URL.
+        self.probe = probe or self._default_probe
         self.interval_s, self.failures = interval_s, failures
         # A restart before the server answered for stable_s after the previous one waits backoff_s
         # after it, the next one twice that, ... up to max_backoff_s.
@@ -82,6 +131,13 @@ class Supervisor:
         self._stop = threading.Event()
         self._cancel = threading.Event()  # stop(cancel_restart=True): a restart in progress gives up
         self._thread: threading.Thread | None = None
+
+    def _default_probe(self, url: str) -> None:
+        if self.server.tls_cert:
+            funnel_probe_http(self.server.http_url)
+        else:
+            funnel_probe(url)
+        stub_probe(self.server)
 
     def check_once(self) -> bool:
         """Probe once; restart the server after ``failures`` failed probes in a row. True if it answered."""

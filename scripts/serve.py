@@ -3,8 +3,9 @@
 
 Finds the binary, prepares the Python-backend stub for this interpreter, sets the library path,
 waits until every model is ready, then prints the gRPC, HTTP and metrics addresses. With
---supervise, a probe request runs through the funnel every second and the server is restarted on the
-same ports when it stops answering (e.g. a stage's stub process died).
+--supervise, a probe request runs through the funnel every second, every Python model instance (the
+A/B router's and the feedback endpoint's too) is checked for its stub process, and the server is
+restarted on the same ports when it stops answering or a stub process died (Triton never restarts one).
 
 It listens on 127.0.0.1 only unless --host says otherwise (--host 0.0.0.0 exposes it to the network:
 give gRPC TLS with --tls-cert/--tls-key, or put a TLS proxy in front; see docs/security.md).
@@ -59,7 +60,11 @@ def main() -> None:
     parser.add_argument("--tls-cert", help="PEM certificate: gRPC speaks TLS (use with --tls-key when exposing)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--log", help="server log file (default: a temporary file)")
-    parser.add_argument("--supervise", action="store_true", help="restart the server when the funnel stops answering")
+    parser.add_argument(
+        "--supervise",
+        action="store_true",
+        help="restart the server when the funnel stops answering or a Python stub dies",
+    )
     args = parser.parse_args()
     given = {"--grpc-port": args.grpc_port, "--http-port": args.http_port, "--metrics-port": args.metrics_port}
     try:

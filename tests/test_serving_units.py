@@ -664,6 +664,41 @@ def _supervised_stub(on_restart, **extra):
     )
 
 
+def test_the_supervisor_restarts_a_server_whose_router_or_feedback_stub_is_gone(monkeypatch):
+    """Triton 2.51 never restarts a killed Python stub: after ``kill -9`` of one of ``ab_router``'s two
+    stubs every second router request failed (``Stub process 'ab_router_0_0' is not healthy.``) while
+    the funnel, all its stubs alive, answered. The supervisor probed only the funnel and never
+    restarted; its default probe now also counts each READY Python model version's stubs, and sends
+    no request to the router or the feedback endpoint (nothing logged, no counter moved)."""
+    import deployment.supervisor as supervisor_module
+    from deployment.supervisor import Supervisor
+
+    monkeypatch.setattr(supervisor_module, "funnel_probe", lambda url: None)  # the funnel answers
+    loaded = {("ab_router", "1"): 2, ("feedback", "1"): 1, ("query_tower", "1"): 1}
+    monkeypatch.setattr(supervisor_module, "python_instances", lambda server: dict(loaded), raising=False)
+    live = {("ab_router", "1"): [11, 12], ("feedback", "1"): [13], ("query_tower", "1"): [14]}
+    restarts = []
+    server = _supervised_stub(lambda: restarts.append(1), stub_pids_by_version=lambda: live)
+    supervisor = Supervisor(server, failures=2, stable_s=0)  # no backoff: this test is about the probe
+    assert supervisor.check_once() and supervisor.check_once() and not restarts
+
+    live[("ab_router", "1")] = [12]  # one of the router's two stubs killed
+    assert not supervisor.check_once() and not supervisor.check_once()
+    assert restarts == [1]
+    assert "ab_router v1 (1 of 2 alive)" in supervisor.last_error
+
+    live[("ab_router", "1")] = [17, 18]  # the restarted server's
+    assert supervisor.check_once()
+    del live[("feedback", "1")]  # the feedback endpoint's only stub killed
+    assert not supervisor.check_once() and not supervisor.check_once()
+    assert len(restarts) == 2 and "feedback v1 (0 of 1 alive)" in supervisor.last_error
+
+    # A version not READY (loading, unloading: python_instances leaves it out) is not counted.
+    live[("feedback", "1")] = [15]
+    live[("ab_router", "2")] = [16]
+    assert supervisor.check_once()
+
+
 def test_the_supervisor_backs_off_a_server_that_keeps_failing_after_its_restarts():
     """A server that fails again soon after every restart (a stage crashing on each request) is not
     restarted in a tight loop: each restart within ``stable_s`` of the one before waits twice as long
