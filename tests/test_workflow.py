@@ -407,3 +407,37 @@ def test_a_random_split_trains_on_counts_of_earlier_training_events_only(tmp_pat
     users = pd.read_parquet(out.user_features).set_index("user_id_raw")
     served = np.rint(np.expm1(users["user_events_last_7d"])).astype(int)
     assert served.to_dict() == train.groupby("user_id").size().reindex(served.index, fill_value=0).to_dict()
+
+
+def test_the_raw_log_is_released_once_it_is_cleaned(tmp_path, monkeypatch):
+    """``inputs.events`` is the raw log, persisted; ``_run`` kept ``inputs`` referenced until the
+    summary, so the raw log stayed in memory beside the cleaned one through the split, the features,
+    the negatives and the feature workflow. By the attribute join it must be gone."""
+    import gc
+    import weakref
+
+    from configs import load_config
+    from workflows import pipeline
+
+    write_tables(tmp_path, tiny_log(300), [f"clip {i}" for i in range(1, 9)])
+    paths = [str(tmp_path / f"{t}.parquet") for t in ("events", "users", "items")]
+    raw, alive = [], []
+    load, join = pipeline.load_inputs, pipeline.attribute_join
+
+    def loaded(spec):
+        inputs = load(spec)
+        # The persisted raw log's partitions: what its memory is.
+        raw.extend(weakref.ref(part) for part in inputs.events.dask.values() if isinstance(part, pd.DataFrame))
+        return inputs
+
+    def joined(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in raw))
+        return join(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_inputs", loaded)
+    monkeypatch.setattr(pipeline, "attribute_join", joined)
+    out = pipeline.run_dataset_pipeline(*paths, tmp_path / "out", load_config().workflow)
+    assert raw, "the raw log's partitions were not found"
+    assert alive == [0]  # before 2026-12-07 every raw partition was still alive here
+    assert (out.root / "summary.json").exists()

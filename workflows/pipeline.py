@@ -358,6 +358,15 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     # unsafe one (a takedown of an id the table lacks): sampled as a negative, it was trained on and served.
     users = with_placeholders(users, inputs.missing_users, "user_id")
     items = with_placeholders(items, np.setdiff1d(inputs.missing_items, unsafe), "item_id")
+    # What the summary needs of the inputs; then let go of them: ``inputs.events`` is the raw log,
+    # persisted, and held it in memory beside the cleaned one through every later step.
+    dataset_notes = {
+        "warnings": [w.to_dict() for w in inputs.warnings],
+        "dropped_rows": inputs.dropped,
+        "placeholder_users": int(len(inputs.missing_users)),
+        "placeholder_items": int(len(inputs.missing_items)),
+    }
+    del inputs, raw_items
 
     # 2-3. Point-in-time features (every event sees only earlier events; under a random or explicit
     # split only earlier training events) and the split.
@@ -504,10 +513,7 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
             "labels": layout.labels,
             "objective": [{"name": t.name, "weight": t.weight} for t in spec.objective],
             "adaptations": adaptations,
-            "warnings": [w.to_dict() for w in inputs.warnings],
-            "dropped_rows": inputs.dropped,
-            "placeholder_users": int(len(inputs.missing_users)),
-            "placeholder_items": int(len(inputs.missing_items)),
+            **dataset_notes,
         },
         "steps": [s.to_dict() for s in steps],
         "checks": passed,
