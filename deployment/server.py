@@ -273,6 +273,122 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (Linux ``/proc``); None once it has gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def process_argv(pid: int) -> list[str]:
+    """The command line of process ``pid`` (Linux ``/proc``); [] once it has gone or is not readable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")] if raw else []
+
+
+def stub_pids_by_version(server_pid: int) -> dict[tuple[str, str], list[int]]:
+    """``{(model name, version): [pid, ...]}`` of the Python backend stub processes of the tritonserver
+    process ``server_pid``: those in its process group (``TritonServer`` starts it in a session of its
+    own) or descended from it, among the processes this one can see (its PID namespace)."""
+    pids: dict[tuple[str, str], list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        pid = int(proc.name)
+        argv = process_argv(pid)
+        if len(argv) < 2 or not argv[0].endswith("triton_python_backend_stub"):
+            continue
+        try:
+            ours = os.getpgid(pid) == server_pid
+        except (OSError, ProcessLookupError):
+            continue  # gone while we looked
+        ancestor, seen = pid, set()
+        while not ours and ancestor not in (None, 0, 1) and ancestor not in seen:
+            seen.add(ancestor)
+            ancestor = parent_pid(ancestor)
+            ours = ancestor == server_pid
+        if ours:
+            # argv[1] is <repository>/<model>/<version>/model.py
+            version = Path(argv[1]).parent
+            pids.setdefault((version.parent.name, version.name), []).append(pid)
+    return pids
+
+
+def triton_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """The value of tritonserver's ``--name=value`` (or ``--name value``) in ``argv``; the first one
+    where it is given more than once, ``default`` where it is not."""
+    flag = f"--{name}"
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+class RunningServer:
+    """A tritonserver process found among those this process can see (its PID namespace: inside the
+    server's container, an exec probe's), by the gRPC port it serves: what ``scripts/probe.py`` checks.
+
+    It offers what ``deployment.supervisor.stub_probe`` asks of a ``TritonServer``: ``http_url`` (from
+    its ``--http-address``/``--http-port``; plain HTTP, also where gRPC speaks TLS), ``admin_key``
+    (``$FUNNEL_ADMIN_KEY``, else the key file beside its ``--model-repository``) and
+    ``stub_pids_by_version``. ``http_url``: where to reach its HTTP endpoint instead."""
+
+    # tritonserver's own defaults, for a server started without the flag
+    DEFAULTS = {"grpc-port": "8001", "http-port": "8000", "http-address": "0.0.0.0"}
+
+    def __init__(self, pid: int, argv: list[str], http_url: str | None = None):
+        self.pid, self.argv, self._http_url = pid, argv, http_url
+
+    def option(self, name: str) -> str | None:
+        return triton_option(self.argv[1:], name, self.DEFAULTS.get(name))
+
+    @classmethod
+    def by_grpc_port(cls, port: int, http_url: str | None = None) -> RunningServer | None:
+        """The tritonserver serving gRPC on ``port``; None where none is visible. Raises ``ServerError``
+        where several are (servers in other network namespaces, seen from a host's PID namespace)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                argv = process_argv(int(proc.name))
+                if argv and Path(argv[0]).name == "tritonserver":
+                    server = cls(int(proc.name), argv, http_url)
+                    if server.option("grpc-port") == str(port):
+                        found.append(server)
+        if len(found) > 1:
+            raise ServerError(f"several tritonserver processes serve gRPC port {port}: pids {[s.pid for s in found]}")
+        return found[0] if found else None
+
+    @property
+    def http_url(self) -> str:
+        if self._http_url:
+            return self._http_url
+        host = self.option("http-address")
+        return f"{LOOPBACK if host == '0.0.0.0' else host}:{self.option('http-port')}"
+
+    @property
+    def model_repository(self) -> Path | None:
+        repository = self.option("model-repository")
+        return Path(repository) if repository else None
+
+    @property
+    def admin_key(self) -> str:
+        """Raises ``security.AdminKeyError`` where there is none (no ``$FUNNEL_ADMIN_KEY``, no key file)."""
+        if self.model_repository is None and not os.environ.get(security.ADMIN_KEY_ENV):
+            raise security.AdminKeyError(f"no admin key: ${security.ADMIN_KEY_ENV} is not set")
+        return security.read_admin_key(self.model_repository or ".")
+
+    def stub_pids_by_version(self) -> dict[tuple[str, str], list[int]]:
+        return stub_pids_by_version(self.pid)
+
+
 def remove_shm_regions(prefix: str | None, root: Path = Path("/dev/shm")) -> list[Path]:
     """Remove the shared-memory regions named ``prefix*`` (one server start's; see ``command``)
     and return them. Only for a server that is no longer running."""
@@ -674,23 +790,7 @@ class TritonServer(LoggedProcess):
 
     def stub_pids_by_version(self) -> dict[tuple[str, str], list[int]]:
         """``{(model name, version): [pid, ...]}`` of the Python backend stub processes of this server."""
-        pids: dict[tuple[str, str], list[int]] = {}
-        if self.process is None:
-            return pids
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(proc.name)) != self.process.pid:
-                    continue
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except (OSError, ProcessLookupError):
-                continue
-            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 1:
-                # argv[1] is <repository>/<model>/<version>/model.py
-                version = Path(argv[1].decode()).parent
-                pids.setdefault((version.parent.name, version.name), []).append(int(proc.name))
-        return pids
+        return stub_pids_by_version(self.process.pid) if self.process is not None else {}
 
     def _leftovers(self) -> list[str]:
         """What ``stop`` removes after a clean run, for the watchdog: this start's shared-memory

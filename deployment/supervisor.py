@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from deployment.server import TritonServer
+from deployment.server import RunningServer, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def funnel_probe_http(url: str) -> None:
         client.close()
 
 
-def python_instances(server: TritonServer, timeout_s: float = 10.0) -> dict[tuple[str, str], int]:
+def python_instances(server: TritonServer | RunningServer, timeout_s: float = 10.0) -> dict[tuple[str, str], int]:
     """``{(model, version): instances}`` of every READY Python-backend model version of ``server``, from
     its control plane over HTTP (with the admin key; plain HTTP on the server's own host, as
     ``funnel_probe_http``). A model with other than CPU instance groups is left out: its stub count
@@ -87,10 +87,12 @@ def python_instances(server: TritonServer, timeout_s: float = 10.0) -> dict[tupl
         client.close()
 
 
-def stub_probe(server: TritonServer) -> None:
-    """Raise unless every instance of every READY Python-backend model version has a stub process. A
-    killed stub is not restarted by Triton 2.51: the requests its instance gets fail from then on."""
-    expected = python_instances(server)
+def stub_probe(server: TritonServer | RunningServer, timeout_s: float = 10.0) -> int:
+    """Raise unless every instance of every READY Python-backend model version has a stub process; else
+    return how many instances were checked. A killed stub is not restarted by Triton 2.51: the requests
+    its instance gets fail from then on. Used by the supervisor (a ``TritonServer`` it started) and by
+    ``scripts/probe.py`` (a ``RunningServer`` found in the probe's PID namespace)."""
+    expected = python_instances(server, timeout_s=timeout_s)
     live = server.stub_pids_by_version()
     gone = [
         f"{model} v{version} ({len(live.get((model, version), []))} of {count} alive)"
@@ -99,6 +101,7 @@ def stub_probe(server: TritonServer) -> None:
     ]
     if gone:
         raise RuntimeError(f"python backend stub process gone: {', '.join(gone)}")
+    return sum(expected.values())
 
 
 class Supervisor:

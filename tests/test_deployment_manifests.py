@@ -40,6 +40,121 @@ def test_probe_fails_where_no_funnel_answers():
     assert "funnel probe failed" in down.stderr
 
 
+FAKE_TRITONSERVER = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a killed stub leaves no zombie
+for model_py in os.environ["FAKE_STUBS"].split(os.pathsep):
+    subprocess.Popen([os.environ["FAKE_STUB_BINARY"], model_py])
+time.sleep(120)
+"""
+
+
+def _fake_control_plane(key: str, instances: dict[str, int]):
+    """Triton's repository index and model configs over HTTP, locked with ``key`` as the real one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from deployment.security import ADMIN_HEADER
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, body) -> None:
+            if self.headers.get(ADMIN_HEADER) != key:
+                self.send_response(403)
+                body = {"error": "This API is restricted"}
+            else:
+                self.send_response(200)
+            data = json.dumps(body).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):  # /v2/repository/index
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.answer([{"name": name, "version": "1", "state": "READY"} for name in instances])
+
+        def do_GET(self):  # /v2/models/<name>/versions/1/config
+            name = self.path.split("/")[3]
+            self.answer({"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": instances[name]}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_probe_fails_where_a_router_stub_is_gone(tmp_path, monkeypatch, capsys):
+    """Triton 2.51 never restarts a killed Python stub, and the funnel request never reaches the A/B
+    router or the feedback endpoint: with one of the router's two stubs killed the old probe still
+    exited 0 (the kubelet never restarted the pod). The probe now also runs the supervisor's
+    ``stub_probe`` on the tritonserver serving its gRPC port, found among its processes: here a fake
+    one (a process named tritonserver with Triton's flags and stub children named
+    triton_python_backend_stub) and a fake control plane; the funnel request is stubbed out."""
+    import os
+    import signal
+    import time
+
+    from deployment.server import RunningServer, free_port, stub_pids_by_version
+
+    key = "k" * 32
+    monkeypatch.setenv(ADMIN_KEY_ENV, key)
+    control = _fake_control_plane(key, {"ab_router": 2, "feedback": 1})
+    repo, binaries = tmp_path / "repo", tmp_path / "bin"
+    binaries.mkdir()
+    python = os.path.realpath(sys.executable)
+    (binaries / "tritonserver").symlink_to(python)
+    stub_binary = binaries / "triton_python_backend_stub"
+    stub_binary.symlink_to(python)
+    stubs = []
+    for model, count in (("ab_router", 2), ("feedback", 1)):
+        (repo / model / "1").mkdir(parents=True)
+        (repo / model / "1" / "model.py").write_text("import time\ntime.sleep(120)\n")
+        stubs += [str(repo / model / "1" / "model.py")] * count
+    (tmp_path / "fake.py").write_text(FAKE_TRITONSERVER)
+    grpc_port = free_port()
+    fake = subprocess.Popen(
+        [str(binaries / "tritonserver"), str(tmp_path / "fake.py"), f"--model-repository={repo}"]
+        + [f"--grpc-port={grpc_port}", "--http-address=127.0.0.1", f"--http-port={control.server_port}"],
+        env={**os.environ, "FAKE_STUBS": os.pathsep.join(stubs), "FAKE_STUB_BINARY": str(stub_binary)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while sum(map(len, stub_pids_by_version(fake.pid).values())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = RunningServer.by_grpc_port(grpc_port)
+        assert found is not None and found.pid == fake.pid
+        assert found.http_url == f"127.0.0.1:{control.server_port}"
+
+        spec = importlib.util.spec_from_file_location("_script_probe", PROBE)
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+        monkeypatch.setattr(probe, "funnel_probe", lambda url, root_certificates=None: None)  # the funnel answers
+        url = f"127.0.0.1:{grpc_port}"
+        assert probe.main(["--url", url]) == 0
+        assert "all 3 Python model instances have their stub" in capsys.readouterr().out
+
+        os.kill(stub_pids_by_version(fake.pid)[("ab_router", "1")][0], signal.SIGKILL)  # one router stub dies
+        deadline = time.monotonic() + 10
+        while len(stub_pids_by_version(fake.pid).get(("ab_router", "1"), [])) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe.main(["--url", url]) == 1  # the old probe: 0
+        assert "ab_router v1 (1 of 2 alive)" in capsys.readouterr().err
+        assert probe.main(["--url", url, "--no-stubs"]) == 0
+
+        # Without the admin key the check is skipped (a note, exit 0) unless --stubs requires it.
+        monkeypatch.delenv(ADMIN_KEY_ENV)
+        assert probe.main(["--url", url]) == 0
+        assert "note: stub check skipped: no admin key" in capsys.readouterr().err
+        assert probe.main(["--url", url, "--stubs"]) == 1
+    finally:
+        os.killpg(fake.pid, signal.SIGKILL)
+        fake.wait()
+        control.shutdown()
+
+
 # --- reading the files -------------------------------------------------------------------------------
 
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.gpu"]
@@ -480,8 +595,11 @@ def test_the_servers_probes_are_the_funnels_deep_probe():
     container = server_container()
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
-        probe_command_ok(probe["exec"]["command"])
+        parsed = probe_command_ok(probe["exec"]["command"])
         assert probe["timeoutSeconds"] >= 11, "longer than the probe's own 10 s request timeout"
+        # The stub check is required: the container has the admin key (its env) and the server's
+        # processes (its PID namespace), so a check that cannot run is a broken deployment.
+        assert parsed.stubs is True, f"the {kind} does not require the stub check"
     startup = container["startupProbe"]
     startup_timeout = inspect.signature(TritonServer).parameters["startup_timeout"].default
     assert startup["periodSeconds"] * startup["failureThreshold"] > startup_timeout  # models may load that long

@@ -675,7 +675,7 @@ def test_the_supervisor_restarts_a_server_whose_router_or_feedback_stub_is_gone(
 
     monkeypatch.setattr(supervisor_module, "funnel_probe", lambda url: None)  # the funnel answers
     loaded = {("ab_router", "1"): 2, ("feedback", "1"): 1, ("query_tower", "1"): 1}
-    monkeypatch.setattr(supervisor_module, "python_instances", lambda server: dict(loaded), raising=False)
+    monkeypatch.setattr(supervisor_module, "python_instances", lambda server, **_: dict(loaded), raising=False)
     live = {("ab_router", "1"): [11, 12], ("feedback", "1"): [13], ("query_tower", "1"): [14]}
     restarts = []
     server = _supervised_stub(lambda: restarts.append(1), stub_pids_by_version=lambda: live)

@@ -280,16 +280,18 @@ def test_the_served_funnel_answers_a_burst_as_it_answers_each_request_alone(serv
 
 def test_the_deep_probe_passes_on_the_serving_funnel(server):
     """``scripts/probe.py``, the containers' readiness and liveness check (tests/test_deployment_manifests.py
-    checks that it fails without a server)."""
+    checks that it fails without a server, and with a stub gone), its stub check required (``--stubs``,
+    as the Kubernetes probes run it): the server is found among this machine's processes by its gRPC
+    port, and every Python model instance has its stub."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "scripts" / "probe.py"), "--url", server.grpc_url]
+    cmd = [sys.executable, str(root / "scripts" / "probe.py"), "--url", server.grpc_url, "--stubs"]
     up = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=root)
     assert up.returncode == 0, up.stderr
-    assert "funnel answered" in up.stdout
+    assert "funnel answered" in up.stdout and "Python model instances have their stub" in up.stdout
 
 
 def test_the_servers_cpu_is_read_per_process(server, client, model_version):
