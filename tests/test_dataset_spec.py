@@ -312,6 +312,47 @@ def test_the_event_checks_parse_each_id_column_once(monkeypatch):
     assert profile["issues"][("u", "unknown_user")] == [1, "9"] and ("i", "unknown_item") not in profile["issues"]
 
 
+def test_the_checks_and_the_mapping_parse_each_text_column_once(tmp_path, monkeypatch):
+    """Mapping a spec's log to the pipeline's columns reads the values the checks parsed (ids and
+    signals as numbers, ISO timestamps as dates) instead of parsing the text a second time; what it
+    maps is what parsing the text gives."""
+    from workflows import reader, validate
+
+    frame = pd.DataFrame(
+        {
+            "u": ["1", "22", "0003", "9007199254740993"],  # zero-padded and beyond float64's integers
+            "i": ["5", "6", "7", "5"],
+            "t": ["2026-03-01T00:00:00Z", "2026-03-01T10:00:05Z", "2026-03-02T00:00:00+02:00", "1970-01-01T00:00:01Z"],
+            "seen": ["1", "0", "1", "1"],
+            "secs": ["2.5", "7", "0", "1e2"],
+        }
+    )
+    frame.to_csv(tmp_path / "events.csv", index=False)
+    values = {"name": "once", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t",
+                                         "timestamp_unit": "iso", "positive": "seen",
+                                         "signals": ["seen", {"name": "secs", "kind": "continuous"}]}}  # fmt: skip
+    parsed = []
+
+    def counted(real):
+        def parse(col):
+            if len(col):  # not dask's empty meta
+                parsed.append(col.name)
+            return real(col)
+
+        return parse
+
+    for module in (validate, reader):
+        for name in ("as_number", "parse_iso"):
+            monkeypatch.setattr(module, name, counted(getattr(validate, name)), raising=False)
+    events = load_inputs(spec_from_dict(values, root=str(tmp_path))).events.compute()
+    assert sorted(parsed) == ["i", "secs", "seen", "t", "u"]  # each once: the checks' parse, the mapping reuses it
+    assert events["user_id"].tolist() == [1, 22, 3, 9007199254740993]
+    assert events["item_id"].tolist() == [5, 6, 7, 5]
+    assert events["timestamp"].tolist() == [1772323200, 1772359205, 1772402400, 1]
+    assert events["seen"].tolist() == events["click"].tolist() == [1, 0, 1, 1]
+    assert events["secs"].tolist() == [2.5, 7.0, 0.0, 100.0] and events["secs"].dtype == np.float64
+
+
 def test_ids_beyond_int64_are_refused_not_wrapped(shop):
     # 2**64 - 1 became user -1 and 2**63 the most negative id, silently: every later step took them.
     set_cells(shop / "events-000.csv", "customer", [0, 1], ["18446744073709551615", "9223372036854775808"])

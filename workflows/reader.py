@@ -29,12 +29,13 @@ from workflows.validate import (
     Defect,
     IdSpellings,
     Membership,
+    ParseColumns,
     Rule,
     as_number,
     defects_of,
     duplicate_keys,
     merge_profiles,
-    parse_iso,
+    parsed_values,
     profile_frame,
     spelling_clash,
     unknown_references,
@@ -298,16 +299,17 @@ class ToInternal:
     def __call__(self, df):
         out = type(df)()
         for source, target, conversion in self.plan:
-            col = df[source]
+            col = df[source]  # its type decides; its values parsed are the checks' (``ParseColumns``)
             if conversion == "id" or conversion == "binary":
-                out[target] = col.astype("int64") if col.dtype.kind in "iub" else as_number(col).astype("int64")
+                number = col if col.dtype.kind in "iub" else parsed_values(df, source, "number")
+                out[target] = number.astype("int64")
             elif conversion == "continuous" and col.dtype.kind in "iu":
                 # pandas' nullable Int64 (checked free of nulls) as the numpy integers the pipeline takes
                 out[target] = col if isinstance(col.dtype, np.dtype) else col.astype(col.dtype.numpy_dtype)
             elif conversion == "continuous":
-                out[target] = as_number(col).astype("float64")
+                out[target] = parsed_values(df, source, "number").astype("float64")
             elif conversion == "ts:iso":
-                parsed = parse_iso(col)
+                parsed = parsed_values(df, source, "iso")
                 out[target] = (parsed.astype("int64") // 1_000_000_000).astype("int64")
             else:  # ts:<unit>
                 factor = {"ts:s": 1, "ts:ms": 1_000, "ts:us": 1_000_000, "ts:ns": 1_000_000_000}[conversion]
@@ -316,7 +318,7 @@ class ToInternal:
                 elif col.dtype.kind in "iu" and factor == 1:
                     out[target] = col.astype("int64")
                 else:
-                    out[target] = (as_number(col) // factor).astype("int64")
+                    out[target] = (parsed_values(df, source, "number") // factor).astype("int64")
         kind, name, threshold = self.positive
         if kind == "ones":
             out["click"] = out["timestamp"] * 0 + 1
@@ -401,7 +403,7 @@ def _spelling_clashes(raw, rule: Rule, file: str) -> list[Defect]:
 
 def _rows_of(df, column: str, numbers: np.ndarray) -> int:
     """Events of one partition (pandas or cudf) whose id reads as one of ``numbers``."""
-    num = as_number(df[column])
+    num = parsed_values(df, column, "number")
     return int((valid_ids(num) & num.isin(numbers)).sum())
 
 
@@ -436,8 +438,10 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
     columns = list(wanted)
     parts = [read_collection(file, kind, columns) for file, kind in found]
     raw = parts[0] if len(parts) == 1 else _collection_module().concat(parts)
-    raw = raw.persist()  # read once: the checks and every later step reuse it
     rules = _event_rules(spec)
+    # Read once and each text column parsed once: the checks and the mapping below both read the parsed
+    # values (the mapping parsed every column a second time: 27-35% of the time at 3.8M events).
+    raw = raw.map_partitions(ParseColumns(rules), meta=ParseColumns(rules)(raw._meta)).persist()
     memberships = []
     if users is not None:
         memberships.append(Membership(ev.user_id, np.asarray(users["user_id"]), "user"))

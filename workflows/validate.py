@@ -143,6 +143,48 @@ def parse_iso(series):
     return out.dt.tz_localize(None) if getattr(out.dt, "tz", None) is not None else out
 
 
+def parsed_name(column: str, kind: str) -> str:
+    """The column in which ``ParseColumns`` keeps ``column`` parsed: ``kind`` "number" (``as_number``)
+    or "iso" (``parse_iso``)."""
+    return f"__parsed_{kind}__:{column}"
+
+
+def _parse_kind(rule: Rule, col) -> str | None:
+    """How the checks (and the mapping to the pipeline's columns) read ``col``: "iso", "number", or
+    None where the column is taken as it is (dates, numbers: ``as_number`` returns them unchanged)."""
+    if rule.kind == "timestamp" and rule.unit == "iso":
+        return "iso"
+    if (rule.kind == "timestamp" and col.dtype.kind == "M") or (_is_numeric(col) and col.dtype.kind != "b"):
+        return None
+    return "number"
+
+
+class ParseColumns:
+    """Per partition (picklable): the frame plus every rule's column parsed once (text ids, numbers and
+    ISO dates), under ``parsed_name``. ``profile_frame`` checks these values and ``reader.ToInternal``
+    maps them: parsing text is most of reading a spec's log, and it was done twice. pandas or cudf."""
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = list(rules)
+
+    def __call__(self, df):
+        out = df.copy(deep=False)
+        for rule in self.rules:
+            col = df[rule.column]
+            kind = _parse_kind(rule, col)
+            if kind is not None and parsed_name(rule.column, kind) not in out.columns:
+                out[parsed_name(rule.column, kind)] = parse_iso(col) if kind == "iso" else as_number(col)
+        return out
+
+
+def parsed_values(df, column: str, kind: str):
+    """``df[column]`` parsed (``kind``: "number" or "iso"): the values ``ParseColumns`` kept, or parsed now."""
+    name = parsed_name(column, kind)
+    if name in df.columns:
+        return df[name]
+    return parse_iso(df[column]) if kind == "iso" else as_number(df[column])
+
+
 def _first(values):
     """First element of a (pandas or cudf) series as a plain Python value."""
     value = values.iloc[0]
@@ -189,7 +231,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         if present is not None and rule.kind != "number":  # an attribute may be missing; an id may not
             _add(issues, rule.column, "null", ~present)
         if rule.kind == "timestamp" and rule.unit == "iso":
-            parsed = parse_iso(col)
+            parsed = parsed_values(df, rule.column, "iso")
             _add(issues, rule.column, "timestamp", present & parsed.isna(), col)
             import pandas as pd
 
@@ -203,7 +245,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
 
             _add(issues, rule.column, "negative", col < pd.Timestamp(0, tz=col.dt.tz), col)  # before 1970
             continue
-        num = col if integer_dtype else as_number(col)
+        num = col if integer_dtype else parsed_values(df, rule.column, "number")
         numbers[rule.column] = num
         if present is not None:
             _add(issues, rule.column, "not_number", present & num.isna(), col)
@@ -267,7 +309,7 @@ class IdSpellings:
 
     def __call__(self, df):
         col = df[self.column]
-        num = as_number(col)
+        num = parsed_values(df, self.column, "number")
         ok = valid_ids(num)
         out = type(df)()
         out["number"] = num[ok].astype("int64")
