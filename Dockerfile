@@ -53,8 +53,9 @@ ENV PYTHONUNBUFFERED=1 \
 # HTTP, gRPC, metrics: scripts/serve.py's defaults.
 EXPOSE 8000 8001 8002
 
-# The deep probe: one real request through every stage. The start period covers the server's wait
-# for its models (up to 420 s).
+# The deep probe: one real request through every stage, then every Python model instance's stub where
+# the admin key is available (else skipped with a note; docs/deployment.md). The start period covers
+# the server's wait for its models (up to 420 s).
 HEALTHCHECK --interval=30s --timeout=15s --start-period=420s --retries=3 \
     CMD ["/app/.venv/bin/python", "/app/scripts/probe.py", "--url", "127.0.0.1:8001"]
 

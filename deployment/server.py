@@ -578,8 +578,8 @@ class TritonServer(LoggedProcess):
         a fresh shared-memory prefix. A start that finds one of the
         ports this object chose taken (``PortTaken``) is retried on newly chosen ones, up to
         ``port_retries`` times; a port the caller gave is never changed. Any other failure, or one
-        more than these, is raised. ``cancelled``, asked while the models load, ends the start
-        (``StartCancelled``) once it returns true."""
+        more than these, is raised. ``cancelled``, asked while the models load and during the pause
+        before an abort's retry, ends the start (``StartCancelled``) once it returns true."""
         cmd = self.command()
         # The log is appended to across starts: this start's lines begin here.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -43,7 +43,9 @@ def roll_out_treatment(
     root_certificates: str | Path | None = None,
 ) -> Rollout:
     """Ship ``arm``: the plain ``funnel`` ensemble switches to its version (``deployment.rollout``) and
-    every non-holdout user of the router gets it; the holdout stays on the control's version."""
+    every non-holdout user of the router gets it; the holdout stays on its version (``control_version``).
+    The experiment keeps its name and arms, so its log then holds the control arm on two versions, which
+    ``online.ab_report.analyze`` refuses: analyse the rows logged before the rollout."""
     current = current_rollout(repo)
     if current is None or arm not in current.versions:
         raise ValueError(f"no running experiment has an arm {arm!r}")

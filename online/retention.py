@@ -96,7 +96,8 @@ def per_user_signals(
     ``arm``: analyse only the users served by that arm (the ``arm`` column of the impressions) and the
     feedback to that arm's responses. A log of several arms (an A/B test's, the feedback loop's live
     and holdout) is refused without one: each arm's ranker shapes both the signals and coming back, so
-    pooled users relate the arms' differences to retention, not the signals'. A user has no
+    pooled users relate the arms' differences to retention, not the signals'. Impressions of several
+    model versions (a log spanning a rollout) are refused too: pass one version's rows. A user has no
     per-impression rate without an impression, so users whose responses were all empty are not rows."""
     from online.feedback_log import signals_per_item
 
@@ -560,7 +561,8 @@ def analyze_log(
     log_path: Path, world, config, head_signals: list[str], arm: str | None = None
 ) -> tuple[pd.DataFrame, RetentionAnalysis]:
     """``per_user_signals`` and ``analyze_retention`` of the log at ``log_path`` (of arm ``arm``: a log
-    of several arms is refused without one)."""
+    of several arms is refused without one; one of several model versions is refused: a log spanning a
+    rollout needs ``per_user_signals`` on one version's rows)."""
     from online.feedback_log import FeedbackLog
 
     log = FeedbackLog(log_path)

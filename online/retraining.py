@@ -9,8 +9,9 @@ every step is
   (``StepRefused``: the gate saying no), which the same inputs would only repeat;
 * bounded by a timeout: the step runs in a child process that is terminated when it overruns (and
   that ends itself when the runner is gone);
-* alerting: a step that still fails sends an alert to a webhook URL (JSON POST) or appends it to a
-  local file, and the run stops with ``RetrainingFailed``.
+* alerting: a step that still fails appends an alert to a local file and sends it to a webhook URL
+  (JSON POST, bounded as a whole by ``Alerter.timeout_s``, name lookup included), and the run stops
+  with ``RetrainingFailed``.
 
 One runner a run folder at a time (an flock on it): a second is refused with ``RunInProgress``.
 
@@ -73,7 +74,8 @@ class Step:
 
 @dataclass
 class Alerter:
-    """Where failures go: a webhook (JSON POST) if a URL is set, else a local JSON-lines file."""
+    """Where failures go: a local JSON-lines file and a webhook (JSON POST, at most ``timeout_s``), each
+    where set."""
 
     webhook_url: str | None = None
     alert_file: Path | str | None = None  # a str too: the Airflow DAG passes an environment variable

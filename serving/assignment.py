@@ -123,7 +123,8 @@ class Experiment:
 
 @dataclass
 class Rollout:
-    """Which model version each arm is served by; the holdout always gets the control's version."""
+    """Which model version each arm is served by; the holdout gets ``control_version``: the control arm's
+    version in ``ab_rollout``, an earlier one where the retraining pipeline keeps the holdout on its model."""
 
     experiment: Experiment
     versions: dict[str, int]  # arm -> model version
