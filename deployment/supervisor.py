@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from deployment.server import RunningServer, TritonServer
+from deployment.security import AdminKeyError
+from deployment.server import RunningServer, ServerError, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,33 @@ def stub_probe(server: TritonServer | RunningServer, timeout_s: float = 10.0) ->
     if gone:
         raise RuntimeError(f"python backend stub process gone: {', '.join(gone)}")
     return sum(expected.values())
+
+
+# The control plane's answer takes milliseconds; with the funnel request's 10 s this stays inside
+# the Kubernetes manifests' 15 s probe timeout in all but a hung server's case (which fails either way).
+STUB_CHECK_TIMEOUT_S = 4.0
+
+
+class CannotCheck(Exception):
+    """The stub check cannot run here: no admin key, or the server's process is not visible."""
+
+
+def stub_check(url: str, http_url: str | None = None, timeout_s: float = STUB_CHECK_TIMEOUT_S) -> int:
+    """``stub_probe`` of the tritonserver serving ``url``'s gRPC port, found among the processes this
+    one can see (``RunningServer``; ``scripts/probe.py``'s check); the instances it checked.
+    ``CannotCheck`` where it cannot run here: no such server visible, or no admin key."""
+    port = int(url.rsplit(":", 1)[-1])
+    try:
+        server = RunningServer.by_grpc_port(port, http_url)
+    except ServerError as err:
+        raise CannotCheck(str(err)) from None
+    if server is None:
+        raise CannotCheck(f"no tritonserver serving gRPC port {port} among the processes this probe can see")
+    try:
+        server.admin_key  # noqa: B018 -- read once here: a missing key is no failure of the server
+    except AdminKeyError as err:
+        raise CannotCheck(str(err)) from None
+    return stub_probe(server, timeout_s=timeout_s)
 
 
 class Supervisor:

@@ -26,13 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deployment.security import AdminKeyError
-from deployment.server import RunningServer, ServerError
-from deployment.supervisor import funnel_probe, stub_probe
-
-# The control plane's answer takes milliseconds; with the funnel request's 10 s this stays inside
-# the manifests' 15 s probe timeout in all but a hung server's case (which fails either way).
-STUB_CHECK_TIMEOUT_S = 4.0
+from deployment.supervisor import CannotCheck, funnel_probe, stub_check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,26 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"funnel answered at {args.url}; all {checked} Python model instances have their stub")
     return 0
-
-
-class CannotCheck(Exception):
-    """The stub check cannot run here: no admin key, or the server's process is not visible."""
-
-
-def stub_check(url: str, http_url: str | None = None) -> int:
-    """``stub_probe`` of the tritonserver serving ``url``'s gRPC port; the instances it checked."""
-    port = int(url.rsplit(":", 1)[-1])
-    try:
-        server = RunningServer.by_grpc_port(port, http_url)
-    except ServerError as err:
-        raise CannotCheck(str(err)) from None
-    if server is None:
-        raise CannotCheck(f"no tritonserver serving gRPC port {port} among the processes this probe can see")
-    try:
-        server.admin_key  # noqa: B018 -- read once here: a missing key is no failure of the server
-    except AdminKeyError as err:
-        raise CannotCheck(str(err)) from None
-    return stub_probe(server, timeout_s=STUB_CHECK_TIMEOUT_S)
 
 
 if __name__ == "__main__":
