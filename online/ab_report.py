@@ -232,9 +232,46 @@ def one_version_per_arm(
         raise ValueError(
             f"the rows{of} were served {named}: a log spanning a rollout (roll_out_treatment moves every arm "
             "but the holdout to the treatment's version under the same experiment) or a promotion. Pooled, an "
-            "arm's figures mix two models; analyse the rows logged before the rollout (their ts), with the "
-            "rollout the experiment started with"
+            "arm's figures mix two models; analyse the rows logged before the rollout, with the rollout the "
+            "experiment started with: before_rollout(impressions, feedback, rollout, empty_responses) returns them"
         )
+
+
+def before_rollout(
+    impressions: pd.DataFrame,
+    feedback: pd.DataFrame,
+    rollout: Rollout,
+    empty_responses: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """The rows of an experiment's log from before it was rolled out, for ``analyze``: ``(impressions,
+    feedback, empty_responses)`` cut where an arm was first served by a version other than ``rollout``'s
+    (the rollout the experiment started with; the holdout's is ``control_version``).
+
+    Impressions and empty responses are kept when logged before the first response (of ``rollout``'s
+    experiment, ``of_experiment``) by another version than its arm's, feedback when it is about a kept
+    response (a click on a slate served before the rollout counts, whenever it came). A log without such
+    a response is returned whole, as is one without ``model_version``. Rows of unknown experiment ('')
+    from before the experiment, served by an older version, cut everything: cut those by the
+    experiment's start time first."""
+    frames = [f for f in (impressions, empty_responses) if f is not None]
+    if any("model_version" not in f.columns for f in frames):
+        return impressions, feedback, empty_responses
+    versions = {arm: str(int(v)) for arm, v in rollout.versions_by_arm().items()}
+    cut = np.inf
+    for frame in frames:
+        rows = of_experiment(frame, rollout.experiment.name)
+        expected = rows["arm"].map(versions)
+        moved = expected.notna() & (rows["model_version"].astype(str) != expected)
+        if moved.any():
+            cut = min(cut, float(rows.loc[moved, "ts"].min()))
+    if not np.isfinite(cut):
+        return impressions, feedback, empty_responses
+    impressions = impressions[impressions["ts"] < cut]
+    kept = impressions["request_id"]
+    if empty_responses is not None:
+        empty_responses = empty_responses[empty_responses["ts"] < cut]
+        kept = pd.concat([kept, empty_responses["request_id"]])
+    return impressions, feedback[feedback["request_id"].isin(kept)], empty_responses
 
 
 @dataclass
@@ -282,7 +319,8 @@ def analyze(
 
     Each arm must have been served by one model version (``one_version_per_arm``): a log that spans
     ``roll_out_treatment`` holds the control arm on the control's version before it and on the
-    treatment's after, under the same experiment, and is refused; pass the rows logged before the rollout."""
+    treatment's after, under the same experiment, and is refused; pass the rows logged before the rollout
+    (``before_rollout``, with the rollout the experiment started with)."""
     impressions = of_experiment(impressions, rollout.experiment.name)
     if empty_responses is not None:
         empty_responses = of_experiment(empty_responses, rollout.experiment.name)

@@ -283,3 +283,51 @@ def test_an_experiment_logged_across_its_rollout_is_refused_not_pooled(tmp_path)
     )
     ctr = result.summary.set_index("arm")["ctr"]
     assert ctr["control"] == 0 and ctr["treatment"] == 0.5 and ctr[HOLDOUT] == 0  # one click of two items
+
+
+def test_before_rollout_cuts_a_shipped_experiments_log_where_an_arm_changed_version(tmp_path):
+    """``analyze`` refuses a log spanning ``roll_out_treatment`` and asked for "the rows logged before the
+    rollout (their ts)", with no way to find that time. ``before_rollout`` cuts at the first response of an
+    arm by another version than the starting rollout's (another experiment's rows do not cut), keeps the
+    feedback to the responses it keeps (a late click included) and the empty responses before the cut."""
+    from configs import ExperimentConfig
+    from online.ab_report import analyze, before_rollout
+    from serving.assignment import HOLDOUT, ab_rollout
+
+    rollout = ab_rollout("e", "s", 1, 2, holdout=0.02)
+    shipped = rollout.roll_out("treatment")
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("other", 9999, [1, 2], "7", "control", "model", ts=0.5, experiment="f")  # not e's: no cut
+    for period, (ts, current) in enumerate(((1.0, rollout), (2.0, shipped))):
+        for user in range(600):
+            arm, version = current.version_for(user)
+            rid = f"{period}-{user}"
+            items = [] if user % 10 == 0 else [user % 7, 7 + user % 5]
+            at = ts + user / 1e4 + (0.1 if period and arm == "control" else 0)  # after the rollout, control last
+            log.log_impressions(rid, user, items, str(version), arm, "model", ts=at, experiment="e")
+            if not items and period == 0:
+                log.log_feedback(rid, user, -1, "churn", ts=ts)
+            elif items and version == 2:  # the treatment's model is clicked, the control's is not
+                log.log_feedback(rid, user, items[0], "click", ts=ts)
+    control_user = next(u for u in range(1, 600) if rollout.version_for(u)[0] == "control" and u % 10)
+    log.log_feedback(f"0-{control_user}", control_user, control_user % 7, "click", ts=5.0)  # late, pre-rollout slate
+    imp, fb, empty = log.impressions(), log.feedback(), log.empty_responses()
+    log.close()
+    with pytest.raises(ValueError, match="before_rollout"):
+        analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=12, empty_responses=empty)
+    moved = [u for u in range(600) if shipped.version_for(u) != rollout.version_for(u)]
+    first_moved = 2.1 + min(moved) / 1e4  # the control arm's first v2 response
+    kept_imp, kept_fb, kept_empty = before_rollout(imp, fb, rollout, empty)
+    assert kept_imp["ts"].max() < first_moved and (kept_imp["ts"] >= 2.0).any()  # the period's rows before it stay
+    assert kept_empty["ts"].max() < first_moved and (kept_empty["ts"] < 2.0).sum() == 60
+    assert "other" in set(kept_imp["request_id"])
+    assert set(kept_fb["request_id"]) <= set(kept_imp["request_id"]) | set(kept_empty["request_id"])
+    assert (kept_fb["ts"] == 5.0).sum() == 1  # the late click on a slate served before the rollout
+    result = analyze(kept_imp, kept_fb, rollout, ExperimentConfig(), catalog_size=12, empty_responses=kept_empty)
+    ctr = result.summary.set_index("arm")["ctr"]
+    assert 0 < ctr["control"] < 0.01 and ctr["treatment"] == 0.5 and ctr[HOLDOUT] == 0
+    retention = result.summary.set_index("arm")["retention"]
+    assert retention["control"] < 1 and retention["treatment"] < 1  # the churns after empty responses count
+    # A log that never moved is returned whole.
+    before = imp[imp["ts"] < 2.0]
+    assert before_rollout(before, fb, rollout)[0] is before
