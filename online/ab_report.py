@@ -81,9 +81,25 @@ def per_user(
     return users.reset_index()
 
 
-def arm_summary(users: pd.DataFrame) -> pd.DataFrame:
+def served_versions(impressions: pd.DataFrame, empty_responses: pd.DataFrame | None = None) -> dict[str, str]:
+    """arm -> the model version(s) that served it in the log's rows (as logged, text; several joined
+    by ", "). Empty for frames without ``model_version``."""
+    frames = [f for f in (impressions, empty_responses) if f is not None and not f.empty]
+    if not frames or any("model_version" not in f.columns for f in frames):
+        return {}
+    served = pd.concat([f[["arm", "model_version"]].astype(str) for f in frames]).drop_duplicates()
+    return {
+        arm: ", ".join(sorted(versions, key=lambda v: (len(v), v)))
+        for arm, versions in served.groupby("arm")["model_version"]
+    }
+
+
+def arm_summary(users: pd.DataFrame, versions: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per arm: users, requests, impressions, ctr, watch minutes per user, likes and shares per request,
+    retention. With ``versions`` (``served_versions``), a ``model_version`` column (text) after ``arm``:
+    the version that served each arm (missing where unknown)."""
     g = users.groupby("arm")
-    return pd.DataFrame(
+    summary = pd.DataFrame(
         {
             "users": g.size(),
             "requests": g["requests"].sum(),
@@ -96,6 +112,9 @@ def arm_summary(users: pd.DataFrame) -> pd.DataFrame:
             "retention": 1.0 - g["churned"].mean(),
         }
     ).reset_index()
+    if versions is not None:
+        summary.insert(1, "model_version", summary["arm"].map(versions).astype(object))
+    return summary
 
 
 def ctr_bootstrap(
@@ -326,7 +345,7 @@ def analyze(
         empty_responses = of_experiment(empty_responses, rollout.experiment.name)
     one_version_per_arm(impressions, empty_responses, rollout.experiment.name)
     users = per_user(impressions, feedback, empty_responses)
-    summary = arm_summary(users)
+    summary = arm_summary(users, served_versions(impressions, empty_responses))
     by_arm = {arm: users[users["arm"] == arm] for arm in users["arm"].unique()}
     if control not in by_arm or treatment not in by_arm:
         raise ValueError(f"the log has arms {sorted(by_arm)}; both {control!r} and {treatment!r} are needed")

@@ -434,3 +434,44 @@ def test_welch_ttest_of_arms_without_spread():
     spread = ab.welch_ttest(np.ones(5), np.arange(1.0, 6.0))
     assert spread.p_value == pytest.approx(stats.ttest_ind(np.arange(1.0, 6.0), np.ones(5), equal_var=False).pvalue)
     assert np.isnan(ab.welch_ttest([1.0, np.nan], [1.0, 1.0]).p_value)  # NaN data is no test
+
+
+def test_the_ab_summary_names_the_model_version_each_arm_was_served_by(tmp_path):
+    """The per-arm table (``arm_summary``, the report's "Per arm") did not say which model version served
+    each arm, so a report could not be read without the rollout beside it (the holdout's version, kept by
+    the retraining pipeline across candidates, differs from the control arm's). It is the column
+    ``model_version``, text as logged, from the log's rows; the numeric columns read as before."""
+    import json
+
+    import pandas as pd
+
+    from configs import ExperimentConfig
+    from online.ab_report import analyze, arm_summary, per_user, write_ab_report
+
+    rollout = Rollout(Experiment("e", "s", holdout=0.05), {"control": 3, "treatment": 4}, control_version=2)
+    rows = []
+    for u in range(400):
+        arm, version = rollout.version_for(u)
+        rows += [(f"r{u}", 0.0, u, item, pos, str(version), arm, "model") for pos, item in enumerate((u % 7, 7))]
+    imp = pd.DataFrame(
+        rows, columns=["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by"]
+    )
+    fb = pd.DataFrame(
+        [(f"r{u}", 1.0, u, u % 7, "click", 1.0) for u in range(0, 400, 3)],
+        columns=["request_id", "ts", "user_id", "item_id", "event", "value"],
+    )
+    analysis = analyze(imp, fb, rollout, ExperimentConfig(), catalog_size=8)
+    summary = analysis.summary.set_index("arm")
+    assert summary["model_version"].to_dict() == {"control": "3", "treatment": "4", HOLDOUT: "2"}
+    assert list(analysis.summary.columns[:2]) == ["arm", "model_version"]
+    numeric = analysis.summary.select_dtypes("number")  # a numeric selection leaves the version out
+    assert "model_version" not in numeric.columns and numeric["impressions"].sum() == len(imp)
+    assert arm_summary(per_user(imp, fb)).columns.tolist() == [c for c in analysis.summary if c != "model_version"]
+    paths = write_ab_report(analysis, tmp_path, "versions", {})
+    written = json.loads(paths["json"].read_text())
+    assert {r["arm"]: r["model_version"] for r in written["summary"]} == {
+        "control": "3",
+        "treatment": "4",
+        HOLDOUT: "2",
+    }
+    assert "<th>model_version</th>" in paths["html"].read_text()
