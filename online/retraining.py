@@ -511,7 +511,7 @@ def step_experiment(context: dict) -> dict:
         holdout_salt=exp.salt,
     )
     running = current_rollout(export["repo"])
-    if running is not None and _same_holdout(running, rollout):
+    if running is not None and running.experiment.holds_out_the_same_users(rollout.experiment):
         # It stays on its model: moving it to each new control (v2 once v2 was shipped) made the yardstick
         # a generation behind at most, blind to a drift across generations.
         rollout = Rollout(rollout.experiment, rollout.versions, running.control_version)
@@ -519,12 +519,6 @@ def step_experiment(context: dict) -> dict:
         return {"started": True, "experiment": rollout.to_dict(), "router_version": None}
     router_version = start_experiment(s["grpc_url"], export["repo"], rollout, root_certificates=s.get("tls_ca") or None)
     return {"started": True, "experiment": rollout.to_dict(), "router_version": router_version}
-
-
-def _same_holdout(running, rollout) -> bool:
-    """Whether both rollouts hold out the same users (the same share, drawn by the same salt)."""
-    a, b = running.experiment, rollout.experiment
-    return 0 < a.holdout == b.holdout and (a.holdout_salt or a.salt) == (b.holdout_salt or b.salt)
 
 
 def default_steps(timeout_s: float = 1800.0, attempts: int = 3) -> list[Step]:

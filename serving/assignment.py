@@ -74,6 +74,13 @@ class Experiment:
                 f"bucket (1/{BUCKETS:,} of the traffic) gets none (holdout {self.holdout}, arms {self.arms})"
             )
 
+    def holds_out_the_same_users(self, other: Experiment) -> bool:
+        """Whether ``other`` holds out exactly this experiment's holdout: the same positive share, drawn
+        by the same salt (``holdout_salt``, None meaning ``salt``)."""
+        return 0 < self.holdout == other.holdout and (self.holdout_salt or self.salt) == (
+            other.holdout_salt or other.salt
+        )
+
     def _own_holdout_salt(self) -> bool:
         return self.holdout_salt is not None and self.holdout_salt != self.salt
 
