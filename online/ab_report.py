@@ -81,17 +81,22 @@ def per_user(
     return users.reset_index()
 
 
-def served_versions(impressions: pd.DataFrame, empty_responses: pd.DataFrame | None = None) -> dict[str, str]:
-    """arm -> the model version(s) that served it in the log's rows (as logged, text; several joined
-    by ", "). Empty for frames without ``model_version``."""
+def versions_by_arm(impressions: pd.DataFrame, empty_responses: pd.DataFrame | None = None) -> dict[str, list[str]]:
+    """arm -> the model versions that served it in the log's rows (as logged, text, in version order).
+    Empty for frames without ``model_version``."""
     frames = [f for f in (impressions, empty_responses) if f is not None and not f.empty]
     if not frames or any("model_version" not in f.columns for f in frames):
         return {}
     served = pd.concat([f[["arm", "model_version"]].astype(str) for f in frames]).drop_duplicates()
     return {
-        arm: ", ".join(sorted(versions, key=lambda v: (len(v), v)))
-        for arm, versions in served.groupby("arm")["model_version"]
+        arm: sorted(versions, key=lambda v: (len(v), v)) for arm, versions in served.groupby("arm")["model_version"]
     }
+
+
+def served_versions(impressions: pd.DataFrame, empty_responses: pd.DataFrame | None = None) -> dict[str, str]:
+    """arm -> the model version(s) that served it in the log's rows (``versions_by_arm``, several joined
+    by ", ")."""
+    return {arm: ", ".join(versions) for arm, versions in versions_by_arm(impressions, empty_responses).items()}
 
 
 def arm_summary(users: pd.DataFrame, versions: dict[str, str] | None = None) -> pd.DataFrame:
@@ -236,15 +241,8 @@ def one_version_per_arm(
     version, or rows of unknown experiment from another period, do the same). Pooled, the control arm's
     CTR, watch time and retention mix both models and the test compares the treatment with itself in
     part; the comparison is the experiment's period before the rollout."""
-    frames = [f for f in (impressions, empty_responses) if f is not None and not f.empty]
-    if not frames or any("model_version" not in f.columns for f in frames):
-        return
-    served = pd.concat([f[["arm", "model_version"]].astype(str) for f in frames]).drop_duplicates()
-    mixed = {
-        arm: sorted(versions, key=lambda v: (len(v), v))
-        for arm, versions in served.groupby("arm")["model_version"]
-        if len(versions) > 1
-    }
+    served = versions_by_arm(impressions, empty_responses)
+    mixed = {arm: versions for arm, versions in served.items() if len(versions) > 1}
     if mixed:
         named = "; ".join(f"arm {arm!r} by model versions {versions}" for arm, versions in sorted(mixed.items()))
         of = f" of experiment {experiment!r}" if experiment is not None else ""
