@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from deployment.processes import LoggedProcess
-from deployment.server import LOOPBACK, ServerError, free_port
+from deployment.server import LOOPBACK, ServerError, free_port, process_argv, triton_option
 
 
 def find_tritonserver(metrics_port: int) -> int | None:
@@ -22,14 +22,11 @@ def find_tritonserver(metrics_port: int) -> int | None:
     ``TritonServer`` or ``scripts/serve.py``), or None: how a monitor started separately finds the
     process whose memory and CPU it reports."""
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"tritonserver") and f"--metrics-port={metrics_port}".encode() in argv:
-            return int(proc.name)
+        if proc.name.isdigit():
+            argv = process_argv(int(proc.name))
+            port = triton_option(argv[1:], "metrics-port") if argv and argv[0].endswith("tritonserver") else None
+            if port == str(metrics_port):
+                return int(proc.name)
     return None
 
 

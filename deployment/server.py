@@ -263,14 +263,8 @@ def process_cpu_seconds(pid: int, reaped_children: bool = False) -> float:
 
 def child_pids(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (Linux ``/proc``)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue  # gone while we looked
-    return children
+    pids = [int(proc.name) for proc in Path("/proc").iterdir() if proc.name.isdigit()]
+    return [child for child in pids if parent_pid(child) == pid]
 
 
 def parent_pid(pid: int) -> int | None:
