@@ -867,3 +867,55 @@ def test_sampled_negatives_with_a_threshold_they_would_pass_are_refused():
     # Without sampled negatives a threshold of 0 is the user's own cut (a score in [-1, 1]); above 0 both go.
     assert adapt_workflow_config(WorkflowConfig(), layout(0.0), ["item_id"])[0].negative_sampling.kind == "none"
     assert adapt_workflow_config(sampled, layout(0.5), ["item_id"])[0].negative_sampling.kind == "uniform"
+
+
+# ISO 8601 shapes mixed in one column, with what the pandas path of parse_iso reads (None: null).
+MIXED_ISO = {
+    "2026-03-01T10:00:00+02:00": "2026-03-01 08:00:00",
+    "2026": "2026-01-01",
+    "2026-03": "2026-03-01",
+    "2026-03-01": "2026-03-01",
+    "20260301T1000": "2026-03-01 10:00:00",
+    "2026-03-01 10:00:05.123456789": "2026-03-01 10:00:05.123456789",
+    "2026-03-01T10:00:05,5": "2026-03-01 10:00:05.5",
+    "2026-03-01t10:00:00z": "2026-03-01 10:00:00",
+    "2026-03-01T10:00:00-0530": "2026-03-01 15:30:00",
+    "2026-03-01T10+01": "2026-03-01 09:00:00",
+    " 2026-03-01T10:00:00.5Z ": "2026-03-01 10:00:00.5",
+    "2026-02-30": None,
+    "2026-03-01T24:00:00": None,
+    "1500-01-01": None,  # beyond datetime64[ns]
+    "202603": None,
+    "2026-0301": None,
+    "2026-03-01 10:00:00 Z": None,
+    "None": None,  # cudf.to_datetime raised on this text
+    "now": None,
+    "03/01/2026": None,
+    "x": None,
+}
+
+
+def _expected_iso():
+    return pd.Series([None if v is None else pd.Timestamp(v) for v in MIXED_ISO.values()], dtype="datetime64[ns]")
+
+
+def test_the_string_only_iso_parse_reads_what_the_pandas_path_reads():
+    # parse_iso_parts is the parse for cudf partitions: run here on pandas, it matches parse_iso's pandas path.
+    from workflows.validate import parse_iso, parse_iso_parts
+
+    text = pd.Series([*MIXED_ISO, None], dtype=object)
+    expected = pd.concat([_expected_iso(), pd.Series([pd.NaT])], ignore_index=True)
+    pd.testing.assert_series_equal(parse_iso(text), expected)
+    pd.testing.assert_series_equal(parse_iso_parts(text, pd), expected)
+
+
+def test_parse_iso_on_cudf_reads_mixed_shapes_row_by_row():
+    # cudf.to_datetime cast every row with the format of the first (other shapes: undefined values, not null)
+    # and raised on a null first row or the text "None". Runs only where cudf is importable (the GPU route).
+    cudf = pytest.importorskip("cudf")
+    from workflows.validate import parse_iso
+
+    text = cudf.Series([None, *MIXED_ISO])
+    got = parse_iso(text).to_pandas()
+    expected = pd.concat([pd.Series([pd.NaT]), _expected_iso()], ignore_index=True)
+    pd.testing.assert_series_equal(got, expected, check_names=False)

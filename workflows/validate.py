@@ -139,8 +139,50 @@ def parse_iso(series):
         # pandas also reads "now", "today" and a bare time ("12:30") as the run's date, and "03/01/2026"
         # month first: only text in ISO 8601's shape is parsed.
         series = series.where(series.map(lambda v: isinstance(v, str) and ISO_8601.fullmatch(v) is not None))
-    out = mod.to_datetime(series, errors="coerce", utc=True) if mod.__name__ == "pandas" else mod.to_datetime(series)
+    if mod.__name__ != "pandas":
+        # cudf.to_datetime infers one format from the first row and casts every row with it: rows of another
+        # shape get undefined values, not nulls; a null first row or the text "None" raises; its
+        # errors="coerce" turns the whole column into one NaT and utc=True is not implemented.
+        return parse_iso_parts(series, mod)
+    out = mod.to_datetime(series, errors="coerce", utc=True)
     return out.dt.tz_localize(None) if getattr(out.dt, "tz", None) is not None else out
+
+
+# ``ISO_8601`` flattened into capture groups, for a regex engine without backreferences or flags (cudf):
+# year, date separator, month, date separator, day, hours, time separator, minutes, time separator,
+# seconds, fraction, offset sign, offset hours, offset minutes. Non-capturing groups keep its nesting.
+ISO_8601_PARTS = (
+    r"^\s*([0-9]{4})(?:(-?)([0-9]{2})(?:(-?)([0-9]{2})(?:[Tt ]([0-9]{2})(?:(:?)([0-9]{2})(?:(:?)([0-9]{2})"
+    r"(?:[.,]([0-9]+))?)?)?(?:[Zz]|([+-])([0-9]{2})(?::?([0-9]{2}))?)?)?)?)?\s*$"
+)
+
+
+def parse_iso_parts(series, mod):
+    """ISO 8601 text -> tz-naive UTC datetimes[ns] with string operations only (pandas or cudf): each row is
+    split by ``ISO_8601_PARTS``, rebuilt as "%Y-%m-%d %H:%M:%S", parsed with that one explicit format, checked
+    by formatting it back (a 30 February or an hour 24 does not survive), then its fraction added and its
+    offset taken off. Anything else -> null. The parse for cudf partitions (``parse_iso``)."""
+    parts = series.astype("str").str.extract(ISO_8601_PARTS, expand=True)
+    parts.columns = ["y", "s1", "mo", "s2", "d", "h", "s3", "mi", "s4", "sec", "frac", "sign", "oh", "om"]
+    ok = parts["y"].notnull()
+    # one date style (2026-03-01 or 20260301, not 2026-0301 nor 202603), one time style (10:00:05 or 100005)
+    same = (parts["s1"] == parts["s2"]).fillna(False)
+    ok &= parts["s1"].isnull() | same | (parts["s2"].isnull() & (parts["s1"] == "-")).fillna(False)
+    ok &= parts["s3"].isnull() | parts["s4"].isnull() | (parts["s3"] == parts["s4"]).fillna(False)
+    ok &= (parts["oh"].fillna("00") < "24") & (parts["om"].fillna("00") < "60")
+    text = (
+        parts["y"] + "-" + parts["mo"].fillna("01") + "-" + parts["d"].fillna("01") + " "
+        + parts["h"].fillna("00") + ":" + parts["mi"].fillna("00") + ":" + parts["sec"].fillna("00")
+    )  # fmt: skip
+    text = text.where(ok)
+    fmt = "%Y-%m-%d %H:%M:%S"
+    stamps = mod.to_datetime(text, format=fmt, **({"errors": "coerce"} if mod.__name__ == "pandas" else {}))
+    ok &= (stamps.dt.strftime(fmt) == text).fillna(False)  # values the cast made up fail to round-trip
+    nanos = parts["frac"].fillna("").str.slice(0, 9).str.pad(9, side="right", fillchar="0").astype("int64")
+    minutes = parts["oh"].fillna("00").astype("int64") * 60 + parts["om"].fillna("00").astype("int64")
+    minutes = minutes.where(~(parts["sign"] == "-").fillna(False), -minutes)
+    shift = (nanos - minutes * 60_000_000_000).astype("timedelta64[ns]")
+    return (stamps.astype("datetime64[ns]") + shift).where(ok)
 
 
 def parsed_name(column: str, kind: str) -> str:
