@@ -87,6 +87,7 @@ def per_user_signals(
     bucket_edges=(60.0, 300.0, 1200.0),
     quantile: float = 0.5,
     arm: str | None = None,
+    model_version: str | int | None = None,
 ) -> pd.DataFrame:
     """One row per user: ``requests``, ``impressions``, the rate of each of ``SIGNALS`` per impression,
     and ``returned`` (no churn event). ``durations`` maps item id to duration in seconds.
@@ -97,24 +98,43 @@ def per_user_signals(
     feedback to that arm's responses. A log of several arms (an A/B test's, the feedback loop's live
     and holdout) is refused without one: each arm's ranker shapes both the signals and coming back, so
     pooled users relate the arms' differences to retention, not the signals'. Impressions of several
-    model versions (a log spanning a rollout) are refused too: pass one version's rows. A user has no
-    per-impression rate without an impression, so users whose responses were all empty are not rows."""
+    model versions (a log spanning a rollout, or a promotion) are refused too, unless one is named.
+
+    ``model_version``: analyse only the impressions served by that version (the ``model_version``
+    column, compared as text) and the feedback to those responses; the arm check then applies to its
+    rows (a version that served one arm needs no ``arm``). A user has no per-impression rate without an
+    impression, so users whose responses were all empty are not rows."""
     from online.feedback_log import signals_per_item
 
     if impressions.empty:
         raise ValueError("the feedback log has no impressions to analyse")
+    of_version = ""
+    if model_version is not None:
+        if "model_version" not in impressions.columns:
+            raise ValueError("the impressions have no 'model_version' column to select a model version by")
+        served = impressions["model_version"].astype(str)
+        wanted = served == str(model_version)
+        if not wanted.any():
+            versions = sorted(served.unique().tolist(), key=lambda v: (len(v), v))
+            raise ValueError(
+                f"no impressions of model version {str(model_version)!r} in the log (versions: {versions})"
+            )
+        other = impressions.loc[~wanted, "request_id"].unique()
+        impressions = impressions[wanted]
+        feedback = feedback[~feedback["request_id"].isin(other)]
+        of_version = f" of model version {str(model_version)!r}"
     arms = sorted(impressions["arm"].unique().tolist()) if "arm" in impressions.columns else []
     if arm is not None:
         if arm not in arms:
-            raise ValueError(f"no impressions of arm {arm!r} in the log's 'arm' column (arms: {arms})")
+            raise ValueError(f"no impressions{of_version} of arm {arm!r} in the log's 'arm' column (arms: {arms})")
         other = impressions.loc[impressions["arm"] != arm, "request_id"].unique()
         impressions = impressions[impressions["arm"] == arm]
         # A churn after one of the arm's empty responses has no impression row: kept, by user, as before.
         feedback = feedback[~feedback["request_id"].isin(other)]
     elif len(arms) > 1:
         raise ValueError(
-            f"the log's 'arm' column holds {len(arms)} arms {arms}: their rankers differ, so pooling them relates "
-            "the arms' differences to retention; name one (arm=..., e.g. the control arm)"
+            f"the log's 'arm' column holds {len(arms)} arms {arms}{of_version}: their rankers differ, so pooling "
+            "them relates the arms' differences to retention; name one (arm=..., e.g. the control arm)"
         )
     # The same holds within an arm that served two model versions (a rollout or a promotion in the log).
     versions = sorted(impressions["model_version"].astype(str).unique()) if "model_version" in impressions else []
@@ -122,7 +142,7 @@ def per_user_signals(
         raise ValueError(
             f"the impressions analysed were served by {len(versions)} model versions {versions} (a rollout within "
             "the log?): their rankers differ, so pooling them relates the versions' differences to retention; "
-            "pass the rows of one version"
+            "name one (model_version=..., e.g. the version serving now)"
         )
     shown = impressions[["request_id", "user_id", "item_id"]].drop_duplicates(["request_id", "item_id"])
     per_item = signals_per_item(feedback)  # click, watch_seconds, like, share
@@ -558,11 +578,16 @@ def simulate_in_process(world, config, repo: Path, version: int, log_path: Path,
 
 
 def analyze_log(
-    log_path: Path, world, config, head_signals: list[str], arm: str | None = None
+    log_path: Path,
+    world,
+    config,
+    head_signals: list[str],
+    arm: str | None = None,
+    model_version: str | int | None = None,
 ) -> tuple[pd.DataFrame, RetentionAnalysis]:
-    """``per_user_signals`` and ``analyze_retention`` of the log at ``log_path`` (of arm ``arm``: a log
-    of several arms is refused without one; one of several model versions is refused: a log spanning a
-    rollout needs ``per_user_signals`` on one version's rows)."""
+    """``per_user_signals`` and ``analyze_retention`` of the log at ``log_path``, of arm ``arm`` and
+    model version ``model_version`` (a log of several arms is refused without an arm, one whose arm was
+    served by several model versions, a log spanning a rollout or a promotion, without a version)."""
     from online.feedback_log import FeedbackLog
 
     log = FeedbackLog(log_path)
@@ -573,7 +598,13 @@ def analyze_log(
     durations = world.items.set_index("item_id")["duration_seconds"]
     labels = config.workflow.labels
     users = per_user_signals(
-        impressions, feedback, durations, labels.duration_buckets, labels.duration_watch_quantile, arm=arm
+        impressions,
+        feedback,
+        durations,
+        labels.duration_buckets,
+        labels.duration_watch_quantile,
+        arm=arm,
+        model_version=model_version,
     )
     return users, analyze_retention(users, head_signals)
 

@@ -468,3 +468,40 @@ def test_an_arm_that_served_two_model_versions_is_not_pooled():
         per_user_signals(rolled, fb, durations, arm="control")
     one = per_user_signals(rolled[rolled["model_version"] == "2"], fb, durations)
     assert len(one) == 200
+
+
+def test_a_log_spanning_a_rollout_is_analysed_one_model_version_at_a_time(tmp_path):
+    """``analyze_log`` refused a log whose arm was served by two model versions (a rollout or a promotion
+    within it) and offered no way to analyse one version's rows: its docstring sent the user to
+    ``per_user_signals``, rebuilding the durations and label settings by hand. ``model_version=`` names
+    the version, as ``arm=`` names the arm, and the refusal says so."""
+    from types import SimpleNamespace
+
+    from configs import load_config
+    from online.feedback_log import FeedbackLog
+    from online.retention import analyze_log
+
+    imp, fb, durations = planted_log(n_users=400)
+    version = np.where(imp["user_id"] < 200, "1", "2")  # the control arm on v1, then on the shipped v2
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    for (rid, user, v), rows in imp.assign(model_version=version).groupby(["request_id", "user_id", "model_version"]):
+        log.log_impressions(rid, int(user), rows.sort_values("position")["item_id"].tolist(), v, "control", "model")
+    log.log_feedback_many(list(fb.itertuples(index=False, name=None)))
+    log.close()
+    world = SimpleNamespace(items=pd.DataFrame({"item_id": durations.index, "duration_seconds": durations.values}))
+    config = load_config()
+    heads = ["click", "duration_watch", "like"]
+
+    with pytest.raises(ValueError, match=r"2 model versions \['1', '2'\].*model_version="):
+        analyze_log(tmp_path / "log.sqlite", world, config, heads)
+    users, analysis = analyze_log(tmp_path / "log.sqlite", world, config, heads, model_version=2)  # old: TypeError
+    labels = config.workflow.labels
+    v2 = imp[version == "2"].assign(arm="control", model_version="2")
+    alone = per_user_signals(v2, fb, durations, labels.duration_buckets, labels.duration_watch_quantile)
+    pd.testing.assert_frame_equal(users, alone)
+    assert len(users) == 200 and analysis.users == 200
+    assert (users["user_id"] >= 200).all()
+    same, _ = analyze_log(tmp_path / "log.sqlite", world, config, heads, arm="control", model_version="2")
+    pd.testing.assert_frame_equal(same, users)
+    with pytest.raises(ValueError, match=r"no impressions of model version '3' .*\['1', '2'\]"):
+        analyze_log(tmp_path / "log.sqlite", world, config, heads, model_version=3)
