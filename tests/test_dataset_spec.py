@@ -353,6 +353,44 @@ def test_the_checks_and_the_mapping_parse_each_text_column_once(tmp_path, monkey
     assert events["secs"].tolist() == [2.5, 7.0, 0.0, 100.0] and events["secs"].dtype == np.float64
 
 
+def test_an_attribute_table_parses_each_text_column_once(tmp_path, monkeypatch):
+    """An attribute table's checks, its duplicate-id check and its mapping read one parse of each text
+    column (the id was parsed three times, each number twice); what it maps is what parsing gives, files
+    parsed differently (integers in a parquet file, text in a CSV file) included."""
+    from workflows import reader, validate
+
+    pd.DataFrame({"u": ["1"], "i": ["5"], "t": ["1770000000"]}).to_csv(tmp_path / "events.csv", index=False)
+    (tmp_path / "items").mkdir()
+    items = {"sku": ["5", "0006", "9007199254740993"], "price": ["2.5", "", "1e2"], "len": ["7", "8", "9"]}
+    pd.DataFrame(items).to_csv(tmp_path / "items" / "b.csv", index=False)
+    values = {"name": "once", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t"},
+              "items": {"path": "items/*", "id": "sku", "continuous": ["price"], "duration": "len"}}  # fmt: skip
+    parsed = []
+
+    def counted(real):
+        def parse(col):
+            if len(col):  # not dask's empty meta
+                parsed.append(col.name)
+            return real(col)
+
+        return parse
+
+    for module in (validate, reader):
+        for name in ("as_number", "parse_iso"):
+            monkeypatch.setattr(module, name, counted(getattr(validate, name)), raising=False)
+    out = load_inputs(spec_from_dict(values, root=str(tmp_path))).items
+    assert sorted(c for c in parsed if c in items) == ["len", "price", "sku"]  # each once
+    assert out["item_id"].tolist() == [5, 6, 9007199254740993]
+    assert out["price"].tolist()[::2] == [2.5, 100.0] and np.isnan(out["price"][1])
+    assert out["duration_seconds"].tolist() == [7.0, 8.0, 9.0]
+
+    pd.DataFrame({"sku": [1, 2], "price": [3, 4], "len": [1.5, 2.0]}).to_parquet(tmp_path / "items" / "a.parquet")
+    out = load_inputs(spec_from_dict(values, root=str(tmp_path))).items
+    assert out["item_id"].tolist() == [1, 2, 5, 6, 9007199254740993] and out["item_id"].dtype == np.int64
+    assert out["duration_seconds"].tolist() == [1.5, 2.0, 7.0, 8.0, 9.0]
+    assert out["price"].tolist()[:2] == [3.0, 4.0] and out["price"].dtype == np.float64
+
+
 def test_ids_beyond_int64_are_refused_not_wrapped(shop):
     # 2**64 - 1 became user -1 and 2**63 the most negative id, silently: every later step took them.
     set_cells(shop / "events-000.csv", "customer", [0, 1], ["18446744073709551615", "9223372036854775808"])

@@ -31,7 +31,6 @@ from workflows.validate import (
     Membership,
     ParseColumns,
     Rule,
-    as_number,
     defects_of,
     duplicate_keys,
     merge_profiles,
@@ -241,15 +240,16 @@ def list_positions(col: pd.Series, lst: ListSpec) -> pd.DataFrame:
 
 
 def normalise_table(frame: pd.DataFrame, table: TableSpec, key: str, id_column: str, layout: Layout) -> pd.DataFrame:
-    """An attribute table in the pipeline's columns (``layout.user_columns`` / ``item_columns``)."""
-    out = pd.DataFrame({key: as_number(frame[table.id or id_column]).astype("int64")})
+    """An attribute table in the pipeline's columns (``layout.user_columns`` / ``item_columns``). Its ids and
+    numbers are the values ``ParseColumns`` kept in ``frame`` for the checks where it did (else parsed now)."""
+    out = pd.DataFrame({key: parsed_values(frame, table.id or id_column, "number").astype("int64")})
     for c in table.categorical:
         out[c] = _as_text(frame[c])
     for lst in table.lists:
         out = out.join(list_positions(frame[lst.column], lst))
     numbers = [c.column for c in table.continuous] + ([table.duration] if table.duration else [])
     for c in dict.fromkeys(numbers):
-        values = frame[c] if frame[c].dtype.kind in "iu" else as_number(frame[c]).astype("float64")
+        values = frame[c] if frame[c].dtype.kind in "iu" else parsed_values(frame, c, "number").astype("float64")
         out["duration_seconds" if c == table.duration else c] = values
     for c in table.text:
         out[c] = _as_text(frame[c])
@@ -267,9 +267,10 @@ def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects:
     columns = list(_table_columns(table, name, id_column))
     rules = _table_rules(table, name, id_column)
     frames, before = [], len(defects)
+    parse = ParseColumns(rules)  # each text column parsed once: the checks, the duplicate ids and the mapping
     for file, kind in found:
         numbers = {rule.column for rule in rules if rule.kind == "number"}
-        frame = read_frame(file, kind, columns, numbers)
+        frame = parse(read_frame(file, kind, columns, numbers))
         defects.extend(defects_of(profile_frame(frame, rules), rules, file))
         frames.append(frame)
     if not sum(len(frame) for frame in frames):  # an empty file among others (an empty partition) is no defect
@@ -277,9 +278,13 @@ def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects:
     if len(defects) > before:
         return None, label
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # Files parsed differently (an integer column in one, text in another): a parsed column some file
+    # lacks would be null for its rows; the whole column is parsed again instead, as it was before.
+    lacking = [c for c in frame.columns if c not in columns and any(c not in f.columns for f in frames)]
+    frame = frame.drop(columns=lacking) if lacking else frame
     id_col = table.id or id_column
     dupes = duplicate_keys(
-        frame.assign(**{id_col: as_number(frame[id_col])}),
+        pd.DataFrame({id_col: parsed_values(frame, id_col, "number")}),
         id_col,
         found[0][0] if len(found) == 1 else label,
         written=frame[id_col],
