@@ -27,6 +27,14 @@ from deployment.export import check_complete, exported_version
 from deployment.server import ServerError, TritonServer, bind_address, ports_in_use
 
 
+class Interrupted(KeyboardInterrupt):
+    """The SIGINT or SIGTERM that interrupts the start. Not ``KeyboardInterrupt`` itself: CPython 3.11
+    marks a ``KeyboardInterrupt`` that leaves any ``exec``/``eval`` of a string (a namedtuple or dataclass
+    made by the start's lazy ``import tritonclient.http``) as an unhandled Ctrl-C, and then ends the
+    process by SIGINT (exit status -2) after ``main()`` caught it and returned. Only the class itself is
+    marked."""
+
+
 def export_problem(repository: str | Path) -> str | None:
     """Why ``repository`` is no complete export, or None where it is one: the version its
     ``export.json`` records has every stage's config, model.py, manifest and artifacts and its
@@ -103,13 +111,13 @@ def main() -> None:
             # Once: a second signal while the start is cleaned up and the server stopped (up to 30 s)
             # cut that stop short and ended serve.py in a KeyboardInterrupt traceback.
             loading.clear()
-            raise KeyboardInterrupt
+            raise Interrupted
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
         server.start()
-    except KeyboardInterrupt:
+    except Interrupted:
         server.stop()  # the start stopped its server, unless the signal came just before or after
         print("tritonserver stopped while it loaded")
         return

@@ -761,6 +761,45 @@ def test_serve_reports_a_failed_start_in_a_message_not_a_traceback(monkeypatch, 
     assert "did not start: GRPC port 8001 already in use" in err and "tritonserver log: server.log" in err, err
 
 
+SERVE_SIGNALLED_IN_EXEC = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("serve_script", "scripts/serve.py")
+serve = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve)
+
+class SignalledInExec:
+    log_path = "server.log"
+
+    def start(self):  # the SIGTERM lands while the start runs code made by exec (a namedtuple, a dataclass)
+        exec("import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
+        raise AssertionError("the signal did not interrupt the start")
+
+    def stop(self):
+        pass
+
+serve.TritonServer = lambda *a, **k: SignalledInExec()
+serve.export_problem = lambda repository: None
+sys.argv = ["serve.py", "--model-repository", "repo", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+serve.main()
+"""
+
+
+def test_serve_interrupted_while_the_start_runs_exec_code_exits_zero():
+    """A SIGTERM whose handler's KeyboardInterrupt passed out of an ``exec`` (the start's lazy import of
+    tritonclient.http makes namedtuples and dataclasses that way): serve.py printed "stopped while it
+    loaded" and returned, then CPython ended the process by SIGINT, exit status -2 (about once in 15
+    full test runs of the real-server test)."""
+    run = subprocess.run(
+        [sys.executable, "-c", SERVE_SIGNALLED_IN_EXEC],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "stopped while it loaded" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_monitor_exits_non_zero_when_prometheus_exits_on_its_own(tmp_path):
     """Prometheus that died under monitor.py (a full disk, a kill) ended it with exit status 0."""
     import shutil
