@@ -50,7 +50,7 @@ from serving.interface import (
     names,
     stage_folder,
 )
-from serving.request import RequestError, RequestLimits, scalar
+from serving.request import RequestError, RequestLimits, brief, scalar
 from serving.stages import load_manifest
 from serving.triton_model import StageModel
 from workflows.live_store import LIVE_EVENTS, LiveStore, is_postgres, store_location
@@ -237,11 +237,14 @@ class FeedbackService:
                 f"{len(items)}, {len(events)} and {len(values)}"
             )
         unknown = sorted(set(events) - set(EVENTS))
-        if unknown:
-            raise RequestError(f"unknown event(s) {unknown}; expected one of {list(EVENTS)}")
+        if unknown:  # quoted briefly: a client's long or many event names made a message gRPC refuses
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise RequestError(
+                f"unknown event(s) [{', '.join(brief(e) for e in unknown[:5])}]{more}; expected one of {list(EVENTS)}"
+            )
         served = self.log.served(request_id)
         if served is None:
-            raise RequestError(f"unknown request_id {request_id!r}: no response with that id was logged")
+            raise RequestError(f"unknown request_id {brief(request_id)}: no response with that id was logged")
         shown = set(served["item_ids"])
         most = len(shown) * len(SIGNALS) + 1
         if len(items) > most:

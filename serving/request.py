@@ -22,6 +22,24 @@ import numpy as np
 
 INT64 = np.iinfo(np.int64)
 
+# The longest error message a client is sent. gRPC carries it in a trailer that clients refuse past
+# 16 KiB (and at random from 8 KiB): a message echoing a client's 20 KB request id reached the client
+# as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit", not INVALID_ARGUMENT, naming
+# nothing, and the serving client took it for a server fault.
+MAX_MESSAGE_CHARS = 1000
+
+
+def brief(value, limit: int = 64) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with its full length said:
+    a message may quote what the client sent, never all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} chars)"
+
+
+def capped_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters (a backstop for messages quoting a client's input)."""
+    return message if len(message) <= limit else f"{message[: limit - 30]}... ({len(message)} chars in all)"
+
 
 class RequestError(ValueError):
     """The request is malformed; the message names the problem and is returned to the client."""

@@ -221,7 +221,11 @@ class StageModel:
             self.pb.Logger.log_warn(f"{self.stage_name}: metric update failed: {err}")
 
     def _error(self, message: str, code):
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
+        """An error response; the message cut to ``serving.request.MAX_MESSAGE_CHARS``, which gRPC
+        clients accept (a longer one reached them as RESOURCE_EXHAUSTED, whatever ``code`` was)."""
+        from serving.request import capped_message
+
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(capped_message(message), code))
 
     def finalize(self) -> None:
         if getattr(self, "process_sampler", None):

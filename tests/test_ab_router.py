@@ -457,3 +457,30 @@ def test_a_rollout_names_a_version_for_exactly_its_experiments_arms():
         Rollout(Experiment("e", "s"), {"control": 1, "treatment": 2, "other": 3}, 1)
     with pytest.raises(ValueError, match="have no model version"):
         Rollout.from_dict({**ab_rollout("e", "s", 1, 2).to_dict(), "versions": {"control": 1}})
+
+
+def test_feedback_errors_quote_a_long_request_id_or_event_briefly(tmp_path):
+    """The messages quoted the client's whole request id or every unknown event name: served over
+    gRPC, one past 16 KiB (a 20 KB request id, 1,000 made-up event names) reached the client as
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit", not INVALID_ARGUMENT, naming nothing."""
+    feedback = FeedbackService(tmp_path / "log.sqlite")
+    feedback.log.log_impressions("r1", 7, np.array([10, 11]), "1", "control", "model")
+    request = {
+        "request_id": np.array([b"r1"], dtype=object),
+        "item_ids": np.array([10]),
+        "events": np.array([b"click"], dtype=object),
+        "values": np.ones(1, dtype=np.float32),
+    }
+    with pytest.raises(RequestError, match=r"unknown request_id 'aaa.*\.\.\. \(20000 chars\): no response") as err:
+        feedback.run({**request, "request_id": np.array([b"a" * 20_000], dtype=object)})
+    assert len(str(err.value)) < 200
+    made_up = np.array([b"e%04d" % i + b"x" * 50 for i in range(1000)], dtype=object)
+    many = {"item_ids": np.full(1000, 10), "events": made_up, "values": np.ones(1000, dtype=np.float32)}
+    with pytest.raises(RequestError, match=r"unknown event\(s\) \['e0000x.*'\] and 995 more; expected one of") as err:
+        feedback.run({**request, **many})
+    assert len(str(err.value)) < 600
+    with pytest.raises(RequestError, match=r"unknown event\(s\) \['zzz.*\.\.\. \(100000 chars\)\]") as err:
+        feedback.run({**request, "events": np.array([b"z" * 100_000], dtype=object)})
+    assert len(str(err.value)) < 200
+    assert feedback.log.counts()["feedback"] == 0
+    feedback.close()

@@ -142,3 +142,23 @@ def test_a_user_id_past_int64_is_a_request_error_not_an_overflow_in_the_online_s
         RequestLimits().k(huge)
     assert scalar({"user_id": np.array([2**63 - 1], dtype=np.uint64)}, "user_id", int) == 2**63 - 1
     assert scalar({"user_id": np.array([-(2**63)])}, "user_id", int) == -(2**63)
+
+
+def test_an_error_message_is_cut_to_what_a_grpc_client_accepts():
+    """A message past 16 KiB reached gRPC clients as RESOURCE_EXHAUSTED ("received metadata size exceeds
+    hard limit"), whatever its code: a bad request quoting a long input looked like a server fault."""
+
+    class _Echo(_Doubler):
+        def run(self, inputs):
+            raise RequestError(f"x = {'9' * 20_000} is too long") if inputs["x"][0] < 0 else ValueError("y" * 20_000)
+
+    for batching in (False, True):
+        model = _adapter(False, [])
+        model.stage, model.batching = _Echo(False), batching
+        request = _request(-1) if batching else {"x": _Tensor("x", np.array([-1]))}
+        other = _request(1) if batching else {"x": _Tensor("x", np.array([1]))}
+        (bad, fault) = _answers(model.execute([request, other]))
+        assert bad[0] == "INVALID_ARG" and bad[1].startswith("doubler: x = 999")
+        assert fault[0] == "INTERNAL" and fault[1].startswith("doubler: internal error: ValueError: yyy")
+        for _, message in (bad, fault):
+            assert len(message) < 8192 and message.endswith(" chars in all)"), message[-40:]  # gRPC's soft limit
