@@ -483,6 +483,31 @@ def test_duplicate_keys_in_an_attribute_table(shop):
     assert "duplicate key" in d.message and d.rows == 2 and d.example == items["sku"].iloc[4]
 
 
+def test_a_bad_cell_beside_a_duplicate_key_and_a_missing_item_reports_all_three(shop):
+    # A bad price cell in items.csv stopped that table's checks: its duplicate key and the events of a
+    # sku it lacks were reported only on the next run, after the price was fixed.
+    items = pd.read_csv(shop / "items.csv", dtype=str)
+    gone = items["sku"].iloc[0]
+    items = pd.concat([items.iloc[1:], items.iloc[[4]].assign(brand="other")], ignore_index=True)
+    items.loc[2, "price"] = "cheap"
+    items.to_csv(shop / "items.csv", index=False)
+    defects = defects_of(shop / "dataset.yaml")
+    assert "is not a number" in only(defects, "price").message
+    sku = [d for d in defects if d.column == "sku"]
+    assert [d.message for d in sku if "duplicate key" in d.message], [str(d) for d in defects]
+    missing = [d for d in sku if d.message.startswith("refers to items missing from the item table")]
+    assert missing and {d.example for d in missing} == {gone}, [str(d) for d in defects]
+
+
+def test_a_bad_id_cell_skips_the_tables_key_checks(shop):
+    # ids that are not numbers are reported once; no duplicate or missing-id report built on them
+    items = pd.read_csv(shop / "items.csv", dtype=str)
+    items.loc[3, "sku"] = "SKU-x"
+    items.to_csv(shop / "items.csv", index=False)
+    d = only(defects_of(shop / "dataset.yaml"), "sku")
+    assert "integer" in d.message or "number" in d.message, str(d)
+
+
 def test_empty_input(shop):
     for path in shop.glob("events-*.csv"):
         pd.read_csv(path).iloc[:0].to_csv(path, index=False)

@@ -258,12 +258,14 @@ def normalise_table(frame: pd.DataFrame, table: TableSpec, key: str, id_column: 
 
 
 def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects: list):
-    """Read, check and map one attribute table; ``(frame, file label)`` or ``(None, label)`` on defects."""
+    """Read, check and map one attribute table: ``(frame, file label, ids)``; on defects ``frame`` is None
+    and ``ids`` the table's ids when its id column itself is sound (a bad cell of another column), so
+    that its duplicate keys and the events' missing ids are reported in the same run, else None."""
     table: TableSpec = getattr(spec, name)
     label = spec.resolve(table.path)
     found = _structure(spec, name, table.path, table.format, _table_columns(table, name, id_column), defects)
     if found is None:
-        return None, label
+        return None, label, None
     columns = list(_table_columns(table, name, id_column))
     rules = _table_rules(table, name, id_column)
     frames, before = [], len(defects)
@@ -275,24 +277,25 @@ def _read_table(spec: DatasetSpec, name: str, key: str, id_column: str, defects:
         frames.append(frame)
     if not sum(len(frame) for frame in frames):  # an empty file among others (an empty partition) is no defect
         defects.append(Defect(found[0][0] if len(found) == 1 else label, "", f"the {name} table is empty (no rows)"))
-    if len(defects) > before:
-        return None, label
+        return None, label, None
+    id_col = table.id or id_column
+    if any(d.column == id_col for d in defects[before:]):  # ids unreadable: no duplicate or membership check
+        return None, label, None
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     # Files parsed differently (an integer column in one, text in another): a parsed column some file
     # lacks would be null for its rows; the whole column is parsed again instead, as it was before.
     lacking = [c for c in frame.columns if c not in columns and any(c not in f.columns for f in frames)]
     frame = frame.drop(columns=lacking) if lacking else frame
-    id_col = table.id or id_column
-    dupes = duplicate_keys(
-        pd.DataFrame({id_col: parsed_values(frame, id_col, "number")}),
-        id_col,
-        found[0][0] if len(found) == 1 else label,
-        written=frame[id_col],
+    ids = parsed_values(frame, id_col, "number")
+    # checked even when another column has a bad cell: every defect is reported at once
+    defects.extend(
+        duplicate_keys(
+            pd.DataFrame({id_col: ids}), id_col, found[0][0] if len(found) == 1 else label, written=frame[id_col]
+        )
     )
-    if dupes:
-        defects.extend(dupes)
-        return None, label
-    return normalise_table(frame, table, key, id_column, spec.layout), label
+    if len(defects) > before:
+        return None, label, ids.astype("int64").to_numpy()
+    return normalise_table(frame, table, key, id_column, spec.layout), label, None
 
 
 class ToInternal:
@@ -427,11 +430,11 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
     ev = spec.events
     defects: list[Defect] = []
     users = items = None
-    labels = {}
+    labels, known = {}, {}  # known: the ids of a table with defects whose id column is sound
     if spec.users is not None:
-        users, labels["user"] = _read_table(spec, "users", "user_id", ev.user_id, defects)
+        users, labels["user"], known["user"] = _read_table(spec, "users", "user_id", ev.user_id, defects)
     if spec.items is not None:
-        items, labels["item"] = _read_table(spec, "items", "item_id", ev.item_id, defects)
+        items, labels["item"], known["item"] = _read_table(spec, "items", "item_id", ev.item_id, defects)
 
     wanted = {ev.user_id: "events.user_id", ev.item_id: "events.item_id", ev.timestamp: "events.timestamp"}
     for s in ev.signals:
@@ -448,10 +451,10 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
     # values (the mapping parsed every column a second time: 27-35% of the time at 3.8M events).
     raw = raw.map_partitions(ParseColumns(rules), meta=ParseColumns(rules)(raw._meta)).persist()
     memberships = []
-    if users is not None:
-        memberships.append(Membership(ev.user_id, np.asarray(users["user_id"]), "user"))
-    if items is not None:
-        memberships.append(Membership(ev.item_id, np.asarray(items["item_id"]), "item"))
+    for table, key, column, frame in (("user", "user_id", ev.user_id, users), ("item", "item_id", ev.item_id, items)):
+        ids = np.asarray(frame[key]) if frame is not None else known.get(table)
+        if ids is not None:
+            memberships.append(Membership(column, ids, table))
     profile_task = dask.delayed(profile_frame, pure=True)
     profiles = dask.compute(*[profile_task(p, rules, memberships) for p in raw.to_delayed()])
     start, per_file = 0, []
