@@ -84,8 +84,7 @@ CANCEL_POLL_S = 0.2
 
 def pause_unless_cancelled(seconds: float, cancelled: Callable[[], bool] | None) -> bool:
     """Sleep ``seconds``, asking ``cancelled`` (when given) every ``CANCEL_POLL_S``; False as soon as
-    it returns true. Without ``cancelled`` one plain sleep, which a signal handler's exception
-    (serve.py's) interrupts."""
+    it returns true. Without ``cancelled`` one plain sleep."""
     if cancelled is None:
         time.sleep(seconds)
         return True

@@ -27,14 +27,6 @@ from deployment.export import check_complete, exported_version
 from deployment.server import ServerError, TritonServer, bind_address, ports_in_use
 
 
-class Interrupted(KeyboardInterrupt):
-    """The SIGINT or SIGTERM that interrupts the start. Not ``KeyboardInterrupt`` itself: CPython 3.11
-    marks a ``KeyboardInterrupt`` that leaves any ``exec``/``eval`` of a string (a namedtuple or dataclass
-    made by the start's lazy ``import tritonclient.http``) as an unhandled Ctrl-C, and then ends the
-    process by SIGINT (exit status -2) after ``main()`` caught it and returned. Only the class itself is
-    marked."""
-
-
 def export_problem(repository: str | Path) -> str | None:
     """Why ``repository`` is no complete export, or None where it is one: the version its
     ``export.json`` records has every stage's config, model.py, manifest and artifacts and its
@@ -101,33 +93,33 @@ def main() -> None:
     if problem is not None:
         server.cleanup()  # its scratch folder; nothing was started
         parser.error(f"argument --model-repository: {problem}")
+    # The handler only sets ``stop``; the start asks it at every poll (``cancelled``, about every 0.5 s)
+    # and stops what it started (``StartCancelled``). It used to raise an interrupt wherever the main
+    # thread was: landing in a ``__del__``, a weakref or gevent callback (code that drops exceptions,
+    # "Exception ignored in ...") it was lost and the start went on loading for up to 420 s; a second
+    # signal cut the stop of an interrupted start short; and a KeyboardInterrupt passing out of an
+    # ``exec`` (the lazy ``import tritonclient.http``) ended serve.py by SIGINT (exit -2) after a clean stop.
     stop = threading.Event()
-    loading = threading.Event()
-    loading.set()
 
     def on_signal(*_) -> None:
         stop.set()
-        if loading.is_set():  # interrupt the start (up to 420 s); it stops what it started
-            # Once: a second signal while the start is cleaned up and the server stopped (up to 30 s)
-            # cut that stop short and ended serve.py in a KeyboardInterrupt traceback.
-            loading.clear()
-            raise Interrupted
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        server.start()
-    except Interrupted:
-        server.stop()  # the start stopped its server, unless the signal came just before or after
-        print("tritonserver stopped while it loaded")
-        return
+        server.start(cancelled=stop.is_set)
     except ServerError as err:  # it exited or never became ready (the start stopped it); the log says why
         server.stop()
+        if stop.is_set():  # cancelled (StartCancelled), or a failure after the signal: the stop asked for
+            print("tritonserver stopped while it loaded")
+            return
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
         print(f"tritonserver did not start: {err}{notes}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        loading.clear()
+    if stop.is_set():  # the signal came after the start's last poll
+        server.stop()
+        print("tritonserver stopped while it loaded")
+        return
     died = False
     try:
         supervisor = None

@@ -617,7 +617,7 @@ class ServerThatDies:
         self.log_path, self.stopped = "server.log", False
         self.process = type("Exited", (), {"poll": lambda self: 1})()
 
-    def start(self):
+    def start(self, cancelled=None):
         return self
 
     def listening(self) -> str:
@@ -744,7 +744,7 @@ def test_serve_refuses_a_port_another_process_listens_on_before_starting(tmp_pat
 class ServerThatFailsToStart(ServerThatDies):
     """A start that fails as one whose port was taken while the models loaded does."""
 
-    def start(self):
+    def start(self, cancelled=None):
         from deployment.server import PortTaken
 
         err = PortTaken([8001], "GRPC port 8001 already in use. tritonserver exited with code 1")
@@ -770,9 +770,13 @@ spec.loader.exec_module(serve)
 class SignalledInExec:
     log_path = "server.log"
 
-    def start(self):  # the SIGTERM lands while the start runs code made by exec (a namedtuple, a dataclass)
-        exec("import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
-        raise AssertionError("the signal did not interrupt the start")
+    def start(self, cancelled):  # the SIGTERM lands while the start runs code made by exec (a namedtuple, a dataclass)
+        exec("import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)")
+        if cancelled():
+            from deployment.server import StartCancelled
+
+            raise StartCancelled("tritonserver start cancelled while it loaded")
+        raise AssertionError("the signal did not cancel the start")
 
     def stop(self):
         pass
@@ -850,14 +854,20 @@ class ServerSignalledTwice(ServerThatDies):
     """A server whose start is interrupted by a SIGTERM, and whose stop gets a second one (a second
     Ctrl-C, or a service manager repeating its SIGTERM, while tritonserver shuts down)."""
 
-    def start(self):
+    def start(self, cancelled):
         import os
         import signal
         import time
 
+        from deployment.server import StartCancelled
+
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler's KeyboardInterrupt ends the wait
-        raise AssertionError("the first signal did not interrupt the start")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the start's poll
+            if cancelled():
+                raise StartCancelled("tritonserver start cancelled while it loaded")
+            time.sleep(0.1)
+        raise AssertionError("the first signal did not cancel the start")
 
     def stop(self) -> None:
         import os
@@ -890,3 +900,61 @@ def test_a_second_signal_while_serve_stops_an_interrupted_start_does_not_cut_the
             signal.signal(sig, handler)
     assert servers[0].stopped
     assert "tritonserver stopped while it loaded" in capsys.readouterr().out
+
+
+class ServerWhoseStartSwallowsExceptions(ServerThatDies):
+    """A start whose main thread is almost always inside code that drops exceptions (a ``__del__``
+    here; a weakref callback or a gevent callback alike): a signal handler's exception raised there is
+    printed as "Exception ignored in ..." and lost. It stops only when ``cancelled`` asks it to."""
+
+    LOAD_S = 10.0
+
+    def start(self, cancelled=None):
+        import os
+        import signal
+        import threading
+        import time
+
+        from deployment.server import StartCancelled
+
+        class Finalised:
+            def __del__(self):
+                time.sleep(0.05)  # the signal's handler runs here
+
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        deadline = time.monotonic() + self.LOAD_S
+        while time.monotonic() < deadline:  # the models load
+            if cancelled is not None and cancelled():
+                self.stop()
+                raise StartCancelled("tritonserver start cancelled while it loaded")
+            Finalised()
+        self.process = type("Running", (), {"poll": lambda self: None})()
+        return self
+
+
+def test_serve_stops_at_once_when_the_signal_lands_in_code_that_drops_exceptions(monkeypatch, capsys):
+    """The handler raised its interrupt wherever the main thread was: landing in a ``__del__`` (or any
+    code that ignores exceptions) it was printed and dropped, the handler had already stopped treating
+    signals as interrupts, and the start went on loading for up to its whole timeout (420 s), so a
+    container's SIGTERM was lost and only the SIGKILL after it stopped serve.py."""
+    import signal
+    import time
+
+    serve = serve_module()
+    servers = []
+    monkeypatch.setattr(
+        serve, "TritonServer", lambda *a, **k: servers.append(ServerWhoseStartSwallowsExceptions()) or servers[-1]
+    )
+    monkeypatch.setattr(serve, "export_problem", lambda repo: None)
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--model-repository", "repo", *ANY_PORTS])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    began = time.monotonic()
+    try:
+        serve.main()  # returns: an interrupted start is a stop, exit status 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    took = time.monotonic() - began
+    out = capsys.readouterr().out
+    assert took < 3.0, f"serve.py stopped {took:.1f} s after the SIGTERM: {out}"
+    assert servers[0].stopped and "tritonserver stopped while it loaded" in out, out
