@@ -9,7 +9,8 @@ even when a user likes an unpopular one as much.
     catalog_coverage    share of the catalog recommended to anyone
     popularity_lift     mean popularity of recommended items / mean popularity of the user's profile
     preference_parity   among users who liked both a popular and an unpopular held-out item, how
-                        often the popular one is ranked above the unpopular one (0.5 = parity)
+                        often the popular one is ranked above the unpopular one (a tie counts half;
+                        0.5 = parity)
 
 A measure the protocol cannot support raises ``NotApplicable`` with the reason: preference parity
 under leave-one-out (one held-out item per user, so no user has a pair to compare), anything over
