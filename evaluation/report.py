@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evaluation.metrics import bootstrap_means
 from evaluation.offline import Result, slice_gaps
 from models.tuning import edge_text
 
@@ -165,8 +166,8 @@ def headline(
         # Over a peer at 0 the ratio is infinite only when the funnel is above 0; 0 / 0 has none (NaN: "n/a").
         ratio = a / b if b > 0 else math.inf if a > 0 else math.nan
         if ours is not None and theirs is not None and len(ours) == len(theirs) and len(ours):
-            idx = rng.integers(0, len(ours), size=(n_resamples, len(ours)))
-            diffs = ours[idx].mean(axis=1) - theirs[idx].mean(axis=1)
+            mean_ours, mean_theirs = bootstrap_means(rng, [ours, theirs], n_resamples)
+            diffs = mean_ours - mean_theirs
             low, high = (float(q) for q in np.quantile(diffs, [0.025, 0.975]))
             interval = f"[{low:+.4f}, {high:+.4f}]"
         else:  # no paired values: disjoint intervals or not

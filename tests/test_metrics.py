@@ -194,3 +194,71 @@ def test_a_nan_score_is_refused_not_ranked_among_the_fillers():
         m.full_ranking_top_k(np.array([[np.nan, np.nan, 0.9]]), 3, exclude=[[2]])
     # A NaN only on an excluded (already seen) item leaves the order whole.
     assert m.full_ranking_top_k(scores, 4, exclude=[[1]]).tolist() == [[2, 0, 4, 3]]
+
+
+def _old_bootstrap_means(values_list, n_resamples, seed):
+    """The resampling as it was before it was chunked: one ``(n_resamples, n)`` draw."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values_list[0]), size=(n_resamples, len(values_list[0])))
+    return [v[idx].mean(axis=1) for v in values_list]
+
+
+def test_bootstrap_resamples_in_chunks_give_the_single_draw_to_the_bit(monkeypatch):
+    """Chunks of rows drawn one after another from the same generator are the single 2-D draw: the
+    interval, the means and the generator's state after are the same, also with a partial last chunk."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random(3001), rng.random(3001).astype(np.float32)
+    ref_a, ref_b = _old_bootstrap_means([a, b], 999, seed=4)
+    for cells in (1, 1 << 14, 1 << 40):  # one row per chunk, 5 rows (999 = 199 x 5 + 4), one chunk
+        monkeypatch.setattr(m, "BOOTSTRAP_CHUNK_CELLS", cells)
+        gen = np.random.default_rng(4)
+        got_a, got_b = m.bootstrap_means(gen, [a, b], 999)
+        assert np.array_equal(got_a, ref_a) and np.array_equal(got_b, ref_b) and got_b.dtype == ref_b.dtype
+        old_gen = np.random.default_rng(4)
+        old_gen.integers(0, 3001, size=(999, 3001))
+        assert gen.integers(0, 1 << 30, 8).tolist() == old_gen.integers(0, 1 << 30, 8).tolist()
+        ref_ci = (a.mean(), *np.quantile(_old_bootstrap_means([a], 999, seed=4)[0], [0.025, 0.975]))
+        assert m.bootstrap_ci(a, n_resamples=999, seed=4) == tuple(float(x) for x in ref_ci)
+    # The report's paired interval: two peers, one generator, drawn one peer after the other.
+    from evaluation.offline import Result
+    from evaluation.report import headline
+
+    c = rng.random(3001)
+    results = [
+        Result(name, {"ndcg@10": float(v.mean())}, per_user={"ndcg@10": v})
+        for name, v in (("funnel", a), ("p", b), ("q", c))
+    ]
+    old_gen, expected = np.random.default_rng(0), []
+    for v in (b, c):
+        idx = old_gen.integers(0, 3001, size=(1000, 3001))
+        low, high = np.quantile(a[idx].mean(axis=1) - v[idx].mean(axis=1), [0.025, 0.975])
+        expected.append(f"{a.mean() - v.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
+    assert headline(results, 10)["difference (95% CI)"].tolist() == expected
+
+
+def test_bootstrap_memory_does_not_grow_with_resamples_times_users(monkeypatch):
+    """``bootstrap_ci`` (about 10 calls per model) and the report's paired headline interval used to
+    hold an int64 index array and a float array of resamples x users each: 1.6 GB apiece at 200,000
+    users and 1,000 resamples. Resampled in chunks, the largest temporaries are bounded by the chunk."""
+    import tracemalloc
+
+    from evaluation.offline import Result
+    from evaluation.report import headline
+
+    cells = 1 << 18  # 2 MB of int64 per chunk
+    monkeypatch.setattr(m, "BOOTSTRAP_CHUNK_CELLS", cells, raising=False)
+    rng = np.random.default_rng(5)
+    n = 20_000  # x 1,000 resamples: 160 MB per whole array
+    a, b = rng.random(n), rng.random(n)
+    results = [
+        Result("funnel", {"ndcg@10": a.mean()}, per_user={"ndcg@10": a}),
+        Result("pop", {"ndcg@10": b.mean()}, per_user={"ndcg@10": b}),
+    ]
+    for run in (lambda: m.bootstrap_ci(a, n_resamples=1000), lambda: headline(results, 10, n_resamples=1000)):
+        tracemalloc.start()
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 8 * cells, peak  # a few chunk-sized arrays, not 2 x 160 MB
