@@ -133,7 +133,7 @@ def serve_ab_test(
     from deployment.export import export_repository
     from deployment.rollout import add_version, current_rollout
     from deployment.server import TritonServer
-    from online.ab_report import analyze, of_experiment, write_ab_report
+    from online.ab_report import analyze, write_ab_report
     from online.experiments import roll_out_treatment, start_experiment
     from online.feedback_log import FeedbackLog
     from online.router import LOG_ENV, feedback_log_path
@@ -183,16 +183,16 @@ def serve_ab_test(
                 f"simulated {len(population)} users over {outcomes['day'].nunique()} days: {len(outcomes):,} "
                 f"requests in {seconds:.0f}s ({len(outcomes) / seconds:.0f} requests/s with feedback)"
             )
-            feedback_log = FeedbackLog(log_path)
-            impressions, feedback = feedback_log.impressions(), feedback_log.feedback()
-            empty = feedback_log.empty_responses()
-            feedback_log.close()
             # This experiment's responses only: another one may log into a shared log at the same time
             # with the same arm names (``of_experiment``; rows of unknown experiment are cut by time).
-            impressions = of_experiment(impressions[impressions["ts"] >= began], exp.name)
-            empty = of_experiment(empty[empty["ts"] >= began], exp.name)
-            ours = pd.concat([impressions["request_id"], empty["request_id"]])
-            feedback = feedback[(feedback["ts"] >= began) & feedback["request_id"].isin(ours)]
+            # Filtered in the database: a deployment's log holds millions of rows of other periods.
+            feedback_log = FeedbackLog(log_path)
+            try:
+                impressions = feedback_log.impressions(since=began, experiment=exp.name)
+                empty = feedback_log.empty_responses(since=began, experiment=exp.name)
+                feedback = feedback_log.feedback(since=began, experiment=exp.name)
+            finally:
+                feedback_log.close()
             result["counters"] = online_counters(server.metrics_url, len(outcomes), feedback["request_id"].nunique())
             analysis = analyze(impressions, feedback, rollout, exp, len(world.items), empty_responses=empty)
             context = {

@@ -158,21 +158,48 @@ class FeedbackLog:
             return {"user_id": user_id, "item_ids": [], "arm": arm, "model_version": model_version}
         return {"user_id": rows[0][0], "item_ids": [r[1] for r in rows], "arm": rows[0][2], "model_version": rows[0][3]}
 
-    def impressions(self) -> pd.DataFrame:
-        return self._frame("impressions")
+    def impressions(self, since: float | None = None, experiment: str | None = None) -> pd.DataFrame:
+        """Impression rows; with ``since`` (epoch seconds) those logged since then, with ``experiment``
+        those of that experiment and of unknown experiment ('', ``online.ab_report.of_experiment``).
+        The filters run in the database: a shared log holds millions of rows of other periods and experiments."""
+        return self._frame("impressions", *self._where(since, experiment))
 
-    def feedback(self) -> pd.DataFrame:
-        return self._frame("feedback")
+    def feedback(self, since: float | None = None, experiment: str | None = None) -> pd.DataFrame:
+        """Feedback rows; with ``since`` or ``experiment``, those sent since ``since`` about the
+        responses ``impressions(since, experiment)`` or ``empty_responses(since, experiment)`` returns."""
+        if since is None and experiment is None:
+            return self._frame("feedback")
+        where, params = self._where(since, experiment)
+        ours = f"SELECT request_id FROM impressions{where} UNION ALL SELECT request_id FROM empty_responses{where}"
+        if since is not None:
+            return self._frame(
+                "feedback", f" WHERE ts >= ? AND request_id IN ({ours})", (float(since), *params, *params)
+            )
+        return self._frame("feedback", f" WHERE request_id IN ({ours})", (*params, *params))
 
-    def empty_responses(self) -> pd.DataFrame:
-        """Responses with no items (no impression row): each is still a request of its arm and user."""
-        frame = self.db.frame("SELECT * FROM empty_responses")
+    def empty_responses(self, since: float | None = None, experiment: str | None = None) -> pd.DataFrame:
+        """Responses with no items (no impression row): each is still a request of its arm and user.
+        ``since`` and ``experiment`` as in ``impressions``."""
+        where, params = self._where(since, experiment)
+        frame = self.db.frame(f"SELECT * FROM empty_responses{where}", params)
         if frame.empty:
             frame = frame.astype({"ts": float, "user_id": np.int64})
         return frame
 
-    def _frame(self, table: str) -> pd.DataFrame:
-        frame = self.db.frame(f"SELECT * FROM {table}")
+    @staticmethod
+    def _where(since: float | None, experiment: str | None) -> tuple[str, tuple]:
+        """The SQL filter (and its parameters) of responses logged since ``since`` of ``experiment``."""
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("ts >= ?")
+            params.append(float(since))
+        if experiment is not None:
+            clauses.append("experiment IN (?, '')")
+            params.append(experiment)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+    def _frame(self, table: str, where: str = "", params: tuple = ()) -> pd.DataFrame:
+        frame = self.db.frame(f"SELECT * FROM {table}{where}", params)
         if frame.empty:  # keep the columns' types of an empty table
             frame = frame.astype({"ts": float, "user_id": np.int64, "item_id": np.int64})
         return frame

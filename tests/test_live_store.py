@@ -274,6 +274,40 @@ def test_the_feedback_log_runs_on_postgres(postgres):
     assert np.isclose(other.feedback()["value"].sum(), 2.0)
 
 
+def test_the_feedback_log_reads_one_experiment_since_a_time_in_the_database(location):
+    """``impressions`` / ``empty_responses`` / ``feedback`` with ``since`` and ``experiment`` return what
+    ``serve_ab_test`` used to filter in pandas from the whole log, and only those rows leave the database
+    (a deployment's shared log holds millions of other rows: reading them all took 2x the time and memory)."""
+    from online.ab_report import of_experiment
+    from online.feedback_log import FeedbackLog
+
+    log = FeedbackLog(location)
+    began = 100.0
+    for i, (ts, experiment) in enumerate([(50.0, "ab"), (150.0, "ab"), (150.0, "other"), (160.0, ""), (170.0, "ab")]):
+        items = [] if i == 4 else [10 + i, 20 + i]
+        log.log_impressions(f"r{i}", i, items, "1", "control", "model", ts=ts, experiment=experiment)
+        log.log_feedback_many([(f"r{i}", i, items[0] if items else -1, "click" if items else "churn", 1)], ts=ts + 1)
+    log.log_feedback_many([("r1", 1, 11, "like", 1)], ts=began - 1)  # about one of ours, sent before the start
+    everything = log.impressions(), log.empty_responses(), log.feedback()
+    read = []
+    frame = log.db.frame
+    log.db.frame = lambda sql, params=(): read.append(len(out := frame(sql, params))) or out
+    imp = log.impressions(since=began, experiment="ab")
+    empty = log.empty_responses(since=began, experiment="ab")
+    fb = log.feedback(since=began, experiment="ab")
+    log.close()
+    # What serve_ab_test computed from the whole log before the filters moved into the query.
+    want_imp = of_experiment(everything[0][everything[0]["ts"] >= began], "ab")
+    want_empty = of_experiment(everything[1][everything[1]["ts"] >= began], "ab")
+    ours = pd.concat([want_imp["request_id"], want_empty["request_id"]])
+    want_fb = everything[2][(everything[2]["ts"] >= began) & everything[2]["request_id"].isin(ours)]
+    for got, want in ((imp, want_imp), (empty, want_empty), (fb, want_fb)):
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
+    assert sorted(imp["request_id"].unique()) == ["r1", "r3"] and empty["request_id"].tolist() == ["r4"]
+    assert sorted(fb["request_id"]) == ["r1", "r3", "r4"]
+    assert read == [4, 1, 3]  # the rows that left the database: the experiment's, since the start
+
+
 # The feedback log's tables before responses named their experiment (2026-12-07).
 LEGACY_FEEDBACK_LOG = [
     """CREATE TABLE impressions (
