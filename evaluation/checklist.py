@@ -5,7 +5,8 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
 
     versions_consistent   query tower, item index, item affinity, manifest and every exported stage (and the
                           stamped artifacts it serves): one version
-    scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled users
+    scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled
+                          users; so do the light and heavy rankers' own scores, which the ordering clips
     index_matches_items   the ANN index holds exactly the items of the serving item table
     index_recall          exact search, or an approximate index whose search setting was measured
                           on validation queries and reached its recall target (``item_index.json``)
@@ -115,16 +116,33 @@ def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
     try:
         # An exploring ordering samples its list (serving/ordering.py): in range, but not sorted.
         sampled = next(s for s in stages if s.name == "ordering").policy.exploration_temperature > 0
-        bad = []
+        bad, tensors = [], set()
         for user in users:
-            s = np.asarray(run_funnel(stages, user, 10)["scores"])
+            out = run_funnel(stages, user, 10)
+            s = np.asarray(out["scores"])
             # NaN compares false with everything: a NaN score would pass the range and order tests.
             broken = s.size == 0 or not np.isfinite(s).all()
             if broken or s.min() < 0 or s.max() > 1 or (not sampled and np.any(np.diff(s) > 0)):
                 bad.append(int(user))
+            # The ordering stage clips what it returns to [0, 1], so the served scores alone could not
+            # fail: an uncalibrated head (logits) or objective weights summing past 1 came out clipped.
+            # The rankers' own scores, before that clip, must lie in [0, 1] too.
+            for name in MODEL_SCORES:
+                x = np.asarray(out.get(name, np.zeros(0)), dtype=np.float64)
+                if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+                    tensors.add(name)
+                    if int(user) not in bad:
+                        bad.append(int(user))
     finally:
         close_funnel(stages)
-    return CheckResult("scores_in_unit_range", not bad, f"{len(users)} users checked, failing: {bad[:10]}")
+    detail = f"{len(users)} users checked, failing: {bad[:10]}"
+    if tensors:
+        detail += f"; outside [0, 1] before the ordering's clip: {sorted(tensors)}"
+    return CheckResult("scores_in_unit_range", not bad, detail)
+
+
+# The rankers' scores the funnel passes on (serving/stages.py): probabilities, in [0, 1] by contract.
+MODEL_SCORES = ("light_scores", "heavy_scores")
 
 
 REQUIRED_DATA_CHECKS = ("no_duplicate_pairs", "labels_agree", "point_in_time")

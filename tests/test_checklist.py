@@ -142,3 +142,21 @@ def test_index_recall_takes_the_builds_verdict_not_the_rounded_recall(tmp_path):
     assert not check_index_recall(tmp_path).passed  # old code: passed
     (tmp_path / "item_index.json").write_text(json.dumps({**meta, "recall_at_k": 0.95, "target_met": True}))
     assert check_index_recall(tmp_path).passed
+
+
+def test_ranker_scores_outside_the_unit_range_fail_though_the_ordering_clips_them(model_version, triton_repo, tmp_path):
+    """The ordering stage clips the served scores to [0, 1], so the check on them alone could not fail:
+    a heavy ranker whose objective weights sum to 3 (scores up to 3) passed, its scores clipped."""
+    import pandas as pd
+
+    from evaluation.checklist import check_scores_in_unit_range
+
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo, repo)
+    stage = repo / "heavy_ranker" / str(model_version.version) / "manifest.json"
+    manifest = json.loads(stage.read_text())
+    manifest["heavy_ranker"]["weights"] = {t: 3.0 if t == "click" else 0.0 for t in manifest["heavy_ranker"]["weights"]}
+    stage.write_text(json.dumps(manifest))
+    users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].head(3).tolist()
+    result = check_scores_in_unit_range(repo, model_version.version, users)
+    assert not result.passed and "heavy_scores" in result.detail, result  # old code: passed
