@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from benchmarks import print_json
 from configs.cli import non_negative_int, positive_int
+from workflows.local_parquet import read_parquet
 
 LEVELS = (1, 8, 32, 64)
 STAGES = ("feature_lookup", "query_tower", "retrieval", "filtering", "light_ranker", "heavy_ranker", "ordering")
@@ -163,7 +163,7 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
     users = int(args.users)
     events_per_user = max(args.min_events, args.events_per_item * num_items) / users
     _, model, _, config = build_world(num_items, users, events_per_user, workdir)
-    known = pd.read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
+    known = read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
     batched = BatchingConfig(
         enabled=True,
         max_batch_size=args.max_batch_size,
@@ -178,7 +178,7 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
     configurations = {name: configurations[name] for name in args.configurations}
     row = {
         "num_items_generated": num_items,
-        "served_catalog": int(len(pd.read_parquet(model.path / "item_features.parquet", columns=["item_id"]))),
+        "served_catalog": int(len(read_parquet(model.path / "item_features.parquet", columns=["item_id"]))),
         "build_s": round(time.perf_counter() - t0, 1),
         "batching": {name: vars(c) for name, c in configurations.items()},
     }

@@ -44,11 +44,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from benchmarks import print_json
 from configs.cli import positive_int
 from serving.interface import FEEDBACK, stage_folder
+from workflows.local_parquet import read_parquet
 
 
 def write_stream(
@@ -295,7 +295,7 @@ def main() -> None:
     for stale in (store_location(repo), f"{repo}-feedback.sqlite"):
         for suffix in ("", "-wal", "-shm"):
             Path(stale + suffix).unlink(missing_ok=True)
-    users = pd.read_parquet(manifest_dir / "item_features.parquet")  # the catalog, for ingested items
+    users = read_parquet(manifest_dir / "item_features.parquet")  # the catalog, for ingested items
     items = users["item_id_raw"].astype(int).tolist()
     history = stage_folder(repo, "feature_lookup", version) / "online_store.sqlite"
     import sqlite3

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from benchmarks import print_json
 from configs.cli import positive_int
 from serving.interface import stage_folder
+from workflows.local_parquet import read_parquet
 
 
 def ndcg_at_k(gains_ranked: np.ndarray, ideal_gains: np.ndarray, k: int = 10) -> float:
@@ -177,10 +177,10 @@ def measure_size(num_items: int, args, workdir: Path) -> dict:
     events_per_user = max(args.min_events, args.events_per_item * num_items) / users
     data, model, repo, config = build_world(num_items, users, events_per_user, workdir)
     build_s = time.perf_counter() - t0
-    items = pd.read_parquet(model.path / "item_features.parquet")
+    items = read_parquet(model.path / "item_features.parquet")
     to_raw = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
     to_raw[items["item_id"].values] = items["item_id_raw"].values
-    known = pd.read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
+    known = read_parquet(model.path / "user_features.parquet")["user_id_raw"].astype(int).to_numpy()
     rng = np.random.default_rng(0)
     eval_users = rng.choice(known, size=min(args.baseline_users, len(known)), replace=False)
     row = {

@@ -38,11 +38,12 @@ def pandas_baseline(raw: Path, out: Path, config) -> dict:
     import pandas as pd
 
     from workflows.content_filter import keyword_classifier
+    from workflows.local_parquet import read_parquet
 
     wf = config.workflow
-    events = pd.read_parquet(raw / "events.parquet")
-    users = pd.read_parquet(raw / "users.parquet")
-    items = pd.read_parquet(raw / "items.parquet")
+    events = read_parquet(raw / "events.parquet")
+    users = read_parquet(raw / "users.parquet")
+    items = read_parquet(raw / "items.parquet")
     # dedup identical rows; canonical items by content signature; unsafe-content filter
     events = events.drop_duplicates()
     sig = items["title"].str.lower().str.replace(r"[^a-z0-9]+", " ", regex=True).str.strip()

@@ -43,6 +43,7 @@ from serving.interface import (
     stage_folder,
 )
 from serving.online_store import build_online_store
+from workflows.local_parquet import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,13 @@ def _export(
                 _copy(model.path / name, version_dir / name)
         build_online_store(
             stage_folder(staging, "feature_lookup", version) / "online_store.sqlite",
-            pd.read_parquet(model.path / "user_features.parquet"),
+            read_parquet(model.path / "user_features.parquet"),
             manifest["features"]["user_categorical"],
             manifest["features"]["user_continuous"],
             exported_history(model.path),
-            pd.read_parquet(model.path / "item_features.parquet"),
+            read_parquet(model.path / "item_features.parquet"),
             # The windowed activity features count from these at request time (absent: none).
-            pd.read_parquet(recent) if (recent := model.path / "recent_events.parquet").exists() else None,
+            read_parquet(recent) if (recent := model.path / "recent_events.parquet").exists() else None,
         )
         (staging / FUNNEL / version).mkdir(parents=True)
         ensemble = (source / FUNNEL / "config.pbtxt").read_text()
@@ -272,10 +273,10 @@ def exported_history(version_dir: Path) -> pd.DataFrame:
     """``(user_id_raw, item_id_raw)`` the online store holds as seen items: the training history, plus
     that of the users ``workflow.active_users`` dropped (``fallback_history.parquet``, where the version
     has it), so the fallback serving them never returns what they already clicked."""
-    history = pd.read_parquet(version_dir / "user_history.parquet")
+    history = read_parquet(version_dir / "user_history.parquet")
     dropped = version_dir / "fallback_history.parquet"
     if dropped.exists():
-        history = pd.concat([history, pd.read_parquet(dropped)[list(history.columns)]], ignore_index=True)
+        history = pd.concat([history, read_parquet(dropped)[list(history.columns)]], ignore_index=True)
     return history
 
 

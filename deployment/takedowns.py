@@ -31,6 +31,7 @@ import pandas as pd
 
 from deployment.security import AdminKeyError, read_admin_key
 from workflows.live_store import LiveStore, is_postgres, store_location
+from workflows.local_parquet import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def in_catalog(repository: str | Path, item_id: int) -> bool:
         if np.isin(int(item_id), ItemAliases.load(folder).raw):
             return True
         items = folder / "item_features.parquet"
-        if items.exists() and (pd.read_parquet(items, columns=["item_id_raw"])["item_id_raw"] == int(item_id)).any():
+        if items.exists() and (read_parquet(items, columns=["item_id_raw"])["item_id_raw"] == int(item_id)).any():
             return True
     return False
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from serving.interface import stage_folder
+from workflows.local_parquet import read_parquet
 
 
 @dataclass
@@ -74,7 +74,7 @@ def check_index_matches_items(model_dir: Path) -> CheckResult:
     from models.item_index import load_index
 
     index, meta = load_index(model_dir)
-    items = pd.read_parquet(model_dir / "item_features.parquet")
+    items = read_parquet(model_dir / "item_features.parquet")
     ids = np.sort(_index_ids(index))
     table = np.sort(items["item_id"].to_numpy())
     ok = len(ids) == len(table) and np.array_equal(ids, table)
@@ -179,7 +179,7 @@ def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_
     ]
     if repo is not None:
         version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
-        known = pd.read_parquet(model_dir / "user_features.parquet", columns=["user_id_raw"])["user_id_raw"]
+        known = read_parquet(model_dir / "user_features.parquet", columns=["user_id_raw"])["user_id_raw"]
         users = known.head(sample_users).tolist()
         # And one unknown user, past every known id (the table is not in id order): the fallback must obey too.
         users.append(int(known.max()) + 1)

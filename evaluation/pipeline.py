@@ -34,6 +34,7 @@ from evaluation.peers import ALS, EASE, Popularity
 from evaluation.rankers import ranker_table
 from evaluation.report import write_report
 from models.tuning import chosen_config
+from workflows.local_parquet import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def funnel_results(
                 stages=own, parity=parity, categories=categories,
             )  # fmt: skip
     k = max(ks)
-    items = pd.read_parquet(model_dir / "item_features.parquet")
+    items = read_parquet(model_dir / "item_features.parquet")
     raw_of = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
     raw_of[items["item_id"].to_numpy()] = items["item_id_raw"].to_numpy()
     encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
@@ -347,7 +348,7 @@ def canonical(frame: pd.DataFrame, item_map_path: Path, unsafe=()) -> pd.DataFra
     """Events with duplicate items mapped to their canonical id and unsafe items dropped, exactly as
     the dataset pipeline cleans the log, so every recommender is judged on the same items."""
     # Nullable: an id the map lacks made the mapped column float64, which rounded ids beyond 2**53.
-    mapping = pd.read_parquet(item_map_path).set_index("item_id")["canonical_item_id"].astype("Int64")
+    mapping = read_parquet(item_map_path).set_index("item_id")["canonical_item_id"].astype("Int64")
     out = frame.copy()
     out["item_id"] = out["item_id"].map(mapping).fillna(out["item_id"]).astype(np.int64)
     return out[~out["item_id"].isin(list(unsafe))]
@@ -637,7 +638,7 @@ def held_out_positives(processed) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     if not parts[1].exists():
         raise ValueError(f"{processed.root} has no test part ({parts[1].name}): nothing the tuning step never read")
     # On the host: the peers (scipy EASE, implicit ALS) and the metrics over lists take host arrays.
-    train, test, valid = (frame[frame["click"] > 0] for frame in map(pd.read_parquet, parts))
+    train, test, valid = (frame[frame["click"] > 0] for frame in map(read_parquet, parts))
     if test.empty:
         raise ValueError(f"the test part of {processed.root} holds no positive to score")
     return train, test, valid
@@ -666,7 +667,7 @@ def evaluate_temporal(
     # validation clicks are excluded from ranking like training ones (known, not to be re-served).
     test_cutoff = (summary.get("split") or {}).get("test_cutoff")
     start = cutoff if test_cutoff is None else test_cutoff
-    train = pd.read_parquet(processed.train_events)  # on the host, as the peers take it (above)
+    train = read_parquet(processed.train_events)  # on the host, as the peers take it (above)
     unsafe = summary.get("unsafe_items", [])
     later = canonical(events[events["timestamp"] >= start], processed.item_id_map, unsafe)
     also_seen = None

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from workflows.local_parquet import read_parquet
+
 
 @dataclass
 class Split:
@@ -82,7 +84,7 @@ def temporal(interactions: pd.DataFrame, valid_fraction: float = 0.1, test_fract
 
 def _read(path: str | Path) -> pd.DataFrame:
     path = Path(path)
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    frame = read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     missing = {"user_id", "item_id"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path} lacks column(s) {sorted(missing)}")

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from merlin.core.dispatch import concat, read_dispatch
+from merlin.core.dispatch import concat
 
 from configs import Config
 from evaluation import offline
@@ -43,14 +43,9 @@ from evaluation.metrics import ndcg_at_k
 from models import item_affinity, tuning
 from models.columns import to_host
 from models.registry import ModelVersion
+from workflows.local_parquet import read_parquet_dispatched as read_parquet  # cudf on a GPU machine, else pandas
 
 log = logging.getLogger(__name__)
-
-
-def read_parquet(path, **kwargs):
-    """The validation part and the version's tables through Merlin's dispatch: cudf on a GPU machine,
-    pandas otherwise (looked up per call, so ``tests/test_tuning.py`` sees every read)."""
-    return read_dispatch(fmt="parquet")(path, **kwargs)
 
 
 RETRIEVAL, AFFINITY, REG, DROPOUT, MEMBERS = (key for key, _ in tuning.KNOBS)

@@ -23,7 +23,6 @@ import logging
 
 import merlin.models.tf as mm
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 from merlin.io import Dataset
 from merlin.models.tf.outputs.base import DotProduct
@@ -36,6 +35,7 @@ from models import merlin_patches  # noqa: F401  (faster, fixed Merlin save; see
 from models.columns import to_host
 from models.single_trace import BuildOptimizerFirst
 from workflows.activity import ACTIVITY_TAG
+from workflows.local_parquet import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def item_frequencies(schema: Schema, positive_rows: Dataset | None = None) -> np
     cardinality = int(col.properties["embedding_sizes"]["cardinality"])
     freqs = np.zeros(cardinality, dtype=np.float32)
     if positive_rows is None:
-        vocab = pd.read_parquet(col.properties["cat_path"])
+        vocab = read_parquet(col.properties["cat_path"])
         freqs[vocab.index.values] = vocab[f"{col.name}_size"].values
     else:
         counts = positive_rows.to_ddf()[col.name].value_counts().compute()

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from merlin.core.dispatch import read_dispatch
 from merlin.io import Dataset
 from merlin.schema import Tags
 from tqdm.auto import tqdm
@@ -37,10 +36,10 @@ from models.saving import save_for_serving
 from models.tracking import tracked_run
 from workflows.adapt import config_for_dataset
 from workflows.dedup import duplicate_ids
+from workflows.local_parquet import read_parquet_dispatched as read_parquet
 from workflows.pipeline import ProcessedData
 
 log = logging.getLogger(__name__)
-read_parquet = read_dispatch(fmt="parquet")
 
 STAGES = ["candidate_generator", "item_affinity", "light_ranker", "heavy_ranker", "fallback"]
 

@@ -29,6 +29,7 @@ from online import ab_testing as ab
 from online.feedback_log import FeedbackLog, to_events
 from online.simulator import SimulationConfig, UserSimulator, per_arm_summary
 from serving.assignment import HOLDOUT, Experiment
+from workflows.local_parquet import read_parquet
 
 
 @dataclass
@@ -59,7 +60,7 @@ def _train_and_load(raw_dir: Path, out: Path, config: Config, registry: Path):
     )
     model = train_all(processed, config, registry, verbose=0)
     repo = export_repository(model, out / "triton_repo")
-    return model, load_funnel(repo, model.version), len(pd.read_parquet(processed.train_events))
+    return model, load_funnel(repo, model.version), len(read_parquet(processed.train_events))
 
 
 def _seeded(stages: list, seed: int) -> list:

@@ -38,9 +38,9 @@ class ItemAliases:
         path = Path(folder) / FILE
         if not path.exists():
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        import pandas as pd  # a small table read once per stage process
+        from workflows.local_parquet import read_parquet  # a small table read once per stage process
 
-        table = pd.read_parquet(path, columns=["item_id_raw", "canonical_item_id_raw"])
+        table = read_parquet(path, columns=["item_id_raw", "canonical_item_id_raw"])
         return cls(table["item_id_raw"].to_numpy(np.int64), table["canonical_item_id_raw"].to_numpy(np.int64))
 
     def __len__(self) -> int:

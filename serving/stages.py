@@ -36,6 +36,7 @@ from serving.fast_inference import ServingFunction
 from serving.interface import EXCLUDE, FUNNEL_OUTPUTS, MANIFEST, SEEN, USER_FEATURES, USER_ID, K, Tensor
 from serving.item_aliases import ItemAliases
 from serving.request import RequestError, RequestLimits, scalar
+from workflows.local_parquet import read_parquet
 
 OOV_INDEX = 2  # NVTabular Categorify: 0 padding, 1 null, 2 out-of-vocabulary
 
@@ -446,7 +447,7 @@ class Filtering(Stage):
 
     def __init__(self, artifacts):
         super().__init__(artifacts)
-        items = pd.read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
+        items = read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
         self.encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
         self.aliases = ItemAliases.load(self.artifacts)  # excluding either copy of an item excludes it
         self.limits = RequestLimits.from_serving(self.serving)
@@ -484,7 +485,7 @@ class _RankerStage(Stage):
                 f"{self.artifact} was trained on {unservable}, which are neither user nor item features "
                 f"serving can look up ({sorted(servable)})"
             )
-        items = pd.read_parquet(self.artifacts / "item_features.parquet")
+        items = read_parquet(self.artifacts / "item_features.parquet")
         size = int(items["item_id"].max()) + 1
         self.catalog_rows = size
         self.item_columns = {}
@@ -675,11 +676,11 @@ class Ordering(Stage):
         super().__init__(artifacts)
         from configs import LiveConfig, OrderingConfig
 
-        items = pd.read_parquet(self.artifacts / "item_features.parquet")
+        items = read_parquet(self.artifacts / "item_features.parquet")
         self.raw_ids = np.full(int(items["item_id"].max()) + 1, -1, dtype=np.int64)
         self.raw_ids[items["item_id"].values] = items["item_id_raw"].values
         self.catalog_size = int(len(items))
-        self.popularity = pd.read_parquet(self.artifacts / "popularity.parquet")
+        self.popularity = read_parquet(self.artifacts / "popularity.parquet")
         self.limits = RequestLimits.from_serving(self.serving)
         self.aliases = ItemAliases.load(self.artifacts)  # takedowns and excluded ids may name either copy
         self.items = items

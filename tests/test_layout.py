@@ -98,3 +98,31 @@ def test_every_module_and_triton_entry_point_imports():
             importlib.import_module(name)
     for entry in sorted((ROOT / "triton_repo").glob("*/1/model.py")):
         assert "TritonPythonModel" in runpy.run_path(str(entry)), entry
+
+
+def test_host_parquet_reads_go_through_the_local_parquet_helper():
+    """``pd.read_parquet`` on a local path hands pyarrow a Python file object, whose buffers can abort the
+    process at exit (workflows/local_parquet.py): no module outside tests/ calls it, or Merlin's parquet
+    dispatch, itself."""
+    helper = "workflows.local_parquet"
+    direct = []
+    for name, path in modules().items():
+        if name == helper:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "read_parquet"
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("pd", "pandas")
+            ):
+                direct.append(f"{name}:{node.lineno} {node.value.id}.read_parquet")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "read_dispatch":
+                direct.append(f"{name}:{node.lineno} read_dispatch")
+            elif isinstance(node, ast.ImportFrom) and node.module == "pandas":
+                direct += [
+                    f"{name}:{node.lineno} from pandas import read_parquet"
+                    for a in node.names
+                    if a.name == "read_parquet"
+                ]
+    assert not direct, direct

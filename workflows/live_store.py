@@ -48,6 +48,7 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 
+from workflows.local_parquet import read_parquet
 from workflows.validate import fits_int64
 
 log = logging.getLogger(__name__)
@@ -533,7 +534,7 @@ def read_events_file(path: str | Path) -> pd.DataFrame:
             # so the same event read from another file (or fed back) missed the unique key: stored twice.
             frame = pd.read_csv(path, float_precision="round_trip")
         elif suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
+            frame = read_parquet(path)
         elif suffix in (".jsonl", ".ndjson", ".json"):
             # Left as written: by default pandas reads a column named "timestamp" as dates (epoch
             # seconds became datetimes, then nanoseconds: every event 1e9 times too late).

@@ -62,6 +62,7 @@ from workflows.dedup import canonical_items, dedup_pairs, drop_identical_rows
 from workflows.features import build_feature_workflow
 from workflows.joins import apply_join, attribute_join
 from workflows.labels import DurationAwareWatch
+from workflows.local_parquet import read_parquet_dispatched
 from workflows.negative_sampling import sample_negatives
 from workflows.point_in_time import (
     ITEM_COUNTS,
@@ -153,10 +154,8 @@ def category_mapping(workflow: nvt.Workflow, column: str):
 
     Read from the parquet file Categorify wrote, with the same backend (cudf or pandas) Merlin uses.
     """
-    from merlin.core.dispatch import read_dispatch
-
     path = workflow.output_schema[column].properties["cat_path"]
-    vocab = read_dispatch(fmt="parquet")(path)
+    vocab = read_parquet_dispatched(path)
     out = vocab[[column]].rename(columns={column: "raw"})
     out["encoded"] = vocab.index.values
     return out.reset_index(drop=True)

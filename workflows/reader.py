@@ -23,6 +23,7 @@ import dask
 import numpy as np
 import pandas as pd
 
+from workflows.local_parquet import read_parquet
 from workflows.spec import DatasetSpec, Layout, ListSpec, TableSpec, list_feature_names
 from workflows.validate import (
     DatasetError,
@@ -132,7 +133,7 @@ def read_frame(file: str, fmt: str, columns: list[str], numbers=()) -> pd.DataFr
     """One (small) attribute-table file in memory; ``numbers``: its numeric columns (CSV: the only ones
     where "NA", "null", "nan" and the like are missing values)."""
     if fmt == "parquet":
-        return pd.read_parquet(file, columns=columns)
+        return read_parquet(file, columns=columns)
     if fmt == "csv":
         na = {c: list(CSV_NA_SPELLINGS) if c in numbers else [""] for c in columns}
         return pd.read_csv(file, dtype=str, usecols=columns, keep_default_na=False, na_values=na)[columns]
