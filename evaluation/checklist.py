@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.interface import stage_folder
+from serving.request import RequestError
 from workflows.local_parquet import read_parquet
 
 
@@ -116,9 +117,14 @@ def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
     try:
         # An exploring ordering samples its list (serving/ordering.py): in range, but not sorted.
         sampled = next(s for s in stages if s.name == "ordering").policy.exploration_temperature > 0
-        bad, tensors = [], set()
+        bad, tensors, refused = [], set(), []
         for user in users:
-            out = run_funnel(stages, user, 10)
+            try:
+                out = run_funnel(stages, user, 10)
+            except RequestError as err:  # a stage refusing its own funnel's output (NaN scores): a failure here
+                bad.append(int(user))
+                refused.append(str(err))
+                continue
             s = np.asarray(out["scores"])
             # NaN compares false with everything: a NaN score would pass the range and order tests.
             broken = s.size == 0 or not np.isfinite(s).all()
@@ -138,6 +144,8 @@ def check_scores_in_unit_range(repo: Path, version: int, users) -> CheckResult:
     detail = f"{len(users)} users checked, failing: {bad[:10]}"
     if tensors:
         detail += f"; outside [0, 1] before the ordering's clip: {sorted(tensors)}"
+    if refused:
+        detail += f"; {len(refused)} request(s) refused by a stage: {refused[0]}"
     return CheckResult("scores_in_unit_range", not bad, detail)
 
 

@@ -160,3 +160,21 @@ def test_ranker_scores_outside_the_unit_range_fail_though_the_ordering_clips_the
     users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].head(3).tolist()
     result = check_scores_in_unit_range(repo, model_version.version, users)
     assert not result.passed and "heavy_scores" in result.detail, result  # old code: passed
+
+
+def test_ranker_scores_that_are_not_finite_fail_the_check_instead_of_crashing_it(model_version, triton_repo, tmp_path):
+    """A heavy ranker scoring NaN makes the ordering stage refuse the request ("heavy_scores must be
+    finite"): the check raised that RequestError, so the checklist ended in a traceback, not a FAIL."""
+    import pandas as pd
+
+    from evaluation.checklist import check_scores_in_unit_range
+
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo, repo)
+    stage = repo / "heavy_ranker" / str(model_version.version) / "manifest.json"
+    manifest = json.loads(stage.read_text())
+    manifest["heavy_ranker"]["weights"] = {t: float("nan") for t in manifest["heavy_ranker"]["weights"]}
+    stage.write_text(json.dumps(manifest))
+    users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].head(2).tolist()
+    result = check_scores_in_unit_range(repo, model_version.version, users)
+    assert not result.passed and "heavy_scores must be finite" in result.detail, result
