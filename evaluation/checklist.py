@@ -7,7 +7,9 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
                           stamped artifacts it serves): one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled
                           users; so do the light and heavy rankers' own scores, which the ordering clips
-    index_matches_items   the ANN index holds exactly the items of the serving item table
+    index_matches_items   the ANN index holds exactly the items of the serving item table, is the file its
+                          ``item_index.json`` records (SHA-256, count, dim), and the exported copy that is
+                          served is that same file
     index_recall          exact search, or an approximate index whose search setting was measured
                           on validation queries and reached its recall target (``item_index.json``)
     data_checks           the dataset pipeline's own checks on the data this version was trained on
@@ -71,10 +73,18 @@ def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> Chec
     return CheckResult("versions_consistent", ok, json.dumps(versions))
 
 
-def check_index_matches_items(model_dir: Path) -> CheckResult:
-    from models.item_index import load_index
+def check_index_matches_items(model_dir: Path, repo: Path | None = None) -> CheckResult:
+    """The index holds exactly the item table's ids, is the file its ``item_index.json`` was written for
+    (SHA-256, item count, dimension: the version stamp lives in the JSON, so another run's index file
+    beside it carried this run's stamp), and, with ``repo``, the exported ``retrieval/<version>/`` copy,
+    the one served, is that same file and its JSON records it. A JSON written before the digest was
+    recorded cannot tie the registry's file to it: the detail says so (unverified), the rest is checked."""
+    import faiss
 
-    index, meta = load_index(model_dir)
+    from models.item_index import INDEX_FILE, INDEX_META_FILE, file_sha256
+
+    meta = json.loads((model_dir / INDEX_META_FILE).read_text())
+    index = faiss.read_index(str(model_dir / INDEX_FILE))
     items = read_parquet(model_dir / "item_features.parquet")
     ids = np.sort(_index_ids(index))
     table = np.sort(items["item_id"].to_numpy())
@@ -86,7 +96,37 @@ def check_index_matches_items(model_dir: Path) -> CheckResult:
         repeated = len(ids) - len(np.unique(ids)), len(table) - len(np.unique(table))
         if any(repeated):
             detail += f"; repeated ids: index {repeated[0]}, table {repeated[1]}"
-    return CheckResult("index_matches_items", ok, detail)
+    problems = [
+        f"{INDEX_META_FILE} records {key} {meta[key]}, the index file has {actual}"
+        for key, actual in (("size", int(index.ntotal)), ("dim", int(index.d)))
+        if key in meta and int(meta[key]) != actual
+    ]
+    digest = file_sha256(model_dir / INDEX_FILE)
+    if "sha256" not in meta:
+        detail += f"; digest unverified: the registry's {INDEX_META_FILE} records no sha256 (built before it was)"
+    elif meta["sha256"] != digest:
+        problems.append(f"the registry's {INDEX_FILE} is not the file its {INDEX_META_FILE} records (sha256)")
+    else:
+        detail += f"; sha256 {digest[:12]} as recorded"
+    if repo is not None:
+        version = int(json.loads((model_dir / "manifest.json").read_text())["version"])
+        served = stage_folder(repo, "retrieval", version)
+        where = served.relative_to(repo)
+        if not (served / INDEX_FILE).exists():
+            problems.append(f"{where}/{INDEX_FILE} is missing")
+        else:
+            served_digest = file_sha256(served / INDEX_FILE)
+            if served_digest != digest:
+                problems.append(f"the served {where}/{INDEX_FILE} is not the registry's index (sha256)")
+            served_meta = served / INDEX_META_FILE
+            recorded = json.loads(served_meta.read_text()).get("sha256") if served_meta.exists() else None
+            if recorded is not None and recorded != served_digest:  # the stage refuses to load it
+                problems.append(f"{where}/{INDEX_META_FILE} records another sha256 than its {INDEX_FILE}")
+            if not problems:
+                detail += f"; served {where} is the same file"
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return CheckResult("index_matches_items", ok and not problems, detail)
 
 
 def check_index_recall(model_dir: Path) -> CheckResult:
@@ -181,7 +221,7 @@ def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_
     repo = Path(repo) if repo is not None else None
     results = [
         check_versions_consistent(model_dir, repo),
-        check_index_matches_items(model_dir),
+        check_index_matches_items(model_dir, repo),
         check_index_recall(model_dir),
         check_data(model_dir),
     ]

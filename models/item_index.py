@@ -13,11 +13,16 @@ nprobe 16: 0.86 for item vectors, 0.66 for users' queries).
 Index ids are encoded item ids. The index is built from one training run's item embeddings and
 stamped with that run's version; the query tower carries the same stamp, and ``check_versions``
 refuses a mismatched pair, because a query embedding from one run is meaningless against item
-embeddings of another.
+embeddings of another. The stamp lives in ``item_index.json``, so ``save_index`` also records the
+index file's SHA-256 there, and ``load_index`` refuses (``IndexIntegrityError``) a file whose bytes,
+item count or dimension are not the recorded ones: another run's index copied beside this run's JSON,
+or an index whose ids are paired with other vectors. A JSON written before the digest was recorded
+loads with a warning that the file is not tied to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,6 +45,45 @@ SEARCH_LADDER = (1, 2, 3, *(m << e for e in range(11) for m in (4, 5, 6)))  # 4,
 
 class VersionMismatchError(RuntimeError):
     """Two artifacts that must come from one training run carry different versions."""
+
+
+class IndexIntegrityError(VersionMismatchError):
+    """``item_index.faiss`` is not the file its ``item_index.json`` was written for (digest, size or dim)."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of the bytes of ``path`` (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_file_problem(directory: str | Path, meta: dict | None = None) -> str | None:
+    """Why ``directory``'s ``item_index.faiss`` is not the file its ``item_index.json`` (``meta``, read
+    when None) records, or None where its SHA-256 matches. Raises ``KeyError`` where the JSON records
+    no digest (written before it was recorded): callers say so rather than claim a check."""
+    directory = Path(directory)
+    meta = json.loads((directory / INDEX_META_FILE).read_text()) if meta is None else meta
+    recorded = meta["sha256"]
+    actual = file_sha256(directory / INDEX_FILE)
+    if actual != recorded:
+        return (
+            f"{directory / INDEX_FILE} has SHA-256 {actual[:12]}..., its {INDEX_META_FILE} records "
+            f"{recorded[:12]}... (version {meta.get('version')}): an index file of another build"
+        )
+    return None
+
+
+def check_shape(index: faiss.Index, meta: dict, where: str | Path) -> None:
+    """Raise ``IndexIntegrityError`` unless ``index`` holds the item count and dimension ``meta`` records."""
+    for key, actual in (("size", int(index.ntotal)), ("dim", int(index.d))):
+        if key in meta and int(meta[key]) != actual:
+            raise IndexIntegrityError(
+                f"the item index in {where} has {key} {actual}, its {INDEX_META_FILE} records {meta[key]}: "
+                "an index file of another build"
+            )
 
 
 def build_index(
@@ -162,17 +206,33 @@ def save_index(index: faiss.Index, directory: str | Path, version: int, info: di
     faiss.write_index(index, str(directory / INDEX_FILE))
     meta = {"version": int(version), "size": int(index.ntotal), "dim": int(index.d), **(info or {})}
     meta["faiss_version"] = faiss.__version__  # the file's writer: another faiss may read it differently, or not
+    # The version stamp is in this JSON, not the index file: the digest ties the two together.
+    meta["sha256"] = file_sha256(directory / INDEX_FILE)
     (directory / INDEX_META_FILE).write_text(json.dumps(meta))
 
 
 def load_index(directory: str | Path, expected_version: int | None = None) -> tuple[faiss.Index, dict]:
     """The index saved in ``directory`` with its search setting applied, and its ``item_index.json``.
     An index written by another faiss version (recorded since ``faiss_version``) loads with a warning:
-    faiss reads older files, but a newer one's may fail to load or search differently."""
+    faiss reads older files, but a newer one's may fail to load or search differently.
+
+    Refuses (``IndexIntegrityError``) an index file whose SHA-256, item count or dimension are not
+    the ones its ``item_index.json`` records; a JSON without a digest (written before it was recorded)
+    loads with a warning, its file checked only for count and dimension."""
     directory = Path(directory)
     meta = json.loads((directory / INDEX_META_FILE).read_text())
     if expected_version is not None:
         check_versions(query_tower=expected_version, item_index=meta["version"])
+    if "sha256" in meta:
+        problem = index_file_problem(directory, meta)
+        if problem:
+            raise IndexIntegrityError(f"refusing the item index: {problem}")
+    else:
+        log.warning(
+            "%s in %s records no sha256 (built before it was recorded): the index file is not checked against it",
+            INDEX_META_FILE,
+            directory,
+        )
     written_by = meta.get("faiss_version")
     if written_by is not None and written_by != faiss.__version__:
         log.warning(
@@ -182,6 +242,7 @@ def load_index(directory: str | Path, expected_version: int | None = None) -> tu
             faiss.__version__,
         )
     index = faiss.read_index(str(directory / INDEX_FILE))
+    check_shape(index, meta, directory)
     set_search_param(index, meta)
     return index, meta
 

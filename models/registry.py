@@ -144,10 +144,12 @@ def check_artifact_versions(model: ModelVersion) -> int:
 
     A query embedding is only meaningful against item embeddings of the same run, and affinity
     weights only against the encoded ids of the run's catalog; a copied or hand-assembled version
-    folder could pair them wrongly. Raises ``VersionMismatchError``.
+    folder could pair them wrongly. Raises ``VersionMismatchError``; ``IndexIntegrityError`` (one)
+    where the item index file is not the one its ``item_index.json`` records (SHA-256, when recorded):
+    the version stamp lives in the JSON, so another run's index file beside it carried this stamp.
     """
     from models.item_affinity import META_FILE as AFFINITY_META_FILE
-    from models.item_index import INDEX_META_FILE, check_versions
+    from models.item_index import INDEX_META_FILE, IndexIntegrityError, check_versions, index_file_problem
 
     stamps = {"manifest": model.version}
     stamped = [("query_tower", "query_tower.json"), ("item_index", INDEX_META_FILE)]
@@ -158,7 +160,11 @@ def check_artifact_versions(model: ModelVersion) -> int:
         if not path.exists():
             raise FileNotFoundError(f"model version {model.version} has no {file}")
         stamps[name] = int(json.loads(path.read_text())["version"])
-    return check_versions(**stamps)
+    version = check_versions(**stamps)
+    meta = json.loads((model.path / INDEX_META_FILE).read_text())
+    if "sha256" in meta and (problem := index_file_problem(model.path, meta)):
+        raise IndexIntegrityError(f"model version {model.version}: {problem}")
+    return version
 
 
 def fingerprint(*paths: str | Path) -> str:

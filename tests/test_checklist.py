@@ -29,6 +29,9 @@ def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, trit
         "scores_in_unit_range",
     ]
     assert all(r.passed for r in results), results
+    # The trained index records its digest, and the exported copy (the one served) is that file.
+    index = results[1].detail
+    assert "as recorded" in index and f"served retrieval/{model_version.version} is the same file" in index, index
 
 
 def test_mismatched_query_tower_version_fails(model_version, tmp_path):

@@ -130,13 +130,13 @@ def test_the_unknown_user_of_the_score_check_is_no_user_of_the_table(tmp_path, m
     assert checked[:2] == [5, 3] and len(checked) == 3 and checked[-1] not in known, checked
 
 
-def _index_and_table(folder: Path, index_ids: list[int], table_ids: list[int]) -> Path:
+def _index_and_table(folder: Path, index_ids: list[int], table_ids: list[int], seed: int = 0) -> Path:
     import pandas as pd
 
     from models.item_index import build_index, save_index
 
     folder.mkdir(parents=True, exist_ok=True)
-    index, info = build_index(np.array(index_ids), np.random.default_rng(0).random((len(index_ids), 4)), 100)
+    index, info = build_index(np.array(index_ids), np.random.default_rng(seed).random((len(index_ids), 4)), 100)
     save_index(index, folder, 1, info)
     pd.DataFrame({"item_id": table_ids}).to_parquet(folder / "item_features.parquet", index=False)
     return folder
@@ -204,3 +204,108 @@ def test_an_export_of_another_version_fails(tmp_path):
     _add_to_repo(repo, 1)
     result = checklist.check_versions_consistent(v1, repo)
     assert not result.passed and '"export": 2' in result.detail
+
+
+def _served(tmp_path: Path, registry: Path) -> Path:
+    """A repository whose ``retrieval/1/`` holds copies of ``registry``'s index, as the export writes them."""
+    import shutil
+
+    from models.item_index import INDEX_FILE, INDEX_META_FILE
+
+    repo = tmp_path / "repo"
+    (repo / "retrieval" / "1").mkdir(parents=True)
+    for name in (INDEX_FILE, INDEX_META_FILE):
+        shutil.copy2(registry / name, repo / "retrieval" / "1" / name)
+    return repo
+
+
+def _only_the_index_check(monkeypatch, folder: Path, repo: Path | None) -> checklist.CheckResult:
+    """``index_matches_items`` as ``run_checklist`` calls it (the other checks stubbed out)."""
+    import pandas as pd
+
+    _stamp(folder / "manifest.json", 1)
+    pd.DataFrame({"user_id_raw": [1]}).to_parquet(folder / "user_features.parquet", index=False)
+    passed = checklist.CheckResult("stub", True, "")
+    for name in ("check_versions_consistent", "check_index_recall", "check_data", "check_scores_in_unit_range"):
+        monkeypatch.setattr(checklist, name, lambda *args: passed)
+    return next(r for r in checklist.run_checklist(folder, repo, sample_users=1) if r.name == "index_matches_items")
+
+
+def test_an_index_file_of_another_build_beside_this_runs_json_fails_and_is_refused(tmp_path, monkeypatch):
+    # The version stamp lives only in item_index.json: another build's index file (same ids and count,
+    # other vectors) copied beside it passed the checklist, and the retrieval stage served it.
+    import shutil
+
+    from models import item_index
+    from models.registry import ModelVersion, check_artifact_versions
+    from serving.stages import Retrieval
+
+    ours = _index_and_table(tmp_path / "ours", [1, 2, 3], [1, 2, 3])
+    other = _index_and_table(tmp_path / "other", [1, 2, 3], [1, 2, 3], seed=1)
+    result = _only_the_index_check(monkeypatch, ours, None)
+    assert result.passed and "as recorded" in result.detail, result.detail
+    shutil.copy2(other / item_index.INDEX_FILE, ours / item_index.INDEX_FILE)
+    result = _only_the_index_check(monkeypatch, ours, None)
+    assert not result.passed and "not the file its item_index.json records" in result.detail  # old code: passed
+    with pytest.raises(item_index.IndexIntegrityError, match="SHA-256"):
+        item_index.load_index(ours, expected_version=1)  # old code: loaded
+    _stamp(ours / "manifest.json", 1, features={"user_categorical": []}, config={"serving": {"retrieval_k": 2}})
+    with pytest.raises(item_index.IndexIntegrityError, match="refusing the item index"):
+        Retrieval(ours)  # the stage refuses it at model load
+    _stamp(ours / "query_tower.json", 1)
+    with pytest.raises(item_index.IndexIntegrityError):
+        check_artifact_versions(ModelVersion(ours))  # and so does the export (it calls this first)
+    shutil.copy2(other / item_index.INDEX_FILE, ours / item_index.INDEX_FILE)
+    shutil.copy2(other / item_index.INDEX_META_FILE, ours / item_index.INDEX_META_FILE)
+    assert item_index.load_index(ours, expected_version=1)[0].ntotal == 3  # the pair the build wrote
+
+
+def test_the_served_copy_of_the_index_is_checked(tmp_path, monkeypatch):
+    # Only the registry's index was read: another build's index in retrieval/<version>/, the one served,
+    # passed, with its own JSON or beside the registry's.
+    import shutil
+
+    from models.item_index import INDEX_FILE, INDEX_META_FILE
+
+    ours = _index_and_table(tmp_path / "ours", [1, 2, 3], [1, 2, 3])
+    other = _index_and_table(tmp_path / "other", [1, 2, 3], [1, 2, 3], seed=1)
+    repo = _served(tmp_path, ours)
+    result = _only_the_index_check(monkeypatch, ours, repo)
+    assert result.passed and "served retrieval/1 is the same file" in result.detail, result.detail
+    shutil.copy2(other / INDEX_FILE, repo / "retrieval" / "1" / INDEX_FILE)
+    result = _only_the_index_check(monkeypatch, ours, repo)
+    assert not result.passed and "the served retrieval/1/item_index.faiss is not the registry's" in result.detail
+    shutil.copy2(other / INDEX_META_FILE, repo / "retrieval" / "1" / INDEX_META_FILE)  # a whole pair, stamped 1
+    result = _only_the_index_check(monkeypatch, ours, repo)  # old code: passed
+    assert not result.passed and "not the registry's" in result.detail, result.detail
+    (repo / "retrieval" / "1" / INDEX_FILE).unlink()
+    result = _only_the_index_check(monkeypatch, ours, repo)
+    assert not result.passed and "retrieval/1/item_index.faiss is missing" in result.detail
+
+
+def test_an_index_json_without_a_digest_loads_and_the_check_says_it_is_unverified(tmp_path, monkeypatch, caplog):
+    # Registries built before the digest was recorded: they load (with a warning) and the check does not
+    # claim to have tied the file to its JSON; the served copy is still compared with the registry's bytes.
+    import shutil
+
+    from models.item_index import INDEX_FILE, INDEX_META_FILE, load_index
+
+    ours = _index_and_table(tmp_path / "ours", [1, 2, 3], [1, 2, 3])
+    other = _index_and_table(tmp_path / "other", [1, 2, 3], [1, 2, 3], seed=1)
+    meta = json.loads((ours / INDEX_META_FILE).read_text())
+    del meta["sha256"]
+    (ours / INDEX_META_FILE).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="models.item_index"):
+        assert load_index(ours, expected_version=1)[0].ntotal == 3
+    assert any("records no sha256" in r.getMessage() for r in caplog.records)
+    repo = _served(tmp_path, ours)
+    result = _only_the_index_check(monkeypatch, ours, repo)
+    assert result.passed and "digest unverified" in result.detail, result.detail
+    shutil.copy2(other / INDEX_FILE, repo / "retrieval" / "1" / INDEX_FILE)
+    result = _only_the_index_check(monkeypatch, ours, repo)
+    assert not result.passed and "not the registry's" in result.detail, result.detail
+    # A file of another item count or dimension is refused even without a digest.
+    _index_and_table(tmp_path / "four", [1, 2, 3, 4], [1, 2, 3, 4])
+    shutil.copy2(tmp_path / "four" / INDEX_FILE, ours / INDEX_FILE)
+    with pytest.raises(RuntimeError, match="has size 4, its item_index.json records 3"):
+        load_index(ours)
