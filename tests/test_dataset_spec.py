@@ -972,6 +972,29 @@ def test_the_string_only_iso_parse_reads_what_the_pandas_path_reads():
     pd.testing.assert_series_equal(parse_iso_parts(text, pd), expected)
 
 
+def test_the_string_only_iso_parse_reads_optional_groups_given_as_empty_text(monkeypatch):
+    # cudf 23.08's str.extract gives "" for a capture group that took no part in the match (libcudf regex.inl:
+    # the unset range (-1, -1) is returned as a match; extract.cu makes it ""), pandas gives null. Emulated here
+    # on pandas: the parse must read the same either way (it raised on int("") for a row without an offset).
+    from pandas.core.strings.accessor import StringMethods
+
+    from workflows.validate import parse_iso_parts
+
+    extract = StringMethods.extract
+
+    def extract_like_cudf_23_08(self, pat, flags=0, expand=True):
+        out = extract(self, pat, flags=flags, expand=expand)
+        matched = out.notna().any(axis=1)  # a group that always takes part (the year) tells a match
+        out[matched] = out[matched].fillna("")
+        return out
+
+    monkeypatch.setattr(StringMethods, "extract", extract_like_cudf_23_08)
+    text = pd.Series([*MIXED_ISO, None], dtype=object)
+    assert (text.astype("str").str.extract(r"^(a)?([0-9]{4})")[0] == "").sum() > 0  # the emulation is in place
+    expected = pd.concat([_expected_iso(), pd.Series([pd.NaT])], ignore_index=True)
+    pd.testing.assert_series_equal(parse_iso_parts(text, pd), expected)
+
+
 def test_parse_iso_on_cudf_reads_mixed_shapes_row_by_row():
     # cudf.to_datetime cast every row with the format of the first (other shapes: undefined values, not null)
     # and raised on a null first row or the text "None". Runs only where cudf is importable (the GPU route).

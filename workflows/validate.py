@@ -162,13 +162,23 @@ def parse_iso_parts(series, mod):
     split by ``ISO_8601_PARTS``, rebuilt as "%Y-%m-%d %H:%M:%S", parsed with that one explicit format, checked
     by formatting it back (a 30 February or an hour 24 does not survive), then its fraction added and its
     offset taken off. Anything else -> null. The parse for cudf partitions (``parse_iso``)."""
-    parts = series.astype("str").str.extract(ISO_8601_PARTS, expand=True)
-    parts.columns = ["y", "s1", "mo", "s2", "d", "h", "s3", "mi", "s4", "sec", "frac", "sign", "oh", "om"]
+    extracted = series.astype("str").str.extract(ISO_8601_PARTS, expand=True)
+    names = ["y", "s1", "mo", "s2", "d", "h", "s3", "mi", "s4", "sec", "frac", "sign", "oh", "om"]
+    separators = {"s1", "s2", "s3", "s4"}
+    # cudf 23.08's extract gives "" for a group that took no part in the match, where pandas gives null (libcudf
+    # regex.inl: regexec returns the unset range (-1, -1) as a match, extract.cu turns it into ""). Every group but
+    # the separators matches at least one character, so "" there means absent; a separator takes part exactly
+    # when the group after it does, and is judged only then.
+    parts = {}
+    for i, name in enumerate(names):
+        col = extracted[extracted.columns[i]]
+        parts[name] = col if name in separators else col.where(col != "")
     ok = parts["y"].notnull()
     # one date style (2026-03-01 or 20260301, not 2026-0301 nor 202603), one time style (10:00:05 or 100005)
-    same = (parts["s1"] == parts["s2"]).fillna(False)
-    ok &= parts["s1"].isnull() | same | (parts["s2"].isnull() & (parts["s1"] == "-")).fillna(False)
-    ok &= parts["s3"].isnull() | parts["s4"].isnull() | (parts["s3"] == parts["s4"]).fillna(False)
+    has_d = parts["d"].notnull()
+    date_sep = (has_d & (parts["s1"] == parts["s2"]).fillna(False)) | (~has_d & (parts["s1"] == "-").fillna(False))
+    ok &= parts["mo"].isnull() | date_sep
+    ok &= parts["sec"].isnull() | (parts["s3"] == parts["s4"]).fillna(False)
     ok &= (parts["oh"].fillna("00") < "24") & (parts["om"].fillna("00") < "60")
     text = (
         parts["y"] + "-" + parts["mo"].fillna("01") + "-" + parts["d"].fillna("01") + " "
