@@ -6,10 +6,11 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
     versions_consistent   query tower, item index, item affinity, manifest and every exported stage (and the
                           stamped artifacts it serves): one version
     scores_in_unit_range  the served funnel's scores lie in [0, 1], sorted (unless ordering explores), for sampled
-                          users; so do the light and heavy rankers' own scores, which the ordering clips
+                          users; so do the light and heavy rankers' own scores, which the ordering clips;
+                          a request a stage refuses (``RequestError``) fails it, with the stage's message
     index_matches_items   the ANN index holds exactly the items of the serving item table, is the file its
-                          ``item_index.json`` records (SHA-256, count, dim), and the exported copy that is
-                          served is that same file
+                          ``item_index.json`` records (SHA-256, count, dim), and (with the export) the
+                          copy that is served is that same file
     index_recall          exact search, or an approximate index whose search setting was measured
                           on validation queries and reached its recall target (``item_index.json``)
     data_checks           the dataset pipeline's own checks on the data this version was trained on
