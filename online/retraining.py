@@ -447,9 +447,10 @@ def step_export(context: dict) -> dict:
     """Export the candidate: into the live repository as a new version beside the served one when
     ``settings['live_repo']`` is set (``deployment.rollout.add_version``), else as its own repository.
     Then the checklist again, on the exported version: its served lists (known users and an unknown
-    one) must hold scores in [0, 1], in order. The gate's checklist ran before the export and could
-    not see them. A failure refuses the candidate (``StepRefused``): no experiment starts, and the
-    version stays in the repository, unserved."""
+    one) must hold scores in [0, 1], in order, the rankers' own scores in [0, 1] too, and the exported
+    index file must be the one the registry's ``item_index.json`` records. The gate's checklist ran
+    before the export and could not see them. A failure refuses the candidate (``StepRefused``): no
+    experiment starts, and the version stays in the repository, unserved."""
     from deployment.export import export_repository
     from deployment.rollout import add_version
     from evaluation.checklist import run_checklist
