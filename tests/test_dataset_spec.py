@@ -312,11 +312,31 @@ def test_the_event_checks_parse_each_id_column_once(monkeypatch):
     assert profile["issues"][("u", "unknown_user")] == [1, "9"] and ("i", "unknown_item") not in profile["issues"]
 
 
+def count_parses(monkeypatch) -> list[str]:
+    """The names of the columns ``as_number`` and ``parse_iso`` parse from now on (validate's and the
+    reader's), one entry per parse of a non-empty column."""
+    from workflows import reader, validate
+
+    parsed = []
+
+    def counted(real):
+        def parse(col):
+            if len(col):  # not dask's empty meta
+                parsed.append(col.name)
+            return real(col)
+
+        return parse
+
+    for module in (validate, reader):
+        for name in ("as_number", "parse_iso"):
+            monkeypatch.setattr(module, name, counted(getattr(validate, name)), raising=False)
+    return parsed
+
+
 def test_the_checks_and_the_mapping_parse_each_text_column_once(tmp_path, monkeypatch):
     """Mapping a spec's log to the pipeline's columns reads the values the checks parsed (ids and
     signals as numbers, ISO timestamps as dates) instead of parsing the text a second time; what it
     maps is what parsing the text gives."""
-    from workflows import reader, validate
 
     frame = pd.DataFrame(
         {
@@ -331,19 +351,7 @@ def test_the_checks_and_the_mapping_parse_each_text_column_once(tmp_path, monkey
     values = {"name": "once", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t",
                                          "timestamp_unit": "iso", "positive": "seen",
                                          "signals": ["seen", {"name": "secs", "kind": "continuous"}]}}  # fmt: skip
-    parsed = []
-
-    def counted(real):
-        def parse(col):
-            if len(col):  # not dask's empty meta
-                parsed.append(col.name)
-            return real(col)
-
-        return parse
-
-    for module in (validate, reader):
-        for name in ("as_number", "parse_iso"):
-            monkeypatch.setattr(module, name, counted(getattr(validate, name)), raising=False)
+    parsed = count_parses(monkeypatch)
     events = load_inputs(spec_from_dict(values, root=str(tmp_path))).events.compute()
     assert sorted(parsed) == ["i", "secs", "seen", "t", "u"]  # each once: the checks' parse, the mapping reuses it
     assert events["user_id"].tolist() == [1, 22, 3, 9007199254740993]
@@ -357,7 +365,6 @@ def test_an_attribute_table_parses_each_text_column_once(tmp_path, monkeypatch):
     """An attribute table's checks, its duplicate-id check and its mapping read one parse of each text
     column (the id was parsed three times, each number twice); what it maps is what parsing gives, files
     parsed differently (integers in a parquet file, text in a CSV file) included."""
-    from workflows import reader, validate
 
     pd.DataFrame({"u": ["1"], "i": ["5"], "t": ["1770000000"]}).to_csv(tmp_path / "events.csv", index=False)
     (tmp_path / "items").mkdir()
@@ -365,19 +372,7 @@ def test_an_attribute_table_parses_each_text_column_once(tmp_path, monkeypatch):
     pd.DataFrame(items).to_csv(tmp_path / "items" / "b.csv", index=False)
     values = {"name": "once", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t"},
               "items": {"path": "items/*", "id": "sku", "continuous": ["price"], "duration": "len"}}  # fmt: skip
-    parsed = []
-
-    def counted(real):
-        def parse(col):
-            if len(col):  # not dask's empty meta
-                parsed.append(col.name)
-            return real(col)
-
-        return parse
-
-    for module in (validate, reader):
-        for name in ("as_number", "parse_iso"):
-            monkeypatch.setattr(module, name, counted(getattr(validate, name)), raising=False)
+    parsed = count_parses(monkeypatch)
     out = load_inputs(spec_from_dict(values, root=str(tmp_path))).items
     assert sorted(c for c in parsed if c in items) == ["len", "price", "sku"]  # each once
     assert out["item_id"].tolist() == [5, 6, 9007199254740993]
