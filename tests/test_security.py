@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +307,62 @@ def test_control_calls_give_up_on_a_server_that_never_answers(silent_grpc_server
             control.unload_model("funnel", client_timeout=0.2)  # a deadline given to the call wins
     finally:
         control.close()
+
+
+@pytest.mark.slow
+def test_an_unkeyed_client_can_neither_map_memory_nor_write_files_on_either_protocol(tmp_path):
+    """Beyond test_the_control_plane_refuses_clients_without_the_key (gRPC, and HTTP load/unload): every
+    locked category over HTTP too, registering a real shared-memory region (the server would map it and
+    read and write it), and the log and trace settings that name a file for the server to write."""
+    import psutil
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from deployment.server import TritonServer
+
+    repo = tmp_path / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    region = f"/funnel_test_{os.getpid()}"
+    shm = Path("/dev/shm") / region[1:]
+    shm.write_bytes(b"\0" * 4096)
+    written = tmp_path / "chosen-by-client"
+    try:
+        with TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout=120, stub_timeout_s=60) as server:
+            listening = psutil.Process(server.process.pid).net_connections(kind="tcp")
+            assert {c.laddr.ip for c in listening if c.status == psutil.CONN_LISTEN} <= {
+                "127.0.0.1",
+                "::ffff:127.0.0.1",
+            }
+            grpc = grpcclient.InferenceServerClient(server.grpc_url)
+            http = httpclient.InferenceServerClient(server.http_url)
+            for client, refused in ((grpc, "StatusCode.UNAVAILABLE"), (http, "403")):
+                calls = [
+                    lambda c=client: c.load_model("echo", config='{"backend": "python", "max_batch_size": 0}'),
+                    lambda c=client: c.unload_model("echo"),
+                    lambda c=client: c.get_model_repository_index(),
+                    lambda c=client: c.get_model_config("echo"),
+                    lambda c=client: c.get_inference_statistics("echo"),
+                    lambda c=client: c.register_system_shared_memory("r", region, 4096),
+                    lambda c=client: c.unregister_system_shared_memory(),
+                    lambda c=client: c.register_cuda_shared_memory("c", b"\0" * 64, 0, 64),
+                    lambda c=client: c.update_log_settings({"log_file": str(written), "log_verbose_level": 3}),
+                    lambda c=client: c.update_trace_settings(
+                        settings={"trace_file": str(written), "trace_level": ["TIMESTAMPS"], "trace_rate": "1"}
+                    ),
+                    lambda c=client: c.update_trace_settings(model_name="echo", settings={"trace_file": str(written)}),
+                ]
+                for call in calls:
+                    with pytest.raises(InferenceServerException, match="restricted") as err:
+                        call()
+                    assert err.value.status() == refused
+            with security.ControlClient(server.grpc_url, repo) as control:  # the key unlocks the same calls
+                assert control.get_system_shared_memory_status() is not None
+                assert control.get_model_config("echo").config.name == "echo"
+            assert grpc.is_model_ready("echo") and not written.exists()
+            grpc.close()
+            http.close()
+    finally:
+        shm.unlink(missing_ok=True)
