@@ -82,7 +82,7 @@ def check_index_matches_items(model_dir: Path, repo: Path | None = None) -> Chec
     recorded cannot tie the registry's file to it: the detail says so (unverified), the rest is checked."""
     import faiss
 
-    from models.item_index import INDEX_FILE, INDEX_META_FILE, file_sha256
+    from models.item_index import INDEX_FILE, INDEX_META_FILE, file_sha256, shape_problems
 
     meta = json.loads((model_dir / INDEX_META_FILE).read_text())
     index = faiss.read_index(str(model_dir / INDEX_FILE))
@@ -97,11 +97,7 @@ def check_index_matches_items(model_dir: Path, repo: Path | None = None) -> Chec
         repeated = len(ids) - len(np.unique(ids)), len(table) - len(np.unique(table))
         if any(repeated):
             detail += f"; repeated ids: index {repeated[0]}, table {repeated[1]}"
-    problems = [
-        f"{INDEX_META_FILE} records {key} {meta[key]}, the index file has {actual}"
-        for key, actual in (("size", int(index.ntotal)), ("dim", int(index.d)))
-        if key in meta and int(meta[key]) != actual
-    ]
+    problems = shape_problems(index, meta)
     digest = file_sha256(model_dir / INDEX_FILE)
     if "sha256" not in meta:
         detail += f"; digest unverified: the registry's {INDEX_META_FILE} records no sha256 (built before it was)"

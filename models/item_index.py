@@ -76,14 +76,21 @@ def index_file_problem(directory: str | Path, meta: dict | None = None) -> str |
     return None
 
 
+def shape_problems(index: faiss.Index, meta: dict) -> list[str]:
+    """What differs between ``index`` and the item count (``size``) and dimension (``dim``) that ``meta``,
+    its ``item_index.json``, records: one sentence each, empty where both agree (or are not recorded)."""
+    return [
+        f"{INDEX_META_FILE} records {key} {meta[key]}, the index file has {actual}"
+        for key, actual in (("size", int(index.ntotal)), ("dim", int(index.d)))
+        if key in meta and int(meta[key]) != actual
+    ]
+
+
 def check_shape(index: faiss.Index, meta: dict, where: str | Path) -> None:
     """Raise ``IndexIntegrityError`` unless ``index`` holds the item count and dimension ``meta`` records."""
-    for key, actual in (("size", int(index.ntotal)), ("dim", int(index.d))):
-        if key in meta and int(meta[key]) != actual:
-            raise IndexIntegrityError(
-                f"the item index in {where} has {key} {actual}, its {INDEX_META_FILE} records {meta[key]}: "
-                "an index file of another build"
-            )
+    problems = shape_problems(index, meta)
+    if problems:
+        raise IndexIntegrityError(f"the item index in {where}: {'; '.join(problems)}: an index file of another build")
 
 
 def build_index(

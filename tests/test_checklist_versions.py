@@ -307,5 +307,5 @@ def test_an_index_json_without_a_digest_loads_and_the_check_says_it_is_unverifie
     # A file of another item count or dimension is refused even without a digest.
     _index_and_table(tmp_path / "four", [1, 2, 3, 4], [1, 2, 3, 4])
     shutil.copy2(tmp_path / "four" / INDEX_FILE, ours / INDEX_FILE)
-    with pytest.raises(RuntimeError, match="has size 4, its item_index.json records 3"):
+    with pytest.raises(RuntimeError, match="item_index.json records size 3, the index file has 4"):
         load_index(ours)
