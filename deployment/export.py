@@ -427,6 +427,33 @@ def batching_settings(stage_config: str) -> dict:
     }
 
 
+def served_settings(model_config: str) -> dict:
+    """What the export wrote into a model's ``config.pbtxt`` from the version's config: its batching
+    (``batching_settings``) and ``metrics_interval_s`` (the default a stub uses where the config has
+    none, an export from before the parameter)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from configs import ServingConfig
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse(model_config, config)
+    interval = config.parameters.get(METRICS_INTERVAL_PARAMETER)
+    seconds = float(interval.string_value) if interval and interval.string_value else ServingConfig().metrics_interval_s
+    return {**batching_settings(model_config), "metrics_interval_s": seconds}
+
+
+def setting_keys(model: str, setting: str) -> str:
+    """The config keys a ``served_settings`` entry of ``model`` comes from."""
+    if setting == "metrics_interval_s":
+        return "serving.metrics_interval_s"
+    if setting == "instances":
+        counts = {ROUTER: "router_instances", FEEDBACK: "feedback_instances"}
+        key = counts.get(model, f"instances / stage_instances.{model}")
+        return f"serving.batching.{key}"
+    return f"serving.batching.enabled / {setting}"
+
+
 def serve_all_versions(stage_config: str) -> str:
     """A stage serves every version on disk, so versions N and N+1 can run side by side while the
     ensemble switches from one to the other (``deployment/rollout.py``)."""

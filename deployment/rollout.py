@@ -43,7 +43,6 @@ from pathlib import Path
 from deployment.export import (
     STAGE_ARTIFACTS,
     TEMP_SUFFIX,
-    batching_settings,
     check_complete,
     exclusive,
     export_repository,
@@ -51,13 +50,15 @@ from deployment.export import (
     install_model_py,
     pin_ensemble,
     rename_ensemble,
+    served_settings,
+    setting_keys,
     staging_folder,
     version_models,
 )
 from deployment.security import ControlClient
 from models.registry import ModelVersion, sync_path, sync_tree
 from serving.assignment import NO_EXPERIMENT, Rollout, single_version
-from serving.interface import EXPERIMENT_FILE, FUNNEL, FUSED, ROUTER, ensemble_name
+from serving.interface import EXPERIMENT_FILE, FEEDBACK, FUNNEL, FUSED, ROUTER, ensemble_name
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
     ``batching`` (``configs.BatchingConfig``) overrides the version's own ``serving.batching``, e.g.
     to roll a version in fused (``fuse_stages``) behind a server that serves the seven stage models:
     ``roll_out`` switches the ensemble to the fused funnel, and ``retire`` of the last staged version
-    unloads the stage models."""
+    unloads the stage models. Each model the repository has keeps its ``config.pbtxt``: the version's
+    own settings that differ are named in a warning, not applied (``warn_unapplied_settings``)."""
     repo = Path(repo).resolve()
     # Versions are added one at a time (and not during an export into the same folder); a killed
     # add_version's staging folder is removed first.
@@ -155,24 +157,16 @@ def _add_version(model: ModelVersion, repo: Path, batching) -> int:
         # rename is synced (the folder it lands in) before the next; the pinned ensemble, which marks the
         # version added, moves in last, so a power cut never leaves it beside empty or missing stage files.
         staged = export_repository(model, staging_parent / "repo", batching=batching)
+        # One config.pbtxt serves every version of a model: the repository's settings stay, the
+        # stages' and the endpoints' (which a rollout never reloads with a new config), and each
+        # of the new version's own that differs is named.
+        warn_unapplied_settings(staged, repo, version, [*version_models(staged, version), ROUTER, FEEDBACK])
         for stage in version_models(staged, version):
             if not (repo / stage).exists():  # a model the live repository lacks (e.g. the first fused export)
                 os.rename(staged / stage, repo / stage)
                 moved.append(repo / stage)
                 sync_path(repo, folder=True)
                 continue
-            # One config.pbtxt serves every version of a model: the repository's batching stays.
-            ours, theirs = (batching_settings((r / stage / "config.pbtxt").read_text()) for r in (staged, repo))
-            if ours != theirs:
-                log.warning(
-                    "version %d's %s batching %s is not applied: the repository's %s/config.pbtxt (%s) serves "
-                    "every version of the model; export the repository again to change it",
-                    version,
-                    stage,
-                    ours,
-                    stage,
-                    theirs,
-                )
             target = repo / stage / str(version)
             os.rename(staged / stage / str(version), target)
             moved.append(target)
@@ -189,6 +183,38 @@ def _add_version(model: ModelVersion, repo: Path, batching) -> int:
     finally:
         shutil.rmtree(staging_parent, ignore_errors=True)
     return version
+
+
+def warn_unapplied_settings(staged: Path, repo: Path, version: int, models: list[str]) -> dict[str, dict]:
+    """Warn about, and return (``{model: {setting: (the version's, the repository's)}}``), the settings
+    of ``version``'s export (``staged``) that ``add_version`` does not apply: each model's
+    ``config.pbtxt`` in ``repo`` serves every version of it (the stages' batching and instance counts,
+    the router's and the feedback endpoint's counts, ``serving.metrics_interval_s``), and only the
+    version's folders move in. Not applied on purpose: a changed ``config.pbtxt`` reloads every version
+    of the model, the one serving too, where the rollout loads only the new version beside it
+    (``load_version``), and the feedback endpoint is never reloaded by a rollout at all. A model the
+    repository lacks (the first fused version's ``fused_funnel``) comes with its own config: not named."""
+    unapplied = {}
+    for name in models:
+        if not (repo / name / "config.pbtxt").exists() or not (staged / name / "config.pbtxt").exists():
+            continue
+        ours, theirs = (served_settings((r / name / "config.pbtxt").read_text()) for r in (staged, repo))
+        differ = {key: (ours[key], theirs[key]) for key in ours if ours[key] != theirs[key]}
+        if not differ:
+            continue
+        unapplied[name] = differ
+        log.warning(
+            "version %d's %s settings %s are not applied (%s): the repository's %s/config.pbtxt (%s) serves every "
+            "version of the model and stays; to change it, export the repository again "
+            "(scripts/export_triton.py --replace) and restart the server (docs/serving.md#batching)",
+            version,
+            name,
+            {key: new for key, (new, _) in differ.items()},
+            ", ".join(setting_keys(name, key) for key in differ),
+            name,
+            {key: old for key, (_, old) in differ.items()},
+        )
+    return unapplied
 
 
 def wait_ready(client, name: str, version: int, timeout_s: float) -> None:

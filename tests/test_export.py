@@ -399,3 +399,54 @@ def test_the_router_and_feedback_instance_counts_come_from_the_config(tiny_versi
         "default",
         "manifest",
     ]
+
+
+def test_add_version_names_every_setting_of_the_version_that_the_repository_does_not_take(
+    tiny_version, tmp_path, caplog
+):
+    """A user raises ``serving.batching.router_instances`` (or ``feedback_instances``, or
+    ``serving.metrics_interval_s``), trains a version and rolls it in with ``add_version``: only the
+    version's folders move in, and the router's and feedback endpoint's ``config.pbtxt`` (one per model,
+    serving every version) keep the exported counts. The stages' batching was named in a warning; these
+    were dropped without a word. Each differing setting is now named with its config key, and the
+    repository's configs stay as exported (a rollout reloads no model with a new config)."""
+    import json
+
+    from deployment.export import batching_settings
+    from deployment.rollout import add_version
+    from models.registry import ModelVersion
+    from serving.interface import FEEDBACK, ROUTER
+
+    repo = export_repository(tiny_version, tmp_path / "repo")
+    before = {m: (repo / m / "config.pbtxt").read_text() for m in (ROUTER, FEEDBACK, "heavy_ranker")}
+
+    def version(number, serving):
+        folder = tmp_path / "registry" / str(number)
+        shutil.copytree(tiny_version.path, folder)
+        for name in ("manifest.json", "query_tower.json", "item_index.json"):
+            content = json.loads((folder / name).read_text())
+            if name == "manifest.json":
+                content["config"]["serving"] = serving
+            (folder / name).write_text(json.dumps({**content, "version": number}))
+        return ModelVersion(folder)
+
+    with caplog.at_level("WARNING", logger="deployment.rollout"):
+        assert add_version(version(2, {}), repo) == 2  # the settings the repository was exported with
+    assert "not applied" not in caplog.text
+    changed = {"batching": {"router_instances": 5, "feedback_instances": 3}, "metrics_interval_s": 1.0}
+    with caplog.at_level("WARNING", logger="deployment.rollout"):
+        assert add_version(version(3, changed), repo) == 3
+    warned = {r.getMessage().split()[2]: r.getMessage() for r in caplog.records if "not applied" in r.getMessage()}
+    assert sorted(warned) == sorted([ROUTER, FEEDBACK, *STAGE_ARTIFACTS]), caplog.text
+    assert "serving.batching.router_instances" in warned[ROUTER] and "[5]" in warned[ROUTER]
+    assert "serving.batching.feedback_instances" in warned[FEEDBACK] and "[3]" in warned[FEEDBACK]
+    assert "serving.metrics_interval_s" in warned["heavy_ranker"] and "instances" not in warned["heavy_ranker"]
+    assert all("export_triton.py --replace" in message for message in warned.values())
+    # What the user gets: the repository's configs, as exported, serve version 3 too.
+    assert {m: (repo / m / "config.pbtxt").read_text() for m in before} == before
+    assert batching_settings(before[ROUTER])["instances"] == [2]
+    # A repository exported before the metrics interval was written serves the default: no warning for it.
+    from deployment.export import TRITON_REPO_SOURCE, served_settings
+
+    unset = (TRITON_REPO_SOURCE / ROUTER / "config.pbtxt").read_text()
+    assert served_settings(unset)["metrics_interval_s"] == served_settings(before[ROUTER])["metrics_interval_s"]

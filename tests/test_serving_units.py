@@ -1351,7 +1351,7 @@ def test_add_version_warns_when_the_versions_batching_differs_from_the_repositor
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="deployment.rollout"):
             assert rollout.add_version(types.SimpleNamespace(version=version), repo) == version
-        assert ("version 3's heavy_ranker batching" in caplog.text) == warned, caplog.text
+        assert ("version 3's heavy_ranker settings" in caplog.text) == warned, caplog.text
         assert ("'max_batch_size': 8" in caplog.text and "'max_batch_size': 64" in caplog.text) == warned
 
 
