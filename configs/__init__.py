@@ -1005,10 +1005,49 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+class DuplicateKeyError(yaml.YAMLError, ValueError):
+    """A mapping of a YAML file gives one key twice (a ``yaml.YAMLError``, so the callers that report
+    broken YAML report it, and a ``ValueError`` like the loader's other refusals)."""
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, seen_nodes: set[int]) -> None:
+    """Raise ``DuplicateKeyError`` naming the dotted key path of the first key given twice in one
+    mapping under ``node``. PyYAML keeps the last value without a word, so a section written twice
+    (or a key repeated in a section) had its first values silently dropped."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            path = f"{where}.{key}" if where else str(key)
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise DuplicateKeyError(
+                        f"{path}: key given twice (lines {lines[key]} and {line}); the second would silently "
+                        "replace the first"
+                    )
+                lines[key] = line
+            _refuse_duplicate_keys(value_node, path, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}[{i}]", seen_nodes)
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML ``text`` as the configs and dataset specs are read (``yaml.safe_load`` plus
-    exponent floats without a dot, ``1e-3``)."""
-    return yaml.load(text, Loader=_YamlLoader)
+    exponent floats without a dot, ``1e-3``), refusing a key given twice in one mapping."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def build_typed(cls: type, values: dict[str, Any], where: str = "") -> Any:

@@ -347,3 +347,33 @@ def test_the_endpoint_instance_counts_are_typed_and_checked_when_the_config_load
         load_config(overrides={"serving": {"batching": {"router_instances": "8"}}})
     with pytest.raises(ValueError, match=r"got \{'feedback_instances': 0\}"):
         load_config(overrides={"serving": {"batching": {"feedback_instances": 0}}})
+
+
+def test_a_key_given_twice_is_refused_naming_its_path(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a section written twice had the first
+    one's values silently dropped (here serving.retrieval_k 50 loaded as the default 300)."""
+    import argparse
+
+    from configs.cli import config_file
+    from workflows.spec import SpecError, load_spec
+
+    path = tmp_path / "c.yaml"
+    path.write_text("serving:\n  retrieval_k: 50\ntuning:\n  enabled: false\nserving:\n  max_k: 20\n")
+    with pytest.raises(ValueError, match=r"^serving: key given twice \(lines 1 and 5\)"):
+        load_config(path)
+    with pytest.raises(argparse.ArgumentTypeError, match="serving: key given twice"):
+        config_file(str(path))
+    path.write_text("candidate_generator:\n  epochs: 3\n  epochs: 30\n")
+    with pytest.raises(ValueError, match=r"^candidate_generator.epochs: key given twice \(lines 2 and 3\)"):
+        load_config(path)
+    path.write_text("heavy_ranker:\n  targets:\n    - {name: click, weight: 0.5, weight: 1.0}\n")
+    with pytest.raises(ValueError, match=r"^heavy_ranker.targets\[0\].weight: key given twice"):
+        load_config(path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: a\nevents:\n  path: e.parquet\nname: b\n")
+    with pytest.raises(SpecError, match="name: key given twice"):
+        load_spec(spec)
+    # Anchors and merge keys are not duplicates: a key overriding a merged one is YAML's intent.
+    path.write_text("light_ranker: &r\n  epochs: 3\nheavy_ranker:\n  <<: *r\n  epochs: 4\n")
+    config = load_config(path)
+    assert (config.light_ranker.epochs, config.heavy_ranker.epochs) == (3, 4)
