@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -42,6 +45,39 @@ def port_or_zero(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in 1-65535 or 0 (a free one), got {value}")
     return value
+
+
+# Prometheus' duration syntax (its model.ParseDuration): units from years to milliseconds, largest first.
+PROMETHEUS_DURATION = re.compile(r"0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
+
+
+def prometheus_duration(text: str) -> str:
+    """A duration Prometheus' config takes (15s, 1m30s): anything else made Prometheus exit at start,
+    which scripts/monitor.py raised as a ServerError traceback, exit status 1."""
+    if not text or not PROMETHEUS_DURATION.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus duration (e.g. 15s, 1m30s): {text!r}")
+    return text
+
+
+def seconds_or_none(text: str) -> float | None:
+    """A finite number of seconds > 0, or ``none`` (None)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds or 'none', got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 (or 'none'), got {text!r}")
+    return value
+
+
+def webhook_url(text: str) -> str:
+    """An http(s) URL: Alertmanager refuses anything else at start, after Prometheus is up."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text
 
 
 def output_folder(text: str) -> str:

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from deployment.monitoring import ConfiguredServer
+from deployment.monitoring import ConfiguredServer, PrometheusServer
 from deployment.server import LOOPBACK, free_port
 from serving.metrics import BackgroundHTTPServer
 
@@ -46,6 +46,15 @@ def alertmanager_binary() -> Path:
     raise FileNotFoundError(
         "alertmanager is not installed; `make services` installs it (Debian package prometheus-alertmanager)"
     )
+
+
+def alertmanager_installed() -> bool:
+    """Whether ``alertmanager_binary`` finds one (``scripts/monitor.py`` then delivers alerts)."""
+    try:
+        alertmanager_binary()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Alertmanager(ConfiguredServer):
@@ -210,3 +219,28 @@ class AlertLog(BackgroundHTTPServer):
             return []
         with self._lock:
             return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def check_ready(prometheus: PrometheusServer, alertmanager: Alertmanager | None = None, timeout_s: float = 60.0) -> int:
+    """``scripts/monitor.py --check``: 0 once every target is up, every rule group is loaded and
+    Prometheus sends to ``alertmanager`` (when there is one), printing them; 1 after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        targets = prometheus.active_targets()
+        groups = prometheus.rules()
+        up = {t["labels"]["job"]: t["health"] for t in targets}
+        senders = prometheus.active_alertmanagers()
+        sends = alertmanager is None or any(alertmanager.address in url for url in senders)
+        if up and all(h == "up" for h in up.values()) and groups and sends:
+            break
+        if time.monotonic() > deadline:
+            print(f"not ready after {timeout_s:.0f}s: targets {up}, {len(groups)} rule groups, alertmanagers {senders}")
+            return 1
+        time.sleep(0.5)
+    rules = [r for g in groups for r in g["rules"]]
+    alerts = sorted(r["name"] for r in rules if r["type"] == "alerting")
+    print(f"targets up: {', '.join(sorted(up))}")
+    print(f"{len(groups)} rule groups, {len(rules)} rules; alerts: {', '.join(alerts)}")
+    if alertmanager is not None:
+        print(f"alertmanager up: prometheus sends to {alertmanager.url}")
+    return 0

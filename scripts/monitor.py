@@ -24,15 +24,13 @@ loaded, prints them and stops (a smoke test).
 
 import argparse
 import math
-import re
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
-from configs.cli import output_folder, port, port_or_zero
-from deployment.alerting import AlertLog, Alertmanager, alertmanager_binary
+from configs.cli import output_folder, port, port_or_zero, prometheus_duration, seconds_or_none, webhook_url
+from deployment.alerting import AlertLog, Alertmanager, alertmanager_installed, check_ready
 from deployment.monitoring import PrometheusServer, find_tritonserver
 from deployment.server import ServerError
 from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, RETIRED_AFTER_S, HoldoutMonitor
@@ -43,41 +41,6 @@ from workflows.live_store import describe
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "monitoring" / "prometheus" / "funnel-alerts.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "funnel-dashboard.json"
-
-
-# Prometheus' duration syntax (its model.ParseDuration): units from years to milliseconds, largest first.
-PROMETHEUS_DURATION = re.compile(r"0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
-
-
-def prometheus_duration(text: str) -> str:
-    """A duration Prometheus' config takes (15s, 1m30s): anything else made Prometheus exit at start,
-    which monitor.py raised as a ServerError traceback, exit status 1."""
-    if not text or not PROMETHEUS_DURATION.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"not a Prometheus duration (e.g. 15s, 1m30s): {text!r}")
-    return text
-
-
-def seconds_or_none(text: str) -> float | None:
-    """A finite number of seconds > 0, or ``none`` (None)."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds or 'none', got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 (or 'none'), got {text!r}")
-    return value
-
-
-def webhook_url(text: str) -> str:
-    """An http(s) URL: Alertmanager refuses anything else at start, after Prometheus is up."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
-    return text
 
 
 def main() -> None:
@@ -165,7 +128,7 @@ def main() -> None:
     if Path(args.alert_log).is_dir():
         parser.error(f"argument --alert-log: {args.alert_log} is a folder, not a file")
     deliver = not args.no_alertmanager
-    if deliver and not _installed():
+    if deliver and not alertmanager_installed():
         if args.alert_webhook:  # asked for explicitly: not silently dropped
             parser.error("argument --alert-webhook: alertmanager is not installed (make services)")
         print("alertmanager is not installed (make services): firing alerts are only on Prometheus' /alerts page")
@@ -230,7 +193,7 @@ def main() -> None:
             print(f"alerts      {alertmanager.url}  (delivers firing and resolved alerts to {to})")
         print(f"grafana     add a Prometheus data source with URL {prometheus.url}, then import {DASHBOARD}")
         if args.check:
-            sys.exit(check(prometheus, alertmanager))
+            sys.exit(check_ready(prometheus, alertmanager))
         print("Ctrl-C stops Prometheus, Alertmanager and the sidecar", flush=True)
         while not stop.wait(1.0):
             for name, process in (("prometheus", prometheus), ("alertmanager", alertmanager)):
@@ -249,39 +212,6 @@ def main() -> None:
     print("prometheus stopped")
     if died:
         sys.exit(1)
-
-
-def _installed() -> bool:
-    try:
-        alertmanager_binary()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def check(prometheus: PrometheusServer, alertmanager: Alertmanager | None = None, timeout_s: float = 60.0) -> int:
-    """0 once every target is up, every rule group is loaded and Prometheus sends to ``alertmanager``
-    (when there is one); 1 after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        targets = prometheus.active_targets()
-        groups = prometheus.rules()
-        up = {t["labels"]["job"]: t["health"] for t in targets}
-        senders = prometheus.active_alertmanagers()
-        sends = alertmanager is None or any(alertmanager.address in url for url in senders)
-        if up and all(h == "up" for h in up.values()) and groups and sends:
-            break
-        if time.monotonic() > deadline:
-            print(f"not ready after {timeout_s:.0f}s: targets {up}, {len(groups)} rule groups, alertmanagers {senders}")
-            return 1
-        time.sleep(0.5)
-    rules = [r for g in groups for r in g["rules"]]
-    alerts = sorted(r["name"] for r in rules if r["type"] == "alerting")
-    print(f"targets up: {', '.join(sorted(up))}")
-    print(f"{len(groups)} rule groups, {len(rules)} rules; alerts: {', '.join(alerts)}")
-    if alertmanager is not None:
-        print(f"alertmanager up: prometheus sends to {alertmanager.url}")
-    return 0
 
 
 if __name__ == "__main__":
