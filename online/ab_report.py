@@ -254,6 +254,29 @@ def one_version_per_arm(
         )
 
 
+def one_arm_per_user(users: pd.DataFrame, experiment: str | None = None) -> None:
+    """Refuse ``per_user`` rows in which one user is in more than one arm.
+
+    An experiment assigns each user to one arm for its whole life, so a user found in two arms was
+    reassigned mid-experiment: it was started again under the same name with another salt or other
+    shares (a ramp), or rows of unknown experiment ('') from another period were read with it. Such a
+    user is two rows, one per arm, in every comparison and in the sample-ratio check (counted twice,
+    each arm's figures carrying the other arm's exposure), and the tests take the rows as independent
+    units; a new salt at the same shares even passes the sample-ratio check with the moved users
+    (about half) in both arms. The comparison is one assignment's period: cut the rows by time."""
+    arms = users.groupby("user_id")["arm"].nunique()
+    moved = arms[arms > 1]
+    if len(moved):
+        of = f" of experiment {experiment!r}" if experiment is not None else ""
+        some = ", ".join(str(u) for u in moved.index[:5])
+        raise ValueError(
+            f"{len(moved)} of {len(arms)} users in the rows{of} are in more than one arm (users {some}"
+            f"{', ...' if len(moved) > 5 else ''}): the assignment changed mid-experiment (started again under "
+            "the same name with another salt or other shares, or rows of unknown experiment from another period). "
+            "A user is one unit of one arm; analyse the rows of one assignment's period (cut them by time)"
+        )
+
+
 def before_rollout(
     impressions: pd.DataFrame,
     feedback: pd.DataFrame,
@@ -337,12 +360,15 @@ def analyze(
     Each arm must have been served by one model version (``one_version_per_arm``): a log that spans
     ``roll_out_treatment`` holds the control arm on the control's version before it and on the
     treatment's after, under the same experiment, and is refused; pass the rows logged before the rollout
-    (``before_rollout``, with the rollout the experiment started with)."""
+    (``before_rollout``, with the rollout the experiment started with). A user found in more than one
+    arm (the experiment restarted under its name with another salt or shares) is refused too
+    (``one_arm_per_user``)."""
     impressions = of_experiment(impressions, rollout.experiment.name)
     if empty_responses is not None:
         empty_responses = of_experiment(empty_responses, rollout.experiment.name)
     one_version_per_arm(impressions, empty_responses, rollout.experiment.name)
     users = per_user(impressions, feedback, empty_responses)
+    one_arm_per_user(users, rollout.experiment.name)
     summary = arm_summary(users, served_versions(impressions, empty_responses))
     by_arm = {arm: users[users["arm"] == arm] for arm in users["arm"].unique()}
     if control not in by_arm or treatment not in by_arm:

@@ -475,3 +475,37 @@ def test_the_ab_summary_names_the_model_version_each_arm_was_served_by(tmp_path)
         HOLDOUT: "2",
     }
     assert "<th>model_version</th>" in paths["html"].read_text()
+
+
+def test_the_ab_analysis_refuses_a_user_found_in_two_arms():
+    """An experiment started again under its name with another salt (or other shares) reassigns users
+    mid-experiment. ``per_user`` keeps one row per (arm, user), so each moved user was two independent
+    units, one in each arm: with a new salt at the same shares the sample-ratio check passed (462 "users"
+    of 300, the 162 moved ones in both arms) and a decision was read from it. ``analyze`` refuses it;
+    one period reads as before."""
+    import pandas as pd
+
+    from configs import ExperimentConfig
+    from online.ab_report import analyze
+
+    columns = ["request_id", "ts", "user_id", "item_id", "position", "model_version", "arm", "served_by", "experiment"]
+    first = Rollout(Experiment("e", "s1", holdout=0.0), {"control": 1, "treatment": 2}, control_version=1)
+    again = Rollout(Experiment("e", "s2", holdout=0.0), {"control": 1, "treatment": 2}, control_version=1)
+    rows, fb = [], []
+    for day, rollout in enumerate((first, again)):
+        for user in range(300):
+            arm, version = rollout.version_for(user)
+            rid = f"r{day}-{user}"
+            rows += [
+                (rid, float(day), user, item, pos, str(version), arm, "model", "e") for pos, item in enumerate((1, 2))
+            ]
+            if user % 4 == 0:
+                fb.append((rid, float(day), user, 1, "click", 1.0))
+    imp = pd.DataFrame(rows, columns=columns)
+    fb = pd.DataFrame(fb, columns=["request_id", "ts", "user_id", "item_id", "event", "value"])
+    moved = sum(first.experiment.assign(u) != again.experiment.assign(u) for u in range(300))
+    assert moved > 100
+    with pytest.raises(ValueError, match=f"{moved} of 300 users .* are in more than one arm"):
+        analyze(imp, fb, first, ExperimentConfig(), catalog_size=5)
+    one_period = analyze(imp[imp["ts"] < 1], fb[fb["ts"] < 1], first, ExperimentConfig(), catalog_size=5)
+    assert sum(one_period.srm.observed.values()) == 300
