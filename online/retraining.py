@@ -6,7 +6,8 @@ every step is
 * idempotent: its result is written to ``<run_dir>/<step>.json`` and a re-run skips finished steps
   (not one whose earlier steps' results changed since it ran);
 * retried with exponential backoff (``tenacity``) on failure, except a deliberate refusal
-  (``StepRefused``: the gate saying no), which the same inputs would only repeat;
+  (``StepRefused``: the gate saying no), which the same inputs would only repeat; every failed
+  attempt is logged (a warning: step, attempt number, the error with the step's traceback);
 * bounded by a timeout: the step runs in a child process that is terminated when it overruns (and
   that ends itself when the runner is gone);
 * alerting: a step that still fails appends an alert to a local file and sends it to a webhook URL
@@ -278,7 +279,18 @@ def _run_steps(steps: list[Step], run_dir: Path, settings: dict, alerter: Alerte
             ):
                 with attempt:
                     attempts.append(time.time())
-                    result = run_with_timeout(step.fn, context, step.timeout_s)
+                    try:
+                        result = run_with_timeout(step.fn, context, step.timeout_s)
+                    except Exception as err:  # each attempt's failure, not only the last one's in the alert
+                        log.warning(
+                            "retraining step %r attempt %d of %d %s: %s",
+                            step.name,
+                            len(attempts),
+                            step.attempts,
+                            "refused" if isinstance(err, StepRefused) else "failed",
+                            err,
+                        )
+                        raise
         except RetryError as err:
             _fail(step.name, len(attempts), err.last_attempt.exception(), run_dir, alerter)
         except StepRefused as err:

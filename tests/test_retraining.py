@@ -53,6 +53,29 @@ def test_a_hanging_step_times_out_retries_then_alerts(tmp_path):
     assert not (tmp_path / "run" / "slow.json").exists()
 
 
+def fails_differently(context):
+    """Fails on every attempt, each time for another reason (state kept in a file across processes)."""
+    counter = Path(context["run_dir"]) / "fails.count"
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    raise OSError(f"reason {n}")
+
+
+def test_every_failed_attempt_is_logged_with_its_number_and_reason(tmp_path, caplog):
+    """Only the last attempt's error reached the alert and the exception; the runner logged nothing, so
+    why the earlier attempts failed (an out-of-memory kill before a timeout) was lost."""
+    caplog.set_level("WARNING", logger="online.retraining")
+    with pytest.raises(RetrainingFailed, match="reason 2"):
+        run_pipeline(
+            [Step("s", fails_differently, timeout_s=60, attempts=2)], tmp_path / "run", {}, Alerter(), backoff_s=0.01
+        )
+    messages = [r.getMessage() for r in caplog.records if r.name == "online.retraining"]
+    assert len(messages) == 2, messages
+    assert "'s' attempt 1 of 2 failed" in messages[0] and "OSError: reason 1" in messages[0]
+    assert "'s' attempt 2 of 2 failed" in messages[1] and "OSError: reason 2" in messages[1]
+    assert "Traceback" in messages[0]  # the step's own traceback, from its process
+
+
 def big_result(context):
     return {"rows": [f"{n:0100d}" for n in range(2000)]}  # about 200 KB: more than a pipe's buffer
 
