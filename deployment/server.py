@@ -655,7 +655,7 @@ class TritonServer(LoggedProcess):
                 except Exception:
                     ready = False
                 if ready:
-                    self.wait_until_listening()
+                    self.wait_until_listening(cancelled=cancelled)
                     return
                 time.sleep(0.5)
                 # Progress: the log grew, or the server and its stubs used CPU (idle stubs' metric
@@ -665,13 +665,13 @@ class TritonServer(LoggedProcess):
                 if progress is None or now_progress[0] != progress[0] or busy:
                     progress, since = now_progress, time.monotonic()
                 elif time.monotonic() - since > STALL_S:
-                    loading = self.dump_stub_stacks()
+                    loading = self.dump_stub_stacks(cancelled=cancelled)
                     raise ServerStalled(
                         loading, f"tritonserver made no progress for {STALL_S:.0f}s; models still loading: {loading}"
                     )
         finally:
             client.close()
-        loading = self.dump_stub_stacks()
+        loading = self.dump_stub_stacks(cancelled=cancelled)
         raise ServerError(
             f"tritonserver not ready after {self.startup_timeout:.0f}s; models still loading: {loading}\n"
             f"{self.start_log_tail(200)}"
@@ -709,12 +709,16 @@ class TritonServer(LoggedProcess):
             return set()
         return {c.laddr.port for c in sockets if c.status == psutil.CONN_LISTEN}
 
-    def wait_until_listening(self, timeout: float = 10.0) -> None:
+    def wait_until_listening(self, timeout: float = 10.0, cancelled: Callable[[], bool] | None = None) -> None:
         """Once ready (HTTP answers), wait until gRPC and metrics listen too: Triton starts metrics
-        after HTTP, and a metrics port found taken does not stop it (``PortTaken``)."""
+        after HTTP, and a metrics port found taken does not stop it (``PortTaken``). ``cancelled``
+        (the start's) ends the wait (``StartCancelled``): it ignored it, and a stop asked for here
+        waited out the whole ``timeout`` (10 s)."""
         wanted = {self.grpc_port, self.http_port, self.metrics_port}
         deadline = time.monotonic() + timeout
         while True:
+            if cancelled is not None and cancelled():
+                raise StartCancelled("tritonserver start cancelled while it waited for its ports")
             self.raise_if_port_taken()
             missing = wanted - self.listening_ports()
             if not missing:
@@ -735,9 +739,10 @@ class TritonServer(LoggedProcess):
         groups = {"tritonserver": [self.process.pid], **self.stub_pids()}
         return {name: sum(process_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
 
-    def dump_stub_stacks(self, wait_s: float = 2.0) -> list[str]:
+    def dump_stub_stacks(self, wait_s: float = 2.0, cancelled: Callable[[], bool] | None = None) -> list[str]:
         """Ask the stubs of models that did not load to print their threads' stacks into the log
-        (``serving/triton_model.py`` registers the handler); return those models' names."""
+        (``serving/triton_model.py`` registers the handler); return those models' names. The wait
+        for the stacks ends early once ``cancelled`` (the start's) returns true."""
         loaded = set(re.findall(r"successfully loaded '([^']+)'", self.start_log()))
         loading = sorted(set(self.stub_pids()) - loaded)
         for model in loading:
@@ -747,7 +752,7 @@ class TritonServer(LoggedProcess):
                 except ProcessLookupError:
                     pass
         if loading:
-            time.sleep(wait_s)
+            pause_unless_cancelled(wait_s, cancelled)
         return loading
 
     def restart(self, stop_timeout: float = 10.0, cancelled: Callable[[], bool] | None = None) -> TritonServer:

@@ -442,6 +442,65 @@ def test_a_cancelled_start_does_not_wait_out_the_pause_before_an_abort_retry(tmp
         server.cleanup()
 
 
+def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tmp_path, monkeypatch):
+    """Two waits of the start ignored ``cancelled`` (serve.py's SIGTERM, the supervisor's
+    stop(cancel_restart=True)): the wait for gRPC and metrics to listen once HTTP answered (up to
+    10 s) and the pause for the stubs' stacks at a stall (2 s). Each now ends within a poll."""
+    import sys
+    import threading
+    import time
+
+    from deployment import server as server_module
+    from deployment.server import StartCancelled, TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cancel, cancelled_at = threading.Event(), []
+
+    def cancelling(method):  # cancels as ``method`` begins, then runs it
+        def run(self, *args, **kwargs):
+            cancel.set()
+            cancelled_at.append(time.monotonic())
+            return method(self, *args, **kwargs)
+
+        return run
+
+    # HTTP answers ready; gRPC and metrics never listen (the wait's 10 s timeout).
+    server = TritonServer(repo, log_path=tmp_path / "ports.log", startup_timeout=60)
+    http_only = [
+        sys.executable,
+        "-c",
+        "import http.server as h\n"
+        "class Ready(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+        f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
+    ]
+    monkeypatch.setattr(TritonServer, "command", lambda self: http_only)
+    monkeypatch.setattr(TritonServer, "wait_until_listening", cancelling(TritonServer.wait_until_listening))
+    try:
+        with pytest.raises(StartCancelled, match="waited for its ports"):
+            server.start(cancelled=cancel.is_set)
+        assert time.monotonic() - cancelled_at[0] < 1.0
+        assert server.process is None
+    finally:
+        server.cleanup()
+
+    # A stall: a process that neither logs nor uses CPU, with a stub still loading.
+    cancel.clear()
+    cancelled_at.clear()
+    monkeypatch.setattr(server_module, "STALL_S", 1.0)
+    server = TritonServer(repo, log_path=tmp_path / "stall.log", startup_timeout=60)
+    monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(TritonServer, "stub_pids", lambda self: {"ranker": []})
+    monkeypatch.setattr(TritonServer, "dump_stub_stacks", cancelling(TritonServer.dump_stub_stacks))
+    try:
+        with pytest.raises(StartCancelled):
+            server.start(cancelled=cancel.is_set)
+        assert time.monotonic() - cancelled_at[0] < 1.0
+    finally:
+        server.cleanup()
+
+
 def test_a_start_reports_and_diagnoses_from_its_own_log_lines_only(tmp_path, monkeypatch):
     """A log is appended to across starts (a retry, a restart, serve.py --log run again): an earlier
     start's errors are not this exit's, and its models loaded then are not loaded now."""
@@ -499,7 +558,7 @@ def test_a_given_port_another_server_answers_on_fails_the_start_naming_it(tmp_pa
     ]
     monkeypatch.setattr(TritonServer, "command", lambda self: loads)
     listening = TritonServer.wait_until_listening
-    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0: listening(self, 0.5))
+    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, *_, **kw: listening(self, 0.5, **kw))
     try:
         with pytest.raises(PortTaken, match=f"HTTP port {port} already in use"):
             server.start()
@@ -552,7 +611,7 @@ def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, mo
     # Stand-in processes for tritonserver (real processes, the real start and stop; no model needed):
     # one that answers the readiness probe over HTTP (the other two ports are not checked here), and
     # one that exits at once.
-    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0: None)
+    monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0, **kw: None)
 
     def serving(server):
         return [
