@@ -588,6 +588,7 @@ class TritonServer(LoggedProcess):
             mine = [name for name in self._chosen_ports if getattr(self, name) in taken.ports]
             if not mine or port_retries <= 0:
                 raise
+            self.raise_if_cancelled(cancelled, "before it started again on other ports", taken)
             for name in mine:
                 setattr(self, name, free_port())
             print(f"tritonserver: port(s) {taken.ports} taken while it loaded; starting it again", file=sys.stderr)
@@ -599,6 +600,7 @@ class TritonServer(LoggedProcess):
             self.keep_log = True
             self.stop()
             if retry_stalled:
+                self.raise_if_cancelled(cancelled, "before it started again after a stall", failed)
                 print(
                     f"tritonserver stalled ({failed.loading}) while loading; starting it again (log {self.log_path})",
                     file=sys.stderr,
@@ -629,6 +631,17 @@ class TritonServer(LoggedProcess):
             failed.add_note(f"tritonserver log: {self.log_path}")
             raise
         return self
+
+    def raise_if_cancelled(
+        self, cancelled: Callable[[], bool] | None, when: str, cause: BaseException | None = None
+    ) -> None:
+        """Raise ``StartCancelled`` (from ``cause``) if ``cancelled`` returns true: asked before a retry
+        or a restart starts a fresh process, which the first poll would only stop again (its stop
+        waiting up to ``stop_timeout`` for a server that was loading)."""
+        if cancelled is not None and cancelled():
+            cancel = StartCancelled(f"tritonserver start cancelled {when}")
+            cancel.add_note(f"tritonserver log: {self.log_path}")
+            raise cancel from cause
 
     def wait_until_ready(self, cancelled: Callable[[], bool] | None = None) -> None:
         import tritonclient.http as httpclient
@@ -763,6 +776,7 @@ class TritonServer(LoggedProcess):
         as ``start``'s."""
         self.keep_log = True
         self.stop(timeout=stop_timeout)
+        self.raise_if_cancelled(cancelled, "before the restart started it again")
         return self.start(port_retries=0, cancelled=cancelled)  # clients know these ports: a taken one is an error
 
     def healthy(self, timeout: float = 5.0) -> bool:

@@ -445,7 +445,8 @@ def test_a_cancelled_start_does_not_wait_out_the_pause_before_an_abort_retry(tmp
 def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tmp_path, monkeypatch):
     """Two waits of the start ignored ``cancelled`` (serve.py's SIGTERM, the supervisor's
     stop(cancel_restart=True)): the wait for gRPC and metrics to listen once HTTP answered (up to
-    10 s) and the pause for the stubs' stacks at a stall (2 s). Each now ends within a poll."""
+    10 s) and the pause for the stubs' stacks at a stall (2 s). Each now ends within a poll, and
+    neither a stall's retry nor a restart starts a fresh process once cancelled."""
     import sys
     import threading
     import time
@@ -456,6 +457,7 @@ def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tm
     repo = tmp_path / "repo"
     repo.mkdir()
     cancel, cancelled_at = threading.Event(), []
+    spawn = TritonServer.spawn
 
     def cancelling(method):  # cancels as ``method`` begins, then runs it
         def run(self, *args, **kwargs):
@@ -493,10 +495,19 @@ def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tm
     monkeypatch.setattr(TritonServer, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
     monkeypatch.setattr(TritonServer, "stub_pids", lambda self: {"ranker": []})
     monkeypatch.setattr(TritonServer, "dump_stub_stacks", cancelling(TritonServer.dump_stub_stacks))
+    started = []
+    monkeypatch.setattr(TritonServer, "spawn", lambda self, cmd, **kw: started.append(cmd) or spawn(self, cmd, **kw))
     try:
-        with pytest.raises(StartCancelled):
+        # No second process for the stall's retry: its first poll would only stop it again.
+        with pytest.raises(StartCancelled, match="after a stall"):
             server.start(cancelled=cancel.is_set)
         assert time.monotonic() - cancelled_at[0] < 1.0
+        assert len(started) == 1
+        # A restart asked to stop while it stopped the old server starts no new one.
+        started.clear()
+        with pytest.raises(StartCancelled, match="before the restart"):
+            server.restart(cancelled=lambda: True)
+        assert started == []
     finally:
         server.cleanup()
 
