@@ -2,6 +2,7 @@
 and no module reaches into another's private names (read from the source with ``ast``)."""
 
 import ast
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,31 +101,52 @@ def test_every_module_and_triton_entry_point_imports():
         assert "TritonPythonModel" in runpy.run_path(str(entry)), entry
 
 
+def direct_parquet_reads(source: str, where: str) -> list[str]:
+    """``pd.read_parquet``, ``from pandas import read_parquet`` and ``read_dispatch(...)`` in ``source``."""
+    direct = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "read_parquet"
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("pd", "pandas")
+        ):
+            direct.append(f"{where}:{node.lineno} {node.value.id}.read_parquet")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "read_dispatch":
+            direct.append(f"{where}:{node.lineno} read_dispatch")
+        elif isinstance(node, ast.ImportFrom) and node.module == "pandas":
+            direct += [
+                f"{where}:{node.lineno} from pandas import read_parquet" for a in node.names if a.name == "read_parquet"
+            ]
+    return direct
+
+
+def notebook_code_cells(path: Path):
+    """``(cell id, Python source)`` of each code cell of the notebook at ``path``, IPython magics and shell
+    lines turned into the calls IPython runs for them."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    transform = TransformerManager().transform_cell
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            yield cell.get("id"), transform(source)
+
+
 def test_host_parquet_reads_go_through_the_local_parquet_helper():
     """``pd.read_parquet`` on a local path hands pyarrow a Python file object, whose buffers can abort the
-    process at exit (workflows/local_parquet.py): no module outside tests/ calls it, or Merlin's parquet
-    dispatch, itself."""
+    process at exit (workflows/local_parquet.py): no module outside tests/, and no notebook code cell, calls
+    it, or Merlin's parquet dispatch, itself."""
     helper = "workflows.local_parquet"
     direct = []
     for name, path in modules().items():
-        if name == helper:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.Attribute)
-                and node.attr == "read_parquet"
-                and isinstance(node.value, ast.Name)
-                and node.value.id in ("pd", "pandas")
-            ):
-                direct.append(f"{name}:{node.lineno} {node.value.id}.read_parquet")
-            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "read_dispatch":
-                direct.append(f"{name}:{node.lineno} read_dispatch")
-            elif isinstance(node, ast.ImportFrom) and node.module == "pandas":
-                direct += [
-                    f"{name}:{node.lineno} from pandas import read_parquet"
-                    for a in node.names
-                    if a.name == "read_parquet"
-                ]
+        if name != helper:
+            direct += direct_parquet_reads(path.read_text(), name)
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        for cell_id, source in notebook_code_cells(path):
+            direct += direct_parquet_reads(source, f"notebooks/{path.name}[{cell_id}]")
     assert not direct, direct
 
 

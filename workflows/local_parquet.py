@@ -11,8 +11,9 @@ handle (pyarrow opens the path natively) and leaves the rest of the read as it w
 restores from its metadata are unchanged.
 
 Every host-side read of a parquet file goes through :func:`read_parquet` (tests/test_layout.py checks that
-no module calls ``pd.read_parquet`` itself); :func:`read_parquet_dispatched` keeps cudf, which opens files
-natively, where Merlin's dispatch picks it. Dask and Merlin ``Dataset`` collections read their own way.
+no module and no notebook code cell calls ``pd.read_parquet`` itself); :func:`read_parquet_dispatched` keeps
+cudf, which opens files natively, where Merlin's dispatch picks it. Dask and Merlin ``Dataset`` collections
+read their own way.
 """
 
 from __future__ import annotations
