@@ -28,7 +28,7 @@ from workflows.cluster import check_scheduler
 from workflows.pipeline import prepare_dataset
 from workflows.sources import SPEC_FILE
 from workflows.spec import SpecError, load_spec, raw_schema_spec
-from workflows.validate import DatasetError
+from workflows.validate import DatasetError, Defect
 
 MOVIELENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml"
 
@@ -120,7 +120,7 @@ def main() -> None:
     for note in dataset["adaptations"]:
         print(f"adapted: {note}")
     for w in dataset["warnings"]:
-        print(f"warning: {w['file']}: column {w['column']!r}: {w['message']} ({w['rows']} rows, e.g. {w['example']!r})")
+        print(f"warning: {Defect(**w)}")
     for step in summary["steps"]:
         print(
             f"{step['step']:<24} rows {step['rows_before']:>9} -> {step['rows_after']:>9}  "

@@ -610,6 +610,38 @@ def test_prepare_data_refuses_a_scheduler_that_is_no_address_as_an_argument_erro
     assert not raw.exists() and not (tmp_path / "cache").exists()
 
 
+def test_prepare_data_prints_a_warning_as_the_defect_reads(tmp_path, monkeypatch, capsys):
+    """The script spelt each input warning out itself: "(1 rows, e.g. ...)" for an event of one unknown
+    item (checks.missing_items: warn). It prints the warning as its Defect reads: "1 row", "2 rows"."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("prepare_data_script", ROOT / "scripts" / "prepare_data.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    message = "refers to items missing from the item table items.csv"
+    warnings = [
+        {"file": "events-000.csv", "column": "sku", "message": message, "rows": 1, "example": "X1"},
+        {"file": "events-001.csv", "column": "sku", "message": message, "rows": 2, "example": 7},
+    ]
+    keys = ("cutoff", "train_rows", "valid_rows", "known_users", "known_items", "duplicate_items")
+    summary = {
+        **dict.fromkeys(keys, 0),
+        "dataset": {"name": "shop", "labels": [], "adaptations": [], "warnings": warnings},
+        "steps": [],
+        "checks": [],
+    }
+    monkeypatch.setattr(prepare, "load_spec", lambda path: path)
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda *args, **kwargs: SimpleNamespace(summary=summary))
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "--spec", "shop/dataset.yaml", "--out", str(tmp_path / "out")])
+    prepare.main()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert printed == [
+        f"warning: events-000.csv: column 'sku': {message} (1 row, e.g. 'X1')",
+        f"warning: events-001.csv: column 'sku': {message} (2 rows, e.g. 7)",
+    ], printed
+
+
 class ServerThatDies:
     """scripts/serve.py's TritonServer, up at once, whose process then exits on its own (a crash)."""
 
