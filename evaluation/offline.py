@@ -331,7 +331,7 @@ def _replayable(stage, seed: int):
 
 
 # The stages that read the live store (``live_store=``): what users just did, what was taken down.
-LIVE = ("feature_lookup", "ordering")
+LIVE = ("feature_lookup", "filtering", "ordering")
 
 
 def at_training_end(stages: list) -> list:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 
 from serving.interface import FUNNEL_INPUTS, FUNNEL_OUTPUTS, FUSED
-from serving.stages import FUNNEL, STAGES, FeatureLookup, Ordering, Stage, live_store_of
+from serving.stages import FUNNEL, STAGES, FeatureLookup, Filtering, Ordering, Stage, live_store_of
 
 
 class FusedFunnel(Stage):
@@ -43,8 +43,8 @@ class FusedFunnel(Stage):
         self.stages: list[Stage] = []
         for name in FUNNEL:
             folder = self.artifacts / name
-            if STAGES[name] is FeatureLookup:
-                stage = FeatureLookup(folder, live_store=live)
+            if STAGES[name] in (FeatureLookup, Filtering):
+                stage = STAGES[name](folder, live_store=live)
             elif STAGES[name] is Ordering:
                 stage = Ordering(folder, live_store=live, retrieval_artifacts=self.artifacts / "retrieval")
             else:

@@ -9,7 +9,8 @@ without a server.
     feature_lookup  user_id            -> user_categorical, user_continuous, user_known, seen_items
     query_tower     user features      -> query_embedding
     retrieval       query_embedding    -> candidate_ids (encoded), retrieval_scores
-    filtering       candidates, seen, excluded -> filtered_ids (exclude_item_ids: optional request context)
+    filtering       candidates, seen, excluded -> filtered_ids (exclude_item_ids: optional request context;
+                    takedowns from the live store)
     light_ranker    user features, ids -> light_ids (the best ``light_ranker_k``), light_scores in [0, 1]
     heavy_ranker    user features, ids -> heavy_scores in [0, 1] (weighted sum of the signal heads)
     ordering        scores, seen, k, known -> item_ids (raw), scores, model_version, served_by, stage_counts
@@ -439,26 +440,51 @@ class Retrieval(Stage):
 
 
 class Filtering(Stage):
-    """Drops candidates the user has already seen and those the request excludes (its context)."""
+    """Drops candidates the user has already seen, those the request excludes (its context) and those
+    taken down since the export (``workflows/live_store.py``), so the light ranker keeps its
+    ``light_ranker_k`` among items that can be served. (The ordering stage drops takedowns again: a
+    takedown that reaches it between the two stages' reads, and the paths without the light ranker.)"""
 
     name = "filtering"
     inputs = (EXCLUDE, Tensor("candidate_ids", "INT64"), SEEN)
     outputs = (Tensor("filtered_ids", "INT64"),)
 
-    def __init__(self, artifacts):
+    def __init__(self, artifacts, live_store: str | None = None):
         super().__init__(artifacts)
+        from configs import LiveConfig
+
         items = read_parquet(self.artifacts / "item_features.parquet", columns=["item_id", "item_id_raw"])
         self.encoded_of = pd.Series(items["item_id"].to_numpy(), index=items["item_id_raw"].to_numpy())
         self.aliases = ItemAliases.load(self.artifacts)  # excluding either copy of an item excludes it
         self.limits = RequestLimits.from_serving(self.serving)
+        location = live_store or live_store_of(self.artifacts)
+        self.takedowns = None
+        if location:
+            from workflows.live_store import LiveStore, TakedownList
+
+            refresh_s = LiveConfig(**self.serving.get("live", {})).takedown_refresh_s
+            self.takedowns = TakedownList(LiveStore(location), refresh_s)
+
+    def close(self) -> None:
+        """Close the live store the takedowns are read from (idempotent)."""
+        if self.takedowns is not None:
+            self.takedowns.store.close()
+
+    def encoded(self, raw_ids: np.ndarray) -> np.ndarray:
+        """The encoded ids of the raw ids ``raw_ids`` the catalog holds (a duplicate's id as its item's)."""
+        raw_ids = self.aliases.canonical_ids(raw_ids)
+        return self.encoded_of.reindex(raw_ids).dropna().to_numpy(np.int64) if raw_ids.size else raw_ids
 
     def run(self, inputs):
         candidates = np.asarray(inputs["candidate_ids"], dtype=np.int64).reshape(-1)
         seen = np.asarray(inputs["seen_items"], dtype=np.int64).reshape(-1)
         keep = ~np.isin(candidates, seen)
-        excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
-        if excluded.size:  # ids the catalog does not hold cannot be candidates anyway
-            keep &= ~np.isin(candidates, self.encoded_of.reindex(excluded).dropna().to_numpy(np.int64))
+        # ids the catalog does not hold cannot be candidates anyway
+        dropped = self.encoded(self.limits.excluded(inputs))
+        if self.takedowns is not None:  # before the light ranker's cut: a taken-down item takes no slot
+            dropped = np.concatenate([dropped, self.encoded(self.takedowns.ids())])
+        if dropped.size:
+            keep &= ~np.isin(candidates, dropped)
         return {"filtered_ids": candidates[keep]}
 
 

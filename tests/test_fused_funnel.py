@@ -233,7 +233,10 @@ def test_the_fused_funnel_reads_what_users_just_did_and_what_was_taken_down(mode
         for item in (after[0], popular):
             store.set_takedown(item, True, "test: unsafe", "tests")
         time.sleep(fused.stages[-1].live_config.takedown_refresh_s + 0.2)
-        assert after[0] not in fused.run(known)["item_ids"].tolist()
+        served = fused.run(known)
+        assert after[0] not in served["item_ids"].tolist()
+        # dropped by the filters, before the light ranker's cut (the fused filters read the same store)
+        assert after[0] not in fused.stages[-1].raw_ids[served["filtered_ids"]].tolist()
         assert popular not in fused.run(unknown)["item_ids"].tolist()
     finally:
         store.close()
@@ -372,3 +375,60 @@ def test_closing_the_fused_funnel_or_a_stage_closes_every_store_it_opened(tmp_pa
     assert still_open(cons) == []
     lookup.close(), ordering.close()
     stages.Ordering(folders["ordering"]).close()  # outside an exported repository: no live store to close
+
+
+def test_a_taken_down_item_is_filtered_before_the_light_ranker_and_takes_none_of_its_places(tmp_path, monkeypatch):
+    """Takedowns were dropped by the ordering stage alone, after both rankers: a taken-down candidate
+    the light ranker liked took one of its ``light_ranker_k`` places, and the heavy ranker (and the
+    list built from it) got one live candidate fewer. The filters stage drops them now, with the seen
+    and the excluded items, a duplicate's id as its item's; nothing changes where nothing is down."""
+    import json
+
+    from models.registry import MANIFEST
+    from serving.item_aliases import FILE as ALIASES
+    from workflows.live_store import STORE_ENV, LiveStore, store_location
+
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    ids = np.arange(10)
+    repo = tmp_path / "triton_repo"  # an exported repository: its stages read the store beside it
+    folder = repo / "filtering" / "1"
+    folder.mkdir(parents=True)
+    (repo / "export.json").write_text("{}")
+    features = {"user_categorical": [], "user_continuous": []}
+    manifest = {"version": 1, "features": features, "config": {"serving": {"live": {"takedown_refresh_s": 0.001}}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    pd.DataFrame({"item_id": ids, "item_id_raw": ids + 1000}).to_parquet(folder / "item_features.parquet")
+    pd.DataFrame({"item_id_raw": [9005], "canonical_item_id_raw": [1005]}).to_parquet(folder / ALIASES)
+    store = LiveStore(store_location(repo))
+    filtering = stages.Filtering(folder)  # as Triton's model.py builds it
+    request = {
+        "candidate_ids": np.array([3, 0, 5, 7, 1, 2], dtype=np.int64),  # retrieval's order
+        "seen_items": np.array([0], dtype=np.int64),
+        "exclude_item_ids": np.array([1002], dtype=np.int64),
+    }
+    try:
+        untouched = filtering.run(request)["filtered_ids"].tolist()
+        assert untouched == [3, 5, 7, 1]  # nothing down: what the filters always gave
+        store.set_takedown(1003, True, "unsafe", "tests")
+        store.set_takedown(9005, True, "a copy of an unsafe item", "tests")  # the duplicate's id of 1005
+        store.set_takedown(4242, True, "not in this catalog", "tests")
+        time.sleep(0.01)  # past the list's refresh (1 ms here)
+        filtered = filtering.run(request)["filtered_ids"]
+        assert filtered.tolist() == [7, 1]  # old code: [3, 5, 7, 1], left to the ordering stage
+        # The light ranker's cut is over live candidates only: its best 2 are both servable.
+        light = stages.LightRanker.__new__(stages.LightRanker)
+        light.keep = 2
+        scores = np.array([0.9, 0.8], dtype=np.float32)
+        assert light._keep_best(filtered, scores)["light_ids"].tolist() == [7, 1]
+        store.set_takedown(1003, False, "appeal upheld", "tests")
+        time.sleep(0.01)
+        assert filtering.run(request)["filtered_ids"].tolist() == [3, 7, 1]
+    finally:
+        store.close()
+        filtering.close()
+        filtering.close()  # idempotent
+    (repo / "export.json").unlink()
+    assert stages.Filtering(folder).takedowns is None  # outside an exported repository: no live store
+    given = stages.Filtering(folder, live_store=store_location(repo))  # as the fused funnel builds it
+    assert given.run(request)["filtered_ids"].tolist() == [3, 7, 1]  # 1005 still down (by its copy 9005)
+    given.close()
