@@ -462,3 +462,215 @@ def test_live_vs_holdout_compares_with_one_holdout_model_version(tmp_path):
         if lab["metric"] == "ctr" and lab["group"] == "holdout"
     }
     assert holdout == {("1", "1"): pytest.approx(0.3), ("2", "2"): pytest.approx(0.1), ("3", "2"): pytest.approx(0.1)}
+
+
+# Labels Prometheus adds to every scraped series, and the jobs that scrape them (scripts/monitor.py,
+# monitoring/prometheus/prometheus.yml).
+SCRAPE_LABELS = {"job": {"tritonserver", "funnel-monitor"}, "instance": None}
+# Triton's own metrics the dashboard and rules read (tritonserver 2.51; ``reason`` on failures).
+TRITON_SERIES = {
+    "nv_inference_request_success": {"model": None, "version": None},
+    "nv_inference_request_failure": {"model": None, "version": None, "reason": None},
+    "nv_inference_request_duration_us": {"model": None, "version": None},
+    "up": {},
+}
+PROMQL_WORDS = {
+    *("sum", "max", "min", "avg", "count", "abs", "rate", "increase", "histogram_quantile", "vector", "scalar"),
+    *("time", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool"),
+}
+
+
+def _exported_series() -> dict[str, dict[str, set | None]]:
+    """``{series name: {label: the values the code gives it, or None for any}}``, from the code itself:
+    every stage's, the router's and the feedback endpoint's metrics made with a stand-in ``pb_utils``,
+    a stub's ``ProcessSampler``, the sidecar's process and live-vs-holdout expositions (parsed)."""
+    import pandas as pd
+
+    from online.ab_report import HoldoutMonitor
+    from serving.metrics import (
+        CANDIDATE_OUTPUT,
+        OnlineMetrics,
+        ProcessSampler,
+        StageMetrics,
+        parse_prometheus,
+        process_exposition,
+    )
+
+    pb = SimpleNamespace(MetricFamily=_Family)
+    _Family.made = []
+    for stage in [*CANDIDATE_OUTPUT, "feature_lookup", "query_tower", "fused_funnel"]:
+        StageMetrics(pb, stage, 1, ["out"])
+    OnlineMetrics(pb, "router", {"control": 1, "treatment": 2, "holdout": 1}, {"control": 0.5, "treatment": 0.5})
+    OnlineMetrics(pb, "feedback").record(
+        [("feedback", 1.0, {"arm": "control", "version": "1"}, [(e, 1.0) for e in ("click", "watch_seconds")])]
+        + [("feedback", 1.0, {"arm": "control", "version": "1"}, [(e, 1.0) for e in ("like", "share", "churn")])]
+    )
+    ProcessSampler(pb, {"model": "ordering", "version": 1, "model_instance": "ordering_0"}, 3600).close()
+    series: dict[str, dict[str, set | None]] = {}
+    for m in _Family.made:
+        for label, value in m.labels.items():
+            series.setdefault(m.family, {}).setdefault(label, set()).add(value)
+        series.setdefault(m.family, {})
+    monitor = HoldoutMonitor("unused.jsonl")
+    row = dict(live=0.2, holdout=0.25, p_value=0.5, sequential_p_value=1.0, min_detectable_effect=0.06)
+    monitor._table = pd.DataFrame(
+        [
+            {"version": "2", "holdout_version": "1", "metric": m, "users_live": 9, "users_holdout": 2, **row}
+            for m in ("ctr", "watch_minutes_per_user", "retention")
+        ]
+    )
+    monitor._updated = time.time()
+    text = monitor.exposition() + process_exposition(os.getpid(), {"process": "tritonserver"})
+    for name, samples in parse_prometheus(text).items():
+        for labels, _ in samples:
+            for label, value in labels.items():
+                series.setdefault(name, {}).setdefault(label, set()).add(value)
+            series.setdefault(name, {})
+    arms = set().union(*(labels.get("arm", set()) for labels in series.values()))
+    for labels in series.values():  # the feedback endpoint's counters come with an arm's first event
+        if "arm" in labels:
+            labels["arm"] = arms
+    for label in ("stage", "version", "holdout_version", "model", "model_instance"):  # any stage, version, model
+        for labels in series.values():
+            if label in labels:
+                labels[label] = None
+    for name, labels in {**TRITON_SERIES}.items():
+        series[name] = dict(labels)
+    for labels in series.values():
+        labels.update(SCRAPE_LABELS)
+    return series
+
+
+def _closing(text: str, start: int) -> int:
+    """The index just past the parenthesis closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise ValueError(f"unbalanced: {text}")
+
+
+def _selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """``[(metric name, [(label, op, value), ...]), ...]``: the vector selectors of ``expr``."""
+    found = []
+    expr = re.sub(r"\b(by|on|ignoring|without|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # range durations
+    token = re.compile(r'"(?:[^"\\]|\\.)*"|([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\{[^}]*\})?(\s*\()?')
+    for match in token.finditer(expr):
+        name, braces, call = match.groups()
+        if not name or call or name in PROMQL_WORDS:
+            continue
+        matchers = re.findall(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', braces or "")
+        found.append((name, matchers))
+    return found
+
+
+def _groupings(expr: str) -> list[tuple[str, list[str], str]]:
+    """``[(keyword, labels, what it applies to), ...]``: an aggregation's ``by (...)`` with its argument,
+    a binary operator's ``on``/``ignoring`` with the whole expression."""
+    out = []
+    for match in re.finditer(r"\b(by|on|ignoring|without)\s*\(([^)]*)\)", expr):
+        labels = [label.strip() for label in match.group(2).split(",") if label.strip()]
+        scope = expr
+        if match.group(1) in ("by", "without"):
+            rest = match.end() + len(expr[match.end() :]) - len(expr[match.end() :].lstrip())
+            scope = expr[rest : _closing(expr, rest)]
+        out.append((match.group(1), labels, scope))
+    return out
+
+
+def _recorded_series(exported: dict) -> dict:
+    """The recording rules as series: their labels are their ``by`` labels, or their metrics' less ``ignoring``."""
+    series = dict(exported)
+    for rule in rules():
+        if "record" not in rule:
+            continue
+        expr = rule["expr"]
+        by = {label for kw, labels, _ in _groupings(expr) if kw == "by" for label in labels}
+        if by:
+            labels = {label: None for label in by}
+        else:
+            labels = {label: v for name, _ in _selectors(expr) for label, v in series[name].items()}
+            for kw, ignored, _ in _groupings(expr):
+                for label in ignored if kw == "ignoring" else ():
+                    labels.pop(label, None)
+        series[rule["record"]] = {**labels, **SCRAPE_LABELS}
+    return series
+
+
+def _label_problems(expr: str, series: dict) -> list[str]:
+    problems = []
+    for name, matchers in _selectors(expr):
+        if name not in series:
+            problems.append(f"{name}: not exported")
+            continue
+        for label, op, value in matchers:
+            if label not in series[name]:
+                problems.append(f"{name}: no label {label} (it has {sorted(series[name])})")
+            elif series[name][label] is not None and op in ("=", "=~"):
+                known = series[name][label]
+                for alternative in value.split("|") if op == "=~" else [value]:
+                    if not any(re.fullmatch(alternative, v) for v in known):
+                        problems.append(f'{name}{{{label}{op}"{value}"}}: {alternative!r} is none of {sorted(known)}')
+    for keyword, labels, scope in _groupings(expr):
+        inside = set().union(*(series.get(name, {}) for name, _ in _selectors(scope)))
+        for label in labels:
+            if label != "le" and label not in inside:
+                problems.append(f"{keyword} ({label}): no metric of {scope!r} has it")
+            if label == "le" and not all(name.endswith("_bucket") for name, _ in _selectors(scope)):
+                problems.append(f"by (le) over a series that is no histogram bucket: {scope!r}")
+    for match in re.finditer(r"histogram_quantile\(", expr):
+        call = expr[match.end() - 1 : _closing(expr, match.end() - 1)]
+        if not re.search(r"\bby \(le\b|\bby \([^)]*\ble\b", call):
+            problems.append(f"histogram_quantile not summed by (le, ...): {call}")
+    return problems
+
+
+def test_every_query_and_rule_selects_series_and_labels_the_code_exports():
+    """The name-only check above passed a query of a label the code never sets (``kind`` spelled
+    ``type``, ``by (endpoint)`` on a stage metric), a histogram's bare name (only its ``_bucket``,
+    ``_sum`` and ``_count`` exist) or a ``_total`` on a histogram's series: the panel stays empty and
+    the alert can never fire, and each alert's promtool test, written against the rule, passes all the
+    same. Here the series and labels come from the code, and the promtool tests' input series must be
+    ones the code exports too."""
+    series = _recorded_series(_exported_series())
+    assert "online_request_latency_ms" not in series and "online_request_latency_ms_bucket" in series
+    assert "le" in series["funnel_stage_latency_ms_bucket"] and "le" not in series["funnel_stage_latency_ms_sum"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + [r["expr"] for r in rules()]
+    problems = {expr: _label_problems(expr, series) for expr in exprs}
+    assert not {e: p for e, p in problems.items() if p}, {e: p for e, p in problems.items() if p}
+    # the checker itself finds what it is for
+    for wrong in (
+        'sum(rate(funnel_stage_errors_total{type="internal"}[5m]))',
+        'sum(rate(online_errors_total{kind="internal_error"}[5m]))',
+        "sum by (endpoint) (rate(funnel_stage_errors_total[5m]))",
+        "histogram_quantile(0.99, sum by (le) (rate(funnel_stage_latency_ms[5m])))",
+        "histogram_quantile(0.99, sum by (stage) (rate(funnel_stage_latency_ms_bucket[5m])))",
+        "sum(rate(funnel_stage_latency_ms_count_total[5m]))",
+        "sum by (version) (rate(online_request_latency_ms_count[5m]))",
+        "sum by (le) (rate(funnel_stage_latency_ms_sum[5m]))",
+    ):
+        assert _label_problems(wrong, series), wrong
+    # the promtool tests feed the rules series the code exports
+    unknown = []
+    for path in sorted(RULE_TESTS.glob("*.yml")):
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for item in test.get("input_series", []):
+                name, _, braces = item["series"].partition("{")
+                selector = f"{name}{{{braces}" if braces else name
+                labels = re.findall(r'([a-zA-Z_]\w*)\s*=\s*"((?:[^"\\]|\\.)*)"', selector)
+                if name not in series or not {label for label, _ in labels} <= set(series[name]):
+                    unknown.append((path.name, item["series"]))
+                else:
+                    unknown += [
+                        (path.name, item["series"])
+                        for label, value in labels
+                        if series[name][label] is not None and value not in series[name][label]
+                    ]
+    assert not unknown, unknown
+    # and docs/monitoring.md's table of what is exported names every metric a panel or an alert reads
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    read = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name, _ in _selectors(e) if ":" not in name}
+    assert not {name for name in read if f"`{name}`" not in doc and name != "up" and not name.startswith("nv_")}
