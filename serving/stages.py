@@ -885,8 +885,9 @@ class Ordering(Stage):
         """A list of fewer than ``k`` items (a known user's, or a new user's fresh history's) filled
         from the popularity fallback: the most popular items not in the user's history, the request's
         ``exclude_item_ids``, the takedowns or the list already, under the category cap, scored below
-        the list's last item. An empty list filled so is the fallback's answer (``served_by``); a
-        catalog with no such item left stays short."""
+        the list's last item. An empty list filled so is the fallback's answer (``served_by``), with
+        the fallback's popularity scores, as an unknown user is served; a catalog with no such item
+        left stays short."""
         from models.fallback import top_popular
 
         seen = inputs.get("seen_items")
@@ -894,12 +895,16 @@ class Ordering(Stage):
         seen = seen[(seen >= 0) & (seen < len(self.raw_ids))]
         excluded = self.aliases.canonical_ids(self.limits.excluded(inputs))
         drop = np.concatenate([np.asarray(item_ids, dtype=np.int64), self.raw_ids[seen], excluded, taken])
-        popular, _ = top_popular(self.popularity, len(self.popularity), exclude=drop)
+        popular, popular_scores = top_popular(self.popularity, len(self.popularity), exclude=drop)
         combined = np.concatenate([np.asarray(item_ids, dtype=np.int64), np.asarray(popular, dtype=np.int64)])
         order = self.capped(combined, k)
-        # The model's items keep their scores; the filled ones go below the last, best first.
-        last = float(scores[-1]) if len(item_ids) else 1.0
-        filled = last * (1.0 - np.arange(1, len(combined) - len(item_ids) + 1) / (len(combined) - len(item_ids) + 1))
+        if len(item_ids):  # the model's items keep their scores; the filled ones go below the last, best first
+            last, n = float(scores[-1]), len(popular)
+            filled = last * (1.0 - np.arange(1, n + 1) / (n + 1))
+        else:
+            # The whole list is the fallback's: its own popularity scores, as an unknown user gets them
+            # (before 2026-12-07 a rank score, 1 - i / (n + 1): ~0.99 where the unknown user got ~0.4).
+            filled = np.asarray(popular_scores, dtype=np.float64)
         combined_scores = np.concatenate([np.asarray(scores, dtype=np.float64).reshape(-1), filled])
         return combined[order], combined_scores[order], "model" if len(item_ids) else "fallback"
 

@@ -171,3 +171,37 @@ def test_the_history_query_searches_with_one_openmp_thread(tmp_path):
         assert faiss.omp_get_max_threads() == 1
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_a_known_user_left_without_candidates_gets_the_fallbacks_scores_as_an_unknown_user_does(tmp_path):
+    """A known user whose candidates the filters, exclusions or takedowns all removed is served the
+    whole popularity fallback (``served_by = fallback``): the same items as an unknown user with the
+    same history and exclusions, and now the same scores, the fallback's popularity scores. They were
+    rank scores, 1 - i / (n + 1) (0.98, 0.96, ... here), where the unknown user got 0.95, 0.92, ...:
+    a client thresholding or merging on ``scores`` read one fallback list as far stronger than the other."""
+    import pandas as pd
+
+    stage = small_ordering_stage(tmp_path, items=60, retrieval_k=5)
+    empty = np.zeros(0, dtype=np.int64)
+    seen = np.array([59, 57])  # raw 1059, 1057: the two most popular; under fresh_history_min_items
+
+    def ask(known: bool):
+        return stage.run(
+            {
+                "user_known": np.array([known]),
+                "k": np.array([10], dtype=np.int32),
+                "seen_items": seen,
+                "exclude_item_ids": np.array([1058, 1055]),
+                **{name: empty for name in ("candidate_ids", "filtered_ids", "light_ids")},
+                **{name: np.zeros(0, dtype=np.float32) for name in ("heavy_scores", "retrieval_scores")},
+            }
+        )
+
+    known, unknown = ask(True), ask(False)
+    assert known["served_by"][0] == unknown["served_by"][0] == b"fallback"
+    assert known["item_ids"].tolist() == unknown["item_ids"].tolist()
+    assert not {1059, 1057, 1058, 1055} & set(known["item_ids"].tolist()) and len(known["item_ids"]) == 10
+    popularity = pd.read_parquet(tmp_path / "ordering" / "1" / "popularity.parquet").set_index("item_id")["score"]
+    expected = popularity.loc[known["item_ids"]].to_numpy(np.float32)
+    np.testing.assert_array_equal(unknown["scores"], expected)
+    np.testing.assert_array_equal(known["scores"], expected)  # old code: 0.98, 0.96, ... (rank scores)
