@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Ask the served funnel for a user's recommendations over gRPC."""
+"""Ask the served funnel for a user's recommendations over gRPC; waits at most 30 s for the answer
+(serving/client.py FunnelClient). Exit 0 on an answer, 1 when the server refused the request, was
+down or did not answer (the reason on stderr), 2 for a bad argument."""
 
 import argparse
 import json

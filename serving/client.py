@@ -4,7 +4,9 @@
 
 Errors come as one of two exceptions (both ``tritonclient``'s ``InferenceServerException``):
 ``BadRequest`` (``INVALID_ARGUMENT``: the request is wrong, fix it, do not retry) and ``ServerFault``
-(``INTERNAL``, ``UNAVAILABLE``, a timeout, ...: the server's fault, a retry may succeed)."""
+(``INTERNAL``, ``UNAVAILABLE``, a timeout, ...: the server's fault, a retry may succeed). Every call
+waits at most ``timeout_s`` (30 s by default); one the server does not answer in time is a
+``ServerFault`` naming the server's address, the model and the timeout."""
 
 from __future__ import annotations
 
@@ -26,11 +28,17 @@ class ServerFault(InferenceServerException):
 
 
 @contextmanager
-def typed_errors():
-    """Re-raise tritonclient's errors as ``BadRequest`` or ``ServerFault`` by their status code."""
+def typed_errors(url: str | None = None, model: str = "", timeout_s: float | None = None):
+    """Re-raise tritonclient's errors as ``BadRequest`` or ``ServerFault`` by their status code; a call
+    to ``url`` past its ``timeout_s`` deadline as a ``ServerFault`` that says so (gRPC's own message,
+    "Deadline Exceeded", named neither the server nor how long the client had waited)."""
     try:
         yield
     except InferenceServerException as err:
+        if url is not None and timeout_s is not None and "DEADLINE_EXCEEDED" in str(err.status()):
+            raise ServerFault(
+                f"the server at {url} did not answer {model} within {timeout_s:g} s", err.status(), err.debug_details()
+            ) from err
         kind = BadRequest if "INVALID_ARGUMENT" in str(err.status()) else ServerFault
         raise kind(err.message(), err.status(), err.debug_details()) from err
 
@@ -112,13 +120,15 @@ class FunnelClient:
         timeout_s: float = 30.0,
         root_certificates: str | None = None,
     ):
-        """``root_certificates``: a PEM file that signed the server's certificate, for a server whose
+        """``timeout_s``: the longest any call waits for its answer (``None``: no limit).
+        ``root_certificates``: a PEM file that signed the server's certificate, for a server whose
         gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``, ``docs/security.md``)."""
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
         self.client = grpcclient.InferenceServerClient(url, **tls)
+        self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
 
@@ -137,7 +147,7 @@ class FunnelClient:
             tensor.set_data_from_numpy(excluded)
             inputs.append(tensor)
         wanted = names(FUNNEL_OUTPUTS) + (["arm", "request_id"] if self.model_name == ROUTER else [])
-        with typed_errors():
+        with typed_errors(self.url, self.model_name, self.timeout_s):
             result = self.client.infer(
                 self.model_name,
                 inputs,
@@ -178,7 +188,7 @@ class FunnelClient:
             tensor = g.InferInput(name, list(value.shape), dtype)
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        with typed_errors():
+        with typed_errors(self.url, FEEDBACK, self.timeout_s):
             result = self.client.infer(
                 FEEDBACK, inputs, outputs=[g.InferRequestedOutput("accepted")], client_timeout=self.timeout_s
             )

@@ -1179,6 +1179,26 @@ def test_the_client_refuses_a_user_id_or_k_that_is_not_one_value(monkeypatch):
     client.close()
 
 
+def test_the_client_names_the_server_and_the_timeout_when_no_answer_comes(silent_grpc_server):
+    """A server that took the call and never answered raised ``ServerFault("[StatusCode.DEADLINE_EXCEEDED]
+    Deadline Exceeded")`` after ``timeout_s`` (30 s by default): neither the server's address nor how long
+    the client had waited (``scripts/query.py`` printed just that). Now it names both, as ``ControlClient``
+    does, still a ``ServerFault`` with the status code, within the timeout."""
+    import time
+
+    from serving.client import FunnelClient, ServerFault
+    from serving.interface import FEEDBACK, FUNNEL
+
+    with FunnelClient(silent_grpc_server, timeout_s=0.5) as client:
+        started = time.monotonic()
+        with pytest.raises(ServerFault, match=rf"{silent_grpc_server} did not answer {FUNNEL} within 0.5 s") as err:
+            client.recommend(1, 5)
+        assert time.monotonic() - started < 5
+        assert "DEADLINE_EXCEEDED" in str(err.value.status())
+        with pytest.raises(ServerFault, match=rf"{silent_grpc_server} did not answer {FEEDBACK} within 0.5 s"):
+            client.send_feedback("r", [1], ["click"], [1.0])
+
+
 class StandInControl:
     """``ControlClient`` for the rollout script's tests: a server that answers the control plane."""
 
