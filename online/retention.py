@@ -24,8 +24,8 @@ The rule, ``derive_head_weights`` (pure):
                                    coefficient either for a signal that is a linear combination of
                                    the other heads' signals across users)
     normalised to sum 1; if no head qualifies, the current weights are kept and the reason says so.
-    A regression that does not converge (separated data: no finite optimum) reports no intervals, so
-    no head qualifies.
+    A regression that does not converge (separated data, or two signals so nearly collinear that the
+    data cannot tell them apart: no finite optimum) reports no intervals, so no head qualifies.
 
 Why coefficients of a joint fit rather than correlations: clicks, watch time and duration-aware
 watches move together (a watch needs a click), so each correlates with retention through the others;
@@ -222,16 +222,21 @@ def logistic_regression(X: np.ndarray, y: np.ndarray, names: list[str], max_iter
     while iterations < max_iter:
         iterations += 1
         p = special.expit(A @ beta)
-        w = np.clip(p * (1 - p), 1e-12, None)
-        info = A.T @ (A * w[:, None])
-        step = np.linalg.lstsq(info, A.T @ (y - p), rcond=None)[0]
+        w = np.sqrt(np.clip(p * (1 - p), 1e-12, None))
+        # The Newton step as weighted least squares on sqrt(W) A, not by solving A'WA: the normal
+        # equations square A's condition number, and lstsq's cutoff then dropped the direction that
+        # told two nearly collinear columns apart (relative residual a few 1e-8, kept by the check above)
+        # and gave the minimum-norm split with tight intervals. Now such a fit does not converge.
+        step = np.linalg.lstsq(A * w[:, None], (y - p) / w, rcond=None)[0]
         beta = beta + step
         if np.max(np.abs(step)) < tol:
             converged = True
             break
     p = special.expit(A @ beta)
-    info = A.T @ (A * np.clip(p * (1 - p), 1e-12, None)[:, None])
-    se = np.sqrt(np.clip(np.diag(np.linalg.pinv(info)), 0, None))
+    # (A'WA)^-1 = R^-1 R^-T from the QR of sqrt(W) A, for the same reason; A has full column rank here.
+    r = np.linalg.qr(A * np.sqrt(np.clip(p * (1 - p), 1e-12, None))[:, None], mode="r")
+    r_inv = np.linalg.solve(r, np.eye(len(r)))
+    se = np.sqrt(np.sum(r_inv**2, axis=1))
     all_names = ["intercept", *names]
     coef, se_all = np.full(full.shape[1], np.nan), np.full(full.shape[1], np.nan)
     coef[kept], se_all[kept] = beta, se
@@ -302,7 +307,10 @@ def _standardised_fit(
         # weight. No intervals then: the rule keeps the current weights.
         # Only the head-signal fit is the rule's input: the all-signals fit not converging changes no weight.
         consequence = "so the rule keeps the current weights" if rule_input else "(not the rule's input)"
-        notes.append(f"logistic regression on {usable} did not converge (separated data?): no intervals, {consequence}")
+        notes.append(
+            f"logistic regression on {usable} did not converge (separated data, or nearly collinear signals?): "
+            f"no intervals, {consequence}"
+        )
         table[["ci_low", "ci_high", "p_value"]] = np.nan
     return table[table["signal"] != "intercept"].reset_index(drop=True)
 

@@ -115,6 +115,28 @@ def test_a_signal_that_is_a_multiple_of_another_gets_no_coefficient_and_no_weigh
     assert d.evidence["like"]["why"] == "no interval"
 
 
+def test_a_signal_just_short_of_a_multiple_of_another_is_not_split_with_significant_intervals():
+    """Like rate 0.3 x click rate plus noise of 3e-8 of its spread: just above the aliasing check's
+    tolerance, so like was kept, but the fit solved the normal equations A'WA (A's condition number
+    squared) with lstsq, whose cutoff dropped the one direction that tells the two apart: the
+    minimum-norm split again, click and like each +0.297 [+0.226, +0.368], and the rule gave like half
+    the weight. Solved on sqrt(W) A, the fit finds no finite optimum that tells the two apart (the
+    coefficients run off in opposite directions), says so, and the rule keeps the current weights."""
+    rng = np.random.default_rng(3)
+    n = 1000
+    click, dw = rng.beta(3, 8, n), rng.beta(2, 20, n)
+    returned = rng.random(n) < 1 / (1 + np.exp(-(0.3 + 0.6 * (click - click.mean()) / click.std())))
+    like = 0.3 * click + 3e-8 * 0.3 * click.std() * rng.normal(size=n)
+    users = pd.DataFrame({"click": click, "duration_watch": dw, "like": like, "returned": returned})
+    users["watch_seconds"], users["share"] = rng.gamma(2, 10, n), rng.gamma(1, 0.01, n)
+    analysis = analyze_retention(users)
+    heads = analysis.heads.set_index("signal")
+    assert not heads.loc["like", "ci_low"] > 0, heads
+    assert any("did not converge" in note and "collinear" in note for note in analysis.notes)
+    d = derive_head_weights(analysis.heads, HAND)
+    assert not d.evidence["like"]["used"] and not d.changed and d.weights == HAND, d
+
+
 def test_the_report_is_standard_json_with_null_for_what_the_data_cannot_give(tmp_path):
     """The aliased signal's coefficient is NaN, and ``retention.json`` held it as Python's bare NaN,
     which is not JSON: jq, JavaScript's JSON.parse and strict readers refuse the whole file."""
