@@ -188,7 +188,8 @@ class LogitFit:
     def table(self, z: float = stats.norm.ppf(0.975)) -> pd.DataFrame:
         out = pd.DataFrame({"signal": self.names, "coef": self.coef, "se": self.se})
         out["ci_low"], out["ci_high"] = self.coef - z * self.se, self.coef + z * self.se
-        out["odds_ratio"] = np.exp(self.coef)
+        with np.errstate(over="ignore"):  # a fit that did not converge can run off: its odds ratio is inf
+            out["odds_ratio"] = np.exp(self.coef)
         out["p_value"] = 2 * stats.norm.sf(np.abs(self.coef / np.where(self.se > 0, self.se, np.nan)))
         return out
 

@@ -115,6 +115,7 @@ def test_a_signal_that_is_a_multiple_of_another_gets_no_coefficient_and_no_weigh
     assert d.evidence["like"]["why"] == "no interval"
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the run-off fit's odds ratio overflowed exp with a warning
 def test_a_signal_just_short_of_a_multiple_of_another_is_not_split_with_significant_intervals():
     """Like rate 0.3 x click rate plus noise of 3e-8 of its spread: just above the aliasing check's
     tolerance, so like was kept, but the fit solved the normal equations A'WA (A's condition number
