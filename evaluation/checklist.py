@@ -11,6 +11,11 @@ them all and ``scripts/checklist.py`` exits non-zero if any fails, so CI can gat
     index_matches_items   the ANN index holds exactly the items of the serving item table, is the file its
                           ``item_index.json`` records (SHA-256, count, dim), and (with the export) the
                           copy that is served is that same file
+    index_vectors         the index's vectors are what this version's item tower (saved beside the query tower)
+                          makes of a fixed sample of the catalog, each under its own item id (exact kinds:
+                          within 1e-4; quantized: the index's own encoding of each; no reconstruction: by
+                          search); a version trained before the item tower was saved is not verifiable
+                          (N/V), not a pass
     index_recall          exact search, or an approximate index whose search setting was measured
                           on validation queries and reached its recall target (``item_index.json``)
     data_checks           the dataset pipeline's own checks on the data this version was trained on
@@ -37,6 +42,13 @@ class CheckResult:
     name: str
     passed: bool
     detail: str
+    # False where the version lacks what the check needs (one trained before it was saved): not a
+    # pass, and reported as "not verifiable" rather than as a defect found.
+    verifiable: bool = True
+
+    @property
+    def label(self) -> str:
+        return "PASS" if self.passed else "FAIL" if self.verifiable else "N/V "
 
 
 def check_versions_consistent(model_dir: Path, repo: Path | None = None) -> CheckResult:
@@ -124,6 +136,114 @@ def check_index_matches_items(model_dir: Path, repo: Path | None = None) -> Chec
     if problems:
         detail += "; " + "; ".join(problems)
     return CheckResult("index_matches_items", ok and not problems, detail)
+
+
+VECTOR_SAMPLE = 256  # catalog items whose vectors index_vectors recomputes (all of a smaller catalog)
+# Largest |difference| per coordinate between a recomputed and a stored vector, times max(1, its norm): the
+# towers' vectors are L2-normalised; the same graph on the same host gives them back bit for bit, and
+# another device or batch shape differs in the last float32 bits (1e-7), while another epoch's weights
+# or another item's vector differ by 1e-2 and more.
+VECTOR_TOLERANCE = 1e-4
+# Where the index stores quantized vectors (PQ, SQ), each stored vector is compared with the index's own
+# encoding of the recomputed one; where it cannot reconstruct at all, each sampled item's recomputed vector
+# must find the item among the index's top SELF_K. Either way for at least APPROXIMATE_SHARE of the sample.
+SELF_K = 10
+APPROXIMATE_SHARE = 0.95
+
+
+def check_index_vectors(model_dir: Path, sample: int = VECTOR_SAMPLE) -> CheckResult:
+    """The vectors the item index holds are what this version's item tower makes of the catalog.
+
+    Stamps and digests tie the index file to its JSON, not to the model: an index built with another
+    epoch's weights, or with every id shifted by one, passed them. This check loads the item tower the
+    training run saved (``item_tower/``, its serving signature), embeds a fixed sample of ``sample``
+    catalog items (seeded, in item id order; all of a smaller catalog) from ``item_features.parquet``,
+    and compares each with the vector the index holds under that item's id: within ``VECTOR_TOLERANCE``
+    where the index stores vectors exactly (flat, IVF-Flat, HNSW-Flat, the kinds ``build_index`` builds);
+    with the index's own encoding of each where it quantizes them (PQ, SQ); by search where it cannot
+    reconstruct (each item's own vector must retrieve it among the top ``SELF_K``). A version trained
+    before the item tower was saved is not verifiable (``verifiable=False``): not a pass."""
+    import faiss
+
+    from models.columns import to_host
+    from models.item_index import INDEX_FILE, INDEX_META_FILE, ItemVectors, set_search_param, stores_exact_vectors
+    from models.registry import ITEM_TOWER
+
+    name = "index_vectors"
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    if "item_tower" not in manifest:
+        return CheckResult(
+            name,
+            False,
+            f"not verifiable: version {manifest['version']} was trained before the item tower was saved "
+            "(no item_tower in its manifest), so the index's vectors cannot be recomputed",
+            verifiable=False,
+        )
+    tower_dir = model_dir / manifest["item_tower"].get("path", ITEM_TOWER)
+    if not (tower_dir / "saved_model.pb").exists():
+        return CheckResult(name, False, f"the manifest records an item tower, {tower_dir.name}/ holds none")
+    import tensorflow as tf
+
+    from serving.fast_inference import ServingFunction
+
+    tower = ServingFunction(tf, tower_dir)
+    items = read_parquet(model_dir / "item_features.parquet")
+    missing = [n for n in tower.input_names if n not in items.columns]
+    if missing:
+        return CheckResult(name, False, f"item_features.parquet lacks the item tower's inputs {missing}")
+    all_ids = to_host(items["item_id"]).astype(np.int64)
+    order = np.argsort(all_ids, kind="stable")  # host numpy: the sample does not depend on the table's row order
+    if len(order) > sample:
+        order = order[np.sort(np.random.default_rng(0).choice(len(order), sample, replace=False))]
+    ids = all_ids[order]
+    batch = {
+        n: tf.constant(to_host(items[n])[order].astype(spec.dtype.as_numpy_dtype))
+        for n, spec in tower.input_specs.items()
+    }
+    (vectors,) = tower(batch).values()
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1))
+
+    index = faiss.read_index(str(model_dir / INDEX_FILE))
+    set_search_param(index, json.loads((model_dir / INDEX_META_FILE).read_text()))
+    what = f"{len(ids)} of {len(all_ids)} items re-embedded by {tower_dir.name}/"
+    if vectors.shape[1] != index.d:
+        return CheckResult(name, False, f"{what}: dimension {vectors.shape[1]}, the index's {index.d}")
+    held = ItemVectors(index)
+    found = held.holds(ids)
+    problems = [f"ids not in the index: {ids[~found][:10].tolist()}"] if not found.all() else []
+    ids, vectors = ids[found], vectors[found]
+    exact = stores_exact_vectors(index)
+    expected, how = vectors, "stored vectors"
+    try:
+        stored = held.vectors(ids)
+        if not exact:  # quantized (PQ, SQ): the index holds its own encoding of the tower's vector
+            base = faiss.downcast_index(index.index)
+            expected, how = base.sa_decode(base.sa_encode(vectors)), "encoding of each (quantized)"
+    except RuntimeError:  # no reconstruction (an IVF index without its direct map) or no standalone codec
+        stored = None
+    if stored is not None:
+        diff = np.abs(stored - expected).max(axis=1) if len(ids) else np.zeros(0)
+        bad = diff > VECTOR_TOLERANCE * np.maximum(1.0, np.linalg.norm(vectors, axis=1))
+        detail = f"{what}: max |difference| {diff.max(initial=0.0):.2g} from the index's {how}"
+        # Exact kinds: every vector. Quantized: a float32 wobble (another device) may flip a code at a boundary.
+        if bad.any() and bad.mean() > (0.0 if exact else 1.0 - APPROXIMATE_SHARE):
+            # Where another item's vector sits under an id (ids shifted), say which id holds this item's.
+            _, nearest = index.search(vectors[bad][:5], 1)
+            held_under = dict(zip(ids[bad][:5].tolist(), nearest[:, 0].tolist()))
+            problems.append(
+                f"{int(bad.sum())} vectors differ by more than {VECTOR_TOLERANCE:g} (ids {ids[bad][:10].tolist()}); "
+                f"the index's nearest id to each one's own vector: {held_under}"
+            )
+    else:
+        k = min(SELF_K, int(index.ntotal))
+        _, got = index.search(vectors, k)
+        share = float((got == ids[:, None]).any(axis=1).mean()) if len(ids) else 0.0
+        detail = f"{what}: {share:.1%} find themselves among the index's top {k} (no reconstruction: by search)"
+        if share < APPROXIMATE_SHARE:
+            problems.append(f"below {APPROXIMATE_SHARE:.0%}: the index's vectors are not this item tower's")
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return CheckResult(name, not problems, detail)
 
 
 def check_index_recall(model_dir: Path) -> CheckResult:
@@ -219,6 +339,7 @@ def run_checklist(model_dir: str | Path, repo: str | Path | None = None, sample_
     results = [
         check_versions_consistent(model_dir, repo),
         check_index_matches_items(model_dir, repo),
+        check_index_vectors(model_dir),
         check_index_recall(model_dir),
         check_data(model_dir),
     ]

@@ -281,6 +281,16 @@ def max_norm(index: faiss.Index, chunk: int = 65_536) -> float:
     return largest
 
 
+def stores_exact_vectors(index: faiss.Index) -> bool:
+    """Whether ``index`` (or the index its id map wraps) keeps every vector as it was added, so that
+    ``reconstruct`` gives it back bit for bit: flat, IVF-Flat and HNSW-Flat, the kinds ``build_index``
+    builds. A quantized index (PQ, scalar quantizer) reconstructs an approximation only."""
+    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+    if isinstance(base, faiss.IndexHNSW):
+        base = faiss.downcast_index(base.storage)
+    return isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
 class ItemVectors:
     """The vectors an id index holds, by item id: the score ``search`` would give any item.
 
@@ -292,6 +302,14 @@ class ItemVectors:
         ids = faiss.vector_to_array(index.id_map)
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Whether the index holds each of ``ids`` (a bool per id, in order)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(self._sorted_ids):
+            return np.zeros(len(ids), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        return self._sorted_ids[at] == ids
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of the ``ids`` the index holds (``[n, dim]``; ids it lacks are skipped)."""

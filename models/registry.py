@@ -4,6 +4,9 @@
         manifest.json           version, created_at, data fingerprint, config, metrics, features
         query_tower/            Keras SavedModel of the candidate generator's query tower
         query_tower.json        {"version": N}
+        item_tower/             Keras SavedModel of its item tower (serving signature only; not exported): the
+                                checklist re-embeds catalog items with it to verify the index's vectors
+                                (the manifest's item_tower; versions trained before it lack both)
         item_index.faiss/.json  ANN index over the item embeddings of the same run
         light_ranker/           Keras SavedModel of the light DCN ranker
         heavy_ranker/           Keras SavedModel of the multi-task heavy DCN ranker (its first member)
@@ -53,6 +56,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+ITEM_TOWER = "item_tower"  # the candidate generator's item tower (the checklist's index_vectors; not served)
 REFUSED = "refused.json"
 
 

@@ -138,6 +138,8 @@ def train_all(
         sizes["candidate_generator"] = log_tables(tt_model, "candidate_generator")
         save_for_serving(tt_model.query_encoder, out.tmp / "query_tower")
         (out.tmp / "query_tower.json").write_text(json.dumps({"version": version}))
+        # Not served: the checklist re-embeds catalog items with it to verify the index's vectors (index_vectors).
+        save_for_serving(tt_model.candidate_encoder, out.tmp / registry.ITEM_TOWER)
         item_inputs = Dataset(item_table.drop(columns=["item_id_raw"]))
         ids, vectors = item_embeddings(tt_model, item_inputs)
         queries = None
@@ -261,6 +263,7 @@ def train_all(
                 k: {"total_params": v["total_params"], "embedding_params": v["embedding_params"]}
                 for k, v in sizes.items()
             },
+            item_tower={"path": registry.ITEM_TOWER, "inputs": list(tt_model.candidate_encoder.schema.column_names)},
             item_embedding_dim=int(vectors.shape[1]),
             num_indexed_items=int(len(ids)),
             item_index=index_info,  # exact, or the ANN setting chosen for a recall (and its measured curve)

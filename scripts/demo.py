@@ -122,7 +122,7 @@ def main() -> None:
         print(f"      {repo}")
         checks = run_checklist(model.path, repo, sample_users=5)
         for check in checks:
-            print(f"      {'PASS' if check.passed else 'FAIL'}  {check.name}")
+            print(f"      {check.label}  {check.name}")
         if not all(c.passed for c in checks):
             raise SystemExit("the correctness checklist failed; not serving this export")
 

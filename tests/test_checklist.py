@@ -11,6 +11,7 @@ import pytest
 from evaluation.checklist import (
     check_index_matches_items,
     check_index_recall,
+    check_index_vectors,
     check_versions_consistent,
     run_checklist,
 )
@@ -24,6 +25,7 @@ def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, trit
     assert [r.name for r in results] == [
         "versions_consistent",
         "index_matches_items",
+        "index_vectors",
         "index_recall",
         "data_checks",
         "scores_in_unit_range",
@@ -32,6 +34,8 @@ def test_checklist_passes_on_the_trained_and_exported_funnel(model_version, trit
     # The trained index records its digest, and the exported copy (the one served) is that file.
     index = results[1].detail
     assert "as recorded" in index and f"served retrieval/{model_version.version} is the same file" in index, index
+    # The index's vectors are the saved item tower's own for the whole (small) catalog, bit for bit.
+    assert "196 of 196 items re-embedded by item_tower/: max |difference| 0 " in results[2].detail, results[2]
 
 
 def test_mismatched_query_tower_version_fails(model_version, tmp_path):
@@ -92,7 +96,7 @@ def test_script_exit_code_follows_the_checks(model_version, triton_repo, tmp_pat
         (registry / "2" / name).write_text(json.dumps({**stamped, "version": 2}))
     script = [sys.executable, str(ROOT / "scripts/checklist.py"), "--registry", str(registry)]
     ok = subprocess.run(script + ["--repo", str(triton_repo)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "5 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, (
+    assert ok.returncode == 0 and "6 passed, 0 failed" in ok.stdout and '"manifest": 1,' in ok.stdout, (
         ok.stdout + ok.stderr
     )
     (registry / "2" / "item_index.json").write_text(json.dumps({"version": 5, "size": 1, "dim": 1}))
@@ -181,3 +185,105 @@ def test_ranker_scores_that_are_not_finite_fail_the_check_instead_of_crashing_it
     users = pd.read_parquet(model_version.path / "user_features.parquet")["user_id_raw"].head(2).tolist()
     result = check_scores_in_unit_range(repo, model_version.version, users)
     assert not result.passed and "heavy_scores must be finite" in result.detail, result
+
+
+def _with_index(model_version, folder: Path, make) -> Path:
+    """A copy of the version whose item index is ``make(ids, vectors)`` over the trained index's ids and
+    vectors, saved as the training run saves it (its version stamp, its SHA-256): every stamp and digest
+    check still passes, only the vectors can tell."""
+    import faiss
+
+    from evaluation.checklist import _index_ids
+    from models.item_index import INDEX_FILE, ItemVectors, save_index
+
+    shutil.copytree(model_version.path, folder)
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    ids = _index_ids(index)
+    save_index(make(ids, ItemVectors(index).vectors(ids)), folder, model_version.version, {"kind": "exact"})
+    assert check_versions_consistent(folder).passed and check_index_matches_items(folder).passed  # the old checks
+    return folder
+
+
+def _id_map(base, ids, vectors):
+    import faiss
+
+    index = faiss.IndexIDMap(base)
+    index.train(vectors)
+    index.add_with_ids(vectors, ids)
+    return index
+
+
+def test_an_index_of_other_vectors_or_shifted_ids_fails_index_vectors(model_version, tmp_path):
+    """The stamps and the digest tie the index file to its JSON, not to the model: an index built from
+    other weights' vectors, or with every item's vector under the next item's id, passed the checklist
+    (versions_consistent and index_matches_items still pass both; index_vectors did not exist)."""
+    import faiss
+    import numpy as np
+
+    def flat(ids, vectors):
+        return _id_map(faiss.IndexFlatIP(vectors.shape[1]), ids, vectors)
+
+    same = _with_index(model_version, tmp_path / "same", flat)
+    assert check_index_vectors(same).passed  # rebuilt from the same vectors
+    noise = np.random.default_rng(0).normal(0, 0.01, (196, 32)).astype(np.float32)
+    perturbed = _with_index(model_version, tmp_path / "perturbed", lambda ids, v: flat(ids, v + noise))
+    result = check_index_vectors(perturbed)
+    assert not result.passed and "196 vectors differ by more than 0.0001" in result.detail, result
+    shifted = _with_index(model_version, tmp_path / "shifted", lambda ids, v: flat(np.roll(ids, 1), v))
+    result = check_index_vectors(shifted)
+    assert not result.passed and "196 vectors differ" in result.detail, result
+    # The detail names the id that holds an item's vector: the one before it in the index's order.
+    order = _index_ids_of(same)
+    held_under = dict(zip(order.tolist(), np.roll(order, 1).tolist()))
+    second = int(np.sort(order)[1])
+    assert f"{second}: {held_under[second]}" in result.detail, result.detail
+
+
+def _index_ids_of(folder: Path):
+    import faiss
+
+    from evaluation.checklist import _index_ids
+
+    return _index_ids(faiss.read_index(str(folder / "item_index.faiss")))
+
+
+def test_index_vectors_on_quantized_or_unreconstructable_indexes(model_version, tmp_path):
+    """Kinds the training run does not build: a quantized index (PQ, SQ8) is compared with its own
+    encoding of the recomputed vectors, an IVF index without its direct map (no reconstruction) by
+    search; both still catch shifted ids."""
+    import faiss
+    import numpy as np
+
+    for factory in ("PQ8x4", "SQ8", "IVF4,Flat"):
+
+        def make(ids, vectors, factory=factory):
+            base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+            return _id_map(base, ids, vectors)
+
+        name = factory.replace(",", "_")
+        good = check_index_vectors(_with_index(model_version, tmp_path / name, make))
+        how = "by search" if factory.startswith("IVF") else "encoding of each (quantized)"
+        assert good.passed and how in good.detail, (factory, good)
+        shifted = _with_index(model_version, tmp_path / f"{name}-shifted", lambda i, v: make(np.roll(i, 1), v))
+        assert not check_index_vectors(shifted).passed, factory
+
+
+def test_a_version_without_the_item_tower_is_not_verifiable_not_a_pass(model_version, triton_repo, tmp_path):
+    """Versions trained before the item tower was saved: index_vectors says it cannot verify them (no
+    crash, no pass); a manifest that records the tower beside a folder without it fails."""
+    old = tmp_path / "old"
+    shutil.copytree(model_version.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["item_tower"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(old / "item_tower")
+    result = check_index_vectors(old)
+    assert not result.passed and not result.verifiable and result.label == "N/V "
+    assert result.detail.startswith(f"not verifiable: version {model_version.version} was trained before the item")
+    results = run_checklist(old, triton_repo, sample_users=2)  # the rest still runs
+    assert [r.name for r in results if not r.passed] == ["index_vectors"]
+    lost = tmp_path / "lost"
+    shutil.copytree(model_version.path, lost)
+    shutil.rmtree(lost / "item_tower")
+    result = check_index_vectors(lost)
+    assert not result.passed and result.verifiable and "holds none" in result.detail

@@ -149,3 +149,22 @@ def test_the_saved_index_records_its_faiss_version_and_another_one_warns_on_load
         loaded, _ = item_index.load_index(tmp_path, expected_version=1)
     assert loaded.ntotal == 10
     assert any("written by faiss 0.0.1" in r.getMessage() for r in caplog.records)
+
+
+def test_which_kinds_store_their_vectors_exactly_and_which_ids_an_index_holds():
+    """The checklist's index_vectors compares stored vectors within a tolerance only where the index keeps
+    them as added (the kinds build_index builds); a quantized one holds an approximation."""
+    import faiss
+
+    ids, vectors = np.arange(10, 1010), _clustered(1000)
+    for kind, ann in (("exact", None), ("ivf", AnnConfig(kind="ivf", nlist=8, nprobe=2)), ("hnsw", None)):
+        ann = ann or AnnConfig(kind="hnsw", ef_search=32)
+        index, _ = item_index.build_index(ids, vectors, 1000 if kind == "exact" else 10, k=10, ann=ann)
+        assert item_index.stores_exact_vectors(index), kind
+    for factory in ("PQ4x4", "SQ8"):
+        quantized = faiss.IndexIDMap(faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT))
+        quantized.train(vectors)
+        quantized.add_with_ids(vectors, ids)
+        assert not item_index.stores_exact_vectors(quantized), factory
+    held = item_index.ItemVectors(index)
+    assert held.holds(np.array([9, 10, 1009, 1010, 500])).tolist() == [False, True, True, False, True]
