@@ -58,6 +58,9 @@ from scipy import special, stats
 # matched to them by name (a head with another name gets no measurement and so weight 0).
 SIGNALS = ("click", "watch_seconds", "duration_watch", "like", "share")
 OUTCOME = "returned"
+# Two signals whose rates correlate at least this much across users (|r|; a pair's variance inflation
+# factor 1 / (1 - r^2) >= 50, standard errors 7x those of uncorrelated signals) get a note naming them.
+COLLINEAR_R = 0.99
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +304,21 @@ def _standardised_fit(
             f"{fit.aliased}: a linear combination of the other signals of {usable} across users, so no "
             "coefficient of its own (NaN; the rule gives such a head 0)"
         )
+    # Nearly collinear pairs the fit kept (not aliased): their standard errors are inflated by
+    # sqrt(1 / (1 - r^2)) (the variance inflation factor of a pair), so their intervals are wide and
+    # the rule gives both 0 with nothing else to say why; named here.
+    corr = np.corrcoef(X, rowvar=False) if len(usable) > 1 else np.ones((1, 1))
+    for i, j in zip(*np.triu_indices(len(usable), k=1)):
+        a, b = usable[i], usable[j]
+        if a in fit.aliased or b in fit.aliased or not abs(corr[i, j]) >= COLLINEAR_R:
+            continue
+        vif = 1.0 / max(1.0 - corr[i, j] ** 2, np.finfo(float).tiny)
+        consequence = "so the rule may give neither head weight" if rule_input else "(not the rule's input)"
+        notes.append(
+            f"{a} and {b} are nearly collinear across users (r = {corr[i, j]:+.5f}, |r| >= {COLLINEAR_R}; variance "
+            f"inflation {vif:.3g}): the regression can hardly tell them apart: their intervals are wide, "
+            f"{consequence}"
+        )
     table = fit.table()
     if not fit.converged:
         # Separated data (every user who liked came back, say): the separating coefficient runs off with a
@@ -541,6 +559,8 @@ def write_retention_report(result: dict, out_dir: str | Path, analysis: Retentio
         coefficient_table(analysis).to_markdown(index=False, floatfmt=".4f"),
         "",
     ]
+    if analysis.notes:
+        md += ["**Notes**:", "", *(f"- {note}" for note in analysis.notes), ""]
     decision = result.get("derived")
     if decision:
         md += [f"**Rule**: {decision['reason']}.", "", f"Derived weights: `{json.dumps(decision['weights'])}`", ""]

@@ -44,6 +44,8 @@ def main() -> None:
     result = run_retention_weights(config, args.workdir, ab_users=args.ab_users)
     print("\nRetention vs offline signals (per user; coefficients per standard deviation):")
     print(coefficient_table(result["analysis_object"]).to_string(index=False))
+    for note in result["analysis_object"].notes:  # constant, aliased or nearly collinear signals, no convergence
+        print(f"Note: {note}")
     print(f"\nRule: {result['derived']['reason']}")
     print(f"Current weights: {json.dumps(result['current_weights'])}")
     print(f"Derived weights: {json.dumps(result['derived']['weights'])}")

@@ -528,3 +528,28 @@ def test_a_log_spanning_a_rollout_is_analysed_one_model_version_at_a_time(tmp_pa
     pd.testing.assert_frame_equal(same, users)
     with pytest.raises(ValueError, match=r"no impressions of model version '3' .*\['1', '2'\]"):
         analyze_log(tmp_path / "log.sqlite", world, config, heads, model_version=3)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_nearly_collinear_pair_is_named_in_the_notes():
+    """Watch seconds 600 x the click rate plus 1% noise (r = 0.99995): the fit converges, but both
+    intervals are a hundred times wider than a lone signal's and include 0, so the rule gave both heads 0
+    (kept the current weights) and no note said why. Now a note names the pair; the weights are as before."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    click = rng.beta(3, 8, n)
+    watch = 600 * click + 6 * click.std() * rng.normal(size=n)
+    returned = rng.random(n) < 1 / (1 + np.exp(-(0.3 + 0.6 * (click - click.mean()) / click.std())))
+    users = pd.DataFrame({"click": click, "watch_seconds": watch, "duration_watch": rng.beta(2, 20, n)})
+    users["like"], users["share"], users["returned"] = rng.beta(2, 20, n), rng.gamma(1, 0.01, n), returned
+    current = {"click": 0.4, "watch_seconds": 0.4, "like": 0.2}
+    analysis = analyze_retention(users, list(current))
+    named = [n for n in analysis.notes if n.startswith("click and watch_seconds are nearly collinear")]
+    assert len(named) == 2, analysis.notes  # old code: no note at all
+    assert "r = +0.99995" in named[1] and "the rule may give neither head weight" in named[1], named
+    assert "(not the rule's input)" in named[0], named
+    d = derive_head_weights(analysis.heads, current)
+    assert not d.changed and d.weights == current, d  # the rule is unchanged
+    # Ordinary, less correlated signals get no such note.
+    plain = analyze_retention(users.assign(watch_seconds=rng.gamma(2, 10, n)), list(current))
+    assert not any("collinear across users" in n for n in plain.notes), plain.notes
