@@ -136,10 +136,17 @@ class FeedbackLog:
             )
         return [row for row, is_new in zip(rows, new) if is_new]
 
-    def feedback_times(self, request_id: str) -> dict[tuple[int, str], float]:
-        """When each reaction to one response was first stored: ``{(item_id, event): ts}``."""
-        rows = self.db.query("SELECT item_id, event, ts FROM feedback WHERE request_id = ?", (request_id,))
-        return {(int(item), event): float(ts) for item, event, ts in rows}
+    def reactions(self, request_id: str) -> dict[tuple[int, str], tuple]:
+        """The stored reactions to one response, each as first stored:
+        ``{(item_id, event): (request_id, user_id, item_id, event, value, ts)}``. The reactions one call
+        stored share its ``ts``."""
+        rows = self.db.query(
+            "SELECT user_id, item_id, event, value, ts FROM feedback WHERE request_id = ?", (request_id,)
+        )
+        return {
+            (int(item), event): (request_id, int(user), int(item), event, float(value), float(ts))
+            for user, item, event, value, ts in rows
+        }
 
     def served(self, request_id: str) -> dict | None:
         """What one response showed: user, items in order (none for an empty response), arm and

@@ -192,10 +192,10 @@ def check_values(items: np.ndarray, events: list[str], values: np.ndarray) -> No
         seen.add((item, event))
 
 
-def live_rows(rows: list[tuple], times: dict) -> list[tuple]:
-    """The live store's rows for feedback ``rows`` ``(request, user, item, event, value)``: the
-    reactions it keeps, each at the time the log first stored it (``times``)."""
-    return [(u, i, times[i, e], e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS and (i, e) in times]
+def live_rows(rows: list[tuple], ts: float) -> list[tuple]:
+    """The live store's rows for the feedback ``rows`` ``(request, user, item, event, value)`` one call
+    stored: the reactions it keeps, at ``ts``, the time the log stored them."""
+    return [(u, i, ts, e, v) for _, u, i, e, v in rows if e in LIVE_EVENTS]
 
 
 class FeedbackService:
@@ -261,17 +261,7 @@ class FeedbackService:
         )
         now = time.time()
         stored = self.log.log_feedback_many(rows, ts=now)
-        counted = list(stored)
-        if self.live is not None:
-            # Every reaction of the request, each at the time the log first stored it: a retry after
-            # a failed live write repairs the live store, and one after a success adds nothing to it.
-            # All new (the usual case): that time is now, and the log need not be read back.
-            new = {(i, e) for _, _, i, e, _ in stored}
-            times = {key: now for key in new}
-            if len(stored) < len(rows):
-                times = self.log.feedback_times(request_id)
-            self.live.append_events(live_rows([row for row in rows if (row[2], row[3]) in new], times), "feedback")
-            counted += self.repaired([row for row in rows if (row[2], row[3]) not in new], times)
+        counted = list(stored) if self.live is None else self.write_live(request_id, rows, stored, now)
         return {
             "accepted": np.array([len(stored)], dtype=np.int32),
             "arm": np.array([served["arm"].encode()], dtype=object),
@@ -280,21 +270,30 @@ class FeedbackService:
             "_version": served["model_version"],
         }
 
-    def repaired(self, earlier: list[tuple], times: dict) -> list[tuple]:
-        """Write the live rows of reactions the log already had (``earlier``); return those whose
-        earlier call failed at its live write, so the counters never saw them.
+    def write_live(self, request_id: str, rows: list[tuple], stored: list[tuple], now: float) -> list[tuple]:
+        """Write the live rows of every call that stored one of ``rows`` in the log (this one's, ``stored``
+        at ``now``, and earlier ones' that a retry repeats); return the reactions to count now.
 
-        One call's live rows share the log's time and go in one transaction, all or none: rows of a
-        time that are new to the live store now mark a call that failed there (a retry after a
-        success inserts nothing), and every reaction the log stored at that time, churn included,
-        is counted now. Concurrent retries insert, and so count, once."""
-        live = live_rows(earlier, times)
-        failed_at = {
-            ts
-            for ts in sorted({row[2] for row in live})
-            if self.live.append_events([row for row in live if row[2] == ts], "feedback")
-        }
-        return [row for row in earlier if times.get((row[2], row[3])) in failed_at]
+        A call's reactions are completed by the transaction that writes its live rows, each at the time
+        the log stored the call (all or none): that one counts the whole call, churn included. So an
+        earlier call that failed at its live write (and counted nothing) is counted by the retry that
+        repairs it, and a retry racing a call still writing its live rows (the client gave up on a slow
+        answer) leaves the count to whichever of the two writes first: before 2026-12-07 both counted
+        (the retry repaired, the call counted what it had stored), so the per-arm counters read every
+        reaction of that call twice. The retry repairs the earlier call's reactions as the log holds
+        them, not only those it repeats. A call without live rows (a churn alone) counts itself."""
+        if len(stored) == len(rows):  # all new (the usual case): the log need not be read back
+            calls = {now: stored}
+        else:
+            logged = self.log.reactions(request_id)
+            times = sorted({logged[item, event][5] for _, _, item, event, _ in rows})
+            calls = {ts: [row[:5] for row in logged.values() if row[5] == ts] for ts in times}
+        counted = []
+        for ts, call in calls.items():
+            live = live_rows(call, ts)
+            if self.live.append_events(live, "feedback") if live else ts == now:
+                counted += call
+        return counted
 
     def close(self) -> None:
         self.log.close()

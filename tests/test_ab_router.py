@@ -484,3 +484,45 @@ def test_feedback_errors_quote_a_long_request_id_or_event_briefly(tmp_path):
     assert len(str(err.value)) < 200
     assert feedback.log.counts()["feedback"] == 0
     feedback.close()
+
+
+def test_a_retry_racing_the_call_it_repeats_counts_each_reaction_once(tmp_path):
+    """A client that gave up on a call still writing the live store retries on another replica: the
+    retry finds every reaction in the log, repairs the live rows the call had not written yet and counts
+    them, and the call then counted what it had stored as well, so the per-arm counters read each
+    reaction twice (click 2, watch seconds 60, churn 2 for one click, 30 s and one churn)."""
+    call = FeedbackService(tmp_path / "log.sqlite", tmp_path / "live.sqlite")
+    replica = FeedbackService(tmp_path / "log.sqlite", tmp_path / "live.sqlite")
+    call.log.log_impressions("r1", 7, np.array([10, 11]), "1", "control", "model")
+    request = {
+        "request_id": np.array([b"r1"], dtype=object),
+        "item_ids": np.array([10, 10, -1]),
+        "events": np.array([b"click", b"watch_seconds", b"churn"], dtype=object),
+        "values": np.array([1.0, 30.0, 1.0], dtype=np.float32),
+    }
+    write, retried = call.live.append_events, {}
+
+    def slow(rows, source):  # the retry arrives after the call's log commit, before its live write
+        retried.update(replica.run(request))
+        return write(rows, source)
+
+    call.live.append_events = slow
+    first = call.run(request)
+    assert first["accepted"][0] == 3 and retried["accepted"][0] == 0
+    counted = sorted(first["_events"] + retried["_events"])
+    assert counted == [("churn", 1.0), ("click", 1.0), ("watch_seconds", 30.0)]
+    assert len(call.live.user_events(7)) == 2 and len(call.log.feedback()) == 3
+
+    # A retry repeating part of a call that failed at its live write repairs and counts the whole call.
+    call.log.log_impressions("r2", 7, np.array([12]), "1", "control", "model")
+    call.live.append_events = lambda rows, source: (_ for _ in ()).throw(OSError("live store unreachable"))
+    second = {**request, "request_id": np.array([b"r2"], dtype=object), "item_ids": np.array([12, 12, -1])}
+    with pytest.raises(OSError, match="unreachable"):
+        call.run(second)
+    churn_only = {**second, "item_ids": np.array([-1]), "events": np.array([b"churn"], dtype=object)}
+    repair = replica.run({**churn_only, "values": np.ones(1, dtype=np.float32)})
+    assert sorted(repair["_events"]) == [("churn", 1.0), ("click", 1.0), ("watch_seconds", 30.0)]
+    assert sorted(replica.live.user_events(7).item_ids.tolist()) == [10, 10, 12, 12]
+    assert replica.run(second)["_events"] == []
+    call.close()
+    replica.close()
