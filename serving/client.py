@@ -10,6 +10,7 @@ waits at most ``timeout_s`` (30 s by default); one the server does not answer in
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -44,15 +45,24 @@ def typed_errors(url: str | None = None, model: str = "", timeout_s: float | Non
 
 
 def integers(name: str, values, dtype) -> np.ndarray:
-    """``values`` as a flat ``dtype`` array, or ``BadRequest`` naming ``name``, before anything is sent:
-    numpy's own cast wraps and truncates without a word (``k=2**32 + 5`` went out as ``k=5``, user
-    1.9 as user 1, an excluded id 7.5 as 7), and the server cannot tell."""
+    """``values`` (one integer, or any iterable of them: a list, tuple, set, generator, numpy array) as
+    a flat ``dtype`` array, or ``BadRequest`` naming ``name``, before anything is sent: numpy's own cast
+    wraps and truncates without a word (``k=2**32 + 5`` went out as ``k=5``, user 1.9 as user 1, an
+    excluded id 7.5 as 7), and the server cannot tell."""
+    if isinstance(values, Iterable) and not isinstance(values, (np.ndarray, list, str, bytes, Mapping)):
+        values = list(values)  # numpy makes a set or a generator one object, refused as "not integers"
     array = np.asarray(values)
     if array.size == 0:  # an empty list is float64 to numpy, and holds no value to check
         return np.zeros(0, dtype=dtype)
-    if array.dtype == object:  # Python ints too large for any numpy integer (or not numbers at all)
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array.reshape(-1)):
-            raise BadRequest(f"{name} must hold integers", "StatusCode.INVALID_ARGUMENT")
+    if array.dtype == object or not np.issubdtype(array.dtype, np.number):  # bool is no np.number
+        # Python ints too large for any numpy integer, or not numbers at all: name the first that is not
+        given = array if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)  # [1, "a"]: not "1"
+        for v in given.reshape(-1):
+            v = v.item() if isinstance(v, np.generic) else v
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise BadRequest(
+                    f"{name} must hold integers, got {v!r} ({type(v).__name__})", "StatusCode.INVALID_ARGUMENT"
+                )
     elif np.issubdtype(array.dtype, np.floating):  # whole numbers (7.0, an id column with a gap) are ids
         if not (np.isfinite(array).all() and (array == np.round(array)).all()):
             raise BadRequest(f"{name} must hold integers, got {array.reshape(-1)[:5]}", "StatusCode.INVALID_ARGUMENT")
@@ -66,6 +76,18 @@ def integers(name: str, values, dtype) -> np.ndarray:
             "StatusCode.INVALID_ARGUMENT",
         )
     return array.astype(dtype).reshape(-1)
+
+
+def in_order(name: str, values):
+    """``values`` for a list that pairs with others by position (``send_feedback``'s ``item_ids[i]``
+    with ``events[i]``): a set has no order to pair by, so it is ``BadRequest`` (a set of events was
+    paired with the item ids in whatever order it iterated), and a generator is read into a list."""
+    if isinstance(values, (set, frozenset, Mapping)):
+        raise BadRequest(
+            f"{name} pairs with the other lists by position: give a list, not a {type(values).__name__}",
+            "StatusCode.INVALID_ARGUMENT",
+        )
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def texts(name: str, values) -> np.ndarray:
@@ -173,9 +195,9 @@ class FunnelClient:
         g = self._grpc
         tensors = {
             "request_id": ("BYTES", texts("request_id", [request_id])),
-            "item_ids": ("INT64", integers("item_ids", item_ids, np.int64)),
-            "events": ("BYTES", texts("events", list(events))),
-            "values": ("FP32", numbers("values", values, np.float32)),
+            "item_ids": ("INT64", integers("item_ids", in_order("item_ids", item_ids), np.int64)),
+            "events": ("BYTES", texts("events", list(in_order("events", events)))),
+            "values": ("FP32", numbers("values", in_order("values", values), np.float32)),
         }
         # one entry per reaction: lists of other lengths raised numpy's "cannot reshape", naming nothing
         lengths = {name: len(tensors[name][1]) for name in ("item_ids", "events", "values")}

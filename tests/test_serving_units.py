@@ -1,6 +1,7 @@
 """Fast checks of the serving helpers that need no server: version pinning, metrics parsing, NDCG."""
 
 import pathlib
+import re
 
 import numpy as np
 import pandas as pd
@@ -1080,6 +1081,43 @@ def test_the_client_refuses_a_request_value_its_tensor_cannot_hold(monkeypatch):
     assert [i.name() for i in sent[0]] == ["user_id", "k", "exclude_item_ids"] and sent[0][2].shape() == [0]
     with pytest.raises(Sent):  # a whole-number float is an id (an id column with a gap reads as float)
         client.recommend(7.0, 3, exclude_item_ids=np.array([5.0]))
+    client.close()
+
+
+def test_the_client_takes_excluded_ids_as_any_iterable_and_names_a_value_that_is_no_integer(monkeypatch):
+    """``exclude_item_ids={3, 7}`` (a set, the natural type for "leave these out"), a frozenset, a tuple
+    of numpy ints or a generator was one object to numpy and refused as "must hold integers", naming
+    nothing; [1, "a"] named numpy's dtype <U21. Now any iterable of integers is sent, a value that is
+    none names itself and its type; ``send_feedback`` pairs its lists by position, so a set there
+    (whose order is arbitrary) is refused as unordered, and a generator is read in order."""
+    from serving.client import BadRequest, FunnelClient
+
+    class Sent(Exception):
+        pass
+
+    def infer(model, inputs, **kw):
+        sent.append({i.name(): i for i in inputs})
+        raise Sent
+
+    sent = []
+    client = FunnelClient("127.0.0.1:1")  # never connected: infer is replaced
+    monkeypatch.setattr(client.client, "infer", infer)
+    for excluded in ({3, 7}, frozenset({3, 7}), (np.int64(3), 7), (i for i in (3, 7)), range(3, 8, 4)):
+        with pytest.raises(Sent):
+            client.recommend(1, 5, exclude_item_ids=excluded)
+        assert sent[-1]["exclude_item_ids"].shape() == [2], excluded
+    for excluded, shown in [([1, "a"], "'a' (str)"), ({1, None}, "None (NoneType)"), ((1, 2.5), "2.5")]:
+        with pytest.raises(BadRequest, match=re.escape(shown)):
+            client.recommend(1, 5, exclude_item_ids=excluded)
+    with pytest.raises(Sent):
+        client.send_feedback("r1", (i for i in (4, 5)), iter(["click", "like"]), (1.0, 1.0))
+    assert sent[-1]["item_ids"].shape() == [2] and sent[-1]["events"].shape() == [2]
+    for args, name in [
+        (("r1", {4, 5}, ["click", "like"], [1.0, 1.0]), "item_ids"),
+        (("r1", [4, 5], {"click", "like"}, [1.0, 1.0]), "events"),
+    ]:
+        with pytest.raises(BadRequest, match=f"{name} pairs with the other lists by position"):
+            client.send_feedback(*args)
     client.close()
 
 
