@@ -9,17 +9,25 @@ import sys
 from pathlib import Path
 
 from configs.cli import positive_int
-from serving.client import FunnelClient
+from serving.client import FunnelClient, grpc_address
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--user-id", type=int, required=True)
     parser.add_argument("--k", type=positive_int, default=10)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
+    parser.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="gRPC address of tritonserver: host:port (or dns:///host:port, unix:/path)",
+    )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args(argv)
+    try:  # without a port gRPC dialed port 443 (or 0) and reported only "failed to connect", exit 1
+        grpc_address(args.url)
+    except ValueError as err:
+        parser.error(f"argument --url: {err}")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:

@@ -10,6 +10,7 @@ waits at most ``timeout_s`` (30 s by default); one the server does not answer in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -117,6 +118,30 @@ def one_integer(name: str, value, dtype) -> np.ndarray:
     return array
 
 
+# gRPC's own target schemes (its naming doc): a target written with one is passed on as it is
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})")
+
+
+def grpc_address(url: str) -> str:
+    """``url`` if gRPC can dial it: ``host:port`` (``127.0.0.1:8001``, ``[::1]:8001``) or a target
+    in one of gRPC's schemes (``dns:///host:port``, ``unix:/path``, ``ipv4:``, ...); otherwise
+    ``ValueError`` naming it. Without a port (``localhost``, ``::1``) gRPC dialed port 443 or 0 and
+    failed on the first call with "failed to connect to all addresses ... :0", naming neither the
+    address given nor what was missing; ``http://host:8001`` failed in DNS."""
+    if not isinstance(url, str):
+        raise ValueError(f"the server's address must be a string host:port, got {url!r}")
+    if url.lower().startswith(GRPC_SCHEMES):
+        return url
+    match = HOST_PORT.fullmatch(url)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(
+            f"{url!r} is not a gRPC address: expected host:port with a port in 1-65535 (e.g. 127.0.0.1:8001, "
+            "[::1]:8001; tritonserver's gRPC port is 8001 by default), or dns:///host:port or unix:/path"
+        )
+    return url
+
+
 @dataclass
 class Recommendations:
     user_id: int
@@ -142,14 +167,16 @@ class FunnelClient:
         timeout_s: float = 30.0,
         root_certificates: str | None = None,
     ):
-        """``timeout_s``: the longest any call waits for its answer (``None``: no limit).
+        """``url``: ``host:port``, or a gRPC target such as ``dns:///host:port`` or ``unix:/path`` (one
+        without a port is ``ValueError``). ``timeout_s``: the longest any call waits for its answer
+        (``None``: no limit).
         ``root_certificates``: a PEM file that signed the server's certificate, for a server whose
         gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``, ``docs/security.md``)."""
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
-        self.client = grpcclient.InferenceServerClient(url, **tls)
+        self.client = grpcclient.InferenceServerClient(grpc_address(url), **tls)
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s

@@ -586,6 +586,13 @@ def test_query_refuses_k_below_one_without_asking_the_server():
         refused(run, "argument --k", "must be >= 1")
 
 
+def test_query_refuses_a_url_without_a_port_as_an_argument():
+    """--url localhost went to gRPC, which dialed port 443 and printed "failed to connect to all
+    addresses ... 127.0.0.1:443", exit 1, naming neither the --url given nor that it lacked a port."""
+    run = script("scripts/query.py", "--user-id", "1", "--url", "localhost", check=False)
+    refused(run, "argument --url", "'localhost' is not a gRPC address: expected host:port")
+
+
 def test_probe_refuses_a_tls_ca_that_does_not_exist():
     """A missing --tls-ca was reported as an unhealthy server (exit 1) with tritonclient's
     AttributeError traceback from its __del__; query.py and rollout.py refuse it as an argument."""

@@ -1237,6 +1237,47 @@ def test_the_client_names_the_server_and_the_timeout_when_no_answer_comes(silent
             client.send_feedback("r", [1], ["click"], [1.0])
 
 
+@pytest.mark.parametrize(
+    "url", ["localhost", "127.0.0.1", "::1", "[::1]", "localhost:", "host:0", "http://localhost:8001"]
+)
+def test_the_client_refuses_an_address_without_a_port_when_it_is_made(url):
+    """``FunnelClient("localhost")`` was made, and its first call failed with gRPC's "failed to connect to
+    all addresses; last error: ... ipv4:127.0.0.1:443" (``::1``: ``...:0``), naming neither the address
+    given nor that it lacked a port. Now ``ValueError`` naming it and the form it wants, before any call."""
+    from serving.client import FunnelClient
+
+    with pytest.raises(ValueError, match=re.escape(f"{url!r} is not a gRPC address: expected host:port")):
+        FunnelClient(url)
+
+
+def test_the_client_still_dials_every_form_of_address_grpc_takes(silent_grpc_server, tmp_path):
+    """The check on the address keeps what gRPC accepts: host:port, dns:///host:port, ipv4:addr:port,
+    [v6]:port and unix sockets (each reaches its server: the call times out or is unimplemented, never
+    UNAVAILABLE)."""
+    from concurrent import futures
+
+    import grpc
+
+    from serving.client import FunnelClient, ServerFault
+
+    port = silent_grpc_server.rsplit(":", 1)[1]
+    socket = tmp_path / "grpc.sock"
+    unix = grpc.server(futures.ThreadPoolExecutor(1))
+    unix.add_insecure_port(f"unix:{socket}")
+    unix.start()
+    urls = [f"localhost:{port}", f"dns:///127.0.0.1:{port}", f"ipv4:127.0.0.1:{port}", f"unix:{socket}"]
+    try:
+        for url in urls:
+            with FunnelClient(url, timeout_s=0.3) as client:
+                with pytest.raises(ServerFault) as err:
+                    client.recommend(1, 5)
+                # the silent server never answers (DEADLINE_EXCEEDED); the bare unix one has no funnel (UNIMPLEMENTED)
+                assert "UNAVAILABLE" not in str(err.value.status()), (url, err.value)
+    finally:
+        unix.stop(0)
+    FunnelClient("[::1]:8001").close()  # made (no IPv6 loopback is promised here, so not dialed)
+
+
 class StandInControl:
     """``ControlClient`` for the rollout script's tests: a server that answers the control plane."""
 
