@@ -59,6 +59,17 @@ def prometheus_duration(text: str) -> str:
     return text
 
 
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0 (a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def seconds_or_none(text: str) -> float | None:
     """A finite number of seconds > 0, or ``none`` (None)."""
     if text.strip().lower() == "none":

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Ask the served funnel for a user's recommendations over gRPC; waits at most 30 s for the answer
-(serving/client.py FunnelClient). Exit 0 on an answer, 1 when the server refused the request, was
-down or did not answer (the reason on stderr), 2 for a bad argument."""
+"""Ask the served funnel for a user's recommendations over gRPC, leaving out the --exclude item ids;
+waits at most --timeout seconds (30 by default) for the answer (serving/client.py FunnelClient).
+Exit 0 on an answer, 1 when the server refused the request, was down or did not answer (the reason
+on stderr), 2 for a bad argument."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from configs.cli import positive_int
+from configs.cli import int_of, positive_int, positive_seconds
 from serving.client import FunnelClient, grpc_address
 
 
@@ -21,6 +22,20 @@ def main(argv: list[str] | None = None) -> None:
         default="127.0.0.1:8001",
         help="gRPC address of tritonserver: host:port (or dns:///host:port, unix:/path)",
     )
+    parser.add_argument(
+        "--exclude",
+        type=int_of,
+        nargs="+",
+        metavar="ID",
+        help="raw item ids never to return (the request's exclude_item_ids, e.g. what the page already shows)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="the longest to wait for the answer (default: %(default)g)",
+    )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args(argv)
@@ -31,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:
-        with FunnelClient(args.url, root_certificates=args.tls_ca) as client:
-            recs = client.recommend(args.user_id, args.k)
+        with FunnelClient(args.url, timeout_s=args.timeout, root_certificates=args.tls_ca) as client:
+            recs = client.recommend(args.user_id, args.k, exclude_item_ids=args.exclude)
     except Exception as err:  # tritonclient raises InferenceServerException with the server's message
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -593,6 +593,57 @@ def test_query_refuses_a_url_without_a_port_as_an_argument():
     refused(run, "argument --url", "'localhost' is not a gRPC address: expected host:port")
 
 
+def test_query_sends_the_excluded_ids_and_waits_at_most_its_timeout(monkeypatch, capsys):
+    """query.py had no --exclude (the request's exclude_item_ids, docs/serving.md) and no --timeout
+    (FunnelClient's timeout_s): the script always waited 30 s and could not leave items out."""
+    import importlib.util
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    sent = []
+
+    class Recording:  # takes the request, then refuses it, so that nothing needs a server
+        def __init__(self, url, **kw):
+            pass
+
+        def infer(self, model_name, inputs, outputs, client_timeout):
+            tensors = {i.name(): np.frombuffer(i._raw_content, dtype=np.int64) for i in inputs if i.name() != "k"}
+            sent.append((tensors, client_timeout))
+            raise InferenceServerException("refused", "StatusCode.INVALID_ARGUMENT")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", Recording)
+    spec = importlib.util.spec_from_file_location("query_script", ROOT / "scripts" / "query.py")
+    query = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(query)
+    for argv, excluded, timeout in [
+        (["--user-id", "1", "--exclude", "7", "9", "--timeout", "2.5"], [7, 9], 2.5),
+        (["--user-id", "1"], None, 30.0),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            query.main(argv)
+        assert exit_.value.code == 1 and "refused" in capsys.readouterr().err
+        tensors, client_timeout = sent.pop()
+        assert client_timeout == timeout
+        assert (tensors["exclude_item_ids"].tolist() if "exclude_item_ids" in tensors else None) == excluded
+
+
+def test_query_gives_up_after_its_timeout_and_refuses_a_bad_timeout_or_exclude(silent_grpc_server):
+    run = script("scripts/query.py", "--user-id", "1", "--url", silent_grpc_server, "--timeout", "0.5", check=False)
+    assert run.returncode == 1 and "did not answer funnel within 0.5 s" in run.stderr, run.stderr[-2000:]
+    for flag, value, words in [
+        ("--timeout", "0", "must be a finite number of seconds > 0"),
+        ("--timeout", "nan", "must be a finite number of seconds > 0"),
+        ("--timeout", "soon", "must be a number of seconds"),
+        ("--exclude", "7.5", "invalid integer '7.5'"),
+    ]:
+        run = script("scripts/query.py", "--user-id", "1", "--url", "127.0.0.1:1", flag, value, check=False)
+        refused(run, f"argument {flag}", words)
+
+
 def test_probe_refuses_a_tls_ca_that_does_not_exist():
     """A missing --tls-ca was reported as an unhealthy server (exit 1) with tritonclient's
     AttributeError traceback from its __del__; query.py and rollout.py refuse it as an argument."""
