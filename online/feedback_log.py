@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS empty_responses (
     model_version TEXT NOT NULL, arm TEXT NOT NULL, served_by TEXT NOT NULL, experiment TEXT NOT NULL DEFAULT '');
 """
 # SQLite logs written before feedback was deduplicated may hold repeats: keep the first of each, then index.
+# PostgreSQL logs came after the index (every one was opened with it first), so they hold none.
 DROP_REPEATS = (
     "DELETE FROM feedback WHERE rowid NOT IN (SELECT MIN(rowid) FROM feedback GROUP BY request_id, item_id, event)"
 )
