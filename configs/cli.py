@@ -59,14 +59,14 @@ def prometheus_duration(text: str) -> str:
     return text
 
 
-def positive_seconds(text: str) -> float:
-    """A finite number of seconds > 0 (a timeout)."""
+def positive_seconds(text: str, alternative: str = "") -> float:
+    """A finite number of seconds > 0 (a timeout); ``alternative`` names what else the option takes."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number of seconds{alternative}, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0{alternative}, got {text!r}")
     return value
 
 
@@ -74,13 +74,7 @@ def seconds_or_none(text: str) -> float | None:
     """A finite number of seconds > 0, or ``none`` (None)."""
     if text.strip().lower() == "none":
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds or 'none', got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 (or 'none'), got {text!r}")
-    return value
+    return positive_seconds(text, " (or 'none')")
 
 
 def webhook_url(text: str) -> str:

@@ -443,6 +443,20 @@ def test_a_cancelled_start_does_not_wait_out_the_pause_before_an_abort_retry(tmp
         server.cleanup()
 
 
+def answers_ready_over_http(port: int) -> list[str]:
+    """A stand-in tritonserver command: answers the readiness probe over HTTP on ``port`` and nothing else."""
+    import sys
+
+    return [
+        sys.executable,
+        "-c",
+        "import http.server as h\n"
+        "class Ready(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+        f"h.HTTPServer(('127.0.0.1', {port}), Ready).serve_forever()",
+    ]
+
+
 def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tmp_path, monkeypatch):
     """Two waits of the start ignored ``cancelled`` (serve.py's SIGTERM, the supervisor's
     stop(cancel_restart=True)): the wait for gRPC and metrics to listen once HTTP answered (up to
@@ -470,14 +484,7 @@ def test_a_cancelled_start_does_not_wait_out_its_ports_or_a_stalls_stack_dump(tm
 
     # HTTP answers ready; gRPC and metrics never listen (the wait's 10 s timeout).
     server = TritonServer(repo, log_path=tmp_path / "ports.log", startup_timeout=60)
-    http_only = [
-        sys.executable,
-        "-c",
-        "import http.server as h\n"
-        "class Ready(h.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self): self.send_response(200); self.end_headers()\n"
-        f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
-    ]
+    http_only = answers_ready_over_http(server.http_port)
     monkeypatch.setattr(TritonServer, "command", lambda self: http_only)
     monkeypatch.setattr(TritonServer, "wait_until_listening", cancelling(TritonServer.wait_until_listening))
     try:
@@ -626,14 +633,7 @@ def test_a_stopped_server_leaves_no_scratch_folder_unless_it_failed(tmp_path, mo
     monkeypatch.setattr(TritonServer, "wait_until_listening", lambda self, timeout=10.0, **kw: None)
 
     def serving(server):
-        return [
-            sys.executable,
-            "-c",
-            "import http.server as h\n"
-            "class Ready(h.BaseHTTPRequestHandler):\n"
-            "    def do_GET(self): self.send_response(200); self.end_headers()\n"
-            f"h.HTTPServer(('127.0.0.1', {server.http_port}), Ready).serve_forever()",
-        ]
+        return answers_ready_over_http(server.http_port)
 
     exits = [sys.executable, "-c", "import sys; print('error: unknown flag', flush=True); sys.exit(1)"]
 
