@@ -86,8 +86,24 @@ class Interactions:
     @cached_property
     def in_training(self) -> np.ndarray:
         """Whether each user has a training row: a peer (``evaluation/peers.py``) scores a user without
-        one from nothing (EASE: every item 0; ALS: its initial factors; Pop: the same list for all)."""
+        one from nothing (EASE: every item 0; ALS: its initial factors; Pop: the same list for all), so
+        EASE and ALS serve such a user the popularity list (``evaluate_scorer``'s ``cold_user_scores``)."""
         return np.isin(self.user_ids, self.train["user_id"].unique())
+
+    def setup_counts(self) -> dict[str, int]:
+        """The report's counts of who and what is evaluated: users with a held-out item (every
+        recommender's figures average over them), those of them without a training row (the funnel
+        serves its fallback, the peers the popularity list), and held-out positives of items the
+        training part never saw (in every denominator; no list can hold them)."""
+        evaluated = self.relevant_counts > 0
+        return {
+            "users evaluated": int(evaluated.sum()),
+            "users evaluated without a training row": int((evaluated & ~self.in_training).sum()),
+            "held-out positives": int(self.relevant_counts.sum()),
+            "held-out positives of items the training part never saw": int(
+                self.relevant_counts.sum() - sum(len(r) for r in self.relevant)
+            ),
+        }
 
     def matrix(self):
         from evaluation.peers import interaction_matrix
@@ -186,17 +202,26 @@ def evaluate_scores(name: str, scores: np.ndarray, data: Interactions, ks=(10, 2
 CHUNK_CELLS = 1 << 25
 
 
-def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), **kwargs) -> Result:
+def evaluate_scorer(name: str, score_rows, data: Interactions, ks=(10, 20), cold_user_scores=None, **kwargs) -> Result:
     """``evaluate_scores`` for a scorer ``score_rows(user_rows) -> [len(user_rows), num_items]``,
     called per chunk of users: each chunk's top lists and its users' held-out items' scores are kept,
     the rest of its scores dropped. The preference parity counts users with a training row only
-    (``Interactions.in_training``)."""
+    (``Interactions.in_training``).
+
+    ``cold_user_scores`` (for a scorer that ranks from the user's own history: EASE, ALS): the scorer of
+    users without a training row, the popularity list, as the funnel's fallback serves them. Their own
+    scores carry no preference (EASE: every item 0; ALS: an untrained factor), so their list was the
+    lowest item columns (the tie rule) or noise, and its chance hits counted."""
     num_users, num_items = len(data.user_ids), len(data.item_ids)
     chunk = max(1, CHUNK_CELLS // max(num_items, 1))
     tops, liked_scores, relevant, seen, in_training = [], [], data.relevant, data.seen, data.in_training
     for start in range(0, num_users, chunk):
         rows = np.arange(start, min(start + chunk, num_users))
         scores = np.asarray(score_rows(rows))
+        cold = ~in_training[rows]
+        if cold_user_scores is not None and cold.any():
+            scores = scores.copy()
+            scores[cold] = np.asarray(cold_user_scores(rows[cold]))
         try:
             tops.append(m.full_ranking_top_k(scores, max(ks), exclude=[seen[u] for u in rows]))
         except ValueError as error:  # NaN scores: say whose, and rows from the first user, not the chunk's

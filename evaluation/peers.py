@@ -7,9 +7,15 @@ All peers share one tiny interface over an implicit-feedback matrix ``train`` (s
     peer.scores(user_rows) -> dense [len(user_rows), num_items] scores (higher is better)
 
     Popularity  how many users interacted with the item; the same list for everyone
+
     EASE        Steck 2019, "Embarrassingly Shallow Autoencoders": a closed-form item-item model
                 B = I - P / diag(P), P = (X^T X + lambda I)^-1, diag(B) = 0
     ALS         implicit's alternating least squares matrix factorisation (Hu, Koren, Volinsky 2008)
+
+``serves_cold_users``: whether the peer has a list of its own for a user without a training row.
+Popularity does (the same list); EASE and ALS rank from the user's own history and have none, so the
+evaluation serves such a user the popularity list from them (``offline.evaluate_scorer``'s
+``cold_user_scores``), as the funnel's fallback does, rather than their all-tied scores.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import scipy.sparse as sp
 
 class Popularity:
     name = "Pop"
+    serves_cold_users = True
 
     def fit(self, train: sp.csr_matrix) -> Popularity:
         self.counts = np.asarray(train.astype(bool).sum(axis=0), dtype=np.float32).ravel()
@@ -33,6 +40,7 @@ class EASE:
     """``reg_weight`` 250 is RecBole's default for EASE, the setting its published figures use."""
 
     name = "EASE"
+    serves_cold_users = False
 
     def __init__(self, reg_weight: float = 250.0):
         self.reg_weight = reg_weight
@@ -50,6 +58,7 @@ class EASE:
 
 class ALS:
     name = "ALS"
+    serves_cold_users = False
 
     def __init__(
         self, factors: int = 64, regularization: float = 0.05, iterations: int = 15, alpha: float = 10.0, seed: int = 0

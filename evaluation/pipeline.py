@@ -289,7 +289,8 @@ def peer_results(
     train = data.matrix()
     num_items = len(data.item_ids)
     with_ease = ease_max_items is None or num_items <= ease_max_items
-    peers, skipped = [Popularity(), *([EASE()] if with_ease else []), ALS()], {}
+    popularity = Popularity()  # first: fitted before the peers that serve its list to users without a training row
+    peers, skipped = [popularity, *([EASE()] if with_ease else []), ALS()], {}
     if not with_ease:
         skipped["EASE (every figure)"] = (
             f"not run: {num_items:,} items > item_affinity.max_items {ease_max_items:,} "
@@ -300,7 +301,14 @@ def peer_results(
         peer.fit(train)
         out.append(
             offline.evaluate_scorer(
-                peer.name, peer.scores, data, ks, user_attributes=user_attributes, n_bootstrap=n_bootstrap
+                peer.name,
+                peer.scores,
+                data,
+                ks,
+                # a user without a training row: the popularity list, as the funnel's fallback serves them
+                cold_user_scores=None if peer.serves_cold_users else popularity.scores,
+                user_attributes=user_attributes,
+                n_bootstrap=n_bootstrap,
             )
         )
     return out, skipped
@@ -471,7 +479,7 @@ def evaluate_split(
     begin()
     context = {
         **context,
-        "users evaluated": int((data.relevant_counts > 0).sum()),
+        **data.setup_counts(),
         "model version": model.version,
     }
     extra = {"Rankers on the validation part: ROC-AUC and PR-AUC per head": rankers}

@@ -879,3 +879,50 @@ def test_mitigation_variants_read_the_served_funnels_live_store_at_the_training_
     assert opened == {"feature_lookup": chosen, "query_tower": None, "retrieval": None}  # old: no store given
     assert variant[-1] is served[-1]  # the ordering is shared
     assert variant[0].clock() == 100.0
+
+
+def test_a_user_without_a_training_row_gets_the_popularity_list_from_ease_and_als_as_from_pop():
+    """Hand-built temporal split: users 1 and 2 warm, user 9 cold (test only), item 99 a cold-item
+    positive of user 1. Columns 10..14. EASE and ALS have nothing to rank for user 9 (every score 0, or
+    an untrained factor), so the tie rule gave them the lowest columns [10, 11] and the hit on 11 at
+    place 2 counted by chance; they now serve Pop's list, as the funnel's fallback does. User 1's cold
+    item 99 stays in every denominator; user 3, with no held-out item, is left out of every figure and
+    every slice."""
+    from evaluation.pipeline import peer_results
+
+    train = pd.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 3], "item_id": [10, 11, 11, 12, 12, 13, 14]})
+    test = pd.DataFrame({"user_id": [1, 1, 2, 9], "item_id": [12, 99, 13, 11]})
+    data = offline.Interactions.from_split(train, test)
+    assert data.relevant_counts.tolist() == [2, 1, 0, 1] and data.in_training.tolist() == [True, True, True, False]
+    attrs = pd.DataFrame({"user_id": [1, 2, 3, 9], "group": ["a", "a", "b", "b"]})
+    results, _ = peer_results(data, (2,), user_attributes=attrs, n_bootstrap=5)
+    by = {r.name: r for r in results}
+    d = 1 / np.log2(3)  # the discount of place 2
+    # Pop's list (counts 11: 2, 12: 2, 10/13/14: 1): user 1 [12, 13], user 2 [10, 13], user 9 [11, 12].
+    pop = [1 / (1 + d), d / 1, 1.0]  # user 1: hit at 1 of 2 relevant (99 unreachable); user 2: hit at 2
+    np.testing.assert_allclose(by["Pop"].per_user["ndcg@2"], pop)
+    np.testing.assert_allclose(by["Pop"].per_user["recall@2"], [0.5, 1.0, 1.0])
+    for name in ("EASE", "ALS"):  # user 9: Pop's [11, 12], the hit at place 1
+        np.testing.assert_allclose(by[name].per_user["recall@2"][2], 1.0)
+        np.testing.assert_allclose(by[name].per_user["ndcg@2"][2], 1.0)  # old code: 0.6309 (list [10, 11])
+    # EASE: user 1 ranks 12 first (after 11, which it has), user 2 finds 13 second.
+    np.testing.assert_allclose(by["EASE"].per_user["ndcg@2"], [1 / (1 + d), d, 1.0])
+    assert by["EASE"].metrics["ndcg@2"] == pytest.approx((1 / (1 + d) + d + 1) / 3)
+    for r in results:  # the same three users in the headline and the slices
+        assert len(r.per_user["ndcg@2"]) == 3
+        assert r.slices.set_index("value")["users"].to_dict() == {"a": 2, "b": 1}
+        assert r.slices.set_index("value")["ndcg@2"]["b"] == pytest.approx(r.per_user["ndcg@2"][2])
+
+
+def test_the_report_setup_counts_new_users_and_held_out_items_no_model_was_trained_on():
+    """The report said how many users were evaluated, not how many of them no model had seen (the
+    funnel's fallback, the peers' popularity list) nor how many held-out positives no list can hold."""
+    train = pd.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 3], "item_id": [10, 11, 11, 12, 12, 13, 14]})
+    test = pd.DataFrame({"user_id": [1, 1, 2, 9, 3], "item_id": [12, 99, 13, 11, 12]})  # user 3: seen again
+    data = offline.Interactions.from_split(train, test)
+    assert data.setup_counts() == {  # old code: no setup_counts (only "users evaluated", in the pipeline)
+        "users evaluated": 3,
+        "users evaluated without a training row": 1,
+        "held-out positives": 4,
+        "held-out positives of items the training part never saw": 1,
+    }
