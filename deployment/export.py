@@ -10,6 +10,7 @@ synced to disk (every file and folder in it) and renamed into place only when co
 synced too, so a server never sees a partial export, not even after a power cut right after the rename.
 
 Exports into one folder take turns (``exclusive``: a lock on the folder holding the repository),
+and so do the rollout's writers into the repository (``repository_lock``),
 and each first removes what an export killed there left behind (its staging folder, the old
 repository it was deleting): under the lock no other export is using them.
 """
@@ -24,6 +25,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,18 +115,99 @@ def staging_folder(parent: Path, prefix: str) -> Path:
     return path
 
 
+# How long a writer waits for another one's lock on the repository's folder (``exclusive``) before it
+# gives up with ``RepositoryBusyError``: longer than any export or rollout (each load waits at most its
+# ``timeout_s``, 300 s by default) should hold it.
+LOCK_TIMEOUT_S = 3600.0
+# The folders this thread holds ``exclusive`` on, with how many times: ``roll_out`` takes the
+# repository's lock, then calls ``set_rollout``, which takes it again (a second flock from the same
+# process on another descriptor would wait for itself).
+_held = threading.local()
+
+
+class RepositoryBusyError(TimeoutError):
+    """Another writer held the lock on a repository's folder longer than ``LOCK_TIMEOUT_S``; nothing
+    was changed."""
+
+
+def lock_holder(path: Path) -> str | None:
+    """Which process holds the flock on ``path``, from Linux's ``/proc/locks`` (pid and command line),
+    for messages; None where that cannot be told (another system, a holder on another host)."""
+    try:
+        info = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != device:
+            continue  # "->": a waiter, not the holder
+        pid = fields[4]
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = ""
+        return f"pid {pid}" + (f" ({command})" if command else "")
+    return None
+
+
+def _lock(parent: Path, timeout_s: float) -> int:
+    """``lock_folder`` on ``parent``, waiting at most ``timeout_s`` (a warning naming the holder when
+    it has to wait); ``RepositoryBusyError`` after that."""
+    fd = lock_folder(parent)
+    if fd is not None:
+        return fd
+    holder = lock_holder(parent)
+    log.warning(
+        "waiting for the lock on %s (held by %s): another export, add_version, roll_out, set_rollout or retire "
+        "of a repository in it is running",
+        parent,
+        holder or "another process",
+    )
+    deadline = time.monotonic() + timeout_s
+    while (fd := lock_folder(parent)) is None:
+        if time.monotonic() >= deadline:
+            holder = lock_holder(parent) or holder
+            raise RepositoryBusyError(
+                f"{parent} stayed locked for {timeout_s:g} s by {holder or 'another process'} (an export, "
+                "add_version, roll_out, set_rollout or retire of a repository in it); nothing was changed: "
+                "run this again once it has finished"
+            )
+        time.sleep(0.2)
+    return fd
+
+
 @contextlib.contextmanager
-def exclusive(parent: Path, leftovers: str = ""):
+def exclusive(parent: Path, leftovers: str = "", timeout_s: float | None = None):
     """Hold an exclusive lock on folder ``parent`` (an flock on the folder itself: no lock file is
     left beside the repository), then remove the folders in it whose names fully match the regex
     ``leftovers``: temporary folders of an export that was killed (SIGKILL, out of memory) before
-    its cleanup ran. Every export makes those only while it holds this lock, so none is in use."""
+    its cleanup ran. Every export makes those only while it holds this lock, so none is in use.
+
+    Every writer into a served repository holds this on the folder that holds the repository
+    (``repository_lock``), which an export's swap leaves in place. Another holder is waited for, at
+    most ``timeout_s`` (``LOCK_TIMEOUT_S``), then ``RepositoryBusyError`` names it. Reentrant within
+    one thread (``roll_out`` calls ``set_rollout``); a nested hold removes no leftovers (the outer
+    holder's temporary folders are in use)."""
+    parent = Path(parent).resolve()
+    held = _held.__dict__.setdefault("folders", {})
+    if held.get(parent):
+        held[parent] += 1
+        try:
+            yield
+        finally:
+            held[parent] -= 1
+        return
     try:
-        fd = lock_folder(parent, wait=True)
+        fd = _lock(parent, LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
     except OSError as err:  # no flock on this file system
+        if isinstance(err, RepositoryBusyError):
+            raise
         log.warning("no lock on %s (%s): exports into it do not take turns, leftovers stay", parent, err)
         yield
         return
+    held[parent] = 1
     try:
         if leftovers:
             for path in parent.iterdir():
@@ -133,7 +216,16 @@ def exclusive(parent: Path, leftovers: str = ""):
                     shutil.rmtree(path, ignore_errors=True)
         yield
     finally:
+        del held[parent]
         os.close(fd)  # releases the lock
+
+
+def repository_lock(repo: str | Path, leftovers: str = ""):
+    """The lock every writer into the served repository ``repo`` takes: ``exclusive`` on the folder
+    holding it (an export's swap replaces ``repo`` itself, so a lock on it would not outlive the swap).
+    Exports, ``add_version``, ``roll_out``, ``set_rollout`` and ``retire`` take turns under it: one
+    swapped in during a rollout got the rollout's later writes in the new repository."""
+    return exclusive(Path(repo).resolve().parent, leftovers)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -174,7 +266,7 @@ def export_repository(
     endpoints = endpoint_instances(batching)  # refused before the lock and the staging folder
     check_artifact_versions(model)  # never export a query tower with another run's item index
     out_repo.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out_repo.parent, rf"\.{re.escape(out_repo.name)}-(staging|old)-{TEMP_SUFFIX}"):
+    with repository_lock(out_repo, rf"\.{re.escape(out_repo.name)}-(staging|old)-{TEMP_SUFFIX}"):
         # Checked under the lock: an export that waited for another one sees what that one wrote.
         if out_repo.exists() and not replace:
             raise FileExistsError(f"{out_repo} exists; pass replace=True (--replace) to swap in the new export")

@@ -50,6 +50,7 @@ from deployment.export import (
     install_model_py,
     pin_ensemble,
     rename_ensemble,
+    repository_lock,
     served_settings,
     setting_keys,
     staging_folder,
@@ -133,9 +134,9 @@ def add_version(model: ModelVersion, repo: str | Path, batching=None) -> int:
     unloads the stage models. Each model the repository has keeps its ``config.pbtxt``: the version's
     own settings that differ are named in a warning, not applied (``warn_unapplied_settings``)."""
     repo = Path(repo).resolve()
-    # Versions are added one at a time (and not during an export into the same folder); a killed
-    # add_version's staging folder is removed first.
-    with exclusive(repo.parent, rf"\.{re.escape(repo.name)}-v\d+-{TEMP_SUFFIX}"):
+    # Versions are added one at a time (and not during an export into the same folder, or a rollout:
+    # ``repository_lock``); a killed add_version's staging folder is removed first.
+    with repository_lock(repo, rf"\.{re.escape(repo.name)}-v\d+-{TEMP_SUFFIX}"):
         return _add_version(model, repo, batching)
 
 
@@ -273,8 +274,17 @@ def roll_out(
     certificate (``ControlClient``); the same in every function here that talks to the server.
     ``timeout_s`` bounds each model load and each wait for a model to become ready, and every other
     call waits at most ``CALL_TIMEOUT_S``: a server that does not answer in time raises
-    ``security.ControlTimeout``, naming the server and the call, as a refused load raises its error."""
+    ``security.ControlTimeout``, naming the server and the call, as a refused load raises its error.
+
+    Holds the repository's lock (``repository_lock``) from its first read to its last write: an export
+    swapped in meanwhile (``--replace``) got the rest of the rollout's writes, and two rollouts at once
+    interleaved theirs. A second writer waits for it."""
     repo = Path(repo).resolve()
+    with repository_lock(repo):
+        _roll_out(grpc_url, repo, version, timeout_s, root_certificates)
+
+
+def _roll_out(grpc_url: str, repo: Path, version: int, timeout_s: float, root_certificates) -> None:
     check_complete(repo, str(version))
     # loading models needs the deployment's admin key
     client = _control(grpc_url, repo, root_certificates, timeout_s)
@@ -334,8 +344,13 @@ def retire(
     timeout_s: float = 300.0,
 ) -> None:
     """Unload and delete an old version that the ensemble no longer calls (each reload or unload
-    waits at most ``timeout_s``)."""
+    waits at most ``timeout_s``). Under the repository's lock (``repository_lock``), as ``roll_out``."""
     repo = Path(repo).resolve()
+    with repository_lock(repo):
+        _retire(grpc_url, repo, version, root_certificates, timeout_s)
+
+
+def _retire(grpc_url: str, repo: Path, version: int, root_certificates, timeout_s: float) -> None:
     if int(version) in {served_version(repo), funnel_version(repo)}:
         raise ValueError(f"version {version} is the one being served; roll out another first")
     in_experiment = current_rollout(repo)
@@ -402,8 +417,14 @@ def set_rollout(
     timeout_s: float = 300.0,
     root_certificates: str | Path | None = None,
 ) -> int:
-    """Serve ``rollout`` from a new router version; return the router version."""
+    """Serve ``rollout`` from a new router version; return the router version. Under the repository's
+    lock (``repository_lock``), as ``roll_out``, which calls it holding that lock already."""
     repo = Path(repo).resolve()
+    with repository_lock(repo):
+        return _set_rollout(grpc_url, repo, rollout, timeout_s, root_certificates)
+
+
+def _set_rollout(grpc_url: str, repo: Path, rollout: Rollout, timeout_s: float, root_certificates) -> int:
     versions = arm_versions(repo, rollout)
     # loading models needs the deployment's admin key
     client = _control(grpc_url, repo, root_certificates, timeout_s)

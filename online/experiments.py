@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deployment.export import repository_lock
 from deployment.rollout import current_rollout, roll_out, served_version, set_rollout
 from serving.assignment import Rollout
 
@@ -45,12 +46,14 @@ def roll_out_treatment(
     """Ship ``arm``: the plain ``funnel`` ensemble switches to its version (``deployment.rollout``) and
     every non-holdout user of the router gets it; the holdout stays on its version (``control_version``).
     The experiment keeps its name and arms, so its log then holds the control arm on two versions, which
-    ``online.ab_report.analyze`` refuses: analyse the rows logged before the rollout."""
-    current = current_rollout(repo)
-    if current is None or arm not in current.versions:
-        raise ValueError(f"no running experiment has an arm {arm!r}")
-    shipped = current.roll_out(arm)
-    if served_version(repo) != current.versions[arm]:
-        roll_out(grpc_url, repo, current.versions[arm], timeout_s, root_certificates)
-    set_rollout(grpc_url, repo, shipped, timeout_s, root_certificates)
+    ``online.ab_report.analyze`` refuses: analyse the rows logged before the rollout. Both steps under
+    the repository's lock (``deployment.export.repository_lock``): no other writer comes between them."""
+    with repository_lock(repo):
+        current = current_rollout(repo)
+        if current is None or arm not in current.versions:
+            raise ValueError(f"no running experiment has an arm {arm!r}")
+        shipped = current.roll_out(arm)
+        if served_version(repo) != current.versions[arm]:
+            roll_out(grpc_url, repo, current.versions[arm], timeout_s, root_certificates)
+        set_rollout(grpc_url, repo, shipped, timeout_s, root_certificates)
     return shipped

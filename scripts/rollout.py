@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
+from deployment.export import repository_lock
 from deployment.rollout import RolloutError, add_version, retire, roll_out, served_version
 from deployment.security import AdminKeyError, ControlTimeout, confirm_key_with_server
 from models import registry
@@ -66,33 +67,39 @@ def main() -> None:
         confirm_key_with_server(args.url, args.repository, root_certificates=args.tls_ca)
     except AdminKeyError as err:
         raise SystemExit(f"rollout: {err}; the repository was not changed") from None
-    if (Path(args.repository) / ensemble_name(model.version)).is_dir():
-        # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
-        # add_version refuses it, and roll_out checks that every stage of it is complete.
-        print(f"version {model.version} is already in {args.repository}: rolling out that copy")
-    else:
-        add_version(model, args.repository)
-    # A server that stops answering (ControlTimeout), a stage that never becomes ready (RolloutError) or
-    # a server that goes away mid-roll is one line, not a traceback.
-    try:
-        roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
-    except (ControlTimeout, RolloutError, InferenceServerException) as err:
-        now = served_version(args.repository)
-        raise SystemExit(f"rollout: rolling out version {model.version} failed: {err}; serving version {now}") from None
-    print(f"serving version {model.version} (was {old})")
-    if args.retire and int(old) == int(model.version):
-        print(f"version {old} was already served: nothing to retire")
-    elif args.retire:
+    # The add, the switch and the retire take turns with exports and other rollouts into this repository
+    # as one (deployment.export.repository_lock): none of them comes in between, or swaps it out midway.
+    with repository_lock(args.repository):
+        old = served_version(args.repository)  # again, under the lock: an export may have come first
+        if (Path(args.repository) / ensemble_name(model.version)).is_dir():
+            # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
+            # add_version refuses it, and roll_out checks that every stage of it is complete.
+            print(f"version {model.version} is already in {args.repository}: rolling out that copy")
+        else:
+            add_version(model, args.repository)
+        # A server that stops answering (ControlTimeout), a stage that never becomes ready (RolloutError) or
+        # a server that goes away mid-roll is one line, not a traceback.
         try:
-            retire(args.url, args.repository, old, root_certificates=args.tls_ca, timeout_s=args.timeout)
-        except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
-            print(f"version {old} not retired: {err}", file=sys.stderr)
-            sys.exit(2)
+            roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
         except (ControlTimeout, RolloutError, InferenceServerException) as err:
+            now = served_version(args.repository)
             raise SystemExit(
-                f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
+                f"rollout: rolling out version {model.version} failed: {err}; serving version {now}"
             ) from None
-        print(f"retired version {old}")
+        print(f"serving version {model.version} (was {old})")
+        if args.retire and int(old) == int(model.version):
+            print(f"version {old} was already served: nothing to retire")
+        elif args.retire:
+            try:
+                retire(args.url, args.repository, old, root_certificates=args.tls_ca, timeout_s=args.timeout)
+            except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
+                print(f"version {old} not retired: {err}", file=sys.stderr)
+                sys.exit(2)
+            except (ControlTimeout, RolloutError, InferenceServerException) as err:
+                raise SystemExit(
+                    f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
+                ) from None
+            print(f"retired version {old}")
 
 
 if __name__ == "__main__":

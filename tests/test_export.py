@@ -450,3 +450,123 @@ def test_add_version_names_every_setting_of_the_version_that_the_repository_does
 
     unset = (TRITON_REPO_SOURCE / ROUTER / "config.pbtxt").read_text()
     assert served_settings(unset)["metrics_interval_s"] == served_settings(before[ROUTER])["metrics_interval_s"]
+
+
+def tiny_version_numbered(tiny_version, folder: Path, number: int):
+    """A copy of ``tiny_version`` as registry version ``number`` (its stamps agree)."""
+    import json
+
+    from models.registry import ModelVersion
+
+    shutil.copytree(tiny_version.path, folder)
+    for name in ("manifest.json", "query_tower.json", "item_index.json"):
+        content = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**content, "version": number}))
+    return ModelVersion(folder)
+
+
+class PausingControl:
+    """The rollout's Triton control client on a server where every model loads and is ready; the first
+    load of ``pause_at`` waits until the test lets it go on."""
+
+    pause_at = None  # the model whose first load pauses the rollout
+    paused = None  # threading.Event set when that load is reached
+    go_on = None  # threading.Event the test sets to let the rollout continue
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def is_model_ready(self, name, version=""):
+        return True
+
+    def load_model(self, name):
+        if name == PausingControl.pause_at and not PausingControl.paused.is_set():
+            PausingControl.paused.set()
+            assert PausingControl.go_on.wait(30), "the test never let the rollout go on"
+
+    def get_model_repository_index(self, as_json=False):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_an_export_replace_waits_for_a_rollout_in_progress_instead_of_mixing_the_two(
+    tiny_version, tmp_path, monkeypatch
+):
+    """``roll_out`` took no lock: an ``export_triton.py --replace`` that swapped the repository in while a
+    rollout of version 2 loaded its stages got the rollout's later writes (``funnel/config.pbtxt`` pinned
+    to 2, ``funnel/2/``, ``export.json`` naming 2, a router version routing to 2) in the new repository,
+    which holds version 1 alone: a restart served a funnel whose stages are not there. Every writer into
+    the served repository now takes the export's lock (on the folder holding it, which survives the swap),
+    so the export waits for the rollout and then swaps in its whole repository."""
+    import threading
+
+    from deployment import rollout
+    from serving.interface import FUNNEL, ROUTER
+
+    repo = export_repository(tiny_version, tmp_path / "repo")
+    assert rollout.add_version(tiny_version_numbered(tiny_version, tmp_path / "registry" / "2", 2), repo) == 2
+    monkeypatch.setattr(rollout, "ControlClient", PausingControl)
+    monkeypatch.setattr(rollout.time, "sleep", lambda s: None)
+    # Paused loading its new router version: funnel/config.pbtxt and ab_router/2/ are written, export.json not yet.
+    monkeypatch.setattr(PausingControl, "pause_at", ROUTER)
+    monkeypatch.setattr(PausingControl, "paused", threading.Event())
+    monkeypatch.setattr(PausingControl, "go_on", threading.Event())
+    errors = []
+
+    def run(target, *args, **kwargs):
+        def body():
+            try:
+                target(*args, **kwargs)
+            except BaseException as err:  # reported by the test, not lost in the thread
+                errors.append(err)
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        return thread
+
+    rolling = run(rollout.roll_out, "127.0.0.1:1", repo, 2, timeout_s=5.0)
+    assert PausingControl.paused.wait(30)  # the rollout has written part of version 2's switch
+    exporting = run(export_repository, tiny_version, repo, replace=True)
+    exporting.join(2.0)  # the old code swapped the repository in here, under the rollout
+    PausingControl.go_on.set()
+    rolling.join(30)
+    exporting.join(30)
+    assert not rolling.is_alive() and not exporting.is_alive() and errors == []
+    # The export came last: the repository is its own, whole, serving version 1 alone.
+    assert rollout.served_version(repo) == 1  # old code: 2, the rollout's export.json in the new repository
+    assert rollout.funnel_version(repo) == 1
+    assert not (repo / FUNNEL / "2").exists() and not (repo / "heavy_ranker" / "2").exists()
+    assert rollout.router_versions(repo) == [1]
+
+
+def test_a_writer_that_waits_too_long_for_the_repository_lock_names_its_holder(tiny_version, tmp_path, monkeypatch):
+    """A second writer into a repository whose lock another one holds waits for it, at most
+    ``LOCK_TIMEOUT_S``, then gives up with ``RepositoryBusyError`` naming the folder and, on Linux, the
+    process holding the lock; it changed nothing."""
+    import os
+    import sys
+    import threading
+
+    from deployment import export, rollout
+
+    repo = export_repository(tiny_version, tmp_path / "repo")
+    monkeypatch.setattr(export, "LOCK_TIMEOUT_S", 0.5)
+    errors = []
+
+    def retire_elsewhere():  # another thread: its own flock, not the held one's re-entry
+        try:
+            rollout.retire("127.0.0.1:1", repo, 1)
+        except BaseException as err:
+            errors.append(err)
+
+    with export.repository_lock(repo):
+        thread = threading.Thread(target=retire_elsewhere)
+        thread.start()
+        thread.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], export.RepositoryBusyError), errors
+    assert str(repo.parent) in str(errors[0]) and "nothing was changed" in str(errors[0])
+    if sys.platform == "linux":
+        assert f"pid {os.getpid()}" in str(errors[0])
+    assert rollout.served_version(repo) == 1
