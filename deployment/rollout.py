@@ -474,13 +474,62 @@ def _write_router_version(client, repo: Path, rollout: Rollout, timeout_s: float
     return router_version
 
 
+# How long ``follow_rollout`` waits before it reads a repository again that it found mid-write.
+FOLLOW_RETRY_S = 1.0
+
+
+def _written(repo: Path) -> tuple:
+    """What ``follow_rollout`` follows, as on disk now: ``export.json``, ``funnel``'s config and the
+    newest router version (number and rollout). Every writer changes one of them with each of its steps."""
+    versions = router_versions(repo)
+    newest = repo / ROUTER / str(versions[-1]) / EXPERIMENT_FILE if versions else None
+    return (
+        (repo / "export.json").read_text(),
+        (repo / FUNNEL / "config.pbtxt").read_text(),
+        versions[-1:],
+        newest.read_text() if newest is not None else None,
+    )
+
+
 def follow_rollout(
     grpc_url: str, repo: str | Path, timeout_s: float = 300.0, root_certificates: str | Path | None = None
 ) -> int:
     """Make a replica serve the newest router version already in the shared ``repo`` (written by
     ``set_rollout`` through another replica): load the model versions its arms name, then the
-    router. Writes nothing; returns the router version now served."""
+    router. Writes nothing; returns the router version now served.
+
+    Never loads a writer's half-done change: it holds the writers' lock (``repository_lock``), so a
+    ``roll_out`` (``funnel``'s config, then the router, then ``export.json``) finishes before it reads
+    or starts after it has loaded. Where the file system has no flock (NFS from another host), it
+    reads again after loading and starts over when anything changed meanwhile (the server reads the
+    repository at each load, not when this read it), and waits while ``funnel``'s config and
+    ``export.json`` name different versions (a ``roll_out`` between its first and last write); at
+    most ``timeout_s``, then ``RolloutError``."""
     repo = Path(repo).resolve()
+    deadline = time.monotonic() + timeout_s
+    with repository_lock(repo):
+        while True:
+            seen = _written(repo)
+            if funnel_version(repo) == served_version(repo):
+                try:
+                    router_version = _follow(grpc_url, repo, timeout_s, root_certificates)
+                except RolloutError:
+                    if _written(repo) == seen:
+                        raise
+                else:
+                    if _written(repo) == seen:
+                        return router_version
+            if time.monotonic() >= deadline:
+                raise RolloutError(
+                    f"{repo} kept changing or stayed mid-write for {timeout_s:g} s (funnel/config.pbtxt pins version "
+                    f"{funnel_version(repo)}, export.json records {served_version(repo)}): a rollout still running, "
+                    "or a roll_out killed mid-way (run it again); follow once it has finished"
+                )
+            log.info("%s is being written by a rollout; reading it again in %g s", repo, FOLLOW_RETRY_S)
+            time.sleep(FOLLOW_RETRY_S)
+
+
+def _follow(grpc_url: str, repo: Path, timeout_s: float, root_certificates) -> int:
     rollout = current_rollout(repo)
     if rollout is None:
         raise FileNotFoundError(f"{repo} has no {ROUTER} versions")

@@ -1698,3 +1698,92 @@ def test_a_failed_atomic_write_leaves_the_file_as_it_was_and_no_temporary_file(t
         rollout._write_atomic(target, '{"version": 2}')
     assert target.read_text() == '{"version": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
+
+
+class DiskReadingTriton(ReadyTriton):
+    """Triton's control plane as ``follow_rollout`` sees it, one per server (``grpc_url``): stages and
+    pinned ensembles ready, and ``funnel`` and the router loaded as on disk *when the load is asked*
+    (the explicit load reads the repository then): ``funnel`` at the version its config pins, the
+    router at the newest version folder. ``pause`` (url -> Event pair) holds that server's ``funnel``
+    load: a ``roll_out`` through it stops between its ``funnel`` config and its router version."""
+
+    repo: pathlib.Path | None = None
+    loaded: dict = {}
+    pause: dict = {}
+
+    def __init__(self, grpc_url, *args, **kwargs):
+        self.url = grpc_url
+        self.state = self.loaded.setdefault(grpc_url, {"funnel": 1, "router": 1})
+
+    def load_model(self, name):
+        from deployment import rollout
+        from serving.interface import FUNNEL, ROUTER
+
+        if name == FUNNEL:
+            if self.url in self.pause:
+                reached, go = self.pause.pop(self.url)
+                reached.set()
+                assert go.wait(30)
+            self.state["funnel"] = rollout.funnel_version(self.repo)
+        elif name == ROUTER:
+            self.state["router"] = rollout.router_versions(self.repo)[-1]
+
+    def is_model_ready(self, name, version=""):
+        from serving.interface import FUNNEL, ROUTER
+
+        if name == FUNNEL:
+            return str(self.state["funnel"]) == str(version)
+        if name == ROUTER:
+            return str(self.state["router"]) == str(version)
+        return True
+
+    def get_model_config(self, name, as_json=False):
+        return {"config": {"ensemble_scheduling": {"step": [{"model_version": str(self.state["funnel"])}]}}}
+
+
+@pytest.mark.parametrize("flock", [True, False])
+def test_a_replica_following_while_a_roll_out_is_half_written_never_serves_the_half(tmp_path, monkeypatch, flock):
+    """``follow_rollout`` took no lock and read the repository once: run while another replica's
+    ``roll_out`` had written ``funnel``'s config (pinned to 2) but not yet the router's version nor
+    export.json, it loaded ``funnel`` on 2 beside a router still routing everyone to 1, and returned as
+    if it had followed. It now waits for the writer (its lock), or, on a file system without flock,
+    reads again until ``funnel`` and export.json agree and nothing changed while it loaded."""
+    import fcntl
+    import threading
+
+    from deployment import rollout
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    if not flock:  # NFS: the writer and the follower both go on without the lock
+
+        def no_lock(fd, op):
+            raise OSError(9, "Bad file descriptor")
+
+        monkeypatch.setattr(fcntl, "flock", no_lock)
+    writer, follower = "127.0.0.1:1", "127.0.0.1:2"
+    reached, go = threading.Event(), threading.Event()
+    monkeypatch.setattr(DiskReadingTriton, "repo", repo)
+    monkeypatch.setattr(DiskReadingTriton, "loaded", {follower: {"funnel": 1, "router": 1}})  # it serves 1
+    monkeypatch.setattr(DiskReadingTriton, "pause", {writer: (reached, go)})
+    monkeypatch.setattr(rollout, "ControlClient", DiskReadingTriton)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    monkeypatch.setattr(rollout, "FOLLOW_RETRY_S", 0.05, raising=False)
+
+    rolling = threading.Thread(target=rollout.roll_out, args=(writer, repo, 2))
+    rolling.start()
+    try:
+        assert reached.wait(30)  # funnel/config.pbtxt pins 2; the router and export.json still say 1
+        assert rollout.funnel_version(repo) == 2 and rollout.router_versions(repo) == [1]
+        followed = []
+        following = threading.Thread(target=lambda: followed.append(rollout.follow_rollout(follower, repo, 30)))
+        following.start()
+        following.join(1.0)
+        # The old code had returned here: funnel on 2, the router on 1 (single_version(1)), nothing raised.
+        assert followed == [] and DiskReadingTriton.loaded[follower] == {"funnel": 1, "router": 1}
+    finally:
+        go.set()
+        rolling.join(30)
+    following.join(30)
+    assert followed == [2] and rollout.router_versions(repo) == [1, 2]
+    assert DiskReadingTriton.loaded[follower] == DiskReadingTriton.loaded[writer] == {"funnel": 2, "router": 2}
+    assert rollout.current_rollout(repo).control_version == 2
