@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Export a model-registry version as a Triton model repository (the funnel ensemble), atomically."""
+"""Export a model-registry version as a Triton model repository (the funnel ensemble), atomically.
+Exports and rollouts into one folder take turns (a lock on it): this waits for one already running,
+at most an hour (deployment.export.LOCK_TIMEOUT_S)."""
 
 from configs.runtime import quiet_known_warnings
 

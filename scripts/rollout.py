@@ -8,7 +8,9 @@ afterwards. A version still in the repository (an older one kept for a roll back
 from there. The server must run in explicit model-control mode (scripts/serve.py does). Where its
 gRPC speaks TLS (serve.py --tls-cert), --tls-ca names the PEM file that signed its certificate.
 Each model load may take --timeout seconds (300); a server that stops answering ends the tool
-with one line naming it and the call.
+with one line naming it and the call. The add, switch and retire hold the repository's lock as one:
+an export or another rollout into the same folder waits for them, and this tool waits (a warning
+naming the holder) for one already running, at most an hour (LOCK_TIMEOUT_S).
 
     .venv/bin/python scripts/rollout.py --registry artifacts/registry --version 2 \\
         --repository build/triton_repo --url 127.0.0.1:8001 --retire
