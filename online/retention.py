@@ -25,7 +25,9 @@ The rule, ``derive_head_weights`` (pure):
                                    the other heads' signals across users)
     normalised to sum 1; if no head qualifies, the current weights are kept and the reason says so.
     A regression that does not converge (separated data, or two signals so nearly collinear that the
-    data cannot tell them apart: no finite optimum) reports no intervals, so no head qualifies.
+    data cannot tell them apart: no finite optimum) reports no intervals, so no head qualifies. A pair
+    of signals nearly collinear across users (|r| >= ``COLLINEAR_R``) that the fit kept is named in the
+    notes with r and its variance inflation factor: their intervals are wide, so neither may qualify.
 
 Why coefficients of a joint fit rather than correlations: clicks, watch time and duration-aware
 watches move together (a watch needs a click), so each correlates with retention through the others;

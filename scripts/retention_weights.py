@@ -8,7 +8,8 @@ share rates to whether they came back (correlations and standardised logistic re
 intervals, ``online/retention.py``), derives the head weights by the documented rule, publishes the
 same models with those weights as version 2 and runs the simulated A/B test against the live server
 (version 1, hand weights, vs version 2; retention and watch time are guardrails). Writes
-``<workdir>/report/retention.json`` and ``retention.md`` and prints the verdict.
+``<workdir>/report/retention.json`` and ``retention.md`` and prints the analysis's notes (constant,
+aliased or nearly collinear signals, a fit that did not converge) and the verdict.
 
     .venv/bin/python scripts/retention_weights.py                       # default config
     .venv/bin/python scripts/retention_weights.py --num-users 500 --days 3   # smaller and faster
