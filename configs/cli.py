@@ -70,6 +70,18 @@ def positive_seconds(text: str, alternative: str = "") -> float:
     return value
 
 
+def grpc_url(text: str) -> str:
+    """A gRPC address a client can dial (``serving.client.grpc_address``: host:port, [v6]:port, or a
+    gRPC target such as dns:///host:port or unix:/path). Without a port gRPC dialed 443 (or 0) and
+    failed later with "failed to connect to all addresses", naming neither the address nor the cause."""
+    from serving.client import grpc_address
+
+    try:
+        return grpc_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def seconds_or_none(text: str) -> float | None:
     """A finite number of seconds > 0, or ``none`` (None)."""
     if text.strip().lower() == "none":

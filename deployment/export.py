@@ -160,8 +160,8 @@ def _lock(parent: Path, timeout_s: float) -> int:
         return fd
     holder = lock_holder(parent)
     log.warning(
-        "waiting for the lock on %s (held by %s): another export, add_version, roll_out, set_rollout or retire "
-        "of a repository in it is running",
+        "waiting for the lock on %s (held by %s): another export, add_version, roll_out, set_rollout, retire or "
+        "follow_rollout of a repository in it is running",
         parent,
         holder or "another process",
     )
@@ -171,8 +171,8 @@ def _lock(parent: Path, timeout_s: float) -> int:
             holder = lock_holder(parent) or holder
             raise RepositoryBusyError(
                 f"{parent} stayed locked for {timeout_s:g} s by {holder or 'another process'} (an export, "
-                "add_version, roll_out, set_rollout or retire of a repository in it); nothing was changed: "
-                "run this again once it has finished"
+                "add_version, roll_out, set_rollout, retire or follow_rollout of a repository in it); nothing was "
+                "changed: run this again once it has finished"
             )
         time.sleep(0.2)
     return fd

@@ -10,7 +10,7 @@ quiet_known_warnings()  # before TensorFlow is imported
 import argparse
 from pathlib import Path
 
-from deployment.export import batching_of, export_repository, exported_version
+from deployment.export import RepositoryBusyError, batching_of, export_repository, exported_version
 from models import registry
 
 
@@ -45,7 +45,10 @@ def main() -> None:
     batching = batching_of(model.manifest)
     if args.fuse_stages is not None:
         batching.fuse_stages = args.fuse_stages
-    repo = export_repository(model, args.out, replace=args.replace, batching=batching)
+    try:
+        repo = export_repository(model, args.out, replace=args.replace, batching=batching)
+    except RepositoryBusyError as err:  # another writer held the folder past LOCK_TIMEOUT_S: nothing changed
+        raise SystemExit(f"export: {err}") from None
     layout = "fused (one model)" if batching.fuse_stages else "seven stage models"
     print(f"exported version {model.version} to {repo}: {layout}")
 

@@ -26,12 +26,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from configs.cli import grpc_url
 from deployment.supervisor import CannotCheck, funnel_probe, stub_check
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (scripts/serve.py)")
+    parser.add_argument(
+        "--url", type=grpc_url, default="127.0.0.1:8001", help="the server's gRPC address (scripts/serve.py)"
+    )
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     parser.add_argument(
         "--stubs",

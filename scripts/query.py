@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from configs.cli import int_of, positive_int, positive_seconds
-from serving.client import FunnelClient, grpc_address
+from configs.cli import grpc_url, int_of, positive_int, positive_seconds
+from serving.client import FunnelClient
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=positive_int, default=10)
     parser.add_argument(
         "--url",
+        type=grpc_url,
         default="127.0.0.1:8001",
         help="gRPC address of tritonserver: host:port (or dns:///host:port, unix:/path)",
     )
@@ -39,10 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args(argv)
-    try:  # without a port gRPC dialed port 443 (or 0) and reported only "failed to connect", exit 1
-        grpc_address(args.url)
-    except ValueError as err:
-        parser.error(f"argument --url: {err}")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
-from deployment.export import repository_lock
+from configs.cli import grpc_url
+from deployment.export import RepositoryBusyError, repository_lock
 from deployment.rollout import RolloutError, add_version, retire, roll_out, served_version
 from deployment.security import AdminKeyError, ControlTimeout, confirm_key_with_server
 from models import registry
@@ -42,7 +43,7 @@ def main() -> None:
         help="registry version to roll in (default: the latest one the retraining run did not refuse)",
     )
     parser.add_argument("--repository", default="build/triton_repo", help="the served model repository")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
+    parser.add_argument("--url", type=grpc_url, default="127.0.0.1:8001", help="the server's gRPC address (host:port)")
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     parser.add_argument(
@@ -58,7 +59,7 @@ def main() -> None:
     except FileNotFoundError as err:  # no such version, or a folder that is no registry
         parser.error(f"argument --registry: {err}")
     try:
-        old = served_version(args.repository)
+        served_version(args.repository)  # read again under the lock (switch)
     except FileNotFoundError as err:
         parser.error(f"argument --repository: {err}")
     # The server must answer the control plane with this deployment's key before the repository is
@@ -71,37 +72,43 @@ def main() -> None:
         raise SystemExit(f"rollout: {err}; the repository was not changed") from None
     # The add, the switch and the retire take turns with exports and other rollouts into this repository
     # as one (deployment.export.repository_lock): none of them comes in between, or swaps it out midway.
-    with repository_lock(args.repository):
-        old = served_version(args.repository)  # again, under the lock: an export may have come first
-        if (Path(args.repository) / ensemble_name(model.version)).is_dir():
-            # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
-            # add_version refuses it, and roll_out checks that every stage of it is complete.
-            print(f"version {model.version} is already in {args.repository}: rolling out that copy")
-        else:
-            add_version(model, args.repository)
-        # A server that stops answering (ControlTimeout), a stage that never becomes ready (RolloutError) or
-        # a server that goes away mid-roll is one line, not a traceback.
+    try:
+        with repository_lock(args.repository):
+            switch(args, model)
+    except RepositoryBusyError as err:  # another writer held it past LOCK_TIMEOUT_S: one line, nothing changed
+        raise SystemExit(f"rollout: {err}") from None
+
+
+def switch(args, model) -> None:
+    """Add (unless there already), roll out and, with --retire, retire: under the repository's lock."""
+    old = served_version(args.repository)  # again, under the lock: an export may have come first
+    if (Path(args.repository) / ensemble_name(model.version)).is_dir():
+        # Added before (the version a roll back returns to, or a rerun after a failed roll_out):
+        # add_version refuses it, and roll_out checks that every stage of it is complete.
+        print(f"version {model.version} is already in {args.repository}: rolling out that copy")
+    else:
+        add_version(model, args.repository)
+    # A server that stops answering (ControlTimeout), a stage that never becomes ready (RolloutError) or
+    # a server that goes away mid-roll is one line, not a traceback.
+    try:
+        roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
+    except (ControlTimeout, RolloutError, InferenceServerException) as err:
+        now = served_version(args.repository)
+        raise SystemExit(f"rollout: rolling out version {model.version} failed: {err}; serving version {now}") from None
+    print(f"serving version {model.version} (was {old})")
+    if args.retire and int(old) == int(model.version):
+        print(f"version {old} was already served: nothing to retire")
+    elif args.retire:
         try:
-            roll_out(args.url, args.repository, model.version, timeout_s=args.timeout, root_certificates=args.tls_ca)
+            retire(args.url, args.repository, old, root_certificates=args.tls_ca, timeout_s=args.timeout)
+        except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
+            print(f"version {old} not retired: {err}", file=sys.stderr)
+            sys.exit(2)
         except (ControlTimeout, RolloutError, InferenceServerException) as err:
-            now = served_version(args.repository)
             raise SystemExit(
-                f"rollout: rolling out version {model.version} failed: {err}; serving version {now}"
+                f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
             ) from None
-        print(f"serving version {model.version} (was {old})")
-        if args.retire and int(old) == int(model.version):
-            print(f"version {old} was already served: nothing to retire")
-        elif args.retire:
-            try:
-                retire(args.url, args.repository, old, root_certificates=args.tls_ca, timeout_s=args.timeout)
-            except ValueError as err:  # refused (an experiment's arm): the roll out itself succeeded
-                print(f"version {old} not retired: {err}", file=sys.stderr)
-                sys.exit(2)
-            except (ControlTimeout, RolloutError, InferenceServerException) as err:
-                raise SystemExit(
-                    f"rollout: serving version {model.version}; retiring version {old} failed: {err}"
-                ) from None
-            print(f"retired version {old}")
+        print(f"retired version {old}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from configs.cli import grpc_url
 from deployment.security import AdminKeyError, confirm_key_with_server, read_admin_key
 from deployment.takedowns import NotTakenDownError, list_takedowns, set_takedown
 from workflows.live_store import require_repository
@@ -33,7 +34,9 @@ def main() -> int:
     parser.add_argument("--reason", help="why (recorded with the time and the user)")
     parser.add_argument("--undo", action="store_true", help="restore the item")
     parser.add_argument("--list", action="store_true", help="print every takedown and exit")
-    parser.add_argument("--url", help="the serving Triton's gRPC address: it confirms the key before the write")
+    parser.add_argument(
+        "--url", type=grpc_url, help="the serving Triton's gRPC address: it confirms the key before the write"
+    )
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # an unknown --item

@@ -586,10 +586,14 @@ def test_query_refuses_k_below_one_without_asking_the_server():
         refused(run, "argument --k", "must be >= 1")
 
 
-def test_query_refuses_a_url_without_a_port_as_an_argument():
+@pytest.mark.parametrize(
+    "name, extra", [("query", ["--user-id", "1"]), ("rollout", []), ("takedown", ["--item", "1"]), ("probe", [])]
+)
+def test_a_script_refuses_a_url_without_a_port_as_an_argument(name, extra):
     """--url localhost went to gRPC, which dialed port 443 and printed "failed to connect to all
-    addresses ... 127.0.0.1:443", exit 1, naming neither the --url given nor that it lacked a port."""
-    run = script("scripts/query.py", "--user-id", "1", "--url", "localhost", check=False)
+    addresses ... 127.0.0.1:443", exit 1, naming neither the --url given nor that it lacked a port
+    (query.py; rollout.py, takedown.py and probe.py took it too, to fail later the same way)."""
+    run = script(f"scripts/{name}.py", *extra, "--url", "localhost", check=False)
     refused(run, "argument --url", "'localhost' is not a gRPC address: expected host:port")
 
 
@@ -1048,3 +1052,49 @@ def test_serve_stops_at_once_when_the_signal_lands_in_code_that_drops_exceptions
     out = capsys.readouterr().out
     assert took < 3.0, f"serve.py stopped {took:.1f} s after the SIGTERM: {out}"
     assert servers[0].stopped and "tritonserver stopped while it loaded" in out, out
+
+
+def test_export_and_rollout_say_in_one_line_that_another_writer_kept_the_repository(monkeypatch, tmp_path):
+    """A writer that waited LOCK_TIMEOUT_S for another one's repository_lock raised RepositoryBusyError
+    out of export_triton.py and rollout.py as a traceback, where their other failures are one line."""
+    import contextlib
+    import importlib.util
+    import sys
+    from types import SimpleNamespace
+
+    from deployment.export import RepositoryBusyError
+
+    busy = RepositoryBusyError(f"{tmp_path} stayed locked for 3600 s by pid 1; nothing was changed")
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def raise_busy(*args, **kwargs):
+        raise busy
+
+    @contextlib.contextmanager
+    def held(*args, **kwargs):
+        raise busy
+        yield
+
+    version = SimpleNamespace(version=2, manifest={}, path=tmp_path)
+    export = load("export_triton")
+    monkeypatch.setattr(export.registry, "get", lambda *args: version)
+    monkeypatch.setattr(export, "batching_of", lambda manifest: SimpleNamespace(fuse_stages=False))
+    monkeypatch.setattr(export, "export_repository", raise_busy)
+    monkeypatch.setattr(sys, "argv", ["export_triton.py", "--registry", str(tmp_path), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exit_:  # old code: RepositoryBusyError
+        export.main()
+    assert exit_.value.code == f"export: {busy}"
+
+    rollout = load("rollout")
+    monkeypatch.setattr(rollout, "served_version", lambda repo: 1)
+    monkeypatch.setattr(rollout, "confirm_key_with_server", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rollout, "repository_lock", held)
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--registry", str(tmp_path), "--repository", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:  # old code: RepositoryBusyError
+        rollout.main()
+    assert exit_.value.code == f"rollout: {busy}"
