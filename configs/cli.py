@@ -70,12 +70,32 @@ def positive_seconds(text: str, alternative: str = "") -> float:
     return value
 
 
-def grpc_url(text: str) -> str:
-    """A gRPC address a client can dial (``serving.client.grpc_address``: host:port, [v6]:port, or a
-    gRPC target such as dns:///host:port or unix:/path). Without a port gRPC dialed 443 (or 0) and
-    failed later with "failed to connect to all addresses", naming neither the address nor the cause."""
-    from serving.client import grpc_address
+# gRPC's own target schemes (its naming doc): a target written with one is passed on as it is
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})")
 
+
+def grpc_address(url: str) -> str:
+    """``url`` if gRPC can dial it: ``host:port`` (``127.0.0.1:8001``, ``[::1]:8001``) or a target
+    in one of gRPC's schemes (``dns:///host:port``, ``unix:/path``, ``ipv4:``, ...); otherwise
+    ``ValueError`` naming it. Without a port (``localhost``, ``::1``) gRPC dialed port 443 or 0 and
+    failed on the first call with "failed to connect to all addresses ... :0", naming neither the
+    address given nor what was missing; ``http://host:8001`` failed in DNS."""
+    if not isinstance(url, str):
+        raise ValueError(f"the server's address must be a string host:port, got {url!r}")
+    if url.lower().startswith(GRPC_SCHEMES):
+        return url
+    match = HOST_PORT.fullmatch(url)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(
+            f"{url!r} is not a gRPC address: expected host:port with a port in 1-65535 (e.g. 127.0.0.1:8001, "
+            "[::1]:8001; tritonserver's gRPC port is 8001 by default), or dns:///host:port or unix:/path"
+        )
+    return url
+
+
+def grpc_url(text: str) -> str:
+    """``--url``: a gRPC address a client can dial (``grpc_address``), else an argument error naming it."""
     try:
         return grpc_address(text)
     except ValueError as err:

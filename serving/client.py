@@ -10,7 +10,6 @@ waits at most ``timeout_s`` (30 s by default); one the server does not answer in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from configs.cli import grpc_address
 from serving.interface import FEEDBACK, FUNNEL, FUNNEL_OUTPUTS, ROUTER, STAGE_COUNTS, names
 
 
@@ -116,30 +116,6 @@ def one_integer(name: str, value, dtype) -> np.ndarray:
     if array.size != 1:
         raise BadRequest(f"{name} must be one integer, got {array.size} values", "StatusCode.INVALID_ARGUMENT")
     return array
-
-
-# gRPC's own target schemes (its naming doc): a target written with one is passed on as it is
-GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
-HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})")
-
-
-def grpc_address(url: str) -> str:
-    """``url`` if gRPC can dial it: ``host:port`` (``127.0.0.1:8001``, ``[::1]:8001``) or a target
-    in one of gRPC's schemes (``dns:///host:port``, ``unix:/path``, ``ipv4:``, ...); otherwise
-    ``ValueError`` naming it. Without a port (``localhost``, ``::1``) gRPC dialed port 443 or 0 and
-    failed on the first call with "failed to connect to all addresses ... :0", naming neither the
-    address given nor what was missing; ``http://host:8001`` failed in DNS."""
-    if not isinstance(url, str):
-        raise ValueError(f"the server's address must be a string host:port, got {url!r}")
-    if url.lower().startswith(GRPC_SCHEMES):
-        return url
-    match = HOST_PORT.fullmatch(url)
-    if match is None or not 1 <= int(match["port"]) <= 65535:
-        raise ValueError(
-            f"{url!r} is not a gRPC address: expected host:port with a port in 1-65535 (e.g. 127.0.0.1:8001, "
-            "[::1]:8001; tritonserver's gRPC port is 8001 by default), or dns:///host:port or unix:/path"
-        )
-    return url
 
 
 @dataclass
