@@ -125,7 +125,7 @@ class Recommendations:
     scores: list[float]
     model_version: str
     served_by: str
-    stage_counts: dict[str, int]
+    stage_counts: dict[str, int]  # serving.interface.STAGE_COUNTS: model stages 0 for a user the models never saw
     arm: str = ""  # the experiment arm (ab_router only)
     request_id: str = ""  # the id feedback must quote (ab_router only)
 

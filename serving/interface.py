@@ -28,7 +28,10 @@ FEEDBACK = "feedback"  # reactions to one router response
 EXPERIMENT_FILE = "experiment.json"  # the router version's rollout (``serving/assignment.py``)
 # config.pbtxt parameter: how often a stub sends its queued metric updates (``serving.metrics_interval_s``).
 METRICS_INTERVAL_PARAMETER = "metrics_interval_s"
-# What each count of a response's ``stage_counts`` is: items the stage had or passed on.
+# What each count of a response's ``stage_counts`` is: items the stage had or passed on toward the
+# served list. A user the models never saw is served from their history or the popularity fallback, not
+# from the candidate stages: retrieval, filters and light_ranker count 0 for them (a known user's counts
+# are the stages' even where the filters left nothing and the whole list is the fallback's).
 STAGE_COUNTS = ("catalog", "retrieval", "filters", "light_ranker", "final")
 
 

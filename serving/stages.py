@@ -17,9 +17,11 @@ without a server.
                     (final score with the optional item-to-item affinity of the user's history,
                     exploration, business rules: ``serving/ordering.py``)
 
-Unknown users still flow through the candidate stages (with out-of-vocabulary features, cheap) and
-``ordering`` answers them from the popularity fallback; an ensemble cannot branch, and this keeps
-one code path for every request.
+Unknown users still flow through the candidate stages of the ensemble (with out-of-vocabulary
+features: the towers' and rankers' full work, unused) and ``ordering`` answers them from their fresh
+history or the popularity fallback; an ensemble cannot branch, and this keeps one code path for every
+request. Their ``stage_counts`` count 0 for retrieval, the filters and the light ranker: no candidate of those
+stages was served.
 """
 
 from __future__ import annotations
@@ -979,7 +981,14 @@ class Ordering(Stage):
                     pool *= 4
                 item_ids, out_scores = item_ids[order], out_scores[order]
                 served_by = "fallback"
-        counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
+        # What produced the served list: a user the models never saw is served from their history or
+        # the popularity fallback, never from the candidate stages' lists (computed on out-of-vocabulary
+        # features, unused), so those stages count 0 for them.
+        # (Before 2026-12-08 the counts were the unused lists', e.g. 588 -> 300 -> 300 -> 200 -> 10.)
+        if known:
+            counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
+        else:
+            counts = [self.catalog_size, 0, 0, 0, len(item_ids)]
         return {
             "item_ids": np.asarray(item_ids, dtype=np.int64),
             "scores": np.clip(np.asarray(out_scores, dtype=np.float32), 0.0, 1.0),

@@ -205,3 +205,39 @@ def test_a_known_user_left_without_candidates_gets_the_fallbacks_scores_as_an_un
     expected = popularity.loc[known["item_ids"]].to_numpy(np.float32)
     np.testing.assert_array_equal(unknown["scores"], expected)
     np.testing.assert_array_equal(known["scores"], expected)  # old code: 0.98, 0.96, ... (rank scores)
+
+
+def test_stage_counts_say_the_candidate_stages_served_an_unknown_user_nothing(tmp_path):
+    """A user the models never saw is served from their fresh history or the popularity fallback; the
+    ensemble still ran the candidate stages on out-of-vocabulary features, and ``stage_counts``
+    reported those unused lists (catalog 588 -> retrieval 300 -> filters 300 -> light_ranker 200 ->
+    final 10 in ``make demo``) as if they had produced the list. They now count 0; a known user's
+    counts are still the stages' own, also where the whole list is the fallback's."""
+    stage = small_ordering_stage(tmp_path, items=60, retrieval_k=5)
+    candidates = np.arange(5, dtype=np.int64)
+
+    def ask(known: bool, seen, light=candidates[:3], exclude=()):
+        return stage.run(
+            {
+                "user_known": np.array([known]),
+                "k": np.array([4], dtype=np.int32),
+                "seen_items": np.asarray(seen, dtype=np.int64),
+                "exclude_item_ids": np.asarray(exclude, dtype=np.int64),
+                "candidate_ids": candidates,
+                "retrieval_scores": np.linspace(1, 0.5, 5, dtype=np.float32),
+                "filtered_ids": candidates[:4],
+                "light_ids": light,
+                "heavy_scores": np.linspace(0.9, 0.1, len(light), dtype=np.float32),
+            }
+        )
+
+    fallback = ask(False, [])
+    assert fallback["served_by"][0] == b"fallback"
+    assert fallback["stage_counts"].tolist() == [60, 0, 0, 0, 4]
+    history = ask(False, [10, 11, 12, 13, 14])  # at least fresh_history_min_items (3): the history query
+    assert history["served_by"][0] == b"history_query"
+    assert history["stage_counts"].tolist() == [60, 0, 0, 0, 4]
+    known = ask(True, [])  # 3 ranked, one topped up from the fallback
+    assert known["served_by"][0] == b"model" and known["stage_counts"].tolist() == [60, 5, 4, 3, 4]
+    emptied = ask(True, [], light=candidates[:0])
+    assert emptied["served_by"][0] == b"fallback" and emptied["stage_counts"].tolist() == [60, 5, 4, 0, 4]
