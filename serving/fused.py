@@ -15,6 +15,13 @@ stages read, under the same names. ``run_batch`` passes a whole batch through ea
 ``timings`` (and summed, failed calls included, in ``spent``) so the adapter
 (``serving/triton_model.py``) still records every stage's metrics.
 
+A user the models never saw (``user_known`` false at the feature lookup) skips the candidate stages
+(``CANDIDATE_STAGES``: towers, retrieval, filters, rankers), whose lists the ordering stage does not
+read for them: the same items, scores and ``served_by`` as the ensemble, which runs them anyway, for
+a fraction of the cost (in process, the test suite's world: 3.0 ms per unknown user's request before
+2026-12-08, 0.12 ms after; a known user's 3.4 ms either way). Those stages' metrics do not count that
+request (``serving.metrics.SKIPPED_STAGES``).
+
 Exported layout (``deployment/export.py``): ``fused_funnel/<version>/<stage>/`` holds what
 ``<stage>/<version>/`` holds in the default layout; ``funnel`` and ``funnel_v<version>`` are
 one-step ensembles calling ``fused_funnel``, so clients, the A/B router and rollouts see the same
@@ -25,8 +32,22 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from serving.interface import FUNNEL_INPUTS, FUNNEL_OUTPUTS, FUSED
+from serving.metrics import SKIPPED_STAGES
 from serving.stages import FUNNEL, STAGES, FeatureLookup, Filtering, Ordering, Stage, live_store_of
+
+# The stages between the feature lookup and the ordering: a user the models never saw
+# (``user_known`` false) is served from their history or the popularity fallback, which read none of
+# their outputs, so the fused funnel skips them for that user (their outputs empty: what ordering's
+# ``stage_counts`` say, 0). The seven-model ensemble cannot branch and runs them anyway.
+CANDIDATE_STAGES = tuple(FUNNEL[1:-1])
+DTYPES = {"INT64": np.int64, "FP32": np.float32}
+
+
+def known(x: dict) -> bool:
+    return bool(np.asarray(x["user_known"]).reshape(-1)[0])
 
 
 class FusedFunnel(Stage):
@@ -60,6 +81,10 @@ class FusedFunnel(Stage):
         (what the ensemble's steps would have exchanged; the adapter sends only ``outputs``)."""
         x, timings = dict(inputs), {}
         for stage in self.stages:
+            if stage.name in CANDIDATE_STAGES and not known(x):
+                x.update(self.skipped(stage))
+                x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
+                continue
             start = time.perf_counter()
             try:
                 x.update(stage.run(x))
@@ -74,15 +99,29 @@ class FusedFunnel(Stage):
         gives it alone, since every stage's ``run_batch`` does."""
         xs, timings = [dict(inputs) for inputs in batch], {}
         for stage in self.stages:
+            served = xs
+            if stage.name in CANDIDATE_STAGES:
+                served = [x for x in xs if known(x)]
+                for x in xs:
+                    if not known(x):
+                        x.update(self.skipped(stage))
+                        x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
+                if not served:
+                    continue
             start = time.perf_counter()
             try:
-                for x, out in zip(xs, stage.run_batch(xs)):
+                for x, out in zip(served, stage.run_batch(served)):
                     x.update(out)
             finally:
                 timings[stage.name] = time.perf_counter() - start
                 self.spent[stage.name] += timings[stage.name]
         self.timings = timings
         return xs
+
+    @staticmethod
+    def skipped(stage: Stage) -> dict:
+        """``stage``'s outputs for a request it does not run for: each empty."""
+        return {t.name: np.zeros(0, dtype=DTYPES[t.dtype]) for t in stage.outputs}
 
     def close(self) -> None:
         """Close every stage (each closes the stores it opened: the online store, the live store)."""

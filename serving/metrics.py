@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_MS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 1000.0]
 CANDIDATE_BUCKETS = [0, 1, 10, 50, 100, 200, 300, 500, 1000, 5000]
+# The key under which the fused funnel lists the stages a request skipped (``serving/fused.py``: a
+# user the models never saw skips the candidate stages); those stages' metrics do not count it.
+SKIPPED_STAGES = "skipped_stages"
 ERROR_KINDS = ("bad_request", "internal")
 
 # The output whose length is "the candidates this stage passed on". Stages not listed (feature
@@ -206,7 +209,8 @@ class FusedMetrics:
         when it was served, the fused model's own seconds when it was refused."""
         if error_kind is not None:
             return [(self.name, self.own.facts(seconds, None, error_kind))]
-        return [(stage, self.stages[stage].facts(s, result)) for stage, s in seconds.items()]
+        skipped = result.get(SKIPPED_STAGES, ())
+        return [(stage, self.stages[stage].facts(s, result)) for stage, s in seconds.items() if stage not in skipped]
 
     def record(self, batch: list[list[tuple]]) -> None:
         by_stage: dict[str, list] = {}

@@ -20,7 +20,8 @@ without a server.
 Unknown users still flow through the candidate stages of the ensemble (with out-of-vocabulary
 features: the towers' and rankers' full work, unused) and ``ordering`` answers them from their fresh
 history or the popularity fallback; an ensemble cannot branch, and this keeps one code path for every
-request. Their ``stage_counts`` count 0 for retrieval, the filters and the light ranker: no candidate of those
+request. The fused funnel (``serving/fused.py``), one process, skips those stages for them. Either
+way their ``stage_counts`` count 0 for retrieval, the filters and the light ranker: no candidate of those
 stages was served.
 """
 
