@@ -19,7 +19,7 @@ A user the models never saw (``user_known`` false at the feature lookup) skips t
 (``CANDIDATE_STAGES``: towers, retrieval, filters, rankers), whose lists the ordering stage does not
 read for them: the same items, scores and ``served_by`` as the ensemble, which runs them anyway, for
 a fraction of the cost (in process, the test suite's world: 3.0 ms per unknown user's request before
-2026-12-08, 0.12 ms after; a known user's 3.4 ms either way). Those stages' metrics do not count that
+2026-12-07, 0.12 ms after; a known user's 3.4 ms either way). Those stages' metrics do not count that
 request (``serving.metrics.SKIPPED_STAGES``).
 
 Exported layout (``deployment/export.py``): ``fused_funnel/<version>/<stage>/`` holds what

@@ -985,7 +985,7 @@ class Ordering(Stage):
         # What produced the served list: a user the models never saw is served from their history or
         # the popularity fallback, never from the candidate stages' lists (computed on out-of-vocabulary
         # features, unused), so those stages count 0 for them.
-        # (Before 2026-12-08 the counts were the unused lists', e.g. 588 -> 300 -> 300 -> 200 -> 10.)
+        # (Before 2026-12-07 the counts were the unused lists', e.g. 588 -> 300 -> 300 -> 200 -> 10.)
         if known:
             counts = [self.catalog_size, len(candidates), len(filtered), len(ranked), len(item_ids)]
         else:
