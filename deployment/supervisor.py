@@ -132,6 +132,10 @@ def stub_check(url: str, http_url: str | None = None, timeout_s: float = STUB_CH
     return stub_probe(server, timeout_s=timeout_s)
 
 
+# Doublings of ``backoff_s`` past which the backoff no longer grows (``max_backoff_s`` caps it long before).
+MAX_DOUBLINGS = 64
+
+
 class Supervisor:
     def __init__(
         self,
@@ -196,7 +200,10 @@ class Supervisor:
         after its restarts (then ``backoff_s``, doubling per quick restart, at most ``max_backoff_s``)."""
         if self._stable():
             return 0.0
-        backoff = min(self.max_backoff_s, self.backoff_s * 2**self.quick_restarts)
+        # The exponent is capped: 2**1024 and more is no float, and a server that never came back for
+        # 1024 quick restarts (3.5 days at 300 s each) raised OverflowError here, out of check_once,
+        # and ended the supervising thread.
+        backoff = min(self.max_backoff_s, self.backoff_s * 2 ** min(self.quick_restarts, MAX_DOUBLINGS))
         return max(0.0, backoff - (self.clock() - self._last_restart))
 
     def _stable(self) -> bool:
@@ -226,7 +233,11 @@ class Supervisor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.check_once()
+            try:
+                self.check_once()
+            except Exception as err:  # a bug here must not end supervision: log it and probe again
+                self.last_error = f"supervisor error: {type(err).__name__}: {err}"
+                log.exception("tritonserver supervisor: check failed; supervising on")
 
     def start(self) -> Supervisor:
         self._stop.clear()

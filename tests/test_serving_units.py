@@ -826,6 +826,58 @@ def test_the_supervisor_backoff_grows_to_max_backoff_s_while_the_server_never_an
     assert waits == [5, 10, 20, 40, 80, 160, 300, 300], waits
 
 
+def test_the_supervisor_outlasts_a_server_that_never_comes_back():
+    """A server that cannot start (a model that never loads, a port taken for good): every restart
+    raises, and the supervisor backs off to ``max_backoff_s`` and tries again, for as long as it runs.
+    After 1024 quick restarts (3.5 days at 300 s each) ``backoff_s * 2**quick_restarts`` raised
+    OverflowError out of ``check_once``, which ended the supervising thread: nothing restarted the
+    server any more, and serve.py --supervise went on without a word."""
+    from deployment.supervisor import Supervisor
+
+    now, attempts = [0.0], []
+
+    def restart():
+        attempts.append(now[0])
+        raise RuntimeError("model failed to load")
+
+    server = _supervised_stub(restart)
+    server.process = None  # the failed start stopped it
+
+    supervisor = Supervisor(server, probe=lambda url: None, failures=2, clock=lambda: now[0])
+    for _ in range(2200):
+        assert not supervisor.check_once()
+        now[0] += 301.0  # past max_backoff_s (300 s) at every other probe
+    assert len(attempts) == 1100 and supervisor.quick_restarts == 1099 and supervisor.restarts == 0
+    now[0] = attempts[-1]  # just after the last restart: the whole (capped) backoff is ahead
+    assert supervisor.restart_delay() == supervisor.max_backoff_s
+    assert supervisor.last_error == "restart failed: RuntimeError: model failed to load"
+
+
+def test_the_supervising_thread_survives_an_unexpected_error_in_a_check():
+    """An exception out of ``check_once`` (a bug, as the backoff's OverflowError above) ended the
+    thread, and with it the supervision; it is logged and the next check runs."""
+    from deployment.supervisor import Supervisor, wait_until
+
+    server = _supervised_stub(lambda: None, startup_timeout=5.0)
+    supervisor = Supervisor(server, probe=lambda url: None, interval_s=0.01)
+    checks = []
+
+    def check_once():
+        checks.append(1)
+        if len(checks) == 1:
+            raise OverflowError("int too large to convert to float")
+        return True
+
+    supervisor.check_once = check_once
+    supervisor.start()
+    try:
+        assert wait_until(lambda: len(checks) >= 3, timeout_s=10, interval_s=0.01), checks
+        assert supervisor._thread.is_alive()
+        assert supervisor.last_error == "supervisor error: OverflowError: int too large to convert to float"
+    finally:
+        supervisor.stop()
+
+
 def test_the_supervisor_does_not_restart_the_server_once_it_is_asked_to_stop():
     """``stop`` while a probe is in flight (a stuck server's probe takes its 10 s timeout): the failed
     probe used to restart the server anyway, and ``scripts/serve.py`` waited for every model to load
