@@ -81,9 +81,7 @@ class FusedFunnel(Stage):
         (what the ensemble's steps would have exchanged; the adapter sends only ``outputs``)."""
         x, timings = dict(inputs), {}
         for stage in self.stages:
-            if stage.name in CANDIDATE_STAGES and not known(x):
-                x.update(self.skipped(stage))
-                x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
+            if self.skips(stage, x):
                 continue
             start = time.perf_counter()
             try:
@@ -99,15 +97,9 @@ class FusedFunnel(Stage):
         gives it alone, since every stage's ``run_batch`` does."""
         xs, timings = [dict(inputs) for inputs in batch], {}
         for stage in self.stages:
-            served = xs
-            if stage.name in CANDIDATE_STAGES:
-                served = [x for x in xs if known(x)]
-                for x in xs:
-                    if not known(x):
-                        x.update(self.skipped(stage))
-                        x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
-                if not served:
-                    continue
+            served = [x for x in xs if not self.skips(stage, x)]
+            if not served:
+                continue
             start = time.perf_counter()
             try:
                 for x, out in zip(served, stage.run_batch(served)):
@@ -119,9 +111,14 @@ class FusedFunnel(Stage):
         return xs
 
     @staticmethod
-    def skipped(stage: Stage) -> dict:
-        """``stage``'s outputs for a request it does not run for: each empty."""
-        return {t.name: np.zeros(0, dtype=DTYPES[t.dtype]) for t in stage.outputs}
+    def skips(stage: Stage, x: dict) -> bool:
+        """Whether ``stage`` is skipped for the request ``x`` (a candidate stage, a user the models never
+        saw); if so, ``x`` gets its outputs, each empty, and the stage's name under ``SKIPPED_STAGES``."""
+        if stage.name not in CANDIDATE_STAGES or known(x):
+            return False
+        x.update({t.name: np.zeros(0, dtype=DTYPES[t.dtype]) for t in stage.outputs})
+        x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
+        return True
 
     def close(self) -> None:
         """Close every stage (each closes the stores it opened: the online store, the live store)."""
