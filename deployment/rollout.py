@@ -298,11 +298,13 @@ def _roll_out(grpc_url: str, repo: Path, version: int, timeout_s: float, root_ce
         before = (ensemble / "config.pbtxt").read_text()
         created = not (ensemble / str(version)).exists()
         pinned = pin_ensemble((repo / ensemble_name(version) / "config.pbtxt").read_text(), version)
-        _write_atomic(ensemble / "config.pbtxt", serve_only(rename_ensemble(pinned, FUNNEL), version))
-        (ensemble / str(version)).mkdir(exist_ok=True)
         routed = current_rollout(repo)
         router_before = router_versions(repo)[-1] if routed is not None else None
         try:
+            # The folder first: a config pinned to a version with no folder is an ensemble Triton
+            # cannot load, and a failed mkdir must reach the restore below like any other step.
+            (ensemble / str(version)).mkdir(exist_ok=True)
+            _write_atomic(ensemble / "config.pbtxt", serve_only(rename_ensemble(pinned, FUNNEL), version))
             client.load_model(FUNNEL)
             wait_ready(client, FUNNEL, version, timeout_s)
             # Outside an experiment the A/B router follows the served version; during one, its arms stay.

@@ -1574,6 +1574,38 @@ def test_a_roll_out_whose_router_fails_to_follow_puts_funnel_back_on_the_old_ver
     assert loads == [FUNNEL, ROUTER, ROUTER, FUNNEL]  # funnel 2, the router (refused, then back), funnel 1
 
 
+def test_a_roll_out_whose_version_folder_cannot_be_made_leaves_funnel_on_the_old_version(tmp_path, monkeypatch):
+    """``roll_out`` wrote ``funnel/config.pbtxt`` pinned to the new version, then made its
+    ``funnel/<version>`` folder outside the step that restores the old config on failure: a mkdir
+    that failed (a full disk, a read-only mount) left the config pinned to a version with no folder,
+    an ensemble a restart cannot load, while export.json still said version 1."""
+    import pathlib as pl
+
+    from deployment import rollout
+    from serving.interface import FUNNEL
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    before = (repo / FUNNEL / "config.pbtxt").read_text()
+    real_mkdir = pl.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == repo / FUNNEL / "2":
+            raise OSError(28, "simulated: No space left on device")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "ControlClient", ReadyTriton)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    monkeypatch.setattr(rollout, "load_version", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rollout, "arm_versions", lambda repo, rollout: [2])
+    monkeypatch.setattr(pl.Path, "mkdir", mkdir)
+    with pytest.raises(OSError, match="No space left"):
+        rollout.roll_out("127.0.0.1:1", repo, 2)
+    monkeypatch.undo()
+    assert (repo / FUNNEL / "config.pbtxt").read_text() == before
+    assert rollout.funnel_version(repo) == 1 and rollout.served_version(repo) == 1
+    assert not (repo / FUNNEL / "2").exists()
+
+
 def test_a_roll_outs_config_and_export_record_are_on_disk_before_they_replace_the_old(
     tmp_path, monkeypatch, sync_recorder
 ):
