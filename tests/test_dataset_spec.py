@@ -1000,3 +1000,25 @@ def test_parse_iso_on_cudf_reads_mixed_shapes_row_by_row():
     got = parse_iso(text).to_pandas()
     expected = pd.concat([pd.Series([pd.NaT]), _expected_iso()], ignore_index=True)
     pd.testing.assert_series_equal(got, expected, check_names=False)
+
+
+def test_one_column_in_two_key_roles_is_a_spec_mistake():
+    # user_id and item_id naming one column, the timestamp naming the user id's, or a signal reading a key
+    # column loaded silently: the item ids were the user ids (the timestamps, the 0/1 labels the ids).
+    bad = {
+        "item_id": {"user_id": "u", "item_id": "u", "timestamp": "t"},
+        "timestamp": {"user_id": "u", "item_id": "i", "timestamp": "u"},
+        "signals 'view'": {
+            "user_id": "u",
+            "item_id": "i",
+            "timestamp": "t",
+            "signals": [{"name": "view", "column": "i"}],
+        },
+    }
+    for role, keys in bad.items():
+        with pytest.raises(SpecError, match=f"events.{role}.* name the same column"):
+            spec_from_dict({"events": {"path": "e.csv", **keys}})
+    # Signals may still share a column with each other: a rating and its thresholded label.
+    rating = [{"name": "rating", "kind": "continuous"}, {"name": "liked", "column": "rating", "kind": "continuous",
+                                                        "threshold": 4.0}]  # fmt: skip
+    assert spec_from_dict({"events": {"path": "e.csv", "signals": rating}}).layout.labels == ["click", "liked"]

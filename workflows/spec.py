@@ -261,6 +261,15 @@ def _problems(spec: DatasetSpec) -> list[str]:
     for key in ("user_id", "item_id", "timestamp"):
         if not getattr(ev, key):
             out.append(f"events.{key} must name a column")
+    # One source column in two key roles (user_id and item_id both "customer", a signal reading the
+    # timestamp column) loaded silently: the item ids were the user ids, the signal the timestamps.
+    # Signals may share a column with each other (a rating and its thresholded label), not with a key.
+    keys = {"events.user_id": ev.user_id, "events.item_id": ev.item_id, "events.timestamp": ev.timestamp}
+    keys |= {f"events.signals {s.name!r}": s.source for s in ev.signals if s.source in keys.values()}
+    for column in dict.fromkeys(c for c in keys.values() if c):
+        roles = [role for role, c in keys.items() if c == column]
+        if len(roles) > 1:
+            out.append(f"{' and '.join(roles)} name the same column {column!r}: each role needs its own column")
     if ev.timestamp_unit not in TIMESTAMP_UNITS:
         out.append(f"events.timestamp_unit must be one of {list(TIMESTAMP_UNITS)}, got {ev.timestamp_unit!r}")
     for name, part in (("events", ev), ("users", spec.users), ("items", spec.items)):
