@@ -6,7 +6,8 @@ Errors come as one of two exceptions (both ``tritonclient``'s ``InferenceServerE
 ``BadRequest`` (``INVALID_ARGUMENT``: the request is wrong, fix it, do not retry) and ``ServerFault``
 (``INTERNAL``, ``UNAVAILABLE``, a timeout, ...: the server's fault, a retry may succeed). Every call
 waits at most ``timeout_s`` (30 s by default); one the server does not answer in time is a
-``ServerFault`` naming the server's address, the model and the timeout."""
+``ServerFault`` naming the server's address, the model and the timeout. A call on a client after its
+``close()`` is ``ClientClosed`` (a ``RuntimeError``), not gRPC's bare "Cannot invoke RPC on closed channel!"."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ class BadRequest(InferenceServerException):
 
 class ServerFault(InferenceServerException):
     """The server failed to answer a request it accepted (``INTERNAL``, ``UNAVAILABLE``, ...)."""
+
+
+class ClientClosed(RuntimeError):
+    """A call on a ``FunnelClient`` after its ``close()`` (or the end of its ``with`` block): the caller's
+    mistake, nothing was sent. gRPC raised a bare ``ValueError("Cannot invoke RPC on closed channel!")``,
+    naming neither the client, its server nor that it had been closed."""
 
 
 @contextmanager
@@ -156,9 +163,15 @@ class FunnelClient:
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self._closed = False
+
+    def _check_open(self, call: str) -> None:
+        if self._closed:
+            raise ClientClosed(f"{call}() on a FunnelClient for {self.url} that was closed: make a new client")
 
     def recommend(self, user_id: int, k: int = 10, exclude_item_ids=None) -> Recommendations:
         """The user's top ``k``; ``exclude_item_ids`` (optional context) are raw ids never to return."""
+        self._check_open("recommend")
         g = self._grpc
         user = g.InferInput("user_id", [1], "INT64")
         user_array = one_integer("user_id", user_id, np.int64)
@@ -195,6 +208,7 @@ class FunnelClient:
         """Report reactions to one ``ab_router`` response: ``events[i]`` (click, watch_seconds, like,
         share or churn) on ``item_ids[i]`` with ``values[i]``; returns how many the server stored
         (an event it already had for this response and item, e.g. from a retry, is not stored again)."""
+        self._check_open("send_feedback")
         g = self._grpc
         tensors = {
             "request_id": ("BYTES", texts("request_id", [request_id])),
@@ -220,6 +234,8 @@ class FunnelClient:
         return int(result.as_numpy("accepted")[0])
 
     def close(self) -> None:
+        """Close the channel; closing again does nothing, a later call is ``ClientClosed``."""
+        self._closed = True
         self.client.close()
 
     def __enter__(self) -> FunnelClient:

@@ -1269,6 +1269,21 @@ def test_the_client_refuses_a_user_id_or_k_that_is_not_one_value(monkeypatch):
     client.close()
 
 
+def test_a_closed_client_says_it_was_closed(silent_grpc_server):
+    """A call after ``close()`` (or after the ``with`` block) raised gRPC's bare ``ValueError("Cannot invoke
+    RPC on closed channel!")``, naming neither the client nor its server. Now ``ClientClosed`` (a
+    ``RuntimeError``) naming the call, the address and that the client was closed; closing twice is fine."""
+    from serving.client import ClientClosed, FunnelClient
+
+    with FunnelClient(silent_grpc_server, timeout_s=0.5) as client:
+        pass
+    for call in (lambda: client.recommend(1, 5), lambda: client.send_feedback("r", [1], ["click"], [1.0])):
+        with pytest.raises(ClientClosed, match=rf"on a FunnelClient for {silent_grpc_server} that was closed"):
+            call()
+    assert issubclass(ClientClosed, RuntimeError) and not issubclass(ClientClosed, ValueError)
+    client.close()
+
+
 def test_the_client_names_the_server_and_the_timeout_when_no_answer_comes(silent_grpc_server):
     """A server that took the call and never answered raised ``ServerFault("[StatusCode.DEADLINE_EXCEEDED]
     Deadline Exceeded")`` after ``timeout_s`` (30 s by default): neither the server's address nor how long
