@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from deployment.monitoring import ConfiguredServer, PrometheusServer
-from deployment.server import LOOPBACK, free_port
+from deployment.server import LOOPBACK, WILDCARDS, free_port, host_port
 from serving.metrics import BackgroundHTTPServer
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class Alertmanager(ConfiguredServer):
     @property
     def address(self) -> str:
         """``host:port``, what Prometheus' ``alerting`` section names."""
-        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"{host}:{self.port}"
+        return host_port(LOOPBACK if self.host in WILDCARDS else self.host, self.port)
 
     @property
     def url(self) -> str:
@@ -123,7 +122,7 @@ class Alertmanager(ConfiguredServer):
             str(alertmanager_binary()),
             f"--config.file={self.config_path}",
             f"--storage.path={self.data_dir}",
-            f"--web.listen-address={self.host}:{self.port}",
+            f"--web.listen-address={host_port(self.host, self.port)}",
             "--cluster.listen-address=",  # no peers: a lone instance opens no gossip port
         ]
 

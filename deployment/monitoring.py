@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from deployment.processes import LoggedProcess
-from deployment.server import LOOPBACK, ServerError, free_port, process_argv, triton_option
+from deployment.server import LOOPBACK, WILDCARDS, ServerError, free_port, host_port, process_argv, triton_option
 
 
 def find_tritonserver(metrics_port: int) -> int | None:
@@ -150,8 +150,7 @@ class PrometheusServer(ConfiguredServer):
 
     @property
     def url(self) -> str:
-        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(LOOPBACK if self.host in WILDCARDS else self.host, self.port)}"
 
     def config(self) -> dict:
         config = {
@@ -171,7 +170,7 @@ class PrometheusServer(ConfiguredServer):
             str(prometheus_binary()),
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.data_dir}",
-            f"--web.listen-address={self.host}:{self.port}",
+            f"--web.listen-address={host_port(self.host, self.port)}",
             "--storage.tsdb.retention.time=15d",
         ]
 

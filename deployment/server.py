@@ -162,6 +162,16 @@ def bind_address(host: str) -> str:
         raise ValueError(f"host {host!r} is neither an IPv4 address nor a name with one ({err})") from None
 
 
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # a listen address on every interface: a client dials loopback
+
+
+def host_port(host: str, port: int | str) -> str:
+    """``host:port`` for a listen flag, a client or a Prometheus target, with an IPv6 address in brackets
+    (``[::1]:9090``): written bare (``::1:9090``) Prometheus and Alertmanager exited at start ("address
+    ::1:9090: too many colons in address"), a scrape target failed the same way and a URL did not parse."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def free_port() -> int:
     """A free port on loopback, drawn at random below the kernel's ephemeral range.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from configs.cli import output_folder, port, port_or_zero, prometheus_duration, seconds_or_none, webhook_url
 from deployment.alerting import AlertLog, Alertmanager, alertmanager_installed, check_ready
 from deployment.monitoring import PrometheusServer, find_tritonserver
-from deployment.server import ServerError
+from deployment.server import ServerError, host_port
 from online.ab_report import HOLDOUT_STALE_S, MONITOR_EFFECT, RETIRED_AFTER_S, HoldoutMonitor
 from online.router import feedback_log_path
 from serving.metrics import MetricsExporter, process_exposition
@@ -165,7 +165,7 @@ def main() -> None:
         )
     prometheus = PrometheusServer(
         {
-            "tritonserver": [f"{args.metrics_host}:{args.metrics_port}"],
+            "tritonserver": [host_port(args.metrics_host, args.metrics_port)],
             "funnel-monitor": [f"127.0.0.1:{exporter.port}"],
         },
         args.rules,

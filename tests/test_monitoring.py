@@ -375,6 +375,34 @@ def test_prometheus_keeps_a_relative_data_dir_where_the_caller_means_it(tmp_path
         prom.cleanup()
 
 
+@pytest.mark.parametrize(
+    "host, listen, dial",
+    [("::1", "[::1]", "[::1]"), ("::", "[::]", "127.0.0.1"), ("[::1]", "[::1]", "[::1]"), ("127.0.0.1",) * 3],
+)
+def test_prometheus_and_alertmanager_bracket_an_ipv6_host(monkeypatch, host, listen, dial):
+    # host="::" (which url already read as a wildcard) or "::1" went out as --web.listen-address=:::9090 and
+    # Prometheus exited at once: "address :::9090: too many colons in address"; url was http://::1:9090 and
+    # Alertmanager's address, Prometheus' target for it, ::1:9093 (a scrape of that failed the same way).
+    import deployment.alerting as alerting
+    import deployment.monitoring as monitoring
+    from deployment.server import host_port
+
+    assert host_port("::1", 8001) == "[::1]:8001" and host_port("[::1]", 8001) == "[::1]:8001"
+    assert host_port("fe80::1%eth0", 80) == "[fe80::1%eth0]:80" and host_port("localhost", 80) == "localhost:80"
+    monkeypatch.setattr(monitoring, "prometheus_binary", lambda name="prometheus": Path("/usr/bin/prometheus"))
+    monkeypatch.setattr(alerting, "alertmanager_binary", lambda: Path("/usr/bin/alertmanager"))
+    prom = monitoring.PrometheusServer({"tritonserver": ["127.0.0.1:8002"]}, port=9090, host=host)
+    am = alerting.Alertmanager(["http://127.0.0.1:1/alerts"], port=9093, host=host)
+    try:
+        assert f"--web.listen-address={listen}:9090" in prom.command()
+        assert prom.url == f"http://{dial}:9090"
+        assert f"--web.listen-address={listen}:9093" in am.command()
+        assert am.address == f"{dial}:9093" and am.url == f"http://{dial}:9093"
+    finally:
+        prom.cleanup()
+        am.cleanup()
+
+
 def test_prometheus_that_fails_to_start_in_a_with_block_leaves_no_temporary_folder(monkeypatch):
     # start() only stopped a server that never became ready: as a context manager __exit__ never ran,
     # and its temporary folder (config, log, data) stayed behind on every failed start.
