@@ -180,6 +180,14 @@ def config_file(text: str) -> str:
     return text
 
 
+def int64(text: str) -> int:
+    """An integer a request's INT64 tensor can carry (a user or item id)."""
+    value = int_of(text)
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit a 64-bit integer (an INT64 id), got {value}")
+    return value
+
+
 def int_of(text: str) -> int:
     try:
         return int(text)

@@ -9,14 +9,14 @@ import json
 import sys
 from pathlib import Path
 
-from configs.cli import grpc_url, int_of, positive_int, positive_seconds
+from configs.cli import grpc_url, int64, positive_int, positive_seconds
 from serving.client import FunnelClient
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--user-id", type=int, required=True)
-    parser.add_argument("--k", type=positive_int, default=10)
+    parser.add_argument("--user-id", type=int64, required=True)
+    parser.add_argument("--k", type=positive_int, default=10, help="how many items (an INT32: at most 2**31 - 1)")
     parser.add_argument(
         "--url",
         type=grpc_url,
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--exclude",
-        type=int_of,
+        type=int64,
         nargs="+",
         metavar="ID",
         help="raw item ids never to return (the request's exclude_item_ids, e.g. what the page already shows)",
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     args = parser.parse_args(argv)
+    if args.k >= 2**31:  # the request's k is INT32
+        parser.error(f"argument --k: must be at most {2**31 - 1}, got {args.k}")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:

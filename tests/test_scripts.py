@@ -643,6 +643,11 @@ def test_query_gives_up_after_its_timeout_and_refuses_a_bad_timeout_or_exclude(s
         ("--timeout", "nan", "must be a finite number of seconds > 0"),
         ("--timeout", "soon", "must be a number of seconds"),
         ("--exclude", "7.5", "invalid integer '7.5'"),
+        # out of INT64 (or, for k, INT32) range: the client refused them before sending, but as exit 1,
+        # the code for a server's refusal
+        ("--exclude", str(2**64), "must fit a 64-bit integer"),
+        ("--user-id", str(-(2**63) - 1), "must fit a 64-bit integer"),
+        ("--k", str(2**31), "must be at most 2147483647"),
     ]:
         run = script("scripts/query.py", "--user-id", "1", "--url", "127.0.0.1:1", flag, value, check=False)
         refused(run, f"argument {flag}", words)
