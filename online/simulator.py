@@ -69,12 +69,26 @@ class UserSimulator:
         self._item_ids = ids[order].astype(np.int64)
         self._durations = self.world.items["duration_seconds"].to_numpy()[order].astype(np.float64)
         self._clickbait = np.unique(np.asarray(self.world.truth.clickbait_items, dtype=np.int64))
+        self._num_users = len(self.world.user_latent)  # the world's users are 1 .. num_users
+
+    def _check_users(self, user_ids) -> None:
+        """Refuse ids outside the world's users: the taste lookup indexes ``user_id - 1``, so user 0
+        (or a negative id) was simulated silently with another user's taste, and an id past the last
+        user failed with an IndexError in a worker thread after the other users had been served."""
+        ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        unknown = ids[(ids < 1) | (ids > self._num_users)]
+        if unknown.size:
+            raise ValueError(
+                f"user id(s) {sorted(set(unknown.tolist()))[:5]} are not the simulated world's users "
+                f"(1 .. {self._num_users}): the simulator has no taste for them"
+            )
 
     def _rng(self, day: int, user_id: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, day + 1, int(user_id)])  # day -1: outside a run
 
     def react(self, user_id: int, item_ids: np.ndarray, rng: np.random.Generator | None = None):
         """The user's reaction to a slate: arrays (click, watch_seconds, like, share) per position."""
+        self._check_users([user_id])
         rng = rng if rng is not None else self._rng(-1, user_id)
         item_ids = np.asarray(item_ids, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._item_ids, item_ids), len(self._item_ids) - 1)
@@ -98,6 +112,7 @@ class UserSimulator:
     ) -> DayOutcome:
         """One user's request of the day, their reactions (reported) and whether they come back."""
         cfg = self.config
+        self._check_users([user])  # before the request is served
         rng = self._rng(day, user)
         if assign is not None:  # in-process: we assign, serve and log the impressions
             arm = assign(user)
@@ -150,6 +165,7 @@ class UserSimulator:
     ) -> pd.DataFrame:
         """Simulate ``config.days`` days for ``users``; return one row per (day, user) request."""
         active = sorted(set(int(u) for u in users))
+        self._check_users(active)  # before any request is served and logged
         rows: list[DayOutcome] = []
         bar = None
         if progress:

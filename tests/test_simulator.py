@@ -128,3 +128,24 @@ def test_simulation_settings_that_are_not_probabilities_are_refused(bad):
         load_config(overrides={"online": {"simulation": bad}})
     for decay in (0.0, 1.0):  # the ends are probabilities too
         assert SimulationConfig(position_decay=decay).position_decay == decay
+
+
+def test_a_user_the_world_does_not_have_is_refused_before_anything_is_served(world):
+    """The taste lookup indexes ``user_id - 1``: user 0 was simulated silently with the last user's
+    taste, and an id past the last user failed in a worker thread after the others were served."""
+    sim = UserSimulator(world, CFG, SimulationConfig(days=1, k=3, seed=2))
+    items = world.items["item_id"].to_numpy()[:3]
+    served = []
+
+    def recommend(user, k, arm):
+        served.append(user)
+        return SimpleNamespace(item_ids=items, model_version="1", served_by="model")
+
+    for unknown in (0, -1, CFG.num_users + 1):
+        with pytest.raises(ValueError, match="not the simulated world's users"):
+            sim.react(unknown, items)
+        with pytest.raises(ValueError, match="not the simulated world's users"):
+            sim.run([1, 2, unknown], recommend, assign=lambda u: "a")
+    assert served == []
+    for user in (1, CFG.num_users):  # the first and the last user are the world's
+        assert len(sim.react(user, items)[0]) == 3
