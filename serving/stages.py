@@ -803,6 +803,8 @@ class Ordering(Stage):
         scores = np.asarray(inputs["retrieval_scores"], dtype=np.float32).reshape(-1)
         if len(candidates) != len(scores):
             raise RequestError(f"got {len(scores)} retrieval_scores for {len(candidates)} candidate_ids")
+        if not np.isfinite(scores).all():  # a NaN sorts last: every candidate's percentile would shift, silently
+            raise RequestError("retrieval_scores must be finite")
         if len(candidates) == 0:
             return np.zeros(len(ids))
         by_id = np.argsort(candidates)

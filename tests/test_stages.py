@@ -277,6 +277,13 @@ def test_ordering_blends_in_where_retrieval_placed_each_candidate(funnel, triton
     blended = ordering_with(triton_repo, model_version, tmp_path / "b", retrieval_weight=0.5)
     out = blended.run(request)
     assert ((out["scores"] >= 0) & (out["scores"] <= 1)).all() and np.all(np.diff(out["scores"]) <= 0)
+    # Retrieval's scores as a direct call could pass them: refused where the blend reads them, as the
+    # heavy ranker's are (a NaN or inf was taken and shifted every candidate's percentile: another list).
+    for bad in (np.nan, np.inf, -np.inf):
+        scores = request["retrieval_scores"].copy()
+        scores[0] = bad
+        with pytest.raises(RequestError, match="retrieval_scores must be finite"):
+            blended.run({**request, "retrieval_scores": scores})
     stages_ = [blended if s.name == "ordering" else s for s in offline.load_funnel(triton_repo, model_version.version)]
     encoded = pd.Series(np.arange(len(raw)), index=raw).loc[out["item_ids"]].to_numpy()
     np.testing.assert_allclose(offline.final_scores(stages_, request, encoded), out["scores"], rtol=1e-4, atol=1e-6)
