@@ -58,10 +58,15 @@ def key_location(repository: str | Path) -> str:
 
 
 def _checked(key: str, source: str) -> str:
+    """``key`` without surrounding whitespace, or ``AdminKeyError`` (which never quotes it): at least
+    ``MIN_KEY_LENGTH`` printable ASCII characters (what an HTTP or gRPC header value carries) other than
+    the separators of Triton's ``--*-restricted-*`` flag. A non-ASCII or control character used to pass:
+    the server took the key, no client could send it, and the gRPC client's refusal quoted it whole."""
     key = key.strip()
-    if len(key) < MIN_KEY_LENGTH or any(c in key for c in ",:= \t\n"):
+    if len(key) < MIN_KEY_LENGTH or any(not "!" <= c <= "~" or c in ",:=" for c in key):
         raise AdminKeyError(
-            f"the admin key from {source} must be at least {MIN_KEY_LENGTH} characters without spaces, ',', ':' or '='"
+            f"the admin key from {source} must be at least {MIN_KEY_LENGTH} characters of printable ASCII "
+            "(letters, digits, punctuation) without spaces, ',', ':' or '='"
         )
     return key
 
@@ -195,6 +200,8 @@ class ControlClient:
             if repository is None:
                 raise ValueError("ControlClient needs the model repository (to find its key) or the key")
             key = read_admin_key(repository)
+        else:  # given directly: the same rule, so an empty key or one no header carries goes no further
+            key = _checked(key, "the key given")
         self._headers = grpc_headers(key)
         tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
         self.client = grpcclient.InferenceServerClient(grpc_url, **tls)

@@ -59,6 +59,30 @@ def test_missing_and_weak_keys_are_named(tmp_path, monkeypatch):
         security.read_admin_key(tmp_path / "repo")
 
 
+@pytest.mark.parametrize("bad", ["\r", "\u00e9", "\x7f", "\x0b", "\u00a0"])
+def test_a_key_no_header_can_carry_is_refused_without_echoing_it(tmp_path, monkeypatch, bad):
+    """A key with a character outside printable ASCII (a non-ASCII passphrase, a control character in
+    the middle) was taken: the server started with it, no client could send it in a header, and the
+    gRPC client's refusal quoted the whole key ("metadata was invalid: dict_items([(..., '<key>')])"),
+    which confirm_key_with_server passed on into its error and scripts/takedown.py printed."""
+    secret = "SECRETSECRETSECRET" + bad + "TAIL"
+    monkeypatch.setenv(security.ADMIN_KEY_ENV, secret)
+    with pytest.raises(security.AdminKeyError, match="printable ASCII") as err:
+        security.read_admin_key(tmp_path / "repo")
+    assert "SECRET" not in str(err.value)
+    monkeypatch.delenv(security.ADMIN_KEY_ENV)
+    with pytest.raises(security.AdminKeyError, match="printable ASCII") as err:
+        security.write_admin_key(tmp_path / "repo", secret)
+    assert "SECRET" not in str(err.value)
+    # a key given directly to the control plane's client is held to the same rule, and never echoed
+    for given in (secret, "", "   "):
+        with pytest.raises(security.AdminKeyError) as err:
+            security.confirm_key_with_server("127.0.0.1:1", key=given, timeout_s=2)
+        assert "SECRET" not in str(err.value)
+        with pytest.raises(security.AdminKeyError):
+            security.ControlClient("127.0.0.1:1", key=given)
+
+
 def test_the_environment_key_wins_and_no_file_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv(security.ADMIN_KEY_ENV, "k" * 32)
     repo = tmp_path / "repo"
