@@ -5,7 +5,10 @@ returns only after its transaction is on disk, so a process killed mid-stream lo
 acknowledged (the kill test in ``tests/test_feedback_log.py`` checks exactly that). Many processes
 may append at once; readers never block writers. A feedback event is stored once per (request,
 item, event): the same event sent again (a client's retry, a replay) is ignored, and
-``log_feedback_many`` returns only the new ones.
+``log_feedback_many`` returns only the new ones. A repeat must be the same event: one whose value (or
+user) differs from the stored one is a client's bug, not a retry, and is refused with
+``FeedbackConflict`` naming the request, the item, the event and both values (nothing of its batch is
+stored); before 2026-12-07 it was acknowledged and dropped, and the client never learnt its value was lost.
 
     impressions(request_id, ts, user_id, item_id, position, model_version, arm, served_by, experiment)
     feedback(request_id, ts, user_id, item_id, event, value)      event: click|watch_seconds|like|share|churn
@@ -72,6 +75,14 @@ POSTGRES_COLUMNS = (
 )
 
 
+class FeedbackConflict(ValueError):
+    """A repeated (request, item, event) whose value or user differs from the one the log stored first."""
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN repeats NaN
+
+
 class FeedbackLog:
     """The log at ``path``: a SQLite file, or a ``postgresql://`` DSN for several server replicas
     sharing one log (the live store's backends, ``workflows/live_store.py``: same SQL, same durability)."""
@@ -123,7 +134,9 @@ class FeedbackLog:
 
     def log_feedback_many(self, events: Iterable[tuple], ts: float | None = None) -> list[tuple]:
         """Store ``(request_id, user_id, item_id, event, value)`` events in one transaction; return
-        those that were new (an event already stored for the same request and item is ignored)."""
+        those that were new (an event already stored for the same request and item is ignored).
+        A repeat whose value or user differs from the stored event raises ``FeedbackConflict`` and
+        stores nothing of the batch: a retry repeats what it retries."""
         ts = time.time() if ts is None else ts
         rows = []
         for request_id, user_id, item_id, event, value in events:
@@ -135,7 +148,30 @@ class FeedbackLog:
                 "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(r, ts, u, i, e, v) for r, u, i, e, v in rows],
             )
+            for row in (row for row, is_new in zip(rows, new) if not is_new):
+                self._check_repeat(row)  # inside the transaction: a conflict rolls the batch back
         return [row for row, is_new in zip(rows, new) if is_new]
+
+    def _check_repeat(self, row: tuple) -> None:
+        """Raise ``FeedbackConflict`` unless ``row`` repeats the stored event of its request, item and event."""
+        request_id, user_id, item_id, event, value = row
+        stored = self.db.query(
+            "SELECT user_id, value FROM feedback WHERE request_id = ? AND item_id = ? AND event = ?",
+            (request_id, item_id, event),
+        )
+        if not stored:  # cannot happen: the unique index refused the row
+            return
+        first_user, first_value = int(stored[0][0]), float(stored[0][1])
+        if not _same(first_value, value):
+            raise FeedbackConflict(
+                f"request_id {request_id}: ({item_id}, {event!r}) was already stored with value {first_value:g}, "
+                f"this repeat says {value:g}; a retry must repeat the same values"
+            )
+        if first_user != user_id:
+            raise FeedbackConflict(
+                f"request_id {request_id}: ({item_id}, {event!r}) was already stored for user {first_user}, "
+                f"this repeat says user {user_id}"
+            )
 
     def reactions(self, request_id: str) -> dict[tuple[int, str], tuple]:
         """The stored reactions to one response, each as first stored:

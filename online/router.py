@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from online.feedback_log import EVENTS, SIGNALS, FeedbackLog
+from online.feedback_log import EVENTS, SIGNALS, FeedbackConflict, FeedbackLog
 from serving.assignment import Rollout
 from serving.interface import (
     EXPERIMENT_FILE,
@@ -203,7 +203,9 @@ class FeedbackService:
 
     Each (request, item, event) is stored once: a client's retry or a replay of the same event is
     acknowledged but neither stored nor counted again (``accepted`` says how many were new), so
-    retries cannot inflate an experiment's CTR. A request may carry at most one entry per signal
+    retries cannot inflate an experiment's CTR. A repeat whose value differs from the stored one
+    (a watch time of 99 s for an event stored with 40 s) is refused, naming the request, item and
+    event, and stores nothing: it is not a retry. A request may carry at most one entry per signal
     per item the response showed, plus one churn (item id -1). Every value of ``click``, ``like``,
     ``share`` and ``churn`` is 1; ``watch_seconds`` lies in [0, 86,400]."""
 
@@ -260,7 +262,10 @@ class FeedbackService:
             zip([request_id] * len(items), [served["user_id"]] * len(items), items.tolist(), events, values.tolist())
         )
         now = time.time()
-        stored = self.log.log_feedback_many(rows, ts=now)
+        try:
+            stored = self.log.log_feedback_many(rows, ts=now)
+        except FeedbackConflict as err:  # a "retry" that changed a value: the client's bug, nothing stored
+            raise RequestError(str(err)) from None
         counted = list(stored) if self.live is None else self.write_live(request_id, rows, stored, now)
         return {
             "accepted": np.array([len(stored)], dtype=np.int32),

@@ -153,6 +153,15 @@ def test_router_serves_each_user_on_the_arms_version_and_logs_the_slate(funnel, 
     replay = send()
     assert replay["accepted"][0] == 0 and replay["_events"] == []
     assert len(feedback.log.feedback()) == 3
+    # A "retry" that changes a value is not a retry: refused, naming the request, item and event;
+    # nothing of it is stored (until 2026-12-07 it was acknowledged with accepted 0, its 99 s dropped).
+    with pytest.raises(RequestError, match=rf"request_id {rid}: \({shown[0]}, 'watch_seconds'\) .* 42, .* 99"):
+        send(
+            item_ids=np.array([shown[0], shown[1]]),
+            events=np.array([b"watch_seconds", b"click"], dtype=object),
+            values=np.array([99.0, 1.0], dtype=np.float32),
+        )
+    assert len(feedback.log.feedback()) == 3
 
 
 def test_a_retry_repairs_the_live_store_after_a_failed_live_write_and_adds_nothing_after_a_success(

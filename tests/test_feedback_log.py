@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from online.feedback_log import FeedbackLog
+from online.feedback_log import FeedbackConflict, FeedbackLog
 
 WRITER = r"""
 import sys
-from online.feedback_log import FeedbackLog
+from online.feedback_log import FeedbackConflict, FeedbackLog
 log = FeedbackLog(sys.argv[1])
 i = 0
 while True:
@@ -41,7 +41,7 @@ def test_the_same_event_for_the_same_request_and_item_is_stored_once(tmp_path):
     assert len(first) == 2
     # a client's retry, with a replayed click inside a new batch: only the new event is stored
     again = log.log_feedback_many(
-        [("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 99.0), ("a", 7, 10, "click", 1)]
+        [("a", 7, 11, "click", 1), ("a", 7, 11, "watch_seconds", 40.0), ("a", 7, 10, "click", 1)]
     )
     assert again == [("a", 7, 10, "click", 1.0)]
     assert log.log_feedback("a", 7, 11, "click") is False
@@ -51,6 +51,23 @@ def test_the_same_event_for_the_same_request_and_item_is_stored_once(tmp_path):
         (11, "watch_seconds"): 40.0,
         (10, "click"): 1.0,
     }
+
+
+def test_a_repeat_with_another_value_is_refused_and_stores_nothing_of_its_batch(tmp_path):
+    """A retry repeats what it retries: a repeated (request, item, event) with another value (or user)
+    is a client's bug. Until 2026-12-07 it was acknowledged as a retry and its value silently dropped."""
+    log = FeedbackLog(tmp_path / "log.sqlite")
+    log.log_impressions("a", 7, [10, 11], model_version="3", arm="treatment", served_by="model")
+    log.log_feedback_many([("a", 7, 11, "watch_seconds", 40.0)])
+    with pytest.raises(FeedbackConflict, match=r"request_id a: \(11, 'watch_seconds'\) .* value 40, .* says 99"):
+        log.log_feedback_many([("a", 7, 10, "click", 1), ("a", 7, 11, "watch_seconds", 99.0)])
+    with pytest.raises(FeedbackConflict, match="stored for user 7, this repeat says user 8"):
+        log.log_feedback_many([("a", 8, 11, "watch_seconds", 40.0)])
+    with pytest.raises(FeedbackConflict, match=r"\(10, 'click'\) was already stored with value 1, .* says 2"):
+        log.log_feedback_many([("a", 7, 10, "click", 1), ("a", 7, 10, "click", 2)])  # within one batch
+    fb = log.feedback()  # nothing of a refused batch, not even its new click
+    assert fb[["item_id", "event", "value"]].values.tolist() == [[11, "watch_seconds", 40.0]]
+    assert log.log_feedback_many([("a", 7, 11, "watch_seconds", 40.0)]) == []  # the true retry still passes
 
 
 def test_a_log_with_repeats_from_before_deduplication_is_migrated(tmp_path):
