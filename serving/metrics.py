@@ -531,7 +531,14 @@ FEEDBACK_COUNTERS = {
     "watch_seconds": ("online_watch_seconds_total", "Seconds watched of served items, per arm"),
     "like": ("online_likes_total", "Likes of served items, per arm"),
     "share": ("online_shares_total", "Shares of served items, per arm"),
-    "churn": ("online_churned_users_total", "Users who did not come back after a response, per arm"),
+    # Counts churn reports (one per response, at most), not distinct users: a user who churns after two
+    # responses counts 2. Distinct users would need a set per replica that Prometheus cannot merge; the
+    # A/B report's retention (users who never churned) counts users, from the log. The name is kept for
+    # the dashboards and alerts that read it; its help says what it counts.
+    "churn": (
+        "online_churned_users_total",
+        "Churn reports: responses after which the user did not come back (not distinct users), per arm",
+    ),
 }
 
 

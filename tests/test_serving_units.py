@@ -263,6 +263,23 @@ def test_online_counters_recorded_in_the_background_add_up_and_settle():
     assert not online_settled(scrape, requests=121) and not online_settled(scrape, feedback=61)
 
 
+def test_the_churn_counter_counts_reports_and_says_so():
+    """``online_churned_users_total`` counts churn reports (one per response), not distinct users: its
+    help said "Users who did not come back", yet one user's churns after two responses count 2."""
+    from types import SimpleNamespace
+
+    from serving.metrics import FEEDBACK_COUNTERS, OnlineMetrics
+
+    name, help_text = FEEDBACK_COUNTERS["churn"]
+    assert name == "online_churned_users_total"  # kept: dashboards and alerts read it
+    assert help_text.startswith("Churn reports") and "not distinct users" in help_text
+    feedback = OnlineMetrics(SimpleNamespace(MetricFamily=_Family), "feedback")
+    churned = {"arm": np.array([b"control"], dtype=object), "_version": 1, "_events": [("churn", 1.0)]}
+    for _ in range(2):  # the same user, after two responses
+        feedback.record([feedback.facts(0.001, churned)])
+    assert sum(m.total for (k, _), m in feedback.series().items() if k == "churn") == 2
+
+
 def test_the_routers_per_arm_series_exist_at_zero_before_its_first_request():
     """Series born at an arm's first response would hide that response from rate() (a counter first
     seen at 1 shows no increase); the router declares every arm of its rollout, the holdout too."""
