@@ -9,7 +9,7 @@ every step is
   (``StepRefused``: the gate saying no), which the same inputs would only repeat; every failed
   attempt is logged (a warning: step, attempt number, the error with the step's traceback);
 * bounded by a timeout: the step runs in a child process that is terminated when it overruns (and
-  that ends itself when the runner is gone);
+  that ends itself when the runner is gone, and is stopped when it does not exit after its result);
 * alerting: a step that still fails appends an alert to a local file and sends it to a webhook URL
   (JSON POST, bounded as a whole by ``Alerter.timeout_s``, name lookup included), and the run stops
   with ``RetrainingFailed``.
@@ -195,6 +195,12 @@ def run_with_timeout(fn: StepFn, context: dict, timeout_s: float) -> dict:
         _stop(proc)
         raise
     proc.join(5)
+    if proc.is_alive():
+        # The result is in, but the step's process does not exit (a non-daemon thread, an interpreter
+        # teardown that hangs): left alone it held its files, locks and memory beside the next steps
+        # until the runner exited.
+        log.warning("the step's process did not exit within 5 s of its result: stopping it")
+        _stop(proc)
     if status in ("error", "refused"):
         _stop(proc)  # a failed step's leftovers must not race its retry
         raise (StepRefused if status == "refused" else RuntimeError)(payload)

@@ -643,3 +643,46 @@ def test_a_second_runner_of_the_same_run_is_refused(tmp_path):
         runner.join(60)
     assert first == {"s": {"released": True}}
     assert run_pipeline(steps, run, {}, Alerter()) == first  # the lock went with the first runner
+
+
+def returns_but_its_process_lingers(context):
+    """Returns its result, but a non-daemon thread (holding a lock on a file) keeps its process alive."""
+    import fcntl
+    import os
+    import threading
+
+    run = Path(context["run_dir"])
+
+    def hold():
+        fd = os.open(run / "shared.lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        time.sleep(60)
+
+    threading.Thread(target=hold).start()
+    while not (run / "shared.lock").exists():
+        time.sleep(0.01)
+    (run / "step.pid").write_text(str(os.getpid()))
+    return {"ok": 1}
+
+
+def test_a_finished_steps_process_that_does_not_exit_is_stopped(tmp_path):
+    """The runner took the result, waited 5 s for the step's process to exit and went on without it: the
+    process ran on beside the next steps, holding its files and locks, until the runner exited."""
+    import fcntl
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    try:
+        out = run_pipeline([Step("s", returns_but_its_process_lingers, timeout_s=60, attempts=1)], run, {}, Alerter())
+        assert out == {"s": {"ok": 1}}
+        pid = int((run / "step.pid").read_text())
+        assert not _running(pid), "the finished step's process ran on"
+        fd = os.open(run / "shared.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its lock went with it
+        finally:
+            os.close(fd)
+    finally:
+        if (run / "step.pid").exists() and _running(pid := int((run / "step.pid").read_text())):
+            os.kill(pid, signal.SIGKILL)
