@@ -8,8 +8,10 @@ every step is
 * retried with exponential backoff (``tenacity``) on failure, except a deliberate refusal
   (``StepRefused``: the gate saying no), which the same inputs would only repeat; every failed
   attempt is logged (a warning: step, attempt number, the error with the step's traceback);
-* bounded by a timeout: the step runs in a child process that is terminated when it overruns (and
-  that ends itself when the runner is gone, and is stopped when it does not exit after its result);
+* bounded by a timeout: the step runs in a child process that is terminated when it overruns
+  (SIGTERM, which raises ``StepTerminated`` in the step so that its clean-up runs, then SIGKILL after
+  5 s), that ends itself when the runner is gone, and that is stopped when it does not exit after its
+  result;
 * alerting: a step that still fails appends an alert to a local file and sends it to a webhook URL
   (JSON POST, bounded as a whole by ``Alerter.timeout_s``, name lookup included), and the run stops
   with ``RetrainingFailed``.
@@ -53,6 +55,13 @@ class RetrainingFailed(RuntimeError):
 
 class StepTimeout(RuntimeError):
     pass
+
+
+class StepTerminated(BaseException):
+    """Raised in a step's process by the SIGTERM that stops it (a timeout, an interrupted runner): the
+    step unwinds, its ``finally:`` and ``except BaseException:`` blocks run (a roll-out puts the served
+    version back), where SIGTERM's default action ended it on the spot, its clean-up never run. Not an
+    ``Exception``, so a step's ``except Exception:`` does not swallow it."""
 
 
 class RunInProgress(RuntimeError):
@@ -144,11 +153,31 @@ def _child(fn: StepFn, context: dict, queue, runner_pid: int) -> None:
         # out-of-memory kill, ``timeout``'s or a supervisor's signal to the runner's group): it trained
         # on, orphaned, beside the resumed run's retry of the same step.
         threading.Thread(target=_end_with_runner, args=(runner_pid,), daemon=True).start()
+    step_pid = os.getpid()
     try:
-        queue.put(("ok", fn(context)))
+        # Only while the step runs: a process that lingers after its result is ended by SIGTERM as before.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(step_pid))
+        try:
+            result = fn(context)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        queue.put(("ok", result))
+    except StepTerminated:  # stopped by the runner, which reads no result any more
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException as err:  # report every failure to the parent, which decides on retries
         status = "refused" if isinstance(err, StepRefused) else "error"
         queue.put((status, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+
+
+def _terminated(step_pid: int) -> None:
+    """The step's SIGTERM handler: unwind the step (``StepTerminated``) so that its clean-up runs; the
+    SIGKILL that follows after a grace still ends a step stuck in C code. A process the step forked
+    inherits the handler: it gets SIGTERM's default action, as before."""
+    if os.getpid() != step_pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise StepTerminated("stopped by the retraining runner (SIGTERM)")
 
 
 def _end_with_runner(runner_pid: int, poll_s: float = 0.5) -> None:
@@ -160,7 +189,8 @@ def _end_with_runner(runner_pid: int, poll_s: float = 0.5) -> None:
 
 
 def _stop(proc) -> None:
-    """End the step's process and what it started: SIGTERM to its process group, then SIGKILL."""
+    """End the step's process and what it started: SIGTERM to its process group (the step unwinds
+    with ``StepTerminated``, running its clean-up), then SIGKILL after 5 s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _signal_group(proc, sig)
         proc.join(5)

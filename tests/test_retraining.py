@@ -53,6 +53,78 @@ def test_a_hanging_step_times_out_retries_then_alerts(tmp_path):
     assert not (tmp_path / "run" / "slow.json").exists()
 
 
+def cleans_up_when_stopped(context):
+    """Like a roll-out: hangs inside a ``try:`` whose clean-up (putting the served version back) must run
+    however the step ends; each clean-up appends a line to a file (state kept across processes)."""
+    import os
+
+    run = Path(context["run_dir"])
+    try:
+        time.sleep(30)
+    except BaseException as err:
+        with open(run / "restored.log", "a") as f:
+            f.write(f"except {type(err).__name__} {os.getpid()}\n")
+        raise
+    finally:
+        with open(run / "restored.log", "a") as f:
+            f.write(f"finally {os.getpid()}\n")
+    return {}
+
+
+def test_a_timed_out_step_runs_its_clean_up_then_is_retried_and_alerted(tmp_path):
+    """The timeout's SIGTERM ended the step by its default action: no ``finally:`` or ``except
+    BaseException:`` ran, so a roll-out cut short left its half-applied state served (the old router
+    version or funnel config never put back) while the run was reported failed."""
+    alerter = Alerter(alert_file=tmp_path / "alerts.jsonl")
+    started = time.monotonic()
+    with pytest.raises(RetrainingFailed, match="timed out"):
+        run_pipeline(
+            [Step("s", cleans_up_when_stopped, timeout_s=1.0, attempts=2)],
+            tmp_path / "run",
+            {},
+            alerter,
+            backoff_s=0.01,
+        )
+    assert time.monotonic() - started < 8  # it unwound at once, not at the SIGKILL 5 s later
+    log = tmp_path / "run" / "restored.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    assert [line.rsplit(" ", 1)[0] for line in lines] == ["except StepTerminated", "finally"] * 2, lines
+    alert = json.loads((tmp_path / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["step"] == "s" and alert["attempts"] == 2 and "timed out" in alert["error"]
+    assert not (tmp_path / "run" / "s.json").exists()
+
+
+def forks_then_cleans_up_when_stopped(context):
+    """A step whose forked copy (``os.fork``, a ``fork`` multiprocessing worker) runs beside it."""
+    import os
+
+    if os.fork() == 0:  # the copy: it must not unwind through the step's clean-up too
+        (Path(context["run_dir"]) / "fork.pid").write_text(str(os.getpid()))
+    return cleans_up_when_stopped(context)
+
+
+def test_a_steps_forked_copy_ends_on_the_timeout_without_running_the_steps_clean_up(tmp_path):
+    """The handler that unwinds the step is inherited by what it forks: the copy, ended by SIGTERM's
+    default action as before, must not run the step's clean-up a second time."""
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    try:
+        with pytest.raises(RetrainingFailed, match="timed out"):
+            run_pipeline([Step("s", forks_then_cleans_up_when_stopped, timeout_s=1.5, attempts=1)], run, {}, Alerter())
+        fork_pid = int((run / "fork.pid").read_text())
+        deadline = time.monotonic() + 5
+        while _running(fork_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(fork_pid)
+        pids = {line.split()[-1] for line in (run / "restored.log").read_text().splitlines()}
+        assert pids and str(fork_pid) not in pids, pids  # the step's own clean-up, once
+    finally:
+        if (run / "fork.pid").exists() and _running(pid := int((run / "fork.pid").read_text())):
+            os.kill(pid, signal.SIGKILL)
+
+
 def fails_differently(context):
     """Fails on every attempt, each time for another reason (state kept in a file across processes)."""
     counter = Path(context["run_dir"]) / "fails.count"
