@@ -360,6 +360,10 @@ def _retire(grpc_url: str, repo: Path, version: int, root_certificates, timeout_
         raise ValueError(f"version {version} still serves an arm of experiment {in_experiment.experiment.name!r}")
     client = _control(grpc_url, repo, root_certificates, timeout_s)
     try:
+        # A keyed call before anything is deleted: after an earlier retire that failed part-way (the
+        # pinned ensemble already gone), the first keyed call came after the stage folders' deletion,
+        # so a wrong key or an unreachable server was refused only once they were gone.
+        client.get_model_repository_index()
         if (repo / ensemble_name(version)).exists():
             client.unload_model(ensemble_name(version))
             shutil.rmtree(repo / ensemble_name(version))

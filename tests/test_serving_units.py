@@ -1638,6 +1638,32 @@ def test_a_roll_out_whose_version_folder_cannot_be_made_leaves_funnel_on_the_old
     assert not (repo / FUNNEL / "2").exists()
 
 
+def test_a_retire_refused_by_the_server_deletes_nothing(tmp_path, monkeypatch):
+    """``retire`` of a version whose pinned ensemble an earlier, failed retire had already removed:
+    its first keyed call came after the version's stage folders were deleted, so a wrong key (or a
+    server that could not be reached) was refused only once they were gone."""
+    from deployment import rollout
+    from serving.interface import ensemble_name
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    stage = repo / rollout.STAGES[0]
+    for version in (1, 2):
+        (stage / str(version)).mkdir(parents=True)
+    (stage / "config.pbtxt").write_text("name: stage\n")
+    rollout.shutil.rmtree(repo / ensemble_name(2))  # what the failed retire got to
+
+    class WrongKey(ReadyTriton):
+        def get_model_repository_index(self, as_json=False):
+            raise RuntimeError("simulated: the server refused the admin key")
+
+        load_model = unload_model = get_model_repository_index
+
+    monkeypatch.setattr(rollout, "ControlClient", WrongKey)
+    with pytest.raises(RuntimeError, match="refused the admin key"):
+        rollout.retire("127.0.0.1:1", repo, 2)
+    assert (stage / "2").is_dir() and (stage / "1").is_dir()
+
+
 def test_a_roll_outs_config_and_export_record_are_on_disk_before_they_replace_the_old(
     tmp_path, monkeypatch, sync_recorder
 ):
@@ -1720,8 +1746,10 @@ def test_a_rollout_gives_up_on_a_server_that_never_answers(silent_grpc_server, t
     assert time.monotonic() - start < 10.0
     assert rollout.served_version(repo) == 2 and rollout.funnel_version(repo) == 2  # nothing switched
     start = time.monotonic()
-    with pytest.raises(security.ControlTimeout, match=r"unload_model\('funnel_v1'\) within 1 s"):
+    # retire's first call, the keyed check before anything is deleted, is a read: CALL_TIMEOUT_S
+    with pytest.raises(security.ControlTimeout, match=r"get_model_repository_index\(\) within 0.5 s"):
         rollout.retire(silent_grpc_server, repo, 1, timeout_s=1.0)
+    assert (repo / ensemble_name(1)).is_dir()  # nothing deleted
     assert time.monotonic() - start < 10.0
 
 
