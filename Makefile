@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 # Succeeds when the interpreter $(1) runs and is Python 3.11. A .venv whose Python does not (removed
 # since: a dangling link; or made by another Python) is created afresh, even with the stamp of an
 # earlier install; `python -m venv` without --clear would keep its links as they are.
+# A .venv without the stamp is one whose install never finished (interrupted in `python -m venv`,
+# e.g. with no pip yet, or in pip): it is created afresh too, not reused as is. One with the stamp of
+# an earlier install, older than the lock, is updated in place; its stamp goes first, so an update
+# cut short is redone from scratch the next time.
 IS_PY311 = $(1) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null
 VENV_OK := $(shell $(call IS_PY311,$(BIN)/python) && echo yes)
 # pytest-xdist workers for make test: whole test modules go to one worker each (--dist loadscope), so
@@ -31,7 +35,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	@echo ">>> creating $(VENV) from requirements.lock (one time, about 2 minutes)"
 	@start=$$(date +%s); \
-	  { $(call IS_PY311,$(BIN)/python) || $(PYTHON) -m venv --clear $(VENV); } && \
+	  if $(call IS_PY311,$(BIN)/python) && [ -f $(STAMP) ]; then rm -f $(STAMP); \
+	  else $(PYTHON) -m venv --clear $(VENV); fi && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check pip==24.2 && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check -r requirements.lock && \
 	  $(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . && \

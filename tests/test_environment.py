@@ -57,6 +57,7 @@ FAKE_PYTHON_311 = """#!/bin/sh
 # a Python 3.11 that logs what it is asked; "-m venv [--clear] DIR" makes DIR/bin/python itself, as venv does:
 # --clear empties DIR first, and without it an existing bin/python (a link, even dangling) is kept
 echo "$0 $*" >> "{log}"
+if [ -n "$FAKE_PIP_FAILS" ] && [ "$1 $2 $3" = "-m pip install" ]; then exit 1; fi
 if [ "$1 $2" = "-m venv" ]; then
   for dir; do :; done
   if [ "$3" = "--clear" ]; then rm -rf "$dir"; fi
@@ -66,13 +67,8 @@ fi
 """
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-@pytest.mark.parametrize("venv", ["broken", "python3.12"])
-@pytest.mark.parametrize("installed_before", [False, True])
-def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_path, venv, installed_before):
-    """A .venv whose interpreter was removed (a dangling link) or that another Python made (python3 -m
-    venv with Python 3.12) was kept: pip ran in it, or, with the stamp of an earlier install, nothing
-    ran and `make demo` failed on .venv/bin/python."""
+def fake_project(tmp_path: Path) -> tuple[Path, Path]:
+    """The Makefile and what its venv step reads in tmp_path, and a fake python3.11 logging its calls."""
     for name in ("Makefile", "requirements.lock", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     log = tmp_path / "calls.log"
@@ -80,6 +76,17 @@ def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_pa
     python = tmp_path / "python3.11"
     python.write_text(FAKE_PYTHON_311.format(log=log))
     python.chmod(0o755)
+    return python, log
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("venv", ["broken", "python3.12"])
+@pytest.mark.parametrize("installed_before", [False, True])
+def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_path, venv, installed_before):
+    """A .venv whose interpreter was removed (a dangling link) or that another Python made (python3 -m
+    venv with Python 3.12) was kept: pip ran in it, or, with the stamp of an earlier install, nothing
+    ran and `make demo` failed on .venv/bin/python."""
+    python, log = fake_project(tmp_path)
     bin_ = tmp_path / ".venv" / "bin"
     bin_.mkdir(parents=True)
     if venv == "broken":
@@ -95,6 +102,39 @@ def test_make_venv_recreates_a_venv_that_is_broken_or_from_another_python(tmp_pa
     assert f"{python} -m venv --clear .venv" in calls, calls
     assert not [c for c in calls if c.startswith("old ") and "pip" in c], calls
     assert any(c.endswith("-m pip install -qq --disable-pip-version-check -r requirements.lock") for c in calls)
+
+
+def make_venv(tmp_path: Path, python: Path, log: Path, pip_fails: bool = False) -> tuple[int, list[str]]:
+    log.write_text("")
+    env = {**os.environ, "FAKE_PIP_FAILS": "1" if pip_fails else ""}
+    run = subprocess.run(["make", "venv", f"PYTHON={python}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return run.returncode, log.read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_venv_redoes_an_install_that_did_not_finish(tmp_path):
+    """A .venv left by an interrupted install (a Python 3.11 that runs, no stamp) was reused: one cut
+    short in `python -m venv` before pip was in it failed with 'No module named pip' on every make,
+    until removed by hand. It is made afresh; one fully installed before is updated in place."""
+    python, log = fake_project(tmp_path)
+    venv, stamp = tmp_path / ".venv", tmp_path / ".venv" / ".installed"
+    (venv / "bin").mkdir(parents=True)
+    shutil.copy(python, venv / "bin" / "python")  # runs, is 3.11: what `python -m venv` makes first
+    rc, calls = make_venv(tmp_path, python, log)
+    assert rc == 0 and stamp.exists()
+    assert f"{python} -m venv --clear .venv" in calls, calls
+    # The lock changed since a finished install: updated in place, not made afresh.
+    os.utime(stamp, (1, 1))
+    rc, calls = make_venv(tmp_path, python, log)
+    assert rc == 0 and stamp.exists()
+    assert not [c for c in calls if "-m venv" in c], calls
+    assert any(c.endswith("-m pip install -qq --disable-pip-version-check -r requirements.lock") for c in calls)
+    # An update cut short leaves no stamp, so the next make starts again from a new venv.
+    os.utime(stamp, (1, 1))
+    rc, calls = make_venv(tmp_path, python, log, pip_fails=True)
+    assert rc != 0 and not stamp.exists()
+    rc, calls = make_venv(tmp_path, python, log)
+    assert rc == 0 and f"{python} -m venv --clear .venv" in calls, calls
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
