@@ -8,6 +8,7 @@ installed (``make services`` installs it as root).
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psutil
 import pytest
 
 from deployment.alerting import AlertLog, Alertmanager, alert_records
@@ -76,15 +78,16 @@ def test_a_firing_alert_and_its_resolution_reach_the_alert_log(tmp_path):
 
 @needs_alertmanager
 def test_alertmanager_listens_on_loopback_only(tmp_path):
-    """No gossip port: a lone Alertmanager otherwise listens on 0.0.0.0:9094 for cluster peers."""
+    """No gossip port: a lone Alertmanager otherwise listens on 0.0.0.0:9094 for cluster peers.
+
+    Its sockets are read with psutil (in the lock), not `ss`: iproute2 is in no package `make services`
+    installs and a minimal Debian lacks it, where this test failed with FileNotFoundError."""
     with AlertLog(tmp_path / "alerts.jsonl") as sink, Alertmanager([sink.url]) as am:
-        listening = subprocess.run(
-            ["ss", "-H", "-ltnup"], capture_output=True, text=True, check=True
-        ).stdout.splitlines()
-        mine = [line for line in listening if f"pid={am.process.pid}," in line]
-        assert mine, listening
-        local = [line.split()[4] for line in mine]
-        assert local == [f"127.0.0.1:{am.port}"], local
+        connections = psutil.Process(am.process.pid).net_connections(kind="inet")
+        # what `ss -ltnup` lists: listening TCP sockets and every UDP one (gossip uses both)
+        mine = [c for c in connections if c.status == psutil.CONN_LISTEN or c.type == socket.SOCK_DGRAM]
+        local = [f"{c.laddr.ip}:{c.laddr.port}" for c in mine]
+        assert local == [f"127.0.0.1:{am.port}"], connections
 
 
 def test_the_alert_log_refuses_what_is_not_alertmanagers_and_writes_nothing(tmp_path):
