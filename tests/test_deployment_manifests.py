@@ -467,6 +467,9 @@ def test_compose_runs_the_image_exposed_inside_its_network_and_on_the_hosts_loop
         postgres["environment"]["POSTGRES_DB"],
     )
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy" and postgres["healthcheck"]
+    # Over TCP: the image's first-start server (init scripts) listens on its socket only, and a check on
+    # the socket passed then, before the real server was up.
+    assert postgres["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"], postgres["healthcheck"]
 
 
 def test_every_file_compose_mounts_exists_and_every_named_volume_is_declared():
@@ -614,6 +617,8 @@ def test_secrets_come_from_secrets_and_the_store_from_the_networked_backend():
     (container,) = postgres["spec"]["template"]["spec"]["containers"]
     pg_env = {e["name"]: e for e in container["env"]}
     assert "secretKeyRef" in pg_env["POSTGRES_PASSWORD"]["valueFrom"]
+    # ready over TCP (the image's first-start server listens on its socket only), as in compose
+    assert container["readinessProbe"]["exec"]["command"][:3] == ["pg_isready", "-h", "127.0.0.1"]
     # no secret value is written in any manifest
     text = "\n".join(f.read_text() for f in KUBERNETES.glob("*.yaml"))
     assert "kind: Secret" not in text and "password:" not in text.lower().replace("key: password", "")
