@@ -255,6 +255,47 @@ def test_a_text_column_of_any_name_is_a_title_in_the_signature():
     assert kept["item_id"].tolist() == [1, 2, 3, 5]
 
 
+NULL_CATEGORY_ITEMS = {
+    "item_id": [1, 2, 3],
+    "category": [None, None, None],
+    "duration_seconds": [60.0, 60.0, 60.0],
+    "title": ["Cat video", "cat  video!", "Dog video"],
+}
+
+
+def test_a_missing_signature_attribute_keeps_the_item_when_astype_str_keeps_nulls(monkeypatch):
+    """cudf's ``astype(str)`` keeps a null (pandas spells it "None"), and ``+`` propagates it: the item's
+    whole signature was null, groupby left it out, its canonical id was null and the item went from
+    the table (on cudf ``.values`` of the null mask raised). Emulated here on pandas, as cudf does it."""
+    from workflows.dedup import canonical_items
+
+    astype = pd.Series.astype
+
+    def astype_like_cudf(self, dtype, *args, **kwargs):
+        out = astype(self, dtype, *args, **kwargs)
+        return out.where(self.notna(), None) if dtype is str else out
+
+    monkeypatch.setattr(pd.Series, "astype", astype_like_cudf)
+    items = pd.DataFrame(NULL_CATEGORY_ITEMS)
+    events = pd.DataFrame({"user_id": [7, 8, 9], "item_id": [1, 2, 3], "timestamp": [1, 2, 3]})
+    mapped, kept, item_map, _ = canonical_items(ddf(events, 1), items, DedupConfig())
+    assert item_map.set_index("item_id")["canonical_item_id"].to_dict() == {1: 1, 2: 1, 3: 3}
+    assert kept["item_id"].tolist() == [1, 3]
+    assert mapped.compute()["item_id"].tolist() == [1, 1, 3]
+
+
+def test_canonical_item_map_on_cudf_matches_pandas_with_missing_attributes():
+    """The same on a real cudf frame (GPU machines only)."""
+    cudf = pytest.importorskip("cudf")
+    from workflows.dedup import canonical_item_map
+
+    items = pd.DataFrame(NULL_CATEGORY_ITEMS)
+    got = canonical_item_map(cudf.from_pandas(items), DedupConfig().signature_columns).to_pandas()
+    want = canonical_item_map(items, DedupConfig().signature_columns)
+    assert got.set_index("item_id")["canonical_item_id"].to_dict() == {1: 1, 2: 1, 3: 3}
+    assert want.set_index("item_id")["canonical_item_id"].to_dict() == {1: 1, 2: 1, 3: 3}
+
+
 def test_item_ids_beyond_2_53_survive_the_mapping_to_canonical_ids():
     """Ids up to int64's end are valid (validate.py refuses only beyond it). The left merge onto the
     duplicates made the canonical column float64, and every event's id came back rounded: 2**62 + 1,

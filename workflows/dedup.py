@@ -63,7 +63,10 @@ def content_signature(items, columns: list[str], text_columns=()):
     for column in columns:
         if column not in items.columns:
             raise ValueError(f"dedup.signature_columns names {column!r}, not a column of the item table")
-        text = items[column].astype(str)
+        # pandas' astype(str) spells a missing value ("None", "nan", "<NA>"); cudf's keeps it null, and a
+        # null made the whole signature null: groupby left it out, the item's canonical id was null and
+        # ``canonical_items`` failed on it (``.values`` of a column with nulls). One spelling for both.
+        text = items[column].astype(str).fillna("<NA>")
         if column == "title" or column in text_columns:
             # \W is Unicode-aware in Python's re (pandas); `_` is a word character, so folded too.
             # NFKC and casefold first, as the denylist folds titles (``content_filter._fold``): a
