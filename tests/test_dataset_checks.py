@@ -337,6 +337,24 @@ def test_explicit_split_reproduces_the_given_files(events, tmp_path):
         explicit_split(ddf(unique), SplitConfig(kind="explicit", train_file="nope.parquet", valid_file="x"))
 
 
+SHARED_KEYS = {
+    "train": pd.DataFrame({"user_id": [1, 2], "item_id": [10, 20], "timestamp": [100, 200]}),
+    "valid": pd.DataFrame({"user_id": [2, 3], "item_id": [20, 30], "timestamp": [200, 300]}),
+}
+
+
+def test_events_shared_by_two_split_files_are_named_wherever_the_merge_puts_them():
+    """The example event was read with ``head(1)``, the merge's first partition only: where it held
+    no shared event, an IndexError (single positional indexer is out-of-bounds) instead of the defect."""
+    from workflows import splits
+    from workflows.validate import DatasetError
+
+    keys = {name: ddf(frame) for name, frame in SHARED_KEYS.items()}
+    with pytest.raises(DatasetError, match="lists events train.parquet lists too") as err:
+        splits._refuse_shared_events(keys, {"train": "train.parquet", "valid": "valid.parquet"})
+    assert err.value.defects[0].example == [2, 20, 200] and err.value.defects[0].rows == 1
+
+
 def test_an_explicit_split_file_that_matches_no_event_is_a_named_defect(events, tmp_path):
     """A valid file in milliseconds matched no event: the split returned an empty validation part and
     the pipeline stopped at the attribute join (``KeyError: "['age_band', ...] not in index"``), so the

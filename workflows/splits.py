@@ -247,7 +247,9 @@ def _refuse_shared_events(keys: dict, files: dict) -> None:
             shared = dd.merge(keys[a], keys[b], on=KEYS, how="inner")
             count = int(shared.shape[0].compute())
             if count:
-                example = shared.head(1).iloc[0].tolist()
+                # every partition: head(1) read only the first, and where the merge had put no shared
+                # event there, iloc[0] raised an IndexError instead of this defect
+                example = shared.head(1, npartitions=-1).iloc[0].tolist()
                 defects.append(
                     Defect(
                         files[b],
