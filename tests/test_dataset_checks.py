@@ -355,6 +355,54 @@ def test_events_shared_by_two_split_files_are_named_wherever_the_merge_puts_them
     assert err.value.defects[0].example == [2, 20, 200] and err.value.defects[0].rows == 1
 
 
+class _DeviceSeries(pd.Series):
+    """A series as cudf's: no conversion to host memory through ``tolist()``."""
+
+    @property
+    def _constructor(self):
+        return _DeviceSeries
+
+    def tolist(self):
+        raise TypeError("cuDF does not support conversion to host memory via the `tolist()` method")
+
+
+class _DeviceFrame(pd.DataFrame):
+    """A frame as cudf's: its rows are device series; ``to_pandas()`` brings it to host memory."""
+
+    @property
+    def _constructor(self):
+        return _DeviceFrame
+
+    @property
+    def _constructor_sliced(self):
+        return _DeviceSeries
+
+    def to_pandas(self):
+        return pd.DataFrame(self)
+
+
+def test_events_shared_by_two_split_files_are_named_on_cudf_partitions_too(monkeypatch):
+    """The split files are read as cudf on a GPU machine: the example event of the defect was taken
+    with ``.iloc[0].tolist()``, which cudf refuses (a TypeError instead of the DatasetError)."""
+    from workflows import splits
+    from workflows.validate import DatasetError
+
+    merge = splits.dd.merge
+
+    class OnDevice:
+        def __init__(self, collection):
+            self.collection, self.shape = collection, collection.shape
+
+        def head(self, n, npartitions=1):
+            return _DeviceFrame(self.collection.head(n, npartitions=npartitions))
+
+    monkeypatch.setattr(splits.dd, "merge", lambda *a, **k: OnDevice(merge(*a, **k)))
+    keys = {name: ddf(frame) for name, frame in SHARED_KEYS.items()}
+    with pytest.raises(DatasetError, match="lists events train.parquet lists too") as err:
+        splits._refuse_shared_events(keys, {"train": "train.parquet", "valid": "valid.parquet"})
+    assert err.value.defects[0].example == [2, 20, 200] and err.value.defects[0].rows == 1
+
+
 def test_an_explicit_split_file_that_matches_no_event_is_a_named_defect(events, tmp_path):
     """A valid file in milliseconds matched no event: the split returned an empty validation part and
     the pipeline stopped at the attribute join (``KeyError: "['age_band', ...] not in index"``), so the

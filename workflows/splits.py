@@ -249,7 +249,8 @@ def _refuse_shared_events(keys: dict, files: dict) -> None:
             if count:
                 # every partition: head(1) read only the first, and where the merge had put no shared
                 # event there, iloc[0] raised an IndexError instead of this defect
-                example = shared.head(1, npartitions=-1).iloc[0].tolist()
+                first = shared.head(1, npartitions=-1)  # cudf on a GPU machine: its series have no tolist()
+                example = (first.to_pandas() if hasattr(first, "to_pandas") else first).iloc[0].tolist()
                 defects.append(
                     Defect(
                         files[b],
