@@ -1022,3 +1022,22 @@ def test_one_column_in_two_key_roles_is_a_spec_mistake():
     rating = [{"name": "rating", "kind": "continuous"}, {"name": "liked", "column": "rating", "kind": "continuous",
                                                         "threshold": 4.0}]  # fmt: skip
     assert spec_from_dict({"events": {"path": "e.csv", "signals": rating}}).layout.labels == ["click", "liked"]
+
+
+def test_datetimes_become_epoch_seconds_in_the_unit_the_column_holds():
+    """cudf (and pandas 2) keep a parquet timestamp column's own unit, ms or us; pandas 1.5 converts to
+    ns. The reader divided every datetime column's integers by 1e9, so on a GPU a millisecond column
+    became timestamps a million times too small, silently. numpy arrays stand in for cudf's columns
+    here (same dtypes, same astype)."""
+    from workflows.reader import epoch_seconds
+
+    instants = ["1970-01-01T00:00:00", "2026-03-01T12:00:05", "1969-12-31T23:59:59"]
+    expected = [0, 1772366405, -1]
+    for unit in ("s", "ms", "us", "ns"):
+        column = np.array(instants, dtype=f"datetime64[{unit}]")
+        assert epoch_seconds(column).tolist() == expected, unit
+    assert epoch_seconds(pd.Series(pd.to_datetime(instants))).tolist() == expected
+    aware = pd.Series(pd.to_datetime(instants)).dt.tz_localize("UTC").dt.tz_convert("Europe/Berlin")
+    assert epoch_seconds(aware).tolist() == expected
+    with pytest.raises(ValueError, match="unit 'D'"):
+        epoch_seconds(np.array(instants[:1], dtype="datetime64[D]"))

@@ -52,6 +52,20 @@ EXTENSIONS = {
 }
 
 
+PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def epoch_seconds(stamps):
+    """Datetimes (pandas, cudf or numpy; naive ones as UTC) -> int64 whole seconds since 1970, in the
+    unit the column holds: cudf (and pandas 2) keep a parquet file's own unit, ms or us, where pandas
+    1.5 always converts to ns, and dividing every unit's integers by 1e9 made millisecond timestamps
+    a million times too small, silently."""
+    unit = getattr(stamps.dtype, "unit", None) or np.datetime_data(stamps.dtype)[0]
+    if unit not in PER_SECOND:
+        raise ValueError(f"timestamps in unit {unit!r}: expected one of {sorted(PER_SECOND)}")
+    return (stamps.astype("int64") // PER_SECOND[unit]).astype("int64")
+
+
 @dataclass
 class Inputs:
     """What ``load_inputs`` read: the pipeline's event collection and attribute tables."""
@@ -318,12 +332,11 @@ class ToInternal:
             elif conversion == "continuous":
                 out[target] = parsed_values(df, source, "number").astype("float64")
             elif conversion == "ts:iso":
-                parsed = parsed_values(df, source, "iso")
-                out[target] = (parsed.astype("int64") // 1_000_000_000).astype("int64")
+                out[target] = epoch_seconds(parsed_values(df, source, "iso"))
             else:  # ts:<unit>
                 factor = {"ts:s": 1, "ts:ms": 1_000, "ts:us": 1_000_000, "ts:ns": 1_000_000_000}[conversion]
                 if col.dtype.kind == "M":
-                    out[target] = (col.astype("int64") // 1_000_000_000).astype("int64")
+                    out[target] = epoch_seconds(col)
                 elif col.dtype.kind in "iu" and factor == 1:
                     out[target] = col.astype("int64")
                 else:
