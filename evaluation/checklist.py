@@ -320,8 +320,16 @@ def check_data(model_dir: Path) -> CheckResult:
     required = list(REQUIRED_DATA_CHECKS)
     if summary.get("split", {}).get("kind") == "temporal":
         required.append("temporal_split")
-    features = manifest.get("config", {}).get("workflow", {}).get("features", {})
-    if not features.get("point_in_time", True) and not features.get("activity_windows"):
+    if "event_features" in summary:
+        # What the data carries, as the dataset pipeline recorded it: the training run's config is not
+        # the config the data was prepared with (scripts/prepare_data.py --config, scripts/train.py
+        # --config), and one with point_in_time: false let a version pass whose data had point-in-time
+        # counts that were never probed (prepared with checks.point_in_time_probe: false).
+        from_events = bool(summary["event_features"])
+    else:  # a summary written before the pipeline recorded them: the version's config says
+        features = manifest.get("config", {}).get("workflow", {}).get("features", {})
+        from_events = features.get("point_in_time", True) or bool(features.get("activity_windows"))
+    if not from_events:
         # No feature is computed from events (workflow.features.point_in_time: false and no
         # activity_windows), so none can see the future; the leak check has nothing to probe and the
         # pipeline does not record it. Windowed activity counts read earlier events as the counts do.

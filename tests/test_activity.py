@@ -108,6 +108,8 @@ def test_windows_are_configured_and_checked():
 def test_pipeline_rows_carry_the_features_and_the_probe_checked_them(processed):
     probe = next(c for c in processed.summary["checks"] if c["check"] == "point_in_time")
     assert set(NAMES) <= set(probe["features"])
+    # What the data carries is recorded: the checklist requires the probe from it, not from a training config.
+    assert processed.summary["event_features"] == probe["features"]
     train = processed.train()
     assert train.schema.select_by_tag("activity").column_names == NAMES
     values = train.to_ddf()[NAMES].compute()

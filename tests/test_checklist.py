@@ -124,12 +124,19 @@ def test_missing_or_failed_data_checks_fail(model_version, tmp_path):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     result = check_data(broken)
     assert not result.passed and "point_in_time" in result.detail
-    # Without point-in-time features (workflow.features.point_in_time: false, as on MovieLens under a
-    # random split) no feature comes from events, and the leak check is not required; the test model's
-    # windowed activity counts read events too, so they must be off as well.
+    # The data records its event features: those decide, not the training config.
+    assert manifest["data_summary"]["event_features"]
     features = manifest["config"]["workflow"]["features"]
     windows = features["activity_windows"]
-    features["point_in_time"] = False
+    features.update(point_in_time=False, activity_windows=[])
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert not check_data(broken).passed
+    # A summary written before they were recorded: the config says. Without point-in-time features
+    # (workflow.features.point_in_time: false, as on MovieLens under a random split) no feature comes
+    # from events, and the leak check is not required; the test model's windowed activity counts read
+    # events too, so they must be off as well.
+    del manifest["data_summary"]["event_features"]
+    features["activity_windows"] = windows
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert windows and not check_data(broken).passed
     features["activity_windows"] = []

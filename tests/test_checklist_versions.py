@@ -112,6 +112,28 @@ def test_windowed_activity_features_without_the_leak_probe_fail_the_data_checks(
     assert checklist.check_data(_data_manifest(tmp_path / "c", none, checks)).passed
 
 
+def test_the_datas_own_event_features_decide_whether_the_leak_probe_is_required(tmp_path):
+    # The requirement was read from the training run's config alone: data prepared with point-in-time
+    # counts and the probe switched off (checks.point_in_time_probe: false), trained with a config whose
+    # point_in_time is false (scripts/train.py --config), passed with its features never probed.
+    checks = ["no_duplicate_pairs", "labels_agree"]
+    off = {"point_in_time": False, "activity_windows": []}
+
+    def with_features(folder: Path, event_features: list[str], recorded: list[str], config: dict) -> Path:
+        _data_manifest(folder, config, recorded)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["data_summary"]["event_features"] = event_features
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder
+
+    counted = ["user_events_before", "user_clicks_before"]
+    result = checklist.check_data(with_features(tmp_path / "a", counted, checks, off))
+    assert not result.passed and "missing ['point_in_time']" in result.detail, result.detail
+    assert checklist.check_data(with_features(tmp_path / "b", counted, [*checks, "point_in_time"], off)).passed
+    # Data without event features has nothing to probe, whatever the training config says.
+    assert checklist.check_data(with_features(tmp_path / "c", [], checks, {"point_in_time": True})).passed
+
+
 def test_the_unknown_user_of_the_score_check_is_no_user_of_the_table(tmp_path, monkeypatch):
     # The unknown user was the sampled users' largest id + 10**6: on a table whose ids are not in order
     # (or reach past 10**6) that is a known user, and the fallback went unchecked.

@@ -495,6 +495,9 @@ def _run(spec: DatasetSpec, out_dir, config: WorkflowConfig, inputs: Inputs | No
     summary = {
         "cutoff": int(split.cutoff),
         "split": split.details,
+        # The event-level features the data carries (read from earlier events): the checklist's data_checks
+        # requires the point-in-time probe where there are any, whatever config the training run reads.
+        "event_features": list(feature_columns),
         "train_rows": rows["train"],
         "valid_rows": rows["valid"],
         **({"test_rows": rows["test"]} if "test" in rows else {}),
