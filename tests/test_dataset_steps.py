@@ -653,3 +653,20 @@ def test_signatures_fold_compatibility_forms_and_case_as_the_denylist_does():
     items = pd.DataFrame({"item_id": range(1, 8), "category": "film", "duration_seconds": 600, "title": titles})
     mapping = canonical_item_map(items, DedupConfig().signature_columns).set_index("item_id")["canonical_item_id"]
     assert mapping.to_dict() == {1: 1, 2: 1, 3: 3, 4: 3, 5: 5, 6: 5, 7: 7}
+
+
+def test_point_in_time_counts_match_a_brute_force_count_on_a_shuffled_partition():
+    """A partition after the shuffle by user has a repeating index; each count must still be the
+    events strictly earlier than its own (ties see the same count), row by row."""
+    from workflows.point_in_time import _counts_before
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        {"user_id": rng.integers(0, 5, 60), "timestamp": rng.integers(0, 10, 60), "click": rng.integers(0, 2, 60)}
+    )
+    df.index = np.repeat(np.arange(12), 5)
+    out = _counts_before(df.copy(), "user_id", ["events", "clicks"])
+    assert len(out) == len(df)
+    for row in out.itertuples():
+        earlier = df[(df.user_id == row.user_id) & (df.timestamp < row.timestamp)]
+        assert (row.events, row.clicks) == (len(earlier), earlier.click.sum()), row

@@ -22,7 +22,9 @@ WEIGHT = "_counts"
 
 
 def _counts_before(df, key: str, names: list[str]):
-    df = df.sort_values([key, "timestamp"])
+    # A fresh index: after the shuffle a partition's index repeats, and the assignments below align
+    # on it (pandas' scans keep the rows' order and index; a unique index leaves nothing to chance).
+    df = df.sort_values([key, "timestamp"]).reset_index(drop=True)
     weight = df[WEIGHT] if WEIGHT in df.columns else (df["timestamp"] * 0 + 1)
     df["_w"] = weight.astype("int64")
     df["_c"] = (df["click"] * df["_w"]).astype("int64")
