@@ -63,6 +63,8 @@ def main() -> None:
         parser.error(f"argument --k: at most serving.max_k={config.serving.max_k}, got {args.k}")
     if args.json and not Path(args.json).resolve().parent.is_dir():  # written at the end, after the whole run
         parser.error(f"argument --json: no folder {Path(args.json).resolve().parent} to write {args.json} into")
+    if args.json and Path(args.json).is_dir():  # was IsADirectoryError, a traceback after the whole run
+        parser.error(f"argument --json: {args.json} is a folder, not a file")
     wall = time.monotonic()
     steps = Steps(9)
     work = fresh_workdir(parser, args.workdir)  # the demo always starts from nothing

@@ -1103,3 +1103,15 @@ def test_export_and_rollout_say_in_one_line_that_another_writer_kept_the_reposit
     with pytest.raises(SystemExit) as exit_:  # old code: RepositoryBusyError
         rollout.main()
     assert exit_.value.code == f"rollout: {busy}"
+
+
+def test_demo_refuses_a_json_path_that_is_a_folder_before_it_runs(tmp_path):
+    """--json naming a folder passed the check of its parent and was written after the whole demo
+    (minutes of training and serving): an IsADirectoryError traceback, exit 1. A non-empty --workdir
+    no run made is refused after the --json check, so the old code failed here at once, not minutes later."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not a run's output")
+    args = ["--workdir", str(precious), "--json", str(tmp_path)]
+    refused(script("scripts/demo.py", *args, check=False), "argument --json", "is a folder, not a file")
+    assert (precious / "notes.txt").exists()
