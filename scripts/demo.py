@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from configs.cli import config_file, fresh_workdir, positive_int
+from configs.cli import config_file, fresh_workdir, int64, positive_int
 from configs.runtime import quiet_known_warnings
 
 quiet_known_warnings()  # before TensorFlow is imported
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=config_file, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--workdir", default="build/demo", help="where data, models and the repository go")
-    parser.add_argument("--users", type=int, nargs="*", help="user ids to query (default: 3 known + 1 unknown)")
+    parser.add_argument("--users", type=int64, nargs="*", help="user ids to query (default: 3 known + 1 unknown)")
     parser.add_argument("--k", type=positive_int, default=10)
     parser.add_argument("--json", help="also write the responses and timings to this JSON file")
     args = parser.parse_args()

@@ -1115,3 +1115,15 @@ def test_demo_refuses_a_json_path_that_is_a_folder_before_it_runs(tmp_path):
     args = ["--workdir", str(precious), "--json", str(tmp_path)]
     refused(script("scripts/demo.py", *args, check=False), "argument --json", "is a folder, not a file")
     assert (precious / "notes.txt").exists()
+
+
+def test_demo_refuses_a_user_id_no_request_can_carry_before_it_runs(tmp_path):
+    """--users 2**63 was taken as an int and refused by the client (an INT64 tensor) only in the last
+    step, after minutes of training and a server start: a traceback, exit 1. (A non-empty --workdir no
+    run made is refused after parsing, so the old code failed here at once, naming --workdir.)"""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not a run's output")
+    run = script("scripts/demo.py", "--workdir", str(precious), "--users", "1", str(2**63), check=False)
+    refused(run, "argument --users", "64-bit")
+    assert (precious / "notes.txt").exists()
