@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
-from configs.cli import grpc_url
+from configs.cli import grpc_url, positive_seconds
 from deployment.export import RepositoryBusyError, repository_lock
 from deployment.rollout import RolloutError, add_version, retire, roll_out, served_version
 from deployment.security import AdminKeyError, ControlTimeout, confirm_key_with_server
@@ -47,11 +47,12 @@ def main() -> None:
     parser.add_argument("--retire", action="store_true", help="unload and delete the previous version afterwards")
     parser.add_argument("--tls-ca", help="PEM file that signed the server's certificate, when its gRPC speaks TLS")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds each model load (and wait for it to be ready) may take"
+        "--timeout",
+        type=positive_seconds,  # inf was taken: gRPC's deadline overflowed, every load 'Deadline Exceeded' at once
+        default=300.0,
+        help="seconds each model load (and wait for it to be ready) may take (default: %(default)g)",
     )
     args = parser.parse_args()
-    if not args.timeout > 0:
-        parser.error(f"argument --timeout: must be positive, not {args.timeout:g}")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         parser.error(f"argument --tls-ca: no such file: {args.tls_ca}")
     try:

@@ -1127,3 +1127,12 @@ def test_demo_refuses_a_user_id_no_request_can_carry_before_it_runs(tmp_path):
     run = script("scripts/demo.py", "--workdir", str(precious), "--users", "1", str(2**63), check=False)
     refused(run, "argument --users", "64-bit")
     assert (precious / "notes.txt").exists()
+
+
+def test_rollout_refuses_a_timeout_that_is_not_a_finite_number_of_seconds(tmp_path):
+    """--timeout inf passed ``timeout > 0``: after the key check and the version's stages were added
+    to the repository, gRPC's deadline overflowed and every load failed at once with 'Deadline
+    Exceeded'. (With no registry, the old code's next check named --registry instead.)"""
+    for value in ("inf", "nan", "0"):
+        run = script("scripts/rollout.py", "--registry", str(tmp_path / "nope"), "--timeout", value, check=False)
+        refused(run, "argument --timeout", repr(value))
