@@ -110,6 +110,8 @@ def main() -> None:
     )
     parser.add_argument("--check", action="store_true", help="start, wait until targets and rules are up, stop")
     args = parser.parse_args()
+    if args.no_alertmanager and args.alert_webhook:  # nothing delivers to it: was dropped without a word
+        parser.error("argument --alert-webhook: not allowed with --no-alertmanager (no Alertmanager delivers to it)")
     # NaN or inf made every sequential p-value NaN, and a window of 0 or fewer days compared the whole
     # log (0) or none of it (a start in the future): either way LiveBelowHoldout could never fire.
     if not (args.holdout_effect > 0 and math.isfinite(args.holdout_effect)):

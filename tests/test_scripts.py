@@ -1136,3 +1136,12 @@ def test_rollout_refuses_a_timeout_that_is_not_a_finite_number_of_seconds(tmp_pa
     for value in ("inf", "nan", "0"):
         run = script("scripts/rollout.py", "--registry", str(tmp_path / "nope"), "--timeout", value, check=False)
         refused(run, "argument --timeout", repr(value))
+
+
+def test_monitor_refuses_an_alert_webhook_with_no_alertmanager(tmp_path):
+    """--no-alertmanager --alert-webhook URL: the webhook was dropped without a word (no Alertmanager
+    delivers to it) and the monitor ran. (With a missing rule file, the old code's next check named --rules.)"""
+    args = ["--no-alertmanager", "--alert-webhook", "http://127.0.0.1:9/hook", "--rules", str(tmp_path / "nope.yml")]
+    args += ["--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
+    refused(script("scripts/monitor.py", *args, check=False), "argument --alert-webhook", "--no-alertmanager")
+    assert not (tmp_path / "prom").exists()
