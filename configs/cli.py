@@ -128,6 +128,19 @@ def output_folder(text: str) -> str:
     return text
 
 
+def output_file(text: str) -> str:
+    """A file the script writes (``--alert-log``), its folders made if missing: a folder, or a path
+    under a file, is refused here, not by an IsADirectoryError or mkdir's FileExistsError traceback
+    once the script has started."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    blocked = _file_in_the_way(path.parent)
+    if blocked is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {blocked} is a file, not a folder")
+    return text
+
+
 def _file_in_the_way(path: Path) -> Path | None:
     """The path, or the nearest existing folder above it, where that is not a folder."""
     for part in (path, *path.parents):

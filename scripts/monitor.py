@@ -29,7 +29,15 @@ import sys
 import threading
 from pathlib import Path
 
-from configs.cli import output_folder, port, port_or_zero, prometheus_duration, seconds_or_none, webhook_url
+from configs.cli import (
+    output_file,
+    output_folder,
+    port,
+    port_or_zero,
+    prometheus_duration,
+    seconds_or_none,
+    webhook_url,
+)
 from deployment.alerting import AlertLog, Alertmanager, alertmanager_installed, check_ready
 from deployment.monitoring import PrometheusServer, find_tritonserver
 from deployment.server import ServerError, host_port
@@ -90,7 +98,10 @@ def main() -> None:
         "--alertmanager-port", type=port_or_zero, default=9093, help="Alertmanager's port on 127.0.0.1 (0: a free one)"
     )
     parser.add_argument(
-        "--alert-log", default="build/monitor/alerts.jsonl", help="where delivered alerts are appended (JSON lines)"
+        "--alert-log",
+        type=output_file,
+        default="build/monitor/alerts.jsonl",
+        help="where delivered alerts are appended (JSON lines)",
     )
     parser.add_argument(
         "--alert-webhook",
@@ -127,8 +138,6 @@ def main() -> None:
     for rules in args.rules:  # before the sidecar starts: PrometheusServer raised it as a traceback
         if not Path(rules).is_file():
             parser.error(f"argument --rules: no such file: {rules}")
-    if Path(args.alert_log).is_dir():
-        parser.error(f"argument --alert-log: {args.alert_log} is a folder, not a file")
     deliver = not args.no_alertmanager
     if deliver and not alertmanager_installed():
         if args.alert_webhook:  # asked for explicitly: not silently dropped

@@ -1145,3 +1145,17 @@ def test_monitor_refuses_an_alert_webhook_with_no_alertmanager(tmp_path):
     args += ["--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
     refused(script("scripts/monitor.py", *args, check=False), "argument --alert-webhook", "--no-alertmanager")
     assert not (tmp_path / "prom").exists()
+
+
+def test_monitor_refuses_an_alert_log_under_a_file_before_starting_anything(tmp_path):
+    """--alert-log under a file (a typo for its folder) passed the folder check and failed in mkdir with
+    a FileExistsError traceback, exit 1, once the sidecar had started. (With a missing rule file, the
+    old code's next check named --rules.)"""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    args = ["--alert-log", str(afile / "alerts.jsonl"), "--rules", str(tmp_path / "nope.yml")]
+    args += ["--port", "0", "--data-dir", str(tmp_path / "prom"), "--check"]
+    refused(
+        script("scripts/monitor.py", *args, check=False), "argument --alert-log", f"{afile} is a file, not a folder"
+    )
+    assert afile.read_text() == "not a folder" and not (tmp_path / "prom").exists()
