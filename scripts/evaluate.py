@@ -46,11 +46,14 @@ def main() -> None:
         help="MovieLens: seed of the random split (default 2020, RecBole's) and of training (default: the config's)",
     )
     parser.add_argument(
-        "--protocol", default="recbole", choices=["recbole", "temporal"], help="MovieLens: the split protocol"
+        "--protocol", choices=["recbole", "temporal"], help="MovieLens: the split protocol (default: recbole)"
     )
     args = parser.parse_args()
     if args.spec and args.source != "synthetic":
         parser.error("--spec names the data itself; it does not go with --source")
+    for flag, given in (("--movielens", args.movielens), ("--protocol", args.protocol)):
+        if given is not None and args.source != "movielens":  # was ignored: another data set evaluated
+            parser.error(f"argument {flag}: only with --source movielens")
     config = load_config(args.config, {"seed": args.seed} if args.seed is not None else None)
     ks, mitigation = tuple(args.k), not args.no_mitigation
     if max(ks) > config.serving.max_k:  # the funnel serves no longer list: its figures would be cut short
@@ -80,7 +83,9 @@ def main() -> None:
                 parser.error(f"argument --movielens: {err}")
         source = args.movielens or movielens.fetch_wheel(args.cache)
         split_seed = {} if args.seed is None else {"seed": args.seed}
-        out = evaluate_movielens(source, config, args.out, ks, mitigation, protocol=args.protocol, **split_seed)
+        out = evaluate_movielens(
+            source, config, args.out, ks, mitigation, protocol=args.protocol or "recbole", **split_seed
+        )
     else:
         out = evaluate_synthetic(config, args.out, ks, mitigation)
     k = ks[0]

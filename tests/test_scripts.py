@@ -1159,3 +1159,14 @@ def test_monitor_refuses_an_alert_log_under_a_file_before_starting_anything(tmp_
         script("scripts/monitor.py", *args, check=False), "argument --alert-log", f"{afile} is a file, not a folder"
     )
     assert afile.read_text() == "not a folder" and not (tmp_path / "prom").exists()
+
+
+def test_evaluate_refuses_movielens_flags_without_source_movielens(tmp_path):
+    """--movielens PATH or --protocol without --source movielens was ignored: the synthetic data was
+    evaluated (minutes of training) instead of the MovieLens data named. (With --k past serving.max_k,
+    the old code's next check named --k.)"""
+    for flag, value in (("--movielens", str(tmp_path)), ("--protocol", "temporal")):
+        args = [flag, value, "--k", "100000", "--out", str(tmp_path / "ev")]
+        refused(script("scripts/evaluate.py", *args, check=False), f"argument {flag}", "only with --source movielens")
+    refused(script("scripts/evaluate.py", "--spec", "x.yaml", "--protocol", "recbole", check=False), "--protocol")
+    assert not (tmp_path / "ev").exists()
