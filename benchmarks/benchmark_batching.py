@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import print_json
-from configs.cli import non_negative_int, positive_int
+from configs.cli import non_negative_int, output_file, positive_int
 from workflows.local_parquet import read_parquet
 
 LEVELS = (1, 8, 32, 64)
@@ -254,7 +254,7 @@ def main() -> None:
     p.add_argument(
         "--keep", action="store_true", help="keep the worlds; a later run with the same --workdir reuses them"
     )
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", type=output_file, help="also write the JSON here")
     args = p.parse_args()
     if args.perf_analyzer:
         from benchmarks.perf_analyzer import unavailable

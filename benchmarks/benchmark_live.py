@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import print_json
-from configs.cli import positive_int
+from configs.cli import output_file, positive_int
 from serving.interface import FEEDBACK, stage_folder
 from workflows.local_parquet import read_parquet
 
@@ -263,7 +263,7 @@ def main() -> None:
         help="after each write phase, a phase with no writes and a process that only burns as many "
         "cores as the write stream used: what the writes cost beyond their CPU",
     )
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", type=output_file, help="also write the JSON here")
     args = p.parse_args()
     if not 0 < args.events_per_s < float("inf"):  # 0: the writer's pacing divided by it and wrote nothing
         p.error(f"argument --events-per-s: must be > 0, got {args.events_per_s}")

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks import print_json
-from configs.cli import positive_int
+from configs.cli import output_file, positive_int
 from serving.interface import stage_folder
 from workflows.local_parquet import read_parquet
 
@@ -283,7 +283,7 @@ def main() -> None:
         action="store_true",
         help="keep each world's data and models; a later run with the same --workdir reuses them",
     )
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", type=output_file, help="also write the JSON here")
     args = p.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="funnel-bench-"))

@@ -36,7 +36,7 @@ from merlin.schema import Tags
 
 from benchmarks import print_json
 from configs import CandidateGeneratorConfig, EmbeddingConfig
-from configs.cli import config_file, positive_int
+from configs.cli import config_file, output_file, positive_int
 from models.candidate_generator import build_candidate_generator, positives, tower_schema
 from models.embeddings import describe_tables
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--items", type=positive_int, help="synthetic items (default: the config's)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model; the first is not timed")
     parser.add_argument("--batch-size", type=positive_int, help="default: candidate_generator.batch_size")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", type=output_file, help="also write the JSON here")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is tracing and is not timed)")

@@ -1170,3 +1170,23 @@ def test_evaluate_refuses_movielens_flags_without_source_movielens(tmp_path):
         refused(script("scripts/evaluate.py", *args, check=False), f"argument {flag}", "only with --source movielens")
     refused(script("scripts/evaluate.py", "--spec", "x.yaml", "--protocol", "recbole", check=False), "--protocol")
     assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize(
+    "module, later_mistake",
+    [
+        ("benchmark_training", ["--epochs", "1"]),
+        ("benchmark_live", ["--events-per-s", "0"]),
+        ("benchmark_serving", ["--requests", "0"]),
+        ("benchmark_batching", ["--requests", "0"]),
+    ],
+)
+def test_a_benchmark_refuses_an_out_it_could_not_write_before_it_runs(tmp_path, module, later_mistake):
+    """--out naming a folder, or a path under a file, was written only after the whole benchmark (minutes
+    to hours): an IsADirectoryError or FileExistsError traceback, the figures lost. (The old code went on
+    to the later mistake given after it and named that flag.)"""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, words in ((tmp_path, "is a folder, not a file"), (afile / "r.json", f"{afile} is a file, not a folder")):
+        run = script("-m", f"benchmarks.{module}", "--out", str(out), *later_mistake, check=False)
+        refused(run, "argument --out", words)
