@@ -273,9 +273,23 @@ def mitigation_variants(cg, served: tuple[int, bool] | None = None) -> list[tupl
 def served_variant(config: Config, manifest: dict) -> tuple[int, bool]:
     """(sampled negatives, logQ correction) of the candidate generator a version serves: what its
     tuning step chose where it searched them (``tuning.sampled_negatives``), else the config's. The
-    mitigation table's served row is this one, not the configured pair."""
+    mitigation table's served row is this one, not the configured pair. A logQ strength of 0 (what a
+    search of the correction on and off chooses for off) is no correction: logQ off."""
     cg = chosen_config(config, manifest).candidate_generator
-    return cg.sampled_negatives, cg.logq_correction
+    return cg.sampled_negatives, cg.logq_correction and cg.logq_strength > 0
+
+
+def variant_config(config: Config, manifest: dict, sampled: int, logq: bool) -> Config:
+    """The config a mitigation variant trains with: the main run's tuned values (``chosen_config``)
+    with ``sampled`` negatives and the logQ correction on or off, nothing else changed. On, it has
+    the strength the version serves, or where that is 0 (no correction) the configured one, or 1
+    (exactly log q) where that is 0 too: a logQ-on row at strength 0 was the correction off again."""
+    variant = chosen_config(config, manifest)
+    cg = variant.candidate_generator
+    cg.sampled_negatives, cg.logq_correction = sampled, logq
+    if logq and cg.logq_strength <= 0:
+        cg.logq_strength = config.candidate_generator.logq_strength or 1.0
+    return variant
 
 
 def peer_results(
@@ -431,12 +445,10 @@ def evaluate_split(
             served = served_variant(config, model.manifest)
             for sampled, logq in mitigation_variants(config.candidate_generator, served):
                 begin(f"sampled={sampled} logQ={logq}")
+                variant = variant_config(config, model.manifest, sampled, logq)
                 if (sampled, logq) == served:
                     res, st = funnel, stages  # the main run already is this variant
                 else:
-                    variant = chosen_config(config, model.manifest)  # the main run's tuned values
-                    variant.candidate_generator.sampled_negatives = sampled
-                    variant.candidate_generator.logq_correction = logq
                     m, r = train_and_export(
                         processed,
                         variant,
@@ -463,6 +475,7 @@ def evaluate_split(
                     {
                         "sampled_negatives": sampled,
                         "logq_correction": logq,
+                        "logq_strength": variant.candidate_generator.logq_strength if logq else 0.0,
                         "served": (sampled, logq) == served,
                         "retrieval_recall": st["candidate_ids"]["recall"],
                         **_trade_off(res, ks[0]),

@@ -413,6 +413,33 @@ def test_mitigation_tables_served_row_is_the_candidate_generator_the_tuning_step
     assert mitigation_variants(cg, (0, True)) == [(0, False), (0, True), (4096, False), (4096, True)]
 
 
+def test_a_logq_strength_of_0_is_no_correction_in_the_mitigation_table():
+    """``tuning.logq_strength`` needs ``logq_correction`` on, so a search of the correction on and off
+    lists strength 0. Chosen, the version serves no correction, yet its row was marked logQ on, and
+    both "logQ on" variants were retrained at strength 0: the table compared the correction off with
+    itself. The served pair now reads logQ off, and a logQ-on row has a strength > 0."""
+    from configs import load_config
+    from evaluation.pipeline import mitigation_variants, served_variant, variant_config
+
+    config = load_config("configs/movielens-recbole.yaml")  # logQ on, strength 1.5, 4096 sampled negatives
+    off = {"tuning": {"chosen": {"candidate_generator.logq_strength": 0.0}}}
+    assert served_variant(config, off) == (4096, False)  # old code: (4096, True)
+    assert served_variant(config, off) in mitigation_variants(config.candidate_generator, served_variant(config, off))
+    for sampled, logq in mitigation_variants(config.candidate_generator, served_variant(config, off)):
+        cg = variant_config(config, off, sampled, logq).candidate_generator
+        assert (cg.sampled_negatives, cg.logq_correction) == (sampled, logq)
+        assert not logq or cg.logq_strength == 1.5  # the configured strength, not the chosen 0
+    # Otherwise the logQ-on rows keep the strength the version serves, the other knobs its tuned values.
+    knobs = {"candidate_generator.logq_strength": 1.0, "serving.ordering.retrieval_weight": 0.3}
+    chosen = {"tuning": {"chosen": knobs}}
+    variant = variant_config(config, chosen, 0, True)
+    assert variant.candidate_generator.logq_strength == 1.0 and variant.serving.ordering.retrieval_weight == 0.3
+    assert variant.seed == config.seed and variant.candidate_generator.epochs == config.candidate_generator.epochs
+    # Strength 0 configured too: the logQ-on rows use 1, the unbiased correction.
+    config.candidate_generator.logq_strength = 0.0
+    assert variant_config(config, off, 0, True).candidate_generator.logq_strength == 1.0
+
+
 # Runs first in the page (injected into a copy): records script errors and failed resources as they
 # happen, and after the load event every image that did not decode, into a <pre> that --dump-dom prints.
 PROBE = """<script>
