@@ -824,6 +824,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.name == "none":  # serving.assignment.NO_EXPERIMENT: the state without an experiment
             raise ValueError("online.experiment.name 'none' names the state without an experiment: choose another")
+        if self.name == "":  # the feedback log's "unknown experiment", read by every experiment's analysis
+            raise ValueError(
+                "online.experiment.name must not be empty: '' marks rows of unknown experiment in the feedback log, "
+                "which every other experiment's analysis reads as its own"
+            )
         if not 0.0 <= self.holdout <= MAX_HOLDOUT:
             raise ValueError(
                 f"online.experiment.holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}"

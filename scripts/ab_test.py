@@ -42,7 +42,9 @@ def main() -> None:
     from online.ab_experiment import run_ab_test, treatment_of
 
     try:  # through the config's checks ('none' names the state without an experiment), before training
-        config = load_config(args.config, {"online": {"experiment": {"name": args.name}}} if args.name else None)
+        config = load_config(
+            args.config, {"online": {"experiment": {"name": args.name}}} if args.name is not None else None
+        )
     except ValueError as err:
         parser.error(f"argument --name: {err}")
     if args.treatment:  # replaces the configured treatment (a merge would keep its other overrides)

@@ -54,6 +54,12 @@ class Experiment:
     holdout_salt: str | None = None
 
     def __post_init__(self) -> None:
+        # '' is the feedback log's "unknown experiment", which every experiment's analysis reads as its own
+        # (``online.ab_report.of_experiment``): an experiment of that name was counted into every other one.
+        if not isinstance(self.name, str) or self.name == "":
+            raise ValueError(
+                f"an experiment needs a name ('' marks rows of unknown experiment in the log), got {self.name!r}"
+            )
         if not 0.0 <= self.holdout <= MAX_HOLDOUT:
             raise ValueError(f"holdout must be in [0, {MAX_HOLDOUT}] (1-2% is usual), got {self.holdout}")
         if self.control not in self.arms:

@@ -267,6 +267,24 @@ def test_two_experiments_logging_at_once_with_the_same_arm_names_are_analysed_ap
     assert set(logged_requests(tmp_path / "log.sqlite")["user_id"]) == {*users["a"], *users["b"], 5000}
 
 
+def test_an_experiment_without_a_name_is_refused_before_its_rows_join_every_other_one():
+    """'' is the log's "unknown experiment" (rows from before the column), which every experiment's
+    analysis reads as its own (``of_experiment``). An A/B test named '' (``ab_rollout("", ...)``, or
+    ``online.experiment.name: ""`` in a config) was accepted, so the router logged its responses as
+    unknown and a second experiment sharing the log counted all of its users: 800 users for an
+    experiment that served 400. Refused now, before anything is served."""
+    from configs import load_config
+    from serving.assignment import Experiment, Rollout, ab_rollout
+
+    with pytest.raises(ValueError, match="unknown experiment"):
+        ab_rollout("", "salt", 1, 2)
+    with pytest.raises(ValueError, match="unknown experiment"):  # an experiment.json of that name too
+        Rollout.from_dict({**ab_rollout("a", "salt", 1, 2).to_dict(), "experiment": {"name": "", "salt": "s"}})
+    with pytest.raises(ValueError, match="online.experiment.name must not be empty"):
+        load_config(overrides={"online": {"experiment": {"name": ""}}})
+    assert Experiment("a", "salt").name == "a"
+
+
 def test_an_experiment_logged_across_its_rollout_is_refused_not_pooled(tmp_path):
     """``roll_out_treatment`` keeps the experiment's name and arms and moves every arm but the holdout to
     the treatment's version, so the log of a shipped experiment (``serve_ab_test``'s check after the

@@ -577,6 +577,10 @@ def test_ab_test_refuses_the_experiment_name_none_before_training(tmp_path):
     run = script("scripts/ab_test.py", "--name", "none", "--workdir", str(tmp_path / "ab"), check=False)
     refused(run, "argument --name", "'none'")
     assert not (tmp_path / "ab").exists()
+    # '' was read as no --name (the configured name served); it is the log's unknown experiment: refused too.
+    run = script("scripts/ab_test.py", "--name", "", "--workdir", str(tmp_path / "ab"), check=False)
+    refused(run, "argument --name", "must not be empty")
+    assert not (tmp_path / "ab").exists()
 
 
 def test_query_refuses_k_below_one_without_asking_the_server():
