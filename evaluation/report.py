@@ -462,7 +462,15 @@ def tuning_plot(search: dict) -> str:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    return table.to_html(index=False, na_rep="n/a", float_format=lambda x: f"{x:.4f}", border=0)
+    # to_html prints a None of a text (object) column as "None": its na_rep covers NaN only. A column
+    # whose figure is not applicable in every row (``pipeline._trade_off`` gives None) read "None"
+    # where report.md reads "n/a"; None becomes NaN first (column by column, the dtypes otherwise kept).
+    cells = table.apply(lambda column: column.map(_none_as_nan) if column.dtype == object else column)
+    return cells.to_html(index=False, na_rep="n/a", float_format=lambda x: f"{x:.4f}", border=0)
+
+
+def _none_as_nan(value):
+    return np.nan if value is None else value
 
 
 def _md_cell(value):

@@ -953,3 +953,24 @@ def test_the_report_setup_counts_new_users_and_held_out_items_no_model_was_train
         "held-out positives": 4,
         "held-out positives of items the training part never saw": 1,
     }
+
+
+def test_a_figure_not_applicable_in_every_row_reads_n_a_in_the_html_as_in_the_markdown(tmp_path):
+    """A column of the ordering or mitigation table whose figure is not applicable in every row (the
+    popularity lift when no evaluated user has a training row: ``_trade_off`` gives None) is a column
+    of None, which ``DataFrame.to_html`` printed "None" (its na_rep covers NaN only); report.md read "n/a"."""
+    from evaluation.pipeline import _trade_off
+    from evaluation.report import write_report
+
+    per_user = np.array([0.1, 0.0, 0.2, 0.0])
+    metrics = {"ndcg@10": 0.075, "ndcg@10_low": 0.0, "ndcg@10_high": 0.15, "recall@10": 0.5}
+    results = [offline.Result(name, dict(metrics), per_user={"ndcg@10": per_user}) for name in ("Pop", "funnel")]
+    for r in results:
+        r.bias = {"item_share_curve": {0.5: 1, 1.0: 2}, "gini": 0.9, "coverage": 0.1, "popularity_lift": None}
+    ordering = pd.DataFrame([{"ordering": r.name, **_trade_off(r, 10), "note": None} for r in results])
+    paths = write_report(results, tmp_path, "t", extra_tables={"Ordering policy": ordering})
+    page, markdown = paths["html"].read_text(), paths["markdown"].read_text()
+    table = page.split("<h2>Ordering policy</h2>")[1].split("</table>")[0]
+    assert "None" not in table and table.count("<td>n/a</td>") == 4 and "<td>0.9000</td>" in table
+    assert "<td>None</td>" not in page
+    assert markdown.split("## Ordering policy")[1].split("\n## ")[0].count("n/a") == 4
