@@ -170,8 +170,13 @@ class Stage:
         garbage collection."""
 
 
+# TensorFlow's switch for growing its GPU memory on demand instead of mapping the whole device.
+TF_GPU_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"
+
+
 def import_tf():
-    """TensorFlow, its threads set for serving (one per op, two between ops) before its first op."""
+    """TensorFlow, its threads set for serving (one per op, two between ops) before its first op, and
+    its GPU memory (where there is a GPU) grown on demand, so several stage processes share one GPU."""
     import sys
 
     # Two packages TensorFlow's import loads that a stage never uses: JAX, tried for TFLite's
@@ -183,6 +188,12 @@ def import_tf():
     # runs the stages in its own process (a notebook, the tests) can still import both; ``tf.keras``
     # is a lazy loader that imports Keras on first use.
     hidden = [] if "tensorflow" in sys.modules else [m for m in ("jax", "keras") if m not in sys.modules]
+    # On a GPU, TensorFlow maps almost all of the device's memory in the first process that uses it,
+    # and every stage stub is a process of its own (query tower, both rankers, each instance and each
+    # version served side by side in a rollout): the first one loaded would leave the others none.
+    # Growing on demand, each takes what its model needs. Read when TF first sets up the GPU (after
+    # this, in a stub); an operator's own setting ("false") is kept. No effect without a GPU.
+    os.environ.setdefault(TF_GPU_GROWTH_ENV, "true")
     for module in hidden:
         sys.modules[module] = None
     try:
