@@ -188,10 +188,9 @@ def import_tf():
     # runs the stages in its own process (a notebook, the tests) can still import both; ``tf.keras``
     # is a lazy loader that imports Keras on first use.
     hidden = [] if "tensorflow" in sys.modules else [m for m in ("jax", "keras") if m not in sys.modules]
-    # On a GPU, TensorFlow maps its whole share of the device at once (Merlin Models' import makes the
-    # share half the GPU, TF_MEMORY_ALLOCATION), and every stage stub is a process of its own (query
-    # tower, both rankers, each instance and each version served side by side in a rollout): two stubs
-    # would take all of it and leave the rest none.
+    # On a GPU, TensorFlow maps almost all of the device's memory in the first process that uses it,
+    # and every stage stub is a process of its own (query tower, both rankers, each instance and each
+    # version served side by side in a rollout): the first one loaded would leave the others none.
     # Growing on demand, each takes what its model needs. Read when TF first sets up the GPU (after
     # this, in a stub); an operator's own setting ("false") is kept. No effect without a GPU.
     os.environ.setdefault(TF_GPU_GROWTH_ENV, "true")
