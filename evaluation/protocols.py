@@ -52,6 +52,13 @@ def recbole_split_sizes(total: int, ratios=(0.8, 0.1, 0.1)) -> list[int]:
 
 
 def recbole_random(interactions: pd.DataFrame, seed: int = 2020, ratios=(0.8, 0.1, 0.1)) -> Split:
+    """Per user, a random order cut by ``recbole_split_sizes``. ``ratios`` need not sum to 1: they are
+    normalised first, as RecBole's ``split_by_ratio`` does (``(8, 1, 1)`` is 80/10/10; unnormalised,
+    the rounding made every interaction a test one)."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or not sum(ratios) > 0:
+        raise ValueError(f"ratios must be three non-negative numbers with a positive sum, got {list(ratios)}")
+    total = sum(ratios)
+    ratios = [r / total for r in ratios]
     rng = np.random.default_rng(seed)
     # Rows are taken by label below: a repeated label (frames concatenated as they were) would take
     # every row holding it, another user's included, into train and test alike.

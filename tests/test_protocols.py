@@ -14,8 +14,13 @@ def interactions(num_users=30, seed=0):
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
+# By hand from RecBole 1.2.1's ``Dataset._calcu_split_ids`` (floor the held-out shares, the rest to train,
+# then test and validation each get one while their share is in (0, 1) and train keeps more than one).
 @pytest.mark.parametrize(
-    "total,expected", [(10, [8, 1, 1]), (1, [1, 0, 0]), (2, [1, 0, 1]), (3, [1, 1, 1]), (25, [21, 2, 2])]
+    "total,expected",
+    [(1, [1, 0, 0]), (2, [1, 0, 1]), (3, [1, 1, 1]), (4, [2, 1, 1]), (5, [3, 1, 1]), (6, [4, 1, 1])]
+    + [(7, [5, 1, 1]), (8, [6, 1, 1]), (9, [7, 1, 1]), (10, [8, 1, 1]), (11, [9, 1, 1]), (12, [10, 1, 1])]
+    + [(19, [17, 1, 1]), (20, [16, 2, 2]), (25, [21, 2, 2])],
 )
 def test_recbole_rounding(total, expected):
     assert protocols.recbole_split_sizes(total) == expected
@@ -32,6 +37,20 @@ def test_recbole_random_splits_every_user_by_the_rounding_and_loses_nothing():
         assert got == protocols.recbole_split_sizes(len(rows))
     again = protocols.recbole_random(data, seed=1)
     pd.testing.assert_frame_equal(split.test, again.test)
+
+
+def test_recbole_random_normalises_the_ratios_as_recbole_split_by_ratio_does():
+    """RecBole's ``split_by_ratio`` divides the ratios by their sum ("no need to be normalized"): (8, 1, 1)
+    is 80/10/10. Unnormalised, validation and test each took int(1 x n) = n of a user's n interactions and
+    train -n, so the slicing put every interaction in test."""
+    data = interactions()
+    want = protocols.recbole_random(data, seed=1)
+    for ratios in ((8, 1, 1), (80, 10, 10)):
+        got = protocols.recbole_random(data, seed=1, ratios=ratios)
+        assert got.sizes() == want.sizes()
+        pd.testing.assert_frame_equal(got.test, want.test)
+    with pytest.raises(ValueError, match="ratios"):
+        protocols.recbole_random(data, ratios=(0, 0, 0))
 
 
 def test_temporal_split_orders_the_parts_in_time():
