@@ -1,9 +1,15 @@
 """The front door stays a front door, and every link of the docs leads somewhere."""
 
+import argparse
 import ast
+import contextlib
 import dataclasses
+import importlib
+import io
 import json
 import re
+import shutil
+import subprocess
 import typing
 from functools import cache
 from pathlib import Path
@@ -159,6 +165,157 @@ def test_every_flag_of_a_documented_command_exists():
                 if flag not in known
             ]
     assert not wrong, wrong
+
+
+def shown_commands(text: str):
+    """(kind, logical line) of a page's code: each fenced or indented block line (continuations joined),
+    each inline code span. Prose outside code is not a command line."""
+    pieces, fence, buf, prose = [], None, "", []
+    for line in text.splitlines():
+        opening = re.match(r"\s*(`{3,}|~{3,})", line)
+        if fence is None and opening:
+            fence = opening.group(1)
+        elif fence is not None and re.fullmatch(r"\s*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}\s*", line):
+            fence = None
+        elif fence is not None or re.match(r" {4,}(\.venv/bin/)?(python|make|scripts/)", line):
+            buf += line.rstrip()
+            if buf.endswith("\\"):
+                buf = buf[:-1] + " "
+                continue
+            pieces.append(("block", buf))
+            buf = ""
+        else:
+            prose.append(line)
+    pieces += [("inline", span) for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", "\n".join(prose))]
+    for kind, line in pieces:
+        for command in re.split(r"&&|\|\||;|\s\|\s|\s&(?:\s|$)|\$\(|\)", re.split(r"(?:^|\s)#", line)[0]):
+            yield kind, command
+
+
+SHOWN_SCRIPT = re.compile(
+    r"(?<![\w/.-])(?:\./)?((?:scripts|benchmarks)/\w+\.py)|python[\d.]*\s+-m\s+((?:scripts|benchmarks)\.\w+)"
+)
+SHOWN_MAKE = re.compile(r"(?:^|\s)make((?:\s+[\w-]+(?:=\S*)?)+)")
+# A value the reader fills in: `<repository>`, `SECONDS`, `$seed`, `~/ml-100k`, `/tmp/...`, `postgresql://...`.
+PLACEHOLDER = re.compile(r"<.*>|[A-Z][A-Z_]*|.*\.\.\..*|.*\$.*|~.*")
+
+
+class ParserBuilt(Exception):
+    pass
+
+
+@cache
+def script_parser(script: str) -> argparse.ArgumentParser | None:
+    """The parser a script's main() builds, taken at its parse_args() (nothing of main after it runs);
+    None for a module without main() (benchmarks/loadgen.py, a library). Importing the scripts takes
+    about 4 s, nearly all of it TensorFlow (scripts/prepare_data.py's Merlin imports load it)."""
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    if not hasattr(module, "main"):
+        return None
+
+    def built(parser, *args, **kwargs):
+        raise ParserBuilt(parser)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", built)
+        try:
+            module.main()
+        except ParserBuilt as e:
+            return e.args[0]
+    raise AssertionError(f"{script}: main() did not call parse_args")
+
+
+def filled_in(parser: argparse.ArgumentParser, words: list[str]) -> list[list[str]]:
+    """The command lines a synopsis stands for: each placeholder a value its option accepts, each
+    `a|b` one of the alternatives, `[--flag]` the flag."""
+    lines = [[]]
+    for i, word in enumerate(words):
+        action = parser._option_string_actions.get(words[i - 1]) if i else None
+        if action is not None and action.nargs == 0:
+            action = None
+        choices = [word]
+        if "|" in word and not word.startswith("-"):
+            choices = word.split("|")
+        elif PLACEHOLDER.fullmatch(word):
+            choices = ["x"]
+            if action is not None and action.choices:
+                choices = [next(iter(action.choices))]
+            elif action is not None:
+                for value in ("1", "0.5", "127.0.0.1:8001", "15s", "http://x", "configs/default.yaml", "x"):
+                    try:
+                        (action.type or str)(value)
+                    except (argparse.ArgumentTypeError, TypeError, ValueError):
+                        continue
+                    choices = [value]
+                    break
+        lines = [line + [choice] for line in lines for choice in choices]
+    return lines
+
+
+def parse_error(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            parser.parse_args(argv)
+    except SystemExit:
+        return stderr.getvalue().strip().splitlines()[-1]
+    return None
+
+
+def test_every_documented_command_parses_with_its_scripts_parser():
+    """`python scripts/x.py --flag value ...`, `python -m benchmarks.x ...` in a code block or span of
+    the docs and the notebooks' prose: the script's own argparse parser takes it (the flag exists, the
+    value is one of its choices and of its type, no argument is left over). A file the reader makes
+    first (`--config myshop/config.yaml`) counts as there; an inline span may name a flag without
+    its value (`scripts/evaluate.py --spec`) or leave out a required argument."""
+    wrong, checked = [], 0
+    for where, text in PROSE:
+        for kind, command in shown_commands(text):
+            m = SHOWN_SCRIPT.search(command)
+            if not m:
+                continue
+            script = m.group(1) or m.group(2).replace(".", "/") + ".py"
+            rest = command[m.end() :].replace("[", " ").replace("]", " ")
+            parser = script_parser(script) if (ROOT / script).exists() else None
+            if parser is None:
+                continue  # a missing script: test_every_flag_of_a_documented_command_exists says so
+            checked += 1
+            words = [w for w in re.findall(r"<[^>]*>|'[^']*'|\"[^\"]*\"|\S+", rest) if w != "..."]
+            words = [w[1:-1] if w[:1] in "'\"" and w[-1:] == w[:1] else w for w in words]
+            errors = []
+            for argv in filled_in(parser, words):
+                error = parse_error(parser, argv)
+                made = re.search(r"no such file: (\S+)", error or "")
+                if made and made.group(1).split("/")[0] not in REPO_DIRS:
+                    error = parse_error(parser, [("configs/default.yaml" if a == made.group(1) else a) for a in argv])
+                if error and kind == "inline":
+                    if "required" in error or (argv and argv[-1].startswith("-") and "expected" in error):
+                        error = None
+                if error is None:
+                    break
+                errors.append(error)
+            else:
+                wrong.append(f"{where.name}: {script}{command[m.end() :].rstrip()}: {errors[0]}")
+    assert checked > 150, checked  # the pages' commands were found
+    assert not wrong, wrong
+
+
+def test_every_documented_make_target_exists():
+    """`make demo`, `make test TEST_WORKERS=0` in a code block or span of the docs: `make -n` knows the target."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    targets = set()
+    for _, text in PROSE:
+        for _, command in shown_commands(text):
+            if m := SHOWN_MAKE.search(command):
+                targets |= {w for w in m.group(1).split() if "=" not in w}
+    assert {"demo", "test"} <= targets
+    missing = []
+    for target in sorted(targets):
+        done = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            missing.append(f"make {target}: {done.stderr.strip()}")
+    assert not missing, missing
 
 
 def config_keys() -> set[str]:
