@@ -424,7 +424,8 @@ def step_train(context: dict) -> dict:
 
 
 def step_evaluate(context: dict) -> dict:
-    """Candidate vs the currently served version on the candidate's validation metrics."""
+    """Candidate vs the currently served version: each one's validation metrics, measured on its own
+    validation part (docs/online-loop.md: a coarse check; the A/B test decides)."""
     from models import registry
 
     s, new = context["settings"], context["train"]
