@@ -682,6 +682,42 @@ def test_a_store_reconnects_after_its_postgres_server_restarts(caplog):
             store.close()
 
 
+def test_a_call_while_the_postgres_server_is_unreachable_waits_one_connect_timeout_not_two(monkeypatch):
+    """A call that found its connection dropped tried to reconnect, and when that attempt timed out
+    (the server unreachable, not refusing) tried once more: every read and write of a serving process
+    held the store's lock for twice ``CONNECT_TIMEOUT_S`` before failing, while the requests queued."""
+    import socket
+
+    import psycopg
+
+    from workflows import live_store
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make services installs the postgresql package)")
+    monkeypatch.setattr(live_store, "CONNECT_TIMEOUT_S", 2)
+    with PostgresServer() as server:
+        store = LiveStore(server.url)
+        silent = socket.socket()
+        try:
+            assert store.append_events([(1, 10, 100.0, "click", 1.0)], "feedback") == 1
+            server._run(str(server.bin / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop")
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", server.port))
+            silent.listen(8)  # where the server was: accepts, never speaks
+            for call in (
+                lambda: store.user_events(1),  # finds the connection dropped, one attempt to reconnect
+                lambda: store.user_events(1),  # the connection known broken: one attempt
+                lambda: store.append_events([(1, 11, 101.0, "like", 1.0)], "feedback"),
+            ):
+                started = time.monotonic()
+                with pytest.raises(psycopg.OperationalError):
+                    call()
+                assert time.monotonic() - started < 3.5
+        finally:
+            silent.close()
+            store.close()
+
+
 def test_a_postgres_server_that_never_answers_is_given_up_on(monkeypatch):
     """libpq waited for a server that accepts TCP but never answers (or an unreachable host) as long
     as the OS let it, while every request of the serving process queued behind the store's lock. The

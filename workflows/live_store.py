@@ -268,9 +268,12 @@ class Database:
         # Call with the lock held. The server may have dropped the connection while it sat idle
         # (nothing tells the client until it sends): outside a transaction the one statement runs
         # again on a new connection; inside one, part of the transaction died with the old connection.
+        # A failed reconnect raises from ``_connection()`` and is not tried again here: a second attempt
+        # doubled the wait (``CONNECT_TIMEOUT_S``) of every call while the server was unreachable.
         sql, params = self._sql(sql), tuple(params)
+        con = self._connection()
         try:
-            return self._connection().execute(sql, params)
+            return con.execute(sql, params)
         except Exception as err:
             if self._depth or not self._lost(err):
                 raise
@@ -298,8 +301,9 @@ class Database:
         with self._lock:
             if self.postgres:
                 with ExitStack() as stack:
+                    con = self._connection()  # a failed reconnect raises here, not retried (see ``_cursor``)
                     try:
-                        stack.enter_context(self._connection().transaction())
+                        stack.enter_context(con.transaction())
                     except Exception as err:
                         # A dead connection fails at BEGIN, before anything of the transaction was
                         # sent: safe to begin again on a new one (a nested transaction's SAVEPOINT is not).
