@@ -59,14 +59,22 @@ def prometheus_duration(text: str) -> str:
     return text
 
 
+# The longest timeout taken (about 31 years): gRPC's deadline, now + timeout in nanoseconds, overflows
+# int64 from about 7e9 s on, and every call then failed at once with 'Deadline Exceeded', as with inf.
+MAX_SECONDS = 1e9
+
+
 def positive_seconds(text: str, alternative: str = "") -> float:
-    """A finite number of seconds > 0 (a timeout); ``alternative`` names what else the option takes."""
+    """A finite number of seconds > 0 and at most ``MAX_SECONDS`` (a timeout); ``alternative`` names
+    what else the option takes."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds{alternative}, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0{alternative}, got {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:g} seconds{alternative}, got {text!r}")
     return value
 
 

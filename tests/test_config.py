@@ -400,3 +400,17 @@ def test_default_yaml_gives_and_so_documents_every_key():
                 yield from missing(hints[f.name], values[f.name], path)
 
     assert list(missing(Config, given, "")) == []
+
+
+def test_a_timeout_longer_than_a_grpc_deadline_can_carry_is_refused():
+    """``--timeout inf`` was refused (gRPC's deadline overflowed: every call 'Deadline Exceeded' at once),
+    but 1e10 s passed and failed the same way: scripts/query.py said the server 'did not answer funnel
+    within 1e+10 s' after 0.2 s."""
+    import argparse
+
+    from configs.cli import positive_seconds, seconds_or_none
+
+    assert positive_seconds("300") == 300.0 and positive_seconds("1e9") == 1e9  # about 31 years: taken
+    for parse in (positive_seconds, seconds_or_none):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be at most 1e\\+09 seconds"):
+            parse("1e10")
