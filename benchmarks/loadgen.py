@@ -204,6 +204,22 @@ def inference_count(control, model: str) -> int:
     return counted(control.get_inference_statistics(model, as_json=True).get("model_stats", []))
 
 
+def settled_statistics(control, model: str, quiet_s: float = 0.3, timeout_s: float = 5.0) -> list[dict]:
+    """Triton's ``model_stats`` for ``model`` once its inference count has stopped moving for
+    ``quiet_s`` (at most ``timeout_s``): the reading before a burst. Triton counts a request after
+    sending its response, so a reading taken right after the last earlier request can miss it, and
+    the burst's count is then one too many (the full suite once read 74 for a burst of 73)."""
+    stats = control.get_inference_statistics(model, as_json=True).get("model_stats", [])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        again = control.get_inference_statistics(model, as_json=True).get("model_stats", [])
+        if counted(again) == counted(stats):
+            return again
+        stats = again
+    return stats
+
+
 def wait_until_counted(control, model: str, count: int, timeout_s: float = 10.0) -> int:
     """Wait until Triton's statistics count ``count`` inferences of ``model`` and return what they
     count (fewer after ``timeout_s``). Triton reports a batch's statistics after sending its

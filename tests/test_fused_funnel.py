@@ -110,7 +110,7 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
     """Through the real tritonserver: one request at a time, then a burst (batched: fewer
     executions than requests) with a malformed request that fails alone, named; and every stage's
     own metrics, as the seven-model funnel publishes them."""
-    from benchmarks.loadgen import Request, counted, run_load, wait_until_counted
+    from benchmarks.loadgen import Request, counted, run_load, settled_statistics, wait_until_counted
     from deployment.security import ControlClient
     from deployment.server import TritonServer
     from serving.client import BadRequest, FunnelClient
@@ -129,7 +129,7 @@ def test_the_served_fused_funnel_answers_as_the_stages_do(fused_repo, requests, 
             with pytest.raises(BadRequest, match="k must be between"):
                 client.recommend(users[0], 0)
         with ControlClient(server.grpc_url, fused_repo) as control:
-            before = control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
+            before = settled_statistics(control, FUSED)  # the earlier requests all counted
             burst = [Request(u, int(expected[u]["k"][0])) for u in expected for _ in range(3)]
             burst.append(Request(users[0], 10, malformed="k_zero"))
             report = run_load(server.grpc_url, burst, concurrency=32)

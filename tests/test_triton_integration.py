@@ -247,7 +247,7 @@ def test_the_served_funnel_answers_a_burst_as_it_answers_each_request_alone(serv
     fails alone."""
     import pandas as pd
 
-    from benchmarks.loadgen import Request, counted, run_load, wait_until_counted
+    from benchmarks.loadgen import Request, counted, run_load, settled_statistics, wait_until_counted
     from deployment.security import ControlClient
     from serving.client import FunnelClient
 
@@ -256,7 +256,7 @@ def test_the_served_funnel_answers_a_burst_as_it_answers_each_request_alone(serv
     with FunnelClient(server.grpc_url) as client:
         alone = {u: client.recommend(u, 10) for u in users}
     with ControlClient(server.grpc_url, triton_repo) as control:
-        before = control.get_inference_statistics("heavy_ranker", as_json=True)["model_stats"]
+        before = settled_statistics(control, "heavy_ranker")  # the earlier requests all counted
         burst = [Request(u, 10) for u in users * 3] + [Request(users[0], 10, malformed="k_zero")]
         report = run_load(server.grpc_url, burst, concurrency=32)
         wait_until_counted(control, "heavy_ranker", counted(before) + len(burst))
