@@ -303,34 +303,33 @@ class ItemVectors:
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
 
-    def holds(self, ids: np.ndarray) -> np.ndarray:
-        """Whether the index holds each of ``ids`` (a bool per id, in order)."""
+    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For ``ids``: whether the index holds each (a bool per id, in order), and the index positions
+        of those it holds."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not len(self._sorted_ids):
-            return np.zeros(len(ids), dtype=bool)
+            return np.zeros(len(ids), dtype=bool), np.zeros(0, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        return self._sorted_ids[at] == ids
+        known = self._sorted_ids[at] == ids
+        return known, self._order[at[known]]
+
+    def _reconstruct(self, positions: np.ndarray) -> np.ndarray:
+        if not len(positions):
+            return np.zeros((0, self._base.d), dtype=np.float32)
+        return np.stack([self._base.reconstruct(int(p)) for p in positions])
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Whether the index holds each of ``ids`` (a bool per id, in order)."""
+        return self._lookup(ids)[0]
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of the ``ids`` the index holds (``[n, dim]``; ids it lacks are skipped)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not len(self._sorted_ids) or not len(ids):
-            return np.zeros((0, self._base.d), dtype=np.float32)
-        at = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        positions = self._order[at[self._sorted_ids[at] == ids]]
-        return (
-            np.stack([self._base.reconstruct(int(p)) for p in positions])
-            if len(positions)
-            else np.zeros((0, self._base.d), dtype=np.float32)
-        )
+        return self._reconstruct(self._lookup(ids)[1])
 
     def scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner product of ``query`` with each of ``ids``' vectors; -inf for ids not in the index."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        at = np.minimum(np.searchsorted(self._sorted_ids, ids), max(len(self._sorted_ids) - 1, 0))
-        known = (self._sorted_ids[at] == ids) if len(self._sorted_ids) else np.zeros(len(ids), dtype=bool)
-        out = np.full(len(ids), -np.inf, dtype=np.float64)
+        known, positions = self._lookup(ids)
+        out = np.full(len(known), -np.inf, dtype=np.float64)
         if known.any():
-            vectors = np.stack([self._base.reconstruct(int(p)) for p in self._order[at[known]]])
-            out[known] = vectors @ np.asarray(query, dtype=np.float32).reshape(-1)
+            out[known] = self._reconstruct(positions) @ np.asarray(query, dtype=np.float32).reshape(-1)
         return out
