@@ -148,30 +148,30 @@ class FeedbackLog:
                 "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(r, ts, u, i, e, v) for r, u, i, e, v in rows],
             )
-            for row in (row for row, is_new in zip(rows, new) if not is_new):
-                self._check_repeat(row)  # inside the transaction: a conflict rolls the batch back
+            repeats = [row for row, is_new in zip(rows, new) if not is_new]
+            if repeats:  # inside the transaction: a conflict rolls the batch back
+                self._check_repeats(repeats)
         return [row for row, is_new in zip(rows, new) if is_new]
 
-    def _check_repeat(self, row: tuple) -> None:
-        """Raise ``FeedbackConflict`` unless ``row`` repeats the stored event of its request, item and event."""
-        request_id, user_id, item_id, event, value = row
-        stored = self.db.query(
-            "SELECT user_id, value FROM feedback WHERE request_id = ? AND item_id = ? AND event = ?",
-            (request_id, item_id, event),
-        )
-        if not stored:  # cannot happen: the unique index refused the row
-            return
-        first_user, first_value = int(stored[0][0]), float(stored[0][1])
-        if not _same(first_value, value):
-            raise FeedbackConflict(
-                f"request_id {request_id}: ({item_id}, {event!r}) was already stored with value {first_value:g}, "
-                f"this repeat says {value:g}; a retry must repeat the same values"
-            )
-        if first_user != user_id:
-            raise FeedbackConflict(
-                f"request_id {request_id}: ({item_id}, {event!r}) was already stored for user {first_user}, "
-                f"this repeat says user {user_id}"
-            )
+    def _check_repeats(self, repeats: list[tuple]) -> None:
+        """Raise ``FeedbackConflict`` unless each row repeats the stored event of its request, item and
+        event (one read per request, ``reactions``)."""
+        stored = {request_id: self.reactions(request_id) for request_id in {row[0] for row in repeats}}
+        for request_id, user_id, item_id, event, value in repeats:
+            first = stored[request_id].get((item_id, event))
+            if first is None:  # cannot happen: the unique index refused the row
+                continue
+            first_user, first_value = first[1], first[4]
+            if not _same(first_value, value):
+                raise FeedbackConflict(
+                    f"request_id {request_id}: ({item_id}, {event!r}) was already stored with value "
+                    f"{first_value:g}, this repeat says {value:g}; a retry must repeat the same values"
+                )
+            if first_user != user_id:
+                raise FeedbackConflict(
+                    f"request_id {request_id}: ({item_id}, {event!r}) was already stored for user {first_user}, "
+                    f"this repeat says user {user_id}"
+                )
 
     def reactions(self, request_id: str) -> dict[tuple[int, str], tuple]:
         """The stored reactions to one response, each as first stored:
