@@ -33,21 +33,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from tritonclient.utils import triton_to_np_dtype
 
 from serving.interface import FUNNEL_INPUTS, FUNNEL_OUTPUTS, FUSED
 from serving.metrics import SKIPPED_STAGES
-from serving.stages import FUNNEL, STAGES, FeatureLookup, Filtering, Ordering, Stage, live_store_of
+from serving.stages import FUNNEL, STAGES, FeatureLookup, Filtering, Ordering, Stage, live_store_of, user_known
 
 # The stages between the feature lookup and the ordering: a user the models never saw
 # (``user_known`` false) is served from their history or the popularity fallback, which read none of
 # their outputs, so the fused funnel skips them for that user (their outputs empty: what ordering's
 # ``stage_counts`` say, 0). The seven-model ensemble cannot branch and runs them anyway.
 CANDIDATE_STAGES = tuple(FUNNEL[1:-1])
-DTYPES = {"INT64": np.int64, "FP32": np.float32}
-
-
-def known(x: dict) -> bool:
-    return bool(np.asarray(x["user_known"]).reshape(-1)[0])
 
 
 class FusedFunnel(Stage):
@@ -114,9 +110,9 @@ class FusedFunnel(Stage):
     def skips(stage: Stage, x: dict) -> bool:
         """Whether ``stage`` is skipped for the request ``x`` (a candidate stage, a user the models never
         saw); if so, ``x`` gets its outputs, each empty, and the stage's name under ``SKIPPED_STAGES``."""
-        if stage.name not in CANDIDATE_STAGES or known(x):
+        if stage.name not in CANDIDATE_STAGES or user_known(x):
             return False
-        x.update({t.name: np.zeros(0, dtype=DTYPES[t.dtype]) for t in stage.outputs})
+        x.update({t.name: np.zeros(0, dtype=triton_to_np_dtype(t.dtype)) for t in stage.outputs})
         x[SKIPPED_STAGES] = (*x.get(SKIPPED_STAGES, ()), stage.name)
         return True
 

@@ -73,6 +73,11 @@ def takedown_list(artifacts: str | Path, live_store: str | None, refresh_s: floa
     return TakedownList(LiveStore(location), refresh_s)
 
 
+def user_known(inputs: dict) -> bool:
+    """The feature lookup's verdict on a request: whether the models saw its user."""
+    return bool(np.asarray(inputs["user_known"]).reshape(-1)[0])
+
+
 def user_vocabulary(manifest: dict) -> np.ndarray:
     """Each categorical user feature's number of encoded ids (the schema's cardinality, in
     ``features["user_categorical"]`` order): a valid id is below it. Unbounded where the schema
@@ -941,7 +946,7 @@ class Ordering(Stage):
         from models.fallback import top_popular
 
         k = self.limits.k(inputs)
-        known = bool(np.asarray(inputs["user_known"]).reshape(-1)[0])
+        known = user_known(inputs)
         candidates = np.asarray(inputs["candidate_ids"]).reshape(-1)
         filtered = np.asarray(inputs["filtered_ids"]).reshape(-1)
         ranked = np.asarray(inputs["light_ids"], dtype=np.int64).reshape(-1)
