@@ -186,7 +186,7 @@ def check_perf_analyzer(server, repo, users) -> None:
     import os
 
     from benchmarks import perf_analyzer
-    from benchmarks.benchmark_batching import cpu_between, served_requests, stage_stats
+    from benchmarks.benchmark_batching import cpu_between, served_requests, settled_stage_stats, stage_stats
     from deployment.security import ControlClient
 
     if reason := perf_analyzer.unavailable():
@@ -200,7 +200,7 @@ def check_perf_analyzer(server, repo, users) -> None:
         measured = perf_analyzer.run(
             server.http_url, server.admin_key, users, concurrency=4, window_requests=100, stability_percent=999
         )
-        after = stage_stats(control)
+        after = settled_stage_stats(control, FUSED)  # perf_analyzer's last responses are counted after they are sent
         inference_count = sum(
             int(m["inference_count"]) for m in control.get_inference_statistics(FUSED, as_json=True)["model_stats"]
         )

@@ -1072,6 +1072,28 @@ def test_statistics_are_read_once_they_count_the_whole_load():
     assert wait_until_counted(never, "fused_funnel", 73, timeout_s=0.2) == 59 and never.reads > 1
 
 
+def test_the_reading_after_a_load_of_unknown_size_waits_for_the_last_count():
+    """After ``perf_analyzer``'s load (how many requests it sent is not known here), the batching
+    benchmark and the fused funnel's test read the stages' statistics at once: the full suite once
+    read 1,303 requests where Triton counted 1,304 a moment later. ``settled_stage_stats`` reads
+    once the entry model's count has stopped moving."""
+    from benchmarks.benchmark_batching import settled_stage_stats, stage_stats
+
+    class Statistics:  # Triton counts the last request after its response, between two reads
+        def __init__(self):
+            self.reads = 0
+
+        def get_inference_statistics(self, model, as_json=False):
+            self.reads += 1
+            count = 1303 if self.reads == 1 else 1304
+            return {"model_stats": [{"name": "fused_funnel", "version": "1", "inference_count": str(count)}]}
+
+    assert stage_stats(Statistics())["fused_funnel"]["requests"] == 1303  # the reading as the load ends
+    late = Statistics()
+    assert settled_stage_stats(late, "fused_funnel", quiet_s=0.01)["fused_funnel"]["requests"] == 1304
+    assert late.reads >= 3  # read until two readings agree, then once more for every stage
+
+
 def test_item_aliases_read_a_duplicates_raw_id_as_its_canonical_id(tmp_path):
     from serving.item_aliases import FILE, ItemAliases
     from workflows.dedup import duplicate_ids
