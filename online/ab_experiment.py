@@ -71,19 +71,35 @@ def online_counters(metrics_url: str, requests: int = 0, feedback: int = 0, time
 
     The router and the feedback endpoint record their counters on a background thread after they
     answer; pass how many ``requests`` were served and ``feedback`` requests accepted to wait
-    (at most ``timeout`` seconds) until the scrape includes all of them."""
+    (at most ``timeout`` seconds) until the scrape includes all of them.
+
+    A scrape is not atomic: it reads the families one after the other, ``online_clicks_total``
+    before ``online_feedback_total`` and ``online_impressions_total`` before
+    ``online_request_latency_ms_count``, while the recorder adds a batch's clicks and impressions
+    before the count it adds last. So the first scrape that counts every request can have read a
+    click or impression counter just before the last batch reached it. The table is read from the
+    scrape after one that settled, with the same totals: it began once all of them were recorded."""
     from serving.metrics import FEEDBACK_COUNTERS, online_settled, scrape
 
+    def recorded(metrics) -> tuple:
+        names = ("online_requests_total", "online_request_latency_ms_count", "online_feedback_total")
+        return tuple(sum(value for _, value in metrics.get(name, [])) for name in names)
+
     deadline = time.monotonic() + timeout
-    metrics = scrape(metrics_url)
-    while not online_settled(metrics, requests, feedback):
+    settled = None  # the totals of the last scrape that settled
+    while True:
+        metrics = scrape(metrics_url)
+        settles = online_settled(metrics, requests, feedback)
+        if settles and recorded(metrics) == settled:
+            break
+        settled = recorded(metrics) if settles else None
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"online counters at {metrics_url} did not reach {requests} requests and "
                 f"{feedback} feedback requests within {timeout:.0f}s"
             )
-        time.sleep(0.05)
-        metrics = scrape(metrics_url)
+        if settled is None:  # else read again at once: the scrape that holds all of it
+            time.sleep(0.05)
     names = {
         "online_requests_total": "requests",
         "online_impressions_total": "impressions",

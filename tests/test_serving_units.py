@@ -1094,6 +1094,33 @@ def test_the_reading_after_a_load_of_unknown_size_waits_for_the_last_count():
     assert late.reads >= 3  # read until two readings agree, then once more for every stage
 
 
+def test_online_counters_are_read_from_a_scrape_that_began_after_they_settled(monkeypatch):
+    """A scrape reads ``online_clicks_total`` before ``online_feedback_total`` (and impressions before
+    the router's latency count), while the recorder adds a batch's clicks before the feedback count it
+    adds last: the first scrape that counts every feedback request can miss the last batch's click.
+    ``online_counters`` returned that scrape; the A/B test on the live server then compares each arm's
+    click counter with the log's clicks. It now reads the scrape after one that settled."""
+    import serving.metrics
+    from online.ab_experiment import online_counters
+
+    def reading(clicks: float) -> dict:
+        arm = {"arm": "control", "version": "1"}
+        return {
+            "online_requests_total": [(arm, 4.0)],
+            "online_impressions_total": [(arm, 40.0)],
+            "online_request_latency_ms_count": [({"arm": "control"}, 4.0)],
+            "online_clicks_total": [(arm, clicks)],
+            "online_feedback_total": [(arm, 3.0)],
+        }
+
+    readings = [reading(2.0), reading(3.0)]  # the last click recorded between reading it and the count
+    monkeypatch.setattr(
+        serving.metrics, "scrape", lambda url, timeout=5.0: readings.pop(0) if len(readings) > 1 else readings[0]
+    )
+    counters = online_counters("http://metrics", requests=4, feedback=3, timeout=1.0).set_index("arm")
+    assert counters.loc["control", "click"] == 3.0 and counters.loc["control", "requests"] == 4.0
+
+
 def test_item_aliases_read_a_duplicates_raw_id_as_its_canonical_id(tmp_path):
     from serving.item_aliases import FILE, ItemAliases
     from workflows.dedup import duplicate_ids
