@@ -391,11 +391,14 @@ def test_every_dashboard_query_returns_data_and_latency_quantiles_match_the_clie
             plain.recommend(int(user), 10)
         with pytest.raises(BadRequest):
             plain.recommend(int(stack.users[0]), 0)
-    wait_for(
-        lambda: online_settled(scrape(server.metrics_url), len(e2e_ms), len(feedback_requests)),
-        30,
-        what="router metrics recorded",
-    )
+
+    def recorded(metrics) -> bool:
+        # Triton counts a request after its response, the refused one too: the error-rate panel below
+        # needs it counted before the window's last scrape.
+        refused = sum(v for labels, v in metrics.get("nv_inference_request_failure", []) if labels["model"] == "funnel")
+        return online_settled(metrics, len(e2e_ms), len(feedback_requests)) and refused >= 1
+
+    wait_for(lambda: recorded(scrape(server.metrics_url)), 30, what="router metrics and the refusal recorded")
     end = server_scrape_after(prom, time.time())
     scraped_since(prom, end)  # the sidecar too
     window = f"{round((end - start) * 1000)}ms"
