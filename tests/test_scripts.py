@@ -372,9 +372,12 @@ def test_an_output_folder_that_is_a_file_or_under_one_is_an_argument_error(tmp_p
 
 
 def start_monitor(tmp_path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``scripts/monitor.py`` on a free port with its data under ``tmp_path``, its output piped."""
+    """``scripts/monitor.py`` on free ports with its data under ``tmp_path``, its output piped: Alertmanager
+    too (its defaults are port 9093 and ``build/monitor`` in the checkout, shared with whatever else runs there)."""
     cmd = [sys.executable, "scripts/monitor.py", "--metrics-port", "1", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600", *args]
+    cmd += ["--data-dir", str(tmp_path / "prom"), "--holdout-interval", "600"]
+    cmd += ["--alertmanager-port", "0", "--alertmanager-data-dir", str(tmp_path / "alertmanager")]
+    cmd += ["--alert-log", str(tmp_path / "alerts.jsonl"), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
