@@ -86,6 +86,7 @@ class Alertmanager(ConfiguredServer):
             raise ValueError("Alertmanager needs at least one webhook to send alerts to")
         self.webhooks = list(webhooks)
         self.port = port or free_port()
+        self._chosen_ports = [] if port else ["port"]  # a taken port chosen here is chosen again at start
         self.host = host
         self.group_wait, self.group_interval, self.repeat_interval = group_wait, group_interval, repeat_interval
         self.startup_timeout = startup_timeout

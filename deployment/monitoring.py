@@ -8,13 +8,30 @@ is scraped and alerted on.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from deployment.processes import LoggedProcess
-from deployment.server import LOOPBACK, WILDCARDS, ServerError, free_port, host_port, process_argv, triton_option
+from deployment.server import (
+    LOOPBACK,
+    PORT_RETRIES,
+    WILDCARDS,
+    PortTaken,
+    ServerError,
+    choose_taken_ports_again,
+    free_port,
+    host_port,
+    process_argv,
+    raise_if_port_taken,
+    triton_option,
+)
+
+# The line Prometheus and Alertmanager (Go's net.Listen) log, then exit, for a listen address in use:
+# err="listen tcp 127.0.0.1:9090: bind: address already in use".
+GO_PORT_IN_USE = re.compile(r"listen tcp \S*:(?P<port>\d+): bind: address already in use")
 
 
 def find_tritonserver(metrics_port: int) -> int | None:
@@ -41,11 +58,19 @@ def prometheus_binary(name: str = "prometheus") -> Path:
 class ConfiguredServer(LoggedProcess):
     """A server of the Prometheus family run as ours: its YAML config (``config()``) written into a
     temporary folder it runs in, its data in ``data_dir`` (in that folder unless given), ready once
-    ``GET /-/ready`` answers 200 (Prometheus and Alertmanager alike). Subclasses set ``name``, ``url``,
-    ``config()`` and ``command()``; ``cleanup`` stops it and removes the folder."""
+    ``GET /-/ready`` answers 200 (Prometheus and Alertmanager alike) and the process itself listens on
+    ``port``. Subclasses set ``name``, ``url``, ``port``, ``config()`` and ``command()``; ``cleanup``
+    stops it and removes the folder.
+
+    A port taken by another process when the server came to bind it (``PortTaken``): a port this
+    object chose (``free_port``: ``_chosen_ports`` holds ``"port"``) is chosen again, up to
+    ``PORT_RETRIES`` times, as ``TritonServer`` does; a port the caller gave fails the start at once,
+    naming it."""
 
     name = "server"
     startup_timeout = 60.0
+    port: int
+    _chosen_ports: list[str] = []
     _workdir: Path
     config_path: Path
     data_dir: Path
@@ -60,7 +85,7 @@ class ConfiguredServer(LoggedProcess):
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self):
+    def start(self, port_retries: int = PORT_RETRIES):
         import yaml
 
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -69,6 +94,10 @@ class ConfiguredServer(LoggedProcess):
         self.spawn(cmd, cwd=self._workdir)
         try:
             self.wait_until_ready()
+        except PortTaken as taken:
+            self.stop()
+            choose_taken_ports_again(self, taken, self._chosen_ports, port_retries)
+            return self.start(port_retries - 1)
         except BaseException:
             self.stop()
             raise
@@ -80,15 +109,20 @@ class ConfiguredServer(LoggedProcess):
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+                message = f"{self.name} exited with code {self.process.returncode}:\n{self.start_log_tail()}"
+                raise_if_port_taken(self.start_log(), GO_PORT_IN_USE, message, self.name)
+                raise ServerError(message)
+            # Only once this process listens on its port: before, whatever else holds the port (another
+            # test's Prometheus, the system service on 9090) answers /-/ready while this one exits.
+            if self.port in self.listening_ports():
+                try:
+                    with urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                        if response.status == 200:
+                            return
+                except OSError:
+                    pass
             time.sleep(0.2)
-        raise ServerError(f"{self.name} not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+        raise ServerError(f"{self.name} not ready after {self.startup_timeout:.0f}s:\n{self.start_log_tail()}")
 
     def cleanup(self) -> None:
         """Stop, and remove the temporary folder (config, log, and the data unless ``data_dir`` was given)."""
@@ -137,6 +171,7 @@ class PrometheusServer(ConfiguredServer):
             if not path.is_file():
                 raise FileNotFoundError(f"rule file {path} does not exist")
         self.port = port or free_port()
+        self._chosen_ports = [] if port else ["port"]  # a taken port chosen here is chosen again at start
         self.host = host
         self.alertmanagers = list(alertmanagers)  # "host:port" of each (deployment/alerting.py)
         self.scrape_interval = scrape_interval

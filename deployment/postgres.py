@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -26,9 +27,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployment.server import LOOPBACK, child_pids, free_port, process_cpu_seconds
+from deployment.server import (
+    LOOPBACK,
+    PORT_RETRIES,
+    PortTaken,
+    child_pids,
+    choose_taken_ports_again,
+    free_port,
+    process_cpu_seconds,
+    raise_if_port_taken,
+)
 
 PG_BIN_ENV = "FUNNEL_PG_BIN"
+# The postmaster's hint, after 'could not bind IPv4 address "127.0.0.1": Address already in use', before
+# it exits with "could not create any TCP/IP sockets" (English: the server is started with lc_messages=C).
+PG_PORT_IN_USE = re.compile(r"Is another postmaster already running on port (?P<port>\d+)\?")
 
 
 def shared_memory_of(postmaster: int) -> list[Path]:
@@ -72,6 +85,7 @@ class PostgresServer:
             )
         self.bin = found
         self.port = port or free_port()
+        self._chosen_ports = [] if port else ["port"]  # a taken port chosen here is chosen again at start
         self.root = Path(tempfile.mkdtemp(prefix="funnel-pg-"))
         self.data = self.root / "data"
         self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -86,7 +100,9 @@ class PostgresServer:
         if result.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
 
-    def start(self) -> PostgresServer:
+    def start(self, port_retries: int = PORT_RETRIES) -> PostgresServer:
+        """``initdb``, then start the postmaster (``_start_postmaster``: a port it chose and found taken is
+        chosen again, up to ``port_retries`` times; a port the caller gave fails the start, named)."""
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
         if self._as_user:
@@ -101,13 +117,32 @@ class PostgresServer:
                 self._run(*initdb, f"--pwfile={pwfile}", "-U", "postgres", "--no-sync")
             finally:
                 pwfile.unlink()
-            self._pg_ctl("start")
+            self._start_postmaster(port_retries)
             createdb = [str(self.bin / "createdb"), "-h", str(self.root), "-p", str(self.port), "-U", "postgres"]
             self._run(*createdb, "funnel")
         except BaseException:  # a failed start leaves no server and no folder (called without ``with`` too)
             self.stop()
             raise
         return self
+
+    def _start_postmaster(self, port_retries: int) -> None:
+        """``pg_ctl start``. Its failure says only "could not start server. Examine the log output.",
+        and a failed start removes the folder the log is in: the error carries this start's log lines,
+        and ``PortTaken`` where the port was in use (another process bound it after ``free_port``)."""
+        log = self.root / "log"
+        offset = log.stat().st_size if log.exists() else 0
+        try:
+            self._pg_ctl("start")
+        except RuntimeError as failed:
+            lines = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
+            tail = "\n".join(lines.splitlines()[-20:])
+            try:
+                raise_if_port_taken(lines, PG_PORT_IN_USE, f"{failed}\n{tail}", "postgres")
+            except PortTaken as taken:
+                choose_taken_ports_again(self, taken, self._chosen_ports, port_retries)
+                self._start_postmaster(port_retries - 1)
+                return
+            raise RuntimeError(f"{failed}\n{tail}") from None
 
     def restart(self) -> None:
         """Stop the cluster (``-m fast``: clients are disconnected, as by an operator's restart) and
@@ -117,7 +152,8 @@ class PostgresServer:
 
     def _pg_ctl(self, action: str, *extra: str) -> None:
         # pg_ctl hands the options to a shell: the socket folder quoted, or a TMPDIR with a space splits it.
-        options = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {shlex.quote(str(self.root))}"
+        # lc_messages=C: the log in English whatever the locale, for PG_PORT_IN_USE.
+        options = f"-c listen_addresses={LOOPBACK} -c lc_messages=C -p {self.port} -k {shlex.quote(str(self.root))}"
         self._run(
             str(self.bin / "pg_ctl"),
             action,

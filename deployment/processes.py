@@ -129,6 +129,7 @@ class LoggedProcess:
     stop_timeout: float = 30.0
     process: subprocess.Popen | None = None
     _log = None
+    _log_offset = 0  # where the log's lines of the current (or last) start begin (spawn)
     _watchdog: subprocess.Popen | None = None
 
     def spawn(
@@ -137,6 +138,8 @@ class LoggedProcess:
         """Start ``cmd``; ``leftovers`` (paths or glob patterns) are what the watchdog removes after
         stopping a server whose starter is gone."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The log is appended to across starts: this start's lines begin here.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(
@@ -150,6 +153,32 @@ class LoggedProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
+
+    def start_log(self) -> str:
+        """The log's lines of the current (or last) start: a log is appended to across starts (a retry,
+        a restart, a ``log_path`` a previous run wrote), and an earlier start's lines are not this one's."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def start_log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of ``start_log``."""
+        return "\n".join(self.start_log().splitlines()[-lines:])
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports the process itself listens on (none when it is not running): not whatever else
+        answers on its port (a process that took the port first)."""
+        import psutil
+
+        if self.process is None:
+            return set()
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return set()
+        return {c.laddr.port for c in sockets if c.status == psutil.CONN_LISTEN}
 
     def stop(self, timeout: float | None = None) -> None:
         proc = self.process

@@ -33,6 +33,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -112,7 +113,43 @@ class PortTaken(ServerError):
 
 # Triton's log line for an endpoint it could not bind, e.g. "failed to start GRPC service:
 # Unavailable - Socket '127.0.0.1:60579' already in use".
-PORT_IN_USE = re.compile(r"failed to start (\w+) service: .*?Socket '[^']*:(\d+)' already in use")
+PORT_IN_USE = re.compile(r"failed to start (?P<service>\w+) service: .*?Socket '[^']*:(?P<port>\d+)' already in use")
+# How many times a start finding a port it chose taken chooses again (choose_taken_ports_again).
+PORT_RETRIES = 2
+
+
+def raise_if_port_taken(log: str, pattern: re.Pattern[str], context: str = "", service: str = "") -> None:
+    """Raise ``PortTaken`` if ``log`` (one start's lines) holds ``pattern``'s line for a port the server
+    could not bind: each match's ``port`` group, named by its ``service`` group or else ``service``.
+    Every server we start writes such a line: tritonserver (``PORT_IN_USE``), Prometheus and
+    Alertmanager (``deployment.monitoring.GO_PORT_IN_USE``), PostgreSQL (``deployment.postgres``)."""
+    found = [(m.groupdict().get("service") or service, int(m["port"])) for m in pattern.finditer(log)]
+    if found:
+        taken = ", ".join(f"{name} port {port}" for name, port in found)
+        raise PortTaken([port for _, port in found], f"{taken} already in use. {context}".strip())
+
+
+def choose_taken_ports_again(
+    server: object,
+    taken: PortTaken,
+    chosen: list[str],
+    retries: int,
+    before_retry: Callable[[], None] | None = None,
+) -> None:
+    """After a start of ``server`` failed with ``taken``: give each attribute of ``chosen`` (the port
+    attributes ``server`` filled with ``free_port``, not its caller) that holds a taken port a newly
+    chosen one, so that the caller starts it again. Raises ``taken`` where the taken port is one the
+    caller gave (never changed: fail at once, naming it) or no ``retries`` are left. ``before_retry``
+    runs (and may raise) before any port changes."""
+    mine = [name for name in chosen if getattr(server, name) in taken.ports]
+    if not mine or retries <= 0:
+        raise taken
+    if before_retry is not None:
+        before_retry()
+    for name in mine:
+        setattr(server, name, free_port())
+    again = [getattr(server, name) for name in mine]
+    print(f"{type(server).__name__}: port(s) {taken.ports} taken; starting it again on {again}", file=sys.stderr)
 
 
 def pytriton_root() -> Path:
@@ -456,7 +493,6 @@ class TritonServer(LoggedProcess):
         self.startup_timeout = startup_timeout
         self.stub_timeout_s = int(stub_timeout_s)
         self.shm_prefix: str | None = None  # the python backend's region names, fresh per start (command())
-        self._log_offset = 0  # where the log's lines of the current start begin (start())
         self.log_verbose = log_verbose
         if model_control not in ("explicit", "none"):
             raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
@@ -570,7 +606,7 @@ class TritonServer(LoggedProcess):
     def start(
         self,
         retry_stalled: bool = True,
-        port_retries: int = 2,
+        port_retries: int = PORT_RETRIES,
         cancelled: Callable[[], bool] | None = None,
         abort_retries: int = ABORT_RETRIES,
     ) -> TritonServer:
@@ -584,8 +620,6 @@ class TritonServer(LoggedProcess):
         more than these, is raised. ``cancelled``, asked while the models load and during the pause
         before an abort's retry, ends the start (``StartCancelled``) once it returns true."""
         cmd = self.command()
-        # The log is appended to across starts: this start's lines begin here.
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._workdir.mkdir(exist_ok=True)  # a clean stop removed it (command() may not have made it again)
         # Its own process group: stop() reaches every stub; so does the watchdog when this process
         # ends without stop(), which then also removes what stop() would.
@@ -595,13 +629,13 @@ class TritonServer(LoggedProcess):
         except PortTaken as taken:
             self.keep_log = True
             self.stop()
-            mine = [name for name in self._chosen_ports if getattr(self, name) in taken.ports]
-            if not mine or port_retries <= 0:
-                raise
-            self.raise_if_cancelled(cancelled, "before it started again on other ports", taken)
-            for name in mine:
-                setattr(self, name, free_port())
-            print(f"tritonserver: port(s) {taken.ports} taken while it loaded; starting it again", file=sys.stderr)
+            choose_taken_ports_again(
+                self,
+                taken,
+                self._chosen_ports,
+                port_retries,
+                partial(self.raise_if_cancelled, cancelled, "before it started again on other ports", taken),
+            )
             return self.start(retry_stalled, port_retries - 1, cancelled, abort_retries)
         except ServerStalled as failed:
             # Stalls were seen about once per full test suite before each server got its own
@@ -700,37 +734,9 @@ class TritonServer(LoggedProcess):
             f"{self.start_log_tail(200)}"
         )
 
-    def start_log(self) -> str:
-        """The log's lines of the current (or last) start: a log is appended to across starts (a retry,
-        a restart, a ``log_path`` a previous run wrote), and an earlier start's lines are not this one's."""
-        if not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as f:
-            f.seek(self._log_offset)
-            return f.read().decode(errors="replace")
-
-    def start_log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of ``start_log``."""
-        return "\n".join(self.start_log().splitlines()[-lines:])
-
     def raise_if_port_taken(self, context: str = "") -> None:
         """Raise ``PortTaken`` if this start's log says an endpoint could not bind its port."""
-        found = PORT_IN_USE.findall(self.start_log())
-        if found:
-            taken = ", ".join(f"{service} port {port}" for service, port in found)
-            raise PortTaken([int(port) for _, port in found], f"{taken} already in use. {context}".strip())
-
-    def listening_ports(self) -> set[int]:
-        """The TCP ports the tritonserver process itself listens on (none when it is not running)."""
-        import psutil
-
-        if self.process is None:
-            return set()
-        try:
-            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
-            return set()
-        return {c.laddr.port for c in sockets if c.status == psutil.CONN_LISTEN}
+        raise_if_port_taken(self.start_log(), PORT_IN_USE, context)
 
     def wait_until_listening(self, timeout: float = 10.0, cancelled: Callable[[], bool] | None = None) -> None:
         """Once ready (HTTP answers), wait until gRPC and metrics listen too: Triton starts metrics

@@ -191,6 +191,8 @@ def main() -> None:
         try:
             if alertmanager:
                 alertmanager.start()
+                # where it listens now: a port it chose and found taken was chosen again at start
+                prometheus.alertmanagers = [alertmanager.address]
             prometheus.start()
         except ServerError as err:  # a port in use, a bad config: its log's tail, not a traceback
             print(f"could not start: {err}")
