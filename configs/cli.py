@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import re
 import shutil
 from pathlib import Path
@@ -76,6 +77,21 @@ def positive_seconds(text: str, alternative: str = "") -> float:
     if value > MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:g} seconds{alternative}, got {text!r}")
     return value
+
+
+def checked_timeout(value, name: str = "timeout_s", none: bool = False) -> float | None:
+    """``value``, a library function's timeout that becomes a gRPC deadline, if it is a finite number
+    of seconds > 0 and at most ``MAX_SECONDS`` (``None`` too where ``none``: no deadline); otherwise
+    ``ValueError`` naming ``name``, raised before anything is done. ``positive_seconds`` is the
+    command line's check: ``roll_out(..., timeout_s=float('inf'))`` passed it by, and every model load
+    failed at once with 'Deadline Exceeded' (``retire``: after the version's stage folders were gone)."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not (value > 0 and math.isfinite(value) and value <= MAX_SECONDS):
+        raise ValueError(f"{name} must be a finite number of seconds > 0 and at most {MAX_SECONDS:g}, got {value!r}")
+    return float(value)
 
 
 # gRPC's own target schemes (its naming doc): a target written with one is passed on as it is

@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from configs.cli import checked_timeout
 from deployment.export import (
     STAGE_ARTIFACTS,
     TEMP_SUFFIX,
@@ -272,13 +273,16 @@ def roll_out(
     """Switch the served funnel to ``version`` (already added to ``repo``) without downtime.
     ``root_certificates``: where the server's gRPC speaks TLS, the PEM file that signed its
     certificate (``ControlClient``); the same in every function here that talks to the server.
-    ``timeout_s`` bounds each model load and each wait for a model to become ready, and every other
+    ``timeout_s`` (a finite number of seconds > 0 and at most ``configs.cli.MAX_SECONDS``, else
+    ``ValueError`` before anything changes: a longer gRPC deadline overflowed and every load failed at
+    once) bounds each model load and each wait for a model to become ready, and every other
     call waits at most ``CALL_TIMEOUT_S``: a server that does not answer in time raises
     ``security.ControlTimeout``, naming the server and the call, as a refused load raises its error.
 
     Holds the repository's lock (``repository_lock``) from its first read to its last write: an export
     swapped in meanwhile (``--replace``) got the rest of the rollout's writes, and two rollouts at once
     interleaved theirs. A second writer waits for it."""
+    timeout_s = checked_timeout(timeout_s)  # before the lock and any change
     repo = Path(repo).resolve()
     with repository_lock(repo):
         _roll_out(grpc_url, repo, version, timeout_s, root_certificates)
@@ -347,6 +351,7 @@ def retire(
 ) -> None:
     """Unload and delete an old version that the ensemble no longer calls (each reload or unload
     waits at most ``timeout_s``). Under the repository's lock (``repository_lock``), as ``roll_out``."""
+    timeout_s = checked_timeout(timeout_s)  # before the lock and any change
     repo = Path(repo).resolve()
     with repository_lock(repo):
         _retire(grpc_url, repo, version, root_certificates, timeout_s)
@@ -425,6 +430,7 @@ def set_rollout(
 ) -> int:
     """Serve ``rollout`` from a new router version; return the router version. Under the repository's
     lock (``repository_lock``), as ``roll_out``, which calls it holding that lock already."""
+    timeout_s = checked_timeout(timeout_s)  # before the lock and any change
     repo = Path(repo).resolve()
     with repository_lock(repo):
         return _set_rollout(grpc_url, repo, rollout, timeout_s, root_certificates)
@@ -511,6 +517,7 @@ def follow_rollout(
     repository at each load, not when this read it), and waits while ``funnel``'s config and
     ``export.json`` name different versions (a ``roll_out`` between its first and last write); at
     most ``timeout_s``, then ``RolloutError``."""
+    timeout_s = checked_timeout(timeout_s)  # before the lock and any change
     repo = Path(repo).resolve()
     deadline = time.monotonic() + timeout_s
     with repository_lock(repo):

@@ -24,6 +24,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from configs.cli import checked_timeout
+
 ADMIN_KEY_ENV = "FUNNEL_ADMIN_KEY"
 # The HTTP header that carries the key. For gRPC Triton prefixes the name it was given
 # (measured on tritonserver 2.51: "expecting header 'triton-grpc-protocol-funnel-admin-key'").
@@ -196,6 +198,9 @@ class ControlClient:
     ):
         import tritonclient.grpc as grpcclient
 
+        # before anything is dialed: a deadline past MAX_SECONDS (inf) overflowed and every call failed at once
+        timeout_s = checked_timeout(timeout_s, "timeout_s", none=True)
+        load_timeout_s = checked_timeout(load_timeout_s, "load_timeout_s", none=True)
         if key is None:
             if repository is None:
                 raise ValueError("ControlClient needs the model repository (to find its key) or the key")
@@ -225,6 +230,8 @@ class ControlClient:
                 kwargs["headers"] = {**(kwargs.get("headers") or {}), **headers}
             if timeout_s is not None and kwargs.get("client_timeout") is None:
                 kwargs["client_timeout"] = timeout_s
+            elif kwargs.get("client_timeout") is not None:
+                checked_timeout(kwargs["client_timeout"], "client_timeout")
             try:
                 return attr(*args, **kwargs)
             except Exception as err:  # tritonclient's InferenceServerException
@@ -263,7 +270,7 @@ def confirm_key_with_server(
     (a takedown): ``read_admin_key`` takes that value as the deployment's, so only the server the
     deployment runs can say it is wrong. A server that cannot be reached, or does not answer in
     time, confirms nothing: refused too."""
-    timeout_s = SERVER_CHECK_TIMEOUT_S if timeout_s is None else timeout_s
+    timeout_s = SERVER_CHECK_TIMEOUT_S if timeout_s is None else checked_timeout(timeout_s)
     try:
         with ControlClient(grpc_url, repository, key=key, root_certificates=root_certificates) as control:
             control.get_model_repository_index(client_timeout=timeout_s)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from configs.cli import grpc_address
+from configs.cli import checked_timeout, grpc_address
 from serving.interface import FEEDBACK, FUNNEL, FUNNEL_OUTPUTS, ROUTER, STAGE_COUNTS, names
 
 
@@ -152,11 +152,13 @@ class FunnelClient:
     ):
         """``url``: ``host:port``, or a gRPC target such as ``dns:///host:port`` or ``unix:/path`` (one
         without a port is ``ValueError``). ``timeout_s``: the longest any call waits for its answer
-        (``None``: no limit).
+        (``None``: no limit; otherwise a finite number > 0 and at most ``configs.cli.MAX_SECONDS``, else
+        ``ValueError``).
         ``root_certificates``: a PEM file that signed the server's certificate, for a server whose
         gRPC speaks TLS (``TritonServer(tls_cert=..., tls_key=...)``, ``docs/security.md``)."""
         import tritonclient.grpc as grpcclient
 
+        timeout_s = checked_timeout(timeout_s, none=True)  # inf overflowed gRPC's deadline: every call failed at once
         self._grpc = grpcclient
         tls = {"ssl": True, "root_certificates": str(root_certificates)} if root_certificates else {}
         self.client = grpcclient.InferenceServerClient(grpc_address(url), **tls)

@@ -1980,3 +1980,70 @@ def test_a_replica_following_while_a_roll_out_is_half_written_never_serves_the_h
     assert followed == [2] and rollout.router_versions(repo) == [1, 2]
     assert DiskReadingTriton.loaded[follower] == DiskReadingTriton.loaded[writer] == {"funnel": 2, "router": 2}
     assert rollout.current_rollout(repo).control_version == 2
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 1e10, float("nan"), 0, -1.0])
+def test_rollout_functions_refuse_a_timeout_no_grpc_deadline_carries_before_anything_changes(
+    tmp_path, monkeypatch, timeout_s
+):
+    """``scripts/rollout.py --timeout`` refused inf and values over 1e9 s (``configs.cli.positive_seconds``),
+    the library functions did not: ``roll_out(..., timeout_s=float('inf'))`` made every load's gRPC
+    deadline overflow ('Deadline Exceeded' at once), and ``retire`` of a version whose pinned ensemble was
+    already gone deleted its stage folders before its first load failed. Now ``ValueError`` naming
+    ``timeout_s``, before a control client is made or the repository is touched."""
+    from deployment import rollout
+    from serving.assignment import single_version
+    from serving.interface import ensemble_name
+
+    repo = repository_serving_1_with_2_added(tmp_path)
+    stage = repo / rollout.STAGES[0]
+    for version in (1, 2, 3):
+        (stage / str(version)).mkdir(parents=True)
+    (stage / "config.pbtxt").write_text("name: stage\n")
+    files = {p: p.read_bytes() if p.is_file() else None for p in repo.rglob("*")}
+    made = []
+
+    class Control(ReadyTriton):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+
+        unload_model = ReadyTriton.load_model
+
+    monkeypatch.setattr(rollout, "ControlClient", Control)
+    monkeypatch.setattr(rollout, "check_complete", lambda repo, version: None)
+    calls = {
+        "roll_out": lambda: rollout.roll_out("127.0.0.1:1", repo, 2, timeout_s=timeout_s),
+        "retire": lambda: rollout.retire("127.0.0.1:1", repo, 3, timeout_s=timeout_s),  # no pinned ensemble 3
+        "set_rollout": lambda: rollout.set_rollout("127.0.0.1:1", repo, single_version(2), timeout_s=timeout_s),
+        "follow_rollout": lambda: rollout.follow_rollout("127.0.0.1:1", repo, timeout_s=timeout_s),
+    }
+    assert not (repo / ensemble_name(3)).exists()
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"timeout_s must be a finite number of seconds > 0 and at most 1e\+09"):
+            call()
+        assert made == [], name
+        assert {p: p.read_bytes() if p.is_file() else None for p in repo.rglob("*")} == files, name
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 1e10, 0])
+def test_the_grpc_clients_refuse_a_timeout_no_grpc_deadline_carries(timeout_s):
+    """``ControlClient``, ``FunnelClient`` and ``confirm_key_with_server`` took ``timeout_s=inf`` (or 1e10)
+    and every call then failed at once with gRPC's 'Deadline Exceeded' (the deadline overflowed int64
+    nanoseconds), reported as a server that 'did not answer within inf s'. Now ``ValueError`` naming the
+    argument when the client is made; None still means no deadline."""
+    from deployment import security
+    from serving.client import FunnelClient
+
+    key = "k" * 32
+    with pytest.raises(ValueError, match=r"^timeout_s must be a finite number"):
+        security.ControlClient("127.0.0.1:1", key=key, timeout_s=timeout_s)
+    with pytest.raises(ValueError, match=r"^load_timeout_s must be a finite number"):
+        security.ControlClient("127.0.0.1:1", key=key, timeout_s=1.0, load_timeout_s=timeout_s)
+    with pytest.raises(ValueError, match=r"^timeout_s must be a finite number"):
+        FunnelClient("127.0.0.1:1", timeout_s=timeout_s)
+    with pytest.raises(ValueError, match=r"^timeout_s must be a finite number"):
+        security.confirm_key_with_server("127.0.0.1:1", key=key, timeout_s=timeout_s)
+    with security.ControlClient("127.0.0.1:1", key=key) as control:  # no deadline of its own
+        with pytest.raises(ValueError, match=r"^client_timeout must be a finite number"):
+            control.get_model_repository_index(client_timeout=timeout_s)
+    FunnelClient("127.0.0.1:1", timeout_s=None).close()
