@@ -159,15 +159,20 @@ def funnel_results(
     return result, stage_recall
 
 
-def _trade_off(result: offline.Result, k: int) -> dict:
-    """Accuracy beside popularity bias: the columns of the mitigation and ordering tables."""
+def _trade_off(result: offline.Result, ks) -> dict:
+    """Accuracy beside popularity bias: the columns of the mitigation and ordering tables, each label
+    naming its K. Accuracy is at the run's first K, the bias figures over the top ``max(ks)`` (where
+    ``offline.evaluate_top_k`` measures them): unlabelled, they read as figures of the top 10 beside
+    NDCG@10 while they were those of the top 20."""
+    k, top = ks[0], max(ks)
     return {
         f"ndcg@{k}": result.metrics[f"ndcg@{k}"],
         f"recall@{k}": result.metrics[f"recall@{k}"],
-        "items for 50% of recs": (result.bias["item_share_curve"] or {}).get(0.5),  # None: nothing recommended
-        "gini": result.bias["gini"],
-        "coverage": result.bias["coverage"],
-        "popularity lift": result.bias["popularity_lift"],
+        # None: nothing recommended
+        f"items for 50% of top-{top} recs": (result.bias["item_share_curve"] or {}).get(0.5),
+        f"gini@{top}": result.bias["gini"],
+        f"coverage@{top}": result.bias["coverage"],
+        f"popularity lift@{top}": result.bias["popularity_lift"],
     }
 
 
@@ -202,7 +207,6 @@ def ordering_results(
     category_of = served_categories(stages)
     if as_served is not None and "categories_per_list" not in as_served.bias:
         raise ValueError("as_served must be evaluated with categories=served_categories(stages)")
-    k = ks[0]
     rows = []
     for name, change in (("as served", {}),) + tuple(variants):
         if name == "as served" and as_served is not None:
@@ -225,7 +229,7 @@ def ordering_results(
         rows.append(
             {
                 "ordering": name,
-                **_trade_off(res, k),
+                **_trade_off(res, ks),
                 f"categories per top-{max(ks)} list (of {category_of.nunique()})": res.bias["categories_per_list"],
             }
         )
@@ -443,6 +447,8 @@ def evaluate_split(
         mitigation_rows = []
         if mitigation:
             served = served_variant(config, model.manifest)
+            # The retrieval stage's list length (serving.retrieval_k of the export evaluated): its recall's K.
+            retrieval_k = next(s.k for s in loaded if s.name == "retrieval")
             for sampled, logq in mitigation_variants(config.candidate_generator, served):
                 begin(f"sampled={sampled} logQ={logq}")
                 variant = variant_config(config, model.manifest, sampled, logq)
@@ -477,8 +483,8 @@ def evaluate_split(
                         "logq_correction": logq,
                         "logq_strength": variant.candidate_generator.logq_strength if logq else 0.0,
                         "served": (sampled, logq) == served,
-                        "retrieval_recall": st["candidate_ids"]["recall"],
-                        **_trade_off(res, ks[0]),
+                        f"retrieval recall@{retrieval_k}": st["candidate_ids"]["recall"],
+                        **_trade_off(res, ks),
                     }
                 )
         begin()

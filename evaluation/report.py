@@ -599,8 +599,16 @@ def write_report(
                 [slices_png],
             )
         )
+    bias_intro = (
+        f"Over each model's top-{max(ks)} lists (preference parity: over each user's held-out items' scores, no K)."
+    )
     sections.append(
-        ("Popularity bias", "", [bias_table(results)], [share_curve_plot(results)] if _has_curve(results) else [])
+        (
+            "Popularity bias",
+            bias_intro,
+            [bias_table(results)],
+            [share_curve_plot(results)] if _has_curve(results) else [],
+        )
     )
     if searches:
         for search in searches:

@@ -283,7 +283,9 @@ def test_evaluation_pipeline_finishes_on_a_leave_one_out_split(
     served = mitigation[mitigation["served"]].iloc[0]
     assert (served["sampled_negatives"], served["logq_correction"]) == served_variant(config, run["model"].manifest)
     assert served["ndcg@10"] == run["results"][-1].metrics["ndcg@10"]
-    assert mitigation["retrieval_recall"].between(0, 1).all()
+    retrieval_k = small_config.serving.retrieval_k  # the trained funnel's export: the configured length
+    assert mitigation[f"retrieval recall@{retrieval_k}"].between(0, 1).all()
+    assert {"ndcg@10", "recall@10", "gini@10", "coverage@10", "items for 50% of top-10 recs"} <= set(mitigation)
     assert [r.name for r in run["results"]] == ["Pop", "EASE", "ALS", "funnel (served)"]
     for r in run["results"]:
         assert r.bias["preference_parity"] is None and "as in leave-one-out" in r.not_applicable["preference_parity"]
@@ -967,10 +969,47 @@ def test_a_figure_not_applicable_in_every_row_reads_n_a_in_the_html_as_in_the_ma
     results = [offline.Result(name, dict(metrics), per_user={"ndcg@10": per_user}) for name in ("Pop", "funnel")]
     for r in results:
         r.bias = {"item_share_curve": {0.5: 1, 1.0: 2}, "gini": 0.9, "coverage": 0.1, "popularity_lift": None}
-    ordering = pd.DataFrame([{"ordering": r.name, **_trade_off(r, 10), "note": None} for r in results])
+    ordering = pd.DataFrame([{"ordering": r.name, **_trade_off(r, (10,)), "note": None} for r in results])
     paths = write_report(results, tmp_path, "t", extra_tables={"Ordering policy": ordering})
     page, markdown = paths["html"].read_text(), paths["markdown"].read_text()
     table = page.split("<h2>Ordering policy</h2>")[1].split("</table>")[0]
     assert "None" not in table and table.count("<td>n/a</td>") == 4 and "<td>0.9000</td>" in table
     assert "<td>None</td>" not in page
     assert markdown.split("## Ordering policy")[1].split("\n## ")[0].count("n/a") == 4
+
+
+def test_the_trade_off_tables_and_the_bias_section_name_the_k_of_every_top_k_figure(tmp_path):
+    """The mitigation and ordering tables labelled NDCG and recall with their K (``ndcg@10``) but the
+    bias figures beside them ("gini", "coverage", "popularity lift", "items for 50% of recs") with none,
+    while ``offline.evaluate_top_k`` measures those over the top ``max(ks)``: with ks (10, 20) a row
+    read as the top 10's figures were the top 20's. The "Popularity bias" section said no K either.
+    Now every label names its K, from the run's ks."""
+    from evaluation.pipeline import _trade_off
+    from evaluation.report import write_report
+
+    per_user = np.array([0.1, 0.0, 0.2, 0.0])
+    metrics = {f"{m}@{k}{end}": 0.1 for m in ("ndcg", "recall") for k in (5, 30) for end in ("", "_low", "_high")}
+    results = [
+        offline.Result(name, dict(metrics), per_user={"ndcg@5": per_user, "ndcg@30": per_user})
+        for name in ("Pop", "funnel")
+    ]
+    for r in results:
+        r.bias = {"item_share_curve": {0.5: 1, 1.0: 2}, "gini": 0.9, "coverage": 0.1, "popularity_lift": 1.5}
+    bias = write_report(results, tmp_path / "plain", "t", ks=(5, 30))["markdown"].read_text()
+    assert "Over each model's top-30 lists" in bias.split("## Popularity bias")[1].split("\n## ")[0]
+    row = _trade_off(results[1], (5, 30))
+    assert list(row) == [
+        "ndcg@5",
+        "recall@5",
+        "items for 50% of top-30 recs",
+        "gini@30",
+        "coverage@30",
+        "popularity lift@30",
+    ]
+    table = pd.DataFrame([{"ordering": r.name, **_trade_off(r, (5, 30))} for r in results])
+    markdown = write_report(results, tmp_path, "t", ks=(5, 30), extra_tables={"Ordering policy": table})[
+        "markdown"
+    ].read_text()
+    header = markdown.split("## Ordering policy")[1].strip().splitlines()[0]
+    assert "gini@30" in header and "popularity lift@30" in header and "recall@5" in header
+    assert "Over each model's top-30 lists" in markdown.split("## Popularity bias")[1].split("\n## ")[0]
