@@ -994,3 +994,52 @@ def test_two_undos_at_once_restore_the_item_once_and_the_second_is_refused(locat
         assert state["active"].tolist() == [0] and state["reason"].tolist() == ["appeal (first)"]
     finally:
         store.close()
+
+
+def test_a_postgres_store_connects_with_tcp_keepalives_unless_its_url_sets_them(postgres):
+    """The store's PostgreSQL connection kept libpq's keepalive timing, the OS's: a first probe after
+    2 hours idle. A NAT or firewall that forgets idle connections after minutes then swallowed the next
+    statement, which hung until TCP gave up (about 15 min) with every request of the process queued
+    behind the store's lock. Now probes after ``KEEPALIVES``' 60 s idle, on the socket itself; the
+    URL's own keepalive settings win."""
+    import socket
+
+    from workflows import live_store
+
+    def socket_keepalives(store) -> tuple[int, int, int, int]:
+        sock = socket.fromfd(store.db._con.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM)  # a dup
+        try:
+            return tuple(
+                sock.getsockopt(level, option)
+                for level, option in (
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                )
+            )
+        finally:
+            sock.close()
+
+    store = LiveStore(postgres.url)
+    own = LiveStore(postgres.url + "?keepalives_idle=5&keepalives_count=2")
+    try:
+        on, idle, interval, count = socket_keepalives(store)
+        # probes on, the first before common NAT idle timeouts (4 min and up), a dead peer noticed in minutes
+        assert on == 1 and idle < 240 and idle + interval * count <= 180, (on, idle, interval, count)
+        expected = live_store.KEEPALIVES
+        assert (idle, interval, count) == (
+            expected["keepalives_idle"],
+            expected["keepalives_interval"],
+            expected["keepalives_count"],
+        )
+        assert socket_keepalives(own) == (1, 5, expected["keepalives_interval"], 2)  # the URL's win
+        for each, values in ((store, (idle, interval, count)), (own, (5, interval, 2))):
+            given = each.db._con.info.get_parameters()  # what libpq was given, as the server's log would show
+            assert given["keepalives"] == "1"
+            assert tuple(given[key] for key in ("keepalives_idle", "keepalives_interval", "keepalives_count")) == tuple(
+                str(v) for v in values
+            )
+    finally:
+        store.close()
+        own.close()

@@ -154,6 +154,15 @@ def private_file(path: str | Path) -> None:
 
 
 CONNECT_TIMEOUT_S = 10  # PostgreSQL: seconds to open a connection (the URL's connect_timeout wins)
+# PostgreSQL: TCP keepalives on the idle connection (libpq's own parameters; one the URL sets wins).
+# libpq turns them on but leaves the timing to the OS: the first probe after 2 hours idle (Linux's
+# tcp_keepalive_time). A NAT or firewall between a replica and its database that forgets an idle
+# connection after a few minutes (4 to 6 min is common for cloud NATs and load balancers) then
+# swallowed the next statement: it waited out TCP's retransmissions (about 15 min, tcp_retries2)
+# holding the store's lock, and every request of the process with it. A probe after 60 s idle keeps
+# such a mapping alive; where it is lost anyway, 6 unanswered probes 10 s apart mark the connection
+# dead within about 2 minutes of idle, and the next call reconnects at once (``Database._cursor``).
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 6}
 # PostgreSQL advisory lock key of takedown writes (``LiveStore._takedown_transaction``); the schema's is 72057594037927.
 TAKEDOWN_LOCK = 72057594037928
 SCHEMA_OBJECT = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
@@ -230,11 +239,13 @@ class Database:
 
         # libpq waits for an unreachable server as long as the OS lets TCP try (minutes), and every
         # request of a serving process waits on this lock meanwhile: a bound, unless the URL sets one.
+        # The keepalives likewise (``KEEPALIVES``): each the URL does not set.
         try:
-            timeout = (
-                {} if "connect_timeout" in conninfo_to_dict(self.location) else {"connect_timeout": CONNECT_TIMEOUT_S}
+            given = conninfo_to_dict(self.location)
+            defaults = {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES}
+            return psycopg.connect(
+                self.location, autocommit=True, **{key: value for key, value in defaults.items() if key not in given}
             )
-            return psycopg.connect(self.location, autocommit=True, **timeout)
         except psycopg.Error as err:
             message = redact(str(err), self.location)
             if message == str(err):
