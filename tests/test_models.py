@@ -31,7 +31,8 @@ def test_heavy_ranker_auc_per_head_is_far_above_chance(demo_world):
     )
     print("heavy ranker valid AUC per head", metrics)
     assert len(spec["targets"]) == 3 and abs(sum(spec["weights"].values()) - 1) < 1e-6
-    # Chance is 0.5; the generator's own affinity reaches about 0.80 on click (measured 0.72 here).
+    # Chance is 0.5; the generator's own affinity reaches about 0.80 on click. Measured here (2026-12-08, a
+    # helper's audit): 0.681 at the configured seed, 0.673-0.694 over 9 seeds; the other heads >= 0.689.
     assert metrics["auc_click"] > 0.65, metrics
     for target in spec["targets"]:
         assert metrics[f"auc_{target}"] > 0.62, metrics
