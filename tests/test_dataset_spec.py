@@ -545,6 +545,29 @@ def test_an_empty_json_lines_file_is_a_file_of_no_events(tmp_path):
     assert [d.message for d in info.value.defects] == ["the event log is empty (no rows)"]
 
 
+def test_a_column_named_twice_in_a_files_header_is_a_defect_not_the_first_one_silently(tmp_path):
+    # A CSV header "u,i,t,t": pandas renamed the second "t" to "t.1" and the log was read from the first,
+    # silently; a parquet file with a repeated name (any column) failed in pyarrow with a traceback.
+    (tmp_path / "events.csv").write_text("u,i,t,t,x,x\n1,2,1700000000,5,a,b\n")
+    values = {"name": "d", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t"}}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [(d.column, d.message) for d in info.value.defects] == [
+        ("t", "appears 2 times in the file's header (events.timestamp): give each column its own name")
+    ]  # x is not read from a CSV: no defect
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [pa.array([1]), pa.array([2]), pa.array([1700000000]), pa.array([5]), pa.array([6])]
+    pq.write_table(pa.table(columns, names=["u", "i", "t", "x", "x"]), tmp_path / "events.parquet")
+    values["events"]["path"] = "events.parquet"
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [(d.column, d.message) for d in info.value.defects] == [
+        ("x", "appears 2 times in the file's header: give each column its own name")
+    ]
+
+
 def test_signal_outside_its_declared_range(shop):
     set_cells(shop / "events-000.csv", "purchase", [1, 9], ["2", "2"])
     d = only(defects_of(shop / "dataset.yaml"), "purchase")

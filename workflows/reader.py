@@ -107,13 +107,15 @@ def file_format(declared: str, file: str) -> str | None:
 
 
 def columns_of(file: str, fmt: str) -> list[str]:
-    """Column names from the file's header (parquet schema, CSV header, the first JSON lines)."""
+    """Column names from the file's header (parquet schema, CSV header, the first JSON lines), a name the
+    header repeats as often as it does (pandas renames a CSV's second ``ts`` to ``ts.1``)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(file).names)
     if fmt == "csv":
-        return list(pd.read_csv(file, nrows=0).columns)
+        header = pd.read_csv(file, header=None, nrows=1, dtype=str, keep_default_na=False)
+        return [str(name) for name in header.iloc[0]] if len(header) else []
     return list(pd.read_json(file, lines=True, nrows=1000, dtype=False, convert_dates=False).columns)
 
 
@@ -176,6 +178,14 @@ def _structure(spec: DatasetSpec, table: str, path: str, fmt: str, wanted: dict[
             continue
         if kind == "jsonl" and not header and not Path(file).read_text().strip():
             continue  # no record at all: the file dask writes for an empty partition
+        # A CSV read the first of two columns of one name, silently (pandas renames the second ``ts.1``);
+        # parquet's reader refused any repeated name with a traceback, whichever columns were read.
+        repeated = sorted({c for c in header if header.count(c) > 1 and (kind == "parquet" or c in wanted)})
+        for column in repeated:
+            role = f" ({wanted[column]})" if column in wanted else ""
+            message = f"appears {header.count(column)} times in the file's header{role}: give each column its own name"
+            defects.append(Defect(file, column, message))
+            ok = False
         for column, role in wanted.items():
             if column not in header:
                 defects.append(

@@ -4,8 +4,8 @@ Each ``Defect`` names the file, the column, how many rows and an example value; 
 carries all of them, so one run shows everything to fix, and the pipeline raises it before it writes
 anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
 
-    structure   a file or glob that matches nothing, a column the spec names that the file lacks,
-                an empty table
+    structure   a file or glob that matches nothing, a column the spec names that the file lacks or
+                names twice, an empty table
     ids         null, negative, not an integer, beyond int64, ids of mixed types (numbers and text in one column),
                 duplicate keys in an attribute table, two spellings of one id in the event log ("7" and "007",
                 "1e3" and "1000": read as numbers they would become one id)
