@@ -399,6 +399,29 @@ def test_ids_beyond_int64_are_refused_not_wrapped(shop):
     assert "beyond int64" in users.message and users.example == 2**64 - 1
 
 
+def test_ids_a_float_column_cannot_hold_exactly_are_refused_not_changed(tmp_path):
+    # One decimal id ("5.0") made the whole CSV column float: 9007199254740993 (2**53 + 1) became id
+    # 9007199254740992, silently; in JSON lines with a 9007199254740992.0 beside it, two users became one.
+    values = {"name": "f", "events": {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t"}}
+    (tmp_path / "events.csv").write_text("u,i,t\n9007199254740993,2,1700000000\n5.0,3,1700000000\n")
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    d = only(info.value.defects, "u")
+    assert "2**53 or more in a column read as floating point" in d.message
+    assert (d.rows, d.example) == (1, "9007199254740993")
+    lines = ['{"u": 9007199254740993, "i": 2, "t": 1700000000}', '{"u": 9007199254740992.0, "i": 2, "t": 1700000000}']
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    values["events"]["path"] = "events.jsonl"
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert only(info.value.defects, "u").rows == 2
+    # integers, even int64's largest, are read exactly: no defect
+    (tmp_path / "events.csv").write_text("u,i,t\n9223372036854775807,2,1700000000\n9007199254740993,3,1700000000\n")
+    values["events"]["path"] = "events.csv"
+    events = load_inputs(spec_from_dict(values, root=str(tmp_path))).events.compute()
+    assert events["user_id"].tolist() == [9223372036854775807, 9007199254740993]
+
+
 @pytest.mark.parametrize("unit", ["s", "ms", "iso"])
 def test_a_parquet_column_of_dates_is_read_as_its_instants_whatever_the_unit(tmp_path, unit):
     # The docs: "parquet timestamp columns are read as they are". The checks compared their

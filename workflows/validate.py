@@ -6,7 +6,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
 
     structure   a file or glob that matches nothing, a column the spec names that the file lacks or
                 names twice, an empty table
-    ids         null, negative, not an integer, beyond int64, ids of mixed types (numbers and text in one column),
+    ids         null, negative, not an integer, beyond int64, 2**53 or more in a column read as floats (inexact),
+                ids of mixed types (numbers and text in one column),
                 duplicate keys in an attribute table, two spellings of one id in the event log ("7" and "007",
                 "1e3" and "1000": read as numbers they would become one id)
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
@@ -29,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+# Ids from here on are not all exact as floats (2**53 + 1 reads as 2**53): refused in a float column.
+EXACT_FLOAT = 2.0**53
 # A timestamp beyond this many seconds (year ~5138) is in the wrong unit.
 MAX_SECONDS = 100_000_000_000
 # A log whose every event falls before 1990 in the declared unit, but between 1990 and a year from now
@@ -320,6 +323,10 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
             _add(issues, rule.column, "negative", num < 0, col)
             # Beyond int64 an id would wrap on the way to int64 (2**64 - 1 became -1): refused.
             _add(issues, rule.column, "beyond_int64", (num > 0) & ~fits_int64(num), col)  # below 0: "negative"
+            if num.dtype.kind == "f":
+                # Floats hold every integer only below 2**53: one decimal, exponent or empty cell made a text
+                # column float, and 9007199254740993 silently became id 9007199254740992 (another user's).
+                _add(issues, rule.column, "inexact", (num >= EXACT_FLOAT) & fits_int64(num), col)
         elif rule.kind == "timestamp":
             _add(issues, rule.column, "negative", num < 0, col)
             _add(issues, rule.column, "too_large", num >= MAX_SECONDS * _unit_factor(rule.unit), col)
@@ -428,6 +435,11 @@ MESSAGES = {
     "not_binary": "is not 0 or 1 (a binary signal)",
     "beyond_int64": "is beyond int64 (ids must fit the INT64 that requests and responses carry)",
     "not_finite": "is not a finite number (inf)",
+    "inexact": (
+        "is 2**53 or more in a column read as floating point (a decimal, an exponent or an empty cell elsewhere in"
+        " it, or a float column), where it cannot be read exactly and could become another id: write ids as"
+        " plain integers"
+    ),
 }
 
 
@@ -443,7 +455,7 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
             n, example = issues[(_c, code)]
             out.append(Defect(file, _c, message, n, example))
 
-        for code in ("null", "negative", "fractional", "not_binary", "beyond_int64", "not_finite"):
+        for code in ("null", "negative", "fractional", "not_binary", "beyond_int64", "inexact", "not_finite"):
             if (c, code) in issues:
                 defect(f"{MESSAGES[code]}{role}", code)
         if (c, "not_number") in issues:
