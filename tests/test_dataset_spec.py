@@ -453,6 +453,34 @@ def test_a_parquet_column_of_dates_is_read_as_its_instants_whatever_the_unit(tmp
     assert [d.column for d in info.value.defects] == ["t"] and "negative" in info.value.defects[0].message
 
 
+@pytest.mark.parametrize("unit", ["s", "ms", "iso"])
+def test_a_parquet_column_of_dates_is_midnight_utc_of_each_day(tmp_path, unit):
+    # A parquet date (pyarrow date32 / date64, no time of day) reached the checks as Python dates and
+    # was refused as "not a timestamp in s" ("not an ISO 8601 timestamp" with iso); ISO text
+    # "2026-01-01" is that day's midnight UTC, and so is the date.
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    days = [datetime.date(2026, 1, 1), datetime.date(2026, 1, 2)]
+    for name, kind in (("date32", pa.date32()), ("date64", pa.date64())):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"u": [1, 2], "i": [3, 4], "t": pa.array(days, kind)}), path)
+        events = {"path": str(path), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": unit}
+        read = load_inputs(spec_from_dict({"name": "days", "events": events})).events.compute()
+        assert read["timestamp"].tolist() == [1767225600, 1767312000], name
+    # a missing date is a null timestamp, a date before 1970 a negative one, as for any timestamp
+    path = tmp_path / "bad.parquet"
+    bad = [datetime.date(2026, 1, 1), None, datetime.date(1969, 12, 31)]
+    pq.write_table(pa.table({"u": [1, 2, 3], "i": [3, 4, 5], "t": pa.array(bad, pa.date32())}), path)
+    events = {"path": str(path), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": unit}
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "bad", "events": events}))
+    messages = sorted(d.message for d in info.value.defects)
+    assert messages == ["is empty (null) (events.timestamp)", "is negative (events.timestamp)"], messages
+
+
 def test_events_of_items_missing_from_the_item_table(shop):
     items = pd.read_csv(shop / "items.csv")
     used = pd.concat([pd.read_csv(p) for p in sorted(shop.glob("events-*.csv"))])["sku"]

@@ -119,14 +119,35 @@ def columns_of(file: str, fmt: str) -> list[str]:
     return list(pd.read_json(file, lines=True, nrows=1000, dtype=False, convert_dates=False).columns)
 
 
-def read_collection(file: str, fmt: str, columns: list[str]):
-    """One file as a dask collection of ``columns`` (text for CSV, as parsed for JSON lines)."""
+def _dates_as_instants(df, columns: list[str]):
+    """Per partition: ``columns`` (pandas' object columns of ``datetime.date``) as datetimes at midnight."""
+    df = df.copy()
+    for column in columns:
+        df[column] = df[column].astype("datetime64[ns]")
+    return df
+
+
+def read_collection(file: str, fmt: str, columns: list[str], instants=()):
+    """One file as a dask collection of ``columns`` (text for CSV, as parsed for JSON lines). ``instants``:
+    columns read as points in time (the timestamp), where a parquet date column is midnight UTC of its day."""
     module = _collection_module()
     if fmt == "parquet" and module.__name__ == "dask.dataframe":
         # Merlin's CPU engine casts pandas' nullable columns (Int64, a parquet written from them) to
         # numpy ones while reading, and a null among them crashed there ("cannot convert NA to
         # integer") before the checks could name it: the same reader without that cast.
-        return module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
+        ddf = module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
+        # A parquet date (date32 / date64: a day, no time) reaches pandas as an object column of
+        # datetime.date, which the checks refused as "not a timestamp": it is the day's midnight UTC, as
+        # ISO text "2026-03-01" is. cudf has no date type and reads it as datetimes already.
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(file)
+        dates = [c for c in dict.fromkeys(instants) if c in columns and pa.types.is_date(schema.field(c).type)]
+        if dates:
+            meta = _dates_as_instants(ddf._meta, dates)
+            ddf = ddf.map_partitions(_dates_as_instants, dates, meta=meta)
+        return ddf
     if fmt == "parquet":
         from merlin.io import Dataset
 
@@ -468,7 +489,7 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
         raise DatasetError(defects)
 
     columns = list(wanted)
-    parts = [read_collection(file, kind, columns) for file, kind in found]
+    parts = [read_collection(file, kind, columns, instants=[ev.timestamp]) for file, kind in found]
     raw = parts[0] if len(parts) == 1 else _collection_module().concat(parts)
     rules = _event_rules(spec)
     # Read once and each text column parsed once: the checks and the mapping below both read the parsed
