@@ -651,6 +651,30 @@ def _tiny(tmp_path, events: dict, items: dict | None = None, **spec_events):
     return values
 
 
+def test_a_csv_binary_signal_written_true_false_is_read_as_parquet_booleans_are(tmp_path):
+    # parquet and JSON booleans were read as 1 / 0, a CSV's true / false was refused as "not a number"
+    (tmp_path / "events.csv").write_text(
+        "u,i,t,like\n1,3,1767225600,true\n2,4,1767225600, FALSE\n3,4,1767225600,True\n"
+    )
+    pd.DataFrame({"u": [1, 2, 3], "i": [3, 4, 4], "t": [1767225600] * 3, "like": [True, False, True]}).to_parquet(
+        tmp_path / "events.parquet"
+    )
+    for name in ("events.csv", "events.parquet"):
+        events = {"path": name, "user_id": "u", "item_id": "i", "timestamp": "t", "signals": ["like"]}
+        read = load_inputs(spec_from_dict({"name": "likes", "events": events}, root=str(tmp_path))).events.compute()
+        assert read["like"].tolist() == read["click"].tolist() == [1, 0, 1], name
+        assert read["like"].dtype == np.int64, name
+    # other words stay refused, saying what a binary signal holds; a continuous signal is a number
+    (tmp_path / "events.csv").write_text("u,i,t,like,stars\n1,3,1767225600,yes,true\n2,4,1767225600,0,4\n")
+    events = {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t",
+              "signals": ["like", {"name": "stars", "kind": "continuous"}]}  # fmt: skip
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "words", "events": events}, root=str(tmp_path)))
+    like, stars = only(info.value.defects, "like"), only(info.value.defects, "stars")
+    assert "a binary signal is 0 or 1 (or true / false)" in like.message and like.example == "yes"
+    assert stars.message == "is not a number (signal 'stars')" and stars.example == "true"
+
+
 def test_infinite_signals_and_attributes_are_refused(tmp_path):
     # "inf" parses as a number; one infinite price made log1p + Normalize turn every item's price into
     # inf (the mean is inf), silently: the models then trained on infinite inputs.

@@ -355,7 +355,11 @@ class ToInternal:
         for source, target, conversion in self.plan:
             col = df[source]  # its type decides; its values parsed are the checks' (``ParseColumns``)
             if conversion == "id" or conversion == "binary":
-                number = col if col.dtype.kind in "iub" else parsed_values(df, source, "number")
+                number = (
+                    col
+                    if col.dtype.kind in "iub"
+                    else parsed_values(df, source, "binary" if conversion == "binary" else "number")
+                )
                 out[target] = number.astype("int64")
             elif conversion == "continuous" and col.dtype.kind in "iu":
                 # pandas' nullable Int64 (checked free of nulls) as the numpy integers the pipeline takes

@@ -13,7 +13,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
                 range (seconds that are really milliseconds), a whole log before 1990 that a coarser unit puts
                 after it (milliseconds that are really seconds); a column of dates is taken as its instants
-    signals     null or not a number (or infinite), a binary signal not 0/1, a value outside the declared range
+    signals     null or not a number (or infinite), a binary signal not 0/1 (text true / false is 1 / 0), a value
+                outside the declared range
     attributes  a continuous column that is not a number (or infinite); a negative duration or log: true value
     references  events whose item (user) the item (user) table lacks: an error, or with
                 ``checks.missing_items: warn`` / ``drop`` a counted warning
@@ -131,6 +132,17 @@ def as_number(series):
     return _module(series).to_numeric(series, errors="coerce")
 
 
+def as_binary(series):
+    """A binary signal as numbers: ``as_number``, and text "true" / "false" (any case) as 1 / 0, as parquet and
+    JSON booleans are read (pandas or cudf alike). Other words ("yes") stay unparseable."""
+    number = as_number(series)
+    if _is_numeric(series):
+        return number
+    word = series.astype("str").str.strip().str.lower()
+    number = number.where(~(word == "true").fillna(False), 1)
+    return number.where(~(word == "false").fillna(False), 0)
+
+
 def parse_iso(series):
     """ISO 8601 text -> tz-naive UTC datetimes; anything else (numbers included) -> null."""
     mod = _module(series)
@@ -199,19 +211,19 @@ def parse_iso_parts(series, mod):
 
 
 def parsed_name(column: str, kind: str) -> str:
-    """The column in which ``ParseColumns`` keeps ``column`` parsed: ``kind`` "number" (``as_number``)
-    or "iso" (``parse_iso``)."""
+    """The column in which ``ParseColumns`` keeps ``column`` parsed: ``kind`` "number" (``as_number``),
+    "binary" (``as_binary``) or "iso" (``parse_iso``)."""
     return f"__parsed_{kind}__:{column}"
 
 
 def _parse_kind(rule: Rule, col) -> str | None:
-    """How the checks (and the mapping to the pipeline's columns) read ``col``: "iso", "number", or
-    None where the column is taken as it is (dates, numbers: ``as_number`` returns them unchanged)."""
+    """How the checks (and the mapping to the pipeline's columns) read ``col``: "iso", "binary", "number",
+    or None where the column is taken as it is (dates, numbers: ``as_number`` returns them unchanged)."""
     if rule.kind == "timestamp" and rule.unit == "iso":
         return "iso"
     if (rule.kind == "timestamp" and col.dtype.kind == "M") or (_is_numeric(col) and col.dtype.kind != "b"):
         return None
-    return "number"
+    return "binary" if rule.kind == "binary" else "number"
 
 
 class ParseColumns:
@@ -228,16 +240,21 @@ class ParseColumns:
             col = df[rule.column]
             kind = _parse_kind(rule, col)
             if kind is not None and parsed_name(rule.column, kind) not in out.columns:
-                out[parsed_name(rule.column, kind)] = parse_iso(col) if kind == "iso" else as_number(col)
+                out[parsed_name(rule.column, kind)] = _parse(col, kind)
         return out
 
 
+def _parse(col, kind: str):
+    return parse_iso(col) if kind == "iso" else as_binary(col) if kind == "binary" else as_number(col)
+
+
 def parsed_values(df, column: str, kind: str):
-    """``df[column]`` parsed (``kind``: "number" or "iso"): the values ``ParseColumns`` kept, or parsed now."""
+    """``df[column]`` parsed (``kind``: "number", "binary" or "iso"): the values ``ParseColumns`` kept, or
+    parsed now."""
     name = parsed_name(column, kind)
     if name in df.columns:
         return df[name]
-    return parse_iso(df[column]) if kind == "iso" else as_number(df[column])
+    return _parse(df[column], kind)
 
 
 def _first(values):
@@ -300,7 +317,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
 
             _add(issues, rule.column, "negative", col < pd.Timestamp(0, tz=col.dt.tz), col)  # before 1970
             continue
-        num = col if integer_dtype else parsed_values(df, rule.column, "number")
+        num = col if integer_dtype else parsed_values(df, rule.column, "binary" if rule.kind == "binary" else "number")
         numbers[rule.column] = num
         if present is not None:
             _add(issues, rule.column, "not_number", present & num.isna(), col)
@@ -467,6 +484,8 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
                     defect(f"is not an integer id{role}; ids must be integers (serving takes INT64 ids)", "not_number")
             elif rule.kind == "timestamp":
                 defect(f"is not a timestamp in {rule.unit}{role}", "not_number")
+            elif rule.kind == "binary":
+                defect(f"{MESSAGES['not_number']}{role}: a binary signal is 0 or 1 (or true / false)", "not_number")
             else:
                 defect(f"{MESSAGES['not_number']}{role}", "not_number")
         if (c, "mixed_types") in issues:
