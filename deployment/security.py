@@ -220,10 +220,11 @@ class ControlClient:
             return attr
         headers = self._headers if name in self._KEYED else None
         timeout_s = self.load_timeout_s if name in ("load_model", "unload_model") else self.timeout_s
-        if timeout_s is not None and "client_timeout" not in inspect.signature(attr).parameters:
+        takes_timeout = "client_timeout" in inspect.signature(attr).parameters
+        if not takes_timeout:
             timeout_s = None  # close(), the streams: no deadline to give
-        if headers is None and timeout_s is None:
-            return attr
+        if headers is None and timeout_s is None and not takes_timeout:
+            return attr  # nothing to add, and no call's own client_timeout to check
 
         def call(*args, **kwargs):
             if headers is not None:

@@ -2046,4 +2046,6 @@ def test_the_grpc_clients_refuse_a_timeout_no_grpc_deadline_carries(timeout_s):
     with security.ControlClient("127.0.0.1:1", key=key) as control:  # no deadline of its own
         with pytest.raises(ValueError, match=r"^client_timeout must be a finite number"):
             control.get_model_repository_index(client_timeout=timeout_s)
+        with pytest.raises(ValueError, match=r"^client_timeout must be a finite number"):
+            control.is_model_ready("funnel", client_timeout=timeout_s)  # a call that needs no key, too
     FunnelClient("127.0.0.1:1", timeout_s=None).close()
