@@ -94,6 +94,12 @@ def online_counters(metrics_url: str, requests: int = 0, feedback: int = 0, time
             break
         settled = recorded(metrics) if settles else None
         if time.monotonic() > deadline:
+            served, timed, fed = recorded(metrics)
+            if timed >= requests and fed >= feedback:  # reached, but other traffic kept them moving
+                raise TimeoutError(
+                    f"online counters at {metrics_url} did not hold still within {timeout:.0f}s (last read "
+                    f"{served:g} requests, {timed:g} timed, {fed:g} feedback): read them once the traffic stops"
+                )
             raise TimeoutError(
                 f"online counters at {metrics_url} did not reach {requests} requests and "
                 f"{feedback} feedback requests within {timeout:.0f}s"

@@ -1121,6 +1121,29 @@ def test_online_counters_are_read_from_a_scrape_that_began_after_they_settled(mo
     assert counters.loc["control", "click"] == 3.0 and counters.loc["control", "requests"] == 4.0
 
 
+def test_online_counters_that_keep_moving_time_out_saying_so(monkeypatch):
+    """Counters that reached what was asked but never held still (traffic still flowing) timed out with
+    "did not reach 4 requests", which they had. The message now says they kept moving."""
+    import itertools
+
+    import serving.metrics
+    from online.ab_experiment import online_counters
+
+    moving = itertools.count(4)
+
+    def reading(url, timeout=5.0):
+        n = float(next(moving))
+        return {
+            "online_requests_total": [({"arm": "control", "version": "1"}, n)],
+            "online_request_latency_ms_count": [({"arm": "control"}, n)],
+            "online_feedback_total": [({"arm": "control", "version": "1"}, 3.0)],
+        }
+
+    monkeypatch.setattr(serving.metrics, "scrape", reading)
+    with pytest.raises(TimeoutError, match="did not hold still"):
+        online_counters("http://metrics", requests=4, feedback=3, timeout=0.2)
+
+
 def test_item_aliases_read_a_duplicates_raw_id_as_its_canonical_id(tmp_path):
     from serving.item_aliases import FILE, ItemAliases
     from workflows.dedup import duplicate_ids
