@@ -200,7 +200,9 @@ def main() -> None:
 
     results = []
     for size in args.sizes:
-        folder = Path(args.work) / str(size)
+        # absolute: the children run in the repository's root (for its imports), so a relative
+        # --work given from another folder named a folder there, which the parent never wrote
+        folder = Path(args.work).resolve() / str(size)
         start = time.perf_counter()
         data = generate(size, folder / "raw")
         entry = {**data, "generate_seconds": round(time.perf_counter() - start, 1)}

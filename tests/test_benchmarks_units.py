@@ -380,3 +380,36 @@ def test_the_holdout_alert_benchmark_refuses_an_effect_that_is_not_positive(effe
     with pytest.raises(SystemExit) as exited:
         benchmark_holdout_alert.main()
     assert exited.value.code == 2 and "--effect" in capsys.readouterr().err
+
+
+def test_the_workflow_benchmark_finds_a_relative_work_folder_from_another_folder(tmp_path, monkeypatch, capsys):
+    """benchmarks/benchmark_workflow.py runs each implementation in a child process started in the
+    repository's root, and passed it ``--work``'s folders as given: ``--work scratch`` from any other
+    folder generated the data in ``./scratch`` and the children read ``<repository>/scratch`` (no
+    such input: the workflow failed and the benchmark exited 1)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks import benchmark_workflow
+
+    seen = []
+
+    def run(cmd, cwd=None, **kwargs):
+        raw = Path(cwd) / cmd[cmd.index("--_raw") + 1]  # where the child, in cwd, reads
+        seen.append(raw)
+        counts = {"seconds": 1.0, "peak_rss_mb": 1.0, "train_rows": 1} if raw.is_dir() else {}
+        return subprocess.CompletedProcess(cmd, 0 if counts else 1, json.dumps(counts), "no input")
+
+    def generate(events, folder):
+        folder.mkdir(parents=True)
+        return {"events": events, "users": 1, "items": 1}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark_workflow, "generate", generate)
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(sys, "argv", ["benchmark_workflow", "--sizes", "10", "--work", "scratch"])
+    benchmark_workflow.main()
+    assert seen and all(raw == tmp_path / "scratch" / "10" / "raw" for raw in seen), seen
+    assert json.loads(capsys.readouterr().out)["sizes"][0]["same_train_rows"] is True
