@@ -413,3 +413,22 @@ def test_the_workflow_benchmark_finds_a_relative_work_folder_from_another_folder
     benchmark_workflow.main()
     assert seen and all(raw == tmp_path / "scratch" / "10" / "raw" for raw in seen), seen
     assert json.loads(capsys.readouterr().out)["sizes"][0]["same_train_rows"] is True
+
+
+def test_a_level_with_no_answered_request_fails_its_targets_instead_of_crashing():
+    """``LoadReport.summary`` has no percentiles when no request was answered; the serving and batching
+    benchmarks' targets read ``p99_ms`` (and the serving one divided by ``p50_ms``) unguarded, so a
+    server that failed every request of a level ended the run with KeyError after every configuration
+    had been measured, and its figures were never printed."""
+    from benchmarks.benchmark_batching import targets as batching_targets
+    from benchmarks.benchmark_serving import targets as serving_targets
+    from benchmarks.loadgen import LoadReport, Request, Result
+
+    refused = LoadReport([Result(Request(1, 10), 0.001, error="refused") for _ in range(4)], 0.1).summary()
+    assert "p99_ms" not in refused and refused["requests_per_s"] == 0
+    fast = {"requests": 100, "ok": 100, "errors": 0, "requests_per_s": 2000.0, "p99_ms": 5.0}
+    row = {"unbatched": {"in_flight_1": fast}, "batched": {"in_flight_1": refused, "in_flight_32": refused}}
+    judged = batching_targets(row, "batched")
+    assert not any(judged.values()), judged
+    judged = serving_targets(refused, refused, speedup=None, ndcg_ratio=1.0)
+    assert not (judged["p99_le_10ms"] or judged["speedup_ge_10x"] or judged["no_failed_requests"])
