@@ -433,3 +433,61 @@ def test_notebooks_close_the_stages_they_build(notebook):
             if isinstance(inner, ast.Call) and getattr(inner.func, "attr", None) in STORE_STAGES:
                 built.append(None)  # used without a name (``FeatureLookup(...).run(...)``): nothing closes it
     assert all(name in closed for name in built), (notebook.name, built, sorted(closed))
+
+
+def test_notebook_01_pairs_each_label_with_its_own_event(tmp_path, monkeypatch):
+    """Notebook 01's "one signal is not relevance" table pairs the processed labels with the raw training
+    events row by row. It merged the durations in first: pandas 1.5 returns an inner merge's rows grouped
+    by key, so where the events are not already grouped by item (a cudf join's output order on a GPU) each
+    label landed on another event and the watched rate per duration bucket was noise. Here the rows
+    alternate between a short and a long item, and every short one is watched."""
+    import types
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    import workflows.pipeline
+    from workflows.local_parquet import read_parquet
+
+    nb = ROOT / "notebooks" / "01-dataset-creation.ipynb"
+    cell = next(s for name, kind, s in NOTEBOOK_CELLS if name == nb and kind == "code" and "bucket_names" in s)
+    n = 40
+    item = np.tile([1, 2], n // 2)  # raw ids: 1 lasts 30 s, 2 lasts 1 h
+    short = item == 1
+    events = pd.DataFrame({"user_id": np.arange(n), "item_id": item, "click": 1})
+    events.to_parquet(tmp_path / "train_events.parquet", index=False)
+    train = pd.DataFrame(
+        {
+            "item_id": item + 10,  # encoded ids
+            "click": 1,
+            "watched": short.astype(float),
+            "duration_watch": short.astype(float),
+        }
+    )
+    processed = types.SimpleNamespace(
+        train=lambda: types.SimpleNamespace(to_ddf=lambda: types.SimpleNamespace(compute=lambda: train)),
+        train_events=tmp_path / "train_events.parquet",
+        workflow=lambda: None,
+    )
+    mapping = pd.DataFrame({"raw": [1, 2], "encoded": [11, 12]})
+    monkeypatch.setattr(workflows.pipeline, "category_mapping", lambda workflow, column: mapping)
+    world = types.SimpleNamespace(items=pd.DataFrame({"item_id": [2, 1], "duration_seconds": [3600.0, 30.0]}))
+    namespace = {
+        "processed": processed,
+        "world": world,
+        "truth": types.SimpleNamespace(clickbait_items=[2]),
+        "summary": {"duration_watch_thresholds": {"bucket_edges": [60.0, 300.0, 1200.0]}},
+        "read_parquet": read_parquet,
+        "pd": pd,
+        "np": np,
+        "plt": plt,
+    }
+    exec(compile(cell, str(nb), "exec"), namespace)
+    plt.close("all")
+    rates = namespace["rates"]
+    assert rates.loc["<1 min", "watched"] == 1.0
+    assert rates.loc[">20 min", "watched"] == 0.0
