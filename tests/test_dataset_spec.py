@@ -675,6 +675,25 @@ def test_a_csv_binary_signal_written_true_false_is_read_as_parquet_booleans_are(
     assert stars.message == "is not a number (signal 'stars')" and stars.example == "true"
 
 
+def test_a_column_a_binary_and_a_continuous_signal_share_reports_each_signals_defects_under_it(tmp_path):
+    # Signals may share a column. The binary one reads "true" as 1, the continuous one refuses it: only the
+    # continuous one is "not a number" (the binary one was blamed too, with its example "true"); a 5 is not 0 / 1
+    # for the binary signal only (the continuous one was called "not 0 or 1 (a binary signal)" as well).
+    events = {"path": "events.csv", "user_id": "u", "item_id": "i", "timestamp": "t",
+              "signals": ["x", {"name": "s", "column": "x", "kind": "continuous", "max": 4}]}  # fmt: skip
+    (tmp_path / "events.csv").write_text("u,i,t,x\n1,3,1767225600,true\n2,4,1767225600,0\n")
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "shared", "events": events}, root=str(tmp_path)))
+    assert [(d.message, d.example) for d in info.value.defects] == [("is not a number (signal 's')", "true")]
+    (tmp_path / "events.csv").write_text("u,i,t,x\n1,3,1767225600,5\n2,4,1767225600,0\n")
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict({"name": "shared", "events": events}, root=str(tmp_path)))
+    assert sorted(d.message for d in info.value.defects) == [
+        "is above the declared maximum 4.0 (signal 's')",
+        "is not 0 or 1 (a binary signal) (signal 'x')",
+    ]
+
+
 def test_infinite_signals_and_attributes_are_refused(tmp_path):
     # "inf" parses as a number; one infinite price made log1p + Normalize turn every item's price into
     # inf (the mean is inf), silently: the models then trained on infinite inputs.

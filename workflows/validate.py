@@ -320,7 +320,7 @@ def profile_frame(df, rules: list[Rule], memberships: list[Membership] = ()) -> 
         num = col if integer_dtype else parsed_values(df, rule.column, "binary" if rule.kind == "binary" else "number")
         numbers[rule.column] = num
         if present is not None:
-            _add(issues, rule.column, "not_number", present & num.isna(), col)
+            _add(issues, rule.column, _not_number_code(rule), present & num.isna(), col)
         if rule.kind == "id":
             if not integer_dtype:
                 parsed = num.notna()
@@ -460,6 +460,22 @@ MESSAGES = {
 }
 
 
+# Issues are kept per (column, code), and signals may share a column (spec.py): a code only some kinds of rule
+# record is reported only under a rule of those kinds, not under each signal reading the column.
+_RECORDED_BY = {
+    "not_binary": ("binary",),
+    "not_finite": ("continuous", "number"),
+    "below": ("continuous", "number"),
+    "above": ("continuous", "number"),
+}
+
+
+def _not_number_code(rule: Rule) -> str:
+    """The code of ``rule``'s unparseable values: a binary signal's own (it reads text true / false, which a
+    continuous signal sharing its column refuses)."""
+    return "binary_not_number" if rule.kind == "binary" else "not_number"
+
+
 def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
     """The defects a merged profile shows, one per (column, kind)."""
     issues = profile["issues"]
@@ -468,14 +484,16 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
         c = rule.column
         role = f" ({rule.role})" if rule.role else ""
 
-        def defect(message, code, _c=c):
+        def defect(message, code, _c=c, _kind=rule.kind):
+            if _kind not in _RECORDED_BY.get(code, (_kind,)):
+                return  # another signal's issue in a shared column
             n, example = issues[(_c, code)]
             out.append(Defect(file, _c, message, n, example))
 
         for code in ("null", "negative", "fractional", "not_binary", "beyond_int64", "inexact", "not_finite"):
             if (c, code) in issues:
                 defect(f"{MESSAGES[code]}{role}", code)
-        if (c, "not_number") in issues:
+        if (c, _not_number_code(rule)) in issues:
             if rule.kind == "id":
                 parsed = issues.get((c, "parsed"), [0, None])[0]
                 if parsed:
@@ -485,7 +503,8 @@ def defects_of(profile: dict, rules: list[Rule], file: str) -> list[Defect]:
             elif rule.kind == "timestamp":
                 defect(f"is not a timestamp in {rule.unit}{role}", "not_number")
             elif rule.kind == "binary":
-                defect(f"{MESSAGES['not_number']}{role}: a binary signal is 0 or 1 (or true / false)", "not_number")
+                message = f"{MESSAGES['not_number']}{role}: a binary signal is 0 or 1 (or true / false)"
+                defect(message, "binary_not_number")
             else:
                 defect(f"{MESSAGES['not_number']}{role}", "not_number")
         if (c, "mixed_types") in issues:
