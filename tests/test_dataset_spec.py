@@ -617,6 +617,21 @@ def test_a_column_named_twice_in_a_files_header_is_a_defect_not_the_first_one_si
     assert [(d.column, d.message) for d in info.value.defects] == [
         ("x", "appears 2 times in the file's header: give each column its own name")
     ]
+    # an attribute table's parquet file is read by pyarrow, which reads the named columns beside a repeated
+    # one: that file was read before and still is; a repeated name the spec reads is refused there too
+    (tmp_path / "events.csv").write_text("u,i,t\n1,3,1700000000\n2,4,1700000000\n")
+    items = [pa.array([3, 4]), pa.array([1.0, 2.0]), pa.array(["a", "b"]), pa.array(["c", "d"])]
+    pq.write_table(pa.table(items, names=["i", "price", "note", "note"]), tmp_path / "items.parquet")
+    values["events"]["path"] = "events.csv"
+    values["items"] = {"path": "items.parquet", "continuous": ["price"]}
+    read = load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert read.items["price"].tolist() == [1.0, 2.0]
+    values["items"]["categorical"] = ["note"]
+    with pytest.raises(DatasetError) as info:
+        load_inputs(spec_from_dict(values, root=str(tmp_path)))
+    assert [(d.column, d.message) for d in info.value.defects] == [
+        ("note", "appears 2 times in the file's header (items.categorical): give each column its own name")
+    ]
 
 
 def test_signal_outside_its_declared_range(shop):

@@ -200,8 +200,10 @@ def _structure(spec: DatasetSpec, table: str, path: str, fmt: str, wanted: dict[
         if kind == "jsonl" and not header and not Path(file).read_text().strip():
             continue  # no record at all: the file dask writes for an empty partition
         # A CSV read the first of two columns of one name, silently (pandas renames the second ``ts.1``);
-        # parquet's reader refused any repeated name with a traceback, whichever columns were read.
-        repeated = sorted({c for c in header if header.count(c) > 1 and (kind == "parquet" or c in wanted)})
+        # the event log's parquet reader (dask) refused any repeated name with a traceback, whichever columns
+        # were read. An attribute table's (pyarrow's read_table) reads the others: only a name read is refused.
+        every = kind == "parquet" and table == "events"
+        repeated = sorted({c for c in header if header.count(c) > 1 and (every or c in wanted)})
         for column in repeated:
             role = f" ({wanted[column]})" if column in wanted else ""
             message = f"appears {header.count(column)} times in the file's header{role}: give each column its own name"
