@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import print_json
+from benchmarks import machine, print_json
 from configs.cli import non_negative_int, output_file, positive_int
 from workflows.local_parquet import read_parquet
 
@@ -287,7 +287,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "machine_cpus": os.cpu_count(),
+        "machine": machine(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "levels": args.levels,
         "requests_per_level": args.requests,

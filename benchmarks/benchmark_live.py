@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import print_json
+from benchmarks import machine, print_json
 from configs.cli import output_file, positive_int
 from serving.interface import FEEDBACK, stage_folder
 from workflows.local_parquet import read_parquet
@@ -314,6 +314,7 @@ def main() -> None:
             os.environ[STORE_ENV] = os.environ[LOG_ENV] = postgres.url
         store = store_location(repo)
         result = {
+            "machine": machine(),
             "backend": args.backend,
             "concurrency": args.concurrency,
             "events_per_s_target": args.events_per_s,

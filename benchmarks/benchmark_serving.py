@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import print_json
+from benchmarks import machine, print_json
 from configs.cli import output_file, positive_int
 from serving.interface import stage_folder
 from workflows.local_parquet import read_parquet
@@ -296,7 +296,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     result = {
-        "machine_cpus": __import__("os").cpu_count(),
+        "machine": machine(),
         "requests_per_size": args.requests,
         "concurrency": args.concurrency,
         "wall_s": round(time.perf_counter() - start, 1),

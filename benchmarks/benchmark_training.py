@@ -34,7 +34,7 @@ import tensorflow as tf
 from merlin.io import Dataset
 from merlin.schema import Tags
 
-from benchmarks import print_json
+from benchmarks import machine, print_json
 from configs import CandidateGeneratorConfig, EmbeddingConfig
 from configs.cli import config_file, output_file, positive_int
 from models.candidate_generator import build_candidate_generator, positives, tower_schema
@@ -205,10 +205,7 @@ def main() -> None:
         result = benchmark(
             processed.train(), config.candidate_generator, config.embeddings, epochs=args.epochs, seed=config.seed
         )
-    import tensorflow as tf
-    import tensorflow_recommenders as tfrs
-
-    result["versions"] = {"tensorflow": tf.__version__, "tensorflow_recommenders": tfrs.__version__}
+    result["machine"] = machine()  # the TensorFlow and TFRS versions among the others
     print_json(result, args.out)  # makes --out's folder: a missing one lost the figures after the run
 
 

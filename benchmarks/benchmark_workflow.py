@@ -5,11 +5,11 @@ For each size, synthetic events are generated once; then the NVTabular/dask work
 (``run_dataset_pipeline``, correctness checks off unless --checks) and the pandas baseline run, each
 in its own process so its peak RSS is its own. Prints one JSON document:
 
-    {"sizes": [{"events": N, "workflow": {...}, "pandas": {...}, "workflow_vs_pandas": ratio}], ...}
+    {"machine": {...}, "sizes": [{"events": N, "workflow": {...}, "pandas": {...}, "workflow_vs_pandas": ratio}], ...}
 
 ``rows_per_s`` = input events / wall seconds of the whole run (reading raw parquet to writing the
 model-ready parquet). Both runs share the machine at the same time of day, so the ratio is the figure
-to compare across machines.
+to compare across machines. ``machine`` is ``benchmarks.machine()``: CPUs, GPUs and package versions.
 
     python -m benchmarks.benchmark_workflow --sizes 1000000
     python -m benchmarks.benchmark_workflow --sizes 1000000 10000000
@@ -21,13 +21,13 @@ quiet_known_warnings()
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import machine, print_json
 
 SCRIPT = Path(__file__).resolve()
 
@@ -192,7 +192,6 @@ def main() -> None:
     parser.add_argument("--_raw", help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from workflows.cluster import gpu_count
 
     if args._run:  # child process: one implementation, one size
         print(json.dumps(run_one(args._run, Path(args._raw), Path(args._out), args.checks)))
@@ -226,17 +225,13 @@ def main() -> None:
         entry["workflow_vs_pandas"] = round(entry["workflow"]["rows_per_s"] / entry["pandas"]["rows_per_s"], 3)
         entry["same_train_rows"] = entry["workflow"]["train_rows"] == entry["pandas"]["train_rows"]
         results.append(entry)
-    print(
-        json.dumps(
-            {
-                "benchmark": "dataset workflow (NVTabular + dask) vs plain pandas, same steps",
-                "checks_in_workflow": args.checks,
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "gpus": gpu_count()},
-                "sizes": results,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "benchmark": "dataset workflow (NVTabular + dask) vs plain pandas, same steps",
+        "checks_in_workflow": args.checks,
+        "machine": machine(),
+        "sizes": results,
+    }
+    print_json(result)
 
 
 if __name__ == "__main__":

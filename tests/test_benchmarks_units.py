@@ -432,3 +432,112 @@ def test_a_level_with_no_answered_request_fails_its_targets_instead_of_crashing(
     assert not any(judged.values()), judged
     judged = serving_targets(refused, refused, speedup=None, ndcg_ratio=1.0)
     assert not (judged["p99_le_10ms"] or judged["speedup_ge_10x"] or judged["no_failed_requests"])
+
+
+def test_the_machine_context_names_the_cpu_and_the_versions_that_decide_the_figures():
+    """The benchmarks recorded the CPU count (and some Python, the GPU count or TensorFlow's version):
+    nothing named the CPU model or the versions of numpy, Merlin, faiss, tritonclient or the
+    tritonserver wheel, so two JSON files could not say whether they were taken with the same stack.
+    ``benchmarks.machine()`` did not exist."""
+    from importlib.metadata import version
+
+    from benchmarks import machine
+
+    context = machine()
+    assert {"cpus", "cpu_model", "gpus", "gpu_models", "python", "platform", "versions"} <= set(context)
+    assert context["gpus"] == len(context["gpu_models"])
+    versions = context["versions"]
+    wanted = {"numpy", "pandas", "dask", "tensorflow", "merlin-core", "nvtabular", "faiss"}
+    assert wanted | {"nvidia-pytriton", "tritonclient", "cudf"} <= set(versions)
+    for name in ("numpy", "pandas", "nvtabular", "merlin-core", "nvidia-pytriton", "tritonclient"):
+        assert versions[name] == version(name), name
+    assert versions["tensorflow"] and versions["faiss"]  # tensorflow-cpu, faiss-cpu here: named as such
+
+
+def _figures_of(script, tmp_path, monkeypatch, capsys) -> dict:
+    """Run ``benchmarks.<script>``'s main with its measuring stood in for; the JSON it printed."""
+    import importlib
+    import json
+    import subprocess
+    import sys
+    import types
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    argv = [script, "--sizes", "10", "--workdir", str(tmp_path / "w")]
+    if script in ("benchmark_serving", "benchmark_batching"):
+        monkeypatch.setattr(module, "measure_size", lambda size, args, workdir: {"num_items_generated": size})
+    elif script == "benchmark_workflow":
+
+        def run(cmd, **kwargs):
+            counts = {"seconds": 1.0, "peak_rss_mb": 1.0, "train_rows": 1}
+            return subprocess.CompletedProcess(cmd, 0, json.dumps(counts), "")
+
+        monkeypatch.setattr(module, "generate", lambda events, folder: {"events": events, "users": 1, "items": 1})
+        monkeypatch.setattr(subprocess, "run", run)
+        argv = [script, "--sizes", "10", "--work", str(tmp_path / "w")]
+    else:  # benchmark_training
+        import workflows.pipeline
+        import workflows.sources.synthetic
+
+        data = types.SimpleNamespace(write_parquet=lambda folder: {"events": None, "users": None, "items": None})
+        monkeypatch.setitem(sys.modules, "tensorflow_recommenders", types.SimpleNamespace(__version__="0"))
+        monkeypatch.setattr(workflows.sources.synthetic, "generate", lambda config: data)
+        monkeypatch.setattr(
+            workflows.pipeline, "run_dataset_pipeline", lambda *a: types.SimpleNamespace(train=lambda: None)
+        )
+        monkeypatch.setattr(module, "benchmark", lambda *args, **kwargs: {"examples": 1})
+        argv = [script]
+    monkeypatch.setattr(sys, "argv", argv)
+    module.main()
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "script", ["benchmark_serving", "benchmark_batching", "benchmark_workflow", "benchmark_training"]
+)
+def test_every_benchmarks_json_carries_the_machine_context(script, tmp_path, monkeypatch, capsys):
+    """Each benchmark's JSON has ``machine``, ``benchmarks.machine()``: serving and batching had only
+    ``machine_cpus``, the workflow CPUs, Python and GPUs, training TensorFlow's and TFRS's versions."""
+    from benchmarks import machine
+
+    figures = _figures_of(script, tmp_path, monkeypatch, capsys)
+    assert figures["machine"]["versions"] == machine()["versions"]
+    assert figures["machine"]["cpu_model"] == machine()["cpu_model"]
+
+
+def test_the_live_benchmarks_json_carries_the_machine_context(tmp_path, monkeypatch, capsys):
+    """benchmarks/benchmark_live.py recorded no machine at all (not even the CPU count)."""
+    import json
+    import multiprocessing
+    import queue
+    import sys
+    import threading
+
+    import benchmarks.loadgen
+    import deployment.server
+    from benchmarks import benchmark_live, machine
+    from benchmarks.loadgen import LoadReport, Request, Result
+
+    repo = stand_in_export(tmp_path)
+
+    class Process:
+        def __init__(self, target, args, daemon=None):
+            self.args = args
+
+        def start(self):
+            self.args[5].set()  # ready
+            self.args[7].put({"writer_cpu_s": 0.1, "writer_seconds": 1.0})
+
+        def join(self, timeout=None):
+            pass
+
+    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
+    monkeypatch.setattr(deployment.server, "TritonServer", StandInServer)
+    run_load = lambda url, requests, **kwargs: LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)  # noqa: E731
+    monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
+    monkeypatch.setattr(benchmark_live, "fresh_history_trials", lambda *args: {})
+    argv = ["benchmark_live", "--repository", str(repo), "--workdir", str(tmp_path / "w"), "--rounds", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-same-cpu"])
+    benchmark_live.main()
+    assert json.loads(capsys.readouterr().out)["machine"]["versions"] == machine()["versions"]
