@@ -12,7 +12,7 @@ model-ready parquet). Both runs share the machine at the same time of day, so th
 to compare across machines. ``machine`` is ``benchmarks.machine()``: CPUs, GPUs and package versions.
 
     python -m benchmarks.benchmark_workflow --sizes 1000000
-    python -m benchmarks.benchmark_workflow --sizes 1000000 10000000
+    python -m benchmarks.benchmark_workflow --sizes 1000000 10000000 --out build/benchmark_workflow.json
 """
 
 from configs.runtime import quiet_known_warnings
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks import machine, print_json
+from configs.cli import output_file, positive_int
 
 SCRIPT = Path(__file__).resolve()
 
@@ -181,13 +182,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,  # 0 or below generated a world of the minimum size, not what was asked
         nargs="+",
         default=[1_000_000, 10_000_000],
         help="approximate numbers of synthetic events (default: 1000000 10000000)",
     )
     parser.add_argument("--work", default="build/benchmark", help="scratch folder (default: build/benchmark)")
     parser.add_argument("--checks", action="store_true", help="also run the correctness checks in the workflow")
+    parser.add_argument("--out", type=output_file, help="also write the JSON here")
     parser.add_argument("--_run", choices=["workflow", "pandas"], help=argparse.SUPPRESS)
     parser.add_argument("--_raw", help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
@@ -231,7 +233,7 @@ def main() -> None:
         "machine": machine(),
         "sizes": results,
     }
-    print_json(result)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

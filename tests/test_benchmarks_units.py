@@ -541,3 +541,49 @@ def test_the_live_benchmarks_json_carries_the_machine_context(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", [*argv, "--no-same-cpu"])
     benchmark_live.main()
     assert json.loads(capsys.readouterr().out)["machine"]["versions"] == machine()["versions"]
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_the_workflow_benchmark_refuses_sizes_below_one(size, tmp_path, monkeypatch, capsys):
+    """``benchmark_workflow --sizes 0`` (or below) generated the synthetic minimum (100 users, 6,000
+    events) and reported it as the size asked for; it is a usage error now, as in the other benchmarks."""
+    import sys
+
+    from benchmarks import benchmark_workflow
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError(f"--sizes {size} went on to generate")
+
+    monkeypatch.setattr(benchmark_workflow, "generate", not_reached)
+    monkeypatch.setattr(sys, "argv", ["benchmark_workflow", "--sizes", size, "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        benchmark_workflow.main()
+    assert exited.value.code == 2 and "--sizes" in capsys.readouterr().err
+
+
+def test_the_workflow_benchmark_writes_out_as_the_others_do(tmp_path, monkeypatch, capsys):
+    """benchmark_workflow had no ``--out`` (argparse exited 2 on it): its JSON went to stdout only. It
+    takes one now, checked before the run (a folder is refused) and made where missing."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks import benchmark_workflow
+
+    monkeypatch.setattr(sys, "argv", ["benchmark_workflow", "--sizes", "10", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        benchmark_workflow.main()
+    assert exited.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+    def run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"seconds": 1.0, "train_rows": 1}), "")
+
+    monkeypatch.setattr(benchmark_workflow, "generate", lambda events, folder: {"events": events})
+    monkeypatch.setattr(subprocess, "run", run)
+    out = tmp_path / "build" / "workflow.json"
+    monkeypatch.setattr(
+        sys, "argv", ["benchmark_workflow", "--sizes", "10", "--work", str(tmp_path), "--out", str(out)]
+    )
+    benchmark_workflow.main()
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text())["sizes"][0]["events"] == 10
