@@ -481,6 +481,56 @@ def test_a_parquet_column_of_dates_is_midnight_utc_of_each_day(tmp_path, unit):
     assert messages == ["is empty (null) (events.timestamp)", "is negative (events.timestamp)"], messages
 
 
+def test_a_parquet_timestamp_pandas_cannot_hold_is_a_defect_not_a_traceback(tmp_path, monkeypatch):
+    # pandas holds instants as int64 nanoseconds (1677-09-21 to 2262-04-11): a parquet timestamp in s / ms / us
+    # or a date past that (9999-12-31, a warehouse's "no end") made the CPU reader raise pyarrow's "would result
+    # in out of bounds timestamp" (pandas' OutOfBoundsDatetime for a date), a traceback naming no column.
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import workflows.reader as reader
+
+    day, end, start = datetime.datetime(2026, 1, 1), datetime.datetime(9999, 12, 31), datetime.datetime(1, 1, 1)
+    kinds = {
+        "ms": pa.timestamp("ms"),
+        "us_utc": pa.timestamp("us", tz="UTC"),
+        "s_berlin": pa.timestamp("s", tz="Europe/Berlin"),
+        "date32": pa.date32(),
+    }
+    for name, kind in kinds.items():
+        stamps = [day, day, end, None, end, start]
+        if pa.types.is_date(kind):
+            stamps = [None if s is None else s.date() for s in stamps]
+        table = pa.table({"u": [1, 2, 3, -4, 5, 6], "i": [3, 4, 5, 6, 7, 8], "t": pa.array(stamps, kind)})
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, row_group_size=2)  # the first row group's statistics need no scan
+        events = {"path": str(path), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": "s"}
+        with pytest.raises(DatasetError) as info:
+            load_inputs(spec_from_dict({"name": name, "events": events}))
+        found = sorted((d.column, d.rows, "2262-04-11" in d.message) for d in info.value.defects)
+        # the other rows are still checked: the null timestamp and the negative id, each once
+        assert found == [("t", 1, False), ("t", 3, True), ("u", 1, False)], (name, [str(d) for d in info.value.defects])
+        beyond = next(d for d in info.value.defects if "2262-04-11" in d.message)
+        assert str(beyond.example).startswith("9999-12-31"), (name, beyond.example)
+    # a file without statistics is scanned; one whose statistics lie inside is not read again
+    path = tmp_path / "nostats.parquet"
+    one = pa.table({"u": [1], "i": [3], "t": pa.array([end], pa.timestamp("ms"))})
+    pq.write_table(one, path, write_statistics=False)
+    assert reader.instants_out_of_bounds(str(path), "t") == (1, "9999-12-31T00:00:00")
+    path = tmp_path / "fine.parquet"
+    pq.write_table(pa.table({"u": [1, 2], "i": [3, 4], "t": pa.array([day, day], pa.timestamp("ms"))}), path)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("a row group read although its statistics lie inside")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", no_scan)
+    events = {"path": str(path), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": "ms"}
+    read = load_inputs(spec_from_dict({"name": "fine", "events": events})).events.compute()
+    assert read["timestamp"].tolist() == [1767225600, 1767225600]
+
+
 def test_events_of_items_missing_from_the_item_table(shop):
     items = pd.read_csv(shop / "items.csv")
     used = pd.concat([pd.read_csv(p) for p in sorted(shop.glob("events-*.csv"))])["sku"]

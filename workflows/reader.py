@@ -15,6 +15,7 @@ is passed through without any conversion.
 
 from __future__ import annotations
 
+import datetime
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,14 +128,108 @@ def _dates_as_instants(df, columns: list[str]):
     return df
 
 
-def read_collection(file: str, fmt: str, columns: list[str], instants=()):
+# pandas holds a point in time as int64 nanoseconds since 1970: 1677-09-21 to 2262-04-11. A parquet timestamp
+# in s, ms or us, or a date, may lie outside (9999-12-31, a warehouse's "no end"; 0001-01-01), and pyarrow's
+# cast to pandas' nanoseconds raised on it, a traceback, before any check ran.
+NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "date32": 86_400 * 10**9, "date64": 10**6}
+# Row groups whose statistics lie between these need no scan (a margin inside the bounds above).
+_STATS_SAFE = (datetime.datetime(1678, 1, 1), datetime.datetime(2262, 1, 1))
+
+
+def _ns_per_value(kind) -> int | None:
+    """Nanoseconds per stored integer of a parquet column of arrow type ``kind``: None where the column
+    holds no point in time pandas' nanoseconds could not (ns timestamps, or not a timestamp or date)."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(kind):
+        return NS_PER.get(kind.unit)
+    if pa.types.is_date32(kind) or pa.types.is_date64(kind):
+        return NS_PER[str(kind).split("[")[0]]
+    return None
+
+
+def _statistics_safe(statistics) -> bool:
+    """A row group's min / max of a timestamp or date column lie inside pandas' nanoseconds (metadata only)."""
+    if statistics is None or not statistics.has_min_max:
+        return False
+    try:
+        low, high = statistics.min, statistics.max  # datetime / date; a year past 9999 does not convert
+    except (ValueError, OverflowError):
+        return False
+    out = []
+    for value in (low, high):
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        elif isinstance(value, datetime.date):
+            value = datetime.datetime(value.year, value.month, value.day)
+        else:
+            return False
+        out.append(value)
+    return _STATS_SAFE[0] <= out[0] and out[1] <= _STATS_SAFE[1]
+
+
+def instants_out_of_bounds(file: str, column: str) -> tuple[int, str] | None:
+    """Rows of a parquet file's timestamp (s, ms, us) or date ``column`` before 1677-09-21 or after 2262-04-11
+    (pandas' nanoseconds cannot hold them), and the first as ISO text; None when there are none. Row groups
+    whose statistics lie inside are not read (the usual file: its footer only); others are read one at a
+    time, that column alone, and compared in pyarrow, whichever backend then reads the file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    per = _ns_per_value(parquet.schema_arrow.field(column).type)
+    if per is None:
+        return None
+    meta = parquet.metadata
+    leaf = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == column), None)
+    limit = (2**63 - 1) // per  # stored integers beyond +-limit overflow int64 nanoseconds
+    rows, example = 0, None
+    for group in range(meta.num_row_groups):
+        if leaf is not None and _statistics_safe(meta.row_group(group).column(leaf).statistics):
+            continue
+        values = parquet.read_row_group(group, columns=[column]).column(0)
+        numbers = values.cast(pa.int32() if pa.types.is_date32(values.type) else pa.int64()).cast(pa.int64())
+        beyond = pc.or_(pc.greater(numbers, limit), pc.less(numbers, -limit))
+        found = pc.sum(beyond).as_py() or 0
+        if found and example is None:
+            first = values.filter(beyond)[0]
+            try:
+                example = first.as_py().isoformat()
+            except (ValueError, OverflowError):  # beyond Python's year 9999
+                example = f"{numbers.filter(beyond)[0].as_py()} ({values.type})"
+        rows += found
+    return (rows, example) if rows else None
+
+
+def _instants_in_bounds(df, columns: list[str]):
+    """Per partition of a file ``instants_out_of_bounds`` found values in (read with timestamps as Python
+    objects): ``columns`` as naive UTC datetimes, each value pandas cannot hold taken as 1970-01-01, so the
+    other checks run on the rest (that defect is already reported, and nothing is written)."""
+    df = df.copy()
+    for column in columns:
+        values = df[column]
+        stamps = pd.to_datetime(values, errors="coerce", utc=True).dt.tz_localize(None)
+        df[column] = stamps.where(~(values.notna() & stamps.isna()), pd.Timestamp(0))
+    return df
+
+
+def read_collection(file: str, fmt: str, columns: list[str], instants=(), out_of_bounds=False):
     """One file as a dask collection of ``columns`` (text for CSV, as parsed for JSON lines). ``instants``:
-    columns read as points in time (the timestamp), where a parquet date column is midnight UTC of its day."""
+    columns read as points in time (the timestamp), where a parquet date column is midnight UTC of its day.
+    ``out_of_bounds``: ``instants_out_of_bounds`` found some in the file (read on CPU without pandas' cast)."""
     module = _collection_module()
     if fmt == "parquet" and module.__name__ == "dask.dataframe":
         # Merlin's CPU engine casts pandas' nullable columns (Int64, a parquet written from them) to
         # numpy ones while reading, and a null among them crashed there ("cannot convert NA to
         # integer") before the checks could name it: the same reader without that cast.
+        if out_of_bounds:
+            # pyarrow's cast to nanoseconds raises on them: read as Python objects, then made datetimes
+            objects = {"arrow_to_pandas": {"timestamp_as_object": True}}
+            ddf = module.read_parquet(file, columns=columns, engine="pyarrow", **objects)[columns]
+            stamps = [c for c in dict.fromkeys(instants) if c in columns]
+            return ddf.map_partitions(_instants_in_bounds, stamps, meta=_instants_in_bounds(ddf._meta, stamps))
         ddf = module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
         # A parquet date (date32 / date64: a day, no time) reaches pandas as an object column of
         # datetime.date, which the checks refused as "not a timestamp": it is the day's midnight UTC, as
@@ -495,7 +590,13 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
         raise DatasetError(defects)
 
     columns = list(wanted)
-    parts = [read_collection(file, kind, columns, instants=[ev.timestamp]) for file, kind in found]
+    # Before the read: a parquet timestamp past 2262 (9999-12-31) made pandas' reader raise, naming nothing.
+    beyond = {file: instants_out_of_bounds(file, ev.timestamp) for file, kind in found if kind == "parquet"}
+    beyond = {file: found_rows for file, found_rows in beyond.items() if found_rows}
+    parts = [
+        read_collection(file, kind, columns, instants=[ev.timestamp], out_of_bounds=file in beyond)
+        for file, kind in found
+    ]
     raw = parts[0] if len(parts) == 1 else _collection_module().concat(parts)
     rules = _event_rules(spec)
     # Read once and each text column parsed once: the checks and the mapping below both read the parsed
@@ -514,6 +615,14 @@ def load_inputs(spec: DatasetSpec) -> Inputs:
         start += part.npartitions
         per_file.append((file, merged))
         defects.extend(defects_of(merged, rules, file))
+        if file in beyond:
+            rows, example = beyond[file]
+            message = (
+                "is before 1677-09-21 or after 2262-04-11, beyond the points in time the pipeline holds (nanoseconds"
+                " since 1970 in int64), such as a placeholder date (9999-12-31 for 'no end'): drop or null those"
+                " events (events.timestamp)"
+            )
+            defects.append(Defect(file, ev.timestamp, message, rows, example))
     total = merge_profiles([p for _, p in per_file])
     if total["rows"] == 0:
         defects.append(Defect(spec.resolve(ev.path), "", "the event log is empty (no rows)"))

@@ -12,7 +12,8 @@ anything (``scripts/prepare_data.py`` exits with code 2). What is checked:
                 "1e3" and "1000": read as numbers they would become one id)
     timestamps  null or unparseable (for the declared unit), negative, values far beyond the unit's
                 range (seconds that are really milliseconds), a whole log before 1990 that a coarser unit puts
-                after it (milliseconds that are really seconds); a column of dates is taken as its instants
+                after it (milliseconds that are really seconds); a column of dates is taken as its instants, and
+                a parquet one before 1677-09-21 or after 2262-04-11 is refused (reader.instants_out_of_bounds)
     signals     null or not a number (or infinite), a binary signal not 0/1 (text true / false is 1 / 0), a value
                 outside the declared range
     attributes  a continuous column that is not a number (or infinite); a negative duration or log: true value
