@@ -138,6 +138,20 @@ class StandInServer:
         return {}
 
 
+class StandInWriter:
+    """benchmark_live's writer process, stood in: ready at once, its figures queued."""
+
+    def __init__(self, target, args, daemon=None):
+        self.args = args
+
+    def start(self):
+        self.args[5].set()  # ready
+        self.args[7].put({"writer_cpu_s": 0.1, "writer_seconds": 1.0})
+
+    def join(self, timeout=None):
+        pass
+
+
 def test_the_live_benchmark_stops_its_writer_when_a_phase_fails(tmp_path, monkeypatch):
     """benchmarks/benchmark_live.py starts a writer process for each write phase and set its stop
     event only after the phase: a phase that raised (a load that failed, the fresh-history trials)
@@ -230,19 +244,8 @@ def test_the_live_benchmark_removes_its_temporary_folder(tmp_path, monkeypatch):
     def run_load(url, requests, **kwargs):
         return LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)
 
-    class Process:
-        def __init__(self, target, args, daemon=None):
-            self.args = args
-
-        def start(self):
-            self.args[5].set()  # ready
-            self.args[7].put({"writer_cpu_s": 0.1, "writer_seconds": 1.0})
-
-        def join(self, timeout=None):
-            pass
-
     made = tmp_path / "made-by-mkdtemp"
-    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
+    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": StandInWriter})
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
     monkeypatch.setattr(deployment.server, "TritonServer", StandInServer)
     monkeypatch.setattr(benchmarks.loadgen, "run_load", run_load)
@@ -520,18 +523,7 @@ def test_the_live_benchmarks_json_carries_the_machine_context(tmp_path, monkeypa
 
     repo = stand_in_export(tmp_path)
 
-    class Process:
-        def __init__(self, target, args, daemon=None):
-            self.args = args
-
-        def start(self):
-            self.args[5].set()  # ready
-            self.args[7].put({"writer_cpu_s": 0.1, "writer_seconds": 1.0})
-
-        def join(self, timeout=None):
-            pass
-
-    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": Process})
+    context = type("Context", (), {"Event": threading.Event, "Queue": queue.Queue, "Process": StandInWriter})
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
     monkeypatch.setattr(deployment.server, "TritonServer", StandInServer)
     run_load = lambda url, requests, **kwargs: LoadReport([Result(Request(1, 10), 0.01) for _ in requests], 0.1)  # noqa: E731
