@@ -531,6 +531,29 @@ def test_a_parquet_timestamp_pandas_cannot_hold_is_a_defect_not_a_traceback(tmp_
     assert read["timestamp"].tolist() == [1767225600, 1767225600]
 
 
+def test_a_log_of_several_parquet_files_with_time_zones_reports_only_the_out_of_bounds_instants(tmp_path):
+    # One file of a time-zoned log with a 9999-12-31 is read apart (timestamps as objects): its column must
+    # keep the zone the other files' read gives it, or the concatenation mixed zoned and naive datetimes and
+    # every row of every file, the clean one too, became "not a timestamp".
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    day, end = datetime.datetime(2026, 1, 1), datetime.datetime(9999, 12, 31)
+    for zone in ("UTC", "Europe/Berlin"):
+        folder = tmp_path / zone.replace("/", "_")
+        folder.mkdir()
+        kind = pa.timestamp("us", tz=zone)
+        pq.write_table(pa.table({"u": [1, 2], "i": [3, 4], "t": pa.array([day, day], kind)}), folder / "a.parquet")
+        pq.write_table(pa.table({"u": [5, 6], "i": [7, 8], "t": pa.array([day, end], kind)}), folder / "b.parquet")
+        events = {"path": str(folder), "user_id": "u", "item_id": "i", "timestamp": "t", "timestamp_unit": "s"}
+        with pytest.raises(DatasetError) as info:
+            load_inputs(spec_from_dict({"name": "zoned", "events": events}))
+        found = [(Path(d.file).name, d.column, d.rows) for d in info.value.defects]
+        assert found == [("b.parquet", "t", 1)], (zone, [str(d) for d in info.value.defects])
+
+
 def test_events_of_items_missing_from_the_item_table(shop):
     items = pd.read_csv(shop / "items.csv")
     used = pd.concat([pd.read_csv(p) for p in sorted(shop.glob("events-*.csv"))])["sku"]

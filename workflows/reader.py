@@ -203,15 +203,20 @@ def instants_out_of_bounds(file: str, column: str) -> tuple[int, str] | None:
     return (rows, example) if rows else None
 
 
-def _instants_in_bounds(df, columns: list[str]):
+def _instants_in_bounds(df, columns: dict):
     """Per partition of a file ``instants_out_of_bounds`` found values in (read with timestamps as Python
-    objects): ``columns`` as naive UTC datetimes, each value pandas cannot hold taken as 1970-01-01, so the
-    other checks run on the rest (that defect is already reported, and nothing is written)."""
+    objects): ``columns`` (``{column: the parquet column's time zone, None where naive or a date}``) as the
+    datetimes the usual read gives (in that zone, else naive UTC), each value pandas cannot hold taken as
+    1970-01-01, so the other checks run on the rest (that defect is already reported, and nothing is
+    written). The same dtype as the log's other files: a zoned column made naive here mixed zoned and naive
+    datetimes in their concatenation, and every row of every file became "not a timestamp"."""
     df = df.copy()
-    for column in columns:
+    for column, zone in columns.items():
         values = df[column]
-        stamps = pd.to_datetime(values, errors="coerce", utc=True).dt.tz_localize(None)
-        df[column] = stamps.where(~(values.notna() & stamps.isna()), pd.Timestamp(0))
+        stamps = pd.to_datetime(values, errors="coerce", utc=True)
+        stamps = stamps.dt.tz_convert(zone) if zone else stamps.dt.tz_localize(None)
+        epoch = pd.Timestamp(0, tz="UTC").tz_convert(zone) if zone else pd.Timestamp(0)
+        df[column] = stamps.where(~(values.notna() & stamps.isna()), epoch)
     return df
 
 
@@ -228,7 +233,10 @@ def read_collection(file: str, fmt: str, columns: list[str], instants=(), out_of
             # pyarrow's cast to nanoseconds raises on them: read as Python objects, then made datetimes
             objects = {"arrow_to_pandas": {"timestamp_as_object": True}}
             ddf = module.read_parquet(file, columns=columns, engine="pyarrow", **objects)[columns]
-            stamps = [c for c in dict.fromkeys(instants) if c in columns]
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(file)
+            stamps = {c: getattr(schema.field(c).type, "tz", None) for c in dict.fromkeys(instants) if c in columns}
             return ddf.map_partitions(_instants_in_bounds, stamps, meta=_instants_in_bounds(ddf._meta, stamps))
         ddf = module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
         # A parquet date (date32 / date64: a day, no time) reaches pandas as an object column of
