@@ -120,18 +120,9 @@ def columns_of(file: str, fmt: str) -> list[str]:
     return list(pd.read_json(file, lines=True, nrows=1000, dtype=False, convert_dates=False).columns)
 
 
-def _dates_as_instants(df, columns: list[str]):
-    """Per partition: ``columns`` (pandas' object columns of ``datetime.date``) as datetimes at midnight."""
-    df = df.copy()
-    for column in columns:
-        df[column] = df[column].astype("datetime64[ns]")
-    return df
-
-
 # pandas holds a point in time as int64 nanoseconds since 1970: 1677-09-21 to 2262-04-11. A parquet timestamp
 # in s, ms or us, or a date, may lie outside (9999-12-31, a warehouse's "no end"; 0001-01-01), and pyarrow's
 # cast to pandas' nanoseconds raised on it, a traceback, before any check ran.
-NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "date32": 86_400 * 10**9, "date64": 10**6}
 # Row groups whose statistics lie between these need no scan (a margin inside the bounds above).
 _STATS_SAFE = (datetime.datetime(1678, 1, 1), datetime.datetime(2262, 1, 1))
 
@@ -141,10 +132,13 @@ def _ns_per_value(kind) -> int | None:
     holds no point in time pandas' nanoseconds could not (ns timestamps, or not a timestamp or date)."""
     import pyarrow as pa
 
+    per_second = PER_SECOND["ns"]
     if pa.types.is_timestamp(kind):
-        return NS_PER.get(kind.unit)
-    if pa.types.is_date32(kind) or pa.types.is_date64(kind):
-        return NS_PER[str(kind).split("[")[0]]
+        return per_second // PER_SECOND[kind.unit] if kind.unit != "ns" else None
+    if pa.types.is_date32(kind):
+        return 86_400 * per_second  # days
+    if pa.types.is_date64(kind):
+        return per_second // PER_SECOND["ms"]  # milliseconds
     return None
 
 
@@ -204,12 +198,13 @@ def instants_out_of_bounds(file: str, column: str) -> tuple[int, str] | None:
 
 
 def _instants_in_bounds(df, columns: dict):
-    """Per partition of a file ``instants_out_of_bounds`` found values in (read with timestamps as Python
-    objects): ``columns`` (``{column: the parquet column's time zone, None where naive or a date}``) as the
-    datetimes the usual read gives (in that zone, else naive UTC), each value pandas cannot hold taken as
-    1970-01-01, so the other checks run on the rest (that defect is already reported, and nothing is
-    written). The same dtype as the log's other files: a zoned column made naive here mixed zoned and naive
-    datetimes in their concatenation, and every row of every file became "not a timestamp"."""
+    """Per partition: ``columns`` (``{column: the parquet column's time zone, None where naive or a date}``),
+    which pandas holds as Python objects (``datetime.date`` for a parquet date; every timestamp of a file
+    ``instants_out_of_bounds`` found values in), as the datetimes the usual read gives (in that zone, else
+    naive UTC; a date at its midnight). Each value pandas cannot hold is taken as 1970-01-01, so the other
+    checks run on the rest (that defect is already reported, and nothing is written). The same dtype as the
+    log's other files: a zoned column made naive here mixed zoned and naive datetimes in their
+    concatenation, and every row of every file became "not a timestamp"."""
     df = df.copy()
     for column, zone in columns.items():
         values = df[column]
@@ -229,27 +224,24 @@ def read_collection(file: str, fmt: str, columns: list[str], instants=(), out_of
         # Merlin's CPU engine casts pandas' nullable columns (Int64, a parquet written from them) to
         # numpy ones while reading, and a null among them crashed there ("cannot convert NA to
         # integer") before the checks could name it: the same reader without that cast.
-        if out_of_bounds:
-            # pyarrow's cast to nanoseconds raises on them: read as Python objects, then made datetimes
-            objects = {"arrow_to_pandas": {"timestamp_as_object": True}}
-            ddf = module.read_parquet(file, columns=columns, engine="pyarrow", **objects)[columns]
-            import pyarrow.parquet as pq
-
-            schema = pq.read_schema(file)
-            stamps = {c: getattr(schema.field(c).type, "tz", None) for c in dict.fromkeys(instants) if c in columns}
-            return ddf.map_partitions(_instants_in_bounds, stamps, meta=_instants_in_bounds(ddf._meta, stamps))
-        ddf = module.read_parquet(file, columns=columns, engine="pyarrow")[columns]
-        # A parquet date (date32 / date64: a day, no time) reaches pandas as an object column of
-        # datetime.date, which the checks refused as "not a timestamp": it is the day's midnight UTC, as
-        # ISO text "2026-03-01" is. cudf has no date type and reads it as datetimes already.
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        # ``out_of_bounds``: pyarrow's cast to nanoseconds raises on them, so every timestamp is read as
+        # Python objects, then made datetimes. A parquet date (date32 / date64: a day, no time) reaches
+        # pandas as objects too, ``datetime.date``, which the checks refused as "not a timestamp": it is
+        # the day's midnight UTC, as ISO text "2026-03-01" is. cudf has no date type and reads it as
+        # datetimes already, at the file's own unit.
+        objects = {"arrow_to_pandas": {"timestamp_as_object": True}} if out_of_bounds else {}
+        ddf = module.read_parquet(file, columns=columns, engine="pyarrow", **objects)[columns]
         schema = pq.read_schema(file)
-        dates = [c for c in dict.fromkeys(instants) if c in columns and pa.types.is_date(schema.field(c).type)]
-        if dates:
-            meta = _dates_as_instants(ddf._meta, dates)
-            ddf = ddf.map_partitions(_dates_as_instants, dates, meta=meta)
+        stamps = {
+            c: getattr(schema.field(c).type, "tz", None)
+            for c in dict.fromkeys(instants)
+            if c in columns and (out_of_bounds or pa.types.is_date(schema.field(c).type))
+        }
+        if stamps:
+            ddf = ddf.map_partitions(_instants_in_bounds, stamps, meta=_instants_in_bounds(ddf._meta, stamps))
         return ddf
     if fmt == "parquet":
         from merlin.io import Dataset
@@ -474,7 +466,7 @@ class ToInternal:
             elif conversion == "ts:iso":
                 out[target] = epoch_seconds(parsed_values(df, source, "iso"))
             else:  # ts:<unit>
-                factor = {"ts:s": 1, "ts:ms": 1_000, "ts:us": 1_000_000, "ts:ns": 1_000_000_000}[conversion]
+                factor = PER_SECOND[conversion.removeprefix("ts:")]
                 if col.dtype.kind == "M":
                     out[target] = epoch_seconds(col)
                 elif col.dtype.kind in "iu" and factor == 1:
